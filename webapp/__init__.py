@@ -1,0 +1,159 @@
+"""twostep: two-factor authentication for web accounts (Flask + htmx)."""
+import logging
+import os
+import secrets
+import sys
+
+from flask import Flask, redirect, render_template, request, url_for
+from flask_login import LoginManager, current_user
+from flask_wtf.csrf import CSRFError, CSRFProtect
+from peewee import InterfaceError, OperationalError
+from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from . import config as config_module
+from . import db as db_module
+
+csrf = CSRFProtect()
+login_manager = LoginManager()
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def create_app(test_config=None):
+    """Build the application: config, database, sessions, login, CSRF, blueprints, errors and CLI."""
+    app = Flask(
+        __name__,
+        instance_path=(test_config or {}).get("INSTANCE_PATH") or os.environ.get("TWOSTEP_INSTANCE")
+        or os.path.join(os.path.dirname(HERE), "instance"),
+        template_folder=os.path.join(os.path.dirname(HERE), "templates"),
+        static_folder=os.path.join(os.path.dirname(HERE), "static"),
+    )
+    config_module.load(app, test_config)
+    if app.config["PROXY_HOPS"]:
+        hops = app.config["PROXY_HOPS"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
+
+    _init_logging(app)
+    db_module.init_app(app)
+
+    from .models import User
+    from .security import set_security_headers
+    from .sessions import DbSessionInterface
+
+    app.session_interface = DbSessionInterface()
+    app.config["SESSION_COOKIE_NAME"] = app.session_interface.get_cookie_name(app)
+    csrf.init_app(app)
+    login_manager.init_app(app)
+    login_manager.session_protection = None  # the server-side session is the protection
+    login_manager.login_view = "auth.login"
+    login_manager.login_message = "Please log in to continue."
+    login_manager.user_loader(lambda user_id: User.get_or_none(User.id == int(user_id)))
+    login_manager.unauthorized_handler(_unauthorized)
+
+    from . import auth, cli, settings, support
+
+    app.register_blueprint(auth.bp)
+    app.register_blueprint(settings.bp)
+    app.register_blueprint(support.bp)
+    cli.init_app(app)
+
+    app.after_request(set_security_headers)
+    _register_error_handlers(app)
+
+    @app.context_processor
+    def _layout_context():
+        from .models import Device
+
+        reset_window = None
+        if current_user.is_authenticated and current_user.tfa_reset_until is not None:
+            if not Device.select().where(Device.user == current_user.id).exists():
+                reset_window = current_user.tfa_reset_until
+        return {"reset_window": reset_window}
+
+    @app.get("/")
+    def index():
+        """Send people to their settings, or to sign-in, or to first-run setup."""
+        if current_user.is_authenticated:
+            return redirect(url_for("settings.index"))
+        if not User.select().exists():
+            return redirect(url_for("auth.first_run"))
+        return redirect(url_for("auth.login"))
+
+    _announce_setup_code(app)
+    return app
+
+
+def _unauthorized():
+    """Anonymous access: htmx gets 401 + HX-Redirect; pages redirect to sign-in; others 401."""
+    from .htmx import hx_redirect, is_htmx
+    from .security import safe_next
+
+    target = url_for("auth.login", next=safe_next(request.full_path.rstrip("?")) if request.method == "GET" else None)
+    if is_htmx():
+        return hx_redirect(target)
+    return redirect(target)
+
+
+def _announce_setup_code(app):
+    """While no account exists, print the one-time code that the first-run page asks for."""
+    from .models import User
+
+    with db_module.db.connection_context():
+        if User.select().exists():
+            return
+    code = setup_code(app)
+    print(f" * twostep: no accounts yet. Create the first admin at /setup with the one-time code: {code}",
+          file=sys.stderr, flush=True)
+
+
+def setup_code(app):
+    """The one-time first-run code (config SETUP_CODE in tests, else a file in the instance folder)."""
+    if app.config.get("SETUP_CODE"):
+        return app.config["SETUP_CODE"]
+    os.makedirs(app.instance_path, exist_ok=True)
+    return config_module._instance_secret(app.instance_path, "setup_code",
+                                          lambda: "-".join(secrets.token_hex(3) for _ in range(3)))
+
+
+def _init_logging(app):
+    from .security import RedactingFilter
+
+    redactor = RedactingFilter()
+    for name in ("twostep", "twostep.audit", "werkzeug", "gunicorn.access", "gunicorn.error"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+            logger.addFilter(redactor)
+    logging.getLogger("twostep").setLevel(logging.INFO)
+
+
+def _register_error_handlers(app):
+    def render_error(status, title, message):
+        from .htmx import is_htmx
+
+        template = "errors/_error.html" if is_htmx() else "errors/error.html"
+        return render_template(template, status=status, title=title, message=message), status
+
+    @app.errorhandler(CSRFError)
+    def csrf_error(exc):
+        return render_error(400, "Form expired",
+                            "This form was open too long or came from another site. Reload the page and try again.")
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc):
+        return render_error(exc.code or 500, exc.name, exc.description)
+
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(InterfaceError)
+    def database_down(exc):
+        app.logger.error("database unavailable: %s", type(exc).__name__)
+        try:
+            db_module.db.close()
+        except (OperationalError, InterfaceError):
+            pass
+        return render_error(503, "Temporarily unavailable",
+                            "We cannot reach our database right now. Please try again in a minute.")
+
+    @app.errorhandler(500)
+    def server_error(exc):
+        return render_error(500, "Something went wrong", "An unexpected error occurred. Nothing was changed.")

@@ -1,0 +1,309 @@
+"""Sign-in in two steps (password, then code), re-authentication, logout, sign-up and first-run setup."""
+import hmac
+import os
+import secrets
+
+from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, session, url_for
+from flask_login import current_user, login_required, login_user
+from flask_wtf import FlaskForm
+from wtforms import EmailField, PasswordField, StringField
+from wtforms.validators import DataRequired, Email, EqualTo, Length
+
+from .clock import now, timestamp
+from .db import db
+from .models import SignInChallenge, User, normalise_email
+from .security import audit, backoff, hash_password, safe_next, verify_password, wait_text
+from .sessions import token_hash
+from .totp import check_user_code
+
+bp = Blueprint("auth", __name__)
+
+GENERIC_LOGIN_ERROR = "Incorrect email address or password."
+GENERIC_CODE_ERROR = "That code is not valid. Check your authenticator app and enter the current code."
+MALFORMED_CODE_ERROR = "Enter the 6-digit code from your authenticator app (digits only)."
+CODE_FIELD_ATTRS = {
+    "autocomplete": "one-time-code",
+    "inputmode": "numeric",
+    "pattern": "[0-9 ]*",
+    "maxlength": "9",
+    "autofocus": True,
+    "spellcheck": "false",
+}
+
+
+class LoginForm(FlaskForm):
+    email = EmailField("Email address", validators=[
+        DataRequired("Enter your email address."), Length(max=254, message="That email address is too long."),
+        Email("Enter a valid email address.", check_deliverability=False)],
+        render_kw={"autocomplete": "username", "autofocus": True})
+    password = PasswordField("Password", validators=[
+        DataRequired("Enter your password."), Length(max=1024, message="That password is too long.")],
+        render_kw={"autocomplete": "current-password"})
+
+
+class CodeForm(FlaskForm):
+    code = StringField("Verification code", validators=[
+        DataRequired("Enter the 6-digit code from your authenticator app."),
+        Length(max=32, message=MALFORMED_CODE_ERROR)], render_kw=CODE_FIELD_ATTRS)
+
+
+class ReauthForm(FlaskForm):
+    password = PasswordField("Password", validators=[
+        DataRequired("Enter your password."), Length(max=1024, message="That password is too long.")],
+        render_kw={"autocomplete": "current-password", "autofocus": True})
+    code = StringField("Verification code", validators=[Length(max=32, message=MALFORMED_CODE_ERROR)],
+                       render_kw={**CODE_FIELD_ATTRS, "autofocus": False})
+
+
+class NewAccountForm(FlaskForm):
+    email = EmailField("Email address", validators=[
+        DataRequired("Enter an email address."), Length(max=254, message="That email address is too long."),
+        Email("Enter a valid email address.", check_deliverability=False)],
+        render_kw={"autocomplete": "username"})
+    password = PasswordField("Password", validators=[
+        DataRequired("Choose a password."),
+        Length(min=8, max=1024, message="Use at least 8 characters (and at most 1024).")],
+        render_kw={"autocomplete": "new-password"})
+    confirm = PasswordField("Repeat password", validators=[
+        DataRequired("Repeat the password."), EqualTo("password", "The two passwords differ.")],
+        render_kw={"autocomplete": "new-password"})
+
+
+class FirstRunForm(NewAccountForm):
+    setup_code = StringField("Setup code", validators=[DataRequired("Enter the setup code."), Length(max=64)],
+                             render_kw={"autocomplete": "off", "spellcheck": "false"})
+
+
+# ---------------------------------------------------------------- helpers
+
+def complete_sign_in(user, next_url=None):
+    """Start a brand-new session for a fully authenticated user and send them on (security.md 26)."""
+    session.rotate()
+    session.clear()
+    login_user(user)
+    session["auth_at"] = timestamp()
+    User.update(last_login_at=now()).where(User.id == user.id).execute()
+    audit("signin", user=user, method="password+code" if user.has_2fa else "password")
+    return redirect(safe_next(next_url) or url_for("settings.index"))
+
+
+def drop_challenge():
+    """Forget the pending sign-in, server-side and in the session."""
+    token = session.pop("challenge", None)
+    if token:
+        SignInChallenge.delete().where(SignInChallenge.id == token_hash(token)).execute()
+
+
+def current_challenge():
+    """The live challenge for this session, or None (expired ones are deleted: security.md 24)."""
+    token = session.get("challenge")
+    if not token or not isinstance(token, str):
+        return None
+    challenge = SignInChallenge.get_or_none(SignInChallenge.id == token_hash(token))
+    if challenge is None or now() - challenge.created_at > current_app.config["CHALLENGE_TTL"]:
+        drop_challenge()
+        return None
+    return challenge
+
+
+def password_check(user, password):
+    """Check a password with the per-account throttle; returns None on success or the error to show."""
+    if user is not None and user.password_locked_until and user.password_locked_until > now():
+        verify_password(None, password)  # same work either way
+        User.update(password_failures=User.password_failures + 1).where(User.id == user.id).execute()
+        audit("password_throttled", user=user)
+        return f"Too many failed attempts. Try again in {wait_text(user.password_locked_until)}."
+    if verify_password(user.password_hash if user else None, password):
+        if user.password_failures:
+            User.update(password_failures=0, password_locked_until=None).where(User.id == user.id).execute()
+        return None
+    if user is not None:
+        failures = user.password_failures + 1
+        User.update(password_failures=User.password_failures + 1,
+                    password_locked_until=now() + backoff(failures)).where(User.id == user.id).execute()
+        audit("password_rejected", user=user, failures=failures)
+    return GENERIC_LOGIN_ERROR
+
+
+def code_error(result):
+    """The message for a failed code; wrong and replayed codes read the same (security.md 17)."""
+    if result.reason == "locked":
+        return f"Too many wrong codes. Wait {wait_text(result.locked_until)} before trying again."
+    if result.reason == "malformed":
+        return MALFORMED_CODE_ERROR
+    return GENERIC_CODE_ERROR
+
+
+# ---------------------------------------------------------------- views
+
+@bp.route("/login", methods=["GET", "POST"])
+def login():
+    """First step: email and password. With a device, leads to the code step without signing in."""
+    if current_user.is_authenticated:
+        return redirect(url_for("settings.index"))
+    if not User.select().exists():
+        return redirect(url_for("auth.first_run"))
+    form = LoginForm()
+    error, status = None, 200
+    next_url = safe_next(request.args.get("next"))
+    if request.method == "POST":
+        if not form.validate_on_submit():
+            status = 400
+        else:
+            user = User.by_email(form.email.data)
+            error = password_check(user, form.password.data)
+            if error is None:
+                return after_password(user, next_url)
+            status = 429 if error.startswith("Too many") else 200
+    return render_template("auth/login.html", form=form, error=error, next_url=next_url), status
+
+
+def after_password(user, next_url):
+    """Decide what a correct password leads to: the code step, a direct sign-in, or a closed door."""
+    drop_challenge()
+    if user.has_2fa:
+        token = secrets.token_urlsafe(32)
+        SignInChallenge.create(id=token_hash(token), user=user, next_url=next_url, created_at=now())
+        session["challenge"] = token
+        audit("password_accepted", user=user)
+        return redirect(url_for("auth.verify"))
+    if user.tfa_reset_until is not None:
+        if now() >= user.tfa_reset_until:
+            audit("signin_blocked", user=user, reason="support window ended without a new device")
+            return render_template("auth/login.html", form=LoginForm(), next_url=None, blocked=True,
+                                   error=None), 403
+        flash("Support has temporarily disabled two-factor authentication on your account. "
+              "Set up a new authenticator app now.", "warning")
+    return complete_sign_in(user, next_url)
+
+
+@bp.route("/login/verify", methods=["GET", "POST"])
+def verify():
+    """Second step: the six-digit code; the user comes from the server-side challenge only (security.md 22)."""
+    if current_user.is_authenticated:
+        return redirect(url_for("settings.index"))
+    challenge = current_challenge()
+    if challenge is None:
+        flash("Your sign-in expired. Please enter your email address and password again.", "info")
+        return redirect(url_for("auth.login"))
+    form = CodeForm()
+    error, status = None, 200
+    if request.method == "POST":
+        if not form.validate_on_submit():
+            status, error = 400, form.code.errors[0] if form.code.errors else MALFORMED_CODE_ERROR
+            result = check_user_code(challenge.user, form.code.data or "")
+        else:
+            result = check_user_code(challenge.user, form.code.data)
+            if result:
+                user = challenge.user
+                next_url = challenge.next_url
+                drop_challenge()
+                return complete_sign_in(user, next_url)
+            error = code_error(result)
+            status = 400 if result.reason == "malformed" else 429 if result.reason == "locked" else 200
+        failures = challenge.failures + 1
+        SignInChallenge.update(failures=SignInChallenge.failures + 1).where(
+            SignInChallenge.id == challenge.id).execute()
+        if failures >= current_app.config["CHALLENGE_MAX_FAILURES"]:
+            drop_challenge()
+            flash("Too many wrong codes. For your security, please sign in again.", "error")
+            return redirect(url_for("auth.login"))
+    return render_template("auth/verify.html", form=form, error=error), status
+
+
+@bp.route("/reauth", methods=["GET", "POST"])
+@login_required
+def reauth():
+    """Confirm it is really you (password, plus a code when 2FA is on) before a sensitive action."""
+    form = ReauthForm()
+    user = current_user._get_current_object()
+    needs_code = user.has_2fa
+    error, status = None, 200
+    next_url = safe_next(request.args.get("next"))
+    if request.method == "POST":
+        if not form.validate_on_submit():
+            status = 400
+        else:
+            error = password_check(user, form.password.data)
+            if error is None and needs_code:
+                result = check_user_code(user, form.code.data or "")
+                if not result:
+                    error = code_error(result)
+            if error is None:
+                session["auth_at"] = timestamp()
+                audit("reauthenticated", user=user)
+                return redirect(next_url or url_for("settings.index"))
+            status = 200
+    return render_template("auth/reauth.html", form=form, error=error, needs_code=needs_code,
+                           next_url=next_url), status
+
+
+@bp.post("/logout")
+def logout():
+    """End the session server-side and forget the cookie (security.md 30)."""
+    drop_challenge()
+    if current_user.is_authenticated:
+        audit("signout", user=current_user._get_current_object())
+    session.end()
+    flash("You are logged out.", "info")
+    return redirect(url_for("auth.login"))
+
+
+@bp.route("/signup", methods=["GET", "POST"])
+def signup():
+    """Create an account (if the operator allows sign-up)."""
+    if not current_app.config["SIGNUP_ENABLED"]:
+        abort(404)
+    if current_user.is_authenticated:
+        return redirect(url_for("settings.index"))
+    form = NewAccountForm()
+    error, status = None, 200
+    if request.method == "POST":
+        if form.validate_on_submit():
+            email = normalise_email(form.email.data)
+            if User.by_email(email) is not None:
+                error = "An account with this email address already exists. Log in instead."
+            else:
+                user = User.create(email=email, password_hash=hash_password(form.password.data))
+                audit("account_created", user=user, via="signup")
+                return complete_sign_in(user)
+        else:
+            status = 400
+    return render_template("auth/signup.html", form=form, error=error), status
+
+
+@bp.route("/setup", methods=["GET", "POST"])
+def first_run():
+    """One-time page that creates the first admin; needs the code printed on the server console."""
+    if User.select().exists():
+        abort(404)
+    from . import setup_code
+
+    form = FirstRunForm()
+    error, status = None, 200
+    if request.method == "POST":
+        if form.validate_on_submit():
+            expected = setup_code(current_app)
+            if not hmac.compare_digest(form.setup_code.data.strip().encode(), expected.encode()):
+                error, status = "That setup code is not right. It is printed in the server's console.", 403
+            else:
+                with db.atomic():
+                    if User.select().exists():
+                        abort(404)
+                    user = User.create(email=normalise_email(form.email.data), is_admin=True,
+                                       password_hash=hash_password(form.password.data))
+                audit("account_created", user=user, via="first-run", admin=True)
+                _forget_setup_code()
+                flash("Your admin account is ready. Set up two-factor authentication next.", "success")
+                return complete_sign_in(user)
+        else:
+            status = 400
+    return render_template("auth/first_run.html", form=form, error=error), status
+
+
+def _forget_setup_code():
+    try:
+        os.remove(os.path.join(current_app.instance_path, "setup_code"))
+    except FileNotFoundError:
+        pass
+

@@ -1,0 +1,98 @@
+"""Operator commands: flask --app wsgi users ... and keys ..."""
+import click
+from flask.cli import AppGroup
+
+from .db import db
+from .models import Device, User, normalise_email
+from .security import audit, hash_password
+from .sessions import end_user_sessions
+
+users = AppGroup("users", help="Manage accounts.")
+keys = AppGroup("keys", help="Manage the keys that encrypt TOTP secrets at rest.")
+
+
+def _get_user(email):
+    user = User.by_email(email)
+    if user is None:
+        raise click.ClickException(f"no account with email {normalise_email(email)}")
+    return user
+
+
+@users.command("create")
+@click.argument("email")
+@click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True,
+              help="Prompted for when left out.")
+@click.option("--admin", is_flag=True, help="Give the account access to the Support page.")
+def create_user(email, password, admin):
+    """Create an account."""
+    from email_validator import EmailNotValidError, validate_email
+
+    try:
+        validate_email(email, check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise click.ClickException(f"invalid email address: {exc}") from exc
+    if len(password) < 8:
+        raise click.ClickException("the password must have at least 8 characters")
+    if User.by_email(email) is not None:
+        raise click.ClickException(f"an account with email {normalise_email(email)} already exists")
+    user = User.create(email=normalise_email(email), password_hash=hash_password(password), is_admin=admin)
+    audit("account_created", user=user, via="cli", admin=admin)
+    click.echo(f"created {'admin ' if admin else ''}{user.email}")
+
+
+@users.command("list")
+def list_users():
+    """List accounts with their role and 2FA status."""
+    for user in User.select().order_by(User.email):
+        devices = Device.select().where(Device.user == user).count()
+        role = "admin" if user.is_admin else "user"
+        status = f"2FA active ({devices} device{'s' if devices != 1 else ''})" if devices else "2FA off"
+        click.echo(f"{user.email}\t{role}\t{status}")
+
+
+@users.command("promote")
+@click.argument("email")
+@click.option("--revoke", is_flag=True, help="Take admin rights away instead.")
+def promote(email, revoke):
+    """Make an account an admin (or, with --revoke, an ordinary user)."""
+    user = _get_user(email)
+    User.update(is_admin=not revoke).where(User.id == user.id).execute()
+    end_user_sessions(user)
+    audit("role_changed", user=user, admin=not revoke, via="cli")
+    click.echo(f"{user.email} is now {'an ordinary user' if revoke else 'an admin'}")
+
+
+@users.command("reset-2fa")
+@click.argument("email")
+def reset_2fa(email):
+    """Remove every authenticator device of an account and end its sessions (operator's last resort)."""
+    user = _get_user(email)
+    with db.atomic():
+        removed = Device.delete().where(Device.user == user).execute()
+        User.update(tfa_reset_until=None, code_failures=0, code_locked_until=None).where(
+            User.id == user.id).execute()
+        end_user_sessions(user)
+        audit("tfa_reset", user=user, via="cli", devices_removed=removed)
+    click.echo(f"removed {removed} device(s) of {user.email}; 2FA is off")
+
+
+@keys.command("rotate")
+def rotate_keys():
+    """Re-encrypt every stored TOTP secret with the first key in TOTP_ENCRYPTION_KEYS."""
+    from .models import PendingEnrolment
+    from .totp import reencrypt_secret
+
+    count = 0
+    with db.atomic():
+        for model in (Device, PendingEnrolment):
+            for row in model.select(model.id, model.secret_enc):
+                model.update(secret_enc=reencrypt_secret(row.secret_enc)).where(model.id == row.id).execute()
+                count += 1
+    click.echo(f"re-encrypted {count} secret(s) with the newest key")
+
+
+def init_app(app):
+    """Register the command groups."""
+    app.cli.add_command(users)
+    app.cli.add_command(keys)
+

@@ -1,0 +1,122 @@
+"""Configuration: defaults in code, secrets and URLs from the environment or the instance folder."""
+import os
+import secrets
+from datetime import timedelta
+
+from cryptography.fernet import Fernet
+
+
+class ConfigError(RuntimeError):
+    """Raised at start-up when the configuration is unsafe or incomplete."""
+
+
+DEFAULTS = {
+    "TOTP_ISSUER": "twostep",
+    "SIGNUP_ENABLED": True,
+    # Server-side session lifetimes (security.md 30: idle <= 30 min, absolute <= 12 h).
+    "SESSION_IDLE_TIMEOUT": timedelta(minutes=30),
+    "SESSION_ABSOLUTE_TIMEOUT": timedelta(hours=12),
+    # How long a completed sign-in counts as "fresh" for sensitive actions (security.md 9, 32, 37).
+    "FRESH_LOGIN_WINDOW": timedelta(minutes=10),
+    # The state between password and code (security.md 24).
+    "CHALLENGE_TTL": timedelta(minutes=5),
+    "CHALLENGE_MAX_FAILURES": 5,
+    # A started but unconfirmed enrolment (security.md 8).
+    "PENDING_ENROLMENT_TTL": timedelta(minutes=15),
+    # Per-account throttle: back-off 1, 2, 4, 8 s, then a lock from the fifth consecutive failure.
+    "THROTTLE_FREE_FAILURES": 4,
+    "THROTTLE_LOCK": timedelta(minutes=15),
+    "THROTTLE_MAX_LOCK": timedelta(hours=24),
+    "MAX_CONTENT_LENGTH": 64 * 1024,
+    "PASSWORD_HASH_PROFILE": "default",
+    "SECURE_COOKIES": False,
+    "PRODUCTION": False,
+    "PROXY_HOPS": 0,
+    "SUPPORT_REQUESTS_PER_HOUR": 3,
+    "WTF_CSRF_TIME_LIMIT": None,  # the token lives as long as the server-side session
+    "WTF_CSRF_SSL_STRICT": True,
+    "REMEMBER_COOKIE_DURATION": timedelta(seconds=0),  # no remember-me cookie is ever issued
+}
+
+MIN_SECRET_KEY_BYTES = 32
+
+
+def _env_bool(value):
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _instance_secret(instance_path, name, factory):
+    """Read a secret kept in the instance folder, creating it once (O_EXCL: safe with several workers)."""
+    path = os.path.join(instance_path, name)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        with open(path, encoding="ascii") as fh:
+            value = fh.read().strip()
+        if value:
+            return value
+        raise ConfigError(f"{path} is empty; delete it to have a new secret generated")
+    value = factory()
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        fh.write(value + "\n")
+    return value
+
+
+def load(app, test_config=None):
+    """Fill app.config: defaults, then environment, then instance-folder secrets, then test overrides."""
+    app.config.update(DEFAULTS)
+    env = os.environ
+    production = _env_bool(env.get("TWOSTEP_PRODUCTION", "0"))
+    app.config["PRODUCTION"] = production
+    for key in ("SECRET_KEY", "DATABASE_URL", "TOTP_ISSUER", "TOTP_ENCRYPTION_KEYS"):
+        if env.get(key):
+            app.config[key] = env[key]
+    if env.get("SIGNUP_ENABLED"):
+        app.config["SIGNUP_ENABLED"] = _env_bool(env["SIGNUP_ENABLED"])
+    if env.get("SECURE_COOKIES"):
+        app.config["SECURE_COOKIES"] = _env_bool(env["SECURE_COOKIES"])
+    if env.get("PROXY_HOPS"):
+        app.config["PROXY_HOPS"] = int(env["PROXY_HOPS"])
+    if production:
+        app.config["SECURE_COOKIES"] = True
+    if test_config:
+        app.config.update(test_config)
+
+    if not app.config.get("PRODUCTION"):
+        # Development and `make run`: keep generated secrets in the instance folder, never in the repo.
+        os.makedirs(app.instance_path, exist_ok=True)
+        if not app.config.get("SECRET_KEY"):
+            app.config["SECRET_KEY"] = _instance_secret(
+                app.instance_path, "secret_key", lambda: secrets.token_urlsafe(48))
+        if not app.config.get("TOTP_ENCRYPTION_KEYS"):
+            app.config["TOTP_ENCRYPTION_KEYS"] = _instance_secret(
+                app.instance_path, "totp_keys", lambda: Fernet.generate_key().decode())
+        if not app.config.get("DATABASE_URL"):
+            app.config["DATABASE_URL"] = "sqlite:///" + os.path.join(app.instance_path, "twostep.db")
+    validate(app.config)
+
+
+def validate(config):
+    """Refuse to start with a configuration that would be unsafe (security.md 7, 44)."""
+    missing = [k for k in ("SECRET_KEY", "TOTP_ENCRYPTION_KEYS", "DATABASE_URL") if not config.get(k)]
+    if missing:
+        raise ConfigError("missing configuration: " + ", ".join(missing)
+                          + " (set them in the environment; see README 'Configuration')")
+    if config.get("PRODUCTION"):
+        if config.get("DEBUG"):
+            raise ConfigError("DEBUG must be off in production")
+        key = config["SECRET_KEY"]
+        if len(key.encode() if isinstance(key, str) else key) < MIN_SECRET_KEY_BYTES or key in (
+                "dev", "changeme", "secret"):
+            raise ConfigError(f"SECRET_KEY must be at least {MIN_SECRET_KEY_BYTES} random bytes")
+    issuer = config.get("TOTP_ISSUER") or ""
+    if not issuer or ":" in issuer or len(issuer) > 64:
+        raise ConfigError("TOTP_ISSUER must be 1-64 characters and contain no ':'")
+    keys = [k.strip() for k in str(config["TOTP_ENCRYPTION_KEYS"]).split(",") if k.strip()]
+    try:
+        for k in keys:
+            Fernet(k)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError("TOTP_ENCRYPTION_KEYS must be comma-separated Fernet keys") from exc
+    if not keys:
+        raise ConfigError("TOTP_ENCRYPTION_KEYS is empty")

@@ -1,0 +1,22 @@
+"""htmx glue: one predicate for "is this an htmx request" and one renderer for page-or-fragment."""
+from flask import make_response, render_template, request
+
+
+def is_htmx():
+    """True when htmx made this request (and it is not a history restore, which wants the full page)."""
+    return request.headers.get("HX-Request") == "true" and request.headers.get("HX-History-Restore-Request") != "true"
+
+
+def render(page, fragment, status=200, **context):
+    """Render the whole page, or only its fragment for htmx; either way the answer varies on HX-Request."""
+    template = fragment if is_htmx() else page
+    response = make_response(render_template(template, **context), status)
+    response.vary.add("HX-Request")
+    return response
+
+
+def hx_redirect(location, status=401):
+    """Tell htmx to load `location` as a full page (a 302 would be swapped into the fragment)."""
+    response = make_response("", status)
+    response.headers["HX-Redirect"] = location
+    return response

@@ -1,0 +1,139 @@
+"""The whole data model: people, their authenticator devices, server-side sessions, sign-in challenges,
+pending enrolments, support requests and the append-only audit log. All times are naive UTC."""
+import json
+
+from flask_login import UserMixin
+from peewee import (
+    BigIntegerField,
+    BooleanField,
+    CharField,
+    DateTimeField,
+    ForeignKeyField,
+    IntegerField,
+    Model,
+    TextField,
+)
+
+from .clock import now
+from .db import db
+
+
+class BaseModel(Model):
+    class Meta:
+        database = db
+
+
+class User(UserMixin, BaseModel):
+    """A person with an account; email is stored normalised (trimmed, lower-case)."""
+
+    email = CharField(max_length=254, unique=True)
+    password_hash = CharField(max_length=255)
+    is_admin = BooleanField(default=False)
+    created_at = DateTimeField(default=now)
+    last_login_at = DateTimeField(null=True)
+    # Throttling, kept apart for passwords and codes (security.md 18, 19).
+    password_failures = IntegerField(default=0)
+    password_locked_until = DateTimeField(null=True)
+    code_failures = IntegerField(default=0)
+    code_locked_until = DateTimeField(null=True)
+    # Set by support's "temporarily disable 2FA": password-only sign-in until then (security.md 39).
+    tfa_reset_until = DateTimeField(null=True)
+
+    @classmethod
+    def by_email(cls, email):
+        """The user with this (normalised) email, or None."""
+        return cls.get_or_none(cls.email == normalise_email(email))
+
+    def active_devices(self):
+        """This person's authenticator devices, oldest first."""
+        return Device.select().where(Device.user == self).order_by(Device.created_at, Device.id)
+
+    @property
+    def has_2fa(self):
+        return Device.select().where(Device.user == self).exists()
+
+
+def normalise_email(email):
+    """Canonical form used for storage and lookups."""
+    return (email or "").strip().lower()
+
+
+class Device(BaseModel):
+    """An authenticator app bound to a person; secret_enc is the Fernet-encrypted Base32 secret."""
+
+    user = ForeignKeyField(User, backref="devices", on_delete="CASCADE")
+    name = CharField(max_length=64)
+    secret_enc = TextField()
+    created_at = DateTimeField(default=now)
+    last_used_at = DateTimeField(null=True)
+    # Highest accepted time step: a code for this step or an older one is a replay (security.md 16).
+    last_step = BigIntegerField(default=0)
+
+    class Meta:
+        indexes = ((("user", "name"), True),)
+
+
+class ServerSession(BaseModel):
+    """A browser session; the cookie holds a random token and only its SHA-256 is stored here."""
+
+    id = CharField(max_length=64, primary_key=True)
+    user = ForeignKeyField(User, null=True, backref="sessions", on_delete="CASCADE")
+    data = TextField(default="{}")
+    created_at = DateTimeField(default=now)
+    last_seen_at = DateTimeField(default=now, index=True)
+    ip = CharField(max_length=64, null=True)
+    user_agent = CharField(max_length=200, null=True)
+
+    def load(self):
+        return json.loads(self.data or "{}")
+
+
+class SignInChallenge(BaseModel):
+    """The server-side state between a correct password and a correct code (security.md 21, 22, 24)."""
+
+    id = CharField(max_length=64, primary_key=True)  # SHA-256 of the token in the session
+    user = ForeignKeyField(User, backref="challenges", on_delete="CASCADE")
+    created_at = DateTimeField(default=now)
+    failures = IntegerField(default=0)
+    next_url = CharField(max_length=512, null=True)
+
+
+class PendingEnrolment(BaseModel):
+    """A secret shown in the wizard but not yet confirmed; tied to one session, expires (security.md 8)."""
+
+    session = ForeignKeyField(ServerSession, backref="enrolments", on_delete="CASCADE")
+    user = ForeignKeyField(User, backref="pending_enrolments", on_delete="CASCADE")
+    secret_enc = TextField()
+    created_at = DateTimeField(default=now)
+    # Set once a correct code from the new secret was entered; the device is created from it.
+    verified_step = BigIntegerField(null=True)
+
+
+class SupportRequest(BaseModel):
+    """A message sent through the contact form; linked to the account whose email matches, if any."""
+
+    email = CharField(max_length=254, index=True)
+    message = TextField()
+    user = ForeignKeyField(User, null=True, backref="support_requests", on_delete="SET NULL")
+    created_at = DateTimeField(default=now, index=True)
+    ip = CharField(max_length=64, null=True)
+    handled_at = DateTimeField(null=True)
+    handled_by = ForeignKeyField(User, null=True, backref="handled_requests", on_delete="SET NULL")
+
+
+class AuditEvent(BaseModel):
+    """One append-only record of a security event; never holds a code, secret or password (security.md 42, 43)."""
+
+    created_at = DateTimeField(default=now, index=True)
+    kind = CharField(max_length=40, index=True)
+    user = ForeignKeyField(User, null=True, backref="audit_events", on_delete="SET NULL")
+    actor = ForeignKeyField(User, null=True, backref="audit_actions", on_delete="SET NULL")
+    ip = CharField(max_length=64, null=True)
+    detail = TextField(default="{}")
+
+    @property
+    def details(self):
+        return json.loads(self.detail or "{}")
+
+
+ALL_MODELS = [User, Device, ServerSession, SignInChallenge, PendingEnrolment, SupportRequest, AuditEvent]

@@ -1,0 +1,192 @@
+"""Cross-cutting security helpers: password hashing, throttling, audit records, safe redirects,
+freshness, response headers and log redaction."""
+import functools
+import json
+import logging
+import re
+from datetime import timedelta
+from urllib.parse import urlsplit
+
+from argon2 import PasswordHasher, profiles
+from argon2.exceptions import InvalidHashError, VerificationError
+from flask import current_app, redirect, request, session, url_for
+from flask_login import current_user
+
+from .clock import now, timestamp
+from .models import AuditEvent
+
+log = logging.getLogger("twostep.audit")
+
+_HASHERS = {}
+
+
+def _hasher():
+    profile = current_app.config["PASSWORD_HASH_PROFILE"]
+    if profile not in _HASHERS:
+        if profile == "cheapest":  # tests only: verification still reads parameters from the hash
+            _HASHERS[profile] = PasswordHasher.from_parameters(profiles.CHEAPEST)
+        else:
+            _HASHERS[profile] = PasswordHasher()
+    return _HASHERS[profile]
+
+
+def hash_password(password):
+    """An argon2id hash of the password."""
+    return _hasher().hash(password)
+
+
+def verify_password(stored_hash, password):
+    """Whether the password matches; with stored_hash None, spend the same time and return False."""
+    hasher = _hasher()
+    if stored_hash is None:
+        stored_hash = _dummy_hash()
+        try:
+            hasher.verify(stored_hash, password)
+        except (VerificationError, InvalidHashError):
+            pass
+        return False
+    try:
+        return hasher.verify(stored_hash, password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def _dummy_hash():
+    key = ("dummy", current_app.config["PASSWORD_HASH_PROFILE"])
+    if key not in _HASHERS:
+        _HASHERS[key] = _hasher().hash("not a real password, only here to spend time")
+    return _HASHERS[key]
+
+
+def backoff(failures):
+    """How long an account must wait after `failures` consecutive failures (security.md 18).
+
+    1, 2, 4, 8 s for the first failures, then a lock of 15 min that doubles with every further
+    failure, capped at 24 h: about 100 guesses a day at the very most, far below NIST's ceiling.
+    """
+    cfg = current_app.config
+    free = cfg["THROTTLE_FREE_FAILURES"]
+    if failures <= 0:
+        return timedelta(0)
+    if failures <= free:
+        return timedelta(seconds=2 ** (failures - 1))
+    lock = cfg["THROTTLE_LOCK"] * (2 ** min(failures - free - 1, 20))
+    return min(lock, cfg["THROTTLE_MAX_LOCK"])
+
+
+def wait_text(until):
+    """Human wording for the time left until `until`."""
+    seconds = max(1, int((until - now()).total_seconds() + 0.999))
+    if seconds < 90:
+        return f"{seconds} second{'s' if seconds != 1 else ''}"
+    minutes = (seconds + 59) // 60
+    if minutes < 90:
+        return f"{minutes} minutes"
+    return f"{(minutes + 59) // 60} hours"
+
+
+def client_ip():
+    """The client address as seen after ProxyFix (which trusts exactly PROXY_HOPS proxies)."""
+    return (request.remote_addr or "")[:64] if request else None
+
+
+# Details that must never reach the audit log or any other log (security.md 43).
+FORBIDDEN_DETAIL_KEYS = {"code", "secret", "password", "uri", "token", "otpauth"}
+
+
+def audit(kind, user=None, actor=None, **detail):
+    """Append one audit record and log it; detail must never hold codes, secrets or passwords."""
+    bad = FORBIDDEN_DETAIL_KEYS.intersection(detail)
+    if bad:
+        raise ValueError(f"audit detail must not contain {sorted(bad)}")
+    event = AuditEvent.create(
+        kind=kind,
+        user=user,
+        actor=actor,
+        ip=client_ip() if request else None,
+        detail=json.dumps(detail, default=str, sort_keys=True),
+        created_at=now(),
+    )
+    log.info("audit %s user=%s actor=%s %s", kind, getattr(user, "id", user),
+             getattr(actor, "id", actor), event.detail)
+    return event
+
+
+def safe_next(target):
+    """`target` if it is a same-site path, else None (security.md 29)."""
+    if not target or not isinstance(target, str) or len(target) > 512:
+        return None
+    if "\\" in target or any(ord(c) < 32 for c in target):
+        return None
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
+        return None
+    return target
+
+
+def is_fresh():
+    """Whether the current session completed a full sign-in (password and, if enrolled, code) recently."""
+    auth_at = session.get("auth_at")
+    if not current_user.is_authenticated or auth_at is None:
+        return False
+    return timestamp() - float(auth_at) <= current_app.config["FRESH_LOGIN_WINDOW"].total_seconds()
+
+
+def fresh_login_required(view):
+    """Send signed-in people whose sign-in is not fresh to re-authenticate first (security.md 9, 32, 37)."""
+
+    @functools.wraps(view)
+    def wrapper(*args, **kwargs):
+        if not current_user.is_authenticated:
+            return current_app.login_manager.unauthorized()
+        if not is_fresh():
+            from .htmx import hx_redirect, is_htmx
+
+            target = url_for("auth.reauth", next=request.full_path if request.method == "GET" else None)
+            if is_htmx():
+                return hx_redirect(target)
+            return redirect(target)
+        return view(*args, **kwargs)
+
+    return wrapper
+
+
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+def set_security_headers(response):
+    """Headers on every response (security.md 11, 12, 44)."""
+    h = response.headers
+    h.setdefault("Content-Security-Policy", CSP)
+    h.setdefault("X-Content-Type-Options", "nosniff")
+    h.setdefault("X-Frame-Options", "DENY")
+    h.setdefault("Referrer-Policy", "no-referrer")
+    h.setdefault("Cross-Origin-Opener-Policy", "same-origin")
+    if request.endpoint != "static":
+        # Pages depend on who is signed in and may show secrets: never store them (security.md 12).
+        h["Cache-Control"] = "no-store"
+    if current_app.config["SECURE_COOKIES"]:
+        h.setdefault("Strict-Transport-Security", "max-age=63072000; includeSubDomains")
+    return response
+
+
+class RedactingFilter(logging.Filter):
+    """Masks anything that looks like a code, a Base32 secret, an otpauth URI or a password field."""
+
+    PATTERNS = [
+        (re.compile(r"otpauth://\S+"), "otpauth://[redacted]"),
+        (re.compile(r"(?i)(password|secret|code|csrf_token|cookie)=([^&\s]+)"), r"\1=[redacted]"),
+        (re.compile(r"\b[A-Z2-7]{16,}\b"), "[redacted]"),
+        (re.compile(r"(?<![\d.:/-])\d{6}(?![\d.:/-])"), "[redacted]"),
+    ]
+
+    def filter(self, record):
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            return True
+        for pattern, repl in self.PATTERNS:
+            message = pattern.sub(repl, message)
+        record.msg, record.args = message, None
+        return True

@@ -1,0 +1,129 @@
+"""Server-side sessions: the cookie carries only a random token; the data lives in ServerSession rows.
+
+Why not Flask's signed-cookie session: a cookie session cannot be revoked (logout, timeouts, "sign out
+everywhere" and support actions must really end sessions: security.md 26, 30, 35, 40), and it would show
+the client what state it is in (security.md 25).
+"""
+import hashlib
+import json
+import secrets
+from datetime import timedelta
+
+from flask import request
+from flask.sessions import SessionInterface, SessionMixin
+from werkzeug.datastructures import CallbackDict
+
+from .clock import now
+from .models import ServerSession
+
+TOUCH_INTERVAL = timedelta(seconds=60)  # write last_seen at most once a minute per session
+
+
+def token_hash(token):
+    """The stored form of a session or challenge token."""
+    return hashlib.sha256(token.encode("ascii")).hexdigest()
+
+
+class DbSession(CallbackDict, SessionMixin):
+    """Session data with the token and row it came from."""
+
+    def __init__(self, initial=None, token=None, row=None):
+        def on_update(self):
+            self.modified = True
+
+        super().__init__(initial, on_update)
+        self.token = token
+        self.row = row
+        self.modified = False
+        self.rotated_from = None
+        self.ended = False
+
+    def rotate(self):
+        """Give this session a brand-new token and row (after sign-in: security.md 26)."""
+        if self.row is not None and self.rotated_from is None:
+            self.rotated_from = self.row
+        self.token = None
+        self.row = None
+        self.modified = True
+
+    def end(self):
+        """Forget everything and delete the row (logout)."""
+        self.clear()
+        self.ended = True
+
+
+class DbSessionInterface(SessionInterface):
+    """Flask session interface backed by the ServerSession table."""
+
+    def get_cookie_name(self, app):
+        # The __Host- prefix pins the cookie to this host, path / and HTTPS (security.md 31).
+        return "__Host-session" if app.config["SECURE_COOKIES"] else "twostep_session"
+
+    def open_session(self, app, request):
+        token = request.cookies.get(self.get_cookie_name(app))
+        if not token or len(token) > 100:
+            return DbSession()
+        row = ServerSession.get_or_none(ServerSession.id == token_hash(token))
+        if row is None:
+            return DbSession()
+        current = now()
+        if (current - row.last_seen_at > app.config["SESSION_IDLE_TIMEOUT"]
+                or current - row.created_at > app.config["SESSION_ABSOLUTE_TIMEOUT"]):
+            row.delete_instance()
+            return DbSession()
+        return DbSession(row.load(), token=token, row=row)
+
+    def save_session(self, app, session, response):
+        name = self.get_cookie_name(app)
+        cookie_args = dict(
+            domain=None,
+            path="/",
+            secure=app.config["SECURE_COOKIES"],
+            httponly=True,
+            samesite="Lax",
+        )
+        if session.rotated_from is not None:
+            session.rotated_from.delete_instance()
+            session.rotated_from = None
+        if session.ended or (not session and session.row is None):
+            if session.row is not None:
+                session.row.delete_instance()
+                session.row = None
+            if session.ended or name in request.cookies:
+                response.delete_cookie(name, **cookie_args)
+            return
+        current = now()
+        user_id = session.get("_user_id")
+        if session.row is None:
+            session.token = secrets.token_urlsafe(32)
+            session.row = ServerSession.create(
+                id=token_hash(session.token),
+                user=int(user_id) if user_id else None,
+                data=json.dumps(dict(session)),
+                created_at=current,
+                last_seen_at=current,
+                ip=request.remote_addr,
+                user_agent=(request.user_agent.string or "")[:200],
+            )
+        elif session.modified or current - session.row.last_seen_at > TOUCH_INTERVAL:
+            updated = (ServerSession
+                       .update(data=json.dumps(dict(session)), last_seen_at=current,
+                               user=int(user_id) if user_id else None)
+                       .where(ServerSession.id == session.row.id)
+                       .execute())
+            if not updated:
+                # The row was deleted meanwhile (signed out elsewhere): do not resurrect it.
+                response.delete_cookie(name, **cookie_args)
+                return
+        else:
+            return
+        response.vary.add("Cookie")
+        response.set_cookie(name, session.token, **cookie_args)
+
+
+def end_user_sessions(user, keep_token=None):
+    """Delete every session of `user` except the one with `keep_token` (security.md 35, 40)."""
+    query = ServerSession.delete().where(ServerSession.user == user)
+    if keep_token:
+        query = query.where(ServerSession.id != token_hash(keep_token))
+    return query.execute()

@@ -1,0 +1,189 @@
+"""The TOTP domain: secrets, encryption at rest, the otpauth URI, the QR code, and code checking.
+
+RFC 6238 with the parameters every authenticator app supports: SHA-1, 6 digits, 30-second steps, T0 = 0.
+"""
+import base64
+import hmac
+import re
+import secrets
+from urllib.parse import quote
+
+import pyotp
+import segno
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from flask import current_app
+
+PERIOD = 30
+DIGITS = 6
+WINDOW = 1  # accept T-1, T, T+1 (security.md 14)
+SKEW_SEARCH_STEPS = 20  # how far the wizard looks for a mis-set phone clock (10 minutes either way)
+SECRET_BYTES = 20  # 160 bits, the length of an HMAC-SHA1 output (security.md 3)
+
+_CODE_RE = re.compile(r"[0-9]{6}")
+
+
+class SecretError(Exception):
+    """A stored secret could not be decrypted with any configured key."""
+
+
+def new_secret():
+    """A fresh 160-bit secret from the OS CSPRNG, as 32 unpadded Base32 characters."""
+    return base64.b32encode(secrets.token_bytes(SECRET_BYTES)).decode("ascii")
+
+
+def normalise_code(raw):
+    """Return the code as exactly six ASCII digits (spaces removed), or None if it is anything else.
+
+    Stricter than pyotp or int(): no '+', '_', other whitespace or non-ASCII digits (security.md 5).
+    """
+    if not isinstance(raw, str) or len(raw) > 32:
+        return None
+    code = raw.replace(" ", "")
+    return code if _CODE_RE.fullmatch(code) else None
+
+
+def step_at(timestamp):
+    """The RFC 6238 time step (an unbounded Python int, so 64-bit and beyond: security.md 2)."""
+    return int(timestamp) // PERIOD
+
+
+def code_for_step(secret, step):
+    """The six-digit code for one time step (HOTP-SHA1 over the 8-byte big-endian counter)."""
+    return pyotp.TOTP(secret, digits=DIGITS, interval=PERIOD).generate_otp(step)
+
+
+def match_step(secret, code, timestamp, window=WINDOW):
+    """The step within +-window of now whose code equals `code`, or None; every step is compared.
+
+    `code` must already be normalised. Comparison is constant-time per step (security.md 5).
+    """
+    current = step_at(timestamp)
+    matched = None
+    for step in range(current - window, current + window + 1):
+        if hmac.compare_digest(code_for_step(secret, step), code) and matched is None:
+            matched = step
+    return matched
+
+
+def clock_offset_steps(secret, code, timestamp, search=SKEW_SEARCH_STEPS):
+    """If `code` belongs to a step outside the accepted window but within `search`, its offset in steps.
+
+    Used only to explain a failure ("your phone's clock is off"); it never accepts the code.
+    """
+    current = step_at(timestamp)
+    for distance in range(WINDOW + 1, search + 1):
+        for step in (current - distance, current + distance):
+            if step >= 0 and hmac.compare_digest(code_for_step(secret, step), code):
+                return step - current
+    return None
+
+
+def provisioning_uri(secret, account, issuer):
+    """otpauth://totp/ISSUER:ACCOUNT?secret=...&issuer=ISSUER per the Key URI Format (security.md 6, 7).
+
+    Algorithm, digits and period are left at the defaults, which some apps ignore anyway.
+    """
+    label = quote(issuer, safe="") + ":" + quote(account, safe="")
+    return f"otpauth://totp/{label}?secret={secret.rstrip('=')}&issuer={quote(issuer, safe='')}"
+
+
+def qr_svg(uri):
+    """The QR code of `uri` as inline SVG markup: black modules on a white quiet zone."""
+    qr = segno.make(uri, error="m", micro=False)
+    return qr.svg_inline(scale=5, border=4, dark="#000", light="#fff", omitsize=False)
+
+
+def group_key(secret, size=4):
+    """The key in groups of four for reading aloud or typing ("ABCD EFGH ...")."""
+    return " ".join(secret[i:i + size] for i in range(0, len(secret), size))
+
+
+def _fernet():
+    keys = [k.strip() for k in str(current_app.config["TOTP_ENCRYPTION_KEYS"]).split(",") if k.strip()]
+    return MultiFernet([Fernet(k) for k in keys])
+
+
+def encrypt_secret(secret):
+    """Encrypt a Base32 secret with the newest key (security.md 4)."""
+    return _fernet().encrypt(secret.encode("ascii")).decode("ascii")
+
+
+def decrypt_secret(token):
+    """Decrypt a stored secret with any configured key; raises SecretError if none fits."""
+    try:
+        return _fernet().decrypt(token.encode("ascii")).decode("ascii")
+    except (InvalidToken, ValueError) as exc:
+        raise SecretError("stored TOTP secret cannot be decrypted with the configured keys") from exc
+
+
+def reencrypt_secret(token):
+    """Re-encrypt a stored secret under the newest key (key rotation)."""
+    try:
+        return _fernet().rotate(token.encode("ascii")).decode("ascii")
+    except InvalidToken as exc:
+        raise SecretError("stored TOTP secret cannot be decrypted with the configured keys") from exc
+
+
+class CheckResult:
+    """The outcome of checking a person's code: ok, or why not (wrong and replay look the same to them)."""
+
+    def __init__(self, ok, reason, device=None, locked_until=None):
+        self.ok = ok
+        self.reason = reason  # "ok", "malformed", "wrong", "replay", "locked"
+        self.device = device
+        self.locked_until = locked_until
+
+    def __bool__(self):
+        return self.ok
+
+
+def check_user_code(user, raw_code):
+    """Check a code against every device of `user`, atomically with the replay and throttle state.
+
+    One write transaction (BEGIN IMMEDIATE on SQLite, a row lock on PostgreSQL) covers: the lock check,
+    the comparison over T-1..T+1, the replay check against the device's last step and the counter
+    update, so parallel submissions cannot both succeed or lose a failure (security.md 16, 18, 20).
+    Every attempt that does not succeed increments the account's failure counter, even while locked.
+    """
+    from .clock import now, timestamp
+    from .db import for_update, write_transaction
+    from .models import Device, User
+    from .security import audit, backoff
+
+    code = normalise_code(raw_code)
+    with write_transaction():
+        locked_user = for_update(User.select().where(User.id == user.id)).get()
+        current = now()
+        if locked_user.code_locked_until and locked_user.code_locked_until > current:
+            User.update(code_failures=User.code_failures + 1).where(User.id == user.id).execute()
+            audit("code_throttled", user=user)
+            return CheckResult(False, "locked", locked_until=locked_user.code_locked_until)
+
+        reason, matched = "malformed" if code is None else "wrong", None
+        if code is not None:
+            ts = timestamp()
+            for device in for_update(Device.select().where(Device.user == user.id)):
+                step = match_step(decrypt_secret(device.secret_enc), code, ts)
+                if step is None:
+                    continue
+                # Conditional update: only a step newer than the last accepted one wins (security.md 16, 20).
+                won = (Device.update(last_step=step, last_used_at=current)
+                       .where((Device.id == device.id) & (Device.last_step < step)).execute())
+                if won:
+                    matched = device
+                    break
+                reason = "replay"
+        if matched is not None:
+            User.update(code_failures=0, code_locked_until=None).where(User.id == user.id).execute()
+            audit("code_accepted", user=user, device=matched.name)
+            return CheckResult(True, "ok", device=matched)
+
+        failures = locked_user.code_failures + 1
+        until = current + backoff(failures)
+        User.update(code_failures=User.code_failures + 1, code_locked_until=until).where(
+            User.id == user.id).execute()
+        audit("totp_replay" if reason == "replay" else "code_rejected", user=user, reason=reason,
+              failures=failures)
+        if failures == current_app.config["THROTTLE_FREE_FAILURES"] + 1:
+            audit("code_lockout", user=user, until=until.isoformat())
+        return CheckResult(False, reason, locked_until=until)
