@@ -80,7 +80,7 @@ class Actor:
     def user(self, email="alice@example.com", password=PASSWORD, admin=False, secret=None, devices=None):
         """Create an account directly in the DB, optionally with devices ({name: secret})."""
         with self.app.app_context():
-            user = User.create(email=email, password_hash=hash_password(password), is_admin=admin)
+            user = User.create(email=email.strip().lower(), password_hash=hash_password(password), is_admin=admin)
             if secret:
                 devices = {**(devices or {}), "Phone": secret}
             for name, sec in (devices or {}).items():

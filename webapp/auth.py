@@ -21,6 +21,12 @@ bp = Blueprint("auth", __name__)
 GENERIC_LOGIN_ERROR = "Incorrect email address or password."
 GENERIC_CODE_ERROR = "That code is not valid. Check your authenticator app and enter the current code."
 MALFORMED_CODE_ERROR = "Enter the 6-digit code from your authenticator app (digits only)."
+
+
+def _strip(value):
+    return value.strip() if isinstance(value, str) else value
+
+
 CODE_FIELD_ATTRS = {
     "autocomplete": "one-time-code",
     "inputmode": "numeric",
@@ -34,7 +40,7 @@ CODE_FIELD_ATTRS = {
 class LoginForm(FlaskForm):
     email = EmailField("Email address", validators=[
         DataRequired("Enter your email address."), Length(max=254, message="That email address is too long."),
-        Email("Enter a valid email address.", check_deliverability=False)],
+        Email("Enter a valid email address.", check_deliverability=False)], filters=[_strip],
         render_kw={"autocomplete": "username", "autofocus": True})
     password = PasswordField("Password", validators=[
         DataRequired("Enter your password."), Length(max=1024, message="That password is too long.")],
@@ -58,7 +64,7 @@ class ReauthForm(FlaskForm):
 class NewAccountForm(FlaskForm):
     email = EmailField("Email address", validators=[
         DataRequired("Enter an email address."), Length(max=254, message="That email address is too long."),
-        Email("Enter a valid email address.", check_deliverability=False)],
+        Email("Enter a valid email address.", check_deliverability=False)], filters=[_strip],
         render_kw={"autocomplete": "username"})
     password = PasswordField("Password", validators=[
         DataRequired("Choose a password."),

@@ -1,0 +1,565 @@
+"""Sign-in in two steps, as a person and as an attacker would try it (security.md C and D)."""
+import json
+
+import pyotp
+import pytest
+from argon2 import PasswordHasher
+
+from webapp.models import AuditEvent, ServerSession, SignInChallenge, User
+from webapp.sessions import token_hash
+
+from .conftest import PASSWORD, RFC_SECRET
+
+WRONG = "000000"
+
+
+def kinds(app):
+    with app.app_context():
+        return [e.kind for e in AuditEvent.select().order_by(AuditEvent.id)]
+
+
+def user_row(app, email="alice@example.com"):
+    with app.app_context():
+        return User.by_email(email)
+
+
+def signed_in(client):
+    """Whether the client reaches User Settings (rather than being sent to sign-in)."""
+    r = client.get("/settings")
+    return r.status_code == 200 and "User Settings" in r.get_data(as_text=True)
+
+
+# ------------------------------------------------------------------ password step
+
+def test_login_page_has_the_visible_names(actor):
+    actor.user()
+    html = actor.client.get("/login").get_data(as_text=True)
+    for text in ('>Email address<', '>Password<', '>Log in<', "Lost access to your authenticator app?"):
+        assert text in html
+    assert 'autocomplete="current-password"' in html
+
+
+def test_password_only_account_signs_in_directly(actor):
+    actor.user()
+    r = actor.password_step()
+    assert r.status_code == 302 and r.headers["Location"] == "/settings"
+    assert signed_in(actor.client)
+    assert "signin" in kinds(actor.app)
+
+
+def test_email_is_matched_case_insensitively(actor):
+    actor.user(email="Alice@Example.com")
+    r = actor.password_step(email="  ALICE@example.COM ")
+    assert r.status_code == 302 and signed_in(actor.client)
+
+
+def test_unknown_email_and_wrong_password_look_the_same(actor, monkeypatch):
+    """Enumeration: same status, same text, and the same password-hash work for both."""
+    actor.user()
+    calls = []
+    original = PasswordHasher.verify
+    monkeypatch.setattr(PasswordHasher, "verify", lambda self, h, p: calls.append(1) or original(self, h, p))
+    a = actor.password_step(email="nobody@example.com")
+    b = actor.password_step(password="wrong password")
+    assert a.status_code == b.status_code == 200
+    assert "Incorrect email address or password." in a.get_data(as_text=True)
+    assert "Incorrect email address or password." in b.get_data(as_text=True)
+    assert calls == [1, 1]
+    assert not signed_in(actor.client)
+
+
+@pytest.mark.parametrize("data", [
+    {"email": "", "password": ""},
+    {"email": "not-an-email", "password": "x"},
+    {"email": "a@example.com", "password": "x" * 5000},
+    {"email": "a" * 300 + "@example.com", "password": "x"},
+])
+def test_malformed_login_gets_a_message_not_a_crash(actor, data):
+    actor.user()
+    r = actor.post_form("/login", data)
+    assert r.status_code == 400
+    assert 'class="error"' in r.get_data(as_text=True)
+    assert not signed_in(actor.client)
+
+
+def test_oversized_body_is_refused(actor):
+    """Bad input: a huge request body gets 413, not a 500."""
+    actor.user()
+    r = actor.post_form("/login", {"email": "a@example.com", "password": "x" * 200_000})
+    assert r.status_code == 413
+
+
+def test_login_without_csrf_token_is_refused(actor):
+    """security.md 33: a forged form post changes nothing."""
+    actor.user()
+    r = actor.client.post("/login", data={"email": "alice@example.com", "password": PASSWORD})
+    assert r.status_code == 400 and "Reload the page" in r.get_data(as_text=True)
+    assert not signed_in(actor.client)
+
+
+def test_password_failures_back_off_per_account(actor, clock):
+    """security.md 18 (password side): failures lock the account's password step for a growing time."""
+    actor.user()
+    for _ in range(5):
+        actor.password_step(password="wrong")
+        clock.advance(0)  # no time passes: the back-off applies
+    r = actor.password_step()
+    assert r.status_code == 429 and "Too many failed attempts" in r.get_data(as_text=True)
+    assert not signed_in(actor.client)
+    clock.advance(3600)
+    assert actor.password_step().status_code == 302
+    assert user_row(actor.app).password_failures == 0
+
+
+def test_password_and_code_failures_are_counted_separately(actor, secret):
+    actor.user(secret=secret)
+    actor.password_step(password="wrong")
+    u = user_row(actor.app)
+    assert (u.password_failures, u.code_failures) == (1, 0)
+
+
+# ------------------------------------------------------------------ between the steps
+
+def test_password_step_does_not_sign_in(actor, secret):
+    """security.md 21: a correct password with a device only creates a server-side challenge."""
+    actor.user(secret=secret)
+    r = actor.password_step()
+    assert r.headers["Location"] == "/login/verify"
+    assert not signed_in(actor.client)
+    with actor.app.app_context():
+        row = ServerSession.get(ServerSession.id == token_hash(actor.session_cookie()))
+        assert row.user is None and "_user_id" not in row.load()
+        assert SignInChallenge.select().count() == 1
+
+
+def test_every_route_refuses_the_pending_state(actor, secret, app):
+    """security.md 21: walk app.url_map with a pending session; nothing but the code step serves content."""
+    actor.user(secret=secret, admin=True)
+    actor.password_step()
+    allowed = {"auth.verify", "auth.login", "auth.logout", "auth.signup", "static",
+               "support.contact", "auth.first_run", "index"}
+    for rule in app.url_map.iter_rules():
+        public = rule.endpoint in allowed or rule.endpoint.startswith("support.contact")
+        if public or "GET" not in rule.methods:
+            continue
+        url = rule.build({k: 1 for k in rule.arguments})[1] if rule.arguments else rule.rule
+        r = actor.client.get(url)
+        assert r.status_code in (302, 401, 403, 404), (rule.endpoint, r.status_code)
+        if r.status_code == 302:
+            assert "/login" in r.headers["Location"], rule.endpoint
+
+
+def test_pending_session_cookie_carries_no_state(actor, secret):
+    """security.md 25: the cookie is an opaque token: no password, secret, code or user id in it."""
+    actor.user(secret=secret)
+    actor.password_step()
+    cookie = actor.session_cookie()
+    assert len(cookie) < 64 and "." not in cookie
+    for needle in (PASSWORD, secret, "_user_id", "alice"):
+        assert needle not in cookie
+    actor.code_step(actor.code(secret))
+    cookie = actor.session_cookie()
+    for needle in (PASSWORD, secret, actor.code(secret), "_user_id"):
+        assert needle not in cookie
+
+
+def test_verify_without_a_challenge_goes_back_to_login(actor):
+    r = actor.client.get("/login/verify")
+    assert r.status_code == 302 and r.headers["Location"] == "/login"
+
+
+def test_challenge_expires_after_five_minutes(actor, secret, clock):
+    """security.md 24: 11 minutes after the password step the code is not even looked at."""
+    actor.user(secret=secret)
+    actor.password_step()
+    token = actor.csrf("/login/verify")
+    clock.advance(11 * 60)
+    r = actor.client.post("/login/verify", data={"csrf_token": token, "code": actor.code(secret)})
+    assert r.status_code == 302 and r.headers["Location"] == "/login"
+    assert not signed_in(actor.client)
+    with actor.app.app_context():
+        assert SignInChallenge.select().count() == 0
+
+
+def test_challenge_is_single_use(actor, secret, app):
+    """security.md 24, 26: the pre-sign-in cookie cannot be used for a second code after success."""
+    actor.user(secret=secret)
+    actor.password_step()
+    pending_cookie = actor.session_cookie()
+    token = actor.csrf("/login/verify")
+    actor.client.post("/login/verify", data={"csrf_token": token, "code": actor.code(secret)})
+    other = app.test_client()
+    other.set_cookie(app.session_interface.get_cookie_name(app), pending_cookie)
+    r = other.post("/login/verify", data={"csrf_token": token, "code": actor.code(secret, 1)})
+    assert r.status_code in (302, 400)
+    assert not signed_in(other)
+
+
+def test_five_wrong_codes_drop_the_challenge(actor, secret, clock):
+    """Per challenge: after 5 wrong codes the password is needed again."""
+    actor.user(secret=secret)
+    actor.password_step()
+    for wait in (0, 1, 2, 4, 8):
+        clock.advance(wait)  # past the account back-off, so each code is really evaluated
+        r = actor.code_step(WRONG)
+    assert r.status_code == 302 and r.headers["Location"] == "/login"
+    assert user_row(actor.app).code_failures == 5
+    assert actor.client.get("/login/verify").headers["Location"] == "/login"
+
+
+# ------------------------------------------------------------------ the code step
+
+def test_correct_code_signs_in_with_a_new_session_id(actor, secret, app):
+    """security.md 26: after the code a brand-new session; the old cookies are worthless."""
+    actor.user(secret=secret)
+    actor.client.get("/login")
+    before = actor.session_cookie()
+    actor.password_step()
+    pending = actor.session_cookie()
+    r = actor.code_step(actor.code(secret))
+    assert r.status_code == 302 and r.headers["Location"] == "/settings"
+    after = actor.session_cookie()
+    assert after not in (before, pending)
+    assert signed_in(actor.client)
+    for old in (before, pending):
+        replay = app.test_client()
+        replay.set_cookie(app.session_interface.get_cookie_name(app), old)
+        assert not signed_in(replay)
+
+
+@pytest.mark.parametrize("code", ["980357", "005924", "590587"])
+def test_code_window_over_http(actor, code):
+    """security.md 14: T-1, T and T+1 at t=1234567890 sign in (each a fresh user)."""
+    actor.user(secret=RFC_SECRET)
+    actor.password_step()
+    assert actor.code_step(code).headers.get("Location") == "/settings"
+
+
+@pytest.mark.parametrize("code", ["186057", "240500"])
+def test_codes_two_steps_away_are_refused_over_http(actor, code):
+    """security.md 14: T-2 and T+2 are refused."""
+    actor.user(secret=RFC_SECRET)
+    actor.password_step()
+    r = actor.code_step(code)
+    assert r.status_code == 200 and "That code is not valid" in r.get_data(as_text=True)
+    assert not signed_in(actor.client)
+
+
+@pytest.mark.parametrize("code", ["005 924", "005924"])
+def test_spaces_in_the_code_are_fine(actor, code):
+    """security.md 5: '005 924' is the same code."""
+    actor.user(secret=RFC_SECRET)
+    actor.password_step()
+    assert actor.code_step(code).headers.get("Location") == "/settings"
+
+
+@pytest.mark.parametrize("code", ["5924", "+5924", "00_5924", "００５９２４", "0059240", ""])
+def test_malformed_codes_get_400_and_count(actor, code):
+    """security.md 5: anything but six ASCII digits is refused with 400 and counted as a failure."""
+    actor.user(secret=RFC_SECRET)
+    actor.password_step()
+    r = actor.code_step(code)
+    assert r.status_code == 400
+    assert "6-digit code" in r.get_data(as_text=True)
+    assert user_row(actor.app).code_failures == 1
+    assert not signed_in(actor.client)
+
+
+def test_code_field_is_accessible_and_autofills(actor, secret):
+    actor.user(secret=secret)
+    actor.password_step()
+    html = actor.client.get("/login/verify").get_data(as_text=True)
+    assert 'autocomplete="one-time-code"' in html and 'inputmode="numeric"' in html
+    assert '<label for="code">Verification code</label>' in html
+    assert ">Verify<" in html and "Lost access to your authenticator app?" in html
+
+
+def test_wrong_code_error_is_tied_to_the_field(actor, secret):
+    actor.user(secret=secret)
+    actor.password_step()
+    html = actor.code_step(WRONG).get_data(as_text=True)
+    assert 'aria-describedby="code-error"' in html and 'id="code-error"' in html
+    assert 'aria-invalid="true"' in html
+
+
+def test_replayed_code_is_refused(actor, secret, app, clock):
+    """security.md 16: the same valid code in a second sign-in within its step is refused."""
+    actor.user(secret=secret)
+    code = actor.code(secret)
+    actor.password_step()
+    assert actor.code_step(code).headers.get("Location") == "/settings"
+    second = app.test_client()
+    from .conftest import Actor
+
+    other = Actor(app, second, clock)
+    other.password_step()
+    r = other.code_step(code)
+    assert r.status_code == 200 and "That code is not valid" in r.get_data(as_text=True)
+    assert not signed_in(second)
+    assert "totp_replay" in kinds(app)
+
+
+def test_older_code_after_newer_one_is_refused(actor, app, clock):
+    """security.md 16: a T-1 code after a T code was accepted is a replay too."""
+    actor.user(secret=RFC_SECRET)
+    actor.password_step()
+    actor.code_step("005924")
+    from .conftest import Actor
+
+    other = Actor(app, app.test_client(), clock)
+    other.password_step()
+    r = other.code_step("980357")
+    assert "That code is not valid" in r.get_data(as_text=True)
+    assert not signed_in(other.client)
+
+
+def _strip_csrf(html):
+    import re
+
+    return re.sub(r'value="[^"]+"', 'value=""', re.sub(r'"X-CSRFToken": "[^"]+"', "", html))
+
+
+def test_replay_looks_exactly_like_a_wrong_code(app, clock):
+    """security.md 17: status and body match byte for byte apart from the CSRF token; the log knows."""
+    from .conftest import Actor
+
+    a = Actor(app, app.test_client(), clock)
+    a.user(secret=RFC_SECRET)
+    a.password_step()
+    a.code_step("005924")
+    clock.advance(30)  # out of any back-off; still inside the window for the replay
+    b = Actor(app, app.test_client(), clock)
+    b.password_step()
+    replay = b.code_step("005924")
+    clock.advance(30)
+    c = Actor(app, app.test_client(), clock)
+    c.password_step()
+    wrong = c.code_step(WRONG)
+    assert replay.status_code == wrong.status_code == 200
+    assert _strip_csrf(replay.get_data(as_text=True)) == _strip_csrf(wrong.get_data(as_text=True))
+    assert kinds(app).count("totp_replay") == 1 and kinds(app).count("code_rejected") == 1
+
+
+def test_client_supplied_time_is_ignored(actor):
+    """security.md 15: form fields or a Date header cannot move the verifier's clock."""
+    actor.user(secret=RFC_SECRET)
+    actor.password_step()
+    r = actor.post_form("/login/verify", {"code": "240500", "timestamp": "1234567950", "time": "1234567950"},
+                        headers={"Date": "Fri, 13 Feb 2009 23:32:30 GMT"})
+    assert "That code is not valid" in r.get_data(as_text=True)
+    assert not signed_in(actor.client)
+
+
+def test_verify_uses_only_the_server_side_user(app, clock):
+    """security.md 22: an attacker's own code plus the victim's id anywhere never yields the victim."""
+    from .conftest import Actor
+
+    attacker = Actor(app, app.test_client(), clock)
+    victim_secret = pyotp.random_base32()
+    victim = attacker.user(email="victim@example.com", secret=victim_secret)
+    attacker.user(email="mallory@example.com", secret=RFC_SECRET)
+    attacker.password_step(email="mallory@example.com")
+    attacker.client.set_cookie("user_id", str(victim.id))
+    r = attacker.post_form("/login/verify", {"code": "005924", "user_id": victim.id, "username": "victim@example.com",
+                                             "verify": "victim@example.com"},
+                           headers={"X-User-Id": str(victim.id)})
+    assert r.headers["Location"] == "/settings"
+    html = attacker.client.get("/settings").get_data(as_text=True)
+    assert "mallory@example.com" in html and "victim@example.com" not in html
+
+
+def test_wrong_code_grants_nothing(actor, secret):
+    """security.md 23: after a wrong code, protected pages stay closed whatever the client claims."""
+    actor.user(secret=secret, admin=True)
+    actor.password_step()
+    actor.code_step(WRONG)
+    for url in ("/settings", "/support", "/settings/2fa"):
+        r = actor.client.get(url, headers={"X-2FA-Status": "ok"})
+        assert r.status_code == 302 and "/login" in r.headers["Location"]
+
+
+# ------------------------------------------------------------------ throttling
+
+def test_account_lock_holds_across_clients_and_addresses(app, clock, secret):
+    """security.md 18: six wrong codes from fresh cookie jars and IPs; the sixth and a correct code are refused."""
+    from .conftest import Actor
+
+    Actor(app, app.test_client(), clock).user(secret=secret)
+    waits = [1, 2, 4, 8, 0]
+    for i in range(5):
+        a = Actor(app, app.test_client(), clock)
+        a.password_step()
+        r = a.code_step(WRONG, environ_base={"REMOTE_ADDR": f"10.0.0.{i + 1}"},
+                        headers={"X-Forwarded-For": f"192.0.2.{i}"})
+        assert "That code is not valid" in r.get_data(as_text=True)
+        clock.advance(waits[i])
+    for code in (WRONG, None):
+        a = Actor(app, app.test_client(), clock)
+        a.password_step()
+        r = a.code_step(code or a.code(secret), environ_base={"REMOTE_ADDR": "10.9.9.9"})
+        assert r.status_code == 429 and "Too many wrong codes" in r.get_data(as_text=True)
+        assert not signed_in(a.client)
+    assert user_row(app).code_failures == 7
+    assert "code_lockout" in kinds(app)
+    clock.advance(16 * 60)
+    a = Actor(app, app.test_client(), clock)
+    a.password_step()
+    assert a.code_step(a.code(secret)).headers.get("Location") == "/settings"
+
+
+def test_back_off_refuses_quick_retries_without_evaluating(actor, secret, clock):
+    """security.md 18: within the back-off even a correct code is not evaluated."""
+    actor.user(secret=secret)
+    actor.password_step()
+    actor.code_step(WRONG)
+    r = actor.code_step(actor.code(secret))
+    assert r.status_code == 429 and "Wait 1 second" in r.get_data(as_text=True)
+    clock.advance(1)
+    assert actor.code_step(actor.code(secret)).headers.get("Location") == "/settings"
+
+
+def test_success_resets_the_failure_counter(actor, secret, clock):
+    """security.md 19: four failures then a success leave the counter at 0."""
+    actor.user(secret=secret)
+    actor.password_step()
+    for wait in (1, 2, 4, 8):
+        actor.code_step(WRONG)
+        clock.advance(wait)
+    assert user_row(actor.app).code_failures == 4
+    # The challenge allows 5 failures; the fifth attempt is the right code.
+    assert actor.code_step(actor.code(secret)).headers.get("Location") == "/settings"
+    assert user_row(actor.app).code_failures == 0
+
+
+# ------------------------------------------------------------------ redirects
+
+@pytest.mark.parametrize("target", ["https://evil.example", "//evil.example", "/\\evil.example",
+                                    "%2F%2Fevil.example", "javascript:alert(1)", "http:/evil.example"])
+def test_open_redirects_are_refused(actor, secret, target):
+    """security.md 29: next is honoured only for same-site paths, carried server-side through 2FA."""
+    actor.user(secret=secret)
+    actor.password_step(next_url=target)
+    r = actor.code_step(actor.code(secret))
+    assert r.headers["Location"] == "/settings"
+
+
+def test_same_site_next_survives_the_code_step(actor, secret):
+    actor.user(secret=secret)
+    actor.client.get("/settings/2fa")  # anonymous: sent to login with next
+    actor.password_step(next_url="/settings/2fa")
+    assert actor.code_step(actor.code(secret)).headers["Location"] == "/settings/2fa"
+
+
+def test_anonymous_is_sent_to_login_with_next(client, actor):
+    actor.user()
+    r = client.get("/settings")
+    assert r.status_code == 302 and r.headers["Location"] == "/login?next=/settings"
+
+
+def test_htmx_request_without_session_gets_hx_redirect(client, actor):
+    actor.user()
+    r = client.get("/settings", headers={"HX-Request": "true"})
+    assert r.status_code == 401 and r.headers["HX-Redirect"].startswith("/login")
+
+
+# ------------------------------------------------------------------ sessions
+
+def test_logout_ends_the_session_server_side(actor, app, secret):
+    """security.md 30: a cookie captured before logout is worthless afterwards."""
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    captured = actor.session_cookie()
+    r = actor.post_form("/logout", {}, form_url="/settings")
+    assert r.status_code == 302 and r.headers["Location"] == "/login"
+    assert "twostep_session=;" in r.headers["Set-Cookie"] and "Max-Age=0" in r.headers["Set-Cookie"]
+    replay = app.test_client()
+    replay.set_cookie(app.session_interface.get_cookie_name(app), captured)
+    assert not signed_in(replay)
+    with app.app_context():
+        assert ServerSession.select().where(ServerSession.user.is_null(False)).count() == 0
+
+
+def test_logout_is_post_only(actor):
+    actor.user()
+    actor.sign_in()
+    assert actor.client.get("/logout").status_code == 405
+    assert signed_in(actor.client)
+
+
+def test_idle_timeout(actor, clock):
+    """security.md 30: 31 idle minutes end the session."""
+    actor.user()
+    actor.sign_in()
+    clock.advance(29 * 60)
+    assert signed_in(actor.client)
+    clock.advance(31 * 60)
+    assert not signed_in(actor.client)
+
+
+def test_absolute_timeout(actor, clock):
+    """security.md 30: activity cannot keep a session alive past 12 hours."""
+    actor.user()
+    actor.sign_in()
+    for _ in range(24):
+        clock.advance(29 * 60)
+        assert signed_in(actor.client)
+    clock.advance(29 * 60)
+    assert not signed_in(actor.client)
+
+
+def test_session_cookie_attributes(actor):
+    """security.md 31: HttpOnly, SameSite=Lax, Path=/ (Secure and __Host- when served over HTTPS)."""
+    actor.user()
+    r = actor.password_step()
+    cookie = r.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Path=/" in cookie
+    assert "Expires" not in cookie and "Max-Age" not in cookie  # a browser-session cookie
+
+
+def test_secure_cookie_uses_host_prefix(tmp_path, clock):
+    from cryptography.fernet import Fernet
+
+    from webapp import create_app
+
+    app = create_app({"TESTING": True, "INSTANCE_PATH": str(tmp_path), "SECURE_COOKIES": True,
+                      "SECRET_KEY": "k" * 40, "TOTP_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+                      "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}", "PASSWORD_HASH_PROFILE": "cheapest",
+                      "CLOCK": clock})
+    r = app.test_client().get("/setup", base_url="https://localhost")
+    cookie = r.headers["Set-Cookie"]
+    assert cookie.startswith("__Host-session=") and "Secure" in cookie and "Domain" not in cookie
+    assert r.headers["Strict-Transport-Security"].startswith("max-age=")
+
+
+def test_tampered_cookie_is_just_anonymous(actor, app):
+    actor.user()
+    client = app.test_client()
+    client.set_cookie(app.session_interface.get_cookie_name(app), "x" * 43)
+    r = client.get("/settings")
+    assert r.status_code == 302
+    client.set_cookie(app.session_interface.get_cookie_name(app), "\u00e9" * 500)
+    assert client.get("/login").status_code == 200
+
+
+def test_session_row_stores_only_a_hash_of_the_cookie(actor, app):
+    actor.user()
+    actor.sign_in()
+    cookie = actor.session_cookie()
+    with app.app_context():
+        ids = [s.id for s in ServerSession.select()]
+        assert cookie not in ids and token_hash(cookie) in ids
+        data = json.loads(ServerSession.get(ServerSession.id == token_hash(cookie)).data)
+        assert PASSWORD not in json.dumps(data)
+
+
+def test_security_headers_on_pages(client, actor):
+    """security.md 11, 12: CSP without inline script, no framing, no caching, no referrer."""
+    actor.user()
+    r = client.get("/login")
+    csp = r.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "unsafe-eval" not in csp
+    assert "frame-ancestors 'none'" in csp and "img-src 'self' data:" in csp
+    assert r.headers["X-Frame-Options"] == "DENY"
+    assert r.headers["Cache-Control"] == "no-store"
+    assert r.headers["Referrer-Policy"] == "no-referrer"
+    assert r.headers["X-Content-Type-Options"] == "nosniff"
