@@ -1,0 +1,232 @@
+"""Accounts: the operator CLI, the first-run admin page, sign-up, and start-up configuration checks."""
+import os
+
+import pytest
+from cryptography.fernet import Fernet
+
+from webapp import create_app
+from webapp.config import ConfigError
+from webapp.models import AuditEvent, Device, ServerSession, User
+from webapp.totp import decrypt_secret, encrypt_secret
+
+from .conftest import PASSWORD, csrf_from
+
+
+def run(app, *args, input=None):
+    return app.test_cli_runner().invoke(args=list(args), input=input)
+
+
+# ------------------------------------------------------------------ CLI
+
+def test_cli_creates_a_user_who_can_sign_in(app, actor):
+    result = run(app, "users", "create", "Bob@Example.com", "--password", "long enough pw")
+    assert result.exit_code == 0 and "created bob@example.com" in result.output
+    r = actor.password_step(email="bob@example.com", password="long enough pw")
+    assert r.status_code == 302 and r.headers["Location"] == "/settings"
+
+
+def test_cli_prompts_for_the_password(app):
+    result = run(app, "users", "create", "carol@example.com", "--admin", input="s3cret pass\ns3cret pass\n")
+    assert result.exit_code == 0, result.output
+    with app.app_context():
+        assert User.by_email("carol@example.com").is_admin
+
+
+@pytest.mark.parametrize("args,message", [
+    (["users", "create", "not-an-email", "--password", "long enough pw"], "invalid email"),
+    (["users", "create", "d@example.com", "--password", "short"], "at least 8"),
+])
+def test_cli_refuses_bad_input(app, args, message):
+    result = run(app, *args)
+    assert result.exit_code != 0 and message in result.output
+    with app.app_context():
+        assert User.select().count() == 0
+
+
+def test_cli_refuses_duplicates(app, actor):
+    actor.user()
+    result = run(app, "users", "create", "ALICE@example.com", "--password", "long enough pw")
+    assert result.exit_code != 0 and "already exists" in result.output
+    with app.app_context():
+        assert User.select().count() == 1
+
+
+def test_cli_list_and_promote(app, actor, secret):
+    actor.user(secret=secret)
+    actor.user(email="bob@example.com")
+    out = run(app, "users", "list").output
+    assert "alice@example.com\tuser\t2FA active (1 device)" in out
+    assert "bob@example.com\tuser\t2FA off" in out
+    assert run(app, "users", "promote", "bob@example.com").exit_code == 0
+    assert "bob@example.com\tadmin" in run(app, "users", "list").output
+    assert run(app, "users", "promote", "bob@example.com", "--revoke").exit_code == 0
+    assert "bob@example.com\tuser" in run(app, "users", "list").output
+    assert run(app, "users", "promote", "nobody@example.com").exit_code != 0
+
+
+def test_cli_reset_2fa_removes_devices_and_sessions(app, actor, secret):
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    result = run(app, "users", "reset-2fa", "alice@example.com")
+    assert result.exit_code == 0 and "removed 1 device" in result.output
+    with app.app_context():
+        assert Device.select().count() == 0
+        assert ServerSession.select().where(ServerSession.user.is_null(False)).count() == 0
+        assert AuditEvent.select().where(AuditEvent.kind == "tfa_reset").count() == 1
+    assert actor.client.get("/settings").status_code == 302
+
+
+def test_cli_key_rotation_reencrypts_every_secret(app, actor, secret):
+    """security.md 4: after rotation the old key can go; secrets still decrypt with the new one."""
+    actor.user(secret=secret)
+    old = app.config["TOTP_ENCRYPTION_KEYS"]
+    new = Fernet.generate_key().decode()
+    app.config["TOTP_ENCRYPTION_KEYS"] = f"{new},{old}"
+    result = run(app, "keys", "rotate")
+    assert result.exit_code == 0 and "re-encrypted 1 secret" in result.output
+    app.config["TOTP_ENCRYPTION_KEYS"] = new
+    with app.app_context():
+        assert decrypt_secret(Device.get().secret_enc) == secret
+
+
+def test_raw_device_row_reveals_no_secret(app, actor, secret):
+    """security.md 4: the DB row holds neither the Base32 secret nor its bytes; a wrong key cannot read it."""
+    import base64
+
+    from webapp.db import db
+    from webapp.totp import SecretError
+
+    actor.user(secret=secret)
+    with app.app_context():
+        raw = db.execute_sql("SELECT * FROM device").fetchall()
+        flat = repr(raw)
+        assert secret not in flat and repr(base64.b32decode(secret))[2:-1] not in flat
+        app.config["TOTP_ENCRYPTION_KEYS"] = Fernet.generate_key().decode()
+        with pytest.raises(SecretError):
+            decrypt_secret(Device.get().secret_enc)
+
+
+# ------------------------------------------------------------------ first run
+
+def test_first_run_needs_the_console_code(app, client):
+    assert client.get("/").headers["Location"] == "/setup"
+    assert client.get("/login").headers["Location"] == "/setup"
+    page = client.get("/setup").get_data(as_text=True)
+    assert "Setup code" in page
+    data = {"csrf_token": csrf_from(page), "email": "admin@example.com", "password": PASSWORD, "confirm": PASSWORD}
+    r = client.post("/setup", data={**data, "setup_code": "wrong"})
+    assert r.status_code == 403 and "not right" in r.get_data(as_text=True)
+    with app.app_context():
+        assert User.select().count() == 0
+    r = client.post("/setup", data={**data, "setup_code": "setup-code-123"})
+    assert r.status_code == 302
+    with app.app_context():
+        admin = User.get()
+        assert admin.email == "admin@example.com" and admin.is_admin
+    assert client.get("/settings").status_code == 200
+    assert app.test_client().get("/setup").status_code == 404
+
+
+def test_first_run_code_is_generated_in_the_instance_folder(tmp_path, capsys):
+    app = create_app({"TESTING": True, "INSTANCE_PATH": str(tmp_path / "inst"), "SECRET_KEY": "k" * 40,
+                      "TOTP_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+                      "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}", "PASSWORD_HASH_PROFILE": "cheapest"})
+    code = (tmp_path / "inst" / "setup_code").read_text().strip()
+    assert len(code) >= 18 and code in capsys.readouterr().err
+    again = create_app({**app.config, "INSTANCE_PATH": str(tmp_path / "inst")})
+    assert (tmp_path / "inst" / "setup_code").read_text().strip() == code
+    assert again is not None
+
+
+def test_first_run_mismatched_passwords(client):
+    page = client.get("/setup").get_data(as_text=True)
+    r = client.post("/setup", data={"csrf_token": csrf_from(page), "setup_code": "setup-code-123",
+                                    "email": "a@example.com", "password": PASSWORD, "confirm": "other"})
+    assert r.status_code == 400 and "The two passwords differ." in r.get_data(as_text=True)
+
+
+# ------------------------------------------------------------------ sign-up
+
+def test_signup_creates_an_account(app, actor):
+    actor.user(email="admin@example.com", admin=True)
+    r = actor.post_form("/signup", {"email": "New@Example.com", "password": PASSWORD, "confirm": PASSWORD})
+    assert r.status_code == 302
+    with app.app_context():
+        assert User.by_email("new@example.com") is not None
+    assert "new@example.com" in actor.client.get("/settings").get_data(as_text=True)
+
+
+def test_signup_refuses_duplicates_and_short_passwords(app, actor):
+    actor.user()
+    r = actor.post_form("/signup", {"email": "alice@example.com", "password": PASSWORD, "confirm": PASSWORD})
+    assert "already exists" in r.get_data(as_text=True)
+    r = actor.post_form("/signup", {"email": "b@example.com", "password": "short", "confirm": "short"})
+    assert r.status_code == 400 and "at least 8 characters" in r.get_data(as_text=True)
+    with app.app_context():
+        assert User.select().count() == 1
+
+
+def test_signup_can_be_switched_off(app, actor):
+    actor.user()
+    app.config["SIGNUP_ENABLED"] = False
+    assert actor.client.get("/signup").status_code == 404
+    assert "Create one" not in actor.client.get("/login").get_data(as_text=True)
+
+
+# ------------------------------------------------------------------ configuration
+
+def _prod(tmp_path, monkeypatch, **env):
+    for key in ("SECRET_KEY", "TOTP_ENCRYPTION_KEYS", "DATABASE_URL", "TOTP_ISSUER"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("TWOSTEP_PRODUCTION", "1")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return create_app({"INSTANCE_PATH": str(tmp_path / "inst")})
+
+
+def test_production_refuses_missing_secrets(tmp_path, monkeypatch):
+    """security.md 44: no silent defaults in production."""
+    with pytest.raises(ConfigError, match="missing configuration"):
+        _prod(tmp_path, monkeypatch)
+    assert not os.path.exists(tmp_path / "inst" / "secret_key")
+
+
+def test_production_refuses_a_short_secret_key(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="SECRET_KEY"):
+        _prod(tmp_path, monkeypatch, SECRET_KEY="short", TOTP_ENCRYPTION_KEYS=Fernet.generate_key().decode(),
+              DATABASE_URL=f"sqlite:///{tmp_path / 'db'}")
+
+
+def test_production_refuses_debug(tmp_path, monkeypatch):
+    from webapp.config import validate
+
+    with pytest.raises(ConfigError, match="DEBUG"):
+        validate({"PRODUCTION": True, "DEBUG": True, "SECRET_KEY": "k" * 40, "DATABASE_URL": "sqlite://",
+                  "TOTP_ISSUER": "x", "TOTP_ENCRYPTION_KEYS": Fernet.generate_key().decode()})
+
+
+def test_production_starts_with_proper_secrets(tmp_path, monkeypatch):
+    app = _prod(tmp_path, monkeypatch, SECRET_KEY="k" * 48, TOTP_ENCRYPTION_KEYS=Fernet.generate_key().decode(),
+                DATABASE_URL=f"sqlite:///{tmp_path / 'db'}")
+    assert app.config["SECURE_COOKIES"] and not app.debug
+    r = app.test_client().get("/setup", base_url="https://example.com")
+    assert "Strict-Transport-Security" in r.headers
+
+
+def test_bad_encryption_key_is_a_startup_error(tmp_path):
+    with pytest.raises(ConfigError, match="Fernet"):
+        create_app({"INSTANCE_PATH": str(tmp_path), "SECRET_KEY": "k" * 40, "TOTP_ENCRYPTION_KEYS": "nope",
+                    "DATABASE_URL": f"sqlite:///{tmp_path / 'db'}"})
+
+
+def test_development_keys_are_created_once_in_the_instance_folder(tmp_path, monkeypatch):
+    for key in ("SECRET_KEY", "TOTP_ENCRYPTION_KEYS", "DATABASE_URL", "TWOSTEP_PRODUCTION"):
+        monkeypatch.delenv(key, raising=False)
+    first = create_app({"INSTANCE_PATH": str(tmp_path)})
+    second = create_app({"INSTANCE_PATH": str(tmp_path)})
+    assert first.config["SECRET_KEY"] == second.config["SECRET_KEY"] and len(first.config["SECRET_KEY"]) >= 48
+    assert first.config["TOTP_ENCRYPTION_KEYS"] == second.config["TOTP_ENCRYPTION_KEYS"]
+    assert oct(os.stat(tmp_path / "secret_key").st_mode)[-3:] == "600"
+    assert first.config["DATABASE_URL"].endswith("twostep.db")
+    with first.app_context():
+        assert decrypt_secret(encrypt_secret("ABC")) == "ABC"
