@@ -23,3 +23,12 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The whole suite against a throwaway PostgreSQL 15 cluster (scripts/pg.sh starts it and always stops it).
+.PHONY: test-postgres bench
+test-postgres: $(STAMP)
+	bash scripts/pg.sh run $(BIN)/python -m pytest
+
+# Throughput and latency under gunicorn (see README "Performance"); writes bench/results.json.
+bench: $(STAMP)
+	$(BIN)/python bench/run.py

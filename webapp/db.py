@@ -22,7 +22,7 @@ def open_database(url):
     if url.startswith(("postgres://", "postgresql://")):
         params = parse(url)
         name = params.pop("database")
-        return PostgresqlDatabase(name, autorollback=True, **params)
+        return PostgresqlDatabase(name, **params)
     raise ValueError("DATABASE_URL must start with sqlite:/// or postgresql://")
 
 
