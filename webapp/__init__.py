@@ -38,7 +38,7 @@ def create_app(test_config=None):
     db_module.init_app(app)
 
     from .models import User
-    from .security import set_security_headers
+    from .security import check_origin, set_security_headers
     from .sessions import DbSessionInterface
 
     app.session_interface = DbSessionInterface()
@@ -58,6 +58,7 @@ def create_app(test_config=None):
     app.register_blueprint(support.bp)
     cli.init_app(app)
 
+    app.before_request(check_origin)
     app.after_request(set_security_headers)
     _register_error_handlers(app)
 
@@ -120,7 +121,7 @@ def _init_logging(app):
     from .security import RedactingFilter
 
     redactor = RedactingFilter()
-    for name in ("twostep", "twostep.audit", "werkzeug", "gunicorn.access", "gunicorn.error"):
+    for name in ("twostep", "twostep.audit", "webapp", "werkzeug", "gunicorn.access", "gunicorn.error"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactingFilter) for f in logger.filters):
             logger.addFilter(redactor)

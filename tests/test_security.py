@@ -1,0 +1,102 @@
+"""Cross-cutting checklist items that are not one feature's (security.md 27, 28, 33, 41, 43, 44)."""
+import logging
+
+import pytest
+
+from webapp.models import User
+
+from .conftest import PASSWORD
+
+
+def signed_in(client):
+    r = client.get("/settings")
+    return r.status_code == 200 and "User Settings" in r.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("origin", ["https://evil.example", "null", "http://localhost.evil.example"])
+def test_cross_site_origin_is_refused(actor, origin):
+    """security.md 33: a POST from another origin is refused even with a valid token, and nothing happens."""
+    actor.user()
+    r = actor.post_form("/login", {"email": "alice@example.com", "password": PASSWORD},
+                        headers={"Origin": origin})
+    assert r.status_code == 403
+    assert not signed_in(actor.client)
+
+
+def test_same_origin_post_is_fine(actor):
+    actor.user()
+    r = actor.post_form("/login", {"email": "alice@example.com", "password": PASSWORD},
+                        headers={"Origin": "http://localhost"})
+    assert r.status_code == 302
+
+
+def test_no_remember_me_cookie_is_ever_issued(actor, secret):
+    """security.md 27, 31: there is no remember-me; asking for it sets nothing, before or after 2FA."""
+    actor.user(secret=secret)
+    r1 = actor.post_form("/login", {"email": "alice@example.com", "password": PASSWORD, "remember": "1"})
+    r2 = actor.code_step(actor.code(secret))
+    for r in (r1, r2):
+        assert "remember_token" not in " ".join(r.headers.getlist("Set-Cookie"))
+    assert actor.client.get_cookie("remember_token") is None
+
+
+def test_losing_the_session_cookie_mid_flow_does_not_authenticate(actor, secret, app):
+    """security.md 27: delete the session cookie after the password step: not signed in."""
+    actor.user(secret=secret)
+    actor.password_step()
+    actor.client.delete_cookie(app.session_interface.get_cookie_name(app))
+    assert not signed_in(actor.client)
+
+
+@pytest.mark.parametrize("headers", [{"X-Forwarded-For": "127.0.0.1"}, {"X-Debug": "1"},
+                                     {"X-Real-IP": "127.0.0.1"}, {"X-Original-URL": "/settings"}])
+def test_no_header_bypasses_the_second_step(actor, secret, headers):
+    """security.md 41: no trusted IPs, debug headers or break-glass paths skip 2FA."""
+    actor.user(secret=secret, admin=True)
+    actor.password_step()
+    for url in ("/settings", "/support"):
+        r = actor.client.get(url, headers=headers)
+        assert r.status_code == 302 and "/login" in r.headers["Location"]
+
+
+def test_signup_is_not_a_way_around_2fa(actor, secret):
+    """security.md 28: signing up with an enrolled person's email does not sign them in."""
+    actor.user(secret=secret)
+    r = actor.post_form("/signup", {"email": "alice@example.com", "password": PASSWORD, "confirm": PASSWORD})
+    assert "already exists" in r.get_data(as_text=True)
+    assert not signed_in(actor.client)
+
+
+def test_password_only_sign_in_paths_all_check_for_devices(actor, secret, app):
+    """security.md 28: first-run is closed once accounts exist; reauth needs a signed-in session."""
+    actor.user(secret=secret)
+    assert actor.client.get("/setup").status_code == 404
+    r = actor.post_form("/reauth", {"password": PASSWORD}, form_url="/login")
+    assert r.status_code == 302 and "/login" in r.headers["Location"]
+    assert not signed_in(actor.client)
+
+
+def test_debug_is_off_and_no_debugger_is_reachable(app, client):
+    """security.md 44: no Werkzeug debugger or console in the app."""
+    assert not app.debug
+    assert client.get("/console").status_code == 404
+
+
+def test_logs_never_contain_codes_secrets_or_passwords(actor, secret, caplog):
+    """security.md 43: a whole sign-in at DEBUG; the audit events appear, the secrets never do."""
+    caplog.set_level(logging.DEBUG)
+    actor.user(secret=secret)
+    actor.password_step(password="wrong password")
+    actor.clock.advance(1)
+    actor.password_step()
+    actor.code_step("000000")
+    actor.clock.advance(1)
+    code = actor.code(secret)
+    actor.code_step(code)
+    logging.getLogger("twostep").info("debug echo secret=%s code=%s uri=%s", secret, code,
+                                      f"otpauth://totp/x?secret={secret}")
+    text = caplog.text + "".join(str(r.args) for r in caplog.records)
+    for kind in ("password_rejected", "password_accepted", "code_rejected", "code_accepted", "signin"):
+        assert kind in text
+    for needle in (secret, code, PASSWORD, "wrong password", "otpauth://totp/x"):
+        assert needle not in text, needle
