@@ -1,1 +1,42 @@
 // twostep: the little JavaScript the pages need (kept in a file so the CSP can forbid inline scripts).
+
+// The 2FA wizard dialog (templates/settings/_wizard_dialog.html). htmx loads it into #dialog-slot; here we
+// only open it as a modal, move focus into each new step, close it on Cancel/Done/Escape, and give focus
+// back to the gear. Without JavaScript the same steps are plain pages and these handlers never run.
+(function () {
+  "use strict";
+  var opener = null;
+
+  document.addEventListener("htmx:beforeRequest", function (event) {
+    var elt = event.detail.elt;
+    if (elt && elt.matches && elt.matches("[data-opens-dialog]")) opener = elt;
+  });
+
+  // htmx:load fires for every element htmx inserts: a new dialog, or a step that replaced the previous one.
+  document.addEventListener("htmx:load", function (event) {
+    var elt = event.detail.elt;
+    if (!elt || !elt.matches) return;
+    var dialog = elt.matches("dialog.wizard") ? elt : elt.closest("dialog.wizard");
+    if (!dialog) return;
+    if (!dialog.open) dialog.showModal();
+    var target = dialog.querySelector(".wizard-step [autofocus]") || dialog.querySelector(".wizard-step .step-title");
+    if (target) target.focus();
+  });
+
+  document.addEventListener("click", function (event) {
+    var button = event.target.closest && event.target.closest("dialog.wizard [data-close-dialog]");
+    if (!button) return;
+    event.preventDefault();
+    button.closest("dialog").close();
+  });
+
+  // "close" does not bubble: listen in the capture phase. Escape also ends here (native cancel -> close).
+  document.addEventListener("close", function (event) {
+    var dialog = event.target;
+    if (!dialog.matches || !dialog.matches("dialog.wizard")) return;
+    dialog.remove();
+    var back = opener && document.contains(opener) ? opener : document.querySelector("#tfa-row .gear");
+    if (back) back.focus();
+    opener = null;
+  }, true);
+})();

@@ -107,6 +107,8 @@ class PendingEnrolment(BaseModel):
     created_at = DateTimeField(default=now)
     # Set once a correct code from the new secret was entered; the device is created from it.
     verified_step = BigIntegerField(null=True)
+    # Wrong codes entered against this secret; the wizard discards the secret after too many.
+    failures = IntegerField(default=0)
 
 
 class SupportRequest(BaseModel):

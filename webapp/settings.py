@@ -1,22 +1,426 @@
-"""User Settings: the Two-Factor Authentication row and (issue 3) the enrolment wizard behind the gear."""
-from flask import Blueprint, render_template
-from flask_login import current_user, login_required
+"""User Settings: the Two-Factor Authentication row, the enrolment wizard behind the gear, and device management.
 
-from .models import Device
+The wizard is one self-replacing fragment (intro -> QR code -> code -> device name -> done) re-rendered from
+server-side state: the pending secret lives in a PendingEnrolment row tied to this session, never in the
+cookie, and becomes a Device only after a correct code and a name (security.md 8, 25).
+"""
+import re
+
+from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, session, url_for
+from flask_login import current_user, login_required
+from flask_wtf import FlaskForm
+from peewee import IntegrityError
+from wtforms import BooleanField, PasswordField, StringField
+from wtforms.validators import DataRequired, Length, ValidationError
+
+from . import htmx, totp
+from .auth import CODE_FIELD_ATTRS, MALFORMED_CODE_ERROR, code_error, password_check
+from .clock import now, timestamp
+from .db import for_update, write_transaction
+from .models import Device, PendingEnrolment, User
+from .security import audit, fresh_login_required
+from .sessions import end_user_sessions
 
 bp = Blueprint("settings", __name__, url_prefix="/settings")
 
+MAX_ENROLMENT_FAILURES = 5  # wrong codes against one pending secret before it is thrown away
+DEVICE_NAME_MAX = 64
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+WRONG_ENROLMENT_CODE = ("That code does not match. Check that you scanned the QR code shown here, "
+                        "then enter the code your app shows now.")
+
+
+def _strip(value):
+    return value.strip() if isinstance(value, str) else value
+
+
+def _printable(form, field):
+    if field.data and _CONTROL_CHARS.search(field.data):
+        raise ValidationError("Use letters, digits, spaces and punctuation only.")
+
+
+# ---------------------------------------------------------------- forms
+
+class StartForm(FlaskForm):
+    """Only the CSRF token: starting the wizard issues a new secret, so it is a POST."""
+
+
+class EnrolCodeForm(FlaskForm):
+    code = StringField("Verification code", validators=[
+        DataRequired("Enter the 6-digit code from your authenticator app."),
+        Length(max=32, message=MALFORMED_CODE_ERROR)], render_kw=CODE_FIELD_ATTRS)
+
+
+def _name_field():
+    return StringField("Device name", filters=[_strip], validators=[
+        DataRequired("Give this device a name."),
+        Length(max=DEVICE_NAME_MAX, message=f"Use at most {DEVICE_NAME_MAX} characters."),
+        _printable], render_kw={"autocomplete": "off", "maxlength": str(DEVICE_NAME_MAX), "spellcheck": "false"})
+
+
+class DeviceNameForm(FlaskForm):
+    name = _name_field()
+
+
+# The device-management forms appear once per device on one page, so they carry a prefix (unique ids for
+# labels and aria-describedby). Their CSRF token is the page's plain `csrf_token` field, which the global
+# CSRFProtect checks on every POST before the view runs.
+class RenameForm(FlaskForm):
+    class Meta:
+        csrf = False
+
+    name = _name_field()
+
+
+class RemoveForm(FlaskForm):
+    class Meta:
+        csrf = False
+
+    code = StringField("Verification code", validators=[
+        DataRequired("Enter a current code from your authenticator app."),
+        Length(max=32, message=MALFORMED_CODE_ERROR)],
+        render_kw={**CODE_FIELD_ATTRS, "autofocus": False})
+    confirm_off = BooleanField("Yes, turn two-factor authentication off")
+
+
+class DisableForm(FlaskForm):
+    class Meta:
+        csrf = False
+
+    password = PasswordField("Password", validators=[
+        DataRequired("Enter your password."), Length(max=1024, message="That password is too long.")],
+        render_kw={"autocomplete": "current-password"})
+    code = StringField("Verification code", validators=[
+        DataRequired("Enter a current code from your authenticator app."),
+        Length(max=32, message=MALFORMED_CODE_ERROR)],
+        render_kw={**CODE_FIELD_ATTRS, "autofocus": False})
+
+
+# ---------------------------------------------------------------- helpers
+
+def _user():
+    return current_user._get_current_object()
+
+
+def _devices(user):
+    return list(Device.select().where(Device.user == user.id).order_by(Device.created_at, Device.id))
+
+
+def _own_device(device_id):
+    """The signed-in person's device with this id, or 404: nobody reaches another person's devices (security.md 34)."""
+    device = Device.get_or_none((Device.id == device_id) & (Device.user == current_user.id))
+    if device is None:
+        abort(404)
+    return device
+
+
+def _row_context(user, failed=None, notice=None):
+    """Everything the Two-Factor Authentication row needs; `failed` is (kind, device_id, form) to show with errors."""
+    devices = _devices(user)
+    forms = {}
+    for d in devices:
+        forms[d.id] = {
+            "rename": RenameForm(formdata=None, prefix=f"rename-{d.id}", data={"name": d.name}),
+            "remove": RemoveForm(formdata=None, prefix=f"remove-{d.id}"),
+        }
+    disable_form = DisableForm(formdata=None, prefix="off")
+    open_form = None
+    if failed:
+        kind, device_id, form = failed
+        open_form = (kind, device_id)
+        if kind == "disable":
+            disable_form = form
+        elif device_id in forms:
+            forms[device_id][kind] = form
+    return {"devices": devices, "device_forms": forms, "disable_form": disable_form, "open_form": open_form,
+            "notice": notice}
+
+
+def _settings_response(user, failed=None, notice=None, status=200):
+    """The settings page, or only the #tfa-row fragment for htmx (errors stay 200 so htmx swaps them)."""
+    if htmx.is_htmx():
+        status = 200
+    return htmx.render("settings/index.html", "settings/_tfa_row.html", status=status,
+                       **_row_context(user, failed=failed, notice=notice))
+
+
+def _after_change(user, notice):
+    """Finish a device change: other sessions end (security.md 35), then show the updated row."""
+    ended = end_user_sessions(user, keep_token=session.token)
+    if ended:
+        audit("sessions_ended", user=user, reason="2fa change", count=ended)
+    if htmx.is_htmx():
+        return _settings_response(user, notice=notice)
+    flash(notice, "success")
+    return redirect(url_for("settings.index"))
+
+
+def current_pending(user):
+    """This session's unexpired pending enrolment for `user`, or None (expired ones are deleted: security.md 8)."""
+    if session.row is None:
+        return None
+    pending = (PendingEnrolment.select()
+               .where((PendingEnrolment.session == session.row.id) & (PendingEnrolment.user == user.id))
+               .order_by(PendingEnrolment.created_at.desc(), PendingEnrolment.id.desc()).first())
+    if pending is None:
+        return None
+    if now() - pending.created_at > current_app.config["PENDING_ENROLMENT_TTL"]:
+        pending.delete_instance()
+        audit("tfa_enrolment_expired", user=user)
+        return None
+    return pending
+
+
+def _wizard(step, status=200, **context):
+    """Render one wizard step: alone for htmx (it replaces itself), inside the full page otherwise."""
+    if htmx.is_htmx():
+        status = 200
+    context.setdefault("has_2fa", _user().has_2fa)
+    context.setdefault("in_dialog", htmx.is_htmx())  # step headings sit one level below the dialog title
+    return htmx.render("settings/tfa.html", "settings/_wizard_step.html", status=status, step=step, **context)
+
+
+def _qr_context(user, pending):
+    """What the QR step shows: the QR code, the grouped key and the otpauth link (never after activation)."""
+    secret = totp.decrypt_secret(pending.secret_enc)
+    uri = totp.provisioning_uri(secret, user.email, current_app.config["TOTP_ISSUER"])
+    return {"qr_svg": totp.qr_svg(uri), "grouped_key": totp.group_key(secret), "otpauth_uri": uri,
+            "issuer": current_app.config["TOTP_ISSUER"], "account": user.email}
+
+
+def _skew_text(steps):
+    """Human wording for a phone clock that is `steps` time steps off."""
+    seconds = abs(steps) * totp.PERIOD
+    amount = f"{seconds} seconds" if seconds < 120 else f"{round(seconds / 60)} minutes"
+    direction = "ahead" if steps > 0 else "behind"
+    return (f"That code would have been right, but your phone's clock seems to be about {amount} {direction}. "
+            "Turn on automatic date and time in your phone's settings, then enter the new code.")
+
+
+# ---------------------------------------------------------------- settings page
 
 @bp.get("")
 @login_required
 def index():
-    """The User Settings page."""
-    devices = list(Device.select().where(Device.user == current_user.id).order_by(Device.created_at))
-    return render_template("settings/index.html", devices=devices)
+    """The User Settings page with the Two-Factor Authentication row."""
+    return render_template("settings/index.html", **_row_context(_user()))
 
+
+# ---------------------------------------------------------------- the wizard
 
 @bp.get("/2fa")
-@login_required
+@fresh_login_required
 def tfa():
-    """Placeholder for the enrolment wizard (replaced by the wizard issue)."""
-    return render_template("settings/tfa_placeholder.html")
+    """The gear: the wizard's first step, as a dialog for htmx or a full page without JavaScript (security.md 9)."""
+    user = _user()
+    return htmx.render("settings/tfa.html", "settings/_wizard_dialog.html",
+                       step="intro", form=StartForm(), has_2fa=user.has_2fa, in_dialog=htmx.is_htmx())
+
+
+@bp.post("/2fa/start")
+@fresh_login_required
+def start():
+    """Issue a new pending secret for this session (replacing any earlier one) and show its QR code."""
+    user = _user()
+    form = StartForm()
+    if not form.validate_on_submit():
+        abort(400)
+    if session.row is None:
+        abort(400)
+    secret = totp.new_secret()
+    with write_transaction():
+        PendingEnrolment.delete().where((PendingEnrolment.session == session.row.id)
+                                        & (PendingEnrolment.user == user.id)).execute()
+        try:
+            pending = PendingEnrolment.create(session=session.row.id, user=user,
+                                              secret_enc=totp.encrypt_secret(secret), created_at=now())
+        except IntegrityError:  # the session row vanished meanwhile (signed out elsewhere)
+            abort(401)
+    audit("tfa_enrolment_started", user=user, adding=user.has_2fa)
+    return _wizard("qr", **_qr_context(user, pending))
+
+
+@bp.get("/2fa/qr")
+@login_required
+def qr():
+    """Show the pending secret's QR code again (the Back button), or say that the setup expired."""
+    user = _user()
+    pending = current_pending(user)
+    if pending is None:
+        return _wizard("expired", form=StartForm())
+    return _wizard("qr", **_qr_context(user, pending))
+
+
+@bp.get("/2fa/code")
+@login_required
+def code():
+    """The code step: one field for the code the app shows now."""
+    pending = current_pending(_user())
+    if pending is None:
+        return _wizard("expired", form=StartForm())
+    return _wizard("code", form=EnrolCodeForm(formdata=None))
+
+
+@bp.post("/2fa/code")
+@login_required
+def verify_code():
+    """Check a code against the pending secret; wrong codes keep the same secret, too many discard it."""
+    user = _user()
+    pending = current_pending(user)
+    if pending is None:
+        return _wizard("expired", form=StartForm())
+    form = EnrolCodeForm()
+    error = None
+    if not form.validate_on_submit():
+        error = form.code.errors[0] if form.code.errors else MALFORMED_CODE_ERROR
+        form.code.errors = []
+        status = 400
+    else:
+        normalised = totp.normalise_code(form.code.data)
+        status = 200
+        if normalised is None:
+            error, status = MALFORMED_CODE_ERROR, 400
+        else:
+            secret = totp.decrypt_secret(pending.secret_enc)
+            step = totp.match_step(secret, normalised, timestamp())
+            if step is not None:
+                PendingEnrolment.update(verified_step=step).where(PendingEnrolment.id == pending.id).execute()
+                audit("tfa_enrolment_code_accepted", user=user)
+                return _wizard("name", form=DeviceNameForm(formdata=None))
+            offset = totp.clock_offset_steps(secret, normalised, timestamp())
+            error = _skew_text(offset) if offset is not None else WRONG_ENROLMENT_CODE
+    # Every failed attempt counts against this secret, malformed ones included (security.md 5, 18).
+    with write_transaction():
+        PendingEnrolment.update(failures=PendingEnrolment.failures + 1).where(
+            PendingEnrolment.id == pending.id).execute()
+        failures = PendingEnrolment.get_by_id(pending.id).failures
+        if failures >= MAX_ENROLMENT_FAILURES:
+            pending.delete_instance()
+    audit("tfa_enrolment_code_rejected", user=user, failures=failures)
+    if failures >= MAX_ENROLMENT_FAILURES:
+        audit("tfa_enrolment_discarded", user=user, reason="too many wrong codes")
+        return _wizard("expired", form=StartForm(formdata=None), too_many=True)
+    return _wizard("code", status=status, form=form, error=error)
+
+
+@bp.post("/2fa/complete")
+@login_required
+def complete():
+    """Name the device and activate it: only now is 2FA on; other sessions end (security.md 8, 35, 39)."""
+    user = _user()
+    pending = current_pending(user)
+    if pending is None:
+        return _wizard("expired", form=StartForm())
+    if pending.verified_step is None:
+        return _wizard("code", form=EnrolCodeForm(formdata=None))
+    form = DeviceNameForm()
+    if not form.validate_on_submit():
+        return _wizard("name", status=400, form=form)
+    name = form.name.data
+    had_2fa = user.has_2fa
+    had_reset_window = user.tfa_reset_until is not None
+    with write_transaction():
+        locked = for_update(PendingEnrolment.select().where(PendingEnrolment.id == pending.id)).first()
+        if locked is None or locked.verified_step is None:  # a parallel request used it already
+            return _wizard("expired", form=StartForm())
+        if any(d.name.casefold() == name.casefold() for d in _devices(user)):
+            form.name.errors = ["You already have a device with this name. Choose another name."]
+            return _wizard("name", status=400, form=form)
+        try:
+            # The code used to confirm enrolment counts as used: last_step stops its replay (security.md 16).
+            device = Device.create(user=user, name=name, secret_enc=locked.secret_enc,
+                                   last_step=locked.verified_step, created_at=now())
+        except IntegrityError:
+            form.name.errors = ["You already have a device with this name. Choose another name."]
+            return _wizard("name", status=400, form=form)
+        PendingEnrolment.delete().where(PendingEnrolment.user == user.id).execute()
+        User.update(tfa_reset_until=None).where(User.id == user.id).execute()
+    audit("device_added" if had_2fa else "tfa_enabled", user=user, device=device.name)
+    if had_reset_window:
+        audit("tfa_reset_window_ended", user=user, reason="new device enrolled")
+    ended = end_user_sessions(user, keep_token=session.token)
+    if ended:
+        audit("sessions_ended", user=user, reason="2fa change", count=ended)
+    fresh_user = User.get_by_id(user.id)
+    return _wizard("done", device=device, oob_row=htmx.is_htmx(), had_reset_window=had_reset_window,
+                   had_2fa_before=had_2fa, has_2fa=True, **_row_context(fresh_user))
+
+
+# ---------------------------------------------------------------- devices afterwards
+
+@bp.post("/devices/<int:device_id>/rename")
+@login_required
+def rename_device(device_id):
+    """Rename one of your own devices."""
+    user = _user()
+    device = _own_device(device_id)
+    form = RenameForm(prefix=f"rename-{device.id}")
+    if form.validate():
+        name = form.name.data
+        if any(d.name.casefold() == name.casefold() and d.id != device.id for d in _devices(user)):
+            form.name.errors = ["You already have a device with this name. Choose another name."]
+        else:
+            old = device.name
+            try:
+                Device.update(name=name).where(Device.id == device.id).execute()
+            except IntegrityError:
+                form.name.errors = ["You already have a device with this name. Choose another name."]
+            else:
+                audit("device_renamed", user=user, device=name, old_name=old)
+                return _after_change(user, f"Renamed “{old}” to “{name}”.")
+    return _settings_response(user, failed=("rename", device.id, form), status=400)
+
+
+@bp.post("/devices/<int:device_id>/remove")
+@login_required
+def remove_device(device_id):
+    """Remove one of your devices after a current code; removing the last one needs explicit confirmation."""
+    user = _user()
+    device = _own_device(device_id)
+    form = RemoveForm(prefix=f"remove-{device.id}")
+    last = len(_devices(user)) == 1
+    if not form.validate():
+        return _settings_response(user, failed=("remove", device.id, form), status=400)
+    if last and not form.confirm_off.data:
+        form.confirm_off.errors = ["This is your only device. Tick the box to confirm that 2FA should be turned off."]
+        return _settings_response(user, failed=("remove", device.id, form), status=400)
+    # A stolen session alone cannot remove a factor: a current code is needed (security.md 32).
+    result = totp.check_user_code(user, form.code.data)
+    if not result:
+        form.code.errors = [code_error(result)]
+        return _settings_response(user, failed=("remove", device.id, form),
+                                  status=429 if result.reason == "locked" else 200)
+    Device.delete().where((Device.id == device.id) & (Device.user == user.id)).execute()
+    audit("device_removed", user=user, device=device.name)
+    if last:
+        audit("tfa_disabled", user=user, via="last device removed")
+        return _after_change(user, "Two-factor authentication is now off: you removed your only device.")
+    return _after_change(user, f"Removed “{device.name}”. It no longer works for signing in.")
+
+
+@bp.post("/2fa/disable")
+@login_required
+def disable():
+    """Turn 2FA off entirely: needs the password and a current code, POST only (security.md 32, 33)."""
+    user = _user()
+    if not user.has_2fa:
+        return redirect(url_for("settings.index"))
+    form = DisableForm(prefix="off")
+    # Refusals are 403 (no password and code, no change: security.md 32); htmx still gets 200 to swap them.
+    if not form.validate():
+        return _settings_response(user, failed=("disable", None, form), status=403)
+    error = password_check(user, form.password.data)
+    if error is not None:
+        form.password.errors = [error]
+        return _settings_response(user, failed=("disable", None, form),
+                                  status=429 if error.startswith("Too many") else 403)
+    result = totp.check_user_code(user, form.code.data)
+    if not result:
+        form.code.errors = [code_error(result)]
+        return _settings_response(user, failed=("disable", None, form),
+                                  status=429 if result.reason == "locked" else 403)
+    names = [d.name for d in _devices(user)]
+    Device.delete().where(Device.user == user.id).execute()
+    PendingEnrolment.delete().where(PendingEnrolment.user == user.id).execute()
+    audit("tfa_disabled", user=user, via="settings", devices=names)
+    return _after_change(user, "Two-factor authentication is now off. Your devices no longer work for signing in.")

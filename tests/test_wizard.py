@@ -1,0 +1,658 @@
+"""The enrolment wizard behind the gear: intro -> QR code -> code -> device name -> Complete Activation.
+
+Driven through the test client like a browser would, with and without htmx; the codes are computed from the
+otpauth:// URI parsed out of the response, at the injected clock's time.
+"""
+import html
+import json
+import re
+from datetime import datetime, timedelta, timezone
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import pyotp
+import pytest
+
+from webapp.models import AuditEvent, Device, PendingEnrolment, ServerSession, User
+from webapp.totp import group_key, step_at
+
+HX = {"HX-Request": "true"}
+PASSWORD = "correct horse battery"  # the password conftest's Actor.user() sets
+OTPAUTH_RE = re.compile(r'href="(otpauth://[^"]+)"')
+
+
+def otpauth_of(body):
+    """The otpauth:// URI from the manual-entry link."""
+    match = OTPAUTH_RE.search(body)
+    assert match, "no otpauth link in the response"
+    return html.unescape(match.group(1))
+
+
+def secret_of(body):
+    return pyotp.parse_uri(otpauth_of(body)).secret
+
+
+def text(response):
+    return response.get_data(as_text=True)
+
+
+class Wizard:
+    """Walks the wizard as one signed-in browser, either with htmx (fragments) or without (pages)."""
+
+    def __init__(self, actor, htmx=True):
+        self.actor, self.client, self.clock = actor, actor.client, actor.clock
+        self.headers = dict(HX) if htmx else {}
+        self.token = None
+        self.secret = None
+
+    def csrf(self):
+        if self.token is None:
+            self.token = self.actor.csrf("/settings")
+        return self.token
+
+    def open(self):
+        return self.client.get("/settings/2fa", headers=self.headers)
+
+    def start(self):
+        r = self.client.post("/settings/2fa/start", data={"csrf_token": self.csrf()}, headers=self.headers)
+        if r.status_code == 200 and "otpauth://" in text(r):
+            self.secret = secret_of(text(r))
+        return r
+
+    def code_step(self):
+        return self.client.get("/settings/2fa/code", headers=self.headers)
+
+    def code_now(self, offset_steps=0):
+        return pyotp.TOTP(self.secret).at(self.clock.t + 30 * offset_steps)
+
+    def submit_code(self, code=None):
+        code = self.code_now() if code is None else code
+        return self.client.post("/settings/2fa/code", data={"csrf_token": self.csrf(), "code": code},
+                                headers=self.headers)
+
+    def complete(self, name="Work phone"):
+        return self.client.post("/settings/2fa/complete", data={"csrf_token": self.csrf(), "name": name},
+                                headers=self.headers)
+
+    def run(self, name="Work phone"):
+        """The whole wizard; returns the final response."""
+        assert self.open().status_code == 200
+        assert self.start().status_code == 200
+        assert self.code_step().status_code == 200
+        assert 'data-step="name"' in text(self.submit_code())
+        return self.complete(name)
+
+
+def signed_in(actor, **user_kwargs):
+    """An account without 2FA, signed in (fresh) through the real sign-in."""
+    user = actor.user(**user_kwargs)
+    r = actor.sign_in()
+    assert r.status_code == 302 and r.headers["Location"].endswith("/settings")
+    return user
+
+
+def logout(actor):
+    return actor.client.post("/logout", data={"csrf_token": actor.csrf("/settings")})
+
+
+def devices(app, user):
+    with app.app_context():
+        return list(Device.select().where(Device.user == user.id))
+
+
+def pendings(app, user):
+    with app.app_context():
+        return list(PendingEnrolment.select().where(PendingEnrolment.user == user.id))
+
+
+def audit_kinds(app, user):
+    with app.app_context():
+        return [e.kind for e in AuditEvent.select().where(AuditEvent.user == user.id).order_by(AuditEvent.id)]
+
+
+# ---------------------------------------------------------------- the gear and each step, fragment and page
+
+def test_settings_row_offers_the_gear_and_says_off(actor):
+    signed_in(actor)
+    page = text(actor.client.get("/settings"))
+    assert "<h1>User Settings</h1>" in page
+    assert "Two-Factor Authentication" in page and ">Off<" in page
+    gear = re.search(r'<a class="gear"[^>]*>', page).group(0)
+    assert 'aria-label="Two-Factor Authentication settings"' in gear
+    assert 'href="/settings/2fa"' in gear and 'hx-get="/settings/2fa"' in gear
+    assert 'id="dialog-slot"' in page
+
+
+def test_gear_with_htmx_returns_a_dialog_fragment(actor):
+    signed_in(actor)
+    r = Wizard(actor).open()
+    body = text(r)
+    assert r.status_code == 200 and "HX-Request" in r.headers["Vary"]
+    assert "<html" not in body and body.lstrip().startswith("<dialog")
+    assert 'aria-labelledby="tfa-dialog-title"' in body
+    assert re.search(r'<h2 id="tfa-dialog-title"[^>]*>Two-Factor Authentication</h2>', body)
+    assert 'data-step="intro"' in body and 'hx-target="this" hx-swap="outerHTML"' in body
+    assert ">Next</button>" in body and "SMS" in body
+    assert "otpauth" not in body  # the first step issues no secret yet
+    assert pendings(actor.app, _alice(actor)) == []
+
+
+def _alice(actor):
+    with actor.app.app_context():
+        return User.get(User.email == "alice@example.com")
+
+
+def test_gear_without_javascript_is_a_full_page_with_the_same_step(actor):
+    signed_in(actor)
+    r = Wizard(actor, htmx=False).open()
+    body = text(r)
+    assert r.status_code == 200 and "HX-Request" in r.headers["Vary"]
+    assert "<html" in body and "<h1" in body and "Two-Factor Authentication" in body
+    assert "<dialog" not in body
+    assert 'data-step="intro"' in body and 'action="/settings/2fa/start"' in body and 'method="post"' in body
+
+
+def test_start_shows_the_qr_code_as_fragment(actor):
+    signed_in(actor)
+    w = Wizard(actor)
+    r = w.start()
+    body = text(r)
+    assert r.status_code == 200 and "HX-Request" in r.headers["Vary"] and "<html" not in body
+    assert 'data-step="qr"' in body
+    qr = re.search(r'<div class="qr" role="img" aria-label="([^"]*)">(.*?)</div>', body, re.S)
+    assert qr and "QR code" in qr.group(1) and qr.group(2).startswith("<svg")
+    assert "<summary>Enter the key manually</summary>" in body
+    assert group_key(w.secret) in body  # grouped for reading: "ABCD EFGH ..."
+    assert len(pendings(actor.app, _alice(actor))) == 1
+
+
+def test_start_without_javascript_renders_the_qr_page(actor):
+    signed_in(actor)
+    w = Wizard(actor, htmx=False)
+    r = w.start()
+    body = text(r)
+    assert r.status_code == 200 and "<html" in body and 'data-step="qr"' in body and "<dialog" not in body
+    assert 'action="/settings/2fa/code"' in body and 'method="get"' in body
+
+
+@pytest.mark.parametrize("htmx", [True, False])
+def test_code_step_has_one_verification_code_field(actor, htmx):
+    signed_in(actor)
+    w = Wizard(actor, htmx=htmx)
+    w.start()
+    r = w.code_step()
+    body = text(r)
+    assert r.status_code == 200 and ("<html" in body) is (not htmx) and "HX-Request" in r.headers["Vary"]
+    assert '<label for="code">Verification code</label>' in body
+    field = re.search(r'<input[^>]*name="code"[^>]*>', body).group(0)
+    assert 'autocomplete="one-time-code"' in field and 'inputmode="numeric"' in field
+
+
+def test_provisioning_uri_follows_the_key_uri_format(actor, app):
+    """security.md 6: otpauth://totp/Issuer:account?secret=BASE32&issuer=Issuer, and the codes agree."""
+    signed_in(actor)
+    w = Wizard(actor)
+    uri = otpauth_of(text(w.start()))
+    parts = urlsplit(uri)
+    query = parse_qs(parts.query)
+    assert parts.scheme == "otpauth" and parts.netloc == "totp"
+    assert unquote(parts.path.lstrip("/")) == f"{app.config['TOTP_ISSUER']}:alice@example.com"
+    assert re.fullmatch(r"[A-Z2-7]+", query["secret"][0]) and "=" not in query["secret"][0]
+    assert query["issuer"] == [app.config["TOTP_ISSUER"]]
+    assert pyotp.parse_uri(uri).at(actor.clock.t) == w.code_now()
+
+
+def test_qr_code_is_inline_and_references_no_other_origin(actor):
+    """security.md 11: the QR is inline SVG; nothing in the step loads from elsewhere or puts the secret in a URL."""
+    signed_in(actor)
+    w = Wizard(actor, htmx=False)
+    r = w.start()
+    body = text(r)
+    svg = re.search(r'<div class="qr"[^>]*>(.*?)</div>', body, re.S).group(1)
+    assert "http" not in svg and "href" not in svg and "<image" not in svg
+    for attr, url in re.findall(r'\b(src|href|action)="([^"]*)"', body):
+        assert url.startswith("/") or url.startswith("#") or url.startswith("otpauth://"), (attr, url)
+        if not url.startswith("otpauth://"):
+            assert w.secret not in url and "otpauth" not in url
+    assert "img-src 'self' data:" in r.headers["Content-Security-Policy"]
+
+
+def test_wizard_responses_are_not_stored_and_send_no_referrer(actor):
+    """security.md 12: every step (GET and POST) carries no-store, no-referrer and a framing policy."""
+    signed_in(actor)
+    w = Wizard(actor)
+    responses = [w.open(), w.start(), actor.client.get("/settings/2fa/qr", headers=HX), w.code_step(),
+                 w.submit_code("000000" if w.code_now() != "000000" else "111111"), w.submit_code(),
+                 w.complete()]
+    for r in responses:
+        assert r.status_code == 200
+        assert r.headers["Cache-Control"] == "no-store"
+        assert r.headers["Referrer-Policy"] == "no-referrer"
+        assert r.headers["X-Frame-Options"] == "DENY"
+        assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
+
+
+# ---------------------------------------------------------------- the whole wizard
+
+def test_whole_wizard_with_htmx_activates_2fa(actor, app):
+    """security.md 8: only Complete Activation creates the device; the row turns Active out of band."""
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.open()
+    w.start()
+    w.code_step()
+    r = w.submit_code()
+    assert 'data-step="name"' in text(r) and '<label for="name">Device name</label>' in text(r)
+    assert devices(app, user) == []  # a correct code alone does not turn 2FA on
+    accepted_step = step_at(actor.clock.t)
+    r = w.complete("  Philipp's iPhone  ")
+    body = text(r)
+    assert r.status_code == 200 and 'data-step="done"' in body
+    oob = re.search(r'<div class="setting-row" id="tfa-row" hx-swap-oob="true">(.*)', body, re.S)
+    assert oob and ">Active<" in oob.group(1) and "Philipp&#39;s iPhone" in oob.group(1)
+    [device] = devices(app, user)
+    assert device.name == "Philipp's iPhone"  # trimmed
+    assert device.last_step == accepted_step
+    assert pendings(app, user) == []
+    settings = text(actor.client.get("/settings"))
+    assert ">Active<" in settings and "Philipp&#39;s iPhone" in settings
+
+
+def test_whole_wizard_without_javascript(actor, app):
+    user = signed_in(actor)
+    w = Wizard(actor, htmx=False)
+    r = w.run("Tablet")
+    body = text(r)
+    assert r.status_code == 200 and "<html" in body and 'data-step="done"' in body
+    assert "hx-swap-oob" not in body  # a full page needs no out-of-band swap
+    assert [d.name for d in devices(app, user)] == ["Tablet"]
+    assert ">Active<" in text(actor.client.get("/settings"))
+
+
+def test_after_activation_sign_in_asks_for_the_code(actor, app):
+    signed_in(actor)
+    w = Wizard(actor)
+    w.run()
+    logout(actor)
+    actor.clock.advance(60)
+    r = actor.password_step()
+    assert r.headers["Location"].endswith("/login/verify")
+    r = actor.code_step(w.code_now())
+    assert r.status_code == 302 and r.headers["Location"].endswith("/settings")
+
+
+def test_enrolment_code_cannot_be_replayed_at_next_sign_in(actor):
+    """security.md 16: the step used to confirm enrolment counts as used."""
+    signed_in(actor)
+    w = Wizard(actor)
+    w.run()
+    enrol_code = w.code_now()
+    logout(actor)
+    actor.password_step()
+    r = actor.code_step(enrol_code)
+    assert r.status_code == 200 and "That code is not valid" in text(r)
+    actor.clock.advance(30)
+    r = actor.code_step(w.code_now())
+    assert r.status_code == 302 and r.headers["Location"].endswith("/settings")
+
+
+def test_wrong_code_keeps_the_same_secret_and_ties_the_error_to_the_field(actor, app):
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.start()
+    first_secret = w.secret
+    wrong = "123456" if w.code_now() != "123456" else "654321"
+    r = w.submit_code(wrong)
+    body = text(r)
+    assert r.status_code == 200 and 'data-step="code"' in body
+    field = re.search(r'<input[^>]*name="code"[^>]*>', body).group(0)
+    assert 'aria-describedby="code-error"' in field and 'aria-invalid="true"' in field
+    assert re.search(r'<p class="error" id="code-error">That code does not match', body)
+    assert secret_of(text(actor.client.get("/settings/2fa/qr", headers=HX))) == first_secret
+    assert len(pendings(app, user)) == 1 and devices(app, user) == []
+    assert 'data-step="name"' in text(w.submit_code())
+
+
+@pytest.mark.parametrize("raw", ["12345", "+12345", "12_456", "１２３４５６", "1234567", "abcdef", ""])
+def test_malformed_codes_are_refused_clearly(actor, app, raw):
+    """security.md 5: only six ASCII digits; a clear message, no 500, nothing written."""
+    user = signed_in(actor)
+    w = Wizard(actor, htmx=False)
+    w.start()
+    r = w.submit_code(raw)
+    assert r.status_code == 400
+    assert 'id="code-error"' in text(r) and 'data-step="code"' in text(r)
+    assert devices(app, user) == []
+    with app.app_context():
+        assert PendingEnrolment.get(PendingEnrolment.user == user.id).verified_step is None
+
+
+def test_malformed_code_with_htmx_comes_back_200_so_it_is_swapped(actor):
+    signed_in(actor)
+    w = Wizard(actor)
+    w.start()
+    r = w.submit_code("12 34")
+    assert r.status_code == 200 and "6-digit code" in text(r) and 'id="code-error"' in text(r)
+
+
+def test_code_with_spaces_is_accepted(actor):
+    signed_in(actor)
+    w = Wizard(actor)
+    w.start()
+    code = w.code_now()
+    assert 'data-step="name"' in text(w.submit_code(f"{code[:3]} {code[3:]}"))
+
+
+def test_wrong_codes_during_enrolment_are_throttled(actor, app):
+    """security.md 18: five wrong codes discard the pending secret; its correct code no longer works."""
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.start()
+    old_secret = w.secret
+    wrong = "123456" if w.code_now() != "123456" else "654321"
+    for _ in range(4):
+        assert 'data-step="code"' in text(w.submit_code(wrong))
+    r = w.submit_code(wrong)
+    assert 'data-step="expired"' in text(r) and "Too many wrong codes" in text(r)
+    assert pendings(app, user) == []
+    r = w.submit_code()  # the right code for the discarded secret
+    assert 'data-step="expired"' in text(r) and devices(app, user) == []
+    w.start()
+    assert w.secret != old_secret
+    assert "tfa_enrolment_discarded" in audit_kinds(app, user)
+
+
+def test_pending_secret_expires_after_its_ttl(actor, app):
+    """security.md 8: past PENDING_ENROLMENT_TTL (15 min) the secret cannot be confirmed."""
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.start()
+    actor.clock.advance(16 * 60)
+    r = w.submit_code()
+    assert r.status_code == 200 and 'data-step="expired"' in text(r) and "expired" in text(r)
+    assert pendings(app, user) == [] and devices(app, user) == []
+    assert 'data-step="expired"' in text(w.complete())
+
+
+def test_complete_activation_without_a_verified_code_is_refused(actor, app):
+    """security.md 8: naming the device is not enough, a code from the new secret must come first."""
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.start()
+    r = w.complete("Phone")
+    assert 'data-step="code"' in text(r)
+    assert devices(app, user) == []
+
+
+def test_abandoned_wizard_leaves_sign_in_unchanged(actor, app):
+    """security.md 8: a started, unconfirmed enrolment changes nothing: password-only sign-in still works."""
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.start()
+    w.submit_code()  # even with a correct code, but without Complete Activation
+    logout(actor)
+    r = actor.password_step()
+    assert r.status_code == 302 and r.headers["Location"].endswith("/settings")
+    assert devices(app, user) == []
+
+
+def test_restarting_the_wizard_replaces_the_pending_secret(actor, app):
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.start()
+    old = Wizard(actor)
+    old.secret, old.token = w.secret, w.token
+    w.start()
+    assert w.secret != old.secret and len(pendings(app, user)) == 1
+    code = old.code_now()
+    if code != w.code_now():
+        assert 'data-step="code"' in text(w.submit_code(code))
+
+
+def test_pending_secret_belongs_to_its_session_only(actor, app):
+    """The pending record is tied to the browser session that saw the QR code."""
+    signed_in(actor)
+    w = Wizard(actor)
+    w.start()
+    other_client = app.test_client()
+    other = type(actor)(app, other_client, actor.clock)
+    other.sign_in()
+    w2 = Wizard(other)
+    w2.secret = w.secret
+    r = w2.submit_code()
+    assert 'data-step="expired"' in text(r)
+    assert "otpauth" not in text(other_client.get("/settings/2fa/qr", headers=HX))
+
+
+def test_secrets_are_encrypted_at_rest(actor, app):
+    """security.md 4: neither the pending row nor the device row holds the Base32 secret."""
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.start()
+    [pending] = pendings(app, user)
+    assert w.secret not in pending.secret_enc
+    w.code_step()
+    w.submit_code()
+    w.complete()
+    [device] = devices(app, user)
+    assert w.secret not in device.secret_enc
+
+
+def test_clock_skew_hint_for_a_phone_clock_that_is_off(actor, app):
+    """A code from a few steps away is explained (automatic date and time) but never accepted (security.md 14)."""
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.start()
+    r = w.submit_code(w.code_now(offset_steps=4))
+    body = text(r)
+    assert 'data-step="code"' in body and "about 2 minutes ahead" in body and "automatic date and time" in body
+    r = w.submit_code(w.code_now(offset_steps=-2))
+    assert "about 60 seconds behind" in text(r)
+    with app.app_context():
+        assert PendingEnrolment.get(PendingEnrolment.user == user.id).verified_step is None
+
+
+def test_adjacent_step_is_accepted_without_a_skew_hint(actor):
+    """security.md 14: T-1 and T+1 are within the window."""
+    signed_in(actor)
+    w = Wizard(actor)
+    w.start()
+    assert 'data-step="name"' in text(w.submit_code(w.code_now(offset_steps=1)))
+
+
+# ---------------------------------------------------------------- device name
+
+@pytest.mark.parametrize("name, message", [
+    ("", "Give this device a name."),
+    ("    ", "Give this device a name."),
+    ("x" * 65, "at most 64 characters"),
+    ("work PHONE", "already have a device with this name"),
+    ("tab\x07name", "letters, digits"),
+])
+def test_device_name_is_validated(actor, app, name, message):
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.run("Work phone")
+    w.start()
+    w.clock.advance(30)
+    w.submit_code()
+    r = w.complete(name)
+    body = text(r)
+    assert r.status_code == 200 and 'data-step="name"' in body and message in body
+    field = re.search(r'<input[^>]*name="name"[^>]*>', body).group(0)
+    assert "name-error" in field and 'aria-invalid="true"' in field
+    assert [d.name for d in devices(app, user)] == ["Work phone"]
+    assert 'data-step="done"' in text(w.complete("x" * 64))  # the pending secret survived the error
+    assert len(devices(app, user)) == 2
+
+
+def test_device_name_error_without_javascript_is_400(actor, app):
+    user = signed_in(actor)
+    w = Wizard(actor, htmx=False)
+    w.start()
+    w.submit_code()
+    r = w.complete(" ")
+    assert r.status_code == 400 and "<html" in text(r) and devices(app, user) == []
+
+
+# ---------------------------------------------------------------- re-enrolment, freshness, sessions
+
+def test_reenrolment_requires_a_fresh_sign_in(actor, app, secret):
+    """security.md 9: with 2FA on and a stale sign-in, the wizard sends you to /reauth first."""
+    user = actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    actor.clock.advance(11 * 60)
+    r = actor.client.get("/settings/2fa")
+    assert r.status_code == 302 and "/reauth" in r.headers["Location"]
+    r = actor.client.get("/settings/2fa", headers=HX)
+    assert r.status_code == 401 and "/reauth" in r.headers["HX-Redirect"]
+    r = actor.client.post("/settings/2fa/start", data={"csrf_token": actor.csrf("/settings")})
+    assert r.status_code == 302 and "/reauth" in r.headers["Location"]
+    assert pendings(app, user) == []
+    # After re-authenticating with password and code, the wizard opens.
+    r = actor.post_form("/reauth?next=/settings/2fa", {"password": PASSWORD, "code": actor.code(secret)})
+    assert r.status_code == 302 and r.headers["Location"].endswith("/settings/2fa")
+    assert 'data-step="qr"' in text(Wizard(actor).start())
+
+
+def test_abandoned_reenrolment_keeps_the_old_device_working(actor, app, secret):
+    """security.md 9: the old secret stays valid until a new one is confirmed."""
+    user = actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    w = Wizard(actor)
+    assert "adding another device" in text(w.open())
+    w.start()
+    w.submit_code()
+    logout(actor)
+    actor.clock.advance(30)
+    actor.password_step()
+    r = actor.code_step(actor.code(secret))
+    assert r.status_code == 302 and r.headers["Location"].endswith("/settings")
+    assert [d.name for d in devices(app, user)] == ["Phone"]
+
+
+def test_adding_a_second_device_keeps_the_first(actor, app, secret):
+    user = actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    actor.clock.advance(30)
+    w = Wizard(actor)
+    w.run("Tablet")
+    assert sorted(d.name for d in devices(app, user)) == ["Phone", "Tablet"]
+    assert "device_added" in audit_kinds(app, user)
+    for sec in (secret, w.secret):
+        logout(actor)
+        actor.clock.advance(30)
+        actor.password_step()
+        assert actor.code_step(actor.code(sec)).status_code == 302
+
+
+def test_completing_enrolment_ends_other_sessions(actor, app):
+    """security.md 35: a 2FA change signs out every other session of the person, not this one."""
+    user = signed_in(actor)
+    other = type(actor)(app, app.test_client(), actor.clock)
+    other.sign_in()
+    assert other.client.get("/settings").status_code == 200
+    Wizard(actor).run()
+    r = other.client.get("/settings")
+    assert r.status_code == 302 and "/login" in r.headers["Location"]
+    assert actor.client.get("/settings").status_code == 200
+    with app.app_context():
+        assert ServerSession.select().where(ServerSession.user == user.id).count() == 1
+
+
+def test_completing_enrolment_ends_the_support_reset_window(actor, app, clock):
+    """security.md 39: enrolling a new device ends support's temporary-disable window."""
+    user = actor.user()
+    with app.app_context():
+        until = datetime.fromtimestamp(clock.t, timezone.utc).replace(tzinfo=None) + timedelta(hours=12)
+        User.update(tfa_reset_until=until).where(User.id == user.id).execute()
+    actor.sign_in()
+    assert 'id="reset-banner"' in text(actor.client.get("/settings"))
+    r = Wizard(actor).run()
+    assert "temporary exception" in text(r)
+    assert '<div id="reset-banner" hx-swap-oob="delete"></div>' in text(r)  # the banner goes at once
+    with app.app_context():
+        assert User.get_by_id(user.id).tfa_reset_until is None
+    assert 'id="reset-banner"' not in text(actor.client.get("/settings"))
+    assert "tfa_reset_window_ended" in audit_kinds(app, user)
+
+
+def test_enrolment_is_audited_without_secrets(actor, app):
+    """security.md 43: each step is an audit event; none holds the secret or a code."""
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.run()
+    kinds = audit_kinds(app, user)
+    for kind in ("tfa_enrolment_started", "tfa_enrolment_code_accepted", "tfa_enabled"):
+        assert kind in kinds
+    with app.app_context():
+        for event in AuditEvent.select():
+            assert w.secret not in event.detail and w.code_now() not in event.detail
+            json.loads(event.detail)
+
+
+# ---------------------------------------------------------------- no secret after activation, CSRF, methods
+
+def _crawl(app, client, device_id):
+    """GET every route in the URL map (arguments filled in) and return all bodies and headers."""
+    seen = []
+    for rule in app.url_map.iter_rules():
+        if "GET" not in rule.methods:
+            continue
+        args = {k: ("app.css" if k == "filename" else device_id) for k in rule.arguments}
+        url = rule.build(args)[1] if args else rule.rule
+        for headers in ({}, HX):
+            r = client.get(url, headers=headers)
+            assert r.status_code < 500, url
+            seen.append(text(r) + "\n".join(f"{k}: {v}" for k, v in r.headers.items()))
+            r.close()  # static files are streamed from disk
+    return "\n".join(seen)
+
+
+def test_no_route_shows_the_secret_after_activation(actor, app):
+    """security.md 10: crawl every GET route as the person and as an admin: the secret is gone for good."""
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.run()
+    [device] = devices(app, user)
+    forbidden = (w.secret, group_key(w.secret), "otpauth://", w.secret.lower())
+    everything = _crawl(app, actor.client, device.id)
+    for needle in forbidden:
+        assert needle not in everything
+    admin_secret = pyotp.random_base32()
+    admin = type(actor)(app, app.test_client(), actor.clock)
+    admin.user("admin@example.com", admin=True, secret=admin_secret)
+    admin.sign_in("admin@example.com", secret=admin_secret)
+    everything = _crawl(app, admin.client, device.id)
+    for needle in forbidden:
+        assert needle not in everything
+
+
+@pytest.mark.parametrize("url", ["/settings/2fa/start", "/settings/2fa/complete", "/settings/2fa/disable"])
+def test_state_changing_wizard_routes_refuse_get(actor, url):
+    """security.md 33: no GET for actions that change state."""
+    signed_in(actor)
+    assert actor.client.get(url).status_code == 405
+
+
+def test_wizard_posts_without_csrf_token_change_nothing(actor, app):
+    """security.md 33: a missing CSRF token gets 400 and writes nothing."""
+    user = signed_in(actor)
+    r = actor.client.post("/settings/2fa/start", data={})
+    assert r.status_code == 400 and pendings(app, user) == []
+    w = Wizard(actor)
+    w.start()
+    code = w.code_now()
+    r = actor.client.post("/settings/2fa/code", data={"code": code})
+    assert r.status_code == 400
+    w.submit_code()
+    r = actor.client.post("/settings/2fa/complete", data={"name": "Phone"},
+                          headers={"Origin": "https://evil.example"})
+    assert r.status_code == 400 and devices(app, user) == []
+
+
+def test_signed_out_htmx_request_gets_401_with_hx_redirect(client, actor):
+    actor.user()
+    r = client.get("/settings/2fa", headers=HX)
+    assert r.status_code == 401 and "/login" in r.headers["HX-Redirect"]
+    r = client.get("/settings/2fa/code")
+    assert r.status_code == 302 and "/login" in r.headers["Location"]
