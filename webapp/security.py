@@ -165,6 +165,10 @@ def check_origin():
     origin = request.headers.get("Origin")
     if origin is None:
         return None
+    # Our own Referrer-Policy: no-referrer (security.md 12) makes browsers send "Origin: null" on
+    # same-origin form posts; then only the browser's Sec-Fetch-Site: same-origin lets it through.
+    if origin == "null" and request.headers.get("Sec-Fetch-Site") == "same-origin":
+        return None
     expected = f"{request.scheme}://{request.host}"
     if origin != expected:
         abort(403, "This request came from another site and was refused.")
