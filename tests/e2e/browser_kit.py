@@ -1,0 +1,233 @@
+"""Tools for the real-browser suite that share no code with the app's TOTP logic.
+
+A live server (werkzeug, real clock), Debian's Chromium through Playwright, codes from `oathtool`
+(an independent RFC 6238 implementation), QR codes decoded from screenshot pixels by two decoders
+(zxing-cpp in-process and `zbarimg`), and an axe-core accessibility audit. Used by the pytest fixtures
+in conftest.py and by screenshots.py (`make screenshots`).
+"""
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from cryptography.fernet import Fernet
+
+HERE = Path(__file__).resolve().parent
+AXE_JS = HERE / "vendor" / "axe.min.js"
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+PASSWORD = "correct horse battery"
+WCAG_TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]
+
+
+def missing_tools():
+    """What this machine lacks to run the browser suite (empty list when everything is there)."""
+    missing = []
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("the playwright Python package")
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        missing.append(f"Chromium at {CHROMIUM} (apt-get install chromium)")
+    for tool, package in (("oathtool", "oathtool"), ("zbarimg", "zbar-tools")):
+        if shutil.which(tool) is None:
+            missing.append(f"{tool} (apt-get install {package})")
+    try:
+        import zxingcpp  # noqa: F401
+        import PIL  # noqa: F401
+    except ImportError:
+        missing.append("zxing-cpp and pillow (pip install -e '.[test]')")
+    return missing
+
+
+def launch_chromium(playwright):
+    """Debian's Chromium, headless, with the flags that keep it quiet and offline."""
+    return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+
+
+# ------------------------------------------------------------------ live server
+
+class LiveServer:
+    """The real app on 127.0.0.1 (random port) in a daemon thread, with a temp SQLite file and real time."""
+
+    def __init__(self, workdir, **config):
+        from werkzeug.serving import make_server
+
+        from webapp import create_app
+
+        workdir = Path(workdir)
+        self.app = create_app({
+            "TESTING": True,
+            "INSTANCE_PATH": str(workdir / "instance"),
+            "SECRET_KEY": "e2e-secret-key-" + "x" * 32,
+            "TOTP_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+            "DATABASE_URL": f"sqlite:///{workdir / 'e2e.db'}",
+            "PASSWORD_HASH_PROFILE": "cheapest",
+            "SETUP_CODE": "setup-code-123",
+            **config,
+        })
+        self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="e2e-live-server", daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        """Stop serving and close the database."""
+        from webapp.db import db
+
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+        if not db.is_closed():
+            db.close()
+
+    def user(self, email, password=PASSWORD, admin=False, devices=None):
+        """Create an account in the DB with the app's own models, optionally with devices {name: secret}."""
+        from webapp.db import db
+        from webapp.models import Device, User
+        from webapp.security import hash_password
+        from webapp.totp import encrypt_secret
+
+        with self.app.app_context(), db.connection_context():
+            user = User.create(email=email, password_hash=hash_password(password), is_admin=admin)
+            for name, secret in (devices or {}).items():
+                Device.create(user=user, name=name, secret_enc=encrypt_secret(secret))
+            return user
+
+    def wait_out_code_throttle(self, email):
+        """Sleep until the account's code back-off (1, 2, 4 s after each failure) has passed.
+
+        The suite runs on the real clock, so a person's pause is a real pause; it stays a few seconds.
+        """
+        from webapp.clock import now
+        from webapp.models import User
+
+        until = self.query(lambda: User.by_email(email).code_locked_until)
+        if until is not None:
+            with self.app.app_context():
+                remaining = (until - now()).total_seconds()
+            assert remaining < 10, f"unexpectedly long code lock: {remaining} s"
+            if remaining > 0:
+                time.sleep(remaining + 0.1)
+
+    def query(self, fn):
+        """Run fn() inside the app and a DB connection (for looking at rows the browser caused)."""
+        from webapp.db import db
+
+        with self.app.app_context(), db.connection_context():
+            return fn()
+
+
+# ------------------------------------------------------------------ independent TOTP
+
+def random_secret():
+    """A fresh Base32 secret for a device created in the DB (os.urandom, not the app's generator)."""
+    import base64
+
+    return base64.b32encode(os.urandom(20)).decode("ascii")
+
+
+def oathtool_code(secret, at=None):
+    """The six-digit code for `secret` at Unix time `at` (default: now), computed by oathtool."""
+    args = ["oathtool", "--totp", "-b", secret]
+    if at is not None:
+        args += ["--now", f"@{int(at)}"]
+    out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    assert len(out) == 6 and out.isdigit(), out
+    return out
+
+
+def next_step_code(secret):
+    """The code of the step after the current one (T+1, accepted by the window), for a second sign-in
+    that must not reuse the step an earlier sign-in or enrolment consumed."""
+    return oathtool_code(secret, time.time() + 30)
+
+
+def wrong_code(secret):
+    """A six-digit code that matches none of the steps T-2..T+2 (so the app must refuse it)."""
+    now = time.time()
+    taken = {oathtool_code(secret, now + 30 * k) for k in range(-2, 3)}
+    for candidate in ("000000", "123456", "999999", "111111"):
+        if candidate not in taken:
+            return candidate
+    raise AssertionError("unlucky secret")
+
+
+# ------------------------------------------------------------------ QR codes from pixels
+
+def decode_qr(png_path):
+    """Decode the QR code in a screenshot with zxing-cpp and zbarimg; both must read the same text."""
+    import zxingcpp
+    from PIL import Image
+
+    with Image.open(png_path) as image:
+        found = zxingcpp.read_barcodes(image)
+    zxing_texts = [b.text for b in found if b.format == zxingcpp.BarcodeFormat.QRCode]
+    assert len(zxing_texts) == 1, f"zxing-cpp found {len(zxing_texts)} QR codes in {png_path}"
+    zbar = subprocess.run(["zbarimg", "-q", "--raw", "--nodbus", str(png_path)],
+                          capture_output=True, text=True, timeout=30)
+    assert zbar.returncode == 0, f"zbarimg found no QR code in {png_path} (exit {zbar.returncode})"
+    zbar_text = zbar.stdout.rstrip("\n")
+    assert zbar_text == zxing_texts[0], (zbar_text, zxing_texts[0])
+    return zxing_texts[0]
+
+
+def parse_otpauth(uri):
+    """Split an otpauth:// URI (Key URI Format) into its parts with urllib only."""
+    parts = urlsplit(uri)
+    assert parts.scheme == "otpauth" and parts.netloc == "totp", uri
+    label = unquote(parts.path.lstrip("/"))
+    issuer_label, _, account = label.partition(":")
+    query = {k: v[0] for k, v in parse_qs(parts.query, strict_parsing=True).items()}
+    return {"label_issuer": issuer_label, "account": account, **query}
+
+
+def qr_from_element(locator, path):
+    """Screenshot one element and decode the QR code in it."""
+    locator.screenshot(path=str(path))
+    return decode_qr(path)
+
+
+def tmp_png(directory=None):
+    fd, path = tempfile.mkstemp(suffix=".png", dir=directory)
+    os.close(fd)
+    return Path(path)
+
+
+# ------------------------------------------------------------------ accessibility
+
+def axe_violations(page):
+    """Inject the pinned axe-core and run the WCAG 2.0/2.1 A+AA rules on the page as it is now.
+
+    Needs a browser context with bypass_csp=True: the app's CSP rightly blocks injected scripts.
+    """
+    if not page.evaluate("() => typeof window.axe !== 'undefined'"):
+        page.add_script_tag(path=str(AXE_JS))
+    return page.evaluate(
+        """async (tags) => {
+            const result = await axe.run(document, {runOnly: tags});
+            return result.violations.map(v => ({
+                id: v.id, impact: v.impact, help: v.help,
+                nodes: v.nodes.map(n => ({target: n.target.join(' '), html: n.html.slice(0, 200),
+                                          summary: n.failureSummary}))}));
+        }""",
+        WCAG_TAGS,
+    )
+
+
+def format_violations(where, violations):
+    """A readable report of axe violations for an assertion message."""
+    lines = [f"axe-core found {len(violations)} WCAG violation(s) on {where}:"]
+    for v in violations:
+        lines.append(f"- {v['id']} ({v['impact']}): {v['help']}")
+        for n in v["nodes"][:5]:
+            lines.append(f"    at {n['target']}: {n['html']}")
+            lines.append("      " + (n["summary"] or "").replace("\n", "\n      "))
+    return "\n".join(lines)

@@ -1,0 +1,73 @@
+"""The reader's steps, as a person does them, found only by the brief's visible names (roles and labels).
+
+Shared by the browser tests and by screenshots.py. No CSS selectors for anything a person acts on.
+"""
+import re
+
+from browser_kit import PASSWORD
+
+try:
+    from playwright.sync_api import expect
+except ImportError:  # conftest skips (or fails in CI) with the reason before any test gets here
+    expect = None
+
+# The app says the same for a wrong and a replayed code (security.md 17); a throttle message would not match.
+CODE_REFUSED = re.compile(r"code is not valid", re.I)
+
+
+def log_in(page, email, password=PASSWORD):
+    """First step: Email address, Password, Log in."""
+    page.goto("/login")
+    page.get_by_label("Email address", exact=True).fill(email)
+    page.get_by_label("Password", exact=True).fill(password)
+    page.get_by_role("button", name="Log in", exact=True).click()
+
+
+def expect_code_step(page):
+    expect(page.get_by_label("Verification code", exact=True)).to_be_visible()
+    expect(page.get_by_role("button", name="Verify", exact=True)).to_be_visible()
+
+
+def enter_code(page, code):
+    """Second step: Verification code, Verify."""
+    page.get_by_label("Verification code", exact=True).fill(code)
+    page.get_by_role("button", name="Verify", exact=True).click()
+
+
+def expect_signed_in(page):
+    """Signed in: the User Settings page with its left navigation and a Log out button."""
+    expect(page.get_by_role("heading", name="User Settings", exact=True)).to_be_visible()
+    expect(page.get_by_role("navigation").get_by_role("link", name="User Settings", exact=True)).to_be_visible()
+    expect(page.get_by_role("button", name="Log out", exact=True)).to_be_visible()
+
+
+def expect_code_refused(page):
+    """Still at the code step, with a message tied to the field."""
+    field = page.get_by_label("Verification code", exact=True)
+    expect(field).to_be_visible()
+    expect(field).to_have_accessible_description(CODE_REFUSED)
+    expect(page.get_by_role("heading", name="User Settings", exact=True)).to_have_count(0)
+
+
+def log_out(page):
+    page.get_by_role("button", name="Log out", exact=True).click()
+    expect(page.get_by_role("button", name="Log in", exact=True)).to_be_visible()
+
+
+def settings_text(page):
+    """What the User Settings page says (the Two-Factor Authentication status and device names)."""
+    return page.get_by_role("main").inner_text()
+
+
+def gear(page):
+    """The gear next to Two-Factor Authentication (a button with JavaScript, a link without)."""
+    return page.get_by_role("button", name="Two-Factor Authentication settings", exact=True).or_(
+        page.get_by_role("link", name="Two-Factor Authentication settings", exact=True))
+
+
+def assert_accessible(page, where):
+    """axe-core (WCAG 2.0/2.1 A and AA) finds nothing on the page as it is now."""
+    from browser_kit import axe_violations, format_violations
+
+    violations = axe_violations(page)
+    assert not violations, format_violations(where, violations)

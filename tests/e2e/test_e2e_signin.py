@@ -1,0 +1,87 @@
+"""Sign-in in a real browser for a person whose device already exists, with codes from oathtool.
+
+Real time, no injected clock: oathtool reads the system clock, so the server must too.
+"""
+import re
+
+from browser_kit import PASSWORD, next_step_code, oathtool_code, random_secret, wrong_code
+from journey import (enter_code, expect, expect_code_refused, expect_code_step, expect_signed_in, log_in,
+                     log_out, settings_text)
+
+
+def test_password_then_oathtool_code_signs_in_and_log_out_ends_it(page, server):
+    """security.md 21, 30: the code step comes after the password; Log out really ends the session."""
+    secret = random_secret()
+    server.user("dana@example.com", devices={"Dana's Pixel": secret})
+
+    log_in(page, "dana@example.com")
+    expect_code_step(page)
+    expect(page).to_have_url(re.compile(r"/login/verify$"))
+    # Not signed in yet: the settings page sends us back to sign-in.
+    enter_code(page, oathtool_code(secret))
+    expect_signed_in(page)
+    text = settings_text(page)
+    assert "Active" in text and "Dana's Pixel" in text
+
+    log_out(page)
+    page.goto("/settings")
+    expect(page.get_by_role("button", name="Log in", exact=True)).to_be_visible()
+    expect(page.get_by_role("heading", name="User Settings")).to_have_count(0)
+
+
+def test_code_step_is_not_a_session(page, server):
+    """security.md 22: after the password alone, protected pages are still closed."""
+    server.user("erin@example.com", devices={"Phone": random_secret()})
+    log_in(page, "erin@example.com")
+    expect_code_step(page)
+    page.goto("/settings")
+    expect(page.get_by_role("heading", name="User Settings")).to_have_count(0)
+    expect(page.get_by_label("Password", exact=True)).to_be_visible()
+
+
+def test_replayed_and_wrong_codes_are_refused_with_a_visible_message(page, server):
+    """security.md 16, 17: a code is accepted once; wrong and replayed codes are refused and said so."""
+    secret = random_secret()
+    server.user("finn@example.com", devices={"Phone": secret})
+
+    log_in(page, "finn@example.com")
+    first = oathtool_code(secret)
+    enter_code(page, first)
+    expect_signed_in(page)
+    log_out(page)
+
+    log_in(page, "finn@example.com")
+    enter_code(page, first)  # the same code, still inside its 90-second window
+    expect_code_refused(page)
+    server.wait_out_code_throttle("finn@example.com")  # each failure costs a short back-off (security.md 18)
+    enter_code(page, wrong_code(secret))
+    expect_code_refused(page)
+    server.wait_out_code_throttle("finn@example.com")
+
+    enter_code(page, next_step_code(secret))  # a later step: accepted
+    expect_signed_in(page)
+
+
+def test_wrong_password_is_refused_without_revealing_which_part(page, server):
+    """security.md 19: one message for unknown email and wrong password."""
+    server.user("gus@example.com", devices={"Phone": random_secret()})
+    log_in(page, "gus@example.com", PASSWORD + "x")
+    alert = page.get_by_role("alert")
+    expect(alert).to_be_visible()
+    message = alert.inner_text()
+    log_in(page, "nobody@example.com")
+    expect(page.get_by_role("alert")).to_have_text(message)
+    expect(page.get_by_label("Verification code")).to_have_count(0)
+
+
+def test_sign_in_works_without_javascript(nojs_page, server):
+    """Plain forms: the whole two-step sign-in with JavaScript switched off."""
+    secret = random_secret()
+    server.user("hana@example.com", devices={"Phone": secret})
+    page = nojs_page
+    log_in(page, "hana@example.com")
+    expect_code_step(page)
+    enter_code(page, oathtool_code(secret))
+    expect_signed_in(page)
+    assert "Active" in settings_text(page)
+    log_out(page)
