@@ -1,20 +1,545 @@
-"""Support: the public contact form and the admins' Support page (issue 4 fills these in)."""
-from flask import Blueprint, abort, render_template
-from flask_login import current_user, login_required
+"""Support: the public contact form, the admins' Support page (search, open requests, time-boxed 2FA
+disable, early end), the read-only audit log, and each person's own security activity."""
+import functools
+import logging
+from datetime import datetime, timedelta
+
+from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
+from flask_login import current_user
+from flask_wtf import FlaskForm
+from wtforms import BooleanField, DateField, EmailField, SelectField, StringField, TextAreaField
+from wtforms.fields import SelectChoice
+from wtforms.validators import AnyOf, DataRequired, Email, Length, Optional
+
+from . import htmx
+from .clock import now
+from .db import for_update, write_transaction
+from .models import AuditEvent, Device, SignInChallenge, SupportRequest, User, normalise_email
+from .security import audit, client_ip, fresh_login_required
+from .sessions import end_user_sessions
 
 bp = Blueprint("support", __name__)
+log = logging.getLogger("twostep")
+
+PER_PAGE = 25
+AUDIT_PER_PAGE = 50
+OPEN_REQUESTS_SHOWN = 100
+
+# The only windows support may open (security.md 39: time-boxed); anything else is refused.
+DURATIONS = {
+    "24h": ("24 hours", timedelta(hours=24)),
+    "3d": ("3 days", timedelta(days=3)),
+    "7d": ("7 days", timedelta(days=7)),
+}
+
+NEEDS_2FA_MESSAGE = ("The Support page is only available to admins who use two-factor authentication. "
+                     "Set up two-factor authentication in User Settings first, then sign in again.")
 
 
-@bp.get("/support/contact")
+def _strip(value):
+    """Trim surrounding whitespace from text input (None stays None)."""
+    return value.strip() if isinstance(value, str) else value
+
+
+# ---------------------------------------------------------------- forms
+
+class ContactForm(FlaskForm):
+    email = EmailField("Email address", filters=[_strip], validators=[
+        DataRequired("Enter the email address of your account."),
+        Length(max=254, message="That email address is too long (254 characters at most)."),
+        Email("Enter a valid email address, for example name@example.com.", check_deliverability=False)],
+        render_kw={"autocomplete": "email", "maxlength": 254})
+    message = TextAreaField("Message", filters=[_strip], validators=[
+        DataRequired("Write a short message so support knows what happened."),
+        Length(min=10, max=4000, message="Write between 10 and 4000 characters.")],
+        render_kw={"maxlength": 4000, "rows": 7})
+
+
+class DisableForm(FlaskForm):
+    """Per-person form; rendered with a prefix so several rows on one page keep unique field ids."""
+
+    class Meta:
+        csrf = False  # the app-wide CSRFProtect checks every POST (token field or X-CSRFToken header)
+
+    reason = TextAreaField("Reason", filters=[_strip], validators=[
+        DataRequired("Give a reason, including how you confirmed the person's identity."),
+        Length(max=500, message="Keep the reason to 500 characters or fewer.")],
+        render_kw={"maxlength": 500, "rows": 3})
+    duration = SelectField("Disable for", choices=[SelectChoice(k, label) for k, (label, _) in DURATIONS.items()],
+                           default="24h", validate_choice=False,
+                           validators=[AnyOf(list(DURATIONS), message="Choose 24 hours, 3 days or 7 days.")])
+    ticket = StringField("Ticket reference", filters=[_strip], validators=[
+        Optional(), Length(max=64, message="Keep the ticket reference to 64 characters or fewer.")],
+        render_kw={"maxlength": 64, "autocomplete": "off"})
+    close_requests = BooleanField("Mark this person's open contact requests as handled", default=True)
+
+
+class AuditFilterForm(FlaskForm):
+    """Filters of the audit log (a GET form: nothing to protect against CSRF)."""
+
+    class Meta:
+        csrf = False
+
+    email = StringField("Person (email address)", filters=[_strip],
+                        validators=[Optional(), Length(max=254, message="That email address is too long.")])
+    kind = SelectField("Event", validate_choice=False)
+    start = DateField("From (UTC date)", validators=[Optional()])
+    end = DateField("To (UTC date)", validators=[Optional()])
+
+
+# ---------------------------------------------------------------- plain words for audit events
+
+KIND_LABELS = {
+    "account_created": "Account created",
+    "signin": "Signed in",
+    "password_accepted": "Password accepted, code requested",
+    "password_rejected": "Wrong password entered",
+    "password_throttled": "Sign-in refused: too many wrong passwords, waiting time not over",
+    "signin_blocked": "Sign-in blocked: support's time window had ended without a new device",
+    "code_accepted": "Code accepted",
+    "code_rejected": "Wrong code entered",
+    "totp_replay": "An already used code was entered again",
+    "code_throttled": "Code refused: too many wrong codes, waiting time not over",
+    "code_lockout": "Code entry locked after too many wrong codes",
+    "reauthenticated": "Identity confirmed for a sensitive action",
+    "signout": "Signed out",
+    "role_changed": "Admin rights changed",
+    "tfa_reset": "Two-factor authentication reset by the server operator",
+    "tfa_enrolled": "Authenticator app set up",
+    "device_renamed": "Authenticator device renamed",
+    "device_removed": "Authenticator device removed",
+    "tfa_disabled": "Two-factor authentication turned off",
+    "support_request": "Support request sent",
+    "support_request_handled": "Support request marked as handled",
+    "support_tfa_disabled": "Support turned off 2FA for a limited time",
+    "support_window_ended": "Support ended the 2FA time window early",
+}
+
+DETAIL_LABELS = {
+    "reason": "Reason",
+    "ticket": "Ticket",
+    "until": "Until",
+    "was_until": "Window was open until",
+    "via": "Through",
+    "method": "Method",
+    "failures": "Failures in a row",
+    "devices_removed": "Devices removed",
+    "requests_closed": "Requests marked as handled",
+    "sessions_ended": "Sessions ended",
+    "device": "Device",
+    "name": "Name",
+    "old_name": "Previous name",
+    "admin": "Admin",
+    "request": "Request number",
+    "duration": "Duration",
+}
+
+VALUE_WORDS = {
+    "password+code": "password and code",
+    "password": "password only",
+    "wrong": "wrong code",
+    "replay": "code already used",
+    "malformed": "not six digits",
+    "cli": "command line",
+    "first-run": "first-run setup",
+    "signup": "sign-up page",
+}
+
+
+def _fmt_time(value):
+    """A stored time (datetime or ISO text) as 'YYYY-MM-DD HH:MM UTC'; other text unchanged."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return value
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M") + " UTC"
+    return "" if value is None else str(value)
+
+
+def _humanise(kind):
+    """A readable fallback for an event kind nobody described yet."""
+    words = (kind or "event").replace("_", " ").replace("tfa", "2FA").replace("totp", "code").strip()
+    return words[:1].upper() + words[1:]
+
+
+def event_text(kind, detail):
+    """One sentence, in plain words, saying what an audit event means (no codes, no secrets)."""
+    if kind == "signin":
+        return "Signed in with a code" if detail.get("method") == "password+code" else "Signed in with password only"
+    if kind == "support_tfa_disabled" and detail.get("until"):
+        return f"Support turned off 2FA until {_fmt_time(detail['until'])}"
+    if kind == "role_changed":
+        return "Admin rights given" if detail.get("admin") else "Admin rights removed"
+    if kind == "code_accepted" and detail.get("device"):
+        return f"Signed-in code accepted from \u201c{detail['device']}\u201d"
+    return KIND_LABELS.get(kind) or _humanise(kind)
+
+
+def detail_text(detail):
+    """The detail of an event as 'Label: value' pairs in plain words."""
+    parts = []
+    for key, value in sorted(detail.items()):
+        label = DETAIL_LABELS.get(key) or _humanise(key)
+        if isinstance(value, bool):
+            shown = "yes" if value else "no"
+        elif key.endswith("until"):
+            shown = _fmt_time(value)
+        else:
+            shown = VALUE_WORDS.get(str(value), str(value))
+        parts.append((label, shown))
+    return parts
+
+
+@bp.app_template_global()
+def security_activity(user, limit=10):
+    """The person's own most recent security events, newest first, in plain words (for User Settings)."""
+    if user is None or not getattr(user, "is_authenticated", False):
+        return []
+    events = (AuditEvent.select().where(AuditEvent.user == user.id)
+              .order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc()).limit(max(1, min(int(limit), 100))))
+    return [{"when": e.created_at, "when_text": _fmt_time(e.created_at), "text": event_text(e.kind, e.details),
+             "ip": e.ip} for e in events]
+
+
+@bp.app_template_filter("utc_minutes")
+def utc_minutes(value):
+    """Template filter: a naive UTC datetime as 'YYYY-MM-DD HH:MM UTC'."""
+    return _fmt_time(value)
+
+
+# ---------------------------------------------------------------- contact form (no sign-in needed)
+
+def _recent_requests(field, value):
+    """How many contact requests with this email / ip arrived within the last hour."""
+    since = now() - timedelta(hours=1)
+    return SupportRequest.select().where((field == value) & (SupportRequest.created_at >= since)).count()
+
+
+@bp.route("/support/contact", methods=["GET", "POST"])
 def contact():
-    """Contact form for people who lost access to their authenticator app (placeholder)."""
-    return render_template("support/contact_placeholder.html")
+    """Contact form for people who lost their authenticator; same answer whether or not the account exists."""
+    form = ContactForm()
+    error, status = None, 200
+    if request.method == "GET" and not form.email.data:
+        form.email.data = _prefill_email()
+    if request.method == "POST":
+        if not form.validate_on_submit():
+            status = 400
+        else:
+            email = normalise_email(form.email.data)
+            ip = client_ip()
+            limit = current_app.config["SUPPORT_REQUESTS_PER_HOUR"]
+            with write_transaction():
+                # Count and insert in one write transaction so parallel posts cannot slip past the limit.
+                throttled = (_recent_requests(SupportRequest.email, email) >= limit
+                             or (ip and _recent_requests(SupportRequest.ip, ip) >= limit))
+                if not throttled:
+                    user = User.get_or_none(User.email == email)
+                    req = SupportRequest.create(email=email, message=form.message.data, user=user, ip=ip,
+                                                created_at=now())
+                    audit("support_request", user=user, request=req.id)
+            if not throttled:
+                return redirect(url_for("support.contact_sent"))
+            error, status = ("Several requests came from this address or network within the last hour. "
+                             "Support will answer those; please wait an hour before sending another."), 429
+    return render_template("support/contact.html", form=form, error=error), status
+
+
+def _prefill_email():
+    """The email of whoever is signed in or half-way through sign-in (the code step), else empty."""
+    if current_user.is_authenticated:
+        return current_user.email
+    from .auth import current_challenge
+
+    challenge = current_challenge()
+    return challenge.user.email if challenge is not None else None
+
+
+@bp.get("/support/contact/sent")
+def contact_sent():
+    """Confirmation after a contact request (identical for known and unknown addresses)."""
+    return render_template("support/contact_sent.html")
+
+
+# ---------------------------------------------------------------- access to the Support page
+
+def support_admin_required(view):
+    """Admins with 2FA active and a fresh sign-in only (security.md 37); anonymous people go to sign-in."""
+    fresh_view = fresh_login_required(view)
+
+    @functools.wraps(view)
+    def wrapper(*args, **kwargs):
+        if not current_user.is_authenticated:
+            return current_app.login_manager.unauthorized()
+        if not current_user.is_admin:
+            abort(403)
+        if not current_user.has_2fa:
+            abort(403, NEEDS_2FA_MESSAGE)
+        return fresh_view(*args, **kwargs)
+
+    return wrapper
+
+
+# ---------------------------------------------------------------- rows of people on the Support page
+
+class UserRow:
+    """What the Support page shows about one person (never a secret: devices are loaded without them)."""
+
+    def __init__(self, user, devices, open_requests, form=None, notice=None, error=None):
+        self.user = user
+        self.devices = devices
+        self.open_requests = open_requests
+        self.form = form or DisableForm(formdata=None, prefix=f"u{user.id}")
+        self.notice = notice
+        self.error = error
+        current = now()
+        if devices or user.tfa_reset_until is None:
+            self.window = None
+        else:
+            self.window = "open" if user.tfa_reset_until > current else "ended"
+        self.is_self = user.id == current_user.id
+        self.protected = self.is_self or user.is_admin
+        # A disable only makes sense where there is 2FA to disable or a window to (re)open.
+        self.can_disable = not self.protected and (bool(devices) or user.tfa_reset_until is not None)
+        self.can_end = not self.protected and self.window == "open"
+
+
+USER_COLUMNS = (User.id, User.email, User.is_admin, User.created_at, User.last_login_at, User.tfa_reset_until)
+
+
+def build_rows(users, forms=None, notices=None, errors=None):
+    """UserRows for `users` with their devices and open-request counts in two queries (no N+1)."""
+    ids = [u.id for u in users]
+    devices = {i: [] for i in ids}
+    counts = {}
+    if ids:
+        for d in (Device.select(Device.id, Device.user, Device.name, Device.created_at, Device.last_used_at)
+                  .where(Device.user.in_(ids)).order_by(Device.created_at, Device.id)):
+            devices[d.user_id].append(d)
+        for r in (SupportRequest.select(SupportRequest.user, SupportRequest.id)
+                  .where(SupportRequest.user.in_(ids) & SupportRequest.handled_at.is_null())):
+            counts[r.user_id] = counts.get(r.user_id, 0) + 1
+    forms, notices, errors = forms or {}, notices or {}, errors or {}
+    return [UserRow(u, devices[u.id], counts.get(u.id, 0), forms.get(u.id), notices.get(u.id), errors.get(u.id))
+            for u in users]
+
+
+def search_users(q, page):
+    """One page of people whose email starts with `q`: an index range scan, never a full table scan."""
+    query = User.select(*USER_COLUMNS)
+    if q:
+        # Emails are stored lower-case; a prefix range on the unique email index (SQLite and PostgreSQL).
+        query = query.where((User.email >= q) & (User.email < q + "\uffff"))
+    users = list(query.order_by(User.email).limit(PER_PAGE + 1).offset((page - 1) * PER_PAGE))
+    return users[:PER_PAGE], len(users) > PER_PAGE
+
+
+def _page_arg():
+    """The ?page= number, 1 when missing or nonsense."""
+    try:
+        return max(1, min(int(request.args.get("page", 1)), 100000))
+    except (TypeError, ValueError):
+        return 1
+
+
+def _open_requests():
+    """The oldest open contact requests first (those have waited longest)."""
+    return list(SupportRequest.select().where(SupportRequest.handled_at.is_null())
+                .order_by(SupportRequest.created_at, SupportRequest.id).limit(OPEN_REQUESTS_SHOWN))
+
+
+def _index_context(q, page, rows=None, has_next=False):
+    """Everything the Support page template needs."""
+    if rows is None:
+        users, has_next = search_users(q, page)
+        rows = build_rows(users)
+    return {"q": q, "page_no": page, "rows": rows, "has_next": has_next, "requests": _open_requests(),
+            "open_count": SupportRequest.select().where(SupportRequest.handled_at.is_null()).count()}
 
 
 @bp.get("/support")
-@login_required
+@support_admin_required
 def index():
-    """The admins' Support page (placeholder)."""
-    if not current_user.is_admin:
-        abort(403)
-    return render_template("support/index_placeholder.html")
+    """The Support page: search people, open contact requests; htmx searches get only the results."""
+    q = normalise_email(request.args.get("q", ""))[:254]
+    page = _page_arg()
+    if htmx.is_htmx():
+        users, has_next = search_users(q, page)
+        return htmx.render("support/index.html", "support/_results.html", q=q, page_no=page,
+                           rows=build_rows(users), has_next=has_next)
+    return render_template("support/index.html", **_index_context(q, page))
+
+
+# ---------------------------------------------------------------- actions on one person
+
+def _target_or_404(user_id):
+    """The person an action is about (selected without their password hash)."""
+    user = User.select(*USER_COLUMNS).where(User.id == user_id).first()
+    if user is None:
+        abort(404)
+    return user
+
+
+def _refuse_protected(target):
+    """Separation of duties: no action on yourself or on another admin (security.md 41)."""
+    if target.id == current_user.id or target.is_admin:
+        log.warning("support action refused: actor=%s target=%s", current_user.id, target.id)
+        abort(403, "Support cannot change two-factor authentication on its own account or on another admin's "
+                   "account. Ask the server operator instead.")
+
+
+def _row_response(target, status=200, form=None, notice=None, error=None, flash_message=None):
+    """htmx: the person's row re-rendered in place; plain forms: redirect with a flash, or the page with errors."""
+    fresh = User.select(*USER_COLUMNS).where(User.id == target.id).get()
+    rows = build_rows([fresh], forms={fresh.id: form} if form else None,
+                      notices={fresh.id: notice} if notice else None, errors={fresh.id: error} if error else None)
+    if htmx.is_htmx():
+        # htmx 2 does not swap 4xx answers: validation errors come back 200 inside the fragment.
+        return htmx.render("support/index.html", "support/_user_row.html", row=rows[0])
+    if status < 400:
+        flash(flash_message or notice, "success")
+        return redirect(url_for("support.index", q=fresh.email))
+    context = _index_context(fresh.email, 1, rows=rows)
+    return htmx.render("support/index.html", "support/_user_row.html", status=status, **context)
+
+
+@bp.post("/support/users/<int:user_id>/disable-2fa")
+@support_admin_required
+def disable_2fa(user_id):
+    """Temporarily disable a person's 2FA: revoke devices, open a time-boxed window, end sessions (security.md 38-42)."""
+    target = _target_or_404(user_id)
+    _refuse_protected(target)
+    form = DisableForm(prefix=f"u{target.id}")
+    if not form.validate():
+        return _row_response(target, status=400, form=form, error="Nothing was changed. Check the fields below.")
+    label, duration = DURATIONS[form.duration.data]
+    actor = current_user._get_current_object()
+    with write_transaction():
+        locked = for_update(User.select(*USER_COLUMNS).where(User.id == target.id)).get()
+        if locked.is_admin:
+            abort(403)
+        has_devices = Device.select().where(Device.user == locked.id).exists()
+        if not has_devices and locked.tfa_reset_until is None:
+            # Opening a window for someone without 2FA would lock them out when it ends.
+            return _row_response(target, status=400, form=form,
+                                 error="This person has no two-factor authentication to disable. Nothing was changed.")
+        current = now()
+        until = current + duration
+        removed = Device.delete().where(Device.user == locked.id).execute()
+        User.update(tfa_reset_until=until, code_failures=0, code_locked_until=None).where(
+            User.id == locked.id).execute()
+        SignInChallenge.delete().where(SignInChallenge.user == locked.id).execute()
+        sessions = end_user_sessions(locked)
+        closed = 0
+        if form.close_requests.data:
+            closed = (SupportRequest.update(handled_at=current, handled_by=actor.id)
+                      .where((SupportRequest.user == locked.id) & SupportRequest.handled_at.is_null()).execute())
+        audit("support_tfa_disabled", user=locked, actor=actor, reason=form.reason.data,
+              ticket=form.ticket.data or None, until=until.isoformat(), duration=label,
+              devices_removed=removed, sessions_ended=sessions, requests_closed=closed)
+    notice = (f"2FA for {target.email} is off until {_fmt_time(until)}: {removed} device(s) revoked, "
+              f"{sessions} session(s) ended.")
+    return _row_response(target, notice=notice)
+
+
+@bp.post("/support/users/<int:user_id>/end-window")
+@support_admin_required
+def end_window(user_id):
+    """End a person's support window now: password-only sign-in stops working at once (fail closed)."""
+    target = _target_or_404(user_id)
+    _refuse_protected(target)
+    actor = current_user._get_current_object()
+    with write_transaction():
+        locked = for_update(User.select(*USER_COLUMNS).where(User.id == target.id)).get()
+        has_devices = Device.select().where(Device.user == locked.id).exists()
+        current = now()
+        if has_devices or locked.tfa_reset_until is None or locked.tfa_reset_until <= current:
+            return _row_response(target, status=400,
+                                 error="This person has no open support window. Nothing was changed.")
+        User.update(tfa_reset_until=current).where(User.id == locked.id).execute()
+        # Sessions opened with the password alone during the window end with it.
+        sessions = end_user_sessions(locked)
+        audit("support_window_ended", user=locked, actor=actor, was_until=locked.tfa_reset_until.isoformat(),
+              sessions_ended=sessions)
+    return _row_response(target, notice=f"The support window for {target.email} is closed; "
+                                        f"signing in now needs support again.")
+
+
+@bp.post("/support/requests/<int:request_id>/handled")
+@support_admin_required
+def mark_handled(request_id):
+    """Mark one contact request as handled (it leaves the open list)."""
+    actor = current_user._get_current_object()
+    with write_transaction():
+        req = SupportRequest.get_or_none(SupportRequest.id == request_id)
+        if req is None:
+            abort(404)
+        changed = 0
+        if req.handled_at is None:
+            changed = (SupportRequest.update(handled_at=now(), handled_by=actor.id)
+                       .where((SupportRequest.id == req.id) & SupportRequest.handled_at.is_null()).execute())
+            if changed:
+                audit("support_request_handled", user=req.user_id, actor=actor, request=req.id)
+    req = SupportRequest.get_by_id(request_id)
+    if htmx.is_htmx():
+        return htmx.render("support/index.html", "support/_request.html", req=req, just_handled=True)
+    flash(f"The request from {req.email} is marked as handled." if changed
+          else f"The request from {req.email} was already handled.", "success")
+    return redirect(url_for("support.index"))
+
+
+# ---------------------------------------------------------------- audit log (read-only)
+
+def _kind_choices():
+    """Event kinds for the filter: every kind described above, by its plain-words label."""
+    return [SelectChoice("", "All events")] + [SelectChoice(k, v) for k, v in sorted(
+        KIND_LABELS.items(), key=lambda kv: kv[1])]
+
+
+@bp.get("/support/audit")
+@support_admin_required
+def audit_log():
+    """The audit trail, newest first, filterable by person, event and dates; there is no way to edit it."""
+    form = AuditFilterForm(request.args)
+    form.kind.choices = _kind_choices()
+    page = _page_arg()
+    events, has_next, status, notice = [], False, 200, None
+    if not form.validate():
+        status = 400
+    else:
+        query = AuditEvent.select()
+        if form.email.data:
+            person = User.get_or_none(User.email == normalise_email(form.email.data))
+            if person is None:
+                notice = "No account has that email address."
+                query = None
+            else:
+                query = query.where((AuditEvent.user == person.id) | (AuditEvent.actor == person.id))
+        if query is not None and form.kind.data:
+            query = query.where(AuditEvent.kind == form.kind.data)
+        if query is not None and form.start.data:
+            query = query.where(AuditEvent.created_at >= datetime.combine(form.start.data, datetime.min.time()))
+        if query is not None and form.end.data:
+            # The "to" date is inclusive: everything before the next midnight.
+            query = query.where(AuditEvent.created_at < datetime.combine(form.end.data, datetime.min.time())
+                                + timedelta(days=1))
+        if query is not None:
+            rows = list(query.order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc())
+                        .limit(AUDIT_PER_PAGE + 1).offset((page - 1) * AUDIT_PER_PAGE))
+            has_next = len(rows) > AUDIT_PER_PAGE
+            events = _describe_events(rows[:AUDIT_PER_PAGE])
+    args = {k: v for k, v in request.args.items() if k != "page"}
+    return render_template("support/audit.html", form=form, events=events, page=page, has_next=has_next,
+                           notice=notice, args=args), status
+
+
+def _describe_events(rows):
+    """Audit rows with the emails of person and actor (one query) and their meaning in plain words."""
+    ids = {r.user_id for r in rows} | {r.actor_id for r in rows}
+    ids.discard(None)
+    emails = {u.id: u.email for u in User.select(User.id, User.email).where(User.id.in_(list(ids)))} if ids else {}
+    return [{"when": _fmt_time(r.created_at), "kind": r.kind, "text": event_text(r.kind, r.details),
+             "person": emails.get(r.user_id), "actor": emails.get(r.actor_id), "ip": r.ip,
+             "detail": detail_text(r.details)} for r in rows]

@@ -1,0 +1,176 @@
+"""The public contact form for people who lost their authenticator app (issue 4)."""
+from datetime import datetime, timezone
+
+from webapp.models import AuditEvent, SupportRequest
+
+from .conftest import PASSWORD, csrf_from
+
+MESSAGE = "I lost my phone with the authenticator app on it. Please help."
+
+
+def send(actor, email="alice@example.com", message=MESSAGE, **kwargs):
+    """Fill in and submit the contact form like a person would."""
+    return actor.post_form("/support/contact", {"email": email, "message": message}, **kwargs)
+
+
+def requests_in_db(app):
+    with app.app_context():
+        return list(SupportRequest.select().order_by(SupportRequest.id))
+
+
+def test_form_has_the_contract_names(client):
+    """Heading, fields and button named as in the brief; the page is public."""
+    r = client.get("/support/contact")
+    html = r.get_data(as_text=True)
+    assert r.status_code == 200
+    assert "<h1>Contact support</h1>" in html
+    assert ">Email address</label>" in html and ">Message</label>" in html
+    assert ">Send request</button>" in html
+    assert 'name="csrf_token"' in html
+
+
+def test_login_and_code_pages_link_to_the_form(actor, secret):
+    actor.user(secret=secret)
+    assert 'href="/support/contact"' in actor.client.get("/login").get_data(as_text=True)
+    actor.password_step()
+    assert 'href="/support/contact"' in actor.client.get("/login/verify").get_data(as_text=True)
+
+
+def test_valid_request_is_stored_and_linked_to_the_account(app, actor, clock):
+    user = actor.user()
+    r = send(actor, email="  Alice@Example.COM ")
+    assert r.status_code == 302 and r.headers["Location"].endswith("/support/contact/sent")
+    assert "Request sent" in actor.client.get(r.headers["Location"]).get_data(as_text=True)
+    [req] = requests_in_db(app)
+    assert req.email == "alice@example.com" and req.user_id == user.id
+    assert req.message == MESSAGE and req.handled_at is None
+    assert req.ip == "127.0.0.1"
+    assert req.created_at == datetime.fromtimestamp(clock.t, tz=timezone.utc).replace(tzinfo=None)
+
+
+def test_unknown_email_gets_the_same_answer(app, actor):
+    """No account enumeration: the same redirect and the same page for known and unknown addresses."""
+    actor.user()
+    known = send(actor, email="alice@example.com")
+    unknown = send(actor, email="nobody@example.com")
+    assert known.status_code == unknown.status_code == 302
+    assert known.headers["Location"] == unknown.headers["Location"]
+    page_known = actor.client.get(known.headers["Location"]).get_data(as_text=True)
+    page_unknown = actor.client.get(unknown.headers["Location"]).get_data(as_text=True)
+    assert page_known == page_unknown
+    reqs = requests_in_db(app)
+    assert [r.email for r in reqs] == ["alice@example.com", "nobody@example.com"]
+    assert reqs[0].user_id is not None and reqs[1].user_id is None
+
+
+def test_empty_form_says_what_is_missing_and_writes_nothing(app, actor):
+    r = send(actor, email="", message="")
+    html = r.get_data(as_text=True)
+    assert r.status_code == 400
+    assert "Enter the email address of your account." in html
+    assert "Write a short message" in html
+    assert requests_in_db(app) == []
+
+
+def test_invalid_email_is_refused(app, actor):
+    r = send(actor, email="not-an-address")
+    assert r.status_code == 400 and "Enter a valid email address" in r.get_data(as_text=True)
+    assert requests_in_db(app) == []
+
+
+def test_too_long_email_is_refused(app, actor):
+    r = send(actor, email="a" * 250 + "@example.com")
+    assert r.status_code == 400 and "too long" in r.get_data(as_text=True)
+    assert requests_in_db(app) == []
+
+
+def test_too_short_and_too_long_messages_are_refused(app, actor):
+    for message in ("help", "   short   ", "x" * 4001):
+        r = send(actor, message=message)
+        assert r.status_code == 400
+        assert "Write between 10 and 4000 characters." in r.get_data(as_text=True)
+    assert requests_in_db(app) == []
+
+
+def test_message_of_exactly_4000_characters_is_accepted(app, actor):
+    assert send(actor, message="y" * 4000).status_code == 302
+    assert len(requests_in_db(app)[0].message) == 4000
+
+
+def test_missing_csrf_token_is_refused(app, client):
+    """CSRF-protected: a post without the token gets 400 and nothing is stored."""
+    r = client.post("/support/contact", data={"email": "alice@example.com", "message": MESSAGE})
+    assert r.status_code == 400
+    assert "Form expired" in r.get_data(as_text=True)
+    assert requests_in_db(app) == []
+
+
+def test_throttled_per_address(app, actor, clock):
+    """After SUPPORT_REQUESTS_PER_HOUR requests for one address, more are refused (from any IP) for an hour."""
+    for _ in range(3):
+        assert send(actor).status_code == 302
+        clock.advance(60)
+    other_ip = {"environ_base": {"REMOTE_ADDR": "203.0.113.9"}}
+    r = send(actor, **other_ip)
+    assert r.status_code == 429 and "wait an hour" in r.get_data(as_text=True)
+    assert len(requests_in_db(app)) == 3
+    clock.advance(3600 - 3 * 60 + 1)  # the first request is now older than an hour
+    assert send(actor, **other_ip).status_code == 302
+    assert len(requests_in_db(app)) == 4
+
+
+def test_throttled_per_ip(app, actor):
+    """One client cannot flood support with requests for many different addresses."""
+    for i in range(3):
+        assert send(actor, email=f"person{i}@example.com").status_code == 302
+    r = send(actor, email="person9@example.com")
+    assert r.status_code == 429
+    assert len(requests_in_db(app)) == 3
+    assert send(actor, email="person9@example.com",
+                environ_base={"REMOTE_ADDR": "198.51.100.7"}).status_code == 302
+
+
+def test_throttle_answer_is_the_same_for_known_and_unknown_addresses(app, actor):
+    actor.user()
+    for _ in range(3):
+        send(actor, email="alice@example.com", environ_base={"REMOTE_ADDR": "10.0.0.1"})
+        send(actor, email="ghost@example.com", environ_base={"REMOTE_ADDR": "10.0.0.2"})
+    known = send(actor, email="alice@example.com", environ_base={"REMOTE_ADDR": "10.0.0.3"})
+    unknown = send(actor, email="ghost@example.com", environ_base={"REMOTE_ADDR": "10.0.0.4"})
+    assert known.status_code == unknown.status_code == 429
+    strip = lambda r: r.get_data(as_text=True).replace("alice@example.com", "X").replace("ghost@example.com", "X")
+    assert strip(known) == strip(unknown)
+
+
+def test_email_is_prefilled_from_the_code_step(actor, secret):
+    """Someone stuck at the code step finds their address already filled in (taken from the server-side challenge)."""
+    actor.user(secret=secret)
+    actor.password_step()
+    html = actor.client.get("/support/contact").get_data(as_text=True)
+    assert 'value="alice@example.com"' in html
+
+
+def test_email_is_not_prefilled_for_strangers(actor):
+    actor.user()
+    html = actor.client.get("/support/contact").get_data(as_text=True)
+    assert "alice@example.com" not in html
+
+
+def test_request_is_audited_for_the_account(app, actor):
+    user = actor.user()
+    send(actor)
+    with app.app_context():
+        events = list(AuditEvent.select().where(AuditEvent.kind == "support_request"))
+    assert len(events) == 1 and events[0].user_id == user.id
+    assert MESSAGE not in events[0].detail  # the message itself stays in the request, not the log
+
+
+def test_message_is_shown_escaped_to_support(app, actor, secret):
+    """A message is stored as typed and rendered escaped on the Support page (no stored XSS)."""
+    send(actor, email="mallory@example.com", message="<script>alert(1)</script> please")
+    actor.user("boss@example.com", admin=True, secret=secret)
+    actor.sign_in("boss@example.com", PASSWORD, secret)
+    html = actor.client.get("/support").get_data(as_text=True)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; please" in html
+    assert "<script>alert(1)" not in html
+    assert csrf_from(html)

@@ -1,0 +1,553 @@
+"""The admins' Support page: access rules, user search, and the time-boxed "temporarily disable 2FA"
+cycle driven by the injected clock (security.md 37-41)."""
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from webapp.db import db, is_sqlite
+from webapp.models import AuditEvent, Device, ServerSession, SupportRequest, User
+from webapp.support import search_users
+from webapp.totp import encrypt_secret, new_secret
+
+from .conftest import PASSWORD, Actor, csrf_from
+
+ADMIN = "boss@example.com"
+HX = {"HX-Request": "true"}
+
+
+def sign_in_admin(actor, secret, email=ADMIN):
+    """An admin with 2FA who has just signed in with password and code."""
+    admin = actor.user(email, admin=True, secret=secret)
+    r = actor.sign_in(email, PASSWORD, secret)
+    assert r.status_code == 302 and r.headers["Location"].endswith("/settings")
+    return admin
+
+
+def disable(actor, target, reason="Identity checked by video call against ID card", duration="24h",
+            ticket="SUP-1234", close_requests=True, headers=None):
+    """Submit the per-person "Temporarily disable 2FA" form from the Support page."""
+    p = f"u{target.id}-"
+    data = {p + "reason": reason, p + "duration": duration, p + "ticket": ticket}
+    if close_requests:
+        data[p + "close_requests"] = "y"
+    return actor.post_form(f"/support/users/{target.id}/disable-2fa", data, form_url="/support", headers=headers)
+
+
+def end_window(actor, target, headers=None):
+    return actor.post_form(f"/support/users/{target.id}/end-window", {}, form_url="/support", headers=headers)
+
+
+def utc(t):
+    """The naive UTC datetime the app stores for fake-clock time t."""
+    return datetime.fromtimestamp(t, tz=timezone.utc).replace(tzinfo=None)
+
+
+def fetch(app, model, *where):
+    with app.app_context():
+        query = model.select()
+        if where:
+            query = query.where(*where)
+        return list(query)
+
+
+def user_row(app, email):
+    with app.app_context():
+        return User.get(User.email == email)
+
+
+def count(app, model, *where):
+    return len(fetch(app, model, *where))
+
+
+def second_client(app, clock):
+    """Another browser: its own cookie jar."""
+    return Actor(app, app.test_client(), clock)
+
+
+@pytest.fixture
+def target_secret():
+    return new_secret()
+
+
+@pytest.fixture
+def target(actor, target_secret):
+    """An ordinary person with one authenticator device."""
+    return actor.user("carol@example.com", secret=target_secret)
+
+
+# ---------------------------------------------------------------- access (security.md 37)
+
+def test_anonymous_is_sent_to_sign_in(client):
+    """security.md 37: nobody reaches the page without signing in."""
+    r = client.get("/support")
+    assert r.status_code == 302 and "/login" in r.headers["Location"]
+
+
+def test_anonymous_htmx_gets_hx_redirect(client):
+    r = client.get("/support", headers=HX)
+    assert r.status_code == 401 and "/login" in r.headers["HX-Redirect"]
+
+
+def test_ordinary_user_gets_403(actor, secret):
+    """security.md 37: an ordinary user, even with 2FA, gets 403."""
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    r = actor.client.get("/support")
+    assert r.status_code == 403
+    assert "<h1>Support</h1>" not in r.get_data(as_text=True)
+
+
+def test_admin_without_2fa_gets_403_telling_them_to_set_it_up(actor):
+    """security.md 37: admins need 2FA active before they may use the Support page."""
+    actor.user(ADMIN, admin=True)
+    actor.sign_in(ADMIN, PASSWORD)
+    r = actor.client.get("/support")
+    assert r.status_code == 403
+    assert "Set up two-factor authentication" in r.get_data(as_text=True)
+
+
+def test_admin_with_stale_sign_in_must_reauthenticate(app, actor, secret, clock):
+    """security.md 37: a session older than FRESH_LOGIN_WINDOW goes to /reauth first, then back."""
+    sign_in_admin(actor, secret)
+    clock.advance(app.config["FRESH_LOGIN_WINDOW"].total_seconds() + 1)
+    r = actor.client.get("/support")
+    assert r.status_code == 302 and "/reauth" in r.headers["Location"]
+    assert "next=/support" in r.headers["Location"].replace("%2F", "/")
+    r = actor.post_form(r.headers["Location"], {"password": PASSWORD, "code": actor.code(secret)})
+    assert r.status_code == 302 and r.headers["Location"].endswith("/support")
+    assert actor.client.get("/support").status_code == 200
+
+
+def test_fresh_admin_with_2fa_sees_the_page(actor, secret):
+    sign_in_admin(actor, secret)
+    r = actor.client.get("/support")
+    html = r.get_data(as_text=True)
+    assert r.status_code == 200
+    assert "<h1>Support</h1>" in html
+    assert '<label for="q">Search users</label>' in html
+    assert "Open contact requests" in html
+
+
+def test_spoofed_headers_do_not_bypass_2fa(actor):
+    """security.md 41: no bypass through X-Forwarded-For: 127.0.0.1 or a debug header."""
+    actor.user(ADMIN, admin=True)
+    actor.sign_in(ADMIN, PASSWORD)
+    r = actor.client.get("/support", headers={"X-Forwarded-For": "127.0.0.1", "X-Debug": "1"})
+    assert r.status_code == 403
+
+
+def test_ordinary_user_cannot_post_an_action(app, actor, secret, target, target_secret):
+    """security.md 37: the action endpoint has the same guard as the page."""
+    actor.user("dave@example.com", secret=secret)
+    actor.sign_in("dave@example.com", PASSWORD, secret)
+    token = actor.csrf("/settings")
+    r = actor.client.post(f"/support/users/{target.id}/disable-2fa",
+                          data={"csrf_token": token, f"u{target.id}-reason": "x", f"u{target.id}-duration": "24h"})
+    assert r.status_code == 403
+    assert count(app, Device, Device.user == target.id) == 1
+
+
+def test_stale_admin_action_goes_to_reauth_and_changes_nothing(app, actor, secret, clock, target):
+    sign_in_admin(actor, secret)
+    token = actor.csrf("/support")
+    clock.advance(app.config["FRESH_LOGIN_WINDOW"].total_seconds() + 1)
+    r = actor.client.post(f"/support/users/{target.id}/disable-2fa",
+                          data={"csrf_token": token, f"u{target.id}-reason": "checked", f"u{target.id}-duration": "24h"})
+    assert r.status_code == 302 and "/reauth" in r.headers["Location"]
+    assert count(app, Device, Device.user == target.id) == 1
+    assert user_row(app, "carol@example.com").tfa_reset_until is None
+
+
+# ---------------------------------------------------------------- search (security.md 37)
+
+def test_search_is_case_insensitive_prefix(actor, secret):
+    for email in ("alice@example.com", "alina@example.org", "bob@example.com", "xalice@example.com"):
+        actor.user(email)
+    sign_in_admin(actor, secret)
+    html = actor.client.get("/support?q=AL").get_data(as_text=True)
+    assert "alice@example.com" in html and "alina@example.org" in html
+    assert "bob@example.com" not in html and "xalice@example.com" not in html
+    html = actor.client.get("/support?q=%20ALICE@").get_data(as_text=True)
+    assert "alice@example.com" in html and "alina@example.org" not in html
+
+
+def test_search_matches_prefixes_not_substrings(actor, secret):
+    actor.user("alice@example.com")
+    sign_in_admin(actor, secret)
+    html = actor.client.get("/support?q=example").get_data(as_text=True)
+    assert "alice@example.com" not in html
+    assert "No account starts with" in html
+
+
+def test_search_is_paginated(app, actor, secret):
+    with app.app_context():
+        with db.atomic():
+            User.insert_many([{"email": f"user{i:03d}@example.com", "password_hash": "x"} for i in range(60)]).execute()
+    sign_in_admin(actor, secret)
+    first = actor.client.get("/support?q=user").get_data(as_text=True)
+    assert first.count('class="user-row"') == 25
+    assert "user000@example.com" in first and "user024@example.com" in first
+    assert "user025@example.com" not in first
+    assert 'rel="next"' in first and 'rel="prev"' not in first
+    third = actor.client.get("/support?q=user&page=3").get_data(as_text=True)
+    assert third.count('class="user-row"') == 10
+    assert "user050@example.com" in third and "user059@example.com" in third
+    assert 'rel="next"' not in third and 'rel="prev"' in third
+    # nonsense page numbers fall back to the first page instead of failing
+    assert actor.client.get("/support?q=user&page=abc").status_code == 200
+
+
+def test_search_uses_the_email_index(app):
+    """The prefix range is served by the unique email index: no full table scan."""
+    if not is_sqlite():
+        pytest.skip("EXPLAIN QUERY PLAN is SQLite's")
+    with app.test_request_context():
+        db.connect(reuse_if_open=True)
+        query = (User.select(User.id).where((User.email >= "al") & (User.email < "al\uffff"))
+                 .order_by(User.email).limit(26))
+        sql, params = query.sql()
+        plan = " ".join(str(row) for row in db.execute_sql("EXPLAIN QUERY PLAN " + sql, params).fetchall())
+        assert "SEARCH" in plan and "INDEX" in plan and "SCAN user" not in plan, plan
+        # and the helper the page uses returns the same people
+        User.create(email="alan@example.com", password_hash="x")
+        users, has_next = search_users("al", 1)
+        assert [u.email for u in users] == ["alan@example.com"] and has_next is False
+
+
+def test_results_show_status_devices_and_last_sign_in_but_never_secrets(app, actor, secret, target_secret):
+    """security.md 37, 10: device names and dates are shown; secrets, their ciphertext and hashes never."""
+    carol = actor.user("carol@example.com", devices={"Carol's iPhone": target_secret, "Old Android": new_secret()})
+    sign_in_admin(actor, secret)
+    r = actor.client.get("/support?q=carol")
+    html = r.get_data(as_text=True)
+    assert "Carol's iPhone" in html or "Carol&#39;s iPhone" in html
+    assert "Old Android" in html and "Active" in html
+    assert "Last sign-in" in html and "never" in html
+    assert target_secret not in html and secret not in html
+    with app.app_context():
+        for d in Device.select():
+            assert d.secret_enc not in html
+        assert User.get_by_id(carol.id).password_hash not in html
+
+
+def test_htmx_search_returns_only_the_results_fragment(actor, secret):
+    actor.user("alice@example.com")
+    sign_in_admin(actor, secret)
+    r = actor.client.get("/support?q=ali", headers=HX)
+    html = r.get_data(as_text=True)
+    assert r.status_code == 200 and "HX-Request" in r.headers["Vary"]
+    assert html.lstrip().startswith('<div id="results"') and "<html" not in html
+    assert "alice@example.com" in html
+
+
+def test_own_and_admin_rows_offer_no_action(actor, secret):
+    """security.md 41: the page does not even offer the action on yourself or on other admins."""
+    actor.user("other-admin@example.com", admin=True, secret=new_secret())
+    actor.user("carol@example.com", secret=new_secret())
+    sign_in_admin(actor, secret)
+    html = actor.client.get("/support").get_data(as_text=True)
+    assert html.count("<summary>Temporarily disable 2FA</summary>") == 1
+    assert "This is your own account" in html and "Another admin" in html
+
+
+# ---------------------------------------------------------------- the temporary disable cycle (security.md 39, 40)
+
+def test_full_temporary_disable_cycle(app, actor, secret, clock, target, target_secret):
+    """security.md 39, 40: before (code needed), action (devices revoked, sessions ended), during the window
+    (password only, with a prompt to enrol), after the window (fails closed, pointing to support)."""
+    carol = second_client(app, clock)
+    # before: Carol's password leads to the code step, and she is signed in on her own browser
+    r = carol.password_step("carol@example.com")
+    assert r.headers["Location"].endswith("/login/verify")
+    assert carol.code_step(carol.code(target_secret)).headers["Location"].endswith("/settings")
+    assert carol.client.get("/settings").status_code == 200
+
+    sign_in_admin(actor, secret)
+    t0 = clock.t
+    r = disable(actor, target)
+    assert r.status_code == 302 and r.headers["Location"].endswith("/support?q=carol@example.com")
+    page = actor.client.get(r.headers["Location"]).get_data(as_text=True)
+    assert "is off until" in page and "Temporarily off" in page
+
+    # the action: devices gone, the window set from the injected clock, her sessions ended
+    assert count(app, Device, Device.user == target.id) == 0
+    assert user_row(app, "carol@example.com").tfa_reset_until == utc(t0) + timedelta(hours=24)
+    assert count(app, ServerSession, ServerSession.user == target.id) == 0
+    r = carol.client.get("/settings")
+    assert r.status_code == 302 and "/login" in r.headers["Location"]
+
+    # during the window: the password alone signs her in, with the persistent prompt
+    clock.advance(3600)
+    r = carol.password_step("carol@example.com")
+    assert r.status_code == 302 and r.headers["Location"].endswith("/settings")
+    html = carol.client.get("/settings").get_data(as_text=True)
+    assert "Two-factor authentication is temporarily off" in html
+    html = carol.client.get("/support/contact").get_data(as_text=True)
+    assert "Two-factor authentication is temporarily off" in html  # on every page, not only once
+
+    # after the window, with no new device: sign-in fails closed and points to support
+    clock.advance(24 * 3600)
+    late = second_client(app, clock)
+    r = late.password_step("carol@example.com")
+    html = r.get_data(as_text=True)
+    assert r.status_code == 403
+    assert 'href="/support/contact"' in html and "blocked" in html
+    assert late.session_cookie() is None or late.client.get("/settings").status_code == 302
+    assert count(app, AuditEvent, AuditEvent.kind == "signin_blocked", AuditEvent.user == target.id) == 1
+
+
+def test_the_window_length_follows_the_chosen_duration(app, actor, secret, clock, target):
+    sign_in_admin(actor, secret)
+    assert disable(actor, target, duration="3d").status_code == 302
+    assert user_row(app, "carol@example.com").tfa_reset_until == utc(clock.t) + timedelta(days=3)
+
+
+def test_old_codes_stop_working_at_once(app, actor, secret, clock, target, target_secret):
+    """security.md 39: the lost device is revoked immediately: a password + old code no longer reaches a code step."""
+    thief = second_client(app, clock)
+    assert thief.password_step("carol@example.com").headers["Location"].endswith("/login/verify")
+    sign_in_admin(actor, secret)
+    disable(actor, target)
+    # the pending code step of the thief is gone, and its code is refused
+    clock.advance(30)
+    r = thief.client.get("/login/verify")
+    assert r.status_code == 302 and "/login" in r.headers["Location"]
+
+
+def test_code_throttle_is_reset(app, actor, secret, clock, target):
+    with app.app_context():
+        User.update(code_failures=7, code_locked_until=utc(clock.t + 5 * 3600)).where(
+            User.id == target.id).execute()
+    sign_in_admin(actor, secret)
+    disable(actor, target)
+    row = user_row(app, "carol@example.com")
+    assert row.code_failures == 0 and row.code_locked_until is None
+
+
+def test_open_requests_of_the_person_can_be_closed_with_the_action(app, actor, secret, target):
+    with app.app_context():
+        mine = SupportRequest.create(email="carol@example.com", message="lost my phone", user=target.id)
+        other = SupportRequest.create(email="zed@example.com", message="lost my phone")
+    admin = sign_in_admin(actor, secret)
+    disable(actor, target, close_requests=True)
+    reqs = {r.id: r for r in fetch(app, SupportRequest)}
+    assert reqs[mine.id].handled_at is not None and reqs[mine.id].handled_by_id == admin.id
+    assert reqs[other.id].handled_at is None
+
+
+def test_open_requests_stay_open_when_not_asked_to_close(app, actor, secret, target):
+    with app.app_context():
+        SupportRequest.create(email="carol@example.com", message="lost my phone", user=target.id)
+    sign_in_admin(actor, secret)
+    disable(actor, target, close_requests=False)
+    assert [r.handled_at for r in fetch(app, SupportRequest)] == [None]
+
+
+def test_support_can_end_a_window_early(app, actor, secret, clock, target):
+    """Ending early sets the end to now: password-only sign-in is blocked at once (fail closed)."""
+    carol = second_client(app, clock)
+    sign_in_admin(actor, secret)
+    disable(actor, target)
+    clock.advance(600)
+    assert carol.password_step("carol@example.com").headers["Location"].endswith("/settings")
+    r = end_window(actor, target)
+    assert r.status_code == 302
+    assert user_row(app, "carol@example.com").tfa_reset_until == utc(clock.t)
+    # her password-only session ends with the window, and signing in again is blocked
+    r = carol.client.get("/settings")
+    assert r.status_code == 302 and "/login" in r.headers["Location"]
+    r = second_client(app, clock).password_step("carol@example.com")
+    assert r.status_code == 403 and 'href="/support/contact"' in r.get_data(as_text=True)
+    assert count(app, AuditEvent, AuditEvent.kind == "support_window_ended") == 1
+
+
+def test_ending_a_window_that_is_not_open_changes_nothing(app, actor, secret, target):
+    sign_in_admin(actor, secret)
+    r = end_window(actor, target)
+    assert r.status_code == 400 and "no open support window" in r.get_data(as_text=True)
+    assert user_row(app, "carol@example.com").tfa_reset_until is None
+    assert count(app, AuditEvent, AuditEvent.kind == "support_window_ended") == 0
+
+
+def test_enrolling_again_ends_the_window(app, actor, secret, clock, target):
+    """security.md 39: once a new device is confirmed (the wizard clears tfa_reset_until), the code is needed again."""
+    sign_in_admin(actor, secret)
+    disable(actor, target)
+    new = new_secret()
+    with app.app_context():
+        # what the enrolment wizard does on Complete Activation
+        Device.create(user=target.id, name="New phone", secret_enc=encrypt_secret(new))
+        User.update(tfa_reset_until=None).where(User.id == target.id).execute()
+    carol = second_client(app, clock)
+    assert carol.password_step("carol@example.com").headers["Location"].endswith("/login/verify")
+    html = actor.client.get("/support?q=carol").get_data(as_text=True)
+    assert "Active" in html and "New phone" in html and "Open until" not in html
+    # and after the old end time she still signs in with her new device, not blocked
+    clock.advance(48 * 3600)
+    later = second_client(app, clock)
+    later.password_step("carol@example.com")
+    assert later.code_step(later.code(new)).headers["Location"].endswith("/settings")
+
+
+def test_a_blocked_person_can_be_given_a_new_window(app, actor, secret, clock, target):
+    """After a window lapsed, support may open another one (the person needs support again, security.md 39)."""
+    sign_in_admin(actor, secret)
+    disable(actor, target)
+    clock.advance(25 * 3600)
+    sign_in_admin(second_client(app, clock), new_secret(), email="boss2@example.com")
+    fresh = second_client(app, clock)
+    admin2_secret = new_secret()
+    fresh.user("boss3@example.com", admin=True, secret=admin2_secret)
+    fresh.sign_in("boss3@example.com", PASSWORD, admin2_secret)
+    html = fresh.client.get("/support?q=carol").get_data(as_text=True)
+    assert "Blocked" in html and "<summary>Temporarily disable 2FA</summary>" in html
+    assert disable(fresh, target).status_code == 302
+    assert second_client(app, clock).password_step("carol@example.com").headers["Location"].endswith("/settings")
+
+
+def test_person_without_2fa_cannot_be_given_a_window(app, actor, secret):
+    """Opening a window for someone who never had 2FA would lock them out later: refused, nothing changed."""
+    dave = actor.user("dave@example.com")
+    sign_in_admin(actor, secret)
+    r = disable(actor, dave)
+    assert r.status_code == 400 and "no two-factor authentication to disable" in r.get_data(as_text=True)
+    assert user_row(app, "dave@example.com").tfa_reset_until is None
+    assert count(app, AuditEvent, AuditEvent.kind == "support_tfa_disabled") == 0
+
+
+# ---------------------------------------------------------------- bad input and separation of duties (38, 41)
+
+def _unchanged(app, target):
+    assert count(app, Device, Device.user == target.id) == 1
+    assert user_row(app, target.email).tfa_reset_until is None
+    assert count(app, AuditEvent, AuditEvent.kind == "support_tfa_disabled") == 0
+
+
+def test_missing_reason_is_refused_and_nothing_changes(app, actor, secret, target, target_secret):
+    """security.md 38: no reason, no action: 400, devices, sessions and the audit log untouched."""
+    carol = second_client(app, clock=actor.clock)
+    carol.sign_in("carol@example.com", PASSWORD, target_secret)
+    sign_in_admin(actor, secret)
+    r = disable(actor, target, reason="   ")
+    html = r.get_data(as_text=True)
+    assert r.status_code == 400
+    assert "Give a reason" in html and "Nothing was changed" in html
+    _unchanged(app, target)
+    assert carol.client.get("/settings").status_code == 200
+
+
+@pytest.mark.parametrize("duration", ["", "30d", "0", "24 hours", "1000000h"])
+def test_duration_outside_the_allow_list_is_refused(app, actor, secret, target, duration):
+    """security.md 38, 39: only 24 hours, 3 days or 7 days."""
+    sign_in_admin(actor, secret)
+    r = disable(actor, target, duration=duration)
+    assert r.status_code == 400 and "Choose 24 hours, 3 days or 7 days." in r.get_data(as_text=True)
+    _unchanged(app, target)
+
+
+def test_overlong_reason_and_ticket_are_refused(app, actor, secret, target):
+    sign_in_admin(actor, secret)
+    assert disable(actor, target, reason="r" * 501).status_code == 400
+    assert disable(actor, target, ticket="t" * 65).status_code == 400
+    _unchanged(app, target)
+
+
+def test_htmx_validation_error_comes_back_200_inside_the_row(app, actor, secret, target):
+    """htmx 2 does not swap 4xx: errors come back 200 in the row fragment, the form open."""
+    sign_in_admin(actor, secret)
+    r = disable(actor, target, reason="", headers=HX)
+    html = r.get_data(as_text=True)
+    assert r.status_code == 200 and "<html" not in html
+    assert html.lstrip().startswith(f'<article class="user-row" id="user-{target.id}"')
+    assert "Give a reason" in html and "<details class=\"disable\" open>" in html
+    _unchanged(app, target)
+
+
+def test_htmx_success_replaces_the_row(app, actor, secret, target):
+    sign_in_admin(actor, secret)
+    r = disable(actor, target, headers=HX)
+    html = r.get_data(as_text=True)
+    assert r.status_code == 200 and "HX-Request" in r.headers["Vary"]
+    assert html.lstrip().startswith(f'<article class="user-row" id="user-{target.id}"') and "<html" not in html
+    assert "Temporarily off" in html and "End support window now" in html
+    assert count(app, Device, Device.user == target.id) == 0
+
+
+def test_acting_on_yourself_is_refused(app, actor, secret):
+    """security.md 41: support cannot reset its own 2FA."""
+    admin = sign_in_admin(actor, secret)
+    r = disable(actor, admin)
+    assert r.status_code == 403
+    assert count(app, Device, Device.user == admin.id) == 1
+    assert user_row(app, ADMIN).tfa_reset_until is None
+    assert count(app, AuditEvent, AuditEvent.kind == "support_tfa_disabled") == 0
+
+
+def test_acting_on_another_admin_is_refused(app, actor, secret):
+    """security.md 41: no admin-on-admin resets without a second approver (we do not offer it at all)."""
+    other = actor.user("other-admin@example.com", admin=True, secret=new_secret())
+    sign_in_admin(actor, secret)
+    assert disable(actor, other).status_code == 403
+    assert end_window(actor, other).status_code == 403
+    assert count(app, Device, Device.user == other.id) == 1
+    assert user_row(app, "other-admin@example.com").tfa_reset_until is None
+    assert count(app, AuditEvent, AuditEvent.kind.in_(["support_tfa_disabled", "support_window_ended"])) == 0
+
+
+def test_unknown_person_is_404(actor, secret):
+    sign_in_admin(actor, secret)
+    assert actor.post_form("/support/users/9999/disable-2fa", {"u9999-reason": "x", "u9999-duration": "24h"},
+                           form_url="/support").status_code == 404
+
+
+def test_action_without_csrf_token_is_refused(app, actor, secret, target):
+    sign_in_admin(actor, secret)
+    r = actor.client.post(f"/support/users/{target.id}/disable-2fa",
+                          data={f"u{target.id}-reason": "checked", f"u{target.id}-duration": "24h"})
+    assert r.status_code == 400
+    _unchanged(app, target)
+
+
+# ---------------------------------------------------------------- open contact requests
+
+def test_open_requests_are_listed_and_linked_to_the_account(app, actor, secret, target):
+    with app.app_context():
+        SupportRequest.create(email="carol@example.com", message="Phone fell in the lake", user=target.id)
+        SupportRequest.create(email="ghost@example.com", message="Who am I even")
+        SupportRequest.create(email="done@example.com", message="Old one", handled_at=utc(0))
+    sign_in_admin(actor, secret)
+    html = actor.client.get("/support").get_data(as_text=True)
+    assert "Phone fell in the lake" in html and "Who am I even" in html and "Old one" not in html
+    assert 'href="/support?q=carol@example.com"' in html
+    assert "no account with this address" in html
+    assert "Open contact requests (2)" in html
+
+
+def test_a_request_can_be_marked_handled(app, actor, secret):
+    with app.app_context():
+        req = SupportRequest.create(email="ghost@example.com", message="Please help me")
+    admin = sign_in_admin(actor, secret)
+    r = actor.post_form(f"/support/requests/{req.id}/handled", {}, form_url="/support")
+    assert r.status_code == 302 and r.headers["Location"].endswith("/support")
+    assert "marked as handled" in actor.client.get("/support").get_data(as_text=True)
+    [row] = fetch(app, SupportRequest)
+    assert row.handled_at is not None and row.handled_by_id == admin.id
+    # a second click changes nothing and writes no second audit record
+    actor.post_form(f"/support/requests/{req.id}/handled", {}, form_url="/support")
+    assert count(app, AuditEvent, AuditEvent.kind == "support_request_handled") == 1
+
+
+def test_marking_handled_with_htmx_returns_the_item(app, actor, secret):
+    with app.app_context():
+        req = SupportRequest.create(email="ghost@example.com", message="Please help me")
+    sign_in_admin(actor, secret)
+    token = csrf_from(actor.client.get("/support").get_data(as_text=True))
+    r = actor.client.post(f"/support/requests/{req.id}/handled", headers={**HX, "X-CSRFToken": token})
+    html = r.get_data(as_text=True)
+    assert r.status_code == 200 and html.lstrip().startswith(f'<li class="request" id="request-{req.id}"')
+    assert "Handled" in html and "Mark as handled" not in html
+
+
+def test_marking_an_unknown_request_is_404(actor, secret):
+    sign_in_admin(actor, secret)
+    assert actor.post_form("/support/requests/4242/handled", {}, form_url="/support").status_code == 404
