@@ -71,3 +71,37 @@ def assert_accessible(page, where):
 
     violations = axe_violations(page)
     assert not violations, format_violations(where, violations)
+
+
+def wizard_dialog(page):
+    """The modal the gear opens: role=dialog whose accessible name contains Two-Factor Authentication."""
+    return page.get_by_role("dialog", name=re.compile("Two-Factor Authentication"))
+
+
+def qr_image(scope):
+    """The QR code: an image whose accessible name contains "QR code"."""
+    return scope.get_by_role("img", name=re.compile("QR code"))
+
+
+GROUPED_KEY = re.compile(r"^[A-Z2-7]{4}( [A-Z2-7]{1,4})+$")
+
+
+def manual_key(scope):
+    """Open "Enter the key manually" and return the key as shown (grouped for reading)."""
+    scope.get_by_text("Enter the key manually", exact=True).click()
+    key = scope.get_by_text(GROUPED_KEY)
+    expect(key).to_be_visible()
+    return key.inner_text().strip()
+
+
+def is_focused_within(locator):
+    return locator.evaluate("el => el.contains(document.activeElement)")
+
+
+def tab_to(page, locator, limit=40, key="Tab"):
+    """Press Tab until `locator` has the keyboard focus (fails after `limit` presses)."""
+    for _ in range(limit):
+        if locator.evaluate("el => el === document.activeElement"):
+            return
+        page.keyboard.press(key)
+    raise AssertionError(f"{locator} never received keyboard focus after {limit} presses of {key}")

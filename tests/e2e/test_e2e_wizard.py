@@ -1,0 +1,180 @@
+"""The help article's enrolment in a real browser: the gear, the dialog, the QR code decoded from pixels,
+codes from oathtool, Complete Activation, and the next sign-in; also without JavaScript and by keyboard."""
+import re
+
+from browser_kit import next_step_code, oathtool_code, parse_otpauth, qr_from_element, wrong_code
+from journey import (enter_code, expect, expect_code_refused, expect_code_step, expect_signed_in, gear,
+                     is_focused_within, log_in, log_out, manual_key, qr_image, settings_text, tab_to,
+                     wizard_dialog)
+
+
+def _read_qr(locator, tmp_path, account):
+    """Decode the QR code from a screenshot of it and check the otpauth URI (security.md 6, 7)."""
+    uri = qr_from_element(locator, tmp_path / "qr.png")
+    parts = parse_otpauth(uri)
+    assert parts["account"] == account
+    assert parts["issuer"] == parts["label_issuer"] == "twostep"
+    assert re.fullmatch(r"[A-Z2-7]{32}", parts["secret"]), "160-bit Base32 secret, unpadded (security.md 3)"
+    assert parts.get("digits", "6") == "6" and parts.get("period", "30") == "30"
+    assert parts.get("algorithm", "SHA1").upper() == "SHA1"
+    return parts["secret"]
+
+
+def _sign_in_again_after_enrolment(page, server, email, enrolment_code, secret):
+    """The enrolment's code is used up; a wrong code is refused; a code of a later step signs in."""
+    log_out(page)
+    log_in(page, email)
+    expect_code_step(page)
+    enter_code(page, enrolment_code)  # security.md 16: the confirming code counts as used
+    expect_code_refused(page)
+    server.wait_out_code_throttle(email)
+    enter_code(page, wrong_code(secret))
+    expect_code_refused(page)
+    server.wait_out_code_throttle(email)
+    enter_code(page, next_step_code(secret))
+    expect_signed_in(page)
+
+
+def test_enrolment_in_the_dialog_then_sign_in_with_the_new_device(page, server, tmp_path):
+    """The article's journey with JavaScript: gear -> dialog -> Next -> QR -> code -> name -> Active."""
+    server.user("kim@example.com")
+    log_in(page, "kim@example.com")
+    expect_signed_in(page)
+    page.get_by_role("link", name="User Settings", exact=True).click()
+    expect(page.get_by_text("Off", exact=True)).to_be_visible()
+
+    gear(page).click()
+    dialog = wizard_dialog(page)
+    expect(dialog).to_be_visible()
+    dialog.get_by_role("button", name="Next", exact=True).click()
+
+    qr = qr_image(dialog)
+    expect(qr).to_be_visible()
+    secret = _read_qr(qr, tmp_path, "kim@example.com")
+    assert manual_key(dialog).replace(" ", "") == secret
+    dialog.get_by_role("button", name="Next", exact=True).click()
+
+    code = oathtool_code(secret)
+    dialog.get_by_label("Verification code", exact=True).fill(code)
+    dialog.get_by_role("button", name="Next", exact=True).click()
+    dialog.get_by_label("Device name", exact=True).fill("Kim's iPhone")
+    dialog.get_by_role("button", name="Complete Activation", exact=True).click()
+    expect(dialog.get_by_text("Kim's iPhone", exact=False).first).to_be_visible()
+    # Behind the dialog the row already says Active and lists the device.
+    dialog.get_by_role("button", name="Done", exact=True).click()
+    expect(dialog).to_have_count(0)
+    expect(page.get_by_role("list", name="Your authenticator devices")).to_contain_text("Kim's iPhone")
+    assert "Active" in settings_text(page)
+    assert server.query(lambda: __import__("webapp.models").models.Device.select().count()) == 1
+
+    _sign_in_again_after_enrolment(page, server, "kim@example.com", code, secret)
+    assert "Kim's iPhone" in settings_text(page)
+
+
+def test_a_wrong_code_in_the_wizard_activates_nothing(page, server, tmp_path):
+    """security.md 8: the secret is not active until a correct code from it is entered."""
+    server.user("lee@example.com")
+    log_in(page, "lee@example.com")
+    gear(page).click()
+    dialog = wizard_dialog(page)
+    dialog.get_by_role("button", name="Next", exact=True).click()
+    secret = _read_qr(qr_image(dialog), tmp_path, "lee@example.com")
+    dialog.get_by_role("button", name="Next", exact=True).click()
+    field = dialog.get_by_label("Verification code", exact=True)
+    field.fill(wrong_code(secret))
+    dialog.get_by_role("button", name="Next", exact=True).click()
+    expect(field).to_have_attribute("aria-invalid", "true")
+    expect(field).to_have_accessible_description(re.compile(r"\w"))
+    expect(dialog.get_by_label("Device name")).to_have_count(0)
+    page.keyboard.press("Escape")
+    expect(dialog).to_have_count(0)
+    page.reload()
+    expect(page.get_by_text("Off", exact=True)).to_be_visible()
+
+
+def test_enrolment_without_javascript(nojs_page, server, tmp_path):
+    """No JavaScript: the gear is a link to a full page, every step a plain form, same result."""
+    page = nojs_page
+    server.user("max@example.com")
+    log_in(page, "max@example.com")
+    expect_signed_in(page)
+    gear_link = page.get_by_role("link", name="Two-Factor Authentication settings", exact=True)
+    gear_link.click()
+    expect(page.get_by_role("heading", name="Two-Factor Authentication", level=1)).to_be_visible()
+    page.get_by_role("button", name="Next", exact=True).click()
+    qr = qr_image(page)
+    expect(qr).to_be_visible()
+    secret = _read_qr(qr, tmp_path, "max@example.com")
+    assert manual_key(page).replace(" ", "") == secret
+    page.get_by_role("button", name="Next", exact=True).click()
+    code = oathtool_code(secret)
+    page.get_by_label("Verification code", exact=True).fill(code)
+    page.get_by_role("button", name="Next", exact=True).click()
+    page.get_by_label("Device name", exact=True).fill("Max's Nokia")
+    page.get_by_role("button", name="Complete Activation", exact=True).click()
+    expect(page.get_by_text("Max's Nokia", exact=False).first).to_be_visible()
+    page.get_by_role("link", name="User Settings", exact=True).click()
+    text = settings_text(page)
+    assert "Active" in text and "Max's Nokia" in text
+
+    _sign_in_again_after_enrolment(page, server, "max@example.com", code, secret)
+
+
+def test_enrolment_by_keyboard_alone(page, server, tmp_path):
+    """Tab/Enter/Escape reach and operate the gear, the dialog, every field and Complete Activation;
+    focus moves into the dialog on open, stays inside while it is open, and returns to the gear on close."""
+    server.user("nia@example.com")
+    log_in(page, "nia@example.com")
+    expect_signed_in(page)
+    the_gear = gear(page)
+    dialog = wizard_dialog(page)
+
+    tab_to(page, the_gear)
+    page.keyboard.press("Enter")
+    expect(dialog).to_be_visible()
+    assert is_focused_within(dialog), "focus did not move into the dialog"
+    page.keyboard.press("Escape")
+    expect(dialog).to_have_count(0)
+    expect(the_gear).to_be_focused()
+
+    page.keyboard.press("Enter")
+    expect(dialog).to_be_visible()
+    assert is_focused_within(dialog)
+    for _ in range(8):  # a modal dialog keeps the keyboard inside it
+        page.keyboard.press("Tab")
+        assert page.evaluate("() => document.activeElement === document.body") or is_focused_within(dialog)
+    tab_to(page, dialog.get_by_role("button", name="Next", exact=True))
+    page.keyboard.press("Enter")
+
+    qr = qr_image(dialog)
+    expect(qr).to_be_visible()
+    secret = _read_qr(qr, tmp_path, "nia@example.com")
+    summary = dialog.get_by_text("Enter the key manually", exact=True)
+    tab_to(page, summary)
+    page.keyboard.press("Enter")
+    key = dialog.get_by_text(re.compile(r"^[A-Z2-7]{4}( [A-Z2-7]{1,4})+$"))
+    expect(key).to_be_visible()
+    assert key.inner_text().replace(" ", "") == secret
+    tab_to(page, dialog.get_by_role("button", name="Next", exact=True))
+    page.keyboard.press("Enter")
+
+    code_field = dialog.get_by_label("Verification code", exact=True)
+    expect(code_field).to_be_visible()
+    tab_to(page, code_field)
+    page.keyboard.type(oathtool_code(secret))
+    page.keyboard.press("Enter")  # submits the form the field is in
+
+    name_field = dialog.get_by_label("Device name", exact=True)
+    expect(name_field).to_be_visible()
+    tab_to(page, name_field)
+    page.keyboard.type("Nia's tablet")
+    activate = dialog.get_by_role("button", name="Complete Activation", exact=True)
+    tab_to(page, activate)
+    page.keyboard.press("Enter")
+    done = dialog.get_by_role("button", name="Done", exact=True)
+    expect(done).to_be_visible()
+    tab_to(page, done)
+    page.keyboard.press("Enter")
+    expect(dialog).to_have_count(0)
+    expect(the_gear).to_be_focused()
+    assert "Nia's tablet" in settings_text(page) and "Active" in settings_text(page)
