@@ -1,0 +1,306 @@
+"""Devices after enrolment, in User Settings: list, rename, remove (with a code), add another, turn 2FA off.
+
+Every change is audited and ends the person's other sessions; nobody reaches another person's devices.
+"""
+import re
+
+import pyotp
+import pytest
+
+from webapp.models import AuditEvent, Device, ServerSession, User
+
+HX = {"HX-Request": "true"}
+PASSWORD = "correct horse battery"  # the password conftest's Actor.user() sets
+
+
+def text(response):
+    return response.get_data(as_text=True)
+
+
+@pytest.fixture
+def alice(actor, secret):
+    """Alice with one device ("Phone"), signed in; the clock moved on so her next code is not a replay."""
+    user = actor.user(secret=secret)
+    r = actor.sign_in(secret=secret)
+    assert r.status_code == 302
+    actor.clock.advance(30)
+    return user
+
+
+def add_device(app, user, name, secret=None):
+    """A device created directly in the database (no wizard), for tests that need several."""
+    from webapp.totp import encrypt_secret
+
+    with app.app_context():
+        return Device.create(user=user.id, name=name, secret_enc=encrypt_secret(secret or pyotp.random_base32()))
+
+
+def device_rows(app, user):
+    with app.app_context():
+        return list(Device.select().where(Device.user == user.id).order_by(Device.id))
+
+
+def kinds(app, user):
+    with app.app_context():
+        return [e.kind for e in AuditEvent.select().where(AuditEvent.user == user.id)]
+
+
+def post(actor, url, data, htmx=False):
+    headers = HX if htmx else {}
+    return actor.client.post(url, data={"csrf_token": actor.csrf("/settings"), **data}, headers=headers)
+
+
+def second_session(actor, app, email="alice@example.com", secret=None):
+    """Another browser signed in as the same person (for security.md 35)."""
+    other = type(actor)(app, app.test_client(), actor.clock)
+    r = other.password_step(email)
+    if secret is not None:
+        other.code_step(other.code(secret))
+    assert other.client.get("/settings").status_code == 200
+    return other
+
+
+def signed_out(client):
+    r = client.get("/settings")
+    return r.status_code == 302 and "/login" in r.headers["Location"]
+
+
+# ---------------------------------------------------------------- listing
+
+def test_devices_are_listed_with_name_added_date_and_last_use(actor, app, alice):
+    page = text(actor.client.get("/settings"))
+    assert ">Active<" in page
+    assert '<strong class="device-name">Phone</strong>' in page
+    assert "Added <time" in page and "last used <time" in page  # the sign-in used it
+    assert "Add another device" in page and "Turn off two-factor authentication" in page
+    assert 'href="/settings/2fa"' in page
+
+
+def test_a_device_never_used_to_sign_in_says_so(actor, app, alice):
+    add_device(app, alice, "Tablet")
+    page = text(actor.client.get("/settings"))
+    assert '<strong class="device-name">Tablet</strong>' in page and "not used to sign in yet" in page
+
+
+# ---------------------------------------------------------------- rename
+
+def test_rename_a_device(actor, app, alice):
+    [device] = device_rows(app, alice)
+    r = post(actor, f"/settings/devices/{device.id}/rename", {f"rename-{device.id}-name": "  Old iPhone "})
+    assert r.status_code == 302 and r.headers["Location"].endswith("/settings")
+    assert [d.name for d in device_rows(app, alice)] == ["Old iPhone"]
+    assert "device_renamed" in kinds(app, alice)
+    assert "Old iPhone" in text(actor.client.get("/settings"))
+
+
+def test_rename_with_htmx_returns_the_row_fragment(actor, app, alice):
+    [device] = device_rows(app, alice)
+    r = post(actor, f"/settings/devices/{device.id}/rename", {f"rename-{device.id}-name": "Pixel"}, htmx=True)
+    body = text(r)
+    assert r.status_code == 200 and "HX-Request" in r.headers["Vary"]
+    assert "<html" not in body and body.lstrip().startswith('<div class="setting-row" id="tfa-row"')
+    assert 'role="status"' in body and "Pixel" in body
+
+
+@pytest.mark.parametrize("name, message", [
+    ("", "Give this device a name."),
+    ("   ", "Give this device a name."),
+    ("y" * 65, "at most 64 characters"),
+    ("TABLET", "already have a device with this name"),
+])
+def test_rename_is_validated(actor, app, alice, name, message):
+    add_device(app, alice, "Tablet")
+    device = device_rows(app, alice)[0]
+    field = f"rename-{device.id}-name"
+    r = post(actor, f"/settings/devices/{device.id}/rename", {field: name})
+    body = text(r)
+    assert r.status_code == 400 and message in body
+    assert re.search(rf'<input[^>]*aria-describedby="{field}-error"[^>]*id="{field}"', body)
+    assert [d.name for d in device_rows(app, alice)] == ["Phone", "Tablet"]
+    r = post(actor, f"/settings/devices/{device.id}/rename", {field: name}, htmx=True)
+    assert r.status_code == 200 and message in text(r)  # htmx swaps only 2xx
+
+
+def test_renaming_to_its_own_name_in_other_case_is_allowed(actor, app, alice):
+    [device] = device_rows(app, alice)
+    post(actor, f"/settings/devices/{device.id}/rename", {f"rename-{device.id}-name": "PHONE"})
+    assert [d.name for d in device_rows(app, alice)] == ["PHONE"]
+
+
+# ---------------------------------------------------------------- remove
+
+def test_removing_a_device_needs_a_current_code(actor, app, alice, secret):
+    """security.md 32: a stolen session alone cannot remove a factor."""
+    add_device(app, alice, "Tablet")
+    phone, tablet = device_rows(app, alice)
+    url = f"/settings/devices/{tablet.id}/remove"
+    r = post(actor, url, {})
+    assert r.status_code == 400 and "Enter a current code" in text(r)
+    wrong = "123456" if actor.code(secret) != "123456" else "654321"
+    r = post(actor, url, {f"remove-{tablet.id}-code": wrong})
+    assert r.status_code == 200 and "That code is not valid" in text(r)
+    assert len(device_rows(app, alice)) == 2
+    actor.clock.advance(10)  # past the one-second back-off after the wrong code
+    r = post(actor, url, {f"remove-{tablet.id}-code": actor.code(secret)})
+    assert r.status_code == 302
+    assert [d.name for d in device_rows(app, alice)] == ["Phone"]
+    assert "device_removed" in kinds(app, alice)
+    assert ">Active<" in text(actor.client.get("/settings"))
+
+
+def test_removing_the_last_device_needs_explicit_confirmation(actor, app, alice, secret):
+    [device] = device_rows(app, alice)
+    url = f"/settings/devices/{device.id}/remove"
+    page = text(actor.client.get("/settings"))
+    assert "only device" in page and f'name="remove-{device.id}-confirm_off"' in page
+    r = post(actor, url, {f"remove-{device.id}-code": actor.code(secret)})
+    assert r.status_code == 400 and "Tick the box" in text(r)
+    assert len(device_rows(app, alice)) == 1
+    r = post(actor, url, {f"remove-{device.id}-code": actor.code(secret), f"remove-{device.id}-confirm_off": "y"},
+             htmx=True)
+    body = text(r)
+    assert r.status_code == 200 and ">Off<" in body and "now off" in body
+    assert device_rows(app, alice) == []
+    assert "tfa_disabled" in kinds(app, alice)
+
+
+def test_wrong_codes_when_removing_count_towards_the_account_throttle(actor, app, alice, secret):
+    """security.md 18: the remove form shares the per-account code throttle."""
+    [device] = device_rows(app, alice)
+    url = f"/settings/devices/{device.id}/remove"
+    wrong = "123456" if actor.code(secret) != "123456" else "654321"
+    for _ in range(6):
+        post(actor, url, {f"remove-{device.id}-code": wrong, f"remove-{device.id}-confirm_off": "y"})
+    r = post(actor, url, {f"remove-{device.id}-code": actor.code(secret), f"remove-{device.id}-confirm_off": "y"})
+    assert r.status_code == 429 and "Too many wrong codes" in text(r)
+    assert len(device_rows(app, alice)) == 1
+
+
+def test_a_removed_device_no_longer_signs_in(actor, app, alice, secret):
+    """security.md 35: removing the factor revokes it at once."""
+    new_secret = pyotp.random_base32()
+    add_device(app, alice, "Tablet", new_secret)
+    phone, _ = device_rows(app, alice)
+    post(actor, f"/settings/devices/{phone.id}/remove", {f"remove-{phone.id}-code": actor.code(new_secret)})
+    actor.client.post("/logout", data={"csrf_token": actor.csrf("/settings")})
+    actor.clock.advance(30)
+    actor.password_step()
+    r = actor.code_step(actor.code(secret))
+    assert r.status_code == 200 and "That code is not valid" in text(r)
+
+
+# ---------------------------------------------------------------- turn off entirely
+
+def test_turning_2fa_off_needs_password_and_code(actor, app, alice, secret):
+    """security.md 32: password and a current code, by POST; without them 403 and nothing changes."""
+    r = post(actor, "/settings/2fa/disable", {"off-password": PASSWORD})
+    assert r.status_code == 403 and "Enter a current code" in text(r)
+    r = post(actor, "/settings/2fa/disable", {"off-password": "wrong password", "off-code": actor.code(secret)})
+    assert r.status_code == 403 and "Incorrect" in text(r)
+    assert len(device_rows(app, alice)) == 1
+    actor.clock.advance(30)  # past the back-off the wrong password earned (and onto a fresh code)
+    r = post(actor, "/settings/2fa/disable", {"off-password": PASSWORD, "off-code": actor.code(secret)})
+    assert r.status_code == 302
+    assert device_rows(app, alice) == []
+    assert ">Off<" in text(actor.client.get("/settings"))
+    assert "tfa_disabled" in kinds(app, alice)
+    actor.client.post("/logout", data={"csrf_token": actor.csrf("/settings")})
+    r = actor.password_step()
+    assert r.headers["Location"].endswith("/settings")  # password alone now
+
+
+def test_turning_2fa_off_with_a_wrong_code_changes_nothing(actor, app, alice, secret):
+    wrong = "123456" if actor.code(secret) != "123456" else "654321"
+    r = post(actor, "/settings/2fa/disable", {"off-password": PASSWORD, "off-code": wrong}, htmx=True)
+    assert r.status_code == 200 and 'id="off-code-error"' in text(r) and "<html" not in text(r)
+    assert len(device_rows(app, alice)) == 1
+
+
+@pytest.mark.parametrize("url", ["/settings/2fa/disable", "/settings/devices/1/remove", "/settings/devices/1/rename"])
+def test_device_changes_refuse_get(actor, alice, url):
+    """security.md 32, 33: state changes are POST only."""
+    assert actor.client.get(url).status_code == 405
+
+
+def test_turning_off_without_csrf_token_is_refused(actor, app, alice, secret):
+    """security.md 33: a forged POST (no token) gets 400 and nothing changes."""
+    r = actor.client.post("/settings/2fa/disable", data={"off-password": PASSWORD, "off-code": actor.code(secret)})
+    assert r.status_code == 400
+    [device] = device_rows(app, alice)
+    r = actor.client.post(f"/settings/devices/{device.id}/remove",
+                          data={f"remove-{device.id}-code": actor.code(secret), f"remove-{device.id}-confirm_off": "y"})
+    assert r.status_code == 400
+    r = actor.client.post(f"/settings/devices/{device.id}/rename", data={f"rename-{device.id}-name": "x"})
+    assert r.status_code == 400
+    assert [d.name for d in device_rows(app, alice)] == ["Phone"]
+
+
+# ---------------------------------------------------------------- IDOR, sessions
+
+def test_other_peoples_devices_are_unreachable(actor, app, alice, secret):
+    """security.md 34: Bob's device id in Alice's requests is a 404; Bob's device is untouched."""
+    bob_secret = pyotp.random_base32()
+    bob = actor.user("bob@example.com", devices={"Bob's phone": bob_secret})
+    [bob_device] = device_rows(app, bob)
+    r = post(actor, f"/settings/devices/{bob_device.id}/rename", {f"rename-{bob_device.id}-name": "pwned"})
+    assert r.status_code == 404
+    r = post(actor, f"/settings/devices/{bob_device.id}/remove",
+             {f"remove-{bob_device.id}-code": actor.code(secret), f"remove-{bob_device.id}-confirm_off": "y"})
+    assert r.status_code == 404
+    r = post(actor, f"/settings/devices/{bob_device.id}/remove",
+             {f"remove-{bob_device.id}-code": actor.code(bob_secret), f"remove-{bob_device.id}-confirm_off": "y"})
+    assert r.status_code == 404
+    assert [(d.id, d.name, d.secret_enc) for d in device_rows(app, bob)] == [
+        (bob_device.id, "Bob's phone", bob_device.secret_enc)]
+    assert "Bob" not in text(actor.client.get("/settings"))
+
+
+def test_turning_off_ignores_a_user_id_field(actor, app, alice, secret):
+    """security.md 34: a user_id in the form does not pick whose 2FA is turned off."""
+    bob = actor.user("bob@example.com", devices={"Bob's phone": pyotp.random_base32()})
+    r = post(actor, "/settings/2fa/disable",
+             {"off-password": PASSWORD, "off-code": actor.code(secret), "user_id": str(bob.id)})
+    assert r.status_code == 302
+    assert device_rows(app, alice) == [] and len(device_rows(app, bob)) == 1
+
+
+@pytest.mark.parametrize("change", ["rename", "remove", "disable"])
+def test_every_device_change_ends_other_sessions(actor, app, alice, secret, change):
+    """security.md 35: after any 2FA change the person's other sessions are gone; this one stays."""
+    actor.clock.advance(30)
+    other = second_session(actor, app, secret=secret)
+    actor.clock.advance(30)
+    [device] = device_rows(app, alice)
+    data = {
+        "rename": (f"/settings/devices/{device.id}/rename", {f"rename-{device.id}-name": "Renamed"}),
+        "remove": (f"/settings/devices/{device.id}/remove",
+                   {f"remove-{device.id}-code": actor.code(secret), f"remove-{device.id}-confirm_off": "y"}),
+        "disable": ("/settings/2fa/disable", {"off-password": PASSWORD, "off-code": actor.code(secret)}),
+    }[change]
+    assert post(actor, *data).status_code == 302
+    assert signed_out(other.client)
+    assert not signed_out(actor.client)
+    with app.app_context():
+        assert ServerSession.select().where(ServerSession.user == alice.id).count() == 1
+    assert "sessions_ended" in kinds(app, alice)
+
+
+def test_changes_are_audited_without_codes(actor, app, alice, secret):
+    """security.md 43: device changes are audit events that hold neither code nor secret."""
+    [device] = device_rows(app, alice)
+    code = actor.code(secret)
+    post(actor, f"/settings/devices/{device.id}/rename", {f"rename-{device.id}-name": "Renamed"})
+    post(actor, "/settings/2fa/disable", {"off-password": PASSWORD, "off-code": code})
+    with app.app_context():
+        events = list(AuditEvent.select().where(AuditEvent.user == alice.id))
+    assert {"device_renamed", "tfa_disabled"} <= {e.kind for e in events}
+    for e in events:
+        assert code not in e.detail and secret not in e.detail and PASSWORD not in e.detail
+
+
+def test_add_another_device_goes_through_the_same_wizard(actor, alice):
+    page = text(actor.client.get("/settings"))
+    link = re.search(r'<a href="/settings/2fa"[^>]*>Add another device</a>', page)
+    assert link and 'hx-target="#dialog-slot"' in link.group(0)
+    r = actor.client.get("/settings/2fa", headers=HX)
+    assert "<dialog" in text(r) and "adding another device" in text(r)
