@@ -394,11 +394,8 @@ def test_a_blocked_person_can_be_given_a_new_window(app, actor, secret, clock, t
     sign_in_admin(actor, secret)
     disable(actor, target)
     clock.advance(25 * 3600)
-    sign_in_admin(second_client(app, clock), new_secret(), email="boss2@example.com")
-    fresh = second_client(app, clock)
-    admin2_secret = new_secret()
-    fresh.user("boss3@example.com", admin=True, secret=admin2_secret)
-    fresh.sign_in("boss3@example.com", PASSWORD, admin2_secret)
+    fresh = second_client(app, clock)  # the first admin's session has long timed out
+    sign_in_admin(fresh, new_secret(), email="boss2@example.com")
     html = fresh.client.get("/support?q=carol").get_data(as_text=True)
     assert "Blocked" in html and "<summary>Temporarily disable 2FA</summary>" in html
     assert disable(fresh, target).status_code == 302
@@ -551,3 +548,26 @@ def test_marking_handled_with_htmx_returns_the_item(app, actor, secret):
 def test_marking_an_unknown_request_is_404(actor, secret):
     sign_in_admin(actor, secret)
     assert actor.post_form("/support/requests/4242/handled", {}, form_url="/support").status_code == 404
+
+
+def test_enrolling_through_the_wizard_ends_the_window(app, actor, secret, clock, target):
+    """security.md 39, end to end: password-only sign-in in the window, the real wizard, then codes again."""
+    from .test_wizard import Wizard
+
+    sign_in_admin(actor, secret)
+    disable(actor, target)
+    clock.advance(3600)
+    carol = second_client(app, clock)
+    assert carol.password_step("carol@example.com").headers["Location"].endswith("/settings")
+    wizard = Wizard(carol)
+    assert wizard.run("Replacement phone").status_code == 200
+    assert user_row(app, "carol@example.com").tfa_reset_until is None
+    assert "temporarily off" not in carol.client.get("/settings").get_data(as_text=True)
+    support = second_client(app, clock)
+    sign_in_admin(support, new_secret(), email="boss2@example.com")
+    html = support.client.get("/support?q=carol").get_data(as_text=True)
+    assert "Replacement phone" in html and "Open until" not in html
+    clock.advance(30 * 3600)
+    later = second_client(app, clock)
+    assert later.password_step("carol@example.com").headers["Location"].endswith("/login/verify")
+    assert later.code_step(later.code(wizard.secret)).headers["Location"].endswith("/settings")

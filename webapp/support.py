@@ -106,6 +106,15 @@ KIND_LABELS = {
     "role_changed": "Admin rights changed",
     "tfa_reset": "Two-factor authentication reset by the server operator",
     "tfa_enrolled": "Authenticator app set up",
+    "tfa_enabled": "Two-factor authentication turned on",
+    "device_added": "Another authenticator device added",
+    "tfa_enrolment_started": "Set-up of an authenticator app started",
+    "tfa_enrolment_code_accepted": "Code from the new authenticator app accepted",
+    "tfa_enrolment_code_rejected": "Wrong code entered while setting up an authenticator app",
+    "tfa_enrolment_discarded": "Set-up of an authenticator app cancelled after too many wrong codes",
+    "tfa_enrolment_expired": "Unfinished set-up of an authenticator app expired",
+    "tfa_reset_window_ended": "New device set up: support's time window closed",
+    "sessions_ended": "Signed out on other browsers",
     "device_renamed": "Authenticator device renamed",
     "device_removed": "Authenticator device removed",
     "tfa_disabled": "Two-factor authentication turned off",
@@ -132,6 +141,9 @@ DETAIL_LABELS = {
     "admin": "Admin",
     "request": "Request number",
     "duration": "Duration",
+    "count": "Number",
+    "adding": "Adding another device",
+    "devices": "Devices",
 }
 
 VALUE_WORDS = {
@@ -172,8 +184,8 @@ def event_text(kind, detail):
         return f"Support turned off 2FA until {_fmt_time(detail['until'])}"
     if kind == "role_changed":
         return "Admin rights given" if detail.get("admin") else "Admin rights removed"
-    if kind == "code_accepted" and detail.get("device"):
-        return f"Signed-in code accepted from \u201c{detail['device']}\u201d"
+    if kind in ("tfa_enabled", "device_added") and detail.get("device"):
+        return f"{KIND_LABELS[kind]}: \u201c{detail['device']}\u201d"
     return KIND_LABELS.get(kind) or _humanise(kind)
 
 
@@ -186,6 +198,8 @@ def detail_text(detail):
             shown = "yes" if value else "no"
         elif key.endswith("until"):
             shown = _fmt_time(value)
+        elif isinstance(value, (list, tuple)):
+            shown = ", ".join(str(v) for v in value) or "none"
         else:
             shown = VALUE_WORDS.get(str(value), str(value))
         parts.append((label, shown))

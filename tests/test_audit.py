@@ -1,0 +1,258 @@
+"""The audit trail: one complete record per support action, no way to edit it, a filterable log for
+admins, and each person's own Security activity in User Settings (security.md 42, 43)."""
+import json
+from datetime import datetime, timedelta, timezone
+
+from webapp.models import AuditEvent, User
+from webapp.security import audit
+from webapp.support import detail_text, event_text, security_activity
+from webapp.totp import new_secret
+
+from .conftest import PASSWORD
+from .test_support import ADMIN, HX, disable, end_window, second_client, sign_in_admin, utc
+
+
+def events(app, *kinds):
+    with app.app_context():
+        query = AuditEvent.select().order_by(AuditEvent.id)
+        if kinds:
+            query = query.where(AuditEvent.kind.in_(kinds))
+        return list(query)
+
+
+def test_one_disable_writes_exactly_one_complete_record(app, actor, secret, clock):
+    """security.md 42: actor, target, UTC time, IP, reason, ticket and expiry in one record."""
+    target = actor.user("carol@example.com", secret=new_secret())
+    admin = sign_in_admin(actor, secret)
+    clock.advance(5)
+    before = len(events(app, "support_tfa_disabled"))
+    r = disable(actor, target, reason="Checked ID on a video call", ticket="SUP-77", duration="7d")
+    assert r.status_code == 302
+    [event] = events(app, "support_tfa_disabled")
+    assert before == 0
+    assert event.actor_id == admin.id and event.user_id == target.id
+    assert event.ip == "127.0.0.1"
+    assert event.created_at == utc(clock.t)
+    detail = json.loads(event.detail)
+    assert detail["reason"] == "Checked ID on a video call" and detail["ticket"] == "SUP-77"
+    assert datetime.fromisoformat(detail["until"]) == utc(clock.t) + timedelta(days=7)
+    assert detail["devices_removed"] == 1
+
+
+def test_ticket_is_recorded_as_absent_when_left_out(app, actor, secret):
+    target = actor.user("carol@example.com", secret=new_secret())
+    sign_in_admin(actor, secret)
+    disable(actor, target, ticket="")
+    [event] = events(app, "support_tfa_disabled")
+    assert event.details["ticket"] is None and event.details["reason"]
+
+
+def test_early_end_writes_exactly_one_record(app, actor, secret, clock):
+    target = actor.user("carol@example.com", secret=new_secret())
+    admin = sign_in_admin(actor, secret)
+    disable(actor, target)
+    clock.advance(60)
+    end_window(actor, target)
+    [event] = events(app, "support_window_ended")
+    assert event.actor_id == admin.id and event.user_id == target.id and event.ip == "127.0.0.1"
+    assert event.created_at == utc(clock.t)
+    assert datetime.fromisoformat(event.details["was_until"]) == utc(clock.t - 60) + timedelta(hours=24)
+
+
+def test_refused_and_invalid_actions_write_no_record(app, actor, secret):
+    """security.md 38, 41, 42: nothing changed means nothing recorded as done."""
+    target = actor.user("carol@example.com", secret=new_secret())
+    other_admin = actor.user("other@example.com", admin=True, secret=new_secret())
+    sign_in_admin(actor, secret)
+    disable(actor, target, reason="")
+    disable(actor, target, duration="99d")
+    disable(actor, other_admin)
+    assert events(app, "support_tfa_disabled", "support_window_ended") == []
+
+
+def test_no_route_can_change_audit_records(app):
+    """security.md 42: no endpoint about the audit log accepts POST, PUT, PATCH or DELETE."""
+    writers = [
+        (rule.rule, sorted(rule.methods & {"POST", "PUT", "PATCH", "DELETE"}))
+        for rule in app.url_map.iter_rules()
+        if "audit" in (rule.endpoint + rule.rule).lower() and rule.methods & {"POST", "PUT", "PATCH", "DELETE"}
+    ]
+    assert writers == []
+    assert any(rule.endpoint == "support.audit_log" for rule in app.url_map.iter_rules())
+
+
+def test_writing_to_the_audit_log_url_is_refused(actor, secret):
+    sign_in_admin(actor, secret)
+    token = actor.csrf("/support/audit")
+    for method in ("post", "put", "patch", "delete"):
+        r = getattr(actor.client, method)("/support/audit", data={"csrf_token": token},
+                                          headers={"X-CSRFToken": token})
+        assert r.status_code == 405
+
+
+def test_no_support_action_deletes_or_rewrites_old_records(app, actor, secret, clock):
+    """security.md 42: after a full cycle every earlier record is still there, unchanged."""
+    target = actor.user("carol@example.com", secret=new_secret())
+    sign_in_admin(actor, secret)
+    snapshot = [(e.id, e.kind, e.detail, e.created_at) for e in events(app)]
+    disable(actor, target)
+    end_window(actor, target)
+    after = [(e.id, e.kind, e.detail, e.created_at) for e in events(app)]
+    assert after[:len(snapshot)] == snapshot and len(after) > len(snapshot)
+
+
+# ---------------------------------------------------------------- the admins' audit log page
+
+def test_audit_log_is_for_support_admins_only(actor, secret, client):
+    assert "/login" in client.get("/support/audit").headers["Location"]
+    actor.user("dave@example.com", secret=secret)
+    actor.sign_in("dave@example.com", PASSWORD, secret)
+    assert actor.client.get("/support/audit").status_code == 403
+
+
+def test_audit_log_shows_plain_words_and_no_secrets_or_codes(app, actor, secret, clock):
+    """security.md 43: the log reads like sentences; no code or secret of anybody appears."""
+    target_secret = new_secret()
+    target = actor.user("carol@example.com", secret=target_secret)
+    carol = second_client(app, clock)
+    carol.password_step("carol@example.com")
+    used_code = carol.code(target_secret)
+    carol.code_step(used_code)
+    sign_in_admin(actor, secret)
+    disable(actor, target, reason="Video call, passport seen", ticket="SUP-9")
+    html = actor.client.get("/support/audit").get_data(as_text=True)
+    assert "<td>Signed in with a code</td>" in html
+    assert "<td>Support turned off 2FA until" in html
+    assert "Reason: Video call, passport seen" in html and "Ticket: SUP-9" in html
+    assert "support_tfa_disabled</td>" not in html  # kinds are not shown as codes
+    assert used_code not in html and target_secret not in html and secret not in html
+
+
+def test_audit_log_filters_by_person(app, actor, secret, clock):
+    actor.user("carol@example.com")
+    actor.user("dan@example.com")
+    second_client(app, clock).password_step("carol@example.com", "wrong password")
+    second_client(app, clock).password_step("dan@example.com", "wrong password")
+    sign_in_admin(actor, secret)
+    html = actor.client.get("/support/audit?email=CAROL@example.com").get_data(as_text=True)
+    assert "carol@example.com</td>" in html and "dan@example.com</td>" not in html
+    assert "<td>Wrong password entered</td>" in html
+    html = actor.client.get("/support/audit?email=nobody@example.com").get_data(as_text=True)
+    assert "No account has that email address." in html and "<tbody>" not in html
+
+
+def test_audit_log_filters_by_kind(app, actor, secret, clock):
+    actor.user("carol@example.com")
+    second_client(app, clock).password_step("carol@example.com", "wrong password")
+    sign_in_admin(actor, secret)
+    html = actor.client.get("/support/audit?kind=password_rejected").get_data(as_text=True)
+    assert html.count('<tr class="event"') == 1 and 'data-kind="password_rejected"' in html
+    assert '<option selected value="password_rejected">' in html or 'value="password_rejected" selected' in html
+
+
+def test_audit_log_filters_by_time_range(app, actor, secret, clock):
+    with app.app_context():
+        for day, kind in ((1, "signout"), (2, "password_rejected"), (3, "code_rejected")):
+            AuditEvent.create(kind=kind, created_at=datetime(2009, 1, day, 12, 0))
+    sign_in_admin(actor, secret)
+    html = actor.client.get("/support/audit?start=2009-01-02&end=2009-01-02").get_data(as_text=True)
+    assert html.count('<tr class="event"') == 1 and "<td>Wrong password entered</td>" in html
+    html = actor.client.get("/support/audit?start=2009-01-02").get_data(as_text=True)
+    assert "<td>Wrong code entered</td>" in html and "<td>Signed out</td>" not in html
+    html = actor.client.get("/support/audit?end=2009-01-01").get_data(as_text=True)
+    assert html.count('<tr class="event"') == 1 and "<td>Signed out</td>" in html
+
+
+def test_audit_log_bad_dates_get_a_clear_message(actor, secret):
+    sign_in_admin(actor, secret)
+    r = actor.client.get("/support/audit?start=yesterday")
+    assert r.status_code == 400 and "Not a valid date value" in r.get_data(as_text=True)
+
+
+def test_audit_log_is_paginated_newest_first(app, actor, secret):
+    with app.app_context():
+        AuditEvent.insert_many([{"kind": "signout", "created_at": datetime(2008, 1, 1) + timedelta(minutes=i),
+                                 "detail": json.dumps({"n": i})} for i in range(120)]).execute()
+    sign_in_admin(actor, secret)
+    first = actor.client.get("/support/audit?kind=signout").get_data(as_text=True)
+    assert first.count('<tr class="event"') == 50 and "N: 119" in first and "N: 69" not in first
+    assert 'rel="next"' in first
+    third = actor.client.get("/support/audit?kind=signout&page=3").get_data(as_text=True)
+    assert third.count('<tr class="event"') == 20 and "N: 0<" in third and 'rel="next"' not in third
+    assert "kind=signout" in third.split('rel="prev"')[0].rsplit("<a", 1)[1]
+
+
+# ---------------------------------------------------------------- plain words
+
+def test_every_known_kind_has_words_and_unknown_kinds_read_fine():
+    for kind in ("account_created", "signin", "password_accepted", "password_rejected", "password_throttled",
+                 "signin_blocked", "code_accepted", "code_rejected", "totp_replay", "code_throttled",
+                 "code_lockout", "reauthenticated", "signout", "role_changed", "tfa_reset",
+                 "support_tfa_disabled", "support_window_ended", "support_request", "tfa_enabled",
+                 "device_added", "device_renamed", "device_removed", "tfa_disabled", "sessions_ended"):
+        text = event_text(kind, {})
+        assert "_" not in text and text[0].isupper()
+    assert event_text("tfa_backup_codes_made", {}) == "2FA backup codes made"
+    assert event_text("signin", {"method": "password+code"}) == "Signed in with a code"
+    assert event_text("signin", {"method": "password"}) == "Signed in with password only"
+    assert event_text("support_tfa_disabled", {"until": "2009-02-14T23:31:30"}) == \
+        "Support turned off 2FA until 2009-02-14 23:31 UTC"
+    assert detail_text({"method": "password+code", "admin": True, "until": "2009-02-14T23:31:30"}) == [
+        ("Admin", "yes"), ("Method", "password and code"), ("Until", "2009-02-14 23:31 UTC")]
+
+
+# ---------------------------------------------------------------- Security activity in User Settings
+
+def test_settings_show_my_security_activity(app, actor, secret, clock):
+    """Each person sees their own recent events in plain words on User Settings."""
+    actor.user(secret=secret)
+    actor.password_step()
+    actor.code_step("000000" if actor.code(secret) != "000000" else "111111")
+    clock.advance(30)
+    actor.code_step(actor.code(secret))
+    html = actor.client.get("/settings").get_data(as_text=True)
+    assert "Security activity" in html
+    assert "Wrong code entered" in html and "Signed in with a code" in html
+    assert html.index("Signed in with a code") < html.index("Wrong code entered")  # newest first
+
+
+def test_activity_shows_support_turning_2fa_off(app, actor, secret, clock):
+    target_secret = new_secret()
+    target = actor.user("carol@example.com", secret=target_secret)
+    sign_in_admin(actor, secret)
+    t0 = clock.t
+    disable(actor, target)
+    carol = second_client(app, clock)
+    carol.password_step("carol@example.com")
+    html = carol.client.get("/settings").get_data(as_text=True)
+    until = (utc(t0) + timedelta(hours=24)).strftime("%Y-%m-%d %H:%M")
+    assert f"Support turned off 2FA until {until} UTC" in html
+    assert "Signed in with password only" in html
+    assert "Video call" not in html and ADMIN not in html  # the admin's notes stay with support
+
+
+def test_activity_shows_only_my_own_events(app, actor, secret, clock):
+    actor.user("carol@example.com")
+    actor.user("dan@example.com")
+    second_client(app, clock).password_step("dan@example.com", "wrong password")
+    carol = second_client(app, clock)
+    carol.password_step("carol@example.com")
+    html = carol.client.get("/settings").get_data(as_text=True)
+    assert "Signed in with password only" in html
+    assert "Wrong password entered" not in html
+    with app.test_request_context():
+        carol_user = User.get(User.email == "carol@example.com")
+        dan_user = User.get(User.email == "dan@example.com")
+        audit("signout", user=dan_user)
+        mine = security_activity(carol_user, limit=50)
+        assert len(mine) == AuditEvent.select().where(AuditEvent.user == carol_user.id).count() == 1
+
+
+def test_activity_is_limited_and_empty_for_anonymous(app):
+    with app.test_request_context():
+        user = User.create(email="eve@example.com", password_hash="x")
+        for i in range(15):
+            audit("signout", user=user)
+        assert len(security_activity(user)) == 10
+        assert len(security_activity(user, limit=3)) == 3
+        assert security_activity(None) == []
