@@ -295,6 +295,21 @@ def test_enrolment_code_cannot_be_replayed_at_next_sign_in(actor):
     assert r.status_code == 302 and r.headers["Location"].endswith("/settings")
 
 
+def test_an_older_code_after_a_newer_one_does_not_lower_the_replay_mark(actor, app):
+    """security.md 16: entering the T code, then the T-1 code, still marks step T as used."""
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.start()
+    w.submit_code(w.code_now())
+    assert 'data-step="name"' in text(w.submit_code(w.code_now(offset_steps=-1)))
+    w.complete()
+    [device] = devices(app, user)
+    assert device.last_step == step_at(actor.clock.t)
+    logout(actor)
+    actor.password_step()
+    assert "That code is not valid" in text(actor.code_step(w.code_now()))
+
+
 def test_wrong_code_keeps_the_same_secret_and_ties_the_error_to_the_field(actor, app):
     user = signed_in(actor)
     w = Wizard(actor)

@@ -284,7 +284,9 @@ def verify_code():
             secret = totp.decrypt_secret(pending.secret_enc)
             step = totp.match_step(secret, normalised, timestamp())
             if step is not None:
-                PendingEnrolment.update(verified_step=step).where(PendingEnrolment.id == pending.id).execute()
+                # Keep the newest accepted step: the device must refuse every code already seen (security.md 16).
+                newest = max(step, pending.verified_step if pending.verified_step is not None else step)
+                PendingEnrolment.update(verified_step=newest).where(PendingEnrolment.id == pending.id).execute()
                 audit("tfa_enrolment_code_accepted", user=user)
                 return _wizard("name", form=DeviceNameForm(formdata=None))
             offset = totp.clock_offset_steps(secret, normalised, timestamp())
