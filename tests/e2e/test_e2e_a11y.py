@@ -2,6 +2,8 @@
 
 The audit browser bypasses the CSP only so the axe script can be injected; findings are fixed in the app.
 """
+import re
+
 from browser_kit import oathtool_code, random_secret
 from journey import assert_accessible, enter_code, expect, expect_code_step, expect_signed_in, log_in
 
@@ -37,11 +39,14 @@ def test_sign_in_pages_and_settings_are_accessible(audit_page, server):
     assert_accessible(page, "User Settings")
 
 
-def test_sign_up_and_contact_pages_are_accessible(audit_page, server):
+def test_sign_up_error_and_contact_pages_are_accessible(audit_page, server):
     server.user("jo@example.com")
     page = audit_page
     page.goto("/signup")
     assert_accessible(page, "sign-up page")
+    page.goto("/no-such-page")
+    expect(page.get_by_role("heading", level=1)).to_be_visible()
+    assert_accessible(page, "404 page")
     page.goto("/login")
     page.get_by_role("link", name="Lost access to your authenticator app?").click()
     expect(page.get_by_role("heading", name="Contact support")).to_be_visible()
@@ -56,3 +61,105 @@ def test_the_audit_itself_finds_a_known_violation(audit_page):
                            '<p style="color:#bbb;background:#fff">faint</p><input type="text"></main></html>')
     ids = {v["id"] for v in axe_violations(audit_page)}
     assert {"label", "color-contrast"} <= ids, ids
+
+
+def test_every_wizard_step_in_the_dialog_is_accessible(audit_page, server, tmp_path):
+    """Each step of the dialog as it is shown, including the manual key and a refused code."""
+    from browser_kit import parse_otpauth, qr_from_element, wrong_code
+    from journey import gear, manual_key, qr_image, wizard_dialog
+
+    server.user("pat@example.com")
+    page = audit_page
+    log_in(page, "pat@example.com")
+    expect_signed_in(page)
+    assert_accessible(page, "User Settings with 2FA off")
+    gear(page).click()
+    dialog = wizard_dialog(page)
+    expect(dialog).to_be_visible()
+    assert_accessible(page, "wizard step 1 (intro)")
+    dialog.get_by_role("button", name="Next", exact=True).click()
+    expect(qr_image(dialog)).to_be_visible()
+    secret = parse_otpauth(qr_from_element(qr_image(dialog), tmp_path / "qr.png"))["secret"]
+    manual_key(dialog)
+    assert_accessible(page, "wizard step 2 (QR code, manual key open)")
+    dialog.get_by_role("button", name="Next", exact=True).click()
+    code_field = dialog.get_by_label("Verification code", exact=True)
+    expect(code_field).to_be_visible()
+    assert_accessible(page, "wizard step 3 (code)")
+    code_field.fill(wrong_code(secret))
+    dialog.get_by_role("button", name="Next", exact=True).click()
+    expect(code_field).to_have_attribute("aria-invalid", "true")
+    assert_accessible(page, "wizard step 3 with a refused code")
+    code_field.fill(oathtool_code(secret))
+    dialog.get_by_role("button", name="Next", exact=True).click()
+    name_field = dialog.get_by_label("Device name", exact=True)
+    expect(name_field).to_be_visible()
+    assert_accessible(page, "wizard step 4 (device name)")
+    name_field.fill("")
+    dialog.get_by_role("button", name="Complete Activation", exact=True).click()
+    expect(name_field).to_have_attribute("aria-invalid", "true")
+    assert_accessible(page, "wizard step 4 with a missing name")
+    name_field.fill("Pat's phone")
+    dialog.get_by_role("button", name="Complete Activation", exact=True).click()
+    expect(dialog.get_by_role("button", name="Done", exact=True)).to_be_visible()
+    assert_accessible(page, "wizard done")
+    dialog.get_by_role("button", name="Done", exact=True).click()
+    expect(dialog).to_have_count(0)
+    for summary in ("Rename", "Remove", "Turn off two-factor authentication"):
+        page.get_by_text(summary, exact=False).first.click()
+    assert_accessible(page, "User Settings with a device and its forms open")
+
+
+def test_wizard_as_a_full_page_is_accessible(audit_page, server):
+    """The page the gear leads to without JavaScript (same fragments, full layout)."""
+    server.user("quinn@example.com")
+    page = audit_page
+    log_in(page, "quinn@example.com")
+    expect_signed_in(page)
+    page.goto("/settings/2fa")
+    expect(page.get_by_role("heading", name="Two-Factor Authentication", level=1)).to_be_visible()
+    assert_accessible(page, "wizard page, step 1")
+    page.get_by_role("button", name="Next", exact=True).click()
+    expect(page.get_by_role("img", name=re.compile("QR code"))).to_be_visible()
+    assert_accessible(page, "wizard page, step 2")
+
+
+def test_contact_and_support_pages_are_accessible(audit_page, new_page, server):
+    """Contact form (empty, with errors, sent) and the admin's Support page, search, disable form, audit log."""
+    from test_e2e_support import PERSON, person_row, sign_in_admin
+
+    server.user(PERSON, devices={"Phone": random_secret()})
+    page = audit_page
+    page.goto("/support/contact")
+    assert_accessible(page, "contact form")
+    page.get_by_role("button", name="Send request", exact=True).click()
+    expect(page.get_by_label("Message", exact=True)).to_have_attribute("aria-invalid", "true")
+    assert_accessible(page, "contact form with errors")
+    page.get_by_label("Email address", exact=True).fill(PERSON)
+    page.get_by_label("Message", exact=True).fill("Lost my phone in the lake, please help.")
+    page.get_by_role("button", name="Send request", exact=True).click()
+    expect(page.get_by_role("heading", name="Request sent")).to_be_visible()
+    assert_accessible(page, "contact request sent")
+
+    admin = new_page(bypass_csp=True)
+    sign_in_admin(admin, server)
+    admin.get_by_role("navigation").get_by_role("link", name="Support", exact=True).click()
+    expect(admin.get_by_role("heading", name="Support", exact=True)).to_be_visible()
+    assert_accessible(admin, "Support page")
+    admin.get_by_label("Search users", exact=True).fill("olga")
+    admin.get_by_role("button", name="Search", exact=True).click()
+    row = person_row(admin)
+    expect(row).to_be_visible()
+    row.get_by_text("Temporarily disable 2FA", exact=True).click()
+    expect(row.get_by_label("Reason", exact=True)).to_be_visible()
+    assert_accessible(admin, "Support page with the disable form open")
+    row.get_by_role("button", name=re.compile("Disable")).click()
+    expect(person_row(admin).get_by_label("Reason", exact=True)).to_have_attribute("aria-invalid", "true")
+    assert_accessible(admin, "disable form with a missing reason")
+    person_row(admin).get_by_label("Reason", exact=True).fill("Identity confirmed by phone call.")
+    person_row(admin).get_by_role("button", name=re.compile("Disable")).click()
+    expect(person_row(admin)).to_contain_text("Temporarily off")
+    assert_accessible(admin, "Support page after disabling")
+    admin.get_by_role("link", name="Audit log", exact=True).click()
+    expect(admin.get_by_role("heading", name="Audit log")).to_be_visible()
+    assert_accessible(admin, "audit log")

@@ -1,0 +1,109 @@
+"""The lost-phone path in a real browser: the code step's link, the contact form, an admin's Support page,
+Temporarily disable 2FA, and the person's password-only sign-in with the prompt to set up a new device."""
+import re
+
+from browser_kit import oathtool_code, random_secret
+from journey import (enter_code, expect, expect_code_step, expect_signed_in, gear, log_in, settings_text)
+
+ADMIN = "admin@example.com"
+PERSON = "olga@example.com"
+
+
+def sign_in_admin(page, server):
+    """An admin with 2FA active (the Support page requires it: security.md 37), created in the DB."""
+    secret = random_secret()
+    server.user(ADMIN, admin=True, devices={"Admin phone": secret})
+    log_in(page, ADMIN)
+    expect_code_step(page)
+    enter_code(page, oathtool_code(secret))
+    expect_signed_in(page)
+
+
+def ask_support(page, message="I lost my phone with the authenticator app. Please help me sign in again."):
+    """From the code step: Lost access -> Contact support -> Send request."""
+    page.get_by_role("link", name="Lost access to your authenticator app?", exact=True).click()
+    expect(page.get_by_role("heading", name="Contact support", exact=True)).to_be_visible()
+    page.get_by_label("Email address", exact=True).fill(PERSON)
+    page.get_by_label("Message", exact=True).fill(message)
+    page.get_by_role("button", name="Send request", exact=True).click()
+
+
+def person_row(page):
+    return page.get_by_role("article", name=re.compile(re.escape(PERSON)))
+
+
+def disable_2fa_for_person(page):
+    """Support page: Search users, then Temporarily disable 2FA with a Reason and a Disable for duration."""
+    page.get_by_role("navigation").get_by_role("link", name="Support", exact=True).click()
+    expect(page.get_by_role("heading", name="Support", exact=True)).to_be_visible()
+    page.get_by_label("Search users", exact=True).fill("olga")
+    page.get_by_role("button", name="Search", exact=True).click()
+    row = person_row(page)
+    expect(row).to_be_visible()
+    expect(row).to_contain_text("Active")
+    row.get_by_text("Temporarily disable 2FA", exact=True).click()
+    row.get_by_label("Reason", exact=True).fill("Called back on the number on file; lost phone (request from today).")
+    row.get_by_label("Disable for", exact=True).select_option(label="24 hours")
+    row.get_by_role("button", name=re.compile("Disable")).click()
+    expect(person_row(page)).to_contain_text("Temporarily off")
+
+
+def test_lost_phone_to_support_to_password_only_sign_in(page, new_page, server):
+    """security.md 38-40: support revokes the lost device; the person signs in with the password alone,
+    is told to set up a new device, and the old device no longer counts."""
+    lost_secret = random_secret()
+    server.user(PERSON, devices={"Lost phone": lost_secret})
+
+    log_in(page, PERSON)
+    expect_code_step(page)
+    ask_support(page)
+    expect(page.get_by_role("heading", name="Request sent")).to_be_visible()
+
+    admin = new_page()
+    sign_in_admin(admin, server)
+    admin.get_by_role("navigation").get_by_role("link", name="Support", exact=True).click()
+    requests = admin.get_by_role("region", name=re.compile("Open contact requests"))
+    expect(requests).to_contain_text(PERSON)
+    expect(requests).to_contain_text("I lost my phone")
+    disable_2fa_for_person(admin)
+
+    log_in(page, PERSON)
+    expect_signed_in(page)  # no code step any more
+    expect(page.get_by_label("Verification code")).to_have_count(0)
+    expect(page.get_by_text(re.compile("temporarily", re.I)).first).to_be_visible()
+    prompt = page.get_by_role("link", name="Set up a new device")
+    expect(prompt).to_be_visible()
+    assert "Lost phone" not in settings_text(page)
+    assert "Off" in settings_text(page)
+
+
+def test_after_support_the_person_enrols_a_new_phone_and_2fa_is_back(page, new_page, server, tmp_path):
+    """The prompt leads to the wizard; a new device ends support's window: the code step returns."""
+    from browser_kit import next_step_code, parse_otpauth, qr_from_element
+    from journey import log_out, qr_image, wizard_dialog
+
+    server.user(PERSON, devices={"Lost phone": random_secret()})
+    admin = new_page()
+    sign_in_admin(admin, server)
+    disable_2fa_for_person(admin)
+
+    log_in(page, PERSON)
+    expect_signed_in(page)
+    gear(page).click()
+    dialog = wizard_dialog(page)
+    dialog.get_by_role("button", name="Next", exact=True).click()
+    secret = parse_otpauth(qr_from_element(qr_image(dialog), tmp_path / "qr.png"))["secret"]
+    dialog.get_by_role("button", name="Next", exact=True).click()
+    dialog.get_by_label("Verification code", exact=True).fill(oathtool_code(secret))
+    dialog.get_by_role("button", name="Next", exact=True).click()
+    dialog.get_by_label("Device name", exact=True).fill("New phone")
+    dialog.get_by_role("button", name="Complete Activation", exact=True).click()
+    dialog.get_by_role("button", name="Done", exact=True).click()
+    expect(page.get_by_role("link", name="Set up a new device")).to_have_count(0)
+    assert "Active" in settings_text(page)
+
+    log_out(page)
+    log_in(page, PERSON)
+    expect_code_step(page)
+    enter_code(page, next_step_code(secret))
+    expect_signed_in(page)
