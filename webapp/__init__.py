@@ -4,7 +4,7 @@ import os
 import secrets
 import sys
 
-from flask import Flask, redirect, render_template, request, url_for
+from flask import Flask, g, redirect, render_template, request, url_for
 from flask_login import LoginManager, current_user
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from peewee import InterfaceError, OperationalError
@@ -39,9 +39,10 @@ def create_app(test_config=None):
 
     from .models import User
     from .security import check_origin, set_security_headers
-    from .sessions import DbSessionInterface
+    from .sessions import DbSessionInterface, raise_if_unavailable
 
     app.session_interface = DbSessionInterface()
+    app.before_request(raise_if_unavailable)
     app.config["SESSION_COOKIE_NAME"] = app.session_interface.get_cookie_name(app)
     csrf.init_app(app)
     login_manager.init_app(app)
@@ -148,6 +149,7 @@ def _register_error_handlers(app):
     @app.errorhandler(InterfaceError)
     def database_down(exc):
         app.logger.error("database unavailable: %s", type(exc).__name__)
+        g.database_unavailable = True  # the session is not saved on this response (sessions.py)
         try:
             db_module.db.close()
         except (OperationalError, InterfaceError):

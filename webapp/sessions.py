@@ -9,8 +9,9 @@ import json
 import secrets
 from datetime import timedelta
 
-from flask import request
+from flask import g, request
 from flask.sessions import SessionInterface, SessionMixin
+from peewee import InterfaceError, OperationalError
 from werkzeug.datastructures import CallbackDict
 
 from .clock import now
@@ -37,6 +38,7 @@ class DbSession(CallbackDict, SessionMixin):
         self.modified = False
         self.rotated_from = None
         self.ended = False
+        self.unavailable = None  # the database error met while loading it (see raise_if_unavailable)
 
     def rotate(self):
         """Give this session a brand-new token and row (after sign-in: security.md 26)."""
@@ -63,7 +65,14 @@ class DbSessionInterface(SessionInterface):
         token = request.cookies.get(self.get_cookie_name(app))
         if not token or len(token) > 100:
             return DbSession()
-        row = ServerSession.get_or_none(ServerSession.id == token_hash(token))
+        try:
+            row = ServerSession.get_or_none(ServerSession.id == token_hash(token))
+        except (OperationalError, InterfaceError) as exc:
+            # Flask opens the session outside the error handlers: keep the error for a before_request
+            # hook to re-raise, so the person gets the 503 page and keeps their cookie.
+            session = DbSession()
+            session.unavailable = exc
+            return session
         if row is None:
             return DbSession()
         current = now()
@@ -74,6 +83,8 @@ class DbSessionInterface(SessionInterface):
         return DbSession(row.load(), token=token, row=row)
 
     def save_session(self, app, session, response):
+        if session.unavailable is not None or g.get("database_unavailable"):
+            return  # an outage: never write, delete or rewrite the cookie because of it
         name = self.get_cookie_name(app)
         cookie_args = dict(
             domain=None,
@@ -119,6 +130,14 @@ class DbSessionInterface(SessionInterface):
             return
         response.vary.add("Cookie")
         response.set_cookie(name, session.token, **cookie_args)
+
+
+def raise_if_unavailable():
+    """before_request: re-raise a database error met while opening the session (-> the 503 handler)."""
+    from flask import session
+
+    if getattr(session, "unavailable", None) is not None:
+        raise session.unavailable
 
 
 def end_user_sessions(user, keep_token=None):
