@@ -16,7 +16,7 @@ from wtforms.validators import DataRequired, Length, ValidationError
 from . import htmx, totp
 from .auth import CODE_FIELD_ATTRS, MALFORMED_CODE_ERROR, code_error, password_check
 from .clock import now, timestamp
-from .db import for_update, write_transaction
+from .db import db, for_update, write_transaction
 from .models import Device, PendingEnrolment, User
 from .security import audit, fresh_login_required
 from .sessions import end_user_sessions
@@ -232,8 +232,9 @@ def start():
         PendingEnrolment.delete().where((PendingEnrolment.session == session.row.id)
                                         & (PendingEnrolment.user == user.id)).execute()
         try:
-            pending = PendingEnrolment.create(session=session.row.id, user=user,
-                                              secret_enc=totp.encrypt_secret(secret), created_at=now())
+            with db.atomic():
+                pending = PendingEnrolment.create(session=session.row.id, user=user,
+                                                  secret_enc=totp.encrypt_secret(secret), created_at=now())
         except IntegrityError:  # the session row vanished meanwhile (signed out elsewhere)
             abort(401)
     audit("tfa_enrolment_started", user=user, adding=user.has_2fa)
@@ -329,9 +330,11 @@ def complete():
             form.name.errors = ["You already have a device with this name. Choose another name."]
             return _wizard("name", status=400, form=form)
         try:
-            # The code used to confirm enrolment counts as used: last_step stops its replay (security.md 16).
-            device = Device.create(user=user, name=name, secret_enc=locked.secret_enc,
-                                   last_step=locked.verified_step, created_at=now())
+            # A savepoint, so a lost race on the unique name leaves the outer transaction usable (PostgreSQL).
+            with db.atomic():
+                # The code that confirmed enrolment counts as used: last_step stops its replay (security.md 16).
+                device = Device.create(user=user, name=name, secret_enc=locked.secret_enc,
+                                       last_step=locked.verified_step, created_at=now())
         except IntegrityError:
             form.name.errors = ["You already have a device with this name. Choose another name."]
             return _wizard("name", status=400, form=form)
@@ -364,7 +367,8 @@ def rename_device(device_id):
         else:
             old = device.name
             try:
-                Device.update(name=name).where(Device.id == device.id).execute()
+                with db.atomic():
+                    Device.update(name=name).where(Device.id == device.id).execute()
             except IntegrityError:
                 form.name.errors = ["You already have a device with this name. Choose another name."]
             else:
