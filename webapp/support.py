@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 from flask_wtf import FlaskForm
+from peewee import fn
 from wtforms import BooleanField, DateField, EmailField, SelectField, StringField, TextAreaField
 from wtforms.fields import SelectChoice
 from wtforms.validators import AnyOf, DataRequired, Email, Length, Optional
@@ -340,13 +341,21 @@ def build_rows(users, forms=None, notices=None, errors=None):
             for u in users]
 
 
-def search_users(q, page):
-    """One page of people whose email starts with `q`: an index range scan, never a full table scan."""
+def user_search_query(q):
+    """People whose email starts with `q`, by email: a range on the unique email index, never a full scan."""
     query = User.select(*USER_COLUMNS)
     if q:
         # Emails are stored lower-case; a prefix range on the unique email index (SQLite and PostgreSQL).
-        query = query.where((User.email >= q) & (User.email < q + "\uffff"))
-    users = list(query.order_by(User.email).limit(PER_PAGE + 1).offset((page - 1) * PER_PAGE))
+        query = query.where((User.email >= q) & (User.email < q + "\uffff")
+                            # exact check on the rows the range found: locale collations (e.g. glibc en_US
+                            # on PostgreSQL) ignore punctuation, so the range alone could admit "a-l..." for "al"
+                            & (fn.SUBSTR(User.email, 1, len(q)) == q))
+    return query.order_by(User.email)
+
+
+def search_users(q, page):
+    """One page of search results and whether another page follows (no COUNT over a million rows)."""
+    users = list(user_search_query(q).limit(PER_PAGE + 1).offset((page - 1) * PER_PAGE))
     return users[:PER_PAGE], len(users) > PER_PAGE
 
 
