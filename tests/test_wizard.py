@@ -671,3 +671,39 @@ def test_signed_out_htmx_request_gets_401_with_hx_redirect(client, actor):
     assert r.status_code == 401 and "/login" in r.headers["HX-Redirect"]
     r = client.get("/settings/2fa/code")
     assert r.status_code == 302 and "/login" in r.headers["Location"]
+
+
+def test_wizard_logs_no_secret_code_or_uri(actor, app, caplog):
+    """security.md 43: the whole wizard under DEBUG logging leaves no secret, code or otpauth URI in the logs."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    signed_in(actor)
+    w = Wizard(actor)
+    w.open()
+    uri = otpauth_of(text(w.start()))
+    wrong = "123456" if w.code_now() != "123456" else "654321"
+    w.submit_code(wrong)
+    code = w.code_now()
+    w.submit_code(code)
+    w.complete()
+    everything = "\n".join(record.getMessage() for record in caplog.records)  # peewee's SQL log included
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith(("twostep", "werkzeug")))
+    assert "tfa_enrolment_started" in ours and "tfa_enabled" in ours
+    for needle in (w.secret, group_key(w.secret), uri, PASSWORD):
+        assert needle not in everything
+    for needle in (code, wrong):  # six digits can occur by chance in SQL timestamps, so only our own logs
+        assert needle not in ours
+
+
+@pytest.mark.parametrize("htmx", [True, False])
+def test_cancel_closes_or_leaves_without_changing_anything(actor, app, htmx):
+    """Cancel is a plain GET back to User Settings (JavaScript closes the dialog instead): nothing changes."""
+    user = signed_in(actor)
+    w = Wizard(actor, htmx=htmx)
+    for r in (w.open(), w.start(), w.code_step()):
+        cancel = re.search(r'<form method="get" action="/settings" class="inline">\s*<button[^>]*>Cancel</button>',
+                           text(r))
+        assert cancel and "data-close-dialog" in cancel.group(0)
+    page = text(actor.client.get("/settings"))
+    assert ">Off<" in page and devices(app, user) == []
