@@ -256,3 +256,19 @@ def test_activity_is_limited_and_empty_for_anonymous(app):
         assert len(security_activity(user)) == 10
         assert len(security_activity(user, limit=3)) == 3
         assert security_activity(None) == []
+
+
+def test_operator_cli_shows_an_accounts_activity_read_only(app, actor, secret, clock):
+    """`flask users activity EMAIL`: plain words for the operator, nothing written."""
+    target = actor.user("carol@example.com", secret=new_secret())
+    sign_in_admin(actor, secret)
+    disable(actor, target, reason="Checked passport", ticket="SUP-5")
+    before = len(events(app))
+    result = app.test_cli_runner().invoke(args=["users", "activity", "CAROL@example.com"])
+    assert result.exit_code == 0, result.output
+    assert "Support turned off 2FA until" in result.output and "Reason: Checked passport" in result.output
+    assert len(events(app)) == before
+    admin_view = app.test_cli_runner().invoke(args=["users", "activity", ADMIN, "--limit", "50"])
+    assert "(done by this account)" in admin_view.output
+    missing = app.test_cli_runner().invoke(args=["users", "activity", "nobody@example.com"])
+    assert missing.exit_code != 0 and "no account" in missing.output

@@ -154,8 +154,14 @@ def test_stale_admin_action_goes_to_reauth_and_changes_nothing(app, actor, secre
     r = actor.client.post(f"/support/users/{target.id}/disable-2fa",
                           data={"csrf_token": token, f"u{target.id}-reason": "checked", f"u{target.id}-duration": "24h"})
     assert r.status_code == 302 and "/reauth" in r.headers["Location"]
+    assert "next=/support" in r.headers["Location"].replace("%2F", "/")
     assert count(app, Device, Device.user == target.id) == 1
     assert user_row(app, "carol@example.com").tfa_reset_until is None
+    # htmx gets a full-page redirect instead of a swapped sign-in form
+    r = actor.client.post(f"/support/users/{target.id}/disable-2fa", headers={**HX, "X-CSRFToken": token},
+                          data={f"u{target.id}-reason": "checked", f"u{target.id}-duration": "24h"})
+    assert r.status_code == 401 and "/reauth" in r.headers["HX-Redirect"]
+    assert count(app, Device, Device.user == target.id) == 1
 
 
 # ---------------------------------------------------------------- search (security.md 37)

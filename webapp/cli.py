@@ -76,6 +76,24 @@ def reset_2fa(email):
     click.echo(f"removed {removed} device(s) of {user.email}; 2FA is off")
 
 
+@users.command("activity")
+@click.argument("email")
+@click.option("--limit", default=20, show_default=True, help="How many events, newest first.")
+def activity(email, limit):
+    """Show an account's recent security events in plain words (read-only, like the audit log page)."""
+    from .models import AuditEvent
+    from .support import detail_text, event_text
+
+    user = _get_user(email)
+    query = (AuditEvent.select().where((AuditEvent.user == user) | (AuditEvent.actor == user))
+             .order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc()).limit(max(1, limit)))
+    for event in query:
+        who = "" if event.user_id == user.id else " (done by this account)"
+        details = "; ".join(f"{label}: {value}" for label, value in detail_text(event.details))
+        click.echo(f"{event.created_at:%Y-%m-%d %H:%M:%S} UTC  {event_text(event.kind, event.details)}{who}"
+                   + (f"  [{details}]" if details else "") + (f"  from {event.ip}" if event.ip else ""))
+
+
 @keys.command("rotate")
 def rotate_keys():
     """Re-encrypt every stored TOTP secret with the first key in TOTP_ENCRYPTION_KEYS."""

@@ -16,7 +16,7 @@ from . import htmx
 from .clock import now
 from .db import for_update, write_transaction
 from .models import AuditEvent, Device, SignInChallenge, SupportRequest, User, normalise_email
-from .security import audit, client_ip, fresh_login_required
+from .security import audit, client_ip, is_fresh
 from .sessions import end_user_sessions
 
 bp = Blueprint("support", __name__)
@@ -282,7 +282,6 @@ def contact_sent():
 
 def support_admin_required(view):
     """Admins with 2FA active and a fresh sign-in only (security.md 37); anonymous people go to sign-in."""
-    fresh_view = fresh_login_required(view)
 
     @functools.wraps(view)
     def wrapper(*args, **kwargs):
@@ -292,7 +291,13 @@ def support_admin_required(view):
             abort(403)
         if not current_user.has_2fa:
             abort(403, NEEDS_2FA_MESSAGE)
-        return fresh_view(*args, **kwargs)
+        if not is_fresh():
+            # Like fresh_login_required, but an action posted from a stale page comes back to the Support
+            # page after re-authenticating (the action itself is not replayed: it must be submitted again).
+            back = request.full_path.rstrip("?") if request.method == "GET" else url_for("support.index")
+            target = url_for("auth.reauth", next=back)
+            return htmx.hx_redirect(target) if htmx.is_htmx() else redirect(target)
+        return view(*args, **kwargs)
 
     return wrapper
 
