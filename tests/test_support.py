@@ -575,3 +575,23 @@ def test_enrolling_through_the_wizard_ends_the_window(app, actor, secret, clock,
     later = second_client(app, clock)
     assert later.password_step("carol@example.com").headers["Location"].endswith("/login/verify")
     assert later.code_step(later.code(wizard.secret)).headers["Location"].endswith("/settings")
+
+
+def test_the_disable_is_all_or_nothing(app, actor, secret, target, target_secret, monkeypatch):
+    """One transaction: if the audit record cannot be written, no device is revoked and no session ended."""
+    import webapp.support as support_module
+
+    carol = second_client(app, clock=actor.clock)
+    carol.sign_in("carol@example.com", PASSWORD, target_secret)
+    sign_in_admin(actor, secret)
+
+    def broken_audit(*args, **kwargs):
+        raise RuntimeError("audit store unavailable")
+
+    monkeypatch.setattr(support_module, "audit", broken_audit)
+    with pytest.raises(RuntimeError):
+        disable(actor, target)
+    assert count(app, Device, Device.user == target.id) == 1
+    assert user_row(app, "carol@example.com").tfa_reset_until is None
+    assert count(app, ServerSession, ServerSession.user == target.id) == 1
+    assert carol.client.get("/settings").status_code == 200

@@ -449,27 +449,36 @@ def disable_2fa(user_id):
         if locked.is_admin:
             abort(403)
         has_devices = Device.select().where(Device.user == locked.id).exists()
-        if not has_devices and locked.tfa_reset_until is None:
-            # Opening a window for someone without 2FA would lock them out when it ends.
-            return _row_response(target, status=400, form=form,
-                                 error="This person has no two-factor authentication to disable. Nothing was changed.")
-        current = now()
-        until = current + duration
-        removed = Device.delete().where(Device.user == locked.id).execute()
-        User.update(tfa_reset_until=until, code_failures=0, code_locked_until=None).where(
-            User.id == locked.id).execute()
-        SignInChallenge.delete().where(SignInChallenge.user == locked.id).execute()
-        sessions = end_user_sessions(locked)
-        closed = 0
-        if form.close_requests.data:
-            closed = (SupportRequest.update(handled_at=current, handled_by=actor.id)
-                      .where((SupportRequest.user == locked.id) & SupportRequest.handled_at.is_null()).execute())
-        audit("support_tfa_disabled", user=locked, actor=actor, reason=form.reason.data,
-              ticket=form.ticket.data or None, until=until.isoformat(), duration=label,
-              devices_removed=removed, sessions_ended=sessions, requests_closed=closed)
+        # Opening a window for someone without 2FA would lock them out when it ends.
+        nothing_to_disable = not has_devices and locked.tfa_reset_until is None
+        if not nothing_to_disable:
+            until, removed, sessions = _open_window(locked, actor, form, label, duration)
+    # Rendering happens after the write transaction, so the write lock is held no longer than needed.
+    if nothing_to_disable:
+        return _row_response(target, status=400, form=form,
+                             error="This person has no two-factor authentication to disable. Nothing was changed.")
     notice = (f"2FA for {target.email} is off until {_fmt_time(until)}: {removed} device(s) revoked, "
               f"{sessions} session(s) ended.")
     return _row_response(target, notice=notice)
+
+
+def _open_window(locked, actor, form, label, duration):
+    """The disable itself, inside the caller's transaction: every step or none (security.md 39, 40, 42)."""
+    current = now()
+    until = current + duration
+    removed = Device.delete().where(Device.user == locked.id).execute()
+    User.update(tfa_reset_until=until, code_failures=0, code_locked_until=None).where(
+        User.id == locked.id).execute()
+    SignInChallenge.delete().where(SignInChallenge.user == locked.id).execute()
+    sessions = end_user_sessions(locked)
+    closed = 0
+    if form.close_requests.data:
+        closed = (SupportRequest.update(handled_at=current, handled_by=actor.id)
+                  .where((SupportRequest.user == locked.id) & SupportRequest.handled_at.is_null()).execute())
+    audit("support_tfa_disabled", user=locked, actor=actor, reason=form.reason.data,
+          ticket=form.ticket.data or None, until=until.isoformat(), duration=label,
+          devices_removed=removed, sessions_ended=sessions, requests_closed=closed)
+    return until, removed, sessions
 
 
 @bp.post("/support/users/<int:user_id>/end-window")
@@ -483,14 +492,15 @@ def end_window(user_id):
         locked = for_update(User.select(*USER_COLUMNS).where(User.id == target.id)).get()
         has_devices = Device.select().where(Device.user == locked.id).exists()
         current = now()
-        if has_devices or locked.tfa_reset_until is None or locked.tfa_reset_until <= current:
-            return _row_response(target, status=400,
-                                 error="This person has no open support window. Nothing was changed.")
-        User.update(tfa_reset_until=current).where(User.id == locked.id).execute()
-        # Sessions opened with the password alone during the window end with it.
-        sessions = end_user_sessions(locked)
-        audit("support_window_ended", user=locked, actor=actor, was_until=locked.tfa_reset_until.isoformat(),
-              sessions_ended=sessions)
+        is_open = not has_devices and locked.tfa_reset_until is not None and locked.tfa_reset_until > current
+        if is_open:
+            User.update(tfa_reset_until=current).where(User.id == locked.id).execute()
+            # Sessions opened with the password alone during the window end with it.
+            sessions = end_user_sessions(locked)
+            audit("support_window_ended", user=locked, actor=actor, was_until=locked.tfa_reset_until.isoformat(),
+                  sessions_ended=sessions)
+    if not is_open:
+        return _row_response(target, status=400, error="This person has no open support window. Nothing was changed.")
     return _row_response(target, notice=f"The support window for {target.email} is closed; "
                                         f"signing in now needs support again.")
 
