@@ -465,13 +465,19 @@ def test_htmx_validation_error_comes_back_200_inside_the_row(app, actor, secret,
 
 
 def test_htmx_success_replaces_the_row(app, actor, secret, target):
+    with app.app_context():
+        SupportRequest.create(email="carol@example.com", message="lost my phone", user=target.id)
     sign_in_admin(actor, secret)
+    assert "lost my phone" in actor.client.get("/support").get_data(as_text=True)
     r = disable(actor, target, headers=HX)
     html = r.get_data(as_text=True)
     assert r.status_code == 200 and "HX-Request" in r.headers["Vary"]
     assert html.lstrip().startswith(f'<article class="user-row" id="user-{target.id}"') and "<html" not in html
     assert "Temporarily off" in html and "End support window now" in html
     assert count(app, Device, Device.user == target.id) == 0
+    # the requests the action closed leave the list too (an out-of-band swap of the list)
+    assert '<section class="card" aria-labelledby="requests-heading" id="open-requests" hx-swap-oob="true">' in html
+    assert "Open contact requests (0)" in html and "lost my phone" not in html
 
 
 def test_acting_on_yourself_is_refused(app, actor, secret):

@@ -384,7 +384,12 @@ def _index_context(q, page, rows=None, has_next=False):
         users, has_next = search_users(q, page)
         rows = build_rows(users)
     return {"q": q, "page_no": page, "rows": rows, "has_next": has_next, "requests": _open_requests(),
-            "open_count": SupportRequest.select().where(SupportRequest.handled_at.is_null()).count()}
+            "open_count": _open_count()}
+
+
+def _open_count():
+    """How many contact requests are waiting."""
+    return SupportRequest.select().where(SupportRequest.handled_at.is_null()).count()
 
 
 @bp.get("/support")
@@ -418,13 +423,18 @@ def _refuse_protected(target):
                    "account. Ask the server operator instead.")
 
 
-def _row_response(target, status=200, form=None, notice=None, error=None, flash_message=None):
+def _row_response(target, status=200, form=None, notice=None, error=None, flash_message=None,
+                  refresh_requests=False):
     """htmx: the person's row re-rendered in place; plain forms: redirect with a flash, or the page with errors."""
     fresh = User.select(*USER_COLUMNS).where(User.id == target.id).get()
     rows = build_rows([fresh], forms={fresh.id: form} if form else None,
                       notices={fresh.id: notice} if notice else None, errors={fresh.id: error} if error else None)
     if htmx.is_htmx():
         # htmx 2 does not swap 4xx answers: validation errors come back 200 inside the fragment.
+        if refresh_requests:
+            # The action may have closed requests: the list below is refreshed out of band.
+            return htmx.render("support/index.html", "support/_row_update.html", row=rows[0],
+                               requests=_open_requests(), open_count=_open_count())
         return htmx.render("support/index.html", "support/_user_row.html", row=rows[0])
     if status < 400:
         flash(flash_message or notice, "success")
@@ -459,7 +469,7 @@ def disable_2fa(user_id):
                              error="This person has no two-factor authentication to disable. Nothing was changed.")
     notice = (f"2FA for {target.email} is off until {_fmt_time(until)}: {removed} device(s) revoked, "
               f"{sessions} session(s) ended.")
-    return _row_response(target, notice=notice)
+    return _row_response(target, notice=notice, refresh_requests=True)
 
 
 def _open_window(locked, actor, form, label, duration):
