@@ -132,8 +132,14 @@ def is_fresh():
     return timestamp() - float(auth_at) <= current_app.config["FRESH_LOGIN_WINDOW"].total_seconds()
 
 
-def fresh_login_required(view):
-    """Send signed-in people whose sign-in is not fresh to re-authenticate first (security.md 9, 32, 37)."""
+def fresh_login_required(view=None, *, back_to=None):
+    """Send signed-in people whose sign-in is not fresh to re-authenticate first (security.md 9, 32, 37).
+
+    After re-authenticating they come back to the page they asked for; a POST is not replayed, so it comes
+    back to `back_to` (an endpoint: the page that holds the form), else to a same-site Referer, else home.
+    """
+    if view is None:
+        return functools.partial(fresh_login_required, back_to=back_to)
 
     @functools.wraps(view)
     def wrapper(*args, **kwargs):
@@ -142,13 +148,25 @@ def fresh_login_required(view):
         if not is_fresh():
             from .htmx import hx_redirect, is_htmx
 
-            target = url_for("auth.reauth", next=request.full_path if request.method == "GET" else None)
+            target = url_for("auth.reauth", next=_reauth_next(back_to))
             if is_htmx():
                 return hx_redirect(target)
             return redirect(target)
         return view(*args, **kwargs)
 
     return wrapper
+
+
+def _reauth_next(back_to):
+    """Where /reauth should send the person afterwards: a same-site path or None."""
+    if request.method == "GET":
+        return safe_next(request.full_path.rstrip("?"))
+    if back_to:
+        return url_for(back_to)
+    referrer = urlsplit(request.referrer or "")
+    if referrer.netloc == request.host:
+        return safe_next(referrer.path)
+    return None
 
 
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}

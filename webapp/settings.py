@@ -4,6 +4,7 @@ The wizard is one self-replacing fragment (intro -> QR code -> code -> device na
 server-side state: the pending secret lives in a PendingEnrolment row tied to this session, never in the
 cookie, and becomes a Device only after a correct code and a name (security.md 8, 25).
 """
+import hashlib
 import re
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, session, url_for
@@ -17,9 +18,9 @@ from . import htmx, totp
 from .auth import CODE_FIELD_ATTRS, MALFORMED_CODE_ERROR, code_error, password_check
 from .clock import now, timestamp
 from .db import db, for_update, write_transaction
-from .models import Device, PendingEnrolment, User
+from .models import Device, PendingEnrolment, ServerSession, User
 from .security import audit, fresh_login_required
-from .sessions import end_user_sessions
+from .sessions import end_user_sessions, token_hash
 
 bp = Blueprint("settings", __name__, url_prefix="/settings")
 
@@ -218,7 +219,7 @@ def tfa():
 
 
 @bp.post("/2fa/start")
-@fresh_login_required
+@fresh_login_required(back_to="settings.tfa")  # a stale session comes back to the wizard (security.md 9)
 def start():
     """Issue a new pending secret for this session (replacing any earlier one) and show its QR code."""
     user = _user()
@@ -378,7 +379,7 @@ def rename_device(device_id):
 
 
 @bp.post("/devices/<int:device_id>/remove")
-@login_required
+@fresh_login_required(back_to="settings.index")  # removing a factor needs a fresh sign-in (security.md 32)
 def remove_device(device_id):
     """Remove one of your devices after a current code; removing the last one needs explicit confirmation."""
     user = _user()
@@ -405,7 +406,7 @@ def remove_device(device_id):
 
 
 @bp.post("/2fa/disable")
-@login_required
+@fresh_login_required(back_to="settings.index")  # security.md 32: fresh session plus password and code
 def disable():
     """Turn 2FA off entirely: needs the password and a current code, POST only (security.md 32, 33)."""
     user = _user()
@@ -430,3 +431,66 @@ def disable():
     PendingEnrolment.delete().where(PendingEnrolment.user == user.id).execute()
     audit("tfa_disabled", user=user, via="settings", devices=names)
     return _after_change(user, "Two-factor authentication is now off. Your devices no longer work for signing in.")
+
+
+# ---------------------------------------------------------------- sessions: where you are signed in
+
+def session_handle(row_id):
+    """The public name of a session in the page: derived from the row id, so the page never shows the DB key."""
+    return hashlib.sha256(b"twostep-session-handle:" + row_id.encode("ascii")).hexdigest()[:32]
+
+
+@bp.app_template_global()
+def active_sessions(user):
+    """The person's live sessions, most recently used first, each marked if it is this browser (security.md 30)."""
+    cfg = current_app.config
+    current = now()
+    this_id = token_hash(session.token) if getattr(session, "token", None) else None
+    rows = (ServerSession.select(ServerSession.id, ServerSession.created_at, ServerSession.last_seen_at,
+                                 ServerSession.ip, ServerSession.user_agent)
+            .where((ServerSession.user == user.id)
+                   & (ServerSession.last_seen_at > current - cfg["SESSION_IDLE_TIMEOUT"])
+                   & (ServerSession.created_at > current - cfg["SESSION_ABSOLUTE_TIMEOUT"]))
+            .order_by(ServerSession.last_seen_at.desc(), ServerSession.created_at.desc())
+            .limit(50))
+    return [{"handle": session_handle(r.id), "created_at": r.created_at, "last_seen_at": r.last_seen_at,
+             "ip": r.ip, "user_agent": r.user_agent or "Unknown browser", "current": r.id == this_id}
+            for r in rows]
+
+
+def _sessions_response(notice):
+    """After ending sessions: the refreshed list for htmx, else back to User Settings with a message."""
+    if htmx.is_htmx():
+        return htmx.render("settings/index.html", "settings/_sessions.html", notice=notice)
+    flash(notice, "success")
+    return redirect(url_for("settings.index"))
+
+
+@bp.post("/sessions/end-others")
+@login_required
+def end_other_sessions():
+    """Sign out everywhere else: delete every other session of this person, server-side (security.md 30, 35)."""
+    user = _user()
+    ended = end_user_sessions(user, keep_token=session.token)
+    audit("sessions_ended", user=user, reason="signed out everywhere else", count=ended)
+    if ended:
+        return _sessions_response(f"Signed out on {ended} other browser{'s' if ended != 1 else ''}.")
+    return _sessions_response("You were not signed in anywhere else.")
+
+
+@bp.post("/sessions/<handle>/end")
+@login_required
+def end_one_session(handle):
+    """Sign out one other browser of your own; another person's session is a 404 like a missing one (security.md 34)."""
+    user = _user()
+    this_id = token_hash(session.token) if session.token else None
+    rows = ServerSession.select(ServerSession.id).where(ServerSession.user == user.id)
+    match = next((r.id for r in rows if session_handle(r.id) == handle), None)
+    if match is None:
+        abort(404)
+    if match == this_id:
+        return _sessions_response("To sign out of this browser, use Log out.")
+    ended = ServerSession.delete().where((ServerSession.id == match) & (ServerSession.user == user.id)).execute()
+    if ended:
+        audit("sessions_ended", user=user, reason="signed out one other browser", count=ended)
+    return _sessions_response("That browser is signed out.")

@@ -1,0 +1,175 @@
+"""Where you're signed in (User Settings): the list of your live sessions, signing out one other browser, and
+"Sign out everywhere else" (security.md 30, 34, 35)."""
+import re
+
+import pytest
+
+from webapp.models import AuditEvent, ServerSession
+from webapp.sessions import token_hash
+
+from .conftest import Actor
+
+HX = {"HX-Request": "true"}
+HANDLE_RE = re.compile(r'action="/settings/sessions/([0-9a-f]+)/end"')
+
+
+def text(response):
+    return response.get_data(as_text=True)
+
+
+def signed_in(client):
+    r = client.get("/settings")
+    return r.status_code == 200 and "User Settings" in text(r)
+
+
+def browser(app, clock, email="alice@example.com", secret=None, agent="TestBrowser/1.0", ip="127.0.0.1"):
+    """Another browser (own cookie jar, user agent and address) signed in as `email`."""
+    clock.advance(30)  # a fresh code: the previous one was used (security.md 16)
+    other = Actor(app, app.test_client(), clock)
+    other.client.environ_base.update({"HTTP_USER_AGENT": agent, "REMOTE_ADDR": ip})
+    other.password_step(email)
+    if secret is not None:
+        other.code_step(other.code(secret))
+    assert signed_in(other.client)
+    return other
+
+
+def kinds(app):
+    with app.app_context():
+        return [(e.kind, e.details) for e in AuditEvent.select().order_by(AuditEvent.id)]
+
+
+@pytest.fixture
+def alice(actor, secret):
+    user = actor.user(secret=secret)
+    actor.client.environ_base.update({"HTTP_USER_AGENT": "AliceLaptop/2.0", "REMOTE_ADDR": "198.51.100.7"})
+    actor.sign_in(secret=secret)
+    actor.clock.advance(30)
+    return user
+
+
+def test_settings_list_my_sessions_with_this_browser_marked(app, actor, alice, secret, clock):
+    """security.md 30: created, last seen, IP and user agent of each live session; this one is marked."""
+    browser(app, clock, secret=secret, agent="PhoneBrowser/9", ip="203.0.113.9")
+    clock.advance(30)
+    html = text(actor.client.get("/settings"))
+    assert "Where you're signed in" in html
+    assert "PhoneBrowser/9" in html and "203.0.113.9" in html
+    assert "AliceLaptop/2.0" in html and "198.51.100.7" in html
+    assert html.count("This browser</span>") == 1
+    assert len(HANDLE_RE.findall(html)) == 1  # only the other browser can be signed out from here
+    with app.app_context():
+        for row in ServerSession.select():
+            assert row.id not in html  # the page never shows the session's database key
+
+
+def test_sessions_of_other_people_are_not_listed(app, actor, alice, clock):
+    """security.md 34: Bob's sessions never appear in Alice's list."""
+    actor.user("bob@example.com")
+    browser(app, clock, email="bob@example.com", agent="BobBrowser/1")
+    html = text(actor.client.get("/settings"))
+    assert "BobBrowser/1" not in html
+
+
+@pytest.mark.parametrize("htmx", [False, True])
+def test_sign_out_everywhere_else_ends_every_other_session(app, actor, alice, secret, clock, htmx):
+    """security.md 30, 35: the other browsers are signed out server-side at once; this one stays; audited."""
+    others = [browser(app, clock, secret=secret, agent=f"Other/{i}") for i in range(2)]
+    clock.advance(30)
+    captured = [o.session_cookie() for o in others]
+    r = actor.post_form("/settings/sessions/end-others", {}, form_url="/settings", headers=HX if htmx else {})
+    if htmx:
+        assert r.status_code == 200 and 'id="sessions"' in text(r) and "Signed out on 2 other browsers." in text(r)
+        assert "<html" not in text(r)
+    else:
+        assert r.status_code == 302 and r.headers["Location"] == "/settings"
+        assert "Signed out on 2 other browsers." in text(actor.client.get("/settings"))
+    assert signed_in(actor.client)
+    for other, cookie in zip(others, captured):
+        assert not signed_in(other.client)
+        replay = app.test_client()
+        replay.set_cookie(app.session_interface.get_cookie_name(app), cookie)
+        assert not signed_in(replay)
+    with app.app_context():
+        assert ServerSession.select().where(ServerSession.user == alice.id).count() == 1
+    assert ("sessions_ended", {"count": 2, "reason": "signed out everywhere else"}) in kinds(app)
+
+
+def test_sign_out_everywhere_else_alone_is_harmless(app, actor, alice):
+    r = actor.post_form("/settings/sessions/end-others", {}, form_url="/settings")
+    assert r.status_code == 302
+    assert "You were not signed in anywhere else." in text(actor.client.get("/settings"))
+    assert signed_in(actor.client)
+
+
+def test_sign_out_one_other_browser(app, actor, alice, secret, clock):
+    """security.md 30: one chosen session ends; the others and this one go on."""
+    phone = browser(app, clock, secret=secret, agent="Phone/1")
+    clock.advance(30)
+    tablet = browser(app, clock, secret=secret, agent="Tablet/1")
+    html = text(actor.client.get("/settings"))
+    phone_handle = re.search(r'Phone/1</strong>.*?action="/settings/sessions/([0-9a-f]+)/end"', html, re.S).group(1)
+    r = actor.post_form(f"/settings/sessions/{phone_handle}/end", {}, form_url="/settings")
+    assert r.status_code == 302
+    assert not signed_in(phone.client)
+    assert signed_in(tablet.client) and signed_in(actor.client)
+    assert ("sessions_ended", {"count": 1, "reason": "signed out one other browser"}) in kinds(app)
+
+
+def test_cannot_sign_out_another_persons_session(app, actor, alice, clock):
+    """security.md 34 (IDOR): Bob's session handle in Alice's request is a 404 and Bob stays signed in."""
+    from webapp.settings import session_handle
+
+    actor.user("bob@example.com")
+    bob = browser(app, clock, email="bob@example.com")
+    bob_handle = session_handle(token_hash(bob.session_cookie()))
+    r = actor.post_form(f"/settings/sessions/{bob_handle}/end", {}, form_url="/settings")
+    assert r.status_code == 404
+    assert signed_in(bob.client)
+    actor.post_form("/settings/sessions/end-others", {"user_id": "2"}, form_url="/settings")
+    assert signed_in(bob.client)  # a user_id field does not pick whose sessions end
+
+
+def test_unknown_handle_is_404(actor, alice):
+    r = actor.post_form("/settings/sessions/" + "0" * 32 + "/end", {}, form_url="/settings")
+    assert r.status_code == 404
+
+
+def test_this_browser_is_not_ended_by_its_handle(app, actor, alice):
+    """Ending your own session goes through Log out; the handle of this browser changes nothing."""
+    from webapp.settings import session_handle
+
+    handle = session_handle(token_hash(actor.session_cookie()))
+    r = actor.post_form(f"/settings/sessions/{handle}/end", {}, form_url="/settings")
+    assert r.status_code == 302 and signed_in(actor.client)
+
+
+@pytest.mark.parametrize("url", ["/settings/sessions/end-others", "/settings/sessions/" + "0" * 32 + "/end"])
+def test_session_actions_need_post_and_a_csrf_token(app, actor, alice, secret, clock, url):
+    """security.md 33: GET is 405; a POST without a token or from another origin is refused and ends nothing."""
+    other = browser(app, clock, secret=secret)
+    assert actor.client.get(url).status_code == 405
+    assert actor.client.post(url, data={}).status_code == 400
+    r = actor.post_form(url, {}, form_url="/settings", headers={"Origin": "https://evil.example"})
+    assert r.status_code == 403
+    assert signed_in(other.client)
+
+
+def test_anonymous_and_pending_sessions_cannot_end_sessions(app, actor, secret, clock):
+    """security.md 21: the pending state (password only) cannot reach the session actions."""
+    actor.user(secret=secret)
+    other = browser(app, clock, secret=secret)
+    actor.password_step()
+    r = actor.post_form("/settings/sessions/end-others", {}, form_url="/login/verify")
+    assert r.status_code == 302 and "/login" in r.headers["Location"]
+    assert signed_in(other.client)
+
+
+def test_expired_sessions_are_not_listed(app, actor, alice, secret, clock):
+    """security.md 30: a session idle past the timeout is gone from the list (and from the server)."""
+    browser(app, clock, secret=secret, agent="Forgotten/1")
+    assert "Forgotten/1" in text(actor.client.get("/settings"))
+    clock.advance(20 * 60)
+    actor.client.get("/settings")
+    clock.advance(20 * 60)  # 40 min idle for the other browser, 20 for this one
+    assert "Forgotten/1" not in text(actor.client.get("/settings"))
