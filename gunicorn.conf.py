@@ -1,13 +1,24 @@
-"""gunicorn settings for `make run` and production (override with GUNICORN_CMD_ARGS or flags)."""
+"""gunicorn settings for `make run` and production (override with GUNICORN_CMD_ARGS or flags).
+
+Several worker processes are safe: sessions, sign-in challenges, pending enrolments, throttling counters and
+the replay state (last accepted step) all live in the database, and the checks that race are single
+transactions (README "Deployment"). Nothing is kept per process except caches of constant data.
+"""
 import multiprocessing
 import os
 
+# Sync workers: every request is short and CPU-bound (a password hash is the longest, ~100 ms), so one
+# request per process at a time is simplest; 2 x cores keeps the CPU busy while one waits on the database.
 workers = int(os.environ.get("WEB_CONCURRENCY", min(4, multiprocessing.cpu_count() * 2)))
 worker_class = "sync"
-preload_app = True  # one create_app in the master: keys and the setup code are made once
+preload_app = True  # one create_app in the master: keys and the setup code are made once (db.py drops
+#                     any SQLite connection a worker would inherit across fork)
 timeout = 30
 graceful_timeout = 10
 accesslog = "-"
 errorlog = "-"
-# Only trust X-Forwarded-* from these proxy addresses; the app applies ProxyFix with PROXY_HOPS.
-forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+if os.path.isdir("/dev/shm"):
+    worker_tmp_dir = "/dev/shm"  # worker heartbeats on tmpfs: no stalls when /tmp is a slow overlay disk
+# Only trust X-Forwarded-* from these proxy addresses (gunicorn's own handling of X-Forwarded-Proto); the
+# app itself applies ProxyFix with exactly PROXY_HOPS hops (README "Deployment"). Keep both in step.
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")

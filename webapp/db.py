@@ -1,4 +1,6 @@
-"""Database: one peewee proxy, opened from DATABASE_URL, a connection per request, tables created on start."""
+"""Database: one peewee proxy, opened from DATABASE_URL, a connection per request (per thread on SQLite),
+tables created on start."""
+import os
 from contextlib import contextmanager
 
 from peewee import DatabaseProxy, PostgresqlDatabase, SqliteDatabase
@@ -56,11 +58,31 @@ def init_app(app):
     with database.connection_context():
         database.create_tables(models.ALL_MODELS, safe=True)
 
+    # SQLite: each thread keeps its connection between requests. Opening one per request and closing it
+    # again (closing the last connection checkpoints the WAL) cost ~0.6 ms a request (bench/README
+    # "Performance"). PostgreSQL connections are still opened and closed per request.
+    keep_open = isinstance(database, SqliteDatabase)
+
     @app.before_request
     def _connect():
         db.connect(reuse_if_open=True)
 
     @app.teardown_appcontext
     def _close(exc):
-        if not db.is_closed():
-            db.close()
+        if db.is_closed() or (keep_open and not db.in_transaction()):
+            return
+        db.close()
+
+
+_INHERITED = []  # connections a forked worker got from its parent: never used, never closed by the child
+
+
+def _forget_inherited():
+    """After fork: a SQLite connection must not cross into the child (sqlite.org/howtocorrupt.html)."""
+    database = db.obj
+    if isinstance(database, SqliteDatabase) and database._state.conn is not None:
+        _INHERITED.append(database._state.conn)
+        database._state.reset()
+
+
+os.register_at_fork(after_in_child=_forget_inherited)
