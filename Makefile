@@ -32,3 +32,8 @@ test-postgres: $(STAMP)
 # Throughput and latency under gunicorn (see README "Performance"); writes bench/results.json.
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+# A PNG of every step of the journey, taken in Chromium from a throwaway server (README "Screenshots").
+.PHONY: screenshots
+screenshots: $(STAMP)
+	$(BIN)/python tests/e2e/screenshots.py docs/screenshots

@@ -68,7 +68,8 @@ class LiveServer:
             "INSTANCE_PATH": str(workdir / "instance"),
             "SECRET_KEY": "e2e-secret-key-" + "x" * 32,
             "TOTP_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
-            "DATABASE_URL": f"sqlite:///{workdir / 'e2e.db'}",
+            # `make test-postgres` sets TEST_DATABASE_URL: then the browser drives the app on PostgreSQL too.
+            "DATABASE_URL": os.environ.get("TEST_DATABASE_URL") or f"sqlite:///{workdir / 'e2e.db'}",
             "PASSWORD_HASH_PROFILE": "cheapest",
             "SETUP_CODE": "setup-code-123",
             **config,
@@ -81,10 +82,14 @@ class LiveServer:
     def stop(self):
         """Stop serving and close the database."""
         from webapp.db import db
+        from webapp.models import ALL_MODELS
 
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=10)
+        if self.app.config["DATABASE_URL"].startswith("postgres"):
+            with db.connection_context():
+                db.drop_tables(ALL_MODELS, cascade=True)
         if not db.is_closed():
             db.close()
 

@@ -8,6 +8,8 @@ from browser_kit import PASSWORD
 
 try:
     from playwright.sync_api import expect
+    # The machine may be busy with other suites: allow assertions the same 10 s as actions.
+    expect.set_options(timeout=10_000)
 except ImportError:  # conftest skips (or fails in CI) with the reason before any test gets here
     expect = None
 
@@ -105,3 +107,14 @@ def tab_to(page, locator, limit=40, key="Tab"):
             return
         page.keyboard.press(key)
     raise AssertionError(f"{locator} never received keyboard focus after {limit} presses of {key}")
+
+
+def search_users(page, text):
+    """Support page: type into Search users and press Search.
+
+    The field also searches by itself 300 ms after typing (htmx); waiting for the network to be quiet
+    keeps that late answer from replacing a row the test has already started to use.
+    """
+    page.get_by_label("Search users", exact=True).fill(text)
+    page.get_by_role("button", name="Search", exact=True).click()
+    page.wait_for_load_state("networkidle")

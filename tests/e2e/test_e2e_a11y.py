@@ -37,6 +37,9 @@ def test_sign_in_pages_and_settings_are_accessible(audit_page, server):
     enter_code(page, oathtool_code(secret))
     expect_signed_in(page)
     assert_accessible(page, "User Settings")
+    page.goto("/reauth")
+    expect(page.get_by_label("Password", exact=True)).to_be_visible()
+    assert_accessible(page, "confirm-it-is-you page (reauth)")
 
 
 def test_sign_up_error_and_contact_pages_are_accessible(audit_page, server):
@@ -126,6 +129,7 @@ def test_wizard_as_a_full_page_is_accessible(audit_page, server):
 
 def test_contact_and_support_pages_are_accessible(audit_page, new_page, server):
     """Contact form (empty, with errors, sent) and the admin's Support page, search, disable form, audit log."""
+    from journey import search_users
     from test_e2e_support import PERSON, person_row, sign_in_admin
 
     server.user(PERSON, devices={"Phone": random_secret()})
@@ -146,8 +150,7 @@ def test_contact_and_support_pages_are_accessible(audit_page, new_page, server):
     admin.get_by_role("navigation").get_by_role("link", name="Support", exact=True).click()
     expect(admin.get_by_role("heading", name="Support", exact=True)).to_be_visible()
     assert_accessible(admin, "Support page")
-    admin.get_by_label("Search users", exact=True).fill("olga")
-    admin.get_by_role("button", name="Search", exact=True).click()
+    search_users(admin, "olga")
     row = person_row(admin)
     expect(row).to_be_visible()
     row.get_by_text("Temporarily disable 2FA", exact=True).click()
@@ -163,3 +166,8 @@ def test_contact_and_support_pages_are_accessible(audit_page, new_page, server):
     admin.get_by_role("link", name="Audit log", exact=True).click()
     expect(admin.get_by_role("heading", name="Audit log")).to_be_visible()
     assert_accessible(admin, "audit log")
+
+    log_in(page, PERSON)
+    expect_signed_in(page)
+    expect(page.get_by_role("link", name="Set up a new device")).to_be_visible()
+    assert_accessible(page, "User Settings with support's temporary-exception banner")

@@ -3,7 +3,8 @@ Temporarily disable 2FA, and the person's password-only sign-in with the prompt 
 import re
 
 from browser_kit import oathtool_code, random_secret
-from journey import (enter_code, expect, expect_code_step, expect_signed_in, gear, log_in, settings_text)
+from journey import (enter_code, expect, expect_code_step, expect_signed_in, gear, log_in, search_users,
+                     settings_text)
 
 ADMIN = "admin@example.com"
 PERSON = "olga@example.com"
@@ -36,8 +37,7 @@ def disable_2fa_for_person(page):
     """Support page: Search users, then Temporarily disable 2FA with a Reason and a Disable for duration."""
     page.get_by_role("navigation").get_by_role("link", name="Support", exact=True).click()
     expect(page.get_by_role("heading", name="Support", exact=True)).to_be_visible()
-    page.get_by_label("Search users", exact=True).fill("olga")
-    page.get_by_role("button", name="Search", exact=True).click()
+    search_users(page, "olga")
     row = person_row(page)
     expect(row).to_be_visible()
     expect(row).to_contain_text("Active")
