@@ -198,7 +198,8 @@ def test_every_known_kind_has_words_and_unknown_kinds_read_fine():
     assert event_text("support_tfa_disabled", {"until": "2009-02-14T23:31:30"}) == \
         "Support turned off 2FA until 2009-02-14 23:31 UTC"
     assert detail_text({"method": "password+code", "admin": True, "until": "2009-02-14T23:31:30"}) == [
-        ("Admin", "yes"), ("Method", "password and code"), ("Until", "2009-02-14 23:31 UTC")]
+        ("Until", "2009-02-14 23:31 UTC"), ("Method", "password and code"), ("Admin", "yes")]
+    assert detail_text({"ticket": None, "reason": "Called back"}) == [("Reason", "Called back"), ("Ticket", "none")]
 
 
 # ---------------------------------------------------------------- Security activity in User Settings
@@ -228,7 +229,12 @@ def test_activity_shows_support_turning_2fa_off(app, actor, secret, clock):
     until = (utc(t0) + timedelta(hours=24)).strftime("%Y-%m-%d %H:%M")
     assert f"Support turned off 2FA until {until} UTC" in html
     assert "Signed in with password only" in html
-    assert "Video call" not in html and ADMIN not in html  # the admin's notes stay with support
+    assert "video call" not in html.lower() and ADMIN not in html  # the admin's notes stay with support
+    with app.test_request_context():
+        activity = security_activity(User.get(User.email == "carol@example.com"))
+        by_text = {e["text"].split(" until ")[0]: e["ip"] for e in activity}
+        assert by_text["Support turned off 2FA"] is None  # never the admin's address
+        assert by_text["Signed in with password only"] == "127.0.0.1"
 
 
 def test_activity_shows_only_my_own_events(app, actor, secret, clock):

@@ -193,9 +193,12 @@ def event_text(kind, detail):
 def detail_text(detail):
     """The detail of an event as 'Label: value' pairs in plain words."""
     parts = []
-    for key, value in sorted(detail.items()):
+    order = {key: i for i, key in enumerate(DETAIL_LABELS)}  # the most telling details first
+    for key, value in sorted(detail.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
         label = DETAIL_LABELS.get(key) or _humanise(key)
-        if isinstance(value, bool):
+        if value is None or value == "":
+            shown = "none"
+        elif isinstance(value, bool):
             shown = "yes" if value else "no"
         elif key.endswith("until"):
             shown = _fmt_time(value)
@@ -214,8 +217,9 @@ def security_activity(user, limit=10):
         return []
     events = (AuditEvent.select().where(AuditEvent.user == user.id)
               .order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc()).limit(max(1, min(int(limit), 100))))
+    # The address is shown only for what the person did themselves: never an admin's address.
     return [{"when": e.created_at, "when_text": _fmt_time(e.created_at), "text": event_text(e.kind, e.details),
-             "ip": e.ip} for e in events]
+             "ip": e.ip if e.actor_id in (None, user.id) else None} for e in events]
 
 
 @bp.app_template_filter("utc_minutes")
