@@ -156,12 +156,36 @@ def test_removing_the_last_device_needs_explicit_confirmation(actor, app, alice,
     r = post(actor, url, {f"remove-{device.id}-code": actor.code(secret)})
     assert r.status_code == 400 and "Tick the box" in text(r)
     assert len(device_rows(app, alice)) == 1
-    r = post(actor, url, {f"remove-{device.id}-code": actor.code(secret), f"remove-{device.id}-confirm_off": "y"},
+    r = post(actor, url, {f"remove-{device.id}-code": actor.code(secret), f"remove-{device.id}-confirm_off": "y",
+             f"remove-{device.id}-password": PASSWORD},
              htmx=True)
     body = text(r)
     assert r.status_code == 200 and ">Off<" in body and "now off" in body
     assert device_rows(app, alice) == []
     assert "tfa_disabled" in kinds(app, alice)
+
+
+def test_removing_the_last_device_needs_the_password_too(actor, app, alice, secret):
+    """security.md 32: removing the only device turns 2FA off, so it needs the password as well as a code;
+    without it or with a wrong one nothing changes."""
+    [device] = device_rows(app, alice)
+    url = f"/settings/devices/{device.id}/remove"
+    assert f'name="remove-{device.id}-password"' in text(actor.client.get("/settings"))
+    base = {f"remove-{device.id}-code": actor.code(secret), f"remove-{device.id}-confirm_off": "y"}
+    r = post(actor, url, base)
+    assert r.status_code == 400 and "Enter your password" in text(r)
+    r = post(actor, url, {**base, f"remove-{device.id}-password": "not my password"})
+    assert r.status_code == 403 and "Incorrect email address or password." in text(r)
+    assert len(device_rows(app, alice)) == 1 and "tfa_disabled" not in kinds(app, alice)
+    actor.clock.advance(2)  # past the back-off of the wrong password
+    r = post(actor, url, {**base, f"remove-{device.id}-password": PASSWORD})
+    assert r.status_code == 302 and device_rows(app, alice) == []
+
+
+def test_removing_one_of_several_devices_does_not_ask_for_the_password(actor, app, alice, secret):
+    add_device(app, alice, "Tablet")
+    page = text(actor.client.get("/settings"))
+    assert "-password" not in page.split('class="turn-off"')[0]
 
 
 def test_wrong_codes_when_removing_count_towards_the_account_throttle(actor, app, alice, secret):
@@ -170,8 +194,10 @@ def test_wrong_codes_when_removing_count_towards_the_account_throttle(actor, app
     url = f"/settings/devices/{device.id}/remove"
     wrong = "123456" if actor.code(secret) != "123456" else "654321"
     for _ in range(6):
-        post(actor, url, {f"remove-{device.id}-code": wrong, f"remove-{device.id}-confirm_off": "y"})
-    r = post(actor, url, {f"remove-{device.id}-code": actor.code(secret), f"remove-{device.id}-confirm_off": "y"})
+        post(actor, url, {f"remove-{device.id}-code": wrong, f"remove-{device.id}-confirm_off": "y",
+             f"remove-{device.id}-password": PASSWORD})
+    r = post(actor, url, {f"remove-{device.id}-code": actor.code(secret), f"remove-{device.id}-confirm_off": "y",
+             f"remove-{device.id}-password": PASSWORD})
     assert r.status_code == 429 and "Too many wrong codes" in text(r)
     assert len(device_rows(app, alice)) == 1
 
@@ -228,7 +254,8 @@ def test_turning_off_without_csrf_token_is_refused(actor, app, alice, secret):
     assert r.status_code == 400
     [device] = device_rows(app, alice)
     r = actor.client.post(f"/settings/devices/{device.id}/remove",
-                          data={f"remove-{device.id}-code": actor.code(secret), f"remove-{device.id}-confirm_off": "y"})
+                          data={f"remove-{device.id}-code": actor.code(secret), f"remove-{device.id}-confirm_off": "y",
+             f"remove-{device.id}-password": PASSWORD})
     assert r.status_code == 400
     r = actor.client.post(f"/settings/devices/{device.id}/rename", data={f"rename-{device.id}-name": "x"})
     assert r.status_code == 400
@@ -274,7 +301,8 @@ def test_every_device_change_ends_other_sessions(actor, app, alice, secret, chan
     data = {
         "rename": (f"/settings/devices/{device.id}/rename", {f"rename-{device.id}-name": "Renamed"}),
         "remove": (f"/settings/devices/{device.id}/remove",
-                   {f"remove-{device.id}-code": actor.code(secret), f"remove-{device.id}-confirm_off": "y"}),
+                   {f"remove-{device.id}-code": actor.code(secret), f"remove-{device.id}-confirm_off": "y",
+             f"remove-{device.id}-password": PASSWORD}),
         "disable": ("/settings/2fa/disable", {"off-password": PASSWORD, "off-code": actor.code(secret)}),
     }[change]
     assert post(actor, *data).status_code == 302

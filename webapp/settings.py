@@ -12,7 +12,7 @@ from flask_login import current_user, login_required
 from flask_wtf import FlaskForm
 from peewee import IntegrityError
 from wtforms import BooleanField, PasswordField, StringField
-from wtforms.validators import DataRequired, Length, ValidationError
+from wtforms.validators import DataRequired, Length, Optional, ValidationError
 
 from . import htmx, totp
 from .auth import CODE_FIELD_ATTRS, MALFORMED_CODE_ERROR, code_error, password_check
@@ -82,6 +82,10 @@ class RemoveForm(FlaskForm):
         Length(max=32, message=MALFORMED_CODE_ERROR)],
         render_kw={**CODE_FIELD_ATTRS, "autofocus": False})
     confirm_off = BooleanField("Yes, turn two-factor authentication off")
+    # Asked only when the last device goes: that turns 2FA off, which needs the password too (security.md 32).
+    password = PasswordField("Password", validators=[
+        Optional(), Length(max=1024, message="That password is too long.")],
+        render_kw={"autocomplete": "current-password"})
 
 
 class DisableForm(FlaskForm):
@@ -391,6 +395,16 @@ def remove_device(device_id):
     if last and not form.confirm_off.data:
         form.confirm_off.errors = ["This is your only device. Tick the box to confirm that 2FA should be turned off."]
         return _settings_response(user, failed=("remove", device.id, form), status=400)
+    if last:
+        # Removing the only device turns 2FA off: password and code, like Turn off (security.md 32).
+        if not form.password.data:
+            form.password.errors = ["Enter your password: removing your only device turns 2FA off."]
+            return _settings_response(user, failed=("remove", device.id, form), status=400)
+        error = password_check(user, form.password.data)
+        if error is not None:
+            form.password.errors = [error]
+            return _settings_response(user, failed=("remove", device.id, form),
+                                      status=429 if error.startswith("Too many") else 403)
     # A stolen session alone cannot remove a factor: a current code is needed (security.md 32).
     result = totp.check_user_code(user, form.code.data)
     if not result:
