@@ -96,7 +96,8 @@ def test_stale_session_cannot_turn_2fa_off_or_remove_a_device(actor, app, secret
         url, data = "/settings/2fa/disable", {"off-password": PASSWORD, "off-code": actor.code(secret)}
     else:
         url, data = (f"/settings/devices/{device.id}/remove",
-                     {f"remove-{device.id}-code": actor.code(secret), f"remove-{device.id}-confirm_off": "y"})
+                     {f"remove-{device.id}-code": actor.code(secret), f"remove-{device.id}-confirm_off": "y",
+                      f"remove-{device.id}-password": PASSWORD})
     r = actor.post_form(url, data, form_url="/settings")
     assert r.status_code == 302 and r.headers["Location"] == "/reauth?next=/settings"
     with app.app_context():
@@ -515,3 +516,75 @@ def test_every_form_post_refuses_an_oversized_body_with_413(actor, app, secret, 
             assert "Traceback" not in text(r)
     assert len(audit_rows(app)) == before
     assert signed == signed_in(actor.client)
+
+
+# ---------------------------------------------------------------- security.md 30, 31, 44 over HTTPS
+
+def test_cookies_and_hsts_at_every_step_over_https(tmp_path, clock):
+    """security.md 31, 30, 44: served over HTTPS, every Set-Cookie at sign-in, the code step, re-authentication
+    and logout is the __Host- session cookie with Secure, HttpOnly, SameSite=Lax, Path=/ and no lifetime
+    (browser session); logout expires it with the same attributes; every response carries HSTS; no
+    remember-me cookie ever appears."""
+    app = _app(tmp_path, clock, SECURE_COOKIES=True)
+    try:
+        a = Actor(app, app.test_client(), clock)
+        secret = pyotp.random_base32()
+        a.user(secret=secret)
+        https = {"base_url": "https://localhost"}
+        token = lambda url: re.search(r'name="csrf_token"[^>]*value="([^"]+)"',  # noqa: E731
+                                      text(a.client.get(url, **https))).group(1)
+        steps = [("login page", a.client.get("/login", **https))]
+        steps.append(("password", a.client.post("/login", data={"csrf_token": token("/login"),
+                                                                  "email": "alice@example.com",
+                                                                  "password": PASSWORD}, **https)))
+        steps.append(("code", a.client.post("/login/verify", data={"csrf_token": token("/login/verify"),
+                                                                     "code": a.code(secret)}, **https)))
+        clock.advance(30)
+        steps.append(("reauth", a.client.post("/reauth", data={"csrf_token": token("/reauth"), "password": PASSWORD,
+                                                                "code": a.code(secret)}, **https)))
+        steps.append(("logout", a.client.post("/logout", data={"csrf_token": token("/settings")}, **https)))
+        cookies_seen = 0
+        for name, r in steps:
+            assert r.headers["Strict-Transport-Security"].startswith("max-age="), name
+            for cookie in r.headers.getlist("Set-Cookie"):
+                cookies_seen += 1
+                attrs = [p.strip() for p in cookie.split(";")]
+                assert attrs[0].startswith("__Host-session="), (name, cookie)
+                assert {"Secure", "HttpOnly", "SameSite=Lax", "Path=/"} <= set(attrs), (name, cookie)
+                assert not any(p.startswith("Domain") for p in attrs), (name, cookie)
+                if name == "logout":
+                    assert "Max-Age=0" in attrs, cookie
+                else:
+                    assert not any(p.startswith(("Max-Age", "Expires")) for p in attrs), (name, cookie)
+                assert "remember" not in cookie.lower()
+        assert cookies_seen >= 4
+        assert [n for n, r in steps if n == "logout" and r.headers.getlist("Set-Cookie")], "logout sets no cookie"
+    finally:
+        db.close()
+
+
+def test_https_form_posts_work_without_a_referer_and_cross_site_ones_are_refused(tmp_path, clock):
+    """security.md 33 with 12: over HTTPS a browser sends no Referer (our no-referrer policy) and
+    "Origin: null"; such a same-origin post signs in, while a cross-site Origin or a missing token is refused."""
+    app = _app(tmp_path, clock, SECURE_COOKIES=True)
+    try:
+        https = {"base_url": "https://localhost"}
+        browser_like = {"Origin": "null", "Sec-Fetch-Site": "same-origin"}
+        Actor(app, app.test_client(), clock).user()
+        for headers, expected in (({"Origin": "https://evil.example"}, 403), ({}, 400), (browser_like, 302)):
+            a = Actor(app, app.test_client(), clock)
+            page = text(a.client.get("/login", **https))
+            token = re.search(r'name="csrf_token"[^>]*value="([^"]+)"', page).group(1)
+            data = {"email": "alice@example.com", "password": PASSWORD}
+            if expected != 400:
+                data["csrf_token"] = token
+            r = a.client.post("/login", data=data, headers=headers, **https)
+            assert r.status_code == expected, (headers, r.status_code)
+            assert signed_in_https(a.client) == (expected == 302)
+    finally:
+        db.close()
+
+
+def signed_in_https(client):
+    r = client.get("/settings", base_url="https://localhost")
+    return r.status_code == 200 and "User Settings" in text(r)

@@ -34,7 +34,11 @@ DEFAULTS = {
     "PROXY_HOPS": 0,
     "SUPPORT_REQUESTS_PER_HOUR": 3,
     "WTF_CSRF_TIME_LIMIT": None,  # the token lives as long as the server-side session
-    "WTF_CSRF_SSL_STRICT": True,
+    # Flask-WTF's "SSL strict" mode refuses HTTPS posts without a same-origin Referer, but our
+    # Referrer-Policy: no-referrer (security.md 12) means browsers never send one: every form post over HTTPS
+    # would fail. The token (bound to the server-side session, in a __Host- cookie that neither plain HTTP
+    # nor a subdomain can set) plus the Origin check (security.check_origin) do that job instead.
+    "WTF_CSRF_SSL_STRICT": False,
     "REMEMBER_COOKIE_DURATION": timedelta(seconds=0),  # no remember-me cookie is ever issued
 }
 
