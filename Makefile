@@ -33,6 +33,11 @@ test-postgres: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
+# A PNG of every step of the journey, taken in Chromium from a throwaway server (README "Screenshots").
+.PHONY: screenshots
+screenshots: $(STAMP)
+	$(BIN)/python tests/e2e/screenshots.py docs/screenshots
+
 # Dependency audit (security.md 44): pip-audit, installed into the venv by this target only, checks every
 # installed package against the PyPI/OSV advisory data. --strict fails when a package cannot be checked
 # (e.g. no route to the advisory service) instead of passing silently. Not part of .ci/run: the CI machine
