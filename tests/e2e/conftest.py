@@ -56,9 +56,38 @@ def server(tmp_path, _browser_tools):
 
 
 def _context(browser, server, **options):
-    context = browser.new_context(base_url=server.url, viewport={"width": 1100, "height": 800}, **options)
+    options.setdefault("viewport", {"width": 1100, "height": 800})
+    context = browser.new_context(base_url=server.url, **options)
     context.set_default_timeout(10_000)
     return context
+
+
+class ConsoleWatch:
+    """Collects what the browser reports as broken: script errors, CSP refusals, htmx errors.
+
+    "Failed to load resource" lines are left out: they only repeat an HTTP status (a 404 for the
+    favicon, a 400 for a form with errors) that the tests assert themselves where it matters.
+    """
+
+    def __init__(self):
+        self.problems = []
+
+    def attach(self, page):
+        page.on("pageerror", lambda exc: self.problems.append(f"{page.url}: uncaught {exc}"))
+        page.on("console", lambda msg: self._console(page, msg))
+        return page
+
+    def _console(self, page, msg):
+        if msg.type == "error" and not msg.text.startswith("Failed to load resource"):
+            self.problems.append(f"{page.url}: console error: {msg.text}")
+
+
+@pytest.fixture
+def console_watch():
+    """Fails the test at the end if any page it used logged a script error or a CSP refusal."""
+    watch = ConsoleWatch()
+    yield watch
+    assert not watch.problems, "the browser reported problems:\n" + "\n".join(watch.problems)
 
 
 @pytest.fixture
@@ -70,19 +99,19 @@ def context(browser, server):
 
 
 @pytest.fixture
-def page(context):
-    return context.new_page()
+def page(context, console_watch):
+    return console_watch.attach(context.new_page())
 
 
 @pytest.fixture
-def new_page(browser, server):
+def new_page(browser, server, console_watch):
     """Factory for more independent browser profiles (a second person, an admin, no JavaScript, audits)."""
     contexts = []
 
     def make(**options):
         ctx = _context(browser, server, **options)
         contexts.append(ctx)
-        return ctx.new_page()
+        return console_watch.attach(ctx.new_page())
 
     yield make
     for ctx in contexts:

@@ -19,6 +19,9 @@ from journey import (enter_code, expect, expect_code_step, expect_signed_in, gea
 
 ROOT = Path(__file__).resolve().parents[2]
 VIEWPORT = {"width": 1000, "height": 720}
+# What a person's desktop Chrome sends; the pictures should not say "HeadlessChrome" in "Where you're signed in".
+USER_AGENT = ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+              "Chrome/140.0.0.0 Safari/537.36")
 
 # (file name, caption) in journey order; the README shows them with these captions.
 SHOTS = [
@@ -48,7 +51,7 @@ def take_screenshots(browser, outdir, workdir):
     contexts = []
 
     def new_page():
-        ctx = browser.new_context(base_url=server.url, viewport=VIEWPORT)
+        ctx = browser.new_context(base_url=server.url, viewport=VIEWPORT, user_agent=USER_AGENT)
         ctx.set_default_timeout(10_000)
         contexts.append(ctx)
         return ctx.new_page()

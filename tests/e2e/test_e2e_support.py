@@ -107,3 +107,22 @@ def test_after_support_the_person_enrols_a_new_phone_and_2fa_is_back(page, new_p
     expect_code_step(page)
     enter_code(page, next_step_code(secret))
     expect_signed_in(page)
+
+
+def test_when_the_window_ends_without_a_new_device_sign_in_stays_closed(page, server):
+    """security.md 39: after support's end time without a new device, the password alone no longer works
+    and the page points to support."""
+    from datetime import timedelta
+
+    from webapp.clock import now
+    from webapp.models import User
+
+    server.user(PERSON)
+    server.query(lambda: User.update(tfa_reset_until=now() - timedelta(minutes=1))
+                 .where(User.email == PERSON).execute())
+    log_in(page, PERSON)
+    alert = page.get_by_role("alert")
+    expect(alert).to_be_visible()
+    expect(page.get_by_role("heading", name="User Settings")).to_have_count(0)
+    alert.get_by_role("link", name="Contact support").click()
+    expect(page.get_by_role("heading", name="Contact support", exact=True)).to_be_visible()

@@ -178,3 +178,22 @@ def test_enrolment_by_keyboard_alone(page, server, tmp_path):
     expect(dialog).to_have_count(0)
     expect(the_gear).to_be_focused()
     assert "Nia's tablet" in settings_text(page) and "Active" in settings_text(page)
+
+
+def test_qr_code_fits_a_phone_sized_window(new_page, server, tmp_path):
+    """On a 360 px wide screen (enrolling from a laptop is not the only case) with a long address, the QR code
+    stays whole inside the dialog and still decodes."""
+    email = "firstname.lastname.department@example.com"
+    server.user(email)
+    page = new_page(viewport={"width": 360, "height": 740})
+    log_in(page, email)
+    expect_signed_in(page)
+    gear(page).click()
+    dialog = wizard_dialog(page)
+    dialog.get_by_role("button", name="Next", exact=True).click()
+    qr = qr_image(dialog)
+    expect(qr).to_be_visible()
+    box, frame = qr.bounding_box(), dialog.bounding_box()
+    assert box["x"] >= frame["x"] and box["x"] + box["width"] <= frame["x"] + frame["width"], (box, frame)
+    assert box["x"] + box["width"] <= 360
+    _read_qr(qr, tmp_path, email)
