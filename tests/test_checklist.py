@@ -588,3 +588,54 @@ def test_https_form_posts_work_without_a_referer_and_cross_site_ones_are_refused
 def signed_in_https(client):
     r = client.get("/settings", base_url="https://localhost")
     return r.status_code == 200 and "User Settings" in text(r)
+
+
+# ---------------------------------------------------------------- security.md 21, 41: the pending state and POSTs
+
+PUBLIC_POSTS = {"auth.login", "auth.verify", "auth.logout", "auth.signup", "auth.first_run", "support.contact"}
+
+
+def test_every_state_changing_route_refuses_the_pending_state(actor, app, secret):
+    """security.md 21: with only the password step done, every POST route except the sign-in steps, logout,
+    sign-up/first-run and the contact form sends the browser to sign in (or refuses); nothing changes."""
+    user = actor.user(ADMIN, admin=True, secret=secret)
+    victim = actor.user("carol@example.com", secret=pyotp.random_base32())
+    actor.password_step(ADMIN)
+    token = actor.csrf("/login/verify")
+    with app.app_context():
+        device_ids = {u: [d.id for d in Device.select().where(Device.user == u)] for u in (user.id, victim.id)}
+    before = [e.kind for e in audit_rows(app)]
+    checked = 0
+    for rule in app.url_map.iter_rules():
+        if "POST" not in rule.methods or rule.endpoint in PUBLIC_POSTS:
+            continue
+        args = {k: (device_ids[user.id][0] if "device" in k else victim.id if "user" in k else 1)
+                for k in rule.arguments}
+        url = rule.build(args)[1] if args else rule.rule
+        r = actor.client.post(url, data={"csrf_token": token, "off-password": PASSWORD, "off-code": actor.code(secret),
+                                         "name": "x", "reason": "r" * 20})
+        assert r.status_code in (302, 401, 403, 404), (rule.endpoint, r.status_code)
+        if r.status_code == 302:
+            assert r.headers["Location"].startswith("/login"), rule.endpoint
+        checked += 1
+    assert checked >= 8
+    with app.app_context():
+        assert {u: [d.id for d in Device.select().where(Device.user == u)] for u in (user.id, victim.id)} == device_ids
+        assert User.get_by_id(victim.id).tfa_reset_until is None
+    assert [e.kind for e in audit_rows(app)] == before
+
+
+def test_forwarded_loopback_address_does_not_skip_2fa_behind_a_proxy(tmp_path, clock):
+    """security.md 41 with 44: even with PROXY_HOPS=1 (so X-Forwarded-For is believed), a request that claims
+    to come from 127.0.0.1 still needs the code."""
+    app = _app(tmp_path, clock, PROXY_HOPS=1)
+    try:
+        a = Actor(app, app.test_client(), clock)
+        a.user(secret=pyotp.random_base32())
+        loopback = {"X-Forwarded-For": "127.0.0.1"}
+        r = a.post_form("/login", {"email": "alice@example.com", "password": PASSWORD}, headers=loopback)
+        assert r.headers["Location"] == "/login/verify"
+        r = a.client.get("/settings", headers=loopback)
+        assert r.status_code == 302 and r.headers["Location"].startswith("/login")
+    finally:
+        db.close()

@@ -475,7 +475,7 @@ def active_sessions(user):
 def _sessions_response(notice):
     """After ending sessions: the refreshed list for htmx, else back to User Settings with a message."""
     if htmx.is_htmx():
-        return htmx.render("settings/index.html", "settings/_sessions.html", notice=notice)
+        return htmx.render("settings/index.html", "settings/_sessions.html", sessions_notice=notice)
     flash(notice, "success")
     return redirect(url_for("settings.index"))
 
