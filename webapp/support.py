@@ -419,6 +419,14 @@ def _target_or_404(user_id):
     return user
 
 
+def _lock_target(user_id):
+    """Re-read the person inside the write transaction (row lock on PostgreSQL); 404 if deleted meanwhile."""
+    user = for_update(User.select(*USER_COLUMNS).where(User.id == user_id)).first()
+    if user is None:
+        abort(404)
+    return user
+
+
 def _refuse_protected(target):
     """Separation of duties: no action on yourself or on another admin (security.md 41)."""
     if target.id == current_user.id or target.is_admin:
@@ -459,7 +467,7 @@ def disable_2fa(user_id):
     label, duration = DURATIONS[form.duration.data]
     actor = current_user._get_current_object()
     with write_transaction():
-        locked = for_update(User.select(*USER_COLUMNS).where(User.id == target.id)).get()
+        locked = _lock_target(target.id)
         if locked.is_admin:
             abort(403)
         has_devices = Device.select().where(Device.user == locked.id).exists()
@@ -503,7 +511,7 @@ def end_window(user_id):
     _refuse_protected(target)
     actor = current_user._get_current_object()
     with write_transaction():
-        locked = for_update(User.select(*USER_COLUMNS).where(User.id == target.id)).get()
+        locked = _lock_target(target.id)
         has_devices = Device.select().where(Device.user == locked.id).exists()
         current = now()
         is_open = not has_devices and locked.tfa_reset_until is not None and locked.tfa_reset_until > current
