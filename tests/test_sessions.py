@@ -173,3 +173,20 @@ def test_expired_sessions_are_not_listed(app, actor, alice, secret, clock):
     actor.client.get("/settings")
     clock.advance(20 * 60)  # 40 min idle for the other browser, 20 for this one
     assert "Forgotten/1" not in text(actor.client.get("/settings"))
+
+
+@pytest.mark.parametrize("ua,label", [
+    ("Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:128.0) Gecko/20100101 Firefox/128.0", "Firefox on Windows"),
+    ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+     "Version/17.5 Mobile/15E148 Safari/604.1", "Safari on iPhone"),
+    ("Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) "
+     "Chrome/126.0 Safari/537.36 Edg/126.0", "Edge on macOS"),
+    ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) HeadlessChrome/156.0 Safari/537.36",
+     "Headless Chrome on Linux"),
+    ("curl/8.5.0", "curl/8.5.0"),
+    ("", "Unknown browser"),
+])
+def test_sessions_list_names_browsers_readably(ua, label):
+    from webapp.settings import browser_label
+
+    assert browser_label(ua) == label

@@ -454,6 +454,23 @@ def session_handle(row_id):
     return hashlib.sha256(b"twostep-session-handle:" + row_id.encode("ascii")).hexdigest()[:32]
 
 
+_BROWSERS = (("Edg/", "Edge"), ("OPR/", "Opera"), ("Firefox/", "Firefox"), ("HeadlessChrome/", "Headless Chrome"),
+             ("Chrome/", "Chrome"), ("Safari/", "Safari"))
+_SYSTEMS = (("iPhone", "iPhone"), ("iPad", "iPad"), ("Android", "Android"), ("Windows", "Windows"),
+            ("Mac OS X", "macOS"), ("CrOS", "ChromeOS"), ("Linux", "Linux"))
+
+
+def browser_label(user_agent):
+    """A short, readable name for a User-Agent string ("Firefox on Windows"), for the sessions list."""
+    if not user_agent:
+        return "Unknown browser"
+    browser = next((name for marker, name in _BROWSERS if marker in user_agent), None)
+    system = next((name for marker, name in _SYSTEMS if marker in user_agent), None)
+    if browser and system:
+        return f"{browser} on {system}"
+    return browser or system or user_agent[:60]
+
+
 @bp.app_template_global()
 def active_sessions(user):
     """The person's live sessions, most recently used first, each marked if it is this browser (security.md 30)."""
@@ -468,7 +485,7 @@ def active_sessions(user):
             .order_by(ServerSession.last_seen_at.desc(), ServerSession.created_at.desc())
             .limit(50))
     return [{"handle": session_handle(r.id), "created_at": r.created_at, "last_seen_at": r.last_seen_at,
-             "ip": r.ip, "user_agent": r.user_agent or "Unknown browser", "current": r.id == this_id}
+             "ip": r.ip, "user_agent": browser_label(r.user_agent), "current": r.id == this_id}
             for r in rows]
 
 
