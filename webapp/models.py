@@ -122,6 +122,10 @@ class SupportRequest(BaseModel):
     handled_at = DateTimeField(null=True)
     handled_by = ForeignKeyField(User, null=True, backref="handled_requests", on_delete="SET NULL")
 
+    class Meta:
+        # The Support page lists open requests (handled_at IS NULL) oldest first: one index serves both.
+        indexes = ((("handled_at", "created_at"), False),)
+
 
 class AuditEvent(BaseModel):
     """One append-only record of a security event; never holds a code, secret or password (security.md 42, 43)."""
