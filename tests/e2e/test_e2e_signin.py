@@ -17,7 +17,6 @@ def test_password_then_oathtool_code_signs_in_and_log_out_ends_it(page, server):
     log_in(page, "dana@example.com")
     expect_code_step(page)
     expect(page).to_have_url(re.compile(r"/login/verify$"))
-    # Not signed in yet: the settings page sends us back to sign-in.
     enter_code(page, oathtool_code(secret))
     expect_signed_in(page)
     text = settings_text(page)

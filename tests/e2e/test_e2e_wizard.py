@@ -2,6 +2,8 @@
 codes from oathtool, Complete Activation, and the next sign-in; also without JavaScript and by keyboard."""
 import re
 
+from webapp.models import Device
+
 from browser_kit import next_step_code, oathtool_code, parse_otpauth, qr_from_element, wrong_code
 from journey import (enter_code, expect, expect_code_refused, expect_code_step, expect_signed_in, gear,
                      is_focused_within, log_in, log_out, manual_key, qr_image, settings_text, tab_to,
@@ -65,7 +67,7 @@ def test_enrolment_in_the_dialog_then_sign_in_with_the_new_device(page, server, 
     expect(dialog).to_have_count(0)
     expect(page.get_by_role("list", name="Your authenticator devices")).to_contain_text("Kim's iPhone")
     assert "Active" in settings_text(page)
-    assert server.query(lambda: __import__("webapp.models").models.Device.select().count()) == 1
+    assert server.query(lambda: Device.select().count()) == 1
 
     _sign_in_again_after_enrolment(page, server, "kim@example.com", code, secret)
     assert "Kim's iPhone" in settings_text(page)
