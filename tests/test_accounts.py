@@ -123,7 +123,9 @@ def test_first_run_needs_the_console_code(app, client):
     with app.app_context():
         admin = User.get()
         assert admin.email == "admin@example.com" and admin.is_admin
-    assert client.get("/settings").status_code == 200
+    settings = client.get("/settings")
+    assert settings.status_code == 200
+    assert "Your admin account is ready" in settings.get_data(as_text=True)  # the message survives the new session
     assert app.test_client().get("/setup").status_code == 404
 
 

@@ -563,3 +563,19 @@ def test_security_headers_on_pages(client, actor):
     assert r.headers["Cache-Control"] == "no-store"
     assert r.headers["Referrer-Policy"] == "no-referrer"
     assert r.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_password_only_sign_in_during_a_support_window_says_why(actor, clock):
+    """security.md 39: in support's window the password alone signs in, with a message and the banner."""
+    from datetime import timedelta
+
+    from webapp.clock import now
+
+    user = actor.user()
+    with actor.app.app_context():
+        User.update(tfa_reset_until=now() + timedelta(hours=24)).where(User.id == user.id).execute()
+    r = actor.password_step()
+    assert r.headers["Location"] == "/settings"
+    html = actor.client.get("/settings").get_data(as_text=True)
+    assert "Support has temporarily disabled two-factor authentication" in html
+    assert 'id="reset-banner"' in html

@@ -84,8 +84,11 @@ class FirstRunForm(NewAccountForm):
 
 def complete_sign_in(user, next_url=None, method=None):
     """Start a brand-new session for a fully authenticated user and send them on (security.md 26)."""
+    pending_messages = session.get("_flashes")  # messages queued for the next page survive the new session
     session.rotate()
     session.clear()
+    if pending_messages:
+        session["_flashes"] = pending_messages
     login_user(user)
     session["auth_at"] = timestamp()
     User.update(last_login_at=now()).where(User.id == user.id).execute()
