@@ -23,7 +23,8 @@ GENERIC_CODE_ERROR = "That code is not valid. Check your authenticator app and e
 MALFORMED_CODE_ERROR = "Enter the 6-digit code from your authenticator app (digits only)."
 
 
-def _strip(value):
+def strip_text(value):
+    """Form filter: trim surrounding whitespace from text input (None stays None)."""
     return value.strip() if isinstance(value, str) else value
 
 
@@ -40,7 +41,7 @@ CODE_FIELD_ATTRS = {
 class LoginForm(FlaskForm):
     email = EmailField("Email address", validators=[
         DataRequired("Enter your email address."), Length(max=254, message="That email address is too long."),
-        Email("Enter a valid email address.", check_deliverability=False)], filters=[_strip],
+        Email("Enter a valid email address.", check_deliverability=False)], filters=[strip_text],
         render_kw={"autocomplete": "username", "autofocus": True})
     password = PasswordField("Password", validators=[
         DataRequired("Enter your password."), Length(max=1024, message="That password is too long.")],
@@ -64,7 +65,7 @@ class ReauthForm(FlaskForm):
 class NewAccountForm(FlaskForm):
     email = EmailField("Email address", validators=[
         DataRequired("Enter an email address."), Length(max=254, message="That email address is too long."),
-        Email("Enter a valid email address.", check_deliverability=False)], filters=[_strip],
+        Email("Enter a valid email address.", check_deliverability=False)], filters=[strip_text],
         render_kw={"autocomplete": "username"})
     password = PasswordField("Password", validators=[
         DataRequired("Choose a password."),

@@ -15,7 +15,7 @@ from wtforms import BooleanField, PasswordField, StringField
 from wtforms.validators import DataRequired, Length, Optional, ValidationError
 
 from . import htmx, totp
-from .auth import CODE_FIELD_ATTRS, MALFORMED_CODE_ERROR, code_error, password_check
+from .auth import CODE_FIELD_ATTRS, MALFORMED_CODE_ERROR, code_error, password_check, strip_text
 from .clock import now, timestamp
 from .db import db, for_update, write_transaction
 from .models import Device, PendingEnrolment, ServerSession, User
@@ -29,10 +29,6 @@ DEVICE_NAME_MAX = 64
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 WRONG_ENROLMENT_CODE = ("That code does not match. Check that you scanned the QR code shown here, "
                         "then enter the code your app shows now.")
-
-
-def _strip(value):
-    return value.strip() if isinstance(value, str) else value
 
 
 def _printable(form, field):
@@ -53,7 +49,7 @@ class EnrolCodeForm(FlaskForm):
 
 
 def _name_field():
-    return StringField("Device name", filters=[_strip], validators=[
+    return StringField("Device name", filters=[strip_text], validators=[
         DataRequired("Give this device a name."),
         Length(max=DEVICE_NAME_MAX, message=f"Use at most {DEVICE_NAME_MAX} characters."),
         _printable], render_kw={"autocomplete": "off", "maxlength": str(DEVICE_NAME_MAX), "spellcheck": "false"})

@@ -13,6 +13,7 @@ from wtforms.fields import SelectChoice
 from wtforms.validators import AnyOf, DataRequired, Email, Length, Optional
 
 from . import htmx
+from .auth import strip_text
 from .clock import now
 from .db import for_update, write_transaction
 from .models import AuditEvent, Device, SignInChallenge, SupportRequest, User, normalise_email
@@ -37,20 +38,15 @@ NEEDS_2FA_MESSAGE = ("The Support page is only available to admins who use two-f
                      "Set up two-factor authentication in User Settings first, then sign in again.")
 
 
-def _strip(value):
-    """Trim surrounding whitespace from text input (None stays None)."""
-    return value.strip() if isinstance(value, str) else value
-
-
 # ---------------------------------------------------------------- forms
 
 class ContactForm(FlaskForm):
-    email = EmailField("Email address", filters=[_strip], validators=[
+    email = EmailField("Email address", filters=[strip_text], validators=[
         DataRequired("Enter the email address of your account."),
         Length(max=254, message="That email address is too long (254 characters at most)."),
         Email("Enter a valid email address, for example name@example.com.", check_deliverability=False)],
         render_kw={"autocomplete": "email", "maxlength": 254})
-    message = TextAreaField("Message", filters=[_strip], validators=[
+    message = TextAreaField("Message", filters=[strip_text], validators=[
         DataRequired("Write a short message so support knows what happened."),
         Length(min=10, max=4000, message="Write between 10 and 4000 characters.")],
         render_kw={"maxlength": 4000, "rows": 7})
@@ -62,14 +58,14 @@ class DisableForm(FlaskForm):
     class Meta:
         csrf = False  # the app-wide CSRFProtect checks every POST (token field or X-CSRFToken header)
 
-    reason = TextAreaField("Reason", filters=[_strip], validators=[
+    reason = TextAreaField("Reason", filters=[strip_text], validators=[
         DataRequired("Give a reason, including how you confirmed the person's identity."),
         Length(max=500, message="Keep the reason to 500 characters or fewer.")],
         render_kw={"maxlength": 500, "rows": 3})
     duration = SelectField("Disable for", choices=[SelectChoice(k, label) for k, (label, _) in DURATIONS.items()],
                            default="24h", validate_choice=False,
                            validators=[AnyOf(list(DURATIONS), message="Choose 24 hours, 3 days or 7 days.")])
-    ticket = StringField("Ticket reference", filters=[_strip], validators=[
+    ticket = StringField("Ticket reference", filters=[strip_text], validators=[
         Optional(), Length(max=64, message="Keep the ticket reference to 64 characters or fewer.")],
         render_kw={"maxlength": 64, "autocomplete": "off"})
     close_requests = BooleanField("Mark this person's open contact requests as handled", default=True)
@@ -81,7 +77,7 @@ class AuditFilterForm(FlaskForm):
     class Meta:
         csrf = False
 
-    email = StringField("Person (email address)", filters=[_strip],
+    email = StringField("Person (email address)", filters=[strip_text],
                         validators=[Optional(), Length(max=254, message="That email address is too long.")])
     kind = SelectField("Event", validate_choice=False)
     start = DateField("From (UTC date)", validators=[Optional()])
