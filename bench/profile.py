@@ -8,6 +8,7 @@ The same seeding and session preparation as bench/run.py; requests go straight t
 """
 import io
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -131,6 +132,8 @@ def main():
             hello_cpu = r["cpu_ms"]
         print(f"{name:16} {r['cpu_ms']:8.3f} {r['wall_ms']:8.3f} {r['queries']:8.2f} "
               f"{r['cpu_ms'] / hello_cpu:8.1f} {r['unexpected']:10d}")
+    seeder.close()
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -314,6 +314,19 @@ class Server:
         except urllib.error.HTTPError as exc:
             return exc.code
 
+    def cpu_seconds(self):
+        """CPU time (user + system) used so far by the gunicorn master and its workers."""
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
+        total = 0
+        for pid in [self.proc.pid] + [int(p) for p in out.stdout.split()]:
+            try:
+                with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+            except (OSError, IndexError, ValueError):
+                pass
+        return total / os.sysconf("SC_CLK_TCK")
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -328,13 +341,17 @@ def wrk(server, pool_file, expect, seconds=SECONDS, expect_location=None, connec
     """Run wrk with pool.lua for `seconds`; returns the JSON the script wrote."""
     out = os.path.join(tmp, f"wrk-{time.monotonic_ns()}.json")
     env = {**os.environ, "POOL_FILE": pool_file, "EXPECT": str(expect), "OUT": out, "NTHREADS": str(WRK_THREADS)}
+    cpu_before = server.cpu_seconds()
     if expect_location:
         env["EXPECT_LOCATION"] = expect_location
     subprocess.run(["wrk", "-t", str(WRK_THREADS), "-c", str(connections), "-d", f"{seconds}s", "--timeout", "10s",
                     "-s", os.path.join(BENCH, "pool.lua"), f"http://127.0.0.1:{server.port}"],
                    env=env, check=True, capture_output=True, timeout=seconds + 60)
+    cpu = server.cpu_seconds() - cpu_before
     with open(out, encoding="ascii") as fh:
         r = json.load(fh)
+    # Server CPU per request: steadier than requests/s when other programs share the machine.
+    r["server_cpu_ms_per_request"] = round(cpu / max(r["requests"], 1) * 1000, 3)
     r["rps"] = round(r["requests"] / (r["duration_us"] / 1e6), 1)
     r["ok_rps"] = round(r["ok"] / (r["duration_us"] / 1e6), 1)
     r["p50_ms"] = round(r["p50_us"] / 1000, 2)
@@ -372,6 +389,9 @@ def search_db_sqlite(keys, tmp):
     cached = os.path.join(CACHE, f"search-{SEARCH_USERS}-{tag}.sqlite")
     if not os.path.exists(cached):
         log(f"seeding {SEARCH_USERS} accounts into {cached} (once; cached)")
+        for old in os.listdir(CACHE):  # databases seeded for an older models.py
+            if old.startswith(f"search-{SEARCH_USERS}-") and old.endswith(".sqlite"):
+                os.remove(os.path.join(CACHE, old))
         part = cached + ".part"
         for suffix in ("", "-wal", "-shm"):
             if os.path.exists(part + suffix):
@@ -478,6 +498,7 @@ def main():
             r = wrk(app, write_pool(os.path.join(tmp, f"{name}.txt"), lines), expect, expect_location=location,
                     tmp=tmp)
             r["hello_rps_adjacent"] = h["ok_rps"]
+            r["hello_cpu_ms_adjacent"] = h["server_cpu_ms_per_request"]
             r["load_average"] = round(os.getloadavg()[0], 2)
             endpoints[name] = r
 
@@ -530,6 +551,9 @@ def main():
                     r = search_phase(pg_url, keys, tmp, "postgresql_1m", pw_hash, rng)
                     if r:
                         endpoints["support_search_postgresql_1m"] = r
+                except subprocess.CalledProcessError as exc:
+                    log(f"PostgreSQL unavailable, skipped: {exc.stderr}")
+                    results["notes"].append("PostgreSQL could not be started (scripts/pg.sh): search skipped")
                 finally:
                     subprocess.run(["bash", os.path.join(ROOT, "scripts", "pg.sh"), "stop", pg_dir],
                                    capture_output=True)
@@ -598,6 +622,11 @@ def summarise(results):
                       ("login_page_vs_hello", "login_page")):
         if name in e:
             ratios[key] = vs_hello(name)
+    cpu = results["cpu_ratios"] = {}
+    for key, name in (("verify_vs_hello", "verify"), ("settings_vs_hello", "settings"), ("qr_vs_hello", "qr"),
+                      ("login_page_vs_hello", "login_page")):
+        if name in e:
+            cpu[key] = round(e[name]["hello_cpu_ms_adjacent"] / e[name]["server_cpu_ms_per_request"], 3)
     if "login_password" in e:
         ratios["login_vs_hash_limit"] = round(e["login_password"]["ok_rps"] / results["hash"]["hash_limit_per_s"], 3)
     for label in ("sqlite_1m", "postgresql_1m"):
@@ -622,12 +651,15 @@ def print_table(results):
             ("Support search (30k people)", "support_search"),
             ("Support search, SQLite 1M", "support_search_sqlite_1m"),
             ("Support search, PostgreSQL 1M", "support_search_postgresql_1m")]
-    print(f"\n{'endpoint':40} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'not ok':>7} {'hello next to it':>17}")
+    print(f"\n{'endpoint':40} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'not ok':>7} {'hello next to it':>17}"
+          f" {'CPU ms/req':>10}")
     for label, key in rows:
         r = e.get(key)
         if r:
             adjacent = f"{r['hello_rps_adjacent']:17.1f}" if "hello_rps_adjacent" in r else ""
-            print(f"{label:40} {r['ok_rps']:8.1f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['unexpected']:7d} {adjacent}")
+            adjacent = adjacent or " " * 17
+            print(f"{label:40} {r['ok_rps']:8.1f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['unexpected']:7d} {adjacent}"
+                  f" {r['server_cpu_ms_per_request']:10.2f}")
         else:
             print(f"{label:40} {'skipped':>8}")
     m = results.get("mixed")
@@ -637,6 +669,7 @@ def print_table(results):
     print(f"\nargon2 ceiling: {results['hash']['hash_limit_per_s']}/s "
           f"({results['hash']['hash_ms_under_load']} ms per hash with {WORKERS} at once)")
     print("ratios:", json.dumps(results["ratios"]))
+    print("the same from server CPU per request (hello's / the endpoint's):", json.dumps(results["cpu_ratios"]))
     print("support_search_p99_ms:", json.dumps(results["support_search_p99_ms"]))
     print("targets met:", json.dumps(results["targets_met"]))
     print(f"runtime: {results['runtime_s']} s; written bench/results.json")
