@@ -128,19 +128,10 @@ def _signed_in(server, email):
     return browser
 
 
-def test_parallel_enrolments_of_one_person_leave_one_consistent_device(app, actor, live_server, request):
+def test_parallel_enrolments_of_one_person_leave_one_consistent_device(app, actor, live_server):
     """Six sessions of one person each run the wizard to the last step, then all press Complete Activation
     at once with the same device name: no server error, exactly one device, made from a secret that was
     confirmed with a code, and no pending secret left behind (security.md 8, 20)."""
-    if "settings.complete" not in app.view_functions:
-        pytest.skip("the enrolment wizard (settings.complete) has not landed yet")
-    if app.config["DATABASE_URL"].startswith("postgres"):
-        # Found by this test: settings.complete() locks only its own PendingEnrolment row, so on PostgreSQL
-        # two sessions' transactions interleave (Device insert vs. DELETE of the other's pending row) and
-        # deadlock -> 503. Locking the person's User row FOR UPDATE first in that transaction fixes it.
-        # The test still runs: XPASS in the summary means the fix landed and this marker can go.
-        request.applymarker(pytest.mark.xfail(
-            reason="settings.complete() deadlocks under parallel completion on PostgreSQL (lock User first)"))
     user = actor.user(email="enrol@example.com")
     browsers = [_signed_in(live_server, "enrol@example.com") for _ in range(6)]
     secrets_seen, tokens = [], []

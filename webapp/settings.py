@@ -324,6 +324,9 @@ def complete():
     had_2fa = user.has_2fa
     had_reset_window = user.tfa_reset_until is not None
     with write_transaction():
+        # Lock the person first: every session of theirs completing at once queues here, so on PostgreSQL
+        # the Device insert and the DELETE of the other sessions' pending rows cannot deadlock.
+        for_update(User.select(User.id).where(User.id == user.id)).get()
         locked = for_update(PendingEnrolment.select().where(PendingEnrolment.id == pending.id)).first()
         if locked is None or locked.verified_step is None:  # a parallel request used it already
             return _wizard("expired", form=StartForm())
