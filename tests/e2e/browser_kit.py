@@ -122,6 +122,14 @@ class LiveServer:
             if remaining > 0:
                 time.sleep(remaining + 0.1)
 
+    def forgive_password_failures(self, email):
+        """Clear the account's password back-off (1 s after a wrong password) so a test about something
+        else can sign in right away; the back-off itself is tested in tests/test_auth.py."""
+        from webapp.models import User
+
+        self.query(lambda: User.update(password_failures=0, password_locked_until=None)
+                   .where(User.email == email).execute())
+
     def query(self, fn):
         """Run fn() inside the app and a DB connection (for looking at rows the browser caused)."""
         from webapp.db import db

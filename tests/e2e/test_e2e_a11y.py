@@ -26,6 +26,7 @@ def test_sign_in_pages_and_settings_are_accessible(audit_page, server):
     expect(page.get_by_role("alert")).to_be_visible()
     assert_accessible(page, "Log in page with an error")
 
+    server.forgive_password_failures("ivy@example.com")
     log_in(page, "ivy@example.com")
     expect_code_step(page)
     assert_accessible(page, "code step")
