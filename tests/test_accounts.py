@@ -232,3 +232,20 @@ def test_development_keys_are_created_once_in_the_instance_folder(tmp_path, monk
     assert first.config["DATABASE_URL"].endswith("twostep.db")
     with first.app_context():
         assert decrypt_secret(encrypt_secret("ABC")) == "ABC"
+
+
+def test_purge_expired_removes_only_dead_state(app, actor, secret, clock):
+    """Anonymous page views and abandoned sign-ins leave rows; the purge deletes the expired ones only."""
+    from webapp.models import SignInChallenge
+
+    actor.user(secret=secret)
+    actor.password_step()                      # a session row and a challenge, both soon expired
+    clock.advance(31 * 60)
+    live = app.test_client()
+    live.get("/login")                         # a fresh anonymous session that must survive
+    result = run(app, "purge-expired")
+    assert result.exit_code == 0
+    assert "deleted 1 session(s), 1 sign-in challenge(s), 0 pending enrolment(s)" in result.output
+    with app.app_context():
+        assert ServerSession.select().count() == 1 and SignInChallenge.select().count() == 0
+    assert live.get("/login").status_code == 200

@@ -1,6 +1,6 @@
 """Operator commands: flask --app wsgi users ... and keys ..."""
 import click
-from flask.cli import AppGroup
+from flask.cli import AppGroup, with_appcontext
 
 from .db import db
 from .models import Device, User, normalise_email
@@ -109,8 +109,32 @@ def rotate_keys():
     click.echo(f"re-encrypted {count} secret(s) with the newest key")
 
 
+@click.command("purge-expired")
+@with_appcontext
+def purge_expired():
+    """Delete expired sessions, sign-in challenges and pending enrolments (safe to run from cron)."""
+    from flask import current_app
+
+    from .clock import now
+    from .models import PendingEnrolment, ServerSession, SignInChallenge
+
+    cfg = current_app.config
+    current = now()
+    with db.atomic():
+        sessions = ServerSession.delete().where(
+            (ServerSession.last_seen_at < current - cfg["SESSION_IDLE_TIMEOUT"])
+            | (ServerSession.created_at < current - cfg["SESSION_ABSOLUTE_TIMEOUT"])).execute()
+        challenges = SignInChallenge.delete().where(
+            SignInChallenge.created_at < current - cfg["CHALLENGE_TTL"]).execute()
+        enrolments = PendingEnrolment.delete().where(
+            PendingEnrolment.created_at < current - cfg["PENDING_ENROLMENT_TTL"]).execute()
+    click.echo(f"deleted {sessions} session(s), {challenges} sign-in challenge(s), "
+               f"{enrolments} pending enrolment(s)")
+
+
 def init_app(app):
     """Register the command groups."""
     app.cli.add_command(users)
     app.cli.add_command(keys)
+    app.cli.add_command(purge_expired)
 
