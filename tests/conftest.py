@@ -39,10 +39,9 @@ def clock():
     return FakeClock()
 
 
-@pytest.fixture
-def app(tmp_path, clock):
-    url = os.environ.get("TEST_DATABASE_URL") or f"sqlite:///{tmp_path / 'test.db'}"
-    application = create_app({
+def make_test_app(tmp_path, url, clock):
+    """A fresh app on `url` with the test clock, cheap hashing and a known setup code."""
+    return create_app({
         "TESTING": True,
         "INSTANCE_PATH": str(tmp_path / "instance"),
         "SECRET_KEY": "test-secret-key-" + "x" * 32,
@@ -52,6 +51,12 @@ def app(tmp_path, clock):
         "CLOCK": clock,
         "SETUP_CODE": "setup-code-123",
     })
+
+
+@pytest.fixture
+def app(tmp_path, clock):
+    url = os.environ.get("TEST_DATABASE_URL") or f"sqlite:///{tmp_path / 'test.db'}"
+    application = make_test_app(tmp_path, url, clock)
     yield application
     if url.startswith("postgres"):
         with db.connection_context():

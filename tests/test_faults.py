@@ -11,33 +11,18 @@ import time
 
 import pyotp
 import pytest
-from cryptography.fernet import Fernet
 
-from webapp import create_app
 from webapp.db import db
 from webapp.models import AuditEvent, Device, PendingEnrolment, User
 from webapp.security import hash_password
 from webapp.totp import encrypt_secret, new_secret
 
-from .conftest import PASSWORD, FakeClock, csrf_from
+from .conftest import PASSWORD, FakeClock, csrf_from, make_test_app
 from .live_app import ROOT, Browser, LiveServer
 
 PG_SH = os.path.join(ROOT, "scripts", "pg.sh")
 PG_BIN = "/usr/lib/postgresql/15/bin"
 UNAVAILABLE = "We cannot reach our database right now"
-
-
-def make_app(tmp_path, url, clock):
-    return create_app({
-        "TESTING": True,
-        "INSTANCE_PATH": str(tmp_path / "instance"),
-        "SECRET_KEY": "test-secret-key-" + "x" * 32,
-        "TOTP_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
-        "DATABASE_URL": url,
-        "PASSWORD_HASH_PROFILE": "cheapest",
-        "CLOCK": clock,
-        "SETUP_CODE": "setup-code-123",
-    })
 
 
 def signed_in_client(app, clock, secret):
@@ -91,7 +76,7 @@ def test_postgresql_going_down_gives_a_503_page_and_the_app_recovers_without_res
     process serves again, and the signed-in session (kept in the database) is still valid."""
     url, stop, start = own_postgres
     clock = FakeClock(time.time())
-    app = make_app(tmp_path, url, clock)
+    app = make_test_app(tmp_path, url, clock)
     secret = new_secret()
     client = signed_in_client(app, clock, secret)
     assert client.get("/settings").status_code == 200
@@ -113,7 +98,7 @@ def test_sqlite_file_unreachable_gives_a_503_page_and_the_app_recovers(tmp_path)
     folder = tmp_path / "data"
     folder.mkdir()
     clock = FakeClock(time.time())
-    app = make_app(tmp_path, f"sqlite:///{folder / 'app.db'}", clock)
+    app = make_test_app(tmp_path, f"sqlite:///{folder / 'app.db'}", clock)
     client = signed_in_client(app, clock, new_secret())
     db.close()  # the test process's own connection (seeding) must not keep the file open
 
