@@ -184,8 +184,7 @@ def after_password(user, next_url):
             audit("signin_blocked", user=user, reason="support window ended without a new device")
             return render_template("auth/login.html", form=LoginForm(), next_url=None, blocked=True,
                                    error=None), 403
-        flash("Support has temporarily disabled two-factor authentication on your account. "
-              "Set up a new authenticator app now.", "warning")
+        # No flash here: the reset-window banner on every page already says it (base.html).
     return complete_sign_in(user, next_url)
 
 
