@@ -22,6 +22,24 @@ def _read_qr(locator, tmp_path, account):
     return parts["secret"]
 
 
+def _walk_wizard(root, tmp_path, email, device_name):
+    """From the first step to Complete Activation inside `root` (the dialog, or the page without
+    JavaScript): QR decoded from pixels, manual key checked, code from oathtool. Returns (secret, code)."""
+    root.get_by_role("button", name="Next", exact=True).click()
+    qr = qr_image(root)
+    expect(qr).to_be_visible()
+    secret = _read_qr(qr, tmp_path, email)
+    assert manual_key(root).replace(" ", "") == secret
+    root.get_by_role("button", name="Next", exact=True).click()
+    code = oathtool_code(secret)
+    root.get_by_label("Verification code", exact=True).fill(code)
+    root.get_by_role("button", name="Next", exact=True).click()
+    root.get_by_label("Device name", exact=True).fill(device_name)
+    root.get_by_role("button", name="Complete Activation", exact=True).click()
+    expect(root.get_by_text(device_name, exact=False).first).to_be_visible()
+    return secret, code
+
+
 def _sign_in_again_after_enrolment(page, server, email, enrolment_code, secret):
     """The enrolment's code is used up; a wrong code is refused; a code of a later step signs in."""
     log_out(page)
@@ -48,20 +66,7 @@ def test_enrolment_in_the_dialog_then_sign_in_with_the_new_device(page, server, 
     gear(page).click()
     dialog = wizard_dialog(page)
     expect(dialog).to_be_visible()
-    dialog.get_by_role("button", name="Next", exact=True).click()
-
-    qr = qr_image(dialog)
-    expect(qr).to_be_visible()
-    secret = _read_qr(qr, tmp_path, "kim@example.com")
-    assert manual_key(dialog).replace(" ", "") == secret
-    dialog.get_by_role("button", name="Next", exact=True).click()
-
-    code = oathtool_code(secret)
-    dialog.get_by_label("Verification code", exact=True).fill(code)
-    dialog.get_by_role("button", name="Next", exact=True).click()
-    dialog.get_by_label("Device name", exact=True).fill("Kim's iPhone")
-    dialog.get_by_role("button", name="Complete Activation", exact=True).click()
-    expect(dialog.get_by_text("Kim's iPhone", exact=False).first).to_be_visible()
+    secret, code = _walk_wizard(dialog, tmp_path, "kim@example.com", "Kim's iPhone")
     # Behind the dialog the row already says Active and lists the device.
     dialog.get_by_role("button", name="Done", exact=True).click()
     expect(dialog).to_have_count(0)
@@ -103,18 +108,7 @@ def test_enrolment_without_javascript(nojs_page, server, tmp_path):
     gear_link = page.get_by_role("link", name="Two-Factor Authentication settings", exact=True)
     gear_link.click()
     expect(page.get_by_role("heading", name="Two-Factor Authentication", level=1)).to_be_visible()
-    page.get_by_role("button", name="Next", exact=True).click()
-    qr = qr_image(page)
-    expect(qr).to_be_visible()
-    secret = _read_qr(qr, tmp_path, "max@example.com")
-    assert manual_key(page).replace(" ", "") == secret
-    page.get_by_role("button", name="Next", exact=True).click()
-    code = oathtool_code(secret)
-    page.get_by_label("Verification code", exact=True).fill(code)
-    page.get_by_role("button", name="Next", exact=True).click()
-    page.get_by_label("Device name", exact=True).fill("Max's Nokia")
-    page.get_by_role("button", name="Complete Activation", exact=True).click()
-    expect(page.get_by_text("Max's Nokia", exact=False).first).to_be_visible()
+    secret, code = _walk_wizard(page, tmp_path, "max@example.com", "Max's Nokia")
     page.get_by_role("link", name="User Settings", exact=True).click()
     text = settings_text(page)
     assert "Active" in text and "Max's Nokia" in text
