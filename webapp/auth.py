@@ -10,7 +10,7 @@ from wtforms import EmailField, PasswordField, StringField
 from wtforms.validators import DataRequired, Email, EqualTo, Length
 
 from .clock import now, timestamp
-from .db import db
+from .db import Param, Prepared, db
 from .models import SignInChallenge, User, normalise_email
 from .security import audit, backoff, hash_password, safe_next, verify_password, wait_text
 from .sessions import token_hash
@@ -83,6 +83,13 @@ class FirstRunForm(NewAccountForm):
 
 # ---------------------------------------------------------------- helpers
 
+# The sign-in steps' queries, compiled once (db.Prepared). The challenge is joined with the person: the
+# code step needs them, and a second query would cost as much as this one.
+_CHALLENGE = Prepared(lambda: SignInChallenge.select(SignInChallenge, User).join(User)
+                      .where(SignInChallenge.id == Param("id")).limit(1))
+_DROP_CHALLENGE = Prepared(lambda: SignInChallenge.delete().where(SignInChallenge.id == Param("id")))
+_MARK_LOGIN = Prepared(lambda: User.update(last_login_at=Param("at")).where(User.id == Param("id")))
+
 def complete_sign_in(user, next_url=None, method=None):
     """Start a brand-new session for a fully authenticated user and send them on (security.md 26)."""
     pending_messages = session.get("_flashes")  # messages queued for the next page survive the new session
@@ -92,7 +99,7 @@ def complete_sign_in(user, next_url=None, method=None):
         session["_flashes"] = pending_messages
     login_user(user)
     session["auth_at"] = timestamp()
-    User.update(last_login_at=now()).where(User.id == user.id).execute()
+    _MARK_LOGIN.execute(at=now(), id=user.id)
     audit("signin", user=user, method=method or ("password+code" if user.has_2fa else "password"))
     return redirect(safe_next(next_url) or url_for("settings.index"))
 
@@ -101,7 +108,7 @@ def drop_challenge():
     """Forget the pending sign-in, server-side and in the session."""
     token = session.pop("challenge", None)
     if token:
-        SignInChallenge.delete().where(SignInChallenge.id == token_hash(token)).execute()
+        _DROP_CHALLENGE.execute(id=token_hash(token))
 
 
 def current_challenge():
@@ -109,9 +116,7 @@ def current_challenge():
     token = session.get("challenge")
     if not token or not isinstance(token, str):
         return None
-    # Joined with the person: the code step needs them, and a second query costs as much as this one.
-    challenge = (SignInChallenge.select(SignInChallenge, User).join(User)
-                 .where(SignInChallenge.id == token_hash(token)).first())
+    challenge = _CHALLENGE.first(id=token_hash(token))
     if challenge is None or now() - challenge.created_at > current_app.config["CHALLENGE_TTL"]:
         drop_challenge()
         return None

@@ -13,6 +13,7 @@ from flask import abort, current_app, redirect, request, session, url_for
 from flask_login import current_user
 
 from .clock import now, timestamp
+from .db import Param, Prepared
 from .models import AuditEvent
 
 log = logging.getLogger("twostep.audit")
@@ -94,22 +95,21 @@ def client_ip():
 FORBIDDEN_DETAIL_KEYS = {"code", "secret", "password", "uri", "token", "otpauth"}
 
 
+_INSERT_AUDIT = Prepared(lambda: AuditEvent.insert(
+    kind=Param("kind"), user=Param("user"), actor=Param("actor"), ip=Param("ip"), detail=Param("detail"),
+    created_at=Param("created_at")))
+
+
 def audit(kind, user=None, actor=None, **detail):
     """Append one audit record and log it; detail must never hold codes, secrets or passwords."""
     bad = FORBIDDEN_DETAIL_KEYS.intersection(detail)
     if bad:
         raise ValueError(f"audit detail must not contain {sorted(bad)}")
-    event = AuditEvent.create(
-        kind=kind,
-        user=user,
-        actor=actor,
-        ip=client_ip() if request else None,
-        detail=json.dumps(detail, default=str, sort_keys=True),
-        created_at=now(),
-    )
-    log.info("audit %s user=%s actor=%s %s", kind, getattr(user, "id", user),
-             getattr(actor, "id", actor), event.detail)
-    return event
+    values = dict(kind=kind, user=getattr(user, "id", user), actor=getattr(actor, "id", actor),
+                  ip=client_ip() if request else None, detail=json.dumps(detail, default=str, sort_keys=True),
+                  created_at=now())
+    _INSERT_AUDIT.execute(**values)
+    log.info("audit %s user=%s actor=%s %s", kind, values["user"], values["actor"], values["detail"])
 
 
 def safe_next(target):

@@ -15,9 +15,20 @@ from peewee import InterfaceError, OperationalError
 from werkzeug.datastructures import CallbackDict
 
 from .clock import now
+from .db import Param, Prepared
 from .models import ServerSession
 
 TOUCH_INTERVAL = timedelta(seconds=60)  # write last_seen at most once a minute per session
+
+
+# Every request runs one or two of these: compiled once (db.Prepared).
+_BY_ID = Prepared(lambda: ServerSession.select().where(ServerSession.id == Param("id")))
+_INSERT = Prepared(lambda: ServerSession.insert(
+    id=Param("id"), user=Param("user"), data=Param("data"), created_at=Param("created_at"),
+    last_seen_at=Param("last_seen_at"), ip=Param("ip"), user_agent=Param("user_agent")))
+_UPDATE = Prepared(lambda: ServerSession.update(
+    data=Param("data"), last_seen_at=Param("last_seen_at"), user=Param("user")).where(ServerSession.id == Param("id")))
+_DELETE = Prepared(lambda: ServerSession.delete().where(ServerSession.id == Param("id")))
 
 
 def token_hash(token):
@@ -66,7 +77,7 @@ class DbSessionInterface(SessionInterface):
         if not token or len(token) > 100:
             return DbSession()
         try:
-            row = ServerSession.get_or_none(ServerSession.id == token_hash(token))
+            row = _BY_ID.first(id=token_hash(token))
         except (OperationalError, InterfaceError) as exc:
             # Flask opens the session outside the error handlers: keep the error for a before_request
             # hook to re-raise, so the person gets the 503 page and keeps their cookie.
@@ -78,7 +89,7 @@ class DbSessionInterface(SessionInterface):
         current = now()
         if (current - row.last_seen_at > app.config["SESSION_IDLE_TIMEOUT"]
                 or current - row.created_at > app.config["SESSION_ABSOLUTE_TIMEOUT"]):
-            row.delete_instance()
+            _DELETE.execute(id=row.id)
             return DbSession()
         return DbSession(row.load(), token=token, row=row)
 
@@ -94,11 +105,11 @@ class DbSessionInterface(SessionInterface):
             samesite="Lax",
         )
         if session.rotated_from is not None:
-            session.rotated_from.delete_instance()
+            _DELETE.execute(id=session.rotated_from.id)
             session.rotated_from = None
         if session.ended or (not session and session.row is None):
             if session.row is not None:
-                session.row.delete_instance()
+                _DELETE.execute(id=session.row.id)
                 session.row = None
             if session.ended or name in request.cookies:
                 response.delete_cookie(name, **cookie_args)
@@ -107,21 +118,14 @@ class DbSessionInterface(SessionInterface):
         user_id = session.get("_user_id")
         if session.row is None:
             session.token = secrets.token_urlsafe(32)
-            session.row = ServerSession.create(
-                id=token_hash(session.token),
-                user=int(user_id) if user_id else None,
-                data=json.dumps(dict(session)),
-                created_at=current,
-                last_seen_at=current,
-                ip=request.remote_addr,
-                user_agent=(request.user_agent.string or "")[:200],
-            )
+            values = dict(id=token_hash(session.token), user=int(user_id) if user_id else None,
+                          data=json.dumps(dict(session)), created_at=current, last_seen_at=current,
+                          ip=request.remote_addr, user_agent=(request.user_agent.string or "")[:200])
+            _INSERT.execute(**values)
+            session.row = ServerSession(**values)
         elif session.modified or current - session.row.last_seen_at > TOUCH_INTERVAL:
-            updated = (ServerSession
-                       .update(data=json.dumps(dict(session)), last_seen_at=current,
-                               user=int(user_id) if user_id else None)
-                       .where(ServerSession.id == session.row.id)
-                       .execute())
+            updated = _UPDATE.execute(data=json.dumps(dict(session)), last_seen_at=current,
+                                      user=int(user_id) if user_id else None, id=session.row.id)
             if not updated:
                 # The row was deleted meanwhile (signed out elsewhere): do not resurrect it.
                 response.delete_cookie(name, **cookie_args)

@@ -17,7 +17,7 @@ from wtforms.validators import DataRequired, Length, Optional, ValidationError
 from . import htmx, totp
 from .auth import CODE_FIELD_ATTRS, MALFORMED_CODE_ERROR, code_error, password_check, strip_text
 from .clock import now, timestamp
-from .db import db, for_update, write_transaction
+from .db import Param, Prepared, db, for_update, write_transaction
 from .models import Device, PendingEnrolment, ServerSession, User
 from .security import audit, fresh_login_required
 from .sessions import end_user_sessions, token_hash
@@ -103,8 +103,22 @@ def _user():
     return current_user._get_current_object()
 
 
+# User Settings runs these on every view: compiled once (db.Prepared).
+_DEVICES = Prepared(lambda: Device.select().where(Device.user == Param("user")).order_by(Device.created_at, Device.id))
+_LIVE_SESSIONS = Prepared(lambda: ServerSession.select(
+    ServerSession.id, ServerSession.created_at, ServerSession.last_seen_at, ServerSession.ip, ServerSession.user_agent)
+    .where((ServerSession.user == Param("user")) & (ServerSession.last_seen_at > Param("idle_after"))
+           & (ServerSession.created_at > Param("created_after")))
+    .order_by(ServerSession.last_seen_at.desc(), ServerSession.created_at.desc())
+    .limit(50))
+
+_PENDING = Prepared(lambda: PendingEnrolment.select()
+                    .where((PendingEnrolment.session == Param("session")) & (PendingEnrolment.user == Param("user")))
+                    .order_by(PendingEnrolment.created_at.desc(), PendingEnrolment.id.desc()).limit(1))
+
+
 def _devices(user):
-    return list(Device.select().where(Device.user == user.id).order_by(Device.created_at, Device.id))
+    return _DEVICES.rows(user=user.id)
 
 
 def _own_device(device_id):
@@ -115,16 +129,20 @@ def _own_device(device_id):
     return device
 
 
+# Forms built only to be displayed: the template writes the CSRF token itself, so they skip making a field for it.
+_DISPLAY = {"csrf": False}
+
+
 def _row_context(user, failed=None, notice=None):
     """Everything the Two-Factor Authentication row needs; `failed` is (kind, device_id, form) to show with errors."""
     devices = _devices(user)
     forms = {}
     for d in devices:
         forms[d.id] = {
-            "rename": RenameForm(formdata=None, prefix=f"rename-{d.id}", data={"name": d.name}),
-            "remove": RemoveForm(formdata=None, prefix=f"remove-{d.id}"),
+            "rename": RenameForm(formdata=None, prefix=f"rename-{d.id}", data={"name": d.name}, meta=_DISPLAY),
+            "remove": RemoveForm(formdata=None, prefix=f"remove-{d.id}", meta=_DISPLAY),
         }
-    disable_form = DisableForm(formdata=None, prefix="off")
+    disable_form = DisableForm(formdata=None, prefix="off", meta=_DISPLAY)
     open_form = None
     if failed:
         kind, device_id, form = failed
@@ -160,9 +178,7 @@ def current_pending(user):
     """This session's unexpired pending enrolment for `user`, or None (expired ones are deleted: security.md 8)."""
     if session.row is None:
         return None
-    pending = (PendingEnrolment.select()
-               .where((PendingEnrolment.session == session.row.id) & (PendingEnrolment.user == user.id))
-               .order_by(PendingEnrolment.created_at.desc(), PendingEnrolment.id.desc()).first())
+    pending = _PENDING.first(session=session.row.id, user=user.id)
     if pending is None:
         return None
     if now() - pending.created_at > current_app.config["PENDING_ENROLMENT_TTL"]:
@@ -476,13 +492,8 @@ def active_sessions(user):
     cfg = current_app.config
     current = now()
     this_id = token_hash(session.token) if getattr(session, "token", None) else None
-    rows = (ServerSession.select(ServerSession.id, ServerSession.created_at, ServerSession.last_seen_at,
-                                 ServerSession.ip, ServerSession.user_agent)
-            .where((ServerSession.user == user.id)
-                   & (ServerSession.last_seen_at > current - cfg["SESSION_IDLE_TIMEOUT"])
-                   & (ServerSession.created_at > current - cfg["SESSION_ABSOLUTE_TIMEOUT"]))
-            .order_by(ServerSession.last_seen_at.desc(), ServerSession.created_at.desc())
-            .limit(50))
+    rows = _LIVE_SESSIONS.rows(user=user.id, idle_after=current - cfg["SESSION_IDLE_TIMEOUT"],
+                               created_after=current - cfg["SESSION_ABSOLUTE_TIMEOUT"])
     return [{"handle": session_handle(r.id), "created_at": r.created_at, "last_seen_at": r.last_seen_at,
              "ip": r.ip, "user_agent": browser_label(r.user_agent), "current": r.id == this_id}
             for r in rows]

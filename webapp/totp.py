@@ -87,13 +87,20 @@ def provisioning_uri(secret, account, issuer):
     return f"otpauth://totp/{label}?secret={secret.rstrip('=')}&issuer={quote(issuer, safe='')}"
 
 
+def qr_code(uri):
+    """The segno QR code for `uri`, made with fixed choices (bench/qr_masks.py checks they stay readable)."""
+    # A fixed mask: segno's automatic choice renders all eight and scores them, ~4x the cost of the whole
+    # QR step. With zxing-cpp and zbar every mask decoded all samples at 5 and 2 px per module, and all or
+    # all but one when blurred (sigma 2 px); at 1.6 px per module all masks are near the unreadable edge,
+    # the automatic choice too (bench/qr_masks.py, README "Performance"). make_qr in byte mode (what the
+    # automatic choice picks for an otpauth URI) at level M without segno's boost skips two more searches;
+    # the "app" row of bench/qr_masks.py decodes exactly like mask 1 made the old way.
+    return segno.make_qr(uri, error="m", mode="byte", boost_error=False, mask=1)
+
+
 def qr_svg(uri):
     """The QR code of `uri` as inline SVG markup: black modules on a white quiet zone."""
-    # A fixed mask: segno's automatic choice renders all eight and scores them, ~4x the cost of the whole
-    # QR step. Every mask decoded 100% with zxing-cpp and zbar at 5 and 2 px per module and blurred; mask 1
-    # did best at the unreadable edge (1.6 px per module): bench/qr_masks.py, README "Performance".
-    qr = segno.make(uri, error="m", micro=False, mask=1)
-    return qr.svg_inline(scale=5, border=4, dark="#000", light="#fff", omitsize=False)
+    return qr_code(uri).svg_inline(scale=5, border=4, dark="#000", light="#fff", omitsize=False)
 
 
 def group_key(secret, size=4):
@@ -140,6 +147,22 @@ class CheckResult:
         return self.ok
 
 
+def _prepared_checks():
+    """The code check's queries, compiled once per database (db.Prepared): this is the hottest path."""
+    from .db import Param, Prepared, for_update
+    from .models import Device, User
+
+    lock_user = Prepared(lambda: for_update(User.select().where(User.id == Param("id"))))
+    lock_devices = Prepared(lambda: for_update(Device.select().where(Device.user == Param("user"))))
+    # Conditional update: only a step newer than the last accepted one wins (security.md 16, 20).
+    advance = Prepared(lambda: Device.update(last_step=Param("step"), last_used_at=Param("used_at")).where(
+        (Device.id == Param("id")) & (Device.last_step < Param("step"))))
+    return lock_user, lock_devices, advance
+
+
+_LOCK_USER, _LOCK_DEVICES, _ADVANCE_STEP = _prepared_checks()
+
+
 def check_user_code(user, raw_code):
     """Check a code against every device of `user`, atomically with the replay and throttle state.
 
@@ -149,13 +172,13 @@ def check_user_code(user, raw_code):
     Every attempt that does not succeed increments the account's failure counter, even while locked.
     """
     from .clock import now, timestamp
-    from .db import for_update, write_transaction
-    from .models import Device, User
+    from .db import write_transaction
+    from .models import User
     from .security import audit, backoff
 
     code = normalise_code(raw_code)
     with write_transaction():
-        locked_user = for_update(User.select().where(User.id == user.id)).get()
+        locked_user = _LOCK_USER.first(id=user.id)
         current = now()
         if locked_user.code_locked_until and locked_user.code_locked_until > current:
             User.update(code_failures=User.code_failures + 1).where(User.id == user.id).execute()
@@ -165,13 +188,11 @@ def check_user_code(user, raw_code):
         reason, matched = "malformed" if code is None else "wrong", None
         if code is not None:
             ts = timestamp()
-            for device in for_update(Device.select().where(Device.user == user.id)):
+            for device in _LOCK_DEVICES.rows(user=user.id):
                 step = match_step(decrypt_secret(device.secret_enc), code, ts)
                 if step is None:
                     continue
-                # Conditional update: only a step newer than the last accepted one wins (security.md 16, 20).
-                won = (Device.update(last_step=step, last_used_at=current)
-                       .where((Device.id == device.id) & (Device.last_step < step)).execute())
+                won = _ADVANCE_STEP.execute(step=step, used_at=current, id=device.id)
                 if won:
                     matched = device
                     break

@@ -1,0 +1,95 @@
+"""Rendering a form field with its label, hint and error: the `field` and `form_error` template globals.
+
+Why not WTForms' widgets through a Jinja macro: that path cost more than half of rendering a page with a few
+forms (bench/profile.py; issue #7 "User Settings >= 0.35 of the bare app"). This renders the same markup
+(attribute names sorted like WTForms, values escaped, the same validation attributes taken from the
+validators' flags) for the field types our forms use, and hands anything else to the WTForms widget.
+"""
+from markupsafe import Markup, escape
+
+# Attributes a widget takes from the validators' flags (WTForms' `validation_attrs`), per input type.
+_TEXT_ATTRS = ("required", "disabled", "readonly", "maxlength", "minlength", "pattern")
+_FLAG_ATTRS = {"text": _TEXT_ATTRS, "email": _TEXT_ATTRS, "password": _TEXT_ATTRS, "textarea": _TEXT_ATTRS,
+               "checkbox": ("required", "disabled")}
+
+
+def _attrs(values):
+    """`name="value"` pairs sorted by name; True gives a bare attribute, False/None leave it out."""
+    out = []
+    for key in sorted(values):
+        value = values[key]
+        if value is True:
+            out.append(key)
+        elif value is not False and value is not None:
+            out.append(f'{key}="{escape(value)}"')
+    return " ".join(out)
+
+
+def _kind(f):
+    """'text', 'email', 'password', 'textarea', or None for widgets this module leaves to WTForms."""
+    widget = f.widget
+    name = type(widget).__name__
+    if name == "TextArea":
+        return "textarea"
+    kind = getattr(widget, "input_type", None)
+    if kind in ("text", "email", "checkbox") or (kind == "password" and getattr(widget, "hide_value", True)):
+        return kind
+    return None
+
+
+def control(f, **extra):
+    """The form control alone (<input> or <textarea>), with the field's render_kw and `extra` attributes."""
+    kind = _kind(f)
+    values = {key.rstrip("_").replace("_", "-") if key.startswith(("aria_", "data_")) else key.rstrip("_"): value
+              for key, value in {**(f.render_kw or {}), **extra}.items()}
+    if kind is None:
+        return f(**values)
+    values.setdefault("id", f.id)
+    flags = f.flags
+    for name in _FLAG_ATTRS[kind]:
+        if name not in values:
+            value = getattr(flags, name, None)
+            if value is not None:
+                values[name] = value
+    values["name"] = f.name
+    if kind == "textarea":
+        return Markup(f"<textarea {_attrs(values)}>\r\n{escape(f._value())}</textarea>")
+    values.setdefault("type", kind)
+    if kind == "checkbox" and f.data:
+        values.setdefault("checked", True)
+    values["value"] = "" if kind == "password" else values.get("value", f._value())
+    return Markup(f"<input {_attrs(values)}>")
+
+
+def field(f, hint=None, error=None, **extra):
+    """A field's block: label, optional hint, control and first error, tied by aria-describedby (WCAG 1.3.1,
+    3.3.1)."""
+    errors = list(f.errors)
+    if error:
+        errors.append(error)
+    described = []
+    if hint:
+        described.append(f.id + "-hint")
+    if errors:
+        described.append(f.id + "-error")
+        extra["aria_describedby"] = " ".join(described)
+        extra["aria_invalid"] = "true"
+    elif described:
+        extra["aria_describedby"] = described[0]
+        extra["aria_invalid"] = "false"
+    parts = [f'<div class="field{" has-error" if errors else ""}">',
+             f'<label for="{escape(f.id)}">{escape(f.label.text)}</label>']
+    if hint:
+        parts.append(f'<p class="hint" id="{escape(f.id)}-hint">{escape(hint)}</p>')
+    parts.append(control(f, **extra))
+    if errors:
+        parts.append(f'<p class="error" id="{escape(f.id)}-error">{escape(errors[0])}</p>')
+    parts.append("</div>")
+    return Markup("\n".join(parts))
+
+
+def form_error(message):
+    """A form-level error (not tied to one field), announced by screen readers when it appears."""
+    if not message:
+        return Markup("")
+    return Markup(f'<p class="error form-error" role="alert">{escape(message)}</p>')
