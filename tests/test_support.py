@@ -1,5 +1,6 @@
 """The admins' Support page: access rules, user search, and the time-boxed "temporarily disable 2FA"
 cycle driven by the injected clock (security.md 37-41)."""
+import re
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -13,6 +14,7 @@ from .conftest import PASSWORD, Actor, csrf_from
 
 ADMIN = "boss@example.com"
 HX = {"HX-Request": "true"}
+DISABLE_LINK = ">Temporarily disable 2FA</a>"  # the light control in a search result row
 
 
 def sign_in_admin(actor, secret, email=ADMIN):
@@ -256,8 +258,198 @@ def test_own_and_admin_rows_offer_no_action(actor, secret):
     actor.user("carol@example.com", secret=new_secret())
     sign_in_admin(actor, secret)
     html = actor.client.get("/support").get_data(as_text=True)
-    assert html.count("<summary>Temporarily disable 2FA</summary>") == 1
+    assert html.count(DISABLE_LINK) == 1
     assert "This is your own account" in html and "Another admin" in html
+
+
+def _tag(html, tag, element_id):
+    """The opening tag of the <tag> whose id is element_id (attribute order does not matter)."""
+    match = re.search(rf'<{tag}\b[^>]*\bid="{re.escape(element_id)}"[^>]*>', html)
+    assert match, f"no <{tag} id={element_id}> in the page"
+    return match.group(0)
+
+
+def _attr(tag, name):
+    """The value of attribute `name` in an opening tag; True for a bare attribute, None when absent."""
+    match = re.search(rf'\s{name}(?:="([^"]*)")?(?=[\s>])', tag)
+    return None if match is None else (match.group(1) if match.group(1) is not None else True)
+
+
+def test_search_results_do_not_contain_the_disable_form(app, actor, secret):
+    """The speed-up: result rows offer the action as a link to the form, never the form itself (rendering
+    one per row was most of a search's cost, issue #7); the link works with and without JavaScript."""
+    people = [actor.user(f"carol{i}@example.com", secret=new_secret()) for i in range(3)]
+    sign_in_admin(actor, secret)
+    for headers in (HX, {}):
+        html = actor.client.get("/support?q=carol", headers=headers).get_data(as_text=True)
+        assert html.count(DISABLE_LINK) == 3
+        for person in people:
+            url = f"/support/users/{person.id}/disable-2fa"
+            assert f'href="{url}"' in html and f'hx-get="{url}"' in html
+        assert 'name="reason"' not in html and "-reason" not in html and "-duration" not in html
+        assert "Disable for" not in html and "Disable 2FA temporarily" not in html
+        assert "<details" not in html
+
+
+def test_search_runs_the_same_number_of_queries_for_one_or_many_people(app, actor, secret):
+    """No N+1: a page of 25 people (with devices and open requests) costs the queries of a page of one."""
+    for i in range(30):
+        person = actor.user(f"many{i:02d}@example.com", devices={"Phone": new_secret(), "Tablet": new_secret()})
+        with app.app_context():
+            SupportRequest.create(email=person.email, message="lost my phone", user=person.id)
+    actor.user("single@example.com", secret=new_secret())
+    sign_in_admin(actor, secret)
+    statements = []
+    original = db.obj.execute_sql
+
+    def counting(sql, params=None, *args, **kwargs):
+        statements.append(sql)
+        return original(sql, params, *args, **kwargs)
+
+    db.obj.execute_sql = counting
+    try:
+        def queries(q):
+            statements.clear()
+            html = actor.client.get(f"/support?q={q}", headers=HX).get_data(as_text=True)
+            return len(statements), html
+
+        one, html_one = queries("single")
+        many, html_many = queries("many")
+    finally:
+        db.obj.execute_sql = original
+    assert html_one.count('class="user-row"') == 1 and html_many.count('class="user-row"') == 25
+    assert "Tablet" in html_many and "Open contact requests" in html_many
+    assert many == one, (one, many)
+
+
+def test_disable_form_comes_into_the_row_with_htmx(app, actor, secret, target):
+    """hx-get answers with the person's row, the form open and Reason focused; it submits like before."""
+    sign_in_admin(actor, secret)
+    r = actor.client.get(f"/support/users/{target.id}/disable-2fa", headers=HX)
+    html = r.get_data(as_text=True)
+    assert r.status_code == 200 and "HX-Request" in r.headers["Vary"]
+    assert html.lstrip().startswith(f'<article class="user-row" id="user-{target.id}"') and "<html" not in html
+    assert '<details class="disable" open>' in html
+    reason = _tag(html, "textarea", f"u{target.id}-reason")
+    assert _attr(reason, "name") == f"u{target.id}-reason" and _attr(reason, "autofocus") is True
+    assert f'<label for="u{target.id}-reason">Reason</label>' in html
+    assert f'<label for="u{target.id}-duration">Disable for</label>' in html
+    for label in ("24 hours", "3 days", "7 days"):
+        assert f">{label}</option>" in html
+    assert "Disable 2FA temporarily" in html
+    # the form in the fragment carries what a submit needs, and showing it changed nothing
+    _unchanged(app, target)
+    token = csrf_from(html)
+    r = actor.client.post(f"/support/users/{target.id}/disable-2fa", headers={**HX, "X-CSRFToken": token},
+                          data={f"u{target.id}-reason": "Called back on the number on file",
+                                f"u{target.id}-duration": "24h"})
+    assert r.status_code == 200 and "Temporarily off" in r.get_data(as_text=True)
+    assert count(app, Device, Device.user == target.id) == 0
+
+
+def test_disable_form_is_a_page_without_javascript(app, actor, secret, target):
+    """Without JavaScript the link opens a page with the same form; posting it works as before."""
+    sign_in_admin(actor, secret)
+    r = actor.client.get(f"/support/users/{target.id}/disable-2fa")
+    html = r.get_data(as_text=True)
+    assert r.status_code == 200 and "<html" in html
+    assert "<h1>Temporarily disable 2FA</h1>" in html and "carol@example.com" in html
+    assert 'href="/support?q=carol@example.com">Back to Support</a>' in html
+    assert f'action="/support/users/{target.id}/disable-2fa"' in html and 'method="post"' in html
+    assert _attr(_tag(html, "textarea", f"u{target.id}-reason"), "autofocus") is True
+    _unchanged(app, target)
+    r = actor.post_form(f"/support/users/{target.id}/disable-2fa",
+                        {f"u{target.id}-reason": "Checked ID on a video call", f"u{target.id}-duration": "3d"},
+                        form_url=f"/support/users/{target.id}/disable-2fa")
+    assert r.status_code == 302 and r.headers["Location"].endswith("/support?q=carol@example.com")
+    assert count(app, Device, Device.user == target.id) == 0
+
+
+def test_validation_errors_come_back_on_the_form_page_tied_to_their_fields(app, actor, secret, target):
+    """WCAG 3.3.1: each message is tied to its field (aria-describedby), the field is marked invalid and
+    focus lands on the first field with an error; nothing was changed (security.md 38)."""
+    sign_in_admin(actor, secret)
+    r = disable(actor, target, reason="", duration="30d")
+    html = r.get_data(as_text=True)
+    assert r.status_code == 400 and "<h1>Temporarily disable 2FA</h1>" in html
+    reason = _tag(html, "textarea", f"u{target.id}-reason")
+    assert f"u{target.id}-reason-error" in _attr(reason, "aria-describedby").split()
+    assert _attr(reason, "aria-invalid") == "true" and _attr(reason, "autofocus") is True
+    assert re.search(rf'<p class="error" id="u{target.id}-reason-error">Give a reason', html)
+    duration = _tag(html, "select", f"u{target.id}-duration")
+    assert f"u{target.id}-duration-error" in _attr(duration, "aria-describedby").split()
+    assert _attr(duration, "autofocus") is None  # one autofocus: the first field with an error
+    assert "Choose 24 hours, 3 days or 7 days." in html
+    _unchanged(app, target)
+    # only the duration wrong: focus goes to it
+    html = disable(actor, target, duration="30d", headers=HX).get_data(as_text=True)
+    assert _attr(_tag(html, "select", f"u{target.id}-duration"), "autofocus") is True
+    assert _attr(_tag(html, "textarea", f"u{target.id}-reason"), "autofocus") is None
+    _unchanged(app, target)
+
+
+def test_disable_form_of_an_unknown_person_is_404(actor, secret):
+    sign_in_admin(actor, secret)
+    assert actor.client.get("/support/users/9999/disable-2fa").status_code == 404
+    assert actor.client.get("/support/users/9999/disable-2fa", headers=HX).status_code == 404
+
+
+def test_disable_form_is_refused_for_yourself_and_other_admins(actor, secret):
+    """security.md 41: no form for your own account or another admin's, whatever the URL."""
+    other = actor.user("other-admin@example.com", admin=True, secret=new_secret())
+    me = sign_in_admin(actor, secret)
+    for person in (me, other):
+        for headers in ({}, HX):
+            r = actor.client.get(f"/support/users/{person.id}/disable-2fa", headers=headers)
+            html = r.get_data(as_text=True)
+            assert r.status_code == 403 and "-reason" not in html and "Disable for" not in html
+            assert "cannot change two-factor authentication on its own account or on another admin" in html
+    assert "other-admin@example.com" not in html  # the refusal shows nothing about the other admin
+
+
+def test_disable_form_for_someone_without_2fa_explains_and_offers_no_form(actor, secret):
+    dave = actor.user("dave@example.com")
+    sign_in_admin(actor, secret)
+    r = actor.client.get(f"/support/users/{dave.id}/disable-2fa", headers=HX)
+    html = r.get_data(as_text=True)
+    assert r.status_code == 200 and "no two-factor authentication to disable" in html
+    assert "-reason" not in html and "<details" not in html
+
+
+def test_disable_form_is_guarded_like_the_support_page(app, actor, secret, clock, target):
+    """security.md 37: the form shows a person's details, so it needs what search needs: a signed-in admin
+    with 2FA and a fresh sign-in."""
+    url = f"/support/users/{target.id}/disable-2fa"
+    anonymous = actor.client.get(url)
+    assert anonymous.status_code == 302 and "/login" in anonymous.headers["Location"]
+    assert actor.client.get(url, headers=HX).status_code == 401
+    plain = second_client(app, clock)
+    plain.user("dave@example.com", secret=new_secret())
+    plain.sign_in("dave@example.com", PASSWORD)  # no code: stays at the code step
+    assert plain.client.get(url).status_code in (302, 401, 403)
+    ordinary = second_client(app, clock)
+    ordinary_secret = new_secret()
+    ordinary.user("erin@example.com", secret=ordinary_secret)
+    ordinary.sign_in("erin@example.com", PASSWORD, ordinary_secret)
+    r = ordinary.client.get(url)
+    assert r.status_code == 403 and "-reason" not in r.get_data(as_text=True)
+    no_2fa = second_client(app, clock)
+    no_2fa.user("admin-no-2fa@example.com", admin=True)
+    no_2fa.sign_in("admin-no-2fa@example.com", PASSWORD)
+    r = no_2fa.client.get(url)
+    assert r.status_code == 403 and "Set up two-factor authentication" in r.get_data(as_text=True)
+
+    sign_in_admin(actor, secret)
+    clock.advance(app.config["FRESH_LOGIN_WINDOW"].total_seconds() + 1)
+    r = actor.client.get(url)
+    assert r.status_code == 302 and "/reauth" in r.headers["Location"]
+    assert f"next={url}" in r.headers["Location"].replace("%2F", "/")
+    r = actor.client.get(url, headers=HX)
+    assert r.status_code == 401 and "/reauth" in r.headers["HX-Redirect"]
+    # confirming the identity leads back to the form
+    r = actor.post_form(actor.client.get(url).headers["Location"], {"password": PASSWORD, "code": actor.code(secret)})
+    assert r.status_code == 302 and r.headers["Location"].endswith(url)
+    assert f"u{target.id}-reason" in actor.client.get(url).get_data(as_text=True)
 
 
 # ---------------------------------------------------------------- the temporary disable cycle (security.md 39, 40)
@@ -407,7 +599,7 @@ def test_a_blocked_person_can_be_given_a_new_window(app, actor, secret, clock, t
     fresh = second_client(app, clock)  # the first admin's session has long timed out
     sign_in_admin(fresh, new_secret(), email="boss2@example.com")
     html = fresh.client.get("/support?q=carol").get_data(as_text=True)
-    assert "Blocked" in html and "<summary>Temporarily disable 2FA</summary>" in html
+    assert "Blocked" in html and DISABLE_LINK in html
     assert disable(fresh, target).status_code == 302
     assert second_client(app, clock).password_step("carol@example.com").headers["Location"].endswith("/settings")
 

@@ -15,7 +15,7 @@ from wtforms.validators import AnyOf, DataRequired, Email, Length, Optional
 from . import htmx
 from .auth import strip_text
 from .clock import now
-from .db import for_update, write_transaction
+from .db import db, for_update, write_transaction
 from .models import AuditEvent, Device, SignInChallenge, SupportRequest, User, normalise_email
 from .security import audit, client_ip, is_fresh
 from .sessions import end_user_sessions
@@ -305,28 +305,62 @@ def support_admin_required(view):
 # ---------------------------------------------------------------- rows of people on the Support page
 
 class UserRow:
-    """What the Support page shows about one person (never a secret: devices are loaded without them)."""
+    """What the Support page shows about one person (never a secret: devices are loaded without them).
 
-    def __init__(self, user, devices, open_requests, form=None, notice=None, error=None):
+    Search results are light: the disable form is built only for the row that shows it (`form` given), since
+    rendering it in every row was most of a search's cost."""
+
+    def __init__(self, user, devices, open_requests, form=None, notice=None, error=None, current=None,
+                 actor_id=None):
         self.user = user
         self.devices = devices
         self.open_requests = open_requests
-        self.form = form or DisableForm(formdata=None, prefix=f"u{user.id}")
+        self.form = form
         self.notice = notice
         self.error = error
-        current = now()
         if devices or user.tfa_reset_until is None:
             self.window = None
         else:
-            self.window = "open" if user.tfa_reset_until > current else "ended"
-        self.is_self = user.id == current_user.id
+            self.window = "open" if user.tfa_reset_until > (current or now()) else "ended"
+        self.is_self = user.id == (current_user.id if actor_id is None else actor_id)
         self.protected = self.is_self or user.is_admin
         # A disable only makes sense where there is 2FA to disable or a window to (re)open.
         self.can_disable = not self.protected and (bool(devices) or user.tfa_reset_until is not None)
         self.can_end = not self.protected and self.window == "open"
+        self.show_form = self.can_disable and form is not None
 
 
 USER_COLUMNS = (User.id, User.email, User.is_admin, User.created_at, User.last_login_at, User.tfa_reset_until)
+
+
+_IDS_SQL = {}
+
+
+def _by_ids(model, build, ids):
+    """`build(ids)` run as a raw query whose SQL is generated once per database kind and number of ids:
+    peewee's SQL generation cost more than SQLite takes to run these index lookups (bench/profile.py)."""
+    key = (build, type(db.obj), len(ids))
+    sql = _IDS_SQL.get(key)
+    if sql is None:
+        query = build(ids)
+        sql, params = query.sql()
+        if list(params) != list(ids):  # something besides the ids is a parameter: the text is not reusable
+            return query
+        _IDS_SQL[key] = sql
+    return model.raw(sql, *ids)
+
+
+def _devices_query(ids):
+    """Devices of these people, oldest first (never their secrets)."""
+    return (Device.select(Device.id, Device.user, Device.name, Device.created_at, Device.last_used_at)
+            .where(Device.user.in_(ids)).order_by(Device.created_at, Device.id))
+
+
+def _open_counts_query(ids):
+    """(person id, number of open contact requests) for these people."""
+    return (SupportRequest.select(SupportRequest.user, fn.COUNT(SupportRequest.id))
+            .where(SupportRequest.user.in_(ids) & SupportRequest.handled_at.is_null())
+            .group_by(SupportRequest.user))
 
 
 def build_rows(users, forms=None, notices=None, errors=None):
@@ -335,15 +369,13 @@ def build_rows(users, forms=None, notices=None, errors=None):
     devices = {i: [] for i in ids}
     counts = {}
     if ids:
-        for d in (Device.select(Device.id, Device.user, Device.name, Device.created_at, Device.last_used_at)
-                  .where(Device.user.in_(ids)).order_by(Device.created_at, Device.id)):
+        for d in _by_ids(Device, _devices_query, ids):
             devices[d.user_id].append(d)
-        for r in (SupportRequest.select(SupportRequest.user, SupportRequest.id)
-                  .where(SupportRequest.user.in_(ids) & SupportRequest.handled_at.is_null())):
-            counts[r.user_id] = counts.get(r.user_id, 0) + 1
+        counts = dict(_by_ids(SupportRequest, _open_counts_query, ids).tuples())
     forms, notices, errors = forms or {}, notices or {}, errors or {}
-    return [UserRow(u, devices[u.id], counts.get(u.id, 0), forms.get(u.id), notices.get(u.id), errors.get(u.id))
-            for u in users]
+    current, actor_id = now(), current_user.id  # once per page, not once per row
+    return [UserRow(u, devices[u.id], counts.get(u.id, 0), forms.get(u.id), notices.get(u.id), errors.get(u.id),
+                    current=current, actor_id=actor_id) for u in users]
 
 
 def user_search_query(q):
@@ -431,6 +463,14 @@ def _refuse_protected(target):
                    "account. Ask the server operator instead.")
 
 
+def _focus(form):
+    """Mark the field a keyboard user should land on: the first with an error, else Reason (htmx focuses
+    [autofocus] in swapped content; a full page focuses it on load)."""
+    first = next((f for f in form if f.errors), form.reason)
+    first.render_kw = {**(first.render_kw or {}), "autofocus": True}  # a copy: render_kw is shared by the class
+    return form
+
+
 def _row_response(target, status=200, form=None, notice=None, error=None, flash_message=None,
                   refresh_requests=False):
     """htmx: the person's row re-rendered in place; plain forms: redirect with a flash, or the page with errors."""
@@ -447,8 +487,24 @@ def _row_response(target, status=200, form=None, notice=None, error=None, flash_
     if status < 400:
         flash(flash_message or notice, "success")
         return redirect(url_for("support.index", q=fresh.email))
+    if form is not None:
+        # The disable form with its errors, on the page where the form lives without JavaScript.
+        return htmx.render("support/disable.html", "support/_user_row.html", status=status, row=rows[0])
     context = _index_context(fresh.email, 1, rows=rows)
     return htmx.render("support/index.html", "support/_user_row.html", status=status, **context)
+
+
+@bp.get("/support/users/<int:user_id>/disable-2fa")
+@support_admin_required
+def disable_2fa_form(user_id):
+    """One person's "Temporarily disable 2FA" form: htmx swaps it into their row; without JavaScript, a page."""
+    target = _target_or_404(user_id)
+    _refuse_protected(target)
+    form = _focus(DisableForm(formdata=None, prefix=f"u{target.id}"))
+    row = build_rows([target], forms={target.id: form})[0]
+    if not row.can_disable:
+        row.error = "This person has no two-factor authentication to disable."
+    return htmx.render("support/disable.html", "support/_user_row.html", row=row)
 
 
 @bp.post("/support/users/<int:user_id>/disable-2fa")
@@ -459,7 +515,8 @@ def disable_2fa(user_id):
     _refuse_protected(target)
     form = DisableForm(prefix=f"u{target.id}")
     if not form.validate():
-        return _row_response(target, status=400, form=form, error="Nothing was changed. Check the fields below.")
+        return _row_response(target, status=400, form=_focus(form),
+                             error="Nothing was changed. Check the fields below.")
     label, duration = DURATIONS[form.duration.data]
     actor = current_user._get_current_object()
     with write_transaction():

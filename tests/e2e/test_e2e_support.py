@@ -4,7 +4,7 @@ import re
 
 from browser_kit import oathtool_code, random_secret
 from journey import (enter_code, expect, expect_code_step, expect_signed_in, gear, log_in, search_users,
-                     settings_text)
+                     settings_text, tab_to)
 
 ADMIN = "admin@example.com"
 PERSON = "olga@example.com"
@@ -33,18 +33,29 @@ def person_row(page):
     return page.get_by_role("article", name=re.compile(re.escape(PERSON)))
 
 
-def disable_2fa_for_person(page):
-    """Support page: Search users, then Temporarily disable 2FA with a Reason and a Disable for duration."""
+def open_support_and_find_person(page):
+    """Support page, Search users for the person; their row shows 2FA Active."""
     page.get_by_role("navigation").get_by_role("link", name="Support", exact=True).click()
     expect(page.get_by_role("heading", name="Support", exact=True)).to_be_visible()
     search_users(page, "olga")
     row = person_row(page)
     expect(row).to_be_visible()
     expect(row).to_contain_text("Active")
-    row.get_by_text("Temporarily disable 2FA", exact=True).click()
-    row.get_by_label("Reason", exact=True).fill("Called back on the number on file; lost phone (request from today).")
-    row.get_by_label("Disable for", exact=True).select_option(label="24 hours")
-    row.get_by_role("button", name=re.compile("Disable")).click()
+    return row
+
+
+def disable_2fa_for_person(page):
+    """Support page: Search users, then Temporarily disable 2FA with a Reason and a Disable for duration.
+
+    The result row holds only a link; htmx fetches the form into the row on demand, focused on Reason."""
+    row = open_support_and_find_person(page)
+    expect(row.get_by_label("Reason", exact=True)).to_have_count(0)  # search results stay light
+    row.get_by_role("link", name="Temporarily disable 2FA", exact=True).click()
+    reason = person_row(page).get_by_label("Reason", exact=True)
+    expect(reason).to_be_focused()
+    reason.fill("Called back on the number on file; lost phone (request from today).")
+    person_row(page).get_by_label("Disable for", exact=True).select_option(label="24 hours")
+    person_row(page).get_by_role("button", name=re.compile("Disable")).click()
     expect(person_row(page)).to_contain_text("Temporarily off")
 
 
@@ -126,3 +137,46 @@ def test_when_the_window_ends_without_a_new_device_sign_in_stays_closed(page, se
     expect(page.get_by_role("heading", name="User Settings")).to_have_count(0)
     alert.get_by_role("link", name="Contact support").click()
     expect(page.get_by_role("heading", name="Contact support", exact=True)).to_be_visible()
+
+
+def test_disable_form_by_keyboard_with_an_error_first(page, server):
+    """Keyboard alone: Tab to the row's link, Enter opens the form in the row with focus on Reason; a missing
+    reason comes back tied to the field, focused; then the disable goes through."""
+    server.user(PERSON, devices={"Lost phone": random_secret()})
+    sign_in_admin(page, server)
+    row = open_support_and_find_person(page)
+    tab_to(page, row.get_by_role("link", name="Temporarily disable 2FA", exact=True))
+    page.keyboard.press("Enter")
+    reason = person_row(page).get_by_label("Reason", exact=True)
+    expect(reason).to_be_focused()
+    tab_to(page, person_row(page).get_by_role("button", name=re.compile("Disable")))
+    page.keyboard.press("Enter")
+    reason = person_row(page).get_by_label("Reason", exact=True)
+    expect(reason).to_have_attribute("aria-invalid", "true")
+    expect(reason).to_have_accessible_description(re.compile("Give a reason"))
+    expect(reason).to_be_focused()
+    page.keyboard.type("Video call, passport seen.")
+    tab_to(page, person_row(page).get_by_role("button", name=re.compile("Disable")))
+    page.keyboard.press("Enter")
+    expect(person_row(page)).to_contain_text("Temporarily off")
+
+
+def test_disable_without_javascript_uses_a_page_with_the_form(nojs_page, server):
+    """No JavaScript: the row's link opens a page with the same form; submitting it returns to the search
+    with the outcome, and an error comes back on that page next to the field."""
+    server.user(PERSON, devices={"Lost phone": random_secret()})
+    page = nojs_page
+    sign_in_admin(page, server)
+    row = open_support_and_find_person(page)
+    row.get_by_role("link", name="Temporarily disable 2FA", exact=True).click()
+    expect(page.get_by_role("heading", name="Temporarily disable 2FA", exact=True)).to_be_visible()
+    page.get_by_role("button", name=re.compile("Disable")).click()
+    reason = page.get_by_label("Reason", exact=True)
+    expect(reason).to_have_attribute("aria-invalid", "true")
+    expect(reason).to_have_accessible_description(re.compile("Give a reason"))
+    reason.fill("Called back on the number on file.")
+    page.get_by_label("Disable for", exact=True).select_option(label="3 days")
+    page.get_by_role("button", name=re.compile("Disable")).click()
+    expect(page.get_by_role("heading", name="Support", exact=True)).to_be_visible()
+    expect(page.get_by_text(re.compile(r"2FA for olga@example\.com is off until"))).to_be_visible()
+    expect(person_row(page)).to_contain_text("Temporarily off")
