@@ -5,12 +5,12 @@ import secrets
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, session, url_for
 from flask_login import current_user, login_required, login_user
-from flask_wtf import FlaskForm
 from wtforms import EmailField, PasswordField, StringField
 from wtforms.validators import DataRequired, Email, EqualTo, Length
 
 from .clock import now, timestamp
 from .db import Param, Prepared, db
+from .fields import Form
 from .models import SignInChallenge, User, normalise_email
 from .security import audit, backoff, hash_password, safe_next, verify_password, wait_text
 from .sessions import token_hash
@@ -38,7 +38,7 @@ CODE_FIELD_ATTRS = {
 }
 
 
-class LoginForm(FlaskForm):
+class LoginForm(Form):
     email = EmailField("Email address", validators=[
         DataRequired("Enter your email address."), Length(max=254, message="That email address is too long."),
         Email("Enter a valid email address.", check_deliverability=False)], filters=[strip_text],
@@ -48,13 +48,13 @@ class LoginForm(FlaskForm):
         render_kw={"autocomplete": "current-password"})
 
 
-class CodeForm(FlaskForm):
+class CodeForm(Form):
     code = StringField("Verification code", validators=[
         DataRequired("Enter the 6-digit code from your authenticator app."),
         Length(max=32, message=MALFORMED_CODE_ERROR)], render_kw=CODE_FIELD_ATTRS)
 
 
-class ReauthForm(FlaskForm):
+class ReauthForm(Form):
     password = PasswordField("Password", validators=[
         DataRequired("Enter your password."), Length(max=1024, message="That password is too long.")],
         render_kw={"autocomplete": "current-password", "autofocus": True})
@@ -62,7 +62,7 @@ class ReauthForm(FlaskForm):
                        render_kw={**CODE_FIELD_ATTRS, "autofocus": False})
 
 
-class NewAccountForm(FlaskForm):
+class NewAccountForm(Form):
     email = EmailField("Email address", validators=[
         DataRequired("Enter an email address."), Length(max=254, message="That email address is too long."),
         Email("Enter a valid email address.", check_deliverability=False)], filters=[strip_text],

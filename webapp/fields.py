@@ -1,11 +1,23 @@
-"""Rendering a form field with its label, hint and error: the `field` and `form_error` template globals.
+"""Forms: the base form class, and rendering a field with its label, hint and error (the `field`,
+`control` and `form_error` template globals).
 
 Why not WTForms' widgets through a Jinja macro: that path cost more than half of rendering a page with a few
 forms (bench/profile.py; issue #7 "User Settings >= 0.35 of the bare app"). This renders the same markup
 (attribute names sorted like WTForms, values escaped, the same validation attributes taken from the
 validators' flags) for the field types our forms use, and hands anything else to the WTForms widget.
 """
+from flask_wtf import FlaskForm
 from markupsafe import Markup, escape
+
+
+class Form(FlaskForm):
+    """The base of every form here. CSRFProtect checks the token of every unsafe request before any view
+    runs (security.md 33; a missing or wrong token gets the 400 "Form expired" page), so forms do not
+    carry a second CSRF field of their own: that field signed a fresh token for every form built, a tenth
+    of the code step's cost. Templates write the token with `csrf_token()`."""
+
+    class Meta:
+        csrf = False
 
 # Attributes a widget takes from the validators' flags (WTForms' `validation_attrs`), per input type.
 _TEXT_ATTRS = ("required", "disabled", "readonly", "maxlength", "minlength", "pattern")

@@ -9,7 +9,6 @@ import re
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, session, url_for
 from flask_login import current_user, login_required
-from flask_wtf import FlaskForm
 from peewee import IntegrityError
 from wtforms import BooleanField, PasswordField, StringField
 from wtforms.validators import DataRequired, Length, Optional, ValidationError
@@ -18,6 +17,7 @@ from . import htmx, totp
 from .auth import CODE_FIELD_ATTRS, MALFORMED_CODE_ERROR, code_error, password_check, strip_text
 from .clock import now, timestamp
 from .db import Param, Prepared, db, for_update, write_transaction
+from .fields import Form
 from .models import Device, PendingEnrolment, ServerSession, User
 from .security import audit, fresh_login_required
 from .sessions import end_user_sessions, token_hash
@@ -38,11 +38,11 @@ def _printable(form, field):
 
 # ---------------------------------------------------------------- forms
 
-class StartForm(FlaskForm):
+class StartForm(Form):
     """Only the CSRF token: starting the wizard issues a new secret, so it is a POST."""
 
 
-class EnrolCodeForm(FlaskForm):
+class EnrolCodeForm(Form):
     code = StringField("Verification code", validators=[
         DataRequired("Enter the 6-digit code from your authenticator app."),
         Length(max=32, message=MALFORMED_CODE_ERROR)], render_kw=CODE_FIELD_ATTRS)
@@ -55,21 +55,21 @@ def _name_field():
         _printable], render_kw={"autocomplete": "off", "maxlength": str(DEVICE_NAME_MAX), "spellcheck": "false"})
 
 
-class DeviceNameForm(FlaskForm):
+class DeviceNameForm(Form):
     name = _name_field()
 
 
 # The device-management forms appear once per device on one page, so they carry a prefix (unique ids for
 # labels and aria-describedby). Their CSRF token is the page's plain `csrf_token` field, which the global
 # CSRFProtect checks on every POST before the view runs.
-class RenameForm(FlaskForm):
+class RenameForm(Form):
     class Meta:
         csrf = False
 
     name = _name_field()
 
 
-class RemoveForm(FlaskForm):
+class RemoveForm(Form):
     class Meta:
         csrf = False
 
@@ -84,7 +84,7 @@ class RemoveForm(FlaskForm):
         render_kw={"autocomplete": "current-password"})
 
 
-class DisableForm(FlaskForm):
+class DisableForm(Form):
     class Meta:
         csrf = False
 
@@ -129,20 +129,16 @@ def _own_device(device_id):
     return device
 
 
-# Forms built only to be displayed: the template writes the CSRF token itself, so they skip making a field for it.
-_DISPLAY = {"csrf": False}
-
-
 def _row_context(user, failed=None, notice=None):
     """Everything the Two-Factor Authentication row needs; `failed` is (kind, device_id, form) to show with errors."""
     devices = _devices(user)
     forms = {}
     for d in devices:
         forms[d.id] = {
-            "rename": RenameForm(formdata=None, prefix=f"rename-{d.id}", data={"name": d.name}, meta=_DISPLAY),
-            "remove": RemoveForm(formdata=None, prefix=f"remove-{d.id}", meta=_DISPLAY),
+            "rename": RenameForm(formdata=None, prefix=f"rename-{d.id}", data={"name": d.name}),
+            "remove": RemoveForm(formdata=None, prefix=f"remove-{d.id}"),
         }
-    disable_form = DisableForm(formdata=None, prefix="off", meta=_DISPLAY)
+    disable_form = DisableForm(formdata=None, prefix="off")
     open_form = None
     if failed:
         kind, device_id, form = failed
