@@ -220,6 +220,9 @@ def test_search_uses_the_email_index(app):
                 db.execute_sql("SET LOCAL enable_seqscan = off")
                 plan = " ".join(str(row) for row in db.execute_sql("EXPLAIN " + sql, params).fetchall())
             assert "Index" in plan and "user_email" in plan and "Seq Scan" not in plan, plan
+        # the page runs that same statement, compiled once (db.Prepared), so the plan above is its plan
+        from webapp.support import _SEARCH_PREFIX
+        assert _SEARCH_PREFIX._get()[1] == user_search_query("al").limit(26).offset(25).sql()[0]
         # and the helper the page uses returns the same people
         User.create(email="alan@example.com", password_hash="x")
         users, has_next = search_users("al", 1)
