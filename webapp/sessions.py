@@ -15,7 +15,7 @@ from peewee import InterfaceError, OperationalError
 from werkzeug.datastructures import CallbackDict
 
 from .clock import now
-from .db import Param, Prepared
+from .db import Param, Prepared, write_transaction
 from .models import ServerSession
 
 TOUCH_INTERVAL = timedelta(seconds=60)  # write last_seen at most once a minute per session
@@ -105,8 +105,15 @@ class DbSessionInterface(SessionInterface):
             samesite="Lax",
         )
         if session.rotated_from is not None:
-            _DELETE.execute(id=session.rotated_from.id)
-            session.rotated_from = None
+            with write_transaction():  # the old row goes and the new one comes in one commit
+                _DELETE.execute(id=session.rotated_from.id)
+                session.rotated_from = None
+                self._store(session, response, name, cookie_args)
+            return
+        self._store(session, response, name, cookie_args)
+
+    def _store(self, session, response, name, cookie_args):
+        """Write the session row (or delete it) and set or clear the cookie to match."""
         if session.ended or (not session and session.row is None):
             if session.row is not None:
                 _DELETE.execute(id=session.row.id)

@@ -206,13 +206,17 @@ def detail_text(detail):
     return parts
 
 
+# Shown on every User Settings view: compiled once (db.Prepared).
+_OWN_EVENTS = Prepared(lambda: AuditEvent.select().where(AuditEvent.user == Param("user"))
+                       .order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc()).limit(Param("limit")))
+
+
 @bp.app_template_global()
 def security_activity(user, limit=10):
     """The person's own most recent security events, newest first, in plain words (for User Settings)."""
     if user is None or not getattr(user, "is_authenticated", False):
         return []
-    events = (AuditEvent.select().where(AuditEvent.user == user.id)
-              .order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc()).limit(max(1, min(int(limit), 100))))
+    events = _OWN_EVENTS.rows(user=user.id, limit=max(1, min(int(limit), 100)))
     # The address is shown only for what the person did themselves: never an admin's address.
     return [{"when": e.created_at, "when_text": _fmt_time(e.created_at), "text": event_text(e.kind, e.details),
              "ip": e.ip if e.actor_id in (None, user.id) else None} for e in events]
