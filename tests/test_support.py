@@ -333,6 +333,8 @@ def test_disable_form_comes_into_the_row_with_htmx(app, actor, secret, target):
     assert r.status_code == 200 and "HX-Request" in r.headers["Vary"]
     assert html.lstrip().startswith(f'<article class="user-row" id="user-{target.id}"') and "<html" not in html
     assert '<details class="disable" open>' in html
+    form = re.search(r"<form[^>]*disable-2fa[^>]*>", html).group(0)
+    assert f'hx-post="/support/users/{target.id}/disable-2fa"' in form and 'hx-target="closest .user-row"' in form
     reason = _tag(html, "textarea", f"u{target.id}-reason")
     assert _attr(reason, "name") == f"u{target.id}-reason" and _attr(reason, "autofocus") is True
     assert f'<label for="u{target.id}-reason">Reason</label>' in html
@@ -359,6 +361,8 @@ def test_disable_form_is_a_page_without_javascript(app, actor, secret, target):
     assert "<h1>Temporarily disable 2FA</h1>" in html and "carol@example.com" in html
     assert 'href="/support?q=carol@example.com">Back to Support</a>' in html
     assert f'action="/support/users/{target.id}/disable-2fa"' in html and 'method="post"' in html
+    # a plain post even when JavaScript is on: the htmx answer refreshes a request list this page lacks
+    assert "hx-post" not in re.search(r"<form[^>]*disable-2fa[^>]*>", html).group(0)
     assert _attr(_tag(html, "textarea", f"u{target.id}-reason"), "autofocus") is True
     _unchanged(app, target)
     r = actor.post_form(f"/support/users/{target.id}/disable-2fa",

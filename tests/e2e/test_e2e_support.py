@@ -180,3 +180,18 @@ def test_disable_without_javascript_uses_a_page_with_the_form(nojs_page, server)
     expect(page.get_by_role("heading", name="Support", exact=True)).to_be_visible()
     expect(page.get_by_text(re.compile(r"2FA for olga@example\.com is off until"))).to_be_visible()
     expect(person_row(page)).to_contain_text("Temporarily off")
+
+
+def test_disable_page_opened_directly_with_javascript_returns_to_the_search(page, server):
+    """The form's own page (e.g. the link opened in a new tab) also works with JavaScript on: the plain post
+    comes back to the search with the outcome, and no script error on the way."""
+    person = server.user(PERSON, devices={"Lost phone": random_secret()})
+    sign_in_admin(page, server)
+    page.goto(f"/support/users/{person.id}/disable-2fa")
+    expect(page.get_by_role("heading", name="Temporarily disable 2FA", exact=True)).to_be_visible()
+    expect(page.get_by_label("Reason", exact=True)).to_be_focused()
+    page.get_by_label("Reason", exact=True).fill("Called back on the number on file.")
+    page.get_by_role("button", name=re.compile("Disable")).click()
+    expect(page.get_by_role("heading", name="Support", exact=True)).to_be_visible()
+    expect(page.get_by_text(re.compile(r"2FA for olga@example\.com is off until"))).to_be_visible()
+    expect(person_row(page)).to_contain_text("Temporarily off")
