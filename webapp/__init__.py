@@ -4,7 +4,7 @@ import os
 import secrets
 import sys
 
-from flask import Flask, g, redirect, render_template, request, url_for
+from flask import Flask, g, redirect, render_template, request, session, url_for
 from flask_login import LoginManager, current_user
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from peewee import InterfaceError, OperationalError
@@ -100,31 +100,46 @@ def _memoise_template_helpers(app):
 
     url_for results are kept per (endpoint, script root, arguments) for absolute endpoints with plain
     arguments; they depend on nothing else for the relative URLs we build (no URL defaults, no
-    subdomains). The cache is bounded. csrf_token is kept for the rest of the request (Flask-WTF makes
-    the same token each time, but looks up its configuration on every call)."""
+    subdomains). csrf_token: Flask-WTF signs the session's raw token again on every request; the signed
+    form of each raw token is kept instead (it never expires: WTF_CSRF_TIME_LIMIT is None, the session's
+    own timeouts bound it). Both caches are per process and bounded."""
     from flask_wtf.csrf import generate_csrf
 
     build = app.url_for
-    cache = {}
+    urls, signed = {}, {}
 
     def url_for(endpoint, **values):
-        if endpoint[:1] == "." or any(k[:1] == "_" or not isinstance(v, (str, int)) for k, v in values.items()):
-            return build(endpoint, **values)
-        key = (endpoint, request.script_root, tuple(sorted(values.items())))
-        url = cache.get(key)
+        if values:
+            if endpoint[:1] == "." or any(k[:1] == "_" or not isinstance(v, (str, int)) for k, v in values.items()):
+                return build(endpoint, **values)
+            key = (endpoint, request.script_root, tuple(sorted(values.items())))
+        elif endpoint[:1] == ".":
+            return build(endpoint)
+        else:
+            key = (endpoint, request.script_root)
+        url = urls.get(key)
         if url is None:
-            if len(cache) > 4096:
-                cache.clear()
-            url = cache[key] = build(endpoint, **values)
+            if len(urls) > 4096:
+                urls.clear()
+            url = urls[key] = build(endpoint, **values)
         return url
 
     def csrf_token():
-        token = g.get("_template_csrf")
+        token = g.get("csrf_token")  # where Flask-WTF keeps the request's signed token
         if token is None:
-            token = g._template_csrf = generate_csrf()
+            raw = session.get("csrf_token")
+            token = signed.get(raw) if raw else None
+            if token is None:
+                token = generate_csrf()
+                if len(signed) > 10000:
+                    signed.clear()
+                signed[session["csrf_token"]] = token
+            g.csrf_token = token
         return token
 
     app.jinja_env.globals.update(url_for=url_for, csrf_token=csrf_token)
+    # Flask-WTF also puts its own csrf_token into every template context, which would hide the global.
+    app.context_processor(lambda: {"csrf_token": csrf_token})
 
 
 def _unauthorized():

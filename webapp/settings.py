@@ -4,6 +4,7 @@ The wizard is one self-replacing fragment (intro -> QR code -> code -> device na
 server-side state: the pending secret lives in a PendingEnrolment row tied to this session, never in the
 cookie, and becomes a Device only after a correct code and a name (security.md 8, 25).
 """
+import functools
 import hashlib
 import re
 
@@ -60,19 +61,12 @@ class DeviceNameForm(Form):
 
 
 # The device-management forms appear once per device on one page, so they carry a prefix (unique ids for
-# labels and aria-describedby). Their CSRF token is the page's plain `csrf_token` field, which the global
-# CSRFProtect checks on every POST before the view runs.
+# labels and aria-describedby). Like every form (fields.Form), the CSRF token is the page's `csrf_token`.
 class RenameForm(Form):
-    class Meta:
-        csrf = False
-
     name = _name_field()
 
 
 class RemoveForm(Form):
-    class Meta:
-        csrf = False
-
     code = StringField("Verification code", validators=[
         DataRequired("Enter a current code from your authenticator app."),
         Length(max=32, message=MALFORMED_CODE_ERROR)],
@@ -85,9 +79,6 @@ class RemoveForm(Form):
 
 
 class DisableForm(Form):
-    class Meta:
-        csrf = False
-
     password = PasswordField("Password", validators=[
         DataRequired("Enter your password."), Length(max=1024, message="That password is too long.")],
         render_kw={"autocomplete": "current-password"})
@@ -129,16 +120,20 @@ def _own_device(device_id):
     return device
 
 
+@functools.lru_cache(maxsize=1024)
+def _blank_form(form_class, prefix, name=None):
+    """A form that is only shown, never filled in or validated: nothing in it depends on the request or the
+    person beyond its prefix (and a device's current name), so each is built once per process. Building
+    them was a tenth of a User Settings view."""
+    return form_class(formdata=None, prefix=prefix, data={"name": name} if name is not None else None)
+
+
 def _row_context(user, failed=None, notice=None):
     """Everything the Two-Factor Authentication row needs; `failed` is (kind, device_id, form) to show with errors."""
     devices = _devices(user)
-    forms = {}
-    for d in devices:
-        forms[d.id] = {
-            "rename": RenameForm(formdata=None, prefix=f"rename-{d.id}", data={"name": d.name}),
-            "remove": RemoveForm(formdata=None, prefix=f"remove-{d.id}"),
-        }
-    disable_form = DisableForm(formdata=None, prefix="off")
+    forms = {d.id: {"rename": _blank_form(RenameForm, f"rename-{d.id}", d.name),
+                    "remove": _blank_form(RemoveForm, f"remove-{d.id}")} for d in devices}
+    disable_form = _blank_form(DisableForm, "off")
     open_form = None
     if failed:
         kind, device_id, form = failed
