@@ -735,6 +735,21 @@ def test_open_requests_are_listed_and_linked_to_the_account(app, actor, secret, 
     assert "Open contact requests (2)" in html
 
 
+def test_the_open_count_is_the_true_total_when_more_are_waiting_than_are_listed(app, actor, secret):
+    """The list stops at the oldest 100; the heading still counts every open request."""
+    from webapp.support import OPEN_REQUESTS_SHOWN
+
+    total = OPEN_REQUESTS_SHOWN + 5
+    with app.app_context():
+        SupportRequest.insert_many([{"email": f"p{i:03d}@example.com", "message": f"request number {i:03d}",
+                                     "created_at": utc(i)} for i in range(total)]).execute()
+    sign_in_admin(actor, secret)
+    html = actor.client.get("/support").get_data(as_text=True)
+    assert f"Open contact requests ({total})" in html
+    assert html.count('class="request"') == OPEN_REQUESTS_SHOWN
+    assert "request number 000" in html and f"request number {total - 1:03d}" not in html  # oldest first
+
+
 def test_a_request_can_be_marked_handled(app, actor, secret):
     with app.app_context():
         req = SupportRequest.create(email="ghost@example.com", message="Please help me")

@@ -424,9 +424,11 @@ def _page_arg():
 
 
 def _open_requests():
-    """The oldest open contact requests first (those have waited longest)."""
-    return list(SupportRequest.select().where(SupportRequest.handled_at.is_null())
-                .order_by(SupportRequest.created_at, SupportRequest.id).limit(OPEN_REQUESTS_SHOWN))
+    """The oldest open contact requests first (those have waited longest), and how many are waiting."""
+    requests = list(SupportRequest.select().where(SupportRequest.handled_at.is_null())
+                    .order_by(SupportRequest.created_at, SupportRequest.id).limit(OPEN_REQUESTS_SHOWN))
+    # Fewer than the limit: that is all of them, so no COUNT query is needed.
+    return requests, len(requests) if len(requests) < OPEN_REQUESTS_SHOWN else _open_count()
 
 
 def _index_context(q, page, rows=None, has_next=False):
@@ -434,8 +436,9 @@ def _index_context(q, page, rows=None, has_next=False):
     if rows is None:
         users, has_next = search_users(q, page)
         rows = build_rows(users)
-    return {"q": q, "page_no": page, "rows": rows, "has_next": has_next, "requests": _open_requests(),
-            "open_count": _open_count()}
+    requests, open_count = _open_requests()
+    return {"q": q, "page_no": page, "rows": rows, "has_next": has_next, "requests": requests,
+            "open_count": open_count}
 
 
 def _open_count():
@@ -500,8 +503,9 @@ def _row_response(target, status=200, form=None, notice=None, error=None, flash_
         # htmx 2 does not swap 4xx answers: validation errors come back 200 inside the fragment.
         if refresh_requests:
             # The action may have closed requests: the list below is refreshed out of band.
+            requests, open_count = _open_requests()
             return htmx.render("support/index.html", "support/_row_update.html", row=rows[0],
-                               requests=_open_requests(), open_count=_open_count())
+                               requests=requests, open_count=open_count)
         return htmx.render("support/index.html", "support/_user_row.html", row=rows[0])
     if status < 400:
         flash(flash_message or notice, "success")
