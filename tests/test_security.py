@@ -100,3 +100,17 @@ def test_logs_never_contain_codes_secrets_or_passwords(actor, secret, caplog):
         assert kind in text
     for needle in (secret, code, PASSWORD, "wrong password", "otpauth://totp/x"):
         assert needle not in text, needle
+
+
+def test_audit_lines_reach_stderr_when_no_logging_is_configured(app, capfd, monkeypatch):
+    """With no logging configuration (gunicorn's default), audit events still appear in the error log,
+    masked (security.md 42, 43): Python alone drops INFO records that no handler takes."""
+    import webapp
+
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as in a gunicorn worker: root unconfigured
+    monkeypatch.setattr(logging.getLogger("twostep"), "handlers", [])
+    webapp._init_logging(app)
+    logging.getLogger("twostep.audit").info("audit signin user=7 actor=None code=123456")
+    err = capfd.readouterr().err
+    assert "twostep.audit: audit signin user=7" in err
+    assert "123456" not in err

@@ -83,7 +83,7 @@ def create_app(test_config=None):
         """Send people to their settings, or to sign-in, or to first-run setup."""
         if current_user.is_authenticated:
             return redirect(url_for("settings.index"))
-        if not User.select().exists():
+        if not User.any_exist():
             return redirect(url_for("auth.first_run"))
         return redirect(url_for("auth.login"))
 
@@ -158,7 +158,7 @@ def _announce_setup_code(app):
     from .models import User
 
     with db_module.db.connection_context():
-        if User.select().exists():
+        if User.any_exist():
             return
     code = setup_code(app)
     print(f" * twostep: no accounts yet. Create the first admin at /setup with the one-time code: {code}",
@@ -182,7 +182,14 @@ def _init_logging(app):
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactingFilter) for f in logger.filters):
             logger.addFilter(redactor)
-    logging.getLogger("twostep").setLevel(logging.INFO)
+    ours = logging.getLogger("twostep")
+    ours.setLevel(logging.INFO)
+    # Audit lines (twostep.audit) are INFO: with no logging configured anywhere, Python drops them, so give
+    # them a stderr handler (gunicorn's error log) unless the operator configured the root logger.
+    if not ours.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        ours.addHandler(handler)
 
 
 def _register_error_handlers(app):

@@ -158,7 +158,7 @@ def login():
     """First step: email and password. With a device, leads to the code step without signing in."""
     if current_user.is_authenticated:
         return redirect(url_for("settings.index"))
-    if not User.select().exists():
+    if not User.any_exist():
         return redirect(url_for("auth.first_run"))
     form = LoginForm()
     error, status = None, 200
@@ -293,7 +293,7 @@ def signup():
 @bp.route("/setup", methods=["GET", "POST"])
 def first_run():
     """One-time page that creates the first admin; needs the code printed on the server console."""
-    if User.select().exists():
+    if User.any_exist():
         abort(404)
     from . import setup_code
 
@@ -306,7 +306,7 @@ def first_run():
                 error, status = "That setup code is not right. It is printed in the server's console.", 403
             else:
                 with db.atomic():
-                    if User.select().exists():
+                    if User.any_exist():
                         abort(404)
                     user = User.create(email=normalise_email(form.email.data), is_admin=True,
                                        password_hash=hash_password(form.password.data))

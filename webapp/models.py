@@ -39,6 +39,11 @@ class User(UserMixin, BaseModel):
     # Set by support's "temporarily disable 2FA": password-only sign-in until then (security.md 39).
     tfa_reset_until = DateTimeField(null=True)
 
+    @staticmethod
+    def any_exist():
+        """Whether any account exists yet (asked by the sign-in page on every view: compiled once)."""
+        return bool(_ANY_USER.rows())
+
     @classmethod
     def by_email(cls, email):
         """The user with this (normalised) email, or None."""
@@ -143,6 +148,7 @@ class AuditEvent(BaseModel):
         return json.loads(self.detail or "{}")
 
 
+_ANY_USER = Prepared(lambda: User.select(User.id).limit(1))
 _ANY_DEVICE = Prepared(lambda: Device.select(Device.id).where(Device.user == Param("user")).limit(1))
 
 ALL_MODELS = [User, Device, ServerSession, SignInChallenge, PendingEnrolment, SupportRequest, AuditEvent]
