@@ -93,6 +93,26 @@ def test_postgresql_going_down_gives_a_503_page_and_the_app_recovers_without_res
     assert app.test_client().get("/login").status_code == 200
 
 
+def test_postgresql_restart_while_idle_costs_nobody_a_503(tmp_path, own_postgres, monkeypatch):
+    """Connections are kept between requests: after the server restarts while a worker is idle, the next
+    request checks the kept connection, opens a new one and is served normally (no 503, no restart)."""
+    from webapp.db import _KeptConnectionCheck
+
+    url, stop, start = own_postgres
+    clock = FakeClock(time.time())
+    app = make_test_app(tmp_path, url, clock)
+    client = signed_in_client(app, clock, new_secret())
+    assert client.get("/settings").status_code == 200
+    kept = db.obj._state.conn
+    assert kept is not None  # the connection outlived the request
+
+    stop()
+    start()
+    monkeypatch.setattr(_KeptConnectionCheck, "IDLE_SECONDS", 0.0)  # "idle long enough", without sleeping
+    assert client.get("/settings").status_code == 200
+    assert db.obj._state.conn is not kept
+
+
 def test_sqlite_file_unreachable_gives_a_503_page_and_the_app_recovers(tmp_path):
     """The folder holding the SQLite file disappears (unmounted volume): 503 page; it is back: pages work."""
     folder = tmp_path / "data"

@@ -1,9 +1,12 @@
-"""Database: one peewee proxy, opened from DATABASE_URL, a connection per request (per thread on SQLite),
-tables created on start."""
+"""Database: one peewee proxy, opened from DATABASE_URL, a connection kept per thread, tables created on
+start, and Prepared queries for the paths every request takes."""
 import os
+import threading
+import time
 from contextlib import contextmanager
 
-from peewee import ColumnBase, DatabaseProxy, Field, ForeignKeyField, ModelSelect, PostgresqlDatabase, SqliteDatabase
+from peewee import (ColumnBase, DatabaseProxy, Field, ForeignKeyField, InterfaceError, ModelSelect, OperationalError,
+                    PostgresqlDatabase, SqliteDatabase)
 from playhouse.db_url import parse
 
 db = DatabaseProxy()
@@ -153,14 +156,16 @@ def init_app(app):
     from . import models
 
     database = open_database(app.config["DATABASE_URL"])
+    if db.obj is not None and not db.obj.is_closed():
+        db.obj.close()  # a process that builds several apps (tests, the benchmark) keeps no stale connection
     db.initialize(database)
     with database.connection_context():
         database.create_tables(models.ALL_MODELS, safe=True)
 
-    # SQLite: each thread keeps its connection between requests. Opening one per request and closing it
-    # again (closing the last connection checkpoints the WAL) cost ~0.6 ms a request (bench/README
-    # "Performance"). PostgreSQL connections are still opened and closed per request.
-    keep_open = isinstance(database, SqliteDatabase)
+    # Each thread keeps its connection between requests. Opening one per request cost ~0.6 ms on SQLite
+    # (closing the last connection checkpoints the WAL) and ~10 ms on PostgreSQL (a new server backend),
+    # more than most requests take (README "Performance").
+    app.wsgi_app = _KeptConnectionCheck(app.wsgi_app)
 
     @app.before_request
     def _connect():
@@ -168,18 +173,48 @@ def init_app(app):
 
     @app.teardown_appcontext
     def _close(exc):
-        if db.is_closed() or (keep_open and not db.in_transaction()):
+        if db.is_closed() or not db.in_transaction():
             return
-        db.close()
+        db.close()  # a request that failed inside a transaction: drop the connection with it
+
+
+class _KeptConnectionCheck:
+    """WSGI wrapper: before a request, a PostgreSQL connection that sat idle for a while is checked with a
+    trivial query and dropped if the server went away meanwhile (a restart), so the request opens a new
+    one instead of failing with a 503. Busy workers skip the check; a request that meets a broken
+    connection anyway gets the 503 page, which closes it (__init__._register_error_handlers)."""
+
+    IDLE_SECONDS = 5.0
+
+    def __init__(self, wsgi_app):
+        self.wsgi_app = wsgi_app
+        self.local = threading.local()
+
+    def __call__(self, environ, start_response):
+        database = db.obj
+        idle = time.monotonic() - getattr(self.local, "last", 0.0)
+        if idle > self.IDLE_SECONDS and not isinstance(database, SqliteDatabase) and not database.is_closed():
+            try:
+                database.execute_sql("SELECT 1")
+            except (OperationalError, InterfaceError):
+                try:
+                    database.close()
+                except (OperationalError, InterfaceError):
+                    database._state.reset()
+        try:
+            return self.wsgi_app(environ, start_response)
+        finally:
+            self.local.last = time.monotonic()
 
 
 _INHERITED = []  # connections a forked worker got from its parent: never used, never closed by the child
 
 
 def _forget_inherited():
-    """After fork: a SQLite connection must not cross into the child (sqlite.org/howtocorrupt.html)."""
+    """After fork: a connection must not cross into the child (sqlite.org/howtocorrupt.html; a PostgreSQL
+    socket shared by two processes mixes their conversations)."""
     database = db.obj
-    if isinstance(database, SqliteDatabase) and database._state.conn is not None:
+    if database is not None and database._state.conn is not None:
         _INHERITED.append(database._state.conn)
         database._state.reset()
 
