@@ -92,6 +92,9 @@ def main():
     from webapp.db import db
 
     app = seeder.app
+    import logging
+
+    logging.getLogger("twostep").setLevel(logging.WARNING)  # no audit lines on the console while measuring
     counter = [0]
     original = db.obj.execute_sql
 
