@@ -1,7 +1,7 @@
 """The audit trail: one complete record per support action, no way to edit it, a filterable log for
 admins, and each person's own Security activity in User Settings (security.md 42, 43)."""
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from webapp.models import AuditEvent, User
 from webapp.security import audit
@@ -9,7 +9,7 @@ from webapp.support import detail_text, event_text, security_activity
 from webapp.totp import new_secret
 
 from .conftest import PASSWORD
-from .test_support import ADMIN, HX, disable, end_window, second_client, sign_in_admin, utc
+from .test_support import ADMIN, disable, end_window, second_client, sign_in_admin, utc
 
 
 def events(app, *kinds):

@@ -7,7 +7,7 @@ import re
 import pyotp
 import pytest
 
-from webapp.models import AuditEvent, Device, ServerSession, User
+from webapp.models import AuditEvent, Device, ServerSession
 
 HX = {"HX-Request": "true"}
 PASSWORD = "correct horse battery"  # the password conftest's Actor.user() sets

@@ -3,8 +3,6 @@ import logging
 
 import pytest
 
-from webapp.models import User
-
 from .conftest import PASSWORD
 
 

@@ -12,9 +12,9 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import config as config_module
+from . import db as db_module
 from . import fields
 from .models import User
-from . import db as db_module
 
 csrf = CSRFProtect()
 login_manager = LoginManager()
@@ -155,8 +155,6 @@ def _unauthorized():
 
 def _announce_setup_code(app):
     """While no account exists, print the one-time code that the first-run page asks for."""
-    from .models import User
-
     with db_module.db.connection_context():
         if User.any_exist():
             return

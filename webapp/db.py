@@ -97,7 +97,8 @@ class Prepared:
     requests people wait on (sign-in, the code step, User Settings) run the same handful of queries every
     time (bench/profile.py; README "Performance"). `build` returns the query with Param placeholders; it is
     called again for each database class (SQLite and PostgreSQL differ in placeholders and FOR UPDATE).
-    Rows come back through the query's own cursor wrapper, so joins and column conversions work as usual.
+    Rows become model instances directly (_row_plan), or through peewee's own cursor wrapper for shapes
+    that plan does not cover; column conversions apply either way.
     """
 
     def __init__(self, build):
@@ -177,7 +178,7 @@ def _build(plan, row):
 
 
 def init_app(app):
-    """Bind the proxy to the configured database, create the tables, and open/close per request."""
+    """Bind the proxy to the configured database, create the tables, and manage the kept connections."""
     from . import models
 
     database = open_database(app.config["DATABASE_URL"])

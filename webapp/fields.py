@@ -19,6 +19,7 @@ class Form(FlaskForm):
     class Meta:
         csrf = False
 
+
 # Attributes a widget takes from the validators' flags (WTForms' `validation_attrs`), per input type.
 _TEXT_ATTRS = ("required", "disabled", "readonly", "maxlength", "minlength", "pattern")
 _FLAG_ATTRS = {"text": _TEXT_ATTRS, "email": _TEXT_ATTRS, "password": _TEXT_ATTRS, "textarea": _TEXT_ATTRS,
@@ -38,7 +39,7 @@ def _attrs(values):
 
 
 def _kind(f):
-    """'text', 'email', 'password', 'textarea', or None for widgets this module leaves to WTForms."""
+    """'text', 'email', 'password', 'checkbox', 'textarea', or None for widgets left to WTForms."""
     widget = f.widget
     name = type(widget).__name__
     if name == "TextArea":

@@ -8,7 +8,7 @@ import functools
 import hashlib
 import re
 
-from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, session, url_for
+from flask import Blueprint, abort, current_app, flash, redirect, render_template, session, url_for
 from flask_login import current_user, login_required
 from peewee import IntegrityError
 from wtforms import BooleanField, PasswordField, StringField
