@@ -13,7 +13,7 @@ from .db import Param, Prepared, db, write_transaction
 from .fields import Form
 from .models import SignInChallenge, User, normalise_email
 from .security import audit, backoff, hash_password, safe_next, verify_password, wait_text
-from .sessions import token_hash
+from .sessions import token_hash, write_session_now
 from .totp import check_user_code
 
 bp = Blueprint("auth", __name__)
@@ -99,8 +99,10 @@ def complete_sign_in(user, next_url=None, method=None):
         session["_flashes"] = pending_messages
     login_user(user)
     session["auth_at"] = timestamp()
-    _MARK_LOGIN.execute(at=now(), id=user.id)
-    audit("signin", user=user, method=method or ("password+code" if user.has_2fa else "password"))
+    with write_transaction():  # last sign-in, audit record and the new session row: one commit
+        _MARK_LOGIN.execute(at=now(), id=user.id)
+        audit("signin", user=user, method=method or ("password+code" if user.has_2fa else "password"))
+        write_session_now()
     return redirect(safe_next(next_url) or url_for("settings.index"))
 
 

@@ -49,6 +49,7 @@ class DbSession(CallbackDict, SessionMixin):
         self.modified = False
         self.rotated_from = None
         self.ended = False
+        self.cookie_due = False  # written early (write_session_now): save_session still sets the cookie
         self.unavailable = None  # the database error met while loading it (see raise_if_unavailable)
 
     def rotate(self):
@@ -106,21 +107,30 @@ class DbSessionInterface(SessionInterface):
         )
         if session.rotated_from is not None:
             with write_transaction():  # the old row goes and the new one comes in one commit
-                _DELETE.execute(id=session.rotated_from.id)
-                session.rotated_from = None
-                self._store(session, response, name, cookie_args)
-            return
-        self._store(session, response, name, cookie_args)
+                outcome = self._write(session)
+        else:
+            outcome = self._write(session)
+        if outcome == "deleted":
+            if session.ended or name in request.cookies:
+                response.delete_cookie(name, **cookie_args)
+        elif outcome == "gone":
+            # The row was deleted meanwhile (signed out elsewhere): do not resurrect it.
+            response.delete_cookie(name, **cookie_args)
+        elif outcome == "written" or session.cookie_due:
+            response.vary.add("Cookie")
+            response.set_cookie(name, session.token, **cookie_args)
 
-    def _store(self, session, response, name, cookie_args):
-        """Write the session row (or delete it) and set or clear the cookie to match."""
+    def _write(self, session):
+        """Bring the session's row up to date: 'deleted', 'written', 'gone' (vanished meanwhile) or
+        'unchanged'. A rotated session's old row is deleted first."""
+        if session.rotated_from is not None:
+            _DELETE.execute(id=session.rotated_from.id)
+            session.rotated_from = None
         if session.ended or (not session and session.row is None):
             if session.row is not None:
                 _DELETE.execute(id=session.row.id)
                 session.row = None
-            if session.ended or name in request.cookies:
-                response.delete_cookie(name, **cookie_args)
-            return
+            return "deleted"
         current = now()
         user_id = session.get("_user_id")
         if session.row is None:
@@ -134,13 +144,21 @@ class DbSessionInterface(SessionInterface):
             updated = _UPDATE.execute(data=json.dumps(dict(session)), last_seen_at=current,
                                       user=int(user_id) if user_id else None, id=session.row.id)
             if not updated:
-                # The row was deleted meanwhile (signed out elsewhere): do not resurrect it.
-                response.delete_cookie(name, **cookie_args)
-                return
+                return "gone"
         else:
-            return
-        response.vary.add("Cookie")
-        response.set_cookie(name, session.token, **cookie_args)
+            return "unchanged"
+        session.modified = False
+        return "written"
+
+
+def write_session_now():
+    """Store the current (typically just rotated) session inside the caller's transaction rather than
+    after the response is built, so a sign-in commits once; the response still gets the new cookie."""
+    from flask import current_app, session
+
+    with write_transaction():
+        if current_app.session_interface._write(session) == "written":
+            session.cookie_due = True
 
 
 def raise_if_unavailable():
