@@ -49,6 +49,7 @@ function init(args)
   end
   idx = 0
   ok, bad, errs, wrapped, s5xx = 0, 0, 0, 0, 0
+  first_error = ""
 end
 
 function request()
@@ -83,12 +84,18 @@ function response(status, headers, body)
   if status >= 400 or location:find("/login$") or location:find("/login%?")
       or (body and body:find("That code is not valid", 1, true)) then
     errs = errs + 1
+    if first_error == "" then  -- what the first error looked like, for the report
+      local text = (body or ""):gsub("<[^>]*>", " "):gsub("%s+", " "):gsub("[\\\"]", "'")
+      first_error = string.format("%d %s %s", status, location, text:sub(1, 300))
+    end
   end
 end
 
 function done(summary, latency, requests)
   local t_ok, t_bad, t_errs, t_wrapped, t_5xx = 0, 0, 0, 0, 0
+  local t_first = ""
   for _, thread in ipairs(threads) do
+    if t_first == "" then t_first = thread:get("first_error") or "" end
     t_ok = t_ok + thread:get("ok")
     t_bad = t_bad + thread:get("bad")
     t_errs = t_errs + thread:get("errs")
@@ -100,9 +107,9 @@ function done(summary, latency, requests)
   f:write(string.format(
     '{"requests": %d, "duration_us": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d, "max_us": %d, ' ..
     '"ok": %d, "unexpected": %d, "errors": %d, "status_5xx": %d, "pool_wrapped": %d, ' ..
-    '"socket_errors": %d, "timeouts": %d}\n',
+    '"socket_errors": %d, "timeouts": %d, "first_error": "%s"}\n',
     summary.requests, summary.duration, latency:percentile(50), latency:percentile(90),
     latency:percentile(99), latency.max, t_ok, t_bad, t_errs, t_5xx, t_wrapped,
-    e.connect + e.read + e.write, e.timeout))
+    e.connect + e.read + e.write, e.timeout, t_first))
   f:close()
 end

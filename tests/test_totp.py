@@ -138,6 +138,23 @@ def test_qr_svg_is_inline_and_self_contained():
     assert svg.startswith("<svg") and "http" not in svg.replace('xmlns="http://www.w3.org/2000/svg"', "")
 
 
+def test_qr_svg_strokes_cover_exactly_the_dark_modules():
+    """security.md 6: the SVG written from segno's matrix shows every dark module and nothing else, inside a
+    white quiet zone of four modules (the browser suite also decodes it with zxing-cpp and zbar)."""
+    import re
+
+    uri = totp.provisioning_uri(RFC_SECRET, "someone.with.a.long.name@example.com", "twostep")
+    svg = totp.qr_svg(uri)
+    matrix = totp.qr_code(uri).matrix
+    drawn = set()
+    for x, y, length in re.findall(r"M(\d+) (\d+)\.5h(\d+)", re.search(r'class="qrline"[^>]*d="([^"]+)"', svg).group(1)):
+        drawn.update((int(x) + k - 4, int(y) - 4) for k in range(int(length)))
+    dark = {(x, y) for y, row in enumerate(matrix) for x, v in enumerate(row) if v & 1}
+    assert drawn == dark and len(dark) > 400
+    size = len(matrix) + 8
+    assert f'width="{size * 5}" height="{size * 5}"' in svg and f'd="M0 0h{size}v{size}h-{size}z"' in svg
+
+
 def test_group_key_reads_in_fours():
     assert totp.group_key(RFC_SECRET) == "GEZD GNBV GY3T QOJQ GEZD GNBV GY3T QOJQ"
 

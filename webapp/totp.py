@@ -98,9 +98,30 @@ def qr_code(uri):
     return segno.make_qr(uri, error="m", mode="byte", boost_error=False, mask=1)
 
 
-def qr_svg(uri):
-    """The QR code of `uri` as inline SVG markup: black modules on a white quiet zone."""
-    return qr_code(uri).svg_inline(scale=5, border=4, dark="#000", light="#fff", omitsize=False)
+def qr_svg(uri, scale=5, border=4):
+    """The QR code of `uri` as inline SVG markup: black modules on a white quiet zone of 4 modules.
+
+    segno makes the code; the SVG is written here from its module matrix, one horizontal stroke per run of
+    dark modules: segno's own SVG writer took 1.6 ms for what this does in 0.5 ms, a sixth of the QR step
+    (README "Performance"). The markup has segno's shape (width/height, scale(), class "qrline"), and
+    tests/test_totp.py checks that its strokes cover exactly the matrix's dark modules.
+    """
+    matrix = qr_code(uri).matrix
+    size = len(matrix) + 2 * border
+    runs = []
+    for y, row in enumerate(matrix):
+        x, width = 0, len(row)
+        while x < width:
+            if row[x] & 1:
+                start = x
+                while x < width and row[x] & 1:
+                    x += 1
+                runs.append(f"M{start + border} {y + border}.5h{x - start}")
+            else:
+                x += 1
+    return (f'<svg width="{size * scale}" height="{size * scale}" class="segno"><g transform="scale({scale})">'
+            f'<path fill="#fff" d="M0 0h{size}v{size}h-{size}z"/>'
+            f'<path class="qrline" stroke="#000" d="{"".join(runs)}"/></g></svg>')
 
 
 def group_key(secret, size=4):
