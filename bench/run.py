@@ -129,7 +129,7 @@ class Seeder:
                     if pk.name in rows[0] and isinstance(rows[0][pk.name], int):
                         cur.execute(f"SELECT setval(pg_get_serial_sequence('\"{table}\"', '{pk.column_name}'), "
                                     f'(SELECT max("{pk.column_name}") FROM "{table}"))')
-                    cur.execute(f'ANALYZE "{table}"')
+                    cur.execute(f'VACUUM ANALYZE "{table}"')  # as a live table would be; no autovacuum mid-run
 
     def session(self, user_id=None, extra=None, created=None):
         """A server-side session row; returns (cookie value, signed CSRF token, row dict)."""
