@@ -39,8 +39,14 @@ def is_sqlite():
 
 @contextmanager
 def write_transaction():
-    """A transaction that serialises writers: BEGIN IMMEDIATE on SQLite; callers add FOR UPDATE on PostgreSQL."""
-    if is_sqlite() and db.transaction_depth() == 0:
+    """A transaction that serialises writers: BEGIN IMMEDIATE on SQLite; callers add FOR UPDATE on PostgreSQL.
+
+    Inside another transaction it joins that one rather than opening a savepoint (two statements and a
+    generated name each time, and the sign-in nests three): nothing here catches an error to carry on
+    after part of a transaction, and code that does uses db.atomic() for its savepoint explicitly."""
+    if db.in_transaction():
+        yield None
+    elif is_sqlite():
         with _writer_queue(), db.atomic("IMMEDIATE") as txn:
             yield txn
     else:
