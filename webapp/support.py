@@ -6,7 +6,6 @@ from datetime import datetime, timedelta
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user
-from flask_wtf import FlaskForm
 from peewee import fn
 from wtforms import BooleanField, DateField, EmailField, SelectField, StringField, TextAreaField
 from wtforms.fields import SelectChoice
@@ -16,6 +15,7 @@ from . import htmx
 from .auth import strip_text
 from .clock import now
 from .db import Param, Prepared, db, for_update, write_transaction
+from .fields import Form
 from .models import AuditEvent, Device, SignInChallenge, SupportRequest, User, normalise_email
 from .security import audit, client_ip, is_fresh
 from .sessions import end_user_sessions
@@ -40,7 +40,7 @@ NEEDS_2FA_MESSAGE = ("The Support page is only available to admins who use two-f
 
 # ---------------------------------------------------------------- forms
 
-class ContactForm(FlaskForm):
+class ContactForm(Form):
     email = EmailField("Email address", filters=[strip_text], validators=[
         DataRequired("Enter the email address of your account."),
         Length(max=254, message="That email address is too long (254 characters at most)."),
@@ -52,11 +52,8 @@ class ContactForm(FlaskForm):
         render_kw={"maxlength": 4000, "rows": 7})
 
 
-class DisableForm(FlaskForm):
+class DisableForm(Form):
     """Per-person form; rendered with a prefix so several rows on one page keep unique field ids."""
-
-    class Meta:
-        csrf = False  # the app-wide CSRFProtect checks every POST (token field or X-CSRFToken header)
 
     reason = TextAreaField("Reason", filters=[strip_text], validators=[
         DataRequired("Give a reason, including how you confirmed the person's identity."),
@@ -71,11 +68,8 @@ class DisableForm(FlaskForm):
     close_requests = BooleanField("Mark this person's open contact requests as handled", default=True)
 
 
-class AuditFilterForm(FlaskForm):
-    """Filters of the audit log (a GET form: nothing to protect against CSRF)."""
-
-    class Meta:
-        csrf = False
+class AuditFilterForm(Form):
+    """Filters of the audit log (a GET form)."""
 
     email = StringField("Person (email address)", filters=[strip_text],
                         validators=[Optional(), Length(max=254, message="That email address is too long.")])
