@@ -194,9 +194,9 @@ def init_app(app):
     with database.connection_context():
         database.create_tables(models.ALL_MODELS, safe=True)
 
-    # Each thread keeps its connection between requests. Opening one per request cost ~0.6 ms on SQLite
-    # (closing the last connection checkpoints the WAL) and ~10 ms on PostgreSQL (a new server backend),
-    # more than most requests take (README "Performance").
+    # Connections are kept between requests: opening one per request cost ~0.6 ms on SQLite (closing the
+    # last connection checkpoints the WAL) and ~10 ms on PostgreSQL (a new server backend), more than most
+    # requests take (README "Performance"). SQLite keeps one per thread; PostgreSQL in the main thread.
     app.wsgi_app = _KeptConnectionCheck(app.wsgi_app)
 
     @app.before_request
@@ -205,9 +205,14 @@ def init_app(app):
 
     @app.teardown_appcontext
     def _close(exc):
-        if db.is_closed() or not db.in_transaction():
+        if db.is_closed():
             return
-        db.close()  # a request that failed inside a transaction: drop the connection with it
+        if db.in_transaction():
+            db.close()  # a request that failed inside a transaction: drop the connection with it
+        elif not isinstance(db.obj, SqliteDatabase) and threading.current_thread() is not threading.main_thread():
+            # Kept only where the thread lives on between requests (gunicorn's sync workers serve from the
+            # main thread): servers with a thread per request would leave one server backend per thread.
+            db.close()
 
 
 class _KeptConnectionCheck:
