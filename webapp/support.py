@@ -136,6 +136,7 @@ DETAIL_LABELS = {
     "adding": "Adding another device",
     "devices": "Devices",
 }
+DETAIL_ORDER = {key: i for i, key in enumerate(DETAIL_LABELS)}  # the most telling details first
 
 VALUE_WORDS = {
     "password+code": "password and code",
@@ -183,8 +184,7 @@ def event_text(kind, detail):
 def detail_text(detail):
     """The detail of an event as 'Label: value' pairs in plain words."""
     parts = []
-    order = {key: i for i, key in enumerate(DETAIL_LABELS)}  # the most telling details first
-    for key, value in sorted(detail.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
+    for key, value in sorted(detail.items(), key=lambda kv: (DETAIL_ORDER.get(kv[0], len(DETAIL_ORDER)), kv[0])):
         label = DETAIL_LABELS.get(key) or _humanise(key)
         if value is None or value == "":
             shown = "none"
