@@ -278,3 +278,27 @@ def test_operator_cli_shows_an_accounts_activity_read_only(app, actor, secret, c
     assert "(done by this account)" in admin_view.output
     missing = app.test_cli_runner().invoke(args=["users", "activity", "nobody@example.com"])
     assert missing.exit_code != 0 and "no account" in missing.output
+
+
+def test_audit_log_line_follows_the_commit_and_a_rolled_back_event_is_not_logged(app, caplog):
+    """security.md 42: the log line for an event is written once its record is committed, outside the writer
+    lock; an event whose transaction rolls back leaves neither a record nor a line."""
+    import logging
+
+    import pytest
+
+    from webapp.db import write_transaction
+
+    caplog.set_level(logging.INFO, logger="twostep.audit")
+    with app.test_request_context("/"):
+        with write_transaction():
+            audit("signin", user=None, method="password")
+            assert "audit signin" not in caplog.text  # not yet: the record is not committed
+        assert "audit signin user=None" in caplog.text
+        caplog.clear()
+        with pytest.raises(RuntimeError):
+            with write_transaction():
+                audit("code_rejected", user=None, reason="wrong")
+                raise RuntimeError("the request failed after the event")
+        assert "code_rejected" not in caplog.text
+    assert [e.kind for e in events(app)] == ["signin"]

@@ -96,7 +96,7 @@ def test_postgresql_going_down_gives_a_503_page_and_the_app_recovers_without_res
 def test_postgresql_restart_while_idle_costs_nobody_a_503(tmp_path, own_postgres, monkeypatch):
     """Connections are kept between requests: after the server restarts while a worker is idle, the next
     request checks the kept connection, opens a new one and is served normally (no 503, no restart)."""
-    from webapp.db import _KeptConnectionCheck
+    from webapp.db import _ConnectionUpkeep
 
     url, stop, start = own_postgres
     clock = FakeClock(time.time())
@@ -108,7 +108,7 @@ def test_postgresql_restart_while_idle_costs_nobody_a_503(tmp_path, own_postgres
 
     stop()
     start()
-    monkeypatch.setattr(_KeptConnectionCheck, "IDLE_SECONDS", 0.0)  # "idle long enough", without sleeping
+    monkeypatch.setattr(_ConnectionUpkeep, "IDLE_SECONDS", 0.0)  # "idle long enough", without sleeping
     assert client.get("/settings").status_code == 200
     assert db.obj._state.conn is not kept
 
@@ -249,3 +249,36 @@ def test_worker_killed_while_activating_a_device_leaves_no_device_and_the_retry_
     finally:
         server.stop()
     assert "Traceback" not in server.read_log()
+
+
+@pytest.mark.parametrize("due", [True, False])
+def test_sqlite_wal_is_checkpointed_after_the_response_not_by_the_writer(app, actor, monkeypatch, due):
+    """The pages a request wrote reach the database file through a checkpoint run after its response went
+    out (db._Checkpoints), not inside the write transaction, where SQLite's own checkpoint made every other
+    writer wait for two fsyncs. Read with immutable=1, SQLite sees the main file only, not the WAL."""
+    import sqlite3
+
+    from webapp import db as db_module
+
+    if not app.config["DATABASE_URL"].startswith("sqlite"):
+        pytest.skip("SQLite only")
+    path = app.config["DATABASE_URL"].split("sqlite:///", 1)[1]
+    monkeypatch.setattr(db_module._Checkpoints, "COMMITS", 1 if due else 10**6)
+    monkeypatch.setattr(db_module._Checkpoints, "SECONDS", 0 if due else 10**6)
+    actor.user("dora@example.com")
+    with app.app_context():
+        db_module.db.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)")  # start from an empty WAL
+    token = actor.csrf("/login")
+    response = actor.client.post("/login", data={"csrf_token": token, "email": "dora@example.com",
+                                                 "password": PASSWORD})
+    assert response.status_code == 302 and response.headers["Location"].endswith("/settings")
+    response.close()  # what a WSGI server does once the body is sent
+
+    main_file = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+    try:
+        in_file = main_file.execute("SELECT count(*) FROM auditevent WHERE kind = 'signin'").fetchone()[0]
+    finally:
+        main_file.close()
+    assert in_file == (1 if due else 0)
+    with app.app_context():  # either way the committed record is there for every connection
+        assert AuditEvent.select().where(AuditEvent.kind == "signin").count() == 1

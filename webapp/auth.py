@@ -14,7 +14,7 @@ from .fields import Form
 from .models import SignInChallenge, User, normalise_email
 from .security import audit, backoff, hash_password, safe_next, verify_password, wait_text
 from .sessions import token_hash, write_session_now
-from .totp import check_user_code
+from .totp import check_user_code, code_matches, normalise_code
 
 bp = Blueprint("auth", __name__)
 
@@ -207,13 +207,17 @@ def verify():
     form = CodeForm()
     error, status = None, 200
     if request.method == "POST":
+        valid = form.validate_on_submit()
+        raw_code = form.code.data or ""
+        # The slow part of the check (decrypting, HMACs) needs no lock: it runs before the transaction.
+        matches = code_matches(challenge.user, normalise_code(raw_code))
         # One transaction for the check and everything it leads to: a single commit instead of five.
         with write_transaction():
-            if not form.validate_on_submit():
+            if not valid:
                 status, error = 400, form.code.errors[0] if form.code.errors else MALFORMED_CODE_ERROR
-                result = check_user_code(challenge.user, form.code.data or "")
+                result = check_user_code(challenge.user, raw_code, matches)
             else:
-                result = check_user_code(challenge.user, form.code.data)
+                result = check_user_code(challenge.user, raw_code, matches)
                 if result:
                     user = challenge.user
                     next_url = challenge.next_url

@@ -13,7 +13,7 @@ from flask import abort, current_app, redirect, request, session, url_for
 from flask_login import current_user
 
 from .clock import now, timestamp
-from .db import Param, Prepared
+from .db import Param, Prepared, after_commit
 from .models import AuditEvent
 
 log = logging.getLogger("twostep.audit")
@@ -109,7 +109,9 @@ def audit(kind, user=None, actor=None, **detail):
                   ip=client_ip() if request else None, detail=json.dumps(detail, default=str, sort_keys=True),
                   created_at=now())
     _INSERT_AUDIT.execute(**values)
-    log.info("audit %s user=%s actor=%s %s", kind, values["user"], values["actor"], values["detail"])
+    # The log line follows the commit: it costs more than the insert, and a rolled-back event is not logged.
+    after_commit(functools.partial(log.info, "audit %s user=%s actor=%s %s", kind, values["user"], values["actor"],
+                                   values["detail"]))
 
 
 def safe_next(target):

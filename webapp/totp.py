@@ -3,6 +3,7 @@
 RFC 6238 with the parameters every authenticator app supports: SHA-1, 6 digits, 30-second steps, T0 = 0.
 """
 import base64
+import functools
 import hmac
 import re
 import secrets
@@ -58,9 +59,10 @@ def match_step(secret, code, timestamp, window=WINDOW):
     `code` must already be normalised. Comparison is constant-time per step (security.md 5).
     """
     current = step_at(timestamp)
+    otp = pyotp.TOTP(secret, digits=DIGITS, interval=PERIOD)  # one object for the whole window
     matched = None
     for step in range(current - window, current + window + 1):
-        if hmac.compare_digest(code_for_step(secret, step), code) and matched is None:
+        if hmac.compare_digest(otp.generate_otp(step), code) and matched is None:
             matched = step
     return matched
 
@@ -130,7 +132,14 @@ def group_key(secret, size=4):
 
 
 def _fernet():
-    keys = [k.strip() for k in str(current_app.config["TOTP_ENCRYPTION_KEYS"]).split(",") if k.strip()]
+    return _fernet_for(str(current_app.config["TOTP_ENCRYPTION_KEYS"]))
+
+
+@functools.lru_cache(maxsize=8)
+def _fernet_for(setting):
+    """The MultiFernet for a TOTP_ENCRYPTION_KEYS value, built once (parsing the keys was a tenth of the
+    code check)."""
+    keys = [k.strip() for k in setting.split(",") if k.strip()]
     return MultiFernet([Fernet(k) for k in keys])
 
 
@@ -174,30 +183,57 @@ def _prepared_checks():
     from .models import Device, User
 
     lock_user = Prepared(lambda: for_update(User.select().where(User.id == Param("id"))))
-    lock_devices = Prepared(lambda: for_update(Device.select().where(Device.user == Param("user"))))
+    devices = Prepared(lambda: Device.select().where(Device.user == Param("user")).order_by(Device.id))
     # Conditional update: only a step newer than the last accepted one wins (security.md 16, 20).
     advance = Prepared(lambda: Device.update(last_step=Param("step"), last_used_at=Param("used_at")).where(
         (Device.id == Param("id")) & (Device.last_step < Param("step"))))
-    return lock_user, lock_devices, advance
+    return lock_user, devices, advance
 
 
-_LOCK_USER, _LOCK_DEVICES, _ADVANCE_STEP = _prepared_checks()
+_LOCK_USER, _DEVICES, _ADVANCE_STEP = _prepared_checks()
 
 
-def check_user_code(user, raw_code):
+def code_matches(user, code, ts=None):
+    """The (device, step) pairs of `user` whose code for a step within the window equals `code` (already
+    normalised; None matches nothing).
+
+    This is the slow part of a check (decrypting each secret, three HMACs per device) and it needs no
+    lock, so it runs before the write transaction: on SQLite that transaction excludes every other
+    writer, and under parallel sign-ins the time spent inside it decides the throughput (README
+    "Performance"). Whether a match may be used is settled inside the transaction by a conditional update
+    of the device's last step, so a device read here that changes meanwhile cannot let a code through
+    twice.
+    """
+    from .clock import timestamp
+
+    if code is None:
+        return []
+    ts = timestamp() if ts is None else ts
+    found = []
+    for device in _DEVICES.rows(user=user.id):
+        step = match_step(decrypt_secret(device.secret_enc), code, ts)
+        if step is not None:
+            found.append((device, step))
+    return found
+
+
+def check_user_code(user, raw_code, matches=None):
     """Check a code against every device of `user`, atomically with the replay and throttle state.
 
-    One write transaction (BEGIN IMMEDIATE on SQLite, a row lock on PostgreSQL) covers: the lock check,
-    the comparison over T-1..T+1, the replay check against the device's last step and the counter
-    update, so parallel submissions cannot both succeed or lose a failure (security.md 16, 18, 20).
-    Every attempt that does not succeed increments the account's failure counter, even while locked.
+    `matches` is code_matches() for this code, when the caller computed it already. One write transaction
+    (BEGIN IMMEDIATE on SQLite, a row lock on PostgreSQL) covers the lock check, the replay check against
+    each matching device's last step with its update, and the failure counter, so parallel submissions
+    cannot both succeed or lose a failure (security.md 16, 18, 20). Every attempt that does not succeed
+    increments the account's failure counter, even while locked.
     """
-    from .clock import now, timestamp
+    from .clock import now
     from .db import write_transaction
     from .models import User
     from .security import audit, backoff
 
     code = normalise_code(raw_code)
+    if matches is None:
+        matches = code_matches(user, code)
     with write_transaction():
         locked_user = _LOCK_USER.first(id=user.id)
         current = now()
@@ -207,17 +243,11 @@ def check_user_code(user, raw_code):
             return CheckResult(False, "locked", locked_until=locked_user.code_locked_until)
 
         reason, matched = "malformed" if code is None else "wrong", None
-        if code is not None:
-            ts = timestamp()
-            for device in _LOCK_DEVICES.rows(user=user.id):
-                step = match_step(decrypt_secret(device.secret_enc), code, ts)
-                if step is None:
-                    continue
-                won = _ADVANCE_STEP.execute(step=step, used_at=current, id=device.id)
-                if won:
-                    matched = device
-                    break
-                reason = "replay"
+        for device, step in matches:
+            if _ADVANCE_STEP.execute(step=step, used_at=current, id=device.id):
+                matched = device
+                break
+            reason = "replay"  # the device accepted this step or a later one already (or was removed)
         if matched is not None:
             if locked_user.code_failures or locked_user.code_locked_until:  # nothing to reset otherwise
                 User.update(code_failures=0, code_locked_until=None).where(User.id == user.id).execute()
