@@ -18,7 +18,7 @@ from . import htmx, totp
 from .auth import CODE_FIELD_ATTRS, MALFORMED_CODE_ERROR, code_error, password_check, strip_text
 from .clock import now, timestamp
 from .db import Param, Prepared, db, for_update, write_transaction
-from .fields import Form
+from .fields import Form, freeze
 from .models import Device, PendingEnrolment, ServerSession, User
 from .security import audit, fresh_login_required
 from .sessions import end_user_sessions, token_hash
@@ -125,7 +125,7 @@ def _blank_form(form_class, prefix, name=None):
     """A form that is only shown, never filled in or validated: nothing in it depends on the request or the
     person beyond its prefix (and a device's current name), so each is built once per process. Building
     them was a tenth of a User Settings view."""
-    return form_class(formdata=None, prefix=prefix, data={"name": name} if name is not None else None)
+    return freeze(form_class(formdata=None, prefix=prefix, data={"name": name} if name is not None else None))
 
 
 def _row_context(user, failed=None, notice=None):
