@@ -332,3 +332,31 @@ def test_add_another_device_goes_through_the_same_wizard(actor, alice):
     assert link and 'hx-target="#dialog-slot"' in link.group(0)
     r = actor.client.get("/settings/2fa", headers=HX)
     assert "<dialog" in text(r) and "adding another device" in text(r)
+
+
+def test_frozen_blank_forms_render_exactly_like_fresh_ones(app):
+    """fields.freeze keeps the markup of display-only forms: it must be the markup a fresh form gives (labels,
+    ids, validation attributes, the device's name as the value), and a form that is filled in and validated
+    is never frozen, so its errors still show."""
+    from markupsafe import Markup
+    from werkzeug.datastructures import MultiDict
+
+    from webapp.fields import control, field, freeze
+    from webapp.settings import DisableForm, RemoveForm, RenameForm
+
+    with app.test_request_context("/"):
+        for form_class, prefix, data in ((RenameForm, "rename-7", {"name": 'Phone "A" <b>'}),
+                                         (RemoveForm, "remove-7", None), (DisableForm, "off", None)):
+            frozen = freeze(form_class(formdata=None, prefix=prefix, data=data))
+            fresh = form_class(formdata=None, prefix=prefix, data=data)
+            for kept, new in zip(frozen, fresh):
+                for _ in range(2):  # the second call comes from the kept markup
+                    assert field(kept) == field(new)
+                    assert field(kept, hint="A hint") == field(new, hint="A hint")
+                    assert control(kept, autofocus=True) == control(new, autofocus=True)
+                    assert Markup(kept.label) == Markup(new.label) and kept.label.text == new.label.text
+        assert 'value="Phone &#34;A&#34; &lt;b&gt;"' in field(freeze(RenameForm(formdata=None, prefix="rename-7",
+                                                                                data={"name": 'Phone "A" <b>'})).name)
+        filled = RenameForm(formdata=MultiDict({"rename-7-name": ""}), prefix="rename-7")
+        assert not filled.validate()
+        assert "has-error" in field(filled.name) and 'aria-invalid="true"' in field(filled.name)

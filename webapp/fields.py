@@ -8,6 +8,7 @@ validators' flags) for the field types our forms use, and hands anything else to
 """
 from flask_wtf import FlaskForm
 from markupsafe import Markup, escape
+from wtforms.fields import Label
 
 
 class Form(FlaskForm):
@@ -32,7 +33,21 @@ def freeze(form):
     User Settings view."""
     for f in form:
         f.kept_markup = {}
+        f.label = _KeptLabel(f.label.field_id, f.label.text)
     return form
+
+
+class _KeptLabel(Label):
+    """A frozen field's label: `{{ field.label }}` is rendered once."""
+
+    markup = None
+
+    def __call__(self, text=None, **kwargs):
+        if text is not None or kwargs:
+            return super().__call__(text, **kwargs)
+        if self.markup is None:
+            self.markup = super().__call__()
+        return self.markup
 
 
 def _kept(f, key, extra, build):
