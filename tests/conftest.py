@@ -39,7 +39,7 @@ def clock():
     return FakeClock()
 
 
-def make_test_app(tmp_path, url, clock):
+def make_test_app(tmp_path, url, clock, **overrides):
     """A fresh app on `url` with the test clock, cheap hashing and a known setup code."""
     return create_app({
         "TESTING": True,
@@ -50,6 +50,7 @@ def make_test_app(tmp_path, url, clock):
         "PASSWORD_HASH_PROFILE": "cheapest",
         "CLOCK": clock,
         "SETUP_CODE": "setup-code-123",
+        **overrides,
     })
 
 

@@ -1,13 +1,14 @@
 """Accounts: the operator CLI, the first-run admin page, sign-up, and start-up configuration checks."""
 import os
+from datetime import timedelta
 
 import pytest
 from cryptography.fernet import Fernet
 
 from webapp import create_app
 from webapp.config import ConfigError
-from webapp.models import AuditEvent, Device, ServerSession, User
-from webapp.totp import decrypt_secret, encrypt_secret
+from webapp.models import ALL_MODELS, AuditEvent, Device, ServerSession, User
+from webapp.totp import decrypt_secret, encrypt_secret, new_secret
 
 from .conftest import PASSWORD, csrf_from
 
@@ -249,3 +250,38 @@ def test_purge_expired_removes_only_dead_state(app, actor, secret, clock):
     with app.app_context():
         assert ServerSession.select().count() == 1 and SignInChallenge.select().count() == 0
     assert live.get("/login").status_code == 200
+
+
+def test_the_app_purges_expired_rows_by_itself_after_a_response(tmp_path, clock, monkeypatch):
+    """No cron job needed: once PURGE_INTERVAL has passed, a request's response is followed by the purge of
+    expired sessions (their IP addresses and browser names go with them), challenges and enrolments;
+    a live session stays, and with PURGE_INTERVAL 0 nothing is purged."""
+    import time
+
+    from webapp.db import db
+    from webapp.models import SignInChallenge
+
+    from .conftest import Actor, make_test_app
+
+    for interval in (timedelta(seconds=5), timedelta(0)):
+        url = os.environ.get("TEST_DATABASE_URL") or f"sqlite:///{tmp_path / f'purge-{interval.seconds}.db'}"
+        app = make_test_app(tmp_path, url, clock, PURGE_INTERVAL=interval)
+        try:
+            actor = Actor(app, app.test_client(), clock)
+            actor.user(secret=new_secret())
+            actor.password_step()                 # a session row and a challenge, both soon expired
+            clock.advance(31 * 60)
+            live = app.test_client()
+            moment = time.monotonic()
+            monkeypatch.setattr(time, "monotonic", lambda: moment + 3600)  # the interval has passed
+            live.get("/login").close()            # a fresh session; the purge follows its response
+            monkeypatch.undo()
+            with app.app_context():
+                expected = (1, 0) if interval else (2, 1)
+                assert (ServerSession.select().count(), SignInChallenge.select().count()) == expected
+            assert live.get("/login").status_code == 200
+        finally:
+            if url.startswith("postgres"):
+                with db.connection_context():
+                    db.drop_tables(ALL_MODELS, cascade=True)
+            db.close()

@@ -1,8 +1,11 @@
 """twostep: two-factor authentication for web accounts (Flask + htmx)."""
+import functools
 import logging
 import os
+import random
 import secrets
 import sys
+import time
 
 from flask import Flask, g, redirect, render_template, request, session, url_for
 from flask_login import LoginManager, current_user
@@ -14,7 +17,8 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from . import config as config_module
 from . import db as db_module
 from . import fields
-from .models import User
+from .clock import now
+from .models import User, purge_expired
 
 csrf = CSRFProtect()
 login_manager = LoginManager()
@@ -67,6 +71,7 @@ def create_app(test_config=None):
     app.jinja_env.globals.update(field=fields.field, control=fields.control, form_error=fields.form_error)
     _memoise_template_helpers(app)
     _register_error_handlers(app)
+    _schedule_purge(app)
 
     @app.context_processor
     def _layout_context():
@@ -188,6 +193,38 @@ def _init_logging(app):
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         ours.addHandler(handler)
+
+
+def _schedule_purge(app):
+    """Every PURGE_INTERVAL, a request of each process deletes the expired rows (models.purge_expired) once its
+    response has gone out, so nobody waits for it and no cron job is needed. A failure is logged and
+    tried again at the next interval."""
+    interval = app.config["PURGE_INTERVAL"].total_seconds()
+    if interval <= 0:
+        return
+    state = {"next": time.monotonic() + interval * random.random()}  # workers started together spread out
+    log = logging.getLogger("twostep")
+
+    def purge(config, current):
+        opened = db_module.db.is_closed()
+        try:
+            if opened:
+                db_module.db.connect()
+            counts = purge_expired(config, current)
+            if any(counts):
+                log.info("purged expired rows: %d session(s), %d challenge(s), %d pending enrolment(s)", *counts)
+        except (OperationalError, InterfaceError) as exc:
+            log.warning("purging expired rows failed: %s", exc)
+        finally:
+            if opened and not db_module.db.is_closed():
+                db_module.db.close()
+
+    @app.after_request
+    def _purge_after_response(response):
+        if time.monotonic() >= state["next"]:
+            state["next"] = time.monotonic() + interval
+            response.call_on_close(functools.partial(purge, app.config, now()))
+        return response
 
 
 def _register_error_handlers(app):

@@ -112,22 +112,14 @@ def rotate_keys():
 @click.command("purge-expired")
 @with_appcontext
 def purge_expired():
-    """Delete expired sessions, sign-in challenges and pending enrolments (safe to run from cron)."""
+    """Delete expired sessions, sign-in challenges and pending enrolments (the app also does this by itself
+    every PURGE_INTERVAL; safe to run from cron as well)."""
     from flask import current_app
 
     from .clock import now
-    from .models import PendingEnrolment, ServerSession, SignInChallenge
+    from .models import purge_expired as purge
 
-    cfg = current_app.config
-    current = now()
-    with db.atomic():
-        sessions = ServerSession.delete().where(
-            (ServerSession.last_seen_at < current - cfg["SESSION_IDLE_TIMEOUT"])
-            | (ServerSession.created_at < current - cfg["SESSION_ABSOLUTE_TIMEOUT"])).execute()
-        challenges = SignInChallenge.delete().where(
-            SignInChallenge.created_at < current - cfg["CHALLENGE_TTL"]).execute()
-        enrolments = PendingEnrolment.delete().where(
-            PendingEnrolment.created_at < current - cfg["PENDING_ENROLMENT_TTL"]).execute()
+    sessions, challenges, enrolments = purge(current_app.config, now())
     click.echo(f"deleted {sessions} session(s), {challenges} sign-in challenge(s), "
                f"{enrolments} pending enrolment(s)")
 

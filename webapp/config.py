@@ -27,6 +27,9 @@ DEFAULTS = {
     "THROTTLE_FREE_FAILURES": 4,
     "THROTTLE_LOCK": timedelta(minutes=15),
     "THROTTLE_MAX_LOCK": timedelta(hours=24),
+    # How often each app process deletes expired sessions, challenges and enrolments by itself, after a
+    # response has gone out (0 turns it off, for operators who run `purge-expired` from cron instead).
+    "PURGE_INTERVAL": timedelta(minutes=10),
     "MAX_CONTENT_LENGTH": 64 * 1024,
     "PASSWORD_HASH_PROFILE": "default",
     "SECURE_COOKIES": False,
@@ -81,6 +84,11 @@ def load(app, test_config=None):
         app.config["SECURE_COOKIES"] = _env_bool(env["SECURE_COOKIES"])
     if env.get("PROXY_HOPS"):
         app.config["PROXY_HOPS"] = int(env["PROXY_HOPS"])
+    if env.get("PURGE_INTERVAL_SECONDS"):
+        try:
+            app.config["PURGE_INTERVAL"] = timedelta(seconds=int(env["PURGE_INTERVAL_SECONDS"]))
+        except ValueError as exc:
+            raise ConfigError("PURGE_INTERVAL_SECONDS must be a whole number of seconds (0 turns it off)") from exc
     if production:
         app.config["SECURE_COOKIES"] = True
     if test_config:

@@ -109,13 +109,14 @@ def _writer_queue():
 
 class _Checkpoints:
     """When this thread's SQLite connection should checkpoint the WAL: after COMMITS write transactions of
-    its own, or a SECONDS after the last checkpoint if it wrote since. A sign-in adds about 20 pages to the
+    its own, or when it wrote and SECONDS have passed since its last checkpoint (a quiet server need not
+    checkpoint after every request: each one waits for two fsyncs). A sign-in adds about 20 pages to the
     WAL, so with four workers the WAL stays near 4 x 32 x 20 = 2,560 pages, under the 5,000-page backstop.
     A PASSIVE checkpoint copies committed pages into the database file without taking the writer lock, so
     other requests go on writing while this one waits for the disk."""
 
     COMMITS = 32
-    SECONDS = 1.0
+    SECONDS = 10.0
 
     def __init__(self):
         self.local = threading.local()

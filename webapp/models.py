@@ -152,3 +152,21 @@ _ANY_USER = Prepared(lambda: User.select(User.id).limit(1))
 _ANY_DEVICE = Prepared(lambda: Device.select(Device.id).where(Device.user == Param("user")).limit(1))
 
 ALL_MODELS = [User, Device, ServerSession, SignInChallenge, PendingEnrolment, SupportRequest, AuditEvent]
+
+
+def purge_expired(config, current):
+    """Delete the sessions, sign-in challenges and pending enrolments that expired by `current` (they are
+    already refused when used; this removes the rows, with their IP addresses and browser names). Returns
+    the three counts. Run by the app itself now and then (__init__._schedule_purge) and by the
+    `purge-expired` command."""
+    from .db import write_transaction
+
+    with write_transaction():
+        sessions = ServerSession.delete().where(
+            (ServerSession.last_seen_at < current - config["SESSION_IDLE_TIMEOUT"])
+            | (ServerSession.created_at < current - config["SESSION_ABSOLUTE_TIMEOUT"])).execute()
+        challenges = SignInChallenge.delete().where(
+            SignInChallenge.created_at < current - config["CHALLENGE_TTL"]).execute()
+        enrolments = PendingEnrolment.delete().where(
+            PendingEnrolment.created_at < current - config["PENDING_ENROLMENT_TTL"]).execute()
+    return sessions, challenges, enrolments
