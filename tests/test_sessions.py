@@ -190,3 +190,27 @@ def test_sessions_list_names_browsers_readably(ua, label):
     from webapp.settings import browser_label
 
     assert browser_label(ua) == label
+
+
+def test_the_signed_in_person_comes_with_the_session_row(app, actor, alice, monkeypatch):
+    """One query reads the session and its person (an outer join: an anonymous session reads None);
+    flask-login takes the person from it. User Settings then runs no separate query for the account, and a
+    change to the account made in another request shows on the next page."""
+    from webapp.db import db
+    from webapp.models import User
+
+    statements = []
+    original = db.obj.execute_sql
+    monkeypatch.setattr(db.obj, "execute_sql", lambda sql, params=None: statements.append(sql) or
+                        original(sql, params))
+    html = text(actor.client.get("/settings"))
+    assert "alice@example.com" in html
+    user_reads = [s for s in statements if re.search(r'FROM "user" AS "t1" WHERE', s)]
+    assert user_reads == [] and any('LEFT OUTER JOIN "user"' in s for s in statements)
+    with app.app_context():
+        User.update(email="alice.new@example.com").where(User.id == alice.id).execute()
+    assert "alice.new@example.com" in text(actor.client.get("/settings"))
+    anonymous = app.test_client()
+    assert anonymous.get("/login").status_code == 200 and anonymous.get("/login").status_code == 200
+    with app.app_context():
+        assert ServerSession.select().where(ServerSession.user.is_null()).count() >= 1

@@ -54,7 +54,7 @@ def create_app(test_config=None):
     login_manager.session_protection = None  # the server-side session is the protection
     login_manager.login_view = "auth.login"
     login_manager.login_message = "Please log in to continue."
-    login_manager.user_loader(lambda user_id: _USER_BY_ID.first(id=int(user_id)))
+    login_manager.user_loader(_load_user)
     login_manager.unauthorized_handler(_unauthorized)
 
     from . import auth, cli, settings, support
@@ -98,6 +98,16 @@ def create_app(test_config=None):
 
 # flask-login loads the signed-in person on every request: compiled once (db.Prepared).
 _USER_BY_ID = db_module.Prepared(lambda: User.select().where(User.id == db_module.Param("id")))
+
+
+def _load_user(user_id):
+    """The signed-in person: the one read with the session row at the start of this request when it is
+    the same account, else from the database."""
+    user_id = int(user_id)
+    row = getattr(session, "row", None)
+    if row is not None and row.user_id == user_id and "user" in row.__rel__:
+        return row.__rel__["user"]
+    return _USER_BY_ID.first(id=user_id)
 
 
 def _memoise_template_helpers(app):

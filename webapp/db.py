@@ -239,6 +239,8 @@ def _build(plan, row):
             value = row[position]
             data[name] = None if value is None else convert(value)
             position += 1
+        if main is not None and all(value is None for value in data.values()):
+            continue  # an outer join that found nothing: the foreign key reads None
         instance = model.__new__(model)
         instance.__data__, instance._dirty, instance.__rel__ = data, set(), {}
         if main is None:
