@@ -1,11 +1,13 @@
 """The documented production set-up (README "Deployment"): gunicorn with gunicorn.conf.py, configured from the
 environment, behind exactly PROXY_HOPS reverse proxies."""
+import os
+
 import pytest
 
 from webapp.models import AuditEvent
 
 from .conftest import PASSWORD
-from .live_app import Browser, LiveServer
+from .live_app import ROOT, Browser, LiveServer
 
 
 def _rejected_password_ip(app, server, forwarded_for):
@@ -30,3 +32,19 @@ def test_proxy_hops_from_the_environment_decide_which_client_address_is_believed
     finally:
         server.stop()
     assert "Traceback" not in server.read_log()
+
+
+def test_gunicorn_hides_the_preloaded_app_from_the_workers_garbage_collector():
+    """gunicorn.conf.py freezes the master's objects before each fork: a worker's full garbage collection
+    then walks only its own objects (~50 ms less per full collection, a pause a request would wait
+    through)."""
+    import gc
+    import runpy
+
+    conf = runpy.run_path(os.path.join(ROOT, "gunicorn.conf.py"))
+    before = gc.get_freeze_count()
+    try:
+        conf["pre_fork"](None, None)
+        assert gc.get_freeze_count() > before
+    finally:
+        gc.unfreeze()
