@@ -579,3 +579,22 @@ def test_password_only_sign_in_during_a_support_window_says_why(actor, clock):
     html = actor.client.get("/settings").get_data(as_text=True)
     assert html.count("Two-factor authentication is temporarily off on your account.") == 1
     assert 'id="reset-banner"' in html and "Set up a new device" in html
+
+
+def test_a_match_found_before_the_lock_cannot_be_used_twice(app, actor, secret):
+    """security.md 16, 20: the decrypting and HMACs run before the write transaction (totp.code_matches), so
+    two requests can both find the same match; only the first to reach the conditional update signs in, the
+    other is refused as a replay and counted as a failure."""
+    from webapp.totp import check_user_code, code_matches
+
+    user = actor.user(secret=secret)
+    code = actor.code(secret)
+    with app.test_request_context("/login/verify", method="POST"):
+        first, second = code_matches(user, code), code_matches(user, code)
+        assert len(first) == 1 and first[0][1] == second[0][1]  # the same device and step
+        assert check_user_code(user, code, first).ok
+        late = check_user_code(user, code, second)
+        assert not late.ok and late.reason == "replay"
+    with app.app_context():
+        assert User.get_by_id(user.id).code_failures == 1
+        assert [e.kind for e in AuditEvent.select().order_by(AuditEvent.id)] == ["code_accepted", "totp_replay"]

@@ -213,16 +213,15 @@ def verify():
         matches = code_matches(challenge.user, normalise_code(raw_code))
         # One transaction for the check and everything it leads to: a single commit instead of five.
         with write_transaction():
+            result = check_user_code(challenge.user, raw_code, matches)  # a malformed code counts too
             if not valid:
                 status, error = 400, form.code.errors[0] if form.code.errors else MALFORMED_CODE_ERROR
-                result = check_user_code(challenge.user, raw_code, matches)
+            elif result:
+                user = challenge.user
+                next_url = challenge.next_url
+                drop_challenge()
+                return complete_sign_in(user, next_url, method="password+code")
             else:
-                result = check_user_code(challenge.user, raw_code, matches)
-                if result:
-                    user = challenge.user
-                    next_url = challenge.next_url
-                    drop_challenge()
-                    return complete_sign_in(user, next_url, method="password+code")
                 error = code_error(result)
                 status = 400 if result.reason == "malformed" else 429 if result.reason == "locked" else 200
             failures = challenge.failures + 1
