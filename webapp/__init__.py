@@ -212,7 +212,7 @@ def _schedule_purge(app):
     interval = app.config["PURGE_INTERVAL"].total_seconds()
     if interval <= 0:
         return
-    state = {"next": time.monotonic() + interval * random.random()}  # workers started together spread out
+    due = {}  # per process: gunicorn forks its workers from one loaded app
     log = logging.getLogger("twostep")
 
     def purge(config, current):
@@ -231,8 +231,11 @@ def _schedule_purge(app):
 
     @app.after_request
     def _purge_after_response(response):
-        if time.monotonic() >= state["next"]:
-            state["next"] = time.monotonic() + interval
+        pid, moment = os.getpid(), time.monotonic()
+        if pid not in due:  # the first deadline falls at random, so workers started together spread out
+            due[pid] = moment + interval * random.random()
+        elif moment >= due[pid]:
+            due[pid] = moment + interval
             response.call_on_close(functools.partial(purge, app.config, now()))
         return response
 
