@@ -28,6 +28,6 @@ forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
 def pre_fork(server, worker):
     """Move everything the master loaded (the app, templates, compiled queries: ~60,000 objects) out of the
     garbage collector's view before a worker is forked. A worker's full collection then walks only what it
-    made itself: it took ~50 ms with them, a pause some request would wait through (the p99 of `make bench`),
-    and touching them also copied the master's shared memory pages into each worker."""
+    made itself: it took ~50-60 ms with them, a pause some request would wait through, and walking them
+    also wrote to the master's memory pages shared with each worker, which the kernel then copied."""
     gc.freeze()

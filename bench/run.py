@@ -605,6 +605,9 @@ def main():
 def finish(results, started, tmp):
     """Summarise, write bench/results.json (a partial run writes bench/results-partial.json), print."""
     summarise(results)
+    if PHASES:
+        results["targets_met"] = {}  # a partial run's neighbours and load differ: judge nothing
+        results["notes"].append(f"partial run: BENCH_PHASES={','.join(PHASES)}")
     results["runtime_s"] = round(time.monotonic() - started, 1)
     name = "results-partial.json" if PHASES else "results.json"
     with open(os.path.join(BENCH, name), "w", encoding="utf-8") as fh:
