@@ -707,3 +707,38 @@ def test_cancel_closes_or_leaves_without_changing_anything(actor, app, htmx):
         assert cancel and "data-close-dialog" in cancel.group(0)
     page = text(actor.client.get("/settings"))
     assert ">Off<" in page and devices(app, user) == []
+
+
+def test_reauthenticating_gives_a_new_session_id_and_keeps_the_wizard_going(actor, app, secret):
+    """Re-authentication is a sign-in of its own: the session gets a new id, so a copy of the old cookie
+    stops working (security.md 26's rule, applied to /reauth too). A key shown in the wizard before the
+    re-authentication is still the one the wizard confirms afterwards (security.md 8: one pending secret)."""
+    from webapp.sessions import token_hash
+
+    user = actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    w = Wizard(actor, htmx=False)
+    w.start()
+    shown = w.secret
+    assert shown and len(pendings(app, user)) == 1
+    old_cookie = actor.session_cookie()
+    actor.clock.advance(11 * 60)  # no longer fresh; the pending key is still valid (15 min)
+    r = actor.client.get("/settings/2fa")
+    assert r.status_code == 302 and "/reauth" in r.headers["Location"]
+    actor.clock.advance(30)
+    r = actor.post_form("/reauth?next=/settings/2fa", {"password": PASSWORD, "code": actor.code(secret)})
+    assert r.status_code == 302 and r.headers["Location"].endswith("/settings/2fa")
+    new_cookie = actor.session_cookie()
+    assert new_cookie and new_cookie != old_cookie
+
+    stale = app.test_client()
+    stale.set_cookie(app.session_interface.get_cookie_name(app), old_cookie)
+    r = stale.get("/settings")
+    assert r.status_code == 302 and "/login" in r.headers["Location"]
+
+    [pending] = pendings(app, user)
+    assert pending.session_id == token_hash(new_cookie)
+    assert w.code_step().status_code == 200
+    assert w.secret == shown and 'data-step="name"' in text(w.submit_code())  # a code from the key shown before
+    assert w.complete("Tablet").status_code in (200, 302)
+    assert [d.name for d in devices(app, user)] == ["Phone", "Tablet"]

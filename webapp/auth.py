@@ -253,6 +253,7 @@ def reauth():
                 if not result:
                     error = code_error(result)
             if error is None:
+                session.rotate(keep_enrolment=True)  # a new session id whenever someone proves who they are
                 session["auth_at"] = timestamp()
                 audit("reauthenticated", user=user)
                 return redirect(next_url or url_for("settings.index"))

@@ -16,7 +16,7 @@ from werkzeug.datastructures import CallbackDict
 
 from .clock import now
 from .db import Param, Prepared, write_transaction
-from .models import ServerSession, User
+from .models import PendingEnrolment, ServerSession, User
 
 TOUCH_INTERVAL = timedelta(seconds=60)  # write last_seen at most once a minute per session
 
@@ -32,6 +32,8 @@ _INSERT = Prepared(lambda: ServerSession.insert(
 _UPDATE = Prepared(lambda: ServerSession.update(
     data=Param("data"), last_seen_at=Param("last_seen_at"), user=Param("user")).where(ServerSession.id == Param("id")))
 _DELETE = Prepared(lambda: ServerSession.delete().where(ServerSession.id == Param("id")))
+_MOVE_ENROLMENTS = Prepared(lambda: PendingEnrolment.update(session=Param("new")).where(
+    PendingEnrolment.session == Param("old")))
 
 
 def token_hash(token):
@@ -51,14 +53,18 @@ class DbSession(CallbackDict, SessionMixin):
         self.row = row
         self.modified = False
         self.rotated_from = None
+        self.keep_enrolment = False
         self.ended = False
         self.cookie_due = False  # written early (write_session_now): save_session still sets the cookie
         self.unavailable = None  # the database error met while loading it (see raise_if_unavailable)
 
-    def rotate(self):
-        """Give this session a brand-new token and row (after sign-in: security.md 26)."""
+    def rotate(self, keep_enrolment=False):
+        """Give this session a brand-new token and row (after sign-in: security.md 26; after re-authentication).
+        With keep_enrolment, a wizard's pending enrolment moves to the new row, so re-authenticating in the
+        middle of the wizard does not throw away the key the person may have scanned already."""
         if self.row is not None and self.rotated_from is None:
             self.rotated_from = self.row
+            self.keep_enrolment = keep_enrolment
         self.token = None
         self.row = None
         self.modified = True
@@ -125,14 +131,14 @@ class DbSessionInterface(SessionInterface):
 
     def _write(self, session):
         """Bring the session's row up to date: 'deleted', 'written', 'gone' (vanished meanwhile) or
-        'unchanged'. A rotated session's old row is deleted first."""
-        if session.rotated_from is not None:
-            _DELETE.execute(id=session.rotated_from.id)
-            session.rotated_from = None
+        'unchanged'. A rotated session's old row is deleted, after its new row is in (the caller holds a
+        transaction for the two)."""
+        old, session.rotated_from = session.rotated_from, None
         if session.ended or (not session and session.row is None):
-            if session.row is not None:
-                _DELETE.execute(id=session.row.id)
-                session.row = None
+            for row in (old, session.row):
+                if row is not None:
+                    _DELETE.execute(id=row.id)
+            session.row = None
             return "deleted"
         current = now()
         user_id = session.get("_user_id")
@@ -143,6 +149,10 @@ class DbSessionInterface(SessionInterface):
                           ip=request.remote_addr, user_agent=(request.user_agent.string or "")[:200])
             _INSERT.execute(**values)
             session.row = ServerSession(**values)
+            if old is not None:
+                if session.keep_enrolment:
+                    _MOVE_ENROLMENTS.execute(new=values["id"], old=old.id)
+                _DELETE.execute(id=old.id)
         elif session.modified or current - session.row.last_seen_at > TOUCH_INTERVAL:
             updated = _UPDATE.execute(data=json.dumps(dict(session)), last_seen_at=current,
                                       user=int(user_id) if user_id else None, id=session.row.id)
