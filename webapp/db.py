@@ -1,6 +1,7 @@
 """Database: one peewee proxy, opened from DATABASE_URL, a connection kept per thread, tables created on
 start, and Prepared queries for the paths every request takes."""
 import fcntl
+import hashlib
 import os
 import threading
 import time
@@ -141,6 +142,18 @@ class _Checkpoints:
 
 
 _checkpoints = _Checkpoints()
+
+
+def lock_keys(*keys):
+    """Inside a write_transaction, hold these names until it ends, so requests that count rows and then
+    insert one (a rate limit) cannot both count before either inserts. SQLite's BEGIN IMMEDIATE already
+    excludes every other writer; PostgreSQL takes a transaction-scoped advisory lock per name, in sorted
+    order so that two requests never wait for each other's second name."""
+    if is_sqlite():
+        return
+    for key in sorted(set(keys)):
+        number = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big", signed=True)
+        db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (number,))
 
 
 def for_update(query):

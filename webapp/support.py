@@ -14,7 +14,7 @@ from wtforms.validators import AnyOf, DataRequired, Email, Length, Optional
 from . import htmx
 from .auth import strip_text
 from .clock import now
-from .db import Param, Prepared, db, for_update, write_transaction
+from .db import Param, Prepared, db, for_update, lock_keys, write_transaction
 from .fields import Form
 from .models import AuditEvent, Device, SignInChallenge, SupportRequest, User, normalise_email
 from .security import audit, client_ip, is_fresh
@@ -245,7 +245,9 @@ def contact():
             ip = client_ip()
             limit = current_app.config["SUPPORT_REQUESTS_PER_HOUR"]
             with write_transaction():
-                # Count and insert in one write transaction so parallel posts cannot slip past the limit.
+                # Count and insert in one write transaction, holding the address and network, so parallel
+                # posts cannot slip past the limit (on PostgreSQL too, where the count alone locks nothing).
+                lock_keys("contact-email:" + email, *(["contact-ip:" + ip] if ip else []))
                 throttled = (_recent_requests(SupportRequest.email, email) >= limit
                              or (ip and _recent_requests(SupportRequest.ip, ip) >= limit))
                 if not throttled:
