@@ -216,9 +216,9 @@ def _schedule_purge(app):
     log = logging.getLogger("twostep")
 
     def purge(config, current):
-        opened = db_module.db.is_closed()
+        connect_here = db_module.db.is_closed()  # a thread that closed its connection after the request
         try:
-            if opened:
+            if connect_here:
                 db_module.db.connect()
             counts = purge_expired(config, current)
             if any(counts):
@@ -226,7 +226,7 @@ def _schedule_purge(app):
         except (OperationalError, InterfaceError) as exc:
             log.warning("purging expired rows failed: %s", exc)
         finally:
-            if opened and not db_module.db.is_closed():
+            if connect_here and not db_module.db.is_closed():
                 db_module.db.close()
 
     @app.after_request
