@@ -357,6 +357,24 @@ def test_frozen_blank_forms_render_exactly_like_fresh_ones(app):
                     assert Markup(kept.label) == Markup(new.label) and kept.label.text == new.label.text
         assert 'value="Phone &#34;A&#34; &lt;b&gt;"' in field(freeze(RenameForm(formdata=None, prefix="rename-7",
                                                                                 data={"name": 'Phone "A" <b>'})).name)
+        # The device forms are frozen once with placeholders and moved to each device (fields.moved): the
+        # markup must be a fresh form's for that device's prefix and name, whatever the name holds.
+        from webapp.fields import ITEM, VALUE, moved
+
+        rename = freeze(RenameForm(formdata=None, prefix=f"rename-{ITEM}", data={"name": VALUE}))
+        remove = freeze(RemoveForm(formdata=None, prefix=f"remove-{ITEM}"))
+        for device_id, name in ((7, 'Phone "A" <b>'), (12345, "rename-7-name & co"), (8, "\u00e9t\u00e9 \U0001f4f1")):
+            fresh_rename = RenameForm(formdata=None, prefix=f"rename-{device_id}", data={"name": name})
+            fresh_remove = RemoveForm(formdata=None, prefix=f"remove-{device_id}")
+            for _ in range(2):
+                shown = moved(rename, device_id, name)
+                assert field(shown.name) == field(fresh_rename.name)
+                assert shown.name.errors == () and shown.name.id == fresh_rename.name.id
+                shown = moved(remove, device_id)
+                for part in ("password", "code", "confirm_off"):
+                    assert field(getattr(shown, part)) == field(getattr(fresh_remove, part))
+                    assert control(getattr(shown, part)) == control(getattr(fresh_remove, part))
+                    assert Markup(getattr(shown, part).label) == Markup(getattr(fresh_remove, part).label)
         filled = RenameForm(formdata=MultiDict({"rename-7-name": ""}), prefix="rename-7")
         assert not filled.validate()
         assert "has-error" in field(filled.name) and 'aria-invalid="true"' in field(filled.name)

@@ -51,18 +51,73 @@ class _KeptLabel(Label):
 
 
 def _kept(f, key, extra, build):
-    """`build()`, or the markup kept for `key` and `extra` when `f` belongs to a frozen form."""
+    """`build(f)`, or the markup kept for `key` and `extra` when `f` belongs to a frozen form (or is one of
+    its fields shown under another prefix: see `moved`)."""
+    if isinstance(f, _MovedField):
+        return f.rename(_kept(f.original, key, extra, build))
     store = getattr(f, "kept_markup", None)
     if store is None:
-        return build()
+        return build(f)
     try:
         key += tuple(sorted(extra.items()))
         markup = store.get(key)
     except TypeError:  # an unhashable attribute value: build it each time
-        return build()
+        return build(f)
     if markup is None:
-        markup = store[key] = build()
+        markup = store[key] = build(f)
     return markup
+
+
+# Placeholders a frozen form may carry in its prefix and data (see `moved`). Control characters never reach
+# the markup otherwise: ids are made from fixed prefixes and numbers, and the forms refuse them in text.
+ITEM = "\x00"
+VALUE = "\x01"
+
+
+def moved(form, item, value=None):
+    """A frozen form built with ITEM in its prefix (and VALUE as its text field's data), shown for one item:
+    its kept markup with ITEM replaced by `item` and VALUE by the escaped `value`.
+
+    The settings page shows one rename and one remove form per device. Frozen per device, the forms were
+    rebuilt for every person seen for the first time (and a process keeps only so many): that cost about a
+    third of a User Settings view. Frozen once per form class and renamed here, they cost a string
+    replacement per field."""
+    subs = [(ITEM, escape(item))]
+    if value is not None:
+        subs.append((VALUE, escape(value)))
+    return _MovedForm(form, subs)
+
+
+class _MovedForm:
+    def __init__(self, form, subs):
+        self._form, self._subs = form, subs
+
+    def __getattr__(self, name):
+        return _MovedField(getattr(self._form, name), self._subs)
+
+
+class _MovedField:
+    """One field of a moved form: what the templates use of a blank field (markup through `field` and
+    `control`, `label`, `id`, no `errors`)."""
+
+    errors = ()
+
+    def __init__(self, original, subs):
+        self.original, self._subs = original, subs
+
+    def rename(self, markup):
+        text = str(markup)
+        for placeholder, replacement in self._subs:
+            text = text.replace(placeholder, replacement)
+        return Markup(text)
+
+    @property
+    def id(self):
+        return self.rename(self.original.id)
+
+    @property
+    def label(self):
+        return self.rename(self.original.label())
 
 
 def _attrs(values):
@@ -91,7 +146,7 @@ def _kind(f):
 
 def control(f, **extra):
     """The form control alone (<input> or <textarea>), with the field's render_kw and `extra` attributes."""
-    return _kept(f, ("control",), extra, lambda: _control_markup(f, extra))
+    return _kept(f, ("control",), extra, lambda g: _control_markup(g, extra))
 
 
 def _control_markup(f, extra):
@@ -120,7 +175,7 @@ def _control_markup(f, extra):
 def field(f, hint=None, error=None, **extra):
     """A field's block: label, optional hint, control and first error, tied by aria-describedby (WCAG 1.3.1,
     3.3.1)."""
-    return _kept(f, ("field", hint, error), extra, lambda: _field_markup(f, hint, error, extra))
+    return _kept(f, ("field", hint, error), extra, lambda g: _field_markup(g, hint, error, extra))
 
 
 def _field_markup(f, hint, error, extra):
