@@ -112,3 +112,33 @@ def test_audit_lines_reach_stderr_when_no_logging_is_configured(app, capfd, monk
     err = capfd.readouterr().err
     assert "twostep.audit: audit signin user=7" in err
     assert "123456" not in err
+
+
+@pytest.mark.parametrize("line, secret", [
+    ("POST /login/verify?code=123456 HTTP/1.1", "123456"),
+    ("form: CODE=12 34 56&next=/", "12"),
+    ("Password=hunter2hunter2 sent", "hunter2hunter2"),
+    ("csrf_token=IjRmZ.abc cookie=abcdef", "IjRmZ.abc"),
+    ("uri otpauth://totp/twostep:bob?secret=JBSWY3DPEHPK3PXP&issuer=twostep here", "JBSWY3DPEHPK3PXP"),
+    ("the key is JBSWY3DPEHPK3PXP, keep it", "JBSWY3DPEHPK3PXP"),
+    ("entered 654321 twice", "654321"),
+])
+def test_log_lines_are_redacted(line, secret):
+    """security.md 43: whatever reaches a log line, a code, a key, an otpauth URI or a password field is
+    masked; keys are matched in any case (the filter looks for them in the lowered line first)."""
+    from webapp.security import RedactingFilter
+
+    record = logging.LogRecord("twostep", logging.INFO, __file__, 1, "%s", (line,), None)
+    assert RedactingFilter().filter(record)
+    assert secret not in record.getMessage() and "[redacted]" in record.getMessage()
+
+
+def test_log_lines_without_secrets_are_left_alone():
+    """The redaction leaves ordinary lines (access lines, audit lines with ids and dates) as they were."""
+    from webapp.security import RedactingFilter
+
+    for line in ('127.0.0.1 - - [28/Nov/2026:16:30:00 +0000] "GET /settings HTTP/1.1" 200 10234 "-" "wrk"',
+                 'audit signin user=12345 actor=None {"method": "password+code"}'):
+        record = logging.LogRecord("gunicorn.access", logging.INFO, __file__, 1, line, None, None)
+        assert RedactingFilter().filter(record)
+        assert record.getMessage() == line

@@ -92,6 +92,13 @@ _MARK_LOGIN = Prepared(lambda: User.update(last_login_at=Param("at")).where(User
 
 def complete_sign_in(user, next_url=None, method=None):
     """Start a brand-new session for a fully authenticated user and send them on (security.md 26)."""
+    start_session(user, method)
+    return redirect(safe_next(next_url) or url_for("settings.index"))
+
+
+def start_session(user, method=None):
+    """The signed-in session of complete_sign_in, without the redirect: inside the caller's write
+    transaction, if there is one, so the sign-in commits once."""
     pending_messages = session.get("_flashes")  # messages queued for the next page survive the new session
     session.rotate()
     session.clear()
@@ -103,7 +110,6 @@ def complete_sign_in(user, next_url=None, method=None):
         _MARK_LOGIN.execute(at=now(), id=user.id)
         audit("signin", user=user, method=method or ("password+code" if user.has_2fa else "password"))
         write_session_now()
-    return redirect(safe_next(next_url) or url_for("settings.index"))
 
 
 def drop_challenge():
@@ -211,26 +217,29 @@ def verify():
         raw_code = form.code.data or ""
         # The slow part of the check (decrypting, HMACs) needs no lock: it runs before the transaction.
         matches = code_matches(challenge.user, normalise_code(raw_code))
-        # One transaction for the check and everything it leads to: a single commit instead of five.
+        # One transaction for the check and everything it leads to: a single commit instead of five. The
+        # redirect is built after it: on SQLite every other writer waits while the transaction is open.
         with write_transaction():
             result = check_user_code(challenge.user, raw_code, matches)  # a malformed code counts too
-            if not valid:
-                status, error = 400, form.code.errors[0] if form.code.errors else MALFORMED_CODE_ERROR
-            elif result:
-                user = challenge.user
-                next_url = challenge.next_url
+            signed_in = valid and result
+            if signed_in:
                 drop_challenge()
-                return complete_sign_in(user, next_url, method="password+code")
+                start_session(challenge.user, method="password+code")
             else:
-                error = code_error(result)
-                status = 400 if result.reason == "malformed" else 429 if result.reason == "locked" else 200
-            failures = challenge.failures + 1
-            SignInChallenge.update(failures=SignInChallenge.failures + 1).where(
-                SignInChallenge.id == challenge.id).execute()
-            if failures >= current_app.config["CHALLENGE_MAX_FAILURES"]:
-                drop_challenge()
-                flash("Too many wrong codes. For your security, please sign in again.", "error")
-                return redirect(url_for("auth.login"))
+                if not valid:
+                    status, error = 400, form.code.errors[0] if form.code.errors else MALFORMED_CODE_ERROR
+                else:
+                    error = code_error(result)
+                    status = 400 if result.reason == "malformed" else 429 if result.reason == "locked" else 200
+                failures = challenge.failures + 1
+                SignInChallenge.update(failures=SignInChallenge.failures + 1).where(
+                    SignInChallenge.id == challenge.id).execute()
+                if failures >= current_app.config["CHALLENGE_MAX_FAILURES"]:
+                    drop_challenge()
+                    flash("Too many wrong codes. For your security, please sign in again.", "error")
+                    return redirect(url_for("auth.login"))
+        if signed_in:
+            return redirect(safe_next(challenge.next_url) or url_for("settings.index"))
     return render_template("auth/verify.html", form=form, error=error), status
 
 

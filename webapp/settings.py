@@ -488,9 +488,18 @@ def active_sessions(user):
     this_id = token_hash(session.token) if getattr(session, "token", None) else None
     rows = _LIVE_SESSIONS.rows(user=user.id, idle_after=current - cfg["SESSION_IDLE_TIMEOUT"],
                                created_after=current - cfg["SESSION_ABSOLUTE_TIMEOUT"])
-    return [{"handle": session_handle(r.id), "created_at": r.created_at, "last_seen_at": r.last_seen_at,
-             "ip": r.ip, "user_agent": browser_label(r.user_agent), "current": r.id == this_id}
-            for r in rows]
+    return _Sessions({"handle": session_handle(r.id), "created_at": r.created_at, "last_seen_at": r.last_seen_at,
+                      "ip": r.ip, "user_agent": browser_label(r.user_agent), "current": r.id == this_id}
+                     for r in rows)
+
+
+class _Sessions(list):
+    """active_sessions' list, which also says whether any session is not this browser's (the template's
+    `rejectattr('current')|list` for that was a twentieth of a User Settings view)."""
+
+    @property
+    def others(self):
+        return any(not s["current"] for s in self)
 
 
 def _sessions_response(notice):
