@@ -12,11 +12,18 @@ What it does, in one run (a few minutes):
   5. 60 s of mixed load, counting errors;
   6. prints a table and writes bench/results.json.
 
-Environment: BENCH_WORKERS (4), BENCH_SECONDS (10 per phase), BENCH_MIXED_SECONDS (60),
+Environment: BENCH_WORKERS (4), BENCH_SECONDS (10, each one-million search), BENCH_MIXED_SECONDS (60),
 BENCH_PASSWORD_SECONDS (30, the password step), BENCH_CONNECTIONS (8),
 BENCH_USERS (30000), BENCH_SEARCH_USERS (1000000), BENCH_SKIP_PG=1 to skip PostgreSQL,
 BENCH_PHASES=verify,settings to run only those hello/endpoint pairs (a quick check while working; the
-password step, the mixed load and the one-million searches are skipped, and no target is judged).
+password step, the mixed load and the one-million searches are skipped, and no target is judged),
+BENCH_ROUNDS (4) and BENCH_WINDOW_SECONDS (3): how each endpoint is compared with hello (below).
+
+Each ratio to hello comes from ROUNDS rounds, after an uncounted warm-up window of the endpoint: hello for
+WINDOW seconds, the endpoint for WINDOW seconds, ..., ending with hello. A round's ratio is the endpoint's requests/s over the mean of the hello windows on either
+side of it, and the reported ratio is the median of the rounds. The machine's speed drifts: hello alone
+measured 2,009 and 2,731 requests/s twenty seconds apart, so one hello run next to one endpoint run could
+move a ratio by a third either way.
 """
 import base64
 import datetime
@@ -51,6 +58,8 @@ WRK_THREADS = 2
 USERS = int(os.environ.get("BENCH_USERS", "30000"))
 SEARCH_USERS = int(os.environ.get("BENCH_SEARCH_USERS", "1000000"))
 PHASES = [p for p in os.environ.get("BENCH_PHASES", "").split(",") if p]
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "4"))
+WINDOW = int(os.environ.get("BENCH_WINDOW_SECONDS", "3"))
 PASSWORD = "bench password 1"
 STEP = 30
 
@@ -380,6 +389,39 @@ def wrk(server, pool_file, expect, seconds=SECONDS, expect_location=None, connec
     return r
 
 
+def combine(runs):
+    """One result for several wrk windows of the same endpoint: totals, rates over their summed time, the
+    median p50 and the highest p99 (percentiles of separate windows cannot be merged exactly: the highest is
+    the cautious choice), the server CPU per request over all of them, and each window's requests/s."""
+    if len(runs) == 1:
+        return dict(runs[0])
+    out = {}
+    for key in ("requests", "ok", "errors", "unexpected", "socket_errors", "timeouts", "status_5xx", "duration_us",
+                "pool_wrapped"):
+        out[key] = sum(r.get(key, 0) for r in runs)
+    out["max_us"] = max(r["max_us"] for r in runs)
+    out["first_error"] = next((r["first_error"] for r in runs if r.get("first_error")), "")
+    seconds = out["duration_us"] / 1e6
+    out["rps"] = round(out["requests"] / seconds, 1)
+    out["ok_rps"] = round(out["ok"] / seconds, 1)
+    out["ok_rps_windows"] = [r["ok_rps"] for r in runs]
+    p50s = sorted(r["p50_us"] for r in runs)
+    out["p50_us"] = p50s[len(p50s) // 2] if len(p50s) % 2 else (p50s[len(p50s) // 2 - 1] + p50s[len(p50s) // 2]) // 2
+    out["p99_us"] = max(r["p99_us"] for r in runs)
+    out["p90_us"] = max(r["p90_us"] for r in runs)
+    out["p50_ms"], out["p99_ms"] = round(out["p50_us"] / 1000, 2), round(out["p99_us"] / 1000, 2)
+    out["server_cpu_ms_per_request"] = round(
+        sum(r["server_cpu_ms_per_request"] * r["requests"] for r in runs) / max(out["requests"], 1), 3)
+    out["machine_busy_pct"] = round(sum(r["machine_busy_pct"] for r in runs) / len(runs), 1)
+    return out
+
+
+def median(values):
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def _hash_worker(args):
     stored, seconds = args
     from argon2 import PasswordHasher
@@ -491,7 +533,7 @@ def main():
     keys = {"secret_key": secrets.token_urlsafe(48), "fernet": Fernet.generate_key().decode()}
     results = {"machine": machine(), "date": datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC"),
                "settings": {"workers": WORKERS, "worker_class": "sync", "wrk_threads": WRK_THREADS,
-                            "connections": CONNECTIONS, "seconds_per_phase": SECONDS, "users": USERS},
+                            "connections": CONNECTIONS, "rounds": ROUNDS, "window_seconds": WINDOW, "users": USERS},
                "endpoints": {}, "ratios": {}, "notes": []}
     servers = []
     try:
@@ -519,22 +561,41 @@ def main():
         hello_pool = write_pool(os.path.join(tmp, "hello.txt"), [pool_line("GET", "/")])
         hello_runs = []
 
-        def phase(name, label, lines, expect, location=None):
-            """hello, then the endpoint right after: each ratio compares neighbours (the machine may be shared)."""
+        def phase(name, label, lines, expect, location=None, single_use=False):
+            """A warm-up window, then rounds of hello and the endpoint, hello first and last (see the module's
+            docstring). A single-use pool (each code is accepted once) is split between them.
+
+            The warm-up is not counted: each worker fills its caches (compiled templates, built URLs, signed
+            CSRF tokens) on its first requests for a page or a person, which a server that has been up for
+            a while has done long before."""
             if PHASES and name not in PHASES:
                 return
-            log(f"hello, then {label}")
-            h = wrk(hello, hello_pool, 200, tmp=tmp)
-            hello_runs.append(h)
-            r = wrk(app, write_pool(os.path.join(tmp, f"{name}.txt"), lines), expect, expect_location=location,
-                    tmp=tmp)
-            r["hello_rps_adjacent"] = h["ok_rps"]
-            r["hello_cpu_ms_adjacent"] = h["server_cpu_ms_per_request"]
+            log(f"{label} and hello: a warm-up, then {ROUNDS} rounds of {WINDOW} s")
+            size = len(lines) // (ROUNDS + 1) if single_use else len(lines)
+            wrk(app, write_pool(os.path.join(tmp, f"{name}-warm.txt"), lines[:size]), expect,
+                expect_location=location, tmp=tmp, seconds=WINDOW)
+            hellos = [wrk(hello, hello_pool, 200, tmp=tmp, seconds=WINDOW)]
+            runs = []
+            for k in range(1, ROUNDS + 1):
+                part = lines[k * size:(k + 1) * size] if single_use else lines
+                runs.append(wrk(app, write_pool(os.path.join(tmp, f"{name}-{k}.txt"), part), expect,
+                                expect_location=location, tmp=tmp, seconds=WINDOW))
+                hellos.append(wrk(hello, hello_pool, 200, tmp=tmp, seconds=WINDOW))
+            hello_runs.extend(hellos)
+            r = combine(runs)
+            around = [(hellos[k], hellos[k + 1]) for k in range(ROUNDS)]
+            r["ratio_rounds"] = [round(run["ok_rps"] / ((a["ok_rps"] + b["ok_rps"]) / 2), 3)
+                                 for run, (a, b) in zip(runs, around)]
+            r["cpu_ratio_rounds"] = [
+                round((a["server_cpu_ms_per_request"] + b["server_cpu_ms_per_request"]) / 2
+                      / max(run["server_cpu_ms_per_request"], 1e-9), 3) for run, (a, b) in zip(runs, around)]
+            r["hello_rps_adjacent"] = round(sum(h["ok_rps"] for h in hellos) / len(hellos), 1)
+            r["hello_cpu_ms_adjacent"] = round(sum(h["server_cpu_ms_per_request"] for h in hellos) / len(hellos), 3)
             r["load_average"] = round(os.getloadavg()[0], 2)
             endpoints[name] = r
 
         phase("login_page", "sign-in page", [pool_line("GET", "/login")], 200)
-        phase("verify", "second step (code)", pools.verify(verify_ids), 302, "/settings")
+        phase("verify", "second step (code)", pools.verify(verify_ids), 302, "/settings", single_use=True)
         phase("settings", "User Settings", pools.signed_in(others(500), "/settings"), 200)
         qr_lines = pools.enrolling(others(1000))
         if app.status("/settings/2fa/qr", cookie=qr_lines[0].split("\t")[2]) == 200:
@@ -550,7 +611,7 @@ def main():
             results["notes"].append("Support search (/support?q=) not available: skipped")
 
         if PHASES:  # a quick partial run: nothing else
-            endpoints["hello"] = hello_runs[0]
+            endpoints["hello"] = combine(hello_runs)
             return finish(results, started, tmp)
         log("argon2 ceiling, then the password step")
         results["hash"] = hash_ceiling(pw_hash)
@@ -561,8 +622,7 @@ def main():
                                           expect_location="/login/verify", tmp=tmp,
                                           seconds=max(SECONDS, PASSWORD_SECONDS))
         endpoints["login_password"]["load_average"] = round(os.getloadavg()[0], 2)
-        endpoints["hello"] = hello_runs[0]
-        endpoints["hello"]["ok_rps_all_runs"] = [h["ok_rps"] for h in hello_runs]
+        endpoints["hello"] = combine(hello_runs)
 
         log(f"mixed load, {MIXED_SECONDS} s")
         mixed = mixed_pool(pools, mixed_ids, others(900), admin_lines if search_ok else [], qr_available="qr" in endpoints)
@@ -661,18 +721,12 @@ def machine():
 def summarise(results):
     e, ratios = results["endpoints"], results["ratios"]
 
-    def vs_hello(name):
-        return round(e[name]["ok_rps"] / e[name]["hello_rps_adjacent"], 3)
-
-    for key, name in (("verify_vs_hello", "verify"), ("settings_vs_hello", "settings"), ("qr_vs_hello", "qr"),
-                      ("login_page_vs_hello", "login_page")):
-        if name in e:
-            ratios[key] = vs_hello(name)
     cpu = results["cpu_ratios"] = {}
     for key, name in (("verify_vs_hello", "verify"), ("settings_vs_hello", "settings"), ("qr_vs_hello", "qr"),
                       ("login_page_vs_hello", "login_page")):
         if name in e:
-            cpu[key] = round(e[name]["hello_cpu_ms_adjacent"] / e[name]["server_cpu_ms_per_request"], 3)
+            ratios[key] = round(median(e[name]["ratio_rounds"]), 3)
+            cpu[key] = round(median(e[name]["cpu_ratio_rounds"]), 3)
     if "login_password" in e:
         ratios["login_vs_hash_limit"] = round(e["login_password"]["ok_rps"] / results["hash"]["hash_limit_per_s"], 3)
     for label in ("sqlite_1m", "postgresql_1m"):
