@@ -742,3 +742,43 @@ def test_reauthenticating_gives_a_new_session_id_and_keeps_the_wizard_going(acto
     assert w.secret == shown and 'data-step="name"' in text(w.submit_code())  # a code from the key shown before
     assert w.complete("Tablet").status_code in (200, 302)
     assert [d.name for d in devices(app, user)] == ["Phone", "Tablet"]
+
+
+@pytest.mark.parametrize("htmx", [True, False])
+def test_reopening_the_wizard_offers_to_continue_with_the_same_key(actor, app, htmx):
+    """Someone who closes the wizard after scanning and opens it again is offered the key already in their
+    app, so they do not end up with a second, useless account in it; starting over is still there."""
+    user = signed_in(actor)
+    w = Wizard(actor, htmx=htmx)
+    w.start()
+    scanned = w.secret
+    actor.clock.advance(60)
+    body = text(w.open())
+    assert 'data-step="intro"' in body and "did not finish" in body
+    assert re.search(r'<form method="get" action="/settings/2fa/qr"[^>]*>\s*<button type="submit">Continue with the '
+                     r'same key</button>', body)
+    assert ">Start over with a new key</button>" in body and "otpauth" not in body
+    r = actor.client.get("/settings/2fa/qr", headers=w.headers)
+    assert 'data-step="qr"' in text(r) and secret_of(text(r)) == scanned
+    assert 'data-step="name"' in text(w.submit_code())
+    w.complete("Phone")
+    with app.app_context():
+        from webapp.totp import decrypt_secret
+
+        assert [decrypt_secret(d.secret_enc) for d in Device.select().where(Device.user == user)] == [scanned]
+
+
+def test_the_first_step_offers_no_continue_without_a_live_pending_key(actor, app):
+    """No pending key, or one past its TTL: the first step is the plain one, with Next."""
+    user = signed_in(actor)
+    w = Wizard(actor)
+    body = text(w.open())
+    assert ">Next</button>" in body and "Continue with the same key" not in body and "did not finish" not in body
+    w.start()
+    with app.app_context():  # older than PENDING_ENROLMENT_TTL (15 minutes); the sign-in itself stays fresh
+        for pending in PendingEnrolment.select():
+            PendingEnrolment.update(created_at=pending.created_at - timedelta(minutes=16)).where(
+                PendingEnrolment.id == pending.id).execute()
+    body = text(w.open())
+    assert ">Next</button>" in body and "Continue with the same key" not in body
+    assert pendings(app, user) == []

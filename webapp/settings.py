@@ -222,10 +222,14 @@ def index():
 @bp.get("/2fa")
 @fresh_login_required
 def tfa():
-    """The gear: the wizard's first step, as a dialog for htmx or a full page without JavaScript (security.md 9)."""
+    """The gear: the wizard's first step, as a dialog for htmx or a full page without JavaScript (security.md 9).
+
+    Someone who closed the wizard after the QR code and opens it again may have the key in their app
+    already: the first step then offers to go on with that key, as well as to start over with a new one."""
     user = _user()
     return htmx.render("settings/tfa.html", "settings/_wizard_dialog.html",
-                       step="intro", form=StartForm(), has_2fa=user.has_2fa, in_dialog=htmx.is_htmx())
+                       step="intro", form=StartForm(), has_2fa=user.has_2fa, in_dialog=htmx.is_htmx(),
+                       resume=current_pending(user) is not None)
 
 
 @bp.post("/2fa/start")

@@ -86,6 +86,14 @@ def test_every_wizard_step_in_the_dialog_is_accessible(audit_page, server, tmp_p
     secret = parse_otpauth(qr_from_element(qr_image(dialog), tmp_path / "qr.png"))["secret"]
     manual_key(dialog)
     assert_accessible(page, "wizard step 2 (QR code, manual key open)")
+    page.keyboard.press("Escape")  # closed after scanning, then opened again
+    expect(dialog).to_have_count(0)
+    gear(page).click()
+    dialog = wizard_dialog(page)
+    expect(dialog.get_by_role("button", name="Continue with the same key", exact=True)).to_be_visible()
+    assert_accessible(page, "wizard step 1 again, offering the same key")
+    dialog.get_by_role("button", name="Continue with the same key", exact=True).click()
+    expect(qr_image(dialog)).to_be_visible()
     dialog.get_by_role("button", name="Next", exact=True).click()
     code_field = dialog.get_by_label("Verification code", exact=True)
     expect(code_field).to_be_visible()

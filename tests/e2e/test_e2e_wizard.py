@@ -99,6 +99,32 @@ def test_a_wrong_code_in_the_wizard_activates_nothing(page, server, tmp_path):
     expect(page.get_by_text("Off", exact=True)).to_be_visible()
 
 
+def test_closing_the_wizard_after_scanning_and_continuing_with_the_same_key(page, server, tmp_path):
+    """Scan, close the dialog (Escape), open the gear again: the first step offers the key already in the
+    app; continuing shows that key again and it activates, so the app holds one working account."""
+    server.user("noa@example.com")
+    log_in(page, "noa@example.com")
+    gear(page).click()
+    dialog = wizard_dialog(page)
+    dialog.get_by_role("button", name="Next", exact=True).click()
+    scanned = _read_qr(qr_image(dialog), tmp_path, "noa@example.com")
+    page.keyboard.press("Escape")
+    expect(dialog).to_have_count(0)
+    gear(page).click()
+    dialog = wizard_dialog(page)
+    expect(dialog.get_by_role("status")).to_contain_text("did not finish")
+    expect(dialog.get_by_role("button", name="Start over with a new key", exact=True)).to_be_visible()
+    dialog.get_by_role("button", name="Continue with the same key", exact=True).click()
+    assert _read_qr(qr_image(dialog), tmp_path, "noa@example.com") == scanned
+    dialog.get_by_role("button", name="Next", exact=True).click()
+    dialog.get_by_label("Verification code", exact=True).fill(oathtool_code(scanned))
+    dialog.get_by_role("button", name="Next", exact=True).click()
+    dialog.get_by_label("Device name", exact=True).fill("Noa's phone")
+    dialog.get_by_role("button", name="Complete Activation", exact=True).click()
+    expect(dialog.get_by_text("Noa's phone", exact=False).first).to_be_visible()
+    assert server.query(lambda: Device.select().count()) == 1
+
+
 def test_enrolment_without_javascript(nojs_page, server, tmp_path):
     """No JavaScript: the gear is a link to a full page, every step a plain form, same result."""
     page = nojs_page
