@@ -254,13 +254,20 @@ def _build(plan, row):
             position += 1
         if main is not None and all(value is None for value in data.values()):
             continue  # an outer join that found nothing: the foreign key reads None
-        instance = model.__new__(model)
-        instance.__data__, instance._dirty, instance.__rel__ = data, set(), {}
+        instance = loaded(model, data)
         if main is None:
             main = instance
         else:
             main.__rel__[link] = instance
     return main
+
+
+def loaded(model, data):
+    """An instance of `model` holding `data` (field name -> value, foreign keys as ids) as a row read from the
+    database would, without Model.__init__'s work for each field (defaults, conversions)."""
+    instance = model.__new__(model)
+    instance.__data__, instance._dirty, instance.__rel__ = data, set(), {}
+    return instance
 
 
 def init_app(app):

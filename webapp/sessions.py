@@ -15,7 +15,7 @@ from peewee import JOIN, InterfaceError, OperationalError
 from werkzeug.datastructures import CallbackDict
 
 from .clock import now
-from .db import Param, Prepared, write_transaction
+from .db import Param, Prepared, loaded, write_transaction
 from .models import PendingEnrolment, ServerSession, User
 
 TOUCH_INTERVAL = timedelta(seconds=60)  # write last_seen at most once a minute per session
@@ -148,7 +148,7 @@ class DbSessionInterface(SessionInterface):
                           data=json.dumps(dict(session)), created_at=current, last_seen_at=current,
                           ip=request.remote_addr, user_agent=(request.user_agent.string or "")[:200])
             _INSERT.execute(**values)
-            session.row = ServerSession(**values)
+            session.row = loaded(ServerSession, values)
             if old is not None:
                 if session.keep_enrolment:
                     _MOVE_ENROLMENTS.execute(new=values["id"], old=old.id)
