@@ -375,7 +375,7 @@ def wrk(server, pool_file, expect, seconds=SECONDS, expect_location=None, connec
                    env=env, check=True, capture_output=True, timeout=seconds + 60)
     cpu = server.cpu_seconds() - cpu_before
     busy_after, total_after = cpu_times()
-    with open(out, encoding="ascii") as fh:
+    with open(out, encoding="utf-8", errors="replace") as fh:  # first_error quotes a page, in UTF-8
         r = json.load(fh)
     # Server CPU per request: steadier than requests/s when other programs share the machine.
     r["server_cpu_ms_per_request"] = round(cpu / max(r["requests"], 1) * 1000, 3)

@@ -89,12 +89,15 @@ def test_oversized_body_is_refused(actor):
     assert r.status_code == 413
 
 
-def test_login_without_csrf_token_is_refused(actor):
-    """security.md 33: a forged form post changes nothing."""
+def test_login_without_csrf_token_is_refused(actor, caplog):
+    """security.md 33: a forged form post changes nothing; the log says which form and why, not what it held."""
     actor.user()
     r = actor.client.post("/login", data={"email": "alice@example.com", "password": PASSWORD})
     assert r.status_code == 400 and "Reload the page" in r.get_data(as_text=True)
     assert not signed_in(actor.client)
+    refused = [rec.getMessage() for rec in caplog.records if "csrf refused" in rec.getMessage()]
+    assert refused == ["csrf refused: POST /login (The CSRF token is missing.)"]
+    assert PASSWORD not in caplog.text
 
 
 def test_password_failures_back_off_per_account(actor, clock):

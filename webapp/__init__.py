@@ -249,6 +249,9 @@ def _register_error_handlers(app):
 
     @app.errorhandler(CSRFError)
     def csrf_error(exc):
+        # Flask-WTF's own note of the reason goes to a logger nobody listens to by default.
+        logging.getLogger("twostep").warning("csrf refused: %s %s (%s)", request.method, request.path,
+                                             exc.description)
         return render_error(400, "Form expired",
                             "This form was open too long or came from another site. Reload the page and try again.")
 
