@@ -142,3 +142,13 @@ def test_log_lines_without_secrets_are_left_alone():
         record = logging.LogRecord("gunicorn.access", logging.INFO, __file__, 1, line, None, None)
         assert RedactingFilter().filter(record)
         assert record.getMessage() == line
+
+
+def test_key_names_are_found_in_any_case_the_pattern_matches():
+    """The filter's substring test must not skip lines its case-insensitive pattern would redact."""
+    from webapp.security import RedactingFilter
+
+    for line in ("PASSWORD=hunter2", "pa\u017fsword=hunter2", "Code=hunter2"):  # \u017f: long s, "s" ignoring case
+        record = logging.LogRecord("twostep", logging.INFO, __file__, 1, line, None, None)
+        RedactingFilter().filter(record)
+        assert "hunter2" not in record.getMessage(), line

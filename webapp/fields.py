@@ -79,8 +79,8 @@ def moved(form, item, value=None):
     its kept markup with ITEM replaced by `item` and VALUE by the escaped `value`.
 
     The settings page shows one rename and one remove form per device. Frozen per device, the forms were
-    rebuilt for every person seen for the first time (and a process keeps only so many): that cost about a
-    third of a User Settings view. Frozen once per form class and renamed here, they cost a string
+    rebuilt for every person a process showed for the first time (and it kept only so many): about a third
+    of such a first User Settings view. Frozen once per form class and renamed here, they cost a string
     replacement per field."""
     subs = [(ITEM, escape(item))]
     if value is not None:
@@ -89,6 +89,8 @@ def moved(form, item, value=None):
 
 
 class _MovedForm:
+    """A moved form: its fields, each renamed."""
+
     def __init__(self, form, subs):
         self._form, self._subs = form, subs
 

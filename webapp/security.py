@@ -228,7 +228,7 @@ class RedactingFilter(logging.Filter):
         (re.compile(r"\b[A-Z2-7]{16,}\b"), "[redacted]"),
         (re.compile(r"(?<![\d.:/-])\d{6}(?![\d.:/-])"), "[redacted]"),
     ]
-    _KEY_PATTERN = PATTERNS[1]
+    _KEY_PATTERN = PATTERNS[1][0]
 
     def filter(self, record):
         try:
@@ -236,10 +236,11 @@ class RedactingFilter(logging.Filter):
         except (TypeError, ValueError):
             return True
         # The case-insensitive key=value search cost half of this filter, which sees every log line
-        # (gunicorn's access lines too): a plain substring test first rules most lines out.
-        lowered = message.lower()
+        # (gunicorn's access lines too): a plain substring test first rules most lines out. casefold, not
+        # lower: the pattern's IGNORECASE also matches the likes of "ſ" for "s", and so does casefold.
+        folded = message.casefold()
         for pattern, repl in self.PATTERNS:
-            if pattern is self._KEY_PATTERN[0] and not any(key + "=" in lowered for key in self.KEYS):
+            if pattern is self._KEY_PATTERN and not any(key + "=" in folded for key in self.KEYS):
                 continue
             message = pattern.sub(repl, message)
         record.msg, record.args = message, None
