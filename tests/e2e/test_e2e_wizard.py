@@ -40,6 +40,16 @@ def _walk_wizard(root, tmp_path, email, device_name):
     return secret, code
 
 
+def _signed_in_at_the_qr_step(page, server, tmp_path, email):
+    """A new person signs in, opens the gear and goes on to the QR code; returns (dialog, secret read from it)."""
+    server.user(email)
+    log_in(page, email)
+    gear(page).click()
+    dialog = wizard_dialog(page)
+    dialog.get_by_role("button", name="Next", exact=True).click()
+    return dialog, _read_qr(qr_image(dialog), tmp_path, email)
+
+
 def _sign_in_again_after_enrolment(page, server, email, enrolment_code, secret):
     """The enrolment's code is used up; a wrong code is refused; a code of a later step signs in."""
     log_out(page)
@@ -80,12 +90,7 @@ def test_enrolment_in_the_dialog_then_sign_in_with_the_new_device(page, server, 
 
 def test_a_wrong_code_in_the_wizard_activates_nothing(page, server, tmp_path):
     """security.md 8: the secret is not active until a correct code from it is entered."""
-    server.user("lee@example.com")
-    log_in(page, "lee@example.com")
-    gear(page).click()
-    dialog = wizard_dialog(page)
-    dialog.get_by_role("button", name="Next", exact=True).click()
-    secret = _read_qr(qr_image(dialog), tmp_path, "lee@example.com")
+    dialog, secret = _signed_in_at_the_qr_step(page, server, tmp_path, "lee@example.com")
     dialog.get_by_role("button", name="Next", exact=True).click()
     field = dialog.get_by_label("Verification code", exact=True)
     field.fill(wrong_code(secret))
@@ -102,12 +107,7 @@ def test_a_wrong_code_in_the_wizard_activates_nothing(page, server, tmp_path):
 def test_closing_the_wizard_after_scanning_and_continuing_with_the_same_key(page, server, tmp_path):
     """Scan, close the dialog (Escape), open the gear again: the first step offers the key already in the
     app; continuing shows that key again and it activates, so the app holds one working account."""
-    server.user("noa@example.com")
-    log_in(page, "noa@example.com")
-    gear(page).click()
-    dialog = wizard_dialog(page)
-    dialog.get_by_role("button", name="Next", exact=True).click()
-    scanned = _read_qr(qr_image(dialog), tmp_path, "noa@example.com")
+    dialog, scanned = _signed_in_at_the_qr_step(page, server, tmp_path, "noa@example.com")
     page.keyboard.press("Escape")
     expect(dialog).to_have_count(0)
     gear(page).click()
