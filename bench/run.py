@@ -21,10 +21,10 @@ password step, the mixed load and the one-million searches are skipped, and no t
 BENCH_ROUNDS (4) and BENCH_WINDOW_SECONDS (3): how each endpoint is compared with hello (below).
 
 Each ratio to hello comes from ROUNDS rounds, after an uncounted warm-up window of the endpoint: hello for
-WINDOW seconds, the endpoint for WINDOW seconds, ..., ending with hello. A round's ratio is the endpoint's requests/s over the mean of the hello windows on either
-side of it, and the reported ratio is the median of the rounds. The machine's speed drifts: hello alone
-measured 2,009 and 2,731 requests/s twenty seconds apart, so one hello run next to one endpoint run could
-move a ratio by a third either way.
+WINDOW seconds, the endpoint for WINDOW seconds, ..., ending with hello. A round's ratio is the endpoint's
+requests/s over the mean of the hello windows on either side of it, and the reported ratio is the median of
+the rounds. The machine's speed drifts: hello alone measured 2,009 and 2,731 requests/s twenty seconds
+apart, so one hello run next to one endpoint run could move a ratio by a third either way.
 """
 import base64
 import datetime
@@ -406,8 +406,7 @@ def combine(runs):
     out["rps"] = round(out["requests"] / seconds, 1)
     out["ok_rps"] = round(out["ok"] / seconds, 1)
     out["ok_rps_windows"] = [r["ok_rps"] for r in runs]
-    p50s = sorted(r["p50_us"] for r in runs)
-    out["p50_us"] = p50s[len(p50s) // 2] if len(p50s) % 2 else (p50s[len(p50s) // 2 - 1] + p50s[len(p50s) // 2]) // 2
+    out["p50_us"] = int(median(r["p50_us"] for r in runs))
     out["p99_us"] = max(r["p99_us"] for r in runs)
     out["p90_us"] = max(r["p90_us"] for r in runs)
     out["p50_ms"], out["p99_ms"] = round(out["p50_us"] / 1000, 2), round(out["p99_us"] / 1000, 2)
