@@ -335,9 +335,10 @@ def test_add_another_device_goes_through_the_same_wizard(actor, alice):
 
 
 def test_frozen_blank_forms_render_exactly_like_fresh_ones(app):
-    """fields.freeze keeps the markup of display-only forms: it must be the markup a fresh form gives (labels,
-    ids, validation attributes, the device's name as the value), and a form that is filled in and validated
-    is never frozen, so its errors still show."""
+    """fields.freeze keeps the markup of display-only forms, and fields.moved shows one frozen device form
+    per device: both must give the markup a fresh form gives (labels, ids, validation attributes, the
+    device's name as the value), and a form that is filled in and validated is never frozen, so its errors
+    still show."""
     from markupsafe import Markup
     from werkzeug.datastructures import MultiDict
 
