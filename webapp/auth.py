@@ -93,6 +93,12 @@ _MARK_LOGIN = Prepared(lambda: User.update(last_login_at=Param("at")).where(User
 def complete_sign_in(user, next_url=None, method=None):
     """Start a brand-new session for a fully authenticated user and send them on (security.md 26)."""
     start_session(user, method)
+    return after_sign_in(next_url)
+
+
+def after_sign_in(next_url):
+    """Where a completed sign-in goes: the page asked for, if it is on this site (security.md 29), else
+    User Settings."""
     return redirect(safe_next(next_url) or url_for("settings.index"))
 
 
@@ -239,7 +245,7 @@ def verify():
                     flash("Too many wrong codes. For your security, please sign in again.", "error")
                     return redirect(url_for("auth.login"))
         if signed_in:
-            return redirect(safe_next(challenge.next_url) or url_for("settings.index"))
+            return after_sign_in(challenge.next_url)
     return render_template("auth/verify.html", form=form, error=error), status
 
 
