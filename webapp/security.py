@@ -222,26 +222,25 @@ class RedactingFilter(logging.Filter):
     """Masks anything that looks like a code, a Base32 secret, an otpauth URI or a password field."""
 
     KEYS = ("password", "secret", "code", "csrf_token", "cookie")
+    # (pattern, replacement, strings one of which a line must hold, casefolded, for the pattern to matter).
+    # The case-insensitive key=value search cost half of this filter, which sees every log line (gunicorn's
+    # access lines too): a substring test first rules most lines out. casefold, not lower: the pattern's
+    # IGNORECASE also matches the likes of "ſ" for "s", and so does casefold.
     PATTERNS = [
-        (re.compile(r"otpauth://\S+"), "otpauth://[redacted]"),
-        (re.compile(r"(?i)(" + "|".join(KEYS) + r")=([^&\s]+)"), r"\1=[redacted]"),
-        (re.compile(r"\b[A-Z2-7]{16,}\b"), "[redacted]"),
-        (re.compile(r"(?<![\d.:/-])\d{6}(?![\d.:/-])"), "[redacted]"),
+        (re.compile(r"otpauth://\S+"), "otpauth://[redacted]", None),
+        (re.compile(r"(?i)(" + "|".join(KEYS) + r")=([^&\s]+)"), r"\1=[redacted]", tuple(k + "=" for k in KEYS)),
+        (re.compile(r"\b[A-Z2-7]{16,}\b"), "[redacted]", None),
+        (re.compile(r"(?<![\d.:/-])\d{6}(?![\d.:/-])"), "[redacted]", None),
     ]
-    _KEY_PATTERN = PATTERNS[1][0]
 
     def filter(self, record):
         try:
             message = record.getMessage()
         except (TypeError, ValueError):
             return True
-        # The case-insensitive key=value search cost half of this filter, which sees every log line
-        # (gunicorn's access lines too): a plain substring test first rules most lines out. casefold, not
-        # lower: the pattern's IGNORECASE also matches the likes of "ſ" for "s", and so does casefold.
         folded = message.casefold()
-        for pattern, repl in self.PATTERNS:
-            if pattern is self._KEY_PATTERN and not any(key + "=" in folded for key in self.KEYS):
-                continue
-            message = pattern.sub(repl, message)
+        for pattern, repl, needles in self.PATTERNS:
+            if needles is None or any(needle in folded for needle in needles):
+                message = pattern.sub(repl, message)
         record.msg, record.args = message, None
         return True
