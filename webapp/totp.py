@@ -48,9 +48,14 @@ def step_at(timestamp):
     return int(timestamp) // PERIOD
 
 
+def _otp(secret):
+    """pyotp's generator for `secret` with our parameters; one serves any number of steps."""
+    return pyotp.TOTP(secret, digits=DIGITS, interval=PERIOD)
+
+
 def code_for_step(secret, step):
     """The six-digit code for one time step (HOTP-SHA1 over the 8-byte big-endian counter)."""
-    return pyotp.TOTP(secret, digits=DIGITS, interval=PERIOD).generate_otp(step)
+    return _otp(secret).generate_otp(step)
 
 
 def match_step(secret, code, timestamp, window=WINDOW):
@@ -59,7 +64,7 @@ def match_step(secret, code, timestamp, window=WINDOW):
     `code` must already be normalised. Comparison is constant-time per step (security.md 5).
     """
     current = step_at(timestamp)
-    otp = pyotp.TOTP(secret, digits=DIGITS, interval=PERIOD)  # one object for the whole window
+    otp = _otp(secret)  # one for the whole window
     matched = None
     for step in range(current - window, current + window + 1):
         if hmac.compare_digest(otp.generate_otp(step), code) and matched is None:
@@ -73,9 +78,10 @@ def clock_offset_steps(secret, code, timestamp, search=SKEW_SEARCH_STEPS):
     Used only to explain a failure ("your phone's clock is off"); it never accepts the code.
     """
     current = step_at(timestamp)
+    otp = _otp(secret)
     for distance in range(WINDOW + 1, search + 1):
         for step in (current - distance, current + distance):
-            if step >= 0 and hmac.compare_digest(code_for_step(secret, step), code):
+            if step >= 0 and hmac.compare_digest(otp.generate_otp(step), code):
                 return step - current
     return None
 
