@@ -236,20 +236,22 @@ def test_development_keys_are_created_once_in_the_instance_folder(tmp_path, monk
 
 
 def test_purge_expired_removes_only_dead_state(app, actor, secret, clock):
-    """Anonymous page views and abandoned sign-ins leave rows; the purge deletes the expired ones only."""
+    """Abandoned sign-ins leave rows; the purge deletes the expired ones only."""
     from webapp.models import SignInChallenge
+
+    from .conftest import Actor
 
     actor.user(secret=secret)
     actor.password_step()                      # a session row and a challenge, both soon expired
     clock.advance(31 * 60)
-    live = app.test_client()
-    live.get("/login")                         # a fresh anonymous session that must survive
+    live = Actor(app, app.test_client(), clock)
+    live.password_step()                       # a sign-in in progress now: its row and challenge stay
     result = run(app, "purge-expired")
     assert result.exit_code == 0
     assert "deleted 1 session(s), 1 sign-in challenge(s), 0 pending enrolment(s)" in result.output
     with app.app_context():
-        assert ServerSession.select().count() == 1 and SignInChallenge.select().count() == 0
-    assert live.get("/login").status_code == 200
+        assert ServerSession.select().count() == 1 and SignInChallenge.select().count() == 1
+    assert "Verification code" in live.client.get("/login/verify").get_data(as_text=True)
 
 
 def test_the_app_purges_expired_rows_by_itself_after_a_response(tmp_path, clock, monkeypatch):
@@ -271,15 +273,16 @@ def test_the_app_purges_expired_rows_by_itself_after_a_response(tmp_path, clock,
             actor.user(secret=new_secret())
             actor.password_step()                 # a session row and a challenge, both soon expired
             clock.advance(31 * 60)
-            live = app.test_client()
+            live = Actor(app, app.test_client(), clock)
+            live.password_step()                  # a sign-in in progress now: its row and challenge stay
             moment = time.monotonic()
             monkeypatch.setattr(time, "monotonic", lambda: moment + 3600)  # the interval has passed
-            live.get("/login").close()            # a fresh session; the purge follows its response
+            live.client.get("/login/verify").close()  # the purge follows this response
             monkeypatch.undo()
             with app.app_context():
-                expected = (1, 0) if interval else (2, 1)
+                expected = (1, 1) if interval else (2, 2)
                 assert (ServerSession.select().count(), SignInChallenge.select().count()) == expected
-            assert live.get("/login").status_code == 200
+            assert "Verification code" in live.client.get("/login/verify").get_data(as_text=True)
         finally:
             if url.startswith("postgres"):
                 with db.connection_context():

@@ -7,7 +7,7 @@ import pytest
 from webapp.models import AuditEvent, ServerSession
 from webapp.sessions import token_hash
 
-from .conftest import Actor
+from .conftest import PASSWORD, Actor, csrf_from
 
 HX = {"HX-Request": "true"}
 HANDLE_RE = re.compile(r'action="/settings/sessions/([0-9a-f]+)/end"')
@@ -210,7 +210,55 @@ def test_the_signed_in_person_comes_with_the_session_row(app, actor, alice, monk
     with app.app_context():
         User.update(email="alice.new@example.com").where(User.id == alice.id).execute()
     assert "alice.new@example.com" in text(actor.client.get("/settings"))
-    anonymous = app.test_client()
-    assert anonymous.get("/login").status_code == 200 and anonymous.get("/login").status_code == 200
+    from .conftest import Actor
+
+    halfway = Actor(app, app.test_client(), actor.clock)  # a session row with no person yet
+    halfway.password_step("alice.new@example.com")
+    assert "Verification code" in text(halfway.client.get("/login/verify"))
     with app.app_context():
-        assert ServerSession.select().where(ServerSession.user.is_null()).count() >= 1
+        assert ServerSession.select().where(ServerSession.user.is_null()).count() == 1
+
+
+def test_visitors_who_store_nothing_get_a_cookie_but_no_row(app, actor, secret, clock):
+    """Anonymous page views write no session row: before, anyone could add rows (and fill the disk) at
+    hundreds a second until the idle purge. The sign-in form's CSRF token is bound to the cookie without
+    storage; the row comes with the first thing worth storing (the password step's challenge), under a new
+    token that the visitor did not choose (security.md 26: the pre-login cookie then carries nothing)."""
+    actor.user(secret=secret)
+    name = app.session_interface.get_cookie_name(app)
+    visitor = app.test_client()
+    first = visitor.get("/login")
+    assert first.status_code == 200 and f"{name}=" in first.headers["Set-Cookie"]
+    anonymous_token = visitor.get_cookie(name).value
+    again = visitor.get("/login")
+    assert "Set-Cookie" not in again.headers  # the same cookie, the same token in the form
+    assert csrf_from(text(again)) == csrf_from(text(first))
+    wrong = visitor.post("/login", data={"csrf_token": csrf_from(text(first)), "email": "alice@example.com",
+                                         "password": "not the password"})
+    assert wrong.status_code == 200 and "Incorrect email address or password." in text(wrong)
+    with app.app_context():
+        assert ServerSession.select().count() == 0
+
+    # The token works only with the cookie it was made for: another visitor's, or a made-up cookie, is refused.
+    stranger = app.test_client()
+    stranger.get("/login")
+    stolen = stranger.post("/login", data={"csrf_token": csrf_from(text(first)), "email": "alice@example.com",
+                                           "password": PASSWORD})
+    assert stolen.status_code == 400 and "Form expired" in text(stolen)
+    chosen = app.test_client()
+    chosen.set_cookie(name, "A" * 43)
+    assert chosen.post("/login", data={"csrf_token": csrf_from(text(first)), "email": "alice@example.com",
+                                       "password": PASSWORD}).status_code == 400
+    with app.app_context():
+        assert ServerSession.select().count() == 0 and not AuditEvent.select().where(
+            AuditEvent.kind == "password_accepted").exists()
+
+    clock.advance(3600)  # past the wait that the wrong password started
+    accepted = visitor.post("/login", data={"csrf_token": csrf_from(text(first)), "email": "alice@example.com",
+                                            "password": PASSWORD})
+    assert accepted.status_code == 302 and accepted.headers["Location"].endswith("/login/verify")
+    stored_token = visitor.get_cookie(name).value
+    assert stored_token != anonymous_token
+    with app.app_context():
+        assert [row.id for row in ServerSession.select()] == [token_hash(stored_token)]
+    assert "Verification code" in text(visitor.get("/login/verify"))

@@ -36,7 +36,9 @@ DEFAULTS = {
     "PRODUCTION": False,
     "PROXY_HOPS": 0,
     "SUPPORT_REQUESTS_PER_HOUR": 3,
-    "WTF_CSRF_TIME_LIMIT": None,  # the token lives as long as the server-side session
+    # The token lives as long as the server-side session; before a session stores anything, as long as its
+    # cookie (the token is then derived from the cookie's: sessions.anonymous_csrf).
+    "WTF_CSRF_TIME_LIMIT": None,
     # Flask-WTF's "SSL strict" mode refuses HTTPS posts without a same-origin Referer, but our
     # Referrer-Policy: no-referrer (security.md 12) means browsers never send one: every form post over HTTPS
     # would fail. The token (bound to the server-side session, in a __Host- cookie that neither plain HTTP

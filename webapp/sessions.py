@@ -3,9 +3,18 @@
 Why not Flask's signed-cookie session: a cookie session cannot be revoked (logout, timeouts, "sign out
 everywhere" and support actions must really end sessions: security.md 26, 30, 35, 40), and it would show
 the client what state it is in (security.md 25).
+
+A visitor who has stored nothing yet (the sign-in page, sign-up, the contact form) gets the cookie but no
+row: their CSRF token is derived from the cookie's token with an HMAC under SECRET_KEY (anonymous_csrf),
+so it needs no storage. The row is written when the session first holds something else (the password
+step's challenge, a flash message, a sign-in), under a new random token. Before, every page view without a
+cookie wrote a row, so anyone could fill the table (and the disk) at hundreds of rows a second until the
+idle purge.
 """
 import hashlib
+import hmac
 import json
+import re
 import secrets
 from datetime import timedelta
 
@@ -36,9 +45,21 @@ _MOVE_ENROLMENTS = Prepared(lambda: PendingEnrolment.update(session=Param("new")
     PendingEnrolment.session == Param("old")))
 
 
+# The tokens this server issues (secrets.token_urlsafe(32)); any other cookie value is replaced, not used.
+_TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{43}")
+_ANONYMOUS_CSRF_LABEL = b"twostep: CSRF token of a session without a row\x00"
+
+
 def token_hash(token):
     """The stored form of a session or challenge token."""
     return hashlib.sha256(token.encode("ascii")).hexdigest()
+
+
+def anonymous_csrf(secret_key, token):
+    """The raw CSRF token (Flask-WTF signs it for the forms) of a row-less session with this cookie token:
+    stable for the cookie, unguessable without SECRET_KEY, and different for every cookie."""
+    key = secret_key.encode("utf-8") if isinstance(secret_key, str) else secret_key
+    return hmac.new(key, _ANONYMOUS_CSRF_LABEL + token.encode("ascii"), hashlib.sha256).hexdigest()
 
 
 class DbSession(CallbackDict, SessionMixin):
@@ -57,6 +78,8 @@ class DbSession(CallbackDict, SessionMixin):
         self.ended = False
         self.cookie_due = False  # written early (write_session_now): save_session still sets the cookie
         self.unavailable = None  # the database error met while loading it (see raise_if_unavailable)
+        self.derived_csrf = None  # a row-less session's CSRF token (anonymous_csrf), while it has no row
+        self.new_cookie = False  # a row-less session whose token this response would be the first to send
 
     def rotate(self, keep_enrolment=False):
         """Give this session a brand-new token and row (after sign-in: security.md 26; after re-authentication).
@@ -84,8 +107,8 @@ class DbSessionInterface(SessionInterface):
 
     def open_session(self, app, request):
         token = request.cookies.get(self.get_cookie_name(app))
-        if not token or len(token) > 100:
-            return DbSession()
+        if not token or not _TOKEN_SHAPE.fullmatch(token):
+            return self._without_row(app)
         try:
             row = _BY_ID.first(id=token_hash(token))
         except (OperationalError, InterfaceError) as exc:
@@ -95,13 +118,25 @@ class DbSessionInterface(SessionInterface):
             session.unavailable = exc
             return session
         if row is None:
-            return DbSession()
+            return self._without_row(app, token)
         current = now()
         if (current - row.last_seen_at > app.config["SESSION_IDLE_TIMEOUT"]
                 or current - row.created_at > app.config["SESSION_ABSOLUTE_TIMEOUT"]):
             _DELETE.execute(id=row.id)
-            return DbSession()
+            return self._without_row(app, token)
         return DbSession(row.load(), token=token, row=row)
+
+    @staticmethod
+    def _without_row(app, token=None):
+        """A session with nothing stored: only its derived CSRF token, for the cookie's token or a new one.
+        (A token whose row has gone, by sign-out elsewhere or expiry, only ever carries an anonymous CSRF
+        token from then on; whatever gets stored goes into a row under a new token.)"""
+        session = DbSession()
+        session.new_cookie = token is None
+        session.token = token or secrets.token_urlsafe(32)
+        session.derived_csrf = anonymous_csrf(app.secret_key, session.token)
+        dict.__setitem__(session, app.config["WTF_CSRF_FIELD_NAME"], session.derived_csrf)  # not a change
+        return session
 
     def save_session(self, app, session, response):
         if session.unavailable is not None or g.get("database_unavailable"):
@@ -119,7 +154,12 @@ class DbSessionInterface(SessionInterface):
                 outcome = self._write(session)
         else:
             outcome = self._write(session)
-        if outcome == "deleted":
+        if outcome == "no row":
+            # Set the cookie only when this response carries a form bound to it (a CSRF token was made).
+            if session.new_cookie and g.get(app.config["WTF_CSRF_FIELD_NAME"]):
+                response.vary.add("Cookie")
+                response.set_cookie(name, session.token, **cookie_args)
+        elif outcome == "deleted":
             if session.ended or name in request.cookies:
                 response.delete_cookie(name, **cookie_args)
         elif outcome == "gone":
@@ -130,9 +170,12 @@ class DbSessionInterface(SessionInterface):
             response.set_cookie(name, session.token, **cookie_args)
 
     def _write(self, session):
-        """Bring the session's row up to date: 'deleted', 'written', 'gone' (vanished meanwhile) or
-        'unchanged'. A rotated session's old row is deleted, after its new row is in (the caller holds a
-        transaction for the two)."""
+        """Bring the session's row up to date: 'deleted', 'written', 'gone' (vanished meanwhile), 'unchanged'
+        or 'no row' (nothing stored but the derived CSRF token). A rotated session's old row is deleted,
+        after its new row is in (the caller holds a transaction for the two)."""
+        if (session.row is None and session.rotated_from is None and not session.ended
+                and session.derived_csrf is not None and list(session.values()) == [session.derived_csrf]):
+            return "no row"
         old, session.rotated_from = session.rotated_from, None
         if session.ended or (not session and session.row is None):
             for row in (old, session.row):
@@ -143,7 +186,8 @@ class DbSessionInterface(SessionInterface):
         current = now()
         user_id = session.get("_user_id")
         if session.row is None:
-            session.token = secrets.token_urlsafe(32)
+            session.token = secrets.token_urlsafe(32)  # never the cookie's token: the client may have chosen it
+            session.derived_csrf = None
             values = dict(id=token_hash(session.token), user=int(user_id) if user_id else None,
                           data=json.dumps(dict(session)), created_at=current, last_seen_at=current,
                           ip=request.remote_addr, user_agent=(request.user_agent.string or "")[:200])
