@@ -213,9 +213,10 @@ def write_session_now():
     after the response is built, so a sign-in commits once; the response still gets the new cookie."""
     from flask import current_app, session
 
+    current = session._get_current_object()  # not the proxy: _write reads ~20 of its attributes
     with write_transaction():
-        if current_app.session_interface._write(session) == "written":
-            session.cookie_due = True
+        if current_app.session_interface._write(current) == "written":
+            current.cookie_due = True
 
 
 def raise_if_unavailable():
