@@ -10,7 +10,7 @@ from webapp.config import ConfigError
 from webapp.models import ALL_MODELS, AuditEvent, Device, ServerSession, User
 from webapp.totp import decrypt_secret, encrypt_secret, new_secret
 
-from .conftest import PASSWORD, csrf_from
+from .conftest import PASSWORD, Actor, csrf_from
 
 
 def run(app, *args, input=None):
@@ -239,8 +239,6 @@ def test_purge_expired_removes_only_dead_state(app, actor, secret, clock):
     """Abandoned sign-ins leave rows; the purge deletes the expired ones only."""
     from webapp.models import SignInChallenge
 
-    from .conftest import Actor
-
     actor.user(secret=secret)
     actor.password_step()                      # a session row and a challenge, both soon expired
     clock.advance(31 * 60)
@@ -263,7 +261,7 @@ def test_the_app_purges_expired_rows_by_itself_after_a_response(tmp_path, clock,
     from webapp.db import db
     from webapp.models import SignInChallenge
 
-    from .conftest import Actor, make_test_app
+    from .conftest import make_test_app
 
     for interval in (timedelta(seconds=5), timedelta(0)):
         url = os.environ.get("TEST_DATABASE_URL") or f"sqlite:///{tmp_path / f'purge-{interval.seconds}.db'}"

@@ -210,8 +210,6 @@ def test_the_signed_in_person_comes_with_the_session_row(app, actor, alice, monk
     with app.app_context():
         User.update(email="alice.new@example.com").where(User.id == alice.id).execute()
     assert "alice.new@example.com" in text(actor.client.get("/settings"))
-    from .conftest import Actor
-
     halfway = Actor(app, app.test_client(), actor.clock)  # a session row with no person yet
     halfway.password_step("alice.new@example.com")
     assert "Verification code" in text(halfway.client.get("/login/verify"))
