@@ -154,18 +154,15 @@ class DbSessionInterface(SessionInterface):
                 outcome = self._write(session)
         else:
             outcome = self._write(session)
-        if outcome == "no row":
-            # Set the cookie only when this response carries a form bound to it (a CSRF token was made).
-            if session.new_cookie and g.get(app.config["WTF_CSRF_FIELD_NAME"]):
-                response.vary.add("Cookie")
-                response.set_cookie(name, session.token, **cookie_args)
-        elif outcome == "deleted":
+        if outcome == "deleted":
             if session.ended or name in request.cookies:
                 response.delete_cookie(name, **cookie_args)
         elif outcome == "gone":
             # The row was deleted meanwhile (signed out elsewhere): do not resurrect it.
             response.delete_cookie(name, **cookie_args)
-        elif outcome == "written" or session.cookie_due:
+        elif outcome == "written" or session.cookie_due or (
+                # a new row-less session's cookie goes out only with a form bound to it (a CSRF token was made)
+                outcome == "no row" and session.new_cookie and g.get(app.config["WTF_CSRF_FIELD_NAME"])):
             response.vary.add("Cookie")
             response.set_cookie(name, session.token, **cookie_args)
 
