@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from browser_kit import (LiveServer, launch_chromium, next_step_code, oathtool_code,  # noqa: E402
                          parse_otpauth, qr_from_element, random_secret)
-from journey import (enter_code, expect, expect_code_step, expect_signed_in, gear, log_in, search_users,  # noqa: E402
-                     log_out, manual_key, qr_image, wizard_dialog)
+from journey import (enter_code, expect, expect_code_step, expect_signed_in, follow, gear, log_in,  # noqa: E402
+                     log_out, manual_key, qr_image, search_users, wizard_dialog)
 
 ROOT = Path(__file__).resolve().parents[2]
 VIEWPORT = {"width": 1000, "height": 720}
@@ -69,7 +69,7 @@ def take_screenshots(browser, outdir, workdir):
         page.get_by_label("Email address", exact=True).fill(email)
         page.get_by_label("Password", exact=True).fill("correct horse battery")
         shot(page)  # 01
-        page.get_by_role("button", name="Log in", exact=True).click()
+        follow(page, page.get_by_role("button", name="Log in", exact=True))
         expect_signed_in(page)
         expect(gear(page)).to_be_visible()
         shot(page)  # 02
@@ -105,7 +105,7 @@ def take_screenshots(browser, outdir, workdir):
         expect_code_step(page)
         page.get_by_label("Verification code", exact=True).fill(next_step_code(secret))
         shot(page)  # 10
-        page.get_by_role("button", name="Verify", exact=True).click()
+        follow(page, page.get_by_role("button", name="Verify", exact=True))
         expect_signed_in(page)
         log_out(page)
         log_in(page, email)
@@ -119,13 +119,13 @@ def take_screenshots(browser, outdir, workdir):
         lost = new_page()
         log_in(lost, olga)
         expect_code_step(lost)
-        lost.get_by_role("link", name="Lost access to your authenticator app?", exact=True).click()
+        follow(lost, lost.get_by_role("link", name="Lost access to your authenticator app?", exact=True))
         lost.get_by_label("Email address", exact=True).fill(olga)
         lost.get_by_label("Message", exact=True).fill(
             "My phone with the authenticator app was stolen yesterday. I still know my password. "
             "You can call me back on the number on file.")
         shot(lost)  # 12
-        lost.get_by_role("button", name="Send request", exact=True).click()
+        follow(lost, lost.get_by_role("button", name="Send request", exact=True))
         expect(lost.get_by_role("heading", name="Request sent")).to_be_visible()
 
         admin_secret = random_secret()
@@ -135,7 +135,7 @@ def take_screenshots(browser, outdir, workdir):
         log_in(admin, "admin@example.com")
         enter_code(admin, oathtool_code(admin_secret))
         expect_signed_in(admin)
-        admin.get_by_role("navigation").get_by_role("link", name="Support", exact=True).click()
+        follow(admin, admin.get_by_role("navigation").get_by_role("link", name="Support", exact=True))
         search_users(admin, "olga")
         row = admin.get_by_role("article", name=re.compile(re.escape(olga)))
         expect(row).to_be_visible()

@@ -5,7 +5,7 @@ The audit browser bypasses the CSP only so the axe script can be injected; findi
 import re
 
 from browser_kit import oathtool_code, random_secret
-from journey import assert_accessible, enter_code, expect, expect_code_step, expect_signed_in, log_in
+from journey import assert_accessible, enter_code, expect, expect_code_step, expect_signed_in, follow, log_in
 
 
 def test_first_run_setup_page_is_accessible(audit_page, server):
@@ -52,7 +52,7 @@ def test_sign_up_error_and_contact_pages_are_accessible(audit_page, server):
     expect(page.get_by_role("heading", level=1)).to_be_visible()
     assert_accessible(page, "404 page")
     page.goto("/login")
-    page.get_by_role("link", name="Lost access to your authenticator app?").click()
+    follow(page, page.get_by_role("link", name="Lost access to your authenticator app?"))
     expect(page.get_by_role("heading", name="Contact support")).to_be_visible()
     assert_accessible(page, "contact form")
 
@@ -145,18 +145,18 @@ def test_contact_and_support_pages_are_accessible(audit_page, new_page, server):
     page = audit_page
     page.goto("/support/contact")
     assert_accessible(page, "contact form")
-    page.get_by_role("button", name="Send request", exact=True).click()
+    follow(page, page.get_by_role("button", name="Send request", exact=True))
     expect(page.get_by_label("Message", exact=True)).to_have_attribute("aria-invalid", "true")
     assert_accessible(page, "contact form with errors")
     page.get_by_label("Email address", exact=True).fill(PERSON)
     page.get_by_label("Message", exact=True).fill("Lost my phone in the lake, please help.")
-    page.get_by_role("button", name="Send request", exact=True).click()
+    follow(page, page.get_by_role("button", name="Send request", exact=True))
     expect(page.get_by_role("heading", name="Request sent")).to_be_visible()
     assert_accessible(page, "contact request sent")
 
     admin = new_page(bypass_csp=True)
     sign_in_admin(admin, server)
-    admin.get_by_role("navigation").get_by_role("link", name="Support", exact=True).click()
+    follow(admin, admin.get_by_role("navigation").get_by_role("link", name="Support", exact=True))
     expect(admin.get_by_role("heading", name="Support", exact=True)).to_be_visible()
     assert_accessible(admin, "Support page")
     search_users(admin, "olga")
@@ -172,7 +172,7 @@ def test_contact_and_support_pages_are_accessible(audit_page, new_page, server):
     person_row(admin).get_by_role("button", name=re.compile("Disable")).click()
     expect(person_row(admin)).to_contain_text("Temporarily off")
     assert_accessible(admin, "Support page after disabling")
-    admin.get_by_role("link", name="Audit log", exact=True).click()
+    follow(admin, admin.get_by_role("link", name="Audit log", exact=True))
     expect(admin.get_by_role("heading", name="Audit log")).to_be_visible()
     assert_accessible(admin, "audit log")
 

@@ -3,8 +3,8 @@ Temporarily disable 2FA, and the person's password-only sign-in with the prompt 
 import re
 
 from browser_kit import oathtool_code, random_secret
-from journey import (enter_code, expect, expect_code_step, expect_signed_in, gear, log_in, search_users,
-                     settings_text, tab_to)
+from journey import (enter_code, expect, expect_code_step, expect_signed_in, follow, gear, log_in,
+                     search_users, settings_text, tab_to)
 
 ADMIN = "admin@example.com"
 PERSON = "olga@example.com"
@@ -22,11 +22,11 @@ def sign_in_admin(page, server):
 
 def ask_support(page, message="I lost my phone with the authenticator app. Please help me sign in again."):
     """From the code step: Lost access -> Contact support -> Send request."""
-    page.get_by_role("link", name="Lost access to your authenticator app?", exact=True).click()
+    follow(page, page.get_by_role("link", name="Lost access to your authenticator app?", exact=True))
     expect(page.get_by_role("heading", name="Contact support", exact=True)).to_be_visible()
     page.get_by_label("Email address", exact=True).fill(PERSON)
     page.get_by_label("Message", exact=True).fill(message)
-    page.get_by_role("button", name="Send request", exact=True).click()
+    follow(page, page.get_by_role("button", name="Send request", exact=True))
 
 
 def person_row(page):
@@ -35,7 +35,7 @@ def person_row(page):
 
 def open_support_and_find_person(page):
     """Support page, Search users for the person; their row shows 2FA Active."""
-    page.get_by_role("navigation").get_by_role("link", name="Support", exact=True).click()
+    follow(page, page.get_by_role("navigation").get_by_role("link", name="Support", exact=True))
     expect(page.get_by_role("heading", name="Support", exact=True)).to_be_visible()
     search_users(page, "olga")
     row = person_row(page)
@@ -72,7 +72,7 @@ def test_lost_phone_to_support_to_password_only_sign_in(page, new_page, server):
 
     admin = new_page()
     sign_in_admin(admin, server)
-    admin.get_by_role("navigation").get_by_role("link", name="Support", exact=True).click()
+    follow(admin, admin.get_by_role("navigation").get_by_role("link", name="Support", exact=True))
     requests = admin.get_by_role("region", name=re.compile("Open contact requests"))
     expect(requests).to_contain_text(PERSON)
     expect(requests).to_contain_text("I lost my phone")
@@ -135,7 +135,7 @@ def test_when_the_window_ends_without_a_new_device_sign_in_stays_closed(page, se
     alert = page.get_by_role("alert")
     expect(alert).to_be_visible()
     expect(page.get_by_role("heading", name="User Settings")).to_have_count(0)
-    alert.get_by_role("link", name="Contact support").click()
+    follow(page, alert.get_by_role("link", name="Contact support"))
     expect(page.get_by_role("heading", name="Contact support", exact=True)).to_be_visible()
 
 

@@ -5,8 +5,8 @@ import re
 from webapp.models import Device
 
 from browser_kit import next_step_code, oathtool_code, parse_otpauth, qr_from_element, wrong_code
-from journey import (enter_code, expect, expect_code_refused, expect_code_step, expect_signed_in, gear,
-                     is_focused_within, log_in, log_out, manual_key, qr_image, settings_text, tab_to,
+from journey import (enter_code, expect, expect_code_refused, expect_code_step, expect_signed_in, follow,
+                     gear, is_focused_within, log_in, log_out, manual_key, qr_image, settings_text, tab_to,
                      wizard_dialog)
 
 
@@ -70,7 +70,7 @@ def test_enrolment_in_the_dialog_then_sign_in_with_the_new_device(page, server, 
     server.user("kim@example.com")
     log_in(page, "kim@example.com")
     expect_signed_in(page)
-    page.get_by_role("link", name="User Settings", exact=True).click()
+    follow(page, page.get_by_role("link", name="User Settings", exact=True))
     expect(page.get_by_text("Off", exact=True)).to_be_visible()
 
     gear(page).click()
@@ -135,7 +135,7 @@ def test_enrolment_without_javascript(nojs_page, server, tmp_path):
     gear_link.click()
     expect(page.get_by_role("heading", name="Two-Factor Authentication", level=1)).to_be_visible()
     secret, code = _walk_wizard(page, tmp_path, "max@example.com", "Max's Nokia")
-    page.get_by_role("link", name="User Settings", exact=True).click()
+    follow(page, page.get_by_role("link", name="User Settings", exact=True))
     text = settings_text(page)
     assert "Active" in text and "Max's Nokia" in text
 
