@@ -104,6 +104,23 @@ def test_a_wrong_code_in_the_wizard_activates_nothing(page, server, tmp_path):
     expect(page.get_by_text("Off", exact=True)).to_be_visible()
 
 
+def test_a_step_answers_a_press_the_moment_it_appears(page, server, tmp_path):
+    """The fastest possible press of Next: from the very event that puts the first step on the page, before
+    the browser has even drawn it. htmx has already taken over the step's form, so the dialog moves on to the
+    QR code; it does not fall back to the plain form, which would leave the dialog for the no-JavaScript
+    page (htmx 2 wires new content up when the swap settles: base.html settles at once)."""
+    server.user("ola@example.com")
+    log_in(page, "ola@example.com")
+    expect_signed_in(page)
+    page.evaluate("""() => document.body.addEventListener("htmx:afterSwap", () => queueMicrotask(() => {
+        document.querySelector("dialog.wizard .wizard-step form button[type=submit]").click();
+    }), {once: true})""")
+    gear(page).click()
+    dialog = wizard_dialog(page)
+    _read_qr(qr_image(dialog), tmp_path, "ola@example.com")
+    assert page.url.endswith("/settings"), page.url
+
+
 def test_closing_the_wizard_after_scanning_and_continuing_with_the_same_key(page, server, tmp_path):
     """Scan, close the dialog (Escape), open the gear again: the first step offers the key already in the
     app; continuing shows that key again and it activates, so the app holds one working account."""
