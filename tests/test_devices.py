@@ -188,6 +188,39 @@ def test_removing_one_of_several_devices_does_not_ask_for_the_password(actor, ap
     assert "-password" not in page.split('class="turn-off"')[0]
 
 
+def test_two_removals_at_once_cannot_turn_2fa_off_without_the_password(actor, app, alice, secret, monkeypatch):
+    """security.md 32, 43: with two devices, two removals sent at once each saw two devices when they began.
+    Here the other removal commits while this one checks its code; this one must then see the last device,
+    ask for the password and the tick, and remove nothing."""
+    from webapp import totp
+
+    add_device(app, alice, "Tablet")
+    phone, tablet = device_rows(app, alice)
+    real_check = totp.check_user_code
+
+    def check_while_the_other_removal_commits(user, raw_code, matches=None):
+        result = real_check(user, raw_code, matches)
+        with app.app_context():
+            Device.delete().where(Device.id == tablet.id).execute()
+        return result
+
+    monkeypatch.setattr(totp, "check_user_code", check_while_the_other_removal_commits)
+    r = post(actor, f"/settings/devices/{phone.id}/remove", {f"remove-{phone.id}-code": actor.code(secret)})
+    monkeypatch.setattr(totp, "check_user_code", real_check)
+    assert r.status_code == 409 and "This is now your only device" in text(r)
+    assert [d.name for d in device_rows(app, alice)] == ["Phone"]
+    assert "tfa_disabled" not in kinds(app, alice) and "device_removed" not in kinds(app, alice)
+    page = text(actor.client.get("/settings"))
+    assert ">Active<" in page and f'name="remove-{phone.id}-password"' in page
+
+    actor.clock.advance(30)  # the code above was used up: the next step's code, with password and tick
+    r = post(actor, f"/settings/devices/{phone.id}/remove", {
+        f"remove-{phone.id}-code": actor.code(secret), f"remove-{phone.id}-confirm_off": "y",
+        f"remove-{phone.id}-password": PASSWORD})
+    assert r.status_code == 302 and device_rows(app, alice) == []
+    assert {"device_removed", "tfa_disabled"} <= set(kinds(app, alice))
+
+
 def test_wrong_codes_when_removing_count_towards_the_account_throttle(actor, app, alice, secret):
     """security.md 18: the remove form shares the per-account code throttle."""
     [device] = device_rows(app, alice)

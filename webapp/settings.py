@@ -424,10 +424,24 @@ def remove_device(device_id):
         form.code.errors = [code_error(result)]
         return _settings_response(user, failed=("remove", device.id, form),
                                   status=429 if result.reason == "locked" else 200)
-    Device.delete().where((Device.id == device.id) & (Device.user == user.id)).execute()
-    audit("device_removed", user=user, device=device.name)
+    with write_transaction():
+        # Count again under the lock: another removal may have finished since `last` was read, leaving this
+        # the only device, and removing that one turns 2FA off, which needs the password (security.md 32).
+        for_update(User.select(User.id).where(User.id == user.id)).get()
+        left = Device.select().where(Device.user == user.id).count()
+        if left == 1 and not last:
+            refused = True
+        else:
+            refused = False
+            if Device.delete().where((Device.id == device.id) & (Device.user == user.id)).execute():
+                audit("device_removed", user=user, device=device.name)
+                if left == 1:
+                    audit("tfa_disabled", user=user, via="last device removed")
+    if refused:
+        form.confirm_off.errors = ["This is now your only device: another device was removed meanwhile. "
+                                   "Enter a new code, your password and tick the box to turn 2FA off."]
+        return _settings_response(user, failed=("remove", device.id, form), status=409)
     if last:
-        audit("tfa_disabled", user=user, via="last device removed")
         return _after_change(user, "Two-factor authentication is now off: you removed your only device.")
     return _after_change(user, f"Removed “{device.name}”. It no longer works for signing in.")
 
