@@ -169,6 +169,24 @@ def test_signup_refuses_duplicates_and_short_passwords(app, actor):
         assert User.select().count() == 1
 
 
+def test_signup_sent_twice_at_once_makes_one_account_and_no_error(app, actor, monkeypatch):
+    """A double-submitted sign-up: both requests looked the address up before either created it. The second
+    insert meets the unique email and gets the "already exists" message, not a 500."""
+    actor.user(email="admin@example.com", admin=True)
+    r = actor.post_form("/signup", {"email": "twice@example.com", "password": PASSWORD, "confirm": PASSWORD})
+    assert r.status_code == 302
+    other = type(actor)(app, app.test_client(), actor.clock)
+    monkeypatch.setattr(User, "by_email", classmethod(lambda cls, email: None))  # looked up too early
+    r = other.post_form("/signup", {"email": "twice@example.com", "password": PASSWORD, "confirm": PASSWORD})
+    assert r.status_code == 200 and "already exists" in r.get_data(as_text=True)
+    monkeypatch.undo()
+    with app.app_context():
+        assert User.select().where(User.email == "twice@example.com").count() == 1
+        assert AuditEvent.select().where(AuditEvent.kind == "account_created").count() == 1
+    r = other.client.get("/settings")
+    assert r.status_code == 302 and "/login" in r.headers["Location"]  # the second browser is not signed in
+
+
 def test_signup_can_be_switched_off(app, actor):
     actor.user()
     app.config["SIGNUP_ENABLED"] = False

@@ -152,3 +152,48 @@ def test_key_names_are_found_in_any_case_the_pattern_matches():
         record = logging.LogRecord("twostep", logging.INFO, __file__, 1, line, None, None)
         RedactingFilter().filter(record)
         assert "hunter2" not in record.getMessage(), line
+
+
+# ---------------------------------------------------------------- input that would have reached the database badly
+
+def test_an_id_too_large_for_the_database_is_a_404(actor, secret):
+    """A 20-digit id in the address is no row of ours: 404, like any id that does not exist, not an
+    OverflowError from the driver (SQLite ids are 64-bit)."""
+    from .test_support import sign_in_admin
+
+    sign_in_admin(actor, secret)
+    token = actor.csrf("/settings")
+    huge = "99999999999999999999"
+    r = actor.client.post(f"/settings/devices/{huge}/rename", data={"csrf_token": token, f"rename-{huge}-name": "x"})
+    assert r.status_code == 404
+    assert actor.client.get(f"/support/users/{huge}/disable-2fa").status_code == 404
+    assert actor.client.get(f"/support/users/{2**63 - 1}/disable-2fa").status_code == 404  # largest id: no row
+
+
+def test_a_nul_character_is_refused_and_changes_nothing(app, actor, secret):
+    """PostgreSQL cannot store NUL in text, and nobody types one: the public contact form and the Support
+    search answer 400 with a message, and no request is stored."""
+    from webapp.models import SupportRequest
+
+    from .test_support import sign_in_admin
+
+    r = actor.post_form("/support/contact", {"email": "alice@example.com", "message": "Lost my phone\x00, help"})
+    assert r.status_code == 400 and "not allowed (NUL)" in r.get_data(as_text=True)
+    with app.app_context():
+        assert SupportRequest.select().count() == 0
+    sign_in_admin(actor, secret)
+    r = actor.client.get("/support?q=ali%00ce")
+    assert r.status_code == 400 and "Nothing was changed" in r.get_data(as_text=True)
+    assert actor.client.get("/support?q=alice").status_code == 200
+
+
+@pytest.mark.parametrize("query", ["end=9999-12-31", "start=0001-01-01"])
+def test_audit_log_dates_outside_the_searchable_range_are_refused_clearly(actor, secret, query):
+    """The "To" date is searched up to the next midnight: 31 December 9999 has none."""
+    from .test_support import sign_in_admin
+
+    sign_in_admin(actor, secret)
+    r = actor.client.get(f"/support/audit?{query}")
+    assert r.status_code == 400 and "Enter a date between 1970 and 9998." in r.get_data(as_text=True)
+    r = actor.client.get("/support/audit?start=2026-01-01&end=2026-12-31")
+    assert r.status_code == 200 and "Signed in" in r.get_data(as_text=True)

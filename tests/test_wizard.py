@@ -376,6 +376,32 @@ def test_wrong_codes_during_enrolment_are_throttled(actor, app):
     assert "tfa_enrolment_discarded" in audit_kinds(app, user)
 
 
+def test_a_wrong_code_sent_with_the_one_that_discards_the_key_gets_the_same_answer(actor, app, monkeypatch):
+    """Two wrong codes sent at once after four: the other one discards the key while this one is checked.
+    This one then finds no key to count against and says so (the expired step), instead of a 500."""
+    from webapp import totp
+
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.start()
+    wrong = "123456" if w.code_now() != "123456" else "654321"
+    for _ in range(4):
+        w.submit_code(wrong)
+    real_match = totp.match_step
+
+    def match_while_the_other_code_discards_the_key(*args, **kwargs):
+        with app.app_context():
+            PendingEnrolment.delete().where(PendingEnrolment.user == user.id).execute()
+        return real_match(*args, **kwargs)
+
+    monkeypatch.setattr(totp, "match_step", match_while_the_other_code_discards_the_key)
+    r = w.submit_code(wrong)
+    assert r.status_code == 200
+    assert 'data-step="expired"' in text(r) and "Too many wrong codes" in text(r)
+    assert pendings(app, user) == [] and devices(app, user) == []
+    assert "tfa_enrolment_discarded" not in audit_kinds(app, user)  # the other request's to write
+
+
 def test_pending_secret_expires_after_its_ttl(actor, app):
     """security.md 8: past PENDING_ENROLMENT_TTL (15 min) the secret cannot be confirmed."""
     user = signed_in(actor)

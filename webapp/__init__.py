@@ -11,8 +11,9 @@ from flask import Flask, g, redirect, render_template, request, session, url_for
 from flask_login import LoginManager, current_user
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from peewee import InterfaceError, OperationalError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import BadRequest, HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.routing import IntegerConverter
 
 from . import config as config_module
 from . import db as db_module
@@ -35,6 +36,7 @@ def create_app(test_config=None):
         template_folder=os.path.join(os.path.dirname(HERE), "templates"),
         static_folder=os.path.join(os.path.dirname(HERE), "static"),
     )
+    app.url_map.converters["int"] = _RowId  # before any route is added: they take the converter then
     config_module.load(app, test_config)
     if app.config["PROXY_HOPS"]:
         hops = app.config["PROXY_HOPS"]
@@ -65,6 +67,7 @@ def create_app(test_config=None):
     cli.init_app(app)
 
     app.before_request(check_origin)
+    app.before_request(_refuse_nul_characters)
     app.after_request(set_security_headers)
     # Globals rather than macros imported from a template: Jinja rebuilds an imported template module on
     # every render when context processors add variables, which cost ~0.2 ms a page.
@@ -238,6 +241,23 @@ def _schedule_purge(app):
             due[pid] = moment + interval
             response.call_on_close(functools.partial(purge, app.config, now()))
         return response
+
+
+class _RowId(IntegerConverter):
+    """`<int:...>` in every route, bounded to the 64-bit ids the database can hold: a longer number in the
+    address is a 404 page, not an OverflowError from the database driver."""
+
+    def __init__(self, url_map, *args, **kwargs):
+        kwargs.setdefault("max", 2**63 - 1)
+        super().__init__(url_map, *args, **kwargs)
+
+
+def _refuse_nul_characters():
+    """Refuse a query or form value containing NUL before any view reads it. No person types one, PostgreSQL
+    cannot store one in text (the driver raises), and SQLite would store a string that ends early in C code."""
+    for values in (request.args, request.form):
+        if any("\x00" in value for value in values.values()):
+            raise BadRequest("The request contained a character that is not allowed (NUL). Nothing was changed.")
 
 
 def _register_error_handlers(app):

@@ -5,6 +5,7 @@ import secrets
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, session, url_for
 from flask_login import current_user, login_required, login_user
+from peewee import IntegrityError
 from wtforms import EmailField, PasswordField, StringField
 from wtforms.validators import DataRequired, Email, EqualTo, Length
 
@@ -300,10 +301,17 @@ def signup():
     if request.method == "POST":
         if form.validate_on_submit():
             email = normalise_email(form.email.data)
-            if User.by_email(email) is not None:
+            user = None
+            if User.by_email(email) is None:
+                password_hash = hash_password(form.password.data)
+                try:
+                    with db.atomic():
+                        user = User.create(email=email, password_hash=password_hash)
+                except IntegrityError:  # the same address signed up a moment ago (a form sent twice)
+                    user = None
+            if user is None:
                 error = "An account with this email address already exists. Log in instead."
             else:
-                user = User.create(email=email, password_hash=hash_password(form.password.data))
                 audit("account_created", user=user, via="signup")
                 return complete_sign_in(user)
         else:

@@ -311,12 +311,16 @@ def verify_code():
     with write_transaction():
         PendingEnrolment.update(failures=PendingEnrolment.failures + 1).where(
             PendingEnrolment.id == pending.id).execute()
-        failures = PendingEnrolment.get_by_id(pending.id).failures
-        if failures >= MAX_ENROLMENT_FAILURES:
-            pending.delete_instance()
+        counted = PendingEnrolment.get_or_none(PendingEnrolment.id == pending.id)
+        # None: a wrong code sent at the same time used up the last attempt and discarded the key already.
+        failures = MAX_ENROLMENT_FAILURES if counted is None else counted.failures
+        discarded_now = counted is not None and failures >= MAX_ENROLMENT_FAILURES
+        if discarded_now:
+            counted.delete_instance()
     audit("tfa_enrolment_code_rejected", user=user, failures=failures)
-    if failures >= MAX_ENROLMENT_FAILURES:
+    if discarded_now:
         audit("tfa_enrolment_discarded", user=user, reason="too many wrong codes")
+    if failures >= MAX_ENROLMENT_FAILURES:
         return _wizard("expired", form=StartForm(formdata=None), too_many=True)
     return _wizard("code", status=status, form=form, error=error)
 

@@ -2,14 +2,14 @@
 disable, early end), the read-only audit log, and each person's own security activity."""
 import functools
 import logging
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 from peewee import fn
 from wtforms import BooleanField, DateField, EmailField, SelectField, StringField, TextAreaField
 from wtforms.fields import SelectChoice
-from wtforms.validators import AnyOf, DataRequired, Email, Length, Optional
+from wtforms.validators import AnyOf, DataRequired, Email, Length, Optional, ValidationError
 
 from . import htmx
 from .auth import strip_text
@@ -68,14 +68,21 @@ class DisableForm(Form):
     close_requests = BooleanField("Mark this person's open contact requests as handled", default=True)
 
 
+def _plausible_date(form, field):
+    """A filter date the log can be searched by: the search adds a day to the "to" date, which would
+    overflow at 31 December 9999."""
+    if field.data is not None and not date(1970, 1, 1) <= field.data <= date(9998, 12, 31):
+        raise ValidationError("Enter a date between 1970 and 9998.")
+
+
 class AuditFilterForm(Form):
     """Filters of the audit log (a GET form)."""
 
     email = StringField("Person (email address)", filters=[strip_text],
                         validators=[Optional(), Length(max=254, message="That email address is too long.")])
     kind = SelectField("Event", validate_choice=False)
-    start = DateField("From (UTC date)", validators=[Optional()])
-    end = DateField("To (UTC date)", validators=[Optional()])
+    start = DateField("From (UTC date)", validators=[Optional(), _plausible_date])
+    end = DateField("To (UTC date)", validators=[Optional(), _plausible_date])
 
 
 # ---------------------------------------------------------------- plain words for audit events
