@@ -570,6 +570,26 @@ def test_support_can_end_a_window_early(app, actor, secret, clock, target):
     assert count(app, AuditEvent, AuditEvent.kind == "support_window_ended") == 1
 
 
+def test_password_only_sessions_end_when_the_window_runs_out(app, actor, secret, clock, target):
+    """security.md 39: a session opened with the password alone near the end of the window stops working
+    when the window ends by itself, as when support ends it early; it cannot re-authenticate with the
+    password alone either."""
+    carol = second_client(app, clock)
+    sign_in_admin(actor, secret)
+    disable(actor, target, duration="24h")
+    clock.advance(24 * 3600 - 600)  # ten minutes before the end
+    assert carol.password_step("carol@example.com").headers["Location"].endswith("/settings")
+    assert carol.client.get("/settings").status_code == 200
+    clock.advance(601)  # one second past the end
+    for url in ("/settings", "/settings/2fa", "/reauth"):
+        r = carol.client.get(url)
+        assert r.status_code == 302 and "/login" in r.headers["Location"], url
+    r = carol.client.post("/reauth", data={"csrf_token": carol.csrf("/login"), "password": PASSWORD})
+    assert r.status_code == 302 and "/login" in r.headers["Location"]
+    r = second_client(app, clock).password_step("carol@example.com")
+    assert r.status_code == 403
+
+
 def test_ending_a_window_that_is_not_open_changes_nothing(app, actor, secret, target):
     sign_in_admin(actor, secret)
     r = end_window(actor, target)

@@ -105,12 +105,21 @@ _USER_BY_ID = db_module.Prepared(lambda: User.select().where(User.id == db_modul
 
 def _load_user(user_id):
     """The signed-in person: the one read with the session row at the start of this request when it is
-    the same account, else from the database."""
+    the same account, else from the database.
+
+    Nobody, once support's window has run out without a new device (security.md 39, fail closed): the
+    sessions opened with the password alone during the window stop working then, as they do when support
+    ends a window early, and signing in again is blocked (auth.after_password)."""
     user_id = int(user_id)
     row = getattr(session, "row", None)
     if row is not None and row.user_id == user_id and "user" in row.__rel__:
-        return row.__rel__["user"]
-    return _USER_BY_ID.first(id=user_id)
+        user = row.__rel__["user"]
+    else:
+        user = _USER_BY_ID.first(id=user_id)
+    if user is not None and user.tfa_reset_until is not None and now() >= user.tfa_reset_until \
+            and not user.has_2fa:
+        return None
+    return user
 
 
 def _memoise_template_helpers(app):
