@@ -114,6 +114,33 @@ def test_password_failures_back_off_per_account(actor, clock):
     assert user_row(actor.app).password_failures == 0
 
 
+def test_guesses_sent_at_once_meet_the_lock_the_first_failure_sets(actor, clock, monkeypatch):
+    """security.md 18, 20 (password side): guesses sent at the same moment all pass the lock check before any
+    is hashed. A wrong one that finishes first sets the back-off; a right one finishing after it is refused
+    like any attempt during a back-off, and each failure counts from the one before."""
+    from webapp import auth
+    from webapp.clock import now
+
+    actor.user()
+    real_verify = auth.verify_password
+
+    def verify_while_a_wrong_guess_fails(stored, password):
+        result = real_verify(stored, password)
+        with actor.app.app_context():  # what the other guess commits meanwhile: the first failure
+            User.update(password_failures=1, password_locked_until=now() + auth.backoff(1)).where(
+                User.email == "alice@example.com").execute()
+        return result
+
+    monkeypatch.setattr(auth, "verify_password", verify_while_a_wrong_guess_fails)
+    r = actor.password_step()  # the right password
+    monkeypatch.setattr(auth, "verify_password", real_verify)
+    assert r.status_code == 429 and "Too many failed attempts" in r.get_data(as_text=True)
+    assert not signed_in(actor.client)
+    assert user_row(actor.app).password_failures == 2
+    clock.advance(2)
+    assert actor.password_step().status_code == 302  # once the back-off is over
+
+
 def test_password_and_code_failures_are_counted_separately(actor, secret):
     actor.user(secret=secret)
     actor.password_step(password="wrong")

@@ -10,7 +10,7 @@ from wtforms import EmailField, PasswordField, StringField
 from wtforms.validators import DataRequired, Email, EqualTo, Length
 
 from .clock import now, timestamp
-from .db import Param, Prepared, db, write_transaction
+from .db import Param, Prepared, db, for_update, write_transaction
 from .fields import Form
 from .models import SignInChallenge, User, normalise_email
 from .security import audit, backoff, hash_password, safe_next, verify_password, wait_text
@@ -142,19 +142,35 @@ def password_check(user, password):
     """Check a password with the per-account throttle; returns None on success or the error to show."""
     if user is not None and user.password_locked_until and user.password_locked_until > now():
         verify_password(None, password)  # same work either way
-        User.update(password_failures=User.password_failures + 1).where(User.id == user.id).execute()
-        audit("password_throttled", user=user)
-        return f"Too many failed attempts. Try again in {wait_text(user.password_locked_until)}."
-    if verify_password(user.password_hash if user else None, password):
-        if user.password_failures:
-            User.update(password_failures=0, password_locked_until=None).where(User.id == user.id).execute()
-        return None
-    if user is not None:
-        failures = user.password_failures + 1
-        User.update(password_failures=User.password_failures + 1,
-                    password_locked_until=now() + backoff(failures)).where(User.id == user.id).execute()
+        return _password_throttled(user, user.password_locked_until)
+    correct = verify_password(user.password_hash if user else None, password)  # slow: outside any lock
+    if user is None:
+        return GENERIC_LOGIN_ERROR
+    with write_transaction():
+        # Read the counter again under the lock: guesses sent at the same moment were all let in against the
+        # state before any of them failed. The first failure's back-off now applies to the others, right or
+        # wrong, and each failure counts from the one before it (security.md 18, 20).
+        fresh = for_update(User.select(User.password_failures, User.password_locked_until)
+                           .where(User.id == user.id)).first()
+        current = now()
+        if fresh.password_locked_until and fresh.password_locked_until > current:
+            return _password_throttled(user, fresh.password_locked_until)
+        if correct:
+            if fresh.password_failures:
+                User.update(password_failures=0, password_locked_until=None).where(User.id == user.id).execute()
+            return None
+        failures = fresh.password_failures + 1
+        User.update(password_failures=failures,
+                    password_locked_until=current + backoff(failures)).where(User.id == user.id).execute()
         audit("password_rejected", user=user, failures=failures)
     return GENERIC_LOGIN_ERROR
+
+
+def _password_throttled(user, locked_until):
+    """Refuse a password while the account waits out its back-off; the attempt counts (security.md 18)."""
+    User.update(password_failures=User.password_failures + 1).where(User.id == user.id).execute()
+    audit("password_throttled", user=user)
+    return f"Too many failed attempts. Try again in {wait_text(locked_until)}."
 
 
 def code_error(result):
