@@ -141,6 +141,90 @@ def test_guesses_sent_at_once_meet_the_lock_the_first_failure_sets(actor, clock,
     assert actor.password_step().status_code == 302  # once the back-off is over
 
 
+def _log_out(actor):
+    r = actor.client.post("/logout", data={"csrf_token": actor.csrf("/settings")})
+    assert r.status_code == 302 and not signed_in(actor.client)
+
+
+def _lock_the_account_from_a_stranger(actor, clock):
+    """Someone who only knows the address: wrong passwords until the account waits an hour (security.md 18)."""
+    stranger = type(actor)(actor.app, actor.app.test_client(), clock)
+    for _ in range(6):
+        stranger.password_step(password="guess")
+    clock.advance(2)
+    stranger.password_step(password="guess")
+    r = stranger.password_step()  # even the right password is refused now
+    assert r.status_code == 429 and "Too many failed attempts" in r.get_data(as_text=True)
+    return stranger
+
+
+def test_a_stranger_cannot_lock_the_owner_out_of_the_browser_they_sign_in_from(actor, clock):
+    """Auth-CS "Account Lockout" (security.md 18 weighs it): wrong passwords from anywhere lock the account for
+    every browser but the ones its owner completed a sign-in from; those keep a throttle of their own."""
+    actor.user()
+    assert actor.password_step().status_code == 302  # the owner's usual browser
+    _log_out(actor)
+    _lock_the_account_from_a_stranger(actor, clock)
+    assert user_row(actor.app).password_locked_until is not None
+    r = actor.password_step()  # the owner, in their own browser, with the right password
+    assert r.status_code == 302 and signed_in(actor.client)
+    with actor.app.app_context():
+        events = [(e.kind, e.details) for e in AuditEvent.select().order_by(AuditEvent.id)]
+    assert ("password_rejected", {"failures": 7}) in events  # the stranger's, on the account
+    # The owner's browser counts its own failures: five wrong passwords there lock it, not the account.
+    _log_out(actor)
+    failures_before = user_row(actor.app).password_failures
+    for _ in range(5):
+        actor.password_step(password="typo")
+    r = actor.password_step()
+    assert r.status_code == 429 and not signed_in(actor.client)
+    assert user_row(actor.app).password_failures == failures_before
+    with actor.app.app_context():
+        assert AuditEvent.select().where(AuditEvent.kind == "password_rejected",
+                                         AuditEvent.detail.contains("known browser")).count() == 1
+
+
+def test_the_known_browser_cookie_signs_nobody_in_and_cannot_be_made_up(app, actor, clock):
+    """security.md 27, 31: the cookie is not a remember-me: without the session nobody is signed in. A
+    made-up value, or the cookie of a browser known for another account, counts on the account as before."""
+    actor.user()
+    actor.user("bob@example.com")
+    r = actor.password_step()
+    [cookie] = [c for c in r.headers.getlist("Set-Cookie") if c.startswith("twostep_known=")]
+    attrs = {p.strip() for p in cookie.split(";")}
+    assert {"HttpOnly", "SameSite=Lax", "Path=/", f"Max-Age={180 * 86400}"} <= attrs
+    _log_out(actor)
+    assert actor.client.get_cookie("twostep_known") is not None
+    r = actor.client.get("/settings")
+    assert r.status_code == 302 and "/login" in r.headers["Location"]
+
+    _lock_the_account_from_a_stranger(actor, clock)
+    bob = type(actor)(app, app.test_client(), clock)
+    assert bob.password_step("bob@example.com").status_code == 302  # bob's browser is known for bob only
+    for value in (bob.client.get_cookie("twostep_known").value, "A" * 43, "not a token"):
+        other = type(actor)(app, app.test_client(), clock)
+        other.client.set_cookie("twostep_known", value)
+        assert other.password_step().status_code == 429, value
+
+
+def test_a_known_browser_is_forgotten_after_its_lifetime(app, actor, clock):
+    """KNOWN_BROWSER_TTL (180 days, the cookie's Max-Age): after it the browser counts on the account again,
+    and the purge removes its row."""
+    from webapp.clock import now
+    from webapp.models import KnownBrowser, purge_expired
+
+    actor.user()
+    assert actor.password_step().status_code == 302
+    _log_out(actor)
+    clock.advance(181 * 86400)
+    _lock_the_account_from_a_stranger(actor, clock)
+    assert actor.password_step().status_code == 429
+    with app.app_context():
+        assert KnownBrowser.select().count() == 1
+        purge_expired(app.config, now())
+        assert KnownBrowser.select().count() == 0
+
+
 def test_password_and_code_failures_are_counted_separately(actor, secret):
     actor.user(secret=secret)
     actor.password_step(password="wrong")
@@ -541,7 +625,7 @@ def test_session_cookie_attributes(actor):
     """security.md 31: HttpOnly, SameSite=Lax, Path=/ (Secure and __Host- when served over HTTPS)."""
     actor.user()
     r = actor.password_step()
-    cookie = r.headers["Set-Cookie"]
+    [cookie] = [c for c in r.headers.getlist("Set-Cookie") if c.startswith("twostep_session=")]
     assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Path=/" in cookie
     assert "Expires" not in cookie and "Max-Age" not in cookie  # a browser-session cookie
 

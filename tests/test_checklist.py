@@ -526,7 +526,8 @@ def test_cookies_and_hsts_at_every_step_over_https(tmp_path, clock):
     """security.md 31, 30, 44: served over HTTPS, every Set-Cookie at sign-in, the code step, re-authentication
     and logout is the __Host- session cookie with Secure, HttpOnly, SameSite=Lax, Path=/ and no lifetime
     (browser session); logout expires it with the same attributes; every response carries HSTS; no
-    remember-me cookie ever appears."""
+    remember-me cookie ever appears. The only other cookie, once, at the completed sign-in: the __Host-
+    known-browser cookie (same attributes, 180 days), which signs nobody in (security.known_browser)."""
     app = _app(tmp_path, clock, SECURE_COOKIES=True)
     try:
         a = Actor(app, app.test_client(), clock)
@@ -549,8 +550,12 @@ def test_cookies_and_hsts_at_every_step_over_https(tmp_path, clock):
         for name, r in steps:
             assert r.headers["Strict-Transport-Security"].startswith("max-age="), name
             for cookie in r.headers.getlist("Set-Cookie"):
-                cookies_seen += 1
                 attrs = [p.strip() for p in cookie.split(";")]
+                if attrs[0].startswith("__Host-known="):
+                    assert name == "code", (name, cookie)
+                    assert {"Secure", "HttpOnly", "SameSite=Lax", "Path=/", f"Max-Age={180 * 86400}"} <= set(attrs)
+                    continue
+                cookies_seen += 1
                 assert attrs[0].startswith("__Host-session="), (name, cookie)
                 assert {"Secure", "HttpOnly", "SameSite=Lax", "Path=/"} <= set(attrs), (name, cookie)
                 assert not any(p.startswith("Domain") for p in attrs), (name, cookie)

@@ -45,7 +45,7 @@ def create_app(test_config=None):
     _init_logging(app)
     db_module.init_app(app)
 
-    from .security import check_origin, set_security_headers
+    from .security import check_origin, set_known_browser_cookie, set_security_headers
     from .sessions import DbSessionInterface, raise_if_unavailable
 
     app.session_interface = DbSessionInterface()
@@ -69,6 +69,7 @@ def create_app(test_config=None):
     app.before_request(check_origin)
     app.before_request(_refuse_nul_characters)
     app.after_request(set_security_headers)
+    app.after_request(set_known_browser_cookie)
     # Globals rather than macros imported from a template: Jinja rebuilds an imported template module on
     # every render when context processors add variables, which cost ~0.2 ms a page.
     app.jinja_env.globals.update(field=fields.field, control=fields.control, form_error=fields.form_error)

@@ -12,8 +12,9 @@ from wtforms.validators import DataRequired, Email, EqualTo, Length
 from .clock import now, timestamp
 from .db import Param, Prepared, db, for_update, write_transaction
 from .fields import Form
-from .models import SignInChallenge, User, normalise_email
-from .security import audit, backoff, hash_password, safe_next, verify_password, wait_text
+from .models import KnownBrowser, SignInChallenge, User, normalise_email
+from .security import (audit, backoff, hash_password, known_browser, remember_browser, safe_next,
+                       verify_password, wait_text)
 from .sessions import token_hash, write_session_now
 from .totp import check_user_code, code_matches, normalise_code
 
@@ -115,6 +116,7 @@ def start_session(user, method=None):
     session["auth_at"] = timestamp()
     with write_transaction():  # last sign-in, audit record and the new session row: one commit
         _MARK_LOGIN.execute(at=now(), id=user.id)
+        remember_browser(user)
         audit("signin", user=user, method=method or ("password+code" if user.has_2fa else "password"))
         write_session_now()
 
@@ -139,38 +141,53 @@ def current_challenge():
 
 
 def password_check(user, password):
-    """Check a password with the per-account throttle; returns None on success or the error to show."""
-    if user is not None and user.password_locked_until and user.password_locked_until > now():
+    """Check a password with the throttle; returns None on success or the error to show.
+
+    The failures counted are the account's, or, in a browser the person completed a sign-in from, that
+    browser's own (security.known_browser): a stranger's wrong guesses lock the account everywhere else
+    but not there, and a stolen browser cookie gets the same back-off as the account."""
+    holder = (known_browser(user) or user) if user is not None else None
+    if holder is not None and holder.password_locked_until and holder.password_locked_until > now():
         verify_password(None, password)  # same work either way
-        return _password_throttled(user, user.password_locked_until)
+        return _password_throttled(user, holder, holder.password_locked_until)
     correct = verify_password(user.password_hash if user else None, password)  # slow: outside any lock
     if user is None:
         return GENERIC_LOGIN_ERROR
+    model = type(holder)
     with write_transaction():
         # Read the counter again under the lock: guesses sent at the same moment were all let in against the
         # state before any of them failed. The first failure's back-off now applies to the others, right or
         # wrong, and each failure counts from the one before it (security.md 18, 20).
-        fresh = for_update(User.select(User.password_failures, User.password_locked_until)
-                           .where(User.id == user.id)).first()
+        fresh = for_update(model.select(model.password_failures, model.password_locked_until)
+                           .where(model.id == holder.id)).first()
+        if fresh is None:  # the browser's row was purged meanwhile: nothing to count on but the result
+            return None if correct else GENERIC_LOGIN_ERROR
         current = now()
         if fresh.password_locked_until and fresh.password_locked_until > current:
-            return _password_throttled(user, fresh.password_locked_until)
+            return _password_throttled(user, holder, fresh.password_locked_until)
         if correct:
             if fresh.password_failures:
-                User.update(password_failures=0, password_locked_until=None).where(User.id == user.id).execute()
+                model.update(password_failures=0, password_locked_until=None).where(model.id == holder.id).execute()
             return None
         failures = fresh.password_failures + 1
-        User.update(password_failures=failures,
-                    password_locked_until=current + backoff(failures)).where(User.id == user.id).execute()
-        audit("password_rejected", user=user, failures=failures)
+        model.update(password_failures=failures,
+                     password_locked_until=current + backoff(failures)).where(model.id == holder.id).execute()
+        audit("password_rejected", user=user, failures=failures, **_counted_in(holder))
     return GENERIC_LOGIN_ERROR
 
 
-def _password_throttled(user, locked_until):
-    """Refuse a password while the account waits out its back-off; the attempt counts (security.md 18)."""
-    User.update(password_failures=User.password_failures + 1).where(User.id == user.id).execute()
-    audit("password_throttled", user=user)
+def _password_throttled(user, holder, locked_until):
+    """Refuse a password while the account (or this browser) waits out its back-off; the attempt counts
+    (security.md 18)."""
+    model = type(holder)
+    model.update(password_failures=model.password_failures + 1).where(model.id == holder.id).execute()
+    audit("password_throttled", user=user, **_counted_in(holder))
     return f"Too many failed attempts. Try again in {wait_text(locked_until)}."
+
+
+def _counted_in(holder):
+    """The audit detail saying a failure counted against a known browser rather than the account."""
+    return {"counted_in": "known browser"} if isinstance(holder, KnownBrowser) else {}
 
 
 def code_error(result):

@@ -27,6 +27,9 @@ DEFAULTS = {
     "THROTTLE_FREE_FAILURES": 4,
     "THROTTLE_LOCK": timedelta(minutes=15),
     "THROTTLE_MAX_LOCK": timedelta(hours=24),
+    # A browser that completed a sign-in keeps a throttle of its own for that account this long (security.py,
+    # "known browsers"); its cookie lives as long.
+    "KNOWN_BROWSER_TTL": timedelta(days=180),
     # How often each app process deletes expired sessions, challenges and enrolments by itself, after a
     # response has gone out (0 turns it off, for operators who run `purge-expired` from cron instead).
     "PURGE_INTERVAL": timedelta(minutes=10),

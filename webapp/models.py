@@ -94,6 +94,18 @@ class ServerSession(BaseModel):
         return json.loads(self.data or "{}")
 
 
+class KnownBrowser(BaseModel):
+    """A browser this person completed a sign-in from; its cookie holds a random token, stored here as its
+    SHA-256. Wrong passwords typed there count here, not on the account, so someone who only knows the
+    address can lock out every other browser, not the owner's (security.md 18; Auth-CS "Account Lockout")."""
+
+    id = CharField(max_length=64, primary_key=True)
+    user = ForeignKeyField(User, backref="known_browsers", on_delete="CASCADE")
+    created_at = DateTimeField(default=now, index=True)
+    password_failures = IntegerField(default=0)
+    password_locked_until = DateTimeField(null=True)
+
+
 class SignInChallenge(BaseModel):
     """The server-side state between a correct password and a correct code (security.md 21, 22, 24)."""
 
@@ -151,13 +163,13 @@ class AuditEvent(BaseModel):
 _ANY_USER = Prepared(lambda: User.select(User.id).limit(1))
 _ANY_DEVICE = Prepared(lambda: Device.select(Device.id).where(Device.user == Param("user")).limit(1))
 
-ALL_MODELS = [User, Device, ServerSession, SignInChallenge, PendingEnrolment, SupportRequest, AuditEvent]
+ALL_MODELS = [User, Device, ServerSession, KnownBrowser, SignInChallenge, PendingEnrolment, SupportRequest, AuditEvent]
 
 
 def purge_expired(config, current):
     """Delete the sessions, sign-in challenges and pending enrolments that expired by `current` (they are
-    already refused when used; this removes the rows, with their IP addresses and browser names). Returns
-    the three counts. Run by the app itself now and then (__init__._schedule_purge) and by the
+    already refused when used; this removes the rows, with their IP addresses and browser names), and the
+    known browsers past their lifetime. Returns the first three counts. Run by the app itself now and then (__init__._schedule_purge) and by the
     `purge-expired` command."""
     from .db import write_transaction
 
@@ -169,4 +181,5 @@ def purge_expired(config, current):
             SignInChallenge.created_at < current - config["CHALLENGE_TTL"]).execute()
         enrolments = PendingEnrolment.delete().where(
             PendingEnrolment.created_at < current - config["PENDING_ENROLMENT_TTL"]).execute()
+        KnownBrowser.delete().where(KnownBrowser.created_at < current - config["KNOWN_BROWSER_TTL"]).execute()
     return sessions, challenges, enrolments

@@ -1,20 +1,22 @@
 """Cross-cutting security helpers: password hashing, throttling, audit records, safe redirects,
 freshness, response headers and log redaction."""
 import functools
+import hashlib
 import json
 import logging
 import re
+import secrets
 from datetime import timedelta
 from urllib.parse import urlsplit
 
 from argon2 import PasswordHasher, profiles
 from argon2.exceptions import InvalidHashError, VerificationError
-from flask import abort, current_app, redirect, request, session, url_for
+from flask import abort, current_app, g, redirect, request, session, url_for
 from flask_login import current_user
 
 from .clock import now, timestamp
 from .db import Param, Prepared, after_commit
-from .models import AuditEvent
+from .models import AuditEvent, KnownBrowser
 
 log = logging.getLogger("twostep.audit")
 
@@ -84,6 +86,54 @@ def wait_text(until):
     if minutes < 90:
         return f"{minutes} minutes"
     return f"{(minutes + 59) // 60} hours"
+
+
+# ---------------------------------------------------------------- known browsers (lockout denial of service)
+
+_KNOWN_TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
+
+
+def _known_id(token):
+    return hashlib.sha256(token.encode("ascii")).hexdigest()
+
+
+def known_browser_cookie_name():
+    # The __Host- prefix pins the cookie to this host, path / and HTTPS, as the session's (security.md 31).
+    return "__Host-known" if current_app.config["SECURE_COOKIES"] else "twostep_known"
+
+
+def known_browser(user):
+    """This request's browser if `user` completed a sign-in from it within KNOWN_BROWSER_TTL, else None.
+
+    Wrong passwords typed in such a browser count against it, not against the account (auth.password_check):
+    someone who only knows the email address can lock the account for every other browser, but not for the
+    ones its owner signs in from (OWASP's "device cookies")."""
+    token = request.cookies.get(known_browser_cookie_name())
+    if not token or not _KNOWN_TOKEN.fullmatch(token):
+        return None
+    oldest = now() - current_app.config["KNOWN_BROWSER_TTL"]
+    return KnownBrowser.get_or_none((KnownBrowser.id == _known_id(token)) & (KnownBrowser.user == user.id)
+                                    & (KnownBrowser.created_at > oldest))
+
+
+def remember_browser(user):
+    """After a completed sign-in: make this browser known for `user`, unless it is already. One account per
+    browser: a cookie for another account is replaced."""
+    if request.cookies.get(known_browser_cookie_name()) and known_browser(user) is not None:
+        return
+    token = secrets.token_urlsafe(32)
+    KnownBrowser.create(id=_known_id(token), user=user.id, created_at=now())
+    g.known_browser_token = token
+
+
+def set_known_browser_cookie(response):
+    """after_request: send the cookie of a browser that remember_browser() has just made known."""
+    token = g.pop("known_browser_token", None)
+    if token is not None:
+        response.set_cookie(known_browser_cookie_name(), token, path="/", httponly=True, samesite="Lax",
+                            secure=current_app.config["SECURE_COOKIES"],
+                            max_age=int(current_app.config["KNOWN_BROWSER_TTL"].total_seconds()))
+    return response
 
 
 def client_ip():
