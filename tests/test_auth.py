@@ -207,13 +207,22 @@ def test_the_known_browser_cookie_signs_nobody_in_and_cannot_be_made_up(app, act
         assert other.password_step().status_code == 429, value
 
 
-def test_a_known_browser_is_forgotten_after_its_lifetime(app, actor, clock):
-    """KNOWN_BROWSER_TTL (180 days, the cookie's Max-Age): after it the browser counts on the account again,
-    and the purge removes its row."""
+def test_a_known_browser_is_forgotten_after_its_lifetime_of_disuse(app, actor, clock):
+    """KNOWN_BROWSER_TTL (180 days): each completed sign-in from the browser starts it again and sends the
+    cookie again; 180 days without one, the browser counts on the account again and the purge removes it."""
     from webapp.clock import now
     from webapp.models import KnownBrowser, purge_expired
 
     actor.user()
+    assert actor.password_step().status_code == 302
+    _log_out(actor)
+    clock.advance(150 * 86400)
+    r = actor.password_step()  # still known: the lifetime starts again, the cookie goes out again
+    assert r.status_code == 302
+    assert any(c.startswith("twostep_known=") and f"Max-Age={180 * 86400}" in c for c in r.headers.getlist("Set-Cookie"))
+    _log_out(actor)
+    clock.advance(150 * 86400)  # 300 days after the first sign-in, 150 after the last
+    _lock_the_account_from_a_stranger(actor, clock)
     assert actor.password_step().status_code == 302
     _log_out(actor)
     clock.advance(181 * 86400)
@@ -223,6 +232,26 @@ def test_a_known_browser_is_forgotten_after_its_lifetime(app, actor, clock):
         assert KnownBrowser.select().count() == 1
         purge_expired(app.config, now())
         assert KnownBrowser.select().count() == 0
+
+
+def test_a_person_keeps_their_ten_latest_browsers_and_one_browser_one_account(app, actor, clock):
+    """Sign-ins from new browsers cannot grow the table without bound; a browser that signs in to another
+    account drops its row for the first."""
+    from webapp.models import KnownBrowser
+
+    actor.user()
+    actor.user("bob@example.com")
+    for _ in range(12):
+        fresh = type(actor)(app, app.test_client(), clock)
+        assert fresh.password_step().status_code == 302
+        clock.advance(1)
+    with app.app_context():
+        assert KnownBrowser.select().count() == 10
+    _log_out(fresh)
+    assert fresh.password_step("bob@example.com").status_code == 302
+    with app.app_context():
+        assert [b.user.email for b in KnownBrowser.select()].count("alice@example.com") == 9
+        assert KnownBrowser.select().where(KnownBrowser.user == User.by_email("bob@example.com").id).count() == 1
 
 
 def test_password_and_code_failures_are_counted_separately(actor, secret):

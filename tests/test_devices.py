@@ -221,6 +221,31 @@ def test_two_removals_at_once_cannot_turn_2fa_off_without_the_password(actor, ap
     assert {"device_removed", "tfa_disabled"} <= set(kinds(app, alice))
 
 
+def test_removing_the_only_device_while_another_is_added_says_what_happened(actor, app, alice, secret,
+                                                                             monkeypatch):
+    """The form asked for the password because this was the only device, but a new one was enrolled while the
+    code was checked: only this device goes, 2FA stays on, and the message says so."""
+    from webapp import totp
+
+    [phone] = device_rows(app, alice)
+    real_check = totp.check_user_code
+
+    def check_while_a_device_is_added(user, raw_code, matches=None):
+        result = real_check(user, raw_code, matches)
+        add_device(app, alice, "Tablet")
+        return result
+
+    monkeypatch.setattr(totp, "check_user_code", check_while_a_device_is_added)
+    r = post(actor, f"/settings/devices/{phone.id}/remove", {
+        f"remove-{phone.id}-code": actor.code(secret), f"remove-{phone.id}-confirm_off": "y",
+        f"remove-{phone.id}-password": PASSWORD})
+    monkeypatch.undo()
+    assert r.status_code == 302
+    page = text(actor.client.get("/settings"))
+    assert "Removed “Phone”" in page and "now off" not in page and ">Active<" in page
+    assert [d.name for d in device_rows(app, alice)] == ["Tablet"] and "tfa_disabled" not in kinds(app, alice)
+
+
 def test_wrong_codes_when_removing_count_towards_the_account_throttle(actor, app, alice, secret):
     """security.md 18: the remove form shares the per-account code throttle."""
     [device] = device_rows(app, alice)

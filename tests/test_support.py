@@ -590,6 +590,23 @@ def test_password_only_sessions_end_when_the_window_runs_out(app, actor, secret,
     assert r.status_code == 403
 
 
+def test_support_disable_forgets_the_persons_known_browsers(app, actor, secret, clock, target, target_secret):
+    """A lost phone's browser, known from earlier sign-ins, keeps no password throttle of its own once support
+    acts: a stranger's lock on the account applies to it again."""
+    from webapp.models import KnownBrowser
+
+    phone = second_client(app, clock)
+    phone.password_step("carol@example.com")
+    assert phone.code_step(phone.code(target_secret)).status_code == 302
+    with app.app_context():
+        assert KnownBrowser.select().where(KnownBrowser.user == target.id).count() == 1
+    sign_in_admin(actor, secret)
+    assert disable(actor, target).status_code == 302
+    with app.app_context():
+        assert KnownBrowser.select().where(KnownBrowser.user == target.id).count() == 0
+        assert KnownBrowser.select().count() == 1  # the admin's own browser stays known
+
+
 def test_ending_a_window_that_is_not_open_changes_nothing(app, actor, secret, target):
     sign_in_admin(actor, secret)
     r = end_window(actor, target)

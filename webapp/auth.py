@@ -147,33 +147,55 @@ def password_check(user, password):
     browser's own (security.known_browser): a stranger's wrong guesses lock the account everywhere else
     but not there, and a stolen browser cookie gets the same back-off as the account."""
     holder = (known_browser(user) or user) if user is not None else None
-    if holder is not None and holder.password_locked_until and holder.password_locked_until > now():
+    if holder is not None and _waiting(holder):
         verify_password(None, password)  # same work either way
         return _password_throttled(user, holder, holder.password_locked_until)
     correct = verify_password(user.password_hash if user else None, password)  # slow: outside any lock
     if user is None:
         return GENERIC_LOGIN_ERROR
-    model = type(holder)
-    with write_transaction():
-        # Read the counter again under the lock: guesses sent at the same moment were all let in against the
-        # state before any of them failed. The first failure's back-off now applies to the others, right or
-        # wrong, and each failure counts from the one before it (security.md 18, 20).
-        fresh = for_update(model.select(model.password_failures, model.password_locked_until)
-                           .where(model.id == holder.id)).first()
-        if fresh is None:  # the browser's row was purged meanwhile: nothing to count on but the result
-            return None if correct else GENERIC_LOGIN_ERROR
-        current = now()
-        if fresh.password_locked_until and fresh.password_locked_until > current:
+    # Read the counter again after the hash: guesses sent at the same moment were all let in against the
+    # state before any of them failed. The first failure's back-off applies to the others, right or wrong,
+    # and each failure counts from the one before it (security.md 18, 20).
+    if correct:
+        # A plain read will do: a failure committed before it is seen, one committed after it came later.
+        holder, fresh = _fresh_counter(user, holder)
+        if fresh is None:
+            return GENERIC_LOGIN_ERROR
+        if _waiting(fresh):
             return _password_throttled(user, holder, fresh.password_locked_until)
-        if correct:
-            if fresh.password_failures:
-                model.update(password_failures=0, password_locked_until=None).where(model.id == holder.id).execute()
-            return None
+        if fresh.password_failures:
+            model = type(holder)
+            model.update(password_failures=0, password_locked_until=None).where(model.id == holder.id).execute()
+        return None
+    with write_transaction():
+        # The person's row first, always: support's actions lock it before they forget the person's browsers.
+        for_update(User.select(User.id).where(User.id == user.id)).get()
+        holder, fresh = _fresh_counter(user, holder, lock=True)
+        if fresh is None:
+            return GENERIC_LOGIN_ERROR
+        if _waiting(fresh):
+            return _password_throttled(user, holder, fresh.password_locked_until)
         failures = fresh.password_failures + 1
+        model = type(holder)
         model.update(password_failures=failures,
-                     password_locked_until=current + backoff(failures)).where(model.id == holder.id).execute()
+                     password_locked_until=now() + backoff(failures)).where(model.id == holder.id).execute()
         audit("password_rejected", user=user, failures=failures, **_counted_in(holder))
     return GENERIC_LOGIN_ERROR
+
+
+def _fresh_counter(user, holder, lock=False):
+    """(holder, its failure count and back-off as stored now); the account's when the browser's row went."""
+    for candidate in (holder, user):
+        model = type(candidate)
+        query = model.select(model.password_failures, model.password_locked_until).where(model.id == candidate.id)
+        fresh = (for_update(query) if lock else query).first()
+        if fresh is not None:
+            return candidate, fresh
+    return user, None  # the account itself was deleted meanwhile
+
+
+def _waiting(counter):
+    return counter.password_locked_until is not None and counter.password_locked_until > now()
 
 
 def _password_throttled(user, holder, locked_until):

@@ -4,7 +4,7 @@ from flask.cli import AppGroup, with_appcontext
 
 from .db import db
 from .models import Device, User, normalise_email
-from .security import audit, hash_password
+from .security import audit, forget_browsers, hash_password
 from .sessions import end_user_sessions
 
 users = AppGroup("users", help="Manage accounts.")
@@ -72,6 +72,7 @@ def reset_2fa(email):
         User.update(tfa_reset_until=None, code_failures=0, code_locked_until=None).where(
             User.id == user.id).execute()
         end_user_sessions(user)
+        forget_browsers(user)
         audit("tfa_reset", user=user, via="cli", devices_removed=removed)
     click.echo(f"removed {removed} device(s) of {user.email}; 2FA is off")
 

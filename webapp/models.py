@@ -101,7 +101,9 @@ class KnownBrowser(BaseModel):
 
     id = CharField(max_length=64, primary_key=True)
     user = ForeignKeyField(User, backref="known_browsers", on_delete="CASCADE")
-    created_at = DateTimeField(default=now, index=True)
+    created_at = DateTimeField(default=now)
+    # Each completed sign-in from the browser moves this on and sends its cookie again: the lifetime slides.
+    last_used_at = DateTimeField(default=now, index=True)
     password_failures = IntegerField(default=0)
     password_locked_until = DateTimeField(null=True)
 
@@ -181,5 +183,5 @@ def purge_expired(config, current):
             SignInChallenge.created_at < current - config["CHALLENGE_TTL"]).execute()
         enrolments = PendingEnrolment.delete().where(
             PendingEnrolment.created_at < current - config["PENDING_ENROLMENT_TTL"]).execute()
-        KnownBrowser.delete().where(KnownBrowser.created_at < current - config["KNOWN_BROWSER_TTL"]).execute()
+        KnownBrowser.delete().where(KnownBrowser.last_used_at < current - config["KNOWN_BROWSER_TTL"]).execute()
     return sessions, challenges, enrolments

@@ -102,28 +102,56 @@ def known_browser_cookie_name():
     return "__Host-known" if current_app.config["SECURE_COOKIES"] else "twostep_known"
 
 
+KNOWN_BROWSERS_PER_PERSON = 10  # the most recently used; older ones are forgotten when a new one comes
+
+
+def _cookie_token():
+    token = request.cookies.get(known_browser_cookie_name())
+    return token if token and _KNOWN_TOKEN.fullmatch(token) else None
+
+
 def known_browser(user):
-    """This request's browser if `user` completed a sign-in from it within KNOWN_BROWSER_TTL, else None.
+    """This request's browser if `user` completed a sign-in from it within the last KNOWN_BROWSER_TTL, else None.
 
     Wrong passwords typed in such a browser count against it, not against the account (auth.password_check):
     someone who only knows the email address can lock the account for every other browser, but not for the
     ones its owner signs in from (OWASP's "device cookies")."""
-    token = request.cookies.get(known_browser_cookie_name())
-    if not token or not _KNOWN_TOKEN.fullmatch(token):
+    token = _cookie_token()
+    if token is None:
         return None
     oldest = now() - current_app.config["KNOWN_BROWSER_TTL"]
     return KnownBrowser.get_or_none((KnownBrowser.id == _known_id(token)) & (KnownBrowser.user == user.id)
-                                    & (KnownBrowser.created_at > oldest))
+                                    & (KnownBrowser.last_used_at > oldest))
 
 
 def remember_browser(user):
-    """After a completed sign-in: make this browser known for `user`, unless it is already. One account per
-    browser: a cookie for another account is replaced."""
-    if request.cookies.get(known_browser_cookie_name()) and known_browser(user) is not None:
-        return
+    """After a completed sign-in (inside its transaction): this browser is known for `user` for another
+    KNOWN_BROWSER_TTL, and its cookie goes out again. One account per browser: a cookie for another account
+    is replaced and its row deleted. A person keeps the KNOWN_BROWSERS_PER_PERSON most recent browsers."""
+    token, current = _cookie_token(), now()
+    if token is not None:
+        if KnownBrowser.update(last_used_at=current).where(
+                (KnownBrowser.id == _known_id(token)) & (KnownBrowser.user == user.id)
+                & (KnownBrowser.last_used_at > current - current_app.config["KNOWN_BROWSER_TTL"])).execute():
+            g.known_browser_token = token
+            return
+        KnownBrowser.delete().where(KnownBrowser.id == _known_id(token)).execute()
     token = secrets.token_urlsafe(32)
-    KnownBrowser.create(id=_known_id(token), user=user.id, created_at=now())
+    KnownBrowser.create(id=_known_id(token), user=user.id, created_at=current, last_used_at=current)
     g.known_browser_token = token
+    newest = (KnownBrowser.select(KnownBrowser.id).where(KnownBrowser.user == user.id)
+              .order_by(KnownBrowser.last_used_at.desc(), KnownBrowser.id).limit(KNOWN_BROWSERS_PER_PERSON))
+    KnownBrowser.delete().where((KnownBrowser.user == user.id) & KnownBrowser.id.not_in(newest)).execute()
+
+
+def forget_browsers(user, keep_this_one=False):
+    """No browser is known for `user` any more (support's disable, the CLI's reset, "sign out everywhere
+    else" with keep_this_one): a lost phone's or a shared computer's browser loses its own throttle."""
+    query = KnownBrowser.delete().where(KnownBrowser.user == user.id)
+    token = _cookie_token() if keep_this_one else None
+    if token is not None:
+        query = query.where(KnownBrowser.id != _known_id(token))
+    return query.execute()
 
 
 def set_known_browser_cookie(response):

@@ -20,7 +20,7 @@ from .clock import now, timestamp
 from .db import Param, Prepared, db, for_update, write_transaction
 from .fields import Form, freeze
 from .models import Device, PendingEnrolment, ServerSession, User
-from .security import audit, fresh_login_required
+from .security import audit, forget_browsers, fresh_login_required
 from .sessions import end_user_sessions, token_hash
 
 bp = Blueprint("settings", __name__, url_prefix="/settings")
@@ -445,7 +445,7 @@ def remove_device(device_id):
         form.confirm_off.errors = ["This is now your only device: another device was removed meanwhile. "
                                    "Enter a new code, your password and tick the box to turn 2FA off."]
         return _settings_response(user, failed=("remove", device.id, form), status=409)
-    if last:
+    if left == 1:
         return _after_change(user, "Two-factor authentication is now off: you removed your only device.")
     return _after_change(user, f"Removed “{device.name}”. It no longer works for signing in.")
 
@@ -538,6 +538,7 @@ def end_other_sessions():
     """Sign out everywhere else: delete every other session of this person, server-side (security.md 30, 35)."""
     user = _user()
     ended = end_user_sessions(user, keep_token=session.token)
+    forget_browsers(user, keep_this_one=True)  # the others lose their own password throttle too
     audit("sessions_ended", user=user, reason="signed out everywhere else", count=ended)
     if ended:
         return _sessions_response(f"Signed out on {ended} other browser{'s' if ended != 1 else ''}.")

@@ -17,7 +17,7 @@ from .clock import now
 from .db import Param, Prepared, db, for_update, lock_keys, write_transaction
 from .fields import Form
 from .models import AuditEvent, Device, SignInChallenge, SupportRequest, User, normalise_email
-from .security import audit, client_ip, is_fresh
+from .security import audit, client_ip, forget_browsers, is_fresh
 from .sessions import end_user_sessions
 
 bp = Blueprint("support", __name__)
@@ -572,6 +572,7 @@ def _open_window(locked, actor, form, label, duration):
         User.id == locked.id).execute()
     SignInChallenge.delete().where(SignInChallenge.user == locked.id).execute()
     sessions = end_user_sessions(locked)
+    forget_browsers(locked)  # a lost phone's browser keeps no password throttle of its own
     closed = 0
     if form.close_requests.data:
         closed = (SupportRequest.update(handled_at=current, handled_by=actor.id)
