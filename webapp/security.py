@@ -104,6 +104,18 @@ def known_browser_cookie_name():
 
 KNOWN_BROWSERS_PER_PERSON = 10  # the most recently used; older ones are forgotten when a new one comes
 
+# Every completed sign-in runs two of these: compiled once (db.Prepared).
+_KB_FIND = Prepared(lambda: KnownBrowser.select().where(
+    (KnownBrowser.id == Param("id")) & (KnownBrowser.user == Param("user")) & (KnownBrowser.last_used_at > Param("since"))))
+_KB_TOUCH = Prepared(lambda: KnownBrowser.update(last_used_at=Param("at")).where(
+    (KnownBrowser.id == Param("id")) & (KnownBrowser.user == Param("user")) & (KnownBrowser.last_used_at > Param("since"))))
+_KB_DROP = Prepared(lambda: KnownBrowser.delete().where(KnownBrowser.id == Param("id")))
+_KB_INSERT = Prepared(lambda: KnownBrowser.insert(id=Param("id"), user=Param("user"), created_at=Param("at"),
+                                                  last_used_at=Param("at"), password_failures=0))
+_KB_TRIM = Prepared(lambda: KnownBrowser.delete().where((KnownBrowser.user == Param("user")) & KnownBrowser.id.not_in(
+    KnownBrowser.select(KnownBrowser.id).where(KnownBrowser.user == Param("user"))
+    .order_by(KnownBrowser.last_used_at.desc(), KnownBrowser.id).limit(KNOWN_BROWSERS_PER_PERSON))))
+
 
 def _cookie_token():
     token = request.cookies.get(known_browser_cookie_name())
@@ -119,9 +131,7 @@ def known_browser(user):
     token = _cookie_token()
     if token is None:
         return None
-    oldest = now() - current_app.config["KNOWN_BROWSER_TTL"]
-    return KnownBrowser.get_or_none((KnownBrowser.id == _known_id(token)) & (KnownBrowser.user == user.id)
-                                    & (KnownBrowser.last_used_at > oldest))
+    return _KB_FIND.first(id=_known_id(token), user=user.id, since=now() - current_app.config["KNOWN_BROWSER_TTL"])
 
 
 def remember_browser(user):
@@ -130,18 +140,15 @@ def remember_browser(user):
     is replaced and its row deleted. A person keeps the KNOWN_BROWSERS_PER_PERSON most recent browsers."""
     token, current = _cookie_token(), now()
     if token is not None:
-        if KnownBrowser.update(last_used_at=current).where(
-                (KnownBrowser.id == _known_id(token)) & (KnownBrowser.user == user.id)
-                & (KnownBrowser.last_used_at > current - current_app.config["KNOWN_BROWSER_TTL"])).execute():
+        if _KB_TOUCH.execute(at=current, id=_known_id(token), user=user.id,
+                             since=current - current_app.config["KNOWN_BROWSER_TTL"]):
             g.known_browser_token = token
             return
-        KnownBrowser.delete().where(KnownBrowser.id == _known_id(token)).execute()
+        _KB_DROP.execute(id=_known_id(token))
     token = secrets.token_urlsafe(32)
-    KnownBrowser.create(id=_known_id(token), user=user.id, created_at=current, last_used_at=current)
+    _KB_INSERT.execute(id=_known_id(token), user=user.id, at=current)
     g.known_browser_token = token
-    newest = (KnownBrowser.select(KnownBrowser.id).where(KnownBrowser.user == user.id)
-              .order_by(KnownBrowser.last_used_at.desc(), KnownBrowser.id).limit(KNOWN_BROWSERS_PER_PERSON))
-    KnownBrowser.delete().where((KnownBrowser.user == user.id) & KnownBrowser.id.not_in(newest)).execute()
+    _KB_TRIM.execute(user=user.id)
 
 
 def forget_browsers(user, keep_this_one=False):
