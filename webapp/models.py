@@ -165,14 +165,15 @@ class AuditEvent(BaseModel):
 _ANY_USER = Prepared(lambda: User.select(User.id).limit(1))
 _ANY_DEVICE = Prepared(lambda: Device.select(Device.id).where(Device.user == Param("user")).limit(1))
 
-ALL_MODELS = [User, Device, ServerSession, KnownBrowser, SignInChallenge, PendingEnrolment, SupportRequest, AuditEvent]
+ALL_MODELS = [User, Device, ServerSession, KnownBrowser, SignInChallenge, PendingEnrolment, SupportRequest,
+              AuditEvent]
 
 
 def purge_expired(config, current):
     """Delete the sessions, sign-in challenges and pending enrolments that expired by `current` (they are
     already refused when used; this removes the rows, with their IP addresses and browser names), and the
-    known browsers past their lifetime. Returns the first three counts. Run by the app itself now and then (__init__._schedule_purge) and by the
-    `purge-expired` command."""
+    known browsers past their lifetime. Returns the first three counts. Run by the app itself now and then
+    (__init__._schedule_purge) and by the `purge-expired` command."""
     from .db import write_transaction
 
     with write_transaction():

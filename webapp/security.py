@@ -1,4 +1,4 @@
-"""Cross-cutting security helpers: password hashing, throttling, audit records, safe redirects,
+"""Cross-cutting security helpers: password hashing, throttling, known browsers, audit records, safe redirects,
 freshness, response headers and log redaction."""
 import functools
 import hashlib
@@ -105,16 +105,21 @@ def known_browser_cookie_name():
 KNOWN_BROWSERS_PER_PERSON = 10  # the most recently used; older ones are forgotten when a new one comes
 
 # Every completed sign-in runs two of these: compiled once (db.Prepared).
-_KB_FIND = Prepared(lambda: KnownBrowser.select().where(
-    (KnownBrowser.id == Param("id")) & (KnownBrowser.user == Param("user")) & (KnownBrowser.last_used_at > Param("since"))))
-_KB_TOUCH = Prepared(lambda: KnownBrowser.update(last_used_at=Param("at")).where(
-    (KnownBrowser.id == Param("id")) & (KnownBrowser.user == Param("user")) & (KnownBrowser.last_used_at > Param("since"))))
+def _live_browser():
+    """The row of cookie `id` for person `user`, used since `since`: the condition of _KB_FIND and _KB_TOUCH."""
+    return ((KnownBrowser.id == Param("id")) & (KnownBrowser.user == Param("user"))
+            & (KnownBrowser.last_used_at > Param("since")))
+
+
+_KB_FIND = Prepared(lambda: KnownBrowser.select().where(_live_browser()))
+_KB_TOUCH = Prepared(lambda: KnownBrowser.update(last_used_at=Param("at")).where(_live_browser()))
 _KB_DROP = Prepared(lambda: KnownBrowser.delete().where(KnownBrowser.id == Param("id")))
 _KB_INSERT = Prepared(lambda: KnownBrowser.insert(id=Param("id"), user=Param("user"), created_at=Param("at"),
                                                   last_used_at=Param("at"), password_failures=0))
-_KB_TRIM = Prepared(lambda: KnownBrowser.delete().where((KnownBrowser.user == Param("user")) & KnownBrowser.id.not_in(
-    KnownBrowser.select(KnownBrowser.id).where(KnownBrowser.user == Param("user"))
-    .order_by(KnownBrowser.last_used_at.desc(), KnownBrowser.id).limit(KNOWN_BROWSERS_PER_PERSON))))
+_KB_TRIM = Prepared(lambda: KnownBrowser.delete().where(
+    (KnownBrowser.user == Param("user")) & KnownBrowser.id.not_in(
+        KnownBrowser.select(KnownBrowser.id).where(KnownBrowser.user == Param("user"))
+        .order_by(KnownBrowser.last_used_at.desc(), KnownBrowser.id).limit(KNOWN_BROWSERS_PER_PERSON))))
 
 
 def _cookie_token():
@@ -123,7 +128,7 @@ def _cookie_token():
 
 
 def known_browser(user):
-    """This request's browser if `user` completed a sign-in from it within the last KNOWN_BROWSER_TTL, else None.
+    """This request's browser if `user` completed a sign-in from it within KNOWN_BROWSER_TTL, else None.
 
     Wrong passwords typed in such a browser count against it, not against the account (auth.password_check):
     someone who only knows the email address can lock the account for every other browser, but not for the
@@ -131,7 +136,8 @@ def known_browser(user):
     token = _cookie_token()
     if token is None:
         return None
-    return _KB_FIND.first(id=_known_id(token), user=user.id, since=now() - current_app.config["KNOWN_BROWSER_TTL"])
+    return _KB_FIND.first(id=_known_id(token), user=user.id,
+                          since=now() - current_app.config["KNOWN_BROWSER_TTL"])
 
 
 def remember_browser(user):
