@@ -91,13 +91,13 @@ def test_sign_out_everywhere_else_ends_every_other_session(app, actor, alice, se
         replay.set_cookie(app.session_interface.get_cookie_name(app), cookie)
         assert not signed_in(replay)
     from webapp.models import KnownBrowser
-    from webapp.security import _known_id
+    from webapp.sessions import token_hash
 
     with app.app_context():
         assert ServerSession.select().where(ServerSession.user == alice.id).count() == 1
         # the other browsers are no longer known either (their own password throttle goes); this one is
         [kept] = KnownBrowser.select().where(KnownBrowser.user == alice.id)
-        assert kept.id == _known_id(actor.client.get_cookie("twostep_known").value)
+        assert kept.id == token_hash(actor.client.get_cookie("twostep_known").value)
     assert ("sessions_ended", {"count": 2, "reason": "signed out everywhere else"}) in kinds(app)
 
 

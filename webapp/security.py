@@ -1,7 +1,6 @@
 """Cross-cutting security helpers: password hashing, throttling, known browsers, audit records, safe redirects,
 freshness, response headers and log redaction."""
 import functools
-import hashlib
 import json
 import logging
 import re
@@ -17,6 +16,7 @@ from flask_login import current_user
 from .clock import now, timestamp
 from .db import Param, Prepared, after_commit
 from .models import AuditEvent, KnownBrowser
+from .sessions import TOKEN_SHAPE, token_hash  # a known browser's token is made and stored like a session's
 
 log = logging.getLogger("twostep.audit")
 
@@ -90,13 +90,6 @@ def wait_text(until):
 
 # ---------------------------------------------------------------- known browsers (lockout denial of service)
 
-_KNOWN_TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
-
-
-def _known_id(token):
-    return hashlib.sha256(token.encode("ascii")).hexdigest()
-
-
 def known_browser_cookie_name():
     # The __Host- prefix pins the cookie to this host, path / and HTTPS, as the session's (security.md 31).
     return "__Host-known" if current_app.config["SECURE_COOKIES"] else "twostep_known"
@@ -124,7 +117,7 @@ _KB_TRIM = Prepared(lambda: KnownBrowser.delete().where(
 
 def _cookie_token():
     token = request.cookies.get(known_browser_cookie_name())
-    return token if token and _KNOWN_TOKEN.fullmatch(token) else None
+    return token if token and TOKEN_SHAPE.fullmatch(token) else None
 
 
 def known_browser(user):
@@ -136,7 +129,7 @@ def known_browser(user):
     token = _cookie_token()
     if token is None:
         return None
-    return _KB_FIND.first(id=_known_id(token), user=user.id,
+    return _KB_FIND.first(id=token_hash(token), user=user.id,
                           since=now() - current_app.config["KNOWN_BROWSER_TTL"])
 
 
@@ -146,13 +139,13 @@ def remember_browser(user):
     is replaced and its row deleted. A person keeps the KNOWN_BROWSERS_PER_PERSON most recent browsers."""
     token, current = _cookie_token(), now()
     if token is not None:
-        if _KB_TOUCH.execute(at=current, id=_known_id(token), user=user.id,
+        if _KB_TOUCH.execute(at=current, id=token_hash(token), user=user.id,
                              since=current - current_app.config["KNOWN_BROWSER_TTL"]):
             g.known_browser_token = token
             return
-        _KB_DROP.execute(id=_known_id(token))
+        _KB_DROP.execute(id=token_hash(token))
     token = secrets.token_urlsafe(32)
-    _KB_INSERT.execute(id=_known_id(token), user=user.id, at=current)
+    _KB_INSERT.execute(id=token_hash(token), user=user.id, at=current)
     g.known_browser_token = token
     _KB_TRIM.execute(user=user.id)
 
@@ -163,7 +156,7 @@ def forget_browsers(user, keep_this_one=False):
     query = KnownBrowser.delete().where(KnownBrowser.user == user.id)
     token = _cookie_token() if keep_this_one else None
     if token is not None:
-        query = query.where(KnownBrowser.id != _known_id(token))
+        query = query.where(KnownBrowser.id != token_hash(token))
     return query.execute()
 
 

@@ -46,7 +46,7 @@ _MOVE_ENROLMENTS = Prepared(lambda: PendingEnrolment.update(session=Param("new")
 
 
 # The tokens this server issues (secrets.token_urlsafe(32)); any other cookie value is replaced, not used.
-_TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{43}")
+TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{43}")
 _ANONYMOUS_CSRF_LABEL = b"twostep: CSRF token of a session without a row\x00"
 
 
@@ -107,7 +107,7 @@ class DbSessionInterface(SessionInterface):
 
     def open_session(self, app, request):
         token = request.cookies.get(self.get_cookie_name(app))
-        if not token or not _TOKEN_SHAPE.fullmatch(token):
+        if not token or not TOKEN_SHAPE.fullmatch(token):
             return self._without_row(app)
         try:
             row = _BY_ID.first(id=token_hash(token))
