@@ -164,21 +164,18 @@ def password_check(user, password):
         if _waiting(fresh):
             return _password_throttled(user, holder, fresh.password_locked_until)
         if fresh.password_failures:
-            model = type(holder)
-            model.update(password_failures=0, password_locked_until=None).where(model.id == holder.id).execute()
+            _set_counter(holder, password_failures=0, password_locked_until=None)
         return None
     with write_transaction():
         # The person's row first, always: support's actions lock it before they forget the person's browsers.
-        for_update(User.select(User.id).where(User.id == user.id)).get()
+        User.lock(user.id)
         holder, fresh = _fresh_counter(user, holder, lock=True)
         if fresh is None:
             return GENERIC_LOGIN_ERROR
         if _waiting(fresh):
             return _password_throttled(user, holder, fresh.password_locked_until)
         failures = fresh.password_failures + 1
-        model = type(holder)
-        model.update(password_failures=failures,
-                     password_locked_until=now() + backoff(failures)).where(model.id == holder.id).execute()
+        _set_counter(holder, password_failures=failures, password_locked_until=now() + backoff(failures))
         audit("password_rejected", user=user, failures=failures, **_counted_in(holder))
     return GENERIC_LOGIN_ERROR
 
@@ -194,6 +191,12 @@ def _fresh_counter(user, holder, lock=False):
     return user, None  # the account itself was deleted meanwhile
 
 
+def _set_counter(holder, **values):
+    """Write the password failure counter of `holder`: the account (User) or a known browser."""
+    model = type(holder)
+    model.update(**values).where(model.id == holder.id).execute()
+
+
 def _waiting(counter):
     return counter.password_locked_until is not None and counter.password_locked_until > now()
 
@@ -201,8 +204,7 @@ def _waiting(counter):
 def _password_throttled(user, holder, locked_until):
     """Refuse a password while the account (or this browser) waits out its back-off; the attempt counts
     (security.md 18)."""
-    model = type(holder)
-    model.update(password_failures=model.password_failures + 1).where(model.id == holder.id).execute()
+    _set_counter(holder, password_failures=type(holder).password_failures + 1)
     audit("password_throttled", user=user, **_counted_in(holder))
     return f"Too many failed attempts. Try again in {wait_text(locked_until)}."
 

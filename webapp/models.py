@@ -15,7 +15,7 @@ from peewee import (
 )
 
 from .clock import now
-from .db import Param, Prepared, db
+from .db import Param, Prepared, db, for_update
 
 
 class BaseModel(Model):
@@ -43,6 +43,12 @@ class User(UserMixin, BaseModel):
     def any_exist():
         """Whether any account exists yet (asked by the sign-in page on every view: compiled once)."""
         return bool(_ANY_USER.rows())
+
+    @classmethod
+    def lock(cls, user_id):
+        """Inside a write_transaction, hold this person's row until it ends (SELECT ... FOR UPDATE on
+        PostgreSQL; SQLite's BEGIN IMMEDIATE already excludes every other writer)."""
+        for_update(cls.select(cls.id).where(cls.id == user_id)).get()
 
     @classmethod
     def by_email(cls, email):

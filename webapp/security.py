@@ -16,7 +16,7 @@ from flask_login import current_user
 from .clock import now, timestamp
 from .db import Param, Prepared, after_commit
 from .models import AuditEvent, KnownBrowser
-from .sessions import TOKEN_SHAPE, token_hash  # a known browser's token is made and stored like a session's
+from .sessions import TOKEN_SHAPE, cookie_attributes, token_hash  # a known browser's token is made and stored like a session's
 
 log = logging.getLogger("twostep.audit")
 
@@ -164,8 +164,7 @@ def set_known_browser_cookie(response):
     """after_request: send the cookie of a browser that remember_browser() has just made known."""
     token = g.pop("known_browser_token", None)
     if token is not None:
-        response.set_cookie(known_browser_cookie_name(), token, path="/", httponly=True, samesite="Lax",
-                            secure=current_app.config["SECURE_COOKIES"],
+        response.set_cookie(known_browser_cookie_name(), token, **cookie_attributes(current_app),
                             max_age=int(current_app.config["KNOWN_BROWSER_TTL"].total_seconds()))
     return response
 

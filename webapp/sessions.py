@@ -55,6 +55,12 @@ def token_hash(token):
     return hashlib.sha256(token.encode("ascii")).hexdigest()
 
 
+def cookie_attributes(app):
+    """Attributes of every cookie this server sets: this host only, whole site, HTTPS-only when configured,
+    hidden from scripts, not sent on cross-site posts (security.md 31)."""
+    return dict(domain=None, path="/", secure=app.config["SECURE_COOKIES"], httponly=True, samesite="Lax")
+
+
 def anonymous_csrf(secret_key, token):
     """The raw CSRF token (Flask-WTF signs it for the forms) of a row-less session with this cookie token:
     stable for the cookie, unguessable without SECRET_KEY, and different for every cookie."""
@@ -142,13 +148,7 @@ class DbSessionInterface(SessionInterface):
         if session.unavailable is not None or g.get("database_unavailable"):
             return  # an outage: never write, delete or rewrite the cookie because of it
         name = self.get_cookie_name(app)
-        cookie_args = dict(
-            domain=None,
-            path="/",
-            secure=app.config["SECURE_COOKIES"],
-            httponly=True,
-            samesite="Lax",
-        )
+        cookie_args = cookie_attributes(app)
         if session.rotated_from is not None:
             with write_transaction():  # the old row goes and the new one comes in one commit
                 outcome = self._write(session)

@@ -344,7 +344,7 @@ def complete():
     with write_transaction():
         # Lock the person first: every session of theirs completing at once queues here, so on PostgreSQL
         # the Device insert and the DELETE of the other sessions' pending rows cannot deadlock.
-        for_update(User.select(User.id).where(User.id == user.id)).get()
+        User.lock(user.id)
         locked = for_update(PendingEnrolment.select().where(PendingEnrolment.id == pending.id)).first()
         if locked is None or locked.verified_step is None:  # a parallel request used it already
             return _wizard("expired", form=StartForm())
@@ -431,16 +431,13 @@ def remove_device(device_id):
     with write_transaction():
         # Count again under the lock: another removal may have finished since `last` was read, leaving this
         # the only device, and removing that one turns 2FA off, which needs the password (security.md 32).
-        for_update(User.select(User.id).where(User.id == user.id)).get()
+        User.lock(user.id)
         left = Device.select().where(Device.user == user.id).count()
-        if left == 1 and not last:
-            refused = True
-        else:
-            refused = False
-            if Device.delete().where((Device.id == device.id) & (Device.user == user.id)).execute():
-                audit("device_removed", user=user, device=device.name)
-                if left == 1:
-                    audit("tfa_disabled", user=user, via="last device removed")
+        refused = left == 1 and not last
+        if not refused and Device.delete().where((Device.id == device.id) & (Device.user == user.id)).execute():
+            audit("device_removed", user=user, device=device.name)
+            if left == 1:
+                audit("tfa_disabled", user=user, via="last device removed")
     if refused:
         form.confirm_off.errors = ["This is now your only device: another device was removed meanwhile. "
                                    "Enter a new code, your password and tick the box to turn 2FA off."]
