@@ -200,6 +200,10 @@ def test_every_known_kind_has_words_and_unknown_kinds_read_fine():
     assert detail_text({"method": "password+code", "admin": True, "until": "2009-02-14T23:31:30"}) == [
         ("Until", "2009-02-14 23:31 UTC"), ("Method", "password and code"), ("Admin", "yes")]
     assert detail_text({"ticket": None, "reason": "Called back"}) == [("Reason", "Called back"), ("Ticket", "none")]
+    # A wrong password typed in a known browser counted against that browser (auth.password_check).
+    assert detail_text({"failures": 2, "counted_in": "known browser"}) == [
+        ("Failures in a row", "2"),
+        ("Counted against", "a browser the person signed in from before, not the account")]
 
 
 # ---------------------------------------------------------------- Security activity in User Settings

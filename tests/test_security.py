@@ -185,6 +185,9 @@ def test_a_nul_character_is_refused_and_changes_nothing(app, actor, secret):
     r = actor.client.get("/support?q=ali%00ce")
     assert r.status_code == 400 and "Nothing was changed" in r.get_data(as_text=True)
     assert actor.client.get("/support?q=alice").status_code == 200
+    # A repeated name: the second value is checked too.
+    r = actor.client.get("/support?q=alice&q=ali%00ce")
+    assert r.status_code == 400 and "not allowed (NUL)" in r.get_data(as_text=True)
 
 
 @pytest.mark.parametrize("query", ["end=9999-12-31", "start=0001-01-01"])

@@ -266,7 +266,8 @@ def _refuse_nul_characters():
     """Refuse a query or form value containing NUL before any view reads it. No person types one, PostgreSQL
     cannot store one in text (the driver raises), and SQLite would store a string that ends early in C code."""
     for values in (request.args, request.form):
-        if any("\x00" in value for value in values.values()):
+        # Every value of a repeated name too, not only the first one that the views read.
+        if any("\x00" in value for listed in values.listvalues() for value in listed):
             raise BadRequest("The request contained a character that is not allowed (NUL). Nothing was changed.")
 
 

@@ -142,6 +142,7 @@ DETAIL_LABELS = {
     "count": "Number",
     "adding": "Adding another device",
     "devices": "Devices",
+    "counted_in": "Counted against",
 }
 DETAIL_ORDER = {key: i for i, key in enumerate(DETAIL_LABELS)}  # the most telling details first
 
@@ -154,6 +155,7 @@ VALUE_WORDS = {
     "cli": "command line",
     "first-run": "first-run setup",
     "signup": "sign-up page",
+    "known browser": "a browser the person signed in from before, not the account",
 }
 
 
