@@ -1,6 +1,7 @@
 -- wrk script: replays prepared requests from $POOL_FILE (one per line, tab-separated):
 --   method  path  cookie  body  htmx(0/1)  base_step  codes(comma-separated, for base_step, base_step+1, ...)
--- A body may hold CODE, replaced by the TOTP code of the current 30-second step (codes were computed by
+-- A body may end in code=CODE, where CODE is replaced by the TOTP code of the current 30-second step (only
+-- there: a signed CSRF token earlier in the body can contain the letters CODE too; codes were computed by
 -- bench/run.py, which knows the seeded secrets). Each wrk thread takes every NTHREADS-th line.
 -- A response counts as ok when its status is $EXPECT (and its Location ends with $EXPECT_LOCATION, if set);
 -- it counts as an error when status >= 400, a redirect goes back to /login, or a code was refused.
@@ -63,7 +64,7 @@ function request()
   if f[6] ~= nil and f[6] ~= "" then
     local k = math.floor(os.time() / 30) - tonumber(f[6]) + 1
     local code = f.codes[k] or "000000"
-    body = body:gsub("CODE", code)
+    body = body:gsub("code=CODE$", "code=" .. code)
   end
   local headers = {}
   if f[3] ~= "" then headers["Cookie"] = f[3] end

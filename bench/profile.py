@@ -32,7 +32,8 @@ def environ_for(line):
     if base_step:
         import time as _t
 
-        body = body.replace("CODE", codes.split(",")[int(_t.time()) // 30 - int(base_step)])
+        # Only the placeholder at the end: the signed CSRF token before it can contain the letters CODE too.
+        body = body[:-len("CODE")] + codes.split(",")[int(_t.time()) // 30 - int(base_step)]
     headers = {}
     if cookie:
         headers["Cookie"] = cookie
