@@ -10,6 +10,7 @@ import time
 from flask import Flask, g, redirect, render_template, request, session, url_for
 from flask_login import LoginManager, current_user
 from flask_wtf.csrf import CSRFError, CSRFProtect
+from flask_wtf.form import SUBMIT_METHODS
 from peewee import InterfaceError, OperationalError
 from werkzeug.exceptions import BadRequest, HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -265,7 +266,10 @@ class _RowId(IntegerConverter):
 def _refuse_nul_characters():
     """Refuse a query or form value containing NUL before any view reads it. No person types one, PostgreSQL
     cannot store one in text (the driver raises), and SQLite would store a string that ends early in C code."""
-    for values in (request.args, request.form):
+    # The form only where Flask-WTF reads one (POST, PUT, PATCH, DELETE): building an empty one for every
+    # page view cost ~2 % of a User Settings request.
+    sources = (request.args, request.form) if request.method in SUBMIT_METHODS else (request.args,)
+    for values in sources:
         # Every value of a repeated name too, not only the first one that the views read.
         if any("\x00" in value for listed in values.listvalues() for value in listed):
             raise BadRequest("The request contained a character that is not allowed (NUL). Nothing was changed.")
