@@ -9,6 +9,7 @@ printed side by side. All three servers run with this script's Python and this c
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -106,6 +107,7 @@ def main(root_a, root_b):
         hello.stop()
         for server in servers.values():
             server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
