@@ -5,7 +5,8 @@
 One change is hard to judge from two `make bench` runs: this machine's speed drifts by a tenth or more
 within a minute. Here each checkout seeds its own database with its own code (schema changes count), then
 hello, A and B take turns in WINDOW-second windows (A and B swap places every round), and the medians are
-printed side by side. All three servers run with this script's Python and this checkout's gunicorn.conf.py. Environment: AB_ROUNDS (7), AB_USERS (60000), BENCH_WINDOW_SECONDS (3), BENCH_WORKERS (4).
+printed side by side. All three servers run with this script's Python and this checkout's gunicorn.conf.py.
+Environment: AB_ROUNDS (7), AB_USERS (60000), BENCH_WINDOW_SECONDS (3), BENCH_WORKERS (4).
 """
 import json
 import os
@@ -97,9 +98,10 @@ def main(root_a, root_b):
                 runs = results[name][1:]
                 rps = run.median(r["ok_rps"] for r in runs)
                 cpu = run.median(r["server_cpu_ms_per_request"] for r in runs)
+                busy = run.median(r["machine_busy_pct"] for r in runs)
                 wrapped = sum(r["pool_wrapped"] for r in runs) if step == "verify" else 0
                 print(f"{step:9} {name}: {rps:7.1f} requests/s = {rps / hello_rps:.3f} x hello; "
-                      f"{cpu:.3f} ms CPU = {hello_cpu / cpu:.3f}; busy {run.median(r['machine_busy_pct'] for r in runs)} %;"
+                      f"{cpu:.3f} ms CPU = {hello_cpu / cpu:.3f}; busy {busy} %;"
                       f" not ok {sum(r['unexpected'] for r in runs)}" + (" POOL RAN OUT" if wrapped else ""),
                       flush=True)
             print(f"{step:9} hello: {hello_rps:.1f} requests/s, {hello_cpu:.3f} ms CPU", flush=True)

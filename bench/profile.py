@@ -33,7 +33,7 @@ def environ_for(line):
         import time as _t
 
         # Only the placeholder at the end: the signed CSRF token before it can contain the letters CODE too.
-        body = body[:-len("CODE")] + codes.split(",")[int(_t.time()) // 30 - int(base_step)]
+        body = body.removesuffix("CODE") + codes.split(",")[int(_t.time()) // 30 - int(base_step)]
     headers = {}
     if cookie:
         headers["Cookie"] = cookie
