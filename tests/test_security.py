@@ -1,4 +1,5 @@
 """Cross-cutting checklist items that are not one feature's (security.md 27, 28, 33, 41, 43, 44)."""
+import hashlib
 import logging
 
 import pytest
@@ -200,3 +201,33 @@ def test_audit_log_dates_outside_the_searchable_range_are_refused_clearly(actor,
     assert r.status_code == 400 and "Enter a date between 1970 and 9998." in r.get_data(as_text=True)
     r = actor.client.get("/support/audit?start=2026-01-01&end=2026-12-31")
     assert r.status_code == 200 and "Signed in" in r.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("raw", [hashlib.sha1(b"one").hexdigest(), hashlib.sha256(b"two").hexdigest()],
+                         ids=["signed-in session's token", "row-less session's token"])
+def test_page_csrf_tokens_are_flask_wtfs_own(app, monkeypatch, raw):
+    """security.md 32: the pages' CSRF tokens come from a cheaper signer (webapp.CsrfTokens) than Flask-WTF's
+    generate_csrf; they must be the very tokens Flask-WTF makes where it keeps the payload as it is (the
+    40-character raw tokens), pass validate_csrf for either length, and fail it once altered or for
+    another session's raw token."""
+    import time
+
+    from flask import g, render_template_string, session
+    from flask_wtf.csrf import generate_csrf, validate_csrf
+    from wtforms import ValidationError
+
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.0)  # one timestamp for both signers
+    with app.test_request_context("/"):
+        session["csrf_token"] = raw
+        ours = render_template_string("{{ csrf_token() }}")
+        del g.csrf_token
+        stock = generate_csrf()
+        if len(raw) == 40:
+            assert ours == stock
+        validate_csrf(ours)
+        for bad in (ours[:-1] + ("A" if ours[-1] != "A" else "B"), stock.replace(stock.split(".")[0], "x")):
+            with pytest.raises(ValidationError):
+                validate_csrf(bad)
+        session["csrf_token"] = "ef" * 20
+        with pytest.raises(ValidationError):
+            validate_csrf(ours)
