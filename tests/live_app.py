@@ -166,6 +166,13 @@ class Browser:
         token = self.csrf(form_url or path)
         return self.request("POST", path, data={"csrf_token": token, **data}, **kw)
 
+    def start_wizard(self):
+        """Press Next on the wizard's first page and follow the redirect to the QR page; returns (status, page)."""
+        status, headers, page = self.post("/settings/2fa/start", {}, form_url="/settings/2fa")
+        if status == 303:
+            status, _, page = self.get(headers["location"])
+        return status, page
+
     def password_step(self, email, password):
         """The first sign-in step; asserts it leads to the code step."""
         status, headers, _ = self.post("/login", {"email": email, "password": password})

@@ -136,7 +136,7 @@ def test_parallel_enrolments_of_one_person_leave_one_consistent_device(app, acto
     browsers = [_signed_in(live_server, "enrol@example.com") for _ in range(6)]
     secrets_seen, tokens = [], []
     for b in browsers:
-        status, _, page = b.post("/settings/2fa/start", {}, form_url="/settings/2fa")
+        status, page = b.start_wizard()
         assert status == 200, status
         secret = re.search(r"secret=([A-Z2-7]+)", page).group(1)
         secrets_seen.append(secret)

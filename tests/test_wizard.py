@@ -53,7 +53,9 @@ class Wizard:
         return self.client.get("/settings/2fa", headers=self.headers)
 
     def start(self):
-        r = self.client.post("/settings/2fa/start", data={"csrf_token": self.csrf()}, headers=self.headers)
+        # Without htmx the answer is a redirect to the QR page (post/redirect/get), which a browser follows.
+        r = self.client.post("/settings/2fa/start", data={"csrf_token": self.csrf()}, headers=self.headers,
+                             follow_redirects=not self.headers)
         if r.status_code == 200 and "otpauth://" in text(r):
             self.secret = secret_of(text(r))
         return r
@@ -71,7 +73,7 @@ class Wizard:
 
     def complete(self, name="Work phone"):
         return self.client.post("/settings/2fa/complete", data={"csrf_token": self.csrf(), "name": name},
-                                headers=self.headers)
+                                headers=self.headers, follow_redirects=not self.headers)
 
     def run(self, name="Work phone"):
         """The whole wizard; returns the final response."""
@@ -172,6 +174,50 @@ def test_start_without_javascript_renders_the_qr_page(actor):
     body = text(r)
     assert r.status_code == 200 and "<html" in body and 'data-step="qr"' in body and "<dialog" not in body
     assert 'action="/settings/2fa/code"' in body and 'method="get"' in body
+    assert r.history[0].status_code == 303 and r.request.path == "/settings/2fa/qr"
+
+
+def test_reloading_the_qr_page_without_javascript_keeps_the_key(actor, app):
+    """The page after Next is reached by a redirect: reloading it shows the key already scanned again,
+    instead of posting once more for a new key that would make the app's entry useless."""
+    user = signed_in(actor)
+    w = Wizard(actor, htmx=False)
+    shown = w.start()
+    scanned = secret_of(text(shown))
+    [pending] = pendings(app, user)
+    # A reload sends again the request that produced the page on screen, form data included.
+    last = shown.request
+    reload = actor.client.open(last.path, method=last.method, data={"csrf_token": w.csrf()})
+    assert reload.status_code == 200 and secret_of(text(reload)) == scanned
+    assert [p.id for p in pendings(app, user)] == [pending.id]
+
+
+@pytest.mark.parametrize("htmx", [True, False])
+def test_submitting_the_last_steps_again_after_activation_says_it_is_active(actor, app, htmx):
+    """A second click on Complete Activation, or the browser sending the code or the name again, must not
+    tell the person that nothing changed and to delete the app's entry: the device is active and works."""
+    user = signed_in(actor)
+    w = Wizard(actor, htmx=htmx)
+    first = text(w.run("Phone"))
+    assert 'data-step="done"' in first
+    for again in (w.complete("Phone"), w.submit_code(), w.code_step()):
+        body = text(again)
+        assert again.status_code == 200 and 'data-step="done"' in body and "“Phone” is set up" in body
+        assert "Nothing was changed" not in body and "remove the old entry" not in body
+    assert [d.name for d in devices(app, user)] == ["Phone"]
+    if not htmx:
+        assert actor.client.get("/settings/2fa/done").status_code == 200  # reloading the done page
+
+
+def test_after_activation_a_new_setup_or_time_brings_back_the_expired_step(actor, app):
+    """The "done" answer is only for the setup just finished: after Start again, or once the key's lifetime
+    has passed, a step without a pending key is the expired one again, and the done page leads to settings."""
+    signed_in(actor)
+    w = Wizard(actor)
+    w.run("Phone")
+    actor.clock.advance(16 * 60)
+    assert 'data-step="expired"' in text(w.complete("Phone"))
+    assert actor.client.get("/settings/2fa/done").headers["Location"] == "/settings"
 
 
 @pytest.mark.parametrize("htmx", [True, False])

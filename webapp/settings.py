@@ -243,6 +243,7 @@ def start():
     if session.row is None:
         abort(400)
     secret = totp.new_secret()
+    session.pop(_WIZARD_DONE, None)  # a new setup: a later click on an old page is not "done" any more
     with write_transaction():
         PendingEnrolment.delete().where((PendingEnrolment.session == session.row.id)
                                         & (PendingEnrolment.user == user.id)).execute()
@@ -253,6 +254,10 @@ def start():
         except IntegrityError:  # the session row vanished meanwhile (signed out elsewhere)
             abort(401)
     audit("tfa_enrolment_started", user=user, adding=user.has_2fa)
+    if not htmx.is_htmx():
+        # Post/redirect/get: reloading the QR page shows the same key again instead of posting for a new one,
+        # which would silently break the entry the person may have scanned already.
+        return redirect(url_for("settings.qr"), 303)
     return _wizard("qr", **_qr_context(user, pending))
 
 
@@ -263,7 +268,7 @@ def qr():
     user = _user()
     pending = current_pending(user)
     if pending is None:
-        return _wizard("expired", form=StartForm())
+        return _without_pending(user)
     return _wizard("qr", **_qr_context(user, pending))
 
 
@@ -271,9 +276,10 @@ def qr():
 @login_required
 def code():
     """The code step: one field for the code the app shows now."""
-    pending = current_pending(_user())
+    user = _user()
+    pending = current_pending(user)
     if pending is None:
-        return _wizard("expired", form=StartForm())
+        return _without_pending(user)
     return _wizard("code", form=EnrolCodeForm(formdata=None))
 
 
@@ -284,7 +290,7 @@ def verify_code():
     user = _user()
     pending = current_pending(user)
     if pending is None:
-        return _wizard("expired", form=StartForm())
+        return _without_pending(user)
     form = EnrolCodeForm()
     error = None
     if not form.validate_on_submit():
@@ -332,7 +338,7 @@ def complete():
     user = _user()
     pending = current_pending(user)
     if pending is None:
-        return _wizard("expired", form=StartForm())
+        return _without_pending(user)
     if pending.verified_step is None:
         return _wizard("code", form=EnrolCodeForm(formdata=None))
     form = DeviceNameForm()
@@ -347,7 +353,7 @@ def complete():
         User.lock(user.id)
         locked = for_update(PendingEnrolment.select().where(PendingEnrolment.id == pending.id)).first()
         if locked is None or locked.verified_step is None:  # a parallel request used it already
-            return _wizard("expired", form=StartForm())
+            return _without_pending(user)
         if any(d.name.casefold() == name.casefold() for d in _devices(user)):
             form.name.errors = ["You already have a device with this name. Choose another name."]
             return _wizard("name", status=400, form=form)
@@ -368,9 +374,52 @@ def complete():
     ended = end_user_sessions(user, keep_token=session.token)
     if ended:
         audit("sessions_ended", user=user, reason="2fa change", count=ended)
-    fresh_user = User.get_by_id(user.id)
-    return _wizard("done", device=device, oob_row=htmx.is_htmx(), had_reset_window=had_reset_window,
-                   had_2fa_before=had_2fa, has_2fa=True, **_row_context(fresh_user))
+    session[_WIZARD_DONE] = {"device": device.id, "added": had_2fa, "reset": had_reset_window}
+    if not htmx.is_htmx():
+        return redirect(url_for("settings.done"), 303)  # a reload shows the done page, not a second submission
+    return _done_step(User.get_by_id(user.id), device, session[_WIZARD_DONE])
+
+
+@bp.get("/2fa/done")
+@login_required
+def done():
+    """The last step as a page of its own (where Complete Activation leads without JavaScript)."""
+    user = _user()
+    device = _just_activated(user)
+    if device is None:
+        return redirect(url_for("settings.index"))
+    return _done_step(user, device, session[_WIZARD_DONE])
+
+
+# This session's last completed setup: {"device": id, "added": had 2FA before, "reset": ended support's window}.
+_WIZARD_DONE = "wizard_done"
+
+
+def _just_activated(user):
+    """The device this session's wizard activated within the last PENDING_ENROLMENT_TTL, if it still exists."""
+    done_info = session.get(_WIZARD_DONE)
+    device_id = done_info.get("device") if isinstance(done_info, dict) else None
+    if not isinstance(device_id, int):
+        return None
+    device = Device.get_or_none((Device.id == device_id) & (Device.user == user.id))
+    if device is None or now() - device.created_at > current_app.config["PENDING_ENROLMENT_TTL"]:
+        return None
+    return device
+
+
+def _done_step(user, device, done_info):
+    return _wizard("done", device=device, oob_row=htmx.is_htmx(), had_reset_window=done_info.get("reset"),
+                   had_2fa_before=done_info.get("added"), has_2fa=True, **_row_context(user))
+
+
+def _without_pending(user):
+    """A wizard step was submitted but this session holds no pending key. If its wizard has just activated a
+    device (a second click on Complete Activation, or the browser sending the code or name again), say so
+    again: the "expired" step would tell the person to delete the entry that now works. Else it expired."""
+    device = _just_activated(user)
+    if device is not None:
+        return _done_step(user, device, session[_WIZARD_DONE])
+    return _wizard("expired", form=StartForm())
 
 
 # ---------------------------------------------------------------- devices afterwards
