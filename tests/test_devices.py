@@ -437,3 +437,18 @@ def test_frozen_blank_forms_render_exactly_like_fresh_ones(app):
         filled = RenameForm(formdata=MultiDict({"rename-7-name": ""}), prefix="rename-7")
         assert not filled.validate()
         assert "has-error" in field(filled.name) and 'aria-invalid="true"' in field(filled.name)
+
+
+def test_renaming_a_device_removed_in_another_tab_reloads_the_page_with_the_reason(actor, app, alice):
+    """htmx shows no 4xx answer, so a rename of a device that is gone (removed in another tab) would seem to
+    do nothing: the page reloads instead (HX-Refresh) and says why; nothing changes."""
+    tablet = add_device(app, alice, "Tablet")
+    token = actor.csrf("/settings")
+    with app.app_context():
+        Device.delete().where(Device.id == tablet.id).execute()
+    r = actor.client.post(f"/settings/devices/{tablet.id}/rename",
+                          data={"csrf_token": token, f"rename-{tablet.id}-name": "Old tablet"}, headers=HX)
+    assert r.status_code == 404 and r.headers["HX-Refresh"] == "true"
+    page = text(actor.client.get("/settings"))
+    assert "Not Found:" in page and "Old tablet" not in page
+    assert [d.name for d in device_rows(app, alice)] == ["Phone"]

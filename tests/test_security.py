@@ -22,6 +22,27 @@ def test_cross_site_origin_is_refused(actor, origin):
     assert not signed_in(actor.client)
 
 
+def test_a_remember_cookie_signed_with_the_secret_key_signs_nobody_in(app, actor, secret):
+    """security.md 25-27: flask-login accepts a `remember_token` cookie (id|HMAC under SECRET_KEY) as a
+    sign-in of its own, with neither password nor code. twostep never issues one and must not accept one:
+    a leaked SECRET_KEY would otherwise sign anyone in, silently (no audit record)."""
+    from flask_login.utils import encode_cookie
+
+    from webapp.models import AuditEvent, ServerSession
+
+    user = actor.user(secret=secret)
+    with app.test_request_context():
+        forged = encode_cookie(str(user.id))
+    browser = app.test_client()
+    browser.set_cookie("remember_token", forged)
+    r = browser.get("/settings")
+    assert r.status_code == 302 and "/login" in r.headers["Location"]
+    assert not signed_in(browser)
+    with app.app_context():
+        assert ServerSession.select().where(ServerSession.user == user.id).count() == 0
+        assert AuditEvent.select().where(AuditEvent.kind == "signin").count() == 0
+
+
 def test_same_origin_post_is_fine(actor):
     actor.user()
     r = actor.post_form("/login", {"email": "alice@example.com", "password": PASSWORD},

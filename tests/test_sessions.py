@@ -266,3 +266,52 @@ def test_visitors_who_store_nothing_get_a_cookie_but_no_row(app, actor, secret, 
     with app.app_context():
         assert [row.id for row in ServerSession.select()] == [token_hash(stored_token)]
     assert "Verification code" in text(visitor.get("/login/verify"))
+
+
+# ---------------------------------------------------------------- a page left open past the session's end
+
+def test_log_out_after_the_idle_timeout_still_logs_out(actor, clock):
+    """A tab left open past the idle timeout: Log out takes the person to the sign-in page with the usual
+    message, not to a "Form expired" error (the session ended already; there is nothing left to protect)."""
+    actor.user()
+    actor.sign_in()
+    token = actor.csrf("/settings")
+    clock.advance(31 * 60)
+    r = actor.client.post("/logout", data={"csrf_token": token})
+    assert r.status_code == 302 and r.headers["Location"] == "/login"
+    assert "You are logged out." in text(actor.client.get("/login"))
+
+
+@pytest.mark.parametrize("htmx", [True, False])
+def test_a_form_sent_after_the_session_ended_asks_to_sign_in_again(actor, app, clock, secret, htmx):
+    """Any signed-in form sent after the session ended (idle timeout here) is refused and changes nothing;
+    htmx gets 401 + HX-Redirect (a 4xx answer it would not show), a plain form a redirect, both to the
+    sign-in page, which says why."""
+    from webapp.models import Device
+
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    token = actor.csrf("/settings")
+    clock.advance(31 * 60)
+    with app.app_context():
+        device = Device.get()
+    r = actor.client.post(f"/settings/devices/{device.id}/rename",
+                          data={"csrf_token": token, f"rename-{device.id}-name": "Stolen"}, headers=HX if htmx else {})
+    if htmx:
+        assert r.status_code == 401 and r.headers["HX-Redirect"] == "/login"
+    else:
+        assert r.status_code == 302 and r.headers["Location"] == "/login"
+    assert "Your session has ended (after 30 minutes without activity" in text(actor.client.get("/login"))
+    with app.app_context():
+        assert Device.get().name == "Phone"
+
+
+def test_a_stale_form_of_a_live_session_reloads_the_page_for_htmx_with_the_reason(actor, app):
+    """htmx shows no 4xx answer: a refused token (a page from before a re-authentication in another tab)
+    reloads the page (HX-Refresh) and the reloaded page says why; nothing changes."""
+    actor.user()
+    actor.sign_in()
+    r = actor.client.post("/settings/sessions/end-others", data={"csrf_token": "not-the-token"}, headers=HX)
+    assert r.status_code == 400 and r.headers["HX-Refresh"] == "true"
+    page = text(actor.client.get("/settings"))
+    assert "Form expired: This form was open too long" in page

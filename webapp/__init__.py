@@ -7,7 +7,7 @@ import secrets
 import sys
 import time
 
-from flask import Flask, g, redirect, render_template, request, session, url_for
+from flask import Flask, flash, g, make_response, redirect, render_template, request, session, url_for
 from flask_login import LoginManager, current_user
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from flask_wtf.form import SUBMIT_METHODS
@@ -25,8 +25,17 @@ from . import fields
 from .clock import now
 from .models import User, purge_expired
 
+class _SessionOnlyLoginManager(LoginManager):
+    """flask-login, minus its remember-me cookie: twostep never issues one (security.md 27), and the stock
+    manager would still accept a `remember_token` cookie signed with SECRET_KEY as a sign-in without the
+    password and the code. Only the server-side session signs anyone in."""
+
+    def _load_user_from_remember_cookie(self, cookie):
+        return None
+
+
 csrf = CSRFProtect()
-login_manager = LoginManager()
+login_manager = _SessionOnlyLoginManager()
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -294,18 +303,51 @@ def _refuse_nul_characters():
             raise BadRequest("The request contained a character that is not allowed (NUL). Nothing was changed.")
 
 
-def _register_error_handlers(app):
-    def render_error(status, title, message):
-        from .htmx import is_htmx
+# The forms that a visitor who has stored nothing may send: every other form is made for a session with a row.
+_FORMS_WITHOUT_A_SESSION = {"auth.login", "auth.signup", "auth.first_run", "support.contact"}
 
-        template = "errors/_error.html" if is_htmx() else "errors/error.html"
-        return render_template(template, status=status, title=title, message=message), status
+
+def _session_ended_meanwhile():
+    """Whether this request sends a form that only a session with a row could have been shown (a signed-in
+    page, the code step), with a cookie whose row no longer exists: it expired or was deleted, and the server
+    now sees a visitor who has stored nothing (sessions.py)."""
+    current = session._get_current_object()
+    return (request.endpoint not in _FORMS_WITHOUT_A_SESSION | {None} and getattr(current, "derived_csrf", None) is not None
+            and not current.new_cookie and current.row is None and current.unavailable is None)
+
+
+def _register_error_handlers(app):
+    from .htmx import hx_redirect, is_htmx
+
+    def render_error(status, title, message):
+        if not is_htmx():
+            return render_template("errors/error.html", status=status, title=title, message=message), status
+        # htmx swaps no 4xx or 5xx answer (htmx 2's default), so an error fragment would never be seen and the
+        # click would seem to do nothing: the page reloads instead (HX-Refresh) with the message on top. Not
+        # for 5xx: that message is not stored (during an outage it cannot be), and the reload shows the page.
+        if status < 500:
+            flash(f"{title}: {message}", "error")
+        response = make_response(render_template("errors/_error.html", status=status, title=title,
+                                                 message=message), status)
+        response.headers["HX-Refresh"] = "true"
+        return response
 
     @app.errorhandler(CSRFError)
     def csrf_error(exc):
         # Flask-WTF's own note of the reason goes to a logger nobody listens to by default.
         logging.getLogger("twostep").warning("csrf refused: %s %s (%s)", request.method, request.path,
                                              exc.description)
+        if _session_ended_meanwhile():
+            # The page was made for a session that has ended since (idle timeout, signed out elsewhere): its
+            # form cannot be sent any more, and "reload and try again" would not help. Sign in again.
+            if request.endpoint == "auth.logout":
+                flash("You are logged out.", "info")
+            else:
+                idle = int(app.config["SESSION_IDLE_TIMEOUT"].total_seconds() // 60)
+                flash(f"Your session has ended (after {idle} minutes without activity, or you signed out in "
+                      "another browser). Please sign in again.", "info")
+            target = url_for("auth.login")
+            return hx_redirect(target) if is_htmx() else redirect(target)
         return render_error(400, "Form expired",
                             "This form was open too long or came from another site. Reload the page and try again.")
 

@@ -99,7 +99,8 @@ class DbSession(CallbackDict, SessionMixin):
         self.modified = True
 
     def end(self):
-        """Forget everything and delete the row (logout)."""
+        """Forget everything and delete the row (logout). Whatever is stored afterwards in this request (the
+        sign-in page's "You are logged out.") goes into a new row under a new token."""
         self.clear()
         self.ended = True
 
@@ -149,7 +150,7 @@ class DbSessionInterface(SessionInterface):
             return  # an outage: never write, delete or rewrite the cookie because of it
         name = self.get_cookie_name(app)
         cookie_args = cookie_attributes(app)
-        if session.rotated_from is not None:
+        if session.rotated_from is not None or session.ended:
             with write_transaction():  # the old row goes and the new one comes in one commit
                 outcome = self._write(session)
         else:
@@ -178,8 +179,10 @@ class DbSessionInterface(SessionInterface):
             for row in (old, session.row):
                 if row is not None:
                     _DELETE.execute(id=row.id)
-            session.row = None
-            return "deleted"
+            session.row = old = None
+            if not session:
+                return "deleted"
+            session.ended = False  # something was stored after the end: a new row, as for a new visitor
         current = now()
         user_id = session.get("_user_id")
         if session.row is None:
