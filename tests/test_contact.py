@@ -97,6 +97,16 @@ def test_message_of_exactly_4000_characters_is_accepted(app, actor):
     assert len(requests_in_db(app)[0].message) == 4000
 
 
+def test_a_message_at_the_browsers_limit_with_line_breaks_is_accepted(app, actor):
+    """The textarea's maxlength counts a line break as one character, the form sends it as CRLF: a message
+    the browser let through (4000 characters, 40 lines) is stored, with plain newlines."""
+    message = ("x" * 99 + "\r\n") * 39 + "x" * 100
+    assert len(message.replace("\r\n", "\n")) == 4000 and len(message) > 4000
+    assert send(actor, message=message).status_code == 302
+    [stored] = requests_in_db(app)
+    assert stored.message == message.replace("\r\n", "\n")
+
+
 def test_missing_csrf_token_is_refused(app, client):
     """CSRF-protected: a post without the token gets 400 and nothing is stored."""
     r = client.post("/support/contact", data={"email": "alice@example.com", "message": MESSAGE})

@@ -452,3 +452,16 @@ def test_renaming_a_device_removed_in_another_tab_reloads_the_page_with_the_reas
     page = text(actor.client.get("/settings"))
     assert "Not Found:" in page and "Old tablet" not in page
     assert [d.name for d in device_rows(app, alice)] == ["Phone"]
+
+
+def test_turning_off_from_a_stale_row_with_htmx_answers_with_the_row(actor, app, alice, secret):
+    """2FA already turned off in another tab: htmx gets the row as it is now (a redirect would be followed
+    and a whole page swapped into the row)."""
+    token = actor.csrf("/settings")
+    with app.app_context():
+        Device.delete().where(Device.user == alice.id).execute()
+    r = actor.client.post("/settings/2fa/disable", headers=HX,
+                          data={"csrf_token": token, "off-password": "whatever", "off-code": "123456"})
+    body = text(r)
+    assert r.status_code == 200 and body.lstrip().startswith('<div class="setting-row" id="tfa-row"')
+    assert "already off" in body and "<html" not in body and ">Off<" in body

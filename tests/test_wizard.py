@@ -554,6 +554,10 @@ def test_adjacent_step_is_accepted_without_a_skew_hint(actor):
     ("x" * 65, "at most 64 characters"),
     ("work PHONE", "already have a device with this name"),
     ("tab\x07name", "letters, digits"),
+    ("\u200b\u200b", "letters, digits"),  # zero-width spaces only: a name nobody can see
+    ("Phone\u202egnp.exe", "letters, digits"),  # a right-to-left override: text that reads backwards
+    ("next\u0085line", "letters, digits"),  # a C1 control
+    ("\u200d", "with letters or digits"),  # only the joiner that emoji use
 ])
 def test_device_name_is_validated(actor, app, name, message):
     user = signed_in(actor)
@@ -570,6 +574,21 @@ def test_device_name_is_validated(actor, app, name, message):
     assert [d.name for d in devices(app, user)] == ["Work phone"]
     assert 'data-step="done"' in text(w.complete("x" * 64))  # the pending secret survived the error
     assert len(devices(app, user)) == 2
+
+
+def test_device_names_that_look_the_same_are_the_same_name(actor, app):
+    """"Café" typed with a composed "é" or with "e" + a combining accent is one name (stored composed), so the
+    second is refused as a duplicate; an emoji built with the zero-width joiner is a fine name."""
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.run("Caf\u00e9")
+    for name, expected in (("Cafe\u0301", "already have a device with this name"), ("Kim\u2019s \U0001F469\u200d\U0001F4BB", None)):
+        w.start()
+        w.clock.advance(30)
+        w.submit_code()
+        body = text(w.complete(name))
+        assert (expected in body) if expected else 'data-step="done"' in body
+    assert [d.name for d in devices(app, user)] == ["Caf\u00e9", "Kim\u2019s \U0001F469\u200d\U0001F4BB"]
 
 
 def test_device_name_error_without_javascript_is_400(actor, app):

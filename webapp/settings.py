@@ -6,7 +6,7 @@ cookie, and becomes a Device only after a correct code and a name (security.md 8
 """
 import functools
 import hashlib
-import re
+import unicodedata
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, session, url_for
 from flask_login import current_user, login_required
@@ -27,14 +27,28 @@ bp = Blueprint("settings", __name__, url_prefix="/settings")
 
 MAX_ENROLMENT_FAILURES = 5  # wrong codes against one pending secret before it is thrown away
 DEVICE_NAME_MAX = 64
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 WRONG_ENROLMENT_CODE = ("That code does not match. Check that you scanned the QR code shown here, "
                         "then enter the code your app shows now.")
 
 
+def _nfc(value):
+    """Form filter: one Unicode spelling for names that look the same ("é" composed or as "e" + accent), so
+    the duplicate check sees them as the same name."""
+    return unicodedata.normalize("NFC", value) if isinstance(value, str) else value
+
+
+# Characters a device name may not hold: controls, invisible format characters (zero-width spaces, the
+# bidirectional overrides that make text read backwards), private-use and unassigned code points, line and
+# paragraph separators. The zero-width joiner stays: emoji such as "👩‍💻" are built with it.
+_HIDDEN_CATEGORIES = {"Cc", "Cf", "Co", "Cn", "Cs", "Zl", "Zp"}
+
+
 def _printable(form, field):
-    if field.data and _CONTROL_CHARS.search(field.data):
+    name = field.data or ""
+    if any(unicodedata.category(c) in _HIDDEN_CATEGORIES and c != "\u200d" for c in name):
         raise ValidationError("Use letters, digits, spaces and punctuation only.")
+    if name and not any(unicodedata.category(c)[0] in "LNPS" for c in name):
+        raise ValidationError("Give this device a name with letters or digits in it.")
 
 
 # ---------------------------------------------------------------- forms
@@ -50,7 +64,7 @@ class EnrolCodeForm(Form):
 
 
 def _name_field():
-    return StringField("Device name", filters=[strip_text], validators=[
+    return StringField("Device name", filters=[strip_text, _nfc], validators=[
         DataRequired("Give this device a name."),
         Length(max=DEVICE_NAME_MAX, message=f"Use at most {DEVICE_NAME_MAX} characters."),
         _printable], render_kw={"autocomplete": "off", "maxlength": str(DEVICE_NAME_MAX), "spellcheck": "false"})
@@ -501,7 +515,9 @@ def remove_device(device_id):
 def disable():
     """Turn 2FA off entirely: needs the password and a current code, POST only (security.md 32, 33)."""
     user = _user()
-    if not user.has_2fa:
+    if not user.has_2fa:  # turned off meanwhile (another tab): show the row as it is now
+        if htmx.is_htmx():
+            return _settings_response(user, notice="Two-factor authentication is already off.")
         return redirect(url_for("settings.index"))
     form = DisableForm(prefix="off")
     # Refusals are 403 (no password and code, no change: security.md 32); htmx still gets 200 to swap them.

@@ -40,13 +40,21 @@ NEEDS_2FA_MESSAGE = ("The Support page is only available to admins who use two-f
 
 # ---------------------------------------------------------------- forms
 
+def text_lines(value):
+    """Form filter for a textarea: trimmed, with the CRLF line breaks browsers send as plain newlines. The
+    browser's maxlength counts a line break as one character; unchanged, each would count as two here and a
+    message the browser allowed could be refused as too long."""
+    value = strip_text(value)
+    return value.replace("\r\n", "\n").replace("\r", "\n") if isinstance(value, str) else value
+
+
 class ContactForm(Form):
     email = EmailField("Email address", filters=[strip_text], validators=[
         DataRequired("Enter the email address of your account."),
         Length(max=254, message="That email address is too long (254 characters at most)."),
         Email("Enter a valid email address, for example name@example.com.", check_deliverability=False)],
         render_kw={"autocomplete": "email", "maxlength": 254})
-    message = TextAreaField("Message", filters=[strip_text], validators=[
+    message = TextAreaField("Message", filters=[text_lines], validators=[
         DataRequired("Write a short message so support knows what happened."),
         Length(min=10, max=4000, message="Write between 10 and 4000 characters.")],
         render_kw={"maxlength": 4000, "rows": 7})
@@ -55,7 +63,7 @@ class ContactForm(Form):
 class DisableForm(Form):
     """Per-person form; rendered with a prefix so several rows on one page keep unique field ids."""
 
-    reason = TextAreaField("Reason", filters=[strip_text], validators=[
+    reason = TextAreaField("Reason", filters=[text_lines], validators=[
         DataRequired("Give a reason, including how you confirmed the person's identity."),
         Length(max=500, message="Keep the reason to 500 characters or fewer.")],
         render_kw={"maxlength": 500, "rows": 3})
@@ -626,7 +634,8 @@ def mark_handled(request_id):
                 audit("support_request_handled", user=req.user_id, actor=actor, request=req.id)
     req = SupportRequest.get_by_id(request_id)
     if htmx.is_htmx():
-        return htmx.render("support/index.html", "support/_request.html", req=req, just_handled=True)
+        return htmx.render("support/index.html", "support/_request.html", req=req, just_handled=True,
+                           count_after=_open_count())
     flash(f"The request from {req.email} is marked as handled." if changed
           else f"The request from {req.email} was already handled.", "success")
     return redirect(url_for("support.index"))
