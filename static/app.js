@@ -23,6 +23,18 @@
     if (target) target.focus();
   });
 
+  // The Two-Factor Authentication row and the sessions list replace themselves after a change, taking the
+  // button just pressed with them: focus the first field with an error, else the message saying what was
+  // done, so keyboard and screen-reader users are not left on <body>. Not while the wizard is open (its
+  // last step refreshes the row out of band, behind the dialog).
+  document.addEventListener("htmx:load", function (event) {
+    var elt = event.detail.elt;
+    if (!elt || !elt.matches || !elt.matches("#tfa-row, #sessions")) return;
+    if (document.querySelector("dialog.wizard[open]")) return;
+    var target = elt.querySelector('[aria-invalid="true"]') || elt.querySelector(".notice");
+    if (target) target.focus();
+  });
+
   document.addEventListener("click", function (event) {
     var button = event.target.closest && event.target.closest("dialog.wizard [data-close-dialog]");
     if (!button) return;

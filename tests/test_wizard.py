@@ -118,9 +118,11 @@ def test_settings_row_offers_the_gear_and_says_off(actor):
     page = text(actor.client.get("/settings"))
     assert "<h1>User Settings</h1>" in page
     assert "Two-Factor Authentication" in page and ">Off<" in page
-    gear = re.search(r'<a class="gear"[^>]*>', page).group(0)
-    assert 'aria-label="Two-Factor Authentication settings"' in gear
-    assert 'href="/settings/2fa"' in gear and 'hx-get="/settings/2fa"' in gear
+    # The brief's "gear button": a button in a GET form, so without JavaScript it opens the wizard's page.
+    form = re.search(r'<form method="get" action="/settings/2fa" class="gear-form">\s*(<button[^>]*>)', page)
+    gear = form.group(1)
+    assert 'type="submit"' in gear and 'class="gear"' in gear
+    assert 'aria-label="Two-Factor Authentication settings"' in gear and 'hx-get="/settings/2fa"' in gear
     assert 'id="dialog-slot"' in page
 
 

@@ -73,9 +73,8 @@ def settings_text(page):
 
 
 def gear(page):
-    """The gear next to Two-Factor Authentication (a button with JavaScript, a link without)."""
-    return page.get_by_role("button", name="Two-Factor Authentication settings", exact=True).or_(
-        page.get_by_role("link", name="Two-Factor Authentication settings", exact=True))
+    """The gear button next to Two-Factor Authentication (the brief: a button, with or without JavaScript)."""
+    return page.get_by_role("button", name="Two-Factor Authentication settings", exact=True)
 
 
 def assert_accessible(page, where):
