@@ -304,3 +304,11 @@ def test_the_app_purges_expired_rows_by_itself_after_a_response(tmp_path, clock,
                 with db.connection_context():
                     db.drop_tables(ALL_MODELS, cascade=True)
             db.close()
+
+
+@pytest.mark.parametrize("hops", ["two", "-1", "1.5"])
+def test_a_proxy_hop_count_that_is_not_a_count_is_named_in_the_error(tmp_path, monkeypatch, hops):
+    """A typo in PROXY_HOPS stops the start with a message naming the setting, not a bare ValueError."""
+    with pytest.raises(ConfigError, match="PROXY_HOPS must be the number of reverse proxies"):
+        _prod(tmp_path, monkeypatch, SECRET_KEY="k" * 48, TOTP_ENCRYPTION_KEYS=Fernet.generate_key().decode(),
+              DATABASE_URL=f"sqlite:///{tmp_path / 'db'}", PROXY_HOPS=hops)

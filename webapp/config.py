@@ -88,7 +88,14 @@ def load(app, test_config=None):
     if env.get("SECURE_COOKIES"):
         app.config["SECURE_COOKIES"] = _env_bool(env["SECURE_COOKIES"])
     if env.get("PROXY_HOPS"):
-        app.config["PROXY_HOPS"] = int(env["PROXY_HOPS"])
+        try:
+            app.config["PROXY_HOPS"] = int(env["PROXY_HOPS"])
+        except ValueError as exc:
+            raise ConfigError("PROXY_HOPS must be the number of reverse proxies in front of the app "
+                              "(0 when there is none)") from exc
+        if app.config["PROXY_HOPS"] < 0:
+            raise ConfigError("PROXY_HOPS must be the number of reverse proxies in front of the app "
+                              "(0 when there is none)")
     if env.get("PURGE_INTERVAL_SECONDS"):
         try:
             app.config["PURGE_INTERVAL"] = timedelta(seconds=int(env["PURGE_INTERVAL_SECONDS"]))
