@@ -325,17 +325,37 @@ def test_challenge_expires_after_five_minutes(actor, secret, clock):
 
 
 def test_challenge_is_single_use(actor, secret, app):
-    """security.md 24, 26: the pre-sign-in cookie cannot be used for a second code after success."""
+    """security.md 24, 26: the pre-sign-in cookie cannot be used for a second code after success: its row
+    went with the rotation, and the challenge itself is gone too, so even a copy of that session's data
+    under another cookie (same challenge, same CSRF token) only hears that the sign-in expired."""
+    import secrets as token_maker
+
     actor.user(secret=secret)
     actor.password_step()
     pending_cookie = actor.session_cookie()
+    with app.app_context():
+        pending = ServerSession.get(ServerSession.id == token_hash(pending_cookie))
     token = actor.csrf("/login/verify")
-    actor.client.post("/login/verify", data={"csrf_token": token, "code": actor.code(secret)})
-    other = app.test_client()
-    other.set_cookie(app.session_interface.get_cookie_name(app), pending_cookie)
-    r = other.post("/login/verify", data={"csrf_token": token, "code": actor.code(secret, 1)})
-    assert r.status_code in (302, 400)
-    assert not signed_in(other)
+    r = actor.client.post("/login/verify", data={"csrf_token": token, "code": actor.code(secret)})
+    assert r.status_code == 302 and r.headers["Location"].endswith("/settings")
+    name = app.session_interface.get_cookie_name(app)
+
+    old = app.test_client()
+    old.set_cookie(name, pending_cookie)
+    r = old.post("/login/verify", data={"csrf_token": token, "code": actor.code(secret, 1)})
+    assert r.status_code == 302 and r.headers["Location"] == "/login" and not signed_in(old)
+
+    copy_cookie = token_maker.token_urlsafe(32)
+    with app.app_context():
+        assert SignInChallenge.select().count() == 0
+        ServerSession.create(id=token_hash(copy_cookie), user=None, data=pending.data, created_at=pending.created_at,
+                             last_seen_at=pending.last_seen_at, ip=pending.ip, user_agent=pending.user_agent)
+    copy = app.test_client()
+    copy.set_cookie(name, copy_cookie)
+    r = copy.post("/login/verify", data={"csrf_token": token, "code": actor.code(secret, 1)})
+    assert r.status_code == 302 and r.headers["Location"] == "/login"
+    assert "Your sign-in expired" in copy.get("/login").get_data(as_text=True)
+    assert not signed_in(copy)
 
 
 def test_five_wrong_codes_drop_the_challenge(actor, secret, clock):
