@@ -173,6 +173,13 @@ class Browser:
             status, _, page = self.get(headers["location"])
         return status, page
 
+    def submit_wizard_code(self, code):
+        """Send the wizard's code step and follow the redirect to the name step; returns (status, page)."""
+        status, headers, page = self.post("/settings/2fa/code", {"code": code}, form_url="/settings/2fa/code")
+        if status == 303:
+            status, _, page = self.get(headers["location"])
+        return status, page
+
     def password_step(self, email, password):
         """The first sign-in step; asserts it leads to the code step."""
         status, headers, _ = self.post("/login", {"email": email, "password": password})

@@ -140,8 +140,7 @@ def test_parallel_enrolments_of_one_person_leave_one_consistent_device(app, acto
         assert status == 200, status
         secret = re.search(r"secret=([A-Z2-7]+)", page).group(1)
         secrets_seen.append(secret)
-        status, _, page = b.post("/settings/2fa/code", {"code": pyotp.TOTP(secret).now()},
-                                 form_url="/settings/2fa/code")
+        status, page = b.submit_wizard_code(pyotp.TOTP(secret).now())
         assert status == 200 and "Device name" in page, page
         tokens.append(b.csrf("/settings"))
 

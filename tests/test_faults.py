@@ -227,8 +227,7 @@ def test_worker_killed_while_activating_a_device_leaves_no_device_and_the_retry_
         assert status == 302
         _, page = browser.start_wizard()
         secret = re.search(r"secret=([A-Z2-7]+)", page).group(1)
-        status, _, page = browser.post("/settings/2fa/code", {"code": pyotp.TOTP(secret).now()},
-                                       form_url="/settings/2fa/code")
+        status, page = browser.submit_wizard_code(pyotp.TOTP(secret).now())
         assert "Device name" in page
         state["browser"], state["token"] = browser, browser.csrf("/settings")
         return browser.request("POST", "/settings/2fa/complete", data={"csrf_token": state["token"], "name": "Phone"})

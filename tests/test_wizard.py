@@ -69,7 +69,7 @@ class Wizard:
     def submit_code(self, code=None):
         code = self.code_now() if code is None else code
         return self.client.post("/settings/2fa/code", data={"csrf_token": self.csrf(), "code": code},
-                                headers=self.headers)
+                                headers=self.headers, follow_redirects=not self.headers)
 
     def complete(self, name="Work phone"):
         return self.client.post("/settings/2fa/complete", data={"csrf_token": self.csrf(), "name": name},
@@ -875,3 +875,22 @@ def test_the_first_step_offers_no_continue_without_a_live_pending_key(actor, app
     body = text(w.open())
     assert ">Next</button>" in body and "Continue with the same key" not in body
     assert pendings(app, user) == []
+
+
+def test_without_javascript_a_right_code_leads_to_a_name_page_that_survives_a_reload(actor, app):
+    """A correct code redirects to the name step's own page: reloading it minutes later asks for the name
+    again instead of sending the (by then old) code once more, which would count as a wrong code."""
+    user = signed_in(actor)
+    w = Wizard(actor, htmx=False)
+    assert 'data-step="expired"' in text(actor.client.get("/settings/2fa/name"))  # no setup going on
+    w.start()
+    assert actor.client.get("/settings/2fa/name").headers["Location"] == "/settings/2fa/code"  # no code yet
+    r = w.submit_code()
+    assert r.history[0].status_code == 303 and r.request.path == "/settings/2fa/name"
+    assert 'data-step="name"' in text(r) and "<html" in text(r)
+    actor.clock.advance(150)
+    again = actor.client.get("/settings/2fa/name")
+    assert again.status_code == 200 and 'data-step="name"' in text(again)
+    [pending] = pendings(app, user)
+    assert pending.failures == 0
+    assert 'data-step="done"' in text(w.complete("Phone"))

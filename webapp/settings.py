@@ -324,6 +324,10 @@ def verify_code():
                 newest = max(step, pending.verified_step if pending.verified_step is not None else step)
                 PendingEnrolment.update(verified_step=newest).where(PendingEnrolment.id == pending.id).execute()
                 audit("tfa_enrolment_code_accepted", user=user)
+                if not htmx.is_htmx():
+                    # Post/redirect/get: a reload asks for the name again instead of sending the code again
+                    # (by then possibly too old, which would count as a wrong code).
+                    return redirect(url_for("settings.name"), 303)
                 return _wizard("name", form=DeviceNameForm(formdata=None))
             offset = totp.clock_offset_steps(secret, normalised, timestamp())
             error = _skew_text(offset) if offset is not None else WRONG_ENROLMENT_CODE
@@ -343,6 +347,19 @@ def verify_code():
     if failures >= MAX_ENROLMENT_FAILURES:
         return _wizard("expired", form=StartForm(formdata=None), too_many=True)
     return _wizard("code", status=status, form=form, error=error)
+
+
+@bp.get("/2fa/name")
+@login_required
+def name():
+    """The name step as a page of its own (where a correct code leads without JavaScript)."""
+    user = _user()
+    pending = current_pending(user)
+    if pending is None:
+        return _without_pending(user)
+    if pending.verified_step is None:
+        return redirect(url_for("settings.code"))
+    return _wizard("name", form=DeviceNameForm(formdata=None))
 
 
 @bp.post("/2fa/complete")
