@@ -584,7 +584,8 @@ def test_device_names_that_look_the_same_are_the_same_name(actor, app):
     user = signed_in(actor)
     w = Wizard(actor)
     w.run("Caf\u00e9")
-    for name, expected in (("Cafe\u0301", "already have a device with this name"), ("Kim\u2019s \U0001F469\u200d\U0001F4BB", None)):
+    emoji_name = "Kim\u2019s \U0001F469\u200d\U0001F4BB"
+    for name, expected in (("Cafe\u0301", "already have a device with this name"), (emoji_name, None)):
         w.start()
         w.clock.advance(30)
         w.submit_code()

@@ -312,8 +312,10 @@ def _session_ended_meanwhile():
     page, the code step), with a cookie whose row no longer exists: it expired or was deleted, and the server
     now sees a visitor who has stored nothing (sessions.py)."""
     current = session._get_current_object()
-    return (request.endpoint not in _FORMS_WITHOUT_A_SESSION | {None} and getattr(current, "derived_csrf", None) is not None
-            and not current.new_cookie and current.row is None and current.unavailable is None)
+    if request.endpoint is None or request.endpoint in _FORMS_WITHOUT_A_SESSION:
+        return False
+    return (getattr(current, "derived_csrf", None) is not None and not current.new_cookie and current.row is None
+            and current.unavailable is None)
 
 
 def _register_error_handlers(app):

@@ -327,7 +327,7 @@ def verify_code():
                 if not htmx.is_htmx():
                     # Post/redirect/get: a reload asks for the name again instead of sending the code again
                     # (by then possibly too old, which would count as a wrong code).
-                    return redirect(url_for("settings.name"), 303)
+                    return redirect(url_for("settings.name_step"), 303)
                 return _wizard("name", form=DeviceNameForm(formdata=None))
             offset = totp.clock_offset_steps(secret, normalised, timestamp())
             error = _skew_text(offset) if offset is not None else WRONG_ENROLMENT_CODE
@@ -351,7 +351,7 @@ def verify_code():
 
 @bp.get("/2fa/name")
 @login_required
-def name():
+def name_step():
     """The name step as a page of its own (where a correct code leads without JavaScript)."""
     user = _user()
     pending = current_pending(user)
