@@ -492,6 +492,30 @@ def test_proxy_headers_are_trusted_for_exactly_the_configured_hops(tmp_path, clo
         db.close()
 
 
+def test_behind_a_load_balancer_and_nginx_https_and_the_client_are_seen(tmp_path, clock):
+    """README "Deployment", two proxies (a load balancer terminating TLS, then nginx on the host): both append
+    to X-Forwarded-For, nginx passes on the balancer's X-Forwarded-Proto and the Host. The app must see the
+    client's address and https, or the Origin check (security.md 33) refuses every htmx post, whose Origin
+    is the real https://host."""
+    app = _app(tmp_path, clock, PROXY_HOPS=2)
+    try:
+        a = Actor(app, app.test_client(), clock)
+        a.user()
+        a.client.environ_base["REMOTE_ADDR"] = "127.0.0.1"  # nginx
+        proxied = {"X-Forwarded-For": "203.0.113.9, 10.0.0.5", "X-Forwarded-Proto": "https",
+                   "X-Forwarded-Host": "twostep.example"}
+        r = a.post_form("/login", {"email": "alice@example.com", "password": "wrong"},
+                        headers={**proxied, "Origin": "https://twostep.example", "HX-Request": "true"})
+        assert r.status_code == 200 and "Incorrect email address or password." in r.get_data(as_text=True)
+        with app.app_context():
+            assert AuditEvent.select().order_by(AuditEvent.id.desc()).first().ip == "203.0.113.9"
+        forged = a.post_form("/login", {"email": "alice@example.com", "password": "wrong"},
+                             headers={**proxied, "Origin": "https://evil.example"})
+        assert forged.status_code == 403
+    finally:
+        db.close()
+
+
 # ---------------------------------------------------------------- strict input: body size on every POST
 
 def _post_rules(app):

@@ -52,8 +52,10 @@ def create_app(test_config=None):
     app.url_map.converters["int"] = _RowId  # before any route is added: they take the converter then
     config_module.load(app, test_config)
     if app.config["PROXY_HOPS"]:
-        hops = app.config["PROXY_HOPS"]
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
+        # Every proxy appends to X-Forwarded-For, so the client is PROXY_HOPS entries from the end. The scheme
+        # and host are set (not appended) by the proxy in front of the app, which passes on what the visitor
+        # used (README "Deployment"): one value each, whatever the number of hops.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=app.config["PROXY_HOPS"], x_proto=1, x_host=1)
 
     _init_logging(app)
     db_module.init_app(app)
