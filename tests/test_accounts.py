@@ -130,15 +130,30 @@ def test_first_run_needs_the_console_code(app, client):
     assert app.test_client().get("/setup").status_code == 404
 
 
-def test_first_run_code_is_generated_in_the_instance_folder(tmp_path, capsys):
-    app = create_app({"TESTING": True, "INSTANCE_PATH": str(tmp_path / "inst"), "SECRET_KEY": "k" * 40,
-                      "TOTP_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
-                      "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}", "PASSWORD_HASH_PROFILE": "cheapest"})
-    code = (tmp_path / "inst" / "setup_code").read_text().strip()
-    assert len(code) >= 18 and code in capsys.readouterr().err
-    again = create_app({**app.config, "INSTANCE_PATH": str(tmp_path / "inst")})
-    assert (tmp_path / "inst" / "setup_code").read_text().strip() == code
-    assert again is not None
+def test_first_run_code_is_the_same_on_every_host_of_a_deployment(tmp_path, capsys):
+    """Several hosts (their own instance folders, one SECRET_KEY) print the same code, so the form works
+    whichever host the load balancer sends it to; another deployment's key gives another code; nothing is
+    written for it (a read-only instance folder is fine in production)."""
+    import re
+
+    def host(name, secret_key):
+        config = {"TESTING": True, "INSTANCE_PATH": str(tmp_path / name), "SECRET_KEY": secret_key,
+                  "TOTP_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+                  "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}", "PASSWORD_HASH_PROFILE": "cheapest"}
+        made = create_app(config)
+        return made, re.search(r"one-time code: (\S+)", capsys.readouterr().err).group(1)
+
+    _, code = host("a", "k" * 40)
+    assert re.fullmatch(r"[0-9a-f]{6}-[0-9a-f]{6}-[0-9a-f]{6}", code)
+    other_host, other_code = host("b", "k" * 40)
+    assert other_code == code
+    assert host("c", "j" * 40)[1] != code
+    assert not (tmp_path / "a" / "setup_code").exists()
+    browser = other_host.test_client()  # host a printed the code; the form lands on host b
+    page = browser.get("/setup").get_data(as_text=True)
+    r = browser.post("/setup", data={"csrf_token": csrf_from(page), "setup_code": code, "email": "a@example.com",
+                                     "password": PASSWORD, "confirm": PASSWORD})
+    assert r.status_code == 302
 
 
 def test_first_run_mismatched_passwords(client):

@@ -1,9 +1,10 @@
 """twostep: two-factor authentication for web accounts (Flask + htmx)."""
 import functools
+import hashlib
+import hmac
 import logging
 import os
 import random
-import secrets
 import sys
 import time
 
@@ -223,12 +224,15 @@ def _announce_setup_code(app):
 
 
 def setup_code(app):
-    """The one-time first-run code (config SETUP_CODE in tests, else a file in the instance folder)."""
+    """The first-run code (config SETUP_CODE in tests): derived from SECRET_KEY, so every host and process of
+    one deployment prints and accepts the same code (one kept in each host's instance folder was refused
+    by the host the load balancer sent the form to), and nothing has to be written. Unguessable without
+    SECRET_KEY, which signs the sessions' CSRF tokens anyway; useless once any account exists."""
     if app.config.get("SETUP_CODE"):
         return app.config["SETUP_CODE"]
-    os.makedirs(app.instance_path, exist_ok=True)
-    return config_module._instance_secret(app.instance_path, "setup_code",
-                                          lambda: "-".join(secrets.token_hex(3) for _ in range(3)))
+    key = app.secret_key.encode("utf-8") if isinstance(app.secret_key, str) else app.secret_key
+    digest = hmac.new(key, b"twostep: first-run setup code", hashlib.sha256).hexdigest()
+    return "-".join(digest[i:i + 6] for i in (0, 6, 12))
 
 
 def _init_logging(app):

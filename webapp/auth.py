@@ -1,6 +1,5 @@
 """Sign-in in two steps (password, then code), re-authentication, logout, sign-up and first-run setup."""
 import hmac
-import os
 import secrets
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, session, url_for
@@ -397,17 +396,10 @@ def first_run():
                     user = User.create(email=normalise_email(form.email.data), is_admin=True,
                                        password_hash=hash_password(form.password.data))
                 audit("account_created", user=user, via="first-run", admin=True)
-                _forget_setup_code()
                 flash("Your admin account is ready. Set up two-factor authentication next.", "success")
                 return complete_sign_in(user)
         else:
             status = 400
     return render_template("auth/first_run.html", form=form, error=error), status
 
-
-def _forget_setup_code():
-    try:
-        os.remove(os.path.join(current_app.instance_path, "setup_code"))
-    except FileNotFoundError:
-        pass
 
