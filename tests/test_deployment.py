@@ -48,3 +48,41 @@ def test_gunicorn_hides_the_preloaded_app_from_the_workers_garbage_collector():
         assert gc.get_freeze_count() > before
     finally:
         gc.unfreeze()
+
+
+@pytest.mark.skipif(not os.environ.get("TEST_DATABASE_URL"),
+                    reason="PostgreSQL only: on SQLite the database's own lock serialises table creation")
+def test_hosts_starting_together_on_an_empty_postgresql_database_all_start():
+    """README "Deployment": any number of hosts on one PostgreSQL. Each creates the tables it finds missing at
+    start; PostgreSQL's CREATE TABLE IF NOT EXISTS fails when another session creates the same table at
+    that moment (a duplicate row type), so the creators take turns (db.init_app). Six processes are
+    started at one instant on a new, empty database, three times: every one must start."""
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    import psycopg
+
+    base = os.environ["TEST_DATABASE_URL"]
+    server = base.rsplit("/", 1)[0]
+    for _ in range(3):
+        name = "twostep_start_" + uuid.uuid4().hex[:8]
+        with psycopg.connect(server + "/postgres", autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        try:
+            start_at = time.time() + 4  # after every process has imported the app (the slow part)
+            script = ("import time, webapp\n"
+                      f"time.sleep(max(0.0, {start_at} - time.time()))\n"
+                      "webapp.create_app({'DATABASE_URL': %r, 'SECRET_KEY': 'k' * 40, 'SETUP_CODE': 'x',\n"
+                      "                   'TOTP_ENCRYPTION_KEYS': %r, 'INSTANCE_PATH': %r})\n")
+            from cryptography.fernet import Fernet
+
+            procs = [subprocess.Popen(
+                [sys.executable, "-c", script % (f"{server}/{name}", Fernet.generate_key().decode(), f"/tmp/{name}")],
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(6)]
+            errors = [p.communicate(timeout=120)[1] for p in procs]
+            assert [p.returncode for p in procs] == [0] * 6, [e[-400:] for p, e in zip(procs, errors) if p.returncode]
+        finally:
+            with psycopg.connect(server + "/postgres", autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')

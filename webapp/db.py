@@ -270,6 +270,9 @@ def loaded(model, data):
     return instance
 
 
+_SCHEMA_LOCK = int.from_bytes(hashlib.sha256(b"twostep: create tables").digest()[:8], "big", signed=True)
+
+
 def init_app(app):
     """Bind the proxy to the configured database, create the tables, and manage the kept connections."""
     from . import models
@@ -279,7 +282,17 @@ def init_app(app):
         db.obj.close()  # a process that builds several apps (tests, the benchmark) keeps no stale connection
     db.initialize(database)
     with database.connection_context():
-        database.create_tables(models.ALL_MODELS, safe=True)
+        if isinstance(database, PostgresqlDatabase):
+            # Hosts started at the same moment on an empty database: PostgreSQL's CREATE ... IF NOT EXISTS is
+            # not safe against another session creating the same table (or its row type) concurrently, so
+            # the creators take turns on a session-level advisory lock.
+            database.execute_sql("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
+            try:
+                database.create_tables(models.ALL_MODELS, safe=True)
+            finally:
+                database.execute_sql("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK,))
+        else:
+            database.create_tables(models.ALL_MODELS, safe=True)  # SQLite's own lock serialises creators
 
     # Connections are kept between requests: opening one per request cost ~0.6 ms on SQLite (closing the
     # last connection checkpoints the WAL) and ~10 ms on PostgreSQL (a new server backend), more than most
