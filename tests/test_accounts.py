@@ -90,6 +90,27 @@ def test_cli_key_rotation_reencrypts_every_secret(app, actor, secret):
         assert decrypt_secret(Device.get().secret_enc) == secret
 
 
+def test_cli_key_rotation_without_the_old_key_says_so_and_changes_nothing(app, actor, secret):
+    """A secret that none of the configured keys opens: a message naming the row and the fix, exit 1, no
+    traceback, and every secret left as it was (the rotation is one transaction)."""
+    actor.user(secret=secret, devices={"Tablet": new_secret()})
+    with app.app_context():
+        before = [d.secret_enc for d in Device.select().order_by(Device.id)]
+    app.config["TOTP_ENCRYPTION_KEYS"] = Fernet.generate_key().decode()
+    result = run(app, "keys", "rotate")
+    assert result.exit_code == 1 and "opens with none of the keys in TOTP_ENCRYPTION_KEYS" in result.output
+    assert "Nothing was changed" in result.output and "Traceback" not in result.output
+    with app.app_context():
+        assert [d.secret_enc for d in Device.select().order_by(Device.id)] == before
+
+
+@pytest.mark.parametrize("limit", ["0", "99999999999999999999"])
+def test_cli_activity_refuses_a_limit_out_of_range(app, actor, limit):
+    actor.user()
+    result = run(app, "users", "activity", "alice@example.com", "--limit", limit)
+    assert result.exit_code == 2 and "1<=x<=10000" in result.output
+
+
 def test_raw_device_row_reveals_no_secret(app, actor, secret):
     """security.md 4: the DB row holds neither the Base32 secret nor its bytes; a wrong key cannot read it."""
     import base64
@@ -327,3 +348,32 @@ def test_a_proxy_hop_count_that_is_not_a_count_is_named_in_the_error(tmp_path, m
     with pytest.raises(ConfigError, match="PROXY_HOPS must be the number of reverse proxies"):
         _prod(tmp_path, monkeypatch, SECRET_KEY="k" * 48, TOTP_ENCRYPTION_KEYS=Fernet.generate_key().decode(),
               DATABASE_URL=f"sqlite:///{tmp_path / 'db'}", PROXY_HOPS=hops)
+
+
+@pytest.mark.parametrize("url, message", [
+    ("sqlite://app.db", "DATABASE_URL for SQLite is sqlite:/// and a path"),  # would be a database in memory
+    ("mysql://u@host/db", "DATABASE_URL must start with sqlite:/// or postgresql://"),
+    ("postgresql://u:p@host:notaport/db", "DATABASE_URL is not a valid postgresql:// address"),
+    ("postgresql://", "DATABASE_URL names no database"),
+    ("postgresql://nobody@127.0.0.1:1/x", "the database in DATABASE_URL cannot be used: connection failed"),
+    ("sqlite:////no/such/folder/app.db", "the database in DATABASE_URL cannot be used: unable to open"),
+])
+def test_a_database_url_that_cannot_work_stops_the_start_with_a_message(tmp_path, url, message):
+    with pytest.raises(ConfigError, match=message):
+        create_app({"TESTING": True, "INSTANCE_PATH": str(tmp_path / "inst"), "SECRET_KEY": "k" * 40,
+                    "TOTP_ENCRYPTION_KEYS": Fernet.generate_key().decode(), "DATABASE_URL": url})
+
+
+def test_the_flask_commands_report_a_bad_setting_without_a_traceback(tmp_path):
+    """`flask --app wsgi ...` (and gunicorn) load wsgi.py: a setting to fix is one line naming it, exit 1."""
+    import subprocess
+    import sys
+
+    from .live_app import ROOT
+
+    env = {**os.environ, "DATABASE_URL": "mysql://u@host/db", "TWOSTEP_INSTANCE": str(tmp_path / "inst")}
+    env.pop("TWOSTEP_PRODUCTION", None)
+    done = subprocess.run([sys.executable, "-m", "flask", "--app", "wsgi", "users", "list"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip() == "Error: DATABASE_URL must start with sqlite:/// or postgresql://"

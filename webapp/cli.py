@@ -79,7 +79,8 @@ def reset_2fa(email):
 
 @users.command("activity")
 @click.argument("email")
-@click.option("--limit", default=20, show_default=True, help="How many events, newest first.")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10000),
+              help="How many events, newest first (1 to 10000).")
 def activity(email, limit):
     """Show an account's recent security events in plain words (read-only, like the audit log page)."""
     from .models import AuditEvent
@@ -87,7 +88,7 @@ def activity(email, limit):
 
     user = _get_user(email)
     query = (AuditEvent.select().where((AuditEvent.user == user) | (AuditEvent.actor == user))
-             .order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc()).limit(max(1, limit)))
+             .order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc()).limit(limit))
     for event in query:
         who = "" if event.user_id == user.id else " (done by this account)"
         details = "; ".join(f"{label}: {value}" for label, value in detail_text(event.details))
@@ -99,13 +100,20 @@ def activity(email, limit):
 def rotate_keys():
     """Re-encrypt every stored TOTP secret with the first key in TOTP_ENCRYPTION_KEYS."""
     from .models import PendingEnrolment
-    from .totp import reencrypt_secret
+    from .totp import SecretError, reencrypt_secret
 
     count = 0
-    with db.atomic():
+    with db.atomic():  # all or nothing: a secret that no key opens leaves every secret as it was
         for model in (Device, PendingEnrolment):
             for row in model.select(model.id, model.secret_enc):
-                model.update(secret_enc=reencrypt_secret(row.secret_enc)).where(model.id == row.id).execute()
+                try:
+                    secret = reencrypt_secret(row.secret_enc)
+                except SecretError:
+                    raise click.ClickException(
+                        f"{model.__name__.lower()} {row.id}: its secret opens with none of the keys in "
+                        "TOTP_ENCRYPTION_KEYS. Add the key it was encrypted with (after the new one) and run "
+                        "this again. Nothing was changed.") from None
+                model.update(secret_enc=secret).where(model.id == row.id).execute()
                 count += 1
     click.echo(f"re-encrypted {count} secret(s) with the newest key")
 

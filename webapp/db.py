@@ -27,15 +27,27 @@ SQLITE_PRAGMAS = {
 
 
 def open_database(url):
-    """Build a peewee database for a sqlite:/// or postgresql:// URL."""
+    """Build a peewee database for a sqlite:/// or postgresql:// URL (ConfigError for anything else)."""
+    from .config import ConfigError
+
     if url.startswith("sqlite:"):
-        path = url.split("sqlite:///", 1)[1] if "sqlite:///" in url else ":memory:"
-        return SqliteDatabase(path, pragmas=SQLITE_PRAGMAS, timeout=10)
+        if url in ("sqlite://", "sqlite:///:memory:"):
+            return SqliteDatabase(":memory:", pragmas=SQLITE_PRAGMAS, timeout=10)
+        if not url.startswith("sqlite:///") or url == "sqlite:///":
+            # sqlite://app.db (two slashes) would otherwise be a database in memory, gone at every restart.
+            raise ConfigError("DATABASE_URL for SQLite is sqlite:/// and a path: sqlite:///app.db (relative) "
+                              "or sqlite:////var/lib/twostep/app.db (absolute)")
+        return SqliteDatabase(url[len("sqlite:///"):], pragmas=SQLITE_PRAGMAS, timeout=10)
     if url.startswith(("postgres://", "postgresql://")):
-        params = parse(url)
-        name = params.pop("database")
+        try:
+            params = parse(url)
+        except ValueError as exc:
+            raise ConfigError(f"DATABASE_URL is not a valid postgresql:// address ({exc})") from None
+        name = params.pop("database", None)
+        if not name:
+            raise ConfigError("DATABASE_URL names no database: postgresql://user:password@host:5432/DATABASE")
         return PostgresqlDatabase(name, **params)
-    raise ValueError("DATABASE_URL must start with sqlite:/// or postgresql://")
+    raise ConfigError("DATABASE_URL must start with sqlite:/// or postgresql://")
 
 
 def is_sqlite():
@@ -270,17 +282,8 @@ def loaded(model, data):
     return instance
 
 
-_SCHEMA_LOCK = int.from_bytes(hashlib.sha256(b"twostep: create tables").digest()[:8], "big", signed=True)
-
-
-def init_app(app):
-    """Bind the proxy to the configured database, create the tables, and manage the kept connections."""
-    from . import models
-
-    database = open_database(app.config["DATABASE_URL"])
-    if db.obj is not None and not db.obj.is_closed():
-        db.obj.close()  # a process that builds several apps (tests, the benchmark) keeps no stale connection
-    db.initialize(database)
+def _create_tables(database, models):
+    """Create the tables that are missing (at every start)."""
     with database.connection_context():
         if isinstance(database, PostgresqlDatabase):
             # Hosts started at the same moment on an empty database: PostgreSQL's CREATE ... IF NOT EXISTS is
@@ -288,11 +291,30 @@ def init_app(app):
             # the creators take turns on a session-level advisory lock.
             database.execute_sql("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
             try:
-                database.create_tables(models.ALL_MODELS, safe=True)
+                database.create_tables(models, safe=True)
             finally:
                 database.execute_sql("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK,))
         else:
-            database.create_tables(models.ALL_MODELS, safe=True)  # SQLite's own lock serialises creators
+            database.create_tables(models, safe=True)  # SQLite's own lock serialises creators
+
+
+_SCHEMA_LOCK = int.from_bytes(hashlib.sha256(b"twostep: create tables").digest()[:8], "big", signed=True)
+
+
+def init_app(app):
+    """Bind the proxy to the configured database, create the tables, and manage the kept connections."""
+    from . import models
+    from .config import ConfigError
+
+    database = open_database(app.config["DATABASE_URL"])
+    if db.obj is not None and not db.obj.is_closed():
+        db.obj.close()  # a process that builds several apps (tests, the benchmark) keeps no stale connection
+    db.initialize(database)
+    try:
+        _create_tables(database, models.ALL_MODELS)
+    except (OperationalError, InterfaceError) as exc:  # unreachable, refused, no such file or folder, ...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"the database in DATABASE_URL cannot be used: {reason}") from exc
 
     # Connections are kept between requests: opening one per request cost ~0.6 ms on SQLite (closing the
     # last connection checkpoints the WAL) and ~10 ms on PostgreSQL (a new server backend), more than most
