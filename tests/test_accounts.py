@@ -377,3 +377,20 @@ def test_the_flask_commands_report_a_bad_setting_without_a_traceback(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert done.stderr.strip() == "Error: DATABASE_URL must start with sqlite:/// or postgresql://"
+
+
+def test_cli_reset_2fa_also_ends_half_finished_sign_ins(app, actor, secret, clock):
+    """Like support's disable: someone left at the code step (with a phone that no longer counts) is sent
+    back to sign in, instead of being told, code after code, that the code is wrong."""
+    from webapp.models import SignInChallenge
+
+    actor.user(secret=secret)
+    waiting = Actor(app, app.test_client(), clock)
+    assert waiting.password_step().headers["Location"].endswith("/login/verify")
+    token = waiting.csrf("/login/verify")  # the code page is open in that browser
+    assert run(app, "users", "reset-2fa", "alice@example.com").exit_code == 0
+    with app.app_context():
+        assert SignInChallenge.select().count() == 0
+    r = waiting.client.post("/login/verify", data={"csrf_token": token, "code": waiting.code(secret)})
+    assert r.status_code == 302 and r.headers["Location"] == "/login"
+    assert "Your sign-in expired" in waiting.client.get("/login").get_data(as_text=True)

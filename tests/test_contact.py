@@ -140,6 +140,25 @@ def test_throttled_per_ip(app, actor):
                 environ_base={"REMOTE_ADDR": "198.51.100.7"}).status_code == 302
 
 
+def test_one_ipv6_network_counts_as_one_client(app, actor):
+    """One IPv6 computer owns a whole /64 and can take a new address in it for each request: the per-client
+    limit counts the /64, so rotating addresses (and emails) does not get past it; another /64, or an IPv4
+    client, has its own count. The audit record keeps each exact address."""
+    from webapp.models import AuditEvent
+
+    for i in range(5):
+        send(actor, email=f"person{i}@example.com", environ_base={"REMOTE_ADDR": f"2001:db8:1:2::{i + 1:x}"})
+    assert len(requests_in_db(app)) == 3
+    assert {r.ip for r in requests_in_db(app)} == {"2001:db8:1:2::/64"}
+    with app.app_context():
+        assert [e.ip for e in AuditEvent.select().where(AuditEvent.kind == "support_request")] == [
+            "2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:2::3"]
+    assert send(actor, email="other@example.com",
+                environ_base={"REMOTE_ADDR": "2001:db8:1:3::1"}).status_code == 302
+    assert send(actor, email="v4@example.com", environ_base={"REMOTE_ADDR": "::ffff:198.51.100.7"}).status_code == 302
+    assert requests_in_db(app)[-1].ip == "198.51.100.7"  # an IPv4 client behind an IPv6 socket: its own address
+
+
 def test_throttle_answer_is_the_same_for_known_and_unknown_addresses(app, actor):
     actor.user()
     for _ in range(3):

@@ -192,6 +192,19 @@ def test_search_matches_prefixes_not_substrings(actor, secret):
     assert "No account starts with" in html
 
 
+def test_search_finds_addresses_with_any_character_after_the_prefix(actor, secret):
+    """The prefix range must reach past every character: U+FFFF as its end missed an address whose next
+    character lies above it (U+20000 here, which sign-up and `users create` accept)."""
+    for email in ("a\U00020000b@example.com", "a\uffffz@example.com", "ab@example.com"):
+        actor.user(email)
+    actor.user("b@example.com")
+    sign_in_admin(actor, secret)
+    html = actor.client.get("/support?q=a").get_data(as_text=True)
+    for email in ("a\U00020000b@example.com", "a\uffffz@example.com", "ab@example.com"):
+        assert email in html, email
+    assert ">b@example.com<" not in html
+
+
 def test_search_is_paginated(app, actor, secret):
     with app.app_context():
         with db.atomic():

@@ -4,7 +4,7 @@ from flask.cli import AppGroup, with_appcontext
 
 from .db import db
 from .models import Device, User, normalise_email
-from .security import audit, forget_browsers, hash_password
+from .security import audit, hash_password, revoke_second_factor
 from .sessions import end_user_sessions
 
 users = AppGroup("users", help="Manage accounts.")
@@ -68,11 +68,7 @@ def reset_2fa(email):
     """Remove every authenticator device of an account and end its sessions (operator's last resort)."""
     user = _get_user(email)
     with db.atomic():
-        removed = Device.delete().where(Device.user == user).execute()
-        User.update(tfa_reset_until=None, code_failures=0, code_locked_until=None).where(
-            User.id == user.id).execute()
-        end_user_sessions(user)
-        forget_browsers(user)
+        removed, _ = revoke_second_factor(user)  # half-finished sign-ins go too: their code step would fail
         audit("tfa_reset", user=user, via="cli", devices_removed=removed)
     click.echo(f"removed {removed} device(s) of {user.email}; 2FA is off")
 

@@ -144,7 +144,7 @@ class SupportRequest(BaseModel):
     message = TextField()
     user = ForeignKeyField(User, null=True, backref="support_requests", on_delete="SET NULL")
     created_at = DateTimeField(default=now, index=True)
-    ip = CharField(max_length=64, null=True)
+    ip = CharField(max_length=64, null=True)  # what the per-client limit counts (support.client_network)
     handled_at = DateTimeField(null=True)
     handled_by = ForeignKeyField(User, null=True, backref="handled_requests", on_delete="SET NULL")
 

@@ -160,6 +160,23 @@ def forget_browsers(user, keep_this_one=False):
     return query.execute()
 
 
+def revoke_second_factor(user, reset_until=None):
+    """Inside the caller's transaction: every device of `user` goes, and with them everything a lost phone
+    could still be used for: half-finished sign-ins, sessions, known browsers, the code throttle. Support's
+    temporary disable passes the end of its window; the CLI's reset passes none. Returns (devices removed,
+    sessions ended)."""
+    from .models import Device, SignInChallenge, User
+    from .sessions import end_user_sessions
+
+    removed = Device.delete().where(Device.user == user.id).execute()
+    User.update(tfa_reset_until=reset_until, code_failures=0, code_locked_until=None).where(
+        User.id == user.id).execute()
+    SignInChallenge.delete().where(SignInChallenge.user == user.id).execute()
+    sessions = end_user_sessions(user)
+    forget_browsers(user)  # a lost phone's browser keeps no password throttle of its own
+    return removed, sessions
+
+
 def set_known_browser_cookie(response):
     """after_request: send the cookie of a browser that remember_browser() has just made known."""
     token = g.pop("known_browser_token", None)

@@ -1,6 +1,7 @@
 """Support: the public contact form, the admins' Support page (search, open requests, time-boxed 2FA
 disable, early end), the read-only audit log, and each person's own security activity."""
 import functools
+import ipaddress
 import logging
 from datetime import date, datetime, timedelta
 
@@ -16,8 +17,8 @@ from .auth import strip_text
 from .clock import now
 from .db import Param, Prepared, db, for_update, lock_keys, write_transaction
 from .fields import Form
-from .models import AuditEvent, Device, SignInChallenge, SupportRequest, User, normalise_email
-from .security import audit, client_ip, forget_browsers, is_fresh
+from .models import AuditEvent, Device, SupportRequest, User, normalise_email
+from .security import audit, client_ip, is_fresh, revoke_second_factor
 from .sessions import end_user_sessions
 
 bp = Blueprint("support", __name__)
@@ -241,6 +242,24 @@ def utc_minutes(value):
 
 # ---------------------------------------------------------------- contact form (no sign-in needed)
 
+def client_network(ip):
+    """What the contact form's per-client limit counts: an IPv4 address, or the /64 network of an IPv6 one.
+    One IPv6 computer usually owns a whole /64 and may pick a new address in it for every request (privacy
+    addresses do exactly that), so counting single IPv6 addresses would limit nobody. The exact address of
+    every request is in its audit record."""
+    if not ip:
+        return ip
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip  # not an address (a proxy's odd header): counted as it is
+    if address.version == 4:
+        return str(address)
+    if address.ipv4_mapped is not None:  # an IPv4 client seen through an IPv6 socket
+        return str(address.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{address}/64", strict=False))
+
+
 def _recent_requests(field, value):
     """How many contact requests with this email / ip arrived within the last hour."""
     since = now() - timedelta(hours=1)
@@ -259,7 +278,7 @@ def contact():
             status = 400
         else:
             email = normalise_email(form.email.data)
-            ip = client_ip()
+            ip = client_network(client_ip())
             limit = current_app.config["SUPPORT_REQUESTS_PER_HOUR"]
             with write_transaction():
                 # Count and insert in one write transaction, holding the address and network, so parallel
@@ -395,6 +414,12 @@ def build_rows(users, forms=None, notices=None, errors=None):
                     current=current, actor_id=actor_id) for u in users]
 
 
+# The upper end of a prefix range: U+10FFFF, the last code point, sorts after every character in code point
+# order (Python), as UTF-8 bytes (SQLite) and in C-locale collations. U+FFFF did not: an address with a
+# character above it after the prefix (some CJK, emoji) fell outside the range.
+_LAST_CHARACTER = "\U0010ffff"
+
+
 def _prefix_query(lo, hi, length, prefix):
     """People whose email lies in [lo, hi) and starts with `prefix` (`length` characters)."""
     # Emails are stored lower-case; a prefix range on the unique email index (SQLite and PostgreSQL), then an
@@ -406,7 +431,7 @@ def _prefix_query(lo, hi, length, prefix):
 
 def user_search_query(q):
     """People whose email starts with `q`, by email: a range on the unique email index, never a full scan."""
-    query = _prefix_query(q, q + "\uffff", len(q), q) if q else User.select(*USER_COLUMNS)
+    query = _prefix_query(q, q + _LAST_CHARACTER, len(q), q) if q else User.select(*USER_COLUMNS)
     return query.order_by(User.email)
 
 
@@ -422,7 +447,7 @@ def search_users(q, page):
     """One page of search results and whether another page follows (no COUNT over a million rows)."""
     window = {"limit": PER_PAGE + 1, "offset": (page - 1) * PER_PAGE}
     if q:
-        users = _SEARCH_PREFIX.rows(lo=q, hi=q + "\uffff", length=len(q), prefix=q, **window)
+        users = _SEARCH_PREFIX.rows(lo=q, hi=q + _LAST_CHARACTER, length=len(q), prefix=q, **window)
     else:
         users = _SEARCH_ALL.rows(**window)
     return users[:PER_PAGE], len(users) > PER_PAGE
@@ -577,12 +602,7 @@ def _open_window(locked, actor, form, label, duration):
     """The disable itself, inside the caller's transaction: every step or none (security.md 39, 40, 42)."""
     current = now()
     until = current + duration
-    removed = Device.delete().where(Device.user == locked.id).execute()
-    User.update(tfa_reset_until=until, code_failures=0, code_locked_until=None).where(
-        User.id == locked.id).execute()
-    SignInChallenge.delete().where(SignInChallenge.user == locked.id).execute()
-    sessions = end_user_sessions(locked)
-    forget_browsers(locked)  # a lost phone's browser keeps no password throttle of its own
+    removed, sessions = revoke_second_factor(locked, reset_until=until)
     closed = 0
     if form.close_requests.data:
         closed = (SupportRequest.update(handled_at=current, handled_by=actor.id)
@@ -681,7 +701,9 @@ def audit_log():
                         .limit(AUDIT_PER_PAGE + 1).offset((page - 1) * AUDIT_PER_PAGE))
             has_next = len(rows) > AUDIT_PER_PAGE
             events = _describe_events(rows[:AUDIT_PER_PAGE])
-    args = {k: v for k, v in request.args.items() if k != "page"}
+    # The pager's links keep the filter's own fields and nothing else: any other name went into url_for as a
+    # keyword ("endpoint", "_method", "_anchor") and broke or bent the links.
+    args = {field.name: request.args[field.name] for field in form if field.name in request.args}
     return render_template("support/audit.html", form=form, events=events, page=page, has_next=has_next,
                            notice=notice, args=args), status
 
