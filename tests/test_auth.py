@@ -763,3 +763,53 @@ def test_a_match_found_before_the_lock_cannot_be_used_twice(app, actor, secret):
     with app.app_context():
         assert User.get_by_id(user.id).code_failures == 1
         assert [e.kind for e in AuditEvent.select().order_by(AuditEvent.id)] == ["code_accepted", "totp_replay"]
+
+
+# ------------------------------------------------------------------ found by mutation testing (each test
+# failed with one deliberate bug that the rest of the suite let through)
+
+def test_reauth_with_2fa_needs_the_code_not_just_the_password(actor, app, secret):
+    """security.md 9, 32: /reauth for a person with 2FA refuses the password alone (the code field is
+    optional in the form: the view must demand it); the session stays stale and the wizard stays shut."""
+    from webapp.models import PendingEnrolment
+
+    user = actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    actor.clock.advance(11 * 60)
+    r = actor.post_form("/reauth?next=/settings/2fa", {"password": PASSWORD})
+    assert r.status_code != 302
+    r = actor.client.post("/settings/2fa/start", data={"csrf_token": actor.csrf("/settings")})
+    assert r.status_code == 302 and r.headers["Location"].startswith("/reauth")
+    with app.app_context():
+        assert PendingEnrolment.select().where(PendingEnrolment.user == user.id).count() == 0
+        assert AuditEvent.select().where(AuditEvent.kind == "reauthenticated").count() == 0
+
+
+def test_the_fifth_wrong_code_locks_for_minutes_and_is_recorded_then(app, clock, secret):
+    """security.md 18, 19: failures 1-4 back off 1, 2, 4, 8 s; the fifth locks for 15 minutes, so 17 s later
+    a right code is still refused; the lockout is recorded at the fifth failure, not before."""
+    from .conftest import Actor
+
+    Actor(app, app.test_client(), clock).user(secret=secret)
+    for i, wait in enumerate((1, 2, 4, 8, 17)):
+        a = Actor(app, app.test_client(), clock)
+        a.password_step()
+        a.code_step(WRONG if a.code(secret) != WRONG else "111111")
+        with app.app_context():
+            assert AuditEvent.select().where(AuditEvent.kind == "code_lockout").count() == (1 if i == 4 else 0), i
+        clock.advance(wait)
+    a = Actor(app, app.test_client(), clock)
+    a.password_step()
+    r = a.code_step(a.code(secret))
+    assert r.status_code == 429 and "minutes" in r.get_data(as_text=True)
+
+
+def test_the_lock_never_exceeds_its_cap(app):
+    """security.md 18 and the lockout denial of service: however many failures, at most THROTTLE_MAX_LOCK."""
+    from datetime import timedelta
+
+    from webapp.security import backoff
+
+    with app.app_context():
+        assert backoff(5) == timedelta(minutes=15)
+        assert max(backoff(n) for n in range(1, 200)) == app.config["THROTTLE_MAX_LOCK"] == timedelta(hours=24)

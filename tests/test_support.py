@@ -880,3 +880,22 @@ def test_the_disable_is_all_or_nothing(app, actor, secret, target, target_secret
     assert user_row(app, "carol@example.com").tfa_reset_until is None
     assert count(app, ServerSession, ServerSession.user == target.id) == 1
     assert carol.client.get("/settings").status_code == 200
+
+
+def test_ending_a_window_early_deletes_the_persons_sessions(app, actor, secret, clock, target):
+    """security.md 40, 42: ending the window deletes the person's password-only sessions server-side (not
+    only refuses them on load), and the audit record says how many. (Found by mutation testing.)"""
+    import json
+
+    carol = second_client(app, clock)
+    sign_in_admin(actor, secret)
+    disable(actor, target)
+    clock.advance(600)
+    carol.password_step("carol@example.com")
+    with app.app_context():
+        assert ServerSession.select().where(ServerSession.user == target.id).count() == 1
+    assert end_window(actor, target).status_code == 302
+    with app.app_context():
+        assert ServerSession.select().where(ServerSession.user == target.id).count() == 0
+        event = AuditEvent.get(AuditEvent.kind == "support_window_ended")
+        assert json.loads(event.detail)["sessions_ended"] == 1
