@@ -306,9 +306,19 @@ def test_pending_session_cookie_carries_no_state(actor, secret):
         assert needle not in cookie
 
 
-def test_verify_without_a_challenge_goes_back_to_login(actor):
+def test_verify_without_a_challenge_goes_back_to_login(actor, app):
+    """The sign-in page says why, from the address alone: no session row is written to carry the message
+    (a visitor without a row could otherwise fill the table by asking for this page)."""
+    from webapp.models import ServerSession
+
+    actor.user()
     r = actor.client.get("/login/verify")
-    assert r.status_code == 302 and r.headers["Location"] == "/login"
+    assert r.status_code == 302 and r.headers["Location"] == "/login?notice=sign-in-expired"
+    page = actor.client.get(r.headers["Location"]).get_data(as_text=True)
+    assert "Your sign-in expired. Please enter your email address and password again." in page
+    with app.app_context():
+        assert ServerSession.select().count() == 0
+    assert "Your sign-in expired" not in actor.client.get("/login?notice=anything-else").get_data(as_text=True)
 
 
 def test_challenge_expires_after_five_minutes(actor, secret, clock):
@@ -318,7 +328,7 @@ def test_challenge_expires_after_five_minutes(actor, secret, clock):
     token = actor.csrf("/login/verify")
     clock.advance(11 * 60)
     r = actor.client.post("/login/verify", data={"csrf_token": token, "code": actor.code(secret)})
-    assert r.status_code == 302 and r.headers["Location"] == "/login"
+    assert r.status_code == 302 and r.headers["Location"] == "/login?notice=sign-in-expired"
     assert not signed_in(actor.client)
     with actor.app.app_context():
         assert SignInChallenge.select().count() == 0
@@ -343,7 +353,7 @@ def test_challenge_is_single_use(actor, secret, app):
     old = app.test_client()
     old.set_cookie(name, pending_cookie)
     r = old.post("/login/verify", data={"csrf_token": token, "code": actor.code(secret, 1)})
-    assert r.status_code == 302 and r.headers["Location"] == "/login" and not signed_in(old)
+    assert r.status_code == 302 and r.headers["Location"] == "/login?notice=session-ended" and not signed_in(old)
 
     copy_cookie = token_maker.token_urlsafe(32)
     with app.app_context():
@@ -353,8 +363,7 @@ def test_challenge_is_single_use(actor, secret, app):
     copy = app.test_client()
     copy.set_cookie(name, copy_cookie)
     r = copy.post("/login/verify", data={"csrf_token": token, "code": actor.code(secret, 1)})
-    assert r.status_code == 302 and r.headers["Location"] == "/login"
-    assert "Your sign-in expired" in copy.get("/login").get_data(as_text=True)
+    assert r.status_code == 302 and r.headers["Location"] == "/login?notice=sign-in-expired"
     assert not signed_in(copy)
 
 
@@ -367,7 +376,7 @@ def test_five_wrong_codes_drop_the_challenge(actor, secret, clock):
         r = actor.code_step(WRONG)
     assert r.status_code == 302 and r.headers["Location"] == "/login"
     assert user_row(actor.app).code_failures == 5
-    assert actor.client.get("/login/verify").headers["Location"] == "/login"
+    assert actor.client.get("/login/verify").headers["Location"] == "/login?notice=sign-in-expired"
 
 
 # ------------------------------------------------------------------ the code step
@@ -633,10 +642,12 @@ def test_logout_ends_the_session_server_side(actor, app, secret):
     actor.sign_in(secret=secret)
     captured = actor.session_cookie()
     r = actor.post_form("/logout", {}, form_url="/settings")
-    assert r.status_code == 302 and r.headers["Location"] == "/login"
-    # The cookie now names a new row that holds only the sign-in page's message, and nobody.
-    assert actor.session_cookie() not in (None, captured)
-    assert "You are logged out." in actor.client.get("/login").get_data(as_text=True)
+    assert r.status_code == 302 and r.headers["Location"] == "/login?notice=logged-out"
+    assert "twostep_session=;" in r.headers["Set-Cookie"] and "Max-Age=0" in r.headers["Set-Cookie"]
+    # The sign-in page says so, from the address alone: nothing is stored for the message.
+    assert "You are logged out." in actor.client.get(r.headers["Location"]).get_data(as_text=True)
+    with app.app_context():
+        assert ServerSession.select().count() == 0
     replay = app.test_client()
     replay.set_cookie(app.session_interface.get_cookie_name(app), captured)
     assert not signed_in(replay)

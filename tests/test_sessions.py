@@ -270,7 +270,7 @@ def test_visitors_who_store_nothing_get_a_cookie_but_no_row(app, actor, secret, 
 
 # ---------------------------------------------------------------- a page left open past the session's end
 
-def test_log_out_after_the_idle_timeout_still_logs_out(actor, clock):
+def test_log_out_after_the_idle_timeout_still_logs_out(actor, app, clock):
     """A tab left open past the idle timeout: Log out takes the person to the sign-in page with the usual
     message, not to a "Form expired" error (the session ended already; there is nothing left to protect)."""
     actor.user()
@@ -278,8 +278,10 @@ def test_log_out_after_the_idle_timeout_still_logs_out(actor, clock):
     token = actor.csrf("/settings")
     clock.advance(31 * 60)
     r = actor.client.post("/logout", data={"csrf_token": token})
-    assert r.status_code == 302 and r.headers["Location"] == "/login"
-    assert "You are logged out." in text(actor.client.get("/login"))
+    assert r.status_code == 302 and r.headers["Location"] == "/login?notice=logged-out"
+    assert "You are logged out." in text(actor.client.get(r.headers["Location"]))
+    with app.app_context():
+        assert ServerSession.select().count() == 0  # nothing was written to carry the message
 
 
 @pytest.mark.parametrize("htmx", [True, False])
@@ -297,11 +299,9 @@ def test_a_form_sent_after_the_session_ended_asks_to_sign_in_again(actor, app, c
         device = Device.get()
     r = actor.client.post(f"/settings/devices/{device.id}/rename",
                           data={"csrf_token": token, f"rename-{device.id}-name": "Stolen"}, headers=HX if htmx else {})
-    if htmx:
-        assert r.status_code == 401 and r.headers["HX-Redirect"] == "/login"
-    else:
-        assert r.status_code == 302 and r.headers["Location"] == "/login"
-    assert "Your session has ended (after 30 minutes without activity" in text(actor.client.get("/login"))
+    target = r.headers["HX-Redirect"] if htmx else r.headers["Location"]
+    assert r.status_code == (401 if htmx else 302) and target == "/login?notice=session-ended"
+    assert "Your session has ended (after 30 minutes without activity" in text(actor.client.get(target))
     with app.app_context():
         assert Device.get().name == "Phone"
 
@@ -315,3 +315,13 @@ def test_a_stale_form_of_a_live_session_reloads_the_page_for_htmx_with_the_reaso
     assert r.status_code == 400 and r.headers["HX-Refresh"] == "true"
     page = text(actor.client.get("/settings"))
     assert "Form expired: This form was open too long" in page
+
+
+def test_htmx_errors_of_visitors_without_a_row_write_nothing(app, client):
+    """An htmx request that ends in an error reloads the page (HX-Refresh); its message is stored only in a
+    session that has a row already, else anyone could fill the sessions table with HX-Request headers."""
+    for _ in range(3):
+        r = client.get("/no-such-page", headers=HX)
+        assert r.status_code == 404 and r.headers["HX-Refresh"] == "true"
+    with app.app_context():
+        assert ServerSession.select().count() == 0

@@ -331,9 +331,11 @@ def _register_error_handlers(app):
         if not is_htmx():
             return render_template("errors/error.html", status=status, title=title, message=message), status
         # htmx swaps no 4xx or 5xx answer (htmx 2's default), so an error fragment would never be seen and the
-        # click would seem to do nothing: the page reloads instead (HX-Refresh) with the message on top. Not
-        # for 5xx: that message is not stored (during an outage it cannot be), and the reload shows the page.
-        if status < 500:
+        # click would seem to do nothing: the page reloads instead (HX-Refresh) with the message on top. Only
+        # in a session that has a row already: anyone can send HX-Request to a missing page, and a message for
+        # a visitor without a row would write one (sessions.py). Not for 5xx either: during an outage the
+        # message cannot be stored, and the reload shows the page itself.
+        if status < 500 and getattr(session, "row", None) is not None:
             flash(f"{title}: {message}", "error")
         response = make_response(render_template("errors/_error.html", status=status, title=title,
                                                  message=message), status)
@@ -348,13 +350,9 @@ def _register_error_handlers(app):
         if _session_ended_meanwhile():
             # The page was made for a session that has ended since (idle timeout, signed out elsewhere): its
             # form cannot be sent any more, and "reload and try again" would not help. Sign in again.
-            if request.endpoint == "auth.logout":
-                flash("You are logged out.", "info")
-            else:
-                idle = int(app.config["SESSION_IDLE_TIMEOUT"].total_seconds() // 60)
-                flash(f"Your session has ended (after {idle} minutes without activity, or you signed out in "
-                      "another browser). Please sign in again.", "info")
-            target = url_for("auth.login")
+            from .auth import login_notice_url
+
+            target = login_notice_url("logged-out" if request.endpoint == "auth.logout" else "session-ended")
             return hx_redirect(target) if is_htmx() else redirect(target)
         return render_error(400, "Form expired",
                             "This form was open too long or came from another site. Reload the page and try again.")

@@ -224,6 +224,26 @@ def code_error(result):
 
 # ---------------------------------------------------------------- views
 
+def login_notice_url(notice, **values):
+    """The sign-in page with one of its fixed notices (login_notice). For a browser whose session has ended or
+    never had a row: a flashed message would have to write a session row just to carry it (sessions.py), so
+    anyone could fill the table by sending such requests."""
+    return url_for("auth.login", notice=notice, **values)
+
+
+def login_notice(key):
+    """The text of a notice the sign-in page was sent with (?notice=...); None for anything unknown."""
+    if key == "logged-out":
+        return "You are logged out."
+    if key == "sign-in-expired":
+        return "Your sign-in expired. Please enter your email address and password again."
+    if key == "session-ended":
+        idle = int(current_app.config["SESSION_IDLE_TIMEOUT"].total_seconds() // 60)
+        return (f"Your session has ended (after {idle} minutes without activity, or you signed out in another "
+                "browser). Please sign in again.")
+    return None
+
+
 @bp.route("/login", methods=["GET", "POST"])
 def login():
     """First step: email and password. With a device, leads to the code step without signing in."""
@@ -243,7 +263,8 @@ def login():
             if error is None:
                 return after_password(user, next_url)
             status = 429 if error.startswith("Too many") else 200
-    return render_template("auth/login.html", form=form, error=error, next_url=next_url), status
+    return render_template("auth/login.html", form=form, error=error, next_url=next_url,
+                           notice=login_notice(request.args.get("notice"))), status
 
 
 def after_password(user, next_url):
@@ -271,8 +292,7 @@ def verify():
         return redirect(url_for("settings.index"))
     challenge = current_challenge()
     if challenge is None:
-        flash("Your sign-in expired. Please enter your email address and password again.", "info")
-        return redirect(url_for("auth.login"))
+        return redirect(login_notice_url("sign-in-expired"))
     form = CodeForm()
     error, status = None, 200
     if request.method == "POST":
@@ -341,8 +361,7 @@ def logout():
     if current_user.is_authenticated:
         audit("signout", user=current_user._get_current_object())
     session.end()
-    flash("You are logged out.", "info")
-    return redirect(url_for("auth.login"))
+    return redirect(login_notice_url("logged-out"))
 
 
 @bp.route("/signup", methods=["GET", "POST"])

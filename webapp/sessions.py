@@ -99,8 +99,7 @@ class DbSession(CallbackDict, SessionMixin):
         self.modified = True
 
     def end(self):
-        """Forget everything and delete the row (logout). Whatever is stored afterwards in this request (the
-        sign-in page's "You are logged out.") goes into a new row under a new token."""
+        """Forget everything and delete the row (logout)."""
         self.clear()
         self.ended = True
 
@@ -150,7 +149,7 @@ class DbSessionInterface(SessionInterface):
             return  # an outage: never write, delete or rewrite the cookie because of it
         name = self.get_cookie_name(app)
         cookie_args = cookie_attributes(app)
-        if session.rotated_from is not None or session.ended:
+        if session.rotated_from is not None:
             with write_transaction():  # the old row goes and the new one comes in one commit
                 outcome = self._write(session)
         else:
@@ -179,10 +178,8 @@ class DbSessionInterface(SessionInterface):
             for row in (old, session.row):
                 if row is not None:
                     _DELETE.execute(id=row.id)
-            session.row = old = None
-            if not session:
-                return "deleted"
-            session.ended = False  # something was stored after the end: a new row, as for a new visitor
+            session.row = None
+            return "deleted"
         current = now()
         user_id = session.get("_user_id")
         if session.row is None:
