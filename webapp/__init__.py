@@ -26,6 +26,7 @@ from . import fields
 from .clock import now
 from .models import User, purge_expired
 
+
 class _SessionOnlyLoginManager(LoginManager):
     """flask-login, minus its remember-me cookie: twostep never issues one (security.md 27), and the stock
     manager would still accept a `remember_token` cookie signed with SECRET_KEY as a sign-in without the

@@ -420,5 +420,3 @@ def first_run():
         else:
             status = 400
     return render_template("auth/first_run.html", form=form, error=error), status
-
-

@@ -134,4 +134,3 @@ def init_app(app):
     app.cli.add_command(users)
     app.cli.add_command(keys)
     app.cli.add_command(purge_expired)
-
