@@ -52,7 +52,7 @@ def test_gunicorn_hides_the_preloaded_app_from_the_workers_garbage_collector():
 
 @pytest.mark.skipif(not os.environ.get("TEST_DATABASE_URL"),
                     reason="PostgreSQL only: on SQLite the database's own lock serialises table creation")
-def test_hosts_starting_together_on_an_empty_postgresql_database_all_start():
+def test_hosts_starting_together_on_an_empty_postgresql_database_all_start(tmp_path):
     """README "Deployment": any number of hosts on one PostgreSQL. Each creates the tables it finds missing at
     start; PostgreSQL's CREATE TABLE IF NOT EXISTS fails when another session creates the same table at
     that moment (a duplicate row type), so the creators take turns (db.init_app). Six processes are
@@ -78,9 +78,9 @@ def test_hosts_starting_together_on_an_empty_postgresql_database_all_start():
                       "                   'TOTP_ENCRYPTION_KEYS': %r, 'INSTANCE_PATH': %r})\n")
             from cryptography.fernet import Fernet
 
-            procs = [subprocess.Popen(
-                [sys.executable, "-c", script % (f"{server}/{name}", Fernet.generate_key().decode(), f"/tmp/{name}")],
-                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(6)]
+            code = script % (f"{server}/{name}", Fernet.generate_key().decode(), str(tmp_path / name))
+            procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True) for _ in range(6)]
             errors = [p.communicate(timeout=120)[1] for p in procs]
             assert [p.returncode for p in procs] == [0] * 6, [e[-400:] for p, e in zip(procs, errors) if p.returncode]
         finally:
