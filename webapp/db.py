@@ -12,6 +12,8 @@ from peewee import (ColumnBase, DatabaseProxy, Field, ForeignKeyField, Interface
 from playhouse.db_url import parse
 from werkzeug.wsgi import ClosingIterator
 
+from .config import ConfigError
+
 db = DatabaseProxy()
 
 SQLITE_PRAGMAS = {
@@ -28,8 +30,6 @@ SQLITE_PRAGMAS = {
 
 def open_database(url):
     """Build a peewee database for a sqlite:/// or postgresql:// URL (ConfigError for anything else)."""
-    from .config import ConfigError
-
     if url.startswith("sqlite:"):
         if url in ("sqlite://", "sqlite:///:memory:"):
             return SqliteDatabase(":memory:", pragmas=SQLITE_PRAGMAS, timeout=10)
@@ -304,7 +304,6 @@ _SCHEMA_LOCK = int.from_bytes(hashlib.sha256(b"twostep: create tables").digest()
 def init_app(app):
     """Bind the proxy to the configured database, create the tables, and manage the kept connections."""
     from . import models
-    from .config import ConfigError
 
     database = open_database(app.config["DATABASE_URL"])
     if db.obj is not None and not db.obj.is_closed():
