@@ -546,6 +546,66 @@ def test_every_form_post_refuses_an_oversized_body_with_413(actor, app, secret, 
     assert signed == signed_in(actor.client)
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_every_form_post_refuses_a_body_without_a_length_with_411(actor, app, secret, signed):
+    """Strict input: a form sent chunked (no Content-Length) is refused with 411 before any view or the CSRF
+    check reads it. Werkzeug read such a body only up to MAX_CONTENT_LENGTH and silently dropped the rest,
+    so an oversized contact message was stored cut short instead of getting 413. Nothing is written."""
+    import io
+
+    actor.user(ADMIN, admin=True, secret=secret)
+    if signed:
+        actor.sign_in(ADMIN, PASSWORD, secret)
+    token = actor.csrf("/settings" if signed else "/login")
+    before = len(audit_rows(app))
+    with app.app_context():
+        requests_before = db.execute_sql("SELECT COUNT(*) FROM supportrequest").fetchone()[0]
+    body = f"csrf_token={token}&email=a%40example.com&message=hello".encode()
+    for rule, url in _post_rules(app):
+        r = actor.client.post(url, input_stream=io.BytesIO(body),
+                              headers={"Transfer-Encoding": "chunked",
+                                       "Content-Type": "application/x-www-form-urlencoded"},
+                              environ_overrides={"wsgi.input_terminated": True})
+        assert r.status_code == 411, (rule.endpoint, r.status_code)
+        assert "sent without its length" in text(r)
+    assert len(audit_rows(app)) == before
+    with app.app_context():
+        assert db.execute_sql("SELECT COUNT(*) FROM supportrequest").fetchone()[0] == requests_before
+    assert signed == signed_in(actor.client)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_json_and_file_bodies_are_not_read_as_forms(actor, app, secret, signed):
+    """Bad input: forms read only form fields. A JSON body (CSRF token in the X-CSRFToken header, as htmx
+    sends it) or a file where a text field is expected used to reach the validators as a number, list or file
+    and end in a 500, on POSTs anyone can send; a JSON string also slipped a NUL past the NUL check."""
+    import io
+
+    actor.user(ADMIN, admin=True, secret=secret)
+    if signed:
+        actor.sign_in(ADMIN, PASSWORD, secret)
+    token = actor.csrf("/settings" if signed else "/login")
+    names = ["email", "password", "message", "code", "name", "reason", "duration", "off-password", "off-code",
+             "rename-1-name", "remove-1-code"]
+    for rule, url in _post_rules(app):
+        if rule.endpoint == "auth.logout":
+            continue  # it reads no form: a JSON body with a valid token logs out, which is right
+        for value in (12345678, [1, 2], {"a": 1}, "hello\u0000 there"):
+            r = actor.client.post(url, data=json.dumps({k: value for k in names}),
+                                  headers={"Content-Type": "application/json", "X-CSRFToken": token})
+            assert r.status_code < 500 and "Traceback" not in text(r), (rule.endpoint, value, r.status_code)
+        r = actor.client.post(url, content_type="multipart/form-data", headers={"X-CSRFToken": token},
+                              data={k: (io.BytesIO(b"123456"), "f.txt") for k in names})
+        assert r.status_code < 500, (rule.endpoint, "file", r.status_code)
+    with app.app_context():
+        assert db.execute_sql("SELECT COUNT(*) FROM supportrequest").fetchone()[0] == 0
+    if not signed:  # the right email and password as JSON sign nobody in: the form is empty, and says so
+        r = actor.client.post("/login", data=json.dumps({"email": ADMIN, "password": PASSWORD}),
+                              headers={"Content-Type": "application/json", "X-CSRFToken": token})
+        assert r.status_code == 400 and "Enter your email address." in text(r) and "Enter your password." in text(r)
+        assert not signed_in(actor.client)
+
+
 # ---------------------------------------------------------------- security.md 30, 31, 44 over HTTPS
 
 def test_cookies_and_hsts_at_every_step_over_https(tmp_path, clock):

@@ -371,6 +371,37 @@ def test_every_device_change_ends_other_sessions(actor, app, alice, secret, chan
     assert "sessions_ended" in kinds(app, alice)
 
 
+@pytest.mark.parametrize("change", ["rename", "remove", "disable"])
+def test_with_htmx_a_device_change_also_refreshes_the_list_of_sessions(actor, app, alice, secret, change):
+    """The sessions a change ended (security.md 35) leave the list on the page at once: the row comes back
+    with the list out of band, without them (their "Sign out" buttons would lead nowhere)."""
+    actor.clock.advance(30)
+    second_session(actor, app, secret=secret)
+    actor.clock.advance(30)
+    assert text(actor.client.get("/settings")).count('<li class="device session">') == 2
+    [device] = device_rows(app, alice)
+    data = {
+        "rename": (f"/settings/devices/{device.id}/rename", {f"rename-{device.id}-name": "Renamed"}),
+        "remove": (f"/settings/devices/{device.id}/remove",
+                   {f"remove-{device.id}-code": actor.code(secret), f"remove-{device.id}-confirm_off": "y",
+                    f"remove-{device.id}-password": PASSWORD}),
+        "disable": ("/settings/2fa/disable", {"off-password": PASSWORD, "off-code": actor.code(secret)}),
+    }[change]
+    body = text(post(actor, *data, htmx=True))
+    assert body.lstrip().startswith('<div class="setting-row" id="tfa-row"')
+    oob = body.split('id="sessions" hx-swap-oob="true"', 1)
+    assert len(oob) == 2, "the sessions list is not in the answer"
+    assert oob[1].count('<li class="device session">') == 1 and "This browser</span>" in oob[1]
+    assert "/settings/sessions/" not in oob[1]  # no button for an ended session
+
+
+def test_a_rename_that_ends_no_session_sends_no_sessions_list(actor, app, alice):
+    [device] = device_rows(app, alice)
+    body = text(post(actor, f"/settings/devices/{device.id}/rename", {f"rename-{device.id}-name": "Renamed"},
+                     htmx=True))
+    assert 'id="tfa-row"' in body and 'id="sessions"' not in body
+
+
 def test_changes_are_audited_without_codes(actor, app, alice, secret):
     """security.md 43: device changes are audit events that hold neither code nor secret."""
     [device] = device_rows(app, alice)
@@ -450,7 +481,7 @@ def test_renaming_a_device_removed_in_another_tab_reloads_the_page_with_the_reas
                           data={"csrf_token": token, f"rename-{tablet.id}-name": "Old tablet"}, headers=HX)
     assert r.status_code == 404 and r.headers["HX-Refresh"] == "true"
     page = text(actor.client.get("/settings"))
-    assert "Not Found:" in page and "Old tablet" not in page
+    assert "Not Found: That device is no longer on your account" in page and "Old tablet" not in page
     assert [d.name for d in device_rows(app, alice)] == ["Phone"]
 
 

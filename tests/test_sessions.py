@@ -122,23 +122,44 @@ def test_sign_out_one_other_browser(app, actor, alice, secret, clock):
     assert ("sessions_ended", {"count": 1, "reason": "signed out one other browser"}) in kinds(app)
 
 
-def test_cannot_sign_out_another_persons_session(app, actor, alice, clock):
-    """security.md 34 (IDOR): Bob's session handle in Alice's request is a 404 and Bob stays signed in."""
+@pytest.mark.parametrize("htmx", [False, True])
+def test_cannot_sign_out_another_persons_session(app, actor, alice, clock, htmx):
+    """security.md 34 (IDOR): Bob's session handle in Alice's request gets exactly the answer of a handle that
+    matches nothing ("already ended"), and Bob stays signed in."""
     from webapp.settings import session_handle
 
     actor.user("bob@example.com")
     bob = browser(app, clock, email="bob@example.com")
     bob_handle = session_handle(token_hash(bob.session_cookie()))
-    r = actor.post_form(f"/settings/sessions/{bob_handle}/end", {}, form_url="/settings")
-    assert r.status_code == 404
+    headers = HX if htmx else {}
+    answers = []
+    for handle in (bob_handle, "0" * 32):
+        r = actor.post_form(f"/settings/sessions/{handle}/end", {}, form_url="/settings", headers=headers)
+        answers.append((r.status_code, r.headers.get("Location"), text(r).replace(handle, "HANDLE")))
+    assert answers[0] == answers[1]
     assert signed_in(bob.client)
     actor.post_form("/settings/sessions/end-others", {"user_id": "2"}, form_url="/settings")
     assert signed_in(bob.client)  # a user_id field does not pick whose sessions end
+    assert ("sessions_ended", {"count": 1, "reason": "signed out one other browser"}) not in kinds(app)
 
 
-def test_unknown_handle_is_404(actor, alice):
-    r = actor.post_form("/settings/sessions/" + "0" * 32 + "/end", {}, form_url="/settings")
-    assert r.status_code == 404
+@pytest.mark.parametrize("htmx", [False, True])
+def test_a_session_that_ended_meanwhile_says_so_and_refreshes_the_list(app, actor, alice, secret, clock, htmx):
+    """The "Sign out" button of a browser that has signed out since (or was ended in another tab) answers
+    with the up-to-date list and says the session had already ended, instead of a "Not Found" page."""
+    other = browser(app, clock, secret=secret, agent="GoneBrowser/1")
+    html = text(actor.client.get("/settings"))
+    [handle] = HANDLE_RE.findall(html)
+    other.client.post("/logout", data={"csrf_token": csrf_from(text(other.client.get("/settings")))})
+    r = actor.post_form(f"/settings/sessions/{handle}/end", {}, form_url="/settings", headers=HX if htmx else {})
+    if htmx:
+        assert r.status_code == 200 and text(r).lstrip().startswith('<section class="card"')
+        page = text(r)
+    else:
+        assert r.status_code == 302 and r.headers["Location"].endswith("/settings")
+        page = text(actor.client.get("/settings"))
+    assert "That session had already ended." in page and "GoneBrowser/1" not in page
+    assert signed_in(actor.client)
 
 
 def test_this_browser_is_not_ended_by_its_handle(app, actor, alice):

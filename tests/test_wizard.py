@@ -305,6 +305,30 @@ def test_whole_wizard_with_htmx_activates_2fa(actor, app):
     assert ">Active<" in settings and "Philipp&#39;s iPhone" in settings
 
 
+def test_activation_with_htmx_refreshes_the_list_of_sessions_it_ended(actor, app):
+    """security.md 35: activation ends the person's other sessions; the done step brings the list of sessions
+    behind the dialog up to date out of band, so no "Sign out" button for an ended session is left."""
+    from .conftest import Actor
+
+    user = signed_in(actor)
+    other = Actor(app, app.test_client(), actor.clock)
+    other.client.environ_base["HTTP_USER_AGENT"] = "OtherBrowser/3"
+    other.password_step()
+    assert "OtherBrowser/3" in text(actor.client.get("/settings"))
+    body = text(Wizard(actor).run())
+    assert 'data-step="done"' in body
+    oob = body.split('id="sessions" hx-swap-oob="true"', 1)
+    assert len(oob) == 2 and "OtherBrowser/3" not in oob[1] and "This browser</span>" in oob[1]
+    assert other.client.get("/settings").status_code == 302  # it really ended
+    assert len(devices(app, user)) == 1
+
+
+def test_activation_that_ended_no_session_sends_no_sessions_list(actor):
+    signed_in(actor)
+    body = text(Wizard(actor).run())
+    assert 'data-step="done"' in body and 'id="sessions"' not in body
+
+
 def test_whole_wizard_without_javascript(actor, app):
     user = signed_in(actor)
     w = Wizard(actor, htmx=False)

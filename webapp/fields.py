@@ -6,7 +6,10 @@ forms (bench/profile.py; issue #7 "User Settings >= 0.35 of the bare app"). This
 (attribute names sorted like WTForms, values escaped, the same validation attributes taken from the
 validators' flags) for the field types our forms use, and hands anything else to the WTForms widget.
 """
+from flask import request
 from flask_wtf import FlaskForm
+from flask_wtf.form import SUBMIT_METHODS
+from flask_wtf.form import _Auto as _AUTO  # the "take it from the request" default of a form's formdata
 from markupsafe import Markup, escape
 from wtforms.fields import Label
 
@@ -15,10 +18,21 @@ class Form(FlaskForm):
     """The base of every form here. CSRFProtect checks the token of every unsafe request before any view
     runs (security.md 33; a missing or wrong token gets the 400 "Form expired" page), so forms do not
     carry a second CSRF field of their own: that field signed a fresh token for every form built, a tenth
-    of the code step's cost. Templates write the token with `csrf_token()`."""
+    of the code step's cost. Templates write the token with `csrf_token()`.
+
+    Forms read the submitted form fields only. Flask-WTF's default also takes uploaded files and a JSON body
+    in their place: a number, a list or a file where a field expects text made the validators raise (a 500
+    from a POST anyone can send), and JSON strings bypassed the NUL check on form values. Such a body
+    now leaves every field empty, which each form refuses with its usual messages."""
 
     class Meta:
         csrf = False
+
+        def wrap_formdata(self, form, formdata):
+            if formdata is not _AUTO:
+                return formdata
+            # An empty form is None, as in Flask-WTF: the fields keep their defaults and say they are required.
+            return (request.form or None) if request.method in SUBMIT_METHODS else None
 
 
 # Attributes a widget takes from the validators' flags (WTForms' `validation_attrs`), per input type.

@@ -8,7 +8,7 @@ import functools
 import hashlib
 import unicodedata
 
-from flask import Blueprint, abort, current_app, flash, redirect, render_template, session, url_for
+from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, session, url_for
 from flask_login import current_user, login_required
 from peewee import IntegrityError
 from wtforms import BooleanField, PasswordField, StringField
@@ -127,10 +127,12 @@ def _devices(user):
 
 
 def _own_device(device_id):
-    """The signed-in person's device with this id, or 404: nobody reaches another person's devices (security.md 34)."""
+    """The signed-in person's device with this id, or 404: nobody reaches another person's devices (security.md 34),
+    and one removed in another tab is gone, which is what the message says (the same for both)."""
     device = Device.get_or_none((Device.id == device_id) & (Device.user == current_user.id))
     if device is None:
-        abort(404)
+        abort(404, description="That device is no longer on your account: it may have been removed in another "
+                               "tab or browser. Nothing was changed.")
     return device
 
 
@@ -163,21 +165,23 @@ def _row_context(user, failed=None, notice=None):
             "notice": notice}
 
 
-def _settings_response(user, failed=None, notice=None, status=200):
-    """The settings page, or only the #tfa-row fragment for htmx (errors stay 200 so htmx swaps them)."""
+def _settings_response(user, failed=None, notice=None, status=200, sessions_oob=False):
+    """The settings page, or only the #tfa-row fragment for htmx (errors stay 200 so htmx swaps them); with
+    sessions_oob the list of sessions comes too, out of band (other sessions were just ended)."""
     if htmx.is_htmx():
         status = 200
-    return htmx.render("settings/index.html", "settings/_tfa_row.html", status=status,
+    return htmx.render("settings/index.html", "settings/_tfa_row.html", status=status, sessions_oob=sessions_oob,
                        **_row_context(user, failed=failed, notice=notice))
 
 
 def _after_change(user, notice):
-    """Finish a device change: other sessions end (security.md 35), then show the updated row."""
+    """Finish a device change: other sessions end (security.md 35), then show the updated row (and, for
+    htmx, the list of sessions without them: its buttons for them would lead nowhere)."""
     ended = end_user_sessions(user, keep_token=session.token)
     if ended:
         audit("sessions_ended", user=user, reason="2fa change", count=ended)
     if htmx.is_htmx():
-        return _settings_response(user, notice=notice)
+        return _settings_response(user, notice=notice, sessions_oob=bool(ended))
     flash(notice, "success")
     return redirect(url_for("settings.index"))
 
@@ -406,6 +410,8 @@ def complete():
     if ended:
         audit("sessions_ended", user=user, reason="2fa change", count=ended)
     session[_WIZARD_DONE] = {"device": device.id, "added": had_2fa, "reset": had_reset_window}
+    if ended:
+        g.sessions_changed = True  # the done step refreshes the list of sessions behind the dialog too
     if not htmx.is_htmx():
         return redirect(url_for("settings.done"), 303)  # a reload shows the done page, not a second submission
     return _done_step(User.get_by_id(user.id), device, session[_WIZARD_DONE])
@@ -439,7 +445,8 @@ def _just_activated(user):
 
 
 def _done_step(user, device, done_info):
-    return _wizard("done", device=device, oob_row=htmx.is_htmx(), had_reset_window=done_info.get("reset"),
+    return _wizard("done", device=device, oob_row=htmx.is_htmx(), sessions_oob=g.get("sessions_changed", False),
+                   had_reset_window=done_info.get("reset"),
                    had_2fa_before=done_info.get("added"), has_2fa=True, **_row_context(user))
 
 
@@ -627,13 +634,15 @@ def end_other_sessions():
 @bp.post("/sessions/<handle>/end")
 @login_required
 def end_one_session(handle):
-    """Sign out one other browser of your own; another person's session is a 404 like a missing one (security.md 34)."""
+    """Sign out one other browser of your own. A handle that is not one of your sessions (it ended meanwhile:
+    signed out, expired, ended by a 2FA change in another tab; or it is another person's) gets the same
+    answer as a session that has just ended, with the list refreshed, and changes nothing (security.md 34)."""
     user = _user()
     this_id = token_hash(session.token) if session.token else None
     rows = ServerSession.select(ServerSession.id).where(ServerSession.user == user.id)
     match = next((r.id for r in rows if session_handle(r.id) == handle), None)
     if match is None:
-        abort(404)
+        return _sessions_response("That session had already ended.")
     if match == this_id:
         return _sessions_response("To sign out of this browser, use Log out.")
     ended = ServerSession.delete().where((ServerSession.id == match) & (ServerSession.user == user.id)).execute()

@@ -127,7 +127,10 @@ def qr_svg(uri, scale=5, border=4):
                 runs.append(f"M{start + border} {y + border}.5h{x - start}")
             else:
                 x += 1
-    return (f'<svg width="{size * scale}" height="{size * scale}" class="segno"><g transform="scale({scale})">'
+    # The viewBox lets CSS shrink the code to a narrow screen's width (app.css) instead of cutting it off.
+    side = size * scale
+    return (f'<svg width="{side}" height="{side}" viewBox="0 0 {side} {side}" class="segno">'
+            f'<g transform="scale({scale})">'
             f'<path fill="#fff" d="M0 0h{size}v{size}h-{size}z"/>'
             f'<path class="qrline" stroke="#000" d="{"".join(runs)}"/></g></svg>')
 
