@@ -666,6 +666,31 @@ def test_a_blocked_person_can_be_given_a_new_window(app, actor, secret, clock, t
     assert second_client(app, clock).password_step("carol@example.com").headers["Location"].endswith("/settings")
 
 
+@pytest.mark.parametrize("htmx", [False, True])
+def test_disabling_again_while_the_window_is_open_changes_nothing(app, actor, secret, clock, target, htmx):
+    """A second "Disable 2FA temporarily" (a double click, another admin's old tab) while the window is open
+    said "0 device(s) revoked", moved the window's end and signed the person out of the session they had
+    just opened with their password. Now it says the window is already open and changes nothing."""
+    sign_in_admin(actor, secret)
+    assert disable(actor, target).status_code == 302
+    until = user_row(app, "carol@example.com").tfa_reset_until
+    clock.advance(240)
+    carol = second_client(app, clock)
+    assert carol.password_step("carol@example.com").headers["Location"].endswith("/settings")
+    html = actor.client.get("/support?q=carol").get_data(as_text=True)
+    assert "Temporarily off" in html and DISABLE_LINK not in html and "End support window now" in html
+    r = disable(actor, target, duration="3d", headers=HX if htmx else None)
+    body = r.get_data(as_text=True)
+    assert r.status_code == (200 if htmx else 409)
+    assert "is already off until" in body and "Nothing was changed." in body
+    assert user_row(app, "carol@example.com").tfa_reset_until == until
+    assert carol.client.get("/settings").status_code == 200  # still signed in
+    assert count(app, AuditEvent, AuditEvent.kind == "support_tfa_disabled") == 1
+    r = actor.client.get(f"/support/users/{target.id}/disable-2fa")
+    assert "is already off until" in r.get_data(as_text=True) and 'name="u%d-reason"' % target.id not in (
+        r.get_data(as_text=True))
+
+
 def test_person_without_2fa_cannot_be_given_a_window(app, actor, secret):
     """Opening a window for someone who never had 2FA would lock them out later: refused, nothing changed."""
     dave = actor.user("dave@example.com")

@@ -360,8 +360,10 @@ class UserRow:
             self.window = "open" if user.tfa_reset_until > (current or now()) else "ended"
         self.is_self = user.id == (current_user.id if actor_id is None else actor_id)
         self.protected = self.is_self or user.is_admin
-        # A disable only makes sense where there is 2FA to disable or a window to (re)open.
-        self.can_disable = not self.protected and (bool(devices) or user.tfa_reset_until is not None)
+        # A disable only makes sense where there is 2FA to disable or a lapsed window to open again: while a
+        # window is open, a second one (a double click, another admin's old tab) would move its end and sign
+        # the person out of the sessions they opened in it.
+        self.can_disable = not self.protected and (bool(devices) or self.window == "ended")
         self.can_end = not self.protected and self.window == "open"
         self.show_form = self.can_disable and form is not None
 
@@ -564,7 +566,7 @@ def disable_2fa_form(user_id):
     form = _focus(DisableForm(formdata=None, prefix=f"u{target.id}"))
     row = build_rows([target], forms={target.id: form})[0]
     if not row.can_disable:
-        row.error = "This person has no two-factor authentication to disable."
+        row.error = _already_off(target) if row.window == "open" else _NOTHING_TO_DISABLE
     return htmx.render("support/disable.html", "support/_user_row.html", row=row)
 
 
@@ -587,15 +589,25 @@ def disable_2fa(user_id):
         has_devices = Device.select().where(Device.user == locked.id).exists()
         # Opening a window for someone without 2FA would lock them out when it ends.
         nothing_to_disable = not has_devices and locked.tfa_reset_until is None
-        if not nothing_to_disable:
+        already_open = not has_devices and locked.tfa_reset_until is not None and locked.tfa_reset_until > now()
+        if not (nothing_to_disable or already_open):
             until, removed, sessions = _open_window(locked, actor, form, label, duration)
     # Rendering happens after the write transaction, so the write lock is held no longer than needed.
     if nothing_to_disable:
-        return _row_response(target, status=400, form=form,
-                             error="This person has no two-factor authentication to disable. Nothing was changed.")
+        return _row_response(target, status=400, form=form, error=_NOTHING_TO_DISABLE + " Nothing was changed.")
+    if already_open:
+        return _row_response(target, status=409, error=_already_off(locked))
     notice = (f"2FA for {target.email} is off until {_fmt_time(until)}: {removed} device(s) revoked, "
               f"{sessions} session(s) ended.")
     return _row_response(target, notice=notice, refresh_requests=True)
+
+
+_NOTHING_TO_DISABLE = "This person has no two-factor authentication to disable."
+
+
+def _already_off(user):
+    return (f"2FA for {user.email} is already off until {_fmt_time(user.tfa_reset_until)}. Nothing was changed. "
+            "To give them a different end time, end the support window first, then disable again.")
 
 
 def _open_window(locked, actor, form, label, duration):
