@@ -796,6 +796,18 @@ def test_reauth_with_2fa_needs_the_code_not_just_the_password(actor, app, secret
         assert AuditEvent.select().where(AuditEvent.kind == "reauthenticated").count() == 0
 
 
+def test_reauth_with_a_wrong_password_says_so_without_mentioning_an_email_address(actor, app, secret):
+    """The "Confirm it's you" form has no email field: its refusal is "Incorrect password.", and nothing changes."""
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    actor.clock.advance(11 * 60)
+    r = actor.post_form("/reauth?next=/settings/2fa", {"password": "not my password", "code": actor.code(secret)})
+    body = r.get_data(as_text=True)
+    assert r.status_code != 302 and "Incorrect password." in body and "Incorrect email address" not in body
+    with app.app_context():
+        assert AuditEvent.select().where(AuditEvent.kind == "reauthenticated").count() == 0
+
+
 def test_the_fifth_wrong_code_locks_for_minutes_and_is_recorded_then(app, clock, secret):
     """security.md 18, 19: failures 1-4 back off 1, 2, 4, 8 s; the fifth locks for 15 minutes, so 17 s later
     a right code is still refused; the lockout is recorded at the fifth failure, not before."""

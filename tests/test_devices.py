@@ -175,7 +175,8 @@ def test_removing_the_last_device_needs_the_password_too(actor, app, alice, secr
     r = post(actor, url, base)
     assert r.status_code == 400 and "Enter your password" in text(r)
     r = post(actor, url, {**base, f"remove-{device.id}-password": "not my password"})
-    assert r.status_code == 403 and "Incorrect email address or password." in text(r)
+    # a signed-in person confirms with a password only: the message names no email address
+    assert r.status_code == 403 and "Incorrect password." in text(r) and "email address" not in text(r)
     assert len(device_rows(app, alice)) == 1 and "tfa_disabled" not in kinds(app, alice)
     actor.clock.advance(2)  # past the back-off of the wrong password
     r = post(actor, url, {**base, f"remove-{device.id}-password": PASSWORD})
@@ -400,6 +401,53 @@ def test_a_rename_that_ends_no_session_sends_no_sessions_list(actor, app, alice)
     body = text(post(actor, f"/settings/devices/{device.id}/rename", {f"rename-{device.id}-name": "Renamed"},
                      htmx=True))
     assert 'id="tfa-row"' in body and 'id="sessions"' not in body
+
+
+@pytest.mark.parametrize("htmx", [False, True])
+def test_renaming_a_device_to_its_own_name_changes_nothing(actor, app, alice, secret, htmx):
+    """Saving the name a device already has was a change: a device_renamed record, "Renamed “Phone” to
+    “Phone”", and the person's other browsers signed out (security.md 35 is for real changes)."""
+    actor.clock.advance(30)
+    other = second_session(actor, app, secret=secret)
+    [device] = device_rows(app, alice)
+    r = post(actor, f"/settings/devices/{device.id}/rename", {f"rename-{device.id}-name": "  Phone "}, htmx=htmx)
+    page = text(r) if htmx else text(actor.client.get(r.headers["Location"]))
+    assert "“Phone” already has this name. Nothing was changed." in page
+    assert "device_renamed" not in kinds(app, alice) and "sessions_ended" not in kinds(app, alice)
+    assert not signed_out(other.client)
+
+
+def test_a_device_removed_while_it_is_renamed_is_not_reported_renamed(actor, app, alice, monkeypatch):
+    """The device goes between the rename's first read and its UPDATE (another tab removed it): the answer
+    says it is gone; no device_renamed record and nobody signed out for a rename that did not happen."""
+    from webapp import settings as settings_module
+
+    tablet = add_device(app, alice, "Tablet")
+    token = actor.csrf("/settings")  # the page is read before the other tab's removal
+    original = settings_module._devices
+
+    def devices_then_removed(user):
+        rows = original(user)
+        Device.delete().where(Device.id == tablet.id).execute()  # the other tab's removal lands here
+        return rows
+
+    monkeypatch.setattr(settings_module, "_devices", devices_then_removed)
+    r = actor.client.post(f"/settings/devices/{tablet.id}/rename",
+                          data={"csrf_token": token, f"rename-{tablet.id}-name": "iPad"})
+    assert r.status_code == 404 and "That device is no longer on your account" in text(r)
+    assert "device_renamed" not in kinds(app, alice)
+    assert [d.name for d in device_rows(app, alice)] == ["Phone"]
+
+
+def test_turning_off_again_without_javascript_says_it_is_already_off(actor, app, alice, secret):
+    token = actor.csrf("/settings")
+    with app.app_context():
+        Device.delete().where(Device.user == alice.id).execute()
+    r = actor.client.post("/settings/2fa/disable",
+                          data={"csrf_token": token, "off-password": PASSWORD, "off-code": actor.code(secret)})
+    assert r.status_code == 302
+    page = text(actor.client.get(r.headers["Location"]))
+    assert "Two-factor authentication is already off." in page and "tfa_disabled" not in kinds(app, alice)
 
 
 def test_changes_are_audited_without_codes(actor, app, alice, secret):

@@ -20,6 +20,8 @@ from .totp import check_user_code, code_matches, normalise_code
 bp = Blueprint("auth", __name__)
 
 GENERIC_LOGIN_ERROR = "Incorrect email address or password."
+# The same refusal for a signed-in person confirming an action: there is no email address on that form.
+WRONG_PASSWORD_ERROR = "Incorrect password."
 GENERIC_CODE_ERROR = "That code is not valid. Check your authenticator app and enter the current code."
 MALFORMED_CODE_ERROR = "Enter the 6-digit code from your authenticator app (digits only)."
 
@@ -139,8 +141,9 @@ def current_challenge():
     return challenge
 
 
-def password_check(user, password):
-    """Check a password with the throttle; returns None on success or the error to show.
+def password_check(user, password, wrong=GENERIC_LOGIN_ERROR):
+    """Check a password with the throttle; returns None on success or the error to show (`wrong` when the
+    password is not the account's).
 
     The failures counted are the account's, or, in a browser the person completed a sign-in from, that
     browser's own (security.known_browser): a stranger's wrong guesses lock the account everywhere else
@@ -151,7 +154,7 @@ def password_check(user, password):
         return _password_throttled(user, holder, holder.password_locked_until)
     correct = verify_password(user.password_hash if user else None, password)  # slow: outside any lock
     if user is None:
-        return GENERIC_LOGIN_ERROR
+        return wrong
     # Read the counter again after the hash: guesses sent at the same moment were all let in against the
     # state before any of them failed. The first failure's back-off applies to the others, right or wrong,
     # and each failure counts from the one before it (security.md 18, 20).
@@ -159,7 +162,7 @@ def password_check(user, password):
         # A plain read will do: a failure committed before it is seen, one committed after it came later.
         holder, fresh = _fresh_counter(user, holder)
         if fresh is None:
-            return GENERIC_LOGIN_ERROR
+            return wrong
         if _waiting(fresh):
             return _password_throttled(user, holder, fresh.password_locked_until)
         if fresh.password_failures:
@@ -170,13 +173,13 @@ def password_check(user, password):
         User.lock(user.id)
         holder, fresh = _fresh_counter(user, holder, lock=True)
         if fresh is None:
-            return GENERIC_LOGIN_ERROR
+            return wrong
         if _waiting(fresh):
             return _password_throttled(user, holder, fresh.password_locked_until)
         failures = fresh.password_failures + 1
         _set_counter(holder, password_failures=failures, password_locked_until=now() + backoff(failures))
         audit("password_rejected", user=user, failures=failures, **_counted_in(holder))
-    return GENERIC_LOGIN_ERROR
+    return wrong
 
 
 def _fresh_counter(user, holder, lock=False):
@@ -339,7 +342,7 @@ def reauth():
         if not form.validate_on_submit():
             status = 400
         else:
-            error = password_check(user, form.password.data)
+            error = password_check(user, form.password.data, wrong=WRONG_PASSWORD_ERROR)
             if error is None and needs_code:
                 result = check_user_code(user, form.code.data or "")
                 if not result:

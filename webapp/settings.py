@@ -15,7 +15,7 @@ from wtforms import BooleanField, PasswordField, StringField
 from wtforms.validators import DataRequired, Length, Optional, ValidationError
 
 from . import fields, htmx, totp
-from .auth import CODE_FIELD_ATTRS, MALFORMED_CODE_ERROR, code_error, password_check, strip_text
+from .auth import CODE_FIELD_ATTRS, MALFORMED_CODE_ERROR, WRONG_PASSWORD_ERROR, code_error, password_check, strip_text
 from .clock import now, timestamp
 from .db import Param, Prepared, db, for_update, write_transaction
 from .fields import Form, freeze
@@ -126,13 +126,16 @@ def _devices(user):
     return _DEVICES.rows(user=user.id)
 
 
+_DEVICE_GONE = ("That device is no longer on your account: it may have been removed in another tab or browser. "
+                "Nothing was changed.")
+
+
 def _own_device(device_id):
     """The signed-in person's device with this id, or 404: nobody reaches another person's devices (security.md 34),
     and one removed in another tab is gone, which is what the message says (the same for both)."""
     device = Device.get_or_none((Device.id == device_id) & (Device.user == current_user.id))
     if device is None:
-        abort(404, description="That device is no longer on your account: it may have been removed in another "
-                               "tab or browser. Nothing was changed.")
+        abort(404, description=_DEVICE_GONE)
     return device
 
 
@@ -183,6 +186,14 @@ def _after_change(user, notice):
     if htmx.is_htmx():
         return _settings_response(user, notice=notice, sessions_oob=bool(ended))
     flash(notice, "success")
+    return redirect(url_for("settings.index"))
+
+
+def _unchanged(user, notice):
+    """A request that asked for what is already so: the row with a message (htmx), or back with a flash."""
+    if htmx.is_htmx():
+        return _settings_response(user, notice=notice)
+    flash(notice, "info")
     return redirect(url_for("settings.index"))
 
 
@@ -471,16 +482,21 @@ def rename_device(device_id):
     form = RenameForm(prefix=f"rename-{device.id}")
     if form.validate():
         name = form.name.data
+        if name == device.name:  # nothing to do: no audit record, and nobody else is signed out for it
+            return _unchanged(user, f"“{name}” already has this name. Nothing was changed.")
         if any(d.name.casefold() == name.casefold() and d.id != device.id for d in _devices(user)):
             form.name.errors = ["You already have a device with this name. Choose another name."]
         else:
             old = device.name
             try:
                 with db.atomic():
-                    Device.update(name=name).where(Device.id == device.id).execute()
+                    renamed = Device.update(name=name).where(
+                        (Device.id == device.id) & (Device.user == user.id)).execute()
             except IntegrityError:
                 form.name.errors = ["You already have a device with this name. Choose another name."]
             else:
+                if not renamed:  # removed in another tab since it was read above
+                    abort(404, description=_DEVICE_GONE)
                 audit("device_renamed", user=user, device=name, old_name=old)
                 return _after_change(user, f"Renamed “{old}” to “{name}”.")
     return _settings_response(user, failed=("rename", device.id, form), status=400)
@@ -504,7 +520,7 @@ def remove_device(device_id):
         if not form.password.data:
             form.password.errors = ["Enter your password: removing your only device turns 2FA off."]
             return _settings_response(user, failed=("remove", device.id, form), status=400)
-        error = password_check(user, form.password.data)
+        error = password_check(user, form.password.data, wrong=WRONG_PASSWORD_ERROR)
         if error is not None:
             form.password.errors = [error]
             return _settings_response(user, failed=("remove", device.id, form),
@@ -540,14 +556,12 @@ def disable():
     """Turn 2FA off entirely: needs the password and a current code, POST only (security.md 32, 33)."""
     user = _user()
     if not user.has_2fa:  # turned off meanwhile (another tab): show the row as it is now
-        if htmx.is_htmx():
-            return _settings_response(user, notice="Two-factor authentication is already off.")
-        return redirect(url_for("settings.index"))
+        return _unchanged(user, "Two-factor authentication is already off.")
     form = DisableForm(prefix="off")
     # Refusals are 403 (no password and code, no change: security.md 32); htmx still gets 200 to swap them.
     if not form.validate():
         return _settings_response(user, failed=("disable", None, form), status=403)
-    error = password_check(user, form.password.data)
+    error = password_check(user, form.password.data, wrong=WRONG_PASSWORD_ERROR)
     if error is not None:
         form.password.errors = [error]
         return _settings_response(user, failed=("disable", None, form),
