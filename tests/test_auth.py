@@ -796,6 +796,21 @@ def test_reauth_with_2fa_needs_the_code_not_just_the_password(actor, app, secret
         assert AuditEvent.select().where(AuditEvent.kind == "reauthenticated").count() == 0
 
 
+def test_a_refused_password_puts_the_focus_on_password_which_names_the_reason(actor):
+    """After "Incorrect email address or password." the email stays filled in and the person retypes the
+    password: focus goes there (not back to Email), and the field is described by the message."""
+    import re
+
+    actor.user()
+    html = actor.post_form("/login", {"email": "alice@example.com", "password": "wrong"}).get_data(as_text=True)
+    focused = re.findall(r"<input[^>]*\bautofocus\b[^>]*>", html)
+    assert len(focused) == 1 and 'name="password"' in focused[0] and 'aria-describedby="login-error"' in focused[0]
+    assert re.search(r'<p [^>]*id="login-error"[^>]*>Incorrect email address or password.</p>', html)
+    fresh = actor.client.get("/login").get_data(as_text=True)
+    focused = re.findall(r"<input[^>]*\bautofocus\b[^>]*>", fresh)
+    assert len(focused) == 1 and 'name="email"' in focused[0]
+
+
 def test_reauth_with_a_wrong_password_says_so_without_mentioning_an_email_address(actor, app, secret):
     """The "Confirm it's you" form has no email field: its refusal is "Incorrect password.", and nothing changes."""
     actor.user(secret=secret)

@@ -72,6 +72,20 @@ def test_empty_form_says_what_is_missing_and_writes_nothing(app, actor):
     assert requests_in_db(app) == []
 
 
+def test_without_javascript_the_first_field_with_an_error_gets_the_focus(actor):
+    """WCAG 3.3.1 / 2.4.3: a refused form comes back with the browser's focus on the first field to fix (the
+    only autofocus in the page), tied to its error; without it focus was on the page's top."""
+    import re
+
+    html = send(actor, email="alice@example.com", message="short").get_data(as_text=True)
+    focused = re.findall(r"<(?:input|textarea)[^>]*\bautofocus\b[^>]*>", html)
+    assert len(focused) == 1 and 'name="message"' in focused[0]
+    assert 'aria-invalid="true"' in focused[0] and "message-error" in focused[0]
+    html = send(actor, email="", message="").get_data(as_text=True)
+    focused = re.findall(r"<(?:input|textarea)[^>]*\bautofocus\b[^>]*>", html)
+    assert len(focused) == 1 and 'name="email"' in focused[0]
+
+
 def test_invalid_email_is_refused(app, actor):
     r = send(actor, email="not-an-address")
     assert r.status_code == 400 and "Enter a valid email address" in r.get_data(as_text=True)

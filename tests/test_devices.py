@@ -404,6 +404,19 @@ def test_a_rename_that_ends_no_session_sends_no_sessions_list(actor, app, alice)
 
 
 @pytest.mark.parametrize("htmx", [False, True])
+def test_a_refused_rename_focuses_the_name_field(actor, app, alice, htmx):
+    """The refused form is the page again (or the row, with htmx): the field to fix carries the page's only
+    autofocus, so the browser (or htmx, after the swap) puts the focus there, inside the opened Rename."""
+    import re
+
+    [device] = device_rows(app, alice)
+    r = post(actor, f"/settings/devices/{device.id}/rename", {f"rename-{device.id}-name": ""}, htmx=htmx)
+    focused = re.findall(r"<input[^>]*\bautofocus\b[^>]*>", text(r))
+    assert len(focused) == 1 and f'name="rename-{device.id}-name"' in focused[0]
+    assert 'aria-invalid="true"' in focused[0]
+
+
+@pytest.mark.parametrize("htmx", [False, True])
 def test_renaming_a_device_to_its_own_name_changes_nothing(actor, app, alice, secret, htmx):
     """Saving the name a device already has was a change: a device_renamed record, "Renamed “Phone” to
     “Phone”", and the person's other browsers signed out (security.md 35 is for real changes)."""

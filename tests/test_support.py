@@ -269,8 +269,25 @@ def test_htmx_search_returns_only_the_results_fragment(actor, secret):
     r = actor.client.get("/support?q=ali", headers=HX)
     html = r.get_data(as_text=True)
     assert r.status_code == 200 and "HX-Request" in r.headers["Vary"]
-    assert html.lstrip().startswith('<div id="results"') and "<html" not in html
+    assert html.lstrip().startswith('<p id="results-status"') and "<html" not in html
+    assert '<div id="results">' in html and "aria-live" not in html
     assert "alice@example.com" in html
+
+
+@pytest.mark.parametrize("q, said", [("ali", "1 account found."), ("a", "2 accounts found."),
+                                     ("zz", "No account starts with “zz”.")])
+def test_search_results_are_summed_up_in_a_status_that_stays_in_the_page(actor, secret, q, said):
+    """Screen readers read a live region whose text changes, not one that is swapped in already filled: the
+    results' summary goes into the page's one #results-status (out of band, its content only), while the
+    list itself is replaced."""
+    actor.user("alice@example.com")
+    actor.user("anna@example.com")
+    sign_in_admin(actor, secret)
+    page = actor.client.get("/support").get_data(as_text=True)
+    assert page.count('id="results-status"') == 1 and 'role="status"' in page
+    html = actor.client.get(f"/support?q={q}", headers=HX).get_data(as_text=True)
+    status = re.search(r'<p id="results-status"[^>]*hx-swap-oob="innerHTML"[^>]*>(.*?)</p>', html, re.S)
+    assert status and status.group(1).strip() == said
 
 
 def test_own_and_admin_rows_offer_no_action(actor, secret):

@@ -6,7 +6,7 @@ forms (bench/profile.py; issue #7 "User Settings >= 0.35 of the bare app"). This
 (attribute names sorted like WTForms, values escaped, the same validation attributes taken from the
 validators' flags) for the field types our forms use, and hands anything else to the WTForms widget.
 """
-from flask import request
+from flask import g, request
 from flask_wtf import FlaskForm
 from flask_wtf.form import SUBMIT_METHODS
 from flask_wtf.form import _Auto as _AUTO  # the "take it from the request" default of a form's formdata
@@ -198,6 +198,11 @@ def _field_markup(f, hint, error, extra):
     errors = list(f.errors)
     if error:
         errors.append(error)
+    if errors and not g.get("error_field_focused"):
+        # The first field with an error on the page is where the person goes next: a browser focuses it on
+        # load without JavaScript, and htmx focuses it in a swapped fragment (WCAG 3.3.1, 2.4.3).
+        extra["autofocus"] = True
+        g.error_field_focused = True
     described = []
     if hint:
         described.append(f.id + "-hint")
@@ -223,4 +228,4 @@ def form_error(message):
     """A form-level error (not tied to one field), announced by screen readers when it appears."""
     if not message:
         return Markup("")
-    return Markup(f'<p class="error form-error" role="alert">{escape(message)}</p>')
+    return Markup(f'<p class="error form-error" role="alert" tabindex="-1">{escape(message)}</p>')

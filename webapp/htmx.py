@@ -8,9 +8,11 @@ def is_htmx():
 
 
 def render(page, fragment, status=200, **context):
-    """Render the whole page, or only its fragment for htmx; either way the answer varies on HX-Request."""
-    template = fragment if is_htmx() else page
-    response = make_response(render_template(template, **context), status)
+    """Render the whole page, or only its fragment for htmx (the templates see which as `fragment_only`);
+    either way the answer varies on HX-Request."""
+    fragment_only = is_htmx()
+    template = fragment if fragment_only else page
+    response = make_response(render_template(template, fragment_only=fragment_only, **context), status)
     response.vary.add("HX-Request")
     return response
 

@@ -159,6 +159,29 @@ def test_disable_form_by_keyboard_with_an_error_first(page, server):
     tab_to(page, person_row(page).get_by_role("button", name=re.compile("Disable")))
     page.keyboard.press("Enter")
     expect(person_row(page)).to_contain_text("Temporarily off")
+    # The row replaced itself with the button just pressed: focus is on the outcome, not lost on <body>.
+    expect(person_row(page).get_by_role("status")).to_be_focused()
+    expect(person_row(page).get_by_role("status")).to_contain_text("is off until")
+
+
+def test_mark_as_handled_by_keyboard_keeps_the_focus_on_the_request(page, server):
+    """Enter on Mark as handled: the request item is replaced, and focus goes to its "Handled" status (it was
+    left on <body>, so the next Tab started again at the top of the page); the count follows."""
+    from webapp.models import SupportRequest
+    from webapp.clock import now
+
+    server.query(lambda: SupportRequest.create(email=PERSON, message="Lost my phone, please help.",
+                                               created_at=now(), ip="127.0.0.1"))
+    sign_in_admin(page, server)
+    follow(page, page.get_by_role("navigation").get_by_role("link", name="Support", exact=True))
+    requests = page.locator("#open-requests")
+    expect(requests.get_by_role("heading")).to_contain_text("(1)")
+    tab_to(page, requests.get_by_role("button", name="Mark as handled", exact=True))
+    page.keyboard.press("Enter")
+    handled = requests.get_by_role("status")
+    expect(handled).to_contain_text("Handled")
+    expect(handled).to_be_focused()
+    expect(requests.get_by_role("heading")).to_contain_text("(0)")
 
 
 def test_disable_without_javascript_uses_a_page_with_the_form(nojs_page, server):
