@@ -23,6 +23,10 @@ if os.path.isdir("/dev/shm"):
 # Only trust X-Forwarded-* from these proxy addresses (gunicorn's own handling of X-Forwarded-Proto); the
 # app itself applies ProxyFix with exactly PROXY_HOPS hops (README "Deployment"). Keep both in step.
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
+# gunicorn 27's control socket (for gunicornc) has one default path per user ($XDG_RUNTIME_DIR/gunicorn.ctl or
+# ~/.gunicorn/gunicorn.ctl): a second gunicorn on the host (another instance, a test server) took it over and
+# removed the first one's. twostep needs none; to use gunicornc, set control_socket to a path of this instance.
+control_socket_disable = True
 
 
 def pre_fork(server, worker):

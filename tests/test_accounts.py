@@ -151,6 +151,30 @@ def test_first_run_needs_the_console_code(app, client):
     assert app.test_client().get("/setup").status_code == 404
 
 
+def test_nobody_can_sign_up_before_the_first_admin_exists(app, client):
+    """Brief "Operator contract": the first-run page keeps the instance for whoever has the console's code. A
+    stranger's sign-up on an empty instance made /setup disappear, leaving an instance without an admin:
+    sign-up now leads to /setup until the first account exists, and creates nothing."""
+    token = csrf_from(client.get("/setup").get_data(as_text=True))
+    r = client.post("/signup", data={"csrf_token": token, "email": "stranger@example.com", "password": PASSWORD,
+                                     "confirm": PASSWORD})
+    assert r.status_code == 302 and r.headers["Location"] == "/setup"
+    assert client.get("/signup").headers["Location"] == "/setup"
+    with app.app_context():
+        assert User.select().count() == 0
+    assert client.get("/setup").status_code == 200
+    r = client.post("/setup", data={"csrf_token": token, "email": "admin@example.com", "password": PASSWORD,
+                                    "confirm": PASSWORD, "setup_code": "setup-code-123"})
+    assert r.status_code == 302
+    other = app.test_client()
+    page = other.get("/signup").get_data(as_text=True)
+    r = other.post("/signup", data={"csrf_token": csrf_from(page), "email": "person@example.com",
+                                    "password": PASSWORD, "confirm": PASSWORD})
+    assert r.status_code == 302 and r.headers["Location"] != "/setup"
+    with app.app_context():
+        assert [u.email for u in User.select().order_by(User.id)] == ["admin@example.com", "person@example.com"]
+
+
 def test_first_run_code_is_the_same_on_every_host_of_a_deployment(tmp_path, capsys):
     """Several hosts (their own instance folders, one SECRET_KEY) print the same code, so the form works
     whichever host the load balancer sends it to; another deployment's key gives another code; nothing is
@@ -300,7 +324,8 @@ def test_purge_expired_removes_only_dead_state(app, actor, secret, clock):
     live.password_step()                       # a sign-in in progress now: its row and challenge stay
     result = run(app, "purge-expired")
     assert result.exit_code == 0
-    assert "deleted 1 session(s), 1 sign-in challenge(s), 0 pending enrolment(s)" in result.output
+    assert "deleted 1 session(s), 1 sign-in challenge(s), 0 pending enrolment(s), 0 known browser(s)" in (
+        result.output)
     with app.app_context():
         assert ServerSession.select().count() == 1 and SignInChallenge.select().count() == 1
     assert "Verification code" in live.client.get("/login/verify").get_data(as_text=True)
@@ -352,6 +377,8 @@ def test_a_proxy_hop_count_that_is_not_a_count_is_named_in_the_error(tmp_path, m
 
 @pytest.mark.parametrize("url, message", [
     ("sqlite://app.db", "DATABASE_URL for SQLite is sqlite:/// and a path"),  # would be a database in memory
+    ("sqlite://", "DATABASE_URL for SQLite is sqlite:/// and a path"),  # one empty database per worker
+    ("sqlite:///:memory:", "DATABASE_URL for SQLite is sqlite:/// and a path"),
     ("mysql://u@host/db", "DATABASE_URL must start with sqlite:/// or postgresql://"),
     ("postgresql://u:p@host:notaport/db", "DATABASE_URL is not a valid postgresql:// address"),
     ("postgresql://", "DATABASE_URL names no database"),

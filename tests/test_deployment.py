@@ -1,6 +1,7 @@
 """The documented production set-up (README "Deployment"): gunicorn with gunicorn.conf.py, configured from the
 environment, behind exactly PROXY_HOPS reverse proxies."""
 import os
+import time
 
 import pytest
 
@@ -32,6 +33,25 @@ def test_proxy_hops_from_the_environment_decide_which_client_address_is_believed
     finally:
         server.stop()
     assert "Traceback" not in server.read_log()
+
+
+def test_gunicorn_opens_no_control_socket_that_another_instance_would_share(app, tmp_path):
+    """gunicorn 27 opens a control socket at one path per user unless told not to: two instances on a host
+    (or a test server next to the real one) replaced each other's. gunicorn.conf.py turns it off."""
+    home, runtime = tmp_path / "home", tmp_path / "run"
+    home.mkdir()
+    runtime.mkdir()
+    server = LiveServer(app, workers=1, log_dir=str(tmp_path),
+                        extra_env={"HOME": str(home), "XDG_RUNTIME_DIR": str(runtime)})
+    try:
+        assert Browser(server).get("/login")[0] in (200, 302)
+        deadline = time.monotonic() + 3  # gunicorn opens it shortly after the workers start
+        while time.monotonic() < deadline:
+            assert not (runtime / "gunicorn.ctl").exists() and not (home / ".gunicorn").exists()
+            assert "Control socket" not in server.read_log()
+            time.sleep(0.1)
+    finally:
+        server.stop()
 
 
 def test_gunicorn_hides_the_preloaded_app_from_the_workers_garbage_collector():

@@ -272,7 +272,8 @@ def _schedule_purge(app):
                 db_module.db.connect()
             counts = purge_expired(config, current)
             if any(counts):
-                log.info("purged expired rows: %d session(s), %d challenge(s), %d pending enrolment(s)", *counts)
+                log.info("purged expired rows: %d session(s), %d challenge(s), %d pending enrolment(s), "
+                         "%d known browser(s)", *counts)
         except (OperationalError, InterfaceError) as exc:
             log.warning("purging expired rows failed: %s", exc)
         finally:

@@ -374,6 +374,10 @@ def signup():
         abort(404)
     if current_user.is_authenticated:
         return redirect(url_for("settings.index"))
+    if not User.any_exist():
+        # The first account is the admin made on /setup with the code from the server's console: a sign-up
+        # before it would make /setup disappear and leave the instance without an admin.
+        return redirect(url_for("auth.first_run"))
     form = NewAccountForm()
     error, status = None, 200
     if request.method == "POST":

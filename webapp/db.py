@@ -31,9 +31,9 @@ SQLITE_PRAGMAS = {
 def open_database(url):
     """Build a peewee database for a sqlite:/// or postgresql:// URL (ConfigError for anything else)."""
     if url.startswith("sqlite:"):
-        if url in ("sqlite://", "sqlite:///:memory:"):
-            return SqliteDatabase(":memory:", pragmas=SQLITE_PRAGMAS, timeout=10)
-        if not url.startswith("sqlite:///") or url == "sqlite:///":
+        # No database in memory either (sqlite://, sqlite:///:memory:): each process and thread would get an
+        # empty one of its own, without tables, and lose it at every restart.
+        if not url.startswith("sqlite:///") or url in ("sqlite:///", "sqlite:///:memory:"):
             # sqlite://app.db (two slashes) would otherwise be a database in memory, gone at every restart.
             raise ConfigError("DATABASE_URL for SQLite is sqlite:/// and a path: sqlite:///app.db (relative) "
                               "or sqlite:////var/lib/twostep/app.db (absolute)")

@@ -178,7 +178,7 @@ ALL_MODELS = [User, Device, ServerSession, KnownBrowser, SignInChallenge, Pendin
 def purge_expired(config, current):
     """Delete the sessions, sign-in challenges and pending enrolments that expired by `current` (they are
     already refused when used; this removes the rows, with their IP addresses and browser names), and the
-    known browsers past their lifetime. Returns the first three counts. Run by the app itself now and then
+    known browsers past their lifetime. Returns the four counts. Run by the app itself now and then
     (__init__._schedule_purge) and by the `purge-expired` command."""
     from .db import write_transaction
 
@@ -190,5 +190,6 @@ def purge_expired(config, current):
             SignInChallenge.created_at < current - config["CHALLENGE_TTL"]).execute()
         enrolments = PendingEnrolment.delete().where(
             PendingEnrolment.created_at < current - config["PENDING_ENROLMENT_TTL"]).execute()
-        KnownBrowser.delete().where(KnownBrowser.last_used_at < current - config["KNOWN_BROWSER_TTL"]).execute()
-    return sessions, challenges, enrolments
+        browsers = KnownBrowser.delete().where(
+            KnownBrowser.last_used_at < current - config["KNOWN_BROWSER_TTL"]).execute()
+    return sessions, challenges, enrolments, browsers
