@@ -390,7 +390,8 @@ def test_the_whole_journey_logs_every_event_and_no_secret(actor, app, clock, cap
 
     caplog.set_level(logging.DEBUG)
     codes = set()
-    # Sign-up and enrolment.
+    # Sign-up (open once the instance has its first account) and enrolment.
+    actor.user("first@example.com")
     bob = other(actor)
     bob.post_form("/signup", {"email": "bob@example.com", "password": PASSWORD, "confirm": PASSWORD})
     w = Wizard(bob)
