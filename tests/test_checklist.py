@@ -468,16 +468,19 @@ def _app(tmp_path, clock, **overrides):
                        "CLOCK": clock, **overrides})
 
 
-@pytest.mark.parametrize("hops, forwarded, expected", [
-    (1, "203.0.113.5", "203.0.113.5"),               # one proxy: its X-Forwarded-For names the client
-    (1, "6.6.6.6, 203.0.113.5", "203.0.113.5"),      # a client-forged first entry is not trusted
-    (0, "203.0.113.5", "10.0.0.1"),                  # no proxy configured: the header is ignored
-    (0, "127.0.0.1", "10.0.0.1"),
+@pytest.mark.parametrize("hops, trusted, forwarded, expected", [
+    (1, "10.0.0.0/8", "203.0.113.5", "203.0.113.5"),           # one proxy: its X-Forwarded-For names the client
+    (1, "10.0.0.1", "6.6.6.6, 203.0.113.5", "203.0.113.5"),   # a client-forged first entry is not trusted
+    (1, "127.0.0.1,::1", "203.0.113.5", "10.0.0.1"),          # the peer is no trusted proxy: header dropped
+    (0, "10.0.0.1", "203.0.113.5", "10.0.0.1"),               # no proxy configured: the header is ignored
+    (0, "*", "127.0.0.1", "10.0.0.1"),
 ])
-def test_proxy_headers_are_trusted_for_exactly_the_configured_hops(tmp_path, clock, hops, forwarded, expected):
-    """security.md 44 (and 41): ProxyFix with PROXY_HOPS decides which address the audit log records; with 0
-    hops a spoofed X-Forwarded-For changes nothing."""
-    app = _app(tmp_path, clock, PROXY_HOPS=hops)
+def test_proxy_headers_are_trusted_for_exactly_the_configured_hops(tmp_path, clock, hops, trusted, forwarded,
+                                                                   expected):
+    """security.md 44 (and 41): ProxyFix with PROXY_HOPS decides which address the audit log records, and only
+    for requests from a proxy in FORWARDED_ALLOW_IPS (gunicorn reached around the proxy must not believe a
+    client's X-Forwarded-For); with 0 hops a spoofed X-Forwarded-For changes nothing."""
+    app = _app(tmp_path, clock, PROXY_HOPS=hops, FORWARDED_ALLOW_IPS=trusted)
     try:
         a = Actor(app, app.test_client(), clock)
         a.user()
@@ -491,6 +494,37 @@ def test_proxy_headers_are_trusted_for_exactly_the_configured_hops(tmp_path, clo
         assert last.kind in ("password_rejected", "password_throttled") and last.ip == expected
     finally:
         db.close()
+
+
+def test_an_untrusted_peer_cannot_claim_https_or_another_host(tmp_path, clock):
+    """With PROXY_HOPS=1 but the request from an address outside FORWARDED_ALLOW_IPS, X-Forwarded-Proto and
+    -Host are dropped too: the app sees plain http and the real Host (so a forged https Origin is refused)."""
+    app = _app(tmp_path, clock, PROXY_HOPS=1, FORWARDED_ALLOW_IPS="192.0.2.10")
+    try:
+        a = Actor(app, app.test_client(), clock)
+        a.user()
+        a.client.environ_base["REMOTE_ADDR"] = "198.51.100.66"
+        forged = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "twostep.example",
+                  "Origin": "https://twostep.example"}
+        r = a.post_form("/login", {"email": "alice@example.com", "password": "wrong"}, headers=forged)
+        assert r.status_code == 403
+        a.client.environ_base["REMOTE_ADDR"] = "192.0.2.10"  # the trusted proxy: the same headers count
+        r = a.post_form("/login", {"email": "alice@example.com", "password": "wrong"}, headers=forged)
+        assert r.status_code == 200 and "Incorrect email address or password." in r.get_data(as_text=True)
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("value", ["10.0.0.300", "proxy.example", "10.0.0.0/33"])
+def test_a_malformed_list_of_trusted_proxies_stops_the_start(tmp_path, monkeypatch, value):
+    from webapp.config import ConfigError
+
+    monkeypatch.setenv("PROXY_HOPS", "1")
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", value)
+    with pytest.raises(ConfigError, match="FORWARDED_ALLOW_IPS must list the proxies"):
+        create_app({"TESTING": True, "INSTANCE_PATH": str(tmp_path / "inst"), "SECRET_KEY": "k" * 40,
+                    "TOTP_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+                    "DATABASE_URL": f"sqlite:///{tmp_path / 'db'}"})
 
 
 def test_behind_a_load_balancer_and_nginx_https_and_the_client_are_seen(tmp_path, clock):

@@ -2,6 +2,7 @@
 import functools
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import random
@@ -25,6 +26,34 @@ from . import db as db_module
 from . import fields
 from .clock import now
 from .models import User, purge_expired
+
+
+class _FromTrustedProxies(ProxyFix):
+    """ProxyFix for requests that come from one of the trusted proxies (FORWARDED_ALLOW_IPS) only. From any
+    other address (gunicorn reachable around the proxy by mistake), X-Forwarded-* are dropped, not believed:
+    a client could otherwise choose the address the contact form's limit counts and the audit log records,
+    and claim https."""
+
+    _FORWARDED = ("HTTP_X_FORWARDED_FOR", "HTTP_X_FORWARDED_PROTO", "HTTP_X_FORWARDED_HOST",
+                  "HTTP_X_FORWARDED_PORT", "HTTP_X_FORWARDED_PREFIX")
+
+    def __init__(self, app, trusted, **kwargs):
+        super().__init__(app, **kwargs)
+        self.trusted = trusted  # networks, or None for any peer
+
+    def __call__(self, environ, start_response):
+        if self.trusted is not None and not self._trusted_peer(environ.get("REMOTE_ADDR", "")):
+            for key in self._FORWARDED:
+                environ.pop(key, None)
+            return self.app(environ, start_response)
+        return super().__call__(environ, start_response)
+
+    def _trusted_peer(self, address):
+        try:
+            peer = ipaddress.ip_address(address)
+        except ValueError:  # a Unix socket: only a local proxy can reach it
+            return True
+        return any(peer in network for network in self.trusted)
 
 
 class _SessionOnlyLoginManager(LoginManager):
@@ -57,7 +86,8 @@ def create_app(test_config=None):
         # Every proxy appends to X-Forwarded-For, so the client is PROXY_HOPS entries from the end. The scheme
         # and host are set (not appended) by the proxy in front of the app, which passes on what the visitor
         # used (README "Deployment"): one value each, whatever the number of hops.
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=app.config["PROXY_HOPS"], x_proto=1, x_host=1)
+        app.wsgi_app = _FromTrustedProxies(app.wsgi_app, config_module.trusted_proxies(
+            app.config["FORWARDED_ALLOW_IPS"]), x_for=app.config["PROXY_HOPS"], x_proto=1, x_host=1)
 
     _init_logging(app)
     db_module.init_app(app)

@@ -1,4 +1,5 @@
 """Configuration: defaults in code, secrets and URLs from the environment or the instance folder."""
+import ipaddress
 import os
 import secrets
 from datetime import timedelta
@@ -38,6 +39,9 @@ DEFAULTS = {
     "SECURE_COOKIES": False,
     "PRODUCTION": False,
     "PROXY_HOPS": 0,
+    # The proxies whose X-Forwarded-* headers count (addresses or networks; "*" for any): gunicorn's own
+    # setting of the same name, read from the same variable, so one value serves both (README "Deployment").
+    "FORWARDED_ALLOW_IPS": "127.0.0.1,::1",
     "SUPPORT_REQUESTS_PER_HOUR": 3,
     # The token lives as long as the server-side session; before a session stores anything, as long as its
     # cookie (the token is then derived from the cookie's: sessions.anonymous_csrf).
@@ -96,6 +100,10 @@ def load(app, test_config=None):
         if app.config["PROXY_HOPS"] < 0:
             raise ConfigError("PROXY_HOPS must be the number of reverse proxies in front of the app "
                               "(0 when there is none)")
+    if env.get("FORWARDED_ALLOW_IPS"):
+        app.config["FORWARDED_ALLOW_IPS"] = env["FORWARDED_ALLOW_IPS"]
+    if app.config["PROXY_HOPS"]:
+        trusted_proxies(app.config["FORWARDED_ALLOW_IPS"])  # a typo stops the start, naming the setting
     if env.get("PURGE_INTERVAL_SECONDS"):
         try:
             app.config["PURGE_INTERVAL"] = timedelta(seconds=int(env["PURGE_INTERVAL_SECONDS"]))
@@ -144,3 +152,15 @@ def validate(config):
         raise ConfigError("TOTP_ENCRYPTION_KEYS must be comma-separated Fernet keys") from exc
     if not keys:
         raise ConfigError("TOTP_ENCRYPTION_KEYS is empty")
+
+
+def trusted_proxies(value):
+    """FORWARDED_ALLOW_IPS as a list of networks (one address is a network of one), or None for "*"."""
+    entries = [part.strip() for part in value.split(",") if part.strip()]
+    if "*" in entries:
+        return None
+    try:
+        return [ipaddress.ip_network(entry, strict=False) for entry in entries]
+    except ValueError as exc:
+        raise ConfigError(f"FORWARDED_ALLOW_IPS must list the proxies' addresses or networks, comma-separated, "
+                          f"or * ({exc})") from None
