@@ -420,3 +420,31 @@ def test_cli_reset_2fa_also_ends_half_finished_sign_ins(app, actor, secret, cloc
         assert SignInChallenge.select().count() == 0
     r = waiting.client.post("/login/verify", data={"csrf_token": token, "code": waiting.code(secret)})
     assert r.status_code == 302 and r.headers["Location"] == "/login?notice=sign-in-expired"
+
+
+def test_keys_that_cannot_open_the_stored_secrets_give_a_warning_at_start_and_a_503_not_a_500(
+        tmp_path, clock, capsys):
+    """An operator dropped the key too early (or the instance folder's key was used instead of the
+    environment's): start-up says so, naming the device, and a sign-in's code step answers 503 with a plain
+    message, writes nothing and leaves the challenge for a retry once the key is back."""
+    from webapp.models import SignInChallenge
+
+    from .conftest import make_test_app
+
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    first = make_test_app(tmp_path / "a", url, clock)
+    secret = new_secret()
+    Actor(first, first.test_client(), clock).user(secret=secret)
+    capsys.readouterr()
+    app = make_test_app(tmp_path / "b", url, clock, TOTP_ENCRYPTION_KEYS=Fernet.generate_key().decode())
+    assert "TOTP_ENCRYPTION_KEYS cannot decrypt the stored TOTP secret of device 1" in capsys.readouterr().err
+    a = Actor(app, app.test_client(), clock)
+    a.password_step()
+    with app.app_context():
+        events, last_step = AuditEvent.select().count(), Device.get().last_step
+    r = a.code_step(a.code(secret))
+    body = r.get_data(as_text=True)
+    assert r.status_code == 503 and "cannot be checked right now" in body and "Traceback" not in body
+    with app.app_context():
+        assert AuditEvent.select().count() == events and SignInChallenge.select().count() == 1
+        assert Device.get().last_step == last_step  # the code was not spent

@@ -26,6 +26,7 @@ from . import db as db_module
 from . import fields
 from .clock import now
 from .models import User, purge_expired
+from .totp import SecretError
 
 
 class _FromTrustedProxies(ProxyFix):
@@ -145,6 +146,7 @@ def create_app(test_config=None):
         return redirect(url_for("auth.login"))
 
     _announce_setup_code(app)
+    _warn_about_unreadable_secrets(app)
     return app
 
 
@@ -243,6 +245,28 @@ def _unauthorized():
     if is_htmx():
         return hx_redirect(target)
     return redirect(target)
+
+
+def _warn_about_unreadable_secrets(app):
+    """Say at start when TOTP_ENCRYPTION_KEYS opens neither the oldest nor the newest stored secret (a key
+    dropped too early, or the instance folder's key used instead of the environment's): every sign-in with
+    2FA would fail until it is fixed. A warning rather than a refusal to start, so that `flask keys rotate`
+    can still name the rows."""
+    from .models import Device
+    from .totp import decrypt_secret
+
+    with db_module.db.connection_context():
+        ends = [Device.select(Device.id, Device.secret_enc).order_by(order).first()
+                for order in (Device.id, Device.id.desc())]
+    for device in filter(None, ends):
+        try:
+            with app.app_context():
+                decrypt_secret(device.secret_enc)
+        except SecretError:
+            print(f" * twostep: WARNING: TOTP_ENCRYPTION_KEYS cannot decrypt the stored TOTP secret of device "
+                  f"{device.id}: sign-ins with 2FA will fail. Give the key(s) that encrypted it (README "
+                  f"\"Rotating the encryption key\").", file=sys.stderr, flush=True)
+            return
 
 
 def _announce_setup_code(app):
@@ -415,6 +439,16 @@ def _register_error_handlers(app):
             pass
         return render_error(503, "Temporarily unavailable",
                             "We cannot reach our database right now. Please try again in a minute.")
+
+    @app.errorhandler(SecretError)
+    def unreadable_secret(exc):
+        # An operator's mistake (TOTP_ENCRYPTION_KEYS lost the key of stored secrets): the person can do
+        # nothing about it, and the transaction that needed the secret has rolled back.
+        app.logger.error("a stored TOTP secret cannot be decrypted with TOTP_ENCRYPTION_KEYS: give the key "
+                         "that encrypted it (README \"Rotating the encryption key\")")
+        return render_error(503, "Temporarily unavailable",
+                            "Two-factor authentication cannot be checked right now. Nothing was changed. "
+                            "Please try again later; if this goes on, contact support.")
 
     @app.errorhandler(500)
     def server_error(exc):
