@@ -167,6 +167,11 @@ def test_audit_log_bad_dates_get_a_clear_message(actor, secret):
     sign_in_admin(actor, secret)
     r = actor.client.get("/support/audit?start=yesterday")
     assert r.status_code == 400 and "Not a valid date value" in r.get_data(as_text=True)
+    # a backwards range matches nothing: it says why instead of "No events match"
+    r = actor.client.get("/support/audit?start=2009-02-14&end=2009-02-01")
+    body = r.get_data(as_text=True)
+    assert r.status_code == 400 and "The “To” date is before the “From” date" in body
+    assert 'aria-invalid="true"' in body
 
 
 def test_audit_log_is_paginated_newest_first(app, actor, secret):

@@ -93,6 +93,10 @@ class AuditFilterForm(Form):
     start = DateField("From (UTC date)", validators=[Optional(), _plausible_date])
     end = DateField("To (UTC date)", validators=[Optional(), _plausible_date])
 
+    def validate_end(self, field):
+        if field.data and self.start.data and field.data < self.start.data:
+            raise ValidationError("The “To” date is before the “From” date: swap them to see that range.")
+
 
 # ---------------------------------------------------------------- plain words for audit events
 
