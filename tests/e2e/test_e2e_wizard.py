@@ -198,12 +198,18 @@ def test_enrolment_by_keyboard_alone(page, server, tmp_path):
 
     code_field = dialog.get_by_label("Verification code", exact=True)
     expect(code_field).to_be_visible()
+    # Focus skips the heading to the field; its form carries the step's name for screen readers.
+    step_form = dialog.get_by_role("form", name="Step 3 of 4: Enter the code", exact=True)
+    expect(step_form.get_by_label("Verification code", exact=True)).to_be_focused()
+    expect(step_form).to_have_accessible_description(re.compile("six-digit code"))
     tab_to(page, code_field)
     page.keyboard.type(oathtool_code(secret))
     page.keyboard.press("Enter")  # submits the form the field is in
 
     name_field = dialog.get_by_label("Device name", exact=True)
     expect(name_field).to_be_visible()
+    expect(dialog.get_by_role("form", name="Step 4 of 4: Name this device", exact=True)
+           .get_by_label("Device name", exact=True)).to_be_focused()
     tab_to(page, name_field)
     page.keyboard.type("Nia's tablet")
     activate = dialog.get_by_role("button", name="Complete Activation", exact=True)
