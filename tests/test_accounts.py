@@ -448,3 +448,29 @@ def test_keys_that_cannot_open_the_stored_secrets_give_a_warning_at_start_and_a_
     with app.app_context():
         assert AuditEvent.select().count() == events and SignInChallenge.select().count() == 1
         assert Device.get().last_step == last_step  # the code was not spent
+
+
+def test_with_htmx_the_unreadable_key_message_comes_with_the_reloaded_page(tmp_path, clock):
+    """htmx shows no 5xx answer: the page reloads (HX-Refresh) and, the database being fine, carries the
+    message (in a database outage it could not be stored); Turn off changed nothing."""
+    from .conftest import make_test_app
+
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    first = make_test_app(tmp_path / "a", url, clock)
+    secret = new_secret()
+    alice = Actor(first, first.test_client(), clock)
+    alice.user(secret=secret)
+    alice.sign_in(secret=secret)
+    clock.advance(30)
+    cookie = alice.session_cookie()
+    app = make_test_app(tmp_path / "b", url, clock, TOTP_ENCRYPTION_KEYS=Fernet.generate_key().decode())
+    client = app.test_client()
+    client.set_cookie("twostep_session", cookie)
+    token = csrf_from(client.get("/settings").get_data(as_text=True))
+    r = client.post("/settings/2fa/disable", headers={"HX-Request": "true"},
+                    data={"csrf_token": token, "off-password": PASSWORD, "off-code": alice.code(secret)})
+    assert r.status_code == 503 and r.headers["HX-Refresh"] == "true"
+    page = client.get("/settings").get_data(as_text=True)
+    assert "Two-factor authentication cannot be checked right now. Nothing was changed." in page
+    with app.app_context():
+        assert Device.select().count() == 1

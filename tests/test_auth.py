@@ -809,6 +809,22 @@ def test_a_refused_password_puts_the_focus_on_password_which_names_the_reason(ac
     fresh = actor.client.get("/login").get_data(as_text=True)
     focused = re.findall(r"<input[^>]*\bautofocus\b[^>]*>", fresh)
     assert len(focused) == 1 and 'name="email"' in focused[0]
+    # Password left empty: Email keeps its value and gives up its autofocus to the field with the error
+    # (browsers focus the first autofocus in a page)
+    html = actor.post_form("/login", {"email": "alice@example.com", "password": ""}).get_data(as_text=True)
+    focused = re.findall(r"<input[^>]*\bautofocus\b[^>]*>", html)
+    assert len(focused) == 1 and 'name="password"' in focused[0] and 'aria-invalid="true"' in focused[0]
+
+
+def test_reauth_with_a_malformed_code_focuses_the_code_not_the_password(actor, secret):
+    import re
+
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    actor.clock.advance(11 * 60)
+    r = actor.post_form("/reauth", {"password": PASSWORD, "code": "1" * 40})
+    focused = re.findall(r"<input[^>]*\bautofocus\b[^>]*>", r.get_data(as_text=True))
+    assert r.status_code == 400 and len(focused) == 1 and 'name="code"' in focused[0]
 
 
 def test_reauth_with_a_wrong_password_says_so_without_mentioning_an_email_address(actor, app, secret):
@@ -818,7 +834,7 @@ def test_reauth_with_a_wrong_password_says_so_without_mentioning_an_email_addres
     actor.clock.advance(11 * 60)
     r = actor.post_form("/reauth?next=/settings/2fa", {"password": "not my password", "code": actor.code(secret)})
     body = r.get_data(as_text=True)
-    assert r.status_code != 302 and "Incorrect password." in body and "Incorrect email address" not in body
+    assert r.status_code == 200 and "Incorrect password." in body and "Incorrect email address" not in body
     with app.app_context():
         assert AuditEvent.select().where(AuditEvent.kind == "reauthenticated").count() == 0
 

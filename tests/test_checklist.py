@@ -473,7 +473,8 @@ def _app(tmp_path, clock, **overrides):
     (1, "10.0.0.1", "6.6.6.6, 203.0.113.5", "203.0.113.5"),   # a client-forged first entry is not trusted
     (1, "127.0.0.1,::1", "203.0.113.5", "10.0.0.1"),          # the peer is no trusted proxy: header dropped
     (0, "10.0.0.1", "203.0.113.5", "10.0.0.1"),               # no proxy configured: the header is ignored
-    (0, "*", "127.0.0.1", "10.0.0.1"),
+    (1, "*", "203.0.113.5", "203.0.113.5"),                   # "*": every peer is a proxy (as in gunicorn)
+    (1, "", "203.0.113.5", "10.0.0.1"),                       # set but empty: no peer is
 ])
 def test_proxy_headers_are_trusted_for_exactly_the_configured_hops(tmp_path, clock, hops, trusted, forwarded,
                                                                    expected):
@@ -511,6 +512,34 @@ def test_an_untrusted_peer_cannot_claim_https_or_another_host(tmp_path, clock):
         a.client.environ_base["REMOTE_ADDR"] = "192.0.2.10"  # the trusted proxy: the same headers count
         r = a.post_form("/login", {"email": "alice@example.com", "password": "wrong"}, headers=forged)
         assert r.status_code == 200 and "Incorrect email address or password." in r.get_data(as_text=True)
+    finally:
+        db.close()
+
+
+def test_a_proxy_seen_as_an_ipv4_mapped_address_is_trusted_and_an_untrusted_one_is_named_once(tmp_path, clock,
+                                                                                               caplog):
+    """gunicorn bound to [::] sees nginx at 127.0.0.1 as ::ffff:127.0.0.1: still the trusted proxy. Headers
+    from a peer outside FORWARDED_ALLOW_IPS are dropped with one warning per process that names the address
+    (a proxy left out of the list would otherwise only show as 403s and one address for every client)."""
+    app = _app(tmp_path, clock, PROXY_HOPS=1, FORWARDED_ALLOW_IPS="127.0.0.1")
+    try:
+        a = Actor(app, app.test_client(), clock)
+        a.user()
+        a.client.environ_base["REMOTE_ADDR"] = "::ffff:127.0.0.1"
+        a.post_form("/login", {"email": "alice@example.com", "password": "wrong"},
+                    headers={"X-Forwarded-For": "203.0.113.5"})
+        with app.app_context():
+            assert AuditEvent.select().order_by(AuditEvent.id.desc()).first().ip == "203.0.113.5"
+        caplog.set_level(logging.WARNING, logger="twostep")
+        a.client.environ_base["REMOTE_ADDR"] = "198.51.100.9"
+        for _ in range(2):
+            clock.advance(60)
+            a.post_form("/login", {"email": "alice@example.com", "password": "wrong"},
+                        headers={"X-Forwarded-For": "203.0.113.5"})
+        with app.app_context():
+            assert AuditEvent.select().order_by(AuditEvent.id.desc()).first().ip == "198.51.100.9"
+        warnings = [r.getMessage() for r in caplog.records if "were ignored" in r.getMessage()]
+        assert len(warnings) == 1 and "198.51.100.9" in warnings[0] and "FORWARDED_ALLOW_IPS" in warnings[0]
     finally:
         db.close()
 
@@ -595,14 +624,16 @@ def test_every_form_post_refuses_a_body_without_a_length_with_411(actor, app, se
     before = len(audit_rows(app))
     with app.app_context():
         requests_before = db.execute_sql("SELECT COUNT(*) FROM supportrequest").fetchone()[0]
-    body = f"csrf_token={token}&email=a%40example.com&message=hello".encode()
+    with_token = f"csrf_token={token}&email=a%40example.com&message=hello".encode()
     for rule, url in _post_rules(app):
-        r = actor.client.post(url, input_stream=io.BytesIO(body),
-                              headers={"Transfer-Encoding": "chunked",
-                                       "Content-Type": "application/x-www-form-urlencoded"},
-                              environ_overrides={"wsgi.input_terminated": True})
-        assert r.status_code == 411, (rule.endpoint, r.status_code)
-        assert "sent without its length" in text(r)
+        # without a token too: the length is checked before the CSRF check reads the (cut) body
+        for body in (with_token, b"email=a%40example.com&message=hello"):
+            r = actor.client.post(url, input_stream=io.BytesIO(body),
+                                  headers={"Transfer-Encoding": "chunked",
+                                           "Content-Type": "application/x-www-form-urlencoded"},
+                                  environ_overrides={"wsgi.input_terminated": True})
+            assert r.status_code == 411, (rule.endpoint, r.status_code)
+            assert "sent without its length" in text(r)
     assert len(audit_rows(app)) == before
     with app.app_context():
         assert db.execute_sql("SELECT COUNT(*) FROM supportrequest").fetchone()[0] == requests_before

@@ -416,6 +416,19 @@ def test_a_refused_rename_focuses_the_name_field(actor, app, alice, htmx):
     assert 'aria-invalid="true"' in focused[0]
 
 
+def test_an_unticked_confirmation_box_gets_the_focus_without_javascript(actor, app, alice, secret):
+    """Removing the only device without ticking "turn 2FA off": the box is the field to fix, and the page's
+    only autofocus (the box is rendered by `control`, not `field`)."""
+    import re
+
+    [device] = device_rows(app, alice)
+    r = post(actor, f"/settings/devices/{device.id}/remove",
+             {f"remove-{device.id}-code": actor.code(secret), f"remove-{device.id}-password": PASSWORD})
+    focused = re.findall(r"<input[^>]*\bautofocus\b[^>]*>", text(r))
+    assert r.status_code == 400 and len(focused) == 1
+    assert f'name="remove-{device.id}-confirm_off"' in focused[0] and 'type="checkbox"' in focused[0]
+
+
 @pytest.mark.parametrize("htmx", [False, True])
 def test_renaming_a_device_to_its_own_name_changes_nothing(actor, app, alice, secret, htmx):
     """Saving the name a device already has was a change: a device_renamed record, "Renamed “Phone” to

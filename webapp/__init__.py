@@ -41,19 +41,31 @@ class _FromTrustedProxies(ProxyFix):
     def __init__(self, app, trusted, **kwargs):
         super().__init__(app, **kwargs)
         self.trusted = trusted  # networks, or None for any peer
+        self.warned = False
 
     def __call__(self, environ, start_response):
-        if self.trusted is not None and not self._trusted_peer(environ.get("REMOTE_ADDR", "")):
-            for key in self._FORWARDED:
-                environ.pop(key, None)
+        address = environ.get("REMOTE_ADDR") or ""
+        if self.trusted is not None and not self._trusted_peer(address):
+            dropped = [key for key in self._FORWARDED if environ.pop(key, None) is not None]
+            if dropped and not self.warned:
+                # Once per process: a proxy missing from the list would otherwise only show as 403s (the
+                # scheme seems http) and one client address for everybody.
+                self.warned = True
+                logging.getLogger("twostep").warning(
+                    "X-Forwarded-* headers from %s were ignored: that address is not in FORWARDED_ALLOW_IPS. "
+                    "If it is your proxy, add it there (README \"Deployment\").", address)
             return self.app(environ, start_response)
         return super().__call__(environ, start_response)
 
     def _trusted_peer(self, address):
+        if not address:
+            return True  # a Unix socket (gunicorn gives no address): only a local proxy can reach it
         try:
             peer = ipaddress.ip_address(address)
-        except ValueError:  # a Unix socket: only a local proxy can reach it
-            return True
+        except ValueError:
+            return False
+        if peer.version == 6 and peer.ipv4_mapped is not None:
+            peer = peer.ipv4_mapped  # nginx at 127.0.0.1 seen by gunicorn bound to [::]
         return any(peer in network for network in self.trusted)
 
 
@@ -145,8 +157,7 @@ def create_app(test_config=None):
             return redirect(url_for("auth.first_run"))
         return redirect(url_for("auth.login"))
 
-    _announce_setup_code(app)
-    _warn_about_unreadable_secrets(app)
+    _startup_notices(app)
     return app
 
 
@@ -247,6 +258,18 @@ def _unauthorized():
     return redirect(target)
 
 
+def _startup_notices(app):
+    """What the console says at start, on one connection: the one-time setup code while no account exists,
+    else a warning if the keys cannot open the stored TOTP secrets."""
+    with db_module.db.connection_context():
+        if not User.any_exist():
+            code = setup_code(app)
+            print(f" * twostep: no accounts yet. Create the first admin at /setup with the one-time code: {code}",
+                  file=sys.stderr, flush=True)
+            return
+        _warn_about_unreadable_secrets(app)
+
+
 def _warn_about_unreadable_secrets(app):
     """Say at start when TOTP_ENCRYPTION_KEYS opens neither the oldest nor the newest stored secret (a key
     dropped too early, or the instance folder's key used instead of the environment's): every sign-in with
@@ -255,9 +278,8 @@ def _warn_about_unreadable_secrets(app):
     from .models import Device
     from .totp import decrypt_secret
 
-    with db_module.db.connection_context():
-        ends = [Device.select(Device.id, Device.secret_enc).order_by(order).first()
-                for order in (Device.id, Device.id.desc())]
+    ends = [Device.select(Device.id, Device.secret_enc).order_by(order).first()
+            for order in (Device.id, Device.id.desc())]
     for device in filter(None, ends):
         try:
             with app.app_context():
@@ -267,16 +289,6 @@ def _warn_about_unreadable_secrets(app):
                   f"{device.id}: sign-ins with 2FA will fail. Give the key(s) that encrypted it (README "
                   f"\"Rotating the encryption key\").", file=sys.stderr, flush=True)
             return
-
-
-def _announce_setup_code(app):
-    """While no account exists, print the one-time code that the first-run page asks for."""
-    with db_module.db.connection_context():
-        if User.any_exist():
-            return
-    code = setup_code(app)
-    print(f" * twostep: no accounts yet. Create the first admin at /setup with the one-time code: {code}",
-          file=sys.stderr, flush=True)
 
 
 def setup_code(app):
@@ -394,7 +406,7 @@ def _session_ended_meanwhile():
 def _register_error_handlers(app):
     from .htmx import hx_redirect, is_htmx
 
-    def render_error(status, title, message):
+    def render_error(status, title, message, can_store=None):
         if not is_htmx():
             return render_template("errors/error.html", status=status, title=title, message=message), status
         # htmx swaps no 4xx or 5xx answer (htmx 2's default), so an error fragment would never be seen and the
@@ -402,7 +414,7 @@ def _register_error_handlers(app):
         # in a session that has a row already: anyone can send HX-Request to a missing page, and a message for
         # a visitor without a row would write one (sessions.py). Not for 5xx either: during an outage the
         # message cannot be stored, and the reload shows the page itself.
-        if status < 500 and getattr(session, "row", None) is not None:
+        if (status < 500 if can_store is None else can_store) and getattr(session, "row", None) is not None:
             flash(f"{title}: {message}", "error")
         response = make_response(render_template("errors/_error.html", status=status, title=title,
                                                  message=message), status)
@@ -446,9 +458,10 @@ def _register_error_handlers(app):
         # nothing about it, and the transaction that needed the secret has rolled back.
         app.logger.error("a stored TOTP secret cannot be decrypted with TOTP_ENCRYPTION_KEYS: give the key "
                          "that encrypted it (README \"Rotating the encryption key\")")
+        # The database works, so the reloaded page (htmx) can carry the message, unlike in an outage.
         return render_error(503, "Temporarily unavailable",
                             "Two-factor authentication cannot be checked right now. Nothing was changed. "
-                            "Please try again later; if this goes on, contact support.")
+                            "Please try again later; if this goes on, contact support.", can_store=True)
 
     @app.errorhandler(500)
     def server_error(exc):

@@ -100,7 +100,7 @@ def load(app, test_config=None):
         if app.config["PROXY_HOPS"] < 0:
             raise ConfigError("PROXY_HOPS must be the number of reverse proxies in front of the app "
                               "(0 when there is none)")
-    if env.get("FORWARDED_ALLOW_IPS"):
+    if env.get("FORWARDED_ALLOW_IPS") is not None:  # set but empty trusts no proxy, as in gunicorn
         app.config["FORWARDED_ALLOW_IPS"] = env["FORWARDED_ALLOW_IPS"]
     if app.config["PROXY_HOPS"]:
         trusted_proxies(app.config["FORWARDED_ALLOW_IPS"])  # a typo stops the start, naming the setting

@@ -162,7 +162,20 @@ def _kind(f):
 
 def control(f, **extra):
     """The form control alone (<input> or <textarea>), with the field's render_kw and `extra` attributes."""
-    return _kept(f, ("control",), extra, lambda g: _control_markup(g, extra))
+    return _kept(f, ("control",), extra, lambda fld: _control_markup(fld, _with_focus(fld, list(fld.errors), extra)))
+
+
+def _with_focus(f, errors, extra):
+    """`extra` with autofocus where the person should go next: on the first field with an error on the page
+    (a browser focuses it on load without JavaScript, htmx in a swapped fragment: WCAG 3.3.1, 2.4.3), and on
+    no other field of a form with errors, even one that asks for it (Email on a sign-in page whose Password
+    was left empty: browsers focus the first autofocus in the page)."""
+    if errors:
+        extra["autofocus"] = not g.get("error_field_focused")
+        g.error_field_focused = True
+    elif getattr(f, "_form", None) is not None and any(other.errors for other in f._form):
+        extra["autofocus"] = False
+    return extra
 
 
 def _control_markup(f, extra):
@@ -191,18 +204,14 @@ def _control_markup(f, extra):
 def field(f, hint=None, error=None, **extra):
     """A field's block: label, optional hint, control and first error, tied by aria-describedby (WCAG 1.3.1,
     3.3.1)."""
-    return _kept(f, ("field", hint, error), extra, lambda g: _field_markup(g, hint, error, extra))
+    return _kept(f, ("field", hint, error), extra, lambda fld: _field_markup(fld, hint, error, extra))
 
 
 def _field_markup(f, hint, error, extra):
     errors = list(f.errors)
     if error:
         errors.append(error)
-    if errors and not g.get("error_field_focused"):
-        # The first field with an error on the page is where the person goes next: a browser focuses it on
-        # load without JavaScript, and htmx focuses it in a swapped fragment (WCAG 3.3.1, 2.4.3).
-        extra["autofocus"] = True
-        g.error_field_focused = True
+    _with_focus(f, errors, extra)
     described = []
     if hint:
         described.append(f.id + "-hint")
