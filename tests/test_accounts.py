@@ -474,3 +474,23 @@ def test_with_htmx_the_unreadable_key_message_comes_with_the_reloaded_page(tmp_p
     assert "Two-factor authentication cannot be checked right now. Nothing was changed." in page
     with app.app_context():
         assert Device.select().count() == 1
+
+
+def test_operator_commands_on_an_empty_instance_do_not_print_the_setup_code(tmp_path):
+    """The setup code belongs on the server's console: `flask ... users list` (or a cron job's
+    purge-expired) on an empty database printed the invitation to /setup, and `users create --admin` printed
+    it just before making the admin."""
+    import subprocess
+    import sys
+
+    from .live_app import ROOT
+
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'empty.db'}", "SECRET_KEY": "k" * 40,
+           "TOTP_ENCRYPTION_KEYS": Fernet.generate_key().decode(), "TWOSTEP_INSTANCE": str(tmp_path / "inst")}
+    env.pop("TWOSTEP_PRODUCTION", None)
+    done = subprocess.run([sys.executable, "-m", "flask", "--app", "wsgi", "users", "list"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "one-time code" not in done.stdout + done.stderr
+    served = subprocess.run([sys.executable, "-c", "import wsgi"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=60)  # what gunicorn does: the server's console shows it
+    assert served.returncode == 0 and "one-time code" in served.stderr

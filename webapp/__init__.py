@@ -263,11 +263,21 @@ def _startup_notices(app):
     else a warning if the keys cannot open the stored TOTP secrets."""
     with db_module.db.connection_context():
         if not User.any_exist():
-            code = setup_code(app)
-            print(f" * twostep: no accounts yet. Create the first admin at /setup with the one-time code: {code}",
-                  file=sys.stderr, flush=True)
+            if _serving():
+                code = setup_code(app)
+                print(f" * twostep: no accounts yet. Create the first admin at /setup with the one-time code: "
+                      f"{code}", file=sys.stderr, flush=True)
             return
         _warn_about_unreadable_secrets(app)
+
+
+def _serving():
+    """Whether this process will serve pages (gunicorn, `flask run`) rather than run one `flask` command: the
+    setup code is for the server's console, not for a cron job's mail or the output of `users create`."""
+    import click
+
+    context = click.get_current_context(silent=True)
+    return context is None or context.info_name == "run"
 
 
 def _warn_about_unreadable_secrets(app):
