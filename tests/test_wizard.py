@@ -340,6 +340,21 @@ def test_whole_wizard_without_javascript(actor, app):
     assert ">Active<" in text(actor.client.get("/settings"))
 
 
+def test_without_javascript_each_step_page_names_its_step_in_the_title(actor, app):
+    """Screen readers read the page title first: each wizard page says which step it is."""
+    signed_in(actor)
+    w = Wizard(actor, htmx=False)
+
+    def title(r):
+        return re.search(r"<title>(.*?)</title>", text(r)).group(1)
+
+    assert title(w.open()) == "Step 1 of 4: Get an authenticator app · Two-Factor Authentication · twostep"
+    assert title(w.start()).startswith("Step 2 of 4: Scan the QR code · ")
+    assert title(w.code_step()).startswith("Step 3 of 4: Enter the code · ")
+    assert title(w.submit_code()).startswith("Step 4 of 4: Name this device · ")
+    assert title(w.complete("Phone")).startswith("Done · ")
+
+
 def test_after_activation_sign_in_asks_for_the_code(actor, app):
     signed_in(actor)
     w = Wizard(actor)
