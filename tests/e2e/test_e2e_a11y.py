@@ -180,3 +180,27 @@ def test_contact_and_support_pages_are_accessible(audit_page, new_page, server):
     expect_signed_in(page)
     expect(page.get_by_role("link", name="Set up a new device")).to_be_visible()
     assert_accessible(page, "User Settings with support's temporary-exception banner")
+
+
+def test_at_320_css_pixels_no_page_scrolls_sideways(new_page, server):
+    """WCAG 1.4.10 (reflow): on a 320 px wide screen (a phone, or 1280 px zoomed to 400 %) the pages fit the
+    width; the Support page was 414 px wide (its Search button cut off) and the audit log 960 px, because
+    the page column could not shrink below its content. Wide tables scroll inside their own box instead."""
+    from webapp.clock import now
+    from webapp.models import SupportRequest
+
+    secret = random_secret()
+    server.user("admin-with-a-rather-long-address@example.com", admin=True, devices={"Phone": secret})
+    server.user("olga.someone-with-a-long-name@example.com", devices={"Olga's phone": random_secret()})
+    server.query(lambda: SupportRequest.create(email="olga.someone-with-a-long-name@example.com",
+                                               message="Lost my phone " * 20, created_at=now(), ip="127.0.0.1"))
+    page = new_page(viewport={"width": 320, "height": 640})
+    log_in(page, "admin-with-a-rather-long-address@example.com")
+    expect_code_step(page)
+    enter_code(page, oathtool_code(secret))
+    expect_signed_in(page)
+    for path in ("/settings", "/support?q=olga", "/support/audit", "/support/contact", "/settings/2fa"):
+        page.goto(path)
+        expect(page.get_by_role("heading", level=1)).to_be_visible()
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 320, f"{path} is {width} px wide at a 320 px viewport"
