@@ -396,6 +396,17 @@ def test_with_htmx_a_device_change_also_refreshes_the_list_of_sessions(actor, ap
     assert "/settings/sessions/" not in oob[1]  # no button for an ended session
 
 
+def test_with_htmx_a_device_change_also_refreshes_the_security_activity(actor, app, alice):
+    """The Security activity list below the row tells people to check it for what they do not recognise:
+    after a change it comes with the row, out of band, already listing that change."""
+    [device] = device_rows(app, alice)
+    assert "Authenticator device renamed" not in text(actor.client.get("/settings"))
+    body = text(post(actor, f"/settings/devices/{device.id}/rename", {f"rename-{device.id}-name": "Old phone"},
+                     htmx=True))
+    oob = body.split('id="security-activity" hx-swap-oob="true"', 1)
+    assert len(oob) == 2 and "Authenticator device renamed" in oob[1]
+
+
 def test_a_rename_that_ends_no_session_sends_no_sessions_list(actor, app, alice):
     [device] = device_rows(app, alice)
     body = text(post(actor, f"/settings/devices/{device.id}/rename", {f"rename-{device.id}-name": "Renamed"},

@@ -109,8 +109,12 @@ def test_admin_without_2fa_gets_403_telling_them_to_set_it_up(actor):
     actor.user(ADMIN, admin=True)
     actor.sign_in(ADMIN, PASSWORD)
     r = actor.client.get("/support")
+    html = r.get_data(as_text=True)
+    assert r.status_code == 403 and "<h1>Set up two-factor authentication first</h1>" in html
+    assert re.search(r'<form method="get" action="/settings/2fa">\s*<button type="submit">Set up two-factor '
+                     r'authentication</button>', html)  # the way on, not a bare "Forbidden"
+    r = actor.client.get("/support/audit", headers={"HX-Request": "true"})
     assert r.status_code == 403
-    assert "Set up two-factor authentication" in r.get_data(as_text=True)
 
 
 def test_admin_with_stale_sign_in_must_reauthenticate(app, actor, secret, clock):
@@ -512,6 +516,7 @@ def test_full_temporary_disable_cycle(app, actor, secret, clock, target, target_
     assert r.status_code == 302 and r.headers["Location"].endswith("/support?q=carol@example.com")
     page = actor.client.get(r.headers["Location"]).get_data(as_text=True)
     assert "is off until" in page and "Temporarily off" in page
+    assert "1 device revoked, 1 session ended. Now reply to them" in page  # the app sends no email itself
 
     # the action: devices gone, the window set from the injected clock, her sessions ended
     assert count(app, Device, Device.user == target.id) == 0
@@ -776,6 +781,9 @@ def test_htmx_success_replaces_the_row(app, actor, secret, target):
     assert r.status_code == 200 and "HX-Request" in r.headers["Vary"]
     assert html.lstrip().startswith(f'<article class="user-row" id="user-{target.id}"') and "<html" not in html
     assert "Temporarily off" in html and "End support window now" in html
+    # ending the window blocks the person's sign-in: the button is behind a summary that says so first
+    assert re.search(r'<details class="disable">\s*<summary>End support window now</summary>.*?cannot sign in'
+                     r'.*?<button type="submit" class="danger">End the window</button>', html, re.S)
     assert count(app, Device, Device.user == target.id) == 0
     # the requests the action closed leave the list too (an out-of-band swap of the list)
     assert '<section class="card" aria-labelledby="requests-heading" id="open-requests" hx-swap-oob="true">' in html

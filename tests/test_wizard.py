@@ -166,6 +166,9 @@ def test_start_shows_the_qr_code_as_fragment(actor):
     assert qr and "QR code" in qr.group(1) and qr.group(2).startswith("<svg")
     assert "<summary>Enter the key manually</summary>" in body
     assert group_key(w.secret) in body  # grouped for reading: "ABCD EFGH ..."
+    # on the phone that has the app there is nothing to scan: the link to hand it the key is not folded away
+    before_details = body.split("<details", 1)[0]
+    assert re.search(r'<a href="otpauth://totp/[^"]+">Open the key in your authenticator app</a>', before_details)
     assert len(pendings(actor.app, _alice(actor))) == 1
 
 
@@ -573,8 +576,12 @@ def test_clock_skew_hint_for_a_phone_clock_that_is_off(actor, app):
     r = w.submit_code(w.code_now(offset_steps=4))
     body = text(r)
     assert 'data-step="code"' in body and "about 2 minutes ahead" in body and "automatic date and time" in body
+    r = w.submit_code(w.code_now(offset_steps=-3))
+    assert "about 90 seconds behind" in text(r)
+    # two steps back is usually a code typed slowly, not a wrong clock: no talk of phone settings
     r = w.submit_code(w.code_now(offset_steps=-2))
-    assert "about 60 seconds behind" in text(r)
+    assert "That code has already changed. Enter the one your app shows now." in text(r)
+    assert "automatic date and time" not in text(r)
     with app.app_context():
         assert PendingEnrolment.get(PendingEnrolment.user == user.id).verified_step is None
 

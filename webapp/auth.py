@@ -22,7 +22,10 @@ bp = Blueprint("auth", __name__)
 GENERIC_LOGIN_ERROR = "Incorrect email address or password."
 # The same refusal for a signed-in person confirming an action: there is no email address on that form.
 WRONG_PASSWORD_ERROR = "Incorrect password."
-GENERIC_CODE_ERROR = "That code is not valid. Check your authenticator app and enter the current code."
+# The same words for a wrong code and one already used (security.md 17); the second sentence is for the latter:
+# the app still shows the code just used to sign in, and typing it again would fail again.
+GENERIC_CODE_ERROR = ("That code is not valid, or it was already used. Enter the code your app shows now; if "
+                      "that is the one you just used, wait for the next one.")
 MALFORMED_CODE_ERROR = "Enter the 6-digit code from your authenticator app (digits only)."
 
 

@@ -168,13 +168,14 @@ def _row_context(user, failed=None, notice=None):
             "notice": notice}
 
 
-def _settings_response(user, failed=None, notice=None, status=200, sessions_oob=False):
+def _settings_response(user, failed=None, notice=None, status=200, sessions_oob=False, activity_oob=False):
     """The settings page, or only the #tfa-row fragment for htmx (errors stay 200 so htmx swaps them); with
-    sessions_oob the list of sessions comes too, out of band (other sessions were just ended)."""
+    sessions_oob the list of sessions comes too, out of band (other sessions were just ended), and with
+    activity_oob the Security activity list (a change was just recorded)."""
     if htmx.is_htmx():
         status = 200
     return htmx.render("settings/index.html", "settings/_tfa_row.html", status=status, sessions_oob=sessions_oob,
-                       **_row_context(user, failed=failed, notice=notice))
+                       activity_oob=activity_oob, **_row_context(user, failed=failed, notice=notice))
 
 
 def _after_change(user, notice):
@@ -184,7 +185,7 @@ def _after_change(user, notice):
     if ended:
         audit("sessions_ended", user=user, reason="2fa change", count=ended)
     if htmx.is_htmx():
-        return _settings_response(user, notice=notice, sessions_oob=bool(ended))
+        return _settings_response(user, notice=notice, sessions_oob=bool(ended), activity_oob=True)
     flash(notice, "success")
     return redirect(url_for("settings.index"))
 
@@ -229,7 +230,10 @@ def _qr_context(user, pending):
 
 
 def _skew_text(steps):
-    """Human wording for a phone clock that is `steps` time steps off."""
+    """Human wording for a code `steps` time steps away from now. Two steps back is most often a code typed
+    slowly (it changed meanwhile), not a wrong clock: only further off is the phone's clock the likely cause."""
+    if steps == -2:
+        return "That code has already changed. Enter the one your app shows now."
     seconds = abs(steps) * totp.PERIOD
     amount = f"{seconds} seconds" if seconds < 120 else f"{round(seconds / 60)} minutes"
     direction = "ahead" if steps > 0 else "behind"
@@ -457,6 +461,7 @@ def _just_activated(user):
 
 def _done_step(user, device, done_info):
     return _wizard("done", device=device, oob_row=htmx.is_htmx(), sessions_oob=g.get("sessions_changed", False),
+                   activity_oob=True,
                    had_reset_window=done_info.get("reset"),
                    had_2fa_before=done_info.get("added"), has_2fa=True, **_row_context(user))
 
@@ -513,7 +518,7 @@ def remove_device(device_id):
     if not form.validate():
         return _settings_response(user, failed=("remove", device.id, form), status=400)
     if last and not form.confirm_off.data:
-        form.confirm_off.errors = ["This is your only device. Tick the box to confirm that 2FA should be turned off."]
+        form.confirm_off.errors = ["This is your only device. Tick the box to confirm that two-factor authentication should be turned off."]
         return _settings_response(user, failed=("remove", device.id, form), status=400)
     if last:
         # Removing the only device turns 2FA off: password and code, like Turn off (security.md 32).

@@ -36,7 +36,7 @@ DURATIONS = {
 }
 
 NEEDS_2FA_MESSAGE = ("The Support page is only available to admins who use two-factor authentication. "
-                     "Set up two-factor authentication in User Settings first, then sign in again.")
+                     "Set up two-factor authentication in User Settings first.")
 
 
 # ---------------------------------------------------------------- forms
@@ -330,6 +330,8 @@ def support_admin_required(view):
         if not current_user.is_admin:
             abort(403)
         if not current_user.has_2fa:
+            if request.method == "GET" and not htmx.is_htmx():  # a page to open: show the way on
+                return render_template("support/needs_2fa.html"), 403
             abort(403, NEEDS_2FA_MESSAGE)
         if not is_fresh():
             # Like fresh_login_required, but an action posted from a stale page comes back to the Support
@@ -601,12 +603,18 @@ def disable_2fa(user_id):
         return _row_response(target, status=400, form=form, error=_NOTHING_TO_DISABLE + " Nothing was changed.")
     if already_open:
         return _row_response(target, status=409, error=_already_off(locked))
-    notice = (f"2FA for {target.email} is off until {_fmt_time(until)}: {removed} device(s) revoked, "
-              f"{sessions} session(s) ended.")
+    # The app sends no email: the notice says what the reply to the person must tell them.
+    notice = (f"2FA for {target.email} is off until {_fmt_time(until)}: {_count(removed, 'device')} revoked, "
+              f"{_count(sessions, 'session')} ended. Now reply to them: until then they sign in with their "
+              f"password alone, and they should set up their new phone right away.")
     return _row_response(target, notice=notice, refresh_requests=True)
 
 
 _NOTHING_TO_DISABLE = "This person has no two-factor authentication to disable."
+
+
+def _count(n, noun):
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _already_off(user):
