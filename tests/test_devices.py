@@ -427,6 +427,17 @@ def test_a_refused_rename_focuses_the_name_field(actor, app, alice, htmx):
     assert 'aria-invalid="true"' in focused[0]
 
 
+def test_removing_the_only_device_says_everything_missing_at_once(actor, app, alice):
+    """No box ticked, no password, no code: all three are named in one answer (it took three tries, one
+    message each), and nothing changes."""
+    [device] = device_rows(app, alice)
+    r = post(actor, f"/settings/devices/{device.id}/remove", {})
+    body = text(r)
+    assert r.status_code == 400
+    assert "Tick the box to confirm" in body and "Enter your password" in body and "Enter a current code" in body
+    assert len(device_rows(app, alice)) == 1
+
+
 def test_an_unticked_confirmation_box_gets_the_focus_without_javascript(actor, app, alice, secret):
     """Removing the only device without ticking "turn 2FA off": the box is the field to fix, and the page's
     only autofocus (the box is rendered by `control`, not `field`)."""

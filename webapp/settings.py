@@ -515,16 +515,21 @@ def remove_device(device_id):
     device = _own_device(device_id)
     form = RemoveForm(prefix=f"remove-{device.id}")
     last = len(_devices(user)) == 1
-    if not form.validate():
-        return _settings_response(user, failed=("remove", device.id, form), status=400)
-    if last and not form.confirm_off.data:
-        form.confirm_off.errors = ["This is your only device. Tick the box to confirm that two-factor authentication should be turned off."]
+    valid = form.validate()
+    if last:
+        # Everything missing is said at once (the box, the password, the code), not one per attempt.
+        if not form.confirm_off.data:
+            form.confirm_off.errors = ["This is your only device. Tick the box to confirm that two-factor "
+                                       "authentication should be turned off."]
+            valid = False
+        if not form.password.data and not form.password.errors:
+            # Removing the only device turns 2FA off: password and code, like Turn off (security.md 32).
+            form.password.errors = ["Enter your password: removing your only device turns two-factor "
+                                    "authentication off."]
+            valid = False
+    if not valid:
         return _settings_response(user, failed=("remove", device.id, form), status=400)
     if last:
-        # Removing the only device turns 2FA off: password and code, like Turn off (security.md 32).
-        if not form.password.data:
-            form.password.errors = ["Enter your password: removing your only device turns 2FA off."]
-            return _settings_response(user, failed=("remove", device.id, form), status=400)
         error = password_check(user, form.password.data, wrong=WRONG_PASSWORD_ERROR)
         if error is not None:
             form.password.errors = [error]
