@@ -37,6 +37,24 @@
     if (target) target.focus();
   });
 
+  // Times are written in UTC (and stay so without JavaScript); a <time data-local> is shown in the
+  // browser's own time zone instead, with the UTC original as its tooltip.
+  var localFormat = new Intl.DateTimeFormat(undefined, {
+    year: "numeric", month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", timeZoneName: "short"
+  });
+  function showLocalTimes(root) {
+    var times = root.querySelectorAll ? root.querySelectorAll("time[data-local]") : [];
+    for (var i = 0; i < times.length; i++) {
+      var when = new Date(times[i].getAttribute("datetime"));
+      if (isNaN(when.getTime())) continue;
+      times[i].title = times[i].textContent;
+      times[i].textContent = localFormat.format(when);
+      times[i].removeAttribute("data-local");
+    }
+  }
+  document.addEventListener("DOMContentLoaded", function () { showLocalTimes(document); });
+  document.addEventListener("htmx:load", function (event) { if (event.detail.elt) showLocalTimes(event.detail.elt); });
+
   document.addEventListener("click", function (event) {
     var button = event.target.closest && event.target.closest("dialog.wizard [data-close-dialog]");
     if (!button) return;

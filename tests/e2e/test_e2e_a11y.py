@@ -204,3 +204,19 @@ def test_at_320_css_pixels_no_page_scrolls_sideways(new_page, server):
         expect(page.get_by_role("heading", level=1)).to_be_visible()
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= 320, f"{path} is {width} px wide at a 320 px viewport"
+
+
+def test_times_are_shown_in_the_browsers_time_zone_with_utc_kept_as_the_tooltip(new_page, server):
+    """Times are written in UTC (what a page without JavaScript shows, labelled so); app.js shows each
+    <time data-local> in the browser's own zone instead, the UTC original as its tooltip: an ordinary person
+    should not have to convert the end of a support window or the time of a sign-in."""
+    server.user("tokyo@example.com")
+    page = new_page(timezone_id="Asia/Tokyo", locale="en-GB")  # UTC+9 all year (no summer time)
+    log_in(page, "tokyo@example.com")
+    expect_signed_in(page)
+    shown = page.locator("#sessions time").first
+    expect(shown).to_have_attribute("title", re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d UTC$"))
+    utc = re.search(r"(\d\d):(\d\d) UTC$", shown.get_attribute("title"))
+    expect(shown).to_contain_text(f"{(int(utc.group(1)) + 9) % 24:02d}:{utc.group(2)}")
+    expect(shown).to_contain_text("GMT+9")
+    assert "UTC" not in shown.inner_text()
