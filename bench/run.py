@@ -299,7 +299,8 @@ def free_port():
 
 
 class Server:
-    """gunicorn with the project's gunicorn.conf.py and the given worker count (both sides format their access log lines into /dev/null)."""
+    """gunicorn with the project's gunicorn.conf.py and the given worker count (both sides format their access
+    log lines into /dev/null)."""
 
     def __init__(self, target, env, chdir, log_path):
         self.port = free_port()

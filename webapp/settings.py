@@ -15,7 +15,8 @@ from wtforms import BooleanField, PasswordField, StringField
 from wtforms.validators import DataRequired, Length, Optional, ValidationError
 
 from . import fields, htmx, totp
-from .auth import CODE_FIELD_ATTRS, MALFORMED_CODE_ERROR, WRONG_PASSWORD_ERROR, code_error, password_check, strip_text
+from .auth import (CODE_FIELD_ATTRS, MALFORMED_CODE_ERROR, WRONG_PASSWORD_ERROR, code_error, password_check,
+                   strip_text)
 from .clock import now, timestamp
 from .db import Param, Prepared, db, for_update, write_transaction
 from .fields import Form, freeze
