@@ -39,16 +39,27 @@
 
   // Times are written in UTC (and stay so without JavaScript); a <time data-local> is shown in the
   // browser's own time zone instead, with the UTC original as its tooltip.
-  var localFormat = new Intl.DateTimeFormat(undefined, {
-    year: "numeric", month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", timeZoneName: "short"
-  });
+  // data-local="date" shows the date alone. Formats are made on first use: if the browser refused them,
+  // the times would stay in UTC and nothing else on the page would break.
+  var formats = null;
   function showLocalTimes(root) {
     var times = root.querySelectorAll ? root.querySelectorAll("time[data-local]") : [];
+    if (!times.length) return;
+    try {
+      formats = formats || {
+        time: new Intl.DateTimeFormat(undefined, {year: "numeric", month: "short", day: "numeric",
+          hour: "2-digit", minute: "2-digit", timeZoneName: "short"}),
+        date: new Intl.DateTimeFormat(undefined, {year: "numeric", month: "short", day: "numeric"})
+      };
+    } catch (error) {
+      return;
+    }
     for (var i = 0; i < times.length; i++) {
       var when = new Date(times[i].getAttribute("datetime"));
       if (isNaN(when.getTime())) continue;
-      times[i].title = times[i].textContent;
-      times[i].textContent = localFormat.format(when);
+      var format = times[i].getAttribute("data-local") === "date" ? formats.date : formats.time;
+      times[i].title = times[i].textContent + (format === formats.date ? " (UTC)" : "");
+      times[i].textContent = format.format(when);
       times[i].removeAttribute("data-local");
     }
   }

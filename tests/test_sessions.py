@@ -81,6 +81,9 @@ def test_sign_out_everywhere_else_ends_every_other_session(app, actor, alice, se
     if htmx:
         assert r.status_code == 200 and 'id="sessions"' in text(r) and "Signed out on 2 other browsers." in text(r)
         assert "<html" not in text(r)
+        # the Security activity comes along out of band, already listing what was just done
+        activity = text(r).split('id="security-activity" hx-swap-oob="true"', 1)
+        assert len(activity) == 2 and "Signed out on other browsers" in activity[1]
     else:
         assert r.status_code == 302 and r.headers["Location"] == "/settings"
         assert "Signed out on 2 other browsers." in text(actor.client.get("/settings"))

@@ -114,7 +114,22 @@ def test_admin_without_2fa_gets_403_telling_them_to_set_it_up(actor):
     assert re.search(r'<form method="get" action="/settings/2fa">\s*<button type="submit">Set up two-factor '
                      r'authentication</button>', html)  # the way on, not a bare "Forbidden"
     r = actor.client.get("/support/audit", headers={"HX-Request": "true"})
-    assert r.status_code == 403
+    assert r.status_code == 403 and r.headers["HX-Redirect"] == "/support"  # the whole page, not a flash
+    assert "Forbidden" not in actor.client.get("/support").get_data(as_text=True)
+    r = actor.post_form("/support/requests/1/handled", {}, form_url="/settings")
+    assert r.status_code == 403 and "<h1>Set up two-factor authentication first</h1>" in r.get_data(as_text=True)
+
+
+def test_open_requests_come_first_unless_the_page_is_for_one_person(app, actor, secret, target):
+    """The requests are support's to-do list, so they lead the page; a page opened for one person (?q=, from
+    "Show account" or after an action without JavaScript) shows that person, and any message, first."""
+    with app.app_context():
+        SupportRequest.create(email="carol@example.com", message="lost my phone", user=target.id)
+    sign_in_admin(actor, secret)
+    page = actor.client.get("/support").get_data(as_text=True)
+    assert page.index('id="open-requests"') < page.index('id="people-heading"')
+    page = actor.client.get("/support?q=carol@example.com").get_data(as_text=True)
+    assert page.index(f'id="user-{target.id}"') < page.index('id="open-requests"')
 
 
 def test_admin_with_stale_sign_in_must_reauthenticate(app, actor, secret, clock):

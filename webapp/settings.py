@@ -234,7 +234,8 @@ def _skew_text(steps):
     """Human wording for a code `steps` time steps away from now. Two steps back is most often a code typed
     slowly (it changed meanwhile), not a wrong clock: only further off is the phone's clock the likely cause."""
     if steps == -2:
-        return "That code has already changed. Enter the one your app shows now."
+        return ("That code has already changed. Enter the one your app shows now. If this happens again, turn on "
+                "automatic date and time in your phone's settings: its clock may be a minute behind.")
     seconds = abs(steps) * totp.PERIOD
     amount = f"{seconds} seconds" if seconds < 120 else f"{round(seconds / 60)} minutes"
     direction = "ahead" if steps > 0 else "behind"
@@ -636,9 +637,10 @@ class _Sessions(list):
 
 
 def _sessions_response(notice):
-    """After ending sessions: the refreshed list for htmx, else back to User Settings with a message."""
+    """After ending sessions: the refreshed list for htmx (and the Security activity, out of band: it may
+    list the sessions just ended), else back to User Settings with a message."""
     if htmx.is_htmx():
-        return htmx.render("settings/index.html", "settings/_sessions.html", sessions_notice=notice)
+        return htmx.render("settings/index.html", "settings/_sessions_update.html", sessions_notice=notice)
     flash(notice, "success")
     return redirect(url_for("settings.index"))
 

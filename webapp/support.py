@@ -35,10 +35,6 @@ DURATIONS = {
     "7d": ("7 days", timedelta(days=7)),
 }
 
-NEEDS_2FA_MESSAGE = ("The Support page is only available to admins who use two-factor authentication. "
-                     "Set up two-factor authentication in User Settings first.")
-
-
 # ---------------------------------------------------------------- forms
 
 def text_lines(value):
@@ -330,9 +326,10 @@ def support_admin_required(view):
         if not current_user.is_admin:
             abort(403)
         if not current_user.has_2fa:
-            if request.method == "GET" and not htmx.is_htmx():  # a page to open: show the way on
-                return render_template("support/needs_2fa.html"), 403
-            abort(403, NEEDS_2FA_MESSAGE)
+            # The way on rather than a bare "Forbidden": htmx loads that page whole (HX-Redirect).
+            if htmx.is_htmx():
+                return htmx.hx_redirect(url_for("support.index"), status=403)
+            return render_template("support/needs_2fa.html"), 403
         if not is_fresh():
             # Like fresh_login_required, but an action posted from a stale page comes back to the Support
             # page after re-authenticating (the action itself is not replayed: it must be submitted again).
