@@ -529,10 +529,9 @@ def _refuse_protected(target):
 
 
 def _focus(form):
-    """Mark the field a keyboard user should land on: the first with an error, else Reason (htmx focuses
-    [autofocus] in swapped content; a full page focuses it on load)."""
-    first = next((f for f in form if f.errors), form.reason)
-    first.render_kw = {**(first.render_kw or {}), "autofocus": True}  # a copy: render_kw is shared by the class
+    """Mark Reason as where a keyboard user lands (htmx focuses [autofocus] in swapped content; a full page
+    focuses it on load). When the form has errors, fields.py moves the focus to the first field with one."""
+    form.reason.render_kw = {**(form.reason.render_kw or {}), "autofocus": True}  # a copy: shared by the class
     return form
 
 
