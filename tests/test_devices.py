@@ -350,6 +350,18 @@ def test_turning_off_ignores_a_user_id_field(actor, app, alice, secret):
     assert device_rows(app, alice) == [] and len(device_rows(app, bob)) == 1
 
 
+def device_change(actor, device, secret, change):
+    """(url, form data) of one complete 2FA change of the only device: rename, remove (with the box, the
+    password and a code) or turn off."""
+    return {
+        "rename": (f"/settings/devices/{device.id}/rename", {f"rename-{device.id}-name": "Renamed"}),
+        "remove": (f"/settings/devices/{device.id}/remove",
+                   {f"remove-{device.id}-code": actor.code(secret), f"remove-{device.id}-confirm_off": "y",
+                    f"remove-{device.id}-password": PASSWORD}),
+        "disable": ("/settings/2fa/disable", {"off-password": PASSWORD, "off-code": actor.code(secret)}),
+    }[change]
+
+
 @pytest.mark.parametrize("change", ["rename", "remove", "disable"])
 def test_every_device_change_ends_other_sessions(actor, app, alice, secret, change):
     """security.md 35: after any 2FA change the person's other sessions are gone; this one stays."""
@@ -357,14 +369,7 @@ def test_every_device_change_ends_other_sessions(actor, app, alice, secret, chan
     other = second_session(actor, app, secret=secret)
     actor.clock.advance(30)
     [device] = device_rows(app, alice)
-    data = {
-        "rename": (f"/settings/devices/{device.id}/rename", {f"rename-{device.id}-name": "Renamed"}),
-        "remove": (f"/settings/devices/{device.id}/remove",
-                   {f"remove-{device.id}-code": actor.code(secret), f"remove-{device.id}-confirm_off": "y",
-             f"remove-{device.id}-password": PASSWORD}),
-        "disable": ("/settings/2fa/disable", {"off-password": PASSWORD, "off-code": actor.code(secret)}),
-    }[change]
-    assert post(actor, *data).status_code == 302
+    assert post(actor, *device_change(actor, device, secret, change)).status_code == 302
     assert signed_out(other.client)
     assert not signed_out(actor.client)
     with app.app_context():
@@ -381,14 +386,7 @@ def test_with_htmx_a_device_change_also_refreshes_the_list_of_sessions(actor, ap
     actor.clock.advance(30)
     assert text(actor.client.get("/settings")).count('<li class="device session">') == 2
     [device] = device_rows(app, alice)
-    data = {
-        "rename": (f"/settings/devices/{device.id}/rename", {f"rename-{device.id}-name": "Renamed"}),
-        "remove": (f"/settings/devices/{device.id}/remove",
-                   {f"remove-{device.id}-code": actor.code(secret), f"remove-{device.id}-confirm_off": "y",
-                    f"remove-{device.id}-password": PASSWORD}),
-        "disable": ("/settings/2fa/disable", {"off-password": PASSWORD, "off-code": actor.code(secret)}),
-    }[change]
-    body = text(post(actor, *data, htmx=True))
+    body = text(post(actor, *device_change(actor, device, secret, change), htmx=True))
     assert body.lstrip().startswith('<div class="setting-row" id="tfa-row"')
     oob = body.split('id="sessions" hx-swap-oob="true"', 1)
     assert len(oob) == 2, "the sessions list is not in the answer"
