@@ -213,6 +213,19 @@ def current_pending(user):
     return pending
 
 
+def _with_pending(view):
+    """For the wizard's steps after the QR code: call `view(user, pending)` with this session's pending key,
+    or answer without it (_without_pending) when there is none."""
+    @functools.wraps(view)
+    def wrapper():
+        user = _user()
+        pending = current_pending(user)
+        if pending is None:
+            return _without_pending(user)
+        return view(user, pending)
+    return wrapper
+
+
 def _wizard(step, status=200, **context):
     """Render one wizard step: alone for htmx (it replaces itself), inside the full page otherwise."""
     if htmx.is_htmx():
@@ -298,34 +311,25 @@ def start():
 
 @bp.get("/2fa/qr")
 @login_required
-def qr():
+@_with_pending
+def qr(user, pending):
     """Show the pending secret's QR code again (the Back button), or say that the setup expired."""
-    user = _user()
-    pending = current_pending(user)
-    if pending is None:
-        return _without_pending(user)
     return _wizard("qr", **_qr_context(user, pending))
 
 
 @bp.get("/2fa/code")
 @login_required
-def code():
+@_with_pending
+def code(user, pending):
     """The code step: one field for the code the app shows now."""
-    user = _user()
-    pending = current_pending(user)
-    if pending is None:
-        return _without_pending(user)
     return _wizard("code", form=EnrolCodeForm(formdata=None))
 
 
 @bp.post("/2fa/code")
 @login_required
-def verify_code():
+@_with_pending
+def verify_code(user, pending):
     """Check a code against the pending secret; wrong codes keep the same secret, too many discard it."""
-    user = _user()
-    pending = current_pending(user)
-    if pending is None:
-        return _without_pending(user)
     form = EnrolCodeForm()
     error = None
     if not form.validate_on_submit():
@@ -372,12 +376,9 @@ def verify_code():
 
 @bp.get("/2fa/name")
 @login_required
-def name_step():
+@_with_pending
+def name_step(user, pending):
     """The name step as a page of its own (where a correct code leads without JavaScript)."""
-    user = _user()
-    pending = current_pending(user)
-    if pending is None:
-        return _without_pending(user)
     if pending.verified_step is None:
         return redirect(url_for("settings.code"))
     return _wizard("name", form=DeviceNameForm(formdata=None))
@@ -385,12 +386,9 @@ def name_step():
 
 @bp.post("/2fa/complete")
 @login_required
-def complete():
+@_with_pending
+def complete(user, pending):
     """Name the device and activate it: only now is 2FA on; other sessions end (security.md 8, 35, 39)."""
-    user = _user()
-    pending = current_pending(user)
-    if pending is None:
-        return _without_pending(user)
     if pending.verified_step is None:
         return _wizard("code", form=EnrolCodeForm(formdata=None))
     form = DeviceNameForm()
