@@ -214,8 +214,14 @@ def current_pending(user):
 
 
 def _with_pending(view):
-    """For the wizard's steps after the QR code: call `view(user, pending)` with this session's pending key,
-    or answer without it (_without_pending) when there is none."""
+    """For the wizard's steps from the QR code on: call `view(user, pending)` with this session's pending key,
+    or answer without it (_without_pending) when there is none.
+
+    Like the gear and Start, every step needs a fresh sign-in (security.md 9): a pending key outlives the
+    freshness window (PENDING_ENROLMENT_TTL against FRESH_LOGIN_WINDOW), and whoever holds a session that
+    is no longer fresh must not read that key or make it a device. After re-authenticating, a page comes
+    back to itself and a form to the wizard's first step, which offers to go on with the same key."""
+    @fresh_login_required(back_to="settings.tfa")
     @functools.wraps(view)
     def wrapper():
         user = _user()
