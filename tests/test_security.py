@@ -155,6 +155,25 @@ def test_log_lines_are_redacted(line, secret):
     assert secret not in record.getMessage() and "[redacted]" in record.getMessage()
 
 
+def test_a_visitor_cannot_start_a_log_line_of_their_own(app, actor, capfd, monkeypatch):
+    """security.md 42, 43: the error log holds one line per event. A newline in a path (%0a, which Werkzeug
+    decodes) went into the "csrf refused" line as it was, so an anonymous POST could add a made-up line
+    such as a fake audit record; control characters are now written as escapes."""
+    import webapp
+
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as in a gunicorn worker: root unconfigured
+    monkeypatch.setattr(logging.getLogger("twostep"), "handlers", [])
+    webapp._init_logging(app)
+    fake = "2026-12-05 16:00:00,000 INFO twostep.audit: audit support_tfa_disabled user=2 actor=1 {}"
+    path = "/settings/sessions/x%0a" + fake.replace(" ", "%20").replace("{", "%7B").replace("}", "%7D") + "%E2%80%A8/end"
+    r = actor.client.post(path)
+    assert r.status_code == 400
+    lines = [line for line in capfd.readouterr().err.splitlines() if line]
+    assert len(lines) == 1 and "csrf refused: POST /settings/sessions/x\\n2026-12-05 16:00:00,000" in lines[0]
+    assert "\\u2028/end (The CSRF token is missing.)" in lines[0]
+    assert not any(line.startswith("2026-12-05 16:00:00") for line in lines)
+
+
 def test_log_lines_without_secrets_are_left_alone():
     """The redaction leaves ordinary lines (access lines, audit lines with ids and dates) as they were."""
     from webapp.security import RedactingFilter

@@ -319,7 +319,8 @@ def set_security_headers(response):
 
 
 class RedactingFilter(logging.Filter):
-    """Masks anything that looks like a code, a Base32 secret, an otpauth URI or a password field."""
+    """Masks anything that looks like a code, a Base32 secret, an otpauth URI or a password field, and writes
+    control characters as escapes (security.md 43)."""
 
     KEYS = ("password", "secret", "code", "csrf_token", "cookie")
     # (pattern, replacement, strings one of which a line must hold, casefolded, for the pattern to matter).
@@ -333,6 +334,9 @@ class RedactingFilter(logging.Filter):
         (re.compile(r"(?<![\d.:/-])\d{6}(?![\d.:/-])"), "[redacted]", None),
     ]
 
+    # Line breaks and other control characters (NEL and the Unicode line and paragraph separators too).
+    CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
     def filter(self, record):
         try:
             message = record.getMessage()
@@ -342,5 +346,9 @@ class RedactingFilter(logging.Filter):
         for pattern, repl, needles in self.PATTERNS:
             if needles is None or any(needle in folded for needle in needles):
                 message = pattern.sub(repl, message)
+        if self.CONTROLS.search(message):
+            # One event, one line: a newline in something a visitor chose (a path, a header) would otherwise
+            # start a line of their own making, such as a fake "audit" record.
+            message = self.CONTROLS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), message)
         record.msg, record.args = message, None
         return True
