@@ -759,6 +759,19 @@ def test_missing_reason_is_refused_and_nothing_changes(app, actor, secret, targe
     assert carol.client.get("/settings").status_code == 200
 
 
+@pytest.mark.parametrize("reason", ["r", "ok", " checked  "])
+def test_a_reason_that_says_nothing_is_refused_and_nothing_changes(app, actor, secret, target, reason):
+    """security.md 38: the reason is the audit record's account of how the person's identity was checked;
+    a letter or a word is refused like no reason (400, nothing changed, no audit record)."""
+    sign_in_admin(actor, secret)
+    r = disable(actor, target, reason=reason)
+    html = r.get_data(as_text=True)
+    assert r.status_code == 400
+    assert "how you confirmed the person&#39;s identity (at least 10 characters)" in html
+    assert "Nothing was changed" in html
+    _unchanged(app, target)
+
+
 @pytest.mark.parametrize("duration", ["", "30d", "0", "24 hours", "1000000h"])
 def test_duration_outside_the_allow_list_is_refused(app, actor, secret, target, duration):
     """security.md 38, 39: only 24 hours, 3 days or 7 days."""

@@ -57,11 +57,17 @@ class ContactForm(Form):
         render_kw={"maxlength": 4000, "rows": 7})
 
 
+REASON_MIN = 10
+
+
 class DisableForm(Form):
     """Per-person form; rendered with a prefix so several rows on one page keep unique field ids."""
 
     reason = TextAreaField("Reason", filters=[text_lines], validators=[
         DataRequired("Give a reason, including how you confirmed the person's identity."),
+        # The audit record's only account of the identity check (security.md 38): "x" or "ok" says nothing.
+        Length(min=REASON_MIN, message=f"Say in a few words why, including how you confirmed the person's "
+                                       f"identity (at least {REASON_MIN} characters)."),
         Length(max=500, message="Keep the reason to 500 characters or fewer.")],
         render_kw={"maxlength": 500, "rows": 3})
     duration = SelectField("Disable for", choices=[SelectChoice(k, label) for k, (label, _) in DURATIONS.items()],
