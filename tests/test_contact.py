@@ -173,6 +173,35 @@ def test_one_ipv6_network_counts_as_one_client(app, actor):
     assert requests_in_db(app)[-1].ip == "198.51.100.7"  # an IPv4 client behind an IPv6 socket: its own address
 
 
+def test_strangers_cannot_lock_the_owner_out_of_the_form(app, actor, secret):
+    """Anyone may type an address: three requests for it from three strangers' networks used to refuse its
+    owner for an hour (429), again every hour. Whoever entered the account's password in this browser (the
+    code step, where "Lost access to your authenticator app?" leads) is not held to the per-address limit;
+    the audit record says the sender knew the password, which helps support's identity check. Strangers
+    still are, and so is the owner's own network."""
+    actor.user(secret=secret)
+    for i in range(3):
+        assert send(actor, email="Alice@example.com", environ_base={"REMOTE_ADDR": f"203.0.113.{i + 1}"}).status_code == 302
+    assert send(actor, email="alice@example.com", environ_base={"REMOTE_ADDR": "203.0.113.50"}).status_code == 429
+    owner = {"environ_base": {"REMOTE_ADDR": "198.51.100.7"}}
+    assert actor.password_step().status_code == 302  # the owner, stuck at the code step
+    assert send(actor, email="alice@example.com", **owner).status_code == 302
+    stored = requests_in_db(app)
+    assert len(stored) == 4 and stored[-1].ip == "198.51.100.7" and stored[-1].user_id is not None
+    with app.app_context():
+        details = [e.details for e in AuditEvent.select().where(AuditEvent.kind == "support_request")
+                   .order_by(AuditEvent.id)]
+    assert [d["after_password"] for d in details] == [False, False, False, True]
+    # Another address typed at the same code step is an ordinary request: the per-address limit applies.
+    for i in range(3):
+        send(actor, email="bob@example.com", environ_base={"REMOTE_ADDR": f"192.0.2.{i + 1}"})
+    assert send(actor, email="bob@example.com", **owner).status_code == 429
+    # The owner's own network keeps its limit (3 an hour): two more, then refused.
+    assert send(actor, email="alice@example.com", **owner).status_code == 302
+    assert send(actor, email="alice@example.com", **owner).status_code == 302
+    assert send(actor, email="alice@example.com", **owner).status_code == 429
+
+
 def test_throttle_answer_is_the_same_for_known_and_unknown_addresses(app, actor):
     actor.user()
     for _ in range(3):

@@ -158,6 +158,7 @@ DETAIL_LABELS = {
     "adding": "Adding another device",
     "devices": "Devices",
     "counted_in": "Counted against",
+    "after_password": "Sent after entering the account's password",
 }
 DETAIL_ORDER = {key: i for i, key in enumerate(DETAIL_LABELS)}  # the most telling details first
 
@@ -286,17 +287,23 @@ def contact():
             email = normalise_email(form.email.data)
             ip = client_network(client_ip())
             limit = current_app.config["SUPPORT_REQUESTS_PER_HOUR"]
+            # The account's own password was entered in this browser (it is signed in, or at the code step):
+            # the per-address limit is not for them. Anyone may type an address, so strangers sending three
+            # requests for it would otherwise lock its owner out of the form for an hour, again and again.
+            owner = _password_proven_user()
+            after_password = owner is not None and owner.email == email
             with write_transaction():
                 # Count and insert in one write transaction, holding the address and network, so parallel
                 # posts cannot slip past the limit (on PostgreSQL too, where the count alone locks nothing).
                 lock_keys("contact-email:" + email, *(["contact-ip:" + ip] if ip else []))
-                throttled = (_recent_requests(SupportRequest.email, email) >= limit
+                throttled = ((not after_password and _recent_requests(SupportRequest.email, email) >= limit)
                              or (ip and _recent_requests(SupportRequest.ip, ip) >= limit))
                 if not throttled:
                     user = User.get_or_none(User.email == email)
                     req = SupportRequest.create(email=email, message=form.message.data, user=user, ip=ip,
                                                 created_at=now())
-                    audit("support_request", user=user, request=req.id)
+                    # For support's identity check: whether the sender knew the account's password.
+                    audit("support_request", user=user, request=req.id, after_password=after_password)
             if not throttled:
                 return redirect(url_for("support.contact_sent"))
             error, status = ("Several requests came from this address or network within the last hour. "
@@ -306,12 +313,19 @@ def contact():
 
 def _prefill_email():
     """The email of whoever is signed in or half-way through sign-in (the code step), else empty."""
+    user = _password_proven_user()
+    return user.email if user is not None else None
+
+
+def _password_proven_user():
+    """The account whose password this browser entered: signed in, or half-way through sign-in (the code
+    step, whose challenge lives server-side), else None."""
     if current_user.is_authenticated:
-        return current_user.email
+        return current_user._get_current_object()
     from .auth import current_challenge
 
     challenge = current_challenge()
-    return challenge.user.email if challenge is not None else None
+    return challenge.user if challenge is not None else None
 
 
 @bp.get("/support/contact/sent")
