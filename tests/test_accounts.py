@@ -272,10 +272,23 @@ def test_production_refuses_missing_secrets(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "inst" / "secret_key")
 
 
-def test_production_refuses_a_short_secret_key(tmp_path, monkeypatch):
-    with pytest.raises(ConfigError, match="SECRET_KEY"):
-        _prod(tmp_path, monkeypatch, SECRET_KEY="short", TOTP_ENCRYPTION_KEYS=Fernet.generate_key().decode(),
+@pytest.mark.parametrize("key", ["short", "k" * 48, "changeme" * 4, "0" * 32 + "123456"])
+def test_production_refuses_a_short_or_placeholder_secret_key(tmp_path, monkeypatch, key):
+    """security.md 44: at least 32 random bytes; a long placeholder is refused as well as a short key."""
+    with pytest.raises(ConfigError, match="SECRET_KEY must be at least 32 random bytes"):
+        _prod(tmp_path, monkeypatch, SECRET_KEY=key, TOTP_ENCRYPTION_KEYS=Fernet.generate_key().decode(),
               DATABASE_URL=f"sqlite:///{tmp_path / 'db'}")
+
+
+def test_production_accepts_random_keys_written_in_hex_or_base64():
+    """The usual ways to make a key all pass, whatever the draw (hex has only 16 symbols)."""
+    import secrets
+
+    from webapp.config import validate
+
+    for key in [secrets.token_hex(16) for _ in range(200)] + [secrets.token_urlsafe(32) for _ in range(200)]:
+        validate({"PRODUCTION": True, "SECRET_KEY": key, "DATABASE_URL": "sqlite:///x", "TOTP_ISSUER": "x",
+                  "TOTP_ENCRYPTION_KEYS": Fernet.generate_key().decode()})
 
 
 def test_production_refuses_debug(tmp_path, monkeypatch):
@@ -287,7 +300,8 @@ def test_production_refuses_debug(tmp_path, monkeypatch):
 
 
 def test_production_starts_with_proper_secrets(tmp_path, monkeypatch):
-    app = _prod(tmp_path, monkeypatch, SECRET_KEY="k" * 48, TOTP_ENCRYPTION_KEYS=Fernet.generate_key().decode(),
+    app = _prod(tmp_path, monkeypatch, SECRET_KEY="hP3x-K8d0qLz_7VwYb2nRt5s9uJcMf4aGe6iOk1yXh0",
+                TOTP_ENCRYPTION_KEYS=Fernet.generate_key().decode(),
                 DATABASE_URL=f"sqlite:///{tmp_path / 'db'}")
     assert app.config["SECURE_COOKIES"] and not app.debug
     r = app.test_client().get("/setup", base_url="https://example.com")

@@ -55,6 +55,7 @@ DEFAULTS = {
 }
 
 MIN_SECRET_KEY_BYTES = 32
+MIN_SECRET_KEY_SYMBOLS = 8  # different characters in it (32 random hex digits have fewer than 8 once in 28 million draws)
 
 
 def _env_bool(value):
@@ -138,9 +139,12 @@ def validate(config):
         if config.get("DEBUG"):
             raise ConfigError("DEBUG must be off in production")
         key = config["SECRET_KEY"]
-        if len(key.encode() if isinstance(key, str) else key) < MIN_SECRET_KEY_BYTES or key in (
-                "dev", "changeme", "secret"):
-            raise ConfigError(f"SECRET_KEY must be at least {MIN_SECRET_KEY_BYTES} random bytes")
+        raw = key.encode() if isinstance(key, str) else key
+        # Long enough, and not a placeholder such as "k" * 48 or "changeme" four times: a random key of 32 bytes
+        # or more, written in hex, Base64 or as raw bytes, holds far more than MIN_SECRET_KEY_SYMBOLS symbols.
+        if len(raw) < MIN_SECRET_KEY_BYTES or len(set(raw)) < MIN_SECRET_KEY_SYMBOLS:
+            raise ConfigError(f"SECRET_KEY must be at least {MIN_SECRET_KEY_BYTES} random bytes; make one with "
+                              "python -c \"import secrets; print(secrets.token_urlsafe(48))\"")
     issuer = config.get("TOTP_ISSUER") or ""
     if not issuer or ":" in issuer or len(issuer) > 64:
         raise ConfigError("TOTP_ISSUER must be 1-64 characters and contain no ':'")
