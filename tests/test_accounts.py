@@ -65,6 +65,26 @@ def test_cli_list_and_promote(app, actor, secret):
     assert run(app, "users", "promote", "nobody@example.com").exit_code != 0
 
 
+def test_cli_list_shows_supports_window_and_the_block_after_it(app, actor, clock):
+    """An operator can tell who signs in with the password alone for now and who cannot sign in at all, as the
+    Support page can ("Temporarily off", "Blocked"): both have no device, like an account without 2FA."""
+    from datetime import timedelta
+
+    from webapp.clock import now
+
+    for email in ("bob@example.com", "carol@example.com", "dave@example.com"):
+        actor.user(email=email)
+    with app.app_context():
+        User.update(tfa_reset_until=now() + timedelta(hours=24)).where(User.email == "bob@example.com").execute()
+        User.update(tfa_reset_until=now() - timedelta(hours=1)).where(User.email == "carol@example.com").execute()
+        soon, past = now() + timedelta(hours=24), now() - timedelta(hours=1)
+    out = run(app, "users", "list").output
+    assert f"bob@example.com\tuser\t2FA temporarily off: password alone until {soon:%Y-%m-%d %H:%M} UTC (support)" in out
+    assert (f"carol@example.com\tuser\tblocked: support's window ended {past:%Y-%m-%d %H:%M} UTC without a new device"
+            in out)
+    assert "dave@example.com\tuser\t2FA off\n" in out
+
+
 def test_cli_reset_2fa_removes_devices_and_sessions(app, actor, secret):
     actor.user(secret=secret)
     actor.sign_in(secret=secret)

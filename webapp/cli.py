@@ -2,6 +2,7 @@
 import click
 from flask.cli import AppGroup, with_appcontext
 
+from .clock import now
 from .db import db
 from .models import Device, User, normalise_email
 from .security import audit, hash_password, revoke_second_factor
@@ -42,11 +43,20 @@ def create_user(email, password, admin):
 
 @users.command("list")
 def list_users():
-    """List accounts with their role and 2FA status."""
+    """List accounts with their role and 2FA status (with support's time window, as the Support page shows it)."""
+    current = now()
     for user in User.select().order_by(User.email):
         devices = Device.select().where(Device.user == user).count()
         role = "admin" if user.is_admin else "user"
-        status = f"2FA active ({devices} device{'s' if devices != 1 else ''})" if devices else "2FA off"
+        until = user.tfa_reset_until
+        if devices:
+            status = f"2FA active ({devices} device{'s' if devices != 1 else ''})"
+        elif until is None:
+            status = "2FA off"
+        elif until > current:
+            status = f"2FA temporarily off: password alone until {until:%Y-%m-%d %H:%M} UTC (support)"
+        else:
+            status = f"blocked: support's window ended {until:%Y-%m-%d %H:%M} UTC without a new device"
         click.echo(f"{user.email}\t{role}\t{status}")
 
 
