@@ -179,10 +179,10 @@ def _settings_response(user, failed=None, notice=None, status=200, sessions_oob=
                        activity_oob=activity_oob, **_row_context(user, failed=failed, notice=notice))
 
 
-def _after_change(user, notice):
-    """Finish a device change: other sessions end (security.md 35), then show the updated row (and, for
-    htmx, the list of sessions without them: its buttons for them would lead nowhere)."""
-    ended = end_user_sessions(user, keep_token=session.token)
+def _after_change(user, notice, end_sessions=True):
+    """Finish a device change: other sessions end (security.md 35) unless told otherwise, then show the
+    updated row (and, for htmx, the list of sessions without them: its buttons for them would lead nowhere)."""
+    ended = end_user_sessions(user, keep_token=session.token) if end_sessions else 0
     if ended:
         audit("sessions_ended", user=user, reason="2fa change", count=ended)
     if htmx.is_htmx():
@@ -493,7 +493,7 @@ def rename_device(device_id):
     form = RenameForm(prefix=f"rename-{device.id}")
     if form.validate():
         name = form.name.data
-        if name == device.name:  # nothing to do: no audit record, and nobody else is signed out for it
+        if name == device.name:  # nothing to do: no audit record
             return _unchanged(user, f"“{name}” already has this name. Nothing was changed.")
         if any(d.name.casefold() == name.casefold() and d.id != device.id for d in _devices(user)):
             form.name.errors = ["You already have a device with this name. Choose another name."]
@@ -509,7 +509,9 @@ def rename_device(device_id):
                 if not renamed:  # removed in another tab since it was read above
                     abort(404, description=_DEVICE_GONE)
                 audit("device_renamed", user=user, device=name, old_name=old)
-                return _after_change(user, f"Renamed “{old}” to “{name}”.")
+                # A name changes no factor (the same keys sign in as before): the person's other browsers
+                # stay signed in, unlike after a removal (security.md 35).
+                return _after_change(user, f"Renamed “{old}” to “{name}”.", end_sessions=False)
     return _settings_response(user, failed=("rename", device.id, form), status=400)
 
 
