@@ -638,7 +638,12 @@ def test_password_only_sessions_end_when_the_window_runs_out(app, actor, secret,
     clock.advance(601)  # one second past the end
     for url in ("/settings", "/settings/2fa", "/reauth"):
         r = carol.client.get(url)
-        assert r.status_code == 302 and "/login" in r.headers["Location"], url
+        assert (r.status_code, r.headers["Location"]) == (302, "/login?notice=support-window-ended"), url
+    r = carol.client.get("/settings", headers=HX)
+    assert (r.status_code, r.headers["HX-Redirect"]) == (401, "/login?notice=support-window-ended")
+    # The sign-in page says why (a plain "Log in" would only lead to the refusal after typing the password).
+    page = carol.client.get("/login?notice=support-window-ended").get_data(as_text=True)
+    assert "that time has ended" in page and "signing in is blocked" in page and 'href="/support/contact"' in page
     r = carol.client.post("/reauth", data={"csrf_token": carol.csrf("/login"), "password": PASSWORD})
     assert r.status_code == 302 and "/login" in r.headers["Location"]
     r = second_client(app, clock).password_step("carol@example.com")

@@ -180,6 +180,7 @@ def _load_user(user_id):
         user = _USER_BY_ID.first(id=user_id)
     if user is not None and user.tfa_reset_until is not None and now() >= user.tfa_reset_until \
             and not user.has_2fa:
+        g.support_window_ended = True  # _unauthorized tells the person why, not just "log in"
         return None
     return user
 
@@ -252,7 +253,12 @@ def _unauthorized():
     from .htmx import hx_redirect, is_htmx
     from .security import safe_next
 
-    target = url_for("auth.login", next=safe_next(request.full_path.rstrip("?")) if request.method == "GET" else None)
+    if g.get("support_window_ended"):
+        # Signing in again is blocked too (auth.after_password): no way back to this page, just the reason.
+        target = url_for("auth.login", notice="support-window-ended")
+    else:
+        target = url_for("auth.login",
+                         next=safe_next(request.full_path.rstrip("?")) if request.method == "GET" else None)
     if is_htmx():
         return hx_redirect(target)
     return redirect(target)

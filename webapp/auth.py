@@ -272,8 +272,12 @@ def login():
             if error is None:
                 return after_password(user, next_url)
             status = 429 if error.startswith("Too many") else 200
-    return render_template("auth/login.html", form=form, error=error, next_url=next_url,
-                           notice=login_notice(request.args.get("notice"))), status
+    notice = request.args.get("notice")
+    # A session that support's window ended comes here with this notice (webapp._unauthorized): the same
+    # words as a sign-in refused after the window, which they tell anyone who types the address too.
+    blocked = notice == "support-window-ended" and request.method == "GET"
+    return render_template("auth/login.html", form=form, error=error, next_url=next_url, blocked=blocked,
+                           notice=login_notice(notice)), status
 
 
 def after_password(user, next_url):
