@@ -271,3 +271,20 @@ def test_page_csrf_tokens_are_flask_wtfs_own(app, monkeypatch, raw):
         session["csrf_token"] = "ef" * 20
         with pytest.raises(ValidationError):
             validate_csrf(ours)
+
+
+def test_error_pages_speak_plainly(actor, secret):
+    """An error page without words of its own (a mistyped address, a page for admins, a GET to a form's
+    address) says what happened in plain words, not Werkzeug's ("read-protected or not readable by the
+    server", "If you entered the URL manually"), and leads back to the start page."""
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    for method, path, status, words in [("GET", "/no/such/page", 404, "There is nothing at this address."),
+                                        ("GET", "/support", 403, "Your account cannot open this page or do this."),
+                                        ("GET", "/settings/2fa/disable", 405,
+                                         "This address works only through the buttons on its page.")]:
+        r = actor.client.open(path, method=method)
+        page = r.get_data(as_text=True)
+        assert r.status_code == status and words in page and 'href="/"' in page, path
+        assert "read-protected" not in page and "entered the URL manually" not in page
+        assert "The method is not allowed" not in page

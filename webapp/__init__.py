@@ -419,6 +419,16 @@ def _session_ended_meanwhile():
             and current.unavailable is None)
 
 
+# What an error page says when the code that refused gave no words of its own.
+PLAIN_ERRORS = {
+    400: ("Something was wrong with that request", "Go back, reload the page and try again."),
+    403: ("Not allowed", "Your account cannot open this page or do this."),
+    404: ("Page not found", "There is nothing at this address. The link may be old or mistyped."),
+    405: ("Not available this way", "This address works only through the buttons on its page."),
+    413: ("Too much at once", "What was sent is larger than this form takes. Shorten it and try again."),
+}
+
+
 def _register_error_handlers(app):
     from .htmx import hx_redirect, is_htmx
 
@@ -454,6 +464,9 @@ def _register_error_handlers(app):
 
     @app.errorhandler(HTTPException)
     def http_error(exc):
+        if exc.description == type(exc).description and exc.code in PLAIN_ERRORS:
+            # Werkzeug's own words ("read-protected or not readable by the server") explain nothing to people.
+            return render_error(exc.code, *PLAIN_ERRORS[exc.code])
         return render_error(exc.code or 500, exc.name, exc.description)
 
     @app.errorhandler(OperationalError)
