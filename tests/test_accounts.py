@@ -312,11 +312,11 @@ def test_production_accepts_random_keys_written_in_hex_or_base64():
 
 
 def test_production_refuses_debug(tmp_path, monkeypatch):
-    from webapp.config import validate
-
-    with pytest.raises(ConfigError, match="DEBUG"):
-        validate({"PRODUCTION": True, "DEBUG": True, "SECRET_KEY": "k" * 40, "DATABASE_URL": "sqlite://",
-                  "TOTP_ISSUER": "x", "TOTP_ENCRYPTION_KEYS": Fernet.generate_key().decode()})
+    """security.md 44: FLASK_DEBUG=1 (what flask --debug sets too) stops a production start, and the message
+    names what to remove (it said "DEBUG", which is not the variable an operator sets)."""
+    with pytest.raises(ConfigError, match="debugging must be off in production: remove FLASK_DEBUG=1 or --debug"):
+        _prod(tmp_path, monkeypatch, FLASK_DEBUG="1", SECRET_KEY="hP3x-K8d0qLz_7VwYb2nRt5s9uJcMf4aGe6iOk1yXh0",
+              TOTP_ENCRYPTION_KEYS=Fernet.generate_key().decode(), DATABASE_URL=f"sqlite:///{tmp_path / 'db'}")
 
 
 def test_production_starts_with_proper_secrets(tmp_path, monkeypatch):

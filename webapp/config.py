@@ -137,7 +137,7 @@ def validate(config):
                           + " (set them in the environment; see README 'Configuration')")
     if config.get("PRODUCTION"):
         if config.get("DEBUG"):
-            raise ConfigError("DEBUG must be off in production")
+            raise ConfigError("debugging must be off in production: remove FLASK_DEBUG=1 or --debug")
         key = config["SECRET_KEY"]
         raw = key.encode() if isinstance(key, str) else key
         # Long enough, and not a placeholder such as "k" * 48 or "changeme" four times: a random key of 32 bytes

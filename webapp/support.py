@@ -306,8 +306,8 @@ def contact():
                     audit("support_request", user=user, request=req.id, after_password=after_password)
             if not throttled:
                 return redirect(url_for("support.contact_sent"))
-            error, status = ("Several requests came from this address or network within the last hour. "
-                             "Support will answer those; please wait an hour before sending another."), 429
+            error, status = ("Several requests for this email address, or from your network, came in within the "
+                             "last hour. Support will answer those; please wait an hour before sending another."), 429
     return render_template("support/contact.html", form=form, error=error), status
 
 
