@@ -727,6 +727,39 @@ def test_completing_enrolment_ends_other_sessions(actor, app):
         assert ServerSession.select().where(ServerSession.user == user.id).count() == 1
 
 
+STALE_ENTRIES = "only the one whose code you just entered works: delete the others"
+
+
+@pytest.mark.parametrize("htmx", [True, False])
+def test_a_setup_that_made_more_than_one_key_says_which_app_entry_to_keep(actor, app, htmx):
+    """Start over, or a setup begun in another browser (whose key cannot be continued here), may leave an entry
+    in the authenticator app that will never work: the done step says so, and only then."""
+    signed_in(actor)
+    w = Wizard(actor, htmx=htmx)
+    w.start()
+    actor.clock.advance(30)
+    w.start()  # Start over with a new key: the first one may be in the app already
+    w.submit_code()
+    done = w.complete("Phone")
+    page = text(done)
+    assert "is set up" in page and STALE_ENTRIES in page
+    # The next device, set up in one go, gets no such note: the earlier keys are behind the last activation.
+    actor.clock.advance(30)
+    page = text(Wizard(actor, htmx=htmx).run("Tablet"))
+    assert "is set up" in page and STALE_ENTRIES not in page
+
+
+def test_a_key_started_in_another_browser_counts_too(actor, app):
+    user = signed_in(actor)
+    laptop = type(actor)(app, app.test_client(), actor.clock)
+    laptop.sign_in()
+    Wizard(laptop).start()  # scanned on the laptop, never finished
+    actor.clock.advance(30)
+    page = text(Wizard(actor).run("Phone"))
+    assert STALE_ENTRIES in page
+    assert [d.name for d in devices(app, user)] == ["Phone"]
+
+
 def test_completing_enrolment_ends_the_support_reset_window(actor, app, clock):
     """security.md 39: enrolling a new device ends support's temporary-disable window."""
     user = actor.user()

@@ -10,7 +10,7 @@ import unicodedata
 
 from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, session, url_for
 from flask_login import current_user, login_required
-from peewee import IntegrityError
+from peewee import IntegrityError, fn
 from wtforms import BooleanField, PasswordField, StringField
 from wtforms.validators import DataRequired, Length, Optional, ValidationError
 
@@ -20,7 +20,7 @@ from .auth import (CODE_FIELD_ATTRS, MALFORMED_CODE_ERROR, WRONG_PASSWORD_ERROR,
 from .clock import now, timestamp
 from .db import Param, Prepared, db, for_update, write_transaction
 from .fields import Form, freeze
-from .models import Device, PendingEnrolment, ServerSession, User
+from .models import AuditEvent, Device, PendingEnrolment, ServerSession, User
 from .security import audit, forget_browsers, fresh_login_required
 from .sessions import end_user_sessions, token_hash
 
@@ -424,13 +424,14 @@ def complete(user, pending):
             return _wizard("name", status=400, form=form)
         PendingEnrolment.delete().where(PendingEnrolment.user == user.id).execute()
         User.update(tfa_reset_until=None).where(User.id == user.id).execute()
+    other_keys = _keys_started_since_last_device(user) > 1
     audit("device_added" if had_2fa else "tfa_enabled", user=user, device=device.name)
     if had_reset_window:
         audit("tfa_reset_window_ended", user=user, reason="new device enrolled")
     ended = end_user_sessions(user, keep_token=session.token)
     if ended:
         audit("sessions_ended", user=user, reason="2fa change", count=ended)
-    session[_WIZARD_DONE] = {"device": device.id, "added": had_2fa, "reset": had_reset_window}
+    session[_WIZARD_DONE] = {"device": device.id, "added": had_2fa, "reset": had_reset_window, "others": other_keys}
     if ended:
         g.sessions_changed = True  # the done step refreshes the list of sessions behind the dialog too
     if not htmx.is_htmx():
@@ -465,9 +466,18 @@ def _just_activated(user):
     return device
 
 
+def _keys_started_since_last_device(user):
+    """How many keys the wizard made for `user` (Start, Start over, in any browser) since a device was last
+    activated: each may be an entry in their authenticator app, and only the one just activated works."""
+    last = (AuditEvent.select(fn.MAX(AuditEvent.id))
+            .where((AuditEvent.user == user.id) & AuditEvent.kind.in_(["device_added", "tfa_enabled"])))
+    return AuditEvent.select().where((AuditEvent.user == user.id) & (AuditEvent.kind == "tfa_enrolment_started")
+                                     & (AuditEvent.id > fn.COALESCE(last, 0))).count()
+
+
 def _done_step(user, device, done_info):
     return _wizard("done", device=device, oob_row=htmx.is_htmx(), sessions_oob=g.get("sessions_changed", False),
-                   activity_oob=True,
+                   activity_oob=True, other_keys=done_info.get("others"),
                    had_reset_window=done_info.get("reset"),
                    had_2fa_before=done_info.get("added"), has_2fa=True, **_row_context(user))
 
