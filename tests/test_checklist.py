@@ -347,9 +347,9 @@ def test_no_password_secret_code_or_step_flag_in_cookie_or_session_after_any_ste
 
 def test_only_the_known_views_can_sign_anybody_in():
     """security.md 28: login_user is called only by start_session; start_session only by complete_sign_in and
-    the code step (which redirects after its transaction); complete_sign_in only by the password step (which
-    checks for devices first), sign-up and first-run. A new way in fails this test until it is reviewed
-    for 2FA."""
+    the code step (which redirects after its transaction); complete_sign_in only by the password step's
+    branch for people without a device (which after_password checks for, holding the person's row), sign-up
+    and first-run. A new way in fails this test until it is reviewed for 2FA."""
     tree = ast.parse(inspect.getsource(auth_module))
     callers = {}
     for fn in ast.walk(tree):
@@ -359,7 +359,7 @@ def test_only_the_known_views_can_sign_anybody_in():
                                                                                   "complete_sign_in"):
                     callers.setdefault(node.func.id, set()).add(fn.name)
     assert callers == {"login_user": {"start_session"}, "start_session": {"complete_sign_in", "verify"},
-                       "complete_sign_in": {"after_password", "signup", "first_run"}}
+                       "complete_sign_in": {"_sign_in_with_the_password_alone", "signup", "first_run"}}
     import pathlib
 
     import webapp
@@ -371,12 +371,39 @@ def test_only_the_known_views_can_sign_anybody_in():
 
 
 def test_after_password_sends_an_enrolled_person_to_the_code_step(actor, app, secret):
-    """security.md 28: the only password-only branch is for people without a device."""
+    """security.md 28: the only password-only branch is for people without a device, checked again while the
+    person's row is held."""
+    module = inspect.getsource(auth_module)
+    assert module.count("_sign_in_with_the_password_alone(") == 2  # its definition and one call
     source = inspect.getsource(auth_module.after_password)
-    assert source.index("if user.has_2fa:") < source.index("complete_sign_in")
+    lock = source.index("user = for_update(User.select().where(User.id == user.id)).get()")
+    assert lock < source.index("if not user.has_2fa:\n                return _sign_in_with_the_password_alone(")
     actor.user(secret=secret)
     r = actor.password_step()
     assert r.headers["Location"] == "/login/verify" and not signed_in(actor.client)
+
+
+def test_a_device_activated_during_the_password_step_sends_it_to_the_code_step(actor, app, secret, monkeypatch):
+    """security.md 28, 35: the password step read "no device" just before the person's setup completed in
+    another browser (which ends their other sessions, but not one that is only being opened). Decided on that
+    first read, the password alone opened a session nobody ended, with 2FA on. It is decided again holding
+    the person's row, which the setup's completion holds too: this one goes to the code step."""
+    from webapp.models import User as UserModel
+
+    user = actor.user(secret=secret)  # the device exists: the first answer below is the stale read
+    reads = []
+    real = UserModel.has_2fa
+
+    def first_read_is_stale(self):
+        reads.append(self.id)
+        return False if len(reads) == 1 else real.fget(self)
+
+    monkeypatch.setattr(UserModel, "has_2fa", property(first_read_is_stale))
+    r = actor.password_step()
+    assert r.headers["Location"] == "/login/verify" and not signed_in(actor.client)
+    assert len(reads) >= 2
+    with app.app_context():
+        assert ServerSession.select().where(ServerSession.user == user.id).count() == 0
 
 
 def test_no_route_signs_in_an_enrolled_person_without_the_code(actor, app, secret):

@@ -283,12 +283,24 @@ def login():
 def after_password(user, next_url):
     """Decide what a correct password leads to: the code step, a direct sign-in, or a closed door."""
     drop_challenge()
-    if user.has_2fa:
-        token = secrets.token_urlsafe(32)
-        SignInChallenge.create(id=token_hash(token), user=user, next_url=next_url, created_at=now())
-        session["challenge"] = token
-        audit("password_accepted", user=user)
-        return redirect(url_for("auth.verify"))
+    if not user.has_2fa:
+        with write_transaction():
+            # Decided again holding the person's row, which completing a setup holds too (settings.complete):
+            # a device activated a moment ago sends this sign-in to the code step below; one activated a
+            # moment later ends this session with the person's others. Read first and decided unlocked, the
+            # password alone could open a session that no one ends, just after 2FA was turned on.
+            user = for_update(User.select().where(User.id == user.id)).get()
+            if not user.has_2fa:
+                return _sign_in_with_the_password_alone(user, next_url)
+    token = secrets.token_urlsafe(32)
+    SignInChallenge.create(id=token_hash(token), user=user, next_url=next_url, created_at=now())
+    session["challenge"] = token
+    audit("password_accepted", user=user)
+    return redirect(url_for("auth.verify"))
+
+
+def _sign_in_with_the_password_alone(user, next_url):
+    """A person without a device: signed in, unless support's window for a new one has run out."""
     if user.tfa_reset_until is not None:
         if now() >= user.tfa_reset_until:
             audit("signin_blocked", user=user, reason="support window ended without a new device")
