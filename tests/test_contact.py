@@ -179,13 +179,14 @@ def test_one_ipv6_network_counts_as_one_client(app, actor):
 def test_strangers_cannot_lock_the_owner_out_of_the_form(app, actor, secret):
     """Anyone may type an address: three requests for it from three strangers' networks used to refuse its
     owner for an hour (429), again every hour. Whoever entered the account's password in this browser (the
-    code step, where "Lost access to your authenticator app?" leads) is not held to the per-address limit;
-    the audit record says the sender knew the password, which helps support's identity check. Strangers
-    still are, and so is the owner's own network."""
+    code step, where "Lost access to your authenticator app?" leads) gets as many again (twice the limit per
+    address); the audit record says the sender had entered the password. Strangers keep the old limit, and
+    the owner's own network its per-client one."""
     actor.user(secret=secret)
     for i in range(3):
         assert send(actor, email="Alice@example.com", environ_base={"REMOTE_ADDR": f"203.0.113.{i + 1}"}).status_code == 302
-    assert send(actor, email="alice@example.com", environ_base={"REMOTE_ADDR": "203.0.113.50"}).status_code == 429
+    r = send(actor, email="alice@example.com", environ_base={"REMOTE_ADDR": "203.0.113.50"})
+    assert r.status_code == 429 and "sign in up to the code step first" in r.get_data(as_text=True)
     owner = {"environ_base": {"REMOTE_ADDR": "198.51.100.7"}}
     assert actor.password_step().status_code == 302  # the owner, stuck at the code step
     assert send(actor, email="alice@example.com", **owner).status_code == 302
@@ -203,6 +204,10 @@ def test_strangers_cannot_lock_the_owner_out_of_the_form(app, actor, secret):
     assert send(actor, email="alice@example.com", **owner).status_code == 302
     assert send(actor, email="alice@example.com", **owner).status_code == 302
     assert send(actor, email="alice@example.com", **owner).status_code == 429
+    # And the address has twice the limit, not more, even after the password (which a thief may have too):
+    # with 3 + 3 requests in the hour, a seventh is refused from any network.
+    assert send(actor, email="alice@example.com", environ_base={"REMOTE_ADDR": "198.51.100.99"}).status_code == 429
+    assert [r.email for r in requests_in_db(app)].count("alice@example.com") == 6
 
 
 def test_throttle_answer_is_the_same_for_known_and_unknown_addresses(app, actor):

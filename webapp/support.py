@@ -158,7 +158,7 @@ DETAIL_LABELS = {
     "adding": "Adding another device",
     "devices": "Devices",
     "counted_in": "Counted against",
-    "after_password": "Sent after entering the account's password",
+    "after_password": "Sender had entered the account's password (not proof of identity)",
 }
 DETAIL_ORDER = {key: i for i, key in enumerate(DETAIL_LABELS)}  # the most telling details first
 
@@ -287,27 +287,31 @@ def contact():
             email = normalise_email(form.email.data)
             ip = client_network(client_ip())
             limit = current_app.config["SUPPORT_REQUESTS_PER_HOUR"]
-            # The account's own password was entered in this browser (it is signed in, or at the code step):
-            # the per-address limit is not for them. Anyone may type an address, so strangers sending three
-            # requests for it would otherwise lock its owner out of the form for an hour, again and again.
+            # Anyone may type an address: strangers' requests could use up its limit and keep the owner out of
+            # the form for an hour, again and again. A browser that entered the account's password (signed in,
+            # or at the code step) gets as many again for itself: twice the limit per address.
             owner = _password_proven_user()
             after_password = owner is not None and owner.email == email
+            per_address = limit * (2 if after_password else 1)
             with write_transaction():
                 # Count and insert in one write transaction, holding the address and network, so parallel
                 # posts cannot slip past the limit (on PostgreSQL too, where the count alone locks nothing).
                 lock_keys("contact-email:" + email, *(["contact-ip:" + ip] if ip else []))
-                throttled = ((not after_password and _recent_requests(SupportRequest.email, email) >= limit)
+                throttled = (_recent_requests(SupportRequest.email, email) >= per_address
                              or (ip and _recent_requests(SupportRequest.ip, ip) >= limit))
                 if not throttled:
                     user = User.get_or_none(User.email == email)
                     req = SupportRequest.create(email=email, message=form.message.data, user=user, ip=ip,
                                                 created_at=now())
-                    # For support's identity check: whether the sender knew the account's password.
+                    # Whether the sender had entered the password: a record of what happened, not a sign of who
+                    # sent it (someone who stole the password has it too).
                     audit("support_request", user=user, request=req.id, after_password=after_password)
             if not throttled:
                 return redirect(url_for("support.contact_sent"))
             error, status = ("Several requests for this email address, or from your network, came in within the "
-                             "last hour. Support will answer those; please wait an hour before sending another."), 429
+                             "last hour, so this one was not sent. Please wait an hour before sending another. If "
+                             "this is your account and you know its password, sign in up to the code step first: "
+                             "its link “Lost access to your authenticator app?” leads here with more room."), 429
     return render_template("support/contact.html", form=form, error=error), status
 
 
