@@ -727,7 +727,7 @@ def test_completing_enrolment_ends_other_sessions(actor, app):
         assert ServerSession.select().where(ServerSession.user == user.id).count() == 1
 
 
-STALE_ENTRIES = "only the one whose code you just entered works: delete the others"
+STALE_ENTRIES = "attempts you did not finish will not work: delete those, and keep the one whose code you just entered"
 
 
 @pytest.mark.parametrize("htmx", [True, False])
@@ -743,10 +743,20 @@ def test_a_setup_that_made_more_than_one_key_says_which_app_entry_to_keep(actor,
     done = w.complete("Phone")
     page = text(done)
     assert "is set up" in page and STALE_ENTRIES in page
+    assert "and those of your other devices" not in page
     # The next device, set up in one go, gets no such note: the earlier keys are behind the last activation.
     actor.clock.advance(30)
     page = text(Wizard(actor, htmx=htmx).run("Tablet"))
     assert "is set up" in page and STALE_ENTRIES not in page
+    # Adding one after a Start over: the note must not send the person to delete the first device's entry.
+    actor.clock.advance(30)
+    w = Wizard(actor, htmx=htmx)
+    w.start()
+    actor.clock.advance(30)
+    w.start()
+    w.submit_code()
+    page = " ".join(text(w.complete("Laptop")).split())
+    assert STALE_ENTRIES + " and those of your other devices." in page
 
 
 def test_a_key_started_in_another_browser_counts_too(actor, app):
