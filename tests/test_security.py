@@ -172,6 +172,22 @@ def test_a_visitor_cannot_start_a_log_line_of_their_own(app, actor, capfd, monke
     assert len(lines) == 1 and "csrf refused: POST /settings/sessions/x\\n2026-12-05 16:00:00,000" in lines[0]
     assert "\\u2028/end (The CSRF token is missing.)" in lines[0]
     assert not any(line.startswith("2026-12-05 16:00:00") for line in lines)
+    # A backslash the visitor typed is doubled, so the escape above cannot be faked with "\n" typed as is.
+    actor.client.post("/settings/sessions/y%5Cn2026/end")
+    assert "csrf refused: POST /settings/sessions/y\\\\n2026/end" in capfd.readouterr().err
+
+
+def test_werkzeugs_own_lines_are_masked_but_not_escaped_again(app):
+    """The development server escapes its request line itself and colours it; escaping its lines again
+    turned the colours and its own tracebacks into escape sequences. They are still masked."""
+    import webapp
+    from webapp.security import RedactingFilter
+
+    webapp._init_logging(app)
+    [each] = [f for f in logging.getLogger("werkzeug").filters if isinstance(f, RedactingFilter)]
+    record = logging.LogRecord("werkzeug", logging.INFO, __file__, 1, "%s", ("\x1b[32mGET /?code=123456\x1b[0m\nmore",), None)
+    assert each.filter(record)
+    assert record.getMessage() == "\x1b[32mGET /?code=[redacted]\nmore"  # the colour's end went with the code
 
 
 def test_log_lines_without_secrets_are_left_alone():

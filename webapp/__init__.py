@@ -323,10 +323,14 @@ def _init_logging(app):
     from .security import RedactingFilter
 
     redactor = RedactingFilter()
-    for name in ("twostep", "twostep.audit", "webapp", "werkzeug", "gunicorn.access", "gunicorn.error"):
+    # Werkzeug's development server escapes the request line itself and colours its lines (ANSI escapes),
+    # and prints tracebacks in its messages: its lines are only masked.
+    for name, each in (("twostep", redactor), ("twostep.audit", redactor), ("webapp", redactor),
+                       ("werkzeug", RedactingFilter(escape_controls=False)), ("gunicorn.access", redactor),
+                       ("gunicorn.error", redactor)):
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactingFilter) for f in logger.filters):
-            logger.addFilter(redactor)
+            logger.addFilter(each)
     ours = logging.getLogger("twostep")
     ours.setLevel(logging.INFO)
     # Audit lines (twostep.audit) are INFO: with no logging configured anywhere, Python drops them, so give

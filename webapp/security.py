@@ -334,8 +334,13 @@ class RedactingFilter(logging.Filter):
         (re.compile(r"(?<![\d.:/-])\d{6}(?![\d.:/-])"), "[redacted]", None),
     ]
 
-    # Line breaks and other control characters (NEL and the Unicode line and paragraph separators too).
-    CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+    # Line breaks and other control characters (NEL and the Unicode line and paragraph separators too, not the
+    # tab), and the backslash, so that an escape in the log cannot be told apart from one a visitor typed.
+    CONTROLS = re.compile(r"[\\\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
+    def __init__(self, escape_controls=True):
+        super().__init__()
+        self.escape_controls = escape_controls
 
     def filter(self, record):
         try:
@@ -346,7 +351,7 @@ class RedactingFilter(logging.Filter):
         for pattern, repl, needles in self.PATTERNS:
             if needles is None or any(needle in folded for needle in needles):
                 message = pattern.sub(repl, message)
-        if self.CONTROLS.search(message):
+        if self.escape_controls and self.CONTROLS.search(message):
             # One event, one line: a newline in something a visitor chose (a path, a header) would otherwise
             # start a line of their own making, such as a fake "audit" record.
             message = self.CONTROLS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), message)
