@@ -592,6 +592,21 @@ def test_back_off_refuses_quick_retries_without_evaluating(actor, secret, clock)
     assert actor.code_step(actor.code(secret)).headers.get("Location") == "/settings"
 
 
+def test_the_lock_says_too_many_to_its_last_second(actor, secret, clock):
+    """The wording follows the failures, not the time left: the last half minute of the 15-minute lock after
+    five wrong codes still says "Too many wrong codes" (it read like the short pause after one mistake)."""
+    actor.user(secret=secret)
+    actor.password_step()
+    for wait in (1, 2, 4, 8, 0):
+        actor.code_step(WRONG)
+        clock.advance(wait)
+    clock.advance(15 * 60 - 30)
+    actor.password_step()  # the fifth wrong code also ended that sign-in (its challenge)
+    r = actor.code_step(actor.code(secret))
+    assert r.status_code == 429 and "Too many wrong codes. Wait 30 seconds before trying again." in r.get_data(
+        as_text=True)
+
+
 def test_success_resets_the_failure_counter(actor, secret, clock):
     """security.md 19: four failures then a success leave the counter at 0."""
     actor.user(secret=secret)

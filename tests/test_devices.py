@@ -257,8 +257,8 @@ def test_wrong_codes_when_removing_count_towards_the_account_throttle(actor, app
              f"remove-{device.id}-password": PASSWORD})
     r = post(actor, url, {f"remove-{device.id}-code": actor.code(secret), f"remove-{device.id}-confirm_off": "y",
              f"remove-{device.id}-password": PASSWORD})
-    # Six wrong codes within a second: the first started a 1-second pause that the others met (and counted).
-    assert r.status_code == 429 and "Wait 1 second before entering another code." in text(r)
+    # Six wrong codes within a second: the first started a 1-second pause that the others met, and counted.
+    assert r.status_code == 429 and "Too many wrong codes. Wait 1 second before trying again." in text(r)
     assert len(device_rows(app, alice)) == 1
 
 

@@ -222,8 +222,9 @@ def _counted_in(holder):
 def code_error(result):
     """The message for a failed code; wrong and replayed codes read the same (security.md 17)."""
     if result.reason == "locked":
-        if (result.locked_until - now()).total_seconds() < 60:
-            # The short pause after a wrong code (1, 2, 4, 8 s): one mistyped code is not "too many".
+        if result.failures <= current_app.config["THROTTLE_FREE_FAILURES"]:
+            # Within the short pauses after the first wrong codes (1, 2, 4, 8 s; security.backoff): one
+            # mistyped code is not "too many".
             return f"Wait {wait_text(result.locked_until)} before entering another code."
         return f"Too many wrong codes. Wait {wait_text(result.locked_until)} before trying again."
     if result.reason == "malformed":

@@ -176,11 +176,12 @@ def reencrypt_secret(token):
 class CheckResult:
     """The outcome of checking a person's code: ok, or why not (wrong and replay look the same to them)."""
 
-    def __init__(self, ok, reason, device=None, locked_until=None):
+    def __init__(self, ok, reason, device=None, locked_until=None, failures=0):
         self.ok = ok
         self.reason = reason  # "ok", "malformed", "wrong", "replay", "locked"
         self.device = device
         self.locked_until = locked_until
+        self.failures = failures  # the account's failures in a row, this attempt included
 
     def __bool__(self):
         return self.ok
@@ -249,7 +250,8 @@ def check_user_code(user, raw_code, matches=None):
         if locked_user.code_locked_until and locked_user.code_locked_until > current:
             User.update(code_failures=User.code_failures + 1).where(User.id == user.id).execute()
             audit("code_throttled", user=user)
-            return CheckResult(False, "locked", locked_until=locked_user.code_locked_until)
+            return CheckResult(False, "locked", locked_until=locked_user.code_locked_until,
+                               failures=locked_user.code_failures + 1)
 
         reason, matched = "malformed" if code is None else "wrong", None
         for device, step in matches:
@@ -271,4 +273,4 @@ def check_user_code(user, raw_code, matches=None):
               failures=failures)
         if failures == current_app.config["THROTTLE_FREE_FAILURES"] + 1:
             audit("code_lockout", user=user, until=until.isoformat())
-        return CheckResult(False, reason, locked_until=until)
+        return CheckResult(False, reason, locked_until=until, failures=failures)
