@@ -590,7 +590,7 @@ def test_renaming_a_device_removed_in_another_tab_reloads_the_page_with_the_reas
                           data={"csrf_token": token, f"rename-{tablet.id}-name": "Old tablet"}, headers=HX)
     assert r.status_code == 404 and r.headers["HX-Refresh"] == "true"
     page = text(actor.client.get("/settings"))
-    assert "Not Found: That device is no longer on your account" in page and "Old tablet" not in page
+    assert "Not found: That device is no longer on your account" in page and "Old tablet" not in page
     assert [d.name for d in device_rows(app, alice)] == ["Phone"]
 
 

@@ -304,3 +304,8 @@ def test_error_pages_speak_plainly(actor, secret):
         assert r.status_code == status and words in page and 'href="/"' in page, path
         assert "read-protected" not in page and "entered the URL manually" not in page
         assert "The method is not allowed" not in page
+    # Words of its own keep the plain title: "Not allowed", not Werkzeug's "Forbidden".
+    r = actor.client.post("/logout", data={"csrf_token": actor.csrf("/settings")},
+                          headers={"Origin": "https://evil.example"})
+    page = r.get_data(as_text=True)
+    assert r.status_code == 403 and "<h1>Not allowed</h1>" in page and "came from another site" in page

@@ -426,8 +426,9 @@ def _session_ended_meanwhile():
 # What an error page says when the code that refused gave no words of its own.
 PLAIN_ERRORS = {
     400: ("Something was wrong with that request", "Go back, reload the page and try again."),
+    401: ("Signed out", "Your session has ended. Sign in again to go on."),
     403: ("Not allowed", "Your account cannot open this page or do this."),
-    404: ("Page not found", "There is nothing at this address. The link may be old or mistyped."),
+    404: ("Not found", "There is nothing at this address. The link may be old or mistyped."),
     405: ("Not available this way", "This address works only through the buttons on its page."),
     413: ("Too much at once", "What was sent is larger than this form takes. Shorten it and try again."),
 }
@@ -468,9 +469,12 @@ def _register_error_handlers(app):
 
     @app.errorhandler(HTTPException)
     def http_error(exc):
-        if exc.description == type(exc).description and exc.code in PLAIN_ERRORS:
-            # Werkzeug's own words ("read-protected or not readable by the server") explain nothing to people.
-            return render_error(exc.code, *PLAIN_ERRORS[exc.code])
+        if exc.code in PLAIN_ERRORS:
+            # Werkzeug's own words ("read-protected or not readable by the server") explain nothing to people:
+            # plain ones, unless the code that refused gave its own.
+            title, message = PLAIN_ERRORS[exc.code]
+            return render_error(exc.code, title, message if exc.description == type(exc).description
+                                else exc.description)
         return render_error(exc.code or 500, exc.name, exc.description)
 
     @app.errorhandler(OperationalError)

@@ -544,12 +544,15 @@ def _lock_target(user_id):
     return user
 
 
+_PROTECTED = ("Support cannot change two-factor authentication on its own account or on another admin's account. "
+              "Ask the server operator instead.")
+
+
 def _refuse_protected(target):
     """Separation of duties: no action on yourself or on another admin (security.md 41)."""
     if target.id == current_user.id or target.is_admin:
         log.warning("support action refused: actor=%s target=%s", current_user.id, target.id)
-        abort(403, "Support cannot change two-factor authentication on its own account or on another admin's "
-                   "account. Ask the server operator instead.")
+        abort(403, _PROTECTED)
 
 
 def _focus(form):
@@ -610,8 +613,8 @@ def disable_2fa(user_id):
     actor = current_user._get_current_object()
     with write_transaction():
         locked = _lock_target(target.id)
-        if locked.is_admin:
-            abort(403)
+        if locked.is_admin:  # made an admin since the page was read
+            abort(403, _PROTECTED)
         has_devices = Device.select().where(Device.user == locked.id).exists()
         # Opening a window for someone without 2FA would lock them out when it ends.
         nothing_to_disable = not has_devices and locked.tfa_reset_until is None

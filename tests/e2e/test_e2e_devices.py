@@ -55,5 +55,5 @@ def test_a_refused_htmx_action_reloads_the_page_with_the_reason(page, server):
     field = tablet_row.get_by_label("Device name", exact=True)
     field.fill("Old tablet")
     tablet_row.get_by_role("button", name="Save name").click()
-    expect(page.locator(".flashes")).to_contain_text("Not Found:")
+    expect(page.locator(".flashes")).to_contain_text("Not found:")
     expect(tfa_row(page).locator(".device-name")).to_have_text(["Phone"])
