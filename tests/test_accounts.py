@@ -301,12 +301,12 @@ def test_production_refuses_a_short_or_placeholder_secret_key(tmp_path, monkeypa
 
 
 def test_production_accepts_random_keys_written_in_hex_or_base64():
-    """The usual ways to make a key all pass, whatever the draw (hex has only 16 symbols)."""
+    """The usual ways to make a key of 32 random bytes all pass, whatever the draw (hex has only 16 symbols)."""
     import secrets
 
     from webapp.config import validate
 
-    for key in [secrets.token_hex(16) for _ in range(200)] + [secrets.token_urlsafe(32) for _ in range(200)]:
+    for key in [secrets.token_hex(32) for _ in range(200)] + [secrets.token_urlsafe(32) for _ in range(200)]:
         validate({"PRODUCTION": True, "SECRET_KEY": key, "DATABASE_URL": "sqlite:///x", "TOTP_ISSUER": "x",
                   "TOTP_ENCRYPTION_KEYS": Fernet.generate_key().decode()})
 

@@ -75,8 +75,8 @@ def test_stale_post_to_start_the_wizard_comes_back_to_the_wizard(actor, app, sec
 def test_every_wizard_step_with_a_pending_key_needs_a_fresh_sign_in(actor, app, secret, htmx):
     """security.md 9: a pending key lives 15 minutes, the freshness window 10. A session that is no longer
     fresh (someone else holding it, say) can neither read the key nor confirm it nor make it a device: each
-    step sends it to /reauth first. Afterwards a page comes back to itself, a form to the wizard, which
-    offers to go on with the same key."""
+    step sends it to /reauth first. Afterwards a page comes back to itself, a form to its step's page, with
+    the same key."""
     user = actor.user(secret=secret)
     actor.sign_in(secret=secret)
     w = Wizard(actor, htmx=htmx)
@@ -87,9 +87,10 @@ def test_every_wizard_step_with_a_pending_key_needs_a_fresh_sign_in(actor, app, 
     actor.clock.advance(11 * 60)
     for method, path, data, back in [("GET", "/settings/2fa/qr", None, "/settings/2fa/qr"),
                                      ("GET", "/settings/2fa/code", None, "/settings/2fa/code"),
-                                     ("POST", "/settings/2fa/code", {"code": key.now()}, "/settings/2fa"),
+                                     ("POST", "/settings/2fa/code", {"code": key.now()}, "/settings/2fa/code"),
                                      ("GET", "/settings/2fa/name", None, "/settings/2fa/name"),
-                                     ("POST", "/settings/2fa/complete", {"name": "Their phone"}, "/settings/2fa")]:
+                                     ("POST", "/settings/2fa/complete", {"name": "Their phone"},
+                                      "/settings/2fa/name")]:
         r = actor.client.open(path, method=method, headers=HX if htmx else {},
                               data={"csrf_token": w.csrf(), **data} if data else None)
         where = r.headers.get("HX-Redirect") if htmx else r.headers.get("Location")
@@ -99,10 +100,11 @@ def test_every_wizard_step_with_a_pending_key_needs_a_fresh_sign_in(actor, app, 
         still = PendingEnrolment.get(PendingEnrolment.user == user.id)
         assert (still.id, still.verified_step, still.failures) == (pending.id, None, 0)
         assert [d.name for d in Device.select().where(Device.user == user.id)] == ["Phone"]
-    r = actor.post_form("/reauth?next=/settings/2fa", {"password": PASSWORD, "code": actor.code(secret)})
-    assert r.status_code == 302 and r.headers["Location"] == "/settings/2fa"
-    assert "Continue with" in text(actor.client.get("/settings/2fa"))
+    r = actor.post_form("/reauth?next=/settings/2fa/code", {"password": PASSWORD, "code": actor.code(secret)})
+    assert r.status_code == 302 and r.headers["Location"] == "/settings/2fa/code"
+    assert 'data-step="code"' in text(actor.client.get("/settings/2fa/code"))  # back on the step, to type again
     assert 'data-step="name"' in text(w.submit_code())  # the same key, scanned before, still works
+    assert "Continue with" in text(actor.client.get("/settings/2fa"))  # the gear offers it too
 
 
 def test_stale_post_without_a_known_page_uses_only_a_same_site_referer(actor, app, secret):

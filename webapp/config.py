@@ -55,7 +55,7 @@ DEFAULTS = {
 }
 
 MIN_SECRET_KEY_BYTES = 32
-MIN_SECRET_KEY_SYMBOLS = 8  # different characters in it (32 random hex digits have fewer than 8 once in 28 million draws)
+MIN_SECRET_KEY_SYMBOLS = 8  # different characters in it (even 32 random hex digits have fewer once in 27 million draws)
 
 
 def _env_bool(value):

@@ -213,15 +213,18 @@ def current_pending(user):
     return pending
 
 
-def _with_pending(view):
+def _with_pending(view=None, *, back_to=None):
     """For the wizard's steps from the QR code on: call `view(user, pending)` with this session's pending key,
     or answer without it (_without_pending) when there is none.
 
-    Like the gear and Start, every step needs a fresh sign-in (security.md 9): a pending key outlives the
+    Like the gear and Start, these steps need a fresh sign-in (security.md 9): a pending key outlives the
     freshness window (PENDING_ENROLMENT_TTL against FRESH_LOGIN_WINDOW), and whoever holds a session that
     is no longer fresh must not read that key or make it a device. After re-authenticating, a page comes
-    back to itself and a form to the wizard's first step, which offers to go on with the same key."""
-    @fresh_login_required(back_to="settings.tfa")
+    back to itself and a form to `back_to`, the page of its step, still with the same key."""
+    if view is None:
+        return functools.partial(_with_pending, back_to=back_to)
+
+    @fresh_login_required(back_to=back_to)
     @functools.wraps(view)
     def wrapper():
         user = _user()
@@ -333,7 +336,7 @@ def code(user, pending):
 
 @bp.post("/2fa/code")
 @login_required
-@_with_pending
+@_with_pending(back_to="settings.code")
 def verify_code(user, pending):
     """Check a code against the pending secret; wrong codes keep the same secret, too many discard it."""
     form = EnrolCodeForm()
@@ -392,7 +395,7 @@ def name_step(user, pending):
 
 @bp.post("/2fa/complete")
 @login_required
-@_with_pending
+@_with_pending(back_to="settings.name_step")
 def complete(user, pending):
     """Name the device and activate it: only now is 2FA on; other sessions end (security.md 8, 35, 39)."""
     if pending.verified_step is None:
