@@ -379,7 +379,8 @@ def test_after_password_sends_an_enrolled_person_to_the_code_step(actor, app, se
     assert module.count("_sign_in_with_the_password_alone(") == 2  # its definition and one call
     source = inspect.getsource(auth_module.after_password)
     lock = source.index("user = for_update(User.select().where(User.id == user.id)).get()")
-    assert lock < source.index("if not user.has_2fa:\n                return _sign_in_with_the_password_alone(")
+    check = source.index("if not user.has_2fa:", lock)
+    assert lock < check < source.index("return _sign_in_with_the_password_alone(user, next_url)")
     actor.user(secret=secret)
     r = actor.password_step()
     assert r.headers["Location"] == "/login/verify" and not signed_in(actor.client)

@@ -285,6 +285,7 @@ def after_password(user, next_url):
     """Decide what a correct password leads to: the code step, a direct sign-in, or a closed door."""
     drop_challenge()
     if not user.has_2fa:
+        blocked = False
         with write_transaction():
             # Decided again holding the person's row, which completing a setup holds too (settings.complete):
             # a device activated a moment ago sends this sign-in to the code step below; one activated a
@@ -292,7 +293,13 @@ def after_password(user, next_url):
             # password alone could open a session that no one ends, just after 2FA was turned on.
             user = for_update(User.select().where(User.id == user.id)).get()
             if not user.has_2fa:
-                return _sign_in_with_the_password_alone(user, next_url)
+                if not _window_ended(user):
+                    return _sign_in_with_the_password_alone(user, next_url)
+                audit("signin_blocked", user=user, reason="support window ended without a new device")
+                blocked = True
+        if blocked:  # the page is made after the commit: the writer lock is not held meanwhile
+            return render_template("auth/login.html", form=LoginForm(), next_url=None, blocked=True,
+                                   error=None), 403
     token = secrets.token_urlsafe(32)
     SignInChallenge.create(id=token_hash(token), user=user, next_url=next_url, created_at=now())
     session["challenge"] = token
@@ -300,14 +307,13 @@ def after_password(user, next_url):
     return redirect(url_for("auth.verify"))
 
 
+def _window_ended(user):
+    """Whether support's window for a new device has run out (security.md 39: sign-in fails closed)."""
+    return user.tfa_reset_until is not None and now() >= user.tfa_reset_until
+
+
 def _sign_in_with_the_password_alone(user, next_url):
-    """A person without a device: signed in, unless support's window for a new one has run out."""
-    if user.tfa_reset_until is not None:
-        if now() >= user.tfa_reset_until:
-            audit("signin_blocked", user=user, reason="support window ended without a new device")
-            return render_template("auth/login.html", form=LoginForm(), next_url=None, blocked=True,
-                                   error=None), 403
-        # No flash here: the reset-window banner on every page already says it (base.html).
+    """A person without a device (during support's window: the banner on every page says so, base.html)."""
     return complete_sign_in(user, next_url)
 
 
