@@ -349,9 +349,9 @@ def test_no_password_secret_code_or_step_flag_in_cookie_or_session_after_any_ste
 
 def test_only_the_known_views_can_sign_anybody_in():
     """security.md 28: login_user is called only by start_session; start_session only by complete_sign_in and
-    the code step (which redirects after its transaction); complete_sign_in only by the password step's
-    branch for people without a device (which after_password checks for, holding the person's row), sign-up
-    and first-run. A new way in fails this test until it is reviewed for 2FA."""
+    the code step (which redirects after its transaction); complete_sign_in only by the password step (which
+    checks for devices first, holding the person's row), sign-up and first-run. A new way in fails this test
+    until it is reviewed for 2FA."""
     tree = ast.parse(inspect.getsource(auth_module))
     callers = {}
     for fn in ast.walk(tree):
@@ -361,7 +361,7 @@ def test_only_the_known_views_can_sign_anybody_in():
                                                                                   "complete_sign_in"):
                     callers.setdefault(node.func.id, set()).add(fn.name)
     assert callers == {"login_user": {"start_session"}, "start_session": {"complete_sign_in", "verify"},
-                       "complete_sign_in": {"_sign_in_with_the_password_alone", "signup", "first_run"}}
+                       "complete_sign_in": {"after_password", "signup", "first_run"}}
     import pathlib
 
     import webapp
@@ -375,12 +375,11 @@ def test_only_the_known_views_can_sign_anybody_in():
 def test_after_password_sends_an_enrolled_person_to_the_code_step(actor, app, secret):
     """security.md 28: the only password-only branch is for people without a device, checked again while the
     person's row is held."""
-    module = inspect.getsource(auth_module)
-    assert module.count("_sign_in_with_the_password_alone(") == 2  # its definition and one call
     source = inspect.getsource(auth_module.after_password)
+    assert source.count("complete_sign_in(") == 1
     lock = source.index("user = for_update(User.select().where(User.id == user.id)).get()")
     check = source.index("if not user.has_2fa:", lock)
-    assert lock < check < source.index("return _sign_in_with_the_password_alone(user, next_url)")
+    assert lock < check < source.index("return complete_sign_in(user, next_url)")
     actor.user(secret=secret)
     r = actor.password_step()
     assert r.headers["Location"] == "/login/verify" and not signed_in(actor.client)

@@ -294,7 +294,8 @@ def after_password(user, next_url):
             user = for_update(User.select().where(User.id == user.id)).get()
             if not user.has_2fa:
                 if not _window_ended(user):
-                    return _sign_in_with_the_password_alone(user, next_url)
+                    # No device (during support's window, the banner on every page says so: base.html).
+                    return complete_sign_in(user, next_url)
                 audit("signin_blocked", user=user, reason="support window ended without a new device")
                 blocked = True
         if blocked:  # the page is made after the commit: the writer lock is not held meanwhile
@@ -311,10 +312,6 @@ def _window_ended(user):
     """Whether support's window for a new device has run out (security.md 39: sign-in fails closed)."""
     return user.tfa_reset_until is not None and now() >= user.tfa_reset_until
 
-
-def _sign_in_with_the_password_alone(user, next_url):
-    """A person without a device (during support's window: the banner on every page says so, base.html)."""
-    return complete_sign_in(user, next_url)
 
 
 @bp.route("/login/verify", methods=["GET", "POST"])

@@ -471,7 +471,7 @@ def _just_activated(user):
 
 def _keys_started_since_last_device(user):
     """How many keys the wizard made for `user` (Start, Start over, in any browser) since a device was last
-    activated: each may be an entry in their authenticator app, and only the one just activated works."""
+    activated: each but the one activated now may be an entry in their authenticator app that never works."""
     last = (AuditEvent.select(fn.MAX(AuditEvent.id))
             .where((AuditEvent.user == user.id) & AuditEvent.kind.in_(["device_added", "tfa_enabled"])))
     return AuditEvent.select().where((AuditEvent.user == user.id) & (AuditEvent.kind == "tfa_enrolment_started")
