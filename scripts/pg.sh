@@ -2,7 +2,8 @@
 # A throwaway PostgreSQL 15 cluster for tests and the benchmark (never for production data).
 #
 #   scripts/pg.sh start DIR [PORT]   initdb DIR (once) and start it on 127.0.0.1:PORT (a free port if left
-#                                    out); creates the database twostep_test; prints the postgresql:// URL
+#                                    out); creates the database twostep_test (ICU en-US collation, as a
+#                                    production database usually sorts); prints the postgresql:// URL
 #   scripts/pg.sh stop DIR           stop the cluster (fast shutdown); DIR stays
 #   scripts/pg.sh run CMD [ARGS...]  a fresh cluster in a temp dir, CMD run with TEST_DATABASE_URL set,
 #                                    then stopped and deleted whatever happens (trap on exit)
@@ -68,7 +69,10 @@ cmd_start() {
     || { cat "$dir/data/server.log" >&2; die "pg_ctl start failed"; }
   if ! "$PGBIN/psql" -h 127.0.0.1 -p "$port" -U postgres -d postgres -Atq \
         -c "SELECT 1 FROM pg_database WHERE datname = '$DBNAME'" | grep -q 1; then
-    "$PGBIN/psql" -h 127.0.0.1 -p "$port" -U postgres -d postgres -q -c "CREATE DATABASE $DBNAME" >/dev/null
+    # Sorted like a usual production database (en_US), not by code point as the cluster's C.UTF-8 would:
+    # queries that need code point order must say so (COLLATE "C"), and the tests see when one does not.
+    "$PGBIN/psql" -h 127.0.0.1 -p "$port" -U postgres -d postgres -q -c "CREATE DATABASE $DBNAME TEMPLATE template0 \
+      LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'" >/dev/null
   fi
   echo "postgresql://postgres@127.0.0.1:$port/$DBNAME"
 }

@@ -266,6 +266,25 @@ def test_search_uses_the_email_index(app):
         assert [u.email for u in users] == ["alan@example.com"] and has_next is False
 
 
+def test_search_finds_every_email_that_starts_so_whatever_the_database_sorts_by(app, actor, secret):
+    """A prefix is a range [q, q + U+10FFFF), which needs code point order. PostgreSQL compares by the
+    database's collation: under the usual en_US (glibc or ICU; scripts/pg.sh makes the test database so)
+    punctuation is ignored and U+10FFFF sorts before letters and U+FFFD, and "al" found nothing, or missed
+    some. On both databases every email that starts with the query is found, in code point order."""
+    emails = ["al-b@example.com", "ala@example.com", "alb@example.com", "alz@example.com",
+              "al\ufffdx@example.com", "al\u00e9@example.com", "a-l@example.com", "am@example.com"]
+    with app.app_context():
+        for email in emails:
+            User.create(email=email, password_hash="x")
+    with app.test_request_context():
+        users, _ = search_users("al", 1)
+    expected = sorted(e for e in emails if e.startswith("al"))
+    assert [u.email for u in users] == expected
+    sign_in_admin(actor, secret)
+    page = actor.client.get("/support?q=al", headers=HX).get_data(as_text=True)
+    assert "6 accounts found." in page
+
+
 def test_results_show_status_devices_and_last_sign_in_but_never_secrets(app, actor, secret, target_secret):
     """security.md 37, 10: device names and dates are shown; secrets, their ciphertext and hashes never."""
     carol = actor.user("carol@example.com", devices={"Carol's iPhone": target_secret, "Old Android": new_secret()})

@@ -282,8 +282,8 @@ def loaded(model, data):
     return instance
 
 
-def _create_tables(database, models):
-    """Create the tables that are missing (at every start)."""
+def _create_tables(database, models, postgresql_indexes=()):
+    """Create the tables (and, on PostgreSQL, the extra indexes) that are missing (at every start)."""
     with database.connection_context():
         if isinstance(database, PostgresqlDatabase):
             # Hosts started at the same moment on an empty database: PostgreSQL's CREATE ... IF NOT EXISTS is
@@ -292,6 +292,8 @@ def _create_tables(database, models):
             database.execute_sql("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
             try:
                 database.create_tables(models, safe=True)
+                for statement in postgresql_indexes:
+                    database.execute_sql(statement)
             finally:
                 database.execute_sql("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK,))
         else:
@@ -310,7 +312,7 @@ def init_app(app):
         db.obj.close()  # a process that builds several apps (tests, the benchmark) keeps no stale connection
     db.initialize(database)
     try:
-        _create_tables(database, models.ALL_MODELS)
+        _create_tables(database, models.ALL_MODELS, models.POSTGRESQL_INDEXES)
     except (OperationalError, InterfaceError) as exc:  # unreachable, refused, no such file or folder, ...
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"the database in DATABASE_URL cannot be used: {reason}") from exc

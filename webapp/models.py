@@ -174,6 +174,11 @@ _ANY_DEVICE = Prepared(lambda: Device.select(Device.id).where(Device.user == Par
 ALL_MODELS = [User, Device, ServerSession, KnownBrowser, SignInChallenge, PendingEnrolment, SupportRequest,
               AuditEvent]
 
+# Indexes that only PostgreSQL has, made at every start when missing: the Support search compares emails by
+# code point (COLLATE "C": support._email_order), which the unique index in the database's own collation
+# cannot serve.
+POSTGRESQL_INDEXES = ['CREATE INDEX IF NOT EXISTS user_email_c ON "user" (email COLLATE "C")']
+
 
 def purge_expired(config, current):
     """Delete the sessions, sign-in challenges and pending enrolments that expired by `current` (they are

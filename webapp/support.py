@@ -15,7 +15,7 @@ from wtforms.validators import AnyOf, DataRequired, Email, Length, Optional, Val
 from . import htmx
 from .auth import strip_text
 from .clock import now
-from .db import Param, Prepared, db, for_update, lock_keys, write_transaction
+from .db import Param, Prepared, db, for_update, is_sqlite, lock_keys, write_transaction
 from .fields import Form
 from .models import AuditEvent, Device, SupportRequest, User, normalise_email
 from .security import audit, client_ip, is_fresh, revoke_second_factor
@@ -449,26 +449,36 @@ def build_rows(users, forms=None, notices=None, errors=None):
 _LAST_CHARACTER = "\U0010ffff"
 
 
+def _email_order():
+    """The email column compared and sorted by code point, as the [q, q + U+10FFFF) range needs.
+
+    SQLite compares text that way already. PostgreSQL uses the database's collation, and a usual one
+    (en_US, from glibc or ICU) ignores punctuation and sorts U+10FFFF before letters: the range then found
+    nothing for "al". COLLATE "C" compares bytes, which in UTF-8 is code point order; the index
+    user_email_c (models.POSTGRESQL_INDEXES) serves it."""
+    return User.email if is_sqlite() else User.email.collate('"C"')
+
+
 def _prefix_query(lo, hi, length, prefix):
     """People whose email lies in [lo, hi) and starts with `prefix` (`length` characters)."""
-    # Emails are stored lower-case; a prefix range on the unique email index (SQLite and PostgreSQL), then an
-    # exact check on the rows the range found: locale collations (e.g. glibc en_US on PostgreSQL) ignore
-    # punctuation, so the range alone could admit "a-l..." for "al".
-    return User.select(*USER_COLUMNS).where((User.email >= lo) & (User.email < hi)
+    # Emails are stored lower-case; a prefix range on an email index, then an exact check on the rows the
+    # range found (a safeguard: with code point order the range holds exactly the emails that start so).
+    email = _email_order()
+    return User.select(*USER_COLUMNS).where((email >= lo) & (email < hi)
                                             & (fn.SUBSTR(User.email, 1, length) == prefix))
 
 
 def user_search_query(q):
-    """People whose email starts with `q`, by email: a range on the unique email index, never a full scan."""
+    """People whose email starts with `q`, by email: a range on an email index, never a full scan."""
     query = _prefix_query(q, q + _LAST_CHARACTER, len(q), q) if q else User.select(*USER_COLUMNS)
-    return query.order_by(User.email)
+    return query.order_by(_email_order())
 
 
 # The same two queries as user_search_query, compiled once: peewee's SQL generation was the larger part of
 # a search's database time on a million accounts (bench/profile.py).
 _SEARCH_PREFIX = Prepared(lambda: _prefix_query(Param("lo"), Param("hi"), Param("length"), Param("prefix"))
-                          .order_by(User.email).limit(Param("limit")).offset(Param("offset")))
-_SEARCH_ALL = Prepared(lambda: User.select(*USER_COLUMNS).order_by(User.email)
+                          .order_by(_email_order()).limit(Param("limit")).offset(Param("offset")))
+_SEARCH_ALL = Prepared(lambda: User.select(*USER_COLUMNS).order_by(_email_order())
                        .limit(Param("limit")).offset(Param("offset")))
 
 
