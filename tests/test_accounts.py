@@ -249,6 +249,29 @@ def test_signup_refuses_duplicates_and_short_passwords(app, actor):
         assert User.select().count() == 1
 
 
+# Spellings of one mailbox that used to make separate accounts: the domain in punycode or in Unicode (browsers
+# send either), full-width letters and dot, a ligature in the domain, an accent typed as "e" + combining mark.
+SAME_MAILBOX = [("bob@münchen.de", "Bob@xn--mnchen-3ya.de"), ("carol@example.com", "carol@ｅｘａｍｐｌｅ．com"),
+                ("dora@office.com", "dora@oﬀice.com"), ("josé@example.com", "jose\u0301@example.com")]
+
+
+@pytest.mark.parametrize("first, second", SAME_MAILBOX)
+def test_one_mailbox_is_one_account_however_its_address_is_spelled(app, actor, first, second):
+    """An address is stored as email-validator's normal form, lower-cased: sign-up, sign-in, the operator
+    commands and the contact form all see the same account for every spelling of the same mailbox."""
+    actor.user(email="admin@example.com", admin=True)
+    assert actor.post_form("/signup", {"email": first, "password": PASSWORD, "confirm": PASSWORD}).status_code == 302
+    actor.client.post("/logout", data={"csrf_token": actor.csrf("/settings")})
+    r = actor.post_form("/signup", {"email": second, "password": PASSWORD, "confirm": PASSWORD})
+    assert "already exists" in r.get_data(as_text=True)
+    with app.app_context():
+        assert User.select().count() == 2
+        stored = User.get(User.email != "admin@example.com").email
+    assert actor.password_step(email=second).headers["Location"] == "/settings"  # signs in with either spelling
+    assert run(app, "users", "activity", second).exit_code == 0
+    assert stored in run(app, "users", "list").output
+
+
 def test_signup_sent_twice_at_once_makes_one_account_and_no_error(app, actor, monkeypatch):
     """A double-submitted sign-up: both requests looked the address up before either created it. The second
     insert meets the unique email and gets the "already exists" message, not a 500."""

@@ -210,6 +210,17 @@ def test_strangers_cannot_lock_the_owner_out_of_the_form(app, actor, secret):
     assert [r.email for r in requests_in_db(app)].count("alice@example.com") == 6
 
 
+def test_the_per_address_limit_holds_for_every_spelling_of_the_address(app, actor):
+    """A ligature, full-width letters or the punycode form of the domain are the same mailbox: they were
+    stored as other addresses, each with a limit of its own and no link to the account."""
+    user = actor.user(email="carol@office.com")
+    for i in range(3):
+        send(actor, email="carol@office.com", environ_base={"REMOTE_ADDR": f"203.0.113.{i + 1}"})
+    for i, spelling in enumerate(["carol@oﬀice.com", "carol@ｏffice.com", "CAROL@OFFICE.COM"]):
+        assert send(actor, email=spelling, environ_base={"REMOTE_ADDR": f"198.51.100.{i + 1}"}).status_code == 429
+    assert [(r.email, r.user_id) for r in requests_in_db(app)] == [("carol@office.com", user.id)] * 3
+
+
 def test_throttle_answer_is_the_same_for_known_and_unknown_addresses(app, actor):
     actor.user()
     for _ in range(3):

@@ -1,7 +1,9 @@
 """The whole data model: people, their authenticator devices, server-side sessions, sign-in challenges,
 pending enrolments, support requests and the append-only audit log. All times are naive UTC."""
 import json
+import unicodedata
 
+from email_validator import EmailNotValidError, validate_email
 from flask_login import UserMixin
 from peewee import (
     BigIntegerField,
@@ -66,8 +68,16 @@ class User(UserMixin, BaseModel):
 
 
 def normalise_email(email):
-    """Canonical form used for storage and lookups."""
-    return (email or "").strip().lower()
+    """The one spelling of an address used for storage and lookups: email-validator's normal form (the domain
+    through IDNA, so "xn--mnchen-3ya.de", "münchen.de" and full-width letters agree; the local part in NFC),
+    lower-cased. What it cannot parse (a partial address typed into the Support search, a wrong sign-in) is
+    only put in NFC and lower-cased: it names no account, and a prefix still matches stored addresses."""
+    text = (email or "").strip()
+    try:
+        text = validate_email(text, check_deliverability=False).normalized
+    except EmailNotValidError:
+        text = unicodedata.normalize("NFC", text)
+    return text.lower()
 
 
 class Device(BaseModel):
