@@ -132,6 +132,27 @@ def test_open_requests_come_first_unless_the_page_is_for_one_person(app, actor, 
     assert page.index(f'id="user-{target.id}"') < page.index('id="open-requests"')
 
 
+def test_show_account_shows_that_account_alone_not_look_alikes(app, actor, secret, target):
+    """A request's "Show account" searched for its address, which also listed every address that starts
+    the same (carol@example.com.evil.example), each with its own "Temporarily disable 2FA": it opens the
+    request's account by its id, alone."""
+    with app.app_context():
+        for email in ("carol@example.com.evil.example", "carol@example.community"):
+            User.create(email=email, password_hash="x", tfa_reset_until=None)
+        SupportRequest.create(email="carol@example.com", message="lost my phone", user=target.id)
+    sign_in_admin(actor, secret)
+    page = actor.client.get("/support").get_data(as_text=True)
+    link = re.search(r'<a href="([^"]+)">Show account</a>', page).group(1)
+    assert link == f"/support?user={target.id}"
+    page = actor.client.get(link).get_data(as_text=True)
+    assert page.count('class="user-row"') == 1 and f'id="user-{target.id}"' in page
+    assert "evil.example" not in page and "example.community" not in page
+    assert page.index(f'id="user-{target.id}"') < page.index('id="open-requests"')
+    # an id that names nobody, or nonsense, is an empty result or the usual page, never an error
+    assert actor.client.get("/support?user=999999").status_code == 200
+    assert actor.client.get("/support?user=" + "9" * 30).status_code == 200
+
+
 def test_admin_with_stale_sign_in_must_reauthenticate(app, actor, secret, clock):
     """security.md 37: a session older than FRESH_LOGIN_WINDOW goes to /reauth first, then back."""
     sign_in_admin(actor, secret)
@@ -887,7 +908,7 @@ def test_open_requests_are_listed_and_linked_to_the_account(app, actor, secret, 
     sign_in_admin(actor, secret)
     html = actor.client.get("/support").get_data(as_text=True)
     assert "Phone fell in the lake" in html and "Who am I even" in html and "Old one" not in html
-    assert 'href="/support?q=carol@example.com"' in html
+    assert f'href="/support?user={target.id}"' in html
     assert "no account with this address" in html
     assert "Open contact requests (2)" in words(html)
 

@@ -529,6 +529,13 @@ def index():
     """The Support page: search people, open contact requests; htmx searches get only the results."""
     q = normalise_email(request.args.get("q", ""))[:254]
     page = _page_arg()
+    one = request.args.get("user", type=int)
+    if one is not None and 0 < one < 2 ** 63:
+        # A contact request's "Show account": that account alone, not a search for its address, which would
+        # also list look-alikes that start the same (bob@example.com.evil.example).
+        users = list(User.select(*USER_COLUMNS).where(User.id == one))
+        q = users[0].email if users else q
+        return render_template("support/index.html", **_index_context(q, 1, rows=build_rows(users)))
     if htmx.is_htmx():
         users, has_next = search_users(q, page)
         return htmx.render("support/index.html", "support/_results.html", q=q, page_no=page,
