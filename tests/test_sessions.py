@@ -72,6 +72,28 @@ def test_sessions_of_other_people_are_not_listed(app, actor, alice, clock):
 
 
 @pytest.mark.parametrize("htmx", [False, True])
+def test_a_stale_session_cannot_sign_the_others_out(app, actor, alice, secret, clock, htmx):
+    """ASVS 4 3.3.4: ending sessions needs a sign-in from the last 10 minutes, like the 2FA changes. Someone
+    holding a stolen session must not sign its owner out everywhere (which also forgets the owner's known
+    browsers, so their password throttle is the account's again). After re-authenticating it works."""
+    other = browser(app, clock, secret=secret, agent="Other/1")
+    clock.advance(11 * 60)
+    assert signed_in(other.client)  # an active session: only this one is stale
+    token = actor.csrf("/settings")
+    handle = re.search(r'action="/settings/sessions/([^/"]+)/end"', text(actor.client.get("/settings"))).group(1)
+    for url in ("/settings/sessions/end-others", f"/settings/sessions/{handle}/end"):
+        r = actor.client.post(url, data={"csrf_token": token}, headers=HX if htmx else {})
+        where = r.headers.get("HX-Redirect") if htmx else r.headers.get("Location")
+        assert (r.status_code, where) == ((401 if htmx else 302), "/reauth?next=/settings"), url
+    assert signed_in(other.client)
+    assert "sessions_ended" not in kinds(app)
+    r = actor.post_form("/reauth?next=/settings", {"password": PASSWORD, "code": actor.code(secret)})
+    assert r.headers["Location"] == "/settings"
+    actor.post_form("/settings/sessions/end-others", {}, form_url="/settings")
+    assert not signed_in(other.client)
+
+
+@pytest.mark.parametrize("htmx", [False, True])
 def test_sign_out_everywhere_else_ends_every_other_session(app, actor, alice, secret, clock, htmx):
     """security.md 30, 35: the other browsers are signed out server-side at once; this one stays; audited."""
     others = [browser(app, clock, secret=secret, agent=f"Other/{i}") for i in range(2)]

@@ -664,8 +664,11 @@ def _sessions_response(notice):
     return redirect(url_for("settings.index"))
 
 
+# Ending sessions needs a fresh sign-in too (ASVS 4 3.3.4: "having authenticated again"): someone holding a
+# stolen session must not sign its owner out everywhere, which also forgets the owner's known browsers.
 @bp.post("/sessions/end-others")
 @login_required
+@fresh_login_required(back_to="settings.index")
 def end_other_sessions():
     """Sign out everywhere else: delete every other session of this person, server-side (security.md 30, 35)."""
     user = _user()
@@ -679,6 +682,7 @@ def end_other_sessions():
 
 @bp.post("/sessions/<handle>/end")
 @login_required
+@fresh_login_required(back_to="settings.index")
 def end_one_session(handle):
     """Sign out one other browser of your own. A handle that is not one of your sessions (it ended meanwhile:
     signed out, expired, ended by a 2FA change in another tab; or it is another person's) gets the same
