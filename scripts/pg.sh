@@ -73,6 +73,9 @@ cmd_start() {
     # queries that need code point order must say so (COLLATE "C"), and the tests see when one does not.
     "$PGBIN/psql" -h 127.0.0.1 -p "$port" -U postgres -d postgres -q -c "CREATE DATABASE $DBNAME TEMPLATE template0 \
       LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'" >/dev/null
+  elif [ "$("$PGBIN/psql" -h 127.0.0.1 -p "$port" -U postgres -d postgres -Atq \
+        -c "SELECT datlocprovider FROM pg_database WHERE datname = '$DBNAME'")" != "i" ]; then
+    echo "pg.sh: $DBNAME in $dir was made before it used ICU's en-US collation; delete $dir for a new one" >&2
   fi
   echo "postgresql://postgres@127.0.0.1:$port/$DBNAME"
 }

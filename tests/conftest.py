@@ -9,7 +9,7 @@ from cryptography.fernet import Fernet
 
 from webapp import create_app
 from webapp.db import db
-from webapp.models import ALL_MODELS, Device, User
+from webapp.models import ALL_MODELS, Device, User, normalise_email
 from webapp.security import hash_password
 from webapp.totp import encrypt_secret, new_secret
 
@@ -86,7 +86,7 @@ class Actor:
     def user(self, email="alice@example.com", password=PASSWORD, admin=False, secret=None, devices=None):
         """Create an account directly in the DB, optionally with devices ({name: secret})."""
         with self.app.app_context():
-            user = User.create(email=email.strip().lower(), password_hash=hash_password(password), is_admin=admin)
+            user = User.create(email=normalise_email(email), password_hash=hash_password(password), is_admin=admin)
             if secret:
                 devices = {**(devices or {}), "Phone": secret}
             for name, sec in (devices or {}).items():

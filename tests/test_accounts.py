@@ -8,6 +8,7 @@ from cryptography.fernet import Fernet
 from webapp import create_app
 from webapp.config import ConfigError
 from webapp.models import ALL_MODELS, AuditEvent, Device, ServerSession, User
+from webapp.security import hash_password
 from webapp.totp import decrypt_secret, encrypt_secret, new_secret
 
 from .conftest import PASSWORD, Actor, csrf_from
@@ -270,6 +271,32 @@ def test_one_mailbox_is_one_account_however_its_address_is_spelled(app, actor, f
     assert actor.password_step(email=second).headers["Location"] == "/settings"  # signs in with either spelling
     assert run(app, "users", "activity", second).exit_code == 0
     assert stored in run(app, "users", "list").output
+
+
+def test_an_address_stored_in_the_old_spelling_stays_reachable(app, actor):
+    """Until 2026-12-05 an address was stored only stripped and lower-cased (a punycode domain as typed).
+    Such a row is found by either spelling: sign-in, the operator commands and sign-up (no second account)."""
+    with app.app_context():
+        User.create(email="bob@xn--mnchen-3ya.de", password_hash=hash_password(PASSWORD))
+        User.create(email="admin@example.com", password_hash="x", is_admin=True)
+    for spelling in ("bob@xn--mnchen-3ya.de", "Bob@münchen.de"):
+        assert actor.password_step(email=spelling).headers["Location"] == "/settings", spelling
+        actor.client.post("/logout", data={"csrf_token": actor.csrf("/settings")})
+        assert run(app, "users", "activity", spelling).exit_code == 0
+    r = actor.post_form("/signup", {"email": "bob@münchen.de", "password": PASSWORD, "confirm": PASSWORD})
+    assert "already exists" in r.get_data(as_text=True)
+    with app.app_context():
+        assert User.select().count() == 2
+        assert User.by_email("BOB@MÜNCHEN.DE").email == "bob@xn--mnchen-3ya.de"
+
+
+def test_normal_form_is_stable():
+    """Normalising twice gives the same spelling (lower-casing can undo NFC: it comes first)."""
+    from webapp.models import normalise_email
+
+    for raw in ["Bob@Xn--Mnchen-3ya.DE", "JOSE\u0301@example.com", "Ώͅ", "al", "ǅ@example.com", " x@ｅｘａｍｐｌｅ．com "]:
+        once = normalise_email(raw)
+        assert normalise_email(once) == once, raw
 
 
 def test_signup_sent_twice_at_once_makes_one_account_and_no_error(app, actor, monkeypatch):

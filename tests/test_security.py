@@ -187,7 +187,7 @@ def test_werkzeugs_own_lines_are_masked_but_not_escaped_again(app):
     [each] = [f for f in logging.getLogger("werkzeug").filters if isinstance(f, RedactingFilter)]
     record = logging.LogRecord("werkzeug", logging.INFO, __file__, 1, "%s", ("\x1b[32mGET /?code=123456\x1b[0m\nmore",), None)
     assert each.filter(record)
-    assert record.getMessage() == "\x1b[32mGET /?code=[redacted]\nmore"  # the colour's end went with the code
+    assert record.getMessage() == "\x1b[32mGET /?code=[redacted]\x1b[0m\nmore"  # the colour's end is kept
 
 
 def test_log_lines_without_secrets_are_left_alone():

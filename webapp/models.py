@@ -54,8 +54,14 @@ class User(UserMixin, BaseModel):
 
     @classmethod
     def by_email(cls, email):
-        """The user with this (normalised) email, or None."""
-        return cls.get_or_none(cls.email == normalise_email(email))
+        """The user with this email, or None. Stored in its normal form (normalise_email), or as stored before
+        2026-12-05, only stripped and lower-cased: as typed, or with the domain in punycode (as some browsers
+        send it), so those accounts stay reachable whichever spelling comes now."""
+        spellings = _stored_spellings(email)
+        if len(spellings) == 1:
+            return cls.get_or_none(cls.email == spellings[0])
+        found = {user.email: user for user in cls.select().where(cls.email.in_(spellings))}
+        return next((found[s] for s in spellings if s in found), None)
 
     def active_devices(self):
         """This person's authenticator devices, oldest first."""
@@ -67,17 +73,30 @@ class User(UserMixin, BaseModel):
         return bool(_ANY_DEVICE.rows(user=self.id))
 
 
+def _stored_spellings(email):
+    """The spellings `email` may be stored under, the normal form first (User.by_email)."""
+    text = (email or "").strip()
+    spellings = [normalise_email(text), text.lower()]
+    try:
+        ascii_form = validate_email(text, check_deliverability=False).ascii_email
+    except EmailNotValidError:
+        ascii_form = None
+    if ascii_form:
+        spellings.append(ascii_form.lower())
+    return list(dict.fromkeys(spellings))
+
+
 def normalise_email(email):
     """The one spelling of an address used for storage and lookups: email-validator's normal form (the domain
     through IDNA, so "xn--mnchen-3ya.de", "münchen.de" and full-width letters agree; the local part in NFC),
-    lower-cased. What it cannot parse (a partial address typed into the Support search, a wrong sign-in) is
-    only put in NFC and lower-cased: it names no account, and a prefix still matches stored addresses."""
+    lower-cased and in NFC. What it cannot parse (a partial address typed into the Support search, a wrong
+    sign-in) is only lower-cased and put in NFC: it names no account, and a prefix still matches."""
     text = (email or "").strip()
     try:
         text = validate_email(text, check_deliverability=False).normalized
     except EmailNotValidError:
-        text = unicodedata.normalize("NFC", text)
-    return text.lower()
+        pass
+    return unicodedata.normalize("NFC", text.lower())  # in this order: lower-casing can undo NFC
 
 
 class Device(BaseModel):

@@ -329,7 +329,9 @@ class RedactingFilter(logging.Filter):
     # IGNORECASE also matches the likes of "ſ" for "s", and so does casefold.
     PATTERNS = [
         (re.compile(r"otpauth://\S+"), "otpauth://[redacted]", None),
-        (re.compile(r"(?i)(" + "|".join(KEYS) + r")=([^&\s]+)"), r"\1=[redacted]", tuple(k + "=" for k in KEYS)),
+        # The value ends at a control character too: an escape sequence after it (a colour's end) is kept.
+        (re.compile(r"(?i)(" + "|".join(KEYS) + r")=([^&\s\x00-\x1f]+)"), r"\1=[redacted]",
+         tuple(k + "=" for k in KEYS)),
         (re.compile(r"\b[A-Z2-7]{16,}\b"), "[redacted]", None),
         (re.compile(r"(?<![\d.:/-])\d{6}(?![\d.:/-])"), "[redacted]", None),
     ]

@@ -300,7 +300,7 @@ def contact():
                 throttled = (_recent_requests(SupportRequest.email, email) >= per_address
                              or (ip and _recent_requests(SupportRequest.ip, ip) >= limit))
                 if not throttled:
-                    user = User.get_or_none(User.email == email)
+                    user = User.by_email(email)
                     req = SupportRequest.create(email=email, message=form.message.data, user=user, ip=ip,
                                                 created_at=now())
                     # Whether the sender had entered the password: a record of what happened, not a sign of who
@@ -308,10 +308,12 @@ def contact():
                     audit("support_request", user=user, request=req.id, after_password=after_password)
             if not throttled:
                 return redirect(url_for("support.contact_sent"))
-            error, status = ("Several requests for this email address, or from your network, came in within the "
-                             "last hour, so this one was not sent. Please wait an hour before sending another. If "
-                             "this is your account and you know its password, sign in up to the code step first: "
-                             "its link “Lost access to your authenticator app?” leads here with more room."), 429
+            error = ("Several requests for this email address, or from your network, came in within the last "
+                     "hour, so this one was not sent. Please wait an hour before sending another.")
+            if not after_password:
+                error += (" If this is your account and you know its password, sign in up to the code step first: "
+                          "its link “Lost access to your authenticator app?” leads here with more room.")
+            status = 429
     return render_template("support/contact.html", form=form, error=error), status
 
 
@@ -534,8 +536,8 @@ def index():
         # A contact request's "Show account": that account alone, not a search for its address, which would
         # also list look-alikes that start the same (bob@example.com.evil.example).
         users = list(User.select(*USER_COLUMNS).where(User.id == one))
-        q = users[0].email if users else q
-        return render_template("support/index.html", **_index_context(q, 1, rows=build_rows(users)))
+        context = _index_context(users[0].email if users else "", 1, rows=build_rows(users))
+        return render_template("support/index.html", gone=not users, **context)
     if htmx.is_htmx():
         users, has_next = search_users(q, page)
         return htmx.render("support/index.html", "support/_results.html", q=q, page_no=page,
@@ -595,7 +597,7 @@ def _row_response(target, status=200, form=None, notice=None, error=None, flash_
         return htmx.render("support/index.html", "support/_user_row.html", row=rows[0])
     if status < 400:
         flash(flash_message or notice, "success")
-        return redirect(url_for("support.index", q=fresh.email))
+        return redirect(url_for("support.index", user=fresh.id))  # that person alone, not a search
     if form is not None:
         # The disable form with its errors, on the page where the form lives without JavaScript.
         return htmx.render("support/disable.html", "support/_user_row.html", status=status, row=rows[0])
@@ -746,7 +748,7 @@ def audit_log():
     else:
         query = AuditEvent.select()
         if form.email.data:
-            person = User.get_or_none(User.email == normalise_email(form.email.data))
+            person = User.by_email(form.email.data)
             if person is None:
                 notice = "No account has that email address."
                 query = None
