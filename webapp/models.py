@@ -76,13 +76,10 @@ class User(UserMixin, BaseModel):
 def _stored_spellings(email):
     """The spellings `email` may be stored under, the normal form first (User.by_email)."""
     text = (email or "").strip()
-    spellings = [normalise_email(text), text.lower()]
-    try:
-        ascii_form = validate_email(text, check_deliverability=False).ascii_email
-    except EmailNotValidError:
-        ascii_form = None
-    if ascii_form:
-        spellings.append(ascii_form.lower())
+    valid = _validated(text)
+    spellings = [_folded(valid.normalized if valid is not None else text), text.lower()]
+    if valid is not None and valid.ascii_email:
+        spellings.append(valid.ascii_email.lower())
     return list(dict.fromkeys(spellings))
 
 
@@ -92,10 +89,19 @@ def normalise_email(email):
     lower-cased and in NFC. What it cannot parse (a partial address typed into the Support search, a wrong
     sign-in) is only lower-cased and put in NFC: it names no account, and a prefix still matches."""
     text = (email or "").strip()
+    valid = _validated(text)
+    return _folded(valid.normalized if valid is not None else text)
+
+
+def _validated(text):
+    """email-validator's reading of an address (no DNS), or None when it is not one."""
     try:
-        text = validate_email(text, check_deliverability=False).normalized
+        return validate_email(text, check_deliverability=False)
     except EmailNotValidError:
-        pass
+        return None
+
+
+def _folded(text):
     return unicodedata.normalize("NFC", text.lower())  # in this order: lower-casing can undo NFC
 
 
