@@ -178,8 +178,7 @@ def _load_user(user_id):
         user = row.__rel__["user"]
     else:
         user = _USER_BY_ID.first(id=user_id)
-    if user is not None and user.tfa_reset_until is not None and now() >= user.tfa_reset_until \
-            and not user.has_2fa:
+    if user is not None and user.support_window() == "ended" and not user.has_2fa:
         g.support_window_ended = True  # _unauthorized tells the person why, not just "log in"
         return None
     return user

@@ -293,7 +293,7 @@ def after_password(user, next_url):
             # password alone could open a session that no one ends, just after 2FA was turned on.
             user = for_update(User.select().where(User.id == user.id)).get()
             if not user.has_2fa:
-                if not _window_ended(user):
+                if user.support_window() != "ended":
                     # No device (during support's window, the banner on every page says so: base.html).
                     return complete_sign_in(user, next_url)
                 audit("signin_blocked", user=user, reason="support window ended without a new device")
@@ -306,11 +306,6 @@ def after_password(user, next_url):
     session["challenge"] = token
     audit("password_accepted", user=user)
     return redirect(url_for("auth.verify"))
-
-
-def _window_ended(user):
-    """Whether support's window for a new device has run out (security.md 39: sign-in fails closed)."""
-    return user.tfa_reset_until is not None and now() >= user.tfa_reset_until
 
 
 

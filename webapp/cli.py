@@ -48,12 +48,12 @@ def list_users():
     for user in User.select().order_by(User.email):
         devices = Device.select().where(Device.user == user).count()
         role = "admin" if user.is_admin else "user"
-        until = user.tfa_reset_until
+        until, window = user.tfa_reset_until, user.support_window(current)
         if devices:
             status = f"2FA active ({devices} device{'s' if devices != 1 else ''})"
-        elif until is None:
+        elif window is None:
             status = "2FA off"
-        elif until > current:
+        elif window == "open":
             status = f"2FA temporarily off: password alone until {until:%Y-%m-%d %H:%M} UTC (support)"
         else:
             status = f"blocked: support's window ended {until:%Y-%m-%d %H:%M} UTC without a new device"

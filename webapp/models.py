@@ -67,6 +67,13 @@ class User(UserMixin, BaseModel):
         """This person's authenticator devices, oldest first."""
         return Device.select().where(Device.user == self).order_by(Device.created_at, Device.id)
 
+    def support_window(self, at=None):
+        """Support's time window for a new device (security.md 39): None when none was opened, "open" until
+        tfa_reset_until, "ended" from then on. It matters only while the person has no device."""
+        if self.tfa_reset_until is None:
+            return None
+        return "open" if self.tfa_reset_until > (at or now()) else "ended"
+
     @property
     def has_2fa(self):
         """Whether this person has at least one authenticator device (asked on most pages: compiled once)."""

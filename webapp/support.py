@@ -383,10 +383,7 @@ class UserRow:
         self.form = form
         self.notice = notice
         self.error = error
-        if devices or user.tfa_reset_until is None:
-            self.window = None
-        else:
-            self.window = "open" if user.tfa_reset_until > (current or now()) else "ended"
+        self.window = None if devices else user.support_window(current)
         self.is_self = user.id == (current_user.id if actor_id is None else actor_id)
         self.protected = self.is_self or user.is_admin
         # A disable only makes sense where there is 2FA to disable or a lapsed window to open again: while a
@@ -637,7 +634,7 @@ def disable_2fa(user_id):
         has_devices = Device.select().where(Device.user == locked.id).exists()
         # Opening a window for someone without 2FA would lock them out when it ends.
         nothing_to_disable = not has_devices and locked.tfa_reset_until is None
-        already_open = not has_devices and locked.tfa_reset_until is not None and locked.tfa_reset_until > now()
+        already_open = not has_devices and locked.support_window() == "open"
         if not (nothing_to_disable or already_open):
             until, removed, sessions = _open_window(locked, actor, form, label, duration)
     # Rendering happens after the write transaction, so the write lock is held no longer than needed.
@@ -690,7 +687,7 @@ def end_window(user_id):
         locked = _lock_target(target.id)
         has_devices = Device.select().where(Device.user == locked.id).exists()
         current = now()
-        is_open = not has_devices and locked.tfa_reset_until is not None and locked.tfa_reset_until > current
+        is_open = not has_devices and locked.support_window(current) == "open"
         if is_open:
             User.update(tfa_reset_until=current).where(User.id == locked.id).execute()
             # Sessions opened with the password alone during the window end with it.
