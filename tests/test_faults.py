@@ -133,6 +133,78 @@ def test_sqlite_file_unreachable_gives_a_503_page_and_the_app_recovers(tmp_path)
     db.close()
 
 
+
+CONFLICT = "Another change was being made at the same moment, so nothing was changed. Please try again."
+
+
+def _start_wizard(client, token=None):
+    token = token or csrf_from(client.get("/settings").get_data(as_text=True))
+    return client.post("/settings/2fa/start", data={"csrf_token": token})
+
+
+@pytest.mark.skipif((os.environ.get("TEST_DATABASE_URL") or "").startswith("postgres"), reason="SQLite's writer lock")
+def test_sqlite_writer_lock_held_too_long_says_try_again_and_changes_nothing(tmp_path, monkeypatch):
+    """Another program holds SQLite's writer lock past busy_timeout (a long `keys rotate`, a backup tool): the
+    request that needed it is rolled back and says so, not that the database cannot be reached; it works
+    once the lock is free. A page whose only write is the session's last-seen time is still shown: that
+    write failed after the page was made, and Flask turned it into a 500 outside the error handlers."""
+    import sqlite3
+
+    import webapp.db as db_module
+
+    monkeypatch.setitem(db_module.SQLITE_PRAGMAS, "busy_timeout", 200)  # not 10 s of waiting in a test
+    path = tmp_path / "app.db"
+    clock = FakeClock(time.time())
+    app = make_test_app(tmp_path, f"sqlite:///{path}", clock)
+    client = signed_in_client(app, clock, new_secret())
+    token = csrf_from(client.get("/settings").get_data(as_text=True))
+    holder = sqlite3.connect(path, timeout=0, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        clock.advance(61)  # the session's last-seen time is due to be written (sessions.TOUCH_INTERVAL)
+        r = client.get("/settings")
+        assert r.status_code == 200 and "<h1>User Settings</h1>" in r.get_data(as_text=True)
+        r = _start_wizard(client, token)
+        body = r.get_data(as_text=True)
+        assert r.status_code == 503 and CONFLICT in body and UNAVAILABLE not in body
+        assert "Traceback" not in body and "sqlite" not in body.lower()
+    finally:
+        holder.rollback()
+        holder.close()
+    with app.app_context():
+        assert PendingEnrolment.select().count() == 0
+    assert _start_wizard(client, token).status_code == 303
+    with app.app_context():
+        assert PendingEnrolment.select().count() == 1
+    db.close()
+
+
+def test_a_deadlock_postgresql_broke_says_try_again_not_unreachable(app, actor, secret, monkeypatch):
+    """PostgreSQL breaks a deadlock by rolling one transaction back (SQLSTATE 40P01); peewee raises it as an
+    OperationalError around psycopg's error. The person is told to try again, not that the database is
+    unreachable, and nothing of the request is stored."""
+    import psycopg
+    from peewee import OperationalError
+
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    original = User.lock
+
+    def deadlocked(user_id):
+        original(user_id)
+        driver_error = psycopg.errors.DeadlockDetected("deadlock detected")
+        raise OperationalError(driver_error, *driver_error.args)  # what peewee's exception wrapper raises
+
+    monkeypatch.setattr(User, "lock", staticmethod(deadlocked))
+    r = _start_wizard(actor.client)
+    body = r.get_data(as_text=True)
+    assert r.status_code == 503 and CONFLICT in body and UNAVAILABLE not in body
+    with app.app_context():
+        assert PendingEnrolment.select().count() == 0
+    monkeypatch.setattr(User, "lock", original)
+    assert _start_wizard(actor.client).status_code == 303
+
+
 # ---------------------------------------------------------------- a worker killed mid-transaction
 
 def _read(path):

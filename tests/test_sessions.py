@@ -371,3 +371,37 @@ def test_htmx_errors_of_visitors_without_a_row_write_nothing(app, client):
         assert r.status_code == 404 and r.headers["HX-Refresh"] == "true"
     with app.app_context():
         assert ServerSession.select().count() == 0
+
+
+@pytest.mark.parametrize("ender", ["end-others", "end-one"])
+def test_a_session_signed_out_while_it_re_authenticates_stays_signed_out(app, actor, alice, secret, clock,
+                                                                          monkeypatch, ender):
+    """security.md 30, 35: "Sign out everywhere else" (or "Sign out" on this one browser) pressed in another
+    browser while this one is re-authenticating (a whole password hash long) ends it. Re-authentication
+    gives the session a new row; it used to insert that row without looking whether the old one was still
+    there, so this browser stayed signed in, with a fresh session, after the owner had signed it out."""
+    import webapp.auth as auth_module
+
+    other = browser(app, clock, secret=secret, agent="Owner/2")
+    clock.advance(11 * 60)
+    other.post_form("/reauth?next=/settings", {"password": PASSWORD, "code": other.code(secret)})
+    page = text(other.client.get("/settings"))
+    handle = HANDLE_RE.search(page).group(1)  # the only other session listed there: this browser's (actor's)
+    original = auth_module.password_check
+
+    def check_while_signed_out_elsewhere(user, password, **kw):
+        result = original(user, password, **kw)
+        url = "/settings/sessions/end-others" if ender == "end-others" else f"/settings/sessions/{handle}/end"
+        r = other.client.post(url, data={"csrf_token": csrf_from(page)})
+        assert r.status_code == 302, r.status_code
+        return result
+
+    monkeypatch.setattr(auth_module, "password_check", check_while_signed_out_elsewhere)
+    clock.advance(30)
+    r = actor.post_form("/reauth?next=/settings", {"password": PASSWORD, "code": actor.code(secret)})
+    assert r.status_code == 302
+    assert not signed_in(actor.client)
+    with app.app_context():
+        [left] = ServerSession.select().where(ServerSession.user == alice.id)
+        assert left.id == token_hash(other.session_cookie())
+    assert signed_in(other.client)

@@ -433,6 +433,18 @@ PLAIN_ERRORS = {
 }
 
 
+# SQLSTATEs of a transaction the database undid because of another one: deadlock_detected,
+# serialization_failure, lock_not_available.
+_CONFLICT_STATES = {"40P01", "40001", "55P03"}
+
+
+def _lock_conflict(exc):
+    """Whether a database error is a conflict between transactions rather than an outage (peewee keeps
+    the driver's exception as `orig`)."""
+    original = getattr(exc, "orig", None)
+    return getattr(original, "sqlstate", None) in _CONFLICT_STATES or "database is locked" in str(original)
+
+
 def _register_error_handlers(app):
     from .htmx import hx_redirect, is_htmx
 
@@ -479,12 +491,21 @@ def _register_error_handlers(app):
     @app.errorhandler(OperationalError)
     @app.errorhandler(InterfaceError)
     def database_down(exc):
-        app.logger.error("database unavailable: %s", type(exc).__name__)
+        conflict = _lock_conflict(exc)
+        app.logger.error("%s: %s", "database conflict, rolled back" if conflict else "database unavailable",
+                         type(exc).__name__)
         g.database_unavailable = True  # the session is not saved on this response (sessions.py)
         try:
             db_module.db.close()
         except (OperationalError, InterfaceError):
             pass
+        if conflict:
+            # The database is up: it undid this request's transaction to let another one finish (a deadlock
+            # PostgreSQL broke, or SQLite's writer lock held past busy_timeout). Saying it is unreachable
+            # would be wrong, and trying again is all it takes.
+            return render_error(503, "Please try again",
+                                "Another change was being made at the same moment, so nothing was changed. "
+                                "Please try again.")
         return render_error(503, "Temporarily unavailable",
                             "We cannot reach our database right now. Please try again in a minute.")
 

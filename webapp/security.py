@@ -168,6 +168,9 @@ def revoke_second_factor(user, reset_until=None):
     from .models import Device, SignInChallenge, User
     from .sessions import end_user_sessions
 
+    # The person's row first, as every other change to their 2FA takes it (sign-in, Complete Activation,
+    # removing a device): taken after the devices, it deadlocked on PostgreSQL with a code step under way.
+    User.lock(user.id)
     removed = Device.delete().where(Device.user == user.id).execute()
     User.update(tfa_reset_until=reset_until, code_failures=0, code_locked_until=None).where(
         User.id == user.id).execute()

@@ -24,7 +24,7 @@ from peewee import JOIN, InterfaceError, OperationalError
 from werkzeug.datastructures import CallbackDict
 
 from .clock import now
-from .db import Param, Prepared, loaded, write_transaction
+from .db import Param, Prepared, for_update, loaded, write_transaction
 from .models import PendingEnrolment, ServerSession, User
 
 TOUCH_INTERVAL = timedelta(seconds=60)  # write last_seen at most once a minute per session
@@ -41,6 +41,7 @@ _INSERT = Prepared(lambda: ServerSession.insert(
 _UPDATE = Prepared(lambda: ServerSession.update(
     data=Param("data"), last_seen_at=Param("last_seen_at"), user=Param("user")).where(ServerSession.id == Param("id")))
 _DELETE = Prepared(lambda: ServerSession.delete().where(ServerSession.id == Param("id")))
+_LOCK = Prepared(lambda: for_update(ServerSession.select(ServerSession.id).where(ServerSession.id == Param("id"))))
 _MOVE_ENROLMENTS = Prepared(lambda: PendingEnrolment.update(session=Param("new")).where(
     PendingEnrolment.session == Param("old")))
 
@@ -149,11 +150,18 @@ class DbSessionInterface(SessionInterface):
             return  # an outage: never write, delete or rewrite the cookie because of it
         name = self.get_cookie_name(app)
         cookie_args = cookie_attributes(app)
-        if session.rotated_from is not None:
-            with write_transaction():  # the old row goes and the new one comes in one commit
+        try:
+            if session.rotated_from is not None:
+                with write_transaction():  # the old row goes and the new one comes in one commit
+                    outcome = self._write(session)
+            else:
                 outcome = self._write(session)
-        else:
-            outcome = self._write(session)
+        except (OperationalError, InterfaceError) as exc:
+            # The response is made already; Flask would turn this into a 500 without the error handlers. The
+            # session keeps its cookie and its row as they were (a renewal rolled back as a whole).
+            app.logger.error("session not saved: %s", type(exc).__name__)
+            _drop_connection()
+            return
         if outcome == "deleted":
             if session.ended or name in request.cookies:
                 response.delete_cookie(name, **cookie_args)
@@ -169,7 +177,8 @@ class DbSessionInterface(SessionInterface):
     def _write(self, session):
         """Bring the session's row up to date: 'deleted', 'written', 'gone' (vanished meanwhile), 'unchanged'
         or 'no row' (nothing stored but the derived CSRF token). A rotated session's old row is deleted,
-        after its new row is in (the caller holds a transaction for the two)."""
+        after its new row is in (the caller holds a transaction for the two); if it has gone before, the
+        session ends instead."""
         if (session.row is None and session.rotated_from is None and not session.ended
                 and session.derived_csrf is not None and list(session.values()) == [session.derived_csrf]):
             return "no row"
@@ -183,6 +192,16 @@ class DbSessionInterface(SessionInterface):
         current = now()
         user_id = session.get("_user_id")
         if session.row is None:
+            if old is not None:
+                if user_id:
+                    # Serialised with whatever ends this person's sessions (end_user_sessions takes the row too):
+                    # on PostgreSQL a DELETE that had already started would not see the new row.
+                    User.lock(int(user_id))
+                # If the old row has gone meanwhile (signed out elsewhere while this request ran: a
+                # re-authentication spends a whole password hash), no new one is made in its place.
+                if _LOCK.first(id=old.id) is None:
+                    session.ended = True  # and stays so: a later save must not store it under a new token
+                    return "gone"
             session.token = secrets.token_urlsafe(32)  # never the cookie's token: the client may have chosen it
             session.derived_csrf = None
             values = dict(id=token_hash(session.token), user=int(user_id) if user_id else None,
@@ -205,6 +224,16 @@ class DbSessionInterface(SessionInterface):
         return "written"
 
 
+def _drop_connection():
+    """Close the connection after a database error (a broken one must not serve the next request)."""
+    from .db import db
+
+    try:
+        db.close()
+    except (OperationalError, InterfaceError):
+        db.obj._state.reset()
+
+
 def write_session_now():
     """Store the current (typically just rotated) session inside the caller's transaction rather than
     after the response is built, so a sign-in commits once; the response still gets the new cookie."""
@@ -225,8 +254,12 @@ def raise_if_unavailable():
 
 
 def end_user_sessions(user, keep_token=None):
-    """Delete every session of `user` except the one with `keep_token` (security.md 35, 40)."""
+    """Delete every session of `user` except the one with `keep_token` (security.md 35, 40), holding the
+    person's row, so that a session being renewed at that moment (DbSessionInterface._write) either is
+    ended here or sees that its old row has gone."""
     query = ServerSession.delete().where(ServerSession.user == user)
     if keep_token:
         query = query.where(ServerSession.id != token_hash(keep_token))
-    return query.execute()
+    with write_transaction():
+        User.lock(user.id)
+        return query.execute()

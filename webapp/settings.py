@@ -302,6 +302,9 @@ def start():
     secret = totp.new_secret()
     session.pop(_WIZARD_DONE, None)  # a new setup: a later click on an old page is not "done" any more
     with write_transaction():
+        # The person's row first, like Complete Activation and Support's disable: taking the pending row
+        # first made the three deadlock on PostgreSQL when they met.
+        User.lock(user.id)
         PendingEnrolment.delete().where((PendingEnrolment.session == session.row.id)
                                         & (PendingEnrolment.user == user.id)).execute()
         try:
@@ -695,7 +698,9 @@ def end_one_session(handle):
         return _sessions_response("That session had already ended.")
     if match == this_id:
         return _sessions_response("To sign out of this browser, use Log out.")
-    ended = ServerSession.delete().where((ServerSession.id == match) & (ServerSession.user == user.id)).execute()
+    with write_transaction():
+        User.lock(user.id)  # like end_user_sessions: a renewal of that session under way sees it gone
+        ended = ServerSession.delete().where((ServerSession.id == match) & (ServerSession.user == user.id)).execute()
     if ended:
         audit("sessions_ended", user=user, reason="signed out one other browser", count=ended)
     return _sessions_response("That browser is signed out.")

@@ -1,0 +1,149 @@
+"""Lock order on PostgreSQL: every transaction that changes a person's 2FA, devices or sessions takes the
+person's row (User.lock, SELECT ... FOR UPDATE) before any row of theirs in another table. Two that took
+them in opposite orders deadlocked when they met, and PostgreSQL then rolled one back (a review drove
+Support's disable against "Start over" in the wizard: 35 of 100 rounds; `users reset-2fa` against a code
+step: 9 of 250) (security.md 20).
+
+Each test holds the person's row from a connection of its own, starts the action in a thread, waits until
+PostgreSQL reports the action blocked by that connection, and then checks that the action has touched none
+of the person's other rows yet: each is still there, and NOWAIT can lock it (it could not if the action
+had updated or deleted it without committing). On SQLite the whole
+database is one writer lock (BEGIN IMMEDIATE), so the order cannot deadlock there: these run on PostgreSQL.
+"""
+import os
+import threading
+import time
+
+import pytest
+
+from webapp.models import Device, PendingEnrolment, User
+
+from .conftest import csrf_from
+
+pytestmark = pytest.mark.skipif(not (os.environ.get("TEST_DATABASE_URL") or "").startswith("postgres"),
+                                reason="PostgreSQL only: SQLite has one lock for the whole database")
+
+
+class PersonHeld:
+    """The person's row, held FOR UPDATE from a separate connection until `release()`."""
+
+    def __init__(self, user_id):
+        import psycopg
+
+        self.conn = psycopg.connect(os.environ["TEST_DATABASE_URL"])
+        self.conn.execute('SELECT id FROM "user" WHERE id = %s FOR UPDATE', (user_id,))
+        self.pid = self.conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+
+    def wait_for_blocked(self, thread, timeout=20):
+        """Whether some backend ends up waiting for this connection's lock while `thread` runs."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            # pg_stat_activity is read once per transaction unless the snapshot is dropped
+            self.conn.execute("SELECT pg_stat_clear_snapshot()")
+            blocked = self.conn.execute("SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+                                        (self.pid,)).fetchone()[0]
+            if blocked:
+                return True
+            if not thread.is_alive():
+                return False  # it finished without ever needing the person's row
+            time.sleep(0.02)
+        return False
+
+    def row_untouched(self, table, row_id):
+        """Whether this row is still there and no other transaction holds it (none has updated or deleted it,
+        committed or not)."""
+        import psycopg
+
+        self.conn.execute("SAVEPOINT probe")
+        try:
+            found = self.conn.execute(f'SELECT id FROM "{table}" WHERE id = %s FOR UPDATE NOWAIT',
+                                      (row_id,)).fetchone()
+        except psycopg.errors.LockNotAvailable:
+            found = None
+        self.conn.execute("ROLLBACK TO SAVEPOINT probe")  # and so lets the row go again
+        return found is not None
+
+    def release(self):
+        self.conn.rollback()
+        self.conn.close()
+
+
+def run_while_person_held(user_id, action, rows):
+    """Run `action` in a thread while the person's row is held; returns (blocked first, for each row whether
+    it was untouched meanwhile, the action's result)."""
+    held = PersonHeld(user_id)
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("value", action()), daemon=True)
+    try:
+        thread.start()
+        blocked = held.wait_for_blocked(thread)
+        untouched = {row: held.row_untouched(*row) for row in rows}
+    finally:
+        held.release()
+    thread.join(30)
+    assert not thread.is_alive(), "the action did not finish once the person's row was free"
+    return blocked, untouched, result.get("value")
+
+
+def test_start_over_in_the_wizard_takes_the_person_before_the_pending_key(app, actor, secret):
+    """settings.start deleted the session's pending key, then inserted a new one, without the person's row;
+    Complete Activation and Support's disable take the person's row first, then those same rows."""
+    user = actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    actor.client.post("/settings/2fa/start", data={"csrf_token": actor.csrf("/settings")})
+    with app.app_context():
+        [pending] = PendingEnrolment.select().where(PendingEnrolment.user == user.id)
+    token = csrf_from(actor.client.get("/settings/2fa/qr").get_data(as_text=True))
+
+    blocked, untouched, status = run_while_person_held(
+        user.id, lambda: actor.client.post("/settings/2fa/start", data={"csrf_token": token}).status_code,
+        [("pendingenrolment", pending.id)])
+
+    assert blocked and untouched == {("pendingenrolment", pending.id): True}
+    assert status == 303
+    with app.app_context():
+        [new] = PendingEnrolment.select().where(PendingEnrolment.user == user.id)
+        assert new.id != pending.id
+
+
+def test_users_reset_2fa_takes_the_person_before_the_devices(app, actor, secret):
+    """cli reset-2fa deleted the devices, then updated the person: the code step takes the person, then
+    writes the device's last step."""
+    user = actor.user(secret=secret)
+    with app.app_context():
+        [device] = Device.select().where(Device.user == user.id)
+
+    def reset():
+        return app.test_cli_runner().invoke(args=["users", "reset-2fa", user.email])
+
+    blocked, untouched, outcome = run_while_person_held(user.id, reset, [("device", device.id)])
+
+    assert blocked and untouched == {("device", device.id): True}
+    assert outcome.exit_code == 0, outcome.output
+    with app.app_context():
+        assert not Device.select().where(Device.user == user.id).exists()
+        assert not User.get_by_id(user.id).has_2fa
+
+
+def test_sign_out_everywhere_else_takes_the_person_before_the_sessions(app, actor, secret, clock):
+    """end_user_sessions holds the person's row, like a session being renewed (re-authentication), so that
+    renewal sees its old row gone instead of storing a new one the sign-out missed."""
+    from webapp.models import ServerSession
+
+    from .test_sessions import browser
+
+    user = actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    browser(app, clock, secret=secret, agent="Other/1")
+    with app.app_context():
+        rows = [("serversession", s.id) for s in ServerSession.select().where(ServerSession.user == user.id)]
+    token = actor.csrf("/settings")
+
+    blocked, untouched, status = run_while_person_held(
+        user.id, lambda: actor.client.post("/settings/sessions/end-others", data={"csrf_token": token}).status_code,
+        rows)
+
+    assert blocked and all(untouched.values()), untouched
+    assert status == 302
+    with app.app_context():
+        assert ServerSession.select().where(ServerSession.user == user.id).count() == 1
