@@ -37,6 +37,9 @@ def test_cli_prompts_for_the_password(app):
 @pytest.mark.parametrize("args,message", [
     (["users", "create", "not-an-email", "--password", "long enough pw"], "invalid email"),
     (["users", "create", "d@example.com", "--password", "short"], "at least 8"),
+    # Eight spaces: the sign-in form refuses a blank password, so this account could never sign in.
+    (["users", "create", "d@example.com", "--password", " " * 8], "only spaces"),
+    (["users", "create", "d@example.com", "--password", "x" * 1025], "at most 1024"),
 ])
 def test_cli_refuses_bad_input(app, args, message):
     result = run(app, *args)
@@ -64,6 +67,68 @@ def test_cli_list_and_promote(app, actor, secret):
     assert run(app, "users", "promote", "bob@example.com", "--revoke").exit_code == 0
     assert "bob@example.com\tuser" in run(app, "users", "list").output
     assert run(app, "users", "promote", "nobody@example.com").exit_code != 0
+
+
+def test_cli_commands_that_would_change_nothing_say_so_and_leave_sessions_and_the_log_alone(app, actor, secret):
+    """Promoting an admin, revoking an ordinary user, resetting the 2FA of an account without any: each used
+    to sign the person out everywhere and record a change that did not happen."""
+    actor.user(email="admin@example.com", admin=True)
+    actor.user(secret=None)
+    actor.sign_in()
+    with app.app_context():
+        before = AuditEvent.select().count()
+    for args, said in ((["promote", "admin@example.com"], "admin@example.com is already an admin; nothing changed"),
+                       (["promote", "alice@example.com", "--revoke"],
+                        "alice@example.com is already an ordinary user; nothing changed"),
+                       (["reset-2fa", "alice@example.com"],
+                        "alice@example.com has no authenticator device; nothing changed")):
+        result = run(app, "users", *args)
+        assert result.exit_code == 0 and said in result.output, result.output
+    with app.app_context():
+        assert AuditEvent.select().count() == before
+        assert User.by_email("admin@example.com").is_admin and not User.by_email("alice@example.com").is_admin
+    assert actor.client.get("/settings").status_code == 200  # still signed in
+
+
+def test_cli_list_of_an_empty_database_names_the_database(app, monkeypatch):
+    """Pointed at the wrong database (no DATABASE_URL: the development instance), `users list` printed
+    nothing at all; now it says there are no accounts there, on stderr, without the password."""
+    from webapp import cli
+
+    result = run(app, "users", "list")
+    assert result.exit_code == 0 and result.stdout == ""
+    assert result.stderr == f"no accounts in {app.config['DATABASE_URL']}\n"
+    monkeypatch.setitem(app.config, "DATABASE_URL", "postgresql://twostep:s3cr3t@db.internal:5432/twostep")
+    with app.app_context():
+        assert cli._database_name() == "postgresql://twostep:***@db.internal:5432/twostep"
+
+
+def test_cli_set_password_replaces_it_and_ends_every_session(app, actor, secret, clock):
+    """The operator's answer to a forgotten or leaked password: the old one stops working, every session of
+    the account ends, the password throttle starts over, the 2FA device stays, and it is audited."""
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    with app.app_context():
+        User.update(password_failures=4, password_locked_until=None).where(User.email == "alice@example.com").execute()
+    result = run(app, "users", "set-password", "alice@example.com", input="brand new pass\nbrand new pass\n")
+    assert result.exit_code == 0 and "new password set for alice@example.com; 1 session(s) ended" in result.output
+    assert actor.client.get("/settings").status_code == 302
+    with app.app_context():
+        user = User.by_email("alice@example.com")
+        assert user.password_failures == 0 and Device.select().where(Device.user == user.id).count() == 1
+        assert ServerSession.select().where(ServerSession.user == user.id).count() == 0
+        [event] = AuditEvent.select().where(AuditEvent.kind == "password_changed")
+        assert event.details == {"via": "cli", "sessions_ended": 1}
+    other = Actor(app, app.test_client(), clock)
+    r = other.password_step(password=PASSWORD)
+    assert r.status_code == 200 and "/login/verify" not in r.headers.get("Location", "")
+    clock.advance(30)
+    r = other.password_step(password="brand new pass")
+    assert r.status_code == 302 and r.headers["Location"] == "/login/verify"
+    for bad, message in (("short", "at least 8"), (" " * 9, "only spaces")):
+        result = run(app, "users", "set-password", "alice@example.com", "--password", bad)
+        assert result.exit_code != 0 and message in result.output
+    assert run(app, "users", "set-password", "nobody@example.com", "--password", "long enough").exit_code != 0
 
 
 def test_cli_list_shows_supports_window_and_the_block_after_it(app, actor, clock):

@@ -3,7 +3,7 @@ import click
 from flask.cli import AppGroup, with_appcontext
 
 from .clock import now
-from .db import db
+from .db import write_transaction
 from .models import Device, User, normalise_email
 from .security import audit, hash_password, revoke_second_factor
 from .sessions import end_user_sessions
@@ -19,6 +19,16 @@ def _get_user(email):
     return user
 
 
+def _check_password(password):
+    """The sign-in form's limits: a password it would refuse could never be used."""
+    if not password.strip():
+        raise click.ClickException("the password cannot be only spaces: the sign-in form refuses it")
+    if len(password) < 8:
+        raise click.ClickException("the password must have at least 8 characters")
+    if len(password) > 1024:
+        raise click.ClickException("the password must have at most 1024 characters")
+
+
 @users.command("create")
 @click.argument("email")
 @click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True,
@@ -32,8 +42,7 @@ def create_user(email, password, admin):
         validate_email(email, check_deliverability=False)
     except EmailNotValidError as exc:
         raise click.ClickException(f"invalid email address: {exc}") from exc
-    if len(password) < 8:
-        raise click.ClickException("the password must have at least 8 characters")
+    _check_password(password)
     if User.by_email(email) is not None:
         raise click.ClickException(f"an account with email {normalise_email(email)} already exists")
     user = User.create(email=normalise_email(email), password_hash=hash_password(password), is_admin=admin)
@@ -45,6 +54,7 @@ def create_user(email, password, admin):
 def list_users():
     """List accounts with their role and 2FA status (with support's time window, as the Support page shows it)."""
     current = now()
+    listed = False
     for user in User.select().order_by(User.email):
         devices = Device.select().where(Device.user == user).count()
         role = "admin" if user.is_admin else "user"
@@ -58,6 +68,24 @@ def list_users():
         else:
             status = f"blocked: support's window ended {until:%Y-%m-%d %H:%M} UTC without a new device"
         click.echo(f"{user.email}\t{role}\t{status}")
+        listed = True
+    if not listed:  # on stderr: a script reading the list gets no line it would take for an account
+        click.echo(f"no accounts in {_database_name()}", err=True)
+
+
+def _database_name():
+    """The database this command used, without a password: listing nothing from the wrong one is easy to
+    miss (without DATABASE_URL, a command uses the development instance's SQLite file)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from flask import current_app
+
+    url = current_app.config["DATABASE_URL"]
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 @users.command("promote")
@@ -66,6 +94,9 @@ def list_users():
 def promote(email, revoke):
     """Make an account an admin (or, with --revoke, an ordinary user)."""
     user = _get_user(email)
+    if user.is_admin != revoke:  # already so: no sign-out, no audit record of a change that did not happen
+        click.echo(f"{user.email} is already {'an ordinary user' if revoke else 'an admin'}; nothing changed")
+        return
     User.update(is_admin=not revoke).where(User.id == user.id).execute()
     end_user_sessions(user)
     audit("role_changed", user=user, admin=not revoke, via="cli")
@@ -77,10 +108,35 @@ def promote(email, revoke):
 def reset_2fa(email):
     """Remove every authenticator device of an account and end its sessions (operator's last resort)."""
     user = _get_user(email)
-    with db.atomic():
+    if user.tfa_reset_until is None and not Device.select().where(Device.user == user.id).exists():
+        click.echo(f"{user.email} has no authenticator device; nothing changed")
+        return
+    with write_transaction():  # BEGIN IMMEDIATE on SQLite, like the app's own writers
         removed, _ = revoke_second_factor(user)  # half-finished sign-ins go too: their code step would fail
         audit("tfa_reset", user=user, via="cli", devices_removed=removed)
     click.echo(f"removed {removed} device(s) of {user.email}; 2FA is off")
+
+
+@users.command("set-password")
+@click.argument("email")
+@click.option("--password", prompt="New password", hide_input=True, confirmation_prompt=True,
+              help="Prompted for when left out (better: it stays out of the shell's history).")
+def set_password(email, password):
+    """Give an account a new password (a forgotten one, or one that leaked): every session of the account
+    ends and its password throttle starts over. Two-factor authentication stays as it is."""
+    from .security import forget_browsers
+
+    _check_password(password)
+    user = _get_user(email)
+    password_hash = hash_password(password)  # slow: before the transaction
+    with write_transaction():
+        User.lock(user.id)
+        User.update(password_hash=password_hash, password_failures=0, password_locked_until=None).where(
+            User.id == user.id).execute()
+        ended = end_user_sessions(user)
+        forget_browsers(user)  # a browser's own throttle belongs to the old password too
+        audit("password_changed", user=user, via="cli", sessions_ended=ended)
+    click.echo(f"new password set for {user.email}; {ended} session(s) ended")
 
 
 @users.command("activity")
@@ -109,7 +165,9 @@ def rotate_keys():
     from .totp import SecretError, reencrypt_secret
 
     count = 0
-    with db.atomic():  # all or nothing: a secret that no key opens leaves every secret as it was
+    # All or nothing: a secret that no key opens leaves every secret as it was. BEGIN IMMEDIATE on SQLite: a
+    # deferred transaction that read first could not start writing while the app's sign-ins write.
+    with write_transaction():
         for model in (Device, PendingEnrolment):
             for row in model.select(model.id, model.secret_enc):
                 try:

@@ -117,6 +117,7 @@ KIND_LABELS = {
     "reauthenticated": "Identity confirmed for a sensitive action",
     "signout": "Signed out",
     "role_changed": "Admin rights changed",
+    "password_changed": "Password changed by the server operator",
     "tfa_reset": "Two-factor authentication reset by the server operator",
     "tfa_enrolled": "Authenticator app set up",
     "tfa_enabled": "Two-factor authentication turned on",
