@@ -195,21 +195,62 @@ def test_ordinary_user_cannot_post_an_action(app, actor, secret, target, target_
     assert count(app, Device, Device.user == target.id) == 1
 
 
-def test_stale_admin_action_goes_to_reauth_and_changes_nothing(app, actor, secret, clock, target):
+@pytest.mark.parametrize("htmx", [False, True])
+def test_stale_admin_action_goes_to_reauth_changes_nothing_and_keeps_what_was_typed(app, actor, secret, clock,
+                                                                                     target, htmx):
+    """security.md 37: a disable sent after the sign-in went stale does nothing and asks to re-authenticate.
+    Checking who the person is often takes longer than the 10 fresh minutes: afterwards the admin is back
+    on that person's form with the reason, the duration and the ticket as typed (they were lost), and
+    presses Disable again; nothing happens before that."""
     sign_in_admin(actor, secret)
     token = actor.csrf("/support")
     clock.advance(app.config["FRESH_LOGIN_WINDOW"].total_seconds() + 1)
-    r = actor.client.post(f"/support/users/{target.id}/disable-2fa",
-                          data={"csrf_token": token, f"u{target.id}-reason": "checked", f"u{target.id}-duration": "24h"})
-    assert r.status_code == 302 and "/reauth" in r.headers["Location"]
-    assert "next=/support" in r.headers["Location"].replace("%2F", "/")
+    reason = "Called back on the number on file <b>&amp;</b> checked the ID"
+    data = {f"u{target.id}-reason": reason, f"u{target.id}-duration": "3d", f"u{target.id}-ticket": "T-555"}
+    if htmx:
+        r = actor.client.post(f"/support/users/{target.id}/disable-2fa", headers={**HX, "X-CSRFToken": token},
+                              data=data)
+        assert r.status_code == 401
+        location = r.headers["HX-Redirect"]  # a full-page redirect instead of a swapped sign-in form
+    else:
+        r = actor.client.post(f"/support/users/{target.id}/disable-2fa", data={"csrf_token": token, **data})
+        assert r.status_code == 302
+        location = r.headers["Location"]
+    assert location.startswith("/reauth") and f"next=/support/users/{target.id}/disable-2fa" in location.replace(
+        "%2F", "/")
     assert count(app, Device, Device.user == target.id) == 1
     assert user_row(app, "carol@example.com").tfa_reset_until is None
-    # htmx gets a full-page redirect instead of a swapped sign-in form
-    r = actor.client.post(f"/support/users/{target.id}/disable-2fa", headers={**HX, "X-CSRFToken": token},
-                          data={f"u{target.id}-reason": "checked", f"u{target.id}-duration": "24h"})
-    assert r.status_code == 401 and "/reauth" in r.headers["HX-Redirect"]
-    assert count(app, Device, Device.user == target.id) == 1
+
+    r = actor.post_form(location, {"password": PASSWORD, "code": actor.code(secret)})
+    assert r.status_code == 302 and r.headers["Location"] == f"/support/users/{target.id}/disable-2fa"
+    page = actor.client.get(r.headers["Location"]).get_data(as_text=True)
+    assert "Your entries were kept" in page and "Nothing was changed yet" in page
+    assert ">\r\nCalled back on the number on file &lt;b&gt;&amp;amp;&lt;/b&gt; checked the ID</textarea>" in page
+    assert 'value="3d" selected' in page or 'selected value="3d"' in page
+    assert 'value="T-555"' in page
+    assert count(app, Device, Device.user == target.id) == 1  # still nothing done
+    # kept once: reloading the form shows it empty again
+    again = actor.client.get(r.headers["Location"]).get_data(as_text=True)
+    assert "Your entries were kept" not in again and "T-555" not in again
+    # pressing Disable with the kept entries works
+    r = actor.post_form(f"/support/users/{target.id}/disable-2fa",
+                        {**data, f"u{target.id}-close_requests": "y"}, form_url=f"/support/users/{target.id}/disable-2fa")
+    assert r.status_code == 302
+    assert count(app, Device, Device.user == target.id) == 0
+    assert user_row(app, "carol@example.com").tfa_reset_until is not None
+
+
+def test_kept_entries_of_a_stale_disable_show_only_on_that_persons_form(app, actor, secret, clock, target):
+    """The entries kept for one person's form are not shown on another person's."""
+    other = actor.user("erin@example.com", secret=new_secret())
+    sign_in_admin(actor, secret)
+    token = actor.csrf("/support")
+    clock.advance(app.config["FRESH_LOGIN_WINDOW"].total_seconds() + 1)
+    actor.client.post(f"/support/users/{target.id}/disable-2fa",
+                      data={"csrf_token": token, f"u{target.id}-reason": "a reason for carol", f"u{target.id}-ticket": "T-1"})
+    actor.post_form(f"/reauth?next=/support/users/{other.id}/disable-2fa", {"password": PASSWORD, "code": actor.code(secret)})
+    page = actor.client.get(f"/support/users/{other.id}/disable-2fa").get_data(as_text=True)
+    assert "a reason for carol" not in page and "T-1" not in page and "Your entries were kept" not in page
 
 
 # ---------------------------------------------------------------- search (security.md 37)

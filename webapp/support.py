@@ -5,7 +5,7 @@ import ipaddress
 import logging
 from datetime import date, datetime, timedelta
 
-from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
+from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, session, url_for
 from flask_login import current_user
 from peewee import fn
 from wtforms import BooleanField, DateField, EmailField, SelectField, StringField, TextAreaField
@@ -360,12 +360,46 @@ def support_admin_required(view):
         if not is_fresh():
             # Like fresh_login_required, but an action posted from a stale page comes back to the Support
             # page after re-authenticating (the action itself is not replayed: it must be submitted again).
-            back = request.full_path.rstrip("?") if request.method == "GET" else url_for("support.index")
+            # A disable comes back to that person's form with what was typed in it: confirming who the
+            # person is often takes longer than a sign-in stays fresh.
+            if request.method == "GET":
+                back = request.full_path.rstrip("?")
+            elif request.endpoint == "support.disable_2fa":
+                _keep_draft(kwargs["user_id"])
+                back = url_for("support.disable_2fa_form", user_id=kwargs["user_id"])
+            else:
+                back = url_for("support.index")
             target = url_for("auth.reauth", next=back)
             return htmx.hx_redirect(target) if htmx.is_htmx() else redirect(target)
         return view(*args, **kwargs)
 
     return wrapper
+
+
+_DRAFT = "support_draft"
+
+
+def _keep_draft(user_id):
+    """Keep a stale disable's entries in the (server-side) session for that person's form, cut to the form's
+    own limits. Nothing is checked or done with them until the admin presses Disable again."""
+    prefix = f"u{user_id}-"
+    form = request.form
+    session[_DRAFT] = {"user": user_id, "reason": form.get(prefix + "reason", "")[:500],
+                       "duration": form.get(prefix + "duration", "")[:8], "ticket": form.get(prefix + "ticket", "")[:64],
+                       "close_requests": bool(form.get(prefix + "close_requests"))}
+
+
+def _take_draft(user_id):
+    """The kept entries for this person's disable form (once), or None."""
+    draft = session.get(_DRAFT)
+    if not draft:
+        return None
+    session.pop(_DRAFT)
+    if draft.get("user") != user_id:
+        return None
+    if draft.get("duration") not in DURATIONS:
+        draft["duration"] = None  # the form's default
+    return {k: v for k, v in draft.items() if k != "user" and v is not None}
 
 
 # ---------------------------------------------------------------- rows of people on the Support page
@@ -609,8 +643,10 @@ def disable_2fa_form(user_id):
     """One person's "Temporarily disable 2FA" form: htmx swaps it into their row; without JavaScript, a page."""
     target = _target_or_404(user_id)
     _refuse_protected(target)
-    form = _focus(DisableForm(formdata=None, prefix=f"u{target.id}"))
-    row = build_rows([target], forms={target.id: form})[0]
+    draft = _take_draft(target.id)
+    form = _focus(DisableForm(formdata=None, prefix=f"u{target.id}", data=draft))
+    notices = {target.id: _DRAFT_KEPT} if draft else None
+    row = build_rows([target], forms={target.id: form}, notices=notices)[0]
     if not row.can_disable:
         row.error = _already_off(target) if row.window == "open" else _NOTHING_TO_DISABLE
     return htmx.render("support/disable.html", "support/_user_row.html", row=row)
@@ -651,6 +687,7 @@ def disable_2fa(user_id):
 
 
 _NOTHING_TO_DISABLE = "This person has no two-factor authentication to disable."
+_DRAFT_KEPT = "Your entries were kept while you confirmed it's you. Nothing was changed yet: check them, then press Disable."
 
 
 def _count(n, noun):
