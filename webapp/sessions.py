@@ -192,13 +192,14 @@ class DbSessionInterface(SessionInterface):
         current = now()
         user_id = session.get("_user_id")
         if session.row is None:
-            if old is not None:
-                if user_id:
-                    # Serialised with whatever ends this person's sessions (end_user_sessions takes the row too):
-                    # on PostgreSQL a DELETE that had already started would not see the new row.
-                    User.lock(int(user_id))
-                # If the old row has gone meanwhile (signed out elsewhere while this request ran: a
-                # re-authentication spends a whole password hash), no new one is made in its place.
+            if old is not None and old.user_id is not None:
+                # A signed-in session renewed (re-authentication), which "Sign out everywhere else", Support
+                # and 2FA changes may end meanwhile (they delete by person; a sign-in's row before the code
+                # step belongs to nobody yet, so none of them can end it). Serialised with them on the
+                # person's row (end_user_sessions takes it too): on PostgreSQL a DELETE already under way
+                # would not see the new row. If the old row has gone (signed out while this request spent a
+                # whole password hash), no new one is made in its place.
+                User.lock(old.user_id)
                 if _LOCK.first(id=old.id) is None:
                     session.ended = True  # and stays so: a later save must not store it under a new token
                     return "gone"
