@@ -12,7 +12,7 @@ from flask import Blueprint, abort, current_app, flash, g, redirect, render_temp
 from flask_login import current_user, login_required
 from peewee import IntegrityError, fn
 from wtforms import BooleanField, PasswordField, StringField
-from wtforms.validators import DataRequired, Length, Optional, ValidationError
+from wtforms.validators import DataRequired, EqualTo, InputRequired, Length, Optional, ValidationError
 
 from . import fields, htmx, totp
 from .auth import (CODE_FIELD_ATTRS, MALFORMED_CODE_ERROR, WRONG_PASSWORD_ERROR, code_error, password_check,
@@ -21,7 +21,7 @@ from .clock import now, timestamp
 from .db import Param, Prepared, db, for_update, write_transaction
 from .fields import Form, freeze
 from .models import AuditEvent, Device, PendingEnrolment, ServerSession, User
-from .security import audit, forget_browsers, fresh_login_required
+from .security import audit, forget_browsers, fresh_login_required, hash_password
 from .sessions import end_user_sessions, token_hash
 
 bp = Blueprint("settings", __name__, url_prefix="/settings")
@@ -101,6 +101,25 @@ class DisableForm(Form):
         DataRequired("Enter a current code from your authenticator app."),
         Length(max=32, message=MALFORMED_CODE_ERROR)],
         render_kw={**CODE_FIELD_ATTRS, "autofocus": False})
+
+
+class PasswordForm(Form):
+    current = PasswordField("Current password", validators=[
+        DataRequired("Enter your current password."), Length(max=1024, message="That password is too long.")],
+        render_kw={"autocomplete": "current-password", "autofocus": True})
+    new = PasswordField("New password", validators=[
+        InputRequired("Choose a new password."),  # not DataRequired: spaces only get their own message below
+        Length(min=8, max=1024, message="Use at least 8 characters (and at most 1024).")],
+        render_kw={"autocomplete": "new-password"})
+    confirm = PasswordField("Repeat the new password", validators=[
+        DataRequired("Repeat the new password."), EqualTo("new", "The two new passwords differ.")],
+        render_kw={"autocomplete": "new-password"})
+
+    def validate_new(self, field):
+        if field.data and not field.data.strip():
+            raise ValidationError("A password of spaces only cannot be used to sign in: choose another.")
+        if field.data and field.data == self.current.data:
+            raise ValidationError("That is your current password: choose a different one.")
 
 
 # ---------------------------------------------------------------- helpers
@@ -605,11 +624,47 @@ def disable():
         form.code.errors = [code_error(result)]
         return _settings_response(user, failed=("disable", None, form),
                                   status=429 if result.reason == "locked" else 403)
-    names = [d.name for d in _devices(user)]
-    Device.delete().where(Device.user == user.id).execute()
-    PendingEnrolment.delete().where(PendingEnrolment.user == user.id).execute()
-    audit("tfa_disabled", user=user, via="settings", devices=names)
+    with write_transaction():  # all of it or nothing, holding the person's row like every 2FA change
+        User.lock(user.id)
+        names = [d.name for d in _devices(user)]
+        Device.delete().where(Device.user == user.id).execute()
+        PendingEnrolment.delete().where(PendingEnrolment.user == user.id).execute()
+        audit("tfa_disabled", user=user, via="settings", devices=names)
     return _after_change(user, "Two-factor authentication is now off. Your devices no longer work for signing in.")
+
+
+# ---------------------------------------------------------------- password
+
+@bp.route("/password", methods=["GET", "POST"])
+@login_required
+def password():
+    """Change your password: the current one (throttled like the sign-in), then the new one twice. Every other
+    session of yours ends and the other browsers are no longer known (ASVS 4 2.1.5, 3.3.3); this one gets
+    a new session id. 2FA stays as it is."""
+    user = _user()
+    form = PasswordForm()
+    if not form.validate_on_submit():
+        return _password_page(form, 400 if form.is_submitted() else 200)
+    error = password_check(user, form.current.data, wrong="That is not your current password.")
+    if error is not None:
+        form.current.errors = [error]
+        return _password_page(form, 429 if error.startswith("Too many") else 403)
+    new_hash = hash_password(form.new.data)  # slow: before the transaction, which other writers wait for
+    with write_transaction():
+        User.lock(user.id)
+        User.update(password_hash=new_hash, password_failures=0, password_locked_until=None).where(
+            User.id == user.id).execute()
+        ended = end_user_sessions(user, keep_token=session.token)
+        forget_browsers(user, keep_this_one=True)  # their own password throttles were about the old password
+        audit("password_changed", user=user, via="settings", sessions_ended=ended)
+    session.rotate(keep_enrolment=True)
+    others = f" You were signed out on {ended} other browser{'s' if ended != 1 else ''}." if ended else ""
+    flash("Your password was changed." + others, "success")
+    return redirect(url_for("settings.index"))
+
+
+def _password_page(form, status):
+    return render_template("settings/password.html", form=form), status
 
 
 # ---------------------------------------------------------------- sessions: where you are signed in

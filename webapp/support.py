@@ -117,7 +117,7 @@ KIND_LABELS = {
     "reauthenticated": "Identity confirmed for a sensitive action",
     "signout": "Signed out",
     "role_changed": "Admin rights changed",
-    "password_changed": "Password changed by the server operator",
+    "password_changed": "Password changed",
     "tfa_reset": "Two-factor authentication reset by the server operator",
     "tfa_enrolled": "Authenticator app set up",
     "tfa_enabled": "Two-factor authentication turned on",
@@ -200,6 +200,8 @@ def event_text(kind, detail):
         return "Signed in with a code" if detail.get("method") == "password+code" else "Signed in with password only"
     if kind == "support_tfa_disabled" and detail.get("until"):
         return f"Support turned off 2FA until {_fmt_time(detail['until'])}"
+    if kind == "password_changed" and detail.get("via") == "cli":
+        return "Password changed by the server operator"
     if kind == "role_changed":
         return "Admin rights given" if detail.get("admin") else "Admin rights removed"
     if kind in ("tfa_enabled", "device_added") and detail.get("device"):

@@ -1,0 +1,118 @@
+"""Changing your own password (User Settings -> Password -> Change password): the current password first,
+throttled like the sign-in (security.md 19); afterwards every other session ends (security.md 30, 35;
+ASVS 4 3.3.3) and the change is audited without the password (security.md 43)."""
+import pytest
+
+from webapp.models import AuditEvent, Device, ServerSession, User
+from webapp.security import verify_password
+
+from .conftest import PASSWORD, Actor
+from .test_sessions import browser, signed_in
+
+NEW = "a brand new passphrase"
+URL = "/settings/password"
+
+
+def text(response):
+    return response.get_data(as_text=True)
+
+
+def form(current=PASSWORD, new=NEW, confirm=None):
+    return {"current": current, "new": new, "confirm": new if confirm is None else confirm}
+
+
+def stored_hash(app):
+    with app.app_context():
+        return User.by_email("alice@example.com").password_hash
+
+
+@pytest.fixture
+def alice(actor, secret):
+    user = actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    return user
+
+
+def test_the_page_is_linked_from_user_settings_and_its_fields_are_labelled_for_password_managers(actor, alice):
+    assert f'<a href="{URL}">Change password</a>' in text(actor.client.get("/settings"))
+    page = text(actor.client.get(URL))
+    assert "<h1>Change password</h1>" in page
+    for field_id, label, autocomplete in (("current", "Current password", "current-password"),
+                                          ("new", "New password", "new-password"),
+                                          ("confirm", "Repeat the new password", "new-password")):
+        assert f'<label for="{field_id}">{label}</label>' in page
+        tag = page.split(f'id="{field_id}"')[0].rsplit("<input", 1)[1] + page.split(f'id="{field_id}"')[1].split(">")[0]
+        assert f'autocomplete="{autocomplete}"' in tag and 'type="password"' in tag
+    assert PASSWORD not in page
+
+
+def test_changing_the_password_ends_the_other_sessions_and_keeps_this_one_with_a_new_id(app, actor, alice, secret,
+                                                                                          clock):
+    others = [browser(app, clock, secret=secret, agent=f"Other/{i}") for i in range(2)]
+    before = actor.session_cookie()
+    r = actor.post_form(URL, form())
+    assert r.status_code == 302 and r.headers["Location"] == "/settings"
+    page = text(actor.client.get("/settings"))
+    assert "Your password was changed. You were signed out on 2 other browsers." in page
+    assert actor.session_cookie() != before  # a new session id after the change
+    for other in others:
+        assert not signed_in(other.client)
+    with app.app_context():
+        user = User.by_email("alice@example.com")
+        assert verify_password(user.password_hash, NEW) and not verify_password(user.password_hash, PASSWORD)
+        assert ServerSession.select().where(ServerSession.user == user.id).count() == 1
+        assert Device.select().where(Device.user == user.id).count() == 1  # 2FA stays
+        [event] = AuditEvent.select().where(AuditEvent.kind == "password_changed")
+        assert event.details == {"via": "settings", "sessions_ended": 2}
+    assert "Password changed" in page  # Security activity
+    # signing in again: the old password is refused, the new one leads to the code step
+    clock.advance(30)
+    fresh = Actor(app, app.test_client(), clock)
+    assert fresh.password_step(password=PASSWORD).status_code == 200
+    clock.advance(5)  # the back-off after that wrong password
+    r = fresh.password_step(password=NEW)
+    assert r.status_code == 302 and r.headers["Location"] == "/login/verify"
+
+
+def test_a_wrong_current_password_changes_nothing_and_counts_like_a_sign_in_guess(app, actor, alice, clock):
+    """Whoever holds a stolen session cannot guess the password here faster than at the sign-in."""
+    before = stored_hash(app)
+    r = actor.post_form(URL, form(current="not my password"))
+    assert r.status_code == 403 and "That is not your current password." in text(r)
+    assert stored_hash(app) == before
+    with app.app_context():  # counted for this browser, where the person completed a sign-in (auth.password_check)
+        [event] = AuditEvent.select().where(AuditEvent.kind == "password_rejected")
+        assert event.details["failures"] == 1
+    r = actor.post_form(URL, form())  # at once: the back-off after a failure is not over
+    assert r.status_code == 429 and "Too many" in text(r)
+    assert stored_hash(app) == before
+    clock.advance(60)
+    assert actor.post_form(URL, form()).status_code == 302
+    assert stored_hash(app) != before
+
+
+@pytest.mark.parametrize("data,message", [
+    (form(confirm="something else entirely"), "The two new passwords differ."),
+    (form(new="short"), "Use at least 8 characters (and at most 1024)."),
+    (form(new=" " * 10), "A password of spaces only cannot be used to sign in"),
+    (form(new=PASSWORD), "That is your current password: choose a different one."),
+    (form(new="x" * 1025), "Use at least 8 characters (and at most 1024)."),
+    (form(current=""), "Enter your current password."),
+])
+def test_a_new_password_that_cannot_be_used_is_refused_with_a_reason(app, actor, alice, data, message):
+    before = stored_hash(app)
+    r = actor.post_form(URL, data)
+    assert r.status_code == 400 and message in text(r)
+    assert stored_hash(app) == before
+    assert NEW not in text(r)  # nothing typed comes back in the page
+    with app.app_context():
+        assert not AuditEvent.select().where(AuditEvent.kind == "password_changed").exists()
+
+
+def test_the_page_needs_a_signed_in_session_and_a_csrf_token(app, client, actor, alice):
+    anonymous = app.test_client()
+    r = anonymous.get(URL)
+    assert r.status_code == 302 and r.headers["Location"].startswith("/login")
+    before = stored_hash(app)
+    r = actor.client.post(URL, data=form())
+    assert r.status_code == 400 and stored_hash(app) == before
