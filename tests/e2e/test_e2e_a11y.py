@@ -185,7 +185,9 @@ def test_contact_and_support_pages_are_accessible(audit_page, new_page, server):
 def test_at_320_css_pixels_no_page_scrolls_sideways(new_page, server):
     """WCAG 1.4.10 (reflow): on a 320 px wide screen (a phone, or 1280 px zoomed to 400 %) the pages fit the
     width; the Support page was 414 px wide (its Search button cut off) and the audit log 960 px, because
-    the page column could not shrink below its content. Wide tables scroll inside their own box instead."""
+    the page column could not shrink below its content. The audit log's table then scrolled inside its own
+    box, with Person and Details out of sight and out of a keyboard's reach: its events now stack, each cell
+    under its column's name."""
     from webapp.clock import now
     from webapp.models import SupportRequest
 
@@ -204,6 +206,14 @@ def test_at_320_css_pixels_no_page_scrolls_sideways(new_page, server):
         expect(page.get_by_role("heading", level=1)).to_be_visible()
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= 320, f"{path} is {width} px wide at a 320 px viewport"
+    page.goto("/support/audit")
+    assert page.locator(".table-scroll").evaluate("box => box.scrollWidth <= box.clientWidth")
+    first = page.locator("tr.event").first
+    for column in ("What happened", "Person", "Details"):
+        cell = first.locator(f'td[data-label="{column}"]')
+        box = cell.bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 320, (column, box)
+        assert cell.evaluate("td => getComputedStyle(td, '::before').content") == f'"{column}"'
 
 
 def test_times_are_shown_in_the_browsers_time_zone_with_utc_kept_as_the_tooltip(new_page, server):
