@@ -642,6 +642,35 @@ def test_full_temporary_disable_cycle(app, actor, secret, clock, target, target_
     assert count(app, AuditEvent, AuditEvent.kind == "signin_blocked", AuditEvent.user == target.id) == 1
 
 
+def test_after_a_blocked_sign_in_the_contact_form_knows_whose_password_was_entered(app, actor, secret, clock, target):
+    """The blocked page's way on is "Contact support": like the code step's link, the form then has her
+    address filled in, and her request is recorded as sent after the correct password (not proof of
+    identity, but what support can weigh), with the larger per-address limit. A wrong password, or a
+    visit later than a code step would last, gets the ordinary form."""
+    from webapp.models import SupportRequest
+
+    sign_in_admin(actor, secret)
+    disable(actor, target, duration="24h")
+    clock.advance(25 * 3600)
+    stranger = second_client(app, clock)
+    stranger.password_step("carol@example.com", "not her password")
+    assert 'value="carol@example.com"' not in stranger.client.get("/support/contact").get_data(as_text=True)
+
+    clock.advance(5)  # the back-off after that wrong password
+    carol = second_client(app, clock)
+    assert carol.password_step("carol@example.com").status_code == 403
+    page = carol.client.get("/support/contact").get_data(as_text=True)
+    assert 'value="carol@example.com"' in page
+    r = carol.post_form("/support/contact", {"email": "carol@example.com", "message": "New phone, old one lost."})
+    assert r.status_code == 302
+    with app.app_context():
+        [event] = AuditEvent.select().where(AuditEvent.kind == "support_request")
+        assert event.details["after_password"] is True
+        assert SupportRequest.select().count() == 1
+    clock.advance(app.config["CHALLENGE_TTL"].total_seconds() + 1)
+    assert 'value="carol@example.com"' not in carol.client.get("/support/contact").get_data(as_text=True)
+
+
 def test_the_window_length_follows_the_chosen_duration(app, actor, secret, clock, target):
     sign_in_admin(actor, secret)
     assert disable(actor, target, duration="3d").status_code == 302

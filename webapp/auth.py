@@ -132,6 +132,21 @@ def drop_challenge():
         _DROP_CHALLENGE.execute(id=token_hash(token))
 
 
+BLOCKED_SIGN_IN = "blocked_sign_in"  # session key: whose password a blocked sign-in entered, and when
+
+
+def blocked_sign_in_user():
+    """The account whose correct password this browser entered at a sign-in that support's ended window
+    blocked, for as long as a code step would have lasted (CHALLENGE_TTL), else None."""
+    entry = session.get(BLOCKED_SIGN_IN)
+    if not isinstance(entry, dict):
+        return None
+    if timestamp() - entry.get("at", 0) > current_app.config["CHALLENGE_TTL"].total_seconds():
+        session.pop(BLOCKED_SIGN_IN, None)
+        return None
+    return User.get_or_none(User.id == entry.get("user"))
+
+
 def current_challenge():
     """The live challenge for this session, or None (expired ones are deleted: security.md 24)."""
     token = session.get("challenge")
@@ -299,6 +314,9 @@ def after_password(user, next_url):
                 audit("signin_blocked", user=user, reason="support window ended without a new device")
                 blocked = True
         if blocked:  # the page is made after the commit: the writer lock is not held meanwhile
+            # The page's way on is the contact form: it knows whose password this browser just entered, as
+            # it does at the code step (its address filled in, the record and the per-address limit).
+            session[BLOCKED_SIGN_IN] = {"user": user.id, "at": timestamp()}
             return render_template("auth/login.html", form=LoginForm(), next_url=None, blocked=True,
                                    error=None), 403
     token = secrets.token_urlsafe(32)

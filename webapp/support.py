@@ -327,14 +327,14 @@ def _prefill_email():
 
 
 def _password_proven_user():
-    """The account whose password this browser entered: signed in, or half-way through sign-in (the code
-    step, whose challenge lives server-side), else None."""
+    """The account whose password this browser entered: signed in, half-way through sign-in (the code step,
+    whose challenge lives server-side), or just refused because support's window had ended, else None."""
     if current_user.is_authenticated:
         return current_user._get_current_object()
-    from .auth import current_challenge
+    from .auth import blocked_sign_in_user, current_challenge
 
     challenge = current_challenge()
-    return challenge.user if challenge is not None else None
+    return challenge.user if challenge is not None else blocked_sign_in_user()
 
 
 @bp.get("/support/contact/sent")
