@@ -1093,3 +1093,24 @@ def test_ending_a_window_early_deletes_the_persons_sessions(app, actor, secret, 
         assert ServerSession.select().where(ServerSession.user == target.id).count() == 0
         event = AuditEvent.get(AuditEvent.kind == "support_window_ended")
         assert json.loads(event.detail)["sessions_ended"] == 1
+
+
+def test_open_requests_say_whether_the_sender_had_entered_the_password(app, actor, secret, clock, target):
+    """Support decided blind: the owner's request (sent from the code step, after the correct password) and
+    a stranger's request for someone else's address looked the same; the difference was only in the audit
+    log. The list now says it, and that it is not proof of identity."""
+    actor.user("dave@example.com")
+    carol = second_client(app, clock)
+    assert carol.password_step("carol@example.com").headers["Location"] == "/login/verify"
+    carol.post_form("/support/contact", {"email": "carol@example.com", "message": "Lost my phone in a lake."})
+    stranger = second_client(app, clock)
+    stranger.client.environ_base["REMOTE_ADDR"] = "203.0.113.9"  # another network: its own per-network limit
+    stranger.post_form("/support/contact", {"email": "dave@example.com", "message": "Please turn off my 2FA."})
+    stranger.post_form("/support/contact", {"email": "nobody@example.com", "message": "Who am I, then?"})
+    sign_in_admin(actor, secret)
+    page = actor.client.get("/support").get_data(as_text=True)
+    items = {email: page.split(f"<strong>{email}</strong>", 1)[1].split("</li>", 1)[0]
+             for email in ("carol@example.com", "dave@example.com", "nobody@example.com")}
+    assert "Sent after entering this account's password (not proof of identity" in items["carol@example.com"]
+    assert "Sent without entering this account's password." in items["dave@example.com"]
+    assert "account's password" not in items["nobody@example.com"]  # no account: nothing to enter

@@ -540,8 +540,24 @@ def _open_requests():
     """The oldest open contact requests first (those have waited longest), and how many are waiting."""
     requests = list(SupportRequest.select().where(SupportRequest.handled_at.is_null())
                     .order_by(SupportRequest.created_at, SupportRequest.id).limit(OPEN_REQUESTS_SHOWN))
+    _mark_password_entered(requests)
     # Fewer than the limit: that is all of them, so no COUNT query is needed.
     return requests, len(requests) if len(requests) < OPEN_REQUESTS_SHOWN else _open_count()
+
+
+def _mark_password_entered(requests):
+    """Set `after_password` on each request: whether its sender had entered the account's password (signed
+    in, at the code step, or refused after support's window), as its audit record says. Not proof of who
+    sent it, but the one difference between the owner and a stranger typing their address that support can
+    see. One query for the whole list."""
+    ids = {r.user_id for r in requests if r.user_id}
+    entered = set()
+    if ids:
+        events = AuditEvent.select(AuditEvent.detail).where(
+            (AuditEvent.kind == "support_request") & AuditEvent.user.in_(sorted(ids)))
+        entered = {e.details.get("request") for e in events if e.details.get("after_password")}
+    for r in requests:
+        r.after_password = r.id in entered
 
 
 def _index_context(q, page, rows=None, has_next=False):
@@ -756,6 +772,7 @@ def mark_handled(request_id):
             if changed:
                 audit("support_request_handled", user=req.user_id, actor=actor, request=req.id)
     req = SupportRequest.get_by_id(request_id)
+    _mark_password_entered([req])
     if htmx.is_htmx():
         return htmx.render("support/index.html", "support/_request.html", req=req, just_handled=True,
                            count_after=_open_count())
