@@ -931,7 +931,9 @@ def test_htmx_success_replaces_the_row(app, actor, secret, target):
     assert count(app, Device, Device.user == target.id) == 0
     # the requests the action closed leave the list too (an out-of-band swap of the list)
     assert '<section class="card" aria-labelledby="requests-heading" id="open-requests" hx-swap-oob="true">' in html
-    assert "Open contact requests (0)" in words(html) and "lost my phone" not in html
+    open_part, handled_part = html.split("Recently handled (1)")
+    assert "Open contact requests (0)" in words(open_part) and "lost my phone" not in open_part
+    assert "lost my phone" in handled_part and "by boss@example.com" in handled_part
 
 
 def test_acting_on_yourself_is_refused(app, actor, secret):
@@ -978,10 +980,12 @@ def test_open_requests_are_listed_and_linked_to_the_account(app, actor, secret, 
         SupportRequest.create(email="done@example.com", message="Old one", handled_at=utc(0))
     sign_in_admin(actor, secret)
     html = actor.client.get("/support").get_data(as_text=True)
-    assert "Phone fell in the lake" in html and "Who am I even" in html and "Old one" not in html
-    assert f'href="/support?user={target.id}"' in html
-    assert "no account with this address" in html
-    assert "Open contact requests (2)" in words(html)
+    open_part, handled_part = html.split("Recently handled (1)")
+    assert "Phone fell in the lake" in open_part and "Who am I even" in open_part and "Old one" not in open_part
+    assert "Old one" in handled_part
+    assert f'href="/support?user={target.id}"' in open_part
+    assert "no account with this address" in open_part
+    assert "Open contact requests (2)" in words(open_part)
 
 
 def test_the_open_count_is_the_true_total_when_more_are_waiting_than_are_listed(app, actor, secret):
@@ -1026,6 +1030,55 @@ def test_marking_handled_with_htmx_returns_the_item_and_the_new_count(app, actor
     assert r.status_code == 200 and html.lstrip().startswith(f'<li class="request" id="request-{req.id}"')
     assert "Handled" in html and "Mark as handled" not in html
     assert '<span id="open-count" hx-swap-oob="true">1</span>' in html
+
+
+@pytest.mark.parametrize("htmx", [False, True])
+def test_a_request_marked_handled_by_mistake_can_be_found_and_reopened(app, actor, secret, htmx):
+    """The handled requests used to vanish: one closed by mistake was lost. The latest ones are listed under
+    "Recently handled" with who handled them and when; Reopen puts one back on the open list, audited."""
+    with app.app_context():
+        req = SupportRequest.create(email="ghost@example.com", message="Please help me")
+    admin = sign_in_admin(actor, secret)
+    actor.post_form(f"/support/requests/{req.id}/handled", {}, form_url="/support")
+    page = actor.client.get("/support").get_data(as_text=True)
+    assert "Open contact requests (0)" in words(page)
+    handled = page.split("Recently handled (1)")[1]
+    assert "Please help me" in handled and f"by {ADMIN}" in handled
+    assert f'action="/support/requests/{req.id}/reopen"' in handled
+    assert "Reopen<span class=\"visually-hidden\">: request from ghost@example.com</span>" in handled
+
+    if htmx:
+        r = actor.client.post(f"/support/requests/{req.id}/reopen", headers={**HX, "X-CSRFToken": csrf_from(page)})
+        html = r.get_data(as_text=True)
+        assert r.status_code == 200 and html.lstrip().startswith(f'<li class="request" id="request-{req.id}"')
+        assert "Open again." in html and "Mark as handled" in html
+        assert '<span id="open-count" hx-swap-oob="true">1</span>' in html
+    else:
+        r = actor.post_form(f"/support/requests/{req.id}/reopen", {}, form_url="/support")
+        assert r.status_code == 302 and r.headers["Location"] == "/support"
+        assert "The request from ghost@example.com is open again." in actor.client.get("/support").get_data(as_text=True)
+    [row] = fetch(app, SupportRequest)
+    assert row.handled_at is None and row.handled_by_id is None
+    page = actor.client.get("/support").get_data(as_text=True)
+    assert "Open contact requests (1)" in words(page) and "Recently handled" not in page
+    # a second click changes nothing and writes no second record
+    actor.post_form(f"/support/requests/{req.id}/reopen", {}, form_url="/support")
+    with app.app_context():
+        [event] = AuditEvent.select().where(AuditEvent.kind == "support_request_reopened")
+        assert event.actor_id == admin.id and event.details == {"request": req.id}
+
+
+def test_reopening_needs_the_support_role_and_an_existing_request(app, actor, secret):
+    with app.app_context():
+        req = SupportRequest.create(email="ghost@example.com", message="Please help me", handled_at=utc(0))
+    actor.user("dave@example.com", secret=secret)
+    actor.sign_in("dave@example.com", PASSWORD, secret)
+    assert actor.post_form(f"/support/requests/{req.id}/reopen", {}, form_url="/settings").status_code == 403
+    assert fetch(app, SupportRequest)[0].handled_at is not None
+    actor.client.post("/logout", data={"csrf_token": actor.csrf("/settings")})
+    actor.clock.advance(30)
+    sign_in_admin(actor, secret)
+    assert actor.post_form("/support/requests/4242/reopen", {}, form_url="/support").status_code == 404
 
 
 def test_marking_an_unknown_request_is_404(actor, secret):

@@ -27,6 +27,7 @@ log = logging.getLogger("twostep")
 PER_PAGE = 25
 AUDIT_PER_PAGE = 50
 OPEN_REQUESTS_SHOWN = 100
+HANDLED_SHOWN = 20
 
 # The only windows support may open (security.md 39: time-boxed); anything else is refused.
 DURATIONS = {
@@ -134,6 +135,7 @@ KIND_LABELS = {
     "tfa_disabled": "Two-factor authentication turned off",
     "support_request": "Support request sent",
     "support_request_handled": "Support request marked as handled",
+    "support_request_reopened": "Support request reopened",
     "support_tfa_disabled": "Support turned off 2FA for a limited time",
     "support_window_ended": "Support ended the 2FA time window early",
 }
@@ -565,9 +567,30 @@ def _index_context(q, page, rows=None, has_next=False):
     if rows is None:
         users, has_next = search_users(q, page)
         rows = build_rows(users)
+    return {"q": q, "page_no": page, "rows": rows, "has_next": has_next, **_requests_context()}
+
+
+def _requests_context():
+    """The contact requests part of the Support page: the open ones, how many, and the recently handled."""
     requests, open_count = _open_requests()
-    return {"q": q, "page_no": page, "rows": rows, "has_next": has_next, "requests": requests,
-            "open_count": open_count}
+    return {"requests": requests, "open_count": open_count, "handled": _recently_handled()}
+
+
+def _recently_handled():
+    """The last HANDLED_SHOWN requests marked as handled (newest first), each with who handled it, so a
+    request closed by mistake can be found and reopened."""
+    handled = list(SupportRequest.select().where(SupportRequest.handled_at.is_null(False))
+                   .order_by(SupportRequest.handled_at.desc(), SupportRequest.id.desc()).limit(HANDLED_SHOWN))
+    _add_handlers(handled)
+    return handled
+
+
+def _add_handlers(requests):
+    """Set `handler` (the admin's address, or None) on handled requests: one query for all of them."""
+    ids = sorted({r.handled_by_id for r in requests if r.handled_by_id})
+    emails = dict(User.select(User.id, User.email).where(User.id.in_(ids)).tuples()) if ids else {}
+    for r in requests:
+        r.handler = emails.get(r.handled_by_id)
 
 
 def _open_count():
@@ -641,9 +664,8 @@ def _row_response(target, status=200, form=None, notice=None, error=None, flash_
         # htmx 2 does not swap 4xx answers: validation errors come back 200 inside the fragment.
         if refresh_requests:
             # The action may have closed requests: the list below is refreshed out of band.
-            requests, open_count = _open_requests()
             return htmx.render("support/index.html", "support/_row_update.html", row=rows[0],
-                               requests=requests, open_count=open_count)
+                               **_requests_context())
         return htmx.render("support/index.html", "support/_user_row.html", row=rows[0])
     if status < 400:
         flash(flash_message or notice, "success")
@@ -771,13 +793,38 @@ def mark_handled(request_id):
                        .where((SupportRequest.id == req.id) & SupportRequest.handled_at.is_null()).execute())
             if changed:
                 audit("support_request_handled", user=req.user_id, actor=actor, request=req.id)
+    return _request_response(request_id, "The request from {email} is marked as handled." if changed
+                             else "The request from {email} was already handled.")
+
+
+@bp.post("/support/requests/<int:request_id>/reopen")
+@support_admin_required
+def reopen(request_id):
+    """Put a handled contact request back on the open list (marked as handled by mistake, or the person
+    wrote again about it)."""
+    actor = current_user._get_current_object()
+    with write_transaction():
+        req = SupportRequest.get_or_none(SupportRequest.id == request_id)
+        if req is None:
+            abort(404)
+        changed = (SupportRequest.update(handled_at=None, handled_by=None)
+                   .where((SupportRequest.id == req.id) & SupportRequest.handled_at.is_null(False)).execute())
+        if changed:
+            audit("support_request_reopened", user=req.user_id, actor=actor, request=req.id)
+    return _request_response(request_id, "The request from {email} is open again." if changed
+                             else "The request from {email} was open already.")
+
+
+def _request_response(request_id, message):
+    """After marking a request handled or reopening it: htmx gets the item as it is now and the new count
+    (out of band); a plain form goes back to the Support page with `message` (its {email} filled in)."""
     req = SupportRequest.get_by_id(request_id)
     _mark_password_entered([req])
+    _add_handlers([req])
     if htmx.is_htmx():
-        return htmx.render("support/index.html", "support/_request.html", req=req, just_handled=True,
+        return htmx.render("support/index.html", "support/_request.html", req=req, just_changed=True,
                            count_after=_open_count())
-    flash(f"The request from {req.email} is marked as handled." if changed
-          else f"The request from {req.email} was already handled.", "success")
+    flash(message.format(email=req.email), "success")
     return redirect(url_for("support.index"))
 
 
