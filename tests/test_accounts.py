@@ -98,9 +98,16 @@ def test_cli_list_of_an_empty_database_names_the_database(app, monkeypatch):
     result = run(app, "users", "list")
     assert result.exit_code == 0 and result.stdout == ""
     assert result.stderr == f"no accounts in {app.config['DATABASE_URL']}\n"
-    monkeypatch.setitem(app.config, "DATABASE_URL", "postgresql://twostep:s3cr3t@db.internal:5432/twostep")
     with app.app_context():
-        assert cli._database_name() == "postgresql://twostep:***@db.internal:5432/twostep"
+        for url, shown in (("postgresql://twostep:s3cr3t@db.internal:5432/twostep",
+                            "postgresql://twostep:***@db.internal:5432/twostep"),
+                           ("postgresql://twostep:s3cr3t@/twostep?host=/run/postgresql",  # a Unix socket: no host
+                            "postgresql://twostep:***@/twostep?host=/run/postgresql"),
+                           ("postgresql://twostep:p@ss:word@[2001:db8::5]:5432/twostep",
+                            "postgresql://twostep:***@[2001:db8::5]:5432/twostep"),
+                           ("postgresql://twostep@db.internal/twostep", "postgresql://twostep@db.internal/twostep")):
+            monkeypatch.setitem(app.config, "DATABASE_URL", url)
+            assert cli._database_name() == shown
 
 
 def test_cli_set_password_replaces_it_and_ends_every_session(app, actor, secret, clock):

@@ -653,6 +653,34 @@ def test_htmx_request_without_session_gets_hx_redirect(client, actor):
 
 # ------------------------------------------------------------------ sessions
 
+def test_a_logout_the_database_could_not_record_does_not_claim_to_have_logged_out(actor, app, secret, monkeypatch):
+    """security.md 30: the session's row is deleted inside the request. When that fails, the person gets the
+    503 page and stays signed in, rather than "You are logged out." over a cookie that still works."""
+    import sqlite3
+
+    from peewee import OperationalError
+
+    import webapp.sessions as sessions_module
+
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    token = actor.csrf("/settings")
+    captured = actor.session_cookie()
+
+    class Failing:
+        def execute(self, **params):
+            driver_error = sqlite3.OperationalError("disk I/O error")
+            raise OperationalError(driver_error, *driver_error.args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sessions_module, "_DELETE", Failing())
+        r = actor.client.post("/logout", data={"csrf_token": token})
+    assert r.status_code == 503 and "logged-out" not in r.headers.get("Location", "")
+    assert actor.session_cookie() == captured and signed_in(actor.client)
+    r = actor.client.post("/logout", data={"csrf_token": token})
+    assert r.headers["Location"] == "/login?notice=logged-out" and not signed_in(actor.client)
+
+
 def test_logout_ends_the_session_server_side(actor, app, secret):
     """security.md 30: a cookie captured before logout is worthless afterwards."""
     actor.user(secret=secret)

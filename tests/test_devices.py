@@ -295,6 +295,31 @@ def test_turning_2fa_off_needs_password_and_code(actor, app, alice, secret):
     assert r.headers["Location"].endswith("/settings")  # password alone now
 
 
+def test_turning_2fa_off_is_all_or_nothing(actor, app, alice, secret, monkeypatch):
+    """The devices, the pending keys and the audit record go in one transaction: the audit insert failing
+    (the database gone at that moment) used to leave 2FA off with no record of it. Now nothing changes,
+    and the person sees the 503 page."""
+    import sqlite3
+
+    from peewee import OperationalError
+
+    import webapp.settings as settings_module
+
+    original = settings_module.audit
+
+    def failing(kind, **kw):
+        if kind == "tfa_disabled":
+            driver_error = sqlite3.OperationalError("disk I/O error")
+            raise OperationalError(driver_error, *driver_error.args)
+        return original(kind, **kw)
+
+    monkeypatch.setattr(settings_module, "audit", failing)
+    r = post(actor, "/settings/2fa/disable", {"off-password": PASSWORD, "off-code": actor.code(secret)})
+    assert r.status_code == 503
+    assert len(device_rows(app, alice)) == 1
+    assert "tfa_disabled" not in kinds(app, alice)
+
+
 def test_turning_2fa_off_with_a_wrong_code_changes_nothing(actor, app, alice, secret):
     wrong = "123456" if actor.code(secret) != "123456" else "654321"
     r = post(actor, "/settings/2fa/disable", {"off-password": PASSWORD, "off-code": wrong}, htmx=True)

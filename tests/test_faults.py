@@ -134,7 +134,7 @@ def test_sqlite_file_unreachable_gives_a_503_page_and_the_app_recovers(tmp_path)
 
 
 
-CONFLICT = "Another change was being made at the same moment, so nothing was changed. Please try again."
+CONFLICT = "Another change was being made at the same moment, so this one could not finish."
 
 
 def _start_wizard(client, token=None):
@@ -179,10 +179,11 @@ def test_sqlite_writer_lock_held_too_long_says_try_again_and_changes_nothing(tmp
     db.close()
 
 
-def test_a_deadlock_postgresql_broke_says_try_again_not_unreachable(app, actor, secret, monkeypatch):
-    """PostgreSQL breaks a deadlock by rolling one transaction back (SQLSTATE 40P01); peewee raises it as an
-    OperationalError around psycopg's error. The person is told to try again, not that the database is
-    unreachable, and nothing of the request is stored."""
+@pytest.mark.parametrize("error_class", ["DeadlockDetected", "SerializationFailure", "LockNotAvailable"])
+def test_a_transaction_postgresql_undid_says_try_again_not_unreachable(app, actor, secret, monkeypatch, error_class):
+    """PostgreSQL breaks a deadlock by rolling one transaction back (SQLSTATE 40P01; a serialization failure
+    is 40001, a lock timeout 55P03); peewee raises it as an OperationalError around psycopg's error. The
+    person is told to try again, not that the database is unreachable, and nothing of the request is stored."""
     import psycopg
     from peewee import OperationalError
 
@@ -192,7 +193,7 @@ def test_a_deadlock_postgresql_broke_says_try_again_not_unreachable(app, actor, 
 
     def deadlocked(user_id):
         original(user_id)
-        driver_error = psycopg.errors.DeadlockDetected("deadlock detected")
+        driver_error = getattr(psycopg.errors, error_class)("the database undid the transaction")
         raise OperationalError(driver_error, *driver_error.args)  # what peewee's exception wrapper raises
 
     monkeypatch.setattr(User, "lock", staticmethod(deadlocked))

@@ -148,22 +148,3 @@ def test_sign_out_everywhere_else_takes_the_person_before_the_sessions(app, acto
     with app.app_context():
         assert ServerSession.select().where(ServerSession.user == user.id).count() == 1
 
-
-def test_turning_2fa_off_takes_the_person_before_the_devices_in_one_transaction(app, actor, secret, clock):
-    """settings.disable deleted the devices, then the pending keys, then wrote the audit record, each on its
-    own: a failure between them left 2FA off with no record of it."""
-    user = actor.user(secret=secret)
-    actor.sign_in(secret=secret)
-    clock.advance(30)
-    with app.app_context():
-        [device] = Device.select().where(Device.user == user.id)
-    token = actor.csrf("/settings")
-    data = {"csrf_token": token, "off-password": "correct horse battery", "off-code": actor.code(secret)}
-
-    blocked, untouched, status = run_while_person_held(
-        user.id, lambda: actor.client.post("/settings/2fa/disable", data=data).status_code, [("device", device.id)])
-
-    assert blocked and untouched == {("device", device.id): True}
-    assert status == 302
-    with app.app_context():
-        assert not Device.select().where(Device.user == user.id).exists()

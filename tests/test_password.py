@@ -116,3 +116,39 @@ def test_the_page_needs_a_signed_in_session_and_a_csrf_token(app, client, actor,
     before = stored_hash(app)
     r = actor.client.post(URL, data=form())
     assert r.status_code == 400 and stored_hash(app) == before
+
+
+def test_a_stale_sign_in_must_confirm_it_is_you_first(app, actor, alice, secret, clock):
+    """Like signing the other browsers out (ASVS 4 3.3.4): a session older than 10 minutes, possibly stolen
+    together with a leaked password, cannot change the password without the code; after re-authenticating
+    the person is back on the form."""
+    token = actor.csrf(URL)
+    clock.advance(app.config["FRESH_LOGIN_WINDOW"].total_seconds() + 1)
+    before = stored_hash(app)
+    r = actor.client.get(URL)
+    assert r.status_code == 302 and r.headers["Location"] == "/reauth?next=/settings/password"
+    r = actor.client.post(URL, data={"csrf_token": token, **form()})
+    assert r.status_code == 302 and r.headers["Location"] == "/reauth?next=/settings/password"
+    assert stored_hash(app) == before
+    r = actor.post_form(r.headers["Location"], {"password": PASSWORD, "code": actor.code(secret)})
+    assert r.headers["Location"] == URL
+    assert actor.post_form(URL, form()).status_code == 302 and stored_hash(app) != before
+
+
+@pytest.mark.parametrize("how", ["settings", "cli"])
+def test_a_sign_in_half_done_with_the_old_password_cannot_be_finished(app, actor, alice, secret, clock, how):
+    """A code step reached with the old password (the person who leaked it, or whoever has it) ends with the
+    change: entering a code there afterwards signs nobody in."""
+    clock.advance(30)
+    half = Actor(app, app.test_client(), clock)
+    assert half.password_step(password=PASSWORD).headers["Location"] == "/login/verify"
+    token = half.csrf("/login/verify")
+    if how == "settings":
+        assert actor.post_form(URL, form()).status_code == 302
+    else:
+        result = app.test_cli_runner().invoke(args=["users", "set-password", "alice@example.com", "--password", NEW])
+        assert result.exit_code == 0, result.output
+    clock.advance(30)
+    r = half.client.post("/login/verify", data={"csrf_token": token, "code": half.code(secret)})
+    assert r.status_code == 302 and r.headers["Location"].startswith("/login?notice=")
+    assert not signed_in(half.client)

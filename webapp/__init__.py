@@ -502,10 +502,11 @@ def _register_error_handlers(app):
         if conflict:
             # The database is up: it undid this request's transaction to let another one finish (a deadlock
             # PostgreSQL broke, or SQLite's writer lock held past busy_timeout). Saying it is unreachable
-            # would be wrong, and trying again is all it takes.
+            # would be wrong. An action of several transactions may have committed its first ones, so the
+            # page does not claim that nothing changed.
             return render_error(503, "Please try again",
-                                "Another change was being made at the same moment, so nothing was changed. "
-                                "Please try again.")
+                                "Another change was being made at the same moment, so this one could not finish. "
+                                "Reload the page to see what is in place now, then try again if you need to.")
         return render_error(503, "Temporarily unavailable",
                             "We cannot reach our database right now. Please try again in a minute.")
 

@@ -12,9 +12,9 @@ from .clock import now, timestamp
 from .db import Param, Prepared, db, for_update, write_transaction
 from .fields import Form
 from .models import KnownBrowser, SignInChallenge, User, normalise_email
-from .security import (audit, backoff, hash_password, known_browser, remember_browser, safe_next,
-                       verify_password, wait_text)
-from .sessions import token_hash, write_session_now
+from .security import (PASSWORD_MAX, PASSWORD_MIN, audit, backoff, hash_password, known_browser, remember_browser,
+                       safe_next, verify_password, wait_text)
+from .sessions import end_session_now, token_hash, write_session_now
 from .totp import check_user_code, code_matches, normalise_code
 
 bp = Blueprint("auth", __name__)
@@ -75,7 +75,8 @@ class NewAccountForm(Form):
         render_kw={"autocomplete": "username"})
     password = PasswordField("Password", validators=[
         DataRequired("Choose a password."),
-        Length(min=8, max=1024, message="Use at least 8 characters (and at most 1024).")],
+        Length(min=PASSWORD_MIN, max=PASSWORD_MAX,
+               message=f"Use at least {PASSWORD_MIN} characters (and at most {PASSWORD_MAX}).")],
         render_kw={"autocomplete": "new-password"})
     confirm = PasswordField("Repeat password", validators=[
         DataRequired("Repeat the password."), EqualTo("password", "The two passwords differ.")],
@@ -402,7 +403,7 @@ def logout():
     drop_challenge()
     if current_user.is_authenticated:
         audit("signout", user=current_user._get_current_object())
-    session.end()
+    end_session_now()
     return redirect(login_notice_url("logged-out"))
 
 

@@ -5,7 +5,7 @@ from flask.cli import AppGroup, with_appcontext
 from .clock import now
 from .db import write_transaction
 from .models import Device, User, normalise_email
-from .security import audit, hash_password, revoke_second_factor
+from .security import PASSWORD_MAX, PASSWORD_MIN, audit, hash_password, replace_password, revoke_second_factor
 from .sessions import end_user_sessions
 
 users = AppGroup("users", help="Manage accounts.")
@@ -23,10 +23,10 @@ def _check_password(password):
     """The sign-in form's limits: a password it would refuse could never be used."""
     if not password.strip():
         raise click.ClickException("the password cannot be only spaces: the sign-in form refuses it")
-    if len(password) < 8:
-        raise click.ClickException("the password must have at least 8 characters")
-    if len(password) > 1024:
-        raise click.ClickException("the password must have at most 1024 characters")
+    if len(password) < PASSWORD_MIN:
+        raise click.ClickException(f"the password must have at least {PASSWORD_MIN} characters")
+    if len(password) > PASSWORD_MAX:
+        raise click.ClickException(f"the password must have at most {PASSWORD_MAX} characters")
 
 
 @users.command("create")
@@ -82,10 +82,11 @@ def _database_name():
 
     url = current_app.config["DATABASE_URL"]
     parts = urlsplit(url)
-    if parts.password is None:
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    host = parts.hostname + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    # Only the user-info part changes: a Unix socket (no host) or an IPv6 host in brackets stays as given.
+    return urlunsplit(parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{host}"))
 
 
 @users.command("promote")
@@ -124,18 +125,9 @@ def reset_2fa(email):
 def set_password(email, password):
     """Give an account a new password (a forgotten one, or one that leaked): every session of the account
     ends and its password throttle starts over. Two-factor authentication stays as it is."""
-    from .security import forget_browsers
-
     _check_password(password)
     user = _get_user(email)
-    password_hash = hash_password(password)  # slow: before the transaction
-    with write_transaction():
-        User.lock(user.id)
-        User.update(password_hash=password_hash, password_failures=0, password_locked_until=None).where(
-            User.id == user.id).execute()
-        ended = end_user_sessions(user)
-        forget_browsers(user)  # a browser's own throttle belongs to the old password too
-        audit("password_changed", user=user, via="cli", sessions_ended=ended)
+    ended = replace_password(user, hash_password(password), via="cli")  # the hash first: it is slow
     click.echo(f"new password set for {user.email}; {ended} session(s) ended")
 
 

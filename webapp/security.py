@@ -180,6 +180,30 @@ def revoke_second_factor(user, reset_until=None):
     return removed, sessions
 
 
+PASSWORD_MIN = 8  # new passwords: the sign-up form, Change password and the CLI
+PASSWORD_MAX = 1024  # every password field; longer is refused before hashing
+
+
+def replace_password(user, password_hash, via, keep_token=None):
+    """Inside one write transaction: `user`'s new password hash, and everything the old password had opened
+    goes: sessions (all but `keep_token`'s), half-finished sign-ins (a code step reached with the old
+    password), known browsers (their own throttles were about the old password; this browser's stays when
+    one is kept) and the password throttle. Audited. Returns how many sessions ended."""
+    from .db import write_transaction
+    from .models import SignInChallenge, User
+    from .sessions import end_user_sessions
+
+    with write_transaction():
+        User.lock(user.id)
+        User.update(password_hash=password_hash, password_failures=0, password_locked_until=None).where(
+            User.id == user.id).execute()
+        SignInChallenge.delete().where(SignInChallenge.user == user.id).execute()
+        ended = end_user_sessions(user, keep_token=keep_token)
+        forget_browsers(user, keep_this_one=keep_token is not None)
+        audit("password_changed", user=user, via=via, sessions_ended=ended)
+    return ended
+
+
 def set_known_browser_cookie(response):
     """after_request: send the cookie of a browser that remember_browser() has just made known."""
     token = g.pop("known_browser_token", None)

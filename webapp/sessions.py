@@ -235,6 +235,19 @@ def _drop_connection():
         db.obj._state.reset()
 
 
+def end_session_now():
+    """Log out: delete this session's row now, inside the request, so that a database error reaches the
+    error handlers (503) instead of a logged-out page over a session that still works; the cookie goes
+    with the response."""
+    from flask import session
+
+    current = session._get_current_object()
+    if current.row is not None:
+        _DELETE.execute(id=current.row.id)
+        current.row = None
+    current.end()
+
+
 def write_session_now():
     """Store the current (typically just rotated) session inside the caller's transaction rather than
     after the response is built, so a sign-in commits once; the response still gets the new cookie."""

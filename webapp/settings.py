@@ -21,7 +21,8 @@ from .clock import now, timestamp
 from .db import Param, Prepared, db, for_update, write_transaction
 from .fields import Form, freeze
 from .models import AuditEvent, Device, PendingEnrolment, ServerSession, User
-from .security import audit, forget_browsers, fresh_login_required, hash_password
+from .security import (PASSWORD_MAX, PASSWORD_MIN, audit, forget_browsers, fresh_login_required, hash_password,
+                       replace_password)
 from .sessions import end_user_sessions, token_hash
 
 bp = Blueprint("settings", __name__, url_prefix="/settings")
@@ -109,7 +110,8 @@ class PasswordForm(Form):
         render_kw={"autocomplete": "current-password", "autofocus": True})
     new = PasswordField("New password", validators=[
         InputRequired("Choose a new password."),  # not DataRequired: spaces only get their own message below
-        Length(min=8, max=1024, message="Use at least 8 characters (and at most 1024).")],
+        Length(min=PASSWORD_MIN, max=PASSWORD_MAX,
+               message=f"Use at least {PASSWORD_MIN} characters (and at most {PASSWORD_MAX}).")],
         render_kw={"autocomplete": "new-password"})
     confirm = PasswordField("Repeat the new password", validators=[
         DataRequired("Repeat the new password."), EqualTo("new", "The two new passwords differ.")],
@@ -637,10 +639,14 @@ def disable():
 
 @bp.route("/password", methods=["GET", "POST"])
 @login_required
+@fresh_login_required(back_to="settings.password")
 def password():
     """Change your password: the current one (throttled like the sign-in), then the new one twice. Every other
     session of yours ends and the other browsers are no longer known (ASVS 4 2.1.5, 3.3.3); this one gets
-    a new session id. 2FA stays as it is."""
+    a new session id. 2FA stays as it is.
+
+    Like signing the other browsers out, it needs a sign-in from the last 10 minutes (with the code, when 2FA
+    is on): whoever holds a stolen session and a leaked password must not lock the owner out with it."""
     user = _user()
     form = PasswordForm()
     if not form.validate_on_submit():
@@ -649,14 +655,8 @@ def password():
     if error is not None:
         form.current.errors = [error]
         return _password_page(form, 429 if error.startswith("Too many") else 403)
-    new_hash = hash_password(form.new.data)  # slow: before the transaction, which other writers wait for
-    with write_transaction():
-        User.lock(user.id)
-        User.update(password_hash=new_hash, password_failures=0, password_locked_until=None).where(
-            User.id == user.id).execute()
-        ended = end_user_sessions(user, keep_token=session.token)
-        forget_browsers(user, keep_this_one=True)  # their own password throttles were about the old password
-        audit("password_changed", user=user, via="settings", sessions_ended=ended)
+    # The hash first (slow), outside the transaction that other writers wait for.
+    ended = replace_password(user, hash_password(form.new.data), via="settings", keep_token=session.token)
     session.rotate(keep_enrolment=True)
     others = f" You were signed out on {ended} other browser{'s' if ended != 1 else ''}." if ended else ""
     flash("Your password was changed." + others, "success")
