@@ -628,6 +628,7 @@ def test_full_temporary_disable_cycle(app, actor, secret, clock, target, target_
     assert r.status_code == 302 and r.headers["Location"].endswith("/settings")
     html = carol.client.get("/settings").get_data(as_text=True)
     assert "Two-factor authentication is temporarily off" in html
+    assert 'Status: <strong class="badge warn">Temporarily off</strong>' in html  # the words Support's page uses
     html = carol.client.get("/support/contact").get_data(as_text=True)
     assert "Two-factor authentication is temporarily off" in html  # on every page, not only once
 

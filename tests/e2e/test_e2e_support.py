@@ -85,7 +85,7 @@ def test_lost_phone_to_support_to_password_only_sign_in(page, new_page, server):
     prompt = page.get_by_role("link", name="Set up a new device")
     expect(prompt).to_be_visible()
     assert "Lost phone" not in settings_text(page)
-    assert "Off" in settings_text(page)
+    assert "Temporarily off" in settings_text(page)  # as Support's page says it
 
 
 def test_after_support_the_person_enrols_a_new_phone_and_2fa_is_back(page, new_page, server, tmp_path):
