@@ -242,8 +242,22 @@ def security_activity(user, limit=10):
         return []
     events = _OWN_EVENTS.rows(user=user.id, limit=max(1, min(int(limit), 100)))
     # The address is shown only for what the person did themselves: never an admin's address.
-    return [{"when": e.created_at, "when_text": _fmt_time(e.created_at), "text": event_text(e.kind, e.details),
+    return [{"when": e.created_at, "when_text": _fmt_time(e.created_at), **_text_and_until(e),
              "ip": e.ip if e.actor_id in (None, user.id) else None} for e in events]
+
+
+def _text_and_until(event):
+    """An event's words, with the end of support's window apart (`until`), so that the page can show it in
+    the reader's time zone like the event's own time, not in UTC beside a local time."""
+    details = event.details
+    if event.kind == "support_tfa_disabled" and details.get("until"):
+        try:
+            until = datetime.fromisoformat(details["until"])
+        except (TypeError, ValueError):
+            pass
+        else:
+            return {"text": "Support turned off 2FA until", "until": until, "until_text": _fmt_time(until)}
+    return {"text": event_text(event.kind, details), "until": None}
 
 
 @bp.app_template_filter("utc_minutes")
