@@ -295,6 +295,29 @@ def test_turning_2fa_off_needs_password_and_code(actor, app, alice, secret):
     assert r.headers["Location"].endswith("/settings")  # password alone now
 
 
+def test_a_device_renamed_while_it_is_removed_is_recorded_by_its_new_name(actor, app, alice, secret, monkeypatch):
+    """The removal read the device before checking the code, and its record named it so: renamed in another
+    tab meanwhile, the audit log said a device was removed by a name it no longer had. The record and the
+    message now use the name read under the person's row."""
+    import webapp.settings as settings_module
+
+    tablet = add_device(app, alice, "Tablet")
+    original = settings_module.totp.check_user_code
+
+    def check_while_renamed(user, code):
+        result = original(user, code)
+        Device.update(name="Old tablet").where(Device.id == tablet.id).execute()  # the other tab's rename
+        return result
+
+    monkeypatch.setattr(settings_module.totp, "check_user_code", check_while_renamed)
+    r = post(actor, f"/settings/devices/{tablet.id}/remove", {f"remove-{tablet.id}-code": actor.code(secret)})
+    assert r.status_code == 302
+    assert "Removed “Old tablet”." in text(actor.client.get("/settings"))
+    with app.app_context():
+        [event] = AuditEvent.select().where((AuditEvent.user == alice.id) & (AuditEvent.kind == "device_removed"))
+        assert event.details == {"device": "Old tablet"}
+
+
 def test_turning_2fa_off_is_all_or_nothing(actor, app, alice, secret, monkeypatch):
     """The devices, the pending keys and the audit record go in one transaction: the audit insert failing
     (the database gone at that moment) used to leave 2FA off with no record of it. Now nothing changes,

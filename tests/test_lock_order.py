@@ -148,3 +148,72 @@ def test_sign_out_everywhere_else_takes_the_person_before_the_sessions(app, acto
     with app.app_context():
         assert ServerSession.select().where(ServerSession.user == user.id).count() == 1
 
+
+
+def test_the_purge_skips_rows_a_persons_transaction_holds_instead_of_waiting(app, actor, clock):
+    """models.purge_expired (the app's periodic purge and `flask purge-expired`) deleted expired sessions,
+    then expired sign-in challenges, waiting for any row another transaction held; Support's disable deletes
+    one person's challenges, then their sessions: the two deadlocked (4 of 160 rounds in a review). The
+    purge now skips held rows (they go at the next purge) and never waits."""
+    import psycopg
+
+    from webapp.clock import now
+    from webapp.models import SignInChallenge, purge_expired
+
+    user = actor.user()
+    with app.app_context():
+        old = now() - app.config["CHALLENGE_TTL"] * 3
+        held_id, other_id = "a" * 64, "b" * 64
+        for challenge_id in (held_id, other_id):
+            SignInChallenge.create(id=challenge_id, user=user.id, created_at=old)
+    holder = psycopg.connect(os.environ["TEST_DATABASE_URL"])
+    try:
+        holder.execute('SELECT id FROM "signinchallenge" WHERE id = %s FOR UPDATE', (held_id,))
+        result = {}
+
+        def purge():
+            with app.app_context():
+                result["counts"] = purge_expired(app.config, now())
+
+        thread = threading.Thread(target=purge, daemon=True)
+        thread.start()
+        thread.join(10)
+        assert not thread.is_alive(), "the purge waited for a row another transaction holds"
+    finally:
+        holder.rollback()
+        holder.close()
+    assert result["counts"][1] == 1
+    with app.app_context():
+        assert [c.id for c in SignInChallenge.select()] == [held_id]  # skipped now, purged next time
+        purge_expired(app.config, now())
+        assert SignInChallenge.select().count() == 0
+
+
+def test_renaming_a_device_takes_the_person_before_the_device(app, actor, secret):
+    """settings.rename_device checked for a duplicate name, then renamed, without the person's row: two
+    renames at once left "Phone" beside "phone" and both recorded the same old name (a review: 4 and 10 of
+    100 rounds). While the person's row is held, the rename waits and the name is still the old one."""
+    user = actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    with app.app_context():
+        [device] = Device.select().where(Device.user == user.id)
+    token = actor.csrf("/settings")
+
+    def rename():
+        return actor.client.post(f"/settings/devices/{device.id}/rename",
+                                 data={"csrf_token": token, f"rename-{device.id}-name": "Work phone"}).status_code
+
+    held = PersonHeld(user.id)
+    thread = threading.Thread(target=lambda: result.setdefault("status", rename()), daemon=True)
+    result = {}
+    try:
+        thread.start()
+        blocked = held.wait_for_blocked(thread)
+        name_meanwhile = held.conn.execute('SELECT name FROM "device" WHERE id = %s', (device.id,)).fetchone()[0]
+    finally:
+        held.release()
+    thread.join(30)
+    assert blocked and name_meanwhile == "Phone"
+    assert result["status"] == 302
+    with app.app_context():
+        assert Device.get_by_id(device.id).name == "Work phone"

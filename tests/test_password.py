@@ -152,3 +152,41 @@ def test_a_sign_in_half_done_with_the_old_password_cannot_be_finished(app, actor
     r = half.client.post("/login/verify", data={"csrf_token": token, "code": half.code(secret)})
     assert r.status_code == 302 and r.headers["Location"].startswith("/login?notice=")
     assert not signed_in(half.client)
+
+
+@pytest.mark.parametrize("overtaken_by", ["set-password", "signed-out"])
+def test_a_change_overtaken_while_the_hash_ran_changes_nothing(app, actor, alice, secret, clock, monkeypatch,
+                                                               overtaken_by):
+    """The new password is hashed (slowly) before the transaction. If meanwhile the operator set another
+    password, or another browser signed this one out (the owner against a stolen session), the change used
+    to go through anyway: it undid the operator's password, or signed the owner out everywhere with a
+    password only the thief knew."""
+    import webapp.settings as settings_module
+    from webapp.sessions import end_user_sessions
+
+    original = settings_module.hash_password
+
+    def hash_while_overtaken(password):
+        result = original(password)
+        if overtaken_by == "set-password":
+            out = app.test_cli_runner().invoke(args=["users", "set-password", "alice@example.com",
+                                                     "--password", "the operator's choice"])
+            assert out.exit_code == 0, out.output
+        else:
+            with app.app_context():
+                end_user_sessions(User.by_email("alice@example.com"))
+        return result
+
+    monkeypatch.setattr(settings_module, "hash_password", hash_while_overtaken)
+    before = stored_hash(app)
+    r = actor.post_form(URL, form())
+    assert r.status_code == 409 and "at the same moment. Nothing was changed here" in text(r)
+    with app.app_context():
+        user = User.by_email("alice@example.com")
+        assert not verify_password(user.password_hash, NEW)
+        if overtaken_by == "set-password":
+            assert verify_password(user.password_hash, "the operator's choice")
+        else:
+            assert user.password_hash == before
+        assert [e.details["via"] for e in AuditEvent.select().where(AuditEvent.kind == "password_changed")] == (
+            ["cli"] if overtaken_by == "set-password" else [])

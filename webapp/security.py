@@ -184,17 +184,25 @@ PASSWORD_MIN = 8  # new passwords: the sign-up form, Change password and the CLI
 PASSWORD_MAX = 1024  # every password field; longer is refused before hashing
 
 
-def replace_password(user, password_hash, via, keep_token=None):
+def replace_password(user, password_hash, via, keep_token=None, checked_hash=None):
     """Inside one write transaction: `user`'s new password hash, and everything the old password had opened
     goes: sessions (all but `keep_token`'s), half-finished sign-ins (a code step reached with the old
     password), known browsers (their own throttles were about the old password; this browser's stays when
-    one is kept) and the password throttle. Audited. Returns how many sessions ended."""
+    one is kept) and the password throttle. Audited. Returns how many sessions ended, or None, changing
+    nothing, when the change was overtaken while the slow hashes ran: the session of `keep_token` was ended
+    (signed out elsewhere, or by support), or the password is no longer `checked_hash`, the one the person
+    proved (changed meanwhile by the operator or in another browser)."""
     from .db import write_transaction
-    from .models import SignInChallenge, User
+    from .models import ServerSession, SignInChallenge, User
     from .sessions import end_user_sessions
 
     with write_transaction():
         User.lock(user.id)
+        if checked_hash is not None and User.get_by_id(user.id).password_hash != checked_hash:
+            return None
+        if keep_token is not None and not ServerSession.select().where(
+                ServerSession.id == token_hash(keep_token)).exists():
+            return None
         User.update(password_hash=password_hash, password_failures=0, password_locked_until=None).where(
             User.id == user.id).execute()
         SignInChallenge.delete().where(SignInChallenge.user == user.id).execute()

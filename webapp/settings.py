@@ -530,25 +530,39 @@ def rename_device(device_id):
     form = RenameForm(prefix=f"rename-{device.id}")
     if form.validate():
         name = form.name.data
-        if name == device.name:  # nothing to do: no audit record
-            return _unchanged(user, f"“{name}” already has this name. Nothing was changed.")
-        if any(d.name.casefold() == name.casefold() and d.id != device.id for d in _devices(user)):
-            form.name.errors = ["You already have a device with this name. Choose another name."]
-        else:
-            old = device.name
-            try:
-                with db.atomic():
-                    renamed = Device.update(name=name).where(
-                        (Device.id == device.id) & (Device.user == user.id)).execute()
-            except IntegrityError:
-                form.name.errors = ["You already have a device with this name. Choose another name."]
+        with write_transaction():
+            # The person's row first, then the devices as they are now: two renames at once (in two tabs)
+            # each passed the duplicate check before either wrote ("Phone" beside "phone"), and recorded the
+            # same old name.
+            User.lock(user.id)
+            devices = _devices(user)
+            current = next((d for d in devices if d.id == device.id), None)
+            if current is None:
+                outcome = "gone"  # removed in another tab since the page was made
+            elif name == current.name:
+                outcome = "same"
+            elif any(d.name.casefold() == name.casefold() and d.id != device.id for d in devices):
+                outcome = "taken"
             else:
-                if not renamed:  # removed in another tab since it was read above
-                    abort(404, description=_DEVICE_GONE)
-                audit("device_renamed", user=user, device=name, old_name=old)
-                # A name changes no factor (the same keys sign in as before): the person's other browsers
-                # stay signed in, unlike after a removal (security.md 35).
-                return _after_change(user, f"Renamed “{old}” to “{name}”.", end_sessions=False)
+                try:
+                    with db.atomic():  # a savepoint: the unique name index may still refuse it
+                        renamed = Device.update(name=name).where(
+                            (Device.id == device.id) & (Device.user == user.id)).execute()
+                except IntegrityError:
+                    outcome = "taken"
+                else:
+                    outcome = "renamed" if renamed else "gone"  # gone: a writer that did not take the person
+                    if renamed:
+                        audit("device_renamed", user=user, device=name, old_name=current.name)
+        if outcome == "gone":
+            abort(404, description=_DEVICE_GONE)
+        if outcome == "same":  # nothing to do: no audit record
+            return _unchanged(user, f"“{name}” already has this name. Nothing was changed.")
+        if outcome == "renamed":
+            # A name changes no factor (the same keys sign in as before): the person's other browsers stay
+            # signed in, unlike after a removal (security.md 35).
+            return _after_change(user, f"Renamed “{current.name}” to “{name}”.", end_sessions=False)
+        form.name.errors = ["You already have a device with this name. Choose another name."]
     return _settings_response(user, failed=("rename", device.id, form), status=400)
 
 
@@ -592,10 +606,14 @@ def remove_device(device_id):
         User.lock(user.id)
         left = Device.select().where(Device.user == user.id).count()
         refused = left == 1 and not last
-        if not refused and Device.delete().where((Device.id == device.id) & (Device.user == user.id)).execute():
-            audit("device_removed", user=user, device=device.name)
+        # Read again under the lock: renamed meanwhile in another tab, the record names it as it is now.
+        current = None if refused else Device.get_or_none((Device.id == device.id) & (Device.user == user.id))
+        if current is not None:
+            Device.delete().where(Device.id == current.id).execute()
+            audit("device_removed", user=user, device=current.name)
             if left == 1:
                 audit("tfa_disabled", user=user, via="last device removed")
+            device = current
     if refused:
         form.confirm_off.errors = ["This is now your only device: another device was removed meanwhile. "
                                    "Enter a new code, your password and tick the box to turn 2FA off."]
@@ -656,11 +674,19 @@ def password():
         form.current.errors = [error]
         return _password_page(form, 429 if error.startswith("Too many") else 403)
     # The hash first (slow), outside the transaction that other writers wait for.
-    ended = replace_password(user, hash_password(form.new.data), via="settings", keep_token=session.token)
+    ended = replace_password(user, hash_password(form.new.data), via="settings", keep_token=session.token,
+                             checked_hash=user.password_hash)
+    if ended is None:
+        form.current.errors = [_PASSWORD_OVERTAKEN]
+        return _password_page(form, 409)
     session.rotate(keep_enrolment=True)
     others = f" You were signed out on {ended} other browser{'s' if ended != 1 else ''}." if ended else ""
     flash("Your password was changed." + others, "success")
     return redirect(url_for("settings.index"))
+
+
+_PASSWORD_OVERTAKEN = ("Your password was changed, or this browser was signed out, somewhere else at the same "
+                       "moment. Nothing was changed here: sign in again if you need to.")
 
 
 def _password_page(form, status):
