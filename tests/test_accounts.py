@@ -318,6 +318,9 @@ def test_signup_refuses_duplicates_and_short_passwords(app, actor):
     assert "already exists" in r.get_data(as_text=True)
     r = actor.post_form("/signup", {"email": "b@example.com", "password": "short", "confirm": "short"})
     assert r.status_code == 400 and "at least 8 characters" in r.get_data(as_text=True)
+    # spaces only: the sign-in form would refuse it, so the account could never be used (same rule as the CLI)
+    r = actor.post_form("/signup", {"email": "b@example.com", "password": " " * 9, "confirm": " " * 9})
+    assert r.status_code == 400 and "A password of spaces only cannot be used to sign in" in r.get_data(as_text=True)
     with app.app_context():
         assert User.select().count() == 1
 

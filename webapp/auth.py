@@ -6,7 +6,7 @@ from flask import Blueprint, abort, current_app, flash, redirect, render_templat
 from flask_login import current_user, login_required, login_user
 from peewee import IntegrityError
 from wtforms import EmailField, PasswordField, StringField
-from wtforms.validators import DataRequired, Email, EqualTo, Length
+from wtforms.validators import DataRequired, Email, EqualTo, InputRequired, Length, ValidationError
 
 from .clock import now, timestamp
 from .db import Param, Prepared, db, for_update, write_transaction
@@ -68,19 +68,34 @@ class ReauthForm(Form):
                        render_kw={**CODE_FIELD_ATTRS, "autofocus": False})
 
 
+def _not_only_spaces(form, field):
+    if field.data and not field.data.strip():
+        raise ValidationError("A password of spaces only cannot be used to sign in: choose another.")
+
+
+def new_password_field(label, required_message):
+    """A field for choosing a password (sign-up, first run, Change password): the same rules everywhere."""
+    return PasswordField(label, validators=[
+        InputRequired(required_message),  # not DataRequired: spaces only get their own message
+        _not_only_spaces,
+        Length(min=PASSWORD_MIN, max=PASSWORD_MAX,
+               message=f"Use at least {PASSWORD_MIN} characters (and at most {PASSWORD_MAX}).")],
+        render_kw={"autocomplete": "new-password"})
+
+
+def repeat_password_field(label, of, required_message, differ_message):
+    """The same password typed again, for `of` (the field's name)."""
+    return PasswordField(label, validators=[DataRequired(required_message), EqualTo(of, differ_message)],
+                         render_kw={"autocomplete": "new-password"})
+
+
 class NewAccountForm(Form):
     email = EmailField("Email address", validators=[
         DataRequired("Enter an email address."), Length(max=254, message="That email address is too long."),
         Email("Enter a valid email address.", check_deliverability=False)], filters=[strip_text],
         render_kw={"autocomplete": "username"})
-    password = PasswordField("Password", validators=[
-        DataRequired("Choose a password."),
-        Length(min=PASSWORD_MIN, max=PASSWORD_MAX,
-               message=f"Use at least {PASSWORD_MIN} characters (and at most {PASSWORD_MAX}).")],
-        render_kw={"autocomplete": "new-password"})
-    confirm = PasswordField("Repeat password", validators=[
-        DataRequired("Repeat the password."), EqualTo("password", "The two passwords differ.")],
-        render_kw={"autocomplete": "new-password"})
+    password = new_password_field("Password", "Choose a password.")
+    confirm = repeat_password_field("Repeat password", "password", "Repeat the password.", "The two passwords differ.")
 
 
 class FirstRunForm(NewAccountForm):

@@ -12,17 +12,16 @@ from flask import Blueprint, abort, current_app, flash, g, redirect, render_temp
 from flask_login import current_user, login_required
 from peewee import IntegrityError, fn
 from wtforms import BooleanField, PasswordField, StringField
-from wtforms.validators import DataRequired, EqualTo, InputRequired, Length, Optional, ValidationError
+from wtforms.validators import DataRequired, Length, Optional, ValidationError
 
 from . import fields, htmx, totp
-from .auth import (CODE_FIELD_ATTRS, MALFORMED_CODE_ERROR, WRONG_PASSWORD_ERROR, code_error, password_check,
-                   strip_text)
+from .auth import (CODE_FIELD_ATTRS, MALFORMED_CODE_ERROR, WRONG_PASSWORD_ERROR, code_error, new_password_field,
+                   password_check, repeat_password_field, strip_text)
 from .clock import now, timestamp
 from .db import Param, Prepared, db, for_update, write_transaction
 from .fields import Form, freeze
 from .models import AuditEvent, Device, PendingEnrolment, ServerSession, User
-from .security import (PASSWORD_MAX, PASSWORD_MIN, audit, forget_browsers, fresh_login_required, hash_password,
-                       replace_password)
+from .security import audit, forget_browsers, fresh_login_required, hash_password, replace_password
 from .sessions import end_user_sessions, token_hash
 
 bp = Blueprint("settings", __name__, url_prefix="/settings")
@@ -108,18 +107,11 @@ class PasswordForm(Form):
     current = PasswordField("Current password", validators=[
         DataRequired("Enter your current password."), Length(max=1024, message="That password is too long.")],
         render_kw={"autocomplete": "current-password", "autofocus": True})
-    new = PasswordField("New password", validators=[
-        InputRequired("Choose a new password."),  # not DataRequired: spaces only get their own message below
-        Length(min=PASSWORD_MIN, max=PASSWORD_MAX,
-               message=f"Use at least {PASSWORD_MIN} characters (and at most {PASSWORD_MAX}).")],
-        render_kw={"autocomplete": "new-password"})
-    confirm = PasswordField("Repeat the new password", validators=[
-        DataRequired("Repeat the new password."), EqualTo("new", "The two new passwords differ.")],
-        render_kw={"autocomplete": "new-password"})
+    new = new_password_field("New password", "Choose a new password.")
+    confirm = repeat_password_field("Repeat the new password", "new", "Repeat the new password.",
+                                    "The two new passwords differ.")
 
     def validate_new(self, field):
-        if field.data and not field.data.strip():
-            raise ValidationError("A password of spaces only cannot be used to sign in: choose another.")
         if field.data and field.data == self.current.data:
             raise ValidationError("That is your current password: choose a different one.")
 
