@@ -23,14 +23,14 @@
     if (target) target.focus();
   });
 
-  // The Two-Factor Authentication row, the sessions list, a person's row on the Support page and a contact
-  // request replace themselves after a change, taking the button just pressed with them: focus the first
+  // The Two-Factor Authentication row, the sessions list, a person's row on the Support page and the contact
+  // requests card replace themselves after a change, taking the button just pressed with them: focus the first
   // field with an error, else the field the answer asks for, else the message saying what happened, so
   // keyboard and screen-reader users are not left on <body>. Not while the wizard is open (its last step
   // refreshes the row out of band, behind the dialog), and not for a list refreshed out of band alongside.
   document.addEventListener("htmx:load", function (event) {
     var elt = event.detail.elt;
-    if (!elt || !elt.matches || !elt.matches("#tfa-row, #sessions, .user-row, .request")) return;
+    if (!elt || !elt.matches || !elt.matches("#tfa-row, #sessions, .user-row, #open-requests")) return;
     if (document.querySelector("dialog.wizard[open]")) return;
     var target = elt.querySelector('[aria-invalid="true"]') || elt.querySelector("[autofocus]") ||
       elt.querySelector(".form-error, .notice, [role=status][tabindex]");

@@ -105,7 +105,9 @@ def test_cli_list_of_an_empty_database_names_the_database(app, monkeypatch):
                             "postgresql://twostep:***@/twostep?host=/run/postgresql"),
                            ("postgresql://twostep:p@ss:word@[2001:db8::5]:5432/twostep",
                             "postgresql://twostep:***@[2001:db8::5]:5432/twostep"),
-                           ("postgresql://twostep@db.internal/twostep", "postgresql://twostep@db.internal/twostep")):
+                           ("postgresql://twostep@db.internal/twostep", "postgresql://twostep@db.internal/twostep"),
+                           ("postgresql:///twostep?user=twostep&password=s3cr3t&sslmode=require",
+                            "postgresql:///twostep?user=twostep&password=***&sslmode=require")):
             monkeypatch.setitem(app.config, "DATABASE_URL", url)
             assert cli._database_name() == shown
 

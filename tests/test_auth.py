@@ -677,6 +677,8 @@ def test_a_logout_the_database_could_not_record_does_not_claim_to_have_logged_ou
         r = actor.client.post("/logout", data={"csrf_token": token})
     assert r.status_code == 503 and "logged-out" not in r.headers.get("Location", "")
     assert actor.session_cookie() == captured and signed_in(actor.client)
+    with app.app_context():  # and no record of a sign-out that did not happen
+        assert not AuditEvent.select().where(AuditEvent.kind == "signout").exists()
     r = actor.client.post("/logout", data={"csrf_token": token})
     assert r.headers["Location"] == "/login?notice=logged-out" and not signed_in(actor.client)
 

@@ -318,6 +318,30 @@ def test_a_device_renamed_while_it_is_removed_is_recorded_by_its_new_name(actor,
         assert event.details == {"device": "Old tablet"}
 
 
+def test_removing_a_device_another_tab_removed_meanwhile_says_so_and_changes_nothing(actor, app, alice, secret,
+                                                                                    monkeypatch):
+    """Gone between the page and the removal (after the code check): 404 with the reason, like a rename; it
+    used to say "Removed" and sign the person's other browsers out for a removal it had not made."""
+    import webapp.settings as settings_module
+
+    tablet = add_device(app, alice, "Tablet")
+    add_device(app, alice, "Laptop")
+    other = second_session(actor, app, secret=secret)
+    original = settings_module.totp.check_user_code
+
+    def check_while_removed(user, code):
+        result = original(user, code)
+        Device.delete().where(Device.id == tablet.id).execute()  # the other tab's removal lands here
+        return result
+
+    monkeypatch.setattr(settings_module.totp, "check_user_code", check_while_removed)
+    actor.clock.advance(30)
+    r = post(actor, f"/settings/devices/{tablet.id}/remove", {f"remove-{tablet.id}-code": actor.code(secret)})
+    assert r.status_code == 404 and "That device is no longer on your account" in text(r)
+    assert other.client.get("/settings").status_code == 200  # nobody signed out
+    assert "device_removed" not in kinds(app, alice) and "sessions_ended" not in kinds(app, alice)
+
+
 def test_turning_2fa_off_is_all_or_nothing(actor, app, alice, secret, monkeypatch):
     """The devices, the pending keys and the audit record go in one transaction: the audit insert failing
     (the database gone at that moment) used to leave 2FA off with no record of it. Now nothing changes,

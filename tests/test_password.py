@@ -180,7 +180,8 @@ def test_a_change_overtaken_while_the_hash_ran_changes_nothing(app, actor, alice
     monkeypatch.setattr(settings_module, "hash_password", hash_while_overtaken)
     before = stored_hash(app)
     r = actor.post_form(URL, form())
-    assert r.status_code == 409 and "at the same moment. Nothing was changed here" in text(r)
+    assert r.status_code == 409 and "At the same moment your password was changed somewhere else" in text(r)
+    assert "Nothing was changed here" in text(r)
     with app.app_context():
         user = User.by_email("alice@example.com")
         assert not verify_password(user.password_hash, NEW)

@@ -1018,8 +1018,9 @@ def test_a_request_can_be_marked_handled(app, actor, secret):
     assert count(app, AuditEvent, AuditEvent.kind == "support_request_handled") == 1
 
 
-def test_marking_handled_with_htmx_returns_the_item_and_the_new_count(app, actor, secret):
-    """The item says it is handled, and the list's heading counts one fewer (out of band)."""
+def test_marking_handled_with_htmx_returns_the_requests_card_as_it_is_now(app, actor, secret):
+    """The whole card comes back: the request has moved from the open list to "Recently handled", both
+    counts follow, and a status line says what was done (app.js focuses it)."""
     with app.app_context():
         req = SupportRequest.create(email="ghost@example.com", message="Please help me")
         SupportRequest.create(email="other@example.com", message="Please help me too")
@@ -1028,9 +1029,13 @@ def test_marking_handled_with_htmx_returns_the_item_and_the_new_count(app, actor
     assert "Open contact requests (2)" in words(page) and page.count('hx-swap-oob') == 0
     r = actor.client.post(f"/support/requests/{req.id}/handled", headers={**HX, "X-CSRFToken": csrf_from(page)})
     html = r.get_data(as_text=True)
-    assert r.status_code == 200 and html.lstrip().startswith(f'<li class="request" id="request-{req.id}"')
-    assert "Handled" in html and "Mark as handled" not in html
-    assert '<span id="open-count" hx-swap-oob="true">1</span>' in html
+    assert r.status_code == 200 and html.lstrip().startswith('<section class="card" aria-labelledby="requests-heading" '
+                                                             'id="open-requests">')
+    assert '<p class="notice" role="status" tabindex="-1">The request from ghost@example.com is marked as handled.</p>' in html
+    open_part, handled_part = html.split("Recently handled (1)")
+    assert "Open contact requests (1)" in words(open_part) and "Please help me too" in open_part
+    assert "ghost@example.com" not in open_part.split("</p>", 2)[2]  # only in the status line above the list
+    assert "ghost@example.com" in handled_part and "Reopen" in handled_part
 
 
 @pytest.mark.parametrize("htmx", [False, True])
@@ -1051,9 +1056,10 @@ def test_a_request_marked_handled_by_mistake_can_be_found_and_reopened(app, acto
     if htmx:
         r = actor.client.post(f"/support/requests/{req.id}/reopen", headers={**HX, "X-CSRFToken": csrf_from(page)})
         html = r.get_data(as_text=True)
-        assert r.status_code == 200 and html.lstrip().startswith(f'<li class="request" id="request-{req.id}"')
-        assert "Open again." in html and "Mark as handled" in html
-        assert '<span id="open-count" hx-swap-oob="true">1</span>' in html
+        assert r.status_code == 200 and 'id="open-requests"' in html and "<html" not in html
+        assert "The request from ghost@example.com is open again." in html
+        assert "Open contact requests (1)" in words(html) and "Recently handled" not in html
+        assert "Mark as handled" in html
     else:
         r = actor.post_form(f"/support/requests/{req.id}/reopen", {}, form_url="/support")
         assert r.status_code == 302 and r.headers["Location"] == "/support"

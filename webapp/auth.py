@@ -50,7 +50,7 @@ class LoginForm(Form):
         Email("Enter a valid email address.", check_deliverability=False)], filters=[strip_text],
         render_kw={"autocomplete": "username", "autofocus": True})
     password = PasswordField("Password", validators=[
-        DataRequired("Enter your password."), Length(max=1024, message="That password is too long.")],
+        DataRequired("Enter your password."), Length(max=PASSWORD_MAX, message="That password is too long.")],
         render_kw={"autocomplete": "current-password"})
 
 
@@ -62,7 +62,7 @@ class CodeForm(Form):
 
 class ReauthForm(Form):
     password = PasswordField("Password", validators=[
-        DataRequired("Enter your password."), Length(max=1024, message="That password is too long.")],
+        DataRequired("Enter your password."), Length(max=PASSWORD_MAX, message="That password is too long.")],
         render_kw={"autocomplete": "current-password", "autofocus": True})
     code = StringField("Verification code", validators=[Length(max=32, message=MALFORMED_CODE_ERROR)],
                        render_kw={**CODE_FIELD_ATTRS, "autofocus": False})
@@ -416,9 +416,11 @@ def reauth():
 def logout():
     """End the session server-side and forget the cookie (security.md 30)."""
     drop_challenge()
-    if current_user.is_authenticated:
-        audit("signout", user=current_user._get_current_object())
-    end_session_now()
+    user = current_user._get_current_object() if current_user.is_authenticated else None  # before it ends
+    with write_transaction():  # the record and the row's deletion together: a failed logout records none
+        end_session_now()
+        if user is not None:
+            audit("signout", user=user)
     return redirect(login_notice_url("logged-out"))
 
 

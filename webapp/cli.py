@@ -1,4 +1,6 @@
 """Operator commands: flask --app wsgi users ... and keys ..."""
+import re
+
 import click
 from flask.cli import AppGroup, with_appcontext
 
@@ -76,17 +78,19 @@ def list_users():
 def _database_name():
     """The database this command used, without a password: listing nothing from the wrong one is easy to
     miss (without DATABASE_URL, a command uses the development instance's SQLite file)."""
-    from urllib.parse import urlsplit, urlunsplit
+    from urllib.parse import urlsplit
 
     from flask import current_app
 
     url = current_app.config["DATABASE_URL"]
-    parts = urlsplit(url)
-    userinfo, at, host = parts.netloc.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    # Only the user-info part changes: a Unix socket (no host) or an IPv6 host in brackets stays as given.
-    return urlunsplit(parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{host}"))
+    netloc = urlsplit(url).netloc
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = netloc.rpartition("@")
+    if sep and at and ":" in userinfo and rest.startswith(netloc):
+        # Only the user-info part changes: a Unix socket (no host) or an IPv6 host in brackets stays as given.
+        url = f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}{rest[len(netloc):]}"
+    # libpq also takes the password as a parameter: ?password=...
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
 
 
 @users.command("promote")

@@ -192,13 +192,13 @@ def replace_password(user, password_hash, via, keep_token=None, checked_hash=Non
     nothing, when the change was overtaken while the slow hashes ran: the session of `keep_token` was ended
     (signed out elsewhere, or by support), or the password is no longer `checked_hash`, the one the person
     proved (changed meanwhile by the operator or in another browser)."""
-    from .db import write_transaction
+    from .db import for_update, write_transaction
     from .models import ServerSession, SignInChallenge, User
     from .sessions import end_user_sessions
 
     with write_transaction():
-        User.lock(user.id)
-        if checked_hash is not None and User.get_by_id(user.id).password_hash != checked_hash:
+        stored = for_update(User.select(User.password_hash).where(User.id == user.id)).get().password_hash
+        if checked_hash is not None and stored != checked_hash:
             return None
         if keep_token is not None and not ServerSession.select().where(
                 ServerSession.id == token_hash(keep_token)).exists():

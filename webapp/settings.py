@@ -21,7 +21,7 @@ from .clock import now, timestamp
 from .db import Param, Prepared, db, for_update, write_transaction
 from .fields import Form, freeze
 from .models import AuditEvent, Device, PendingEnrolment, ServerSession, User
-from .security import audit, forget_browsers, fresh_login_required, hash_password, replace_password
+from .security import PASSWORD_MAX, audit, forget_browsers, fresh_login_required, hash_password, replace_password
 from .sessions import end_user_sessions, token_hash
 
 bp = Blueprint("settings", __name__, url_prefix="/settings")
@@ -89,13 +89,13 @@ class RemoveForm(Form):
     confirm_off = BooleanField("Yes, turn two-factor authentication off")
     # Asked only when the last device goes: that turns 2FA off, which needs the password too (security.md 32).
     password = PasswordField("Password", validators=[
-        Optional(), Length(max=1024, message="That password is too long.")],
+        Optional(), Length(max=PASSWORD_MAX, message="That password is too long.")],
         render_kw={"autocomplete": "current-password"})
 
 
 class DisableForm(Form):
     password = PasswordField("Password", validators=[
-        DataRequired("Enter your password."), Length(max=1024, message="That password is too long.")],
+        DataRequired("Enter your password."), Length(max=PASSWORD_MAX, message="That password is too long.")],
         render_kw={"autocomplete": "current-password"})
     code = StringField("Verification code", validators=[
         DataRequired("Enter a current code from your authenticator app."),
@@ -105,7 +105,7 @@ class DisableForm(Form):
 
 class PasswordForm(Form):
     current = PasswordField("Current password", validators=[
-        DataRequired("Enter your current password."), Length(max=1024, message="That password is too long.")],
+        DataRequired("Enter your current password."), Length(max=PASSWORD_MAX, message="That password is too long.")],
         render_kw={"autocomplete": "current-password", "autofocus": True})
     new = new_password_field("New password", "Choose a new password.")
     confirm = repeat_password_field("Repeat the new password", "new", "Repeat the new password.",
@@ -600,12 +600,15 @@ def remove_device(device_id):
         refused = left == 1 and not last
         # Read again under the lock: renamed meanwhile in another tab, the record names it as it is now.
         current = None if refused else Device.get_or_none((Device.id == device.id) & (Device.user == user.id))
+        gone = not refused and current is None  # removed in another tab meanwhile: nothing done here
         if current is not None:
             Device.delete().where(Device.id == current.id).execute()
             audit("device_removed", user=user, device=current.name)
             if left == 1:
                 audit("tfa_disabled", user=user, via="last device removed")
             device = current
+    if gone:
+        abort(404, description=_DEVICE_GONE)
     if refused:
         form.confirm_off.errors = ["This is now your only device: another device was removed meanwhile. "
                                    "Enter a new code, your password and tick the box to turn 2FA off."]
@@ -677,8 +680,9 @@ def password():
     return redirect(url_for("settings.index"))
 
 
-_PASSWORD_OVERTAKEN = ("Your password was changed, or this browser was signed out, somewhere else at the same "
-                       "moment. Nothing was changed here: sign in again if you need to.")
+_PASSWORD_OVERTAKEN = ("At the same moment your password was changed somewhere else, or this browser was signed "
+                       "out or confirmed it's you in another tab. Nothing was changed here: reload the page and "
+                       "try again if you need to.")
 
 
 def _password_page(form, status):

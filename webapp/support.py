@@ -200,8 +200,9 @@ def event_text(kind, detail):
     """One sentence, in plain words, saying what an audit event means (no codes, no secrets)."""
     if kind == "signin":
         return "Signed in with a code" if detail.get("method") == "password+code" else "Signed in with password only"
-    if kind == "support_tfa_disabled" and detail.get("until"):
-        return f"Support turned off 2FA until {_fmt_time(detail['until'])}"
+    until = _window_end(kind, detail)
+    if until is not None:
+        return f"{_WINDOW_TEXT} {_fmt_time(until)}"
     if kind == "password_changed" and detail.get("via") == "cli":
         return "Password changed by the server operator"
     if kind == "role_changed":
@@ -249,15 +250,23 @@ def security_activity(user, limit=10):
 def _text_and_until(event):
     """An event's words, with the end of support's window apart (`until`), so that the page can show it in
     the reader's time zone like the event's own time, not in UTC beside a local time."""
-    details = event.details
-    if event.kind == "support_tfa_disabled" and details.get("until"):
-        try:
-            until = datetime.fromisoformat(details["until"])
-        except (TypeError, ValueError):
-            pass
-        else:
-            return {"text": "Support turned off 2FA until", "until": until, "until_text": _fmt_time(until)}
-    return {"text": event_text(event.kind, details), "until": None}
+    until = _window_end(event.kind, event.details)
+    if until is not None:
+        return {"text": _WINDOW_TEXT, "until": until, "until_text": _fmt_time(until)}
+    return {"text": event_text(event.kind, event.details), "until": None}
+
+
+_WINDOW_TEXT = "Support turned off 2FA until"
+
+
+def _window_end(kind, detail):
+    """The end of the support window an event opened, as a datetime, or None."""
+    if kind != "support_tfa_disabled" or not detail.get("until"):
+        return None
+    try:
+        return datetime.fromisoformat(detail["until"])
+    except (TypeError, ValueError):
+        return None
 
 
 @bp.app_template_filter("utc_minutes")
@@ -830,15 +839,14 @@ def reopen(request_id):
 
 
 def _request_response(request_id, message):
-    """After marking a request handled or reopening it: htmx gets the item as it is now and the new count
-    (out of band); a plain form goes back to the Support page with `message` (its {email} filled in)."""
-    req = SupportRequest.get_by_id(request_id)
-    _mark_password_entered([req])
-    _add_handlers([req])
+    """After marking a request handled or reopening it, `message` (its {email} filled in): htmx gets the
+    requests card again, both lists and their counts as they are now, the message on top (app.js focuses
+    it); a plain form goes back to the Support page, the message flashed."""
+    message = message.format(email=SupportRequest.get_by_id(request_id).email)
     if htmx.is_htmx():
-        return htmx.render("support/index.html", "support/_request.html", req=req, just_changed=True,
-                           count_after=_open_count())
-    flash(message.format(email=req.email), "success")
+        return htmx.render("support/index.html", "support/_open_requests.html", requests_notice=message,
+                           **_requests_context())
+    flash(message, "success")
     return redirect(url_for("support.index"))
 
 

@@ -167,8 +167,9 @@ def test_disable_form_by_keyboard_with_an_error_first(page, server):
 
 
 def test_mark_as_handled_by_keyboard_keeps_the_focus_on_the_request(page, server):
-    """Enter on Mark as handled: the request item is replaced, and focus goes to its "Handled" status (it was
-    left on <body>, so the next Tab started again at the top of the page); the count follows."""
+    """Enter on Mark as handled: the requests card is replaced, and focus goes to the status line saying what
+    was done (it was left on <body>, so the next Tab started again at the top of the page); the count follows
+    and the request is under "Recently handled"."""
     from webapp.models import SupportRequest
     from webapp.clock import now
 
@@ -181,9 +182,10 @@ def test_mark_as_handled_by_keyboard_keeps_the_focus_on_the_request(page, server
     tab_to(page, requests.get_by_role("button", name=re.compile(r"^Mark as handled\b")))
     page.keyboard.press("Enter")
     handled = requests.get_by_role("status")
-    expect(handled).to_contain_text("Handled")
+    expect(handled).to_contain_text("is marked as handled")
     expect(handled).to_be_focused()
-    expect(requests.get_by_role("heading")).to_contain_text("(0)")
+    expect(requests.get_by_role("heading", level=2)).to_contain_text("(0)")
+    expect(requests.get_by_text("Recently handled (1)")).to_be_visible()
 
 
 def test_disable_without_javascript_uses_a_page_with_the_form(nojs_page, server):
