@@ -41,6 +41,14 @@ def test_sign_in_pages_and_settings_are_accessible(audit_page, server):
     page.goto("/reauth")
     expect(page.get_by_label("Password", exact=True)).to_be_visible()
     assert_accessible(page, "confirm-it-is-you page (reauth)")
+    page.goto("/settings")
+    follow(page, page.get_by_role("link", name="Change password", exact=True))
+    expect(page.get_by_role("heading", name="Change password", level=1)).to_be_visible()
+    assert_accessible(page, "Change password page")
+    page.get_by_label("New password", exact=True).fill("short")
+    follow(page, page.get_by_role("button", name="Change password", exact=True))
+    expect(page.get_by_label("New password", exact=True)).to_have_attribute("aria-invalid", "true")
+    assert_accessible(page, "Change password page with errors")
 
 
 def test_sign_up_error_and_contact_pages_are_accessible(audit_page, server):
@@ -172,6 +180,9 @@ def test_contact_and_support_pages_are_accessible(audit_page, new_page, server):
     person_row(admin).get_by_role("button", name=re.compile("Disable")).click()
     expect(person_row(admin)).to_contain_text("Temporarily off")
     assert_accessible(admin, "Support page after disabling")
+    admin.get_by_text("Recently handled (1)", exact=True).click()  # the request the disable closed
+    expect(admin.get_by_role("button", name=re.compile("^Reopen"))).to_be_visible()
+    assert_accessible(admin, "Support page with the handled requests open")
     follow(admin, admin.get_by_role("link", name="Audit log", exact=True))
     expect(admin.get_by_role("heading", name="Audit log")).to_be_visible()
     assert_accessible(admin, "audit log")
