@@ -388,22 +388,24 @@ def test_after_password_sends_an_enrolled_person_to_the_code_step(actor, app, se
 def test_a_device_activated_during_the_password_step_sends_it_to_the_code_step(actor, app, secret, monkeypatch):
     """security.md 28, 35: the password step read "no device" just before the person's setup completed in
     another browser (which ends their other sessions, but not one that is only being opened). Decided on that
-    first read, the password alone opened a session nobody ended, with 2FA on. It is decided again holding
-    the person's row, which the setup's completion holds too: this one goes to the code step."""
+    first read, the password alone opened a session nobody ended, with 2FA on. It is decided holding the
+    person's row, which the setup's completion holds too: every read of "has a device" that decides is made
+    inside the write transaction, after the row was locked, and this person goes to the code step."""
+    from webapp.db import db as database
     from webapp.models import User as UserModel
 
-    user = actor.user(secret=secret)  # the device exists: the first answer below is the stale read
+    user = actor.user(secret=secret)
     reads = []
     real = UserModel.has_2fa
 
-    def first_read_is_stale(self):
-        reads.append(self.id)
-        return False if len(reads) == 1 else real.fget(self)
+    def recorded(self):
+        reads.append(database.in_transaction())
+        return real.fget(self)
 
-    monkeypatch.setattr(UserModel, "has_2fa", property(first_read_is_stale))
+    monkeypatch.setattr(UserModel, "has_2fa", property(recorded))
     r = actor.password_step()
     assert r.headers["Location"] == "/login/verify" and not signed_in(actor.client)
-    assert len(reads) >= 2
+    assert reads and all(reads), reads  # no decision on a read made before the person's row was held
     with app.app_context():
         assert ServerSession.select().where(ServerSession.user == user.id).count() == 0
 

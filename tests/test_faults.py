@@ -216,12 +216,14 @@ def _read(path):
         return ""
 
 
-def kill_mid_transaction(app, tmp_path, statement, send):
-    """Start gunicorn with a fault injected before `statement` (inside a transaction), run `send` in a thread,
-    SIGKILL the worker once it reached that point, and return the server (still running, worker respawned)."""
+def kill_mid_transaction(app, tmp_path, statement, send, params=""):
+    """Start gunicorn with a fault injected before `statement` (inside a transaction; its parameters matching
+    `params`), run `send` in a thread, SIGKILL the worker once it reached that point, and return the server
+    (still running, worker respawned)."""
     marker = str(tmp_path / "stalled.pid")
     server = LiveServer(app, workers=2, log_dir=str(tmp_path),
-                        extra_env={"TWOSTEP_STALL_SQL": statement, "TWOSTEP_STALL_MARKER": marker})
+                        extra_env={"TWOSTEP_STALL_SQL": statement, "TWOSTEP_STALL_MARKER": marker,
+                                   "TWOSTEP_STALL_PARAMS": params})
     outcome = {}
 
     def run():
@@ -265,7 +267,8 @@ def test_worker_killed_while_accepting_a_code_leaves_nothing_half_done(seeded_ap
         state["code"] = pyotp.TOTP(secret).now()
         return browser.request("POST", "/login/verify", data={"csrf_token": state["token"], "code": state["code"]})
 
-    server = kill_mid_transaction(app, tmp_path, r'^INSERT INTO "auditevent"', send)
+    # The code step's record (the password step writes one of its own, in a transaction too).
+    server = kill_mid_transaction(app, tmp_path, r'^INSERT INTO "auditevent"', send, params="code_accepted")
     try:
         with app.app_context():
             assert Device.get(Device.user == user.id).last_step == 0

@@ -191,3 +191,32 @@ def test_a_change_overtaken_while_the_hash_ran_changes_nothing(app, actor, alice
             assert user.password_hash == before
         assert [e.details["via"] for e in AuditEvent.select().where(AuditEvent.kind == "password_changed")] == (
             ["cli"] if overtaken_by == "set-password" else [])
+
+
+@pytest.mark.parametrize("with_2fa", [True, False])
+def test_a_sign_in_whose_password_is_changed_while_it_is_checked_opens_nothing(app, actor, secret, clock,
+                                                                             monkeypatch, with_2fa):
+    """The password step checks the password against the hash it read, slowly; a change committed meanwhile
+    (the owner, or the operator's set-password) must win: the old password then leads neither to the code
+    step nor to a session (an attacker's sign-ins 0.13 s after the change survived it in a review)."""
+    import webapp.auth as auth_module
+    from webapp.models import ServerSession, SignInChallenge
+    from webapp.security import hash_password, replace_password
+
+    user = actor.user(secret=secret if with_2fa else None)
+    original = auth_module.password_check
+
+    def checked_while_changed(account, password, **kw):
+        result = original(account, password, **kw)
+        with app.app_context():
+            replace_password(User.get_by_id(account.id), hash_password(NEW), via="cli")
+        return result
+
+    monkeypatch.setattr(auth_module, "password_check", checked_while_changed)
+    r = actor.password_step(password=PASSWORD)
+    assert r.status_code == 200 and "Incorrect email address or password." in text(r)
+    assert not signed_in(actor.client)
+    with app.app_context():
+        assert SignInChallenge.select().where(SignInChallenge.user == user.id).count() == 0
+        assert ServerSession.select().where(ServerSession.user == user.id).count() == 0
+        assert not AuditEvent.select().where(AuditEvent.kind.in_(["password_accepted", "signin"])).exists()

@@ -1174,3 +1174,49 @@ def test_open_requests_say_whether_the_sender_had_entered_the_password(app, acto
     assert "Sent after entering this account's password (not proof of identity" in items["carol@example.com"]
     assert "Sent without entering this account's password." in items["dave@example.com"]
     assert "account's password" not in items["nobody@example.com"]  # no account: nothing to enter
+    # still said once it is handled, where support decides whether to reopen it
+    with app.app_context():
+        carols = SupportRequest.get(SupportRequest.email == "carol@example.com")
+    actor.post_form(f"/support/requests/{carols.id}/handled", {}, form_url="/support")
+    handled = actor.client.get("/support").get_data(as_text=True).split("Recently handled (1)")[1]
+    assert "Sent after entering this account's password (not proof of identity" in handled
+
+
+def test_an_owner_whose_address_is_stored_in_an_older_spelling_is_still_recognised(app, actor, secret, clock, target):
+    """The contact form told a signed-in owner to "sign in up to the code step first" and recorded their
+    request as sent without the password, when their address was stored before addresses were normalised
+    (punycode domain): it compared spellings, not accounts."""
+    from webapp.models import SupportRequest
+
+    with app.app_context():
+        User.update(email="eve@xn--mnchen-3ya.de").where(User.id == target.id).execute()  # stored as before
+    stranger = second_client(app, clock)
+    for n in range(app.config["SUPPORT_REQUESTS_PER_HOUR"]):
+        stranger.client.environ_base["REMOTE_ADDR"] = f"203.0.113.{n + 1}"
+        stranger.post_form("/support/contact", {"email": "eve@münchen.de", "message": "Turn it off, it is me."})
+    eve = second_client(app, clock)
+    eve.client.environ_base["REMOTE_ADDR"] = "198.51.100.20"
+    assert eve.password_step("eve@münchen.de").headers["Location"] == "/login/verify"
+    page = eve.client.get("/support/contact").get_data(as_text=True)
+    assert 'value="eve@xn--mnchen-3ya.de"' in page  # the form offers the address as stored
+    r = eve.post_form("/support/contact", {"email": "eve@xn--mnchen-3ya.de", "message": "My phone is gone, truly."})
+    assert r.status_code == 302  # the owner's own room above the strangers' limit
+    with app.app_context():
+        last = AuditEvent.select().where(AuditEvent.kind == "support_request").order_by(AuditEvent.id.desc()).get()
+        assert last.details["after_password"] is True and last.user_id == target.id
+        assert SupportRequest.select().count() == app.config["SUPPORT_REQUESTS_PER_HOUR"] + 1
+
+
+def test_a_blocked_sign_in_proves_nothing_once_the_password_is_changed(app, actor, secret, clock, target):
+    """The blocked page's browser counts as having entered the password for a few minutes; after the
+    operator sets a new password, the old one it entered proves nothing."""
+    sign_in_admin(actor, secret)
+    disable(actor, target, duration="24h")
+    clock.advance(25 * 3600)
+    carol = second_client(app, clock)
+    assert carol.password_step("carol@example.com").status_code == 403
+    assert 'value="carol@example.com"' in carol.client.get("/support/contact").get_data(as_text=True)
+    result = app.test_cli_runner().invoke(args=["users", "set-password", "carol@example.com",
+                                                "--password", "a completely new one"])
+    assert result.exit_code == 0, result.output
+    assert 'value="carol@example.com"' not in carol.client.get("/support/contact").get_data(as_text=True)

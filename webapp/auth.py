@@ -1,4 +1,5 @@
 """Sign-in in two steps (password, then code), re-authentication, logout, sign-up and first-run setup."""
+import hashlib
 import hmac
 import secrets
 
@@ -153,14 +154,23 @@ BLOCKED_SIGN_IN = "blocked_sign_in"  # session key: whose password a blocked sig
 
 def blocked_sign_in_user():
     """The account whose correct password this browser entered at a sign-in that support's ended window
-    blocked, for as long as a code step would have lasted (CHALLENGE_TTL), else None."""
+    blocked, for as long as a code step would have lasted (CHALLENGE_TTL) and that password is still the
+    account's, else None."""
     entry = session.get(BLOCKED_SIGN_IN)
     if not isinstance(entry, dict):
         return None
     if timestamp() - entry.get("at", 0) > current_app.config["CHALLENGE_TTL"].total_seconds():
         session.pop(BLOCKED_SIGN_IN, None)
         return None
-    return User.get_or_none(User.id == entry.get("user"))
+    user = User.get_or_none(User.id == entry.get("user"))
+    if user is None or entry.get("password") != _fingerprint(user.password_hash):
+        return None  # the password was changed since (security.replace_password): the old one proves nothing
+    return user
+
+
+def _fingerprint(password_hash):
+    """A short digest of a stored password hash: tells whether it changed, reveals nothing of it."""
+    return hashlib.sha256(password_hash.encode("utf-8")).hexdigest()[:16]
 
 
 def current_challenge():
@@ -302,7 +312,10 @@ def login():
             user = User.by_email(form.email.data)
             error = password_check(user, form.password.data)
             if error is None:
-                return after_password(user, next_url)
+                response = after_password(user, next_url)
+                if response is not None:
+                    return response
+                error = GENERIC_LOGIN_ERROR  # changed while it was checked: what was typed is the old password
             status = 429 if error.startswith("Too many") else 200
     notice = request.args.get("notice")
     # A session that support's window ended comes here with this notice (webapp._unauthorized): the same
@@ -313,34 +326,39 @@ def login():
 
 
 def after_password(user, next_url):
-    """Decide what a correct password leads to: the code step, a direct sign-in, or a closed door."""
+    """Decide what a correct password leads to: the code step, a direct sign-in, or a closed door; None when
+    the password changed while it was being checked (the one entered is the old one: it opens nothing)."""
     drop_challenge()
-    if not user.has_2fa:
-        blocked = False
-        with write_transaction():
-            # Decided again holding the person's row, which completing a setup holds too (settings.complete):
-            # a device activated a moment ago sends this sign-in to the code step below; one activated a
-            # moment later ends this session with the person's others. Read first and decided unlocked, the
-            # password alone could open a session that no one ends, just after 2FA was turned on.
-            user = for_update(User.select().where(User.id == user.id)).get()
-            if not user.has_2fa:
-                if user.support_window() != "ended":
-                    # No device (during support's window, the banner on every page says so: base.html).
-                    return complete_sign_in(user, next_url)
-                audit("signin_blocked", user=user, reason="support window ended without a new device")
-                blocked = True
-        if blocked:  # the page is made after the commit: the writer lock is not held meanwhile
-            # The page's way on is the contact form: it knows whose password this browser just entered, as
-            # it does at the code step (its address filled in, the record and the per-address limit).
-            session[BLOCKED_SIGN_IN] = {"user": user.id, "at": timestamp()}
-            return render_template("auth/login.html", form=LoginForm(), next_url=None, blocked=True,
-                                   error=None), 403
-    token = secrets.token_urlsafe(32)
-    SignInChallenge.create(id=token_hash(token), user=user, next_url=next_url, created_at=now())
+    checked_hash = user.password_hash
+    blocked = False
+    with write_transaction():
+        # Decided again holding the person's row, which completing a setup and changing the password hold too.
+        # A device activated a moment ago sends this sign-in to the code step below; one activated a moment
+        # later ends this session with the person's others (decided unlocked, the password alone could open a
+        # session that no one ends, just after 2FA was turned on). A password changed a moment ago refuses
+        # this one; changed a moment later, it ends what this opens (security.replace_password).
+        user = for_update(User.select().where(User.id == user.id)).get()
+        if user.password_hash != checked_hash:
+            return None
+        if not user.has_2fa:
+            if user.support_window() != "ended":
+                # No device (during support's window, the banner on every page says so: base.html).
+                return complete_sign_in(user, next_url)
+            audit("signin_blocked", user=user, reason="support window ended without a new device")
+            blocked = True
+        else:
+            token = secrets.token_urlsafe(32)
+            SignInChallenge.create(id=token_hash(token), user=user, next_url=next_url, created_at=now())
+            audit("password_accepted", user=user)
+    if blocked:  # the page is made after the commit: the writer lock is not held meanwhile
+        # The page's way on is the contact form: it knows whose password this browser just entered, as it
+        # does at the code step (its address filled in, the record and the per-address limit), for as long
+        # as that password is the account's (blocked_sign_in_user).
+        session[BLOCKED_SIGN_IN] = {"user": user.id, "at": timestamp(), "password": _fingerprint(user.password_hash)}
+        return render_template("auth/login.html", form=LoginForm(), next_url=None, blocked=True,
+                               error=None), 403
     session["challenge"] = token
-    audit("password_accepted", user=user)
     return redirect(url_for("auth.verify"))
-
 
 
 @bp.route("/login/verify", methods=["GET", "POST"])

@@ -319,7 +319,9 @@ def contact():
             # the form for an hour, again and again. A browser that entered the account's password (signed in,
             # or at the code step) gets as many again for itself: twice the limit per address.
             owner = _password_proven_user()
-            after_password = owner is not None and owner.email == email
+            # By account, not by spelling: an address stored before it was normalised is the same mailbox.
+            named = User.by_email(email) if owner is not None else None
+            after_password = named is not None and named.id == owner.id
             per_address = limit * (2 if after_password else 1)
             with write_transaction():
                 # Count and insert in one write transaction, holding the address and network, so parallel
@@ -605,6 +607,7 @@ def _recently_handled():
     handled = list(SupportRequest.select().where(SupportRequest.handled_at.is_null(False))
                    .order_by(SupportRequest.handled_at.desc(), SupportRequest.id.desc()).limit(HANDLED_SHOWN))
     _add_handlers(handled)
+    _mark_password_entered(handled)
     return handled
 
 
