@@ -388,24 +388,34 @@ def test_after_password_sends_an_enrolled_person_to_the_code_step(actor, app, se
 def test_a_device_activated_during_the_password_step_sends_it_to_the_code_step(actor, app, secret, monkeypatch):
     """security.md 28, 35: the password step read "no device" just before the person's setup completed in
     another browser (which ends their other sessions, but not one that is only being opened). Decided on that
-    first read, the password alone opened a session nobody ended, with 2FA on. It is decided holding the
-    person's row, which the setup's completion holds too: every read of "has a device" that decides is made
-    inside the write transaction, after the row was locked, and this person goes to the code step."""
-    from webapp.db import db as database
+    read, the password alone opened a session nobody ended, with 2FA on. It must be decided on the person
+    as read holding their row, which the setup's completion holds too. Here every read of an object not
+    loaded under that lock sees the stale "no device"; only the locked read sees the device."""
+    import webapp.auth as auth_module
     from webapp.models import User as UserModel
 
     user = actor.user(secret=secret)
-    reads = []
-    real = UserModel.has_2fa
+    real_has_2fa, real_for_update = UserModel.has_2fa, auth_module.for_update
 
-    def recorded(self):
-        reads.append(database.in_transaction())
-        return real.fget(self)
+    def tagging_for_update(query):
+        locked = real_for_update(query)
+        get = locked.get
 
-    monkeypatch.setattr(UserModel, "has_2fa", property(recorded))
+        def get_and_tag(*args, **kwargs):
+            row = get(*args, **kwargs)
+            row.loaded_under_lock = True
+            return row
+
+        locked.get = get_and_tag
+        return locked
+
+    def stale_unless_locked(self):
+        return real_has_2fa.fget(self) if getattr(self, "loaded_under_lock", False) else False
+
+    monkeypatch.setattr(auth_module, "for_update", tagging_for_update)
+    monkeypatch.setattr(UserModel, "has_2fa", property(stale_unless_locked))
     r = actor.password_step()
     assert r.headers["Location"] == "/login/verify" and not signed_in(actor.client)
-    assert reads and all(reads), reads  # no decision on a read made before the person's row was held
     with app.app_context():
         assert ServerSession.select().where(ServerSession.user == user.id).count() == 0
 

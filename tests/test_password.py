@@ -220,3 +220,59 @@ def test_a_sign_in_whose_password_is_changed_while_it_is_checked_opens_nothing(a
         assert SignInChallenge.select().where(SignInChallenge.user == user.id).count() == 0
         assert ServerSession.select().where(ServerSession.user == user.id).count() == 0
         assert not AuditEvent.select().where(AuditEvent.kind.in_(["password_accepted", "signin"])).exists()
+        # counted and recorded like any wrong password: the refusal tells nobody more than a wrong guess would
+        [rejected] = AuditEvent.select().where(AuditEvent.kind == "password_rejected")
+        assert rejected.details["failures"] == 1
+
+
+def test_a_code_step_whose_password_is_changed_while_its_code_is_checked_opens_nothing(app, actor, secret,
+                                                                                       monkeypatch):
+    """The code step checks the code before its transaction; a password change landing meanwhile deletes the
+    code step's challenge, and the sign-in begun with the old password must not finish. Nothing of the
+    attempt stays: no session, no sign-in record, and the code is not used up."""
+    import webapp.auth as auth_module
+    from webapp.models import ServerSession
+    from webapp.security import hash_password, replace_password
+
+    user = actor.user(secret=secret)
+    assert actor.password_step(password=PASSWORD).headers["Location"] == "/login/verify"
+    original = auth_module.code_matches
+
+    def matched_while_changed(account, code):
+        result = original(account, code)
+        with app.app_context():
+            replace_password(User.get_by_id(account.id), hash_password(NEW), via="cli")
+        return result
+
+    monkeypatch.setattr(auth_module, "code_matches", matched_while_changed)
+    r = actor.code_step(actor.code(secret))
+    assert r.status_code == 302 and r.headers["Location"] == "/login?notice=sign-in-expired"
+    assert not signed_in(actor.client)
+    with app.app_context():
+        assert ServerSession.select().where(ServerSession.user == user.id).count() == 0
+        assert not AuditEvent.select().where(AuditEvent.kind.in_(["signin", "code_accepted"])).exists()
+        assert Device.get(Device.user == user.id).last_step == 0
+
+
+def test_a_re_authentication_whose_password_is_changed_meanwhile_renews_nothing(app, actor, alice, secret, clock,
+                                                                              monkeypatch):
+    """/reauth checks the password, then renews the session. A change landing meanwhile ends this session;
+    the renewal then finds it gone, the browser stays signed out, and no re-authentication is recorded."""
+    import webapp.auth as auth_module
+    from webapp.security import hash_password, replace_password
+
+    clock.advance(app.config["FRESH_LOGIN_WINDOW"].total_seconds() + 1)
+    original = auth_module.password_check
+
+    def checked_while_changed(account, password, **kw):
+        result = original(account, password, **kw)
+        with app.app_context():
+            replace_password(User.get_by_id(account.id), hash_password(NEW), via="cli")
+        return result
+
+    monkeypatch.setattr(auth_module, "password_check", checked_while_changed)
+    r = actor.post_form("/reauth?next=/settings", {"password": PASSWORD, "code": actor.code(secret)})
+    assert r.status_code == 302 and r.headers["Location"] == "/login?notice=session-ended"
+    assert not signed_in(actor.client)
+    with app.app_context():
+        assert not AuditEvent.select().where(AuditEvent.kind == "reauthenticated").exists()

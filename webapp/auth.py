@@ -143,10 +143,9 @@ def start_session(user, method=None):
 
 
 def drop_challenge():
-    """Forget the pending sign-in, server-side and in the session."""
+    """Forget the pending sign-in, server-side and in the session; returns whether its row was still there."""
     token = session.pop("challenge", None)
-    if token:
-        _DROP_CHALLENGE.execute(id=token_hash(token))
+    return bool(token) and bool(_DROP_CHALLENGE.execute(id=token_hash(token)))
 
 
 BLOCKED_SIGN_IN = "blocked_sign_in"  # session key: whose password a blocked sign-in entered, and when
@@ -212,6 +211,18 @@ def password_check(user, password, wrong=GENERIC_LOGIN_ERROR):
         if fresh.password_failures:
             _set_counter(holder, password_failures=0, password_locked_until=None)
         return None
+    return _count_failure(user, holder, wrong)
+
+
+def refuse_replaced_password(user):
+    """A password that was right when it was checked but replaced before the sign-in was decided (see
+    after_password): counted and recorded like a wrong one, so it tells nobody more than a wrong guess."""
+    return _count_failure(user, known_browser(user) or user, GENERIC_LOGIN_ERROR)
+
+
+def _count_failure(user, holder, wrong):
+    """Count a wrong password against `holder` (the browser's own counter or the account's), with its back-off
+    and audit record; returns the error to show."""
     with write_transaction():
         # The person's row first, always: support's actions lock it before they forget the person's browsers.
         User.lock(user.id)
@@ -315,7 +326,7 @@ def login():
                 response = after_password(user, next_url)
                 if response is not None:
                     return response
-                error = GENERIC_LOGIN_ERROR  # changed while it was checked: what was typed is the old password
+                error = refuse_replaced_password(user)  # changed while it was checked: this is the old one
             status = 429 if error.startswith("Too many") else 200
     notice = request.args.get("notice")
     # A session that support's window ended comes here with this notice (webapp._unauthorized): the same
@@ -327,8 +338,8 @@ def login():
 
 def after_password(user, next_url):
     """Decide what a correct password leads to: the code step, a direct sign-in, or a closed door; None when
-    the password changed while it was being checked (the one entered is the old one: it opens nothing)."""
-    drop_challenge()
+    the password changed while it was being checked (the one entered is the old one: it opens nothing, and
+    the caller counts it as a wrong one)."""
     checked_hash = user.password_hash
     blocked = False
     with write_transaction():
@@ -339,7 +350,8 @@ def after_password(user, next_url):
         # this one; changed a moment later, it ends what this opens (security.replace_password).
         user = for_update(User.select().where(User.id == user.id)).get()
         if user.password_hash != checked_hash:
-            return None
+            return None  # before anything else changes: this browser keeps what it had, as after a wrong one
+        drop_challenge()  # an earlier code step of this browser goes: this sign-in replaces it
         if not user.has_2fa:
             if user.support_window() != "ended":
                 # No device (during support's window, the banner on every page says so: base.html).
@@ -361,6 +373,10 @@ def after_password(user, next_url):
     return redirect(url_for("auth.verify"))
 
 
+class _ChallengeGone(Exception):
+    """The code step's challenge was deleted while its code was being checked: roll the attempt back."""
+
+
 @bp.route("/login/verify", methods=["GET", "POST"])
 def verify():
     """Second step: the six-digit code; the user comes from the server-side challenge only (security.md 22)."""
@@ -378,25 +394,32 @@ def verify():
         matches = code_matches(challenge.user, normalise_code(raw_code))
         # One transaction for the check and everything it leads to: a single commit instead of five. The
         # redirect is built after it: on SQLite every other writer waits while the transaction is open.
-        with write_transaction():
-            result = check_user_code(challenge.user, raw_code, matches)  # a malformed code counts too
-            signed_in = valid and result
-            if signed_in:
-                drop_challenge()
-                start_session(challenge.user, method="password+code")
-            else:
-                if not valid:
-                    status, error = 400, form.code.errors[0] if form.code.errors else MALFORMED_CODE_ERROR
+        try:
+            with write_transaction():
+                result = check_user_code(challenge.user, raw_code, matches)  # a malformed code counts too
+                signed_in = valid and result
+                if signed_in:
+                    # Under the person's row (check_user_code took it), the challenge must still be there: a
+                    # password change while the code was checked deletes it, and the old password's sign-in
+                    # must not finish. Then nothing of this attempt stays (the code is not used up either).
+                    if not drop_challenge():
+                        raise _ChallengeGone
+                    start_session(challenge.user, method="password+code")
                 else:
-                    error = code_error(result)
-                    status = 400 if result.reason == "malformed" else 429 if result.reason == "locked" else 200
-                failures = challenge.failures + 1
-                SignInChallenge.update(failures=SignInChallenge.failures + 1).where(
-                    SignInChallenge.id == challenge.id).execute()
-                if failures >= current_app.config["CHALLENGE_MAX_FAILURES"]:
-                    drop_challenge()
-                    flash("Too many wrong codes. For your security, please sign in again.", "error")
-                    return redirect(url_for("auth.login"))
+                    if not valid:
+                        status, error = 400, form.code.errors[0] if form.code.errors else MALFORMED_CODE_ERROR
+                    else:
+                        error = code_error(result)
+                        status = 400 if result.reason == "malformed" else 429 if result.reason == "locked" else 200
+                    failures = challenge.failures + 1
+                    SignInChallenge.update(failures=SignInChallenge.failures + 1).where(
+                        SignInChallenge.id == challenge.id).execute()
+                    if failures >= current_app.config["CHALLENGE_MAX_FAILURES"]:
+                        drop_challenge()
+                        flash("Too many wrong codes. For your security, please sign in again.", "error")
+                        return redirect(url_for("auth.login"))
+        except _ChallengeGone:
+            return redirect(login_notice_url("sign-in-expired"))
         if signed_in:
             return after_sign_in(challenge.next_url)
     return render_template("auth/verify.html", form=form, error=error), status
@@ -423,7 +446,12 @@ def reauth():
             if error is None:
                 session.rotate(keep_enrolment=True)  # a new session id whenever someone proves who they are
                 session["auth_at"] = timestamp()
-                audit("reauthenticated", user=user)
+                with write_transaction():  # the renewed session and its record together, or neither
+                    renewed = write_session_now() == "written"
+                    if renewed:
+                        audit("reauthenticated", user=user)
+                if not renewed:  # signed out meanwhile (elsewhere, or by a password change): it stays so
+                    return redirect(login_notice_url("session-ended"))
                 return redirect(next_url or url_for("settings.index"))
             status = 200
     return render_template("auth/reauth.html", form=form, error=error, needs_code=needs_code,

@@ -255,8 +255,10 @@ def write_session_now():
 
     current = session._get_current_object()  # not the proxy: _write reads ~20 of its attributes
     with write_transaction():
-        if current_app.session_interface._write(current) == "written":
+        outcome = current_app.session_interface._write(current)
+        if outcome == "written":
             current.cookie_due = True
+    return outcome
 
 
 def raise_if_unavailable():
