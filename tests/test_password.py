@@ -26,6 +26,20 @@ def stored_hash(app):
         return User.by_email("alice@example.com").password_hash
 
 
+def changed_meanwhile(app, step):
+    """`step` (a function taking the account first) wrapped so that the operator replaces the password right
+    after it ran, before its result is used: what a change landing during that slow step looks like."""
+    from webapp.security import hash_password, replace_password
+
+    def wrapper(account, *args, **kwargs):
+        result = step(account, *args, **kwargs)
+        with app.app_context():
+            replace_password(User.get_by_id(account.id), hash_password(NEW), via="cli")
+        return result
+
+    return wrapper
+
+
 @pytest.fixture
 def alice(actor, secret):
     user = actor.user(secret=secret)
@@ -201,18 +215,9 @@ def test_a_sign_in_whose_password_is_changed_while_it_is_checked_opens_nothing(a
     step nor to a session (an attacker's sign-ins 0.13 s after the change survived it in a review)."""
     import webapp.auth as auth_module
     from webapp.models import ServerSession, SignInChallenge
-    from webapp.security import hash_password, replace_password
 
     user = actor.user(secret=secret if with_2fa else None)
-    original = auth_module.password_check
-
-    def checked_while_changed(account, password, **kw):
-        result = original(account, password, **kw)
-        with app.app_context():
-            replace_password(User.get_by_id(account.id), hash_password(NEW), via="cli")
-        return result
-
-    monkeypatch.setattr(auth_module, "password_check", checked_while_changed)
+    monkeypatch.setattr(auth_module, "password_check", changed_meanwhile(app, auth_module.password_check))
     r = actor.password_step(password=PASSWORD)
     assert r.status_code == 200 and "Incorrect email address or password." in text(r)
     assert not signed_in(actor.client)
@@ -232,19 +237,10 @@ def test_a_code_step_whose_password_is_changed_while_its_code_is_checked_opens_n
     attempt stays: no session, no sign-in record, and the code is not used up."""
     import webapp.auth as auth_module
     from webapp.models import ServerSession
-    from webapp.security import hash_password, replace_password
 
     user = actor.user(secret=secret)
     assert actor.password_step(password=PASSWORD).headers["Location"] == "/login/verify"
-    original = auth_module.code_matches
-
-    def matched_while_changed(account, code):
-        result = original(account, code)
-        with app.app_context():
-            replace_password(User.get_by_id(account.id), hash_password(NEW), via="cli")
-        return result
-
-    monkeypatch.setattr(auth_module, "code_matches", matched_while_changed)
+    monkeypatch.setattr(auth_module, "code_matches", changed_meanwhile(app, auth_module.code_matches))
     r = actor.code_step(actor.code(secret))
     assert r.status_code == 302 and r.headers["Location"] == "/login?notice=sign-in-expired"
     assert not signed_in(actor.client)
@@ -259,18 +255,9 @@ def test_a_re_authentication_whose_password_is_changed_meanwhile_renews_nothing(
     """/reauth checks the password, then renews the session. A change landing meanwhile ends this session;
     the renewal then finds it gone, the browser stays signed out, and no re-authentication is recorded."""
     import webapp.auth as auth_module
-    from webapp.security import hash_password, replace_password
 
     clock.advance(app.config["FRESH_LOGIN_WINDOW"].total_seconds() + 1)
-    original = auth_module.password_check
-
-    def checked_while_changed(account, password, **kw):
-        result = original(account, password, **kw)
-        with app.app_context():
-            replace_password(User.get_by_id(account.id), hash_password(NEW), via="cli")
-        return result
-
-    monkeypatch.setattr(auth_module, "password_check", checked_while_changed)
+    monkeypatch.setattr(auth_module, "password_check", changed_meanwhile(app, auth_module.password_check))
     r = actor.post_form("/reauth?next=/settings", {"password": PASSWORD, "code": actor.code(secret)})
     assert r.status_code == 302 and r.headers["Location"] == "/login?notice=session-ended"
     assert not signed_in(actor.client)
