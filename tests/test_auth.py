@@ -5,6 +5,7 @@ import pyotp
 import pytest
 from argon2 import PasswordHasher
 
+from webapp.auth import GENERIC_CODE_ERROR
 from webapp.models import AuditEvent, ServerSession, SignInChallenge, User
 from webapp.sessions import token_hash
 
@@ -914,3 +915,97 @@ def test_the_lock_never_exceeds_its_cap(app):
     with app.app_context():
         assert backoff(5) == timedelta(minutes=15)
         assert max(backoff(n) for n in range(1, 200)) == app.config["THROTTLE_MAX_LOCK"] == timedelta(hours=24)
+
+
+# ------------------------------------------------------------------ 2FA turned off while a code step is under way
+
+def _after_code_matches(monkeypatch, app, action):
+    """The code step's slow match (before its transaction) followed by `action`: a change landing meanwhile."""
+    import webapp.auth as auth_module
+
+    original = auth_module.code_matches
+
+    def wrapper(user, *args, **kwargs):
+        found = original(user, *args, **kwargs)
+        with app.app_context():
+            action(user)
+        return found
+
+    monkeypatch.setattr(auth_module, "code_matches", wrapper)
+
+
+@pytest.mark.parametrize("right_code", [True, False])
+def test_a_code_step_whose_2fa_support_turns_off_meanwhile_counts_nothing(app, actor, secret, clock, monkeypatch,
+                                                                          right_code):
+    """Support's disable deletes the code steps under way. One whose code was being checked then is not a
+    replay, nor a failure of the person's: nothing of it stays, and the browser is sent to sign in again
+    (security.md 16, 18: the failure counter counts guesses, not the database's timing)."""
+    from datetime import timedelta
+
+    from webapp.clock import now
+    from webapp.db import write_transaction
+    from webapp.security import revoke_second_factor
+
+    def support_disables(user):
+        with write_transaction():
+            revoke_second_factor(User.get_by_id(user.id), reset_until=now() + timedelta(days=1))
+
+    user = actor.user(secret=secret)
+    assert actor.password_step().headers["Location"] == "/login/verify"
+    _after_code_matches(monkeypatch, app, support_disables)
+    r = actor.code_step(actor.code(secret) if right_code else WRONG)
+    assert r.status_code == 302 and r.headers["Location"] == "/login?notice=sign-in-expired"
+    assert not signed_in(actor.client)
+    assert user_row(app).code_failures == 0 and user_row(app).code_locked_until is None
+    assert not {"totp_replay", "code_rejected", "code_accepted", "signin"} & set(kinds(app))
+    monkeypatch.undo()
+    assert actor.password_step().headers["Location"] == "/settings"  # 2FA is off: the password alone now
+
+
+def test_a_code_from_a_device_removed_meanwhile_is_a_wrong_code_not_a_replay(app, actor, secret, monkeypatch):
+    """The device whose code matched was removed (in another tab) while the code was checked; the person has
+    another device. The code is no longer any device's: refused as wrong and recorded so, not as a replay
+    (security.md 16: a replay record means a code was used twice)."""
+    from webapp.models import Device
+
+    user = actor.user(secret=secret, devices={"Tablet": pyotp.random_base32()})
+    assert actor.password_step().headers["Location"] == "/login/verify"
+    _after_code_matches(monkeypatch, app,
+                        lambda u: Device.delete().where((Device.user == u.id) & (Device.name == "Phone")).execute())
+    r = actor.code_step(actor.code(secret))
+    assert r.status_code == 200 and GENERIC_CODE_ERROR in r.get_data(as_text=True)
+    assert not signed_in(actor.client)
+    with app.app_context():
+        [rejected] = AuditEvent.select().where(AuditEvent.user == user.id, AuditEvent.kind == "code_rejected")
+        assert rejected.details["reason"] == "wrong"
+    assert "totp_replay" not in kinds(app) and user_row(app).code_failures == 1
+
+
+@pytest.mark.parametrize("how", ["disable", "remove the only device"])
+def test_turning_2fa_off_ends_the_code_steps_under_way_elsewhere(app, actor, secret, how):
+    """A browser at the code step (the password was right) can never finish once the owner turns 2FA off:
+    it is told its sign-in expired, not shown 'wrong code' until it locks the account."""
+    from webapp.models import Device
+
+    user = actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    other = type(actor)(app, app.test_client(), actor.clock)
+    assert other.password_step().headers["Location"] == "/login/verify"
+    other_token = other.csrf("/login/verify")  # the code step's page, open in that browser
+    actor.clock.advance(30)
+    token = actor.csrf("/settings")
+    if how == "disable":
+        data = {"off-password": PASSWORD, "off-code": actor.code(secret)}
+        url = "/settings/2fa/disable"
+    else:
+        device = Device.get(Device.user == user.id)
+        data = {f"remove-{device.id}-code": actor.code(secret), f"remove-{device.id}-confirm_off": "y",
+                f"remove-{device.id}-password": PASSWORD}
+        url = f"/settings/devices/{device.id}/remove"
+    assert actor.client.post(url, data={"csrf_token": token, **data}).status_code == 302
+    assert not user_row(app).has_2fa
+    with app.app_context():
+        assert SignInChallenge.select().where(SignInChallenge.user == user.id).count() == 0
+    r = other.client.post("/login/verify", data={"csrf_token": other_token, "code": other.code(secret)})
+    assert r.status_code == 302 and r.headers["Location"] == "/login?notice=sign-in-expired"
+    assert user_row(app).code_failures == 0 and "code_rejected" not in kinds(app)

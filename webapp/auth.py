@@ -412,8 +412,11 @@ def verify():
                         error = code_error(result)
                         status = 400 if result.reason == "malformed" else 429 if result.reason == "locked" else 200
                     failures = challenge.failures + 1
-                    SignInChallenge.update(failures=SignInChallenge.failures + 1).where(
-                        SignInChallenge.id == challenge.id).execute()
+                    # None of this counts if the challenge went meanwhile (2FA turned off by support or the
+                    # operator, the password changed): the attempt rolls back and the sign-in starts again.
+                    if not SignInChallenge.update(failures=SignInChallenge.failures + 1).where(
+                            SignInChallenge.id == challenge.id).execute():
+                        raise _ChallengeGone
                     if failures >= current_app.config["CHALLENGE_MAX_FAILURES"]:
                         drop_challenge()
                         flash("Too many wrong codes. For your security, please sign in again.", "error")

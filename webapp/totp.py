@@ -197,10 +197,11 @@ def _prepared_checks():
     # Conditional update: only a step newer than the last accepted one wins (security.md 16, 20).
     advance = Prepared(lambda: Device.update(last_step=Param("step"), last_used_at=Param("used_at")).where(
         (Device.id == Param("id")) & (Device.last_step < Param("step"))))
-    return lock_user, devices, advance
+    exists = Prepared(lambda: Device.select(Device.id).where(Device.id == Param("id")))
+    return lock_user, devices, advance, exists
 
 
-_LOCK_USER, _DEVICES, _ADVANCE_STEP = _prepared_checks()
+_LOCK_USER, _DEVICES, _ADVANCE_STEP, _DEVICE_EXISTS = _prepared_checks()
 
 
 def code_matches(user, code, ts=None):
@@ -258,7 +259,10 @@ def check_user_code(user, raw_code, matches=None):
             if _ADVANCE_STEP.execute(step=step, used_at=current, id=device.id):
                 matched = device
                 break
-            reason = "replay"  # the device accepted this step or a later one already (or was removed)
+            # The device accepted this step or a later one already, or it was removed since code_matches()
+            # read it: then the code is simply not one of the person's devices' (a rare path: one query).
+            if _DEVICE_EXISTS.first(id=device.id) is not None:
+                reason = "replay"
         if matched is not None:
             if locked_user.code_failures or locked_user.code_locked_until:  # nothing to reset otherwise
                 User.update(code_failures=0, code_locked_until=None).where(User.id == user.id).execute()
