@@ -59,6 +59,7 @@ def test_cli_refuses_duplicates(app, actor):
 def test_cli_list_and_promote(app, actor, secret):
     actor.user(secret=secret)
     actor.user(email="bob@example.com")
+    actor.user(email="root@example.com", admin=True)
     out = run(app, "users", "list").output
     assert "alice@example.com\tuser\t2FA active (1 device)" in out
     assert "bob@example.com\tuser\t2FA off" in out
@@ -67,6 +68,35 @@ def test_cli_list_and_promote(app, actor, secret):
     assert run(app, "users", "promote", "bob@example.com", "--revoke").exit_code == 0
     assert "bob@example.com\tuser" in run(app, "users", "list").output
     assert run(app, "users", "promote", "nobody@example.com").exit_code != 0
+
+
+def user_row(app, email):
+    with app.app_context():
+        return User.by_email(email)
+
+
+def test_cli_promote_says_what_it_ended_and_keeps_one_admin(app, actor):
+    """A changed role applies from the next sign-in, so promote ends the person's sessions: the command says
+    so (it said only "is now an admin"). Revoking the last admin is refused: nobody could open the Support
+    page any more, and the first-run page does not come back while accounts exist."""
+    actor.user(email="root@example.com", admin=True)
+    actor.sign_in(email="root@example.com")
+    result = run(app, "users", "promote", "root@example.com", "--revoke")
+    assert result.exit_code == 1
+    assert "root@example.com is the only admin: promote another account first. Nothing changed." in result.output
+    assert user_row(app, "root@example.com").is_admin and actor.client.get("/settings").status_code == 200
+    actor.user(email="bob@example.com")
+    result = run(app, "users", "promote", "  Bob@Example.com ")
+    assert result.exit_code == 0 and "bob@example.com is now an admin; 0 session(s) ended" in result.output
+    result = run(app, "users", "promote", "root@example.com", "--revoke")
+    assert result.exit_code == 0 and "root@example.com is now an ordinary user; 1 session(s) ended" in result.output
+    assert actor.client.get("/settings").status_code == 302
+
+
+def test_cli_create_trims_the_address_as_the_other_commands_do(app):
+    result = run(app, "users", "create", " Carol@Example.com ", "--password", "long enough pw")
+    assert result.exit_code == 0 and "created carol@example.com" in result.output
+    assert user_row(app, "carol@example.com") is not None
 
 
 def test_cli_commands_that_would_change_nothing_say_so_and_leave_sessions_and_the_log_alone(app, actor, secret):
@@ -164,7 +194,7 @@ def test_cli_reset_2fa_removes_devices_and_sessions(app, actor, secret):
     actor.user(secret=secret)
     actor.sign_in(secret=secret)
     result = run(app, "users", "reset-2fa", "alice@example.com")
-    assert result.exit_code == 0 and "removed 1 device" in result.output
+    assert result.exit_code == 0 and "removed 1 device(s) of alice@example.com; 2FA is off; 1 session(s) ended" in result.output
     with app.app_context():
         assert Device.select().count() == 0
         assert ServerSession.select().where(ServerSession.user.is_null(False)).count() == 0
@@ -193,7 +223,8 @@ def test_cli_key_rotation_without_the_old_key_says_so_and_changes_nothing(app, a
         before = [d.secret_enc for d in Device.select().order_by(Device.id)]
     app.config["TOTP_ENCRYPTION_KEYS"] = Fernet.generate_key().decode()
     result = run(app, "keys", "rotate")
-    assert result.exit_code == 1 and "opens with none of the keys in TOTP_ENCRYPTION_KEYS" in result.output
+    assert result.exit_code == 1
+    assert "device 1 (alice@example.com's): its secret opens with none of the keys in TOTP_ENCRYPTION_KEYS" in result.output
     assert "Nothing was changed" in result.output and "Traceback" not in result.output
     with app.app_context():
         assert [d.secret_enc for d in Device.select().order_by(Device.id)] == before
@@ -311,7 +342,11 @@ def test_signup_creates_an_account(app, actor):
     assert r.status_code == 302
     with app.app_context():
         assert User.by_email("new@example.com") is not None
-    assert "new@example.com" in actor.client.get("/settings").get_data(as_text=True)
+    page = actor.client.get("/settings").get_data(as_text=True)
+    assert "new@example.com" in page
+    # it says so, and what comes next (the page used to appear with no word of the new account)
+    assert ("Your account is ready. To protect it with a code from your phone, press the gear next to "
+            "Two-Factor Authentication.") in page
 
 
 def test_signup_refuses_duplicates_and_short_passwords(app, actor):
@@ -536,6 +571,71 @@ def test_a_proxy_hop_count_that_is_not_a_count_is_named_in_the_error(tmp_path, m
               DATABASE_URL=f"sqlite:///{tmp_path / 'db'}", PROXY_HOPS=hops)
 
 
+@pytest.mark.parametrize("name, value", [("TWOSTEP_PRODUCTION", "y"), ("TWOSTEP_PRODUCTION", "production"),
+                                         ("SIGNUP_ENABLED", "nope"), ("SECURE_COOKIES", "2"),
+                                         ("PURGE_INTERVAL_SECONDS", "-5"), ("PURGE_INTERVAL_SECONDS", "10m")])
+def test_a_setting_that_is_not_one_of_its_values_stops_the_start_naming_it(tmp_path, monkeypatch, name, value):
+    """security.md 44: TWOSTEP_PRODUCTION=y used to be read as "no", running production with generated secrets
+    and insecure cookies; a negative purge interval silently meant "never". Each stops the start instead."""
+    monkeypatch.delenv("TWOSTEP_PRODUCTION", raising=False)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=f"^{name} must be"):
+        create_app({"TESTING": True, "INSTANCE_PATH": str(tmp_path / "inst"),
+                    "DATABASE_URL": f"sqlite:///{tmp_path / 'db'}"})
+
+
+@pytest.mark.parametrize("value, expected", [("off", False), ("No", False), ("0", False), (" true ", True)])
+def test_yes_no_settings_take_the_usual_words(tmp_path, monkeypatch, value, expected):
+    monkeypatch.delenv("TWOSTEP_PRODUCTION", raising=False)
+    monkeypatch.setenv("SIGNUP_ENABLED", value)
+    app = create_app({"TESTING": True, "INSTANCE_PATH": str(tmp_path / "inst"),
+                      "DATABASE_URL": f"sqlite:///{tmp_path / 'db'}"})
+    assert app.config["SIGNUP_ENABLED"] is expected
+
+
+def test_unreadable_secrets_name_the_key_file_when_the_keys_come_from_the_instance_folder(tmp_path, monkeypatch,
+                                                                                          capsys, clock):
+    """Under `make run` the keys are the file instance/totp_keys: the warning and `keys rotate` name that file,
+    which is what the operator must edit (they named TOTP_ENCRYPTION_KEYS, which is not set there)."""
+    for key in ("TWOSTEP_PRODUCTION", "SECRET_KEY", "TOTP_ENCRYPTION_KEYS", "DATABASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    settings = {"TESTING": True, "INSTANCE_PATH": str(tmp_path / "inst")}
+    app = create_app(settings)
+    Actor(app, app.test_client(), clock).user(secret=new_secret())
+    keys_file = tmp_path / "inst" / "totp_keys"
+    keys_file.write_text(Fernet.generate_key().decode() + "\n")  # the key that encrypted it is lost
+    capsys.readouterr()
+    app = create_app(settings)
+    assert (f"the keys in {keys_file} cannot decrypt the stored TOTP secret of device 1 (alice@example.com's)"
+            in capsys.readouterr().err)
+    result = run(app, "keys", "rotate")
+    assert result.exit_code == 1 and f"opens with none of the keys in {keys_file}." in result.output
+
+
+def test_a_new_sqlite_database_is_readable_by_its_owner_alone(tmp_path, actor, app):
+    """It holds the password hashes and the encrypted TOTP secrets: 0600 like the key files, the WAL too (the
+    development database was created 0644, readable by every account on the host)."""
+    import stat
+
+    if not app.config["DATABASE_URL"].startswith("sqlite:"):
+        pytest.skip("SQLite only: PostgreSQL keeps its files itself")
+    actor.user()  # a write: the WAL and its index exist now
+    path = app.config["DATABASE_URL"][len("sqlite:///"):]
+    for name in (path, path + "-wal", path + "-shm"):
+        assert stat.S_IMODE(os.stat(name).st_mode) == 0o600, name
+
+
+def test_a_relative_instance_folder_is_taken_from_the_working_directory(tmp_path, monkeypatch):
+    """TWOSTEP_INSTANCE=relinst stopped every command with Flask's ValueError traceback."""
+    for key in ("TWOSTEP_PRODUCTION", "SECRET_KEY", "TOTP_ENCRYPTION_KEYS", "DATABASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TWOSTEP_INSTANCE", "relinst")
+    app = create_app({"TESTING": True})
+    assert app.instance_path == str(tmp_path / "relinst")
+    assert (tmp_path / "relinst" / "twostep.db").exists() and (tmp_path / "relinst" / "totp_keys").exists()
+
+
 @pytest.mark.parametrize("url, message", [
     ("sqlite://app.db", "DATABASE_URL for SQLite is sqlite:/// and a path"),  # would be a database in memory
     ("sqlite://", "DATABASE_URL for SQLite is sqlite:/// and a path"),  # one empty database per worker
@@ -598,7 +698,8 @@ def test_keys_that_cannot_open_the_stored_secrets_give_a_warning_at_start_and_a_
     Actor(first, first.test_client(), clock).user(secret=secret)
     capsys.readouterr()
     app = make_test_app(tmp_path / "b", url, clock, TOTP_ENCRYPTION_KEYS=Fernet.generate_key().decode())
-    assert "TOTP_ENCRYPTION_KEYS cannot decrypt the stored TOTP secret of device 1" in capsys.readouterr().err
+    assert ("the keys in TOTP_ENCRYPTION_KEYS cannot decrypt the stored TOTP secret of device 1 "
+            "(alice@example.com's)") in capsys.readouterr().err
     a = Actor(app, app.test_client(), clock)
     a.password_step()
     with app.app_context():

@@ -380,6 +380,31 @@ def test_five_wrong_codes_drop_the_challenge(actor, secret, clock):
     assert actor.client.get("/login/verify").headers["Location"] == "/login?notice=sign-in-expired"
 
 
+def test_the_code_lock_is_said_when_it_sends_the_person_back_and_again_on_the_next_code_page(actor, secret, clock):
+    """security.md 18: the fifth wrong code locks the account's code step for 15 minutes and ends this code
+    step. "Please sign in again" alone sent people straight back, where the right code was then refused
+    (and counted). The message gives the wait, and the next code page says it before a code is typed."""
+    actor.user(secret=secret)
+    actor.password_step()
+    for wait in (0, 1, 2, 4, 8):
+        clock.advance(wait)
+        r = actor.code_step(WRONG)
+    assert r.headers["Location"] == "/login"
+    page = actor.client.get("/login").get_data(as_text=True)
+    assert "Too many wrong codes. For your security, wait 15 minutes, then sign in again." in page
+    clock.advance(60)
+    assert actor.password_step().headers["Location"] == "/login/verify"
+    page = actor.client.get("/login/verify").get_data(as_text=True)
+    assert "Too many wrong codes. Wait 14 minutes before trying again." in page
+    assert 'aria-invalid="true"' in page  # tied to the field, like any refusal of a code
+    assert user_row(actor.app).code_failures == 5  # showing it counted nothing
+    clock.advance(14 * 60)
+    assert actor.password_step().headers["Location"] == "/login/verify"  # that code step had expired (5 min)
+    page = actor.client.get("/login/verify").get_data(as_text=True)
+    assert "Too many" not in page and "Wait" not in page
+    assert actor.code_step(actor.code(secret)).headers["Location"] == "/settings"
+
+
 # ------------------------------------------------------------------ the code step
 
 def test_correct_code_signs_in_with_a_new_session_id(actor, secret, app):

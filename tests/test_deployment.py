@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from webapp.db import db
 from webapp.models import AuditEvent
 
 from .conftest import PASSWORD
@@ -106,3 +107,45 @@ def test_hosts_starting_together_on_an_empty_postgresql_database_all_start(tmp_p
         finally:
             with psycopg.connect(server + "/postgres", autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.mark.skipif(not os.environ.get("TEST_DATABASE_URL"),
+                    reason="needs PostgreSQL (make test-postgres sets TEST_DATABASE_URL)")
+def test_a_postgresql_role_that_may_not_create_tables_stops_the_start_with_what_to_do(tmp_path):
+    """PostgreSQL 15 lets only the database's owner create tables in `public`. A role that was merely granted
+    the database used to stop the start with a traceback (peewee.ProgrammingError); it is one line naming
+    DATABASE_URL and the fix, and the fix the README gives (make the role the owner) works."""
+    import uuid
+
+    import psycopg
+    from cryptography.fernet import Fernet
+
+    from webapp import create_app
+    from webapp.config import ConfigError
+
+    server = os.environ["TEST_DATABASE_URL"].rsplit("/", 1)[0]
+    name = "twostep_rights_" + uuid.uuid4().hex[:8]
+    with psycopg.connect(server + "/postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE ROLE "{name}" LOGIN')
+        conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(f'GRANT ALL ON DATABASE "{name}" TO "{name}"')
+    role_url = server.replace("postgres@", f"{name}@", 1) + f"/{name}"
+    settings = {"TESTING": True, "INSTANCE_PATH": str(tmp_path / "inst"), "SECRET_KEY": "k" * 40,
+                "TOTP_ENCRYPTION_KEYS": Fernet.generate_key().decode(), "DATABASE_URL": role_url}
+    try:
+        with pytest.raises(ConfigError) as refused:
+            create_app(settings)
+        message = str(refused.value)
+        assert message.startswith("the database in DATABASE_URL cannot be used: permission denied for schema public")
+        assert "OWNER" in message and "\n" not in message
+        with psycopg.connect(server + "/postgres", autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{name}" OWNER TO "{name}"')
+        create_app(settings)
+        with psycopg.connect(role_url) as conn:
+            assert conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'user'"
+                                ).fetchone()[0] == 1
+    finally:
+        db.close()
+        with psycopg.connect(server + "/postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            conn.execute(f'DROP ROLE "{name}"')

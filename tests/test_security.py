@@ -12,14 +12,19 @@ def signed_in(client):
     return r.status_code == 200 and "User Settings" in r.get_data(as_text=True)
 
 
-@pytest.mark.parametrize("origin", ["https://evil.example", "null", "http://localhost.evil.example"])
-def test_cross_site_origin_is_refused(actor, origin):
-    """security.md 33: a POST from another origin is refused even with a valid token, and nothing happens."""
+@pytest.mark.parametrize("origin", ["https://evil.example", "null", "http://localhost.evil.example",
+                                    "http://localhost:8443"])
+def test_cross_site_origin_is_refused(actor, origin, caplog):
+    """security.md 33: a POST from another origin is refused even with a valid token, and nothing happens.
+    The log says what was compared: a proxy that drops the visitor's port or scheme (nginx's `$host`)
+    refuses every form, and the operator must be able to see why."""
     actor.user()
     r = actor.post_form("/login", {"email": "alice@example.com", "password": PASSWORD},
                         headers={"Origin": origin})
     assert r.status_code == 403
     assert not signed_in(actor.client)
+    [line] = [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("origin refused")]
+    assert line.startswith(f"origin refused: POST /login from Origin {origin}; this app sees itself as http://localhost ")
 
 
 def test_a_remember_cookie_signed_with_the_secret_key_signs_nobody_in(app, actor, secret):

@@ -88,8 +88,9 @@ def create_app(test_config=None):
     """Build the application: config, database, sessions, login, CSRF, blueprints, errors and CLI."""
     app = Flask(
         __name__,
-        instance_path=(test_config or {}).get("INSTANCE_PATH") or os.environ.get("TWOSTEP_INSTANCE")
-        or os.path.join(os.path.dirname(HERE), "instance"),
+        # A relative TWOSTEP_INSTANCE is taken from the working directory (Flask accepts absolute paths only).
+        instance_path=os.path.abspath((test_config or {}).get("INSTANCE_PATH") or os.environ.get("TWOSTEP_INSTANCE")
+                                      or os.path.join(os.path.dirname(HERE), "instance")),
         template_folder=os.path.join(os.path.dirname(HERE), "templates"),
         static_folder=os.path.join(os.path.dirname(HERE), "static"),
     )
@@ -293,16 +294,18 @@ def _warn_about_unreadable_secrets(app):
     from .models import Device
     from .totp import decrypt_secret
 
-    ends = [Device.select(Device.id, Device.secret_enc).order_by(order).first()
+    from .models import User
+
+    ends = [Device.select(Device.id, Device.secret_enc, User.email).join(User).order_by(order).first()
             for order in (Device.id, Device.id.desc())]
     for device in filter(None, ends):
         try:
             with app.app_context():
                 decrypt_secret(device.secret_enc)
         except SecretError:
-            print(f" * twostep: WARNING: TOTP_ENCRYPTION_KEYS cannot decrypt the stored TOTP secret of device "
-                  f"{device.id}: sign-ins with 2FA will fail. Give the key(s) that encrypted it (README "
-                  f"\"Rotating the encryption key\").", file=sys.stderr, flush=True)
+            print(f" * twostep: WARNING: {config_module.keys_source(app.config)} cannot decrypt the stored TOTP "
+                  f"secret of device {device.id} ({device.user.email}'s): sign-ins with 2FA will fail. Give the "
+                  f"key(s) that encrypted it (README \"Rotating the encryption key\").", file=sys.stderr, flush=True)
             return
 
 
@@ -514,8 +517,8 @@ def _register_error_handlers(app):
     def unreadable_secret(exc):
         # An operator's mistake (TOTP_ENCRYPTION_KEYS lost the key of stored secrets): the person can do
         # nothing about it, and the transaction that needed the secret has rolled back.
-        app.logger.error("a stored TOTP secret cannot be decrypted with TOTP_ENCRYPTION_KEYS: give the key "
-                         "that encrypted it (README \"Rotating the encryption key\")")
+        app.logger.error("a stored TOTP secret cannot be decrypted with %s: give the key that encrypted it "
+                         "(README \"Rotating the encryption key\")", config_module.keys_source(app.config))
         # The database works, so the reloaded page (htmx) can carry the message, unlike in an outage.
         return render_error(503, "Temporarily unavailable",
                             "Two-factor authentication cannot be checked right now. Nothing was changed. "

@@ -16,7 +16,7 @@ from .models import KnownBrowser, SignInChallenge, User, normalise_email
 from .security import (PASSWORD_MAX, PASSWORD_MIN, audit, backoff, hash_password, known_browser, remember_browser,
                        safe_next, verify_password, wait_text)
 from .sessions import end_session_now, token_hash, write_session_now
-from .totp import check_user_code, code_matches, normalise_code
+from .totp import CheckResult, check_user_code, code_matches, normalise_code
 
 bp = Blueprint("auth", __name__)
 
@@ -419,13 +419,34 @@ def verify():
                         raise _ChallengeGone
                     if failures >= current_app.config["CHALLENGE_MAX_FAILURES"]:
                         drop_challenge()
-                        flash("Too many wrong codes. For your security, please sign in again.", "error")
+                        flash(_too_many_codes(result), "error")
                         return redirect(url_for("auth.login"))
         except _ChallengeGone:
             return redirect(login_notice_url("sign-in-expired"))
         if signed_in:
             return after_sign_in(challenge.next_url)
+    elif _locked_for_minutes(challenge.user):
+        # Back after the lock sent this browser to sign in again (or someone else's wrong codes set it): say
+        # so before a right code is refused.
+        error = code_error(CheckResult(False, "locked", locked_until=challenge.user.code_locked_until,
+                                       failures=challenge.user.code_failures))
     return render_template("auth/verify.html", form=form, error=error), status
+
+
+def _locked_for_minutes(user):
+    """Whether the account's code lock (not one of the short pauses after the first wrong codes) is on."""
+    return (user.code_locked_until is not None and user.code_locked_until > now()
+            and user.code_failures > current_app.config["THROTTLE_FREE_FAILURES"])
+
+
+def _too_many_codes(result):
+    """The message for a code step ended by too many wrong codes: with the wait, when the account's lock is
+    on (sign in again at once, and even the right code would be refused until it ends)."""
+    if result.locked_until is not None and result.locked_until > now() \
+            and result.failures > current_app.config["THROTTLE_FREE_FAILURES"]:
+        return (f"Too many wrong codes. For your security, wait {wait_text(result.locked_until)}, then sign in "
+                "again.")
+    return "Too many wrong codes. For your security, please sign in again."
 
 
 @bp.route("/reauth", methods=["GET", "POST"])
@@ -501,7 +522,10 @@ def signup():
                 error = "An account with this email address already exists. Log in instead."
             else:
                 audit("account_created", user=user, via="signup")
-                return complete_sign_in(user)
+                response = complete_sign_in(user)
+                flash("Your account is ready. To protect it with a code from your phone, press the gear next to "
+                      "Two-Factor Authentication.", "success")
+                return response
         else:
             status = 400
     return render_template("auth/signup.html", form=form, error=error), status

@@ -40,6 +40,7 @@ def create_user(email, password, admin):
     """Create an account."""
     from email_validator import EmailNotValidError, validate_email
 
+    email = email.strip()  # as the other commands and the sign-in form take it
     try:
         validate_email(email, check_deliverability=False)
     except EmailNotValidError as exc:
@@ -99,13 +100,21 @@ def _database_name():
 def promote(email, revoke):
     """Make an account an admin (or, with --revoke, an ordinary user)."""
     user = _get_user(email)
-    if user.is_admin != revoke:  # already so: no sign-out, no audit record of a change that did not happen
-        click.echo(f"{user.email} is already {'an ordinary user' if revoke else 'an admin'}; nothing changed")
-        return
-    User.update(is_admin=not revoke).where(User.id == user.id).execute()
-    end_user_sessions(user)
-    audit("role_changed", user=user, admin=not revoke, via="cli")
-    click.echo(f"{user.email} is now {'an ordinary user' if revoke else 'an admin'}")
+    with write_transaction():  # the person's row first, as every change to their sessions takes it
+        User.lock(user.id)
+        user = User.get_by_id(user.id)  # as it is now, under the lock
+        if user.is_admin != revoke:  # already so: no sign-out, no audit record of a change that did not happen
+            click.echo(f"{user.email} is already {'an ordinary user' if revoke else 'an admin'}; nothing changed")
+            return
+        if revoke and not User.select().where(User.is_admin & (User.id != user.id)).exists():
+            # Nobody could reach the Support page any more, and /setup does not come back while accounts exist.
+            raise click.ClickException(f"{user.email} is the only admin: promote another account first. "
+                                       "Nothing changed.")
+        User.update(is_admin=not revoke).where(User.id == user.id).execute()
+        ended = end_user_sessions(user)
+        audit("role_changed", user=user, admin=not revoke, via="cli")
+    click.echo(f"{user.email} is now {'an ordinary user' if revoke else 'an admin'}; {ended} session(s) ended "
+               "(the new role applies from the next sign-in)")
 
 
 @users.command("reset-2fa")
@@ -117,9 +126,9 @@ def reset_2fa(email):
         click.echo(f"{user.email} has no authenticator device; nothing changed")
         return
     with write_transaction():  # BEGIN IMMEDIATE on SQLite, like the app's own writers
-        removed, _ = revoke_second_factor(user)  # half-finished sign-ins go too: their code step would fail
+        removed, ended = revoke_second_factor(user)  # half-finished sign-ins go too: their code step would fail
         audit("tfa_reset", user=user, via="cli", devices_removed=removed)
-    click.echo(f"removed {removed} device(s) of {user.email}; 2FA is off")
+    click.echo(f"removed {removed} device(s) of {user.email}; 2FA is off; {ended} session(s) ended")
 
 
 @users.command("set-password")
@@ -156,23 +165,29 @@ def activity(email, limit):
 
 @keys.command("rotate")
 def rotate_keys():
-    """Re-encrypt every stored TOTP secret with the first key in TOTP_ENCRYPTION_KEYS."""
+    """Re-encrypt every stored TOTP secret with the first key in TOTP_ENCRYPTION_KEYS (under `make run`, the
+    first key in instance/totp_keys)."""
     from .models import PendingEnrolment
     from .totp import SecretError, reencrypt_secret
+
+    from flask import current_app
+
+    from .config import keys_source
 
     count = 0
     # All or nothing: a secret that no key opens leaves every secret as it was. BEGIN IMMEDIATE on SQLite: a
     # deferred transaction that read first could not start writing while the app's sign-ins write.
     with write_transaction():
         for model in (Device, PendingEnrolment):
-            for row in model.select(model.id, model.secret_enc):
+            for row in model.select(model.id, model.user, model.secret_enc):
                 try:
                     secret = reencrypt_secret(row.secret_enc)
                 except SecretError:
+                    owner = User.get_by_id(row.user_id).email
                     raise click.ClickException(
-                        f"{model.__name__.lower()} {row.id}: its secret opens with none of the keys in "
-                        "TOTP_ENCRYPTION_KEYS. Add the key it was encrypted with (after the new one) and run "
-                        "this again. Nothing was changed.") from None
+                        f"{model.__name__.lower()} {row.id} ({owner}'s): its secret opens with none of "
+                        f"{keys_source(current_app.config)}. Add the key it was encrypted with (after the new "
+                        "one) and run this again. Nothing was changed.") from None
                 model.update(secret_enc=secret).where(model.id == row.id).execute()
                 count += 1
     click.echo(f"re-encrypted {count} secret(s) with the newest key")

@@ -58,8 +58,19 @@ MIN_SECRET_KEY_BYTES = 32
 MIN_SECRET_KEY_SYMBOLS = 8  # different characters in it (even 32 random hex digits have fewer once in 27 million draws)
 
 
-def _env_bool(value):
-    return value.strip().lower() in ("1", "true", "yes", "on")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def _env_bool(env, name, default):
+    """A yes/no variable; anything else stops the start naming it (TWOSTEP_PRODUCTION=y silently read as
+    "no" would run production with generated secrets)."""
+    value = env.get(name)
+    if value is None:
+        return default
+    word = value.strip().lower()
+    if word not in _TRUE + _FALSE:
+        raise ConfigError(f"{name} must be 1 or 0 (also true/false, yes/no, on/off), not {value!r}")
+    return word in _TRUE
 
 
 def _instance_secret(instance_path, name, factory):
@@ -83,15 +94,14 @@ def load(app, test_config=None):
     """Fill app.config: defaults, then environment, then instance-folder secrets, then test overrides."""
     app.config.update(DEFAULTS)
     env = os.environ
-    production = _env_bool(env.get("TWOSTEP_PRODUCTION", "0"))
+    production = _env_bool(env, "TWOSTEP_PRODUCTION", False)
     app.config["PRODUCTION"] = production
     for key in ("SECRET_KEY", "DATABASE_URL", "TOTP_ISSUER", "TOTP_ENCRYPTION_KEYS"):
         if env.get(key):
             app.config[key] = env[key]
-    if env.get("SIGNUP_ENABLED"):
-        app.config["SIGNUP_ENABLED"] = _env_bool(env["SIGNUP_ENABLED"])
-    if env.get("SECURE_COOKIES"):
-        app.config["SECURE_COOKIES"] = _env_bool(env["SECURE_COOKIES"])
+    for key in ("SIGNUP_ENABLED", "SECURE_COOKIES"):
+        if env.get(key):
+            app.config[key] = _env_bool(env, key, app.config[key])
     if env.get("PROXY_HOPS"):
         try:
             app.config["PROXY_HOPS"] = int(env["PROXY_HOPS"])
@@ -107,9 +117,12 @@ def load(app, test_config=None):
         trusted_proxies(app.config["FORWARDED_ALLOW_IPS"])  # a typo stops the start, naming the setting
     if env.get("PURGE_INTERVAL_SECONDS"):
         try:
-            app.config["PURGE_INTERVAL"] = timedelta(seconds=int(env["PURGE_INTERVAL_SECONDS"]))
-        except ValueError as exc:
-            raise ConfigError("PURGE_INTERVAL_SECONDS must be a whole number of seconds (0 turns it off)") from exc
+            seconds = int(env["PURGE_INTERVAL_SECONDS"])
+        except ValueError:
+            seconds = -1
+        if seconds < 0:
+            raise ConfigError("PURGE_INTERVAL_SECONDS must be a whole number of seconds (0 turns it off)")
+        app.config["PURGE_INTERVAL"] = timedelta(seconds=seconds)
     if production:
         app.config["SECURE_COOKIES"] = True
     if test_config:
@@ -124,9 +137,16 @@ def load(app, test_config=None):
         if not app.config.get("TOTP_ENCRYPTION_KEYS"):
             app.config["TOTP_ENCRYPTION_KEYS"] = _instance_secret(
                 app.instance_path, "totp_keys", lambda: Fernet.generate_key().decode())
+            app.config["TOTP_KEYS_SOURCE"] = os.path.join(app.instance_path, "totp_keys")
         if not app.config.get("DATABASE_URL"):
             app.config["DATABASE_URL"] = "sqlite:///" + os.path.join(app.instance_path, "twostep.db")
     validate(app.config)
+
+
+def keys_source(config):
+    """Where the TOTP encryption keys came from, for messages that tell the operator what to edit."""
+    path = config.get("TOTP_KEYS_SOURCE")
+    return f"the keys in {path or 'TOTP_ENCRYPTION_KEYS'}"
 
 
 def validate(config):

@@ -3,12 +3,13 @@ start, and Prepared queries for the paths every request takes."""
 import fcntl
 import hashlib
 import os
+import select
 import threading
 import time
 from contextlib import contextmanager
 
 from peewee import (ColumnBase, DatabaseProxy, Field, ForeignKeyField, InterfaceError, ModelSelect, OperationalError,
-                    PostgresqlDatabase, SqliteDatabase)
+                    PostgresqlDatabase, ProgrammingError, SqliteDatabase)
 from playhouse.db_url import parse
 from werkzeug.wsgi import ClosingIterator
 
@@ -300,6 +301,15 @@ def _create_tables(database, models, postgresql_indexes=()):
             database.create_tables(models, safe=True)  # SQLite's own lock serialises creators
 
 
+def _create_private(path):
+    """A new SQLite file readable by its owner alone (it holds password hashes and the encrypted TOTP
+    secrets); SQLite gives its -wal and -shm files the same permissions. An existing file stays as it is."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except (FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError):
+        pass  # there already, or its folder is not: opening it says what is wrong (ConfigError below)
+
+
 _SCHEMA_LOCK = int.from_bytes(hashlib.sha256(b"twostep: create tables").digest()[:8], "big", signed=True)
 
 
@@ -311,10 +321,15 @@ def init_app(app):
     if db.obj is not None and not db.obj.is_closed():
         db.obj.close()  # a process that builds several apps (tests, the benchmark) keeps no stale connection
     db.initialize(database)
+    if isinstance(database, SqliteDatabase):
+        _create_private(database.database)
     try:
         _create_tables(database, models.ALL_MODELS, models.POSTGRESQL_INDEXES)
-    except (OperationalError, InterfaceError) as exc:  # unreachable, refused, no such file or folder, ...
+    except (OperationalError, InterfaceError, ProgrammingError) as exc:  # unreachable, no such file, no rights
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "permission denied" in reason:  # PostgreSQL 15: only the database's owner may create in `public`
+            reason += (" (the role in DATABASE_URL must be allowed to create tables: make it the database's "
+                       "owner, e.g. CREATE DATABASE twostep OWNER twostep; README \"Deployment\")")
         raise ConfigError(f"the database in DATABASE_URL cannot be used: {reason}") from exc
 
     # Connections are kept between requests: opening one per request cost ~0.6 ms on SQLite (closing the
@@ -341,10 +356,13 @@ def init_app(app):
 class _ConnectionUpkeep:
     """WSGI wrapper for the kept connections.
 
-    Before a request, a PostgreSQL connection that sat idle for a while is checked with a trivial query and
-    dropped if the server went away meanwhile (a restart), so the request opens a new one instead of
-    failing with a 503. Busy workers skip the check; a request that meets a broken connection anyway gets
-    the 503 page, which closes it (__init__._register_error_handlers).
+    Before a request, a kept PostgreSQL connection is checked with a trivial query and dropped if the server
+    went away meanwhile (a restart, a backend ended by an administrator), so the request opens a new one
+    instead of failing with a 503. The query runs when the connection sat idle for a while, or at once when
+    its socket has something to read: an idle connection is sent nothing unless the server is hanging up
+    (its "terminating connection" notice, or the end of the stream), and a zero-timeout poll costs a
+    system call, not a round trip. A request that meets a broken connection anyway (the server went away
+    during it) gets the 503 page, which closes it (__init__._register_error_handlers).
 
     After a request that wrote to SQLite, once the response has gone out (the server closes the body),
     the WAL is checkpointed when it is due (_Checkpoints)."""
@@ -357,8 +375,9 @@ class _ConnectionUpkeep:
 
     def __call__(self, environ, start_response):
         database = db.obj
-        idle = time.monotonic() - getattr(self.local, "last", 0.0)
-        if idle > self.IDLE_SECONDS and not isinstance(database, SqliteDatabase) and not database.is_closed():
+        if not isinstance(database, SqliteDatabase) and not database.is_closed() and (
+                time.monotonic() - getattr(self.local, "last", 0.0) > self.IDLE_SECONDS
+                or _has_input(database._state.conn)):
             try:
                 database.execute_sql("SELECT 1")
             except (OperationalError, InterfaceError):
@@ -373,6 +392,14 @@ class _ConnectionUpkeep:
         if _checkpoints.due():
             return ClosingIterator(body, _checkpoints.run)
         return body
+
+
+def _has_input(connection):
+    """Whether an idle connection's socket has something to read (or is closed): zero-timeout poll."""
+    try:
+        return bool(select.select([connection.fileno()], [], [], 0)[0])
+    except Exception:  # closed meanwhile, no socket to poll: the query decides (it handles what it raises)
+        return True
 
 
 _INHERITED = []  # connections a forked worker got from its parent: never used, never closed by the child
