@@ -3,8 +3,10 @@ admins, and each person's own Security activity in User Settings (security.md 42
 import json
 from datetime import datetime, timedelta
 
+import pytest
+
 from webapp.models import AuditEvent, User
-from webapp.security import audit
+from webapp.security import FORBIDDEN_DETAIL_KEYS, audit
 from webapp.support import detail_text, event_text, security_activity
 from webapp.totp import new_secret
 
@@ -70,6 +72,18 @@ def test_refused_and_invalid_actions_write_no_record(app, actor, secret):
     disable(actor, target, duration="99d")
     disable(actor, other_admin)
     assert events(app, "support_tfa_disabled", "support_window_ended") == []
+
+
+@pytest.mark.parametrize("key", sorted(FORBIDDEN_DETAIL_KEYS))
+def test_an_audit_record_refuses_details_that_would_hold_a_code_or_secret(app, key):
+    """security.md 43: the log lines are redacted, but the audit table's details are shown as they are (the
+    Support audit log, Security activity): audit() refuses the names under which a code, a secret, a
+    password or a token would be kept, and writes nothing. Found by mutation testing: no test noticed the
+    guard gone."""
+    with app.test_request_context("/"):
+        with pytest.raises(ValueError, match=key):
+            audit("code_rejected", user=None, **{key: "123456", "reason": "wrong"})
+        assert AuditEvent.select().count() == 0
 
 
 def test_no_route_can_change_audit_records(app):

@@ -648,8 +648,27 @@ def test_success_resets_the_failure_counter(actor, secret, clock):
 
 # ------------------------------------------------------------------ redirects
 
+@pytest.mark.parametrize("target", ["///evil.example", "////evil.example", "/\t/evil.example", "/\n/evil.example",
+                                    "//evil.example/path", "https:evil.example", "/" + "a" * 512])
+def test_safe_next_refuses_every_way_to_name_another_host(target):
+    """security.md 29: urlsplit("///evil.example") finds no host at all, yet browsers go to evil.example; and
+    they drop a tab or newline in a URL, so "/\t/evil.example" is "//evil.example" to them. Found by
+    mutation testing: without the "//" check no test noticed."""
+    from webapp.security import safe_next
+
+    assert safe_next(target) is None
+
+
+def test_safe_next_keeps_same_site_paths():
+    from webapp.security import safe_next
+
+    for target in ("/settings", "/support?q=alice%40example.com&page=2", "/settings/2fa#step"):
+        assert safe_next(target) == target
+
+
 @pytest.mark.parametrize("target", ["https://evil.example", "//evil.example", "/\\evil.example",
-                                    "%2F%2Fevil.example", "javascript:alert(1)", "http:/evil.example"])
+                                    "%2F%2Fevil.example", "javascript:alert(1)", "http:/evil.example",
+                                    "///evil.example", "////evil.example"])
 def test_open_redirects_are_refused(actor, secret, target):
     """security.md 29: next is honoured only for same-site paths, carried server-side through 2FA."""
     actor.user(secret=secret)
@@ -1009,7 +1028,7 @@ def test_a_code_from_a_device_removed_meanwhile_is_a_wrong_code_not_a_replay(app
 @pytest.mark.parametrize("how", ["disable", "remove the only device"])
 def test_turning_2fa_off_ends_the_code_steps_under_way_elsewhere(app, actor, secret, how):
     """A browser at the code step (the password was right) can never finish once the owner turns 2FA off:
-    it is told its sign-in expired, not shown 'wrong code' until it locks the account."""
+    it is told its sign-in expired, not shown 'wrong code' until it locks the account (security.md 18)."""
     from webapp.models import Device
 
     user = actor.user(secret=secret)
@@ -1034,3 +1053,30 @@ def test_turning_2fa_off_ends_the_code_steps_under_way_elsewhere(app, actor, sec
     r = other.client.post("/login/verify", data={"csrf_token": other_token, "code": other.code(secret)})
     assert r.status_code == 302 and r.headers["Location"] == "/login?notice=sign-in-expired"
     assert user_row(app).code_failures == 0 and "code_rejected" not in kinds(app)
+
+
+def test_a_page_sent_back_with_a_refusal_says_error_first_in_its_title(actor, secret):
+    """Without JavaScript a refused form comes back as a whole page, and a screen reader reads its title
+    first: it starts with "Error:" (as the wizard's pages did already), and only then."""
+    import re
+
+    def title(r):
+        return re.search(r"<title>(.*?)</title>", r.get_data(as_text=True)).group(1)
+
+    actor.user(secret=secret)
+    assert title(actor.client.get("/login")) == "Log in · twostep"
+    assert title(actor.password_step(password="wrong password")) == "Error: Log in · twostep"
+    actor.clock.advance(2)  # past the back-off
+    actor.password_step()
+    assert title(actor.client.get("/login/verify")) == "Verification code · twostep"
+    assert title(actor.code_step(WRONG)) == "Error: Verification code · twostep"
+    actor.clock.advance(2)
+    actor.code_step(actor.code(secret))
+    assert title(actor.client.get("/settings")) == "User Settings · twostep"
+    r = actor.post_form("/settings/password", {"current": "wrong password", "new": "another long one",
+                                               "confirm": "another long one"})
+    assert title(r) == "Error: Change password · twostep"
+    device = user_row(actor.app).devices.get()
+    r = actor.post_form(f"/settings/devices/{device.id}/remove", {f"remove-{device.id}-code": WRONG},
+                        form_url="/settings")
+    assert "remove-" in r.get_data(as_text=True) and title(r) == "Error: User Settings · twostep"

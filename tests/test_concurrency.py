@@ -179,3 +179,28 @@ def test_twenty_parallel_contact_requests_store_exactly_the_hourly_limit(app, li
     assert all("wait an hour" in r[2] for r in results if r[0] == 429)
     with app.app_context():
         assert SupportRequest.select().where(SupportRequest.email == "lost.phone@example.com").count() == 3
+
+
+def test_a_sqlite_write_transaction_holds_the_write_lock_from_its_first_statement(app):
+    """security.md 20: on SQLite, write_transaction is BEGIN IMMEDIATE: the write lock is taken when it begins,
+    so a read at its start (the lock check, the replay state) cannot be overtaken by another writer before
+    its own write. A plain BEGIN takes the lock only at the first write; the writers' queue (an flock around
+    every write_transaction) hid the difference from every other test. Found by mutation testing."""
+    import sqlite3
+
+    from webapp.db import is_sqlite, write_transaction
+
+    with app.app_context():
+        if not is_sqlite():
+            pytest.skip("SQLite only: PostgreSQL takes row locks (FOR UPDATE)")
+        path = app.config["DATABASE_URL"][len("sqlite:///"):]
+        other = sqlite3.connect(path, timeout=0, isolation_level=None)
+        try:
+            with write_transaction():
+                User.select().count()  # only a read so far
+                with pytest.raises(sqlite3.OperationalError, match="locked"):
+                    other.execute("BEGIN IMMEDIATE")  # another writer, outside the queue, cannot start
+            other.execute("BEGIN IMMEDIATE")  # and can once it has committed
+            other.execute("ROLLBACK")
+        finally:
+            other.close()

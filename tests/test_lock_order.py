@@ -217,3 +217,31 @@ def test_renaming_a_device_takes_the_person_before_the_device(app, actor, secret
     assert result["status"] == 302
     with app.app_context():
         assert Device.get_by_id(device.id).name == "Work phone"
+
+
+def test_a_wrong_password_in_a_known_browser_takes_the_person_before_the_browsers_counter(app, actor):
+    """A wrong password typed in a browser the person signed in from counts on that browser's own row
+    (auth._count_failure). Support's disable and a password change take the person's row, then forget the
+    person's browsers; a count that locked the browser's row first and then needed the person's would
+    deadlock with them (a 500, or a guess never counted). While the person's row is held, the count waits
+    and the browser's row is untouched (security.md 20). Found by mutation testing: dropping the lock failed
+    no test."""
+    from webapp.models import KnownBrowser
+
+    user = actor.user()
+    actor.sign_in()
+    actor.client.post("/logout", data={"csrf_token": actor.csrf("/settings")})
+    with app.app_context():
+        [browser] = KnownBrowser.select().where(KnownBrowser.user == user.id)
+    token = actor.csrf("/login")
+
+    blocked, untouched, status = run_while_person_held(
+        user.id, lambda: actor.client.post("/login", data={"csrf_token": token, "email": "alice@example.com",
+                                                           "password": "wrong password"}).status_code,
+        [("knownbrowser", browser.id)])
+
+    assert blocked and untouched == {("knownbrowser", browser.id): True}
+    assert status == 200
+    with app.app_context():
+        assert KnownBrowser.get_by_id(browser.id).password_failures == 1
+        assert User.get_by_id(user.id).password_failures == 0  # counted on the browser, not the account

@@ -958,6 +958,27 @@ def test_acting_on_another_admin_is_refused(app, actor, secret):
     assert count(app, AuditEvent, AuditEvent.kind.in_(["support_tfa_disabled", "support_window_ended"])) == 0
 
 
+def test_a_person_made_an_admin_while_the_form_was_checked_is_not_acted_on(app, actor, secret, target, monkeypatch):
+    """security.md 41: the disable re-reads the person under their row lock and refuses an admin there too,
+    not only on the page's first read: a promotion landing in between (`users promote`) must not let
+    support strip an admin's 2FA. Found by mutation testing: dropping the re-check failed no test."""
+    import webapp.support as support_module
+
+    original = support_module._target_or_404
+
+    def read_then_promoted(user_id):
+        found = original(user_id)  # read as an ordinary user ...
+        User.update(is_admin=True).where(User.id == user_id).execute()  # ... promoted a moment later
+        return found
+
+    sign_in_admin(actor, secret)
+    monkeypatch.setattr(support_module, "_target_or_404", read_then_promoted)
+    assert disable(actor, target).status_code == 403
+    assert count(app, Device, Device.user == target.id) == 1
+    assert user_row(app, "carol@example.com").tfa_reset_until is None
+    assert count(app, AuditEvent, AuditEvent.kind == "support_tfa_disabled") == 0
+
+
 def test_unknown_person_is_404(actor, secret):
     sign_in_admin(actor, secret)
     assert actor.post_form("/support/users/9999/disable-2fa", {"u9999-reason": "x", "u9999-duration": "24h"},

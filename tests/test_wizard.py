@@ -1000,3 +1000,25 @@ def test_without_javascript_a_right_code_leads_to_a_name_page_that_survives_a_re
     [pending] = pendings(app, user)
     assert pending.failures == 0
     assert 'data-step="done"' in text(w.complete("Phone"))
+
+
+def test_turning_2fa_off_ends_a_setup_under_way(actor, secret):
+    """Turn off removes every device and the key of a setup not yet completed: that key was shown before 2FA
+    went off, and turning 2FA off is meant to leave no authenticator of the account working. A later
+    Complete Activation finds the setup gone. Found by mutation testing: keeping the key failed no test."""
+    user = actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    w = Wizard(actor)
+    w.open()
+    w.start()
+    assert 'data-step="name"' in text(w.submit_code())
+    assert len(pendings(actor.app, user)) == 1
+    actor.clock.advance(30)
+    r = actor.client.post("/settings/2fa/disable", data={"csrf_token": w.csrf(), "off-password": PASSWORD,
+                                                         "off-code": actor.code(secret)})
+    assert r.status_code == 302
+    assert pendings(actor.app, user) == []
+    done = w.complete("Work phone")
+    assert 'data-step="expired"' in text(done) and "This setup has expired" in text(done)
+    with actor.app.app_context():
+        assert Device.select().where(Device.user == user.id).count() == 0
