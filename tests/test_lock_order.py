@@ -245,3 +245,29 @@ def test_a_wrong_password_in_a_known_browser_takes_the_person_before_the_browser
     with app.app_context():
         assert KnownBrowser.get_by_id(browser.id).password_failures == 1
         assert User.get_by_id(user.id).password_failures == 0  # counted on the browser, not the account
+
+
+def test_revoking_an_admin_waits_for_every_admins_row_before_counting_the_others(app, actor):
+    """`users promote --revoke` refuses to demote the last admin. It counted the other admins holding only
+    its own target's row: two revokes of the last two admins at once each still saw the other and left
+    none (a review reproduced it). It now takes every admin's row, in id order, before it counts: while
+    another admin's row is held, it waits, and the target is still an admin (security.md 41: someone must
+    be left to answer support requests)."""
+    first = actor.user("first-admin@example.com", admin=True)
+    second = actor.user("second-admin@example.com", admin=True)
+
+    held = PersonHeld(second.id)
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("run", app.test_cli_runner().invoke(
+        args=["users", "promote", "first-admin@example.com", "--revoke"])), daemon=True)
+    try:
+        thread.start()
+        blocked = held.wait_for_blocked(thread)
+        still_admin = held.conn.execute('SELECT is_admin FROM "user" WHERE id = %s', (first.id,)).fetchone()[0]
+    finally:
+        held.release()
+    thread.join(30)
+    assert blocked and still_admin
+    assert result["run"].exit_code == 0 and "first-admin@example.com is now an ordinary user" in result["run"].output
+    with app.app_context():
+        assert [u.email for u in User.select().where(User.is_admin)] == ["second-admin@example.com"]

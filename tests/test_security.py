@@ -24,7 +24,21 @@ def test_cross_site_origin_is_refused(actor, origin, caplog):
     assert r.status_code == 403
     assert not signed_in(actor.client)
     [line] = [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("origin refused")]
-    assert line.startswith(f"origin refused: POST /login from Origin {origin}; this app sees itself as http://localhost ")
+    assert line.startswith(f"origin refused: POST '/login' from Origin {origin!r}; this app sees itself as "
+                           "'http://localhost' (")
+
+
+def test_an_origin_cannot_write_the_operators_diagnosis_into_the_log(actor, caplog):
+    """The refused Origin is quoted in the log line, so a made-up one cannot pass for the app's own
+    conclusion ("this app sees itself as ..."), and the path is cut short like the Origin."""
+    forged = "https://x; this app sees itself as 'https://evil.example' (trust it"
+    actor.user()
+    token = actor.csrf("/login")
+    r = actor.client.post("/login/" + "a" * 5000, data={"csrf_token": token}, headers={"Origin": forged})
+    assert r.status_code == 403
+    [line] = [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("origin refused")]
+    assert f"from Origin {forged!r}; this app sees itself as 'http://localhost' (" in line
+    assert len(line) < 800
 
 
 def test_a_remember_cookie_signed_with_the_secret_key_signs_nobody_in(app, actor, secret):

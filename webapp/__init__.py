@@ -291,10 +291,8 @@ def _warn_about_unreadable_secrets(app):
     dropped too early, or the instance folder's key used instead of the environment's): every sign-in with
     2FA would fail until it is fixed. A warning rather than a refusal to start, so that `flask keys rotate`
     can still name the rows."""
-    from .models import Device
+    from .models import Device, User
     from .totp import decrypt_secret
-
-    from .models import User
 
     ends = [Device.select(Device.id, Device.secret_enc, User.email).join(User).order_by(order).first()
             for order in (Device.id, Device.id.desc())]

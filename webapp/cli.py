@@ -5,7 +5,7 @@ import click
 from flask.cli import AppGroup, with_appcontext
 
 from .clock import now
-from .db import write_transaction
+from .db import for_update, write_transaction
 from .models import Device, User, normalise_email
 from .security import PASSWORD_MAX, PASSWORD_MIN, audit, hash_password, replace_password, revoke_second_factor
 from .sessions import end_user_sessions
@@ -101,6 +101,10 @@ def promote(email, revoke):
     """Make an account an admin (or, with --revoke, an ordinary user)."""
     user = _get_user(email)
     with write_transaction():  # the person's row first, as every change to their sessions takes it
+        if revoke:
+            # Every admin's row, in id order (the person's among them): two revokes at once on PostgreSQL
+            # each saw the other admin still there and left none. Now the second waits, then counts again.
+            for_update(User.select(User.id).where(User.is_admin).order_by(User.id)).execute()
         User.lock(user.id)
         user = User.get_by_id(user.id)  # as it is now, under the lock
         if user.is_admin != revoke:  # already so: no sign-out, no audit record of a change that did not happen

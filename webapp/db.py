@@ -327,7 +327,8 @@ def init_app(app):
         _create_tables(database, models.ALL_MODELS, models.POSTGRESQL_INDEXES)
     except (OperationalError, InterfaceError, ProgrammingError) as exc:  # unreachable, no such file, no rights
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "permission denied" in reason:  # PostgreSQL 15: only the database's owner may create in `public`
+        if _sqlstate(exc) == "42501":  # insufficient privilege: since PostgreSQL 15 only the database's owner
+            # may create tables in `public` (checked by code, not by message: servers speak other languages)
             reason += (" (the role in DATABASE_URL must be allowed to create tables: make it the database's "
                        "owner, e.g. CREATE DATABASE twostep OWNER twostep; README \"Deployment\")")
         raise ConfigError(f"the database in DATABASE_URL cannot be used: {reason}") from exc
@@ -395,11 +396,19 @@ class _ConnectionUpkeep:
 
 
 def _has_input(connection):
-    """Whether an idle connection's socket has something to read (or is closed): zero-timeout poll."""
+    """Whether an idle connection's socket has something to read (or is closed): zero-timeout poll (poll(),
+    not select(), which cannot take descriptors above 1023)."""
     try:
-        return bool(select.select([connection.fileno()], [], [], 0)[0])
+        poller = select.poll()
+        poller.register(connection.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
     except Exception:  # closed meanwhile, no socket to poll: the query decides (it handles what it raises)
         return True
+
+
+def _sqlstate(exc):
+    """The SQLSTATE of a database error (peewee keeps psycopg's exception as `orig`), or None."""
+    return getattr(getattr(exc, "orig", None), "sqlstate", None)
 
 
 _INHERITED = []  # connections a forked worker got from its parent: never used, never closed by the child

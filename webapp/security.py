@@ -329,9 +329,9 @@ def check_origin():
         # For the operator: behind a proxy that does not pass on the visitor's scheme and host (with the
         # port), every form is refused here, and the access log alone shows only the 403s.
         logging.getLogger("twostep").warning(
-            "origin refused: %s %s from Origin %s; this app sees itself as %s (behind a reverse proxy, "
+            "origin refused: %s %r from Origin %r; this app sees itself as %r (behind a reverse proxy, "
             "X-Forwarded-Proto and X-Forwarded-Host must be what the visitor used: README \"Deployment\")",
-            request.method, request.path, origin[:200], expected)
+            request.method, request.path[:200], origin[:200], expected)
         abort(403, "This request came from another site and was refused.")
     return None
 
