@@ -349,6 +349,33 @@ def test_signup_creates_an_account(app, actor):
             "Two-Factor Authentication.") in page
 
 
+@pytest.mark.parametrize("email, said", [
+    ("ａｌｉｃｅ@example.com", "Type the address in ordinary letters"),  # full-width letters
+    ("\u0430lice@example.com", "mixes letters of different alphabets"),  # Cyrillic а
+    ("alice@ex\u0430mple.com", "mixes letters of different alphabets"),
+    ("p\u03b1ypal@example.com", "mixes letters of different alphabets"),  # Greek α
+])
+def test_signup_refuses_an_address_that_passes_for_another(app, actor, email, said):
+    """Support goes by what an address looks like (the contact form, the Support search): an account
+    "ａｌｉｃｅ@example.com" or "аlice@example.com" beside Alice's could pass for hers (a fuzzing review).
+    New accounts refuse them, on the sign-up page and in `users create`; nothing is created."""
+    actor.user(email="admin@example.com", admin=True)
+    actor.user()
+    r = actor.post_form("/signup", {"email": email, "password": PASSWORD, "confirm": PASSWORD})
+    assert r.status_code == 400 and said in r.get_data(as_text=True)
+    result = run(app, "users", "create", email, "--password", "long enough pw")
+    assert result.exit_code == 1 and said in result.output
+    with app.app_context():
+        assert User.select().count() == 2
+
+
+@pytest.mark.parametrize("email", ["иван@пример.рф", "zoë@example.com", "たなか太郎@example.jp"])
+def test_signup_takes_addresses_in_one_alphabet_whatever_it_is(app, actor, email):
+    actor.user(email="admin@example.com", admin=True)
+    r = actor.post_form("/signup", {"email": email, "password": PASSWORD, "confirm": PASSWORD})
+    assert r.status_code == 302, r.get_data(as_text=True)[-600:]
+
+
 def test_signup_refuses_duplicates_and_short_passwords(app, actor):
     actor.user()
     r = actor.post_form("/signup", {"email": "alice@example.com", "password": PASSWORD, "confirm": PASSWORD})

@@ -1,6 +1,8 @@
 """The public contact form for people who lost their authenticator app (issue 4)."""
 from datetime import datetime, timezone
 
+import pytest
+
 from webapp.models import AuditEvent, SupportRequest
 
 from .conftest import PASSWORD, csrf_from
@@ -106,6 +108,17 @@ def test_too_short_and_too_long_messages_are_refused(app, actor):
         r = send(actor, message=message)
         assert r.status_code == 400
         assert "Write between 10 and 4000 characters." in r.get_data(as_text=True)
+    assert requests_in_db(app) == []
+
+
+@pytest.mark.parametrize("message", ["Lost my phone \u202eenohp ym tsoL, please help",
+                                     "Lost my phone\x1b[2J please help me", "Lost\u200bmy phone, help"])
+def test_hidden_characters_in_a_message_are_refused(app, actor, message):
+    """Support reads the message: an override that shows text reversed, a terminal escape or a zero-width
+    space hides what was written from the reader (a fuzzing review)."""
+    r = send(actor, message=message)
+    assert r.status_code == 400 and "Use letters, digits, spaces, punctuation and line breaks only." in r.get_data(
+        as_text=True)
     assert requests_in_db(app) == []
 
 

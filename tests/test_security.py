@@ -244,6 +244,23 @@ def test_an_id_too_large_for_the_database_is_a_404(actor, secret):
     assert r.status_code == 404
     assert actor.client.get(f"/support/users/{huge}/disable-2fa").status_code == 404
     assert actor.client.get(f"/support/users/{2**63 - 1}/disable-2fa").status_code == 404  # largest id: no row
+    assert actor.client.post(f"/support/users/{huge}/disable-2fa", data={"csrf_token": token}).status_code == 404
+
+
+def test_an_id_in_other_digits_is_no_id(app, actor, secret):
+    """Werkzeug's int converter reads any Unicode digit: "١" (Arabic-Indic) or "１" (full-width) in the
+    address acted on row 1 (a fuzzing review). Ids are ASCII digits; anything else is a 404."""
+    from .test_support import sign_in_admin
+
+    user = sign_in_admin(actor, secret)
+    device = user.devices.get()
+    token = actor.csrf("/settings")
+    for digit in {"١": "%D9%A1", "１": "%EF%BC%91"}.values():
+        path = f"/settings/devices/{digit}/rename"
+        r = actor.client.post(path, data={"csrf_token": token, f"rename-{device.id}-name": "Renamed"})
+        assert r.status_code == 404
+    with app.app_context():
+        assert type(device).get_by_id(device.id).name == device.name
 
 
 def test_a_nul_character_is_refused_and_changes_nothing(app, actor, secret):

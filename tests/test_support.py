@@ -905,6 +905,32 @@ def test_overlong_reason_and_ticket_are_refused(app, actor, secret, target):
     _unchanged(app, target)
 
 
+@pytest.mark.parametrize("field, value", [
+    ("reason", "Verified \u202eby phone\u202c against the ID card"),  # shown reversed in the record
+    ("reason", "Called back \x1b[31m OK \x07 verified by phone"),
+    ("reason", "Identity checked\u2028by video call"),
+    ("ticket", "SUP-\x01\x02\x1b[31m\x7f"),
+    ("ticket", "\ufeffSUP-12"),
+])
+def test_hidden_characters_in_what_support_writes_are_refused(app, actor, secret, target, field, value):
+    """security.md 38, 42: the reason and ticket go into an audit record nobody can edit. Control characters,
+    bidirectional overrides and invisible format characters there made the record read differently from
+    what was typed (a fuzzing review); they are refused like in device names, and nothing changes."""
+    sign_in_admin(actor, secret)
+    r = disable(actor, target, **{field: value})
+    assert r.status_code == 400
+    assert "Use letters, digits, spaces" in r.get_data(as_text=True)
+    _unchanged(app, target)
+
+
+def test_a_reason_on_several_lines_is_fine(app, actor, secret, target):
+    sign_in_admin(actor, secret)
+    assert disable(actor, target, reason="Called back on the number on file.\r\nChecked\tthe ID card.").status_code == 302
+    with app.app_context():
+        [event] = AuditEvent.select().where(AuditEvent.kind == "support_tfa_disabled")
+        assert event.details["reason"] == "Called back on the number on file.\nChecked\tthe ID card."
+
+
 def test_htmx_validation_error_comes_back_200_inside_the_row(app, actor, secret, target):
     """htmx 2 does not swap 4xx: errors come back 200 in the row fragment, the form open."""
     sign_in_admin(actor, secret)

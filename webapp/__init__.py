@@ -112,6 +112,7 @@ def create_app(test_config=None):
     app.session_interface = DbSessionInterface()
     app.before_request(raise_if_unavailable)
     app.before_request(_refuse_bodies_without_a_length)  # before CSRFProtect's hook reads the form
+    app.before_request(_refuse_cut_or_unreadable_forms)  # so is this one
     app.config["SESSION_COOKIE_NAME"] = app.session_interface.get_cookie_name(app)
     csrf.init_app(app)
     login_manager.init_app(app)
@@ -379,7 +380,10 @@ def _schedule_purge(app):
 
 class _RowId(IntegerConverter):
     """`<int:...>` in every route, bounded to the 64-bit ids the database can hold: a longer number in the
-    address is a 404 page, not an OverflowError from the database driver."""
+    address is a 404 page, not an OverflowError from the database driver. ASCII digits only (Werkzeug's
+    \\d also takes "١" or "１" as 1), and at most 19 of them."""
+
+    regex = r"[0-9]{1,19}"
 
     def __init__(self, url_map, *args, **kwargs):
         kwargs.setdefault("max", 2**63 - 1)
@@ -394,6 +398,26 @@ def _refuse_bodies_without_a_length():
     if request.method in SUBMIT_METHODS and request.content_length is None and "Transfer-Encoding" in request.headers:
         raise LengthRequired("This form was sent without its length (Content-Length). Send it again from the page. "
                              "Nothing was changed.")
+
+
+def _refuse_cut_or_unreadable_forms():
+    """400 for a form that did not arrive whole or cannot be read, before any view or the CSRF check reads it.
+
+    gunicorn marks its input as ending where the body ends (wsgi.input_terminated), so Werkzeug takes a body
+    that stops short of its Content-Length (the connection broke off) as the whole form: a contact message
+    was stored without its end, a wizard started, a request marked handled. The body is at most
+    MAX_CONTENT_LENGTH, so it is read here (and kept for the form parser). A form body with bytes outside
+    ASCII is not what a browser sends (it percent-encodes them); Werkzeug dropped the undecodable fields,
+    and the refusal then blamed the CSRF token ("Form expired")."""
+    if request.method not in SUBMIT_METHODS or not request.content_length:
+        return
+    body = request.get_data(cache=True)  # 413 above MAX_CONTENT_LENGTH, as before
+    if len(body) < request.content_length:
+        raise BadRequest("The form did not arrive whole (the connection broke off). Send it again. "
+                         "Nothing was changed.")
+    if request.mimetype == "application/x-www-form-urlencoded" and not body.isascii():
+        raise BadRequest("The form could not be read: it contains characters a browser would have encoded. "
+                         "Send it again from the page. Nothing was changed.")
 
 
 def _refuse_nul_characters():

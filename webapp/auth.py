@@ -12,7 +12,7 @@ from wtforms.validators import DataRequired, Email, EqualTo, InputRequired, Leng
 from .clock import now, timestamp
 from .db import Param, Prepared, db, for_update, write_transaction
 from .fields import Form
-from .models import KnownBrowser, SignInChallenge, User, normalise_email
+from .models import KnownBrowser, SignInChallenge, User, lookalike_problem, normalise_email
 from .security import (PASSWORD_MAX, PASSWORD_MIN, audit, backoff, hash_password, known_browser, remember_browser,
                        safe_next, verify_password, wait_text)
 from .sessions import end_session_now, token_hash, write_session_now
@@ -90,10 +90,16 @@ def repeat_password_field(label, of, required_message, differ_message):
                          render_kw={"autocomplete": "new-password"})
 
 
+def _no_lookalike(form, field):
+    problem = lookalike_problem(field.data or "")
+    if problem:
+        raise ValidationError(problem)
+
+
 class NewAccountForm(Form):
     email = EmailField("Email address", validators=[
         DataRequired("Enter an email address."), Length(max=254, message="That email address is too long."),
-        Email("Enter a valid email address.", check_deliverability=False)], filters=[strip_text],
+        Email("Enter a valid email address.", check_deliverability=False), _no_lookalike], filters=[strip_text],
         render_kw={"autocomplete": "username"})
     password = new_password_field("Password", "Choose a password.")
     confirm = repeat_password_field("Repeat password", "password", "Repeat the password.", "The two passwords differ.")

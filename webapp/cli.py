@@ -6,7 +6,7 @@ from flask.cli import AppGroup, with_appcontext
 
 from .clock import now
 from .db import for_update, write_transaction
-from .models import Device, User, normalise_email
+from .models import Device, User, lookalike_problem, normalise_email
 from .security import PASSWORD_MAX, PASSWORD_MIN, audit, hash_password, replace_password, revoke_second_factor
 from .sessions import end_user_sessions
 
@@ -45,6 +45,9 @@ def create_user(email, password, admin):
         validate_email(email, check_deliverability=False)
     except EmailNotValidError as exc:
         raise click.ClickException(f"invalid email address: {exc}") from exc
+    problem = lookalike_problem(email)
+    if problem:
+        raise click.ClickException(f"invalid email address: {problem}")
     _check_password(password)
     if User.by_email(email) is not None:
         raise click.ClickException(f"an account with email {normalise_email(email)} already exists")

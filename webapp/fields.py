@@ -6,12 +6,15 @@ forms (bench/profile.py; issue #7 "User Settings >= 0.35 of the bare app"). This
 (attribute names sorted like WTForms, values escaped, the same validation attributes taken from the
 validators' flags) for the field types our forms use, and hands anything else to the WTForms widget.
 """
+import unicodedata
+
 from flask import g, request
 from flask_wtf import FlaskForm
 from flask_wtf.form import SUBMIT_METHODS
 from flask_wtf.form import _Auto as _AUTO  # the "take it from the request" default of a form's formdata
 from markupsafe import Markup, escape
 from wtforms.fields import Label
+from wtforms.validators import ValidationError
 
 
 class Form(FlaskForm):
@@ -33,6 +36,31 @@ class Form(FlaskForm):
                 return formdata
             # An empty form is None, as in Flask-WTF: the fields keep their defaults and say they are required.
             return (request.form or None) if request.method in SUBMIT_METHODS else None
+
+
+# Characters that typed text kept for others to read (device names, support's reasons, contact messages) may
+# not hold: controls, invisible format characters (zero-width spaces, the bidirectional overrides that make
+# text read backwards), private-use and unassigned code points, line and paragraph separators. The
+# zero-width joiner stays: emoji such as "👩‍💻" are built with it.
+HIDDEN_CATEGORIES = {"Cc", "Cf", "Co", "Cn", "Cs", "Zl", "Zp"}
+
+
+def has_hidden_characters(text, allowed="\u200d"):
+    return any(unicodedata.category(c) in HIDDEN_CATEGORIES and c not in allowed for c in text)
+
+
+class VisibleText:
+    """Validator: refuses hidden characters (HIDDEN_CATEGORIES); `lines` allows line breaks and tabs, for a
+    textarea. What support writes goes into audit records nobody can edit, and a right-to-left override
+    there shows the reason reversed."""
+
+    def __init__(self, message="Use letters, digits, spaces and punctuation only.", lines=False):
+        self.message = message
+        self.allowed = "\u200d\n\t" if lines else "\u200d"
+
+    def __call__(self, form, field):
+        if field.data and has_hidden_characters(field.data, self.allowed):
+            raise ValidationError(self.message)
 
 
 # Attributes a widget takes from the validators' flags (WTForms' `validation_attrs`), per input type.

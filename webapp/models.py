@@ -100,6 +100,29 @@ def normalise_email(email):
     return _folded(valid.normalized if valid is not None else text)
 
 
+# Alphabets whose letters pass for each other's (Unicode character names begin with the script's name).
+_CONFUSABLE_SCRIPTS = {"LATIN", "CYRILLIC", "GREEK", "ARMENIAN", "CHEROKEE", "COPTIC"}
+
+
+def lookalike_problem(email):
+    """Why a new account must not have this address, or None. Such an address reads like another one: to
+    support, who goes by what the address looks like, a person could pass for someone else.
+    - Compatibility characters in the local part (full-width "ａｌｉｃｅ", ligatures, superscripts): NFKC
+      makes them ordinary letters, and the address then looks like the plain one it is not.
+    - Letters of two look-alike alphabets in one part ("аlice" with a Cyrillic а): the classic spoof. One
+      alphabet per part stays fine ("иван@пример.рф", "zoë@example.com"), and so do scripts that look like
+      no other (Japanese kana beside kanji)."""
+    local, _, domain = email.rpartition("@")
+    # The domain goes through IDNA (normalise_email), which makes such letters ordinary; the local part is kept.
+    if unicodedata.normalize("NFKC", local) != unicodedata.normalize("NFC", local):
+        return "Type the address in ordinary letters (not full-width or other special forms)."
+    for part in [local, *domain.split(".")]:
+        scripts = {unicodedata.name(c, "?").split(" ")[0] for c in part if c.isalpha()} & _CONFUSABLE_SCRIPTS
+        if len(scripts) > 1:
+            return "This address mixes letters of different alphabets (such as Latin and Cyrillic). Use another."
+    return None
+
+
 def _validated(text):
     """email-validator's reading of an address (no DNS), or None when it is not one."""
     try:

@@ -38,15 +38,9 @@ def _nfc(value):
     return unicodedata.normalize("NFC", value) if isinstance(value, str) else value
 
 
-# Characters a device name may not hold: controls, invisible format characters (zero-width spaces, the
-# bidirectional overrides that make text read backwards), private-use and unassigned code points, line and
-# paragraph separators. The zero-width joiner stays: emoji such as "👩‍💻" are built with it.
-_HIDDEN_CATEGORIES = {"Cc", "Cf", "Co", "Cn", "Cs", "Zl", "Zp"}
-
-
 def _printable(form, field):
     name = field.data or ""
-    if any(unicodedata.category(c) in _HIDDEN_CATEGORIES and c != "\u200d" for c in name):
+    if fields.has_hidden_characters(name):  # fields.HIDDEN_CATEGORIES
         raise ValidationError("Use letters, digits, spaces and punctuation only.")
     if name and not any(unicodedata.category(c)[0] in "LNPS" for c in name):
         raise ValidationError("Give this device a name with letters or digits in it.")

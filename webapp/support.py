@@ -16,7 +16,7 @@ from . import htmx
 from .auth import strip_text
 from .clock import now
 from .db import Param, Prepared, db, for_update, is_sqlite, lock_keys, write_transaction
-from .fields import Form
+from .fields import Form, VisibleText
 from .models import AuditEvent, Device, SupportRequest, User, normalise_email
 from .security import audit, client_ip, is_fresh, revoke_second_factor
 from .sessions import end_user_sessions
@@ -54,7 +54,8 @@ class ContactForm(Form):
         render_kw={"autocomplete": "email", "maxlength": 254})
     message = TextAreaField("Message", filters=[text_lines], validators=[
         DataRequired("Write a short message so support knows what happened."),
-        Length(min=10, max=4000, message="Write between 10 and 4000 characters.")],
+        Length(min=10, max=4000, message="Write between 10 and 4000 characters."),
+        VisibleText("Use letters, digits, spaces, punctuation and line breaks only.", lines=True)],
         render_kw={"maxlength": 4000, "rows": 7})
 
 
@@ -69,13 +70,15 @@ class DisableForm(Form):
         # The audit record's only account of the identity check (security.md 38): "x" or "ok" says nothing.
         Length(min=REASON_MIN, message=f"Say in a few words why, including how you confirmed the person's "
                                        f"identity (at least {REASON_MIN} characters)."),
-        Length(max=500, message="Keep the reason to 500 characters or fewer.")],
+        Length(max=500, message="Keep the reason to 500 characters or fewer."),
+        VisibleText("Use letters, digits, spaces, punctuation and line breaks only.", lines=True)],
         render_kw={"maxlength": 500, "rows": 3})
     duration = SelectField("Disable for", choices=[SelectChoice(k, label) for k, (label, _) in DURATIONS.items()],
                            default="24h", validate_choice=False,
                            validators=[AnyOf(list(DURATIONS), message="Choose 24 hours, 3 days or 7 days.")])
     ticket = StringField("Ticket reference", filters=[strip_text], validators=[
-        Optional(), Length(max=64, message="Keep the ticket reference to 64 characters or fewer.")],
+        Optional(), Length(max=64, message="Keep the ticket reference to 64 characters or fewer."),
+        VisibleText()],
         render_kw={"maxlength": 64, "autocomplete": "off"})
     close_requests = BooleanField("Mark this person's open contact requests as handled", default=True)
 
