@@ -20,6 +20,7 @@ def run(app, *args, input=None):
 
 # ------------------------------------------------------------------ CLI
 
+
 def test_cli_creates_a_user_who_can_sign_in(app, actor):
     result = run(app, "users", "create", "Bob@Example.com", "--password", "long enough pw")
     assert result.exit_code == 0 and "created bob@example.com" in result.output
@@ -256,6 +257,7 @@ def test_raw_device_row_reveals_no_secret(app, actor, secret):
 
 # ------------------------------------------------------------------ first run
 
+
 def test_first_run_needs_the_console_code(app, client):
     assert client.get("/").headers["Location"] == "/setup"
     assert client.get("/login").headers["Location"] == "/setup"
@@ -335,6 +337,7 @@ def test_first_run_mismatched_passwords(client):
 
 
 # ------------------------------------------------------------------ sign-up
+
 
 def test_signup_creates_an_account(app, actor):
     actor.user(email="admin@example.com", admin=True)
@@ -783,3 +786,64 @@ def test_operator_commands_on_an_empty_instance_do_not_print_the_setup_code(tmp_
     served = subprocess.run([sys.executable, "-c", "import wsgi"], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=60)  # what gunicorn does: the server's console shows it
     assert served.returncode == 0 and "one-time code" in served.stderr
+
+
+def test_purge_removes_a_session_past_the_absolute_limit_even_if_just_used(app, actor, clock):
+    """security.md 30: a session more than 12 h old is over however active it is; the purge deletes its row
+    (with its IP address and browser name) rather than keeping it until it has also been idle 30 minutes."""
+    from webapp.clock import now
+    from webapp.models import purge_expired
+
+    actor.user()
+    actor.sign_in()
+    with app.app_context():
+        ServerSession.update(created_at=now() - timedelta(hours=12, minutes=1), last_seen_at=now()).execute()
+        assert purge_expired(app.config, now()) == (1, 0, 0, 0)
+        assert ServerSession.select().count() == 0
+    assert actor.client.get("/settings").status_code == 302  # signed out
+
+
+def test_an_address_stored_only_lower_cased_with_full_width_letters_can_sign_in(app, actor):
+    """Until 2026-12-05 an address was stored only stripped and lower-cased: one typed with full-width letters
+    in the domain kept them. Its owner, typing it as before (in any case), still finds the account: the
+    sign-in and the operator commands look under that old spelling too."""
+    stored = "carol@ｅｘａｍｐｌｅ．com"
+    with app.app_context():
+        User.create(email=stored, password_hash=hash_password(PASSWORD))
+        User.create(email="admin@example.com", password_hash="x", is_admin=True)
+        assert User.by_email("Carol@ＥＸＡＭＰＬＥ．com").email == stored
+    for spelling in (stored, "Carol@ＥＸＡＭＰＬＥ．com"):
+        assert actor.password_step(email=spelling).headers["Location"] == "/settings", spelling
+        actor.client.post("/logout", data={"csrf_token": actor.csrf("/settings")})
+    result = run(app, "users", "reset-2fa", stored)
+    assert result.exit_code == 0 and "has no authenticator device; nothing changed" in result.output
+
+
+def test_cli_reset_2fa_lifts_the_block_after_supports_window_ended(app, actor, clock):
+    """An account whose support window ended without a new device cannot sign in ("blocked"). The operator's
+    `users reset-2fa` is the way out: it clears the window (it used to say "nothing changed", the account
+    having no device), and the person signs in with the password alone again."""
+    from webapp.clock import now
+
+    actor.user()
+    with app.app_context():
+        User.update(tfa_reset_until=now() - timedelta(hours=1)).execute()
+    assert actor.password_step().status_code == 403  # the right password, and still no way in
+    result = run(app, "users", "reset-2fa", "alice@example.com")
+    assert result.exit_code == 0 and "removed 0 device(s) of alice@example.com; 2FA is off" in result.output
+    with app.app_context():
+        assert User.by_email("alice@example.com").tfa_reset_until is None
+        assert AuditEvent.select().where(AuditEvent.kind == "tfa_reset").count() == 1
+    clock.advance(3600)
+    r = actor.password_step()
+    assert r.status_code == 302 and r.headers["Location"] == "/settings"
+    assert actor.client.get("/settings").status_code == 200
+
+
+@pytest.mark.parametrize("keys", [" , ", ",", "  "])
+def test_encryption_keys_that_are_only_commas_and_spaces_stop_the_start(tmp_path, keys):
+    """TOTP_ENCRYPTION_KEYS set but naming no key: the start stops with a message, rather than an app that
+    fails on the first enrolment or sign-in with a code."""
+    with pytest.raises(ConfigError, match="TOTP_ENCRYPTION_KEYS is empty"):
+        create_app({"INSTANCE_PATH": str(tmp_path), "SECRET_KEY": "k" * 40, "TOTP_ENCRYPTION_KEYS": keys,
+                    "DATABASE_URL": f"sqlite:///{tmp_path / 'db'}"})

@@ -119,6 +119,7 @@ def test_no_support_action_deletes_or_rewrites_old_records(app, actor, secret, c
 
 # ---------------------------------------------------------------- the admins' audit log page
 
+
 def test_audit_log_is_for_support_admins_only(actor, secret, client):
     assert "/login" in client.get("/support/audit").headers["Location"]
     actor.user("dave@example.com", secret=secret)
@@ -155,6 +156,19 @@ def test_audit_log_filters_by_person(app, actor, secret, clock):
     assert WHAT + "Wrong password entered</td>" in html
     html = actor.client.get("/support/audit?email=nobody@example.com").get_data(as_text=True)
     assert "No account has that email address." in html and "<tbody>" not in html
+
+
+def test_filtering_by_an_admins_address_shows_what_they_did_to_others(app, actor, secret, clock):
+    """security.md 42: the Person filter finds the records where that person acted, not only those about
+    them: filtering by an admin's address lists the 2FA they turned off for someone else."""
+    target = actor.user("carol@example.com", secret=new_secret())
+    sign_in_admin(actor, secret)
+    disable(actor, target, reason="Video call, passport seen")
+    html = actor.client.get(f"/support/audit?email={ADMIN}").get_data(as_text=True)
+    rows = [row for row in html.split('<tr class="event"')[1:] if 'data-kind="support_tfa_disabled"' in row]
+    assert len(rows) == 1
+    assert f'data-label="Person">carol@example.com<br><span class="hint">by {ADMIN}</span>' in rows[0]
+    assert "Reason: Video call, passport seen" in rows[0]
 
 
 def test_audit_log_filters_by_kind(app, actor, secret, clock):
@@ -220,6 +234,7 @@ def test_audit_log_pager_keeps_only_the_filter_in_its_links(app, actor, secret):
 
 # ---------------------------------------------------------------- plain words
 
+
 def test_every_known_kind_has_words_and_unknown_kinds_read_fine():
     for kind in ("account_created", "signin", "password_accepted", "password_rejected", "password_throttled",
                  "signin_blocked", "code_accepted", "code_rejected", "totp_replay", "code_throttled",
@@ -242,7 +257,38 @@ def test_every_known_kind_has_words_and_unknown_kinds_read_fine():
         ("Counted against", "a browser the person signed in from before, not the account")]
 
 
+def test_a_revoked_admin_role_reads_as_removed(app, actor, secret):
+    """`flask users promote --revoke` is recorded, and shown in the audit log and the person's activity, as
+    admin rights removed, not given (another admin stays, so the last-admin guard does not refuse)."""
+    actor.user("other-admin@example.com", admin=True)
+    sign_in_admin(actor, secret)
+    result = app.test_cli_runner().invoke(args=["users", "promote", "--revoke", "other-admin@example.com"])
+    assert result.exit_code == 0, result.output
+    assert not User.get(User.email == "other-admin@example.com").is_admin
+    html = actor.client.get("/support/audit?kind=role_changed").get_data(as_text=True)
+    assert html.count('<tr class="event"') == 1
+    assert WHAT + "Admin rights removed</td>" in html and "Admin rights given" not in html
+    activity = app.test_cli_runner().invoke(args=["users", "activity", "other-admin@example.com"])
+    assert "Admin rights removed" in activity.output and "Admin rights given" not in activity.output
+
+
+def test_the_name_of_an_enrolled_device_is_in_the_record(app, actor, secret):
+    """Security activity and the audit log name the device that was set up, so a person who sees an app
+    turned on that they do not recognise knows which one to remove."""
+    from .test_wizard import Wizard, signed_in
+
+    signed_in(actor)
+    assert Wizard(actor).run("Phone").status_code == 200
+    settings = actor.client.get("/settings").get_data(as_text=True)
+    assert "Two-factor authentication turned on: \u201cPhone\u201d" in settings
+    admin = second_client(app, actor.clock)
+    sign_in_admin(admin, secret)
+    html = admin.client.get("/support/audit?kind=tfa_enabled").get_data(as_text=True)
+    assert WHAT + "Two-factor authentication turned on: \u201cPhone\u201d</td>" in html
+
+
 # ---------------------------------------------------------------- Security activity in User Settings
+
 
 def test_settings_show_my_security_activity(app, actor, secret, clock):
     """Each person sees their own recent events in plain words on User Settings."""

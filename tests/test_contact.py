@@ -279,3 +279,59 @@ def test_message_is_shown_escaped_to_support(app, actor, secret):
     assert "&lt;script&gt;alert(1)&lt;/script&gt; please" in html
     assert "<script>alert(1)" not in html
     assert csrf_from(html)
+
+
+def test_a_signed_in_owner_still_has_the_per_network_limit(app, actor, secret):
+    """Entering the password doubles the room for the account's own address, not for the network: a
+    signed-in owner sending from one network gets SUPPORT_REQUESTS_PER_HOUR requests through, then 429 with
+    nothing stored, like anyone else on that network."""
+    actor.user(secret=secret)
+    assert actor.sign_in(secret=secret).headers["Location"].endswith("/settings")
+    limit = app.config["SUPPORT_REQUESTS_PER_HOUR"]
+    for _ in range(limit):
+        assert send(actor).status_code == 302
+    r = send(actor)
+    assert r.status_code == 429 and "Please wait an hour before sending another." in r.get_data(as_text=True)
+    assert len(requests_in_db(app)) == limit
+
+
+def test_the_limit_lasts_a_full_hour(app, actor, clock):
+    """The page says "wait an hour", and that is what it means: 59 minutes after the limit was reached a
+    request is still refused and not stored; just past the hour it goes through."""
+    limit = app.config["SUPPORT_REQUESTS_PER_HOUR"]
+    for _ in range(limit):
+        assert send(actor).status_code == 302
+    clock.advance(59 * 60)
+    r = send(actor)
+    assert r.status_code == 429 and "wait an hour" in r.get_data(as_text=True)
+    assert len(requests_in_db(app)) == limit
+    clock.advance(60 + 1)
+    assert send(actor).status_code == 302
+    assert len(requests_in_db(app)) == limit + 1
+
+
+def test_a_visitor_whose_session_ended_meanwhile_gets_the_forms_own_answer(app, actor, secret):
+    """The contact form is one a visitor without a session may send: someone at the code step whose session
+    ended (deleted, expired) while writing is not sent to sign in (they came here because they cannot), but
+    gets the form's own refusal, "Form expired" with a way to reload; nothing is stored."""
+    from webapp.models import ServerSession
+
+    actor.user(secret=secret)
+    assert actor.password_step().headers["Location"].endswith("/login/verify")
+    token = actor.csrf("/support/contact")
+    with app.app_context():
+        assert ServerSession.delete().execute() == 1
+    r = actor.client.post("/support/contact", data={"csrf_token": token, "email": "alice@example.com",
+                                                     "message": MESSAGE})
+    assert r.status_code == 400 and "Location" not in r.headers
+    assert "<h1>Form expired</h1>" in r.get_data(as_text=True)
+    assert requests_in_db(app) == []
+
+
+def test_the_refusal_over_the_limit_is_announced_to_screen_readers(app, actor):
+    """WCAG 4.1.3: the refusal that appears above the form when the limit is reached is an alert, so a
+    screen reader says it without the person having to look for it."""
+    for _ in range(app.config["SUPPORT_REQUESTS_PER_HOUR"]):
+        send(actor)
+    html = send(actor).get_data(as_text=True)
+    assert '<p class="error form-error" role="alert" tabindex="-1">Several requests for this email address' in html

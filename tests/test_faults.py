@@ -367,3 +367,24 @@ def test_sqlite_wal_is_checkpointed_after_the_response_not_by_the_writer(app, ac
     assert in_file == (1 if due else 0)
     with app.app_context():  # either way the committed record is there for every connection
         assert AuditEvent.select().where(AuditEvent.kind == "signin").count() == 1
+
+
+def test_a_kept_connection_that_cannot_be_polled_is_replaced_before_the_request(app, monkeypatch):
+    """A kept PostgreSQL connection closed under the app (its socket gone, so the poll before each request
+    cannot even look at it) is checked with a query, found dead and replaced: the person gets the page, not
+    a 503. Nothing is stubbed but the idle time, which would otherwise check it by itself."""
+    import webapp.db as db_module
+
+    if not app.config["DATABASE_URL"].startswith("postgres"):
+        pytest.skip("PostgreSQL only (TEST_DATABASE_URL): SQLite keeps no connection to check")
+    monkeypatch.setattr(db_module._ConnectionUpkeep, "IDLE_SECONDS", 3600.0)
+    with app.app_context():
+        User.create(email="alice@example.com", password_hash=hash_password(PASSWORD))
+    client = app.test_client()
+    assert client.get("/login").status_code == 200
+    kept = db.obj._state.conn
+    assert kept is not None  # the connection outlived the request
+    kept.close()  # at the driver level: peewee still believes it open
+    r = client.get("/login")
+    assert r.status_code == 200 and "<h1>Log in</h1>" in r.get_data(as_text=True)
+    assert db.obj._state.conn is not kept and not db.obj.is_closed()

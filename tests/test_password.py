@@ -1,6 +1,8 @@
 """Changing your own password (User Settings -> Password -> Change password): the current password first,
 throttled like the sign-in (security.md 19); afterwards every other session ends (security.md 30, 35;
 ASVS 4 3.3.3) and the change is audited without the password (security.md 43)."""
+import re
+
 import pytest
 
 from webapp.models import AuditEvent, Device, ServerSession, User
@@ -263,3 +265,15 @@ def test_a_re_authentication_whose_password_is_changed_meanwhile_renews_nothing(
     assert not signed_in(actor.client)
     with app.app_context():
         assert not AuditEvent.select().where(AuditEvent.kind == "reauthenticated").exists()
+
+
+def test_a_refused_new_password_is_described_by_its_hint_and_its_error(app, actor, alice):
+    """WCAG 1.3.1, 3.3.1: with a screen reader, the refused "New password" field reads both the rule (its
+    hint) and what was wrong (its error); the error alone left out the rule it refers to."""
+    r = actor.post_form(URL, form(new="short"))
+    page = text(r)
+    assert r.status_code == 400
+    tag = re.search(r'<input [^>]*\bid="new"[^>]*>', page).group(0)
+    assert 'aria-describedby="new-hint new-error"' in tag and 'aria-invalid="true"' in tag
+    assert '<p class="hint" id="new-hint">At least 8 characters.' in page
+    assert '<p class="error" id="new-error">Use at least 8 characters (and at most 1024).</p>' in page

@@ -232,6 +232,7 @@ def test_key_names_are_found_in_any_case_the_pattern_matches():
 
 # ---------------------------------------------------------------- input that would have reached the database badly
 
+
 def test_an_id_too_large_for_the_database_is_a_404(actor, secret):
     """A 20-digit id in the address is no row of ours: 404, like any id that does not exist, not an
     OverflowError from the driver (SQLite ids are 64-bit)."""
@@ -345,3 +346,125 @@ def test_error_pages_speak_plainly(actor, secret):
                           headers={"Origin": "https://evil.example"})
     page = r.get_data(as_text=True)
     assert r.status_code == 403 and "<h1>Not allowed</h1>" in page and "came from another site" in page
+
+
+# ---------------------------------------------------------------- security.md 44: which proxy headers count
+
+def _proxied_app(tmp_path, clock, monkeypatch, env, **overrides):
+    """An app started with `env` in the environment (as gunicorn's would be) on a SQLite file."""
+    from .conftest import make_test_app
+
+    for key in ("PROXY_HOPS", "FORWARDED_ALLOW_IPS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return make_test_app(tmp_path, f"sqlite:///{tmp_path / 'proxy.db'}", clock, **overrides)
+
+
+def _wrong_password_from(app, clock, peer, headers):
+    """A wrong password posted through a peer at `peer` with `headers`; the address the audit log recorded."""
+    from webapp.models import AuditEvent, User
+
+    from .conftest import Actor
+
+    a = Actor(app, app.test_client(), clock)
+    with app.app_context():
+        if not User.select().exists():
+            a.user()
+    a.client.environ_base["REMOTE_ADDR"] = peer
+    clock.advance(3600)  # past any wait an earlier wrong password started
+    r = a.post_form("/login", {"email": "alice@example.com", "password": "wrong"}, headers=headers)
+    assert r.status_code == 200 and "Incorrect email address or password." in r.get_data(as_text=True)
+    with app.app_context():
+        return AuditEvent.select().order_by(AuditEvent.id.desc()).first().ip
+
+
+def test_forwarded_allow_ips_set_empty_in_the_environment_trusts_no_proxy(tmp_path, clock, monkeypatch):
+    """security.md 44: FORWARDED_ALLOW_IPS="" in the environment means no proxy is trusted, as in gunicorn,
+    not the default (this host). A client on the same machine then cannot choose the address the audit log
+    records with an X-Forwarded-For of its own."""
+    from webapp.db import db
+
+    app = _proxied_app(tmp_path, clock, monkeypatch, {"PROXY_HOPS": "1", "FORWARDED_ALLOW_IPS": ""})
+    try:
+        assert _wrong_password_from(app, clock, "127.0.0.1", {"X-Forwarded-For": "203.0.113.5"}) == "127.0.0.1"
+    finally:
+        db.close()
+
+
+def test_a_trusted_network_written_with_host_bits_is_accepted(tmp_path, clock, monkeypatch):
+    """security.md 44: "10.0.0.1/8" (an address with its prefix length, as `ip addr` shows it) names the network
+    10.0.0.0/8; it does not stop the start, and a proxy anywhere in that network is believed."""
+    from webapp.db import db
+
+    app = _proxied_app(tmp_path, clock, monkeypatch, {"PROXY_HOPS": "1", "FORWARDED_ALLOW_IPS": "10.0.0.1/8"})
+    try:
+        assert _wrong_password_from(app, clock, "10.9.8.7", {"X-Forwarded-For": "203.0.113.5"}) == "203.0.113.5"
+        assert _wrong_password_from(app, clock, "11.0.0.1", {"X-Forwarded-For": "203.0.113.5"}) == "11.0.0.1"
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("peer", ["", None])
+def test_a_proxy_on_a_unix_socket_is_trusted(tmp_path, clock, monkeypatch, peer):
+    """gunicorn behind nginx on a Unix socket gives no peer address (REMOTE_ADDR empty or missing). Only a
+    local process can reach the socket, so it is the proxy: its X-Forwarded-For names the client. Else every
+    visitor would share one address in the audit log and in the contact form's limit."""
+    from webapp.db import db
+
+    app = _proxied_app(tmp_path, clock, monkeypatch, {"PROXY_HOPS": "1"})
+    original = app.wsgi_app
+
+    def without_peer(environ, start_response):
+        environ.pop("REMOTE_ADDR", None)
+        return original(environ, start_response)
+
+    if peer is None:
+        app.wsgi_app = without_peer
+    try:
+        assert _wrong_password_from(app, clock, "" if peer is None else peer,
+                                    {"X-Forwarded-For": "203.0.113.5"}) == "203.0.113.5"
+    finally:
+        db.close()
+
+
+def test_an_untrusted_peer_cannot_claim_https_with_the_scheme_header_alone(tmp_path, clock, monkeypatch, caplog):
+    """security.md 33, 44: a client reaching gunicorn around the proxy sends only X-Forwarded-Proto: https and
+    an https Origin for the app's real host. The header is dropped (the operator is told once), the app
+    still sees http, so the Origin is foreign: 403 and nothing happens. The same from the proxy counts."""
+    from webapp.db import db
+    from webapp.models import AuditEvent
+
+    from .conftest import Actor
+
+    app = _proxied_app(tmp_path, clock, monkeypatch, {"PROXY_HOPS": "1"})
+    try:
+        a = Actor(app, app.test_client(), clock)
+        a.user()
+        forged = {"X-Forwarded-Proto": "https", "Origin": "https://localhost"}
+        caplog.set_level(logging.WARNING, logger="twostep")
+        a.client.environ_base["REMOTE_ADDR"] = "198.51.100.66"
+        r = a.post_form("/login", {"email": "alice@example.com", "password": PASSWORD}, headers=forged)
+        assert r.status_code == 403 and not signed_in(a.client)
+        with app.app_context():
+            assert not AuditEvent.select().where(AuditEvent.kind.startswith("password")).exists()
+        warnings = [rec.getMessage() for rec in caplog.records if "were ignored" in rec.getMessage()]
+        assert len(warnings) == 1 and "198.51.100.66" in warnings[0]
+        a.client.environ_base["REMOTE_ADDR"] = "127.0.0.1"  # the proxy: the same headers are what the visitor used
+        r = a.post_form("/login", {"email": "alice@example.com", "password": PASSWORD}, headers=forged)
+        assert r.status_code == 302 and r.headers["Location"] == "/settings"
+    finally:
+        db.close()
+
+
+def test_going_back_to_a_page_htmx_changed_gets_the_whole_page(actor, secret):
+    """htmx's history restore (Back to a page whose results htmx replaced, when its cache misses) asks with
+    HX-Request and HX-History-Restore-Request: it gets the whole page, not the results fragment alone (a
+    bare list without the layout, the navigation or the styles); a plain htmx search still gets the fragment."""
+    actor.user("admin@example.com", admin=True, secret=secret)
+    actor.sign_in("admin@example.com", secret=secret)
+    restore = actor.client.get("/support?q=a", headers={"HX-Request": "true", "HX-History-Restore-Request": "true"})
+    page = restore.get_data(as_text=True)
+    assert restore.status_code == 200 and "<html" in page and "admin@example.com" in page
+    fragment = actor.client.get("/support?q=a", headers={"HX-Request": "true"})
+    assert fragment.status_code == 200 and "<html" not in fragment.get_data(as_text=True)

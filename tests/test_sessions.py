@@ -316,6 +316,7 @@ def test_visitors_who_store_nothing_get_a_cookie_but_no_row(app, actor, secret, 
 
 # ---------------------------------------------------------------- a page left open past the session's end
 
+
 def test_log_out_after_the_idle_timeout_still_logs_out(actor, app, clock):
     """A tab left open past the idle timeout: Log out takes the person to the sign-in page with the usual
     message, not to a "Form expired" error (the session ended already; there is nothing left to protect)."""
@@ -405,3 +406,77 @@ def test_a_session_signed_out_while_it_re_authenticates_stays_signed_out(app, ac
         [left] = ServerSession.select().where(ServerSession.user == alice.id)
         assert left.id == token_hash(other.session_cookie())
     assert signed_in(other.client)
+
+
+# ---------------------------------------------------------------- the cookie of a visitor who stores nothing
+
+
+def test_answers_without_a_form_give_a_new_visitor_no_cookie(app, actor):
+    """A visitor without a cookie gets one only with a page that binds a CSRF token to it (every full page:
+    its forms and hx-headers). A redirect, an htmx error answer (HX-Refresh, no body) or a static file sets
+    none: crawlers and health checks that follow redirects are not handed a session cookie each time."""
+    actor.user("admin@example.com", admin=True)  # past the first run: / leads to the sign-in page
+    for url, headers in (("/", {}), ("/settings", {}), ("/no-such-page", HX), ("/static/app.css", {})):
+        r = app.test_client().get(url, headers=headers)
+        r.close()  # the static file's handle
+        assert r.status_code in (200, 302, 404), url
+        assert "Set-Cookie" not in r.headers, url
+    page = app.test_client().get("/login")  # the sign-in form does need it
+    assert page.status_code == 200 and "Set-Cookie" in page.headers
+
+
+def test_answers_that_set_the_session_cookie_vary_on_cookie(app, actor):
+    """A shared cache must not hand one visitor's cookie (and the CSRF token bound to it) to another: every
+    response that sets the session cookie says Vary: Cookie, the anonymous one and the one after sign-in."""
+    actor.user()
+    name = app.session_interface.get_cookie_name(app)
+    first = actor.client.get("/login")
+    assert f"{name}=" in first.headers["Set-Cookie"] and "Cookie" in first.vary
+    signed = actor.password_step()
+    assert signed.status_code == 302 and any(c.startswith(f"{name}=") for c in signed.headers.getlist("Set-Cookie"))
+    assert "Cookie" in signed.vary
+
+
+def _sessions_section(html):
+    return html.split('id="sessions"', 1)[1].split("</section>", 1)[0]
+
+
+def test_the_sessions_list_shows_the_address_each_session_signed_in_from(app, actor, secret, clock):
+    """security.md 30: "Where you're signed in" names the address of each session (from the session row: the
+    Security activity further down lists addresses too, so only this list is looked at)."""
+    actor.user(secret=secret)
+    actor.client.environ_base.update({"HTTP_USER_AGENT": "Laptop/1", "REMOTE_ADDR": "203.0.113.7"})
+    actor.sign_in(secret=secret)
+    sessions = _sessions_section(text(actor.client.get("/settings")))
+    assert "Laptop/1" in sessions and "· from 203.0.113.7" in sessions
+    with app.app_context():
+        assert [row.ip for row in ServerSession.select()] == ["203.0.113.7"]
+
+
+def test_a_session_past_the_absolute_limit_is_not_listed_however_recently_seen(app, actor, alice, secret, clock):
+    """security.md 30: a session older than 12 h is over, even if it was used a minute ago: it is not listed
+    as a place you're signed in (nor offered a Sign out button)."""
+    from datetime import timedelta
+
+    from webapp.clock import now
+
+    other = browser(app, clock, secret=secret, agent="Ancient/1")
+    clock.advance(60)
+    with app.app_context():
+        ServerSession.update(created_at=now() - timedelta(hours=12, minutes=1),
+                             last_seen_at=now() - timedelta(minutes=1)).where(
+            ServerSession.id == token_hash(other.session_cookie())).execute()
+    html = text(actor.client.get("/settings"))
+    assert "Ancient/1" not in html and HANDLE_RE.findall(html) == []
+    assert "This is the only browser signed in to your account." in html
+
+
+@pytest.mark.parametrize("htmx", [False, True])
+def test_ending_exactly_one_other_session_says_browser_not_browsers(app, actor, alice, secret, clock, htmx):
+    """"Sign out everywhere else" with one other browser signed in: the message is in the singular."""
+    other = browser(app, clock, secret=secret, agent="Other/1")
+    clock.advance(30)
+    r = actor.post_form("/settings/sessions/end-others", {}, form_url="/settings", headers=HX if htmx else {})
+    page = text(r) if htmx else text(actor.client.get("/settings"))
+    assert "Signed out on 1 other browser." in page and "1 other browsers" not in page
+    assert not signed_in(other.client)

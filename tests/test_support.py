@@ -84,6 +84,7 @@ def target(actor, target_secret):
 
 # ---------------------------------------------------------------- access (security.md 37)
 
+
 def test_anonymous_is_sent_to_sign_in(client):
     """security.md 37: nobody reaches the page without signing in."""
     r = client.get("/support")
@@ -255,6 +256,7 @@ def test_kept_entries_of_a_stale_disable_show_only_on_that_persons_form(app, act
 
 # ---------------------------------------------------------------- search (security.md 37)
 
+
 def test_search_is_case_insensitive_prefix(actor, secret):
     for email in ("alice@example.com", "alina@example.org", "bob@example.com", "xalice@example.com"):
         actor.user(email)
@@ -303,6 +305,37 @@ def test_search_is_paginated(app, actor, secret):
     assert 'rel="next"' not in third and 'rel="prev"' in third
     # nonsense page numbers fall back to the first page instead of failing
     assert actor.client.get("/support?q=user&page=abc").status_code == 200
+
+
+@pytest.mark.parametrize("matches, next_link", [(25, False), (26, True)])
+def test_a_next_page_link_only_when_another_page_has_people(app, actor, secret, matches, next_link):
+    """Exactly one page of matches (25) shows no "Next page" link to an empty page; one more shows it, and
+    page 2 lists that one person. (Found by mutation testing: `>=` for `>` went unnoticed.)"""
+    with app.app_context():
+        with db.atomic():
+            User.insert_many([{"email": f"user{i:03d}@example.com", "password_hash": "x"}
+                              for i in range(matches)]).execute()
+    sign_in_admin(actor, secret)
+    first = actor.client.get("/support?q=user").get_data(as_text=True)
+    assert first.count('class="user-row"') == 25
+    assert ('rel="next">Next page</a>' in first) is next_link
+    if next_link:
+        second = actor.client.get("/support?q=user&page=2").get_data(as_text=True)
+        assert second.count('class="user-row"') == 1 and "user025@example.com" in second
+        assert 'rel="next"' not in second
+
+
+def test_an_absurd_page_number_is_a_page_not_a_server_error(app, actor, secret):
+    """A hand-edited ?page= far beyond any page (more digits than the database's integers hold) gives the
+    search, or the audit log, with nothing on it, not a 500. (Found by mutation testing: the upper clamp removed failed no test.)"""
+    actor.user("alice@example.com")
+    sign_in_admin(actor, secret)
+    for url, heading in (("/support?q=a&page=99999999999999999999", "<h1>Support</h1>"),
+                         ("/support/audit?page=99999999999999999999", "<h1>Audit log</h1>")):
+        r = actor.client.get(url)
+        html = r.get_data(as_text=True)
+        assert r.status_code == 200 and heading in html, url
+        assert "Traceback" not in html and "alice@example.com" not in html and '<tr class="event"' not in html
 
 
 def test_search_uses_the_email_index(app):
@@ -596,6 +629,7 @@ def test_disable_form_is_guarded_like_the_support_page(app, actor, secret, clock
 
 
 # ---------------------------------------------------------------- the temporary disable cycle (security.md 39, 40)
+
 
 def test_full_temporary_disable_cycle(app, actor, secret, clock, target, target_secret):
     """security.md 39, 40: before (code needed), action (devices revoked, sessions ended), during the window
@@ -963,6 +997,46 @@ def test_htmx_success_replaces_the_row(app, actor, secret, target):
     assert "lost my phone" in handled_part and "by boss@example.com" in handled_part
 
 
+def test_the_notice_counts_devices_and_sessions_apart(app, actor, secret, clock, target_secret):
+    """The admin reads how many devices were revoked and how many sessions ended, each its own count, to
+    tell the person: 2 devices and 1 signed-in browser say so (the device count was the session count)."""
+    target = actor.user("carol@example.com", devices={"Phone": target_secret, "Tablet": new_secret()})
+    carol = second_client(app, clock)
+    assert carol.sign_in("carol@example.com", PASSWORD, target_secret).status_code == 302
+    sign_in_admin(actor, secret)
+    with app.app_context():
+        assert ServerSession.select().where(ServerSession.user == target.id).count() == 1
+    r = disable(actor, target, headers=HX)
+    html = r.get_data(as_text=True)
+    assert r.status_code == 200 and ": 2 devices revoked, 1 session ended. Now reply to them" in html
+    assert count(app, Device, Device.user == target.id) == 0
+    with app.app_context():
+        event = AuditEvent.get(AuditEvent.kind == "support_tfa_disabled")
+        assert (event.details["devices_removed"], event.details["sessions_ended"]) == (2, 1)
+
+
+def test_closing_requests_leaves_those_handled_earlier_as_they_were(app, actor, secret, clock, target):
+    """security.md 42: "Mark this person's open contact requests as handled" closes the open ones only. A
+    request another admin handled earlier still says who handled it and when (history is not rewritten),
+    and the audit record counts only the request this action closed."""
+    earlier_admin = actor.user("boss2@example.com", admin=True, secret=new_secret())
+    handled_at = utc(clock.t - 3600)
+    with app.app_context():
+        old = SupportRequest.create(email="carol@example.com", message="Lost my phone last week", user=target.id,
+                                    handled_at=handled_at, handled_by=earlier_admin.id)
+        new = SupportRequest.create(email="carol@example.com", message="Lost my phone again", user=target.id)
+    admin = sign_in_admin(actor, secret)
+    assert disable(actor, target, close_requests=True).status_code == 302
+    with app.app_context():
+        old, new = SupportRequest.get_by_id(old.id), SupportRequest.get_by_id(new.id)
+        assert (old.handled_at, old.handled_by_id) == (handled_at, earlier_admin.id)
+        assert (new.handled_at, new.handled_by_id) == (utc(clock.t), admin.id)
+        event = AuditEvent.get(AuditEvent.kind == "support_tfa_disabled")
+        assert event.details["requests_closed"] == 1
+    handled = actor.client.get("/support").get_data(as_text=True).split("Recently handled (2)")[1]
+    assert "by boss2@example.com" in handled.split("Lost my phone last week")[1].split("</li>")[0]
+
+
 def test_acting_on_yourself_is_refused(app, actor, secret):
     """security.md 41: support cannot reset its own 2FA."""
     admin = sign_in_admin(actor, secret)
@@ -1020,6 +1094,7 @@ def test_action_without_csrf_token_is_refused(app, actor, secret, target):
 
 
 # ---------------------------------------------------------------- open contact requests
+
 
 def test_open_requests_are_listed_and_linked_to_the_account(app, actor, secret, target):
     with app.app_context():
@@ -1138,6 +1213,33 @@ def test_reopening_needs_the_support_role_and_an_existing_request(app, actor, se
 def test_marking_an_unknown_request_is_404(actor, secret):
     sign_in_admin(actor, secret)
     assert actor.post_form("/support/requests/4242/handled", {}, form_url="/support").status_code == 404
+
+
+def test_the_request_handled_last_is_at_the_top_of_recently_handled(app, actor, secret, clock):
+    """A request just closed by mistake is the first under "Recently handled", where the admin looks for it
+    to reopen it; with more handled than are listed, the oldest drop off, never the newest."""
+    with app.app_context():
+        first = SupportRequest.create(email="first@example.com", message="The first request")
+        second = SupportRequest.create(email="second@example.com", message="The second request")
+    sign_in_admin(actor, secret)
+    actor.post_form(f"/support/requests/{first.id}/handled", {}, form_url="/support")
+    clock.advance(60)
+    actor.post_form(f"/support/requests/{second.id}/handled", {}, form_url="/support")
+    handled = actor.client.get("/support").get_data(as_text=True).split("Recently handled (2)")[1]
+    assert handled.index("The second request") < handled.index("The first request")
+
+    from webapp.support import HANDLED_SHOWN
+
+    with app.app_context():
+        SupportRequest.delete().execute()
+        SupportRequest.insert_many([{"email": f"p{i:03d}@example.com", "message": f"handled number {i:03d}",
+                                     "created_at": utc(i), "handled_at": utc(1000 + i)}
+                                    for i in range(HANDLED_SHOWN + 1)]).execute()
+    html = actor.client.get("/support").get_data(as_text=True)
+    handled = html.split(f"Recently handled ({HANDLED_SHOWN})")[1]
+    assert handled.count('class="request"') == HANDLED_SHOWN
+    assert "handled number 000" not in handled  # the oldest fell off
+    assert handled.index(f"handled number {HANDLED_SHOWN:03d}") < handled.index("handled number 001")
 
 
 def test_enrolling_through_the_wizard_ends_the_window(app, actor, secret, clock, target):
