@@ -685,6 +685,37 @@ def test_reenrolment_requires_a_fresh_sign_in(actor, app, secret):
     assert 'data-step="qr"' in text(Wizard(actor).start())
 
 
+def test_the_gears_dialog_opens_again_after_the_re_authentication_it_asked_for(actor, app, secret):
+    """security.md 9: the gear (htmx, into the dialog slot) with a stale sign-in goes to Confirm it's you, and
+    from there back to User Settings with the dialog opening as the page loads: not to the wizard's page
+    for browsers without JavaScript, which is where it used to land."""
+    from urllib.parse import parse_qs, urlsplit
+
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    actor.clock.advance(11 * 60)
+    r = actor.client.get("/settings/2fa", headers={**HX, "HX-Target": "dialog-slot"})
+    assert r.status_code == 401
+    reauth = r.headers["HX-Redirect"]
+    [back] = parse_qs(urlsplit(reauth).query)["next"]
+    assert urlsplit(reauth).path == "/reauth" and back == "/settings?dialog=/settings/2fa"
+    actor.clock.advance(30)
+    r = actor.post_form(reauth, {"password": PASSWORD, "code": actor.code(secret)})
+    assert r.status_code == 302 and r.headers["Location"] == back
+    page = text(actor.client.get(back))
+    assert ('<div id="dialog-slot" hx-get="/settings/2fa" hx-trigger="load" hx-replace-url="/settings"></div>'
+            in page)
+    assert 'data-step="intro"' in text(actor.client.get("/settings/2fa", headers={**HX, "HX-Target": "dialog-slot"}))
+
+
+@pytest.mark.parametrize("dialog", ["/support", "/settings/2fa/start", "https://evil.example/", ""])
+def test_user_settings_opens_no_other_dialog_than_the_wizard(actor, dialog):
+    """`?dialog=` is a link anyone can send: only the wizard's own address is fetched, nothing else."""
+    signed_in(actor)
+    page = text(actor.client.get("/settings", query_string={"dialog": dialog}))
+    assert '<div id="dialog-slot"></div>' in page and "hx-trigger=\"load\"" not in page
+
+
 def test_abandoned_reenrolment_keeps_the_old_device_working(actor, app, secret):
     """security.md 9: the old secret stays valid until a new one is confirmed."""
     user = actor.user(secret=secret)

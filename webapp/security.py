@@ -285,6 +285,10 @@ def fresh_login_required(view=None, *, back_to=None):
         if not is_fresh():
             from .htmx import hx_redirect, is_htmx
 
+            if is_htmx() and request.method == "GET" and request.headers.get("HX-Target") == "dialog-slot":
+                # The gear's dialog (or "Add another device"): back on User Settings with the dialog open
+                # again, not on the wizard's page without JavaScript (settings.index reads `dialog`).
+                return hx_redirect(url_for("auth.reauth", next=url_for("settings.index", dialog=request.path)))
             target = url_for("auth.reauth", next=_reauth_next(back_to))
             if is_htmx():
                 return hx_redirect(target)

@@ -8,7 +8,7 @@ import functools
 import hashlib
 import unicodedata
 
-from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, session, url_for
+from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, session, url_for
 from flask_login import current_user, login_required
 from peewee import IntegrityError, fn
 from wtforms import BooleanField, PasswordField, StringField
@@ -277,8 +277,12 @@ def _skew_text(steps):
 @bp.get("")
 @login_required
 def index():
-    """The User Settings page with the Two-Factor Authentication row."""
-    return render_template("settings/index.html", **_row_context(_user()))
+    """The User Settings page with the Two-Factor Authentication row. `?dialog=` names the dialog to open
+    as the page loads (htmx), after a re-authentication that the gear's dialog asked for; only the wizard's
+    address is taken, so a link cannot make the page fetch anything else."""
+    reopen = request.args.get("dialog") == url_for("settings.tfa")
+    return render_template("settings/index.html", reopen_dialog=url_for("settings.tfa") if reopen else None,
+                           **_row_context(_user()))
 
 
 # ---------------------------------------------------------------- the wizard

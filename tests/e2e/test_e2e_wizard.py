@@ -241,3 +241,43 @@ def test_qr_code_fits_a_phone_sized_window(new_page, server, tmp_path):
     assert box["x"] >= frame["x"] and box["x"] + box["width"] <= frame["x"] + frame["width"], (box, frame)
     assert box["x"] + box["width"] <= 360
     _read_qr(qr, tmp_path, email)
+
+
+def test_a_stale_sign_in_comes_back_to_the_dialog_after_confirming(page, server):
+    """security.md 9: the gear with a sign-in older than 10 minutes asks "Confirm it's you" first; after the
+    password the person is back on User Settings with the dialog open and the focus in it (it used to be the
+    wizard's page for browsers without JavaScript). The address is plain /settings again, so a reload opens
+    nothing, and Escape still closes the dialog."""
+    import json
+
+    from webapp.models import ServerSession
+
+    from browser_kit import PASSWORD
+
+    email = "stale@example.com"
+    server.user(email)
+    log_in(page, email)
+    expect_signed_in(page)
+
+    def age_the_sign_in():  # eleven minutes ago, and nothing else about the session changes
+        for row in ServerSession.select().where(ServerSession.user.is_null(False)):
+            data = row.load()
+            data["auth_at"] -= 11 * 60
+            ServerSession.update(data=json.dumps(data)).where(ServerSession.id == row.id).execute()
+
+    server.query(age_the_sign_in)
+    with page.expect_navigation():
+        gear(page).click()
+    expect(page.get_by_role("heading", name="Confirm it's you", exact=True)).to_be_visible()
+    page.get_by_label("Password", exact=True).fill(PASSWORD)
+    follow(page, page.get_by_role("button", name="Confirm", exact=True))
+    dialog = wizard_dialog(page)
+    expect(dialog).to_be_visible()
+    expect(dialog.get_by_role("button", name="Next", exact=True)).to_be_visible()
+    assert is_focused_within(dialog)
+    expect(page).to_have_url(re.compile(r"/settings$"))
+    page.keyboard.press("Escape")
+    expect(dialog).to_have_count(0)
+    page.reload()
+    expect_signed_in(page)
+    expect(wizard_dialog(page)).to_have_count(0)
