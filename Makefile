@@ -29,7 +29,7 @@ clean:
 test-postgres: $(STAMP)
 	bash scripts/pg.sh run $(BIN)/python -m pytest
 
-# Throughput and latency under gunicorn (see README "Performance"); writes bench/results.json.
+# Throughput and latency under gunicorn (see README "Performance" and docs/performance.md); writes bench/results.json.
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 

@@ -210,7 +210,8 @@ def test_the_known_browser_cookie_signs_nobody_in_and_cannot_be_made_up(app, act
 
 def test_a_known_browser_is_forgotten_after_its_lifetime_of_disuse(app, actor, clock):
     """KNOWN_BROWSER_TTL (180 days): each completed sign-in from the browser starts it again and sends the
-    cookie again; 180 days without one, the browser counts on the account again and the purge removes it."""
+    cookie again; 180 days without one, the browser counts on the account again and the purge removes it
+    (security.md 18)."""
     from webapp.clock import now
     from webapp.models import KnownBrowser, purge_expired
 
@@ -237,7 +238,7 @@ def test_a_known_browser_is_forgotten_after_its_lifetime_of_disuse(app, actor, c
 
 def test_a_person_keeps_their_ten_latest_browsers_and_one_browser_one_account(app, actor, clock):
     """Sign-ins from new browsers cannot grow the table without bound; a browser that signs in to another
-    account drops its row for the first."""
+    account drops its row for the first (security.md 18)."""
     from webapp.models import KnownBrowser
 
     actor.user()
@@ -660,6 +661,7 @@ def test_safe_next_refuses_every_way_to_name_another_host(target):
 
 
 def test_safe_next_keeps_same_site_paths():
+    # security.md 29
     from webapp.security import safe_next
 
     for target in ("/settings", "/support?q=alice%40example.com&page=2", "/settings/2fa#step"):

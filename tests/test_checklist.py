@@ -910,3 +910,17 @@ def test_forwarded_loopback_address_does_not_skip_2fa_behind_a_proxy(tmp_path, c
         assert r.status_code == 302 and r.headers["Location"].startswith("/login")
     finally:
         db.close()
+
+
+def test_the_readme_checklist_table_lists_exactly_the_tests_that_cite_each_item():
+    """The README's "Checklist → tests" table is what a security reviewer reads first: its Tests column must
+    be the tests that cite each item (`security.md N`), no more and no fewer. scripts/checklist.py rewrites
+    it; this fails when a test was added, renamed or lost its citation and the table was not made again."""
+    import subprocess
+    import sys
+
+    from .live_app import ROOT
+
+    done = subprocess.run([sys.executable, "scripts/checklist.py", "--check"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -225,7 +225,7 @@ def test_two_removals_at_once_cannot_turn_2fa_off_without_the_password(actor, ap
 def test_removing_the_only_device_while_another_is_added_says_what_happened(actor, app, alice, secret,
                                                                              monkeypatch):
     """The form asked for the password because this was the only device, but a new one was enrolled while the
-    code was checked: only this device goes, 2FA stays on, and the message says so."""
+    code was checked: only this device goes, 2FA stays on, and the message says so (security.md 32)."""
     from webapp import totp
 
     [phone] = device_rows(app, alice)

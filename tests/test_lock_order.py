@@ -87,7 +87,7 @@ def run_while_person_held(user_id, action, rows):
 
 def test_start_over_in_the_wizard_takes_the_person_before_the_pending_key(app, actor, secret):
     """settings.start deleted the session's pending key, then inserted a new one, without the person's row;
-    Complete Activation and Support's disable take the person's row first, then those same rows."""
+    Complete Activation and Support's disable take the person's row first, then those same rows (security.md 20)."""
     user = actor.user(secret=secret)
     actor.sign_in(secret=secret)
     actor.client.post("/settings/2fa/start", data={"csrf_token": actor.csrf("/settings")})
@@ -108,7 +108,7 @@ def test_start_over_in_the_wizard_takes_the_person_before_the_pending_key(app, a
 
 def test_users_reset_2fa_takes_the_person_before_the_devices(app, actor, secret):
     """cli reset-2fa deleted the devices, then updated the person: the code step takes the person, then
-    writes the device's last step."""
+    writes the device's last step (security.md 20)."""
     user = actor.user(secret=secret)
     with app.app_context():
         [device] = Device.select().where(Device.user == user.id)
@@ -127,7 +127,7 @@ def test_users_reset_2fa_takes_the_person_before_the_devices(app, actor, secret)
 
 def test_sign_out_everywhere_else_takes_the_person_before_the_sessions(app, actor, secret, clock):
     """end_user_sessions holds the person's row, like a session being renewed (re-authentication), so that
-    renewal sees its old row gone instead of storing a new one the sign-out missed."""
+    renewal sees its old row gone instead of storing a new one the sign-out missed (security.md 20)."""
     from webapp.models import ServerSession
 
     from .test_sessions import browser
@@ -154,7 +154,7 @@ def test_the_purge_skips_rows_a_persons_transaction_holds_instead_of_waiting(app
     """models.purge_expired (the app's periodic purge and `flask purge-expired`) deleted expired sessions,
     then expired sign-in challenges, waiting for any row another transaction held; Support's disable deletes
     one person's challenges, then their sessions: the two deadlocked (4 of 160 rounds in a review). The
-    purge now skips held rows (they go at the next purge) and never waits."""
+    purge now skips held rows (they go at the next purge) and never waits (security.md 20)."""
     import psycopg
 
     from webapp.clock import now
@@ -192,7 +192,7 @@ def test_the_purge_skips_rows_a_persons_transaction_holds_instead_of_waiting(app
 def test_renaming_a_device_takes_the_person_before_the_device(app, actor, secret):
     """settings.rename_device checked for a duplicate name, then renamed, without the person's row: two
     renames at once left "Phone" beside "phone" and both recorded the same old name (a review: 4 and 10 of
-    100 rounds). While the person's row is held, the rename waits and the name is still the old one."""
+    100 rounds). While the person's row is held, the rename waits and the name is still the old one (security.md 20)."""
     user = actor.user(secret=secret)
     actor.sign_in(secret=secret)
     with app.app_context():

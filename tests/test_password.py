@@ -64,6 +64,7 @@ def test_the_page_is_linked_from_user_settings_and_its_fields_are_labelled_for_p
 
 def test_changing_the_password_ends_the_other_sessions_and_keeps_this_one_with_a_new_id(app, actor, alice, secret,
                                                                                           clock):
+    # security.md 30, 35
     others = [browser(app, clock, secret=secret, agent=f"Other/{i}") for i in range(2)]
     before = actor.session_cookie()
     r = actor.post_form(URL, form())
@@ -91,7 +92,7 @@ def test_changing_the_password_ends_the_other_sessions_and_keeps_this_one_with_a
 
 
 def test_a_wrong_current_password_changes_nothing_and_counts_like_a_sign_in_guess(app, actor, alice, clock):
-    """Whoever holds a stolen session cannot guess the password here faster than at the sign-in."""
+    """Whoever holds a stolen session cannot guess the password here faster than at the sign-in (security.md 19)."""
     before = stored_hash(app)
     r = actor.post_form(URL, form(current="not my password"))
     assert r.status_code == 403 and "That is not your current password." in text(r)
@@ -137,7 +138,7 @@ def test_the_page_needs_a_signed_in_session_and_a_csrf_token(app, client, actor,
 def test_a_stale_sign_in_must_confirm_it_is_you_first(app, actor, alice, secret, clock):
     """Like signing the other browsers out (ASVS 4 3.3.4): a session older than 10 minutes, possibly stolen
     together with a leaked password, cannot change the password without the code; after re-authenticating
-    the person is back on the form."""
+    the person is back on the form (security.md 9)."""
     token = actor.csrf(URL)
     clock.advance(app.config["FRESH_LOGIN_WINDOW"].total_seconds() + 1)
     before = stored_hash(app)
@@ -154,7 +155,7 @@ def test_a_stale_sign_in_must_confirm_it_is_you_first(app, actor, alice, secret,
 @pytest.mark.parametrize("how", ["settings", "cli"])
 def test_a_sign_in_half_done_with_the_old_password_cannot_be_finished(app, actor, alice, secret, clock, how):
     """A code step reached with the old password (the person who leaked it, or whoever has it) ends with the
-    change: entering a code there afterwards signs nobody in."""
+    change: entering a code there afterwards signs nobody in (security.md 24)."""
     clock.advance(30)
     half = Actor(app, app.test_client(), clock)
     assert half.password_step(password=PASSWORD).headers["Location"] == "/login/verify"
@@ -176,7 +177,7 @@ def test_a_change_overtaken_while_the_hash_ran_changes_nothing(app, actor, alice
     """The new password is hashed (slowly) before the transaction. If meanwhile the operator set another
     password, or another browser signed this one out (the owner against a stolen session), the change used
     to go through anyway: it undid the operator's password, or signed the owner out everywhere with a
-    password only the thief knew."""
+    password only the thief knew (security.md 35)."""
     import webapp.settings as settings_module
     from webapp.sessions import end_user_sessions
 
@@ -214,7 +215,8 @@ def test_a_sign_in_whose_password_is_changed_while_it_is_checked_opens_nothing(a
                                                                              monkeypatch, with_2fa):
     """The password step checks the password against the hash it read, slowly; a change committed meanwhile
     (the owner, or the operator's set-password) must win: the old password then leads neither to the code
-    step nor to a session (an attacker's sign-ins 0.13 s after the change survived it in a review)."""
+    step nor to a session (an attacker's sign-ins 0.13 s after the change survived it in a review)
+    (security.md 30, 35)."""
     import webapp.auth as auth_module
     from webapp.models import ServerSession, SignInChallenge
 
@@ -236,7 +238,7 @@ def test_a_code_step_whose_password_is_changed_while_its_code_is_checked_opens_n
                                                                                        monkeypatch):
     """The code step checks the code before its transaction; a password change landing meanwhile deletes the
     code step's challenge, and the sign-in begun with the old password must not finish. Nothing of the
-    attempt stays: no session, no sign-in record, and the code is not used up."""
+    attempt stays: no session, no sign-in record, and the code is not used up (security.md 30)."""
     import webapp.auth as auth_module
     from webapp.models import ServerSession
 
@@ -255,7 +257,8 @@ def test_a_code_step_whose_password_is_changed_while_its_code_is_checked_opens_n
 def test_a_re_authentication_whose_password_is_changed_meanwhile_renews_nothing(app, actor, alice, secret, clock,
                                                                               monkeypatch):
     """/reauth checks the password, then renews the session. A change landing meanwhile ends this session;
-    the renewal then finds it gone, the browser stays signed out, and no re-authentication is recorded."""
+    the renewal then finds it gone, the browser stays signed out, and no re-authentication is recorded
+    (security.md 30)."""
     import webapp.auth as auth_module
 
     clock.advance(app.config["FRESH_LOGIN_WINDOW"].total_seconds() + 1)

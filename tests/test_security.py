@@ -198,7 +198,7 @@ def test_a_visitor_cannot_start_a_log_line_of_their_own(app, actor, capfd, monke
 
 def test_werkzeugs_own_lines_are_masked_but_not_escaped_again(app):
     """The development server escapes its request line itself and colours it; escaping its lines again
-    turned the colours and its own tracebacks into escape sequences. They are still masked."""
+    turned the colours and its own tracebacks into escape sequences. They are still masked (security.md 43)."""
     import webapp
     from webapp.security import RedactingFilter
 

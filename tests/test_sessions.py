@@ -319,7 +319,8 @@ def test_visitors_who_store_nothing_get_a_cookie_but_no_row(app, actor, secret, 
 
 def test_log_out_after_the_idle_timeout_still_logs_out(actor, app, clock):
     """A tab left open past the idle timeout: Log out takes the person to the sign-in page with the usual
-    message, not to a "Form expired" error (the session ended already; there is nothing left to protect)."""
+    message, not to a "Form expired" error (the session ended already; there is nothing left to protect)
+    (security.md 30)."""
     actor.user()
     actor.sign_in()
     token = actor.csrf("/settings")
@@ -335,7 +336,7 @@ def test_log_out_after_the_idle_timeout_still_logs_out(actor, app, clock):
 def test_a_form_sent_after_the_session_ended_asks_to_sign_in_again(actor, app, clock, secret, htmx):
     """Any signed-in form sent after the session ended (idle timeout here) is refused and changes nothing;
     htmx gets 401 + HX-Redirect (a 4xx answer it would not show), a plain form a redirect, both to the
-    sign-in page, which says why."""
+    sign-in page, which says why (security.md 30)."""
     from webapp.models import Device
 
     actor.user(secret=secret)

@@ -798,7 +798,7 @@ def test_password_only_sessions_end_when_the_window_runs_out(app, actor, secret,
 
 def test_support_disable_forgets_the_persons_known_browsers(app, actor, secret, clock, target, target_secret):
     """A lost phone's browser, known from earlier sign-ins, keeps no password throttle of its own once support
-    acts: a stranger's lock on the account applies to it again."""
+    acts: a stranger's lock on the account applies to it again (security.md 18)."""
     from webapp.models import KnownBrowser
 
     phone = second_client(app, clock)

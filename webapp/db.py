@@ -192,7 +192,7 @@ class Prepared:
 
     Why: generating SQL costs peewee ~0.3 ms a query, over ten times what SQLite takes to run it, and the
     requests people wait on (sign-in, the code step, User Settings) run the same handful of queries every
-    time (bench/profile.py; README "Performance"). `build` returns the query with Param placeholders; it is
+    time (bench/profile.py; docs/performance.md). `build` returns the query with Param placeholders; it is
     called again for each database class (SQLite and PostgreSQL differ in placeholders and FOR UPDATE).
     Rows become model instances directly (_row_plan), or through peewee's own cursor wrapper for shapes
     that plan does not cover; column conversions apply either way.
@@ -335,7 +335,7 @@ def init_app(app):
 
     # Connections are kept between requests: opening one per request cost ~0.6 ms on SQLite (closing the
     # last connection checkpoints the WAL) and ~10 ms on PostgreSQL (a new server backend), more than most
-    # requests take (README "Performance"). SQLite keeps one per thread; PostgreSQL in the main thread.
+    # requests take (docs/performance.md). SQLite keeps one per thread; PostgreSQL in the main thread.
     app.wsgi_app = _ConnectionUpkeep(app.wsgi_app)
 
     @app.before_request

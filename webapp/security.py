@@ -65,8 +65,8 @@ def backoff(failures):
     """How long an account must wait after `failures` consecutive failures (security.md 18).
 
     1, 2, 4, 8 s for the first failures, then a lock of 15 min that doubles with every further
-    failure, capped at 24 h: about 100 guesses a day at the very most, far below NIST's ceiling.
-    """
+    failure, capped at 24 h: about a dozen guesses in the first day and one a day after, far below NIST's
+    ceiling of 100."""
     cfg = current_app.config
     free = cfg["THROTTLE_FREE_FAILURES"]
     if failures <= 0:

@@ -100,7 +100,7 @@ def qr_code(uri):
     # A fixed mask: segno's automatic choice renders all eight and scores them, ~4x the cost of the whole
     # QR step. With zxing-cpp and zbar every mask decoded all samples at 5 and 2 px per module, and all or
     # all but one when blurred (sigma 2 px); at 1.6 px per module all masks are near the unreadable edge,
-    # the automatic choice too (bench/qr_masks.py, README "Performance"). make_qr in byte mode (what the
+    # the automatic choice too (bench/qr_masks.py, docs/performance.md). make_qr in byte mode (what the
     # automatic choice picks for an otpauth URI) at level M without segno's boost skips two more searches;
     # the "app" row of bench/qr_masks.py decodes exactly like mask 1 made the old way.
     return segno.make_qr(uri, error="m", mode="byte", boost_error=False, mask=1)
@@ -111,7 +111,7 @@ def qr_svg(uri, scale=5, border=4):
 
     segno makes the code; the SVG is written here from its module matrix, one horizontal stroke per run of
     dark modules: segno's own SVG writer took 1.6 ms for what this does in 0.5 ms, a sixth of the QR step
-    (README "Performance"). The markup has segno's shape (width/height, scale(), class "qrline"), and
+    (docs/performance.md). The markup has segno's shape (width/height, scale(), class "qrline"), and
     tests/test_totp.py checks that its strokes cover exactly the matrix's dark modules.
     """
     matrix = qr_code(uri).matrix
@@ -210,8 +210,8 @@ def code_matches(user, code, ts=None):
 
     This is the slow part of a check (decrypting each secret, three HMACs per device) and it needs no
     lock, so it runs before the write transaction: on SQLite that transaction excludes every other
-    writer, and under parallel sign-ins the time spent inside it decides the throughput (README
-    "Performance"). Whether a match may be used is settled inside the transaction by a conditional update
+    writer, and under parallel sign-ins the time spent inside it decides the throughput
+    (docs/performance.md). Whether a match may be used is settled inside the transaction by a conditional update
     of the device's last step, so a device read here that changes meanwhile cannot let a code through
     twice.
     """
