@@ -685,6 +685,20 @@ def test_every_form_post_refuses_an_oversized_body_with_413(actor, app, secret, 
     assert signed == signed_in(actor.client)
 
 
+def _what_is_written(app):
+    """How many audit records and contact requests there are: what a refused form must not add to."""
+    with app.app_context():
+        return len(audit_rows(app)), db.execute_sql("SELECT COUNT(*) FROM supportrequest").fetchone()[0]
+
+
+def _admin_and_what_is_written(actor, app, secret, signed):
+    """An admin with 2FA, signed in or not; a CSRF token of this browser and the counts before the test."""
+    actor.user(ADMIN, admin=True, secret=secret)
+    if signed:
+        actor.sign_in(ADMIN, PASSWORD, secret)
+    return actor.csrf("/settings" if signed else "/login"), _what_is_written(app)
+
+
 @pytest.mark.parametrize("signed", [False, True])
 def test_every_form_post_refuses_a_body_without_a_length_with_411(actor, app, secret, signed):
     """Strict input: a form sent chunked (no Content-Length) is refused with 411 before any view or the CSRF
@@ -692,13 +706,7 @@ def test_every_form_post_refuses_a_body_without_a_length_with_411(actor, app, se
     so an oversized contact message was stored cut short instead of getting 413. Nothing is written."""
     import io
 
-    actor.user(ADMIN, admin=True, secret=secret)
-    if signed:
-        actor.sign_in(ADMIN, PASSWORD, secret)
-    token = actor.csrf("/settings" if signed else "/login")
-    before = len(audit_rows(app))
-    with app.app_context():
-        requests_before = db.execute_sql("SELECT COUNT(*) FROM supportrequest").fetchone()[0]
+    token, written_before = _admin_and_what_is_written(actor, app, secret, signed)
     with_token = f"csrf_token={token}&email=a%40example.com&message=hello".encode()
     for rule, url in _post_rules(app):
         # without a token too: the length is checked before the CSRF check reads the (cut) body
@@ -709,9 +717,7 @@ def test_every_form_post_refuses_a_body_without_a_length_with_411(actor, app, se
                                   environ_overrides={"wsgi.input_terminated": True})
             assert r.status_code == 411, (rule.endpoint, r.status_code)
             assert "sent without its length" in text(r)
-    assert len(audit_rows(app)) == before
-    with app.app_context():
-        assert db.execute_sql("SELECT COUNT(*) FROM supportrequest").fetchone()[0] == requests_before
+    assert _what_is_written(app) == written_before
     assert signed == signed_in(actor.client)
 
 
@@ -724,13 +730,7 @@ def test_every_form_post_refuses_a_body_cut_short_or_not_encoded_as_browsers_do(
     before any view or the CSRF check; nothing is written."""
     import io
 
-    actor.user(ADMIN, admin=True, secret=secret)
-    if signed:
-        actor.sign_in(ADMIN, PASSWORD, secret)
-    token = actor.csrf("/settings" if signed else "/login")
-    before = len(audit_rows(app))
-    with app.app_context():
-        requests_before = db.execute_sql("SELECT COUNT(*) FROM supportrequest").fetchone()[0]
+    token, written_before = _admin_and_what_is_written(actor, app, secret, signed)
     body = f"csrf_token={token}&email=a%40example.com&message=First+part+of+my+message".encode()
     for rule, url in _post_rules(app):
         for sent, length, said in ((body, len(body) + 40, "did not arrive whole"),
@@ -741,9 +741,7 @@ def test_every_form_post_refuses_a_body_cut_short_or_not_encoded_as_browsers_do(
                                                      "CONTENT_LENGTH": str(length or len(sent))})
             assert r.status_code == 400 and said in text(r) and "Nothing was changed" in text(r), (
                 rule.endpoint, r.status_code)
-    assert len(audit_rows(app)) == before
-    with app.app_context():
-        assert db.execute_sql("SELECT COUNT(*) FROM supportrequest").fetchone()[0] == requests_before
+    assert _what_is_written(app) == written_before
     assert signed == signed_in(actor.client)
     # and the whole form, sent the same way, still works
     r = actor.client.post("/support/contact", input_stream=io.BytesIO(body),

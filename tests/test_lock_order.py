@@ -68,21 +68,26 @@ class PersonHeld:
         self.conn.close()
 
 
-def run_while_person_held(user_id, action, rows):
-    """Run `action` in a thread while the person's row is held; returns (blocked first, for each row whether
-    it was untouched meanwhile, the action's result)."""
+def look_while_person_held(user_id, action, look):
+    """Run `action` in a thread while the person's row is held; once it waits, `look(held)` reads what it has
+    done so far. Returns (blocked first, what look found, the action's result)."""
     held = PersonHeld(user_id)
     result = {}
     thread = threading.Thread(target=lambda: result.setdefault("value", action()), daemon=True)
     try:
         thread.start()
         blocked = held.wait_for_blocked(thread)
-        untouched = {row: held.row_untouched(*row) for row in rows}
+        found = look(held)
     finally:
         held.release()
     thread.join(30)
     assert not thread.is_alive(), "the action did not finish once the person's row was free"
-    return blocked, untouched, result.get("value")
+    return blocked, found, result.get("value")
+
+
+def run_while_person_held(user_id, action, rows):
+    """As look_while_person_held, looking at whether each of `rows` (table, id) was untouched meanwhile."""
+    return look_while_person_held(user_id, action, lambda held: {row: held.row_untouched(*row) for row in rows})
 
 
 def test_start_over_in_the_wizard_takes_the_person_before_the_pending_key(app, actor, secret):
@@ -203,18 +208,10 @@ def test_renaming_a_device_takes_the_person_before_the_device(app, actor, secret
         return actor.client.post(f"/settings/devices/{device.id}/rename",
                                  data={"csrf_token": token, f"rename-{device.id}-name": "Work phone"}).status_code
 
-    held = PersonHeld(user.id)
-    thread = threading.Thread(target=lambda: result.setdefault("status", rename()), daemon=True)
-    result = {}
-    try:
-        thread.start()
-        blocked = held.wait_for_blocked(thread)
-        name_meanwhile = held.conn.execute('SELECT name FROM "device" WHERE id = %s', (device.id,)).fetchone()[0]
-    finally:
-        held.release()
-    thread.join(30)
+    blocked, name_meanwhile, status = look_while_person_held(user.id, rename, lambda held: held.conn.execute(
+        'SELECT name FROM "device" WHERE id = %s', (device.id,)).fetchone()[0])
     assert blocked and name_meanwhile == "Phone"
-    assert result["status"] == 302
+    assert status == 302
     with app.app_context():
         assert Device.get_by_id(device.id).name == "Work phone"
 
@@ -256,18 +253,11 @@ def test_revoking_an_admin_waits_for_every_admins_row_before_counting_the_others
     first = actor.user("first-admin@example.com", admin=True)
     second = actor.user("second-admin@example.com", admin=True)
 
-    held = PersonHeld(second.id)
-    result = {}
-    thread = threading.Thread(target=lambda: result.setdefault("run", app.test_cli_runner().invoke(
-        args=["users", "promote", "first-admin@example.com", "--revoke"])), daemon=True)
-    try:
-        thread.start()
-        blocked = held.wait_for_blocked(thread)
-        still_admin = held.conn.execute('SELECT is_admin FROM "user" WHERE id = %s', (first.id,)).fetchone()[0]
-    finally:
-        held.release()
-    thread.join(30)
+    blocked, still_admin, run = look_while_person_held(
+        second.id, lambda: app.test_cli_runner().invoke(args=["users", "promote", "first-admin@example.com",
+                                                              "--revoke"]),
+        lambda held: held.conn.execute('SELECT is_admin FROM "user" WHERE id = %s', (first.id,)).fetchone()[0])
     assert blocked and still_admin
-    assert result["run"].exit_code == 0 and "first-admin@example.com is now an ordinary user" in result["run"].output
+    assert run.exit_code == 0 and "first-admin@example.com is now an ordinary user" in run.output
     with app.app_context():
         assert [u.email for u in User.select().where(User.is_admin)] == ["second-admin@example.com"]

@@ -280,9 +280,9 @@ def index():
     """The User Settings page with the Two-Factor Authentication row. `?dialog=` names the dialog to open
     as the page loads (htmx), after a re-authentication that the gear's dialog asked for; only the wizard's
     address is taken, so a link cannot make the page fetch anything else."""
-    reopen = request.args.get("dialog") == url_for("settings.tfa")
-    return render_template("settings/index.html", reopen_dialog=url_for("settings.tfa") if reopen else None,
-                           **_row_context(_user()))
+    dialog = request.args.get("dialog")  # None on nearly every view: no URL is built for it then
+    reopen = dialog if dialog is not None and dialog == url_for("settings.tfa") else None
+    return render_template("settings/index.html", reopen_dialog=reopen, **_row_context(_user()))
 
 
 # ---------------------------------------------------------------- the wizard
