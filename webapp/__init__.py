@@ -111,8 +111,7 @@ def create_app(test_config=None):
 
     app.session_interface = DbSessionInterface()
     app.before_request(raise_if_unavailable)
-    app.before_request(_refuse_bodies_without_a_length)  # before CSRFProtect's hook reads the form
-    app.before_request(_refuse_cut_or_unreadable_forms)  # so is this one
+    app.before_request(_refuse_unreadable_bodies)  # before CSRFProtect's hook reads the form
     app.config["SESSION_COOKIE_NAME"] = app.session_interface.get_cookie_name(app)
     csrf.init_app(app)
     login_manager.init_app(app)
@@ -390,26 +389,26 @@ class _RowId(IntegerConverter):
         super().__init__(url_map, *args, **kwargs)
 
 
-def _refuse_bodies_without_a_length():
-    """411 for a submission whose body comes without Content-Length (Transfer-Encoding: chunked). Werkzeug reads
-    such a body only up to MAX_CONTENT_LENGTH and then stops without an error, so a form over the limit lost
-    its end silently (a contact message was stored cut short) where the same form with a length gets 413.
-    Browsers send every form with its length."""
-    if request.method in SUBMIT_METHODS and request.content_length is None and "Transfer-Encoding" in request.headers:
-        raise LengthRequired("This form was sent without its length (Content-Length). Send it again from the page. "
-                             "Nothing was changed.")
+def _refuse_unreadable_bodies():
+    """Refuse a submitted body that cannot be read as the form it claims to be, before any view or the CSRF
+    check reads it; nothing is changed.
 
-
-def _refuse_cut_or_unreadable_forms():
-    """400 for a form that did not arrive whole or cannot be read, before any view or the CSRF check reads it.
-
-    gunicorn marks its input as ending where the body ends (wsgi.input_terminated), so Werkzeug takes a body
-    that stops short of its Content-Length (the connection broke off) as the whole form: a contact message
-    was stored without its end, a wizard started, a request marked handled. The body is at most
-    MAX_CONTENT_LENGTH, so it is read here (and kept for the form parser). A form body with bytes outside
-    ASCII is not what a browser sends (it percent-encodes them); Werkzeug dropped the undecodable fields,
-    and the refusal then blamed the CSRF token ("Form expired")."""
-    if request.method not in SUBMIT_METHODS or not request.content_length:
+    - 411 without Content-Length (Transfer-Encoding: chunked): Werkzeug reads such a body only up to
+      MAX_CONTENT_LENGTH and then stops without an error, so a form over the limit lost its end silently (a
+      contact message was stored cut short) where the same form with a length gets 413. Browsers send
+      every form with its length.
+    - 400 for a body that stops short of its Content-Length (the connection broke off): gunicorn marks its
+      input as ending where the body ends (wsgi.input_terminated), so Werkzeug took the part as the whole
+      form (a contact message stored without its end, a wizard started, a request marked handled). The body
+      is at most MAX_CONTENT_LENGTH, so it is read here (and kept for the form parser).
+    - 400 for a urlencoded body with bytes outside ASCII, which a browser would have percent-encoded:
+      Werkzeug dropped the undecodable fields, and the refusal then blamed the CSRF token ("Form expired")."""
+    if request.method not in SUBMIT_METHODS:
+        return
+    if request.content_length is None:
+        if "Transfer-Encoding" in request.headers:
+            raise LengthRequired("This form was sent without its length (Content-Length). Send it again from "
+                                 "the page. Nothing was changed.")
         return
     body = request.get_data(cache=True)  # 413 above MAX_CONTENT_LENGTH, as before
     if len(body) < request.content_length:
