@@ -17,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CITATION = re.compile(r"security\.md ((?:\d+(?:(?:, | and |-)(?=\d))?)+)")
 ROW = re.compile(r"^\| (\d+) \| (.*?) \| (.*?) \| (.*) \|$")
+ITEMS = 44  # the checklist's items (guides/security.md, next to the checkout, not part of it)
 
 
 def _items(text):
@@ -57,6 +58,22 @@ def render(readme, cited):
     return "\n".join(lines)
 
 
+def problems(readme):
+    """What is wrong with the table beyond its Tests column: every item from 1 on, in order, each once, and
+    each with a test or a note saying it does not apply."""
+    found, rows = [], []
+    lines = readme.split("\n")
+    for line in lines[lines.index("### Checklist → tests"):]:
+        match = ROW.match(line)
+        if match:
+            rows.append(int(match.group(1)))
+            if match.group(3) == "—" and "Not applicable" not in match.group(4):
+                found.append(f"item {match.group(1)} has no test and no note saying it does not apply")
+    if rows != list(range(1, ITEMS + 1)):
+        found.append(f"the rows are not the items 1 to {ITEMS} in order: {rows}")
+    return found
+
+
 def main(argv):
     readme_path = ROOT / "README.md"
     readme = readme_path.read_text(encoding="utf-8")
@@ -65,7 +82,9 @@ def main(argv):
         if wanted != readme:
             print("README.md's checklist table differs from the tests' citations: run scripts/checklist.py")
             return 1
-        return 0
+        for problem in problems(readme):
+            print(f"README.md's checklist table: {problem}")
+        return 1 if problems(readme) else 0
     readme_path.write_text(wanted, encoding="utf-8")
     return 0
 

@@ -357,6 +357,9 @@ def test_signup_creates_an_account(app, actor):
     ("\u0430lice@example.com", "mixes letters of different alphabets"),  # Cyrillic а
     ("alice@ex\u0430mple.com", "mixes letters of different alphabets"),
     ("p\u03b1ypal@example.com", "mixes letters of different alphabets"),  # Greek α
+    ("alice@xn--xample-2of.com", "mixes letters of different alphabets"),  # stored as "alice@еxample.com"
+    ("\u0430\u04cf\u0456\u0441\u0435@example.com", "letters that look like Latin ones"),  # all Cyrillic "аӏісе"
+    ("\u0430\u04cf\u0456\u0441\u0435.smith@example.com", "letters that look like Latin ones"),
 ])
 def test_signup_refuses_an_address_that_passes_for_another(app, actor, email, said):
     """Support goes by what an address looks like (the contact form, the Support search): an account
@@ -372,7 +375,8 @@ def test_signup_refuses_an_address_that_passes_for_another(app, actor, email, sa
         assert User.select().count() == 2
 
 
-@pytest.mark.parametrize("email", ["иван@пример.рф", "zoë@example.com", "たなか太郎@example.jp"])
+@pytest.mark.parametrize("email", ["иван@пример.рф", "zoë@example.com", "たなか太郎@example.jp", "ivan.иванов@example.com",
+                                   "müller+news@example.de", "δοκιμή@example.gr"])
 def test_signup_takes_addresses_in_one_alphabet_whatever_it_is(app, actor, email):
     actor.user(email="admin@example.com", admin=True)
     r = actor.post_form("/signup", {"email": email, "password": PASSWORD, "confirm": PASSWORD})

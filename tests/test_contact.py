@@ -112,7 +112,7 @@ def test_too_short_and_too_long_messages_are_refused(app, actor):
 
 
 @pytest.mark.parametrize("message", ["Lost my phone \u202eenohp ym tsoL, please help",
-                                     "Lost my phone\x1b[2J please help me", "Lost\u200bmy phone, help"])
+                                     "Lost my phone\x1b[2J please help me", "Lost my phone \u2066isolated\u2069 help"])
 def test_hidden_characters_in_a_message_are_refused(app, actor, message):
     """Support reads the message: an override that shows text reversed, a terminal escape or a zero-width
     space hides what was written from the reader (a fuzzing review)."""
@@ -120,6 +120,20 @@ def test_hidden_characters_in_a_message_are_refused(app, actor, message):
     assert r.status_code == 400 and "Use letters, digits, spaces, punctuation and line breaks only." in r.get_data(
         as_text=True)
     assert requests_in_db(app) == []
+
+
+@pytest.mark.parametrize("message", [
+    "گوشی\u200cام را گم کرده\u200cام، لطفا کمک کنید",  # Persian spells with the zero-width non-joiner
+    "\u200fאיבדתי את הטלפון שלי, בבקשה עזרה",  # Hebrew copied with its right-to-left mark
+    "I lost my smart\u00adphone yesterday, please help",  # a soft hyphen pasted from a web page
+    "Lost my phone \U0001fae8 please help \U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f",
+])
+def test_messages_as_people_write_them_are_taken(app, actor, message):
+    """The contact form is the only way in for someone locked out: text as people write it in their language,
+    or paste it, goes through (a review found Persian, Hebrew and pasted text refused as "hidden characters");
+    only what reorders or hides the text is refused (above)."""
+    assert send(actor, message=message).status_code == 302
+    assert requests_in_db(app)[0].message == message
 
 
 def test_message_of_exactly_4000_characters_is_accepted(app, actor):

@@ -121,6 +121,16 @@ def test_rename_is_validated(actor, app, alice, name, message):
     assert r.status_code == 200 and message in text(r)  # htmx swaps only 2xx
 
 
+@pytest.mark.parametrize("name", ["گوشی\u200cمن", "👩\u200d💻 laptop", "Phone \U0001fae8"])
+def test_names_written_with_joiners_or_newer_emoji_are_allowed(actor, app, alice, name):
+    """Persian spells with the zero-width non-joiner, emoji are built with the joiner, and an emoji newer than
+    the server's Unicode tables is no hidden character: such names are taken as typed."""
+    [device] = device_rows(app, alice)
+    r = post(actor, f"/settings/devices/{device.id}/rename", {f"rename-{device.id}-name": name})
+    assert r.status_code == 302
+    assert [d.name for d in device_rows(app, alice)] == [name]
+
+
 def test_renaming_to_its_own_name_in_other_case_is_allowed(actor, app, alice):
     [device] = device_rows(app, alice)
     post(actor, f"/settings/devices/{device.id}/rename", {f"rename-{device.id}-name": "PHONE"})

@@ -698,7 +698,7 @@ def test_the_gears_dialog_opens_again_after_the_re_authentication_it_asked_for(a
     assert r.status_code == 401
     reauth = r.headers["HX-Redirect"]
     [back] = parse_qs(urlsplit(reauth).query)["next"]
-    assert urlsplit(reauth).path == "/reauth" and back == "/settings?dialog=/settings/2fa"
+    assert urlsplit(reauth).path == "/reauth" and back == "/settings?dialog=wizard"
     actor.clock.advance(30)
     r = actor.post_form(reauth, {"password": PASSWORD, "code": actor.code(secret)})
     assert r.status_code == 302 and r.headers["Location"] == back
@@ -708,9 +708,10 @@ def test_the_gears_dialog_opens_again_after_the_re_authentication_it_asked_for(a
     assert 'data-step="intro"' in text(actor.client.get("/settings/2fa", headers={**HX, "HX-Target": "dialog-slot"}))
 
 
-@pytest.mark.parametrize("dialog", ["/support", "/settings/2fa/start", "https://evil.example/", ""])
+@pytest.mark.parametrize("dialog", ["/support", "/settings/2fa", "/settings/2fa/start", "https://evil.example/", "",
+                                    "Wizard"])
 def test_user_settings_opens_no_other_dialog_than_the_wizard(actor, dialog):
-    """`?dialog=` is a link anyone can send: only the wizard's own address is fetched, nothing else."""
+    """`?dialog=` is a link anyone can send: it names the wizard (`wizard`), never an address to fetch."""
     signed_in(actor)
     page = text(actor.client.get("/settings", query_string={"dialog": dialog}))
     assert '<div id="dialog-slot"></div>' in page and "hx-trigger=\"load\"" not in page

@@ -401,8 +401,8 @@ def _refuse_unreadable_bodies():
       input as ending where the body ends (wsgi.input_terminated), so Werkzeug took the part as the whole
       form (a contact message stored without its end, a wizard started, a request marked handled). The body
       is at most MAX_CONTENT_LENGTH, so it is read here (and kept for the form parser).
-    - 400 for a urlencoded body with bytes outside ASCII, which a browser would have percent-encoded:
-      Werkzeug dropped the undecodable fields, and the refusal then blamed the CSRF token ("Form expired")."""
+    - 400 for a urlencoded body with bytes that are not UTF-8 (a browser percent-encodes them): Werkzeug
+      dropped the undecodable fields, and the refusal then blamed the CSRF token ("Form expired")."""
     if request.method not in SUBMIT_METHODS:
         return
     if request.content_length is None:
@@ -415,8 +415,11 @@ def _refuse_unreadable_bodies():
         raise BadRequest("The form did not arrive whole (the connection broke off). Send it again. "
                          "Nothing was changed.")
     if request.mimetype == "application/x-www-form-urlencoded" and not body.isascii():
-        raise BadRequest("The form could not be read: it contains characters a browser would have encoded. "
-                         "Send it again from the page. Nothing was changed.")
+        try:
+            body.decode("utf-8")  # raw UTF-8 (curl --data 'message=Héllo') is read right; other bytes are not
+        except UnicodeDecodeError:
+            raise BadRequest("The form could not be read: it contains characters that are not UTF-8. "
+                             "Send it again from the page. Nothing was changed.") from None
 
 
 def _refuse_nul_characters():

@@ -38,28 +38,43 @@ class Form(FlaskForm):
             return (request.form or None) if request.method in SUBMIT_METHODS else None
 
 
-# Characters that typed text kept for others to read (device names, support's reasons, contact messages) may
-# not hold: controls, invisible format characters (zero-width spaces, the bidirectional overrides that make
-# text read backwards), private-use and unassigned code points, line and paragraph separators. The
-# zero-width joiner stays: emoji such as "👩‍💻" are built with it.
-HIDDEN_CATEGORIES = {"Cc", "Cf", "Co", "Cn", "Cs", "Zl", "Zp"}
+# Characters that names (device names, a ticket reference) may not hold: controls, invisible format
+# characters (zero-width spaces, the bidirectional overrides that make text read backwards), private-use and
+# surrogate code points, line and paragraph separators. The zero-width joiner and non-joiner stay: emoji
+# such as "👩‍💻" and ordinary Persian spelling are built with them.
+HIDDEN_CATEGORIES = {"Cc", "Cf", "Co", "Cs", "Zl", "Zp"}
+JOINERS = "\u200c\u200d"
+# Free text (support's reason, a contact message) is more lenient: format characters that real text carries
+# (right-to-left and left-to-right marks in Hebrew or Arabic, soft hyphens pasted from web pages, the tags of
+# flag emoji) are fine. Refused there: controls other than line breaks and tabs, private-use and surrogate
+# code points, line and paragraph separators, and the embeddings, overrides and isolates that make a
+# stored text display in another order than it was written.
+_FREE_TEXT_REFUSED = {"Cc", "Co", "Cs", "Zl", "Zp"}
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
-def has_hidden_characters(text, allowed="\u200d"):
+def has_hidden_characters(text, allowed=JOINERS):
+    """Whether a name holds a character from HIDDEN_CATEGORIES (other than `allowed`)."""
     return any(unicodedata.category(c) in HIDDEN_CATEGORIES and c not in allowed for c in text)
 
 
+def has_disguising_characters(text):
+    """Whether free text holds a character that hides or reorders what it says (see _FREE_TEXT_REFUSED)."""
+    return any(c in _BIDI_CONTROLS or (unicodedata.category(c) in _FREE_TEXT_REFUSED and c not in "\n\t")
+               for c in text)
+
+
 class VisibleText:
-    """Validator: refuses hidden characters (HIDDEN_CATEGORIES); `lines` allows line breaks and tabs, for a
-    textarea. What support writes goes into audit records nobody can edit, and a right-to-left override
-    there shows the reason reversed."""
+    """Validator for text kept for others to read: a name (HIDDEN_CATEGORIES), or with `lines`, free text of
+    several lines (has_disguising_characters). What support writes goes into audit records nobody can edit,
+    and a right-to-left override there shows the reason reversed."""
 
     def __init__(self, message="Use letters, digits, spaces and punctuation only.", lines=False):
         self.message = message
-        self.allowed = "\u200d\n\t" if lines else "\u200d"
+        self.check = has_disguising_characters if lines else has_hidden_characters
 
     def __call__(self, form, field):
-        if field.data and has_hidden_characters(field.data, self.allowed):
+        if field.data and self.check(field.data):
             raise ValidationError(self.message)
 
 

@@ -1,6 +1,7 @@
 """The whole data model: people, their authenticator devices, server-side sessions, sign-in challenges,
 pending enrolments, support requests and the append-only audit log. All times are naive UTC."""
 import json
+import re
 import unicodedata
 
 from email_validator import EmailNotValidError, validate_email
@@ -102,6 +103,9 @@ def normalise_email(email):
 
 # Alphabets whose letters pass for each other's (Unicode character names begin with the script's name).
 _CONFUSABLE_SCRIPTS = {"LATIN", "CYRILLIC", "GREEK", "ARMENIAN", "CHEROKEE", "COPTIC"}
+# Lower-case Cyrillic and Greek letters that read as Latin ones: a part written wholly in them ("аӏісе")
+# passes for a Latin word.
+_LATIN_LOOKALIKES = frozenset("аеіјоосруххѕӏһԁԛԝүкαοριυνκχ")
 
 
 def lookalike_problem(email):
@@ -109,17 +113,24 @@ def lookalike_problem(email):
     support, who goes by what the address looks like, a person could pass for someone else.
     - Compatibility characters in the local part (full-width "ａｌｉｃｅ", ligatures, superscripts): NFKC
       makes them ordinary letters, and the address then looks like the plain one it is not.
-    - Letters of two look-alike alphabets in one part ("аlice" with a Cyrillic а): the classic spoof. One
-      alphabet per part stays fine ("иван@пример.рф", "zoë@example.com"), and so do scripts that look like
-      no other (Japanese kana beside kanji)."""
-    local, _, domain = email.rpartition("@")
+    - Letters of two look-alike alphabets in one part ("аlice" with a Cyrillic а): the classic spoof.
+    - A part written wholly in Cyrillic or Greek letters that read as Latin ones ("аӏісе").
+    The parts are checked as they will be stored: a punycode domain ("xn--xample-2of.com") in Unicode.
+    Other addresses in one alphabet are fine ("иван@пример.рф", "zoë@example.com"), and so are scripts that
+    look like no other (Japanese kana beside kanji)."""
+    typed_local = email.rpartition("@")[0]
     # The domain goes through IDNA (normalise_email), which makes such letters ordinary; the local part is kept.
-    if unicodedata.normalize("NFKC", local) != unicodedata.normalize("NFC", local):
+    if unicodedata.normalize("NFKC", typed_local) != unicodedata.normalize("NFC", typed_local):
         return "Type the address in ordinary letters (not full-width or other special forms)."
-    for part in [local, *domain.split(".")]:
-        scripts = {unicodedata.name(c, "?").split(" ")[0] for c in part if c.isalpha()} & _CONFUSABLE_SCRIPTS
-        if len(scripts) > 1:
+    valid = _validated(email)
+    local, _, domain = (valid.normalized if valid is not None else email).rpartition("@")
+    # Each word on its own ("ivan.иванов" is two words in two alphabets, as people write their names).
+    for part in [*re.split(r"[.+_-]", local), *domain.split(".")]:
+        letters = [c for c in part.lower() if c.isalpha()]
+        if len({unicodedata.name(c, "?").split(" ")[0] for c in letters} & _CONFUSABLE_SCRIPTS) > 1:
             return "This address mixes letters of different alphabets (such as Latin and Cyrillic). Use another."
+        if letters and not part.isascii() and all(c in _LATIN_LOOKALIKES for c in letters):
+            return "This address is written in letters that look like Latin ones but are not. Use another."
     return None
 
 

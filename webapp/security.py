@@ -288,7 +288,7 @@ def fresh_login_required(view=None, *, back_to=None):
             if is_htmx() and request.method == "GET" and request.headers.get("HX-Target") == "dialog-slot":
                 # The gear's dialog (or "Add another device"): back on User Settings with the dialog open
                 # again, not on the wizard's page without JavaScript (settings.index reads `dialog`).
-                return hx_redirect(url_for("auth.reauth", next=url_for("settings.index", dialog=request.path)))
+                return hx_redirect(url_for("auth.reauth", next=url_for("settings.index", dialog="wizard")))
             target = url_for("auth.reauth", next=_reauth_next(back_to))
             if is_htmx():
                 return hx_redirect(target)

@@ -277,11 +277,10 @@ def _skew_text(steps):
 @bp.get("")
 @login_required
 def index():
-    """The User Settings page with the Two-Factor Authentication row. `?dialog=` names the dialog to open
-    as the page loads (htmx), after a re-authentication that the gear's dialog asked for; only the wizard's
-    address is taken, so a link cannot make the page fetch anything else."""
-    dialog = request.args.get("dialog")  # None on nearly every view: no URL is built for it then
-    reopen = dialog if dialog is not None and dialog == url_for("settings.tfa") else None
+    """The User Settings page with the Two-Factor Authentication row. `?dialog=wizard` opens the wizard's
+    dialog as the page loads (htmx), after a re-authentication that the gear's dialog asked for; it names
+    a dialog, not an address, so a link cannot make the page fetch anything else."""
+    reopen = url_for("settings.tfa") if request.args.get("dialog") == "wizard" else None
     return render_template("settings/index.html", reopen_dialog=reopen, **_row_context(_user()))
 
 
