@@ -82,9 +82,10 @@ def main(argv):
         if wanted != readme:
             print("README.md's checklist table differs from the tests' citations: run scripts/checklist.py")
             return 1
-        for problem in problems(readme):
+        found = problems(readme)
+        for problem in found:
             print(f"README.md's checklist table: {problem}")
-        return 1 if problems(readme) else 0
+        return 1 if found else 0
     readme_path.write_text(wanted, encoding="utf-8")
     return 0
 

@@ -53,9 +53,9 @@ _FREE_TEXT_REFUSED = {"Cc", "Co", "Cs", "Zl", "Zp"}
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
-def has_hidden_characters(text, allowed=JOINERS):
-    """Whether a name holds a character from HIDDEN_CATEGORIES (other than `allowed`)."""
-    return any(unicodedata.category(c) in HIDDEN_CATEGORIES and c not in allowed for c in text)
+def has_hidden_characters(text):
+    """Whether a name holds a character from HIDDEN_CATEGORIES (the JOINERS excepted)."""
+    return any(unicodedata.category(c) in HIDDEN_CATEGORIES and c not in JOINERS for c in text)
 
 
 def has_disguising_characters(text):

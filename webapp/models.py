@@ -105,7 +105,7 @@ def normalise_email(email):
 _CONFUSABLE_SCRIPTS = {"LATIN", "CYRILLIC", "GREEK", "ARMENIAN", "CHEROKEE", "COPTIC"}
 # Lower-case Cyrillic and Greek letters that read as Latin ones: a part written wholly in them ("аӏісе")
 # passes for a Latin word.
-_LATIN_LOOKALIKES = frozenset("аеіјоосруххѕӏһԁԛԝүкαοριυνκχ")
+_LATIN_LOOKALIKES = frozenset("аеіјокрсухѕӏһԁԛԝүαικνορυχ")
 
 
 def lookalike_problem(email):
