@@ -160,12 +160,21 @@ def forget_browsers(user, keep_this_one=False):
     return query.execute()
 
 
+def end_code_steps(user):
+    """Inside the caller's transaction: delete `user`'s sign-ins waiting at the code step. A browser there is
+    then told its sign-in expired (turned 2FA off, support's disable, a new password), rather than being
+    refused code after code."""
+    from .models import SignInChallenge
+
+    SignInChallenge.delete().where(SignInChallenge.user == user.id).execute()
+
+
 def revoke_second_factor(user, reset_until=None):
     """Inside the caller's transaction: every device of `user` goes, and with them everything a lost phone
     could still be used for: half-finished sign-ins, sessions, known browsers, the code throttle. Support's
     temporary disable passes the end of its window; the CLI's reset passes none. Returns (devices removed,
     sessions ended)."""
-    from .models import Device, SignInChallenge, User
+    from .models import Device, User
     from .sessions import end_user_sessions
 
     # The person's row first, as every other change to their 2FA takes it (sign-in, Complete Activation,
@@ -174,7 +183,7 @@ def revoke_second_factor(user, reset_until=None):
     removed = Device.delete().where(Device.user == user.id).execute()
     User.update(tfa_reset_until=reset_until, code_failures=0, code_locked_until=None).where(
         User.id == user.id).execute()
-    SignInChallenge.delete().where(SignInChallenge.user == user.id).execute()
+    end_code_steps(user)
     sessions = end_user_sessions(user)
     forget_browsers(user)  # a lost phone's browser keeps no password throttle of its own
     return removed, sessions
@@ -193,7 +202,7 @@ def replace_password(user, password_hash, via, keep_token=None, checked_hash=Non
     (signed out elsewhere, or by support), or the password is no longer `checked_hash`, the one the person
     proved (changed meanwhile by the operator or in another browser)."""
     from .db import for_update, write_transaction
-    from .models import ServerSession, SignInChallenge, User
+    from .models import ServerSession, User
     from .sessions import end_user_sessions
 
     with write_transaction():
@@ -205,7 +214,7 @@ def replace_password(user, password_hash, via, keep_token=None, checked_hash=Non
             return None
         User.update(password_hash=password_hash, password_failures=0, password_locked_until=None).where(
             User.id == user.id).execute()
-        SignInChallenge.delete().where(SignInChallenge.user == user.id).execute()
+        end_code_steps(user)
         ended = end_user_sessions(user, keep_token=keep_token)
         forget_browsers(user, keep_this_one=keep_token is not None)
         audit("password_changed", user=user, via=via, sessions_ended=ended)

@@ -20,8 +20,9 @@ from .auth import (CODE_FIELD_ATTRS, MALFORMED_CODE_ERROR, WRONG_PASSWORD_ERROR,
 from .clock import now, timestamp
 from .db import Param, Prepared, db, for_update, write_transaction
 from .fields import Form, freeze
-from .models import AuditEvent, Device, PendingEnrolment, ServerSession, SignInChallenge, User
-from .security import PASSWORD_MAX, audit, forget_browsers, fresh_login_required, hash_password, replace_password
+from .models import AuditEvent, Device, PendingEnrolment, ServerSession, User
+from .security import (PASSWORD_MAX, audit, end_code_steps, forget_browsers, fresh_login_required, hash_password,
+                       replace_password)
 from .sessions import end_user_sessions, token_hash
 
 bp = Blueprint("settings", __name__, url_prefix="/settings")
@@ -602,7 +603,7 @@ def remove_device(device_id):
             Device.delete().where(Device.id == current.id).execute()
             audit("device_removed", user=user, device=current.name)
             if left == 1:
-                _end_code_steps(user)
+                end_code_steps(user)  # with 2FA off it could never finish
                 audit("tfa_disabled", user=user, via="last device removed")
             device = current
     if gone:
@@ -614,12 +615,6 @@ def remove_device(device_id):
     if left == 1:
         return _after_change(user, "Two-factor authentication is now off: you removed your only device.")
     return _after_change(user, f"Removed “{device.name}”. It no longer works for signing in.")
-
-
-def _end_code_steps(user):
-    """With 2FA off, a sign-in waiting at the code step elsewhere could never finish: it ends, and that browser
-    is told to sign in again (with the password alone now), as after support's disable."""
-    SignInChallenge.delete().where(SignInChallenge.user == user.id).execute()
 
 
 @bp.post("/2fa/disable")
@@ -648,7 +643,7 @@ def disable():
         names = [d.name for d in _devices(user)]
         Device.delete().where(Device.user == user.id).execute()
         PendingEnrolment.delete().where(PendingEnrolment.user == user.id).execute()
-        _end_code_steps(user)
+        end_code_steps(user)  # with 2FA off it could never finish
         audit("tfa_disabled", user=user, via="settings", devices=names)
     return _after_change(user, "Two-factor authentication is now off. Your devices no longer work for signing in.")
 
