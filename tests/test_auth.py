@@ -1,5 +1,6 @@
 """Sign-in in two steps, as a person and as an attacker would try it (security.md C and D)."""
 import json
+from datetime import datetime, timedelta, timezone
 
 import pyotp
 import pytest
@@ -404,6 +405,60 @@ def test_the_code_lock_is_said_when_it_sends_the_person_back_and_again_on_the_ne
     page = actor.client.get("/login/verify").get_data(as_text=True)
     assert "Too many" not in page and "Wait" not in page
     assert actor.code_step(actor.code(secret)).headers["Location"] == "/settings"
+
+
+
+def _utc(t):
+    """The naive UTC datetime the app stores for fake-clock time t."""
+    return datetime.fromtimestamp(t, tz=timezone.utc).replace(tzinfo=None)
+
+
+def test_codes_sent_during_the_lock_count_but_do_not_lengthen_the_next_lock(actor, secret, clock):
+    """security.md 18, 20: a code sent while the account waits is refused and counted (the stored count is
+    every refused code), but the wait grows only with the codes that were checked. Before, a person who
+    kept trying during the 15-minute lock turned the next wrong code into a lock of hours: four tries during
+    it, and one typo after it locked them out for four hours instead of 30 minutes."""
+    actor.user(secret=secret)
+    actor.password_step()
+    for wait in (0, 1, 2, 4, 8):
+        clock.advance(wait)
+        actor.code_step(WRONG)  # the fifth: a lock of 15 minutes, and this code step ends
+    clock.advance(60)
+    for _ in range(4):  # the right code too: refused, as the lock says
+        actor.password_step()
+        r = actor.code_step(actor.code(secret))
+        assert r.status_code == 429 and "Too many wrong codes. Wait 14 minutes" in r.get_data(as_text=True)
+    row = user_row(actor.app)
+    assert (row.code_failures, row.code_strikes) == (9, 5)
+    clock.advance(14 * 60)
+    actor.password_step()
+    r = actor.code_step(WRONG)  # checked: the sixth strike doubles the lock, no more
+    assert r.status_code == 200 and "That code is not valid" in r.get_data(as_text=True)
+    row = user_row(actor.app)
+    assert (row.code_failures, row.code_strikes) == (10, 6)
+    assert row.code_locked_until == _utc(clock.t) + timedelta(minutes=30)
+    clock.advance(30 * 60)
+    actor.password_step()
+    assert actor.code_step(actor.code(secret)).headers["Location"] == "/settings"
+    row = user_row(actor.app)
+    assert (row.code_failures, row.code_strikes, row.code_locked_until) == (0, 0, None)
+
+
+def test_a_typo_then_the_right_code_at_once_waits_a_second_without_counting_against_the_lock(actor, secret, clock):
+    """The common slip: a five-digit code, then the right one straight away. The second is refused for the
+    one-second pause and counted, but only the typo was checked: the pause after the next wrong code is two
+    seconds, not four."""
+    actor.user(secret=secret)
+    actor.password_step()
+    assert actor.code_step("12345").status_code == 400
+    r = actor.code_step(actor.code(secret))
+    assert r.status_code == 429 and "Wait 1 second before entering another code." in r.get_data(as_text=True)
+    clock.advance(1)
+    r = actor.code_step(WRONG)
+    assert r.status_code == 200
+    row = user_row(actor.app)
+    assert (row.code_failures, row.code_strikes) == (3, 2)
+    assert row.code_locked_until == _utc(clock.t) + timedelta(seconds=2)
 
 
 # ------------------------------------------------------------------ the code step

@@ -149,3 +149,28 @@ def test_a_postgresql_role_that_may_not_create_tables_stops_the_start_with_what_
         with psycopg.connect(server + "/postgres", autocommit=True) as conn:
             conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
             conn.execute(f'DROP ROLE "{name}"')
+
+
+def test_a_database_from_before_a_column_was_added_gets_it_at_start(app, actor, tmp_path, clock, secret):
+    """README "Upgrades": a `user` table made before `code_strikes` existed (2026-12-05) gets the column at the
+    next start, 0 in the rows already there, and the sign-in works; before, every code step failed on the
+    missing column. Both databases (make test-postgres runs it on PostgreSQL)."""
+    from webapp.models import User
+
+    from .conftest import make_test_app
+
+    actor.user(secret=secret)
+    with app.app_context():
+        db.execute_sql('ALTER TABLE "user" DROP COLUMN code_strikes')
+        assert "code_strikes" not in {c.name for c in db.get_columns("user")}
+    db.close()
+    again = make_test_app(tmp_path, app.config["DATABASE_URL"], clock,
+                          TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
+    with again.app_context():
+        assert User.get().code_strikes == 0
+    after = type(actor)(again, again.test_client(), clock)
+    after.password_step()
+    assert after.code_step("000000").status_code == 200  # a wrong code: counted as a strike
+    assert after.code_step(after.code(secret)).status_code == 429  # the 1-second pause
+    clock.advance(1)
+    assert after.code_step(after.code(secret)).headers["Location"] == "/settings"

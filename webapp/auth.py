@@ -280,7 +280,7 @@ def _counted_in(holder):
 def code_error(result):
     """The message for a failed code; wrong and replayed codes read the same (security.md 17)."""
     if result.reason == "locked":
-        if result.failures <= current_app.config["THROTTLE_FREE_FAILURES"]:
+        if result.strikes <= current_app.config["THROTTLE_FREE_FAILURES"]:
             # Within the short pauses after the first wrong codes (1, 2, 4, 8 s; security.backoff): one
             # mistyped code is not "too many".
             return f"Wait {wait_text(result.locked_until)} before entering another code."
@@ -435,21 +435,21 @@ def verify():
         # Back after the lock sent this browser to sign in again (or someone else's wrong codes set it): say
         # so before a right code is refused.
         error = code_error(CheckResult(False, "locked", locked_until=challenge.user.code_locked_until,
-                                       failures=challenge.user.code_failures))
+                                       failures=challenge.user.code_failures, strikes=challenge.user.code_strikes))
     return render_template("auth/verify.html", form=form, error=error), status
 
 
 def _locked_for_minutes(user):
     """Whether the account's code lock (not one of the short pauses after the first wrong codes) is on."""
     return (user.code_locked_until is not None and user.code_locked_until > now()
-            and user.code_failures > current_app.config["THROTTLE_FREE_FAILURES"])
+            and user.code_strikes > current_app.config["THROTTLE_FREE_FAILURES"])
 
 
 def _too_many_codes(result):
     """The message for a code step ended by too many wrong codes: with the wait, when the account's lock is
     on (sign in again at once, and even the right code would be refused until it ends)."""
     if result.locked_until is not None and result.locked_until > now() \
-            and result.failures > current_app.config["THROTTLE_FREE_FAILURES"]:
+            and result.strikes > current_app.config["THROTTLE_FREE_FAILURES"]:
         return (f"Too many wrong codes. For your security, wait {wait_text(result.locked_until)}, then sign in "
                 "again.")
     return "Too many wrong codes. For your security, please sign in again."

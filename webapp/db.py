@@ -283,8 +283,9 @@ def loaded(model, data):
     return instance
 
 
-def _create_tables(database, models, postgresql_indexes=()):
-    """Create the tables (and, on PostgreSQL, the extra indexes) that are missing (at every start)."""
+def _create_tables(database, models, postgresql_indexes=(), added_columns=()):
+    """Create the tables (and, on PostgreSQL, the extra indexes) and add the columns that are missing (at
+    every start)."""
     with database.connection_context():
         if isinstance(database, PostgresqlDatabase):
             # Hosts started at the same moment on an empty database: PostgreSQL's CREATE ... IF NOT EXISTS is
@@ -293,12 +294,23 @@ def _create_tables(database, models, postgresql_indexes=()):
             database.execute_sql("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
             try:
                 database.create_tables(models, safe=True)
+                _add_columns(database, added_columns)
                 for statement in postgresql_indexes:
                     database.execute_sql(statement)
             finally:
                 database.execute_sql("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK,))
         else:
             database.create_tables(models, safe=True)  # SQLite's own lock serialises creators
+            with database.atomic("IMMEDIATE"):  # and, writing first, the processes that add a column
+                _add_columns(database, added_columns)
+
+
+def _add_columns(database, added_columns):
+    """ALTER TABLE ... ADD COLUMN for each (table, column, SQL) the table does not have yet (models.ADDED_COLUMNS):
+    a table made by an earlier version gets what this one reads, with the column's default in existing rows."""
+    for table, column, definition in added_columns:
+        if column not in {c.name for c in database.get_columns(table)}:
+            database.execute_sql(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {definition}')
 
 
 def _create_private(path):
@@ -324,7 +336,7 @@ def init_app(app):
     if isinstance(database, SqliteDatabase):
         _create_private(database.database)
     try:
-        _create_tables(database, models.ALL_MODELS, models.POSTGRESQL_INDEXES)
+        _create_tables(database, models.ALL_MODELS, models.POSTGRESQL_INDEXES, models.ADDED_COLUMNS)
     except (OperationalError, InterfaceError, ProgrammingError) as exc:  # unreachable, no such file, no rights
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if _sqlstate(exc) == "42501":  # insufficient privilege: since PostgreSQL 15 only the database's owner

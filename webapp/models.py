@@ -37,7 +37,11 @@ class User(UserMixin, BaseModel):
     # Throttling, kept apart for passwords and codes (security.md 18, 19).
     password_failures = IntegerField(default=0)
     password_locked_until = DateTimeField(null=True)
+    # code_failures counts every refused code, those sent during a pause or lock too (security.md 20);
+    # code_strikes only the wrong ones that were checked: the back-off grows with these, so codes typed while
+    # the account waits do not lengthen its next lock.
     code_failures = IntegerField(default=0)
+    code_strikes = IntegerField(default=0)
     code_locked_until = DateTimeField(null=True)
     # Set by support's "temporarily disable 2FA": password-only sign-in until then (security.md 39).
     tfa_reset_until = DateTimeField(null=True)
@@ -254,6 +258,10 @@ ALL_MODELS = [User, Device, ServerSession, KnownBrowser, SignInChallenge, Pendin
 # code point (COLLATE "C": support._email_order), which the unique index in the database's own collation
 # cannot serve.
 POSTGRESQL_INDEXES = ['CREATE INDEX IF NOT EXISTS user_email_c ON "user" (email COLLATE "C")']
+
+# Columns added to a table after databases with it were in use: (table, column, the column's SQL for both
+# databases). Added at start when missing (db._add_columns), so an upgrade needs no hand-run SQL.
+ADDED_COLUMNS = [("user", "code_strikes", "INTEGER NOT NULL DEFAULT 0")]  # 2026-12-05
 
 
 def purge_expired(config, current):

@@ -181,7 +181,7 @@ def revoke_second_factor(user, reset_until=None):
     # removing a device): taken after the devices, it deadlocked on PostgreSQL with a code step under way.
     User.lock(user.id)
     removed = Device.delete().where(Device.user == user.id).execute()
-    User.update(tfa_reset_until=reset_until, code_failures=0, code_locked_until=None).where(
+    User.update(tfa_reset_until=reset_until, code_failures=0, code_strikes=0, code_locked_until=None).where(
         User.id == user.id).execute()
     end_code_steps(user)
     sessions = end_user_sessions(user)

@@ -176,12 +176,13 @@ def reencrypt_secret(token):
 class CheckResult:
     """The outcome of checking a person's code: ok, or why not (wrong and replay look the same to them)."""
 
-    def __init__(self, ok, reason, device=None, locked_until=None, failures=0):
+    def __init__(self, ok, reason, device=None, locked_until=None, failures=0, strikes=0):
         self.ok = ok
         self.reason = reason  # "ok", "malformed", "wrong", "replay", "locked"
         self.device = device
         self.locked_until = locked_until
-        self.failures = failures  # the account's failures in a row, this attempt included
+        self.failures = failures  # the account's refused codes in a row, this attempt included
+        self.strikes = strikes  # of those, the ones checked (not refused during a wait): they set the wait
 
     def __bool__(self):
         return self.ok
@@ -235,7 +236,8 @@ def check_user_code(user, raw_code, matches=None):
     (BEGIN IMMEDIATE on SQLite, a row lock on PostgreSQL) covers the lock check, the replay check against
     each matching device's last step with its update, and the failure counter, so parallel submissions
     cannot both succeed or lose a failure (security.md 16, 18, 20). Every attempt that does not succeed
-    increments the account's failure counter, even while locked.
+    increments the account's failure counter, even while locked; only the codes checked count as strikes,
+    which set the back-off, so a person who keeps trying during a lock does not make the next one longer.
     """
     from .clock import now
     from .db import write_transaction
@@ -252,7 +254,7 @@ def check_user_code(user, raw_code, matches=None):
             User.update(code_failures=User.code_failures + 1).where(User.id == user.id).execute()
             audit("code_throttled", user=user)
             return CheckResult(False, "locked", locked_until=locked_user.code_locked_until,
-                               failures=locked_user.code_failures + 1)
+                               failures=locked_user.code_failures + 1, strikes=locked_user.code_strikes)
 
         reason, matched = "malformed" if code is None else "wrong", None
         for device, step in matches:
@@ -265,16 +267,17 @@ def check_user_code(user, raw_code, matches=None):
                 reason = "replay"
         if matched is not None:
             if locked_user.code_failures or locked_user.code_locked_until:  # nothing to reset otherwise
-                User.update(code_failures=0, code_locked_until=None).where(User.id == user.id).execute()
+                User.update(code_failures=0, code_strikes=0, code_locked_until=None).where(
+                    User.id == user.id).execute()
             audit("code_accepted", user=user, device=matched.name)
             return CheckResult(True, "ok", device=matched)
 
-        failures = locked_user.code_failures + 1
-        until = current + backoff(failures)
-        User.update(code_failures=User.code_failures + 1, code_locked_until=until).where(
-            User.id == user.id).execute()
+        failures, strikes = locked_user.code_failures + 1, locked_user.code_strikes + 1
+        until = current + backoff(strikes)
+        User.update(code_failures=User.code_failures + 1, code_strikes=User.code_strikes + 1,
+                    code_locked_until=until).where(User.id == user.id).execute()
         audit("totp_replay" if reason == "replay" else "code_rejected", user=user, reason=reason,
               failures=failures)
-        if failures == current_app.config["THROTTLE_FREE_FAILURES"] + 1:
+        if strikes == current_app.config["THROTTLE_FREE_FAILURES"] + 1:
             audit("code_lockout", user=user, until=until.isoformat())
-        return CheckResult(False, reason, locked_until=until, failures=failures)
+        return CheckResult(False, reason, locked_until=until, failures=failures, strikes=strikes)
