@@ -7,7 +7,7 @@ import pytest
 
 from webapp.db import db, is_sqlite
 from webapp.models import AuditEvent, Device, ServerSession, SupportRequest, User
-from webapp.support import search_users, user_search_query
+from webapp.support import _request_number, search_users, user_search_query
 from webapp.totp import encrypt_secret, new_secret
 
 from .conftest import PASSWORD, Actor, csrf_from
@@ -32,6 +32,10 @@ def disable(actor, target, reason="Identity checked by video call against ID car
     data = {p + "reason": reason, p + "duration": duration, p + "ticket": ticket}
     if close_requests:
         data[p + "close_requests"] = "y"
+        # The form says which requests the admin was shown (the newest one's number): read it as a browser would.
+        shown = re.search(rf'name="{p}requests_shown" type="hidden" value="(\d+)"',
+                          actor.client.get(f"/support/users/{target.id}/disable-2fa").get_data(as_text=True))
+        data[p + "requests_shown"] = shown.group(1) if shown else "0"
     return actor.post_form(f"/support/users/{target.id}/disable-2fa", data, form_url="/support", headers=headers)
 
 
@@ -1035,6 +1039,35 @@ def test_closing_requests_leaves_those_handled_earlier_as_they_were(app, actor, 
         assert event.details["requests_closed"] == 1
     handled = actor.client.get("/support").get_data(as_text=True).split("Recently handled (2)")[1]
     assert "by boss2@example.com" in handled.split("Lost my phone last week")[1].split("</li>")[0]
+
+
+
+def test_a_request_that_comes_in_while_the_form_is_filled_stays_open(app, actor, secret, target):
+    """security.md 42: the disable closes only the person's requests that were open when its form was shown
+    (the form carries the newest one's number). One sent meanwhile, perhaps by the real owner ("I did not ask
+    for this"), nobody has read: it stays on the open list. The audit record names the requests it closed."""
+    with app.app_context():
+        seen = SupportRequest.create(email="carol@example.com", message="Lost my phone", user=target.id)
+    sign_in_admin(actor, secret)
+    form_page = actor.client.get(f"/support/users/{target.id}/disable-2fa").get_data(as_text=True)
+    shown = re.search(rf'name="u{target.id}-requests_shown" type="hidden" value="(\d+)"', form_page).group(1)
+    assert shown == str(seen.id)
+    with app.app_context():
+        late = SupportRequest.create(email="carol@example.com", message="I did NOT ask for a reset", user=target.id)
+    p = f"u{target.id}-"
+    r = actor.post_form(f"/support/users/{target.id}/disable-2fa",
+                        {p + "reason": "Identity checked by video call against ID card", p + "duration": "24h",
+                         p + "close_requests": "y", p + "requests_shown": shown}, form_url="/support")
+    assert r.status_code == 302
+    with app.app_context():
+        assert SupportRequest.get_by_id(seen.id).handled_at is not None
+        assert SupportRequest.get_by_id(late.id).handled_at is None
+        event = AuditEvent.get(AuditEvent.kind == "support_tfa_disabled")
+        assert (event.details["requests_closed"], event.details["requests"]) == (1, str(seen.id))
+    assert "I did NOT ask for a reset" in actor.client.get("/support").get_data(as_text=True).split("Recently")[0]
+    # A form without the number (or a forged one) closes nothing rather than everything.
+    for forged in ("", "x", "-1", "١"):
+        assert _request_number(forged) == 0
 
 
 def test_acting_on_yourself_is_refused(app, actor, secret):

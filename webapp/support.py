@@ -8,7 +8,7 @@ from datetime import date, datetime, timedelta
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, session, url_for
 from flask_login import current_user
 from peewee import fn
-from wtforms import BooleanField, DateField, EmailField, SelectField, StringField, TextAreaField
+from wtforms import BooleanField, DateField, EmailField, HiddenField, SelectField, StringField, TextAreaField
 from wtforms.fields import SelectChoice
 from wtforms.validators import AnyOf, DataRequired, Email, Length, Optional, ValidationError
 
@@ -81,6 +81,16 @@ class DisableForm(Form):
         VisibleText()],
         render_kw={"maxlength": 64, "autocomplete": "off"})
     close_requests = BooleanField("Mark this person's open contact requests as handled", default=True)
+    # The newest of those requests when the form was shown: one that comes in while the admin fills the form
+    # (perhaps the real owner's "I did not ask for this") stays open, as one nobody has read.
+    requests_shown = HiddenField(filters=[lambda v: _request_number(v)])
+
+
+def _request_number(value):
+    """A request id from a hidden field (or the database), 0 for anything that is not one."""
+    if isinstance(value, int):
+        return value
+    return int(value) if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 18 else 0
 
 
 def _plausible_date(form, field):
@@ -153,6 +163,7 @@ DETAIL_LABELS = {
     "failures": "Failures in a row",
     "devices_removed": "Devices removed",
     "requests_closed": "Requests marked as handled",
+    "requests": "Request numbers",
     "sessions_ended": "Sessions ended",
     "device": "Device",
     "name": "Name",
@@ -418,7 +429,8 @@ def _keep_draft(user_id):
     form = request.form
     session[_DRAFT] = {"user": user_id, "reason": form.get(prefix + "reason", "")[:500],
                        "duration": form.get(prefix + "duration", "")[:8], "ticket": form.get(prefix + "ticket", "")[:64],
-                       "close_requests": bool(form.get(prefix + "close_requests"))}
+                       "close_requests": bool(form.get(prefix + "close_requests")),
+                       "requests_shown": form.get(prefix + "requests_shown", "")[:18]}
 
 
 def _take_draft(user_id):
@@ -712,9 +724,13 @@ def disable_2fa_form(user_id):
     """One person's "Temporarily disable 2FA" form: htmx swaps it into their row; without JavaScript, a page."""
     target = _target_or_404(user_id)
     _refuse_protected(target)
-    draft = _take_draft(target.id)
+    draft = _take_draft(target.id) or {}
+    if "requests_shown" not in draft:
+        draft["requests_shown"] = (SupportRequest.select(fn.MAX(SupportRequest.id))
+                                   .where((SupportRequest.user == target.id) & SupportRequest.handled_at.is_null())
+                                   .scalar() or 0)
     form = _focus(DisableForm(formdata=None, prefix=f"u{target.id}", data=draft))
-    notices = {target.id: _DRAFT_KEPT} if draft else None
+    notices = {target.id: _DRAFT_KEPT} if len(draft) > 1 else None
     row = build_rows([target], forms={target.id: form}, notices=notices)[0]
     if not row.can_disable:
         row.error = _already_off(target) if row.window == "open" else _NOTHING_TO_DISABLE
@@ -773,13 +789,19 @@ def _open_window(locked, actor, form, label, duration):
     current = now()
     until = current + duration
     removed, sessions = revoke_second_factor(locked, reset_until=until)
-    closed = 0
+    closed = []
     if form.close_requests.data:
-        closed = (SupportRequest.update(handled_at=current, handled_by=actor.id)
-                  .where((SupportRequest.user == locked.id) & SupportRequest.handled_at.is_null()).execute())
+        # Only those the admin could have read (see DisableForm.requests_shown), each named in the record.
+        shown = ((SupportRequest.user == locked.id) & SupportRequest.handled_at.is_null()
+                 & (SupportRequest.id <= form.requests_shown.data))
+        closed = [r.id for r in SupportRequest.select(SupportRequest.id).where(shown).order_by(SupportRequest.id)]
+        if closed:
+            SupportRequest.update(handled_at=current, handled_by=actor.id).where(
+                SupportRequest.id.in_(closed)).execute()
     audit("support_tfa_disabled", user=locked, actor=actor, reason=form.reason.data,
           ticket=form.ticket.data or None, until=until.isoformat(), duration=label,
-          devices_removed=removed, sessions_ended=sessions, requests_closed=closed)
+          devices_removed=removed, sessions_ended=sessions, requests_closed=len(closed),
+          requests=", ".join(map(str, closed)) or None)
     return until, removed, sessions
 
 
