@@ -945,6 +945,50 @@ def test_reauth_with_2fa_needs_the_code_not_just_the_password(actor, app, secret
         assert AuditEvent.select().where(AuditEvent.kind == "reauthenticated").count() == 0
 
 
+
+def test_confirm_clicked_twice_or_reached_again_by_back_goes_on_instead_of_asking_for_a_new_code(actor, app, secret):
+    """A second click on Confirm (its code used up by the first) showed "That code is not valid, or it was
+    already used" to a person just confirmed, and counted a failure; Back to the form asked for yet another
+    code. A session confirmed within the window goes straight on to where it was going."""
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    actor.clock.advance(11 * 60)
+    token = actor.csrf("/reauth?next=/settings/password")
+    form = {"csrf_token": token, "password": PASSWORD, "code": actor.code(secret)}
+    first = actor.client.post("/reauth?next=/settings/password", data=form)
+    assert first.status_code == 302 and first.headers["Location"] == "/settings/password"
+    second = actor.client.post("/reauth?next=/settings/password", data=form)  # the old page's token
+    assert second.status_code == 302 and second.headers["Location"] == "/settings/password"
+    back = actor.client.get("/reauth?next=/settings/password")
+    assert back.status_code == 302 and back.headers["Location"] == "/settings/password"
+    assert user_row(app).code_failures == 0
+    with app.app_context():
+        assert AuditEvent.select().where(AuditEvent.kind == "reauthenticated").count() == 1
+    actor.clock.advance(11 * 60)  # stale again: the form is asked for, as before
+    assert actor.client.get("/reauth?next=/settings/password").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/login", "/login/verify"])
+def test_a_sign_in_form_sent_from_another_tab_after_signing_in_goes_to_user_settings(actor, app, secret, path):
+    """Two tabs at the sign-in page (or at the code step); the person signs in in the first, then sends the
+    second: its token belongs to the session before the sign-in. It said "Form expired. Reload the page",
+    and reloading sent the form again. A person who is signed in now goes to User Settings; nothing is
+    checked or counted."""
+    actor.user(secret=secret)
+    if path == "/login/verify":
+        actor.password_step()
+    old_token = actor.csrf(path)
+    if path == "/login":
+        actor.password_step()
+    assert actor.code_step(actor.code(secret)).headers["Location"] == "/settings"
+    data = {"csrf_token": old_token, "email": "alice@example.com", "password": PASSWORD, "code": "123456"}
+    r = actor.client.post(path, data=data)
+    assert r.status_code == 302 and r.headers["Location"] == "/settings"
+    assert actor.client.get("/settings").status_code == 200
+    row = user_row(app)
+    assert (row.code_failures, row.password_failures) == (0, 0)
+
+
 def test_a_refused_password_puts_the_focus_on_password_which_names_the_reason(actor):
     """After "Incorrect email address or password." the email stays filled in and the person retypes the
     password: focus goes there (not back to Email), and the field is described by the message."""

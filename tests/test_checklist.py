@@ -184,9 +184,10 @@ def test_setup_and_confirm_routes_send_no_store_no_referrer_and_no_framing(actor
             ("POST code right", w.submit_code()),
             ("POST complete bad name", w.complete("")),
             ("POST complete", w.complete()),
-            ("POST start no csrf", actor.client.post("/settings/2fa/start", data={}, headers=w.headers)),
-            ("GET reauth", actor.client.get("/reauth")),
-            ("POST reauth wrong", actor.post_form("/reauth", {"password": "nope"}))]
+            ("POST start no csrf", actor.client.post("/settings/2fa/start", data={}, headers=w.headers))]
+    actor.clock.advance(11 * 60)  # a stale sign-in: "Confirm it's you" asks (a fresh one goes straight on)
+    seen += [("GET reauth", actor.client.get("/reauth")),
+             ("POST reauth wrong", actor.post_form("/reauth", {"password": "nope"}))]
     statuses = {name: r.status_code for name, r in seen}
     assert statuses["POST start no csrf"] == 400
     for name, r in seen:
@@ -338,7 +339,7 @@ def test_no_password_secret_code_or_step_flag_in_cookie_or_session_after_any_ste
     secrets_seen.append(code)
     actor.code_step(code)
     check("code step")
-    clock.advance(30)
+    clock.advance(11 * 60)  # a stale sign-in, so that "Confirm it's you" checks the code
     code = actor.code(w.secret)
     secrets_seen.append(code)
     actor.post_form("/reauth", {"password": PASSWORD, "code": code})
@@ -804,7 +805,7 @@ def test_cookies_and_hsts_at_every_step_over_https(tmp_path, clock):
                                                                   "password": PASSWORD}, **https)))
         steps.append(("code", a.client.post("/login/verify", data={"csrf_token": token("/login/verify"),
                                                                      "code": a.code(secret)}, **https)))
-        clock.advance(30)
+        clock.advance(11 * 60)  # stale: "Confirm it's you" asks and checks
         steps.append(("reauth", a.client.post("/reauth", data={"csrf_token": token("/reauth"), "password": PASSWORD,
                                                                 "code": a.code(secret)}, **https)))
         steps.append(("logout", a.client.post("/logout", data={"csrf_token": token("/settings")}, **https)))

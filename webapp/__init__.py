@@ -449,6 +449,20 @@ def _session_ended_meanwhile():
             and current.unavailable is None)
 
 
+def _done_in_another_tab():
+    """Where to send a form whose token belongs to the session before a sign-in (or a "Confirm it's you") that
+    this browser has completed since, in another tab or by a second click: the sign-in forms of a person
+    now signed in go to User Settings, a confirmation of a person now confirmed goes on. "Form expired"
+    would be wrong, and reloading it would post the form again. None for every other form."""
+    from .security import is_fresh, safe_next
+
+    if request.endpoint in ("auth.login", "auth.verify", "auth.signup") and current_user.is_authenticated:
+        return url_for("settings.index")
+    if request.endpoint == "auth.reauth" and is_fresh():
+        return safe_next(request.args.get("next")) or url_for("settings.index")
+    return None
+
+
 # What an error page says when the code that refused gave no words of its own.
 PLAIN_ERRORS = {
     400: ("Something was wrong with that request", "Go back, reload the page and try again."),
@@ -495,6 +509,9 @@ def _register_error_handlers(app):
         # Flask-WTF's own note of the reason goes to a logger nobody listens to by default.
         logging.getLogger("twostep").warning("csrf refused: %s %s (%s)", request.method, request.path,
                                              exc.description)
+        done = _done_in_another_tab()
+        if done is not None:
+            return hx_redirect(done) if is_htmx() else redirect(done)
         if _session_ended_meanwhile():
             # The page was made for a session that has ended since (idle timeout, signed out elsewhere): its
             # form cannot be sent any more, and "reload and try again" would not help. Sign in again.

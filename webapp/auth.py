@@ -13,8 +13,8 @@ from .clock import now, timestamp
 from .db import Param, Prepared, db, for_update, write_transaction
 from .fields import Form
 from .models import KnownBrowser, SignInChallenge, User, lookalike_problem, normalise_email
-from .security import (PASSWORD_MAX, PASSWORD_MIN, audit, backoff, hash_password, known_browser, remember_browser,
-                       safe_next, verify_password, wait_text)
+from .security import (PASSWORD_MAX, PASSWORD_MIN, audit, backoff, hash_password, is_fresh, known_browser,
+                       remember_browser, safe_next, verify_password, wait_text)
 from .sessions import end_session_now, token_hash, write_session_now
 from .totp import CheckResult, check_user_code, code_matches, normalise_code
 
@@ -464,6 +464,10 @@ def reauth():
     needs_code = user.has_2fa
     error, status = None, 200
     next_url = safe_next(request.args.get("next"))
+    if is_fresh():
+        # Confirmed already: by a second click on Confirm (its code is used up by the first), or Back to this
+        # page. Asking again would cost a new code and count the used one as a failure.
+        return redirect(next_url or url_for("settings.index"))
     if request.method == "POST":
         if not form.validate_on_submit():
             status = 400

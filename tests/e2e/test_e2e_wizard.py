@@ -248,10 +248,6 @@ def test_a_stale_sign_in_comes_back_to_the_dialog_after_confirming(page, server)
     password the person is back on User Settings with the dialog open and the focus in it (it used to be the
     wizard's page for browsers without JavaScript). The address is plain /settings again, so a reload opens
     nothing, and Escape still closes the dialog."""
-    import json
-
-    from webapp.models import ServerSession
-
     from browser_kit import PASSWORD
 
     email = "stale@example.com"
@@ -259,13 +255,7 @@ def test_a_stale_sign_in_comes_back_to_the_dialog_after_confirming(page, server)
     log_in(page, email)
     expect_signed_in(page)
 
-    def age_the_sign_in():  # eleven minutes ago, and nothing else about the session changes
-        for row in ServerSession.select().where(ServerSession.user.is_null(False)):
-            data = row.load()
-            data["auth_at"] -= 11 * 60
-            ServerSession.update(data=json.dumps(data)).where(ServerSession.id == row.id).execute()
-
-    server.query(age_the_sign_in)
+    server.age_sign_ins()
     with page.expect_navigation():
         gear(page).click()
     expect(page.get_by_role("heading", name="Confirm it's you", exact=True)).to_be_visible()
