@@ -66,6 +66,27 @@
   document.addEventListener("DOMContentLoaded", function () { showLocalTimes(document); });
   document.addEventListener("htmx:load", function (event) { if (event.detail.elt) showLocalTimes(event.detail.elt); });
 
+  // A plain form (one htmx does not send) goes once: a second click while the first answer is on its way
+  // made the browser drop that answer and send the form again. After a sign-in or "Confirm it's you" the
+  // first answer carries the new session's cookie, so the second arrived with the old one and signed the
+  // person out; a contact request was stored twice. The mark goes after a while (a stopped page can be sent
+  // again) and when the page comes back from the back/forward cache.
+  document.addEventListener("submit", function (event) {
+    var form = event.target;
+    if (!form.matches || form.matches("[hx-post], [hx-get]") || event.defaultPrevented) return;
+    if ((form.getAttribute("method") || "get").toLowerCase() !== "post") return;
+    if (form.hasAttribute("data-sent")) {
+      event.preventDefault();
+      return;
+    }
+    form.setAttribute("data-sent", "");
+    setTimeout(function () { form.removeAttribute("data-sent"); }, 10000);
+  });
+  window.addEventListener("pageshow", function () {
+    var sent = document.querySelectorAll("form[data-sent]");
+    for (var i = 0; i < sent.length; i++) sent[i].removeAttribute("data-sent");
+  });
+
   document.addEventListener("click", function (event) {
     var button = event.target.closest && event.target.closest("dialog.wizard [data-close-dialog]");
     if (!button) return;

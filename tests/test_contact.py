@@ -1,4 +1,5 @@
 """The public contact form for people who lost their authenticator app (issue 4)."""
+import itertools
 from datetime import datetime, timezone
 
 import pytest
@@ -10,8 +11,14 @@ from .conftest import PASSWORD, csrf_from
 MESSAGE = "I lost my phone with the authenticator app on it. Please help."
 
 
-def send(actor, email="alice@example.com", message=MESSAGE, **kwargs):
-    """Fill in and submit the contact form like a person would."""
+_SENT = itertools.count(1)
+
+
+def send(actor, email="alice@example.com", message=None, **kwargs):
+    """Fill in and submit the contact form like a person would; unless told the words, each request has its
+    own (the same words again within the hour are one request sent twice)."""
+    if message is None:
+        message = f"{MESSAGE} (request {next(_SENT)})"
     return actor.post_form("/support/contact", {"email": email, "message": message}, **kwargs)
 
 
@@ -48,7 +55,7 @@ def test_valid_request_is_stored_and_linked_to_the_account(app, actor, clock):
     assert "working day" not in sent
     [req] = requests_in_db(app)
     assert req.email == "alice@example.com" and req.user_id == user.id
-    assert req.message == MESSAGE and req.handled_at is None
+    assert req.message.startswith(MESSAGE) and req.handled_at is None
     assert req.ip == "127.0.0.1"
     assert req.created_at == datetime.fromtimestamp(clock.t, tz=timezone.utc).replace(tzinfo=None)
 
@@ -254,8 +261,8 @@ def test_throttle_answer_is_the_same_for_known_and_unknown_addresses(app, actor)
     for _ in range(3):
         send(actor, email="alice@example.com", environ_base={"REMOTE_ADDR": "10.0.0.1"})
         send(actor, email="ghost@example.com", environ_base={"REMOTE_ADDR": "10.0.0.2"})
-    known = send(actor, email="alice@example.com", environ_base={"REMOTE_ADDR": "10.0.0.3"})
-    unknown = send(actor, email="ghost@example.com", environ_base={"REMOTE_ADDR": "10.0.0.4"})
+    known = send(actor, email="alice@example.com", message=MESSAGE, environ_base={"REMOTE_ADDR": "10.0.0.3"})
+    unknown = send(actor, email="ghost@example.com", message=MESSAGE, environ_base={"REMOTE_ADDR": "10.0.0.4"})
     assert known.status_code == unknown.status_code == 429
     strip = lambda r: r.get_data(as_text=True).replace("alice@example.com", "X").replace("ghost@example.com", "X")
     assert strip(known) == strip(unknown)
@@ -349,3 +356,22 @@ def test_the_refusal_over_the_limit_is_announced_to_screen_readers(app, actor):
         send(actor)
     html = send(actor).get_data(as_text=True)
     assert '<p class="error form-error" role="alert" tabindex="-1">Several requests for this email address' in html
+
+
+def test_the_same_request_sent_twice_is_stored_once_and_both_answers_say_sent(app, actor, clock):
+    """A second click, a reload of the answer or Back and Send again: the same words for the same address,
+    while the first is open and under an hour old, are taken as sent and stored once. Before, each was a
+    new request for support (and at the limit the repeat's answer said "this one was not sent", though
+    the first had been)."""
+    for _ in range(2):
+        r = send(actor, message=MESSAGE)
+        assert r.status_code == 302 and r.headers["Location"] == "/support/contact/sent"
+    assert len(requests_in_db(app)) == 1
+    send(actor)
+    send(actor)  # three for this address now: the limit
+    assert send(actor, message=MESSAGE).status_code == 302  # the first again: sent, not refused
+    assert send(actor).status_code == 429  # new words over the limit: refused, as before
+    assert len(requests_in_db(app)) == 3
+    clock.advance(3601)
+    assert send(actor, message=MESSAGE).status_code == 302  # an hour on: a new request
+    assert len(requests_in_db(app)) == 4

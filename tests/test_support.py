@@ -1375,7 +1375,7 @@ def test_an_owner_whose_address_is_stored_in_an_older_spelling_is_still_recognis
     stranger = second_client(app, clock)
     for n in range(app.config["SUPPORT_REQUESTS_PER_HOUR"]):
         stranger.client.environ_base["REMOTE_ADDR"] = f"203.0.113.{n + 1}"
-        stranger.post_form("/support/contact", {"email": "eve@münchen.de", "message": "Turn it off, it is me."})
+        stranger.post_form("/support/contact", {"email": "eve@münchen.de", "message": f"Turn it off, it is me ({n})."})
     eve = second_client(app, clock)
     eve.client.environ_base["REMOTE_ADDR"] = "198.51.100.20"
     assert eve.password_step("eve@münchen.de").headers["Location"] == "/login/verify"

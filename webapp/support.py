@@ -341,9 +341,16 @@ def contact():
                 # Count and insert in one write transaction, holding the address and network, so parallel
                 # posts cannot slip past the limit (on PostgreSQL too, where the count alone locks nothing).
                 lock_keys("contact-email:" + email, *(["contact-ip:" + ip] if ip else []))
-                throttled = (_recent_requests(SupportRequest.email, email) >= per_address
-                             or (ip and _recent_requests(SupportRequest.ip, ip) >= limit))
-                if not throttled:
+                # The same words for the same address, still open from the last hour: a second click, a reload
+                # or Back and Send again. Taken as sent (it is), not stored twice, and not refused as over the
+                # limit, which would say it was not sent.
+                repeated = SupportRequest.select().where(
+                    (SupportRequest.email == email) & (SupportRequest.message == form.message.data)
+                    & SupportRequest.handled_at.is_null()
+                    & (SupportRequest.created_at >= now() - timedelta(hours=1))).exists()
+                throttled = not repeated and (_recent_requests(SupportRequest.email, email) >= per_address
+                                              or (ip and _recent_requests(SupportRequest.ip, ip) >= limit))
+                if not (throttled or repeated):
                     user = User.by_email(email)
                     req = SupportRequest.create(email=email, message=form.message.data, user=user, ip=ip,
                                                 created_at=now())

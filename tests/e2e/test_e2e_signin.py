@@ -84,3 +84,32 @@ def test_sign_in_works_without_javascript(nojs_page, server):
     expect_signed_in(page)
     assert "Active" in settings_text(page)
     log_out(page)
+
+
+def test_verify_clicked_twice_on_a_slow_connection_signs_in_once(page, server):
+    """A second click on Verify while the first answer was on its way made the browser drop that answer
+    (with the new session's cookie) and post the code again with the old cookie: the person was told their
+    session had ended, their code was used up, and a session nobody could use was left behind. A plain form
+    now goes once (static/app.js): one POST, signed in, one session."""
+    from webapp.models import ServerSession
+
+    secret = random_secret()
+    server.user("gail@example.com", devices={"Phone": secret})
+    log_in(page, "gail@example.com")
+    expect_code_step(page)
+    posts = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 1500,
+                                                  "downloadThroughput": -1, "uploadThroughput": -1})
+    page.get_by_label("Verification code", exact=True).fill(oathtool_code(secret))
+    box = page.get_by_role("button", name="Verify", exact=True).bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    with page.expect_navigation(timeout=15_000):
+        page.mouse.click(x, y)  # the mouse itself: a locator's click would wait for the navigation first
+        page.wait_for_timeout(400)  # the person clicks again while the first answer is on its way
+        page.mouse.click(x, y)
+    expect_signed_in(page)
+    assert [u for u in posts if u.endswith("/login/verify")] == [server.url + "/login/verify"]
+    assert server.query(lambda: ServerSession.select().where(ServerSession.user.is_null(False)).count()) == 1
