@@ -499,15 +499,17 @@ def test_codes_two_steps_away_are_refused_over_http(actor, code):
     assert not signed_in(actor.client)
 
 
-@pytest.mark.parametrize("code", ["005 924", "005924"])
+@pytest.mark.parametrize("code", ["005 924", "005924", "005\u00a0924", " 005\u2009924 ", "005\u202f924"])
 def test_spaces_in_the_code_are_fine(actor, code):
-    """security.md 5: '005 924' is the same code."""
+    """security.md 5: '005 924' is the same code, also with the no-break, thin or narrow no-break space a
+    code copied from a page may carry (they were refused as malformed and counted)."""
     actor.user(secret=RFC_SECRET)
     actor.password_step()
     assert actor.code_step(code).headers.get("Location") == "/settings"
 
 
-@pytest.mark.parametrize("code", ["5924", "+5924", "00_5924", "００５９２４", "0059240", ""])
+@pytest.mark.parametrize("code", ["5924", "+5924", "00_5924", "００５９２４", "0059240", "", "005-924", "005\t924",
+                                  "005\n924", "005\u200b924"])
 def test_malformed_codes_get_400_and_count(actor, code):
     """security.md 5: anything but six ASCII digits is refused with 400 and counted as a failure."""
     actor.user(secret=RFC_SECRET)
@@ -534,6 +536,25 @@ def test_wrong_code_error_is_tied_to_the_field(actor, secret):
     html = actor.code_step(WRONG).get_data(as_text=True)
     assert 'aria-describedby="code-error"' in html and 'id="code-error"' in html
     assert 'aria-invalid="true"' in html
+
+
+@pytest.mark.parametrize("code", [WRONG, "12345"])
+def test_a_refused_code_comes_back_as_an_empty_field(actor, app, secret, code):
+    """A wrong or malformed code is not put back in the field: on a phone the person had to delete six digits
+    before typing the next code. The refusal stays tied to the field. The same on "Confirm it's you"."""
+    import re
+
+    actor.user(secret=secret)
+    actor.password_step()
+    html = actor.code_step(code).get_data(as_text=True)
+    [field] = re.findall(r'<input[^>]*name="code"[^>]*>', html)
+    assert 'value=""' in field and code not in field and 'aria-invalid="true"' in field
+    actor.clock.advance(2)
+    actor.code_step(actor.code(secret))
+    actor.clock.advance(11 * 60)
+    html = actor.post_form("/reauth", {"password": PASSWORD, "code": code}).get_data(as_text=True)
+    [field] = re.findall(r'<input[^>]*name="code"[^>]*>', html)
+    assert 'value=""' in field and code not in field and ("That code is not valid" in html or "6-digit" in html)
 
 
 def test_replayed_code_is_refused(actor, secret, app, clock):

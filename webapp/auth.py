@@ -477,6 +477,7 @@ def reauth():
                 result = check_user_code(user, form.code.data or "")
                 if not result:
                     error = code_error(result)
+                    form.code.raw_data, form.code.data = [], ""  # refused: the field comes back empty
             if error is None:
                 session.rotate(keep_enrolment=True)  # a new session id whenever someone proves who they are
                 session["auth_at"] = timestamp()

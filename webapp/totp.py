@@ -7,6 +7,7 @@ import functools
 import hmac
 import re
 import secrets
+import unicodedata
 from urllib.parse import quote
 
 import pyotp
@@ -35,11 +36,13 @@ def new_secret():
 def normalise_code(raw):
     """Return the code as exactly six ASCII digits (spaces removed), or None if it is anything else.
 
-    Stricter than pyotp or int(): no '+', '_', other whitespace or non-ASCII digits (security.md 5).
+    Stricter than pyotp or int(): no '+', '_', '-', line breaks, tabs or non-ASCII digits (security.md 5).
+    Spaces are any of Unicode's (Zs): a code copied from a page that groups it as "123 456" may carry a
+    no-break or thin space, and it is still the same six digits.
     """
     if not isinstance(raw, str) or len(raw) > 32:
         return None
-    code = raw.replace(" ", "")
+    code = "".join(c for c in raw if c != " " and unicodedata.category(c) != "Zs")
     return code if _CODE_RE.fullmatch(code) else None
 
 
