@@ -18,6 +18,7 @@ from webapp.totp import group_key, step_at
 HX = {"HX-Request": "true"}
 PASSWORD = "correct horse battery"  # the password conftest's Actor.user() sets
 OTPAUTH_RE = re.compile(r'href="(otpauth://[^"]+)"')
+SETUP_RE = re.compile(r'<input type="hidden" name="setup" value="([^"]*)">')
 
 
 def otpauth_of(body):
@@ -33,6 +34,13 @@ def secret_of(body):
 
 def text(response):
     return response.get_data(as_text=True)
+
+
+def setup_of(body):
+    """The handle of the pending key a wizard page was made for, which each of its forms carries."""
+    handles = set(SETUP_RE.findall(body))
+    assert len(handles) == 1, f"the page's forms name {len(handles)} keys"
+    return handles.pop()
 
 
 class Wizard:
@@ -66,14 +74,21 @@ class Wizard:
     def code_now(self, offset_steps=0):
         return pyotp.TOTP(self.secret).at(self.clock.t + 30 * offset_steps)
 
-    def submit_code(self, code=None):
+    def submit_code(self, code=None, setup=None):
+        """Send the code step's form; `setup` is the page's pending-key handle (None: a page made without it)."""
         code = self.code_now() if code is None else code
-        return self.client.post("/settings/2fa/code", data={"csrf_token": self.csrf(), "code": code},
+        return self.client.post("/settings/2fa/code",
+                                data={"csrf_token": self.csrf(), "code": code, **_setup_field(setup)},
                                 headers=self.headers, follow_redirects=not self.headers)
 
-    def complete(self, name="Work phone"):
-        return self.client.post("/settings/2fa/complete", data={"csrf_token": self.csrf(), "name": name},
+    def complete(self, name="Work phone", setup=None):
+        return self.client.post("/settings/2fa/complete",
+                                data={"csrf_token": self.csrf(), "name": name, **_setup_field(setup)},
                                 headers=self.headers, follow_redirects=not self.headers)
+
+    def get(self, path, setup=None):
+        """A GET form of a step (Next on the QR code, Back to the QR code), with its pending-key handle."""
+        return self.client.get(path, query_string=_setup_field(setup), headers=self.headers)
 
     def reauth(self, with_code=False):
         """Re-authenticate (/reauth) with the password, and a code of the key this wizard enrolled when 2FA is
@@ -90,6 +105,10 @@ class Wizard:
         assert self.code_step().status_code == 200
         assert 'data-step="name"' in text(self.submit_code())
         return self.complete(name)
+
+
+def _setup_field(setup):
+    return {} if setup is None else {"setup": setup}
 
 
 def signed_in(actor, **user_kwargs):
@@ -553,6 +572,148 @@ def test_restarting_the_wizard_replaces_the_pending_secret(actor, app):
     code = old.code_now()
     if code != w.code_now():
         assert 'data-step="code"' in text(w.submit_code(code))
+
+
+# ---------------------------------------------------------------- one session, the wizard open in two tabs
+
+RESTARTED = "This setup was restarted in another tab or window, with a new key."
+
+
+def _start_over_in_a_second_tab(actor, tab1):
+    """Tab 2 of the same browser (same session) opens the gear a little later and presses Start over with a new
+    key. Returns tab 2, whose key is now the session's pending key."""
+    actor.clock.advance(20)
+    tab2 = Wizard(actor, htmx=bool(tab1.headers))
+    tab2.token = tab1.token
+    intro = text(tab2.open())
+    assert ">Start over with a new key</button>" in intro
+    assert setup_of(intro)  # Continue with the same key names the key it continues
+    tab2.start()
+    assert tab2.secret != tab1.secret
+    return tab2
+
+
+def _says_restarted(response, htmx):
+    """The answer to a step sent from a page of the replaced key: what happened, and the way on."""
+    body = text(response)
+    assert response.status_code == (200 if htmx else 409)
+    assert 'data-step="restarted"' in body and RESTARTED in body
+    assert "The key you scanned here no longer works: delete its entry in your authenticator app" in " ".join(
+        body.split())
+    assert "does not match" not in body and "Step 3 of 4" not in body and "otpauth://" not in body
+    assert re.search(r'<form method="get" action="/settings/2fa/qr"[^>]*>\s*<button type="submit">Continue with '
+                     r'the new key</button>', body)
+    if not htmx:
+        assert "<title>This setup was restarted · Two-Factor Authentication" in body
+    return body
+
+
+def _activates(app, user, tab, setup):
+    """The tab's key still goes all the way: its code, a name, Complete Activation, a device with that key."""
+    from webapp.totp import decrypt_secret
+
+    assert 'data-step="name"' in text(tab.submit_code(setup=setup))
+    assert 'data-step="done"' in text(tab.complete("Phone", setup=setup))
+    [device] = devices(app, user)
+    with app.app_context():
+        assert decrypt_secret(device.secret_enc) == tab.secret
+
+
+@pytest.mark.parametrize("htmx", [True, False])
+def test_a_code_for_a_key_replaced_in_another_tab_is_not_checked_against_the_new_key(actor, app, htmx):
+    """Tab 1 shows key K1 (scanned), tab 2 starts over with K2; tab 1's right code for K1 used to read "That code
+    does not match" and count against K2, so five of them threw K2 away under tab 2. Now tab 1 is told that
+    the setup was restarted and is led to K2: wrong codes count against the key they were typed for only
+    (security.md 18), and tab 1 never saw K2."""
+    user = signed_in(actor)
+    tab1 = Wizard(actor, htmx=htmx)
+    tab1.open()
+    k1 = setup_of(text(tab1.start()))
+    code_page = text(tab1.get("/settings/2fa/code", k1))  # Next on the QR code
+    assert 'data-step="code"' in code_page and setup_of(code_page) == k1
+    tab2 = _start_over_in_a_second_tab(actor, tab1)
+    [pending] = pendings(app, user)
+    for _ in range(6):  # more than the five attempts a key has
+        _says_restarted(tab1.submit_code(setup=k1), htmx)
+    # The QR code's Next and Back to the QR code, pressed in tab 1, say so too: not K2 as if it were K1.
+    _says_restarted(tab1.get("/settings/2fa/code", k1), htmx)
+    body = _says_restarted(tab1.get("/settings/2fa/qr", k1), htmx)
+    [still] = pendings(app, user)
+    assert (still.id, still.created_at, still.failures, still.verified_step) == (
+        pending.id, pending.created_at, 0, None)
+    assert devices(app, user) == [] and "tfa_enrolment_code_rejected" not in audit_kinds(app, user)
+    # Continue with the new key: tab 1 shows K2's QR code; K2 still completes, from either tab.
+    k2 = setup_of(body)
+    assert k2 != k1
+    qr = text(tab1.get("/settings/2fa/qr", k2))
+    assert 'data-step="qr"' in qr and secret_of(qr) == tab2.secret and setup_of(qr) == k2
+    _activates(app, user, tab2, k2)
+
+
+@pytest.mark.parametrize("htmx", [True, False])
+def test_complete_activation_for_a_key_replaced_in_another_tab_activates_nothing(actor, app, htmx):
+    """Tab 1 has entered K1's code and is on the name step; tab 2 starts over with K2. Complete Activation in
+    tab 1 used to fall back to "Step 3 of 4: Enter the code" without a word. Now it says the setup was
+    restarted, and creates no device: only a key whose code was entered becomes one (security.md 8)."""
+    user = signed_in(actor)
+    tab1 = Wizard(actor, htmx=htmx)
+    k1 = setup_of(text(tab1.start()))
+    name_page = tab1.submit_code(setup=k1)
+    assert 'data-step="name"' in text(name_page) and setup_of(text(name_page)) == k1
+    if not htmx:  # the name step's page, reached by a redirect, names its key in its address
+        assert name_page.request.args["setup"] == k1
+    tab2 = _start_over_in_a_second_tab(actor, tab1)
+    k2 = setup_of(text(tab1.get("/settings/2fa/qr")))  # the QR page without a handle: the session's key
+    _says_restarted(tab1.complete("Phone", setup=k1), htmx)
+    _says_restarted(tab1.get("/settings/2fa/name", k1), htmx)  # reloading the name page without JavaScript
+    [pending] = pendings(app, user)
+    assert (pending.failures, pending.verified_step) == (0, None) and devices(app, user) == []
+    _activates(app, user, tab2, k2)
+
+
+@pytest.mark.parametrize("garbled", ["", "not-a-handle", "0123456789ABCDEF", "0123456789abcde", "0123456789abcdef0",
+                                     "０１２３４５６７８９ａｂｃｄｅｆ", "<script>", "9" * 2000])
+def test_a_garbled_setup_handle_counts_as_none(actor, app, garbled):
+    """A handle that cannot be one of ours (cut short, edited, not lower-case hex) is taken as missing, without
+    a 500: the step works on the session's key as it did before handles, and its page names that key."""
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.start()
+    qr = w.get("/settings/2fa/qr", garbled)
+    assert qr.status_code == 200 and secret_of(text(qr)) == w.secret
+    current = setup_of(text(qr))
+    wrong = "123456" if w.code_now() != "123456" else "654321"
+    r = w.submit_code(wrong, setup=garbled)
+    assert r.status_code == 200 and "That code does not match" in text(r) and setup_of(text(r)) == current
+    [pending] = pendings(app, user)
+    assert pending.failures == 1  # a wrong code for the session's key, as always (security.md 18)
+    r = w.submit_code(setup=garbled)
+    assert 'data-step="name"' in text(r) and setup_of(text(r)) == current
+    assert 'data-step="done"' in text(w.complete("Phone", setup=garbled))
+    assert len(devices(app, user)) == 1
+
+
+@pytest.mark.parametrize("htmx", [True, False])
+def test_a_page_made_before_handles_gets_the_step_of_the_sessions_key(actor, app, htmx):
+    """A wizard page open when handles came carries none: its step works on the session's key as before, so a
+    Start over in another tab meanwhile still makes its code a wrong one (counted: security.md 18). The page
+    it gets back names that key, so from then on it is a page of that key."""
+    user = signed_in(actor)
+    tab1 = Wizard(actor, htmx=htmx)
+    tab1.start()
+    tab2 = _start_over_in_a_second_tab(actor, tab1)
+    if tab1.code_now() == tab2.code_now():  # one chance in a million: the two keys show the same code now
+        actor.clock.advance(30)
+    k2 = setup_of(text(tab2.get("/settings/2fa/qr")))
+    r = tab1.submit_code()
+    body = text(r)
+    assert r.status_code == 200 and 'data-step="code"' in body and "That code does not match" in body
+    assert setup_of(body) == k2
+    [pending] = pendings(app, user)
+    assert (pending.failures, pending.verified_step) == (1, None)
+    r = tab1.complete("Phone")  # no code accepted for the session's key: back to the code step, as before
+    assert 'data-step="code"' in text(r) and setup_of(text(r)) == k2 and devices(app, user) == []
+    _activates(app, user, tab2, None)
 
 
 def test_pending_secret_belongs_to_its_session_only(actor, app):

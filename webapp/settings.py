@@ -6,6 +6,7 @@ cookie, and becomes a Device only after a correct code and a name (security.md 8
 """
 import functools
 import hashlib
+import re
 import unicodedata
 
 from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, session, url_for
@@ -31,6 +32,10 @@ MAX_ENROLMENT_FAILURES = 5  # wrong codes against one pending secret before it i
 DEVICE_NAME_MAX = 64
 WRONG_ENROLMENT_CODE = ("That code does not match. Check that you scanned the QR code shown here, "
                         "then enter the code your app shows now.")
+# The form field (and, for the steps that are pages of their own, the query parameter) naming the pending key
+# a wizard page was made for: pending_handle().
+SETUP_FIELD = "setup"
+_HANDLE_RE = re.compile(r"[0-9a-f]{16}")
 
 
 def _nfc(value):
@@ -223,7 +228,8 @@ def current_pending(user):
 
 def _with_pending(view=None, *, back_to=None):
     """For the wizard's steps from the QR code on: call `view(user, pending)` with this session's pending key,
-    or answer without it (_without_pending) when there is none.
+    or answer without it (_without_pending) when there is none. A step sent from a page of an earlier key
+    (its `setup` handle names another: Start over in another tab) is answered by _restarted instead.
 
     Like the gear and Start, these steps need a fresh sign-in (security.md 9): a pending key outlives the
     freshness window (PENDING_ENROLMENT_TTL against FRESH_LOGIN_WINDOW), and whoever holds a session that
@@ -239,14 +245,46 @@ def _with_pending(view=None, *, back_to=None):
         pending = current_pending(user)
         if pending is None:
             return _without_pending(user)
+        sent = _sent_handle()
+        if sent is not None and sent != pending_handle(pending):
+            return _restarted(pending)
         return view(user, pending)
     return wrapper
 
 
-def _wizard(step, status=200, **context):
-    """Render one wizard step: alone for htmx (it replaces itself), inside the full page otherwise."""
+def pending_handle(pending):
+    """The public name of a pending key in the wizard's pages, so that a step can tell which key the page it
+    was sent from showed (one session holds one pending key, but the wizard may be open in two tabs).
+
+    Derived from the row, never from the secret. The row id alone is not enough: SQLite gives the new row of
+    a Start over the id of the one it just deleted; the moment it was made tells the two apart."""
+    raw = f"twostep-pending-handle:{pending.id}:{pending.created_at}"
+    return hashlib.sha256(raw.encode("ascii")).hexdigest()[:16]
+
+
+def _sent_handle():
+    """The pending key's handle the submitted page carries, or None. Pages made before the handle existed
+    send none, and a garbled one is taken as none: both get the step as it was (the session's key)."""
+    value = request.values.get(SETUP_FIELD)
+    return value if value is not None and _HANDLE_RE.fullmatch(value) else None
+
+
+def _restarted(pending):
+    """A step sent from a page made for an earlier key of this session: Start over (in another tab or window)
+    replaced that key. Nothing is checked or counted against the current key, which that page never showed
+    (a code from the key in the person's app would count as wrong and could use up the new key's attempts);
+    the answer says what happened and leads to the current key's QR code."""
+    return _wizard("restarted", status=409, pending=pending)
+
+
+def _wizard(step, status=200, pending=None, **context):
+    """Render one wizard step: alone for htmx (it replaces itself), inside the full page otherwise. With
+    `pending`, the step's forms name that key (pending_handle), so a later step can tell a page of a key
+    replaced meanwhile from a page of the current one."""
     if htmx.is_htmx():
         status = 200
+    if pending is not None:
+        context["setup"] = pending_handle(pending)
     context.setdefault("has_2fa", _user().has_2fa)
     context.setdefault("in_dialog", htmx.is_htmx())  # step headings sit one level below the dialog title
     return htmx.render("settings/tfa.html", "settings/_wizard_step.html", status=status, step=step, **context)
@@ -295,9 +333,10 @@ def tfa():
     Someone who closed the wizard after the QR code and opens it again may have the key in their app
     already: the first step then offers to go on with that key, as well as to start over with a new one."""
     user = _user()
+    pending = current_pending(user)
     return htmx.render("settings/tfa.html", "settings/_wizard_dialog.html",
                        step="intro", form=StartForm(), has_2fa=user.has_2fa, in_dialog=htmx.is_htmx(),
-                       resume=current_pending(user) is not None)
+                       resume=pending is not None, setup=pending_handle(pending) if pending else None)
 
 
 @bp.post("/2fa/start")
@@ -328,8 +367,10 @@ def start():
     if not htmx.is_htmx():
         # Post/redirect/get: reloading the QR page shows the same key again instead of posting for a new one,
         # which would silently break the entry the person may have scanned already.
-        return redirect(url_for("settings.qr"), 303)
-    return _wizard("qr", **_qr_context(user, pending))
+        # The QR page's address names its key: reloaded after a Start over in another tab, it says so instead
+        # of showing the new key as if it were the one scanned from it.
+        return redirect(url_for("settings.qr", **{SETUP_FIELD: pending_handle(pending)}), 303)
+    return _wizard("qr", pending=pending, **_qr_context(user, pending))
 
 
 @bp.get("/2fa/qr")
@@ -337,7 +378,7 @@ def start():
 @_with_pending
 def qr(user, pending):
     """Show the pending secret's QR code again (the Back button), or say that the setup expired."""
-    return _wizard("qr", **_qr_context(user, pending))
+    return _wizard("qr", pending=pending, **_qr_context(user, pending))
 
 
 @bp.get("/2fa/code")
@@ -345,7 +386,7 @@ def qr(user, pending):
 @_with_pending
 def code(user, pending):
     """The code step: one field for the code the app shows now."""
-    return _wizard("code", form=EnrolCodeForm(formdata=None))
+    return _wizard("code", pending=pending, form=EnrolCodeForm(formdata=None))
 
 
 @bp.post("/2fa/code")
@@ -375,8 +416,8 @@ def verify_code(user, pending):
                 if not htmx.is_htmx():
                     # Post/redirect/get: a reload asks for the name again instead of sending the code again
                     # (by then possibly too old, which would count as a wrong code).
-                    return redirect(url_for("settings.name_step"), 303)
-                return _wizard("name", form=DeviceNameForm(formdata=None))
+                    return redirect(url_for("settings.name_step", **{SETUP_FIELD: pending_handle(pending)}), 303)
+                return _wizard("name", pending=pending, form=DeviceNameForm(formdata=None))
             offset = totp.clock_offset_steps(secret, normalised, timestamp())
             error = _skew_text(offset) if offset is not None else WRONG_ENROLMENT_CODE
     # Every failed attempt counts against this secret, malformed ones included (security.md 5, 18).
@@ -394,7 +435,7 @@ def verify_code(user, pending):
         audit("tfa_enrolment_discarded", user=user, reason="too many wrong codes")
     if failures >= MAX_ENROLMENT_FAILURES:
         return _wizard("expired", form=StartForm(formdata=None), too_many=True)
-    return _wizard("code", status=status, form=form, error=error)
+    return _wizard("code", status=status, pending=pending, form=form, error=error)
 
 
 @bp.get("/2fa/name")
@@ -404,7 +445,7 @@ def name_step(user, pending):
     """The name step as a page of its own (where a correct code leads without JavaScript)."""
     if pending.verified_step is None:
         return redirect(url_for("settings.code"))
-    return _wizard("name", form=DeviceNameForm(formdata=None))
+    return _wizard("name", pending=pending, form=DeviceNameForm(formdata=None))
 
 
 @bp.post("/2fa/complete")
@@ -413,10 +454,10 @@ def name_step(user, pending):
 def complete(user, pending):
     """Name the device and activate it: only now is 2FA on; other sessions end (security.md 8, 35, 39)."""
     if pending.verified_step is None:
-        return _wizard("code", form=EnrolCodeForm(formdata=None))
+        return _wizard("code", pending=pending, form=EnrolCodeForm(formdata=None))
     form = DeviceNameForm()
     if not form.validate_on_submit():
-        return _wizard("name", status=400, form=form)
+        return _wizard("name", status=400, pending=pending, form=form)
     name = form.name.data
     had_2fa = user.has_2fa
     had_reset_window = user.tfa_reset_until is not None
@@ -425,11 +466,13 @@ def complete(user, pending):
         # the Device insert and the DELETE of the other sessions' pending rows cannot deadlock.
         User.lock(user.id)
         locked = for_update(PendingEnrolment.select().where(PendingEnrolment.id == pending.id)).first()
+        if locked is not None and pending_handle(locked) != pending_handle(pending):
+            return _restarted(locked)  # Start over meanwhile, and SQLite gave its new key the same id
         if locked is None or locked.verified_step is None:  # a parallel request used it already
             return _without_pending(user)
         if any(d.name.casefold() == name.casefold() for d in _devices(user)):
             form.name.errors = ["You already have a device with this name. Choose another name."]
-            return _wizard("name", status=400, form=form)
+            return _wizard("name", status=400, pending=pending, form=form)
         try:
             # A savepoint, so a lost race on the unique name leaves the outer transaction usable (PostgreSQL).
             with db.atomic():
@@ -438,7 +481,7 @@ def complete(user, pending):
                                        last_step=locked.verified_step, created_at=now())
         except IntegrityError:
             form.name.errors = ["You already have a device with this name. Choose another name."]
-            return _wizard("name", status=400, form=form)
+            return _wizard("name", status=400, pending=pending, form=form)
         PendingEnrolment.delete().where(PendingEnrolment.user == user.id).execute()
         User.update(tfa_reset_until=None).where(User.id == user.id).execute()
     other_keys = _keys_started_since_last_device(user) > 1

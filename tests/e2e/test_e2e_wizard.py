@@ -2,7 +2,7 @@
 codes from oathtool, Complete Activation, and the next sign-in; also without JavaScript and by keyboard."""
 import re
 
-from webapp.models import Device
+from webapp.models import Device, PendingEnrolment
 
 from browser_kit import next_step_code, oathtool_code, parse_otpauth, qr_from_element, wrong_code
 from journey import (enter_code, expect, expect_code_refused, expect_code_step, expect_signed_in, follow,
@@ -271,3 +271,38 @@ def test_a_stale_sign_in_comes_back_to_the_dialog_after_confirming(page, server)
     page.reload()
     expect_signed_in(page)
     expect(wizard_dialog(page)).to_have_count(0)
+
+
+def _start_over_in(tab, tmp_path, email):
+    """In another tab of the same browser: the gear, Start over with a new key; returns the new key."""
+    tab.goto("/settings")
+    gear(tab).click()
+    dialog = wizard_dialog(tab)
+    dialog.get_by_role("button", name="Start over with a new key", exact=True).click()
+    return _read_qr(qr_image(dialog), tmp_path, email)
+
+
+def test_a_tab_whose_key_was_replaced_in_another_tab_says_so(context, page, server, tmp_path):
+    """The wizard in two tabs of one browser (one session, one pending key). Tab 1's code for the key it
+    showed, after tab 2 started over, is not checked against tab 2's key: tab 1 says the setup was restarted
+    and continues with the new key. Its QR code's Next (htmx GET forms carry the key too) says so as well."""
+    email = "lee@example.com"
+    dialog, k1 = _signed_in_at_the_qr_step(page, server, tmp_path, email)
+    dialog.get_by_role("button", name="Next", exact=True).click()
+    tab2 = context.new_page()
+    k2 = _start_over_in(tab2, tmp_path, email)
+    assert k2 != k1
+    dialog.get_by_label("Verification code", exact=True).fill(oathtool_code(k1))
+    dialog.get_by_role("button", name="Next", exact=True).click()
+    expect(dialog.get_by_role("heading", name="This setup was restarted", exact=True)).to_be_visible()
+    expect(dialog).to_contain_text("The key you scanned here no longer works")
+    failures = server.query(lambda: [p.failures for p in PendingEnrolment.select()])
+    assert failures == [0]
+    dialog.get_by_role("button", name="Continue with the new key", exact=True).click()
+    assert _read_qr(qr_image(dialog), tmp_path, email) == k2
+    k3 = _start_over_in(tab2, tmp_path, email)
+    dialog.get_by_role("button", name="Next", exact=True).click()
+    expect(dialog.get_by_role("heading", name="This setup was restarted", exact=True)).to_be_visible()
+    dialog.get_by_role("button", name="Continue with the new key", exact=True).click()
+    assert _read_qr(qr_image(dialog), tmp_path, email) == k3
+    assert server.query(lambda: Device.select().count()) == 0
