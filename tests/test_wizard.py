@@ -1215,3 +1215,35 @@ def test_turning_2fa_off_ends_a_setup_under_way(actor, secret):
     assert 'data-step="expired"' in text(done) and "This setup has expired" in text(done)
     with actor.app.app_context():
         assert Device.select().where(Device.user == user.id).count() == 0
+
+
+def test_a_start_over_landing_while_a_code_is_checked_does_not_confirm_the_new_key(actor, app, monkeypatch):
+    """The code step reads the pending key, checks the code, then marks the key as confirmed. A Start over in
+    another tab landing in between replaces the key, and SQLite may give the new row the old one's id: marked
+    by id alone, the new key (never shown to this tab, never in the app) counted as confirmed, and Complete
+    Activation would have made it a device whose codes nobody has (security.md 8). Now the mark also needs the
+    row's moment of creation; the tab is told the setup was restarted and the new key stays unconfirmed."""
+    from webapp import totp as totp_module
+    from webapp.models import PendingEnrolment
+    from webapp.totp import encrypt_secret, new_secret
+
+    user = signed_in(actor)
+    tab1 = Wizard(actor, htmx=True)
+    k1 = setup_of(text(tab1.start()))
+    real_match = totp_module.match_step
+
+    def start_over_meanwhile(secret, code, ts):
+        step = real_match(secret, code, ts)
+        [old] = PendingEnrolment.select().where(PendingEnrolment.user == user.id)
+        old.delete_instance()
+        PendingEnrolment.create(id=old.id, user=user.id, session_id=old.session_id, secret_enc=encrypt_secret(
+            new_secret()), created_at=old.created_at + timedelta(seconds=20))  # the same id, as SQLite may give
+        return step
+
+    monkeypatch.setattr(totp_module, "match_step", start_over_meanwhile)
+    r = tab1.submit_code(setup=k1)
+    monkeypatch.undo()
+    _says_restarted(r, htmx=True)
+    [pending] = pendings(app, user)
+    assert pending.verified_step is None and "tfa_enrolment_code_accepted" not in audit_kinds(app, user)
+    assert devices(app, user) == []

@@ -262,6 +262,12 @@ def pending_handle(pending):
     return hashlib.sha256(raw.encode("ascii")).hexdigest()[:16]
 
 
+def _same_key(pending):
+    """The condition for `pending`'s own row: its id, and the moment it was made, since SQLite may give a Start
+    over's new row the id of the one it deleted."""
+    return (PendingEnrolment.id == pending.id) & (PendingEnrolment.created_at == pending.created_at)
+
+
 def _sent_handle():
     """The pending key's handle the submitted page carries, or None. Pages made before the handle existed
     send none, and a garbled one is taken as none: both get the step as it was (the session's key)."""
@@ -411,7 +417,11 @@ def verify_code(user, pending):
             if step is not None:
                 # Keep the newest accepted step: the device must refuse every code already seen (security.md 16).
                 newest = max(step, pending.verified_step if pending.verified_step is not None else step)
-                PendingEnrolment.update(verified_step=newest).where(PendingEnrolment.id == pending.id).execute()
+                if not PendingEnrolment.update(verified_step=newest).where(_same_key(pending)).execute():
+                    # Start over replaced the key while this code was checked (SQLite may give the new row
+                    # the same id): the code is the old key's and must not mark the new one as confirmed.
+                    current = current_pending(user)
+                    return _restarted(current) if current is not None else _without_pending(user)
                 audit("tfa_enrolment_code_accepted", user=user)
                 if not htmx.is_htmx():
                     # Post/redirect/get: a reload asks for the name again instead of sending the code again
@@ -422,9 +432,8 @@ def verify_code(user, pending):
             error = _skew_text(offset) if offset is not None else WRONG_ENROLMENT_CODE
     # Every failed attempt counts against this secret, malformed ones included (security.md 5, 18).
     with write_transaction():
-        PendingEnrolment.update(failures=PendingEnrolment.failures + 1).where(
-            PendingEnrolment.id == pending.id).execute()
-        counted = PendingEnrolment.get_or_none(PendingEnrolment.id == pending.id)
+        PendingEnrolment.update(failures=PendingEnrolment.failures + 1).where(_same_key(pending)).execute()
+        counted = PendingEnrolment.get_or_none(_same_key(pending))
         # None: a wrong code sent at the same time used up the last attempt and discarded the key already.
         failures = MAX_ENROLMENT_FAILURES if counted is None else counted.failures
         discarded_now = counted is not None and failures >= MAX_ENROLMENT_FAILURES
