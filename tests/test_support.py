@@ -775,6 +775,31 @@ def test_support_can_end_a_window_early(app, actor, secret, clock, target):
     assert count(app, AuditEvent, AuditEvent.kind == "support_window_ended") == 1
 
 
+
+def test_a_persons_row_shows_who_opened_their_window_why_and_leads_to_their_audit_log(app, actor, secret, clock,
+                                                                                      target):
+    """What an identity check compares with, on the person's row: when the account was made, who opened the
+    support window, when and with what reason and ticket (another admin, or the same one later, saw only the
+    end time), and a link to this person's audit log. A blocked person's sign-in page says the time is over
+    whether it ran out or support ended it (it said "has ended without a new authenticator app")."""
+    sign_in_admin(actor, secret)
+    row = actor.client.get(f"/support?user={target.id}").get_data(as_text=True)
+    assert "Account created" in row and "Opened " not in row
+    assert f'<a href="/support/audit?email={target.email}">Audit log for {target.email}</a>' in row
+    disable(actor, target, reason="Called back on the number on file, matched ID", ticket="SUP-77")
+    clock.advance(120)
+    row = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())
+    assert (f"Opened {utc(clock.t - 120):%Y-%m-%d %H:%M} UTC by {ADMIN}: “Called back on the number on file, "
+            f"matched ID” (ticket SUP-77)") in row
+    with app.app_context():  # the record names the devices revoked, not only how many
+        assert AuditEvent.get(AuditEvent.kind == "support_tfa_disabled").details["devices"] == "Phone"
+    end_window(actor, target)
+    row = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())
+    assert "sign-in is blocked" in row and f"by {ADMIN}: “Called back" in row
+    page = " ".join(second_client(app, clock).password_step("carol@example.com").get_data(as_text=True).split())
+    assert "that time is over (it ran out, or support ended it)" in page
+
+
 def test_password_only_sessions_end_when_the_window_runs_out(app, actor, secret, clock, target):
     """security.md 39: a session opened with the password alone near the end of the window stops working
     when the window ends by itself, as when support ends it early; it cannot re-authenticate with the
@@ -793,7 +818,7 @@ def test_password_only_sessions_end_when_the_window_runs_out(app, actor, secret,
     assert (r.status_code, r.headers["HX-Redirect"]) == (401, "/login?notice=support-window-ended")
     # The sign-in page says why (a plain "Log in" would only lead to the refusal after typing the password).
     page = carol.client.get("/login?notice=support-window-ended").get_data(as_text=True)
-    assert "that time has ended" in page and "signing in is blocked" in page and 'href="/support/contact"' in page
+    assert "that time is over" in page and "signing in is blocked" in page and 'href="/support/contact"' in page
     r = carol.client.post("/reauth", data={"csrf_token": carol.csrf("/login"), "password": PASSWORD})
     assert r.status_code == 302 and "/login" in r.headers["Location"]
     r = second_client(app, clock).password_step("carol@example.com")

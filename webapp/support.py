@@ -2,12 +2,13 @@
 disable, early end), the read-only audit log, and each person's own security activity."""
 import functools
 import ipaddress
+import json
 import logging
 from datetime import date, datetime, timedelta
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, session, url_for
 from flask_login import current_user
-from peewee import fn
+from peewee import JOIN, fn
 from wtforms import BooleanField, DateField, EmailField, HiddenField, SelectField, StringField, TextAreaField
 from wtforms.fields import SelectChoice
 from wtforms.validators import AnyOf, DataRequired, Email, Length, Optional, ValidationError
@@ -462,10 +463,11 @@ class UserRow:
     rendering it in every row was most of a search's cost."""
 
     def __init__(self, user, devices, open_requests, form=None, notice=None, error=None, current=None,
-                 actor_id=None):
+                 actor_id=None, opened_by=None):
         self.user = user
         self.devices = devices
         self.open_requests = open_requests
+        self.opened_by = opened_by  # the latest support disable of this person (for its window): who, when, why
         self.form = form
         self.notice = notice
         self.error = error
@@ -522,10 +524,32 @@ def build_rows(users, forms=None, notices=None, errors=None):
         for d in _by_ids(Device, _devices_query, ids):
             devices[d.user_id].append(d)
         counts = dict(_by_ids(SupportRequest, _open_counts_query, ids).tuples())
+    opened = _windows_opened_by([u.id for u in users if u.tfa_reset_until is not None])
     forms, notices, errors = forms or {}, notices or {}, errors or {}
     current, actor_id = now(), current_user.id  # once per page, not once per row
     return [UserRow(u, devices[u.id], counts.get(u.id, 0), forms.get(u.id), notices.get(u.id), errors.get(u.id),
-                    current=current, actor_id=actor_id) for u in users]
+                    current=current, actor_id=actor_id, opened_by=opened.get(u.id)) for u in users]
+
+
+def _windows_opened_by(ids):
+    """For people with a support window: who opened it, when, with what reason and ticket (their latest
+    support disable), in one query for the page. Another admin, or the same one later, sees whose decision
+    it was without searching the audit log."""
+    if not ids:
+        return {}
+    actor = User.alias()
+    events = (AuditEvent.select(AuditEvent.user, AuditEvent.created_at, AuditEvent.detail,
+                                actor.email.alias("actor_email"))
+              .join(actor, JOIN.LEFT_OUTER, on=(AuditEvent.actor == actor.id))
+              .where((AuditEvent.kind == "support_tfa_disabled") & AuditEvent.user.in_(ids))
+              .order_by(AuditEvent.id.desc()).dicts())
+    found = {}
+    for e in events:
+        if e["user"] not in found:
+            detail = json.loads(e["detail"] or "{}")
+            found[e["user"]] = {"created_at": e["created_at"], "actor_email": e["actor_email"],
+                                "reason": detail.get("reason"), "ticket": detail.get("ticket")}
+    return found
 
 
 # The upper end of a prefix range: U+10FFFF, the last code point, sorts after every character in code point
@@ -795,6 +819,7 @@ def _open_window(locked, actor, form, label, duration):
     """The disable itself, inside the caller's transaction: every step or none (security.md 39, 40, 42)."""
     current = now()
     until = current + duration
+    names = [d.name for d in Device.select(Device.name).where(Device.user == locked.id).order_by(Device.id)]
     removed, sessions = revoke_second_factor(locked, reset_until=until)
     closed = []
     if form.close_requests.data:
@@ -807,7 +832,8 @@ def _open_window(locked, actor, form, label, duration):
                 SupportRequest.id.in_(closed)).execute()
     audit("support_tfa_disabled", user=locked, actor=actor, reason=form.reason.data,
           ticket=form.ticket.data or None, until=until.isoformat(), duration=label,
-          devices_removed=removed, sessions_ended=sessions, requests_closed=len(closed),
+          devices_removed=removed, devices=", ".join(names) or None, sessions_ended=sessions,
+          requests_closed=len(closed),
           requests=", ".join(map(str, closed)) or None)
     return until, removed, sessions
 
