@@ -1160,6 +1160,26 @@ def test_reopening_the_wizard_offers_to_continue_with_the_same_key(actor, app, h
         assert [decrypt_secret(d.secret_enc) for d in Device.select().where(Device.user == user)] == [scanned]
 
 
+
+@pytest.mark.parametrize("htmx", [True, False])
+def test_reopening_after_the_code_was_accepted_continues_at_the_name(actor, app, htmx):
+    """Closed at the name step (the code accepted) and opened again: Continue with the same key used to go back
+    to the QR code and ask for a code again. It goes on to naming the device; the page coming back also
+    leaves out the paragraphs about getting an app, so on a phone its buttons follow the banner."""
+    user = signed_in(actor)
+    w = Wizard(actor, htmx=htmx)
+    w.start()
+    assert 'data-step="name"' in text(w.submit_code())
+    body = text(w.open())
+    assert "did not finish" in body and "Install one now" not in body
+    assert re.search(r'<form method="get" action="/settings/2fa/name"[^>]*>\s*<button type="submit">Continue with '
+                     r'the same key</button>', body)
+    r = actor.client.get("/settings/2fa/name", headers=w.headers)
+    assert 'data-step="name"' in text(r) and "otpauth" not in text(r)
+    w.complete("Phone")
+    assert [d.name for d in devices(app, user)] == ["Phone"]
+
+
 def test_the_first_step_offers_no_continue_without_a_live_pending_key(actor, app):
     """No pending key, or one past its TTL: the first step is the plain one, with Next."""
     user = signed_in(actor)

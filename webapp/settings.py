@@ -342,7 +342,8 @@ def tfa():
     pending = current_pending(user)
     return htmx.render("settings/tfa.html", "settings/_wizard_dialog.html",
                        step="intro", form=StartForm(), has_2fa=user.has_2fa, in_dialog=htmx.is_htmx(),
-                       resume=pending is not None, setup=pending_handle(pending) if pending else None)
+                       resume=pending and ("name" if pending.verified_step is not None else "qr"),
+                       setup=pending_handle(pending) if pending else None)
 
 
 @bp.post("/2fa/start")
