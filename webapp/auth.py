@@ -307,8 +307,8 @@ def login_notice(key):
         return "Your sign-in expired. Please enter your email address and password again."
     if key == "session-ended":
         idle = int(current_app.config["SESSION_IDLE_TIMEOUT"].total_seconds() // 60)
-        return (f"Your session has ended (after {idle} minutes without activity, or you signed out in another "
-                "browser). Please sign in again.")
+        return (f"Your session has ended (after {idle} minutes without activity, or it was signed out in another "
+                "tab or browser). Please sign in again.")
     return None
 
 
