@@ -545,6 +545,25 @@ def test_disable_form_is_a_page_without_javascript(app, actor, secret, target):
     assert count(app, Device, Device.user == target.id) == 0
 
 
+
+def test_the_disable_page_without_javascript_shows_what_the_person_asked_for(app, actor, secret, target):
+    """The Support page lists the open requests under the results; the form's own page (no JavaScript) did not,
+    so the admin decided without the person's words in sight. It lists this person's open requests, whether
+    each was sent after entering the password, and nobody else's; on a refused post too."""
+    with app.app_context():
+        SupportRequest.create(email="carol@example.com", message="Phone fell in the lake <b>help</b>", user=target.id)
+        SupportRequest.create(email="zed@example.com", message="Someone else's request")
+    sign_in_admin(actor, secret)
+    for r in (actor.client.get(f"/support/users/{target.id}/disable-2fa"),
+              actor.post_form(f"/support/users/{target.id}/disable-2fa", {f"u{target.id}-reason": ""},
+                              form_url=f"/support/users/{target.id}/disable-2fa")):
+        html = r.get_data(as_text=True)
+        section = html.split('id="person-requests-heading">Their open contact requests</h2>')[1]
+        assert "Phone fell in the lake &lt;b&gt;help&lt;/b&gt;" in section
+        assert "Sent without entering this account's password." in section
+        assert "Someone else" not in html
+
+
 def test_validation_errors_come_back_on_the_form_page_tied_to_their_fields(app, actor, secret, target):
     """WCAG 3.3.1: each message is tied to its field (aria-describedby), the field is marked invalid and
     focus lands on the first field with an error; nothing was changed (security.md 38)."""

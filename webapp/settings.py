@@ -301,7 +301,8 @@ def _qr_context(user, pending):
     secret = totp.decrypt_secret(pending.secret_enc)
     uri = totp.provisioning_uri(secret, user.email, current_app.config["TOTP_ISSUER"])
     return {"qr_svg": totp.qr_svg(uri), "grouped_key": totp.group_key(secret), "otpauth_uri": uri,
-            "issuer": current_app.config["TOTP_ISSUER"], "account": user.email}
+            "issuer": current_app.config["TOTP_ISSUER"], "account": user.email,
+            "key_minutes": int(current_app.config["PENDING_ENROLMENT_TTL"].total_seconds() // 60)}
 
 
 def _skew_text(steps):

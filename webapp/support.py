@@ -744,7 +744,8 @@ def _row_response(target, status=200, form=None, notice=None, error=None, flash_
         return redirect(url_for("support.index", user=fresh.id))  # that person alone, not a search
     if form is not None:
         # The disable form with its errors, on the page where the form lives without JavaScript.
-        return htmx.render("support/disable.html", "support/_user_row.html", status=status, row=rows[0])
+        return htmx.render("support/disable.html", "support/_user_row.html", status=status, row=rows[0],
+                           person_requests=_person_requests(fresh.id))
     context = _index_context(fresh.email, 1, rows=rows)
     return htmx.render("support/index.html", "support/_user_row.html", status=status, **context)
 
@@ -765,7 +766,18 @@ def disable_2fa_form(user_id):
     row = build_rows([target], forms={target.id: form}, notices=notices)[0]
     if not row.can_disable:
         row.error = _already_off(target) if row.window == "open" else _NOTHING_TO_DISABLE
-    return htmx.render("support/disable.html", "support/_user_row.html", row=row)
+    return htmx.render("support/disable.html", "support/_user_row.html", row=row,
+                       person_requests=_person_requests(target.id))
+
+
+def _person_requests(user_id):
+    """The person's open contact requests, oldest first, for the disable form's own page (without JavaScript):
+    the admin reads what they asked for next to the form, as the Support page shows it beside the row."""
+    requests = list(SupportRequest.select().where((SupportRequest.user == user_id)
+                                                  & SupportRequest.handled_at.is_null())
+                    .order_by(SupportRequest.created_at, SupportRequest.id).limit(OPEN_REQUESTS_SHOWN))
+    _mark_password_entered(requests)
+    return requests
 
 
 @bp.post("/support/users/<int:user_id>/disable-2fa")
