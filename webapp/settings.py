@@ -359,6 +359,7 @@ def start():
         abort(400)
     secret = totp.new_secret()
     session.pop(_WIZARD_DONE, None)  # a new setup: a later click on an old page is not "done" any more
+    session.pop(_WIZARD_ENDED_BY_TURN_OFF, None)
     with write_transaction():
         # The person's row first, like Complete Activation and Support's disable: taking the pending row
         # first made the three deadlock on PostgreSQL when they met.
@@ -523,6 +524,7 @@ def done():
 
 # This session's last completed setup: {"device": id, "added": had 2FA before, "reset": ended support's window}.
 _WIZARD_DONE = "wizard_done"
+_WIZARD_ENDED_BY_TURN_OFF = "wizard_ended_by_turn_off"  # set by Turn off when it discarded a setup under way
 
 
 def _just_activated(user):
@@ -560,6 +562,10 @@ def _without_pending(user):
     device = _just_activated(user)
     if device is not None:
         return _done_step(user, device, session[_WIZARD_DONE])
+    if session.pop(_WIZARD_ENDED_BY_TURN_OFF, None):
+        # Turned off in another tab (the same session) while this one was adding a device: "expired, nothing
+        # was changed on your account" would be wrong twice.
+        return _wizard("expired", form=StartForm(), turned_off=True)
     return _wizard("expired", form=StartForm())
 
 
@@ -696,9 +702,11 @@ def disable():
         User.lock(user.id)
         names = [d.name for d in _devices(user)]
         Device.delete().where(Device.user == user.id).execute()
-        PendingEnrolment.delete().where(PendingEnrolment.user == user.id).execute()
+        discarded = PendingEnrolment.delete().where(PendingEnrolment.user == user.id).execute()
         end_code_steps(user)  # with 2FA off it could never finish
         audit("tfa_disabled", user=user, via="settings", devices=names)
+    if discarded:
+        session[_WIZARD_ENDED_BY_TURN_OFF] = True  # for a wizard open in another tab: _without_pending
     return _after_change(user, "Two-factor authentication is now off. Your devices no longer work for signing in.")
 
 
