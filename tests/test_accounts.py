@@ -1,6 +1,6 @@
 """Accounts: the operator CLI, the first-run admin page, sign-up, and start-up configuration checks."""
 import os
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from cryptography.fernet import Fernet
@@ -192,14 +192,19 @@ def test_cli_list_shows_supports_window_and_the_block_after_it(app, actor, clock
 
 
 def test_cli_reset_2fa_removes_devices_and_sessions(app, actor, secret):
-    actor.user(secret=secret)
+    user = actor.user(secret=secret)
     actor.sign_in(secret=secret)
+    with app.app_context():  # a lock under way ends with the reset, counters and all
+        User.update(code_failures=7, code_strikes=6, code_locked_until=datetime(2100, 1, 1)).where(
+            User.id == user.id).execute()
     result = run(app, "users", "reset-2fa", "alice@example.com")
     assert result.exit_code == 0 and "removed 1 device(s) of alice@example.com; 2FA is off; 1 session(s) ended" in result.output
     with app.app_context():
         assert Device.select().count() == 0
         assert ServerSession.select().where(ServerSession.user.is_null(False)).count() == 0
         assert AuditEvent.select().where(AuditEvent.kind == "tfa_reset").count() == 1
+        row = User.get_by_id(user.id)
+        assert (row.code_failures, row.code_strikes, row.code_locked_until) == (0, 0, None)
     assert actor.client.get("/settings").status_code == 302
 
 

@@ -509,7 +509,7 @@ def test_spaces_in_the_code_are_fine(actor, code):
 
 
 @pytest.mark.parametrize("code", ["5924", "+5924", "00_5924", "００５９２４", "0059240", "", "005-924", "005\t924",
-                                  "005\n924", "005\u200b924"])
+                                  "005\n924", "005\u200b924", "005\u1680924"])
 def test_malformed_codes_get_400_and_count(actor, code):
     """security.md 5: anything but six ASCII digits is refused with 400 and counted as a failure."""
     actor.user(secret=RFC_SECRET)
@@ -1005,7 +1005,10 @@ def test_a_sign_in_form_sent_from_another_tab_after_signing_in_goes_to_user_sett
     data = {"csrf_token": old_token, "email": "alice@example.com", "password": PASSWORD, "code": "123456"}
     r = actor.client.post(path, data=data)
     assert r.status_code == 302 and r.headers["Location"] == "/settings"
-    assert actor.client.get("/settings").status_code == 200
+    page = actor.client.get("/settings")
+    assert page.status_code == 200
+    assert "You are already signed in as alice@example.com. To use another account, log out first." in page.get_data(
+        as_text=True)
     row = user_row(app)
     assert (row.code_failures, row.password_failures) == (0, 0)
 

@@ -375,3 +375,9 @@ def test_the_same_request_sent_twice_is_stored_once_and_both_answers_say_sent(ap
     clock.advance(3601)
     assert send(actor, message=MESSAGE).status_code == 302  # an hour on: a new request
     assert len(requests_in_db(app)) == 4
+    # The same words from another network are a request of their own, under the limits: otherwise a stranger
+    # could test, with no limit, whether someone sent a given text, or send it first so that the owner's
+    # own request was never stored.
+    elsewhere = {"environ_base": {"REMOTE_ADDR": "203.0.113.9"}}
+    assert send(actor, message=MESSAGE, **elsewhere).status_code == 302
+    assert len(requests_in_db(app)) == 5

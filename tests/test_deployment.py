@@ -153,21 +153,26 @@ def test_a_postgresql_role_that_may_not_create_tables_stops_the_start_with_what_
 
 def test_a_database_from_before_a_column_was_added_gets_it_at_start(app, actor, tmp_path, clock, secret):
     """README "Upgrades": a `user` table made before `code_strikes` existed (2026-12-05) gets the column at the
-    next start, 0 in the rows already there, and the sign-in works; before, every code step failed on the
-    missing column. Both databases (make test-postgres runs it on PostgreSQL)."""
+    next start, filled from the failures counted so far (an account locked at the upgrade stays locked), and
+    the sign-in works; before, every code step failed on the missing column. Both databases (make
+    test-postgres runs it on PostgreSQL)."""
     from webapp.models import User
 
     from .conftest import make_test_app
 
-    actor.user(secret=secret)
+    user = actor.user(secret=secret)
+    locked = actor.user("locked@example.com")
     with app.app_context():
+        # Under the old rule 7 failures meant a lock of an hour, and the next wrong code one of two.
+        User.update(code_failures=7).where(User.id == locked.id).execute()
         db.execute_sql('ALTER TABLE "user" DROP COLUMN code_strikes')
         assert "code_strikes" not in {c.name for c in db.get_columns("user")}
     db.close()
     again = make_test_app(tmp_path, app.config["DATABASE_URL"], clock,
                           TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
     with again.app_context():
-        assert User.get().code_strikes == 0
+        assert User.get_by_id(user.id).code_strikes == 0
+        assert User.get_by_id(locked.id).code_strikes == 7  # kept: a lock does not restart at the short pauses
     after = type(actor)(again, again.test_client(), clock)
     after.password_step()
     assert after.code_step("000000").status_code == 200  # a wrong code: counted as a strike

@@ -1278,3 +1278,32 @@ def test_a_start_over_landing_while_a_code_is_checked_does_not_confirm_the_new_k
     [pending] = pendings(app, user)
     assert pending.verified_step is None and "tfa_enrolment_code_accepted" not in audit_kinds(app, user)
     assert devices(app, user) == []
+
+
+
+def test_a_wrong_code_meeting_a_start_over_says_restarted_not_too_many(actor, app, monkeypatch):
+    """A wrong code sent while a Start over lands in another tab found its key gone when counting the failure,
+    took that for "the last attempt was used up" and said "Too many wrong codes" (recording five failures).
+    The new key is untouched; the tab is told the setup was restarted."""
+    from webapp import totp as totp_module
+    from webapp.totp import encrypt_secret, new_secret
+
+    user = signed_in(actor)
+    tab1 = Wizard(actor, htmx=True)
+    k1 = setup_of(text(tab1.start()))
+    real_match = totp_module.match_step
+
+    def start_over_meanwhile(secret, code, ts):
+        [old] = PendingEnrolment.select().where(PendingEnrolment.user == user.id)
+        old.delete_instance()
+        PendingEnrolment.create(id=old.id, user=user.id, session_id=old.session_id, secret_enc=encrypt_secret(
+            new_secret()), created_at=old.created_at + timedelta(seconds=20))
+        return real_match(secret, code, ts)
+
+    monkeypatch.setattr(totp_module, "match_step", start_over_meanwhile)
+    wrong = "000000" if tab1.code_now() != "000000" else "111111"
+    r = tab1.submit_code(wrong, setup=k1)
+    monkeypatch.undo()
+    _says_restarted(r, htmx=True)
+    [pending] = pendings(app, user)
+    assert pending.failures == 0 and "tfa_enrolment_code_rejected" not in audit_kinds(app, user)

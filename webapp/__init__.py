@@ -457,6 +457,8 @@ def _done_in_another_tab():
     from .security import is_fresh, safe_next
 
     if request.endpoint in ("auth.login", "auth.verify", "auth.signup") and current_user.is_authenticated:
+        # Said, in case this tab was meant for another account: this browser is signed in as someone already.
+        flash(f"You are already signed in as {current_user.email}. To use another account, log out first.", "info")
         return url_for("settings.index")
     if request.endpoint == "auth.reauth" and is_fresh():
         return safe_next(request.args.get("next")) or url_for("settings.index")

@@ -294,7 +294,8 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=()):
             database.execute_sql("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
             try:
                 database.create_tables(models, safe=True)
-                _add_columns(database, added_columns)
+                with database.atomic():  # the column and its fill together (DDL is transactional here)
+                    _add_columns(database, added_columns)
                 for statement in postgresql_indexes:
                     database.execute_sql(statement)
             finally:
@@ -306,11 +307,13 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=()):
 
 
 def _add_columns(database, added_columns):
-    """ALTER TABLE ... ADD COLUMN for each (table, column, SQL) the table does not have yet (models.ADDED_COLUMNS):
-    a table made by an earlier version gets what this one reads, with the column's default in existing rows."""
-    for table, column, definition in added_columns:
+    """ALTER TABLE ... ADD COLUMN for each (table, column, SQL, fill) the table does not have yet
+    (models.ADDED_COLUMNS), then the statement that fills it in the rows already there: a table made by an
+    earlier version gets what this one reads."""
+    for table, column, definition, fill in added_columns:
         if column not in {c.name for c in database.get_columns(table)}:
             database.execute_sql(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {definition}')
+            database.execute_sql(fill)
 
 
 def _create_private(path):

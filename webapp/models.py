@@ -260,8 +260,13 @@ ALL_MODELS = [User, Device, ServerSession, KnownBrowser, SignInChallenge, Pendin
 POSTGRESQL_INDEXES = ['CREATE INDEX IF NOT EXISTS user_email_c ON "user" (email COLLATE "C")']
 
 # Columns added to a table after databases with it were in use: (table, column, the column's SQL for both
-# databases). Added at start when missing (db._add_columns), so an upgrade needs no hand-run SQL.
-ADDED_COLUMNS = [("user", "code_strikes", "INTEGER NOT NULL DEFAULT 0")]  # 2026-12-05
+# databases, what fills it in the rows already there). Added at start when missing (db._add_columns), so an
+# upgrade needs no hand-run SQL.
+ADDED_COLUMNS = [
+    # 2026-12-05. From the failures counted so far, which then set the back-off: an account locked during the
+    # upgrade stays locked, and its next wrong code does not get the short pauses of a first one.
+    ("user", "code_strikes", "INTEGER NOT NULL DEFAULT 0", 'UPDATE "user" SET code_strikes = code_failures'),
+]
 
 
 def purge_expired(config, current):

@@ -437,6 +437,10 @@ def verify_code(user, pending):
     with write_transaction():
         PendingEnrolment.update(failures=PendingEnrolment.failures + 1).where(_same_key(pending)).execute()
         counted = PendingEnrolment.get_or_none(_same_key(pending))
+        if counted is None:
+            current = current_pending(user)
+            if current is not None:  # Start over replaced the key meanwhile: this code was the old key's
+                return _restarted(current)
         # None: a wrong code sent at the same time used up the last attempt and discarded the key already.
         failures = MAX_ENROLMENT_FAILURES if counted is None else counted.failures
         discarded_now = counted is not None and failures >= MAX_ENROLMENT_FAILURES

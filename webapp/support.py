@@ -342,12 +342,14 @@ def contact():
                 # Count and insert in one write transaction, holding the address and network, so parallel
                 # posts cannot slip past the limit (on PostgreSQL too, where the count alone locks nothing).
                 lock_keys("contact-email:" + email, *(["contact-ip:" + ip] if ip else []))
-                # The same words for the same address, still open from the last hour: a second click, a reload
-                # or Back and Send again. Taken as sent (it is), not stored twice, and not refused as over the
-                # limit, which would say it was not sent.
-                repeated = SupportRequest.select().where(
+                # The same words for the same address from the same network, still open from the last hour: a
+                # second click, a reload or Back and Send again. Taken as sent (it is), not stored twice, and
+                # not refused as over the limit, which would say it was not sent. Only from the same network:
+                # from anywhere, a stranger could test (free of any limit) whether someone sent a given text,
+                # or send the likely text first so that the owner's own request was never stored.
+                repeated = bool(ip) and SupportRequest.select().where(
                     (SupportRequest.email == email) & (SupportRequest.message == form.message.data)
-                    & SupportRequest.handled_at.is_null()
+                    & (SupportRequest.ip == ip) & SupportRequest.handled_at.is_null()
                     & (SupportRequest.created_at >= now() - timedelta(hours=1))).exists()
                 throttled = not repeated and (_recent_requests(SupportRequest.email, email) >= per_address
                                               or (ip and _recent_requests(SupportRequest.ip, ip) >= limit))
@@ -538,17 +540,18 @@ def _windows_opened_by(ids):
     if not ids:
         return {}
     actor = User.alias()
+    latest = (AuditEvent.select(fn.MAX(AuditEvent.id))
+              .where((AuditEvent.kind == "support_tfa_disabled") & AuditEvent.user.in_(ids))
+              .group_by(AuditEvent.user))
     events = (AuditEvent.select(AuditEvent.user, AuditEvent.created_at, AuditEvent.detail,
                                 actor.email.alias("actor_email"))
               .join(actor, JOIN.LEFT_OUTER, on=(AuditEvent.actor == actor.id))
-              .where((AuditEvent.kind == "support_tfa_disabled") & AuditEvent.user.in_(ids))
-              .order_by(AuditEvent.id.desc()).dicts())
+              .where(AuditEvent.id.in_(latest)).dicts())
     found = {}
     for e in events:
-        if e["user"] not in found:
-            detail = json.loads(e["detail"] or "{}")
-            found[e["user"]] = {"created_at": e["created_at"], "actor_email": e["actor_email"],
-                                "reason": detail.get("reason"), "ticket": detail.get("ticket")}
+        detail = json.loads(e["detail"] or "{}")
+        found[e["user"]] = {"created_at": e["created_at"], "actor_email": e["actor_email"],
+                            "reason": detail.get("reason"), "ticket": detail.get("ticket")}
     return found
 
 

@@ -7,7 +7,6 @@ import functools
 import hmac
 import re
 import secrets
-import unicodedata
 from urllib.parse import quote
 
 import pyotp
@@ -33,16 +32,23 @@ def new_secret():
     return base64.b32encode(secrets.token_bytes(SECRET_BYTES)).decode("ascii")
 
 
+# The spaces normalise_code removes: ASCII, no-break, en/em and the other typographic spaces, narrow no-break,
+# medium mathematical and ideographic.
+_SPACES = dict.fromkeys(map(ord, " \u00a0\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
+                             "\u202f\u205f\u3000"))
+
+
 def normalise_code(raw):
     """Return the code as exactly six ASCII digits (spaces removed), or None if it is anything else.
 
     Stricter than pyotp or int(): no '+', '_', '-', line breaks, tabs or non-ASCII digits (security.md 5).
-    Spaces are any of Unicode's (Zs): a code copied from a page that groups it as "123 456" may carry a
-    no-break or thin space, and it is still the same six digits.
+    Besides the ordinary space, the blank spaces a code copied from a page that groups it as "123 456" may
+    carry (no-break, thin, figure, ideographic ...) are removed; not every Unicode space: U+1680 is drawn
+    as a dash.
     """
     if not isinstance(raw, str) or len(raw) > 32:
         return None
-    code = "".join(c for c in raw if c != " " and unicodedata.category(c) != "Zs")
+    code = raw.translate(_SPACES)
     return code if _CODE_RE.fullmatch(code) else None
 
 
