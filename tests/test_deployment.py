@@ -153,8 +153,9 @@ def test_a_postgresql_role_that_may_not_create_tables_stops_the_start_with_what_
 
 def test_a_database_from_before_a_column_was_added_gets_it_at_start(app, actor, tmp_path, clock, secret):
     """README "Upgrades": a `user` table made before `code_strikes` existed (2026-12-05) gets the column at the
-    next start, filled from the failures counted so far (an account locked at the upgrade stays locked), and
-    the sign-in works; before, every code step failed on the missing column. Both databases (make
+    next start, filled from the failures counted so far up to the strike that locks (an account locked at
+    the upgrade stays locked, and codes it was sent during that lock do not lengthen the next), and the
+    sign-in works; before, every code step failed on the missing column. Both databases (make
     test-postgres runs it on PostgreSQL)."""
     from webapp.models import User
 
@@ -162,8 +163,11 @@ def test_a_database_from_before_a_column_was_added_gets_it_at_start(app, actor, 
 
     user = actor.user(secret=secret)
     locked = actor.user("locked@example.com")
+    pausing = actor.user("pausing@example.com")
     with app.app_context():
-        # Under the old rule 7 failures meant a lock of an hour, and the next wrong code one of two.
+        User.update(code_failures=3).where(User.id == pausing.id).execute()  # within the short pauses
+        # Under the old rule 7 failures (5 wrong codes, 2 more sent during the lock) meant a lock of an hour
+        # next; under the new one the codes sent during a lock do not count towards it.
         User.update(code_failures=7).where(User.id == locked.id).execute()
         db.execute_sql('ALTER TABLE "user" DROP COLUMN code_strikes')
         assert "code_strikes" not in {c.name for c in db.get_columns("user")}
@@ -172,7 +176,9 @@ def test_a_database_from_before_a_column_was_added_gets_it_at_start(app, actor, 
                           TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
     with again.app_context():
         assert User.get_by_id(user.id).code_strikes == 0
-        assert User.get_by_id(locked.id).code_strikes == 7  # kept: a lock does not restart at the short pauses
+        # The strike that locks, no more: the lock holds, and its next wrong code doubles it (not 2**3 times)
+        assert User.get_by_id(locked.id).code_strikes == 5
+        assert User.get_by_id(pausing.id).code_strikes == 3
     after = type(actor)(again, again.test_client(), clock)
     after.password_step()
     assert after.code_step("000000").status_code == 200  # a wrong code: counted as a strike

@@ -1108,6 +1108,9 @@ def test_a_request_that_comes_in_while_the_form_is_filled_stays_open(app, actor,
         assert SupportRequest.get_by_id(late.id).handled_at is None
         event = AuditEvent.get(AuditEvent.kind == "support_tfa_disabled")
         assert (event.details["requests_closed"], event.details["requests"]) == (1, str(seen.id))
+    # The admin is told, with the outcome, that one was left open and why; it is on the open list.
+    flashed = " ".join(actor.client.get(r.headers["Location"]).get_data(as_text=True).split())
+    assert "1 contact request of theirs was left open: sent after this form was shown" in flashed
     assert "I did NOT ask for a reset" in actor.client.get("/support").get_data(as_text=True).split("Recently")[0]
     # A form without the number (or a forged one) closes nothing rather than everything.
     for forged in ("", "x", "-1", "١"):

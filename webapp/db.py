@@ -4,6 +4,7 @@ import fcntl
 import hashlib
 import os
 import select
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -283,7 +284,7 @@ def loaded(model, data):
     return instance
 
 
-def _create_tables(database, models, postgresql_indexes=(), added_columns=()):
+def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fill_values=None):
     """Create the tables (and, on PostgreSQL, the extra indexes) and add the columns that are missing (at
     every start)."""
     with database.connection_context():
@@ -295,7 +296,7 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=()):
             try:
                 database.create_tables(models, safe=True)
                 with database.atomic():  # the column and its fill together (DDL is transactional here)
-                    _add_columns(database, added_columns)
+                    _add_columns(database, added_columns, fill_values)
                 for statement in postgresql_indexes:
                     database.execute_sql(statement)
             finally:
@@ -303,17 +304,19 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=()):
         else:
             database.create_tables(models, safe=True)  # SQLite's own lock serialises creators
             with database.atomic("IMMEDIATE"):  # and, writing first, the processes that add a column
-                _add_columns(database, added_columns)
+                _add_columns(database, added_columns, fill_values)
 
 
-def _add_columns(database, added_columns):
+def _add_columns(database, added_columns, fill_values=None):
     """ALTER TABLE ... ADD COLUMN for each (table, column, SQL, fill) the table does not have yet
     (models.ADDED_COLUMNS), then the statement that fills it in the rows already there: a table made by an
     earlier version gets what this one reads."""
     for table, column, definition, fill in added_columns:
         if column not in {c.name for c in database.get_columns(table)}:
             database.execute_sql(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {definition}')
-            database.execute_sql(fill)
+            database.execute_sql(fill.format(**(fill_values or {})))  # only integers from the configuration
+            print(f" * twostep: upgraded the database: added {table}.{column} (README \"Upgrades\")",
+                  file=sys.stderr, flush=True)
 
 
 def _create_private(path):
@@ -339,7 +342,8 @@ def init_app(app):
     if isinstance(database, SqliteDatabase):
         _create_private(database.database)
     try:
-        _create_tables(database, models.ALL_MODELS, models.POSTGRESQL_INDEXES, models.ADDED_COLUMNS)
+        _create_tables(database, models.ALL_MODELS, models.POSTGRESQL_INDEXES, models.ADDED_COLUMNS,
+                       {"lock": int(app.config["THROTTLE_FREE_FAILURES"]) + 1})
     except (OperationalError, InterfaceError, ProgrammingError) as exc:  # unreachable, no such file, no rights
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if _sqlstate(exc) == "42501":  # insufficient privilege: since PostgreSQL 15 only the database's owner

@@ -263,9 +263,12 @@ POSTGRESQL_INDEXES = ['CREATE INDEX IF NOT EXISTS user_email_c ON "user" (email 
 # databases, what fills it in the rows already there). Added at start when missing (db._add_columns), so an
 # upgrade needs no hand-run SQL.
 ADDED_COLUMNS = [
-    # 2026-12-05. From the failures counted so far, which then set the back-off: an account locked during the
-    # upgrade stays locked, and its next wrong code does not get the short pauses of a first one.
-    ("user", "code_strikes", "INTEGER NOT NULL DEFAULT 0", 'UPDATE "user" SET code_strikes = code_failures'),
+    # 2026-12-05. From the failures counted so far, which then set the back-off, but at most the strike that
+    # locks ({lock}: THROTTLE_FREE_FAILURES + 1): an account locked during the upgrade stays locked, its next
+    # wrong code is not one of the short pauses again, and the codes refused during a lock before the upgrade
+    # (counted too, then) do not lengthen the next one.
+    ("user", "code_strikes", "INTEGER NOT NULL DEFAULT 0",
+     'UPDATE "user" SET code_strikes = CASE WHEN code_failures > {lock} THEN {lock} ELSE code_failures END'),
 ]
 
 

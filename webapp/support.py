@@ -804,7 +804,7 @@ def disable_2fa(user_id):
         nothing_to_disable = not has_devices and locked.tfa_reset_until is None
         already_open = not has_devices and locked.support_window() == "open"
         if not (nothing_to_disable or already_open):
-            until, removed, sessions = _open_window(locked, actor, form, label, duration)
+            until, removed, sessions, left_open = _open_window(locked, actor, form, label, duration)
     # Rendering happens after the write transaction, so the write lock is held no longer than needed.
     if nothing_to_disable:
         return _row_response(target, status=400, form=form, error=_NOTHING_TO_DISABLE + " Nothing was changed.")
@@ -814,6 +814,10 @@ def disable_2fa(user_id):
     notice = (f"2FA for {target.email} is off until {_fmt_time(until)}: {_count(removed, 'device')} revoked, "
               f"{_count(sessions, 'session')} ended. Now reply to them: until then they sign in with their "
               f"password alone, and they should set up their new phone right away.")
+    if left_open:
+        notice += (f" {_count(left_open, 'contact request')} of theirs {'was' if left_open == 1 else 'were'} left "
+                   "open: sent after this form was shown, or this page is older than the last upgrade. Read "
+                   "before marking as handled.")
     return _row_response(target, notice=notice, refresh_requests=True)
 
 
@@ -850,7 +854,11 @@ def _open_window(locked, actor, form, label, duration):
           devices_removed=removed, devices=", ".join(names) or None, sessions_ended=sessions,
           requests_closed=len(closed),
           requests=", ".join(map(str, closed)) or None)
-    return until, removed, sessions
+    left_open = 0
+    if form.close_requests.data:  # what the admin asked to close but could not have read: said in the notice
+        left_open = SupportRequest.select().where((SupportRequest.user == locked.id)
+                                                  & SupportRequest.handled_at.is_null()).count()
+    return until, removed, sessions, left_open
 
 
 @bp.post("/support/users/<int:user_id>/end-window")
