@@ -356,7 +356,12 @@ def test_challenge_is_single_use(actor, secret, app):
     old = app.test_client()
     old.set_cookie(name, pending_cookie)
     r = old.post("/login/verify", data={"csrf_token": token, "code": actor.code(secret, 1)})
-    assert r.status_code == 302 and r.headers["Location"] == "/login?notice=session-ended" and not signed_in(old)
+    assert r.status_code == 302 and r.headers["Location"] == "/login?notice=code-step-ended" and not signed_in(old)
+    # What a second press of Verify without JavaScript meets (the browser dropped the first answer and its new
+    # cookie): not "after 30 minutes without activity", which it was not.
+    page = " ".join(old.get(r.headers["Location"]).get_data(as_text=True).split())
+    assert "That sign-in step has ended: it expired, or it was completed by an earlier press of Verify" in page
+    assert "without activity" not in page
 
     copy_cookie = token_maker.token_urlsafe(32)
     with app.app_context():
@@ -453,6 +458,8 @@ def test_a_typo_then_the_right_code_at_once_waits_a_second_without_counting_agai
     assert actor.code_step("12345").status_code == 400
     r = actor.code_step(actor.code(secret))
     assert r.status_code == 429 and "Wait 1 second before entering another code." in r.get_data(as_text=True)
+    # Never checked, so it stays in the field (a checked, refused code comes back empty): Verify again is all
+    assert f'value="{actor.code(secret)}"' in r.get_data(as_text=True)
     clock.advance(1)
     r = actor.code_step(WRONG)
     assert r.status_code == 200

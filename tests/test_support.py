@@ -558,7 +558,7 @@ def test_the_disable_page_without_javascript_shows_what_the_person_asked_for(app
               actor.post_form(f"/support/users/{target.id}/disable-2fa", {f"u{target.id}-reason": ""},
                               form_url=f"/support/users/{target.id}/disable-2fa")):
         html = r.get_data(as_text=True)
-        section = html.split('id="person-requests-heading">Their open contact requests</h2>')[1]
+        section = html.split('id="person-requests-heading">Open contact requests from carol@example.com</h2>')[1]
         assert "Phone fell in the lake &lt;b&gt;help&lt;/b&gt;" in section
         assert "Sent without entering this account's password." in section
         assert "Someone else" not in html

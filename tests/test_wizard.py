@@ -201,10 +201,11 @@ def test_start_shows_the_qr_code_as_fragment(actor):
     assert "otpauth://" not in body.split("</details>", 1)[0].split('aria-label="QR code')[1].split("</svg>", 1)[1]
     assert len(pendings(actor.app, _alice(actor))) == 1
     # How long the key lasts is said before it runs out (it was said only after: "This setup has expired"),
-    # and a person setting up on the phone itself is told where their way is, before the code to scan.
-    intro = " ".join(body.split('<div class="qr"')[0].split())
-    assert "Setting up the app on this phone? Its link and the key to type are below the code." in intro
-    assert "This key can be added for 15 minutes" in intro
+    # and a person setting up on the phone itself is told where their way is, right under the code (above
+    # it, the lines pushed the code below a phone's first screen).
+    under_the_code = " ".join(body.split("</svg>", 1)[1].split("<details", 1)[0].split())
+    assert "Setting up the app on this phone, or cannot scan? The key and a link for the app are below." in under_the_code
+    assert "This key can be added for 15 minutes" in under_the_code
 
 
 def test_start_without_javascript_renders_the_qr_page(actor):

@@ -519,7 +519,9 @@ def _register_error_handlers(app):
             # form cannot be sent any more, and "reload and try again" would not help. Sign in again.
             from .auth import login_notice_url
 
-            target = login_notice_url("logged-out" if request.endpoint == "auth.logout" else "session-ended")
+            notice = {"auth.logout": "logged-out", "auth.verify": "code-step-ended"}.get(request.endpoint,
+                                                                                       "session-ended")
+            target = login_notice_url(notice)
             return hx_redirect(target) if is_htmx() else redirect(target)
         return render_error(400, "Form expired",
                             "This form was open too long or came from another site. Reload the page and try again.")

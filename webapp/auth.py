@@ -305,6 +305,12 @@ def login_notice(key):
         return "You are logged out."
     if key == "sign-in-expired":
         return "Your sign-in expired. Please enter your email address and password again."
+    if key == "code-step-ended":
+        # A code sent from a code step whose session has gone: most often Verify pressed twice without
+        # JavaScript (the first press signed in, but the browser dropped its answer with the new cookie), or
+        # the code step left open too long. Either way this browser is not signed in.
+        return ("That sign-in step has ended: it expired, or it was completed by an earlier press of Verify whose "
+                "answer did not arrive. Please sign in again.")
     if key == "session-ended":
         idle = int(current_app.config["SESSION_IDLE_TIMEOUT"].total_seconds() // 60)
         return (f"Your session has ended (after {idle} minutes without activity, or it was signed out in another "
@@ -392,7 +398,7 @@ def verify():
     if challenge is None:
         return redirect(login_notice_url("sign-in-expired"))
     form = CodeForm()
-    error, status = None, 200
+    error, status, result = None, 200, None
     if request.method == "POST":
         valid = form.validate_on_submit()
         raw_code = form.code.data or ""
@@ -436,7 +442,18 @@ def verify():
         # so before a right code is refused.
         error = code_error(CheckResult(False, "locked", locked_until=challenge.user.code_locked_until,
                                        failures=challenge.user.code_failures, strikes=challenge.user.code_strikes))
-    return render_template("auth/verify.html", form=form, error=error), status
+    return render_template("auth/verify.html", form=form, error=error,
+                           kept_code=unchecked_code(result, form) if error else None), status
+
+
+def unchecked_code(result, form):
+    """The code to put back in the field when it was refused without being checked, during the second or
+    few of a short pause after a typo: it may well be right, and retyping it is what the pause asks for
+    anyway. None otherwise (a checked, refused code comes back as an empty field: fields.py)."""
+    if result is not None and result.reason == "locked" \
+            and result.strikes <= current_app.config["THROTTLE_FREE_FAILURES"]:
+        return form.code.data
+    return None
 
 
 def _locked_for_minutes(user):
@@ -477,7 +494,8 @@ def reauth():
                 result = check_user_code(user, form.code.data or "")
                 if not result:
                     error = code_error(result)
-                    form.code.raw_data, form.code.data = [], ""  # refused: the field comes back empty
+                    if unchecked_code(result, form) is None:
+                        form.code.raw_data, form.code.data = [], ""  # refused: the field comes back empty
             if error is None:
                 session.rotate(keep_enrolment=True)  # a new session id whenever someone proves who they are
                 session["auth_at"] = timestamp()
