@@ -151,7 +151,7 @@ def test_a_postgresql_role_that_may_not_create_tables_stops_the_start_with_what_
             conn.execute(f'DROP ROLE "{name}"')
 
 
-def test_a_database_from_before_a_column_was_added_gets_it_at_start(app, actor, tmp_path, clock, secret):
+def test_a_database_from_before_a_column_was_added_gets_it_at_start(app, actor, tmp_path, clock, secret, capsys):
     """README "Upgrades": a `user` table made before `code_strikes` existed (2026-12-05) gets the column at the
     next start, filled from the failures counted so far up to the strike that locks (an account locked at
     the upgrade stays locked, and codes it was sent during that lock do not lengthen the next), and the
@@ -172,8 +172,10 @@ def test_a_database_from_before_a_column_was_added_gets_it_at_start(app, actor, 
         db.execute_sql('ALTER TABLE "user" DROP COLUMN code_strikes')
         assert "code_strikes" not in {c.name for c in db.get_columns("user")}
     db.close()
+    capsys.readouterr()
     again = make_test_app(tmp_path, app.config["DATABASE_URL"], clock,
                           TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
+    assert capsys.readouterr().err.count("upgraded the database: added user.code_strikes") == 1  # said, once
     with again.app_context():
         assert User.get_by_id(user.id).code_strikes == 0
         # The strike that locks, no more: the lock holds, and its next wrong code doubles it (not 2**3 times)

@@ -398,7 +398,7 @@ def verify():
     if challenge is None:
         return redirect(login_notice_url("sign-in-expired"))
     form = CodeForm()
-    error, status, result = None, 200, None
+    error, status = None, 200
     if request.method == "POST":
         valid = form.validate_on_submit()
         raw_code = form.code.data or ""
@@ -442,18 +442,7 @@ def verify():
         # so before a right code is refused.
         error = code_error(CheckResult(False, "locked", locked_until=challenge.user.code_locked_until,
                                        failures=challenge.user.code_failures, strikes=challenge.user.code_strikes))
-    return render_template("auth/verify.html", form=form, error=error,
-                           kept_code=unchecked_code(result, form) if error else None), status
-
-
-def unchecked_code(result, form):
-    """The code to put back in the field when it was refused without being checked, during the second or
-    few of a short pause after a typo: it may well be right, and retyping it is what the pause asks for
-    anyway. None otherwise (a checked, refused code comes back as an empty field: fields.py)."""
-    if result is not None and result.reason == "locked" \
-            and result.strikes <= current_app.config["THROTTLE_FREE_FAILURES"]:
-        return form.code.data
-    return None
+    return render_template("auth/verify.html", form=form, error=error), status
 
 
 def _locked_for_minutes(user):
@@ -494,8 +483,7 @@ def reauth():
                 result = check_user_code(user, form.code.data or "")
                 if not result:
                     error = code_error(result)
-                    if unchecked_code(result, form) is None:
-                        form.code.raw_data, form.code.data = [], ""  # refused: the field comes back empty
+                    form.code.raw_data, form.code.data = [], ""  # refused: the field comes back empty
             if error is None:
                 session.rotate(keep_enrolment=True)  # a new session id whenever someone proves who they are
                 session["auth_at"] = timestamp()

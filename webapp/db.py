@@ -296,7 +296,7 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fi
             try:
                 database.create_tables(models, safe=True)
                 with database.atomic():  # the column and its fill together (DDL is transactional here)
-                    _add_columns(database, added_columns, fill_values)
+                    added = _add_columns(database, added_columns, fill_values)
                 for statement in postgresql_indexes:
                     database.execute_sql(statement)
             finally:
@@ -304,19 +304,22 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fi
         else:
             database.create_tables(models, safe=True)  # SQLite's own lock serialises creators
             with database.atomic("IMMEDIATE"):  # and, writing first, the processes that add a column
-                _add_columns(database, added_columns, fill_values)
+                added = _add_columns(database, added_columns, fill_values)
+    for column in added:  # once committed
+        print(f" * twostep: upgraded the database: added {column} (README \"Upgrades\")", file=sys.stderr, flush=True)
 
 
 def _add_columns(database, added_columns, fill_values=None):
     """ALTER TABLE ... ADD COLUMN for each (table, column, SQL, fill) the table does not have yet
     (models.ADDED_COLUMNS), then the statement that fills it in the rows already there: a table made by an
     earlier version gets what this one reads."""
+    added = []
     for table, column, definition, fill in added_columns:
         if column not in {c.name for c in database.get_columns(table)}:
             database.execute_sql(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {definition}')
             database.execute_sql(fill.format(**(fill_values or {})))  # only integers from the configuration
-            print(f" * twostep: upgraded the database: added {table}.{column} (README \"Upgrades\")",
-                  file=sys.stderr, flush=True)
+            added.append(f"{table}.{column}")
+    return added
 
 
 def _create_private(path):

@@ -264,9 +264,9 @@ def _field_markup(f, hint, error, extra):
         extra["aria_invalid"] = "true"
         if (f.render_kw or {}).get("autocomplete") == "one-time-code":
             # A refused code comes back empty, ready for the next one: on a phone, deleting six digits
-            # first was a chore, and the old code would only be refused again. (A page may keep one that
-            # was never checked: auth.unchecked_code.)
-            extra.setdefault("value", "")
+            # first was a chore, and the old code would only be refused again. Also one refused only for
+            # the pause after a wrong code: the page cannot tell it from that wrong code sent twice.
+            extra["value"] = ""
     elif described:
         extra["aria_describedby"] = described[0]
         extra["aria_invalid"] = "false"

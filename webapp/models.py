@@ -268,7 +268,8 @@ ADDED_COLUMNS = [
     # wrong code is not one of the short pauses again, and the codes refused during a lock before the upgrade
     # (counted too, then) do not lengthen the next one.
     ("user", "code_strikes", "INTEGER NOT NULL DEFAULT 0",
-     'UPDATE "user" SET code_strikes = CASE WHEN code_failures > {lock} THEN {lock} ELSE code_failures END'),
+     'UPDATE "user" SET code_strikes = CASE WHEN code_failures > {lock} THEN {lock} ELSE code_failures END '
+     'WHERE code_failures > 0'),
 ]
 
 

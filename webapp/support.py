@@ -730,9 +730,11 @@ def _focus(form):
 
 
 def _row_response(target, status=200, form=None, notice=None, error=None, flash_message=None,
-                  refresh_requests=False):
+                  refresh_requests=False, warning=None):
     """htmx: the person's row re-rendered in place; plain forms: redirect with a flash, or the page with errors."""
     fresh = User.select(*USER_COLUMNS).where(User.id == target.id).get()
+    if warning and htmx.is_htmx():
+        notice = f"{notice} {warning}" if notice else warning
     rows = build_rows([fresh], forms={fresh.id: form} if form else None,
                       notices={fresh.id: notice} if notice else None, errors={fresh.id: error} if error else None)
     if htmx.is_htmx():
@@ -744,6 +746,8 @@ def _row_response(target, status=200, form=None, notice=None, error=None, flash_
         return htmx.render("support/index.html", "support/_user_row.html", row=rows[0])
     if status < 400:
         flash(flash_message or notice, "success")
+        if warning:
+            flash(warning, "warning")  # a line of its own, not shown as part of the success
         return redirect(url_for("support.index", user=fresh.id))  # that person alone, not a search
     if form is not None:
         # The disable form with its errors, on the page where the form lives without JavaScript.
@@ -760,17 +764,16 @@ def disable_2fa_form(user_id):
     target = _target_or_404(user_id)
     _refuse_protected(target)
     draft = _take_draft(target.id) or {}
+    person_requests = _person_requests(target.id)
     if "requests_shown" not in draft:
-        draft["requests_shown"] = (SupportRequest.select(fn.MAX(SupportRequest.id))
-                                   .where((SupportRequest.user == target.id) & SupportRequest.handled_at.is_null())
-                                   .scalar() or 0)
+        # The newest of the requests listed (this page lists at most OPEN_REQUESTS_SHOWN, oldest first)
+        draft["requests_shown"] = max((r.id for r in person_requests), default=0)
     form = _focus(DisableForm(formdata=None, prefix=f"u{target.id}", data=draft))
     notices = {target.id: _DRAFT_KEPT} if len(draft) > 1 else None
     row = build_rows([target], forms={target.id: form}, notices=notices)[0]
     if not row.can_disable:
         row.error = _already_off(target) if row.window == "open" else _NOTHING_TO_DISABLE
-    return htmx.render("support/disable.html", "support/_user_row.html", row=row,
-                       person_requests=_person_requests(target.id))
+    return htmx.render("support/disable.html", "support/_user_row.html", row=row, person_requests=person_requests)
 
 
 def _person_requests(user_id):
@@ -814,11 +817,12 @@ def disable_2fa(user_id):
     notice = (f"2FA for {target.email} is off until {_fmt_time(until)}: {_count(removed, 'device')} revoked, "
               f"{_count(sessions, 'session')} ended. Now reply to them: until then they sign in with their "
               f"password alone, and they should set up their new phone right away.")
+    warning = None
     if left_open:
-        notice += (f" {_count(left_open, 'contact request')} of theirs {'was' if left_open == 1 else 'were'} left "
-                   "open: sent after this form was shown, or this page is older than the last upgrade. Read "
+        warning = (f"{_count(left_open, 'contact request')} of theirs {'was' if left_open == 1 else 'were'} left "
+                   "open: not shown when this form was, or this page is older than the last upgrade. Read "
                    "before marking as handled.")
-    return _row_response(target, notice=notice, refresh_requests=True)
+    return _row_response(target, notice=notice, refresh_requests=True, warning=warning)
 
 
 _NOTHING_TO_DISABLE = "This person has no two-factor authentication to disable."
