@@ -171,11 +171,14 @@ def test_a_database_from_before_a_column_was_added_gets_it_at_start(app, actor, 
         User.update(code_failures=7).where(User.id == locked.id).execute()
         db.execute_sql('ALTER TABLE "user" DROP COLUMN code_strikes')
         assert "code_strikes" not in {c.name for c in db.get_columns("user")}
+        db.execute_sql('ALTER TABLE "supportrequest" DROP COLUMN form_hash')  # 2026-12-06
     db.close()
     capsys.readouterr()
     again = make_test_app(tmp_path, app.config["DATABASE_URL"], clock,
                           TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
-    assert capsys.readouterr().err.count("upgraded the database: added user.code_strikes") == 1  # said, once
+    said = capsys.readouterr().err
+    assert said.count("upgraded the database: added user.code_strikes") == 1  # said, once
+    assert said.count("upgraded the database: added supportrequest.form_hash") == 1
     with again.app_context():
         assert User.get_by_id(user.id).code_strikes == 0
         # The strike that locks, no more: the lock holds, and its next wrong code doubles it (not 2**3 times)
@@ -187,3 +190,5 @@ def test_a_database_from_before_a_column_was_added_gets_it_at_start(app, actor, 
     assert after.code_step(after.code(secret)).status_code == 429  # the 1-second pause
     clock.advance(1)
     assert after.code_step(after.code(secret)).headers["Location"] == "/settings"
+    contact = after.post_form("/support/contact", {"email": "locked@example.com", "message": "Lost my phone today."})
+    assert contact.status_code == 302  # the contact form stores its form's id in the added column

@@ -317,7 +317,8 @@ def _add_columns(database, added_columns, fill_values=None):
     for table, column, definition, fill in added_columns:
         if column not in {c.name for c in database.get_columns(table)}:
             database.execute_sql(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {definition}')
-            database.execute_sql(fill.format(**(fill_values or {})))  # only integers from the configuration
+            if fill:
+                database.execute_sql(fill.format(**(fill_values or {})))  # only integers from the configuration
             added.append(f"{table}.{column}")
     return added
 

@@ -227,6 +227,11 @@ class SupportRequest(BaseModel):
     ip = CharField(max_length=64, null=True)  # what the per-client limit counts (support.client_network)
     handled_at = DateTimeField(null=True)
     handled_by = ForeignKeyField(User, null=True, backref="handled_requests", on_delete="SET NULL")
+    # SHA-256 of the one-time id the form was shown with (support.contact): the same form sent twice (a
+    # double click, Back and Send again) is one request. Only the browser that was shown the form knows it.
+    # No index of its own: create_tables makes a model's missing indexes before db._add_columns adds the
+    # column, and the lookup goes by created_at (indexed) first.
+    form_hash = CharField(max_length=64, null=True)
 
     class Meta:
         # The Support page lists open requests (handled_at IS NULL) oldest first: one index serves both.
@@ -260,8 +265,8 @@ ALL_MODELS = [User, Device, ServerSession, KnownBrowser, SignInChallenge, Pendin
 POSTGRESQL_INDEXES = ['CREATE INDEX IF NOT EXISTS user_email_c ON "user" (email COLLATE "C")']
 
 # Columns added to a table after databases with it were in use: (table, column, the column's SQL for both
-# databases, what fills it in the rows already there). Added at start when missing (db._add_columns), so an
-# upgrade needs no hand-run SQL.
+# databases, what fills it in the rows already there, or None). Added at start when missing (db._add_columns),
+# so an upgrade needs no hand-run SQL. Such a column takes no index (see SupportRequest.form_hash).
 ADDED_COLUMNS = [
     # 2026-12-05. From the failures counted so far, which then set the back-off, but at most the strike that
     # locks ({lock}: THROTTLE_FREE_FAILURES + 1): an account locked during the upgrade stays locked, its next
@@ -270,6 +275,8 @@ ADDED_COLUMNS = [
     ("user", "code_strikes", "INTEGER NOT NULL DEFAULT 0",
      'UPDATE "user" SET code_strikes = CASE WHEN code_failures > {lock} THEN {lock} ELSE code_failures END '
      'WHERE code_failures > 0'),
+    # 2026-12-06. Requests made before have none (a repeat of one of them is a request of its own).
+    ("supportrequest", "form_hash", "VARCHAR(64)", None),
 ]
 
 

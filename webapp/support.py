@@ -1,9 +1,12 @@
 """Support: the public contact form, the admins' Support page (search, open requests, time-boxed 2FA
 disable, early end), the read-only audit log, and each person's own security activity."""
 import functools
+import hashlib
 import ipaddress
 import json
 import logging
+import re
+import secrets
 from datetime import date, datetime, timedelta
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, session, url_for
@@ -58,8 +61,12 @@ class ContactForm(Form):
         Length(min=10, max=4000, message="Write between 10 and 4000 characters."),
         VisibleText("Use letters, digits, spaces, punctuation and line breaks only.", lines=True)],
         render_kw={"maxlength": 4000, "rows": 7})
+    # A random id the page was made with (not a secret of the app's: the browser's own), so that the same form
+    # sent twice is recognised as one request (contact); anything else in it is taken as none.
+    form_id = HiddenField(filters=[lambda v: v if isinstance(v, str) and _FORM_ID_RE.fullmatch(v) else None])
 
 
+_FORM_ID_RE = re.compile(r"[A-Za-z0-9_-]{22}")
 REASON_MIN = 10
 
 
@@ -323,6 +330,8 @@ def contact():
     error, status = None, 200
     if request.method == "GET" and not form.email.data:
         form.email.data = _prefill_email()
+    if form.form_id.data is None:
+        form.form_id.data = secrets.token_urlsafe(16)  # 22 characters; kept when the page comes back with errors
     if request.method == "POST":
         if not form.validate_on_submit():
             status = 400
@@ -342,21 +351,21 @@ def contact():
                 # Count and insert in one write transaction, holding the address and network, so parallel
                 # posts cannot slip past the limit (on PostgreSQL too, where the count alone locks nothing).
                 lock_keys("contact-email:" + email, *(["contact-ip:" + ip] if ip else []))
-                # The same words for the same address from the same network, still open from the last hour: a
-                # second click, a reload or Back and Send again. Taken as sent (it is), not stored twice, and
-                # not refused as over the limit, which would say it was not sent. Only from the same network:
-                # from anywhere, a stranger could test (free of any limit) whether someone sent a given text,
-                # or send the likely text first so that the owner's own request was never stored.
-                repeated = bool(ip) and SupportRequest.select().where(
-                    (SupportRequest.email == email) & (SupportRequest.message == form.message.data)
-                    & (SupportRequest.ip == ip) & SupportRequest.handled_at.is_null()
-                    & (SupportRequest.created_at >= now() - timedelta(hours=1))).exists()
+                # The same form sent again within the hour (a second click, Back and Send again): taken as sent
+                # (it was), not stored twice, and not refused as over the limit, which would say it was not
+                # sent. Known by the form's one-time id, which only the browser shown the form has: matching
+                # the words instead let a stranger test, free of any limit, whether someone had sent a given
+                # text, or send it first so that the owner's own request was never stored.
+                form_hash = hashlib.sha256(form.form_id.data.encode()).hexdigest() if form.form_id.data else None
+                repeated = form_hash is not None and SupportRequest.select().where(
+                    (SupportRequest.created_at >= now() - timedelta(hours=1))
+                    & (SupportRequest.form_hash == form_hash)).exists()
                 throttled = not repeated and (_recent_requests(SupportRequest.email, email) >= per_address
                                               or (ip and _recent_requests(SupportRequest.ip, ip) >= limit))
                 if not (throttled or repeated):
                     user = User.by_email(email)
                     req = SupportRequest.create(email=email, message=form.message.data, user=user, ip=ip,
-                                                created_at=now())
+                                                created_at=now(), form_hash=form_hash)
                     # Whether the sender had entered the password: a record of what happened, not a sign of who
                     # sent it (someone who stole the password has it too).
                     audit("support_request", user=user, request=req.id, after_password=after_password)
