@@ -1,6 +1,6 @@
 """Sign-in in two steps, as a person and as an attacker would try it (security.md C and D)."""
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import pyotp
 import pytest
@@ -11,6 +11,7 @@ from webapp.models import AuditEvent, ServerSession, SignInChallenge, User
 from webapp.sessions import token_hash
 
 from .conftest import PASSWORD, RFC_SECRET
+from .test_support import utc
 
 WRONG = "000000"
 
@@ -413,11 +414,6 @@ def test_the_code_lock_is_said_when_it_sends_the_person_back_and_again_on_the_ne
 
 
 
-def _utc(t):
-    """The naive UTC datetime the app stores for fake-clock time t."""
-    return datetime.fromtimestamp(t, tz=timezone.utc).replace(tzinfo=None)
-
-
 def test_codes_sent_during_the_lock_count_but_do_not_lengthen_the_next_lock(actor, secret, clock):
     """security.md 18, 20: a code sent while the account waits is refused and counted (the stored count is
     every refused code), but the wait grows only with the codes that were checked. Before, a person who
@@ -441,7 +437,7 @@ def test_codes_sent_during_the_lock_count_but_do_not_lengthen_the_next_lock(acto
     assert r.status_code == 200 and "That code is not valid" in r.get_data(as_text=True)
     row = user_row(actor.app)
     assert (row.code_failures, row.code_strikes) == (10, 6)
-    assert row.code_locked_until == _utc(clock.t) + timedelta(minutes=30)
+    assert row.code_locked_until == utc(clock.t) + timedelta(minutes=30)
     clock.advance(30 * 60)
     actor.password_step()
     assert actor.code_step(actor.code(secret)).headers["Location"] == "/settings"
@@ -466,7 +462,7 @@ def test_a_typo_then_the_right_code_at_once_waits_a_second_without_counting_agai
     assert r.status_code == 200
     row = user_row(actor.app)
     assert (row.code_failures, row.code_strikes) == (3, 2)
-    assert row.code_locked_until == _utc(clock.t) + timedelta(seconds=2)
+    assert row.code_locked_until == utc(clock.t) + timedelta(seconds=2)
 
 
 # ------------------------------------------------------------------ the code step

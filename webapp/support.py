@@ -623,11 +623,18 @@ def _page_arg():
 
 def _open_requests():
     """The oldest open contact requests first (those have waited longest), and how many are waiting."""
-    requests = list(SupportRequest.select().where(SupportRequest.handled_at.is_null())
-                    .order_by(SupportRequest.created_at, SupportRequest.id).limit(OPEN_REQUESTS_SHOWN))
-    _mark_password_entered(requests)
+    requests = _oldest_open()
     # Fewer than the limit: that is all of them, so no COUNT query is needed.
     return requests, len(requests) if len(requests) < OPEN_REQUESTS_SHOWN else _open_count()
+
+
+def _oldest_open(*conditions):
+    """Up to OPEN_REQUESTS_SHOWN open contact requests (meeting `conditions` too), oldest first, each marked
+    with whether its sender had entered the password (_mark_password_entered)."""
+    requests = list(SupportRequest.select().where(SupportRequest.handled_at.is_null(), *conditions)
+                    .order_by(SupportRequest.created_at, SupportRequest.id).limit(OPEN_REQUESTS_SHOWN))
+    _mark_password_entered(requests)
+    return requests
 
 
 def _mark_password_entered(requests):
@@ -788,11 +795,7 @@ def disable_2fa_form(user_id):
 def _person_requests(user_id):
     """The person's open contact requests, oldest first, for the disable form's own page (without JavaScript):
     the admin reads what they asked for next to the form, as the Support page shows it beside the row."""
-    requests = list(SupportRequest.select().where((SupportRequest.user == user_id)
-                                                  & SupportRequest.handled_at.is_null())
-                    .order_by(SupportRequest.created_at, SupportRequest.id).limit(OPEN_REQUESTS_SHOWN))
-    _mark_password_entered(requests)
-    return requests
+    return _oldest_open(SupportRequest.user == user_id)
 
 
 @bp.post("/support/users/<int:user_id>/disable-2fa")
