@@ -7,7 +7,7 @@ import pytest
 
 from webapp.db import db, is_sqlite
 from webapp.models import AuditEvent, Device, ServerSession, SupportRequest, User
-from webapp.support import _request_number, search_users, user_search_query
+from webapp.support import _request_numbers, search_users, user_search_query
 from webapp.totp import encrypt_secret, new_secret
 
 from .conftest import PASSWORD, Actor, csrf_from
@@ -32,10 +32,10 @@ def disable(actor, target, reason="Identity checked by video call against ID car
     data = {p + "reason": reason, p + "duration": duration, p + "ticket": ticket}
     if close_requests:
         data[p + "close_requests"] = "y"
-        # The form says which requests the admin was shown (the newest one's number): read it as a browser would.
-        shown = re.search(rf'name="{p}requests_shown" type="hidden" value="(\d+)"',
+        # The form says which requests the admin was shown (their numbers): read it as a browser would.
+        shown = re.search(rf'name="{p}requests_shown" type="hidden" value="([\d,]*)"',
                           actor.client.get(f"/support/users/{target.id}/disable-2fa").get_data(as_text=True))
-        data[p + "requests_shown"] = shown.group(1) if shown else "0"
+        data[p + "requests_shown"] = shown.group(1) if shown else ""
     return actor.post_form(f"/support/users/{target.id}/disable-2fa", data, form_url="/support", headers=headers)
 
 
@@ -536,6 +536,16 @@ def test_disable_form_is_a_page_without_javascript(app, actor, secret, target):
     assert f'action="/support/users/{target.id}/disable-2fa"' in html and 'method="post"' in html
     # a plain post even when JavaScript is on: the htmx answer refreshes a request list this page lacks
     assert "hx-post" not in re.search(r"<form[^>]*disable-2fa[^>]*>", html).group(0)
+    assert _attr(_tag(html, "textarea", f"u{target.id}-reason"), "autofocus") is True
+    # With a request of theirs on the page, the focus starts at the top: a keyboard or screen-reader user
+    # meets what they asked for before the form, not Reason below it (the htmx row keeps Reason focused).
+    with app.app_context():
+        SupportRequest.create(email="carol@example.com", message="Lost my phone on the train", user=target.id)
+    html = actor.client.get(f"/support/users/{target.id}/disable-2fa").get_data(as_text=True)
+    assert html.index("Lost my phone on the train") < html.index(f'name="u{target.id}-reason"')
+    assert _attr(_tag(html, "textarea", f"u{target.id}-reason"), "autofocus") is None
+    assert "autofocus" not in html
+    html = actor.client.get(f"/support/users/{target.id}/disable-2fa", headers=HX).get_data(as_text=True)
     assert _attr(_tag(html, "textarea", f"u{target.id}-reason"), "autofocus") is True
     _unchanged(app, target)
     r = actor.post_form(f"/support/users/{target.id}/disable-2fa",
@@ -1088,13 +1098,13 @@ def test_closing_requests_leaves_those_handled_earlier_as_they_were(app, actor, 
 
 def test_a_request_that_comes_in_while_the_form_is_filled_stays_open(app, actor, secret, target):
     """security.md 42: the disable closes only the person's requests that were open when its form was shown
-    (the form carries the newest one's number). One sent meanwhile, perhaps by the real owner ("I did not ask
+    (the form carries their numbers). One sent meanwhile, perhaps by the real owner ("I did not ask
     for this"), nobody has read: it stays on the open list. The audit record names the requests it closed."""
     with app.app_context():
         seen = SupportRequest.create(email="carol@example.com", message="Lost my phone", user=target.id)
     sign_in_admin(actor, secret)
     form_page = actor.client.get(f"/support/users/{target.id}/disable-2fa").get_data(as_text=True)
-    shown = re.search(rf'name="u{target.id}-requests_shown" type="hidden" value="(\d+)"', form_page).group(1)
+    shown = re.search(rf'name="u{target.id}-requests_shown" type="hidden" value="([\d,]*)"', form_page).group(1)
     assert shown == str(seen.id)
     with app.app_context():
         late = SupportRequest.create(email="carol@example.com", message="I did NOT ask for a reset", user=target.id)
@@ -1112,9 +1122,37 @@ def test_a_request_that_comes_in_while_the_form_is_filled_stays_open(app, actor,
     flashed = " ".join(actor.client.get(r.headers["Location"]).get_data(as_text=True).split())
     assert '<p class="flash warning">1 contact request of theirs was left open: not shown when this form was' in flashed
     assert "I did NOT ask for a reset" in actor.client.get("/support").get_data(as_text=True).split("Recently")[0]
-    # A form without the number (or a forged one) closes nothing rather than everything.
-    for forged in ("", "x", "-1", "١"):
-        assert _request_number(forged) == 0
+    # A form without the numbers (or a forged list) closes nothing rather than everything.
+    for forged in ("", "x", "-1", "١", "1,,2", "1;2", "1," * 100 + "1", "9" * 19, None):
+        assert _request_numbers(forged) == []
+    assert _request_numbers("15,12,15") == [12, 15]
+
+
+def test_a_request_numbered_below_those_shown_but_not_shown_stays_open(app, actor, secret, target):
+    """security.md 42: PostgreSQL hands out a request's id when it is inserted, not when it commits, so a request
+    the form did not show can have a smaller id than one it did (its sender's transaction committed last). The
+    disable closes exactly the requests its form listed; "every id up to the newest shown" closed this one
+    unread."""
+    with app.app_context():
+        seen = SupportRequest.create(id=1000, email="carol@example.com", message="Lost my phone", user=target.id)
+    sign_in_admin(actor, secret)
+    form_page = actor.client.get(f"/support/users/{target.id}/disable-2fa").get_data(as_text=True)
+    shown = re.search(rf'name="u{target.id}-requests_shown" type="hidden" value="([\d,]*)"', form_page).group(1)
+    assert shown == "1000"
+    with app.app_context():  # committed after the form was shown, numbered before the one it showed
+        late = SupportRequest.create(id=500, email="carol@example.com", message="I did NOT ask for a reset",
+                                     user=target.id)
+    p = f"u{target.id}-"
+    r = actor.post_form(f"/support/users/{target.id}/disable-2fa",
+                        {p + "reason": "Identity checked by video call against ID card", p + "duration": "24h",
+                         p + "close_requests": "y", p + "requests_shown": shown}, form_url="/support")
+    assert r.status_code == 302
+    with app.app_context():
+        assert SupportRequest.get_by_id(seen.id).handled_at is not None
+        assert SupportRequest.get_by_id(late.id).handled_at is None
+        assert AuditEvent.get(AuditEvent.kind == "support_tfa_disabled").details["requests"] == "1000"
+
+
 
 
 def test_acting_on_yourself_is_refused(app, actor, secret):

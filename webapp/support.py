@@ -31,6 +31,7 @@ log = logging.getLogger("twostep")
 PER_PAGE = 25
 AUDIT_PER_PAGE = 50
 OPEN_REQUESTS_SHOWN = 100
+_SHOWN_MAX = OPEN_REQUESTS_SHOWN * 19  # the disable form's list of request numbers: 100 of 18 digits and commas
 HANDLED_SHOWN = 20
 
 # The only windows support may open (security.md 39: time-boxed); anything else is refused.
@@ -70,6 +71,26 @@ _FORM_ID_RE = re.compile(r"[A-Za-z0-9_-]{22}")
 REASON_MIN = 10
 
 
+class RequestNumbersField(HiddenField):
+    """A hidden list of request numbers, written back as "12,15"."""
+
+    def _value(self):
+        return ",".join(map(str, self.data)) if isinstance(self.data, list) else ""
+
+
+def _request_numbers(value):
+    """The request ids of a hidden field ("12,15"), or those given as a list; none at all for anything that
+    is not such a list, so a forged or damaged field closes nothing rather than everything."""
+    if isinstance(value, list):
+        return value
+    if not isinstance(value, str) or not value.isascii() or len(value) > _SHOWN_MAX:
+        return []
+    parts = value.split(",") if value else []
+    if len(parts) > OPEN_REQUESTS_SHOWN or not all(p.isdigit() and len(p) <= 18 for p in parts):
+        return []
+    return sorted({int(p) for p in parts})
+
+
 class DisableForm(Form):
     """Per-person form; rendered with a prefix so several rows on one page keep unique field ids."""
 
@@ -89,16 +110,11 @@ class DisableForm(Form):
         VisibleText()],
         render_kw={"maxlength": 64, "autocomplete": "off"})
     close_requests = BooleanField("Mark this person's open contact requests as handled", default=True)
-    # The newest of those requests when the form was shown: one that comes in while the admin fills the form
-    # (perhaps the real owner's "I did not ask for this") stays open, as one nobody has read.
-    requests_shown = HiddenField(filters=[lambda v: _request_number(v)])
-
-
-def _request_number(value):
-    """A request id from a hidden field (or the database), 0 for anything that is not one."""
-    if isinstance(value, int):
-        return value
-    return int(value) if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 18 else 0
+    # The numbers of those requests listed when the form was shown: one that comes in while the admin fills the
+    # form (perhaps the real owner's "I did not ask for this") stays open, as one nobody has read. The exact
+    # numbers, not the newest: PostgreSQL hands out ids before commit, so a request committed after the form
+    # was shown can have a smaller id than one on it.
+    requests_shown = RequestNumbersField(filters=[_request_numbers])
 
 
 def _plausible_date(form, field):
@@ -449,7 +465,7 @@ def _keep_draft(user_id):
     session[_DRAFT] = {"user": user_id, "reason": form.get(prefix + "reason", "")[:500],
                        "duration": form.get(prefix + "duration", "")[:8], "ticket": form.get(prefix + "ticket", "")[:64],
                        "close_requests": bool(form.get(prefix + "close_requests")),
-                       "requests_shown": form.get(prefix + "requests_shown", "")[:18]}
+                       "requests_shown": form.get(prefix + "requests_shown", "")[:_SHOWN_MAX]}
 
 
 def _take_draft(user_id):
@@ -782,9 +798,13 @@ def disable_2fa_form(user_id):
     draft = _take_draft(target.id) or {}
     person_requests = _person_requests(target.id)
     if "requests_shown" not in draft:
-        # The newest of the requests listed (this page lists at most OPEN_REQUESTS_SHOWN, oldest first)
-        draft["requests_shown"] = max((r.id for r in person_requests), default=0)
-    form = _focus(DisableForm(formdata=None, prefix=f"u{target.id}", data=draft))
+        # The requests listed (this page lists at most OPEN_REQUESTS_SHOWN, oldest first)
+        draft["requests_shown"] = ",".join(str(r.id) for r in person_requests)
+    form = DisableForm(formdata=None, prefix=f"u{target.id}", data=draft)
+    if htmx.is_htmx() or not person_requests:
+        # On its own page the person's requests come first: the focus starts at the top, so keyboard and
+        # screen-reader users meet them before the form instead of landing past them in Reason.
+        _focus(form)
     notices = {target.id: _DRAFT_KEPT} if len(draft) > 1 else None
     row = build_rows([target], forms={target.id: form}, notices=notices)[0]
     if not row.can_disable:
@@ -859,9 +879,10 @@ def _open_window(locked, actor, form, label, duration):
     closed = []
     if form.close_requests.data:
         # Only those the admin could have read (see DisableForm.requests_shown), each named in the record.
-        shown = ((SupportRequest.user == locked.id) & SupportRequest.handled_at.is_null()
-                 & (SupportRequest.id <= form.requests_shown.data))
-        closed = [r.id for r in SupportRequest.select(SupportRequest.id).where(shown).order_by(SupportRequest.id)]
+        if form.requests_shown.data:
+            shown = ((SupportRequest.user == locked.id) & SupportRequest.handled_at.is_null()
+                     & SupportRequest.id.in_(form.requests_shown.data))
+            closed = [r.id for r in SupportRequest.select(SupportRequest.id).where(shown).order_by(SupportRequest.id)]
         if closed:
             SupportRequest.update(handled_at=current, handled_by=actor.id).where(
                 SupportRequest.id.in_(closed)).execute()
