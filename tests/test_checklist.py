@@ -279,9 +279,9 @@ def _session_state(app, actor):
 def _assert_clean(app, actor, needles, where):
     cookie, data = _session_state(app, actor)
     if cookie:
-        # An opaque 32-byte random token: nothing to decode into.
-        assert re.fullmatch(r"[A-Za-z0-9_-]{43}", cookie), where
-        raw = base64.urlsafe_b64decode(cookie + "=")
+        # An opaque 32-byte random token (marked "s." once signed in: sessions.SIGNED_IN_MARK): nothing to decode.
+        assert re.fullmatch(r"(s\.)?[A-Za-z0-9_-]{43}", cookie), where
+        raw = base64.urlsafe_b64decode(cookie.removeprefix("s.") + "=")
         assert len(raw) == 32, where
     blob = json.dumps(data)
     assert set(data) <= SESSION_KEYS_ALLOWED, (where, set(data))

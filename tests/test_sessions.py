@@ -317,6 +317,45 @@ def test_visitors_who_store_nothing_get_a_cookie_but_no_row(app, actor, secret, 
 # ---------------------------------------------------------------- a page left open past the session's end
 
 
+@pytest.mark.parametrize("how", ["idle", "idle, then purged", "signed out elsewhere"])
+def test_a_page_opened_after_the_session_ended_says_why_on_the_sign_in_page(actor, app, clock, secret, how):
+    """security.md 30: a person whose session ended (left idle, or signed out in another browser) and who opens
+    a page again lands on the sign-in page with the reason, and comes back to that page after signing in.
+    Without it the sign-in page appeared with no word of why. Their cookie carries the signed-in mark
+    (sessions.SIGNED_IN_MARK), which is all that is left once the row is gone; nothing new is stored."""
+    from webapp.clock import now
+    from webapp.models import purge_expired
+
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    assert actor.session_cookie().startswith("s.")
+    if how.startswith("idle"):
+        clock.advance(31 * 60)
+        if how.endswith("purged"):
+            with app.app_context():
+                assert purge_expired(app.config, now())[0] == 1
+    else:
+        with app.app_context():
+            ServerSession.delete().execute()  # what "Sign out everywhere else" or Change password elsewhere does
+    r = actor.client.get("/settings")
+    assert r.status_code == 302 and r.headers["Location"] == "/login?notice=session-ended&next=/settings"
+    assert "Your session has ended (after 30 minutes without activity" in text(actor.client.get(r.headers["Location"]))
+    r = actor.client.get("/settings", headers=HX)
+    assert r.status_code == 401 and r.headers["HX-Redirect"] == "/login?notice=session-ended&next=/settings"
+    with app.app_context():
+        assert ServerSession.select().count() == 0
+
+
+def test_a_visitor_who_never_signed_in_gets_the_sign_in_page_without_a_reason(actor, app):
+    """Only a session that was signed in has ended: a visitor with the cookie of the sign-in page, or of a
+    sign-in that stopped at the code step, is sent to sign in with no "session ended" notice."""
+    actor.user()
+    actor.client.get("/login")  # the sign-in page's row-less cookie
+    assert actor.session_cookie() and not actor.session_cookie().startswith("s.")
+    r = actor.client.get("/settings")
+    assert r.status_code == 302 and r.headers["Location"] == "/login?next=/settings"
+
+
 def test_log_out_after_the_idle_timeout_still_logs_out(actor, app, clock):
     """A tab left open past the idle timeout: Log out takes the person to the sign-in page with the usual
     message, not to a "Form expired" error (the session ended already; there is nothing left to protect)

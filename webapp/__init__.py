@@ -257,7 +257,10 @@ def _unauthorized():
         # Signing in again is blocked too (auth.after_password): no way back to this page, just the reason.
         target = url_for("auth.login", notice="support-window-ended")
     else:
-        target = url_for("auth.login",
+        # A browser whose signed-in session has ended (idle, or signed out in another tab or browser) is told
+        # so on the sign-in page; one that was never signed in just gets the page.
+        notice = "session-ended" if getattr(session._get_current_object(), "ended_since", False) else None
+        target = url_for("auth.login", notice=notice,
                          next=safe_next(request.full_path.rstrip("?")) if request.method == "GET" else None)
     if is_htmx():
         return hx_redirect(target)

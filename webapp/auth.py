@@ -313,8 +313,9 @@ def login_notice(key):
                 "answer did not arrive. Please sign in again.")
     if key == "session-ended":
         idle = int(current_app.config["SESSION_IDLE_TIMEOUT"].total_seconds() // 60)
-        return (f"Your session has ended (after {idle} minutes without activity, or it was signed out in another "
-                "tab or browser). Please sign in again.")
+        limit = int(current_app.config["SESSION_ABSOLUTE_TIMEOUT"].total_seconds() // 3600)
+        return (f"Your session has ended (after {idle} minutes without activity, {limit} hours after signing in, "
+                "or it was signed out in another tab or browser). Please sign in again.")
     return None
 
 

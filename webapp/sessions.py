@@ -48,6 +48,11 @@ _MOVE_ENROLMENTS = Prepared(lambda: PendingEnrolment.update(session=Param("new")
 
 # The tokens this server issues (secrets.token_urlsafe(32)); any other cookie value is replaced, not used.
 TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{43}")
+# A signed-in session's token starts with this, so that a browser whose session has ended since (idle, signed
+# out elsewhere, support) can be told so: once its row is gone, the cookie is all that is left of it. Before
+# sign-in and without a row a token is random alone (sessions made before this marker existed have none).
+SIGNED_IN_MARK = "s."
+_SESSION_TOKEN_SHAPE = re.compile(r"(?:s\.)?[A-Za-z0-9_-]{43}")
 _ANONYMOUS_CSRF_LABEL = b"twostep: CSRF token of a session without a row\x00"
 
 
@@ -88,6 +93,11 @@ class DbSession(CallbackDict, SessionMixin):
         self.derived_csrf = None  # a row-less session's CSRF token (anonymous_csrf), while it has no row
         self.new_cookie = False  # a row-less session whose token this response would be the first to send
 
+    @property
+    def ended_since(self):
+        """Whether the browser holds the cookie of a signed-in session that has ended (its row is gone)."""
+        return self.row is None and not self.new_cookie and (self.token or "").startswith(SIGNED_IN_MARK)
+
     def rotate(self, keep_enrolment=False):
         """Give this session a brand-new token and row (after sign-in: security.md 26; after re-authentication).
         With keep_enrolment, a wizard's pending enrolment moves to the new row, so re-authenticating in the
@@ -114,7 +124,7 @@ class DbSessionInterface(SessionInterface):
 
     def open_session(self, app, request):
         token = request.cookies.get(self.get_cookie_name(app))
-        if not token or not TOKEN_SHAPE.fullmatch(token):
+        if not token or not _SESSION_TOKEN_SHAPE.fullmatch(token):
             return self._without_row(app)
         try:
             row = _BY_ID.first(id=token_hash(token))
@@ -203,7 +213,8 @@ class DbSessionInterface(SessionInterface):
                 if _LOCK.first(id=old.id) is None:
                     session.ended = True  # and stays so: a later save must not store it under a new token
                     return "gone"
-            session.token = secrets.token_urlsafe(32)  # never the cookie's token: the client may have chosen it
+            # never the cookie's token: the client may have chosen it
+            session.token = (SIGNED_IN_MARK if user_id else "") + secrets.token_urlsafe(32)
             session.derived_csrf = None
             values = dict(id=token_hash(session.token), user=int(user_id) if user_id else None,
                           data=json.dumps(dict(session)), created_at=current, last_seen_at=current,
