@@ -120,7 +120,10 @@ def test_too_short_and_too_long_messages_are_refused(app, actor):
 
 
 @pytest.mark.parametrize("message", ["Lost my phone \u202eenohp ym tsoL, please help",
-                                     "Lost my phone\x1b[2J please help me", "Lost my phone \u2066isolated\u2069 help"])
+                                     "Lost my phone\x1b[2J please help me", "Lost my phone \u2066isolated\u2069 help",
+                                     # marks piled on letters paint over the Support page's own hints
+                                     # (a security review: over "Sent without entering this account's password")
+                                     "\u2588" + "\u033f" * 28 + " Lost my phone, please help"])
 def test_hidden_characters_in_a_message_are_refused(app, actor, message):
     """Support reads the message: an override that shows text reversed, a terminal escape or a zero-width
     space hides what was written from the reader (a fuzzing review)."""
@@ -135,6 +138,9 @@ def test_hidden_characters_in_a_message_are_refused(app, actor, message):
     "\u200fאיבדתי את הטלפון שלי, בבקשה עזרה",  # Hebrew copied with its right-to-left mark
     "I lost my smart\u00adphone yesterday, please help",  # a soft hyphen pasted from a web page
     "Lost my phone \U0001fae8 please help \U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f",
+    "Tôi bị mất điện thoại, xin hãy giúp đỡ",  # Vietnamese, with its marks typed separately below:
+    "To\u0302\u0301i bi\u0323 ma\u0302\u0301t \u0111ie\u0323\u0302n thoa\u0323i, xin giu\u0301p",
+    "\u05d1\u05bc\u05b0\u05e8\u05b5\u05d0\u05e9\u05c1\u05b4\u05d9\u05ea I lost my phone",  # pointed Hebrew
 ])
 def test_messages_as_people_write_them_are_taken(app, actor, message):
     """The contact form is the only way in for someone locked out: text as people write it in their language,

@@ -1153,8 +1153,6 @@ def test_a_request_numbered_below_those_shown_but_not_shown_stays_open(app, acto
         assert AuditEvent.get(AuditEvent.kind == "support_tfa_disabled").details["requests"] == "1000"
 
 
-
-
 def test_acting_on_yourself_is_refused(app, actor, secret):
     """security.md 41: support cannot reset its own 2FA."""
     admin = sign_in_admin(actor, secret)

@@ -789,6 +789,11 @@ def test_adjacent_step_is_accepted_without_a_skew_hint(actor):
     ("Phone\u202egnp.exe", "letters, digits"),  # a right-to-left override: text that reads backwards
     ("next\u0085line", "letters, digits"),  # a C1 control
     ("\u200d", "with letters or digits"),  # only the joiner that emoji use
+    # letters and marks that show nothing (a security review): "Work\u034f phone" passes for "Work phone"
+    ("Work\u034f phone", "letters, digits"),  # the combining grapheme joiner
+    ("Work phone\ufe01", "letters, digits"),  # a variation selector other than the emoji ones
+    ("Work\u3164phone", "letters, digits"),  # the Hangul filler, a "letter" drawn as nothing
+    ("Z" + "\u033f" * 28, "letters, digits"),  # combining marks piled up over the lines around the name
 ])
 def test_device_name_is_validated(actor, app, name, message):
     user = signed_in(actor)

@@ -53,15 +53,54 @@ _FREE_TEXT_REFUSED = {"Cc", "Co", "Cs", "Zl", "Zp"}
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
+# Characters that show nothing although they are letters or marks, not format characters (Unicode's
+# Default_Ignorable_Code_Point outside the category Cf): the combining grapheme joiner, the Hangul fillers,
+# Khmer's inherent vowels, Mongolian's and the general variation selectors. "vi\u034fctim" reads "victim".
+# The two emoji selectors (U+FE0E, U+FE0F, as in "❤️") change how a character is drawn, not whether it
+# shows, so names keep them; an email address may hold none of these (is_invisible).
+_INVISIBLE_RANGES = ((0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F), (0x3164, 0x3164),
+                     (0xFE00, 0xFE0F), (0xFFA0, 0xFFA0), (0xE0100, 0xE01EF))
+_EMOJI_SELECTORS = "\ufe0e\ufe0f"
+# Combining marks stacked on one character: real writing stacks a few (Vietnamese two, pointed Hebrew with
+# cantillation four); dozens paint over the lines around them, on the Support page over its own hints.
+MAX_STACKED_MARKS = 6
+
+
+def is_invisible(c):
+    """Whether a character shows nothing by itself: a format character (Cf) or one of _INVISIBLE_RANGES."""
+    if unicodedata.category(c) == "Cf":
+        return True
+    code = ord(c)
+    return any(low <= code <= high for low, high in _INVISIBLE_RANGES)
+
+
 def has_hidden_characters(text):
-    """Whether a name holds a character from HIDDEN_CATEGORIES (the JOINERS excepted)."""
-    return any(unicodedata.category(c) in HIDDEN_CATEGORIES and c not in JOINERS for c in text)
+    """Whether a name holds a character from HIDDEN_CATEGORIES (the JOINERS excepted), a letter or mark that
+    shows nothing (_INVISIBLE_RANGES, the emoji selectors excepted), or a pile of combining marks."""
+    return (any((unicodedata.category(c) in HIDDEN_CATEGORIES and c not in JOINERS)
+                or (c not in _EMOJI_SELECTORS and c not in JOINERS and is_invisible(c)) for c in text)
+            or has_stacked_marks(text))
 
 
 def has_disguising_characters(text):
-    """Whether free text holds a character that hides or reorders what it says (see _FREE_TEXT_REFUSED)."""
-    return any(c in _BIDI_CONTROLS or (unicodedata.category(c) in _FREE_TEXT_REFUSED and c not in "\n\t")
-               for c in text)
+    """Whether free text holds a character that hides or reorders what it says (see _FREE_TEXT_REFUSED), or
+    more combining marks on one character than writing needs (MAX_STACKED_MARKS)."""
+    return (any(c in _BIDI_CONTROLS or (unicodedata.category(c) in _FREE_TEXT_REFUSED and c not in "\n\t")
+                for c in text)
+            or has_stacked_marks(text))
+
+
+def has_stacked_marks(text):
+    """Whether more than MAX_STACKED_MARKS combining marks follow one another anywhere in the text."""
+    run = 0
+    for c in text:
+        if unicodedata.combining(c) or unicodedata.category(c) in ("Mn", "Me"):
+            run += 1
+            if run > MAX_STACKED_MARKS:
+                return True
+        else:
+            run = 0
+    return False
 
 
 class VisibleText:

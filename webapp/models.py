@@ -19,6 +19,7 @@ from peewee import (
 
 from .clock import now
 from .db import Param, Prepared, db, for_update, is_sqlite
+from .fields import is_invisible
 
 
 class BaseModel(Model):
@@ -123,6 +124,15 @@ def lookalike_problem(email):
     Other addresses in one alphabet are fine ("иван@пример.рф", "zoë@example.com"), and so are scripts that
     look like no other (Japanese kana beside kanji)."""
     typed_local = email.rpartition("@")[0]
+    # Characters that show nothing ("vi\u034fctim" reads "victim"), and marks that NFC could not join to the
+    # Latin, Cyrillic or Greek letter before them (an "i" with a second dot above reads as a plain "i").
+    if any(is_invisible(c) for c in email):
+        return "This address holds characters that do not show. Type it in ordinary letters."
+    composed = unicodedata.normalize("NFC", email)
+    for before, c in zip(composed, composed[1:]):
+        if unicodedata.category(c) in ("Mn", "Me") and (
+                unicodedata.name(before, "?").split(" ")[0] in _CONFUSABLE_SCRIPTS or before.isascii()):
+            return "This address has accents that do not belong to a letter. Type it in ordinary letters."
     # The domain goes through IDNA (normalise_email), which makes such letters ordinary; the local part is kept.
     if unicodedata.normalize("NFKC", typed_local) != unicodedata.normalize("NFC", typed_local):
         return "Type the address in ordinary letters (not full-width or other special forms)."
