@@ -532,6 +532,8 @@ def test_code_field_is_accessible_and_autofills(actor, secret):
     assert 'autocomplete="one-time-code"' in html and 'inputmode="numeric"' in html
     assert '<label for="code">Verification code</label>' in html
     assert ">Verify<" in html and "Lost access to your authenticator app?" in html
+    # how long the step stays open, said before it runs out (someone may go and fetch the phone)
+    assert "This step stays open for 5 minutes after your password." in " ".join(html.split())
 
 
 def test_wrong_code_error_is_tied_to_the_field(actor, secret):
@@ -961,6 +963,8 @@ def test_reauth_with_2fa_needs_the_code_not_just_the_password(actor, app, secret
     user = actor.user(secret=secret)
     actor.sign_in(secret=secret)
     actor.clock.advance(11 * 60)
+    page = actor.client.get("/reauth?next=/settings/2fa").get_data(as_text=True)
+    assert '<a href="/settings">Cancel</a> and go back to User Settings.' in page  # a way out without confirming
     r = actor.post_form("/reauth?next=/settings/2fa", {"password": PASSWORD})
     assert r.status_code != 302
     r = actor.client.post("/settings/2fa/start", data={"csrf_token": actor.csrf("/settings")})

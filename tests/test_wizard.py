@@ -966,6 +966,18 @@ def test_a_setup_that_made_more_than_one_key_says_which_app_entry_to_keep(actor,
     assert STALE_ENTRIES + " and those of your other devices." in page
 
 
+def test_the_first_step_and_the_last_say_only_what_fits_the_moment(actor, app):
+    """A first setup says nothing of an old device; once it is complete, the page's messages go (a
+    usability walk: "Your account is ready... press the gear" stayed on screen next to "Active")."""
+    signed_in(actor)
+    page = text(actor.client.get("/settings"))
+    assert '<div class="flashes" id="flashes" role="status">' in page  # there, if empty, to be emptied
+    first = text(actor.client.get("/settings/2fa", headers={"HX-Request": "true"}))
+    assert "Step 1 of 4" in first and "old device" not in first
+    done = text(Wizard(actor).run("Phone"))
+    assert '<div class="flashes" id="flashes" role="status" hx-swap-oob="true"></div>' in done
+
+
 def test_a_key_started_in_another_browser_counts_too(actor, app):
     user = signed_in(actor)
     laptop = type(actor)(app, app.test_client(), actor.clock)
@@ -985,6 +997,12 @@ def test_completing_enrolment_ends_the_support_reset_window(actor, app, clock):
         User.update(tfa_reset_until=until).where(User.id == user.id).execute()
     actor.sign_in()
     assert 'id="reset-banner"' in text(actor.client.get("/settings"))
+    # The first step says the old device is gone: an app restored from a backup still shows its entry, whose
+    # codes now fail with a "does not match" that did not say why (a usability walk).
+    first = text(actor.client.get("/settings/2fa", headers={"HX-Request": "true"}))
+    first = " ".join(re.sub(r"<[^>]+>", "", first).split())
+    assert ("Your old device no longer works here. If your authenticator app still has an entry for twostep "
+            "(alice@example.com), from a backup perhaps, delete it") in first
     r = Wizard(actor).run()
     assert "temporary exception" in text(r)
     assert '<div id="reset-banner" hx-swap-oob="delete"></div>' in text(r)  # the banner goes at once

@@ -315,7 +315,8 @@ def login_notice(key):
         idle = int(current_app.config["SESSION_IDLE_TIMEOUT"].total_seconds() // 60)
         limit = int(current_app.config["SESSION_ABSOLUTE_TIMEOUT"].total_seconds() // 3600)
         return (f"Your session has ended (after {idle} minutes without activity, {limit} hours after signing in, "
-                "or it was signed out in another tab or browser). Please sign in again.")
+                "or when it was signed out elsewhere: in another tab or browser, by a password change or by "
+                "support). Please sign in again.")
     return None
 
 
@@ -443,7 +444,8 @@ def verify():
         # so before a right code is refused.
         error = code_error(CheckResult(False, "locked", locked_until=challenge.user.code_locked_until,
                                        failures=challenge.user.code_failures, strikes=challenge.user.code_strikes))
-    return render_template("auth/verify.html", form=form, error=error), status
+    return render_template("auth/verify.html", form=form, error=error,
+                           step_minutes=int(current_app.config["CHALLENGE_TTL"].total_seconds() // 60)), status
 
 
 def _locked_for_minutes(user):

@@ -30,8 +30,8 @@ bp = Blueprint("settings", __name__, url_prefix="/settings")
 
 MAX_ENROLMENT_FAILURES = 5  # wrong codes against one pending secret before it is thrown away
 DEVICE_NAME_MAX = 64
-WRONG_ENROLMENT_CODE = ("That code does not match. Check that you scanned the QR code shown here, "
-                        "then enter the code your app shows now.")
+WRONG_ENROLMENT_CODE = ("That code does not match. Check that the entry in your app is the one added from this "
+                        "page (its QR code or key), then enter the code it shows now.")
 # The form field (and, for the steps that are pages of their own, the query parameter) naming the pending key
 # a wizard page was made for: pending_handle().
 SETUP_FIELD = "setup"
@@ -343,6 +343,7 @@ def tfa():
     pending = current_pending(user)
     return htmx.render("settings/tfa.html", "settings/_wizard_dialog.html",
                        step="intro", form=StartForm(), has_2fa=user.has_2fa, in_dialog=htmx.is_htmx(),
+                       replacing_lost=user.tfa_reset_until is not None and not user.has_2fa,
                        resume=pending and ("name" if pending.verified_step is not None else "qr"),
                        setup=pending_handle(pending) if pending else None)
 
