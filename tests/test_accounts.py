@@ -12,6 +12,7 @@ from webapp.security import hash_password
 from webapp.totp import decrypt_secret, encrypt_secret, new_secret
 
 from .conftest import PASSWORD, Actor, csrf_from
+from .test_support import utc
 
 
 def run(app, *args, input=None):
@@ -241,6 +242,67 @@ def test_cli_activity_refuses_a_limit_out_of_range(app, actor, limit):
     actor.user()
     result = run(app, "users", "activity", "alice@example.com", "--limit", limit)
     assert result.exit_code == 2 and "1<=x<=10000" in result.output
+
+
+def wrong_code(actor, secret):
+    """A six-digit code that no step near the clock's time accepts."""
+    valid = {actor.code(secret, k) for k in range(-2, 3)}
+    return next(c for c in (f"{n:06d}" for n in range(1000)) if c not in valid)
+
+
+def lock_code_entry(actor, secret):
+    """Five wrong codes, each after the previous one's wait (1, 2, 4, 8 s): the fifth locks the account's code
+    entry for 15 minutes (security.backoff). Returns when the lock ends."""
+    assert actor.password_step().headers["Location"] == "/login/verify"
+    for wait in (0, 1, 2, 4, 8):
+        actor.clock.advance(wait)
+        actor.code_step(wrong_code(actor, secret))
+    return utc(actor.clock.t) + timedelta(minutes=15)
+
+
+def lock_password_entry(actor, email="alice@example.com", times=5):
+    """`times` wrong passwords in this browser, each after the previous one's wait; with five, the password
+    entry this browser meets (its own counter if it is known for the account, else the account's) locks for
+    15 minutes. Returns when the last wait ends."""
+    for wait in (0, 1, 2, 4, 8)[:times]:
+        actor.clock.advance(wait)
+        assert actor.password_step(email=email, password="wrong password").status_code == 200
+    return utc(actor.clock.t) + (timedelta(minutes=15) if times == 5 else timedelta(seconds=2 ** (times - 1)))
+
+
+def other_browser(actor):
+    return Actor(actor.app, actor.app.test_client(), actor.clock)
+
+
+def test_cli_list_shows_when_code_or_password_entry_waits(app, actor, secret, clock):
+    """`users list` said "2FA active" of an account whose code entry was locked: the operator asked why the
+    person could not sign in had nothing to go on. Now each wait that failed attempts put on the account
+    follows its 2FA status: the code entry's, the password entry's, and that of the person's own browsers
+    (wrong passwords typed in a browser known for them count there, not on the account); a short pause
+    after the first failures is called one. Once the wait is over, the line is as before."""
+    actor.user(secret=secret)
+    for email in ("bob@example.com", "carol@example.com", "dave@example.com"):
+        actor.user(email=email)
+    code_lock = lock_code_entry(actor, secret)
+    bob_lock = lock_password_entry(other_browser(actor), "bob@example.com")
+    carols = other_browser(actor)
+    assert carols.password_step(email="carol@example.com").headers["Location"] == "/settings"
+    carols.client.post("/logout", data={"csrf_token": carols.csrf("/settings")})
+    carol_lock = lock_password_entry(carols, "carol@example.com")
+    dave_pause = lock_password_entry(other_browser(actor), "dave@example.com", times=1)
+
+    result = run(app, "users", "list")
+    assert result.exit_code == 0
+    assert result.output.splitlines() == [
+        f"alice@example.com\tuser\t2FA active (1 device); code entry locked until {code_lock:%Y-%m-%d %H:%M:%S} UTC",
+        f"bob@example.com\tuser\t2FA off; password entry locked until {bob_lock:%Y-%m-%d %H:%M:%S} UTC",
+        f"carol@example.com\tuser\t2FA off; password entry in 1 known browser(s) locked until "
+        f"{carol_lock:%Y-%m-%d %H:%M:%S} UTC",
+        f"dave@example.com\tuser\t2FA off; password entry paused until {dave_pause:%Y-%m-%d %H:%M:%S} UTC"]
+    clock.advance(15 * 60)
+    assert run(app, "users", "list").output.splitlines() == [
+        "alice@example.com\tuser\t2FA active (1 device)", "bob@example.com\tuser\t2FA off",
+        "carol@example.com\tuser\t2FA off", "dave@example.com\tuser\t2FA off"]
 
 
 def test_raw_device_row_reveals_no_secret(app, actor, secret):

@@ -6,7 +6,7 @@ from flask.cli import AppGroup, with_appcontext
 
 from .clock import now
 from .db import for_update, write_transaction
-from .models import Device, User, lookalike_problem, normalise_email
+from .models import Device, KnownBrowser, User, lookalike_problem, normalise_email
 from .security import PASSWORD_MAX, PASSWORD_MIN, audit, hash_password, replace_password, revoke_second_factor
 from .sessions import end_user_sessions
 
@@ -56,11 +56,60 @@ def create_user(email, password, admin):
     click.echo(f"created {'admin ' if admin else ''}{user.email}")
 
 
+def _wait_words(until, counted, current):
+    """'locked until ... UTC' while a throttle's wait runs ('paused' during the short waits after the first
+    failures, as the sign-in pages tell them apart: security.backoff), or None when there is no wait left."""
+    from flask import current_app
+
+    if until is None or until <= current:
+        return None
+    word = "locked" if counted > current_app.config["THROTTLE_FREE_FAILURES"] else "paused"
+    return f"{word} until {until:%Y-%m-%d %H:%M:%S} UTC"
+
+
+def _counted_browsers(current, user=None):
+    """The live known browsers (those a sign-in still consults) that count wrong passwords of their own, of
+    `user` or of everyone; a browser past KNOWN_BROWSER_TTL is no longer consulted, whatever it counted."""
+    from flask import current_app
+
+    query = KnownBrowser.select().where(
+        (KnownBrowser.last_used_at > current - current_app.config["KNOWN_BROWSER_TTL"])
+        & ((KnownBrowser.password_failures > 0) | KnownBrowser.password_locked_until.is_null(False)))
+    return query.where(KnownBrowser.user == user.id) if user is not None else query
+
+
+def _browsers_wait(browsers, current):
+    """(how many of `browsers` make their password entry wait now, the longest wait in words or None)."""
+    waiting = [b for b in browsers if b.password_locked_until is not None and b.password_locked_until > current]
+    if not waiting:
+        return 0, None
+    latest = max(waiting, key=lambda b: b.password_locked_until)
+    return len(waiting), _wait_words(latest.password_locked_until, latest.password_failures, current)
+
+
+def _throttle_states(user, browsers, current):
+    """What makes this account's sign-in wait right now, in words (empty when nothing does)."""
+    states = []
+    for what, until, counted in (("code entry", user.code_locked_until, user.code_strikes),
+                                 ("password entry", user.password_locked_until, user.password_failures)):
+        words = _wait_words(until, counted, current)
+        if words:
+            states.append(f"{what} {words}")
+    waiting, words = _browsers_wait(browsers, current)
+    if waiting:
+        states.append(f"password entry in {waiting} known browser(s) {words}")
+    return states
+
+
 @users.command("list")
 def list_users():
-    """List accounts with their role and 2FA status (with support's time window, as the Support page shows it)."""
+    """List accounts with their role and 2FA status (with support's time window, as the Support page shows it),
+    and any wait that failed sign-in attempts put on their code or password entry."""
     current = now()
     listed = False
+    browsers = {}
+    for browser in _counted_browsers(current):
+        browsers.setdefault(browser.user_id, []).append(browser)
     for user in User.select().order_by(User.email):
         devices = Device.select().where(Device.user == user).count()
         role = "admin" if user.is_admin else "user"
@@ -73,6 +122,7 @@ def list_users():
             status = f"2FA temporarily off: password alone until {until:%Y-%m-%d %H:%M} UTC (support)"
         else:
             status = f"blocked: support's window ended {until:%Y-%m-%d %H:%M} UTC without a new device"
+        status = "; ".join([status, *_throttle_states(user, browsers.get(user.id, []), current)])
         click.echo(f"{user.email}\t{role}\t{status}")
         listed = True
     if not listed:  # on stderr: a script reading the list gets no line it would take for an account
