@@ -305,6 +305,95 @@ def test_cli_list_shows_when_code_or_password_entry_waits(app, actor, secret, cl
         "carol@example.com\tuser\t2FA off", "dave@example.com\tuser\t2FA off"]
 
 
+def test_cli_unlock_clears_a_code_lock_and_nothing_else(app, actor, secret, clock):
+    """security.md 42, 43: the operator lets someone whose code entry is locked sign in again without
+    `users reset-2fa`, which took their devices. `users unlock` clears the refused codes, the strikes and the
+    lock; the person's device, their session in another browser and their half-finished sign-in stay. It
+    writes one audit record saying what it cleared, shown in `users activity`; run again, it says there is
+    nothing to clear and writes none."""
+    user = actor.user(secret=secret)
+    signed_in = other_browser(actor)
+    signed_in.sign_in(secret=secret)
+    clock.advance(30)  # the next step's code: the one just used would be a replay
+    until = lock_code_entry(actor, secret)
+    clock.advance(60)
+    assert actor.password_step().headers["Location"] == "/login/verify"
+    r = actor.code_step(actor.code(secret))
+    assert r.status_code == 429 and "Too many wrong codes. Wait 14 minutes" in r.get_data(as_text=True)
+
+    result = run(app, "users", "unlock", "  Alice@Example.com ")
+    assert result.exit_code == 0, result.output
+    assert result.output == (f"cleared for alice@example.com: code entry (6 refused code(s), locked until "
+                             f"{until:%Y-%m-%d %H:%M:%S} UTC); nothing else changed\n")
+    with app.app_context():
+        row = User.get_by_id(user.id)
+        assert (row.code_failures, row.code_strikes, row.code_locked_until) == (0, 0, None)
+        assert Device.select().where(Device.user == user.id).count() == 1
+        assert ServerSession.select().where(ServerSession.user == user.id).count() == 1
+        [event] = AuditEvent.select().where(AuditEvent.kind == "throttle_cleared")
+        assert (event.user_id, event.actor_id, event.ip) == (user.id, None, None)
+        assert event.details == {"via": "cli", "code_failures": 6, "code_locked_until": until.isoformat()}
+    assert signed_in.client.get("/settings").status_code == 200
+    clock.advance(30)
+    r = actor.code_step(actor.code(secret))  # the same code step, at once: the lock is gone
+    assert r.status_code == 302 and r.headers["Location"] == "/settings"
+    activity = run(app, "users", "activity", "alice@example.com").output
+    assert ("Failed sign-in attempts cleared by the server operator  [Through: command line; Refused codes "
+            f"cleared: 6; Code entry was locked until: {until:%Y-%m-%d %H:%M} UTC]") in activity
+
+    result = run(app, "users", "unlock", "alice@example.com")
+    assert result.exit_code == 0
+    assert result.output == ("alice@example.com has no failed sign-in attempts counted; nothing to clear; "
+                             "nothing changed\n")
+    with app.app_context():
+        assert AuditEvent.select().where(AuditEvent.kind == "throttle_cleared").count() == 1
+
+
+def test_cli_unlock_clears_the_password_lock_of_the_account_and_of_the_persons_browsers(app, actor, clock):
+    """security.md 42: wrong passwords typed in a browser the person signed in from lock that browser alone;
+    elsewhere they lock the account. Either can be what keeps the owner out (their own browser, after their
+    own typos; a new one, after a stranger's guesses), so `users unlock` clears both, and keeps the browser
+    known (its row and cookie stay: deleting it would end more than the lock)."""
+    from webapp.models import KnownBrowser
+
+    user = actor.user()
+    assert actor.password_step().headers["Location"] == "/settings"
+    actor.client.post("/logout", data={"csrf_token": actor.csrf("/settings")})
+    browser_lock = lock_password_entry(actor)  # the owner's own browser: counted there
+    elsewhere = other_browser(actor)
+    account_lock = lock_password_entry(elsewhere)  # a browser not known for the account: counted on it
+    for person in (actor, elsewhere):
+        assert person.password_step().status_code == 429  # the right password, refused (and counted)
+
+    result = run(app, "users", "unlock", "alice@example.com")
+    assert result.exit_code == 0, result.output
+    assert result.output == (
+        f"cleared for alice@example.com: password entry (6 wrong password(s), locked until "
+        f"{account_lock:%Y-%m-%d %H:%M:%S} UTC); password entry in 1 known browser(s) (6 wrong password(s), "
+        f"1 of them locked until {browser_lock:%Y-%m-%d %H:%M:%S} UTC); nothing else changed\n")
+    with app.app_context():
+        row = User.get_by_id(user.id)
+        assert (row.password_failures, row.password_locked_until) == (0, None)
+        [browser] = KnownBrowser.select().where(KnownBrowser.user == user.id)
+        assert (browser.password_failures, browser.password_locked_until) == (0, None)
+        [event] = AuditEvent.select().where(AuditEvent.kind == "throttle_cleared")
+        assert event.details == {"via": "cli", "password_failures": 6,
+                                 "password_locked_until": account_lock.isoformat(), "known_browsers": 1,
+                                 "known_browser_failures": 6}
+    for person in (actor, elsewhere):
+        r = person.password_step()
+        assert r.status_code == 302 and r.headers["Location"] == "/settings"
+
+
+def test_cli_unlock_of_an_unknown_address_fails_and_writes_nothing(app, actor):
+    actor.user()
+    result = run(app, "users", "unlock", "nobody@example.com")
+    assert result.exit_code == 1
+    assert result.output == "Error: no account with email nobody@example.com\n"
+    with app.app_context():
+        assert AuditEvent.select().count() == 0
+
+
 def test_raw_device_row_reveals_no_secret(app, actor, secret):
     """security.md 4: the DB row holds neither the Base32 secret nor its bytes; a wrong key cannot read it."""
     import base64

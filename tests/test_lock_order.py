@@ -244,6 +244,31 @@ def test_a_wrong_password_in_a_known_browser_takes_the_person_before_the_browser
         assert User.get_by_id(user.id).password_failures == 0  # counted on the browser, not the account
 
 
+def test_users_unlock_takes_the_person_before_the_browsers_counter(app, actor, clock):
+    """`users unlock` clears the person's counters and those of their known browsers. A wrong password
+    typed in such a browser takes the person's row, then the browser's (auth._count_failure): unlock must
+    take them in that order too, so that while the person's row is held it waits, with the browser's row
+    untouched (security.md 20)."""
+    from webapp.models import KnownBrowser
+
+    user = actor.user()
+    actor.sign_in()
+    actor.client.post("/logout", data={"csrf_token": actor.csrf("/settings")})
+    assert actor.password_step(password="wrong password").status_code == 200  # counted on the browser
+    with app.app_context():
+        [browser] = KnownBrowser.select().where(KnownBrowser.user == user.id)
+
+    def unlock():
+        return app.test_cli_runner().invoke(args=["users", "unlock", user.email])
+
+    blocked, untouched, outcome = run_while_person_held(user.id, unlock, [("knownbrowser", browser.id)])
+
+    assert blocked and untouched == {("knownbrowser", browser.id): True}
+    assert outcome.exit_code == 0 and "password entry in 1 known browser(s) (1 wrong password(s)" in outcome.output
+    with app.app_context():
+        assert KnownBrowser.get_by_id(browser.id).password_failures == 0
+
+
 def test_revoking_an_admin_waits_for_every_admins_row_before_counting_the_others(app, actor):
     """`users promote --revoke` refuses to demote the last admin. It counted the other admins holding only
     its own target's row: two revokes of the last two admins at once each still saw the other and left

@@ -104,7 +104,7 @@ def _throttle_states(user, browsers, current):
 @users.command("list")
 def list_users():
     """List accounts with their role and 2FA status (with support's time window, as the Support page shows it),
-    and any wait that failed sign-in attempts put on their code or password entry."""
+    and any wait that failed sign-in attempts put on their code or password entry (`users unlock` clears it)."""
     current = now()
     listed = False
     browsers = {}
@@ -199,6 +199,61 @@ def set_password(email, password):
     user = _get_user(email)
     ended = replace_password(user, hash_password(password), via="cli")  # the hash first: it is slow
     click.echo(f"new password set for {user.email}; {ended} session(s) ended")
+
+
+@users.command("unlock")
+@click.argument("email")
+def unlock(email):
+    """Clear the failed sign-in attempts counted against an account, so that its owner can sign in again at
+    once: the code entry's throttle (refused codes, strikes, lock) and the password entry's, the account's own
+    and that of each of its known browsers. Nothing else changes: sessions, devices, half-finished sign-ins
+    and known browsers stay. Audited (throttle_cleared). An operator's decision, like reset-2fa: the counters
+    otherwise start over only after a correct code or password (security.md 19).
+
+    Why the known browsers too: a wrong password typed in a browser the person signed in from counts against
+    that browser, not the account (auth.password_check), so a stranger's guesses lock everyone else out but
+    not the owner's usual browser. What locks the owner out there is the wrong passwords typed in it, most
+    often their own; the account's counter is only what they meet in a browser not known for them. The
+    operator cannot tell which browser the person will use, so both go."""
+    user = _get_user(email)
+    with write_transaction():  # the person's row first, as every change to their sign-in state takes it
+        User.lock(user.id)
+        user = User.get_by_id(user.id)  # as it is now, under the lock
+        current = now()
+        browsers = list(_counted_browsers(current, user))
+        cleared, detail = [], {}
+        if user.code_failures or user.code_strikes or user.code_locked_until is not None:
+            words = _wait_words(user.code_locked_until, user.code_strikes, current)
+            cleared.append(f"code entry ({user.code_failures} refused code(s){', ' + words if words else ''})")
+            detail.update(code_failures=user.code_failures,
+                          **_lifted("code_locked_until", user.code_locked_until, current))
+        if user.password_failures or user.password_locked_until is not None:
+            words = _wait_words(user.password_locked_until, user.password_failures, current)
+            cleared.append(f"password entry ({user.password_failures} wrong password(s)"
+                           f"{', ' + words if words else ''})")
+            detail.update(password_failures=user.password_failures,
+                          **_lifted("password_locked_until", user.password_locked_until, current))
+        if browsers:
+            failures = sum(b.password_failures for b in browsers)
+            waiting, words = _browsers_wait(browsers, current)
+            cleared.append(f"password entry in {len(browsers)} known browser(s) ({failures} wrong password(s)"
+                           f"{f', {waiting} of them {words}' if waiting else ''})")
+            detail.update(known_browsers=len(browsers), known_browser_failures=failures)
+        if not cleared:
+            click.echo(f"{user.email} has no failed sign-in attempts counted; nothing to clear; nothing changed")
+            return
+        User.update(code_failures=0, code_strikes=0, code_locked_until=None, password_failures=0,
+                    password_locked_until=None).where(User.id == user.id).execute()
+        if browsers:
+            KnownBrowser.update(password_failures=0, password_locked_until=None).where(
+                KnownBrowser.id.in_([b.id for b in browsers])).execute()
+        audit("throttle_cleared", user=user, via="cli", **detail)
+    click.echo(f"cleared for {user.email}: {'; '.join(cleared)}; nothing else changed")
+
+
+def _lifted(key, until, current):
+    """{key: until} for the audit record when that wait was still running, else nothing."""
+    return {key: until.isoformat()} if until is not None and until > current else {}
 
 
 @users.command("activity")

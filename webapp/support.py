@@ -157,6 +157,7 @@ KIND_LABELS = {
     "role_changed": "Admin rights changed",
     "password_changed": "Password changed",
     "tfa_reset": "Two-factor authentication reset by the server operator",
+    "throttle_cleared": "Failed sign-in attempts cleared by the server operator",
     "tfa_enrolled": "Authenticator app set up",
     "tfa_enabled": "Two-factor authentication turned on",
     "device_added": "Another authenticator device added",
@@ -200,6 +201,12 @@ DETAIL_LABELS = {
     "devices": "Devices",
     "counted_in": "Counted against",
     "after_password": "Sender had entered the account's password (not proof of identity)",
+    "code_failures": "Refused codes cleared",
+    "code_locked_until": "Code entry was locked until",
+    "password_failures": "Wrong passwords cleared",
+    "password_locked_until": "Password entry was locked until",
+    "known_browsers": "Known browsers cleared of wrong passwords",
+    "known_browser_failures": "Wrong passwords cleared in those browsers",
 }
 DETAIL_ORDER = {key: i for i, key in enumerate(DETAIL_LABELS)}  # the most telling details first
 
