@@ -222,6 +222,21 @@ def test_cli_key_rotation_reencrypts_every_secret(app, actor, secret):
         assert decrypt_secret(Device.get().secret_enc) == secret
 
 
+def test_cli_key_rotation_is_audited(app, actor, secret):
+    """security.md 42: the rotation rewrites every stored secret, and wrote no audit record: now one, for
+    nobody in particular, through the command line, with how many secrets it re-encrypted (a device and a
+    key waiting in the wizard here)."""
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    actor.client.post("/settings/2fa/start", data={"csrf_token": actor.csrf("/settings")})  # a pending key
+    app.config["TOTP_ENCRYPTION_KEYS"] = f"{Fernet.generate_key().decode()},{app.config['TOTP_ENCRYPTION_KEYS']}"
+    result = run(app, "keys", "rotate")
+    assert result.exit_code == 0 and result.output == "re-encrypted 2 secret(s) with the newest key\n"
+    with app.app_context():
+        [event] = AuditEvent.select().where(AuditEvent.kind == "totp_keys_rotated")
+        assert (event.user_id, event.actor_id, event.details) == (None, None, {"via": "cli", "count": 2})
+
+
 def test_cli_key_rotation_without_the_old_key_says_so_and_changes_nothing(app, actor, secret):
     """A secret that none of the configured keys opens: a message naming the row and the fix, exit 1, no
     traceback, and every secret left as it was (the rotation is one transaction)."""
@@ -235,6 +250,7 @@ def test_cli_key_rotation_without_the_old_key_says_so_and_changes_nothing(app, a
     assert "Nothing was changed" in result.output and "Traceback" not in result.output
     with app.app_context():
         assert [d.secret_enc for d in Device.select().order_by(Device.id)] == before
+        assert not AuditEvent.select().where(AuditEvent.kind == "totp_keys_rotated").exists()  # nothing rotated
 
 
 @pytest.mark.parametrize("limit", ["0", "99999999999999999999"])

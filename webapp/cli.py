@@ -302,6 +302,8 @@ def rotate_keys():
                         "one) and run this again. Nothing was changed.") from None
                 model.update(secret_enc=secret).where(model.id == row.id).execute()
                 count += 1
+        # In the same transaction: recorded only when the secrets were re-encrypted, and always when they were.
+        audit("totp_keys_rotated", user=None, via="cli", count=count)
     click.echo(f"re-encrypted {count} secret(s) with the newest key")
 
 

@@ -158,6 +158,7 @@ KIND_LABELS = {
     "password_changed": "Password changed",
     "tfa_reset": "Two-factor authentication reset by the server operator",
     "throttle_cleared": "Failed sign-in attempts cleared by the server operator",
+    "totp_keys_rotated": "Stored authenticator secrets re-encrypted with the newest key by the server operator",
     "tfa_enrolled": "Authenticator app set up",
     "tfa_enabled": "Two-factor authentication turned on",
     "device_added": "Another authenticator device added",
