@@ -95,6 +95,33 @@ def test_cli_promote_says_what_it_ended_and_keeps_one_admin(app, actor):
     assert actor.client.get("/settings").status_code == 302
 
 
+def test_cli_promote_of_an_account_without_2fa_says_the_support_page_stays_closed(app, actor, secret, clock):
+    """Promoting an account without an authenticator device succeeded without a word, yet the new admin is
+    refused on the Support page until they set one up (security.md 37): a second line says so. An account
+    with 2FA gets the one line."""
+    actor.user(email="bob@example.com")
+    result = run(app, "users", "promote", "bob@example.com")
+    assert result.exit_code == 0
+    assert result.output == ("bob@example.com is now an admin; 0 session(s) ended (the new role applies from the "
+                             "next sign-in)\n"
+                             "bob@example.com has no authenticator device: the Support page stays closed to them "
+                             "until they set up two-factor authentication in User Settings\n")
+    assert actor.sign_in(email="bob@example.com").headers["Location"] == "/settings"
+    r = actor.client.get("/support")
+    assert r.status_code == 403 and "Set up two-factor authentication first" in r.get_data(as_text=True)
+    with app.app_context():
+        assert User.by_email("bob@example.com").is_admin
+
+    actor.user(email="carol@example.com", secret=secret)
+    result = run(app, "users", "promote", "carol@example.com")
+    assert result.exit_code == 0
+    assert result.output == ("carol@example.com is now an admin; 0 session(s) ended (the new role applies from the "
+                             "next sign-in)\n")
+    carol = Actor(app, app.test_client(), clock)
+    carol.sign_in(email="carol@example.com", secret=secret)
+    assert carol.client.get("/support").status_code == 200
+
+
 def test_cli_create_trims_the_address_as_the_other_commands_do(app):
     result = run(app, "users", "create", " Carol@Example.com ", "--password", "long enough pw")
     assert result.exit_code == 0 and "created carol@example.com" in result.output

@@ -172,6 +172,10 @@ def promote(email, revoke):
         audit("role_changed", user=user, admin=not revoke, via="cli")
     click.echo(f"{user.email} is now {'an ordinary user' if revoke else 'an admin'}; {ended} session(s) ended "
                "(the new role applies from the next sign-in)")
+    if not revoke and not user.has_2fa:
+        # support.support_admin_required: the Support page opens only to admins whose own 2FA is active.
+        click.echo(f"{user.email} has no authenticator device: the Support page stays closed to them until they "
+                   "set up two-factor authentication in User Settings")
 
 
 @users.command("reset-2fa")
