@@ -829,6 +829,27 @@ def test_a_persons_row_shows_who_opened_their_window_why_and_leads_to_their_audi
     assert "that time is over (it ran out, or support ended it)" in page
 
 
+def test_a_closed_window_stays_on_the_row_for_30_days(app, actor, secret, clock, target):
+    """A security review: someone who got in through a support window and set up their own phone left an
+    account that looked like any other ("Support window: None"), just when its owner's "I did not ask for
+    this" came in. The row keeps the last disable (who, when, why) for 30 days after the window closed."""
+    sign_in_admin(actor, secret)
+    disable(actor, target, reason="Called back on the number on file, matched ID", ticket="SUP-77")
+    opened = clock.t
+    carol = second_client(app, clock)
+    carol.sign_in("carol@example.com")  # the password alone, in the window
+    from .test_wizard import Wizard
+
+    Wizard(carol).run("New phone")  # a new device closes the window
+    row = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())
+    assert (f"None <br><span class=\"hint\">The last one was opened {utc(opened):%Y-%m-%d %H:%M} UTC by {ADMIN}: "
+            f"“Called back on the number on file, matched ID” (ticket SUP-77), and closed since</span>") in row
+    clock.advance(31 * 24 * 3600)
+    actor.sign_in(ADMIN, secret=secret)
+    row = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())
+    assert "Support window</dt> <dd> None </dd>" in row and "The last one" not in row
+
+
 def test_password_only_sessions_end_when_the_window_runs_out(app, actor, secret, clock, target):
     """security.md 39: a session opened with the password alone near the end of the window stops working
     when the window ends by itself, as when support ends it early; it cannot re-authenticate with the
@@ -1445,6 +1466,44 @@ def test_open_requests_say_whether_the_sender_had_entered_the_password(app, acto
     actor.post_form(f"/support/requests/{carols.id}/handled", {}, form_url="/support")
     handled = actor.client.get("/support").get_data(as_text=True).split("Recently handled (1)")[1]
     assert "Sent after entering this account's password (not proof of identity" in handled
+
+
+def test_a_request_says_whether_its_sender_was_signed_in_and_when_the_phone_last_gave_a_code(
+        app, actor, secret, clock, target, target_secret):
+    """A security review: "I lost my phone" sent by someone who has the password, after the owner's phone had
+    just signed in, looked like any other request. It now says whether the sender was signed in (not only
+    past the password) and when a code from the account's devices was last accepted, in bold when that was
+    after the request: the phone is not lost, or not lost by the person who wrote."""
+    dave = actor.user("dave@example.com")
+    carol = second_client(app, clock)
+    assert carol.password_step("carol@example.com").headers["Location"] == "/login/verify"
+    carol.post_form("/support/contact", {"email": "carol@example.com", "message": "Lost my phone in a lake."})
+    signed_in = second_client(app, clock)
+    signed_in.client.environ_base["REMOTE_ADDR"] = "203.0.113.9"
+    signed_in.sign_in("dave@example.com")  # no 2FA: the password alone signs in
+    signed_in.post_form("/support/contact", {"email": "dave@example.com", "message": "How do I set up 2FA?"})
+    clock.advance(120)
+    owner = second_client(app, clock)  # the owner's phone gives a right code after the request
+    owner.client.environ_base["REMOTE_ADDR"] = "198.51.100.4"
+    owner.sign_in("carol@example.com", secret=target_secret)
+    sign_in_admin(actor, secret)
+    page = " ".join(actor.client.get("/support").get_data(as_text=True).split())
+    items = {email: page.split(f"<strong>{email}</strong>", 1)[1].split("</li>", 1)[0]
+             for email in ("carol@example.com", "dave@example.com")}
+    assert "Sent after entering this account's password" in items["carol@example.com"]
+    assert (f"<strong>A code from this account's device was accepted after this request was sent</strong>, "
+            f"{utc(clock.t):%Y-%m-%d %H:%M} UTC: ask about it before turning 2FA off.") in items["carol@example.com"]
+    assert "Sent while signed in to this account (not proof of identity" in items["dave@example.com"]
+    assert "code" not in items["dave@example.com"].split("</p>")[0]  # no device: nothing about codes
+    with app.app_context():
+        assert [e.details.get("signed_in") for e in AuditEvent.select().where(
+            AuditEvent.kind == "support_request").order_by(AuditEvent.id)] == [None, True]
+    # A request sent after the phone's last code says when that was, without the warning.
+    carol.post_form("/support/contact", {"email": "carol@example.com", "message": "Still no phone, please."})
+    page = " ".join(actor.client.get("/support").get_data(as_text=True).split())
+    last = page.split("Still no phone, please.")[0].rsplit("<strong>carol@example.com</strong>", 1)[1]
+    assert f"Last code accepted from this account's devices: {utc(clock.t):%Y-%m-%d %H:%M} UTC." in last
+    assert dave.id
 
 
 def test_an_owner_whose_address_is_stored_in_an_older_spelling_is_still_recognised(app, actor, secret, clock, target):

@@ -370,6 +370,7 @@ def contact():
             # By account, not by spelling: an address stored before it was normalised is the same mailbox.
             named = User.by_email(email) if owner is not None else None
             after_password = named is not None and named.id == owner.id
+            signed_in = after_password and current_user.is_authenticated
             per_address = limit * (2 if after_password else 1)
             with write_transaction():
                 # Count and insert in one write transaction, holding the address and network, so parallel
@@ -392,7 +393,8 @@ def contact():
                                                 created_at=now(), form_hash=form_hash)
                     # Whether the sender had entered the password: a record of what happened, not a sign of who
                     # sent it (someone who stole the password has it too).
-                    audit("support_request", user=user, request=req.id, after_password=after_password)
+                    audit("support_request", user=user, request=req.id, after_password=after_password,
+                          **({"signed_in": True} if signed_in else {}))
             if not throttled:
                 return redirect(url_for("support.contact_sent"))
             error = ("Several requests for this email address, or from your network, came in within the last "
@@ -502,11 +504,16 @@ class UserRow:
         self.user = user
         self.devices = devices
         self.open_requests = open_requests
-        self.opened_by = opened_by  # the latest support disable of this person (for its window): who, when, why
+        # The latest support disable of this person: who, when, why. Shown with their window, and for
+        # LAST_DISABLE_SHOWN after it closed: someone who got in through a window and set up their own phone
+        # leaves an account that looks like any other, and its owner's complaint comes later.
+        self.opened_by = opened_by
         self.form = form
         self.notice = notice
         self.error = error
         self.window = None if devices else user.support_window(current)
+        if opened_by and not self.window and opened_by["created_at"] < (current or now()) - LAST_DISABLE_SHOWN:
+            self.opened_by = None
         self.is_self = user.id == (current_user.id if actor_id is None else actor_id)
         self.protected = self.is_self or user.is_admin
         # A disable only makes sense where there is 2FA to disable or a lapsed window to open again: while a
@@ -516,6 +523,8 @@ class UserRow:
         self.can_end = not self.protected and self.window == "open"
         self.show_form = self.can_disable and form is not None
 
+
+LAST_DISABLE_SHOWN = timedelta(days=30)
 
 USER_COLUMNS = (User.id, User.email, User.is_admin, User.created_at, User.last_login_at, User.tfa_reset_until)
 
@@ -559,7 +568,7 @@ def build_rows(users, forms=None, notices=None, errors=None):
         for d in _by_ids(Device, _devices_query, ids):
             devices[d.user_id].append(d)
         counts = dict(_by_ids(SupportRequest, _open_counts_query, ids).tuples())
-    opened = _windows_opened_by([u.id for u in users if u.tfa_reset_until is not None])
+    opened = _windows_opened_by(ids)
     forms, notices, errors = forms or {}, notices or {}, errors or {}
     current, actor_id = now(), current_user.id  # once per page, not once per row
     return [UserRow(u, devices[u.id], counts.get(u.id, 0), forms.get(u.id), notices.get(u.id), errors.get(u.id),
@@ -567,7 +576,7 @@ def build_rows(users, forms=None, notices=None, errors=None):
 
 
 def _windows_opened_by(ids):
-    """For people with a support window: who opened it, when, with what reason and ticket (their latest
+    """Who opened each person's latest support window, when, with what reason and ticket (their latest
     support disable), in one query for the page. Another admin, or the same one later, sees whose decision
     it was without searching the audit log."""
     if not ids:
@@ -662,18 +671,31 @@ def _oldest_open(*conditions):
 
 
 def _mark_password_entered(requests):
-    """Set `after_password` on each request: whether its sender had entered the account's password (signed
-    in, at the code step, or refused after support's window), as its audit record says. Not proof of who
-    sent it, but the one difference between the owner and a stranger typing their address that support can
-    see. One query for the whole list."""
+    """Set on each request what support can tell of its sender and of the account's phone:
+    - `after_password`: whether the sender had entered the account's password (signed in, at the code step,
+      or refused after support's window), and `signed_in`, whether they were signed in, as its audit record
+      says. Not proof of who sent it, but the one difference between the owner and a stranger typing their
+      address that support can see.
+    - `last_code_at`: when a code from the account's devices was last accepted. "I lost my phone" followed by
+      a right code from it, or sent minutes after one, is worth a question before 2FA is turned off.
+    Two queries for the whole list."""
     ids = {r.user_id for r in requests if r.user_id}
-    entered = set()
+    entered, signed_in, last_code = set(), set(), {}
     if ids:
         events = AuditEvent.select(AuditEvent.detail).where(
             (AuditEvent.kind == "support_request") & AuditEvent.user.in_(sorted(ids)))
-        entered = {e.details.get("request") for e in events if e.details.get("after_password")}
+        for e in events:
+            details = e.details
+            if details.get("after_password"):
+                entered.add(details.get("request"))
+            if details.get("signed_in"):
+                signed_in.add(details.get("request"))
+        last_code = dict(Device.select(Device.user, fn.MAX(Device.last_used_at)).where(
+            Device.user.in_(sorted(ids))).group_by(Device.user).tuples())
     for r in requests:
         r.after_password = r.id in entered
+        r.signed_in = r.id in signed_in
+        r.last_code_at = last_code.get(r.user_id)
 
 
 def _index_context(q, page, rows=None, has_next=False):
