@@ -123,7 +123,9 @@ def test_too_short_and_too_long_messages_are_refused(app, actor):
                                      "Lost my phone\x1b[2J please help me", "Lost my phone \u2066isolated\u2069 help",
                                      # marks piled on letters paint over the Support page's own hints
                                      # (a security review: over "Sent without entering this account's password")
-                                     "\u2588" + "\u033f" * 28 + " Lost my phone, please help"])
+                                     "\u2588" + "\u033f" * 28 + " Lost my phone, please help",
+                                     # the same pile with zero-width spaces between the marks
+                                     "\u2588" + "\u033f\u200b" * 28 + " Lost my phone, please help"])
 def test_hidden_characters_in_a_message_are_refused(app, actor, message):
     """Support reads the message: an override that shows text reversed, a terminal escape or a zero-width
     space hides what was written from the reader (a fuzzing review)."""

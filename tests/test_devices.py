@@ -121,10 +121,14 @@ def test_rename_is_validated(actor, app, alice, name, message):
     assert r.status_code == 200 and message in text(r)  # htmx swaps only 2xx
 
 
-@pytest.mark.parametrize("name", ["گوشی\u200cمن", "👩\u200d💻 laptop", "Phone \U0001fae8"])
+@pytest.mark.parametrize("name", ["گوشی\u200cمن", "👩\u200d💻 laptop", "Phone \U0001fae8", "Anna's ❤️ phone",
+                                  "1\ufe0f\u20e3 phone", "🏳️\u200d🌈 phone", "❤️\u200d🔥", "葛\U000e0100飾の電話",
+                                  "ᠮᠣᠩᠭᠣᠯ\u180b утас"])
 def test_names_written_with_joiners_or_newer_emoji_are_allowed(actor, app, alice, name):
-    """Persian spells with the zero-width non-joiner, emoji are built with the joiner, and an emoji newer than
-    the server's Unicode tables is no hidden character: such names are taken as typed."""
+    """Persian spells with the zero-width non-joiner, emoji are built with the joiner and the variation
+    selectors, Mongolian letters and Japanese kanji variants take selectors too, and an emoji newer than the
+    server's Unicode tables is no hidden character: such names are taken as typed (the review of the check
+    for characters that show nothing)."""
     [device] = device_rows(app, alice)
     r = post(actor, f"/settings/devices/{device.id}/rename", {f"rename-{device.id}-name": name})
     assert r.status_code == 302

@@ -346,12 +346,18 @@ def test_a_page_opened_after_the_session_ended_says_why_on_the_sign_in_page(acto
         assert ServerSession.select().count() == 0
 
 
-def test_a_visitor_who_never_signed_in_gets_the_sign_in_page_without_a_reason(actor, app):
+def test_a_visitor_who_never_signed_in_gets_the_sign_in_page_without_a_reason(actor, app, secret):
     """Only a session that was signed in has ended: a visitor with the cookie of the sign-in page, or of a
     sign-in that stopped at the code step, is sent to sign in with no "session ended" notice."""
-    actor.user()
+    actor.user(secret=secret)
     actor.client.get("/login")  # the sign-in page's row-less cookie
     assert actor.session_cookie() and not actor.session_cookie().startswith("s.")
+    r = actor.client.get("/settings")
+    assert r.status_code == 302 and r.headers["Location"] == "/login?next=/settings"
+    actor.password_step()  # at the code step: a row, but nobody signed in yet
+    assert not actor.session_cookie().startswith("s.")
+    with app.app_context():
+        ServerSession.delete().execute()  # the step ran out and was purged
     r = actor.client.get("/settings")
     assert r.status_code == 302 and r.headers["Location"] == "/login?next=/settings"
 

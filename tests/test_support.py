@@ -829,10 +829,11 @@ def test_a_persons_row_shows_who_opened_their_window_why_and_leads_to_their_audi
     assert "that time is over (it ran out, or support ended it)" in page
 
 
-def test_a_closed_window_stays_on_the_row_for_30_days(app, actor, secret, clock, target):
+def test_a_closed_window_stays_on_the_row_for_30_days_after_the_disable(app, actor, secret, clock, target):
     """A security review: someone who got in through a support window and set up their own phone left an
     account that looked like any other ("Support window: None"), just when its owner's "I did not ask for
-    this" came in. The row keeps the last disable (who, when, why) for 30 days after the window closed."""
+    this" came in. The row keeps the last disable (who, when, why) for 30 days after it, also once the window
+    has closed."""
     sign_in_admin(actor, secret)
     disable(actor, target, reason="Called back on the number on file, matched ID", ticket="SUP-77")
     opened = clock.t
@@ -1494,7 +1495,8 @@ def test_a_request_says_whether_its_sender_was_signed_in_and_when_the_phone_last
     assert (f"<strong>A code from this account's device was accepted after this request was sent</strong>, "
             f"{utc(clock.t):%Y-%m-%d %H:%M} UTC: ask about it before turning 2FA off.") in items["carol@example.com"]
     assert "Sent while signed in to this account (not proof of identity" in items["dave@example.com"]
-    assert "code" not in items["dave@example.com"].split("</p>")[0]  # no device: nothing about codes
+    dave_hint = items["dave@example.com"].split('<p class="hint">', 1)[1].split("</p>", 1)[0]
+    assert "Sent while signed in" in dave_hint and "code" not in dave_hint  # no device: nothing about codes
     with app.app_context():
         assert [e.details.get("signed_in") for e in AuditEvent.select().where(
             AuditEvent.kind == "support_request").order_by(AuditEvent.id)] == [None, True]
@@ -1503,7 +1505,31 @@ def test_a_request_says_whether_its_sender_was_signed_in_and_when_the_phone_last
     page = " ".join(actor.client.get("/support").get_data(as_text=True).split())
     last = page.split("Still no phone, please.")[0].rsplit("<strong>carol@example.com</strong>", 1)[1]
     assert f"Last code accepted from this account's devices: {utc(clock.t):%Y-%m-%d %H:%M} UTC." in last
-    assert dave.id
+    assert dave.id is not None
+
+
+def test_a_new_phone_set_up_after_a_request_raises_no_question_about_it(app, actor, secret, clock, target):
+    """The review of the hint above: a phone set up after the request (in support's window) and signing in
+    since is the person's new one, not the lost one still at work. Only devices that existed when the request
+    was sent count; handled requests say nothing of codes at all."""
+    carol = second_client(app, clock)
+    carol.password_step("carol@example.com")
+    carol.post_form("/support/contact", {"email": "carol@example.com", "message": "Lost my phone in a lake."})
+    sign_in_admin(actor, secret)
+    assert disable(actor, target, close_requests=False).status_code == 302
+    clock.advance(60)
+    carol = second_client(app, clock)
+    carol.sign_in("carol@example.com")  # the password alone, in the window
+    from .test_wizard import Wizard
+
+    new_phone = Wizard(carol)
+    new_phone.run("New phone")
+    clock.advance(60)
+    second_client(app, clock).sign_in("carol@example.com", secret=new_phone.secret)
+    page = " ".join(actor.client.get("/support").get_data(as_text=True).split())
+    request = page.split("<strong>carol@example.com</strong>", 1)[1].split("</li>", 1)[0]
+    assert "Lost my phone in a lake." in request and "accepted after this request" not in request
+    assert "Last code accepted" not in request
 
 
 def test_an_owner_whose_address_is_stored_in_an_older_spelling_is_still_recognised(app, actor, secret, clock, target):

@@ -788,10 +788,13 @@ def test_adjacent_step_is_accepted_without_a_skew_hint(actor):
     ("\u200b\u200b", "letters, digits"),  # zero-width spaces only: a name nobody can see
     ("Phone\u202egnp.exe", "letters, digits"),  # a right-to-left override: text that reads backwards
     ("next\u0085line", "letters, digits"),  # a C1 control
-    ("\u200d", "with letters or digits"),  # only the joiner that emoji use
+    ("\u200d", "letters, digits"),  # only the joiner that emoji use, joining nothing
     # letters and marks that show nothing (a security review): "Work\u034f phone" passes for "Work phone"
     ("Work\u034f phone", "letters, digits"),  # the combining grapheme joiner
-    ("Work phone\ufe01", "letters, digits"),  # a variation selector other than the emoji ones
+    ("Work phone\ufe01", "letters, digits"),  # a variation selector after a Latin letter
+    ("Work phone\ufe0f", "letters, digits"),  # even the emoji one: after "e" it only hides
+    ("Work\u200dphone", "letters, digits"),  # a joiner inside a Latin word joins nothing
+    ("Work\u2065phone", "letters, digits"),  # unassigned, kept for invisible characters: drawn as nothing
     ("Work\u3164phone", "letters, digits"),  # the Hangul filler, a "letter" drawn as nothing
     ("Z" + "\u033f" * 28, "letters, digits"),  # combining marks piled up over the lines around the name
 ])
@@ -976,6 +979,13 @@ def test_the_first_step_and_the_last_say_only_what_fits_the_moment(actor, app):
     assert "Step 1 of 4" in first and "old device" not in first
     done = text(Wizard(actor).run("Phone"))
     assert '<div class="flashes" id="flashes" role="status" hx-swap-oob="true"></div>' in done
+    # After the operator's reset-2fa (no support window), the old entry is just as dead: the step says so.
+    with app.app_context():
+        from webapp.models import Device
+
+        Device.delete().execute()
+    first = text(actor.client.get("/settings/2fa", headers={"HX-Request": "true"}))
+    assert "Your old device no longer works here." in first
 
 
 def test_a_key_started_in_another_browser_counts_too(actor, app):

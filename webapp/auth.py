@@ -13,8 +13,8 @@ from .clock import now, timestamp
 from .db import Param, Prepared, db, for_update, write_transaction
 from .fields import Form
 from .models import KnownBrowser, SignInChallenge, User, lookalike_problem, normalise_email
-from .security import (PASSWORD_MAX, PASSWORD_MIN, audit, backoff, hash_password, is_fresh, known_browser,
-                       remember_browser, safe_next, verify_password, wait_text)
+from .security import (PASSWORD_MAX, PASSWORD_MIN, audit, backoff, hash_password, is_fresh, is_lock,
+                       known_browser, remember_browser, safe_next, verify_password, wait_text)
 from .sessions import end_session_now, token_hash, write_session_now
 from .totp import CheckResult, check_user_code, code_matches, normalise_code
 
@@ -280,7 +280,7 @@ def _counted_in(holder):
 def code_error(result):
     """The message for a failed code; wrong and replayed codes read the same (security.md 17)."""
     if result.reason == "locked":
-        if result.strikes <= current_app.config["THROTTLE_FREE_FAILURES"]:
+        if not is_lock(result.strikes):
             # Within the short pauses after the first wrong codes (1, 2, 4, 8 s; security.backoff): one
             # mistyped code is not "too many".
             return f"Wait {wait_text(result.locked_until)} before entering another code."
@@ -315,8 +315,8 @@ def login_notice(key):
         idle = int(current_app.config["SESSION_IDLE_TIMEOUT"].total_seconds() // 60)
         limit = int(current_app.config["SESSION_ABSOLUTE_TIMEOUT"].total_seconds() // 3600)
         return (f"Your session has ended (after {idle} minutes without activity, {limit} hours after signing in, "
-                "or when it was signed out elsewhere: in another tab or browser, by a password change or by "
-                "support). Please sign in again.")
+                "or when it was signed out from elsewhere: another browser, a password change, support or the "
+                "server's operator). Please sign in again.")
     return None
 
 
@@ -451,14 +451,14 @@ def verify():
 def _locked_for_minutes(user):
     """Whether the account's code lock (not one of the short pauses after the first wrong codes) is on."""
     return (user.code_locked_until is not None and user.code_locked_until > now()
-            and user.code_strikes > current_app.config["THROTTLE_FREE_FAILURES"])
+            and is_lock(user.code_strikes))
 
 
 def _too_many_codes(result):
     """The message for a code step ended by too many wrong codes: with the wait, when the account's lock is
     on (sign in again at once, and even the right code would be refused until it ends)."""
     if result.locked_until is not None and result.locked_until > now() \
-            and result.strikes > current_app.config["THROTTLE_FREE_FAILURES"]:
+            and is_lock(result.strikes):
         return (f"Too many wrong codes. For your security, wait {wait_text(result.locked_until)}, then sign in "
                 "again.")
     return "Too many wrong codes. For your security, please sign in again."

@@ -59,11 +59,11 @@ def create_user(email, password, admin):
 def _wait_words(until, counted, current):
     """'locked until ... UTC' while a throttle's wait runs ('paused' during the short waits after the first
     failures, as the sign-in pages tell them apart: security.backoff), or None when there is no wait left."""
-    from flask import current_app
+    from .security import is_lock
 
     if until is None or until <= current:
         return None
-    word = "locked" if counted > current_app.config["THROTTLE_FREE_FAILURES"] else "paused"
+    word = "locked" if is_lock(counted) else "paused"
     return f"{word} until {until:%Y-%m-%d %H:%M:%S} UTC"
 
 

@@ -40,8 +40,8 @@ class Form(FlaskForm):
 
 # Characters that names (device names, a ticket reference) may not hold: controls, invisible format
 # characters (zero-width spaces, the bidirectional overrides that make text read backwards), private-use and
-# surrogate code points, line and paragraph separators. The zero-width joiner and non-joiner stay: emoji
-# such as "👩‍💻" and ordinary Persian spelling are built with them.
+# surrogate code points, line and paragraph separators. The zero-width joiner and non-joiner stay where they
+# join something (_joins_visibly): emoji such as "👩‍💻" and ordinary Persian spelling are built with them.
 HIDDEN_CATEGORIES = {"Cc", "Cf", "Co", "Cs", "Zl", "Zp"}
 JOINERS = "\u200c\u200d"
 # Free text (support's reason, a contact message) is more lenient: format characters that real text carries
@@ -53,14 +53,21 @@ _FREE_TEXT_REFUSED = {"Cc", "Co", "Cs", "Zl", "Zp"}
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
-# Characters that show nothing although they are letters or marks, not format characters (Unicode's
-# Default_Ignorable_Code_Point outside the category Cf): the combining grapheme joiner, the Hangul fillers,
-# Khmer's inherent vowels, Mongolian's and the general variation selectors. "vi\u034fctim" reads "victim".
-# The two emoji selectors (U+FE0E, U+FE0F, as in "❤️") change how a character is drawn, not whether it
-# shows, so names keep them; an email address may hold none of these (is_invisible).
-_INVISIBLE_RANGES = ((0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F), (0x3164, 0x3164),
-                     (0xFE00, 0xFE0F), (0xFFA0, 0xFFA0), (0xE0100, 0xE01EF))
-_EMOJI_SELECTORS = "\ufe0e\ufe0f"
+# Characters that show nothing although they are not format characters (Unicode's Default_Ignorable_Code_Point
+# outside the category Cf): the combining grapheme joiner, the Hangul fillers, Khmer's inherent vowels, the
+# Mongolian and general variation selectors, and code points kept unassigned for more of the same (U+2065,
+# U+FFF0-FFF8, the rest of U+E0000-E0FFF), which browsers draw as nothing. "vi\u034fctim" reads "victim".
+_INVISIBLE_RANGES = ((0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F), (0x2065, 0x2065),
+                     (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0xE0000, 0xE0FFF))
+# The invisible characters that real names need, next to the right neighbours (see _joins_visibly): the
+# joiners (emoji "👩‍💻", Persian spelling) and the variation selectors (emoji "❤️", Mongolian letters, the
+# variant forms of Japanese kanji).
+_SELECTORS = frozenset(chr(c) for c in [*range(0xFE00, 0xFE10), *range(0x180B, 0x180E), 0x180F,
+                                        *range(0xE0100, 0xE01F0)])
+# Alphabets whose letters pass for each other's (a Unicode character's name begins with its script's name):
+# an invisible character between two of their letters hides in a word (lookalike_problem uses it too).
+CONFUSABLE_SCRIPTS = {"LATIN", "CYRILLIC", "GREEK", "ARMENIAN", "CHEROKEE", "COPTIC"}
+_KEYCAP = "\u20e3"  # "1️⃣" is the digit, U+FE0F and this
 # Combining marks stacked on one character: real writing stacks a few (Vietnamese two, pointed Hebrew with
 # cantillation four); dozens paint over the lines around them, on the Support page over its own hints.
 MAX_STACKED_MARKS = 6
@@ -74,11 +81,36 @@ def is_invisible(c):
     return any(low <= code <= high for low, high in _INVISIBLE_RANGES)
 
 
+def is_mark(c):
+    """Whether a character is a combining mark, drawn on the character before it."""
+    return unicodedata.category(c) in ("Mn", "Me")
+
+
+def is_plain_letter(c):
+    """Whether a character is ASCII or a letter of one of the CONFUSABLE_SCRIPTS."""
+    return c.isascii() or unicodedata.name(c, "?").split(" ")[0] in CONFUSABLE_SCRIPTS
+
+
+def _joins_visibly(text, i):
+    """Whether the joiner or selector at text[i] does what real text needs it for: it follows a character that
+    is neither ASCII nor a letter of the look-alike alphabets (an emoji, an Arabic, Mongolian or CJK
+    character), or it is the U+FE0F of a keycap. After "Work" it would only hide in the word."""
+    c = text[i]
+    if c not in JOINERS and c not in _SELECTORS:
+        return False
+    if c == "\ufe0f" and text[i + 1:i + 2] == _KEYCAP:
+        return True
+    base = i - 1
+    while base >= 0 and text[base] in _SELECTORS:  # "🏳️‍🌈": the joiner follows the flag's selector
+        base -= 1
+    return base >= 0 and not is_invisible(text[base]) and not is_plain_letter(text[base])
+
+
 def has_hidden_characters(text):
-    """Whether a name holds a character from HIDDEN_CATEGORIES (the JOINERS excepted), a letter or mark that
-    shows nothing (_INVISIBLE_RANGES, the emoji selectors excepted), or a pile of combining marks."""
-    return (any((unicodedata.category(c) in HIDDEN_CATEGORIES and c not in JOINERS)
-                or (c not in _EMOJI_SELECTORS and c not in JOINERS and is_invisible(c)) for c in text)
+    """Whether a name holds a character from HIDDEN_CATEGORIES or one that shows nothing (is_invisible), other
+    than a joiner or selector where real text needs one (_joins_visibly), or a pile of combining marks."""
+    return (any((unicodedata.category(c) in HIDDEN_CATEGORIES or is_invisible(c)) and not _joins_visibly(text, i)
+                for i, c in enumerate(text))
             or has_stacked_marks(text))
 
 
@@ -91,14 +123,16 @@ def has_disguising_characters(text):
 
 
 def has_stacked_marks(text):
-    """Whether more than MAX_STACKED_MARKS combining marks follow one another anywhere in the text."""
+    """Whether more than MAX_STACKED_MARKS combining marks are drawn on one character anywhere in the text.
+    Characters that show nothing in between (a zero-width space, a soft hyphen) do not end a pile: the marks
+    after them are drawn on the same character."""
     run = 0
     for c in text:
-        if unicodedata.combining(c) or unicodedata.category(c) in ("Mn", "Me"):
+        if is_mark(c):
             run += 1
             if run > MAX_STACKED_MARKS:
                 return True
-        else:
+        elif not is_invisible(c):
             run = 0
     return False
 

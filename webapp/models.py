@@ -19,7 +19,7 @@ from peewee import (
 
 from .clock import now
 from .db import Param, Prepared, db, for_update, is_sqlite
-from .fields import is_invisible
+from .fields import CONFUSABLE_SCRIPTS, is_invisible, is_mark, is_plain_letter
 
 
 class BaseModel(Model):
@@ -106,8 +106,6 @@ def normalise_email(email):
     return _folded(valid.normalized if valid is not None else text)
 
 
-# Alphabets whose letters pass for each other's (Unicode character names begin with the script's name).
-_CONFUSABLE_SCRIPTS = {"LATIN", "CYRILLIC", "GREEK", "ARMENIAN", "CHEROKEE", "COPTIC"}
 # Lower-case Cyrillic and Greek letters that read as Latin ones: a part written wholly in them ("аӏісе")
 # passes for a Latin word.
 _LATIN_LOOKALIKES = frozenset("аеіјокрсухѕӏһԁԛԝүαικνορυχ")
@@ -130,8 +128,7 @@ def lookalike_problem(email):
         return "This address holds characters that do not show. Type it in ordinary letters."
     composed = unicodedata.normalize("NFC", email)
     for before, c in zip(composed, composed[1:]):
-        if unicodedata.category(c) in ("Mn", "Me") and (
-                unicodedata.name(before, "?").split(" ")[0] in _CONFUSABLE_SCRIPTS or before.isascii()):
+        if is_mark(c) and is_plain_letter(before):
             return "This address has accents that do not belong to a letter. Type it in ordinary letters."
     # The domain goes through IDNA (normalise_email), which makes such letters ordinary; the local part is kept.
     if unicodedata.normalize("NFKC", typed_local) != unicodedata.normalize("NFC", typed_local):
@@ -141,7 +138,7 @@ def lookalike_problem(email):
     # Each word on its own ("ivan.иванов" is two words in two alphabets, as people write their names).
     for part in [*re.split(r"[.+_-]", local), *domain.split(".")]:
         letters = [c for c in part.lower() if c.isalpha()]
-        if len({unicodedata.name(c, "?").split(" ")[0] for c in letters} & _CONFUSABLE_SCRIPTS) > 1:
+        if len({unicodedata.name(c, "?").split(" ")[0] for c in letters} & CONFUSABLE_SCRIPTS) > 1:
             return "This address mixes letters of different alphabets (such as Latin and Cyrillic). Use another."
         if letters and not part.isascii() and all(c in _LATIN_LOOKALIKES for c in letters):
             return "This address is written in letters that look like Latin ones but are not. Use another."

@@ -77,6 +77,12 @@ def backoff(failures):
     return min(lock, cfg["THROTTLE_MAX_LOCK"])
 
 
+def is_lock(counted):
+    """Whether the wait that `counted` failures set is the lock (15 minutes or more), not one of the short
+    pauses after the first failures (backoff): the pages and `users list` say "locked" only then."""
+    return counted > current_app.config["THROTTLE_FREE_FAILURES"]
+
+
 def wait_text(until):
     """Human wording for the time left until `until`."""
     seconds = max(1, int((until - now()).total_seconds() + 0.999))

@@ -343,7 +343,7 @@ def tfa():
     pending = current_pending(user)
     return htmx.render("settings/tfa.html", "settings/_wizard_dialog.html",
                        step="intro", form=StartForm(), has_2fa=user.has_2fa, in_dialog=htmx.is_htmx(),
-                       replacing_lost=user.tfa_reset_until is not None and not user.has_2fa,
+                       replacing_lost=not user.has_2fa and _had_a_device(user),
                        resume=pending and ("name" if pending.verified_step is not None else "qr"),
                        setup=pending_handle(pending) if pending else None)
 
@@ -542,6 +542,13 @@ def _just_activated(user):
     if device is None or now() - device.created_at > current_app.config["PENDING_ENROLMENT_TTL"]:
         return None
     return device
+
+
+def _had_a_device(user):
+    """Whether `user`, who has no device now, had one before (support's disable, the operator's reset-2fa, or
+    turning 2FA off): an entry for it may still be in their authenticator app, and its codes now fail."""
+    return (user.tfa_reset_until is not None or AuditEvent.select().where(
+        (AuditEvent.user == user.id) & AuditEvent.kind.in_(["device_added", "tfa_enabled"])).exists())
 
 
 def _keys_started_since_last_device(user):

@@ -11,7 +11,7 @@ from datetime import date, datetime, timedelta
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, session, url_for
 from flask_login import current_user
-from peewee import JOIN, fn
+from peewee import JOIN, SQL, fn
 from wtforms import BooleanField, DateField, EmailField, HiddenField, SelectField, StringField, TextAreaField
 from wtforms.fields import SelectChoice
 from wtforms.validators import AnyOf, DataRequired, Email, Length, Optional, ValidationError
@@ -504,9 +504,9 @@ class UserRow:
         self.user = user
         self.devices = devices
         self.open_requests = open_requests
-        # The latest support disable of this person: who, when, why. Shown with their window, and for
-        # LAST_DISABLE_SHOWN after it closed: someone who got in through a window and set up their own phone
-        # leaves an account that looks like any other, and its owner's complaint comes later.
+        # The latest support disable of this person: who, when, why. Shown with their window, and until
+        # LAST_DISABLE_SHOWN after the disable once it has closed: someone who got in through a window and set
+        # up their own phone leaves an account that looks like any other, and its owner's complaint comes later.
         self.opened_by = opened_by
         self.form = form
         self.notice = notice
@@ -568,7 +568,7 @@ def build_rows(users, forms=None, notices=None, errors=None):
         for d in _by_ids(Device, _devices_query, ids):
             devices[d.user_id].append(d)
         counts = dict(_by_ids(SupportRequest, _open_counts_query, ids).tuples())
-    opened = _windows_opened_by(ids)
+    opened = _windows_opened_by(ids)  # their latest support disables (shown for a while after the window)
     forms, notices, errors = forms or {}, notices or {}, errors or {}
     current, actor_id = now(), current_user.id  # once per page, not once per row
     return [UserRow(u, devices[u.id], counts.get(u.id, 0), forms.get(u.id), notices.get(u.id), errors.get(u.id),
@@ -581,20 +581,25 @@ def _windows_opened_by(ids):
     it was without searching the audit log."""
     if not ids:
         return {}
-    actor = User.alias()
-    latest = (AuditEvent.select(fn.MAX(AuditEvent.id))
-              .where((AuditEvent.kind == "support_tfa_disabled") & AuditEvent.user.in_(ids))
-              .group_by(AuditEvent.user))
-    events = (AuditEvent.select(AuditEvent.user, AuditEvent.created_at, AuditEvent.detail,
-                                actor.email.alias("actor_email"))
-              .join(actor, JOIN.LEFT_OUTER, on=(AuditEvent.actor == actor.id))
-              .where(AuditEvent.id.in_(latest)).dicts())
     found = {}
-    for e in events:
+    for e in _by_ids(AuditEvent, _latest_disables_query, ids).dicts():
         detail = json.loads(e["detail"] or "{}")
         found[e["user"]] = {"created_at": e["created_at"], "actor_email": e["actor_email"],
-                            "reason": detail.get("reason"), "ticket": detail.get("ticket")}
+                               "reason": detail.get("reason"), "ticket": detail.get("ticket")}
     return found
+
+
+def _latest_disables_query(ids):
+    """The latest support disable of each of these people, with its admin's address. The event kind is
+    written into the SQL, so that the ids are its only parameters and _by_ids keeps the text."""
+    actor = User.alias()
+    latest = (AuditEvent.select(fn.MAX(AuditEvent.id))
+              .where((AuditEvent.kind == SQL("'support_tfa_disabled'")) & AuditEvent.user.in_(ids))
+              .group_by(AuditEvent.user))
+    return (AuditEvent.select(AuditEvent.user, AuditEvent.created_at, AuditEvent.detail,
+                              actor.email.alias("actor_email"))
+            .join(actor, JOIN.LEFT_OUTER, on=(AuditEvent.actor == actor.id))
+            .where(AuditEvent.id.in_(latest)))
 
 
 # The upper end of a prefix range: U+10FFFF, the last code point, sorts after every character in code point
@@ -670,17 +675,19 @@ def _oldest_open(*conditions):
     return requests
 
 
-def _mark_password_entered(requests):
+def _mark_password_entered(requests, last_code=True):
     """Set on each request what support can tell of its sender and of the account's phone:
     - `after_password`: whether the sender had entered the account's password (signed in, at the code step,
       or refused after support's window), and `signed_in`, whether they were signed in, as its audit record
       says. Not proof of who sent it, but the one difference between the owner and a stranger typing their
       address that support can see.
-    - `last_code_at`: when a code from the account's devices was last accepted. "I lost my phone" followed by
-      a right code from it, or sent minutes after one, is worth a question before 2FA is turned off.
+    - `last_code_at` (with `last_code`, for open requests): when a code from the account's devices that
+      existed when it was sent was last accepted. "I lost my phone" followed by a right code from that phone,
+      or sent minutes after one, is worth a question before 2FA is turned off; a new phone set up since
+      (after support's disable) says nothing about it.
     Two queries for the whole list."""
     ids = {r.user_id for r in requests if r.user_id}
-    entered, signed_in, last_code = set(), set(), {}
+    entered, signed_in, devices = set(), set(), {}
     if ids:
         events = AuditEvent.select(AuditEvent.detail).where(
             (AuditEvent.kind == "support_request") & AuditEvent.user.in_(sorted(ids)))
@@ -690,12 +697,15 @@ def _mark_password_entered(requests):
                 entered.add(details.get("request"))
             if details.get("signed_in"):
                 signed_in.add(details.get("request"))
-        last_code = dict(Device.select(Device.user, fn.MAX(Device.last_used_at)).where(
-            Device.user.in_(sorted(ids))).group_by(Device.user).tuples())
+        if last_code:
+            for user_id, created_at, used_at in Device.select(Device.user, Device.created_at, Device.last_used_at).where(
+                    Device.user.in_(sorted(ids)) & Device.last_used_at.is_null(False)).tuples():
+                devices.setdefault(user_id, []).append((created_at, used_at))
     for r in requests:
         r.after_password = r.id in entered
         r.signed_in = r.id in signed_in
-        r.last_code_at = last_code.get(r.user_id)
+        r.last_code_at = max((used for made, used in devices.get(r.user_id, ()) if made <= r.created_at),
+                             default=None)
 
 
 def _index_context(q, page, rows=None, has_next=False):
@@ -718,7 +728,7 @@ def _recently_handled():
     handled = list(SupportRequest.select().where(SupportRequest.handled_at.is_null(False))
                    .order_by(SupportRequest.handled_at.desc(), SupportRequest.id.desc()).limit(HANDLED_SHOWN))
     _add_handlers(handled)
-    _mark_password_entered(handled)
+    _mark_password_entered(handled, last_code=False)  # decided already: the phone's later codes are no news
     return handled
 
 
