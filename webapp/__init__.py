@@ -257,7 +257,7 @@ def _unauthorized():
         # Signing in again is blocked too (auth.after_password): no way back to this page, just the reason.
         target = url_for("auth.login", notice="support-window-ended")
     else:
-        # A browser whose signed-in session has ended (idle, or signed out in another tab or browser) is told
+        # A browser whose signed-in session has ended (idle, 12 hours, signed out from elsewhere) is told
         # so on the sign-in page; one that was never signed in just gets the page.
         notice = "session-ended" if getattr(session._get_current_object(), "ended_since", False) else None
         target = url_for("auth.login", notice=notice,
