@@ -155,7 +155,8 @@ def test_a_database_from_before_a_column_was_added_gets_it_at_start(app, actor, 
     """README "Upgrades": a `user` table made before `code_strikes` existed (2026-12-05) gets the column at the
     next start, filled from the failures counted so far up to the strike that locks (an account locked at
     the upgrade stays locked, and codes it was sent during that lock do not lengthen the next), and the
-    sign-in works; before, every code step failed on the missing column. Both databases (make
+    sign-in works; before, every code step failed on the missing column. The same for `user.disabled_at`
+    (2026-12-06, empty: every sign-in reads it) and `supportrequest.form_hash`. Both databases (make
     test-postgres runs it on PostgreSQL)."""
     from webapp.models import User
 
@@ -172,6 +173,7 @@ def test_a_database_from_before_a_column_was_added_gets_it_at_start(app, actor, 
         db.execute_sql('ALTER TABLE "user" DROP COLUMN code_strikes')
         assert "code_strikes" not in {c.name for c in db.get_columns("user")}
         db.execute_sql('ALTER TABLE "supportrequest" DROP COLUMN form_hash')  # 2026-12-06
+        db.execute_sql('ALTER TABLE "user" DROP COLUMN disabled_at')  # 2026-12-06
     db.close()
     capsys.readouterr()
     again = make_test_app(tmp_path, app.config["DATABASE_URL"], clock,
@@ -179,8 +181,10 @@ def test_a_database_from_before_a_column_was_added_gets_it_at_start(app, actor, 
     said = capsys.readouterr().err
     assert said.count("upgraded the database: added user.code_strikes") == 1  # said, once
     assert said.count("upgraded the database: added supportrequest.form_hash") == 1
+    assert said.count("upgraded the database: added user.disabled_at") == 1
     with again.app_context():
         assert User.get_by_id(user.id).code_strikes == 0
+        assert User.select().where(User.disabled_at.is_null(False)).count() == 0  # nobody disabled by it
         # The strike that locks, no more: the lock holds, and its next wrong code doubles it (not 2**3 times)
         assert User.get_by_id(locked.id).code_strikes == 5
         assert User.get_by_id(pausing.id).code_strikes == 3

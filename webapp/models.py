@@ -46,6 +46,9 @@ class User(UserMixin, BaseModel):
     code_locked_until = DateTimeField(null=True)
     # Set by support's "temporarily disable 2FA": password-only sign-in until then (security.md 39).
     tfa_reset_until = DateTimeField(null=True)
+    # Set by the operator's `users disable`: the account is out of use (no sign-in, no session) until
+    # `users enable` clears it. Devices and password stay as they were.
+    disabled_at = DateTimeField(null=True)
 
     @staticmethod
     def any_exist():
@@ -284,6 +287,9 @@ ADDED_COLUMNS = [
      'WHERE code_failures > 0'),
     # 2026-12-06. Requests made before have none (a repeat of one of them is a request of its own).
     ("supportrequest", "form_hash", "VARCHAR(64)", None),
+    # 2026-12-06. Empty: no account was disabled before the command existed. TIMESTAMP is what peewee makes
+    # of a DateTimeField on PostgreSQL, and SQLite takes it too.
+    ("user", "disabled_at", "TIMESTAMP", None),
 ]
 
 
