@@ -1060,3 +1060,94 @@ def test_encryption_keys_that_are_only_commas_and_spaces_stop_the_start(tmp_path
     with pytest.raises(ConfigError, match="TOTP_ENCRYPTION_KEYS is empty"):
         create_app({"INSTANCE_PATH": str(tmp_path), "SECRET_KEY": "k" * 40, "TOTP_ENCRYPTION_KEYS": keys,
                     "DATABASE_URL": f"sqlite:///{tmp_path / 'db'}"})
+
+
+# ------------------------------------------------------------------ users disable / enable
+
+
+def test_cli_disable_takes_the_account_out_of_use_at_once_and_enable_brings_it_back(app, actor, secret, clock):
+    """`users disable` (someone who left, an account in other hands): the person's live session, a sign-in
+    waiting at the code step and an unfinished set-up of another authenticator all end at once, and the
+    command says so; devices and password stay. One audit record with the reason (security.md 40, 42).
+    `users enable` undoes it, and the person signs in as before, with the same device. Each command run a
+    second time says that nothing changed and records nothing."""
+    from webapp.models import PendingEnrolment, SignInChallenge
+
+    user = actor.user(secret=secret)
+    before = user_row(app, "alice@example.com").password_hash
+    actor.sign_in(secret=secret)
+    actor.client.post("/settings/2fa/start", data={"csrf_token": actor.csrf("/settings")})  # a pending key
+    halfway = Actor(app, app.test_client(), clock)
+    assert halfway.password_step().headers["Location"] == "/login/verify"
+
+    result = run(app, "users", "disable", "Alice@Example.com", "--reason", "left the company")
+    assert result.exit_code == 0, result.output
+    assert result.output == ("alice@example.com is disabled: 1 session(s), 1 half-finished sign-in(s) and 1 "
+                             "unfinished authenticator set-up(s) ended; devices and password unchanged "
+                             "(`users enable` undoes it)\n")
+    assert actor.client.get("/settings").status_code == 302  # the live session, on its next request
+    assert halfway.client.get("/login/verify").headers["Location"] == "/login?notice=sign-in-expired"
+    with app.app_context():
+        row = User.get_by_id(user.id)
+        assert row.disabled_at == utc(clock.t) and row.password_hash == before
+        assert Device.select().where(Device.user == user.id).count() == 1
+        for model in (ServerSession, SignInChallenge, PendingEnrolment):
+            assert model.select().where(model.user == user.id).count() == 0, model
+        [event] = AuditEvent.select().where(AuditEvent.kind == "account_disabled")
+        assert event.user_id == user.id and event.details == {
+            "via": "cli", "reason": "left the company", "sessions_ended": 1, "sign_ins_ended": 1, "set_ups_ended": 1}
+    assert "alice@example.com\tuser\tdisabled since 2009-02-13 23:31 UTC; 2FA active (1 device)\n" in \
+        run(app, "users", "list").output
+    assert "Account disabled by the server operator" in run(app, "users", "activity", "alice@example.com").output
+
+    clock.advance(60)
+    again = run(app, "users", "disable", "alice@example.com")
+    assert again.exit_code == 0
+    assert again.output == "alice@example.com is already disabled (since 2009-02-13 23:31 UTC); nothing changed\n"
+    assert user_row(app, "alice@example.com").disabled_at == utc(clock.t - 60)
+
+    result = run(app, "users", "enable", "alice@example.com")
+    assert result.exit_code == 0
+    assert result.output == ("alice@example.com is enabled again: it signs in as before (devices and password "
+                             "unchanged)\n")
+    again = run(app, "users", "enable", "alice@example.com")
+    assert again.exit_code == 0 and again.output == "alice@example.com is not disabled; nothing changed\n"
+    with app.app_context():
+        assert User.get_by_id(user.id).disabled_at is None
+        assert [(e.kind, e.details) for e in AuditEvent.select().where(AuditEvent.kind.startswith("account_"))
+                .order_by(AuditEvent.id)][1:] == [("account_enabled", {"via": "cli",
+                                                                      "disabled_since": "2009-02-13T23:31:30"})]
+    assert "alice@example.com\tuser\t2FA active (1 device)\n" in run(app, "users", "list").output
+    assert actor.sign_in(secret=secret).headers["Location"] == "/settings"  # the same device and password
+
+    for command in ("disable", "enable"):
+        result = run(app, "users", command, "nobody@example.com")
+        assert result.exit_code == 1 and "no account with email nobody@example.com" in result.output
+
+
+def test_cli_disable_leaves_an_admin_who_can_sign_in(app, actor):
+    """As `promote --revoke` (security.md 41: someone must be left to answer support requests), `users
+    disable` refuses to leave no admin whose account is in use: nobody could open the Support page, and the
+    first-run page does not come back while accounts exist. A disabled admin does not count as the other
+    admin, for either command."""
+    actor.user(email="root@example.com", admin=True)
+    actor.sign_in(email="root@example.com")
+    result = run(app, "users", "disable", "root@example.com")
+    assert result.exit_code == 1
+    assert "root@example.com is the only admin: promote another account first. Nothing changed." in result.output
+    assert actor.client.get("/settings").status_code == 200
+    actor.user(email="bob@example.com", admin=True)
+    assert run(app, "users", "disable", "bob@example.com").exit_code == 0
+    for args in (["disable", "root@example.com"], ["promote", "root@example.com", "--revoke"]):
+        result = run(app, "users", *args)
+        assert result.exit_code == 1, args
+        assert ("root@example.com is the only admin whose account is not disabled: promote another account first. "
+                "Nothing changed.") in result.output
+    with app.app_context():
+        root = User.by_email("root@example.com")
+        assert root.is_admin and root.disabled_at is None
+        assert AuditEvent.select().where(AuditEvent.kind == "account_disabled").count() == 1  # bob's
+    assert run(app, "users", "enable", "bob@example.com").exit_code == 0
+    result = run(app, "users", "disable", "root@example.com")
+    assert result.exit_code == 0 and "root@example.com is disabled: 1 session(s)" in result.output
+    assert actor.client.get("/settings").status_code == 302

@@ -240,7 +240,8 @@ def test_every_known_kind_has_words_and_unknown_kinds_read_fine():
                  "signin_blocked", "code_accepted", "code_rejected", "totp_replay", "code_throttled",
                  "code_lockout", "reauthenticated", "signout", "role_changed", "tfa_reset",
                  "support_tfa_disabled", "support_window_ended", "support_request", "tfa_enabled",
-                 "device_added", "device_renamed", "device_removed", "tfa_disabled", "sessions_ended"):
+                 "device_added", "device_renamed", "device_removed", "tfa_disabled", "sessions_ended",
+                 "account_disabled", "account_enabled", "signin_account_disabled"):
         text = event_text(kind, {})
         assert "_" not in text and text[0].isupper()
     assert event_text("tfa_backup_codes_made", {}) == "2FA backup codes made"
@@ -251,6 +252,8 @@ def test_every_known_kind_has_words_and_unknown_kinds_read_fine():
     assert detail_text({"method": "password+code", "admin": True, "until": "2009-02-14T23:31:30"}) == [
         ("Until", "2009-02-14 23:31 UTC"), ("Method", "password and code"), ("Admin", "yes")]
     assert detail_text({"ticket": None, "reason": "Called back"}) == [("Reason", "Called back"), ("Ticket", "none")]
+    assert detail_text({"via": "cli", "disabled_since": "2009-02-13T23:31:30"}) == [
+        ("Through", "command line"), ("Disabled since", "2009-02-13 23:31 UTC")]
     # A wrong password typed in a known browser counted against that browser (auth.password_check).
     assert detail_text({"failures": 2, "counted_in": "known browser"}) == [
         ("Failures in a row", "2"),

@@ -6,8 +6,9 @@ from flask.cli import AppGroup, with_appcontext
 
 from .clock import now
 from .db import for_update, write_transaction
-from .models import Device, KnownBrowser, User, lookalike_problem, normalise_email
-from .security import PASSWORD_MAX, PASSWORD_MIN, audit, hash_password, replace_password, revoke_second_factor
+from .models import Device, KnownBrowser, PendingEnrolment, User, lookalike_problem, normalise_email
+from .security import (PASSWORD_MAX, PASSWORD_MIN, audit, end_code_steps, hash_password, replace_password,
+                       revoke_second_factor)
 from .sessions import end_user_sessions
 
 users = AppGroup("users", help="Manage accounts.")
@@ -103,8 +104,9 @@ def _throttle_states(user, browsers, current):
 
 @users.command("list")
 def list_users():
-    """List accounts with their role and 2FA status (with support's time window, as the Support page shows it),
-    and any wait that failed sign-in attempts put on their code or password entry (`users unlock` clears it)."""
+    """List accounts with their role, whether the operator disabled them, their 2FA status (with support's time
+    window, as the Support page shows it), and any wait that failed sign-in attempts put on their code or
+    password entry (`users unlock` clears it)."""
     current = now()
     listed = False
     browsers = {}
@@ -122,7 +124,8 @@ def list_users():
             status = f"2FA temporarily off: password alone until {until:%Y-%m-%d %H:%M} UTC (support)"
         else:
             status = f"blocked: support's window ended {until:%Y-%m-%d %H:%M} UTC without a new device"
-        status = "; ".join([status, *_throttle_states(user, browsers.get(user.id, []), current)])
+        disabled = [f"disabled since {user.disabled_at:%Y-%m-%d %H:%M} UTC"] if user.disabled_at else []
+        status = "; ".join([*disabled, status, *_throttle_states(user, browsers.get(user.id, []), current)])
         click.echo(f"{user.email}\t{role}\t{status}")
         listed = True
     if not listed:  # on stderr: a script reading the list gets no line it would take for an account
@@ -163,10 +166,8 @@ def promote(email, revoke):
         if user.is_admin != revoke:  # already so: no sign-out, no audit record of a change that did not happen
             click.echo(f"{user.email} is already {'an ordinary user' if revoke else 'an admin'}; nothing changed")
             return
-        if revoke and not User.select().where(User.is_admin & (User.id != user.id)).exists():
-            # Nobody could reach the Support page any more, and /setup does not come back while accounts exist.
-            raise click.ClickException(f"{user.email} is the only admin: promote another account first. "
-                                       "Nothing changed.")
+        if revoke:
+            _refuse_last_admin(user)
         User.update(is_admin=not revoke).where(User.id == user.id).execute()
         ended = end_user_sessions(user)
         audit("role_changed", user=user, admin=not revoke, via="cli")
@@ -176,6 +177,65 @@ def promote(email, revoke):
         # support.support_admin_required: the Support page opens only to admins whose own 2FA is active.
         click.echo(f"{user.email} has no authenticator device: the Support page stays closed to them until they "
                    "set up two-factor authentication in User Settings")
+
+
+def _refuse_last_admin(user):
+    """Refuse to leave no admin who can sign in (promote --revoke, disable): nobody could reach the Support page
+    any more, and /setup does not come back while accounts exist. Call holding every admin's row."""
+    others = User.select().where(User.is_admin & (User.id != user.id))
+    if user.disabled_at is None and not others.where(User.disabled_at.is_null()).exists():
+        which = "admin whose account is not disabled" if others.exists() else "admin"
+        raise click.ClickException(f"{user.email} is the only {which}: promote another account first. "
+                                   "Nothing changed.")
+
+
+@users.command("disable")
+@click.argument("email")
+@click.option("--reason", help="Why (kept in the audit record): someone who left, an account in other hands.")
+def disable(email, reason):
+    """Take an account out of use: it cannot sign in, and its sessions, half-finished sign-ins and unfinished
+    set-ups of an authenticator app end now. Its devices and password stay, for `users enable`. Audited."""
+    user = _get_user(email)
+    with write_transaction():
+        # Every admin's row first, in id order, as promote --revoke takes them: two commands leaving the last
+        # two admins out of use at once each wait for the other, then count again (_refuse_last_admin).
+        for_update(User.select(User.id).where(User.is_admin).order_by(User.id)).execute()
+        User.lock(user.id)
+        user = User.get_by_id(user.id)  # as it is now, under the lock
+        if user.disabled_at is not None:
+            click.echo(f"{user.email} is already disabled (since {user.disabled_at:%Y-%m-%d %H:%M} UTC); "
+                       "nothing changed")
+            return
+        if user.is_admin:
+            _refuse_last_admin(user)
+        User.update(disabled_at=now()).where(User.id == user.id).execute()
+        sign_ins = end_code_steps(user)
+        set_ups = PendingEnrolment.delete().where(PendingEnrolment.user == user.id).execute()
+        ended = end_user_sessions(user)
+        audit("account_disabled", user=user, via="cli", reason=reason, sessions_ended=ended,
+              sign_ins_ended=sign_ins, set_ups_ended=set_ups)
+    click.echo(f"{user.email} is disabled: {ended} session(s), {sign_ins} half-finished sign-in(s) and {set_ups} "
+               "unfinished authenticator set-up(s) ended; devices and password unchanged (`users enable` undoes it)")
+
+
+@users.command("enable")
+@click.argument("email")
+def enable(email):
+    """Put a disabled account back in use: it signs in again as before, with its devices and password.
+    Audited. A session of the account left from before (none should be: disable ended them, and the app
+    refuses them) ends, so that nothing opened before the disable comes back with this."""
+    user = _get_user(email)
+    with write_transaction():
+        User.lock(user.id)
+        user = User.get_by_id(user.id)  # as it is now, under the lock
+        if user.disabled_at is None:
+            click.echo(f"{user.email} is not disabled; nothing changed")
+            return
+        User.update(disabled_at=None).where(User.id == user.id).execute()
+        left = end_user_sessions(user)
+        audit("account_enabled", user=user, via="cli", disabled_since=user.disabled_at.isoformat(),
+              **({"sessions_ended": left} if left else {}))
+    click.echo(f"{user.email} is enabled again: it signs in as before (devices and password unchanged)")
 
 
 @users.command("reset-2fa")

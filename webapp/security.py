@@ -169,10 +169,10 @@ def forget_browsers(user, keep_this_one=False):
 def end_code_steps(user):
     """Inside the caller's transaction: delete `user`'s sign-ins waiting at the code step. A browser there is
     then told its sign-in expired (turned 2FA off, support's disable, a new password), rather than being
-    refused code after code."""
+    refused code after code. Returns how many there were."""
     from .models import SignInChallenge
 
-    SignInChallenge.delete().where(SignInChallenge.user == user.id).execute()
+    return SignInChallenge.delete().where(SignInChallenge.user == user.id).execute()
 
 
 def revoke_second_factor(user, reset_until=None):

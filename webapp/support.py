@@ -158,6 +158,8 @@ KIND_LABELS = {
     "password_changed": "Password changed",
     "tfa_reset": "Two-factor authentication reset by the server operator",
     "throttle_cleared": "Failed sign-in attempts cleared by the server operator",
+    "account_disabled": "Account disabled by the server operator",
+    "account_enabled": "Account enabled again by the server operator",
     "totp_keys_rotated": "Stored authenticator secrets re-encrypted with the newest key by the server operator",
     "tfa_enrolled": "Authenticator app set up",
     "tfa_enabled": "Two-factor authentication turned on",
@@ -191,6 +193,9 @@ DETAIL_LABELS = {
     "requests_closed": "Requests marked as handled",
     "requests": "Request numbers",
     "sessions_ended": "Sessions ended",
+    "sign_ins_ended": "Half-finished sign-ins ended",
+    "set_ups_ended": "Unfinished authenticator set-ups ended",
+    "disabled_since": "Disabled since",
     "device": "Device",
     "name": "Name",
     "old_name": "Previous name",
@@ -267,7 +272,7 @@ def detail_text(detail):
             shown = "none"
         elif isinstance(value, bool):
             shown = "yes" if value else "no"
-        elif key.endswith("until"):
+        elif key.endswith(("until", "since")):
             shown = _fmt_time(value)
         elif isinstance(value, (list, tuple)):
             shown = ", ".join(str(v) for v in value) or "none"
