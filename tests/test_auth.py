@@ -1213,3 +1213,83 @@ def test_a_page_sent_back_with_a_refusal_says_error_first_in_its_title(actor, se
     r = actor.post_form(f"/settings/devices/{device.id}/remove", {f"remove-{device.id}-code": WRONG},
                         form_url="/settings")
     assert "remove-" in r.get_data(as_text=True) and title(r) == "Error: User Settings · twostep"
+
+
+# ------------------------------------------------------------------ an account the operator disabled
+
+def disable_account(app, email="alice@example.com"):
+    result = app.test_cli_runner().invoke(args=["users", "disable", email])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("with_device", [True, False])
+def test_a_disabled_account_is_told_so_only_after_the_right_password(actor, app, secret, with_device):
+    """A disabled account (`users disable`) cannot sign in, with or without 2FA. A wrong password gets exactly
+    the page an unknown address gets (Auth-CS "Authentication and Error Messages": nobody who lacks the
+    password learns that the account exists, or that it is disabled). The right one gets the reason and a
+    pointer to the organisation that runs the service: no code step, no challenge row, no session, and an
+    audit record of its own (security.md 43). The contact form still takes the person's request."""
+    from webapp.models import SupportRequest
+
+    user = actor.user(secret=secret if with_device else None)
+    disable_account(app)
+    unknown = actor.password_step(email="nobody@example.com", password="wrong password")
+    wrong = actor.password_step(password="wrong password")
+    assert unknown.status_code == wrong.status_code == 200
+    assert wrong.get_data(as_text=True).replace("alice@example.com", "nobody@example.com") == \
+        unknown.get_data(as_text=True)
+    assert "disabled" not in wrong.get_data(as_text=True)
+
+    actor.clock.advance(2)  # past the pause the wrong password set
+    r = actor.password_step()
+    html = r.get_data(as_text=True)
+    assert r.status_code == 403 and "Location" not in r.headers
+    assert "This account has been disabled by the organisation that runs this service" in html
+    assert "contact that organisation" in html and 'href="/support/contact"' in html
+    assert "Incorrect email address or password." not in html and "Verification code" not in html
+    assert not signed_in(actor.client)
+    with app.app_context():
+        assert SignInChallenge.select().count() == 0
+        assert ServerSession.select().where(ServerSession.user == user.id).count() == 0
+    assert kinds(app)[-2:] == ["password_rejected", "signin_account_disabled"]
+
+    r = actor.post_form("/support/contact", {"email": "alice@example.com", "message": "Why can I not sign in?"})
+    assert r.status_code == 302 and r.headers["Location"] == "/support/contact/sent"
+    with app.app_context():
+        assert [q.user_id for q in SupportRequest.select()] == [user.id]
+
+
+def test_a_session_of_a_disabled_account_is_not_honoured(actor, app, monkeypatch):
+    """Belt and braces: `users disable` ends the person's sessions, but one presented all the same (made
+    here by setting the column behind the command's back) signs nobody in, and the browser is sent to the
+    sign-in page, which says why. No query is added for it: the column comes with the session's own read
+    of the person. `users enable` ends such a leftover session, so that it does not come back (security.md
+    40)."""
+    from webapp.clock import now
+    from webapp.db import db
+
+    user = actor.user()
+    actor.sign_in()
+    statements = []
+    original = db.obj.execute_sql
+    monkeypatch.setattr(db.obj, "execute_sql", lambda sql, params=None: statements.append(sql) or
+                        original(sql, params))
+    assert signed_in(actor.client)
+    assert not [s for s in statements if 'FROM "user" AS "t1" WHERE' in s]
+    assert any('"disabled_at"' in s and 'LEFT OUTER JOIN "user"' in s for s in statements)
+    monkeypatch.undo()
+
+    with app.app_context():
+        User.update(disabled_at=now()).where(User.id == user.id).execute()
+    r = actor.client.get("/settings")
+    assert (r.status_code, r.headers["Location"]) == (302, "/login?notice=account-disabled")
+    r = actor.client.get("/settings", headers={"HX-Request": "true"})
+    assert (r.status_code, r.headers["HX-Redirect"]) == (401, "/login?notice=account-disabled")
+    page = actor.client.get("/login?notice=account-disabled").get_data(as_text=True)
+    assert "This account has been disabled by the organisation that runs this service" in page
+    result = app.test_cli_runner().invoke(args=["users", "enable", "alice@example.com"])
+    assert result.exit_code == 0
+    with app.app_context():
+        assert ServerSession.select().where(ServerSession.user == user.id).count() == 0
+        assert AuditEvent.select().where(AuditEvent.kind == "account_enabled").get().details["sessions_ended"] == 1
+    assert not signed_in(actor.client)

@@ -196,3 +196,7 @@ def test_a_database_from_before_a_column_was_added_gets_it_at_start(app, actor, 
     assert after.code_step(after.code(secret)).headers["Location"] == "/settings"
     contact = after.post_form("/support/contact", {"email": "locked@example.com", "message": "Lost my phone today."})
     assert contact.status_code == 302  # the contact form stores its form's id in the added column
+    # users disable writes the added column, and the password step and the session's person read it.
+    assert again.test_cli_runner().invoke(args=["users", "disable", "pausing@example.com"]).exit_code == 0
+    assert after.client.get("/settings").status_code == 200  # alice's session: the join reads the column too
+    assert type(actor)(again, again.test_client(), clock).password_step("pausing@example.com").status_code == 403

@@ -172,13 +172,20 @@ def _load_user(user_id):
 
     Nobody, once support's window has run out without a new device (security.md 39, fail closed): the
     sessions opened with the password alone during the window stop working then, as they do when support
-    ends a window early, and signing in again is blocked (auth.after_password)."""
+    ends a window early, and signing in again is blocked (auth.after_password).
+
+    Nobody either for an account the operator disabled: `users disable` ends its sessions, and this refuses
+    one presented all the same (`users enable` ends any such left, so none comes back). No query of its
+    own: disabled_at comes with the person's row."""
     user_id = int(user_id)
     row = getattr(session, "row", None)
     if row is not None and row.user_id == user_id and "user" in row.__rel__:
         user = row.__rel__["user"]
     else:
         user = _USER_BY_ID.first(id=user_id)
+    if user is not None and user.disabled_at is not None:
+        g.account_disabled = True  # _unauthorized says why
+        return None
     if user is not None and user.support_window() == "ended" and not user.has_2fa:
         g.support_window_ended = True  # _unauthorized tells the person why, not just "log in"
         return None
@@ -253,9 +260,10 @@ def _unauthorized():
     from .htmx import hx_redirect, is_htmx
     from .security import safe_next
 
-    if g.get("support_window_ended"):
+    if g.get("support_window_ended") or g.get("account_disabled"):
         # Signing in again is blocked too (auth.after_password): no way back to this page, just the reason.
-        target = url_for("auth.login", notice="support-window-ended")
+        target = url_for("auth.login", notice="support-window-ended" if g.get("support_window_ended")
+                         else "account-disabled")
     else:
         # A browser whose signed-in session has ended (idle, 12 hours, signed out from elsewhere) is told
         # so on the sign-in page; one that was never signed in just gets the page.

@@ -346,16 +346,19 @@ def login():
     # A session that support's window ended comes here with this notice (webapp._unauthorized): the same
     # words as a sign-in refused after the window, which they tell anyone who types the address too.
     blocked = notice == "support-window-ended" and request.method == "GET"
+    # And one of a disabled account (webapp._load_user): the words a sign-in with its password gets.
+    disabled = notice == "account-disabled" and request.method == "GET"
     return render_template("auth/login.html", form=form, error=error, next_url=next_url, blocked=blocked,
-                           notice=login_notice(notice)), status
+                           disabled=disabled, notice=login_notice(notice)), status
 
 
 def after_password(user, next_url):
-    """Decide what a correct password leads to: the code step, a direct sign-in, or a closed door; None when
+    """Decide what a correct password leads to: the code step, a direct sign-in, or a closed door (an account
+    the operator disabled, or support's window ended without a new device); None when
     the password changed while it was being checked (the one entered is the old one: it opens nothing, and
     the caller counts it as a wrong one)."""
     checked_hash = user.password_hash
-    blocked = False
+    blocked = disabled = False
     with write_transaction():
         # Decided again holding the person's row, which completing a setup and changing the password hold too.
         # A device activated a moment ago sends this sign-in to the code step below; one activated a moment
@@ -366,7 +369,12 @@ def after_password(user, next_url):
         if user.password_hash != checked_hash:
             return None  # before anything else changes: this browser keeps what it had, as after a wrong one
         drop_challenge()  # an earlier code step of this browser goes: this sign-in replaces it
-        if not user.has_2fa:
+        if user.disabled_at is not None:
+            # Said only now, after the right password: a wrong one reads as for an unknown address, so the
+            # page tells nobody without the password that the account exists, let alone that it is disabled.
+            audit("signin_account_disabled", user=user)
+            disabled = True
+        elif not user.has_2fa:
             if user.support_window() != "ended":
                 # No device (during support's window, the banner on every page says so: base.html).
                 return complete_sign_in(user, next_url)
@@ -376,6 +384,8 @@ def after_password(user, next_url):
             token = secrets.token_urlsafe(32)
             SignInChallenge.create(id=token_hash(token), user=user, next_url=next_url, created_at=now())
             audit("password_accepted", user=user)
+    if disabled:  # no challenge, no session, nothing stored for the contact form: it works as for anyone
+        return render_template("auth/login.html", form=LoginForm(), next_url=None, disabled=True, error=None), 403
     if blocked:  # the page is made after the commit: the writer lock is not held meanwhile
         # The page's way on is the contact form: it knows whose password this browser just entered, as it
         # does at the code step (its address filled in, the record and the per-address limit), for as long

@@ -147,6 +147,7 @@ KIND_LABELS = {
     "password_rejected": "Wrong password entered",
     "password_throttled": "Sign-in refused: too many wrong passwords, waiting time not over",
     "signin_blocked": "Sign-in blocked: support's time window had ended without a new device",
+    "signin_account_disabled": "Sign-in refused after the right password: the account is disabled",
     "code_accepted": "Code accepted",
     "code_rejected": "Wrong code entered",
     "totp_replay": "An already used code was entered again",
