@@ -1570,3 +1570,39 @@ def test_a_blocked_sign_in_proves_nothing_once_the_password_is_changed(app, acto
                                                 "--password", "a completely new one"])
     assert result.exit_code == 0, result.output
     assert 'value="carol@example.com"' not in carol.client.get("/support/contact").get_data(as_text=True)
+
+
+@pytest.mark.parametrize("htmx", [False, True])
+def test_an_account_the_operator_disabled_shows_so_and_takes_no_support_action(app, actor, secret, clock, target,
+                                                                                htmx):
+    """An account out of use by `users disable`: its row says since when, and offers no support action (a
+    window would revoke devices that `users enable` is meant to give back, on an account that may be in
+    other hands). A disable or an early end sent all the same (an old tab) changes nothing. The audit log
+    says what the operator did, with the reason (security.md 42)."""
+    sign_in_admin(actor, secret)
+    clock.advance(60)
+    result = app.test_cli_runner().invoke(args=["users", "disable", "carol@example.com", "--reason", "Left us"])
+    assert result.exit_code == 0, result.output
+    html = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())
+    assert (f"Account disabled by the operator since {utc(clock.t):%Y-%m-%d %H:%M} UTC: it cannot sign in, and "
+            "support actions on it are not possible here.") in html
+    assert '<span class="badge off">disabled</span>' in html
+    assert DISABLE_LINK not in html and "End support window now" not in html
+    form = actor.client.get(f"/support/users/{target.id}/disable-2fa").get_data(as_text=True)
+    assert "The server operator has disabled this account" in form and f'name="u{target.id}-reason"' not in form
+
+    r = disable(actor, target, headers=HX if htmx else None)
+    assert r.status_code == (200 if htmx else 409)
+    assert "The server operator has disabled this account: support actions on it are not possible. Nothing was " \
+           "changed." in r.get_data(as_text=True)
+    assert count(app, Device, Device.user == target.id) == 1
+    assert user_row(app, "carol@example.com").tfa_reset_until is None
+    with app.app_context():  # a window opened before the disable: its early end is refused too
+        User.update(tfa_reset_until=utc(clock.t) + timedelta(hours=1)).where(User.id == target.id).execute()
+        Device.delete().where(Device.user == target.id).execute()
+    r = end_window(actor, target, headers=HX if htmx else None)
+    assert r.status_code == (200 if htmx else 409) and "The server operator has disabled" in r.get_data(as_text=True)
+    assert count(app, AuditEvent, AuditEvent.kind.in_(["support_tfa_disabled", "support_window_ended"])) == 0
+
+    log = " ".join(actor.client.get("/support/audit?kind=account_disabled").get_data(as_text=True).split())
+    assert "Account disabled by the server operator" in log and "Left us" in log and "command line" in log

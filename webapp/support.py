@@ -522,17 +522,20 @@ class UserRow:
             self.opened_by = None
         self.is_self = user.id == (current_user.id if actor_id is None else actor_id)
         self.protected = self.is_self or user.is_admin
+        # Out of use by the operator's `users disable`: nothing for support to do until `users enable`.
+        self.disabled = user.disabled_at is not None
         # A disable only makes sense where there is 2FA to disable or a lapsed window to open again: while a
         # window is open, a second one (a double click, another admin's old tab) would move its end and sign
         # the person out of the sessions they opened in it.
-        self.can_disable = not self.protected and (bool(devices) or self.window == "ended")
-        self.can_end = not self.protected and self.window == "open"
+        self.can_disable = not (self.protected or self.disabled) and (bool(devices) or self.window == "ended")
+        self.can_end = not (self.protected or self.disabled) and self.window == "open"
         self.show_form = self.can_disable and form is not None
 
 
 LAST_DISABLE_SHOWN = timedelta(days=30)
 
-USER_COLUMNS = (User.id, User.email, User.is_admin, User.created_at, User.last_login_at, User.tfa_reset_until)
+USER_COLUMNS = (User.id, User.email, User.is_admin, User.created_at, User.last_login_at, User.tfa_reset_until,
+                User.disabled_at)
 
 
 _IDS_SQL = {}
@@ -854,7 +857,8 @@ def disable_2fa_form(user_id):
     notices = {target.id: _DRAFT_KEPT} if len(draft) > 1 else None
     row = build_rows([target], forms={target.id: form}, notices=notices)[0]
     if not row.can_disable:
-        row.error = _already_off(target) if row.window == "open" else _NOTHING_TO_DISABLE
+        row.error = (_ACCOUNT_DISABLED if row.disabled else _already_off(target) if row.window == "open"
+                     else _NOTHING_TO_DISABLE)
     return htmx.render("support/disable.html", "support/_user_row.html", row=row, person_requests=person_requests)
 
 
@@ -880,13 +884,16 @@ def disable_2fa(user_id):
         locked = _lock_target(target.id)
         if locked.is_admin:  # made an admin since the page was read
             abort(403, _PROTECTED)
+        disabled = locked.disabled_at is not None  # by the operator since the page was read
         has_devices = Device.select().where(Device.user == locked.id).exists()
         # Opening a window for someone without 2FA would lock them out when it ends.
         nothing_to_disable = not has_devices and locked.tfa_reset_until is None
         already_open = not has_devices and locked.support_window() == "open"
-        if not (nothing_to_disable or already_open):
+        if not (disabled or nothing_to_disable or already_open):
             until, removed, sessions, left_open = _open_window(locked, actor, form, label, duration)
     # Rendering happens after the write transaction, so the write lock is held no longer than needed.
+    if disabled:
+        return _row_response(target, status=409, error=_ACCOUNT_DISABLED)
     if nothing_to_disable:
         return _row_response(target, status=400, form=form, error=_NOTHING_TO_DISABLE + " Nothing was changed.")
     if already_open:
@@ -904,6 +911,8 @@ def disable_2fa(user_id):
 
 
 _NOTHING_TO_DISABLE = "This person has no two-factor authentication to disable."
+_ACCOUNT_DISABLED = ("The server operator has disabled this account: support actions on it are not possible. "
+                     "Nothing was changed.")
 _DRAFT_KEPT = "Your entries were kept while you confirmed it's you. Nothing was changed yet: check them, then press Disable."
 
 
@@ -955,13 +964,16 @@ def end_window(user_id):
         locked = _lock_target(target.id)
         has_devices = Device.select().where(Device.user == locked.id).exists()
         current = now()
-        is_open = not has_devices and locked.support_window(current) == "open"
+        disabled = locked.disabled_at is not None
+        is_open = not (has_devices or disabled) and locked.support_window(current) == "open"
         if is_open:
             User.update(tfa_reset_until=current).where(User.id == locked.id).execute()
             # Sessions opened with the password alone during the window end with it.
             sessions = end_user_sessions(locked)
             audit("support_window_ended", user=locked, actor=actor, was_until=locked.tfa_reset_until.isoformat(),
                   sessions_ended=sessions)
+    if disabled:
+        return _row_response(target, status=409, error=_ACCOUNT_DISABLED)
     if not is_open:
         return _row_response(target, status=400, error="This person has no open support window. Nothing was changed.")
     return _row_response(target, notice=f"The support window for {target.email} is closed; "
