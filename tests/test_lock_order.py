@@ -286,3 +286,27 @@ def test_revoking_an_admin_waits_for_every_admins_row_before_counting_the_others
     assert run.exit_code == 0 and "first-admin@example.com is now an ordinary user" in run.output
     with app.app_context():
         assert [u.email for u in User.select().where(User.is_admin)] == ["second-admin@example.com"]
+
+
+def test_users_disable_takes_the_person_before_their_sessions_and_sign_ins(app, actor, secret, clock):
+    """`users disable` ends the person's sessions, half-finished sign-ins and pending keys holding the
+    person's row first, as the code step and every other change to them do (security.md 20)."""
+    from webapp.models import ServerSession, SignInChallenge
+
+    from .conftest import Actor
+
+    user = actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    Actor(app, app.test_client(), clock).password_step()  # another browser at the code step
+    with app.app_context():
+        [session] = ServerSession.select().where(ServerSession.user == user.id)
+        [challenge] = SignInChallenge.select().where(SignInChallenge.user == user.id)
+
+    blocked, untouched, outcome = run_while_person_held(
+        user.id, lambda: app.test_cli_runner().invoke(args=["users", "disable", user.email]),
+        [("serversession", session.id), ("signinchallenge", challenge.id)])
+
+    assert blocked and all(untouched.values()), untouched
+    assert outcome.exit_code == 0 and "1 session(s), 1 half-finished sign-in(s)" in outcome.output
+    with app.app_context():
+        assert User.get_by_id(user.id).disabled_at is not None
