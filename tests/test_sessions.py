@@ -526,3 +526,73 @@ def test_ending_exactly_one_other_session_says_browser_not_browsers(app, actor, 
     page = text(r) if htmx else text(actor.client.get("/settings"))
     assert "Signed out on 1 other browser." in page and "1 other browsers" not in page
     assert not signed_in(other.client)
+
+
+# ---------------------------------------------------------------- where a refused request is sent (mutation testing)
+
+
+def test_a_form_sent_without_a_signed_in_session_goes_to_sign_in_without_coming_back_to_it(actor, app):
+    """A form for signed-in people sent by a visitor who is not signed in (with a valid token of their own)
+    goes to the sign-in page with no `next`: after signing in, the browser would GET an address that only
+    takes POST, and see "Not available this way"."""
+    actor.user()
+    token = actor.csrf("/login")
+    r = actor.client.post("/settings/2fa/start", data={"csrf_token": token})
+    assert r.status_code == 302 and r.headers["Location"] == "/login"
+
+
+def test_a_stale_confirmation_form_of_a_session_not_confirmed_is_form_expired(actor, app, secret):
+    """security.md 9, 29: "Confirm it's you" sent with a token from before a renewal goes on (without asking
+    again) only when the session is confirmed already, and then only to a same-site address; for a session
+    that is not confirmed it is refused as an expired form, and nothing is confirmed."""
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    actor.clock.advance(11 * 60)
+    data = {"csrf_token": "not-the-token", "password": PASSWORD, "code": actor.code(secret)}
+    r = actor.client.post("/reauth?next=/settings/password", data=data)
+    assert r.status_code == 400 and "Form expired" in r.get_data(as_text=True)
+    with app.app_context():
+        assert AuditEvent.select().where(AuditEvent.kind == "reauthenticated").count() == 0
+    token = actor.csrf("/reauth?next=/settings/password")
+    confirmed = actor.client.post("/reauth?next=/settings/password",
+                                  data={"csrf_token": token, "password": PASSWORD, "code": actor.code(secret)})
+    assert confirmed.headers["Location"] == "/settings/password"
+    r = actor.client.post("/reauth?next=//evil.example/x", data=data)  # confirmed now: goes on, but not off-site
+    assert r.status_code == 302 and r.headers["Location"] == "/settings"
+
+
+def test_a_session_is_kept_up_to_the_idle_limit_and_not_a_moment_longer(actor, app, secret):
+    """security.md 30: 30 minutes without activity is allowed; beyond them the session has ended."""
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    actor.clock.advance(30 * 60)
+    assert actor.client.get("/settings").status_code == 200
+    actor.clock.advance(30 * 60 + 1)
+    r = actor.client.get("/settings")
+    assert r.status_code == 302 and r.headers["Location"].startswith("/login?notice=session-ended")
+
+
+def test_a_session_deleted_while_its_request_runs_loses_its_cookie(actor, app, secret, monkeypatch):
+    """A session signed out from elsewhere while one of its requests runs (Support's disable, "Sign out
+    everywhere else") is not written back when the request ends: the response deletes its cookie, and the
+    row stays gone."""
+    import webapp.settings as settings_module
+
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    original = settings_module._row_context
+
+    def signed_out_meanwhile(user):
+        with app.app_context():
+            ServerSession.delete().execute()
+        from flask import session
+
+        session["touched"] = "yes"  # something to write back
+        return original(user)
+
+    monkeypatch.setattr(settings_module, "_row_context", signed_out_meanwhile)
+    r = actor.client.get("/settings")
+    cookie = [h for h in r.headers.getlist("Set-Cookie") if h.startswith("twostep_session=")]
+    assert cookie and ("Max-Age=0" in cookie[0] or "expires=Thu, 01 Jan 1970" in cookie[0]), cookie
+    with app.app_context():
+        assert ServerSession.select().count() == 0

@@ -1606,3 +1606,62 @@ def test_an_account_the_operator_disabled_shows_so_and_takes_no_support_action(a
 
     log = " ".join(actor.client.get("/support/audit?kind=account_disabled").get_data(as_text=True).split())
     assert "Account disabled by the server operator" in log and "Left us" in log and "command line" in log
+
+
+# ---------------------------------------------------------------- found by mutation testing
+
+
+def test_a_disable_closes_none_but_the_persons_own_open_requests_it_listed(app, actor, secret, clock, target):
+    """security.md 42: the request numbers a disable form carries close only that person's requests that are
+    still open: not another person's (a forged or mixed-up number), not one handled meanwhile by another
+    admin (who stays its handler), and nothing at all when the list is empty or garbled. The audit record
+    says how many it closed and for how long 2FA is off."""
+    dave = actor.user("dave@example.com", secret=new_secret())
+    erin = actor.user("erin@example.com", secret=new_secret())
+    other_admin = actor.user("boss2@example.com", admin=True, secret=new_secret())
+    handled_at = utc(clock.t - 60)
+    with app.app_context():
+        unlisted = SupportRequest.create(email="carol@example.com", message="Lost my phone", user=target.id)
+        handled = SupportRequest.create(email="carol@example.com", message="Lost it again", user=target.id,
+                                        handled_at=handled_at, handled_by=other_admin.id)
+        daves = SupportRequest.create(email="dave@example.com", message="Dave lost his phone", user=dave.id)
+        erins = SupportRequest.create(email="erin@example.com", message="Erin lost her phone", user=erin.id)
+    sign_in_admin(actor, secret)
+
+    def send(person, shown):
+        p = f"u{person.id}-"
+        return actor.post_form(f"/support/users/{person.id}/disable-2fa",
+                               {p + "reason": "Identity checked by video call against ID card", p + "duration": "3d",
+                                p + "close_requests": "y", p + "requests_shown": shown}, form_url="/support")
+
+    assert send(target, f"{daves.id},{handled.id}").status_code == 302
+    assert send(erin, "").status_code == 302
+    assert send(dave, "garbage,1").status_code == 302
+    with app.app_context():
+        assert SupportRequest.get_by_id(unlisted.id).handled_at is None
+        assert SupportRequest.get_by_id(daves.id).handled_at is None
+        assert SupportRequest.get_by_id(erins.id).handled_at is None
+        again = SupportRequest.get_by_id(handled.id)
+        assert (again.handled_at, again.handled_by_id) == (handled_at, other_admin.id)
+        records = list(AuditEvent.select().where(AuditEvent.kind == "support_tfa_disabled").order_by(AuditEvent.id))
+        assert [(e.details["requests_closed"], e.details["duration"]) for e in records] == [(0, "3 days")] * 3
+
+
+def test_the_row_names_the_latest_disable_and_keeps_an_ended_windows_opener(app, actor, secret, clock, target):
+    """After two disables the row names the second (who, why); a window that ended without a new device keeps
+    naming who opened it however long ago, since the person is blocked until support acts again."""
+    sign_in_admin(actor, secret)
+    disable(actor, target, reason="First call: checked the ID card on video")
+    carol = second_client(app, clock)
+    carol.sign_in("carol@example.com")
+    from .test_wizard import Wizard
+
+    Wizard(carol).run("New phone")  # the first window closes with a new device
+    clock.advance(60)
+    disable(actor, target, reason="Second call: lost the new phone too, ID seen again")
+    end_window(actor, target)
+    clock.advance(40 * 24 * 3600)
+    actor.sign_in(ADMIN, secret=secret)
+    row = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())
+    assert "sign-in is blocked" in row
+    assert "“Second call: lost the new phone too, ID seen again”" in row and "First call" not in row
