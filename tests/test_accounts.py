@@ -428,6 +428,102 @@ def test_cli_unlock_clears_the_password_lock_of_the_account_and_of_the_persons_b
         assert r.status_code == 302 and r.headers["Location"] == "/settings"
 
 
+def known_browser_of(actor, email):
+    """A browser that completed a sign-in (password only) for `email` and signed out: known for that account."""
+    browser = other_browser(actor)
+    assert browser.password_step(email=email).headers["Location"] == "/settings"
+    browser.client.post("/logout", data={"csrf_token": browser.csrf("/settings")})
+    return browser
+
+
+def list_line(app, email):
+    [line] = [line for line in run(app, "users", "list").output.splitlines() if line.startswith(email + "\t")]
+    return line
+
+
+def test_cli_unlock_leaves_other_accounts_known_browsers_alone(app, actor, clock):
+    """security.md 18, 42: `users unlock` clears the wrong passwords counted in the named person's own known
+    browsers, not those of everyone: Bob's browser, locked by wrong passwords typed in it, stays locked (its
+    count, its wait, its line in `users list`) after the operator unlocks Alice."""
+    from webapp.models import KnownBrowser
+
+    alice, bob = actor.user(), actor.user(email="bob@example.com")
+    alices = known_browser_of(actor, "alice@example.com")
+    bobs = known_browser_of(actor, "bob@example.com")
+    bob_lock = lock_password_entry(bobs, "bob@example.com")  # five: Bob's browser locks for 15 minutes
+    alice_pause = lock_password_entry(alices, times=2)  # two: Alice's browser pauses for 2 seconds
+    bob_line = list_line(app, "bob@example.com")
+    assert bob_line == (f"bob@example.com\tuser\t2FA off; password entry in 1 known browser(s) locked until "
+                        f"{bob_lock:%Y-%m-%d %H:%M:%S} UTC")
+
+    result = run(app, "users", "unlock", "alice@example.com")
+    assert result.exit_code == 0, result.output
+    assert result.output == (f"cleared for alice@example.com: password entry in 1 known browser(s) (2 wrong "
+                             f"password(s), 1 of them paused until {alice_pause:%Y-%m-%d %H:%M:%S} UTC); nothing "
+                             "else changed\n")
+    with app.app_context():
+        [event] = AuditEvent.select().where(AuditEvent.kind == "throttle_cleared")
+        assert event.details == {"via": "cli", "known_browsers": 1, "known_browser_failures": 2}
+        [bobs_row] = KnownBrowser.select().where(KnownBrowser.user == bob.id)
+        assert (bobs_row.password_failures, bobs_row.password_locked_until) == (5, bob_lock)
+        [alices_row] = KnownBrowser.select().where(KnownBrowser.user == alice.id)
+        assert (alices_row.password_failures, alices_row.password_locked_until) == (0, None)
+    assert list_line(app, "bob@example.com") == bob_line
+    assert list_line(app, "alice@example.com") == "alice@example.com\tuser\t2FA off"
+    assert bobs.password_step(email="bob@example.com").status_code == 429  # Bob's browser still waits
+    assert alices.password_step().headers["Location"] == "/settings"  # Alice's does not
+
+
+def test_a_browser_past_its_lifetime_is_neither_listed_nor_cleared(app, actor, clock):
+    """security.md 18: a browser not used to sign in for KNOWN_BROWSER_TTL is no longer known: a sign-in there
+    counts on the account, whatever the browser counted. Its count can outlive that (wrong passwords do not
+    make it live longer): `users list` does not name its wait, which keeps nobody out, and `users unlock` has
+    nothing of it to clear (nor says it cleared anything). From that browser the right password signs in."""
+    from webapp.models import KnownBrowser
+
+    user = actor.user()
+    alices = known_browser_of(actor, "alice@example.com")
+    ttl = app.config["KNOWN_BROWSER_TTL"].total_seconds()
+    clock.advance(ttl - 10 * 60)  # ten minutes of the browser's lifetime left
+    lock = lock_password_entry(alices)  # locked for 15 minutes, counted in the browser
+    assert list_line(app, "alice@example.com") == (f"alice@example.com\tuser\t2FA off; password entry in 1 known "
+                                                   f"browser(s) locked until {lock:%Y-%m-%d %H:%M:%S} UTC")
+    clock.advance(11 * 60)  # the browser's lifetime is over; the lock it counted still runs for 4 minutes
+    assert utc(clock.t) < lock
+    assert list_line(app, "alice@example.com") == "alice@example.com\tuser\t2FA off"
+    result = run(app, "users", "unlock", "alice@example.com")
+    assert result.exit_code == 0
+    assert result.output == ("alice@example.com has no failed sign-in attempts counted; nothing to clear; "
+                             "nothing changed\n")
+    with app.app_context():
+        assert AuditEvent.select().where(AuditEvent.kind == "throttle_cleared").count() == 0
+        [row] = KnownBrowser.select().where(KnownBrowser.user == user.id)
+        assert (row.password_failures, row.password_locked_until) == (5, lock)
+    assert alices.password_step().headers["Location"] == "/settings"
+
+
+def test_cli_unlock_after_the_wait_ended_records_no_wait_it_lifted(app, actor, secret, clock):
+    """security.md 42, 43: the audit record of `users unlock` names a lock it lifted only when one still ran:
+    once the 15 minutes are over it keeps the counts cleared, not a "locked until" in the past that reads as
+    if the operator had cut a lock short. The command's words say no wait either."""
+    user = actor.user(secret=secret)
+    code_lock = lock_code_entry(actor, secret)
+    password_lock = lock_password_entry(other_browser(actor))
+    clock.advance(16 * 60)
+    assert utc(clock.t) > max(code_lock, password_lock)
+    result = run(app, "users", "unlock", "alice@example.com")
+    assert result.exit_code == 0, result.output
+    assert result.output == ("cleared for alice@example.com: code entry (5 refused code(s)); password entry (5 wrong "
+                             "password(s)); nothing else changed\n")
+    with app.app_context():
+        [event] = AuditEvent.select().where(AuditEvent.kind == "throttle_cleared")
+        assert event.details == {"via": "cli", "code_failures": 5, "password_failures": 5}
+        row = User.get_by_id(user.id)
+        assert (row.code_failures, row.code_strikes, row.code_locked_until) == (0, 0, None)
+        assert (row.password_failures, row.password_locked_until) == (0, None)
+    assert "locked until" not in run(app, "users", "activity", "alice@example.com").output
+
+
 def test_cli_unlock_of_an_unknown_address_fails_and_writes_nothing(app, actor):
     actor.user()
     result = run(app, "users", "unlock", "nobody@example.com")
