@@ -502,6 +502,50 @@ def test_a_browser_past_its_lifetime_is_neither_listed_nor_cleared(app, actor, c
     assert alices.password_step().headers["Location"] == "/settings"
 
 
+def test_cli_list_shows_no_wait_from_the_instant_it_ends(app, actor, secret, clock):
+    """security.md 18: a wait ends at its `until`, where the code step takes a code again: `users list`, asked
+    at that very instant, no longer names it (a second before, it does)."""
+    actor.user(secret=secret)
+    actor.user(email="bob@example.com")
+    code_lock = lock_code_entry(actor, secret)  # the fifth wrong code was sent now
+    clock.advance(15 * 60 - 1)
+    assert list_line(app, "alice@example.com") == (f"alice@example.com\tuser\t2FA active (1 device); code entry "
+                                                   f"locked until {code_lock:%Y-%m-%d %H:%M:%S} UTC")
+    bob_pause = lock_password_entry(other_browser(actor), "bob@example.com", times=1)  # a pause of 1 second
+    clock.advance(1)
+    assert utc(clock.t) == code_lock == bob_pause
+    assert run(app, "users", "list").output.splitlines() == [
+        "alice@example.com\tuser\t2FA active (1 device)", "bob@example.com\tuser\t2FA off"]
+    assert actor.password_step().headers["Location"] == "/login/verify"
+    assert actor.code_step(actor.code(secret)).headers["Location"] == "/settings"  # taken at that instant
+
+
+def test_four_wrong_codes_pause_the_code_entry_and_the_list_says_paused(app, actor, secret, clock):
+    """security.md 18: THROTTLE_FREE_FAILURES (4) wrong codes checked set the short pauses (1, 2, 4, 8 s), not
+    the lock, whatever else was refused meanwhile: the next code step says "Wait 8 seconds before entering
+    another code" (not "Too many wrong codes") and `users list` says "paused", also once codes sent during
+    the pause have made the refused codes 6 (only the 4 checked codes, the strikes, set the wait)."""
+    user = actor.user(secret=secret)
+    assert app.config["THROTTLE_FREE_FAILURES"] == 4
+    assert actor.password_step().headers["Location"] == "/login/verify"
+    for wait in (0, 1, 2, 4):
+        clock.advance(wait)
+        assert "That code is not valid" in actor.code_step(wrong_code(actor, secret)).get_data(as_text=True)
+    pause = utc(clock.t) + timedelta(seconds=8)
+    assert actor.password_step().headers["Location"] == "/login/verify"  # a new code step (the old one had 4)
+    page = actor.client.get("/login/verify").get_data(as_text=True)
+    assert "Too many" not in page and "Wait" not in page
+    for code in (actor.code(secret), wrong_code(actor, secret)):  # refused during the pause, counted
+        r = actor.code_step(code)
+        assert r.status_code == 429 and "Wait 8 seconds before entering another code." in r.get_data(as_text=True)
+        assert "Too many" not in r.get_data(as_text=True)
+    with app.app_context():
+        row = User.get_by_id(user.id)
+        assert (row.code_failures, row.code_strikes, row.code_locked_until) == (6, 4, pause)
+    assert list_line(app, "alice@example.com") == (f"alice@example.com\tuser\t2FA active (1 device); code entry "
+                                                   f"paused until {pause:%Y-%m-%d %H:%M:%S} UTC")
+
+
 def test_cli_unlock_after_the_wait_ended_records_no_wait_it_lifted(app, actor, secret, clock):
     """security.md 42, 43: the audit record of `users unlock` names a lock it lifted only when one still ran:
     once the 15 minutes are over it keeps the counts cleared, not a "locked until" in the past that reads as
