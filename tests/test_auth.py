@@ -716,6 +716,35 @@ def test_the_lock_says_too_many_to_its_last_second(actor, secret, clock):
         as_text=True)
 
 
+def test_codes_refused_during_a_pause_do_not_make_it_a_lock(actor, secret, clock):
+    """security.md 18: only the codes checked (the strikes) decide whether the account's wait is one of the
+    short pauses or the lock; codes refused during a pause are counted, but do not make "Too many wrong codes"
+    of it. With 4 strikes and 9 refused codes (a pause of 5 seconds left), the code page shows no refusal
+    before a code is typed, a code sent reads "Wait 5 seconds before entering another code", and the code
+    step ended by its fifth code asks to sign in again without a wait to sit out."""
+    user = actor.user(secret=secret)
+    assert actor.password_step().headers["Location"] == "/login/verify"
+    with actor.app.app_context():
+        User.update(code_failures=9, code_strikes=actor.app.config["THROTTLE_FREE_FAILURES"],
+                    code_locked_until=utc(clock.t) + timedelta(seconds=5)).where(User.id == user.id).execute()
+    page = actor.client.get("/login/verify").get_data(as_text=True)
+    assert "Too many" not in page and "Wait" not in page
+    for _ in range(4):
+        r = actor.code_step(actor.code(secret))
+        assert r.status_code == 429 and "Wait 5 seconds before entering another code." in r.get_data(as_text=True)
+        assert "Too many" not in r.get_data(as_text=True)
+    r = actor.code_step(actor.code(secret))  # the code step's fifth refused code ends it
+    assert r.status_code == 302 and r.headers["Location"] == "/login"
+    page = actor.client.get("/login").get_data(as_text=True)
+    assert "Too many wrong codes. For your security, please sign in again." in page
+    assert "then sign in again" not in page
+    row = user_row(actor.app)
+    assert (row.code_failures, row.code_strikes) == (14, 4)
+    clock.advance(5)
+    assert actor.password_step().headers["Location"] == "/login/verify"
+    assert actor.code_step(actor.code(secret)).headers["Location"] == "/settings"
+
+
 def test_success_resets_the_failure_counter(actor, secret, clock):
     """security.md 19: four failures then a success leave the counter at 0."""
     actor.user(secret=secret)
