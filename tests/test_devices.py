@@ -107,6 +107,8 @@ def test_rename_with_htmx_returns_the_row_fragment(actor, app, alice):
     ("   ", "Give this device a name."),
     ("y" * 65, "at most 64 characters"),
     ("TABLET", "already have a device with this name"),
+    # a joiner after an emoji joins it; one after that joiner joins nothing and only hides in the name
+    ("\U0001f600\u200d\u200d\u200c phone", "letters, digits"),
 ])
 def test_rename_is_validated(actor, app, alice, name, message):
     add_device(app, alice, "Tablet")
@@ -133,6 +135,22 @@ def test_names_written_with_joiners_or_newer_emoji_are_allowed(actor, app, alice
     r = post(actor, f"/settings/devices/{device.id}/rename", {f"rename-{device.id}-name": name})
     assert r.status_code == 302
     assert [d.name for d in device_rows(app, alice)] == [name]
+
+
+@pytest.mark.parametrize("marks", [1, 6, 7, 28])
+def test_a_name_takes_up_to_six_combining_marks_on_one_letter(actor, app, alice, marks):
+    """Writing stacks a few marks on one letter (Vietnamese two, pointed Hebrew with cantillation four): up
+    to six (fields.MAX_STACKED_MARKS) make a name; seven or more, which paint over the lines around the name
+    on the page, are refused and the name stays as it was."""
+    [device] = device_rows(app, alice)
+    name = "Z" + "\u033f" * marks + " phone"  # U+033F COMBINING DOUBLE OVERLINE: no composed form with Z
+    r = post(actor, f"/settings/devices/{device.id}/rename", {f"rename-{device.id}-name": name})
+    if marks <= 6:
+        assert r.status_code == 302
+        assert [d.name for d in device_rows(app, alice)] == [name]
+    else:
+        assert r.status_code == 400 and "Use letters, digits, spaces and punctuation only." in text(r)
+        assert [d.name for d in device_rows(app, alice)] == ["Phone"]
 
 
 def test_renaming_to_its_own_name_in_other_case_is_allowed(actor, app, alice):
