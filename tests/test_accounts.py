@@ -696,6 +696,10 @@ def test_signup_creates_an_account(app, actor):
     ("\u0430lice@example.com", "mixes letters of different alphabets"),  # Cyrillic а
     ("alice@ex\u0430mple.com", "mixes letters of different alphabets"),
     ("p\u03b1ypal@example.com", "mixes letters of different alphabets"),  # Greek α
+    # the other alphabets with letters that pass for Latin ones: Armenian օ, Cherokee Ꭺ, Coptic ⲁ
+    ("b\u0585b@example.com", "mixes letters of different alphabets"),
+    ("\u13aalice@example.com", "mixes letters of different alphabets"),
+    ("p\u2c81ypal@example.com", "mixes letters of different alphabets"),
     ("alice@xn--xample-2of.com", "mixes letters of different alphabets"),  # stored as "alice@еxample.com"
     ("\u0430\u04cf\u0456\u0441\u0435@example.com", "letters that look like Latin ones"),  # all Cyrillic "аӏісе"
     ("\u0430\u04cf\u0456\u0441\u0435.smith@example.com", "letters that look like Latin ones"),
