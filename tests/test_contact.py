@@ -125,7 +125,11 @@ def test_too_short_and_too_long_messages_are_refused(app, actor):
                                      # (a security review: over "Sent without entering this account's password")
                                      "\u2588" + "\u033f" * 28 + " Lost my phone, please help",
                                      # the same pile with zero-width spaces between the marks
-                                     "\u2588" + "\u033f\u200b" * 28 + " Lost my phone, please help"])
+                                     "\u2588" + "\u033f\u200b" * 28 + " Lost my phone, please help",
+                                     # one more than the six marks writing needs on a letter (below)
+                                     "Z" + "\u033f" * 7 + " Lost my phone, please help",
+                                     # vertical tab and form feed: controls, not the line breaks a textarea sends
+                                     "Lost my phone\x0bplease help me", "Lost my phone\x0cplease help me"])
 def test_hidden_characters_in_a_message_are_refused(app, actor, message):
     """Support reads the message: an override that shows text reversed, a terminal escape or a zero-width
     space hides what was written from the reader (a fuzzing review)."""
@@ -143,6 +147,8 @@ def test_hidden_characters_in_a_message_are_refused(app, actor, message):
     "Tôi bị mất điện thoại, xin hãy giúp đỡ",  # Vietnamese, with its marks typed separately below:
     "To\u0302\u0301i bi\u0323 ma\u0302\u0301t \u0111ie\u0323\u0302n thoa\u0323i, xin giu\u0301p",
     "\u05d1\u05bc\u05b0\u05e8\u05b5\u05d0\u05e9\u05c1\u05b4\u05d9\u05ea I lost my phone",  # pointed Hebrew
+    "Z" + "\u033f" * 6 + " Lost my phone, please help",  # six marks on one letter: as many as writing needs
+    "Lost my phone.\n\tIt had the authenticator app on it.",  # a line break and a tab
 ])
 def test_messages_as_people_write_them_are_taken(app, actor, message):
     """The contact form is the only way in for someone locked out: text as people write it in their language,
