@@ -260,6 +260,33 @@ def test_strangers_cannot_lock_the_owner_out_of_the_form(app, actor, secret):
     assert [r.email for r in requests_in_db(app)].count("alice@example.com") == 6
 
 
+def test_a_signed_in_person_writing_about_another_account_has_the_single_limit(app, actor):
+    """The room the password gives is for the account it was entered for: Alice, signed in, writing about
+    Bob's address is a stranger to that account. The audit record says the sender had not entered its
+    password, and Bob's address keeps the single limit (SUPPORT_REQUESTS_PER_HOUR, from any network), so
+    someone with one account cannot use up the owner's doubled room of another."""
+    actor.user()
+    bob = actor.user(email="bob@example.com")
+    assert actor.password_step().headers["Location"] == "/settings"  # Alice, signed in (no 2FA)
+    limit = app.config["SUPPORT_REQUESTS_PER_HOUR"]
+    for i in range(limit):
+        r = send(actor, email="bob@example.com", environ_base={"REMOTE_ADDR": f"203.0.113.{i + 1}"})
+        assert r.status_code == 302
+    r = send(actor, email="bob@example.com", environ_base={"REMOTE_ADDR": "198.51.100.7"})
+    assert r.status_code == 429 and "sign in up to the code step first" in r.get_data(as_text=True)
+    assert [(r.email, r.user_id) for r in requests_in_db(app)] == [("bob@example.com", bob.id)] * limit
+    with app.app_context():
+        details = [e.details for e in AuditEvent.select().where(AuditEvent.kind == "support_request")
+                   .order_by(AuditEvent.id)]
+    assert [d["after_password"] for d in details] == [False] * limit
+    assert not any("signed_in" in d for d in details)
+    # Her own address, the same browser: the password was entered for it.
+    assert send(actor, email="alice@example.com", environ_base={"REMOTE_ADDR": "198.51.100.8"}).status_code == 302
+    with app.app_context():
+        last = AuditEvent.select().where(AuditEvent.kind == "support_request").order_by(AuditEvent.id.desc()).get()
+    assert last.details["after_password"] is True and last.details["signed_in"] is True
+
+
 def test_the_per_address_limit_holds_for_every_spelling_of_the_address(app, actor):
     """A ligature, full-width letters or the punycode form of the domain are the same mailbox: they were
     stored as other addresses, each with a limit of its own and no link to the account."""
