@@ -360,16 +360,17 @@ def test_a_signed_in_owner_still_has_the_per_network_limit(app, actor, secret):
 
 
 def test_the_limit_lasts_a_full_hour(app, actor, clock):
-    """The page says "wait an hour", and that is what it means: 59 minutes after the limit was reached a
-    request is still refused and not stored; just past the hour it goes through."""
+    """The page says "wait an hour", and that is what it means: 59 minutes, and 59 minutes 30 seconds, after
+    the limit was reached a request is still refused and not stored; just past the hour it goes through."""
     limit = app.config["SUPPORT_REQUESTS_PER_HOUR"]
     for _ in range(limit):
         assert send(actor).status_code == 302
-    clock.advance(59 * 60)
-    r = send(actor)
-    assert r.status_code == 429 and "wait an hour" in r.get_data(as_text=True)
-    assert len(requests_in_db(app)) == limit
-    clock.advance(60 + 1)
+    for wait in (59 * 60, 30):
+        clock.advance(wait)
+        r = send(actor)
+        assert r.status_code == 429 and "wait an hour" in r.get_data(as_text=True)
+        assert len(requests_in_db(app)) == limit
+    clock.advance(30 + 1)
     assert send(actor).status_code == 302
     assert len(requests_in_db(app)) == limit + 1
 
