@@ -594,7 +594,7 @@ def _windows_opened_by(ids):
     for e in _by_ids(AuditEvent, _latest_disables_query, ids).dicts():
         detail = json.loads(e["detail"] or "{}")
         found[e["user"]] = {"created_at": e["created_at"], "actor_email": e["actor_email"],
-                               "reason": detail.get("reason"), "ticket": detail.get("ticket")}
+                            "reason": detail.get("reason"), "ticket": detail.get("ticket")}
     return found
 
 
@@ -677,14 +677,14 @@ def _open_requests():
 
 def _oldest_open(*conditions):
     """Up to OPEN_REQUESTS_SHOWN open contact requests (meeting `conditions` too), oldest first, each marked
-    with whether its sender had entered the password (_mark_password_entered)."""
+    with whether its sender had entered the password (_mark_request_hints)."""
     requests = list(SupportRequest.select().where(SupportRequest.handled_at.is_null(), *conditions)
                     .order_by(SupportRequest.created_at, SupportRequest.id).limit(OPEN_REQUESTS_SHOWN))
-    _mark_password_entered(requests)
+    _mark_request_hints(requests)
     return requests
 
 
-def _mark_password_entered(requests, last_code=True):
+def _mark_request_hints(requests, last_code=True):
     """Set on each request what support can tell of its sender and of the account's phone:
     - `after_password`: whether the sender had entered the account's password (signed in, at the code step,
       or refused after support's window), and `signed_in`, whether they were signed in, as its audit record
@@ -707,8 +707,9 @@ def _mark_password_entered(requests, last_code=True):
             if details.get("signed_in"):
                 signed_in.add(details.get("request"))
         if last_code:
-            for user_id, created_at, used_at in Device.select(Device.user, Device.created_at, Device.last_used_at).where(
-                    Device.user.in_(sorted(ids)) & Device.last_used_at.is_null(False)).tuples():
+            used = Device.select(Device.user, Device.created_at, Device.last_used_at).where(
+                Device.user.in_(sorted(ids)) & Device.last_used_at.is_null(False))
+            for user_id, created_at, used_at in used.tuples():
                 devices.setdefault(user_id, []).append((created_at, used_at))
     for r in requests:
         r.after_password = r.id in entered
@@ -737,7 +738,7 @@ def _recently_handled():
     handled = list(SupportRequest.select().where(SupportRequest.handled_at.is_null(False))
                    .order_by(SupportRequest.handled_at.desc(), SupportRequest.id.desc()).limit(HANDLED_SHOWN))
     _add_handlers(handled)
-    _mark_password_entered(handled, last_code=False)  # decided already: the phone's later codes are no news
+    _mark_request_hints(handled, last_code=False)  # decided already: the phone's later codes are no news
     return handled
 
 
