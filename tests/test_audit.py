@@ -64,7 +64,8 @@ def test_early_end_writes_exactly_one_record(app, actor, secret, clock):
 
 
 def test_refused_and_invalid_actions_write_no_record(app, actor, secret):
-    """security.md 38, 41, 42: nothing changed means nothing recorded as done."""
+    """security.md 38, 41, 42: nothing changed means nothing recorded as done (an attempt on an admin is
+    recorded as refused: test_support.test_acting_on_another_admin_is_refused)."""
     target = actor.user("carol@example.com", secret=new_secret())
     other_admin = actor.user("other@example.com", admin=True, secret=new_secret())
     sign_in_admin(actor, secret)

@@ -1162,6 +1162,9 @@ def test_acting_on_yourself_is_refused(app, actor, secret):
     assert count(app, Device, Device.user == admin.id) == 1
     assert user_row(app, ADMIN).tfa_reset_until is None
     assert count(app, AuditEvent, AuditEvent.kind == "support_tfa_disabled") == 0
+    with app.app_context():  # the attempt is audited (security.md 43)
+        event = AuditEvent.get(AuditEvent.kind == "support_action_refused")
+        assert (event.actor_id, event.user_id, event.details["why"]) == (admin.id, admin.id, "own account")
 
 
 def test_acting_on_another_admin_is_refused(app, actor, secret):
@@ -1173,6 +1176,15 @@ def test_acting_on_another_admin_is_refused(app, actor, secret):
     assert count(app, Device, Device.user == other.id) == 1
     assert user_row(app, "other-admin@example.com").tfa_reset_until is None
     assert count(app, AuditEvent, AuditEvent.kind.in_(["support_tfa_disabled", "support_window_ended"])) == 0
+    # security.md 43: the attempts are audited, with who tried what on whom (a 403 was only a log line);
+    # reading the form is not an attempt
+    assert actor.client.get(f"/support/users/{other.id}/disable-2fa").status_code == 403
+    with app.app_context():
+        refused = [(e.actor_id, e.user_id, e.details) for e in AuditEvent.select().where(
+            AuditEvent.kind == "support_action_refused").order_by(AuditEvent.id)]
+    admin_id = user_row(app, ADMIN).id
+    assert refused == [(admin_id, other.id, {"action": "disable_2fa", "why": "another admin"}),
+                       (admin_id, other.id, {"action": "end_window", "why": "another admin"})]
 
 
 def test_a_person_made_an_admin_while_the_form_was_checked_is_not_acted_on(app, actor, secret, target, monkeypatch):

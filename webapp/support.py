@@ -180,6 +180,7 @@ KIND_LABELS = {
     "support_request_reopened": "Support request reopened",
     "support_tfa_disabled": "Support turned off 2FA for a limited time",
     "support_window_ended": "Support ended the 2FA time window early",
+    "support_action_refused": "Support action refused: not allowed on one's own or another admin's account",
 }
 
 DETAIL_LABELS = {
@@ -208,6 +209,8 @@ DETAIL_LABELS = {
     "devices": "Devices",
     "counted_in": "Counted against",
     "after_password": "Sender had entered the account's password (not proof of identity)",
+    "action": "Action",
+    "why": "Why",
     "code_failures": "Refused codes cleared",
     "code_locked_until": "Code entry was locked until",
     "password_failures": "Wrong passwords cleared",
@@ -798,9 +801,16 @@ _PROTECTED = ("Support cannot change two-factor authentication on its own accoun
 
 
 def _refuse_protected(target):
-    """Separation of duties: no action on yourself or on another admin (security.md 41)."""
+    """Separation of duties: no action on yourself or on another admin (security.md 41). An attempt to act
+    (a POST: the page offers no such button, so it came from a forged request or a page from before a
+    promotion) is audited, for whoever reviews what admins did; reading the form is only logged."""
     if target.id == current_user.id or target.is_admin:
         log.warning("support action refused: actor=%s target=%s", current_user.id, target.id)
+        if request.method == "POST":
+            with write_transaction():
+                audit("support_action_refused", user=target, actor=current_user._get_current_object(),
+                      action=request.endpoint.rpartition(".")[2],
+                      why="own account" if target.id == current_user.id else "another admin")
         abort(403, _PROTECTED)
 
 
