@@ -1206,6 +1206,22 @@ def test_encryption_keys_that_are_only_commas_and_spaces_stop_the_start(tmp_path
                     "DATABASE_URL": f"sqlite:///{tmp_path / 'db'}"})
 
 
+def test_a_malformed_encryption_key_is_named_by_its_place_not_by_its_value(tmp_path):
+    """An operator's walk: "must be comma-separated Fernet keys" did not say which of `new,old` was wrong. The
+    message names the key's place in the list, and never the key (it goes to logs and consoles)."""
+    from cryptography.fernet import Fernet
+
+    good = Fernet.generate_key().decode()
+    with pytest.raises(ConfigError) as raised:
+        create_app({"INSTANCE_PATH": str(tmp_path), "SECRET_KEY": "k" * 40,
+                    "TOTP_ENCRYPTION_KEYS": f"{good},not-a-key-at-all",
+                    "DATABASE_URL": f"sqlite:///{tmp_path / 'db'}"})
+    message = str(raised.value)
+    assert message == ("TOTP_ENCRYPTION_KEYS must be comma-separated Fernet keys: key 2 of 2 is not one "
+                       "(44 characters of URL-safe Base64)")
+    assert good not in message and "not-a-key" not in message
+
+
 # ------------------------------------------------------------------ users disable / enable
 
 

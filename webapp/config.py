@@ -169,11 +169,13 @@ def validate(config):
     if not issuer or ":" in issuer or len(issuer) > 64:
         raise ConfigError("TOTP_ISSUER must be 1-64 characters and contain no ':'")
     keys = [k.strip() for k in str(config["TOTP_ENCRYPTION_KEYS"]).split(",") if k.strip()]
-    try:
-        for k in keys:
-            Fernet(k)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError("TOTP_ENCRYPTION_KEYS must be comma-separated Fernet keys") from exc
+    for number, key in enumerate(keys, 1):
+        try:
+            Fernet(key)
+        except (ValueError, TypeError):
+            # Which one, by its place in the list (never the key itself: the message goes to logs and consoles).
+            raise ConfigError(f"TOTP_ENCRYPTION_KEYS must be comma-separated Fernet keys: key {number} of "
+                              f"{len(keys)} is not one (44 characters of URL-safe Base64)") from None
     if not keys:
         raise ConfigError("TOTP_ENCRYPTION_KEYS is empty")
 
