@@ -367,8 +367,12 @@ def test_operator_cli_shows_an_accounts_activity_read_only(app, actor, secret, c
     assert result.exit_code == 0, result.output
     assert "Support turned off 2FA until" in result.output and "Reason: Checked passport" in result.output
     assert len(events(app)) == before
+    # Each side names the other: the person's line says which admin acted, the admin's says on whom.
+    disabled_line = next(line for line in result.output.splitlines() if "Support turned off 2FA" in line)
+    assert f"(by {ADMIN})" in disabled_line
     admin_view = app.test_cli_runner().invoke(args=["users", "activity", ADMIN, "--limit", "50"])
-    assert "(done by this account)" in admin_view.output
+    admin_line = next(line for line in admin_view.output.splitlines() if "Support turned off 2FA" in line)
+    assert "(done by this account, on carol@example.com)" in admin_line
     missing = app.test_cli_runner().invoke(args=["users", "activity", "nobody@example.com"])
     assert missing.exit_code != 0 and "no account" in missing.output
 

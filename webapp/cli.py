@@ -330,10 +330,20 @@ def activity(email, limit):
     from .support import detail_text, event_text
 
     user = _get_user(email)
-    query = (AuditEvent.select().where((AuditEvent.user == user) | (AuditEvent.actor == user))
-             .order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc()).limit(limit))
+    query = list(AuditEvent.select().where((AuditEvent.user == user) | (AuditEvent.actor == user))
+                 .order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc()).limit(limit))
+    # The other side of each event, by address: the admin who acted on this account, or the account this
+    # one acted on (support's disables, for example). One query for the page.
+    others = {e.user_id for e in query if e.user_id != user.id} | {e.actor_id for e in query if e.actor_id}
+    others.discard(user.id)
+    emails = dict(User.select(User.id, User.email).where(User.id.in_(sorted(others))).tuples()) if others else {}
     for event in query:
-        who = "" if event.user_id == user.id else " (done by this account)"
+        if event.user_id != user.id:
+            who = " (done by this account" + (f", on {emails[event.user_id]})" if event.user_id in emails else ")")
+        elif event.actor_id and event.actor_id != user.id:
+            who = f" (by {emails.get(event.actor_id, 'a deleted account')})"
+        else:
+            who = ""
         details = "; ".join(f"{label}: {value}" for label, value in detail_text(event.details))
         click.echo(f"{event.created_at:%Y-%m-%d %H:%M:%S} UTC  {event_text(event.kind, event.details)}{who}"
                    + (f"  [{details}]" if details else "") + (f"  from {event.ip}" if event.ip else ""))
