@@ -1,6 +1,7 @@
 """The audit trail: one complete record per support action, no way to edit it, a filterable log for
 admins, and each person's own Security activity in User Settings (security.md 42, 43)."""
 import json
+import re
 from datetime import datetime, timedelta
 
 import pytest
@@ -399,3 +400,33 @@ def test_audit_log_line_follows_the_commit_and_a_rolled_back_event_is_not_logged
                 raise RuntimeError("the request failed after the event")
         assert "code_rejected" not in caplog.text
     assert [e.kind for e in events(app)] == ["signin"]
+
+
+def test_operator_exports_the_audit_log_as_json_lines_and_can_go_on_from_the_last_id(app, actor, secret, clock):
+    """security.md 42, 43: `flask audit export` writes the records, oldest first, one JSON object a line, with
+    the addresses of the person and the actor (an operator's walk: there was no way to hand the log to an
+    archive but SQL). `--after-id` goes on from an earlier export; `--since` starts at a time. Read-only, and
+    no line holds a code or a secret."""
+    target = actor.user("carol@example.com", secret=new_secret())
+    sign_in_admin(actor, secret)
+    disable(actor, target, reason="Checked passport on a video call", ticket="SUP-9")
+    before = len(events(app))
+    result = app.test_cli_runner().invoke(args=["audit", "export"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines()]
+    assert len(lines) == before and len(events(app)) == before
+    assert [line["id"] for line in lines] == sorted(line["id"] for line in lines)
+    disabled = next(line for line in lines if line["kind"] == "support_tfa_disabled")
+    assert (disabled["user"], disabled["actor"], disabled["detail"]["reason"], disabled["detail"]["ticket"]) == (
+        "carol@example.com", ADMIN, "Checked passport on a video call", "SUP-9")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", disabled["time"])
+    assert secret not in result.output and target.email in result.output
+    clock.advance(120)
+    end_window(actor, target)
+    more = app.test_cli_runner().invoke(args=["audit", "export", "--after-id", str(lines[-1]["id"])])
+    assert [json.loads(line)["kind"] for line in more.output.splitlines()] == ["support_window_ended"]
+    later = app.test_cli_runner().invoke(args=["audit", "export", "--since",
+                                               f"{utc(clock.t - 60):%Y-%m-%dT%H:%M:%S}"])
+    assert [json.loads(line)["kind"] for line in later.output.splitlines()] == ["support_window_ended"]
+    bad = app.test_cli_runner().invoke(args=["audit", "export", "--since", "yesterday"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
