@@ -384,12 +384,16 @@ def test_cli_unlock_clears_a_code_lock_and_nothing_else(app, actor, secret, cloc
     assert ("Failed sign-in attempts cleared by the server operator  [Through: command line; Refused codes "
             f"cleared: 6; Code entry was locked until: {until:%Y-%m-%d %H:%M} UTC]") in activity
 
-    result = run(app, "users", "unlock", "alice@example.com")
-    assert result.exit_code == 0
-    assert result.output == ("alice@example.com has no failed sign-in attempts counted; nothing to clear; "
-                             "nothing changed\n")
+    assert_unlock_finds_nothing(app)
     with app.app_context():
         assert AuditEvent.select().where(AuditEvent.kind == "throttle_cleared").count() == 1
+
+
+def assert_unlock_finds_nothing(app, email="alice@example.com"):
+    """`users unlock` on an account with nothing counted: it says so, succeeds, and changes nothing."""
+    result = run(app, "users", "unlock", email)
+    assert result.exit_code == 0
+    assert result.output == f"{email} has no failed sign-in attempts counted; nothing to clear; nothing changed\n"
 
 
 def test_cli_unlock_clears_the_password_lock_of_the_account_and_of_the_persons_browsers(app, actor, clock):
@@ -491,10 +495,7 @@ def test_a_browser_past_its_lifetime_is_neither_listed_nor_cleared(app, actor, c
     clock.advance(11 * 60)  # the browser's lifetime is over; the lock it counted still runs for 4 minutes
     assert utc(clock.t) < lock
     assert list_line(app, "alice@example.com") == "alice@example.com\tuser\t2FA off"
-    result = run(app, "users", "unlock", "alice@example.com")
-    assert result.exit_code == 0
-    assert result.output == ("alice@example.com has no failed sign-in attempts counted; nothing to clear; "
-                             "nothing changed\n")
+    assert_unlock_finds_nothing(app)
     with app.app_context():
         assert AuditEvent.select().where(AuditEvent.kind == "throttle_cleared").count() == 0
         [row] = KnownBrowser.select().where(KnownBrowser.user == user.id)
