@@ -283,6 +283,13 @@ def _restarted(pending):
     return _wizard("restarted", status=409, pending=pending)
 
 
+def _replaced_meanwhile(user):
+    """For a step whose key has gone while it was checked: the "restarted" answer when Start over put a new
+    key in its place, or None when there is no key left (used up, discarded, or expired)."""
+    current = current_pending(user)
+    return _restarted(current) if current is not None else None
+
+
 def _wizard(step, status=200, pending=None, **context):
     """Render one wizard step: alone for htmx (it replaces itself), inside the full page otherwise. With
     `pending`, the step's forms name that key (pending_handle), so a later step can tell a page of a key
@@ -424,8 +431,7 @@ def verify_code(user, pending):
                 if not PendingEnrolment.update(verified_step=newest).where(_same_key(pending)).execute():
                     # Start over replaced the key while this code was checked (SQLite may give the new row
                     # the same id): the code is the old key's and must not mark the new one as confirmed.
-                    current = current_pending(user)
-                    return _restarted(current) if current is not None else _without_pending(user)
+                    return _replaced_meanwhile(user) or _without_pending(user)
                 audit("tfa_enrolment_code_accepted", user=user)
                 if not htmx.is_htmx():
                     # Post/redirect/get: a reload asks for the name again instead of sending the code again
@@ -438,10 +444,9 @@ def verify_code(user, pending):
     with write_transaction():
         PendingEnrolment.update(failures=PendingEnrolment.failures + 1).where(_same_key(pending)).execute()
         counted = PendingEnrolment.get_or_none(_same_key(pending))
-        if counted is None:
-            current = current_pending(user)
-            if current is not None:  # Start over replaced the key meanwhile: this code was the old key's
-                return _restarted(current)
+        replaced = _replaced_meanwhile(user) if counted is None else None
+        if replaced is not None:  # Start over replaced the key meanwhile: this code was the old key's
+            return replaced
         # None: a wrong code sent at the same time used up the last attempt and discarded the key already.
         failures = MAX_ENROLMENT_FAILURES if counted is None else counted.failures
         discarded_now = counted is not None and failures >= MAX_ENROLMENT_FAILURES
