@@ -244,11 +244,9 @@ def test_a_wrong_password_in_a_known_browser_takes_the_person_before_the_browser
         assert User.get_by_id(user.id).password_failures == 0  # counted on the browser, not the account
 
 
-def test_users_unlock_takes_the_person_before_the_browsers_counter(app, actor, clock):
-    """`users unlock` clears the person's counters and those of their known browsers. A wrong password
-    typed in such a browser takes the person's row, then the browser's (auth._count_failure): unlock must
-    take them in that order too, so that while the person's row is held it waits, with the browser's row
-    untouched (security.md 20)."""
+def a_wrong_password_in_a_known_browser(app, actor):
+    """A person signed in from this browser, signed out, then typed a wrong password in it (counted on the
+    browser's row): (the person, the browser's row, `users unlock` of them as a function to run)."""
     from webapp.models import KnownBrowser
 
     user = actor.user()
@@ -257,9 +255,18 @@ def test_users_unlock_takes_the_person_before_the_browsers_counter(app, actor, c
     assert actor.password_step(password="wrong password").status_code == 200  # counted on the browser
     with app.app_context():
         [browser] = KnownBrowser.select().where(KnownBrowser.user == user.id)
+    return user, browser, lambda: app.test_cli_runner().invoke(args=["users", "unlock", user.email])
 
-    def unlock():
-        return app.test_cli_runner().invoke(args=["users", "unlock", user.email])
+
+def test_users_unlock_takes_the_person_before_the_browsers_counter(app, actor, clock):
+    """`users unlock` clears the person's counters and those of their known browsers. A wrong password
+    typed in such a browser takes the person's row, then the browser's (auth._count_failure): unlock must
+    take them in that order too, so that while the person's row is held it waits, with the browser's row
+    untouched (security.md 20). (Its own UPDATE of the person's row comes before the browsers' and waits
+    as well: without User.lock this still passes; the next test is the one that needs the lock.)"""
+    from webapp.models import KnownBrowser
+
+    user, browser, unlock = a_wrong_password_in_a_known_browser(app, actor)
 
     blocked, untouched, outcome = run_while_person_held(user.id, unlock, [("knownbrowser", browser.id)])
 
@@ -267,6 +274,33 @@ def test_users_unlock_takes_the_person_before_the_browsers_counter(app, actor, c
     assert outcome.exit_code == 0 and "password entry in 1 known browser(s) (1 wrong password(s)" in outcome.output
     with app.app_context():
         assert KnownBrowser.get_by_id(browser.id).password_failures == 0
+
+
+def test_users_unlock_reads_the_counters_it_clears_under_the_persons_row(app, actor, clock):
+    """`users unlock` reads the counters (for its report and audit record) after it has the person's row,
+    so that what it reports is what it clears. Found by mutation testing: without User.lock (or with it after
+    the writes) unlock read them first and only then waited, at its UPDATE of the person's row; a wrong
+    password counted meanwhile (auth._count_failure, which holds the person's row) was cleared too but left
+    out of the operator's report and the audit record. Here one is counted while unlock waits: it reports
+    and records both (security.md 20)."""
+    from webapp.models import AuditEvent, KnownBrowser
+
+    user, browser, unlock = a_wrong_password_in_a_known_browser(app, actor)
+
+    def count_a_wrong_password(held):
+        # as _count_failure does, holding the person's row; committing lets the person's row go
+        held.conn.execute('UPDATE "knownbrowser" SET password_failures = password_failures + 1 WHERE id = %s',
+                          (browser.id,))
+        held.conn.commit()
+
+    blocked, _, outcome = look_while_person_held(user.id, unlock, count_a_wrong_password)
+
+    assert blocked
+    assert outcome.exit_code == 0 and "password entry in 1 known browser(s) (2 wrong password(s)" in outcome.output
+    with app.app_context():
+        assert KnownBrowser.get_by_id(browser.id).password_failures == 0
+        [event] = AuditEvent.select().where(AuditEvent.kind == "throttle_cleared")
+        assert event.details["known_browser_failures"] == 2
 
 
 def test_revoking_an_admin_waits_for_every_admins_row_before_counting_the_others(app, actor):
