@@ -155,6 +155,36 @@ def test_sign_out_everywhere_else_takes_the_person_before_the_sessions(app, acto
 
 
 
+def test_renewing_a_signed_in_session_takes_the_person_before_the_old_session(app, actor, clock):
+    """Re-authentication gives the session a new row and deletes the old one (sessions.DbSessionInterface._write),
+    holding the person's row first, as end_user_sessions ("Sign out everywhere else", Support, 2FA changes)
+    does before it deletes their sessions. Found by mutation testing: dropping that User.lock failed no test.
+    Without it the renewal locked its old row, then waited for the person's row to insert the new one (whose
+    foreign key needs it): a sign-out holding the person's row and deleting that old row deadlocks with it.
+    While the person's row is held, the renewal waits and its old row is untouched (security.md 20)."""
+    from webapp.models import ServerSession
+
+    from .conftest import PASSWORD
+
+    user = actor.user()  # without 2FA: the password is checked without any lock, so the renewal is what waits
+    actor.sign_in()
+    clock.advance(11 * 60)  # no longer a fresh sign-in: /reauth asks for the password
+    with app.app_context():
+        [old] = ServerSession.select().where(ServerSession.user == user.id)
+    token = actor.csrf("/reauth?next=/settings")
+
+    blocked, untouched, status = run_while_person_held(
+        user.id, lambda: actor.client.post("/reauth?next=/settings",
+                                           data={"csrf_token": token, "password": PASSWORD}).status_code,
+        [("serversession", old.id)])
+
+    assert blocked and untouched == {("serversession", old.id): True}
+    assert status == 302
+    with app.app_context():
+        [new] = ServerSession.select().where(ServerSession.user == user.id)
+        assert new.id != old.id
+
+
 def test_the_purge_skips_rows_a_persons_transaction_holds_instead_of_waiting(app, actor, clock):
     """models.purge_expired (the app's periodic purge and `flask purge-expired`) deleted expired sessions,
     then expired sign-in challenges, waiting for any row another transaction held; Support's disable deletes
