@@ -8,7 +8,7 @@ import gc
 import multiprocessing
 import os
 
-# Sync workers: every request is short and CPU-bound (a password hash is the longest, ~100 ms), so one
+# Sync workers: every request is short and CPU-bound (a password hash is the longest, ~150 ms), so one
 # request per process at a time is simplest; 2 x cores keeps the CPU busy while one waits on the database.
 workers = int(os.environ.get("WEB_CONCURRENCY", min(4, multiprocessing.cpu_count() * 2)))
 worker_class = "sync"

@@ -1,4 +1,4 @@
-"""Operator commands: flask --app wsgi users ... and keys ..."""
+"""Operator commands: flask --app wsgi users ..., keys rotate, audit export and purge-expired."""
 import re
 
 import click
