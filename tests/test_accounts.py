@@ -1286,6 +1286,26 @@ def test_cli_disable_takes_the_account_out_of_use_at_once_and_enable_brings_it_b
         assert result.exit_code == 1 and "no account with email nobody@example.com" in result.output
 
 
+def test_cli_enable_ends_and_reports_a_session_left_from_before_the_disable(app, actor):
+    """`users enable` ends any session row of the account still there from before the disable (a session
+    renewed just as the disable committed, or a row restored from a backup) and says so, as every command
+    reports the sessions it ended; the audit record counts it (security.md 42)."""
+    user = actor.user()
+    assert run(app, "users", "disable", "alice@example.com").exit_code == 0
+    with app.app_context():
+        ServerSession.create(id="s" * 64, user=user.id)
+
+    result = run(app, "users", "enable", "alice@example.com")
+
+    assert result.exit_code == 0
+    assert result.output == ("alice@example.com is enabled again: it signs in as before (devices and password "
+                             "unchanged); 1 session(s) left from before ended\n")
+    with app.app_context():
+        assert ServerSession.select().where(ServerSession.user == user.id).count() == 0
+        [event] = AuditEvent.select().where(AuditEvent.kind == "account_enabled")
+        assert event.details["sessions_ended"] == 1
+
+
 def test_cli_disable_leaves_an_admin_who_can_sign_in(app, actor):
     """As `promote --revoke` (security.md 41: someone must be left to answer support requests), `users
     disable` refuses to leave no admin whose account is in use: nobody could open the Support page, and the

@@ -237,7 +237,8 @@ def enable(email):
         left = end_user_sessions(user)
         audit("account_enabled", user=user, via="cli", disabled_since=user.disabled_at.isoformat(),
               **({"sessions_ended": left} if left else {}))
-    click.echo(f"{user.email} is enabled again: it signs in as before (devices and password unchanged)")
+    ended = f"; {left} session(s) left from before ended" if left else ""
+    click.echo(f"{user.email} is enabled again: it signs in as before (devices and password unchanged){ended}")
 
 
 @users.command("reset-2fa")
