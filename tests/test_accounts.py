@@ -713,6 +713,10 @@ def test_signup_creates_an_account(app, actor):
     ("al\u17b4ice@example.com", "characters that do not show"),  # a Khmer inherent vowel
     ("\u115falice@example.com", "characters that do not show"),  # a Hangul filler
     ("al\u0307ice@example.com", "accents that do not belong to a letter"),  # a second dot over the i
+    # marks piled on a letter of another script paint over the Support page's own hints beside the address,
+    # as they did from a message (a security review: "中" with 40 accents on it was taken)
+    ("\u4e2d" + "\u0301" * 40 + "@example.com", "more accents on one letter"),
+    ("\u0e01" + "\u0e49" * 7 + "@example.co.th", "more accents on one letter"),  # one more than writing needs
 ])
 def test_signup_refuses_an_address_that_passes_for_another(app, actor, email, said):
     """Support goes by what an address looks like (the contact form, the Support search): an account

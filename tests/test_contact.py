@@ -334,6 +334,21 @@ def test_request_is_audited_for_the_account(app, actor):
     assert MESSAGE not in events[0].detail  # the message itself stays in the request, not the log
 
 
+@pytest.mark.parametrize("email", [
+    "a" + "\u0363" * 30 + "@example.com",  # marks piled on one letter
+    "\u4e2d" + "\u0301" * 7 + "@example.com",  # one more than the six that writing needs
+    "vi\u034fctim@example.com",  # reads "victim@example.com": the combining grapheme joiner shows nothing
+    "victim\ufe0f@example.com", "victim\u3164@example.com"])  # a variation selector, a Hangul filler
+def test_an_address_that_hides_or_paints_over_what_support_reads_is_refused(app, actor, email):
+    """Support reads the address above each request, beside its hints ("no account with this address", "Sent
+    without entering this account's password"): a pile of marks painted over them, and an address with a
+    character that shows nothing read as someone else's (a security review). The message was checked for both,
+    the address was not. Refused as new accounts refuse them; nothing is stored."""
+    r = send(actor, email=email)
+    assert r.status_code == 400 and "Type the address you sign in with" in r.get_data(as_text=True)
+    assert requests_in_db(app) == []
+
+
 def test_message_is_shown_escaped_to_support(app, actor, secret):
     """A message is stored as typed and rendered escaped on the Support page (no stored XSS)."""
     send(actor, email="mallory@example.com", message="<script>alert(1)</script> please")

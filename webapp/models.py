@@ -19,7 +19,7 @@ from peewee import (
 
 from .clock import now
 from .db import Param, Prepared, db, for_update, is_sqlite
-from .fields import CONFUSABLE_SCRIPTS, is_invisible, is_mark, is_plain_letter
+from .fields import CONFUSABLE_SCRIPTS, has_stacked_marks, is_invisible, is_mark, is_plain_letter
 
 
 class BaseModel(Model):
@@ -129,6 +129,9 @@ def lookalike_problem(email):
     # Latin, Cyrillic or Greek letter before them (an "i" with a second dot above reads as a plain "i").
     if any(is_invisible(c) for c in email):
         return "This address holds characters that do not show. Type it in ordinary letters."
+    # A pile of marks (on a letter of any script) paints over the lines around the address on the Support page.
+    if has_stacked_marks(email):
+        return "This address has more accents on one letter than writing needs. Type it in ordinary letters."
     composed = unicodedata.normalize("NFC", email)
     for before, c in zip(composed, composed[1:]):
         if is_mark(c) and is_plain_letter(before):

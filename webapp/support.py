@@ -55,7 +55,11 @@ class ContactForm(Form):
     email = EmailField("Email address", filters=[strip_text], validators=[
         DataRequired("Enter the email address of your account."),
         Length(max=254, message="That email address is too long (254 characters at most)."),
-        Email("Enter a valid email address, for example name@example.com.", check_deliverability=False)],
+        Email("Enter a valid email address, for example name@example.com.", check_deliverability=False),
+        # Support reads it beside the request's hints: no character that shows nothing (it would read as another
+        # address) and no pile of marks painted over them, as in the message and in new accounts' addresses.
+        VisibleText("This address holds characters that do not show, or more accents on one letter than writing "
+                    "needs. Type the address you sign in with in ordinary letters.")],
         render_kw={"autocomplete": "email", "maxlength": 254})
     message = TextAreaField("Message", filters=[text_lines], validators=[
         DataRequired("Write a short message so support knows what happened."),
