@@ -248,6 +248,17 @@ def test_an_id_too_large_for_the_database_is_a_404(actor, secret):
     assert actor.client.post(f"/support/users/{huge}/disable-2fa", data={"csrf_token": token}).status_code == 404
 
 
+@pytest.mark.parametrize("path", ["/support//contact", "/static//app.css", "/settings//2fa/qr"])
+def test_a_path_with_doubled_slashes_is_not_sent_to_the_host_the_request_names(client, path):
+    """Werkzeug answered a path with "//" in it by a 308 to the merged path, as an absolute URL made from the
+    request's Host header: `/support//contact` with `Host: evil.example` went to http://evil.example/. Such a
+    path is now an unknown page, with no Location at all (a security review of the anonymous pages)."""
+    response = client.get("/", environ_overrides={"PATH_INFO": path}, headers={"Host": "evil.example"})
+
+    assert response.status_code == 404
+    assert "Location" not in response.headers
+
+
 def test_an_id_in_other_digits_is_no_id(app, actor, secret):
     """Werkzeug's int converter reads any Unicode digit: "١" (Arabic-Indic) or "１" (full-width) in the
     address acted on row 1 (a fuzzing review). Ids are ASCII digits; anything else is a 404."""

@@ -95,6 +95,10 @@ def create_app(test_config=None):
         static_folder=os.path.join(os.path.dirname(HERE), "static"),
     )
     app.url_map.converters["int"] = _RowId  # before any route is added: they take the converter then
+    # Werkzeug answers a path with "//" in it by a redirect to the merged path, an absolute URL built from the
+    # request's Host header (`/support//contact` with `Host: evil.example` went to http://evil.example/...).
+    # No page of ours has such a path: it is a 404 like any other unknown one.
+    app.url_map.merge_slashes = False
     config_module.load(app, test_config)
     if app.config["PROXY_HOPS"]:
         # Every proxy appends to X-Forwarded-For, so the client is PROXY_HOPS entries from the end. The scheme
