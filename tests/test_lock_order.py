@@ -90,6 +90,20 @@ def run_while_person_held(user_id, action, rows):
     return look_while_person_held(user_id, action, lambda held: {row: held.row_untouched(*row) for row in rows})
 
 
+def committing(sql, *params):
+    """A `look` for look_while_person_held that changes the person's row and commits, as another transaction
+    holding it (the same command run at the same moment, say) does before the action gets the row."""
+    def change(held):
+        held.conn.execute(sql, params)
+        held.conn.commit()
+    return change
+
+
+def flask_users(app, *args):
+    """`flask users ARGS`, run as the operator does."""
+    return app.test_cli_runner().invoke(args=["users", *args])
+
+
 def test_start_over_in_the_wizard_takes_the_person_before_the_pending_key(app, actor, secret):
     """settings.start deleted the session's pending key, then inserted a new one, without the person's row;
     Complete Activation and Support's disable take the person's row first, then those same rows (security.md 20)."""
@@ -374,3 +388,22 @@ def test_users_disable_takes_the_person_before_their_sessions_and_sign_ins(app, 
     assert outcome.exit_code == 0 and "1 session(s), 1 half-finished sign-in(s)" in outcome.output
     with app.app_context():
         assert User.get_by_id(user.id).disabled_at is not None
+
+
+def test_users_promote_reads_the_role_under_the_persons_row(app, actor):
+    """`users promote` reads whether the person is an admin already after it has their row. Found by mutation
+    testing: without User.lock it read the role first and waited only at its UPDATE, so two promotes at once
+    both promoted: each ended the person's sessions and recorded a role change. Here the person is made an
+    admin while promote waits: it then says so and changes nothing (security.md 20)."""
+    from webapp.models import AuditEvent
+
+    user = actor.user()
+
+    blocked, _, outcome = look_while_person_held(
+        user.id, lambda: flask_users(app, "promote", user.email),
+        committing('UPDATE "user" SET is_admin = true WHERE id = %s', user.id))
+
+    assert blocked
+    assert outcome.exit_code == 0 and "is already an admin; nothing changed" in outcome.output, outcome.output
+    with app.app_context():
+        assert not AuditEvent.select().where(AuditEvent.kind == "role_changed").exists()
