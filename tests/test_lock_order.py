@@ -407,3 +407,26 @@ def test_users_promote_reads_the_role_under_the_persons_row(app, actor):
     assert outcome.exit_code == 0 and "is already an admin; nothing changed" in outcome.output, outcome.output
     with app.app_context():
         assert not AuditEvent.select().where(AuditEvent.kind == "role_changed").exists()
+
+
+def test_users_disable_reads_the_account_under_the_persons_row(app, actor, clock):
+    """`users disable` reads whether the account is disabled already after it has the person's row. Found by
+    mutation testing: without User.lock it read first and waited only at its UPDATE of that row (before
+    the sessions, so test_users_disable_takes_the_person_before_their_sessions_and_sign_ins still passed):
+    two disables at once both went through, the second moving the date and recording a second
+    account_disabled. Here the account is disabled while the command waits: it then says so and changes
+    nothing (security.md 20)."""
+    from webapp.models import AuditEvent
+
+    from .test_support import utc
+
+    user = actor.user()
+
+    blocked, _, outcome = look_while_person_held(
+        user.id, lambda: flask_users(app, "disable", user.email),
+        committing('UPDATE "user" SET disabled_at = %s WHERE id = %s', utc(clock.t), user.id))
+
+    assert blocked
+    assert outcome.exit_code == 0 and "is already disabled" in outcome.output, outcome.output
+    with app.app_context():
+        assert not AuditEvent.select().where(AuditEvent.kind == "account_disabled").exists()
