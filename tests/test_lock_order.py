@@ -430,3 +430,23 @@ def test_users_disable_reads_the_account_under_the_persons_row(app, actor, clock
     assert outcome.exit_code == 0 and "is already disabled" in outcome.output, outcome.output
     with app.app_context():
         assert not AuditEvent.select().where(AuditEvent.kind == "account_disabled").exists()
+
+
+def test_users_enable_reads_the_account_under_the_persons_row(app, actor):
+    """`users enable` reads whether the account is disabled after it has the person's row. Found by mutation
+    testing: without User.lock it read first and waited only at its UPDATE, so two enables at once both
+    recorded account_enabled. Here the account is enabled while the command waits: it then says the account
+    is not disabled and changes nothing (security.md 20)."""
+    from webapp.models import AuditEvent
+
+    user = actor.user()
+    assert flask_users(app, "disable", user.email).exit_code == 0
+
+    blocked, _, outcome = look_while_person_held(
+        user.id, lambda: flask_users(app, "enable", user.email),
+        committing('UPDATE "user" SET disabled_at = NULL WHERE id = %s', user.id))
+
+    assert blocked
+    assert outcome.exit_code == 0 and "is not disabled; nothing changed" in outcome.output, outcome.output
+    with app.app_context():
+        assert not AuditEvent.select().where(AuditEvent.kind == "account_enabled").exists()
