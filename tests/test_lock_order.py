@@ -241,7 +241,12 @@ def test_the_purge_skips_rows_a_persons_transaction_holds_instead_of_waiting(app
 def test_renaming_a_device_takes_the_person_before_the_device(app, actor, secret):
     """settings.rename_device checked for a duplicate name, then renamed, without the person's row: two
     renames at once left "Phone" beside "phone" and both recorded the same old name (a review: 4 and 10 of
-    100 rounds). While the person's row is held, the rename waits and the name is still the old one (security.md 20)."""
+    100 rounds). While the person's row is held, the rename waits and the device's row is untouched
+    (security.md 20). Found by mutation testing: this test read the name meanwhile, and without User.lock it
+    still passed: the rename updated the device, then waited at its audit record (whose foreign key needs the
+    person's row), and a rename not yet committed still reads as the old name. Holding the device while
+    waiting for the person is the order that deadlocks with a code step (the person, then the device's last
+    step)."""
     user = actor.user(secret=secret)
     actor.sign_in(secret=secret)
     with app.app_context():
@@ -252,9 +257,8 @@ def test_renaming_a_device_takes_the_person_before_the_device(app, actor, secret
         return actor.client.post(f"/settings/devices/{device.id}/rename",
                                  data={"csrf_token": token, f"rename-{device.id}-name": "Work phone"}).status_code
 
-    blocked, name_meanwhile, status = look_while_person_held(user.id, rename, lambda held: held.conn.execute(
-        'SELECT name FROM "device" WHERE id = %s', (device.id,)).fetchone()[0])
-    assert blocked and name_meanwhile == "Phone"
+    blocked, untouched, status = run_while_person_held(user.id, rename, [("device", device.id)])
+    assert blocked and untouched == {("device", device.id): True}
     assert status == 302
     with app.app_context():
         assert Device.get_by_id(device.id).name == "Work phone"
