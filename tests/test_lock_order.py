@@ -454,3 +454,34 @@ def test_users_enable_reads_the_account_under_the_persons_row(app, actor):
     assert outcome.exit_code == 0 and "is not disabled; nothing changed" in outcome.output, outcome.output
     with app.app_context():
         assert not AuditEvent.select().where(AuditEvent.kind == "account_enabled").exists()
+
+
+def code_checked_already(monkeypatch):
+    """The code a change needs is checked in a transaction of its own that takes the person's row
+    (totp.check_user_code), before the change's own: passed here, so what waits is the change itself."""
+    from webapp import totp
+
+    monkeypatch.setattr(totp, "check_user_code", lambda user, raw_code, matches=None: totp.CheckResult(True, "ok"))
+
+
+def test_removing_a_device_takes_the_person_before_the_device(app, actor, secret, monkeypatch):
+    """settings.remove_device counts the devices left and deletes one holding the person's row. Found by
+    mutation testing: without User.lock no test failed. It then deleted the device and waited for the
+    person's row only at its audit record (whose foreign key needs it), holding the device meanwhile: a
+    code step takes the person's row, then updates that device's last step, so the two deadlock. While the
+    person's row is held, the removal waits and the device's row is untouched (security.md 20)."""
+    user = actor.user(secret=secret, devices={"Tablet": secret})
+    actor.sign_in(secret=secret)
+    with app.app_context():
+        tablet = Device.get((Device.user == user.id) & (Device.name == "Tablet"))
+    code_checked_already(monkeypatch)
+    token = actor.csrf("/settings")
+
+    blocked, untouched, status = run_while_person_held(
+        user.id, lambda: actor.client.post(f"/settings/devices/{tablet.id}/remove", data={
+            "csrf_token": token, f"remove-{tablet.id}-code": "123456"}).status_code, [("device", tablet.id)])
+
+    assert blocked and untouched == {("device", tablet.id): True}
+    assert status == 302
+    with app.app_context():
+        assert [d.name for d in Device.select().where(Device.user == user.id)] == ["Phone"]
