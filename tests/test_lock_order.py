@@ -485,3 +485,29 @@ def test_removing_a_device_takes_the_person_before_the_device(app, actor, secret
     assert status == 302
     with app.app_context():
         assert [d.name for d in Device.select().where(Device.user == user.id)] == ["Phone"]
+
+
+def test_turning_2fa_off_takes_the_person_before_the_devices(app, actor, secret, monkeypatch):
+    """settings.disable (Turn off) deletes the devices, pending keys and sign-ins at the code step holding
+    the person's row. Found by mutation testing: without User.lock no test failed. It then deleted them and
+    waited for the person's row only at its audit record, holding the devices meanwhile: the order that
+    deadlocks with a code step (the person's row, then the device's last step). While the person's row is
+    held, Turn off waits and the device's row is untouched (security.md 20)."""
+    from .conftest import PASSWORD
+
+    user = actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    with app.app_context():
+        [device] = Device.select().where(Device.user == user.id)
+    code_checked_already(monkeypatch)
+    token = actor.csrf("/settings")
+
+    blocked, untouched, status = run_while_person_held(
+        user.id, lambda: actor.client.post("/settings/2fa/disable", data={
+            "csrf_token": token, "off-password": PASSWORD, "off-code": "123456"}).status_code,
+        [("device", device.id)])
+
+    assert blocked and untouched == {("device", device.id): True}
+    assert status == 302
+    with app.app_context():
+        assert not User.get_by_id(user.id).has_2fa
