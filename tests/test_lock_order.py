@@ -511,3 +511,34 @@ def test_turning_2fa_off_takes_the_person_before_the_devices(app, actor, secret,
     assert status == 302
     with app.app_context():
         assert not User.get_by_id(user.id).has_2fa
+
+
+def test_signing_out_one_other_browser_takes_the_person_before_its_session(app, actor, secret, clock):
+    """settings.end_one_session deletes one other session of the person holding the person's row, as
+    end_user_sessions does. Found by mutation testing: without User.lock no test failed. A renewal of that
+    session under way (re-authentication in that browser: DbSessionInterface._write) holds the person's
+    row while it replaces the old row with a new one; a DELETE that does not wait for the person's row
+    waits for the old row instead, then finds it gone and misses the new one: that browser stays signed in
+    although this one was told it is signed out. While the person's row is held, the sign-out waits and
+    that session's row is untouched (security.md 20)."""
+    from webapp.models import ServerSession
+    from webapp.settings import session_handle
+
+    from .test_sessions import browser
+
+    user = actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    browser(app, clock, secret=secret, agent="Other/1")
+    with app.app_context():
+        other = ServerSession.get((ServerSession.user == user.id) & (ServerSession.user_agent == "Other/1"))
+    token = actor.csrf("/settings")
+
+    blocked, untouched, status = run_while_person_held(
+        user.id, lambda: actor.client.post(f"/settings/sessions/{session_handle(other.id)}/end",
+                                           data={"csrf_token": token}).status_code,
+        [("serversession", other.id)])
+
+    assert blocked and untouched == {("serversession", other.id): True}
+    assert status == 302
+    with app.app_context():
+        assert ServerSession.select().where(ServerSession.user == user.id).count() == 1
