@@ -542,3 +542,25 @@ def test_signing_out_one_other_browser_takes_the_person_before_its_session(app, 
     assert status == 302
     with app.app_context():
         assert ServerSession.select().where(ServerSession.user == user.id).count() == 1
+
+
+def test_supports_disable_reads_the_person_under_their_row(app, actor, secret):
+    """Support's "Temporarily disable 2FA" re-reads the person holding their row (support._lock_target)
+    and refuses when they have become an admin since the page was read (security.md 41). Found by mutation
+    testing: with a plain read in its place no test failed; the read came before the person's row (taken
+    only by revoke_second_factor), so a `users promote` committed meanwhile went unseen and the new admin's
+    devices were revoked. Here the person is made an admin while the disable waits: it is refused and their
+    device stays (security.md 20)."""
+    from .test_support import disable, sign_in_admin
+
+    sign_in_admin(actor, secret)
+    target = actor.user("carol@example.com", secret=secret)
+
+    blocked, _, response = look_while_person_held(
+        target.id, lambda: disable(actor, target, close_requests=False),
+        committing('UPDATE "user" SET is_admin = true WHERE id = %s', target.id))
+
+    assert blocked
+    assert response.status_code == 403
+    with app.app_context():
+        assert Device.select().where(Device.user == target.id).count() == 1
