@@ -564,3 +564,32 @@ def test_supports_disable_reads_the_person_under_their_row(app, actor, secret):
     assert response.status_code == 403
     with app.app_context():
         assert Device.select().where(Device.user == target.id).count() == 1
+
+
+def test_ending_a_support_window_reads_the_person_under_their_row(app, actor, secret, clock):
+    """Support's "End window" decides whether the person's window is still open after it has their row
+    (support._lock_target). Found by mutation testing: with a plain read in its place no test failed; it then
+    read first and waited only at its UPDATE, so a new device activated meanwhile (Complete Activation holds
+    the person's row while it adds the device and closes the window) went unseen: the window was "ended"
+    again, recorded, and the sessions of the person who had just set up their phone ended. Here that happens
+    while End window waits: it answers that there is no open window and records nothing (security.md 20)."""
+    from webapp.models import AuditEvent
+    from webapp.totp import encrypt_secret
+
+    from .test_support import disable, end_window, sign_in_admin, utc
+
+    sign_in_admin(actor, secret)
+    target = actor.user("carol@example.com", secret=secret)
+    assert disable(actor, target, close_requests=False).status_code == 302  # the window is open, no device
+    with app.app_context():
+        secret_enc = encrypt_secret(secret)
+
+    blocked, _, response = look_while_person_held(target.id, lambda: end_window(actor, target), committing(
+        'WITH added AS (INSERT INTO "device" (user_id, name, secret_enc, created_at, last_step)'
+        ' VALUES (%s, %s, %s, %s, 0)) UPDATE "user" SET tfa_reset_until = NULL WHERE id = %s', target.id, "New phone", secret_enc, utc(clock.t),
+        target.id))
+
+    assert blocked
+    assert response.status_code == 400
+    with app.app_context():
+        assert not AuditEvent.select().where(AuditEvent.kind == "support_window_ended").exists()
