@@ -1160,7 +1160,7 @@ def test_purge_removes_a_session_past_the_absolute_limit_even_if_just_used(app, 
     actor.sign_in()
     with app.app_context():
         ServerSession.update(created_at=now() - timedelta(hours=12, minutes=1), last_seen_at=now()).execute()
-        assert purge_expired(app.config, now()) == (1, 0, 0, 0)
+        assert purge_expired(app.config, now()) == (1, 0, 0, 0, 0)
         assert ServerSession.select().count() == 0
     assert actor.client.get("/settings").status_code == 302  # signed out
 

@@ -1322,3 +1322,248 @@ def test_a_session_of_a_disabled_account_is_not_honoured(actor, app, monkeypatch
         assert ServerSession.select().where(ServerSession.user == user.id).count() == 0
         assert AuditEvent.select().where(AuditEvent.kind == "account_enabled").get().details["sessions_ended"] == 1
     assert not signed_in(actor.client)
+
+
+# ------------------------------------------------------------------ per-network limits: sign-up and spraying
+
+SPRAYED = "Winter2026!"  # the one password a sprayer tries on every address
+
+
+def _from(ip):
+    """Request keywords for a client at `ip`."""
+    return {"environ_base": {"REMOTE_ADDR": ip}}
+
+
+def _sign_up(app, clock, email, **kwargs):
+    """A sign-up from a browser of its own (a browser signed in by its sign-up is sent on from /signup)."""
+    from .conftest import Actor
+
+    visitor = Actor(app, app.test_client(), clock)
+    return visitor.post_form("/signup", {"email": email, "password": PASSWORD, "confirm": PASSWORD},
+                             form_url="/signup", **kwargs)
+
+
+def _limit_records(app):
+    with app.app_context():
+        return [(e.ip, e.details) for e in AuditEvent.select().where(AuditEvent.kind == "network_limit_reached")]
+
+
+def _counted(app, purpose, network="127.0.0.1"):
+    from webapp.models import NetworkCounter
+
+    with app.app_context():
+        row = NetworkCounter.get_or_none(NetworkCounter.purpose == purpose, NetworkCounter.network == network)
+        return row.hits if row else 0
+
+
+def _hashing(monkeypatch):
+    """The argon2 calls made from now on (a hash or a verification each)."""
+    calls = []
+    hash_, verify = PasswordHasher.hash, PasswordHasher.verify
+    monkeypatch.setattr(PasswordHasher, "hash", lambda self, *a, **k: calls.append("hash") or hash_(self, *a, **k))
+    monkeypatch.setattr(PasswordHasher, "verify", lambda self, *a: calls.append("verify") or verify(self, *a))
+    return calls
+
+
+def test_signups_from_one_network_stop_at_the_hourly_limit(app, actor, clock, monkeypatch):
+    """/signup made an account for anyone as fast as a password hashes, each adding rows. Now SIGNUPS_PER_HOUR
+    (10) per client network: the next is refused with 429 and the wait in words, hashing nothing and storing
+    nothing, and for an address that has an account the answer is the same (it says nothing about the
+    address). Reaching the limit leaves one audit record."""
+    actor.user()  # an account exists (before the first one, /signup leads to the first-run page)
+    limit = app.config["SIGNUPS_PER_HOUR"]
+    assert limit == 10
+    for i in range(limit):
+        assert _sign_up(app, clock, f"person{i}@example.com").status_code == 302
+        clock.advance(60)
+    with app.app_context():
+        before = (User.select().count(), ServerSession.select().count(), AuditEvent.select().count())
+    calls = _hashing(monkeypatch)
+    for email in ("late@example.com", "alice@example.com"):
+        r = _sign_up(app, clock, email)
+        html = r.get_data(as_text=True)
+        assert r.status_code == 429
+        assert "Too many accounts were created from your network in the last hour. Try again in 50 minutes." in html
+        assert "already exists" not in html
+    assert calls == []
+    with app.app_context():
+        assert (User.select().count(), ServerSession.select().count(), AuditEvent.select().count()) == before
+        assert User.by_email("late@example.com") is None
+    assert _limit_records(app) == [("127.0.0.1", {"limit": "sign-ups", "network": "127.0.0.1", "per_hour": 10})]
+
+
+def test_the_signup_limit_is_per_network_and_ends_with_its_hour(app, actor, clock):
+    """Each client network has its count: another IPv4 address, another IPv6 /64. The addresses of one /64
+    are one client (one computer picks new ones in it at will). The hour runs from the network's first
+    sign-up; when it is over, the count starts again."""
+    actor.user()
+    limit = app.config["SIGNUPS_PER_HOUR"]
+    for i in range(limit):
+        assert _sign_up(app, clock, f"six{i}@example.com", **_from(f"2001:db8:1:2::{i + 1:x}")).status_code == 302
+    assert _sign_up(app, clock, "late@example.com", **_from("2001:db8:1:2::ff")).status_code == 429
+    assert _sign_up(app, clock, "four@example.com", **_from("198.51.100.7")).status_code == 302
+    assert _sign_up(app, clock, "next@example.com", **_from("2001:db8:1:3::1")).status_code == 302
+    clock.advance(3599)
+    r = _sign_up(app, clock, "late@example.com", **_from("2001:db8:1:2::1"))
+    assert r.status_code == 429 and "Try again in 1 second." in r.get_data(as_text=True)
+    clock.advance(1)
+    assert _sign_up(app, clock, "late@example.com", **_from("2001:db8:1:2::1")).status_code == 302
+    assert _counted(app, "sign-ups", "2001:db8:1:2::/64") == 1
+
+
+def test_signups_sent_at_once_cannot_pass_the_limit_together(app, actor, clock, monkeypatch):
+    """The count is read before the slow hash, so sign-ups sent at once all pass that read. It is read
+    again, holding the network, before the account is made: one that finished meanwhile and reached the
+    limit refuses this one, which stores nothing."""
+    from webapp import auth
+
+    actor.user()
+    limit = app.config["SIGNUPS_PER_HOUR"]
+    for i in range(limit - 1):
+        assert _sign_up(app, clock, f"person{i}@example.com").status_code == 302
+    real_hash = auth.hash_password
+
+    def hash_while_another_signs_up(password):
+        result = real_hash(password)
+        monkeypatch.setattr(auth, "hash_password", real_hash)
+        assert _sign_up(app, clock, "quick@example.com").status_code == 302  # finishes first: the tenth
+        return result
+
+    monkeypatch.setattr(auth, "hash_password", hash_while_another_signs_up)
+    r = _sign_up(app, clock, "slow@example.com")
+    assert r.status_code == 429 and "Too many accounts were created from your network" in r.get_data(as_text=True)
+    with app.app_context():
+        assert User.by_email("slow@example.com") is None and User.by_email("quick@example.com") is not None
+        assert User.select().count() == limit + 1
+    assert _counted(app, "sign-ups") == limit
+
+
+def test_wrong_passwords_from_one_network_stop_at_the_hourly_limit(app, actor, clock, monkeypatch):
+    """security.md 18: the password step throttles per account and per known browser, so one client could
+    try one password on many accounts (spraying). FAILED_SIGNINS_PER_HOUR (100) wrong passwords or unknown
+    addresses per client network and hour; then the password step answers 429 without hashing or looking
+    at the password, even the right one, and counts nothing against the account. Another network is not
+    held; the first one is free again when its hour is over."""
+    limit = app.config["FAILED_SIGNINS_PER_HOUR"]
+    assert limit == 100
+    actor.user()
+    actor.user("bob@example.com")
+    actor.user("carol@example.com")
+    token = actor.csrf()
+
+    def attempt(email, password=SPRAYED, **kwargs):
+        return actor.client.post("/login", data={"csrf_token": token, "email": email, "password": password},
+                                 **kwargs)
+
+    for i in range(limit):
+        email = ("alice@example.com", "bob@example.com")[i] if i < 2 else f"user{i}@example.com"
+        r = attempt(email)
+        assert r.status_code == 200 and "Incorrect email address or password." in r.get_data(as_text=True)
+    assert _counted(app, "failed-sign-ins") == limit
+    calls = _hashing(monkeypatch)
+    r = attempt("carol@example.com", PASSWORD)
+    assert r.status_code == 429
+    assert ("Too many failed sign-ins from your network. Try again in 60 minutes, or from a browser you have "
+            "signed in with before.") in r.get_data(as_text=True)
+    assert calls == [] and not signed_in(actor.client)
+    carol = user_row(app, "carol@example.com")
+    assert (carol.password_failures, carol.password_locked_until) == (0, None)
+    with app.app_context():
+        assert SignInChallenge.select().count() == 0
+    assert _counted(app, "failed-sign-ins") == limit  # a refusal is not counted: the hour does not grow
+    assert _limit_records(app) == [
+        ("127.0.0.1", {"limit": "failed-sign-ins", "network": "127.0.0.1", "per_hour": limit})]
+
+    assert attempt("carol@example.com", PASSWORD, **_from("198.51.100.7")).status_code == 302  # another network
+    clock.advance(3600)
+    assert actor.password_step("bob@example.com").status_code == 302
+
+
+def test_over_the_network_limit_every_address_gets_the_same_answer(app, actor, clock):
+    """security.md 18: the refusal tells nothing about the address typed. An account with its right password,
+    the same with a wrong one, and an address without an account get the same status and the same page (but
+    for the address it shows back)."""
+    app.config["FAILED_SIGNINS_PER_HOUR"] = 3
+    actor.user()
+    for i in range(3):
+        actor.password_step(f"user{i}@example.com", SPRAYED)
+    answers = set()
+    for email, password in (("alice@example.com", PASSWORD), ("alice@example.com", SPRAYED),
+                            ("nobody@example.com", SPRAYED)):
+        r = actor.password_step(email, password)
+        answers.add((r.status_code, r.get_data(as_text=True).replace(email, "EMAIL")))
+    [(status, page)] = answers
+    assert status == 429 and "Too many failed sign-ins from your network" in page
+    assert user_row(app).password_failures == 0
+
+
+def test_right_passwords_neither_count_nor_reset_the_networks_count(app, actor, clock, monkeypatch):
+    """security.md 19, applied to the network's count: only failures count, so an office's people signing in
+    at 9 am use up nothing; and no success resets it, or one account's right password between guesses
+    would let a sprayer go on for ever. The right password pays no statement of its own for the limit: it is
+    read with the account."""
+    from webapp.db import db
+
+    from .conftest import Actor
+
+    limit = app.config["FAILED_SIGNINS_PER_HOUR"]
+    actor.user()
+    for i in range(limit - 1):
+        actor.password_step(f"user{i}@example.com", SPRAYED)
+    statements = []
+    original = db.obj.execute_sql
+    monkeypatch.setattr(db.obj, "execute_sql", lambda sql, params=None: statements.append(sql) or
+                        original(sql, params))
+    for _ in range(5):  # five colleagues behind the same address, each in a browser of their own
+        colleague = Actor(app, app.test_client(), clock)
+        assert colleague.password_step().status_code == 302
+    monkeypatch.undo()
+    assert _counted(app, "failed-sign-ins") == limit - 1
+    own = [s for s in statements if '"networkcounter"' in s and not s.startswith('SELECT "t1"."id", "t1"."email"')]
+    assert own == [] and any('"networkcounter"' in s for s in statements)
+    actor.password_step("alice@example.com", SPRAYED)  # the hundredth failure
+    r = Actor(app, app.test_client(), clock).password_step()
+    assert r.status_code == 429 and "Too many failed sign-ins from your network" in r.get_data(as_text=True)
+
+
+def test_a_browser_known_for_the_account_is_not_held_by_its_networks_limit(app, actor, clock):
+    """security.md 18: behind one office address, an attacker's failures must not lock out a colleague at
+    their usual browser. A browser known for the account it types passes its network's limit and meets its
+    own throttle instead (its failures count there, not against the network). The same browser typing
+    another account is held like any other (one browser, one account), and so is a new browser."""
+    from .conftest import Actor
+
+    app.config["FAILED_SIGNINS_PER_HOUR"] = 5
+    actor.user()
+    actor.user("bob@example.com")
+    assert actor.password_step().status_code == 302  # alice's usual browser
+    _log_out(actor)
+    attacker = Actor(app, app.test_client(), clock)
+    for i in range(5):
+        attacker.password_step(f"user{i}@example.com", SPRAYED)
+    assert Actor(app, app.test_client(), clock).password_step().status_code == 429  # alice, in a new browser
+    assert actor.password_step("bob@example.com").status_code == 429
+    r = actor.password_step(password="typo")
+    assert r.status_code == 200 and "Incorrect email address or password." in r.get_data(as_text=True)
+    assert _counted(app, "failed-sign-ins") == 5
+    with app.app_context():
+        assert AuditEvent.select().where(AuditEvent.kind == "password_rejected",
+                                         AuditEvent.detail.contains("known browser")).count() == 1
+    clock.advance(1)  # the browser's own pause after its typo
+    assert actor.password_step().status_code == 302 and signed_in(actor.client)
+
+
+def test_the_purge_deletes_network_counters_whose_hour_is_over(app, actor, clock):
+    """A counter row (with its network) stays only as long as its hour: the purge deletes it then, and the
+    next failure from that network starts a new hour."""
+    from webapp.clock import now
+    from webapp.models import NetworkCounter, purge_expired
+
+    actor.user()
+    actor.post_form("/login", {"email": "nobody@example.com", "password": SPRAYED}, **_from("198.51.100.7"))
+    clock.advance(1800)
+    actor.password_step("nobody@example.com", SPRAYED)  # from 127.0.0.1, half an hour later
+    clock.advance(1800)
+    with app.app_context():
+        assert purge_expired(app.config, now()) == (0, 0, 0, 0, 1)
+        assert [row.network for row in NetworkCounter.select()] == ["127.0.0.1"]

@@ -185,6 +185,55 @@ def test_twenty_parallel_contact_requests_store_exactly_the_hourly_limit(app, li
         assert SupportRequest.select().where(SupportRequest.email == "lost.phone@example.com").count() == 3
 
 
+def test_sign_ups_sent_at_once_from_one_network_make_no_more_accounts_than_its_limit(app, actor, live_server):
+    """SIGNUPS_PER_HOUR (10) holds under a burst: 16 browsers at one address sign up at the same moment on a
+    4-worker server; exactly 10 accounts are made and the others get 429 and leave nothing. Each is counted
+    again holding the network (db.lock_keys) before its account is made: all 16 pass the read before the
+    hash. The counter says 10, and one audit record says the limit was reached."""
+    from webapp.models import NetworkCounter
+
+    actor.user()  # before the first account, /signup leads to the first-run page
+    browsers = [Browser(live_server) for _ in range(16)]
+    tokens = [b.csrf("/signup") for b in browsers]
+    results = fire([lambda b=b, t=t, i=i: b.request("POST", "/signup", data={
+        "csrf_token": t, "email": f"rush{i}@example.com", "password": PASSWORD, "confirm": PASSWORD})
+        for i, (b, t) in enumerate(zip(browsers, tokens))])
+
+    statuses = sorted(r[0] for r in results)
+    assert statuses == [302] * 10 + [429] * 6, statuses
+    assert all("Too many accounts were created from your network" in r[2] for r in results if r[0] == 429)
+    with app.app_context():
+        assert User.select().where(User.email.startswith("rush")).count() == 10
+        assert NetworkCounter.get(NetworkCounter.purpose == "sign-ups").hits == 10
+        assert AuditEvent.select().where(AuditEvent.kind == "network_limit_reached").count() == 1
+
+
+def test_wrong_passwords_sent_at_once_are_each_counted_against_the_network(app, actor, live_server):
+    """security.md 18, 20: 24 wrong passwords (for addresses without an account) from one address at the same
+    moment, its network at 90 of its 100 failures an hour: each one let through is counted exactly once (one
+    upsert each, no lost update), and exactly one audit record says the network reached its limit, however
+    they interleave. The ones that read the count after the hundredth get 429."""
+    from datetime import datetime, timezone
+
+    from webapp.models import NetworkCounter
+
+    actor.user()  # before the first account, /login leads to the first-run page
+    with app.app_context():
+        NetworkCounter.create(purpose="failed-sign-ins", network="127.0.0.1", hits=90,
+                              window_start=datetime.now(timezone.utc).replace(tzinfo=None))  # the server's clock
+    browsers = [Browser(live_server) for _ in range(24)]
+    tokens = [b.csrf("/login") for b in browsers]
+    results = fire([lambda b=b, t=t, i=i: b.request("POST", "/login", data={
+        "csrf_token": t, "email": f"nobody{i}@example.com", "password": "Winter2026!"})
+        for i, (b, t) in enumerate(zip(browsers, tokens))])
+
+    statuses = [r[0] for r in results]
+    assert set(statuses) <= {200, 429} and statuses.count(200) >= 10, statuses
+    with app.app_context():
+        assert NetworkCounter.get(NetworkCounter.purpose == "failed-sign-ins").hits == 90 + statuses.count(200)
+        assert AuditEvent.select().where(AuditEvent.kind == "network_limit_reached").count() == 1
+
+
 def test_a_sqlite_write_transaction_holds_the_write_lock_from_its_first_statement(app):
     """security.md 20: on SQLite, write_transaction is BEGIN IMMEDIATE: the write lock is taken when it begins,
     so a read at its start (the lock check, the replay state) cannot be overtaken by another writer before

@@ -225,6 +225,36 @@ def test_one_ipv6_network_counts_as_one_client(app, actor):
     assert requests_in_db(app)[-1].ip == "198.51.100.7"  # an IPv4 client behind an IPv6 socket: its own address
 
 
+def test_one_ipv6_48_has_a_looser_limit_of_its_own(app, actor, clock):
+    """Whoever is routed an IPv6 /48 holds 65,536 /64s, each a client with 3 requests an hour: a second limit
+    per /48 (SUPPORT_REQUESTS_PER_HOUR_48, 30: ten clients' worth) holds them together. Past it, a request
+    from yet another /64 of that /48 gets the form's usual refusal and nothing is stored; another /48 has
+    its own count, IPv4 clients have none, and the /48 is free again when its hour is over. Reaching the
+    limit leaves one audit record."""
+    from webapp.models import NetworkCounter
+
+    per_client, per_site = app.config["SUPPORT_REQUESTS_PER_HOUR"], app.config["SUPPORT_REQUESTS_PER_HOUR_48"]
+    assert per_site == 10 * per_client
+    for net in range(per_site // per_client):
+        for i in range(per_client):
+            r = send(actor, email=f"person{net}-{i}@example.com", environ_base={"REMOTE_ADDR": f"2001:db8:1:{net}::1"})
+            assert r.status_code == 302
+    assert len(requests_in_db(app)) == per_site
+    r = send(actor, email="one-more@example.com", environ_base={"REMOTE_ADDR": "2001:db8:1:ff::1"})
+    assert r.status_code == 429 and "Please wait an hour before sending another." in r.get_data(as_text=True)
+    assert len(requests_in_db(app)) == per_site
+    assert send(actor, email="one-more@example.com", environ_base={"REMOTE_ADDR": "2001:db8:2::1"}).status_code == 302
+    assert send(actor, email="four@example.com", environ_base={"REMOTE_ADDR": "198.51.100.7"}).status_code == 302
+    with app.app_context():
+        assert {(c.network, c.hits) for c in NetworkCounter.select()} == {("2001:db8:1::/48", per_site),
+                                                                          ("2001:db8:2::/48", 1)}
+        assert [e.details for e in AuditEvent.select().where(AuditEvent.kind == "network_limit_reached")] == [
+            {"limit": "contact-48", "network": "2001:db8:1::/48", "per_hour": per_site}]
+    clock.advance(3600)
+    r = send(actor, email="one-more@example.com", environ_base={"REMOTE_ADDR": "2001:db8:1:ff::1"})
+    assert r.status_code == 302
+
+
 def test_strangers_cannot_lock_the_owner_out_of_the_form(app, actor, secret):
     """Anyone may type an address: three requests for it from three strangers' networks used to refuse its
     owner for an hour (429), again every hour. Whoever entered the account's password in this browser (the

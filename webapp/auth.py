@@ -10,11 +10,12 @@ from wtforms import EmailField, PasswordField, StringField
 from wtforms.validators import DataRequired, Email, EqualTo, InputRequired, Length, ValidationError
 
 from .clock import now, timestamp
-from .db import Param, Prepared, db, for_update, write_transaction
+from .db import Param, Prepared, db, for_update, lock_keys, write_transaction
 from .fields import Form
-from .models import KnownBrowser, SignInChallenge, User, lookalike_problem, normalise_email
-from .security import (PASSWORD_MAX, PASSWORD_MIN, audit, backoff, hash_password, is_fresh, is_lock,
-                       known_browser, remember_browser, safe_next, verify_password, wait_text)
+from .models import KnownBrowser, NetworkCounter, SignInChallenge, User, lookalike_problem, normalise_email
+from .security import (PASSWORD_MAX, PASSWORD_MIN, audit, backoff, client_ip, client_network, count_for_network,
+                       hash_password, is_fresh, is_lock, known_browser, network_full_column, network_full_until,
+                       remember_browser, safe_next, verify_password, wait_text)
 from .sessions import end_session_now, token_hash, write_session_now
 from .totp import CheckResult, check_user_code, code_matches, normalise_code
 
@@ -190,19 +191,26 @@ def current_challenge():
     return challenge
 
 
-def password_check(user, password, wrong=GENERIC_LOGIN_ERROR):
+def password_check(user, password, wrong=GENERIC_LOGIN_ERROR, network=None):
     """Check a password with the throttle; returns None on success or the error to show (`wrong` when the
     password is not the account's).
 
     The failures counted are the account's, or, in a browser the person completed a sign-in from, that
     browser's own (security.known_browser): a stranger's wrong guesses lock the account everywhere else
-    but not there, and a stolen browser cookie gets the same back-off as the account."""
+    but not there, and a stolen browser cookie gets the same back-off as the account. With `network` (the
+    password step's: security.client_network), a wrong password or an unknown address also counts against
+    that network (FAILED_SIGNINS_PER_HOUR, login), except one counted against a known browser: that browser
+    is not held by its network's limit either. An attempt refused by the back-off is not counted there:
+    its password was not looked at, and it may be the right one."""
     holder = (known_browser(user) or user) if user is not None else None
     if holder is not None and _waiting(holder):
         verify_password(None, password)  # same work either way
         return _password_throttled(user, holder, holder.password_locked_until)
     correct = verify_password(user.password_hash if user else None, password)  # slow: outside any lock
     if user is None:
+        if network:
+            with write_transaction():
+                count_for_network("failed-sign-ins", network)
         return wrong
     # Read the counter again after the hash: guesses sent at the same moment were all let in against the
     # state before any of them failed. The first failure's back-off applies to the others, right or wrong,
@@ -217,18 +225,19 @@ def password_check(user, password, wrong=GENERIC_LOGIN_ERROR):
         if fresh.password_failures:
             _set_counter(holder, password_failures=0, password_locked_until=None)
         return None
-    return _count_failure(user, holder, wrong)
+    return _count_failure(user, holder, wrong, network)
 
 
-def refuse_replaced_password(user):
+def refuse_replaced_password(user, network=None):
     """A password that was right when it was checked but replaced before the sign-in was decided (see
     after_password): counted and recorded like a wrong one, so it tells nobody more than a wrong guess."""
-    return _count_failure(user, known_browser(user) or user, GENERIC_LOGIN_ERROR)
+    return _count_failure(user, known_browser(user) or user, GENERIC_LOGIN_ERROR, network)
 
 
-def _count_failure(user, holder, wrong):
+def _count_failure(user, holder, wrong, network=None):
     """Count a wrong password against `holder` (the browser's own counter or the account's), with its back-off
-    and audit record; returns the error to show."""
+    and audit record, and, unless the holder is a known browser, against `network`; returns the error to
+    show."""
     with write_transaction():
         # The person's row first, always: support's actions lock it before they forget the person's browsers.
         User.lock(user.id)
@@ -240,6 +249,8 @@ def _count_failure(user, holder, wrong):
         failures = fresh.password_failures + 1
         _set_counter(holder, password_failures=failures, password_locked_until=now() + backoff(failures))
         audit("password_rejected", user=user, failures=failures, **_counted_in(holder))
+        if not isinstance(holder, KnownBrowser):
+            count_for_network("failed-sign-ins", network)
     return wrong
 
 
@@ -334,13 +345,21 @@ def login():
         if not form.validate_on_submit():
             status = 400
         else:
-            user = User.by_email(form.email.data)
-            error = password_check(user, form.password.data)
+            network = client_network(client_ip())
+            # Whether the network is over its limit of failed sign-ins is read with the account, in the same
+            # statement: a correct password costs nothing more for it (only an unknown address, always a
+            # failure, pays a read of its own: network_refusal).
+            user = User.by_email(form.email.data,
+                                 network_full_since=network_full_column("failed-sign-ins", network))
+            error = network_refusal(user, network)
             if error is None:
-                response = after_password(user, next_url)
-                if response is not None:
-                    return response
-                error = refuse_replaced_password(user)  # changed while it was checked: this is the old one
+                error = password_check(user, form.password.data, network=network)
+                if error is None:
+                    response = after_password(user, next_url)
+                    if response is not None:
+                        return response
+                    # Changed while it was checked: this is the old one.
+                    error = refuse_replaced_password(user, network)
             status = 429 if error.startswith("Too many") else 200
     notice = request.args.get("notice")
     # A session that support's window ended comes here with this notice (webapp._unauthorized): the same
@@ -350,6 +369,28 @@ def login():
     disabled = notice == "account-disabled" and request.method == "GET"
     return render_template("auth/login.html", form=form, error=error, next_url=next_url, blocked=blocked,
                            disabled=disabled, notice=login_notice(notice)), status
+
+
+def network_refusal(user, network):
+    """The password step's answer while the client's network has had FAILED_SIGNINS_PER_HOUR wrong passwords
+    in its hour, else None: one client trying one password on many accounts meets no per-account throttle
+    (security.md 18). Given before the password is hashed or looked at, and the same words for every
+    address typed, an account's or not. A browser known for the account typed (security.known_browser)
+    is let through, to its own throttle: a colleague behind the same address as the attacker still signs
+    in. `user` comes from User.by_email with network_full_since."""
+    if user is not None:
+        since = user.network_full_since
+        if since is None:
+            return None
+        until = NetworkCounter.window_start.python_value(since) + NetworkCounter.WINDOW  # SQLite gives text
+    else:
+        until = network_full_until("failed-sign-ins", network)
+        if until is None:
+            return None
+    if user is not None and known_browser(user) is not None:
+        return None
+    return (f"Too many failed sign-ins from your network. Try again in {wait_text(until)}, or from a browser "
+            "you have signed in with before.")
 
 
 def after_password(user, next_url):
@@ -540,15 +581,32 @@ def signup():
     if request.method == "POST":
         if form.validate_on_submit():
             email = normalise_email(form.email.data)
+            # SIGNUPS_PER_HOUR per client network: without it anyone could make accounts as fast as passwords
+            # hash, each adding rows. Checked first: over it, nothing is hashed, and nothing is said about
+            # the address either.
+            network = client_network(client_ip())
+            full_until = network_full_until("sign-ups", network)
             user = None
-            if User.by_email(email) is None:
-                password_hash = hash_password(form.password.data)
-                try:
-                    with db.atomic():
-                        user = User.create(email=email, password_hash=password_hash)
-                except IntegrityError:  # the same address signed up a moment ago (a form sent twice)
-                    user = None
-            if user is None:
+            if full_until is None and User.by_email(email) is None:
+                password_hash = hash_password(form.password.data)  # slow: outside the transaction
+                with write_transaction():
+                    # Counted again holding the network, so sign-ups sent at once cannot all pass the count
+                    # made before their hashes (on PostgreSQL too, where the count alone locks nothing).
+                    if network:
+                        lock_keys("signup:" + network)
+                    full_until = network_full_until("sign-ups", network)
+                    if full_until is None:
+                        try:
+                            with db.atomic():
+                                user = User.create(email=email, password_hash=password_hash)
+                        except IntegrityError:  # the same address signed up a moment ago (a form sent twice)
+                            user = None
+                        else:
+                            count_for_network("sign-ups", network)
+            if full_until is not None:
+                error, status = (f"Too many accounts were created from your network in the last hour. Try again "
+                                 f"in {wait_text(full_until)}."), 429
+            elif user is None:
                 error = "An account with this email address already exists. Log in instead."
             else:
                 audit("account_created", user=user, via="signup")

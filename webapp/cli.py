@@ -387,16 +387,18 @@ def rotate_keys():
 @click.command("purge-expired")
 @with_appcontext
 def purge_expired():
-    """Delete expired sessions, sign-in challenges, pending enrolments and known browsers unused for their
-    lifetime (the app also does this by itself every PURGE_INTERVAL; safe to run from cron as well)."""
+    """Delete expired sessions, sign-in challenges, pending enrolments, known browsers unused for their
+    lifetime and per-network counters whose hour is over (the app also does this by itself every
+    PURGE_INTERVAL; safe to run from cron as well)."""
     from flask import current_app
 
     from .clock import now
     from .models import purge_expired as purge
 
-    sessions, challenges, enrolments, browsers = purge(current_app.config, now())
+    sessions, challenges, enrolments, browsers, counters = purge(current_app.config, now())
     click.echo(f"deleted {sessions} session(s), {challenges} sign-in challenge(s), "
-               f"{enrolments} pending enrolment(s), {browsers} known browser(s)")
+               f"{enrolments} pending enrolment(s), {browsers} known browser(s), "
+               f"{counters} per-network counter(s)")
 
 
 @audit_group.command("export")

@@ -43,6 +43,17 @@ DEFAULTS = {
     # setting of the same name, read from the same variable, so one value serves both (README "Deployment").
     "FORWARDED_ALLOW_IPS": "127.0.0.1,::1",
     "SUPPORT_REQUESTS_PER_HOUR": 3,
+    # Per-network limits on what anyone can do without an account (security.count_for_network), each per
+    # client network (security.client_network: an IPv4 address or an IPv6 /64) and hour. Accounts made
+    # through /signup: each costs a hash and adds rows.
+    "SIGNUPS_PER_HOUR": 10,
+    # Wrong passwords (or unknown addresses) at the password step, against any accounts: one client trying
+    # one password on many accounts meets no per-account throttle. Generous: an office behind one address
+    # signs in at 9 am, typos and all. Browsers known for the account typed are not held by it.
+    "FAILED_SIGNINS_PER_HOUR": 100,
+    # The contact form's second limit, per IPv6 /48 (ten times SUPPORT_REQUESTS_PER_HOUR): whoever is routed
+    # a /48 holds 65,536 /64s, each with a count of its own.
+    "SUPPORT_REQUESTS_PER_HOUR_48": 30,
     # The token lives as long as the server-side session; before a session stores anything, as long as its
     # cookie (the token is then derived from the cookie's: sessions.anonymous_csrf).
     "WTF_CSRF_TIME_LIMIT": None,

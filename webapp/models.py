@@ -1,8 +1,10 @@
 """The whole data model: people, their authenticator devices, server-side sessions, sign-in challenges,
-pending enrolments, support requests and the append-only audit log. All times are naive UTC."""
+pending enrolments, support requests, the per-network counters and the append-only audit log. All times are
+naive UTC."""
 import json
 import re
 import unicodedata
+from datetime import timedelta
 
 from email_validator import EmailNotValidError, validate_email
 from flask_login import UserMixin
@@ -62,14 +64,16 @@ class User(UserMixin, BaseModel):
         for_update(cls.select(cls.id).where(cls.id == user_id)).get()
 
     @classmethod
-    def by_email(cls, email):
+    def by_email(cls, email, **also):
         """The user with this email, or None. Stored in its normal form (normalise_email), or as stored before
         2026-12-05, only stripped and lower-cased: as typed, or with the domain in punycode (as some browsers
-        send it), so those accounts stay reachable whichever spelling comes now."""
+        send it), so those accounts stay reachable whichever spelling comes now. Each of `also` (name=query)
+        is read in the same statement, as an attribute of the user of that name."""
         spellings = _stored_spellings(email)
+        query = cls.select(cls, *(sub.alias(name) for name, sub in also.items()))
         if len(spellings) == 1:
-            return cls.get_or_none(cls.email == spellings[0])
-        found = {user.email: user for user in cls.select().where(cls.email.in_(spellings))}
+            return query.where(cls.email == spellings[0]).first()
+        found = {user.email: user for user in query.where(cls.email.in_(spellings))}
         return next((found[s] for s in spellings if s in found), None)
 
     def active_devices(self):
@@ -237,7 +241,7 @@ class SupportRequest(BaseModel):
     message = TextField()
     user = ForeignKeyField(User, null=True, backref="support_requests", on_delete="SET NULL")
     created_at = DateTimeField(default=now, index=True)
-    ip = CharField(max_length=64, null=True)  # what the per-client limit counts (support.client_network)
+    ip = CharField(max_length=64, null=True)  # what the per-client limit counts (security.client_network)
     handled_at = DateTimeField(null=True)
     handled_by = ForeignKeyField(User, null=True, backref="handled_requests", on_delete="SET NULL")
     # SHA-256 of the one-time id the form was shown with (support.contact): the same form sent twice (a
@@ -249,6 +253,23 @@ class SupportRequest(BaseModel):
     class Meta:
         # The Support page lists open requests (handled_at IS NULL) oldest first: one index serves both.
         indexes = ((("handled_at", "created_at"), False),)
+
+
+class NetworkCounter(BaseModel):
+    """What one client network did in its current hour, for one of the per-network limits on what anyone
+    can do without an account (security.count_for_network): sign-ups, wrong passwords, contact requests
+    per IPv6 /48. A fixed hour from the first counted event (WINDOW), then the count starts again: one row
+    per limit and network, however many events, and none for networks that stay quiet."""
+
+    WINDOW = timedelta(hours=1)
+
+    purpose = CharField(max_length=20)
+    network = CharField(max_length=64)  # security.client_network, or the /48 of an IPv6 one
+    window_start = DateTimeField()
+    hits = IntegerField(default=0)
+
+    class Meta:
+        indexes = ((("purpose", "network"), True),)  # the upsert's conflict target
 
 
 class AuditEvent(BaseModel):
@@ -270,7 +291,7 @@ _ANY_USER = Prepared(lambda: User.select(User.id).limit(1))
 _ANY_DEVICE = Prepared(lambda: Device.select(Device.id).where(Device.user == Param("user")).limit(1))
 
 ALL_MODELS = [User, Device, ServerSession, KnownBrowser, SignInChallenge, PendingEnrolment, SupportRequest,
-              AuditEvent]
+              NetworkCounter, AuditEvent]
 
 # Indexes that only PostgreSQL has, made at every start when missing: the Support search compares emails by
 # code point (COLLATE "C": support._email_order), which the unique index in the database's own collation
@@ -298,8 +319,9 @@ ADDED_COLUMNS = [
 
 def purge_expired(config, current):
     """Delete the sessions, sign-in challenges and pending enrolments that expired by `current` (they are
-    already refused when used; this removes the rows, with their IP addresses and browser names), and the
-    known browsers past their lifetime. Returns the four counts. Run by the app itself now and then
+    already refused when used; this removes the rows, with their IP addresses and browser names), the
+    known browsers past their lifetime and the per-network counters whose hour is over (the next event
+    starts a new one anyway). Returns the five counts. Run by the app itself now and then
     (__init__._schedule_purge) and by the `purge-expired` command."""
     from .db import write_transaction
 
@@ -311,7 +333,8 @@ def purge_expired(config, current):
         enrolments = _delete_unlocked(PendingEnrolment,
                                       PendingEnrolment.created_at < current - config["PENDING_ENROLMENT_TTL"])
         browsers = _delete_unlocked(KnownBrowser, KnownBrowser.last_used_at < current - config["KNOWN_BROWSER_TTL"])
-    return sessions, challenges, enrolments, browsers
+        counters = _delete_unlocked(NetworkCounter, NetworkCounter.window_start <= current - NetworkCounter.WINDOW)
+    return sessions, challenges, enrolments, browsers, counters
 
 
 def _delete_unlocked(model, condition):

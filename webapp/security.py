@@ -1,6 +1,7 @@
-"""Cross-cutting security helpers: password hashing, throttling, known browsers, audit records, safe redirects,
-freshness, response headers and log redaction."""
+"""Cross-cutting security helpers: password hashing, throttling, known browsers, per-network limits, audit
+records, safe redirects, freshness, response headers and log redaction."""
 import functools
+import ipaddress
 import json
 import logging
 import re
@@ -12,10 +13,11 @@ from argon2 import PasswordHasher, profiles
 from argon2.exceptions import InvalidHashError, VerificationError
 from flask import abort, current_app, g, redirect, request, session, url_for
 from flask_login import current_user
+from peewee import Case
 
 from .clock import now, timestamp
 from .db import Param, Prepared, after_commit
-from .models import AuditEvent, KnownBrowser
+from .models import AuditEvent, KnownBrowser, NetworkCounter
 from .sessions import TOKEN_SHAPE, cookie_attributes, token_hash  # a known browser's token is made and stored like a session's
 
 log = logging.getLogger("twostep.audit")
@@ -239,6 +241,110 @@ def set_known_browser_cookie(response):
 def client_ip():
     """The client address as seen after ProxyFix (which trusts exactly PROXY_HOPS proxies)."""
     return (request.remote_addr or "")[:64] if request else None
+
+
+# ---------------------------------------------------------------- per-network limits (anonymous abuse)
+
+def client_network(ip):
+    """What a per-client limit counts: an IPv4 address, or the /64 network of an IPv6 one. One IPv6 computer
+    usually owns a whole /64 and may pick a new address in it for every request (privacy addresses do
+    exactly that), so counting single IPv6 addresses would limit nobody. The exact address of every request
+    is in its audit record."""
+    if not ip:
+        return ip
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip  # not an address (a proxy's odd header): counted as it is
+    if address.version == 4:
+        return str(address)
+    if address.ipv4_mapped is not None:  # an IPv4 client seen through an IPv6 socket
+        return str(address.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{address}/64", strict=False))
+
+
+def client_network_48(ip):
+    """The IPv6 /48 the client's address is in, or None for IPv4 (and anything that is not an address). A
+    site routed a /48 (what many providers give a customer) has 65,536 /64s, each a client of its own to
+    client_network: a limit per /48, looser, holds them together."""
+    try:
+        address = ipaddress.ip_address(ip or "")
+    except ValueError:
+        return None
+    if address.version == 4 or address.ipv4_mapped is not None:
+        return None
+    return str(ipaddress.ip_network(f"{address}/48", strict=False))
+
+
+# What each limit counts, and the setting with its number per network and hour.
+NETWORK_LIMITS = {
+    "sign-ups": "SIGNUPS_PER_HOUR",  # accounts made through /signup
+    "failed-sign-ins": "FAILED_SIGNINS_PER_HOUR",  # wrong passwords and unknown addresses at the password step
+    "contact-48": "SUPPORT_REQUESTS_PER_HOUR_48",  # contact requests stored, per IPv6 /48
+}
+
+
+def network_limit(purpose):
+    """The number of events of `purpose` a network may have in its hour."""
+    return current_app.config[NETWORK_LIMITS[purpose]]
+
+
+def _full(purpose, network, since, limit):
+    """The condition of a counter that reached `limit` in an hour still running at `since` + the window."""
+    return ((NetworkCounter.purpose == purpose) & (NetworkCounter.network == network)
+            & (NetworkCounter.window_start > since) & (NetworkCounter.hits >= limit))
+
+
+def _add_hit():
+    """INSERT ... ON CONFLICT DO UPDATE: one more event for (purpose, network), or the first of a new hour
+    when the stored one is over. One statement, so two requests counting at once cannot lose an event
+    (PostgreSQL locks the row; SQLite has one writer), and the first event of a network needs no row before."""
+    since, at = Param("since"), Param("at")
+    over = NetworkCounter.window_start <= since
+    return NetworkCounter.insert(purpose=Param("purpose"), network=Param("network"), window_start=at,
+                                 hits=1).on_conflict(
+        conflict_target=[NetworkCounter.purpose, NetworkCounter.network],
+        update={NetworkCounter.hits: Case(None, [(over, 1)], NetworkCounter.hits + 1),
+                NetworkCounter.window_start: Case(None, [(over, at)], NetworkCounter.window_start)})
+
+
+_NC_FULL = Prepared(lambda: NetworkCounter.select(NetworkCounter.window_start).where(
+    _full(Param("purpose"), Param("network"), Param("since"), Param("limit"))))
+_NC_ADD = Prepared(_add_hit)
+_NC_HITS = Prepared(lambda: NetworkCounter.select(NetworkCounter.hits).where(
+    (NetworkCounter.purpose == Param("purpose")) & (NetworkCounter.network == Param("network"))))
+
+
+def network_full_until(purpose, network):
+    """When `network` may do `purpose` again, if it reached its limit in the current hour, else None (and
+    None without a network: an address that is not known limits nobody, as at the contact form)."""
+    if not network:
+        return None
+    row = _NC_FULL.first(purpose=purpose, network=network, since=now() - NetworkCounter.WINDOW,
+                         limit=network_limit(purpose))
+    return row.window_start + NetworkCounter.WINDOW if row is not None else None
+
+
+def network_full_column(purpose, network):
+    """The start of `network`'s hour if it reached the limit of `purpose`, as a subquery to read in the same
+    statement as something else (auth.login reads it with the account): NULL while under the limit."""
+    return NetworkCounter.select(NetworkCounter.window_start).where(
+        _full(purpose, network or "", now() - NetworkCounter.WINDOW, network_limit(purpose)))
+
+
+def count_for_network(purpose, network):
+    """Inside the caller's write transaction: one more event of `purpose` for `network` (nothing without a
+    network). The event that reaches the limit leaves one audit record; the refusals after it leave none, so
+    being refused cannot fill the audit log: one record per network and hour at most."""
+    if not network:
+        return
+    current = now()
+    _NC_ADD.execute(purpose=purpose, network=network, at=current, since=current - NetworkCounter.WINDOW)
+    # Read back under the row's lock (the upsert took it; SQLite's writer lock covers all): exactly one event
+    # of the hour sees the limit reached.
+    limit = network_limit(purpose)
+    if _NC_HITS.first(purpose=purpose, network=network).hits == limit:
+        audit("network_limit_reached", limit=purpose, network=network, per_hour=limit)
 
 
 # Details that must never reach the audit log or any other log (security.md 43).

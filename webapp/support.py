@@ -2,7 +2,6 @@
 disable, early end), the read-only audit log, and each person's own security activity."""
 import functools
 import hashlib
-import ipaddress
 import json
 import logging
 import re
@@ -22,7 +21,8 @@ from .clock import now
 from .db import Param, Prepared, db, for_update, is_sqlite, lock_keys, write_transaction
 from .fields import Form, VisibleText
 from .models import AuditEvent, Device, SupportRequest, User, normalise_email
-from .security import audit, client_ip, is_fresh, revoke_second_factor
+from .security import (audit, client_ip, client_network, client_network_48, count_for_network, is_fresh,
+                       network_full_until, revoke_second_factor)
 from .sessions import end_user_sessions
 
 bp = Blueprint("support", __name__)
@@ -185,6 +185,7 @@ KIND_LABELS = {
     "support_tfa_disabled": "Support turned off 2FA for a limited time",
     "support_window_ended": "Support ended the 2FA time window early",
     "support_action_refused": "Support action refused: not allowed on one's own or another admin's account",
+    "network_limit_reached": "A client network reached its hourly limit; more is refused until the hour ends",
 }
 
 DETAIL_LABELS = {
@@ -221,6 +222,9 @@ DETAIL_LABELS = {
     "password_locked_until": "Password entry was locked until",
     "known_browsers": "Known browsers cleared of wrong passwords",
     "known_browser_failures": "Wrong passwords cleared in those browsers",
+    "limit": "Limit",
+    "network": "Network",
+    "per_hour": "Limit per hour",
 }
 DETAIL_ORDER = {key: i for i, key in enumerate(DETAIL_LABELS)}  # the most telling details first
 
@@ -234,6 +238,9 @@ VALUE_WORDS = {
     "first-run": "first-run setup",
     "signup": "sign-up page",
     "known browser": "a browser the person signed in from before, not the account",
+    "sign-ups": "accounts made on the sign-up page",
+    "failed-sign-ins": "wrong passwords and unknown addresses at sign-in",
+    "contact-48": "contact requests from one IPv6 /48",
 }
 
 
@@ -336,24 +343,6 @@ def utc_minutes(value):
 
 # ---------------------------------------------------------------- contact form (no sign-in needed)
 
-def client_network(ip):
-    """What the contact form's per-client limit counts: an IPv4 address, or the /64 network of an IPv6 one.
-    One IPv6 computer usually owns a whole /64 and may pick a new address in it for every request (privacy
-    addresses do exactly that), so counting single IPv6 addresses would limit nobody. The exact address of
-    every request is in its audit record."""
-    if not ip:
-        return ip
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip  # not an address (a proxy's odd header): counted as it is
-    if address.version == 4:
-        return str(address)
-    if address.ipv4_mapped is not None:  # an IPv4 client seen through an IPv6 socket
-        return str(address.ipv4_mapped)
-    return str(ipaddress.ip_network(f"{address}/64", strict=False))
-
-
 def _recent_requests(field, value):
     """How many contact requests with this email / ip arrived within the last hour."""
     since = now() - timedelta(hours=1)
@@ -375,6 +364,9 @@ def contact():
         else:
             email = normalise_email(form.email.data)
             ip = client_network(client_ip())
+            # And, looser, per IPv6 /48 (SUPPORT_REQUESTS_PER_HOUR_48): whoever is routed one holds 65,536 /64s.
+            # A counter (security.count_for_network), as the stored /64s do not tell their /48 by a prefix.
+            site = client_network_48(client_ip())
             limit = current_app.config["SUPPORT_REQUESTS_PER_HOUR"]
             # Anyone may type an address: strangers' requests could use up its limit and keep the owner out of
             # the form for an hour, again and again. A browser that entered the account's password (signed in,
@@ -388,7 +380,8 @@ def contact():
             with write_transaction():
                 # Count and insert in one write transaction, holding the address and network, so parallel
                 # posts cannot slip past the limit (on PostgreSQL too, where the count alone locks nothing).
-                lock_keys("contact-email:" + email, *(["contact-ip:" + ip] if ip else []))
+                lock_keys("contact-email:" + email, *(["contact-ip:" + ip] if ip else []),
+                          *(["contact-48:" + site] if site else []))
                 # The same form sent again within the hour (a second click, Back and Send again): taken as sent
                 # (it was), not stored twice, and not refused as over the limit, which would say it was not
                 # sent. Known by the form's one-time id, which only the browser shown the form has: matching
@@ -399,11 +392,13 @@ def contact():
                     (SupportRequest.created_at >= now() - timedelta(hours=1))
                     & (SupportRequest.form_hash == form_hash)).exists()
                 throttled = not repeated and (_recent_requests(SupportRequest.email, email) >= per_address
-                                              or (ip and _recent_requests(SupportRequest.ip, ip) >= limit))
+                                              or (ip and _recent_requests(SupportRequest.ip, ip) >= limit)
+                                              or network_full_until("contact-48", site) is not None)
                 if not (throttled or repeated):
                     user = User.by_email(email)
                     req = SupportRequest.create(email=email, message=form.message.data, user=user, ip=ip,
                                                 created_at=now(), form_hash=form_hash)
+                    count_for_network("contact-48", site)
                     # Whether the sender had entered the password: a record of what happened, not a sign of who
                     # sent it (someone who stole the password has it too).
                     audit("support_request", user=user, request=req.id, after_password=after_password,
