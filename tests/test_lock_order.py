@@ -99,6 +99,21 @@ def committing(sql, *params):
     return change
 
 
+def a_device_activated(app, user_id, secret, clock):
+    """A `look` for look_while_person_held: a new device activated for the person and committed, as Complete
+    Activation does holding their row (it adds the device and closes support's window, if one is open)."""
+    from webapp.totp import encrypt_secret
+
+    from .test_support import utc
+
+    with app.app_context():
+        secret_enc = encrypt_secret(secret)
+    return committing(
+        'WITH added AS (INSERT INTO "device" (user_id, name, secret_enc, created_at, last_step)'
+        ' VALUES (%s, %s, %s, %s, 0)) UPDATE "user" SET tfa_reset_until = NULL WHERE id = %s',
+        user_id, "New phone", secret_enc, utc(clock.t), user_id)
+
+
 def flask_users(app, *args):
     """`flask users ARGS`, run as the operator does."""
     return app.test_cli_runner().invoke(args=["users", *args])
@@ -574,22 +589,40 @@ def test_ending_a_support_window_reads_the_person_under_their_row(app, actor, se
     again, recorded, and the sessions of the person who had just set up their phone ended. Here that happens
     while End window waits: it answers that there is no open window and records nothing (security.md 20)."""
     from webapp.models import AuditEvent
-    from webapp.totp import encrypt_secret
 
-    from .test_support import disable, end_window, sign_in_admin, utc
+    from .test_support import disable, end_window, sign_in_admin
 
     sign_in_admin(actor, secret)
     target = actor.user("carol@example.com", secret=secret)
     assert disable(actor, target, close_requests=False).status_code == 302  # the window is open, no device
-    with app.app_context():
-        secret_enc = encrypt_secret(secret)
 
-    blocked, _, response = look_while_person_held(target.id, lambda: end_window(actor, target), committing(
-        'WITH added AS (INSERT INTO "device" (user_id, name, secret_enc, created_at, last_step)'
-        ' VALUES (%s, %s, %s, %s, 0)) UPDATE "user" SET tfa_reset_until = NULL WHERE id = %s', target.id, "New phone", secret_enc, utc(clock.t),
-        target.id))
+    blocked, _, response = look_while_person_held(target.id, lambda: end_window(actor, target),
+                                                  a_device_activated(app, target.id, secret, clock))
 
     assert blocked
     assert response.status_code == 400
     with app.app_context():
         assert not AuditEvent.select().where(AuditEvent.kind == "support_window_ended").exists()
+
+
+def test_a_password_step_decides_under_the_persons_row_whether_a_code_is_needed(app, actor, secret, clock):
+    """A correct password leads to the code step, a direct sign-in or a closed door: auth.after_password
+    decides which after it has the person's row (security.md 20). Found by mutation testing: with a plain
+    read in place of that lock no test failed. It then read the person and their devices first and waited
+    only to write the session (whose row and audit record need the person's), so a device activated
+    meanwhile (Complete Activation holds the person's row while it adds the device) went unseen: the password
+    alone opened a session although 2FA was on, which the activation's ending of the person's other sessions
+    may already have passed (security.md 28: every sign-in needs the code once there is a device). Here a
+    device is activated while the password step waits: it goes to the code step, with no session."""
+    from webapp.models import ServerSession
+
+    user = actor.user()  # no device yet: the password alone signs in, until one is activated
+
+    blocked, _, response = look_while_person_held(user.id, actor.password_step,
+                                                  a_device_activated(app, user.id, secret, clock))
+
+    assert blocked
+    assert response.status_code == 302 and response.headers["Location"].endswith("/login/verify"), (
+        response.status_code, response.headers.get("Location"))
+    with app.app_context():
+        assert not ServerSession.select().where(ServerSession.user == user.id).exists()
