@@ -626,3 +626,32 @@ def test_a_password_step_decides_under_the_persons_row_whether_a_code_is_needed(
         response.status_code, response.headers.get("Location"))
     with app.app_context():
         assert not ServerSession.select().where(ServerSession.user == user.id).exists()
+
+
+def test_changing_the_password_reads_the_current_one_under_the_persons_row(app, actor, clock):
+    """security.replace_password checks that the password is still the one the person proved after it has
+    their row (security.md 20). Found by mutation testing: with a plain read in place of that lock no test
+    failed. It then read the password first and waited only at its UPDATE of the person's row, so a password
+    set meanwhile (the operator's `users set-password`, or a change in another browser, both holding the
+    person's row) went unseen and was overwritten by one proved with the password it replaced
+    (security.md 35). Here the operator's password is committed while Change password waits: it is refused,
+    changing nothing, and the operator's password stays."""
+    from webapp.models import AuditEvent
+    from webapp.security import hash_password
+
+    from .test_password import URL, form
+
+    user = actor.user()
+    actor.sign_in()
+    with app.app_context():
+        operators = hash_password("the operator's choice")
+
+    blocked, _, response = look_while_person_held(
+        user.id, lambda: actor.post_form(URL, form()),
+        committing('UPDATE "user" SET password_hash = %s WHERE id = %s', operators, user.id))
+
+    assert blocked
+    assert response.status_code == 409, response.status_code
+    with app.app_context():
+        assert User.get_by_id(user.id).password_hash == operators
+        assert not AuditEvent.select().where(AuditEvent.kind == "password_changed").exists()
