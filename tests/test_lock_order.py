@@ -409,66 +409,36 @@ def test_users_disable_takes_the_person_before_their_sessions_and_sign_ins(app, 
         assert User.get_by_id(user.id).disabled_at is not None
 
 
-def test_users_promote_reads_the_role_under_the_persons_row(app, actor):
-    """`users promote` reads whether the person is an admin already after it has their row. Found by mutation
-    testing: without User.lock it read the role first and waited only at its UPDATE, so two promotes at once
-    both promoted: each ended the person's sessions and recorded a role change. Here the person is made an
-    admin while promote waits: it then says so and changes nothing (security.md 20)."""
+@pytest.mark.parametrize("command, already, meanwhile, answer, kind", [
+    ("promote", None, 'UPDATE "user" SET is_admin = true WHERE id = %s', "is already an admin; nothing changed",
+     "role_changed"),
+    ("disable", None, """UPDATE "user" SET disabled_at = (now() AT TIME ZONE 'UTC') WHERE id = %s""",
+     "is already disabled", "account_disabled"),
+    ("enable", "disable", 'UPDATE "user" SET disabled_at = NULL WHERE id = %s', "is not disabled; nothing changed",
+     "account_enabled"),
+])
+def test_users_commands_read_the_account_under_the_persons_row(app, actor, command, already, meanwhile, answer,
+                                                                kind):
+    """`users promote`, `users disable` and `users enable` read the state they change (admin or not, disabled
+    or not) after they have the person's row. Found by mutation testing: without User.lock each read first
+    and waited only at its UPDATE of that row (for disable, before the sessions, so
+    test_users_disable_takes_the_person_before_their_sessions_and_sign_ins still passed), so two of the same
+    command at once both went through: two role changes each ending the person's sessions, a disable moving
+    its date, each with a second audit record. Here the same change is committed while the command waits:
+    it then says nothing changed and records nothing (security.md 20)."""
     from webapp.models import AuditEvent
 
     user = actor.user()
+    if already:
+        assert flask_users(app, already, user.email).exit_code == 0
 
     blocked, _, outcome = look_while_person_held(
-        user.id, lambda: flask_users(app, "promote", user.email),
-        committing('UPDATE "user" SET is_admin = true WHERE id = %s', user.id))
+        user.id, lambda: flask_users(app, command, user.email), committing(meanwhile, user.id))
 
     assert blocked
-    assert outcome.exit_code == 0 and "is already an admin; nothing changed" in outcome.output, outcome.output
+    assert outcome.exit_code == 0 and answer in outcome.output, outcome.output
     with app.app_context():
-        assert not AuditEvent.select().where(AuditEvent.kind == "role_changed").exists()
-
-
-def test_users_disable_reads_the_account_under_the_persons_row(app, actor, clock):
-    """`users disable` reads whether the account is disabled already after it has the person's row. Found by
-    mutation testing: without User.lock it read first and waited only at its UPDATE of that row (before
-    the sessions, so test_users_disable_takes_the_person_before_their_sessions_and_sign_ins still passed):
-    two disables at once both went through, the second moving the date and recording a second
-    account_disabled. Here the account is disabled while the command waits: it then says so and changes
-    nothing (security.md 20)."""
-    from webapp.models import AuditEvent
-
-    from .test_support import utc
-
-    user = actor.user()
-
-    blocked, _, outcome = look_while_person_held(
-        user.id, lambda: flask_users(app, "disable", user.email),
-        committing('UPDATE "user" SET disabled_at = %s WHERE id = %s', utc(clock.t), user.id))
-
-    assert blocked
-    assert outcome.exit_code == 0 and "is already disabled" in outcome.output, outcome.output
-    with app.app_context():
-        assert not AuditEvent.select().where(AuditEvent.kind == "account_disabled").exists()
-
-
-def test_users_enable_reads_the_account_under_the_persons_row(app, actor):
-    """`users enable` reads whether the account is disabled after it has the person's row. Found by mutation
-    testing: without User.lock it read first and waited only at its UPDATE, so two enables at once both
-    recorded account_enabled. Here the account is enabled while the command waits: it then says the account
-    is not disabled and changes nothing (security.md 20)."""
-    from webapp.models import AuditEvent
-
-    user = actor.user()
-    assert flask_users(app, "disable", user.email).exit_code == 0
-
-    blocked, _, outcome = look_while_person_held(
-        user.id, lambda: flask_users(app, "enable", user.email),
-        committing('UPDATE "user" SET disabled_at = NULL WHERE id = %s', user.id))
-
-    assert blocked
-    assert outcome.exit_code == 0 and "is not disabled; nothing changed" in outcome.output, outcome.output
-    with app.app_context():
-        assert not AuditEvent.select().where(AuditEvent.kind == "account_enabled").exists()
+        assert not AuditEvent.select().where(AuditEvent.kind == kind).exists()
 
 
 def code_checked_already(monkeypatch):
