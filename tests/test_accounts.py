@@ -965,7 +965,8 @@ def test_a_proxy_hop_count_that_is_not_a_count_is_named_in_the_error(tmp_path, m
 
 @pytest.mark.parametrize("name, value", [("TWOSTEP_PRODUCTION", "y"), ("TWOSTEP_PRODUCTION", "production"),
                                          ("SIGNUP_ENABLED", "nope"), ("SECURE_COOKIES", "2"),
-                                         ("PURGE_INTERVAL_SECONDS", "-5"), ("PURGE_INTERVAL_SECONDS", "10m")])
+                                         ("PURGE_INTERVAL_SECONDS", "-5"), ("PURGE_INTERVAL_SECONDS", "10m"),
+                                         ("FAILED_SIGNINS_PER_HOUR", "-1"), ("SIGNUPS_PER_HOUR", "ten")])
 def test_a_setting_that_is_not_one_of_its_values_stops_the_start_naming_it(tmp_path, monkeypatch, name, value):
     """security.md 44: TWOSTEP_PRODUCTION=y used to be read as "no", running production with generated secrets
     and insecure cookies; a negative purge interval silently meant "never". Each stops the start instead."""

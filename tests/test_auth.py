@@ -1,5 +1,6 @@
 """Sign-in in two steps, as a person and as an attacker would try it (security.md C and D)."""
 import json
+import os
 from datetime import timedelta
 
 import pyotp
@@ -10,7 +11,7 @@ from webapp.auth import GENERIC_CODE_ERROR
 from webapp.models import AuditEvent, ServerSession, SignInChallenge, User
 from webapp.sessions import token_hash
 
-from .conftest import PASSWORD, RFC_SECRET
+from .conftest import PASSWORD, RFC_SECRET, Actor, make_test_app
 from .test_support import utc
 
 WRONG = "000000"
@@ -1477,6 +1478,43 @@ def test_wrong_passwords_from_one_network_stop_at_the_hourly_limit(app, actor, c
     assert attempt("carol@example.com", PASSWORD, **_from("198.51.100.7")).status_code == 302  # another network
     clock.advance(3600)
     assert actor.password_step("bob@example.com").status_code == 302
+
+
+@pytest.mark.parametrize("value", ["250", "0"])
+def test_the_operator_moves_the_failed_sign_in_limit_or_turns_it_off(tmp_path, clock, monkeypatch, value):
+    """security.md 18: many people behind one address (an office's or a carrier's NAT) share one count, and a
+    stranger among them can use it up for everyone signing in from a new browser. FAILED_SIGNINS_PER_HOUR
+    from the environment moves the limit; 0 turns it off: nothing is counted, nothing refused."""
+    monkeypatch.setenv("FAILED_SIGNINS_PER_HOUR", value)
+    app = make_test_app(tmp_path, os.environ.get("TEST_DATABASE_URL") or f"sqlite:///{tmp_path / 'moved.db'}",
+                        clock)
+    assert app.config["FAILED_SIGNINS_PER_HOUR"] == int(value)
+    actor = Actor(app, app.test_client(), clock)
+    actor.user()
+    for i in range(101):
+        assert actor.password_step(f"user{i}@example.com", SPRAYED).status_code == 200
+    assert actor.password_step().status_code == 302  # the 102nd, past the default of 100
+    assert _counted(app, "failed-sign-ins") == (101 if value == "250" else 0)
+
+
+@pytest.mark.parametrize("seen, network", [("203.0.113.7:51234", "203.0.113.7"),
+                                           ("[2001:db8:1:2::7]:443", "2001:db8:1:2::/64")])
+def test_an_address_written_with_its_port_counts_as_its_network(app, actor, seen, network):
+    """security.md 18: some proxies write the client's port with its address; counted as written, every
+    connection would have been a network of its own and no limit would ever hold."""
+    app.config["FAILED_SIGNINS_PER_HOUR"] = 2
+    actor.user()
+    token = actor.csrf()
+
+    def attempt(seen_as, email="nobody@example.com", password=SPRAYED):
+        return actor.client.post("/login", data={"csrf_token": token, "email": email, "password": password},
+                                 **_from(seen_as))
+
+    host = seen.rpartition(":")[0]
+    for other_port in ("1111", "2222"):
+        assert attempt(f"{host}:{other_port}").status_code == 200
+    assert _counted(app, "failed-sign-ins", network) == 2
+    assert attempt(seen, "alice@example.com", PASSWORD).status_code == 429
 
 
 def test_over_the_network_limit_every_address_gets_the_same_answer(app, actor, clock):

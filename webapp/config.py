@@ -49,7 +49,8 @@ DEFAULTS = {
     "SIGNUPS_PER_HOUR": 10,
     # Wrong passwords (or unknown addresses) at the password step, against any accounts: one client trying
     # one password on many accounts meets no per-account throttle. Generous: an office behind one address
-    # signs in at 9 am, typos and all. Browsers known for the account typed are not held by it.
+    # signs in at 9 am, typos and all. Browsers known for the account typed are not held by it. This one and
+    # SIGNUPS_PER_HOUR can be set from the environment, 0 turning the limit off.
     "FAILED_SIGNINS_PER_HOUR": 100,
     # The contact form's second limit, per IPv6 /48 (ten times SUPPORT_REQUESTS_PER_HOUR): whoever is routed
     # a /48 holds 65,536 /64s, each with a count of its own.
@@ -82,6 +83,17 @@ def _env_bool(env, name, default):
     if word not in _TRUE + _FALSE:
         raise ConfigError(f"{name} must be 1 or 0 (also true/false, yes/no, on/off), not {value!r}")
     return word in _TRUE
+
+
+def _env_count(env, name, what):
+    """A whole number of 0 or more from the environment; anything else stops the start naming the variable."""
+    try:
+        value = int(env[name])
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigError(f"{name} must be {what}")
+    return value
 
 
 def _instance_secret(instance_path, name, factory):
@@ -127,13 +139,13 @@ def load(app, test_config=None):
     if app.config["PROXY_HOPS"]:
         trusted_proxies(app.config["FORWARDED_ALLOW_IPS"])  # a typo stops the start, naming the setting
     if env.get("PURGE_INTERVAL_SECONDS"):
-        try:
-            seconds = int(env["PURGE_INTERVAL_SECONDS"])
-        except ValueError:
-            seconds = -1
-        if seconds < 0:
-            raise ConfigError("PURGE_INTERVAL_SECONDS must be a whole number of seconds (0 turns it off)")
+        seconds = _env_count(env, "PURGE_INTERVAL_SECONDS", "a whole number of seconds (0 turns it off)")
         app.config["PURGE_INTERVAL"] = timedelta(seconds=seconds)
+    # The per-network limits an operator may have to move: many people behind one address (an office's NAT, a
+    # carrier's) share one count, and a stranger among them can use it up for everyone not in a known browser.
+    for key in ("SIGNUPS_PER_HOUR", "FAILED_SIGNINS_PER_HOUR"):
+        if env.get(key):
+            app.config[key] = _env_count(env, key, "a whole number per hour (0 turns the limit off)")
     if production:
         app.config["SECURE_COOKIES"] = True
     if test_config:

@@ -252,9 +252,8 @@ def client_network(ip):
     is in its audit record."""
     if not ip:
         return ip
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
+    address = _address(ip)
+    if address is None:
         return ip  # not an address (a proxy's odd header): counted as it is
     if address.version == 4:
         return str(address)
@@ -267,13 +266,24 @@ def client_network_48(ip):
     """The IPv6 /48 the client's address is in, or None for IPv4 (and anything that is not an address). A
     site routed a /48 (what many providers give a customer) has 65,536 /64s, each a client of its own to
     client_network: a limit per /48, looser, holds them together."""
-    try:
-        address = ipaddress.ip_address(ip or "")
-    except ValueError:
-        return None
-    if address.version == 4 or address.ipv4_mapped is not None:
+    address = _address(ip or "")
+    if address is None or address.version == 4 or address.ipv4_mapped is not None:
         return None
     return str(ipaddress.ip_network(f"{address}/48", strict=False))
+
+
+def _address(text):
+    """The IP address in `text`, also when a proxy wrote it with its port ("203.0.113.7:51234",
+    "[2001:db8::1]:443"): counted with the port, every connection would be a client of its own. None when
+    it is no address."""
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:  # IPv4 with a port; a bare IPv6 address has two colons at least
+        text = text.partition(":")[0]
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
 
 
 # What each limit counts, and the setting with its number per network and hour.
@@ -285,8 +295,15 @@ NETWORK_LIMITS = {
 
 
 def network_limit(purpose):
-    """The number of events of `purpose` a network may have in its hour."""
+    """The number of events of `purpose` a network may have in its hour; 0 when the operator turned the limit
+    off (nothing is then counted or refused)."""
     return current_app.config[NETWORK_LIMITS[purpose]]
+
+
+def _counted(purpose, network):
+    """The network whose events of `purpose` count, or None: without a network (an address that is not
+    known limits nobody, as at the contact form) or with the limit turned off."""
+    return network if network and network_limit(purpose) else None
 
 
 def _full(purpose, network, since, limit):
@@ -316,9 +333,10 @@ _NC_HITS = Prepared(lambda: NetworkCounter.select(NetworkCounter.hits).where(
 
 
 def network_full_until(purpose, network):
-    """When `network` may do `purpose` again, if it reached its limit in the current hour, else None (and
-    None without a network: an address that is not known limits nobody, as at the contact form)."""
-    if not network:
+    """When `network` may do `purpose` again, if it reached its limit in the current hour, else None (also
+    when it is not counted: _counted)."""
+    network = _counted(purpose, network)
+    if network is None:
         return None
     row = _NC_FULL.first(purpose=purpose, network=network, since=now() - NetworkCounter.WINDOW,
                          limit=network_limit(purpose))
@@ -327,16 +345,18 @@ def network_full_until(purpose, network):
 
 def network_full_column(purpose, network):
     """The start of `network`'s hour if it reached the limit of `purpose`, as a subquery to read in the same
-    statement as something else (auth.login reads it with the account): NULL while under the limit."""
+    statement as something else (auth.login reads it with the account): NULL while under the limit, and
+    always when the network is not counted (no counter has the empty network: count_for_network)."""
     return NetworkCounter.select(NetworkCounter.window_start).where(
-        _full(purpose, network or "", now() - NetworkCounter.WINDOW, network_limit(purpose)))
+        _full(purpose, _counted(purpose, network) or "", now() - NetworkCounter.WINDOW, network_limit(purpose)))
 
 
 def count_for_network(purpose, network):
     """Inside the caller's write transaction: one more event of `purpose` for `network` (nothing without a
     network). The event that reaches the limit leaves one audit record; the refusals after it leave none, so
     being refused cannot fill the audit log: one record per network and hour at most."""
-    if not network:
+    network = _counted(purpose, network)
+    if network is None:
         return
     current = now()
     _NC_ADD.execute(purpose=purpose, network=network, at=current, since=current - NetworkCounter.WINDOW)

@@ -222,7 +222,7 @@ DETAIL_LABELS = {
     "password_locked_until": "Password entry was locked until",
     "known_browsers": "Known browsers cleared of wrong passwords",
     "known_browser_failures": "Wrong passwords cleared in those browsers",
-    "limit": "Limit",
+    "limit": "Which limit",
     "network": "Network",
     "per_hour": "Limit per hour",
 }
