@@ -1384,13 +1384,30 @@ def test_signups_from_one_network_stop_at_the_hourly_limit(app, actor, clock, mo
         r = _sign_up(app, clock, email)
         html = r.get_data(as_text=True)
         assert r.status_code == 429
-        assert "Too many accounts were created from your network in the last hour. Try again in 50 minutes." in html
+        assert "Too many sign-ups from your network in the last hour. Try again in 50 minutes." in html
         assert "already exists" not in html
     assert calls == []
     with app.app_context():
         assert (User.select().count(), ServerSession.select().count(), AuditEvent.select().count()) == before
         assert User.by_email("late@example.com") is None
     assert _limit_records(app) == [("127.0.0.1", {"limit": "sign-ups", "network": "127.0.0.1", "per_hour": 10})]
+
+
+def test_sign_ups_refused_as_existing_count_against_the_network(app, actor, clock):
+    """/signup says "already exists" for an address with an account: unlimited, it let anyone test address after
+    address. Those answers count towards SIGNUPS_PER_HOUR like the accounts made; past the limit every
+    address gets the same 429, existing or not."""
+    app.config["SIGNUPS_PER_HOUR"] = 3
+    actor.user()
+    for _ in range(3):
+        r = _sign_up(app, clock, "alice@example.com")
+        assert r.status_code == 200 and "already exists" in r.get_data(as_text=True)
+    assert _counted(app, "sign-ups") == 3
+    for email in ("alice@example.com", "new@example.com"):
+        r = _sign_up(app, clock, email)
+        assert r.status_code == 429 and "already exists" not in r.get_data(as_text=True)
+    with app.app_context():
+        assert User.by_email("new@example.com") is None
 
 
 def test_the_signup_limit_is_per_network_and_ends_with_its_hour(app, actor, clock):
@@ -1432,7 +1449,7 @@ def test_signups_sent_at_once_cannot_pass_the_limit_together(app, actor, clock, 
 
     monkeypatch.setattr(auth, "hash_password", hash_while_another_signs_up)
     r = _sign_up(app, clock, "slow@example.com")
-    assert r.status_code == 429 and "Too many accounts were created from your network" in r.get_data(as_text=True)
+    assert r.status_code == 429 and "Too many sign-ups from your network" in r.get_data(as_text=True)
     with app.app_context():
         assert User.by_email("slow@example.com") is None and User.by_email("quick@example.com") is not None
         assert User.select().count() == limit + 1

@@ -201,7 +201,7 @@ def test_sign_ups_sent_at_once_from_one_network_make_no_more_accounts_than_its_l
 
     statuses = sorted(r[0] for r in results)
     assert statuses == [302] * 10 + [429] * 6, statuses
-    assert all("Too many accounts were created from your network" in r[2] for r in results if r[0] == 429)
+    assert all("Too many sign-ups from your network" in r[2] for r in results if r[0] == 429)
     with app.app_context():
         assert User.select().where(User.email.startswith("rush")).count() == 10
         assert NetworkCounter.get(NetworkCounter.purpose == "sign-ups").hits == 10

@@ -582,8 +582,8 @@ def signup():
         if form.validate_on_submit():
             email = normalise_email(form.email.data)
             # SIGNUPS_PER_HOUR per client network: without it anyone could make accounts as fast as passwords
-            # hash, each adding rows. Checked first: over it, nothing is hashed, and nothing is said about
-            # the address either.
+            # hash, each adding rows, or learn which addresses have an account ("already exists", which
+            # counts too). Checked first: over it, nothing is hashed, and nothing is said about the address.
             network = client_network(client_ip())
             full_until = network_full_until("sign-ups", network)
             user = None
@@ -604,9 +604,11 @@ def signup():
                         else:
                             count_for_network("sign-ups", network)
             if full_until is not None:
-                error, status = (f"Too many accounts were created from your network in the last hour. Try again "
-                                 f"in {wait_text(full_until)}."), 429
+                error, status = (f"Too many sign-ups from your network in the last hour. Try again in "
+                                 f"{wait_text(full_until)}."), 429
             elif user is None:
+                with write_transaction():
+                    count_for_network("sign-ups", network)
                 error = "An account with this email address already exists. Log in instead."
             else:
                 audit("account_created", user=user, via="signup")
