@@ -354,8 +354,10 @@ def _field_markup(f, hint, error, extra):
     return Markup("\n".join(parts))
 
 
-def form_error(message):
-    """A form-level error (not tied to one field), announced by screen readers when it appears."""
+def form_error(message, id=None):
+    """A form-level error (not tied to one field), announced by screen readers when it appears; with `id`, for
+    the aria-describedby of the field a page focuses past it."""
     if not message:
         return Markup("")
-    return Markup(f'<p class="error form-error" role="alert" tabindex="-1">{escape(message)}</p>')
+    id_attr = f' id="{escape(id)}"' if id else ""
+    return Markup(f'<p class="error form-error" role="alert" tabindex="-1"{id_attr}>{escape(message)}</p>')

@@ -5,7 +5,7 @@ Real time, no injected clock: oathtool reads the system clock, so the server mus
 import re
 
 from browser_kit import PASSWORD, next_step_code, oathtool_code, random_secret, wrong_code
-from journey import (enter_code, expect, expect_code_refused, expect_code_step, expect_signed_in, log_in,
+from journey import (enter_code, expect, expect_code_refused, expect_code_step, expect_signed_in, follow, log_in,
                      log_out, settings_text)
 
 
@@ -143,3 +143,21 @@ def test_back_at_log_in_the_focused_field_says_why(page, server):
     expect(email).to_have_accessible_description(re.compile("^Too many wrong codes"))
     expect(page).to_have_title("Error: Log in · twostep")
 
+
+def test_confirm_its_you_names_the_refusal_in_the_focused_field(page, server):
+    """WCAG 3.3.1: "Confirm it's you" comes back after a wrong password with the focus in Password, past the
+    error above the form, and the field did not say it: a screen reader heard an empty Password field again."""
+    secret = random_secret()
+    server.user("jon@example.com", devices={"Phone": secret})
+    log_in(page, "jon@example.com")
+    enter_code(page, oathtool_code(secret))
+    expect_signed_in(page)
+    server.age_sign_ins()
+    page.goto("/reauth")
+    page.get_by_label("Password", exact=True).fill(PASSWORD + "x")
+    page.get_by_label("Verification code", exact=True).fill(next_step_code(secret))
+    follow(page, page.get_by_role("button", name="Confirm", exact=True))
+    password = page.get_by_label("Password", exact=True)
+    expect(password).to_be_focused()
+    expect(password).to_have_accessible_description("Incorrect password.")
+    expect(page).to_have_title("Error: Confirm it's you · twostep")
