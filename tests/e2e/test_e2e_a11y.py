@@ -243,3 +243,17 @@ def test_times_are_shown_in_the_browsers_time_zone_with_utc_kept_as_the_tooltip(
     expect(shown).to_contain_text(f"{(int(utc.group(1)) + 9) % 24:02d}:{utc.group(2)}")
     expect(shown).to_contain_text("GMT+9")
     assert "UTC" not in shown.inner_text()
+
+
+def test_a_sessions_sign_out_button_names_its_time_as_the_list_shows_it(new_page, server):
+    """A screen reader heard a session's sign-in time in the browser's zone in the list, then in UTC in the
+    name of its Sign out button (a UTC+9 person: nine hours apart), as if the button were for another one."""
+    server.user("osaka@example.com")
+    log_in(new_page(), "osaka@example.com")  # another browser, which gets a Sign out button
+    page = new_page(timezone_id="Asia/Tokyo", locale="en-GB")
+    log_in(page, "osaka@example.com")
+    expect_signed_in(page)
+    other = page.locator("#sessions li").filter(has=page.get_by_role("button", name=re.compile("^Sign out ")))
+    signed_in = other.locator("time").first.inner_text()
+    assert "GMT+9" in signed_in
+    expect(other.get_by_role("button")).to_have_accessible_name(re.compile(re.escape(f"signed in {signed_in}") + "$"))
