@@ -37,6 +37,16 @@
     if (target) target.focus();
   });
 
+  // The Support page's results replace themselves a moment after typing in Search users: someone who had
+  // tabbed on into the old results (before the answer came) was left on <body>, and the next Tab started at
+  // the top of the page. Back to the search field then; the status line says what the new search found.
+  document.addEventListener("htmx:load", function (event) {
+    var elt = event.detail.elt;
+    if (!elt || elt.id !== "results" || (document.activeElement && document.activeElement !== document.body)) return;
+    var search = document.getElementById("q");
+    if (search) search.focus();
+  });
+
   // Times are written in UTC (and stay so without JavaScript); a <time data-local> is shown in the
   // browser's own time zone instead, with the UTC original as its tooltip.
   // data-local="date" shows the date alone. Formats are made on first use: if the browser refused them,

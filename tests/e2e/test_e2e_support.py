@@ -222,3 +222,23 @@ def test_disable_page_opened_directly_with_javascript_returns_to_the_search(page
     expect(page.get_by_role("heading", name="Support", exact=True)).to_be_visible()
     expect(page.get_by_text(re.compile(r"2FA for olga@example\.com is off until"))).to_be_visible()
     expect(person_row(page)).to_contain_text("Temporarily off")
+
+
+def test_results_replaced_while_tabbing_through_them_give_the_focus_back_to_the_search(page, server):
+    """Search users searches by itself a moment after typing: a keyboard user who had tabbed on into the old
+    results before the answer came lost the focus to <body> when they were replaced (the next Tab started at
+    the top of the page). It goes back to the search field, and the status line says what was found."""
+    for name in ("olga", "oliver", "otto"):
+        server.user(f"{name}@example.com", devices={"Phone": random_secret()})
+    sign_in_admin(page, server)
+    follow(page, page.get_by_role("navigation").get_by_role("link", name="Support", exact=True))
+    search = page.get_by_label("Search users", exact=True)
+    held = []
+    page.route(lambda url: "q=ol" in url, lambda route: held.append(route))  # the answer waits until the keyboard is in the results
+    search.fill("ol")
+    tab_to(page, page.get_by_role("link", name="Audit log for otto@example.com", exact=True))
+    while not held:
+        page.wait_for_timeout(50)
+    held[0].continue_()
+    expect(page.get_by_role("status").filter(has_text="found")).to_have_text("2 accounts found.")
+    expect(search).to_be_focused()
