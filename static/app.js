@@ -47,6 +47,35 @@
     if (search) search.focus();
   });
 
+  // A request that gets no answer from the app did nothing visible at all: the network was down, or a proxy
+  // in front of the app answered 502/504 itself. (The app's own error answers ask htmx for a reload, which
+  // shows them: webapp render_error; htmx swaps no 4xx or 5xx.) Say so where the person is looking, in the
+  // open dialog or in the page's messages, and take the note away once a request goes through again.
+  function noAnswer(text) {
+    var box = document.querySelector("dialog.wizard[open] .wizard-step") || document.getElementById("flashes");
+    if (!box) return;
+    var note = box.querySelector(".no-answer") || document.createElement("p");
+    note.className = "flash error no-answer";
+    note.setAttribute("role", "alert");
+    note.textContent = text;
+    if (!note.parentNode) box.insertBefore(note, box.firstChild);
+  }
+  document.addEventListener("htmx:sendError", function () {
+    noAnswer("The server could not be reached, so nothing was changed. Check your connection, then try again.");
+  });
+  document.addEventListener("htmx:timeout", function () {
+    noAnswer("The server took too long to answer. Try again in a moment.");
+  });
+  document.addEventListener("htmx:responseError", function (event) {
+    var status = event.detail.xhr ? event.detail.xhr.status : 0;
+    if (status >= 500) noAnswer("The server could not answer just now (error " + status + "). Try again in a moment.");
+  });
+  document.addEventListener("htmx:afterRequest", function (event) {
+    if (!event.detail.successful) return;
+    var notes = document.querySelectorAll(".no-answer");
+    for (var i = 0; i < notes.length; i++) notes[i].remove();
+  });
+
   // Times are written in UTC (and stay so without JavaScript); a <time data-local> is shown in the
   // browser's own time zone instead, with the UTC original as its tooltip.
   // data-local="date" shows the date alone. Formats are made on first use: if the browser refused them,

@@ -306,3 +306,31 @@ def test_a_tab_whose_key_was_replaced_in_another_tab_says_so(context, page, serv
     dialog.get_by_role("button", name="Continue with the new key", exact=True).click()
     assert _read_qr(qr_image(dialog), tmp_path, email) == k3
     assert server.query(lambda: Device.select().count()) == 0
+
+
+def test_a_request_that_gets_no_answer_says_so_where_the_person_is_looking(page, server, console_watch):
+    """The network down, or a proxy in front answering 502 itself: htmx swaps nothing, and the gear or Next
+    did nothing at all. The page says so (in its messages, or in the open dialog), announced as an alert,
+    and the note goes once a request goes through."""
+    server.user("nia@example.com")
+    log_in(page, "nia@example.com")
+    expect_signed_in(page)
+
+    page.route(lambda url: "/settings/2fa" in url, lambda route: route.abort())
+    gear(page).click()
+    expect(page.locator("#flashes").get_by_role("alert")).to_have_text(re.compile("could not be reached"))
+    expect(wizard_dialog(page)).to_have_count(0)
+
+    page.unroute_all()
+    gear(page).click()
+    dialog = wizard_dialog(page)
+    expect(dialog).to_be_visible()
+    expect(page.get_by_role("alert")).to_have_count(0)
+
+    page.route(lambda url: "/settings/2fa" in url, lambda route: route.fulfill(status=502, body="Bad Gateway"))
+    dialog.get_by_role("button", name="Next", exact=True).click()
+    expect(dialog.get_by_role("alert")).to_have_text(re.compile(r"could not answer just now \(error 502\)"))
+    expect(qr_image(dialog)).to_have_count(0)
+    # htmx reports both failures in the console itself; nothing else may be there.
+    expected = ("htmx:afterRequest", "htmx:sendError", "Response Status Error Code 502")
+    console_watch.problems = [p for p in console_watch.problems if not any(e in p for e in expected)]
