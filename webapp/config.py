@@ -44,8 +44,9 @@ DEFAULTS = {
     "FORWARDED_ALLOW_IPS": "127.0.0.1,::1",
     "SUPPORT_REQUESTS_PER_HOUR": 3,
     # Per-network limits on what anyone can do without an account (security.count_for_network), each per
-    # client network (security.client_network: an IPv4 address or an IPv6 /64) and hour. Accounts made
-    # through /signup: each costs a hash and adds rows.
+    # client network (security.client_network: an IPv4 address or an IPv6 /64) and hour. Sign-ups: each
+    # account made costs a hash and adds rows, and each "already exists" answer tells whether an address has
+    # an account.
     "SIGNUPS_PER_HOUR": 10,
     # Wrong passwords (or unknown addresses) at the password step, against any accounts: one client trying
     # one password on many accounts meets no per-account throttle. Generous: an office behind one address

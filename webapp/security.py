@@ -288,7 +288,7 @@ def _address(text):
 
 # What each limit counts, and the setting with its number per network and hour.
 NETWORK_LIMITS = {
-    "sign-ups": "SIGNUPS_PER_HOUR",  # accounts made through /signup
+    "sign-ups": "SIGNUPS_PER_HOUR",  # accounts made through /signup, and its "already exists" answers
     "failed-sign-ins": "FAILED_SIGNINS_PER_HOUR",  # wrong passwords and unknown addresses at the password step
     "contact-48": "SUPPORT_REQUESTS_PER_HOUR_48",  # contact requests stored, per IPv6 /48
 }
