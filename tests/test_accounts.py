@@ -986,6 +986,18 @@ def test_yes_no_settings_take_the_usual_words(tmp_path, monkeypatch, value, expe
     assert app.config["SIGNUP_ENABLED"] is expected
 
 
+@pytest.mark.parametrize("name", ["FAILED_SIGNINS_PER_HOUR", "SIGNUPS_PER_HOUR"])
+def test_the_per_network_limits_come_from_the_environment(tmp_path, monkeypatch, name):
+    """An operator whose people share one address (an office's or a carrier's NAT) moves a per-network limit,
+    or turns it off with 0, without editing the code (security.md 18)."""
+    monkeypatch.delenv("TWOSTEP_PRODUCTION", raising=False)
+    for value in ("250", "0"):
+        monkeypatch.setenv(name, value)
+        app = create_app({"TESTING": True, "INSTANCE_PATH": str(tmp_path / "inst"),
+                          "DATABASE_URL": f"sqlite:///{tmp_path / 'db'}"})
+        assert app.config[name] == int(value)
+
+
 def test_unreadable_secrets_name_the_key_file_when_the_keys_come_from_the_instance_folder(tmp_path, monkeypatch,
                                                                                           capsys, clock):
     """Under `make run` the keys are the file instance/totp_keys: the warning and `keys rotate` name that file,
