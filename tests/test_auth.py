@@ -431,6 +431,7 @@ def test_codes_sent_during_the_lock_count_but_do_not_lengthen_the_next_lock(acto
         assert r.status_code == 429 and "Too many wrong codes. Wait 14 minutes" in r.get_data(as_text=True)
     row = user_row(actor.app)
     assert (row.code_failures, row.code_strikes) == (9, 5)
+    assert kinds(actor.app).count("code_throttled") == 4  # security.md 19, 43: each refused try is recorded
     clock.advance(14 * 60)
     actor.password_step()
     r = actor.code_step(WRONG)  # checked: the sixth strike doubles the lock, no more
@@ -438,6 +439,10 @@ def test_codes_sent_during_the_lock_count_but_do_not_lengthen_the_next_lock(acto
     row = user_row(actor.app)
     assert (row.code_failures, row.code_strikes) == (10, 6)
     assert row.code_locked_until == utc(clock.t) + timedelta(minutes=30)
+    with actor.app.app_context():  # the record counts every refused code; the lockout was recorded once, at 5
+        last = AuditEvent.select().where(AuditEvent.kind == "code_rejected").order_by(AuditEvent.id.desc()).get()
+        assert last.details["failures"] == 10
+    assert kinds(actor.app).count("code_lockout") == 1
     clock.advance(30 * 60)
     actor.password_step()
     assert actor.code_step(actor.code(secret)).headers["Location"] == "/settings"

@@ -124,6 +124,16 @@ def test_label_round_trips_awkward_account():
     assert parsed.name == account and parsed.issuer == "Acme Co"
 
 
+def test_an_issuer_with_query_characters_round_trips_in_the_issuer_parameter():
+    """security.md 6, 7: the issuer parameter equals the label's prefix even for an issuer the configuration
+    allows with '&', '+', '#' or '=' (only ':' is refused): unencoded, "Smith & Sons" would read as "Smith "."""
+    issuer = "Smith & Sons+Co #1 =x"
+    uri = totp.provisioning_uri(RFC_SECRET, "alice@example.com", issuer)
+    query = parse_qs(urlsplit(uri).query)
+    assert query["issuer"] == [issuer] and query["secret"] == [RFC_SECRET]
+    assert pyotp.parse_uri(uri).issuer == issuer
+
+
 @pytest.mark.parametrize("issuer", ["bad:issuer", "", "x" * 65])
 def test_issuer_with_colon_is_rejected_at_config_load(issuer):
     """security.md 7: an issuer that cannot round-trip stops start-up."""
