@@ -204,7 +204,7 @@ def test_the_known_browser_cookie_signs_nobody_in_and_cannot_be_made_up(app, act
     _lock_the_account_from_a_stranger(actor, clock)
     bob = type(actor)(app, app.test_client(), clock)
     assert bob.password_step("bob@example.com").status_code == 302  # bob's browser is known for bob only
-    for value in (bob.client.get_cookie("twostep_known").value, "A" * 43, "not a token"):
+    for value in (bob.client.get_cookie("twostep_known").value, "A" * 43, "not a token", "\u00e9" * 43):
         other = type(actor)(app, app.test_client(), clock)
         other.client.set_cookie("twostep_known", value)
         assert other.password_step().status_code == 429, value
@@ -750,6 +750,20 @@ def test_codes_refused_during_a_pause_do_not_make_it_a_lock(actor, secret, clock
     assert actor.code_step(actor.code(secret)).headers["Location"] == "/settings"
 
 
+def test_the_pauses_after_the_first_wrong_codes_are_1_2_4_and_8_seconds(actor, secret, clock):
+    """security.md 18: each pause after wrong codes 1-4 doubles, and lasts to its end: a second before, even
+    the right code is refused ("Wait 1 second"); at its end, it is accepted."""
+    actor.user(secret=secret)
+    for pause in (1, 2, 4, 8):
+        actor.password_step()  # a code step of its own each time: the challenge allows 5 refused codes
+        actor.code_step(WRONG)
+        clock.advance(pause - 1)
+        r = actor.code_step(actor.code(secret))
+        assert r.status_code == 429 and "Wait 1 second before entering another code." in r.get_data(as_text=True)
+        clock.advance(1)
+    assert actor.code_step(actor.code(secret)).headers.get("Location") == "/settings"
+
+
 def test_success_resets_the_failure_counter(actor, secret, clock):
     """security.md 19: four failures then a success leave the counter at 0."""
     actor.user(secret=secret)
@@ -771,6 +785,15 @@ def test_safe_next_refuses_every_way_to_name_another_host(target):
     """security.md 29: urlsplit("///evil.example") finds no host at all, yet browsers go to evil.example; and
     they drop a tab or newline in a URL, so "/\t/evil.example" is "//evil.example" to them. Found by
     mutation testing: without the "//" check no test noticed."""
+    from webapp.security import safe_next
+
+    assert safe_next(target) is None
+
+
+@pytest.mark.parametrize("target", ["/settings\r\nSet-Cookie: a=b", "/settings\x00", "/settings\x1b[2J"])
+def test_safe_next_refuses_control_characters(target):
+    """security.md 29: a next with a line break (a header of the attacker's in the redirect) or another
+    control character is refused, not passed on to the Location header."""
     from webapp.security import safe_next
 
     assert safe_next(target) is None
@@ -1412,6 +1435,16 @@ def test_sign_ups_refused_as_existing_count_against_the_network(app, actor, cloc
         assert r.status_code == 429 and "already exists" not in r.get_data(as_text=True)
     with app.app_context():
         assert User.by_email("new@example.com") is None
+
+
+def test_a_client_whose_address_is_not_an_address_is_limited_as_it_is(app, actor, clock):
+    """A proxy may pass on a client address that is no address ("unknown" in X-Forwarded-For, which ProxyFix
+    takes as it is): such a client is counted under that name, not let past every per-network limit."""
+    actor.user()
+    for i in range(app.config["SIGNUPS_PER_HOUR"]):
+        assert _sign_up(app, clock, f"person{i}@example.com", **_from("unknown")).status_code == 302
+    assert _sign_up(app, clock, "late@example.com", **_from("unknown")).status_code == 429
+    assert _counted(app, "sign-ups", network="unknown") == app.config["SIGNUPS_PER_HOUR"]
 
 
 def test_the_signup_limit_is_per_network_and_ends_with_its_hour(app, actor, clock):

@@ -245,6 +245,8 @@ def test_one_ipv6_48_has_a_looser_limit_of_its_own(app, actor, clock):
     assert len(requests_in_db(app)) == per_site
     assert send(actor, email="one-more@example.com", environ_base={"REMOTE_ADDR": "2001:db8:2::1"}).status_code == 302
     assert send(actor, email="four@example.com", environ_base={"REMOTE_ADDR": "198.51.100.7"}).status_code == 302
+    # Nor do IPv4 clients seen through an IPv6 socket: as "::ffff:a.b.c.d" they would all share one "::/48".
+    assert send(actor, email="mapped@example.com", environ_base={"REMOTE_ADDR": "::ffff:198.51.100.8"}).status_code == 302
     with app.app_context():
         assert {(c.network, c.hits) for c in NetworkCounter.select()} == {("2001:db8:1::/48", per_site),
                                                                           ("2001:db8:2::/48", 1)}

@@ -160,6 +160,7 @@ def test_audit_lines_reach_stderr_when_no_logging_is_configured(app, capfd, monk
     ("form: CODE=12 34 56&next=/", "12"),
     ("Password=hunter2hunter2 sent", "hunter2hunter2"),
     ("csrf_token=IjRmZ.abc cookie=abcdef", "IjRmZ.abc"),
+    ("request Cookie=s.Zm9vYmFyYmF6 sent", "s.Zm9vYmFyYmF6"),
     ("uri otpauth://totp/twostep:bob?secret=JBSWY3DPEHPK3PXP&issuer=twostep here", "JBSWY3DPEHPK3PXP"),
     ("the key is JBSWY3DPEHPK3PXP, keep it", "JBSWY3DPEHPK3PXP"),
     ("entered 654321 twice", "654321"),
@@ -184,12 +185,12 @@ def test_a_visitor_cannot_start_a_log_line_of_their_own(app, actor, capfd, monke
     monkeypatch.setattr(logging.getLogger("twostep"), "handlers", [])
     webapp._init_logging(app)
     fake = "2026-12-05 16:00:00,000 INFO twostep.audit: audit support_tfa_disabled user=2 actor=1 {}"
-    path = "/settings/sessions/x%0a" + fake.replace(" ", "%20").replace("{", "%7B").replace("}", "%7D") + "%E2%80%A8/end"
+    path = "/settings/sessions/x%0a" + fake.replace(" ", "%20").replace("{", "%7B").replace("}", "%7D") + "%C2%85%E2%80%A8/end"
     r = actor.client.post(path)
     assert r.status_code == 400
     lines = [line for line in capfd.readouterr().err.splitlines() if line]
     assert len(lines) == 1 and "csrf refused: POST /settings/sessions/x\\n2026-12-05 16:00:00,000" in lines[0]
-    assert "\\u2028/end (The CSRF token is missing.)" in lines[0]
+    assert "\\x85\\u2028/end (The CSRF token is missing.)" in lines[0]  # NEL: a line break to splitlines()
     assert not any(line.startswith("2026-12-05 16:00:00") for line in lines)
     # A backslash the visitor typed is doubled, so the escape above cannot be faked with "\n" typed as is.
     actor.client.post("/settings/sessions/y%5Cn2026/end")
@@ -207,6 +208,22 @@ def test_werkzeugs_own_lines_are_masked_but_not_escaped_again(app):
     record = logging.LogRecord("werkzeug", logging.INFO, __file__, 1, "%s", ("\x1b[32mGET /?code=123456\x1b[0m\nmore",), None)
     assert each.filter(record)
     assert record.getMessage() == "\x1b[32mGET /?code=[redacted]\x1b[0m\nmore"  # the colour's end is kept
+
+
+@pytest.mark.parametrize("seconds, words", [
+    (0.2, "1 second"), (1.5, "2 seconds"), (89, "89 seconds"), (90, "2 minutes"), (14 * 60 + 1, "15 minutes"),
+    (89 * 60, "89 minutes"), (23 * 3600 + 1800, "24 hours"),
+])
+def test_a_wait_is_never_said_shorter_than_it_is(app, seconds, words):
+    """security.md 18: the wait a refusal names (the back-off, the lock, a network's hour) is rounded up, never
+    down: whoever comes back when told is not refused again (and counted again) for coming back too early."""
+    from datetime import timedelta
+
+    from webapp.clock import now
+    from webapp.security import wait_text
+
+    with app.app_context():
+        assert wait_text(now() + timedelta(seconds=seconds)) == words
 
 
 def test_log_lines_without_secrets_are_left_alone():
