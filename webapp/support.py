@@ -238,7 +238,7 @@ VALUE_WORDS = {
     "first-run": "first-run setup",
     "signup": "sign-up page",
     "known browser": "a browser the person signed in from before, not the account",
-    "sign-ups": "accounts made on the sign-up page",
+    "sign-ups": "sign-ups (accounts made, or refused as existing)",
     "failed-sign-ins": "wrong passwords and unknown addresses at sign-in",
     "contact-48": "contact requests from one IPv6 /48",
 }
