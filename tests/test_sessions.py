@@ -572,6 +572,19 @@ def test_a_session_is_kept_up_to_the_idle_limit_and_not_a_moment_longer(actor, a
     assert r.status_code == 302 and r.headers["Location"].startswith("/login?notice=session-ended")
 
 
+def test_the_idle_limit_counts_from_the_last_request_to_the_minute(actor, app, secret):
+    """security.md 30: the idle time runs from the last request (the row records it at most once a minute),
+    not from an older one: a page opened 5 minutes after signing in keeps the session until 30 minutes after
+    that page."""
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    assert actor.client.get("/settings").status_code == 200  # (its first page stores the form token: a write)
+    actor.clock.advance(5 * 60)
+    assert actor.client.get("/settings").status_code == 200  # changes nothing in the session
+    actor.clock.advance(29 * 60)
+    assert actor.client.get("/settings").status_code == 200
+
+
 def test_a_session_deleted_while_its_request_runs_loses_its_cookie(actor, app, secret, monkeypatch):
     """A session signed out from elsewhere while one of its requests runs (Support's disable, "Sign out
     everywhere else") is not written back when the request ends: the response deletes its cookie, and the
