@@ -363,10 +363,11 @@ def contact():
             status = 400
         else:
             email = normalise_email(form.email.data)
-            ip = client_network(client_ip())
+            address = client_ip()
+            ip = client_network(address)
             # And, looser, per IPv6 /48 (SUPPORT_REQUESTS_PER_HOUR_48): whoever is routed one holds 65,536 /64s.
             # A counter (security.count_for_network), as the stored /64s do not tell their /48 by a prefix.
-            site = client_network_48(client_ip())
+            site = client_network_48(address)
             limit = current_app.config["SUPPORT_REQUESTS_PER_HOUR"]
             # Anyone may type an address: strangers' requests could use up its limit and keep the owner out of
             # the form for an hour, again and again. A browser that entered the account's password (signed in,
