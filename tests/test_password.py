@@ -61,6 +61,18 @@ def test_the_page_is_linked_from_user_settings_and_its_fields_are_labelled_for_p
         tag = page.split(f'id="{field_id}"')[0].rsplit("<input", 1)[1] + page.split(f'id="{field_id}"')[1].split(">")[0]
         assert f'autocomplete="{autocomplete}"' in tag and 'type="password"' in tag
     assert PASSWORD not in page
+    # the address a password manager files the new password under, inside the form, hidden
+    form_markup = page.split('<form method="post" action="/settings/password"', 1)[1].split("</form>", 1)[0]
+    assert ('<input type="email" name="username" value="alice@example.com" autocomplete="username" hidden readonly>'
+            in form_markup)
+
+
+def test_confirm_its_you_tells_password_managers_whose_password_it_asks(app, actor, alice, clock):
+    clock.advance(app.config["FRESH_LOGIN_WINDOW"].total_seconds() + 1)
+    page = text(actor.client.get("/reauth?next=/settings/password"))
+    form_markup = page.split('<form method="post" action="/reauth', 1)[1].split("</form>", 1)[0]
+    assert ('<input type="email" name="username" value="alice@example.com" autocomplete="username" hidden readonly>'
+            in form_markup)
 
 
 def test_changing_the_password_ends_the_other_sessions_and_keeps_this_one_with_a_new_id(app, actor, alice, secret,
@@ -320,3 +332,101 @@ def test_a_refused_new_password_is_described_by_its_hint_and_its_error(app, acto
     assert 'aria-describedby="new-hint new-error"' in tag and 'aria-invalid="true"' in tag
     assert '<p class="hint" id="new-hint">At least 8 characters.' in page
     assert '<p class="error" id="new-error">Use at least 8 characters (and at most 1024).</p>' in page
+
+
+def _outdated_hash(password):
+    """A hash made as an older release would have: argon2id, but not with the parameters hashes get now."""
+    from argon2 import PasswordHasher
+
+    return PasswordHasher(time_cost=2, memory_cost=16, parallelism=1, hash_len=16, salt_len=16).hash(password)
+
+
+def _store_hash(app, password_hash):
+    with app.app_context():
+        User.update(password_hash=password_hash).where(User.email == "alice@example.com").execute()
+
+
+@pytest.mark.parametrize("with_2fa", [True, False])
+def test_a_sign_in_replaces_a_hash_made_with_outdated_parameters(app, actor, secret, with_2fa):
+    """When argon2's parameters change (a new release's defaults, another profile), old hashes are made again
+    with the new ones at the next correct password, as OWASP's Password Storage Cheat Sheet asks; the password
+    itself stays the same and so do the person's sessions."""
+    from argon2 import extract_parameters
+
+    from webapp.security import _hasher
+
+    actor.user(secret=secret if with_2fa else None)
+    old = _outdated_hash(PASSWORD)
+    _store_hash(app, old)
+    r = actor.password_step()
+    assert r.status_code == 302 and r.headers["Location"] == ("/login/verify" if with_2fa else "/settings")
+    new = stored_hash(app)
+    assert new != old
+    with app.app_context():
+        assert extract_parameters(new) == _hasher()._parameters
+        assert verify_password(new, PASSWORD) and not verify_password(new, NEW)
+        assert not AuditEvent.select().where(AuditEvent.kind == "password_changed").exists()
+    if with_2fa:
+        assert actor.code_step(actor.code(secret)).headers["Location"] == "/settings"
+    assert signed_in(actor.client)
+
+
+def test_a_wrong_password_or_an_up_to_date_hash_is_left_as_it_is(app, actor, clock):
+    """Only the right password can make the new hash; a hash already made with today's parameters is not
+    made again at every sign-in (it would double the cost of each)."""
+    actor.user()
+    old = _outdated_hash(PASSWORD)
+    _store_hash(app, old)
+    assert actor.password_step(password="a wrong guess").status_code == 200
+    assert stored_hash(app) == old
+    clock.advance(2)  # past the wrong guess's back-off
+    current = _current_hash(app)
+    _store_hash(app, current)
+    assert actor.password_step().headers["Location"] == "/settings"
+    assert stored_hash(app) == current
+
+
+def _current_hash(app):
+    from webapp.security import hash_password
+
+    with app.app_context():
+        return hash_password(PASSWORD)
+
+
+def test_a_hash_upgraded_by_another_sign_in_meanwhile_still_lets_this_one_in(app, actor, secret, monkeypatch):
+    """Two sign-ins of the same person at once with an outdated hash: the first upgrades it while the second
+    is still checking the password against the old one. The second must not take that for a password change
+    (which refuses the old password): the password it holds is right for the new hash too."""
+    import webapp.auth as auth_module
+
+    actor.user(secret=secret)
+    _store_hash(app, _outdated_hash(PASSWORD))
+    real_check = auth_module.password_check
+
+    def check_while_another_sign_in_upgrades(user, *args, **kwargs):
+        result = real_check(user, *args, **kwargs)
+        _store_hash(app, _current_hash(app))
+        return result
+
+    monkeypatch.setattr(auth_module, "password_check", check_while_another_sign_in_upgrades)
+    r = actor.password_step()
+    assert r.status_code == 302 and r.headers["Location"] == "/login/verify"
+    with app.app_context():
+        assert not AuditEvent.select().where(AuditEvent.kind == "password_rejected").exists()
+        assert User.by_email("alice@example.com").password_failures == 0
+
+
+def test_a_blocked_sign_in_whose_hash_was_upgraded_still_fills_in_the_contact_form(app, actor, clock):
+    """After support's window ended without a new device, the blocked page remembers whose password was
+    entered, by a digest of the stored hash; the upgrade at that same sign-in must not make it look as if
+    the password had been changed since (the contact form would forget her address)."""
+    from datetime import timedelta
+
+    from webapp.clock import now
+
+    actor.user()
+    with app.app_context():
+        User.update(password_hash=_outdated_hash(PASSWORD), tfa_reset_until=now() - timedelta(hours=1)).where(
+            User.email == "alice@example.com").execute()
+    assert actor.password_step().status_code == 403
+    assert 'value="alice@example.com"' in actor.client.get("/support/contact").get_data(as_text=True)

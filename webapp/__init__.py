@@ -138,7 +138,8 @@ def create_app(test_config=None):
     app.after_request(set_known_browser_cookie)
     # Globals rather than macros imported from a template: Jinja rebuilds an imported template module on
     # every render when context processors add variables, which cost ~0.2 ms a page.
-    app.jinja_env.globals.update(field=fields.field, control=fields.control, form_error=fields.form_error)
+    app.jinja_env.globals.update(field=fields.field, control=fields.control, form_error=fields.form_error,
+                                 username_for_password_managers=fields.username_for_password_managers)
     _memoise_template_helpers(app)
     _register_error_handlers(app)
     _schedule_purge(app)

@@ -15,7 +15,7 @@ from .fields import Form
 from .models import KnownBrowser, NetworkCounter, SignInChallenge, User, lookalike_problem, normalise_email
 from .security import (PASSWORD_MAX, PASSWORD_MIN, audit, backoff, client_ip, client_network, count_for_network,
                        hash_password, is_fresh, is_lock, known_browser, network_full_column, network_full_until,
-                       remember_browser, safe_next, verify_password, wait_text)
+                       password_hash_outdated, remember_browser, safe_next, verify_password, wait_text)
 from .sessions import end_session_now, token_hash, write_session_now
 from .totp import CheckResult, check_user_code, code_matches, normalise_code
 
@@ -355,11 +355,17 @@ def login():
             if error is None:
                 error = password_check(user, form.password.data, network=network)
                 if error is None:
-                    response = after_password(user, next_url)
+                    response = after_password(user, next_url, upgraded_hash(user, form.password.data))
+                    if response is None:
+                        # The stored hash changed while the password was checked. Most often a new password:
+                        # this is the old one. But another sign-in of the same person may only have upgraded
+                        # the hash (after_password): checked once more against what is stored now.
+                        user = User.get_or_none(User.id == user.id)
+                        if user is not None and verify_password(user.password_hash, form.password.data):
+                            response = after_password(user, next_url)
                     if response is not None:
                         return response
-                    # Changed while it was checked: this is the old one.
-                    error = refuse_replaced_password(user, network)
+                    error = refuse_replaced_password(user, network) if user is not None else GENERIC_LOGIN_ERROR
             status = 429 if error.startswith("Too many") else 200
     notice = request.args.get("notice")
     # A session that support's window ended comes here with this notice (webapp._unauthorized): the same
@@ -393,11 +399,18 @@ def network_refusal(user, network):
             "you have signed in with before.")
 
 
-def after_password(user, next_url):
+def upgraded_hash(user, password):
+    """A new hash of the right password when the stored one was made with outdated parameters, else None. Made
+    here, before after_password's transaction: hashing is slow and must not hold the person's row."""
+    return hash_password(password) if password_hash_outdated(user.password_hash) else None
+
+
+def after_password(user, next_url, new_hash=None):
     """Decide what a correct password leads to: the code step, a direct sign-in, or a closed door (an account
     the operator disabled, or support's window ended without a new device); None when
     the password changed while it was being checked (the one entered is the old one: it opens nothing, and
-    the caller counts it as a wrong one)."""
+    the caller counts it as a wrong one). With new_hash (upgraded_hash), the stored hash is replaced by it
+    in the same transaction, the password unchanged."""
     checked_hash = user.password_hash
     blocked = disabled = False
     with write_transaction():
@@ -409,6 +422,9 @@ def after_password(user, next_url):
         user = for_update(User.select().where(User.id == user.id)).get()
         if user.password_hash != checked_hash:
             return None  # before anything else changes: this browser keeps what it had, as after a wrong one
+        if new_hash is not None:
+            User.update(password_hash=new_hash).where(User.id == user.id).execute()
+            user.password_hash = new_hash
         drop_challenge()  # an earlier code step of this browser goes: this sign-in replaces it
         if user.disabled_at is not None:
             # Said only now, after the right password: a wrong one reads as for an unknown address, so the

@@ -56,6 +56,16 @@ def verify_password(stored_hash, password):
         return False
 
 
+def password_hash_outdated(stored_hash):
+    """Whether a stored hash was made with other parameters than the ones hashes are made with now (argon2's
+    defaults after an upgrade, or a changed profile): the next sign-in with the right password replaces it
+    (OWASP Password Storage Cheat Sheet, "Upgrading legacy hashes")."""
+    try:
+        return _hasher().check_needs_rehash(stored_hash)
+    except InvalidHashError:
+        return False
+
+
 def _dummy_hash():
     key = ("dummy", current_app.config["PASSWORD_HASH_PROFILE"])
     if key not in _HASHERS:
