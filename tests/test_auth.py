@@ -1691,3 +1691,86 @@ def test_the_purge_deletes_network_counters_whose_hour_is_over(app, actor, clock
     with app.app_context():
         assert purge_expired(app.config, now()) == (0, 0, 0, 0, 1)
         assert [row.network for row in NetworkCounter.select()] == ["127.0.0.1"]
+
+
+# ------------------------------------------------------------------ per-network limits: the operator's commands
+
+def _networks(app, *args):
+    result = app.test_cli_runner().invoke(args=["networks", *args])
+    return result.exit_code, result.output
+
+
+def _count(app, clock, purpose, network, hits, minutes_ago=0):
+    from webapp.models import NetworkCounter
+
+    with app.app_context():
+        NetworkCounter.create(purpose=purpose, network=network, hits=hits,
+                              window_start=utc(clock.t) - timedelta(minutes=minutes_ago))
+
+
+def test_the_operator_lets_a_full_network_in_again_at_once(app, actor, clock, monkeypatch):
+    """An office behind one address whose count a stranger's wrong passwords filled: `networks list` shows
+    it full and until when, `networks clear ADDRESS` deletes its count (audited, security.md 43), and a
+    colleague's right password signs in at once instead of waiting for the end of the hour. Another
+    network's count stays."""
+    monkeypatch.setitem(app.config, "FAILED_SIGNINS_PER_HOUR", 3)
+    actor.user()
+    office = _from("203.0.113.7")
+    for _ in range(3):
+        actor.post_form("/login", {"email": "nobody@example.com", "password": SPRAYED}, **office)
+    actor.post_form("/login", {"email": "nobody@example.com", "password": SPRAYED}, **_from("198.51.100.9"))
+    assert actor.post_form("/login", {"email": "alice@example.com", "password": PASSWORD}, **office).status_code == 429
+
+    code, output = _networks(app, "list")
+    assert code == 0
+    assert output.splitlines() == [
+        f"203.0.113.7  failed-sign-ins  3 of 3  full: refused until {utc(clock.t) + timedelta(hours=1):%Y-%m-%d %H:%M:%S} UTC",
+        f"198.51.100.9  failed-sign-ins  1 of 3  2 left until {utc(clock.t) + timedelta(hours=1):%Y-%m-%d %H:%M:%S} UTC"]
+
+    code, output = _networks(app, "clear", " 203.0.113.7 ")
+    assert (code, output) == (0, "cleared 203.0.113.7  failed-sign-ins  (3 counted)\n")
+    assert _counted(app, "failed-sign-ins", "203.0.113.7") == 0
+    assert _counted(app, "failed-sign-ins", "198.51.100.9") == 1
+    with app.app_context():
+        [event] = AuditEvent.select().where(AuditEvent.kind == "network_count_cleared")
+        assert (event.user, event.details) == (None, {"via": "cli", "limit": "failed-sign-ins",
+                                                      "network": "203.0.113.7", "hits": 3})
+    r = actor.post_form("/login", {"email": "alice@example.com", "password": PASSWORD}, **office)
+    assert (r.status_code, r.headers["Location"]) == (302, "/settings")
+
+
+def test_clearing_an_ipv6_address_takes_its_64_and_48_and_can_keep_to_one_limit(app, clock):
+    """An IPv6 client is counted by its /64 (sign-ups, wrong passwords) and its /48 (contact requests): the
+    address names both, --limit keeps to one of them, and a network typed as `networks list` shows it
+    works too. Other networks, and counts whose hour is over, are left alone."""
+    _count(app, clock, "failed-sign-ins", "2001:db8:1:2::/64", 40)
+    _count(app, clock, "sign-ups", "2001:db8:1:2::/64", 10)
+    _count(app, clock, "contact-48", "2001:db8:1::/48", 30)
+    _count(app, clock, "failed-sign-ins", "2001:db8:1:3::/64", 5)  # the same /48, another /64
+    _count(app, clock, "contact-48", "2001:db8:2::/48", 30, minutes_ago=61)  # its hour is over
+
+    code, output = _networks(app, "clear", "2001:db8:1:2::5", "--limit", "contact-48")
+    assert (code, output) == (0, "cleared 2001:db8:1::/48  contact-48  (30 counted)\n")
+    code, output = _networks(app, "clear", "2001:DB8:1:2:0:0:0:9")
+    assert code == 0 and output.splitlines() == ["cleared 2001:db8:1:2::/64  failed-sign-ins  (40 counted)",
+                                                 "cleared 2001:db8:1:2::/64  sign-ups  (10 counted)"]
+    assert _counted(app, "failed-sign-ins", "2001:db8:1:3::/64") == 5
+    assert _networks(app, "clear", "2001:db8:1:3:ffff::/64") == (0, "cleared 2001:db8:1:3::/64  failed-sign-ins  "
+                                                                    "(5 counted)\n")
+    assert _networks(app, "list") == (0, "no network has been counted in the last hour\n")
+    assert _counted(app, "contact-48", "2001:db8:2::/48") == 30  # left to the purge
+
+
+@pytest.mark.parametrize("address, message", [
+    ("203.0.113.7", "nothing counted this hour for 203.0.113.7; nothing changed"),
+    ("office printer", "'office printer' is not an IP address or network"),
+    ("10.0.0.300", "'10.0.0.300' is not an IP address or network"),
+])
+def test_clearing_a_network_with_nothing_counted_or_no_address_changes_nothing(app, clock, address, message):
+    """Bad input gets a clear message and changes nothing: no row goes and nothing is audited."""
+    _count(app, clock, "sign-ups", "198.51.100.9", 4)
+    code, output = _networks(app, "clear", address)
+    assert message in output and code == (0 if "nothing changed" in message else 2)
+    assert _counted(app, "sign-ups", "198.51.100.9") == 4
+    with app.app_context():
+        assert not AuditEvent.select().where(AuditEvent.kind == "network_count_cleared").exists()

@@ -1,4 +1,5 @@
-"""Operator commands: flask --app wsgi users ..., keys rotate, audit export and purge-expired."""
+"""Operator commands: flask --app wsgi users ..., networks ..., keys rotate, audit export and purge-expired."""
+import ipaddress
 import re
 
 import click
@@ -7,14 +8,16 @@ from peewee import JOIN
 
 from .clock import now
 from .db import for_update, write_transaction
-from .models import Device, KnownBrowser, PendingEnrolment, User, lookalike_problem, normalise_email
-from .security import (PASSWORD_MAX, PASSWORD_MIN, audit, end_code_steps, hash_password, replace_password,
-                       revoke_second_factor)
+from .models import (Device, KnownBrowser, NetworkCounter, PendingEnrolment, User, lookalike_problem,
+                     normalise_email)
+from .security import (NETWORK_LIMITS, PASSWORD_MAX, PASSWORD_MIN, audit, client_network, client_network_48,
+                       end_code_steps, hash_password, network_limit, replace_password, revoke_second_factor)
 from .sessions import end_user_sessions
 
 users = AppGroup("users", help="Manage accounts.")
 keys = AppGroup("keys", help="Manage the keys that encrypt TOTP secrets at rest.")
 audit_group = AppGroup("audit", help="Read the audit log.")
+networks = AppGroup("networks", help="See and clear what the per-network limits counted this hour.")
 
 
 def _get_user(email):
@@ -384,6 +387,74 @@ def rotate_keys():
     click.echo(f"re-encrypted {count} secret(s) with the newest key")
 
 
+def _counted_now(current):
+    """The per-network counts whose hour is still running (older rows are only waiting for the purge)."""
+    return NetworkCounter.select().where(NetworkCounter.window_start > current - NetworkCounter.WINDOW)
+
+
+@networks.command("list")
+def list_networks():
+    """The client networks counted by a per-network limit in their current hour, the most counted first
+    (read-only): sign-ups, wrong passwords and unknown addresses at sign-in, contact requests per IPv6 /48.
+    A network is an IPv4 address, an IPv6 /64 or, for contact requests, an IPv6 /48."""
+    current = now()
+    rows = list(_counted_now(current).order_by(NetworkCounter.hits.desc(), NetworkCounter.purpose,
+                                               NetworkCounter.network))
+    if not rows:
+        click.echo("no network has been counted in the last hour")
+        return
+    for row in rows:
+        limit = network_limit(row.purpose)
+        ends = row.window_start + NetworkCounter.WINDOW
+        if not limit:
+            state = "limit turned off"
+        elif row.hits >= limit:
+            state = f"full: refused until {ends:%Y-%m-%d %H:%M:%S} UTC"
+        else:
+            state = f"{limit - row.hits} left until {ends:%Y-%m-%d %H:%M:%S} UTC"
+        click.echo(f"{row.network}  {row.purpose}  {row.hits} of {limit or '-'}  {state}")
+
+
+def _networks_of(text):
+    """The networks counted for `text`: an IP address (its /64 and /48 when IPv6) or a network as `networks
+    list` shows it; a UsageError for anything else."""
+    text = text.strip()
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        try:
+            return {str(ipaddress.ip_network(text, strict=False))}
+        except ValueError:
+            raise click.UsageError(f"{text!r} is not an IP address or network (203.0.113.7, 2001:db8:1:2::/64)")
+    return {client_network(str(address)), client_network_48(str(address))} - {None}
+
+
+@networks.command("clear")
+@click.argument("address")
+@click.option("--limit", "purpose", type=click.Choice(sorted(NETWORK_LIMITS)),
+              help="Only this limit's count (all of them when left out).")
+def clear_network(address, purpose):
+    """Let a network in again at once: delete what the per-network limits counted for ADDRESS this hour (an IP
+    address, for an IPv6 one its /64 and its /48, or a network as `networks list` shows it). For an office or
+    a carrier behind one address that a stranger's guesses filled; a limit that keeps filling is better raised
+    (FAILED_SIGNINS_PER_HOUR, SIGNUPS_PER_HOUR) or turned off. Audited (network_count_cleared)."""
+    wanted = _networks_of(address)
+    with write_transaction():
+        query = _counted_now(now()).where(NetworkCounter.network.in_(sorted(wanted)))
+        if purpose:
+            query = query.where(NetworkCounter.purpose == purpose)
+        rows = list(for_update(query.order_by(NetworkCounter.purpose, NetworkCounter.network)))
+        if not rows:
+            click.echo(f"nothing counted this hour for {', '.join(sorted(wanted))}; nothing changed")
+            return
+        NetworkCounter.delete().where(NetworkCounter.id.in_([r.id for r in rows])).execute()
+        for row in rows:
+            audit("network_count_cleared", user=None, via="cli", limit=row.purpose, network=row.network,
+                  hits=row.hits)
+    for row in rows:
+        click.echo(f"cleared {row.network}  {row.purpose}  ({row.hits} counted)")
+
+
 @click.command("purge-expired")
 @with_appcontext
 def purge_expired():
@@ -432,6 +503,7 @@ def export_audit(since, after_id):
 def init_app(app):
     """Register the command groups."""
     app.cli.add_command(users)
+    app.cli.add_command(networks)
     app.cli.add_command(keys)
     app.cli.add_command(audit_group)
     app.cli.add_command(purge_expired)

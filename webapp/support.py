@@ -186,6 +186,7 @@ KIND_LABELS = {
     "support_window_ended": "Support ended the 2FA time window early",
     "support_action_refused": "Support action refused: not allowed on one's own or another admin's account",
     "network_limit_reached": "A client network reached its hourly limit; more is refused until the hour ends",
+    "network_count_cleared": "A client network's hourly count cleared by the server operator",
 }
 
 DETAIL_LABELS = {
@@ -225,6 +226,7 @@ DETAIL_LABELS = {
     "limit": "Which limit",
     "network": "Network",
     "per_hour": "Limit per hour",
+    "hits": "Count cleared",
 }
 DETAIL_ORDER = {key: i for i, key in enumerate(DETAIL_LABELS)}  # the most telling details first
 
