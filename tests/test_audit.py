@@ -431,3 +431,30 @@ def test_operator_exports_the_audit_log_as_json_lines_and_can_go_on_from_the_las
     assert [json.loads(line)["kind"] for line in later.output.splitlines()] == ["support_window_ended"]
     bad = app.test_cli_runner().invoke(args=["audit", "export", "--since", "yesterday"])
     assert bad.exit_code == 2 and "Traceback" not in bad.output
+
+
+def test_every_event_the_code_records_has_plain_words_for_the_audit_page():
+    """An admin reads the audit log and a person their Security activity in words, not in event names: every
+    kind that an audit() call in the app can write has its label, and so has every detail key the app's
+    calls pass (a new event without one showed as a made-up phrase from its name). Found by reading the
+    source, so an event added later cannot be missed."""
+    import ast
+    import pathlib
+
+    from webapp.support import DETAIL_LABELS, KIND_LABELS
+
+    def named(expression):  # "a" or "a" if ... else "b" (the condition's own strings are no kind)
+        if isinstance(expression, ast.IfExp):
+            return named(expression.body) | named(expression.orelse)
+        assert isinstance(expression, ast.Constant), ast.unparse(expression)
+        return {expression.value}
+
+    kinds, keys = set(), set()
+    for path in pathlib.Path(__file__).resolve().parent.parent.joinpath("webapp").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "audit" and node.args:
+                kinds |= named(node.args[0])
+                keys |= {k.arg for k in node.keywords if k.arg not in (None, "user", "actor")}
+    assert {"network_count_cleared", "code_rejected", "tfa_enabled", "support_tfa_disabled"} <= kinds
+    assert kinds - set(KIND_LABELS) == set()
+    assert keys - set(DETAIL_LABELS) == set()
