@@ -12,11 +12,12 @@ from wtforms.validators import DataRequired, Email, EqualTo, InputRequired, Leng
 from .clock import now, timestamp
 from .db import Param, Prepared, db, for_update, lock_keys, write_transaction
 from .fields import Form
+from .htmx import is_htmx
 from .models import KnownBrowser, NetworkCounter, SignInChallenge, User, lookalike_problem, normalise_email
 from .security import (PASSWORD_MAX, PASSWORD_MIN, audit, backoff, client_ip, client_network, count_for_network,
                        hash_password, is_fresh, is_lock, known_browser, network_full_column, network_full_until,
                        password_hash_outdated, remember_browser, safe_next, verify_password, wait_text)
-from .sessions import end_session_now, token_hash, write_session_now
+from .sessions import end_session_now, token_hash, touch_session_now, write_session_now
 from .totp import CheckResult, check_user_code, code_matches, normalise_code
 
 bp = Blueprint("auth", __name__)
@@ -579,6 +580,20 @@ def logout():
         if user is not None:
             audit("signout", user=user)
     return redirect(login_notice_url("logged-out"))
+
+
+@bp.post("/session/extend")
+@login_required
+def extend_session():
+    """Stay signed in (the idle warning's button, app.js; WCAG 2.2.1): count this session as used now, writing
+    last_seen_at even within TOUCH_INTERVAL, once. htmx gets 204 with the new time left in its headers
+    (sessions.save_session); a plain form goes back to its page. A session that has ended stays ended: an
+    expired one is nobody's here (login_required), and one ended during this request is not written again."""
+    if not touch_session_now():
+        return current_app.login_manager.unauthorized()
+    if is_htmx():
+        return "", 204
+    return redirect(safe_next(request.form.get("next")) or url_for("settings.index"))
 
 
 @bp.route("/signup", methods=["GET", "POST"])

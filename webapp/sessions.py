@@ -25,6 +25,7 @@ from werkzeug.datastructures import CallbackDict
 
 from .clock import now
 from .db import Param, Prepared, for_update, loaded, write_transaction
+from .htmx import is_htmx
 from .models import PendingEnrolment, ServerSession, User
 
 TOUCH_INTERVAL = timedelta(seconds=60)  # write last_seen at most once a minute per session
@@ -41,6 +42,7 @@ _INSERT = Prepared(lambda: ServerSession.insert(
 _UPDATE = Prepared(lambda: ServerSession.update(
     data=Param("data"), last_seen_at=Param("last_seen_at"), user=Param("user")).where(ServerSession.id == Param("id")))
 _DELETE = Prepared(lambda: ServerSession.delete().where(ServerSession.id == Param("id")))
+_TOUCH = Prepared(lambda: ServerSession.update(last_seen_at=Param("at")).where(ServerSession.id == Param("id")))
 _LOCK = Prepared(lambda: for_update(ServerSession.select(ServerSession.id).where(ServerSession.id == Param("id"))))
 _MOVE_ENROLMENTS = Prepared(lambda: PendingEnrolment.update(session=Param("new")).where(
     PendingEnrolment.session == Param("old")))
@@ -172,6 +174,12 @@ class DbSessionInterface(SessionInterface):
             app.logger.error("session not saved: %s", type(exc).__name__)
             _drop_connection()
             return
+        if outcome in ("written", "unchanged") and session.get("_user_id") and is_htmx():
+            # The idle warning (app.js) counts from the page's time left; an htmx answer says it again, after
+            # this request's touch: only the server knows whether it wrote last_seen_at (TOUCH_INTERVAL).
+            left, absolute = time_left(session, app.config, saved=True)
+            response.headers["Session-Seconds-Left"] = str(left)
+            response.headers["Session-Absolute-Seconds-Left"] = str(absolute)
         if outcome == "deleted":
             if session.ended or name in request.cookies:
                 response.delete_cookie(name, **cookie_args)
@@ -230,6 +238,7 @@ class DbSessionInterface(SessionInterface):
                                       user=int(user_id) if user_id else None, id=session.row.id)
             if not updated:
                 return "gone"
+            session.row.last_seen_at = current  # what the row says now (time_left; a second save writes nothing)
         else:
             return "unchanged"
         session.modified = False
@@ -270,6 +279,52 @@ def write_session_now():
         if outcome == "written":
             current.cookie_due = True
     return outcome
+
+
+def time_left(session, config, saved=False):
+    """Whole seconds until this session ends by itself if no other request comes: (idle, absolute). Idle
+    counts from last_seen_at as this request leaves it and is never past the absolute end; before the save
+    (a page being made), whether the save will write it is foreseen as _write decides it (the session
+    changed, or TOUCH_INTERVAL has passed). Rounded down: never more than the server gives."""
+    current = now()
+    row = session.row
+    if row is None:  # its row is written with this response
+        last = created = current
+    else:
+        created, last = row.created_at, row.last_seen_at
+        if not saved and (session.modified or current - last > TOUCH_INTERVAL):
+            last = current
+    absolute = created + config["SESSION_ABSOLUTE_TIMEOUT"] - current
+    idle = min(last + config["SESSION_IDLE_TIMEOUT"] - current, absolute)
+    return max(0, int(idle.total_seconds())), max(0, int(absolute.total_seconds()))
+
+
+def session_timer():
+    """What the signed-in layout gives app.js for its idle warning (base.html): the seconds left, idle and
+    absolute (time_left), and the two limits in the words the warning uses."""
+    from flask import current_app, session
+
+    config = current_app.config
+    left, absolute = time_left(session._get_current_object(), config)
+    return {"left": left, "absolute": absolute,
+            "idle_minutes": int(config["SESSION_IDLE_TIMEOUT"].total_seconds() // 60),
+            "absolute_hours": int(config["SESSION_ABSOLUTE_TIMEOUT"].total_seconds() // 3600)}
+
+
+def touch_session_now():
+    """Stay signed in: write this session's last_seen_at now, even within TOUCH_INTERVAL, in one UPDATE (the
+    save after the response then writes nothing more). False when its row has gone meanwhile (signed out
+    elsewhere): the session ends here rather than come back under a new row."""
+    from flask import session
+
+    current_session = session._get_current_object()
+    row, current = current_session.row, now()
+    if row is not None and _TOUCH.execute(at=current, id=row.id):
+        row.last_seen_at = current
+        return True
+    current_session.row = None
+    current_session.end()
+    return False
 
 
 def raise_if_unavailable():
