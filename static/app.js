@@ -143,3 +143,105 @@
     opener = null;
   }, true);
 })();
+
+// Warn before a signed-in session ends by itself (WCAG 2.2.1 Timing Adjustable): after 30 minutes without a
+// request, or 12 hours after signing in. Someone reading a page that long was signed out without a word.
+// The page says how many seconds its session has left (#idle-warning, base.html) and every htmx answer says
+// it again (Session-Seconds-Left): only the server knows whether a request moved the end, since it writes
+// last_seen_at at most once a minute. Two minutes before the end the warning fills a role=alert region, which
+// is announced without moving focus; "Stay signed in" posts /session/extend. Tabs of one browser share one
+// session, so each tells the others (localStorage) the end the server gave it: a tab left alone beside one in
+// use must not say that the person was signed out.
+(function () {
+  "use strict";
+  var WARN_MS = 2 * 60 * 1000, KEY = "twostep-session-ends";
+  var box = document.getElementById("idle-warning");
+  if (!box) return;
+  var form = box.querySelector("form");
+  var main = document.getElementById("main");
+  var ends = 0, absoluteEnds = 0, shown = "", timer = null, back = null;
+
+  function learn(left, absoluteLeft) {
+    var at = Date.now();
+    ends = at + left * 1000;
+    absoluteEnds = at + absoluteLeft * 1000;
+    try {
+      localStorage.setItem(KEY, ends + " " + absoluteEnds);
+    } catch (error) { /* storage turned off: this tab counts on its own */ }
+    check();
+  }
+
+  function inWords(ms) {
+    var minutes = Math.round(ms / 60000);
+    return ms < 60000 ? "less than a minute" : minutes + (minutes === 1 ? " minute" : " minutes");
+  }
+
+  function check() {
+    clearTimeout(timer);
+    var left = ends - Date.now(), last = absoluteEnds <= ends;  // the 12 hours end it, not idleness
+    if (left <= 0) return show(last ? "ended-absolute" : "ended");
+    show(left > WARN_MS ? "" : last ? "last" : "warning", left);
+    // Checked again at least every 30 s, not after one long wait: timers stop while a laptop sleeps.
+    timer = setTimeout(check, Math.min(left > WARN_MS ? left - WARN_MS : left, 30000));
+  }
+
+  function show(state, left) {
+    if (state === shown) return;  // announced once, not at every check
+    var hadFocus = box.contains(document.activeElement);
+    if (!shown && !hadFocus) back = document.activeElement;  // where the person was when it came
+    shown = state;
+    // A modal dialog (the 2FA wizard) makes the rest of the page inert: the warning goes into it while shown.
+    var home = (state && document.querySelector("dialog[open]")) || main;
+    if (box.parentNode !== home) home.insertBefore(box, home.firstChild);
+    box.classList.toggle("open", state !== "");
+    form.hidden = state !== "warning";
+    var old = box.querySelector("[role=alert]");
+    if (old) old.remove();
+    if (state) box.insertBefore(say(state, left), form);
+    // The button just pressed has gone: on to the sign-in link, or back to where the person was when the
+    // warning came; not to <body>.
+    if (hadFocus && form.hidden) {
+      (box.querySelector("a") || (back && back !== document.body && document.contains(back) ? back : main)).focus();
+    }
+  }
+
+  // A new alert each time (as noAnswer above): one put on the page with its words is announced.
+  function say(state, left) {
+    var alert = document.createElement("p"), hours = box.getAttribute("data-absolute-hours");
+    var soon = "You will be signed out in " + inWords(left);
+    alert.setAttribute("role", "alert");
+    if (state === "warning") {
+      alert.textContent = soon + " because nothing has happened here.";
+    } else if (state === "last") {
+      alert.textContent = soon + ": a session ends " + hours + " hours after signing in, and this one cannot " +
+        "be extended.";
+    } else {
+      var link = document.createElement("a");
+      link.href = box.getAttribute("data-login-url");
+      link.textContent = "Log in again.";
+      alert.append(state === "ended" ? "You were signed out after " + box.getAttribute("data-idle-minutes") +
+        " minutes without activity. " : "You were signed out: a session ends " + hours + " hours after signing in. ",
+        link);
+    }
+    return alert;
+  }
+
+  document.addEventListener("htmx:afterRequest", function (event) {
+    var xhr = event.detail.xhr, left = xhr && xhr.getResponseHeader("Session-Seconds-Left");
+    if (left) learn(Number(left), Number(xhr.getResponseHeader("Session-Absolute-Seconds-Left")));
+  });
+  window.addEventListener("storage", function (event) {
+    var theirs = event.key === KEY && event.newValue ? event.newValue.split(" ").map(Number) : [];
+    if (theirs[0] > ends) {  // another tab's request moved the end on
+      ends = theirs[0];
+      absoluteEnds = theirs[1];
+      check();
+    }
+  });
+  document.addEventListener("visibilitychange", check);  // background tabs' timers are slowed down
+  // The wizard's dialog is removed when it closes: the warning goes back to the page first.
+  document.addEventListener("close", function (event) {
+    if (event.target.contains && event.target.contains(box)) main.insertBefore(box, main.firstChild);
+  }, true);
+  learn(Number(box.getAttribute("data-seconds-left")), Number(box.getAttribute("data-absolute-seconds-left")));
+})();
