@@ -1,0 +1,113 @@
+"""The idle warning in a real browser (WCAG 2.2.1 Timing Adjustable).
+
+The browser's clock is moved (page.clock, installed before the first page); the live server's is real, so
+what the server did is read from its database, and a session is aged there when the server must agree that
+it has ended.
+"""
+from datetime import timedelta
+
+from journey import assert_accessible, expect, expect_signed_in, follow, log_in, tab_to
+
+WARNING = "You will be signed out in 2 minutes because nothing has happened here."
+
+
+def session_row(server):
+    """The one signed-in session's row."""
+    from webapp.models import ServerSession
+
+    return server.query(lambda: ServerSession.get(ServerSession.user.is_null(False)))
+
+
+def age_session(server, **ago):
+    """Move the signed-in session's times back (last_seen_at, created_at) as if that much had passed."""
+    from webapp.models import ServerSession
+
+    def age():
+        row = ServerSession.get(ServerSession.user.is_null(False))
+        for field, delta in ago.items():
+            setattr(row, field, getattr(row, field) - delta)
+        row.save()
+
+    server.query(age)
+
+
+def alert_saying(page, words):
+    return page.get_by_role("alert").filter(has_text=words)
+
+
+def test_the_warning_comes_two_minutes_before_and_stay_signed_in_moves_the_end_on(page, server):
+    """The warning does not take focus; "Stay signed in", pressed with the keyboard, writes the session's
+    last_seen_at at once (within the minute in which ordinary requests do not), the warning goes and focus
+    goes back where it was."""
+    server.user("ida@example.com")
+    page.clock.install()
+    log_in(page, "ida@example.com")
+    expect_signed_in(page)
+    before = session_row(server).last_seen_at
+    change = page.get_by_role("link", name="Change password", exact=True)
+    tab_to(page, change)
+
+    page.clock.fast_forward("28:05")
+    warning = alert_saying(page, WARNING)
+    expect(warning).to_be_visible()
+    expect(change).to_be_focused()  # announced by the alert, not by moving focus
+    button = page.get_by_role("button", name="Stay signed in", exact=True)
+    tab_to(page, button, key="Shift+Tab")
+    with page.expect_response(lambda response: response.url.endswith("/session/extend")) as answer:
+        page.keyboard.press("Enter")
+    assert answer.value.status == 204
+    assert int(answer.value.headers["session-seconds-left"]) >= 30 * 60 - 5
+    expect(warning).to_have_count(0)
+    expect(button).to_be_hidden()
+    expect(change).to_be_focused()
+    assert session_row(server).last_seen_at > before
+
+    # The end moved on from the press: 28 minutes later the warning comes again, not the sign-out.
+    page.clock.fast_forward("27:00")
+    expect(alert_saying(page, "signed out")).to_have_count(0)
+    page.clock.fast_forward("01:05")
+    expect(warning).to_be_visible()
+
+
+def test_when_nothing_happens_the_page_says_the_person_was_signed_out(audit_page, server):
+    """After the warning, the end: the message says why and links to sign-in, which leads back here."""
+    page = audit_page
+    server.user("jon@example.com")
+    page.clock.install()
+    log_in(page, "jon@example.com")
+    expect_signed_in(page)
+    page.clock.fast_forward("28:05")
+    expect(alert_saying(page, WARNING)).to_be_visible()
+    assert_accessible(page, "User Settings with the idle warning")
+
+    page.clock.fast_forward("02:00")
+    ended = alert_saying(page, "You were signed out after 30 minutes without activity. Log in again.")
+    expect(ended).to_be_visible()
+    expect(page.get_by_role("button", name="Stay signed in", exact=True)).to_be_hidden()
+    assert_accessible(page, "User Settings after the idle sign-out")
+
+    age_session(server, last_seen_at=timedelta(minutes=31))  # the server's own clock agrees now
+    follow(page, ended.get_by_role("link", name="Log in again."))
+    expect(page.get_by_role("button", name="Log in", exact=True)).to_be_visible()
+    page.get_by_label("Email address", exact=True).fill("jon@example.com")
+    page.get_by_label("Password", exact=True).fill("correct horse battery")
+    follow(page, page.get_by_role("button", name="Log in", exact=True))
+    expect_signed_in(page)
+
+
+def test_near_the_twelve_hours_the_warning_says_it_cannot_be_extended(page, server):
+    server.user("kim@example.com")
+    page.clock.install()
+    log_in(page, "kim@example.com")
+    expect_signed_in(page)
+    age_session(server, created_at=timedelta(hours=11, minutes=50))
+    page.reload()
+    expect_signed_in(page)
+
+    page.clock.fast_forward("08:05")
+    expect(alert_saying(page, "You will be signed out in 2 minutes: a session ends 12 hours after signing in, "
+                              "and this one cannot be extended.")).to_be_visible()
+    expect(page.get_by_role("button", name="Stay signed in", exact=True)).to_be_hidden()
+    page.clock.fast_forward("02:00")
+    expect(alert_saying(page, "You were signed out: a session ends 12 hours after signing in. Log in again.")
+           ).to_be_visible()
