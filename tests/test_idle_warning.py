@@ -73,9 +73,11 @@ def test_a_page_says_the_seconds_left_after_its_own_touch(app, actor, clock, sig
     assert 'data-login-url="/login?next=/settings"' in html
 
 
-def test_pages_without_a_signed_in_session_have_no_timer(client):
-    html = text(client.get("/login"))
-    assert "idle-warning" not in html and "Stay signed in" not in html
+def test_pages_without_a_signed_in_session_have_no_timer(actor):
+    actor.user()
+    r = actor.client.get("/login")
+    assert r.status_code == 200 and "Log in" in text(r)
+    assert "idle-warning" not in text(r) and "Stay signed in" not in text(r)
 
 
 def test_htmx_answers_say_the_seconds_left_after_their_own_touch(app, actor, clock, signed_in):
