@@ -285,7 +285,8 @@ def time_left(session, config, saved=False):
     """Whole seconds until this session ends by itself if no other request comes: (idle, absolute). Idle
     counts from last_seen_at as this request leaves it and is never past the absolute end; before the save
     (a page being made), whether the save will write it is foreseen as _write decides it (the session
-    changed, or TOUCH_INTERVAL has passed). Rounded down: never more than the server gives."""
+    changed, or TOUCH_INTERVAL has passed; a change made after the page is made writes it too, and the page
+    then says up to a minute less than there is). Rounded down: never more than the server gives."""
     current = now()
     row = session.row
     if row is None:  # its row is written with this response
