@@ -217,7 +217,8 @@
         "be extended.";
     } else {
       var link = document.createElement("a");
-      link.href = box.getAttribute("data-login-url");
+      // Signing in again leads back to this page (the server checks that it is one of its own: safe_next).
+      link.href = box.getAttribute("data-login-url") + "?next=" + encodeURIComponent(location.pathname + location.search);
       link.textContent = "Log in again.";
       alert.append(state === "ended" ? "You were signed out after " + box.getAttribute("data-idle-minutes") +
         " minutes without activity. " : "You were signed out: a session ends " + hours + " hours after signing in. ",

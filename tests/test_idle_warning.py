@@ -70,7 +70,7 @@ def test_a_page_says_the_seconds_left_after_its_own_touch(app, actor, clock, sig
     assert last_seen(app, actor) == clock.t
     html = text(r)
     assert 'data-idle-minutes="30"' in html and 'data-absolute-hours="12"' in html
-    assert 'data-login-url="/login?next=/settings"' in html
+    assert 'data-login-url="/login"' in html
 
 
 def test_pages_without_a_signed_in_session_have_no_timer(actor):

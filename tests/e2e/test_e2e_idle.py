@@ -76,15 +76,16 @@ def test_when_nothing_happens_the_page_says_the_person_was_signed_out(audit_page
     page.clock.install()
     log_in(page, "jon@example.com")
     expect_signed_in(page)
+    follow(page, page.get_by_role("link", name="Change password", exact=True))
     page.clock.fast_forward("28:05")
     expect(alert_saying(page, WARNING)).to_be_visible()
-    assert_accessible(page, "User Settings with the idle warning")
+    assert_accessible(page, "Change password with the idle warning")
 
     page.clock.fast_forward("02:00")
     ended = alert_saying(page, "You were signed out after 30 minutes without activity. Log in again.")
     expect(ended).to_be_visible()
     expect(page.get_by_role("button", name="Stay signed in", exact=True)).to_be_hidden()
-    assert_accessible(page, "User Settings after the idle sign-out")
+    assert_accessible(page, "Change password after the idle sign-out")
 
     age_session(server, last_seen_at=timedelta(minutes=31))  # the server's own clock agrees now
     follow(page, ended.get_by_role("link", name="Log in again."))
@@ -92,7 +93,7 @@ def test_when_nothing_happens_the_page_says_the_person_was_signed_out(audit_page
     page.get_by_label("Email address", exact=True).fill("jon@example.com")
     page.get_by_label("Password", exact=True).fill("correct horse battery")
     follow(page, page.get_by_role("button", name="Log in", exact=True))
-    expect_signed_in(page)
+    expect(page.get_by_role("heading", name="Change password", level=1)).to_be_visible()  # back where it ended
 
 
 def test_near_the_twelve_hours_the_warning_says_it_cannot_be_extended(page, server):
