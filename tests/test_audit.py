@@ -158,7 +158,9 @@ def test_audit_log_filters_by_person(app, actor, secret, clock):
     assert "carol@example.com</td>" in html and "dan@example.com</td>" not in html
     assert WHAT + "Wrong password entered</td>" in html
     html = actor.client.get("/support/audit?email=nobody@example.com").get_data(as_text=True)
-    assert "No account has that email address." in html and "<tbody>" not in html
+    # no events at all, rather than everyone's (the table's tag is <tbody role="rowgroup">, so looking for
+    # "<tbody>" checked nothing: found by mutation testing)
+    assert "No account has that email address." in html and '<tr class="event"' not in html
 
 
 def test_filtering_by_an_admins_address_shows_what_they_did_to_others(app, actor, secret, clock):
@@ -194,6 +196,13 @@ def test_audit_log_filters_by_time_range(app, actor, secret, clock):
     assert WHAT + "Wrong code entered</td>" in html and WHAT + "Signed out</td>" not in html
     html = actor.client.get("/support/audit?end=2009-01-01").get_data(as_text=True)
     assert html.count('<tr class="event"') == 1 and WHAT + "Signed out</td>" in html
+    # Both dates are whole UTC days: the first instant of the "from" day is in, that of the day after "to"
+    # is out. (Found by mutation testing: `>` for `>=` and `<=` for `<` went unnoticed.)
+    with app.app_context():
+        AuditEvent.create(kind="signout", created_at=datetime(2009, 1, 2), detail='{"n": "first instant"}')
+        AuditEvent.create(kind="signout", created_at=datetime(2009, 1, 3), detail='{"n": "next day"}')
+    html = actor.client.get("/support/audit?start=2009-01-02&end=2009-01-02").get_data(as_text=True)
+    assert html.count('<tr class="event"') == 2 and "N: first instant" in html and "N: next day" not in html
 
 
 def test_audit_log_bad_dates_get_a_clear_message(actor, secret):
@@ -207,6 +216,19 @@ def test_audit_log_bad_dates_get_a_clear_message(actor, secret):
     assert 'aria-invalid="true"' in body
 
 
+@pytest.mark.parametrize("field", ["start", "end"])
+def test_audit_log_dates_from_1970_to_9998_are_taken_and_others_explained(actor, secret, field):
+    """Dates outside 1970-01-01 .. 9998-12-31 get a message, not a server error (the search adds a day to
+    the "to" date, which would overflow at 9999-12-31); the first and last days in range work. (Found by
+    mutation testing: the range moved by a year failed no test.)"""
+    sign_in_admin(actor, secret)
+    for day in ("1970-01-01", "9998-12-31"):
+        assert actor.client.get(f"/support/audit?{field}={day}").status_code == 200, day
+    for day in ("1969-12-31", "9999-12-31"):
+        r = actor.client.get(f"/support/audit?{field}={day}")
+        assert r.status_code == 400 and "Enter a date between 1970 and 9998." in r.get_data(as_text=True), day
+
+
 def test_audit_log_is_paginated_newest_first(app, actor, secret):
     with app.app_context():
         AuditEvent.insert_many([{"kind": "signout", "created_at": datetime(2008, 1, 1) + timedelta(minutes=i),
@@ -218,6 +240,24 @@ def test_audit_log_is_paginated_newest_first(app, actor, secret):
     third = actor.client.get("/support/audit?kind=signout&page=3").get_data(as_text=True)
     assert third.count('<tr class="event"') == 20 and "N: 0<" in third and 'rel="next"' not in third
     assert "kind=signout" in third.split('rel="prev"')[0].rsplit("<a", 1)[1]
+
+
+@pytest.mark.parametrize("total", [50, 51])
+def test_audit_log_pages_hold_50_events_newest_first_even_within_one_second(app, actor, secret, total):
+    """Events written in the same second (one action writes several) come newest first too, so none is
+    shown twice or skipped between pages; exactly one page of events shows no link to an empty next page.
+    (Found by mutation testing: `>=` for `>`, and the order of events of one second, went unnoticed.)"""
+    with app.app_context():
+        AuditEvent.insert_many([{"kind": "signout", "created_at": datetime(2008, 1, 1), "detail": json.dumps({"n": i})}
+                                for i in range(total)]).execute()
+    sign_in_admin(actor, secret)
+    first = actor.client.get("/support/audit?kind=signout").get_data(as_text=True)
+    shown = [int(n) for n in re.findall(r"N: (\d+)<", first)]
+    assert shown == list(range(total - 1, total - 51, -1))
+    assert ('rel="next"' in first) is (total > 50)
+    if total > 50:
+        second = actor.client.get("/support/audit?kind=signout&page=2").get_data(as_text=True)
+        assert re.findall(r"N: (\d+)<", second) == ["0"] and 'rel="next"' not in second
 
 
 def test_audit_log_pager_keeps_only_the_filter_in_its_links(app, actor, secret):
@@ -252,6 +292,11 @@ def test_every_known_kind_has_words_and_unknown_kinds_read_fine():
     assert event_text("signin", {"method": "password"}) == "Signed in with password only"
     assert event_text("support_tfa_disabled", {"until": "2009-02-14T23:31:30"}) == \
         "Support turned off 2FA until 2009-02-14 23:31 UTC"
+    # Another event with an end time is not a support window; a password the operator set says so.
+    # (Found by mutation testing: neither reading was pinned.)
+    assert event_text("code_lockout", {"until": "2009-02-14T23:31:30"}) == "Code entry locked after too many wrong codes"
+    assert event_text("password_changed", {"via": "cli"}) == "Password changed by the server operator"
+    assert event_text("password_changed", {}) == "Password changed"
     assert detail_text({"method": "password+code", "admin": True, "until": "2009-02-14T23:31:30"}) == [
         ("Until", "2009-02-14 23:31 UTC"), ("Method", "password and code"), ("Admin", "yes")]
     assert detail_text({"ticket": None, "reason": "Called back"}) == [("Reason", "Called back"), ("Ticket", "none")]
@@ -350,13 +395,19 @@ def test_activity_shows_only_my_own_events(app, actor, secret, clock):
 
 
 def test_activity_is_limited_and_empty_for_anonymous(app):
+    """Ten events by default, never more than 100 whatever a template asks for, and none for a visitor
+    who is not signed in. (Found by mutation testing: the upper bound and the anonymous case were untested.)"""
+    from flask_login import AnonymousUserMixin
+
     with app.test_request_context():
         user = User.create(email="eve@example.com", password_hash="x")
         for i in range(15):
             audit("signout", user=user)
         assert len(security_activity(user)) == 10
         assert len(security_activity(user, limit=3)) == 3
-        assert security_activity(None) == []
+        AuditEvent.insert_many([{"kind": "signout", "user": user.id, "created_at": datetime(2008, 1, 1)}] * 90).execute()
+        assert len(security_activity(user, limit=1000)) == 100
+        assert security_activity(None) == [] and security_activity(AnonymousUserMixin()) == []
 
 
 def test_operator_cli_shows_an_accounts_activity_read_only(app, actor, secret, clock):
