@@ -156,7 +156,9 @@ def test_show_account_shows_that_account_alone_not_look_alikes(app, actor, secre
     # an id that names nobody says so (not "No accounts yet."); nonsense is the usual page, never an error
     page = actor.client.get("/support?user=999999").get_data(as_text=True)
     assert "That account no longer exists." in page and "No accounts yet" not in page
-    assert actor.client.get("/support?user=" + "9" * 30).status_code == 200
+    for nonsense in ("9" * 30, "0", "-1"):  # no account could have it: not "no longer exists" either
+        r = actor.client.get("/support?user=" + nonsense)
+        assert r.status_code == 200 and "That account no longer exists." not in r.get_data(as_text=True), nonsense
 
 
 def test_admin_with_stale_sign_in_must_reauthenticate(app, actor, secret, clock):
@@ -258,6 +260,67 @@ def test_kept_entries_of_a_stale_disable_show_only_on_that_persons_form(app, act
     assert "a reason for carol" not in page and "T-1" not in page and "Your entries were kept" not in page
 
 
+def _stale_disable_then_reauth(app, actor, secret, clock, target, **fields):
+    """A disable posted after the sign-in went stale, then the re-authentication: the form page it leads to."""
+    sign_in_admin(actor, secret)
+    token = actor.csrf("/support")
+    clock.advance(app.config["FRESH_LOGIN_WINDOW"].total_seconds() + 1)
+    data = {f"u{target.id}-{name}": value for name, value in fields.items()}
+    r = actor.client.post(f"/support/users/{target.id}/disable-2fa", data={"csrf_token": token, **data})
+    return actor.post_form(r.headers["Location"], {"password": PASSWORD, "code": actor.code(secret)}).headers["Location"]
+
+
+def test_kept_entries_are_cut_to_what_the_form_takes(app, actor, secret, clock, target):
+    """A stale disable keeps no more of its reason and ticket than the form takes (500 and 64 characters),
+    whatever was posted. (Found by mutation testing: keeping them whole failed no test.)"""
+    form_url = _stale_disable_then_reauth(app, actor, secret, clock, target, reason="r" * 600, ticket="t" * 100)
+    page = actor.client.get(form_url).get_data(as_text=True)
+    assert ">\r\n" + "r" * 500 + "</textarea>" in page and 'value="' + "t" * 64 + '"' in page
+
+
+def test_a_request_sent_while_the_admin_reauthenticates_stays_open(app, actor, secret, clock, target):
+    """security.md 42: the form a stale disable comes back to carries the request numbers its first form
+    showed, not the person's open requests as they are after re-authenticating: one sent meanwhile (perhaps
+    the owner's "I did not ask for this") stays open when the admin presses Disable. (Found by mutation
+    testing: listing the requests anew failed no test.)"""
+    with app.app_context():
+        seen = SupportRequest.create(email="carol@example.com", message="Lost my phone", user=target.id)
+    fields = {"reason": "Identity checked by video call against ID card", "duration": "24h", "close_requests": "y",
+              "requests_shown": str(seen.id)}
+    form_url = _stale_disable_then_reauth(app, actor, secret, clock, target, **fields)
+    with app.app_context():
+        late = SupportRequest.create(email="carol@example.com", message="I did NOT ask for a reset", user=target.id)
+    page = actor.client.get(form_url).get_data(as_text=True)
+    assert f'name="u{target.id}-requests_shown" type="hidden" value="{seen.id}"' in page
+    r = actor.post_form(f"/support/users/{target.id}/disable-2fa",
+                        {f"u{target.id}-{name}": value for name, value in fields.items()}, form_url="/support")
+    assert r.status_code == 302
+    with app.app_context():
+        assert SupportRequest.get_by_id(seen.id).handled_at is not None
+        assert SupportRequest.get_by_id(late.id).handled_at is None
+
+
+@pytest.mark.parametrize("action", ["handled", "end-window"])
+def test_a_stale_request_or_window_action_changes_nothing_and_comes_back_to_the_support_page(
+        app, actor, secret, clock, target, action):
+    """security.md 37: marking a request handled, or ending a window, from a page left open past the fresh
+    sign-in does nothing and asks to re-authenticate; afterwards the admin is on the Support page, to press
+    the button again (a GET of the action's own address would be a 405). (Found by mutation testing.)"""
+    with app.app_context():
+        req = SupportRequest.create(email="carol@example.com", message="Lost my phone", user=target.id)
+    sign_in_admin(actor, secret)
+    assert disable(actor, target, close_requests=False).status_code == 302
+    url = f"/support/requests/{req.id}/handled" if action == "handled" else f"/support/users/{target.id}/end-window"
+    token = actor.csrf("/support")
+    clock.advance(app.config["FRESH_LOGIN_WINDOW"].total_seconds() + 1)
+    r = actor.client.post(url, data={"csrf_token": token})
+    assert r.status_code == 302 and r.headers["Location"].replace("%2F", "/") == "/reauth?next=/support"
+    r = actor.post_form(r.headers["Location"], {"password": PASSWORD, "code": actor.code(secret)})
+    assert r.status_code == 302 and r.headers["Location"] == "/support"
+    assert fetch(app, SupportRequest)[0].handled_at is None
+    assert user_row(app, "carol@example.com").support_window(utc(clock.t)) == "open"
+
+
 # ---------------------------------------------------------------- search (security.md 37)
 
 
@@ -307,8 +370,11 @@ def test_search_is_paginated(app, actor, secret):
     assert third.count('class="user-row"') == 10
     assert "user050@example.com" in third and "user059@example.com" in third
     assert 'rel="next"' not in third and 'rel="prev"' in third
-    # nonsense page numbers fall back to the first page instead of failing
+    # nonsense page numbers fall back to the first page instead of failing, and so do those below 1
     assert actor.client.get("/support?q=user&page=abc").status_code == 200
+    for page in ("0", "-2"):
+        html = actor.client.get(f"/support?q=user&page={page}").get_data(as_text=True)
+        assert "<span>Page 1</span>" in html and 'href="/support?q=user&amp;page=2" rel="next"' in html, page
 
 
 @pytest.mark.parametrize("matches, next_link", [(25, False), (26, True)])
@@ -537,6 +603,8 @@ def test_disable_form_is_a_page_without_javascript(app, actor, secret, target):
     # a plain post even when JavaScript is on: the htmx answer refreshes a request list this page lacks
     assert "hx-post" not in re.search(r"<form[^>]*disable-2fa[^>]*>", html).group(0)
     assert _attr(_tag(html, "textarea", f"u{target.id}-reason"), "autofocus") is True
+    # Closing the person's open requests with the action is ticked to start with
+    assert _attr(_tag(html, "input", f"u{target.id}-close_requests"), "checked") is True
     # With a request of theirs on the page, the focus starts at the top: a keyboard or screen-reader user
     # meets what they asked for before the form, not Reason below it (the htmx row keeps Reason focused).
     with app.app_context():
@@ -772,18 +840,30 @@ def test_open_requests_of_the_person_can_be_closed_with_the_action(app, actor, s
         mine = SupportRequest.create(email="carol@example.com", message="lost my phone", user=target.id)
         other = SupportRequest.create(email="zed@example.com", message="lost my phone")
     admin = sign_in_admin(actor, secret)
-    disable(actor, target, close_requests=True)
+    r = disable(actor, target, close_requests=True)
     reqs = {r.id: r for r in fetch(app, SupportRequest)}
     assert reqs[mine.id].handled_at is not None and reqs[mine.id].handled_by_id == admin.id
     assert reqs[other.id].handled_at is None
+    # another person's open request is not one of "theirs left open"
+    page = actor.client.get(r.headers["Location"]).get_data(as_text=True)
+    assert "is off until" in page and 'class="flash warning"' not in page
 
 
 def test_open_requests_stay_open_when_not_asked_to_close(app, actor, secret, target):
+    """The box unticked, the form still carries the numbers of the requests it showed (a hidden field): none is
+    closed, and the admin is not warned that some were left open. (Found by mutation testing: posted without
+    those numbers, as before, the disable closed nothing either way.)"""
     with app.app_context():
-        SupportRequest.create(email="carol@example.com", message="lost my phone", user=target.id)
+        req = SupportRequest.create(email="carol@example.com", message="lost my phone", user=target.id)
     sign_in_admin(actor, secret)
-    disable(actor, target, close_requests=False)
+    p = f"u{target.id}-"
+    r = actor.post_form(f"/support/users/{target.id}/disable-2fa",
+                        {p + "reason": "Identity checked by video call against ID card", p + "duration": "24h",
+                         p + "requests_shown": str(req.id)}, form_url="/support")
+    assert r.status_code == 302
     assert [r.handled_at for r in fetch(app, SupportRequest)] == [None]
+    page = actor.client.get(r.headers["Location"]).get_data(as_text=True)
+    assert "is off until" in page and 'class="flash warning"' not in page
 
 
 def test_support_can_end_a_window_early(app, actor, secret, clock, target):
@@ -845,8 +925,11 @@ def test_a_closed_window_stays_on_the_row_for_30_days_after_the_disable(app, act
     row = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())
     assert (f"None <br><span class=\"hint\">The last one was opened {utc(opened):%Y-%m-%d %H:%M} UTC by {ADMIN}: "
             f"“Called back on the number on file, matched ID” (ticket SUP-77), and closed since</span>") in row
-    clock.advance(31 * 24 * 3600)
+    clock.advance(opened + 30 * 24 * 3600 - clock.t)  # exactly 30 days after the disable: still shown
     actor.sign_in(ADMIN, secret=secret)
+    row = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())
+    assert "The last one was opened" in row
+    clock.advance(1)
     row = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())
     assert "Support window</dt> <dd> None </dd>" in row and "The last one" not in row
 
@@ -899,6 +982,20 @@ def test_ending_a_window_that_is_not_open_changes_nothing(app, actor, secret, ta
     assert r.status_code == 400 and "no open support window" in r.get_data(as_text=True)
     assert user_row(app, "carol@example.com").tfa_reset_until is None
     assert count(app, AuditEvent, AuditEvent.kind == "support_window_ended") == 0
+
+
+def test_ending_one_persons_window_leaves_everyone_elses_open(app, actor, secret, clock, target):
+    """security.md 39: an early end is for that person's window alone; another person's keeps its end time
+    and their password still signs them in. (Found by mutation testing: an end that closed every open window
+    failed no test.)"""
+    erin = actor.user("erin@example.com", secret=new_secret())
+    sign_in_admin(actor, secret)
+    assert disable(actor, target).status_code == disable(actor, erin).status_code == 302
+    until = user_row(app, "erin@example.com").tfa_reset_until
+    clock.advance(60)
+    assert end_window(actor, target).status_code == 302
+    assert user_row(app, "erin@example.com").tfa_reset_until == until
+    assert second_client(app, clock).password_step("erin@example.com").headers["Location"].endswith("/settings")
 
 
 def test_enrolling_again_ends_the_window(app, actor, secret, clock, target):
@@ -1106,6 +1203,8 @@ def test_closing_requests_leaves_those_handled_earlier_as_they_were(app, actor, 
                                     handled_at=handled_at, handled_by=earlier_admin.id)
         new = SupportRequest.create(email="carol@example.com", message="Lost my phone again", user=target.id)
     admin = sign_in_admin(actor, secret)
+    row = actor.client.get(f"/support?user={target.id}").get_data(as_text=True)
+    assert "<dt>Open contact requests</dt><dd>1</dd>" in row  # the handled one is not counted as open
     assert disable(actor, target, close_requests=True).status_code == 302
     with app.app_context():
         old, new = SupportRequest.get_by_id(old.id), SupportRequest.get_by_id(new.id)
@@ -1152,6 +1251,7 @@ def test_a_request_that_comes_in_while_the_form_is_filled_stays_open(app, actor,
     for forged in ("", "x", "-1", "١", "1,,2", "1;2", "1," * 100 + "1", "9" * 19, None):
         assert _request_numbers(forged) == []
     assert _request_numbers("15,12,15") == [12, 15]
+    assert _request_numbers(",".join(map(str, range(100, 0, -1)))) == list(range(1, 101))  # a full list of 100
 
 
 def test_acting_on_yourself_is_refused(app, actor, secret):
@@ -1202,7 +1302,9 @@ def test_a_person_made_an_admin_while_the_form_was_checked_is_not_acted_on(app, 
 
     sign_in_admin(actor, secret)
     monkeypatch.setattr(support_module, "_target_or_404", read_then_promoted)
-    assert disable(actor, target).status_code == 403
+    # Without reading the form first: that read would promote the person before the post, and the post's
+    # first read would refuse them, so the re-check was still untested (found by a second mutation sweep).
+    assert disable(actor, target, close_requests=False).status_code == 403
     assert count(app, Device, Device.user == target.id) == 1
     assert user_row(app, "carol@example.com").tfa_reset_until is None
     assert count(app, AuditEvent, AuditEvent.kind == "support_tfa_disabled") == 0
@@ -1264,8 +1366,10 @@ def test_a_request_can_be_marked_handled(app, actor, secret):
     assert "marked as handled" in actor.client.get("/support").get_data(as_text=True)
     [row] = fetch(app, SupportRequest)
     assert row.handled_at is not None and row.handled_by_id == admin.id
-    # a second click changes nothing and writes no second audit record
+    # a second click changes nothing, says so, and writes no second audit record
     actor.post_form(f"/support/requests/{req.id}/handled", {}, form_url="/support")
+    assert "The request from ghost@example.com was already handled." in actor.client.get("/support").get_data(
+        as_text=True)
     assert count(app, AuditEvent, AuditEvent.kind == "support_request_handled") == 1
 
 
@@ -1591,6 +1695,7 @@ def test_an_account_the_operator_disabled_shows_so_and_takes_no_support_action(a
     with app.app_context():  # a window opened before the disable: its early end is refused too
         User.update(tfa_reset_until=utc(clock.t) + timedelta(hours=1)).where(User.id == target.id).execute()
         Device.delete().where(Device.user == target.id).execute()
+    assert "End support window now" not in actor.client.get(f"/support?user={target.id}").get_data(as_text=True)
     r = end_window(actor, target, headers=HX if htmx else None)
     assert r.status_code == (200 if htmx else 409) and "The server operator has disabled" in r.get_data(as_text=True)
     assert count(app, AuditEvent, AuditEvent.kind.in_(["support_tfa_disabled", "support_window_ended"])) == 0
