@@ -517,6 +517,26 @@ def test_a_session_past_the_absolute_limit_is_not_listed_however_recently_seen(a
     assert "This is the only browser signed in to your account." in html
 
 
+@pytest.mark.parametrize("limit", ["idle", "absolute"])
+def test_a_session_exactly_at_its_limit_still_works_and_so_is_listed(app, actor, alice, secret, clock, limit):
+    """security.md 30: a session lives up to its idle (30 min) and absolute (12 h) limit to the second
+    (sessions.open_session ends it only beyond); one exactly at a limit still opens pages, so the list shows
+    it with its Sign out button instead of hiding a browser that is still signed in."""
+    from datetime import timedelta
+
+    from webapp.clock import now
+
+    other = browser(app, clock, secret=secret, agent="AtTheLimit/1")
+    clock.advance(60)
+    with app.app_context():
+        at_limit = ({"last_seen_at": now() - timedelta(minutes=30)} if limit == "idle" else
+                    {"created_at": now() - timedelta(hours=12), "last_seen_at": now() - timedelta(minutes=1)})
+        ServerSession.update(**at_limit).where(ServerSession.id == token_hash(other.session_cookie())).execute()
+    html = text(actor.client.get("/settings"))
+    assert "AtTheLimit/1" in html and len(HANDLE_RE.findall(html)) == 1
+    assert signed_in(other.client)  # (after the list was made: this request moves its last use on)
+
+
 @pytest.mark.parametrize("htmx", [False, True])
 def test_ending_exactly_one_other_session_says_browser_not_browsers(app, actor, alice, secret, clock, htmx):
     """"Sign out everywhere else" with one other browser signed in: the message is in the singular."""

@@ -122,12 +122,13 @@ def _user():
     return current_user._get_current_object()
 
 
-# User Settings runs these on every view: compiled once (db.Prepared).
+# User Settings runs these on every view: compiled once (db.Prepared). A session is live up to its idle and
+# absolute limits inclusive (sessions.open_session ends it only beyond them), so the list keeps it until then.
 _DEVICES = Prepared(lambda: Device.select().where(Device.user == Param("user")).order_by(Device.created_at, Device.id))
 _LIVE_SESSIONS = Prepared(lambda: ServerSession.select(
     ServerSession.id, ServerSession.created_at, ServerSession.last_seen_at, ServerSession.ip, ServerSession.user_agent)
-    .where((ServerSession.user == Param("user")) & (ServerSession.last_seen_at > Param("idle_after"))
-           & (ServerSession.created_at > Param("created_after")))
+    .where((ServerSession.user == Param("user")) & (ServerSession.last_seen_at >= Param("idle_after"))
+           & (ServerSession.created_at >= Param("created_after")))
     .order_by(ServerSession.last_seen_at.desc(), ServerSession.created_at.desc())
     .limit(50))
 
