@@ -233,6 +233,17 @@ def test_reloading_the_qr_page_without_javascript_keeps_the_key(actor, app):
     assert [p.id for p in pendings(app, user)] == [pending.id]
 
 
+def test_reloading_the_qr_page_after_a_start_over_in_another_tab_says_so(actor, app):
+    """Without JavaScript the QR page's address names its key: reloaded after Start over in another tab, it says
+    the setup was restarted, instead of showing the new key as if it were the one scanned from that page."""
+    signed_in(actor)
+    tab1 = Wizard(actor, htmx=False)
+    shown = tab1.start()
+    assert shown.request.args["setup"] == setup_of(text(shown))
+    _start_over_in_a_second_tab(actor, tab1)
+    _says_restarted(actor.client.get(shown.request.full_path), htmx=False)
+
+
 @pytest.mark.parametrize("htmx", [True, False])
 def test_submitting_the_last_steps_again_after_activation_says_it_is_active(actor, app, htmx):
     """A second click on Complete Activation, or the browser sending the code or the name again, must not
@@ -260,6 +271,31 @@ def test_after_activation_a_new_setup_or_time_brings_back_the_expired_step(actor
     w.reauth(with_code=True)  # past the freshness window too: every wizard step asks for a fresh sign-in first
     assert 'data-step="expired"' in text(w.complete("Phone"))
     assert actor.client.get("/settings/2fa/done").headers["Location"] == "/settings"
+
+
+def test_the_done_page_lasts_as_long_as_a_key_and_not_a_moment_longer(actor, app):
+    """Reloading the done page shows it for PENDING_ENROLMENT_TTL after the activation, to the second."""
+    signed_in(actor)
+    Wizard(actor, htmx=False).run("Phone")
+    actor.clock.advance(15 * 60)
+    assert 'data-step="done"' in text(actor.client.get("/settings/2fa/done"))
+    actor.clock.advance(1)
+    assert actor.client.get("/settings/2fa/done").headers["Location"] == "/settings"
+
+
+def test_a_setup_started_after_an_activation_is_not_answered_as_that_activation(actor, app):
+    """After Start for another device, that setup's steps answer for the new key: once five wrong codes have
+    thrown it away, a code sent again is told the setup expired, not that the earlier device "is set up"."""
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.run("Phone")
+    w.start()
+    wrong = "123456" if w.code_now() != "123456" else "654321"
+    for _ in range(5):
+        w.submit_code(wrong)
+    body = text(w.submit_code())
+    assert 'data-step="expired"' in body and "is set up" not in body
+    assert [d.name for d in devices(app, user)] == ["Phone"]
 
 
 @pytest.mark.parametrize("htmx", [True, False])
@@ -375,6 +411,7 @@ def test_whole_wizard_without_javascript(actor, app):
     r = w.run("Tablet")
     body = text(r)
     assert r.status_code == 200 and "<html" in body and 'data-step="done"' in body
+    assert r.history[0].status_code == 303 and r.request.path == "/settings/2fa/done"  # not a 307 that re-posts
     assert "hx-swap-oob" not in body  # a full page needs no out-of-band swap
     assert [d.name for d in devices(app, user)] == ["Tablet"]
     assert ">Active<" in text(actor.client.get("/settings"))
@@ -543,6 +580,21 @@ def test_pending_secret_expires_after_its_ttl(actor, app):
     assert r.status_code == 200 and 'data-step="expired"' in text(r) and "expired" in text(r)
     assert pendings(app, user) == [] and devices(app, user) == []
     assert 'data-step="expired"' in text(w.complete())
+    assert "tfa_enrolment_expired" in audit_kinds(app, user)  # security.md 43
+
+
+def test_a_pending_secret_works_to_the_end_of_its_ttl(actor, app):
+    """security.md 8: the key lasts PENDING_ENROLMENT_TTL (15 min) to the second, as the QR step says; it is
+    gone only after that (the test above)."""
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.start()
+    actor.clock.advance(15 * 60)
+    w.reauth()
+    assert 'data-step="name"' in text(w.submit_code())
+    assert 'data-step="done"' in text(w.complete("Phone"))
+    assert [d.name for d in devices(app, user)] == ["Phone"]
+    assert "tfa_enrolment_expired" not in audit_kinds(app, user)
 
 
 def test_complete_activation_without_a_verified_code_is_refused(actor, app):
@@ -737,6 +789,20 @@ def test_pending_secret_belongs_to_its_session_only(actor, app):
     assert "otpauth" not in text(other_client.get("/settings/2fa/qr", headers=HX))
 
 
+def test_starting_a_setup_leaves_one_under_way_in_another_browser_alone(actor, app):
+    """Start (and Start over) replaces this browser's key only: a setup under way on the person's laptop keeps
+    its key, and the entry scanned there still completes."""
+    user = signed_in(actor)
+    laptop = type(actor)(app, app.test_client(), actor.clock)
+    laptop.sign_in()
+    on_laptop = Wizard(laptop)
+    on_laptop.start()
+    Wizard(actor).start()
+    assert len(pendings(app, user)) == 2
+    assert 'data-step="name"' in text(on_laptop.submit_code())
+    assert 'data-step="done"' in text(on_laptop.complete("Laptop"))
+
+
 def test_secrets_are_encrypted_at_rest(actor, app):
     """security.md 4: neither the pending row nor the device row holds the Base32 secret."""
     user = signed_in(actor)
@@ -797,6 +863,7 @@ def test_adjacent_step_is_accepted_without_a_skew_hint(actor):
     ("Work\u2065phone", "letters, digits"),  # unassigned, kept for invisible characters: drawn as nothing
     ("Work\u3164phone", "letters, digits"),  # the Hangul filler, a "letter" drawn as nothing
     ("Z" + "\u033f" * 28, "letters, digits"),  # combining marks piled up over the lines around the name
+    ("\u0301\u0301", "with letters or digits in it"),  # accents on nothing: no letter, digit or symbol to read
 ])
 def test_device_name_is_validated(actor, app, name, message):
     user = signed_in(actor)
@@ -935,6 +1002,8 @@ def test_completing_enrolment_ends_other_sessions(actor, app):
     assert actor.client.get("/settings").status_code == 200
     with app.app_context():
         assert ServerSession.select().where(ServerSession.user == user.id).count() == 1
+        [ended] = AuditEvent.select().where((AuditEvent.user == user.id) & (AuditEvent.kind == "sessions_ended"))
+        assert ended.details == {"count": 1, "reason": "2fa change"}  # security.md 43
 
 
 STALE_ENTRIES = "attempts you did not finish will not work: delete those, and keep the one whose code you just entered"
@@ -979,6 +1048,9 @@ def test_the_first_step_and_the_last_say_only_what_fits_the_moment(actor, app):
     assert "Step 1 of 4" in first and "old device" not in first
     done = text(Wizard(actor).run("Phone"))
     assert '<div class="flashes" id="flashes" role="status" hx-swap-oob="true"></div>' in done
+    # Adding another device: the device that signs in now is not an "old device that no longer works".
+    adding = text(actor.client.get("/settings/2fa", headers={"HX-Request": "true"}))
+    assert "adding another device" in adding and "old device" not in adding
     # After the operator's reset-2fa (no support window), the old entry is just as dead: the step says so.
     with app.app_context():
         from webapp.models import Device
@@ -1034,6 +1106,27 @@ def test_enrolment_is_audited_without_secrets(actor, app):
         for event in AuditEvent.select():
             assert w.secret not in event.detail and w.code_now() not in event.detail
             json.loads(event.detail)
+
+
+def test_enrolment_records_say_whether_a_device_is_added_and_count_the_wrong_codes(actor, app):
+    """security.md 43: a setup's records say whether the person had 2FA already (adding a device) and how many
+    wrong codes its key has had."""
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.start()
+    wrong = "123456" if w.code_now() != "123456" else "654321"
+    w.submit_code(wrong)
+    w.submit_code(wrong)
+    w.submit_code()
+    w.complete("Phone")
+    actor.clock.advance(30)
+    Wizard(actor).run("Tablet")
+    with app.app_context():
+        events = [(e.kind, e.details) for e in AuditEvent.select().where(
+            (AuditEvent.user == user.id)
+            & AuditEvent.kind.in_(["tfa_enrolment_started", "tfa_enrolment_code_rejected"])).order_by(AuditEvent.id)]
+    assert events == [("tfa_enrolment_started", {"adding": False}), ("tfa_enrolment_code_rejected", {"failures": 1}),
+                      ("tfa_enrolment_code_rejected", {"failures": 2}), ("tfa_enrolment_started", {"adding": True})]
 
 
 # ---------------------------------------------------------------- no secret after activation, CSRF, methods
@@ -1282,6 +1375,25 @@ def test_turning_2fa_off_ends_a_setup_under_way(actor, secret):
     assert "This setup has expired" in again
 
 
+def test_a_setup_started_after_turning_2fa_off_expires_as_any_other(actor, secret):
+    """"Two-factor authentication was turned off" is the answer for the setup that Turn off ended only: a setup
+    started afterwards, left until its key expires, says it expired."""
+    user = actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    w = Wizard(actor)
+    w.start()
+    actor.clock.advance(30)
+    actor.client.post("/settings/2fa/disable", data={"csrf_token": w.csrf(), "off-password": PASSWORD,
+                                                     "off-code": actor.code(secret)})
+    assert devices(actor.app, user) == []
+    w.start()  # a first device again, from the same browser
+    actor.clock.advance(16 * 60)
+    w.reauth()
+    body = text(w.submit_code())
+    assert 'data-step="expired"' in body and "This setup has expired" in body
+    assert "was turned off" not in body
+
+
 def test_a_start_over_landing_while_a_code_is_checked_does_not_confirm_the_new_key(actor, app, monkeypatch):
     """The code step reads the pending key, checks the code, then marks the key as confirmed. A Start over in
     another tab landing in between replaces the key, and SQLite may give the new row the old one's id: marked
@@ -1341,3 +1453,34 @@ def test_a_wrong_code_meeting_a_start_over_says_restarted_not_too_many(actor, ap
     _says_restarted(r, htmx=True)
     [pending] = pendings(app, user)
     assert pending.failures == 0 and "tfa_enrolment_code_rejected" not in audit_kinds(app, user)
+
+
+def test_a_start_over_landing_while_activation_waits_for_the_lock_activates_nothing(actor, app, monkeypatch):
+    """Complete Activation read the pending key, then waits for the person's row; a Start over in another tab
+    landing in between (whose code tab 2 has entered already, and to which SQLite gave the old id) must not
+    become a device under tab 1's name: tab 1 never showed that key. Tab 1 is told the setup was restarted
+    (security.md 8)."""
+    from webapp import settings as settings_module
+    from webapp.totp import encrypt_secret, new_secret
+
+    user = signed_in(actor)
+    tab1 = Wizard(actor, htmx=True)
+    k1 = setup_of(text(tab1.start()))
+    tab1.submit_code(setup=k1)
+    real_lock = settings_module.User.lock
+    landed = []
+
+    def start_over_meanwhile(user_id):
+        if not landed:
+            [old] = PendingEnrolment.select().where(PendingEnrolment.user == user.id)
+            old.delete_instance()
+            landed.append(PendingEnrolment.create(
+                id=old.id, user=user.id, session_id=old.session_id, secret_enc=encrypt_secret(new_secret()),
+                created_at=old.created_at + timedelta(seconds=20), verified_step=old.verified_step))
+        return real_lock(user_id)
+
+    monkeypatch.setattr(settings_module.User, "lock", start_over_meanwhile)
+    r = tab1.complete("Phone", setup=k1)
+    monkeypatch.undo()
+    _says_restarted(r, htmx=True)
+    assert devices(app, user) == [] and [p.created_at for p in pendings(app, user)] == [landed[0].created_at]
