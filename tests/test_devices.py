@@ -76,6 +76,14 @@ def test_devices_are_listed_with_name_added_date_and_last_use(actor, app, alice)
     assert 'href="/settings/2fa"' in page
 
 
+def test_devices_are_listed_in_the_order_they_were_added(actor, app, alice):
+    add_device(app, alice, "Tablet")
+    add_device(app, alice, "Laptop")
+    page = text(actor.client.get("/settings"))
+    names = re.findall(r'<strong class="device-name">([^<]+)</strong>', page)
+    assert names == ["Phone", "Tablet", "Laptop"]
+
+
 def test_a_device_never_used_to_sign_in_says_so(actor, app, alice):
     add_device(app, alice, "Tablet")
     page = text(actor.client.get("/settings"))
@@ -279,16 +287,16 @@ def test_removing_the_only_device_while_another_is_added_says_what_happened(acto
     assert [d.name for d in device_rows(app, alice)] == ["Tablet"] and "tfa_disabled" not in kinds(app, alice)
 
 
-def test_wrong_codes_when_removing_count_towards_the_account_throttle(actor, app, alice, secret):
-    """security.md 18: the remove form shares the per-account code throttle."""
+@pytest.mark.parametrize("change", ["remove", "disable"])
+def test_wrong_codes_when_removing_or_turning_off_count_towards_the_account_throttle(actor, app, alice, secret, change):
+    """security.md 18: the remove form and Turn off share the per-account code throttle."""
     [device] = device_rows(app, alice)
-    url = f"/settings/devices/{device.id}/remove"
+    url, data = device_change(actor, device, secret, change)
+    code_field = next(k for k in data if k.endswith("code"))
     wrong = "123456" if actor.code(secret) != "123456" else "654321"
     for _ in range(6):
-        post(actor, url, {f"remove-{device.id}-code": wrong, f"remove-{device.id}-confirm_off": "y",
-             f"remove-{device.id}-password": PASSWORD})
-    r = post(actor, url, {f"remove-{device.id}-code": actor.code(secret), f"remove-{device.id}-confirm_off": "y",
-             f"remove-{device.id}-password": PASSWORD})
+        post(actor, url, {**data, code_field: wrong})
+    r = post(actor, url, data)
     # Six wrong codes within a second: the first started a 1-second pause that the others met, and counted;
     # only the first was checked, so it is still that pause (not "too many wrong codes").
     assert r.status_code == 429 and "Wait 1 second before entering another code." in text(r)
@@ -296,6 +304,36 @@ def test_wrong_codes_when_removing_count_towards_the_account_throttle(actor, app
     with app.app_context():
         row = User.get_by_id(alice.id)
     assert (row.code_failures, row.code_strikes) == (7, 1)
+
+
+@pytest.mark.parametrize("change", ["remove", "disable"])
+def test_turning_2fa_off_shares_the_password_throttle(actor, app, alice, secret, change):
+    """security.md 19, 32: a wrong password when removing the only device or turning 2FA off starts the same
+    back-off as at the sign-in: the right one sent at once is refused with 429 ("Too many"), and nothing goes."""
+    [device] = device_rows(app, alice)
+    url, data = device_change(actor, device, secret, change)
+    password_field = next(k for k in data if k.endswith("password"))
+    r = post(actor, url, {**data, password_field: "not my password"})
+    assert r.status_code == 403 and "Incorrect" in text(r)
+    r = post(actor, url, data)
+    assert r.status_code == 429 and "Too many" in text(r)
+    assert len(device_rows(app, alice)) == 1
+
+
+@pytest.mark.parametrize("change, password, status, message", [
+    ("remove", "x" * 1025, 400, "That password is too long."),
+    ("disable", "", 403, "Enter your password."),
+])
+def test_a_password_that_cannot_be_right_is_refused_before_it_is_checked(actor, app, alice, secret, change, password,
+                                                                         status, message):
+    """security.md 32: a missing or over-long password is named as such; it is not hashed and compared, so it
+    is no wrong guess for the throttle, and nothing changes."""
+    [device] = device_rows(app, alice)
+    url, data = device_change(actor, device, secret, change)
+    password_field = next(k for k in data if k.endswith("password"))
+    r = post(actor, url, {**data, password_field: password})
+    assert r.status_code == status and message in text(r) and "Incorrect" not in text(r)
+    assert len(device_rows(app, alice)) == 1 and "password_rejected" not in kinds(app, alice)
 
 
 def test_a_removed_device_no_longer_signs_in(actor, app, alice, secret):
@@ -486,6 +524,20 @@ def test_removing_a_factor_ends_other_sessions(actor, app, alice, secret, change
     assert "sessions_ended" in kinds(app, alice)
 
 
+@pytest.mark.parametrize("change", ["remove", "disable"])
+def test_turning_2fa_off_ends_a_sign_in_waiting_at_the_code_step(actor, app, alice, secret, change):
+    """security.md 35: a browser that has the password and waits at the code step is told its sign-in ended
+    (and signs in again with the password alone), rather than having every code refused by a 2FA that is off."""
+    waiting = type(actor)(app, app.test_client(), actor.clock)
+    assert waiting.password_step().headers["Location"] == "/login/verify"
+    token = waiting.csrf("/login/verify")  # the code step's page, open in that browser
+    [device] = device_rows(app, alice)
+    assert post(actor, *device_change(actor, device, secret, change)).status_code == 302
+    r = waiting.client.post("/login/verify", data={"csrf_token": token, "code": waiting.code(secret)})
+    assert r.status_code == 302 and r.headers["Location"].startswith("/login?notice=")
+    assert waiting.password_step().headers["Location"].endswith("/settings")
+
+
 @pytest.mark.parametrize("htmx", [False, True])
 def test_a_rename_keeps_the_other_sessions(actor, app, alice, secret, htmx):
     """A name changes no factor: the same keys sign in as before, so the person's other browsers stay signed
@@ -628,6 +680,9 @@ def test_changes_are_audited_without_codes(actor, app, alice, secret):
     with app.app_context():
         events = list(AuditEvent.select().where(AuditEvent.user == alice.id))
     assert {"device_renamed", "tfa_disabled"} <= {e.kind for e in events}
+    details = {e.kind: e.details for e in events}
+    assert details["device_renamed"] == {"device": "Renamed", "old_name": "Phone"}
+    assert details["tfa_disabled"] == {"via": "settings", "devices": ["Renamed"]}
     for e in events:
         assert code not in e.detail and secret not in e.detail and PASSWORD not in e.detail
 
