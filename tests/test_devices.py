@@ -524,20 +524,6 @@ def test_removing_a_factor_ends_other_sessions(actor, app, alice, secret, change
     assert "sessions_ended" in kinds(app, alice)
 
 
-@pytest.mark.parametrize("change", ["remove", "disable"])
-def test_turning_2fa_off_ends_a_sign_in_waiting_at_the_code_step(actor, app, alice, secret, change):
-    """security.md 35: a browser that has the password and waits at the code step is told its sign-in ended
-    (and signs in again with the password alone), rather than having every code refused by a 2FA that is off."""
-    waiting = type(actor)(app, app.test_client(), actor.clock)
-    assert waiting.password_step().headers["Location"] == "/login/verify"
-    token = waiting.csrf("/login/verify")  # the code step's page, open in that browser
-    [device] = device_rows(app, alice)
-    assert post(actor, *device_change(actor, device, secret, change)).status_code == 302
-    r = waiting.client.post("/login/verify", data={"csrf_token": token, "code": waiting.code(secret)})
-    assert r.status_code == 302 and r.headers["Location"].startswith("/login?notice=")
-    assert waiting.password_step().headers["Location"].endswith("/settings")
-
-
 @pytest.mark.parametrize("htmx", [False, True])
 def test_a_rename_keeps_the_other_sessions(actor, app, alice, secret, htmx):
     """A name changes no factor: the same keys sign in as before, so the person's other browsers stay signed
