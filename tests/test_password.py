@@ -75,15 +75,17 @@ def test_confirm_its_you_tells_password_managers_whose_password_it_asks(app, act
             in form_markup)
 
 
+@pytest.mark.parametrize("count, said", [(2, "2 other browsers."), (1, "1 other browser.")])
 def test_changing_the_password_ends_the_other_sessions_and_keeps_this_one_with_a_new_id(app, actor, alice, secret,
-                                                                                          clock):
+                                                                                          clock, count, said):
     # security.md 30, 35
-    others = [browser(app, clock, secret=secret, agent=f"Other/{i}") for i in range(2)]
+    others = [browser(app, clock, secret=secret, agent=f"Other/{i}") for i in range(count)]
     before = actor.session_cookie()
     r = actor.post_form(URL, form())
     assert r.status_code == 302 and r.headers["Location"] == "/settings"
     page = text(actor.client.get("/settings"))
-    assert "Your password was changed. You were signed out on 2 other browsers." in page
+    assert "Your password was changed. You were signed out on " + said in page
+    assert "<title>User Settings · twostep</title>" in page  # news, not an error ("Error: ..." in the title)
     assert actor.session_cookie() != before  # a new session id after the change
     for other in others:
         assert not signed_in(other.client)
@@ -93,7 +95,7 @@ def test_changing_the_password_ends_the_other_sessions_and_keeps_this_one_with_a
         assert ServerSession.select().where(ServerSession.user == user.id).count() == 1
         assert Device.select().where(Device.user == user.id).count() == 1  # 2FA stays
         [event] = AuditEvent.select().where(AuditEvent.kind == "password_changed")
-        assert event.details == {"via": "settings", "sessions_ended": 2}
+        assert event.details == {"via": "settings", "sessions_ended": count}
         # The other browsers are no longer known (their own password throttle goes with them); this one is.
         known = [b.id for b in KnownBrowser.select().where(KnownBrowser.user == user.id)]
         assert known == [token_hash(actor.client.get_cookie("twostep_known").value)]
@@ -105,6 +107,19 @@ def test_changing_the_password_ends_the_other_sessions_and_keeps_this_one_with_a
     clock.advance(5)  # the back-off after that wrong password
     r = fresh.password_step(password=NEW)
     assert r.status_code == 302 and r.headers["Location"] == "/login/verify"
+
+
+def test_a_setup_under_way_goes_on_after_changing_the_password(app, actor, alice):
+    """The new session id the change gives this browser keeps the wizard's key: the entry scanned before the
+    change still completes the setup afterwards."""
+    from .test_wizard import Wizard
+
+    w = Wizard(actor)
+    w.start()
+    assert actor.post_form(URL, form()).status_code == 302
+    w.token = None  # the page's form token, read again as a reloaded page would
+    assert 'data-step="name"' in text(w.submit_code())
+    assert 'data-step="done"' in text(w.complete("Tablet"))
 
 
 def test_a_wrong_current_password_changes_nothing_and_counts_like_a_sign_in_guess(app, actor, alice, clock):

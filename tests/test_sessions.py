@@ -217,6 +217,40 @@ def test_anonymous_and_pending_sessions_cannot_end_sessions(app, actor, secret, 
     assert signed_in(other.client)
 
 
+def test_the_most_recently_used_session_is_listed_first(app, actor, alice, secret, clock):
+    """security.md 30: the list goes by last use, not by sign-in: a phone signed in before the tablet but used
+    since comes first."""
+    phone = browser(app, clock, secret=secret, agent="Phone/1")
+    browser(app, clock, secret=secret, agent="Tablet/1")
+    clock.advance(120)
+    assert signed_in(phone.client)
+    clock.advance(120)
+    sessions = _sessions_section(text(actor.client.get("/settings")))
+    assert sessions.index("Phone/1") < sessions.index("Tablet/1")
+
+
+def test_a_session_that_ends_while_it_is_signed_out_here_records_nothing(app, actor, alice, secret, clock,
+                                                                         monkeypatch):
+    """security.md 43: a Sign out of one other browser whose session ended by itself meanwhile (signed out
+    there, between this request finding it and deleting it) writes no "sessions ended" record: none ended."""
+    from webapp import settings
+
+    other = browser(app, clock, secret=secret, agent="Leaving/1")
+    html = text(actor.client.get("/settings"))
+    [handle] = HANDLE_RE.findall(html)
+    real_lock = settings.User.lock
+
+    def signed_out_there_meanwhile(user_id):
+        ServerSession.delete().where(ServerSession.id == token_hash(other.session_cookie())).execute()
+        return real_lock(user_id)
+
+    monkeypatch.setattr(settings.User, "lock", signed_out_there_meanwhile)
+    r = actor.post_form(f"/settings/sessions/{handle}/end", {}, form_url="/settings")
+    monkeypatch.undo()
+    assert r.status_code == 302 and not signed_in(other.client) and signed_in(actor.client)
+    assert [k for k, _ in kinds(app) if k == "sessions_ended"] == []
+
+
 def test_expired_sessions_are_not_listed(app, actor, alice, secret, clock):
     """security.md 30: a session idle past the timeout is gone from the list (and from the server)."""
     browser(app, clock, secret=secret, agent="Forgotten/1")
@@ -236,6 +270,7 @@ def test_expired_sessions_are_not_listed(app, actor, alice, secret, clock):
     ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) HeadlessChrome/156.0 Safari/537.36",
      "Headless Chrome on Linux"),
     ("curl/8.5.0", "curl/8.5.0"),
+    ("B" * 80, "B" * 60),  # an unknown one is named by its start, not by a line that overflows the list
     ("", "Unknown browser"),
 ])
 def test_sessions_list_names_browsers_readably(ua, label):

@@ -191,6 +191,7 @@ def test_start_shows_the_qr_code_as_fragment(actor):
     assert 'data-step="qr"' in body
     qr = re.search(r'<div class="qr" role="img" aria-label="([^"]*)">(.*?)</div>', body, re.S)
     assert qr and "QR code" in qr.group(1) and qr.group(2).startswith("<svg")
+    assert qr.group(1) == "QR code to add alice@example.com to your authenticator app"  # whose account it adds
     assert "<summary>Enter the key manually</summary>" in body
     assert group_key(w.secret) in body  # grouped for reading: "ABCD EFGH ..."
     # On the phone that has the app there is nothing to scan: the link to hand it the key is not folded away.
@@ -1036,6 +1037,10 @@ def test_a_setup_that_made_more_than_one_key_says_which_app_entry_to_keep(actor,
     w.submit_code()
     page = " ".join(text(w.complete("Laptop")).split())
     assert STALE_ENTRIES + " and those of your other devices." in page
+    # The keys counted are those since the last activation, not the first: a fourth device in one go, no note.
+    actor.clock.advance(30)
+    page = text(Wizard(actor, htmx=htmx).run("Watch"))
+    assert "is set up" in page and STALE_ENTRIES not in page
 
 
 def test_the_first_step_and_the_last_say_only_what_fits_the_moment(actor, app):
@@ -1373,6 +1378,20 @@ def test_turning_2fa_off_ends_a_setup_under_way(actor, secret):
         assert Device.select().where(Device.user == user.id).count() == 0
     again = text(w.complete("Work phone"))  # said once; after that the setup is simply gone
     assert "This setup has expired" in again
+
+
+def test_turning_2fa_off_with_no_setup_under_way_leaves_no_note_for_a_later_one(actor, secret):
+    """"Two-factor authentication was turned off" answers a wizard only when Turn off ended its setup: after
+    Turn off with none under way, a wizard page whose key is long gone says the setup expired."""
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    actor.clock.advance(30)
+    token = actor.csrf("/settings")
+    r = actor.client.post("/settings/2fa/disable", data={"csrf_token": token, "off-password": PASSWORD,
+                                                         "off-code": actor.code(secret)})
+    assert r.status_code == 302
+    body = text(actor.client.get("/settings/2fa/code", headers=HX))
+    assert "This setup has expired" in body and "was turned off" not in body
 
 
 def test_a_setup_started_after_turning_2fa_off_expires_as_any_other(actor, secret):
