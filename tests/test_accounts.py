@@ -66,9 +66,11 @@ def test_cli_list_and_promote(app, actor, secret):
     assert "alice@example.com\tuser\t2FA active (1 device)" in out
     assert "bob@example.com\tuser\t2FA off" in out
     assert run(app, "users", "promote", "bob@example.com").exit_code == 0
-    assert "bob@example.com\tadmin" in run(app, "users", "list").output
+    out = run(app, "users", "list").output
+    assert "bob@example.com\tadmin" in out and "alice@example.com\tuser" in out  # the named account only
     assert run(app, "users", "promote", "bob@example.com", "--revoke").exit_code == 0
-    assert "bob@example.com\tuser" in run(app, "users", "list").output
+    out = run(app, "users", "list").output
+    assert "bob@example.com\tuser" in out and "root@example.com\tadmin" in out
     assert run(app, "users", "promote", "nobody@example.com").exit_code != 0
 
 
@@ -91,7 +93,9 @@ def test_cli_promote_says_what_it_ended_and_keeps_one_admin(app, actor):
     result = run(app, "users", "promote", "  Bob@Example.com ")
     assert result.exit_code == 0 and "bob@example.com is now an admin; 0 session(s) ended" in result.output
     result = run(app, "users", "promote", "root@example.com", "--revoke")
-    assert result.exit_code == 0 and "root@example.com is now an ordinary user; 1 session(s) ended" in result.output
+    assert result.exit_code == 0
+    assert result.output == ("root@example.com is now an ordinary user; 1 session(s) ended (the new role applies "
+                             "from the next sign-in)\n")  # no word of the Support page, though root has no device
     assert actor.client.get("/settings").status_code == 302
 
 
@@ -128,11 +132,53 @@ def test_cli_create_trims_the_address_as_the_other_commands_do(app):
     assert user_row(app, "carol@example.com") is not None
 
 
+@pytest.mark.parametrize("length, taken", [(7, False), (8, True), (1024, True), (1025, False)])
+def test_cli_takes_a_password_of_exactly_the_lengths_the_sign_in_form_takes(app, actor, length, taken):
+    """8 to 1024 characters, as the forms: at each edge `users create` and `users set-password` agree, and
+    a password they take signs in."""
+    password = "p" * length
+    created = run(app, "users", "create", "dora@example.com", "--password", password)
+    actor.user()
+    changed = run(app, "users", "set-password", "alice@example.com", "--password", password)
+    assert (created.exit_code, changed.exit_code) == ((0, 0) if taken else (1, 1)), created.output
+    if taken:
+        for email in ("dora@example.com", "alice@example.com"):
+            assert other_browser(actor).password_step(email, password).headers["Location"] == "/settings"
+    else:
+        assert "at least 8" in created.output if length < 8 else "at most 1024" in created.output
+        assert user_row(app, "dora@example.com") is None
+
+
+def test_cli_create_is_audited_and_says_when_it_made_an_admin(app):
+    """security.md 42: an account the operator makes (an admin above all) leaves an audit record saying so, and
+    the command's line says "admin" when it made one."""
+    result = run(app, "users", "create", "carol@example.com", "--admin", "--password", "long enough pw")
+    assert result.exit_code == 0 and result.output == "created admin carol@example.com\n"
+    result = run(app, "users", "create", "dave@example.com", "--password", "long enough pw")
+    assert result.exit_code == 0 and result.output == "created dave@example.com\n"
+    with app.app_context():
+        assert [(e.user.email, e.actor_id, e.details) for e in AuditEvent.select().where(
+            AuditEvent.kind == "account_created").order_by(AuditEvent.id)] == [
+            ("carol@example.com", None, {"via": "cli", "admin": True}),
+            ("dave@example.com", None, {"via": "cli", "admin": False})]
+
+
+def test_cli_list_is_in_address_order_and_counts_devices(app, actor, secret):
+    """One line an account, by address whatever the order they were made in; several devices are counted."""
+    actor.user(email="zoe@example.com")
+    actor.user(email="bob@example.com", secret=secret, devices={"Tablet": new_secret()})
+    actor.user(email="amy@example.com", secret=secret)
+    assert run(app, "users", "list").output.splitlines() == [
+        "amy@example.com\tuser\t2FA active (1 device)", "bob@example.com\tuser\t2FA active (2 devices)",
+        "zoe@example.com\tuser\t2FA off"]
+
+
 def test_cli_commands_that_would_change_nothing_say_so_and_leave_sessions_and_the_log_alone(app, actor, secret):
     """Promoting an admin, revoking an ordinary user, resetting the 2FA of an account without any: each used
     to sign the person out everywhere and record a change that did not happen."""
     actor.user(email="admin@example.com", admin=True)
     actor.user(secret=None)
+    actor.user(email="bob@example.com", secret=secret)  # someone else's device does not count
     actor.sign_in()
     with app.app_context():
         before = AuditEvent.select().count()
@@ -230,23 +276,26 @@ def test_cli_reset_2fa_removes_devices_and_sessions(app, actor, secret):
     with app.app_context():
         assert Device.select().count() == 0
         assert ServerSession.select().where(ServerSession.user.is_null(False)).count() == 0
-        assert AuditEvent.select().where(AuditEvent.kind == "tfa_reset").count() == 1
+        [event] = AuditEvent.select().where(AuditEvent.kind == "tfa_reset")  # security.md 42, 43
+        assert (event.user_id, event.details) == (user.id, {"via": "cli", "devices_removed": 1})
         row = User.get_by_id(user.id)
         assert (row.code_failures, row.code_strikes, row.code_locked_until) == (0, 0, None)
     assert actor.client.get("/settings").status_code == 302
 
 
 def test_cli_key_rotation_reencrypts_every_secret(app, actor, secret):
-    """security.md 4: after rotation the old key can go; secrets still decrypt with the new one."""
-    actor.user(secret=secret)
+    """security.md 4: after rotation the old key can go; each secret still decrypts, to its own value, with the
+    new one."""
+    tablet = new_secret()
+    actor.user(secret=secret, devices={"Tablet": tablet})
     old = app.config["TOTP_ENCRYPTION_KEYS"]
     new = Fernet.generate_key().decode()
     app.config["TOTP_ENCRYPTION_KEYS"] = f"{new},{old}"
     result = run(app, "keys", "rotate")
-    assert result.exit_code == 0 and "re-encrypted 1 secret" in result.output
+    assert result.exit_code == 0 and "re-encrypted 2 secret" in result.output
     app.config["TOTP_ENCRYPTION_KEYS"] = new
     with app.app_context():
-        assert decrypt_secret(Device.get().secret_enc) == secret
+        assert {d.name: decrypt_secret(d.secret_enc) for d in Device.select()} == {"Phone": secret, "Tablet": tablet}
 
 
 def test_cli_key_rotation_is_audited(app, actor, secret):
@@ -285,6 +334,25 @@ def test_cli_activity_refuses_a_limit_out_of_range(app, actor, limit):
     actor.user()
     result = run(app, "users", "activity", "alice@example.com", "--limit", limit)
     assert result.exit_code == 2 and "1<=x<=10000" in result.output
+
+
+def test_cli_activity_shows_the_newest_events_first_up_to_the_limit_with_their_address(app, actor, clock):
+    """`users activity` reads newest first (events of one second in the order they were written), stops at
+    --limit, and ends each line with the client address the event came from."""
+    user = actor.user()
+    at = utc(clock.t)
+    with app.app_context():
+        for kind, seconds, ip in (("signin", 0, "198.51.100.7"), ("signout", 1, None), ("tfa_enabled", 1, None)):
+            AuditEvent.create(kind=kind, user=user.id, created_at=at + timedelta(seconds=seconds), ip=ip,
+                              detail="{}")
+    result = run(app, "users", "activity", "alice@example.com", "--limit", "2")
+    assert result.exit_code == 0 and result.output == (f"{at + timedelta(seconds=1):%Y-%m-%d %H:%M:%S} UTC  "
+                                                       "Two-factor authentication turned on\n"
+                                                       f"{at + timedelta(seconds=1):%Y-%m-%d %H:%M:%S} UTC  "
+                                                       "Signed out\n")
+    lines = run(app, "users", "activity", "alice@example.com").output.splitlines()
+    assert len(lines) == 3
+    assert lines[2] == f"{at:%Y-%m-%d %H:%M:%S} UTC  Signed in with password only  from 198.51.100.7"
 
 
 def wrong_code(actor, secret):
@@ -478,6 +546,38 @@ def test_cli_unlock_leaves_other_accounts_known_browsers_alone(app, actor, clock
     assert alices.password_step().headers["Location"] == "/settings"  # Alice's does not
 
 
+def test_cli_list_and_unlock_count_each_of_the_persons_browsers(app, actor, clock):
+    """security.md 18, 42: with several of the person's browsers counting wrong passwords, `users list` names
+    the ones that wait now and the latest end of their waits; `users unlock` clears every one that counted
+    any (a browser whose pause is over too), says how many of them were waiting, and records them all.
+    A browser that only counted, its pause over, is cleared without a word of a wait."""
+    from webapp.models import KnownBrowser
+
+    actor.user()
+    first, second, third = (known_browser_of(actor, "alice@example.com") for _ in range(3))
+    lock_password_entry(first, times=1)  # a pause of one second
+    clock.advance(1)
+    result = run(app, "users", "unlock", "alice@example.com")
+    assert result.output == ("cleared for alice@example.com: password entry in 1 known browser(s) (1 wrong "
+                             "password(s)); nothing else changed\n")
+
+    lock_password_entry(first, times=1)
+    clock.advance(1)  # the first browser's pause is over; it still counts its wrong password
+    earlier = lock_password_entry(second)
+    later = lock_password_entry(third)
+    assert earlier < later
+    assert list_line(app, "alice@example.com") == (f"alice@example.com\tuser\t2FA off; password entry in 2 known "
+                                                   f"browser(s) locked until {later:%Y-%m-%d %H:%M:%S} UTC")
+    result = run(app, "users", "unlock", "alice@example.com")
+    assert result.output == (f"cleared for alice@example.com: password entry in 3 known browser(s) (11 wrong "
+                             f"password(s), 2 of them locked until {later:%Y-%m-%d %H:%M:%S} UTC); nothing else "
+                             "changed\n")
+    with app.app_context():
+        event = AuditEvent.select().where(AuditEvent.kind == "throttle_cleared").order_by(AuditEvent.id.desc()).get()
+        assert event.details == {"via": "cli", "known_browsers": 3, "known_browser_failures": 11}
+        assert KnownBrowser.select().where(KnownBrowser.password_failures > 0).count() == 0
+
+
 def test_a_browser_past_its_lifetime_is_neither_listed_nor_cleared(app, actor, clock):
     """security.md 18: a browser not used to sign in for KNOWN_BROWSER_TTL is no longer known: a sign-in there
     counts on the account, whatever the browser counted. Its count can outlive that (wrong passwords do not
@@ -487,12 +587,12 @@ def test_a_browser_past_its_lifetime_is_neither_listed_nor_cleared(app, actor, c
 
     user = actor.user()
     alices = known_browser_of(actor, "alice@example.com")
-    ttl = app.config["KNOWN_BROWSER_TTL"].total_seconds()
-    clock.advance(ttl - 10 * 60)  # ten minutes of the browser's lifetime left
+    ends = clock.t + app.config["KNOWN_BROWSER_TTL"].total_seconds()
+    clock.advance(ends - clock.t - 10 * 60)  # ten minutes of the browser's lifetime left
     lock = lock_password_entry(alices)  # locked for 15 minutes, counted in the browser
     assert list_line(app, "alice@example.com") == (f"alice@example.com\tuser\t2FA off; password entry in 1 known "
                                                    f"browser(s) locked until {lock:%Y-%m-%d %H:%M:%S} UTC")
-    clock.advance(11 * 60)  # the browser's lifetime is over; the lock it counted still runs for 4 minutes
+    clock.advance(ends - clock.t)  # the browser's lifetime ends this instant; the lock it counted still runs
     assert utc(clock.t) < lock
     assert list_line(app, "alice@example.com") == "alice@example.com\tuser\t2FA off"
     assert_unlock_finds_nothing(app)
@@ -550,12 +650,14 @@ def test_four_wrong_codes_pause_the_code_entry_and_the_list_says_paused(app, act
 def test_cli_unlock_after_the_wait_ended_records_no_wait_it_lifted(app, actor, secret, clock):
     """security.md 42, 43: the audit record of `users unlock` names a lock it lifted only when one still ran:
     once the 15 minutes are over it keeps the counts cleared, not a "locked until" in the past that reads as
-    if the operator had cut a lock short. The command's words say no wait either."""
+    if the operator had cut a lock short. The command's words say no wait either. Run at the very instant
+    the later lock ends (when the sign-in takes the password again), it names neither."""
     user = actor.user(secret=secret)
     code_lock = lock_code_entry(actor, secret)
     password_lock = lock_password_entry(other_browser(actor))
-    clock.advance(16 * 60)
-    assert utc(clock.t) > max(code_lock, password_lock)
+    assert password_lock > code_lock
+    clock.advance((password_lock - utc(clock.t)).total_seconds())
+    assert utc(clock.t) == password_lock
     result = run(app, "users", "unlock", "alice@example.com")
     assert result.exit_code == 0, result.output
     assert result.output == ("cleared for alice@example.com: code entry (5 refused code(s)); password entry (5 wrong "
@@ -570,8 +672,9 @@ def test_cli_unlock_after_the_wait_ended_records_no_wait_it_lifted(app, actor, s
 
 
 def test_cli_unlock_of_an_unknown_address_fails_and_writes_nothing(app, actor):
+    """The address the command looked for is named as it would be stored (trimmed, lower-case)."""
     actor.user()
-    result = run(app, "users", "unlock", "nobody@example.com")
+    result = run(app, "users", "unlock", " Nobody@Example.com ")
     assert result.exit_code == 1
     assert result.output == "Error: no account with email nobody@example.com\n"
     with app.app_context():
@@ -777,6 +880,17 @@ def test_one_mailbox_is_one_account_however_its_address_is_spelled(app, actor, f
     assert stored in run(app, "users", "list").output
 
 
+@pytest.mark.parametrize("first, second", SAME_MAILBOX)
+def test_cli_create_stores_the_one_spelling_sign_up_stores(app, first, second):
+    """`users create` stores an address in its normal form, as sign-up does (the first of each pair): the
+    command says which, and the other spelling is then taken for the same mailbox."""
+    result = run(app, "users", "create", second, "--password", "long enough pw")
+    assert result.exit_code == 0 and result.output == f"created {first}\n"
+    assert run(app, "users", "list").output == f"{first}\tuser\t2FA off\n"
+    result = run(app, "users", "create", first, "--password", "long enough pw")
+    assert result.exit_code == 1 and f"an account with email {first} already exists" in result.output
+
+
 def test_an_address_stored_in_the_old_spelling_stays_reachable(app, actor):
     """Until 2026-12-05 an address was stored only stripped and lower-cased (a punycode domain as typed).
     Such a row is found by either spelling: sign-in, the operator commands and sign-up (no second account)."""
@@ -903,17 +1017,20 @@ def test_development_keys_are_created_once_in_the_instance_folder(tmp_path, monk
 
 def test_purge_expired_removes_only_dead_state(app, actor, secret, clock):
     """Abandoned sign-ins leave rows; the purge deletes the expired ones only."""
-    from webapp.models import SignInChallenge
+    from webapp.models import NetworkCounter, SignInChallenge
 
     actor.user(secret=secret)
     actor.password_step()                      # a session row and a challenge, both soon expired
     clock.advance(31 * 60)
     live = Actor(app, app.test_client(), clock)
     live.password_step()                       # a sign-in in progress now: its row and challenge stay
+    with app.app_context():                    # a per-network count whose hour is over
+        NetworkCounter.create(purpose="sign-ups", network="198.51.100.9", hits=2,
+                              window_start=utc(clock.t) - timedelta(hours=1))
     result = run(app, "purge-expired")
     assert result.exit_code == 0
-    assert "deleted 1 session(s), 1 sign-in challenge(s), 0 pending enrolment(s), 0 known browser(s)" in (
-        result.output)
+    assert result.output == ("deleted 1 session(s), 1 sign-in challenge(s), 0 pending enrolment(s), 0 known "
+                             "browser(s), 1 per-network counter(s)\n")
     with app.app_context():
         assert ServerSession.select().count() == 1 and SignInChallenge.select().count() == 1
     assert "Verification code" in live.client.get("/login/verify").get_data(as_text=True)
@@ -1349,3 +1466,52 @@ def test_cli_disable_leaves_an_admin_who_can_sign_in(app, actor):
     result = run(app, "users", "disable", "root@example.com")
     assert result.exit_code == 0 and "root@example.com is disabled: 1 session(s)" in result.output
     assert actor.client.get("/settings").status_code == 302
+
+
+def test_cli_revoking_a_disabled_admin_is_not_refused_as_the_last_admin(app, actor):
+    """The last-admin refusal keeps an admin who can sign in. A disabled admin is not one: taking their rights
+    leaves no fewer, so it is done even when no other admin is left (an instance whose accounts were all made
+    by `users create` without --admin)."""
+    actor.user(email="bob@example.com")
+    for args in (["disable", "bob@example.com"], ["promote", "bob@example.com"]):
+        assert run(app, "users", *args).exit_code == 0, args
+    result = run(app, "users", "promote", "bob@example.com", "--revoke")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("bob@example.com is now an ordinary user; 0 session(s) ended")
+    assert not user_row(app, "bob@example.com").is_admin
+
+
+def test_cli_commands_change_the_named_account_only(app, actor, clock):
+    """security.md 18, 40: `users disable`, `users enable` and `users unlock` act on one account: another
+    person's unfinished authenticator set-up and session outlive Alice's disable, Bob stays disabled when
+    Alice is enabled, and the lock that Bob's wrong passwords put on his account stays when Alice's is
+    cleared."""
+    from webapp.models import PendingEnrolment
+
+    actor.user(email="root@example.com", admin=True)
+    alice, bob = actor.user(), actor.user(email="bob@example.com")
+    bobs = other_browser(actor)
+    assert bobs.password_step("bob@example.com").headers["Location"] == "/settings"
+    bobs.client.post("/settings/2fa/start", data={"csrf_token": bobs.csrf("/settings")})  # Bob's set-up
+    lock_password_entry(other_browser(actor))  # Alice's account locked from a browser not known for her
+    bob_lock = lock_password_entry(other_browser(actor), "bob@example.com")
+
+    assert run(app, "users", "unlock", "alice@example.com").exit_code == 0
+    with app.app_context():
+        row = User.get_by_id(bob.id)
+        assert (row.password_failures, row.password_locked_until) == (5, bob_lock)
+    assert list_line(app, "bob@example.com") == (f"bob@example.com\tuser\t2FA off; password entry locked until "
+                                                 f"{bob_lock:%Y-%m-%d %H:%M:%S} UTC")
+    assert other_browser(actor).password_step("bob@example.com").status_code == 429
+
+    assert run(app, "users", "disable", "alice@example.com").exit_code == 0
+    with app.app_context():
+        assert PendingEnrolment.select().where(PendingEnrolment.user == bob.id).count() == 1
+        assert PendingEnrolment.select().where(PendingEnrolment.user == alice.id).count() == 0
+    assert bobs.client.get("/settings").status_code == 200
+
+    assert run(app, "users", "disable", "bob@example.com").exit_code == 0
+    assert run(app, "users", "enable", "alice@example.com").exit_code == 0
+    assert user_row(app, "alice@example.com").disabled_at is None
+    assert user_row(app, "bob@example.com").disabled_at == utc(clock.t)
+    assert list_line(app, "bob@example.com").startswith("bob@example.com\tuser\tdisabled since ")
