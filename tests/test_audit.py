@@ -472,14 +472,15 @@ def test_operator_exports_the_audit_log_as_json_lines_and_can_go_on_from_the_las
     assert (disabled["user"], disabled["actor"], disabled["detail"]["reason"], disabled["detail"]["ticket"]) == (
         "carol@example.com", ADMIN, "Checked passport on a video call", "SUP-9")
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", disabled["time"])
+    assert disabled["ip"] == "127.0.0.1"  # the admin's client address
     assert secret not in result.output and target.email in result.output
     clock.advance(120)
     end_window(actor, target)
     more = app.test_cli_runner().invoke(args=["audit", "export", "--after-id", str(lines[-1]["id"])])
     assert [json.loads(line)["kind"] for line in more.output.splitlines()] == ["support_window_ended"]
-    later = app.test_cli_runner().invoke(args=["audit", "export", "--since",
-                                               f"{utc(clock.t - 60):%Y-%m-%dT%H:%M:%S}"])
-    assert [json.loads(line)["kind"] for line in later.output.splitlines()] == ["support_window_ended"]
+    for since in (utc(clock.t - 60), utc(clock.t)):  # a record of that very second included
+        later = app.test_cli_runner().invoke(args=["audit", "export", "--since", f"{since:%Y-%m-%dT%H:%M:%S}"])
+        assert [json.loads(line)["kind"] for line in later.output.splitlines()] == ["support_window_ended"]
     bad = app.test_cli_runner().invoke(args=["audit", "export", "--since", "yesterday"])
     assert bad.exit_code == 2 and "Traceback" not in bad.output
 

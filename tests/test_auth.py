@@ -1742,12 +1742,13 @@ def test_the_operator_lets_a_full_network_in_again_at_once(app, actor, clock, mo
 def test_clearing_an_ipv6_address_takes_its_64_and_48_and_can_keep_to_one_limit(app, clock):
     """An IPv6 client is counted by its /64 (sign-ups, wrong passwords) and its /48 (contact requests): the
     address names both, --limit keeps to one of them, and a network typed as `networks list` shows it
-    works too. Other networks, and counts whose hour is over, are left alone."""
+    works too. Other networks, and counts whose hour is over (from the instant it ends, as the limits take
+    it), are left alone: neither listed nor cleared."""
     _count(app, clock, "failed-sign-ins", "2001:db8:1:2::/64", 40)
     _count(app, clock, "sign-ups", "2001:db8:1:2::/64", 10)
     _count(app, clock, "contact-48", "2001:db8:1::/48", 30)
     _count(app, clock, "failed-sign-ins", "2001:db8:1:3::/64", 5)  # the same /48, another /64
-    _count(app, clock, "contact-48", "2001:db8:2::/48", 30, minutes_ago=61)  # its hour is over
+    _count(app, clock, "contact-48", "2001:db8:2::/48", 30, minutes_ago=60)  # its hour ends this instant
 
     code, output = _networks(app, "clear", "2001:db8:1:2::5", "--limit", "contact-48")
     assert (code, output) == (0, "cleared 2001:db8:1::/48  contact-48  (30 counted)\n")
@@ -1758,7 +1759,19 @@ def test_clearing_an_ipv6_address_takes_its_64_and_48_and_can_keep_to_one_limit(
     assert _networks(app, "clear", "2001:db8:1:3:ffff::/64") == (0, "cleared 2001:db8:1:3::/64  failed-sign-ins  "
                                                                     "(5 counted)\n")
     assert _networks(app, "list") == (0, "no network has been counted in the last hour\n")
+    assert _networks(app, "clear", "2001:db8:2::1") == (
+        0, "nothing counted this hour for 2001:db8:2::/48, 2001:db8:2::/64; nothing changed\n")
     assert _counted(app, "contact-48", "2001:db8:2::/48") == 30  # left to the purge
+    with app.app_context():
+        assert AuditEvent.select().where(AuditEvent.kind == "network_count_cleared").count() == 4
+
+
+def test_networks_list_says_when_a_limit_was_turned_off_after_it_counted(app, clock, monkeypatch):
+    """A limit turned off (set to 0) within the hour no longer refuses anyone: `networks list` says so of
+    what it counted before, instead of calling the network full."""
+    _count(app, clock, "sign-ups", "198.51.100.9", 4)
+    monkeypatch.setitem(app.config, "SIGNUPS_PER_HOUR", 0)
+    assert _networks(app, "list") == (0, "198.51.100.9  sign-ups  4 of -  limit turned off\n")
 
 
 @pytest.mark.parametrize("address, message", [
