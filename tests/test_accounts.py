@@ -807,6 +807,7 @@ def test_signup_creates_an_account(app, actor):
     ("alice@xn--xample-2of.com", "mixes letters of different alphabets"),  # stored as "alice@еxample.com"
     ("\u0430\u04cf\u0456\u0441\u0435@example.com", "letters that look like Latin ones"),  # all Cyrillic "аӏісе"
     ("\u0430\u04cf\u0456\u0441\u0435.smith@example.com", "letters that look like Latin ones"),
+    ("\u0410\u04c0\u0406\u0421\u0415@example.com", "letters that look like Latin ones"),  # in capitals: "АӀІСЕ"
     # characters that show nothing (a security review: "vi\u034fctim" was taken, and Support showed two
     # accounts that both read victim@example.com)
     ("al\u034fice@example.com", "characters that do not show"),  # the combining grapheme joiner
@@ -837,7 +838,10 @@ def test_signup_refuses_an_address_that_passes_for_another(app, actor, email, sa
 
 @pytest.mark.parametrize("email", ["иван@пример.рф", "zoë@example.com", "zoe\u0308@example.com",  # ë typed in two
                                    "たなか太郎@example.jp", "ivan.иванов@example.com", "müller+news@example.de",
-                                   "δοκιμή@example.gr", "नमस्ते@example.in"])
+                                   "δοκιμή@example.gr", "नमस्ते@example.in",
+                                   # each word in one alphabet: after _ or +, and each part of the domain
+                                   "ivan_иванов+news@example.com", "ivan@пример.com",
+                                   "राम.१२३@example.in"])  # a word of digits only: no letters to look like Latin ones
 def test_signup_takes_addresses_in_one_alphabet_whatever_it_is(app, actor, email):
     actor.user(email="admin@example.com", admin=True)
     r = actor.post_form("/signup", {"email": email, "password": PASSWORD, "confirm": PASSWORD})
@@ -908,13 +912,30 @@ def test_an_address_stored_in_the_old_spelling_stays_reachable(app, actor):
         assert User.by_email("BOB@MÜNCHEN.DE").email == "bob@xn--mnchen-3ya.de"
 
 
+def test_of_two_accounts_stored_for_one_mailbox_the_normal_spelling_is_found(app, actor):
+    """Before 2026-12-05 "bob@münchen.de" and "bob@xn--mnchen-3ya.de" could become two accounts. Either spelling
+    now finds the one stored in the normal form, for sign-in and the operator commands alike: the operator
+    who promotes "bob@xn--mnchen-3ya.de" promotes the account the command names, and the other is left as it was."""
+    with app.app_context():
+        User.create(email="bob@xn--mnchen-3ya.de", password_hash=hash_password("old account pw"))
+        User.create(email="bob@münchen.de", password_hash=hash_password(PASSWORD))
+    for spelling in ("bob@xn--mnchen-3ya.de", "Bob@münchen.de"):
+        result = run(app, "users", "promote", spelling)
+        assert result.exit_code == 0 and result.output.startswith("bob@münchen.de "), (spelling, result.output)
+        assert other_browser(actor).password_step(email=spelling).headers["Location"] == "/settings", spelling
+    with app.app_context():
+        assert not User.get(User.email == "bob@xn--mnchen-3ya.de").is_admin
+
+
 def test_normal_form_is_stable():
-    """Normalising twice gives the same spelling (lower-casing can undo NFC: it comes first)."""
+    """Normalising twice gives the same spelling, and it is in NFC (lower-casing can undo NFC: it comes first)."""
     from webapp.models import normalise_email
+
+    import unicodedata
 
     for raw in ["Bob@Xn--Mnchen-3ya.DE", "JOSE\u0301@example.com", "Ώͅ", "al", "ǅ@example.com", " x@ｅｘａｍｐｌｅ．com "]:
         once = normalise_email(raw)
-        assert normalise_email(once) == once, raw
+        assert normalise_email(once) == once and unicodedata.is_normalized("NFC", once), raw
 
 
 def test_signup_sent_twice_at_once_makes_one_account_and_no_error(app, actor, monkeypatch):
@@ -1293,6 +1314,51 @@ def test_purge_removes_a_session_past_the_absolute_limit_even_if_just_used(app, 
         assert purge_expired(app.config, now()) == (1, 0, 0, 0, 0)
         assert ServerSession.select().count() == 0
     assert actor.client.get("/settings").status_code == 302  # signed out
+
+
+def test_the_purge_keeps_each_row_up_to_the_instant_it_expires(app, actor, secret, clock):
+    """security.md 24, 30: a session, a sign-in waiting at the code step and an authenticator set-up are
+    refused only once more than their time has passed (30 minutes idle, 12 hours in all, 5 and 15 minutes);
+    at that very instant they still work, and the purge keeps them. A second later it deletes each of them,
+    by its own limit."""
+    from webapp.clock import now
+    from webapp.models import PendingEnrolment, SignInChallenge, purge_expired
+
+    cfg = app.config
+    user = actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    actor.client.post("/settings/2fa/start", data={"csrf_token": actor.csrf("/settings")})  # a set-up under way
+    clock.advance(30)
+    halfway = other_browser(actor)
+    assert halfway.password_step().headers["Location"] == "/login/verify"
+
+    def age(past, sessions=True):
+        """These rows exactly at their limit, or `past` beyond it."""
+        current = now()
+        SignInChallenge.update(created_at=current - cfg["CHALLENGE_TTL"] - past).execute()
+        PendingEnrolment.update(created_at=current - cfg["PENDING_ENROLMENT_TTL"] - past).execute()
+        if sessions:
+            ServerSession.update(last_seen_at=current - cfg["SESSION_IDLE_TIMEOUT"] - past,
+                                 created_at=current - cfg["SESSION_ABSOLUTE_TIMEOUT"] - past).where(
+                ServerSession.user == user.id).execute()
+
+    with app.app_context():
+        age(timedelta(0))
+        assert purge_expired(cfg, now()) == (0, 0, 0, 0, 0)
+        assert PendingEnrolment.select().count() == 1
+    assert actor.client.get("/settings").status_code == 200
+    assert halfway.code_step(halfway.code(secret)).headers["Location"] == "/settings"
+    other = other_browser(actor)
+    assert other.password_step().headers["Location"] == "/login/verify"  # another code step under way
+    token = other.csrf("/login/verify")  # its page is open
+    with app.app_context():
+        age(timedelta(seconds=1), sessions=False)
+        assert purge_expired(cfg, now()) == (0, 1, 1, 0, 0)
+        age(timedelta(seconds=1))
+        assert purge_expired(cfg, now()) == (2, 0, 0, 0, 0)  # both signed-in sessions
+    assert actor.client.get("/settings").status_code == 302
+    r = other.client.post("/login/verify", data={"csrf_token": token, "code": other.code(secret)})
+    assert r.headers["Location"] == "/login?notice=sign-in-expired"
 
 
 def test_an_address_stored_only_lower_cased_with_full_width_letters_can_sign_in(app, actor):

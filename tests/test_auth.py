@@ -230,6 +230,8 @@ def test_a_known_browser_is_forgotten_after_its_lifetime_of_disuse(app, actor, c
     assert any(c.startswith("twostep_known=") and f"Max-Age={180 * 86400}" in c for c in r.headers.getlist("Set-Cookie"))
     _log_out(actor)
     clock.advance(150 * 86400)  # 300 days after the first sign-in, 150 after the last
+    with app.app_context():
+        assert purge_expired(app.config, now()) == (0, 0, 0, 0, 0)  # its lifetime runs from its last use
     _lock_the_account_from_a_stranger(actor, clock)
     assert actor.password_step().status_code == 302
     _log_out(actor)
