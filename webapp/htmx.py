@@ -1,5 +1,6 @@
 """htmx glue: one predicate for "is this an htmx request" and one renderer for page-or-fragment."""
 from flask import make_response, render_template, request
+from werkzeug.urls import iri_to_uri
 
 
 def is_htmx():
@@ -18,7 +19,10 @@ def render(page, fragment, status=200, **context):
 
 
 def hx_redirect(location, status=401):
-    """Tell htmx to load `location` as a full page (a 302 would be swapped into the fragment)."""
+    """Tell htmx to load `location` as a full page (a 302 would be swapped into the fragment).
+
+    Written as a URI, as werkzeug writes a Location header: a same-site `next` a visitor chose may hold "€"
+    or DEL, which a header cannot carry (gunicorn answers 500 for the whole response)."""
     response = make_response("", status)
-    response.headers["HX-Redirect"] = location
+    response.headers["HX-Redirect"] = iri_to_uri(location)
     return response
