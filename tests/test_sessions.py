@@ -664,3 +664,27 @@ def test_a_session_deleted_while_its_request_runs_loses_its_cookie(actor, app, s
     assert cookie and ("Max-Age=0" in cookie[0] or "expires=Thu, 01 Jan 1970" in cookie[0]), cookie
     with app.app_context():
         assert ServerSession.select().count() == 0
+
+
+def _all_rows(app):
+    from webapp.models import ALL_MODELS
+
+    with app.app_context():
+        return {m.__name__: sorted(map(repr, m.select().tuples())) for m in ALL_MODELS}
+
+
+def test_a_nul_in_the_user_agent_is_refused_and_changes_nothing(app, actor):
+    """A new session's row keeps the browser's User-Agent, and PostgreSQL cannot store NUL in text: a sign-in
+    from a browser whose header held one ended in a 500 there (gunicorn refuses such a header itself,
+    another server may pass it on). It is refused like a NUL in a form: 400 with the reason, nothing
+    stored, the password not even looked at."""
+    actor.user()
+    token = actor.csrf("/login")
+    before = _all_rows(app)
+    r = actor.client.post("/login", data={"csrf_token": token, "email": "alice@example.com", "password": PASSWORD},
+                          headers={"User-Agent": "Mozilla/5.0\x00 (X11)"})
+    assert r.status_code == 400 and "not allowed (NUL)" in r.get_data(as_text=True)
+    assert _all_rows(app) == before
+    r = actor.client.post("/login", data={"csrf_token": token, "email": "alice@example.com", "password": PASSWORD},
+                          headers={"User-Agent": "Mozilla/5.0 (X11)"})
+    assert r.status_code == 302 and r.headers["Location"] == "/settings"
