@@ -688,3 +688,38 @@ def test_a_nul_in_the_user_agent_is_refused_and_changes_nothing(app, actor):
     r = actor.client.post("/login", data={"csrf_token": token, "email": "alice@example.com", "password": PASSWORD},
                           headers={"User-Agent": "Mozilla/5.0 (X11)"})
     assert r.status_code == 302 and r.headers["Location"] == "/settings"
+
+
+def test_a_long_forwarded_client_address_is_stored_cut_to_its_column(tmp_path, clock):
+    """Behind a proxy, the client address is the X-Forwarded-For entry PROXY_HOPS from the end; with one hop
+    too many counted, the client writes it. A new session's row took it whole, and PostgreSQL refused a
+    value longer than the column (64): every sign-in through such a header ended in a 500 there. It is cut
+    as for audit records and counters; a NUL in it is refused like one in a form."""
+    import os
+
+    from webapp.db import db
+    from webapp.models import ALL_MODELS
+
+    from .conftest import make_test_app
+
+    url = os.environ.get("TEST_DATABASE_URL") or f"sqlite:///{tmp_path / 'proxy.db'}"
+    app = make_test_app(tmp_path, url, clock, PROXY_HOPS=1)
+    try:
+        a = Actor(app, app.test_client(), clock)
+        a.user()
+        token = a.csrf("/login")
+        form = {"csrf_token": token, "email": "alice@example.com", "password": PASSWORD}
+        before = _all_rows(app)
+        r = a.client.post("/login", data=form, headers={"X-Forwarded-For": "203.0.113.7\x00"})
+        assert r.status_code == 400 and "not allowed (NUL)" in r.get_data(as_text=True)
+        assert _all_rows(app) == before
+        r = a.client.post("/login", data=form, headers={"X-Forwarded-For": "203.0.113.7, " + "a" * 300})
+        assert r.status_code == 302 and r.headers["Location"] == "/settings"
+        with app.app_context():
+            assert [s.ip for s in ServerSession.select()] == ["a" * 64]
+            assert AuditEvent.get(AuditEvent.kind == "signin").ip == "a" * 64
+    finally:
+        if url.startswith("postgres"):
+            with db.connection_context():
+                db.drop_tables(ALL_MODELS, cascade=True)
+        db.close()

@@ -226,7 +226,11 @@ class DbSessionInterface(SessionInterface):
             session.derived_csrf = None
             values = dict(id=token_hash(session.token), user=int(user_id) if user_id else None,
                           data=json.dumps(dict(session)), created_at=current, last_seen_at=current,
-                          ip=request.remote_addr, user_agent=(request.user_agent.string or "")[:200])
+                          # cut to the column, as security.client_ip does for audit records and counters:
+                          # behind a PROXY_HOPS that counts one hop too many, the client writes this address
+                          # (X-Forwarded-For), and PostgreSQL refused a longer one (a 500 at every sign-in)
+                          ip=request.remote_addr[:64] if request.remote_addr else None,
+                          user_agent=(request.user_agent.string or "")[:200])
             _INSERT.execute(**values)
             session.row = loaded(ServerSession, values)
             if old is not None:
