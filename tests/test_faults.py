@@ -340,9 +340,7 @@ def test_worker_killed_while_activating_a_device_leaves_no_device_and_the_retry_
 def test_sqlite_wal_is_checkpointed_after_the_response_not_by_the_writer(app, actor, monkeypatch, due):
     """The pages a request wrote reach the database file through a checkpoint run after its response went
     out (db._Checkpoints), not inside the write transaction, where SQLite's own checkpoint made every other
-    writer wait for two fsyncs. Read with immutable=1, SQLite sees the main file only, not the WAL."""
-    import sqlite3
-
+    writer wait for two fsyncs."""
     from webapp import db as db_module
 
     if not app.config["DATABASE_URL"].startswith("sqlite"):
@@ -357,16 +355,68 @@ def test_sqlite_wal_is_checkpointed_after_the_response_not_by_the_writer(app, ac
     response = actor.client.post("/login", data={"csrf_token": token, "email": "dora@example.com",
                                                  "password": PASSWORD})
     assert response.status_code == 302 and response.headers["Location"].endswith("/settings")
+    assert _count_in_main_file(path, "auditevent", "kind = 'signin'") == 0  # the body is not sent yet: nobody waits for the disk meanwhile
     response.close()  # what a WSGI server does once the body is sent
+    assert _count_in_main_file(path, "auditevent", "kind = 'signin'") == (1 if due else 0)
+    with app.app_context():  # either way the committed record is there for every connection
+        assert AuditEvent.select().where(AuditEvent.kind == "signin").count() == 1
+
+
+def _count_in_main_file(path, table, where="1 = 1"):
+    """Rows in the SQLite database file itself: read with immutable=1, SQLite sees the main file only, not the WAL."""
+    import sqlite3
 
     main_file = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
     try:
-        in_file = main_file.execute("SELECT count(*) FROM auditevent WHERE kind = 'signin'").fetchone()[0]
+        return main_file.execute(f"SELECT count(*) FROM {table} WHERE {where}").fetchone()[0]
     finally:
         main_file.close()
-    assert in_file == (1 if due else 0)
-    with app.app_context():  # either way the committed record is there for every connection
-        assert AuditEvent.select().where(AuditEvent.kind == "signin").count() == 1
+
+
+def test_sqlite_wal_is_checkpointed_after_32_write_transactions_or_10_seconds(tmp_path, clock, monkeypatch):
+    """The checkpoint cadence (db._Checkpoints, docs/performance.md): a thread's connection checkpoints after the
+    response that follows its 32nd write transaction, or its first one 10 s or more after its last
+    checkpoint; not before, and each checkpoint starts both counts again. Sooner would make requests wait for
+    two fsyncs each; later would let the WAL grow past the 5,000-page backstop."""
+    import time
+    from datetime import timedelta
+
+    from webapp.db import write_transaction
+
+    if os.environ.get("TEST_DATABASE_URL"):
+        pytest.skip("SQLite only")
+    path = tmp_path / "app.db"
+    app = make_test_app(tmp_path, f"sqlite:///{path}", clock, PURGE_INTERVAL=timedelta(0))  # no writes of its own
+    client = app.test_client()
+    moment = [float(int(time.monotonic()) + 1)]  # whole seconds: the steps below add up exactly
+    monkeypatch.setattr(time, "monotonic", lambda: moment[0])
+    made = []
+
+    def write(count):
+        with app.app_context():
+            for _ in range(count):
+                with write_transaction():
+                    User.create(email=f"u{len(made)}@example.com", password_hash="x")
+                made.append(1)
+
+    def request_then_in_file():
+        client.get("/login").close()  # a request that writes nothing; its response sent
+        return _count_in_main_file(path, '"user"')
+
+    write(1)
+    moment[0] += 3600
+    assert request_then_in_file() == 1  # a checkpoint: the counts start from here
+    write(31)
+    assert request_then_in_file() == 1  # 31 write transactions within 10 s: not yet
+    write(1)
+    assert request_then_in_file() == 33  # the 32nd
+    write(1)
+    moment[0] += 9.5
+    assert request_then_in_file() == 33  # one write, 9.5 s after the last checkpoint: not yet
+    moment[0] += 0.5
+    assert request_then_in_file() == 34  # 10 s
+    db.close()
+
 
 
 def test_a_kept_connection_that_cannot_be_polled_is_replaced_before_the_request(app, monkeypatch):
