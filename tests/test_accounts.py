@@ -989,6 +989,38 @@ def test_production_refuses_a_short_or_placeholder_secret_key(tmp_path, monkeypa
               DATABASE_URL=f"sqlite:///{tmp_path / 'db'}")
 
 
+@pytest.mark.parametrize("key, accepted", [
+    ("hP3x-K8d0qLz_7VwYb2nRt5s9uJcMf4", False),   # 31 bytes, however random they look
+    ("hP3x-K8d0qLz_7VwYb2nRt5s9uJcMf4a", True),   # 32 bytes: the shortest taken
+    ("abcdefgh" * 4, True),                        # 8 different symbols: the fewest taken
+    ("abcdefga" * 4, False),                       # 7
+])
+def test_the_secret_key_limits_hold_at_their_edges(tmp_path, monkeypatch, key, accepted):
+    """security.md 44, README "Configuration": SECRET_KEY takes 32 bytes or more, with 8 different symbols or more;
+    one short of either stops a production start."""
+    settings = {"SECRET_KEY": key, "TOTP_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+                "DATABASE_URL": f"sqlite:///{tmp_path / 'db'}"}
+    if accepted:
+        assert _prod(tmp_path, monkeypatch, **settings).config["SECRET_KEY"] == key
+    else:
+        with pytest.raises(ConfigError, match="SECRET_KEY must be at least 32 random bytes"):
+            _prod(tmp_path, monkeypatch, **settings)
+
+
+@pytest.mark.parametrize("missing", ["SECRET_KEY", "TOTP_ENCRYPTION_KEYS", "DATABASE_URL"])
+def test_production_names_the_setting_it_misses(tmp_path, monkeypatch, missing):
+    """security.md 44: each of the three has no default in production (DATABASE_URL neither: no database in the
+    instance folder), and the message names the one missing and where to set it."""
+    settings = {"SECRET_KEY": "hP3x-K8d0qLz_7VwYb2nRt5s9uJcMf4aGe6iOk1yXh0",
+                "TOTP_ENCRYPTION_KEYS": Fernet.generate_key().decode(), "DATABASE_URL": f"sqlite:///{tmp_path / 'db'}"}
+    del settings[missing]
+    with pytest.raises(ConfigError) as refused:
+        _prod(tmp_path, monkeypatch, **settings)
+    assert str(refused.value) == (f"missing configuration: {missing} (set them in the environment; "
+                                  "see README 'Configuration')")
+    assert not os.path.exists(tmp_path / "inst" / "twostep.db")
+
+
 def test_production_accepts_random_keys_written_in_hex_or_base64():
     """The usual ways to make a key of 32 random bytes all pass, whatever the draw (hex has only 16 symbols)."""
     import secrets
@@ -1034,6 +1066,45 @@ def test_development_keys_are_created_once_in_the_instance_folder(tmp_path, monk
     assert first.config["DATABASE_URL"].endswith("twostep.db")
     with first.app_context():
         assert decrypt_secret(encrypt_secret("ABC")) == "ABC"
+
+
+def test_twostep_production_set_empty_is_development(tmp_path, monkeypatch):
+    """`TWOSTEP_PRODUCTION=` (set, empty: an env file with the value left out) is "no", the documented default:
+    the start goes on with generated development secrets rather than stopping."""
+    for key in ("SECRET_KEY", "TOTP_ENCRYPTION_KEYS", "DATABASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("TWOSTEP_PRODUCTION", "")
+    app = create_app({"TESTING": True, "INSTANCE_PATH": str(tmp_path / "inst")})
+    assert not app.config["PRODUCTION"] and not app.config["SECURE_COOKIES"]
+    assert (tmp_path / "inst" / "secret_key").exists()
+
+
+@pytest.mark.parametrize("name", ["secret_key", "totp_keys"])
+def test_an_emptied_secret_file_stops_the_start_saying_what_to_do(tmp_path, monkeypatch, name):
+    """A generated secret file emptied by accident (a full disk, an editor) is not taken as a key, nor silently
+    replaced (that would lock everyone out of their TOTP devices): the start stops naming the file and the fix,
+    and the fix works."""
+    for key in ("TWOSTEP_PRODUCTION", "SECRET_KEY", "TOTP_ENCRYPTION_KEYS", "DATABASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    (tmp_path / name).write_text("\n")
+    with pytest.raises(ConfigError) as refused:
+        create_app({"TESTING": True, "INSTANCE_PATH": str(tmp_path)})
+    assert str(refused.value) == f"{tmp_path / name} is empty; delete it to have a new secret generated"
+    (tmp_path / name).unlink()
+    create_app({"TESTING": True, "INSTANCE_PATH": str(tmp_path)})
+    assert (tmp_path / name).read_text().strip()
+
+
+def test_the_issuer_comes_from_the_environment(tmp_path, monkeypatch):
+    """security.md 7: TOTP_ISSUER is read from the environment (README "Configuration"), and checked there: one
+    with ':' stops the start with the rule."""
+    monkeypatch.delenv("TWOSTEP_PRODUCTION", raising=False)
+    settings = {"TESTING": True, "INSTANCE_PATH": str(tmp_path / "inst"), "DATABASE_URL": f"sqlite:///{tmp_path / 'db'}"}
+    monkeypatch.setenv("TOTP_ISSUER", "Acme Co")
+    assert create_app(settings).config["TOTP_ISSUER"] == "Acme Co"
+    monkeypatch.setenv("TOTP_ISSUER", "Acme: Login")
+    with pytest.raises(ConfigError, match="^TOTP_ISSUER must be 1-64 characters and contain no ':'$"):
+        create_app(settings)
 
 
 def test_purge_expired_removes_only_dead_state(app, actor, secret, clock):
@@ -1115,7 +1186,8 @@ def test_a_setting_that_is_not_one_of_its_values_stops_the_start_naming_it(tmp_p
                     "DATABASE_URL": f"sqlite:///{tmp_path / 'db'}"})
 
 
-@pytest.mark.parametrize("value, expected", [("off", False), ("No", False), ("0", False), (" true ", True)])
+@pytest.mark.parametrize("value, expected", [("off", False), ("No", False), ("0", False), ("false", False),
+                                             (" true ", True), ("on", True), ("YES", True), ("1", True)])
 def test_yes_no_settings_take_the_usual_words(tmp_path, monkeypatch, value, expected):
     monkeypatch.delenv("TWOSTEP_PRODUCTION", raising=False)
     monkeypatch.setenv("SIGNUP_ENABLED", value)
@@ -1186,6 +1258,8 @@ def test_a_relative_instance_folder_is_taken_from_the_working_directory(tmp_path
     ("mysql://u@host/db", "DATABASE_URL must start with sqlite:/// or postgresql://"),
     ("postgresql://u:p@host:notaport/db", "DATABASE_URL is not a valid postgresql:// address"),
     ("postgresql://", "DATABASE_URL names no database"),
+    # The short scheme (Heroku's and many hosts' DATABASE_URL) is PostgreSQL too: tried, not refused as unknown.
+    ("postgres://nobody@127.0.0.1:1/x", "the database in DATABASE_URL cannot be used: connection failed"),
     ("postgresql://nobody@127.0.0.1:1/x", "the database in DATABASE_URL cannot be used: connection failed"),
     ("sqlite:////no/such/folder/app.db", "the database in DATABASE_URL cannot be used: unable to open"),
 ])
