@@ -1164,6 +1164,83 @@ def test_the_app_purges_expired_rows_by_itself_after_a_response(tmp_path, clock,
             db.close()
 
 
+@pytest.mark.parametrize("setting, interval", [(None, 600), ("7200", 7200), ("0", None)])
+def test_each_process_purges_once_per_interval_from_the_environment(tmp_path, clock, monkeypatch, setting, interval):
+    """PURGE_INTERVAL_SECONDS (README "Configuration"; 600 when unset, 0 never): the first deadline falls at
+    random within the first interval after the process's first response; the first response at or past a
+    deadline is followed by the purge, and the next deadline is one interval later, not sooner."""
+    import random
+    import time
+
+    from webapp.db import db
+
+    from .conftest import make_test_app
+
+    for key in ("TWOSTEP_PRODUCTION", "PURGE_INTERVAL_SECONDS"):
+        monkeypatch.delenv(key, raising=False)
+    if setting is not None:
+        monkeypatch.setenv("PURGE_INTERVAL_SECONDS", setting)
+    url = os.environ.get("TEST_DATABASE_URL") or f"sqlite:///{tmp_path / 'purge.db'}"
+    app = make_test_app(tmp_path, url, clock)
+    moment = [float(int(time.monotonic()) + 1)]
+    monkeypatch.setattr(time, "monotonic", lambda: moment[0])
+    monkeypatch.setattr(random, "random", lambda: 0.5)  # the first deadline: half an interval after the first response
+
+    def stale_sign_in():
+        """A sign-in left at the code step, expired half an hour later (its session row remains until purged)."""
+        Actor(app, app.test_client(), clock).password_step()
+        clock.advance(31 * 60)
+
+    def sessions_after_a_response_at(seconds):
+        moment[0] = start + seconds
+        app.test_client().get("/login").close()  # a visitor who stores nothing; the purge follows its response
+        with app.app_context():
+            return ServerSession.select().count()
+
+    try:
+        Actor(app, app.test_client(), clock).user(secret=new_secret())
+        start = moment[0]
+        stale_sign_in()  # the process's first response: the first deadline is set
+        if interval is None:
+            assert sessions_after_a_response_at(10**7) == 1  # never purged
+            return
+        assert sessions_after_a_response_at(interval / 2 - 1) == 1
+        assert sessions_after_a_response_at(interval / 2) == 0  # the deadline
+        stale_sign_in()
+        assert sessions_after_a_response_at(interval / 2 + 1) == 1  # the next deadline is an interval later
+        assert sessions_after_a_response_at(interval * 1.5 - 1) == 1
+        assert sessions_after_a_response_at(interval * 1.5) == 0
+    finally:
+        if url.startswith("postgres"):
+            with db.connection_context():
+                db.drop_tables(ALL_MODELS, cascade=True)
+        db.close()
+
+
+def test_a_purge_that_fails_is_logged_and_the_app_serves_on(app, actor, monkeypatch, caplog):
+    """The purge runs after the response has gone out: a database error there (the file busy, the server
+    gone) cannot reach the person, and becomes one warning in the log; the app serves on."""
+    import random
+
+    from peewee import OperationalError
+
+    import webapp
+
+    def failing(config, current):
+        raise OperationalError("database is locked")
+
+    actor.user()
+    monkeypatch.setattr(webapp, "purge_expired", failing)
+    monkeypatch.setattr(random, "random", lambda: 0.0)  # the first deadline: the first response
+    actor.client.get("/login").close()
+    response = actor.client.get("/login")
+    response.close()  # the purge runs here, and fails
+    assert response.status_code == 200
+    assert [r.getMessage() for r in caplog.records if "purging" in r.getMessage()] == [
+        "purging expired rows failed: database is locked"]
+    assert actor.client.get("/login").status_code == 200
+
+
 @pytest.mark.parametrize("hops", ["two", "-1", "1.5"])
 def test_a_proxy_hop_count_that_is_not_a_count_is_named_in_the_error(tmp_path, monkeypatch, hops):
     """A typo in PROXY_HOPS stops the start with a message naming the setting, not a bare ValueError."""
