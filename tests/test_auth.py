@@ -92,6 +92,23 @@ def test_oversized_body_is_refused(actor):
     assert r.status_code == 413
 
 
+@pytest.mark.parametrize("size, status", [(64 * 1024, 200), (64 * 1024 + 1, 413)])
+def test_a_form_of_64_kib_is_read_and_one_byte_more_is_refused(actor, size, status):
+    """README "Deployment" sets nginx's client_max_body_size to the app's own limit, 64 KiB: a form body of that
+    size is read, one byte more gets the plain 413 page and changes nothing."""
+    actor.user()
+    head = f"csrf_token={actor.csrf('/login')}&email=alice%40example.com&password=wrong&padding="
+    r = actor.client.post("/login", data=head + "x" * (size - len(head)),
+                          content_type="application/x-www-form-urlencoded")
+    page = r.get_data(as_text=True)
+    assert r.status_code == status
+    if status == 413:
+        assert "What was sent is larger than this form takes. Shorten it and try again." in page
+    else:
+        assert "Incorrect email address or password." in page
+    assert not signed_in(actor.client)
+
+
 def test_login_without_csrf_token_is_refused(actor, caplog):
     """security.md 33: a forged form post changes nothing; the log says which form and why, not what it held."""
     actor.user()

@@ -420,6 +420,26 @@ def test_forwarded_allow_ips_set_empty_in_the_environment_trusts_no_proxy(tmp_pa
         db.close()
 
 
+@pytest.mark.parametrize("env, peer, recorded", [
+    ({}, "127.0.0.1", "127.0.0.1"),                      # PROXY_HOPS unset: no proxy, even from this host
+    ({"PROXY_HOPS": "1"}, "127.0.0.1", "203.0.113.5"),   # FORWARDED_ALLOW_IPS unset: this host is the proxy ...
+    ({"PROXY_HOPS": "1"}, "::1", "203.0.113.5"),         # ... over IPv6 too
+    ({"PROXY_HOPS": "1"}, "::ffff:127.0.0.1", "203.0.113.5"),  # ... and as gunicorn bound to [::] sees it
+    ({"PROXY_HOPS": "1"}, "10.0.0.1", "10.0.0.1"),       # and no other
+])
+def test_the_defaults_trust_no_proxy_then_only_this_host(tmp_path, clock, monkeypatch, env, peer, recorded):
+    """security.md 44, README "Configuration": without PROXY_HOPS the app believes no X-Forwarded-For at all
+    (a client's own header must not choose the address the audit log records); with it, the default
+    FORWARDED_ALLOW_IPS trusts the proxy on this host, at 127.0.0.1 or ::1, and no other peer."""
+    from webapp.db import db
+
+    app = _proxied_app(tmp_path, clock, monkeypatch, env)
+    try:
+        assert _wrong_password_from(app, clock, peer, {"X-Forwarded-For": "203.0.113.5"}) == recorded
+    finally:
+        db.close()
+
+
 def test_a_trusted_network_written_with_host_bits_is_accepted(tmp_path, clock, monkeypatch):
     """security.md 44: "10.0.0.1/8" (an address with its prefix length, as `ip addr` shows it) names the network
     10.0.0.0/8; it does not stop the start, and a proxy anywhere in that network is believed."""
