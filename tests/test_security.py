@@ -62,6 +62,20 @@ def test_a_remember_cookie_signed_with_the_secret_key_signs_nobody_in(app, actor
         assert AuditEvent.select().where(AuditEvent.kind == "signin").count() == 0
 
 
+def test_a_sign_in_form_left_open_for_hours_still_signs_in(actor, secret, monkeypatch):
+    """security.md 33: the CSRF token is bound to the session, not to a time of its own (README "Security"): a
+    sign-in page opened in the morning and sent in the afternoon signs in, rather than saying "Form expired"
+    (Flask-WTF's default was a one-hour token, reckoned by the wall clock)."""
+    import time
+
+    actor.user(secret=secret)
+    token = actor.csrf("/login")
+    later = time.time() + 6 * 3600
+    monkeypatch.setattr(time, "time", lambda: later)  # what Flask-WTF's signed token is timed by
+    r = actor.client.post("/login", data={"csrf_token": token, "email": "alice@example.com", "password": PASSWORD})
+    assert r.status_code == 302 and r.headers["Location"] == "/login/verify"
+
+
 def test_same_origin_post_is_fine(actor):
     actor.user()
     r = actor.post_form("/login", {"email": "alice@example.com", "password": PASSWORD},
