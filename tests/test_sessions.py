@@ -187,6 +187,22 @@ def test_a_session_that_ended_meanwhile_says_so_and_refreshes_the_list(app, acto
     assert signed_in(actor.client)
 
 
+def test_logging_out_deletes_the_unconfirmed_key_set_up_in_that_session(app, actor):
+    """security.md 8, 30: logging out destroys the server-side session, and with it the authenticator key a
+    set-up started there and never confirmed (its row goes with the session's: ON DELETE CASCADE, which SQLite
+    enforces only with its foreign_keys pragma on). The secret does not wait in the database for the purge."""
+    from webapp.models import PendingEnrolment
+
+    actor.user()
+    assert actor.password_step().headers["Location"] == "/settings"  # no 2FA yet: signed in
+    assert actor.post_form("/settings/2fa/start", {}, form_url="/settings").status_code == 303
+    with app.app_context():
+        assert PendingEnrolment.select().count() == 1
+    assert actor.post_form("/logout", {}, form_url="/settings").status_code == 302
+    with app.app_context():
+        assert ServerSession.select().count() == 0 and PendingEnrolment.select().count() == 0
+
+
 def test_this_browser_is_not_ended_by_its_handle(app, actor, alice):
     """Ending your own session goes through Log out; the handle of this browser changes nothing."""
     from webapp.settings import session_handle
