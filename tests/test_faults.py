@@ -189,6 +189,23 @@ def test_sqlite_writer_lock_held_too_long_says_try_again_and_changes_nothing(tmp
     db.close()
 
 
+def test_sqlite_waits_ten_seconds_for_another_programs_writer_lock(app):
+    """README "Deployment" (Database): SQLite in WAL mode with a 10 s busy timeout. A program that holds the
+    writer lock for a moment (a backup, `sqlite3` at the console) makes requests wait up to 10 s for it
+    before they answer "Please try again" (the test above shortens the wait to stay quick)."""
+    import sqlite3
+
+    if not app.config["DATABASE_URL"].startswith("sqlite"):
+        pytest.skip("SQLite only")
+    with app.app_context():
+        assert db.execute_sql("PRAGMA busy_timeout").fetchone()[0] == 10000
+    outside = sqlite3.connect(app.config["DATABASE_URL"][len("sqlite:///"):])
+    try:
+        assert outside.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # kept in the file itself
+    finally:
+        outside.close()
+
+
 @pytest.mark.parametrize("error_class", ["DeadlockDetected", "SerializationFailure", "LockNotAvailable"])
 def test_a_transaction_postgresql_undid_says_try_again_not_unreachable(app, actor, secret, monkeypatch, error_class):
     """PostgreSQL breaks a deadlock by rolling one transaction back (SQLSTATE 40P01; a serialization failure
