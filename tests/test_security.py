@@ -368,6 +368,26 @@ def test_page_csrf_tokens_are_flask_wtfs_own(app, monkeypatch, raw):
             validate_csrf(ours)
 
 
+def test_links_are_built_under_the_root_each_request_came_in_at(app, actor):
+    """One process reached under a path prefix (SCRIPT_NAME, as gunicorn and other WSGI servers set it) and at /:
+    the links of each page (pages, scripts, styles) start with that request's own root. The app keeps built
+    URLs per process to save time (_memoise_template_helpers); those of one root are not given to the other."""
+    import re
+
+    actor.user()
+
+    def links(root):
+        page = actor.client.get("/login", environ_overrides={"SCRIPT_NAME": root}).get_data(as_text=True)
+        return re.findall(r'(?:href|action|src)="([^"#][^"]*)"', page)
+
+    under = links("/twostep")
+    assert "/twostep/signup" in under and "/twostep/static/app.css" in under
+    assert all(link.startswith("/twostep/") for link in under)
+    at_root = links("")
+    assert "/signup" in at_root and "/static/app.css" in at_root
+    assert not any(link.startswith("/twostep") for link in at_root)
+
+
 def test_error_pages_speak_plainly(actor, secret):
     """An error page without words of its own (a mistyped address, a page for admins, a GET to a form's
     address) says what happened in plain words, not Werkzeug's ("read-protected or not readable by the
