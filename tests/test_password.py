@@ -364,7 +364,7 @@ def _store_hash(app, password_hash):
 @pytest.mark.parametrize("with_2fa", [True, False])
 def test_a_sign_in_replaces_a_hash_made_with_outdated_parameters(app, actor, secret, with_2fa):
     """When argon2's parameters change (a new release's defaults, another profile), old hashes are made again
-    with the new ones at the next correct password, as OWASP's Password Storage Cheat Sheet asks; the password
+    with the new ones at the next correct password, as argon2-cffi advises; the password
     itself stays the same and so do the person's sessions."""
     from argon2 import extract_parameters
 

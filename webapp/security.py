@@ -59,7 +59,7 @@ def verify_password(stored_hash, password):
 def password_hash_outdated(stored_hash):
     """Whether a stored hash was made with other parameters than the ones hashes are made with now (argon2's
     defaults after an upgrade, or a changed profile): the next sign-in with the right password replaces it
-    (OWASP Password Storage Cheat Sheet, "Upgrading legacy hashes")."""
+    (what argon2-cffi advises for check_needs_rehash)."""
     try:
         return _hasher().check_needs_rehash(stored_hash)
     except InvalidHashError:

@@ -306,8 +306,8 @@ def time_left(session, config, saved=False):
 
 def idle_warning_data():
     """The idle warning's data attributes on the signed-in layout (base.html, for app.js): the seconds left,
-    idle and absolute (time_left), the two limits in the words the warning uses, and the sign-in page.
-    Written here in one string: as a dozen template lookups they were a tenth of a User Settings page."""
+    idle and absolute (time_left), the two limits in the words the warning uses, and the sign-in page (app.js
+    adds the page's own address as `next`). One string, rather than a dozen lookups in every page's template."""
     from flask import current_app, session, url_for
     from markupsafe import Markup
 
