@@ -123,6 +123,32 @@ def test_postgresql_restart_costs_the_next_request_no_503(tmp_path, own_postgres
     assert client.get("/settings").status_code == 200 and db.obj._state.conn is again  # a live one is kept
 
 
+@pytest.mark.parametrize("error_class", ["OperationalError", "InterfaceError"])
+def test_a_session_that_cannot_be_read_gives_the_503_page_not_a_sign_out(app, actor, secret, monkeypatch, error_class):
+    """The database fails at the very moment the session is read, before any view runs (peewee raises an
+    OperationalError, or an InterfaceError for a connection already gone): the person gets the 503 page and
+    keeps the cookie, rather than being treated as signed out and sent to sign in; the next request is
+    signed in as before."""
+    import peewee
+
+    import webapp.sessions as sessions_module
+
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+
+    class Failing:
+        def first(self, **params):
+            raise getattr(peewee, error_class)("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(sessions_module, "_BY_ID", Failing())
+    r = actor.client.get("/settings")
+    assert_unavailable_page(r)
+    assert "Set-Cookie" not in r.headers
+    monkeypatch.undo()
+    r = actor.client.get("/settings")
+    assert r.status_code == 200 and "<h1>User Settings</h1>" in r.get_data(as_text=True)
+
+
 def test_sqlite_file_unreachable_gives_a_503_page_and_the_app_recovers(tmp_path):
     """The folder holding the SQLite file disappears (unmounted volume): 503 page; it is back: pages work."""
     folder = tmp_path / "data"
