@@ -1452,6 +1452,19 @@ def test_operator_commands_on_an_empty_instance_do_not_print_the_setup_code(tmp_
     assert served.returncode == 0 and "one-time code" in served.stderr
 
 
+@pytest.mark.parametrize("command, shown", [("run", True), ("purge-expired", False)])
+def test_flask_run_on_an_empty_instance_prints_the_setup_code(tmp_path, capsys, command, shown):
+    """`flask run` (the development server; `make run`) serves pages, so its console gets the one-time setup
+    code like gunicorn's; another command loading the app in the same way does not."""
+    import click
+
+    settings = {"TESTING": True, "INSTANCE_PATH": str(tmp_path / "inst"), "SECRET_KEY": "k" * 40,
+                "TOTP_ENCRYPTION_KEYS": Fernet.generate_key().decode(), "DATABASE_URL": f"sqlite:///{tmp_path / 'db'}"}
+    with click.Context(click.Command(command), info_name=command):  # what `flask COMMAND` has while loading the app
+        create_app(settings)
+    assert ("Create the first admin at /setup with the one-time code: " in capsys.readouterr().err) is shown
+
+
 def test_purge_removes_a_session_past_the_absolute_limit_even_if_just_used(app, actor, clock):
     """security.md 30: a session more than 12 h old is over however active it is; the purge deletes its row
     (with its IP address and browser name) rather than keeping it until it has also been idle 30 minutes."""
