@@ -1377,6 +1377,27 @@ def test_cli_reset_2fa_also_ends_half_finished_sign_ins(app, actor, secret, cloc
     assert r.status_code == 302 and r.headers["Location"] == "/login?notice=sign-in-expired"
 
 
+def test_keys_that_open_the_oldest_secret_but_not_the_newest_are_warned_about_at_start(tmp_path, clock, capsys):
+    """The start-up check reads the oldest and the newest stored secret: keys that still open the first
+    devices but not those enrolled since a rotation (the new key lost, an old key list deployed again) are
+    reported too, naming the newest device, before its owner's sign-ins fail."""
+    from webapp.db import db
+
+    from .conftest import make_test_app
+
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    first = make_test_app(tmp_path / "a", url, clock, TOTP_ENCRYPTION_KEYS=old)
+    Actor(first, first.test_client(), clock).user(secret=new_secret())
+    rotated = make_test_app(tmp_path / "b", url, clock, TOTP_ENCRYPTION_KEYS=f"{new},{old}")  # the new key encrypts
+    Actor(rotated, rotated.test_client(), clock).user("bob@example.com", secret=new_secret())
+    capsys.readouterr()
+    make_test_app(tmp_path / "c", url, clock, TOTP_ENCRYPTION_KEYS=old)
+    assert ("the keys in TOTP_ENCRYPTION_KEYS cannot decrypt the stored TOTP secret of device 2 "
+            "(bob@example.com's)") in capsys.readouterr().err
+    db.close()
+
+
 def test_keys_that_cannot_open_the_stored_secrets_give_a_warning_at_start_and_a_503_not_a_500(
         tmp_path, clock, capsys):
     """An operator dropped the key too early (or the instance folder's key was used instead of the

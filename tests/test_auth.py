@@ -1135,20 +1135,21 @@ def test_a_confirmation_sent_again_with_htmx_names_its_next_page_in_a_header_a_s
     assert rows() == before
 
 
-@pytest.mark.parametrize("path", ["/login", "/login/verify"])
+@pytest.mark.parametrize("path", ["/login", "/login/verify", "/signup"])
 def test_a_sign_in_form_sent_from_another_tab_after_signing_in_goes_to_user_settings(actor, app, secret, path):
-    """Two tabs at the sign-in page (or at the code step); the person signs in in the first, then sends the
-    second: its token belongs to the session before the sign-in. It said "Form expired. Reload the page",
-    and reloading sent the form again. A person who is signed in now goes to User Settings; nothing is
-    checked or counted."""
+    """Two tabs at the sign-in page (or at the code step, or at the sign-up page); the person signs in in the
+    first, then sends the second: its token belongs to the session before the sign-in. It said "Form expired.
+    Reload the page", and reloading sent the form again. A person who is signed in now goes to User Settings;
+    nothing is checked, counted or made."""
     actor.user(secret=secret)
     if path == "/login/verify":
         actor.password_step()
     old_token = actor.csrf(path)
-    if path == "/login":
+    if path != "/login/verify":
         actor.password_step()
     assert actor.code_step(actor.code(secret)).headers["Location"] == "/settings"
-    data = {"csrf_token": old_token, "email": "alice@example.com", "password": PASSWORD, "code": "123456"}
+    data = {"csrf_token": old_token, "email": "alice@example.com", "password": PASSWORD, "confirm": PASSWORD,
+            "code": "123456"}
     r = actor.client.post(path, data=data)
     assert r.status_code == 302 and r.headers["Location"] == "/settings"
     page = actor.client.get("/settings")

@@ -315,6 +315,10 @@ def test_a_nul_character_is_refused_and_changes_nothing(app, actor, secret):
 
     r = actor.post_form("/support/contact", {"email": "alice@example.com", "message": "Lost my phone\x00, help"})
     assert r.status_code == 400 and "not allowed (NUL)" in r.get_data(as_text=True)
+    # In a form's own address too (its query), not only in its fields.
+    r = actor.post_form("/support/contact?ref=a%00b", {"email": "alice@example.com", "message": "Lost my phone, help"},
+                        form_url="/support/contact")
+    assert r.status_code == 400 and "not allowed (NUL)" in r.get_data(as_text=True)
     with app.app_context():
         assert SupportRequest.select().count() == 0
     sign_in_admin(actor, secret)
