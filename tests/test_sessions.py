@@ -203,6 +203,30 @@ def test_logging_out_deletes_the_unconfirmed_key_set_up_in_that_session(app, act
         assert ServerSession.select().count() == 0 and PendingEnrolment.select().count() == 0
 
 
+def test_a_set_up_started_just_as_the_session_ends_elsewhere_says_signed_out(app, actor, monkeypatch):
+    """security.md 30: "Set up" pressed at the moment this session is signed out from another browser: by the
+    time the new key would be stored under the session, its row has gone. The answer is the plain 401 page
+    (a title and words a person understands, not Werkzeug's "Unauthorized" text), and no key is stored."""
+    from webapp.models import PendingEnrolment, User
+
+    actor.user()
+    actor.password_step()
+    token = actor.csrf("/settings")
+    lock = User.lock
+
+    def signed_out_meanwhile(user_id):
+        lock(user_id)
+        ServerSession.delete().execute()  # what "Sign out everywhere else" in another browser commits
+
+    monkeypatch.setattr(User, "lock", staticmethod(signed_out_meanwhile))
+    r = actor.client.post("/settings/2fa/start", data={"csrf_token": token})
+    page = text(r)
+    assert r.status_code == 401
+    assert "<h1>Signed out</h1>" in page and "Your session has ended. Sign in again to go on." in page
+    with app.app_context():
+        assert PendingEnrolment.select().count() == 0
+
+
 def test_this_browser_is_not_ended_by_its_handle(app, actor, alice):
     """Ending your own session goes through Log out; the handle of this browser changes nothing."""
     from webapp.settings import session_handle
