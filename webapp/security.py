@@ -18,7 +18,8 @@ from peewee import Case
 from .clock import now, timestamp
 from .db import Param, Prepared, after_commit
 from .models import AuditEvent, KnownBrowser, NetworkCounter
-from .sessions import TOKEN_SHAPE, cookie_attributes, token_hash  # a known browser's token is made and stored like a session's
+# A known browser's token is made and stored like a session's; the client address is the one sessions store.
+from .sessions import TOKEN_SHAPE, client_ip, cookie_attributes, token_hash
 
 log = logging.getLogger("twostep.audit")
 
@@ -246,11 +247,6 @@ def set_known_browser_cookie(response):
         response.set_cookie(known_browser_cookie_name(), token, **cookie_attributes(current_app),
                             max_age=int(current_app.config["KNOWN_BROWSER_TTL"].total_seconds()))
     return response
-
-
-def client_ip():
-    """The client address as seen after ProxyFix (which trusts exactly PROXY_HOPS proxies)."""
-    return (request.remote_addr or "")[:64] if request else None
 
 
 # ---------------------------------------------------------------- per-network limits (anonymous abuse)

@@ -76,6 +76,14 @@ def anonymous_csrf(secret_key, token):
     return hmac.new(key, _ANONYMOUS_CSRF_LABEL + token.encode("ascii"), hashlib.sha256).hexdigest()
 
 
+def client_ip():
+    """The client address as seen after ProxyFix (which trusts exactly PROXY_HOPS proxies), cut to the 64
+    characters that session rows, audit records and counters keep: behind a PROXY_HOPS that counts one hop
+    too many the client writes it (X-Forwarded-For), and PostgreSQL refused a longer one (a 500 at every
+    sign-in)."""
+    return (request.remote_addr or "")[:64] if request else None
+
+
 class DbSession(CallbackDict, SessionMixin):
     """Session data with the token and row it came from."""
 
@@ -226,10 +234,7 @@ class DbSessionInterface(SessionInterface):
             session.derived_csrf = None
             values = dict(id=token_hash(session.token), user=int(user_id) if user_id else None,
                           data=json.dumps(dict(session)), created_at=current, last_seen_at=current,
-                          # cut to the column, as security.client_ip does for audit records and counters:
-                          # behind a PROXY_HOPS that counts one hop too many, the client writes this address
-                          # (X-Forwarded-For), and PostgreSQL refused a longer one (a 500 at every sign-in)
-                          ip=request.remote_addr[:64] if request.remote_addr else None,
+                          ip=client_ip() or None,
                           user_agent=(request.user_agent.string or "")[:200])
             _INSERT.execute(**values)
             session.row = loaded(ServerSession, values)
