@@ -1156,6 +1156,9 @@ def test_a_sign_in_form_sent_from_another_tab_after_signing_in_goes_to_user_sett
     assert page.status_code == 200
     assert "You are already signed in as alice@example.com. To use another account, log out first." in page.get_data(
         as_text=True)
+    # The same form sent by htmx: told to load User Settings as a whole page (a 302 would be swapped into it).
+    r = actor.client.post(path, data=data, headers={"HX-Request": "true"})
+    assert r.headers["HX-Redirect"] == "/settings" and "Location" not in r.headers
     row = user_row(app)
     assert (row.code_failures, row.password_failures) == (0, 0)
 
