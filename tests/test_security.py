@@ -392,6 +392,30 @@ def test_links_are_built_under_the_root_each_request_came_in_at(app, actor):
     assert not any(link.startswith("/twostep") for link in at_root)
 
 
+def test_an_unexpected_error_gives_the_plain_500_page(app, actor, monkeypatch):
+    """A bug (an exception no handler expects) gives a plain 500 page in words, never a traceback; its request's
+    transaction has rolled back, so "Nothing was changed". Through htmx the page reloads itself (HX-Refresh)
+    and no message is stored for that reload: it shows the page as it is (a 5xx carries no message)."""
+    import webapp.settings
+
+    def broken(user):
+        raise RuntimeError("a bug: Traceback of secrets")
+
+    app.config["PROPAGATE_EXCEPTIONS"] = False  # as in production (tests re-raise by default)
+    actor.user()
+    actor.password_step()  # signed in: a session with a row, where a message could be stored
+    monkeypatch.setattr(webapp.settings, "_row_context", broken)
+    r = actor.client.get("/settings")
+    page = r.get_data(as_text=True)
+    assert r.status_code == 500 and "<h1>Something went wrong</h1>" in page
+    assert "An unexpected error occurred. Nothing was changed." in page and "a bug" not in page
+    r = actor.client.get("/settings", headers={"HX-Request": "true"})
+    assert r.status_code == 500 and r.headers["HX-Refresh"] == "true"
+    monkeypatch.undo()
+    page = actor.client.get("/settings").get_data(as_text=True)
+    assert "<h1>User Settings</h1>" in page and "unexpected error" not in page
+
+
 def test_error_pages_speak_plainly(actor, secret):
     """An error page without words of its own (a mistyped address, a page for admins, a GET to a form's
     address) says what happened in plain words, not Werkzeug's ("read-protected or not readable by the
