@@ -276,6 +276,7 @@ def test_an_id_too_large_for_the_database_is_a_404(actor, secret):
     assert r.status_code == 404
     assert actor.client.get(f"/support/users/{huge}/disable-2fa").status_code == 404
     assert actor.client.get(f"/support/users/{2**63 - 1}/disable-2fa").status_code == 404  # largest id: no row
+    assert actor.client.get(f"/support/users/{2**63}/disable-2fa").status_code == 404  # 19 digits, one past it
     assert actor.client.post(f"/support/users/{huge}/disable-2fa", data={"csrf_token": token}).status_code == 404
 
 
