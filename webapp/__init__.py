@@ -446,14 +446,12 @@ def _refuse_nul_characters():
     # The form only where Flask-WTF reads one (POST, PUT, PATCH, DELETE): building an empty one for every
     # page view cost ~2 % of a User Settings request.
     sources = (request.args, request.form) if request.method in SUBMIT_METHODS else (request.args,)
-    for values in sources:
-        # Every value of a repeated name too, not only the first one that the views read.
-        if any("\x00" in value for listed in values.listvalues() for value in listed):
-            raise BadRequest("The request contained a character that is not allowed (NUL). Nothing was changed.")
-    # And the two headers that are stored: the User-Agent (a new session's row) and the client address, which
-    # ProxyFix takes from X-Forwarded-For (session rows, audit records, per-network counters). gunicorn refuses
-    # a header with NUL itself; a server that passed one on made a sign-in on PostgreSQL end in a 500.
-    if "\x00" in request.headers.get("User-Agent", "") or "\x00" in (request.remote_addr or ""):
+    # Every value of a repeated name too, not only the first one that the views read. And the two headers
+    # that are stored: the User-Agent (a new session's row) and the client address, which ProxyFix takes from
+    # X-Forwarded-For (session rows, audit records, per-network counters). gunicorn refuses a header with NUL
+    # itself; a server that passed one on made a sign-in on PostgreSQL end in a 500.
+    if (any("\x00" in value for values in sources for listed in values.listvalues() for value in listed)
+            or "\x00" in request.headers.get("User-Agent", "") or "\x00" in (request.remote_addr or "")):
         raise BadRequest("The request contained a character that is not allowed (NUL). Nothing was changed.")
 
 

@@ -242,7 +242,7 @@ class DbSessionInterface(SessionInterface):
                 if session.keep_enrolment:
                     _MOVE_ENROLMENTS.execute(new=values["id"], old=old.id)
                 _DELETE.execute(id=old.id)
-        elif session.modified or current - session.row.last_seen_at > TOUCH_INTERVAL:
+        elif _row_due(session, current):
             updated = _UPDATE.execute(data=json.dumps(dict(session)), last_seen_at=current,
                                       user=int(user_id) if user_id else None, id=session.row.id)
             if not updated:
@@ -290,19 +290,25 @@ def write_session_now():
     return outcome
 
 
+def _row_due(session, current):
+    """Whether saving this session (it has a row) writes the row: it changed, or TOUCH_INTERVAL has passed
+    since last_seen_at was written. _write decides by it, and time_left foresees the save by it."""
+    return session.modified or current - session.row.last_seen_at > TOUCH_INTERVAL
+
+
 def time_left(session, config, saved=False):
     """Whole seconds until this session ends by itself if no other request comes: (idle, absolute). Idle
     counts from last_seen_at as this request leaves it and is never past the absolute end; before the save
-    (a page being made), whether the save will write it is foreseen as _write decides it (the session
-    changed, or TOUCH_INTERVAL has passed; a change made after the page is made writes it too, and the page
-    then says up to a minute less than there is). Rounded down: never more than the server gives."""
+    (a page being made), whether the save will write it is foreseen by _row_due, as _write decides it (a
+    change made after the page is made writes it too, and the page then says up to a minute less than there
+    is). Rounded down: never more than the server gives."""
     current = now()
     row = session.row
     if row is None:  # its row is written with this response
         last = created = current
     else:
         created, last = row.created_at, row.last_seen_at
-        if not saved and (session.modified or current - last > TOUCH_INTERVAL):
+        if not saved and _row_due(session, current):
             last = current
     absolute = created + config["SESSION_ABSOLUTE_TIMEOUT"] - current
     idle = min(last + config["SESSION_IDLE_TIMEOUT"] - current, absolute)
