@@ -1,17 +1,26 @@
 """Operator commands: flask --app wsgi users ..., networks ..., keys rotate, audit export and purge-expired."""
 import ipaddress
+import json
 import re
+from urllib.parse import urlsplit
 
 import click
+from email_validator import EmailNotValidError, validate_email
+from flask import current_app
 from flask.cli import AppGroup, with_appcontext
 from peewee import JOIN
 
 from .clock import now
+from .config import keys_source
 from .db import for_update, write_transaction
-from .models import (Device, KnownBrowser, NetworkCounter, PendingEnrolment, User, lookalike_problem,
+from .models import (AuditEvent, Device, KnownBrowser, NetworkCounter, PendingEnrolment, User, lookalike_problem,
                      normalise_email)
+from .models import purge_expired as purge
 from .security import (NETWORK_LIMITS, PASSWORD_MAX, PASSWORD_MIN, audit, client_network, client_network_48,
-                       end_code_steps, hash_password, network_limit, replace_password, revoke_second_factor)
+                       end_code_steps, hash_password, is_lock, network_limit, replace_password,
+                       revoke_second_factor)
+from .support import detail_text, event_text
+from .totp import SecretError, reencrypt_secret
 from .sessions import end_user_sessions
 
 users = AppGroup("users", help="Manage accounts.")
@@ -44,8 +53,6 @@ def _check_password(password):
 @click.option("--admin", is_flag=True, help="Give the account access to the Support page.")
 def create_user(email, password, admin):
     """Create an account."""
-    from email_validator import EmailNotValidError, validate_email
-
     email = email.strip()  # as the other commands and the sign-in form take it
     try:
         validate_email(email, check_deliverability=False)
@@ -65,8 +72,6 @@ def create_user(email, password, admin):
 def _wait_words(until, counted, current):
     """'locked until ... UTC' while a throttle's wait runs ('paused' during the short waits after the first
     failures, as the sign-in pages tell them apart: security.backoff), or None when there is no wait left."""
-    from .security import is_lock
-
     if until is None or until <= current:
         return None
     word = "locked" if is_lock(counted) else "paused"
@@ -76,8 +81,6 @@ def _wait_words(until, counted, current):
 def _counted_browsers(current, user=None):
     """The live known browsers (those a sign-in still consults) that count wrong passwords of their own, of
     `user` or of everyone; a browser past KNOWN_BROWSER_TTL is no longer consulted, whatever it counted."""
-    from flask import current_app
-
     query = KnownBrowser.select().where(
         (KnownBrowser.last_used_at > current - current_app.config["KNOWN_BROWSER_TTL"])
         & ((KnownBrowser.password_failures > 0) | KnownBrowser.password_locked_until.is_null(False)))
@@ -140,10 +143,6 @@ def list_users():
 def _database_name():
     """The database this command used, without a password: listing nothing from the wrong one is easy to
     miss (without DATABASE_URL, a command uses the development instance's SQLite file)."""
-    from urllib.parse import urlsplit
-
-    from flask import current_app
-
     url = current_app.config["DATABASE_URL"]
     netloc = urlsplit(url).netloc
     scheme, sep, rest = url.partition("://")
@@ -332,9 +331,6 @@ def _lifted(key, until, current):
               help="How many events, newest first (1 to 10000).")
 def activity(email, limit):
     """Show an account's recent security events in plain words (read-only, like the audit log page)."""
-    from .models import AuditEvent
-    from .support import detail_text, event_text
-
     user = _get_user(email)
     query = list(AuditEvent.select().where((AuditEvent.user == user) | (AuditEvent.actor == user))
                  .order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc()).limit(limit))
@@ -359,13 +355,6 @@ def activity(email, limit):
 def rotate_keys():
     """Re-encrypt every stored TOTP secret with the first key in TOTP_ENCRYPTION_KEYS (under `make run`, the
     first key in instance/totp_keys)."""
-    from .models import PendingEnrolment
-    from .totp import SecretError, reencrypt_secret
-
-    from flask import current_app
-
-    from .config import keys_source
-
     count = 0
     # All or nothing: a secret that no key opens leaves every secret as it was. BEGIN IMMEDIATE on SQLite: a
     # deferred transaction that read first could not start writing while the app's sign-ins write.
@@ -461,11 +450,6 @@ def purge_expired():
     """Delete expired sessions, sign-in challenges, pending enrolments, known browsers unused for their
     lifetime and per-network counters whose hour is over (the app also does this by itself every
     PURGE_INTERVAL; safe to run from cron as well)."""
-    from flask import current_app
-
-    from .clock import now
-    from .models import purge_expired as purge
-
     sessions, challenges, enrolments, browsers, counters = purge(current_app.config, now())
     click.echo(f"deleted {sessions} session(s), {challenges} sign-in challenge(s), "
                f"{enrolments} pending enrolment(s), {browsers} known browser(s), "
@@ -481,10 +465,6 @@ def export_audit(since, after_id):
     """Write audit records as JSON lines, oldest first, for a log archive or a SIEM (read-only): id, time
     (UTC), kind, the person's and the actor's address, the client address and the details, as stored (they
     never hold a code, secret or password: security.audit refuses them)."""
-    import json
-
-    from .models import AuditEvent
-
     person, actor = User.alias(), User.alias()
     query = (AuditEvent.select(AuditEvent.id, AuditEvent.created_at, AuditEvent.kind, AuditEvent.ip,
                                AuditEvent.detail, person.email.alias("user_email"),
