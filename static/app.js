@@ -159,6 +159,13 @@
   if (!box) return;
   var form = box.querySelector("form");
   var main = document.getElementById("main");
+  // Where the form goes back to when it is sent without htmx (its script did not load): this page, which the
+  // server takes only if it is one of its own (safe_next); without it, User Settings.
+  var next = document.createElement("input");
+  next.type = "hidden";
+  next.name = "next";
+  next.value = location.pathname + location.search;
+  form.append(next);
   var ends = 0, absoluteEnds = 0, shown = "", timer = null, back = null;
 
   function learn(left, absoluteLeft) {

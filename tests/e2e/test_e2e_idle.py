@@ -112,3 +112,22 @@ def test_near_the_twelve_hours_the_warning_says_it_cannot_be_extended(page, serv
     page.clock.fast_forward("02:00")
     expect(alert_saying(page, "You were signed out: a session ends 12 hours after signing in. Log in again.")
            ).to_be_visible()
+
+
+def test_without_htmx_stay_signed_in_comes_back_to_the_same_page(page, server):
+    """htmx did not load (app.js did): the button is a plain form post, which moves the end on and comes back
+    to the page the person was on, not to User Settings."""
+    server.user("lea@example.com")
+    page.route(lambda url: url.endswith("/htmx.min.js"), lambda route: route.abort())
+    page.clock.install()
+    log_in(page, "lea@example.com")
+    expect_signed_in(page)
+    follow(page, page.get_by_role("link", name="Change password", exact=True))
+    before = session_row(server).last_seen_at
+
+    page.clock.fast_forward("28:05")
+    expect(alert_saying(page, WARNING)).to_be_visible()
+    follow(page, page.get_by_role("button", name="Stay signed in", exact=True))
+    expect(page.get_by_role("heading", name="Change password", level=1)).to_be_visible()
+    assert page.url.endswith("/settings/password")
+    assert session_row(server).last_seen_at > before
