@@ -1816,6 +1816,32 @@ def test_clearing_an_ipv6_address_takes_its_64_and_48_and_can_keep_to_one_limit(
         assert AuditEvent.select().where(AuditEvent.kind == "network_count_cleared").count() == 4
 
 
+def test_clearing_a_network_takes_every_count_within_it(app, clock):
+    """An office's /24 or a site's /48, typed as a network: each IPv4 address counted in it goes, and the /48
+    with its /64s; addresses just outside, the other IP version and a proxy's odd header stay."""
+    _count(app, clock, "failed-sign-ins", "203.0.113.7", 40)
+    _count(app, clock, "sign-ups", "203.0.113.200", 3)
+    _count(app, clock, "failed-sign-ins", "203.0.114.1", 9)  # the next /24
+    _count(app, clock, "failed-sign-ins", "unknown", 2)  # a proxy's header that is no address, counted as it came
+    _count(app, clock, "failed-sign-ins", "2001:db8:1:2::/64", 5)
+    _count(app, clock, "contact-48", "2001:db8:1::/48", 30)
+    _count(app, clock, "failed-sign-ins", "2001:db8:2::/64", 6)  # another /48
+
+    code, output = _networks(app, "clear", "203.0.113.0/24")
+    assert code == 0 and output.splitlines() == ["cleared 203.0.113.7  failed-sign-ins  (40 counted)",
+                                                 "cleared 203.0.113.200  sign-ups  (3 counted)"]
+    assert _networks(app, "clear", "2001:db8:1::/48", "--limit", "failed-sign-ins") == (
+        0, "cleared 2001:db8:1:2::/64  failed-sign-ins  (5 counted)\n")
+    assert _networks(app, "clear", "2001:db8:1:0:1::/48") == (0, "cleared 2001:db8:1::/48  contact-48  (30 counted)\n")
+    assert _networks(app, "clear", "198.51.100.0/24") == (
+        0, "nothing counted this hour within 198.51.100.0/24; nothing changed\n")
+    assert _networks(app, "clear", "::/0") == (0, "cleared 2001:db8:2::/64  failed-sign-ins  (6 counted)\n")
+    assert _counted(app, "failed-sign-ins", "203.0.114.1") == 9
+    assert _counted(app, "failed-sign-ins", "unknown") == 2
+    with app.app_context():
+        assert AuditEvent.select().where(AuditEvent.kind == "network_count_cleared").count() == 5
+
+
 def test_networks_list_says_when_a_limit_was_turned_off_after_it_counted(app, clock, monkeypatch):
     """A limit turned off (set to 0) within the hour no longer refuses anyone: `networks list` says so of
     what it counted before, instead of calling the network full."""

@@ -405,17 +405,25 @@ def list_networks():
 
 
 def _networks_of(text):
-    """The networks counted for `text`: an IP address (its /64 and /48 when IPv6) or a network as `networks
-    list` shows it; a UsageError for anything else."""
+    """What `networks clear` takes for `text`: (the counted networks of an IP address: its /64 and /48 when
+    IPv6, None) or (None, the network typed). A UsageError for anything else."""
     text = text.strip()
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
         try:
-            return {str(ipaddress.ip_network(text, strict=False))}
+            return None, ipaddress.ip_network(text, strict=False)
         except ValueError:
             raise click.UsageError(f"{text!r} is not an IP address or network (203.0.113.7, 2001:db8:1:2::/64)")
-    return {client_network(str(address)), client_network_48(str(address))} - {None}
+    return {client_network(str(address)), client_network_48(str(address))} - {None}, None
+
+
+def _inside(stored, network):
+    """Whether a counted network (an IPv4 address, an IPv6 /64 or /48) lies within `network`."""
+    try:
+        return ipaddress.ip_network(stored, strict=False).subnet_of(network)
+    except (ValueError, TypeError):  # a proxy's odd header counted as it came; the other IP version
+        return False
 
 
 @networks.command("clear")
@@ -423,18 +431,23 @@ def _networks_of(text):
 @click.option("--limit", "purpose", type=click.Choice(sorted(NETWORK_LIMITS)),
               help="Only this limit's count (all of them when left out).")
 def clear_network(address, purpose):
-    """Let a network in again at once: delete what the per-network limits counted for ADDRESS this hour (an IP
-    address, for an IPv6 one its /64 and its /48, or a network as `networks list` shows it). For an office or
-    a carrier behind one address that a stranger's guesses filled; a limit that keeps filling is better raised
-    (FAILED_SIGNINS_PER_HOUR, SIGNUPS_PER_HOUR) or turned off. Audited (network_count_cleared)."""
-    wanted = _networks_of(address)
+    """Let a network in again at once: delete what the per-network limits counted for ADDRESS this hour. An
+    IP address clears what its client was counted under (for IPv6 its /64 and its /48); a network clears
+    every count within it (203.0.113.0/24: each address counted in it; a /48: it and its /64s). For an
+    office or a carrier behind one address that a stranger's guesses filled; a limit that keeps filling is
+    better raised (FAILED_SIGNINS_PER_HOUR, SIGNUPS_PER_HOUR) or turned off. Audited (network_count_cleared)."""
+    exact, network = _networks_of(address)
     with write_transaction():
-        query = _counted_now(now()).where(NetworkCounter.network.in_(sorted(wanted)))
+        query = _counted_now(now())
+        if exact:
+            query = query.where(NetworkCounter.network.in_(sorted(exact)))
         if purpose:
             query = query.where(NetworkCounter.purpose == purpose)
-        rows = list(for_update(query.order_by(NetworkCounter.purpose, NetworkCounter.network)))
+        rows = [row for row in for_update(query.order_by(NetworkCounter.purpose, NetworkCounter.network))
+                if network is None or _inside(row.network, network)]
         if not rows:
-            click.echo(f"nothing counted this hour for {', '.join(sorted(wanted))}; nothing changed")
+            where = f"for {', '.join(sorted(exact))}" if exact else f"within {network}"
+            click.echo(f"nothing counted this hour {where}; nothing changed")
             return
         NetworkCounter.delete().where(NetworkCounter.id.in_([r.id for r in rows])).execute()
         for row in rows:
