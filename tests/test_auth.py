@@ -1842,6 +1842,24 @@ def test_clearing_a_network_takes_every_count_within_it(app, clock):
         assert AuditEvent.select().where(AuditEvent.kind == "network_count_cleared").count() == 5
 
 
+def test_a_client_address_that_is_no_address_can_be_cleared_as_the_list_shows_it(app, actor, clock, monkeypatch):
+    """A proxy that sends "unknown" as the client address makes every visitor one client, counted under that
+    text: `networks list` shows it, and `networks clear unknown` must let them all in again (it was refused as
+    no IP address, and the whole site waited for the end of the hour)."""
+    monkeypatch.setitem(app.config, "FAILED_SIGNINS_PER_HOUR", 2)
+    actor.user()
+    for _ in range(2):
+        actor.post_form("/login", {"email": "nobody@example.com", "password": SPRAYED}, **_from("unknown"))
+    assert actor.post_form("/login", {"email": "alice@example.com", "password": PASSWORD},
+                           **_from("unknown")).status_code == 429
+    assert _networks(app, "list")[1].startswith("unknown  failed-sign-ins  2 of 2  full")
+
+    assert _networks(app, "clear", " unknown ") == (0, "cleared unknown  failed-sign-ins  (2 counted)\n")
+    assert _counted(app, "failed-sign-ins", "unknown") == 0
+    r = actor.post_form("/login", {"email": "alice@example.com", "password": PASSWORD}, **_from("unknown"))
+    assert (r.status_code, r.headers["Location"]) == (302, "/settings")
+
+
 def test_networks_list_says_when_a_limit_was_turned_off_after_it_counted(app, clock, monkeypatch):
     """A limit turned off (set to 0) within the hour no longer refuses anyone: `networks list` says so of
     what it counted before, instead of calling the network full."""
@@ -1852,7 +1870,8 @@ def test_networks_list_says_when_a_limit_was_turned_off_after_it_counted(app, cl
 
 @pytest.mark.parametrize("address, message", [
     ("203.0.113.7", "nothing counted this hour for 203.0.113.7; nothing changed"),
-    ("office printer", "'office printer' is not an IP address or network"),
+    ("office printer", "'office printer' is not an IP address or network (203.0.113.7, 2001:db8:1:2::/64), nor "
+                       "anything else `networks list` shows this hour"),
     ("10.0.0.300", "'10.0.0.300' is not an IP address or network"),
 ])
 def test_clearing_a_network_with_nothing_counted_or_no_address_changes_nothing(app, clock, address, message):

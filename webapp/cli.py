@@ -406,16 +406,17 @@ def list_networks():
 
 def _networks_of(text):
     """What `networks clear` takes for `text`: (the counted networks of an IP address: its /64 and /48 when
-    IPv6, None) or (None, the network typed). A UsageError for anything else."""
+    IPv6, None, False), (None, the network typed, False), or, for anything else, ({text}, None, True): a client
+    address that is no address (a proxy's "unknown") is counted as it came, and `networks list` shows it so."""
     text = text.strip()
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
         try:
-            return None, ipaddress.ip_network(text, strict=False)
+            return None, ipaddress.ip_network(text, strict=False), False
         except ValueError:
-            raise click.UsageError(f"{text!r} is not an IP address or network (203.0.113.7, 2001:db8:1:2::/64)")
-    return {client_network(str(address)), client_network_48(str(address))} - {None}, None
+            return {text}, None, True
+    return {client_network(str(address)), client_network_48(str(address))} - {None}, None, False
 
 
 def _inside(stored, network):
@@ -436,7 +437,7 @@ def clear_network(address, purpose):
     every count within it (203.0.113.0/24: each address counted in it; a /48: it and its /64s). For an
     office or a carrier behind one address that a stranger's guesses filled; a limit that keeps filling is
     better raised (FAILED_SIGNINS_PER_HOUR, SIGNUPS_PER_HOUR) or turned off. Audited (network_count_cleared)."""
-    exact, network = _networks_of(address)
+    exact, network, literal = _networks_of(address)
     with write_transaction():
         query = _counted_now(now())
         if exact:
@@ -445,6 +446,9 @@ def clear_network(address, purpose):
             query = query.where(NetworkCounter.purpose == purpose)
         rows = [row for row in for_update(query.order_by(NetworkCounter.purpose, NetworkCounter.network))
                 if network is None or _inside(row.network, network)]
+        if not rows and literal:
+            raise click.UsageError(f"{address.strip()!r} is not an IP address or network (203.0.113.7, "
+                                   "2001:db8:1:2::/64), nor anything else `networks list` shows this hour")
         if not rows:
             where = f"for {', '.join(sorted(exact))}" if exact else f"within {network}"
             click.echo(f"nothing counted this hour {where}; nothing changed")
