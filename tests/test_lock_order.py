@@ -385,6 +385,30 @@ def test_revoking_an_admin_waits_for_every_admins_row_before_counting_the_others
         assert [u.email for u in User.select().where(User.is_admin)] == ["second-admin@example.com"]
 
 
+def test_disabling_an_admin_waits_for_every_admins_row_before_counting_the_others(app, actor):
+    """`users disable` refuses to leave no admin whose account is in use, counting the other admins after it
+    holds every admin's row (in id order, as promote --revoke takes them). Found by mutation testing: without
+    that lock no test failed. It then held only its own target's row, so `users disable` of the last two
+    admins at once each still saw the other one in use and left none: nobody could open the Support page
+    (security.md 41). Here the other admin is disabled, holding their row, while the command waits: it is
+    then refused, and the first admin stays in use (security.md 20)."""
+    from webapp.models import AuditEvent
+
+    first = actor.user("first-admin@example.com", admin=True)
+    second = actor.user("second-admin@example.com", admin=True)
+
+    blocked, _, outcome = look_while_person_held(
+        second.id, lambda: flask_users(app, "disable", "first-admin@example.com"),
+        committing("""UPDATE "user" SET disabled_at = (now() AT TIME ZONE 'UTC') WHERE id = %s""", second.id))
+
+    assert blocked
+    assert outcome.exit_code == 1, outcome.output
+    assert "first-admin@example.com is the only admin whose account is not disabled" in outcome.output
+    with app.app_context():
+        assert User.get_by_id(first.id).disabled_at is None
+        assert not AuditEvent.select().where(AuditEvent.kind == "account_disabled").exists()
+
+
 def test_users_disable_takes_the_person_before_their_sessions_and_sign_ins(app, actor, secret, clock):
     """`users disable` ends the person's sessions, half-finished sign-ins and pending keys holding the
     person's row first, as the code step and every other change to them do (security.md 20)."""
