@@ -7,8 +7,10 @@ step: 9 of 250) (security.md 20).
 Each test holds the person's row from a connection of its own, starts the action in a thread, waits until
 PostgreSQL reports the action blocked by that connection, and then checks that the action has touched none
 of the person's other rows yet: each is still there, and NOWAIT can lock it (it could not if the action
-had updated or deleted it without committing). On SQLite the whole
-database is one writer lock (BEGIN IMMEDIATE), so the order cannot deadlock there: these run on PostgreSQL.
+had updated or deleted it without committing). A few hold another row instead (the wizard's pending key), or
+pause the action inside its own transaction and send a second request meanwhile (a_wrong_code_counted_while).
+On SQLite the whole database is one writer lock (BEGIN IMMEDIATE), so the order cannot deadlock there: these
+run on PostgreSQL.
 """
 import os
 import threading
@@ -24,30 +26,37 @@ pytestmark = pytest.mark.skipif(not (os.environ.get("TEST_DATABASE_URL") or "").
                                 reason="PostgreSQL only: SQLite has one lock for the whole database")
 
 
-class PersonHeld:
-    """The person's row, held FOR UPDATE from a separate connection until `release()`."""
+def wait_for_blocked_by(conn, pid, thread, timeout=20):
+    """Whether some backend ends up waiting for a lock the backend `pid` holds while `thread` runs (`conn`, a
+    connection of the test's own, asks PostgreSQL)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        # pg_stat_activity is read once per transaction unless the snapshot is dropped
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        blocked = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+                               (pid,)).fetchone()[0]
+        if blocked:
+            return True
+        if not thread.is_alive():
+            return False  # it finished without ever needing that lock
+        time.sleep(0.02)
+    return False
 
-    def __init__(self, user_id):
+
+class PersonHeld:
+    """The person's row (or another `table`'s row of that id), held FOR UPDATE from a separate connection until
+    `release()`."""
+
+    def __init__(self, user_id, table="user"):
         import psycopg
 
         self.conn = psycopg.connect(os.environ["TEST_DATABASE_URL"])
-        self.conn.execute('SELECT id FROM "user" WHERE id = %s FOR UPDATE', (user_id,))
+        self.conn.execute(f'SELECT id FROM "{table}" WHERE id = %s FOR UPDATE', (user_id,))
         self.pid = self.conn.execute("SELECT pg_backend_pid()").fetchone()[0]
 
     def wait_for_blocked(self, thread, timeout=20):
         """Whether some backend ends up waiting for this connection's lock while `thread` runs."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            # pg_stat_activity is read once per transaction unless the snapshot is dropped
-            self.conn.execute("SELECT pg_stat_clear_snapshot()")
-            blocked = self.conn.execute("SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
-                                        (self.pid,)).fetchone()[0]
-            if blocked:
-                return True
-            if not thread.is_alive():
-                return False  # it finished without ever needing the person's row
-            time.sleep(0.02)
-        return False
+        return wait_for_blocked_by(self.conn, self.pid, thread, timeout)
 
     def row_untouched(self, table, row_id):
         """Whether this row is still there and no other transaction holds it (none has updated or deleted it,
@@ -68,10 +77,10 @@ class PersonHeld:
         self.conn.close()
 
 
-def look_while_person_held(user_id, action, look):
-    """Run `action` in a thread while the person's row is held; once it waits, `look(held)` reads what it has
-    done so far. Returns (blocked first, what look found, the action's result)."""
-    held = PersonHeld(user_id)
+def look_while_person_held(user_id, action, look, table="user"):
+    """Run `action` in a thread while the person's row (or `table`'s row of that id) is held; once it waits,
+    `look(held)` reads what it has done so far. Returns (blocked first, what look found, the action's result)."""
+    held = PersonHeld(user_id, table)
     result = {}
     thread = threading.Thread(target=lambda: result.setdefault("value", action()), daemon=True)
     try:
@@ -649,3 +658,148 @@ def test_changing_the_password_reads_the_current_one_under_the_persons_row(app, 
     with app.app_context():
         assert User.get_by_id(user.id).password_hash == operators
         assert not AuditEvent.select().where(AuditEvent.kind == "password_changed").exists()
+
+
+def test_complete_activation_reads_the_pending_key_under_its_row(app, actor, clock):
+    """Complete Activation makes the device from the pending key as it is once it holds the key's row
+    (settings.complete: FOR UPDATE after the person's row), last_step the newest step the wizard accepted.
+    Found by mutation testing: with a plain read in its place no test failed. A code step does not take the
+    person's row: it writes the key's verified_step alone, so a newer code accepted meanwhile (sent again from
+    another tab of the same session) went unseen: Complete Activation, reading first and waiting only at its
+    DELETE of the person's keys, stored the older step, and that newer code, shown by the wizard as accepted,
+    then signed in once more (security.md 16: each code once). Here it is accepted while Complete Activation
+    waits for the key's row: the device's last step is the newer one, and its code is refused at sign-in
+    (security.md 20)."""
+    from webapp.totp import step_at
+
+    from .test_wizard import Wizard, logout, signed_in, text
+
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.start()
+    assert 'data-step="name"' in text(w.submit_code())
+    with app.app_context():
+        [pending] = PendingEnrolment.select().where(PendingEnrolment.user == user.id)
+    newer = step_at(clock.t) + 1  # the next step's code, as verify_code keeps it (the newest step accepted)
+
+    blocked, _, response = look_while_person_held(
+        pending.id, w.complete,
+        committing('UPDATE "pendingenrolment" SET verified_step = %s WHERE id = %s', newer, pending.id),
+        table="pendingenrolment")
+
+    assert blocked
+    assert response.status_code == 200 and 'data-step="done"' in text(response)
+    with app.app_context():
+        [device] = Device.select().where(Device.user == user.id)
+        assert device.last_step == newer
+    logout(actor)
+    actor.password_step()
+    replay = actor.code_step(w.code_now(offset_steps=1))
+    assert replay.status_code == 200 and "That code is not valid" in text(replay)
+
+
+def a_wrong_wizard_code(wizard):
+    """A code the wizard's key gives at no step near now."""
+    near = {wizard.code_now(offset_steps=k) for k in range(-3, 4)}
+    return next(c for c in ("123456", "654321", "111111") if c not in near)
+
+
+def a_wrong_code_counted_while(app, actor, wizard, monkeypatch, other):
+    """Send a wrong code in the wizard. Once its count is written (verify_code's UPDATE), before it reads the
+    count back, `other(tab)` runs in a thread from another tab of the same session (a test client with this
+    one's cookie); the count goes on once `other` waits for a lock the count's transaction holds, or has
+    finished. Returns (`other` waited for it, the wrong code's answer, what `other` returned)."""
+    import psycopg
+
+    from webapp.db import db
+
+    read_back = PendingEnrolment.get_or_none.__func__
+    tab = app.test_client()
+    tab.set_cookie(app.session_interface.get_cookie_name(app), actor.session_cookie())
+    seen = {}
+
+    def counted_then_other(cls, *args, **kwargs):
+        if "thread" not in seen:  # the wrong code's own read; `other`'s reads go straight on
+            pid = db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+            seen["thread"] = threading.Thread(target=lambda: seen.setdefault("result", other(tab)), daemon=True)
+            seen["thread"].start()
+            with psycopg.connect(os.environ["TEST_DATABASE_URL"]) as watcher:
+                seen["blocked"] = wait_for_blocked_by(watcher, pid, seen["thread"])
+        return read_back(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PendingEnrolment, "get_or_none", classmethod(counted_then_other))
+    response = wizard.submit_code(a_wrong_wizard_code(wizard))
+    seen["thread"].join(30)
+    assert not seen["thread"].is_alive(), "the other tab's request did not finish once the count was committed"
+    return seen["blocked"], response, seen.get("result")
+
+
+def test_two_wrong_wizard_codes_at_once_are_each_counted_as_their_own(app, actor, monkeypatch):
+    """verify_code counts a wrong code against the pending key (failures + 1), reads the count back and
+    discards the key at the fifth, in one write transaction: its UPDATE holds the key's row until the count
+    is read and acted on. Found by mutation testing: without that transaction no test failed. Each statement
+    then committed alone, and a wrong code sent meanwhile from another tab counted on top before the first
+    read its count back: the fourth wrong code was answered "Too many wrong codes" and recorded as the fifth,
+    and the audit log said 5 twice. Here after three wrong codes a fourth is sent, and a fifth from another
+    tab while the fourth is counted: the fifth waits; both are counted, each recorded with its own number,
+    the fourth answered at the code step and the fifth discarding the key, once (security.md 18, 20)."""
+    from webapp.models import AuditEvent
+
+    from .test_wizard import HX, Wizard, signed_in, text
+
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.start()
+    wrong = a_wrong_wizard_code(w)
+    for _ in range(3):
+        assert 'data-step="code"' in text(w.submit_code(wrong))
+
+    blocked, fourth, fifth = a_wrong_code_counted_while(
+        app, actor, w, monkeypatch,
+        lambda tab: tab.post("/settings/2fa/code", data={"csrf_token": w.csrf(), "code": wrong}, headers=HX))
+
+    assert blocked
+    assert 'data-step="code"' in text(fourth) and "That code does not match" in text(fourth)
+    assert 'data-step="expired"' in text(fifth) and "Too many wrong codes" in text(fifth)
+    with app.app_context():
+        events = AuditEvent.select().where(AuditEvent.user == user.id)
+        assert sorted(e.details["failures"] for e in events if e.kind == "tfa_enrolment_code_rejected") == [
+            1, 2, 3, 4, 5]
+        assert [e.kind for e in events].count("tfa_enrolment_discarded") == 1
+        assert not PendingEnrolment.select().where(PendingEnrolment.user == user.id).exists()
+
+
+def test_a_right_wizard_code_sent_while_the_fifth_wrong_one_is_counted_finds_the_key_discarded(app, actor,
+                                                                                               monkeypatch):
+    """The pending key takes five wrong codes, then is gone (security.md 18): the fifth's count and the
+    discard are one write transaction in verify_code, holding the key's row. Found by mutation testing:
+    without that transaction no test failed. The fifth's count then committed alone before the key was
+    deleted, and the right code sent meanwhile from another tab was accepted against a key already at its
+    limit, and Complete Activation made a device from it. Here the right code and Complete Activation are
+    sent from another tab while the fifth wrong code is counted: the right code waits for that count, then
+    finds the key discarded; no device, no accepted code, the discard recorded once (security.md 20)."""
+    from webapp.models import AuditEvent
+
+    from .test_wizard import HX, Wizard, signed_in, text
+
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.start()
+    for _ in range(4):
+        assert 'data-step="code"' in text(w.submit_code(a_wrong_wizard_code(w)))
+
+    def right_code_then_complete(tab):
+        code = tab.post("/settings/2fa/code", data={"csrf_token": w.csrf(), "code": w.code_now()}, headers=HX)
+        complete = tab.post("/settings/2fa/complete", data={"csrf_token": w.csrf(), "name": "Phone"}, headers=HX)
+        return code, complete
+
+    blocked, fifth, (code, complete) = a_wrong_code_counted_while(app, actor, w, monkeypatch,
+                                                                  right_code_then_complete)
+
+    assert blocked
+    assert 'data-step="expired"' in text(fifth) and "Too many wrong codes" in text(fifth)
+    assert 'data-step="expired"' in text(code) and 'data-step="expired"' in text(complete)
+    with app.app_context():
+        assert not Device.select().where(Device.user == user.id).exists()
+        kinds = [e.kind for e in AuditEvent.select().where(AuditEvent.user == user.id)]
+        assert "tfa_enrolment_code_accepted" not in kinds and kinds.count("tfa_enrolment_discarded") == 1
