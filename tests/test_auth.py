@@ -1854,6 +1854,8 @@ def test_a_client_address_that_is_no_address_can_be_cleared_as_the_list_shows_it
                            **_from("unknown")).status_code == 429
     assert _networks(app, "list")[1].startswith("unknown  failed-sign-ins  2 of 2  full")
 
+    assert _networks(app, "clear", "unknown", "--limit", "sign-ups") == (
+        0, "nothing counted this hour for unknown; nothing changed\n")  # it is counted, under another limit
     assert _networks(app, "clear", " unknown ") == (0, "cleared unknown  failed-sign-ins  (2 counted)\n")
     assert _counted(app, "failed-sign-ins", "unknown") == 0
     r = actor.post_form("/login", {"email": "alice@example.com", "password": PASSWORD}, **_from("unknown"))

@@ -588,8 +588,9 @@ def extend_session():
     """Stay signed in (the idle warning's button, app.js; WCAG 2.2.1): count this session as used now, writing
     last_seen_at even within TOUCH_INTERVAL, once. htmx gets 204 with the new time left in its headers
     (sessions.save_session); the form sent without htmx (app.js ran, htmx did not load) goes back to the page
-    it was on (`next`, added by app.js, same-site only), else to User Settings. A session that has ended stays ended: an
-    expired one is nobody's here (login_required), and one ended during this request is not written again."""
+    it was on (`next`, added by app.js, same-site only), else to User Settings. A session that has ended
+    stays ended: an expired one is nobody's here (login_required), and one ended during this request is not
+    written again."""
     if not touch_session_now():
         return current_app.login_manager.unauthorized()
     if is_htmx():

@@ -19,9 +19,9 @@ from .models import purge_expired as purge
 from .security import (NETWORK_LIMITS, PASSWORD_MAX, PASSWORD_MIN, audit, client_network, client_network_48,
                        end_code_steps, hash_password, is_lock, network_limit, replace_password,
                        revoke_second_factor)
+from .sessions import end_user_sessions
 from .support import detail_text, event_text
 from .totp import SecretError, reencrypt_secret
-from .sessions import end_user_sessions
 
 users = AppGroup("users", help="Manage accounts.")
 keys = AppGroup("keys", help="Manage the keys that encrypt TOTP secrets at rest.")
@@ -446,7 +446,7 @@ def clear_network(address, purpose):
             query = query.where(NetworkCounter.purpose == purpose)
         rows = [row for row in for_update(query.order_by(NetworkCounter.purpose, NetworkCounter.network))
                 if network is None or _inside(row.network, network)]
-        if not rows and literal:
+        if not rows and literal and not _counted_now(now()).where(NetworkCounter.network.in_(exact)).exists():
             raise click.UsageError(f"{address.strip()!r} is not an IP address or network (203.0.113.7, "
                                    "2001:db8:1:2::/64), nor anything else `networks list` shows this hour")
         if not rows:
