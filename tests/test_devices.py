@@ -115,18 +115,20 @@ def test_rename_with_htmx_returns_the_row_fragment(actor, app, alice):
     ("   ", "Give this device a name."),
     ("y" * 65, "at most 64 characters"),
     ("TABLET", "already have a device with this name"),
+    ("Ben\u2019s \u201cwork\u201d phone", "already have a device with this name"),  # Ben's "work" phone, typed on a phone
     # a joiner after an emoji joins it; one after that joiner joins nothing and only hides in the name
     ("\U0001f600\u200d\u200d\u200c phone", "letters, digits"),
 ])
 def test_rename_is_validated(actor, app, alice, name, message):
     add_device(app, alice, "Tablet")
+    add_device(app, alice, 'Ben\'s "Work" phone')
     device = device_rows(app, alice)[0]
     field = f"rename-{device.id}-name"
     r = post(actor, f"/settings/devices/{device.id}/rename", {field: name})
     body = text(r)
     assert r.status_code == 400 and message in body
     assert re.search(rf'<input[^>]*aria-describedby="{field}-error"[^>]*id="{field}"', body)
-    assert [d.name for d in device_rows(app, alice)] == ["Phone", "Tablet"]
+    assert [d.name for d in device_rows(app, alice)] == ["Phone", "Tablet", 'Ben\'s "Work" phone']
     r = post(actor, f"/settings/devices/{device.id}/rename", {field: name}, htmx=True)
     assert r.status_code == 200 and message in text(r)  # htmx swaps only 2xx
 
@@ -362,7 +364,11 @@ def test_turning_2fa_off_needs_password_and_code(actor, app, alice, secret):
     r = post(actor, "/settings/2fa/disable", {"off-password": PASSWORD, "off-code": actor.code(secret)})
     assert r.status_code == 302
     assert device_rows(app, alice) == []
-    assert ">Off<" in text(actor.client.get("/settings"))
+    page = text(actor.client.get("/settings"))
+    assert ">Off<" in page
+    # Its entry in the app would only make refused codes, and a new setup would add one of the same name.
+    assert (f"You can delete the {app.config['TOTP_ISSUER']} entry for {alice.email} in your authenticator app."
+            in page)
     assert "tfa_disabled" in kinds(app, alice)
     actor.client.post("/logout", data={"csrf_token": actor.csrf("/settings")})
     r = actor.password_step()
@@ -386,7 +392,8 @@ def test_a_device_renamed_while_it_is_removed_is_recorded_by_its_new_name(actor,
     monkeypatch.setattr(settings_module.totp, "check_user_code", check_while_renamed)
     r = post(actor, f"/settings/devices/{tablet.id}/remove", {f"remove-{tablet.id}-code": actor.code(secret)})
     assert r.status_code == 302
-    assert "Removed “Old tablet”." in text(actor.client.get("/settings"))
+    assert ("Removed “Old tablet”. It no longer works for signing in: in the authenticator app on that device, "
+            f"delete the {app.config['TOTP_ISSUER']} entry for {alice.email}.") in text(actor.client.get("/settings"))
     with app.app_context():
         [event] = AuditEvent.select().where((AuditEvent.user == alice.id) & (AuditEvent.kind == "device_removed"))
         assert event.details == {"device": "Old tablet"}

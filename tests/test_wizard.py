@@ -885,12 +885,15 @@ def test_device_name_is_validated(actor, app, name, message):
 
 def test_device_names_that_look_the_same_are_the_same_name(actor, app):
     """"Café" typed with a composed "é" or with "e" + a combining accent is one name (stored composed), so the
-    second is refused as a duplicate; an emoji built with the zero-width joiner is a fine name."""
+    second is refused as a duplicate; an emoji built with the zero-width joiner is a fine name. A phone types
+    "Kim’s", a computer "Kim's": in the list they look the same, so the second is refused too (found by a
+    usability review: the owner could not tell which of the two to remove)."""
     user = signed_in(actor)
     w = Wizard(actor)
     w.run("Caf\u00e9")
     emoji_name = "Kim\u2019s \U0001F469\u200d\U0001F4BB"
-    for name, expected in (("Cafe\u0301", "already have a device with this name"), (emoji_name, None)):
+    for name, expected in (("Cafe\u0301", "already have a device with this name"), (emoji_name, None),
+                           ("KIM'S \U0001F469\u200d\U0001F4BB", "already have a device with this name")):
         w.start()
         w.clock.advance(30)
         w.submit_code()

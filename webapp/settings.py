@@ -44,6 +44,16 @@ def _nfc(value):
     return unicodedata.normalize("NFC", value) if isinstance(value, str) else value
 
 
+# Apostrophes and quotation marks as phones type them (’ “) and as computers do (' "): "Maria’s iPhone" from one
+# and "Maria's iPhone" from the other look the same in the list, so they are the same name.
+_QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u201c": '"', "\u201d": '"'})
+
+
+def _same_name(a, b):
+    """Whether two device names would look the same to their owner: case and the kind of apostrophe aside."""
+    return a.translate(_QUOTES).casefold() == b.translate(_QUOTES).casefold()
+
+
 def _printable(form, field):
     name = field.data or ""
     if fields.has_hidden_characters(name):  # fields.HIDDEN_CATEGORIES
@@ -191,6 +201,17 @@ def _settings_response(user, failed=None, notice=None, status=200, sessions_oob=
         status = 200
     return htmx.render("settings/index.html", "settings/_tfa_row.html", status=status, sessions_oob=sessions_oob,
                        activity_oob=activity_oob, **_row_context(user, failed=failed, notice=notice))
+
+
+def _app_entry(user):
+    """How the person's authenticator app names its entry for this account (the QR code's issuer and account)."""
+    return f"the {current_app.config['TOTP_ISSUER']} entry for {user.email}"
+
+
+def _delete_entry(user):
+    """Once no device of theirs works here: the app's entry would only make codes that are refused, and a new
+    setup would put a second entry of the same name beside it."""
+    return f"You can delete {_app_entry(user)} in your authenticator app."
 
 
 def _after_change(user, notice, end_sessions=True):
@@ -493,7 +514,7 @@ def complete(user, pending):
             return _restarted(locked)  # Start over meanwhile, and SQLite gave its new key the same id
         if locked is None or locked.verified_step is None:  # a parallel request used it already
             return _without_pending(user)
-        if any(d.name.casefold() == name.casefold() for d in _devices(user)):
+        if any(_same_name(d.name, name) for d in _devices(user)):
             form.name.errors = ["You already have a device with this name. Choose another name."]
             return _wizard("name", status=400, pending=pending, form=form)
         try:
@@ -609,7 +630,7 @@ def rename_device(device_id):
                 outcome = "gone"  # removed in another tab since the page was made
             elif name == current.name:
                 outcome = "same"
-            elif any(d.name.casefold() == name.casefold() and d.id != device.id for d in devices):
+            elif any(_same_name(d.name, name) and d.id != device.id for d in devices):
                 outcome = "taken"
             else:
                 try:
@@ -691,8 +712,10 @@ def remove_device(device_id):
                                    "Enter a new code, your password and tick the box to turn 2FA off."]
         return _settings_response(user, failed=("remove", device.id, form), status=409)
     if left == 1:
-        return _after_change(user, "Two-factor authentication is now off: you removed your only device.")
-    return _after_change(user, f"Removed “{device.name}”. It no longer works for signing in.")
+        return _after_change(user, "Two-factor authentication is now off: you removed your only device. "
+                                   f"{_delete_entry(user)}")
+    return _after_change(user, f"Removed “{device.name}”. It no longer works for signing in: in the authenticator "
+                               f"app on that device, delete {_app_entry(user)}.")
 
 
 @bp.post("/2fa/disable")
@@ -725,7 +748,8 @@ def disable():
         audit("tfa_disabled", user=user, via="settings", devices=names)
     if discarded:
         session[_WIZARD_ENDED_BY_TURN_OFF] = True  # for a wizard open in another tab: _without_pending
-    return _after_change(user, "Two-factor authentication is now off. Your devices no longer work for signing in.")
+    return _after_change(user, "Two-factor authentication is now off. Your devices no longer work for signing in. "
+                               f"{_delete_entry(user)}")
 
 
 # ---------------------------------------------------------------- password
