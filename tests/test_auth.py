@@ -512,6 +512,9 @@ def test_a_typo_then_the_right_code_at_once_waits_a_second_without_counting_agai
     assert actor.code_step("12345").status_code == 400
     r = actor.code_step(actor.code(secret))
     assert r.status_code == 429 and "Wait 1 second before entering another code." in r.get_data(as_text=True)
+    # It says so: with the field empty, a right code refused without a word looked like a wrong one (found by a
+    # usability review).
+    assert "This code was not checked: after a wrong code, codes are paused for a moment." in r.get_data(as_text=True)
     # The field comes back empty like any refused code's: the page cannot tell a code never checked from the
     # wrong one sent twice (a double press), and keeping that one would invite a third strike.
     assert f'value="{actor.code(secret)}"' not in r.get_data(as_text=True)
@@ -578,7 +581,9 @@ def test_malformed_codes_get_400_and_count(actor, code):
     actor.password_step()
     r = actor.code_step(code)
     assert r.status_code == 400
-    assert "6-digit code" in r.get_data(as_text=True)
+    assert ("Enter the 6-digit code from your authenticator app." if code == "" else
+            "Enter the 6-digit code your authenticator app shows: six numbers (spaces don&#39;t matter).") in \
+        r.get_data(as_text=True)
     assert user_row(actor.app).code_failures == 1
     assert not signed_in(actor.client)
 

@@ -29,7 +29,7 @@ WRONG_PASSWORD_ERROR = "Incorrect password."
 # the app still shows the code just used to sign in, and typing it again would fail again.
 GENERIC_CODE_ERROR = ("That code is not valid, or it was already used. Enter the code your app shows now; if "
                       "that is the one you just used, wait for the next one.")
-MALFORMED_CODE_ERROR = "Enter the 6-digit code from your authenticator app (digits only)."
+MALFORMED_CODE_ERROR = "Enter the 6-digit code your authenticator app shows: six numbers (spaces don't matter)."
 
 
 def strip_text(value):
@@ -295,7 +295,8 @@ def code_error(result):
         if not is_lock(result.strikes):
             # Within the short pauses after the first wrong codes (1, 2, 4, 8 s; security.backoff): one
             # mistyped code is not "too many".
-            return f"Wait {wait_text(result.locked_until)} before entering another code."
+            return (f"This code was not checked: after a wrong code, codes are paused for a moment. Wait "
+                    f"{wait_text(result.locked_until)} before entering another code.")
         return f"Too many wrong codes. Wait {wait_text(result.locked_until)} before trying again."
     if result.reason == "malformed":
         return MALFORMED_CODE_ERROR
