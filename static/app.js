@@ -206,10 +206,30 @@
     if (old) old.remove();
     if (state) box.insertBefore(say(state, left), form);
     // The button just pressed has gone: on to the sign-in link, or back to where the person was when the
-    // warning came; not to <body>.
+    // warning came; not to <body>, nor to the whole of <main> (a screen reader would read all of it): to the
+    // page's heading then.
     if (hadFocus && form.hidden) {
-      (box.querySelector("a") || (back && back !== document.body && document.contains(back) ? back : main)).focus();
+      (box.querySelector("a") || (back && back !== document.body && document.contains(back) ? back : heading()))
+        .focus();
     }
+    // Said in words too, where messages are (a status region): the warning's going alone said nothing.
+    if (hadFocus && !state) announce("You are still signed in.");
+  }
+
+  function heading() {
+    var h1 = main.querySelector("h1");
+    if (!h1) return main;
+    if (!h1.hasAttribute("tabindex")) h1.setAttribute("tabindex", "-1");
+    return h1;
+  }
+
+  function announce(words) {
+    var flashes = document.getElementById("flashes");
+    if (!flashes) return;
+    var line = document.createElement("p");
+    line.className = "flash success";
+    line.textContent = words;
+    flashes.replaceChildren(line);
   }
 
   // A new alert each time (as noAnswer above): one put on the page with its words is announced.

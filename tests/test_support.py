@@ -147,7 +147,9 @@ def test_show_account_shows_that_account_alone_not_look_alikes(app, actor, secre
         SupportRequest.create(email="carol@example.com", message="lost my phone", user=target.id)
     sign_in_admin(actor, secret)
     page = actor.client.get("/support").get_data(as_text=True)
-    link = re.search(r'<a href="([^"]+)">Show account</a>', page).group(1)
+    # Its name says whose account (a screen reader's list of links read "Show account" once per request).
+    link = re.search(r'<a href="([^"]+)">Show account<span class="visually-hidden"> of carol@example.com</span></a>',
+                     page).group(1)
     assert link == f"/support?user={target.id}"
     page = actor.client.get(link).get_data(as_text=True)
     assert page.count('class="user-row"') == 1 and f'id="user-{target.id}"' in page
@@ -528,6 +530,11 @@ def test_search_results_do_not_contain_the_disable_form(app, actor, secret):
         for person in people:
             url = f"/support/users/{person.id}/disable-2fa"
             assert f'href="{url}"' in html and f'hx-get="{url}"' in html
+            # A screen reader's list of links reads "Temporarily disable 2FA" once per person found: each is
+            # described by its own person's address (the row's heading).
+            [link] = re.findall(rf'<a [^>]*href="{url}"[^>]*>', html)
+            heading = _attr(link, "aria-describedby")
+            assert re.search(rf'<h3 class="row-title" id="{heading}">{person.email}<', html)
         assert 'name="reason"' not in html and "-reason" not in html and "-duration" not in html
         assert "Disable for" not in html and "Disable 2FA temporarily" not in html
         assert "<details" not in html
@@ -1164,7 +1171,8 @@ def test_htmx_success_replaces_the_row(app, actor, secret, target):
     assert html.lstrip().startswith(f'<article class="user-row" id="user-{target.id}"') and "<html" not in html
     assert "Temporarily off" in html and "End support window now" in html
     # ending the window blocks the person's sign-in: the button is behind a summary that says so first
-    assert re.search(r'<details class="disable">\s*<summary>End support window now</summary>.*?cannot sign in'
+    assert re.search(rf'<details class="disable">\s*<summary aria-describedby="user-{target.id}-email">End support '
+                     r'window now</summary>.*?cannot sign in'
                      r'.*?<button type="submit" class="danger">End the window</button>', html, re.S)
     assert count(app, Device, Device.user == target.id) == 0
     # the requests the action closed leave the list too (an out-of-band swap of the list)

@@ -60,6 +60,8 @@ def test_the_warning_comes_two_minutes_before_and_stay_signed_in_moves_the_end_o
     expect(warning).to_have_count(0)
     expect(button).to_be_hidden()
     expect(change).to_be_focused()
+    # and it says so, in the page's status region (the warning's going alone said nothing to a screen reader)
+    expect(page.get_by_role("status").filter(has_text="You are still signed in.")).to_be_visible()
     assert session_row(server).last_seen_at > before
 
     # The end moved on from the press: 28 minutes later the warning comes again, not the sign-out.
@@ -131,3 +133,21 @@ def test_without_htmx_stay_signed_in_comes_back_to_the_same_page(page, server):
     expect(page.get_by_role("heading", name="Change password", level=1)).to_be_visible()
     assert page.url.endswith("/settings/password")
     assert session_row(server).last_seen_at > before
+
+
+def test_stay_signed_in_pressed_from_nowhere_puts_focus_on_the_heading(page, server):
+    """When nothing had focus as the warning came (the page had just loaded), the pressed button's focus goes to
+    the page's heading: not to the whole of <main>, which a screen reader would read from the top."""
+    server.user("max@example.com")
+    page.clock.install()
+    log_in(page, "max@example.com")
+    expect_signed_in(page)
+    page.evaluate("document.activeElement.blur()")
+    page.clock.fast_forward("28:05")
+    expect(alert_saying(page, WARNING)).to_be_visible()
+    button = page.get_by_role("button", name="Stay signed in", exact=True)
+    tab_to(page, button)
+    with page.expect_response(lambda response: response.url.endswith("/session/extend")):
+        page.keyboard.press("Enter")
+    expect(page.get_by_role("heading", name="User Settings", level=1)).to_be_focused()
+    expect(page.get_by_role("status").filter(has_text="You are still signed in.")).to_be_visible()
