@@ -151,6 +151,13 @@ def test_settings_row_offers_the_gear_and_says_off(actor):
     assert 'type="submit"' in gear and 'class="gear"' in gear
     assert 'aria-label="Two-Factor Authentication settings"' in gear and 'hx-get="/settings/2fa"' in gear
     assert 'id="dialog-slot"' in page
+    # And in words, for whoever does not take a gear for "set up" (a usability review): the same steps, a link
+    # without JavaScript. Once 2FA is on, the row offers "Add another device" in its place.
+    assert re.search(r'<a href="/settings/2fa" hx-get="/settings/2fa" hx-target="#dialog-slot" hx-swap="innerHTML" '
+                     r'data-opens-dialog>Turn on two-factor authentication</a>', page)
+    Wizard(actor).run("Phone")
+    page = text(actor.client.get("/settings"))
+    assert "Turn on two-factor authentication" not in page and ">Add another device</a>" in page
 
 
 def test_gear_with_htmx_returns_a_dialog_fragment(actor):

@@ -26,7 +26,8 @@ USER_AGENT = ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like G
 # (file name, caption) in journey order; the README shows them with these captions.
 SHOTS = [
     ("01-log-in.png", "Log in with email address and password"),
-    ("02-user-settings.png", "User Settings: Two-Factor Authentication is Off; the gear opens the setup"),
+    ("02-user-settings.png",
+     "User Settings: Two-Factor Authentication is Off; the gear (or the words under it) opens the setup"),
     ("03-wizard-intro.png", "The dialog, step 1: get an authenticator app"),
     ("04-wizard-qr.png", "Step 2: scan the QR code"),
     ("05-wizard-manual-key.png", "Or enter the key manually, grouped for reading"),

@@ -334,3 +334,19 @@ def test_a_request_that_gets_no_answer_says_so_where_the_person_is_looking(page,
     # htmx reports both failures in the console itself; nothing else may be there.
     expected = ("htmx:afterRequest", "htmx:sendError", "Response Status Error Code 502")
     console_watch.problems = [p for p in console_watch.problems if not any(e in p for e in expected)]
+
+
+def test_the_words_beside_the_gear_open_the_same_dialog_and_get_focus_back(page, server):
+    """While 2FA is off, "Turn on two-factor authentication" (for whoever does not take the gear for "set up")
+    opens the gear's dialog at its first step; closed with Escape, focus goes back to the link pressed."""
+    server.user("ola@example.com")
+    log_in(page, "ola@example.com")
+    expect_signed_in(page)
+    link = page.get_by_role("link", name="Turn on two-factor authentication", exact=True)
+    tab_to(page, link)
+    page.keyboard.press("Enter")
+    dialog = wizard_dialog(page)
+    expect(dialog.get_by_role("heading", name="Step 1 of 4: Get an authenticator app")).to_be_visible()
+    page.keyboard.press("Escape")
+    expect(dialog).to_have_count(0)
+    expect(link).to_be_focused()
