@@ -367,7 +367,7 @@ def test_turning_2fa_off_needs_password_and_code(actor, app, alice, secret):
     page = text(actor.client.get("/settings"))
     assert ">Off<" in page
     # Its entry in the app would only make refused codes, and a new setup would add one of the same name.
-    assert (f"You can delete the {app.config['TOTP_ISSUER']} entry for {alice.email} in your authenticator app."
+    assert (f"You can delete the entry for {app.config['TOTP_ISSUER']} ({alice.email}) in your authenticator app."
             in page)
     assert "tfa_disabled" in kinds(app, alice)
     actor.client.post("/logout", data={"csrf_token": actor.csrf("/settings")})
@@ -393,7 +393,7 @@ def test_a_device_renamed_while_it_is_removed_is_recorded_by_its_new_name(actor,
     r = post(actor, f"/settings/devices/{tablet.id}/remove", {f"remove-{tablet.id}-code": actor.code(secret)})
     assert r.status_code == 302
     assert ("Removed “Old tablet”. It no longer works for signing in: in the authenticator app on that device, "
-            f"delete the {app.config['TOTP_ISSUER']} entry for {alice.email}.") in text(actor.client.get("/settings"))
+            f"delete the entry for {app.config['TOTP_ISSUER']} ({alice.email}).") in text(actor.client.get("/settings"))
     with app.app_context():
         [event] = AuditEvent.select().where((AuditEvent.user == alice.id) & (AuditEvent.kind == "device_removed"))
         assert event.details == {"device": "Old tablet"}

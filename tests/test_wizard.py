@@ -1101,7 +1101,7 @@ def test_completing_enrolment_ends_the_support_reset_window(actor, app, clock):
     assert ("Your old device no longer works here. If your authenticator app still has an entry for twostep "
             "(alice@example.com), from a backup perhaps, delete it") in first
     r = Wizard(actor).run()
-    assert "temporary exception" in text(r)
+    assert "Sign-in with your password alone, which support allowed for a while, has ended" in text(r)
     assert '<div id="reset-banner" hx-swap-oob="delete"></div>' in text(r)  # the banner goes at once
     with app.app_context():
         assert User.get_by_id(user.id).tfa_reset_until is None

@@ -205,7 +205,7 @@ def _settings_response(user, failed=None, notice=None, status=200, sessions_oob=
 
 def _app_entry(user):
     """How the person's authenticator app names its entry for this account (the QR code's issuer and account)."""
-    return f"the {current_app.config['TOTP_ISSUER']} entry for {user.email}"
+    return f"the entry for {current_app.config['TOTP_ISSUER']} ({user.email})"
 
 
 def _delete_entry(user):
