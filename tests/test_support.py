@@ -606,6 +606,13 @@ def test_disable_form_is_a_page_without_javascript(app, actor, secret, target):
     assert r.status_code == 200 and "<html" in html
     assert "<h1>Temporarily disable 2FA</h1>" in html and "carol@example.com" in html
     assert f'href="/support?user={target.id}">Back to Support</a>' in html  # that person alone, not a search
+    # What the action does, and what happens if the window ends without a new device (a support agent's
+    # usability review: it did not say), and whom to reply to (security.md 38: confirm the identity).
+    form_words = " ".join(words(html).split())
+    assert "Revokes every device of carol@example.com at once and signs them out everywhere." in form_words
+    assert ("if they have not by then, they cannot sign in at all until support opens a new window. Confirm "
+            "their identity first, and reply only to the account's own address, never to contact details given "
+            "in a message.") in form_words.replace("&#39;", "'")
     assert f'action="/support/users/{target.id}/disable-2fa"' in html and 'method="post"' in html
     # a plain post even when JavaScript is on: the htmx answer refreshes a request list this page lacks
     assert "hx-post" not in re.search(r"<form[^>]*disable-2fa[^>]*>", html).group(0)
@@ -1034,6 +1041,8 @@ def test_a_blocked_person_can_be_given_a_new_window(app, actor, secret, clock, t
     sign_in_admin(fresh, new_secret(), email="boss2@example.com")
     html = fresh.client.get("/support?q=carol").get_data(as_text=True)
     assert "Blocked" in html and DISABLE_LINK in html
+    form = fresh.client.get(f"/support/users/{target.id}/disable-2fa").get_data(as_text=True)
+    assert "Until the end time they sign in" in " ".join(words(form).split()) and "Revokes every device" not in form
     assert disable(fresh, target).status_code == 302
     assert second_client(app, clock).password_step("carol@example.com").headers["Location"].endswith("/settings")
 
@@ -1180,6 +1189,8 @@ def test_htmx_success_replaces_the_row(app, actor, secret, target):
     open_part, handled_part = html.split("Recently handled (1)")
     assert "Open contact requests (0)" in words(open_part) and "lost my phone" not in open_part
     assert "lost my phone" in handled_part and "by boss@example.com" in handled_part
+    # and the notice says so: the request left the open ones (a support agent's usability review)
+    assert "ended, 1 contact request marked as handled. Now reply to them" in " ".join(words(html).split())
 
 
 def test_the_notice_counts_devices_and_sessions_apart(app, actor, secret, clock, target_secret):
@@ -1346,7 +1357,9 @@ def test_open_requests_are_listed_and_linked_to_the_account(app, actor, secret, 
     assert "Phone fell in the lake" in open_part and "Who am I even" in open_part and "Old one" not in open_part
     assert "Old one" in handled_part
     assert f'href="/support?user={target.id}"' in open_part
-    assert "no account with this address" in open_part
+    # what to do then (a support agent's usability review: the request was a dead end)
+    assert ("no account with this address: ask which address they sign in with, and treat that account as "
+            "unconfirmed until its owner answers there") in open_part
     assert "Open contact requests (2)" in words(open_part)
 
 

@@ -903,7 +903,7 @@ def disable_2fa(user_id):
         nothing_to_disable = not has_devices and locked.tfa_reset_until is None
         already_open = not has_devices and locked.support_window() == "open"
         if not (disabled or nothing_to_disable or already_open):
-            until, removed, sessions, left_open = _open_window(locked, actor, form, label, duration)
+            until, removed, sessions, closed, left_open = _open_window(locked, actor, form, label, duration)
     # Rendering happens after the write transaction, so the write lock is held no longer than needed.
     if disabled:
         return _row_response(target, status=409, error=_ACCOUNT_DISABLED)
@@ -912,9 +912,10 @@ def disable_2fa(user_id):
     if already_open:
         return _row_response(target, status=409, error=_already_off(locked))
     # The app sends no email: the notice says what the reply to the person must tell them.
+    handled = f", {_count(closed, 'contact request')} marked as handled" if closed else ""
     notice = (f"2FA for {target.email} is off until {_fmt_time(until)}: {_count(removed, 'device')} revoked, "
-              f"{_count(sessions, 'session')} ended. Now reply to them: until then they sign in with their "
-              f"password alone, and they should set up their new phone right away.")
+              f"{_count(sessions, 'session')} ended{handled}. Now reply to them: until then they sign in with "
+              f"their password alone, and they should set up their new phone right away.")
     warning = None
     if left_open:
         warning = (f"{_count(left_open, 'contact request')} of theirs {'was' if left_open == 1 else 'were'} left "
@@ -963,7 +964,7 @@ def _open_window(locked, actor, form, label, duration):
     if form.close_requests.data:  # what the admin asked to close but could not have read: said in the notice
         left_open = SupportRequest.select().where((SupportRequest.user == locked.id)
                                                   & SupportRequest.handled_at.is_null()).count()
-    return until, removed, sessions, left_open
+    return until, removed, sessions, len(closed), left_open
 
 
 @bp.post("/support/users/<int:user_id>/end-window")
