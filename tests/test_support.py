@@ -620,15 +620,22 @@ def test_disable_form_is_a_page_without_javascript(app, actor, secret, target):
     # Closing the person's open requests with the action is ticked to start with
     assert _attr(_tag(html, "input", f"u{target.id}-close_requests"), "checked") is True
     # With a request of theirs on the page, the focus starts at the top: a keyboard or screen-reader user
-    # meets what they asked for before the form, not Reason below it (the htmx row keeps Reason focused).
+    # meets what they asked for before the form, not Reason below it.
     with app.app_context():
         SupportRequest.create(email="carol@example.com", message="Lost my phone on the train", user=target.id)
     html = actor.client.get(f"/support/users/{target.id}/disable-2fa").get_data(as_text=True)
     assert html.index("Lost my phone on the train") < html.index(f'name="u{target.id}-reason"')
     assert _attr(_tag(html, "textarea", f"u{target.id}-reason"), "autofocus") is None
     assert "autofocus" not in html
+    # The row's form (htmx) shows them too, above the form, and focus goes to their heading (a support
+    # agent's usability review: an agent who came by a search decided without them, and without the warning
+    # that a code of the person's was accepted since).
     html = actor.client.get(f"/support/users/{target.id}/disable-2fa", headers=HX).get_data(as_text=True)
-    assert _attr(_tag(html, "textarea", f"u{target.id}-reason"), "autofocus") is True
+    assert html.index("Lost my phone on the train") < html.index(f'name="u{target.id}-reason"')
+    assert _attr(_tag(html, "textarea", f"u{target.id}-reason"), "autofocus") is None
+    heading = re.search(rf'<h4 id="user-{target.id}-requests"[^>]*>', html).group(0)
+    assert _attr(heading, "autofocus") is True and _attr(heading, "tabindex") == "-1"
+    assert "Mark as handled" not in html and 'id="request-' not in html  # read only: the list below has those
     _unchanged(app, target)
     r = actor.post_form(f"/support/users/{target.id}/disable-2fa",
                         {f"u{target.id}-reason": "Checked ID on a video call", f"u{target.id}-duration": "3d"},
@@ -1610,6 +1617,18 @@ def test_a_request_says_whether_its_sender_was_signed_in_and_when_the_phone_last
     assert "Sent after entering this account's password" in items["carol@example.com"]
     assert (f"<strong>A code from this account's device was accepted after this request was sent</strong>, "
             f"{utc(clock.t):%Y-%m-%d %H:%M} UTC: ask about it before turning 2FA off.") in items["carol@example.com"]
+    # The same warning beside the form in the person's row, where an agent who came by a search decides
+    # (a support agent's usability review), also when the form comes back with an error.
+    carol_id = user_row(app, "carol@example.com").id
+    for r in (actor.client.get(f"/support/users/{carol_id}/disable-2fa", headers=HX),
+              actor.post_form(f"/support/users/{carol_id}/disable-2fa", {f"u{carol_id}-reason": ""},
+                              form_url="/support", headers=HX)):
+        row = " ".join(r.get_data(as_text=True).split())
+        assert "A code from this account's device was accepted after this request was sent" in row
+        assert row.index("Lost my phone in a lake.") < row.index(f'name="u{carol_id}-reason"')
+    # the field with the error takes the focus, not the requests' heading
+    assert 'aria-invalid="true" autofocus id=' in row and f'<h4 id="user-{carol_id}-requests" tabindex="-1">' in row
+    assert count(app, Device, Device.user == carol_id) == 1
     assert "Sent while signed in to this account (not proof of identity" in items["dave@example.com"]
     dave_hint = items["dave@example.com"].split('<p class="hint">', 1)[1].split("</p>", 1)[0]
     assert "Sent while signed in" in dave_hint and "code" not in dave_hint  # no device: nothing about codes

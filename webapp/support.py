@@ -837,7 +837,8 @@ def _row_response(target, status=200, form=None, notice=None, error=None, flash_
             # The action may have closed requests: the list below is refreshed out of band.
             return htmx.render("support/index.html", "support/_row_update.html", row=rows[0],
                                **_requests_context())
-        return htmx.render("support/index.html", "support/_user_row.html", row=rows[0])
+        return htmx.render("support/index.html", "support/_user_row.html", row=rows[0],
+                           **({"person_requests": _person_requests(fresh.id)} if form is not None else {}))
     if status < 400:
         flash(flash_message or notice, "success")
         if warning:
@@ -863,9 +864,10 @@ def disable_2fa_form(user_id):
         # The requests listed (this page lists at most OPEN_REQUESTS_SHOWN, oldest first)
         draft["requests_shown"] = ",".join(str(r.id) for r in person_requests)
     form = DisableForm(formdata=None, prefix=f"u{target.id}", data=draft)
-    if htmx.is_htmx() or not person_requests:
-        # On its own page the person's requests come first: the focus starts at the top, so keyboard and
-        # screen-reader users meet them before the form instead of landing past them in Reason.
+    if not person_requests:
+        # With requests of theirs, those come first, on the form's own page and in the row: the focus starts
+        # at them (the top of the page, or their heading in the row), so keyboard and screen-reader users meet
+        # them before the form instead of landing past them in Reason.
         _focus(form)
     notices = {target.id: _DRAFT_KEPT} if len(draft) > 1 else None
     row = build_rows([target], forms={target.id: form}, notices=notices)[0]

@@ -47,12 +47,13 @@ def open_support_and_find_person(page):
 def disable_2fa_for_person(page):
     """Support page: Search users, then Temporarily disable 2FA with a Reason and a Disable for duration.
 
-    The result row holds only a link; htmx fetches the form into the row on demand, focused on Reason."""
+    The result row holds only a link; htmx fetches the form into the row on demand, focused on Reason, or on
+    the person's open requests shown above it when there are some."""
     row = open_support_and_find_person(page)
     expect(row.get_by_label("Reason", exact=True)).to_have_count(0)  # search results stay light
     row.get_by_role("link", name="Temporarily disable 2FA", exact=True).click()
     reason = person_row(page).get_by_label("Reason", exact=True)
-    expect(reason).to_be_focused()
+    expect(page.locator(":focus")).to_have_attribute("id", re.compile(r"^(u\d+-reason|user-\d+-requests)$"))
     reason.fill("Called back on the number on file; lost phone (request from today).")
     person_row(page).get_by_label("Disable for", exact=True).select_option(label="24 hours")
     person_row(page).get_by_role("button", name=re.compile("Disable")).click()
@@ -242,3 +243,24 @@ def test_results_replaced_while_tabbing_through_them_give_the_focus_back_to_the_
     held[0].continue_()
     expect(page.get_by_role("status").filter(has_text="found")).to_have_text("2 accounts found.")
     expect(search).to_be_focused()
+
+
+def test_the_row_form_shows_the_persons_requests_first_and_focuses_them(page, server):
+    """An agent who found the person by a search opens the form in the row: the person's open request (with
+    the hints about it) is there above Reason, and the keyboard focus starts at it, not past it in Reason;
+    Tab goes on into the form."""
+    from webapp.clock import now
+    from webapp.models import SupportRequest, User
+
+    server.user(PERSON, devices={"Lost phone": random_secret()})
+    server.query(lambda: SupportRequest.create(email=PERSON, message="Lost my phone at the station.",
+                                               user=User.get(User.email == PERSON).id, created_at=now(),
+                                               ip="127.0.0.1"))
+    sign_in_admin(page, server)
+    row = open_support_and_find_person(page)
+    tab_to(page, row.get_by_role("link", name="Temporarily disable 2FA", exact=True))
+    page.keyboard.press("Enter")
+    heading = person_row(page).get_by_role("heading", name=f"Open contact requests from {PERSON}")
+    expect(heading).to_be_focused()
+    expect(person_row(page)).to_contain_text("Lost my phone at the station.")
+    tab_to(page, person_row(page).get_by_label("Reason", exact=True))
