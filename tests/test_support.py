@@ -39,8 +39,9 @@ def disable(actor, target, reason="Identity checked by video call against ID car
     return actor.post_form(f"/support/users/{target.id}/disable-2fa", data, form_url="/support", headers=headers)
 
 
-def end_window(actor, target, headers=None):
-    return actor.post_form(f"/support/users/{target.id}/end-window", {}, form_url="/support", headers=headers)
+def end_window(actor, target, headers=None, reason=None):
+    data = {} if reason is None else {f"end{target.id}-reason": reason}
+    return actor.post_form(f"/support/users/{target.id}/end-window", data, form_url="/support", headers=headers)
 
 
 def words(html):
@@ -925,7 +926,7 @@ def test_a_persons_row_shows_who_opened_their_window_why_and_leads_to_their_audi
         assert AuditEvent.get(AuditEvent.kind == "support_tfa_disabled").details["devices"] == "Phone"
     end_window(actor, target)
     row = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())
-    assert "sign-in is blocked" in row and f"by {ADMIN}: “Called back" in row
+    assert "Ended early" in row and "Sign-in is blocked" in row and f"by {ADMIN}: “Called back" in row
     page = " ".join(second_client(app, clock).password_step("carol@example.com").get_data(as_text=True).split())
     assert "that time is over (it ran out, or support ended it)" in page
 
@@ -953,6 +954,66 @@ def test_a_closed_window_stays_on_the_row_for_30_days_after_the_disable(app, act
     clock.advance(1)
     row = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())
     assert "Support window</dt> <dd> None </dd>" in row and "The last one" not in row
+
+
+def test_a_window_support_ended_early_says_so_on_the_row_with_who_and_why(app, actor, secret, clock, target):
+    """A support agent's review: a window another admin ended (perhaps on the owner's "I did not ask for this")
+    read exactly like one that ran out. The row now says who ended it, when and, if given, why; the optional
+    reason goes into the audit record (security.md 42). An older early end says nothing about a newer window,
+    and a window that runs out still reads as such."""
+    sign_in_admin(actor, secret)
+    disable(actor, target)
+    clock.advance(300)
+    page = actor.client.get(f"/support?user={target.id}").get_data(as_text=True)
+    assert f'<label for="end{target.id}-reason">Reason</label>' in page  # the field sits in the end form
+    assert end_window(actor, target, reason="Owner called: the request was not hers").status_code == 302
+    ended = utc(clock.t)
+    with app.app_context():
+        event = AuditEvent.get(AuditEvent.kind == "support_window_ended")
+        assert event.details["reason"] == "Owner called: the request was not hers"
+    row = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())
+    assert (f"Ended early {ended:%Y-%m-%d %H:%M} UTC by {ADMIN}: “Owner called: the request was not hers”. "
+            f"Sign-in is blocked") in row
+    assert "without a new device" not in row
+    clock.advance(60)
+    disable(actor, target, duration="24h")  # a new window: the old early end is history
+    row = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())
+    assert "Open until" in row and "Ended early" not in row
+    clock.advance(24 * 3600 + 1)  # this one runs out
+    actor.sign_in(ADMIN, secret=secret)
+    row = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())
+    assert "without a new device: sign-in is blocked" in row and "Ended early" not in row
+
+
+def test_ending_a_window_without_a_reason_records_none(app, actor, secret, clock, target):
+    """The reason is optional: one click still ends the window, and the row names who did it."""
+    sign_in_admin(actor, secret)
+    disable(actor, target)
+    assert end_window(actor, target).status_code == 302
+    with app.app_context():
+        assert AuditEvent.get(AuditEvent.kind == "support_window_ended").details["reason"] is None
+    row = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())
+    assert f"UTC by {ADMIN}. Sign-in is blocked" in row
+
+
+@pytest.mark.parametrize("htmx", [False, True])
+@pytest.mark.parametrize("reason", ["Owner said \u202edeirrow", "x" * 501])
+def test_a_bad_end_reason_changes_nothing_and_says_why(app, actor, secret, clock, target, htmx, reason):
+    """Bad input changes nothing: a reason with a direction override (it would read reversed in the audit
+    log) or over 500 characters leaves the window open, writes no record, and the row comes back with the
+    end form open and the message at the field (htmx swaps 200 only)."""
+    sign_in_admin(actor, secret)
+    disable(actor, target)
+    until = user_row(app, "carol@example.com").tfa_reset_until
+    r = end_window(actor, target, headers=HX if htmx else None, reason=reason)
+    assert r.status_code == (200 if htmx else 400)
+    html = " ".join(r.get_data(as_text=True).split())
+    assert "Nothing was changed. Check the reason below." in html
+    assert ("500 characters or fewer" if len(reason) > 500 else "Use letters, digits, spaces") in html
+    assert '<details class="disable" open> <summary aria-describedby' in html
+    assert user_row(app, "carol@example.com").tfa_reset_until == until
+    assert count(app, AuditEvent, AuditEvent.kind == "support_window_ended") == 0
+    assert second_client(app, clock).password_step("carol@example.com").headers["Location"].endswith("/settings")
 
 
 def test_password_only_sessions_end_when_the_window_runs_out(app, actor, secret, clock, target):
@@ -1799,5 +1860,5 @@ def test_the_row_names_the_latest_disable_and_keeps_an_ended_windows_opener(app,
     clock.advance(40 * 24 * 3600)
     actor.sign_in(ADMIN, secret=secret)
     row = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())
-    assert "sign-in is blocked" in row
+    assert "Ended early" in row and "Sign-in is blocked" in row
     assert "“Second call: lost the new phone too, ID seen again”" in row and "First call" not in row

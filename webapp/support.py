@@ -121,6 +121,16 @@ class DisableForm(Form):
     requests_shown = RequestNumbersField(filters=[_request_numbers])
 
 
+class EndWindowForm(Form):
+    """"End support window now" for one person (prefixed like DisableForm): the reason is optional, since
+    ending a window only takes access away, but the next admin who reads the row sees it."""
+
+    reason = TextAreaField("Reason", filters=[text_lines], validators=[
+        Optional(), Length(max=500, message="Keep the reason to 500 characters or fewer."),
+        VisibleText("Use letters, digits, spaces, punctuation and line breaks only.", lines=True)],
+        render_kw={"maxlength": 500, "rows": 2})
+
+
 def _plausible_date(form, field):
     """A filter date the log can be searched by: the search adds a day to the "to" date, which would
     overflow at 31 December 9999."""
@@ -511,7 +521,7 @@ class UserRow:
     rendering it in every row was most of a search's cost."""
 
     def __init__(self, user, devices, open_requests, form=None, notice=None, error=None, current=None,
-                 actor_id=None, opened_by=None):
+                 actor_id=None, opened_by=None, end_form=None):
         self.user = user
         self.devices = devices
         self.open_requests = open_requests
@@ -535,6 +545,10 @@ class UserRow:
         self.can_disable = not (self.protected or self.disabled) and (bool(devices) or self.window == "ended")
         self.can_end = not (self.protected or self.disabled) and self.window == "open"
         self.show_form = self.can_disable and form is not None
+        # Blank unless sent back with an error; built only for the rare row with an open window.
+        self.end_form = (end_form or EndWindowForm(formdata=None, prefix=f"end{user.id}")) if self.can_end else None
+        # Support's early end of this window ({created_at, actor_email, reason}), told apart from one that ran out.
+        self.ended_early = opened_by.get("ended_early") if opened_by and self.window == "ended" else None
 
 
 LAST_DISABLE_SHOWN = timedelta(days=30)
@@ -573,7 +587,7 @@ def _open_counts_query(ids):
             .group_by(SupportRequest.user))
 
 
-def build_rows(users, forms=None, notices=None, errors=None):
+def build_rows(users, forms=None, notices=None, errors=None, end_forms=None):
     """UserRows for `users` with their devices and open-request counts in two queries (no N+1)."""
     ids = [u.id for u in users]
     devices = {i: [] for i in ids}
@@ -583,35 +597,43 @@ def build_rows(users, forms=None, notices=None, errors=None):
             devices[d.user_id].append(d)
         counts = dict(_by_ids(SupportRequest, _open_counts_query, ids).tuples())
     opened = _windows_opened_by(ids)  # their latest support disables (shown for a while after the window)
-    forms, notices, errors = forms or {}, notices or {}, errors or {}
+    forms, notices, errors, end_forms = forms or {}, notices or {}, errors or {}, end_forms or {}
     current, actor_id = now(), current_user.id  # once per page, not once per row
     return [UserRow(u, devices[u.id], counts.get(u.id, 0), forms.get(u.id), notices.get(u.id), errors.get(u.id),
-                    current=current, actor_id=actor_id, opened_by=opened.get(u.id)) for u in users]
+                    current=current, actor_id=actor_id, opened_by=opened.get(u.id), end_form=end_forms.get(u.id))
+            for u in users]
 
 
 def _windows_opened_by(ids):
     """Who opened each person's latest support window, when, with what reason and ticket (their latest
-    support disable), in one query for the page. Another admin, or the same one later, sees whose decision
-    it was without searching the audit log."""
+    support disable), and, under "ended_early", who ended that window before its time and why, in one query
+    for the page. Another admin, or the same one later, sees whose decision it was without searching the
+    audit log, and does not take a window support ended for one that ran out."""
     if not ids:
         return {}
-    found = {}
-    for e in _by_ids(AuditEvent, _latest_disables_query, ids).dicts():
+    found, ended = {}, {}
+    for e in _by_ids(AuditEvent, _latest_window_events_query, ids).dicts():
         detail = json.loads(e["detail"] or "{}")
-        found[e["user"]] = {"created_at": e["created_at"], "actor_email": e["actor_email"],
-                            "reason": detail.get("reason"), "ticket": detail.get("ticket")}
+        event = {"id": e["id"], "created_at": e["created_at"], "actor_email": e["actor_email"],
+                 "reason": detail.get("reason"), "ticket": detail.get("ticket")}
+        (found if e["kind"] == "support_tfa_disabled" else ended)[e["user"]] = event
+    for user, event in ended.items():
+        if user in found and event["id"] > found[user]["id"]:  # an end of an older window says nothing now
+            found[user]["ended_early"] = event
     return found
 
 
-def _latest_disables_query(ids):
-    """The latest support disable of each of these people, with its admin's address. The event kind is
-    written into the SQL, so that the ids are its only parameters and _by_ids keeps the text."""
+def _latest_window_events_query(ids):
+    """The latest support disable and the latest early end of each of these people, with the admin's
+    address. The event kinds are written into the SQL, so that the ids are its only parameters and _by_ids
+    keeps the text."""
     actor = User.alias()
     latest = (AuditEvent.select(fn.MAX(AuditEvent.id))
-              .where((AuditEvent.kind == SQL("'support_tfa_disabled'")) & AuditEvent.user.in_(ids))
-              .group_by(AuditEvent.user))
-    return (AuditEvent.select(AuditEvent.user, AuditEvent.created_at, AuditEvent.detail,
-                              actor.email.alias("actor_email"))
+              .where(AuditEvent.kind.in_([SQL("'support_tfa_disabled'"), SQL("'support_window_ended'")])
+                     & AuditEvent.user.in_(ids))
+              .group_by(AuditEvent.user, AuditEvent.kind))
+    return (AuditEvent.select(AuditEvent.id, AuditEvent.kind, AuditEvent.user, AuditEvent.created_at,
+                              AuditEvent.detail, actor.email.alias("actor_email"))
             .join(actor, JOIN.LEFT_OUTER, on=(AuditEvent.actor == actor.id))
             .where(AuditEvent.id.in_(latest)))
 
@@ -824,13 +846,14 @@ def _focus(form):
 
 
 def _row_response(target, status=200, form=None, notice=None, error=None, flash_message=None,
-                  refresh_requests=False, warning=None):
+                  refresh_requests=False, warning=None, end_form=None):
     """htmx: the person's row re-rendered in place; plain forms: redirect with a flash, or the page with errors."""
     fresh = User.select(*USER_COLUMNS).where(User.id == target.id).get()
     if warning and htmx.is_htmx():
         notice = f"{notice} {warning}" if notice else warning
     rows = build_rows([fresh], forms={fresh.id: form} if form else None,
-                      notices={fresh.id: notice} if notice else None, errors={fresh.id: error} if error else None)
+                      notices={fresh.id: notice} if notice else None, errors={fresh.id: error} if error else None,
+                      end_forms={fresh.id: end_form} if end_form else None)
     if htmx.is_htmx():
         # htmx 2 does not swap 4xx answers: validation errors come back 200 inside the fragment.
         if refresh_requests:
@@ -975,6 +998,9 @@ def end_window(user_id):
     """End a person's support window now: password-only sign-in stops working at once (fail closed)."""
     target = _target_or_404(user_id)
     _refuse_protected(target)
+    form = EndWindowForm(prefix=f"end{target.id}")
+    if not form.validate():
+        return _row_response(target, status=400, end_form=form, error="Nothing was changed. Check the reason below.")
     actor = current_user._get_current_object()
     with write_transaction():
         locked = _lock_target(target.id)
@@ -987,7 +1013,7 @@ def end_window(user_id):
             # Sessions opened with the password alone during the window end with it.
             sessions = end_user_sessions(locked)
             audit("support_window_ended", user=locked, actor=actor, was_until=locked.tfa_reset_until.isoformat(),
-                  sessions_ended=sessions)
+                  sessions_ended=sessions, reason=form.reason.data or None)
     if disabled:
         return _row_response(target, status=409, error=_ACCOUNT_DISABLED)
     if not is_open:

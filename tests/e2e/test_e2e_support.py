@@ -167,6 +167,28 @@ def test_disable_form_by_keyboard_with_an_error_first(page, server):
     expect(person_row(page).get_by_role("status")).to_contain_text("is off until")
 
 
+def test_ending_a_window_early_with_a_reason_by_keyboard(page, server):
+    """security.md 39, 42: the agent opens "End support window now" with the keyboard, gives an optional
+    reason and ends the window; the row says it was ended early, by whom and why (it read like a window that
+    ran out), and the focus is on the outcome."""
+    server.user(PERSON, devices={"Lost phone": random_secret()})
+    sign_in_admin(page, server)
+    disable_2fa_for_person(page)
+    tab_to(page, person_row(page).get_by_text("End support window now", exact=True))
+    page.keyboard.press("Enter")
+    reason = person_row(page).get_by_label("Reason", exact=True)
+    expect(reason).to_be_visible()
+    expect(reason).to_have_accessible_description(re.compile("Optional"))
+    tab_to(page, reason)
+    page.keyboard.type("Owner called back: the request was not from her.")
+    tab_to(page, person_row(page).get_by_role("button", name="End the window", exact=True))
+    page.keyboard.press("Enter")
+    expect(person_row(page).get_by_role("status")).to_be_focused()
+    expect(person_row(page)).to_contain_text("Blocked")
+    expect(person_row(page)).to_contain_text(
+        re.compile(f"Ended early .* UTC by {re.escape(ADMIN)}: “Owner called back: the request was not from her.”"))
+
+
 def test_mark_as_handled_by_keyboard_keeps_the_focus_on_the_request(page, server):
     """Enter on Mark as handled: the requests card is replaced, and focus goes to the status line saying what
     was done (it was left on <body>, so the next Tab started again at the top of the page); the count follows
