@@ -772,6 +772,92 @@ def test_first_run_code_is_the_same_on_every_host_of_a_deployment(tmp_path, caps
     assert r.status_code == 302
 
 
+def made_meanwhile(app, monkeypatch, module, email="other@example.com", admin=True):
+    """While `module`'s password hash runs (the slow part, done before its transaction), another request or
+    command makes the account `email`, as a second /setup form or a sign-up sent a moment apart would."""
+    import importlib
+
+    target = importlib.import_module(module)
+    real = target.hash_password
+
+    def hash_and_meanwhile(password):
+        with app.app_context():
+            User.create(email=email, password_hash=real(password), is_admin=admin)
+        return real(password)
+
+    monkeypatch.setattr(target, "hash_password", hash_and_meanwhile)
+
+
+def test_two_first_run_forms_sent_at_once_make_one_admin(app, client, monkeypatch):
+    """A code reader's review: /setup checked "no account yet" and created the admin in a plain transaction.
+    Two forms sent at once made two admins on PostgreSQL (different addresses), or a 500 (the same address,
+    a double click). The check is made again under the page's own lock: the later form makes nothing, writes
+    no record, and says what happened."""
+    page = client.get("/setup").get_data(as_text=True)
+    made_meanwhile(app, monkeypatch, "webapp.auth")
+    r = client.post("/setup", data={"csrf_token": csrf_from(page), "setup_code": "setup-code-123",
+                                    "email": "a@example.com", "password": PASSWORD, "confirm": PASSWORD})
+    assert r.status_code == 302 and r.headers["Location"] == "/login"
+    with app.app_context():
+        assert [(u.email, u.is_admin) for u in User.select()] == [("other@example.com", True)]
+        assert AuditEvent.select().count() == 0
+    assert "created a moment ago by another request" in client.get("/login").get_data(as_text=True)
+    assert client.get("/settings").headers["Location"].startswith("/login")  # not signed in as anyone
+
+
+def test_two_first_run_forms_sent_at_once_take_turns_on_postgresql(app, client):
+    """The same on PostgreSQL, where reading that no account exists locks nothing: the form waits for the
+    page's lock while another transaction holds it, and then finds the account that one made."""
+    if not (os.environ.get("TEST_DATABASE_URL") or "").startswith("postgres"):
+        pytest.skip("PostgreSQL only: on SQLite the write transaction excludes every other writer")
+    import hashlib
+    import threading
+
+    import psycopg
+
+    from .test_lock_order import wait_for_blocked_by
+
+    page = client.get("/setup").get_data(as_text=True)
+    with app.app_context():  # the other request's insert, every column as the app fills it
+        insert_sql, insert_params = User.insert(email="other@example.com", password_hash=hash_password(PASSWORD),
+                                                is_admin=True).sql()
+    other = psycopg.connect(os.environ["TEST_DATABASE_URL"])
+    key = int.from_bytes(hashlib.sha256(b"first-run").digest()[:8], "big", signed=True)
+    other.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+    pid = other.execute("SELECT pg_backend_pid()").fetchone()[0]
+    answers = []
+
+    def send():
+        answers.append(client.post("/setup", data={"csrf_token": csrf_from(page), "setup_code": "setup-code-123",
+                                                   "email": "a@example.com", "password": PASSWORD,
+                                                   "confirm": PASSWORD}))
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    try:
+        assert wait_for_blocked_by(other, pid, thread)
+        other.execute(insert_sql, insert_params)
+        other.commit()
+    finally:
+        other.rollback()
+        other.close()
+        thread.join(30)
+    assert answers[0].status_code == 302 and answers[0].headers["Location"] == "/login"
+    with app.app_context():
+        assert [u.email for u in User.select()] == ["other@example.com"]
+
+
+def test_cli_create_of_an_address_made_meanwhile_says_it_exists(app, monkeypatch):
+    """`users create` checked the address, hashed, then inserted: an account made meanwhile (a sign-up) gave
+    a traceback. It says the account exists, and makes and records nothing."""
+    made_meanwhile(app, monkeypatch, "webapp.cli", email="carol@example.com", admin=False)
+    result = run(app, "users", "create", "carol@example.com", "--password", PASSWORD)
+    assert result.exit_code == 1 and result.exception.__class__ is SystemExit
+    assert "an account with email carol@example.com already exists" in result.output
+    with app.app_context():
+        assert User.select().count() == 1 and AuditEvent.select().count() == 0
+
+
 def test_first_run_mismatched_passwords(client):
     page = client.get("/setup").get_data(as_text=True)
     r = client.post("/setup", data={"csrf_token": csrf_from(page), "setup_code": "setup-code-123",

@@ -1211,6 +1211,26 @@ def test_reauth_with_a_wrong_password_says_so_without_mentioning_an_email_addres
         assert AuditEvent.select().where(AuditEvent.kind == "reauthenticated").count() == 0
 
 
+def test_confirm_its_you_answers_429_while_the_password_or_the_code_waits(actor, app, secret):
+    """security.md 18: "Confirm it's you" shows the back-off's "Too many ..." as every other page does, and
+    answers 429 Too Many Requests with it as they do (it answered 200); a wrong password before the wait is
+    an ordinary 200. The status follows the refusal's kind, not its first words."""
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    actor.clock.advance(11 * 60)
+    r = actor.post_form("/reauth", {"password": "not my password", "code": actor.code(secret)})
+    assert r.status_code == 200 and "Incorrect password." in r.get_data(as_text=True)
+    r = actor.post_form("/reauth", {"password": PASSWORD, "code": actor.code(secret)})  # within the 1 s pause
+    assert r.status_code == 429 and "Too many failed attempts. Try again in" in r.get_data(as_text=True)
+    actor.clock.advance(60)
+    r = actor.post_form("/reauth", {"password": PASSWORD, "code": WRONG if actor.code(secret) != WRONG else "111111"})
+    assert r.status_code == 200 and "Incorrect password." not in r.get_data(as_text=True)
+    r = actor.post_form("/reauth", {"password": PASSWORD, "code": actor.code(secret)})  # the code's pause
+    assert r.status_code == 429 and "This code was not checked" in r.get_data(as_text=True)
+    with app.app_context():
+        assert AuditEvent.select().where(AuditEvent.kind == "reauthenticated").count() == 0
+
+
 def test_the_fifth_wrong_code_locks_for_minutes_and_is_recorded_then(app, clock, secret):
     """security.md 18, 19: failures 1-4 back off 1, 2, 4, 8 s; the fifth locks for 15 minutes, so 17 s later
     a right code is still refused; the lockout is recorded at the fifth failure, not before."""

@@ -192,6 +192,16 @@ def current_challenge():
     return challenge
 
 
+class Throttled(str):
+    """A refusal for a wait that is not over (a back-off or a network's hourly limit): its page answers 429
+    Too Many Requests, whichever page it is. Told by its type, not by its words."""
+
+
+def refusal_status(error, otherwise):
+    """The status of a page that shows `error`: 429 for a Throttled one, else `otherwise`."""
+    return 429 if isinstance(error, Throttled) else otherwise
+
+
 def password_check(user, password, wrong=GENERIC_LOGIN_ERROR, network=None):
     """Check a password with the throttle; returns None on success or the error to show (`wrong` when the
     password is not the account's).
@@ -281,7 +291,7 @@ def _password_throttled(user, holder, locked_until):
     (security.md 18)."""
     _set_counter(holder, password_failures=type(holder).password_failures + 1)
     audit("password_throttled", user=user, **_counted_in(holder))
-    return f"Too many failed attempts. Try again in {wait_text(locked_until)}."
+    return Throttled(f"Too many failed attempts. Try again in {wait_text(locked_until)}.")
 
 
 def _counted_in(holder):
@@ -295,9 +305,9 @@ def code_error(result):
         if not is_lock(result.strikes):
             # Within the short pauses after the first wrong codes (1, 2, 4, 8 s; security.backoff): one
             # mistyped code is not "too many".
-            return (f"This code was not checked: after a wrong code, codes are paused for a moment. Wait "
-                    f"{wait_text(result.locked_until)} before entering another code.")
-        return f"Too many wrong codes. Wait {wait_text(result.locked_until)} before trying again."
+            return Throttled(f"This code was not checked: after a wrong code, codes are paused for a moment. "
+                             f"Wait {wait_text(result.locked_until)} before entering another code.")
+        return Throttled(f"Too many wrong codes. Wait {wait_text(result.locked_until)} before trying again.")
     if result.reason == "malformed":
         return MALFORMED_CODE_ERROR
     return GENERIC_CODE_ERROR
@@ -368,7 +378,7 @@ def login():
                     if response is not None:
                         return response
                     error = refuse_replaced_password(user, network) if user is not None else GENERIC_LOGIN_ERROR
-            status = 429 if error.startswith("Too many") else 200
+            status = refusal_status(error, 200)
     notice = request.args.get("notice")
     # A session that support's window ended comes here with this notice (webapp._unauthorized): the same
     # words as a sign-in refused after the window, which they tell anyone who types the address too.
@@ -397,8 +407,8 @@ def network_refusal(user, network):
             return None
     if user is not None and known_browser(user) is not None:
         return None
-    return (f"Too many failed sign-ins from your network. Try again in {wait_text(until)}, or from a browser "
-            "you have signed in with before.")
+    return Throttled(f"Too many failed sign-ins from your network. Try again in {wait_text(until)}, or from a "
+                     "browser you have signed in with before.")
 
 
 def upgraded_hash(user, password):
@@ -566,7 +576,7 @@ def reauth():
                 if not renewed:  # signed out meanwhile (elsewhere, or by a password change): it stays so
                     return redirect(login_notice_url("session-ended"))
                 return redirect(next_url or url_for("settings.index"))
-            status = 200
+            status = refusal_status(error, 200)
     return render_template("auth/reauth.html", form=form, error=error, needs_code=needs_code,
                            next_url=next_url), status
 
@@ -670,12 +680,21 @@ def first_run():
             if not hmac.compare_digest(form.setup_code.data.strip().encode(), expected.encode()):
                 error, status = "That setup code is not right. It is printed in the server's console.", 403
             else:
-                with db.atomic():
-                    if User.any_exist():
-                        abort(404)
-                    user = User.create(email=normalise_email(form.email.data), is_admin=True,
-                                       password_hash=hash_password(form.password.data))
-                audit("account_created", user=user, via="first-run", admin=True)
+                password_hash = hash_password(form.password.data)  # slow: outside the transaction
+                user = None
+                with write_transaction():
+                    # Checked again holding the page's name: two forms sent at once (a double click, or someone
+                    # else with the code) made two admins on PostgreSQL, or a 500 for the same address twice.
+                    lock_keys("first-run")
+                    if not User.any_exist():
+                        user = User.create(email=normalise_email(form.email.data), is_admin=True,
+                                           password_hash=password_hash)
+                        audit("account_created", user=user, via="first-run", admin=True)
+                if user is None:
+                    flash("The first admin account was created a moment ago by another request, and this page is "
+                          "closed. Log in with that account. If it was not you, stop the server and check "
+                          "users list (README “Operator commands”).", "warning")
+                    return redirect(url_for("auth.login"))
                 flash("Your admin account is ready. Set up two-factor authentication next.", "success")
                 return complete_sign_in(user)
         else:

@@ -8,7 +8,7 @@ import click
 from email_validator import EmailNotValidError, validate_email
 from flask import current_app
 from flask.cli import AppGroup, with_appcontext
-from peewee import JOIN
+from peewee import JOIN, IntegrityError
 
 from .clock import now
 from .config import keys_source
@@ -62,10 +62,16 @@ def create_user(email, password, admin):
     if problem:
         raise click.ClickException(f"invalid email address: {problem}")
     _check_password(password)
+    exists = click.ClickException(f"an account with email {normalise_email(email)} already exists")
     if User.by_email(email) is not None:
-        raise click.ClickException(f"an account with email {normalise_email(email)} already exists")
-    user = User.create(email=normalise_email(email), password_hash=hash_password(password), is_admin=admin)
-    audit("account_created", user=user, via="cli", admin=admin)
+        raise exists
+    password_hash = hash_password(password)  # slow: outside the transaction
+    try:
+        with write_transaction():
+            user = User.create(email=normalise_email(email), password_hash=password_hash, is_admin=admin)
+            audit("account_created", user=user, via="cli", admin=admin)
+    except IntegrityError:  # made meanwhile (a sign-up, /setup or another run): said, not a traceback
+        raise exists from None
     click.echo(f"created {'admin ' if admin else ''}{user.email}")
 
 

@@ -17,7 +17,7 @@ from wtforms.validators import DataRequired, Length, Optional, ValidationError
 
 from . import fields, htmx, totp
 from .auth import (CODE_FIELD_ATTRS, MALFORMED_CODE_ERROR, WRONG_PASSWORD_ERROR, code_error, new_password_field,
-                   password_check, repeat_password_field, strip_text)
+                   password_check, refusal_status, repeat_password_field, strip_text)
 from .clock import now, timestamp
 from .db import Param, Prepared, db, for_update, write_transaction
 from .fields import Form, freeze
@@ -682,7 +682,7 @@ def remove_device(device_id):
         if error is not None:
             form.password.errors = [error]
             return _settings_response(user, failed=("remove", device.id, form),
-                                      status=429 if error.startswith("Too many") else 403)
+                                      status=refusal_status(error, 403))
     # A stolen session alone cannot remove a factor: a current code is needed (security.md 32).
     result = totp.check_user_code(user, form.code.data)
     if not result:
@@ -733,7 +733,7 @@ def disable():
     if error is not None:
         form.password.errors = [error]
         return _settings_response(user, failed=("disable", None, form),
-                                  status=429 if error.startswith("Too many") else 403)
+                                  status=refusal_status(error, 403))
     result = totp.check_user_code(user, form.code.data)
     if not result:
         form.code.errors = [code_error(result)]
@@ -771,7 +771,7 @@ def password():
     error = password_check(user, form.current.data, wrong="That is not your current password.")
     if error is not None:
         form.current.errors = [error]
-        return _password_page(form, 429 if error.startswith("Too many") else 403)
+        return _password_page(form, refusal_status(error, 403))
     # The hash first (slow), outside the transaction that other writers wait for.
     ended = replace_password(user, hash_password(form.new.data), via="settings", keep_token=session.token,
                              checked_hash=user.password_hash)
