@@ -448,6 +448,48 @@ def test_turning_2fa_off_is_all_or_nothing(actor, app, alice, secret, monkeypatc
     assert "tfa_disabled" not in kinds(app, alice)
 
 
+@pytest.mark.parametrize("change", ["remove", "disable", "add"])
+def test_a_2fa_change_whose_sessions_cannot_be_ended_changes_nothing(actor, app, alice, secret, monkeypatch,
+                                                                     change):
+    """security.md 35: the change, its records and the end of the other sessions commit together. A code
+    reader's review: they were separate transactions, so the database failing between them left a removed
+    factor (or a new device) with the person's other sessions still signed in. Now nothing changes, the
+    other browser stays as it was, and the person sees the 503 page."""
+    import sqlite3
+
+    from peewee import OperationalError
+
+    import webapp.settings as settings_module
+
+    actor.clock.advance(30)
+    other = second_session(actor, app, secret=secret)
+    actor.clock.advance(30)
+    [device] = device_rows(app, alice)
+    if change == "add":
+        from .test_wizard import Wizard
+
+        wizard = Wizard(actor)
+        wizard.start()
+        assert wizard.submit_code().status_code == 200
+    before = kinds(app, alice)
+
+    def failing(user, keep_token=None):
+        driver_error = sqlite3.OperationalError("disk I/O error")
+        raise OperationalError(driver_error, *driver_error.args)
+
+    monkeypatch.setattr(settings_module, "end_user_sessions", failing)
+    if change == "add":
+        r = wizard.complete("Tablet")
+    else:
+        r = post(actor, *device_change(actor, device, secret, change))
+    assert r.status_code == 503
+    assert [d.name for d in device_rows(app, alice)] == ["Phone"]
+    after = kinds(app, alice)
+    assert after[:len(before)] == before
+    assert set(after[len(before):]) <= {"code_accepted"}  # the code was checked (and is used up): nothing else
+    assert not signed_out(other.client)
+
+
 def test_turning_2fa_off_with_a_wrong_code_changes_nothing(actor, app, alice, secret):
     wrong = "123456" if actor.code(secret) != "123456" else "654321"
     r = post(actor, "/settings/2fa/disable", {"off-password": PASSWORD, "off-code": wrong}, htmx=True)

@@ -214,12 +214,19 @@ def _delete_entry(user):
     return f"You can delete {_app_entry(user)} in your authenticator app."
 
 
-def _after_change(user, notice, end_sessions=True):
-    """Finish a device change: other sessions end (security.md 35) unless told otherwise, then show the
-    updated row (and, for htmx, the list of sessions without them: its buttons for them would lead nowhere)."""
-    ended = end_user_sessions(user, keep_token=session.token) if end_sessions else 0
+def _end_other_sessions(user):
+    """Inside the transaction of a 2FA change: end every other session of the person, with its record
+    (security.md 35). In the change's own transaction, so that no failure between them leaves the old
+    sessions alive after the factor changed, or the change without its records. Returns how many ended."""
+    ended = end_user_sessions(user, keep_token=session.token)
     if ended:
         audit("sessions_ended", user=user, reason="2fa change", count=ended)
+    return ended
+
+
+def _after_change(user, notice, ended=0):
+    """Show the row after a device change (and, for htmx, when other sessions were `ended`, the list of
+    sessions without them: its buttons for them would lead nowhere)."""
     if htmx.is_htmx():
         return _settings_response(user, notice=notice, sessions_oob=bool(ended), activity_oob=True)
     flash(notice, "success")
@@ -528,13 +535,11 @@ def complete(user, pending):
             return _wizard("name", status=400, pending=pending, form=form)
         PendingEnrolment.delete().where(PendingEnrolment.user == user.id).execute()
         User.update(tfa_reset_until=None).where(User.id == user.id).execute()
-    other_keys = _keys_started_since_last_device(user) > 1
-    audit("device_added" if had_2fa else "tfa_enabled", user=user, device=device.name)
-    if had_reset_window:
-        audit("tfa_reset_window_ended", user=user, reason="new device enrolled")
-    ended = end_user_sessions(user, keep_token=session.token)
-    if ended:
-        audit("sessions_ended", user=user, reason="2fa change", count=ended)
+        other_keys = _keys_started_since_last_device(user) > 1  # before this activation's own record
+        audit("device_added" if had_2fa else "tfa_enabled", user=user, device=device.name)
+        if had_reset_window:
+            audit("tfa_reset_window_ended", user=user, reason="new device enrolled")
+        ended = _end_other_sessions(user)
     session[_WIZARD_DONE] = {"device": device.id, "added": had_2fa, "reset": had_reset_window, "others": other_keys}
     if ended:
         g.sessions_changed = True  # the done step refreshes the list of sessions behind the dialog too
@@ -650,7 +655,7 @@ def rename_device(device_id):
         if outcome == "renamed":
             # A name changes no factor (the same keys sign in as before): the person's other browsers stay
             # signed in, unlike after a removal (security.md 35).
-            return _after_change(user, f"Renamed “{current.name}” to “{name}”.", end_sessions=False)
+            return _after_change(user, f"Renamed “{current.name}” to “{name}”.")
         form.name.errors = ["You already have a device with this name. Choose another name."]
     return _settings_response(user, failed=("rename", device.id, form), status=400)
 
@@ -704,6 +709,7 @@ def remove_device(device_id):
             if left == 1:
                 end_code_steps(user)  # with 2FA off it could never finish
                 audit("tfa_disabled", user=user, via="last device removed")
+            ended = _end_other_sessions(user)
             device = current
     if gone:
         abort(404, description=_DEVICE_GONE)
@@ -713,9 +719,9 @@ def remove_device(device_id):
         return _settings_response(user, failed=("remove", device.id, form), status=409)
     if left == 1:
         return _after_change(user, "Two-factor authentication is now off: you removed your only device. "
-                                   f"{_delete_entry(user)}")
+                                   f"{_delete_entry(user)}", ended)
     return _after_change(user, f"Removed “{device.name}”. It no longer works for signing in: in the authenticator "
-                               f"app on that device, delete {_app_entry(user)}.")
+                               f"app on that device, delete {_app_entry(user)}.", ended)
 
 
 @bp.post("/2fa/disable")
@@ -746,10 +752,11 @@ def disable():
         discarded = PendingEnrolment.delete().where(PendingEnrolment.user == user.id).execute()
         end_code_steps(user)  # with 2FA off it could never finish
         audit("tfa_disabled", user=user, via="settings", devices=names)
+        ended = _end_other_sessions(user)
     if discarded:
         session[_WIZARD_ENDED_BY_TURN_OFF] = True  # for a wizard open in another tab: _without_pending
     return _after_change(user, "Two-factor authentication is now off. Your devices no longer work for signing in. "
-                               f"{_delete_entry(user)}")
+                               f"{_delete_entry(user)}", ended)
 
 
 # ---------------------------------------------------------------- password
@@ -856,9 +863,10 @@ def _sessions_response(notice):
 def end_other_sessions():
     """Sign out everywhere else: delete every other session of this person, server-side (security.md 30, 35)."""
     user = _user()
-    ended = end_user_sessions(user, keep_token=session.token)
-    forget_browsers(user, keep_this_one=True)  # the others lose their own password throttle too
-    audit("sessions_ended", user=user, reason="signed out everywhere else", count=ended)
+    with write_transaction():  # the sessions, the browsers' throttles and the record together, or none
+        ended = end_user_sessions(user, keep_token=session.token)
+        forget_browsers(user, keep_this_one=True)  # the others lose their own password throttle too
+        audit("sessions_ended", user=user, reason="signed out everywhere else", count=ended)
     if ended:
         return _sessions_response(f"Signed out on {ended} other browser{'s' if ended != 1 else ''}.")
     return _sessions_response("You were not signed in anywhere else.")
@@ -882,6 +890,6 @@ def end_one_session(handle):
     with write_transaction():
         User.lock(user.id)  # like end_user_sessions: a renewal of that session under way sees it gone
         ended = ServerSession.delete().where((ServerSession.id == match) & (ServerSession.user == user.id)).execute()
-    if ended:
-        audit("sessions_ended", user=user, reason="signed out one other browser", count=ended)
+        if ended:
+            audit("sessions_ended", user=user, reason="signed out one other browser", count=ended)
     return _sessions_response("That browser is signed out.")
