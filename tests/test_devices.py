@@ -787,8 +787,13 @@ def test_renaming_a_device_removed_in_another_tab_reloads_the_page_with_the_reas
     r = actor.client.post(f"/settings/devices/{tablet.id}/rename",
                           data={"csrf_token": token, f"rename-{tablet.id}-name": "Old tablet"}, headers=HX)
     assert r.status_code == 404 and r.headers["HX-Refresh"] == "true"
+    # The fragment, and a page without htmx, each say that the answer varies on HX-Request (conventions: one
+    # predicate decides page or fragment, and every such answer says so, or a cache serves one for the other).
+    assert "HX-Request" in r.vary and "<html" not in text(r)
     page = text(actor.client.get("/settings"))
     assert "Not found: That device is no longer on your account" in page and "Old tablet" not in page
+    plain = actor.client.get("/settings/no-such-page")
+    assert plain.status_code == 404 and "HX-Request" in plain.vary and "<html" in text(plain)
     assert [d.name for d in device_rows(app, alice)] == ["Phone"]
 
 

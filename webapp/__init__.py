@@ -9,7 +9,7 @@ import random
 import sys
 import time
 
-from flask import Flask, flash, g, make_response, redirect, render_template, request, session, url_for
+from flask import Flask, flash, g, redirect, request, session, url_for
 from flask_login import LoginManager, current_user
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from flask_wtf.form import SUBMIT_METHODS
@@ -510,11 +510,13 @@ def _lock_conflict(exc):
 
 
 def _register_error_handlers(app):
-    from .htmx import hx_redirect, is_htmx
+    from .htmx import hx_redirect, is_htmx, render
 
     def render_error(status, title, message, can_store=None):
+        """The error page, or for htmx its fragment with a reload (HX-Refresh); either way Vary: HX-Request."""
+        response = render("errors/error.html", "errors/_error.html", status=status, title=title, message=message)
         if not is_htmx():
-            return render_template("errors/error.html", status=status, title=title, message=message), status
+            return response
         # htmx swaps no 4xx or 5xx answer (htmx 2's default), so an error fragment would never be seen and the
         # click would seem to do nothing: the page reloads instead (HX-Refresh) with the message on top. Only
         # in a session that has a row already: anyone can send HX-Request to a missing page, and a message for
@@ -522,8 +524,6 @@ def _register_error_handlers(app):
         # message cannot be stored, and the reload shows the page itself.
         if (status < 500 if can_store is None else can_store) and getattr(session, "row", None) is not None:
             flash(f"{title}: {message}", "error")
-        response = make_response(render_template("errors/_error.html", status=status, title=title,
-                                                 message=message), status)
         response.headers["HX-Refresh"] = "true"
         return response
 

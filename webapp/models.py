@@ -76,10 +76,6 @@ class User(UserMixin, BaseModel):
         found = {user.email: user for user in query.where(cls.email.in_(spellings))}
         return next((found[s] for s in spellings if s in found), None)
 
-    def active_devices(self):
-        """This person's authenticator devices, oldest first."""
-        return Device.select().where(Device.user == self).order_by(Device.created_at, Device.id)
-
     def support_window(self, at=None):
         """Support's time window for a new device (security.md 39): None when none was opened, "open" until
         tfa_reset_until, "ended" from then on. It matters only while the person has no device."""

@@ -116,13 +116,13 @@ def known_browser_cookie_name():
 
 KNOWN_BROWSERS_PER_PERSON = 10  # the most recently used; older ones are forgotten when a new one comes
 
-# Every completed sign-in runs two of these: compiled once (db.Prepared).
 def _live_browser():
     """The row of cookie `id` for person `user`, used since `since`: the condition of _KB_FIND and _KB_TOUCH."""
     return ((KnownBrowser.id == Param("id")) & (KnownBrowser.user == Param("user"))
             & (KnownBrowser.last_used_at > Param("since")))
 
 
+# Every completed sign-in runs two of these: compiled once (db.Prepared).
 _KB_FIND = Prepared(lambda: KnownBrowser.select().where(_live_browser()))
 _KB_TOUCH = Prepared(lambda: KnownBrowser.update(last_used_at=Param("at")).where(_live_browser()))
 _KB_DROP = Prepared(lambda: KnownBrowser.delete().where(KnownBrowser.id == Param("id")))

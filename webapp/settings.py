@@ -64,10 +64,6 @@ def _printable(form, field):
 
 # ---------------------------------------------------------------- forms
 
-class StartForm(Form):
-    """Only the CSRF token: starting the wizard issues a new secret, so it is a POST."""
-
-
 class EnrolCodeForm(Form):
     code = StringField("Verification code", validators=[
         DataRequired("Enter the 6-digit code from your authenticator app."),
@@ -378,7 +374,7 @@ def tfa():
     user = _user()
     pending = current_pending(user)
     return htmx.render("settings/tfa.html", "settings/_wizard_dialog.html",
-                       step="intro", form=StartForm(), has_2fa=user.has_2fa, in_dialog=htmx.is_htmx(),
+                       step="intro", has_2fa=user.has_2fa, in_dialog=htmx.is_htmx(),
                        replacing_lost=not user.has_2fa and _had_a_device(user),
                        resume=pending and ("name" if pending.verified_step is not None else "qr"),
                        setup=pending_handle(pending) if pending else None)
@@ -389,9 +385,7 @@ def tfa():
 def start():
     """Issue a new pending secret for this session (replacing any earlier one) and show its QR code."""
     user = _user()
-    form = StartForm()
-    if not form.validate_on_submit():
-        abort(400)
+    # A POST (it issues a new secret), so CSRFProtect has checked its token before this view runs.
     if session.row is None:
         abort(400)
     secret = totp.new_secret()
@@ -485,7 +479,7 @@ def verify_code(user, pending):
     if discarded_now:
         audit("tfa_enrolment_discarded", user=user, reason="too many wrong codes")
     if failures >= MAX_ENROLMENT_FAILURES:
-        return _wizard("expired", form=StartForm(formdata=None), too_many=True)
+        return _wizard("expired", too_many=True)
     return _wizard("code", status=status, pending=pending, form=form, error=error)
 
 
@@ -559,7 +553,8 @@ def done():
     return _done_step(user, device, session[_WIZARD_DONE])
 
 
-# This session's last completed setup: {"device": id, "added": had 2FA before, "reset": ended support's window}.
+# This session's last completed setup: {"device": id, "added": had 2FA before, "reset": ended support's window,
+# "others": other keys were made since the last device, which may be entries in the app that never work}.
 _WIZARD_DONE = "wizard_done"
 _WIZARD_ENDED_BY_TURN_OFF = "wizard_ended_by_turn_off"  # set by Turn off when it discarded a setup under way
 
@@ -609,8 +604,8 @@ def _without_pending(user):
     if session.pop(_WIZARD_ENDED_BY_TURN_OFF, None):
         # Turned off in another tab (the same session) while this one was adding a device: "expired, nothing
         # was changed on your account" would be wrong twice.
-        return _wizard("expired", form=StartForm(), turned_off=True)
-    return _wizard("expired", form=StartForm())
+        return _wizard("expired", turned_off=True)
+    return _wizard("expired")
 
 
 # ---------------------------------------------------------------- devices afterwards

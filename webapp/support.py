@@ -176,7 +176,6 @@ KIND_LABELS = {
     "account_disabled": "Account disabled by the server operator",
     "account_enabled": "Account enabled again by the server operator",
     "totp_keys_rotated": "Stored authenticator secrets re-encrypted with the newest key by the server operator",
-    "tfa_enrolled": "Authenticator app set up",
     "tfa_enabled": "Two-factor authentication turned on",
     "device_added": "Another authenticator device added",
     "tfa_enrolment_started": "Set-up of an authenticator app started",
@@ -215,7 +214,6 @@ DETAIL_LABELS = {
     "set_ups_ended": "Unfinished authenticator set-ups ended",
     "disabled_since": "Disabled since",
     "device": "Device",
-    "name": "Name",
     "old_name": "Previous name",
     "admin": "Admin",
     "request": "Request number",
@@ -901,8 +899,8 @@ def disable_2fa_form(user_id):
 
 
 def _person_requests(user_id):
-    """The person's open contact requests, oldest first, for the disable form's own page (without JavaScript):
-    the admin reads what they asked for next to the form, as the Support page shows it beside the row."""
+    """The person's open contact requests, oldest first, shown above the disable form (in the row and on the
+    form's own page): the admin reads what they asked for before deciding."""
     return _oldest_open(SupportRequest.user == user_id)
 
 
