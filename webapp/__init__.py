@@ -110,7 +110,7 @@ def create_app(test_config=None):
     _init_logging(app)
     db_module.init_app(app)
 
-    from .security import check_origin, set_known_browser_cookie, set_security_headers
+    from .security import PASSWORD_MIN, check_origin, set_known_browser_cookie, set_security_headers
     from .sessions import DbSessionInterface, idle_warning_data, raise_if_unavailable
 
     app.session_interface = DbSessionInterface()
@@ -140,7 +140,7 @@ def create_app(test_config=None):
     # every render when context processors add variables, which cost ~0.2 ms a page.
     app.jinja_env.globals.update(field=fields.field, control=fields.control, form_error=fields.form_error,
                                  username_for_password_managers=fields.username_for_password_managers,
-                                 idle_warning_data=idle_warning_data)
+                                 idle_warning_data=idle_warning_data, PASSWORD_MIN=PASSWORD_MIN)
     _memoise_template_helpers(app)
     _register_error_handlers(app)
     _schedule_purge(app)

@@ -7,7 +7,7 @@ from flask import Blueprint, abort, current_app, flash, redirect, render_templat
 from flask_login import current_user, login_required, login_user
 from peewee import IntegrityError
 from wtforms import EmailField, PasswordField, StringField
-from wtforms.validators import DataRequired, Email, EqualTo, InputRequired, Length, ValidationError
+from wtforms.validators import DataRequired, Email, EqualTo, InputRequired, Length, Optional, ValidationError
 
 from .clock import now, timestamp
 from .db import Param, Prepared, db, for_update, lock_keys, write_transaction
@@ -47,28 +47,38 @@ CODE_FIELD_ATTRS = {
 }
 
 
+def code_field(required="Enter the 6-digit code from your authenticator app.", autofocus=True):
+    """A field for a six-digit code (sign-in, the wizard, device changes): the same limits and attributes
+    everywhere. `required` None: an empty one is left to the view."""
+    validators = [DataRequired(required)] if required else []
+    return StringField("Verification code", validators=[*validators, Length(max=32, message=MALFORMED_CODE_ERROR)],
+                       render_kw=CODE_FIELD_ATTRS if autofocus else {**CODE_FIELD_ATTRS, "autofocus": False})
+
+
+def current_password_field(label="Password", required="Enter your password.", autofocus=False):
+    """A field for the password someone has now (sign-in, confirming it's them, device changes). `required`
+    None: optional (asked only in some cases, which the view decides)."""
+    first = DataRequired(required) if required else Optional()
+    render_kw = {"autocomplete": "current-password", **({"autofocus": True} if autofocus else {})}
+    return PasswordField(label, validators=[first, Length(max=PASSWORD_MAX, message="That password is too long.")],
+                         render_kw=render_kw)
+
+
 class LoginForm(Form):
     email = EmailField("Email address", validators=[
         DataRequired("Enter your email address."), Length(max=254, message="That email address is too long."),
         Email("Enter a valid email address.", check_deliverability=False)], filters=[strip_text],
         render_kw={"autocomplete": "username", "autofocus": True})
-    password = PasswordField("Password", validators=[
-        DataRequired("Enter your password."), Length(max=PASSWORD_MAX, message="That password is too long.")],
-        render_kw={"autocomplete": "current-password"})
+    password = current_password_field()
 
 
 class CodeForm(Form):
-    code = StringField("Verification code", validators=[
-        DataRequired("Enter the 6-digit code from your authenticator app."),
-        Length(max=32, message=MALFORMED_CODE_ERROR)], render_kw=CODE_FIELD_ATTRS)
+    code = code_field()
 
 
 class ReauthForm(Form):
-    password = PasswordField("Password", validators=[
-        DataRequired("Enter your password."), Length(max=PASSWORD_MAX, message="That password is too long.")],
-        render_kw={"autocomplete": "current-password", "autofocus": True})
-    code = StringField("Verification code", validators=[Length(max=32, message=MALFORMED_CODE_ERROR)],
-                       render_kw={**CODE_FIELD_ATTRS, "autofocus": False})
+    password = current_password_field(autofocus=True)
+    code = code_field(required=None, autofocus=False)
 
 
 def _not_only_spaces(form, field):

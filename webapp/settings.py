@@ -12,17 +12,17 @@ import unicodedata
 from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, session, url_for
 from flask_login import current_user, login_required
 from peewee import IntegrityError, fn
-from wtforms import BooleanField, PasswordField, StringField
-from wtforms.validators import DataRequired, Length, Optional, ValidationError
+from wtforms import BooleanField, StringField
+from wtforms.validators import DataRequired, Length, ValidationError
 
 from . import fields, htmx, totp
-from .auth import (CODE_FIELD_ATTRS, MALFORMED_CODE_ERROR, WRONG_PASSWORD_ERROR, code_error, new_password_field,
-                   password_check, refusal_status, repeat_password_field, strip_text)
+from .auth import (MALFORMED_CODE_ERROR, WRONG_PASSWORD_ERROR, code_error, code_field, current_password_field,
+                   new_password_field, password_check, refusal_status, repeat_password_field, strip_text)
 from .clock import now, timestamp
 from .db import Param, Prepared, db, for_update, write_transaction
 from .fields import Form, freeze
 from .models import AuditEvent, Device, PendingEnrolment, ServerSession, User
-from .security import (PASSWORD_MAX, audit, end_code_steps, forget_browsers, fresh_login_required, hash_password,
+from .security import (audit, end_code_steps, forget_browsers, fresh_login_required, hash_password,
                        replace_password)
 from .sessions import end_user_sessions, token_hash
 
@@ -65,9 +65,7 @@ def _printable(form, field):
 # ---------------------------------------------------------------- forms
 
 class EnrolCodeForm(Form):
-    code = StringField("Verification code", validators=[
-        DataRequired("Enter the 6-digit code from your authenticator app."),
-        Length(max=32, message=MALFORMED_CODE_ERROR)], render_kw=CODE_FIELD_ATTRS)
+    code = code_field()
 
 
 def _name_field():
@@ -87,32 +85,23 @@ class RenameForm(Form):
     name = _name_field()
 
 
+_CURRENT_CODE = "Enter a current code from your authenticator app."
+
+
 class RemoveForm(Form):
-    code = StringField("Verification code", validators=[
-        DataRequired("Enter a current code from your authenticator app."),
-        Length(max=32, message=MALFORMED_CODE_ERROR)],
-        render_kw={**CODE_FIELD_ATTRS, "autofocus": False})
+    code = code_field(_CURRENT_CODE, autofocus=False)
     confirm_off = BooleanField("Yes, turn two-factor authentication off")
     # Asked only when the last device goes: that turns 2FA off, which needs the password too (security.md 32).
-    password = PasswordField("Password", validators=[
-        Optional(), Length(max=PASSWORD_MAX, message="That password is too long.")],
-        render_kw={"autocomplete": "current-password"})
+    password = current_password_field(required=None)
 
 
 class DisableForm(Form):
-    password = PasswordField("Password", validators=[
-        DataRequired("Enter your password."), Length(max=PASSWORD_MAX, message="That password is too long.")],
-        render_kw={"autocomplete": "current-password"})
-    code = StringField("Verification code", validators=[
-        DataRequired("Enter a current code from your authenticator app."),
-        Length(max=32, message=MALFORMED_CODE_ERROR)],
-        render_kw={**CODE_FIELD_ATTRS, "autofocus": False})
+    password = current_password_field()
+    code = code_field(_CURRENT_CODE, autofocus=False)
 
 
 class PasswordForm(Form):
-    current = PasswordField("Current password", validators=[
-        DataRequired("Enter your current password."), Length(max=PASSWORD_MAX, message="That password is too long.")],
-        render_kw={"autocomplete": "current-password", "autofocus": True})
+    current = current_password_field("Current password", "Enter your current password.", autofocus=True)
     new = new_password_field("New password", "Choose a new password.")
     confirm = repeat_password_field("Repeat the new password", "new", "Repeat the new password.",
                                     "The two new passwords differ.")
@@ -315,6 +304,21 @@ def _replaced_meanwhile(user):
     return _restarted(current) if current is not None else None
 
 
+_STEP_TITLES = {"intro": "Step 1 of 4: Get an authenticator app", "qr": "Step 2 of 4: Scan the QR code",
+                "code": "Step 3 of 4: Enter the code", "name": "Step 4 of 4: Name this device",
+                "restarted": "This setup was restarted"}
+
+
+def _step_title(step, had_2fa_before=False, too_many=False, turned_off=False, **_):
+    """A wizard step's heading, which is also its page's title without JavaScript (settings/tfa.html)."""
+    if step == "done":
+        return "Device added" if had_2fa_before else "Two-factor authentication is active"
+    if step == "expired":
+        return ("Too many wrong codes" if too_many else "Two-factor authentication was turned off" if turned_off
+                else "This setup has expired")
+    return _STEP_TITLES[step]
+
+
 def _wizard(step, status=200, pending=None, **context):
     """Render one wizard step: alone for htmx (it replaces itself), inside the full page otherwise. With
     `pending`, the step's forms name that key (pending_handle), so a later step can tell a page of a key
@@ -325,7 +329,8 @@ def _wizard(step, status=200, pending=None, **context):
         context["setup"] = pending_handle(pending)
     context.setdefault("has_2fa", _user().has_2fa)
     context.setdefault("in_dialog", htmx.is_htmx())  # step headings sit one level below the dialog title
-    return htmx.render("settings/tfa.html", "settings/_wizard_step.html", status=status, step=step, **context)
+    return htmx.render("settings/tfa.html", "settings/_wizard_step.html", status=status, step=step,
+                       step_title=_step_title(step, **context), **context)
 
 
 def _qr_context(user, pending):
@@ -374,7 +379,7 @@ def tfa():
     user = _user()
     pending = current_pending(user)
     return htmx.render("settings/tfa.html", "settings/_wizard_dialog.html",
-                       step="intro", has_2fa=user.has_2fa, in_dialog=htmx.is_htmx(),
+                       step="intro", step_title=_step_title("intro"), has_2fa=user.has_2fa, in_dialog=htmx.is_htmx(),
                        replacing_lost=not user.has_2fa and _had_a_device(user),
                        resume=pending and ("name" if pending.verified_step is not None else "qr"),
                        setup=pending_handle(pending) if pending else None)
