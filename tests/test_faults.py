@@ -40,12 +40,19 @@ def signed_in_client(app, clock, secret):
 
 
 def assert_unavailable_page(response):
-    """What a person sees while the database is down: a plain 503 page, no traceback or SQL."""
+    """What a person sees while the database is down: a plain 503 page, no traceback or SQL. A browser that
+    asked for a page (no HX-Request header on the request) gets a whole page, with the layout around the
+    message: a bare fragment would show as unstyled text with no way around the site. Only htmx's own
+    requests get the fragment, with HX-Refresh so that htmx reloads the page rather than swap nothing."""
     body = response.get_data(as_text=True)
     assert response.status_code == 503, (response.status_code, body[:500])
     assert UNAVAILABLE in body
     assert "Traceback" not in body and "psycopg" not in body and "sqlite" not in body.lower()
-    assert "<html" in body.lower() or response.headers.get("HX-Request") is None
+    if response.request.headers.get("HX-Request") is None:
+        assert "<html" in body.lower() and "</html>" in body.lower(), body[:500]
+        assert "HX-Refresh" not in response.headers
+    else:
+        assert "<html" not in body.lower() and response.headers.get("HX-Refresh") == "true"
 
 
 @pytest.fixture
@@ -85,8 +92,7 @@ def test_postgresql_going_down_gives_a_503_page_and_the_app_recovers_without_res
     assert_unavailable_page(client.get("/settings"))
     assert_unavailable_page(app.test_client().get("/login"))
     assert_unavailable_page(app.test_client().post("/login", data={"email": "a@example.com", "password": "x"}))
-    htmx = client.get("/settings", headers={"HX-Request": "true"})
-    assert htmx.status_code == 503 and UNAVAILABLE in htmx.get_data(as_text=True)
+    assert_unavailable_page(client.get("/settings", headers={"HX-Request": "true"}))
 
     start()
     assert client.get("/settings").status_code == 200
@@ -163,6 +169,7 @@ def test_sqlite_file_unreachable_gives_a_503_page_and_the_app_recovers(tmp_path)
     try:
         assert_unavailable_page(client.get("/settings"))
         assert_unavailable_page(app.test_client().get("/login"))
+        assert_unavailable_page(client.get("/settings", headers={"HX-Request": "true"}))
     finally:
         moved.rename(folder)
     assert client.get("/settings").status_code == 200
