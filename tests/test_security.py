@@ -4,6 +4,8 @@ import logging
 
 import pytest
 
+from webapp.models import ServerSession, SignInChallenge
+
 from .conftest import PASSWORD
 
 
@@ -94,11 +96,23 @@ def test_no_remember_me_cookie_is_ever_issued(actor, secret):
 
 
 def test_losing_the_session_cookie_mid_flow_does_not_authenticate(actor, secret, app):
-    """security.md 27: delete the session cookie after the password step: not signed in."""
+    """security.md 27: the code step belongs to the session that gave the password, nothing else. Someone who
+    knows Alice's current code but not her cookie (here: her own browser, its session cookie deleted after the
+    password step) sends the code from a fresh session with a valid CSRF token of its own: it is refused with
+    "sign in again", and nobody is signed in. Alice's challenge is left waiting for her own session."""
     actor.user(secret=secret)
-    actor.password_step()
+    r = actor.password_step()
+    assert r.status_code == 302 and r.headers["Location"].endswith("/login/verify")  # mid-flow, not signed in
     actor.client.delete_cookie(app.session_interface.get_cookie_name(app))
+
+    r = actor.code_step(actor.code(secret), form_url="/login")  # the token of the cookie-less browser's new session
+    assert r.status_code == 302 and r.headers["Location"].endswith("/login?notice=sign-in-expired")
+    page = actor.client.get(r.headers["Location"]).get_data(as_text=True)
+    assert "Your sign-in expired. Please enter your email address and password again." in page
     assert not signed_in(actor.client)
+    with app.app_context():
+        assert SignInChallenge.select().count() == 1
+        assert ServerSession.select().where(ServerSession.user.is_null(False)).count() == 0
 
 
 @pytest.mark.parametrize("headers", [{"X-Forwarded-For": "127.0.0.1"}, {"X-Debug": "1"},
