@@ -7,7 +7,7 @@ from cryptography.fernet import Fernet
 
 from webapp import create_app
 from webapp.config import ConfigError
-from webapp.models import ALL_MODELS, AuditEvent, Device, ServerSession, User
+from webapp.models import ALL_MODELS, AuditEvent, Device, ServerSession, User, normalise_email
 from webapp.security import hash_password
 from webapp.totp import decrypt_secret, encrypt_secret, new_secret
 
@@ -928,10 +928,21 @@ def test_signup_refuses_an_address_that_passes_for_another(app, actor, email, sa
                                    # each word in one alphabet: after _ or +, and each part of the domain
                                    "ivan_иванов+news@example.com", "ivan@пример.com",
                                    "राम.१२३@example.in"])  # a word of digits only: no letters to look like Latin ones
-def test_signup_takes_addresses_in_one_alphabet_whatever_it_is(app, actor, email):
+def test_signup_takes_addresses_in_one_alphabet_whatever_it_is(app, actor, clock, email):
+    """Someone whose address is written in one alphabet, whichever it is, signs up, lands signed in on the
+    settings, and the account is stored under the one spelling every lookup uses (normalise_email): from
+    another browser, the address as they type it signs them in (an address stored in another spelling, or
+    with its letters lost, would make an account nobody can open)."""
     actor.user(email="admin@example.com", admin=True)
     r = actor.post_form("/signup", {"email": email, "password": PASSWORD, "confirm": PASSWORD})
     assert r.status_code == 302, r.get_data(as_text=True)[-600:]
+    assert r.headers["Location"] == "/settings"
+    with app.app_context():
+        assert User.select().where(User.email == normalise_email(email)).count() == 1
+    elsewhere = Actor(app, app.test_client(), clock)
+    r = elsewhere.password_step(email=email)
+    assert r.status_code == 302 and r.headers["Location"] == "/settings"
+    assert "User Settings" in elsewhere.client.get("/settings").get_data(as_text=True)
 
 
 def test_signup_refuses_duplicates_and_short_passwords(app, actor):
