@@ -29,11 +29,34 @@ def test_cli_creates_a_user_who_can_sign_in(app, actor):
     assert r.status_code == 302 and r.headers["Location"] == "/settings"
 
 
-def test_cli_prompts_for_the_password(app):
-    result = run(app, "users", "create", "carol@example.com", "--admin", input="s3cret pass\ns3cret pass\n")
+MISMATCH = "Error: The two entered values do not match."  # click's words when the confirmation differs
+
+
+def test_cli_prompts_for_the_password(app, actor):
+    """Left out of the command line (where the shell's history would keep it), the password is asked for
+    twice, never shown on the terminal. A confirmation that differs makes nothing: the operator who gives up
+    there has no account with a password they never confirmed; one who types it again gets the account with
+    the confirmed password, and the mistyped ones open nothing."""
+    result = run(app, "users", "create", "carol@example.com", "--admin", input="first try pass\nfirst try pas5\n")
+    assert result.exit_code != 0 and MISMATCH in result.output
+    assert "first try pas" not in result.output
+    with app.app_context():
+        assert User.select().count() == 0 and AuditEvent.select().count() == 0
+
+    result = run(app, "users", "create", "carol@example.com", "--admin",
+                 input="typed wrong one\ntyped wrong two\ns3cret pass\ns3cret pass\n")
     assert result.exit_code == 0, result.output
+    assert MISMATCH in result.output and "created admin carol@example.com" in result.output
+    for typed in ("typed wrong one", "typed wrong two", "s3cret pass"):
+        assert typed not in result.output
     with app.app_context():
         assert User.by_email("carol@example.com").is_admin
+    for typed in ("typed wrong one", "typed wrong two"):
+        r = actor.password_step(email="carol@example.com", password=typed)
+        assert r.status_code == 200 and "Location" not in r.headers
+        actor.clock.advance(30)  # past the back-off a wrong password starts
+    r = actor.password_step(email="carol@example.com", password="s3cret pass")
+    assert r.status_code == 302 and r.headers["Location"] == "/settings"
 
 
 @pytest.mark.parametrize("args,message", [
@@ -224,8 +247,19 @@ def test_cli_set_password_replaces_it_and_ends_every_session(app, actor, secret,
     actor.sign_in(secret=secret)
     with app.app_context():
         User.update(password_failures=4, password_locked_until=None).where(User.email == "alice@example.com").execute()
-    result = run(app, "users", "set-password", "alice@example.com", input="brand new pass\nbrand new pass\n")
+    # A confirmation that differs (the operator gives up there) changes nothing and ends nothing, and neither
+    # typing shows on the terminal.
+    result = run(app, "users", "set-password", "alice@example.com", input="half typed pass\nhalf typed pa55\n")
+    assert result.exit_code != 0 and MISMATCH in result.output and "half typed pa" not in result.output
+    assert actor.client.get("/settings").status_code == 200
+    with app.app_context():
+        assert User.by_email("alice@example.com").password_failures == 4
+        assert AuditEvent.select().where(AuditEvent.kind == "password_changed").count() == 0
+    # Mistyped once, then confirmed: the confirmed one is set; the mistyped one, shown nowhere, opens nothing.
+    result = run(app, "users", "set-password", "alice@example.com",
+                 input="brand new typo\nbrand new pass\nbrand new pass\nbrand new pass\n")
     assert result.exit_code == 0 and "new password set for alice@example.com; 1 session(s) ended" in result.output
+    assert MISMATCH in result.output and "brand new" not in result.output
     assert actor.client.get("/settings").status_code == 302
     with app.app_context():
         user = User.by_email("alice@example.com")
@@ -234,9 +268,10 @@ def test_cli_set_password_replaces_it_and_ends_every_session(app, actor, secret,
         [event] = AuditEvent.select().where(AuditEvent.kind == "password_changed")
         assert event.details == {"via": "cli", "sessions_ended": 1}
     other = Actor(app, app.test_client(), clock)
-    r = other.password_step(password=PASSWORD)
-    assert r.status_code == 200 and "/login/verify" not in r.headers.get("Location", "")
-    clock.advance(30)
+    for wrong in (PASSWORD, "brand new typo"):
+        r = other.password_step(password=wrong)
+        assert r.status_code == 200 and "/login/verify" not in r.headers.get("Location", "")
+        clock.advance(30)
     r = other.password_step(password="brand new pass")
     assert r.status_code == 302 and r.headers["Location"] == "/login/verify"
     for bad, message in (("short", "at least 8"), (" " * 9, "only spaces")):
