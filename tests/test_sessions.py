@@ -63,12 +63,19 @@ def test_settings_list_my_sessions_with_this_browser_marked(app, actor, alice, s
             assert row.id not in html  # the page never shows the session's database key
 
 
-def test_sessions_of_other_people_are_not_listed(app, actor, alice, clock):
-    """security.md 34: Bob's sessions never appear in Alice's list."""
+def test_sessions_of_other_people_are_not_listed(app, actor, alice, secret, clock):
+    """security.md 34: Bob's sessions never appear in Alice's list, and leave hers whole: her laptop (this
+    browser) and her phone are there, and only the phone can be signed out from here. (An empty list would
+    show no Bob either.)"""
+    browser(app, clock, secret=secret, agent="PhoneBrowser/9", ip="203.0.113.9")
     actor.user("bob@example.com")
-    browser(app, clock, email="bob@example.com", agent="BobBrowser/1")
+    browser(app, clock, email="bob@example.com", agent="BobBrowser/1", ip="192.0.2.44")
     html = text(actor.client.get("/settings"))
-    assert "BobBrowser/1" not in html
+    assert "BobBrowser/1" not in html and "192.0.2.44" not in html
+    assert html.count("This browser</span>") == 1
+    assert re.search(r"<strong>AliceLaptop/2\.0</strong> <span class=\"badge on\">This browser</span>", html)
+    assert "<strong>PhoneBrowser/9</strong>" in html and "203.0.113.9" in html
+    assert len(HANDLE_RE.findall(html)) == 1  # Alice's phone; nothing of Bob's to sign out
 
 
 @pytest.mark.parametrize("htmx", [False, True])
