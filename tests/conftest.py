@@ -1,12 +1,16 @@
 """Shared fixtures: a fresh app per test (temporary SQLite file, or TEST_DATABASE_URL for PostgreSQL),
 an injected clock, cheap password hashing, and helpers that act like a person in a browser."""
+import functools
 import os
 import re
+import tempfile
+from types import SimpleNamespace
 
 import pyotp
 import pytest
 from cryptography.fernet import Fernet
 
+from webapp import config as config_module
 from webapp import create_app
 from webapp.db import db
 from webapp.models import ALL_MODELS, Device, User, normalise_email
@@ -32,6 +36,72 @@ class FakeClock:
 
     def advance(self, seconds):
         self.t += seconds
+
+
+class _EnvironmentWatch(dict):
+    """An empty environment that notes every name looked up in it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def get(self, name, default=None):
+        self.names.add(name)
+        return default
+
+    def __getitem__(self, name):
+        self.names.add(name)
+        raise KeyError(name)
+
+    def __contains__(self, name):
+        self.names.add(name)
+        return False
+
+
+class _OsWith:
+    """The os module, but for its environment."""
+
+    def __init__(self, environ):
+        self.environ = environ
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+
+# Read by create_app and Flask rather than config.load: where the instance folder is when no INSTANCE_PATH is
+# given, and debugging (Flask's DEBUG, which a production start refuses).
+_READ_OUTSIDE_CONFIG_LOAD = frozenset({"TWOSTEP_INSTANCE", "FLASK_DEBUG"})
+# What the suite itself is configured by: never cleared.
+_SUITE_SETTINGS = frozenset({"TEST_DATABASE_URL"})
+
+
+@functools.cache
+def config_environment_names():
+    """Every environment variable that configures the app: the names config.load looks up, found by running
+    it on an environment that notes each lookup (so a setting added there is cleared with no list to keep
+    up), plus the ones read outside it."""
+    watch = _EnvironmentWatch()
+    with tempfile.TemporaryDirectory() as instance, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(config_module, "os", _OsWith(watch))
+        config_module.load(SimpleNamespace(config={}, instance_path=instance), {
+            "SECRET_KEY": "k" * 48, "TOTP_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+            "DATABASE_URL": "sqlite://"})
+    return frozenset((watch.names | _READ_OUTSIDE_CONFIG_LOAD) - _SUITE_SETTINGS)
+
+
+def clear_configuration_environment(monkeypatch):
+    """Remove every variable of config_environment_names() for the rest of the test."""
+    for name in config_environment_names():
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _no_configuration_from_the_shell(monkeypatch):
+    """Each test's apps start from the documented defaults, whatever the shell running the suite exports
+    (SIGNUP_ENABLED=false, PROXY_HOPS=2, TOTP_ISSUER=..., a developer's DATABASE_URL): a test that wants a
+    variable sets it with monkeypatch. TEST_DATABASE_URL, which picks the suite's database, stays; the app
+    fixture passes it to the app as DATABASE_URL in the test config, not through the environment."""
+    clear_configuration_environment(monkeypatch)
 
 
 @pytest.fixture

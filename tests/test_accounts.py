@@ -1097,6 +1097,60 @@ def test_signup_can_be_switched_off(app, actor):
 
 # ------------------------------------------------------------------ configuration
 
+def _environment_lookups_in_config_load():
+    """The names config.load's source looks up in `env` (os.environ): env.get("X"), env["X"], _env_bool(env,
+    "X", ...), _env_count(env, "X", ...), and the names of a `for key in ("X", "Y")` loop that looks up `key`."""
+    import ast
+    import inspect
+
+    from webapp import config as config_module
+
+    def is_env(node):
+        return isinstance(node, ast.Name) and node.id == "env"
+
+    def looked_up(node):  # the expression whose value is looked up in env, or None
+        if isinstance(node, ast.Subscript) and is_env(node.value):
+            return node.slice
+        if isinstance(node, ast.Call):
+            if isinstance(node.func, ast.Attribute) and node.func.attr == "get" and is_env(node.func.value):
+                return node.args[0]
+            if node.args and is_env(node.args[0]) and len(node.args) > 1:
+                return node.args[1]
+        return None
+
+    names = set()
+    tree = ast.parse(inspect.getsource(config_module.load))
+    for node in ast.walk(tree):
+        key = looked_up(node)
+        if isinstance(key, ast.Constant):
+            names.add(key.value)
+        if isinstance(node, ast.For) and isinstance(node.iter, ast.Tuple):
+            if any(isinstance(looked_up(inner), ast.Name) and looked_up(inner).id == node.target.id
+                   for inner in ast.walk(node)):
+                names.update(element.value for element in node.iter.elts)
+    return names
+
+
+def test_the_suite_clears_every_variable_config_reads(tmp_path, clock, monkeypatch):
+    """A shell that exports SIGNUP_ENABLED=false or PROXY_HOPS=2 (an operator's, a CI job's) must not change
+    what the tests see: the suite removes every variable config.load reads before each test (conftest). Its
+    list comes from running config.load; read from the source too, a variable read only on some path (in
+    production, say) would be missed by the run and is not. With all of them set to nonsense and then
+    cleared, an app starts with the defaults."""
+    from .conftest import clear_configuration_environment, config_environment_names, make_test_app
+
+    in_source = _environment_lookups_in_config_load()
+    assert {"SIGNUP_ENABLED", "PROXY_HOPS", "FORWARDED_ALLOW_IPS", "TOTP_ISSUER", "PURGE_INTERVAL_SECONDS",
+            "TWOSTEP_PRODUCTION", "DATABASE_URL"} <= in_source  # the scan finds what it should
+    assert in_source <= config_environment_names()
+    assert "TEST_DATABASE_URL" not in config_environment_names()  # how `make test-postgres` picks its database
+    for name in config_environment_names():
+        monkeypatch.setenv(name, "not a value!")
+    clear_configuration_environment(monkeypatch)
+    app = make_test_app(tmp_path, f"sqlite:///{tmp_path / 'db'}", clock)
+    assert (app.config["SIGNUP_ENABLED"], app.config["PROXY_HOPS"], app.config["TOTP_ISSUER"]) == (True, 0, "twostep")
+    assert not app.config["PRODUCTION"] and not app.config["SECURE_COOKIES"] and not app.debug
+
 def _prod(tmp_path, monkeypatch, **env):
     for key in ("SECRET_KEY", "TOTP_ENCRYPTION_KEYS", "DATABASE_URL", "TOTP_ISSUER"):
         monkeypatch.delenv(key, raising=False)
