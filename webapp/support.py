@@ -373,48 +373,8 @@ def contact():
             status = 400
         else:
             email = normalise_email(form.email.data)
-            address = client_ip()
-            ip = client_network(address)
-            # And, looser, per IPv6 /48 (SUPPORT_REQUESTS_PER_HOUR_48): whoever is routed one holds 65,536 /64s.
-            # A counter (security.count_for_network), as the stored /64s do not tell their /48 by a prefix.
-            site = client_network_48(address)
-            limit = current_app.config["SUPPORT_REQUESTS_PER_HOUR"]
-            # Anyone may type an address: strangers' requests could use up its limit and keep the owner out of
-            # the form for an hour, again and again. A browser that entered the account's password (signed in,
-            # or at the code step) gets as many again for itself: twice the limit per address.
-            owner = _password_proven_user()
-            # By account, not by spelling: an address stored before it was normalised is the same mailbox.
-            named = User.by_email(email) if owner is not None else None
-            after_password = named is not None and named.id == owner.id
-            signed_in = after_password and current_user.is_authenticated
-            per_address = limit * (2 if after_password else 1)
-            with write_transaction():
-                # Count and insert in one write transaction, holding the address and network, so parallel
-                # posts cannot slip past the limit (on PostgreSQL too, where the count alone locks nothing).
-                lock_keys("contact-email:" + email, *(["contact-ip:" + ip] if ip else []),
-                          *(["contact-48:" + site] if site else []))
-                # The same form sent again within the hour (a second click, Back and Send again): taken as sent
-                # (it was), not stored twice, and not refused as over the limit, which would say it was not
-                # sent. Known by the form's one-time id, which only the browser shown the form has: matching
-                # the words instead let a stranger test, free of any limit, whether someone had sent a given
-                # text, or send it first so that the owner's own request was never stored.
-                form_hash = hashlib.sha256(form.form_id.data.encode()).hexdigest() if form.form_id.data else None
-                repeated = form_hash is not None and SupportRequest.select().where(
-                    (SupportRequest.created_at >= now() - timedelta(hours=1))
-                    & (SupportRequest.form_hash == form_hash)).exists()
-                throttled = not repeated and (_recent_requests(SupportRequest.email, email) >= per_address
-                                              or (ip and _recent_requests(SupportRequest.ip, ip) >= limit)
-                                              or network_full_until("contact-48", site) is not None)
-                if not (throttled or repeated):
-                    user = User.by_email(email)
-                    req = SupportRequest.create(email=email, message=form.message.data, user=user, ip=ip,
-                                                created_at=now(), form_hash=form_hash)
-                    count_for_network("contact-48", site)
-                    # Whether the sender had entered the password: a record of what happened, not a sign of who
-                    # sent it (someone who stole the password has it too).
-                    audit("support_request", user=user, request=req.id, after_password=after_password,
-                          **({"signed_in": True} if signed_in else {}))
-            if not throttled:
+            after_password, signed_in = _sender_of(email)
+            if _take_request(form, email, after_password, signed_in):
                 return redirect(url_for("support.contact_sent"))
             error = ("Several requests for this email address, or from your network, came in within the last "
                      "hour, so this one was not sent. Please wait an hour before sending another.")
@@ -423,6 +383,60 @@ def contact():
                           "its link “Lost access to your authenticator app?” leads here with more room.")
             status = 429
     return render_template("support/contact.html", form=form, error=error), status
+
+
+def _sender_of(email):
+    """(after_password, signed_in): whether this browser entered the password of the account `email` names
+    (signed in, at the code step, or refused after support's window), and whether it is signed in to it."""
+    owner = _password_proven_user()
+    # By account, not by spelling: an address stored before it was normalised is the same mailbox.
+    named = User.by_email(email) if owner is not None else None
+    after_password = named is not None and named.id == owner.id
+    return after_password, after_password and current_user.is_authenticated
+
+
+def _take_request(form, email, after_password, signed_in):
+    """Store the request and its audit record unless the limits refuse it; returns whether it is sent (stored
+    now, or the same form stored within the hour).
+
+    Limits per hour (SUPPORT_REQUESTS_PER_HOUR): per address typed, per client network, and, looser, per IPv6
+    /48 (SUPPORT_REQUESTS_PER_HOUR_48: whoever is routed one holds 65,536 /64s; a counter, as the stored /64s
+    do not tell their /48 by a prefix). Anyone may type an address: strangers' requests could use up its limit
+    and keep the owner out of the form for an hour, again and again. A browser that entered the account's
+    password gets as many again for itself: twice the limit per address."""
+    address = client_ip()
+    ip = client_network(address)
+    site = client_network_48(address)
+    limit = current_app.config["SUPPORT_REQUESTS_PER_HOUR"]
+    per_address = limit * (2 if after_password else 1)
+    with write_transaction():
+        # Count and insert in one write transaction, holding the address and network, so parallel posts cannot
+        # slip past the limit (on PostgreSQL too, where the count alone locks nothing).
+        lock_keys("contact-email:" + email, *(["contact-ip:" + ip] if ip else []),
+                  *(["contact-48:" + site] if site else []))
+        # The same form sent again within the hour (a second click, Back and Send again): taken as sent (it
+        # was), not stored twice, and not refused as over the limit, which would say it was not sent. Known by
+        # the form's one-time id, which only the browser shown the form has: matching the words instead let a
+        # stranger test, free of any limit, whether someone had sent a given text, or send it first so that
+        # the owner's own request was never stored.
+        form_hash = hashlib.sha256(form.form_id.data.encode()).hexdigest() if form.form_id.data else None
+        if form_hash is not None and SupportRequest.select().where(
+                (SupportRequest.created_at >= now() - timedelta(hours=1))
+                & (SupportRequest.form_hash == form_hash)).exists():
+            return True
+        if (_recent_requests(SupportRequest.email, email) >= per_address
+                or (ip and _recent_requests(SupportRequest.ip, ip) >= limit)
+                or network_full_until("contact-48", site) is not None):
+            return False
+        user = User.by_email(email)
+        req = SupportRequest.create(email=email, message=form.message.data, user=user, ip=ip, created_at=now(),
+                                    form_hash=form_hash)
+        count_for_network("contact-48", site)
+        # Whether the sender had entered the password: a record of what happened, not a sign of who sent it
+        # (someone who stole the password has it too).
+        audit("support_request", user=user, request=req.id, after_password=after_password,
+              **({"signed_in": True} if signed_in else {}))
+    return True
 
 
 def _prefill_email():
