@@ -160,7 +160,46 @@ def test_audit_log_filters_by_person(app, actor, secret, clock):
     html = actor.client.get("/support/audit?email=nobody@example.com").get_data(as_text=True)
     # no events at all, rather than everyone's (the table's tag is <tbody role="rowgroup">, so looking for
     # "<tbody>" checked nothing: found by mutation testing)
-    assert "No account has that email address." in html and '<tr class="event"' not in html
+    assert "No account has that email address, and none starts with it." in html and '<tr class="event"' not in html
+
+
+def candidates(html):
+    """(link, address) of each account the audit log offers for the start of an address."""
+    found = re.search(r'<ul class="candidates">(.*?)</ul>', html, re.S)
+    return re.findall(r'<li><a href="([^"]+)">([^<]+)</a></li>', found.group(1)) if found else []
+
+
+def test_the_start_of_an_address_offers_the_accounts_it_starts_without_picking_one(app, actor, secret, clock):
+    """A support agent's review: Support search takes the start of an address, the audit log's Person filter
+    wanted all of it and said only "No account has that email address". Now it lists the accounts whose
+    address starts with what was typed, as links that keep the other filters, and shows no events until one
+    is chosen: even a single match is not picked for the agent (it may be a look-alike)."""
+    actor.user("carol@example.com")
+    actor.user("carol@example.com.evil.example")
+    actor.user("dan@example.com")
+    second_client(app, clock).password_step("carol@example.com", "wrong password")
+    sign_in_admin(actor, secret)
+    html = actor.client.get("/support/audit?email=Carol&kind=password_rejected").get_data(as_text=True)
+    assert "No account has exactly that address. Accounts whose address starts with it:" in html
+    links = candidates(html)
+    assert [text for _, text in links] == ["carol@example.com", "carol@example.com.evil.example"]
+    assert links[0][0] == "/support/audit?email=carol@example.com&amp;kind=password_rejected"
+    assert '<tr class="event"' not in html and "More accounts start with it" not in html
+    html = actor.client.get(links[0][0].replace("&amp;", "&")).get_data(as_text=True)
+    assert html.count('<tr class="event"') == 1 and WHAT + "Wrong password entered</td>" in html
+    html = actor.client.get("/support/audit?email=carol@example.com.e").get_data(as_text=True)
+    assert [text for _, text in candidates(html)] == ["carol@example.com.evil.example"]
+    assert '<tr class="event"' not in html  # one match, still not picked
+
+
+def test_a_start_that_many_accounts_share_lists_ten_and_says_there_are_more(app, actor, secret):
+    for i in range(11):
+        actor.user(f"user{i:02d}@example.com")
+    sign_in_admin(actor, secret)
+    html = actor.client.get("/support/audit?email=user").get_data(as_text=True)
+    shown = [text for _, text in candidates(html)]
+    assert shown == [f"user{i:02d}@example.com" for i in range(10)]
+    assert "More accounts start with it: type more of the address." in html
 
 
 def test_filtering_by_an_admins_address_shows_what_they_did_to_others(app, actor, secret, clock):

@@ -1098,7 +1098,7 @@ def audit_log():
     form = AuditFilterForm(request.args)
     form.kind.choices = _kind_choices()
     page = _page_arg()
-    events, has_next, status, notice = [], False, 200, None
+    events, has_next, status, notice, candidates = [], False, 200, None, []
     if not form.validate():
         status = 400
     else:
@@ -1106,7 +1106,12 @@ def audit_log():
         if form.email.data:
             person = User.by_email(form.email.data)
             if person is None:
-                notice = "No account has that email address."
+                # Support search takes the start of an address: here too, the accounts it starts are offered,
+                # as links to their whole address (never one picked for the agent: "bob@example.com" may be
+                # the start of a look-alike, bob@example.com.evil.example).
+                candidates = _accounts_starting(normalise_email(form.email.data))
+                notice = ("No account has exactly that address. Accounts whose address starts with it:"
+                          if candidates else "No account has that email address, and none starts with it.")
                 query = None
             else:
                 query = query.where((AuditEvent.user == person.id) | (AuditEvent.actor == person.id))
@@ -1126,8 +1131,22 @@ def audit_log():
     # The pager's links keep the filter's own fields and nothing else: any other name went into url_for as a
     # keyword ("endpoint", "_method", "_anchor") and broke or bent the links.
     args = {field.name: request.args[field.name] for field in form if field.name in request.args}
+    more = len(candidates) > CANDIDATES_SHOWN
     return render_template("support/audit.html", form=form, events=events, page=page, has_next=has_next,
-                           notice=notice, args=args), status
+                           notice=notice, args=args, candidates=candidates[:CANDIDATES_SHOWN], more=more), status
+
+
+CANDIDATES_SHOWN = 10
+
+
+def _accounts_starting(prefix):
+    """The addresses of up to CANDIDATES_SHOWN + 1 accounts that start with `prefix`, in order (the one more
+    tells that there are more)."""
+    if not prefix:
+        return []
+    rows = _SEARCH_PREFIX.rows(lo=prefix, hi=prefix + _LAST_CHARACTER, length=len(prefix), prefix=prefix,
+                               limit=CANDIDATES_SHOWN + 1, offset=0)
+    return [u.email for u in rows]
 
 
 def _describe_events(rows):
