@@ -1257,6 +1257,8 @@ def test_htmx_success_replaces_the_row(app, actor, secret, target):
     open_part, handled_part = html.split("Recently handled (1)")
     assert "Open contact requests (0)" in words(open_part) and "lost my phone" not in open_part
     assert "lost my phone" in handled_part and "by boss@example.com" in handled_part
+    # and says how it was handled (a support agent's review: "Recently handled" did not say whether 2FA went off)
+    assert "Closed by turning 2FA off for 24 hours" in handled_part
     # and the notice says so: the request left the open ones (a support agent's usability review)
     assert "ended, 1 contact request marked as handled. Now reply to them" in " ".join(words(html).split())
 
@@ -1300,7 +1302,10 @@ def test_closing_requests_leaves_those_handled_earlier_as_they_were(app, actor, 
         event = AuditEvent.get(AuditEvent.kind == "support_tfa_disabled")
         assert event.details["requests_closed"] == 1
     handled = actor.client.get("/support").get_data(as_text=True).split("Recently handled (2)")[1]
-    assert "by boss2@example.com" in handled.split("Lost my phone last week")[1].split("</li>")[0]
+    earlier = handled.split("Lost my phone last week")[1].split("</li>")[0]
+    assert "by boss2@example.com" in earlier and "Marked as handled" in earlier and "2FA off" not in earlier
+    closed = handled.split("Lost my phone again")[1].split("</li>")[0]
+    assert f"Closed by turning 2FA off for 24 hours {utc(clock.t):%Y-%m-%d %H:%M} UTC by {ADMIN}" in closed
 
 
 @pytest.mark.parametrize("seen_id, late_id", [(None, None), (1000, 500)])

@@ -777,8 +777,29 @@ def _recently_handled():
     handled = list(SupportRequest.select().where(SupportRequest.handled_at.is_null(False))
                    .order_by(SupportRequest.handled_at.desc(), SupportRequest.id.desc()).limit(HANDLED_SHOWN))
     _add_handlers(handled)
+    _add_outcomes(handled)
     _mark_request_hints(handled, last_code=False)  # decided already: the phone's later codes are no news
     return handled
+
+
+def _add_outcomes(requests):
+    """Set `disabled_for` on handled requests that a support disable closed: the window's length ("24
+    hours"), from the disable's audit record, which names the requests it closed. Others were marked as
+    handled alone (None). One query for all of them."""
+    for r in requests:
+        r.disabled_for = None
+    users = sorted({r.user_id for r in requests if r.user_id})
+    if not users:
+        return
+    wanted = {r.id: r for r in requests}
+    events = AuditEvent.select(AuditEvent.detail).where((AuditEvent.kind == "support_tfa_disabled")
+                                                        & AuditEvent.user.in_(users))
+    for event in events:
+        detail = json.loads(event.detail or "{}")
+        for number in str(detail.get("requests") or "").split(","):
+            closed = wanted.get(int(number)) if number.strip().isdigit() else None
+            if closed is not None:
+                closed.disabled_for = detail.get("duration") or "a time"
 
 
 def _add_handlers(requests):
