@@ -1952,3 +1952,34 @@ def test_cli_commands_change_the_named_account_only(app, actor, clock):
     assert user_row(app, "alice@example.com").disabled_at is None
     assert user_row(app, "bob@example.com").disabled_at == utc(clock.t)
     assert list_line(app, "bob@example.com").startswith("bob@example.com\tuser\tdisabled since ")
+
+
+def test_a_sign_up_whose_record_cannot_be_written_makes_no_account(app, actor, monkeypatch):
+    """security.md 42, 43: the account and its account_created record commit together. A database error in
+    between left an account without a record, and the form sent again said it already existed (a race
+    review). Now the person sees the 503 page, no account is made, and the form can be sent again."""
+    import sqlite3
+
+    from peewee import OperationalError
+
+    import webapp.auth as auth
+
+    actor.user("admin@example.com", admin=True)  # sign-up needs the first admin
+    real = auth.audit
+
+    def failing(kind, *args, **kwargs):
+        if kind == "account_created":
+            driver_error = sqlite3.OperationalError("disk I/O error")
+            raise OperationalError(driver_error, *driver_error.args)
+        return real(kind, *args, **kwargs)
+
+    monkeypatch.setattr(auth, "audit", failing)
+    data = {"email": "dave@example.com", "password": PASSWORD, "confirm": PASSWORD}
+    assert actor.post_form("/signup", data).status_code == 503
+    with app.app_context():
+        assert not User.select().where(User.email == "dave@example.com").exists()
+    monkeypatch.setattr(auth, "audit", real)
+    assert actor.post_form("/signup", data).headers["Location"] == "/settings"
+    with app.app_context():
+        [record] = AuditEvent.select().where(AuditEvent.kind == "account_created")
+        assert record.user_id == User.get(User.email == "dave@example.com").id

@@ -1909,3 +1909,33 @@ def test_clearing_a_network_with_nothing_counted_or_no_address_changes_nothing(a
     assert _counted(app, "sign-ups", "198.51.100.9") == 4
     with app.app_context():
         assert not AuditEvent.select().where(AuditEvent.kind == "network_count_cleared").exists()
+
+
+def test_wrong_codes_sent_at_once_to_one_code_step_meet_its_limit_of_five(app, actor, secret, clock, monkeypatch):
+    """security.md 18, 20: a code step is dropped at its fifth wrong code, counted as stored when it is
+    decided. Wrong codes sent at once (two tabs, a script replaying the cookie) each read the count before
+    their transaction: here four others are counted while this one is checked, so this one is the fifth. It
+    survived, and a sixth code (the right one) signed in on it (a race review)."""
+    import webapp.auth as auth
+
+    actor.user(secret=secret)
+    assert actor.password_step().headers["Location"].endswith("/login/verify")
+    real = auth.code_matches
+    done = []
+
+    def meanwhile(user, code):
+        if not done:  # four other wrong codes of this code step, committed while this one is checked
+            done.append(1)
+            SignInChallenge.update(failures=SignInChallenge.failures + 4).execute()
+        return real(user, code)
+
+    monkeypatch.setattr(auth, "code_matches", meanwhile)
+    wrong = next(c for c in ("123456", "654321") if c not in {actor.code(secret, k) for k in (-1, 0, 1)})
+    r = actor.code_step(wrong)
+    assert r.status_code == 302 and r.headers["Location"] == "/login"  # too many: sign in again
+    with app.app_context():
+        assert SignInChallenge.select().count() == 0
+    clock.advance(31)
+    r = actor.post_form("/login/verify", {"code": actor.code(secret)}, form_url="/login")
+    assert r.status_code == 302 and r.headers["Location"] == "/login?notice=sign-in-expired"
+    assert actor.client.get("/settings").status_code == 302  # nobody signed in

@@ -803,3 +803,110 @@ def test_a_right_wizard_code_sent_while_the_fifth_wrong_one_is_counted_finds_the
         assert not Device.select().where(Device.user == user.id).exists()
         kinds = [e.kind for e in AuditEvent.select().where(AuditEvent.user == user.id)]
         assert "tfa_enrolment_code_accepted" not in kinds and kinds.count("tfa_enrolment_discarded") == 1
+
+
+# ---------------------------------------------------------------- the audit record's reference to a person
+#
+# A new audit record refers to its person and its actor, and PostgreSQL takes FOR KEY SHARE on each row a new
+# row refers to. With FOR UPDATE as the app's row lock, that waited for whoever held the person: a transaction
+# holding another of the person's rows, then writing the record, deadlocked with one that held the person and
+# went for that row (a race review found three; PostgreSQL rolled one side back: a 503). The app locks with
+# FOR NO KEY UPDATE (db.for_update), which holders still take in turn but which lets the reference through.
+# These hold the row with the app's own statement, and then do what the other transaction does next.
+
+class AppHeld(PersonHeld):
+    """Rows of "user" held from a separate connection with the statement the app itself locks a person
+    with (User.lock, db.for_update): another request of the app that holds them."""
+
+    def __init__(self, app, user_ids):
+        import psycopg
+
+        from webapp.db import for_update
+
+        with app.app_context():
+            sql, params = for_update(User.select(User.id).where(User.id.in_(list(user_ids)))
+                                     .order_by(User.id)).sql()
+        self.conn = psycopg.connect(os.environ["TEST_DATABASE_URL"])
+        self.conn.execute(sql, params)
+        self.pid = self.conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+
+
+def then_meanwhile(app, held, action, statement, params):
+    """Run `action` in a thread while `held` holds its rows; once the action waits for them, or has finished,
+    run `statement` on the holder's connection as its transaction would next, then let go. Returns whether
+    the holder's statement met a deadlock, and the action's result."""
+    import psycopg
+
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("value", action()), daemon=True)
+    thread.start()
+    held.wait_for_blocked(thread, timeout=3)  # with the app's own lock, the action does not wait at all
+    deadlock = False
+    try:
+        held.conn.execute(statement, params)
+    except psycopg.errors.DeadlockDetected:
+        deadlock = True
+    finally:
+        held.release()
+    thread.join(30)
+    assert not thread.is_alive()
+    return deadlock, result.get("value")
+
+
+def test_logout_and_ending_the_persons_sessions_at_once_do_not_deadlock(app, actor, secret):
+    """Logout deletes its session row, then writes its sign-out record about the person; Sign out everywhere
+    else in another browser (or a 2FA change, support, `users disable`) holds the person and deletes their
+    sessions. Both finish: the logout signs out, and its record is written."""
+    from webapp.models import AuditEvent
+
+    user = actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    token = actor.csrf("/settings")
+    held = AppHeld(app, [user.id])
+    deadlock, response = then_meanwhile(app, held, lambda: actor.client.post("/logout", data={"csrf_token": token}),
+                                        'DELETE FROM "serversession" WHERE user_id = %s', (user.id,))
+    assert not deadlock
+    assert response.status_code == 302 and "/login" in response.headers["Location"]
+    with app.app_context():
+        assert AuditEvent.select().where(AuditEvent.kind == "signout").count() == 1
+
+
+def test_mark_as_handled_and_supports_disable_closing_the_request_do_not_deadlock(app, actor, secret):
+    """Mark as handled updates the request, then writes its record about the person; another admin's disable
+    holds the person and closes the same request. Both finish, and the request is handled."""
+    from webapp.models import SupportRequest
+
+    from .test_support import sign_in_admin
+
+    sign_in_admin(actor, secret)
+    carol = actor.user("carol@example.com", secret=secret)
+    with app.app_context():
+        req = SupportRequest.create(email=carol.email, message="I lost my phone", user=carol.id)
+    token = actor.csrf("/support")
+    held = AppHeld(app, [carol.id])
+    deadlock, response = then_meanwhile(
+        app, held, lambda: actor.client.post(f"/support/requests/{req.id}/handled", data={"csrf_token": token}),
+        "UPDATE supportrequest SET handled_at = (now() AT TIME ZONE 'UTC') WHERE id = %s", (req.id,))
+    assert not deadlock
+    assert response.status_code == 302
+    with app.app_context():
+        assert SupportRequest.get_by_id(req.id).handled_at is not None
+
+
+def test_a_support_disable_and_users_disable_of_its_admin_at_once_do_not_deadlock(app, actor, secret):
+    """A support disable holds its target, then writes its record naming the acting admin; `users disable`
+    (and `promote --revoke`) hold every admin's row, then the target's. Both finish."""
+    from .test_support import disable, sign_in_admin
+
+    admin = sign_in_admin(actor, secret)
+    carol = actor.user("carol@example.com", secret=secret)
+    held = AppHeld(app, [admin.id])
+    with app.app_context():
+        from webapp.db import for_update
+
+        sql, params = for_update(User.select(User.id).where(User.id == carol.id)).sql()
+    deadlock, response = then_meanwhile(app, held, lambda: disable(actor, carol, close_requests=False), sql, params)
+    assert not deadlock
+    assert response.status_code == 302
+    with app.app_context():
+        assert not Device.select().where(Device.user == carol.id).exists()

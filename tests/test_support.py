@@ -1867,3 +1867,32 @@ def test_the_row_names_the_latest_disable_and_keeps_an_ended_windows_opener(app,
     row = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())
     assert "Ended early" in row and "Sign-in is blocked" in row
     assert "“Second call: lost the new phone too, ID seen again”" in row and "First call" not in row
+
+
+@pytest.mark.parametrize("change", [("disable", "--reason", "left the company"), ("promote", "--revoke")])
+def test_a_support_action_after_the_operator_took_the_admin_out_is_refused(app, actor, secret, monkeypatch,
+                                                                          change):
+    """security.md 37, 42: the acting admin is checked again inside the action's transaction. `users disable`
+    or `promote --revoke` of that admin committed while the request was on its way (and told the operator it
+    took effect): the disable still went through, recorded as that admin's (a race review). Now it is
+    refused with a 403 that says why, and nothing changes."""
+    import webapp.support as support
+
+    admin = sign_in_admin(actor, secret)
+    actor.user("bob@example.com", admin=True, secret=new_secret())  # the last admin cannot be taken out
+    carol = actor.user("carol@example.com", secret=new_secret())
+    real = support._target_or_404
+    out = []
+
+    def meanwhile(user_id):
+        if not out:
+            command, *options = change
+            out.append(app.test_cli_runner().invoke(args=["users", command, admin.email, *options]))
+        return real(user_id)
+
+    monkeypatch.setattr(support, "_target_or_404", meanwhile)
+    r = disable(actor, carol, close_requests=False)
+    assert out[0].exit_code == 0, out[0].output
+    assert r.status_code == 403 and "can no longer take support actions" in r.get_data(as_text=True)
+    assert count(app, Device, Device.user == carol.id) == 1
+    assert count(app, AuditEvent, AuditEvent.kind == "support_tfa_disabled") == 0

@@ -1513,3 +1513,144 @@ def test_a_start_over_landing_while_activation_waits_for_the_lock_activates_noth
     monkeypatch.undo()
     _says_restarted(r, htmx=True)
     assert devices(app, user) == [] and [p.created_at for p in pendings(app, user)] == [landed[0].created_at]
+
+
+# ---------------------------------------------------------------- found by a race review: decided on what is stored
+
+def _failing_audit(monkeypatch, module, kind):
+    """`module`'s audit() fails (a database error) for records of `kind`."""
+    import importlib
+    import sqlite3
+
+    from peewee import OperationalError
+
+    target = importlib.import_module(module)
+    real = target.audit
+
+    def audit(k, *args, **kwargs):
+        if k == kind:
+            driver_error = sqlite3.OperationalError("disk I/O error")
+            raise OperationalError(driver_error, *driver_error.args)
+        return real(k, *args, **kwargs)
+
+    monkeypatch.setattr(target, "audit", audit)
+
+
+def test_an_older_code_never_replaces_a_newer_one_accepted_meanwhile(app, actor, monkeypatch):
+    """security.md 16: the wizard keeps the newest step it accepted, compared with what is stored when it
+    writes. A code of step T checked while another tab's code of T+1 was accepted wrote T over it; the device
+    then started from T, and the code of T+1, seen by the wizard already, signed in once more."""
+    import webapp.totp as totp
+    from webapp.totp import step_at
+
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.start()
+    newer = step_at(actor.clock.t) + 1
+    real = totp.match_step
+
+    def meanwhile(secret, code, ts, *args, **kwargs):
+        step = real(secret, code, ts, *args, **kwargs)
+        # the other tab's code of T+1, accepted and committed while this one was checked
+        PendingEnrolment.update(verified_step=newer).where(PendingEnrolment.user == user.id).execute()
+        return step
+
+    monkeypatch.setattr(totp, "match_step", meanwhile)
+    assert 'data-step="name"' in text(w.submit_code())  # the code of step T
+    monkeypatch.setattr(totp, "match_step", real)
+    assert 'data-step="done"' in text(w.complete())
+    with app.app_context():
+        assert Device.get(Device.user == user.id).last_step == newer
+    logout(actor)
+    actor.password_step()
+    replay = actor.code_step(w.code_now(offset_steps=1))  # the code the other tab entered in the wizard
+    assert replay.status_code == 200 and "/settings" not in replay.headers.get("Location", "")
+    with app.app_context():
+        assert AuditEvent.select().where(AuditEvent.kind == "totp_replay").count() == 1
+
+
+def test_activation_after_the_last_device_went_meanwhile_is_recorded_as_turning_2fa_on(app, actor, secret,
+                                                                                        monkeypatch):
+    """security.md 43: whether an activation adds a device or turns 2FA on is read under the person's row. The
+    only device removed in another tab while the name was sent (2FA off) made the activation turn 2FA on
+    again, recorded as "device added" and shown as "Device added"."""
+    from webapp.security import audit
+
+    user = actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    w = Wizard(actor)
+    w.start()
+    assert 'data-step="name"' in text(w.submit_code())
+    real = User.lock.__func__
+    done = []
+
+    def meanwhile(cls, user_id):
+        if not done:  # Remove of the only device, committed in another tab, with its records
+            done.append(1)
+            Device.delete().where(Device.user == user_id).execute()
+            audit("device_removed", user=user_id, device="Phone")
+            audit("tfa_disabled", user=user_id, via="last device removed")
+        return real(cls, user_id)
+
+    monkeypatch.setattr(User, "lock", classmethod(meanwhile))
+    r = w.complete()
+    assert 'data-step="done"' in text(r) and "Two-factor authentication is active" in text(r)
+    with app.app_context():
+        kinds = [e.kind for e in AuditEvent.select().where(AuditEvent.user == user.id).order_by(AuditEvent.id)]
+    assert kinds[kinds.index("tfa_disabled"):][:2] == ["tfa_disabled", "tfa_enabled"]
+    assert "device_added" not in kinds
+
+
+def test_an_expired_keys_cleanup_leaves_the_key_a_start_over_made_meanwhile(app, actor, clock, monkeypatch):
+    """security.md 8: an expired key is deleted with the moment it was made in the condition (_same_key), so
+    a Start over in another tab that got the same id from SQLite keeps its new key; only the expired one is
+    recorded as expired."""
+    import webapp.settings as settings_module
+    from webapp import totp
+    from webapp.clock import now
+
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.start()
+    clock.advance(14 * 60)
+    w.reauth()  # fresh again; the key moves to the renewed session row
+    clock.advance(2 * 60)  # the key is now past PENDING_ENROLMENT_TTL (15 min)
+    real = settings_module._same_key
+    made = {}
+
+    def meanwhile(pending):
+        if not made:  # Start over in another tab: the session's key replaced (SQLite: the same id), committed
+            PendingEnrolment.delete().where(PendingEnrolment.id == pending.id).execute()
+            made["new"] = PendingEnrolment.create(id=pending.id, session=pending.session_id, user=pending.user_id,
+                                                  secret_enc=totp.encrypt_secret(totp.new_secret()),
+                                                  created_at=now())
+        return real(pending)
+
+    monkeypatch.setattr(settings_module, "_same_key", meanwhile)
+    r = w.get("/settings/2fa/qr")
+    assert 'data-step="expired"' in text(r)
+    with app.app_context():
+        [kept] = PendingEnrolment.select().where(PendingEnrolment.user == user.id)
+        assert kept.created_at == made["new"].created_at
+        assert AuditEvent.select().where(AuditEvent.kind == "tfa_enrolment_expired").count() == 0
+
+
+def test_the_fifth_wrong_code_keeps_the_key_if_its_records_cannot_be_written(app, actor, monkeypatch):
+    """security.md 43: the fifth wrong code discards the key in the same transaction as the records of that
+    code and of the discard. A database error in between left the key gone with no record of why; now nothing
+    of the fifth attempt stays, and the person sees the 503 page."""
+    from .test_lock_order import a_wrong_wizard_code
+
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.start()
+    wrong = a_wrong_wizard_code(w)
+    for _ in range(4):
+        assert 'data-step="code"' in text(w.submit_code(wrong))
+    _failing_audit(monkeypatch, "webapp.settings", "tfa_enrolment_code_rejected")
+    assert w.submit_code(wrong).status_code == 503
+    with app.app_context():
+        [pending] = PendingEnrolment.select().where(PendingEnrolment.user == user.id)
+        assert pending.failures == 4
+        kinds = [e.kind for e in AuditEvent.select().where(AuditEvent.user == user.id)]
+    assert kinds.count("tfa_enrolment_code_rejected") == 4 and "tfa_enrolment_discarded" not in kinds

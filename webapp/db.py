@@ -171,8 +171,15 @@ def lock_keys(*keys):
 
 
 def for_update(query):
-    """Lock the selected rows until the transaction ends (a no-op on SQLite, where the whole DB is locked)."""
-    return query if is_sqlite() else query.for_update()
+    """Lock the selected rows until the transaction ends (a no-op on SQLite, where the whole DB is locked).
+
+    On PostgreSQL FOR NO KEY UPDATE, not FOR UPDATE: holders still exclude each other, but not the FOR KEY
+    SHARE lock that PostgreSQL takes on a row whenever a new row refers to it. Every audit record refers to
+    its person and actor: with FOR UPDATE, a transaction that held another row of a person and then wrote
+    their audit record waited for whoever held the person, and deadlocked when that one went for the same
+    row (logout against Sign out everywhere else, Mark as handled against Support's disable, a support
+    action against `users disable` of its admin: a race review). Nothing here changes an id."""
+    return query if is_sqlite() else query.for_update("FOR NO KEY UPDATE")
 
 
 class Param(ColumnBase):

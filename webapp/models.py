@@ -59,8 +59,8 @@ class User(UserMixin, BaseModel):
 
     @classmethod
     def lock(cls, user_id):
-        """Inside a write_transaction, hold this person's row until it ends (SELECT ... FOR UPDATE on
-        PostgreSQL; SQLite's BEGIN IMMEDIATE already excludes every other writer)."""
+        """Inside a write_transaction, hold this person's row until it ends (SELECT ... FOR NO KEY UPDATE on
+        PostgreSQL: db.for_update; SQLite's BEGIN IMMEDIATE already excludes every other writer)."""
         for_update(cls.select(cls.id).where(cls.id == user_id)).get()
 
     @classmethod

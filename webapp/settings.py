@@ -11,7 +11,7 @@ import unicodedata
 
 from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, session, url_for
 from flask_login import current_user, login_required
-from peewee import IntegrityError, fn
+from peewee import Case, IntegrityError, fn
 from wtforms import BooleanField, StringField
 from wtforms.validators import DataRequired, Length, ValidationError
 
@@ -234,8 +234,9 @@ def current_pending(user):
     if pending is None:
         return None
     if now() - pending.created_at > current_app.config["PENDING_ENROLMENT_TTL"]:
-        pending.delete_instance()
-        audit("tfa_enrolment_expired", user=user)
+        with write_transaction():  # that key only (see _same_key), and its record with it
+            if PendingEnrolment.delete().where(_same_key(pending)).execute():
+                audit("tfa_enrolment_expired", user=user)
         return None
     return pending
 
@@ -408,7 +409,8 @@ def start():
                                                   secret_enc=totp.encrypt_secret(secret), created_at=now())
         except IntegrityError:  # the session row vanished meanwhile (signed out elsewhere)
             abort(401)
-    audit("tfa_enrolment_started", user=user, adding=user.has_2fa)
+        # With the key: _keys_started_since_last_device counts these records to tell a person about old entries.
+        audit("tfa_enrolment_started", user=user, adding=user.has_2fa)
     if not htmx.is_htmx():
         # Post/redirect/get: reloading the QR page shows the same key again instead of posting for a new one,
         # which would silently break the entry the person may have scanned already.
@@ -455,12 +457,17 @@ def verify_code(user, pending):
             step = totp.match_step(secret, normalised, timestamp())
             if step is not None:
                 # Keep the newest accepted step: the device must refuse every code already seen (security.md 16).
-                newest = max(step, pending.verified_step if pending.verified_step is not None else step)
-                if not PendingEnrolment.update(verified_step=newest).where(_same_key(pending)).execute():
-                    # Start over replaced the key while this code was checked (SQLite may give the new row
-                    # the same id): the code is the old key's and must not mark the new one as confirmed.
-                    return _replaced_meanwhile(user) or _without_pending(user)
-                audit("tfa_enrolment_code_accepted", user=user)
+                # Compared with what is stored when it is written: a newer code accepted meanwhile in another
+                # tab was overwritten by this older one, whose step the device then started from (a race
+                # review: the newer code then signed in once more).
+                verified = PendingEnrolment.verified_step
+                newest = Case(None, [((verified.is_null()) | (verified < step), step)], verified)
+                with write_transaction():
+                    if not PendingEnrolment.update(verified_step=newest).where(_same_key(pending)).execute():
+                        # Start over replaced the key while this code was checked (SQLite may give the new row
+                        # the same id): the code is the old key's and must not mark the new one as confirmed.
+                        return _replaced_meanwhile(user) or _without_pending(user)
+                    audit("tfa_enrolment_code_accepted", user=user)
                 if not htmx.is_htmx():
                     # Post/redirect/get: a reload asks for the name again instead of sending the code again
                     # (by then possibly too old, which would count as a wrong code).
@@ -480,9 +487,10 @@ def verify_code(user, pending):
         discarded_now = counted is not None and failures >= MAX_ENROLMENT_FAILURES
         if discarded_now:
             counted.delete_instance()
-    audit("tfa_enrolment_code_rejected", user=user, failures=failures)
-    if discarded_now:
-        audit("tfa_enrolment_discarded", user=user, reason="too many wrong codes")
+        # In the same transaction: the key is never gone without the record of why (security.md 43).
+        audit("tfa_enrolment_code_rejected", user=user, failures=failures)
+        if discarded_now:
+            audit("tfa_enrolment_discarded", user=user, reason="too many wrong codes")
     if failures >= MAX_ENROLMENT_FAILURES:
         return _wizard("expired", too_many=True)
     return _wizard("code", status=status, pending=pending, form=form, error=error)
@@ -509,8 +517,6 @@ def complete(user, pending):
     if not form.validate_on_submit():
         return _wizard("name", status=400, pending=pending, form=form)
     name = form.name.data
-    had_2fa = user.has_2fa
-    had_reset_window = user.tfa_reset_until is not None
     with write_transaction():
         # Lock the person first: every session of theirs completing at once queues here, so on PostgreSQL
         # the Device insert and the DELETE of the other sessions' pending rows cannot deadlock.
@@ -520,9 +526,14 @@ def complete(user, pending):
             return _restarted(locked)  # Start over meanwhile, and SQLite gave its new key the same id
         if locked is None or locked.verified_step is None:  # a parallel request used it already
             return _without_pending(user)
-        if any(_same_name(d.name, name) for d in _devices(user)):
+        devices = _devices(user)
+        if any(_same_name(d.name, name) for d in devices):
             form.name.errors = ["You already have a device with this name. Choose another name."]
             return _wizard("name", status=400, pending=pending, form=form)
+        # Read under the person's row: the last device removed in another tab meanwhile makes this activation
+        # the one that turns 2FA on, and so it is recorded (it was recorded as "device added").
+        had_2fa = bool(devices)
+        had_reset_window = User.select(User.tfa_reset_until).where(User.id == user.id).scalar() is not None
         try:
             # A savepoint, so a lost race on the unique name leaves the outer transaction usable (PostgreSQL).
             with db.atomic():

@@ -857,6 +857,17 @@ _PROTECTED = ("Support cannot change two-factor authentication on its own accoun
               "Ask the server operator instead.")
 
 
+def _recheck_actor(actor):
+    """Inside the action's transaction: the acting admin is still an admin whose account is in use. Checked
+    when the request came in (support_admin_required), but `users disable` or `promote --revoke` of that
+    admin may have committed since, and told the operator it took effect (a race review: the disabled admin's
+    disable still went through after it)."""
+    row = User.select(User.is_admin, User.disabled_at).where(User.id == actor.id).first()
+    if row is None or not row.is_admin or row.disabled_at is not None:
+        abort(403, "Your account can no longer take support actions: the server operator changed it a moment "
+                   "ago. Nothing was changed.")
+
+
 def _refuse_protected(target):
     """Separation of duties: no action on yourself or on another admin (security.md 41). An attempt to act
     (a POST: the page offers no such button, so it came from a forged request or a page from before a
@@ -953,6 +964,7 @@ def disable_2fa(user_id):
     actor = current_user._get_current_object()
     with write_transaction():
         locked = _lock_target(target.id)
+        _recheck_actor(actor)
         if locked.is_admin:  # made an admin since the page was read
             abort(403, _PROTECTED)
         disabled = locked.disabled_at is not None  # by the operator since the page was read
@@ -1037,6 +1049,7 @@ def end_window(user_id):
     actor = current_user._get_current_object()
     with write_transaction():
         locked = _lock_target(target.id)
+        _recheck_actor(actor)
         has_devices = Device.select().where(Device.user == locked.id).exists()
         current = now()
         disabled = locked.disabled_at is not None
@@ -1061,6 +1074,7 @@ def mark_handled(request_id):
     """Mark one contact request as handled (it leaves the open list)."""
     actor = current_user._get_current_object()
     with write_transaction():
+        _recheck_actor(actor)
         req = SupportRequest.get_or_none(SupportRequest.id == request_id)
         if req is None:
             abort(404)
@@ -1081,6 +1095,7 @@ def reopen(request_id):
     wrote again about it)."""
     actor = current_user._get_current_object()
     with write_transaction():
+        _recheck_actor(actor)
         req = SupportRequest.get_or_none(SupportRequest.id == request_id)
         if req is None:
             abort(404)
