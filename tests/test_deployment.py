@@ -200,3 +200,51 @@ def test_a_database_from_before_a_column_was_added_gets_it_at_start(app, actor, 
     assert again.test_cli_runner().invoke(args=["users", "disable", "pausing@example.com"]).exit_code == 0
     assert after.client.get("/settings").status_code == 200  # alice's session: the join reads the column too
     assert type(actor)(again, again.test_client(), clock).password_step("pausing@example.com").status_code == 403
+
+
+def test_addresses_stored_in_an_old_spelling_get_the_normal_one_at_start(app, actor, tmp_path, clock, capsys):
+    """README "Upgrades", "One mailbox, one account": until 2026-12-05 an address was stored as typed, only
+    trimmed and lower-cased. An upgrade review stored "zoë" with a decomposed accent and a full-width domain
+    that way: after the upgrade nobody found those accounts in the usual spelling, and sign-up made a second
+    account for each mailbox. At start they are stored in the normal spelling (each with an audit record), the
+    usual spelling signs in and sign-up says the account exists; an address already normal is not touched,
+    and two accounts of one mailbox are left for the operator, with a warning. Both databases."""
+    from webapp.models import AuditEvent, User
+    from webapp.security import hash_password
+
+    from .conftest import make_test_app
+
+    legacy = {"zoe\u0308@example.com": "zoë@example.com", "kim@ｅｘａｍｐｌｅ.org": "kim@example.org",
+              "pat@xn--mnchen-3ya.de": "pat@münchen.de"}
+    with app.app_context():
+        password_hash = hash_password(PASSWORD)
+        for stored in legacy:
+            User.create(email=stored, password_hash=password_hash)
+        User.create(email="anna@example.com", password_hash=password_hash, is_admin=True)
+        User.create(email="lee@münchen.de", password_hash=password_hash)  # stored normal already
+        # one mailbox twice: the old spelling and an account made later in the normal one
+        twice = [User.create(email=e, password_hash=password_hash).id for e in ("ida@xn--mnchen-3ya.de",
+                                                                               "ida@münchen.de")]
+    db.close()
+    capsys.readouterr()
+    again = make_test_app(tmp_path, app.config["DATABASE_URL"], clock,
+                          TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
+    said = capsys.readouterr().err
+    assert said.count("upgraded the database: stored 3 address(es) in their normal spelling") == 1
+    assert (f"WARNING: accounts {twice[1]} (ida@münchen.de) and {twice[0]} (ida@xn--mnchen-3ya.de) are one "
+            "mailbox in two spellings") in said
+    with again.app_context():
+        emails = {u.email for u in User.select()}
+        assert set(legacy.values()) <= emails and not set(legacy) & emails
+        assert {"lee@münchen.de", "ida@xn--mnchen-3ya.de", "ida@münchen.de"} <= emails
+        records = {e.details["was"] for e in AuditEvent.select().where(AuditEvent.kind == "email_respelled")}
+        assert records == set(legacy)
+    for typed in ("Zoë@Example.com", "kim@example.org", "Pat@München.de"):
+        browser = type(actor)(again, again.test_client(), clock)
+        assert browser.password_step(email=typed).headers["Location"] == "/settings", typed
+        r = type(actor)(again, again.test_client(), clock).post_form(
+            "/signup", {"email": typed, "password": PASSWORD, "confirm": PASSWORD})
+        assert "already exists" in r.get_data(as_text=True), typed
+    capsys.readouterr()
+    make_test_app(tmp_path, app.config["DATABASE_URL"], clock, TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
+    assert "stored" not in capsys.readouterr().err  # once: the next start finds nothing to change

@@ -321,6 +321,11 @@ def code_error(result):
         return Throttled(f"Too many wrong codes. Wait {wait_text(result.locked_until)} before trying again.")
     if result.reason == "malformed":
         return MALFORMED_CODE_ERROR
+    if result.locked_until is not None and is_lock(result.strikes):
+        # This wrong code started a lock (the fifth in a row, or the first after a lock ran out): said now,
+        # not only when the next code, perhaps the right one, is refused. The same for a replayed code.
+        return Throttled(f"{GENERIC_CODE_ERROR} Too many wrong codes in a row: wait "
+                         f"{wait_text(result.locked_until)} before trying again.")
     return GENERIC_CODE_ERROR
 
 

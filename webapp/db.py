@@ -291,9 +291,10 @@ def loaded(model, data):
     return instance
 
 
-def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fill_values=None):
-    """Create the tables (and, on PostgreSQL, the extra indexes) and add the columns that are missing (at
-    every start)."""
+def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fill_values=None, upgrade=None):
+    """Create the tables (and, on PostgreSQL, the extra indexes), add the columns that are missing and run
+    `upgrade()`, which brings rows an earlier version wrote up to date and returns lines to print (at every
+    start, in the transaction that adds the columns)."""
     with database.connection_context():
         if isinstance(database, PostgresqlDatabase):
             # Hosts started at the same moment on an empty database: PostgreSQL's CREATE ... IF NOT EXISTS is
@@ -304,6 +305,7 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fi
                 database.create_tables(models, safe=True)
                 with database.atomic():  # the column and its fill together (DDL is transactional here)
                     added = _add_columns(database, added_columns, fill_values)
+                    done = upgrade() if upgrade else []
                 for statement in postgresql_indexes:
                     database.execute_sql(statement)
             finally:
@@ -312,8 +314,9 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fi
             database.create_tables(models, safe=True)  # SQLite's own lock serialises creators
             with database.atomic("IMMEDIATE"):  # and, writing first, the processes that add a column
                 added = _add_columns(database, added_columns, fill_values)
-    for column in added:  # once committed
-        print(f" * twostep: upgraded the database: added {column} (README \"Upgrades\")", file=sys.stderr, flush=True)
+                done = upgrade() if upgrade else []
+    for line in [f"added {column}" for column in added] + done:  # once committed
+        print(f" * twostep: upgraded the database: {line} (README \"Upgrades\")", file=sys.stderr, flush=True)
 
 
 def _add_columns(database, added_columns, fill_values=None):
@@ -354,7 +357,7 @@ def init_app(app):
         _create_private(database.database)
     try:
         _create_tables(database, models.ALL_MODELS, models.POSTGRESQL_INDEXES, models.ADDED_COLUMNS,
-                       {"lock": int(app.config["THROTTLE_FREE_FAILURES"]) + 1})
+                       {"lock": int(app.config["THROTTLE_FREE_FAILURES"]) + 1}, models.respell_stored_emails)
     except (OperationalError, InterfaceError, ProgrammingError) as exc:  # unreachable, no such file, no rights
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if _sqlstate(exc) == "42501":  # insufficient privilege: since PostgreSQL 15 only the database's owner

@@ -3,6 +3,7 @@ pending enrolments, support requests, the per-network counters and the append-on
 naive UTC."""
 import json
 import re
+import sys
 import unicodedata
 from datetime import timedelta
 
@@ -17,6 +18,7 @@ from peewee import (
     IntegerField,
     Model,
     TextField,
+    fn,
 )
 
 from .clock import now
@@ -285,6 +287,35 @@ class AuditEvent(BaseModel):
 
 _ANY_USER = Prepared(lambda: User.select(User.id).limit(1))
 _ANY_DEVICE = Prepared(lambda: Device.select(Device.id).where(Device.user == Param("user")).limit(1))
+
+def respell_stored_emails():
+    """Store in their normal spelling (normalise_email) the addresses an earlier version stored only trimmed and
+    lower-cased: decomposed accents ("zoe" and a combining diaeresis), full-width letters in the domain, a
+    punycode domain. An upgrade review: nobody typing the address in the usual spelling found such an account,
+    sign-up made a second one for the same mailbox, and Support's search missed it. Run at every start
+    (db._create_tables, holding its lock); only addresses with a character outside printable ASCII or an
+    "xn--" label are read, and each that changes gets an audit record. Two accounts whose addresses have one
+    normal spelling are left as they are, with a warning for the operator. Returns the line to print once
+    committed, if any."""
+    unusual = fn.GLOB("*[^ -~]*", User.email) if is_sqlite() else User.email.regexp("[^ -~]")
+    rows = list(User.select(User.id, User.email).where(unusual | User.email.contains("xn--")).order_by(User.id))
+    changed = 0
+    for row in rows:
+        spelling = normalise_email(row.email)
+        if spelling == row.email:
+            continue
+        other = User.select(User.id).where(User.email == spelling).first()
+        if other is not None:
+            print(f" * twostep: WARNING: accounts {other.id} ({spelling}) and {row.id} ({row.email}) are one mailbox "
+                  "in two spellings: keep one and `users disable` the other (README \"Upgrades\")",
+                  file=sys.stderr, flush=True)
+            continue
+        User.update(email=spelling).where(User.id == row.id).execute()
+        AuditEvent.insert(kind="email_respelled", user=row.id, created_at=now(),
+                          detail=json.dumps({"was": row.email}, sort_keys=True)).execute()
+        changed += 1
+    return [f"stored {changed} address(es) in their normal spelling"] if changed else []
+
 
 ALL_MODELS = [User, Device, ServerSession, KnownBrowser, SignInChallenge, PendingEnrolment, SupportRequest,
               NetworkCounter, AuditEvent]

@@ -196,6 +196,7 @@ KIND_LABELS = {
     "support_action_refused": "Support action refused: not allowed on one's own or another admin's account",
     "network_limit_reached": "A client network reached its hourly limit; more is refused until the hour ends",
     "network_count_cleared": "A client network's hourly count cleared by the server operator",
+    "email_respelled": "Address stored in its usual spelling by an upgrade (sign-in finds it as typed)",
 }
 
 DETAIL_LABELS = {
@@ -235,6 +236,7 @@ DETAIL_LABELS = {
     "network": "Network",
     "per_hour": "Limit per hour",
     "hits": "Count cleared",
+    "was": "Stored before as",
 }
 DETAIL_ORDER = {key: i for i, key in enumerate(DETAIL_LABELS)}  # the most telling details first
 

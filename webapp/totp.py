@@ -251,7 +251,7 @@ def check_user_code(user, raw_code, matches=None):
     from .clock import now
     from .db import write_transaction
     from .models import User
-    from .security import audit, backoff
+    from .security import audit, backoff, is_lock
 
     code = normalise_code(raw_code)
     if matches is None:
@@ -287,6 +287,6 @@ def check_user_code(user, raw_code, matches=None):
                     code_locked_until=until).where(User.id == user.id).execute()
         audit("totp_replay" if reason == "replay" else "code_rejected", user=user, reason=reason,
               failures=failures)
-        if strikes == current_app.config["THROTTLE_FREE_FAILURES"] + 1:
+        if is_lock(strikes):  # every lock, the first and each longer one after it (an upgrade review)
             audit("code_lockout", user=user, until=until.isoformat())
         return CheckResult(False, reason, locked_until=until, failures=failures, strikes=strikes)
