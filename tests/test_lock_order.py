@@ -910,3 +910,27 @@ def test_a_support_disable_and_users_disable_of_its_admin_at_once_do_not_deadloc
     assert response.status_code == 302
     with app.app_context():
         assert not Device.select().where(Device.user == carol.id).exists()
+
+
+def test_a_disable_closing_requests_waits_for_one_another_admin_is_marking_handled(app, actor, secret):
+    """security.md 42: the disable's "mark as handled" holds the requests it closes. Another admin's Mark as
+    handled of one of them, under way, is waited for; the request then keeps that admin's name, and the
+    disable's record does not claim it (Recently handled reads how a request was closed from that record)."""
+    from webapp.models import AuditEvent, SupportRequest
+
+    from .test_support import disable, sign_in_admin
+
+    sign_in_admin(actor, secret)
+    other_admin = actor.user("second-admin@example.com", admin=True)
+    carol = actor.user("carol@example.com", secret=secret)
+    with app.app_context():
+        req = SupportRequest.create(email=carol.email, message="I lost my phone", user=carol.id)
+    blocked, _, response = look_while_person_held(
+        req.id, lambda: disable(actor, carol, close_requests=True),
+        committing("UPDATE supportrequest SET handled_at = (now() AT TIME ZONE 'UTC'), handled_by_id = %s "
+                   "WHERE id = %s", other_admin.id, req.id), table="supportrequest")
+    assert blocked and response.status_code == 302
+    with app.app_context():
+        assert SupportRequest.get_by_id(req.id).handled_by_id == other_admin.id
+        event = AuditEvent.get(AuditEvent.kind == "support_tfa_disabled")
+        assert event.details["requests_closed"] == 0 and event.details["requests"] is None

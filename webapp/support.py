@@ -1023,7 +1023,9 @@ def _open_window(locked, actor, form, label, duration):
         if form.requests_shown.data:
             shown = ((SupportRequest.user == locked.id) & SupportRequest.handled_at.is_null()
                      & SupportRequest.id.in_(form.requests_shown.data))
-            closed = [r.id for r in SupportRequest.select(SupportRequest.id).where(shown).order_by(SupportRequest.id)]
+            # Held until the commit: another admin's Mark as handled of one of them waits, then finds it handled.
+            closed = [r.id for r in for_update(SupportRequest.select(SupportRequest.id).where(shown)
+                                               .order_by(SupportRequest.id))]
         if closed:
             SupportRequest.update(handled_at=current, handled_by=actor.id).where(
                 SupportRequest.id.in_(closed)).execute()
