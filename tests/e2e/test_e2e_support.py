@@ -181,12 +181,17 @@ def test_ending_a_window_early_with_a_reason_by_keyboard(page, server):
     expect(reason).to_have_accessible_description(re.compile("Optional"))
     tab_to(page, reason)
     page.keyboard.type("Owner called back: the request was not from her.")
-    tab_to(page, person_row(page).get_by_role("button", name="End the window", exact=True))
+    button = person_row(page).get_by_role("button", name="End the window", exact=True)
+    expect(button).to_have_accessible_description(re.compile("cannot sign in with the password alone any more"))
+    tab_to(page, button)
     page.keyboard.press("Enter")
     expect(person_row(page).get_by_role("status")).to_be_focused()
     expect(person_row(page)).to_contain_text("Blocked")
     expect(person_row(page)).to_contain_text(
-        re.compile(f"Ended early .* UTC by {re.escape(ADMIN)}: “Owner called back: the request was not from her.”"))
+        re.compile(f"Ended early .* UTC by {re.escape(ADMIN)}: “Owner called back: the request was not from her.” "
+                   "Password-only sign-in has stopped"))
+    # the warning Tab passes over is the button's description
+    expect(person_row(page).get_by_role("button", name="End the window", exact=True)).to_have_count(0)
 
 
 def test_mark_as_handled_by_keyboard_keeps_the_focus_on_the_request(page, server):
