@@ -207,8 +207,10 @@ def test_addresses_stored_in_an_old_spelling_get_the_normal_one_at_start(app, ac
     trimmed and lower-cased. An upgrade review stored "zoë" with a decomposed accent and a full-width domain
     that way: after the upgrade nobody found those accounts in the usual spelling, and sign-up made a second
     account for each mailbox. At start they are stored in the normal spelling (each with an audit record), the
-    usual spelling signs in and sign-up says the account exists; an address already normal is not touched,
-    and two accounts of one mailbox are left for the operator, with a warning. Both databases."""
+    usual spelling signs in and sign-up says the account exists; an address already normal is not touched.
+    Left as they are, with a warning naming them (a security review): accounts of one mailbox (re-spelling one
+    would hand the usual spelling, and its sign-ins, to the other), and an old punycode spelling that would
+    read like another address once written in letters. Both databases."""
     from webapp.models import AuditEvent, User
     from webapp.security import hash_password
 
@@ -225,18 +227,26 @@ def test_addresses_stored_in_an_old_spelling_get_the_normal_one_at_start(app, ac
         # one mailbox twice: the old spelling and an account made later in the normal one
         twice = [User.create(email=e, password_hash=password_hash).id for e in ("ida@xn--mnchen-3ya.de",
                                                                                "ida@münchen.de")]
+        # one mailbox in two old spellings: the one that signs in now (punycode) must stay the one that does
+        both = [User.create(email=e, password_hash=hash_password(f"pw of {e}")).id
+                for e in ("uma@ｍünchen.de", "uma@xn--mnchen-3ya.de")]
+        spoof = User.create(email="alice@xn--pple-43d.com", password_hash=password_hash).id  # "аpple", Cyrillic а
     db.close()
     capsys.readouterr()
     again = make_test_app(tmp_path, app.config["DATABASE_URL"], clock,
                           TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
     said = capsys.readouterr().err
     assert said.count("upgraded the database: stored 3 address(es) in their normal spelling") == 1
-    assert (f"WARNING: accounts {twice[1]} (ida@münchen.de) and {twice[0]} (ida@xn--mnchen-3ya.de) are one "
-            "mailbox in two spellings") in said
+    assert (f"WARNING: accounts {twice[1]} (ida@münchen.de), {twice[0]} (ida@xn--mnchen-3ya.de) are one "
+            "mailbox in several spellings, left as they are") in said
+    assert (f"WARNING: accounts {both[0]} (uma@ｍünchen.de), {both[1]} (uma@xn--mnchen-3ya.de) are one mailbox "
+            "in several spellings") in said
+    assert f"WARNING: account {spoof} keeps its old spelling alice@xn--pple-43d.com" in said
     with again.app_context():
         emails = {u.email for u in User.select()}
         assert set(legacy.values()) <= emails and not set(legacy) & emails
-        assert {"lee@münchen.de", "ida@xn--mnchen-3ya.de", "ida@münchen.de"} <= emails
+        assert {"lee@münchen.de", "ida@xn--mnchen-3ya.de", "ida@münchen.de", "uma@ｍünchen.de",
+                "uma@xn--mnchen-3ya.de", "alice@xn--pple-43d.com"} <= emails
         records = {e.details["was"] for e in AuditEvent.select().where(AuditEvent.kind == "email_respelled")}
         assert records == set(legacy)
     for typed in ("Zoë@Example.com", "kim@example.org", "Pat@München.de"):
@@ -245,6 +255,8 @@ def test_addresses_stored_in_an_old_spelling_get_the_normal_one_at_start(app, ac
         r = type(actor)(again, again.test_client(), clock).post_form(
             "/signup", {"email": typed, "password": PASSWORD, "confirm": PASSWORD})
         assert "already exists" in r.get_data(as_text=True), typed
+    uma = type(actor)(again, again.test_client(), clock)  # the account the usual spelling reached before
+    assert uma.password_step("uma@münchen.de", "pw of uma@xn--mnchen-3ya.de").headers["Location"] == "/settings"
     capsys.readouterr()
     make_test_app(tmp_path, app.config["DATABASE_URL"], clock, TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
     assert "stored" not in capsys.readouterr().err  # once: the next start finds nothing to change

@@ -934,3 +934,39 @@ def test_a_disable_closing_requests_waits_for_one_another_admin_is_marking_handl
         assert SupportRequest.get_by_id(req.id).handled_by_id == other_admin.id
         event = AuditEvent.get(AuditEvent.kind == "support_tfa_disabled")
         assert event.details["requests_closed"] == 0 and event.details["requests"] is None
+
+
+def test_users_disable_of_the_acting_admin_waits_for_a_support_action_under_way(app, actor, secret, monkeypatch):
+    """security.md 41, 42: a support action holds its admin's row first (then the person's, the order `users
+    disable` takes them). The operator's `users disable` of that admin, sent while the action is under way,
+    waits for it; it then says the account is disabled, and the records come in the order things happened.
+    With only a read of the admin's row, the command finished first and the disabled admin's action still
+    went through after it (a security review)."""
+    from webapp import support
+    from webapp.models import AuditEvent
+
+    from .test_support import ADMIN, disable, sign_in_admin
+
+    admin = sign_in_admin(actor, secret)
+    actor.user("admin2@example.com", admin=True, secret=secret)
+    carol = actor.user("carol@example.com", secret=secret)
+    real = support._recheck_actor
+    seen = {}
+
+    def and_the_operator_meanwhile(acting):
+        real(acting)
+        command = threading.Thread(target=lambda: seen.setdefault("cli", flask_users(app, "disable", ADMIN)),
+                                   daemon=True)
+        command.start()
+        command.join(3)
+        seen["waited"], seen["thread"] = command.is_alive(), command
+
+    monkeypatch.setattr(support, "_recheck_actor", and_the_operator_meanwhile)
+    assert disable(actor, carol, close_requests=False).status_code == 302
+    seen["thread"].join(30)
+    assert seen["waited"] and seen["cli"].exit_code == 0 and "is disabled" in seen["cli"].output
+    with app.app_context():
+        kinds = [e.kind for e in AuditEvent.select().where(AuditEvent.kind.in_(
+            ["account_disabled", "support_tfa_disabled"])).order_by(AuditEvent.id)]
+        assert User.get_by_id(admin.id).disabled_at is not None
+    assert kinds == ["support_tfa_disabled", "account_disabled"]

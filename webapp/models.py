@@ -288,27 +288,44 @@ class AuditEvent(BaseModel):
 _ANY_USER = Prepared(lambda: User.select(User.id).limit(1))
 _ANY_DEVICE = Prepared(lambda: Device.select(Device.id).where(Device.user == Param("user")).limit(1))
 
+def _warn(text):
+    print(f" * twostep: WARNING: {text} (README \"Upgrades\")", file=sys.stderr, flush=True)
+
+
 def respell_stored_emails():
     """Store in their normal spelling (normalise_email) the addresses an earlier version stored only trimmed and
     lower-cased: decomposed accents ("zoe" and a combining diaeresis), full-width letters in the domain, a
     punycode domain. An upgrade review: nobody typing the address in the usual spelling found such an account,
     sign-up made a second one for the same mailbox, and Support's search missed it. Run at every start
     (db._create_tables, holding its lock); only addresses with a character outside printable ASCII or an
-    "xn--" label are read, and each that changes gets an audit record. Two accounts whose addresses have one
-    normal spelling are left as they are, with a warning for the operator. Returns the line to print once
-    committed, if any."""
+    "xn--" label are read, and each that changes gets an audit record.
+
+    Left as they are, with a warning for the operator (a security review):
+    - an address whose normal spelling another account has, or shares with another old spelling: re-spelling
+      one would move the usual spelling, and the sign-ins that come with it, to the other account;
+    - an address whose normal spelling would read like another one (lookalike_problem: "xn--pple-43d.com"
+      is "аpple.com" with a Cyrillic а, plainly odd only in punycode).
+    Returns the line to print once committed, if any."""
     unusual = fn.GLOB("*[^ -~]*", User.email) if is_sqlite() else User.email.regexp("[^ -~]")
     rows = list(User.select(User.id, User.email).where(unusual | User.email.contains("xn--")).order_by(User.id))
+    spellings = {row.id: normalise_email(row.email) for row in rows}
+    changing = [row for row in rows if spellings[row.id] != row.email]
+    sharing = {}
+    for row in changing:
+        sharing.setdefault(spellings[row.id], []).append(row)
     changed = 0
-    for row in rows:
-        spelling = normalise_email(row.email)
-        if spelling == row.email:
+    for spelling, group in sharing.items():
+        taken = User.select(User.id, User.email).where(User.email == spelling).first()
+        if taken is not None or len(group) > 1:
+            accounts = ", ".join(f"{r.id} ({r.email})" for r in ([taken] if taken else []) + group)
+            _warn(f"accounts {accounts} are one mailbox in several spellings, left as they are: keep one "
+                  "account and `users disable` the others")
             continue
-        other = User.select(User.id).where(User.email == spelling).first()
-        if other is not None:
-            print(f" * twostep: WARNING: accounts {other.id} ({spelling}) and {row.id} ({row.email}) are one mailbox "
-                  "in two spellings: keep one and `users disable` the other (README \"Upgrades\")",
-                  file=sys.stderr, flush=True)
+        [row] = group
+        problem = lookalike_problem(spelling)
+        if problem:
+            _warn(f"account {row.id} keeps its old spelling {row.email}: written as {spelling} it would read like "
+                  f"another address ({problem})")
             continue
         User.update(email=spelling).where(User.id == row.id).execute()
         AuditEvent.insert(kind="email_respelled", user=row.id, created_at=now(),

@@ -860,11 +860,13 @@ _PROTECTED = ("Support cannot change two-factor authentication on its own accoun
 
 
 def _recheck_actor(actor):
-    """Inside the action's transaction: the acting admin is still an admin whose account is in use. Checked
-    when the request came in (support_admin_required), but `users disable` or `promote --revoke` of that
-    admin may have committed since, and told the operator it took effect (a race review: the disabled admin's
-    disable still went through after it)."""
-    row = User.select(User.is_admin, User.disabled_at).where(User.id == actor.id).first()
+    """First in the action's transaction: hold the acting admin's row and check that they are still an admin
+    whose account is in use. Checked when the request came in (support_admin_required), but `users disable`
+    or `promote --revoke` of that admin may have committed since, and told the operator it took effect (a
+    race review: the disabled admin's disable still went through after it). Held, so that such a command
+    waits for the action or the action for it, and before the person's row, in the order those commands
+    take them (every admin, then the person)."""
+    row = for_update(User.select(User.is_admin, User.disabled_at).where(User.id == actor.id)).first()
     if row is None or not row.is_admin or row.disabled_at is not None:
         abort(403, "Your account can no longer take support actions: the server operator changed it a moment "
                    "ago. Nothing was changed.")
@@ -965,8 +967,8 @@ def disable_2fa(user_id):
     label, duration = DURATIONS[form.duration.data]
     actor = current_user._get_current_object()
     with write_transaction():
-        locked = _lock_target(target.id)
         _recheck_actor(actor)
+        locked = _lock_target(target.id)
         if locked.is_admin:  # made an admin since the page was read
             abort(403, _PROTECTED)
         disabled = locked.disabled_at is not None  # by the operator since the page was read
@@ -1052,8 +1054,8 @@ def end_window(user_id):
         return _row_response(target, status=400, end_form=form, error="Nothing was changed. Check the reason below.")
     actor = current_user._get_current_object()
     with write_transaction():
-        locked = _lock_target(target.id)
         _recheck_actor(actor)
+        locked = _lock_target(target.id)
         has_devices = Device.select().where(Device.user == locked.id).exists()
         current = now()
         disabled = locked.disabled_at is not None
