@@ -260,3 +260,25 @@ def test_addresses_stored_in_an_old_spelling_get_the_normal_one_at_start(app, ac
     capsys.readouterr()
     make_test_app(tmp_path, app.config["DATABASE_URL"], clock, TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
     assert "stored" not in capsys.readouterr().err  # once: the next start finds nothing to change
+
+
+def test_an_index_built_at_start_on_a_database_in_use_is_announced(app, actor, tmp_path, clock, capsys):
+    """README "Upgrades": on PostgreSQL the Support search's index (user_email_c) is built at start when it is
+    missing, which takes a while on a big table: the console says so, as it does for columns (an upgrade
+    review: the start waited in silence). A new, empty database gets it without a word."""
+    if not (os.environ.get("TEST_DATABASE_URL") or "").startswith("postgres"):
+        pytest.skip("PostgreSQL only: SQLite needs no index of its own for the search")
+    from .conftest import make_test_app
+
+    actor.user()
+    with app.app_context():
+        db.execute_sql("DROP INDEX user_email_c")
+    db.close()
+    capsys.readouterr()
+    again = make_test_app(tmp_path, app.config["DATABASE_URL"], clock,
+                          TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
+    assert "upgrading the database: building index user_email_c" in capsys.readouterr().err
+    with again.app_context():
+        assert db.execute_sql("SELECT to_regclass('user_email_c') IS NOT NULL").fetchone()[0]
+    make_test_app(tmp_path, app.config["DATABASE_URL"], clock, TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
+    assert "building index" not in capsys.readouterr().err

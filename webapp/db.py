@@ -3,6 +3,7 @@ start, and Prepared queries for the paths every request takes."""
 import fcntl
 import hashlib
 import os
+import re
 import select
 import sys
 import threading
@@ -302,11 +303,17 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fi
             # the creators take turns on a session-level advisory lock.
             database.execute_sql("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
             try:
+                existing = database.table_exists(models[0]._meta.table_name)
                 database.create_tables(models, safe=True)
                 with database.atomic():  # the column and its fill together (DDL is transactional here)
                     added = _add_columns(database, added_columns, fill_values)
                     done = upgrade() if upgrade else []
                 for statement in postgresql_indexes:
+                    name = re.search(r"INDEX IF NOT EXISTS (\w+)", statement).group(1)
+                    missing = database.execute_sql("SELECT to_regclass(%s) IS NULL", (name,)).fetchone()[0]
+                    if missing and existing:  # on a big table this takes a while: say what the start waits for
+                        print(f" * twostep: upgrading the database: building index {name} (README \"Upgrades\")",
+                              file=sys.stderr, flush=True)
                     database.execute_sql(statement)
             finally:
                 database.execute_sql("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK,))
