@@ -309,6 +309,24 @@ def test_wrong_codes_when_removing_or_turning_off_count_towards_the_account_thro
 
 
 @pytest.mark.parametrize("change", ["remove", "disable"])
+def test_the_wrong_code_that_starts_a_lock_says_so_with_429(actor, app, alice, secret, change):
+    """security.md 18: the fifth wrong code in a row locks code entry; the answer to it says so at once and is
+    a 429, as every answer that asks to wait (it was 200 or 403 with only "not valid"). Nothing changes."""
+    [device] = device_rows(app, alice)
+    url, data = device_change(actor, device, secret, change)
+    code_field = next(k for k in data if k.endswith("code"))
+    wrong = "123456" if actor.code(secret) != "123456" else "654321"
+    for pause in (0, 1, 2, 4):
+        actor.clock.advance(pause)
+        assert post(actor, url, {**data, code_field: wrong}).status_code in (200, 403)
+    actor.clock.advance(8)
+    r = post(actor, url, {**data, code_field: wrong})
+    assert r.status_code == 429
+    assert "Too many wrong codes in a row: wait 15 minutes before trying again." in text(r)
+    assert len(device_rows(app, alice)) == 1
+
+
+@pytest.mark.parametrize("change", ["remove", "disable"])
 def test_turning_2fa_off_shares_the_password_throttle(actor, app, alice, secret, change):
     """security.md 19, 32: a wrong password when removing the only device or turning 2FA off starts the same
     back-off as at the sign-in: the right one sent at once is refused with 429 ("Too many"), and nothing goes."""

@@ -519,7 +519,7 @@ def verify():
                         status, error = 400, form.code.errors[0] if form.code.errors else MALFORMED_CODE_ERROR
                     else:
                         error = code_error(result)
-                        status = 400 if result.reason == "malformed" else 429 if result.reason == "locked" else 200
+                        status = 400 if result.reason == "malformed" else refusal_status(error, 200)
                     # None of this counts if the challenge went meanwhile (2FA turned off by support or the
                     # operator, the password changed): the attempt rolls back and the sign-in starts again.
                     if not SignInChallenge.update(failures=SignInChallenge.failures + 1).where(

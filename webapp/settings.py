@@ -704,7 +704,7 @@ def remove_device(device_id):
     if not result:
         form.code.errors = [code_error(result)]
         return _settings_response(user, failed=("remove", device.id, form),
-                                  status=429 if result.reason == "locked" else 200)
+                                  status=refusal_status(form.code.errors[0], 200))
     with write_transaction():
         # Count again under the lock: another removal may have finished since `last` was read, leaving this
         # the only device, and removing that one turns 2FA off, which needs the password (security.md 32).
@@ -755,7 +755,7 @@ def disable():
     if not result:
         form.code.errors = [code_error(result)]
         return _settings_response(user, failed=("disable", None, form),
-                                  status=429 if result.reason == "locked" else 403)
+                                  status=refusal_status(form.code.errors[0], 403))
     with write_transaction():  # all of it or nothing, holding the person's row like every 2FA change
         User.lock(user.id)
         names = [d.name for d in _devices(user)]
