@@ -1438,10 +1438,15 @@ def test_a_proxy_hop_count_that_is_not_a_count_is_named_in_the_error(tmp_path, m
 @pytest.mark.parametrize("name, value", [("TWOSTEP_PRODUCTION", "y"), ("TWOSTEP_PRODUCTION", "production"),
                                          ("SIGNUP_ENABLED", "nope"), ("SECURE_COOKIES", "2"),
                                          ("PURGE_INTERVAL_SECONDS", "-5"), ("PURGE_INTERVAL_SECONDS", "10m"),
-                                         ("FAILED_SIGNINS_PER_HOUR", "-1"), ("SIGNUPS_PER_HOUR", "ten")])
+                                         ("FAILED_SIGNINS_PER_HOUR", "-1"), ("SIGNUPS_PER_HOUR", "ten"),
+                                         ("FAILED_SIGNINS_PER_HOUR", "9223372036854775808"),
+                                         ("SIGNUPS_PER_HOUR", "99999999999999999999"),
+                                         ("PURGE_INTERVAL_SECONDS", "100000000000000")])
 def test_a_setting_that_is_not_one_of_its_values_stops_the_start_naming_it(tmp_path, monkeypatch, name, value):
     """security.md 44: TWOSTEP_PRODUCTION=y used to be read as "no", running production with generated secrets
-    and insecure cookies; a negative purge interval silently meant "never". Each stops the start instead."""
+    and insecure cookies; a negative purge interval silently meant "never". Each stops the start instead. So
+    does a number too big to mean anything (an infrastructure review: a huge limit broke every sign-in on
+    SQLite, which cannot store it, and a huge purge interval stopped the start with a traceback)."""
     monkeypatch.delenv("TWOSTEP_PRODUCTION", raising=False)
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=f"^{name} must be"):

@@ -148,6 +148,20 @@ def test_stale_session_cannot_turn_2fa_off_or_remove_a_device(actor, app, secret
         assert Device.select().where(Device.user == user.id).count() == 0
 
 
+def test_an_error_page_under_static_is_not_stored(actor, secret):
+    """security.md 12: a missing file under /static/ gets the error page with the layout (the person's address,
+    a CSRF token): it is sent no-store like every page (an infrastructure review: the static files' caching
+    applied to it). The files themselves may be cached."""
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    missing = actor.client.get("/static/nope.css")
+    assert missing.status_code == 404 and "alice@example.com" in missing.get_data(as_text=True)
+    assert missing.headers.get("Cache-Control") == "no-store"
+    css = actor.client.get("/static/app.css")
+    css.close()  # a file response: the test client leaves it open otherwise
+    assert css.status_code == 200 and css.headers.get("Cache-Control") != "no-store"
+
+
 def test_pending_session_cannot_turn_2fa_off(actor, app, secret):
     """security.md 32: the password step alone (pending state) cannot reach the disable action."""
     user = actor.user(secret=secret)

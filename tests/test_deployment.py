@@ -282,3 +282,20 @@ def test_an_index_built_at_start_on_a_database_in_use_is_announced(app, actor, t
         assert db.execute_sql("SELECT to_regclass('user_email_c') IS NOT NULL").fetchone()[0]
     make_test_app(tmp_path, app.config["DATABASE_URL"], clock, TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
     assert "building index" not in capsys.readouterr().err
+
+
+def test_a_process_that_builds_many_apps_keeps_one_writer_queue_file_open(tmp_path, clock):
+    """An infrastructure review: each app built in one process (the test suite builds one per test, the
+    benchmark several) left the writer queue file of its SQLite database open, towards the limit of open
+    files, after its folder was gone. Building the next app closes the previous database's."""
+    import webapp.db as db_module
+    from webapp.models import User
+
+    from .conftest import make_test_app
+
+    for n in range(3):
+        made = make_test_app(tmp_path / f"app{n}", f"sqlite:///{tmp_path / f'db{n}.sqlite'}", clock)
+        with made.app_context(), db_module.write_transaction():
+            User.create(email=f"p{n}@example.com", password_hash="x")
+        mine = [path for pid, path in db_module._QUEUE_FILES if pid == os.getpid()]
+        assert mine == [str(tmp_path / f"db{n}.sqlite")], mine

@@ -488,3 +488,67 @@ def test_a_kept_connection_that_cannot_be_polled_is_replaced_before_the_request(
     r = client.get("/login")
     assert r.status_code == 200 and "<h1>Log in</h1>" in r.get_data(as_text=True)
     assert db.obj._state.conn is not kept and not db.obj.is_closed()
+
+
+def _database_down_from_now(monkeypatch):
+    """From the call on, every statement fails as if the database had gone (its server stopped)."""
+    import sqlite3
+
+    from peewee import Database, OperationalError
+
+    real = Database.execute_sql
+
+    def failing(self, *args, **kwargs):
+        driver_error = sqlite3.OperationalError("unable to open database file")
+        raise OperationalError(driver_error, *driver_error.args)
+
+    monkeypatch.setattr(Database, "execute_sql", failing)
+    return real
+
+
+def test_the_503_page_reaches_a_person_in_a_support_window(app, actor, monkeypatch):
+    """An infrastructure review: the database going away in the middle of a page of a person signed in with
+    the password alone (support's window open) gave a bare 500 from the server: the layout's "set up a new
+    device" banner queried the database again while the 503 page was drawn. Now that page is shown."""
+    from datetime import timedelta
+
+    import webapp.settings as settings_module
+    from webapp.clock import now
+
+    carol = actor.user("carol@example.com")
+    with app.app_context():
+        User.update(tfa_reset_until=now() + timedelta(hours=24)).where(User.id == carol.id).execute()
+    assert actor.password_step("carol@example.com").headers["Location"] == "/settings"
+    real_context = settings_module._row_context
+
+    def then_the_database_goes(user):
+        _database_down_from_now(monkeypatch)
+        return real_context(user)
+
+    monkeypatch.setattr(settings_module, "_row_context", then_the_database_goes)
+    assert_unavailable_page(actor.client.get("/settings"))
+
+
+def test_an_expired_session_whose_row_cannot_be_deleted_is_still_signed_out(app, actor, secret, clock, monkeypatch):
+    """security.md 28: a session past its idle timeout is refused even when deleting its row fails (the
+    writer lock held by another program, a connection lost at that moment): the browser goes to sign in and
+    the purge deletes the row later. The failure, outside the error handlers, gave a bare 500 from the
+    server instead."""
+    import sqlite3
+
+    from peewee import OperationalError
+
+    import webapp.sessions as sessions_module
+
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    clock.advance(31 * 60)
+
+    class Failing:
+        def execute(self, **params):
+            driver_error = sqlite3.OperationalError("database is locked")
+            raise OperationalError(driver_error, *driver_error.args)
+
+    monkeypatch.setattr(sessions_module, "_DELETE", Failing())
+    r = actor.client.get("/settings")
+    assert r.status_code == 302 and r.headers["Location"].startswith("/login")

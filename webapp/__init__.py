@@ -150,7 +150,9 @@ def create_app(test_config=None):
         from .models import Device
 
         reset_window = None
-        if current_user.is_authenticated and current_user.tfa_reset_until is not None:
+        # Not while the error page of an outage is drawn: the query would fail again, past every handler.
+        if (current_user.is_authenticated and current_user.tfa_reset_until is not None
+                and not g.get("database_unavailable")):
             if not Device.select().where(Device.user == current_user.id).exists():
                 reset_window = current_user.tfa_reset_until
         return {"reset_window": reset_window}

@@ -86,14 +86,19 @@ def _env_bool(env, name, default):
     return word in _TRUE
 
 
+_COUNT_MAX = 10 ** 9  # far above any useful limit or interval, and what SQLite's integers and timedelta hold
+
+
 def _env_count(env, name, what):
-    """A whole number of 0 or more from the environment; anything else stops the start naming the variable."""
+    """A whole number from 0 to _COUNT_MAX from the environment; anything else stops the start naming the
+    variable. Without the ceiling a huge limit broke every sign-in on SQLite (it cannot store the number),
+    and a huge purge interval stopped the start with a traceback."""
     try:
         value = int(env[name])
     except ValueError:
         value = -1
-    if value < 0:
-        raise ConfigError(f"{name} must be {what}")
+    if not 0 <= value <= _COUNT_MAX:
+        raise ConfigError(f"{name} must be {what}, at most {_COUNT_MAX:,}")
     return value
 
 

@@ -359,6 +359,8 @@ def init_app(app):
     database = open_database(app.config["DATABASE_URL"])
     if db.obj is not None and not db.obj.is_closed():
         db.obj.close()  # a process that builds several apps (tests, the benchmark) keeps no stale connection
+    for key in [k for k in _QUEUE_FILES if k[0] == os.getpid() and k[1] != getattr(database, "database", None)]:
+        _QUEUE_FILES.pop(key).close()  # nor the writer queue files of the databases it used before
     db.initialize(database)
     if isinstance(database, SqliteDatabase):
         _create_private(database.database)

@@ -504,8 +504,10 @@ def set_security_headers(response):
     for name, value in SECURITY_HEADERS + ((HSTS,) if current_app.config["SECURE_COOKIES"] else ()):
         if name.lower() not in present:
             h.add(name, value)
-    if request.endpoint != "static":
-        # Pages depend on who is signed in and may show secrets: never store them (security.md 12).
+    if request.endpoint != "static" or response.status_code >= 400:
+        # Pages depend on who is signed in and may show secrets: never store them (security.md 12). An error
+        # page under /static/ (a missing file) is such a page too: it has the layout, the person's address
+        # and a CSRF token.
         h["Cache-Control"] = "no-store"
     return response
 

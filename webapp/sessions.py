@@ -149,7 +149,12 @@ class DbSessionInterface(SessionInterface):
         current = now()
         if (current - row.last_seen_at > app.config["SESSION_IDLE_TIMEOUT"]
                 or current - row.created_at > app.config["SESSION_ABSOLUTE_TIMEOUT"]):
-            _DELETE.execute(id=row.id)
+            try:
+                _DELETE.execute(id=row.id)
+            except (OperationalError, InterfaceError):
+                # Refused as expired all the same; the purge deletes the row later. Raised here, outside
+                # the error handlers, it left no session open, and the 500 page itself failed on that.
+                pass
             return self._without_row(app, token)
         return DbSession(row.load(), token=token, row=row)
 
