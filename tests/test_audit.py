@@ -504,6 +504,7 @@ def test_operator_exports_the_audit_log_as_json_lines_and_can_go_on_from_the_las
     sign_in_admin(actor, secret)
     disable(actor, target, reason="Checked passport on a video call", ticket="SUP-9")
     before = len(events(app))
+    clock.advance(61)  # records of the last minute wait for the next export (below)
     result = app.test_cli_runner().invoke(args=["audit", "export"])
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.output.splitlines()]
@@ -517,13 +518,24 @@ def test_operator_exports_the_audit_log_as_json_lines_and_can_go_on_from_the_las
     assert secret not in result.output and target.email in result.output
     clock.advance(120)
     end_window(actor, target)
+    ended = clock.t
+    # A record under a minute old is left for the next export, and stderr says so: on PostgreSQL a record
+    # committed late can have a smaller id than one already exported, and --after-id then skipped it for good.
+    recent = app.test_cli_runner().invoke(args=["audit", "export", "--after-id", str(lines[-1]["id"])])
+    assert recent.exit_code == 0 and '"kind"' not in recent.stdout
+    assert "records of the last 60 seconds are left for the next export" in recent.stderr
+    clock.advance(61)
     more = app.test_cli_runner().invoke(args=["audit", "export", "--after-id", str(lines[-1]["id"])])
-    assert [json.loads(line)["kind"] for line in more.output.splitlines()] == ["support_window_ended"]
-    for since in (utc(clock.t - 60), utc(clock.t)):  # a record of that very second included
-        later = app.test_cli_runner().invoke(args=["audit", "export", "--since", f"{since:%Y-%m-%dT%H:%M:%S}"])
-        assert [json.loads(line)["kind"] for line in later.output.splitlines()] == ["support_window_ended"]
-    bad = app.test_cli_runner().invoke(args=["audit", "export", "--since", "yesterday"])
-    assert bad.exit_code == 2 and "Traceback" not in bad.output
+    kinds = [json.loads(line)["kind"] for line in more.output.splitlines()]
+    assert kinds[-1] == "support_window_ended" and "support_tfa_disabled" not in kinds
+    since_lines = []
+    for since in (f"{utc(ended - 60):%Y-%m-%dT%H:%M:%S}", f"{utc(ended):%Y-%m-%dT%H:%M:%SZ}"):  # and the export's own
+        later = app.test_cli_runner().invoke(args=["audit", "export", "--since", since])  # format (a review)
+        since_lines.append([json.loads(line)["kind"] for line in later.output.splitlines()])
+    assert since_lines[1] == ["support_window_ended"] and since_lines[0][-1] == "support_window_ended"
+    for bad_args in (["--since", "yesterday"], ["--after-id", "9223372036854775808"], ["--after-id", "-1"]):
+        bad = app.test_cli_runner().invoke(args=["audit", "export", *bad_args])  # a number SQLite cannot hold
+        assert bad.exit_code == 2 and "Traceback" not in bad.output and "Invalid value" in bad.output
 
 
 def test_every_event_the_code_records_has_plain_words_for_the_audit_page():

@@ -1838,12 +1838,18 @@ def test_clearing_an_ipv6_address_takes_its_64_and_48_and_can_keep_to_one_limit(
     assert _counted(app, "failed-sign-ins", "2001:db8:1:3::/64") == 5
     assert _networks(app, "clear", "2001:db8:1:3:ffff::/64") == (0, "cleared 2001:db8:1:3::/64  failed-sign-ins  "
                                                                     "(5 counted)\n")
+    # One address written as a network (/128, /32) is that address (a review: it said nothing was counted)
+    _count(app, clock, "failed-sign-ins", "2001:db8:1:4::/64", 3)
+    _count(app, clock, "failed-sign-ins", "192.0.2.8", 2)
+    assert _networks(app, "clear", "2001:db8:1:4::5/128") == (0, "cleared 2001:db8:1:4::/64  failed-sign-ins  "
+                                                                 "(3 counted)\n")
+    assert _networks(app, "clear", "192.0.2.8/32") == (0, "cleared 192.0.2.8  failed-sign-ins  (2 counted)\n")
     assert _networks(app, "list") == (0, "no network has been counted in the last hour\n")
     assert _networks(app, "clear", "2001:db8:2::1") == (
         0, "nothing counted this hour for 2001:db8:2::/48, 2001:db8:2::/64; nothing changed\n")
     assert _counted(app, "contact-48", "2001:db8:2::/48") == 30  # left to the purge
     with app.app_context():
-        assert AuditEvent.select().where(AuditEvent.kind == "network_count_cleared").count() == 4
+        assert AuditEvent.select().where(AuditEvent.kind == "network_count_cleared").count() == 6
 
 
 def test_clearing_a_network_takes_every_count_within_it(app, clock):
@@ -1885,7 +1891,7 @@ def test_a_client_address_that_is_no_address_can_be_cleared_as_the_list_shows_it
     assert _networks(app, "list")[1].startswith("unknown  failed-sign-ins  2 of 2  full")
 
     assert _networks(app, "clear", "unknown", "--limit", "sign-ups") == (
-        0, "nothing counted this hour for unknown; nothing changed\n")  # it is counted, under another limit
+        0, "nothing counted this hour under sign-ups for unknown; nothing changed\n")  # under another limit
     assert _networks(app, "clear", " unknown ") == (0, "cleared unknown  failed-sign-ins  (2 counted)\n")
     assert _counted(app, "failed-sign-ins", "unknown") == 0
     r = actor.post_form("/login", {"email": "alice@example.com", "password": PASSWORD}, **_from("unknown"))

@@ -237,11 +237,11 @@ def test_addresses_stored_in_an_old_spelling_get_the_normal_one_at_start(app, ac
                           TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
     said = capsys.readouterr().err
     assert said.count("upgraded the database: stored 3 address(es) in their normal spelling") == 1
-    assert (f"WARNING: accounts {twice[1]} (ida@münchen.de), {twice[0]} (ida@xn--mnchen-3ya.de) are one "
+    assert (f"WARNING: accounts #{twice[1]} (ida@münchen.de), #{twice[0]} (ida@xn--mnchen-3ya.de) are one "
             "mailbox in several spellings, left as they are") in said
-    assert (f"WARNING: accounts {both[0]} (uma@ｍünchen.de), {both[1]} (uma@xn--mnchen-3ya.de) are one mailbox "
+    assert (f"WARNING: accounts #{both[0]} (uma@ｍünchen.de), #{both[1]} (uma@xn--mnchen-3ya.de) are one mailbox "
             "in several spellings") in said
-    assert f"WARNING: account {spoof} keeps its old spelling alice@xn--pple-43d.com" in said
+    assert f"WARNING: account #{spoof} keeps its old spelling alice@xn--pple-43d.com" in said
     with again.app_context():
         emails = {u.email for u in User.select()}
         assert set(legacy.values()) <= emails and not set(legacy) & emails
@@ -255,6 +255,11 @@ def test_addresses_stored_in_an_old_spelling_get_the_normal_one_at_start(app, ac
         r = type(actor)(again, again.test_client(), clock).post_form(
             "/signup", {"email": typed, "password": PASSWORD, "confirm": PASSWORD})
         assert "already exists" in r.get_data(as_text=True), typed
+    # the operator can act on each of them by number, as the warning names them
+    result = again.test_cli_runner().invoke(args=["users", "disable", f"#{both[0]}", "--reason", "duplicate"])
+    assert result.exit_code == 0 and "uma@ｍünchen.de is disabled" in result.output, result.output
+    with again.app_context():
+        assert User.get_by_id(both[0]).disabled_at is not None and User.get_by_id(both[1]).disabled_at is None
     uma = type(actor)(again, again.test_client(), clock)  # the account the usual spelling reached before
     assert uma.password_step("uma@münchen.de", "pw of uma@xn--mnchen-3ya.de").headers["Location"] == "/settings"
     capsys.readouterr()

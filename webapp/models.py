@@ -317,14 +317,14 @@ def respell_stored_emails():
     for spelling, group in sharing.items():
         taken = User.select(User.id, User.email).where(User.email == spelling).first()
         if taken is not None or len(group) > 1:
-            accounts = ", ".join(f"{r.id} ({r.email})" for r in ([taken] if taken else []) + group)
+            accounts = ", ".join(f"#{r.id} ({r.email})" for r in ([taken] if taken else []) + group)
             _warn(f"accounts {accounts} are one mailbox in several spellings, left as they are: keep one "
-                  "account and `users disable` the others")
+                  "account and `users disable` the others by number (users disable '#8')")
             continue
         [row] = group
         problem = lookalike_problem(spelling)
         if problem:
-            _warn(f"account {row.id} keeps its old spelling {row.email}: written as {spelling} it would read like "
+            _warn(f"account #{row.id} keeps its old spelling {row.email}: written as {spelling} it would read like "
                   f"another address ({problem})")
             continue
         User.update(email=spelling).where(User.id == row.id).execute()
