@@ -1308,6 +1308,13 @@ def test_closing_requests_leaves_those_handled_earlier_as_they_were(app, actor, 
     assert "by boss2@example.com (no 2FA change with it)." in earlier and "Marked as handled" in earlier
     closed = handled.split("Lost my phone again")[1].split("</li>")[0]
     assert f"Closed {utc(clock.t):%Y-%m-%d %H:%M} UTC by {ADMIN}, who turned 2FA off for 24 hours." in closed
+    # reopened and marked as handled later: that is how it was handled now
+    actor.post_form(f"/support/requests/{new.id}/reopen", {}, form_url="/support")
+    clock.advance(600)
+    actor.post_form(f"/support/requests/{new.id}/handled", {}, form_url="/support")
+    handled = actor.client.get("/support").get_data(as_text=True).split("Recently handled (2)")[1]
+    again = handled.split("Lost my phone again")[1].split("</li>")[0]
+    assert "Marked as handled" in again and "turned 2FA off" not in again
 
 
 @pytest.mark.parametrize("seen_id, late_id", [(None, None), (1000, 500)])

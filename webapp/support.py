@@ -794,13 +794,14 @@ def _add_outcomes(requests):
     if not users:
         return
     wanted = {r.id: r for r in requests}
-    events = AuditEvent.select(AuditEvent.detail).where((AuditEvent.kind == "support_tfa_disabled")
-                                                        & AuditEvent.user.in_(users))
+    events = AuditEvent.select(AuditEvent.detail, AuditEvent.created_at).where(
+        (AuditEvent.kind == "support_tfa_disabled") & AuditEvent.user.in_(users))
     for event in events:
         detail = json.loads(event.detail or "{}")
         for number in str(detail.get("requests") or "").split(","):
             closed = wanted.get(int(number)) if number.strip().isdigit() else None
-            if closed is not None:
+            # That disable closed it this time: one reopened since and handled again was closed otherwise.
+            if closed is not None and abs(closed.handled_at - event.created_at) <= timedelta(seconds=5):
                 closed.disabled_for = detail.get("duration") or "a time"
 
 
