@@ -32,6 +32,18 @@ def test_cli_creates_a_user_who_can_sign_in(app, actor):
 MISMATCH = "Error: The two entered values do not match."  # click's words when the confirmation differs
 
 
+def test_cli_says_an_address_is_wrong_before_asking_for_a_password(app, actor):
+    """An operator's sweep: `users set-password` of an address with no account, and `users create` of one
+    that has an account, asked for the new password twice and only then said so. They say it first, exit 1,
+    and ask nothing."""
+    actor.user("carol@example.com")
+    for args, message in ((("set-password", "nobody@example.com"), "no account with email nobody@example.com"),
+                          (("create", "Carol@Example.com"), "an account with email carol@example.com already exists")):
+        result = run(app, "users", *args, input="")
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert "password" not in result.output.lower().replace("set-password", "")
+
+
 def test_cli_prompts_for_the_password(app, actor):
     """Left out of the command line (where the shell's history would keep it), the password is asked for
     twice, never shown on the terminal. A confirmation that differs makes nothing: the operator who gives up

@@ -56,8 +56,22 @@ def _check_password(password):
         raise click.ClickException(f"the password must have at most {PASSWORD_MAX} characters")
 
 
+def _named_account(ctx, param, value):
+    """Argument callback: the account must exist, said before any password is asked for (the prompt comes
+    after the arguments). The command still looks it up itself."""
+    _get_user(value)
+    return value
+
+
+def _new_account(ctx, param, value):
+    """Argument callback: no account may have this address yet, said before any password is asked for."""
+    if User.by_email(value.strip()) is not None:
+        raise click.ClickException(f"an account with email {normalise_email(value)} already exists")
+    return value
+
+
 @users.command("create")
-@click.argument("email")
+@click.argument("email", callback=_new_account)
 @click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True,
               help="Prompted for when left out.")
 @click.option("--admin", is_flag=True, help="Give the account access to the Support page.")
@@ -73,8 +87,6 @@ def create_user(email, password, admin):
         raise click.ClickException(f"invalid email address: {problem}")
     _check_password(password)
     exists = click.ClickException(f"an account with email {normalise_email(email)} already exists")
-    if User.by_email(email) is not None:
-        raise exists
     password_hash = hash_password(password)  # slow: outside the transaction
     try:
         with write_transaction():
@@ -274,7 +286,7 @@ def reset_2fa(email):
 
 
 @users.command("set-password")
-@click.argument("email")
+@click.argument("email", callback=_named_account)
 @click.option("--password", prompt="New password", hide_input=True, confirmation_prompt=True,
               help="Prompted for when left out (better: it stays out of the shell's history).")
 def set_password(email, password):
