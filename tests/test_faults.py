@@ -527,6 +527,7 @@ def test_the_503_page_reaches_a_person_in_a_support_window(app, actor, monkeypat
 
     monkeypatch.setattr(settings_module, "_row_context", then_the_database_goes)
     assert_unavailable_page(actor.client.get("/settings"))
+    monkeypatch.undo()  # the database back before the app fixture's teardown, which uses it on PostgreSQL
 
 
 def test_an_expired_session_whose_row_cannot_be_deleted_is_still_signed_out(app, actor, secret, clock, monkeypatch):
