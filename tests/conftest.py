@@ -1,14 +1,17 @@
 """Shared fixtures: a fresh app per test (temporary SQLite file, or TEST_DATABASE_URL for PostgreSQL),
 an injected clock, cheap password hashing, and helpers that act like a person in a browser."""
 import functools
+import importlib
 import os
 import re
+import sqlite3
 import tempfile
 from types import SimpleNamespace
 
 import pyotp
 import pytest
 from cryptography.fernet import Fernet
+from peewee import OperationalError
 
 from webapp import config as config_module
 from webapp import create_app
@@ -107,6 +110,26 @@ def _no_configuration_from_the_shell(monkeypatch):
 @pytest.fixture
 def clock():
     return FakeClock()
+
+
+def database_error(message="disk I/O error"):
+    """What peewee raises when the database fails (the driver's error inside), as the app's handlers see it."""
+    driver_error = sqlite3.OperationalError(message)
+    return OperationalError(driver_error, *driver_error.args)
+
+
+def failing_audit(monkeypatch, module, *kinds):
+    """`module`'s audit() fails with a database error for records of `kinds` (of every kind when none is
+    given): the database going away between a change and its record."""
+    target = importlib.import_module(module)
+    real = target.audit
+
+    def audit(kind, *args, **kwargs):
+        if not kinds or kind in kinds:
+            raise database_error()
+        return real(kind, *args, **kwargs)
+
+    monkeypatch.setattr(target, "audit", audit)
 
 
 def make_test_app(tmp_path, url, clock, **overrides):

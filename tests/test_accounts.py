@@ -1975,27 +1975,15 @@ def test_a_sign_up_whose_record_cannot_be_written_makes_no_account(app, actor, m
     """security.md 42, 43: the account and its account_created record commit together. A database error in
     between left an account without a record, and the form sent again said it already existed (a race
     review). Now the person sees the 503 page, no account is made, and the form can be sent again."""
-    import sqlite3
-
-    from peewee import OperationalError
-
-    import webapp.auth as auth
+    from .conftest import failing_audit
 
     actor.user("admin@example.com", admin=True)  # sign-up needs the first admin
-    real = auth.audit
-
-    def failing(kind, *args, **kwargs):
-        if kind == "account_created":
-            driver_error = sqlite3.OperationalError("disk I/O error")
-            raise OperationalError(driver_error, *driver_error.args)
-        return real(kind, *args, **kwargs)
-
-    monkeypatch.setattr(auth, "audit", failing)
-    data = {"email": "dave@example.com", "password": PASSWORD, "confirm": PASSWORD}
-    assert actor.post_form("/signup", data).status_code == 503
+    with monkeypatch.context() as patch:
+        failing_audit(patch, "webapp.auth", "account_created")
+        data = {"email": "dave@example.com", "password": PASSWORD, "confirm": PASSWORD}
+        assert actor.post_form("/signup", data).status_code == 503
     with app.app_context():
         assert not User.select().where(User.email == "dave@example.com").exists()
-    monkeypatch.setattr(auth, "audit", real)
     assert actor.post_form("/signup", data).headers["Location"] == "/settings"
     with app.app_context():
         [record] = AuditEvent.select().where(AuditEvent.kind == "account_created")

@@ -905,11 +905,9 @@ def test_htmx_request_without_session_gets_hx_redirect(client, actor):
 def test_a_logout_the_database_could_not_record_does_not_claim_to_have_logged_out(actor, app, secret, monkeypatch):
     """security.md 30: the session's row is deleted inside the request. When that fails, the person gets the
     503 page and stays signed in, rather than "You are logged out." over a cookie that still works."""
-    import sqlite3
-
-    from peewee import OperationalError
-
     import webapp.sessions as sessions_module
+
+    from .conftest import database_error
 
     actor.user(secret=secret)
     actor.sign_in(secret=secret)
@@ -918,8 +916,7 @@ def test_a_logout_the_database_could_not_record_does_not_claim_to_have_logged_ou
 
     class Failing:
         def execute(self, **params):
-            driver_error = sqlite3.OperationalError("disk I/O error")
-            raise OperationalError(driver_error, *driver_error.args)
+            raise database_error()
 
     with monkeypatch.context() as patch:
         patch.setattr(sessions_module, "_DELETE", Failing())

@@ -445,21 +445,9 @@ def test_turning_2fa_off_is_all_or_nothing(actor, app, alice, secret, monkeypatc
     """The devices, the pending keys and the audit record go in one transaction: the audit insert failing
     (the database gone at that moment) used to leave 2FA off with no record of it. Now nothing changes,
     and the person sees the 503 page."""
-    import sqlite3
+    from .conftest import failing_audit
 
-    from peewee import OperationalError
-
-    import webapp.settings as settings_module
-
-    original = settings_module.audit
-
-    def failing(kind, **kw):
-        if kind == "tfa_disabled":
-            driver_error = sqlite3.OperationalError("disk I/O error")
-            raise OperationalError(driver_error, *driver_error.args)
-        return original(kind, **kw)
-
-    monkeypatch.setattr(settings_module, "audit", failing)
+    failing_audit(monkeypatch, "webapp.settings", "tfa_disabled")
     r = post(actor, "/settings/2fa/disable", {"off-password": PASSWORD, "off-code": actor.code(secret)})
     assert r.status_code == 503
     assert len(device_rows(app, alice)) == 1
@@ -473,11 +461,9 @@ def test_a_2fa_change_whose_sessions_cannot_be_ended_changes_nothing(actor, app,
     reader's review: they were separate transactions, so the database failing between them left a removed
     factor (or a new device) with the person's other sessions still signed in. Now nothing changes, the
     other browser stays as it was, and the person sees the 503 page."""
-    import sqlite3
-
-    from peewee import OperationalError
-
     import webapp.settings as settings_module
+
+    from .conftest import database_error
 
     actor.clock.advance(30)
     other = second_session(actor, app, secret=secret)
@@ -492,8 +478,7 @@ def test_a_2fa_change_whose_sessions_cannot_be_ended_changes_nothing(actor, app,
     before = kinds(app, alice)
 
     def failing(user, keep_token=None):
-        driver_error = sqlite3.OperationalError("disk I/O error")
-        raise OperationalError(driver_error, *driver_error.args)
+        raise database_error()
 
     monkeypatch.setattr(settings_module, "end_user_sessions", failing)
     if change == "add":

@@ -492,18 +492,14 @@ def test_a_kept_connection_that_cannot_be_polled_is_replaced_before_the_request(
 
 def _database_down_from_now(monkeypatch):
     """From the call on, every statement fails as if the database had gone (its server stopped)."""
-    import sqlite3
+    from peewee import Database
 
-    from peewee import Database, OperationalError
-
-    real = Database.execute_sql
+    from .conftest import database_error
 
     def failing(self, *args, **kwargs):
-        driver_error = sqlite3.OperationalError("unable to open database file")
-        raise OperationalError(driver_error, *driver_error.args)
+        raise database_error("unable to open database file")
 
     monkeypatch.setattr(Database, "execute_sql", failing)
-    return real
 
 
 def test_the_503_page_reaches_a_person_in_a_support_window(app, actor, monkeypatch):
@@ -535,11 +531,9 @@ def test_an_expired_session_whose_row_cannot_be_deleted_is_still_signed_out(app,
     writer lock held by another program, a connection lost at that moment): the browser goes to sign in and
     the purge deletes the row later. The failure, outside the error handlers, gave a bare 500 from the
     server instead."""
-    import sqlite3
-
-    from peewee import OperationalError
-
     import webapp.sessions as sessions_module
+
+    from .conftest import database_error
 
     actor.user(secret=secret)
     actor.sign_in(secret=secret)
@@ -547,8 +541,7 @@ def test_an_expired_session_whose_row_cannot_be_deleted_is_still_signed_out(app,
 
     class Failing:
         def execute(self, **params):
-            driver_error = sqlite3.OperationalError("database is locked")
-            raise OperationalError(driver_error, *driver_error.args)
+            raise database_error("database is locked")
 
     monkeypatch.setattr(sessions_module, "_DELETE", Failing())
     r = actor.client.get("/settings")

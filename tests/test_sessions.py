@@ -137,22 +137,15 @@ def test_sign_out_everywhere_else_is_all_or_nothing(app, actor, alice, secret, c
     """security.md 30, 42: the other sessions, their browsers' own throttles and the record commit together.
     They were three commits (a code reader's review): the record failing left the browsers signed out with
     nothing in the audit log. Now nothing changes and the person sees the 503 page."""
-    import sqlite3
-
-    from peewee import OperationalError
-
-    import webapp.settings as settings_module
     from webapp.models import KnownBrowser
+
+    from .conftest import failing_audit
 
     other = browser(app, clock, secret=secret, agent="Other/1")
     with app.app_context():
         known = KnownBrowser.select().where(KnownBrowser.user == alice.id).count()
 
-    def failing(kind, **kw):
-        driver_error = sqlite3.OperationalError("disk I/O error")
-        raise OperationalError(driver_error, *driver_error.args)
-
-    monkeypatch.setattr(settings_module, "audit", failing)
+    failing_audit(monkeypatch, "webapp.settings")
     r = actor.post_form("/settings/sessions/end-others", {}, form_url="/settings")
     assert r.status_code == 503
     monkeypatch.undo()

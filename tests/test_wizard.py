@@ -1517,25 +1517,6 @@ def test_a_start_over_landing_while_activation_waits_for_the_lock_activates_noth
 
 # ---------------------------------------------------------------- found by a race review: decided on what is stored
 
-def _failing_audit(monkeypatch, module, kind):
-    """`module`'s audit() fails (a database error) for records of `kind`."""
-    import importlib
-    import sqlite3
-
-    from peewee import OperationalError
-
-    target = importlib.import_module(module)
-    real = target.audit
-
-    def audit(k, *args, **kwargs):
-        if k == kind:
-            driver_error = sqlite3.OperationalError("disk I/O error")
-            raise OperationalError(driver_error, *driver_error.args)
-        return real(k, *args, **kwargs)
-
-    monkeypatch.setattr(target, "audit", audit)
-
-
 def test_an_older_code_never_replaces_a_newer_one_accepted_meanwhile(app, actor, monkeypatch):
     """security.md 16: the wizard keeps the newest step it accepted, compared with what is stored when it
     writes. A code of step T checked while another tab's code of T+1 was accepted wrote T over it; the device
@@ -1639,6 +1620,7 @@ def test_the_fifth_wrong_code_keeps_the_key_if_its_records_cannot_be_written(app
     """security.md 43: the fifth wrong code discards the key in the same transaction as the records of that
     code and of the discard. A database error in between left the key gone with no record of why; now nothing
     of the fifth attempt stays, and the person sees the 503 page."""
+    from .conftest import failing_audit
     from .test_lock_order import a_wrong_wizard_code
 
     user = signed_in(actor)
@@ -1647,7 +1629,7 @@ def test_the_fifth_wrong_code_keeps_the_key_if_its_records_cannot_be_written(app
     wrong = a_wrong_wizard_code(w)
     for _ in range(4):
         assert 'data-step="code"' in text(w.submit_code(wrong))
-    _failing_audit(monkeypatch, "webapp.settings", "tfa_enrolment_code_rejected")
+    failing_audit(monkeypatch, "webapp.settings", "tfa_enrolment_code_rejected")
     assert w.submit_code(wrong).status_code == 503
     with app.app_context():
         [pending] = PendingEnrolment.select().where(PendingEnrolment.user == user.id)
