@@ -704,6 +704,20 @@ def a_wrong_wizard_code(wizard):
     return next(c for c in ("123456", "654321", "111111") if c not in near)
 
 
+def wizard_after_wrong_codes(actor, count):
+    """(person, wizard, the wrong code): a signed-in person's wizard at the code step, `count` wrong codes
+    already refused there."""
+    from .test_wizard import Wizard, signed_in, text
+
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.start()
+    wrong = a_wrong_wizard_code(w)
+    for _ in range(count):
+        assert 'data-step="code"' in text(w.submit_code(wrong))
+    return user, w, wrong
+
+
 def a_wrong_code_counted_while(app, actor, wizard, monkeypatch, other):
     """Send a wrong code in the wizard. Once its count is written (verify_code's UPDATE), before it reads the
     count back, `other(tab)` runs in a thread from another tab of the same session (a test client with this
@@ -745,15 +759,9 @@ def test_two_wrong_wizard_codes_at_once_are_each_counted_as_their_own(app, actor
     the fourth answered at the code step and the fifth discarding the key, once (security.md 18, 20)."""
     from webapp.models import AuditEvent
 
-    from .test_wizard import HX, Wizard, signed_in, text
+    from .test_wizard import HX, text
 
-    user = signed_in(actor)
-    w = Wizard(actor)
-    w.start()
-    wrong = a_wrong_wizard_code(w)
-    for _ in range(3):
-        assert 'data-step="code"' in text(w.submit_code(wrong))
-
+    user, w, wrong = wizard_after_wrong_codes(actor, 3)
     blocked, fourth, fifth = a_wrong_code_counted_while(
         app, actor, w, monkeypatch,
         lambda tab: tab.post("/settings/2fa/code", data={"csrf_token": w.csrf(), "code": wrong}, headers=HX))

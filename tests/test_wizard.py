@@ -1621,14 +1621,9 @@ def test_the_fifth_wrong_code_keeps_the_key_if_its_records_cannot_be_written(app
     code and of the discard. A database error in between left the key gone with no record of why; now nothing
     of the fifth attempt stays, and the person sees the 503 page."""
     from .conftest import failing_audit
-    from .test_lock_order import a_wrong_wizard_code
+    from .test_lock_order import wizard_after_wrong_codes
 
-    user = signed_in(actor)
-    w = Wizard(actor)
-    w.start()
-    wrong = a_wrong_wizard_code(w)
-    for _ in range(4):
-        assert 'data-step="code"' in text(w.submit_code(wrong))
+    user, w, wrong = wizard_after_wrong_codes(actor, 4)
     failing_audit(monkeypatch, "webapp.settings", "tfa_enrolment_code_rejected")
     assert w.submit_code(wrong).status_code == 503
     with app.app_context():

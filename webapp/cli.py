@@ -57,16 +57,19 @@ def _check_password(password):
 
 
 def _named_account(ctx, param, value):
-    """Argument callback: the account must exist, said before any password is asked for (the prompt comes
-    after the arguments). The command still looks it up itself."""
-    _get_user(value)
-    return value
+    """Argument callback: the account EMAIL names (_get_user), looked up before any password is asked for
+    (the prompt comes after the arguments), so that a wrong address is said first."""
+    return _get_user(value)
+
+
+def _already_exists(email):
+    return click.ClickException(f"an account with email {normalise_email(email)} already exists")
 
 
 def _new_account(ctx, param, value):
     """Argument callback: no account may have this address yet, said before any password is asked for."""
     if User.by_email(value.strip()) is not None:
-        raise click.ClickException(f"an account with email {normalise_email(value)} already exists")
+        raise _already_exists(value)
     return value
 
 
@@ -86,14 +89,13 @@ def create_user(email, password, admin):
     if problem:
         raise click.ClickException(f"invalid email address: {problem}")
     _check_password(password)
-    exists = click.ClickException(f"an account with email {normalise_email(email)} already exists")
     password_hash = hash_password(password)  # slow: outside the transaction
     try:
         with write_transaction():
             user = User.create(email=normalise_email(email), password_hash=password_hash, is_admin=admin)
             audit("account_created", user=user, via="cli", admin=admin)
     except IntegrityError:  # made meanwhile (a sign-up, /setup or another run): said, not a traceback
-        raise exists from None
+        raise _already_exists(email) from None
     click.echo(f"created {'admin ' if admin else ''}{user.email}")
 
 
@@ -286,14 +288,13 @@ def reset_2fa(email):
 
 
 @users.command("set-password")
-@click.argument("email", callback=_named_account)
+@click.argument("user", metavar="EMAIL", callback=_named_account)
 @click.option("--password", prompt="New password", hide_input=True, confirmation_prompt=True,
               help="Prompted for when left out (better: it stays out of the shell's history).")
-def set_password(email, password):
+def set_password(user, password):
     """Give an account a new password (a forgotten one, or one that leaked): every session of the account
     ends and its password throttle starts over. Two-factor authentication stays as it is."""
     _check_password(password)
-    user = _get_user(email)
     ended = replace_password(user, hash_password(password), via="cli")  # the hash first: it is slow
     click.echo(f"new password set for {user.email}; {ended} session(s) ended")
 

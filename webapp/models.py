@@ -306,6 +306,8 @@ def respell_stored_emails():
     - an address whose normal spelling would read like another one (lookalike_problem: "xn--pple-43d.com"
       is "аpple.com" with a Cyrillic а, plainly odd only in punycode).
     Returns the line to print once committed, if any."""
+    from .security import audit  # security imports this module
+
     unusual = fn.GLOB("*[^ -~]*", User.email) if is_sqlite() else User.email.regexp("[^ -~]")
     rows = list(User.select(User.id, User.email).where(unusual | User.email.contains("xn--")).order_by(User.id))
     spellings = {row.id: normalise_email(row.email) for row in rows}
@@ -328,8 +330,7 @@ def respell_stored_emails():
                   f"another address ({problem})")
             continue
         User.update(email=spelling).where(User.id == row.id).execute()
-        AuditEvent.insert(kind="email_respelled", user=row.id, created_at=now(),
-                          detail=json.dumps({"was": row.email}, sort_keys=True)).execute()
+        audit("email_respelled", user=row.id, was=row.email)
         changed += 1
     return [f"stored {changed} address(es) in their normal spelling"] if changed else []
 

@@ -702,9 +702,9 @@ def remove_device(device_id):
     # A stolen session alone cannot remove a factor: a current code is needed (security.md 32).
     result = totp.check_user_code(user, form.code.data)
     if not result:
-        form.code.errors = [code_error(result)]
-        return _settings_response(user, failed=("remove", device.id, form),
-                                  status=refusal_status(form.code.errors[0], 200))
+        error = code_error(result)
+        form.code.errors = [error]
+        return _settings_response(user, failed=("remove", device.id, form), status=refusal_status(error, 200))
     with write_transaction():
         # Count again under the lock: another removal may have finished since `last` was read, leaving this
         # the only device, and removing that one turns 2FA off, which needs the password (security.md 32).
@@ -753,9 +753,9 @@ def disable():
                                   status=refusal_status(error, 403))
     result = totp.check_user_code(user, form.code.data)
     if not result:
-        form.code.errors = [code_error(result)]
-        return _settings_response(user, failed=("disable", None, form),
-                                  status=refusal_status(form.code.errors[0], 403))
+        error = code_error(result)
+        form.code.errors = [error]
+        return _settings_response(user, failed=("disable", None, form), status=refusal_status(error, 403))
     with write_transaction():  # all of it or nothing, holding the person's row like every 2FA change
         User.lock(user.id)
         names = [d.name for d in _devices(user)]
