@@ -317,11 +317,61 @@ def test_a_stale_request_or_window_action_changes_nothing_and_comes_back_to_the_
     token = actor.csrf("/support")
     clock.advance(app.config["FRESH_LOGIN_WINDOW"].total_seconds() + 1)
     r = actor.client.post(url, data={"csrf_token": token})
-    assert r.status_code == 302 and r.headers["Location"].replace("%2F", "/") == "/reauth?next=/support"
+    back = "/support" if action == "handled" else f"/support?user={target.id}"  # the person's row alone
+    location = r.headers["Location"].replace("%2F", "/").replace("%3F", "?").replace("%3D", "=")
+    assert r.status_code == 302 and location == "/reauth?next=" + back
     r = actor.post_form(r.headers["Location"], {"password": PASSWORD, "code": actor.code(secret)})
-    assert r.status_code == 302 and r.headers["Location"] == "/support"
+    assert r.status_code == 302 and r.headers["Location"] == back
     assert fetch(app, SupportRequest)[0].handled_at is None
     assert user_row(app, "carol@example.com").support_window(utc(clock.t)) == "open"
+
+
+@pytest.mark.parametrize("htmx", [False, True])
+def test_a_stale_end_window_keeps_its_reason_for_after_reauth(app, actor, secret, clock, target, htmx):
+    """security.md 37: "End support window now" sent from a stale page ends nothing; after re-authenticating
+    the admin is on that person's row with the form open and the reason as typed (it was lost), pressing
+    End the window again. Kept once, and cut to the form's 500 characters."""
+    sign_in_admin(actor, secret)
+    assert disable(actor, target, close_requests=False).status_code == 302
+    token = actor.csrf("/support")
+    clock.advance(app.config["FRESH_LOGIN_WINDOW"].total_seconds() + 1)
+    reason = "Owner called <b>back</b>: the request was not hers"
+    url = f"/support/users/{target.id}/end-window"
+    data = {f"end{target.id}-reason": reason + " " + "x" * 600}
+    if htmx:
+        r = actor.client.post(url, headers={**HX, "X-CSRFToken": token}, data=data)
+        location = r.headers["HX-Redirect"]
+    else:
+        location = actor.client.post(url, data={"csrf_token": token, **data}).headers["Location"]
+    assert user_row(app, "carol@example.com").support_window(utc(clock.t)) == "open"  # nothing ended yet
+    r = actor.post_form(location, {"password": PASSWORD, "code": actor.code(secret)})
+    assert r.status_code == 302 and r.headers["Location"] == f"/support?user={target.id}"
+    page = actor.client.get(r.headers["Location"]).get_data(as_text=True)
+    assert "Your reason was kept" in page and "Nothing was changed yet" in page
+    kept = (reason + " " + "x" * 600)[:500].replace("<", "&lt;").replace(">", "&gt;")
+    assert f">\r\n{kept}</textarea>" in page
+    assert '<details class="disable" open>' in page  # the End form is open, its reason in view
+    assert user_row(app, "carol@example.com").support_window(utc(clock.t)) == "open"
+    again = actor.client.get(f"/support?user={target.id}").get_data(as_text=True)
+    assert "Your reason was kept" not in again and "Owner called" not in again  # kept once
+    assert end_window(actor, target, reason=reason).status_code == 302
+    assert user_row(app, "carol@example.com").support_window(utc(clock.t)) == "ended"
+
+
+def test_a_kept_end_window_reason_says_nothing_once_the_window_has_closed(app, actor, secret, clock, target):
+    """The window ran out (or another admin ended it) while the admin re-authenticated: the row offers no
+    End form, and no notice about a kept reason that there is nothing to use for."""
+    sign_in_admin(actor, secret)
+    assert disable(actor, target, close_requests=False).status_code == 302
+    token = actor.csrf("/support")
+    clock.advance(app.config["FRESH_LOGIN_WINDOW"].total_seconds() + 1)
+    r = actor.client.post(f"/support/users/{target.id}/end-window",
+                          data={"csrf_token": token, f"end{target.id}-reason": "not hers"})
+    with app.app_context():
+        User.update(tfa_reset_until=utc(clock.t)).where(User.id == target.id).execute()
+    r = actor.post_form(r.headers["Location"], {"password": PASSWORD, "code": actor.code(secret)})
+    page = actor.client.get(r.headers["Location"]).get_data(as_text=True)
+    assert "Your reason was kept" not in page and "End the window" not in page and "not hers" not in page
 
 
 # ---------------------------------------------------------------- search (security.md 37)

@@ -490,6 +490,11 @@ def support_admin_required(view):
             elif request.endpoint == "support.disable_2fa":
                 _keep_draft(kwargs["user_id"])
                 back = url_for("support.disable_2fa_form", user_id=kwargs["user_id"])
+            elif request.endpoint == "support.end_window":
+                # Back to that person alone, with the reason as typed (it is optional, but a lost one is
+                # seldom typed again, and the next admin reads it on the row).
+                _keep_end_draft(kwargs["user_id"])
+                back = url_for("support.index", user=kwargs["user_id"])
             else:
                 back = url_for("support.index")
             target = url_for("auth.reauth", next=back)
@@ -507,23 +512,32 @@ def _keep_draft(user_id):
     own limits. Nothing is checked or done with them until the admin presses Disable again."""
     prefix = f"u{user_id}-"
     form = request.form
-    session[_DRAFT] = {"user": user_id, "reason": form.get(prefix + "reason", "")[:500],
+    session[_DRAFT] = {"user": user_id, "kind": "disable", "reason": form.get(prefix + "reason", "")[:500],
                        "duration": form.get(prefix + "duration", "")[:8], "ticket": form.get(prefix + "ticket", "")[:64],
                        "close_requests": bool(form.get(prefix + "close_requests")),
                        "requests_shown": form.get(prefix + "requests_shown", "")[:_SHOWN_MAX]}
 
 
-def _take_draft(user_id):
-    """The kept entries for this person's disable form (once), or None."""
+def _keep_end_draft(user_id):
+    """Keep a stale "End support window now"'s reason, as _keep_draft keeps a disable's entries."""
+    session[_DRAFT] = {"user": user_id, "kind": "end",
+                       "reason": request.form.get(f"end{user_id}-reason", "")[:500]}
+
+
+def _take_draft(user_id, kind="disable"):
+    """The kept entries for this person's disable form (or, with kind "end", their End support window form),
+    once, or None."""
     draft = session.get(_DRAFT)
     if not draft:
         return None
     session.pop(_DRAFT)
-    if draft.get("user") != user_id:
+    if draft.pop("user", None) != user_id or draft.pop("kind", "disable") != kind:
         return None
+    if kind == "end":
+        return draft
     if draft.get("duration") not in DURATIONS:
         draft["duration"] = None  # the form's default
-    return {k: v for k, v in draft.items() if k != "user" and v is not None}
+    return {k: v for k, v in draft.items() if v is not None}
 
 
 # ---------------------------------------------------------------- rows of people on the Support page
@@ -829,7 +843,15 @@ def index():
         # A contact request's "Show account": that account alone, not a search for its address, which would
         # also list look-alikes that start the same (bob@example.com.evil.example).
         users = list(User.select(*USER_COLUMNS).where(User.id == one))
-        context = _index_context(users[0].email if users else "", 1, rows=build_rows(users))
+        kept = _take_draft(one, kind="end")  # a stale "End support window now", back from re-authenticating
+        end_forms = notices = None
+        if kept and kept.get("reason"):
+            end_forms = {one: EndWindowForm(formdata=None, prefix=f"end{one}", data=kept)}
+            notices = {one: _END_DRAFT_KEPT}
+        rows = build_rows(users, end_forms=end_forms, notices=notices)
+        if rows and not rows[0].can_end:
+            rows[0].notice = None  # the window closed meanwhile: there is nothing to press
+        context = _index_context(users[0].email if users else "", 1, rows=rows)
         return render_template("support/index.html", gone=not users, **context)
     if htmx.is_htmx():
         users, has_next = search_users(q, page)
@@ -1002,6 +1024,8 @@ def disable_2fa(user_id):
 _NOTHING_TO_DISABLE = "This person has no two-factor authentication to disable."
 _ACCOUNT_DISABLED = ("The server operator has disabled this account: support actions on it are not possible. "
                      "Nothing was changed.")
+_END_DRAFT_KEPT = ("Your reason was kept while you confirmed it's you. Nothing was changed yet: the window is "
+                   "still open. Check the reason, then press End the window.")
 _DRAFT_KEPT = "Your entries were kept while you confirmed it's you. Nothing was changed yet: check them, then press Disable."
 
 
