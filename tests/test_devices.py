@@ -7,6 +7,7 @@ import re
 import pyotp
 import pytest
 
+from webapp import fields
 from webapp.models import AuditEvent, Device, ServerSession, User
 
 HX = {"HX-Request": "true"}
@@ -811,3 +812,41 @@ def test_turning_off_from_a_stale_row_with_htmx_answers_with_the_row(actor, app,
     body = text(r)
     assert r.status_code == 200 and body.lstrip().startswith('<div class="setting-row" id="tfa-row"')
     assert "already off" in body and "<html" not in body and ">Off<" in body
+
+
+class _CountingSet(frozenset):
+    """A frozenset that counts how often it is asked whether it holds a character."""
+    lookups = 0
+
+    def __contains__(self, item):
+        type(self).lookups += 1
+        return frozenset.__contains__(self, item)
+
+
+@pytest.mark.parametrize("base", ["a", "\u2764"])
+def test_the_hidden_character_check_reads_a_long_run_of_selectors_once(monkeypatch, base):
+    """A form field of 64 KB (the contact form's address, a device name) is checked for characters that show
+    nothing before its length is refused: walking back over the selectors before each selector made a run of
+    21,000 of them cost 13 seconds of a worker's CPU (the request-facing security review). The check looks at
+    each character a bounded number of times. Its answer is as before: refused (after a plain letter the
+    selector hides in the word; after the heart, thousands of marks pile on one character)."""
+    counting = _CountingSet(fields._SELECTORS)
+    monkeypatch.setattr(fields, "_SELECTORS", counting)
+    _CountingSet.lookups = 0
+    text = base + "\ufe0f" * 3000 + " phone"
+    assert fields.has_hidden_characters(text) is True
+    assert _CountingSet.lookups <= 4 * len(text)
+
+
+def test_a_name_that_is_too_long_is_not_also_read_for_hidden_characters(app):
+    """After the length refused a field, the check for characters that show nothing does not run on it: one
+    message, and no character-by-character work on a 64 KB value."""
+    from webapp.settings import DeviceNameForm
+    from webapp.support import ContactForm
+    hidden = "a" + "\u200b" * 300 + "@example.com"
+    with app.test_request_context(method="POST", data={"name": hidden, "email": hidden, "message": "x" * 10}):
+        name_form, contact_form = DeviceNameForm(), ContactForm()
+        name_form.validate(), contact_form.validate()
+        assert name_form.name.errors == ["Use at most 64 characters."]
+        assert not any("do not show" in e for e in contact_form.email.errors)
+        assert contact_form.email.errors[0] == "That email address is too long (254 characters at most)."

@@ -91,27 +91,35 @@ def is_plain_letter(c):
     return c.isascii() or unicodedata.name(c, "?").split(" ")[0] in CONFUSABLE_SCRIPTS
 
 
-def _joins_visibly(text, i):
+def _joins_visibly(text, i, base=None):
     """Whether the joiner or selector at text[i] does what real text needs it for: it follows a character that
     is neither ASCII nor a letter of the look-alike alphabets (an emoji, an Arabic, Mongolian or CJK
-    character), or it is the U+FE0F of a keycap. After "Work" it would only hide in the word."""
+    character), or it is the U+FE0F of a keycap. After "Work" it would only hide in the word. `base`: the
+    index of the last character before i that is not a selector, when the caller knows it (-1 for none)."""
     c = text[i]
     if c not in JOINERS and c not in _SELECTORS:
         return False
     if c == "\ufe0f" and text[i + 1:i + 2] == _KEYCAP:
         return True
-    base = i - 1
-    while base >= 0 and text[base] in _SELECTORS:  # "🏳️‍🌈": the joiner follows the flag's selector
-        base -= 1
+    if base is None:
+        base = i - 1
+        while base >= 0 and text[base] in _SELECTORS:  # "🏳️‍🌈": the joiner follows the flag's selector
+            base -= 1
     return base >= 0 and not is_invisible(text[base]) and not is_plain_letter(text[base])
 
 
 def has_hidden_characters(text):
     """Whether a name holds a character from HIDDEN_CATEGORIES or one that shows nothing (is_invisible), other
     than a joiner or selector where real text needs one (_joins_visibly), or a pile of combining marks."""
-    return (any((unicodedata.category(c) in HIDDEN_CATEGORIES or is_invisible(c)) and not _joins_visibly(text, i)
-                for i, c in enumerate(text))
-            or has_stacked_marks(text))
+    # One pass, carrying the last character that is not a selector: walking back from every selector made a
+    # run of thousands of them (a 64 KB form field, before its length is refused) cost seconds of CPU.
+    base = -1
+    for i, c in enumerate(text):
+        if (unicodedata.category(c) in HIDDEN_CATEGORIES or is_invisible(c)) and not _joins_visibly(text, i, base):
+            return True
+        if c not in _SELECTORS:
+            base = i
+    return has_stacked_marks(text)
 
 
 def has_disguising_characters(text):
@@ -147,7 +155,9 @@ class VisibleText:
         self.check = has_disguising_characters if lines else has_hidden_characters
 
     def __call__(self, form, field):
-        if field.data and self.check(field.data):
+        # After a length already refused (WTForms runs the rest of the chain), one message is enough, and a
+        # 64 KB field need not be read character by character.
+        if field.data and not field.errors and self.check(field.data):
             raise ValidationError(self.message)
 
 

@@ -56,6 +56,8 @@ def _same_name(a, b):
 
 def _printable(form, field):
     name = field.data or ""
+    if field.errors:
+        return  # too long already: one message, and the name is not read character by character
     if fields.has_hidden_characters(name):  # fields.HIDDEN_CATEGORIES
         raise ValidationError("Use letters, digits, spaces and punctuation only.")
     if name and not any(unicodedata.category(c)[0] in "LNPS" for c in name):
