@@ -221,12 +221,13 @@ def password_check(user, password, wrong=GENERIC_LOGIN_ERROR, network=None):
     but not there, and a stolen browser cookie gets the same back-off as the account. With `network` (the
     password step's: security.client_network), a wrong password or an unknown address also counts against
     that network (FAILED_SIGNINS_PER_HOUR, login), except one counted against a known browser: that browser
-    is not held by its network's limit either. An attempt refused by the back-off is not counted there:
-    its password was not looked at, and it may be the right one."""
+    is not held by its network's limit either. So is an attempt refused by the back-off
+    (_password_throttled)."""
     holder = (known_browser(user) or user) if user is not None else None
     if holder is not None and _waiting(holder):
-        verify_password(None, password)  # same work either way
-        return _password_throttled(user, holder, holder.password_locked_until)
+        # Refused before the hash: the 429 says already that the address has an account, so hashing anyway
+        # would hide nothing and hand anyone who knows an address an argon2 hash per request.
+        return _password_throttled(user, holder, holder.password_locked_until, network)
     correct = verify_password(user.password_hash if user else None, password)  # slow: outside any lock
     if user is None:
         if network:
@@ -242,7 +243,7 @@ def password_check(user, password, wrong=GENERIC_LOGIN_ERROR, network=None):
         if fresh is None:
             return wrong
         if _waiting(fresh):
-            return _password_throttled(user, holder, fresh.password_locked_until)
+            return _password_throttled(user, holder, fresh.password_locked_until, network)
         if fresh.password_failures:
             _set_counter(holder, password_failures=0, password_locked_until=None)
         return None
@@ -266,7 +267,7 @@ def _count_failure(user, holder, wrong, network=None):
         if fresh is None:
             return wrong
         if _waiting(fresh):
-            return _password_throttled(user, holder, fresh.password_locked_until)
+            return _password_throttled(user, holder, fresh.password_locked_until, network)
         failures = fresh.password_failures + 1
         _set_counter(holder, password_failures=failures, password_locked_until=now() + backoff(failures))
         audit("password_rejected", user=user, failures=failures, **_counted_in(holder))
@@ -296,12 +297,17 @@ def _waiting(counter):
     return counter.password_locked_until is not None and counter.password_locked_until > now()
 
 
-def _password_throttled(user, holder, locked_until):
-    """Refuse a password while the account (or this browser) waits out its back-off; the attempt counts
-    (security.md 18)."""
-    with write_transaction():  # the count and its record together (joins the caller's transaction if any)
-        _set_counter(holder, password_failures=type(holder).password_failures + 1)
+def _password_throttled(user, holder, locked_until, network=None):
+    """Refuse a password while the account (or this browser) waits out its back-off (security.md 18). The
+    attempt is recorded and, at the password step and unless `holder` is a known browser, counted against
+    the client's network, but it does not make the account's wait longer: like codes typed during a lock
+    (code_strikes), only passwords found wrong do. Counted there, a stranger could send twenty attempts in
+    the first seconds of pauses and lock the account for a day (the request-facing security review), and
+    send them without end: nothing else bounded them."""
+    with write_transaction():  # the record and the network's count together (joins the caller's transaction)
         audit("password_throttled", user=user, **_counted_in(holder))
+        if network and not isinstance(holder, KnownBrowser):
+            count_for_network("failed-sign-ins", network)
     return Throttled(f"Too many failed attempts. Try again in {wait_text(locked_until)}.")
 
 
