@@ -388,9 +388,13 @@ def test_a_code_step_left_by_a_new_password_step_or_a_logout_is_deleted(actor, s
     with app.app_context():
         [second] = SignInChallenge.select()
         assert second.id != first.id
-    actor.client.post("/logout", data={"csrf_token": actor.csrf("/login/verify")})
+    r = actor.client.post("/logout", data={"csrf_token": actor.csrf("/login/verify")})
     with app.app_context():
         assert SignInChallenge.select().count() == 0
+    # "Cancel and start over": nobody was signed in, so the page does not say "You are logged out."
+    assert r.status_code == 302 and r.headers["Location"] == "/login?notice=sign-in-cancelled"
+    page = actor.client.get(r.headers["Location"]).get_data(as_text=True)
+    assert "Sign-in cancelled. You can sign in again below." in page and "logged out" not in page
 
 
 def test_challenge_is_single_use(actor, secret, app):

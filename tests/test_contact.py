@@ -364,6 +364,26 @@ def test_email_is_prefilled_from_the_code_step(actor, secret):
     assert 'value="alice@example.com"' in html
 
 
+def test_a_signed_in_person_reaches_the_form_from_user_settings_and_goes_back_there(actor):
+    """The Security activity card tells someone who does not recognise an event to contact support: the words
+    link to the form, and the form (and its confirmation) lead back to User Settings, not to the sign-in page
+    of someone already signed in (the help-article walkthrough). A stranger's form still leads to sign-in."""
+    actor.user()
+    assert actor.password_step().status_code == 302
+    settings = actor.client.get("/settings").get_data(as_text=True)
+    assert re.search(r'and <a href="/support/contact">contact support</a>\.', settings)
+    page = actor.client.get("/support/contact").get_data(as_text=True)
+    assert 'value="alice@example.com"' in page
+    assert '<a href="/settings">Back to User Settings</a>' in page and "Back to sign-in" not in page
+    r = send(actor)
+    assert r.status_code == 302
+    sent = actor.client.get(r.headers["Location"]).get_data(as_text=True)
+    assert "Request sent" in sent and '<a href="/settings">Back to User Settings</a>' in sent
+    stranger = type(actor)(actor.app, actor.app.test_client(), actor.clock)
+    page = stranger.client.get("/support/contact").get_data(as_text=True)
+    assert '<a href="/login">Back to sign-in</a>' in page and "Back to User Settings" not in page
+
+
 def test_email_is_not_prefilled_for_strangers(actor):
     actor.user()
     html = actor.client.get("/support/contact").get_data(as_text=True)

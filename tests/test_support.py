@@ -977,6 +977,11 @@ def test_a_persons_row_shows_who_opened_their_window_why_and_leads_to_their_audi
     end_window(actor, target)
     row = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())
     assert "Ended early" in row and "Password-only sign-in has stopped" in row and f"by {ADMIN}: “Called back" in row
+    # A reason that ends its own sentence gets no second full stop after the quotation mark.
+    other = actor.user("erin@example.com", secret=new_secret())
+    disable(actor, other, reason="Checked the passport on a video call.", ticket="")
+    row = " ".join(actor.client.get(f"/support?user={other.id}").get_data(as_text=True).split())
+    assert "“Checked the passport on a video call.”</span>" in row
     page = " ".join(second_client(app, clock).password_step("carol@example.com").get_data(as_text=True).split())
     assert "that time is over (it ran out, or support ended it)" in page
 

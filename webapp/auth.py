@@ -348,6 +348,8 @@ def login_notice(key):
     """The text of a notice the sign-in page was sent with (?notice=...); None for anything unknown."""
     if key == "logged-out":
         return "You are logged out."
+    if key == "sign-in-cancelled":
+        return "Sign-in cancelled. You can sign in again below."
     if key == "sign-in-expired":
         return "Your sign-in expired. Please enter your email address and password again."
     if key == "code-step-ended":
@@ -610,13 +612,13 @@ def reauth():
 @bp.post("/logout")
 def logout():
     """End the session server-side and forget the cookie (security.md 30)."""
-    drop_challenge()
+    cancelled = drop_challenge()  # "Cancel and start over" at the code step: nobody was signed in yet
     user = current_user._get_current_object() if current_user.is_authenticated else None  # before it ends
     with write_transaction():  # the record and the row's deletion together: a failed logout records none
         end_session_now()
         if user is not None:
             audit("signout", user=user)
-    return redirect(login_notice_url("logged-out"))
+    return redirect(login_notice_url("logged-out" if user is not None or not cancelled else "sign-in-cancelled"))
 
 
 @bp.post("/session/extend")
