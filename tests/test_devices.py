@@ -850,3 +850,34 @@ def test_a_name_that_is_too_long_is_not_also_read_for_hidden_characters(app):
         assert name_form.name.errors == ["Use at most 64 characters."]
         assert not any("do not show" in e for e in contact_form.email.errors)
         assert contact_form.email.errors[0] == "That email address is too long (254 characters at most)."
+
+
+@pytest.mark.parametrize("action", ["rename", "remove"])
+def test_a_stale_device_form_does_not_act_on_a_new_device_that_got_the_old_ones_id(actor, app, alice, secret,
+                                                                                  action):
+    """security.md 34 (a form acts on the device it was shown for, or on none): SQLite gives a new row the id
+    of the last one deleted. "Old phone" removed in another tab and "New phone" added since, the page still
+    open from before renamed or removed "New phone" (the PostgreSQL review: on PostgreSQL it was a 404). The
+    forms' addresses carry when their device was added: such a form is refused as one for a device that has
+    gone, and nothing changes."""
+    old = add_device(app, alice, "Old phone")
+    page = text(actor.client.get("/settings"))
+    url = re.search(rf'action="(/settings/devices/{old.id}/{action}\?added=\d+)"', page).group(1)
+    with app.app_context():
+        Device.delete().where(Device.id == old.id).execute()
+    actor.clock.advance(60)
+    with app.app_context():  # what SQLite does: the next device gets the id that came free
+        Device.create(id=old.id, user=alice.id, name="New phone", secret_enc=old.secret_enc)
+    data = {f"rename-{old.id}-name": "Old phone (lost)"} if action == "rename" else {
+        f"remove-{old.id}-code": actor.code(secret)}
+    r = post(actor, url, data)
+    assert r.status_code == 404 and "That device is no longer on your account" in text(r)
+    assert [d.name for d in device_rows(app, alice)] == ["Phone", "New phone"]
+    assert not {"device_renamed", "device_removed"} & set(kinds(app, alice))
+    # The page as it is now acts on "New phone".
+    url = re.search(rf'action="(/settings/devices/{old.id}/{action}\?added=\d+)"',
+                    text(actor.client.get("/settings"))).group(1)
+    r = post(actor, url, data)
+    assert r.status_code == 302
+    assert [d.name for d in device_rows(app, alice)] == (["Phone", "Old phone (lost)"] if action == "rename"
+                                                         else ["Phone"])

@@ -144,11 +144,22 @@ _DEVICE_GONE = ("That device is no longer on your account: it may have been remo
 
 def _own_device(device_id):
     """The signed-in person's device with this id, or 404: nobody reaches another person's devices (security.md 34),
-    and one removed in another tab is gone, which is what the message says (the same for both)."""
+    and one removed in another tab is gone, which is what the message says (the same for both).
+
+    The forms' addresses also carry when the device was added (`added`, device_stamp): SQLite gives a new row
+    the id of the last one deleted, so a page from before "Old phone" was removed in another tab would
+    otherwise rename or remove the "New phone" added since (the PostgreSQL review). A form without it (a
+    page from before this check) is taken by its id, as before."""
     device = Device.get_or_none((Device.id == device_id) & (Device.user == current_user.id))
-    if device is None:
+    added = request.args.get("added")
+    if device is None or (added is not None and added != device_stamp(device)):
         abort(404, description=_DEVICE_GONE)
     return device
+
+
+def device_stamp(device):
+    """When a device was added, to the microsecond, as the device forms' addresses carry it (_own_device)."""
+    return f"{device.created_at:%Y%m%d%H%M%S%f}"
 
 
 @functools.cache
@@ -165,8 +176,8 @@ def _row_context(user, failed=None, notice=None):
     devices = _devices(user)
     rename = _blank_form(RenameForm, f"rename-{fields.ITEM}", fields.VALUE)
     remove = _blank_form(RemoveForm, f"remove-{fields.ITEM}")
-    forms = {d.id: {"rename": fields.moved(rename, d.id, d.name), "remove": fields.moved(remove, d.id)}
-             for d in devices}
+    forms = {d.id: {"rename": fields.moved(rename, d.id, d.name), "remove": fields.moved(remove, d.id),
+                    "added": device_stamp(d)} for d in devices}
     disable_form = _blank_form(DisableForm, "off")
     open_form = None
     if failed:
@@ -643,7 +654,7 @@ def rename_device(device_id):
             # same old name.
             User.lock(user.id)
             devices = _devices(user)
-            current = next((d for d in devices if d.id == device.id), None)
+            current = next((d for d in devices if d.id == device.id and d.created_at == device.created_at), None)
             if current is None:
                 outcome = "gone"  # removed in another tab since the page was made
             elif name == current.name:
@@ -714,7 +725,8 @@ def remove_device(device_id):
         left = Device.select().where(Device.user == user.id).count()
         refused = left == 1 and not last
         # Read again under the lock: renamed meanwhile in another tab, the record names it as it is now.
-        current = None if refused else Device.get_or_none((Device.id == device.id) & (Device.user == user.id))
+        current = None if refused else Device.get_or_none((Device.id == device.id) & (Device.user == user.id)
+                                                          & (Device.created_at == device.created_at))
         gone = not refused and current is None  # removed in another tab meanwhile: nothing done here
         if current is not None:
             Device.delete().where(Device.id == current.id).execute()
