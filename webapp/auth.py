@@ -549,9 +549,17 @@ def verify():
     elif _locked_for_minutes(challenge.user):
         # Back after the lock sent this browser to sign in again (or someone else's wrong codes set it): say
         # so before a right code is refused.
-        error = code_error(CheckResult(False, "locked", locked_until=challenge.user.code_locked_until,
-                                       failures=challenge.user.code_failures, strikes=challenge.user.code_strikes))
-    return render_template("auth/verify.html", form=form, error=error,
+        result = CheckResult(False, "locked", locked_until=challenge.user.code_locked_until,
+                             failures=challenge.user.code_failures, strikes=challenge.user.code_strikes)
+        error = code_error(result)
+    else:
+        result = None
+    # During the account's lock (15 minutes or more) this step, open for CHALLENGE_TTL, can take no code: the
+    # page says so and offers no field (it asked to wait 15 minutes on a step that closes after 5, over a
+    # field that refused every code: the help-article walkthrough).
+    locked = (result is not None and result.locked_until is not None and result.locked_until > now()
+              and is_lock(result.strikes))
+    return render_template("auth/verify.html", form=form, error=error, locked=locked,
                            step_minutes=int(current_app.config["CHALLENGE_TTL"].total_seconds() // 60)), status
 
 
