@@ -4,6 +4,7 @@ import os
 import time
 
 import pytest
+from peewee import fn
 
 from webapp.db import db
 from webapp.models import AuditEvent
@@ -287,6 +288,145 @@ def test_an_index_built_at_start_on_a_database_in_use_is_announced(app, actor, t
         assert db.execute_sql("SELECT to_regclass('user_email_c') IS NOT NULL").fetchone()[0]
     make_test_app(tmp_path, app.config["DATABASE_URL"], clock, TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
     assert "building index" not in capsys.readouterr().err
+
+
+# The tables whose ids are 64-bit on PostgreSQL (models.BaseModel says why), and where an id passes 32 bits.
+_WIDE_ID_TABLES = ("device", "pendingenrolment", "supportrequest", "networkcounter", "auditevent")
+_PAST_32_BITS = 2 ** 31 - 1
+
+
+def _postgresql_only():
+    if not (os.environ.get("TEST_DATABASE_URL") or "").startswith("postgres"):
+        pytest.skip("PostgreSQL only: SQLite's ids are INTEGER PRIMARY KEY, 64 bits already")
+
+
+def _id_types():
+    """{table: (its id column's type, its sequence's type)} for _WIDE_ID_TABLES, read from PostgreSQL."""
+    return {table: tuple(db.execute_sql(
+        "SELECT format_type(a.atttypid, NULL), format_type(s.seqtypid, NULL) FROM pg_attribute a, pg_sequence s "
+        "WHERE a.attrelid = %s::regclass AND a.attname = 'id' AND s.seqrelid = pg_get_serial_sequence(%s, 'id')"
+        "::regclass", (table, table)).fetchone()) for table in _WIDE_ID_TABLES}
+
+
+def _as_before_64_bit_ids(app):
+    """Turn the app's PostgreSQL tables into what a version before 2026-12-07 made: `serial` ids (an integer
+    column, a sequence AS integer), each sequence a few numbers short of its end."""
+    with app.app_context():
+        for table in _WIDE_ID_TABLES:
+            db.execute_sql(f'ALTER TABLE "{table}" ALTER COLUMN id TYPE integer')
+            db.execute_sql(f"ALTER SEQUENCE {table}_id_seq AS integer")
+            db.execute_sql(f"SELECT setval('{table}_id_seq', {_PAST_32_BITS - 3})")
+        assert set(_id_types().values()) == {("integer", "integer")}
+    db.close()
+
+
+def _wrong_passwords_past_a_lock(actor, clock, rounds):
+    """`rounds` times: a wrong password after the account's wait (200), then one during the wait it set (429,
+    counted on the network). A 500, or an error the test client passes on, fails the test."""
+    from .test_auth import user_row
+    from .test_support import utc
+
+    for _ in range(rounds):
+        locked_until = user_row(actor.app).password_locked_until
+        if locked_until is not None:
+            clock.advance(max(0.0, (locked_until - utc(clock.t)).total_seconds()))
+        assert actor.password_step(password="guess").status_code == 200
+        assert actor.password_step(password="guess").status_code == 429
+
+
+def test_wrong_passwords_are_counted_past_two_billion_counted_events(app, actor, clock):
+    """security.md 18: on PostgreSQL the per-network counter's upsert takes a number of its id's sequence at
+    every event it counts (it updates its one row), and the audit log grows without end. With 32-bit ids
+    (`serial`), once a sequence reached 2**31 - 1 every wrong password answered 500 and, worse, its count on
+    the account rolled back with it: the throttle stopped counting. Their ids are 64-bit (bigserial)."""
+    _postgresql_only()
+    from webapp.models import NetworkCounter
+
+    from .test_auth import user_row
+
+    actor.user()
+    with app.app_context():
+        for table in ("networkcounter", "auditevent"):
+            db.execute_sql(f"SELECT setval('{table}_id_seq', {_PAST_32_BITS - 1})")
+    _wrong_passwords_past_a_lock(actor, clock, 3)
+    assert user_row(app).password_failures == 3  # each wrong password counted on the account
+    with app.app_context():
+        assert NetworkCounter.get().hits == 6  # and every attempt on the network
+        assert AuditEvent.select().where(AuditEvent.kind == "password_rejected").count() == 3
+        assert AuditEvent.select(fn.MAX(AuditEvent.id)).scalar() > _PAST_32_BITS
+
+
+def test_a_postgresql_database_with_32_bit_ids_gets_64_bit_ones_at_start(app, actor, tmp_path, clock, capsys):
+    """README "Upgrades", security.md 18: a database made before 2026-12-07 has 32-bit ids (`serial`) where
+    anyone can move a sequence on (the per-network counter, the audit log, contact requests, wizards, devices).
+    At start they become 64-bit, columns and sequences, each announced before the table is rewritten; the
+    rows stay, and the throttle then counts past 2**31."""
+    _postgresql_only()
+    from .conftest import make_test_app
+    from .test_auth import user_row
+
+    actor.user()
+    _wrong_passwords_past_a_lock(actor, clock, 1)
+    with app.app_context():
+        events = AuditEvent.select().count()
+    _as_before_64_bit_ids(app)
+    capsys.readouterr()
+    again = make_test_app(tmp_path, app.config["DATABASE_URL"], clock,
+                          TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
+    said = capsys.readouterr().err
+    for table in _WIDE_ID_TABLES:
+        assert said.count(f"upgrading the database: {table}.id to 64 bits, which rewrites {table} (") == 1, said
+    assert "rewrites auditevent (" in said and "under an exclusive lock" in said
+    with again.app_context():
+        assert set(_id_types().values()) == {("bigint", "bigint")}
+        assert AuditEvent.select().count() == events  # the rows are kept
+    after = type(actor)(again, again.test_client(), clock)
+    _wrong_passwords_past_a_lock(after, clock, 3)  # six events each for the counter, three records
+    assert user_row(again).password_failures == 4
+    with again.app_context():
+        assert AuditEvent.select(fn.MAX(AuditEvent.id)).scalar() > _PAST_32_BITS
+
+
+def test_hosts_starting_together_widen_the_ids_once_and_the_next_start_changes_nothing(app, actor, tmp_path, clock,
+                                                                                       capsys):
+    """README "Upgrades": two hosts started at the same moment on a database with 32-bit ids both start, and
+    one of them widens each table (they take turns on the schema lock, and the second finds nothing left to
+    do); a start after that says nothing and rewrites no table (an ALTER TYPE would give it a new file)."""
+    _postgresql_only()
+    import subprocess
+    import sys
+
+    from cryptography.fernet import Fernet
+
+    from .conftest import make_test_app
+
+    actor.user()
+    _as_before_64_bit_ids(app)
+    start_at = time.time() + 4  # after both processes have imported the app (the slow part)
+    script = ("import time, webapp\n"
+              f"time.sleep(max(0.0, {start_at} - time.time()))\n"
+              "webapp.create_app({'DATABASE_URL': %r, 'SECRET_KEY': 'k' * 40, 'SETUP_CODE': 'x',\n"
+              "                   'TOTP_ENCRYPTION_KEYS': %r, 'INSTANCE_PATH': %r})\n")
+    codes = [script % (app.config["DATABASE_URL"], Fernet.generate_key().decode(), str(tmp_path / f"host{n}"))
+             for n in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for code in codes]
+    said = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], said
+    for table in _WIDE_ID_TABLES:
+        assert "".join(said).count(f"upgrading the database: {table}.id to 64 bits") == 1, said
+    with app.app_context():
+        assert set(_id_types().values()) == {("bigint", "bigint")}
+        files = {t: db.execute_sql("SELECT pg_relation_filenode(%s::regclass)", (t,)).fetchone()[0]
+                 for t in _WIDE_ID_TABLES}
+    db.close()
+    capsys.readouterr()
+    again = make_test_app(tmp_path, app.config["DATABASE_URL"], clock,
+                          TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
+    assert "upgrading the database" not in capsys.readouterr().err
+    with again.app_context():
+        assert {t: db.execute_sql("SELECT pg_relation_filenode(%s::regclass)", (t,)).fetchone()[0]
+                for t in _WIDE_ID_TABLES} == files
 
 
 def test_a_process_that_builds_many_apps_keeps_one_writer_queue_file_open(tmp_path, clock):

@@ -10,8 +10,8 @@ import threading
 import time
 from contextlib import contextmanager
 
-from peewee import (ColumnBase, DatabaseProxy, Field, ForeignKeyField, InterfaceError, ModelSelect, OperationalError,
-                    PostgresqlDatabase, ProgrammingError, SqliteDatabase)
+from peewee import (BigAutoField, ColumnBase, DatabaseProxy, Field, ForeignKeyField, InterfaceError, ModelSelect,
+                    OperationalError, PostgresqlDatabase, ProgrammingError, SqliteDatabase)
 from playhouse.db_url import parse
 from werkzeug.wsgi import ClosingIterator
 
@@ -293,9 +293,9 @@ def loaded(model, data):
 
 
 def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fill_values=None, upgrade=None):
-    """Create the tables (and, on PostgreSQL, the extra indexes), add the columns that are missing and run
-    `upgrade()`, which brings rows an earlier version wrote up to date and returns lines to print (at every
-    start, in the transaction that adds the columns)."""
+    """Create the tables (on PostgreSQL also the extra indexes, and 64-bit ids where a table has 32-bit ones:
+    _widen_ids), add the columns that are missing and run `upgrade()`, which brings rows an earlier version
+    wrote up to date and returns lines to print (at every start, in the transaction that adds the columns)."""
     with database.connection_context():
         if isinstance(database, PostgresqlDatabase):
             # Hosts started at the same moment on an empty database: PostgreSQL's CREATE ... IF NOT EXISTS is
@@ -305,6 +305,7 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fi
             try:
                 existing = database.table_exists(models[0]._meta.table_name)
                 database.create_tables(models, safe=True)
+                _widen_ids(database, models)
                 with database.atomic():  # the column and its fill together (DDL is transactional here)
                     added = _add_columns(database, added_columns, fill_values)
                     done = upgrade() if upgrade else []
@@ -338,6 +339,52 @@ def _add_columns(database, added_columns, fill_values=None):
                 database.execute_sql(fill.format(**(fill_values or {})))  # only integers from the configuration
             added.append(f"{table}.{column}")
     return added
+
+
+def _widen_ids(database, models):
+    """On PostgreSQL, make 64-bit the ids that the models declare so (BigAutoField: `bigserial`), their
+    sequences and the foreign keys that point at them, where a table made before 2026-12-07 has them 32-bit
+    (`serial`: an integer column, a sequence AS integer that stops at 2**31 - 1; models.BaseModel says why).
+    Run at every start holding the schema lock (_create_tables), so hosts starting together take turns and
+    the next finds nothing left to do. Each table in a transaction of its own, announced before it starts:
+    ALTER COLUMN ... TYPE rewrites the table and its indexes under an exclusive lock, and on a big table (the
+    audit log) the start, and every request that uses the table, waits for it."""
+    wide = {model for model in models if isinstance(model._meta.primary_key, BigAutoField)}
+    for model in models:
+        table = model._meta.table_name
+        fields = [field for field in model._meta.sorted_fields
+                  if (field is model._meta.primary_key and model in wide)
+                  or (isinstance(field, ForeignKeyField) and field.rel_model in wide
+                      and field.rel_field is field.rel_model._meta.primary_key)]
+        if not fields:
+            continue
+        types = dict(database.execute_sql(
+            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+            "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped", (f'"{table}"',)).fetchall())
+        narrow = [field.column_name for field in fields if types.get(field.column_name) == "integer"]
+        sequence = None
+        if model in wide:
+            sequence = database.execute_sql(
+                "SELECT seqrelid::regclass::text FROM pg_sequence WHERE seqrelid = pg_get_serial_sequence(%s, %s)"
+                "::regclass AND seqtypid = 'integer'::regtype",
+                (f'"{table}"', model._meta.primary_key.column_name)).fetchone()
+        if not narrow and sequence is None:
+            continue
+        if narrow:
+            size = database.execute_sql("SELECT pg_size_pretty(pg_total_relation_size(%s::regclass))",
+                                        (f'"{table}"',)).fetchone()[0]
+            what = (f"{', '.join(f'{table}.{column}' for column in narrow)} to 64 bits, which rewrites {table} "
+                    f"({size}) under an exclusive lock: the start and the requests that use it wait meanwhile")
+        else:
+            what = f"sequence {sequence[0]} to 64 bits"
+        print(f" * twostep: upgrading the database: {what} (README \"Upgrades\")", file=sys.stderr, flush=True)
+        with database.atomic():
+            if narrow:
+                database.execute_sql(f'ALTER TABLE "{table}" '
+                                     + ", ".join(f'ALTER COLUMN "{column}" TYPE bigint' for column in narrow))
+            if sequence is not None:
+                # Its maximum was integer's own, so it becomes bigint's (ALTER SEQUENCE).
+                database.execute_sql(f"ALTER SEQUENCE {sequence[0]} AS bigint")
 
 
 def _create_private(path):

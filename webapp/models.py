@@ -10,6 +10,7 @@ from datetime import timedelta
 from email_validator import EmailNotValidError, validate_email
 from flask_login import UserMixin
 from peewee import (
+    BigAutoField,
     BigIntegerField,
     BooleanField,
     CharField,
@@ -31,9 +32,22 @@ class BaseModel(Model):
         database = db
 
 
+# Ids on PostgreSQL. An AutoField is a 32-bit `serial` there, whose sequence stops at 2**31 - 1: every insert
+# fails from then on, and with it the transaction it is in (a wrong password's count, security.md 18). And a
+# sequence moves on for every insert tried, also one rolled back or turned into an update by ON CONFLICT.
+# A table whose sequence someone can move on by sending requests has a 64-bit id (BigAutoField: `bigserial`;
+# on SQLite it stays INTEGER PRIMARY KEY, 64 bits already); those that grow only with accounts keep `serial`.
+# db._widen_ids makes the columns of a database from before 2026-12-07 64-bit at start (README "Upgrades").
+# ServerSession, KnownBrowser and SignInChallenge have random text ids and no sequence.
+
+
 class User(UserMixin, BaseModel):
     """A person with an account; email is stored normalised (trimmed, lower-case)."""
 
+    # A 32-bit id (serial) on purpose: a number is taken by an account made (or, rarely, by the same address
+    # signing up twice at once), which stays: nothing deletes accounts, and sign-ups are limited per network
+    # (SIGNUPS_PER_HOUR), so two billion of them would be a table of hundreds of gigabytes first. A 64-bit
+    # one would change every foreign key to a person, rewriting at the upgrade every table that has one.
     email = CharField(max_length=254, unique=True)
     password_hash = CharField(max_length=255)
     is_admin = BooleanField(default=False)
@@ -168,6 +182,9 @@ def _folded(text):
 class Device(BaseModel):
     """An authenticator app bound to a person; secret_enc is the Fernet-encrypted Base32 secret."""
 
+    # 64-bit: anyone with an account can add a device (with a code from its new key, which they have) and
+    # remove it, again and again. A few rows per person: widening it is quick.
+    id = BigAutoField()
     user = ForeignKeyField(User, backref="devices", on_delete="CASCADE")
     name = CharField(max_length=64)
     secret_enc = TextField()
@@ -222,6 +239,8 @@ class SignInChallenge(BaseModel):
 class PendingEnrolment(BaseModel):
     """A secret shown in the wizard but not yet confirmed; tied to one session, expires (security.md 8)."""
 
+    # 64-bit: every Start of the wizard (one POST of anyone signed in) takes a number. Rows expire: a small table.
+    id = BigAutoField()
     session = ForeignKeyField(ServerSession, backref="enrolments", on_delete="CASCADE")
     user = ForeignKeyField(User, backref="pending_enrolments", on_delete="CASCADE")
     secret_enc = TextField()
@@ -235,6 +254,8 @@ class PendingEnrolment(BaseModel):
 class SupportRequest(BaseModel):
     """A message sent through the contact form; linked to the account whose email matches, if any."""
 
+    # 64-bit: anyone can send the form, without an account (limited per network, but from many networks).
+    id = BigAutoField()
     email = CharField(max_length=254, index=True)
     message = TextField()
     user = ForeignKeyField(User, null=True, backref="support_requests", on_delete="SET NULL")
@@ -261,6 +282,9 @@ class NetworkCounter(BaseModel):
 
     WINDOW = timedelta(hours=1)
 
+    # 64-bit: the upsert (security._add_hit) takes a number for every event counted, though it inserts a row
+    # only for the first of a network's hour: wrong passwords from anyone would exhaust a 32-bit one.
+    id = BigAutoField()
     purpose = CharField(max_length=20)
     network = CharField(max_length=64)  # security.client_network, or the /48 of an IPv6 one
     window_start = DateTimeField()
@@ -273,6 +297,8 @@ class NetworkCounter(BaseModel):
 class AuditEvent(BaseModel):
     """One append-only record of a security event; never holds a code, secret or password (security.md 42, 43)."""
 
+    # 64-bit: records are kept, and strangers cause many (wrong passwords, sign-ups, contact requests).
+    id = BigAutoField()
     created_at = DateTimeField(default=now, index=True)
     kind = CharField(max_length=40, index=True)
     user = ForeignKeyField(User, null=True, backref="audit_events", on_delete="SET NULL")
