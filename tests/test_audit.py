@@ -538,6 +538,54 @@ def test_operator_exports_the_audit_log_as_json_lines_and_can_go_on_from_the_las
         assert bad.exit_code == 2 and "Traceback" not in bad.output and "Invalid value" in bad.output
 
 
+def test_audit_export_reads_the_log_a_batch_at_a_time_and_writes_each_record_once(app, actor, clock, monkeypatch):
+    """`audit export` reads the log in batches, each one after the last id it wrote: one query over the whole
+    table was read whole by PostgreSQL's driver before the first line came out (a million records: 500 MB of
+    memory). The lines are those of a single read: every record once, oldest first, with --after-id and
+    --since as before, and the last minute's records still left for the next export (stderr says so)."""
+    from webapp import cli
+    from webapp.db import db
+
+    carol, root = actor.user("carol@example.com"), actor.user("root@example.com", admin=True)
+    # Ten settled records (two at the same second, the 2008 ones before --since below) and two of the last
+    # minute, which wait for the next export.
+    ages = [3600, 3000, 3000, 2400, 1800, 1200, 900, 600, 300, 61, 30, 0]
+    with app.app_context():
+        for n, age in enumerate(ages):
+            AuditEvent.create(kind="signin" if n % 2 else "support_tfa_disabled", user=carol,
+                              actor=root if n % 3 == 0 else None, ip=f"192.0.2.{n}",
+                              detail=json.dumps({"n": n}), created_at=utc(clock.t - age))
+        ids = [e.id for e in AuditEvent.select().order_by(AuditEvent.id)]
+    since = f"{utc(clock.t - 1800):%Y-%m-%dT%H:%M:%S}"
+    runs = {"all": [], "after the third": ["--after-id", str(ids[2])],  # 7 settled: batches of 3, 3, 1
+            "after the fourth": ["--after-id", str(ids[3])],  # 6: a last batch that finds none
+            "since": ["--since", since], "since, after the fifth": ["--since", since, "--after-id", str(ids[4])]}
+    expected = {"all": ids[:10], "after the third": ids[3:10], "after the fourth": ids[4:10],
+                "since": ids[4:10], "since, after the fifth": ids[5:10]}
+    whole = {name: app.test_cli_runner().invoke(args=["audit", "export", *args]) for name, args in runs.items()}
+
+    statements = []
+    execute_sql = db.obj.execute_sql
+
+    def noted(sql, params=None):
+        statements.append(sql)
+        return execute_sql(sql, params)
+
+    monkeypatch.setattr(cli, "EXPORT_BATCH", 3)
+    monkeypatch.setattr(db.obj, "execute_sql", noted)
+    for name, args in runs.items():
+        statements.clear()
+        result = app.test_cli_runner().invoke(args=["audit", "export", *args])
+        assert result.exit_code == 0, result.output
+        lines = [json.loads(line) for line in result.stdout.splitlines()]
+        assert [line["id"] for line in lines] == expected[name], name  # each once, in order, none missing
+        assert result.stdout == whole[name].stdout and result.stderr == whole[name].stderr, name
+        assert "records of the last 60 seconds are left for the next export" in result.stderr
+        reads = [sql for sql in statements if "user_email" in sql]
+        assert len(reads) == len(expected[name]) // 3 + 1, (name, reads)  # full batches, then a short one
+    assert [line["detail"]["n"] for line in map(json.loads, whole["all"].stdout.splitlines())] == list(range(10))
+
+
 def test_every_event_the_code_records_has_plain_words_for_the_audit_page():
     """An admin reads the audit log and a person their Security activity in words, not in event names: every
     kind that an audit() call in the app can write has its label, and so has every detail key the app's

@@ -521,25 +521,35 @@ def export_audit(since, after_id):
     went on from it (--after-id) skipped the earlier one for good (a review held a transaction open and saw
     it). The app's transactions take well under that."""
     person, actor = User.alias(), User.alias()
-    query = (AuditEvent.select(AuditEvent.id, AuditEvent.created_at, AuditEvent.kind, AuditEvent.ip,
-                               AuditEvent.detail, person.email.alias("user_email"),
-                               actor.email.alias("actor_email"))
-             .join_from(AuditEvent, person, JOIN.LEFT_OUTER, on=(AuditEvent.user == person.id))
-             .join_from(AuditEvent, actor, JOIN.LEFT_OUTER, on=(AuditEvent.actor == actor.id))
-             .where(AuditEvent.id > after_id).order_by(AuditEvent.id))
+    query = AuditEvent.select().where(AuditEvent.id > after_id)
     if since is not None:
         query = query.where(AuditEvent.created_at >= since)
     settled = now() - EXPORT_SETTLE
-    for e in query.where(AuditEvent.created_at <= settled).dicts().iterator():  # streamed: the table may be large
-        click.echo(json.dumps({"id": e["id"], "time": e["created_at"].strftime("%Y-%m-%dT%H:%M:%SZ"),
-                               "kind": e["kind"], "user": e["user_email"], "actor": e["actor_email"],
-                               "ip": e["ip"], "detail": json.loads(e["detail"] or "{}")}, sort_keys=True))
+    # In batches of EXPORT_BATCH by id (keyset: after the last id written), each batch a query of its own:
+    # psycopg reads a whole result before it hands over the first row, so one query over the table held
+    # every record in memory on PostgreSQL (a million records: 500 MB; SQLite streamed them).
+    batch = (query.select(AuditEvent.id, AuditEvent.created_at, AuditEvent.kind, AuditEvent.ip, AuditEvent.detail,
+                          person.email.alias("user_email"), actor.email.alias("actor_email"))
+             .join_from(AuditEvent, person, JOIN.LEFT_OUTER, on=(AuditEvent.user == person.id))
+             .join_from(AuditEvent, actor, JOIN.LEFT_OUTER, on=(AuditEvent.actor == actor.id))
+             .where(AuditEvent.created_at <= settled).order_by(AuditEvent.id).limit(EXPORT_BATCH))
+    last = after_id
+    while True:
+        events = list(batch.where(AuditEvent.id > last).dicts())
+        for e in events:
+            click.echo(json.dumps({"id": e["id"], "time": e["created_at"].strftime("%Y-%m-%dT%H:%M:%SZ"),
+                                   "kind": e["kind"], "user": e["user_email"], "actor": e["actor_email"],
+                                   "ip": e["ip"], "detail": json.loads(e["detail"] or "{}")}, sort_keys=True))
+        if len(events) < EXPORT_BATCH:
+            break
+        last = events[-1]["id"]
     if query.where(AuditEvent.created_at > settled).exists():
         click.echo(f"records of the last {int(EXPORT_SETTLE.total_seconds())} seconds are left for the next export",
                    err=True)
 
 
 EXPORT_SETTLE = timedelta(seconds=60)
+EXPORT_BATCH = 1000  # records a query of `audit export` reads at most
 
 
 def init_app(app):
