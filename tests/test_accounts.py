@@ -208,6 +208,23 @@ def test_cli_list_is_in_address_order_and_counts_devices(app, actor, secret):
         "zoe@example.com\tuser\t2FA off"]
 
 
+def test_cli_list_sorts_addresses_by_code_point_as_the_support_page_does_on_either_database(app, actor):
+    """`users list` sorted by the database's collation: on PostgreSQL (ICU en-US) "a.b" came before "a+tag",
+    "bob_1" before "bob" and "émile" before "zed", another order than on SQLite and than the Support page's.
+    Now it is code point order on both, the Support page's."""
+    from webapp.support import user_search_query
+
+    typed = ["zed", "émile", "bob-3", "böb", "a.b", "bob_1", "a+tag", "bob"]
+    for name in typed:
+        actor.user(email=f"{name}@example.com")
+    listed = [line.split("\t")[0] for line in run(app, "users", "list").output.splitlines()]
+    assert listed == sorted(f"{name}@example.com" for name in typed) == [
+        "a+tag@example.com", "a.b@example.com", "bob-3@example.com", "bob@example.com", "bob_1@example.com",
+        "böb@example.com", "zed@example.com", "émile@example.com"]
+    with app.test_request_context():
+        assert listed == [user.email for user in user_search_query("")]  # the Support page's list
+
+
 def test_cli_commands_that_would_change_nothing_say_so_and_leave_sessions_and_the_log_alone(app, actor, secret):
     """Promoting an admin, revoking an ordinary user, resetting the 2FA of an account without any: each used
     to sign the person out everywhere and record a change that did not happen."""

@@ -21,7 +21,7 @@ from .security import (NETWORK_LIMITS, PASSWORD_MAX, PASSWORD_MIN, audit, client
                        end_code_steps, hash_password, is_lock, network_limit, replace_password,
                        revoke_second_factor)
 from .sessions import end_user_sessions
-from .support import detail_text, event_text
+from .support import _email_order, detail_text, event_text
 from .totp import SecretError, reencrypt_secret
 
 users = AppGroup("users", help="Manage accounts.")
@@ -150,7 +150,9 @@ def list_users():
     browsers = {}
     for browser in _counted_browsers(current):
         browsers.setdefault(browser.user_id, []).append(browser)
-    for user in User.select().order_by(User.email):
+    # By code point on both databases, as the Support page lists them: PostgreSQL's collation (en_US) ignores
+    # punctuation and accents, so the same accounts came in another order there than on SQLite.
+    for user in User.select().order_by(_email_order()):
         devices = Device.select().where(Device.user == user).count()
         role = "admin" if user.is_admin else "user"
         until, window = user.tfa_reset_until, user.support_window(current)

@@ -678,7 +678,8 @@ def _email_order():
     SQLite compares text that way already. PostgreSQL uses the database's collation, and a usual one
     (en_US, from glibc or ICU) ignores punctuation and sorts U+10FFFF before letters: the range then found
     nothing for "al". COLLATE "C" compares bytes, which in UTF-8 is code point order; the index
-    user_email_c (models.POSTGRESQL_INDEXES) serves it."""
+    user_email_c (models.POSTGRESQL_INDEXES) serves it. `users list` sorts by it too: the same order as here,
+    whichever the database."""
     return User.email if is_sqlite() else User.email.collate('"C"')
 
 
