@@ -266,6 +266,45 @@ def test_a_transaction_postgresql_undid_says_try_again_not_unreachable(app, acto
     assert _start_wizard(actor.client).status_code == 303
 
 
+CANCELLED = "This took the database too long, so it was stopped before it could finish."
+
+
+@pytest.mark.skipif(not (os.environ.get("TEST_DATABASE_URL") or "").startswith("postgres"),
+                    reason="PostgreSQL's statement_timeout (SQLite has none: its writer lock is the test above)")
+def test_a_statement_postgresql_cancelled_after_statement_timeout_says_try_again_not_unreachable(app, actor, secret,
+                                                                                                 caplog):
+    """A database with a statement_timeout cancels a statement that waits for another transaction's row past
+    it (SQLSTATE 57014). The person was told that the database could not be reached, and the log said
+    "database unavailable", while a lock_timeout (55P03) got "Please try again". The database is up: the page
+    says the request took it too long and to reload and try again, the log says the statement was cancelled,
+    nothing of the request is stored, and it works once the row is free."""
+    import logging
+
+    from .test_lock_order import PersonHeld
+
+    user = actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    token = csrf_from(actor.client.get("/settings").get_data(as_text=True))
+    with app.app_context():  # the connection the app keeps for its requests (db.init_app)
+        db.connect(reuse_if_open=True)
+        db.execute_sql("SET statement_timeout = '300ms'")
+    held = PersonHeld(user.id)  # as another request taking the person's row (User.lock) holds it
+    try:
+        caplog.set_level(logging.ERROR)
+        r = _start_wizard(actor.client, token)
+        body = r.get_data(as_text=True)
+        assert r.status_code == 503 and "Please try again" in body and CANCELLED in body
+        assert UNAVAILABLE not in body and CONFLICT not in body and "Traceback" not in body
+        assert "database statement cancelled" in caplog.text and "database unavailable" not in caplog.text
+        with app.app_context():
+            assert PendingEnrolment.select().count() == 0
+    finally:
+        held.release()
+    assert _start_wizard(actor.client, token).status_code == 303  # the error page closed that connection
+    with app.app_context():
+        assert PendingEnrolment.select().count() == 1
+
+
 # ---------------------------------------------------------------- a worker killed mid-transaction
 
 def _read(path):

@@ -511,6 +511,13 @@ def _lock_conflict(exc):
     return getattr(original, "sqlstate", None) in _CONFLICT_STATES or "database is locked" in str(original)
 
 
+def _statement_cancelled(exc):
+    """Whether PostgreSQL cancelled a statement (query_canceled, 57014): it ran past the role's or the
+    database's statement_timeout, most often waiting for a row another transaction held, or an administrator
+    cancelled it. The database is up, and it undid the transaction."""
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) == "57014"
+
+
 def _register_error_handlers(app):
     from .htmx import hx_redirect, is_htmx, render
 
@@ -563,8 +570,11 @@ def _register_error_handlers(app):
     @app.errorhandler(InterfaceError)
     def database_down(exc):
         conflict = _lock_conflict(exc)
-        app.logger.error("%s: %s", "database conflict, rolled back" if conflict else "database unavailable",
-                         type(exc).__name__)
+        cancelled = not conflict and _statement_cancelled(exc)
+        what = ("database conflict, rolled back" if conflict
+                else "database statement cancelled (statement_timeout, pg_cancel_backend), rolled back" if cancelled
+                else "database unavailable")
+        app.logger.error("%s: %s", what, type(exc).__name__)
         g.database_unavailable = True  # the session is not saved on this response (sessions.py)
         try:
             db_module.db.close()
@@ -577,6 +587,12 @@ def _register_error_handlers(app):
             # page does not claim that nothing changed.
             return render_error(503, "Please try again",
                                 "Another change was being made at the same moment, so this one could not finish. "
+                                "Reload the page to see what is in place now, then try again if you need to.")
+        if cancelled:
+            # Not an outage either: the statement took longer than the database allows, and its transaction
+            # was undone (the same caution as above about actions of several transactions).
+            return render_error(503, "Please try again",
+                                "This took the database too long, so it was stopped before it could finish. "
                                 "Reload the page to see what is in place now, then try again if you need to.")
         return render_error(503, "Temporarily unavailable",
                             "We cannot reach our database right now. Please try again in a minute.")
