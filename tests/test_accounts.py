@@ -745,6 +745,40 @@ def test_cli_unlock_of_an_unknown_address_fails_and_writes_nothing(app, actor):
         assert AuditEvent.select().count() == 0
 
 
+@pytest.mark.parametrize("args,refused", [
+    # "\udcff" is what Python makes of the byte 0xff on the command line ($'\xff' in the shell), "\udce9" of 0xe9
+    # ("é" in Latin-1), "\udcfb" of 0xfb ("û").
+    (["users", "activity", "\udcff@example.com"], "EMAIL \\xff@example.com"),
+    (["users", "create", "b\udce9b@example.com"], "EMAIL b\\xe9b@example.com"),
+    (["users", "set-password", "\udcff@example.com"], "EMAIL \\xff@example.com"),
+    (["users", "promote", "#\udcff"], "EMAIL #\\xff"),
+    (["users", "reset-2fa", "\udcff@example.com"], "EMAIL \\xff@example.com"),
+    (["users", "unlock", "\udcff@example.com"], "EMAIL \\xff@example.com"),
+    (["users", "disable", "\udcff@example.com"], "EMAIL \\xff@example.com"),
+    (["users", "enable", "\udcff@example.com"], "EMAIL \\xff@example.com"),
+    (["networks", "clear", "\udcff"], "ADDRESS \\xff"),
+    (["networks", "clear", "203.0.113.\udcff", "--limit", "sign-ups"], "ADDRESS 203.0.113.\\xff"),
+    # Stored in the audit record, it made `users activity` of that account end in the same traceback.
+    (["users", "disable", "alice@example.com", "--reason", "left in ao\udcfbt"], "--reason left in ao\\xfbt"),
+    (["users", "create", "d@example.com", "--password", "long enough \udcff"], "the password"),  # not shown
+    (["users", "set-password", "alice@example.com", "--password", "long enough \udcff"], "the password"),
+])
+def test_cli_says_in_one_line_that_an_argument_is_not_utf8(app, actor, args, refused):
+    """An operator's argument with bytes that are not UTF-8 (`users activity $'\\xff@example.com'`, a script
+    saved in Latin-1) ended in a UnicodeEncodeError traceback from the database driver. Each command that
+    takes an address, an account or a network says it in one `Error:` line as the bytes were typed (and so
+    for a reason or a password given with it, the password not shown), exits 1 like any other bad argument,
+    asks for no password and changes nothing."""
+    actor.user()
+    result = run(app, *args, input="")
+    assert result.exit_code == 1, result.output
+    assert result.output == (f"Error: {refused} is not UTF-8 text (a terminal or a script in another "
+                             "character encoding?)\n")
+    with app.app_context():
+        assert User.select().count() == 1 and AuditEvent.select().count() == 0
+        assert User.get().disabled_at is None
+
+
 def test_raw_device_row_reveals_no_secret(app, actor, secret):
     """security.md 4: the DB row holds neither the Base32 secret nor its bytes; a wrong key cannot read it."""
     import base64

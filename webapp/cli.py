@@ -46,8 +46,37 @@ def _get_user(email):
     return user
 
 
+_OTHER_ENCODING = "(a terminal or a script in another character encoding?)"
+
+
+def _not_utf8(text):
+    """Whether `text` holds characters that stand for no text: bytes that are not UTF-8 on the command line
+    ($'\\xff@example.com' in the shell, a script saved in Latin-1) come to Python as lone surrogates, which
+    no database driver can send (a UnicodeEncodeError traceback)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _utf8_text(ctx, param, value):
+    """Argument and option callback: text that is not UTF-8 is refused in one line, as the bytes were typed
+    ("\\xff@example.com"), before anything is looked up or changed."""
+    if value is None or not _not_utf8(value):
+        return value
+    try:
+        typed = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte (not from the command line)
+        typed = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    name = param.human_readable_name if isinstance(param, click.Argument) else param.opts[0]
+    raise click.ClickException(f"{name} {typed} is not UTF-8 text {_OTHER_ENCODING}")
+
+
 def _check_password(password):
     """The sign-in form's limits: a password it would refuse could never be used."""
+    if _not_utf8(password):  # said without the password
+        raise click.ClickException(f"the password is not UTF-8 text {_OTHER_ENCODING}")
     if not password.strip():
         raise click.ClickException("the password cannot be empty or only spaces: the sign-in form refuses it")
     if len(password) < PASSWORD_MIN:
@@ -59,7 +88,7 @@ def _check_password(password):
 def _named_account(ctx, param, value):
     """Argument callback: the account EMAIL names (_get_user), looked up before any password is asked for
     (the prompt comes after the arguments), so that a wrong address is said first."""
-    return _get_user(value)
+    return _get_user(_utf8_text(ctx, param, value))
 
 
 def _already_exists(email):
@@ -68,7 +97,7 @@ def _already_exists(email):
 
 def _new_account(ctx, param, value):
     """Argument callback: no account may have this address yet, said before any password is asked for."""
-    if User.by_email(value.strip()) is not None:
+    if User.by_email(_utf8_text(ctx, param, value).strip()) is not None:
         raise _already_exists(value)
     return value
 
@@ -187,7 +216,7 @@ def _database_name():
 
 
 @users.command("promote")
-@click.argument("email")
+@click.argument("email", callback=_utf8_text)
 @click.option("--revoke", is_flag=True, help="Take admin rights away instead.")
 def promote(email, revoke):
     """Make an account an admin (or, with --revoke, an ordinary user)."""
@@ -226,8 +255,9 @@ def _refuse_last_admin(user):
 
 
 @users.command("disable")
-@click.argument("email")
-@click.option("--reason", help="Why (kept in the audit record): someone who left, an account in other hands.")
+@click.argument("email", callback=_utf8_text)
+@click.option("--reason", callback=_utf8_text,
+              help="Why (kept in the audit record): someone who left, an account in other hands.")
 def disable(email, reason):
     """Take an account out of use: it cannot sign in, and its sessions, half-finished sign-ins and unfinished
     set-ups of an authenticator app end now. Its devices and password stay, for `users enable`. Audited."""
@@ -255,7 +285,7 @@ def disable(email, reason):
 
 
 @users.command("enable")
-@click.argument("email")
+@click.argument("email", callback=_utf8_text)
 def enable(email):
     """Put a disabled account back in use: it signs in again as before, with its devices and password.
     Audited. A session of the account left from before (none should be: disable ended them, and the app
@@ -276,7 +306,7 @@ def enable(email):
 
 
 @users.command("reset-2fa")
-@click.argument("email")
+@click.argument("email", callback=_utf8_text)
 def reset_2fa(email):
     """Remove every authenticator device of an account and end its sessions (operator's last resort)."""
     user = _get_user(email)
@@ -302,7 +332,7 @@ def set_password(user, password):
 
 
 @users.command("unlock")
-@click.argument("email")
+@click.argument("email", callback=_utf8_text)
 def unlock(email):
     """Clear the failed sign-in attempts counted against an account, so that its owner can sign in again at
     once: the code entry's throttle (refused codes, strikes, lock) and the password entry's, the account's own
@@ -357,7 +387,7 @@ def _lifted(key, until, current):
 
 
 @users.command("activity")
-@click.argument("email")
+@click.argument("email", callback=_utf8_text)
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10000),
               help="How many events, newest first (1 to 10000).")
 def activity(email, limit):
@@ -462,7 +492,7 @@ def _inside(stored, network):
 
 
 @networks.command("clear")
-@click.argument("address")
+@click.argument("address", callback=_utf8_text)
 @click.option("--limit", "purpose", type=click.Choice(sorted(NETWORK_LIMITS)),
               help="Only this limit's count (all of them when left out).")
 def clear_network(address, purpose):
