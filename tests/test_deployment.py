@@ -1,12 +1,13 @@
 """The documented production set-up (README "Deployment"): gunicorn with gunicorn.conf.py, configured from the
 environment, behind exactly PROXY_HOPS reverse proxies."""
 import os
+import re
 import time
 
 import pytest
 from peewee import fn
 
-from webapp.db import db
+from webapp.db import db, is_sqlite
 from webapp.models import AuditEvent
 
 from .conftest import PASSWORD
@@ -201,6 +202,72 @@ def test_a_database_from_before_a_column_was_added_gets_it_at_start(app, actor, 
     assert again.test_cli_runner().invoke(args=["users", "disable", "pausing@example.com"]).exit_code == 0
     assert after.client.get("/settings").status_code == 200  # alice's session: the join reads the column too
     assert type(actor)(again, again.test_client(), clock).password_step("pausing@example.com").status_code == 403
+
+
+def test_a_database_from_the_first_day_gets_its_two_missing_columns_at_start(app, actor, tmp_path, clock, secret,
+                                                                            capsys):
+    """README "Upgrades": databases made on 2026-11-28 lack `knownbrowser.last_used_at` (a known browser's
+    lifetime, with its index) or `pendingenrolment.failures` (wrong codes per wizard set-up). They started
+    without a word, and every code step (which marks the browser known) answered 503 "cannot reach our
+    database" (an operator's upgrade of such a database). Both are added at start, the lifetime counted
+    from when the browser became known; the code step and the wizard work. Both databases."""
+    from webapp.models import Device, KnownBrowser, PendingEnrolment
+
+    from .conftest import make_test_app
+    from .test_wizard import Wizard, text
+
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)  # this browser is known now
+    with app.app_context():
+        made = KnownBrowser.get().created_at
+        db.execute_sql('DROP INDEX IF EXISTS "knownbrowser_last_used_at"')
+        db.execute_sql('ALTER TABLE "knownbrowser" DROP COLUMN last_used_at')
+        db.execute_sql('ALTER TABLE "pendingenrolment" DROP COLUMN failures')
+        if is_sqlite():  # what every later version's start left there: an index on the column's name as a text
+            db.execute_sql('CREATE INDEX "knownbrowser_last_used_at" ON "knownbrowser" ("last_used_at")')
+    db.close()
+    capsys.readouterr()
+    again = make_test_app(tmp_path, app.config["DATABASE_URL"], clock,
+                          TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
+    said = capsys.readouterr().err
+    assert said.count("upgraded the database: added knownbrowser.last_used_at") == 1
+    assert said.count("upgraded the database: added pendingenrolment.failures") == 1
+    with again.app_context():
+        assert KnownBrowser.get().last_used_at == made
+        index = {i.name: i for i in db.get_indexes("knownbrowser")}["knownbrowser_last_used_at"]
+        assert index.columns == ["last_used_at"]  # on the column, not on its name as a text
+        assert re.search(r'\("?last_used_at"?\)$', index.sql.strip())
+    clock.advance(30)
+    after = type(actor)(again, again.test_client(), clock)
+    after.password_step()
+    assert after.code_step(after.code(secret)).headers["Location"] == "/settings"
+    wizard = Wizard(after)
+    assert wizard.open().status_code == 200 and wizard.start().status_code == 200
+    assert wizard.code_step().status_code == 200
+    wizard.submit_code("000000")  # a wrong code: counted on the set-up, in the added column
+    with again.app_context():
+        assert PendingEnrolment.get().failures == 1
+    assert 'data-step="name"' in text(wizard.submit_code())
+    wizard.complete("Second phone")
+    with again.app_context():
+        assert [d.name for d in Device.select().order_by(Device.id)] == ["Phone", "Second phone"]
+
+
+def test_a_database_missing_a_column_no_upgrade_adds_stops_the_start_naming_it(app, tmp_path, clock):
+    """README "Upgrades": a table without a column this version reads, which no upgrade step adds (a database
+    of an unknown version, or changed by hand), stops the start with an error naming the column, instead of
+    starting and answering 503 to every request that reads it."""
+    from webapp.config import ConfigError
+
+    from .conftest import make_test_app
+
+    with app.app_context():
+        db.execute_sql('ALTER TABLE "auditevent" DROP COLUMN ip')
+    db.close()
+    with pytest.raises(ConfigError, match=r"the database lacks auditevent\.ip: it was made by a version this "
+                                          r"one cannot upgrade"):
+        make_test_app(tmp_path, app.config["DATABASE_URL"], clock,
+                      TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
 
 
 def test_addresses_stored_in_an_old_spelling_get_the_normal_one_at_start(app, actor, tmp_path, clock, capsys):

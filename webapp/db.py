@@ -304,10 +304,11 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fi
             database.execute_sql("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
             try:
                 existing = database.table_exists(models[0]._meta.table_name)
-                database.create_tables(models, safe=True)
-                _widen_ids(database, models)
                 with database.atomic():  # the column and its fill together (DDL is transactional here)
                     added = _add_columns(database, added_columns, fill_values)
+                database.create_tables(models, safe=True)  # after the columns: their indexes need them
+                _widen_ids(database, models)
+                with database.atomic():
                     done = upgrade() if upgrade else []
                 for statement in postgresql_indexes:
                     name = re.search(r"INDEX IF NOT EXISTS (\w+)", statement).group(1)
@@ -319,21 +320,41 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fi
             finally:
                 database.execute_sql("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK,))
         else:
-            database.create_tables(models, safe=True)  # SQLite's own lock serialises creators
-            with database.atomic("IMMEDIATE"):  # and, writing first, the processes that add a column
+            with database.atomic("IMMEDIATE"):  # writing first: processes that add a column take turns
                 added = _add_columns(database, added_columns, fill_values)
+            database.create_tables(models, safe=True)  # SQLite's own lock serialises creators
+            with database.atomic("IMMEDIATE"):
                 done = upgrade() if upgrade else []
     for line in [f"added {column}" for column in added] + done:  # once committed
         print(f" * twostep: upgraded the database: {line} (README \"Upgrades\")", file=sys.stderr, flush=True)
+    _check_columns(database, models)
+
+
+def _check_columns(database, models):
+    """Stop the start (ConfigError) when a table lacks a column this version reads: a database made by a
+    version whose change no upgrade step covers. It started, and every request that read the column answered
+    503 "cannot reach our database" (an operator's upgrade from a checkout of 2026-11-28)."""
+    with database.connection_context():
+        missing = [f"{model._meta.table_name}.{field.column_name}" for model in models
+                   for have in [{c.name for c in database.get_columns(model._meta.table_name)}]
+                   for field in model._meta.sorted_fields if field.column_name not in have]
+    if missing:
+        raise ConfigError(f"the database lacks {', '.join(missing)}: it was made by a version this one cannot "
+                          "upgrade (README \"Upgrades\")")
 
 
 def _add_columns(database, added_columns, fill_values=None):
-    """ALTER TABLE ... ADD COLUMN for each (table, column, SQL, fill) the table does not have yet
-    (models.ADDED_COLUMNS), then the statement that fills it in the rows already there: a table made by an
-    earlier version gets what this one reads."""
-    added = []
+    """ALTER TABLE ... ADD COLUMN for each (table, column, SQL, fill) that an existing table does not have yet
+    (models.ADDED_COLUMNS), then the statement that fills it in the rows already there: a
+    table made by an earlier version gets what this one reads. Run before create_tables makes the indexes
+    the models declare: on a column still missing, PostgreSQL refuses the index and SQLite makes it on the
+    column's name as a constant text."""
+    added, tables = [], set(database.get_tables())
     for table, column, definition, fill in added_columns:
-        if column not in {c.name for c in database.get_columns(table)}:
+        if table in tables and column not in {c.name for c in database.get_columns(table)}:
+            # An index on it made while it was missing is on the name as a text (SQLite; earlier versions made
+            # the indexes first): with the column there, SQLite calls the whole file malformed. Made again.
+            database.execute_sql(f'DROP INDEX IF EXISTS "{table}_{column}"')
             database.execute_sql(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {definition}')
             if fill:
                 database.execute_sql(fill.format(**(fill_values or {})))  # only integers from the configuration

@@ -265,8 +265,7 @@ class SupportRequest(BaseModel):
     handled_by = ForeignKeyField(User, null=True, backref="handled_requests", on_delete="SET NULL")
     # SHA-256 of the one-time id the form was shown with (support.contact): the same form sent twice (a
     # double click, Back and Send again) is one request. Only the browser that was shown the form knows it.
-    # No index of its own: create_tables makes a model's missing indexes before db._add_columns adds the
-    # column, and the lookup goes by created_at (indexed) first.
+    # No index of its own: the lookup goes by created_at (indexed) first.
     form_hash = CharField(max_length=64, null=True)
 
     class Meta:
@@ -371,8 +370,12 @@ POSTGRESQL_INDEXES = ['CREATE INDEX IF NOT EXISTS user_email_c ON "user" (email 
 
 # Columns added to a table after databases with it were in use: (table, column, the column's SQL for both
 # databases, what fills it in the rows already there, or None). Added at start when missing (db._add_columns),
-# so an upgrade needs no hand-run SQL. Such a column takes no index (see SupportRequest.form_hash).
+# so an upgrade needs no hand-run SQL; before the indexes the models declare are made (db._add_columns).
 ADDED_COLUMNS = [
+    # 2026-11-28, before this list: known browsers counted their lifetime from their last sign-in (from when they
+    # were made until then), and the code step counted wrong codes per set-up of the wizard.
+    ("knownbrowser", "last_used_at", "TIMESTAMP", 'UPDATE "knownbrowser" SET last_used_at = created_at'),
+    ("pendingenrolment", "failures", "INTEGER NOT NULL DEFAULT 0", None),
     # 2026-12-05. From the failures counted so far, which then set the back-off, but at most the strike that
     # locks ({lock}: THROTTLE_FREE_FAILURES + 1): an account locked during the upgrade stays locked, its next
     # wrong code is not one of the short pauses again, and the codes refused during a lock before the upgrade
