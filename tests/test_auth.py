@@ -1,5 +1,6 @@
 """Sign-in in two steps, as a person and as an attacker would try it (security.md C and D)."""
 import json
+import re
 from datetime import timedelta
 
 import pyotp
@@ -333,6 +334,28 @@ def test_pending_session_cookie_carries_no_state(actor, secret):
     cookie = actor.session_cookie()
     for needle in (PASSWORD, secret, actor.code(secret), "_user_id"):
         assert needle not in cookie
+
+
+def test_an_expired_code_step_keeps_the_address_on_the_sign_in_page(actor, app, secret, clock):
+    """A code step left open past its 5 minutes sends the person back to the sign-in page, which asks for the
+    address and password again: the address comes filled in (it came back empty: the help-article
+    walkthrough), taken from the server-side session, not from the page's address; the focus is on
+    Password. Once: a later visit of the sign-in page is blank, and another browser never sees it."""
+    actor.user(secret=secret)
+    assert actor.password_step().headers["Location"] == "/login/verify"
+    token = actor.csrf("/login/verify")
+    clock.advance(app.config["CHALLENGE_TTL"].total_seconds() + 1)
+    r = actor.client.post("/login/verify", data={"csrf_token": token, "code": actor.code(secret)})
+    assert r.status_code == 302 and r.headers["Location"] == "/login?notice=sign-in-expired"
+    page = actor.client.get(r.headers["Location"]).get_data(as_text=True)
+    assert "Your sign-in expired" in page
+    assert re.search(r'<input[^>]*autocomplete="username"[^>]*value="alice@example.com"', page)
+    assert re.search(r'<input[^>]*autocomplete="current-password"[^>]*autofocus', page)
+    assert not re.search(r'<input[^>]*autocomplete="username"[^>]*autofocus', page)
+    assert "alice@example.com" not in actor.client.get("/login?notice=sign-in-expired").get_data(as_text=True)
+    assert actor.password_step().headers["Location"] == "/login/verify"  # and it signs in as usual
+    clock.advance(1)
+    assert actor.code_step(actor.code(secret, 1)).headers["Location"] == "/settings"
 
 
 def test_verify_without_a_challenge_goes_back_to_login(actor, app):

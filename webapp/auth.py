@@ -160,8 +160,13 @@ def start_session(user, method=None):
         write_session_now()
 
 
+_SIGN_IN_EMAIL = "sign_in_email"  # session key: the address of the code step under way (after_password)
+
+
 def drop_challenge():
     """Forget the pending sign-in, server-side and in the session; returns whether its row was still there."""
+    if _SIGN_IN_EMAIL in session:
+        session.pop(_SIGN_IN_EMAIL)
     token = session.pop("challenge", None)
     return bool(token) and bool(_DROP_CHALLENGE.execute(id=token_hash(token)))
 
@@ -377,6 +382,9 @@ def login():
     form = LoginForm()
     error, status = None, 200
     next_url = safe_next(request.args.get("next"))
+    kept_email = session.pop(_SIGN_IN_EMAIL) if _SIGN_IN_EMAIL in session else None
+    if request.method == "GET" and kept_email and request.args.get("notice") == "sign-in-expired":
+        form.email.data = kept_email
     if request.method == "POST":
         if not form.validate_on_submit():
             status = 400
@@ -410,7 +418,8 @@ def login():
     # And one of a disabled account (webapp._load_user): the words a sign-in with its password gets.
     disabled = notice == "account-disabled" and request.method == "GET"
     return render_template("auth/login.html", form=form, error=error, next_url=next_url, blocked=blocked,
-                           disabled=disabled, notice=login_notice(notice)), status
+                           disabled=disabled, notice=login_notice(notice),
+                           email_kept=bool(form.email.data) and request.method == "GET"), status
 
 
 def network_refusal(user, network):
@@ -487,6 +496,7 @@ def after_password(user, next_url, new_hash=None):
         return render_template("auth/login.html", form=LoginForm(), next_url=None, blocked=True,
                                error=None), 403
     session["challenge"] = token
+    session[_SIGN_IN_EMAIL] = user.email  # for the sign-in page, should this step expire (verify)
     return redirect(url_for("auth.verify"))
 
 
@@ -499,8 +509,14 @@ def verify():
     """Second step: the six-digit code; the user comes from the server-side challenge only (security.md 22)."""
     if current_user.is_authenticated:
         return redirect(url_for("settings.index"))
+    email = session.get(_SIGN_IN_EMAIL)
     challenge = current_challenge()
     if challenge is None:
+        if email:
+            # The sign-in page asks for the address again with it filled in: the person typed it minutes ago
+            # in this browser (it came back empty: the help-article walkthrough). Kept in the server-side
+            # session, not in the address of the page.
+            session[_SIGN_IN_EMAIL] = email
         return redirect(login_notice_url("sign-in-expired"))
     form = CodeForm()
     error, status = None, 200

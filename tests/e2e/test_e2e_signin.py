@@ -117,9 +117,10 @@ def test_verify_clicked_twice_on_a_slow_connection_signs_in_once(page, server):
 
 def test_back_at_log_in_the_focused_field_says_why(page, server):
     """WCAG 2.2.1, 3.3.1: a code step left open past its 5 minutes, or ended by too many wrong codes, goes back
-    to Log in with the reason above the form. The focus starts in Email address, past it, and a message that is
-    in a page as it loads is not read out: a screen reader said only "Log in, Email address", as if nothing had
-    happened. The field is now described by the reason, and a refusal's title starts with "Error:"."""
+    to Log in with the reason above the form. The focus starts in the first field to fill in (Password, when
+    the expired step's address is kept), past it, and a message that is in a page as it loads is not read
+    out: a screen reader said only "Log in, Email address", as if nothing had happened. The field is now
+    described by the reason, and a refusal's title starts with "Error:"."""
     from datetime import timedelta
 
     from webapp.clock import now
@@ -132,8 +133,10 @@ def test_back_at_log_in_the_focused_field_says_why(page, server):
     server.query(lambda: SignInChallenge.update(created_at=now() - timedelta(minutes=6)).execute())
     enter_code(page, oathtool_code(secret))
     email = page.get_by_label("Email address", exact=True)
-    expect(email).to_be_focused()
-    expect(email).to_have_accessible_description(re.compile("^Your sign-in expired"))
+    expect(email).to_have_value("ines@example.com")  # kept from the expired step: the focus is on Password
+    password = page.get_by_label("Password", exact=True)
+    expect(password).to_be_focused()
+    expect(password).to_have_accessible_description(re.compile("^Your sign-in expired"))
     expect(page).to_have_title("Log in · twostep")
 
     server.app.config["CHALLENGE_MAX_FAILURES"] = 1  # the fifth wrong code, without waiting out four pauses
