@@ -823,17 +823,16 @@ class _CountingSet(frozenset):
         return frozenset.__contains__(self, item)
 
 
-@pytest.mark.parametrize("base", ["a", "\u2764"])
-def test_the_hidden_character_check_reads_a_long_run_of_selectors_once(monkeypatch, base):
+def test_the_hidden_character_check_reads_a_long_run_of_selectors_once(monkeypatch):
     """A form field of 64 KB (the contact form's address, a device name) is checked for characters that show
     nothing before its length is refused: walking back over the selectors before each selector made a run of
     21,000 of them cost 13 seconds of a worker's CPU (the request-facing security review). The check looks at
-    each character a bounded number of times. Its answer is as before: refused (after a plain letter the
-    selector hides in the word; after the heart, thousands of marks pile on one character)."""
+    each character a bounded number of times. Its answer is as before: refused (thousands of marks pile on
+    one character)."""
     counting = _CountingSet(fields._SELECTORS)
     monkeypatch.setattr(fields, "_SELECTORS", counting)
     _CountingSet.lookups = 0
-    text = base + "\ufe0f" * 3000 + " phone"
+    text = "\u2764" + "\ufe0f" * 3000 + " phone"  # after an emoji, each selector is one it may take
     assert fields.has_hidden_characters(text) is True
     assert _CountingSet.lookups <= 4 * len(text)
 

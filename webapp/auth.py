@@ -272,7 +272,10 @@ def _count_failure(user, holder, wrong, network=None):
         if fresh is None:
             return wrong
         if _waiting(fresh):
-            return _password_throttled(user, holder, fresh.password_locked_until, network)
+            # Hashed and found wrong while a guess sent at the same moment set the back-off: a guess all the
+            # same, counted (not refused unheard), or N guesses sent at once would count as one.
+            return _password_throttled(user, holder, fresh.password_locked_until, network,
+                                       wrong=fresh.password_failures + 1)
         failures = fresh.password_failures + 1
         _set_counter(holder, password_failures=failures, password_locked_until=now() + backoff(failures))
         audit("password_rejected", user=user, failures=failures, **_counted_in(holder))
@@ -302,14 +305,17 @@ def _waiting(counter):
     return counter.password_locked_until is not None and counter.password_locked_until > now()
 
 
-def _password_throttled(user, holder, locked_until, network=None):
+def _password_throttled(user, holder, locked_until, network=None, wrong=None):
     """Refuse a password while the account (or this browser) waits out its back-off (security.md 18). The
     attempt is recorded and, at the password step and unless `holder` is a known browser, counted against
     the client's network, but it does not make the account's wait longer: like codes typed during a lock
     (code_strikes), only passwords found wrong do. Counted there, a stranger could send twenty attempts in
     the first seconds of pauses and lock the account for a day (the request-facing security review), and
-    send them without end: nothing else bounded them."""
+    send them without end: nothing else bounded them. `wrong`: the failure count, for a password that was
+    checked and found wrong meanwhile (_count_failure), which counts like any wrong one."""
     with write_transaction():  # the record and the network's count together (joins the caller's transaction)
+        if wrong is not None:
+            _set_counter(holder, password_failures=wrong)
         audit("password_throttled", user=user, **_counted_in(holder))
         if network and not isinstance(holder, KnownBrowser):
             count_for_network("failed-sign-ins", network)
@@ -573,8 +579,13 @@ def verify():
     # During the account's lock (15 minutes or more) this step, open for CHALLENGE_TTL, can take no code: the
     # page says so and offers no field (it asked to wait 15 minutes on a step that closes after 5, over a
     # field that refused every code: the help-article walkthrough).
-    locked = (result is not None and result.locked_until is not None and result.locked_until > now()
-              and is_lock(result.strikes))
+    locked = (result is not None and result.locked_until is not None and is_lock(result.strikes)
+              and result.locked_until >= challenge.created_at + current_app.config["CHALLENGE_TTL"])
+    if locked and result.reason == "malformed":
+        # A mistyped code that started the lock (it counts too): the page says the wait, not the typo.
+        error = code_error(CheckResult(False, "locked", locked_until=result.locked_until,
+                                       failures=result.failures, strikes=result.strikes))
+        status = refusal_status(error, status)
     return render_template("auth/verify.html", form=form, error=error, locked=locked,
                            step_minutes=int(current_app.config["CHALLENGE_TTL"].total_seconds() // 60)), status
 
