@@ -350,7 +350,9 @@ def test_an_expired_code_step_keeps_the_address_on_the_sign_in_page(actor, app, 
     r = actor.client.post("/login/verify", data={"csrf_token": token, "code": actor.code(secret)})
     assert r.status_code == 302 and r.headers["Location"] == "/login?notice=sign-in-expired"
     page = actor.client.get(r.headers["Location"]).get_data(as_text=True)
-    assert "Your sign-in expired" in page
+    # The words ask for what is missing, not for the address shown (an accessibility check).
+    assert ("Your sign-in expired: the code step stays open for 5 minutes after the password. Enter your "
+            "password again to get a new one.") in page and "Please enter your email address" not in page
     assert re.search(r'<input[^>]*autocomplete="username"[^>]*value="alice@example.com"', page)
     assert re.search(r'<input[^>]*autocomplete="current-password"[^>]*autofocus', page)
     assert not re.search(r'<input[^>]*autocomplete="username"[^>]*autofocus', page)
@@ -491,6 +493,12 @@ def test_the_code_lock_is_said_when_it_sends_the_person_back_and_again_on_the_ne
     page = actor.client.get("/login/verify").get_data(as_text=True)
     assert "Too many wrong codes. Wait 14 minutes before trying again." in page
     assert "This sign-in step closes before then" in page and "stays open for 5" not in page
+    # The end of the wait as a time too, to the minute after it: a tab looked at later still says when.
+    until = user_row(actor.app).code_locked_until
+    shown = (until + timedelta(seconds=59, microseconds=999999)).replace(second=0, microsecond=0)
+    assert f"Sign in again with your password after <time datetime=\"{shown:%Y-%m-%dT%H:%M:%S}Z\" data-local>" \
+           f"{shown:%Y-%m-%d %H:%M} UTC</time>." in " ".join(page.split())
+    assert 'aria-labelledby="code-locked-wait"' in page
     assert 'name="code"' not in page and ">Verify</button>" not in page
     assert 'href="/support/contact">Lost access to your authenticator app?' in page  # the ways on stay
     assert user_row(actor.app).code_failures == 5  # showing it counted nothing

@@ -375,13 +375,18 @@ def test_a_signed_in_person_reaches_the_form_from_user_settings_and_goes_back_th
     page = actor.client.get("/support/contact").get_data(as_text=True)
     assert 'value="alice@example.com"' in page
     assert '<a href="/settings">Back to User Settings</a>' in page and "Back to sign-in" not in page
+    # Words for what brings a signed-in person here, not only a lost phone (an accessibility check).
+    assert "Something on your account you do not recognise, or a device you lost?" in " ".join(page.split())
+    assert "No access to your authenticator app any more?" not in page
     r = send(actor)
     assert r.status_code == 302
     sent = actor.client.get(r.headers["Location"]).get_data(as_text=True)
     assert "Request sent" in sent and '<a href="/settings">Back to User Settings</a>' in sent
+    assert "Keep your password" not in sent  # read as "do not change it", by someone told to change it
     stranger = type(actor)(actor.app, actor.app.test_client(), actor.clock)
     page = stranger.client.get("/support/contact").get_data(as_text=True)
     assert '<a href="/login">Back to sign-in</a>' in page and "Back to User Settings" not in page
+    assert "No access to your authenticator app any more?" in page
 
 
 def test_email_is_not_prefilled_for_strangers(actor):

@@ -348,6 +348,8 @@ def test_a_stale_end_window_keeps_its_reason_for_after_reauth(app, actor, secret
     assert r.status_code == 302 and r.headers["Location"] == f"/support?user={target.id}"
     page = actor.client.get(r.headers["Location"]).get_data(as_text=True)
     assert "Your reason was kept" in page and "Nothing was changed yet" in page
+    # Already in the page as it loads, a status is not read out: the focus starts there (an accessibility check).
+    assert re.search(r'<p class="flash success" role="status" tabindex="-1" autofocus>Your reason was kept', page)
     kept = (reason + " " + "x" * 600)[:500].replace("<", "&lt;").replace(">", "&gt;")
     assert f">\r\n{kept}</textarea>" in page
     assert '<details class="disable" open>' in page  # the End form is open, its reason in view

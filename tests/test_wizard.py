@@ -978,7 +978,8 @@ def test_abandoned_reenrolment_keeps_the_old_device_working(actor, app, secret):
     intro = " ".join(text(w.open()).split())
     assert "adding another device" in intro
     # The gear opened to manage devices or turn 2FA off says where that is (the help-article walkthrough).
-    assert "To rename or remove a device, or to turn two-factor authentication off, close this" in intro
+    assert ("To rename or remove a device, or to turn two-factor authentication off, press Cancel, then use "
+            "Rename, Remove or Turn off two-factor authentication") in intro
     w.start()
     w.submit_code()
     logout(actor)

@@ -2,6 +2,7 @@
 import hashlib
 import hmac
 import secrets
+from datetime import timedelta
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, session, url_for
 from flask_login import current_user, login_required, login_user
@@ -423,9 +424,17 @@ def login():
     blocked = notice == "support-window-ended" and request.method == "GET"
     # And one of a disabled account (webapp._load_user): the words a sign-in with its password gets.
     disabled = notice == "account-disabled" and request.method == "GET"
+    email_kept = bool(form.email.data) and request.method == "GET"
+    if email_kept and notice == "sign-in-expired":
+        # The address is there already: the words ask for what is missing (a review: "Please enter your email
+        # address and password again" over a filled-in address).
+        text = (f"Your sign-in expired: the code step stays open for "
+                f"{int(current_app.config['CHALLENGE_TTL'].total_seconds() // 60)} minutes after the password. "
+                "Enter your password again to get a new one.")
+    else:
+        text = login_notice(notice)
     return render_template("auth/login.html", form=form, error=error, next_url=next_url, blocked=blocked,
-                           disabled=disabled, notice=login_notice(notice),
-                           email_kept=bool(form.email.data) and request.method == "GET"), status
+                           disabled=disabled, notice=text, email_kept=email_kept), status
 
 
 def network_refusal(user, network):
@@ -587,6 +596,9 @@ def verify():
                                        failures=result.failures, strikes=result.strikes))
         status = refusal_status(error, status)
     return render_template("auth/verify.html", form=form, error=error, locked=locked,
+                           # To the minute after it: a time said is never before the wait is over.
+                           locked_until=(result.locked_until + timedelta(seconds=59, microseconds=999999)).replace(
+                               second=0, microsecond=0) if locked else None,
                            step_minutes=int(current_app.config["CHALLENGE_TTL"].total_seconds() // 60)), status
 
 

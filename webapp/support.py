@@ -559,6 +559,7 @@ class UserRow:
         self.opened_by = opened_by
         self.form = form
         self.notice = notice
+        self.focus_notice = False  # the page's focus starts at the notice (a kept End reason: support.index)
         self.error = error
         self.window = None if devices else user.support_window(current)
         if opened_by and not self.window and opened_by["created_at"] < (current or now()) - LAST_DISABLE_SHOWN:
@@ -852,6 +853,8 @@ def index():
         rows = build_rows(users, end_forms=end_forms, notices=notices)
         if rows and not rows[0].can_end:
             rows[0].notice = None  # the window closed meanwhile: there is nothing to press
+        elif notices:
+            rows[0].focus_notice = True  # a notice already there at load is not read out: the focus goes to it
         context = _index_context(users[0].email if users else "", 1, rows=rows)
         return render_template("support/index.html", gone=not users, **context)
     if htmx.is_htmx():
