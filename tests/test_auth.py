@@ -164,6 +164,7 @@ def test_guesses_sent_at_once_meet_the_lock_the_first_failure_sets(actor, clock,
     assert not signed_in(actor.client)
     assert user_row(actor.app).password_failures == (1 if password == PASSWORD else 2)  # a right one: not counted
     assert user_row(actor.app).password_locked_until == utc(clock.t) + timedelta(seconds=1)  # the first one's
+    assert _counted(actor.app, "failed-sign-ins") == 1  # refused all the same: it counts against the network
     clock.advance(2)
     assert actor.password_step().status_code == 302  # once the back-off is over
 
@@ -362,6 +363,15 @@ def test_an_expired_code_step_keeps_the_address_on_the_sign_in_page(actor, app, 
     assert actor.code_step(actor.code(secret, 1)).headers["Location"] == "/settings"
 
 
+def test_the_sign_in_page_reached_during_a_code_step_does_not_fill_in_the_address(actor, secret):
+    """The address is filled in only on the page an expired code step sends the person to. Reached another
+    way while the code step is open ("Back to sign-in" on the contact form, a bookmark), the sign-in page is
+    blank as for anyone, and it forgets the address: the step expiring afterwards fills in nothing."""
+    actor.user(secret=secret)
+    assert actor.password_step().headers["Location"] == "/login/verify"
+    for notice in ("", "?notice=logged-out"):
+        assert "alice@example.com" not in actor.client.get("/login" + notice).get_data(as_text=True)
+
 def test_verify_without_a_challenge_goes_back_to_login(actor, app):
     """The sign-in page says why, from the address alone: no session row is written to carry the message
     (a visitor without a row could otherwise fill the table by asking for this page)."""
@@ -532,6 +542,20 @@ def test_a_mistyped_code_that_starts_the_lock_says_the_wait(actor, secret, clock
     assert "This sign-in step closes before then" in page and 'name="code"' not in page
 
 
+
+def test_a_short_pause_that_outlasts_the_code_step_keeps_the_field(actor, secret, clock):
+    """security.md 18: only the account's code lock (15 minutes or more) takes the field away. A wrong code
+    seconds before the step closes sets a pause of a few seconds that ends after the step: the page keeps
+    the field and says the wait, not "sign in again" after a lock there is not."""
+    actor.user(secret=secret)
+    actor.password_step()
+    for wait in (0, 1, 2):
+        clock.advance(wait)
+        actor.code_step(WRONG)
+    clock.advance(296 - 3)  # 4 min 56 s into the step: the fourth wrong code's pause (8 s) ends after it
+    page = actor.code_step(WRONG).get_data(as_text=True)
+    assert "That code is not valid" in page and 'name="code"' in page
+    assert "This sign-in step closes before then" not in page
 
 def test_codes_sent_during_the_lock_count_but_do_not_lengthen_the_next_lock(actor, secret, clock):
     """security.md 18, 20: a code sent while the account waits is refused and counted (the stored count is
@@ -1852,6 +1876,20 @@ def test_a_browser_known_for_the_account_is_not_held_by_its_networks_limit(app, 
     clock.advance(1)  # the browser's own pause after its typo
     assert actor.password_step().status_code == 302 and signed_in(actor.client)
 
+
+def test_a_password_refused_by_a_known_browsers_own_pause_is_not_counted_against_its_network(app, actor, clock):
+    """security.md 18: a browser known for the account meets its own throttle, not its network's limit. A
+    password it sends during its own pause is refused with 429 and recorded, and counts against nothing
+    else: counted against the network, the owner's retries at their usual browser would use up the hour of
+    everyone behind the office's address."""
+    actor.user()
+    assert actor.password_step().status_code == 302  # alice's usual browser
+    _log_out(actor)
+    assert actor.password_step(password="typo").status_code == 200  # the browser's own pause of 1 s
+    r = actor.password_step()
+    assert r.status_code == 429 and "Too many failed attempts" in r.get_data(as_text=True)
+    assert kinds(app).count("password_throttled") == 1
+    assert _counted(app, "failed-sign-ins") == 0
 
 def test_the_purge_deletes_network_counters_whose_hour_is_over(app, actor, clock):
     """A counter row (with its network) stays only as long as its hour: the purge deletes it then, and the
