@@ -256,16 +256,18 @@ def test_a_database_from_the_first_day_gets_its_two_missing_columns_at_start(app
 def test_a_database_missing_a_column_no_upgrade_adds_stops_the_start_naming_it(app, tmp_path, clock):
     """README "Upgrades": a table without a column this version reads, which no upgrade step adds (a database
     of an unknown version, or changed by hand), stops the start with an error naming the column, instead of
-    starting and answering 503 to every request that reads it."""
+    starting and answering 503 to every request that reads it. Every such column is named, whichever table
+    and place it has (the last one of serversession here)."""
     from webapp.config import ConfigError
 
     from .conftest import make_test_app
 
     with app.app_context():
         db.execute_sql('ALTER TABLE "auditevent" DROP COLUMN ip')
+        db.execute_sql('ALTER TABLE "serversession" DROP COLUMN user_agent')
     db.close()
-    with pytest.raises(ConfigError, match=r"the database lacks auditevent\.ip: it was made by a version this "
-                                          r"one cannot upgrade"):
+    with pytest.raises(ConfigError, match=r"the database lacks serversession\.user_agent, auditevent\.ip: it was "
+                                          r"made by a version this one cannot upgrade"):
         make_test_app(tmp_path, app.config["DATABASE_URL"], clock,
                       TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
 

@@ -851,20 +851,22 @@ def test_a_name_that_is_too_long_is_not_also_read_for_hidden_characters(app):
         assert contact_form.email.errors[0] == "That email address is too long (254 characters at most)."
 
 
+@pytest.mark.parametrize("gap", [60, 0.001])
 @pytest.mark.parametrize("action", ["rename", "remove"])
 def test_a_stale_device_form_does_not_act_on_a_new_device_that_got_the_old_ones_id(actor, app, alice, secret,
-                                                                                  action):
+                                                                                  action, gap):
     """security.md 34 (a form acts on the device it was shown for, or on none): SQLite gives a new row the id
     of the last one deleted. "Old phone" removed in another tab and "New phone" added since, the page still
     open from before renamed or removed "New phone" (the PostgreSQL review: on PostgreSQL it was a 404). The
     forms' addresses carry when their device was added: such a form is refused as one for a device that has
-    gone, and nothing changes."""
+    gone, and nothing changes. Also when the new device came a millisecond later (`gap`): the stamp is to the
+    microsecond."""
     old = add_device(app, alice, "Old phone")
     page = text(actor.client.get("/settings"))
     url = re.search(rf'action="(/settings/devices/{old.id}/{action}\?added=\d+)"', page).group(1)
     with app.app_context():
         Device.delete().where(Device.id == old.id).execute()
-    actor.clock.advance(60)
+    actor.clock.advance(gap)
     with app.app_context():  # what SQLite does: the next device gets the id that came free
         Device.create(id=old.id, user=alice.id, name="New phone", secret_enc=old.secret_enc)
     data = {f"rename-{old.id}-name": "Old phone (lost)"} if action == "rename" else {
@@ -880,3 +882,34 @@ def test_a_stale_device_form_does_not_act_on_a_new_device_that_got_the_old_ones_
     assert r.status_code == 302
     assert [d.name for d in device_rows(app, alice)] == (["Phone", "Old phone (lost)"] if action == "rename"
                                                          else ["Phone"])
+
+
+@pytest.mark.parametrize("action", ["rename", "remove"])
+def test_a_device_replaced_after_its_form_was_checked_is_not_acted_on(actor, app, alice, secret, monkeypatch,
+                                                                      action):
+    """security.md 34: the device is read again under the person's row, with when it was added. "Old phone"
+    removed in another tab and "New phone" added with its id (SQLite) after this form passed the check of
+    its address (_own_device), but before the change was made: the form finds its device gone, and "New
+    phone" is neither renamed nor removed."""
+    from webapp import settings
+
+    old = add_device(app, alice, "Old phone")
+    url = re.search(rf'action="(/settings/devices/{old.id}/{action}\?added=\d+)"',
+                    text(actor.client.get("/settings"))).group(1)
+    checked = settings._own_device
+
+    def checked_then_replaced(device_id):
+        device = checked(device_id)
+        actor.clock.advance(1)  # what the other tab does meanwhile
+        Device.delete().where(Device.id == old.id).execute()
+        Device.create(id=old.id, user=alice.id, name="New phone", secret_enc=old.secret_enc)
+        return device
+
+    data = {f"rename-{old.id}-name": "Old phone (lost)"} if action == "rename" else {
+        f"remove-{old.id}-code": actor.code(secret)}
+    token = actor.csrf("/settings")
+    monkeypatch.setattr(settings, "_own_device", checked_then_replaced)
+    r = actor.client.post(url, data={"csrf_token": token, **data})
+    assert r.status_code == 404 and "That device is no longer on your account" in text(r)
+    assert [d.name for d in device_rows(app, alice)] == ["Phone", "New phone"]
+    assert not {"device_renamed", "device_removed"} & set(kinds(app, alice))

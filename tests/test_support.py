@@ -376,6 +376,54 @@ def test_a_kept_end_window_reason_says_nothing_once_the_window_has_closed(app, a
     assert "Your reason was kept" not in page and "End the window" not in page and "not hers" not in page
 
 
+
+def _stale_then_reauth(app, actor, secret, clock, url, data):
+    """Send `data` to `url` from a page that went stale, then re-authenticate; returns the reauth answer."""
+    token = actor.csrf("/support")
+    clock.advance(app.config["FRESH_LOGIN_WINDOW"].total_seconds() + 1)
+    r = actor.client.post(url, data={"csrf_token": token, **data})
+    return actor.post_form(r.headers["Location"], {"password": PASSWORD, "code": actor.code(secret)})
+
+
+def test_a_stale_end_window_without_a_reason_claims_no_kept_reason(app, actor, secret, clock, target):
+    """The reason is optional: an "End support window now" sent stale without one comes back to the row
+    without "Your reason was kept" over an empty box, and with the End form closed as usual."""
+    sign_in_admin(actor, secret)
+    assert disable(actor, target, close_requests=False).status_code == 302
+    r = _stale_then_reauth(app, actor, secret, clock, f"/support/users/{target.id}/end-window",
+                           {f"end{target.id}-reason": ""})
+    page = actor.client.get(r.headers["Location"]).get_data(as_text=True)
+    assert "End the window" in page and "Your reason was kept" not in page
+    assert '<details class="disable" open>' not in page
+
+
+def test_a_stale_disables_entries_never_become_an_end_window_reason(app, actor, secret, clock, target):
+    """A stale Disable keeps its entries for that person's disable form. The admin who goes to the person's
+    row instead (a contact request's "Show account") finds the End form as usual: the disable's reason is
+    not offered as the reason for ending the window, nor said to be kept."""
+    sign_in_admin(actor, secret)
+    assert disable(actor, target, close_requests=False).status_code == 302
+    p = f"u{target.id}-"
+    _stale_then_reauth(app, actor, secret, clock, f"/support/users/{target.id}/disable-2fa",
+                       {p + "reason": "A second disable, typed by mistake", p + "duration": "24h"})
+    page = actor.client.get(f"/support?user={target.id}").get_data(as_text=True)
+    assert "End the window" in page and "Your reason was kept" not in page
+    assert "A second disable, typed by mistake" not in page
+
+
+@pytest.mark.parametrize("reason, ticket, shown", [
+    ("Called back and confirmed!", "", "“Called back and confirmed!”</span>"),
+    ("Is she abroad? Called back", "", "“Is she abroad? Called back”.</span>"),
+    ("Checked the passport on a video call.", "SUP-9", "“Checked the passport on a video call.” (ticket SUP-9).</span>"),
+])
+def test_the_opened_by_line_ends_with_one_full_stop(actor, secret, target, reason, ticket, shown):
+    """A reason that ends its own sentence (".", "!" or "?") gets no second full stop after the quotation
+    mark; a ticket after it still ends the line with one."""
+    sign_in_admin(actor, secret)
+    disable(actor, target, reason=reason, ticket=ticket)
+    row = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())
+    assert shown in row
+
 # ---------------------------------------------------------------- search (security.md 37)
 
 
