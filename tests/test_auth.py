@@ -434,6 +434,20 @@ def test_a_code_step_left_by_a_new_password_step_or_a_logout_is_deleted(actor, s
     assert "Sign-in cancelled. You can sign in again below." in page and "logged out" not in page
 
 
+def test_cancelling_a_code_step_that_has_already_ended_says_sign_in_cancelled(actor, secret, app, clock):
+    """"Cancel and start over" pressed on a code step that had expired (or that another tab replaced): the
+    person never signed in, so the page says "Sign-in cancelled", not "You are logged out" (found by mutation
+    testing)."""
+    actor.user(secret=secret)
+    actor.password_step()
+    token = actor.csrf("/login/verify")
+    clock.advance(app.config["CHALLENGE_TTL"].total_seconds() + 1)
+    with app.app_context():
+        SignInChallenge.delete().execute()  # the purge took it meanwhile
+    r = actor.client.post("/logout", data={"csrf_token": token})
+    assert r.status_code == 302 and r.headers["Location"] == "/login?notice=sign-in-cancelled"
+
+
 def test_challenge_is_single_use(actor, secret, app):
     """security.md 24, 26: the pre-sign-in cookie cannot be used for a second code after success: its row
     went with the rotation, and the challenge itself is gone too, so even a copy of that session's data

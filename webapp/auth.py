@@ -659,7 +659,10 @@ def reauth():
 @bp.post("/logout")
 def logout():
     """End the session server-side and forget the cookie (security.md 30)."""
-    cancelled = drop_challenge()  # "Cancel and start over" at the code step: nobody was signed in yet
+    # "Cancel and start over" at the code step: nobody was signed in yet (also when the step had ended
+    # meanwhile: expired, or replaced in another tab).
+    cancelled = "challenge" in session
+    drop_challenge()
     user = current_user._get_current_object() if current_user.is_authenticated else None  # before it ends
     with write_transaction():  # the record and the row's deletion together: a failed logout records none
         end_session_now()
