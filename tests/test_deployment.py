@@ -153,6 +153,18 @@ def test_a_postgresql_role_that_may_not_create_tables_stops_the_start_with_what_
             conn.execute(f'DROP ROLE "{name}"')
 
 
+def _start_again(app, tmp_path, clock, capsys):
+    """The app started once more on the same database, as after an upgrade: (the new app, what its start
+    printed on the console)."""
+    from .conftest import make_test_app
+
+    db.close()
+    capsys.readouterr()
+    again = make_test_app(tmp_path, app.config["DATABASE_URL"], clock,
+                          TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
+    return again, capsys.readouterr().err
+
+
 def test_a_database_from_before_a_column_was_added_gets_it_at_start(app, actor, tmp_path, clock, secret, capsys):
     """README "Upgrades": a `user` table made before `code_strikes` existed (2026-12-05) gets the column at the
     next start, filled from the failures counted so far up to the strike that locks (an account locked at
@@ -161,8 +173,6 @@ def test_a_database_from_before_a_column_was_added_gets_it_at_start(app, actor, 
     (2026-12-06, empty: every sign-in reads it) and `supportrequest.form_hash`. Both databases (make
     test-postgres runs it on PostgreSQL)."""
     from webapp.models import User
-
-    from .conftest import make_test_app
 
     user = actor.user(secret=secret)
     locked = actor.user("locked@example.com")
@@ -176,11 +186,7 @@ def test_a_database_from_before_a_column_was_added_gets_it_at_start(app, actor, 
         assert "code_strikes" not in {c.name for c in db.get_columns("user")}
         db.execute_sql('ALTER TABLE "supportrequest" DROP COLUMN form_hash')  # 2026-12-06
         db.execute_sql('ALTER TABLE "user" DROP COLUMN disabled_at')  # 2026-12-06
-    db.close()
-    capsys.readouterr()
-    again = make_test_app(tmp_path, app.config["DATABASE_URL"], clock,
-                          TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
-    said = capsys.readouterr().err
+    again, said = _start_again(app, tmp_path, clock, capsys)
     assert said.count("upgraded the database: added user.code_strikes") == 1  # said, once
     assert said.count("upgraded the database: added supportrequest.form_hash") == 1
     assert said.count("upgraded the database: added user.disabled_at") == 1
@@ -213,7 +219,6 @@ def test_a_database_from_the_first_day_gets_its_two_missing_columns_at_start(app
     from when the browser became known; the code step and the wizard work. Both databases."""
     from webapp.models import Device, KnownBrowser, PendingEnrolment
 
-    from .conftest import make_test_app
     from .test_wizard import Wizard, text
 
     actor.user(secret=secret)
@@ -225,11 +230,7 @@ def test_a_database_from_the_first_day_gets_its_two_missing_columns_at_start(app
         db.execute_sql('ALTER TABLE "pendingenrolment" DROP COLUMN failures')
         if is_sqlite():  # what every later version's start left there: an index on the column's name as a text
             db.execute_sql('CREATE INDEX "knownbrowser_last_used_at" ON "knownbrowser" ("last_used_at")')
-    db.close()
-    capsys.readouterr()
-    again = make_test_app(tmp_path, app.config["DATABASE_URL"], clock,
-                          TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
-    said = capsys.readouterr().err
+    again, said = _start_again(app, tmp_path, clock, capsys)
     assert said.count("upgraded the database: added knownbrowser.last_used_at") == 1
     assert said.count("upgraded the database: added pendingenrolment.failures") == 1
     with again.app_context():
@@ -301,11 +302,7 @@ def test_addresses_stored_in_an_old_spelling_get_the_normal_one_at_start(app, ac
         both = [User.create(email=e, password_hash=hash_password(f"pw of {e}")).id
                 for e in ("uma@ｍünchen.de", "uma@xn--mnchen-3ya.de")]
         spoof = User.create(email="alice@xn--pple-43d.com", password_hash=password_hash).id  # "аpple", Cyrillic а
-    db.close()
-    capsys.readouterr()
-    again = make_test_app(tmp_path, app.config["DATABASE_URL"], clock,
-                          TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
-    said = capsys.readouterr().err
+    again, said = _start_again(app, tmp_path, clock, capsys)
     assert said.count("upgraded the database: stored 3 address(es) in their normal spelling") == 1
     assert (f"WARNING: accounts #{twice[1]} (ida@münchen.de), #{twice[0]} (ida@xn--mnchen-3ya.de) are one "
             "mailbox in several spellings, left as they are") in said
@@ -348,11 +345,8 @@ def test_an_index_built_at_start_on_a_database_in_use_is_announced(app, actor, t
     actor.user()
     with app.app_context():
         db.execute_sql("DROP INDEX user_email_c")
-    db.close()
-    capsys.readouterr()
-    again = make_test_app(tmp_path, app.config["DATABASE_URL"], clock,
-                          TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
-    assert "upgrading the database: building index user_email_c" in capsys.readouterr().err
+    again, said = _start_again(app, tmp_path, clock, capsys)
+    assert "upgrading the database: building index user_email_c" in said
     with again.app_context():
         assert db.execute_sql("SELECT to_regclass('user_email_c') IS NOT NULL").fetchone()[0]
     make_test_app(tmp_path, app.config["DATABASE_URL"], clock, TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
@@ -431,7 +425,6 @@ def test_a_postgresql_database_with_32_bit_ids_gets_64_bit_ones_at_start(app, ac
     At start they become 64-bit, columns and sequences, each announced before the table is rewritten; the
     rows stay, and the throttle then counts past 2**31."""
     _postgresql_only()
-    from .conftest import make_test_app
     from .test_auth import user_row
 
     actor.user()
@@ -439,10 +432,7 @@ def test_a_postgresql_database_with_32_bit_ids_gets_64_bit_ones_at_start(app, ac
     with app.app_context():
         events = AuditEvent.select().count()
     _as_before_64_bit_ids(app)
-    capsys.readouterr()
-    again = make_test_app(tmp_path, app.config["DATABASE_URL"], clock,
-                          TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
-    said = capsys.readouterr().err
+    again, said = _start_again(app, tmp_path, clock, capsys)
     for table in _WIDE_ID_TABLES:
         assert said.count(f"upgrading the database: {table}.id to 64 bits, which rewrites {table} (") == 1, said
     assert "rewrites auditevent (" in said and "under an exclusive lock" in said
@@ -467,8 +457,6 @@ def test_hosts_starting_together_widen_the_ids_once_and_the_next_start_changes_n
 
     from cryptography.fernet import Fernet
 
-    from .conftest import make_test_app
-
     actor.user()
     _as_before_64_bit_ids(app)
     start_at = time.time() + 4  # after both processes have imported the app (the slow part)
@@ -488,11 +476,8 @@ def test_hosts_starting_together_widen_the_ids_once_and_the_next_start_changes_n
         assert set(_id_types().values()) == {("bigint", "bigint")}
         files = {t: db.execute_sql("SELECT pg_relation_filenode(%s::regclass)", (t,)).fetchone()[0]
                  for t in _WIDE_ID_TABLES}
-    db.close()
-    capsys.readouterr()
-    again = make_test_app(tmp_path, app.config["DATABASE_URL"], clock,
-                          TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
-    assert "upgrading the database" not in capsys.readouterr().err
+    again, said = _start_again(app, tmp_path, clock, capsys)
+    assert "upgrading the database" not in said
     with again.app_context():
         assert {t: db.execute_sql("SELECT pg_relation_filenode(%s::regclass)", (t,)).fetchone()[0]
                 for t in _WIDE_ID_TABLES} == files
