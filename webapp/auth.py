@@ -389,8 +389,10 @@ def login():
     form = LoginForm()
     error, status = None, 200
     next_url = safe_next(request.args.get("next"))
-    kept_email = session.pop(_SIGN_IN_EMAIL) if _SIGN_IN_EMAIL in session else None
-    if request.method == "GET" and kept_email and request.args.get("notice") == "sign-in-expired":
+    notice = request.args.get("notice")
+    kept_email = session.pop(_SIGN_IN_EMAIL) if _SIGN_IN_EMAIL in session else None  # once, whatever comes
+    email_kept = bool(kept_email) and request.method == "GET" and notice == "sign-in-expired"
+    if email_kept:
         form.email.data = kept_email
     if request.method == "POST":
         if not form.validate_on_submit():
@@ -418,14 +420,12 @@ def login():
                         return response
                     error = refuse_replaced_password(user, network) if user is not None else GENERIC_LOGIN_ERROR
             status = refusal_status(error, 200)
-    notice = request.args.get("notice")
     # A session that support's window ended comes here with this notice (webapp._unauthorized): the same
     # words as a sign-in refused after the window, which they tell anyone who types the address too.
     blocked = notice == "support-window-ended" and request.method == "GET"
     # And one of a disabled account (webapp._load_user): the words a sign-in with its password gets.
     disabled = notice == "account-disabled" and request.method == "GET"
-    email_kept = bool(form.email.data) and request.method == "GET"
-    if email_kept and notice == "sign-in-expired":
+    if email_kept:
         # The address is there already: the words ask for what is missing (a review: "Please enter your email
         # address and password again" over a filled-in address).
         text = (f"Your sign-in expired: the code step stays open for "

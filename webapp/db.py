@@ -293,9 +293,10 @@ def loaded(model, data):
 
 
 def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fill_values=None, upgrade=None):
-    """Create the tables (on PostgreSQL also the extra indexes, and 64-bit ids where a table has 32-bit ones:
-    _widen_ids), add the columns that are missing and run `upgrade()`, which brings rows an earlier version
-    wrote up to date and returns lines to print (at every start, in the transaction that adds the columns)."""
+    """At every start: add the columns an existing table is missing (with what fills them), create the tables
+    and indexes that are missing (on PostgreSQL also the extra indexes, and 64-bit ids where a table has
+    32-bit ones: _widen_ids), run `upgrade()`, which brings rows an earlier version wrote up to date and
+    returns lines to print, then check that every table has every column this version reads."""
     with database.connection_context():
         if isinstance(database, PostgresqlDatabase):
             # Hosts started at the same moment on an empty database: PostgreSQL's CREATE ... IF NOT EXISTS is
@@ -365,7 +366,8 @@ def _add_columns(database, added_columns, fill_values=None):
 def _widen_ids(database, models):
     """On PostgreSQL, make 64-bit the ids that the models declare so (BigAutoField: `bigserial`), their
     sequences and the foreign keys that point at them, where a table made before 2026-12-07 has them 32-bit
-    (`serial`: an integer column, a sequence AS integer that stops at 2**31 - 1; models.BaseModel says why).
+    (`serial`: an integer column, a sequence AS integer that stops at 2**31 - 1; the comment after
+    models.BaseModel says why).
     Run at every start holding the schema lock (_create_tables), so hosts starting together take turns and
     the next finds nothing left to do. Each table in a transaction of its own, announced before it starts:
     ALTER COLUMN ... TYPE rewrites the table and its indexes under an exclusive lock, and on a big table (the

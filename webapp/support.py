@@ -851,10 +851,11 @@ def index():
             end_forms = {one: EndWindowForm(formdata=None, prefix=f"end{one}", data=kept)}
             notices = {one: _END_DRAFT_KEPT}
         rows = build_rows(users, end_forms=end_forms, notices=notices)
-        if rows and not rows[0].can_end:
-            rows[0].notice = None  # the window closed meanwhile: there is nothing to press
-        elif notices:
-            rows[0].focus_notice = True  # a notice already there at load is not read out: the focus goes to it
+        if rows and notices:
+            if rows[0].can_end:
+                rows[0].focus_notice = True  # a notice already there at load is not read out: the focus goes to it
+            else:
+                rows[0].notice = None  # the window closed meanwhile: there is nothing to press
         context = _index_context(users[0].email if users else "", 1, rows=rows)
         return render_template("support/index.html", gone=not users, **context)
     if htmx.is_htmx():
