@@ -91,20 +91,17 @@ def is_plain_letter(c):
     return c.isascii() or unicodedata.name(c, "?").split(" ")[0] in CONFUSABLE_SCRIPTS
 
 
-def _joins_visibly(text, i, base=None):
+def _joins_visibly(text, i, base):
     """Whether the joiner or selector at text[i] does what real text needs it for: it follows a character that
     is neither ASCII nor a letter of the look-alike alphabets (an emoji, an Arabic, Mongolian or CJK
     character), or it is the U+FE0F of a keycap. After "Work" it would only hide in the word. `base`: the
-    index of the last character before i that is not a selector, when the caller knows it (-1 for none)."""
+    index of the last character before i that is not a selector (-1 for none): in "🏳️‍🌈" the joiner follows
+    the flag's selector."""
     c = text[i]
     if c not in JOINERS and c not in _SELECTORS:
         return False
     if c == "\ufe0f" and text[i + 1:i + 2] == _KEYCAP:
         return True
-    if base is None:
-        base = i - 1
-        while base >= 0 and text[base] in _SELECTORS:  # "🏳️‍🌈": the joiner follows the flag's selector
-            base -= 1
     return base >= 0 and not is_invisible(text[base]) and not is_plain_letter(text[base])
 
 
