@@ -305,6 +305,45 @@ def test_a_statement_postgresql_cancelled_after_statement_timeout_says_try_again
         assert PendingEnrolment.select().count() == 1
 
 
+def _read_only_connection(app):
+    """The connection the app keeps for its requests refuses writes from now on, as one opened while the
+    database was read-only does (ALTER DATABASE ... SET default_transaction_read_only = on for maintenance, or
+    a standby not yet promoted): PostgreSQL answers every write with SQLSTATE 25006."""
+    with app.app_context():
+        db.connect(reuse_if_open=True)
+        db.execute_sql("SET default_transaction_read_only = on")
+
+
+@pytest.mark.skipif(not (os.environ.get("TEST_DATABASE_URL") or "").startswith("postgres"),
+                    reason="PostgreSQL's read-only transactions (a read-only SQLite file is an OperationalError)")
+def test_a_read_only_postgresql_gives_the_503_page_and_the_app_recovers_without_restart(app, actor, secret, clock):
+    """A fault-injection review: a database that refuses writes (read_only_sql_transaction, which psycopg
+    raises as an InternalError) gave "Something went wrong" (500) at every sign-in and every change, and at
+    the page view of a signed-in person every minute (the session's last-seen time), and nothing dropped the
+    kept connection: once the database took writes again, the workers went on answering 500 until restarted.
+    Now it is the outage it is: the 503 page, nothing stored, a page whose only write is the session's
+    last-seen time still shown, and the next request, on a new connection, works."""
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    token = csrf_from(actor.client.get("/settings").get_data(as_text=True))
+    _read_only_connection(app)
+    assert_unavailable_page(_start_wizard(actor.client, token))
+    other = app.test_client()
+    other_token = csrf_from(other.get("/login").get_data(as_text=True))
+    _read_only_connection(app)  # the 503 page dropped the connection: the next request has a new one
+    assert_unavailable_page(other.post("/login", data={"csrf_token": other_token, "email": "alice@example.com",
+                                                       "password": PASSWORD}))
+    _read_only_connection(app)
+    clock.advance(61)  # the session's last-seen time is due to be written (sessions.TOUCH_INTERVAL)
+    r = actor.client.get("/settings")
+    assert r.status_code == 200 and "<h1>User Settings</h1>" in r.get_data(as_text=True)
+    with app.app_context():
+        assert PendingEnrolment.select().count() == 0
+    assert _start_wizard(actor.client, token).status_code == 303  # a new connection, which takes writes
+    with app.app_context():
+        assert PendingEnrolment.select().count() == 1
+
+
 # ---------------------------------------------------------------- a worker killed mid-transaction
 
 def _read(path):

@@ -10,8 +10,8 @@ import threading
 import time
 from contextlib import contextmanager
 
-from peewee import (BigAutoField, ColumnBase, DatabaseProxy, Field, ForeignKeyField, InterfaceError, ModelSelect,
-                    OperationalError, PostgresqlDatabase, ProgrammingError, SqliteDatabase)
+from peewee import (BigAutoField, ColumnBase, DatabaseProxy, Field, ForeignKeyField, InterfaceError, InternalError,
+                    ModelSelect, OperationalError, PostgresqlDatabase, ProgrammingError, SqliteDatabase)
 from playhouse.db_url import parse
 from werkzeug.wsgi import ClosingIterator
 
@@ -49,8 +49,24 @@ def open_database(url):
         name = params.pop("database", None)
         if not name:
             raise ConfigError("DATABASE_URL names no database: postgresql://user:password@host:5432/DATABASE")
-        return PostgresqlDatabase(name, **params)
+        return _Postgresql(name, **params)
     raise ConfigError("DATABASE_URL must start with sqlite:/// or postgresql://")
+
+
+class _Postgresql(PostgresqlDatabase):
+    """PostgreSQL, with a database that refuses writes (read_only_sql_transaction, 25006: a standby not yet
+    promoted, or default_transaction_read_only set for maintenance) raised as the OperationalError of an
+    outage, as SQLite's read-only file is. psycopg raises it as an InternalError, which no handler took: every
+    sign-in and change answered 500, and the connection, opened read-only, was kept after the database took
+    writes again (the 503 handler and a failed session save drop it)."""
+
+    def execute_sql(self, sql, params=None):
+        try:
+            return super().execute_sql(sql, params)
+        except InternalError as exc:
+            if _sqlstate(exc) != "25006":
+                raise
+            raise OperationalError(exc.orig, *exc.orig.args) from exc
 
 
 def is_sqlite():
