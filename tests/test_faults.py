@@ -222,6 +222,43 @@ def test_sqlite_writer_lock_held_too_long_says_try_again_and_changes_nothing(tmp
     db.close()
 
 
+def test_a_writers_queue_file_the_server_cannot_open_gives_the_503_page_naming_it_in_the_log(app, actor, secret,
+                                                                                               monkeypatch, caplog):
+    """A fault-injection review: the writers' queue file next to the SQLite database (`<database>-writers`)
+    that the server cannot open (left by a command run as root, README "Operator commands"; a volume gone
+    read-only; a worker started after the database file was made read-only) gave "Something went wrong" (500)
+    at every sign-in, change and logout, with a traceback in the log. Now it is the 503 page, the log names
+    the file, nothing is stored, and it works again as soon as the file can be opened, without a restart."""
+    import builtins
+    import logging
+
+    import webapp.db as db_module
+
+    if not app.config["DATABASE_URL"].startswith("sqlite"):
+        pytest.skip("SQLite only: PostgreSQL queues writers on row locks")
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    token = csrf_from(actor.client.get("/settings").get_data(as_text=True))
+    database = app.config["DATABASE_URL"][len("sqlite:///"):]
+    db_module._QUEUE_FILES.pop((os.getpid(), database)).close()  # opened by the sign-in: a new worker has none
+
+    def refusing(file, *args, **kwargs):
+        if str(file) == database + "-writers":
+            raise PermissionError(13, "Permission denied", file)
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(db_module, "open", refusing, raising=False)
+    caplog.set_level(logging.ERROR)
+    assert_unavailable_page(_start_wizard(actor.client, token))
+    assert f"{database}-writers" in caplog.text and "Permission denied" in caplog.text
+    with app.app_context():
+        assert PendingEnrolment.select().count() == 0
+    monkeypatch.undo()
+    assert _start_wizard(actor.client, token).status_code == 303
+    with app.app_context():
+        assert PendingEnrolment.select().count() == 1
+
+
 def test_sqlite_waits_ten_seconds_for_another_programs_writer_lock(app):
     """README "Deployment" (Database): SQLite in WAL mode with a 10 s busy timeout. A program that holds the
     writer lock for a moment (a backup, `sqlite3` at the console) makes requests wait up to 10 s for it

@@ -2,9 +2,11 @@
 start, and Prepared queries for the paths every request takes."""
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import select
+import sqlite3
 import sys
 import threading
 import time
@@ -131,7 +133,15 @@ def _writer_queue():
     key = (os.getpid(), path)  # per process: a descriptor inherited across fork would share the lock
     handle = _QUEUE_FILES.get(key)
     if handle is None:
-        handle = _QUEUE_FILES[key] = open(path + "-writers", "a+b")  # noqa: SIM115 (kept open on purpose)
+        try:
+            handle = _QUEUE_FILES[key] = open(path + "-writers", "a+b")  # noqa: SIM115 (kept open on purpose)
+        except OSError as exc:
+            # Another user's file (a command run as root: README "Operator commands"), a read-only volume: no
+            # change can be stored, as with a read-only database file, so it is that outage (the 503 page), not
+            # a 500 at every sign-in and logout. Tried again at the next write: no restart is needed.
+            logging.getLogger("twostep").error("cannot open %s-writers: %s", path, exc.strerror or exc)
+            driver_error = sqlite3.OperationalError(f"unable to open the writers' queue file: {exc.strerror}")
+            raise OperationalError(driver_error, *driver_error.args) from exc
     fcntl.flock(handle, fcntl.LOCK_EX)
     try:
         yield
