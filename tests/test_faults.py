@@ -222,6 +222,46 @@ def test_sqlite_writer_lock_held_too_long_says_try_again_and_changes_nothing(tmp
     db.close()
 
 
+@pytest.mark.skipif((os.environ.get("TEST_DATABASE_URL") or "").startswith("postgres"), reason="SQLite's writers' queue")
+def test_a_writer_of_the_app_holding_the_queue_too_long_says_try_again_after_busy_timeout(tmp_path, monkeypatch):
+    """A fault-injection review: the app's own writers wait for each other on an flock (db._writer_queue), and
+    that wait had no end. One that held it (a worker stopped or stalled mid-transaction, `keys rotate` over many
+    devices, a command suspended with Ctrl-Z) made every other write wait until gunicorn's timeout killed the
+    worker: the person got gunicorn's bare "Internal Server Error" after 30 s, and with every worker waiting no
+    page was served at all. Now the queue is waited for as long as SQLite's busy_timeout, like another
+    program's writer lock (the test above): "Please try again", nothing stored, and it works once it is free."""
+    import fcntl
+    import threading
+
+    import webapp.db as db_module
+
+    monkeypatch.setitem(db_module.SQLITE_PRAGMAS, "busy_timeout", 200)  # not 10 s of waiting in a test
+    path = tmp_path / "app.db"
+    clock = FakeClock(time.time())
+    app = make_test_app(tmp_path, f"sqlite:///{path}", clock)
+    client = signed_in_client(app, clock, new_secret())
+    token = csrf_from(client.get("/settings").get_data(as_text=True))
+    holder = open(f"{path}-writers", "a+b")  # noqa: SIM115 (another writer of the app: its own open file)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    release = threading.Timer(3.0, holder.close)  # without the limit, the request waited until this
+    release.start()
+    try:
+        started = time.monotonic()
+        r = _start_wizard(client, token)
+        waited = time.monotonic() - started
+        body = r.get_data(as_text=True)
+        assert r.status_code == 503 and CONFLICT in body and UNAVAILABLE not in body, (r.status_code, waited)
+        assert 0.2 <= waited < 2
+        with app.app_context():
+            assert PendingEnrolment.select().count() == 0
+    finally:
+        release.join()
+    assert _start_wizard(client, token).status_code == 303
+    with app.app_context():
+        assert PendingEnrolment.select().count() == 1
+    db.close()
+
+
 def test_a_writers_queue_file_the_server_cannot_open_gives_the_503_page_naming_it_in_the_log(app, actor, secret,
                                                                                                monkeypatch, caplog):
     """A fault-injection review: the writers' queue file next to the SQLite database (`<database>-writers`)

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import select
+import signal
 import sqlite3
 import sys
 import threading
@@ -142,11 +143,56 @@ def _writer_queue():
             logging.getLogger("twostep").error("cannot open %s-writers: %s", path, exc.strerror or exc)
             driver_error = sqlite3.OperationalError(f"unable to open the writers' queue file: {exc.strerror}")
             raise OperationalError(driver_error, *driver_error.args) from exc
-    fcntl.flock(handle, fcntl.LOCK_EX)
+    _take_queue(handle, SQLITE_PRAGMAS["busy_timeout"] / 1000)
     try:
         yield
     finally:
         fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class _QueueWaitOver(Exception):
+    """Raised by the timer of _take_queue in the thread waiting for the writers' queue."""
+
+
+def _take_queue(handle, seconds):
+    """Take the writers' queue, waiting for it at most `seconds` (SQLite's busy_timeout), then fail as SQLite
+    does for its own lock: "database is locked", which the person reads as "Please try again". Without a
+    limit, one writer that held it (a worker stopped mid-transaction, a long `keys rotate`, a command
+    suspended with Ctrl-Z) made every other write wait until gunicorn's timeout killed the worker, with
+    its bare "Internal Server Error", and with every worker waiting no page was served at all.
+
+    The wait is still the kernel's queue, cut off by a timer signal (SIGALRM), which only the main thread
+    can receive: gunicorn's sync workers and the commands serve from it. Elsewhere (a server with a thread
+    per request), or when SIGALRM is someone else's, it waits as long as it takes, as before."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    if (threading.current_thread() is not threading.main_thread() or signal.getitimer(signal.ITIMER_REAL)[0]
+            or signal.getsignal(signal.SIGALRM) not in (signal.SIG_DFL, None)):
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        return
+    waiting = [True]
+
+    def over(signum, frame):
+        if waiting[0]:
+            raise _QueueWaitOver
+
+    previous = signal.signal(signal.SIGALRM, over)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            waiting[0] = False
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _QueueWaitOver:
+        fcntl.flock(handle, fcntl.LOCK_UN)  # the timer may have gone off just as the queue was taken
+        driver_error = sqlite3.OperationalError("database is locked")
+        raise OperationalError(driver_error, *driver_error.args) from None
+    finally:
+        signal.signal(signal.SIGALRM, previous)
 
 
 class _Checkpoints:
