@@ -31,18 +31,20 @@ def create_live_app():
     stall = os.environ.get("TWOSTEP_STALL_SQL")
     if stall:
         _install_stall(db.obj, re.compile(stall), os.environ["TWOSTEP_STALL_MARKER"],
-                       re.compile(os.environ.get("TWOSTEP_STALL_PARAMS", "")))
+                       re.compile(os.environ.get("TWOSTEP_STALL_PARAMS", "")),
+                       outside=os.environ.get("TWOSTEP_STALL_OUTSIDE") == "1")
     return app
 
 
-def _install_stall(database, pattern, marker, params_pattern):
+def _install_stall(database, pattern, marker, params_pattern, outside=False):
     """Fault injection: a statement matching `pattern`, with parameters matching `params_pattern` (their
     repr), inside a transaction announces the worker's pid in `marker` and hangs there, so a test can SIGKILL
-    the worker in the middle of a transaction."""
+    the worker in the middle of a transaction. With `outside`, a statement outside any transaction instead:
+    the worker is killed after a transaction committed, before its answer went out."""
     original = database.execute_sql
 
     def execute_sql(sql, params=None):
-        if database.in_transaction() and pattern.search(sql) and params_pattern.search(repr(params)):
+        if database.in_transaction() != outside and pattern.search(sql) and params_pattern.search(repr(params)):
             try:  # once per server: the worker that replaces the killed one must not stall again
                 fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except FileExistsError:

@@ -431,14 +431,14 @@ def _read(path):
         return ""
 
 
-def kill_mid_transaction(app, tmp_path, statement, send, params=""):
-    """Start gunicorn with a fault injected before `statement` (inside a transaction; its parameters matching
-    `params`), run `send` in a thread, SIGKILL the worker once it reached that point, and return the server
-    (still running, worker respawned)."""
+def kill_mid_transaction(app, tmp_path, statement, send, params="", outside=False):
+    """Start gunicorn with a fault injected before `statement` (inside a transaction, or with `outside` outside
+    any; its parameters matching `params`), run `send` in a thread, SIGKILL the worker once it reached that
+    point, and return the server (still running, worker respawned)."""
     marker = str(tmp_path / "stalled.pid")
     server = LiveServer(app, workers=2, log_dir=str(tmp_path),
                         extra_env={"TWOSTEP_STALL_SQL": statement, "TWOSTEP_STALL_MARKER": marker,
-                                   "TWOSTEP_STALL_PARAMS": params})
+                                   "TWOSTEP_STALL_PARAMS": params, "TWOSTEP_STALL_OUTSIDE": "1" if outside else "0"})
     outcome = {}
 
     def run():
@@ -536,6 +536,46 @@ def test_worker_killed_while_activating_a_device_leaves_no_device_and_the_retry_
         with app.app_context():
             assert [d.name for d in Device.select().where(Device.user == user.id)] == ["Phone"]
             assert PendingEnrolment.select().where(PendingEnrolment.user == user.id).count() == 0
+    finally:
+        server.stop()
+    assert "Traceback" not in server.read_log()
+
+
+def test_worker_killed_after_activating_a_device_does_not_say_the_setup_expired(seeded_app, actor, tmp_path):
+    """A fault-injection review: SIGKILL after Complete Activation's transaction committed, before its answer
+    went out (and with it the session's note of the activation): pressing Complete Activation again said "This
+    setup has expired ... Nothing was changed on your account ... remove the old entry from your app", over a
+    device that was active, whose entry that was. A person who did so could no longer sign in. The note is
+    stored in the activation's own transaction now: pressed again, the done step says that 2FA is active."""
+    app = seeded_app
+    user = actor.user(email="enrol@example.com")
+    state = {}
+
+    def send(server):
+        import re
+
+        browser = Browser(server)
+        status, headers, _ = browser.post("/login", {"email": "enrol@example.com", "password": PASSWORD})
+        assert status == 302
+        _, page = browser.start_wizard()
+        secret = re.search(r"secret=([A-Z2-7]+)", page).group(1)
+        status, page = browser.submit_wizard_code(pyotp.TOTP(secret).now())
+        assert "Device name" in page
+        state["browser"], state["token"] = browser, browser.csrf("/settings")
+        return browser.request("POST", "/settings/2fa/complete", data={"csrf_token": state["token"], "name": "Phone"},
+                               headers={"HX-Request": "true"})
+
+    # After the commit: the done step reads the person again to show their row.
+    done_reads_the_person = (r'^SELECT "t1"\."id", "t1"\."email", .* FROM "user" AS "t1" '
+                             r'WHERE \("t1"\."id" = (\?|%s)\) LIMIT')
+    server = kill_mid_transaction(app, tmp_path, done_reads_the_person, send, outside=True)
+    try:
+        with app.app_context():
+            assert [d.name for d in Device.select().where(Device.user == user.id)] == ["Phone"]
+        status, _, page = state["browser"].request(
+            "POST", "/settings/2fa/complete", data={"csrf_token": state["token"], "name": "Phone"})
+        assert status == 200 and "Two-factor authentication is active" in page
+        assert "This setup has expired" not in page and "Nothing was changed" not in page
     finally:
         server.stop()
     assert "Traceback" not in server.read_log()

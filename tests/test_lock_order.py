@@ -698,6 +698,30 @@ def test_complete_activation_reads_the_pending_key_under_its_row(app, actor, clo
     assert replay.status_code == 200 and "That code is not valid" in text(replay)
 
 
+def test_complete_activation_takes_its_session_before_the_pending_key(app, actor, clock):
+    """Complete Activation writes its session's row in its own transaction (the note that the done step is due,
+    kept even if the worker dies before answering: test_faults), so it takes that row after the person's and
+    before the pending key's. A logout of the same session in another tab deletes the session first, and its
+    pending key with it (ON DELETE CASCADE): taking the key first and the session last deadlocked with it."""
+    from webapp.sessions import token_hash
+
+    from .test_wizard import Wizard, signed_in, text
+
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.start()
+    assert 'data-step="name"' in text(w.submit_code())
+    with app.app_context():
+        [pending] = PendingEnrolment.select().where(PendingEnrolment.user == user.id)
+
+    blocked, untouched, response = look_while_person_held(
+        token_hash(actor.session_cookie()), w.complete,
+        lambda held: held.row_untouched("pendingenrolment", pending.id), table="serversession")
+
+    assert blocked and untouched
+    assert response.status_code == 200 and 'data-step="done"' in text(response)
+
+
 def a_wrong_wizard_code(wizard):
     """A code the wizard's key gives at no step near now."""
     near = {wizard.code_now(offset_steps=k) for k in range(-3, 4)}

@@ -24,7 +24,7 @@ from .fields import Form, freeze
 from .models import AuditEvent, Device, PendingEnrolment, ServerSession, User
 from .security import (audit, end_code_steps, forget_browsers, fresh_login_required, hash_password,
                        replace_password)
-from .sessions import end_user_sessions, token_hash
+from .sessions import end_user_sessions, token_hash, write_session_now
 
 bp = Blueprint("settings", __name__, url_prefix="/settings")
 
@@ -534,6 +534,9 @@ def complete(user, pending):
         # Lock the person first: every session of theirs completing at once queues here, so on PostgreSQL
         # the Device insert and the DELETE of the other sessions' pending rows cannot deadlock.
         User.lock(user.id)
+        # Then this session's row, which the activation writes (below), before its pending key: a logout of
+        # it in another tab deletes the session first and its pending key with it (ON DELETE CASCADE).
+        for_update(ServerSession.select(ServerSession.id).where(ServerSession.id == session.row.id)).first()
         locked = for_update(PendingEnrolment.select().where(PendingEnrolment.id == pending.id)).first()
         if locked is not None and pending_handle(locked) != pending_handle(pending):
             return _restarted(locked)  # Start over meanwhile, and SQLite gave its new key the same id
@@ -563,7 +566,11 @@ def complete(user, pending):
         if had_reset_window:
             audit("tfa_reset_window_ended", user=user, reason="new device enrolled")
         ended = _end_other_sessions(user)
-    session[_WIZARD_DONE] = {"device": device.id, "added": had_2fa, "reset": had_reset_window, "others": other_keys}
+        # With the device, or neither: pressed again after a worker died before answering, the done step says
+        # the device is active (_without_pending), not that the setup expired and to remove the app's entry.
+        session[_WIZARD_DONE] = {"device": device.id, "added": had_2fa, "reset": had_reset_window,
+                                 "others": other_keys}
+        write_session_now()
     if ended:
         g.sessions_changed = True  # the done step refreshes the list of sessions behind the dialog too
     if not htmx.is_htmx():
