@@ -1615,6 +1615,37 @@ def test_the_flask_commands_report_a_bad_setting_without_a_traceback(tmp_path):
     assert done.stderr.strip() == "Error: DATABASE_URL must start with sqlite:/// or postgresql://"
 
 
+@pytest.mark.parametrize("error", ["OperationalError", "InterfaceError"])
+def test_a_database_that_stops_answering_during_a_command_is_one_error_line_and_changes_nothing(app, actor,
+                                                                                               monkeypatch, error):
+    """A fault-injection review: the database going away while a command ran (PostgreSQL restarted, the
+    connection ended, SQLite's writers busy beyond the busy timeout) ended the command in the driver's
+    traceback. Now it is one `Error:` line and exit 1, and what the command had written is rolled back."""
+    import peewee
+
+    import webapp.cli as cli
+
+    actor.user("carol@example.com")
+
+    def gone(*args, **kwargs):
+        raise getattr(peewee, error)("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(cli, "end_user_sessions", gone)  # after the account's row was marked disabled
+    result = run(app, "users", "disable", "carol@example.com")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines() == [
+        "Error: the database stopped answering (server closed the connection unexpectedly). Nothing was changed: "
+        "a command stores all its changes at once or none. Run it again once the database answers."]
+    with app.app_context():
+        assert User.get(User.email == "carol@example.com").disabled_at is None
+        assert not AuditEvent.select().where(AuditEvent.kind == "account_disabled").exists()
+    monkeypatch.setattr(cli, "purge", gone)  # the command outside the groups
+    purged = run(app, "purge-expired")
+    assert purged.exit_code == 1 and purged.output.startswith("Error: the database stopped answering (")
+    monkeypatch.undo()
+    assert run(app, "users", "disable", "carol@example.com").exit_code == 0
+
+
 def test_cli_reset_2fa_also_ends_half_finished_sign_ins(app, actor, secret, clock):
     """Like support's disable: someone left at the code step (with a phone that no longer counts) is sent
     back to sign in, instead of being told, code after code, that the code is wrong."""

@@ -9,7 +9,7 @@ import click
 from email_validator import EmailNotValidError, validate_email
 from flask import current_app
 from flask.cli import AppGroup, with_appcontext
-from peewee import JOIN, IntegrityError
+from peewee import JOIN, IntegrityError, InterfaceError, OperationalError
 
 from .clock import now
 from .config import keys_source
@@ -24,10 +24,35 @@ from .sessions import end_user_sessions
 from .support import _email_order, detail_text, event_text
 from .totp import SecretError, reencrypt_secret
 
-users = AppGroup("users", help="Manage accounts.")
-keys = AppGroup("keys", help="Manage the keys that encrypt TOTP secrets at rest.")
-audit_group = AppGroup("audit", help="Read the audit log.")
-networks = AppGroup("networks", help="See and clear what the per-network limits counted this hour.")
+
+class _OneLineDatabaseErrors:
+    """A database that stops answering while a command runs (PostgreSQL restarted or its connection ended,
+    SQLite's writers busy beyond the busy timeout) ends the command with one `Error:` line and exit 1, not
+    the driver's traceback (a fault-injection review). Nothing was changed then: each command stores its
+    changes in one transaction. At start, an unusable database is already one line (db.init_app)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (OperationalError, InterfaceError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise click.ClickException(
+                f"the database stopped answering ({reason}). Nothing was changed: a command stores all its "
+                "changes at once or none. Run it again once the database answers.") from None
+
+
+class _Group(_OneLineDatabaseErrors, AppGroup):
+    pass
+
+
+class _Command(_OneLineDatabaseErrors, click.Command):
+    pass
+
+
+users = _Group("users", help="Manage accounts.")
+keys = _Group("keys", help="Manage the keys that encrypt TOTP secrets at rest.")
+audit_group = _Group("audit", help="Read the audit log.")
+networks = _Group("networks", help="See and clear what the per-network limits counted this hour.")
 
 
 def _get_user(email):
@@ -526,7 +551,7 @@ def clear_network(address, purpose):
         click.echo(f"cleared {row.network}  {row.purpose}  ({row.hits} counted)")
 
 
-@click.command("purge-expired")
+@click.command("purge-expired", cls=_Command)
 @with_appcontext
 def purge_expired():
     """Delete expired sessions, sign-in challenges, pending enrolments, known browsers unused for their
