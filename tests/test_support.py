@@ -40,8 +40,13 @@ def disable(actor, target, reason="Identity checked by video call against ID car
 
 
 def end_window(actor, target, headers=None, reason=None):
+    """Submit "End support window now" from the person's row, to the address its form has (it names the window
+    the row shows); with no open window there is no form, and the bare address is sent."""
     data = {} if reason is None else {f"end{target.id}-reason": reason}
-    return actor.post_form(f"/support/users/{target.id}/end-window", data, form_url="/support", headers=headers)
+    row = actor.client.get(f"/support?user={target.id}").get_data(as_text=True)
+    found = re.search(rf'action="(/support/users/{target.id}/end-window\?window=\d+)"', row)
+    url = found.group(1) if found else f"/support/users/{target.id}/end-window"
+    return actor.post_form(url, data, form_url="/support", headers=headers)
 
 
 def words(html):
@@ -1120,6 +1125,39 @@ def test_a_bad_end_reason_changes_nothing_and_says_why(app, actor, secret, clock
     assert user_row(app, "carol@example.com").tfa_reset_until == until
     assert count(app, AuditEvent, AuditEvent.kind == "support_window_ended") == 0
     assert second_client(app, clock).password_step("carol@example.com").headers["Location"].endswith("/settings")
+
+
+@pytest.mark.parametrize("htmx", [False, True])
+def test_an_end_form_ends_only_the_window_it_was_shown_for(app, actor, secret, clock, target, htmx):
+    """A support walkthrough with two admins: the second opened Carol's End form and typed a reason; the first
+    ended that window meanwhile and opened a new one after checking Carol again. The second's End then closed
+    the new window, which they never saw, under a reason written about the old one, and blocked Carol. Now
+    it changes nothing and says so, with the row as it is and the reason as typed; pressed again from that
+    row, it ends the window."""
+    sign_in_admin(actor, secret)
+    disable(actor, target, reason="Video call, ID checked", ticket="T-1")
+    other = second_client(app, clock)
+    sign_in_admin(other, new_secret(), email="admin2@example.com")
+    row = other.client.get(f"/support?user={target.id}").get_data(as_text=True)
+    stale_url = re.search(rf'action="(/support/users/{target.id}/end-window\?window=\d+)"', row).group(1)
+    token = csrf_from(row)
+    clock.advance(60)
+    assert end_window(actor, target, reason="Wrong person").status_code == 302
+    assert disable(actor, target, reason="Confirmed by callback", ticket="T-3003").status_code == 302
+    until = user_row(app, "carol@example.com").tfa_reset_until
+    reason = "Carol wrote that the request was not hers"
+    r = other.client.post(stale_url, headers=HX if htmx else {},
+                          data={"csrf_token": token, f"end{target.id}-reason": reason})
+    assert r.status_code == (200 if htmx else 409)
+    html = " ".join(r.get_data(as_text=True).split())
+    assert ("Nothing was changed: this is not the support window your page showed. It was opened again since, "
+            f"and now runs until {until:%Y-%m-%d %H:%M} UTC.") in html
+    assert "Confirmed by callback" in html and "T-3003" in html  # who opened this one, and why
+    assert f"> {reason}</textarea>" in html and "<details class=\"disable\" open>" in html  # as typed, in view
+    assert user_row(app, "carol@example.com").tfa_reset_until == until  # still open
+    assert count(app, AuditEvent, AuditEvent.kind == "support_window_ended") == 1  # the first admin's only
+    assert end_window(other, target, reason=reason).status_code == 302
+    assert user_row(app, "carol@example.com").support_window(utc(clock.t)) == "ended"
 
 
 def test_password_only_sessions_end_when_the_window_runs_out(app, actor, secret, clock, target):

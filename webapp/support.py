@@ -576,11 +576,19 @@ class UserRow:
         self.show_form = self.can_disable and form is not None
         # Blank unless sent back with an error; built only for the rare row with an open window.
         self.end_form = (end_form or EndWindowForm(formdata=None, prefix=f"end{user.id}")) if self.can_end else None
+        # Which window the End form was shown for (its end time): it ends that one, or none (end_window).
+        self.window_stamp = window_stamp(user) if self.can_end else None
         # Support's early end of this window ({created_at, actor_email, reason}), told apart from one that ran out.
         self.ended_early = opened_by.get("ended_early") if opened_by and self.window == "ended" else None
 
 
 LAST_DISABLE_SHOWN = timedelta(days=30)
+
+
+def window_stamp(user):
+    """A support window's end time to the microsecond, as its "End support window now" form's address carries
+    it: no two windows of a person end at the same microsecond."""
+    return f"{user.tfa_reset_until:%Y%m%d%H%M%S%f}" if user.tfa_reset_until else ""
 
 USER_COLUMNS = (User.id, User.email, User.is_admin, User.created_at, User.last_login_at, User.tfa_reset_until,
                 User.disabled_at)
@@ -1090,7 +1098,11 @@ def end_window(user_id):
         current = now()
         disabled = locked.disabled_at is not None
         is_open = not (has_devices or disabled) and locked.support_window(current) == "open"
-        if is_open:
+        # The window on the admin's page, not one opened since: another admin may have ended that one and
+        # opened a new one after checking the person again (a support walkthrough: a stale End form closed
+        # the new window, under a reason written about the old one, and blocked the person).
+        another = is_open and request.args.get("window", "") != window_stamp(locked)
+        if is_open and not another:
             User.update(tfa_reset_until=current).where(User.id == locked.id).execute()
             # Sessions opened with the password alone during the window end with it.
             sessions = end_user_sessions(locked)
@@ -1100,6 +1112,12 @@ def end_window(user_id):
         return _row_response(target, status=409, error=_ACCOUNT_DISABLED)
     if not is_open:
         return _row_response(target, status=400, error="This person has no open support window. Nothing was changed.")
+    if another:
+        # The reason comes back as typed, under the row as it is now: who opened this window, when and why.
+        return _row_response(target, status=409, end_form=form, error=(
+            "Nothing was changed: this is not the support window your page showed. It was opened again since, "
+            "and now runs until " + f"{locked.tfa_reset_until:%Y-%m-%d %H:%M} UTC. Read who opened it and why "
+            "below, then end it if you still mean to."))
     return _row_response(target, notice=f"The support window for {target.email} is closed; "
                                         f"signing in now needs support again.")
 
