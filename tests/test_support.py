@@ -331,6 +331,43 @@ def test_a_stale_request_or_window_action_changes_nothing_and_comes_back_to_the_
     assert user_row(app, "carol@example.com").support_window(utc(clock.t)) == "open"
 
 
+@pytest.mark.parametrize("action", ["handled", "reopen"])
+@pytest.mark.parametrize("meanwhile", [False, True])
+def test_after_a_stale_request_action_the_support_page_says_it_was_not_done(app, actor, secret, clock, action,
+                                                                          meanwhile):
+    """A support walkthrough: Mark as handled pressed on a page left open past the fresh sign-in led to "Confirm
+    it's you" and back to the Support page without a word, the request still open; the admin took it as done.
+    Now the page says it was not done and to press again, with the focus there and, for Reopen, Recently
+    handled open; or, when another admin did it meanwhile, that it was (and by whom). Said once."""
+    with app.app_context():
+        req = SupportRequest.create(email="ghost@example.com", message="Lost my phone")
+    sign_in_admin(actor, secret)
+    if action == "reopen":
+        assert actor.post_form(f"/support/requests/{req.id}/handled", {}, form_url="/support").status_code == 302
+    token = actor.csrf("/support")
+    clock.advance(app.config["FRESH_LOGIN_WINDOW"].total_seconds() + 1)
+    r = actor.client.post(f"/support/requests/{req.id}/{action}", data={"csrf_token": token})
+    if meanwhile:
+        other = second_client(app, clock)
+        sign_in_admin(other, new_secret(), email="admin2@example.com")
+        assert other.post_form(f"/support/requests/{req.id}/{action}", {}, form_url="/support").status_code == 302
+    r = actor.post_form(r.headers["Location"], {"password": PASSWORD, "code": actor.code(secret)})
+    assert r.status_code == 302 and r.headers["Location"] == "/support"
+    page = " ".join(actor.client.get("/support").get_data(as_text=True).split())
+    if meanwhile:
+        expected = ("The request from ghost@example.com was marked as handled meanwhile, by admin2@example.com."
+                    if action == "handled" else "The request from ghost@example.com was reopened meanwhile: it is open.")
+    else:
+        expected = ("Not done yet: you confirmed it's you, and the request from ghost@example.com is still "
+                    + ("open. Press Mark as handled again" if action == "handled" else
+                       "handled. Press Reopen again (under Recently handled)") + " if you still mean to.")
+    expected = expected.replace("'", "&#39;")  # as Jinja escapes it
+    assert f'<p class="notice" role="status" tabindex="-1" autofocus>{expected}</p>' in page
+    assert ('<details class="handled-requests" open>' in page) == (action == "reopen" and not meanwhile)
+    assert (fetch(app, SupportRequest)[0].handled_at is None) == ((action == "reopen") == meanwhile)
+    assert expected not in actor.client.get("/support").get_data(as_text=True)  # said once
+
+
 @pytest.mark.parametrize("htmx", [False, True])
 def test_a_stale_end_window_keeps_its_reason_for_after_reauth(app, actor, secret, clock, target, htmx):
     """security.md 37: "End support window now" sent from a stale page ends nothing; after re-authenticating
@@ -1614,8 +1651,9 @@ def test_a_request_can_be_marked_handled(app, actor, secret):
     assert row.handled_at is not None and row.handled_by_id == admin.id
     # a second click changes nothing, says so, and writes no second audit record
     actor.post_form(f"/support/requests/{req.id}/handled", {}, form_url="/support")
-    assert "The request from ghost@example.com was already handled." in actor.client.get("/support").get_data(
-        as_text=True)
+    # by whom (a support walkthrough: another admin's "already handled" said nothing of who)
+    assert f"The request from ghost@example.com was already handled, by {ADMIN}." in actor.client.get(
+        "/support").get_data(as_text=True)
     assert count(app, AuditEvent, AuditEvent.kind == "support_request_handled") == 1
 
 

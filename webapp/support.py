@@ -496,6 +496,10 @@ def support_admin_required(view):
                 _keep_end_draft(kwargs["user_id"])
                 back = url_for("support.index", user=kwargs["user_id"])
             else:
+                if request.endpoint in _REQUEST_ACTIONS:
+                    # Said on the Support page afterwards: it came back there without a word, and the request
+                    # looked handled to an admin who had pressed Mark as handled (a support walkthrough).
+                    session[_DRAFT] = {"kind": _REQUEST_ACTIONS[request.endpoint], "request": kwargs["request_id"]}
                 back = url_for("support.index")
             target = url_for("auth.reauth", next=back)
             return htmx.hx_redirect(target) if htmx.is_htmx() else redirect(target)
@@ -522,6 +526,38 @@ def _keep_end_draft(user_id):
     """Keep a stale "End support window now"'s reason, as _keep_draft keeps a disable's entries."""
     session[_DRAFT] = {"user": user_id, "kind": "end",
                        "reason": request.form.get(f"end{user_id}-reason", "")[:500]}
+
+
+_REQUEST_ACTIONS = {"support.mark_handled": "handled", "support.reopen": "reopen"}
+
+
+def _take_request_draft():
+    """After a stale Mark as handled or Reopen and the re-authentication it led to: what the Support page says
+    about that request, once (the action itself is not replayed), and whether Recently handled is to be shown
+    open (where Reopen is pressed again); else (None, False)."""
+    draft = session.get(_DRAFT)
+    if not draft or draft.get("kind") not in _REQUEST_ACTIONS.values():
+        return None, False
+    session.pop(_DRAFT)
+    req = SupportRequest.get_or_none(SupportRequest.id == draft.get("request"))
+    if req is None:
+        return None, False
+    handled = req.handled_at is not None
+    if draft["kind"] == "handled":
+        if handled:
+            return f"The request from {req.email} was marked as handled meanwhile{_by_whom(req)}.", False
+        return (f"Not done yet: you confirmed it's you, and the request from {req.email} is still open. Press "
+                "Mark as handled again if you still mean to."), False
+    if not handled:
+        return f"The request from {req.email} was reopened meanwhile: it is open.", False
+    return (f"Not done yet: you confirmed it's you, and the request from {req.email} is still handled. Press "
+            "Reopen again (under Recently handled) if you still mean to."), True
+
+
+def _by_whom(req):
+    """ ", by ADMIN" for a handled request, or nothing when its admin's account is gone."""
+    handler = User.select(User.email).where(User.id == req.handled_by_id).scalar() if req.handled_by_id else None
+    return f", by {handler}" if handler else ""
 
 
 def _take_draft(user_id, kind="disable"):
@@ -870,7 +906,11 @@ def index():
         users, has_next = search_users(q, page)
         return htmx.render("support/index.html", "support/_results.html", q=q, page_no=page,
                            rows=build_rows(users), has_next=has_next)
-    return render_template("support/index.html", **_index_context(q, page))
+    # A notice already in the page as it loads is not read out: the focus starts there (app.js focuses the
+    # htmx one).
+    notice, open_handled = _take_request_draft()
+    return render_template("support/index.html", requests_notice=notice, focus_requests_notice=bool(notice),
+                           open_handled=open_handled, **_index_context(q, page))
 
 
 # ---------------------------------------------------------------- actions on one person
@@ -1139,7 +1179,8 @@ def mark_handled(request_id):
             if changed:
                 audit("support_request_handled", user=req.user_id, actor=actor, request=req.id)
     return _request_response(request_id, "The request from {email} is marked as handled." if changed
-                             else "The request from {email} was already handled.")
+                             else "The request from {email} was already handled"
+                             + _by_whom(SupportRequest.get_by_id(request_id)).replace("{", "{{").replace("}", "}}") + ".")
 
 
 @bp.post("/support/requests/<int:request_id>/reopen")
