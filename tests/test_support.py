@@ -1657,6 +1657,23 @@ def test_the_open_count_is_the_true_total_when_more_are_waiting_than_are_listed(
     assert "request number 000" in html and f"request number {total - 1:03d}" not in html  # oldest first
 
 
+def test_request_cards_show_the_numbers_the_audit_log_gives_and_where_a_forgotten_password_goes(app, actor,
+                                                                                                  secret, target):
+    """A support walkthrough: the audit log says "Request numbers: 2, 5" for a disable that closed requests,
+    and the cards showed no numbers to match them with. And a person who also forgot the password ("I forgot
+    my password as well") is the operator's: the requests card says so."""
+    with app.app_context():
+        first = SupportRequest.create(email="carol@example.com", message="Lost my phone", user=target.id)
+        second = SupportRequest.create(email="carol@example.com", message="And my password", user=target.id)
+    sign_in_admin(actor, secret)
+    page = words(" ".join(actor.client.get("/support").get_data(as_text=True).split()))
+    assert f"request {first.id} " in page and f"request {second.id} " in page
+    assert "A forgotten password is the server operator's to reset (users set-password" in page.replace("&#39;", "'")
+    assert disable(actor, target).status_code == 302
+    log = words(" ".join(actor.client.get("/support/audit?email=carol@example.com").get_data(as_text=True).split()))
+    assert f"Request numbers: {first.id}, {second.id}" in log
+
+
 def test_a_request_can_be_marked_handled(app, actor, secret):
     with app.app_context():
         req = SupportRequest.create(email="ghost@example.com", message="Please help me")
