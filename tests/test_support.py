@@ -1069,6 +1069,11 @@ def test_a_persons_row_shows_who_opened_their_window_why_and_leads_to_their_audi
     end_window(actor, target)
     row = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())
     assert "Ended early" in row and "Password-only sign-in has stopped" in row and f"by {ADMIN}: “Called back" in row
+    # How to let the real owner in again (a support walkthrough: a window opened for a stranger and ended
+    # early left the owner, phone in hand, blocked, with nothing on the row about what to do).
+    assert ("The devices the disable removed do not come back. If the request was not theirs, their password may "
+            "be known to someone else: ask the operator to set a new one (<code>users set-password</code>) before "
+            "a new window, and open that while you are in contact with them.") in row
     # A reason that ends its own sentence gets no second full stop after the quotation mark.
     other = actor.user("erin@example.com", secret=new_secret())
     disable(actor, other, reason="Checked the passport on a video call.", ticket="")
@@ -1093,7 +1098,9 @@ def test_a_closed_window_stays_on_the_row_for_30_days_after_the_disable(app, act
     Wizard(carol).run("New phone")  # a new device closes the window
     row = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())
     assert (f"None <br><span class=\"hint\">The last one was opened {utc(opened):%Y-%m-%d %H:%M} UTC by {ADMIN}: "
-            f"“Called back on the number on file, matched ID” (ticket SUP-77), and closed since.</span>") in row
+            # how it closed (a support walkthrough read "closed since" as not saying whether it ran out)
+            f"“Called back on the number on file, matched ID” (ticket SUP-77), and closed when a new device was set "
+            "up.</span>") in row
     clock.advance(opened + 30 * 24 * 3600 - clock.t)  # exactly 30 days after the disable: still shown
     actor.sign_in(ADMIN, secret=secret)
     row = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())
