@@ -205,16 +205,21 @@ def test_at_320_css_pixels_no_page_scrolls_sideways(new_page, server):
     from webapp.models import SupportRequest
 
     secret = random_secret()
-    server.user("admin-with-a-rather-long-address@example.com", admin=True, devices={"Phone": secret})
-    server.user("olga.someone-with-a-long-name@example.com", devices={"Olga's phone": random_secret()})
-    server.query(lambda: SupportRequest.create(email="olga.someone-with-a-long-name@example.com",
-                                               message="Lost my phone " * 20, created_at=now(), ip="127.0.0.1"))
+    # Long words too: dots are no place to break a line, and a device name may be 64 characters without a
+    # space (a phone and zoom review: the disable form's page was 683 px wide, User Settings 406 px).
+    admin = "admin.with.a.rather.long.address@subdomain.example-organisation.com"
+    server.user(admin, admin=True, devices={"Phone": secret, "Averyveryverylongdevicenamewithoutanyspaceforty": random_secret()})
+    olga = server.user("olga.someone.with.a.very.long.address@subdomain.example-organisation.com",
+                       devices={"Olga's phone": random_secret()})
+    server.query(lambda: SupportRequest.create(email=olga.email, user=olga.id, message="Lost my phone " * 20,
+                                               created_at=now(), ip="127.0.0.1"))
     page = new_page(viewport={"width": 320, "height": 640})
-    log_in(page, "admin-with-a-rather-long-address@example.com")
+    log_in(page, admin)
     expect_code_step(page)
     enter_code(page, oathtool_code(secret))
     expect_signed_in(page)
-    for path in ("/settings", "/support?q=olga", "/support/audit", "/support/contact", "/settings/2fa"):
+    for path in ("/settings", "/support?q=olga", "/support/audit", "/support/contact", "/settings/2fa",
+                 f"/support/users/{olga.id}/disable-2fa", f"/support/audit?email={olga.email}"):
         page.goto(path)
         expect(page.get_by_role("heading", level=1)).to_be_visible()
         width = page.evaluate("document.documentElement.scrollWidth")
