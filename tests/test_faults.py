@@ -499,6 +499,27 @@ def test_worker_killed_while_accepting_a_code_leaves_nothing_half_done(seeded_ap
     assert "Traceback" not in server.read_log()
 
 
+def _complete_activation_of(email, state, headers=None):
+    """A `send` for kill_mid_transaction: sign in as `email` (no 2FA yet), go through the wizard with the key it
+    shows and press Complete Activation for "Phone"; `state` keeps the browser and its CSRF token, to press
+    it again afterwards."""
+    def send(server):
+        import re
+
+        browser = Browser(server)
+        status, _, _ = browser.post("/login", {"email": email, "password": PASSWORD})
+        assert status == 302
+        _, page = browser.start_wizard()
+        secret = re.search(r"secret=([A-Z2-7]+)", page).group(1)
+        status, page = browser.submit_wizard_code(pyotp.TOTP(secret).now())
+        assert "Device name" in page
+        state["browser"], state["token"] = browser, browser.csrf("/settings")
+        return browser.request("POST", "/settings/2fa/complete", data={"csrf_token": state["token"], "name": "Phone"},
+                               headers=headers)
+
+    return send
+
+
 def test_worker_killed_while_activating_a_device_leaves_no_device_and_the_retry_works(seeded_app, actor, tmp_path):
     """SIGKILL in Complete Activation's transaction, after the Device row was inserted and the pending secret
     deleted: no device exists
@@ -509,19 +530,7 @@ def test_worker_killed_while_activating_a_device_leaves_no_device_and_the_retry_
         pytest.skip("the enrolment wizard (settings.complete) has not landed yet")
     user = actor.user(email="enrol@example.com")
     state = {}
-
-    def send(server):
-        import re
-
-        browser = Browser(server)
-        status, headers, _ = browser.post("/login", {"email": "enrol@example.com", "password": PASSWORD})
-        assert status == 302
-        _, page = browser.start_wizard()
-        secret = re.search(r"secret=([A-Z2-7]+)", page).group(1)
-        status, page = browser.submit_wizard_code(pyotp.TOTP(secret).now())
-        assert "Device name" in page
-        state["browser"], state["token"] = browser, browser.csrf("/settings")
-        return browser.request("POST", "/settings/2fa/complete", data={"csrf_token": state["token"], "name": "Phone"})
+    send = _complete_activation_of("enrol@example.com", state)
 
     # The transaction's last statement: the Device row is inserted and the pending secret deleted by then.
     server = kill_mid_transaction(app, tmp_path, r'^UPDATE "user" SET "tfa_reset_until"', send)
@@ -550,20 +559,7 @@ def test_worker_killed_after_activating_a_device_does_not_say_the_setup_expired(
     app = seeded_app
     user = actor.user(email="enrol@example.com")
     state = {}
-
-    def send(server):
-        import re
-
-        browser = Browser(server)
-        status, headers, _ = browser.post("/login", {"email": "enrol@example.com", "password": PASSWORD})
-        assert status == 302
-        _, page = browser.start_wizard()
-        secret = re.search(r"secret=([A-Z2-7]+)", page).group(1)
-        status, page = browser.submit_wizard_code(pyotp.TOTP(secret).now())
-        assert "Device name" in page
-        state["browser"], state["token"] = browser, browser.csrf("/settings")
-        return browser.request("POST", "/settings/2fa/complete", data={"csrf_token": state["token"], "name": "Phone"},
-                               headers={"HX-Request": "true"})
+    send = _complete_activation_of("enrol@example.com", state, headers={"HX-Request": "true"})
 
     # After the commit: the done step reads the person again to show their row.
     done_reads_the_person = (r'^SELECT "t1"\."id", "t1"\."email", .* FROM "user" AS "t1" '

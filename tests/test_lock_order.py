@@ -660,6 +660,20 @@ def test_changing_the_password_reads_the_current_one_under_the_persons_row(app, 
         assert not AuditEvent.select().where(AuditEvent.kind == "password_changed").exists()
 
 
+def _at_the_name_step(app, actor):
+    """A signed-in person whose wizard took the right code and asks for the device's name: (the person, the
+    Wizard, their pending key's row)."""
+    from .test_wizard import Wizard, signed_in, text
+
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.start()
+    assert 'data-step="name"' in text(w.submit_code())
+    with app.app_context():
+        [pending] = PendingEnrolment.select().where(PendingEnrolment.user == user.id)
+    return user, w, pending
+
+
 def test_complete_activation_reads_the_pending_key_under_its_row(app, actor, clock):
     """Complete Activation makes the device from the pending key as it is once it holds the key's row
     (settings.complete: FOR UPDATE after the person's row), last_step the newest step the wizard accepted.
@@ -672,14 +686,9 @@ def test_complete_activation_reads_the_pending_key_under_its_row(app, actor, clo
     (security.md 20)."""
     from webapp.totp import step_at
 
-    from .test_wizard import Wizard, logout, signed_in, text
+    from .test_wizard import logout, text
 
-    user = signed_in(actor)
-    w = Wizard(actor)
-    w.start()
-    assert 'data-step="name"' in text(w.submit_code())
-    with app.app_context():
-        [pending] = PendingEnrolment.select().where(PendingEnrolment.user == user.id)
+    user, w, pending = _at_the_name_step(app, actor)
     newer = step_at(clock.t) + 1  # the next step's code, as verify_code keeps it (the newest step accepted)
 
     blocked, _, response = look_while_person_held(
@@ -705,14 +714,9 @@ def test_complete_activation_takes_its_session_before_the_pending_key(app, actor
     pending key with it (ON DELETE CASCADE): taking the key first and the session last deadlocked with it."""
     from webapp.sessions import token_hash
 
-    from .test_wizard import Wizard, signed_in, text
+    from .test_wizard import text
 
-    user = signed_in(actor)
-    w = Wizard(actor)
-    w.start()
-    assert 'data-step="name"' in text(w.submit_code())
-    with app.app_context():
-        [pending] = PendingEnrolment.select().where(PendingEnrolment.user == user.id)
+    _, w, pending = _at_the_name_step(app, actor)
 
     blocked, untouched, response = look_while_person_held(
         token_hash(actor.session_cookie()), w.complete,
