@@ -559,8 +559,8 @@ def _take_request_draft():
 
 def _by_whom(req):
     """ ", by ADMIN" for a handled request, or nothing when its admin's account is gone."""
-    handler = User.select(User.email).where(User.id == req.handled_by_id).scalar() if req.handled_by_id else None
-    return f", by {handler}" if handler else ""
+    _add_handlers([req])
+    return f", by {req.handler}" if req.handler else ""
 
 
 def _take_draft(user_id, kind="disable"):
@@ -628,6 +628,7 @@ def window_stamp(user):
     """A support window's end time to the microsecond, as its "End support window now" form's address carries
     it: no two windows of a person end at the same microsecond."""
     return f"{user.tfa_reset_until:%Y%m%d%H%M%S%f}" if user.tfa_reset_until else ""
+
 
 USER_COLUMNS = (User.id, User.email, User.is_admin, User.created_at, User.last_login_at, User.tfa_reset_until,
                 User.disabled_at)
@@ -1181,9 +1182,8 @@ def mark_handled(request_id):
                        .where((SupportRequest.id == req.id) & SupportRequest.handled_at.is_null()).execute())
             if changed:
                 audit("support_request_handled", user=req.user_id, actor=actor, request=req.id)
-    return _request_response(request_id, "The request from {email} is marked as handled." if changed
-                             else "The request from {email} was already handled"
-                             + _by_whom(SupportRequest.get_by_id(request_id)).replace("{", "{{").replace("}", "}}") + ".")
+    return _request_response(request_id, (lambda r: f"The request from {r.email} is marked as handled.") if changed
+                             else lambda r: f"The request from {r.email} was already handled{_by_whom(r)}.")
 
 
 @bp.post("/support/requests/<int:request_id>/reopen")
@@ -1201,15 +1201,15 @@ def reopen(request_id):
                    .where((SupportRequest.id == req.id) & SupportRequest.handled_at.is_null(False)).execute())
         if changed:
             audit("support_request_reopened", user=req.user_id, actor=actor, request=req.id)
-    return _request_response(request_id, "The request from {email} is open again." if changed
-                             else "The request from {email} was open already.")
+    return _request_response(request_id, (lambda r: f"The request from {r.email} is open again.") if changed
+                             else lambda r: f"The request from {r.email} was open already.")
 
 
-def _request_response(request_id, message):
-    """After marking a request handled or reopening it, `message` (its {email} filled in): htmx gets the
-    requests card again, both lists and their counts as they are now, the message on top (app.js focuses
-    it); a plain form goes back to the Support page, the message flashed."""
-    message = message.format(email=SupportRequest.get_by_id(request_id).email)
+def _request_response(request_id, describe):
+    """After marking a request handled or reopening it, the message `describe` makes of the request as it is
+    now: htmx gets the requests card again, both lists and their counts as they are now, the message on top
+    (app.js focuses it); a plain form goes back to the Support page, the message flashed."""
+    message = describe(SupportRequest.get_by_id(request_id))
     if htmx.is_htmx():
         return htmx.render("support/index.html", "support/_open_requests.html", requests_notice=message,
                            **_requests_context())
