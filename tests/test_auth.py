@@ -702,6 +702,7 @@ def test_code_field_is_accessible_and_autofills(actor, secret):
     actor.password_step()
     html = actor.client.get("/login/verify").get_data(as_text=True)
     assert 'autocomplete="one-time-code"' in html and 'inputmode="numeric"' in html
+    assert 'enterkeyhint="done"' in html  # the on-screen keyboard's Enter key
     assert '<label for="code">Verification code</label>' in html
     assert ">Verify<" in html and "Lost access to your authenticator app?" in html
     # how long the step stays open, said before it runs out (someone may go and fetch the phone)

@@ -45,6 +45,8 @@ CODE_FIELD_ATTRS = {
     "maxlength": "9",
     "autofocus": True,
     "spellcheck": "false",
+    # The on-screen keyboard's Enter key reads "Done" (a phone and zoom review): the code is all the form asks.
+    "enterkeyhint": "done",
 }
 
 
