@@ -57,9 +57,23 @@ def step_at(timestamp):
     return int(timestamp) // PERIOD
 
 
+class _TOTP(pyotp.TOTP):
+    """pyotp's TOTP, keeping the key it decodes: pyotp decodes the Base32 secret again for every code (and
+    once more when it is made, to check it), ~40,000 instructions each time with Python's b32decode, and a
+    code check makes three codes. The key is the decoding of the secret it was made for, as pyotp's."""
+
+    def byte_secret(self):
+        kept = self.__dict__.get("_kept_key")
+        if kept is not None and kept[0] is self.secret:
+            return kept[1]
+        key = super().byte_secret()
+        self._kept_key = (self.secret, key)
+        return key
+
+
 def _otp(secret):
     """pyotp's generator for `secret` with our parameters; one serves any number of steps."""
-    return pyotp.TOTP(secret, digits=DIGITS, interval=PERIOD)
+    return _TOTP(secret, digits=DIGITS, interval=PERIOD)
 
 
 def code_for_step(secret, step):
