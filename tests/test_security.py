@@ -203,6 +203,19 @@ def test_log_lines_are_redacted(line, secret):
     assert secret not in record.getMessage() and "[redacted]" in record.getMessage()
 
 
+def test_six_digit_account_numbers_in_audit_lines_are_kept_and_codes_beside_them_are_not():
+    """security.md 43: the six-digit mask hid every account number from 100000 to 999999 in the audit lines
+    ("audit signin user=104857 actor=None") and in Support's addresses (?user=104857): a performance review
+    found it. Those stay; a code anywhere else on the line is still masked."""
+    from webapp.security import RedactingFilter
+
+    line = "audit code_rejected user=104857 actor=654321 {\"reason\": \"wrong\"} GET /support?user=223344 code 123456 x=987654"
+    record = logging.LogRecord("twostep", logging.INFO, __file__, 1, "%s", (line,), None)
+    assert RedactingFilter().filter(record)
+    assert record.getMessage() == ("audit code_rejected user=104857 actor=654321 {\"reason\": \"wrong\"} "
+                                   "GET /support?user=223344 code [redacted] x=[redacted]")
+
+
 def test_a_visitor_cannot_start_a_log_line_of_their_own(app, actor, capfd, monkeypatch):
     """security.md 42, 43: the error log holds one line per event. A newline in a path (%0a, which Werkzeug
     decodes) went into the "csrf refused" line as it was, so an anonymous POST could add a made-up line
