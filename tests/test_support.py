@@ -1521,6 +1521,32 @@ def test_closing_requests_leaves_those_handled_earlier_as_they_were(app, actor, 
     assert "Marked as handled" in again and "turned 2FA off" not in again
 
 
+def test_a_disable_says_which_shown_requests_another_admin_marked_as_handled_meanwhile(app, actor, secret, clock,
+                                                                                       target):
+    """A support walkthrough with two admins: one marked a request as handled while the other, who had it on
+    the disable form, disabled with "mark as handled" ticked. The outcome counted only what it closed and did
+    not mention the other request. Now it says that one was marked as handled meanwhile, and by whom."""
+    with app.app_context():
+        first = SupportRequest.create(email="carol@example.com", message="Lost my phone", user=target.id)
+        second = SupportRequest.create(email="carol@example.com", message="Still locked out", user=target.id)
+    sign_in_admin(actor, secret)
+    form_page = actor.client.get(f"/support/users/{target.id}/disable-2fa").get_data(as_text=True)
+    shown = re.search(rf'name="u{target.id}-requests_shown" type="hidden" value="([\d,]*)"', form_page).group(1)
+    assert shown == f"{first.id},{second.id}"
+    other = second_client(app, clock)
+    sign_in_admin(other, new_secret(), email="admin2@example.com")
+    assert other.post_form(f"/support/requests/{second.id}/handled", {}, form_url="/support").status_code == 302
+    p = f"u{target.id}-"
+    r = actor.post_form(f"/support/users/{target.id}/disable-2fa",
+                        {p + "reason": "Identity checked by video call against ID card", p + "duration": "24h",
+                         p + "close_requests": "y", p + "requests_shown": shown}, form_url="/support", headers=HX)
+    html = " ".join(r.get_data(as_text=True).split())
+    assert ("0 sessions ended, 1 contact request marked as handled (1 request shown on the form was marked as "
+            "handled meanwhile, by admin2@example.com). Now reply to them") in html
+    with app.app_context():
+        assert SupportRequest.get_by_id(second.id).handled_by_id != SupportRequest.get_by_id(first.id).handled_by_id
+
+
 @pytest.mark.parametrize("seen_id, late_id", [(None, None), (1000, 500)])
 def test_a_request_that_comes_in_while_the_form_is_filled_stays_open(app, actor, secret, target, seen_id, late_id):
     """security.md 42: the disable closes only the person's requests that were open when its form was shown

@@ -1057,7 +1057,8 @@ def disable_2fa(user_id):
         nothing_to_disable = not has_devices and locked.tfa_reset_until is None
         already_open = not has_devices and locked.support_window() == "open"
         if not (disabled or nothing_to_disable or already_open):
-            until, removed, sessions, closed, left_open = _open_window(locked, actor, form, label, duration)
+            until, removed, sessions, closed, left_open, meanwhile = _open_window(locked, actor, form, label,
+                                                                                   duration)
     # Rendering happens after the write transaction, so the write lock is held no longer than needed.
     if disabled:
         return _row_response(target, status=409, error=_ACCOUNT_DISABLED)
@@ -1067,6 +1068,10 @@ def disable_2fa(user_id):
         return _row_response(target, status=409, error=_already_off(locked))
     # The app sends no email: the notice says what the reply to the person must tell them.
     handled = f", {_count(closed, 'contact request')} marked as handled" if closed else ""
+    if meanwhile:
+        handlers = sorted({r.handler for r in meanwhile if r.handler})
+        handled += (f" ({_count(len(meanwhile), 'request')} shown on the form {'was' if len(meanwhile) == 1 else 'were'}"
+                    f" marked as handled meanwhile{', by ' + ', '.join(handlers) if handlers else ''})")
     notice = (f"2FA for {target.email} is off until {_fmt_time(until)}: {_count(removed, 'device')} revoked, "
               f"{_count(sessions, 'session')} ended{handled}. Now reply to them: until then they sign in with "
               f"their password alone, and they should set up their new phone right away.")
@@ -1118,11 +1123,18 @@ def _open_window(locked, actor, form, label, duration):
           devices_removed=removed, devices=", ".join(names) or None, sessions_ended=sessions,
           requests_closed=len(closed),
           requests=", ".join(map(str, closed)) or None)
-    left_open = 0
+    left_open, handled_meanwhile = 0, []
     if form.close_requests.data:  # what the admin asked to close but could not have read: said in the notice
         left_open = SupportRequest.select().where((SupportRequest.user == locked.id)
                                                   & SupportRequest.handled_at.is_null()).count()
-    return until, removed, sessions, len(closed), left_open
+        if form.requests_shown.data:
+            # Shown on the form, but another admin marked them as handled since: said too (a support
+            # walkthrough: the outcome did not mention them, and the request read "no 2FA change with it").
+            handled_meanwhile = list(SupportRequest.select(SupportRequest.id, SupportRequest.handled_by).where(
+                (SupportRequest.user == locked.id) & SupportRequest.id.in_(form.requests_shown.data)
+                & SupportRequest.handled_at.is_null(False) & SupportRequest.id.not_in(closed or [0])))
+            _add_handlers(handled_meanwhile)
+    return until, removed, sessions, len(closed), left_open, handled_meanwhile
 
 
 @bp.post("/support/users/<int:user_id>/end-window")
