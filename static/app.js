@@ -133,6 +133,20 @@
     button.closest("dialog").close();
   });
 
+  // Escape closes the open disclosure the focus is in (the Support page's disable and End forms, a device's
+  // Rename or Remove, Turn off) and puts the focus back on its summary, as Escape closes the wizard's dialog
+  // (a support walkthrough: Escape did nothing there). The dialog's own disclosures are left to the dialog.
+  document.addEventListener("keydown", function (event) {
+    if (event.key !== "Escape" || event.defaultPrevented || !event.target.closest) return;
+    var details = event.target.closest("details[open]");
+    if (!details || details.closest("dialog")) return;
+    var summary = details.querySelector(":scope > summary");
+    if (!summary) return;
+    event.preventDefault();
+    details.open = false;
+    summary.focus();
+  });
+
   // "close" does not bubble: listen in the capture phase. Escape also ends here (native cancel -> close).
   document.addEventListener("close", function (event) {
     var dialog = event.target;

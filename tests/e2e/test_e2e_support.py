@@ -194,6 +194,24 @@ def test_ending_a_window_early_with_a_reason_by_keyboard(page, server):
     expect(person_row(page).get_by_role("button", name="End the window", exact=True)).to_have_count(0)
 
 
+def test_escape_closes_the_end_form_and_leaves_the_window_open(page, server):
+    """A support walkthrough: Escape did nothing in the disable and End forms. It closes the one the focus is
+    in, with the focus back on its summary, and changes nothing."""
+    server.user(PERSON, devices={"Lost phone": random_secret()})
+    sign_in_admin(page, server)
+    disable_2fa_for_person(page)
+    summary = person_row(page).get_by_text("End support window now", exact=True)
+    tab_to(page, summary)
+    page.keyboard.press("Enter")
+    reason = person_row(page).get_by_label("Reason", exact=True)
+    tab_to(page, reason)
+    page.keyboard.type("Typed, then thought better of it")
+    page.keyboard.press("Escape")
+    expect(reason).to_be_hidden()
+    expect(summary).to_be_focused()
+    expect(person_row(page)).to_contain_text("Temporarily off")
+
+
 def test_mark_as_handled_by_keyboard_keeps_the_focus_on_the_request(page, server):
     """Enter on Mark as handled: the requests card is replaced, and focus goes to the status line saying what
     was done (it was left on <body>, so the next Tab started again at the top of the page); the count follows
