@@ -43,10 +43,14 @@ def end_window(actor, target, headers=None, reason=None):
     """Submit "End support window now" from the person's row, to the address its form has (it names the window
     the row shows); with no open window there is no form, and the bare address is sent."""
     data = {} if reason is None else {f"end{target.id}-reason": reason}
+    return actor.post_form(_end_url(actor, target), data, form_url="/support", headers=headers)
+
+
+def _end_url(actor, target):
+    """The address of the person's "End support window now" form, as their row has it now."""
     row = actor.client.get(f"/support?user={target.id}").get_data(as_text=True)
     found = re.search(rf'action="(/support/users/{target.id}/end-window\?window=\d+)"', row)
-    url = found.group(1) if found else f"/support/users/{target.id}/end-window"
-    return actor.post_form(url, data, form_url="/support", headers=headers)
+    return found.group(1) if found else f"/support/users/{target.id}/end-window"
 
 
 def words(html):
@@ -375,10 +379,9 @@ def test_a_stale_end_window_keeps_its_reason_for_after_reauth(app, actor, secret
     End the window again. Kept once, and cut to the form's 500 characters."""
     sign_in_admin(actor, secret)
     assert disable(actor, target, close_requests=False).status_code == 302
-    token = actor.csrf("/support")
+    token, url = actor.csrf("/support"), _end_url(actor, target)  # the row's form, for the window it shows
     clock.advance(app.config["FRESH_LOGIN_WINDOW"].total_seconds() + 1)
     reason = "Owner called <b>back</b>: the request was not hers"
-    url = f"/support/users/{target.id}/end-window"
     data = {f"end{target.id}-reason": reason + " " + "x" * 600}
     if htmx:
         r = actor.client.post(url, headers={**HX, "X-CSRFToken": token}, data=data)
@@ -400,6 +403,47 @@ def test_a_stale_end_window_keeps_its_reason_for_after_reauth(app, actor, secret
     assert "Your reason was kept" not in again and "Owner called" not in again  # kept once
     assert end_window(actor, target, reason=reason).status_code == 302
     assert user_row(app, "carol@example.com").support_window(utc(clock.t)) == "ended"
+
+
+def test_a_stale_end_form_for_a_window_replaced_meanwhile_still_ends_nothing_after_reauth(app, actor, secret,
+                                                                                          clock, target):
+    """A review of the check above: an End form for window A, sent from a stale page, went through "Confirm it's
+    you" and came back as "Your reason was kept ... the window is still open" over window B, opened meanwhile by
+    another admin, and pressing End the window ended B under the reason about A. The row now says it is
+    another window, with the reason kept in the form, and ends nothing."""
+    sign_in_admin(actor, secret)
+    disable(actor, target, reason="Video call, ID checked", ticket="T-1")
+    stale_url, token = _end_url(actor, target), actor.csrf("/support")
+    clock.advance(app.config["FRESH_LOGIN_WINDOW"].total_seconds() + 1)
+    r = actor.client.post(stale_url, data={"csrf_token": token, f"end{target.id}-reason": "Not hers after all"})
+    other = second_client(app, clock)
+    sign_in_admin(other, new_secret(), email="admin2@example.com")
+    assert end_window(other, target, reason="Wrong person").status_code == 302
+    assert disable(other, target, reason="Confirmed by callback", ticket="T-3003").status_code == 302
+    until = user_row(app, "carol@example.com").tfa_reset_until
+    r = actor.post_form(r.headers["Location"], {"password": PASSWORD, "code": actor.code(secret)})
+    page = " ".join(actor.client.get(r.headers["Location"]).get_data(as_text=True).split())
+    assert "Your reason was kept" not in page
+    assert ("Nothing was changed: this is not the support window your page showed. It was opened again since, "
+            f"and now runs until {until:%Y-%m-%d %H:%M} UTC.") in page
+    assert "> Not hers after all</textarea>" in page and "T-3003" in page
+    assert user_row(app, "carol@example.com").tfa_reset_until == until
+
+
+@pytest.mark.parametrize("window", [None, "", "abc", "2026"])
+def test_an_end_form_that_names_no_window_ends_nothing_and_says_so(app, actor, secret, target, window):
+    """A review: an End sent without the window its form was shown for (a page from before the check, an
+    address typed by hand) or with a malformed one was told the window "was opened again since", which
+    nothing had done. It says the form does not name a window, and ends nothing."""
+    sign_in_admin(actor, secret)
+    disable(actor, target)
+    until = user_row(app, "carol@example.com").tfa_reset_until
+    url = f"/support/users/{target.id}/end-window" + ("" if window is None else f"?window={window}")
+    r = actor.post_form(url, {}, form_url="/support")
+    html = " ".join(r.get_data(as_text=True).split())
+    assert r.status_code == 409 and "this form does not say which support window it ends" in html
+    assert "opened again since" not in html
+    assert user_row(app, "carol@example.com").tfa_reset_until == until
 
 
 def test_a_kept_end_window_reason_says_nothing_once_the_window_has_closed(app, actor, secret, clock, target):

@@ -527,8 +527,8 @@ def _keep_draft(user_id):
 
 def _keep_end_draft(user_id):
     """Keep a stale "End support window now"'s reason, as _keep_draft keeps a disable's entries."""
-    session[_DRAFT] = {"user": user_id, "kind": "end",
-                       "reason": request.form.get(f"end{user_id}-reason", "")[:500]}
+    session[_DRAFT] = {"user": user_id, "kind": "end", "reason": request.form.get(f"end{user_id}-reason", "")[:500],
+                       "window": request.args.get("window", "")[:32]}
 
 
 _REQUEST_ACTIONS = {"support.mark_handled": "handled", "support.reopen": "reopen"}
@@ -622,6 +622,20 @@ class UserRow:
 
 
 LAST_DISABLE_SHOWN = timedelta(days=30)
+
+
+def _end_refusal(stamp, user):
+    """Why an "End support window now" for the open window of `user`, sent with the window `stamp` its form was
+    shown for, must not end it, or None: the window is another one (opened again since), or the form named
+    none (a page from before this check, or an address typed by hand)."""
+    if stamp == window_stamp(user):
+        return None
+    if not re.fullmatch(r"\d{20}", stamp):
+        return ("Nothing was changed: this form does not say which support window it ends (a page from before "
+                "an update?). The row below is as it is now: end the window from it if you still mean to.")
+    return ("Nothing was changed: this is not the support window your page showed. It was opened again since, "
+            f"and now runs until {user.tfa_reset_until:%Y-%m-%d %H:%M} UTC. Read who opened it and why below, "
+            "then end it if you still mean to.")
 
 
 def window_stamp(user):
@@ -894,16 +908,17 @@ def index():
         # also list look-alikes that start the same (bob@example.com.evil.example).
         users = list(User.select(*USER_COLUMNS).where(User.id == one))
         kept = _take_draft(one, kind="end")  # a stale "End support window now", back from re-authenticating
-        end_forms = notices = None
+        end_forms = None
         if kept and kept.get("reason"):
-            end_forms = {one: EndWindowForm(formdata=None, prefix=f"end{one}", data=kept)}
-            notices = {one: _END_DRAFT_KEPT}
-        rows = build_rows(users, end_forms=end_forms, notices=notices)
-        if rows and notices:
-            if rows[0].can_end:
+            end_forms = {one: EndWindowForm(formdata=None, prefix=f"end{one}", data={"reason": kept["reason"]})}
+        rows = build_rows(users, end_forms=end_forms)
+        if rows and end_forms and rows[0].can_end:  # else the window closed meanwhile: there is nothing to press
+            # Still the window the stale page showed? (A review: re-authenticating led past end_window's check,
+            # and the kept reason ended a window opened since.)
+            rows[0].error = _end_refusal(kept.get("window", ""), users[0])
+            if rows[0].error is None:
+                rows[0].notice = _END_DRAFT_KEPT
                 rows[0].focus_notice = True  # a notice already there at load is not read out: the focus goes to it
-            else:
-                rows[0].notice = None  # the window closed meanwhile: there is nothing to press
         context = _index_context(users[0].email if users else "", 1, rows=rows)
         return render_template("support/index.html", gone=not users, **context)
     if htmx.is_htmx():
@@ -1157,7 +1172,7 @@ def end_window(user_id):
         # The window on the admin's page, not one opened since: another admin may have ended that one and
         # opened a new one after checking the person again (a support walkthrough: a stale End form closed
         # the new window, under a reason written about the old one, and blocked the person).
-        another = is_open and request.args.get("window", "") != window_stamp(locked)
+        another = is_open and _end_refusal(request.args.get("window", ""), locked)
         if is_open and not another:
             User.update(tfa_reset_until=current).where(User.id == locked.id).execute()
             # Sessions opened with the password alone during the window end with it.
@@ -1170,10 +1185,7 @@ def end_window(user_id):
         return _row_response(target, status=400, error="This person has no open support window. Nothing was changed.")
     if another:
         # The reason comes back as typed, under the row as it is now: who opened this window, when and why.
-        return _row_response(target, status=409, end_form=form, error=(
-            "Nothing was changed: this is not the support window your page showed. It was opened again since, "
-            "and now runs until " + f"{locked.tfa_reset_until:%Y-%m-%d %H:%M} UTC. Read who opened it and why "
-            "below, then end it if you still mean to."))
+        return _row_response(target, status=409, end_form=form, error=another)
     return _row_response(target, notice=f"The support window for {target.email} is closed; "
                                         f"signing in now needs support again.")
 
