@@ -1646,6 +1646,33 @@ def test_a_database_that_stops_answering_during_a_command_is_one_error_line_and_
     assert run(app, "users", "disable", "carol@example.com").exit_code == 0
 
 
+def test_a_database_that_stops_answering_after_a_commands_change_says_it_was_stored(app, actor, monkeypatch):
+    """A review of the test above: `users promote` commits, says so, then reads whether the account has a
+    device; a database going away at that read ended in "Nothing was changed", over a promotion that was
+    stored. A failure after a command's transaction says the change was stored."""
+    import peewee
+
+    from webapp.models import User as Model
+
+    actor.user("carol@example.com")
+
+    def gone(self):
+        raise peewee.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(Model, "has_2fa", property(gone))
+    result = run(app, "users", "promote", "carol@example.com")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0].startswith("carol@example.com is now an admin")
+    assert lines[-1] == ("Error: the database stopped answering (server closed the connection unexpectedly) after "
+                         "the command had stored its change: check the account (users list, users activity) before "
+                         "running it again.")
+    assert "Nothing was changed" not in result.output
+    monkeypatch.undo()
+    with app.app_context():
+        assert User.get(User.email == "carol@example.com").is_admin
+
+
 def test_cli_reset_2fa_also_ends_half_finished_sign_ins(app, actor, secret, clock):
     """Like support's disable: someone left at the code step (with a phone that no longer counts) is sent
     back to sign in, instead of being told, code after code, that the code is wrong."""

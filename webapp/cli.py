@@ -13,7 +13,7 @@ from peewee import JOIN, IntegrityError, InterfaceError, OperationalError
 
 from .clock import now
 from .config import keys_source
-from .db import for_update, write_transaction
+from .db import commits, for_update, write_transaction
 from .models import (AuditEvent, Device, KnownBrowser, NetworkCounter, PendingEnrolment, User, lookalike_problem,
                      normalise_email)
 from .models import purge_expired as purge
@@ -32,10 +32,15 @@ class _OneLineDatabaseErrors:
     changes in one transaction. At start, an unusable database is already one line (db.init_app)."""
 
     def invoke(self, ctx):
+        before = commits()
         try:
             return super().invoke(ctx)
         except (OperationalError, InterfaceError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if commits() != before:  # after its transaction (a review: promote read the account again after it)
+                raise click.ClickException(
+                    f"the database stopped answering ({reason}) after the command had stored its change: check "
+                    "the account (users list, users activity) before running it again.") from None
             raise click.ClickException(
                 f"the database stopped answering ({reason}). Nothing was changed: a command stores all its "
                 "changes at once or none. Run it again once the database answers.") from None

@@ -97,6 +97,7 @@ def write_transaction():
         else:
             with db.atomic() as txn:
                 yield txn
+        _after.commits = getattr(_after, "commits", 0) + 1
         actions = _after.actions
     finally:
         _after.actions = None
@@ -105,6 +106,12 @@ def write_transaction():
 
 
 _after = threading.local()
+
+
+def commits():
+    """How many write transactions this thread has committed: a command that fails tells a failure before its
+    change from one after it (cli)."""
+    return getattr(_after, "commits", 0)
 
 
 def after_commit(action):
