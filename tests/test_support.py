@@ -1127,6 +1127,25 @@ def test_a_persons_row_shows_who_opened_their_window_why_and_leads_to_their_audi
     assert "that time is over (it ran out, or support ended it)" in page
 
 
+def test_a_window_the_operator_closed_is_not_said_to_be_closed_by_a_later_device(app, actor, secret, clock,
+                                                                                  target):
+    """A review: the row said a window "closed when a new device was set up" whenever the person had a device
+    now. Closed by the operator's `users reset-2fa`, with a device set up days later, it says "closed since";
+    the new device's own record is what says a device closed it."""
+    from .test_wizard import Wizard
+
+    sign_in_admin(actor, secret)
+    disable(actor, target, reason="Called back on the number on file, matched ID", ticket="SUP-77")
+    assert app.test_cli_runner().invoke(args=["users", "reset-2fa", "carol@example.com"]).exit_code == 0
+    clock.advance(3 * 24 * 3600)
+    carol = second_client(app, clock)
+    carol.sign_in("carol@example.com")
+    Wizard(carol).run("New phone")
+    actor.sign_in(ADMIN, secret=secret)
+    row = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())
+    assert "(ticket SUP-77), and closed since.</span>" in row and "when a new device was set up" not in row
+
+
 def test_a_closed_window_stays_on_the_row_for_30_days_after_the_disable(app, actor, secret, clock, target):
     """A security review: someone who got in through a support window and set up their own phone left an
     account that looked like any other ("Support window: None"), just when its owner's "I did not ask for

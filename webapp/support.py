@@ -702,25 +702,31 @@ def _windows_opened_by(ids):
     audit log, and does not take a window support ended for one that ran out."""
     if not ids:
         return {}
-    found, ended = {}, {}
+    found, ended, enrolled = {}, {}, {}
     for e in _by_ids(AuditEvent, _latest_window_events_query, ids).dicts():
         detail = json.loads(e["detail"] or "{}")
         event = {"id": e["id"], "created_at": e["created_at"], "actor_email": e["actor_email"],
                  "reason": detail.get("reason"), "ticket": detail.get("ticket")}
-        (found if e["kind"] == "support_tfa_disabled" else ended)[e["user"]] = event
+        {"support_tfa_disabled": found, "support_window_ended": ended}.get(e["kind"], enrolled)[e["user"]] = event
     for user, event in ended.items():
         if user in found and event["id"] > found[user]["id"]:  # an end of an older window says nothing now
             found[user]["ended_early"] = event
+    for user, event in enrolled.items():
+        # The person's new device closed the window, as its record says: not a device set up after the window
+        # closed otherwise (the operator's reset-2fa, say), which the row took for it (a review).
+        if user in found and event["id"] > found[user]["id"]:
+            found[user]["closed_by_device"] = True
     return found
 
 
 def _latest_window_events_query(ids):
-    """The latest support disable and the latest early end of each of these people, with the admin's
-    address. The event kinds are written into the SQL, so that the ids are its only parameters and _by_ids
-    keeps the text."""
+    """The latest support disable, the latest early end and the latest window closed by a new device of each of
+    these people, with the admin's address. The event kinds are written into the SQL, so that the ids are its
+    only parameters and _by_ids keeps the text."""
     actor = User.alias()
     latest = (AuditEvent.select(fn.MAX(AuditEvent.id))
-              .where(AuditEvent.kind.in_([SQL("'support_tfa_disabled'"), SQL("'support_window_ended'")])
+              .where(AuditEvent.kind.in_([SQL("'support_tfa_disabled'"), SQL("'support_window_ended'"),
+                                          SQL("'tfa_reset_window_ended'")])
                      & AuditEvent.user.in_(ids))
               .group_by(AuditEvent.user, AuditEvent.kind))
     return (AuditEvent.select(AuditEvent.id, AuditEvent.kind, AuditEvent.user, AuditEvent.created_at,
