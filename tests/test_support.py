@@ -372,6 +372,29 @@ def test_after_a_stale_request_action_the_support_page_says_it_was_not_done(app,
     assert expected not in actor.client.get("/support").get_data(as_text=True)  # said once
 
 
+def test_after_a_stale_reopen_of_a_request_no_longer_listed_the_page_does_not_point_to_it(app, actor, secret,
+                                                                                         clock):
+    """A review: after a stale Reopen, the page said to press Reopen again under Recently handled, which lists
+    the last HANDLED_SHOWN; with that many others handled meanwhile the request was not there."""
+    from webapp.support import HANDLED_SHOWN
+
+    with app.app_context():
+        req = SupportRequest.create(email="ghost@example.com", message="Lost my phone")
+    sign_in_admin(actor, secret)
+    assert actor.post_form(f"/support/requests/{req.id}/handled", {}, form_url="/support").status_code == 302
+    token = actor.csrf("/support")
+    clock.advance(app.config["FRESH_LOGIN_WINDOW"].total_seconds() + 1)
+    r = actor.client.post(f"/support/requests/{req.id}/reopen", data={"csrf_token": token})
+    with app.app_context():
+        for i in range(HANDLED_SHOWN):
+            SupportRequest.create(email=f"other{i}@example.com", message="Lost my phone", handled_at=utc(clock.t))
+    r = actor.post_form(r.headers["Location"], {"password": PASSWORD, "code": actor.code(secret)})
+    page = " ".join(actor.client.get("/support").get_data(as_text=True).split())
+    assert ("Not done yet: the request from ghost@example.com is still handled, and no longer among the recently "
+            "handled requests listed here, where Reopen is.") in page
+    assert "Press Reopen again" not in page and '<details class="handled-requests" open>' not in page
+
+
 @pytest.mark.parametrize("htmx", [False, True])
 def test_a_stale_end_window_keeps_its_reason_for_after_reauth(app, actor, secret, clock, target, htmx):
     """security.md 37: "End support window now" sent from a stale page ends nothing; after re-authenticating

@@ -553,6 +553,10 @@ def _take_request_draft():
                 "Mark as handled again if you still mean to."), False
     if not handled:
         return f"The request from {req.email} was reopened meanwhile: it is open.", False
+    if req.id not in {r.id for r in _recently_handled()}:
+        # HANDLED_SHOWN others were handled since: its Reopen is no longer on the page (a review)
+        return (f"Not done yet: the request from {req.email} is still handled, and no longer among the recently "
+                "handled requests listed here, where Reopen is."), False
     return (f"Not done yet: you confirmed it's you, and the request from {req.email} is still handled. Press "
             "Reopen again (under Recently handled) if you still mean to."), True
 
