@@ -185,6 +185,19 @@ def _start_wizard(client, token=None):
     return client.post("/settings/2fa/start", data={"csrf_token": token})
 
 
+def _signed_in_on_sqlite_waiting_briefly(tmp_path, monkeypatch):
+    """An app on its own SQLite file whose writers wait 200 ms for a lock (not busy_timeout's 10 s), and a
+    signed-in client on it with a CSRF token: (path, clock, app, client, token)."""
+    import webapp.db as db_module
+
+    monkeypatch.setitem(db_module.SQLITE_PRAGMAS, "busy_timeout", 200)
+    path = tmp_path / "app.db"
+    clock = FakeClock(time.time())
+    app = make_test_app(tmp_path, f"sqlite:///{path}", clock)
+    client = signed_in_client(app, clock, new_secret())
+    return path, clock, app, client, csrf_from(client.get("/settings").get_data(as_text=True))
+
+
 @pytest.mark.skipif((os.environ.get("TEST_DATABASE_URL") or "").startswith("postgres"), reason="SQLite's writer lock")
 def test_sqlite_writer_lock_held_too_long_says_try_again_and_changes_nothing(tmp_path, monkeypatch):
     """Another program holds SQLite's writer lock past busy_timeout (a long `keys rotate`, a backup tool): the
@@ -193,14 +206,7 @@ def test_sqlite_writer_lock_held_too_long_says_try_again_and_changes_nothing(tmp
     write failed after the page was made, and Flask turned it into a 500 outside the error handlers."""
     import sqlite3
 
-    import webapp.db as db_module
-
-    monkeypatch.setitem(db_module.SQLITE_PRAGMAS, "busy_timeout", 200)  # not 10 s of waiting in a test
-    path = tmp_path / "app.db"
-    clock = FakeClock(time.time())
-    app = make_test_app(tmp_path, f"sqlite:///{path}", clock)
-    client = signed_in_client(app, clock, new_secret())
-    token = csrf_from(client.get("/settings").get_data(as_text=True))
+    path, clock, app, client, token = _signed_in_on_sqlite_waiting_briefly(tmp_path, monkeypatch)
     holder = sqlite3.connect(path, timeout=0, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
     try:
@@ -233,14 +239,7 @@ def test_a_writer_of_the_app_holding_the_queue_too_long_says_try_again_after_bus
     import fcntl
     import threading
 
-    import webapp.db as db_module
-
-    monkeypatch.setitem(db_module.SQLITE_PRAGMAS, "busy_timeout", 200)  # not 10 s of waiting in a test
-    path = tmp_path / "app.db"
-    clock = FakeClock(time.time())
-    app = make_test_app(tmp_path, f"sqlite:///{path}", clock)
-    client = signed_in_client(app, clock, new_secret())
-    token = csrf_from(client.get("/settings").get_data(as_text=True))
+    path, _, app, client, token = _signed_in_on_sqlite_waiting_briefly(tmp_path, monkeypatch)
     holder = open(f"{path}-writers", "a+b")  # noqa: SIM115 (another writer of the app: its own open file)
     fcntl.flock(holder, fcntl.LOCK_EX)
     release = threading.Timer(3.0, holder.close)  # without the limit, the request waited until this
