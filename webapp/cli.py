@@ -13,7 +13,7 @@ from peewee import JOIN, IntegrityError, InterfaceError, OperationalError
 
 from .clock import now
 from .config import keys_source
-from .db import commits, for_update, write_transaction
+from .db import commits, first_line, for_update, write_transaction
 from .models import (AuditEvent, Device, KnownBrowser, NetworkCounter, PendingEnrolment, User, lookalike_problem,
                      normalise_email)
 from .models import purge_expired as purge
@@ -28,15 +28,16 @@ from .totp import SecretError, reencrypt_secret
 class _OneLineDatabaseErrors:
     """A database that stops answering while a command runs (PostgreSQL restarted or its connection ended,
     SQLite's writers busy beyond the busy timeout) ends the command with one `Error:` line and exit 1, not
-    the driver's traceback (a fault-injection review). Nothing was changed then: each command stores its
-    changes in one transaction. At start, an unusable database is already one line (db.init_app)."""
+    the driver's traceback (a fault-injection review). Each command stores its changes in one transaction, so
+    the line says whether that transaction had committed (db.commits). At start, an unusable database is
+    already one line (db.init_app)."""
 
     def invoke(self, ctx):
         before = commits()
         try:
             return super().invoke(ctx)
         except (OperationalError, InterfaceError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             if commits() != before:  # after its transaction (a review: promote read the account again after it)
                 raise click.ClickException(
                     f"the database stopped answering ({reason}) after the command had stored its change: check "

@@ -69,7 +69,19 @@ class _Postgresql(PostgresqlDatabase):
         except InternalError as exc:
             if _sqlstate(exc) != "25006":
                 raise
-            raise OperationalError(exc.orig, *exc.orig.args) from exc
+            raise _outage(exc.orig) from exc
+
+
+def _outage(driver_error):
+    """`driver_error` as the peewee OperationalError the app's handlers take for a database that cannot be used
+    now (the 503 page, "Please try again" for a lock), as peewee itself wraps the driver's errors."""
+    return OperationalError(driver_error, *driver_error.args)
+
+
+def first_line(exc):
+    """The first line of an error's message (a driver's can run to several), or its class name without one."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def is_sqlite():
@@ -148,8 +160,7 @@ def _writer_queue():
             # change can be stored, as with a read-only database file, so it is that outage (the 503 page), not
             # a 500 at every sign-in and logout. Tried again at the next write: no restart is needed.
             logging.getLogger("twostep").error("cannot open %s-writers: %s", path, exc.strerror or exc)
-            driver_error = sqlite3.OperationalError(f"unable to open the writers' queue file: {exc.strerror}")
-            raise OperationalError(driver_error, *driver_error.args) from exc
+            raise _outage(sqlite3.OperationalError(f"unable to open the writers' queue file: {exc.strerror}")) from exc
     _take_queue(handle, SQLITE_PRAGMAS["busy_timeout"] / 1000)
     try:
         yield
@@ -196,8 +207,7 @@ def _take_queue(handle, seconds):
             signal.setitimer(signal.ITIMER_REAL, 0)
     except _QueueWaitOver:
         fcntl.flock(handle, fcntl.LOCK_UN)  # the timer may have gone off just as the queue was taken
-        driver_error = sqlite3.OperationalError("database is locked")
-        raise OperationalError(driver_error, *driver_error.args) from None
+        raise _outage(sqlite3.OperationalError("database is locked")) from None
     finally:
         signal.signal(signal.SIGALRM, previous)
 
@@ -517,7 +527,7 @@ def init_app(app):
         _create_tables(database, models.ALL_MODELS, models.POSTGRESQL_INDEXES, models.ADDED_COLUMNS,
                        {"lock": int(app.config["THROTTLE_FREE_FAILURES"]) + 1}, models.respell_stored_emails)
     except (OperationalError, InterfaceError, ProgrammingError) as exc:  # unreachable, no such file, no rights
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         if _sqlstate(exc) == "42501":  # insufficient privilege: since PostgreSQL 15 only the database's owner
             # may create tables in `public` (checked by code, not by message: servers speak other languages)
             reason += (" (the role in DATABASE_URL must be allowed to create tables: make it the database's "

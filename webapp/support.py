@@ -1095,8 +1095,9 @@ def disable_2fa(user_id):
     handled = f", {_count(closed, 'contact request')} marked as handled" if closed else ""
     if meanwhile:
         handlers = sorted({r.handler for r in meanwhile if r.handler})
-        handled += (f" ({_count(len(meanwhile), 'request')} shown on the form {'was' if len(meanwhile) == 1 else 'were'}"
-                    f" marked as handled meanwhile{', by ' + ', '.join(handlers) if handlers else ''})")
+        were = "was" if len(meanwhile) == 1 else "were"
+        by = f", by {', '.join(handlers)}" if handlers else ""
+        handled += f" ({_count(len(meanwhile), 'request')} shown on the form {were} marked as handled meanwhile{by})"
     notice = (f"2FA for {target.email} is off until {_fmt_time(until)}: {_count(removed, 'device')} revoked, "
               f"{_count(sessions, 'session')} ended{handled}. Now reply to them: until then they sign in with "
               f"their password alone, and they should set up their new phone right away.")
