@@ -177,6 +177,83 @@ def test_sqlite_file_unreachable_gives_a_503_page_and_the_app_recovers(tmp_path)
 
 
 
+# ---------------------------------------------------------------- the health check (README "Deployment")
+
+def test_the_health_check_says_ok_in_plain_text_and_makes_no_session(app):
+    """GET /healthz, for a load balancer or a service monitor: "ok", never cached, and no session or cookie:
+    a probe every few seconds from each proxy would otherwise leave a session row each time."""
+    from webapp.models import ServerSession
+
+    checker = app.test_client()
+    for _ in range(3):
+        r = checker.get("/healthz")
+        assert r.status_code == 200 and r.get_data(as_text=True) == "ok\n"
+        assert r.mimetype == "text/plain" and r.headers["Cache-Control"] == "no-store"
+        assert "Set-Cookie" not in r.headers
+    assert checker.head("/healthz").status_code == 200
+    assert checker.post("/healthz").status_code in (400, 405)  # no form of ours posts here
+    with app.app_context():
+        assert ServerSession.select().count() == 0
+
+
+def test_the_health_check_fails_while_the_sqlite_file_is_unreachable_and_logs_why(tmp_path, caplog):
+    """The load balancer takes a host whose database is gone out of service (503), the log says why, and the
+    same process is healthy again once the file is back."""
+    import logging
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    app = make_test_app(tmp_path, f"sqlite:///{folder / 'app.db'}", FakeClock(time.time()))
+    checker = app.test_client()
+    assert checker.get("/healthz").status_code == 200
+    db.close()  # the connection kept by this thread would still read the moved file
+    moved = tmp_path / "moved"
+    folder.rename(moved)
+    try:
+        caplog.set_level(logging.ERROR)
+        r = checker.get("/healthz")
+        assert r.status_code == 503 and "ok" not in r.get_data(as_text=True).split()
+        assert "database unavailable: OperationalError (unable to open database file)" in caplog.text
+    finally:
+        moved.rename(folder)
+    assert checker.get("/healthz").status_code == 200
+    db.close()
+
+
+def test_the_health_check_fails_on_a_database_without_the_accounts_table(app, caplog):
+    """A DATABASE_URL that names another database than the one the app set up, or a table a restore left
+    out: reading the accounts fails, so the host is not healthy (on PostgreSQL a ProgrammingError, which no
+    handler took: it was a 500)."""
+    import logging
+
+    caplog.set_level(logging.ERROR)
+    with app.app_context():
+        db.execute_sql('ALTER TABLE "user" RENAME TO "user_elsewhere"')
+    try:
+        assert_unavailable_page(app.test_client().get("/healthz"))
+        assert "database unavailable: OperationalError" in caplog.text and "user" in caplog.text
+    finally:
+        with app.app_context():
+            db.close()
+            db.execute_sql('ALTER TABLE "user_elsewhere" RENAME TO "user"')
+    assert app.test_client().get("/healthz").status_code == 200
+
+
+@pytest.mark.skipif(not (os.environ.get("TEST_DATABASE_URL") or "").startswith("postgres"),
+                    reason="PostgreSQL's read-only transactions")
+def test_the_health_check_fails_while_postgresql_takes_no_writes(app, caplog):
+    """A standby not yet promoted, or a database set read-only for maintenance, answers reads, so a check
+    that only read would keep sending people to a host where every sign-in fails."""
+    import logging
+
+    caplog.set_level(logging.ERROR)
+    _read_only_connection(app)
+    assert_unavailable_page(app.test_client().get("/healthz"))
+    assert "database unavailable: OperationalError (the database takes no writes" in caplog.text
+    assert app.test_client().get("/healthz").status_code == 200  # the 503 page dropped that connection
+
+
+
 CONFLICT = "Another change was being made at the same moment, so this one could not finish."
 
 
@@ -377,6 +454,63 @@ def test_a_statement_postgresql_cancelled_after_statement_timeout_says_try_again
     finally:
         held.release()
     assert _start_wizard(actor.client, token).status_code == 303  # the error page closed that connection
+    with app.app_context():
+        assert PendingEnrolment.select().count() == 1
+
+
+@pytest.mark.skipif(not (os.environ.get("TEST_DATABASE_URL") or "").startswith("postgres"),
+                    reason="PostgreSQL's lock_timeout (SQLite's writers wait busy_timeout: the tests above)")
+def test_postgresql_connections_wait_ten_seconds_for_a_row_unless_the_database_sets_its_own(app):
+    """PostgreSQL waits for a held row for ever by default: the app's connections wait at most 10 s, as
+    SQLite's writers do, but a lock_timeout the operator set on the role or the database stays theirs."""
+    with app.app_context():
+        db.close()
+        db.connect()
+        assert db.execute_sql("SHOW lock_timeout").fetchone()[0] == "10s"
+        db.execute_sql("ALTER ROLE CURRENT_USER SET lock_timeout = '3s'")
+        try:
+            db.close()
+            db.connect()
+            assert db.execute_sql("SHOW lock_timeout").fetchone()[0] == "3s"
+        finally:
+            db.execute_sql("ALTER ROLE CURRENT_USER RESET lock_timeout")
+            db.close()
+
+
+@pytest.mark.skipif(not (os.environ.get("TEST_DATABASE_URL") or "").startswith("postgres"),
+                    reason="PostgreSQL's lock_timeout")
+def test_a_persons_row_held_past_the_lock_timeout_says_try_again_and_changes_nothing(app, actor, secret,
+                                                                                     monkeypatch):
+    """Another transaction keeps a person's row (a command suspended with Ctrl-Z, a console left in a
+    transaction): their next change waited until gunicorn's timeout killed the worker, which answered no
+    page at all. Now it waits the lock timeout (shortened here), says "Please try again", stores nothing,
+    and works once the row is free. (Without a limit the holder lets go after 5 s, and the change goes
+    through: the test fails rather than hang.)"""
+    from webapp.db import _Postgresql
+
+    from .test_lock_order import PersonHeld
+
+    monkeypatch.setattr(_Postgresql, "LOCK_TIMEOUT", "300ms")
+    user = actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    token = csrf_from(actor.client.get("/settings").get_data(as_text=True))
+    with app.app_context():
+        db.close()  # the next request opens a connection with the shortened limit
+    held = PersonHeld(user.id)
+    backstop = threading.Timer(5, held.release)
+    backstop.start()
+    try:
+        r = _start_wizard(actor.client, token)
+        body = r.get_data(as_text=True)
+        assert r.status_code == 503 and CONFLICT in body and UNAVAILABLE not in body
+        with app.app_context():
+            assert PendingEnrolment.select().count() == 0
+    finally:
+        backstop.cancel()
+        backstop.join()
+        if not held.conn.closed:
+            held.release()
+    assert _start_wizard(actor.client, token).status_code == 303
     with app.app_context():
         assert PendingEnrolment.select().count() == 1
 

@@ -166,6 +166,14 @@ def create_app(test_config=None):
             return redirect(url_for("auth.first_run"))
         return redirect(url_for("auth.login"))
 
+    @app.get("/healthz")
+    def health():
+        """For a load balancer or a service monitor (README "Deployment"): "ok" while this process can serve
+        sign-ins, the 503 page while its database cannot (the error handler logs why). No session is read
+        or made: the checker sends no cookie, and a session row per probe would fill the table."""
+        db_module.check_health()
+        return "ok\n", 200, {"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store"}
+
     _startup_notices(app)
     return app
 
@@ -574,7 +582,10 @@ def _register_error_handlers(app):
         what = ("database conflict, rolled back" if conflict
                 else "database statement cancelled (statement_timeout, pg_cancel_backend), rolled back" if cancelled
                 else "database unavailable")
-        app.logger.error("%s: %s", what, type(exc).__name__)
+        # With the driver's first line, which says why (no route to the host, which file, which lock): the
+        # operator has nothing else to go by, the health check's failures included.
+        app.logger.error("%s: %s (%s)", what, type(exc).__name__,
+                         db_module.first_line(getattr(exc, "orig", None) or exc))
         g.database_unavailable = True  # the session is not saved on this response (sessions.py)
         try:
             db_module.db.close()

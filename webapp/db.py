@@ -13,8 +13,9 @@ import threading
 import time
 from contextlib import contextmanager
 
-from peewee import (BigAutoField, ColumnBase, DatabaseProxy, Field, ForeignKeyField, InterfaceError, InternalError,
-                    ModelSelect, OperationalError, PostgresqlDatabase, ProgrammingError, SqliteDatabase)
+from peewee import (BigAutoField, ColumnBase, DatabaseError, DatabaseProxy, Field, ForeignKeyField, InterfaceError,
+                    InternalError, ModelSelect, OperationalError, PostgresqlDatabase, ProgrammingError,
+                    SqliteDatabase)
 from playhouse.db_url import parse
 from werkzeug.wsgi import ClosingIterator
 
@@ -61,7 +62,22 @@ class _Postgresql(PostgresqlDatabase):
     promoted, or default_transaction_read_only set for maintenance) raised as the OperationalError of an
     outage, as SQLite's read-only file is. psycopg raises it as an InternalError, which no handler took: every
     sign-in and change answered 500, and the connection, opened read-only, was kept after the database took
-    writes again (the 503 handler and a failed session save drop it)."""
+    writes again (the 503 handler and a failed session save drop it).
+
+    Each new connection waits at most LOCK_TIMEOUT for a row another transaction holds, as SQLite's writers
+    wait at most busy_timeout, unless the role or the database sets a lock_timeout of its own. PostgreSQL's
+    default is to wait for ever: one transaction left holding a person's row (a command suspended with
+    Ctrl-Z, a console session left open) made each request for that person wait until gunicorn's timeout
+    killed its worker, with no page, and then the next one."""
+
+    LOCK_TIMEOUT = "10s"
+
+    def _initialize_connection(self, conn):
+        super()._initialize_connection(conn)
+        with conn.cursor() as cursor:  # peewee's connections are in autocommit mode: SET holds for the session
+            cursor.execute("SELECT current_setting('lock_timeout')")
+            if cursor.fetchone()[0] == "0":
+                cursor.execute("SELECT set_config('lock_timeout', %s, false)", (self.LOCK_TIMEOUT,))
 
     def execute_sql(self, sql, params=None):
         try:
@@ -82,6 +98,27 @@ def first_line(exc):
     """The first line of an error's message (a driver's can run to several), or its class name without one."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_health():
+    """For GET /healthz: raise the OperationalError of an outage (the 503 page) unless the database answers a
+    read of the accounts table (a DATABASE_URL naming an empty database, or one the role may not read,
+    fails) and, on PostgreSQL, takes writes (a standby not yet promoted, or a database set read-only for
+    maintenance, answers reads only: every sign-in would fail there)."""
+    from .models import User
+
+    try:
+        User.select(User.id).limit(1).execute()
+        read_only = not is_sqlite() and db.execute_sql(
+            "SELECT current_setting('transaction_read_only')").fetchone()[0] == "on"
+    except (OperationalError, InterfaceError):
+        raise
+    except DatabaseError as exc:  # PostgreSQL: no such table, no right to read it (ProgrammingError)
+        raise _outage(getattr(exc, "orig", None) or exc) from exc
+    if read_only:
+        from psycopg.errors import ReadOnlySqlTransaction
+
+        raise _outage(ReadOnlySqlTransaction("the database takes no writes (transaction_read_only is on)"))
 
 
 def is_sqlite():
