@@ -932,6 +932,54 @@ def test_the_pauses_after_the_first_wrong_codes_are_1_2_4_and_8_seconds(actor, s
     assert actor.code_step(actor.code(secret)).headers.get("Location") == "/settings"
 
 
+def test_a_clock_set_back_does_not_make_a_pause_or_a_lock_longer(actor, secret, clock):
+    """security.md 18: a wait lasts at most its whole length from now, should the server's clock go back after
+    it was set (an NTP step, a VM resumed). Set back an hour, the one-second pause after a mistyped code said
+    "Wait 61 minutes", after a wrong password "Try again in 61 minutes", and the 15-minute lock "75 minutes"."""
+    actor.user(secret=secret)
+    actor.password_step(password="wrong")
+    clock.advance(-3600)
+    r = actor.password_step()
+    assert r.status_code == 429 and "Try again in 1 second." in r.get_data(as_text=True)
+    clock.advance(1)
+    assert actor.password_step().headers["Location"] == "/login/verify"
+    actor.code_step(WRONG)
+    clock.advance(-3600)
+    r = actor.code_step(actor.code(secret))
+    assert r.status_code == 429 and "Wait 1 second before entering another code." in r.get_data(as_text=True)
+    clock.advance(1)
+    assert actor.code_step(actor.code(secret)).headers["Location"] == "/settings"
+    actor.client.post("/logout", data={"csrf_token": actor.csrf("/settings")})
+    # Another account: Alice's device took a code of the time before this hour (replay protection, rightly).
+    actor.user("bob@example.com", secret=secret)
+    actor.password_step("bob@example.com")
+    for wait in (1, 2, 4, 8, 0):
+        actor.code_step(WRONG)
+        clock.advance(wait)
+    clock.advance(-3600)
+    actor.password_step("bob@example.com")
+    r = actor.code_step(actor.code(secret))
+    assert r.status_code == 429 and "Too many wrong codes. Wait 15 minutes before trying again." in r.get_data(
+        as_text=True)
+    clock.advance(15 * 60)
+    actor.password_step("bob@example.com")
+    assert actor.code_step(actor.code(secret)).headers["Location"] == "/settings"
+
+
+def test_a_pause_set_by_an_app_host_whose_clock_runs_ahead_lasts_its_second_on_another(actor, secret, clock):
+    """Two app hosts behind one database, one clock 30 seconds ahead of the other: the pause after a mistyped
+    code on the first lasts a second on the second too (it said "Wait 31 seconds")."""
+    actor.user(secret=secret)
+    actor.password_step()
+    clock.advance(30)  # the host ahead
+    actor.code_step(WRONG)
+    clock.advance(-30)  # the next request goes to the other host
+    r = actor.code_step(actor.code(secret))
+    assert r.status_code == 429 and "Wait 1 second before entering another code." in r.get_data(as_text=True)
+    clock.advance(1)
+    assert actor.code_step(actor.code(secret)).headers["Location"] == "/settings"
+
+
 def test_success_resets_the_failure_counter(actor, secret, clock):
     """security.md 19: four failures then a success leave the counter at 0."""
     actor.user(secret=secret)

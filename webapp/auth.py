@@ -17,7 +17,7 @@ from .htmx import is_htmx
 from .models import KnownBrowser, NetworkCounter, SignInChallenge, User, lookalike_problem, normalise_email
 from .security import (PASSWORD_MAX, PASSWORD_MIN, audit, backoff, client_ip, client_network, count_for_network,
                        hash_password, is_fresh, is_lock, known_browser, network_full_column, network_full_until,
-                       password_hash_outdated, remember_browser, safe_next, verify_password, wait_text)
+                       password_hash_outdated, remember_browser, safe_next, verify_password, wait_end, wait_text)
 from .sessions import end_session_now, token_hash, touch_session_now, write_session_now
 from .totp import CheckResult, check_user_code, code_matches, normalise_code
 
@@ -235,7 +235,7 @@ def password_check(user, password, wrong=GENERIC_LOGIN_ERROR, network=None):
     if holder is not None and _waiting(holder):
         # Refused before the hash: the 429 says already that the address has an account, so hashing anyway
         # would hide nothing and hand anyone who knows an address an argon2 hash per request.
-        return _password_throttled(user, holder, holder.password_locked_until, network)
+        return _password_throttled(user, holder, holder, network)
     correct = verify_password(user.password_hash if user else None, password)  # slow: outside any lock
     if user is None:
         if network:
@@ -251,7 +251,7 @@ def password_check(user, password, wrong=GENERIC_LOGIN_ERROR, network=None):
         if fresh is None:
             return wrong
         if _waiting(fresh):
-            return _password_throttled(user, holder, fresh.password_locked_until, network)
+            return _password_throttled(user, holder, fresh, network)
         if fresh.password_failures:
             _set_counter(holder, password_failures=0, password_locked_until=None)
         return None
@@ -277,8 +277,7 @@ def _count_failure(user, holder, wrong, network=None):
         if _waiting(fresh):
             # Hashed and found wrong while a guess sent at the same moment set the back-off: a guess all the
             # same, counted (not refused unheard), or N guesses sent at once would count as one.
-            return _password_throttled(user, holder, fresh.password_locked_until, network,
-                                       wrong=fresh.password_failures + 1)
+            return _password_throttled(user, holder, fresh, network, wrong=fresh.password_failures + 1)
         failures = fresh.password_failures + 1
         _set_counter(holder, password_failures=failures, password_locked_until=now() + backoff(failures))
         audit("password_rejected", user=user, failures=failures, **_counted_in(holder))
@@ -308,15 +307,24 @@ def _waiting(counter):
     return counter.password_locked_until is not None and counter.password_locked_until > now()
 
 
-def _password_throttled(user, holder, locked_until, network=None, wrong=None):
-    """Refuse a password while the account (or this browser) waits out its back-off (security.md 18). The
+def _password_throttled(user, holder, counter, network=None, wrong=None):
+    """Refuse a password while the account (or this browser) waits out its back-off (security.md 18), as
+    `counter` (holder's failures and wait, as read) says; a wait the clock going back made longer than the whole
+    back-off is stored shortened (security.wait_end). The
     attempt is recorded and, at the password step and unless `holder` is a known browser, counted against
     the client's network, but it does not make the account's wait longer: like codes typed during a lock
     (code_strikes), only passwords found wrong do. Counted there, a stranger could send twenty attempts in
     the first seconds of pauses and lock the account for a day (the request-facing security review), and
     send them without end: nothing else bounded them. `wrong`: the failure count, for a password that was
     checked and found wrong meanwhile (_count_failure), which counts like any wrong one."""
+    locked_until = wait_end(counter.password_locked_until, counter.password_failures)
     with write_transaction():  # the record and the network's count together (joins the caller's transaction)
+        if locked_until < counter.password_locked_until:
+            # Only while the count is the one read: a failure counted meanwhile set a wait of its own.
+            model = type(holder)
+            model.update(password_locked_until=locked_until).where(
+                (model.id == holder.id) & (model.password_failures == counter.password_failures)
+                & (model.password_locked_until > locked_until)).execute()
         if wrong is not None:
             _set_counter(holder, password_failures=wrong)
         audit("password_throttled", user=user, **_counted_in(holder))
@@ -582,7 +590,8 @@ def verify():
     elif _locked_for_minutes(challenge.user):
         # Back after the lock sent this browser to sign in again (or someone else's wrong codes set it): say
         # so before a right code is refused.
-        result = CheckResult(False, "locked", locked_until=challenge.user.code_locked_until,
+        result = CheckResult(False, "locked", locked_until=wait_end(challenge.user.code_locked_until,
+                                                                    challenge.user.code_strikes),
                              failures=challenge.user.code_failures, strikes=challenge.user.code_strikes)
         error = code_error(result)
     else:

@@ -19,7 +19,7 @@ from .models import (AuditEvent, Device, KnownBrowser, NetworkCounter, PendingEn
 from .models import purge_expired as purge
 from .security import (NETWORK_LIMITS, PASSWORD_MAX, PASSWORD_MIN, audit, client_network, client_network_48,
                        end_code_steps, hash_password, is_lock, network_limit, replace_password,
-                       revoke_second_factor)
+                       revoke_second_factor, wait_end)
 from .sessions import end_user_sessions
 from .support import _email_order, detail_text, event_text
 from .totp import SecretError, reencrypt_secret
@@ -162,6 +162,7 @@ def create_user(email, password, admin):
 def _wait_words(until, counted, current):
     """'locked until ... UTC' while a throttle's wait runs ('paused' during the short waits after the first
     failures, as the sign-in pages tell them apart: security.backoff), or None when there is no wait left."""
+    until = wait_end(until, counted, current)  # as the sign-in pages say it, should the clock have gone back
     if until is None or until <= current:
         return None
     word = "locked" if is_lock(counted) else "paused"

@@ -96,6 +96,17 @@ def is_lock(counted):
     return counted > current_app.config["THROTTLE_FREE_FAILURES"]
 
 
+def wait_end(until, counted, current=None):
+    """When a wait that failures set to end at `until` ends, as the clock reads now (None: no wait). Never
+    further off than the whole wait that `counted` failures set (backoff): only a clock set back since the wait
+    was set (an NTP step, a VM resumed, another app host whose clock runs ahead) puts it further, and then the
+    one-second pause after a mistyped code, set before the clock went back an hour, lasted an hour. The caller
+    that refuses an attempt stores the shortened end, so the wait runs from then (it does not move on)."""
+    if until is None:
+        return None
+    return min(until, (current or now()) + backoff(counted))
+
+
 def wait_text(until):
     """Human wording for the time left until `until`."""
     seconds = max(1, int((until - now()).total_seconds() + 0.999))

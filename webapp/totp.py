@@ -265,7 +265,7 @@ def check_user_code(user, raw_code, matches=None):
     from .clock import now
     from .db import write_transaction
     from .models import User
-    from .security import audit, backoff, is_lock
+    from .security import audit, backoff, is_lock, wait_end
 
     code = normalise_code(raw_code)
     if matches is None:
@@ -274,9 +274,12 @@ def check_user_code(user, raw_code, matches=None):
         locked_user = _LOCK_USER.first(id=user.id)
         current = now()
         if locked_user.code_locked_until and locked_user.code_locked_until > current:
-            User.update(code_failures=User.code_failures + 1).where(User.id == user.id).execute()
+            # Never longer than the whole wait from now, should the clock have gone back since (wait_end).
+            until = wait_end(locked_user.code_locked_until, locked_user.code_strikes, current)
+            User.update(code_failures=User.code_failures + 1, code_locked_until=until).where(
+                User.id == user.id).execute()
             audit("code_throttled", user=user)
-            return CheckResult(False, "locked", locked_until=locked_user.code_locked_until,
+            return CheckResult(False, "locked", locked_until=until,
                                failures=locked_user.code_failures + 1, strikes=locked_user.code_strikes)
 
         reason, matched = "malformed" if code is None else "wrong", None
