@@ -413,6 +413,21 @@ def test_the_code_step_lasts_five_minutes_to_the_second(actor, secret, clock):
     assert actor.code_step(actor.code(secret)).headers["Location"] == "/settings"
 
 
+def test_the_code_step_does_not_outlast_a_clock_set_back(actor, secret, clock):
+    """security.md 24: a code step made more than its five minutes "ahead" of the server's clock (the clock went
+    back since: an NTP step, a VM resumed) has ended; it lasted as much longer as the clock went back. A clock
+    two minutes back, or another app host's a few seconds behind, leaves it as it is."""
+    actor.user(secret=secret)
+    actor.password_step()
+    token = actor.csrf("/login/verify")
+    clock.advance(-6 * 60)
+    r = actor.client.post("/login/verify", data={"csrf_token": token, "code": actor.code(secret)})
+    assert r.status_code == 302 and r.headers["Location"] == "/login?notice=sign-in-expired"
+    actor.password_step()
+    clock.advance(-2 * 60)
+    assert actor.code_step(actor.code(secret)).headers["Location"] == "/settings"
+
+
 def test_a_code_step_left_by_a_new_password_step_or_a_logout_is_deleted(actor, secret, app):
     """security.md 24: one code step per browser. Its challenge goes when the browser enters a password again
     or logs out, rather than staying usable for its five minutes to a copy of that session (as in
@@ -934,8 +949,9 @@ def test_the_pauses_after_the_first_wrong_codes_are_1_2_4_and_8_seconds(actor, s
 
 def test_a_clock_set_back_does_not_make_a_pause_or_a_lock_longer(actor, secret, clock):
     """security.md 18: a wait lasts at most its whole length from now, should the server's clock go back after
-    it was set (an NTP step, a VM resumed). Set back an hour, the one-second pause after a mistyped code said
-    "Wait 61 minutes", after a wrong password "Try again in 61 minutes", and the 15-minute lock "75 minutes"."""
+    it was set (an NTP step, a VM resumed). Set back an hour, the one-second pause after a wrong password said
+    "Try again in 61 minutes" and the 15-minute lock "Wait 75 minutes"; set back four minutes (within the code
+    step), the pause after a mistyped code said "Wait 5 minutes"."""
     actor.user(secret=secret)
     actor.password_step(password="wrong")
     clock.advance(-3600)
@@ -944,7 +960,7 @@ def test_a_clock_set_back_does_not_make_a_pause_or_a_lock_longer(actor, secret, 
     clock.advance(1)
     assert actor.password_step().headers["Location"] == "/login/verify"
     actor.code_step(WRONG)
-    clock.advance(-3600)
+    clock.advance(-4 * 60)
     r = actor.code_step(actor.code(secret))
     assert r.status_code == 429 and "Wait 1 second before entering another code." in r.get_data(as_text=True)
     clock.advance(1)
@@ -1127,6 +1143,21 @@ def test_absolute_timeout(actor, clock):
         clock.advance(30 * 60)
         assert signed_in(actor.client)
     clock.advance(1)
+    assert not signed_in(actor.client)
+
+
+def test_the_idle_limit_counts_from_now_after_the_clock_goes_back(actor, clock):
+    """security.md 30: after the server's clock went back (an NTP step, a VM resumed), the next request writes
+    the session's last activity again, so 31 idle minutes after it end the session (it lasted as much longer
+    as the clock went back); a session whose last activity lies more than the idle limit ahead has ended."""
+    actor.user()
+    actor.sign_in()
+    clock.advance(-20 * 60)
+    assert signed_in(actor.client)
+    clock.advance(31 * 60)
+    assert not signed_in(actor.client)
+    actor.sign_in()
+    clock.advance(-3600)
     assert not signed_in(actor.client)
 
 

@@ -605,6 +605,22 @@ def test_a_pending_secret_works_to_the_end_of_its_ttl(actor, app):
     assert "tfa_enrolment_expired" not in audit_kinds(app, user)
 
 
+def test_a_pending_secret_and_a_fresh_sign_in_do_not_outlast_a_clock_set_back(actor, app):
+    """security.md 8, 9: with the server's clock set back 20 minutes (an NTP step, a VM resumed), a sign-in
+    more than the 10-minute freshness window "ahead" is not fresh, and a key more than its 15 minutes ahead has
+    expired: both lasted as much longer as the clock went back."""
+    user = signed_in(actor)
+    w = Wizard(actor)
+    w.start()
+    actor.clock.advance(-20 * 60)
+    r = w.code_step()
+    assert r.status_code == 401 and "/reauth" in r.headers["HX-Redirect"]
+    w.reauth()
+    r = w.submit_code()
+    assert r.status_code == 200 and 'data-step="expired"' in text(r)
+    assert pendings(app, user) == [] and devices(app, user) == []
+
+
 def test_complete_activation_without_a_verified_code_is_refused(actor, app):
     """security.md 8: naming the device is not enough, a code from the new secret must come first."""
     user = signed_in(actor)

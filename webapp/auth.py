@@ -10,7 +10,7 @@ from peewee import IntegrityError
 from wtforms import EmailField, PasswordField, StringField
 from wtforms.validators import DataRequired, Email, EqualTo, InputRequired, Length, Optional, ValidationError
 
-from .clock import now, timestamp
+from .clock import expired, now, timestamp
 from .db import Param, Prepared, db, for_update, lock_keys, write_transaction
 from .fields import Form
 from .htmx import is_htmx
@@ -204,7 +204,7 @@ def current_challenge():
     if not token or not isinstance(token, str):
         return None
     challenge = _CHALLENGE.first(id=token_hash(token))
-    if challenge is None or now() - challenge.created_at > current_app.config["CHALLENGE_TTL"]:
+    if challenge is None or expired(challenge.created_at, current_app.config["CHALLENGE_TTL"], now()):
         drop_challenge()
         return None
     return challenge

@@ -17,3 +17,11 @@ def timestamp():
 def now():
     """Return the current time as a naive UTC datetime (how every timestamp is stored)."""
     return datetime.fromtimestamp(timestamp(), tz=timezone.utc).replace(tzinfo=None)
+
+
+def expired(start, limit, current):
+    """Whether a time limit of `limit` that began at `start` is over at `current` (datetimes and a timedelta,
+    or seconds). Also when `start` lies more than `limit` ahead: only a clock set back since then does that (an
+    NTP step, a VM resumed), and the limit would otherwise last as much longer as the clock went back (a code
+    step of five minutes for an hour and five). App hosts whose clocks differ by less than `limit` agree."""
+    return not -limit <= current - start <= limit

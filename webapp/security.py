@@ -15,7 +15,7 @@ from flask import abort, current_app, g, redirect, request, session, url_for
 from flask_login import current_user
 from peewee import Case
 
-from .clock import now, timestamp
+from .clock import expired, now, timestamp
 from .db import Param, Prepared, after_commit
 from .models import AuditEvent, KnownBrowser, NetworkCounter
 # A known browser's token is made and stored like a session's; the client address is the one sessions store.
@@ -424,7 +424,7 @@ def is_fresh():
     auth_at = session.get("auth_at")
     if not current_user.is_authenticated or auth_at is None:
         return False
-    return timestamp() - float(auth_at) <= current_app.config["FRESH_LOGIN_WINDOW"].total_seconds()
+    return not expired(float(auth_at), current_app.config["FRESH_LOGIN_WINDOW"].total_seconds(), timestamp())
 
 
 def fresh_login_required(view=None, *, back_to=None):

@@ -23,7 +23,7 @@ from flask.sessions import SessionInterface, SessionMixin
 from peewee import JOIN, InterfaceError, OperationalError
 from werkzeug.datastructures import CallbackDict
 
-from .clock import now
+from .clock import expired, now
 from .db import Param, Prepared, for_update, loaded, write_transaction
 from .htmx import is_htmx
 from .models import PendingEnrolment, ServerSession, User
@@ -147,8 +147,8 @@ class DbSessionInterface(SessionInterface):
         if row is None:
             return self._without_row(app, token)
         current = now()
-        if (current - row.last_seen_at > app.config["SESSION_IDLE_TIMEOUT"]
-                or current - row.created_at > app.config["SESSION_ABSOLUTE_TIMEOUT"]):
+        if (expired(row.last_seen_at, app.config["SESSION_IDLE_TIMEOUT"], current)
+                or expired(row.created_at, app.config["SESSION_ABSOLUTE_TIMEOUT"], current)):
             try:
                 _DELETE.execute(id=row.id)
             except (OperationalError, InterfaceError):
@@ -297,8 +297,9 @@ def write_session_now():
 
 def _row_due(session, current):
     """Whether saving this session (it has a row) writes the row: it changed, or TOUCH_INTERVAL has passed
-    since last_seen_at was written. _write decides by it, and time_left foresees the save by it."""
-    return session.modified or current - session.row.last_seen_at > TOUCH_INTERVAL
+    since last_seen_at was written. _write decides by it, and time_left foresees the save by it. Also when
+    last_seen_at is that far ahead (the clock went back): the idle limit then counts from now, not from then."""
+    return session.modified or abs(current - session.row.last_seen_at) > TOUCH_INTERVAL
 
 
 def time_left(session, config, saved=False):

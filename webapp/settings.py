@@ -18,7 +18,7 @@ from wtforms.validators import DataRequired, Length, ValidationError
 from . import fields, htmx, totp
 from .auth import (MALFORMED_CODE_ERROR, WRONG_PASSWORD_ERROR, code_error, code_field, current_password_field,
                    new_password_field, password_check, refusal_status, repeat_password_field, strip_text)
-from .clock import now, timestamp
+from .clock import expired, now, timestamp
 from .db import Param, Prepared, db, for_update, write_transaction
 from .fields import Form, freeze
 from .models import AuditEvent, Device, PendingEnrolment, ServerSession, User
@@ -246,7 +246,7 @@ def current_pending(user):
     pending = _PENDING.first(session=session.row.id, user=user.id)
     if pending is None:
         return None
-    if now() - pending.created_at > current_app.config["PENDING_ENROLMENT_TTL"]:
+    if expired(pending.created_at, current_app.config["PENDING_ENROLMENT_TTL"], now()):
         with write_transaction():  # that key only (see _same_key), and its record with it
             if PendingEnrolment.delete().where(_same_key(pending)).execute():
                 audit("tfa_enrolment_expired", user=user)
