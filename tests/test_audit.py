@@ -538,6 +538,27 @@ def test_operator_exports_the_audit_log_as_json_lines_and_can_go_on_from_the_las
         assert bad.exit_code == 2 and "Traceback" not in bad.output and "Invalid value" in bad.output
 
 
+def test_an_export_goes_on_after_no_record_a_host_with_its_clock_ahead_wrote(app, actor, clock):
+    """security.md 42: a record's time is the clock of the app host that wrote it. One written on a host 30
+    seconds ahead, then one on the other host a second later: an export that left the first as not yet
+    settled wrote the second, and the next export, going on after its id, skipped the first for good. Now an
+    export ends before the first record it leaves."""
+    actor.user()
+    clock.advance(30)  # the host ahead
+    actor.password_step(password="wrong")
+    clock.advance(-29)  # the other host, a second later
+    actor.password_step(password="wrong")
+    clock.advance(65)  # the second record is settled, the first (by its time) not yet
+    first = app.test_cli_runner().invoke(args=["audit", "export"])
+    written = [json.loads(line) for line in first.stdout.splitlines()]
+    assert "records of the last 60 seconds are left for the next export" in first.stderr
+    clock.advance(60)
+    after_id = str(written[-1]["id"]) if written else "0"
+    more = app.test_cli_runner().invoke(args=["audit", "export", "--after-id", after_id])
+    exported = written + [json.loads(line) for line in more.stdout.splitlines()]
+    assert sorted(e["id"] for e in exported) == [e.id for e in events(app)]
+
+
 def test_audit_export_reads_the_log_a_batch_at_a_time_and_writes_each_record_once(app, actor, clock, monkeypatch):
     """`audit export` reads the log in batches, each one after the last id it wrote: one query over the whole
     table was read whole by PostgreSQL's driver before the first line came out (a million records: 500 MB of

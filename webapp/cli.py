@@ -9,7 +9,7 @@ import click
 from email_validator import EmailNotValidError, validate_email
 from flask import current_app
 from flask.cli import AppGroup, with_appcontext
-from peewee import JOIN, IntegrityError, InterfaceError, OperationalError
+from peewee import JOIN, IntegrityError, InterfaceError, OperationalError, fn
 
 from .clock import now
 from .config import keys_source
@@ -583,12 +583,15 @@ def export_audit(since, after_id):
     Records of the last EXPORT_SETTLE are left for the next export: on PostgreSQL a record gets its id when
     it is written and shows when its transaction commits, so a later id can show first, and an export that
     went on from it (--after-id) skipped the earlier one for good (a review held a transaction open and saw
-    it). The app's transactions take well under that."""
+    it). The app's transactions take well under that. So are the records after the first one left, whatever
+    their time: a record's time is the clock of the host that wrote it, and one from a host whose clock runs
+    ahead, or from before the clock was set back, was left while later ids went out, and then skipped too."""
     person, actor = User.alias(), User.alias()
     query = AuditEvent.select().where(AuditEvent.id > after_id)
     if since is not None:
         query = query.where(AuditEvent.created_at >= since)
     settled = now() - EXPORT_SETTLE
+    unsettled = query.select(fn.MIN(AuditEvent.id)).where(AuditEvent.created_at > settled).scalar()
     # In batches of EXPORT_BATCH by id (keyset: after the last id written), each batch a query of its own:
     # psycopg reads a whole result before it hands over the first row, so one query over the table held
     # every record in memory on PostgreSQL (a million records: 500 MB; SQLite streamed them).
@@ -597,6 +600,8 @@ def export_audit(since, after_id):
              .join_from(AuditEvent, person, JOIN.LEFT_OUTER, on=(AuditEvent.user == person.id))
              .join_from(AuditEvent, actor, JOIN.LEFT_OUTER, on=(AuditEvent.actor == actor.id))
              .where(AuditEvent.created_at <= settled).order_by(AuditEvent.id).limit(EXPORT_BATCH))
+    if unsettled is not None:
+        batch = batch.where(AuditEvent.id < unsettled)
     last = after_id
     while True:
         events = list(batch.where(AuditEvent.id > last).dicts())
@@ -607,7 +612,7 @@ def export_audit(since, after_id):
         if len(events) < EXPORT_BATCH:
             break
         last = events[-1]["id"]
-    if query.where(AuditEvent.created_at > settled).exists():
+    if unsettled is not None:
         click.echo(f"records of the last {int(EXPORT_SETTLE.total_seconds())} seconds are left for the next export",
                    err=True)
 
