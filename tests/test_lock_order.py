@@ -1006,3 +1006,49 @@ def test_users_disable_of_the_acting_admin_waits_for_a_support_action_under_way(
             ["account_disabled", "support_tfa_disabled"])).order_by(AuditEvent.id)]
         assert User.get_by_id(admin.id).disabled_at is not None
     assert kinds == ["support_tfa_disabled", "account_disabled"]
+
+
+def test_a_device_activated_while_the_keys_are_rotated_is_re_encrypted_too(app, actor, monkeypatch):
+    """`keys rotate` while the hosts serve (README "Rotating the encryption key"): a person completes the
+    wizard with a key that waited under the old encryption key, at the moment the rotation has read the
+    waiting keys but not yet re-encrypted theirs. Activation copies the waiting key's ciphertext into the
+    new device, and the rotation's update of the waiting key then finds it gone. The device must still be
+    re-encrypted: rotated first, the devices were read before it existed, and it kept the old key's
+    ciphertext, so once the old key was removed as the README says, every sign-in of that person was a 503."""
+    from cryptography.fernet import Fernet
+
+    from webapp import cli
+    from webapp.totp import SecretError, decrypt_secret
+
+    from .test_wizard import Wizard, signed_in
+
+    signed_in(actor)
+    wizard = Wizard(actor)
+    wizard.open()
+    wizard.start()
+    assert 'data-step="name"' in wizard.submit_code().get_data(as_text=True)  # the key waits, confirmed
+    old = app.config["TOTP_ENCRYPTION_KEYS"]
+    new = Fernet.generate_key().decode()
+    app.config["TOTP_ENCRYPTION_KEYS"] = f"{new},{old}"  # every host and the command: new first
+    original, seen = cli.reencrypt_secret, {}
+
+    def reencrypt_while_activated(token):
+        if "activated" not in seen:  # the first waiting key the rotation handles: Complete Activation now
+            thread = threading.Thread(target=lambda: seen.setdefault("activated", wizard.complete("Phone")),
+                                      daemon=True)
+            thread.start()
+            thread.join(30)
+            assert not thread.is_alive(), "the activation waited for the rotation"
+        return original(token)
+
+    monkeypatch.setattr(cli, "reencrypt_secret", reencrypt_while_activated)
+    result = app.test_cli_runner().invoke(args=["keys", "rotate"])
+    assert result.exit_code == 0, result.output
+    assert seen["activated"].status_code == 200
+    app.config["TOTP_ENCRYPTION_KEYS"] = new  # the old key removed
+    with app.app_context():
+        [device] = Device.select()
+        try:
+            decrypt_secret(device.secret_enc)
+        except SecretError:
+            pytest.fail("the device activated during the rotation kept the old key's ciphertext")

@@ -452,7 +452,11 @@ def rotate_keys():
     # All or nothing: a secret that no key opens leaves every secret as it was. BEGIN IMMEDIATE on SQLite: a
     # deferred transaction that read first could not start writing while the app's sign-ins write.
     with write_transaction():
-        for model in (Device, PendingEnrolment):
+        # The waiting keys first: a wizard completed meanwhile copies its waiting key's ciphertext into a new
+        # device (settings.complete), committed before the devices are read (PostgreSQL reads what each
+        # statement finds committed) or waiting for this transaction's row of that key, so it is re-encrypted
+        # either way. Read first, the devices missed it, and it kept the old key's ciphertext.
+        for model in (PendingEnrolment, Device):
             for row in model.select(model.id, model.user, model.secret_enc):
                 try:
                     secret = reencrypt_secret(row.secret_enc)
