@@ -1052,3 +1052,44 @@ def test_a_device_activated_while_the_keys_are_rotated_is_re_encrypted_too(app, 
             decrypt_secret(device.secret_enc)
         except SecretError:
             pytest.fail("the device activated during the rotation kept the old key's ciphertext")
+
+
+def test_a_start_on_an_existing_database_does_not_queue_the_other_hosts_writers(app, actor, secret, tmp_path, clock):
+    """A rolling restart (README "Several processes, several machines"): host A starts while host B serves. At
+    every start, CREATE INDEX IF NOT EXISTS for each index (the models' and user_email_c) took a SHARE lock on
+    its table even when the index was there, so it waited for any write transaction open on the table, and
+    every writer that came after (each sign-in on B) queued behind it until that transaction ended: a start
+    turned one slow transaction (a long command, a stalled worker, up to gunicorn's timeout) into a stall of
+    every sign-in. A start on a database that has its tables and indexes creates nothing and takes no lock."""
+    import psycopg
+
+    from .conftest import make_test_app
+
+    user = actor.user(secret=secret)
+    writer = psycopg.connect(os.environ["TEST_DATABASE_URL"])  # a write transaction open on B meanwhile
+    writer.execute('UPDATE "user" SET last_login_at = last_login_at WHERE id = %s', (user.id,))
+    writer.execute('UPDATE "device" SET name = name WHERE user_id = %s', (user.id,))
+    pid = writer.execute("SELECT pg_backend_pid()").fetchone()[0]
+    started, seen = threading.Event(), {}
+
+    def watch():  # until the start is over: does it wait for the writer? Then let it go on.
+        with psycopg.connect(os.environ["TEST_DATABASE_URL"], autocommit=True) as observer:
+            deadline = time.monotonic() + 10
+            while not started.is_set() and time.monotonic() < deadline:
+                observer.execute("SELECT pg_stat_clear_snapshot()")
+                if observer.execute("SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+                                    (pid,)).fetchone()[0]:
+                    seen["blocked"] = True
+                    break
+                time.sleep(0.02)
+        writer.rollback()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        make_test_app(tmp_path / "host-a", app.config["DATABASE_URL"], clock)  # host A starts
+    finally:
+        started.set()
+        watcher.join(30)
+        writer.close()
+    assert "blocked" not in seen, "the start waited for a write transaction of another host (and queued its writers)"

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 from peewee import (BigAutoField, ColumnBase, DatabaseError, DatabaseProxy, Field, ForeignKeyField, InterfaceError,
                     InternalError, ModelSelect, OperationalError, PostgresqlDatabase, ProgrammingError,
-                    SqliteDatabase)
+                    SqliteDatabase, sort_models)
 from playhouse.db_url import parse
 from werkzeug.wsgi import ClosingIterator
 
@@ -433,14 +433,16 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fi
                 existing = database.table_exists(models[0]._meta.table_name)
                 with database.atomic():  # the column and its fill together (DDL is transactional here)
                     added = _add_columns(database, added_columns, fill_values)
-                database.create_tables(models, safe=True)  # after the columns: their indexes need them
+                _create_missing(database, models)  # after the columns: their indexes need them
                 _widen_ids(database, models)
                 with database.atomic():
                     done = upgrade() if upgrade else []
                 for statement in postgresql_indexes:
                     name = re.search(r"INDEX IF NOT EXISTS (\w+)", statement).group(1)
                     missing = database.execute_sql("SELECT to_regclass(%s) IS NULL", (name,)).fetchone()[0]
-                    if missing and existing:  # on a big table this takes a while: say what the start waits for
+                    if not missing:
+                        continue  # IF NOT EXISTS alone still locks the table (_create_missing)
+                    if existing:  # on a big table this takes a while: say what the start waits for
                         print(f" * twostep: upgrading the database: building index {name} (README \"Upgrades\")",
                               file=sys.stderr, flush=True)
                     database.execute_sql(statement)
@@ -455,6 +457,25 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fi
     for line in [f"added {column}" for column in added] + done:  # once committed
         print(f" * twostep: upgraded the database: {line} (README \"Upgrades\")", file=sys.stderr, flush=True)
     _check_columns(database, models)
+
+
+def _create_missing(database, models):
+    """On PostgreSQL, create the tables and the models' indexes that do not exist yet, and nothing else. peewee's
+    create_tables(safe=True) runs CREATE INDEX IF NOT EXISTS for every index at every start, and PostgreSQL
+    takes the table's SHARE lock for it before it finds the index there: the start waited for any write
+    transaction open on the table, and every writer that came after (the sign-ins of the hosts still serving
+    during a rolling restart) queued behind it until that transaction ended. Run holding the schema lock, so
+    what it finds missing stays missing until it has made it."""
+    def missing(name):
+        return database.execute_sql("SELECT to_regclass(%s) IS NULL", (f'"{name}"',)).fetchone()[0]
+
+    for model in sort_models(models):
+        if missing(model._meta.table_name):
+            model.create_table(safe=True)  # the table with its indexes
+            continue
+        for index in model._meta.fields_to_index():
+            if missing(index._name):
+                database.execute(model._schema._create_index(index, safe=True))
 
 
 def _check_columns(database, models):
