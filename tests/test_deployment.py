@@ -498,3 +498,34 @@ def test_a_process_that_builds_many_apps_keeps_one_writer_queue_file_open(tmp_pa
             User.create(email=f"p{n}@example.com", password_hash="x")
         mine = [path for pid, path in db_module._QUEUE_FILES if pid == os.getpid()]
         assert mine == [str(tmp_path / f"db{n}.sqlite")], mine
+
+
+@pytest.mark.parametrize("signed_in", [False, True])
+def test_a_form_from_a_host_with_another_secret_key_is_refused_and_the_log_says_why(app, actor, secret, caplog,
+                                                                                   signed_in):
+    """Two hosts behind one load balancer with different SECRET_KEYs by mistake: a form shown by one and sent
+    to the other is refused ("Form expired") whichever way round, and the log said only "The CSRF token is
+    invalid.", as for a forged token. It names SECRET_KEY: the token is well formed, and (for a session with a
+    row) it is this very session's, so only another key signed it."""
+    actor.user(secret=secret)
+    if signed_in:
+        actor.sign_in(secret=secret)
+    url = "/settings" if signed_in else "/login"
+    token = actor.csrf(url)
+    app.config["SECRET_KEY"] = "another-hosts-secret-key-" + "y" * 32  # the load balancer picks the other host
+    target = "/logout" if signed_in else "/login"
+    r = actor.client.post(target, data={"csrf_token": token, "email": "alice@example.com", "password": "x" * 10})
+    assert r.status_code == 400 and "Form expired" in r.get_data(as_text=True)
+    [line] = [rec.getMessage() for rec in caplog.records if "csrf refused" in rec.getMessage()]
+    assert "SECRET_KEY" in line and "every host" in line
+    if signed_in:
+        assert "made for this session" in line
+
+
+def test_a_made_up_csrf_token_does_not_blame_the_secret_key(app, actor, caplog):
+    actor.user()
+    actor.csrf("/login")
+    r = actor.client.post("/login", data={"csrf_token": "not-a-token", "email": "a@example.com", "password": "x" * 10})
+    assert r.status_code == 400
+    [line] = [rec.getMessage() for rec in caplog.records if "csrf refused" in rec.getMessage()]
+    assert line == "csrf refused: POST /login (The CSRF token is invalid.)"

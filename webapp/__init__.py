@@ -9,7 +9,7 @@ import random
 import sys
 import time
 
-from flask import Flask, flash, g, redirect, request, session, url_for
+from flask import Flask, current_app, flash, g, redirect, request, session, url_for
 from flask_login import LoginManager, current_user
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from flask_wtf.form import SUBMIT_METHODS
@@ -496,6 +496,29 @@ def _done_in_another_tab():
     return None
 
 
+def _signed_with_another_key(exc):
+    """For the "csrf refused" log line: why a well-formed token of ours failed its signature, when that is most
+    likely another SECRET_KEY (hosts or workers configured apart, or the key changed since the page was made),
+    which the person sees only as "Form expired" on every other request. Certain when the token carries this
+    very session's own token: nobody else knows it. Empty for a token that is not one of ours at all."""
+    if exc.description != "The CSRF token is invalid.":
+        return ""
+    token = csrf._get_csrf_token()
+    try:
+        _, payload = URLSafeTimedSerializer(b"", salt="wtf-csrf-token").loads_unsafe(token or "")
+    except Exception:  # anything that cannot even be read as a token
+        return ""
+    if not isinstance(payload, str):
+        return ""
+    own = session.get(current_app.config["WTF_CSRF_FIELD_NAME"])
+    where = ("every host and worker must have the same SECRET_KEY (README \"Several processes, several "
+             "machines\")")
+    if isinstance(own, str) and hmac.compare_digest(own.encode(), payload.encode()):
+        return f"; the token was made for this session but signed with another SECRET_KEY: {where}"
+    return (f"; the token is well formed but not signed with this SECRET_KEY: if its page came from another host "
+            f"or worker, {where}")
+
+
 # What an error page says when the code that refused gave no words of its own.
 PLAIN_ERRORS = {
     400: ("Something was wrong with that request", "Go back, reload the page and try again."),
@@ -547,8 +570,8 @@ def _register_error_handlers(app):
     @app.errorhandler(CSRFError)
     def csrf_error(exc):
         # Flask-WTF's own note of the reason goes to a logger nobody listens to by default.
-        logging.getLogger("twostep").warning("csrf refused: %s %s (%s)", request.method, request.path,
-                                             exc.description)
+        logging.getLogger("twostep").warning("csrf refused: %s %s (%s)%s", request.method, request.path,
+                                             exc.description, _signed_with_another_key(exc))
         done = _done_in_another_tab()
         if done is not None:
             return hx_redirect(done) if is_htmx() else redirect(done)
