@@ -529,3 +529,29 @@ def test_a_made_up_csrf_token_does_not_blame_the_secret_key(app, actor, caplog):
     assert r.status_code == 400
     [line] = [rec.getMessage() for rec in caplog.records if "csrf refused" in rec.getMessage()]
     assert line == "csrf refused: POST /login (The CSRF token is invalid.)"
+
+
+@pytest.mark.parametrize("hops, forwarded, seen", [(0, "203.0.113.7", "PROXY_HOPS is 0"),
+                                                   (2, "203.0.113.7", "fewer than PROXY_HOPS=2")])
+def test_a_proxy_hops_that_does_not_match_the_proxies_is_said_once_in_the_log(tmp_path, clock, caplog, hops,
+                                                                             forwarded, seen):
+    """A host whose PROXY_HOPS differs from the others' (forgotten, or one too many) sees every visitor as the
+    proxy: one client for the per-network limits, so a stranger's wrong passwords refuse everyone's new
+    browsers there ("Too many failed sign-ins from your network"), and nothing in its log said why."""
+    from .conftest import make_test_app
+
+    app = make_test_app(tmp_path, f"sqlite:///{tmp_path / 'test.db'}", clock, PROXY_HOPS=hops)
+    client = app.test_client()
+    for _ in range(2):
+        client.get("/login", headers={"X-Forwarded-For": forwarded}, environ_base={"REMOTE_ADDR": "127.0.0.1"})
+    lines = [rec.getMessage() for rec in caplog.records if "X-Forwarded-For" in rec.getMessage()]
+    assert len(lines) == 1 and seen in lines[0] and "127.0.0.1" in lines[0]
+
+
+def test_the_right_proxy_hops_logs_nothing_about_x_forwarded_for(tmp_path, clock, caplog):
+    from .conftest import make_test_app
+
+    app = make_test_app(tmp_path, f"sqlite:///{tmp_path / 'test.db'}", clock, PROXY_HOPS=1)
+    app.test_client().get("/login", headers={"X-Forwarded-For": "203.0.113.7"}, environ_base={"REMOTE_ADDR": "127.0.0.1"})
+    app.test_client().get("/login")  # the proxy's own health check, without the header
+    assert not [rec for rec in caplog.records if "X-Forwarded-For" in rec.getMessage()]

@@ -42,6 +42,7 @@ class _FromTrustedProxies(ProxyFix):
         super().__init__(app, **kwargs)
         self.trusted = trusted  # networks, or None for any peer
         self.warned = False
+        self.warned_short = False
 
     def __call__(self, environ, start_response):
         address = environ.get("REMOTE_ADDR") or ""
@@ -55,6 +56,15 @@ class _FromTrustedProxies(ProxyFix):
                     "X-Forwarded-* headers from %s were ignored: that address is not in FORWARDED_ALLOW_IPS. "
                     "If it is your proxy, add it there (README \"Deployment\").", address)
             return self.app(environ, start_response)
+        if not self.warned_short:
+            forwarded = environ.get("HTTP_X_FORWARDED_FOR")
+            if forwarded and forwarded.count(",") + 1 < self.x_for:
+                # Once per process: werkzeug then keeps the proxy's address as the client's, for every visitor.
+                self.warned_short = True
+                logging.getLogger("twostep").warning(
+                    "X-Forwarded-For from %s holds %d address(es), fewer than PROXY_HOPS=%d: every client is seen "
+                    "as %s (one client for the per-network limits). Set PROXY_HOPS to the number of proxies that "
+                    "append to it (README \"Deployment\").", address, forwarded.count(",") + 1, self.x_for, address)
         return super().__call__(environ, start_response)
 
     def _trusted_peer(self, address):
@@ -67,6 +77,26 @@ class _FromTrustedProxies(ProxyFix):
         if peer.version == 6 and peer.ipv4_mapped is not None:
             peer = peer.ipv4_mapped  # nginx at 127.0.0.1 seen by gunicorn bound to [::]
         return any(peer in network for network in self.trusted)
+
+
+class _NoProxyExpected:
+    """PROXY_HOPS=0: X-Forwarded-For is not believed. Said once per process when a request carries one, since
+    behind a proxy (a host whose PROXY_HOPS was forgotten) every visitor is then the proxy's address: one client
+    for the per-network limits, and a stranger's wrong passwords shut everyone out of that host."""
+
+    def __init__(self, app):
+        self.app = app
+        self.warned = False
+
+    def __call__(self, environ, start_response):
+        if not self.warned and "HTTP_X_FORWARDED_FOR" in environ:
+            self.warned = True
+            address = environ.get("REMOTE_ADDR") or "the socket's peer"
+            logging.getLogger("twostep").warning(
+                "X-Forwarded-For came from %s, but PROXY_HOPS is 0: it is not believed, and every client is seen "
+                "as %s (one client for the per-network limits). Behind a reverse proxy, set PROXY_HOPS to the "
+                "number of proxies (README \"Deployment\"); without one, a client sent it.", address, address)
+        return self.app(environ, start_response)
 
 
 class _SessionOnlyLoginManager(LoginManager):
@@ -106,6 +136,8 @@ def create_app(test_config=None):
         # used (README "Deployment"): one value each, whatever the number of hops.
         app.wsgi_app = _FromTrustedProxies(app.wsgi_app, config_module.trusted_proxies(
             app.config["FORWARDED_ALLOW_IPS"]), x_for=app.config["PROXY_HOPS"], x_proto=1, x_host=1)
+    else:
+        app.wsgi_app = _NoProxyExpected(app.wsgi_app)
 
     _init_logging(app)
     db_module.init_app(app)
