@@ -237,8 +237,9 @@
     return h1;
   }
 
+  // Inside the wizard's open dialog, its own status line: the rest of the page, #flashes with it, is inert then.
   function announce(words) {
-    var flashes = document.getElementById("flashes");
+    var flashes = document.querySelector("dialog[open] [data-dialog-status]") || document.getElementById("flashes");
     if (!flashes) return;
     var line = document.createElement("p");
     line.className = "flash success";

@@ -4,6 +4,7 @@ The browser's clock is moved (page.clock, installed before the first page); the 
 what the server did is read from its database, and a session is aged there when the server must agree that
 it has ended.
 """
+import re
 from datetime import timedelta
 
 from journey import assert_accessible, expect, expect_signed_in, follow, log_in, tab_to
@@ -151,3 +152,26 @@ def test_stay_signed_in_pressed_from_nowhere_puts_focus_on_the_heading(page, ser
         page.keyboard.press("Enter")
     expect(page.get_by_role("heading", name="User Settings", level=1)).to_be_focused()
     expect(page.get_by_role("status").filter(has_text="You are still signed in.")).to_be_visible()
+
+
+def test_stay_signed_in_inside_the_wizard_says_so_inside_the_dialog(page, server):
+    """The modal wizard makes the rest of the page inert, #flashes with it: "You are still signed in." written
+    there was not in the accessibility tree, so a screen reader heard nothing after Stay signed in (the button
+    went, focus went back to the step's heading). The dialog has a status line of its own for it."""
+    from journey import gear, wizard_dialog
+
+    server.user("noa@example.com")
+    page.clock.install()
+    log_in(page, "noa@example.com")
+    expect_signed_in(page)
+    gear(page).click()
+    dialog = wizard_dialog(page)
+    expect(dialog.get_by_role("heading", name=re.compile("^Step 1 of 4"))).to_be_focused()
+    page.clock.fast_forward("28:05")
+    expect(dialog.get_by_role("alert").filter(has_text=WARNING)).to_be_visible()
+    button = dialog.get_by_role("button", name="Stay signed in", exact=True)
+    tab_to(page, button, key="Shift+Tab")
+    with page.expect_response(lambda response: response.url.endswith("/session/extend")):
+        page.keyboard.press("Enter")
+    expect(dialog.get_by_role("heading", name=re.compile("^Step 1 of 4"))).to_be_focused()
+    expect(dialog.get_by_role("status").filter(has_text="You are still signed in.")).to_be_visible()
