@@ -164,3 +164,23 @@ def test_confirm_its_you_names_the_refusal_in_the_focused_field(page, server):
     expect(password).to_be_focused()
     expect(password).to_have_accessible_description("Incorrect password.")
     expect(page).to_have_title("Error: Confirm it's you · twostep")
+
+
+def test_the_locked_code_step_says_when_to_sign_in_again_as_it_takes_the_focus(page, server):
+    """During the account's 15-minute code lock the code step has no field: the focus starts on the message,
+    named by its first line ("Wait 15 minutes"). Its second line, when to sign in again, was in neither its
+    name nor its description, so a screen reader said only the wait, not the time, unless read on."""
+    from datetime import timedelta
+
+    from webapp.clock import now
+    from webapp.models import User
+
+    server.user("lou@example.com", devices={"Phone": random_secret()})
+    server.query(lambda: User.update(code_strikes=6, code_failures=6,
+                                     code_locked_until=now() + timedelta(minutes=15)).execute())
+    log_in(page, "lou@example.com")
+    alert = page.get_by_role("alert", name=re.compile(r"^Too many wrong codes\. Wait 1\d minutes"))
+    expect(alert).to_be_focused()
+    expect(alert).to_have_accessible_description(
+        re.compile(r"cannot accept a code\. Sign in again with your password after .*\d\d:\d\d"))
+    expect(page.get_by_label("Verification code", exact=True)).to_have_count(0)
