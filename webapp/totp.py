@@ -152,7 +152,9 @@ def qr_svg(uri, scale=5, border=4):
                 x += 1
     # The viewBox lets CSS shrink the code to a narrow screen's width (app.css) instead of cutting it off.
     side = size * scale
-    return (f'<svg width="{side}" height="{side}" viewBox="0 0 {side} {side}" class="segno">'
+    # Hidden from assistive technology: the element around it (the wizard's QR step) is the image with a name;
+    # the <svg> itself was exposed inside it as a second image with none.
+    return (f'<svg width="{side}" height="{side}" viewBox="0 0 {side} {side}" class="segno" aria-hidden="true">'
             f'<g transform="scale({scale})">'
             f'<path fill="#fff" d="M0 0h{size}v{size}h-{size}z"/>'
             f'<path class="qrline" stroke="#000" d="{"".join(runs)}"/></g></svg>')

@@ -350,3 +350,20 @@ def test_the_words_beside_the_gear_open_the_same_dialog_and_get_focus_back(page,
     page.keyboard.press("Escape")
     expect(dialog).to_have_count(0)
     expect(link).to_be_focused()
+
+
+def test_the_qr_code_is_one_named_image_without_an_unnamed_one_inside(page, server):
+    """The QR code is a role=img with a name; the <svg> inside it was exposed in Chromium's accessibility tree
+    as a second image with no name, which a screen reader's list of graphics read as an unlabelled one."""
+    server.user("uma@example.com")
+    log_in(page, "uma@example.com")
+    gear(page).click()
+    dialog = wizard_dialog(page)
+    dialog.get_by_role("button", name="Next", exact=True).click()
+    expect(qr_image(dialog)).to_be_visible()
+    expect(dialog.get_by_role("img")).to_have_count(1)
+    cdp = page.context.new_cdp_session(page)
+    images = [node for node in cdp.send("Accessibility.getFullAXTree")["nodes"]
+              if not node.get("ignored") and node.get("role", {}).get("value") in ("image", "img", "SvgRoot")]
+    assert [node.get("name", {}).get("value") for node in images] == [
+        "QR code to add uma@example.com to your authenticator app"], images
