@@ -149,7 +149,8 @@ def test_settings_row_offers_the_gear_and_says_off(actor):
     form = re.search(r'<form method="get" action="/settings/2fa" class="gear-form">\s*(<button[^>]*>)', page)
     gear = form.group(1)
     assert 'type="submit"' in gear and 'class="gear"' in gear
-    assert 'aria-label="Two-Factor Authentication settings"' in gear and 'hx-get="/settings/2fa"' in gear
+    assert 'title="Two-Factor Authentication settings"' in gear and 'hx-get="/settings/2fa"' in gear
+    assert "aria-label" not in gear  # the title names it; both made it say its name twice (name, description)
     assert 'id="dialog-slot"' in page
     # And in words, for whoever does not take a gear for "set up" (a usability review): the same steps, a link
     # without JavaScript. Once 2FA is on, the row offers "Add another device" in its place.

@@ -367,3 +367,17 @@ def test_the_qr_code_is_one_named_image_without_an_unnamed_one_inside(page, serv
               if not node.get("ignored") and node.get("role", {}).get("value") in ("image", "img", "SvgRoot")]
     assert [node.get("name", {}).get("value") for node in images] == [
         "QR code to add uma@example.com to your authenticator app"], images
+
+
+def test_the_gear_says_its_name_once(page, server):
+    """The gear is named "Two-Factor Authentication settings" (the brief) with that as its tooltip, and has no
+    description repeating it: an aria-label beside the same title gave it both, and screen readers said the
+    name twice (seen in Chromium's accessibility tree)."""
+    server.user("uma@example.com")
+    log_in(page, "uma@example.com")
+    expect(gear(page)).to_have_attribute("title", "Two-Factor Authentication settings")
+    cdp = page.context.new_cdp_session(page)
+    buttons = [node for node in cdp.send("Accessibility.getFullAXTree")["nodes"]
+               if node.get("role", {}).get("value") == "button"
+               and node.get("name", {}).get("value") == "Two-Factor Authentication settings"]
+    assert [node.get("description", {}).get("value", "") for node in buttons] == [""], buttons
