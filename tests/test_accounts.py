@@ -1813,6 +1813,45 @@ def test_purge_removes_a_session_past_the_absolute_limit_even_if_just_used(app, 
     assert actor.client.get("/settings").status_code == 302  # signed out
 
 
+def test_the_purge_deletes_a_backlog_in_transactions_of_a_batch_each(app, actor, clock, monkeypatch):
+    """A soak test: the purge deleted every expired row in one write transaction, which on SQLite holds the
+    writer lock for the whole backlog. 1.09 million expired sessions took 17.5 s, and every sign-in
+    meanwhile waited out the 10 s busy timeout ("Please try again"); under gunicorn, a purge longer than its
+    30 s timeout was killed and rolled back each time, so the table was never purged again. Now each
+    transaction deletes at most PURGE_BATCH rows, and the rows of the batches done stay deleted."""
+    import contextlib
+
+    import webapp.db
+    import webapp.models
+    from webapp.clock import now
+    from webapp.models import SignInChallenge, purge_expired
+
+    user = actor.user()
+    monkeypatch.setattr(webapp.models, "PURGE_BATCH", 3, raising=False)
+    with app.app_context():
+        current = now()
+        old = current - app.config["SESSION_IDLE_TIMEOUT"] - timedelta(minutes=1)
+        ServerSession.insert_many([{"id": f"{k:064x}", "user": user.id, "data": "{}", "created_at": old,
+                                    "last_seen_at": old if k < 7 else current} for k in range(9)]).execute()
+        SignInChallenge.insert_many([{"id": f"c{k:063x}", "user": user.id, "failures": 0,
+                                      "created_at": current - app.config["CHALLENGE_TTL"] * 2}
+                                     for k in range(4)]).execute()
+        deleted_per_transaction = []
+        real = webapp.db.write_transaction
+
+        @contextlib.contextmanager
+        def counting():
+            before = ServerSession.select().count() + SignInChallenge.select().count()
+            with real() as txn:
+                yield txn
+            deleted_per_transaction.append(before - ServerSession.select().count() - SignInChallenge.select().count())
+
+        monkeypatch.setattr(webapp.db, "write_transaction", counting)
+        assert purge_expired(app.config, current) == (7, 4, 0, 0, 0)
+        assert max(deleted_per_transaction) == 3 and sum(deleted_per_transaction) == 11
+        assert ServerSession.select().count() == 2 and SignInChallenge.select().count() == 0
+
+
 def test_the_purge_keeps_each_row_up_to_the_instant_it_expires(app, actor, secret, clock):
     """security.md 24, 30: a session, a sign-in waiting at the code step and an authenticator set-up are
     refused only once more than their time has passed (30 minutes idle, 12 hours in all, 5 and 15 minutes);

@@ -391,32 +391,51 @@ ADDED_COLUMNS = [
 ]
 
 
+# Rows the purge deletes per transaction. All of them in one transaction held SQLite's writer lock for as long
+# as the whole backlog took: 1.09 million expired sessions (three hours of sign-ins at 100 a second: an hourly
+# cron job on a busier site, or the first purge after the app or the cron job was stopped for a while) held it
+# for 17.5 s, and every sign-in meanwhile waited out the 10 s busy timeout ("Please try again"); 344,000 made
+# each writer wait 3.2 s. That one transaction also grew the WAL to 506 MB, a size its file keeps. A batch
+# takes tens of milliseconds, and the writers waiting for the lock get it between two batches.
+PURGE_BATCH = 5000
+
+
 def purge_expired(config, current):
     """Delete the sessions, sign-in challenges and pending enrolments that expired by `current` (they are
     already refused when used; this removes the rows, with their IP addresses and browser names), the
     known browsers past their lifetime and the per-network counters whose hour is over (the next event
     starts a new one anyway). Returns the five counts. Run by the app itself now and then
-    (__init__._schedule_purge) and by the `purge-expired` command."""
+    (__init__._schedule_purge) and by the `purge-expired` command. PURGE_BATCH rows per write transaction,
+    so other writers wait for one batch at most, not for the whole backlog."""
+    return (
+        _purge(ServerSession, (ServerSession.last_seen_at < current - config["SESSION_IDLE_TIMEOUT"])
+               | (ServerSession.created_at < current - config["SESSION_ABSOLUTE_TIMEOUT"])),
+        _purge(SignInChallenge, SignInChallenge.created_at < current - config["CHALLENGE_TTL"]),
+        _purge(PendingEnrolment, PendingEnrolment.created_at < current - config["PENDING_ENROLMENT_TTL"]),
+        _purge(KnownBrowser, KnownBrowser.last_used_at < current - config["KNOWN_BROWSER_TTL"]),
+        _purge(NetworkCounter, NetworkCounter.window_start <= current - NetworkCounter.WINDOW),
+    )
+
+
+def _purge(model, condition):
+    """Delete the rows matching `condition` in transactions of at most PURGE_BATCH rows; returns how many."""
     from .db import write_transaction
 
-    with write_transaction():
-        sessions = _delete_unlocked(ServerSession,
-                                    (ServerSession.last_seen_at < current - config["SESSION_IDLE_TIMEOUT"])
-                                    | (ServerSession.created_at < current - config["SESSION_ABSOLUTE_TIMEOUT"]))
-        challenges = _delete_unlocked(SignInChallenge, SignInChallenge.created_at < current - config["CHALLENGE_TTL"])
-        enrolments = _delete_unlocked(PendingEnrolment,
-                                      PendingEnrolment.created_at < current - config["PENDING_ENROLMENT_TTL"])
-        browsers = _delete_unlocked(KnownBrowser, KnownBrowser.last_used_at < current - config["KNOWN_BROWSER_TTL"])
-        counters = _delete_unlocked(NetworkCounter, NetworkCounter.window_start <= current - NetworkCounter.WINDOW)
-    return sessions, challenges, enrolments, browsers, counters
+    total = 0
+    while True:
+        with write_transaction():
+            deleted = _delete_unlocked(model, condition, PURGE_BATCH)
+        total += deleted
+        if deleted < PURGE_BATCH:
+            return total
 
 
-def _delete_unlocked(model, condition):
-    """Delete the rows matching `condition`, except, on PostgreSQL, those another transaction holds right now
-    (SKIP LOCKED): the purge never waits for a person's transaction, so the two cannot deadlock (Support's
-    disable deletes the same person's challenges and sessions in the other order). What it skips is
-    refused when used anyway, and goes at the next purge. SQLite has one writer at a time: nothing to skip."""
-    if is_sqlite():
-        return model.delete().where(condition).execute()
-    free = model.select(model.id).where(condition).for_update(skip_locked=True)
-    return model.delete().where(model.id.in_(free)).execute()
+def _delete_unlocked(model, condition, limit):
+    """Delete up to `limit` rows matching `condition`, except, on PostgreSQL, those another transaction holds
+    right now (SKIP LOCKED): the purge never waits for a person's transaction, so the two cannot deadlock
+    (Support's disable deletes the same person's challenges and sessions in the other order). What it skips
+    is refused when used anyway, and goes at the next purge. SQLite has one writer at a time: nothing to skip."""
+    chosen = model.select(model.id).where(condition).limit(limit)
+    if not is_sqlite():
+        chosen = chosen.for_update(skip_locked=True)
+    return model.delete().where(model.id.in_(chosen)).execute()
