@@ -1475,7 +1475,7 @@ def test_a_purge_that_fails_is_logged_and_the_app_serves_on(app, actor, monkeypa
 
     import webapp
 
-    def failing(config, current):
+    def failing(config, current, seconds=None):
         raise OperationalError("database is locked")
 
     actor.user()
@@ -1850,6 +1850,47 @@ def test_the_purge_deletes_a_backlog_in_transactions_of_a_batch_each(app, actor,
         assert purge_expired(app.config, current) == (7, 4, 0, 0, 0)
         assert max(deleted_per_transaction) == 3 and sum(deleted_per_transaction) == 11
         assert ServerSession.select().count() == 2 and SignInChallenge.select().count() == 0
+
+
+def test_the_apps_own_purge_stops_starting_batches_after_its_seconds_and_the_next_one_goes_on(app, actor,
+                                                                                               monkeypatch):
+    """The purge a worker runs after a response serves nobody meanwhile, and gunicorn kills a worker silent
+    for its 30 s timeout: a backlog of a million rows took about that long in batches. With its seconds
+    over, each table gets one batch more and the rest waits for the next purge; the command has no limit."""
+    import webapp.models
+    from webapp.clock import now
+    from webapp.models import purge_expired
+
+    user = actor.user()
+    monkeypatch.setattr(webapp.models, "PURGE_BATCH", 3)
+    with app.app_context():
+        current = now()
+        old = current - app.config["SESSION_IDLE_TIMEOUT"] - timedelta(minutes=1)
+        ServerSession.insert_many([{"id": f"{k:064x}", "user": user.id, "data": "{}", "created_at": old,
+                                    "last_seen_at": old} for k in range(8)]).execute()
+        assert purge_expired(app.config, current, seconds=0)[0] == 3
+        assert purge_expired(app.config, current, seconds=0)[0] == 3
+        assert ServerSession.select().count() == 2
+        assert purge_expired(app.config, current)[0] == 2
+        assert ServerSession.select().count() == 0
+
+
+def test_the_app_purges_with_a_time_limit_well_under_gunicorns_timeout(app, actor, monkeypatch):
+    """The periodic purge is given seconds of its own (the test above says what they do), well below the
+    30 s after which gunicorn kills a worker that is silent."""
+    import random
+
+    import webapp
+
+    given = []
+    monkeypatch.setattr(webapp, "purge_expired", lambda config, current, seconds=None: given.append(seconds)
+                        or (0, 0, 0, 0, 0))
+    monkeypatch.setattr(random, "random", lambda: 0.0)  # the first deadline: the first response
+    actor.user()
+    client = app.test_client()
+    client.get("/login").close()
+    client.get("/login").close()  # the purge runs here
+    assert len(given) == 1 and given[0] is not None and 0 < given[0] <= 5
 
 
 def test_the_purge_keeps_each_row_up_to_the_instant_it_expires(app, actor, secret, clock):

@@ -400,6 +400,12 @@ def _init_logging(app):
         ours.addHandler(handler)
 
 
+# How long the app's own purge may go on starting batches (models.purge_expired): far below gunicorn's 30 s
+# timeout, and a worker busy purging serves nobody. A backlog (the app stopped for a day) goes over several
+# intervals; the `purge-expired` command has no limit.
+PURGE_SECONDS = 2.0
+
+
 def _schedule_purge(app):
     """Every PURGE_INTERVAL, a request of each process deletes the expired rows (models.purge_expired) once its
     response has gone out, so nobody waits for it and no cron job is needed. A failure is logged and
@@ -415,7 +421,7 @@ def _schedule_purge(app):
         try:
             if connect_here:
                 db_module.db.connect()
-            counts = purge_expired(config, current)
+            counts = purge_expired(config, current, seconds=PURGE_SECONDS)
             if any(counts):
                 log.info("purged expired rows: %d session(s), %d challenge(s), %d pending enrolment(s), "
                          "%d known browser(s), %d per-network counter(s)", *counts)

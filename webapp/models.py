@@ -4,6 +4,7 @@ naive UTC."""
 import json
 import re
 import sys
+import time
 import unicodedata
 from datetime import timedelta
 
@@ -400,25 +401,29 @@ ADDED_COLUMNS = [
 PURGE_BATCH = 5000
 
 
-def purge_expired(config, current):
+def purge_expired(config, current, seconds=None):
     """Delete the sessions, sign-in challenges and pending enrolments that expired by `current` (they are
     already refused when used; this removes the rows, with their IP addresses and browser names), the
     known browsers past their lifetime and the per-network counters whose hour is over (the next event
     starts a new one anyway). Returns the five counts. Run by the app itself now and then
     (__init__._schedule_purge) and by the `purge-expired` command. PURGE_BATCH rows per write transaction,
-    so other writers wait for one batch at most, not for the whole backlog."""
+    so other writers wait for one batch at most, not for the whole backlog. With `seconds`, no new batch
+    starts once they have passed (each table still gets one): the app's own purge runs in a worker that
+    serves nobody meanwhile, and gunicorn kills a worker silent for its timeout; the next purge goes on."""
+    deadline = None if seconds is None else time.monotonic() + seconds
     return (
         _purge(ServerSession, (ServerSession.last_seen_at < current - config["SESSION_IDLE_TIMEOUT"])
-               | (ServerSession.created_at < current - config["SESSION_ABSOLUTE_TIMEOUT"])),
-        _purge(SignInChallenge, SignInChallenge.created_at < current - config["CHALLENGE_TTL"]),
-        _purge(PendingEnrolment, PendingEnrolment.created_at < current - config["PENDING_ENROLMENT_TTL"]),
-        _purge(KnownBrowser, KnownBrowser.last_used_at < current - config["KNOWN_BROWSER_TTL"]),
-        _purge(NetworkCounter, NetworkCounter.window_start <= current - NetworkCounter.WINDOW),
+               | (ServerSession.created_at < current - config["SESSION_ABSOLUTE_TIMEOUT"]), deadline),
+        _purge(SignInChallenge, SignInChallenge.created_at < current - config["CHALLENGE_TTL"], deadline),
+        _purge(PendingEnrolment, PendingEnrolment.created_at < current - config["PENDING_ENROLMENT_TTL"], deadline),
+        _purge(KnownBrowser, KnownBrowser.last_used_at < current - config["KNOWN_BROWSER_TTL"], deadline),
+        _purge(NetworkCounter, NetworkCounter.window_start <= current - NetworkCounter.WINDOW, deadline),
     )
 
 
-def _purge(model, condition):
-    """Delete the rows matching `condition` in transactions of at most PURGE_BATCH rows; returns how many."""
+def _purge(model, condition, deadline=None):
+    """Delete the rows matching `condition` in transactions of at most PURGE_BATCH rows, until none is left or
+    the monotonic `deadline` has passed; returns how many."""
     from .db import write_transaction
 
     total = 0
@@ -426,7 +431,7 @@ def _purge(model, condition):
         with write_transaction():
             deleted = _delete_unlocked(model, condition, PURGE_BATCH)
         total += deleted
-        if deleted < PURGE_BATCH:
+        if deleted < PURGE_BATCH or (deadline is not None and time.monotonic() >= deadline):
             return total
 
 
