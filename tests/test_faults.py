@@ -8,6 +8,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from datetime import timedelta
 
 import pyotp
 import pytest
@@ -392,6 +393,30 @@ def test_sqlite_waits_ten_seconds_for_another_programs_writer_lock(app):
         outside.close()
 
 
+@pytest.mark.skipif((os.environ.get("TEST_DATABASE_URL") or "").startswith("postgres"), reason="SQLite's WAL file")
+def test_a_wal_grown_by_one_big_transaction_is_cut_back_once_the_log_starts_over(tmp_path, clock, monkeypatch):
+    """A soak test: the WAL file keeps the largest size it ever reached (one purge of a million rows left
+    506 MB for good). With journal_size_limit (64 MiB; 64 KiB here, to stay quick) SQLite cuts it back when it
+    starts the log over after a complete checkpoint."""
+    import webapp.db as db_module
+    from webapp.db import write_transaction
+
+    assert db_module.SQLITE_PRAGMAS["journal_size_limit"] == 64 * 1024 * 1024
+    monkeypatch.setitem(db_module.SQLITE_PRAGMAS, "journal_size_limit", 65536)
+    path = tmp_path / "app.db"
+    app = make_test_app(tmp_path, f"sqlite:///{path}", clock, PURGE_INTERVAL=timedelta(0))
+    with app.app_context():
+        with write_transaction():
+            User.insert_many([{"email": f"u{k}@example.com", "password_hash": "x" * 2000}
+                              for k in range(1000)]).execute()
+        assert os.path.getsize(f"{path}-wal") > 1_000_000
+        db.execute_sql("PRAGMA wal_checkpoint(PASSIVE)")  # as the requests do after their response
+        with write_transaction():
+            User.create(email="one-more@example.com", password_hash="x")
+        assert os.path.getsize(f"{path}-wal") <= 65536
+    db.close()
+
+
 @pytest.mark.parametrize("error_class", ["DeadlockDetected", "SerializationFailure", "LockNotAvailable"])
 def test_a_transaction_postgresql_undid_says_try_again_not_unreachable(app, actor, secret, monkeypatch, error_class):
     """PostgreSQL breaks a deadlock by rolling one transaction back (SQLSTATE 40P01; a serialization failure
@@ -753,7 +778,6 @@ def test_sqlite_wal_is_checkpointed_after_32_write_transactions_or_10_seconds(tm
     checkpoint; not before, and each checkpoint starts both counts again. Sooner would make requests wait for
     two fsyncs each; later would let the WAL grow past the 5,000-page backstop."""
     import time
-    from datetime import timedelta
 
     from webapp.db import write_transaction
 
@@ -830,8 +854,6 @@ def test_the_503_page_reaches_a_person_in_a_support_window(app, actor, monkeypat
     """An infrastructure review: the database going away in the middle of a page of a person signed in with
     the password alone (support's window open) gave a bare 500 from the server: the layout's "set up a new
     device" banner queried the database again while the 503 page was drawn. Now that page is shown."""
-    from datetime import timedelta
-
     import webapp.settings as settings_module
     from webapp.clock import now
 
