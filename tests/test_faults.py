@@ -503,6 +503,33 @@ def test_postgresql_connections_wait_ten_seconds_for_a_row_unless_the_database_s
 
 
 @pytest.mark.skipif(not (os.environ.get("TEST_DATABASE_URL") or "").startswith("postgres"),
+                    reason="PostgreSQL's lock_timeout and the schema lock")
+def test_a_start_waits_for_another_hosts_start_longer_than_the_lock_timeout(app, tmp_path, monkeypatch):
+    """Hosts started together take turns on the schema lock (db._create_tables), and the first may build an
+    index on a big table meanwhile: the others wait for it. Under the connections' lock_timeout (shortened
+    here) their start failed with "the database in DATABASE_URL cannot be used: canceling statement due to
+    lock timeout"."""
+    import psycopg
+
+    from webapp.db import _SCHEMA_LOCK, _Postgresql
+
+    monkeypatch.setattr(_Postgresql, "LOCK_TIMEOUT", "300ms")
+    other_host = psycopg.connect(app.config["DATABASE_URL"], autocommit=True)
+    other_host.execute("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
+    done = threading.Timer(1.5, other_host.close)  # its start ends: the lock goes with its connection
+    done.start()
+    try:
+        started = time.monotonic()
+        make_test_app(tmp_path, app.config["DATABASE_URL"], FakeClock())
+        assert time.monotonic() - started >= 1.0
+    finally:
+        done.cancel()
+        done.join()
+        other_host.close()
+        db.close()
+
+
+@pytest.mark.skipif(not (os.environ.get("TEST_DATABASE_URL") or "").startswith("postgres"),
                     reason="PostgreSQL's lock_timeout")
 def test_a_persons_row_held_past_the_lock_timeout_says_try_again_and_changes_nothing(app, actor, secret,
                                                                                      monkeypatch):
