@@ -584,6 +584,24 @@ def test_an_export_goes_on_after_no_record_a_host_with_its_clock_ahead_wrote(app
     assert sorted(e["id"] for e in exported) == [e.id for e in events(app)]
 
 
+def test_an_export_held_back_by_a_record_dated_ahead_of_this_clock_says_which_and_why(app, actor, clock):
+    """A diff review: a record written on an app host a day ahead holds back every record after it (the test
+    above says why), and stderr said only "records of the last 60 seconds are left", an hour later too. It
+    names the record and its time, ahead of this host's clock; a record merely recent gets no such line."""
+    actor.user()
+    actor.password_step(password="wrong")
+    recent = app.test_cli_runner().invoke(args=["audit", "export"])
+    assert "records of the last 60 seconds are left" in recent.stderr and "ahead of this host" not in recent.stderr
+    clock.advance(24 * 3600)  # the host a day ahead
+    actor.password_step(password="wrong")
+    ahead = events(app)[-1]
+    clock.advance(-24 * 3600 + 3600)  # an hour later on this host
+    held = app.test_cli_runner().invoke(args=["audit", "export"])
+    assert [json.loads(line)["id"] for line in held.stdout.splitlines()] == [e.id for e in events(app)][:-1]
+    assert (f"record {ahead.id} is dated {ahead.created_at:%Y-%m-%d %H:%M:%S} UTC, ahead of this host's clock"
+            in held.stderr)
+
+
 def test_audit_export_reads_the_log_a_batch_at_a_time_and_writes_each_record_once(app, actor, clock, monkeypatch):
     """`audit export` reads the log in batches, each one after the last id it wrote: one query over the whole
     table was read whole by PostgreSQL's driver before the first line came out (a million records: 500 MB of

@@ -506,7 +506,7 @@ def test_a_form_from_a_host_with_another_secret_key_is_refused_and_the_log_says_
     """Two hosts behind one load balancer with different SECRET_KEYs by mistake: a form shown by one and sent
     to the other is refused ("Form expired") whichever way round, and the log said only "The CSRF token is
     invalid.", as for a forged token. It names SECRET_KEY: the token is well formed, and (for a session with a
-    row) it is this very session's, so only another key signed it."""
+    row) it is this very session's, so most likely another key signed it."""
     actor.user(secret=secret)
     if signed_in:
         actor.sign_in(secret=secret)

@@ -541,8 +541,9 @@ _CSRF_TOKEN_MAX = 200
 def _signed_with_another_key(exc):
     """For the "csrf refused" log line: why a well-formed token of ours failed its signature, when that is most
     likely another SECRET_KEY (hosts or workers configured apart, or the key changed since the page was made),
-    which the person sees only as "Form expired" on every other request. Certain when the token carries this
-    very session's own token: nobody else knows it. Empty for a token that is not one of ours at all."""
+    which the person sees only as "Form expired" on every other request. Most likely so when the token carries
+    this very session's own token: only this session's pages show it (its holder could still re-sign it by
+    hand, so the line says "most likely"). Empty for a token that is not one of ours at all."""
     if exc.description != "The CSRF token is invalid.":
         return ""
     token = csrf._get_csrf_token()
@@ -560,7 +561,8 @@ def _signed_with_another_key(exc):
     where = ("every host and worker must have the same SECRET_KEY (README \"Several processes, several "
              "machines\")")
     if isinstance(own, str) and hmac.compare_digest(own.encode(), payload.encode()):
-        return f"; the token was made for this session but signed with another SECRET_KEY: {where}"
+        return (f"; the token was made for this session but its signature is not this SECRET_KEY's (most likely "
+                f"another SECRET_KEY): {where}")
     return (f"; the token is well formed but not signed with this SECRET_KEY: if its page came from another host "
             f"or worker, {where}")
 

@@ -619,6 +619,12 @@ def export_audit(since, after_id):
     if unsettled is not None:
         click.echo(f"records of the last {int(EXPORT_SETTLE.total_seconds())} seconds are left for the next export",
                    err=True)
+        first = AuditEvent.get_by_id(unsettled).created_at
+        if first > settled + EXPORT_SETTLE:
+            # Ahead of this clock: everything after it waits too, for as long as it stays ahead.
+            click.echo(f"record {unsettled} is dated {first:%Y-%m-%d %H:%M:%S} UTC, ahead of this host's clock: it "
+                       f"and the records after it are left until this clock passes that time by "
+                       f"{int(EXPORT_SETTLE.total_seconds())} seconds (is the clock of an app host ahead?)", err=True)
 
 
 EXPORT_SETTLE = timedelta(seconds=60)
