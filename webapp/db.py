@@ -434,9 +434,9 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fi
             # Hosts started at the same moment on an empty database: PostgreSQL's CREATE ... IF NOT EXISTS is
             # not safe against another session creating the same table (or its row type) concurrently, so
             # the creators take turns on a session-level advisory lock.
-            # Without lock_timeout (LOCK_TIMEOUT, which the connection has): another host's start may build an
-            # index on a big table meanwhile, and 10 s later this start failed ("cannot be used"), the lock
-            # being session-level, it outlives the transaction that took it.
+            # Waited for without the connection's lock_timeout (LOCK_TIMEOUT): another host's start may be
+            # building an index on a big table, and 10 s later this start failed ("cannot be used"). SET LOCAL
+            # ends with this transaction; the advisory lock, taken at session level, outlives it.
             with database.atomic():
                 database.execute_sql("SET LOCAL lock_timeout = 0")
                 database.execute_sql("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
