@@ -1161,6 +1161,30 @@ def test_the_idle_limit_counts_from_now_after_the_clock_goes_back(actor, clock):
     assert not signed_in(actor.client)
 
 
+def test_a_session_last_seen_ahead_of_this_hosts_clock_is_said_once_in_the_log(actor, clock, caplog, monkeypatch):
+    """A diff review: app hosts whose clocks are over a minute apart make each request that lands on the one
+    behind write its session row again, and the sign-in and session limits differ between them as much;
+    nothing said so. One warning per process names the gap; hosts a few seconds apart get none."""
+    import logging
+
+    import webapp.sessions as sessions_module
+
+    monkeypatch.setattr(sessions_module, "_warned_clock", [])
+    caplog.set_level(logging.WARNING)
+    actor.user()
+    actor.sign_in()
+    clock.advance(-5)  # another host, 5 s behind
+    assert signed_in(actor.client)
+    assert "ahead of this host's clock" not in caplog.text
+    clock.advance(-5 * 60)  # five minutes behind
+    assert signed_in(actor.client) and signed_in(actor.client)
+    lines = [r.getMessage() for r in caplog.records if "ahead of this host's clock" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert re.fullmatch(r"a session was last seen (300|305) seconds ahead of this host's clock: the clock went "
+                        r"back, or another app host's clock runs ahead; keep the hosts' clocks synchronised \(NTP\)",
+                        lines[0]), lines
+
+
 def test_session_cookie_attributes(actor):
     """security.md 31: HttpOnly, SameSite=Lax, Path=/ (Secure and __Host- when served over HTTPS)."""
     actor.user()

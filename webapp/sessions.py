@@ -14,6 +14,7 @@ idle purge.
 import hashlib
 import hmac
 import json
+import logging
 import re
 import secrets
 from datetime import timedelta
@@ -299,7 +300,25 @@ def _row_due(session, current):
     """Whether saving this session (it has a row) writes the row: it changed, or TOUCH_INTERVAL has passed
     since last_seen_at was written. _write decides by it, and time_left foresees the save by it. Also when
     last_seen_at is that far ahead (the clock went back): the idle limit then counts from now, not from then."""
-    return session.modified or abs(current - session.row.last_seen_at) > TOUCH_INTERVAL
+    gap = current - session.row.last_seen_at
+    if gap < -TOUCH_INTERVAL:
+        _clock_behind(-gap)
+    return session.modified or abs(gap) > TOUCH_INTERVAL
+
+
+_warned_clock = []
+
+
+def _clock_behind(gap):
+    """Say once per process that a session was last seen further ahead than TOUCH_INTERVAL: this host's clock
+    went back, or another app host's clock runs ahead of it. With hosts that far apart, each request that
+    lands on the other host writes its session row again (a diff review measured it), and the time limits
+    of sign-ins and sessions differ between hosts by as much."""
+    if not _warned_clock:
+        _warned_clock.append(True)
+        logging.getLogger("twostep").warning(
+            "a session was last seen %d seconds ahead of this host's clock: the clock went back, or another app "
+            "host's clock runs ahead; keep the hosts' clocks synchronised (NTP)", gap.total_seconds())
 
 
 def time_left(session, config, saved=False):
