@@ -9,7 +9,8 @@ import random
 import sys
 import time
 
-from flask import Flask, current_app, flash, g, redirect, request, session, url_for
+from flask import Flask, Response, current_app, flash, g, redirect, request, session, url_for
+from flask.globals import request_ctx
 from flask_login import LoginManager, current_user
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from flask_wtf.form import SUBMIT_METHODS
@@ -602,6 +603,12 @@ def _register_error_handlers(app):
 
     def render_error(status, title, message, can_store=None):
         """The error page, or for htmx its fragment with a reload (HX-Refresh); either way Vary: HX-Request."""
+        if request_ctx.url_adapter is None:
+            # Werkzeug could not read the Host header as a host name (BadHost: one IDNA cannot encode, such as a
+            # label over 63 characters), so no address of this site can be built for the request, and the page
+            # and its layout are made of them: drawing it raised again, past every handler (a 500 and a
+            # traceback from gunicorn). The words alone, as plain text.
+            return Response(f"{title}: {message}\n", status, mimetype="text/plain")
         response = render("errors/error.html", "errors/_error.html", status=status, title=title, message=message)
         if not is_htmx():
             return response
