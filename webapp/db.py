@@ -450,8 +450,7 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fi
                     done = upgrade() if upgrade else []
                 for statement in postgresql_indexes:
                     name = re.search(r"INDEX IF NOT EXISTS (\w+)", statement).group(1)
-                    missing = database.execute_sql("SELECT to_regclass(%s) IS NULL", (name,)).fetchone()[0]
-                    if not missing:
+                    if not _missing(database, name):
                         continue  # IF NOT EXISTS alone still locks the table (_create_missing)
                     if existing:  # on a big table this takes a while: say what the start waits for
                         print(f" * twostep: upgrading the database: building index {name} (README \"Upgrades\")",
@@ -477,16 +476,18 @@ def _create_missing(database, models):
     transaction open on the table, and every writer that came after (the sign-ins of the hosts still serving
     during a rolling restart) queued behind it until that transaction ended. Run holding the schema lock, so
     what it finds missing stays missing until it has made it."""
-    def missing(name):
-        return database.execute_sql("SELECT to_regclass(%s) IS NULL", (f'"{name}"',)).fetchone()[0]
-
     for model in sort_models(models):
-        if missing(model._meta.table_name):
+        if _missing(database, model._meta.table_name):
             model.create_table(safe=True)  # the table with its indexes
             continue
         for index in model._meta.fields_to_index():
-            if missing(index._name):
+            if _missing(database, index._name):
                 database.execute(model._schema._create_index(index, safe=True))
+
+
+def _missing(database, name):
+    """On PostgreSQL, whether no table or index of that name exists (quoted: "user" is a keyword)."""
+    return database.execute_sql("SELECT to_regclass(%s) IS NULL", (f'"{name}"',)).fetchone()[0]
 
 
 def _check_columns(database, models):
