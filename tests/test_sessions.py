@@ -621,6 +621,25 @@ def test_a_session_past_the_absolute_limit_is_not_listed_however_recently_seen(a
     assert "This is the only browser signed in to your account." in html
 
 
+@pytest.mark.parametrize("field", ["last_seen_at", "created_at"])
+def test_a_session_dated_further_ahead_than_its_limit_is_not_listed(app, actor, alice, secret, clock, field):
+    """security.md 30: a session whose last use (or start) lies more than its idle (or absolute) limit ahead
+    has ended (clock.expired: only a clock set back since writes such times), and using it signs it out. The
+    list showed it all the same, with a Sign out button for a browser that was no longer signed in."""
+    from datetime import timedelta
+
+    from webapp.clock import now
+
+    other = browser(app, clock, secret=secret, agent="FromTheFuture/1")
+    ahead = timedelta(minutes=31) if field == "last_seen_at" else timedelta(hours=12, minutes=1)
+    with app.app_context():
+        ServerSession.update({getattr(ServerSession, field): now() + ahead}).where(
+            ServerSession.id == token_hash(other.session_cookie())).execute()
+    html = text(actor.client.get("/settings"))
+    assert "FromTheFuture/1" not in html and HANDLE_RE.findall(html) == []
+    assert not signed_in(other.client)
+
+
 @pytest.mark.parametrize("limit", ["idle", "absolute"])
 def test_a_session_exactly_at_its_limit_still_works_and_so_is_listed(app, actor, alice, secret, clock, limit):
     """security.md 30: a session lives up to its idle (30 min) and absolute (12 h) limit to the second

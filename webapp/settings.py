@@ -120,12 +120,14 @@ def _user():
 
 
 # User Settings runs these on every view: compiled once (db.Prepared). A session is live up to its idle and
-# absolute limits inclusive (sessions.open_session ends it only beyond them), so the list keeps it until then.
+# absolute limits inclusive (sessions.open_session ends it only beyond them), so the list keeps it until then;
+# one whose times lie more than those limits ahead has ended too (clock.expired: a clock set back since).
 _DEVICES = Prepared(lambda: Device.select().where(Device.user == Param("user")).order_by(Device.created_at, Device.id))
 _LIVE_SESSIONS = Prepared(lambda: ServerSession.select(
     ServerSession.id, ServerSession.created_at, ServerSession.last_seen_at, ServerSession.ip, ServerSession.user_agent)
-    .where((ServerSession.user == Param("user")) & (ServerSession.last_seen_at >= Param("idle_after"))
-           & (ServerSession.created_at >= Param("created_after")))
+    .where((ServerSession.user == Param("user"))
+           & ServerSession.last_seen_at.between(Param("idle_after"), Param("idle_before"))
+           & ServerSession.created_at.between(Param("created_after"), Param("created_before")))
     .order_by(ServerSession.last_seen_at.desc(), ServerSession.created_at.desc())
     .limit(50))
 
@@ -862,8 +864,9 @@ def active_sessions(user):
     cfg = current_app.config
     current = now()
     this_id = token_hash(session.token) if getattr(session, "token", None) else None
-    rows = _LIVE_SESSIONS.rows(user=user.id, idle_after=current - cfg["SESSION_IDLE_TIMEOUT"],
-                               created_after=current - cfg["SESSION_ABSOLUTE_TIMEOUT"])
+    idle, absolute = cfg["SESSION_IDLE_TIMEOUT"], cfg["SESSION_ABSOLUTE_TIMEOUT"]
+    rows = _LIVE_SESSIONS.rows(user=user.id, idle_after=current - idle, idle_before=current + idle,
+                               created_after=current - absolute, created_before=current + absolute)
     return _Sessions({"handle": session_handle(r.id), "created_at": r.created_at, "last_seen_at": r.last_seen_at,
                       "ip": r.ip, "user_agent": browser_label(r.user_agent), "current": r.id == this_id}
                      for r in rows)
