@@ -2,13 +2,14 @@
 environment, behind exactly PROXY_HOPS reverse proxies."""
 import os
 import re
+import sqlite3
 import time
 
 import pytest
 from peewee import fn
 
 from webapp.db import db, is_sqlite
-from webapp.models import AuditEvent
+from webapp.models import AuditEvent, User
 
 from .conftest import PASSWORD
 from .live_app import ROOT, Browser, LiveServer
@@ -577,3 +578,80 @@ def test_the_right_proxy_hops_logs_nothing_about_x_forwarded_for(tmp_path, clock
     app.test_client().get("/login", headers={"X-Forwarded-For": "203.0.113.7"}, environ_base={"REMOTE_ADDR": "127.0.0.1"})
     app.test_client().get("/login")  # the proxy's own health check, without the header
     assert not [rec for rec in caplog.records if "X-Forwarded-For" in rec.getMessage()]
+
+
+# ------------------------------------------------------------------ backup (README "Backups")
+
+ON_POSTGRES = (os.environ.get("TEST_DATABASE_URL") or "").startswith("postgres")
+
+def _backup(app, *args):
+    return app.test_cli_runner().invoke(args=["backup", *map(str, args)])
+
+
+@pytest.mark.skipif(ON_POSTGRES, reason="the SQLite backup; PostgreSQL is backed up with pg_dump")
+def test_backup_copies_the_live_database_privately_and_checked(app, actor, tmp_path):
+    """A copy taken while the app runs holds what was just written (still in the -wal file, which `cp` would
+    miss), is private to the operator (mode 600), passes SQLite's quick check and leaves no partial file."""
+    actor.user(email="alice@example.com")
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    result = _backup(app, folder / "twostep.db")
+    assert result.exit_code == 0, result.output
+    assert "quick check ok" in result.output and "keys are not in it" in result.output
+    assert os.listdir(folder) == ["twostep.db"]
+    assert os.stat(folder / "twostep.db").st_mode & 0o777 == 0o600
+    copy = sqlite3.connect(folder / "twostep.db")
+    try:
+        assert copy.execute('SELECT email FROM "user"').fetchall() == [("alice@example.com",)]
+    finally:
+        copy.close()
+
+
+@pytest.mark.skipif(ON_POSTGRES, reason="the SQLite backup; PostgreSQL is backed up with pg_dump")
+@pytest.mark.parametrize("where", ["missing folder", "existing file", "the database", "its wal"])
+def test_backup_refuses_with_one_line_and_writes_nothing(app, actor, tmp_path, where):
+    """A path that cannot be a new backup is one `Error:` line (not a traceback) and nothing is written: a
+    folder that does not exist, a file that exists (an earlier backup is never replaced), or the database
+    itself (a copy renamed over the live file would destroy it)."""
+    actor.user(email="alice@example.com")
+    with app.app_context():
+        database = db.obj.database
+    existing = tmp_path / "old.db"
+    existing.write_bytes(b"an earlier backup")
+    target = {"missing folder": tmp_path / "nowhere" / "twostep.db", "existing file": existing,
+              "the database": database, "its wal": database + "-wal"}[where]
+    before = sorted(os.listdir(tmp_path))
+    result = _backup(app, target)
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and result.output.count("\n") == 1 and "Traceback" not in result.output
+    assert sorted(os.listdir(tmp_path)) == before and existing.read_bytes() == b"an earlier backup"
+    with app.app_context():
+        assert [u.email for u in User.select()] == ["alice@example.com"]
+
+
+@pytest.mark.skipif(not ON_POSTGRES, reason="PostgreSQL only")
+def test_backup_on_postgresql_points_to_pg_dump(app, tmp_path):
+    result = _backup(app, tmp_path / "twostep.db")
+    assert result.exit_code == 1 and "pg_dump" in result.output and os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(ON_POSTGRES, reason="the SQLite backup; PostgreSQL is backed up with pg_dump")
+def test_backup_of_a_damaged_database_says_so_and_keeps_nothing(app, tmp_path, monkeypatch):
+    """A database file with a damaged page (a disk fault, an old -wal kept at a restore) gives no backup that
+    looks good: one `Error:` line and no file."""
+    damaged = tmp_path / "damaged.db"
+    scratch = sqlite3.connect(damaged)
+    scratch.execute("CREATE TABLE t (x)")
+    scratch.executemany("INSERT INTO t VALUES (?)", [("x" * 100,)] * 2000)
+    scratch.commit()
+    scratch.close()
+    data = bytearray(damaged.read_bytes())
+    data[3 * 4096:3 * 4096 + 200] = b"\xab" * 200  # inside the table's pages
+    damaged.write_bytes(bytes(data))
+    with app.app_context():
+        monkeypatch.setattr(db.obj, "database", str(damaged))
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    result = _backup(app, folder / "twostep.db")
+    assert result.exit_code == 1 and "malformed" in result.output and "nothing was kept" in result.output
+    assert os.listdir(folder) == []

@@ -1,9 +1,13 @@
-"""Operator commands: flask --app wsgi users ..., networks ..., keys rotate, audit export and purge-expired."""
+"""Operator commands: flask --app wsgi users ..., networks ..., keys rotate, audit export, purge-expired and
+backup."""
 import ipaddress
 import json
+import os
 import re
+import sqlite3
+import tempfile
 from datetime import timedelta
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import click
 from email_validator import EmailNotValidError, validate_email
@@ -13,7 +17,7 @@ from peewee import JOIN, IntegrityError, InterfaceError, OperationalError, fn
 
 from .clock import now
 from .config import keys_source
-from .db import commits, first_line, for_update, write_transaction
+from .db import commits, db, first_line, for_update, is_sqlite, write_transaction
 from .models import (AuditEvent, Device, KnownBrowser, NetworkCounter, PendingEnrolment, User, lookalike_problem,
                      normalise_email)
 from .models import purge_expired as purge
@@ -574,6 +578,70 @@ def purge_expired():
                f"{counters} per-network counter(s)")
 
 
+@click.command("backup", cls=_Command)
+@click.argument("path", type=click.Path(dir_okay=False, resolve_path=True))
+@with_appcontext
+def backup(path):
+    """Copy the SQLite database to PATH while the app runs, with SQLite's own backup (a consistent copy; `cp`
+    may miss what is still in the -wal file). The copy is private to this user (mode 600) and takes the name
+    PATH only once PRAGMA quick_check has passed, so a failed backup leaves no file that looks like one.
+    PATH must not exist yet. The TOTP encryption keys are not in it: keep them apart. PostgreSQL: pg_dump."""
+    if not is_sqlite():
+        raise click.ClickException("the database is PostgreSQL: back it up with pg_dump -Fc (README \"Backups\")")
+    source = os.path.realpath(db.obj.database)
+    folder = os.path.dirname(path)
+    if os.path.realpath(path) in {source, source + "-wal", source + "-shm", source + "-journal"}:
+        raise click.ClickException(f"{path} is the database itself: name a file elsewhere")
+    if not os.path.isdir(folder):
+        raise click.ClickException(f"there is no folder {folder}: create it first, writable by this user")
+    if os.path.lexists(path):
+        raise click.ClickException(f"{path} already exists: name another file, or remove it first")
+    try:
+        fd, partial = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")  # mode 600
+    except OSError as exc:
+        raise click.ClickException(f"cannot write in {folder}: {exc.strerror}") from None
+    os.close(fd)
+    try:
+        _copy_checked(source, partial)
+        if os.path.lexists(path):  # made meanwhile: not replaced
+            raise click.ClickException(f"{path} appeared while the backup ran: the copy is not kept")
+        os.replace(partial, path)
+    except BaseException:
+        if os.path.exists(partial):
+            os.unlink(partial)
+        raise
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the new name outlives a power cut too
+    finally:
+        os.close(directory)
+    click.echo(f"backed up {source} to {path} ({os.path.getsize(path)} bytes; quick check ok). The TOTP "
+               "encryption keys are not in it: keep a copy of them apart from it")
+
+
+def _copy_checked(source, target):
+    """SQLite's online backup of `source` (opened read-only: a mistyped path is an error, not a new empty
+    database) into the file `target`, then PRAGMA quick_check on the copy and fsync."""
+    try:
+        reader = sqlite3.connect(f"file:{quote(source)}?mode=ro", uri=True, timeout=10)
+        try:
+            copy = sqlite3.connect(target)
+            try:
+                reader.backup(copy)
+                problems = [row[0] for row in copy.execute("PRAGMA quick_check")]
+            finally:
+                copy.close()
+        finally:
+            reader.close()
+    except sqlite3.Error as exc:
+        raise click.ClickException(f"the backup failed ({exc}); nothing was kept") from None
+    if problems != ["ok"]:
+        raise click.ClickException(f"the copy fails SQLite's quick check ({problems[0]}): nothing was kept. Is the "
+                                   "database itself damaged? (sqlite3 FILE 'PRAGMA integrity_check')")
+    with open(target, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
 @audit_group.command("export")
 @click.option("--since", type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%SZ"]),
               help="From this UTC date or time on (YYYY-MM-DD, YYYY-MM-DDTHH:MM:SS, or an export's own time).")
@@ -638,3 +706,4 @@ def init_app(app):
     app.cli.add_command(keys)
     app.cli.add_command(audit_group)
     app.cli.add_command(purge_expired)
+    app.cli.add_command(backup)
