@@ -74,6 +74,52 @@ def test_gunicorn_hides_the_preloaded_app_from_the_workers_garbage_collector():
         gc.unfreeze()
 
 
+@pytest.mark.parametrize("raw_uri, path, query", [
+    ("/support?q=alice%40example.com", "/support", "q=alice%40example.com"),
+    ("/support/audit?email=alice%40example.com&kind=", "/support/audit", "email=alice%40example.com&kind="),
+    # An admin whose session ended meanwhile: the search comes back in the sign-in page's next=.
+    ("/login?next=%2Fsupport%3Fq%3Dalice%2540example.com", "/login", "next=%2Fsupport%3Fq%3Dalice%2540example.com"),
+])
+def test_the_access_log_holds_no_address_an_admin_searched_for(raw_uri, path, query):
+    """The Support search and the audit log's filter take the person's email address in the query string, and
+    gunicorn's access line (its %(r)s, the whole request line) wrote it to the server log, which outlives the
+    database rows and is read by whoever reads the logs (a privacy review). With gunicorn.conf.py the line is
+    gunicorn's usual one, without the query string."""
+    line = _access_line(raw_uri, path, query)
+
+    assert "alice" not in line
+    assert line.startswith("127.0.0.1 - - [")
+    assert line.endswith(f'"GET {path} HTTP/1.1" 200 1234 "-" "Firefox"')
+
+
+def test_the_access_log_writes_the_path_as_the_client_sent_it():
+    """Without its query string, the path is still the one sent (percent-encoded), not werkzeug's decoded
+    PATH_INFO: a quote a visitor encodes in it cannot end the request line's field early."""
+    line = _access_line('/x%22%20200%201%20%22-%22?q=1', '/x" 200 1 "-"', "q=1")
+
+    assert '"GET /x%22%20200%201%20%22-%22 HTTP/1.1" 200 1234' in line
+
+
+def _access_line(raw_uri, path, query):
+    """The access line gunicorn, configured by gunicorn.conf.py, writes for a GET of `raw_uri`."""
+    import datetime
+    import runpy
+    from types import SimpleNamespace
+
+    from gunicorn.config import Config
+
+    cfg = Config()
+    for name, value in runpy.run_path(os.path.join(ROOT, "gunicorn.conf.py")).items():
+        if name in cfg.settings:  # what gunicorn itself takes from the file
+            cfg.set(name, value)
+    logger = cfg.logger_class(cfg)
+    environ = {"REQUEST_METHOD": "GET", "RAW_URI": raw_uri, "PATH_INFO": path, "QUERY_STRING": query,
+               "SERVER_PROTOCOL": "HTTP/1.1", "REMOTE_ADDR": "127.0.0.1", "HTTP_USER_AGENT": "Firefox"}
+    response = SimpleNamespace(status="200 OK", headers=[], sent=1234)
+    atoms = logger.atoms(response, SimpleNamespace(headers=[]), environ, datetime.timedelta(milliseconds=5))
+    return cfg.access_log_format % logger.atoms_wrapper_class(atoms)
+
+
 @pytest.mark.skipif(not os.environ.get("TEST_DATABASE_URL"),
                     reason="PostgreSQL only: on SQLite the database's own lock serialises table creation")
 def test_hosts_starting_together_on_an_empty_postgresql_database_all_start(tmp_path):
