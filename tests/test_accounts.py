@@ -1357,10 +1357,12 @@ def test_the_issuer_comes_from_the_environment(tmp_path, monkeypatch):
 
 
 def test_purge_expired_removes_only_dead_state(app, actor, secret, clock):
-    """Abandoned sign-ins leave rows; the purge deletes the expired ones only."""
-    from webapp.models import NetworkCounter, SignInChallenge
+    """Abandoned sign-ins leave rows; the purge deletes the expired ones only. Contact requests handled more
+    than 180 days ago go too (their message is free text about a person); open ones, however old, and those
+    handled since stay."""
+    from webapp.models import NetworkCounter, SignInChallenge, SupportRequest
 
-    actor.user(secret=secret)
+    user = actor.user(secret=secret)
     actor.password_step()                      # a session row and a challenge, both soon expired
     clock.advance(31 * 60)
     live = Actor(app, app.test_client(), clock)
@@ -1368,13 +1370,37 @@ def test_purge_expired_removes_only_dead_state(app, actor, secret, clock):
     with app.app_context():                    # a per-network count whose hour is over
         NetworkCounter.create(purpose="sign-ups", network="198.51.100.9", hits=2,
                               window_start=utc(clock.t) - timedelta(hours=1))
+        long_ago = utc(clock.t) - timedelta(days=400)
+        for message, handled in [("handled long ago", timedelta(days=181)), ("handled lately", timedelta(days=179)),
+                                 ("still open", None)]:
+            SupportRequest.create(email="alice@example.com", message=message, user=user.id, created_at=long_ago,
+                                  handled_at=handled and utc(clock.t) - handled)
     result = run(app, "purge-expired")
     assert result.exit_code == 0
     assert result.output == ("deleted 1 session(s), 1 sign-in challenge(s), 0 pending enrolment(s), 0 known "
-                             "browser(s), 1 per-network counter(s)\n")
+                             "browser(s), 1 per-network counter(s), 1 handled contact request(s)\n")
     with app.app_context():
         assert ServerSession.select().count() == 1 and SignInChallenge.select().count() == 1
+        assert sorted(r.message for r in SupportRequest.select()) == ["handled lately", "still open"]
     assert "Verification code" in live.client.get("/login/verify").get_data(as_text=True)
+
+
+def test_handled_requests_keep_days_from_the_environment(tmp_path, monkeypatch):
+    """HANDLED_REQUESTS_KEEP_DAYS sets how long handled contact requests stay; 0 keeps them for good (nothing
+    to purge); anything but a whole number is a clear start-up error."""
+    from webapp.models import SupportRequest, purge_expired
+
+    settings = {"TESTING": True, "DATABASE_URL": f"sqlite:///{tmp_path / 'keep.db'}"}
+    monkeypatch.setenv("HANDLED_REQUESTS_KEEP_DAYS", "30")
+    assert create_app(settings).config["HANDLED_REQUEST_RETENTION"] == timedelta(days=30)
+    monkeypatch.setenv("HANDLED_REQUESTS_KEEP_DAYS", "0")
+    app = create_app(settings)
+    with app.app_context():
+        SupportRequest.create(email="a@example.com", message="m", handled_at=datetime(2000, 1, 1))
+        assert purge_expired(app.config, datetime(2030, 1, 1))[5] == 0 and SupportRequest.select().count() == 1
+    monkeypatch.setenv("HANDLED_REQUESTS_KEEP_DAYS", "half a year")
+    with pytest.raises(ConfigError, match="HANDLED_REQUESTS_KEEP_DAYS"):
+        create_app(settings)
 
 
 def test_the_app_purges_expired_rows_by_itself_after_a_response(tmp_path, clock, monkeypatch):
@@ -1808,7 +1834,7 @@ def test_purge_removes_a_session_past_the_absolute_limit_even_if_just_used(app, 
     actor.sign_in()
     with app.app_context():
         ServerSession.update(created_at=now() - timedelta(hours=12, minutes=1), last_seen_at=now()).execute()
-        assert purge_expired(app.config, now()) == (1, 0, 0, 0, 0)
+        assert purge_expired(app.config, now()) == (1, 0, 0, 0, 0, 0)
         assert ServerSession.select().count() == 0
     assert actor.client.get("/settings").status_code == 302  # signed out
 
@@ -1847,7 +1873,7 @@ def test_the_purge_deletes_a_backlog_in_transactions_of_a_batch_each(app, actor,
             deleted_per_transaction.append(before - ServerSession.select().count() - SignInChallenge.select().count())
 
         monkeypatch.setattr(webapp.db, "write_transaction", counting)
-        assert purge_expired(app.config, current) == (7, 4, 0, 0, 0)
+        assert purge_expired(app.config, current) == (7, 4, 0, 0, 0, 0)
         assert max(deleted_per_transaction) == 3 and sum(deleted_per_transaction) == 11
         assert ServerSession.select().count() == 2 and SignInChallenge.select().count() == 0
 
@@ -1921,7 +1947,7 @@ def test_the_purge_keeps_each_row_up_to_the_instant_it_expires(app, actor, secre
 
     with app.app_context():
         age(timedelta(0))
-        assert purge_expired(cfg, now()) == (0, 0, 0, 0, 0)
+        assert purge_expired(cfg, now()) == (0, 0, 0, 0, 0, 0)
         assert PendingEnrolment.select().count() == 1
     assert actor.client.get("/settings").status_code == 200
     assert halfway.code_step(halfway.code(secret)).headers["Location"] == "/settings"
@@ -1930,9 +1956,9 @@ def test_the_purge_keeps_each_row_up_to_the_instant_it_expires(app, actor, secre
     token = other.csrf("/login/verify")  # its page is open
     with app.app_context():
         age(timedelta(seconds=1), sessions=False)
-        assert purge_expired(cfg, now()) == (0, 1, 1, 0, 0)
+        assert purge_expired(cfg, now()) == (0, 1, 1, 0, 0, 0)
         age(timedelta(seconds=1))
-        assert purge_expired(cfg, now()) == (2, 0, 0, 0, 0)  # both signed-in sessions
+        assert purge_expired(cfg, now()) == (2, 0, 0, 0, 0, 0)  # both signed-in sessions
     assert actor.client.get("/settings").status_code == 302
     r = other.client.post("/login/verify", data={"csrf_token": token, "code": other.code(secret)})
     assert r.headers["Location"] == "/login?notice=sign-in-expired"
@@ -2177,3 +2203,91 @@ def test_a_sign_up_whose_record_cannot_be_written_makes_no_account(app, actor, m
     with app.app_context():
         [record] = AuditEvent.select().where(AuditEvent.kind == "account_created")
         assert record.user_id == User.get(User.email == "dave@example.com").id
+
+
+# ------------------------------------------------------------------ users erase (README "Personal data")
+
+
+def test_cli_erase_deletes_a_persons_data_and_keeps_the_number_and_the_audit_records(app, actor, secret, clock):
+    """An erasure request: `users erase` deletes the person's devices, sessions, known browsers, contact
+    requests (from the account, and sent in its address's name without one) and half-finished sign-ins; the
+    live session ends at once. The row stays, renamed and disabled, so its number is never another account's
+    (a new account with the same address gets a new one and none of the old audit records), and the audit
+    records stay, with one more that names no address (security.md 42, 43). Other people keep theirs."""
+    from webapp.models import KnownBrowser, SupportRequest
+
+    user = actor.user(secret=secret)
+    bob = actor.user(email="bob@example.com")
+    actor.sign_in(secret=secret)
+    with app.app_context():
+        SupportRequest.create(email="alice@example.com", message="lost my phone", user=user.id)
+        SupportRequest.create(email="Alice@example.com".lower(), message="in her name", user=None)
+        SupportRequest.create(email="bob@example.com", message="mine", user=bob.id)
+        assert KnownBrowser.select().where(KnownBrowser.user == user.id).count() == 1
+        records = AuditEvent.select().where(AuditEvent.user == user.id).count()
+
+    result = run(app, "users", "erase", "alice@example.com", "--yes")
+
+    assert result.exit_code == 0, result.output
+    assert result.output == (
+        f"erased alice@example.com: it is now erased-{user.id}@erased.invalid, disabled; deleted 1 device(s), "
+        f"1 session(s), 1 known browser(s), 0 half-finished sign-in(s) and set-up(s), 2 contact request(s). "
+        f"Its {records + 1} audit record(s) stay (README \"Personal data\")\n")
+    assert actor.client.get("/settings").status_code == 302
+    fresh = Actor(app, app.test_client(), clock)
+    r = fresh.password_step("alice@example.com")
+    assert r.status_code == 200 and "Incorrect email address or password." in r.get_data(as_text=True)
+    with app.app_context():
+        row = User.get_by_id(user.id)
+        assert row.email == f"erased-{user.id}@erased.invalid" and row.disabled_at == utc(clock.t)
+        assert not row.is_admin and row.password_hash != user.password_hash and row.last_login_at is None
+        for model in (Device, ServerSession, KnownBrowser, SupportRequest):
+            assert model.select().where(model.user == user.id).count() == 0, model
+        assert [r.message for r in SupportRequest.select()] == ["mine"]
+        assert AuditEvent.select().where(AuditEvent.user == user.id).count() == records + 1
+        [event] = AuditEvent.select().where(AuditEvent.kind == "account_erased")
+        assert event.details == {"via": "cli", "devices_removed": 1, "sessions_ended": 1, "requests_deleted": 2}
+        assert "alice" not in event.detail
+    assert "Account erased by the server operator" in run(app, "users", "activity", f"#{user.id}").output
+
+    result = run(app, "users", "create", "alice@example.com", "--password", "long enough pw")
+    assert result.exit_code == 0
+    with app.app_context():
+        again = User.by_email("alice@example.com")
+        assert again.id != user.id and AuditEvent.select().where(AuditEvent.user == again.id).count() == 1
+
+
+def test_cli_an_erased_account_cannot_be_put_back_in_use(app, actor):
+    """Nothing gives an erased account back: enable, set-password and promote refuse it in one line and
+    change nothing; erase again says there is nothing to do."""
+    user = actor.user()
+    assert run(app, "users", "erase", "alice@example.com", "--yes").exit_code == 0
+    for args in (["enable", f"#{user.id}"], ["set-password", f"erased-{user.id}@erased.invalid", "--password",
+                                             "long enough pw"], ["promote", f"#{user.id}"]):
+        result = run(app, "users", *args)
+        assert result.exit_code == 1, args
+        assert result.output == (f"Error: account #{user.id} was erased (users erase): it cannot be used again. "
+                                 "Nothing changed.\n")
+    again = run(app, "users", "erase", f"#{user.id}", "--yes")
+    assert again.exit_code == 0 and again.output == f"account #{user.id} is already erased; nothing changed\n"
+    with app.app_context():
+        row = User.get_by_id(user.id)
+        assert row.disabled_at is not None and not row.is_admin
+        assert AuditEvent.select().where(AuditEvent.kind == "account_erased").count() == 1
+
+
+def test_cli_erase_asks_first_and_refuses_the_last_admin(app, actor):
+    """Erasing cannot be undone: without --yes it asks, and anything but yes changes nothing. The last admin
+    in use is refused, as by disable (security.md 41)."""
+    actor.user()
+    actor.user(email="root@example.com", admin=True)
+    result = run(app, "users", "erase", "alice@example.com", input="n\n")
+    assert result.exit_code == 1 and "for good? This cannot be undone" in result.output
+    result = run(app, "users", "erase", "root@example.com", "--yes")
+    assert result.exit_code == 1
+    assert "root@example.com is the only admin: promote another account first. Nothing changed." in result.output
+    with app.app_context():
+        assert sorted(u.email for u in User.select()) == ["alice@example.com", "root@example.com"]
+        assert AuditEvent.select().where(AuditEvent.kind == "account_erased").count() == 0
+    result = run(app, "users", "erase", "alice@example.com", input="y\n")
+    assert result.exit_code == 0 and "erased alice@example.com" in result.output

@@ -677,8 +677,10 @@ def test_backup_refuses_with_one_line_and_writes_nothing(app, actor, tmp_path, w
 
 @pytest.mark.skipif(not ON_POSTGRES, reason="PostgreSQL only")
 def test_backup_on_postgresql_points_to_pg_dump(app, tmp_path):
-    result = _backup(app, tmp_path / "twostep.db")
-    assert result.exit_code == 1 and "pg_dump" in result.output and os.listdir(tmp_path) == []
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    result = _backup(app, folder / "twostep.db")
+    assert result.exit_code == 1 and "pg_dump" in result.output and os.listdir(folder) == []
 
 
 @pytest.mark.skipif(ON_POSTGRES, reason="the SQLite backup; PostgreSQL is backed up with pg_dump")

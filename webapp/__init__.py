@@ -425,7 +425,7 @@ def _schedule_purge(app):
             counts = purge_expired(config, current, seconds=PURGE_SECONDS)
             if any(counts):
                 log.info("purged expired rows: %d session(s), %d challenge(s), %d pending enrolment(s), "
-                         "%d known browser(s), %d per-network counter(s)", *counts)
+                         "%d known browser(s), %d per-network counter(s), %d handled contact request(s)", *counts)
         except (OperationalError, InterfaceError) as exc:
             log.warning("purging expired rows failed: %s", exc)
         finally:

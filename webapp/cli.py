@@ -4,6 +4,7 @@ import ipaddress
 import json
 import os
 import re
+import secrets
 import sqlite3
 import tempfile
 from datetime import timedelta
@@ -18,12 +19,12 @@ from peewee import JOIN, IntegrityError, InterfaceError, OperationalError, fn
 from .clock import now
 from .config import keys_source
 from .db import commits, db, first_line, for_update, is_sqlite, write_transaction
-from .models import (AuditEvent, Device, KnownBrowser, NetworkCounter, PendingEnrolment, User, lookalike_problem,
-                     normalise_email)
+from .models import (AuditEvent, Device, KnownBrowser, NetworkCounter, PendingEnrolment, SupportRequest, User,
+                     lookalike_problem, normalise_email)
 from .models import purge_expired as purge
 from .security import (NETWORK_LIMITS, PASSWORD_MAX, PASSWORD_MIN, audit, client_network, client_network_48,
-                       end_code_steps, hash_password, is_lock, network_limit, replace_password,
-                       revoke_second_factor, wait_end)
+                       end_code_steps, forget_browsers, hash_password, is_lock, network_limit,
+                       replace_password, revoke_second_factor, wait_end)
 from .sessions import end_user_sessions
 from .support import _email_order, detail_text, event_text
 from .totp import SecretError, reencrypt_secret
@@ -65,19 +66,23 @@ audit_group = _Group("audit", help="Read the audit log.")
 networks = _Group("networks", help="See and clear what the per-network limits counted this hour.")
 
 
-def _get_user(email):
+def _get_user(email, erased=False):
     """The account an operator command names: by its address, or by its number as "#8" (what the start-up
     warning about one mailbox in several spellings gives: those addresses look alike, and the address finds
-    only one of them)."""
+    only one of them). An erased account only for the commands that pass `erased`: nothing may put it back
+    in use (enable, set-password, promote)."""
     text = email.strip()
     if text.startswith("#") and text[1:].isdigit() and len(text) <= 19:
         user = User.get_or_none(User.id == int(text[1:]))
         if user is None:
             raise click.ClickException(f"no account number {text}")
-        return user
-    user = User.by_email(email)
-    if user is None:
-        raise click.ClickException(f"no account with email {normalise_email(email)}")
+    else:
+        user = User.by_email(email)
+        if user is None:
+            raise click.ClickException(f"no account with email {normalise_email(email)}")
+    if not erased and user.email == erased_email(user.id):
+        raise click.ClickException(f"account #{user.id} was erased (users erase): it cannot be used again. "
+                                   "Nothing changed.")
     return user
 
 
@@ -422,13 +427,67 @@ def _lifted(key, until, current):
     return {key: until.isoformat()} if until is not None and until > current else {}
 
 
+def erased_email(user_id):
+    """What an erased account's address becomes: unique, never a valid address (email-validator refuses the
+    reserved .invalid domain, so no sign-up or `users create` can take it) and already in its normal form."""
+    return f"erased-{user_id}@erased.invalid"
+
+
+@users.command("erase")
+@click.argument("email", callback=_utf8_text)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (for scripts).")
+def erase(email, yes):
+    """Erase a person (an erasure request): their devices, sessions, known browsers, half-finished sign-ins
+    and set-ups, and every contact request from their account or address are deleted; the account stays
+    as a disabled row named erased-NUMBER@erased.invalid with an unknown password, so its number is never
+    given to another account and the audit records keep pointing at it. The audit records stay (security
+    events: README "Personal data"). Cannot be undone. Audited."""
+    user = _get_user(email, erased=True)
+    if user.email == erased_email(user.id):
+        click.echo(f"account #{user.id} is already erased; nothing changed")
+        return
+    if not yes:
+        click.confirm(f"Erase {user.email} (account #{user.id}) for good? This cannot be undone", abort=True)
+    placeholder = hash_password(secrets.token_urlsafe(32))  # nobody knows it (outside the transaction: slow)
+    with write_transaction():
+        # Every admin's row first, in id order, as disable and promote --revoke take them (_refuse_last_admin).
+        for_update(User.select(User.id).where(User.is_admin).order_by(User.id)).execute()
+        User.lock(user.id)
+        user = User.get_by_id(user.id)  # as it is now, under the lock
+        if user.is_admin:
+            _refuse_last_admin(user)
+        address = user.email
+        devices = Device.delete().where(Device.user == user.id).execute()
+        sign_ins = end_code_steps(user)
+        set_ups = PendingEnrolment.delete().where(PendingEnrolment.user == user.id).execute()
+        sessions = end_user_sessions(user)
+        browsers = forget_browsers(user)
+        requests = SupportRequest.delete().where(
+            (SupportRequest.user == user.id) | (SupportRequest.email == address)).execute()
+        User.update(email=erased_email(user.id), password_hash=placeholder, is_admin=False, last_login_at=None,
+                    password_failures=0, password_locked_until=None, code_failures=0, code_strikes=0,
+                    code_locked_until=None, tfa_reset_until=None,
+                    disabled_at=user.disabled_at or now()).where(User.id == user.id).execute()
+        # No address in the record: the erased one would stay in it, and in the log line that copies it.
+        audit("account_erased", user=user, via="cli", devices_removed=devices, sessions_ended=sessions,
+              requests_deleted=requests)
+    click.echo(f"erased {address}: it is now {erased_email(user.id)}, disabled; deleted {devices} device(s), "
+               f"{sessions} session(s), {browsers} known browser(s), {sign_ins + set_ups} half-finished sign-in(s) "
+               f"and set-up(s), {requests} contact request(s). Its {_audit_count(user)} audit record(s) stay "
+               "(README \"Personal data\")")
+
+
+def _audit_count(user):
+    return AuditEvent.select().where((AuditEvent.user == user.id) | (AuditEvent.actor == user.id)).count()
+
+
 @users.command("activity")
 @click.argument("email", callback=_utf8_text)
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10000),
               help="How many events, newest first (1 to 10000).")
 def activity(email, limit):
     """Show an account's recent security events in plain words (read-only, like the audit log page)."""
-    user = _get_user(email)
+    user = _get_user(email, erased=True)
     query = list(AuditEvent.select().where((AuditEvent.user == user) | (AuditEvent.actor == user))
                  .order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc()).limit(limit))
     # The other side of each event, by address: the admin who acted on this account, or the account this
@@ -570,12 +629,13 @@ def clear_network(address, purpose):
 @with_appcontext
 def purge_expired():
     """Delete expired sessions, sign-in challenges, pending enrolments, known browsers unused for their
-    lifetime and per-network counters whose hour is over (the app also does this by itself every
-    PURGE_INTERVAL; safe to run from cron as well)."""
-    sessions, challenges, enrolments, browsers, counters = purge(current_app.config, now())
+    lifetime, per-network counters whose hour is over and contact requests handled longer ago than
+    HANDLED_REQUESTS_KEEP_DAYS (the app also does this by itself every PURGE_INTERVAL; safe to run from cron
+    as well)."""
+    sessions, challenges, enrolments, browsers, counters, requests = purge(current_app.config, now())
     click.echo(f"deleted {sessions} session(s), {challenges} sign-in challenge(s), "
                f"{enrolments} pending enrolment(s), {browsers} known browser(s), "
-               f"{counters} per-network counter(s)")
+               f"{counters} per-network counter(s), {requests} handled contact request(s)")
 
 
 @click.command("backup", cls=_Command)

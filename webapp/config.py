@@ -31,6 +31,9 @@ DEFAULTS = {
     # A browser that completed a sign-in keeps a throttle of its own for that account this long (security.py,
     # "known browsers"); its cookie lives as long.
     "KNOWN_BROWSER_TTL": timedelta(days=180),
+    # Contact requests marked as handled (or closed by a 2FA disable) are deleted this long after: their message is
+    # free text about a person. None keeps them (HANDLED_REQUESTS_KEEP_DAYS=0). Open requests are never deleted.
+    "HANDLED_REQUEST_RETENTION": timedelta(days=180),
     # How often each app process deletes expired sessions, challenges and enrolments by itself, after a
     # response has gone out (0 turns it off, for operators who run `purge-expired` from cron instead).
     "PURGE_INTERVAL": timedelta(minutes=10),
@@ -147,6 +150,9 @@ def load(app, test_config=None):
     if env.get("PURGE_INTERVAL_SECONDS"):
         seconds = _env_count(env, "PURGE_INTERVAL_SECONDS", "a whole number of seconds (0 turns it off)")
         app.config["PURGE_INTERVAL"] = timedelta(seconds=seconds)
+    if env.get("HANDLED_REQUESTS_KEEP_DAYS"):
+        days = _env_count(env, "HANDLED_REQUESTS_KEEP_DAYS", "a whole number of days (0 keeps them)")
+        app.config["HANDLED_REQUEST_RETENTION"] = timedelta(days=days) if days else None
     # The per-network limits an operator may have to move: many people behind one address (an office's NAT, a
     # carrier's) share one count, and a stranger among them can use it up for everyone not in a known browser.
     for key in ("SIGNUPS_PER_HOUR", "FAILED_SIGNINS_PER_HOUR"):

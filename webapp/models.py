@@ -404,8 +404,9 @@ PURGE_BATCH = 5000
 def purge_expired(config, current, seconds=None):
     """Delete the sessions, sign-in challenges and pending enrolments that expired by `current` (they are
     already refused when used; this removes the rows, with their IP addresses and browser names), the
-    known browsers past their lifetime and the per-network counters whose hour is over (the next event
-    starts a new one anyway). Returns the five counts. Run by the app itself now and then
+    known browsers past their lifetime, the per-network counters whose hour is over (the next event
+    starts a new one anyway) and the contact requests handled longer ago than HANDLED_REQUEST_RETENTION.
+    Returns the six counts. Run by the app itself now and then
     (__init__._schedule_purge) and by the `purge-expired` command. PURGE_BATCH rows per write transaction,
     so other writers wait for one batch at most, not for the whole backlog. With `seconds`, no new batch
     starts once they have passed (each table still gets one): the app's own purge runs in a worker that
@@ -418,6 +419,8 @@ def purge_expired(config, current, seconds=None):
         _purge(PendingEnrolment, PendingEnrolment.created_at < current - config["PENDING_ENROLMENT_TTL"], deadline),
         _purge(KnownBrowser, KnownBrowser.last_used_at < current - config["KNOWN_BROWSER_TTL"], deadline),
         _purge(NetworkCounter, NetworkCounter.window_start <= current - NetworkCounter.WINDOW, deadline),
+        _purge(SupportRequest, SupportRequest.handled_at < current - config["HANDLED_REQUEST_RETENTION"], deadline)
+        if config["HANDLED_REQUEST_RETENTION"] else 0,
     )
 
 

@@ -177,6 +177,7 @@ KIND_LABELS = {
     "tfa_reset": "Two-factor authentication reset by the server operator",
     "throttle_cleared": "Failed sign-in attempts cleared by the server operator",
     "account_disabled": "Account disabled by the server operator",
+    "account_erased": "Account erased by the server operator (its data deleted)",
     "account_enabled": "Account enabled again by the server operator",
     "totp_keys_rotated": "Stored authenticator secrets re-encrypted with the newest key by the server operator",
     "tfa_enabled": "Two-factor authentication turned on",
@@ -215,8 +216,8 @@ KIND_GROUPS = {
     "Support": ("support_request", "support_request_handled", "support_request_reopened", "support_tfa_disabled",
                 "support_window_ended", "support_action_refused"),
     "Account": ("account_created", "password_changed", "role_changed"),
-    "Server operator": ("tfa_reset", "throttle_cleared", "account_disabled", "account_enabled", "totp_keys_rotated",
-                        "network_count_cleared", "email_respelled"),
+    "Server operator": ("tfa_reset", "throttle_cleared", "account_disabled", "account_enabled", "account_erased",
+                        "totp_keys_rotated", "network_count_cleared", "email_respelled"),
 }
 
 DETAIL_LABELS = {
@@ -229,6 +230,7 @@ DETAIL_LABELS = {
     "failures": "Failures in a row",
     "devices_removed": "Devices removed",
     "requests_closed": "Requests marked as handled",
+    "requests_deleted": "Contact requests deleted",
     "requests": "Request numbers",
     "sessions_ended": "Sessions ended",
     "sign_ins_ended": "Half-finished sign-ins ended",
