@@ -342,7 +342,9 @@ def security_activity(user, limit=10):
     if user is None or not getattr(user, "is_authenticated", False):
         return []
     events = _OWN_EVENTS.rows(user=user.id, limit=max(1, min(int(limit), 100)))
-    # The address is shown only for what the person did themselves: never an admin's address.
+    # The address of each event about the account that no admin did: the person's own, and those of whoever
+    # typed its address (a wrong password, a contact request in its name), so that its owner can tell them
+    # apart. Never an admin's address (an event with an actor).
     return [{"when": e.created_at, "when_text": _fmt_time(e.created_at), **_text_and_until(e),
              "ip": e.ip if e.actor_id in (None, user.id) else None} for e in events]
 
