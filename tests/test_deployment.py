@@ -703,3 +703,16 @@ def test_backup_of_a_damaged_database_says_so_and_keeps_nothing(app, tmp_path, m
     result = _backup(app, folder / "twostep.db")
     assert result.exit_code == 1 and "malformed" in result.output and "nothing was kept" in result.output
     assert os.listdir(folder) == []
+
+
+@pytest.mark.skipif(ON_POSTGRES, reason="the SQLite backup; PostgreSQL is backed up with pg_dump")
+def test_backup_of_a_database_without_accounts_says_so_and_keeps_nothing(app, tmp_path):
+    """A mistyped DATABASE_URL names a file that is not there, and the command's own start (the app's, which
+    makes its tables) creates it, new and empty: opening it read-only then finds it, and the backup said
+    "quick check ok" every night for a copy of nothing. A copy without any account is refused."""
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    result = _backup(app, folder / "twostep.db")
+    assert result.exit_code == 1 and result.output.startswith("Error: ") and result.output.count("\n") == 1
+    assert "no account" in result.output and "DATABASE_URL" in result.output and "nothing was kept" in result.output
+    assert os.listdir(folder) == []

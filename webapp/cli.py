@@ -644,8 +644,9 @@ def purge_expired():
 def backup(path):
     """Copy the SQLite database to PATH while the app runs, with SQLite's own backup (a consistent copy; `cp`
     may miss what is still in the -wal file). The copy is private to this user (mode 600) and takes the name
-    PATH only once PRAGMA quick_check has passed, so a failed backup leaves no file that looks like one.
-    PATH must not exist yet. The TOTP encryption keys are not in it: keep them apart. PostgreSQL: pg_dump."""
+    PATH only once PRAGMA quick_check has passed, so a failed backup leaves no file that looks like one; a
+    database without any account (a mistyped DATABASE_URL) is refused. PATH must not exist yet. The TOTP
+    encryption keys are not in it: keep them apart. PostgreSQL: pg_dump."""
     if not is_sqlite():
         raise click.ClickException("the database is PostgreSQL: back it up with pg_dump -Fc (README \"Backups\")")
     source = os.path.realpath(db.obj.database)
@@ -680,8 +681,8 @@ def backup(path):
 
 
 def _copy_checked(source, target):
-    """SQLite's online backup of `source` (opened read-only: a mistyped path is an error, not a new empty
-    database) into the file `target`, then PRAGMA quick_check on the copy and fsync."""
+    """SQLite's online backup of `source` (opened read-only) into the file `target`, then PRAGMA quick_check on
+    the copy, a look for an account in it, and fsync."""
     try:
         reader = sqlite3.connect(f"file:{quote(source)}?mode=ro", uri=True, timeout=10)
         try:
@@ -689,6 +690,7 @@ def _copy_checked(source, target):
             try:
                 reader.backup(copy)
                 problems = [row[0] for row in copy.execute("PRAGMA quick_check")]
+                accounts = problems == ["ok"] and copy.execute('SELECT EXISTS (SELECT 1 FROM "user")').fetchone()[0]
             finally:
                 copy.close()
         finally:
@@ -698,6 +700,11 @@ def _copy_checked(source, target):
     if problems != ["ok"]:
         raise click.ClickException(f"the copy fails SQLite's quick check ({problems[0]}): nothing was kept. Is the "
                                    "database itself damaged? (sqlite3 FILE 'PRAGMA integrity_check')")
+    if not accounts:
+        # A mistyped DATABASE_URL: the app's start, before this command, made the missing file a new, empty
+        # database (read-only, the backup then found it), and a copy of it looked like a good backup.
+        raise click.ClickException(f"{_database_name()} holds no account, so nothing was kept: is DATABASE_URL the "
+                                   "app's? (A path with no database becomes a new, empty one when a command starts.)")
     with open(target, "rb+") as fh:
         os.fsync(fh.fileno())
 
