@@ -716,3 +716,22 @@ def test_backup_of_a_database_without_accounts_says_so_and_keeps_nothing(app, tm
     assert result.exit_code == 1 and result.output.startswith("Error: ") and result.output.count("\n") == 1
     assert "no account" in result.output and "DATABASE_URL" in result.output and "nothing was kept" in result.output
     assert os.listdir(folder) == []
+
+
+@pytest.mark.skipif(ON_POSTGRES, reason="the SQLite backup; PostgreSQL is backed up with pg_dump")
+def test_a_backup_is_one_file_that_reads_without_writing_beside_it(app, actor, tmp_path):
+    """SQLite's backup copies the live database's header, WAL mode included: reading the copy made a -wal and a
+    -shm file beside it, and a reader who may not write in the backup folder (a restore drill, another
+    account, read-only media) got "attempt to write a readonly database". The copy is in rollback-journal
+    mode (the app puts a restored database back in WAL mode at its start)."""
+    actor.user(email="alice@example.com")
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    assert _backup(app, folder / "twostep.db").exit_code == 0
+    reader = sqlite3.connect(f"file:{folder / 'twostep.db'}?mode=ro", uri=True)
+    try:
+        assert reader.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+        assert reader.execute('SELECT email FROM "user"').fetchall() == [("alice@example.com",)]
+        assert os.listdir(folder) == ["twostep.db"]
+    finally:
+        reader.close()

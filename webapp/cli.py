@@ -689,6 +689,10 @@ def _copy_checked(source, target):
             copy = sqlite3.connect(target)
             try:
                 reader.backup(copy)
+                # One file, readable where it lies: the backup copied the live database's WAL mode, and reading
+                # a WAL database writes a -wal and a -shm file beside it (refused in a folder the reader may
+                # not write to). A restored copy is put back in WAL mode by the app's start (db.SQLITE_PRAGMAS).
+                copy.execute("PRAGMA journal_mode=DELETE")
                 problems = [row[0] for row in copy.execute("PRAGMA quick_check")]
                 accounts = problems == ["ok"] and copy.execute('SELECT EXISTS (SELECT 1 FROM "user")').fetchone()[0]
             finally:
