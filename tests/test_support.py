@@ -1885,6 +1885,35 @@ def test_marking_an_unknown_request_is_404(actor, secret):
     assert actor.post_form("/support/requests/4242/handled", {}, form_url="/support").status_code == 404
 
 
+@pytest.mark.parametrize("action, handled_at", [("handled", None), ("reopen", utc(0))])
+def test_a_request_deleted_while_it_is_marked_or_reopened_is_404_not_a_server_error(app, actor, secret, monkeypatch,
+                                                                                   action, handled_at):
+    """Contact requests are deleted now (the purge of long-handled ones, `users erase`). One deleted by such a
+    transaction after Mark as handled or Reopen had read it (PostgreSQL: their UPDATE waits for the delete's
+    commit, then changes nothing) was read again to say what happened, and its absence was a 500 with a
+    traceback. It is a 404 that says the request is gone, as for one deleted before."""
+    with app.app_context():
+        req = SupportRequest.create(email="ghost@example.com", message="Please help me", handled_at=handled_at)
+    sign_in_admin(actor, secret)
+    token = actor.csrf("/support")
+    real = SupportRequest.get_or_none
+
+    def read_then_deleted(*args, **kwargs):
+        found = real(*args, **kwargs)
+        if found is not None:  # what the other transaction does meanwhile
+            SupportRequest.delete().where(SupportRequest.id == found.id).execute()
+        return found
+
+    monkeypatch.setattr(SupportRequest, "get_or_none", read_then_deleted)
+    for headers in ({}, HX):
+        with app.app_context():
+            SupportRequest.insert(id=req.id, email=req.email, message=req.message, handled_at=handled_at,
+                                  created_at=req.created_at).on_conflict_ignore().execute()
+        r = actor.client.post(f"/support/requests/{req.id}/{action}", data={"csrf_token": token}, headers=headers)
+        assert r.status_code == 404, r.status_code
+        assert "no longer stored" in r.get_data(as_text=True)
+
+
 def test_the_request_handled_last_is_at_the_top_of_recently_handled(app, actor, secret, clock):
     """A request just closed by mistake is the first under "Recently handled", where the admin looks for it
     to reopen it; with more handled than are listed, the oldest drop off, never the newest."""

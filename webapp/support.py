@@ -1231,7 +1231,7 @@ def mark_handled(request_id):
         _recheck_actor(actor)
         req = SupportRequest.get_or_none(SupportRequest.id == request_id)
         if req is None:
-            abort(404)
+            abort(404, _REQUEST_GONE)
         changed = 0
         if req.handled_at is None:
             changed = (SupportRequest.update(handled_at=now(), handled_by=actor.id)
@@ -1252,7 +1252,7 @@ def reopen(request_id):
         _recheck_actor(actor)
         req = SupportRequest.get_or_none(SupportRequest.id == request_id)
         if req is None:
-            abort(404)
+            abort(404, _REQUEST_GONE)
         changed = (SupportRequest.update(handled_at=None, handled_by=None)
                    .where((SupportRequest.id == req.id) & SupportRequest.handled_at.is_null(False)).execute())
         if changed:
@@ -1261,11 +1261,18 @@ def reopen(request_id):
                              else lambda r: f"The request from {r.email} was open already.")
 
 
+_REQUEST_GONE = ("This contact request is no longer stored: handled requests are deleted some time after they "
+                 "were handled (HANDLED_REQUESTS_KEEP_DAYS), and an erasure deletes a person's. Nothing was changed.")
+
+
 def _request_response(request_id, describe):
     """After marking a request handled or reopening it, the message `describe` makes of the request as it is
     now: htmx gets the requests card again, both lists and their counts as they are now, the message on top
     (app.js focuses it); a plain form goes back to the Support page, the message flashed."""
-    message = describe(SupportRequest.get_by_id(request_id))
+    req = SupportRequest.get_or_none(SupportRequest.id == request_id)
+    if req is None:  # deleted after the action read it (the purge, `users erase`): its UPDATE changed nothing
+        abort(404, _REQUEST_GONE)
+    message = describe(req)
     if htmx.is_htmx():
         return htmx.render("support/index.html", "support/_open_requests.html", requests_notice=message,
                            **_requests_context())
