@@ -2030,6 +2030,36 @@ def test_open_requests_say_whether_the_sender_had_entered_the_password(app, acto
     assert "Sent after entering this account's password (not proof of identity" in handled
 
 
+def test_a_request_numbered_as_a_deleted_one_is_not_told_that_ones_sender(app, actor, secret, clock, target):
+    """On SQLite a new row takes the largest id plus one: once the newest contact request is deleted (the purge
+    of requests handled long ago, `users erase`), the next request gets its number. The hint read the first
+    request's record by that number, and a stranger's request for the same account said "Sent after entering
+    this account's password", the one thing support tells the owner from a stranger by. A request's record is
+    the one written with it."""
+    from webapp.clock import now
+    from webapp.models import purge_expired
+
+    carol = second_client(app, clock)
+    assert carol.password_step("carol@example.com").headers["Location"] == "/login/verify"
+    carol.post_form("/support/contact", {"email": "carol@example.com", "message": "Lost my phone in a lake."})
+    with app.app_context():
+        first = SupportRequest.get()
+        SupportRequest.update(handled_at=utc(clock.t)).execute()
+    clock.advance(181 * 86400)  # past HANDLED_REQUESTS_KEEP_DAYS
+    with app.app_context():
+        assert purge_expired(app.config, now())[5] == 1
+    stranger = second_client(app, clock)
+    stranger.client.environ_base["REMOTE_ADDR"] = "203.0.113.9"
+    stranger.post_form("/support/contact", {"email": "carol@example.com", "message": "Please turn off my 2FA."})
+    with app.app_context():
+        second = SupportRequest.get()
+        assert second.id == first.id or not is_sqlite()  # the number again (PostgreSQL's sequence moves on)
+    sign_in_admin(actor, secret)
+    page = " ".join(actor.client.get("/support").get_data(as_text=True).split())
+    item = page.split("<strong>carol@example.com</strong>", 1)[1].split("</li>", 1)[0]
+    assert "Sent without entering this account's password." in item
+
+
 def test_a_request_says_whether_its_sender_was_signed_in_and_when_the_phone_last_gave_a_code(
         app, actor, secret, clock, target, target_secret):
     """A security review: "I lost my phone" sent by someone who has the password, after the owner's phone had

@@ -846,26 +846,31 @@ def _mark_request_hints(requests, last_code=True):
       (after support's disable) says nothing about it.
     Two queries for the whole list."""
     ids = {r.user_id for r in requests if r.user_id}
-    entered, signed_in, devices = set(), set(), {}
+    records, devices = {}, {}
     if ids:
-        events = AuditEvent.select(AuditEvent.detail).where(
+        events = AuditEvent.select(AuditEvent.detail, AuditEvent.created_at).where(
             (AuditEvent.kind == "support_request") & AuditEvent.user.in_(sorted(ids)))
         for e in events:
             details = e.details
-            if details.get("after_password"):
-                entered.add(details.get("request"))
-            if details.get("signed_in"):
-                signed_in.add(details.get("request"))
+            records.setdefault(details.get("request"), []).append(
+                (e.created_at, bool(details.get("after_password")), bool(details.get("signed_in"))))
         if last_code:
             used = Device.select(Device.user, Device.created_at, Device.last_used_at).where(
                 Device.user.in_(sorted(ids)) & Device.last_used_at.is_null(False))
             for user_id, created_at, used_at in used.tuples():
                 devices.setdefault(user_id, []).append((created_at, used_at))
     for r in requests:
-        r.after_password = r.id in entered
-        r.signed_in = r.id in signed_in
+        # Its own record, written with it in one transaction: on SQLite a request deleted by the purge or an
+        # erasure gives its number to the next one, and the old request's record must not speak for it.
+        own = [(entered, signed_in) for at, entered, signed_in in records.get(r.id, ())
+               if abs(at - r.created_at) <= _WRITTEN_TOGETHER]
+        r.after_password = any(entered for entered, _ in own)
+        r.signed_in = any(signed_in for _, signed_in in own)
         r.last_code_at = max((used for made, used in devices.get(r.user_id, ()) if made <= r.created_at),
                              default=None)
+
+
+_WRITTEN_TOGETHER = timedelta(seconds=5)  # a request and its audit record: the same transaction
 
 
 def _index_context(q, page, rows=None, has_next=False):
