@@ -2291,3 +2291,39 @@ def test_cli_erase_asks_first_and_refuses_the_last_admin(app, actor):
         assert AuditEvent.select().where(AuditEvent.kind == "account_erased").count() == 0
     result = run(app, "users", "erase", "alice@example.com", input="y\n")
     assert result.exit_code == 0 and "erased alice@example.com" in result.output
+
+
+@pytest.mark.parametrize("command", [["enable"], ["promote"], ["set-password", "--password", "long enough pw"],
+                                     ["erase", "--yes"]])
+def test_cli_an_account_erased_while_a_command_waits_for_it_is_not_put_back_in_use(app, actor, monkeypatch,
+                                                                                  command):
+    """`enable`, `promote` and `set-password` refused an erased account only when they looked it up, before
+    their transaction: one erased meanwhile (`users erase` in another shell, committed while the command
+    waited for the person's row or asked for the password) was enabled, made an admin or given a known
+    password all the same, and a second `erase` erased it again, with a second record. Each decides again
+    holding the row."""
+    from webapp import cli
+    from webapp.clock import now
+
+    user = actor.user()
+    assert run(app, "users", "disable", "alice@example.com").exit_code == 0
+    real = cli._get_user
+
+    def read_then_erased(email, erased=False):
+        found = real(email, erased)
+        User.update(email=cli.erased_email(found.id), disabled_at=now(), is_admin=False,
+                    password_hash="x").where(User.id == found.id).execute()
+        return found
+
+    monkeypatch.setattr(cli, "_get_user", read_then_erased)
+    result = run(app, "users", command[0], "alice@example.com", *command[1:])
+    with app.app_context():
+        row = User.get_by_id(user.id)
+        assert row.disabled_at is not None and not row.is_admin and row.password_hash == "x"
+        assert not AuditEvent.select().where(AuditEvent.kind.in_(
+            ["account_enabled", "role_changed", "password_changed", "account_erased"])).exists()
+    if command[0] == "erase":
+        assert result.exit_code == 0 and result.output == f"account #{user.id} is already erased; nothing changed\n"
+    else:
+        assert result.exit_code == 1 and result.output == (
+            f"Error: account #{user.id} was erased (users erase): it cannot be used again. Nothing changed.\n")

@@ -80,10 +80,17 @@ def _get_user(email, erased=False):
         user = User.by_email(email)
         if user is None:
             raise click.ClickException(f"no account with email {normalise_email(email)}")
-    if not erased and user.email == erased_email(user.id):
+    if not erased:
+        _refuse_erased(user)
+    return user
+
+
+def _refuse_erased(user):
+    """Refuse an erased account (users erase) to a command that would put it back in use. Checked when the
+    command looks the account up, and again holding its row: it may have been erased meanwhile."""
+    if user.email == erased_email(user.id):
         raise click.ClickException(f"account #{user.id} was erased (users erase): it cannot be used again. "
                                    "Nothing changed.")
-    return user
 
 
 _OTHER_ENCODING = "(a terminal or a script in another character encoding?)"
@@ -269,6 +276,7 @@ def promote(email, revoke):
             for_update(User.select(User.id).where(User.is_admin).order_by(User.id)).execute()
         User.lock(user.id)
         user = User.get_by_id(user.id)  # as it is now, under the lock
+        _refuse_erased(user)
         if user.is_admin != revoke:  # already so: no sign-out, no audit record of a change that did not happen
             click.echo(f"{user.email} is already {'an ordinary user' if revoke else 'an admin'}; nothing changed")
             return
@@ -335,6 +343,7 @@ def enable(email):
     with write_transaction():
         User.lock(user.id)
         user = User.get_by_id(user.id)  # as it is now, under the lock
+        _refuse_erased(user)
         if user.disabled_at is None:
             click.echo(f"{user.email} is not disabled; nothing changed")
             return
@@ -368,7 +377,11 @@ def set_password(user, password):
     """Give an account a new password (a forgotten one, or one that leaked): every session of the account
     ends and its password throttle starts over. Two-factor authentication stays as it is."""
     _check_password(password)
-    ended = replace_password(user, hash_password(password), via="cli")  # the hash first: it is slow
+    password_hash = hash_password(password)  # slow: before the transaction
+    with write_transaction():
+        User.lock(user.id)
+        _refuse_erased(User.get_by_id(user.id))  # erased while the password was asked for or hashed
+        ended = replace_password(user, password_hash, via="cli")
     click.echo(f"new password set for {user.email}; {ended} session(s) ended")
 
 
@@ -454,6 +467,9 @@ def erase(email, yes):
         for_update(User.select(User.id).where(User.is_admin).order_by(User.id)).execute()
         User.lock(user.id)
         user = User.get_by_id(user.id)  # as it is now, under the lock
+        if user.email == erased_email(user.id):  # by another run meanwhile
+            click.echo(f"account #{user.id} is already erased; nothing changed")
+            return
         if user.is_admin:
             _refuse_last_admin(user)
         address = user.email
