@@ -735,3 +735,18 @@ def test_a_backup_is_one_file_that_reads_without_writing_beside_it(app, actor, t
         assert os.listdir(folder) == ["twostep.db"]
     finally:
         reader.close()
+
+
+@pytest.mark.skipif(ON_POSTGRES, reason="the SQLite backup; PostgreSQL is backed up with pg_dump")
+def test_backup_does_not_write_through_a_symlink_at_its_path(app, actor, tmp_path):
+    """PATH must not exist yet, a symlink included (os.path.lexists): but the argument was resolved first
+    (click's resolve_path), so a symlink to a missing file sent the copy to wherever it pointed, in a folder
+    the operator never named. It is refused like any other existing file."""
+    actor.user(email="alice@example.com")
+    folder, elsewhere = tmp_path / "backups", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    (folder / "twostep.db").symlink_to(elsewhere / "copy.db")
+    result = _backup(app, folder / "twostep.db")
+    assert result.exit_code == 1 and "already exists" in result.output
+    assert os.listdir(elsewhere) == [] and os.listdir(folder) == ["twostep.db"]

@@ -655,7 +655,7 @@ def purge_expired():
 
 
 @click.command("backup", cls=_Command)
-@click.argument("path", type=click.Path(dir_okay=False, resolve_path=True))
+@click.argument("path", type=click.Path(dir_okay=False))
 @with_appcontext
 def backup(path):
     """Copy the SQLite database to PATH while the app runs, with SQLite's own backup (a consistent copy; `cp`
@@ -666,6 +666,7 @@ def backup(path):
     if not is_sqlite():
         raise click.ClickException("the database is PostgreSQL: back it up with pg_dump -Fc (README \"Backups\")")
     source = os.path.realpath(db.obj.database)
+    path = os.path.abspath(path)  # not resolved: a symlink at PATH is a file that exists (lexists below)
     folder = os.path.dirname(path)
     if os.path.realpath(path) in {source, source + "-wal", source + "-shm", source + "-journal"}:
         raise click.ClickException(f"{path} is the database itself: name a file elsewhere")
