@@ -1093,3 +1093,37 @@ def test_a_start_on_an_existing_database_does_not_queue_the_other_hosts_writers(
         watcher.join(30)
         writer.close()
     assert "blocked" not in seen, "the start waited for a write transaction of another host (and queued its writers)"
+
+
+def test_users_erase_waits_for_a_contact_request_in_the_persons_address_under_way(app, actor):
+    """An erasure deletes every contact request sent in the person's address. One being stored at that moment
+    (the contact form holds the address's name, db.lock_keys, from its count to its commit) was not seen by
+    the erase's DELETE, committed after it, and stayed, with the address and the message, beside the erased
+    account. The erase now takes the address's name too: it waits for that request, then deletes it."""
+    import hashlib
+
+    import psycopg
+
+    from webapp.models import SupportRequest
+
+    user = actor.user()
+    conn = psycopg.connect(os.environ["TEST_DATABASE_URL"])
+    name = int.from_bytes(hashlib.sha256(b"contact-email:alice@example.com").digest()[:8], "big", signed=True)
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (name,))
+    conn.execute("INSERT INTO supportrequest (email, message, user_id, created_at) "
+                 "VALUES ('alice@example.com', 'Please delete my account', %s, now() AT TIME ZONE 'UTC')", (user.id,))
+    pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault(
+        "erase", flask_users(app, "erase", "alice@example.com", "--yes")), daemon=True)
+    try:
+        thread.start()
+        blocked = wait_for_blocked_by(conn, pid, thread)
+        conn.commit()  # the contact form's transaction ends
+    finally:
+        conn.close()
+    thread.join(30)
+    assert blocked and result["erase"].exit_code == 0, result["erase"].output
+    assert "1 contact request(s)" in result["erase"].output
+    with app.app_context():
+        assert not SupportRequest.select().exists()
