@@ -1403,6 +1403,24 @@ def test_handled_requests_keep_days_from_the_environment(tmp_path, monkeypatch):
         create_app(settings)
 
 
+@pytest.mark.parametrize("days", ["1000000", "1000000000"])
+def test_a_keep_days_the_purge_cannot_count_back_stops_the_start_in_one_line(tmp_path, monkeypatch, days):
+    """HANDLED_REQUESTS_KEEP_DAYS took any whole number up to 10**9: a billion days stopped the start with a
+    timedelta traceback, and a million (someone's "for ever") started, then failed every purge, the app's
+    own after a response and `purge-expired` alike, with "date value out of range" (today less a million
+    days is before year 1). Past a century the start says what it takes; a century works."""
+    from webapp.models import purge_expired
+
+    settings = {"TESTING": True, "DATABASE_URL": f"sqlite:///{tmp_path / 'keep.db'}"}
+    monkeypatch.setenv("HANDLED_REQUESTS_KEEP_DAYS", days)
+    with pytest.raises(ConfigError, match="HANDLED_REQUESTS_KEEP_DAYS must be a whole number of days"):
+        create_app(settings)
+    monkeypatch.setenv("HANDLED_REQUESTS_KEEP_DAYS", "36500")
+    app = create_app(settings)
+    with app.app_context():
+        assert purge_expired(app.config, datetime(2026, 12, 6)) == (0, 0, 0, 0, 0, 0)
+
+
 def test_the_app_purges_expired_rows_by_itself_after_a_response(tmp_path, clock, monkeypatch):
     """No cron job needed: once PURGE_INTERVAL has passed, a request's response is followed by the purge of
     expired sessions (their IP addresses and browser names go with them), challenges and enrolments;

@@ -90,6 +90,7 @@ def _env_bool(env, name, default):
 
 
 _COUNT_MAX = 10 ** 9  # far above any useful limit or interval, and what SQLite's integers and timedelta hold
+_KEEP_DAYS_MAX = 36500  # a century; 0 keeps for good
 
 
 def _env_count(env, name, what):
@@ -151,7 +152,10 @@ def load(app, test_config=None):
         seconds = _env_count(env, "PURGE_INTERVAL_SECONDS", "a whole number of seconds (0 turns it off)")
         app.config["PURGE_INTERVAL"] = timedelta(seconds=seconds)
     if env.get("HANDLED_REQUESTS_KEEP_DAYS"):
-        days = _env_count(env, "HANDLED_REQUESTS_KEEP_DAYS", "a whole number of days (0 keeps them)")
+        what = "a whole number of days (0 keeps them)"
+        days = _env_count(env, "HANDLED_REQUESTS_KEEP_DAYS", what)
+        if days > _KEEP_DAYS_MAX:  # the purge counts back from today: a million days is before year 1
+            raise ConfigError(f"HANDLED_REQUESTS_KEEP_DAYS must be {what}, at most {_KEEP_DAYS_MAX:,}")
         app.config["HANDLED_REQUEST_RETENTION"] = timedelta(days=days) if days else None
     # The per-network limits an operator may have to move: many people behind one address (an office's NAT, a
     # carrier's) share one count, and a stranger among them can use it up for everyone not in a known browser.
