@@ -670,6 +670,10 @@ def test_backup_refuses_with_one_line_and_writes_nothing(app, actor, tmp_path, w
     result = _backup(app, target)
     assert result.exit_code == 1
     assert result.output.startswith("Error: ") and result.output.count("\n") == 1 and "Traceback" not in result.output
+    # Each for its own reason: the database and its -wal exist too, and "already exists" alone let the check
+    # that PATH is not the database go unseen (removed, this test still passed).
+    assert {"missing folder": "there is no folder", "existing file": "already exists",
+            "the database": "is the database itself", "its wal": "is the database itself"}[where] in result.output
     assert sorted(os.listdir(tmp_path)) == before and existing.read_bytes() == b"an earlier backup"
     with app.app_context():
         assert [u.email for u in User.select()] == ["alice@example.com"]
