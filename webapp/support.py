@@ -1267,7 +1267,7 @@ def reopen(request_id):
 
 
 _REQUEST_GONE = ("This contact request is no longer stored: handled requests are deleted some time after they "
-                 "were handled (HANDLED_REQUESTS_KEEP_DAYS), and an erasure deletes a person's. Nothing was changed.")
+                 "were handled, and erasing an account deletes its requests. Nothing was changed.")
 
 
 def _request_response(request_id, describe):
