@@ -400,6 +400,40 @@ def test_an_index_built_at_start_on_a_database_in_use_is_announced(app, actor, t
     assert "building index" not in capsys.readouterr().err
 
 
+def test_an_audit_log_from_before_its_ordered_indexes_gets_them_at_start(app, actor, tmp_path, clock, capsys):
+    """README "Upgrades": the audit log had an index on kind, on user and on actor each, and every page that
+    showed a person's or an event's newest records sorted all of them (ten million records: up to a second,
+    a scale review). At start a database of that time gets the ordered indexes (by person only where there
+    is one), saying so for each, and loses the three they start with; the next start does nothing. Both
+    databases."""
+    from webapp.models import OBSOLETE_INDEXES
+
+    from .conftest import make_test_app
+
+    ordered = {"auditevent_user_id_created_at": "user_id", "auditevent_user_id_kind_created_at": "user_id",
+               "auditevent_actor_id_created_at": "actor_id", "auditevent_kind_created_at": None}
+    actor.user()
+    with app.app_context():
+        for name in ordered:
+            db.execute_sql(f'DROP INDEX "{name}"')
+        for name, column in (("auditevent_kind", "kind"), ("auditevent_user_id", "user_id"),
+                             ("auditevent_actor_id", "actor_id")):
+            db.execute_sql(f'CREATE INDEX "{name}" ON "auditevent" ("{column}")')
+    again, said = _start_again(app, tmp_path, clock, capsys)
+    for name in ordered:
+        assert said.count(f"upgrading the database: building index {name} ") == 1, said
+    for name in OBSOLETE_INDEXES:
+        assert said.count(f"upgrading the database: dropping index {name},") == 1, said
+    with again.app_context():
+        indexes = {index.name: index for index in db.get_indexes("auditevent")}
+        assert set(ordered) <= set(indexes) and not set(OBSOLETE_INDEXES) & set(indexes)
+        for name, person in ordered.items():  # the records of nobody (most have no actor) are left out
+            assert bool(re.search(rf'WHERE \(?"?{person}"? IS NOT NULL', indexes[name].sql)) == bool(person), \
+                indexes[name].sql
+    make_test_app(tmp_path, app.config["DATABASE_URL"], clock, TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
+    assert "index" not in capsys.readouterr().err
+
+
 # The tables whose ids are 64-bit on PostgreSQL (models.BaseModel says why), and where an id passes 32 bits.
 _WIDE_ID_TABLES = ("device", "pendingenrolment", "supportrequest", "networkcounter", "auditevent")
 _PAST_32_BITS = 2 ** 31 - 1

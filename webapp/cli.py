@@ -26,7 +26,7 @@ from .security import (NETWORK_LIMITS, PASSWORD_MAX, PASSWORD_MIN, audit, client
                        end_code_steps, forget_browsers, hash_password, is_lock, network_limit,
                        replace_password, revoke_second_factor, wait_end)
 from .sessions import end_user_sessions
-from .support import _email_order, detail_text, event_text
+from .support import _email_order, detail_text, event_text, person_events
 from .totp import SecretError, reencrypt_secret
 
 
@@ -507,8 +507,7 @@ def _audit_count(user):
 def activity(email, limit):
     """Show an account's recent security events in plain words (read-only, like the audit log page)."""
     user = _get_user(email, erased=True)
-    query = list(AuditEvent.select().where((AuditEvent.user == user) | (AuditEvent.actor == user))
-                 .order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc()).limit(limit))
+    query = list(person_events(user.id, limit=limit))
     # The other side of each event, by address: the admin who acted on this account, or the account this
     # one acted on (support's disables, for example). One query for the page.
     others = {e.user_id for e in query if e.user_id != user.id} | {e.actor_id for e in query if e.actor_id}

@@ -424,11 +424,13 @@ def loaded(model, data):
     return instance
 
 
-def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fill_values=None, upgrade=None):
+def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fill_values=None, upgrade=None,
+                   obsolete_indexes=()):
     """At every start: add the columns an existing table is missing (with what fills them), create the tables
     and indexes that are missing (on PostgreSQL also the extra indexes, and 64-bit ids where a table has
-    32-bit ones: _widen_ids), run `upgrade()`, which brings rows an earlier version wrote up to date and
-    returns lines to print, then check that every table has every column this version reads."""
+    32-bit ones: _widen_ids), drop the `obsolete_indexes` still there, run `upgrade()`, which brings rows an
+    earlier version wrote up to date and returns lines to print, then check that every table has every column
+    this version reads."""
     with database.connection_context():
         if isinstance(database, PostgresqlDatabase):
             # Hosts started at the same moment on an empty database: PostgreSQL's CREATE ... IF NOT EXISTS is
@@ -445,6 +447,7 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fi
                 with database.atomic():  # the column and its fill together (DDL is transactional here)
                     added = _add_columns(database, added_columns, fill_values)
                 _create_missing(database, models)  # after the columns: their indexes need them
+                _drop_obsolete(database, obsolete_indexes)  # before _widen_ids, which would rewrite them too
                 _widen_ids(database, models)
                 with database.atomic():
                     done = upgrade() if upgrade else []
@@ -461,8 +464,10 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fi
         else:
             with database.atomic("IMMEDIATE"):  # writing first: processes that add a column take turns
                 added = _add_columns(database, added_columns, fill_values)
+            _say_building(database, models)
             database.create_tables(models, safe=True)  # SQLite's own lock serialises creators
             with database.atomic("IMMEDIATE"):
+                _drop_obsolete(database, obsolete_indexes)
                 done = upgrade() if upgrade else []
     for line in [f"added {column}" for column in added] + done:  # once committed
         print(f" * twostep: upgraded the database: {line} (README \"Upgrades\")", file=sys.stderr, flush=True)
@@ -482,7 +487,39 @@ def _create_missing(database, models):
             continue
         for index in model._meta.fields_to_index():
             if _missing(database, index._name):
+                _say_building_index(index._name)
                 database.execute(model._schema._create_index(index, safe=True))
+
+
+def _say_building(database, models):
+    """On SQLite, say which indexes of tables already there the start is about to build (create_tables): on a
+    big table (the audit log) each takes a while, and every writer waits meanwhile."""
+    tables = set(database.get_tables())
+    have = {name for (name,) in database.execute_sql("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    for model in models:
+        if model._meta.table_name in tables:
+            for index in model._meta.fields_to_index():
+                if index._name not in have:
+                    _say_building_index(index._name)
+
+
+def _say_building_index(name):
+    print(f" * twostep: upgrading the database: building index {name} (README \"Upgrades\")",
+          file=sys.stderr, flush=True)
+
+
+def _drop_obsolete(database, names):
+    """Drop those of the indexes `names` (models.OBSOLETE_INDEXES) that are still there, saying so once."""
+    for name in names:
+        if isinstance(database, PostgresqlDatabase):
+            there = not _missing(database, name)
+        else:
+            there = database.execute_sql("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?",
+                                         (name,)).fetchone() is not None
+        if there:
+            print(f" * twostep: upgrading the database: dropping index {name}, which another one now serves "
+                  f"(README \"Upgrades\")", file=sys.stderr, flush=True)
+            database.execute_sql(f'DROP INDEX IF EXISTS "{name}"')
 
 
 def _missing(database, name):
@@ -595,7 +632,8 @@ def init_app(app):
         _create_private(database.database)
     try:
         _create_tables(database, models.ALL_MODELS, models.POSTGRESQL_INDEXES, models.ADDED_COLUMNS,
-                       {"lock": int(app.config["THROTTLE_FREE_FAILURES"]) + 1}, models.respell_stored_emails)
+                       {"lock": int(app.config["THROTTLE_FREE_FAILURES"]) + 1}, models.respell_stored_emails,
+                       models.OBSOLETE_INDEXES)
     except (OperationalError, InterfaceError, ProgrammingError) as exc:  # unreachable, no such file, no rights
         reason = first_line(exc)
         if _sqlstate(exc) == "42501":  # insufficient privilege: since PostgreSQL 15 only the database's owner
