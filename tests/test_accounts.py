@@ -208,6 +208,26 @@ def test_cli_list_is_in_address_order_and_counts_devices(app, actor, secret):
         "zoe@example.com\tuser\t2FA off"]
 
 
+def test_cli_list_reads_the_devices_of_all_accounts_in_one_statement(app, actor, secret, monkeypatch):
+    """`users list` counted each account's devices with a statement of its own: 100,000 accounts took 13 s on
+    SQLite and 23 s on PostgreSQL (a scale review). The statements it runs do not grow with the accounts."""
+    from webapp.db import db
+
+    def statements():
+        ran, execute_sql = [], db.obj.execute_sql
+        with monkeypatch.context() as patch:
+            patch.setattr(db.obj, "execute_sql", lambda sql, params=None: ran.append(sql) or execute_sql(sql, params))
+            output = run(app, "users", "list").output
+        return len(ran), output
+
+    actor.user(email="amy@example.com", secret=secret)
+    few, _ = statements()
+    for n in range(5):
+        actor.user(email=f"user{n}@example.com", secret=secret, devices={"Tablet": new_secret()} if n % 2 else None)
+    many, output = statements()
+    assert many == few and "user1@example.com\tuser\t2FA active (2 devices)" in output.splitlines()
+
+
 def test_cli_list_sorts_addresses_by_code_point_as_the_support_page_does_on_either_database(app, actor):
     """`users list` sorted by the database's collation: on PostgreSQL (ICU en-US) "a.b" came before "a+tag",
     "bob_1" before "bob" and "émile" before "zed", another order than on SQLite and than the Support page's.

@@ -704,11 +704,13 @@ def test_every_read_of_the_audit_log_goes_by_an_index_and_sorts_none_of_a_person
     disable(actor, carol, close_requests=False)
     ran, execute_sql = [], db.obj.execute_sql
     with monkeypatch.context() as patch:
-        patch.setattr(db.obj, "execute_sql", lambda sql, params=None: ran.append((sql, params)) or execute_sql(sql, params))
+        patch.setattr(db.obj, "execute_sql",
+                      lambda sql, params=None: ran.append((sql, params)) or execute_sql(sql, params))
         day = f"{utc(clock.t):%Y-%m-%d}"
         for url in ("/settings", "/support", f"/support?user={carol.id}", f"/support/users/{carol.id}/disable-2fa",
                     "/support/audit?email=carol@example.com", f"/support/audit?email={ADMIN}",
-                    "/support/audit?kind=password_rejected", "/support/audit?kind=support_tfa_disabled&email=carol@example.com",
+                    "/support/audit?kind=password_rejected",
+                    "/support/audit?kind=support_tfa_disabled&email=carol@example.com",
                     f"/support/audit?email=carol@example.com&start={day}&end={day}", f"/support/audit?start={day}"):
             assert actor.client.get(url).status_code == 200, url
         assert app.test_cli_runner().invoke(args=["users", "activity", ADMIN]).exit_code == 0
@@ -724,6 +726,7 @@ def test_every_read_of_the_audit_log_goes_by_an_index_and_sorts_none_of_a_person
                     assert row[1] == 0 and "SEARCH t1 USING INTEGER PRIMARY KEY (rowid=?)" in steps, (sql, steps)
             if "support_request" in params:
                 assert all("created_at>? AND created_at<?" in s for s in steps if s.startswith("SEARCH t1")), steps
+
 
 @pytest.mark.parametrize("quiet", [False, True], ids=["records of the last minute", "none of the last minute"])
 def test_audit_export_work_grows_with_the_records_not_with_their_square(app, actor, clock, monkeypatch, quiet):

@@ -227,10 +227,12 @@ def list_users():
     browsers = {}
     for browser in _counted_browsers(current):
         browsers.setdefault(browser.user_id, []).append(browser)
+    # One query, not one per account: 100,000 accounts took 13 s on SQLite.
+    devices_of = dict(Device.select(Device.user, fn.COUNT(Device.id)).group_by(Device.user).tuples())
     # By code point on both databases, as the Support page lists them: PostgreSQL's collation (en_US) ignores
     # punctuation and accents, so the same accounts came in another order there than on SQLite.
     for user in User.select().order_by(_email_order()):
-        devices = Device.select().where(Device.user == user).count()
+        devices = devices_of.get(user.id, 0)
         role = "admin" if user.is_admin else "user"
         until, window = user.tfa_reset_until, user.support_window(current)
         if devices:
