@@ -1693,7 +1693,8 @@ def _sign_up(app, clock, email, **kwargs):
 
 def _limit_records(app):
     with app.app_context():
-        return [(e.ip, e.details) for e in AuditEvent.select().where(AuditEvent.kind == "network_limit_reached")]
+        return [(e.ip, e.details) for e in AuditEvent.select().where(AuditEvent.kind == "network_limit_reached")
+                .order_by(AuditEvent.id)]
 
 
 def _counted(app, purpose, network="127.0.0.1"):

@@ -43,7 +43,7 @@ def device_rows(app, user):
 
 def kinds(app, user):
     with app.app_context():
-        return [e.kind for e in AuditEvent.select().where(AuditEvent.user == user.id)]
+        return [e.kind for e in AuditEvent.select().where(AuditEvent.user == user.id).order_by(AuditEvent.id)]
 
 
 def post(actor, url, data, htmx=False):
