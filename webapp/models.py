@@ -388,7 +388,7 @@ POSTGRESQL_INDEXES = ['CREATE INDEX IF NOT EXISTS user_email_c ON "user" (email 
 
 # Indexes of earlier versions that an index of the models now starts with, dropped at start when present
 # (db._drop_obsolete), after the models' indexes are made: each was one more write for every audit record.
-# 2026-12-07: the audit log's single-column indexes on kind, user and actor.
+# 2026-12-06: the audit log's single-column indexes on kind, user and actor.
 OBSOLETE_INDEXES = ["auditevent_kind", "auditevent_user_id", "auditevent_actor_id"]
 
 # Columns added to a table after databases with it were in use: (table, column, the column's SQL for both
