@@ -2365,3 +2365,44 @@ def test_cli_an_account_erased_while_a_command_waits_for_it_is_not_put_back_in_u
     else:
         assert result.exit_code == 1 and result.output == (
             f"Error: account #{user.id} was erased (users erase): it cannot be used again. Nothing changed.\n")
+
+
+def test_cli_export_writes_what_is_stored_about_one_person_and_nothing_else(app, actor, secret, clock):
+    """An access request: `users export` gives the person's account, devices (never the secret), live
+    sessions, known browsers, contact requests and the audit records about them as JSON. What an admin did
+    to them says so without the admin's address or IP; what they did to another account shows no details of
+    it; nobody else's data is in it (security.md 10: no secret leaves the server)."""
+    import json
+
+    from webapp.models import SupportRequest
+
+    user = actor.user(secret=secret)
+    root = actor.user(email="root@example.com", admin=True)
+    bob = actor.user(email="bob@example.com")
+    actor.client.environ_base.update({"REMOTE_ADDR": "198.51.100.7", "HTTP_USER_AGENT": "AliceLaptop/2.0"})
+    actor.sign_in(secret=secret)
+    with app.app_context():
+        SupportRequest.create(email="alice@example.com", message="lost my phone", user=user.id)
+        SupportRequest.create(email="bob@example.com", message="bob's own words", user=bob.id)
+        AuditEvent.create(kind="support_tfa_disabled", user=user.id, actor=root.id, ip="203.0.113.99",
+                          detail=json.dumps({"reason": "phone lost", "ticket": "T-1"}))
+        AuditEvent.create(kind="support_tfa_disabled", user=bob.id, actor=user.id, ip="198.51.100.7",
+                          detail=json.dumps({"reason": "bob's private reason", "ticket": "T-2"}))
+
+    result = run(app, "users", "export", "alice@example.com")
+
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["account"]["email"] == "alice@example.com" and data["account"]["number"] == user.id
+    assert [d["name"] for d in data["devices"]] == ["Phone"]
+    assert [(s["ip"], s["browser"]) for s in data["sessions"]] == [("198.51.100.7", "AliceLaptop/2.0")]
+    assert len(data["known_browsers"]) == 1
+    assert [r["message"] for r in data["contact_requests"]] == ["lost my phone"]
+    kinds = [r["kind"] for r in data["audit_records"]]
+    assert kinds[:3] == ["password_accepted", "code_accepted", "signin"] and kinds[-2:] == ["support_tfa_disabled"] * 2
+    by_admin, to_bob = data["audit_records"][-2:]
+    assert by_admin["by_an_admin"] and by_admin["ip"] is None and by_admin["details"]["reason"] == "phone lost"
+    assert to_bob == {"id": to_bob["id"], "time": to_bob["time"], "kind": "support_tfa_disabled",
+                      "event": to_bob["event"], "done_to_another_account": True}
+    for foreign in (secret, "root@example.com", "203.0.113.99", "bob", "secret_enc"):
+        assert foreign not in result.output, foreign

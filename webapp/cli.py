@@ -19,8 +19,8 @@ from peewee import JOIN, IntegrityError, InterfaceError, OperationalError, fn
 from .clock import now
 from .config import keys_source
 from .db import commits, db, first_line, for_update, is_sqlite, lock_keys, write_transaction
-from .models import (AuditEvent, Device, KnownBrowser, NetworkCounter, PendingEnrolment, SupportRequest, User,
-                     lookalike_problem, normalise_email)
+from .models import (AuditEvent, Device, KnownBrowser, NetworkCounter, PendingEnrolment, ServerSession, SupportRequest,
+                     User, lookalike_problem, normalise_email)
 from .models import purge_expired as purge
 from .security import (NETWORK_LIMITS, PASSWORD_MAX, PASSWORD_MIN, audit, client_network, client_network_48,
                        end_code_steps, forget_browsers, hash_password, is_lock, network_limit,
@@ -525,6 +525,51 @@ def activity(email, limit):
         details = "; ".join(f"{label}: {value}" for label, value in detail_text(event.details))
         click.echo(f"{event.created_at:%Y-%m-%d %H:%M:%S} UTC  {event_text(event.kind, event.details)}{who}"
                    + (f"  [{details}]" if details else "") + (f"  from {event.ip}" if event.ip else ""))
+
+
+@users.command("export")
+@click.argument("email", callback=_utf8_text)
+def export_person(email):
+    """Write what is stored about one person as JSON, for an access request (read-only): the account, its
+    devices (names and dates, never a secret), live sessions and known browsers, the contact requests from
+    the account or in its address's name, and the audit records about the account. Records of what an admin
+    did to it say only that (not who, nor the admin's IP address, as on User Settings); records of what the
+    account did to others (an admin's) say only what and when."""
+    user = _get_user(email, erased=True)
+    current, stamp, cfg = now(), _json_time, current_app.config
+    sessions = ServerSession.select().where(
+        (ServerSession.user == user.id) & (ServerSession.last_seen_at >= current - cfg["SESSION_IDLE_TIMEOUT"])
+        & (ServerSession.created_at >= current - cfg["SESSION_ABSOLUTE_TIMEOUT"])).order_by(ServerSession.created_at)
+    requests = SupportRequest.select().where((SupportRequest.user == user.id) | (SupportRequest.email == user.email))
+
+    def audit_record(e):
+        base = {"id": e.id, "time": stamp(e.created_at), "kind": e.kind, "event": event_text(e.kind, e.details)}
+        if e.user_id != user.id:  # done by this account to another: that person's details are not theirs
+            return {**base, "done_to_another_account": True}
+        by_admin = e.actor_id not in (None, user.id)
+        return {**base, "by_an_admin": by_admin, "ip": None if by_admin else e.ip, "details": e.details}
+
+    record = {
+        "account": {"number": user.id, "email": user.email, "created": stamp(user.created_at),
+                    "last_sign_in": stamp(user.last_login_at), "admin": user.is_admin,
+                    "disabled_since": stamp(user.disabled_at), "support_window_until": stamp(user.tfa_reset_until)},
+        "devices": [{"name": d.name, "added": stamp(d.created_at), "last_used": stamp(d.last_used_at)}
+                    for d in Device.select().where(Device.user == user.id).order_by(Device.created_at, Device.id)],
+        "sessions": [{"signed_in": stamp(s.created_at), "last_seen": stamp(s.last_seen_at), "ip": s.ip,
+                      "browser": s.user_agent} for s in sessions],
+        "known_browsers": [{"first_sign_in": stamp(b.created_at), "last_used": stamp(b.last_used_at)}
+                           for b in KnownBrowser.select().where(KnownBrowser.user == user.id)
+                           .order_by(KnownBrowser.created_at)],
+        "contact_requests": [{"sent": stamp(r.created_at), "email": r.email, "message": r.message,
+                              "handled": stamp(r.handled_at)}
+                             for r in requests.order_by(SupportRequest.created_at, SupportRequest.id)],
+        "audit_records": [audit_record(e) for e in reversed(list(person_events(user.id, limit=2 ** 62)))],
+    }
+    click.echo(json.dumps(record, indent=2, ensure_ascii=False))
+
+
+def _json_time(value):
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else None
 
 
 @keys.command("rotate")
