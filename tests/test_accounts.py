@@ -2406,3 +2406,51 @@ def test_cli_export_writes_what_is_stored_about_one_person_and_nothing_else(app,
                       "event": to_bob["event"], "done_to_another_account": True}
     for foreign in (secret, "root@example.com", "203.0.113.99", "bob", "secret_enc"):
         assert foreign not in result.output, foreign
+
+
+def test_cli_export_gives_what_is_stored_though_no_longer_in_use(app, actor, secret, clock):
+    """A review against the models: `users export` left out what is stored about the person but not in use:
+    sessions past their timeout that the purge has not deleted yet (with IP address and browser), the IP
+    address each contact request was sent from, the account's and each known browser's count of wrong
+    passwords and codes with their locks, and half-finished sign-ins and set-ups. An access request is for
+    what is stored, not for what is in use; secrets stay out."""
+    import json
+    from datetime import timedelta
+
+    from webapp.clock import now
+    from webapp.models import KnownBrowser, PendingEnrolment, SignInChallenge, SupportRequest
+
+    user = actor.user(secret=secret)
+    with app.app_context():
+        current = now()
+        ServerSession.create(id="s" * 64, user=user.id, ip="198.51.100.20", user_agent="OldLaptop/1.0",
+                             created_at=current - timedelta(hours=3), last_seen_at=current - timedelta(hours=2))
+        SupportRequest.create(email="alice@example.com", message="lost my phone", user=user.id, ip="198.51.100.21")
+        User.update(password_failures=4, password_locked_until=current + timedelta(minutes=5), code_failures=2,
+                    code_locked_until=current + timedelta(minutes=1)).where(User.id == user.id).execute()
+        KnownBrowser.create(id="k" * 64, user=user.id, password_failures=3,
+                            password_locked_until=current + timedelta(minutes=2))
+        SignInChallenge.create(id="c" * 64, user=user.id, failures=1, next_url="/settings/devices")
+        session = ServerSession.create(id="p" * 64, user=user.id, ip="198.51.100.22", user_agent="Phone/1.0")
+        PendingEnrolment.create(session=session.id, user=user.id, secret_enc="never-shown", failures=2)
+
+    result = run(app, "users", "export", "alice@example.com")
+
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    sessions = {s["browser"]: s for s in data["sessions"]}
+    assert sessions["OldLaptop/1.0"]["ip"] == "198.51.100.20" and sessions["OldLaptop/1.0"]["expired"]
+    assert sessions["Phone/1.0"]["expired"] is False
+    assert [r["ip"] for r in data["contact_requests"]] == ["198.51.100.21"]
+    stamp = lambda delta: f"{current + delta:%Y-%m-%dT%H:%M:%SZ}"
+    account = data["account"]
+    assert (account["wrong_passwords"], account["passwords_refused_until"]) == (4, stamp(timedelta(minutes=5)))
+    assert (account["wrong_codes"], account["codes_refused_until"]) == (2, stamp(timedelta(minutes=1)))
+    [browser] = data["known_browsers"]
+    assert (browser["wrong_passwords"], browser["passwords_refused_until"]) == (3, stamp(timedelta(minutes=2)))
+    [sign_in] = data["sign_ins_waiting_for_a_code"]
+    assert sign_in["wrong_codes"] == 1 and sign_in["going_to"] == "/settings/devices"
+    [set_up] = data["devices_being_set_up"]
+    assert set_up["wrong_codes"] == 2
+    for secret_text in (secret, "never-shown", "s" * 64, "k" * 64, "c" * 64, "p" * 64):
+        assert secret_text not in result.output, secret_text

@@ -19,8 +19,8 @@ from peewee import JOIN, IntegrityError, InterfaceError, OperationalError, fn
 from .clock import now
 from .config import keys_source
 from .db import commits, db, first_line, for_update, is_sqlite, lock_keys, write_transaction
-from .models import (AuditEvent, Device, KnownBrowser, NetworkCounter, PendingEnrolment, ServerSession, SupportRequest,
-                     User, lookalike_problem, normalise_email)
+from .models import (AuditEvent, Device, KnownBrowser, NetworkCounter, PendingEnrolment, ServerSession,
+                     SignInChallenge, SupportRequest, User, lookalike_problem, normalise_email)
 from .models import purge_expired as purge
 from .security import (NETWORK_LIMITS, PASSWORD_MAX, PASSWORD_MIN, audit, client_network, client_network_48,
                        end_code_steps, forget_browsers, hash_password, is_lock, network_limit,
@@ -530,16 +530,23 @@ def activity(email, limit):
 @users.command("export")
 @click.argument("email", callback=_utf8_text)
 def export_person(email):
-    """Write what is stored about one person as JSON, for an access request (read-only): the account, its
-    devices (names and dates, never a secret), live sessions and known browsers, the contact requests from
-    the account or in its address's name, and the audit records about the account. Records of what an admin
-    did to it say only that (not who, nor the admin's IP address, as on User Settings); records of what the
-    account did to others (an admin's) say only what and when."""
+    """Write what is stored about one person as JSON, for an access request (read-only): the account (with
+    its counts of wrong passwords and codes), its devices (names and dates, never a secret), its sessions
+    (those past their timeout too, until the purge deletes them), known browsers, half-finished sign-ins and
+    set-ups, the contact requests from the account or in its address's name, and the audit records about the
+    account. Records of what an admin did to it say only that (not who, nor the admin's IP address, as on
+    User Settings); records of what the account did to others (an admin's) say only what and when."""
     user = _get_user(email, erased=True)
     current, stamp, cfg = now(), _json_time, current_app.config
-    sessions = ServerSession.select().where(
-        (ServerSession.user == user.id) & (ServerSession.last_seen_at >= current - cfg["SESSION_IDLE_TIMEOUT"])
-        & (ServerSession.created_at >= current - cfg["SESSION_ABSOLUTE_TIMEOUT"])).order_by(ServerSession.created_at)
+    # Every session of the person's that is stored: one past its timeout is refused, but its row (IP address,
+    # browser) stays until the purge (PURGE_INTERVAL, or cron's purge-expired when that is turned off).
+    sessions = ServerSession.select().where(ServerSession.user == user.id).order_by(ServerSession.created_at,
+                                                                                   ServerSession.id)
+
+    def expired(s):
+        return (s.last_seen_at < current - cfg["SESSION_IDLE_TIMEOUT"]
+                or s.created_at < current - cfg["SESSION_ABSOLUTE_TIMEOUT"])
+
     requests = SupportRequest.select().where((SupportRequest.user == user.id) | (SupportRequest.email == user.email))
 
     def audit_record(e):
@@ -552,15 +559,28 @@ def export_person(email):
     record = {
         "account": {"number": user.id, "email": user.email, "created": stamp(user.created_at),
                     "last_sign_in": stamp(user.last_login_at), "admin": user.is_admin,
-                    "disabled_since": stamp(user.disabled_at), "support_window_until": stamp(user.tfa_reset_until)},
+                    "disabled_since": stamp(user.disabled_at), "support_window_until": stamp(user.tfa_reset_until),
+                    "wrong_passwords": user.password_failures,
+                    "passwords_refused_until": stamp(user.password_locked_until),
+                    "wrong_codes": user.code_failures, "codes_refused_until": stamp(user.code_locked_until)},
         "devices": [{"name": d.name, "added": stamp(d.created_at), "last_used": stamp(d.last_used_at)}
                     for d in Device.select().where(Device.user == user.id).order_by(Device.created_at, Device.id)],
         "sessions": [{"signed_in": stamp(s.created_at), "last_seen": stamp(s.last_seen_at), "ip": s.ip,
-                      "browser": s.user_agent} for s in sessions],
-        "known_browsers": [{"first_sign_in": stamp(b.created_at), "last_used": stamp(b.last_used_at)}
+                      "browser": s.user_agent, "expired": expired(s)} for s in sessions],
+        "known_browsers": [{"first_sign_in": stamp(b.created_at), "last_used": stamp(b.last_used_at),
+                            "wrong_passwords": b.password_failures,
+                            "passwords_refused_until": stamp(b.password_locked_until)}
                            for b in KnownBrowser.select().where(KnownBrowser.user == user.id)
                            .order_by(KnownBrowser.created_at)],
-        "contact_requests": [{"sent": stamp(r.created_at), "email": r.email, "message": r.message,
+        "sign_ins_waiting_for_a_code": [
+            {"started": stamp(c.created_at), "wrong_codes": c.failures, "going_to": c.next_url}
+            for c in SignInChallenge.select().where(SignInChallenge.user == user.id)
+            .order_by(SignInChallenge.created_at)],
+        "devices_being_set_up": [  # never the key
+            {"started": stamp(p.created_at), "wrong_codes": p.failures}
+            for p in PendingEnrolment.select(PendingEnrolment.created_at, PendingEnrolment.failures)
+            .where(PendingEnrolment.user == user.id).order_by(PendingEnrolment.created_at)],
+        "contact_requests": [{"sent": stamp(r.created_at), "email": r.email, "message": r.message, "ip": r.ip,
                               "handled": stamp(r.handled_at)}
                              for r in requests.order_by(SupportRequest.created_at, SupportRequest.id)],
         "audit_records": [audit_record(e) for e in reversed(list(person_events(user.id, limit=2 ** 62)))],
