@@ -856,11 +856,11 @@ def _mark_request_hints(requests, last_code=True):
         near = [(AuditEvent.user == r.user_id) & (AuditEvent.kind == "support_request")
                 & AuditEvent.created_at.between(r.created_at - _WRITTEN_TOGETHER, r.created_at + _WRITTEN_TOGETHER)
                 for r in requests if r.user_id]
-        events = AuditEvent.select(AuditEvent.detail, AuditEvent.created_at).where(
+        events = AuditEvent.select(AuditEvent.user, AuditEvent.detail, AuditEvent.created_at).where(
             NodeList(near, " OR ", parens=True))
         for e in events:
             details = e.details
-            records.setdefault(details.get("request"), []).append(
+            records.setdefault((e.user_id, details.get("request")), []).append(
                 (e.created_at, bool(details.get("after_password")), bool(details.get("signed_in"))))
         if last_code:
             used = Device.select(Device.user, Device.created_at, Device.last_used_at).where(
@@ -870,7 +870,7 @@ def _mark_request_hints(requests, last_code=True):
     for r in requests:
         # Its own record, written with it in one transaction: on SQLite a request deleted by the purge or an
         # erasure gives its number to the next one, and the old request's record must not speak for it.
-        own = [(entered, signed_in) for at, entered, signed_in in records.get(r.id, ())
+        own = [(entered, signed_in) for at, entered, signed_in in records.get((r.user_id, r.id), ())
                if abs(at - r.created_at) <= _WRITTEN_TOGETHER]
         r.after_password = any(entered for entered, _ in own)
         r.signed_in = any(signed_in for _, signed_in in own)
