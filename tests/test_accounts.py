@@ -2403,7 +2403,7 @@ def test_cli_export_writes_what_is_stored_about_one_person_and_nothing_else(app,
     by_admin, to_bob = data["audit_records"][-2:]
     assert by_admin["by_an_admin"] and by_admin["ip"] is None and by_admin["details"]["reason"] == "phone lost"
     assert to_bob == {"id": to_bob["id"], "time": to_bob["time"], "kind": "support_tfa_disabled",
-                      "event": to_bob["event"], "done_to_another_account": True}
+                      "event": to_bob["event"], "about_this_account": False}
     for foreign in (secret, "root@example.com", "203.0.113.99", "bob", "secret_enc"):
         assert foreign not in result.output, foreign
 

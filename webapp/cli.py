@@ -553,10 +553,11 @@ def export_person(email):
     def audit_record(e):
         details = e.details
         base = {"id": e.id, "time": stamp(e.created_at), "kind": e.kind, "event": event_text(e.kind, details)}
-        if e.user_id != user.id:  # done by this account to another: that person's details are not theirs
-            return {**base, "done_to_another_account": True}
+        if e.user_id != user.id:  # done by this account, to another one or to none: their details are not its own
+            return {**base, "about_this_account": False}
         by_admin = e.actor_id not in (None, user.id)
-        return {**base, "by_an_admin": by_admin, "ip": None if by_admin else e.ip, "details": details}
+        return {**base, "about_this_account": True, "by_an_admin": by_admin, "ip": None if by_admin else e.ip,
+                "details": details}
 
     record = {
         "account": {"number": user.id, "email": user.email, "created": stamp(user.created_at),
