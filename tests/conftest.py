@@ -132,6 +132,18 @@ def failing_audit(monkeypatch, module, *kinds):
     monkeypatch.setattr(target, "audit", audit)
 
 
+def record_statements(monkeypatch):
+    """The SQL of every statement the app's database runs from now on in this test, as a list that grows."""
+    statements, execute_sql = [], db.obj.execute_sql
+
+    def noted(sql, params=None):
+        statements.append(sql)
+        return execute_sql(sql, params)
+
+    monkeypatch.setattr(db.obj, "execute_sql", noted)
+    return statements
+
+
 def make_test_app(tmp_path, url, clock, **overrides):
     """A fresh app on `url` with the test clock, cheap hashing and a known setup code."""
     return create_app({

@@ -11,7 +11,7 @@ from webapp.models import ALL_MODELS, AuditEvent, Device, ServerSession, User, n
 from webapp.security import hash_password
 from webapp.totp import decrypt_secret, encrypt_secret, new_secret
 
-from .conftest import PASSWORD, Actor, csrf_from
+from .conftest import PASSWORD, Actor, csrf_from, record_statements
 from .test_support import utc
 
 
@@ -2467,7 +2467,6 @@ def test_cli_export_reads_the_audit_records_in_batches(app, actor, clock, monkey
 
     from webapp import cli
     from webapp.clock import now
-    from webapp.db import db
 
     user = actor.user(admin=True)
     bob = actor.user(email="bob@example.com")
@@ -2482,15 +2481,8 @@ def test_cli_export_reads_the_audit_records_in_batches(app, actor, clock, monkey
         AuditEvent.insert_many(rows).execute()
         mine = (AuditEvent.user == user.id) | (AuditEvent.actor == user.id)
         expected = [e.id for e in AuditEvent.select().where(mine).order_by(AuditEvent.created_at, AuditEvent.id)]
-    statements = []
-    execute_sql = db.obj.execute_sql
-
-    def noted(sql, params=None):
-        statements.append(sql)
-        return execute_sql(sql, params)
-
     monkeypatch.setattr(cli, "EXPORT_BATCH", 3)
-    monkeypatch.setattr(db.obj, "execute_sql", noted)
+    statements = record_statements(monkeypatch)
     result = run(app, "users", "export", "alice@example.com")
 
     assert result.exit_code == 0, result.output

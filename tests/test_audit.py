@@ -11,7 +11,7 @@ from webapp.security import FORBIDDEN_DETAIL_KEYS, audit
 from webapp.support import detail_text, event_text, security_activity
 from webapp.totp import new_secret
 
-from .conftest import PASSWORD
+from .conftest import PASSWORD, record_statements
 from .test_support import ADMIN, disable, end_window, second_client, sign_in_admin, utc
 
 WHAT = '<td role="cell" data-label="What happened">'  # the audit table's "What happened" cell
@@ -608,7 +608,6 @@ def test_audit_export_reads_the_log_a_batch_at_a_time_and_writes_each_record_onc
     memory). The lines are those of a single read: every record once, oldest first, with --after-id and
     --since as before, and the last minute's records still left for the next export (stderr says so)."""
     from webapp import cli
-    from webapp.db import db
 
     carol, root = actor.user("carol@example.com"), actor.user("root@example.com", admin=True)
     # Ten settled records (two at the same second, the 2008 ones before --since below) and two of the last
@@ -628,15 +627,8 @@ def test_audit_export_reads_the_log_a_batch_at_a_time_and_writes_each_record_onc
                 "since": ids[4:10], "since, after the fifth": ids[5:10]}
     whole = {name: app.test_cli_runner().invoke(args=["audit", "export", *args]) for name, args in runs.items()}
 
-    statements = []
-    execute_sql = db.obj.execute_sql
-
-    def noted(sql, params=None):
-        statements.append(sql)
-        return execute_sql(sql, params)
-
     monkeypatch.setattr(cli, "EXPORT_BATCH", 3)
-    monkeypatch.setattr(db.obj, "execute_sql", noted)
+    statements = record_statements(monkeypatch)
     for name, args in runs.items():
         statements.clear()
         result = app.test_cli_runner().invoke(args=["audit", "export", *args])
