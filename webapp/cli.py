@@ -454,10 +454,10 @@ def erased_email(user_id):
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (for scripts).")
 def erase(email, yes):
     """Erase a person (an erasure request): their devices, sessions, known browsers, half-finished sign-ins
-    and set-ups, and every contact request from their account or address are deleted; the account stays
-    as a disabled row named erased-NUMBER@erased.invalid with an unknown password, so its number is never
-    given to another account and the audit records keep pointing at it. The audit records stay (security
-    events: README "Personal data"). Cannot be undone. Audited."""
+    and set-ups, and every contact request from their account or sent in their email address are deleted.
+    The account stays as a disabled row named erased-NUMBER@erased.invalid with an unknown password, so its
+    number is never given to another account and the audit records keep pointing at it. The audit records
+    stay (security events: README "Personal data"). Cannot be undone. Audited."""
     user = _get_user(email, erased=True)
     if user.email == erased_email(user.id):
         click.echo(f"account #{user.id} is already erased; nothing changed")
@@ -531,12 +531,13 @@ def activity(email, limit):
 @users.command("export")
 @click.argument("email", callback=_utf8_text)
 def export_person(email):
-    """Write what is stored about one person as JSON, for an access request (read-only): the account (with
-    its counts of wrong passwords and codes), its devices (names and dates, never a secret), its sessions
-    (those past their timeout too, until the purge deletes them), known browsers, half-finished sign-ins and
-    set-ups, the contact requests from the account or in its address's name, and the audit records about the
-    account. Records of what an admin did to it say only that (not who, nor the admin's IP address, as on
-    User Settings); records of what the account did to others (an admin's) say only what and when."""
+    """Write what is stored about one person as JSON to standard output, for an access request (read-only;
+    umask 077 before redirecting it to a file): the account (with its counts of wrong passwords and codes),
+    its devices (names and dates, never a secret), its sessions (those past their timeout too, until the
+    purge deletes them), known browsers, half-finished sign-ins and set-ups, the contact requests from the
+    account or sent in its email address, and the audit records about the account. Records of what an admin
+    did to it say only that it was an admin, without the admin's address or IP address (User Settings shows
+    neither); records of what the account did to others (an admin's) say only what and when."""
     user = _get_user(email, erased=True)
     current, stamp, cfg = now(), _json_time, current_app.config
     # Every session of the person's that is stored: one past its timeout is refused, but its row (IP address,
@@ -751,10 +752,10 @@ def clear_network(address, purpose):
 @click.command("purge-expired", cls=_Command)
 @with_appcontext
 def purge_expired():
-    """Delete expired sessions, sign-in challenges, pending enrolments, known browsers unused for their
-    lifetime, per-network counters whose hour is over and contact requests handled longer ago than
-    HANDLED_REQUESTS_KEEP_DAYS (the app also does this by itself every PURGE_INTERVAL; safe to run from cron
-    as well)."""
+    """Delete expired sessions, sign-in challenges and pending enrolments, known browsers unused for 180 days,
+    per-network counts whose hour is over and contact requests handled longer ago than
+    HANDLED_REQUESTS_KEEP_DAYS (each app process also does this by itself every PURGE_INTERVAL_SECONDS; safe
+    to run from cron as well)."""
     sessions, challenges, enrolments, browsers, counters, requests = purge(current_app.config, now())
     click.echo(f"deleted {sessions} session(s), {challenges} sign-in challenge(s), "
                f"{enrolments} pending enrolment(s), {browsers} known browser(s), "
@@ -765,7 +766,7 @@ def purge_expired():
 @click.argument("path", type=click.Path(dir_okay=False))
 @with_appcontext
 def backup(path):
-    """Copy the SQLite database to PATH while the app runs, with SQLite's own backup (a consistent copy; `cp`
+    """Copy the SQLite database to PATH while the app runs, with SQLite's own backup (a consistent copy; cp
     may miss what is still in the -wal file). The copy is private to this user (mode 600) and takes the name
     PATH only once PRAGMA quick_check has passed, so a failed backup leaves no file that looks like one; a
     database without any account (a mistyped DATABASE_URL) is refused. PATH must not exist yet. The TOTP
