@@ -17,7 +17,7 @@ from flask import current_app
 from flask.cli import AppGroup, with_appcontext
 from peewee import JOIN, IntegrityError, InterfaceError, OperationalError, fn
 
-from .clock import now
+from .clock import expired, now
 from .config import keys_source
 from .db import commits, db, first_line, for_update, is_sqlite, lock_keys, write_transaction
 from .models import (AuditEvent, Device, KnownBrowser, NetworkCounter, PendingEnrolment, ServerSession,
@@ -545,9 +545,9 @@ def export_person(email):
     sessions = ServerSession.select().where(ServerSession.user == user.id).order_by(ServerSession.created_at,
                                                                                    ServerSession.id)
 
-    def expired(s):
-        return (s.last_seen_at < current - cfg["SESSION_IDLE_TIMEOUT"]
-                or s.created_at < current - cfg["SESSION_ABSOLUTE_TIMEOUT"])
+    def ended(s):  # as sessions.open_session decides it
+        return (expired(s.last_seen_at, cfg["SESSION_IDLE_TIMEOUT"], current)
+                or expired(s.created_at, cfg["SESSION_ABSOLUTE_TIMEOUT"], current))
 
     requests = SupportRequest.select().where((SupportRequest.user == user.id) | (SupportRequest.email == user.email))
 
@@ -570,7 +570,7 @@ def export_person(email):
         "devices": [{"name": d.name, "added": stamp(d.created_at), "last_used": stamp(d.last_used_at)}
                     for d in Device.select().where(Device.user == user.id).order_by(Device.created_at, Device.id)],
         "sessions": [{"signed_in": stamp(s.created_at), "last_seen": stamp(s.last_seen_at), "ip": s.ip,
-                      "browser": s.user_agent, "expired": expired(s)} for s in sessions],
+                      "browser": s.user_agent, "expired": ended(s)} for s in sessions],
         "known_browsers": [{"first_sign_in": stamp(b.created_at), "last_used": stamp(b.last_used_at),
                             "wrong_passwords": b.password_failures,
                             "passwords_refused_until": stamp(b.password_locked_until)}
