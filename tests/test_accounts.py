@@ -2491,3 +2491,28 @@ def test_cli_export_reads_the_audit_records_in_batches(app, actor, clock, monkey
     assert result.output == json.dumps(data, indent=2, ensure_ascii=False) + "\n"  # the same document as before
     reads = [sql for sql in statements if 'FROM "auditevent"' in sql]
     assert len(reads) >= len(expected) // 3 + 1, reads  # no read of all of them at once
+
+
+def test_cli_erase_ends_the_sessions_at_the_code_step_that_hold_the_address(app, actor, secret, clock):
+    """A browser at the code step has a session of its own, not yet the account's, holding the address typed at
+    the password step: an erasure left it, with the address, until it timed out. It goes with the rest (and
+    is counted); another person's code step stays."""
+    from webapp.sessions import token_hash
+
+    user = actor.user(secret=secret)
+    actor.user(email="bob@example.com", secret=secret)
+    halfway, other = Actor(app, app.test_client(), clock), Actor(app, app.test_client(), clock)
+    assert halfway.password_step("alice@example.com").headers["Location"] == "/login/verify"
+    assert other.password_step("bob@example.com").headers["Location"] == "/login/verify"
+
+    result = run(app, "users", "erase", "alice@example.com", "--yes")
+
+    assert result.exit_code == 0, result.output
+    assert "deleted 1 device(s), 1 session(s), 0 known browser(s), 1 half-finished sign-in(s)" in result.output
+    with app.app_context():
+        assert ServerSession.get_or_none(ServerSession.id == token_hash(halfway.session_cookie())) is None
+        kept = ServerSession.get(ServerSession.id == token_hash(other.session_cookie()))
+        assert "bob@example.com" in kept.data and "alice" not in "".join(s.data for s in ServerSession.select())
+        [event] = AuditEvent.select().where(AuditEvent.kind == "account_erased")
+        assert event.details["sessions_ended"] == 1 and event.user_id == user.id
+    assert other.code_step(other.code(secret)).headers["Location"] == "/settings"

@@ -482,7 +482,7 @@ def erase(email, yes):
         devices = Device.delete().where(Device.user == user.id).execute()
         sign_ins = end_code_steps(user)
         set_ups = PendingEnrolment.delete().where(PendingEnrolment.user == user.id).execute()
-        sessions = end_user_sessions(user)
+        sessions = end_user_sessions(user) + _end_sessions_naming(user)
         browsers = forget_browsers(user)
         requests = SupportRequest.delete().where(
             (SupportRequest.user == user.id) | (SupportRequest.email == address)).execute()
@@ -497,6 +497,24 @@ def erase(email, yes):
                f"{sessions} session(s), {browsers} known browser(s), {sign_ins + set_ups} half-finished sign-in(s) "
                f"and set-up(s), {requests} contact request(s). Its {_audit_count(user)} audit record(s) stay "
                "(README \"Personal data\")")
+
+
+def _end_sessions_naming(user):
+    """Delete the sessions not signed in that still name the person: a browser at the code step keeps the
+    address typed at the password step (auth._SIGN_IN_EMAIL), one refused after the right password the
+    account's number (auth.BLOCKED_SIGN_IN). Their data is JSON text: the few that mention either key are
+    read (LIKE's `_` matches any character, so each is checked), and those naming this person deleted."""
+    from .auth import _SIGN_IN_EMAIL, BLOCKED_SIGN_IN
+
+    naming = []
+    for row in ServerSession.select(ServerSession.id, ServerSession.data).where(
+            ServerSession.user.is_null()
+            & (ServerSession.data.contains(_SIGN_IN_EMAIL) | ServerSession.data.contains(BLOCKED_SIGN_IN))):
+        data = json.loads(row.data or "{}")
+        blocked = data.get(BLOCKED_SIGN_IN)
+        if data.get(_SIGN_IN_EMAIL) == user.email or (isinstance(blocked, dict) and blocked.get("user") == user.id):
+            naming.append(row.id)
+    return ServerSession.delete().where(ServerSession.id.in_(naming)).execute() if naming else 0
 
 
 def _audit_count(user):
