@@ -511,20 +511,17 @@ def _say_building_index(name):
 def _drop_obsolete(database, names):
     """Drop those of the indexes `names` (models.OBSOLETE_INDEXES) that are still there, saying so once."""
     for name in names:
-        if isinstance(database, PostgresqlDatabase):
-            there = not _missing(database, name)
-        else:
-            there = database.execute_sql("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?",
-                                         (name,)).fetchone() is not None
-        if there:
+        if not _missing(database, name):
             print(f" * twostep: upgrading the database: dropping index {name}, which another one now serves "
                   f"(README \"Upgrades\")", file=sys.stderr, flush=True)
             database.execute_sql(f'DROP INDEX IF EXISTS "{name}"')
 
 
 def _missing(database, name):
-    """On PostgreSQL, whether no table or index of that name exists (quoted: "user" is a keyword)."""
-    return database.execute_sql("SELECT to_regclass(%s) IS NULL", (f'"{name}"',)).fetchone()[0]
+    """Whether no table or index of that name exists (on PostgreSQL quoted: "user" is a keyword)."""
+    if isinstance(database, PostgresqlDatabase):
+        return database.execute_sql("SELECT to_regclass(%s) IS NULL", (f'"{name}"',)).fetchone()[0]
+    return database.execute_sql("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).fetchone() is None
 
 
 def _check_columns(database, models):
