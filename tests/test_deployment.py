@@ -8,6 +8,7 @@ import time
 import pytest
 from peewee import fn
 
+from webapp import cli
 from webapp.db import db, is_sqlite
 from webapp.models import AuditEvent, User
 
@@ -788,3 +789,25 @@ def test_backup_does_not_write_through_a_symlink_at_its_path(app, actor, tmp_pat
     result = _backup(app, folder / "twostep.db")
     assert result.exit_code == 1 and "already exists" in result.output
     assert os.listdir(elsewhere) == [] and os.listdir(folder) == ["twostep.db"]
+
+
+@pytest.mark.skipif(ON_POSTGRES, reason="the SQLite backup; PostgreSQL is backed up with pg_dump")
+def test_backup_never_replaces_a_file_made_while_it_ran(app, actor, tmp_path, monkeypatch):
+    """A file that takes the name PATH after the backup's last look (another backup started by cron and by
+    hand at once) is kept, and the copy is not: the name is taken with a hard link, which fails if it exists,
+    instead of a look and then a rename, which replaced the file made in between."""
+    actor.user(email="alice@example.com")
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    target = folder / "twostep.db"
+    real_copy = cli._copy_checked
+
+    def copy_then_another_backup_writes(source, partial):
+        real_copy(source, partial)
+        target.write_bytes(b"the other backup")  # after every look the command takes before the copy
+
+    monkeypatch.setattr(cli, "_copy_checked", copy_then_another_backup_writes)
+    monkeypatch.setattr(cli.os.path, "lexists", lambda _p: False)  # and after any look it takes once copied
+    result = _backup(app, target)
+    assert result.exit_code == 1 and "appeared while the backup ran" in result.output
+    assert target.read_bytes() == b"the other backup" and os.listdir(folder) == ["twostep.db"]

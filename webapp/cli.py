@@ -807,13 +807,10 @@ def backup(path):
     os.close(fd)
     try:
         _copy_checked(source, partial)
-        if os.path.lexists(path):  # made meanwhile: not replaced
-            raise click.ClickException(f"{path} appeared while the backup ran: the copy is not kept")
-        os.replace(partial, path)
-    except BaseException:
-        if os.path.exists(partial):
+        _take_name(partial, path)
+    finally:
+        if os.path.exists(partial):  # kept under PATH now (a second name), or a failed copy
             os.unlink(partial)
-        raise
     directory = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(directory)  # the new name outlives a power cut too
@@ -821,6 +818,22 @@ def backup(path):
         os.close(directory)
     click.echo(f"backed up {source} to {path} ({os.path.getsize(path)} bytes; quick check ok). The TOTP "
                "encryption keys are not in it: keep a copy of them apart from it")
+
+
+def _take_name(partial, path):
+    """Give the finished copy the name PATH, never replacing a file of that name: a hard link fails if the name
+    exists, in one step (a look before a rename left a moment in which a file made meanwhile was replaced).
+    On a file system without hard links, the look and the rename."""
+    try:
+        os.link(partial, path)
+        return
+    except FileExistsError:
+        raise click.ClickException(f"{path} appeared while the backup ran: the copy is not kept") from None
+    except OSError:
+        pass  # no hard links here (some network and FAT file systems)
+    if os.path.lexists(path):
+        raise click.ClickException(f"{path} appeared while the backup ran: the copy is not kept")
+    os.replace(partial, path)
 
 
 def _copy_checked(source, target):
