@@ -2347,8 +2347,8 @@ def test_cli_an_account_erased_while_a_command_waits_for_it_is_not_put_back_in_u
     assert run(app, "users", "disable", "alice@example.com").exit_code == 0
     real = cli._get_user
 
-    def read_then_erased(email, erased=False):
-        found = real(email, erased)
+    def read_then_erased(email, *args, **kwargs):
+        found = real(email, *args, **kwargs)
         User.update(email=cli.erased_email(found.id), disabled_at=now(), is_admin=False,
                     password_hash="x").where(User.id == found.id).execute()
         return found
@@ -2516,3 +2516,77 @@ def test_cli_erase_ends_the_sessions_at_the_code_step_that_hold_the_address(app,
         [event] = AuditEvent.select().where(AuditEvent.kind == "account_erased")
         assert event.details["sessions_ended"] == 1 and event.user_id == user.id
     assert other.code_step(other.code(secret)).headers["Location"] == "/settings"
+
+
+def test_cli_export_lists_the_browsers_at_the_code_step_that_hold_the_address(app, actor, secret, clock):
+    """A browser between the password and the code has a session of its own that names the person (the
+    address typed, its IP address and browser): `users erase` deleted it, but `users export` did not list it,
+    so an access request missed stored data that an erasure deletes. It is listed apart from the sessions
+    that were signed in; another person's is not."""
+    import json
+
+    actor.user(secret=secret)
+    actor.user(email="bob@example.com", secret=secret)
+    halfway, other = Actor(app, app.test_client(), clock), Actor(app, app.test_client(), clock)
+    halfway.client.environ_base.update({"REMOTE_ADDR": "198.51.100.30", "HTTP_USER_AGENT": "Stranger/1.0"})
+    other.client.environ_base.update({"REMOTE_ADDR": "198.51.100.31", "HTTP_USER_AGENT": "BobPhone/1.0"})
+    assert halfway.password_step("alice@example.com").headers["Location"] == "/login/verify"
+    assert other.password_step("bob@example.com").headers["Location"] == "/login/verify"
+
+    result = run(app, "users", "export", "alice@example.com")
+
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["sessions"] == []
+    [waiting] = data["browsers_not_signed_in"]
+    assert (waiting["ip"], waiting["browser"], waiting["expired"]) == ("198.51.100.30", "Stranger/1.0", False)
+    assert "BobPhone" not in result.output and "198.51.100.31" not in result.output
+
+
+def test_cli_export_and_erase_reach_contact_requests_of_an_address_without_an_account(app, actor, clock):
+    """Someone without an account who wrote to support (the contact form takes any address) can ask what is
+    kept and to have it erased: both commands said "no account with email" and reached nothing. Export now
+    gives the requests sent in that address with each one's audit record (the exact IP address); erase, after
+    asking, deletes them, audited without the address. Requests in other addresses stay, and an address
+    with neither account nor request is still an error that changes nothing."""
+    import json
+
+    from webapp.models import SupportRequest
+
+    bob = actor.user(email="bob@example.com")
+    for who, ip in (("Carol@Example.com", "198.51.100.40"), ("bob@example.com", "198.51.100.41")):
+        sender = Actor(app, app.test_client(), clock)
+        sender.client.environ_base["REMOTE_ADDR"] = ip
+        r = sender.post_form("/support/contact", {"email": who, "message": f"a message from {who}"})
+        assert r.status_code == 302, r.get_data(as_text=True)
+
+    result = run(app, "users", "export", "carol@example.com")
+
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["account"] is None
+    assert [(r["email"], r["message"]) for r in data["contact_requests"]] == [
+        ("carol@example.com", "a message from Carol@Example.com")]
+    [record] = data["audit_records"]
+    assert (record["kind"], record["ip"], record["details"]["after_password"]) == ("support_request", "198.51.100.40",
+                                                                                  False)
+    assert "bob" not in result.output and "198.51.100.41" not in result.output
+
+    assert run(app, "users", "erase", "carol@example.com", input="n\n").exit_code == 1  # asked, and refused
+    with app.app_context():
+        assert SupportRequest.select().count() == 2
+    result = run(app, "users", "erase", "carol@example.com", "--yes")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("deleted 1 contact request(s) sent in carol@example.com, which no account has")
+    with app.app_context():
+        assert [(r.email, r.user_id) for r in SupportRequest.select()] == [("bob@example.com", bob.id)]
+        [event] = AuditEvent.select().where(AuditEvent.kind == "contact_requests_erased")
+        assert event.details == {"via": "cli", "requests_deleted": 1} and event.user_id is None
+        assert "carol" not in event.detail
+
+    for command in ("export", "erase"):
+        result = run(app, "users", command, "carol@example.com", *(["--yes"] if command == "erase" else []))
+        assert result.exit_code == 1
+        assert result.output == "Error: no account and no contact request with email carol@example.com\n"
+    with app.app_context():
+        assert AuditEvent.select().where(AuditEvent.kind == "contact_requests_erased").count() == 1

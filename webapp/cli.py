@@ -27,7 +27,7 @@ from .security import (NETWORK_LIMITS, PASSWORD_MAX, PASSWORD_MIN, audit, client
                        end_code_steps, forget_browsers, hash_password, is_lock, network_limit,
                        replace_password, revoke_second_factor, wait_end)
 from .sessions import end_user_sessions
-from .support import _email_order, detail_text, event_text, person_events
+from .support import _WRITTEN_TOGETHER, _email_order, detail_text, event_text, person_events
 from .totp import SecretError, reencrypt_secret
 
 
@@ -67,11 +67,11 @@ audit_group = _Group("audit", help="Read the audit log.")
 networks = _Group("networks", help="See and clear what the per-network limits counted this hour.")
 
 
-def _get_user(email, erased=False):
+def _get_user(email, erased=False, missing_ok=False):
     """The account an operator command names: by its address, or by its number as "#8" (what the start-up
     warning about one mailbox in several spellings gives: those addresses look alike, and the address finds
     only one of them). An erased account only for the commands that pass `erased`: nothing may put it back
-    in use (enable, set-password, promote)."""
+    in use (enable, set-password, promote). None for an address no account has when `missing_ok`."""
     text = email.strip()
     if text.startswith("#") and text[1:].isdigit() and len(text) <= 19:
         user = User.get_or_none(User.id == int(text[1:]))
@@ -79,6 +79,8 @@ def _get_user(email, erased=False):
             raise click.ClickException(f"no account number {text}")
     else:
         user = User.by_email(email)
+        if user is None and missing_ok:
+            return None
         if user is None:
             raise click.ClickException(f"no account with email {normalise_email(email)}")
     if not erased:
@@ -457,8 +459,14 @@ def erase(email, yes):
     and set-ups, and every contact request from their account or sent in their email address are deleted.
     The account stays as a disabled row named erased-NUMBER@erased.invalid with an unknown password, so its
     number is never given to another account and the audit records keep pointing at it. The audit records
-    stay (security events: README "Personal data"). Cannot be undone. Audited."""
-    user = _get_user(email, erased=True)
+    stay (security events: README "Personal data"). Cannot be undone. Audited.
+
+    An address no account has: the contact requests sent in it are deleted (someone without an account who
+    wrote to support)."""
+    user = _get_user(email, erased=True, missing_ok=True)
+    if user is None:
+        _erase_requests_only(normalise_email(email), yes)
+        return
     if user.email == erased_email(user.id):
         click.echo(f"account #{user.id} is already erased; nothing changed")
         return
@@ -499,21 +507,53 @@ def erase(email, yes):
                "(README \"Personal data\")")
 
 
-def _end_sessions_naming(user):
-    """Delete the sessions not signed in that still name the person: a browser at the code step keeps the
-    address typed at the password step (auth._SIGN_IN_EMAIL), one refused after the right password the
-    account's number (auth.BLOCKED_SIGN_IN). Their data is JSON text: the few that mention either key are
-    read (LIKE's `_` matches any character, so each is checked), and those naming this person deleted."""
+def _erase_requests_only(address, yes):
+    """users erase for an address without an account: delete the contact requests sent in it, audited (the
+    record names no address, as account_erased does)."""
+    count = _requests_in(address).count()
+    if not yes:
+        click.confirm(f"No account has {address}. Delete the {count} contact request(s) sent in it for good? This "
+                      "cannot be undone", abort=True)
+    with write_transaction():
+        # As erase: a request in this address being stored now is waited for, and deleted too.
+        lock_keys("contact-email:" + address)
+        deleted = SupportRequest.delete().where(SupportRequest.email == address).execute()
+        if deleted:
+            audit("contact_requests_erased", via="cli", requests_deleted=deleted)
+    click.echo(f"deleted {deleted} contact request(s) sent in {address}, which no account has. Their audit "
+               "record(s) stay (README \"Personal data\")")
+
+
+def _requests_in(address):
+    """The contact requests sent in `address` (normalised), for export and erase when no account has it; the
+    usual error when there are none either."""
+    requests = SupportRequest.select().where(SupportRequest.email == address)
+    if not requests.exists():
+        raise click.ClickException(f"no account and no contact request with email {address}")
+    return requests
+
+
+def _sessions_naming(user):
+    """The sessions not signed in that still name the person: a browser at the code step keeps the address
+    typed at the password step (auth._SIGN_IN_EMAIL), one refused after the right password the account's
+    number (auth.BLOCKED_SIGN_IN). Their data is JSON text: the few that mention either key are read (LIKE's
+    `_` matches any character, so each is checked), and those naming this person returned."""
     from .auth import _SIGN_IN_EMAIL, BLOCKED_SIGN_IN
 
     naming = []
-    for row in ServerSession.select(ServerSession.id, ServerSession.data).where(
+    for row in ServerSession.select().where(
             ServerSession.user.is_null()
             & (ServerSession.data.contains(_SIGN_IN_EMAIL) | ServerSession.data.contains(BLOCKED_SIGN_IN))):
         data = json.loads(row.data or "{}")
         blocked = data.get(BLOCKED_SIGN_IN)
         if data.get(_SIGN_IN_EMAIL) == user.email or (isinstance(blocked, dict) and blocked.get("user") == user.id):
-            naming.append(row.id)
+            naming.append(row)
+    return sorted(naming, key=lambda row: (row.created_at, row.id))
+
+
+def _end_sessions_naming(user):
+    """Delete the sessions not signed in that still name the person (_sessions_naming)."""
+    naming = [row.id for row in _sessions_naming(user)]
     return ServerSession.delete().where(ServerSession.id.in_(naming)).execute() if naming else 0
 
 
@@ -555,13 +595,22 @@ def export_person(email):
     purge deletes them), known browsers, half-finished sign-ins and set-ups, the contact requests from the
     account or sent in its email address, and the audit records about the account. Records of what an admin
     did to it say only that it was an admin, without the admin's address or IP address (User Settings shows
-    neither); records of what the account did to others (an admin's) say only what and when."""
-    user = _get_user(email, erased=True)
+    neither); records of what the account did to others (an admin's) say only what and when.
+
+    An address no account has: the contact requests sent in it, each with its audit record (someone without
+    an account who wrote to support)."""
+    user = _get_user(email, erased=True, missing_ok=True)
+    if user is None:
+        _export_requests_only(normalise_email(email))
+        return
     current, stamp, cfg = now(), _json_time, current_app.config
     # Every session of the person's that is stored: one past its timeout is refused, but its row (IP address,
     # browser) stays until the purge (PURGE_INTERVAL, or cron's purge-expired when that is turned off).
-    sessions = ServerSession.select().where(ServerSession.user == user.id).order_by(ServerSession.created_at,
-                                                                                   ServerSession.id)
+    sessions = list(ServerSession.select().where(ServerSession.user == user.id).order_by(ServerSession.created_at,
+                                                                                        ServerSession.id))
+    # A browser between the password and the code (or refused after the right password) has a session of its
+    # own, not yet the account's, that names the person: listed apart, as it was never signed in.
+    naming = _sessions_naming(user)
 
     def ended(s):  # as sessions.open_session decides it
         return (expired(s.last_seen_at, cfg["SESSION_IDLE_TIMEOUT"], current)
@@ -589,6 +638,8 @@ def export_person(email):
                     for d in Device.select().where(Device.user == user.id).order_by(Device.created_at, Device.id)],
         "sessions": [{"signed_in": stamp(s.created_at), "last_seen": stamp(s.last_seen_at), "ip": s.ip,
                       "browser": s.user_agent, "expired": ended(s)} for s in sessions],
+        "browsers_not_signed_in": [{"started": stamp(s.created_at), "last_seen": stamp(s.last_seen_at), "ip": s.ip,
+                                    "browser": s.user_agent, "expired": ended(s)} for s in naming],
         "known_browsers": [{"first_sign_in": stamp(b.created_at), "last_used": stamp(b.last_used_at),
                             "wrong_passwords": b.password_failures,
                             "passwords_refused_until": stamp(b.password_locked_until)}
@@ -602,9 +653,7 @@ def export_person(email):
             {"started": stamp(p.created_at), "wrong_codes": p.failures}
             for p in PendingEnrolment.select(PendingEnrolment.created_at, PendingEnrolment.failures)
             .where(PendingEnrolment.user == user.id).order_by(PendingEnrolment.created_at)],
-        "contact_requests": [{"sent": stamp(r.created_at), "email": r.email, "message": r.message, "ip": r.ip,
-                              "handled": stamp(r.handled_at)}
-                             for r in requests.order_by(SupportRequest.created_at, SupportRequest.id)],
+        "contact_requests": [_request_json(r) for r in requests.order_by(SupportRequest.created_at, SupportRequest.id)],
     }
     # The audit records last, written as they are read (_person_records): a person under attack or an admin has
     # 100,000 and more, and all of them in one list, then in one string, took 360 MB per 100,000. The
@@ -619,6 +668,32 @@ def export_person(email):
     if chunk:
         click.echo(("," if written else "") + "\n    " + ",\n    ".join(chunk), nl=False)
     click.echo("\n  ]\n}" if written or chunk else "]\n}")
+
+
+def _request_json(r):
+    return {"sent": _json_time(r.created_at), "email": r.email, "message": r.message, "ip": r.ip,
+            "handled": _json_time(r.handled_at)}
+
+
+def _export_requests_only(address):
+    """users export for an address without an account: its contact requests, and each one's audit record (the
+    exact IP address: the request keeps only the network), found as the Support page finds it: the record
+    written with the request, naming its number (support._WRITTEN_TOGETHER)."""
+    requests = list(_requests_in(address).order_by(SupportRequest.created_at, SupportRequest.id))
+    records = []
+    for r in requests:
+        near = AuditEvent.select().where(
+            (AuditEvent.kind == "support_request")
+            & (AuditEvent.user.is_null() if r.user_id is None else AuditEvent.user == r.user_id)
+            & AuditEvent.created_at.between(r.created_at - _WRITTEN_TOGETHER, r.created_at + _WRITTEN_TOGETHER))
+        records += [e for e in near if e.details.get("request") == r.id]
+    click.echo(json.dumps({
+        "account": None,
+        "contact_requests": [_request_json(r) for r in requests],
+        "audit_records": [{"id": e.id, "time": _json_time(e.created_at), "kind": e.kind,
+                           "event": event_text(e.kind, e.details), "ip": e.ip, "details": e.details}
+                          for e in sorted(records, key=lambda e: (e.created_at, e.id))],
+    }, indent=2, ensure_ascii=False))
 
 
 def _person_records(person_id):

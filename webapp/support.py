@@ -178,6 +178,7 @@ KIND_LABELS = {
     "throttle_cleared": "Failed sign-in attempts cleared by the server operator",
     "account_disabled": "Account disabled by the server operator",
     "account_erased": "Account erased by the server operator (its data deleted)",
+    "contact_requests_erased": "Contact requests in an address without an account erased by the server operator",
     "account_enabled": "Account enabled again by the server operator",
     "totp_keys_rotated": "Stored authenticator secrets re-encrypted with the newest key by the server operator",
     "tfa_enabled": "Two-factor authentication turned on",
@@ -217,7 +218,7 @@ KIND_GROUPS = {
                 "support_window_ended", "support_action_refused"),
     "Account": ("account_created", "password_changed", "role_changed"),
     "Server operator": ("tfa_reset", "throttle_cleared", "account_disabled", "account_enabled", "account_erased",
-                        "totp_keys_rotated", "network_count_cleared", "email_respelled"),
+                        "contact_requests_erased", "totp_keys_rotated", "network_count_cleared", "email_respelled"),
 }
 
 DETAIL_LABELS = {
