@@ -77,6 +77,12 @@ def test_cli_prompts_for_the_password(app, actor):
     # Eight spaces: the sign-in form refuses a blank password, so this account could never sign in.
     (["users", "create", "d@example.com", "--password", " " * 8], "only spaces"),
     (["users", "create", "d@example.com", "--password", "x" * 1025], "at most 1024"),
+    # The app answers any request holding a NUL with a 400 (security.md 35): such a password could never be
+    # typed into the sign-in form, and `users create` said "created" (a Unicode review).
+    (["users", "create", "d@example.com", "--password", "abc\x00defghi"], "cannot hold a NUL"),
+    # Digits that are not ASCII pass str.isdigit (superscripts, circled): int() then stopped in a traceback.
+    (["users", "activity", "#\u00b2"], "no account with email #\u00b2"),
+    (["users", "export", "#\u2460"], "no account and no contact request with email #\u2460"),
 ])
 def test_cli_refuses_bad_input(app, args, message):
     result = run(app, *args)
@@ -437,6 +443,50 @@ def test_cli_activity_shows_the_newest_events_first_up_to_the_limit_with_their_a
     lines = run(app, "users", "activity", "alice@example.com").output.splitlines()
     assert len(lines) == 3
     assert lines[2] == f"{at:%Y-%m-%d %H:%M:%S} UTC  Signed in with password only  from 198.51.100.7"
+
+
+def test_cli_activity_prints_each_event_on_one_line_whatever_a_reason_holds(app, actor, clock):
+    """Support's reasons may hold line breaks (the form keeps them): `users activity` printed them as they are,
+    so a reason could add lines that read as events of their own, "Account enabled again by the server
+    operator" included (a Unicode review). Each event is one line; what was typed stays readable, escaped."""
+    import json
+
+    user = actor.user()
+    root = actor.user(email="root@example.com", admin=True)
+    forged = "Identity checked by video call\n2009-02-13 23:31:30 UTC  Account enabled again by the server operator"
+    with app.app_context():
+        AuditEvent.create(kind="support_tfa_disabled", user=user.id, actor=root.id, created_at=utc(clock.t),
+                          detail=json.dumps({"reason": forged, "hours": 24}))
+    result = run(app, "users", "activity", "alice@example.com")
+    assert result.exit_code == 0, result.output
+    [line] = result.output.splitlines()
+    assert "Support turned off 2FA" in line and "by root@example.com" in line
+    assert "Identity checked by video call\\n2009-02-13 23:31:30 UTC  Account enabled again" in line
+
+
+ONLY_VISIBLE = "may hold letters, digits, spaces, punctuation and line breaks only"
+
+
+@pytest.mark.parametrize("reason,said", [
+    ("x" * 501, "can have at most 500 characters"),
+    ("left the company \u202eeno rehtona", ONLY_VISIBLE),
+    ("left\x1b[31m in red", ONLY_VISIBLE),
+])
+def test_cli_disable_takes_a_reason_as_supports_form_does(app, actor, reason, said):
+    """`users disable --reason` stored anything: 100,000 characters, a right-to-left override (shown reversed
+    on the audit log page), an escape sequence (printed to the terminal of whoever runs `users activity`).
+    It takes what support's form takes (500 characters, no characters that hide or reorder text): anything
+    else is one `Error:` line and the account stays in use."""
+    actor.user()
+    result = run(app, "users", "disable", "alice@example.com", "--reason", reason)
+    assert result.exit_code == 1 and result.output == f"Error: --reason {said}. Nothing changed.\n"
+    with app.app_context():
+        assert User.get().disabled_at is None and AuditEvent.select().count() == 0
+    result = run(app, "users", "disable", "alice@example.com", "--reason", "  left the company\r\nticket T-9  ")
+    assert result.exit_code == 0, result.output
+    with app.app_context():
+        [event] = AuditEvent.select().where(AuditEvent.kind == "account_disabled")
+        assert event.details["reason"] == "left the company\nticket T-9"
 
 
 def wrong_code(actor, secret):
@@ -1021,6 +1071,9 @@ def test_signup_creates_an_account(app, actor):
     ("al\u17b4ice@example.com", "characters that do not show"),  # a Khmer inherent vowel
     ("\u115falice@example.com", "characters that do not show"),  # a Hangul filler
     ("al\u0307ice@example.com", "accents that do not belong to a letter"),  # a second dot over the i
+    # A capital whose small letter is two characters: "İ" lower-cased is "i" and a dot above, stored as an
+    # address that reads "inci@" beside Inci's own (a Unicode review).
+    ("\u0130nci@example.com", "accents that do not belong to a letter"),
     # marks piled on a letter of another script paint over the Support page's own hints beside the address,
     # as they did from a message (a security review: "中" with 40 accents on it was taken)
     ("\u4e2d" + "\u0301" * 40 + "@example.com", "more accents on one letter"),

@@ -72,6 +72,48 @@ def test_unknown_email_and_wrong_password_look_the_same(actor, monkeypatch):
     assert not signed_in(actor.client)
 
 
+@pytest.mark.parametrize("chosen,typed", [
+    ("caf\u00e9 secret word", "cafe\u0301 secret word"),  # é as one character, and as e with an accent
+    ("cafe\u0301 secret word", "caf\u00e9 secret word"),
+    ("password\uff11\uff12 long", "password12 long"),  # full-width digits from an East Asian keyboard
+])
+def test_a_password_is_the_same_whichever_way_unicode_spells_it(app, actor, clock, chosen, typed):
+    """NIST SP 800-63B 3.1.1.2: a password with characters Unicode can spell in several ways is normalised
+    (NFKC) before it is hashed, so the person who chose "café" on one keyboard gets in typing it on another
+    (a Unicode review: "Incorrect email address or password." before). A wrong password stays wrong, and
+    an unknown address costs the same hashing as a known one."""
+    from .conftest import Actor
+
+    actor.user(email="admin@example.com", admin=True)  # past the first run's set-up page
+    visitor = Actor(app, app.test_client(), clock)
+    r = visitor.post_form("/signup", {"email": "zoe@example.com", "password": chosen, "confirm": chosen},
+                          form_url="/signup")
+    assert r.status_code == 302 and r.headers["Location"] == "/settings"
+    r = actor.password_step(email="zoe@example.com", password=typed)
+    assert r.status_code == 302 and r.headers["Location"] == "/settings" and signed_in(actor.client)
+    stranger = Actor(app, app.test_client(), clock)
+    r = stranger.password_step(email="zoe@example.com", password=typed.replace("secret", "secert").replace("12", "21"))
+    assert r.status_code == 200 and "Incorrect email address or password." in r.get_data(as_text=True)
+
+
+def test_a_password_hashed_before_normalisation_still_signs_in(app, actor, monkeypatch):
+    """Hashes made before passwords were normalised hold the password as it was typed: a person who chose
+    "cafe" and an accent then still gets in typing it the same way (the password as typed is tried too), and
+    an unknown address spends as many hash checks as a known one for the same password."""
+    raw = "cafe\u0301 secret word"
+    with app.app_context():
+        from webapp.security import _hasher
+
+        User.create(email="zoe@example.com", password_hash=_hasher().hash(raw))
+    calls = []
+    original = PasswordHasher.verify
+    monkeypatch.setattr(PasswordHasher, "verify", lambda self, h, p: calls.append(p) or original(self, h, p))
+    unknown = actor.password_step(email="nobody@example.com", password=raw)
+    assert unknown.status_code == 200 and len(calls) == 2
+    r = actor.password_step(email="zoe@example.com", password=raw)
+    assert r.status_code == 302 and signed_in(actor.client) and len(calls) == 4
+
+
 @pytest.mark.parametrize("data", [
     {"email": "", "password": ""},
     {"email": "not-an-email", "password": "x"},

@@ -24,10 +24,11 @@ from .models import (AuditEvent, Device, KnownBrowser, NetworkCounter, PendingEn
                      SignInChallenge, SupportRequest, User, lookalike_problem, normalise_email)
 from .models import purge_expired as purge
 from .security import (NETWORK_LIMITS, PASSWORD_MAX, PASSWORD_MIN, audit, client_network, client_network_48,
-                       end_code_steps, forget_browsers, hash_password, is_lock, network_limit,
+                       end_code_steps, forget_browsers, hash_password, is_lock, network_limit, one_line,
                        replace_password, revoke_second_factor, wait_end)
+from .fields import has_disguising_characters
 from .sessions import end_user_sessions
-from .support import _WRITTEN_TOGETHER, _email_order, detail_text, event_text, person_events
+from .support import _WRITTEN_TOGETHER, _email_order, detail_text, event_text, person_events, text_lines
 from .totp import SecretError, reencrypt_secret
 
 
@@ -73,7 +74,7 @@ def _get_user(email, erased=False, missing_ok=False):
     only one of them). An erased account only for the commands that pass `erased`: nothing may put it back
     in use (enable, set-password, promote). None for an address no account has when `missing_ok`."""
     text = email.strip()
-    if text.startswith("#") and text[1:].isdigit() and len(text) <= 19:
+    if text.startswith("#") and text[1:].isascii() and text[1:].isdigit() and len(text) <= 19:
         user = User.get_or_none(User.id == int(text[1:]))
         if user is None:
             raise click.ClickException(f"no account number {text}")
@@ -123,12 +124,29 @@ def _utf8_text(ctx, param, value):
     raise click.ClickException(f"{name} {typed} is not UTF-8 text {_OTHER_ENCODING}")
 
 
+def _reason_text(value):
+    """--reason as support's form takes a reason (support.EndWindowForm): trimmed, at most 500 characters, and
+    nothing that hides or reorders what it says (a right-to-left override showed it reversed on the audit log
+    page, an escape sequence recoloured the terminal of whoever ran `users activity`)."""
+    if value is None:
+        return None
+    value = text_lines(value)
+    if len(value) > 500:
+        raise click.ClickException("--reason can have at most 500 characters. Nothing changed.")
+    if has_disguising_characters(value):
+        raise click.ClickException("--reason may hold letters, digits, spaces, punctuation and line breaks only. "
+                                   "Nothing changed.")
+    return value or None
+
+
 def _check_password(password):
     """The sign-in form's limits: a password it would refuse could never be used."""
     if _not_utf8(password):  # said without the password
         raise click.ClickException(f"the password is not UTF-8 text {_OTHER_ENCODING}")
     if not password.strip():
         raise click.ClickException("the password cannot be empty or only spaces: the sign-in form refuses it")
+    if "\x00" in password:  # the app refuses any request with one (a 400), so it could never be typed there
+        raise click.ClickException("the password cannot hold a NUL character: the sign-in form refuses it")
     if len(password) < PASSWORD_MIN:
         raise click.ClickException(f"the password must have at least {PASSWORD_MIN} characters")
     if len(password) > PASSWORD_MAX:
@@ -310,7 +328,7 @@ def _refuse_last_admin(user):
 
 @users.command("disable")
 @click.argument("email", callback=_utf8_text)
-@click.option("--reason", callback=_utf8_text,
+@click.option("--reason", callback=lambda ctx, param, value: _reason_text(_utf8_text(ctx, param, value)),
               help="Why (kept in the audit record): someone who left, an account in other hands.")
 def disable(email, reason):
     """Take an account out of use: it cannot sign in, and its sessions, half-finished sign-ins and unfinished
@@ -581,7 +599,9 @@ def activity(email, limit):
             who = f" (by {emails.get(event.actor_id, 'a deleted account')})"
         else:
             who = ""
-        details = "; ".join(f"{label}: {value}" for label, value in detail_text(event.details))
+        # One event, one line: a reason support typed may hold line breaks, which printed as they are made lines
+        # that read as events of their own.
+        details = one_line("; ".join(f"{label}: {value}" for label, value in detail_text(event.details)))
         click.echo(f"{event.created_at:%Y-%m-%d %H:%M:%S} UTC  {event_text(event.kind, event.details)}{who}"
                    + (f"  [{details}]" if details else "") + (f"  from {event.ip}" if event.ip else ""))
 

@@ -149,10 +149,12 @@ def lookalike_problem(email):
     # A pile of marks (on a letter of any script) paints over the lines around the address on the Support page.
     if has_stacked_marks(email):
         return "This address has more accents on one letter than writing needs. Type it in ordinary letters."
-    composed = unicodedata.normalize("NFC", email)
-    for before, c in zip(composed, composed[1:]):
-        if is_mark(c) and is_plain_letter(before):
-            return "This address has accents that do not belong to a letter. Type it in ordinary letters."
+    # As typed and as stored: lower-casing makes such a pair of some capitals ("İ" becomes "i" and a dot above,
+    # which reads as a plain "i"), so "İnci@" became an account that looks like "inci@".
+    for composed in (unicodedata.normalize("NFC", email), normalise_email(email)):
+        for before, c in zip(composed, composed[1:]):
+            if is_mark(c) and is_plain_letter(before):
+                return "This address has accents that do not belong to a letter. Type it in ordinary letters."
     # The domain goes through IDNA (normalise_email), which makes such letters ordinary; the local part is kept.
     if unicodedata.normalize("NFKC", typed_local) != unicodedata.normalize("NFC", typed_local):
         return "Type the address in ordinary letters (not full-width or other special forms)."

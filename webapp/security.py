@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import secrets
+import unicodedata
 from datetime import timedelta
 from urllib.parse import urlsplit
 
@@ -37,24 +38,26 @@ def _hasher():
 
 
 def hash_password(password):
-    """An argon2id hash of the password."""
-    return _hasher().hash(password)
+    """An argon2id hash of the password in Unicode's NFKC form (NIST SP 800-63B 3.1.1.2: "é" typed as one
+    character or as "e" and an accent, and full-width letters from an East Asian keyboard, are the password
+    the person chose)."""
+    return _hasher().hash(unicodedata.normalize("NFKC", password))
 
 
 def verify_password(stored_hash, password):
-    """Whether the password matches; with stored_hash None, spend the same time and return False."""
+    """Whether the password matches; with stored_hash None, spend the same time and return False. The password
+    as typed is tried too when NFKC changes it: hashes made before passwords were normalised hold it so."""
     hasher = _hasher()
-    if stored_hash is None:
-        stored_hash = _dummy_hash()
+    candidates = dict.fromkeys((unicodedata.normalize("NFKC", password), password))  # one when ASCII or NFKC
+    matched = False
+    for candidate in candidates:
         try:
-            hasher.verify(stored_hash, password)
+            # Every candidate, even after a match: as long for an unknown address (the dummy hash) as for a
+            # known one, right or wrong.
+            matched = hasher.verify(stored_hash if stored_hash is not None else _dummy_hash(), candidate) or matched
         except (VerificationError, InvalidHashError):
             pass
-        return False
-    try:
-        return hasher.verify(stored_hash, password)
-    except (VerificationError, InvalidHashError):
-        return False
+    return matched and stored_hash is not None
 
 
 def password_hash_outdated(stored_hash):
@@ -523,6 +526,12 @@ def set_security_headers(response):
     return response
 
 
+def one_line(text):
+    """`text` with its line breaks, other control characters and backslashes written as Python escapes
+    (RedactingFilter.CONTROLS): what someone typed stays on the one line it is printed on."""
+    return RedactingFilter.CONTROLS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 class RedactingFilter(logging.Filter):
     """Masks anything that looks like a code, a Base32 secret, an otpauth URI or a password field, and writes
     control characters as escapes (security.md 43)."""
@@ -563,6 +572,6 @@ class RedactingFilter(logging.Filter):
         if self.escape_controls and self.CONTROLS.search(message):
             # One event, one line: a newline in something a visitor chose (a path, a header) would otherwise
             # start a line of their own making, such as a fake "audit" record.
-            message = self.CONTROLS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), message)
+            message = one_line(message)
         record.msg, record.args = message, None
         return True
