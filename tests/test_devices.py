@@ -71,24 +71,40 @@ def signed_out(client):
 def test_devices_are_listed_with_name_added_date_and_last_use(actor, app, alice):
     page = text(actor.client.get("/settings"))
     assert ">Active<" in page
-    assert '<strong class="device-name">Phone</strong>' in page
+    assert '<strong class="device-name"><bdi>Phone</bdi></strong>' in page
     assert "Added <time" in page and "last used <time" in page  # the sign-in used it
     assert "Add another device" in page and "Turn off two-factor authentication" in page
     assert 'href="/settings/2fa"' in page
+
+
+def test_a_name_in_a_right_to_left_script_does_not_move_the_text_after_it(actor, app, alice):
+    """A device named in Hebrew or Arabic ("הטלפון שלי") and the words after it are one run of text to the
+    browser's bidirectional algorithm: "(not used to sign in yet)" or ": added ..." then drew on the wrong
+    side of the name (a Unicode review). Each name that text follows is isolated (<bdi>), on User Settings and
+    on the Support page's row of the person."""
+    add_device(app, alice, "הטלפון שלי")
+    page = text(actor.client.get("/settings"))
+    assert '<strong class="device-name"><bdi>הטלפון שלי</bdi></strong>' in page
+    from .test_support import sign_in_admin
+
+    admin = type(actor)(app, app.test_client(), actor.clock)
+    sign_in_admin(admin, pyotp.random_base32())
+    row = text(admin.client.get(f"/support?user={alice.id}"))
+    assert "<li><bdi>הטלפון שלי</bdi>: added" in row
 
 
 def test_devices_are_listed_in_the_order_they_were_added(actor, app, alice):
     add_device(app, alice, "Tablet")
     add_device(app, alice, "Laptop")
     page = text(actor.client.get("/settings"))
-    names = re.findall(r'<strong class="device-name">([^<]+)</strong>', page)
+    names = re.findall(r'<strong class="device-name"><bdi>([^<]+)</bdi></strong>', page)
     assert names == ["Phone", "Tablet", "Laptop"]
 
 
 def test_a_device_never_used_to_sign_in_says_so(actor, app, alice):
     add_device(app, alice, "Tablet")
     page = text(actor.client.get("/settings"))
-    assert '<strong class="device-name">Tablet</strong>' in page and "not used to sign in yet" in page
+    assert '<strong class="device-name"><bdi>Tablet</bdi></strong>' in page and "not used to sign in yet" in page
 
 
 # ---------------------------------------------------------------- rename

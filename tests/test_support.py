@@ -744,7 +744,7 @@ def test_search_results_do_not_contain_the_disable_form(app, actor, secret):
             # described by its own person's address (the row's heading).
             [link] = re.findall(rf'<a [^>]*href="{url}"[^>]*>', html)
             heading = _attr(link, "aria-describedby")
-            assert re.search(rf'<h3 class="row-title" id="{heading}">{person.email}<', html)
+            assert re.search(rf'<h3 class="row-title" id="{heading}"><bdi>{person.email}</bdi><', html)
         assert 'name="reason"' not in html and "-reason" not in html and "-duration" not in html
         assert "Disable for" not in html and "Disable 2FA temporarily" not in html
         assert "<details" not in html
@@ -1125,7 +1125,7 @@ def test_a_persons_row_shows_who_opened_their_window_why_and_leads_to_their_audi
     sign_in_admin(actor, secret)
     row = actor.client.get(f"/support?user={target.id}").get_data(as_text=True)
     assert "Account created" in row and "Opened " not in row
-    assert f'<a href="/support/audit?email={target.email}">Audit log for {target.email}</a>' in row
+    assert f'<a href="/support/audit?email={target.email}">Audit log for <bdi>{target.email}</bdi></a>' in row
     disable(actor, target, reason="Called back on the number on file, matched ID", ticket="SUP-77")
     clock.advance(120)
     row = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())
@@ -2017,7 +2017,7 @@ def test_open_requests_say_whether_the_sender_had_entered_the_password(app, acto
     stranger.post_form("/support/contact", {"email": "nobody@example.com", "message": "Who am I, then?"})
     sign_in_admin(actor, secret)
     page = actor.client.get("/support").get_data(as_text=True)
-    items = {email: page.split(f"<strong>{email}</strong>", 1)[1].split("</li>", 1)[0]
+    items = {email: page.split(f"<strong><bdi>{email}</bdi></strong>", 1)[1].split("</li>", 1)[0]
              for email in ("carol@example.com", "dave@example.com", "nobody@example.com")}
     assert "Sent after entering this account's password (not proof of identity" in items["carol@example.com"]
     assert "Sent without entering this account's password." in items["dave@example.com"]
@@ -2056,7 +2056,7 @@ def test_a_request_numbered_as_a_deleted_one_is_not_told_that_ones_sender(app, a
         assert second.id == first.id or not is_sqlite()  # the number again (PostgreSQL's sequence moves on)
     sign_in_admin(actor, secret)
     page = " ".join(actor.client.get("/support").get_data(as_text=True).split())
-    item = page.split("<strong>carol@example.com</strong>", 1)[1].split("</li>", 1)[0]
+    item = page.split("<strong><bdi>carol@example.com</bdi></strong>", 1)[1].split("</li>", 1)[0]
     assert "Sent without entering this account's password." in item
 
 
@@ -2080,7 +2080,7 @@ def test_a_request_says_whether_its_sender_was_signed_in_and_when_the_phone_last
     owner.sign_in("carol@example.com", secret=target_secret)
     sign_in_admin(actor, secret)
     page = " ".join(actor.client.get("/support").get_data(as_text=True).split())
-    items = {email: page.split(f"<strong>{email}</strong>", 1)[1].split("</li>", 1)[0]
+    items = {email: page.split(f"<strong><bdi>{email}</bdi></strong>", 1)[1].split("</li>", 1)[0]
              for email in ("carol@example.com", "dave@example.com")}
     assert "Sent after entering this account's password" in items["carol@example.com"]
     assert (f"<strong>A code from this account's device was accepted after this request was sent</strong>, "
@@ -2106,7 +2106,7 @@ def test_a_request_says_whether_its_sender_was_signed_in_and_when_the_phone_last
     # A request sent after the phone's last code says when that was, without the warning.
     carol.post_form("/support/contact", {"email": "carol@example.com", "message": "Still no phone, please."})
     page = " ".join(actor.client.get("/support").get_data(as_text=True).split())
-    last = page.split("Still no phone, please.")[0].rsplit("<strong>carol@example.com</strong>", 1)[1]
+    last = page.split("Still no phone, please.")[0].rsplit("<strong><bdi>carol@example.com</bdi></strong>", 1)[1]
     assert f"Last code accepted from this account's devices: {utc(clock.t):%Y-%m-%d %H:%M} UTC." in last
     assert dave.id is not None
 
@@ -2130,7 +2130,7 @@ def test_a_new_phone_set_up_after_a_request_raises_no_question_about_it(app, act
     clock.advance(60)
     second_client(app, clock).sign_in("carol@example.com", secret=new_phone.secret)
     page = " ".join(actor.client.get("/support").get_data(as_text=True).split())
-    request = page.split("<strong>carol@example.com</strong>", 1)[1].split("</li>", 1)[0]
+    request = page.split("<strong><bdi>carol@example.com</bdi></strong>", 1)[1].split("</li>", 1)[0]
     assert "Lost my phone in a lake." in request and "accepted after this request" not in request
     assert "Last code accepted" not in request
 
