@@ -367,7 +367,9 @@ def test_cli_reset_2fa_removes_devices_and_sessions(app, actor, secret):
         assert Device.select().count() == 0
         assert ServerSession.select().where(ServerSession.user.is_null(False)).count() == 0
         [event] = AuditEvent.select().where(AuditEvent.kind == "tfa_reset")  # security.md 42, 43
-        assert (event.user_id, event.details) == (user.id, {"via": "cli", "devices_removed": 1})
+        # What the reset lifted, for an investigation: the refused codes and the lock still running.
+        assert (event.user_id, event.details) == (user.id, {"via": "cli", "devices_removed": 1, "code_failures": 7,
+                                                            "code_locked_until": "2100-01-01T00:00:00"})
         row = User.get_by_id(user.id)
         assert (row.code_failures, row.code_strikes, row.code_locked_until) == (0, 0, None)
     assert actor.client.get("/settings").status_code == 302
@@ -2163,8 +2165,8 @@ def test_cli_disable_takes_the_account_out_of_use_at_once_and_enable_brings_it_b
 
     result = run(app, "users", "enable", "alice@example.com")
     assert result.exit_code == 0
-    assert result.output == ("alice@example.com is enabled again: it signs in as before (devices and password "
-                             "unchanged)\n")
+    assert result.output == ("alice@example.com is enabled again: it signs in with its current password and a "
+                             "code from 1 authenticator device(s)\n")
     again = run(app, "users", "enable", "alice@example.com")
     assert again.exit_code == 0 and again.output == "alice@example.com is not disabled; nothing changed\n"
     with app.app_context():
@@ -2192,8 +2194,8 @@ def test_cli_enable_ends_and_reports_a_session_left_from_before_the_disable(app,
     result = run(app, "users", "enable", "alice@example.com")
 
     assert result.exit_code == 0
-    assert result.output == ("alice@example.com is enabled again: it signs in as before (devices and password "
-                             "unchanged); 1 session(s) left from before ended\n")
+    assert result.output == ("alice@example.com is enabled again: it signs in with its current password and no "
+                             "code (no authenticator device); 1 session(s) left from before ended\n")
     with app.app_context():
         assert ServerSession.select().where(ServerSession.user == user.id).count() == 0
         [event] = AuditEvent.select().where(AuditEvent.kind == "account_enabled")
@@ -2643,3 +2645,39 @@ def test_cli_export_and_erase_reach_contact_requests_of_an_address_without_an_ac
         assert result.output == "Error: no account and no contact request with email carol@example.com\n"
     with app.app_context():
         assert AuditEvent.select().where(AuditEvent.kind == "contact_requests_erased").count() == 1
+
+
+def test_cli_the_readmes_steps_take_a_taken_over_account_back(app, actor, secret, clock):
+    """README "Someone else got into an account", run as written: disable, set-password, reset-2fa, enable.
+    The intruder's session and device are gone and their password and codes no longer open anything; the
+    person signs in with the new password alone, to set up 2FA again; each step left its audit record
+    (security.md 42), and the closing `enable` says what the account signs in with now."""
+    user = actor.user(secret=secret, devices={"Intruder's phone": (intruder_secret := new_secret())})
+    intruder = Actor(app, app.test_client(), clock)
+    intruder.sign_in(secret=intruder_secret)
+    assert intruder.client.get("/settings").status_code == 200
+
+    steps = [("disable", "alice@example.com", "--reason", "taken over, ticket T-7"),
+             ("set-password", "alice@example.com", "--password", "a new one given by phone"),
+             ("reset-2fa", "alice@example.com"), ("enable", "alice@example.com")]
+    outputs = []
+    for step in steps:
+        result = run(app, "users", *step)
+        assert result.exit_code == 0, (step, result.output)
+        outputs.append(result.output)
+
+    assert outputs[-1] == ("alice@example.com is enabled again: it signs in with its current password and no code "
+                           "(no authenticator device)\n")
+    assert intruder.client.get("/settings").status_code == 302
+    clock.advance(60)
+    again = Actor(app, app.test_client(), clock)
+    r = again.password_step()
+    assert r.status_code == 200 and "Incorrect email address or password." in r.get_data(as_text=True)
+    clock.advance(2)  # past the wrong password's back-off
+    owner = Actor(app, app.test_client(), clock)
+    assert owner.password_step(password="a new one given by phone").headers["Location"] == "/settings"
+    with app.app_context():
+        assert Device.select().where(Device.user == user.id).count() == 0
+        kinds = [e.kind for e in AuditEvent.select().where(AuditEvent.user == user.id).order_by(AuditEvent.id)]
+        assert kinds[-6:] == ["account_disabled", "password_changed", "tfa_reset", "account_enabled",
+                              "password_rejected", "signin"]

@@ -267,6 +267,22 @@ def test_a_wait_is_never_said_shorter_than_it_is(app, seconds, words):
         assert wait_text(now() + timedelta(seconds=seconds)) == words
 
 
+def test_an_audit_line_names_the_client_address(app, actor, caplog):
+    """security.md 43: an incident review could not tell from the log which address sent the wrong passwords:
+    the audit lines had the account's number but no address, and only the access log, matched by the
+    second, had it. Each audit line carries the client address of its event (`ip=-` when there is none, as
+    for an operator command)."""
+    actor.user()
+    caplog.set_level(logging.INFO, logger="twostep.audit")
+    actor.client.environ_base["REMOTE_ADDR"] = "198.51.100.66"
+    assert actor.password_step(password="a wrong password").status_code == 200
+    [line] = [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("audit password_rejected")]
+    assert line.startswith("audit password_rejected user=1 actor=None ip=198.51.100.66 {")
+    assert app.test_cli_runner().invoke(args=["users", "unlock", "alice@example.com"]).exit_code == 0
+    [line] = [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("audit throttle_cleared")]
+    assert line.startswith("audit throttle_cleared user=1 actor=None ip=- {")
+
+
 def test_log_lines_without_secrets_are_left_alone():
     """The redaction leaves ordinary lines (access lines, audit lines with ids and dates) as they were."""
     from webapp.security import RedactingFilter

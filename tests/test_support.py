@@ -1056,14 +1056,24 @@ def test_old_codes_stop_working_at_once(app, actor, secret, clock, target, targe
     assert r.status_code == 302 and "/login" in r.headers["Location"]
 
 
-def test_code_throttle_is_reset(app, actor, secret, clock, target):
+def test_code_throttle_is_reset_and_the_record_says_what_was_lifted(app, actor, secret, clock, target):
+    """The disable clears the code throttle (the person's new phone must not wait out a thief's lock). An
+    incident review found that nothing said so: an attacker's fifth wrong code locked code entry, support's
+    disable five seconds later lifted it, and the record read as if no lock had been there. The record names
+    the refused codes and the lock it lifted; the audit log page shows them."""
+    lock_end = utc(clock.t + 5 * 3600)
     with app.app_context():
-        User.update(code_failures=7, code_strikes=6, code_locked_until=utc(clock.t + 5 * 3600)).where(
+        User.update(code_failures=7, code_strikes=6, code_locked_until=lock_end).where(
             User.id == target.id).execute()
     sign_in_admin(actor, secret)
     disable(actor, target)
     row = user_row(app, "carol@example.com")
     assert (row.code_failures, row.code_strikes, row.code_locked_until) == (0, 0, None)
+    with app.app_context():
+        [event] = AuditEvent.select().where(AuditEvent.kind == "support_tfa_disabled")
+        assert (event.details["code_failures"], event.details["code_locked_until"]) == (7, lock_end.isoformat())
+    page = actor.client.get("/support/audit?email=carol@example.com").get_data(as_text=True)
+    assert "Refused codes cleared: 7" in page and "Code entry was locked until: " in page
 
 
 def test_open_requests_of_the_person_can_be_closed_with_the_action(app, actor, secret, target):
@@ -1167,6 +1177,7 @@ def test_a_window_the_operator_closed_is_not_said_to_be_closed_by_a_later_device
     actor.sign_in(ADMIN, secret=secret)
     row = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())
     assert "(ticket SUP-77), and closed since.</span>" in row and "when a new device was set up" not in row
+    assert "device is not theirs" not in row
 
 
 def test_a_closed_window_stays_on_the_row_for_30_days_after_the_disable(app, actor, secret, clock, target):
@@ -1187,6 +1198,11 @@ def test_a_closed_window_stays_on_the_row_for_30_days_after_the_disable(app, act
             # how it closed (a support walkthrough read "closed since" as not saying whether it ran out)
             f"“Called back on the number on file, matched ID” (ticket SUP-77), and closed when a new device was set "
             "up.</span>") in row
+    # An incident review: after a takeover through the window, the row offered only another window, which the
+    # password lets the same person through again. It says so, and where the operator's steps are.
+    assert ("If they say that device is not theirs, someone else signed in with their password in that window, and "
+            "a new window would let them in again: ask the operator to take the account back first (README "
+            "“Someone else got into an account”).") in row
     clock.advance(opened + 30 * 24 * 3600 - clock.t)  # exactly 30 days after the disable: still shown
     actor.sign_in(ADMIN, secret=secret)
     row = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())

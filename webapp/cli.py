@@ -375,7 +375,11 @@ def enable(email):
         audit("account_enabled", user=user, via="cli", disabled_since=user.disabled_at.isoformat(),
               **({"sessions_ended": left} if left else {}))
     ended = f"; {left} session(s) left from before ended" if left else ""
-    click.echo(f"{user.email} is enabled again: it signs in as before (devices and password unchanged){ended}")
+    # As things are now, not "as before": set-password or reset-2fa may have run while it was disabled (the
+    # order a takeover is cleaned up in), and "devices and password unchanged" then read as if they had not.
+    devices = Device.select().where(Device.user == user.id).count()
+    second = f"a code from {devices} authenticator device(s)" if devices else "no code (no authenticator device)"
+    click.echo(f"{user.email} is enabled again: it signs in with its current password and {second}{ended}")
 
 
 @users.command("reset-2fa")
@@ -387,8 +391,8 @@ def reset_2fa(email):
         click.echo(f"{user.email} has no authenticator device; nothing changed")
         return
     with write_transaction():  # BEGIN IMMEDIATE on SQLite, like the app's own writers
-        removed, ended = revoke_second_factor(user)  # half-finished sign-ins go too: their code step would fail
-        audit("tfa_reset", user=user, via="cli", devices_removed=removed)
+        removed, ended, lifted = revoke_second_factor(user)  # half-finished sign-ins go too (their code step fails)
+        audit("tfa_reset", user=user, via="cli", devices_removed=removed, **lifted)
     click.echo(f"removed {removed} device(s) of {user.email}; 2FA is off; {ended} session(s) ended")
 
 

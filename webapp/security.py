@@ -17,7 +17,7 @@ from flask_login import current_user
 from peewee import Case
 
 from .clock import expired, now, timestamp
-from .db import Param, Prepared, after_commit
+from .db import Param, Prepared, after_commit, for_update
 from .models import AuditEvent, KnownBrowser, NetworkCounter
 # A known browser's token is made and stored like a session's; the client address is the one sessions store.
 from .sessions import TOKEN_SHAPE, client_ip, cookie_attributes, token_hash
@@ -206,20 +206,24 @@ def revoke_second_factor(user, reset_until=None):
     """Inside the caller's transaction: every device of `user` goes, and with them everything a lost phone
     could still be used for: half-finished sign-ins, sessions, known browsers, the code throttle. Support's
     temporary disable passes the end of its window; the CLI's reset passes none. Returns (devices removed,
-    sessions ended)."""
+    sessions ended, what it lifted of the code throttle for the audit record: the refused codes counted and a
+    lock still running, which an investigation of a takeover needs to see were cleared)."""
     from .models import Device, User
     from .sessions import end_user_sessions
 
     # The person's row first, as every other change to their 2FA takes it (sign-in, Complete Activation,
     # removing a device): taken after the devices, it deadlocked on PostgreSQL with a code step under way.
-    User.lock(user.id)
+    throttle = for_update(User.select(User.code_failures, User.code_locked_until).where(User.id == user.id)).get()
+    lifted = {"code_failures": throttle.code_failures} if throttle.code_failures else {}
+    if throttle.code_locked_until is not None and throttle.code_locked_until > now():
+        lifted["code_locked_until"] = throttle.code_locked_until.isoformat()
     removed = Device.delete().where(Device.user == user.id).execute()
     User.update(tfa_reset_until=reset_until, code_failures=0, code_strikes=0, code_locked_until=None).where(
         User.id == user.id).execute()
     end_code_steps(user)
     sessions = end_user_sessions(user)
     forget_browsers(user)  # a lost phone's browser keeps no password throttle of its own
-    return removed, sessions
+    return removed, sessions, lifted
 
 
 PASSWORD_MIN = 8  # new passwords: the sign-up form, Change password and the CLI
@@ -406,8 +410,10 @@ def audit(kind, user=None, actor=None, **detail):
                   created_at=now())
     _INSERT_AUDIT.execute(**values)
     # The log line follows the commit: it costs more than the insert, and a rolled-back event is not logged.
-    after_commit(functools.partial(log.info, "audit %s user=%s actor=%s %s", kind, values["user"], values["actor"],
-                                   values["detail"]))
+    # With the client address: from the log alone, "which address tried these passwords" needed the access log
+    # beside it, matched by the second (an incident review).
+    after_commit(functools.partial(log.info, "audit %s user=%s actor=%s ip=%s %s", kind, values["user"],
+                                   values["actor"], values["ip"] or "-", values["detail"]))
 
 
 def safe_next(target):

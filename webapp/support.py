@@ -1168,7 +1168,7 @@ def _open_window(locked, actor, form, label, duration):
     current = now()
     until = current + duration
     names = [d.name for d in Device.select(Device.name).where(Device.user == locked.id).order_by(Device.id)]
-    removed, sessions = revoke_second_factor(locked, reset_until=until)
+    removed, sessions, lifted = revoke_second_factor(locked, reset_until=until)
     closed = []
     if form.close_requests.data:
         # Only those the admin could have read (see DisableForm.requests_shown), each named in the record.
@@ -1185,7 +1185,7 @@ def _open_window(locked, actor, form, label, duration):
           ticket=form.ticket.data or None, until=until.isoformat(), duration=label,
           devices_removed=removed, devices=", ".join(names) or None, sessions_ended=sessions,
           requests_closed=len(closed),
-          requests=", ".join(map(str, closed)) or None)
+          requests=", ".join(map(str, closed)) or None, **lifted)
     left_open, handled_meanwhile = 0, []
     if form.close_requests.data:  # what the admin asked to close but could not have read: said in the notice
         left_open = SupportRequest.select().where((SupportRequest.user == locked.id)
