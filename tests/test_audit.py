@@ -772,3 +772,26 @@ def test_audit_export_work_grows_with_the_records_not_with_their_square(app, act
     twice, written_twice = work()
     assert (written, written_twice) == (300, 600)
     assert twice < 3 * once, (once, twice)
+
+
+def test_sign_ins_and_added_devices_name_the_browser_they_came_from(app, actor, clock):
+    """An incident review: the morning after a takeover, nothing told the intruder's sign-ins and the device
+    they added from the owner's but the IP address (the sessions, with their browser, are purged 30 minutes
+    after their last request). The records of a sign-in and of a device added (tfa_enabled, device_added)
+    carry the browser as User Settings names it; the audit log page and `users activity` show it."""
+    from .test_wizard import Wizard
+
+    actor.user()
+    actor.client.environ_base["HTTP_USER_AGENT"] = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
+                                                    "(KHTML, like Gecko) Chrome/126.0 Safari/537.36 Edg/126.0")
+    assert actor.password_step().headers["Location"] == "/settings"
+    Wizard(actor).run("Work phone")
+    with app.app_context():
+        signin, = events(app, "signin")
+        enabled, = events(app, "tfa_enabled")
+        assert signin.details["browser"] == enabled.details["browser"] == "Edge on Windows"
+    lines = app.test_cli_runner().invoke(args=["users", "activity", "alice@example.com"]).output.splitlines()
+    assert [line for line in lines if "Browser: Edge on Windows" in line and "Signed in" in line]
+    assert [line for line in lines if "Browser: Edge on Windows" in line and "Two-factor authentication turned on"
+            in line]
+

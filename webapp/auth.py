@@ -18,7 +18,7 @@ from .models import KnownBrowser, NetworkCounter, SignInChallenge, User, lookali
 from .security import (PASSWORD_MAX, PASSWORD_MIN, audit, backoff, client_ip, client_network, count_for_network,
                        hash_password, is_fresh, is_lock, known_browser, network_full_column, network_full_until,
                        password_hash_outdated, remember_browser, safe_next, verify_password, wait_end, wait_text)
-from .sessions import end_session_now, token_hash, touch_session_now, write_session_now
+from .sessions import browser_label, end_session_now, token_hash, touch_session_now, write_session_now
 from .totp import CheckResult, check_user_code, code_matches, normalise_code
 
 bp = Blueprint("auth", __name__)
@@ -159,7 +159,8 @@ def start_session(user, method=None):
     with write_transaction():  # last sign-in, audit record and the new session row: one commit
         _MARK_LOGIN.execute(at=now(), id=user.id)
         remember_browser(user)
-        audit("signin", user=user, method=method or ("password+code" if user.has_2fa else "password"))
+        audit("signin", user=user, method=method or ("password+code" if user.has_2fa else "password"),
+              browser=browser_label(request.headers.get("User-Agent")))
         write_session_now()
 
 

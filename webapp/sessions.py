@@ -389,3 +389,23 @@ def end_user_sessions(user, keep_token=None):
     with write_transaction():
         User.lock(user.id)
         return query.execute()
+
+
+# Markers in a User-Agent string, the first found naming it (Edge's and Opera's also say "Chrome/").
+_BROWSERS = (("Edg/", "Edge"), ("OPR/", "Opera"), ("Firefox/", "Firefox"), ("HeadlessChrome/", "Headless Chrome"),
+             ("Chrome/", "Chrome"), ("Safari/", "Safari"))
+_SYSTEMS = (("iPhone", "iPhone"), ("iPad", "iPad"), ("Android", "Android"), ("Windows", "Windows"),
+            ("Mac OS X", "macOS"), ("CrOS", "ChromeOS"), ("Linux", "Linux"))
+
+
+def browser_label(user_agent):
+    """A short, readable name for a User-Agent string ("Firefox on Windows"): the sessions list, and the audit
+    records of a sign-in and of a device added, which tell an intruder's browser from the owner's after the
+    session is gone. An unknown one is its first 60 printable characters (a header may hold control ones)."""
+    if not user_agent:
+        return "Unknown browser"
+    browser = next((name for marker, name in _BROWSERS if marker in user_agent), None)
+    system = next((name for marker, name in _SYSTEMS if marker in user_agent), None)
+    if browser and system:
+        return f"{browser} on {system}"
+    return browser or system or "".join(c for c in user_agent if c.isprintable())[:60] or "Unknown browser"

@@ -24,7 +24,7 @@ from .fields import Form, freeze
 from .models import AuditEvent, Device, PendingEnrolment, ServerSession, User
 from .security import (audit, end_code_steps, forget_browsers, fresh_login_required, hash_password,
                        replace_password)
-from .sessions import end_user_sessions, token_hash, write_session_now
+from .sessions import browser_label, end_user_sessions, token_hash, write_session_now
 
 bp = Blueprint("settings", __name__, url_prefix="/settings")
 
@@ -564,7 +564,8 @@ def complete(user, pending):
         PendingEnrolment.delete().where(PendingEnrolment.user == user.id).execute()
         User.update(tfa_reset_until=None).where(User.id == user.id).execute()
         other_keys = _keys_started_since_last_device(user) > 1  # before this activation's own record
-        audit("device_added" if had_2fa else "tfa_enabled", user=user, device=device.name)
+        audit("device_added" if had_2fa else "tfa_enabled", user=user, device=device.name,
+              browser=browser_label(request.headers.get("User-Agent")))
         if had_reset_window:
             audit("tfa_reset_window_ended", user=user, reason="new device enrolled")
         ended = _end_other_sessions(user)
@@ -839,23 +840,6 @@ def _password_page(form, status):
 def session_handle(row_id):
     """The public name of a session in the page: derived from the row id, so the page never shows the DB key."""
     return hashlib.sha256(b"twostep-session-handle:" + row_id.encode("ascii")).hexdigest()[:32]
-
-
-_BROWSERS = (("Edg/", "Edge"), ("OPR/", "Opera"), ("Firefox/", "Firefox"), ("HeadlessChrome/", "Headless Chrome"),
-             ("Chrome/", "Chrome"), ("Safari/", "Safari"))
-_SYSTEMS = (("iPhone", "iPhone"), ("iPad", "iPad"), ("Android", "Android"), ("Windows", "Windows"),
-            ("Mac OS X", "macOS"), ("CrOS", "ChromeOS"), ("Linux", "Linux"))
-
-
-def browser_label(user_agent):
-    """A short, readable name for a User-Agent string ("Firefox on Windows"), for the sessions list."""
-    if not user_agent:
-        return "Unknown browser"
-    browser = next((name for marker, name in _BROWSERS if marker in user_agent), None)
-    system = next((name for marker, name in _SYSTEMS if marker in user_agent), None)
-    if browser and system:
-        return f"{browser} on {system}"
-    return browser or system or user_agent[:60]
 
 
 @bp.app_template_global()

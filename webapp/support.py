@@ -228,6 +228,7 @@ DETAIL_LABELS = {
     "was_until": "Window was open until",
     "via": "Through",
     "method": "Method",
+    "browser": "Browser",
     "failures": "Failures in a row",
     "devices_removed": "Devices removed",
     "requests_closed": "Requests marked as handled",
