@@ -795,3 +795,32 @@ def test_sign_ins_and_added_devices_name_the_browser_they_came_from(app, actor, 
     assert [line for line in lines if "Browser: Edge on Windows" in line and "Two-factor authentication turned on"
             in line]
 
+
+
+def test_records_of_one_device_are_told_from_anothers_of_the_same_name(app, actor, clock):
+    """An incident review: the owner's phone signed in as "Alice's iPhone", then an intruder added a device and
+    renamed it "Alice's iPhone": both devices' records read "Code accepted, Device: Alice's iPhone". Each
+    record about a device also gives its number, shown as "Device number" on the audit log page."""
+    from .test_devices import add_device, post
+
+    owner_secret, intruder_secret = new_secret(), new_secret()
+    user = actor.user(devices={"Alice's iPhone": owner_secret})
+    assert actor.sign_in(secret=owner_secret).headers["Location"] == "/settings"
+    intruder = add_device(app, user, "New phone", secret=intruder_secret)
+    with app.app_context():
+        owner_device = next(d for d in user.devices if d.name == "Alice's iPhone")
+    clock.advance(30)
+    post(actor, f"/settings/devices/{owner_device.id}/remove", {f"remove-{owner_device.id}-code":
+                                                                actor.code(intruder_secret)})
+    post(actor, f"/settings/devices/{intruder.id}/rename", {f"rename-{intruder.id}-name": "Alice's iPhone"})
+    clock.advance(30)
+    other = second_client(app, clock)
+    assert other.sign_in(secret=intruder_secret).headers["Location"] == "/settings"
+    accepted = [e.details for e in events(app, "code_accepted")]
+    # The owner's sign-in, and the intruder's after the rename (the removal's code is one in between).
+    assert [(d["device"], d["device_id"]) for d in (accepted[0], accepted[-1])] == [
+        ("Alice's iPhone", owner_device.id), ("Alice's iPhone", intruder.id)]
+    assert {e.details["device_id"] for e in events(app, "device_removed", "device_renamed")} == {
+        owner_device.id, intruder.id}
+    lines = app.test_cli_runner().invoke(args=["users", "activity", "alice@example.com"]).output
+    assert f"Device number: {intruder.id}" in lines and f"Device number: {owner_device.id}" in lines

@@ -431,7 +431,7 @@ def test_a_device_renamed_while_it_is_removed_is_recorded_by_its_new_name(actor,
             f"delete the entry for {app.config['TOTP_ISSUER']} ({alice.email}).") in text(actor.client.get("/settings"))
     with app.app_context():
         [event] = AuditEvent.select().where((AuditEvent.user == alice.id) & (AuditEvent.kind == "device_removed"))
-        assert event.details == {"device": "Old tablet"}
+        assert event.details == {"device": "Old tablet", "device_id": tablet.id}
 
 
 def test_removing_a_device_another_tab_removed_meanwhile_says_so_and_changes_nothing(actor, app, alice, secret,
@@ -736,7 +736,7 @@ def test_changes_are_audited_without_codes(actor, app, alice, secret):
         events = list(AuditEvent.select().where(AuditEvent.user == alice.id))
     assert {"device_renamed", "tfa_disabled"} <= {e.kind for e in events}
     details = {e.kind: e.details for e in events}
-    assert details["device_renamed"] == {"device": "Renamed", "old_name": "Phone"}
+    assert details["device_renamed"] == {"device": "Renamed", "old_name": "Phone", "device_id": device.id}
     assert details["tfa_disabled"] == {"via": "settings", "devices": ["Renamed"]}
     for e in events:
         assert code not in e.detail and secret not in e.detail and PASSWORD not in e.detail

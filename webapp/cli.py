@@ -658,7 +658,7 @@ def export_person(email):
                     "wrong_passwords": user.password_failures,
                     "passwords_refused_until": stamp(user.password_locked_until),
                     "wrong_codes": user.code_failures, "codes_refused_until": stamp(user.code_locked_until)},
-        "devices": [{"name": d.name, "added": stamp(d.created_at), "last_used": stamp(d.last_used_at)}
+        "devices": [{"number": d.id, "name": d.name, "added": stamp(d.created_at), "last_used": stamp(d.last_used_at)}
                     for d in Device.select().where(Device.user == user.id).order_by(Device.created_at, Device.id)],
         "sessions": [{"signed_in": stamp(s.created_at), "last_seen": stamp(s.last_seen_at), "ip": s.ip,
                       "browser": s.user_agent, "expired": ended(s)} for s in sessions],

@@ -564,7 +564,7 @@ def complete(user, pending):
         PendingEnrolment.delete().where(PendingEnrolment.user == user.id).execute()
         User.update(tfa_reset_until=None).where(User.id == user.id).execute()
         other_keys = _keys_started_since_last_device(user) > 1  # before this activation's own record
-        audit("device_added" if had_2fa else "tfa_enabled", user=user, device=device.name,
+        audit("device_added" if had_2fa else "tfa_enabled", user=user, device=device.name, device_id=device.id,
               browser=browser_label(request.headers.get("User-Agent")))
         if had_reset_window:
             audit("tfa_reset_window_ended", user=user, reason="new device enrolled")
@@ -681,7 +681,8 @@ def rename_device(device_id):
                 else:
                     outcome = "renamed" if renamed else "gone"  # gone: a writer that did not take the person
                     if renamed:
-                        audit("device_renamed", user=user, device=name, old_name=current.name)
+                        audit("device_renamed", user=user, device=name, old_name=current.name,
+                              device_id=current.id)
         if outcome == "gone":
             abort(404, description=_DEVICE_GONE)
         if outcome == "same":  # nothing to do: no audit record
@@ -740,7 +741,7 @@ def remove_device(device_id):
         gone = not refused and current is None  # removed in another tab meanwhile: nothing done here
         if current is not None:
             Device.delete().where(Device.id == current.id).execute()
-            audit("device_removed", user=user, device=current.name)
+            audit("device_removed", user=user, device=current.name, device_id=current.id)
             if left == 1:
                 end_code_steps(user)  # with 2FA off it could never finish
                 audit("tfa_disabled", user=user, via="last device removed")

@@ -239,6 +239,9 @@ DETAIL_LABELS = {
     "set_ups_ended": "Unfinished authenticator set-ups ended",
     "disabled_since": "Disabled since",
     "device": "Device",
+    # A device's number: names repeat and change (a second "Phone", a rename), so records of one device are
+    # told from another's by it (an incident review: an intruder's device renamed as the owner's).
+    "device_id": "Device number",
     "old_name": "Previous name",
     "admin": "Admin",
     "request": "Request number",

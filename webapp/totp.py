@@ -297,7 +297,7 @@ def check_user_code(user, raw_code, matches=None):
             if locked_user.code_failures or locked_user.code_locked_until:  # nothing to reset otherwise
                 User.update(code_failures=0, code_strikes=0, code_locked_until=None).where(
                     User.id == user.id).execute()
-            audit("code_accepted", user=user, device=matched.name)
+            audit("code_accepted", user=user, device=matched.name, device_id=matched.id)
             return CheckResult(True, "ok", device=matched)
 
         failures, strikes = locked_user.code_failures + 1, locked_user.code_strikes + 1
