@@ -460,6 +460,38 @@ def test_activity_shows_only_my_own_events(app, actor, secret, clock):
         assert len(mine) == AuditEvent.select().where(AuditEvent.user == carol_user.id).count() == 1
 
 
+def test_activity_names_the_browser_of_each_sign_in_and_shows_more_on_request(app, actor, clock):
+    """An incident review: the owner could have noticed the intruder's sign-in only by its IP address, and
+    once the clean-up had added its events, the ten latest no longer reached it. Each sign-in and device
+    added says its browser; with ten events or more, "Show more events" lists up to a hundred (a plain link:
+    it works without JavaScript)."""
+    actor.user()
+    actor.client.environ_base["HTTP_USER_AGENT"] = ("Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 "
+                                                    "Firefox/128.0")
+    intruder = second_client(app, clock)
+    intruder.client.environ_base.update({"HTTP_USER_AGENT": "Mozilla/5.0 (Windows NT 10.0) Chrome/126.0 Edg/126.0",
+                                         "REMOTE_ADDR": "198.51.100.66"})
+    assert intruder.password_step().headers["Location"] == "/settings"
+    assert actor.password_step().headers["Location"] == "/settings"
+    html = " ".join(actor.client.get("/settings").get_data(as_text=True).split())
+    assert "(<bdi>Edge on Windows</bdi>, from 198.51.100.66)" in html
+    assert "(<bdi>Firefox on Linux</bdi>, from 127.0.0.1)" in html
+    assert "Show more events" not in html  # four events: all of them shown
+    for _ in range(9):
+        clock.advance(60)
+        assert actor.post_form("/logout", {}, form_url="/settings").status_code == 302
+        assert actor.password_step().headers["Location"] == "/settings"
+    section = lambda url: actor.client.get(url).get_data(as_text=True).split('id="security-activity"')[1].split(
+        "</section>")[0]
+    html = section("/settings")
+    assert "Edge on Windows" not in html and html.count("<li><time") == 10
+    assert '<a href="/settings?activity=more#security-activity">Show more events</a>' in html
+    more = section("/settings?activity=more")
+    assert "(<bdi>Edge on Windows</bdi>, from 198.51.100.66)" in more and "Show more events" not in more
+    with app.app_context():
+        assert more.count("<li><time") == AuditEvent.select().where(AuditEvent.user.is_null(False)).count() == 20
+
+
 def test_activity_is_limited_and_empty_for_anonymous(app):
     """Ten events by default, never more than 100 whatever a template asks for, and none for a visitor
     who is not signed in. (Found by mutation testing: the upper bound and the anonymous case were untested.)"""

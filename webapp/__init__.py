@@ -173,7 +173,8 @@ def create_app(test_config=None):
     # every render when context processors add variables, which cost ~0.2 ms a page.
     app.jinja_env.globals.update(field=fields.field, control=fields.control, form_error=fields.form_error,
                                  username_for_password_managers=fields.username_for_password_managers,
-                                 idle_warning_data=idle_warning_data, PASSWORD_MIN=PASSWORD_MIN)
+                                 idle_warning_data=idle_warning_data, PASSWORD_MIN=PASSWORD_MIN,
+                                 ACTIVITY_SHORT=support.ACTIVITY_SHORT, ACTIVITY_LONG=support.ACTIVITY_LONG)
     _memoise_template_helpers(app)
     _register_error_handlers(app)
     _schedule_purge(app)

@@ -350,17 +350,26 @@ def security_activity(user, limit=10):
     # The address of each event about the account that no admin did: the person's own, and those of whoever
     # typed its address (a wrong password, a contact request in its name), so that its owner can tell them
     # apart. Never an admin's address (an event with an actor).
-    return [{"when": e.created_at, "when_text": _fmt_time(e.created_at), **_text_and_until(e),
-             "ip": e.ip if e.actor_id in (None, user.id) else None} for e in events]
+    # The browser a sign-in or a new device came from, as the sessions list names browsers: what lets a person
+    # notice an intruder's sign-in among their own ("Edge on Windows" when they use Firefox).
+    shown = []
+    for e in events:
+        details, own = e.details, e.actor_id in (None, user.id)
+        shown.append({"when": e.created_at, "when_text": _fmt_time(e.created_at), **_text_and_until(e.kind, details),
+                      "ip": e.ip if own else None, "browser": details.get("browser") if own else None})
+    return shown
 
 
-def _text_and_until(event):
+ACTIVITY_SHORT, ACTIVITY_LONG = 10, 100  # events in User Settings' Security activity, and after "Show more"
+
+
+def _text_and_until(kind, details):
     """An event's words, with the end of support's window apart (`until`), so that the page can show it in
     the reader's time zone like the event's own time, not in UTC beside a local time."""
-    until = _window_end(event.kind, event.details)
+    until = _window_end(kind, details)
     if until is not None:
         return {"text": _WINDOW_TEXT, "until": until, "until_text": _fmt_time(until)}
-    return {"text": event_text(event.kind, event.details), "until": None}
+    return {"text": event_text(kind, details), "until": None}
 
 
 _WINDOW_TEXT = "Support turned off 2FA until"
