@@ -811,3 +811,27 @@ def test_backup_never_replaces_a_file_made_while_it_ran(app, actor, tmp_path, mo
     result = _backup(app, target)
     assert result.exit_code == 1 and "appeared while the backup ran" in result.output
     assert target.read_bytes() == b"the other backup" and os.listdir(folder) == ["twostep.db"]
+
+
+@pytest.mark.skipif(ON_POSTGRES, reason="the SQLite backup; PostgreSQL is backed up with pg_dump")
+@pytest.mark.parametrize("error", ["no hard links", "disk full"])
+def test_backup_where_the_name_cannot_be_linked(app, actor, tmp_path, monkeypatch, error):
+    """On a file system without hard links (FAT, some network ones: EPERM or ENOTSUP) the copy still takes its
+    name, by a look and a rename; any other failure of the link is one `Error:` line and no file kept."""
+    import errno
+
+    actor.user(email="alice@example.com")
+    folder = tmp_path / "backups"
+    folder.mkdir()
+
+    def refuse(_src, _dst):
+        raise OSError(errno.EPERM if error == "no hard links" else errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cli.os, "link", refuse)
+    result = _backup(app, folder / "twostep.db")
+    if error == "no hard links":
+        assert result.exit_code == 0 and "quick check ok" in result.output
+        assert os.listdir(folder) == ["twostep.db"] and os.stat(folder / "twostep.db").st_mode & 0o777 == 0o600
+    else:
+        assert result.exit_code == 1 and result.output.startswith("Error: cannot name the copy")
+        assert "nothing was kept" in result.output and os.listdir(folder) == []

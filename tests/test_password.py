@@ -144,6 +144,10 @@ def test_a_wrong_current_password_changes_nothing_and_counts_like_a_sign_in_gues
     (form(new="short"), "Use at least 8 characters (and at most 1024)."),
     (form(new=" " * 10), "A password of spaces only cannot be used to sign in"),
     (form(new=PASSWORD), "That is your current password: choose a different one."),
+    # The same password on an East Asian keyboard (full-width letters): hashed as one (NIST SP 800-63B
+    # 3.1.1.2), so it is no new password either.
+    (form(new="".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else "\u3000" for c in PASSWORD)),
+     "That is your current password: choose a different one."),
     (form(new="x" * 1025), "Use at least 8 characters (and at most 1024)."),
     (form(current=""), "Enter your current password."),
 ])

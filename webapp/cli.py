@@ -1,5 +1,6 @@
 """Operator commands: flask --app wsgi users ..., networks ..., keys rotate, audit export, purge-expired and
 backup."""
+import errno
 import heapq
 import ipaddress
 import json
@@ -27,7 +28,7 @@ from .security import (NETWORK_LIMITS, PASSWORD_MAX, PASSWORD_MIN, audit, client
                        end_code_steps, forget_browsers, hash_password, is_lock, network_limit, one_line,
                        replace_password, revoke_second_factor, wait_end)
 from .fields import has_disguising_characters
-from .sessions import end_user_sessions
+from .sessions import end_user_sessions, printable_agent
 from .support import _WRITTEN_TOGETHER, _email_order, detail_text, event_text, person_events, text_lines
 from .totp import SecretError, reencrypt_secret
 
@@ -374,12 +375,18 @@ def enable(email):
         left = end_user_sessions(user)
         audit("account_enabled", user=user, via="cli", disabled_since=user.disabled_at.isoformat(),
               **({"sessions_ended": left} if left else {}))
+        # As things are now, not "as before": set-password or reset-2fa may have run while it was disabled (the
+        # order a takeover is cleaned up in), and "devices and password unchanged" then read as if they had not.
+        devices = Device.select().where(Device.user == user.id).count()
     ended = f"; {left} session(s) left from before ended" if left else ""
-    # As things are now, not "as before": set-password or reset-2fa may have run while it was disabled (the
-    # order a takeover is cleaned up in), and "devices and password unchanged" then read as if they had not.
-    devices = Device.select().where(Device.user == user.id).count()
-    second = f"a code from {devices} authenticator device(s)" if devices else "no code (no authenticator device)"
-    click.echo(f"{user.email} is enabled again: it signs in with its current password and {second}{ended}")
+    if devices:
+        how = f"signs in with its current password and a code from {devices} authenticator device(s)"
+    elif user.support_window() == "ended":  # fail closed (security.md 39): the password alone opens nothing
+        how = ("still cannot sign in: support's window ended without a new device (a new window, or users "
+               "reset-2fa for the password alone)")
+    else:
+        how = "signs in with its current password and no code (no authenticator device)"
+    click.echo(f"{user.email} is enabled again: it {how}{ended}")
 
 
 @users.command("reset-2fa")
@@ -607,7 +614,7 @@ def activity(email, limit):
         # that read as events of their own.
         details = one_line("; ".join(f"{label}: {value}" for label, value in detail_text(event.details)))
         click.echo(f"{event.created_at:%Y-%m-%d %H:%M:%S} UTC  {event_text(event.kind, event.details)}{who}"
-                   + (f"  [{details}]" if details else "") + (f"  from {event.ip}" if event.ip else ""))
+                   + (f"  [{details}]" if details else "") + (f"  from {one_line(event.ip)}" if event.ip else ""))
 
 
 @users.command("export")
@@ -661,9 +668,10 @@ def export_person(email):
         "devices": [{"number": d.id, "name": d.name, "added": stamp(d.created_at), "last_used": stamp(d.last_used_at)}
                     for d in Device.select().where(Device.user == user.id).order_by(Device.created_at, Device.id)],
         "sessions": [{"signed_in": stamp(s.created_at), "last_seen": stamp(s.last_seen_at), "ip": s.ip,
-                      "browser": s.user_agent, "expired": ended(s)} for s in sessions],
+                      "browser": printable_agent(s.user_agent) or None, "expired": ended(s)} for s in sessions],
         "browsers_not_signed_in": [{"started": stamp(s.created_at), "last_seen": stamp(s.last_seen_at), "ip": s.ip,
-                                    "browser": s.user_agent, "expired": ended(s)} for s in naming],
+                                    "browser": printable_agent(s.user_agent) or None, "expired": ended(s)}
+                                   for s in naming],
         "known_browsers": [{"first_sign_in": stamp(b.created_at), "last_used": stamp(b.last_used_at),
                             "wrong_passwords": b.password_failures,
                             "passwords_refused_until": stamp(b.password_locked_until)}
@@ -919,6 +927,10 @@ def backup(path):
                "encryption keys are not in it: keep a copy of them apart from it")
 
 
+# What link(2) answers on a file system without hard links (FAT, some network ones; EPERM on a few).
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
 def _take_name(partial, path):
     """Give the finished copy the name PATH, never replacing a file of that name: a hard link fails if the name
     exists, in one step (a look before a rename left a moment in which a file made meanwhile was replaced).
@@ -928,8 +940,9 @@ def _take_name(partial, path):
         return
     except FileExistsError:
         raise click.ClickException(f"{path} appeared while the backup ran: the copy is not kept") from None
-    except OSError:
-        pass  # no hard links here (some network and FAT file systems)
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise click.ClickException(f"cannot name the copy {path}: {exc.strerror}; nothing was kept") from None
     if os.path.lexists(path):
         raise click.ClickException(f"{path} appeared while the backup ran: the copy is not kept")
     os.replace(partial, path)

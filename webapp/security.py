@@ -44,6 +44,11 @@ def hash_password(password):
     return _hasher().hash(unicodedata.normalize("NFKC", password))
 
 
+def same_password(one, other):
+    """Whether two typed passwords are one password as hash_password sees it (NFKC)."""
+    return unicodedata.normalize("NFKC", one) == unicodedata.normalize("NFKC", other)
+
+
 def verify_password(stored_hash, password):
     """Whether the password matches; with stored_hash None, spend the same time and return False. The password
     as typed is tried too when NFKC changes it: hashes made before passwords were normalised hold it so."""

@@ -408,4 +408,14 @@ def browser_label(user_agent):
     system = next((name for marker, name in _SYSTEMS if marker in user_agent), None)
     if browser and system:
         return f"{browser} on {system}"
-    return browser or system or "".join(c for c in user_agent if c.isprintable())[:60] or "Unknown browser"
+    return browser or system or printable_agent(user_agent)[:60] or "Unknown browser"
+
+
+def printable_agent(user_agent):
+    """A User-Agent header as text to show or write out: without control and format characters (gunicorn lets
+    C1 controls through, which restyle a terminal), and empty when it piles marks on a letter (they paint
+    over the lines around it; fields.has_stacked_marks)."""
+    from .fields import has_stacked_marks
+
+    text = "".join(c for c in user_agent or "" if c.isprintable())
+    return "" if has_stacked_marks(text) else text

@@ -23,7 +23,7 @@ from .db import Param, Prepared, db, for_update, write_transaction
 from .fields import Form, freeze
 from .models import AuditEvent, Device, PendingEnrolment, ServerSession, User
 from .security import (audit, end_code_steps, forget_browsers, fresh_login_required, hash_password,
-                       replace_password)
+                       replace_password, same_password)
 from .sessions import browser_label, end_user_sessions, token_hash, write_session_now
 
 bp = Blueprint("settings", __name__, url_prefix="/settings")
@@ -109,7 +109,8 @@ class PasswordForm(Form):
                                     "The two new passwords differ.")
 
     def validate_new(self, field):
-        if field.data and field.data == self.current.data:
+        # As they are hashed (security.hash_password): "café" typed in two ways is the same password.
+        if field.data and same_password(field.data, self.current.data or ""):
             raise ValidationError("That is your current password: choose a different one.")
 
 
