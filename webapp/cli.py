@@ -21,13 +21,13 @@ from peewee import JOIN, IntegrityError, InterfaceError, OperationalError, fn
 from .clock import expired, now
 from .config import keys_source
 from .db import commits, db, first_line, for_update, is_sqlite, lock_keys, write_transaction
+from .fields import has_disguising_characters
 from .models import (AuditEvent, Device, KnownBrowser, NetworkCounter, PendingEnrolment, ServerSession,
                      SignInChallenge, SupportRequest, User, lookalike_problem, normalise_email)
 from .models import purge_expired as purge
 from .security import (NETWORK_LIMITS, PASSWORD_MAX, PASSWORD_MIN, audit, client_network, client_network_48,
                        end_code_steps, forget_browsers, hash_password, is_lock, network_limit, one_line,
                        replace_password, revoke_second_factor, wait_end)
-from .fields import has_disguising_characters
 from .sessions import end_user_sessions, printable_agent
 from .support import _WRITTEN_TOGETHER, _email_order, detail_text, event_text, person_events, text_lines
 from .totp import SecretError, reencrypt_secret
