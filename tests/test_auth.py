@@ -177,6 +177,26 @@ def test_password_failures_back_off_per_account(actor, clock):
     assert user_row(actor.app).password_failures == 0
 
 
+def test_the_wrong_password_that_locks_password_entry_is_recorded_with_the_locks_end(app, actor, clock):
+    """security.md 18, 43: an incident review found the start of a password lock in no record ("Failures in a
+    row: 5", then "Sign-in refused"), where code entry has its code_lockout. The fifth wrong password in a
+    row, which locks password entry for 15 minutes, writes password_lockout with the lock's end; the short
+    pauses before it write none. The audit log page offers it among the sign-in events."""
+    from .test_support import sign_in_admin
+
+    actor.user()
+    for wait in (0, 1, 2, 4, 8):
+        clock.advance(wait)
+        assert actor.password_step(password="a wrong guess").status_code == 200
+        with app.app_context():
+            locks = [e.details for e in AuditEvent.select().where(AuditEvent.kind == "password_lockout")]
+        assert locks == ([] if wait < 8 else [{"until": (utc(clock.t) + timedelta(minutes=15)).isoformat()}])
+    admin = type(actor)(app, app.test_client(), clock)
+    sign_in_admin(admin, pyotp.random_base32())
+    page = admin.client.get("/support/audit?kind=password_lockout").get_data(as_text=True)
+    assert "Password entry locked after too many wrong passwords" in page and "alice@example.com" in page
+
+
 @pytest.mark.parametrize("password", [PASSWORD, "another wrong guess"])
 def test_guesses_sent_at_once_meet_the_lock_the_first_failure_sets(actor, clock, monkeypatch, password):
     """security.md 18, 20 (password side): guesses sent at the same moment all pass the lock check before any

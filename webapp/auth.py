@@ -280,8 +280,11 @@ def _count_failure(user, holder, wrong, network=None):
             # same, counted (not refused unheard), or N guesses sent at once would count as one.
             return _password_throttled(user, holder, fresh, network, wrong=fresh.password_failures + 1)
         failures = fresh.password_failures + 1
-        _set_counter(holder, password_failures=failures, password_locked_until=now() + backoff(failures))
+        until = now() + backoff(failures)
+        _set_counter(holder, password_failures=failures, password_locked_until=until)
         audit("password_rejected", user=user, failures=failures, **_counted_in(holder))
+        if is_lock(failures):  # every lock, as code_lockout: when password entry closed, and until when
+            audit("password_lockout", user=user, until=until.isoformat(), **_counted_in(holder))
         if not isinstance(holder, KnownBrowser):
             count_for_network("failed-sign-ins", network)
     return wrong
