@@ -54,6 +54,24 @@ def launch_chromium(playwright):
 
 # ------------------------------------------------------------------ live server
 
+def _read_whole(app):
+    """`app` with each response read whole, and closed, before the server writes it. werkzeug's development
+    server does not close a response whose client went away while it was written (Chromium drops the
+    favicon's connection when a page navigates on): the static file stayed open, and its ResourceWarning
+    failed whichever test was being torn down when it was collected (seen once in CI). The app's responses
+    are small pages and images."""
+    def wsgi(environ, start_response):
+        response = app(environ, start_response)
+        try:
+            body = b"".join(response)
+        finally:
+            if hasattr(response, "close"):
+                response.close()
+        return [body]
+
+    return wsgi
+
+
 class LiveServer:
     """The real app on 127.0.0.1 (random port) in a daemon thread, with a temp SQLite file and real time."""
 
@@ -74,7 +92,7 @@ class LiveServer:
             "SETUP_CODE": "setup-code-123",
             **config,
         })
-        self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
+        self.server = make_server("127.0.0.1", 0, _read_whole(self.app), threaded=True)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         self.thread = threading.Thread(target=self.server.serve_forever, name="e2e-live-server", daemon=True)
         self.thread.start()
