@@ -29,7 +29,8 @@ from .security import (NETWORK_LIMITS, PASSWORD_MAX, PASSWORD_MIN, audit, client
                        end_code_steps, forget_browsers, hash_password, is_lock, network_limit, one_line,
                        replace_password, revoke_second_factor, wait_end)
 from .sessions import end_user_sessions, printable_agent
-from .support import _WRITTEN_TOGETHER, _email_order, detail_text, event_text, person_events, text_lines
+from .support import (_WRITTEN_TOGETHER, REASON_MAX, _email_order, detail_text, event_text, person_events,
+                      text_lines)
 from .totp import SecretError, reencrypt_secret
 
 
@@ -126,14 +127,14 @@ def _utf8_text(ctx, param, value):
 
 
 def _reason_text(value):
-    """--reason as support's form takes a reason (support.EndWindowForm): trimmed, at most 500 characters, and
+    """--reason as support's form takes a reason (support.EndWindowForm): trimmed, at most REASON_MAX characters, and
     nothing that hides or reorders what it says (a right-to-left override showed it reversed on the audit log
     page, an escape sequence recoloured the terminal of whoever ran `users activity`)."""
     if value is None:
         return None
     value = text_lines(value)
-    if len(value) > 500:
-        raise click.ClickException("--reason can have at most 500 characters. Nothing changed.")
+    if len(value) > REASON_MAX:
+        raise click.ClickException(f"--reason can have at most {REASON_MAX} characters. Nothing changed.")
     if has_disguising_characters(value):
         raise click.ClickException("--reason may hold letters, digits, spaces, punctuation and line breaks only. "
                                    "Nothing changed.")

@@ -76,6 +76,7 @@ class ContactForm(Form):
 
 _FORM_ID_RE = re.compile(r"[A-Za-z0-9_-]{22}")
 REASON_MIN = 10
+REASON_MAX = 500  # support's reasons, and `users disable --reason`
 
 
 class RequestNumbersField(HiddenField):
@@ -106,9 +107,9 @@ class DisableForm(Form):
         # The audit record's only account of the identity check (security.md 38): "x" or "ok" says nothing.
         Length(min=REASON_MIN, message=f"Say in a few words why, including how you confirmed the person's "
                                        f"identity (at least {REASON_MIN} characters)."),
-        Length(max=500, message="Keep the reason to 500 characters or fewer."),
+        Length(max=REASON_MAX, message=f"Keep the reason to {REASON_MAX} characters or fewer."),
         VisibleText("Use letters, digits, spaces, punctuation and line breaks only.", lines=True)],
-        render_kw={"maxlength": 500, "rows": 3})
+        render_kw={"maxlength": REASON_MAX, "rows": 3})
     duration = SelectField("Disable for", choices=[SelectChoice(k, label) for k, (label, _) in DURATIONS.items()],
                            default="24h", validate_choice=False,
                            validators=[AnyOf(list(DURATIONS), message="Choose 1 hour, 24 hours, 3 days or 7 days.")])
@@ -129,9 +130,9 @@ class EndWindowForm(Form):
     ending a window only takes access away, but the next admin who reads the row sees it."""
 
     reason = TextAreaField("Reason", filters=[text_lines], validators=[
-        Optional(), Length(max=500, message="Keep the reason to 500 characters or fewer."),
+        Optional(), Length(max=REASON_MAX, message=f"Keep the reason to {REASON_MAX} characters or fewer."),
         VisibleText("Use letters, digits, spaces, punctuation and line breaks only.", lines=True)],
-        render_kw={"maxlength": 500, "rows": 2})
+        render_kw={"maxlength": REASON_MAX, "rows": 2})
 
 
 def _plausible_date(form, field):
@@ -211,7 +212,8 @@ KIND_LABELS = {
 KIND_GROUPS = {
     "Signing in": ("signin", "password_accepted", "password_rejected", "password_throttled", "signin_blocked",
                    "signin_account_disabled", "code_accepted", "code_rejected", "totp_replay", "code_throttled",
-                   "code_lockout", "password_lockout", "reauthenticated", "signout", "sessions_ended", "network_limit_reached"),
+                   "code_lockout", "password_lockout", "reauthenticated", "signout", "sessions_ended",
+                   "network_limit_reached"),
     "Authenticator devices": ("tfa_enabled", "device_added", "tfa_enrolment_started", "tfa_enrolment_code_accepted",
                               "tfa_enrolment_code_rejected", "tfa_enrolment_discarded", "tfa_enrolment_expired",
                               "tfa_reset_window_ended", "device_renamed", "device_removed", "tfa_disabled"),
@@ -555,7 +557,7 @@ def _keep_draft(user_id):
     own limits. Nothing is checked or done with them until the admin presses Disable again."""
     prefix = f"u{user_id}-"
     form = request.form
-    session[_DRAFT] = {"user": user_id, "kind": "disable", "reason": form.get(prefix + "reason", "")[:500],
+    session[_DRAFT] = {"user": user_id, "kind": "disable", "reason": form.get(prefix + "reason", "")[:REASON_MAX],
                        "duration": form.get(prefix + "duration", "")[:8], "ticket": form.get(prefix + "ticket", "")[:64],
                        "close_requests": bool(form.get(prefix + "close_requests")),
                        "requests_shown": form.get(prefix + "requests_shown", "")[:_SHOWN_MAX]}
@@ -563,7 +565,8 @@ def _keep_draft(user_id):
 
 def _keep_end_draft(user_id):
     """Keep a stale "End support window now"'s reason, as _keep_draft keeps a disable's entries."""
-    session[_DRAFT] = {"user": user_id, "kind": "end", "reason": request.form.get(f"end{user_id}-reason", "")[:500],
+    session[_DRAFT] = {"user": user_id, "kind": "end",
+                       "reason": request.form.get(f"end{user_id}-reason", "")[:REASON_MAX],
                        "window": request.args.get("window", "")[:32]}
 
 
