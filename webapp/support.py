@@ -344,12 +344,16 @@ _OWN_EVENTS = Prepared(lambda: AuditEvent.select().where(AuditEvent.user == Para
                        .order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc()).limit(Param("limit")))
 
 
+# Events in User Settings' Security activity, and after its "Show more" (also the most any caller gets).
+ACTIVITY_SHORT, ACTIVITY_LONG = 10, 100
+
+
 @bp.app_template_global()
-def security_activity(user, limit=10):
+def security_activity(user, limit=ACTIVITY_SHORT):
     """The person's own most recent security events, newest first, in plain words (for User Settings)."""
     if user is None or not getattr(user, "is_authenticated", False):
         return []
-    events = _OWN_EVENTS.rows(user=user.id, limit=max(1, min(int(limit), 100)))
+    events = _OWN_EVENTS.rows(user=user.id, limit=max(1, min(int(limit), ACTIVITY_LONG)))
     # The address of each event about the account that no admin did: the person's own, and those of whoever
     # typed its address (a wrong password, a contact request in its name), so that its owner can tell them
     # apart. Never an admin's address (an event with an actor).
@@ -362,8 +366,6 @@ def security_activity(user, limit=10):
                       "ip": e.ip if own else None, "browser": details.get("browser") if own else None})
     return shown
 
-
-ACTIVITY_SHORT, ACTIVITY_LONG = 10, 100  # events in User Settings' Security activity, and after "Show more"
 
 
 def _text_and_until(kind, details):
