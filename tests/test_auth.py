@@ -114,6 +114,33 @@ def test_a_password_hashed_before_normalisation_still_signs_in(app, actor, monke
     assert r.status_code == 302 and signed_in(actor.client) and len(calls) == 4
 
 
+def test_a_hash_holding_the_password_as_typed_is_replaced_at_the_next_sign_in(app, actor, clock):
+    """NIST SP 800-63B 3.1.1.2: the first sign-in with a hash made before passwords were normalised stores
+    the normalised one instead (as a hash made with outdated parameters is replaced). Before it, "café" typed
+    with "é" as one character did not open an account whose password was chosen as "e" and an accent; after
+    it, both spellings do."""
+    from argon2 import PasswordHasher
+    from .conftest import Actor
+
+    raw, composed = "cafe\u0301 secret word", "caf\u00e9 secret word"
+    with app.app_context():
+        from webapp.security import _hasher
+
+        User.create(email="zoe@example.com", password_hash=_hasher().hash(raw))
+    elsewhere = Actor(app, app.test_client(), clock)
+    r = elsewhere.password_step(email="zoe@example.com", password=composed)
+    assert r.status_code == 200 and not signed_in(elsewhere.client)
+    clock.advance(60)  # past the back-off of that refusal
+    r = actor.password_step(email="zoe@example.com", password=raw)
+    assert r.status_code == 302 and signed_in(actor.client)
+    with app.app_context():
+        stored = User.by_email("zoe@example.com").password_hash
+    assert PasswordHasher().verify(stored, composed)  # the hash holds the normalised password now
+    again = Actor(app, app.test_client(), clock)
+    r = again.password_step(email="zoe@example.com", password=composed)
+    assert r.status_code == 302 and r.headers["Location"] == "/settings" and signed_in(again.client)
+
+
 @pytest.mark.parametrize("data", [
     {"email": "", "password": ""},
     {"email": "not-an-email", "password": "x"},

@@ -149,6 +149,8 @@ def test_a_wrong_current_password_changes_nothing_and_counts_like_a_sign_in_gues
     (form(new="".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else "\u3000" for c in PASSWORD)),
      "That is your current password: choose a different one."),
     (form(new="x" * 1025), "Use at least 8 characters (and at most 1024)."),
+    # Eight characters as typed, four letters as hashed (NFKC): each "e" is followed by its accent.
+    (form(new="e\u0301" * 4, confirm="e\u0301" * 4), "Use at least 8 characters (and at most 1024)."),
     (form(current=""), "Enter your current password."),
 ])
 def test_a_new_password_that_cannot_be_used_is_refused_with_a_reason(app, actor, alice, data, message):

@@ -17,7 +17,7 @@ from .htmx import is_htmx
 from .models import KnownBrowser, NetworkCounter, SignInChallenge, User, lookalike_problem, normalise_email
 from .security import (PASSWORD_MAX, PASSWORD_MIN, audit, backoff, client_ip, client_network, count_for_network,
                        hash_password, is_fresh, is_lock, known_browser, network_full_column, network_full_until,
-                       password_hash_outdated, remember_browser, safe_next, verify_password, wait_end, wait_text)
+                       password_hash_outdated, password_length, remember_browser, safe_next, verify_password, wait_end, wait_text)
 from .sessions import browser_label, end_session_now, token_hash, touch_session_now, write_session_now
 from .totp import CheckResult, check_user_code, code_matches, normalise_code
 
@@ -89,13 +89,23 @@ def _not_only_spaces(form, field):
         raise ValidationError("A password of spaces only cannot be used to sign in: choose another.")
 
 
+def _long_enough(form, field):
+    """PASSWORD_MIN counts the characters as the password is hashed (NFKC) too: eight typed as letters and
+    their accents apart are four letters. (After Length, which counts them as typed, as the browser does for
+    the field's minlength: one message if both refuse.)"""
+    if field.data and not field.errors and password_length(field.data) < PASSWORD_MIN:
+        raise ValidationError(_LENGTH_MESSAGE)
+
+
+_LENGTH_MESSAGE = f"Use at least {PASSWORD_MIN} characters (and at most {PASSWORD_MAX})."
+
+
 def new_password_field(label, required_message):
     """A field for choosing a password (sign-up, first run, Change password): the same rules everywhere."""
     return PasswordField(label, validators=[
         InputRequired(required_message),  # not DataRequired: spaces only get their own message
         _not_only_spaces,
-        Length(min=PASSWORD_MIN, max=PASSWORD_MAX,
-               message=f"Use at least {PASSWORD_MIN} characters (and at most {PASSWORD_MAX}).")],
+        Length(min=PASSWORD_MIN, max=PASSWORD_MAX, message=_LENGTH_MESSAGE), _long_enough],
         render_kw={"autocomplete": "new-password"})
 
 

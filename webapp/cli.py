@@ -27,7 +27,7 @@ from .models import (AuditEvent, Device, KnownBrowser, NetworkCounter, PendingEn
 from .models import purge_expired as purge
 from .security import (NETWORK_LIMITS, PASSWORD_MAX, PASSWORD_MIN, audit, client_network, client_network_48,
                        end_code_steps, forget_browsers, hash_password, is_lock, network_limit, one_line,
-                       replace_password, revoke_second_factor, wait_end)
+                       password_length, replace_password, revoke_second_factor, wait_end)
 from .sessions import end_user_sessions, printable_agent
 from .support import (_WRITTEN_TOGETHER, REASON_MAX, _email_order, detail_text, event_text, person_events,
                       text_lines)
@@ -149,7 +149,7 @@ def _check_password(password):
         raise click.ClickException("the password cannot be empty or only spaces: the sign-in form refuses it")
     if "\x00" in password:  # the app refuses any request with one (a 400), so it could never be typed there
         raise click.ClickException("the password cannot hold a NUL character: the sign-in form refuses it")
-    if len(password) < PASSWORD_MIN:
+    if min(len(password), password_length(password)) < PASSWORD_MIN:  # as typed and as hashed, as the forms count
         raise click.ClickException(f"the password must have at least {PASSWORD_MIN} characters")
     if len(password) > PASSWORD_MAX:
         raise click.ClickException(f"the password must have at most {PASSWORD_MAX} characters")

@@ -49,30 +49,48 @@ def same_password(one, other):
     return unicodedata.normalize("NFKC", one) == unicodedata.normalize("NFKC", other)
 
 
+_HELD_AS_TYPED = "password_hash_held_as_typed"  # g: a stored hash verify_password matched only as typed
+
+
 def verify_password(stored_hash, password):
     """Whether the password matches; with stored_hash None, spend the same time and return False. The password
-    as typed is tried too when NFKC changes it: hashes made before passwords were normalised hold it so."""
+    as typed is tried too when NFKC changes it: hashes made before passwords were normalised hold it so. Such
+    a match is noted for the request, and password_hash_outdated then has the hash replaced."""
     hasher = _hasher()
-    candidates = dict.fromkeys((unicodedata.normalize("NFKC", password), password))  # one when ASCII or NFKC
-    matched = False
-    for candidate in candidates:
+    normalised = unicodedata.normalize("NFKC", password)
+    matched = set()
+    for candidate in dict.fromkeys((normalised, password)):  # one when ASCII or NFKC already
         try:
             # Every candidate, even after a match: as long for an unknown address (the dummy hash) as for a
             # known one, right or wrong.
-            matched = hasher.verify(stored_hash if stored_hash is not None else _dummy_hash(), candidate) or matched
+            if hasher.verify(stored_hash if stored_hash is not None else _dummy_hash(), candidate):
+                matched.add(candidate)
         except (VerificationError, InvalidHashError):
             pass
-    return matched and stored_hash is not None
+    if stored_hash is None or not matched:
+        return False
+    if normalised not in matched:
+        g.setdefault(_HELD_AS_TYPED, set()).add(stored_hash)
+    return True
 
 
 def password_hash_outdated(stored_hash):
-    """Whether a stored hash was made with other parameters than the ones hashes are made with now (argon2's
-    defaults after an upgrade, or a changed profile): the next sign-in with the right password replaces it
-    (what argon2-cffi advises for check_needs_rehash)."""
+    """Whether a stored hash should be made again at the next sign-in with the right password (what
+    argon2-cffi advises for check_needs_rehash): made with other parameters than hashes are made with now
+    (argon2's defaults after an upgrade, or a changed profile), or holding the password as typed before
+    passwords were normalised (verify_password noted it in this request). Once replaced, the password
+    counts as normalised for good, whichever way Unicode spells it."""
+    if stored_hash in g.get(_HELD_AS_TYPED, ()):
+        return True
     try:
         return _hasher().check_needs_rehash(stored_hash)
     except InvalidHashError:
         return False
+
+
+def password_length(password):
+    """A password's length as it is hashed (NFKC): "e" and an accent count once, as "é" does."""
+    return len(unicodedata.normalize("NFKC", password))
 
 
 def _dummy_hash():
