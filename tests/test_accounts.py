@@ -363,15 +363,18 @@ def test_cli_reset_2fa_removes_devices_and_sessions(app, actor, secret):
     with app.app_context():  # a lock under way ends with the reset, counters and all
         User.update(code_failures=7, code_strikes=6, code_locked_until=datetime(2100, 1, 1)).where(
             User.id == user.id).execute()
+        device_id = Device.get().id
     result = run(app, "users", "reset-2fa", "alice@example.com")
     assert result.exit_code == 0 and "removed 1 device(s) of alice@example.com; 2FA is off; 1 session(s) ended" in result.output
     with app.app_context():
         assert Device.select().count() == 0
         assert ServerSession.select().where(ServerSession.user.is_null(False)).count() == 0
         [event] = AuditEvent.select().where(AuditEvent.kind == "tfa_reset")  # security.md 42, 43
-        # What the reset lifted, for an investigation: the refused codes and the lock still running.
+        # What the reset lifted, for an investigation: the refused codes and the lock still running; and the
+        # devices it removed by name and number, as support's disable names them (names repeat and change).
         assert (event.user_id, event.details) == (user.id, {"via": "cli", "devices_removed": 1, "code_failures": 7,
-                                                            "code_locked_until": "2100-01-01T00:00:00"})
+                                                            "code_locked_until": "2100-01-01T00:00:00",
+                                                            "devices": "Phone", "device_ids": [device_id]})
         row = User.get_by_id(user.id)
         assert (row.code_failures, row.code_strikes, row.code_locked_until) == (0, 0, None)
     assert actor.client.get("/settings").status_code == 302

@@ -496,6 +496,13 @@ def test_activity_names_the_browser_of_each_sign_in_and_shows_more_on_request(ap
     assert "(<bdi>Edge on Windows</bdi>, from 198.51.100.66)" in more and "Show more events" not in more
     with app.app_context():
         assert more.count("<li><time") == AuditEvent.select().where(AuditEvent.user.is_null(False)).count() == 22
+    # An htmx action on the longer list (signing out the intruder's browser) sends the section back with it
+    # still long: htmx names the page it is on (HX-Current-URL). It fell back to ten (a review).
+    for shown, count in (("http://localhost/settings?activity=more", 23), ("http://localhost/settings", 10)):
+        r = actor.post_form("/settings/sessions/end-others", {}, form_url="/settings",
+                            headers={"HX-Request": "true", "HX-Current-URL": shown})
+        html = r.get_data(as_text=True).split('id="security-activity"')[1].split("</section>")[0]
+        assert r.status_code == 200 and html.count("<li><time") == count, shown
 
 
 def test_activity_is_limited_and_empty_for_anonymous(app):

@@ -737,7 +737,7 @@ def test_changes_are_audited_without_codes(actor, app, alice, secret):
     assert {"device_renamed", "tfa_disabled"} <= {e.kind for e in events}
     details = {e.kind: e.details for e in events}
     assert details["device_renamed"] == {"device": "Renamed", "old_name": "Phone", "device_id": device.id}
-    assert details["tfa_disabled"] == {"via": "settings", "devices": ["Renamed"]}
+    assert details["tfa_disabled"] == {"via": "settings", "devices": ["Renamed"], "device_ids": [device.id]}
     for e in events:
         assert code not in e.detail and secret not in e.detail and PASSWORD not in e.detail
 

@@ -1136,13 +1136,16 @@ def test_a_persons_row_shows_who_opened_their_window_why_and_leads_to_their_audi
     row = actor.client.get(f"/support?user={target.id}").get_data(as_text=True)
     assert "Account created" in row and "Opened " not in row
     assert f'<a href="/support/audit?email={target.email}">Audit log for <bdi>{target.email}</bdi></a>' in row
+    with app.app_context():
+        device_ids = [d.id for d in Device.select().where(Device.user == target.id)]
     disable(actor, target, reason="Called back on the number on file, matched ID", ticket="SUP-77")
     clock.advance(120)
     row = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())
     assert (f"Opened {utc(clock.t - 120):%Y-%m-%d %H:%M} UTC by {ADMIN}: “Called back on the number on file, "
             f"matched ID” (ticket SUP-77)") in row
-    with app.app_context():  # the record names the devices revoked, not only how many
-        assert AuditEvent.get(AuditEvent.kind == "support_tfa_disabled").details["devices"] == "Phone"
+    with app.app_context():  # the record names the devices revoked, not only how many, and their numbers
+        details = AuditEvent.get(AuditEvent.kind == "support_tfa_disabled").details
+        assert (details["devices"], details["device_ids"]) == ("Phone", device_ids)
     end_window(actor, target)
     row = " ".join(actor.client.get(f"/support?user={target.id}").get_data(as_text=True).split())
     assert "Ended early" in row and "Password-only sign-in has stopped" in row and f"by {ADMIN}: “Called back" in row

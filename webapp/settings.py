@@ -784,11 +784,12 @@ def disable():
         return _settings_response(user, failed=("disable", None, form), status=refusal_status(error, 403))
     with write_transaction():  # all of it or nothing, holding the person's row like every 2FA change
         User.lock(user.id)
-        names = [d.name for d in _devices(user)]
+        devices = _devices(user)
         Device.delete().where(Device.user == user.id).execute()
         discarded = PendingEnrolment.delete().where(PendingEnrolment.user == user.id).execute()
         end_code_steps(user)  # with 2FA off it could never finish
-        audit("tfa_disabled", user=user, via="settings", devices=names)
+        audit("tfa_disabled", user=user, via="settings", devices=[d.name for d in devices],
+              device_ids=[d.id for d in devices])
         ended = _end_other_sessions(user)
     if discarded:
         session[_WIZARD_ENDED_BY_TURN_OFF] = True  # for a wizard open in another tab: _without_pending

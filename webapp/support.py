@@ -7,6 +7,7 @@ import logging
 import re
 import secrets
 from datetime import date, datetime, timedelta
+from urllib.parse import parse_qs, urlsplit
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, session, url_for
 from flask_login import current_user
@@ -252,6 +253,7 @@ DETAIL_LABELS = {
     "count": "Number",
     "adding": "Adding another device",
     "devices": "Devices",
+    "device_ids": "Device numbers",
     "counted_in": "Counted against",
     "after_password": "Sender had entered the account's password (not proof of identity)",
     "action": "Action",
@@ -346,6 +348,22 @@ _OWN_EVENTS = Prepared(lambda: AuditEvent.select().where(AuditEvent.user == Para
 
 # Events in User Settings' Security activity, and after its "Show more" (also the most any caller gets).
 ACTIVITY_SHORT, ACTIVITY_LONG = 10, 100
+
+
+@bp.app_template_global()
+def activity_shows_more():
+    """Whether Security activity lists ACTIVITY_LONG events: on the page opened with ?activity=more ("Show
+    more events"), and in the section an htmx action on that page sends back (renaming a device, signing out
+    elsewhere), whose own address has no query: htmx names the page's in HX-Current-URL. The list fell back
+    to ten events there. The header is the browser's to set, as the query is: it chooses only how many of
+    one's own events one sees."""
+    if request.args.get("activity") == "more":
+        return True
+    shown = request.headers.get("HX-Current-URL", "") if htmx.is_htmx() else ""
+    try:
+        return "?" in shown and parse_qs(urlsplit(shown).query).get("activity") == ["more"]
+    except ValueError:  # not an address ("http://[x"): the ten, as without the header
+        return False
 
 
 @bp.app_template_global()
@@ -1186,7 +1204,7 @@ def _open_window(locked, actor, form, label, duration):
     """The disable itself, inside the caller's transaction: every step or none (security.md 39, 40, 42)."""
     current = now()
     until = current + duration
-    names = [d.name for d in Device.select(Device.name).where(Device.user == locked.id).order_by(Device.id)]
+    devices = list(Device.select(Device.id, Device.name).where(Device.user == locked.id).order_by(Device.id))
     removed, sessions, lifted = revoke_second_factor(locked, reset_until=until)
     closed = []
     if form.close_requests.data:
@@ -1202,7 +1220,8 @@ def _open_window(locked, actor, form, label, duration):
                 SupportRequest.id.in_(closed)).execute()
     audit("support_tfa_disabled", user=locked, actor=actor, reason=form.reason.data,
           ticket=form.ticket.data or None, until=until.isoformat(), duration=label,
-          devices_removed=removed, devices=", ".join(names) or None, sessions_ended=sessions,
+          devices_removed=removed, devices=", ".join(d.name for d in devices) or None,
+          device_ids=[d.id for d in devices] or None, sessions_ended=sessions,
           requests_closed=len(closed),
           requests=", ".join(map(str, closed)) or None, **lifted)
     left_open, handled_meanwhile = 0, []
