@@ -373,7 +373,7 @@ def test_cli_reset_2fa_removes_devices_and_sessions(app, actor, secret):
         # What the reset lifted, for an investigation: the refused codes and the lock still running; and the
         # devices it removed by name and number, as support's disable names them (names repeat and change).
         assert (event.user_id, event.details) == (user.id, {"via": "cli", "devices_removed": 1, "code_failures": 7,
-                                                            "code_locked_until": "2100-01-01T00:00:00",
+                                                            "code_locked_until": "2100-01-01T00:00:00Z",
                                                             "devices": "Phone", "device_ids": [device_id]})
         row = User.get_by_id(user.id)
         assert (row.code_failures, row.code_strikes, row.code_locked_until) == (0, 0, None)
@@ -584,7 +584,7 @@ def test_cli_unlock_clears_a_code_lock_and_nothing_else(app, actor, secret, cloc
         assert ServerSession.select().where(ServerSession.user == user.id).count() == 1
         [event] = AuditEvent.select().where(AuditEvent.kind == "throttle_cleared")
         assert (event.user_id, event.actor_id, event.ip) == (user.id, None, None)
-        assert event.details == {"via": "cli", "code_failures": 6, "code_locked_until": until.isoformat()}
+        assert event.details == {"via": "cli", "code_failures": 6, "code_locked_until": until.isoformat() + "Z"}
     assert signed_in.client.get("/settings").status_code == 200
     clock.advance(30)
     r = actor.code_step(actor.code(secret))  # the same code step, at once: the lock is gone
@@ -634,7 +634,7 @@ def test_cli_unlock_clears_the_password_lock_of_the_account_and_of_the_persons_b
         assert (browser.password_failures, browser.password_locked_until) == (0, None)
         [event] = AuditEvent.select().where(AuditEvent.kind == "throttle_cleared")
         assert event.details == {"via": "cli", "password_failures": 5,
-                                 "password_locked_until": account_lock.isoformat(), "known_browsers": 1,
+                                 "password_locked_until": account_lock.isoformat() + "Z", "known_browsers": 1,
                                  "known_browser_failures": 5}
     for person in (actor, elsewhere):
         r = person.password_step()
@@ -2178,7 +2178,7 @@ def test_cli_disable_takes_the_account_out_of_use_at_once_and_enable_brings_it_b
         assert User.get_by_id(user.id).disabled_at is None
         assert [(e.kind, e.details) for e in AuditEvent.select().where(AuditEvent.kind.startswith("account_"))
                 .order_by(AuditEvent.id)][1:] == [("account_enabled", {"via": "cli",
-                                                                      "disabled_since": "2009-02-13T23:31:30"})]
+                                                                      "disabled_since": "2009-02-13T23:31:30Z"})]
     assert "alice@example.com\tuser\t2FA active (1 device)\n" in run(app, "users", "list").output
     assert actor.sign_in(secret=secret).headers["Location"] == "/settings"  # the same device and password
 

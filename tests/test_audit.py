@@ -40,7 +40,7 @@ def test_one_disable_writes_exactly_one_complete_record(app, actor, secret, cloc
     assert event.created_at == utc(clock.t)
     detail = json.loads(event.detail)
     assert detail["reason"] == "Checked ID on a video call" and detail["ticket"] == "SUP-77"
-    assert datetime.fromisoformat(detail["until"]) == utc(clock.t) + timedelta(days=7)
+    assert detail["until"] == (utc(clock.t) + timedelta(days=7)).isoformat() + "Z"  # a time in UTC, marked so
     assert detail["devices_removed"] == 1
 
 
@@ -61,7 +61,7 @@ def test_early_end_writes_exactly_one_record(app, actor, secret, clock):
     [event] = events(app, "support_window_ended")
     assert event.actor_id == admin.id and event.user_id == target.id and event.ip == "127.0.0.1"
     assert event.created_at == utc(clock.t)
-    assert datetime.fromisoformat(event.details["was_until"]) == utc(clock.t - 60) + timedelta(hours=24)
+    assert event.details["was_until"] == (utc(clock.t - 60) + timedelta(hours=24)).isoformat() + "Z"
 
 
 def test_refused_and_invalid_actions_write_no_record(app, actor, secret):
@@ -883,3 +883,24 @@ def test_the_audit_log_page_gives_each_event_to_the_second(app, actor, secret, c
     page = actor.client.get("/support/audit?email=carol@example.com").get_data(as_text=True)
     first = utc(clock.t - 7)
     assert f"{first:%Y-%m-%d %H:%M:%S} UTC" in page and f"{first + timedelta(seconds=7):%Y-%m-%d %H:%M:%S} UTC" in page
+
+
+def test_times_in_records_are_marked_as_utc_and_older_unmarked_ones_still_read(app):
+    """security.md 42: a record's times (a window's or a lock's end) are written in ISO 8601 with the "Z" of
+    UTC, as `audit export` writes each record's own time: without it, a script reading the export took them
+    for local times. Records written before, without the "Z", still read as the same time in Security
+    activity and on the audit page."""
+    from webapp.support import recorded_time
+
+    end = datetime(2030, 1, 2, 3, 4, 5, 678000)
+    with app.test_request_context():
+        user = User.create(email="zoe@example.com", password_hash="x")
+        audit("support_tfa_disabled", user=user, until=end, duration="1 day")
+        AuditEvent.create(kind="support_tfa_disabled", user=user, created_at=utc(0),
+                          detail=json.dumps({"until": end.isoformat(), "duration": "1 day"}))
+        stored = [e.details["until"] for e in AuditEvent.select().order_by(AuditEvent.id)]
+        assert stored == ["2030-01-02T03:04:05.678000Z", "2030-01-02T03:04:05.678000"]
+        assert [recorded_time(text) for text in stored] == [end, end]
+        shown = security_activity(user)
+        assert [(e["until"], e["until_text"]) for e in shown] == [(end, "2030-01-02 03:04 UTC")] * 2
+        assert [dict(detail_text(e.details))["Until"] for e in AuditEvent.select()] == ["2030-01-02 03:04 UTC"] * 2

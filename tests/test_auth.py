@@ -217,7 +217,7 @@ def test_the_wrong_password_that_locks_password_entry_is_recorded_with_the_locks
         assert actor.password_step(password="a wrong guess").status_code == 200
         with app.app_context():
             locks = [e.details for e in AuditEvent.select().where(AuditEvent.kind == "password_lockout")]
-        assert locks == ([] if wait < 8 else [{"until": (utc(clock.t) + timedelta(minutes=15)).isoformat()}])
+        assert locks == ([] if wait < 8 else [{"until": (utc(clock.t) + timedelta(minutes=15)).isoformat() + "Z"}])
     admin = type(actor)(app, app.test_client(), clock)
     sign_in_admin(admin, pyotp.random_base32())
     page = admin.client.get("/support/audit?kind=password_lockout").get_data(as_text=True)
@@ -708,7 +708,7 @@ def test_codes_sent_during_the_lock_count_but_do_not_lengthen_the_next_lock(acto
         assert last.details["failures"] == 10
         lockouts = [e.details["until"] for e in AuditEvent.select().where(AuditEvent.kind == "code_lockout")
                     .order_by(AuditEvent.id)]
-    assert len(lockouts) == 2 and lockouts[1] == row.code_locked_until.isoformat()
+    assert len(lockouts) == 2 and lockouts[1] == row.code_locked_until.isoformat() + "Z"
     clock.advance(30 * 60)
     actor.password_step()
     assert actor.code_step(actor.code(secret)).headers["Location"] == "/settings"

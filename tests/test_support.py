@@ -1071,7 +1071,7 @@ def test_code_throttle_is_reset_and_the_record_says_what_was_lifted(app, actor, 
     assert (row.code_failures, row.code_strikes, row.code_locked_until) == (0, 0, None)
     with app.app_context():
         [event] = AuditEvent.select().where(AuditEvent.kind == "support_tfa_disabled")
-        assert (event.details["code_failures"], event.details["code_locked_until"]) == (7, lock_end.isoformat())
+        assert (event.details["code_failures"], event.details["code_locked_until"]) == (7, lock_end.isoformat() + "Z")
     page = actor.client.get("/support/audit?email=carol@example.com").get_data(as_text=True)
     assert "Refused codes cleared: 7" in page and "Code entry was locked until: " in page
 

@@ -294,7 +294,7 @@ def _count_failure(user, holder, wrong, network=None):
         _set_counter(holder, password_failures=failures, password_locked_until=until)
         audit("password_rejected", user=user, failures=failures, **_counted_in(holder))
         if is_lock(failures):  # every lock, as code_lockout: when password entry closed, and until when
-            audit("password_lockout", user=user, until=until.isoformat(), **_counted_in(holder))
+            audit("password_lockout", user=user, until=until, **_counted_in(holder))
         if not isinstance(holder, KnownBrowser):
             count_for_network("failed-sign-ins", network)
     return wrong

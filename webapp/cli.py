@@ -374,7 +374,7 @@ def enable(email):
             return
         User.update(disabled_at=None).where(User.id == user.id).execute()
         left = end_user_sessions(user)
-        audit("account_enabled", user=user, via="cli", disabled_since=user.disabled_at.isoformat(),
+        audit("account_enabled", user=user, via="cli", disabled_since=user.disabled_at,
               **({"sessions_ended": left} if left else {}))
         # As things are now, not "as before": set-password or reset-2fa may have run while it was disabled (the
         # order a takeover is cleaned up in), and "devices and password unchanged" then read as if they had not.
@@ -476,7 +476,7 @@ def unlock(email):
 
 def _lifted(key, until, current):
     """{key: until} for the audit record when that wait was still running, else nothing."""
-    return {key: until.isoformat()} if until is not None and until > current else {}
+    return {key: until} if until is not None and until > current else {}
 
 
 def erased_email(user_id):

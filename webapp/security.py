@@ -7,7 +7,7 @@ import logging
 import re
 import secrets
 import unicodedata
-from datetime import timedelta
+from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
 from argon2 import PasswordHasher, profiles
@@ -239,7 +239,7 @@ def revoke_second_factor(user, reset_until=None):
     throttle = for_update(User.select(User.code_failures, User.code_locked_until).where(User.id == user.id)).get()
     lifted = {"code_failures": throttle.code_failures} if throttle.code_failures else {}
     if throttle.code_locked_until is not None and throttle.code_locked_until > now():
-        lifted["code_locked_until"] = throttle.code_locked_until.isoformat()
+        lifted["code_locked_until"] = throttle.code_locked_until
     removed = Device.delete().where(Device.user == user.id).execute()
     User.update(tfa_reset_until=reset_until, code_failures=0, code_strikes=0, code_locked_until=None).where(
         User.id == user.id).execute()
@@ -423,13 +423,22 @@ _INSERT_AUDIT = Prepared(lambda: AuditEvent.insert(
     created_at=Param("created_at")))
 
 
+def _detail_json(value):
+    """How json.dumps writes a detail that JSON has no type for: a time (naive, in UTC, as every stored time)
+    in ISO 8601 marked as UTC, as `audit export` writes a record's own time; anything else as text. Times
+    recorded before 2026-12-07 were written by the callers without the "Z"."""
+    if isinstance(value, datetime):
+        return value.isoformat() + "Z"
+    return str(value)
+
+
 def audit(kind, user=None, actor=None, **detail):
     """Append one audit record and log it; detail must never hold codes, secrets or passwords."""
     bad = FORBIDDEN_DETAIL_KEYS.intersection(detail)
     if bad:
         raise ValueError(f"audit detail must not contain {sorted(bad)}")
     values = dict(kind=kind, user=getattr(user, "id", user), actor=getattr(actor, "id", actor),
-                  ip=client_ip() if request else None, detail=json.dumps(detail, default=str, sort_keys=True),
+                  ip=client_ip() if request else None, detail=json.dumps(detail, default=_detail_json, sort_keys=True),
                   created_at=now())
     _INSERT_AUDIT.execute(**values)
     # The log line follows the commit: it costs more than the insert, and a rolled-back event is not logged.

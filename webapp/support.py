@@ -6,7 +6,7 @@ import json
 import logging
 import re
 import secrets
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, timedelta, timezone
 from urllib.parse import parse_qs, urlsplit
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, session, url_for
@@ -288,11 +288,18 @@ VALUE_WORDS = {
 }
 
 
+def recorded_time(text):
+    """A time an audit record's details hold, as a naive UTC datetime (ValueError if it is none): written with
+    a "Z" since 2026-12-07 (security._detail_json), without one before."""
+    moment = datetime.fromisoformat(text)
+    return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo else moment
+
+
 def _fmt_time(value):
     """A stored time (datetime or ISO text) as 'YYYY-MM-DD HH:MM UTC'; other text unchanged."""
     if isinstance(value, str):
         try:
-            value = datetime.fromisoformat(value)
+            value = recorded_time(value)
         except ValueError:
             return value
     if isinstance(value, datetime):
@@ -403,7 +410,7 @@ def _window_end(kind, detail):
     if kind != "support_tfa_disabled" or not detail.get("until"):
         return None
     try:
-        return datetime.fromisoformat(detail["until"])
+        return recorded_time(detail["until"])
     except (TypeError, ValueError):
         return None
 
@@ -1219,7 +1226,7 @@ def _open_window(locked, actor, form, label, duration):
             SupportRequest.update(handled_at=current, handled_by=actor.id).where(
                 SupportRequest.id.in_(closed)).execute()
     audit("support_tfa_disabled", user=locked, actor=actor, reason=form.reason.data,
-          ticket=form.ticket.data or None, until=until.isoformat(), duration=label,
+          ticket=form.ticket.data or None, until=until, duration=label,
           devices_removed=removed, devices=", ".join(d.name for d in devices) or None,
           device_ids=[d.id for d in devices] or None, sessions_ended=sessions,
           requests_closed=len(closed),
@@ -1263,7 +1270,7 @@ def end_window(user_id):
             User.update(tfa_reset_until=current).where(User.id == locked.id).execute()
             # Sessions opened with the password alone during the window end with it.
             sessions = end_user_sessions(locked)
-            audit("support_window_ended", user=locked, actor=actor, was_until=locked.tfa_reset_until.isoformat(),
+            audit("support_window_ended", user=locked, actor=actor, was_until=locked.tfa_reset_until,
                   sessions_ended=sessions, reason=form.reason.data or None)
     if disabled:
         return _row_response(target, status=409, error=_ACCOUNT_DISABLED)

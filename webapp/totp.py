@@ -307,5 +307,5 @@ def check_user_code(user, raw_code, matches=None):
         audit("totp_replay" if reason == "replay" else "code_rejected", user=user, reason=reason,
               failures=failures)
         if is_lock(strikes):  # every lock, the first and each longer one after it (an upgrade review)
-            audit("code_lockout", user=user, until=until.isoformat())
+            audit("code_lockout", user=user, until=until)
         return CheckResult(False, reason, locked_until=until, failures=failures, strikes=strikes)
