@@ -121,7 +121,16 @@
     form.setAttribute("data-sent", "");
     setTimeout(function () { form.removeAttribute("data-sent"); }, 10000);
   });
-  window.addEventListener("pageshow", function () {
+  window.addEventListener("pageshow", function (event) {
+    // A signed-in page brought back by Back or Forward from the back/forward cache shows what it showed
+    // then, and Chromium keeps even no-store pages there while the cookie stays the same: after "Sign out
+    // everywhere else" in another browser (or the session's end), Back showed the sessions, the addresses
+    // and the activity without asking the server (a history review). It is loaded again, and the server
+    // answers as it would now. (Without JavaScript nothing can be done here: README "Security".)
+    if (event.persisted && document.getElementById("idle-warning")) {
+      location.reload();
+      return;
+    }
     var sent = document.querySelectorAll("form[data-sent]");
     for (var i = 0; i < sent.length; i++) sent[i].removeAttribute("data-sent");
   });

@@ -3,6 +3,7 @@ import hashlib
 import hmac
 import secrets
 from datetime import timedelta
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, session, url_for
 from flask_login import current_user, login_required, login_user
@@ -643,6 +644,13 @@ def _too_many_codes(result):
     return "Too many wrong codes. For your security, please sign in again."
 
 
+def _without_dialog(url):
+    """A same-site address without the `dialog` of its query (settings.index opens the wizard for one)."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "dialog"]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
 @bp.route("/reauth", methods=["GET", "POST"])
 @login_required
 def reauth():
@@ -654,7 +662,11 @@ def reauth():
     next_url = safe_next(request.args.get("next"))
     if is_fresh():
         # Confirmed already: by a second click on Confirm (its code is used up by the first), or Back to this
-        # page. Asking again would cost a new code and count the used one as a failure.
+        # page. Asking again would cost a new code and count the used one as a failure. Back (a GET) does not
+        # open the gear's dialog once more: pressed after the wizard was done, it showed step 1 again (a
+        # history review).
+        if request.method == "GET" and next_url:
+            next_url = _without_dialog(next_url)
         return redirect(next_url or url_for("settings.index"))
     if request.method == "POST":
         if not form.validate_on_submit():

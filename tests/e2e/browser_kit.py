@@ -47,9 +47,12 @@ def missing_tools():
     return missing
 
 
-def launch_chromium(playwright):
-    """Debian's Chromium, headless, with the flags that keep it quiet and offline."""
-    return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+def launch_chromium(playwright, back_forward_cache=False):
+    """Debian's Chromium, headless, with the flags that keep it quiet and offline. Playwright turns the
+    back/forward cache off (--disable-back-forward-cache); a browser people use has it on, which
+    back_forward_cache=True gives."""
+    extra = {"ignore_default_args": ["--disable-back-forward-cache"]} if back_forward_cache else {}
+    return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, **extra)
 
 
 # ------------------------------------------------------------------ live server

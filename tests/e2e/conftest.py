@@ -47,6 +47,15 @@ def browser(playwright_session):
     chromium.close()
 
 
+@pytest.fixture(scope="session")
+def browser_with_back_forward_cache(playwright_session):
+    """A Chromium that keeps pages in its back/forward cache, as the browsers people use do (Playwright
+    turns it off)."""
+    chromium = launch_chromium(playwright_session, back_forward_cache=True)
+    yield chromium
+    chromium.close()
+
+
 @pytest.fixture
 def server(tmp_path, _browser_tools):
     """A fresh app and database per test, served on 127.0.0.1 with the real clock."""
@@ -116,6 +125,14 @@ def new_page(browser, server, console_watch):
     yield make
     for ctx in contexts:
         ctx.close()
+
+
+@pytest.fixture
+def cached_page(browser_with_back_forward_cache, server, console_watch):
+    """A page of a browser with the back/forward cache on (JavaScript on)."""
+    ctx = _context(browser_with_back_forward_cache, server)
+    yield console_watch.attach(ctx.new_page())
+    ctx.close()
 
 
 @pytest.fixture

@@ -309,3 +309,26 @@ def test_the_row_form_shows_the_persons_requests_first_and_focuses_them(page, se
     expect(heading).to_be_focused()
     expect(person_row(page)).to_contain_text("Lost my phone at the station.")
     tab_to(page, person_row(page).get_by_label("Reason", exact=True))
+
+
+def test_searching_as_one_types_keeps_the_address_and_adds_no_history_entry(page, server):
+    """Search users searches a moment after each pause in the typing: the address follows the search (a reload
+    shows the same results) but no history entry is added for each one. Leaving Support took a Back press per
+    search typed, each loading the whole page again (a history review); one Back now goes to the page before."""
+    for name in ("olga", "oliver"):
+        server.user(f"{name}@example.com", devices={"Phone": random_secret()})
+    sign_in_admin(page, server)
+    settings_url = page.url
+    follow(page, page.get_by_role("navigation").get_by_role("link", name="Support", exact=True))
+    entries = page.evaluate("history.length")
+    search = page.get_by_label("Search users", exact=True)
+    for typed, found in (("o", "2 accounts found."), ("ol", "2 accounts found."), ("olg", "1 account found.")):
+        search.fill(typed)
+        expect(page).to_have_url(re.compile(rf"/support\?q={typed}$"))
+        expect(page.get_by_role("status").filter(has_text="found")).to_have_text(found)
+    assert page.evaluate("history.length") == entries
+    page.reload()
+    expect(person_row(page)).to_be_visible()
+    expect(page.get_by_role("article")).to_have_count(1)
+    page.go_back()
+    expect(page).to_have_url(settings_url)
