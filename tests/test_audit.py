@@ -887,7 +887,7 @@ def test_the_audit_log_page_gives_each_event_to_the_second(app, actor, secret, c
 
 def test_times_in_records_are_marked_as_utc_and_older_unmarked_ones_still_read(app):
     """security.md 42: a record's times (a window's or a lock's end) are written in ISO 8601 with the "Z" of
-    UTC, as `audit export` writes each record's own time: without it, a script reading the export took them
+    UTC, as `audit export` marks each record's own time: without it, a script reading the export took them
     for local times. Records written before, without the "Z", still read as the same time in Security
     activity and on the audit page."""
     from webapp.support import recorded_time

@@ -18,7 +18,8 @@ from .htmx import is_htmx
 from .models import KnownBrowser, NetworkCounter, SignInChallenge, User, lookalike_problem, normalise_email
 from .security import (PASSWORD_MAX, PASSWORD_MIN, audit, backoff, client_ip, client_network, count_for_network,
                        hash_password, is_fresh, is_lock, known_browser, network_full_column, network_full_until,
-                       password_hash_outdated, password_length, remember_browser, safe_next, verify_password, wait_end, wait_text)
+                       password_hash_outdated, password_length, remember_browser, safe_next, verify_password,
+                       wait_end, wait_text)
 from .sessions import browser_label, end_session_now, token_hash, touch_session_now, write_session_now
 from .totp import CheckResult, check_user_code, code_matches, normalise_code
 

@@ -399,12 +399,8 @@ def reset_2fa(email):
         click.echo(f"{user.email} has no authenticator device; nothing changed")
         return
     with write_transaction():  # BEGIN IMMEDIATE on SQLite, like the app's own writers
-        # Named in the record by name and number, as support's disable names them (names repeat and change).
-        devices = list(Device.select(Device.id, Device.name).where(Device.user == user.id).order_by(Device.id))
-        removed, ended, lifted = revoke_second_factor(user)  # half-finished sign-ins go too (their code step fails)
-        audit("tfa_reset", user=user, via="cli", devices_removed=removed,
-              devices=", ".join(d.name for d in devices) or None, device_ids=[d.id for d in devices] or None,
-              **lifted)
+        removed, ended, details = revoke_second_factor(user)  # half-finished sign-ins go too (their code step fails)
+        audit("tfa_reset", user=user, via="cli", devices_removed=removed, **details)
     click.echo(f"removed {removed} device(s) of {user.email}; 2FA is off; {ended} session(s) ended")
 
 

@@ -229,8 +229,9 @@ def revoke_second_factor(user, reset_until=None):
     """Inside the caller's transaction: every device of `user` goes, and with them everything a lost phone
     could still be used for: half-finished sign-ins, sessions, known browsers, the code throttle. Support's
     temporary disable passes the end of its window; the CLI's reset passes none. Returns (devices removed,
-    sessions ended, what it lifted of the code throttle for the audit record: the refused codes counted and a
-    lock still running, which an investigation of a takeover needs to see were cleared)."""
+    sessions ended, details for the audit record): the devices by name and number (names repeat and change),
+    and what it lifted of the code throttle (the refused codes counted and a lock still running), which an
+    investigation of a takeover needs to see were cleared."""
     from .models import Device, User
     from .sessions import end_user_sessions
 
@@ -240,13 +241,18 @@ def revoke_second_factor(user, reset_until=None):
     lifted = {"code_failures": throttle.code_failures} if throttle.code_failures else {}
     if throttle.code_locked_until is not None and throttle.code_locked_until > now():
         lifted["code_locked_until"] = throttle.code_locked_until
+    # Listed under the person's row: a device activated meanwhile (it takes that row too) is either listed and
+    # removed, or added after this transaction.
+    devices = list(Device.select(Device.id, Device.name).where(Device.user == user.id).order_by(Device.id))
+    details = {"devices": ", ".join(d.name for d in devices) or None, "device_ids": [d.id for d in devices] or None,
+               **lifted}
     removed = Device.delete().where(Device.user == user.id).execute()
     User.update(tfa_reset_until=reset_until, code_failures=0, code_strikes=0, code_locked_until=None).where(
         User.id == user.id).execute()
     end_code_steps(user)
     sessions = end_user_sessions(user)
     forget_browsers(user)  # a lost phone's browser keeps no password throttle of its own
-    return removed, sessions, lifted
+    return removed, sessions, details
 
 
 PASSWORD_MIN = 8  # new passwords: the sign-up form, Change password and the CLI
@@ -425,7 +431,8 @@ _INSERT_AUDIT = Prepared(lambda: AuditEvent.insert(
 
 def _detail_json(value):
     """How json.dumps writes a detail that JSON has no type for: a time (naive, in UTC, as every stored time)
-    in ISO 8601 marked as UTC, as `audit export` writes a record's own time; anything else as text. Times
+    in ISO 8601 marked as UTC with a "Z", as `audit export` marks a record's own time (which it gives to the
+    second; a lock's end keeps its fraction of a second here); anything else as text. Times
     recorded before 2026-12-07 were written by the callers without the "Z"."""
     if isinstance(value, datetime):
         return value.isoformat() + "Z"

@@ -1211,8 +1211,7 @@ def _open_window(locked, actor, form, label, duration):
     """The disable itself, inside the caller's transaction: every step or none (security.md 39, 40, 42)."""
     current = now()
     until = current + duration
-    devices = list(Device.select(Device.id, Device.name).where(Device.user == locked.id).order_by(Device.id))
-    removed, sessions, lifted = revoke_second_factor(locked, reset_until=until)
+    removed, sessions, details = revoke_second_factor(locked, reset_until=until)
     closed = []
     if form.close_requests.data:
         # Only those the admin could have read (see DisableForm.requests_shown), each named in the record.
@@ -1227,10 +1226,8 @@ def _open_window(locked, actor, form, label, duration):
                 SupportRequest.id.in_(closed)).execute()
     audit("support_tfa_disabled", user=locked, actor=actor, reason=form.reason.data,
           ticket=form.ticket.data or None, until=until, duration=label,
-          devices_removed=removed, devices=", ".join(d.name for d in devices) or None,
-          device_ids=[d.id for d in devices] or None, sessions_ended=sessions,
-          requests_closed=len(closed),
-          requests=", ".join(map(str, closed)) or None, **lifted)
+          devices_removed=removed, sessions_ended=sessions, requests_closed=len(closed),
+          requests=", ".join(map(str, closed)) or None, **details)
     left_open, handled_meanwhile = 0, []
     if form.close_requests.data:  # what the admin asked to close but could not have read: said in the notice
         left_open = SupportRequest.select().where((SupportRequest.user == locked.id)
