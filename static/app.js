@@ -87,7 +87,7 @@
     try {
       formats = formats || {
         time: new Intl.DateTimeFormat(undefined, {year: "numeric", month: "short", day: "numeric",
-          hour: "2-digit", minute: "2-digit", timeZoneName: "short"}),
+          hour: "numeric", minute: "2-digit", timeZoneName: "short"}),
         date: new Intl.DateTimeFormat(undefined, {year: "numeric", month: "short", day: "numeric"})
       };
     } catch (error) {
@@ -97,8 +97,13 @@
       var when = new Date(times[i].getAttribute("datetime"));
       if (isNaN(when.getTime())) continue;
       var format = times[i].getAttribute("data-local") === "date" ? formats.date : formats.time;
-      times[i].title = times[i].textContent + (format === formats.date ? " (UTC)" : "");
+      times[i].title = times[i].textContent;
       times[i].textContent = format.format(when);
+      // In the browser's language, inside an English page: its own language for a screen reader's voice, and
+      // its own direction, kept apart from the words around it. An Arabic date otherwise swapped places with
+      // the text beside it ("until" read as if before the event's own time: a review of times).
+      times[i].lang = format.resolvedOptions().locale;
+      times[i].dir = "auto";
       times[i].removeAttribute("data-local");
     }
   }
@@ -216,7 +221,7 @@
   }
 
   function show(state, left) {
-    if (state === shown) return;  // announced once, not at every check
+    if (state === shown) return countDown(left);  // announced once, not at every check
     var hadFocus = box.contains(document.activeElement);
     if (!shown && !hadFocus) back = document.activeElement;  // where the person was when it came
     shown = state;
@@ -225,7 +230,7 @@
     if (box.parentNode !== home) home.insertBefore(box, home.firstChild);
     box.classList.toggle("open", state !== "");
     form.hidden = state !== "warning";
-    var old = box.querySelector("[role=alert]");
+    var old = box.querySelector("[data-warning]");
     if (old) old.remove();
     if (state) box.insertBefore(say(state, left), form);
     // The button just pressed has gone: on to the sign-in link, or back to where the person was when the
@@ -256,16 +261,29 @@
     flashes.replaceChildren(line);
   }
 
+  // The time left in a warning already shown, kept true at each check ("in 2 minutes" stayed until the end:
+  // a review of times). Only the first words were the alert: the region stops being one before they change,
+  // or a screen reader would read the whole warning again every half minute.
+  function countDown(left) {
+    var count = box.querySelector("[data-time-left]");
+    if (!count || count.textContent === inWords(left)) return;
+    count.closest("[data-warning]").removeAttribute("role");
+    count.textContent = inWords(left);
+  }
+
   // A new alert each time (as noAnswer above): one put on the page with its words is announced.
   function say(state, left) {
     var alert = document.createElement("p"), hours = box.getAttribute("data-absolute-hours");
-    var soon = "You will be signed out in " + inWords(left);
+    var count = document.createElement("span");
+    count.setAttribute("data-time-left", "");
+    count.textContent = inWords(left);
     alert.setAttribute("role", "alert");
+    alert.setAttribute("data-warning", "");
     if (state === "warning") {
-      alert.textContent = soon + " because nothing has happened here.";
+      alert.append("You will be signed out in ", count, " because nothing has happened here.");
     } else if (state === "last") {
-      alert.textContent = soon + ": a session ends " + hours + " hours after signing in, and this one cannot " +
-        "be extended.";
+      alert.append("You will be signed out in ", count, ": a session ends " + hours + " hours after signing " +
+        "in, and this one cannot be extended.");
     } else {
       var link = document.createElement("a");
       // Signing in again leads back to this page (the server checks that it is one of its own: safe_next).

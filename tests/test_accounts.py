@@ -591,7 +591,7 @@ def test_cli_unlock_clears_a_code_lock_and_nothing_else(app, actor, secret, cloc
     assert r.status_code == 302 and r.headers["Location"] == "/settings"
     activity = run(app, "users", "activity", "alice@example.com").output
     assert ("Failed sign-in attempts cleared by the server operator  [Through: command line; Refused codes "
-            f"cleared: 6; Code entry was locked until: {until:%Y-%m-%d %H:%M} UTC]") in activity
+            f"cleared: 6; Code entry was locked until: {until:%Y-%m-%d %H:%M:%S} UTC]") in activity
 
     assert_unlock_finds_nothing(app)
     with app.app_context():

@@ -364,10 +364,10 @@ def test_every_known_kind_has_words_and_unknown_kinds_read_fine():
     assert event_text("password_changed", {"via": "cli"}) == "Password changed by the server operator"
     assert event_text("password_changed", {}) == "Password changed"
     assert detail_text({"method": "password+code", "admin": True, "until": "2009-02-14T23:31:30"}) == [
-        ("Until", "2009-02-14 23:31 UTC"), ("Method", "password and code"), ("Admin", "yes")]
+        ("Until", "2009-02-14 23:31:30 UTC"), ("Method", "password and code"), ("Admin", "yes")]
     assert detail_text({"ticket": None, "reason": "Called back"}) == [("Reason", "Called back"), ("Ticket", "none")]
     assert detail_text({"via": "cli", "disabled_since": "2009-02-13T23:31:30"}) == [
-        ("Through", "command line"), ("Disabled since", "2009-02-13 23:31 UTC")]
+        ("Through", "command line"), ("Disabled since", "2009-02-13 23:31:30 UTC")]
     # A wrong password typed in a known browser counted against that browser (auth.password_check).
     assert detail_text({"failures": 2, "counted_in": "known browser"}) == [
         ("Failures in a row", "2"),
@@ -903,4 +903,4 @@ def test_times_in_records_are_marked_as_utc_and_older_unmarked_ones_still_read(a
         assert [recorded_time(text) for text in stored] == [end, end]
         shown = security_activity(user)
         assert [(e["until"], e["until_text"]) for e in shown] == [(end, "2030-01-02 03:04 UTC")] * 2
-        assert [dict(detail_text(e.details))["Until"] for e in AuditEvent.select()] == ["2030-01-02 03:04 UTC"] * 2
+        assert [dict(detail_text(e.details))["Until"] for e in AuditEvent.select()] == ["2030-01-02 03:04:05 UTC"] * 2

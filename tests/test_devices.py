@@ -73,6 +73,11 @@ def test_devices_are_listed_with_name_added_date_and_last_use(actor, app, alice)
     assert ">Active<" in page
     assert '<strong class="device-name"><bdi>Phone</bdi></strong>' in page
     assert "Added <time" in page and "last used <time" in page  # the sign-in used it
+    # Without JavaScript the date stays in UTC, and says so as every other time does (a review of times: a
+    # device added at 23:30 UTC read as added the day before in India).
+    with app.app_context():
+        added = Device.get().created_at
+    assert f'data-local="date">{added:%Y-%m-%d} UTC</time>' in page
     assert "Add another device" in page and "Turn off two-factor authentication" in page
     assert 'href="/settings/2fa"' in page
 

@@ -253,11 +253,14 @@ def test_werkzeugs_own_lines_are_masked_but_not_escaped_again(app):
 
 @pytest.mark.parametrize("seconds, words", [
     (0.2, "1 second"), (1.5, "2 seconds"), (89, "89 seconds"), (90, "2 minutes"), (14 * 60 + 1, "15 minutes"),
-    (89 * 60, "89 minutes"), (23 * 3600 + 1800, "24 hours"),
+    (89 * 60, "89 minutes"), (90 * 60, "1 hour 30 minutes"), (100 * 60 + 1, "1 hour 41 minutes"),
+    (2 * 3600, "2 hours"), (121 * 60, "2 hours 1 minute"), (23 * 3600 + 1800, "23 hours 30 minutes"),
 ])
 def test_a_wait_is_never_said_shorter_than_it_is(app, seconds, words):
     """security.md 18: the wait a refusal names (the back-off, the lock, a network's hour) is rounded up, never
-    down: whoever comes back when told is not refused again (and counted again) for coming back too early."""
+    down: whoever comes back when told is not refused again (and counted again) for coming back too early. Nor
+    much longer: from 90 minutes on it says hours and minutes (it said "2 hours" for 1 hour 41 minutes, beside
+    the lock's end as a time of day)."""
     from datetime import timedelta
 
     from webapp.clock import now

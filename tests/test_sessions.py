@@ -58,6 +58,9 @@ def test_settings_list_my_sessions_with_this_browser_marked(app, actor, alice, s
     assert "AliceLaptop/2.0" in html and "198.51.100.7" in html
     assert html.count("This browser</span>") == 1
     assert len(HANDLE_RE.findall(html)) == 1  # only the other browser can be signed out from here
+    # This browser is in use now: its stored "last seen" is written after the page, at most every few minutes,
+    # and showed a time up to half an hour old (a review of times). The other one's is its own.
+    assert html.count("· in use now") == 1 and html.count("· last seen <time") == 1
     with app.app_context():
         for row in ServerSession.select():
             assert row.id not in html  # the page never shows the session's database key

@@ -141,7 +141,11 @@ def wait_text(until):
     minutes = (seconds + 59) // 60
     if minutes < 90:
         return f"{minutes} minutes"
-    return f"{(minutes + 59) // 60} hours"
+    # Hours and minutes, not hours rounded up: "Wait 2 hours" stood beside a lock's end 1 hour 41 minutes away
+    # (a review of times as people read them).
+    hours, minutes = divmod(minutes, 60)
+    words = f"{hours} hour{'s' if hours != 1 else ''}"
+    return f"{words} {minutes} minute{'s' if minutes != 1 else ''}" if minutes else words
 
 
 # ---------------------------------------------------------------- known browsers (lockout denial of service)

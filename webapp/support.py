@@ -295,15 +295,16 @@ def recorded_time(text):
     return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo else moment
 
 
-def _fmt_time(value):
-    """A stored time (datetime or ISO text) as 'YYYY-MM-DD HH:MM UTC'; other text unchanged."""
+def _fmt_time(value, seconds=False):
+    """A stored time (datetime or ISO text) as 'YYYY-MM-DD HH:MM UTC' (with the seconds: HH:MM:SS); other text
+    unchanged."""
     if isinstance(value, str):
         try:
             value = recorded_time(value)
         except ValueError:
             return value
     if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%d %H:%M") + " UTC"
+        return value.strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M") + " UTC"
     return "" if value is None else str(value)
 
 
@@ -339,7 +340,9 @@ def detail_text(detail):
         elif isinstance(value, bool):
             shown = "yes" if value else "no"
         elif key.endswith(("until", "since")):
-            shown = _fmt_time(value)
+            # To the second, as the record's own time on the audit page and in `users activity`: a lock's end
+            # cut to the minute was a time at which sign-in was still refused (a review of times).
+            shown = _fmt_time(value, seconds=True)
         elif isinstance(value, (list, tuple)):
             shown = ", ".join(str(v) for v in value) or "none"
         else:

@@ -5,7 +5,7 @@ what the server did is read from its database, and a session is aged there when 
 it has ended.
 """
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 from journey import assert_accessible, expect, expect_signed_in, follow, log_in, tab_to
 
@@ -97,6 +97,27 @@ def test_when_nothing_happens_the_page_says_the_person_was_signed_out(audit_page
     page.get_by_label("Password", exact=True).fill("correct horse battery")
     follow(page, page.get_by_role("button", name="Log in", exact=True))
     expect(page.get_by_role("heading", name="Change password", level=1)).to_be_visible()  # back where it ended
+
+
+def test_the_warning_counts_down_and_is_announced_once(page, server):
+    """The time left stays true while the warning is shown: it said "in 2 minutes" until the sign-out (a review
+    of times). Only its first words were an alert: a screen reader does not read the warning again each time
+    the count changes."""
+    server.user("lia@example.com")
+    page.clock.install()
+    log_in(page, "lia@example.com")
+    expect_signed_in(page)
+    # The clock stops here (it runs on by itself otherwise, and the page's seconds would drift from the test's).
+    loaded = datetime.fromtimestamp(page.evaluate("Date.now()") / 1000, tz=timezone.utc)
+    page.clock.pause_at(loaded + timedelta(minutes=28, seconds=5))  # 1 minute 55 seconds left
+    expect(alert_saying(page, WARNING)).to_be_visible()
+    warning = page.locator("#idle-warning").get_by_text(re.compile("^You will be signed out in"))
+    page.clock.run_for("00:40")  # 75 seconds left
+    expect(warning).to_have_text("You will be signed out in 1 minute because nothing has happened here.")
+    expect(page.get_by_role("alert")).to_have_count(0)
+    page.clock.run_for("00:30")  # 45 seconds left
+    expect(warning).to_have_text("You will be signed out in less than a minute because nothing has happened here.")
+    expect(page.get_by_role("button", name="Stay signed in", exact=True)).to_be_visible()
 
 
 def test_near_the_twelve_hours_the_warning_says_it_cannot_be_extended(page, server):

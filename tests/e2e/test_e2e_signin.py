@@ -182,5 +182,5 @@ def test_the_locked_code_step_says_when_to_sign_in_again_as_it_takes_the_focus(p
     alert = page.get_by_role("alert", name=re.compile(r"^Too many wrong codes\. Wait 1\d minutes"))
     expect(alert).to_be_focused()
     expect(alert).to_have_accessible_description(
-        re.compile(r"cannot accept a code\. Sign in again with your password after .*\d\d:\d\d"))
+        re.compile(r"cannot accept a code\. Sign in again with your password after .*\d:\d\d"))
     expect(page.get_by_label("Verification code", exact=True)).to_have_count(0)
