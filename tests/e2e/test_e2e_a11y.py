@@ -262,3 +262,51 @@ def test_a_sessions_sign_out_button_names_its_time_as_the_list_shows_it(new_page
     signed_in = other.locator("time").first.inner_text()
     assert "GMT+9" in signed_in
     expect(other.get_by_role("button")).to_have_accessible_name(re.compile(re.escape(f"signed in {signed_in}") + "$"))
+
+
+def sign_in_admin_with(page, server, email="ada@example.com"):
+    secret = random_secret()
+    server.user(email, admin=True, devices={"Phone": secret})
+    log_in(page, email)
+    expect_code_step(page)
+    enter_code(page, oathtool_code(secret))
+    expect_signed_in(page)
+
+
+def test_text_follows_the_browsers_own_text_size(new_page, server):
+    """WCAG 1.4.4: someone who set a larger text size in the browser (Chrome's Font size, not zoom) gets it.
+    The style sheet pinned the page to 16 px, so the setting changed nothing (a review of people who change
+    how pages look). At 32 px the menu becomes the compact bar a narrow screen gets, and nothing scrolls
+    sideways."""
+    page = new_page()
+    page.context.new_cdp_session(page).send("Page.setFontSizes", {"fontSizes": {"standard": 32}})
+    sign_in_admin_with(page, server)
+    for path in ("/support", "/settings"):
+        page.goto(path)
+        assert page.get_by_role("heading", level=1).evaluate("h => getComputedStyle(h).fontSize") == "51.2px"
+        assert page.evaluate("document.documentElement.scrollWidth <= innerWidth"), path
+        assert page.locator(".sidenav").evaluate("nav => getComputedStyle(nav).display") == "flex"
+    gear = page.get_by_role("button", name="Two-Factor Authentication settings")
+    assert gear.locator("svg").evaluate("svg => svg.getBoundingClientRect().width") == 48  # 1.5 em of 32 px
+
+
+def test_in_forced_colours_the_current_page_and_link_buttons_are_still_told_apart(new_page, server):
+    """Windows' high contrast (forced colours) removes backgrounds and shadows: the menu's current page was
+    told only by its background, so "User Settings" and "Support" looked the same; and a button drawn as a
+    link ("Cancel and start over") turned into plain text, neither link nor button (a review)."""
+    page = new_page(forced_colors="active", color_scheme="dark")
+    sign_in_admin_with(page, server)
+    page.goto("/support")
+    menu = page.get_by_role("navigation", name="Main")
+    current, other = menu.get_by_role("link", name="Support"), menu.get_by_role("link", name="User Settings")
+    style = "a => [getComputedStyle(a).outlineStyle, getComputedStyle(a).fontWeight]"
+    assert current.evaluate(style) == ["solid", "700"] and other.evaluate(style) == ["none", "400"]
+
+    elsewhere = new_page(forced_colors="active", color_scheme="dark")
+    server.user("bo@example.com", devices={"Phone": random_secret()})
+    log_in(elsewhere, "bo@example.com")
+    expect_code_step(elsewhere)
+    colour = "e => getComputedStyle(e).color"
+    link = elsewhere.get_by_role("link", name="Lost access to your authenticator app?")
+    button = elsewhere.get_by_role("button", name="Cancel and start over")
+    assert button.evaluate(colour) == link.evaluate(colour) != elsewhere.locator("body").evaluate(colour)
