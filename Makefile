@@ -5,13 +5,30 @@ BIN := $(VENV)/bin
 PORT ?= 5000
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install clean
+.PHONY: run test install clean lock
 
-$(STAMP): pyproject.toml
+LOCK := requirements.lock
+
+# The dependencies come from requirements.lock, each at the version and with the hashes recorded there (the
+# app's own dependencies' dependencies too: a new Werkzeug or Jinja2 release cannot change a fresh install);
+# then the app itself, editable, with nothing more.
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --require-hashes -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# Make requirements.lock again from pyproject.toml: the newest releases its pins allow, with their hashes
+# (pip-tools, in a throwaway virtualenv). Run after changing a pin; `make install` then installs the result.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet pip-tools==7.7.0
+	.venv-lock/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --extra test \
+		--no-emit-find-links --no-emit-index-url --no-emit-trusted-host --no-header --output-file $(LOCK).new pyproject.toml
+	{ sed -n '1,/^# change there/p' $(LOCK); cat $(LOCK).new; } > $(LOCK).tmp && mv $(LOCK).tmp $(LOCK) && rm $(LOCK).new
+	rm -rf .venv-lock
 
 install: $(STAMP)
 
