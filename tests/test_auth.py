@@ -1876,6 +1876,52 @@ def test_the_signup_limit_is_per_network_and_ends_with_its_hour(app, actor, cloc
     assert _counted(app, "sign-ups", "2001:db8:1:2::/64") == 1
 
 
+def test_sign_ups_from_the_64s_of_one_48_add_up_to_a_looser_limit(app, actor, clock):
+    """security.md 18: each IPv6 /64 is a client with SIGNUPS_PER_HOUR of its own, and whoever is routed a
+    /48 (a tunnel broker gives one away) holds 65,536 of them: 65,536 times the sign-ups and "already exists"
+    answers (a security review). Their /48 also counts, at ten times the limit; past it, every /64 of that
+    /48 gets the 429, and another /48 is not held."""
+    app.config["SIGNUPS_PER_HOUR"] = 2
+    actor.user()
+    for net in range(10):
+        for i in range(2):
+            r = _sign_up(app, clock, f"n{net}i{i}@example.com", **_from(f"2001:db8:7:{net:x}::{i + 1}"))
+            assert r.status_code == 302
+    assert _counted(app, "sign-ups-48", "2001:db8:7::/48") == 20
+    r = _sign_up(app, clock, "late@example.com", **_from("2001:db8:7:ff::1"))  # a /64 of its own, unused
+    assert r.status_code == 429 and "Too many sign-ups from your network" in r.get_data(as_text=True)
+    with app.app_context():
+        assert User.by_email("late@example.com") is None
+    assert ("2001:db8:7:9::2", {"limit": "sign-ups-48", "network": "2001:db8:7::/48", "per_hour": 20}) in \
+        _limit_records(app)
+    assert _sign_up(app, clock, "late@example.com", **_from("2001:db8:8::1")).status_code == 302  # another /48
+
+
+def test_wrong_passwords_from_the_64s_of_one_48_add_up_to_a_looser_limit(app, actor, clock, monkeypatch):
+    """security.md 18: the same for FAILED_SIGNINS_PER_HOUR: spraying passwords from a new /64 each time
+    got a fresh allowance every time (a security review). The /48 has ten times the limit; past it the
+    password step refuses before any hash, even the right password, for every /64 in it, and says the
+    wait."""
+    app.config["FAILED_SIGNINS_PER_HOUR"] = 2
+    actor.user()
+
+    def attempt(ip, email="nobody@example.com", password=SPRAYED):
+        return type(actor)(app, app.test_client(), clock).post_form(
+            "/login", {"email": email, "password": password}, form_url="/login", **_from(ip))
+
+    for net in range(10):
+        for _ in range(2):
+            assert attempt(f"2001:db8:7:{net:x}::1").status_code == 200
+    assert _counted(app, "failed-sign-ins-48", "2001:db8:7::/48") == 20
+    calls = _hashing(monkeypatch)
+    r = attempt("2001:db8:7:ff::1", "alice@example.com", PASSWORD)
+    assert r.status_code == 429
+    assert ("Too many failed sign-ins from your network. Try again in 60 minutes, or from a browser you have "
+            "signed in with before.") in r.get_data(as_text=True)
+    assert calls == [] and user_row(app).password_failures == 0
+    assert attempt("2001:db8:8::1", "alice@example.com", PASSWORD).status_code == 302  # another /48
+
+
 def test_signups_sent_at_once_cannot_pass_the_limit_together(app, actor, clock, monkeypatch):
     """The count is read before the slow hash, so sign-ups sent at once all pass that read. It is read
     again, holding the network, before the account is made: one that finished meanwhile and reached the

@@ -16,10 +16,10 @@ from .db import Param, Prepared, db, for_update, lock_keys, write_transaction
 from .fields import Form
 from .htmx import is_htmx
 from .models import KnownBrowser, NetworkCounter, SignInChallenge, User, lookalike_problem, normalise_email
-from .security import (PASSWORD_MAX, PASSWORD_MIN, audit, backoff, client_ip, client_network, count_for_network,
-                       hash_password, is_fresh, is_lock, known_browser, network_full_column, network_full_until,
-                       password_hash_outdated, password_length, remember_browser, safe_next, verify_password,
-                       wait_end, wait_text)
+from .security import (PASSWORD_MAX, PASSWORD_MIN, audit, backoff, client_ip, client_network, client_network_48,
+                       count_for_network, hash_password, is_fresh, is_lock, known_browser, network_full_column,
+                       network_full_until, password_hash_outdated, password_length, remember_browser, safe_next,
+                       verify_password, wait_end, wait_text)
 from .sessions import browser_label, end_session_now, token_hash, touch_session_now, write_session_now
 from .totp import CheckResult, check_user_code, code_matches, normalise_code
 
@@ -253,7 +253,7 @@ def password_check(user, password, wrong=GENERIC_LOGIN_ERROR, network=None):
     if user is None:
         if network:
             with write_transaction():
-                count_for_network("failed-sign-ins", network)
+                _count_failed_sign_in(network)
         return wrong
     # Read the counter again after the hash: guesses sent at the same moment were all let in against the
     # state before any of them failed. The first failure's back-off applies to the others, right or wrong,
@@ -298,7 +298,7 @@ def _count_failure(user, holder, wrong, network=None):
         if is_lock(failures):  # every lock, as code_lockout: when password entry closed, and until when
             audit("password_lockout", user=user, until=until, **_counted_in(holder))
         if not isinstance(holder, KnownBrowser):
-            count_for_network("failed-sign-ins", network)
+            _count_failed_sign_in(network)
     return wrong
 
 
@@ -345,7 +345,7 @@ def _password_throttled(user, holder, counter, network=None, wrong=None):
             _set_counter(holder, password_failures=wrong)
         audit("password_throttled", user=user, **_counted_in(holder))
         if network and not isinstance(holder, KnownBrowser):
-            count_for_network("failed-sign-ins", network)
+            _count_failed_sign_in(network)
     return Throttled(f"Too many failed attempts. Try again in {wait_text(locked_until)}.")
 
 
@@ -463,6 +463,14 @@ def login():
                            disabled=disabled, notice=text, email_kept=email_kept), status
 
 
+def _count_failed_sign_in(network):
+    """Inside the caller's write transaction: one more failed sign-in for the client's network and, for an
+    IPv6 client, for its /48 too (FAILED_SIGNINS_PER_HOUR, SITE_CLIENTS times that per /48)."""
+    count_for_network("failed-sign-ins", network)
+    if network:
+        count_for_network("failed-sign-ins-48", client_network_48(client_ip()))
+
+
 def network_refusal(user, network):
     """The password step's answer while the client's network has had FAILED_SIGNINS_PER_HOUR wrong passwords
     in its hour, else None: one client trying one password on many accounts meets no per-account throttle
@@ -472,13 +480,16 @@ def network_refusal(user, network):
     in. `user` comes from User.by_email with network_full_since."""
     if user is not None:
         since = user.network_full_since
-        if since is None:
-            return None
-        until = NetworkCounter.window_start.python_value(since) + NetworkCounter.WINDOW  # SQLite gives text
+        until = None if since is None else \
+            NetworkCounter.window_start.python_value(since) + NetworkCounter.WINDOW  # SQLite gives text
     else:
         until = network_full_until("failed-sign-ins", network)
-        if until is None:
-            return None
+    if network:
+        # The client's IPv6 /48 (no query for IPv4): its /64s, each under its own limit, add up there. The
+        # later of the two ends is the wait said, never one after which the other still refuses.
+        until = _later(until, network_full_until("failed-sign-ins-48", client_network_48(client_ip())))
+    if until is None:
+        return None
     if user is not None and known_browser(user) is not None:
         return None
     return Throttled(f"Too many failed sign-ins from your network. Try again in {wait_text(until)}, or from a "
@@ -725,6 +736,21 @@ def extend_session():
     return redirect(safe_next(request.form.get("next")) or url_for("settings.index"))
 
 
+def _sign_ups_full_until(network, site):
+    """When the client may sign up again, if its network or its IPv6 /48 used up its hour, else None."""
+    return _later(network_full_until("sign-ups", network), network_full_until("sign-ups-48", site))
+
+
+def _later(one, other):
+    """The later of two ends of a wait, either of which may be None (no wait)."""
+    return max((t for t in (one, other) if t is not None), default=None)
+
+
+def _count_sign_up(network, site):
+    count_for_network("sign-ups", network)
+    count_for_network("sign-ups-48", site)
+
+
 @bp.route("/signup", methods=["GET", "POST"])
 def signup():
     """Create an account (if the operator allows sign-up)."""
@@ -745,7 +771,8 @@ def signup():
             # hash, each adding rows, or learn which addresses have an account ("already exists", which
             # counts too). Checked first: over it, nothing is hashed, and nothing is said about the address.
             network = client_network(client_ip())
-            full_until = network_full_until("sign-ups", network)
+            site = client_network_48(client_ip())  # an IPv6 client's /48 (None for IPv4): a looser limit
+            full_until = _sign_ups_full_until(network, site)
             user = None
             if full_until is None and User.by_email(email) is None:
                 password_hash = hash_password(form.password.data)  # slow: outside the transaction
@@ -753,8 +780,8 @@ def signup():
                     # Counted again holding the network, so sign-ups sent at once cannot all pass the count
                     # made before their hashes (on PostgreSQL too, where the count alone locks nothing).
                     if network:
-                        lock_keys("signup:" + network)
-                    full_until = network_full_until("sign-ups", network)
+                        lock_keys("signup:" + network, *(["signup:" + site] if site else []))
+                    full_until = _sign_ups_full_until(network, site)
                     if full_until is None:
                         try:
                             with db.atomic():
@@ -762,14 +789,14 @@ def signup():
                         except IntegrityError:  # the same address signed up a moment ago (a form sent twice)
                             user = None
                         else:
-                            count_for_network("sign-ups", network)
+                            _count_sign_up(network, site)
                             audit("account_created", user=user, via="signup")  # with the account, or neither
             if full_until is not None:
                 error, status = (f"Too many sign-ups from your network in the last hour. Try again in "
                                  f"{wait_text(full_until)}."), 429
             elif user is None:
                 with write_transaction():
-                    count_for_network("sign-ups", network)
+                    _count_sign_up(network, site)
                 error = "An account with this email address already exists. Log in instead."
             else:
                 response = complete_sign_in(user)

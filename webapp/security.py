@@ -348,13 +348,19 @@ NETWORK_LIMITS = {
     "sign-ups": "SIGNUPS_PER_HOUR",  # accounts made through /signup, and its "already exists" answers
     "failed-sign-ins": "FAILED_SIGNINS_PER_HOUR",  # wrong passwords and unknown addresses at the password step
     "contact-48": "SUPPORT_REQUESTS_PER_HOUR_48",  # contact requests stored, per IPv6 /48
+    # The first two per IPv6 /48 as well, at SITE_CLIENTS times the setting: whoever is routed a /48 holds
+    # 65,536 /64s, each a client of its own, and had as many times the allowance (a security review).
+    "sign-ups-48": "SIGNUPS_PER_HOUR",
+    "failed-sign-ins-48": "FAILED_SIGNINS_PER_HOUR",
 }
+SITE_CLIENTS = 10  # a /48's limit is ten clients' worth, as the contact form's (SUPPORT_REQUESTS_PER_HOUR_48)
 
 
 def network_limit(purpose):
     """The number of events of `purpose` a network may have in its hour; 0 when the operator turned the limit
     off (nothing is then counted or refused)."""
-    return current_app.config[NETWORK_LIMITS[purpose]]
+    limit = current_app.config[NETWORK_LIMITS[purpose]]
+    return limit * SITE_CLIENTS if purpose in ("sign-ups-48", "failed-sign-ins-48") else limit
 
 
 def _counted(purpose, network):

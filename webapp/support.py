@@ -285,6 +285,8 @@ VALUE_WORDS = {
     "sign-ups": "sign-ups (accounts made, or refused as existing)",
     "failed-sign-ins": "wrong passwords and unknown addresses at sign-in",
     "contact-48": "contact requests from one IPv6 /48",
+    "sign-ups-48": "sign-ups from one IPv6 /48",
+    "failed-sign-ins-48": "wrong passwords and unknown addresses at sign-in from one IPv6 /48",
 }
 
 
