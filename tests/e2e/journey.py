@@ -4,7 +4,7 @@ Shared by the browser tests and by screenshots.py. No CSS selectors for anything
 """
 import re
 
-from browser_kit import PASSWORD
+from browser_kit import PASSWORD, oathtool_code, random_secret
 
 try:
     from playwright.sync_api import expect
@@ -128,3 +128,14 @@ def search_users(page, text):
     page.get_by_label("Search users", exact=True).fill(text)
     page.get_by_role("button", name="Search", exact=True).click()
     page.wait_for_load_state("networkidle")
+
+
+def sign_in_admin(page, server, email="admin@example.com"):
+    """An admin with 2FA active (the Support page requires it: security.md 37), created in the DB, signed in
+    with a code from oathtool."""
+    secret = random_secret()
+    server.user(email, admin=True, devices={"Admin phone": secret})
+    log_in(page, email)
+    expect_code_step(page)
+    enter_code(page, oathtool_code(secret))
+    expect_signed_in(page)

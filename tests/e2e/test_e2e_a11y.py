@@ -5,7 +5,8 @@ The audit browser bypasses the CSP only so the axe script can be injected; findi
 import re
 
 from browser_kit import oathtool_code, random_secret
-from journey import assert_accessible, enter_code, expect, expect_code_step, expect_signed_in, follow, log_in
+from journey import (assert_accessible, enter_code, expect, expect_code_step, expect_signed_in, follow, log_in,
+                     sign_in_admin)
 
 
 def test_first_run_setup_page_is_accessible(audit_page, server):
@@ -149,7 +150,7 @@ def test_wizard_as_a_full_page_is_accessible(audit_page, server):
 def test_contact_and_support_pages_are_accessible(audit_page, new_page, server):
     """Contact form (empty, with errors, sent) and the admin's Support page, search, disable form, audit log."""
     from journey import search_users
-    from test_e2e_support import PERSON, person_row, sign_in_admin
+    from test_e2e_support import PERSON, person_row
 
     server.user(PERSON, devices={"Phone": random_secret()})
     page = audit_page
@@ -264,15 +265,6 @@ def test_a_sessions_sign_out_button_names_its_time_as_the_list_shows_it(new_page
     expect(other.get_by_role("button")).to_have_accessible_name(re.compile(re.escape(f"signed in {signed_in}") + "$"))
 
 
-def sign_in_admin_with(page, server, email="ada@example.com"):
-    secret = random_secret()
-    server.user(email, admin=True, devices={"Phone": secret})
-    log_in(page, email)
-    expect_code_step(page)
-    enter_code(page, oathtool_code(secret))
-    expect_signed_in(page)
-
-
 def test_text_follows_the_browsers_own_text_size(new_page, server):
     """WCAG 1.4.4: someone who set a larger text size in the browser (Chrome's Font size, not zoom) gets it.
     The style sheet pinned the page to 16 px, so the setting changed nothing (a review of people who change
@@ -280,7 +272,7 @@ def test_text_follows_the_browsers_own_text_size(new_page, server):
     sideways."""
     page = new_page()
     page.context.new_cdp_session(page).send("Page.setFontSizes", {"fontSizes": {"standard": 32}})
-    sign_in_admin_with(page, server)
+    sign_in_admin(page, server)
     for path in ("/support", "/settings"):
         page.goto(path)
         assert page.get_by_role("heading", level=1).evaluate("h => getComputedStyle(h).fontSize") == "51.2px"
@@ -295,7 +287,7 @@ def test_in_forced_colours_the_current_page_and_link_buttons_are_still_told_apar
     told only by its background, so "User Settings" and "Support" looked the same; and a button drawn as a
     link ("Cancel and start over") turned into plain text, neither link nor button (a review)."""
     page = new_page(forced_colors="active", color_scheme="dark")
-    sign_in_admin_with(page, server)
+    sign_in_admin(page, server)
     page.goto("/support")
     menu = page.get_by_role("navigation", name="Main")
     current, other = menu.get_by_role("link", name="Support"), menu.get_by_role("link", name="User Settings")

@@ -1,7 +1,7 @@
 """Back and Forward in a browser that keeps pages in its back/forward cache, as the browsers people use do
 (Playwright's own launch turns that cache off, so the rest of the suite never meets it)."""
 from browser_kit import oathtool_code, random_secret
-from journey import enter_code, expect, expect_code_step, expect_signed_in, follow, log_in
+from journey import enter_code, expect, expect_code_step, expect_signed_in, log_in
 
 PERSON = "bob@example.com"
 

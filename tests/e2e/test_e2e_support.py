@@ -4,20 +4,10 @@ import re
 
 from browser_kit import oathtool_code, random_secret
 from journey import (enter_code, expect, expect_code_step, expect_signed_in, follow, log_in,
-                     search_users, settings_text, tab_to)
+                     search_users, settings_text, sign_in_admin, tab_to)
 
 ADMIN = "admin@example.com"
 PERSON = "olga@example.com"
-
-
-def sign_in_admin(page, server):
-    """An admin with 2FA active (the Support page requires it: security.md 37), created in the DB."""
-    secret = random_secret()
-    server.user(ADMIN, admin=True, devices={"Admin phone": secret})
-    log_in(page, ADMIN)
-    expect_code_step(page)
-    enter_code(page, oathtool_code(secret))
-    expect_signed_in(page)
 
 
 def ask_support(page, message="I lost my phone with the authenticator app. Please help me sign in again."):
