@@ -343,24 +343,25 @@ def _address(text):
         return None
 
 
-# What each limit counts, and the setting with its number per network and hour.
-NETWORK_LIMITS = {
-    "sign-ups": "SIGNUPS_PER_HOUR",  # accounts made through /signup, and its "already exists" answers
-    "failed-sign-ins": "FAILED_SIGNINS_PER_HOUR",  # wrong passwords and unknown addresses at the password step
-    "contact-48": "SUPPORT_REQUESTS_PER_HOUR_48",  # contact requests stored, per IPv6 /48
-    # The first two per IPv6 /48 as well, at SITE_CLIENTS times the setting: whoever is routed a /48 holds
-    # 65,536 /64s, each a client of its own, and had as many times the allowance (a security review).
-    "sign-ups-48": "SIGNUPS_PER_HOUR",
-    "failed-sign-ins-48": "FAILED_SIGNINS_PER_HOUR",
-}
 SITE_CLIENTS = 10  # a /48's limit is ten clients' worth, as the contact form's (SUPPORT_REQUESTS_PER_HOUR_48)
+
+# What each limit counts: the setting with its number per network and hour, and how many times that number.
+NETWORK_LIMITS = {
+    "sign-ups": ("SIGNUPS_PER_HOUR", 1),  # accounts made through /signup, and its "already exists" answers
+    "failed-sign-ins": ("FAILED_SIGNINS_PER_HOUR", 1),  # wrong passwords and unknown addresses at the password step
+    "contact-48": ("SUPPORT_REQUESTS_PER_HOUR_48", 1),  # contact requests stored, per IPv6 /48
+    # The first two per IPv6 /48 as well: whoever is routed a /48 holds 65,536 /64s, each a client of its own,
+    # and had as many times the allowance (a security review).
+    "sign-ups-48": ("SIGNUPS_PER_HOUR", SITE_CLIENTS),
+    "failed-sign-ins-48": ("FAILED_SIGNINS_PER_HOUR", SITE_CLIENTS),
+}
 
 
 def network_limit(purpose):
     """The number of events of `purpose` a network may have in its hour; 0 when the operator turned the limit
     off (nothing is then counted or refused)."""
-    limit = current_app.config[NETWORK_LIMITS[purpose]]
-    return limit * SITE_CLIENTS if purpose in ("sign-ups-48", "failed-sign-ins-48") else limit
+    setting, times = NETWORK_LIMITS[purpose]
+    return current_app.config[setting] * times
 
 
 def _counted(purpose, network):
