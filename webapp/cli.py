@@ -29,8 +29,8 @@ from .security import (NETWORK_LIMITS, PASSWORD_MAX, PASSWORD_MIN, audit, client
                        end_code_steps, forget_browsers, hash_password, is_lock, network_limit, one_line,
                        password_length, replace_password, revoke_second_factor, wait_end)
 from .sessions import end_user_sessions, printable_agent
-from .support import (_WRITTEN_TOGETHER, REASON_MAX, _email_order, detail_text, event_text, person_events,
-                      text_lines)
+from .support import (_WRITTEN_TOGETHER, REASON_MAX, _email_order, _fmt_time, detail_text, event_text,
+                      person_events, text_lines)
 from .totp import SecretError, reencrypt_secret
 
 
@@ -614,7 +614,7 @@ def activity(email, limit):
         # One event, one line: a reason support typed may hold line breaks, which printed as they are made lines
         # that read as events of their own.
         details = one_line("; ".join(f"{label}: {value}" for label, value in detail_text(event.details)))
-        click.echo(f"{event.created_at:%Y-%m-%d %H:%M:%S} UTC  {event_text(event.kind, event.details)}{who}"
+        click.echo(f"{_fmt_time(event.created_at, seconds=True)}  {event_text(event.kind, event.details)}{who}"
                    + (f"  [{details}]" if details else "") + (f"  from {one_line(event.ip)}" if event.ip else ""))
 
 

@@ -1432,6 +1432,6 @@ def _describe_events(rows):
     emails = {u.id: u.email for u in User.select(User.id, User.email).where(User.id.in_(list(ids)))} if ids else {}
     # To the second, as `users activity` and `audit export` give it: an attack's dozen events in one minute
     # read as one moment to the minute (an incident review).
-    return [{"when": f"{r.created_at:%Y-%m-%d %H:%M:%S} UTC", "kind": r.kind, "text": event_text(r.kind, r.details),
+    return [{"when": _fmt_time(r.created_at, seconds=True), "kind": r.kind, "text": event_text(r.kind, r.details),
              "person": emails.get(r.user_id), "actor": emails.get(r.actor_id), "ip": r.ip,
              "detail": detail_text(r.details)} for r in rows]
