@@ -521,6 +521,123 @@ def test_activity_is_limited_and_empty_for_anonymous(app):
         assert security_activity(None) == [] and security_activity(AnonymousUserMixin()) == []
 
 
+EDGE = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0 Edg/131.0"
+
+
+def _activity_lines(html):
+    """The lines of Security activity as text, tags and spaces squeezed out."""
+    section = html[html.index('id="security-activity"'):]
+    section = section[:section.index("</section>")]
+    return [" ".join(re.sub(r"<[^>]+>", "", item).split()) for item in re.findall(r"<li>(.*?)</li>", section, re.S)]
+
+
+def test_a_flood_of_refusals_cannot_push_a_sign_in_out_of_security_activity(app, actor, secret, clock):
+    """A security review: an intruder who signed in could hide that sign-in from the owner by sending the
+    account's address with wrong passwords afterwards. Each refusal during the back-off is recorded
+    (security.md 43), and a hundred of them filled Security activity, "Show more" too, so the owner never saw
+    the sign-in from "Edge on Windows". A run of one refusal between two other events is now one line with its
+    count; the sign-in stays in the ten lines, and the audit log still holds every attempt."""
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    clock.advance(30)
+    intruder = second_client(app, clock)
+    intruder.client.environ_base["HTTP_USER_AGENT"] = EDGE
+    intruder.sign_in(secret=secret)
+    stranger = second_client(app, clock)
+    for n in range(130):  # from many networks: each one's hourly limit is not what stops them
+        stranger.client.environ_base["REMOTE_ADDR"] = f"198.51.{n // 200}.{n % 200 + 1}"
+        assert stranger.password_step(password=f"guess {n}").status_code in (200, 429)
+        clock.advance(1)
+    lines = _activity_lines(actor.client.get("/settings").get_data(as_text=True))
+    with app.app_context():
+        counts = {kind: AuditEvent.select().where(AuditEvent.kind == kind).count()
+                  for kind in ("password_rejected", "password_throttled", "password_lockout")}
+    assert counts["password_throttled"] > 100 and counts["password_rejected"] >= 5  # all recorded, one by one
+    assert len(lines) <= 10
+    intruders = [line for line in lines if "Signed in with a code" in line and "Edge on Windows" in line]
+    assert len(intruders) == 1, lines
+    throttled = [line for line in lines if "waiting time not over" in line]
+    assert len(throttled) == 1 and f"({counts['password_throttled']} times, the first at " in throttled[0], lines
+    rejected = [line for line in lines if "Wrong password entered" in line]
+    assert len(rejected) == 1 and f"({counts['password_rejected']} times, the first at " in rejected[0], lines
+    # Newest first: the runs, then the intruder's sign-in below them.
+    assert lines.index(throttled[0]) < lines.index(intruders[0]) and lines.index(rejected[0]) < lines.index(intruders[0])
+    assert "Show more events" not in actor.client.get("/settings").get_data(as_text=True)
+
+
+def _refusals(user, kind, count, start, ip="203.0.113.9"):
+    AuditEvent.insert_many([{"kind": kind, "user": user.id, "ip": ip, "detail": "{}",
+                             "created_at": start + timedelta(seconds=n)} for n in range(count)]).execute()
+
+
+def test_refusals_are_counted_between_other_events_and_up_to_a_thousand(app, actor, clock):
+    """Each run of a refusal between two other events is its own line, placed where it happened: a run is
+    counted up to a thousand ("1,000 times or more"), and a refusal that happened once between two events is
+    shown as before, with the address it came from."""
+    user = actor.user()
+    t0 = utc(clock.t) - timedelta(days=2)
+    with app.test_request_context():
+        _refusals(user, "password_throttled", 1200, t0)
+        AuditEvent.create(kind="password_changed", user=user.id, created_at=t0 + timedelta(hours=1), ip="192.0.2.7")
+        _refusals(user, "password_throttled", 3, t0 + timedelta(hours=2))
+        _refusals(user, "code_rejected", 1, t0 + timedelta(hours=2, minutes=1), ip="203.0.113.44")
+        AuditEvent.create(kind="signout", user=user.id, created_at=t0 + timedelta(hours=3))
+        shown = [(e["text"], e["times"], e.get("at_least"), e["ip"]) for e in security_activity(user)]
+    assert shown == [
+        ("Signed out", None, None, None),
+        ("Wrong code entered", None, None, "203.0.113.44"),
+        ("Sign-in refused: too many wrong passwords, waiting time not over", "3", False, None),
+        ("Password changed", None, None, "192.0.2.7"),
+        ("Sign-in refused: too many wrong passwords, waiting time not over", "1,000", True, None)], shown
+    actor.sign_in()
+    lines = _activity_lines(actor.client.get("/settings").get_data(as_text=True))
+    assert [line.split(": ", 1)[1] for line in lines[-3:-1]] == [
+        "Sign-in refused: too many wrong passwords, waiting time not over (3 times, the first at "
+        f"{t0 + timedelta(hours=2):%Y-%m-%d %H:%M} UTC)",
+        "Password changed (from 192.0.2.7)"]
+    assert lines[-1].endswith("Sign-in refused: too many wrong passwords, waiting time not over (1,000 times or more)")
+
+
+def test_a_flood_of_refusals_costs_the_page_the_same_whatever_its_size(app, actor, clock):
+    """Security activity finds the other events and each run's count on the indexes, never walking through a
+    flood: ten times the refusals cost the same statements and about the same SQLite work (its virtual
+    machine's steps), where reading past them one by one would cost ten times as much."""
+    from webapp.db import db, is_sqlite
+
+    user = actor.user()
+    t0 = utc(clock.t) - timedelta(days=3)
+    with app.app_context():
+        AuditEvent.create(kind="signin", user=user.id, created_at=t0)
+    actor.sign_in()
+
+    def work(flood):
+        with app.app_context():
+            _refusals(user, "password_throttled", flood, t0 + timedelta(minutes=1))
+            _refusals(user, "password_rejected", 2, t0 + timedelta(days=1))
+            db.connect(reuse_if_open=True)
+            steps, ran, execute_sql = [0], [], db.obj.execute_sql
+            if is_sqlite():
+                db.connection().set_progress_handler(lambda: steps.__setitem__(0, steps[0] + 1) or 0, 100)
+            db.obj.execute_sql = lambda sql, params=None: ran.append(sql) or execute_sql(sql, params)
+            try:
+                with app.test_request_context():
+                    shown = security_activity(User.get_by_id(user.id), limit=100)
+            finally:
+                db.obj.execute_sql = execute_sql
+                if is_sqlite():
+                    db.connection().set_progress_handler(None, 100)
+            AuditEvent.delete().where(AuditEvent.kind.in_(["password_throttled", "password_rejected"])).execute()
+        texts = [e["text"] for e in shown]
+        assert texts[-1] == "Signed in with password only" and "Wrong password entered" in texts, texts
+        return steps[0], len(ran)
+
+    small, statements = work(2000)
+    large, statements_large = work(20000)
+    assert statements_large == statements
+    if is_sqlite():
+        assert large < 2 * small, (small, large)
+
+
 def test_operator_cli_shows_an_accounts_activity_read_only(app, actor, secret, clock):
     """`flask users activity EMAIL`: plain words for the operator, nothing written."""
     target = actor.user("carol@example.com", secret=new_secret())

@@ -369,6 +369,10 @@ class Prepared:
         rows = self.rows(**params)
         return rows[0] if rows else None
 
+    def values(self, **params):
+        """The selected rows as plain tuples of what the database returned (aggregates), unconverted."""
+        return self._run(params)[2].fetchall()
+
     def execute(self, **params):
         """Run an INSERT, UPDATE or DELETE; returns the number of rows it changed."""
         return self._run(params)[2].rowcount

@@ -1,5 +1,6 @@
 """Support: the public contact form, the admins' Support page (search, open requests, time-boxed 2FA
 disable, early end), the read-only audit log, and each person's own security activity."""
+import bisect
 import functools
 import hashlib
 import json
@@ -380,22 +381,166 @@ def activity_shows_more():
 
 @bp.app_template_global()
 def security_activity(user, limit=ACTIVITY_SHORT):
-    """The person's own most recent security events, newest first, in plain words (for User Settings)."""
+    """The person's own most recent security events, newest first, in plain words (for User Settings): at most
+    `limit` lines, where a run of one refusal between two other events is one line with its count
+    (_grouped_activity)."""
     if user is None or not getattr(user, "is_authenticated", False):
         return []
-    events = _OWN_EVENTS.rows(user=user.id, limit=max(1, min(int(limit), ACTIVITY_LONG)))
-    # The address of each event about the account that no admin did: the person's own, and those of whoever
-    # typed its address (a wrong password, a contact request in its name), so that its owner can tell them
-    # apart. Never an admin's address (an event with an actor).
-    # The browser a sign-in or a new device came from, as the sessions list names browsers: what lets a person
-    # notice an intruder's sign-in among their own ("Edge on Windows" when they use Firefox).
-    shown = []
-    for e in events:
-        details, own = e.details, e.actor_id in (None, user.id)
-        shown.append({"when": e.created_at, "when_text": _fmt_time(e.created_at), **_text_and_until(e.kind, details),
-                      "ip": e.ip if own else None, "browser": details.get("browser") if own else None})
-    return shown
+    limit = max(1, min(int(limit), ACTIVITY_LONG))
+    events = _OWN_EVENTS.rows(user=user.id, limit=limit)
+    if _repeats(events):
+        return _grouped_activity(user.id, limit)
+    return [_activity_line(e, user.id) for e in events]
 
+
+def _activity_line(e, user_id, times=None):
+    """One line of Security activity. The address of each event about the account that no admin did: the
+    person's own, and those of whoever typed its address (a wrong password, a contact request in its name), so
+    that its owner can tell them apart. Never an admin's address (an event with an actor). The browser a
+    sign-in or a new device came from, as the sessions list names browsers: what lets a person notice an
+    intruder's sign-in among their own ("Edge on Windows" when they use Firefox). `times`: (count, first,
+    whether there were at least that many) for a run of refusals shown as one line, whose addresses and
+    browsers may be many and are not shown."""
+    details, own = e.details, e.actor_id in (None, user_id) and times is None
+    line = {"when": e.created_at, "when_text": _fmt_time(e.created_at), **_text_and_until(e.kind, details),
+            "ip": e.ip if own else None, "browser": details.get("browser") if own else None, "times": None}
+    if times is not None:
+        count, first, at_least = times
+        line.update(times=f"{count:,}", at_least=at_least, first=first, first_text=_fmt_time(first))
+    return line
+
+
+# Refusals that whoever knows an address, or its password, can cause again and again, held back only by the
+# per-network limits (README "Security"): passwords and codes refused, sign-ins blocked, requests to support in
+# the person's name. A few hundred of them pushed an intruder's sign-in out of Security activity, past "Show
+# more" too, so each run of one of them between two other events is shown as one line with its count. The
+# records themselves all stay, one per attempt (security.md 43), in the audit log and `users activity`.
+REPEATED_REFUSALS = frozenset({
+    "password_accepted", "password_rejected", "password_throttled", "password_lockout", "signin_blocked",
+    "signin_account_disabled", "code_rejected", "code_throttled", "code_lockout", "totp_replay", "support_request"})
+# A run is counted up to this many records (a count is a walk through the index): "1,000 times or more".
+RUN_COUNTED = 1000
+_FAR_FUTURE = datetime(9999, 1, 1)
+
+
+def _repeats(events):
+    """Whether two records of one refusal come between the same two other events (newest first)."""
+    seen = set()
+    for e in events:
+        if e.kind not in REPEATED_REFUSALS:
+            seen.clear()
+        elif e.kind in seen:
+            return True
+        else:
+            seen.add(e.kind)
+    return False
+
+
+def _newest_others():
+    """The person's newest events other than the repeated refusals: the newest of each kind on the index by
+    person, event and time, merged (a flood of a hundred thousand refusals is never walked through). Kinds no
+    label names (none are written) are left out here; _OWN_EVENTS, which reads every kind, lists them."""
+    arms = [AuditEvent.select(AuditEvent.id)
+            .where((AuditEvent.user == Param("user")) & (AuditEvent.kind == kind))
+            .order_by(AuditEvent.created_at.desc()).limit(Param("limit"))
+            for kind in sorted(set(KIND_LABELS) - REPEATED_REFUSALS)]
+    return (AuditEvent.select().where(AuditEvent.id.in_(functools.reduce(lambda a, b: a | b, arms)))
+            .order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc()).limit(Param("limit")))
+
+
+_OTHER_EVENTS = Prepared(_newest_others)
+_NEWEST_REFUSAL = Prepared(lambda: AuditEvent.select().where(
+    (AuditEvent.user == Param("user")) & (AuditEvent.kind == Param("kind"))
+    & (AuditEvent.created_at < Param("before"))).order_by(AuditEvent.created_at.desc()).limit(1))
+_RECENT_REFUSALS = Prepared(lambda: AuditEvent.select(AuditEvent.id, AuditEvent.created_at).where(
+    (AuditEvent.user == Param("user")) & (AuditEvent.kind == Param("kind"))
+    & (AuditEvent.created_at >= Param("since"))).order_by(AuditEvent.created_at.desc()).limit(Param("cap")))
+_BY_IDS_SIZE = 10
+_BY_IDS = Prepared(lambda: AuditEvent.select().where(AuditEvent.id.in_([Param(f"id{n}") for n in range(_BY_IDS_SIZE)])))
+# Read at once, the records of one refusal since the oldest event listed, when they are fewer than this (one
+# statement); a flood of them is walked gap by gap instead (_runs_by_gap).
+RECENT_READ = 200
+
+
+def _run_query():
+    newest = (AuditEvent.select(AuditEvent.created_at)
+              .where((AuditEvent.user == Param("user")) & (AuditEvent.kind == Param("kind"))
+                     & (AuditEvent.created_at >= Param("since")) & (AuditEvent.created_at <= Param("until")))
+              .order_by(AuditEvent.created_at.desc()).limit(Param("cap")))
+    return newest.select_from(fn.COUNT(SQL("*")), fn.MIN(newest.c.created_at))
+
+
+_RUN = Prepared(_run_query)
+
+
+def _as_time(value):
+    """A time as the database returned it outside a model (SQLite: ISO text) as a datetime."""
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+def _grouped_activity(user_id, limit):
+    """Security activity when refusals repeat: the `limit` newest other events, and between each two of them
+    (and above the newest), for each refusal, its record alone or one line for all of them. However many
+    records a gap holds, this reads a few index entries per refusal and per gap that has any."""
+    others = _OTHER_EVENTS.rows(user=user_id, limit=limit)
+    ascending = [e.created_at for e in reversed(others)]
+    complete = len(others) < limit  # no other event is older: the refusals below the last one are listed too
+
+    def floor(at):
+        """The time of the other event just below `at` (at it or before), which opens its gap; None below all."""
+        index = bisect.bisect_right(ascending, at)
+        return ascending[index - 1] if index else None
+
+    runs = [run for kind in sorted(REPEATED_REFUSALS) for run in _runs(user_id, kind, floor, complete, ascending)]
+    # Newest first, `limit` of them; a run at the very time of an event is shown above it, as it was found in
+    # the gap above. Only the runs shown are read whole.
+    shown = sorted([(e.created_at, 0, e) for e in others] + [(run[1], 1, run) for run in runs],
+                   key=lambda item: item[:2], reverse=True)[:limit]
+    wanted = [run[0] for _, is_run, run in shown if is_run]
+    records = {}
+    for start in range(0, len(wanted), _BY_IDS_SIZE):
+        ids = wanted[start:start + _BY_IDS_SIZE]
+        ids += [0] * (_BY_IDS_SIZE - len(ids))
+        records.update((e.id, e) for e in _BY_IDS.rows(**{f"id{n}": value for n, value in enumerate(ids)}))
+    lines = []
+    for _, is_run, item in shown:
+        if not is_run:
+            lines.append(_activity_line(item, user_id))
+        elif item[0] in records:  # (not erased meanwhile)
+            record_id, _, count, first, at_least = item
+            lines.append(_activity_line(records[record_id], user_id, (count, first, at_least) if count > 1 else None))
+    return lines
+
+
+def _runs(user_id, kind, floor, complete, ascending):
+    """The runs of one refusal in the gaps of the list: (its newest record's id and time, count, first time,
+    whether the count stopped at RUN_COUNTED), newest first. Fewer than RECENT_READ since the oldest event listed are
+    read in one statement and grouped here; more, and each gap is walked: its newest record, then its count."""
+    since = datetime.min if complete else ascending[0]
+    recent = _RECENT_REFUSALS.values(user=user_id, kind=kind, since=since, cap=RECENT_READ)
+    if len(recent) < RECENT_READ:
+        runs = {}
+        for record_id, created in recent:  # newest first
+            at = _as_time(created)
+            run = runs.setdefault(floor(at), [record_id, at, 0, at, False])
+            run[2] += 1
+            run[3] = at
+        return list(runs.values())
+    runs, before = [], _FAR_FUTURE
+    while True:
+        newest = _NEWEST_REFUSAL.first(user=user_id, kind=kind, before=before)
+        if newest is None:
+            break
+        below = floor(newest.created_at)
+        if below is None and not complete:
+            break  # below every event listed
+        (count, first), = _RUN.values(user=user_id, kind=kind, since=below or datetime.min, until=newest.created_at,
+                                      cap=RUN_COUNTED)
+        runs.append((newest.id, newest.created_at, count, _as_time(first), count >= RUN_COUNTED))
+        if below is None:
+            break
+        before = below
+    return runs
 
 
 def _text_and_until(kind, details):
