@@ -566,8 +566,10 @@ def test_a_flood_of_refusals_cannot_push_a_sign_in_out_of_security_activity(app,
 
 
 def _refusals(user, kind, count, start, ip="203.0.113.9"):
-    AuditEvent.insert_many([{"kind": kind, "user": user.id, "ip": ip, "detail": "{}",
-                             "created_at": start + timedelta(seconds=n)} for n in range(count)]).execute()
+    for first in range(0, count, 1000):  # (PostgreSQL takes 65,535 values a statement)
+        AuditEvent.insert_many([{"kind": kind, "user": user.id, "ip": ip, "detail": "{}",
+                                 "created_at": start + timedelta(seconds=n)}
+                                for n in range(first, min(count, first + 1000))]).execute()
 
 
 def test_refusals_are_counted_between_other_events_and_up_to_a_thousand(app, actor, clock):
@@ -596,6 +598,66 @@ def test_refusals_are_counted_between_other_events_and_up_to_a_thousand(app, act
         f"{t0 + timedelta(hours=2):%Y-%m-%d %H:%M} UTC)",
         "Password changed (from 192.0.2.7)"]
     assert lines[-1].endswith("Sign-in refused: too many wrong passwords, waiting time not over (1,000 times or more)")
+
+
+def test_show_older_events_reaches_every_event_however_many_came_after_it(app, actor, clock):
+    """A review of takeovers: "Show more events" stopped at a hundred, so a hundred events of any kind after an
+    intruder's sign-in (a stolen session renaming a device again and again) hid it for good. Below the hundred,
+    "Show older events" goes on from the last one shown, a page at a time, each event once, runs of refusals
+    counted across a page's end; a plain link (no JavaScript needed), with one back to the newest events."""
+    user = actor.user()
+    t0 = utc(clock.t) - timedelta(days=5)
+    with app.app_context():
+        AuditEvent.create(kind="signin", user=user.id, created_at=t0, ip="198.51.100.66",
+                          detail=json.dumps({"method": "password", "browser": "Edge on Windows"}))
+        _refusals(user, "password_throttled", 300, t0 + timedelta(hours=1))
+        AuditEvent.insert_many([{"kind": "device_renamed", "user": user.id, "detail": "{}",
+                                 "created_at": t0 + timedelta(days=1, seconds=n)} for n in range(150)]).execute()
+    actor.sign_in()
+    page = actor.client.get("/settings?activity=more").get_data(as_text=True)
+    seen = _activity_lines(page)
+    pages = 1
+    while "Show older events" in page:
+        link = re.search(r'<a href="([^"]+)">Show older events</a>', page).group(1).replace("&amp;", "&")
+        assert link.startswith("/settings?activity=more&before=") and link.endswith("#security-activity")
+        page = actor.client.get(link.split("#")[0]).get_data(as_text=True)
+        assert "Older events on your account" in page and "Back to the newest events" in page
+        seen += _activity_lines(page)
+        pages += 1
+    assert pages == 2 and len(seen) == 150 + 3  # the renames, this sign-in (and its record), the run, the old one
+    assert sum("Authenticator device renamed" in line for line in seen) == 150
+    assert [line for line in seen if "waiting time not over" in line] == [
+        f"{t0 + timedelta(hours=1, seconds=299):%Y-%m-%d %H:%M} UTC: Sign-in refused: too many wrong passwords, "
+        f"waiting time not over (300 times, the first at {t0 + timedelta(hours=1):%Y-%m-%d %H:%M} UTC)"]
+    assert seen[-1] == f"{t0:%Y-%m-%d %H:%M} UTC: Signed in with password only (Edge on Windows, from 198.51.100.66)"
+    # Not a time: the newest events, as without it.
+    assert _activity_lines(actor.client.get("/settings?activity=more&before=yesterday").get_data(as_text=True)) == \
+        _activity_lines(actor.client.get("/settings?activity=more").get_data(as_text=True))
+    empty = actor.client.get(f"/settings?activity=more&before={t0:%Y-%m-%dT%H:%M:%S}").get_data(as_text=True)
+    assert "No older security events." in empty and "Back to the newest events" in empty
+
+
+def test_a_page_that_ends_inside_a_run_counts_its_part_and_the_next_page_the_rest(app, actor, clock):
+    """A page ends at the time of its last line: a run of refusals that goes on below it is counted on each page
+    for its own records there (200 and 100 of 300), so no record is counted twice or left out."""
+    user = actor.user()
+    t0 = utc(clock.t) - timedelta(days=5)
+    run_start = t0 + timedelta(hours=1)
+    with app.app_context():
+        AuditEvent.create(kind="signin", user=user.id, created_at=t0, detail=json.dumps({"method": "password"}))
+        _refusals(user, "password_throttled", 300, run_start)
+        _refusals(user, "password_rejected", 1, run_start + timedelta(seconds=99.5), ip="192.0.2.1")
+    with app.test_request_context():
+        first = security_activity(user, 2)
+        assert [(e["text"], e["times"], e.get("first")) for e in first] == [
+            ("Sign-in refused: too many wrong passwords, waiting time not over", "200", run_start + timedelta(seconds=100)),
+            ("Wrong password entered", None, None)]
+        assert first.older == f"{run_start + timedelta(seconds=99.5):%Y-%m-%dT%H:%M:%S.%f}"
+        second = security_activity(user, 10, before=datetime.fromisoformat(first.older))
+        assert [(e["text"], e["times"], e.get("first")) for e in second] == [
+            ("Sign-in refused: too many wrong passwords, waiting time not over", "100", run_start),
+            ("Signed in with password only", None, None)]
+        assert second.older is None
 
 
 def test_a_flood_of_refusals_costs_the_page_the_same_whatever_its_size(app, actor, clock):

@@ -355,11 +355,13 @@ def detail_text(detail):
 
 
 # Shown on every User Settings view: compiled once (db.Prepared).
-_OWN_EVENTS = Prepared(lambda: AuditEvent.select().where(AuditEvent.user == Param("user"))
+_OWN_EVENTS = Prepared(lambda: AuditEvent.select().where((AuditEvent.user == Param("user"))
+                                                         & (AuditEvent.created_at < Param("before")))
                        .order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc()).limit(Param("limit")))
 
 
-# Events in User Settings' Security activity, and after its "Show more" (also the most any caller gets).
+# Events in User Settings' Security activity, and after its "Show more" (one more is the most any caller gets:
+# it tells whether older events follow).
 ACTIVITY_SHORT, ACTIVITY_LONG = 10, 100
 
 
@@ -380,17 +382,42 @@ def activity_shows_more():
 
 
 @bp.app_template_global()
-def security_activity(user, limit=ACTIVITY_SHORT):
-    """The person's own most recent security events, newest first, in plain words (for User Settings): at most
-    `limit` lines, where a run of one refusal between two other events is one line with its count
-    (_grouped_activity)."""
+def activity_before():
+    """The time Security activity's "Show older events" continues from (?before=, the oldest time the page
+    before it covered), or None for the newest events; anything that is not a time reads as none."""
+    value = request.args.get("before", "")
+    try:
+        moment = datetime.fromisoformat(value) if 0 < len(value) <= 40 else None
+    except ValueError:
+        return None
+    return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment and moment.tzinfo else moment
+
+
+class ActivityPage(list):
+    """Lines of Security activity, newest first; `older`: the `before` of the page after them (the time of the
+    last line, as ISO text), or None when nothing is older. A page ends at a time, not after a number of
+    records: the next one lists what happened before it, so each record is on one page only (a run of refusals
+    that goes on across the end is counted on each page for its records there). Two records of the very same
+    microsecond across a page's end would show on neither; a clock gives each record its own."""
+
+    older = None
+
+
+@bp.app_template_global()
+def security_activity(user, limit=ACTIVITY_SHORT, before=None):
+    """The person's own most recent security events (those before `before` if given), newest first, in plain
+    words (for User Settings): at most `limit` lines, where a run of one refusal between two other events is
+    one line with its count (_grouped_activity)."""
     if user is None or not getattr(user, "is_authenticated", False):
-        return []
-    limit = max(1, min(int(limit), ACTIVITY_LONG))
-    events = _OWN_EVENTS.rows(user=user.id, limit=limit)
+        return ActivityPage()
+    limit, before = max(1, min(int(limit), ACTIVITY_LONG)), before or _FAR_FUTURE
+    events = _OWN_EVENTS.rows(user=user.id, limit=limit + 1, before=before)  # one more: is anything older?
     if _repeats(events):
-        return _grouped_activity(user.id, limit)
-    return [_activity_line(e, user.id) for e in events]
+        return _grouped_activity(user.id, limit, before)
+    page = ActivityPage(_activity_line(e, user.id) for e in events[:limit])
+    if len(events) > limit:
+        page.older = events[limit - 1].created_at.isoformat(timespec="microseconds")
+    return page
 
 
 def _activity_line(e, user_id, times=None):
@@ -441,7 +468,8 @@ def _newest_others():
     person, event and time, merged (a flood of a hundred thousand refusals is never walked through). Kinds no
     label names (none are written) are left out here; _OWN_EVENTS, which reads every kind, lists them."""
     arms = [AuditEvent.select(AuditEvent.id)
-            .where((AuditEvent.user == Param("user")) & (AuditEvent.kind == kind))
+            .where((AuditEvent.user == Param("user")) & (AuditEvent.kind == kind)
+                   & (AuditEvent.created_at < Param("before")))
             .order_by(AuditEvent.created_at.desc()).limit(Param("limit"))
             for kind in sorted(set(KIND_LABELS) - REPEATED_REFUSALS)]
     return (AuditEvent.select().where(AuditEvent.id.in_(functools.reduce(lambda a, b: a | b, arms)))
@@ -452,13 +480,16 @@ _OTHER_EVENTS = Prepared(_newest_others)
 _NEWEST_REFUSAL = Prepared(lambda: AuditEvent.select().where(
     (AuditEvent.user == Param("user")) & (AuditEvent.kind == Param("kind"))
     & (AuditEvent.created_at < Param("before"))).order_by(AuditEvent.created_at.desc()).limit(1))
-_RECENT_REFUSALS = Prepared(lambda: AuditEvent.select(AuditEvent.id, AuditEvent.created_at).where(
-    (AuditEvent.user == Param("user")) & (AuditEvent.kind == Param("kind"))
-    & (AuditEvent.created_at >= Param("since"))).order_by(AuditEvent.created_at.desc()).limit(Param("cap")))
+# The newest records of each refusal since a time, up to `cap` of each kind, in one statement.
+_RECENT_REFUSALS = Prepared(lambda: functools.reduce(lambda a, b: a.union_all(b), [
+    AuditEvent.select(AuditEvent.id, AuditEvent.kind, AuditEvent.created_at)
+    .where((AuditEvent.user == Param("user")) & (AuditEvent.kind == kind) & (AuditEvent.created_at >= Param("since"))
+           & (AuditEvent.created_at < Param("before")))
+    .order_by(AuditEvent.created_at.desc()).limit(Param("cap")) for kind in sorted(REPEATED_REFUSALS)]))
 _BY_IDS_SIZE = 10
 _BY_IDS = Prepared(lambda: AuditEvent.select().where(AuditEvent.id.in_([Param(f"id{n}") for n in range(_BY_IDS_SIZE)])))
-# Read at once, the records of one refusal since the oldest event listed, when they are fewer than this (one
-# statement); a flood of them is walked gap by gap instead (_runs_by_gap).
+# Read at once, the records of one refusal since the oldest event listed, when they are fewer than this; a
+# flood of them is walked gap by gap instead (_runs).
 RECENT_READ = 200
 
 
@@ -478,55 +509,71 @@ def _as_time(value):
     return datetime.fromisoformat(value) if isinstance(value, str) else value
 
 
-def _grouped_activity(user_id, limit):
-    """Security activity when refusals repeat: the `limit` newest other events, and between each two of them
-    (and above the newest), for each refusal, its record alone or one line for all of them. However many
-    records a gap holds, this reads a few index entries per refusal and per gap that has any."""
-    others = _OTHER_EVENTS.rows(user=user_id, limit=limit)
+def _grouped_activity(user_id, limit, before):
+    """Security activity when refusals repeat: the `limit` newest lines of the other events and, between each
+    two of them (and above the newest), for each refusal, its record alone or one line for all of them. However
+    many records a gap holds, this reads a few index entries per refusal and per gap that has any."""
+    others = _OTHER_EVENTS.rows(user=user_id, limit=limit + 1, before=before)
     ascending = [e.created_at for e in reversed(others)]
-    complete = len(others) < limit  # no other event is older: the refusals below the last one are listed too
+    complete = len(others) <= limit  # no other event is older: the refusals below the last one are listed too
 
     def floor(at):
         """The time of the other event just below `at` (at it or before), which opens its gap; None below all."""
         index = bisect.bisect_right(ascending, at)
         return ascending[index - 1] if index else None
 
-    runs = [run for kind in sorted(REPEATED_REFUSALS) for run in _runs(user_id, kind, floor, complete, ascending)]
-    # Newest first, `limit` of them; a run at the very time of an event is shown above it, as it was found in
-    # the gap above. Only the runs shown are read whole.
-    shown = sorted([(e.created_at, 0, e) for e in others] + [(run[1], 1, run) for run in runs],
-                   key=lambda item: item[:2], reverse=True)[:limit]
+    recent = {kind: [] for kind in REPEATED_REFUSALS}
+    since = datetime.min if complete else ascending[0]
+    for record_id, kind, created in _RECENT_REFUSALS.values(user=user_id, since=since, before=before, cap=RECENT_READ):
+        recent[kind].append((_as_time(created), record_id))
+    runs = [run for kind, found in recent.items() for run in _runs(user_id, kind, found, floor, complete, before)]
+    # Newest first; a run at the very time of an event is shown above it, as it was found in the gap above.
+    items = sorted([(e.created_at, 0, e) for e in others] + [(run[1], 1, run) for run in runs],
+                   key=lambda item: item[:2], reverse=True)
+    page, shown = ActivityPage(), items[:limit]
+    if len(items) > limit:
+        end = shown[-1][0]
+        page.older = end.isoformat(timespec="microseconds")
+        # A run that began before the page's end is counted here for its records from the end on; the next
+        # page counts the others.
+        shown = [(at, is_run, _recounted(user_id, item, end) if is_run and item[3] < end else item)
+                 for at, is_run, item in shown]
+    # Only the runs shown are read whole.
     wanted = [run[0] for _, is_run, run in shown if is_run]
     records = {}
     for start in range(0, len(wanted), _BY_IDS_SIZE):
         ids = wanted[start:start + _BY_IDS_SIZE]
         ids += [0] * (_BY_IDS_SIZE - len(ids))
         records.update((e.id, e) for e in _BY_IDS.rows(**{f"id{n}": value for n, value in enumerate(ids)}))
-    lines = []
     for _, is_run, item in shown:
         if not is_run:
-            lines.append(_activity_line(item, user_id))
+            page.append(_activity_line(item, user_id))
         elif item[0] in records:  # (not erased meanwhile)
-            record_id, _, count, first, at_least = item
-            lines.append(_activity_line(records[record_id], user_id, (count, first, at_least) if count > 1 else None))
-    return lines
+            record_id, _, count, first, at_least, _ = item
+            page.append(_activity_line(records[record_id], user_id, (count, first, at_least) if count > 1 else None))
+    return page
 
 
-def _runs(user_id, kind, floor, complete, ascending):
+def _recounted(user_id, run, since):
+    """`run` counted for its records at `since` or after it only."""
+    record_id, newest, _, _, _, kind = run
+    (count, first), = _RUN.values(user=user_id, kind=kind, since=since, until=newest, cap=RUN_COUNTED)
+    return (record_id, newest, count, _as_time(first), count >= RUN_COUNTED, kind)
+
+
+def _runs(user_id, kind, recent, floor, complete, before):
     """The runs of one refusal in the gaps of the list: (its newest record's id and time, count, first time,
-    whether the count stopped at RUN_COUNTED), newest first. Fewer than RECENT_READ since the oldest event listed are
-    read in one statement and grouped here; more, and each gap is walked: its newest record, then its count."""
-    since = datetime.min if complete else ascending[0]
-    recent = _RECENT_REFUSALS.values(user=user_id, kind=kind, since=since, cap=RECENT_READ)
+    whether the count stopped at RUN_COUNTED, the refusal). `recent`: its newest records since the oldest event listed, as
+    (time, id), RECENT_READ at most: fewer, and they are all of them, grouped here; as many, and each gap is
+    walked: its newest record, then its count."""
     if len(recent) < RECENT_READ:
         runs = {}
-        for record_id, created in recent:  # newest first
-            at = _as_time(created)
-            run = runs.setdefault(floor(at), [record_id, at, 0, at, False])
+        for at, record_id in sorted(recent, reverse=True):  # newest first
+            run = runs.setdefault(floor(at), [record_id, at, 0, at, False, kind])
             run[2] += 1
             run[3] = at
-        return list(runs.values())
-    runs, before = [], _FAR_FUTURE
+        return [tuple(run) for run in runs.values()]
+    runs = []
     while True:
         newest = _NEWEST_REFUSAL.first(user=user_id, kind=kind, before=before)
         if newest is None:
@@ -536,7 +583,7 @@ def _runs(user_id, kind, floor, complete, ascending):
             break  # below every event listed
         (count, first), = _RUN.values(user=user_id, kind=kind, since=below or datetime.min, until=newest.created_at,
                                       cap=RUN_COUNTED)
-        runs.append((newest.id, newest.created_at, count, _as_time(first), count >= RUN_COUNTED))
+        runs.append((newest.id, newest.created_at, count, _as_time(first), count >= RUN_COUNTED, kind))
         if below is None:
             break
         before = below
