@@ -2,6 +2,7 @@
 cycle driven by the injected clock (security.md 37-41)."""
 import re
 from datetime import datetime, timedelta, timezone
+from html import unescape
 
 import pytest
 
@@ -1793,6 +1794,152 @@ def test_the_open_count_is_the_true_total_when_more_are_waiting_than_are_listed(
     assert f"Open contact requests ({total})" in words(html)
     assert html.count('class="request"') == OPEN_REQUESTS_SHOWN
     assert "request number 000" in html and f"request number {total - 1:03d}" not in html  # oldest first
+
+
+def _pages(html):
+    """The open requests card's page links, by their words (the page's text: addresses unescaped)."""
+    nav = re.search(r'<nav class="pager" aria-label="Pages of open contact requests">(.*?)</nav>', html, re.S)
+    links = re.findall(r'<a href="([^"]+)"[^>]*>([^<]+)</a>', nav.group(1)) if nav else []
+    return {text: unescape(href) for href, text in links}
+
+
+def _open_part(html):
+    """The open requests card without its Recently handled list."""
+    card = html[html.index('id="open-requests"'):]
+    return card.split('<details class="handled-requests"')[0]
+
+
+def _contact(actor, email, message, ip):
+    """The contact form sent from client address `ip`, as anyone can."""
+    return actor.post_form("/support/contact", {"email": email, "message": message},
+                           environ_base={"REMOTE_ADDR": ip})
+
+
+def test_requests_past_the_first_hundred_are_reached_through_the_pages(app, actor, secret, clock, target):
+    """A security review: strangers may send requests in anyone's name within the limits (3 an hour per
+    address typed and per network), and 102 from 34 networks filled the list, which stopped at the oldest 100:
+    the admin read "Open contact requests (103)", and the owner's "my account was taken over", sent after
+    them, was on no page. The card says which of them it shows, and its links lead to every other one, with
+    or without JavaScript (plain addresses)."""
+    stranger = second_client(app, clock)
+    for i in range(102):
+        r = _contact(stranger, f"someone{i}@example.com", f"Please turn 2FA off, message {i:03d}",
+                     f"198.51.100.{i // 3 + 1}")
+        assert r.status_code == 302, i
+    owner = second_client(app, clock)
+    assert _contact(owner, "carol@example.com", "My account was taken over: do not turn anything off",
+                    "203.0.113.7").status_code == 302
+    sign_in_admin(actor, secret)
+
+    page = actor.client.get("/support").get_data(as_text=True)
+    text = words(" ".join(page.split()))
+    assert "Open contact requests (103)" in text and "Showing 1–100 of 103 (oldest first)." in text
+    assert "taken over" not in page and _open_part(page).count('class="request"') == 100
+    links = _pages(page)
+    assert set(links) == {"Newer requests", "Newest requests"}  # nothing older than the oldest
+    assert all(link.endswith("#open-requests") for link in links.values())  # the browser goes to the card
+
+    later = actor.client.get(links["Newer requests"]).get_data(as_text=True)
+    assert "Showing 101–103 of 103 (oldest first)." in words(" ".join(later.split()))
+    assert "My account was taken over" in later and _open_part(later).count('class="request"') == 3
+    assert set(_pages(later)) == {"Oldest requests", "Older requests"}
+    assert "message 000" in actor.client.get(_pages(later)["Older requests"]).get_data(as_text=True)
+    newest = actor.client.get(links["Newest requests"]).get_data(as_text=True)
+    assert "Showing 4–103 of 103 (oldest first)." in words(" ".join(newest.split()))
+    assert "My account was taken over" in newest and "message 002" not in newest and "message 003" in newest
+
+    # Handled from that page without JavaScript, the admin is back on it (not on the oldest hundred).
+    with app.app_context():
+        owners = SupportRequest.get(SupportRequest.email == "carol@example.com")
+    action = re.search(rf'action="(/support/requests/{owners.id}/handled[^"]*)"', later).group(1)
+    r = actor.post_form(unescape(action), {}, form_url="/support")
+    assert r.status_code == 302 and r.headers["Location"] == unescape(links["Newer requests"]).split("#")[0]
+    back = actor.client.get(r.headers["Location"]).get_data(as_text=True)
+    assert "The request from carol@example.com is marked as handled." in back
+    assert "Showing 101–102 of 102 (oldest first)." in words(" ".join(back.split()))
+
+
+def test_the_next_page_starts_after_the_last_request_shown_whatever_was_handled_meanwhile(app, actor, secret):
+    """Pages are named by a request, not by a number: while one admin reads the first hundred, another handles
+    ten of them, and "Newer requests" still starts with the 101st they had not seen yet (page 2 by number
+    would have started at the 111th, and ten requests would have been on no page the admin saw)."""
+    with app.app_context():
+        SupportRequest.insert_many([{"email": f"p{i:03d}@example.com", "message": f"request number {i:03d}",
+                                     "created_at": utc(i)} for i in range(150)]).execute()
+    sign_in_admin(actor, secret)
+    newer = _pages(actor.client.get("/support").get_data(as_text=True))["Newer requests"]
+    with app.app_context():  # another admin, meanwhile
+        SupportRequest.update(handled_at=utc(500)).where(SupportRequest.message < "request number 010").execute()
+    page = actor.client.get(newer).get_data(as_text=True)
+    first = re.search(r'<p class="request-message">([^<]+)</p>', _open_part(page)).group(1)
+    assert first == "request number 100"
+    assert "Showing 91–140 of 140 (oldest first)." in words(" ".join(page.split()))
+    # and going back shows the 90 before it, from the oldest
+    older = actor.client.get(_pages(page)["Older requests"]).get_data(as_text=True)
+    assert "Showing 1–100 of 140 (oldest first)." in words(" ".join(older.split()))
+    assert "request number 010" in older and "request number 009" not in _open_part(older)
+
+
+def test_few_requests_are_shown_as_before_and_odd_addresses_show_the_oldest(app, actor, secret):
+    """The usual case is unchanged: every open request on the page, no line about which, no page links, and
+    buttons whose addresses carry nothing. An address naming no page (hand-edited, or a request erased since)
+    shows the oldest."""
+    with app.app_context():
+        req = SupportRequest.create(email="ghost@example.com", message="Please help me")
+    sign_in_admin(actor, secret)
+    for query in ("", "?after=abc", "?after=999999", "?before=0", "?newest=yes", "?requests=theirs",
+                  f"?after={req.id}&before={req.id}", "?after=" + "9" * 30, "?after=%C2%B2"):
+        r = actor.client.get("/support" + query)
+        html = r.get_data(as_text=True)
+        assert r.status_code == 200 and "Please help me" in html, query
+        assert "Showing" not in words(html) and not _pages(html) and "Only the requests" not in html, query
+    assert f'action="/support/requests/{req.id}/handled"' in actor.client.get("/support").get_data(as_text=True)
+
+
+def test_one_persons_requests_are_found_from_their_row_however_many_others_wait(app, actor, secret, target):
+    """Among many open requests, one person's may be pages away: their row (a search, or "Show account")
+    links to theirs alone, to read and handle; a flood in their own name is paged in the same way, and the
+    disable form, which lists the oldest hundred of theirs, says so and links to the rest."""
+    with app.app_context():
+        SupportRequest.insert_many([{"email": f"p{i:03d}@example.com", "message": f"someone else {i:03d}",
+                                     "created_at": utc(i)} for i in range(150)]).execute()
+        SupportRequest.insert_many([{"email": "carol@example.com", "user": target.id, "created_at": utc(200 + i),
+                                     "message": f"in her name {i:03d}"} for i in range(101)]).execute()
+        own = SupportRequest.create(email="carol@example.com", user=target.id, created_at=utc(400),
+                                    message="This is really carol: my account was taken over")
+    sign_in_admin(actor, secret)
+    row = actor.client.get("/support?q=carol@example.com").get_data(as_text=True)
+    link = re.search(r'<a href="([^"]+)">Open contact requests from <bdi>carol@example.com</bdi> \(102\)</a>', row)
+    assert link and unescape(link.group(1)) == f"/support?user={target.id}&requests=theirs#open-requests"
+    page = actor.client.get(unescape(link.group(1))).get_data(as_text=True)
+    text = words(" ".join(page.split()))
+    assert "Open contact requests (252)" in text  # all of them, in the heading as before
+    assert "Only the requests from carol@example.com: 1–100 of 102 (oldest first)." in text
+    assert "someone else" not in page and "in her name 000" in page and "really carol" not in page
+    assert re.search(rf'<a href="/support\?user={target.id}#open-requests">Show all open requests</a>', page)
+    assert page.index(f'id="user-{target.id}"') < page.index('id="open-requests"')  # her row, then hers
+    newest = actor.client.get(_pages(page)["Newest requests"]).get_data(as_text=True)
+    assert "really carol" in newest and "someone else" not in newest
+    assert "Only the requests from carol@example.com: 3–102 of 102 (oldest first)." in words(" ".join(newest.split()))
+
+    # The disable form lists the oldest hundred of hers, and says there are more.
+    form = actor.client.get(f"/support/users/{target.id}/disable-2fa").get_data(as_text=True)
+    assert "The oldest 100 of their 102 open requests: the form marks only these as handled." in words(
+        " ".join(form.split()))
+    assert f'href="/support?user={target.id}&amp;requests=theirs#open-requests">Read all of them' in form
+    assert "really carol" not in form
+
+    # Marked as handled there with htmx: the card comes back as it was, hers on that page.
+    action = unescape(re.search(rf'hx-post="(/support/requests/{own.id}/handled[^"]*)"', newest).group(1))
+    assert "requests=theirs" in action and "newest=1" in action
+    card = actor.client.post(action, headers={**HX, "X-CSRFToken": csrf_from(newest)}).get_data(as_text=True)
+    assert "Only the requests from carol@example.com: 2–101 of 101 (oldest first)." in words(" ".join(card.split()))
+    assert "someone else" not in card and "in her name 100" in card
+    # A disable in her row (htmx) refreshes the card as the page shows it (HX-Current-URL), not the oldest of all.
+    r = disable(actor, target, headers={**HX, "HX-Current-URL": "http://localhost" + unescape(link.group(1))})
+    oob = r.get_data(as_text=True).split('id="open-requests"')[1]
+    assert "Only the requests from carol@example.com" in words(oob) and "someone else" not in oob
+
 
 
 def test_request_cards_show_the_numbers_the_audit_log_gives_and_where_a_forgotten_password_goes(app, actor,

@@ -32,7 +32,7 @@ log = logging.getLogger("twostep")
 
 PER_PAGE = 25
 AUDIT_PER_PAGE = 50
-OPEN_REQUESTS_SHOWN = 100
+OPEN_REQUESTS_SHOWN = 100  # a page of open contact requests (open_page)
 _SHOWN_MAX = OPEN_REQUESTS_SHOWN * 19  # the disable form's list of request numbers: 100 of 18 digits and commas
 HANDLED_SHOWN = 20
 
@@ -765,7 +765,7 @@ def support_admin_required(view):
                     # Said on the Support page afterwards: it came back there without a word, and the request
                     # looked handled to an admin who had pressed Mark as handled (a support walkthrough).
                     session[_DRAFT] = {"kind": _REQUEST_ACTIONS[request.endpoint], "request": kwargs["request_id"]}
-                back = url_for("support.index")
+                back = url_for("support.index", **_card_state(_card_args()))
             target = url_for("auth.reauth", next=back)
             return htmx.hx_redirect(target) if htmx.is_htmx() else redirect(target)
         return view(*args, **kwargs)
@@ -1060,20 +1060,92 @@ def _page_arg():
         return 1
 
 
-def _open_requests():
-    """The oldest open contact requests first (those have waited longest), and how many are waiting."""
-    requests = _oldest_open()
-    # Fewer than the limit: that is all of them, so no COUNT query is needed.
-    return requests, len(requests) if len(requests) < OPEN_REQUESTS_SHOWN else _open_count()
+class OpenPage:
+    """One page of open contact requests (open_page): `requests`, oldest first; `start`, the place of the
+    first of them in the whole list (1 for the oldest); `total`; whether pages come before and after; and
+    `window`, the part of the address that names this page ({} for the oldest)."""
+
+    def __init__(self, requests, start, total, has_prev, has_next, window):
+        self.requests, self.start, self.total = requests, start, total
+        self.end = start + len(requests) - 1
+        self.has_prev, self.has_next, self.window = has_prev, has_next, window
 
 
-def _oldest_open(*conditions):
-    """Up to OPEN_REQUESTS_SHOWN open contact requests (meeting `conditions` too), oldest first, each marked
-    with whether its sender had entered the password (_mark_request_hints)."""
-    requests = list(SupportRequest.select().where(SupportRequest.handled_at.is_null(), *conditions)
-                    .order_by(SupportRequest.created_at, SupportRequest.id).limit(OPEN_REQUESTS_SHOWN))
-    _mark_request_hints(requests)
-    return requests
+def open_page(user_id=None, after=None, before=None, newest=False):
+    """A page of at most OPEN_REQUESTS_SHOWN open contact requests (only account `user_id`'s, if given),
+    oldest first: those after request number `after` or before request number `before` in that order, the
+    newest, or else the oldest. Pages are named by a request (keyset), not by a number: a request handled or
+    sent meanwhile moves no other one past an admin going from page to page, and each page is a range of the
+    (handled_at, created_at) index, however many are open. A page that would be empty, or short at the start,
+    falls back to the newest or the oldest. Each request is marked as _mark_request_hints says."""
+    is_open = SupportRequest.handled_at.is_null()
+    if user_id is not None:
+        is_open &= SupportRequest.user == user_id
+    shown = OPEN_REQUESTS_SHOWN
+
+    def read(*where, newest_first=False):
+        order = ((SupportRequest.created_at.desc(), SupportRequest.id.desc()) if newest_first
+                 else (SupportRequest.created_at, SupportRequest.id))
+        return list(SupportRequest.select().where(is_open, *where).order_by(*order).limit(shown + 1))
+
+    def count(*where):
+        return SupportRequest.select().where(is_open, *where).count()
+
+    key = _request_key(after if after is not None else before)
+    page = None
+    if key is not None and after is not None:
+        rows = read(_later_than(key))
+        if rows:
+            start = count(_earlier_than(_key_of(rows[0]))) + 1
+            page = OpenPage(rows[:shown], start, count(), start > 1, len(rows) > shown, {"after": after})
+        else:
+            newest = True  # nothing after it now (handled meanwhile): the newest are nearest
+    elif key is not None and before is not None:
+        rows = read(_earlier_than(key), newest_first=True)
+        if len(rows) > shown:  # fewer: the oldest page holds them all
+            rows = rows[:shown][::-1]
+            start = count(_earlier_than(_key_of(rows[0]))) + 1
+            total = count()
+            page = OpenPage(rows, start, total, True, start + len(rows) - 1 < total, {"before": before})
+    if page is None and newest:
+        rows = read(newest_first=True)
+        more = len(rows) > shown
+        rows = rows[:shown][::-1]
+        total = count() if more else len(rows)
+        page = OpenPage(rows, total - len(rows) + 1, total, more, False, {"newest": 1} if more else {})
+    if page is None:
+        rows = read()
+        more = len(rows) > shown
+        # Fewer than a page: that is all of them, so no COUNT query is needed (the usual case).
+        page = OpenPage(rows[:shown], 1, count() if more else len(rows), False, more, {})
+    _mark_request_hints(page.requests)
+    return page
+
+
+def _request_key(number):
+    """The place of request `number` in the order of the open list ((created_at, id)), or None when there is
+    no such request (erased, or purged long after it was handled: the page falls back to the oldest)."""
+    if number is None:
+        return None
+    row = SupportRequest.select(SupportRequest.id, SupportRequest.created_at).where(
+        SupportRequest.id == number).first()
+    return _key_of(row) if row is not None else None
+
+
+def _key_of(req):
+    return req.created_at, req.id
+
+
+def _later_than(key):
+    """After `key` in (created_at, id) order; written as a range on created_at, which the index serves."""
+    at, number = key
+    return (SupportRequest.created_at >= at) & ((SupportRequest.created_at > at) | (SupportRequest.id > number))
+
+
+def _earlier_than(key):
+    """Before `key` in (created_at, id) order (see _later_than)."""
+    at, number = key
+    return (SupportRequest.created_at <= at) & ((SupportRequest.created_at < at) | (SupportRequest.id < number))
 
 
 def _mark_request_hints(requests, last_code=True):
@@ -1134,9 +1206,72 @@ def _index_context(q, page, rows=None, has_next=False):
 
 
 def _requests_context():
-    """The contact requests part of the Support page: the open ones, how many, and the recently handled."""
-    requests, open_count = _open_requests()
-    return {"requests": requests, "open_count": open_count, "handled": _recently_handled()}
+    """The contact requests part of the Support page: a page of the open ones (all of them when they fit,
+    else the card's pager leads to the others), how many are open, and the recently handled. `requests_args`
+    is the card's part of the address, which its buttons carry so that the card comes back as it was."""
+    args = _card_args()
+    person = None
+    if args.get("requests") == "theirs":
+        person = User.select(User.id, User.email).where(User.id == args["user"]).first()
+        if person is None:  # erased meanwhile, and their requests with them: the whole list
+            args.pop("requests")
+    page = open_page(person.id if person else None, after=args.get("after"), before=args.get("before"),
+                     newest="newest" in args)
+    view = {k: v for k, v in args.items() if k not in _WINDOW_ARGS}  # the page the pager's links keep
+
+    def link(**window):
+        return url_for("support.index", **view, **window, _anchor="open-requests")
+
+    links = {"oldest": link(), "newest": link(newest=1)}
+    if page.requests:
+        links.update(older=link(before=page.requests[0].id), newer=link(after=page.requests[-1].id))
+    if person is not None:
+        links["all"] = url_for("support.index", **{k: v for k, v in view.items() if k != "requests"},
+                               _anchor="open-requests")
+    return {"requests": page.requests, "requests_page": page, "requests_links": links,
+            "requests_of": person.email if person else None,
+            "open_count": _open_count() if person else page.total,
+            "requests_args": {**_card_state(view), **page.window},
+            "handled": _recently_handled()}
+
+
+# The open requests card's part of the Support page's address: whose requests it lists (`requests=theirs`: only
+# those of the account `user` the page is for), and which page of them (_WINDOW_ARGS, see open_page); with the
+# search it sits under (q, page), which the pager's links keep.
+_WINDOW_ARGS = ("after", "before", "newest")
+_CARD_ARGS = ("q", "page", "user", "requests") + _WINDOW_ARGS
+
+
+def _card_state(args):
+    """Of the card's arguments, those its buttons carry (whose requests, which page), not the search's."""
+    return {k: v for k, v in args.items() if k in _WINDOW_ARGS or (k in ("user", "requests") and "requests" in args)}
+
+
+def _card_args():
+    """The card's arguments, checked (nonsense is left out) and at most one of _WINDOW_ARGS: from the address
+    (the page's, or that of a button on the card, which carries them), else, for an htmx action elsewhere on
+    the page (a disable, which refreshes the card too), from the page's own address (HX-Current-URL)."""
+    args = request.args
+    if htmx.is_htmx() and not any(name in args for name in _CARD_ARGS):
+        try:
+            args = {k: v[0] for k, v in parse_qs(urlsplit(request.headers.get("HX-Current-URL", "")).query).items()}
+        except ValueError:  # not an address: the card as it is first shown
+            args = {}
+    found = {}
+    if args.get("q"):
+        found["q"] = args["q"][:254]
+    for name, top in (("page", 100000), ("user", 2 ** 63), ("after", 2 ** 63), ("before", 2 ** 63)):
+        value = args.get(name, "")
+        if value.isascii() and value.isdigit() and 0 < int(value) < top and not (name == "page" and value == "1"):
+            found[name] = int(value)
+    if args.get("requests") == "theirs" and "user" in found:
+        found["requests"] = "theirs"
+    if args.get("newest") == "1":
+        found["newest"] = 1
+    window = [name for name in _WINDOW_ARGS if name in found]
+    for name in window[1:]:  # a page is named one way
+        del found[name]
+    return found
 
 
 def _recently_handled():
@@ -1331,10 +1466,19 @@ def disable_2fa_form(user_id):
     return htmx.render("support/disable.html", "support/_user_row.html", row=row, person_requests=person_requests)
 
 
+class _Listed(list):
+    """Requests listed, with `total`: how many there are, more than listed when the list stops at a page."""
+
+    def __init__(self, page):
+        super().__init__(page.requests)
+        self.total = page.total
+
+
 def _person_requests(user_id):
     """The person's open contact requests, oldest first, shown above the disable form (in the row and on the
-    form's own page): the admin reads what they asked for before deciding."""
-    return _oldest_open(SupportRequest.user == user_id)
+    form's own page): the admin reads what they asked for before deciding. At most OPEN_REQUESTS_SHOWN, and
+    `total` says how many there are (the form marks as handled only those listed)."""
+    return _Listed(open_page(user_id))
 
 
 @bp.post("/support/users/<int:user_id>/disable-2fa")
@@ -1532,7 +1676,7 @@ def _request_response(request_id, describe):
         return htmx.render("support/index.html", "support/_open_requests.html", requests_notice=message,
                            **_requests_context())
     flash(message, "success")
-    return redirect(url_for("support.index"))
+    return redirect(url_for("support.index", **_card_state(_card_args())))  # the card as it was
 
 
 # ---------------------------------------------------------------- audit log (read-only)
