@@ -191,6 +191,79 @@ def test_renaming_to_its_own_name_in_other_case_is_allowed(actor, app, alice):
     assert [d.name for d in device_rows(app, alice)] == ["PHONE"]
 
 
+# A name that reads like another: written with two spaces (a page draws one), a no-break space, full-width
+# letters, or Cyrillic letters that pass for Latin ones (a security review: an intruder's second "Maria's
+# iPhone" read, in the list and in Security activity, like the owner's own phone).
+LOOKS_TAKEN = "You already have a device with this name, or one that looks the same."
+MIXES_ALPHABETS = "A word in this name mixes letters of different alphabets"
+
+
+@pytest.mark.parametrize("name, message", [
+    ("Maria's  iPhone", LOOKS_TAKEN),  # two spaces
+    ("Maria's\u00a0iPhone", LOOKS_TAKEN),  # a no-break space
+    ("Maria's \u2009\u3000iPhone", LOOKS_TAKEN),  # a thin and an ideographic space
+    ("\uff2d\uff41\uff52\uff49\uff41's iPhone", LOOKS_TAKEN),  # full-width letters
+    ("\u0420\u043e\u0441\u043e X3", LOOKS_TAKEN),  # "Росо X3": every letter of the word Cyrillic
+    ("\u041d\u0422\u0421 one", LOOKS_TAKEN),  # "НТС one": Cyrillic capitals that read as Latin ones ("нтс" does not)
+    ("Maria's iPh\u043ene", MIXES_ALPHABETS),  # a Cyrillic "о" in a Latin word
+    ("M\u0430ria's iPhone", MIXES_ALPHABETS),  # a Cyrillic "а"
+    ("Maria\u2019s iP\u04bbone", MIXES_ALPHABETS),  # a Cyrillic "һ", with a phone's apostrophe
+])
+def test_a_name_that_looks_like_another_devices_name_is_refused(actor, app, alice, name, message):
+    """security.md 13: until notices go out, the owner learns of a new device from Security activity ("Another
+    authenticator device added: “Maria's iPhone”") and the list of devices, so a new name must not pass for
+    one of theirs. Runs of spaces and other spaces, compatibility characters and Cyrillic or Greek letters
+    that read as Latin ones count as what they look like, and a word that mixes alphabets is refused."""
+    add_device(app, alice, "Maria's iPhone")
+    add_device(app, alice, "Poco X3")
+    add_device(app, alice, "HTC One")
+    device = device_rows(app, alice)[0]
+    field = f"rename-{device.id}-name"
+    r = post(actor, f"/settings/devices/{device.id}/rename", {field: name})
+    assert r.status_code == 400 and message in text(r)
+    assert [d.name for d in device_rows(app, alice)] == ["Phone", "Maria's iPhone", "Poco X3", "HTC One"]
+
+
+@pytest.mark.parametrize("name", ["Телефон Маши", "Телефон у Маши", "小米手机", "Zoë's Pixel", "Κινητό της Ελένης",
+                                  "iPhone Маши", "iPhone-Маши", "Маша's phone", "Poco X3 Pro", "Росинка"])
+def test_names_in_one_alphabet_a_word_are_allowed_beside_look_alike_rules(actor, app, alice, name):
+    """The look-alike rules leave ordinary names alone: any one script, Russian words whose every letter has
+    a Latin twin ("у"), and names whose words are each in their own alphabet."""
+    add_device(app, alice, "Poco X3")
+    device = device_rows(app, alice)[0]
+    r = post(actor, f"/settings/devices/{device.id}/rename", {f"rename-{device.id}-name": name})
+    assert r.status_code == 302, text(r)
+    assert [d.name for d in device_rows(app, alice)] == [name, "Poco X3"]
+
+
+def test_a_run_of_spaces_in_a_name_is_stored_as_one_space(actor, app, alice):
+    """A page draws "Old  iPhone" with one gap, and a no-break space as an ordinary one: the name is stored as
+    it shows, so the audit record and `users export` name the device as its owner sees it."""
+    [device] = device_rows(app, alice)
+    field = f"rename-{device.id}-name"
+    r = post(actor, f"/settings/devices/{device.id}/rename", {field: "Old \u00a0iPhone\u3000\u20097"})
+    assert r.status_code == 302
+    assert [d.name for d in device_rows(app, alice)] == ["Old iPhone 7"]
+    with app.app_context():
+        assert AuditEvent.select().where(AuditEvent.kind == "device_renamed").get().details["device"] == "Old iPhone 7"
+
+
+def test_the_wizards_name_step_refuses_a_name_that_looks_like_another_devices(actor, app, alice):
+    """security.md 13: the wizard's name step applies the rename's rules (an intruder adds the second "Maria's
+    iPhone" there); a name in one alphabet a word still completes it."""
+    from .test_wizard import Wizard
+
+    add_device(app, alice, "Maria's iPhone")
+    w = Wizard(actor)
+    body = text(w.run("Maria's\u00a0 iPhone"))
+    assert 'data-step="name"' in body and LOOKS_TAKEN in body
+    for name, message in (("Maria's iPh\u043ene", MIXES_ALPHABETS), ("MARIA’S IPHONE", LOOKS_TAKEN)):
+        body = text(w.complete(name))
+        assert 'data-step="name"' in body and message in body
+    assert 'data-step="done"' in text(w.complete("Телефон  Маши"))
+    assert [d.name for d in device_rows(app, alice)] == ["Phone", "Maria's iPhone", "Телефон Маши"]
+
+
 # ---------------------------------------------------------------- remove
 
 def test_removing_a_device_needs_a_current_code(actor, app, alice, secret):

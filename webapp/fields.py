@@ -67,6 +67,16 @@ _SELECTORS = frozenset(chr(c) for c in [*range(0xFE00, 0xFE10), *range(0x180B, 0
 # Alphabets whose letters pass for each other's (a Unicode character's name begins with its script's name):
 # an invisible character between two of their letters hides in a word (lookalike_problem uses it too).
 CONFUSABLE_SCRIPTS = {"LATIN", "CYRILLIC", "GREEK", "ARMENIAN", "CHEROKEE", "COPTIC"}
+# Lower-case Cyrillic and Greek letters that read as Latin ones, with the letter each passes for: a word
+# written wholly in them ("аӏісе") passes for a Latin word (models.lookalike_problem, settings._same_name).
+LATIN_LOOKALIKES = {"а": "a", "е": "e", "і": "i", "ј": "j", "о": "o", "к": "k", "р": "p", "с": "c", "у": "y",
+                    "х": "x", "ѕ": "s", "ӏ": "l", "һ": "h", "ԁ": "d", "ԛ": "q", "ԝ": "w", "ү": "y", "α": "a",
+                    "ι": "i", "κ": "k", "ν": "v", "ο": "o", "ρ": "p", "υ": "u", "χ": "x"}
+# Capitals that read as Latin ones, also those whose lower-case letter does not ("В" reads "B", "в" no letter).
+LATIN_LOOKALIKE_CAPITALS = {"А": "A", "В": "B", "Е": "E", "К": "K", "М": "M", "Н": "H", "О": "O", "Р": "P",
+                            "С": "C", "Т": "T", "Х": "X", "Ѕ": "S", "І": "I", "Ј": "J", "Ү": "Y", "Ԛ": "Q",
+                            "Ԝ": "W", "Ӏ": "I", "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I",
+                            "Κ": "K", "Μ": "M", "Ν": "N", "Ο": "O", "Ρ": "P", "Τ": "T", "Υ": "Y", "Χ": "X"}
 _KEYCAP = "\u20e3"  # "1️⃣" is the digit, U+FE0F and this
 # Combining marks stacked on one character: real writing stacks a few (Vietnamese two, pointed Hebrew with
 # cantillation four); dozens paint over the lines around them, on the Support page over its own hints.
@@ -84,6 +94,24 @@ def is_invisible(c):
 def is_mark(c):
     """Whether a character is a combining mark, drawn on the character before it."""
     return unicodedata.category(c) in ("Mn", "Me")
+
+
+def mixes_alphabets(word):
+    """Whether a word holds letters of two of the CONFUSABLE_SCRIPTS: "iPhоne" with a Cyrillic "о" reads as
+    the Latin word, and is the classic spoof."""
+    return len({unicodedata.name(c, "?").split(" ")[0] for c in word if c.isalpha()} & CONFUSABLE_SCRIPTS) > 1
+
+
+def has_mixed_alphabet_word(text):
+    """Whether a word of `text` mixes alphabets (mixes_alphabets). A word is a run of letters, digits and the
+    marks on them: "iPhone-Маши" and "Маша's phone" are words in one alphabet each, as people write."""
+    start = 0
+    for i, c in enumerate(text + " "):
+        if not (c.isalnum() or is_mark(c)):
+            if mixes_alphabets(text[start:i]):
+                return True
+            start = i + 1
+    return False
 
 
 def is_plain_letter(c):

@@ -25,7 +25,8 @@ from peewee import (
 
 from .clock import now
 from .db import Param, Prepared, db, for_update, is_sqlite
-from .fields import CONFUSABLE_SCRIPTS, has_stacked_marks, is_invisible, is_mark, is_plain_letter
+from .fields import (LATIN_LOOKALIKES, has_stacked_marks, is_invisible, is_mark, is_plain_letter,
+                     mixes_alphabets)
 
 
 class BaseModel(Model):
@@ -126,9 +127,7 @@ def normalise_email(email):
     return _folded(valid.normalized if valid is not None else text)
 
 
-# Lower-case Cyrillic and Greek letters that read as Latin ones: a part written wholly in them ("аӏісе")
-# passes for a Latin word.
-_LATIN_LOOKALIKES = frozenset("аеіјокрсухѕӏһԁԛԝүαικνορυχ")
+_LATIN_LOOKALIKES = frozenset(LATIN_LOOKALIKES)  # a part written wholly in them ("аӏісе") passes for a Latin word
 
 
 def lookalike_problem(email):
@@ -163,7 +162,7 @@ def lookalike_problem(email):
     # Each word on its own ("ivan.иванов" is two words in two alphabets, as people write their names).
     for part in [*re.split(r"[.+_-]", local), *domain.split(".")]:
         letters = [c for c in part.lower() if c.isalpha()]
-        if len({unicodedata.name(c, "?").split(" ")[0] for c in letters} & CONFUSABLE_SCRIPTS) > 1:
+        if mixes_alphabets(part):
             return "This address mixes letters of different alphabets (such as Latin and Cyrillic). Use another."
         if letters and not part.isascii() and all(c in _LATIN_LOOKALIKES for c in letters):
             return "This address is written in letters that look like Latin ones but are not. Use another."

@@ -44,14 +44,42 @@ def _nfc(value):
     return unicodedata.normalize("NFC", value) if isinstance(value, str) else value
 
 
-# Apostrophes and quotation marks as phones type them (’ “) and as computers do (' "): "Maria’s iPhone" from one
-# and "Maria's iPhone" from the other look the same in the list, so they are the same name.
-_QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u201c": '"', "\u201d": '"'})
+# A run of spaces: Unicode's category Zs, the no-break, thin and ideographic spaces too. Line breaks and other
+# controls are not spaces here: _printable refuses them.
+_SPACES = re.compile(r"[^\S\t\n\v\f\r\x1c-\x1f\x85\u2028\u2029]+")
+
+
+def _single_spaces(value):
+    """Form filter: each run of spaces in a name stored as one ordinary space. A page draws "Maria's  iPhone"
+    with one gap and a no-break space as an ordinary one, so the name is kept as it shows: the list, the audit
+    records and `users export` then say the same, and the unique index on names sees what the owner sees."""
+    return _SPACES.sub(" ", value) if isinstance(value, str) else value
+
+
+# Punctuation as phones type it (’ “ ‑) and as computers do (' " -): "Maria’s iPhone" from one and "Maria's
+# iPhone" from the other look the same in the list, so they are the same name.
+_PUNCTUATION = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u201c": '"', "\u201d": '"',
+                              "\u2010": "-", "\u2011": "-", "\u2012": "-", "\u2013": "-", "\u2212": "-"})
+_LOOKALIKES = str.maketrans(fields.LATIN_LOOKALIKES)
+_LOOKALIKE_CAPITALS = str.maketrans(fields.LATIN_LOOKALIKE_CAPITALS)
+
+
+def _look(name):
+    """How a name looks, twice: in lower case and in capitals, each with the Cyrillic and Greek letters that
+    read as Latin ones in that case made Latin ("Росо" is "Poco" in either; "НТС" is "HTC" in capitals only).
+    Compatibility characters (full-width letters, ligatures, the no-break space: NFKC), the kind of quote
+    mark and dash, and runs of spaces (which names stored before they were made single may hold) aside."""
+    text = " ".join(unicodedata.normalize("NFKC", name).translate(_PUNCTUATION).split())
+    return text.casefold().translate(_LOOKALIKES), text.upper().translate(_LOOKALIKE_CAPITALS)
 
 
 def _same_name(a, b):
-    """Whether two device names would look the same to their owner: case and the kind of apostrophe aside."""
-    return a.translate(_QUOTES).casefold() == b.translate(_QUOTES).casefold()
+    """Whether two device names would look the same to their owner (_look): an intruder's second "Maria's
+    iPhone" beside the owner's read as the owner's own phone, in the list and in Security activity."""
+    return any(x == y for x, y in zip(_look(a), _look(b)))
+
+
+_NAME_TAKEN = "You already have a device with this name, or one that looks the same. Choose another name."
 
 
 def _printable(form, field):
@@ -62,6 +90,10 @@ def _printable(form, field):
         raise ValidationError("Use letters, digits, spaces and punctuation only.")
     if name and not any(unicodedata.category(c)[0] in "LNPS" for c in name):
         raise ValidationError("Give this device a name with letters or digits in it.")
+    # "iPhоne" with a Cyrillic "о" reads as "iPhone", and another device's name could pass for it.
+    if fields.has_mixed_alphabet_word(name):
+        raise ValidationError("A word in this name mixes letters of different alphabets (such as Latin and "
+                              "Cyrillic). Write each word in one alphabet.")
 
 
 # ---------------------------------------------------------------- forms
@@ -71,7 +103,7 @@ class EnrolCodeForm(Form):
 
 
 def _name_field():
-    return StringField("Device name", filters=[strip_text, _nfc], validators=[
+    return StringField("Device name", filters=[strip_text, _nfc, _single_spaces], validators=[
         DataRequired("Give this device a name."),
         Length(max=DEVICE_NAME_MAX, message=f"Use at most {DEVICE_NAME_MAX} characters."),
         _printable], render_kw={"autocomplete": "off", "maxlength": str(DEVICE_NAME_MAX), "spellcheck": "false"})
@@ -547,7 +579,7 @@ def complete(user, pending):
             return _without_pending(user)
         devices = _devices(user)
         if any(_same_name(d.name, name) for d in devices):
-            form.name.errors = ["You already have a device with this name. Choose another name."]
+            form.name.errors = [_NAME_TAKEN]
             return _wizard("name", status=400, pending=pending, form=form)
         # Read under the person's row: the last device removed in another tab meanwhile makes this activation
         # the one that turns 2FA on, and so it is recorded (it was recorded as "device added").
@@ -560,7 +592,7 @@ def complete(user, pending):
                 device = Device.create(user=user, name=name, secret_enc=locked.secret_enc,
                                        last_step=locked.verified_step, created_at=now())
         except IntegrityError:
-            form.name.errors = ["You already have a device with this name. Choose another name."]
+            form.name.errors = [_NAME_TAKEN]
             return _wizard("name", status=400, pending=pending, form=form)
         PendingEnrolment.delete().where(PendingEnrolment.user == user.id).execute()
         User.update(tfa_reset_until=None).where(User.id == user.id).execute()
@@ -692,7 +724,7 @@ def rename_device(device_id):
             # A name changes no factor (the same keys sign in as before): the person's other browsers stay
             # signed in, unlike after a removal (security.md 35).
             return _after_change(user, f"Renamed “{current.name}” to “{name}”.")
-        form.name.errors = ["You already have a device with this name. Choose another name."]
+        form.name.errors = [_NAME_TAKEN]
     return _settings_response(user, failed=("rename", device.id, form), status=400)
 
 
