@@ -2604,6 +2604,41 @@ def test_cli_export_lists_the_browsers_at_the_code_step_that_hold_the_address(ap
     assert "BobPhone" not in result.output and "198.51.100.31" not in result.output
 
 
+def test_cli_export_writes_characters_that_act_on_a_terminal_as_escapes(app, actor, secret, clock):
+    """A security review: `users export` printed stored text as it is, and what a sign-in under way was going
+    to (stored before safe_next refused such targets), a contact message or an audit record's detail can hold
+    a C1 control (U+009B starts an escape sequence on the operator's terminal), DEL, a bidirectional override
+    or a line separator. Each is written as a \\u escape, which a JSON reader turns back into what is stored;
+    letters of any alphabet stay readable, and a document without such characters is written as before."""
+    import json
+
+    from webapp.models import SignInChallenge, SupportRequest
+
+    target = "/settings\u009b2J\u009d0;pwned\x07\x7f\u202egnp.exe"
+    message = "call me\u2028\u2029\u200b\u2066back\u2069 \U000e0041"
+    user = actor.user(email="zo\u00eb@example.com", devices={"Телефон Маши": secret})
+    with app.app_context():
+        SignInChallenge.create(id="c" * 64, user=user.id, next_url=target)
+        SupportRequest.create(email="zo\u00eb@example.com", message=message, user=user.id)
+        SupportRequest.create(email="carol@example.com", message=message)
+        AuditEvent.create(kind="support_tfa_disabled", user=user.id, detail=json.dumps({"reason": message}))
+
+    for address in ("zo\u00eb@example.com", "carol@example.com"):  # an account, and an address without one
+        result = run(app, "users", "export", address)
+
+        assert result.exit_code == 0, result.output
+        for c in "\u009b\u009d\x7f\u202e\u2028\u2029\u200b\u2066\u2069\U000e0041":
+            assert c not in result.output, repr(c)
+        data = json.loads(result.output)
+        assert [r["message"] for r in data["contact_requests"]] == [message]
+        if address == "carol@example.com":
+            continue
+        assert "\\u009b2J\\u009d0;pwned\\u0007\\u007f\\u202egnp.exe" in result.output
+        assert data["sign_ins_waiting_for_a_code"][0]["going_to"] == target
+        assert data["audit_records"][-1]["details"]["reason"] == message
+        assert '"name": "Телефон Маши"' in result.output and '"email": "zo\u00eb@example.com"' in result.output
+
+
 def test_cli_export_and_erase_reach_contact_requests_of_an_address_without_an_account(app, actor, clock):
     """Someone without an account who wrote to support (the contact form takes any address) can ask what is
     kept and to have it erased: both commands said "no account with email" and reached nothing. Export now

@@ -649,3 +649,23 @@ def test_going_back_to_a_page_htmx_changed_gets_the_whole_page(actor, secret):
     assert restore.status_code == 200 and "<html" in page and "admin@example.com" in page
     fragment = actor.client.get("/support?q=a", headers={"HX-Request": "true"})
     assert fragment.status_code == 200 and "<html" not in fragment.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("target", ["/settings\u009b2J", "/settings\x7f", "/settings\u0085", "/settings\u202egnp.exe",
+                                    "/settings\u2066", "/settings\u200b", "/settings\u2028", "/settings\u2029"])
+def test_a_next_with_a_c1_control_or_a_format_character_is_refused(actor, app, secret, target):
+    """security.md 29: a `next` holds only what a path of the app's holds. A C1 control (the CSI, U+009B,
+    starts an escape sequence on a terminal), DEL, a bidirectional override or isolate, a zero-width space or
+    a line or paragraph separator was stored with the sign-in under way and printed by `users export`: such a
+    target is refused like any other bad one, so nothing is stored and the sign-in ends on User Settings."""
+    from urllib.parse import quote
+
+    from webapp.security import safe_next
+
+    assert safe_next(target) is None
+    assert safe_next("/settings/Zo\u00eb") == "/settings/Zo\u00eb"  # a letter of any alphabet is not one
+    actor.user(secret=secret)
+    assert actor.password_step(next_url=quote(target)).headers["Location"] == "/login/verify"
+    with app.app_context():
+        assert SignInChallenge.get().next_url is None
+    assert actor.code_step(actor.code(secret)).headers["Location"] == "/settings"

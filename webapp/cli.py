@@ -9,6 +9,7 @@ import re
 import secrets
 import sqlite3
 import tempfile
+import unicodedata
 from datetime import timedelta
 from urllib.parse import quote, urlsplit
 
@@ -691,16 +692,38 @@ def export_person(email):
     # The audit records last, written as they are read (_person_records): a person under attack or an admin has
     # 100,000 and more, and all of them in one list, then in one string, took 360 MB per 100,000. The
     # document is the one json.dumps(indent=2) writes.
-    click.echo(json.dumps(record, indent=2, ensure_ascii=False)[:-2] + ',\n  "audit_records": [', nl=False)
+    click.echo(_export_json(record)[:-2] + ',\n  "audit_records": [', nl=False)
     written, chunk = 0, []
     for e in _person_records(user.id):
-        chunk.append(json.dumps(audit_record(e), indent=2, ensure_ascii=False).replace("\n", "\n    "))
+        chunk.append(_export_json(audit_record(e)).replace("\n", "\n    "))
         if len(chunk) == EXPORT_BATCH:  # one write a batch (click.echo flushes each time)
             click.echo(("," if written else "") + "\n    " + ",\n    ".join(chunk), nl=False)
             written, chunk = written + len(chunk), []
     if chunk:
         click.echo(("," if written else "") + "\n    " + ",\n    ".join(chunk), nl=False)
     click.echo("\n  ]\n}" if written or chunk else "]\n}")
+
+
+# Characters json.dumps writes as they are when it keeps letters readable (ensure_ascii off) but that act on
+# the terminal the JSON is printed to, or on how the text around them reads: DEL and the C1 controls (the CSI
+# starts an escape sequence), format characters (the bidirectional overrides, zero-width spaces) and the line
+# and paragraph separators; lone surrogates too, which no terminal can be sent. The controls below 32 it
+# escapes itself. Stored text may hold them: a sign-in's target from before safe_next refused them, rows from
+# before other checks, a contact message or support's reason (format characters such as U+200F).
+_ACTIVE_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs"}
+_NOT_ASCII = re.compile(r"[^\x00-\x7e]")
+
+
+def _escaped(match):
+    c = match.group()
+    return json.dumps(c)[1:-1] if unicodedata.category(c) in _ACTIVE_CATEGORIES else c
+
+
+def _export_json(value):
+    """`value` as `users export` writes it: JSON with indent 2, letters of every alphabet as they are (an
+    address "zoë@..." reads as such), and every character that could act on the operator's terminal as a
+    \\u escape (_ACTIVE_CATEGORIES), which any JSON reader turns back into the character stored."""
+    return _NOT_ASCII.sub(_escaped, json.dumps(value, indent=2, ensure_ascii=False))
 
 
 def _request_json(r):
@@ -720,13 +743,13 @@ def _export_requests_only(address):
             & (AuditEvent.user.is_null() if r.user_id is None else AuditEvent.user == r.user_id)
             & AuditEvent.created_at.between(r.created_at - _WRITTEN_TOGETHER, r.created_at + _WRITTEN_TOGETHER))
         records += [e for e in near if e.details.get("request") == r.id]
-    click.echo(json.dumps({
+    click.echo(_export_json({
         "account": None,
         "contact_requests": [_request_json(r) for r in requests],
         "audit_records": [{"id": e.id, "time": _json_time(e.created_at), "kind": e.kind,
                            "event": event_text(e.kind, e.details), "ip": e.ip, "details": e.details}
                           for e in sorted(records, key=lambda e: (e.created_at, e.id))],
-    }, indent=2, ensure_ascii=False))
+    }))
 
 
 def _person_records(person_id):

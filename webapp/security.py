@@ -18,6 +18,7 @@ from peewee import Case
 
 from .clock import expired, now, timestamp
 from .db import Param, Prepared, after_commit, for_update
+from .fields import HIDDEN_CATEGORIES
 from .models import AuditEvent, KnownBrowser, NetworkCounter
 # A known browser's token is made and stored like a session's; the client address is the one sessions store.
 from .sessions import TOKEN_SHAPE, client_ip, cookie_attributes, token_hash
@@ -467,10 +468,13 @@ def audit(kind, user=None, actor=None, **detail):
 
 
 def safe_next(target):
-    """`target` if it is a same-site path, else None (security.md 29)."""
+    """`target` if it is a same-site path, else None (security.md 29). Not one with a character no path of the
+    app's holds that could act on whoever reads it (fields.HIDDEN_CATEGORIES): a line break (a header of the
+    sender's), a C1 control such as the CSI that drives a terminal (`users export` prints the target of a
+    sign-in under way), a bidirectional override or another invisible format character, a line separator."""
     if not target or not isinstance(target, str) or len(target) > 512:
         return None
-    if "\\" in target or any(ord(c) < 32 for c in target):
+    if "\\" in target or any(unicodedata.category(c) in HIDDEN_CATEGORIES for c in target):
         return None
     parts = urlsplit(target)
     if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
