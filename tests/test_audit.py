@@ -374,6 +374,21 @@ def test_every_known_kind_has_words_and_unknown_kinds_read_fine():
         ("Counted against", "a browser the person signed in from before, not the account")]
 
 
+def test_a_name_someone_chose_is_shown_as_typed_not_as_the_apps_word_for_it():
+    """A security review: every detail went through the app's words for its own values, so a device named
+    "cli" showed as "Device: command line" and one renamed from "password" as "Previous name: password only",
+    which reads as the app's doing. The words apply only to the details that hold the app's own values
+    (through, method, the kind of refused code, where a wrong password counted, which limit)."""
+    assert detail_text({"device": "cli", "via": "cli", "browser": "signup", "device_id": 7}) == [
+        ("Through", "command line"), ("Browser", "signup"), ("Device", "cli"), ("Device number", "7")]
+    assert detail_text({"device": "replay", "old_name": "password", "method": "password"}) == [
+        ("Method", "password only"), ("Device", "replay"), ("Previous name", "password")]
+    assert detail_text({"network": "sign-ups", "limit": "sign-ups", "was": "known browser"}) == [
+        ("Which limit", "sign-ups (accounts made, or refused as existing)"), ("Network", "sign-ups"),
+        ("Stored before as", "known browser")]
+    assert detail_text({"reason": "malformed"}) == [("Reason", "not six digits")]
+
+
 def test_a_revoked_admin_role_reads_as_removed(app, actor, secret):
     """`flask users promote --revoke` is recorded, and shown in the audit log and the person's activity, as
     admin rights removed, not given (another admin stays, so the last-admin guard does not refuse)."""

@@ -273,21 +273,20 @@ DETAIL_LABELS = {
 }
 DETAIL_ORDER = {key: i for i, key in enumerate(DETAIL_LABELS)}  # the most telling details first
 
+# The app's own words in the details that hold them, by detail key. Only there: a device, an address or a
+# reason is someone's own text, and a device named "cli" showed as "Device: command line" (a security review).
 VALUE_WORDS = {
-    "password+code": "password and code",
-    "password": "password only",
-    "wrong": "wrong code",
-    "replay": "code already used",
-    "malformed": "not six digits",
-    "cli": "command line",
-    "first-run": "first-run setup",
-    "signup": "sign-up page",
-    "known browser": "a browser the person signed in from before, not the account",
-    "sign-ups": "sign-ups (accounts made, or refused as existing)",
-    "failed-sign-ins": "wrong passwords and unknown addresses at sign-in",
-    "contact-48": "contact requests from one IPv6 /48",
-    "sign-ups-48": "sign-ups from one IPv6 /48",
-    "failed-sign-ins-48": "wrong passwords and unknown addresses at sign-in from one IPv6 /48",
+    "method": {"password+code": "password and code", "password": "password only"},
+    "reason": {"wrong": "wrong code", "replay": "code already used", "malformed": "not six digits"},
+    "via": {"cli": "command line", "first-run": "first-run setup", "signup": "sign-up page"},
+    "counted_in": {"known browser": "a browser the person signed in from before, not the account"},
+    "limit": {
+        "sign-ups": "sign-ups (accounts made, or refused as existing)",
+        "failed-sign-ins": "wrong passwords and unknown addresses at sign-in",
+        "contact-48": "contact requests from one IPv6 /48",
+        "sign-ups-48": "sign-ups from one IPv6 /48",
+        "failed-sign-ins-48": "wrong passwords and unknown addresses at sign-in from one IPv6 /48",
+    },
 }
 
 
@@ -349,7 +348,7 @@ def detail_text(detail):
         elif isinstance(value, (list, tuple)):
             shown = ", ".join(str(v) for v in value) or "none"
         else:
-            shown = VALUE_WORDS.get(str(value), str(value))
+            shown = VALUE_WORDS.get(key, {}).get(str(value), str(value))
         parts.append((label, shown))
     return parts
 
