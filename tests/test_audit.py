@@ -419,6 +419,39 @@ def test_the_name_of_an_enrolled_device_is_in_the_record(app, actor, secret):
     assert WHAT + "Two-factor authentication turned on: \u201cPhone\u201d</td>" in html
 
 
+def test_a_removed_or_renamed_device_is_named_in_security_activity(app, actor, secret):
+    """security.md 43: Security activity said "Authenticator device removed" and "... renamed" without the
+    device, so its owner could not tell whether it was the phone they had replaced or the one they use (a
+    security review); it named only devices added. It names them now as they were called (a rename by both
+    names), as the audit log and `users activity` do, whose details add the number."""
+    from .test_devices import add_device, post
+
+    user = actor.user(secret=secret)
+    assert actor.sign_in(secret=secret).status_code == 302
+    tablet = add_device(app, user, "Backup tablet")
+    r = post(actor, f"/settings/devices/{tablet.id}/rename", {f"rename-{tablet.id}-name": "Old tablet"})
+    assert r.status_code == 302
+    actor.clock.advance(30)
+    r = post(actor, f"/settings/devices/{tablet.id}/remove", {f"remove-{tablet.id}-code": actor.code(secret)})
+    assert r.status_code == 302
+    settings = actor.client.get("/settings").get_data(as_text=True)
+    assert "<bdi>Authenticator device removed: \u201cOld tablet\u201d</bdi>" in settings
+    assert "<bdi>Authenticator device renamed: \u201cBackup tablet\u201d to \u201cOld tablet\u201d</bdi>" in settings
+    activity = app.test_cli_runner().invoke(args=["users", "activity", "alice@example.com"]).output
+    assert (f"Authenticator device removed: \u201cOld tablet\u201d  [Device: Old tablet; Device number: {tablet.id}]"
+            in activity)
+    assert (f"Authenticator device renamed: \u201cBackup tablet\u201d to \u201cOld tablet\u201d  [Device: Old tablet; "
+            f"Device number: {tablet.id}; Previous name: Backup tablet]") in activity
+    admin = second_client(app, actor.clock)
+    sign_in_admin(admin, new_secret())
+    html = admin.client.get("/support/audit?kind=device_removed").get_data(as_text=True)
+    assert WHAT + "Authenticator device removed: \u201cOld tablet\u201d</td>" in html
+    # Without the old name (no such record is written; read all the same): which name it got.
+    assert event_text("device_renamed", {"device": "Old tablet"}) == \
+        "Authenticator device renamed to \u201cOld tablet\u201d"
+    assert event_text("device_removed", {}) == "Authenticator device removed"
+
+
 # ---------------------------------------------------------------- Security activity in User Settings
 
 

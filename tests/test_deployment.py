@@ -11,6 +11,7 @@ from peewee import fn
 from webapp import cli
 from webapp.db import db, is_sqlite
 from webapp.models import AuditEvent, User
+from webapp.totp import new_secret
 
 from .conftest import PASSWORD
 from .live_app import ROOT, Browser, LiveServer
@@ -319,6 +320,85 @@ def test_a_database_missing_a_column_no_upgrade_adds_stops_the_start_naming_it(a
                                           r"made by a version this one cannot upgrade"):
         make_test_app(tmp_path, app.config["DATABASE_URL"], clock,
                       TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
+
+
+def _device_table_as_before():
+    """Make the device table again as versions before 2026-12-07 made it on SQLite: without AUTOINCREMENT, so
+    that a new device got the highest number left plus one."""
+    from webapp.models import Device
+
+    made = db.execute_sql("SELECT sql FROM sqlite_master WHERE name = 'device'").fetchone()[0]
+    if "AUTOINCREMENT" not in made:
+        return  # made so already (a version before the change)
+    db.execute_sql("PRAGMA foreign_keys = OFF")
+    with db.atomic():
+        db.execute_sql(made.replace('"device"', '"device_old"', 1).replace(" AUTOINCREMENT", ""))
+        db.execute_sql('INSERT INTO "device_old" SELECT * FROM "device"')
+        db.execute_sql('DROP TABLE "device"')
+        db.execute_sql('ALTER TABLE "device_old" RENAME TO "device"')
+        db.execute_sql("DELETE FROM sqlite_sequence WHERE name IN ('device', 'device_old')")  # as if never there
+        for index in Device._meta.fields_to_index():
+            db.execute(Device._schema._create_index(index))
+    db.execute_sql("PRAGMA foreign_keys = ON")
+
+
+@pytest.mark.skipif((os.environ.get("TEST_DATABASE_URL") or "").startswith("postgres"),
+                    reason="SQLite's AUTOINCREMENT: PostgreSQL's sequences never give a number twice")
+def test_a_device_table_from_before_numbers_were_kept_stops_giving_them_twice_at_start(app, actor, tmp_path, clock,
+                                                                                  secret, capsys):
+    """README "Upgrades", security.md 43: a device table made on SQLite before 2026-12-07 gave a new device
+    the highest number left plus one, so the records of a removed device and of the one added after it could
+    name the same number (a security review). At the next start the table is rebuilt with AUTOINCREMENT,
+    once, saying so: every device keeps its number, its key and its indexes, and a table pointing at devices
+    (none of the app's does; an operator's own) keeps its rows and its working foreign key. The next number
+    is above every one the audit records name, also those of devices removed before the upgrade (by one
+    removal, or by turning 2FA off), and from then on a number removed is not given again."""
+    import json
+
+    from peewee import IntegrityError
+
+    from webapp.models import Device
+    from webapp.totp import encrypt_secret
+
+    user = actor.user(secret=secret)
+    with app.app_context():
+        backup = Device.create(user=user.id, name="Backup tablet", secret_enc=encrypt_secret(new_secret()))
+        _device_table_as_before()
+        db.execute_sql('CREATE TABLE "devicenote" (id INTEGER PRIMARY KEY, '
+                       'device_id INTEGER REFERENCES "device" ("id") ON DELETE CASCADE, note TEXT)')
+        db.execute_sql('INSERT INTO "devicenote" (device_id, note) VALUES (?, ?)', (backup.id, "in the safe"))
+        # What the old table did: the highest number, given out and removed twice, and recorded each time.
+        for name, records in (("temp", lambda n: {"device_removed": {"device": "temp", "device_id": n}}),
+                              ("Old phone", lambda n: {"tfa_disabled": {"devices": ["Old phone"], "device_ids": [n]}})):
+            gone = Device.create(user=user.id, name=name, secret_enc=backup.secret_enc)
+            assert gone.id == backup.id + 1
+            Device.delete().where(Device.id == gone.id).execute()
+            for kind, detail in records(gone.id).items():
+                AuditEvent.create(kind=kind, user=user.id, detail=json.dumps(detail))
+        AuditEvent.create(kind="device_added", user=user.id, detail=json.dumps({"device": "x", "device_id": 1}))
+    again, said = _start_again(app, tmp_path, clock, capsys)
+    assert said.count("upgrading the database: rebuilding table device") == 1
+    assert said.count(f"upgraded the database: device numbers are never given twice; the next is {backup.id + 2}") == 1
+    with again.app_context():
+        assert "AUTOINCREMENT" in db.execute_sql("SELECT sql FROM sqlite_master WHERE name = 'device'").fetchone()[0]
+        assert [(d.id, d.name, d.secret_enc) for d in Device.select().order_by(Device.id)] == [
+            (1, "Phone", Device.get_by_id(1).secret_enc), (backup.id, "Backup tablet", backup.secret_enc)]
+        assert {i.name for i in db.get_indexes("device")} == {"device_user_id", "device_user_id_name"}
+        with pytest.raises(IntegrityError):  # the unique index on (person, name) is there
+            with db.atomic():
+                Device.create(user=user.id, name="Backup tablet", secret_enc=backup.secret_enc)
+        added = Device.create(user=user.id, name="temp", secret_enc=backup.secret_enc)
+        assert added.id == backup.id + 2  # not the numbers the removed ones had
+        Device.delete().where(Device.id == added.id).execute()
+        assert Device.create(user=user.id, name="temp", secret_enc=backup.secret_enc).id == added.id + 1
+        assert db.execute_sql('SELECT device_id, note FROM "devicenote"').fetchall() == [(backup.id, "in the safe")]
+        assert db.execute_sql("PRAGMA foreign_keys").fetchone()[0] == 1
+        Device.delete().where(Device.id == backup.id).execute()
+        assert db.execute_sql('SELECT count(*) FROM "devicenote"').fetchone()[0] == 0  # its key still cascades
+    after = type(actor)(again, again.test_client(), clock)
+    assert after.sign_in(secret=secret).status_code == 302  # the key the device had
+    third, said = _start_again(again, tmp_path, clock, capsys)
+    assert "device" not in said
 
 
 def test_addresses_stored_in_an_old_spelling_get_the_normal_one_at_start(app, actor, tmp_path, clock, capsys):

@@ -820,6 +820,41 @@ def test_changes_are_audited_without_codes(actor, app, alice, secret):
         assert code not in e.detail and secret not in e.detail and PASSWORD not in e.detail
 
 
+def test_a_removed_devices_number_is_never_given_to_a_new_device(actor, app, alice, secret):
+    """security.md 43: the records name devices by number as well as by name, so that an incident review tells
+    them apart. SQLite gave a new device the highest number left plus one: an intruder who added "temp",
+    removed "Backup tablet" with a code from it, removed "temp" and added a device named "Backup tablet" got
+    its number back, and the records read like the owner removing and adding back the same device (a security
+    review). A number is never given twice now, the highest one removed included."""
+    from .test_wizard import Wizard
+
+    backup = add_device(app, alice, "Backup tablet")
+    temp = Wizard(actor)
+    temp.run("temp")
+    [_, _, added] = device_rows(app, alice)
+    actor.clock.advance(30)
+    r = post(actor, f"/settings/devices/{backup.id}/remove", {f"remove-{backup.id}-code": temp.code_now()})
+    assert r.status_code == 302
+    actor.clock.advance(30)
+    r = post(actor, f"/settings/devices/{added.id}/remove", {f"remove-{added.id}-code": actor.code(secret)})
+    assert r.status_code == 302
+    actor.clock.advance(30)
+    Wizard(actor).run("Backup tablet")
+    [phone, again] = device_rows(app, alice)
+    assert again.name == "Backup tablet" and again.id > added.id > backup.id > phone.id
+    with app.app_context():
+        numbers = [(e.kind, e.details.get("device"), e.details.get("device_id")) for e in AuditEvent.select().where(
+            (AuditEvent.user == alice.id) & AuditEvent.kind.in_(["device_added", "device_removed"]))
+            .order_by(AuditEvent.id)]
+    assert numbers == [("device_added", "temp", added.id), ("device_removed", "Backup tablet", backup.id),
+                       ("device_removed", "temp", added.id), ("device_added", "Backup tablet", again.id)]
+    activity = app.test_cli_runner().invoke(args=["users", "activity", alice.email]).output
+    assert (f"Authenticator device removed: \u201cBackup tablet\u201d  [Device: Backup tablet; Device number: "
+            f"{backup.id}]") in activity
+    assert re.search(f"Another authenticator device added: \u201cBackup tablet\u201d  \\[Browser: [^;]+; "
+                     f"Device: Backup tablet; Device number: {again.id}\\]", activity)
+
+
 def test_add_another_device_goes_through_the_same_wizard(actor, alice):
     page = text(actor.client.get("/settings"))
     link = re.search(r'<a href="/settings/2fa"[^>]*>Add another device</a>', page)
@@ -949,19 +984,19 @@ def test_a_name_that_is_too_long_is_not_also_read_for_hidden_characters(app):
 @pytest.mark.parametrize("action", ["rename", "remove"])
 def test_a_stale_device_form_does_not_act_on_a_new_device_that_got_the_old_ones_id(actor, app, alice, secret,
                                                                                   action, gap):
-    """security.md 34 (a form acts on the device it was shown for, or on none): SQLite gives a new row the id
-    of the last one deleted. "Old phone" removed in another tab and "New phone" added since, the page still
-    open from before renamed or removed "New phone" (the PostgreSQL review: on PostgreSQL it was a 404). The
-    forms' addresses carry when their device was added: such a form is refused as one for a device that has
-    gone, and nothing changes. Also when the new device came a millisecond later (`gap`): the stamp is to the
-    microsecond."""
+    """security.md 34 (a form acts on the device it was shown for, or on none): SQLite gave a new row the id
+    of the last one deleted (until 2026-12-07; the stamp stays a second guard). "Old phone" removed in another
+    tab and "New phone" added since, the page still open from before renamed or removed "New phone" (the
+    PostgreSQL review: on PostgreSQL it was a 404). The forms' addresses carry when their device was added:
+    such a form is refused as one for a device that has gone, and nothing changes. Also when the new device
+    came a millisecond later (`gap`): the stamp is to the microsecond."""
     old = add_device(app, alice, "Old phone")
     page = text(actor.client.get("/settings"))
     url = re.search(rf'action="(/settings/devices/{old.id}/{action}\?added=\d+)"', page).group(1)
     with app.app_context():
         Device.delete().where(Device.id == old.id).execute()
     actor.clock.advance(gap)
-    with app.app_context():  # what SQLite does: the next device gets the id that came free
+    with app.app_context():  # what SQLite did: the next device got the id that came free
         Device.create(id=old.id, user=alice.id, name="New phone", secret_enc=old.secret_enc)
     data = {f"rename-{old.id}-name": "Old phone (lost)"} if action == "rename" else {
         f"remove-{old.id}-code": actor.code(secret)}
@@ -982,9 +1017,9 @@ def test_a_stale_device_form_does_not_act_on_a_new_device_that_got_the_old_ones_
 def test_a_device_replaced_after_its_form_was_checked_is_not_acted_on(actor, app, alice, secret, monkeypatch,
                                                                       action):
     """security.md 34: the device is read again under the person's row, with when it was added. "Old phone"
-    removed in another tab and "New phone" added with its id (SQLite) after this form passed the check of
-    its address (_own_device), but before the change was made: the form finds its device gone, and "New
-    phone" is neither renamed nor removed."""
+    removed in another tab and "New phone" added with its id (SQLite, before 2026-12-07) after this form
+    passed the check of its address (_own_device), but before the change was made: the form finds its device
+    gone, and "New phone" is neither renamed nor removed."""
     from webapp import settings
 
     old = add_device(app, alice, "Old phone")

@@ -13,9 +13,9 @@ import threading
 import time
 from contextlib import contextmanager
 
-from peewee import (BigAutoField, ColumnBase, DatabaseError, DatabaseProxy, Field, ForeignKeyField, InterfaceError,
-                    InternalError, ModelSelect, OperationalError, PostgresqlDatabase, ProgrammingError,
-                    SqliteDatabase, sort_models)
+from peewee import (SQL, BigAutoField, ColumnBase, DatabaseError, DatabaseProxy, Field, ForeignKeyField,
+                    InterfaceError, InternalError, ModelSelect, NodeList, OperationalError, PostgresqlDatabase,
+                    ProgrammingError, SqliteDatabase, sort_models)
 from playhouse.db_url import parse
 from werkzeug.wsgi import ClosingIterator
 
@@ -428,13 +428,29 @@ def loaded(model, data):
     return instance
 
 
+class NeverReusedAutoField(BigAutoField):
+    """A 64-bit id that no later row gets again, for a table whose numbers the audit records name (a device's:
+    an incident review tells devices apart by them). SQLite gives an INTEGER PRIMARY KEY without AUTOINCREMENT
+    the highest id in the table plus one: once the newest row is deleted its number goes to the next row, and
+    an intruder's device could be named and numbered like the owner's device it replaced. AUTOINCREMENT keeps
+    the highest id ever given in sqlite_sequence. PostgreSQL's sequence never goes back: `bigserial`, as for
+    any BigAutoField. A table made without it is rebuilt at start (_never_reuse_ids)."""
+
+    def ddl(self, ctx):
+        node = super().ddl(ctx)
+        if self.ddl_datatype(ctx).sql == "INTEGER":  # SQLite's rowid: the only column AUTOINCREMENT is for
+            node = NodeList((node, SQL("AUTOINCREMENT")))
+        return node
+
+
 def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fill_values=None, upgrade=None,
-                   obsolete_indexes=()):
+                   obsolete_indexes=(), used_ids=None):
     """At every start: add the columns an existing table is missing (with what fills them), create the tables
     and indexes that are missing (on PostgreSQL also the extra indexes, and 64-bit ids where a table has
-    32-bit ones: _widen_ids), drop the `obsolete_indexes` still there, run `upgrade()`, which brings rows an
-    earlier version wrote up to date and returns lines to print, then check that every table has every column
-    this version reads."""
+    32-bit ones: _widen_ids; on SQLite AUTOINCREMENT where a NeverReusedAutoField lacks it: _never_reuse_ids,
+    with `used_ids`), drop the `obsolete_indexes` still there, run `upgrade()`, which brings rows an earlier
+    version wrote up to date and returns lines to print, then check that every table has every column this
+    version reads."""
     with database.connection_context():
         if isinstance(database, PostgresqlDatabase):
             # Hosts started at the same moment on an empty database: PostgreSQL's CREATE ... IF NOT EXISTS is
@@ -453,6 +469,7 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fi
                 _create_missing(database, models)  # after the columns: their indexes need them
                 _drop_obsolete(database, obsolete_indexes)  # before _widen_ids, which would rewrite them too
                 _widen_ids(database, models)
+                rebuilt = []  # sequences never hand out a number twice
                 with database.atomic():
                     done = upgrade() if upgrade else []
                 for statement in postgresql_indexes:
@@ -468,12 +485,13 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fi
         else:
             with database.atomic("IMMEDIATE"):  # writing first: processes that add a column take turns
                 added = _add_columns(database, added_columns, fill_values)
+            rebuilt = _never_reuse_ids(database, models, used_ids or {})
             _say_building(database, models)
             database.create_tables(models, safe=True)  # SQLite's own lock serialises creators
             with database.atomic("IMMEDIATE"):
                 _drop_obsolete(database, obsolete_indexes)
                 done = upgrade() if upgrade else []
-    for line in [f"added {column}" for column in added] + done:  # once committed
+    for line in [f"added {column}" for column in added] + rebuilt + done:  # once committed
         print(f" * twostep: upgraded the database: {line} (README \"Upgrades\")", file=sys.stderr, flush=True)
     _check_columns(database, models)
 
@@ -607,6 +625,77 @@ def _widen_ids(database, models):
                 database.execute_sql(f"ALTER SEQUENCE {sequence[0]} AS bigint")
 
 
+def _never_reuse_ids(database, models, used_ids):
+    """On SQLite, rebuild with AUTOINCREMENT each table whose id is a NeverReusedAutoField but that an earlier
+    version made without it (the device table before 2026-12-07), so that no id is given twice from now on.
+    Its next id is above both the highest in the table and the highest `used_ids[model]()` finds recorded
+    (the audit log's device numbers): an id given before the upgrade and deleted since is not given again
+    either. Returns the lines to print once committed.
+
+    SQLite's own procedure for a change ALTER TABLE cannot make (sqlite.org/lang_altertable.html), in one
+    transaction: a new table, the rows copied with their ids, the old one dropped, the new one renamed to its
+    name, its indexes made. With foreign keys off: dropping the old table would otherwise delete or refuse the
+    rows of a table that points at it (none does today). Those keep pointing at the same ids under the same
+    name, which the check before the commit confirms. Under BEGIN IMMEDIATE: processes started together take
+    turns, and the next finds nothing left to do."""
+    def lacking():
+        found = []
+        for model in models:
+            if isinstance(model._meta.primary_key, NeverReusedAutoField):
+                sql = _table_sql(database, model._meta.table_name)
+                if sql is not None and "AUTOINCREMENT" not in sql.upper():  # a missing one is made with it
+                    found.append(model)
+        return found
+
+    if not lacking():  # every start but one: a read of the schema
+        return []
+    lines = []
+    keys_on = database.execute_sql("PRAGMA foreign_keys").fetchone()[0]
+    database.execute_sql("PRAGMA foreign_keys = OFF")  # no effect inside a transaction: set before it
+    try:
+        with database.atomic("IMMEDIATE"):
+            for model in lacking():  # again under the lock: another process may have rebuilt it meanwhile
+                table, new = model._meta.table_name, f"{model._meta.table_name}_rebuilt"
+                print(f" * twostep: upgrading the database: rebuilding table {table} so that no number is given "
+                      f"twice (README \"Upgrades\")", file=sys.stderr, flush=True)
+                before = _broken_references(database, table)
+                columns = ", ".join(f'"{field.column_name}"' for field in model._meta.sorted_fields)
+                create, _ = model._schema._create_table(safe=False).query()  # as the models declare it
+                database.execute_sql(create.replace(f'CREATE TABLE "{table}"', f'CREATE TABLE "{new}"', 1))
+                database.execute_sql(f'INSERT INTO "{new}" ({columns}) SELECT {columns} FROM "{table}"')
+                database.execute_sql(f'DROP TABLE "{table}"')
+                database.execute_sql(f'ALTER TABLE "{new}" RENAME TO "{table}"')
+                for index in model._meta.fields_to_index():
+                    database.execute(model._schema._create_index(index, safe=False))
+                if _broken_references(database, table) - before:  # rolled back: the start stops, nothing changed
+                    raise ConfigError(f"rebuilding table {table} would leave rows pointing at none of its rows "
+                                      "(README \"Upgrades\")")
+                key = model._meta.primary_key.column_name
+                highest = max(database.execute_sql(f'SELECT COALESCE(MAX("{key}"), 0) FROM "{table}"').fetchone()[0],
+                              used_ids[model]() if model in used_ids else 0)
+                database.execute_sql("DELETE FROM sqlite_sequence WHERE name = ?", (table,))
+                database.execute_sql("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table, highest))
+                lines.append(f"{table} numbers are never given twice; the next is {highest + 1}")
+    finally:
+        database.execute_sql(f"PRAGMA foreign_keys = {int(keys_on)}")
+    return lines
+
+
+def _broken_references(database, table):
+    """The rows of tables pointing at `table` whose foreign key finds no row there (PRAGMA foreign_key_check)."""
+    children = [name for (name,) in database.execute_sql(
+        "SELECT m.name FROM sqlite_master m, pragma_foreign_key_list(m.name) f "
+        "WHERE m.type = 'table' AND f.\"table\" = ?", (table,))]
+    return {tuple(row) for child in children
+            for row in database.execute_sql(f'PRAGMA foreign_key_check("{child}")').fetchall() if row[2] == table}
+
+
+def _table_sql(database, table):
+    """The CREATE TABLE statement SQLite keeps for `table`, or None when there is no such table."""
+    row = database.execute_sql("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
+    return row[0] if row else None
+
+
 def _create_private(path):
     """A new SQLite file readable by its owner alone (it holds password hashes and the encrypted TOTP
     secrets); SQLite gives its -wal and -shm files the same permissions. An existing file stays as it is."""
@@ -634,7 +723,7 @@ def init_app(app):
     try:
         _create_tables(database, models.ALL_MODELS, models.POSTGRESQL_INDEXES, models.ADDED_COLUMNS,
                        {"lock": int(app.config["THROTTLE_FREE_FAILURES"]) + 1}, models.respell_stored_emails,
-                       models.OBSOLETE_INDEXES)
+                       models.OBSOLETE_INDEXES, models.USED_IDS)
     except (OperationalError, InterfaceError, ProgrammingError) as exc:  # unreachable, no such file, no rights
         reason = first_line(exc)
         if _sqlstate(exc) == "42501":  # insufficient privilege: since PostgreSQL 15 only the database's owner

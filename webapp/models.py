@@ -24,7 +24,7 @@ from peewee import (
 )
 
 from .clock import now
-from .db import Param, Prepared, db, for_update, is_sqlite
+from .db import NeverReusedAutoField, Param, Prepared, db, for_update, is_sqlite
 from .fields import (LATIN_LOOKALIKES, has_stacked_marks, is_invisible, is_mark, is_plain_letter,
                      mixes_alphabets)
 
@@ -185,8 +185,10 @@ class Device(BaseModel):
     """An authenticator app bound to a person; secret_enc is the Fernet-encrypted Base32 secret."""
 
     # 64-bit: anyone with an account can add a device (with a code from its new key, which they have) and
-    # remove it, again and again. A few rows per person: widening it is quick.
-    id = BigAutoField()
+    # remove it, again and again. A few rows per person: widening it is quick. Never given twice: the audit
+    # records tell devices apart by their number (an intruder's device added under a removed one's name and
+    # number read like the owner's device put back; a security review).
+    id = NeverReusedAutoField()
     user = ForeignKeyField(User, backref="devices", on_delete="CASCADE")
     name = CharField(max_length=64)
     secret_enc = TextField()
@@ -378,6 +380,30 @@ def respell_stored_emails():
         changed += 1
     return [f"stored {changed} address(es) in their normal spelling"] if changed else []
 
+
+# The audit records that name devices by number (device_id, device_ids), by event.
+_DEVICE_NUMBER_KINDS = ("tfa_enabled", "device_added", "device_renamed", "device_removed", "code_accepted",
+                        "tfa_disabled", "tfa_reset", "support_tfa_disabled")
+
+
+def highest_recorded_device_id():
+    """The highest device number the audit records name (0 if none), for the upgrade after which no number is
+    given twice (db._never_reuse_ids): a device removed before it may have had a number above every device
+    left, and the next device must not get it. Read once, at that upgrade, through the index by event (codes
+    accepted are most of it: about a second per million sign-ins)."""
+    kinds = ", ".join("?" * len(_DEVICE_NUMBER_KINDS))
+    table = AuditEvent._meta.table_name
+    return db.execute_sql(
+        f"SELECT COALESCE(MAX(n), 0) FROM ("
+        f"SELECT json_extract(detail, '$.device_id') AS n FROM \"{table}\" WHERE kind IN ({kinds}) "
+        f"AND json_valid(detail) UNION ALL "
+        f"SELECT j.value FROM \"{table}\", json_each(detail, '$.device_ids') AS j WHERE kind IN ({kinds}) "
+        f"AND json_valid(detail) AND json_type(detail, '$.device_ids') = 'array') WHERE typeof(n) = 'integer'",
+        _DEVICE_NUMBER_KINDS * 2).fetchone()[0]
+
+
+# What db._never_reuse_ids finds recorded of the numbers a table without AUTOINCREMENT gave.
+USED_IDS = {Device: highest_recorded_device_id}
 
 ALL_MODELS = [User, Device, ServerSession, KnownBrowser, SignInChallenge, PendingEnrolment, SupportRequest,
               NetworkCounter, AuditEvent]

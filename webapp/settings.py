@@ -181,10 +181,11 @@ def _own_device(device_id):
     """The signed-in person's device with this id, or 404: nobody reaches another person's devices (security.md 34),
     and one removed in another tab is gone, which is what the message says (the same for both).
 
-    The forms' addresses also carry when the device was added (`added`, device_stamp): SQLite gives a new row
-    the id of the last one deleted, so a page from before "Old phone" was removed in another tab would
-    otherwise rename or remove the "New phone" added since (the PostgreSQL review). A form without it (a
-    page from before this check) is taken by its id, as before."""
+    The forms' addresses also carry when the device was added (`added`, device_stamp): SQLite gave a new row
+    the id of the last one deleted (until device numbers were never given twice, 2026-12-07), so a page from
+    before "Old phone" was removed in another tab would otherwise rename or remove the "New phone" added
+    since (the PostgreSQL review). Kept as a second guard. A form without it (a page from before this check)
+    is taken by its id, as before."""
     device = Device.get_or_none((Device.id == device_id) & (Device.user == current_user.id))
     added = request.args.get("added")
     if device is None or (added is not None and added != device_stamp(device)):

@@ -327,7 +327,13 @@ def event_text(kind, detail):
         return "Password changed by the server operator"
     if kind == "role_changed":
         return "Admin rights given" if detail.get("admin") else "Admin rights removed"
-    if kind in ("tfa_enabled", "device_added") and detail.get("device"):
+    # The device by name, as its owner knows it (a removal or rename they did not make is what they look for);
+    # its number is in the details (detail_text).
+    if kind == "device_renamed" and detail.get("device"):
+        if detail.get("old_name"):
+            return f"{KIND_LABELS[kind]}: \u201c{detail['old_name']}\u201d to \u201c{detail['device']}\u201d"
+        return f"{KIND_LABELS[kind]} to \u201c{detail['device']}\u201d"
+    if kind in ("tfa_enabled", "device_added", "device_removed") and detail.get("device"):
         return f"{KIND_LABELS[kind]}: \u201c{detail['device']}\u201d"
     return KIND_LABELS.get(kind) or _humanise(kind)
 
