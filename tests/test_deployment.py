@@ -322,24 +322,56 @@ def test_a_database_missing_a_column_no_upgrade_adds_stops_the_start_naming_it(a
                       TOTP_ENCRYPTION_KEYS=app.config["TOTP_ENCRYPTION_KEYS"])
 
 
-def _device_table_as_before():
-    """Make the device table again as versions before 2026-12-07 made it on SQLite: without AUTOINCREMENT, so
-    that a new device got the highest number left plus one."""
+def _device_table_as_before(model=None):
+    """Make the device table (or `model`'s) again as versions before 2026-12-07 made it on SQLite: without
+    AUTOINCREMENT, so that a new row got the highest number left plus one."""
     from webapp.models import Device
 
-    made = db.execute_sql("SELECT sql FROM sqlite_master WHERE name = 'device'").fetchone()[0]
+    model = model or Device
+    table = model._meta.table_name
+    made = db.execute_sql("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
     if "AUTOINCREMENT" not in made:
         return  # made so already (a version before the change)
     db.execute_sql("PRAGMA foreign_keys = OFF")
     with db.atomic():
-        db.execute_sql(made.replace('"device"', '"device_old"', 1).replace(" AUTOINCREMENT", ""))
-        db.execute_sql('INSERT INTO "device_old" SELECT * FROM "device"')
-        db.execute_sql('DROP TABLE "device"')
-        db.execute_sql('ALTER TABLE "device_old" RENAME TO "device"')
-        db.execute_sql("DELETE FROM sqlite_sequence WHERE name IN ('device', 'device_old')")  # as if never there
-        for index in Device._meta.fields_to_index():
-            db.execute(Device._schema._create_index(index))
+        db.execute_sql(made.replace(f'"{table}"', f'"{table}_old"', 1).replace(" AUTOINCREMENT", ""))
+        db.execute_sql(f'INSERT INTO "{table}_old" SELECT * FROM "{table}"')
+        db.execute_sql(f'DROP TABLE "{table}"')
+        db.execute_sql(f'ALTER TABLE "{table}_old" RENAME TO "{table}"')
+        db.execute_sql("DELETE FROM sqlite_sequence WHERE name IN (?, ?)", (table, f"{table}_old"))  # never there
+        for index in model._meta.fields_to_index():
+            db.execute(model._schema._create_index(index))
     db.execute_sql("PRAGMA foreign_keys = ON")
+
+
+@pytest.mark.skipif((os.environ.get("TEST_DATABASE_URL") or "").startswith("postgres"),
+                    reason="SQLite's AUTOINCREMENT: PostgreSQL's sequences never give a number twice")
+def test_contact_request_numbers_are_never_given_twice_after_the_upgrade(app, actor, tmp_path, clock, capsys):
+    """README "Upgrades", security.md 43: the audit records and the Support page name contact requests by
+    number. On SQLite a request erased (`users erase`) or purged while it was the newest gave its number to
+    the next request, whose records then read as the first one's. At the next start the table is rebuilt with
+    AUTOINCREMENT, its next number above every one the records name, and no number is given twice after."""
+    import json
+
+    from webapp.models import SupportRequest
+
+    with app.app_context():
+        kept = SupportRequest.create(email="carol@example.com", message="lost my phone, please help")
+        _device_table_as_before(SupportRequest)
+        for _ in range(2):
+            gone = SupportRequest.create(email="eve@example.com", message="a request erased since then")
+            assert gone.id == kept.id + 1  # what the old table did: the same number twice
+            AuditEvent.create(kind="support_request", detail=json.dumps({"request": gone.id}))
+            SupportRequest.delete().where(SupportRequest.id == gone.id).execute()
+    again, said = _start_again(app, tmp_path, clock, capsys)
+    assert said.count("rebuilding table supportrequest") == 1
+    assert f"supportrequest numbers are never given twice; the next is {kept.id + 2}" in said
+    with again.app_context():
+        assert [(r.id, r.message) for r in SupportRequest.select()] == [(kept.id, "lost my phone, please help")]
+        added = SupportRequest.create(email="dan@example.com", message="a new request after the upgrade")
+        assert added.id == kept.id + 2
+        SupportRequest.delete().where(SupportRequest.id == added.id).execute()
+        assert SupportRequest.create(email="dan@example.com", message="and one more after it").id == added.id + 1
 
 
 @pytest.mark.skipif((os.environ.get("TEST_DATABASE_URL") or "").startswith("postgres"),

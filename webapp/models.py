@@ -259,7 +259,9 @@ class SupportRequest(BaseModel):
     """A message sent through the contact form; linked to the account whose email matches, if any."""
 
     # 64-bit: anyone can send the form, without an account (limited per network, but from many networks).
-    id = BigAutoField()
+    # Never given twice: the audit records and the Support page name requests by number, and a request erased
+    # or purged while it was the newest gave its number to the next one on SQLite.
+    id = NeverReusedAutoField()
     email = CharField(max_length=254, index=True)
     message = TextField()
     user = ForeignKeyField(User, null=True, backref="support_requests", on_delete="SET NULL")
@@ -402,8 +404,17 @@ def highest_recorded_device_id():
         _DEVICE_NUMBER_KINDS * 2).fetchone()[0]
 
 
+def highest_recorded_request_id():
+    """The highest contact request number the audit records name (0 if none): every request stored has its
+    `support_request` record, written with it, which outlives the request (db._never_reuse_ids)."""
+    return db.execute_sql(
+        f"SELECT COALESCE(MAX(json_extract(detail, '$.request')), 0) FROM \"{AuditEvent._meta.table_name}\" "
+        "WHERE kind = 'support_request' AND json_valid(detail) "
+        "AND json_type(detail, '$.request') = 'integer'").fetchone()[0]
+
+
 # What db._never_reuse_ids finds recorded of the numbers a table without AUTOINCREMENT gave.
-USED_IDS = {Device: highest_recorded_device_id}
+USED_IDS = {Device: highest_recorded_device_id, SupportRequest: highest_recorded_request_id}
 
 ALL_MODELS = [User, Device, ServerSession, KnownBrowser, SignInChallenge, PendingEnrolment, SupportRequest,
               NetworkCounter, AuditEvent]
