@@ -236,6 +236,9 @@ def test_a_visitor_cannot_start_a_log_line_of_their_own(app, actor, capfd, monke
     # A backslash the visitor typed is doubled, so the escape above cannot be faked with "\n" typed as is.
     actor.client.post("/settings/sessions/y%5Cn2026/end")
     assert "csrf refused: POST /settings/sessions/y\\\\n2026/end" in capfd.readouterr().err
+    # A right-to-left override (and its kin) drew the rest of the line backwards: "dne/..." for "/end".
+    actor.client.post("/settings/sessions/z%E2%80%AE%E2%81%A6%E2%80%8B/end")
+    assert "csrf refused: POST /settings/sessions/z\\u202e\\u2066\\u200b/end" in capfd.readouterr().err
 
 
 def test_werkzeugs_own_lines_are_masked_but_not_escaped_again(app):

@@ -614,7 +614,11 @@ class RedactingFilter(logging.Filter):
 
     # Line breaks and other control characters (NEL and the Unicode line and paragraph separators too, not the
     # tab), and the backslash, so that an escape in the log cannot be told apart from one a visitor typed.
-    CONTROLS = re.compile(r"[\\\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+    # With the bidirectional controls and the invisible characters that change how a line reads: a right-to-left
+    # override in a path drew the rest of its log line backwards in a terminal. Not the joiners (U+200C, U+200D),
+    # which Persian words and emoji hold and which move nothing.
+    CONTROLS = re.compile(r"[\\\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u2028-\u202e"
+                          r"\u2060-\u2064\u2066-\u2069\ufeff]")
 
     def __init__(self, escape_controls=True):
         super().__init__()
