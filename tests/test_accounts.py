@@ -2323,6 +2323,7 @@ def test_cli_erase_deletes_a_persons_data_and_keeps_the_number_and_the_audit_rec
         SupportRequest.create(email="bob@example.com", message="mine", user=bob.id)
         assert KnownBrowser.select().where(KnownBrowser.user == user.id).count() == 1
         records = AuditEvent.select().where(AuditEvent.user == user.id).count()
+        [device] = user.devices
 
     result = run(app, "users", "erase", "alice@example.com", "--yes")
 
@@ -2344,7 +2345,8 @@ def test_cli_erase_deletes_a_persons_data_and_keeps_the_number_and_the_audit_rec
         assert [r.message for r in SupportRequest.select()] == ["mine"]
         assert AuditEvent.select().where(AuditEvent.user == user.id).count() == records + 1
         [event] = AuditEvent.select().where(AuditEvent.kind == "account_erased")
-        assert event.details == {"via": "cli", "devices_removed": 1, "sessions_ended": 1, "requests_deleted": 2}
+        assert event.details == {"via": "cli", "devices_removed": 1, "device_ids": [device.id], "sessions_ended": 1,
+                                 "requests_deleted": 2}
         assert "alice" not in event.detail
     assert "Account erased by the server operator" in run(app, "users", "activity", f"#{user.id}").output
 
@@ -2353,6 +2355,30 @@ def test_cli_erase_deletes_a_persons_data_and_keeps_the_number_and_the_audit_rec
     with app.app_context():
         again = User.by_email("alice@example.com")
         assert again.id != user.id and AuditEvent.select().where(AuditEvent.user == again.id).count() == 1
+
+
+def test_cli_erase_records_the_numbers_of_the_devices_it_removed(app, actor, secret):
+    """A security review: the erasure's record said how many devices went, not which, where every other removal
+    names them by number (device_ids: security.revoke_second_factor), the number the records of each device's
+    sign-ins give. It does now, not by name (what the person typed is not copied into a new record); `users
+    activity` shows them (security.md 43)."""
+    import json
+
+    user = actor.user(secret=secret, devices={"Alice's iPhone": new_secret()})
+    actor.user("bob@example.com")
+    with app.app_context():
+        numbers = sorted(d.id for d in user.devices)
+
+    for email in ("alice@example.com", "bob@example.com"):
+        assert run(app, "users", "erase", email, "--yes").exit_code == 0
+
+    with app.app_context():
+        alice, bob = (e.details for e in AuditEvent.select().where(AuditEvent.kind == "account_erased")
+                      .order_by(AuditEvent.id))
+    assert (alice["devices_removed"], alice["device_ids"]) == (2, numbers) and "iPhone" not in json.dumps(alice)
+    assert (bob["devices_removed"], bob["device_ids"]) == (0, None)
+    assert (f"Sessions ended: 0; Device numbers: {numbers[0]}, {numbers[1]}]"
+            in run(app, "users", "activity", f"#{user.id}").output)
 
 
 def test_cli_an_erased_account_cannot_be_put_back_in_use(app, actor):

@@ -518,6 +518,9 @@ def erase(email, yes):
         # The name the contact form holds from its count to its commit (support._take_request): a request in
         # this address being stored now is waited for, and deleted below; none can be stored until this commits.
         lock_keys("contact-email:" + address)
+        # By number, as every other removal records them (security.revoke_second_factor): what the records of
+        # each device's sign-ins name it by. Not by name: the erasure does not copy what the person typed.
+        device_ids = [d.id for d in Device.select(Device.id).where(Device.user == user.id).order_by(Device.id)]
         devices = Device.delete().where(Device.user == user.id).execute()
         sign_ins = end_code_steps(user)
         set_ups = PendingEnrolment.delete().where(PendingEnrolment.user == user.id).execute()
@@ -530,8 +533,8 @@ def erase(email, yes):
                     code_locked_until=None, tfa_reset_until=None,
                     disabled_at=user.disabled_at or now()).where(User.id == user.id).execute()
         # No address in the record: the erased one would stay in it, and in the log line that copies it.
-        audit("account_erased", user=user, via="cli", devices_removed=devices, sessions_ended=sessions,
-              requests_deleted=requests)
+        audit("account_erased", user=user, via="cli", devices_removed=devices, device_ids=device_ids or None,
+              sessions_ended=sessions, requests_deleted=requests)
     click.echo(f"erased {address}: it is now {erased_email(user.id)}, disabled; deleted {devices} device(s), "
                f"{sessions} session(s), {browsers} known browser(s), {sign_ins + set_ups} half-finished sign-in(s) "
                f"and set-up(s), {requests} contact request(s). Its {_audit_count(user)} audit record(s) stay "

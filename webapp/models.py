@@ -385,7 +385,7 @@ def respell_stored_emails():
 
 # The audit records that name devices by number (device_id, device_ids), by event.
 _DEVICE_NUMBER_KINDS = ("tfa_enabled", "device_added", "device_renamed", "device_removed", "code_accepted",
-                        "tfa_disabled", "tfa_reset", "support_tfa_disabled")
+                        "tfa_disabled", "tfa_reset", "support_tfa_disabled", "account_erased")
 
 
 def highest_recorded_device_id():
