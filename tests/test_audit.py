@@ -522,8 +522,8 @@ def test_activity_names_the_browser_of_each_sign_in_and_shows_more_on_request(ap
     assert intruder.password_step().headers["Location"] == "/settings"
     assert actor.password_step().headers["Location"] == "/settings"
     html = " ".join(actor.client.get("/settings").get_data(as_text=True).split())
-    assert "(<bdi>Edge on Windows</bdi>, from 198.51.100.66)" in html
-    assert "(<bdi>Firefox on Linux</bdi>, from 127.0.0.1)" in html
+    assert "(<bdi>Edge on Windows</bdi>, a browser new to your account, from 198.51.100.66)" in html
+    assert "(<bdi>Firefox on Linux</bdi>, a browser new to your account, from 127.0.0.1)" in html
     assert "Show more events" not in html  # two sign-ins: both shown
     for _ in range(4):  # ten events: still all of them, and no link to the same ten
         clock.advance(60)
@@ -541,7 +541,8 @@ def test_activity_names_the_browser_of_each_sign_in_and_shows_more_on_request(ap
     assert "Edge on Windows" not in html and html.count("<li><time") == 10
     assert '<a href="/settings?activity=more#security-activity">Show more events</a>' in html
     more = section("/settings?activity=more")
-    assert "(<bdi>Edge on Windows</bdi>, from 198.51.100.66)" in more and "Show more events" not in more
+    assert "(<bdi>Edge on Windows</bdi>, a browser new to your account, from 198.51.100.66)" in more
+    assert "(<bdi>Firefox on Linux</bdi>, from 127.0.0.1)" in more and "Show more events" not in more
     with app.app_context():
         assert more.count("<li><time") == AuditEvent.select().where(AuditEvent.user.is_null(False)).count() == 22
     # An htmx action on the longer list (signing out the intruder's browser) sends the section back with it
@@ -1067,6 +1068,123 @@ def test_sign_ins_and_added_devices_name_the_browser_they_came_from(app, actor, 
     assert [line for line in lines if "Browser: Edge on Windows" in line and "Two-factor authentication turned on"
             in line]
 
+
+
+EDGE = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36 "
+        "Edg/126.0")
+
+
+def test_a_sign_in_says_whether_its_browser_was_new_to_the_account(app, actor, secret, clock):
+    """A security review: a sign-in's browser is named from its User-Agent, which an intruder can copy from the
+    owner's (the sessions list shows it): only the IP address told their sign-in from the owner's. What they
+    cannot copy is the cookie of a browser the owner signed in from (security.known_browser). Each sign-in
+    records whether its browser was new to the account: no such cookie, or one expired, forgotten (a new
+    password) or another account's. Security activity, the audit log and `users activity` say so, and the
+    sign-ins of a known browser read as before (security.md 43)."""
+    actor.user(secret=secret)
+    bob_secret = new_secret()
+    actor.user("bob@example.com", secret=bob_secret)
+    actor.client.environ_base["HTTP_USER_AGENT"] = EDGE
+    intruder, shared = second_client(app, clock), second_client(app, clock)
+    intruder.client.environ_base.update({"HTTP_USER_AGENT": EDGE, "REMOTE_ADDR": "198.51.100.66"})
+    shared.client.environ_base.update({"HTTP_USER_AGENT": EDGE, "REMOTE_ADDR": "203.0.113.9"})
+
+    def signs_in(who, email="alice@example.com", password=PASSWORD, code_secret=secret):
+        clock.advance(30)  # a code of its own
+        if who.client.get("/settings").status_code == 200:
+            assert who.post_form("/logout", {}, form_url="/settings").status_code == 302
+        assert who.sign_in(email, password, code_secret).headers["Location"] == "/settings"
+
+    signs_in(actor)  # her first sign-in in this browser: new
+    signs_in(actor)  # known
+    signs_in(intruder)  # her browser's name, not her browser
+    signs_in(shared, "bob@example.com", code_secret=bob_secret)
+    signs_in(shared)  # a browser known for another account
+    clock.advance(app.config["KNOWN_BROWSER_TTL"].total_seconds())
+    signs_in(actor)  # unused for as long as a browser is remembered
+    signs_in(actor)
+    assert app.test_cli_runner().invoke(args=["users", "set-password", "alice@example.com", "--password",
+                                              "a new one given by phone"]).exit_code == 0
+    signs_in(actor, password="a new one given by phone")  # forgotten with the old password
+
+    with app.app_context():
+        signins = [(e.ip, e.details.get("new_browser")) for e in AuditEvent.select().where(
+            (AuditEvent.kind == "signin") & (AuditEvent.user == User.by_email("alice@example.com").id))
+            .order_by(AuditEvent.id)]
+    assert signins == [("127.0.0.1", True), ("127.0.0.1", None), ("198.51.100.66", True), ("203.0.113.9", True),
+                       ("127.0.0.1", True), ("127.0.0.1", None), ("127.0.0.1", True)]
+    lines = _activity_lines(actor.client.get("/settings?activity=more").get_data(as_text=True))
+    signed_in = [line.split(": ", 1)[1] for line in lines if "Signed in" in line]
+    assert signed_in[3:] == ["Signed in with a code (Edge on Windows, a browser new to your account, from "
+                             "203.0.113.9)",
+                             "Signed in with a code (Edge on Windows, a browser new to your account, from "
+                             "198.51.100.66)",
+                             "Signed in with a code (Edge on Windows, from 127.0.0.1)",
+                             "Signed in with a code (Edge on Windows, a browser new to your account, from "
+                             "127.0.0.1)"]
+    output = app.test_cli_runner().invoke(args=["users", "activity", "alice@example.com", "--limit", "100"]
+                                          ).output.splitlines()
+    said = [("Browser new to the account: yes" in line, line.rsplit(" ", 1)[1]) for line in output
+            if "Signed in" in line]
+    assert said == [(True, "127.0.0.1"), (False, "127.0.0.1"), (True, "127.0.0.1"), (True, "203.0.113.9"),
+                    (True, "198.51.100.66"), (False, "127.0.0.1"), (True, "127.0.0.1")]
+    admin = second_client(app, clock)
+    sign_in_admin(admin, new_secret())
+    page = admin.client.get("/support/audit?email=alice@example.com").get_data(as_text=True)
+    assert page.count("Browser: Edge on Windows</span><br><span class=\"detail\">Browser new to the account: "
+                      "yes</span>") == 5
+
+
+def test_a_device_added_says_whether_the_sign_in_before_it_came_from_a_browser_new_to_the_account(app, actor,
+                                                                                                  clock):
+    """The records of 2FA turned on and of a device added name the browser too (an intruder adds a device to
+    keep the account); they say whether the sign-in of their session came from a browser new to the account,
+    kept in the session (a "Confirm it's you" on the way too), with no statement more (security.md 43)."""
+    from .test_wizard import Wizard
+
+    actor.user()
+    actor.client.environ_base["HTTP_USER_AGENT"] = EDGE
+    assert actor.password_step().headers["Location"] == "/settings"  # a new browser
+    clock.advance(app.config["FRESH_LOGIN_WINDOW"].total_seconds() + 1)
+    r = actor.post_form("/reauth", {"password": PASSWORD}, form_url="/reauth")
+    assert r.status_code == 302
+    work_phone = Wizard(actor)
+    work_phone.run("Work phone")
+    clock.advance(30)
+    assert actor.post_form("/logout", {}, form_url="/settings").status_code == 302
+    assert actor.sign_in(secret=work_phone.secret).headers["Location"] == "/settings"  # known now
+    clock.advance(30)
+    Wizard(actor).run("Tablet")
+    with app.app_context():
+        added = [(e.kind, e.details["device"], e.details.get("new_browser"))
+                 for e in AuditEvent.select().where(AuditEvent.kind.in_(["tfa_enabled", "device_added"]))
+                 .order_by(AuditEvent.id)]
+    assert added == [("tfa_enabled", "Work phone", True), ("device_added", "Tablet", None)]
+    lines = _activity_lines(actor.client.get("/settings").get_data(as_text=True))
+    assert [line.split(": ", 1)[1] for line in lines if "\u201c" in line] == [
+        "Another authenticator device added: \u201cTablet\u201d (Edge on Windows, from 127.0.0.1)",
+        "Two-factor authentication turned on: \u201cWork phone\u201d (Edge on Windows, a browser new to your "
+        "account, from 127.0.0.1)"]
+    output = app.test_cli_runner().invoke(args=["users", "activity", "alice@example.com"]).output
+    assert ("Two-factor authentication turned on: \u201cWork phone\u201d  [Browser: Edge on Windows; Browser new "
+            "to the account: yes; Device: Work phone;") in output
+
+
+def test_the_code_step_tells_a_new_browser_with_no_statement_more(app, actor, secret, clock, monkeypatch):
+    """Whether a sign-in's browser was new comes from the statements that remember it (security.remember_browser):
+    the code step, the busiest write, reads no known browser for it. A known browser's cookie is renewed (one
+    UPDATE); a new one is stored and the person's oldest trimmed (INSERT, DELETE)."""
+    actor.user(secret=secret)
+    statements = record_statements(monkeypatch)
+    for expected, new in (["INSERT", "DELETE"], True), (["UPDATE"], None):
+        clock.advance(30)
+        if actor.client.get("/settings").status_code == 200:
+            assert actor.post_form("/logout", {}, form_url="/settings").status_code == 302
+        assert actor.password_step().headers["Location"] == "/login/verify"
+        statements.clear()
+        assert actor.code_step(actor.code(secret)).headers["Location"] == "/settings"
+        assert [sql.split()[0] for sql in statements if '"knownbrowser"' in sql] == expected
+        assert events(app, "signin")[-1].details.get("new_browser") is new
 
 
 def test_records_of_one_device_are_told_from_anothers_of_the_same_name(app, actor, clock):

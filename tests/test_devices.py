@@ -852,7 +852,7 @@ def test_a_removed_devices_number_is_never_given_to_a_new_device(actor, app, ali
     assert (f"Authenticator device removed: \u201cBackup tablet\u201d  [Device: Backup tablet; Device number: "
             f"{backup.id}]") in activity
     assert re.search(f"Another authenticator device added: \u201cBackup tablet\u201d  \\[Browser: [^;]+; "
-                     f"Device: Backup tablet; Device number: {again.id}\\]", activity)
+                     f"Browser new to the account: yes; Device: Backup tablet; Device number: {again.id}\\]", activity)
 
 
 def test_add_another_device_goes_through_the_same_wizard(actor, alice):

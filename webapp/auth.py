@@ -158,9 +158,20 @@ def after_sign_in(next_url):
     return redirect(safe_next(next_url) or url_for("settings.index"))
 
 
+NEW_BROWSER = "new_browser"  # session key: this session's sign-in came from a browser new to the account
+
+
+def new_browser_detail(new):
+    """The audit detail of a sign-in, or of a device added, from a browser new to the account: only when it
+    was, so that the records of a known browser, and those written before, read as they did."""
+    return {"new_browser": True} if new else {}
+
+
 def start_session(user, method=None):
     """The signed-in session of complete_sign_in, without the redirect: inside the caller's write
-    transaction, if there is one, so the sign-in commits once."""
+    transaction, if there is one, so the sign-in commits once. Its record says whether the browser was new to
+    the account (security.remember_browser): the browser's name is the User-Agent, which an intruder can copy
+    from the owner's; and so does the session, for the device its wizard may add (settings.complete)."""
     pending_messages = session.get("_flashes")  # messages queued for the next page survive the new session
     session.rotate()
     session.clear()
@@ -170,9 +181,11 @@ def start_session(user, method=None):
     session["auth_at"] = timestamp()
     with write_transaction():  # last sign-in, audit record and the new session row: one commit
         _MARK_LOGIN.execute(at=now(), id=user.id)
-        remember_browser(user)
+        new = remember_browser(user)
+        if new:
+            session[NEW_BROWSER] = True
         audit("signin", user=user, method=method or ("password+code" if user.has_2fa else "password"),
-              browser=browser_label(request.headers.get("User-Agent")))
+              browser=browser_label(request.headers.get("User-Agent")), **new_browser_detail(new))
         write_session_now()
 
 

@@ -197,18 +197,24 @@ def known_browser(user):
 def remember_browser(user):
     """After a completed sign-in (inside its transaction): this browser is known for `user` for another
     KNOWN_BROWSER_TTL, and its cookie goes out again. One account per browser: a cookie for another account
-    is replaced and its row deleted. A person keeps the KNOWN_BROWSERS_PER_PERSON most recent browsers."""
+    is replaced and its row deleted. A person keeps the KNOWN_BROWSERS_PER_PERSON most recent browsers.
+
+    Returns whether the browser was new to `user`: no cookie, or one expired, forgotten (forget_browsers),
+    pushed out by newer browsers or of another account. The sign-in's record says so (auth.NEW_BROWSER):
+    an intruder can send the owner's User-Agent, but not a cookie of the owner's browser. Told by the
+    statements a sign-in runs anyway, so it costs none more."""
     token, current = _cookie_token(), now()
     if token is not None:
         if _KB_TOUCH.execute(at=current, id=token_hash(token), user=user.id,
                              since=current - current_app.config["KNOWN_BROWSER_TTL"]):
             g.known_browser_token = token
-            return
+            return False
         _KB_DROP.execute(id=token_hash(token))
     token = secrets.token_urlsafe(32)
     _KB_INSERT.execute(id=token_hash(token), user=user.id, at=current)
     g.known_browser_token = token
     _KB_TRIM.execute(user=user.id)
+    return True
 
 
 def forget_browsers(user, keep_this_one=False):

@@ -16,8 +16,9 @@ from wtforms import BooleanField, StringField
 from wtforms.validators import DataRequired, Length, ValidationError
 
 from . import fields, htmx, totp
-from .auth import (MALFORMED_CODE_ERROR, WRONG_PASSWORD_ERROR, code_error, code_field, current_password_field,
-                   new_password_field, password_check, refusal_status, repeat_password_field, strip_text)
+from .auth import (MALFORMED_CODE_ERROR, NEW_BROWSER, WRONG_PASSWORD_ERROR, code_error, code_field,
+                   current_password_field, new_browser_detail, new_password_field, password_check, refusal_status,
+                   repeat_password_field, strip_text)
 from .clock import expired, now, timestamp
 from .db import Param, Prepared, db, for_update, write_transaction
 from .fields import Form, freeze
@@ -598,8 +599,11 @@ def complete(user, pending):
         PendingEnrolment.delete().where(PendingEnrolment.user == user.id).execute()
         User.update(tfa_reset_until=None).where(User.id == user.id).execute()
         other_keys = _keys_started_since_last_device(user) > 1  # before this activation's own record
+        # Whether this session's sign-in came from a browser new to the account (auth.NEW_BROWSER): the
+        # browser's name alone is the User-Agent, which an intruder can copy from the owner's.
         audit("device_added" if had_2fa else "tfa_enabled", user=user, device=device.name, device_id=device.id,
-              browser=browser_label(request.headers.get("User-Agent")))
+              browser=browser_label(request.headers.get("User-Agent")),
+              **new_browser_detail(session.get(NEW_BROWSER)))
         if had_reset_window:
             audit("tfa_reset_window_ended", user=user, reason="new device enrolled")
         ended = _end_other_sessions(user)

@@ -234,6 +234,9 @@ DETAIL_LABELS = {
     "via": "Through",
     "method": "Method",
     "browser": "Browser",
+    # Whether the browser was new to the account (no live known-browser cookie: auth.NEW_BROWSER), what
+    # tells an intruder's sign-in from the owner's when both send the same User-Agent. Recorded only when new.
+    "new_browser": "Browser new to the account",
     "failures": "Failures in a row",
     "devices_removed": "Devices removed",
     "requests_closed": "Requests marked as handled",
@@ -430,12 +433,14 @@ def _activity_line(e, user_id, times=None):
     person's own, and those of whoever typed its address (a wrong password, a contact request in its name), so
     that its owner can tell them apart. Never an admin's address (an event with an actor). The browser a
     sign-in or a new device came from, as the sessions list names browsers: what lets a person notice an
-    intruder's sign-in among their own ("Edge on Windows" when they use Firefox). `times`: (count, first,
-    whether there were at least that many) for a run of refusals shown as one line, whose addresses and
-    browsers may be many and are not shown."""
+    intruder's sign-in among their own ("Edge on Windows" when they use Firefox), and whether that browser was
+    new to the account: an intruder can send the owner's browser name, not a cookie of the owner's browser.
+    `times`: (count, first, whether there were at least that many) for a run of refusals shown as one line,
+    whose addresses and browsers may be many and are not shown."""
     details, own = e.details, e.actor_id in (None, user_id) and times is None
     line = {"when": e.created_at, "when_text": _fmt_time(e.created_at), **_text_and_until(e.kind, details),
-            "ip": e.ip if own else None, "browser": details.get("browser") if own else None, "times": None}
+            "ip": e.ip if own else None, "browser": details.get("browser") if own else None,
+            "new_browser": own and details.get("new_browser") is True, "times": None}
     if times is not None:
         count, first, at_least = times
         line.update(times=f"{count:,}", at_least=at_least, first=first, first_text=_fmt_time(first))
