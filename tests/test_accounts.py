@@ -2381,6 +2381,42 @@ def test_cli_erase_records_the_numbers_of_the_devices_it_removed(app, actor, sec
             in run(app, "users", "activity", f"#{user.id}").output)
 
 
+def test_forgotten_browsers_are_exported_with_when_and_erased_with_the_requests_counted_on_them(app, actor, clock):
+    """README "Personal data": a browser forgotten by "Sign out everywhere else" (or a new password, support's
+    disable, `users reset-2fa`) stays stored for a while, for the contact form's allowance alone: `users
+    export` lists it with the time it was forgotten, and `users erase` deletes it with the known ones and with
+    the contact requests counted on it (it only forgot them before, leaving a row that names the person)."""
+    import json
+
+    from webapp.models import KnownBrowser, SupportRequest
+
+    user = actor.user()
+    assert actor.password_step().headers["Location"] == "/settings"
+    clock.advance(60)
+    other = Actor(app, app.test_client(), clock)
+    other.client.environ_base["REMOTE_ADDR"] = "198.51.100.8"
+    assert other.password_step().headers["Location"] == "/settings"
+    assert other.post_form("/settings/sessions/end-others", {}, form_url="/settings").status_code == 302
+    forgotten_at = utc(clock.t)
+    clock.advance(60)
+    r = actor.post_form("/support/contact", {"email": "alice@example.com", "message": "Not my password change!"})
+    assert r.status_code == 302
+
+    data = json.loads(run(app, "users", "export", "alice@example.com").output)
+    browsers = sorted(data["known_browsers"], key=lambda b: b["first_sign_in"])
+    assert [b["forgotten"] for b in browsers] == [f"{forgotten_at:%Y-%m-%dT%H:%M:%SZ}", None]
+    with app.app_context():
+        [request] = SupportRequest.select()
+        assert request.known_browser == KnownBrowser.get(KnownBrowser.forgotten_at.is_null(False)).id
+        assert request.known_browser not in json.dumps(data)  # a browser's key is no personal data to give out
+
+    result = run(app, "users", "erase", "alice@example.com", "--yes")
+    assert result.exit_code == 0 and "2 known browser(s)" in result.output and "1 contact request(s)" in result.output
+    with app.app_context():
+        assert KnownBrowser.select().where(KnownBrowser.user == user.id).count() == 0
+        assert SupportRequest.select().count() == 0
+
+
 def test_cli_an_erased_account_cannot_be_put_back_in_use(app, actor):
     """Nothing gives an erased account back: enable, set-password and promote refuse it in one line and
     change nothing; erase again says there is nothing to do."""

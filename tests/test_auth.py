@@ -357,23 +357,74 @@ def test_a_known_browser_is_forgotten_after_its_lifetime_of_disuse(app, actor, c
 
 
 def test_a_person_keeps_their_ten_latest_browsers_and_one_browser_one_account(app, actor, clock):
-    """Sign-ins from new browsers cannot grow the table without bound; a browser that signs in to another
-    account drops its row for the first (security.md 18)."""
+    """Sign-ins from new browsers cannot grow the table without bound: ten known browsers, the most recently
+    used, and ten forgotten ones, those known longest (they keep the contact form's allowance alone); a browser
+    that signs in to another account drops its row for the first (security.md 18)."""
     from webapp.models import KnownBrowser
 
     actor.user()
     actor.user("bob@example.com")
-    for _ in range(12):
-        fresh = type(actor)(app, app.test_client(), clock)
-        assert fresh.password_step().status_code == 302
+    browsers = []
+    for _ in range(25):
+        browsers.append(type(actor)(app, app.test_client(), clock))
+        assert browsers[-1].password_step().status_code == 302
         clock.advance(1)
+    fresh = browsers[-1]
+    token = lambda b: token_hash(b.client.get_cookie("twostep_known").value)
     with app.app_context():
-        assert KnownBrowser.select().count() == 10
+        known = KnownBrowser.select().where(KnownBrowser.forgotten_at.is_null())
+        assert {b.id for b in known} == {token(b) for b in browsers[-10:]}
+        forgotten = KnownBrowser.select().where(KnownBrowser.forgotten_at.is_null(False))
+        assert {b.id for b in forgotten} == {token(b) for b in browsers[:10]}
     _log_out(fresh)
     assert fresh.password_step("bob@example.com").status_code == 302
     with app.app_context():
-        assert [b.user.email for b in KnownBrowser.select()].count("alice@example.com") == 9
+        assert [b.user.email for b in KnownBrowser.select()].count("alice@example.com") == 19
         assert KnownBrowser.select().where(KnownBrowser.user == User.by_email("bob@example.com").id).count() == 1
+
+
+def test_a_forgotten_browser_keeps_no_password_throttle_of_its_own(app, actor, clock):
+    """security.md 18, 35: a browser forgotten by "Sign out everywhere else" (or a new password, support's
+    disable, `users reset-2fa`, ten newer browsers) is kept for the contact form's allowance alone
+    (security.contact_browser), and gets nothing else a known browser gets: its wrong passwords count on the
+    account and on its network, the account's lock holds it, and the network's limit too. A completed sign-in
+    there makes it known again, as old as it was."""
+    from webapp.models import KnownBrowser, NetworkCounter
+
+    actor.user()
+    assert actor.password_step().status_code == 302
+    _log_out(actor)
+    cookie = token_hash(actor.client.get_cookie("twostep_known").value)
+    with app.app_context():
+        first_known = KnownBrowser.get_by_id(cookie).created_at
+    clock.advance(60)
+    other = type(actor)(app, app.test_client(), clock)
+    other.client.environ_base["REMOTE_ADDR"] = "198.51.100.8"
+    assert other.password_step().status_code == 302
+    assert other.post_form("/settings/sessions/end-others", {}, form_url="/settings").status_code == 302
+    with app.app_context():
+        assert KnownBrowser.get_by_id(cookie).forgotten_at == utc(clock.t)
+    assert actor.password_step(password="typo").status_code == 200
+    with app.app_context():
+        event = AuditEvent.select().where(AuditEvent.kind == "password_rejected").order_by(AuditEvent.id.desc()).get()
+        assert event.details == {"failures": 1}  # on the account, not "counted_in": "known browser"
+        assert user_row(app).password_failures == 1 and KnownBrowser.get_by_id(cookie).password_failures == 0
+        assert NetworkCounter.get(NetworkCounter.purpose == "failed-sign-ins").hits == 1  # its network's, too
+    clock.advance(2)
+    _lock_the_account_from_a_stranger(actor, clock)
+    r = actor.password_step()  # the right password in the forgotten browser: the account's lock holds it
+    assert r.status_code == 429 and "Too many failed attempts" in r.get_data(as_text=True)
+    # A network full of wrong passwords refuses it, as any browser the account does not know.
+    clock.advance((user_row(app).password_locked_until - utc(clock.t)).total_seconds())
+    app.config["FAILED_SIGNINS_PER_HOUR"] = 1
+    assert type(actor)(app, app.test_client(), clock).password_step("nobody@example.com").status_code == 200
+    r = actor.password_step()
+    assert r.status_code == 429 and "Too many failed sign-ins from your network" in r.get_data(as_text=True)
+    app.config["FAILED_SIGNINS_PER_HOUR"] = 100
+    assert actor.password_step().status_code == 302 and signed_in(actor.client)
+    with app.app_context():
+        row = KnownBrowser.get_by_id(cookie)  # the same browser, known again since its first sign-in
+        assert row.forgotten_at is None and row.created_at == first_known and row.last_used_at == utc(clock.t)
 
 
 def test_password_and_code_failures_are_counted_separately(actor, secret):

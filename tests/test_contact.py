@@ -7,7 +7,7 @@ import pytest
 
 from webapp.models import AuditEvent, SupportRequest
 
-from .conftest import PASSWORD, csrf_from
+from .conftest import PASSWORD, Actor, csrf_from
 
 MESSAGE = "I lost my phone with the authenticator app on it. Please help."
 
@@ -524,3 +524,150 @@ def test_the_same_words_in_another_form_are_a_request_of_their_own(app, actor):
             r = actor.post_form("/support/contact", {"email": f"alice{before}@example.com", "message": MESSAGE,
                                                      **extra}, environ_base={"REMOTE_ADDR": f"203.0.113.{before}"})
             assert r.status_code == 302 and len(requests_in_db(app)) == before + sent, (extra, sent)
+
+
+# ------------------------------------------------------------------ the owner's own browsers (takeover)
+
+def _browser_at(app, clock, ip):
+    """Another browser (its own cookie jar) at client address `ip`."""
+    other = Actor(app, app.test_client(), clock)
+    other.client.environ_base["REMOTE_ADDR"] = ip
+    return other
+
+
+def _strangers_fill_the_address(app, clock, email="alice@example.com", ip="192.0.2.10"):
+    """One stranger's client: the address's shared limit of requests in the hour, "please ignore, all good"."""
+    stranger = _browser_at(app, clock, ip)
+    for i in range(app.config["SUPPORT_REQUESTS_PER_HOUR"]):
+        r = send(stranger, email=email, message=f"Please ignore my earlier request, all good now ({clock.t}, {i}).")
+        assert r.status_code == 302
+    return stranger
+
+
+def _forgotten(app, actor):
+    """The row of `actor`'s known-browser cookie, as stored now (None when there is none)."""
+    from webapp.models import KnownBrowser
+    from webapp.sessions import token_hash
+
+    with app.app_context():
+        return KnownBrowser.get_or_none(KnownBrowser.id == token_hash(actor.client.get_cookie("twostep_known").value))
+
+
+def test_an_intruder_who_changed_the_password_cannot_keep_the_owner_out_of_the_form(app, actor, secret, clock):
+    """A security review (takeover): anyone may type an address, and its limit (SUPPORT_REQUESTS_PER_HOUR)
+    was shared by all who did; a browser past the password got as many again. Once an intruder had changed the
+    password, the owner knew none and their browsers were forgotten (Change password forgets the others), so
+    one stranger's client sending three requests an hour in the owner's address ("please ignore, all good")
+    got the owner a 429 every hour, just when they needed support most.
+
+    Now each browser the account signed in from, known or forgotten lately (security.md 35: it gets nothing
+    else), has the limit for itself, per hour, in addition to the shared one: the owner in their usual browser
+    gets through every hour, a fresh browser is still refused. The intruder's browser has one of its own too,
+    which does not use up the owner's."""
+    from webapp.models import KnownBrowser
+
+    actor.user(secret=secret)
+    owner = actor  # browser A
+    owner.client.environ_base["REMOTE_ADDR"] = "198.51.100.7"
+    assert owner.sign_in(secret=secret).headers["Location"] == "/settings"
+    clock.advance(30)  # a code of a new step: the last one was used
+    intruder = _browser_at(app, clock, "203.0.113.66")  # browser B: the password and a code, phished
+    assert intruder.sign_in(secret=secret).headers["Location"] == "/settings"
+    r = intruder.post_form("/settings/password", {"current": PASSWORD, "new": "the intruder's passphrase",
+                                                  "confirm": "the intruder's passphrase"})
+    assert r.status_code == 302
+    assert owner.client.get("/settings").status_code == 302  # the owner is signed out, the password is gone
+    assert owner.password_step().status_code == 200
+    with app.app_context():
+        assert KnownBrowser.select().where(KnownBrowser.forgotten_at.is_null()).count() == 1  # the intruder's
+    assert _forgotten(app, owner).forgotten_at is not None
+
+    limit = app.config["SUPPORT_REQUESTS_PER_HOUR"]
+    for hour in range(3):
+        _strangers_fill_the_address(app, clock)
+        fresh = _browser_at(app, clock, f"192.0.2.{100 + hour}")  # browser C: nobody the account knows
+        r = fresh.post_form("/support/contact", {"email": "alice@example.com", "message": MESSAGE})
+        assert r.status_code == 429 and "wait an hour" in r.get_data(as_text=True)
+        if hour == 0:  # the intruder's browser sends its own three ("all good" again)
+            for i in range(limit):
+                r = send(intruder, message=f"All good, please ignore ({i}).",
+                         environ_base={"REMOTE_ADDR": f"203.0.113.{70 + i}"})
+                assert r.status_code == 302
+        r = send(owner, message=f"Someone took over my account and changed the password (hour {hour}).",
+                 environ_base={"REMOTE_ADDR": "198.51.100.7"})
+        assert r.status_code == 302 and r.headers["Location"].endswith("/support/contact/sent")
+        clock.advance(3601)
+
+    owners_browser = _forgotten(app, owner)
+    with app.app_context():
+        mine = list(SupportRequest.select().where(SupportRequest.message.startswith("Someone took over")))
+        assert [r.known_browser for r in mine] == [owners_browser.id] * 3  # counted on the owner's browser
+        assert SupportRequest.select().where(SupportRequest.message.startswith("Please ignore")
+                                             & SupportRequest.known_browser.is_null(False)).count() == 0
+        [first] = [e.details for e in AuditEvent.select().where(AuditEvent.kind == "support_request")
+                   if e.details["request"] == mine[0].id]
+    assert first == {"request": mine[0].id, "after_password": False, "browser_forgotten": True,
+                     "browser_signed_in_since": owners_browser.created_at.isoformat() + "Z"}
+    # The allowance is the limit, not more: the owner's browser sends three in an hour, then (the address's
+    # shared limit used up by the stranger) it is refused too, from any network.
+    _strangers_fill_the_address(app, clock)
+    for i in range(limit):
+        assert send(owner, environ_base={"REMOTE_ADDR": f"198.51.100.{20 + i}"}).status_code == 302
+    assert send(owner, environ_base={"REMOTE_ADDR": "198.51.100.30"}).status_code == 429
+    # And only for the account's own address: the owner's browser typing another is a stranger there.
+    actor.user("bob@example.com")
+    _strangers_fill_the_address(app, clock, email="bob@example.com", ip="192.0.2.11")
+    assert send(owner, email="bob@example.com", environ_base={"REMOTE_ADDR": "198.51.100.31"}).status_code == 429
+
+
+def test_an_intruder_signing_in_from_many_browsers_cannot_push_the_owners_out(app, actor, clock):
+    """A person keeps ten known browsers, the most recently used: an intruder who signs in from ten new ones
+    before changing the password pushed the owner's out, and deleted it with its allowance at the contact
+    form. The browsers pushed out are forgotten instead, and of those the ones known longest are kept
+    (security.FORGOTTEN_BROWSERS_PER_PERSON): the intruder's are all newer than the owner's, however many."""
+    from webapp.models import KnownBrowser
+
+    actor.user()  # no 2FA: the password alone signs in
+    assert actor.password_step().headers["Location"] == "/settings"  # the owner's browser
+    clock.advance(60)
+    for i in range(25):
+        intruder = _browser_at(app, clock, f"203.0.113.{i + 1}")
+        assert intruder.password_step().headers["Location"] == "/settings"
+        clock.advance(1)
+    r = intruder.post_form("/settings/sessions/end-others", {}, form_url="/settings")
+    assert r.status_code == 302
+    with app.app_context():
+        assert KnownBrowser.select().where(KnownBrowser.forgotten_at.is_null(False)).count() == 10
+    assert _forgotten(app, actor).forgotten_at is not None  # kept, forgotten
+    _strangers_fill_the_address(app, clock)
+    assert send(actor, environ_base={"REMOTE_ADDR": "198.51.100.7"}).status_code == 302
+
+
+def test_a_forgotten_browsers_allowance_ends_after_thirty_days_and_the_purge_deletes_it(app, actor, clock):
+    """README "Personal data": a forgotten browser is kept for the contact form FORGOTTEN_BROWSER_TTL (30
+    days) after it was forgotten, whenever it last signed in, then its allowance ends and the purge
+    deletes it (the app's own purge and `purge-expired`); a known browser stays."""
+    from webapp.clock import now
+    from webapp.models import KnownBrowser, purge_expired
+
+    actor.user()
+    assert actor.password_step().headers["Location"] == "/settings"
+    clock.advance(60)
+    other = _browser_at(app, clock, "198.51.100.8")
+    assert other.password_step().headers["Location"] == "/settings"
+    assert other.post_form("/settings/sessions/end-others", {}, form_url="/settings").status_code == 302
+    assert _forgotten(app, actor).forgotten_at is not None
+    clock.advance(30 * 86400 - 3600)
+    with app.app_context():
+        assert purge_expired(app.config, now())[3] == 0  # no known browser (the other's session has gone)
+    _strangers_fill_the_address(app, clock)
+    assert send(actor, environ_base={"REMOTE_ADDR": "198.51.100.7"}).status_code == 302
+    clock.advance(3601)  # 30 days and a second since it was forgotten
+    _strangers_fill_the_address(app, clock)
+    assert send(actor, environ_base={"REMOTE_ADDR": "198.51.100.9"}).status_code == 429
+    with app.app_context():
+        sessions, challenges, enrolments, browsers, counters, requests = purge_expired(app.config, now())
+        assert browsers == 1
+        assert [b.forgotten_at for b in KnownBrowser.select()] == [None]  # the other browser's, known
+    result = app.test_cli_runner().invoke(args=["purge-expired"])
+    assert result.exit_code == 0 and "0 known browser(s)" in result.output

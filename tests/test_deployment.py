@@ -303,6 +303,53 @@ def test_a_database_from_the_first_day_gets_its_two_missing_columns_at_start(app
         assert [d.name for d in Device.select().order_by(Device.id)] == ["Phone", "Second phone"]
 
 
+def test_a_database_from_before_browsers_were_kept_forgotten_gets_the_columns_at_start(app, actor, tmp_path, clock,
+                                                                                      capsys):
+    """README "Upgrades": `knownbrowser.forgotten_at` (with its index, for the purge) and
+    `supportrequest.known_browser` (2026-12-07) are added at start, empty: every browser there is known, and
+    the requests already sent count against their address's shared limit. Then a browser forgotten by "Sign out
+    everywhere else" is kept for the contact form, which counts on it. Both databases."""
+    from webapp.models import KnownBrowser, SupportRequest
+
+    from .conftest import Actor
+
+    actor.user()
+    assert actor.password_step().headers["Location"] == "/settings"  # this browser is known now
+    assert actor.post_form("/support/contact", {"email": "alice@example.com", "message": "Sent before it."}
+                           ).status_code == 302
+    with app.app_context():
+        db.execute_sql('DROP INDEX IF EXISTS "knownbrowser_forgotten_at"')
+        db.execute_sql('ALTER TABLE "knownbrowser" DROP COLUMN forgotten_at')
+        db.execute_sql('ALTER TABLE "supportrequest" DROP COLUMN known_browser')
+    again, said = _start_again(app, tmp_path, clock, capsys)
+    assert said.count("upgraded the database: added knownbrowser.forgotten_at") == 1
+    assert said.count("upgraded the database: added supportrequest.known_browser") == 1
+    with again.app_context():
+        assert [(b.forgotten_at, b.user_id) for b in KnownBrowser.select()] == [(None, 1)]
+        assert [r.known_browser for r in SupportRequest.select()] == [None]
+        index = {i.name: i for i in db.get_indexes("knownbrowser")}["knownbrowser_forgotten_at"]
+        assert index.columns == ["forgotten_at"]
+    owner = Actor(again, again.test_client(), clock)  # the same browser: its known-browser cookie
+    owner.client.set_cookie("twostep_known", actor.client.get_cookie("twostep_known").value)
+    clock.advance(60)
+    other = Actor(again, again.test_client(), clock)
+    other.client.environ_base["REMOTE_ADDR"] = "198.51.100.8"
+    assert other.password_step().headers["Location"] == "/settings"
+    assert other.post_form("/settings/sessions/end-others", {}, form_url="/settings").status_code == 302
+    stranger = Actor(again, again.test_client(), clock)
+    for i in range(2):  # with the one before the upgrade, the address's limit
+        assert stranger.post_form("/support/contact", {"email": "alice@example.com", "message": f"All good {i}."},
+                                  environ_base={"REMOTE_ADDR": f"192.0.2.{i + 1}"}).status_code == 302
+    assert stranger.post_form("/support/contact", {"email": "alice@example.com", "message": "All good again."},
+                              environ_base={"REMOTE_ADDR": "192.0.2.9"}).status_code == 429
+    r = owner.post_form("/support/contact", {"email": "alice@example.com", "message": "That was not me, help!"},
+                        environ_base={"REMOTE_ADDR": "198.51.100.7"})
+    assert r.status_code == 302
+    with again.app_context():
+        forgotten = KnownBrowser.get(KnownBrowser.forgotten_at.is_null(False))
+        assert SupportRequest.get(SupportRequest.message == "That was not me, help!").known_browser == forgotten.id
+
+
 def test_a_database_missing_a_column_no_upgrade_adds_stops_the_start_naming_it(app, tmp_path, clock):
     """README "Upgrades": a table without a column this version reads, which no upgrade step adds (a database
     of an unknown version, or changed by hand), stops the start with an error naming the column, instead of

@@ -1337,7 +1337,8 @@ def test_password_only_sessions_end_when_the_window_runs_out(app, actor, secret,
 
 def test_support_disable_forgets_the_persons_known_browsers(app, actor, secret, clock, target, target_secret):
     """A lost phone's browser, known from earlier sign-ins, keeps no password throttle of its own once support
-    acts: a stranger's lock on the account applies to it again (security.md 18)."""
+    acts: a stranger's lock on the account applies to it again (security.md 18). It stays, forgotten, for the
+    contact form alone (security.contact_browser)."""
     from webapp.models import KnownBrowser
 
     phone = second_client(app, clock)
@@ -1348,8 +1349,9 @@ def test_support_disable_forgets_the_persons_known_browsers(app, actor, secret, 
     sign_in_admin(actor, secret)
     assert disable(actor, target).status_code == 302
     with app.app_context():
-        assert KnownBrowser.select().where(KnownBrowser.user == target.id).count() == 0
-        assert KnownBrowser.select().count() == 1  # the admin's own browser stays known
+        [phones] = KnownBrowser.select().where(KnownBrowser.user == target.id)
+        assert phones.forgotten_at is not None
+        assert KnownBrowser.select().where(KnownBrowser.forgotten_at.is_null()).count() == 1  # the admin's own
 
 
 def test_ending_a_window_that_is_not_open_changes_nothing(app, actor, secret, target):
@@ -2194,6 +2196,50 @@ def test_open_requests_say_whether_the_sender_had_entered_the_password(app, acto
     actor.post_form(f"/support/requests/{carols.id}/handled", {}, form_url="/support")
     handled = actor.client.get("/support").get_data(as_text=True).split("Recently handled (1)")[1]
     assert "Sent after entering this account's password (not proof of identity" in handled
+
+
+def test_a_request_says_when_its_senders_browser_first_signed_in_to_the_account(app, actor, secret, clock, target,
+                                                                                target_secret):
+    """security.md 38: support confirms who writes by hand, and the request's hints are what it has to start
+    from. After a takeover the intruder is signed in and knows the password, so "signed in" and "entered the
+    password" point at them; the owner knows neither. What tells them apart: the owner's usual browser first
+    signed in to the account long before, the intruder's at the takeover. Each request from a browser the
+    account signed in from (known, or forgotten lately: the owner's, once the intruder changed the password)
+    says when that browser first signed in and whether it was forgotten since; not proof either, and it says so
+    (a shared computer the owner once used counts too)."""
+    owner = second_client(app, clock)
+    owner.client.environ_base["REMOTE_ADDR"] = "198.51.100.4"
+    assert owner.sign_in("carol@example.com", secret=target_secret).status_code == 302
+    owners_first = utc(clock.t)
+    clock.advance(40 * 86400)  # the takeover, weeks later
+    intruder = second_client(app, clock)
+    intruder.client.environ_base["REMOTE_ADDR"] = "203.0.113.66"
+    assert intruder.sign_in("carol@example.com", secret=target_secret).status_code == 302
+    intruders_first = utc(clock.t)
+    new = {"current": PASSWORD, "new": "the intruder's passphrase", "confirm": "the intruder's passphrase"}
+    assert intruder.post_form("/settings/password", new).status_code == 302
+    clock.advance(600)
+    owner.post_form("/support/contact", {"email": "carol@example.com", "message": "My password was changed!"})
+    intruder.post_form("/support/contact", {"email": "carol@example.com", "message": "All good, ignore that."})
+    stranger = second_client(app, clock)
+    stranger.client.environ_base["REMOTE_ADDR"] = "192.0.2.9"
+    stranger.post_form("/support/contact", {"email": "carol@example.com", "message": "Please turn off my 2FA."})
+    sign_in_admin(actor, secret)
+    page = " ".join(actor.client.get("/support").get_data(as_text=True).split())
+    hint = {text: page.split(text)[0].rsplit('<p class="hint">', 1)[1]
+            for text in ("My password was changed!", "All good, ignore that.", "Please turn off my 2FA.")}
+    assert (f"Sent from a browser that first signed in to this account on {owners_first:%Y-%m-%d %H:%M} UTC, no "
+            "longer known to it since (a new password, Sign out everywhere else, a 2FA reset or ten newer "
+            "browsers): not proof either") in hint["My password was changed!"]
+    assert "Sent without entering this account's password." in hint["My password was changed!"]
+    said = hint["All good, ignore that."]
+    assert f"first signed in to this account on {intruders_first:%Y-%m-%d %H:%M} UTC: not proof either" in said
+    assert "Sent while signed in to this account" in said
+    assert "Sent from a browser" not in hint["Please turn off my 2FA."]
+    # The audit log says it in its own words.
+    log = " ".join(actor.client.get("/support/audit?email=carol%40example.com").get_data(as_text=True).split())
+    assert "Sent from a browser that first signed in to the account at" in log
+    assert f"{owners_first:%Y-%m-%d %H:%M:%S} UTC" in log
 
 
 def test_a_request_numbered_as_a_deleted_one_is_not_told_that_ones_sender(app, actor, secret, clock, target):

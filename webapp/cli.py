@@ -27,7 +27,7 @@ from .models import (AuditEvent, Device, KnownBrowser, NetworkCounter, PendingEn
                      SignInChallenge, SupportRequest, User, lookalike_problem, normalise_email)
 from .models import purge_expired as purge
 from .security import (NETWORK_LIMITS, PASSWORD_MAX, PASSWORD_MIN, audit, client_network, client_network_48,
-                       end_code_steps, forget_browsers, hash_password, is_lock, network_limit, one_line,
+                       end_code_steps, hash_password, is_lock, network_limit, one_line,
                        password_length, replace_password, revoke_second_factor, wait_end)
 from .sessions import end_user_sessions, printable_agent
 from .support import (_WRITTEN_TOGETHER, REASON_MAX, _email_order, _fmt_time, detail_text, event_text,
@@ -214,6 +214,7 @@ def _counted_browsers(current, user=None):
     `user` or of everyone; a browser past KNOWN_BROWSER_TTL is no longer consulted, whatever it counted."""
     query = KnownBrowser.select().where(
         (KnownBrowser.last_used_at > current - current_app.config["KNOWN_BROWSER_TTL"])
+        & KnownBrowser.forgotten_at.is_null()  # consulted by nothing but the contact form
         & ((KnownBrowser.password_failures > 0) | KnownBrowser.password_locked_until.is_null(False)))
     return query.where(KnownBrowser.user == user.id) if user is not None else query
 
@@ -486,8 +487,9 @@ def erased_email(user_id):
 @click.argument("email", callback=_utf8_text)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (for scripts).")
 def erase(email, yes):
-    """Erase a person (an erasure request): their devices, sessions, known browsers, half-finished sign-ins
-    and set-ups, and every contact request from their account or sent in their email address are deleted.
+    """Erase a person (an erasure request): their devices, sessions, known browsers (those forgotten lately
+    too), half-finished sign-ins and set-ups, and every contact request from their account or sent in their
+    email address are deleted.
     The account stays as a disabled row named erased-NUMBER@erased.invalid with an unknown password, so its
     number is never given to another account and the audit records keep pointing at it. The audit records
     stay (security events: README "Personal data"). Cannot be undone. Audited.
@@ -525,7 +527,8 @@ def erase(email, yes):
         sign_ins = end_code_steps(user)
         set_ups = PendingEnrolment.delete().where(PendingEnrolment.user == user.id).execute()
         sessions = end_user_sessions(user) + _end_sessions_naming(user)
-        browsers = forget_browsers(user)
+        # Deleted, not forgotten (security.forget_browsers): those forgotten lately too.
+        browsers = KnownBrowser.delete().where(KnownBrowser.user == user.id).execute()
         requests = SupportRequest.delete().where(
             (SupportRequest.user == user.id) | (SupportRequest.email == address)).execute()
         User.update(email=erased_email(user.id), password_hash=placeholder, is_admin=False, last_login_at=None,
@@ -628,10 +631,11 @@ def export_person(email):
     """Write what is stored about one person as JSON to standard output, for an access request (read-only;
     umask 077 before redirecting it to a file): the account (with its counts of wrong passwords and codes),
     its devices (names and dates, never a secret), its sessions (those past their timeout too, until the
-    purge deletes them), known browsers, half-finished sign-ins and set-ups, the contact requests from the
-    account or sent in its email address, and the audit records about the account. Records of what an admin
-    did to it say only that it was an admin, without the admin's address or IP address (User Settings shows
-    neither); records of what the account did to others (an admin's) say only what and when.
+    purge deletes them), known browsers (those forgotten lately too, with when), half-finished sign-ins and
+    set-ups, the contact requests from the account or sent in its email address, and the audit records about
+    the account. Records of what an admin did to it say only that it was an admin, without the admin's
+    address or IP address (User Settings shows neither); records of what the account did to others (an
+    admin's) say only what and when.
 
     An address no account has: the contact requests sent in it, each with its audit record (someone without
     an account who wrote to support)."""
@@ -677,9 +681,11 @@ def export_person(email):
         "browsers_not_signed_in": [{"started": stamp(s.created_at), "last_seen": stamp(s.last_seen_at), "ip": s.ip,
                                     "browser": printable_agent(s.user_agent) or None, "expired": ended(s)}
                                    for s in naming],
+        # Those forgotten too (with when), until the purge: the contact form still knows them.
         "known_browsers": [{"first_sign_in": stamp(b.created_at), "last_used": stamp(b.last_used_at),
                             "wrong_passwords": b.password_failures,
-                            "passwords_refused_until": stamp(b.password_locked_until)}
+                            "passwords_refused_until": stamp(b.password_locked_until),
+                            "forgotten": stamp(b.forgotten_at)}
                            for b in KnownBrowser.select().where(KnownBrowser.user == user.id)
                            .order_by(KnownBrowser.created_at)],
         "sign_ins_waiting_for_a_code": [
@@ -904,8 +910,8 @@ def clear_network(address, purpose):
 @click.command("purge-expired", cls=_Command)
 @with_appcontext
 def purge_expired():
-    """Delete expired sessions, sign-in challenges and pending enrolments, known browsers unused for 180 days,
-    per-network counts whose hour is over and contact requests handled longer ago than
+    """Delete expired sessions, sign-in challenges and pending enrolments, known browsers unused for 180 days
+    or forgotten 30 days ago, per-network counts whose hour is over and contact requests handled longer ago than
     HANDLED_REQUESTS_KEEP_DAYS (each app process also does this by itself every PURGE_INTERVAL_SECONDS; safe
     to run from cron as well)."""
     sessions, challenges, enrolments, browsers, counters, requests = purge(current_app.config, now())

@@ -31,6 +31,11 @@ DEFAULTS = {
     # A browser that completed a sign-in keeps a throttle of its own for that account this long (security.py,
     # "known browsers"); its cookie lives as long.
     "KNOWN_BROWSER_TTL": timedelta(days=180),
+    # A known browser forgotten (Change password, Sign out everywhere else, support's disable, `users reset-2fa`,
+    # ten newer browsers) keeps only the contact form's own allowance this long (support._take_request): the
+    # owner of an account an intruder took over is in the form from their usual browser, whoever else types the
+    # address. Then the purge deletes it.
+    "FORGOTTEN_BROWSER_TTL": timedelta(days=30),
     # Contact requests marked as handled (or closed by a 2FA disable) are deleted this long after: their message is
     # free text about a person. None keeps them (HANDLED_REQUESTS_KEEP_DAYS=0). Open requests are never deleted.
     "HANDLED_REQUEST_RETENTION": timedelta(days=180),

@@ -219,7 +219,12 @@ class ServerSession(BaseModel):
 class KnownBrowser(BaseModel):
     """A browser this person completed a sign-in from; its cookie holds a random token, stored here as its
     SHA-256. Wrong passwords typed there count here, not on the account, so someone who only knows the
-    address can lock out every other browser, not the owner's (security.md 18; Auth-CS "Account Lockout")."""
+    address can lock out every other browser, not the owner's (security.md 18; Auth-CS "Account Lockout").
+
+    A forgotten one (forgotten_at: security.forget_browsers, or ten newer browsers) is known for nothing of
+    that any more; it keeps for FORGOTTEN_BROWSER_TTL only an allowance of its own at the contact form
+    (security.contact_browser): after an intruder changed the password, the owner's usual browser is what
+    still tells them apart from the strangers who can use up the address's shared limit (a security review)."""
 
     id = CharField(max_length=64, primary_key=True)
     user = ForeignKeyField(User, backref="known_browsers", on_delete="CASCADE")
@@ -228,6 +233,8 @@ class KnownBrowser(BaseModel):
     last_used_at = DateTimeField(default=now, index=True)
     password_failures = IntegerField(default=0)
     password_locked_until = DateTimeField(null=True)
+    # When it stopped being known (None: known). Indexed for the purge.
+    forgotten_at = DateTimeField(null=True, index=True)
 
 
 class SignInChallenge(BaseModel):
@@ -273,6 +280,10 @@ class SupportRequest(BaseModel):
     # double click, Back and Send again) is one request. Only the browser that was shown the form knows it.
     # No index of its own: the lookup goes by created_at (indexed) first.
     form_hash = CharField(max_length=64, null=True)
+    # The id of the browser whose own allowance it was counted against (security.contact_browser: one the
+    # account signed in from), or None: counted against the address's shared limit. No foreign key: the count
+    # must not move to the shared limit when the browser's row goes.
+    known_browser = CharField(max_length=64, null=True)
 
     class Meta:
         # The Support page lists open requests (handled_at IS NULL) oldest first: one index serves both.
@@ -449,6 +460,10 @@ ADDED_COLUMNS = [
     # 2026-12-06. Empty: no account was disabled before the command existed. TIMESTAMP is what peewee makes
     # of a DateTimeField on PostgreSQL, and SQLite takes it too.
     ("user", "disabled_at", "TIMESTAMP", None),
+    # 2026-12-07. Empty: browsers forgotten before were deleted, and requests sent before count against the
+    # address's shared limit.
+    ("knownbrowser", "forgotten_at", "TIMESTAMP", None),
+    ("supportrequest", "known_browser", "VARCHAR(64)", None),
 ]
 
 
@@ -465,7 +480,8 @@ def purge_expired(config, current, seconds=None):
     """Delete the sessions, sign-in challenges and pending enrolments that expired by `current` (they are
     already refused when used; this removes the rows, with their IP addresses and browser names), the
     known browsers past their lifetime, the per-network counters whose hour is over (the next event
-    starts a new one anyway) and the contact requests handled longer ago than HANDLED_REQUEST_RETENTION.
+    starts a new one anyway) and the contact requests handled longer ago than HANDLED_REQUEST_RETENTION. Known
+    browsers go FORGOTTEN_BROWSER_TTL after they were forgotten too (counted with the others).
     Returns the six counts. Run by the app itself now and then
     (__init__._schedule_purge) and by the `purge-expired` command. PURGE_BATCH rows per write transaction,
     so other writers wait for one batch at most, not for the whole backlog. With `seconds`, no new batch
@@ -477,7 +493,8 @@ def purge_expired(config, current, seconds=None):
                | (ServerSession.created_at < current - config["SESSION_ABSOLUTE_TIMEOUT"]), deadline),
         _purge(SignInChallenge, SignInChallenge.created_at < current - config["CHALLENGE_TTL"], deadline),
         _purge(PendingEnrolment, PendingEnrolment.created_at < current - config["PENDING_ENROLMENT_TTL"], deadline),
-        _purge(KnownBrowser, KnownBrowser.last_used_at < current - config["KNOWN_BROWSER_TTL"], deadline),
+        _purge(KnownBrowser, KnownBrowser.last_used_at < current - config["KNOWN_BROWSER_TTL"], deadline)
+        + _purge(KnownBrowser, KnownBrowser.forgotten_at < current - config["FORGOTTEN_BROWSER_TTL"], deadline),
         _purge(NetworkCounter, NetworkCounter.window_start <= current - NetworkCounter.WINDOW, deadline),
         _purge(SupportRequest, SupportRequest.handled_at < current - config["HANDLED_REQUEST_RETENTION"], deadline)
         if config["HANDLED_REQUEST_RETENTION"] else 0,

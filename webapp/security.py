@@ -156,24 +156,62 @@ def known_browser_cookie_name():
     return "__Host-known" if current_app.config["SECURE_COOKIES"] else "twostep_known"
 
 
-KNOWN_BROWSERS_PER_PERSON = 10  # the most recently used; older ones are forgotten when a new one comes
+# The most recently used; older ones are forgotten when a new one comes (one forgotten lately that signs in
+# again is known again at once, and the next new browser trims them back to ten).
+KNOWN_BROWSERS_PER_PERSON = 10
+# Forgotten browsers kept per person for the contact form (contact_browser): those known longest. An intruder's
+# browsers are all first known after the takeover, so signing in from new ones and forgetting them again and
+# again cannot push the owner's out, as it would if the most recent were kept.
+FORGOTTEN_BROWSERS_PER_PERSON = 10
+
 
 def _live_browser():
-    """The row of cookie `id` for person `user`, used since `since`: the condition of _KB_FIND and _KB_TOUCH."""
+    """The row of cookie `id` for person `user`, used since `since` and not forgotten: the condition of
+    _KB_FIND."""
     return ((KnownBrowser.id == Param("id")) & (KnownBrowser.user == Param("user"))
-            & (KnownBrowser.last_used_at > Param("since")))
+            & (KnownBrowser.last_used_at > Param("since")) & KnownBrowser.forgotten_at.is_null())
+
+
+def _own_browser():
+    """The row of cookie `id` for person `user`, used since `since`, known, or forgotten after
+    `forgotten_since`: a browser of the person's own for the contact form (contact_browser), and one a
+    completed sign-in makes known again with its age (_KB_TOUCH)."""
+    return ((KnownBrowser.id == Param("id")) & (KnownBrowser.user == Param("user"))
+            & (KnownBrowser.last_used_at > Param("since"))
+            & (KnownBrowser.forgotten_at.is_null() | (KnownBrowser.forgotten_at > Param("forgotten_since"))))
+
+
+def _forget(at):
+    """The values that forget a browser at `at`. It keeps no password throttle of its own: its count is not
+    consulted again, and one made known again by a sign-in starts from none."""
+    return {KnownBrowser.forgotten_at: at, KnownBrowser.password_failures: 0, KnownBrowser.password_locked_until: None}
+
+
+def _trim_forgotten():
+    """Delete the person's forgotten browsers but the FORGOTTEN_BROWSERS_PER_PERSON known longest that still
+    have their allowance (those past it first)."""
+    forgotten = (KnownBrowser.user == Param("user")) & KnownBrowser.forgotten_at.is_null(False)
+    counting = ((KnownBrowser.forgotten_at > Param("forgotten_since"))
+                & (KnownBrowser.last_used_at > Param("since")))
+    kept = (KnownBrowser.select(KnownBrowser.id).where(forgotten & counting)
+            .order_by(KnownBrowser.created_at, KnownBrowser.id).limit(FORGOTTEN_BROWSERS_PER_PERSON))
+    return KnownBrowser.delete().where(forgotten & KnownBrowser.id.not_in(kept))
 
 
 # Every completed sign-in runs two of these: compiled once (db.Prepared).
 _KB_FIND = Prepared(lambda: KnownBrowser.select().where(_live_browser()))
-_KB_TOUCH = Prepared(lambda: KnownBrowser.update(last_used_at=Param("at")).where(_live_browser()))
+_KB_OWN = Prepared(lambda: KnownBrowser.select().where(_own_browser()))
+_KB_TOUCH = Prepared(lambda: KnownBrowser.update(last_used_at=Param("at"), forgotten_at=None).where(_own_browser()))
 _KB_DROP = Prepared(lambda: KnownBrowser.delete().where(KnownBrowser.id == Param("id")))
 _KB_INSERT = Prepared(lambda: KnownBrowser.insert(id=Param("id"), user=Param("user"), created_at=Param("at"),
                                                   last_used_at=Param("at"), password_failures=0))
-_KB_TRIM = Prepared(lambda: KnownBrowser.delete().where(
-    (KnownBrowser.user == Param("user")) & KnownBrowser.id.not_in(
-        KnownBrowser.select(KnownBrowser.id).where(KnownBrowser.user == Param("user"))
+# Forgotten, not deleted: signing in from ten new browsers deleted the owner's, contact allowance and all.
+_KB_TRIM = Prepared(lambda: KnownBrowser.update(_forget(Param("at"))).where(
+    (KnownBrowser.user == Param("user")) & KnownBrowser.forgotten_at.is_null() & KnownBrowser.id.not_in(
+        KnownBrowser.select(KnownBrowser.id).where(
+            (KnownBrowser.user == Param("user")) & KnownBrowser.forgotten_at.is_null())
         .order_by(KnownBrowser.last_used_at.desc(), KnownBrowser.id).limit(KNOWN_BROWSERS_PER_PERSON))))
+_KB_TRIM_FORGOTTEN = Prepared(_trim_forgotten)
 
 
 def _cookie_token():
@@ -181,8 +219,15 @@ def _cookie_token():
     return token if token and TOKEN_SHAPE.fullmatch(token) else None
 
 
+def _lifetimes(current):
+    """The `since` and `forgotten_since` of the queries above, at `current`."""
+    cfg = current_app.config
+    return {"since": current - cfg["KNOWN_BROWSER_TTL"], "forgotten_since": current - cfg["FORGOTTEN_BROWSER_TTL"]}
+
+
 def known_browser(user):
-    """This request's browser if `user` completed a sign-in from it within KNOWN_BROWSER_TTL, else None.
+    """This request's browser if `user` completed a sign-in from it within KNOWN_BROWSER_TTL and it was not
+    forgotten since, else None.
 
     Wrong passwords typed in such a browser count against it, not against the account (auth.password_check):
     someone who only knows the email address can lock the account for every other browser, but not for the
@@ -194,37 +239,57 @@ def known_browser(user):
                           since=now() - current_app.config["KNOWN_BROWSER_TTL"])
 
 
+def contact_browser(user):
+    """This request's browser if it is one of `user`'s own for the contact form (support._take_request), else
+    None: known (known_browser), or forgotten within FORGOTTEN_BROWSER_TTL (and within the lifetime it had).
+    Only the contact form asks: a forgotten browser gets nothing else a known one gets."""
+    token = _cookie_token()
+    if token is None:
+        return None
+    return _KB_OWN.first(id=token_hash(token), user=user.id, **_lifetimes(now()))
+
+
 def remember_browser(user):
     """After a completed sign-in (inside its transaction): this browser is known for `user` for another
-    KNOWN_BROWSER_TTL, and its cookie goes out again. One account per browser: a cookie for another account
-    is replaced and its row deleted. A person keeps the KNOWN_BROWSERS_PER_PERSON most recent browsers.
+    KNOWN_BROWSER_TTL, and its cookie goes out again; one forgotten lately is known again, as old as it was. One
+    account per browser: a cookie for another account is replaced and its row deleted. A person keeps the
+    KNOWN_BROWSERS_PER_PERSON most recent browsers; the others are forgotten.
 
-    Returns whether the browser was new to `user`: no cookie, or one expired, forgotten (forget_browsers),
-    pushed out by newer browsers or of another account. The sign-in's record says so (auth.NEW_BROWSER):
-    an intruder can send the owner's User-Agent, but not a cookie of the owner's browser. Told by the
-    statements a sign-in runs anyway, so it costs none more."""
+    Returns whether the browser was new to `user`: no cookie, or one expired, forgotten longer ago than
+    FORGOTTEN_BROWSER_TTL, or of another account. The sign-in's record says so (auth.NEW_BROWSER): an intruder
+    can send the owner's User-Agent, but not a cookie of the owner's browser. Told by the statements a
+    sign-in runs anyway, so it costs none more."""
     token, current = _cookie_token(), now()
     if token is not None:
-        if _KB_TOUCH.execute(at=current, id=token_hash(token), user=user.id,
-                             since=current - current_app.config["KNOWN_BROWSER_TTL"]):
+        if _KB_TOUCH.execute(at=current, id=token_hash(token), user=user.id, **_lifetimes(current)):
             g.known_browser_token = token
             return False
         _KB_DROP.execute(id=token_hash(token))
     token = secrets.token_urlsafe(32)
     _KB_INSERT.execute(id=token_hash(token), user=user.id, at=current)
     g.known_browser_token = token
-    _KB_TRIM.execute(user=user.id)
+    if _KB_TRIM.execute(user=user.id, at=current):  # only a new browser can make them more than ten
+        _KB_TRIM_FORGOTTEN.execute(user=user.id, **_lifetimes(current))
     return True
 
 
 def forget_browsers(user, keep_this_one=False):
-    """No browser is known for `user` any more (support's disable, the CLI's reset, "sign out everywhere
-    else" with keep_this_one): a lost phone's or a shared computer's browser loses its own throttle."""
-    query = KnownBrowser.delete().where(KnownBrowser.user == user.id)
+    """No browser is known for `user` any more (Change password, support's disable, the CLI's reset, "sign out
+    everywhere else" with keep_this_one): a lost phone's or a shared computer's browser loses its own
+    throttle. Each stays, forgotten, with the contact form's allowance alone for FORGOTTEN_BROWSER_TTL
+    (contact_browser): after an intruder changed the password, the owner's own browsers still reach support
+    however many strangers type the address. Returns how many were forgotten. `users erase` deletes them
+    instead."""
+    current = now()
+    query = KnownBrowser.update(_forget(current)).where(
+        (KnownBrowser.user == user.id) & KnownBrowser.forgotten_at.is_null())
     token = _cookie_token() if keep_this_one else None
     if token is not None:
         query = query.where(KnownBrowser.id != token_hash(token))
-    return query.execute()
+    forgotten = query.execute()
+    if forgotten:
+        _KB_TRIM_FORGOTTEN.execute(user=user.id, **_lifetimes(current))
+    return forgotten
 
 
 def end_code_steps(user):

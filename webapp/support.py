@@ -23,8 +23,8 @@ from .clock import now
 from .db import Param, Prepared, db, for_update, is_sqlite, lock_keys, write_transaction
 from .fields import Form, VisibleText
 from .models import AuditEvent, Device, SupportRequest, User, normalise_email
-from .security import (audit, client_ip, client_network, client_network_48, count_for_network, is_fresh,
-                       network_full_until, revoke_second_factor)
+from .security import (audit, client_ip, client_network, client_network_48, contact_browser, count_for_network,
+                       is_fresh, network_full_until, revoke_second_factor)
 from .sessions import end_user_sessions
 
 bp = Blueprint("support", __name__)
@@ -260,6 +260,10 @@ DETAIL_LABELS = {
     "device_ids": "Device numbers",
     "counted_in": "Counted against",
     "after_password": "Sender had entered the account's password (not proof of identity)",
+    # Keys that end in "since" are shown as times (detail_text).
+    "browser_signed_in_since": "Sent from a browser that first signed in to the account at",
+    "browser_forgotten": "That browser was no longer known to the account (signed out by a new password, Sign "
+                         "out everywhere else or a 2FA reset, or ten newer browsers)",
     "action": "Action",
     "why": "Why",
     "code_failures": "Refused codes cleared",
@@ -630,10 +634,10 @@ def utc_minutes(value):
 
 # ---------------------------------------------------------------- contact form (no sign-in needed)
 
-def _recent_requests(field, value):
-    """How many contact requests with this email / ip arrived within the last hour."""
+def _recent_requests(field, value, *where):
+    """How many contact requests with this email / ip (and `where`) arrived within the last hour."""
     since = now() - timedelta(hours=1)
-    return SupportRequest.select().where((field == value) & (SupportRequest.created_at >= since)).count()
+    return SupportRequest.select().where((field == value) & (SupportRequest.created_at >= since), *where).count()
 
 
 @bp.route("/support/contact", methods=["GET", "POST"])
@@ -680,7 +684,14 @@ def _take_request(form, email, after_password, signed_in):
     /48 (SUPPORT_REQUESTS_PER_HOUR_48: whoever is routed one holds 65,536 /64s; a counter, as the stored /64s
     do not tell their /48 by a prefix). Anyone may type an address: strangers' requests could use up its limit
     and keep the owner out of the form for an hour, again and again. A browser that entered the account's
-    password gets as many again for itself: twice the limit per address."""
+    password gets as many again (twice the limit per address); but after an intruder changed the password the
+    owner knows none, and one stranger's three requests an hour kept them out (a security review).
+
+    So each browser the account signed in from (security.contact_browser: known, or forgotten lately, as the
+    owner's are once the intruder changed the password or signed them out) also has the limit for itself, per
+    address, which nobody else can use up: its requests count there first, then against the address's shared
+    limit (the stored request names the browser when it counted there). An intruder's browsers get one each
+    too, but not the owner's. The per-network limits hold for every sender."""
     address = client_ip()
     ip = client_network(address)
     site = client_network_48(address)
@@ -701,19 +712,37 @@ def _take_request(form, email, after_password, signed_in):
                 (SupportRequest.created_at >= now() - timedelta(hours=1))
                 & (SupportRequest.form_hash == form_hash)).exists():
             return True
-        if (_recent_requests(SupportRequest.email, email) >= per_address
-                or (ip and _recent_requests(SupportRequest.ip, ip) >= limit)
+        if ((ip and _recent_requests(SupportRequest.ip, ip) >= limit)
                 or network_full_until("contact-48", site) is not None):
             return False
         user = User.by_email(email)
+        browser = contact_browser(user) if user is not None else None
+        # Both counts under the address's lock: the browser's requests are all in this address.
+        in_address = SupportRequest.email
+        own = browser is not None and _recent_requests(
+            in_address, email, SupportRequest.known_browser == browser.id) < limit
+        if not own and _recent_requests(in_address, email, SupportRequest.known_browser.is_null()) >= per_address:
+            return False
         req = SupportRequest.create(email=email, message=form.message.data, user=user, ip=ip, created_at=now(),
-                                    form_hash=form_hash)
+                                    form_hash=form_hash, known_browser=browser.id if own else None)
         count_for_network("contact-48", site)
-        # Whether the sender had entered the password: a record of what happened, not a sign of who sent it
-        # (someone who stole the password has it too).
+        # Whether the sender had entered the password, and whether their browser had signed in to the account
+        # (since when; forgotten since?): a record of what happened, not a sign of who sent it (someone who
+        # stole the password has it too, and an intruder's browser signed in as well).
         audit("support_request", user=user, request=req.id, after_password=after_password,
-              **({"signed_in": True} if signed_in else {}))
+              **({"signed_in": True} if signed_in else {}), **_browser_details(browser))
     return True
+
+
+def _browser_details(browser):
+    """The audit details of a contact request sent from one of the account's own browsers (contact_browser):
+    when it first signed in to the account, and whether it was forgotten since (a new password, Sign out
+    everywhere else, a 2FA reset, ten newer browsers). Support tells the owner's browser from an intruder's by
+    the first: an intruder's browser first signed in at the takeover, the owner's usual one long before."""
+    if browser is None:
+        return {}
+    return {"browser_signed_in_since": browser.created_at,
+            **({"browser_forgotten": True} if browser.forgotten_at is not None else {})}
 
 
 def _prefill_email():
@@ -1164,6 +1193,10 @@ def _mark_request_hints(requests, last_code=True):
       or refused after support's window), and `signed_in`, whether they were signed in, as its audit record
       says. Not proof of who sent it, but the one difference between the owner and a stranger typing their
       address that support can see.
+    - `browser_since`: when the sender's browser first signed in to the account, if it had (its audit
+      record's browser_signed_in_since), and `browser_forgotten`, whether it was no longer known then. The
+      owner's usual browser first signed in long before any trouble; an intruder's browser signed in too,
+      but only from the takeover on. A hint, like the other: a shared computer the owner once used counts.
     - `last_code_at` (with `last_code`, for open requests): when a code from the account's devices that
       existed when it was sent was last accepted. "I lost my phone" followed by a right code from that phone,
       or sent minutes after one, is worth a question before 2FA is turned off; a new phone set up since
@@ -1185,7 +1218,7 @@ def _mark_request_hints(requests, last_code=True):
         for e in events:
             details = e.details
             records.setdefault((e.user_id, details.get("request")), []).append(
-                (e.created_at, bool(details.get("after_password")), bool(details.get("signed_in"))))
+                (e.created_at, bool(details.get("after_password")), bool(details.get("signed_in")), details))
         if last_code:
             used = Device.select(Device.user, Device.created_at, Device.last_used_at).where(
                 Device.user.in_(sorted(ids)) & Device.last_used_at.is_null(False))
@@ -1194,12 +1227,23 @@ def _mark_request_hints(requests, last_code=True):
     for r in requests:
         # Its own record, written with it in one transaction: on SQLite a request deleted by the purge or an
         # erasure gives its number to the next one, and the old request's record must not speak for it.
-        own = [(entered, signed_in) for at, entered, signed_in in records.get((r.user_id, r.id), ())
-               if abs(at - r.created_at) <= _WRITTEN_TOGETHER]
-        r.after_password = any(entered for entered, _ in own)
-        r.signed_in = any(signed_in for _, signed_in in own)
+        own = [(entered, signed_in, details) for at, entered, signed_in, details
+               in records.get((r.user_id, r.id), ()) if abs(at - r.created_at) <= _WRITTEN_TOGETHER]
+        r.after_password = any(entered for entered, _, _ in own)
+        r.signed_in = any(signed_in for _, signed_in, _ in own)
+        browser = next((details for _, _, details in own if details.get("browser_signed_in_since")), {})
+        r.browser_since = _recorded_or_none(browser.get("browser_signed_in_since"))
+        r.browser_forgotten = bool(browser.get("browser_forgotten"))
         r.last_code_at = max((used for made, used in devices.get(r.user_id, ()) if made <= r.created_at),
                              default=None)
+
+
+def _recorded_or_none(text):
+    """A time an audit record's details hold (recorded_time), or None for none or anything else."""
+    try:
+        return recorded_time(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
 
 
 # How far from its request's time a contact request's audit record may be dated: the two are written in one
