@@ -8,10 +8,10 @@ import pytest
 
 from webapp.models import AuditEvent, User
 from webapp.security import FORBIDDEN_DETAIL_KEYS, audit
-from webapp.support import detail_text, event_text, security_activity
+from webapp.support import KIND_LABELS, detail_text, event_text, security_activity
 from webapp.totp import new_secret
 
-from .conftest import PASSWORD, record_statements
+from .conftest import PASSWORD, csrf_from, record_statements
 from .test_support import ADMIN, disable, end_window, second_client, sign_in_admin, utc
 
 WHAT = '<td role="cell" data-label="What happened">'  # the audit table's "What happened" cell
@@ -682,7 +682,7 @@ def test_show_older_events_reaches_every_event_however_many_came_after_it(app, a
     # Not a time: the newest events, as without it.
     assert _activity_lines(actor.client.get("/settings?activity=more&before=yesterday").get_data(as_text=True)) == \
         _activity_lines(actor.client.get("/settings?activity=more").get_data(as_text=True))
-    empty = actor.client.get(f"/settings?activity=more&before={t0:%Y-%m-%dT%H:%M:%S}").get_data(as_text=True)
+    empty = actor.client.get(f"/settings?activity=more&before={t0:%Y-%m-%dT%H:%M:%S},0").get_data(as_text=True)
     assert "No older security events." in empty and "Back to the newest events" in empty
 
 
@@ -701,12 +701,78 @@ def test_a_page_that_ends_inside_a_run_counts_its_part_and_the_next_page_the_res
         assert [(e["text"], e["times"], e.get("first")) for e in first] == [
             ("Sign-in refused: too many wrong passwords, waiting time not over", "200", run_start + timedelta(seconds=100)),
             ("Wrong password entered", None, None)]
-        assert first.older == f"{run_start + timedelta(seconds=99.5):%Y-%m-%dT%H:%M:%S.%f}"
-        second = security_activity(user, 10, before=datetime.fromisoformat(first.older))
+        rejected = AuditEvent.get(AuditEvent.kind == "password_rejected").id
+        assert first.older == f"{run_start + timedelta(seconds=99.5):%Y-%m-%dT%H:%M:%S.%f},{rejected}"
+        at, number = first.older.split(",")
+        second = security_activity(user, 10, before=(datetime.fromisoformat(at), int(number)))
         assert [(e["text"], e["times"], e.get("first")) for e in second] == [
             ("Sign-in refused: too many wrong passwords, waiting time not over", "100", run_start),
             ("Signed in with password only", None, None)]
         assert second.older is None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_paging_shows_each_record_once_also_when_many_share_a_time(app, actor, clock, seed):
+    """A diff review: pages ended at a time, and records of that very time after the end were shown on neither
+    page (several app processes, or a fixed clock, give records the same time). A page now ends at a record,
+    (time, number), the list's own order: paging through a random mix of events and refusals, many at the same
+    times, with pages of one to ten lines, counts every record exactly once."""
+    import random
+
+    rng = random.Random(seed)
+    user = actor.user()
+    t0 = utc(clock.t) - timedelta(days=3)
+    kinds = ["signout", "device_renamed", "password_throttled", "password_rejected", "code_rejected"]
+    with app.app_context():
+        AuditEvent.insert_many([{"kind": rng.choice(kinds), "user": user.id, "detail": "{}",
+                                 "created_at": t0 + timedelta(seconds=rng.choice([0, 0, 0, 1, 2]))}
+                                for _ in range(rng.randint(30, 90))]).execute()
+        expected = {}
+        for e in AuditEvent.select().where(AuditEvent.user == user.id):
+            expected[e.kind] = expected.get(e.kind, 0) + 1
+    texts = {KIND_LABELS[k]: k for k in kinds}
+    seen, before, pages = {}, None, 0
+    with app.test_request_context():
+        while True:
+            page = security_activity(User.get_by_id(user.id), rng.randint(1, 10), before=before)
+            pages += 1
+            for line in page:
+                kind = texts[line["text"]]
+                seen[kind] = seen.get(kind, 0) + (int(line["times"]) if line["times"] else 1)
+            if page.older is None:
+                break
+            at, number = page.older.split(",")
+            before = (datetime.fromisoformat(at), int(number))
+    assert seen == expected and pages > 1
+
+
+def test_an_older_page_stays_that_page_after_an_action_on_it_and_a_bad_end_reads_as_none(app, actor, clock):
+    """A diff review: an htmx action on a page of older events (signing out elsewhere) sent back the newest
+    events under "Older events", without the way back; the section follows the page's own address now
+    (HX-Current-URL), as "Show more" did. And an end a time zone puts outside the years a datetime holds
+    (?before=0001-01-01T00:00:00+01:00) answered 500; it reads as no end, as other nonsense does."""
+    user = actor.user()
+    t0 = utc(clock.t) - timedelta(days=3)
+    with app.app_context():
+        AuditEvent.insert_many([{"kind": "signout", "user": user.id, "detail": "{}",
+                                 "created_at": t0 + timedelta(seconds=n)} for n in range(150)]).execute()
+    actor.sign_in()
+    other = second_client(app, clock)
+    assert other.sign_in().headers["Location"] == "/settings"
+    page = actor.client.get("/settings?activity=more").get_data(as_text=True)
+    older = re.search(r'<a href="([^"]+)">Show older events</a>', page).group(1).replace("&amp;", "&").split("#")[0]
+    shown = _activity_lines(actor.client.get(older).get_data(as_text=True))
+    token = csrf_from(actor.client.get(older).get_data(as_text=True))
+    r = actor.client.post("/settings/sessions/end-others", data={"csrf_token": token},
+                          headers={"HX-Request": "true", "HX-Current-URL": f"http://localhost{older}"})
+    assert r.status_code == 200
+    html = r.get_data(as_text=True)
+    assert "Older events on your account" in html and "Back to the newest events" in html
+    assert _activity_lines(html) == shown
+    for bad in ("0001-01-01T00:00:00%2B01:00,5", "9999-12-31T23:59:59-01:00,5", "2026-01-01T00:00:00,-1",
+                "2026-01-01T00:00:00," + "9" * 30, "2026-01-01", ",", "x" * 5000):
+        r = actor.client.get(f"/settings?activity=more&before={bad}")
+        assert r.status_code == 200 and "Older events on your account" not in r.get_data(as_text=True), bad
 
 
 def test_a_flood_of_refusals_costs_the_page_the_same_whatever_its_size(app, actor, clock):

@@ -367,8 +367,7 @@ def detail_text(detail):
 
 
 # Shown on every User Settings view: compiled once (db.Prepared).
-_OWN_EVENTS = Prepared(lambda: AuditEvent.select().where((AuditEvent.user == Param("user"))
-                                                         & (AuditEvent.created_at < Param("before")))
+_OWN_EVENTS = Prepared(lambda: AuditEvent.select().where((AuditEvent.user == Param("user")) & _before_page())
                        .order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc()).limit(Param("limit")))
 
 
@@ -380,39 +379,61 @@ ACTIVITY_SHORT, ACTIVITY_LONG = 10, 100
 @bp.app_template_global()
 def activity_shows_more():
     """Whether Security activity lists ACTIVITY_LONG events: on the page opened with ?activity=more ("Show
-    more events"), and in the section an htmx action on that page sends back (renaming a device, signing out
-    elsewhere), whose own address has no query: htmx names the page's in HX-Current-URL. The list fell back
-    to ten events there. The header is the browser's to set, as the query is: it chooses only how many of
-    one's own events one sees."""
-    if request.args.get("activity") == "more":
-        return True
-    shown = request.headers.get("HX-Current-URL", "") if htmx.is_htmx() else ""
+    more events"), and in the section an htmx action on that page sends back (_activity_query). The header is
+    the browser's to set, as the query is: it chooses only how many of one's own events one sees."""
+    return _activity_query().get("activity") == "more"
+
+
+def _activity_query():
+    """The query of the page Security activity is shown on: this request's, or, for the section an htmx action
+    on that page sends back (renaming a device, signing out elsewhere), whose own address has no query, that
+    of the page htmx names in HX-Current-URL. The list fell back to ten events there, and to the newest on a
+    page of older ones."""
+    if request.args or not htmx.is_htmx():
+        return request.args
+    shown = request.headers.get("HX-Current-URL", "")
     try:
-        return "?" in shown and parse_qs(urlsplit(shown).query).get("activity") == ["more"]
-    except ValueError:  # not an address ("http://[x"): the ten, as without the header
-        return False
+        return {k: v[0] for k, v in parse_qs(urlsplit(shown).query).items()} if "?" in shown else {}
+    except ValueError:  # not an address ("http://[x"): as without the header
+        return {}
 
 
 @bp.app_template_global()
 def activity_before():
-    """The time Security activity's "Show older events" continues from (?before=, the oldest time the page
-    before it covered), or None for the newest events; anything that is not a time reads as none."""
-    value = request.args.get("before", "")
-    try:
-        moment = datetime.fromisoformat(value) if 0 < len(value) <= 40 else None
-    except ValueError:
+    """Where Security activity's "Show older events" goes on from (?before=TIME,NUMBER: the last record the page
+    before it showed, ActivityPage.older), as (time, record number), or None for the newest events; anything
+    else reads as none."""
+    value = _activity_query().get("before", "")
+    at, _, number = value.rpartition(",")
+    if not (0 < len(at) <= 40 and number.isascii() and number.isdigit() and len(number) <= 18):
         return None
-    return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment and moment.tzinfo else moment
+    try:
+        moment = datetime.fromisoformat(at)
+        moment = moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo else moment
+    except (ValueError, OverflowError):  # not a time, or one a zone puts outside the years a datetime holds
+        return None
+    return moment, int(number)
 
 
 class ActivityPage(list):
-    """Lines of Security activity, newest first; `older`: the `before` of the page after them (the time of the
-    last line, as ISO text), or None when nothing is older. A page ends at a time, not after a number of
-    records: the next one lists what happened before it, so each record is on one page only (a run of refusals
-    that goes on across the end is counted on each page for its records there). Two records of the very same
-    microsecond across a page's end would show on neither; a clock gives each record its own."""
+    """Lines of Security activity, newest first; `older`: the `before` of the page after them (the time and
+    number of the last record they show, "TIME,NUMBER"), or None when nothing is older. A page ends at a
+    record, in the list's order (time, then number), not after a number of lines: the next one lists what
+    came before it, so each record is on one page only, those of the same microsecond too (a run of refusals
+    that goes on across the end is counted on each page for its records there)."""
 
     older = None
+
+
+def _page_end(at, number):
+    return f"{at.isoformat(timespec='microseconds')},{number}"
+
+
+def _before_page():
+    """Records before the page's end (`before`, `before_id`) in the list's order, written as a range on the time,
+    which the indexes serve."""
+    at, number = Param("before"), Param("before_id")
+    return (AuditEvent.created_at <= at) & ((AuditEvent.created_at < at) | (AuditEvent.id < number))
 
 
 @bp.app_template_global()
@@ -422,13 +443,14 @@ def security_activity(user, limit=ACTIVITY_SHORT, before=None):
     one line with its count (_grouped_activity)."""
     if user is None or not getattr(user, "is_authenticated", False):
         return ActivityPage()
-    limit, before = max(1, min(int(limit), ACTIVITY_LONG)), before or _FAR_FUTURE
-    events = _OWN_EVENTS.rows(user=user.id, limit=limit + 1, before=before)  # one more: is anything older?
+    limit = max(1, min(int(limit), ACTIVITY_LONG))
+    bound = {"before": before[0], "before_id": before[1]} if before else {"before": _FAR_FUTURE, "before_id": 0}
+    events = _OWN_EVENTS.rows(user=user.id, limit=limit + 1, **bound)  # one more: is anything older?
     if _repeats(events):
-        return _grouped_activity(user.id, limit, before)
+        return _grouped_activity(user.id, limit, bound)
     page = ActivityPage(_activity_line(e, user.id) for e in events[:limit])
     if len(events) > limit:
-        page.older = events[limit - 1].created_at.isoformat(timespec="microseconds")
+        page.older = _page_end(events[limit - 1].created_at, events[limit - 1].id)
     return page
 
 
@@ -482,8 +504,7 @@ def _newest_others():
     person, event and time, merged (a flood of a hundred thousand refusals is never walked through). Kinds no
     label names (none are written) are left out here; _OWN_EVENTS, which reads every kind, lists them."""
     arms = [AuditEvent.select(AuditEvent.id)
-            .where((AuditEvent.user == Param("user")) & (AuditEvent.kind == kind)
-                   & (AuditEvent.created_at < Param("before")))
+            .where((AuditEvent.user == Param("user")) & (AuditEvent.kind == kind) & _before_page())
             .order_by(AuditEvent.created_at.desc()).limit(Param("limit"))
             for kind in sorted(set(KIND_LABELS) - REPEATED_REFUSALS)]
     return (AuditEvent.select().where(AuditEvent.id.in_(functools.reduce(lambda a, b: a | b, arms)))
@@ -493,12 +514,12 @@ def _newest_others():
 _OTHER_EVENTS = Prepared(_newest_others)
 _NEWEST_REFUSAL = Prepared(lambda: AuditEvent.select().where(
     (AuditEvent.user == Param("user")) & (AuditEvent.kind == Param("kind"))
-    & (AuditEvent.created_at < Param("before"))).order_by(AuditEvent.created_at.desc()).limit(1))
+    & (AuditEvent.created_at < Param("gap_end")) & _before_page()).order_by(AuditEvent.created_at.desc()).limit(1))
 # The newest records of each refusal since a time, up to `cap` of each kind, in one statement.
 _RECENT_REFUSALS = Prepared(lambda: functools.reduce(lambda a, b: a.union_all(b), [
     AuditEvent.select(AuditEvent.id, AuditEvent.kind, AuditEvent.created_at)
     .where((AuditEvent.user == Param("user")) & (AuditEvent.kind == kind) & (AuditEvent.created_at >= Param("since"))
-           & (AuditEvent.created_at < Param("before")))
+           & _before_page())
     .order_by(AuditEvent.created_at.desc()).limit(Param("cap")) for kind in sorted(REPEATED_REFUSALS)]))
 _BY_IDS_SIZE = 10
 _BY_IDS = Prepared(lambda: AuditEvent.select().where(AuditEvent.id.in_([Param(f"id{n}") for n in range(_BY_IDS_SIZE)])))
@@ -508,9 +529,14 @@ RECENT_READ = 200
 
 
 def _run_query():
+    """How many records of refusal `kind` from (`since`, `since_id`) to `until`, before the page's end, up to
+    `cap`, and the time of the first of them."""
+    since = Param("since")
     newest = (AuditEvent.select(AuditEvent.created_at)
               .where((AuditEvent.user == Param("user")) & (AuditEvent.kind == Param("kind"))
-                     & (AuditEvent.created_at >= Param("since")) & (AuditEvent.created_at <= Param("until")))
+                     & (AuditEvent.created_at >= since) & ((AuditEvent.created_at > since)
+                                                          | (AuditEvent.id >= Param("since_id")))
+                     & (AuditEvent.created_at <= Param("until")) & _before_page())
               .order_by(AuditEvent.created_at.desc()).limit(Param("cap")))
     return newest.select_from(fn.COUNT(SQL("*")), fn.MIN(newest.c.created_at))
 
@@ -523,11 +549,11 @@ def _as_time(value):
     return datetime.fromisoformat(value) if isinstance(value, str) else value
 
 
-def _grouped_activity(user_id, limit, before):
+def _grouped_activity(user_id, limit, bound):
     """Security activity when refusals repeat: the `limit` newest lines of the other events and, between each
     two of them (and above the newest), for each refusal, its record alone or one line for all of them. However
     many records a gap holds, this reads a few index entries per refusal and per gap that has any."""
-    others = _OTHER_EVENTS.rows(user=user_id, limit=limit + 1, before=before)
+    others = _OTHER_EVENTS.rows(user=user_id, limit=limit + 1, **bound)
     ascending = [e.created_at for e in reversed(others)]
     complete = len(others) <= limit  # no other event is older: the refusals below the last one are listed too
 
@@ -538,19 +564,20 @@ def _grouped_activity(user_id, limit, before):
 
     recent = {kind: [] for kind in REPEATED_REFUSALS}
     since = datetime.min if complete else ascending[0]
-    for record_id, kind, created in _RECENT_REFUSALS.values(user=user_id, since=since, before=before, cap=RECENT_READ):
+    for record_id, kind, created in _RECENT_REFUSALS.values(user=user_id, since=since, cap=RECENT_READ, **bound):
         recent[kind].append((_as_time(created), record_id))
-    runs = [run for kind, found in recent.items() for run in _runs(user_id, kind, found, floor, complete, before)]
-    # Newest first; a run at the very time of an event is shown above it, as it was found in the gap above.
-    items = sorted([(e.created_at, 0, e) for e in others] + [(run[1], 1, run) for run in runs],
+    runs = [run for kind, found in recent.items() for run in _runs(user_id, kind, found, floor, complete, bound)]
+    # Newest first, in the order of the records the lines end with (time, then number), which the next
+    # page's start follows.
+    items = sorted([(e.created_at, e.id, 0, e) for e in others] + [(run[1], run[0], 1, run) for run in runs],
                    key=lambda item: item[:2], reverse=True)
-    page, shown = ActivityPage(), items[:limit]
+    page, shown = ActivityPage(), [(at, is_run, item) for at, _, is_run, item in items[:limit]]
     if len(items) > limit:
-        end = shown[-1][0]
-        page.older = end.isoformat(timespec="microseconds")
-        # A run that began before the page's end is counted here for its records from the end on; the next
-        # page counts the others.
-        shown = [(at, is_run, _recounted(user_id, item, end) if is_run and item[3] < end else item)
+        end = items[limit - 1][:2]  # the last record shown: (time, number)
+        page.older = _page_end(*end)
+        # A run that began at the page's end or before is counted here for its records from the end on; the
+        # next page counts the others.
+        shown = [(at, is_run, _recounted(user_id, item, end, bound) if is_run and item[3] <= end[0] else item)
                  for at, is_run, item in shown]
     # Only the runs shown are read whole.
     wanted = [run[0] for _, is_run, run in shown if is_run]
@@ -568,14 +595,15 @@ def _grouped_activity(user_id, limit, before):
     return page
 
 
-def _recounted(user_id, run, since):
-    """`run` counted for its records at `since` or after it only."""
+def _recounted(user_id, run, since, bound):
+    """`run` counted for its records from `since` (time, number) on only."""
     record_id, newest, _, _, _, kind = run
-    (count, first), = _RUN.values(user=user_id, kind=kind, since=since, until=newest, cap=RUN_COUNTED)
+    (count, first), = _RUN.values(user=user_id, kind=kind, since=since[0], since_id=since[1], until=newest,
+                                  cap=RUN_COUNTED, **bound)
     return (record_id, newest, count, _as_time(first), count >= RUN_COUNTED, kind)
 
 
-def _runs(user_id, kind, recent, floor, complete, before):
+def _runs(user_id, kind, recent, floor, complete, bound):
     """The runs of one refusal in the gaps of the list: (its newest record's id and time, count, first time,
     whether the count stopped at RUN_COUNTED, the refusal). `recent`: its newest records since the oldest event listed, as
     (time, id), RECENT_READ at most: fewer, and they are all of them, grouped here; as many, and each gap is
@@ -587,20 +615,20 @@ def _runs(user_id, kind, recent, floor, complete, before):
             run[2] += 1
             run[3] = at
         return [tuple(run) for run in runs.values()]
-    runs = []
+    runs, gap_end = [], _FAR_FUTURE
     while True:
-        newest = _NEWEST_REFUSAL.first(user=user_id, kind=kind, before=before)
+        newest = _NEWEST_REFUSAL.first(user=user_id, kind=kind, gap_end=gap_end, **bound)
         if newest is None:
             break
         below = floor(newest.created_at)
         if below is None and not complete:
             break  # below every event listed
-        (count, first), = _RUN.values(user=user_id, kind=kind, since=below or datetime.min, until=newest.created_at,
-                                      cap=RUN_COUNTED)
+        (count, first), = _RUN.values(user=user_id, kind=kind, since=below or datetime.min, since_id=0,
+                                      until=newest.created_at, cap=RUN_COUNTED, **bound)
         runs.append((newest.id, newest.created_at, count, _as_time(first), count >= RUN_COUNTED, kind))
         if below is None:
             break
-        before = below
+        gap_end = below
     return runs
 
 
