@@ -629,8 +629,9 @@ def _never_reuse_ids(database, models, used_ids):
     """On SQLite, rebuild with AUTOINCREMENT each table whose id is a NeverReusedAutoField but that an earlier
     version made without it (the device table before 2026-12-07), so that no id is given twice from now on.
     Its next id is above both the highest in the table and the highest `used_ids[model]()` finds recorded
-    (the audit log's device numbers): an id given before the upgrade and deleted since is not given again
-    either. Returns the lines to print once committed.
+    (the audit log's device numbers; (highest, last record read), and with that record only those after it):
+    an id given before the upgrade and deleted since is not given again either. Returns the lines to print
+    once committed.
 
     SQLite's own procedure for a change ALTER TABLE cannot make (sqlite.org/lang_altertable.html), in one
     transaction: a new table, the rows copied with their ids, the old one dropped, the new one renamed to its
@@ -649,6 +650,9 @@ def _never_reuse_ids(database, models, used_ids):
 
     if not lacking():  # every start but one: a read of the schema
         return []
+    # The records read before the writer lock (a WAL reader holds up no writer), and under it only those
+    # written since: read under it, a few million held every other writer for seconds, past busy_timeout.
+    recorded = {model: used_ids[model]() for model in lacking() if model in used_ids}
     lines = []
     keys_on = database.execute_sql("PRAGMA foreign_keys").fetchone()[0]
     database.execute_sql("PRAGMA foreign_keys = OFF")  # no effect inside a transaction: set before it
@@ -671,8 +675,10 @@ def _never_reuse_ids(database, models, used_ids):
                     raise ConfigError(f"rebuilding table {table} would leave rows pointing at none of its rows "
                                       "(README \"Upgrades\")")
                 key = model._meta.primary_key.column_name
-                highest = max(database.execute_sql(f'SELECT COALESCE(MAX("{key}"), 0) FROM "{table}"').fetchone()[0],
-                              used_ids[model]() if model in used_ids else 0)
+                highest = database.execute_sql(f'SELECT COALESCE(MAX("{key}"), 0) FROM "{table}"').fetchone()[0]
+                if model in used_ids:
+                    found, last = recorded.get(model) or used_ids[model]()
+                    highest = max(highest, found, used_ids[model](last)[0])  # and in those written since
                 database.execute_sql("DELETE FROM sqlite_sequence WHERE name = ?", (table,))
                 database.execute_sql("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table, highest))
                 lines.append(f"{table} numbers are never given twice; the next is {highest + 1}")

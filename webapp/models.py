@@ -399,29 +399,40 @@ _DEVICE_NUMBER_KINDS = ("tfa_enabled", "device_added", "device_renamed", "device
                         "tfa_disabled", "tfa_reset", "support_tfa_disabled", "account_erased")
 
 
-def highest_recorded_device_id():
+def _highest_recorded(numbers, kinds, after_id):
+    """(the highest integer the SQL `numbers` finds in the audit records of `kinds`, the last record read), for
+    db._never_reuse_ids: with `after_id` None every record (through the index by event: run before the writer
+    lock, as it takes seconds on millions), else only those after that record (by number: run under the
+    lock, for the few written meanwhile)."""
+    table = AuditEvent._meta.table_name
+    marks = ", ".join("?" * len(kinds))
+    if after_id is None:
+        last = db.execute_sql(f'SELECT COALESCE(MAX(id), 0) FROM "{table}"').fetchone()[0]
+        where, args = f'"{table}".kind IN ({marks})', list(kinds)  # (those written meanwhile: read again)
+    else:  # "+kind": by the number's range, not the index by event
+        last, where, args = None, f'"{table}".id > ? AND +"{table}".kind IN ({marks})', [after_id, *kinds]
+    found = db.execute_sql(f"SELECT COALESCE(MAX(n), 0) FROM ({numbers.format(table=table, where=where)}) "
+                           "WHERE typeof(n) = 'integer'", args * numbers.count("{where}")).fetchone()[0]
+    return found, last
+
+
+def highest_recorded_device_id(after_id=None):
     """The highest device number the audit records name (0 if none), for the upgrade after which no number is
     given twice (db._never_reuse_ids): a device removed before it may have had a number above every device
-    left, and the next device must not get it. Read once, at that upgrade, through the index by event (codes
-    accepted are most of it: about a second per million sign-ins)."""
-    kinds = ", ".join("?" * len(_DEVICE_NUMBER_KINDS))
-    table = AuditEvent._meta.table_name
-    return db.execute_sql(
-        f"SELECT COALESCE(MAX(n), 0) FROM ("
-        f"SELECT json_extract(detail, '$.device_id') AS n FROM \"{table}\" WHERE kind IN ({kinds}) "
-        f"AND json_valid(detail) UNION ALL "
-        f"SELECT j.value FROM \"{table}\", json_each(detail, '$.device_ids') AS j WHERE kind IN ({kinds}) "
-        f"AND json_valid(detail) AND json_type(detail, '$.device_ids') = 'array') WHERE typeof(n) = 'integer'",
-        _DEVICE_NUMBER_KINDS * 2).fetchone()[0]
+    left, and the next device must not get it. Codes accepted are most of the records read: a few seconds per
+    million sign-ins, before the writer lock."""
+    return _highest_recorded(
+        "SELECT json_extract(detail, '$.device_id') AS n FROM \"{table}\" WHERE {where} AND json_valid(detail) "
+        "UNION ALL SELECT j.value FROM \"{table}\", json_each(detail, '$.device_ids') AS j WHERE {where} "
+        "AND json_valid(detail) AND json_type(detail, '$.device_ids') = 'array'", _DEVICE_NUMBER_KINDS, after_id)
 
 
-def highest_recorded_request_id():
+def highest_recorded_request_id(after_id=None):
     """The highest contact request number the audit records name (0 if none): every request stored has its
     `support_request` record, written with it, which outlives the request (db._never_reuse_ids)."""
-    return db.execute_sql(
-        f"SELECT COALESCE(MAX(json_extract(detail, '$.request')), 0) FROM \"{AuditEvent._meta.table_name}\" "
-        "WHERE kind = 'support_request' AND json_valid(detail) "
-        "AND json_type(detail, '$.request') = 'integer'").fetchone()[0]
+    return _highest_recorded(
+        "SELECT json_extract(detail, '$.request') AS n FROM \"{table}\" WHERE {where} AND json_valid(detail)",
+        ("support_request",), after_id)
 
 
 # What db._never_reuse_ids finds recorded of the numbers a table without AUTOINCREMENT gave.
