@@ -386,7 +386,20 @@ def test_a_name_someone_chose_is_shown_as_typed_not_as_the_apps_word_for_it():
     assert detail_text({"network": "sign-ups", "limit": "sign-ups", "was": "known browser"}) == [
         ("Which limit", "sign-ups (accounts made, or refused as existing)"), ("Network", "sign-ups"),
         ("Stored before as", "known browser")]
-    assert detail_text({"reason": "malformed"}) == [("Reason", "not six digits")]
+    assert detail_text({"reason": "malformed"}, "code_rejected") == [("Reason", "not six digits")]
+    # What the operator or support wrote as a reason is theirs, whatever it says (a diff review).
+    assert detail_text({"reason": "replay"}, "account_disabled") == [("Reason", "replay")]
+    assert detail_text({"reason": "replay"}, "totp_replay") == [("Reason", "code already used")]
+
+
+def test_an_operators_reason_is_shown_as_written(app, actor):
+    """A diff review: `users disable --reason replay` read "Reason: code already used" in `users activity`, the
+    app's word for a replayed code, as if the app had written it."""
+    actor.user("carol@example.com")
+    runner = app.test_cli_runner()
+    assert runner.invoke(args=["users", "disable", "carol@example.com", "--reason", "replay"]).exit_code == 0
+    output = runner.invoke(args=["users", "activity", "carol@example.com"]).output
+    assert "Reason: replay" in output and "code already used" not in output
 
 
 def test_a_revoked_admin_role_reads_as_removed(app, actor, secret):
@@ -1135,9 +1148,6 @@ def test_sign_ins_and_added_devices_name_the_browser_they_came_from(app, actor, 
             in line]
 
 
-
-EDGE = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36 "
-        "Edg/126.0")
 
 
 def test_a_sign_in_says_whether_its_browser_was_new_to_the_account(app, actor, secret, clock):

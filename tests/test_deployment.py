@@ -619,7 +619,11 @@ def test_an_audit_log_from_before_its_ordered_indexes_gets_them_at_start(app, ac
         for name, column in (("auditevent_kind", "kind"), ("auditevent_user_id", "user_id"),
                              ("auditevent_actor_id", "actor_id")):
             db.execute_sql(f'CREATE INDEX "{name}" ON "auditevent" ("{column}")')
+        # 2026-12-07: one person's open contact requests, where the index on the person alone was.
+        db.execute_sql('DROP INDEX "supportrequest_user_id_handled_at_created_at"')
+        db.execute_sql('CREATE INDEX "supportrequest_user_id" ON "supportrequest" ("user_id")')
     again, said = _start_again(app, tmp_path, clock, capsys)
+    assert said.count("upgrading the database: building index supportrequest_user_id_handled_at_created_at ") == 1
     for name in ordered:
         assert said.count(f"upgrading the database: building index {name} ") == 1, said
     for name in OBSOLETE_INDEXES:
@@ -627,6 +631,9 @@ def test_an_audit_log_from_before_its_ordered_indexes_gets_them_at_start(app, ac
     with again.app_context():
         indexes = {index.name: index for index in db.get_indexes("auditevent")}
         assert set(ordered) <= set(indexes) and not set(OBSOLETE_INDEXES) & set(indexes)
+        assert {index.name for index in db.get_indexes("supportrequest")} >= {
+            "supportrequest_user_id_handled_at_created_at"} and "supportrequest_user_id" not in {
+            index.name for index in db.get_indexes("supportrequest")}
         for name, person in ordered.items():  # the records of nobody (most have no actor) are left out
             assert bool(re.search(rf'WHERE \(?"?{person}"? IS NOT NULL', indexes[name].sql)) == bool(person), \
                 indexes[name].sql

@@ -620,7 +620,7 @@ def activity(email, limit):
             who = ""
         # One event, one line: a reason support typed may hold line breaks, which printed as they are made lines
         # that read as events of their own.
-        details = one_line("; ".join(f"{label}: {value}" for label, value in detail_text(event.details)))
+        details = one_line("; ".join(f"{label}: {value}" for label, value in detail_text(event.details, event.kind)))
         click.echo(f"{_fmt_time(event.created_at, seconds=True)}  {event_text(event.kind, event.details)}{who}"
                    + (f"  [{details}]" if details else "") + (f"  from {one_line(event.ip)}" if event.ip else ""))
 

@@ -345,8 +345,13 @@ def event_text(kind, detail):
     return KIND_LABELS.get(kind) or _humanise(kind)
 
 
-def detail_text(detail):
-    """The detail of an event as 'Label: value' pairs in plain words."""
+# The events whose `reason` is the app's own word (VALUE_WORDS): elsewhere it is what support or the operator
+# wrote, and `users disable --reason replay` read "Reason: code already used" (a diff review).
+_WORDED_REASONS = frozenset({"code_rejected", "totp_replay"})
+
+
+def detail_text(detail, kind=None):
+    """The detail of an event (of `kind`) as 'Label: value' pairs in plain words."""
     parts = []
     for key, value in sorted(detail.items(), key=lambda kv: (DETAIL_ORDER.get(kv[0], len(DETAIL_ORDER)), kv[0])):
         label = DETAIL_LABELS.get(key) or _humanise(key)
@@ -361,7 +366,8 @@ def detail_text(detail):
         elif isinstance(value, (list, tuple)):
             shown = ", ".join(str(v) for v in value) or "none"
         else:
-            shown = VALUE_WORDS.get(key, {}).get(str(value), str(value))
+            words = VALUE_WORDS.get(key, {}) if key != "reason" or kind in _WORDED_REASONS else {}
+            shown = words.get(str(value), str(value))
         parts.append((label, shown))
     return parts
 
@@ -1852,4 +1858,4 @@ def _describe_events(rows):
     # read as one moment to the minute (an incident review).
     return [{"when": _fmt_time(r.created_at, seconds=True), "kind": r.kind, "text": event_text(r.kind, r.details),
              "person": emails.get(r.user_id), "actor": emails.get(r.actor_id), "ip": r.ip,
-             "detail": detail_text(r.details)} for r in rows]
+             "detail": detail_text(r.details, r.kind)} for r in rows]
