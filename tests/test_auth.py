@@ -2390,3 +2390,78 @@ def test_wrong_codes_sent_at_once_to_one_code_step_meet_its_limit_of_five(app, a
     r = actor.post_form("/login/verify", {"code": actor.code(secret)}, form_url="/login")
     assert r.status_code == 302 and r.headers["Location"] == "/login?notice=sign-in-expired"
     assert actor.client.get("/settings").status_code == 302  # nobody signed in
+
+
+def test_a_wrong_password_in_flight_when_its_browser_is_forgotten_counts_on_the_account(app, actor, clock, monkeypatch):
+    """A review of forgotten browsers: a browser forgotten (Change password, Sign out everywhere else, support's
+    disable, ...) keeps its row for the contact form. A wrong password typed in it while the forget committed
+    (during the hash, which runs outside any transaction) was counted on that row, as if the browser were
+    still known: the account's count, its lock and the network's count missed it, and the record said
+    "counted in: known browser" (security.md 18, 20). It counts on the account now, as before the rows were
+    kept; and the browser, known again after a full sign-in, starts with no count of its own."""
+    import webapp.auth as auth_module
+    from webapp.db import write_transaction
+    from webapp.models import KnownBrowser, NetworkCounter
+    from webapp.security import forget_browsers
+
+    actor.user()
+    assert actor.password_step().status_code == 302
+    _log_out(actor)
+    browser = token_hash(actor.client.get_cookie("twostep_known").value)
+    real = auth_module.verify_password
+
+    def verify_then_the_owner_forgets(stored, password):
+        result = real(stored, password)
+        with write_transaction():  # the owner's Sign out everywhere else, committed meanwhile
+            forget_browsers(User.by_email("alice@example.com"))
+        return result
+
+    monkeypatch.setattr(auth_module, "verify_password", verify_then_the_owner_forgets)
+    assert actor.password_step(password="a guess").status_code == 200
+    monkeypatch.setattr(auth_module, "verify_password", real)
+    with app.app_context():
+        row = KnownBrowser.get_by_id(browser)
+        assert row.forgotten_at is not None and row.password_failures == 0 and row.password_locked_until is None
+        assert user_row(app).password_failures == 1
+        assert "counted_in" not in AuditEvent.get(AuditEvent.kind == "password_rejected").details
+        assert {c.purpose: c.hits for c in NetworkCounter.select()}.get("failed-sign-ins") == 1
+        KnownBrowser.update(password_failures=3).where(KnownBrowser.id == browser).execute()  # however it came
+    clock.advance(5)
+    assert actor.password_step().headers["Location"] == "/settings"  # a full sign-in: known again
+    with app.app_context():
+        row = KnownBrowser.get_by_id(browser)
+        assert (row.forgotten_at, row.password_failures, row.password_locked_until) == (None, 0, None)
+
+
+def test_a_browser_the_owner_signed_out_reads_as_new_when_it_signs_in_again(app, actor, clock):
+    """A review of forgotten browsers: a lost laptop's browser, signed out by the owner's "Sign out everywhere
+    else", signed in again an hour later and its record read like any of the owner's usual sign-ins: it was
+    made known again, as old as it was. Its sign-in is told as new to the account, what the owner must notice;
+    the browser is known again all the same (security.md 43)."""
+    from webapp.models import KnownBrowser
+
+    from .test_contact import _browser_at
+
+    actor.user()
+    assert actor.password_step().headers["Location"] == "/settings"  # the laptop
+    laptop = token_hash(actor.client.get_cookie("twostep_known").value)
+    clock.advance(60)
+    owner = _browser_at(app, clock, "198.51.100.8")
+    assert owner.password_step().headers["Location"] == "/settings"
+    assert owner.post_form("/settings/sessions/end-others", {}, form_url="/settings").status_code == 302
+    clock.advance(3600)
+    assert actor.password_step().headers["Location"] == "/settings"  # from the signed-out laptop
+    assert _new_browser_signins(app) == [True, True, True]
+    with app.app_context():
+        assert KnownBrowser.get_by_id(laptop).forgotten_at is None  # known again, the same row
+    clock.advance(60)
+    _log_out(actor)
+    assert actor.password_step().headers["Location"] == "/settings"
+    assert _new_browser_signins(app)[-1] is None  # and from then on as known
+
+
+def _new_browser_signins(app):
+    """The new_browser detail of each sign-in's record, oldest first."""
+    with app.app_context():
+        return [e.details.get("new_browser") for e in AuditEvent.select().where(AuditEvent.kind == "signin")
+                .order_by(AuditEvent.id)]

@@ -607,6 +607,7 @@ def test_an_intruder_who_changed_the_password_cannot_keep_the_owner_out_of_the_f
         [first] = [e.details for e in AuditEvent.select().where(AuditEvent.kind == "support_request")
                    if e.details["request"] == mine[0].id]
     assert first == {"request": mine[0].id, "after_password": False, "browser_forgotten": True,
+                     "browser_forgotten_since": owners_browser.forgotten_at.isoformat() + "Z",
                      "browser_signed_in_since": owners_browser.created_at.isoformat() + "Z"}
     # The allowance is the limit, not more: the owner's browser sends three in an hour, then (the address's
     # shared limit used up by the stranger) it is refused too, from any network.

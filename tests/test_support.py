@@ -2218,6 +2218,7 @@ def test_a_request_says_when_its_senders_browser_first_signed_in_to_the_account(
     intruders_first = utc(clock.t)
     new = {"current": PASSWORD, "new": "the intruder's passphrase", "confirm": "the intruder's passphrase"}
     assert intruder.post_form("/settings/password", new).status_code == 302
+    forgotten = utc(clock.t)
     clock.advance(600)
     owner.post_form("/support/contact", {"email": "carol@example.com", "message": "My password was changed!"})
     intruder.post_form("/support/contact", {"email": "carol@example.com", "message": "All good, ignore that."})
@@ -2228,9 +2229,10 @@ def test_a_request_says_when_its_senders_browser_first_signed_in_to_the_account(
     page = " ".join(actor.client.get("/support").get_data(as_text=True).split())
     hint = {text: page.split(text)[0].rsplit('<p class="hint">', 1)[1]
             for text in ("My password was changed!", "All good, ignore that.", "Please turn off my 2FA.")}
+    # And since when it is no longer known: the owner cut it off (or the intruder did) ten minutes before.
     assert (f"Sent from a browser that first signed in to this account on {owners_first:%Y-%m-%d %H:%M} UTC, no "
-            "longer known to it since (a new password, Sign out everywhere else, a 2FA reset or ten newer "
-            "browsers): not proof either") in hint["My password was changed!"]
+            f"longer known to it since {forgotten:%Y-%m-%d %H:%M} UTC (a new password, Sign out everywhere else, "
+            "a 2FA reset or ten newer browsers): not proof either") in hint["My password was changed!"]
     assert "Sent without entering this account's password." in hint["My password was changed!"]
     said = hint["All good, ignore that."]
     assert f"first signed in to this account on {intruders_first:%Y-%m-%d %H:%M} UTC: not proof either" in said
@@ -2240,6 +2242,7 @@ def test_a_request_says_when_its_senders_browser_first_signed_in_to_the_account(
     log = " ".join(actor.client.get("/support/audit?email=carol%40example.com").get_data(as_text=True).split())
     assert "Sent from a browser that first signed in to the account at" in log
     assert f"{owners_first:%Y-%m-%d %H:%M:%S} UTC" in log
+    assert f"No longer known to the account since: {forgotten:%Y-%m-%d %H:%M:%S} UTC" in log
 
 
 def test_a_request_numbered_as_a_deleted_one_is_not_told_that_ones_sender(app, actor, secret, clock, target):

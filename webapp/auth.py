@@ -316,10 +316,14 @@ def _count_failure(user, holder, wrong, network=None):
 
 
 def _fresh_counter(user, holder, lock=False):
-    """(holder, its failure count and back-off as stored now); the account's when the browser's row went."""
+    """(holder, its failure count and back-off as stored now); the account's when the browser's row went, or
+    was forgotten meanwhile (a new password, Sign out everywhere else, ... while the hash ran: the row stays,
+    for the contact form, and a guess counted on it escaped the account's and the network's count)."""
     for candidate in (holder, user):
         model = type(candidate)
         query = model.select(model.password_failures, model.password_locked_until).where(model.id == candidate.id)
+        if model is KnownBrowser:
+            query = query.where(KnownBrowser.forgotten_at.is_null())
         fresh = (for_update(query) if lock else query).first()
         if fresh is not None:
             return candidate, fresh

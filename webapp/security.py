@@ -175,7 +175,7 @@ def _live_browser():
 def _own_browser():
     """The row of cookie `id` for person `user`, used since `since`, known, or forgotten after
     `forgotten_since`: a browser of the person's own for the contact form (contact_browser), and one a
-    completed sign-in makes known again with its age (_KB_TOUCH)."""
+    completed sign-in makes known again with its age (_KB_REVIVE)."""
     return ((KnownBrowser.id == Param("id")) & (KnownBrowser.user == Param("user"))
             & (KnownBrowser.last_used_at > Param("since"))
             & (KnownBrowser.forgotten_at.is_null() | (KnownBrowser.forgotten_at > Param("forgotten_since"))))
@@ -201,7 +201,12 @@ def _trim_forgotten():
 # Every completed sign-in runs two of these: compiled once (db.Prepared).
 _KB_FIND = Prepared(lambda: KnownBrowser.select().where(_live_browser()))
 _KB_OWN = Prepared(lambda: KnownBrowser.select().where(_own_browser()))
-_KB_TOUCH = Prepared(lambda: KnownBrowser.update(last_used_at=Param("at"), forgotten_at=None).where(_own_browser()))
+_KB_TOUCH = Prepared(lambda: KnownBrowser.update(last_used_at=Param("at")).where(_live_browser()))
+# A browser forgotten lately, known again after a completed sign-in in it: with no count of its own from while it
+# was forgotten (a guess counted on it then would lock the owner's own browser).
+_KB_REVIVE = Prepared(lambda: KnownBrowser.update(
+    last_used_at=Param("at"), forgotten_at=None, password_failures=0, password_locked_until=None).where(
+    _own_browser() & KnownBrowser.forgotten_at.is_null(False)))
 _KB_DROP = Prepared(lambda: KnownBrowser.delete().where(KnownBrowser.id == Param("id")))
 _KB_INSERT = Prepared(lambda: KnownBrowser.insert(id=Param("id"), user=Param("user"), created_at=Param("at"),
                                                   last_used_at=Param("at"), password_failures=0))
@@ -255,15 +260,20 @@ def remember_browser(user):
     account per browser: a cookie for another account is replaced and its row deleted. A person keeps the
     KNOWN_BROWSERS_PER_PERSON most recent browsers; the others are forgotten.
 
-    Returns whether the browser was new to `user`: no cookie, or one expired, forgotten longer ago than
-    FORGOTTEN_BROWSER_TTL, or of another account. The sign-in's record says so (auth.NEW_BROWSER): an intruder
-    can send the owner's User-Agent, but not a cookie of the owner's browser. Told by the statements a
-    sign-in runs anyway, so it costs none more."""
+    Returns whether the browser was new to `user`: no cookie, or one expired, forgotten (signed out of the
+    account by a new password, Sign out everywhere else, ...: the owner cut it off, and its sign-in is what
+    the owner must notice, as a diff review found) or of another account. The sign-in's record says so
+    (auth.NEW_BROWSER): an intruder can send the owner's User-Agent, but not a cookie of the owner's browser.
+    Told by the statements a sign-in runs anyway: none more for a known browser or one without a cookie."""
     token, current = _cookie_token(), now()
     if token is not None:
-        if _KB_TOUCH.execute(at=current, id=token_hash(token), user=user.id, **_lifetimes(current)):
+        ids, lifetimes = {"id": token_hash(token), "user": user.id}, _lifetimes(current)
+        if _KB_TOUCH.execute(at=current, since=lifetimes["since"], **ids):
             g.known_browser_token = token
             return False
+        if _KB_REVIVE.execute(at=current, **lifetimes, **ids):
+            g.known_browser_token = token
+            return True
         _KB_DROP.execute(id=token_hash(token))
     token = secrets.token_urlsafe(32)
     _KB_INSERT.execute(id=token_hash(token), user=user.id, at=current)

@@ -264,6 +264,7 @@ DETAIL_LABELS = {
     "browser_signed_in_since": "Sent from a browser that first signed in to the account at",
     "browser_forgotten": "That browser was no longer known to the account (signed out by a new password, Sign "
                          "out everywhere else or a 2FA reset, or ten newer browsers)",
+    "browser_forgotten_since": "No longer known to the account since",
     "action": "Action",
     "why": "Why",
     "code_failures": "Refused codes cleared",
@@ -776,7 +777,8 @@ def _browser_details(browser):
     if browser is None:
         return {}
     return {"browser_signed_in_since": browser.created_at,
-            **({"browser_forgotten": True} if browser.forgotten_at is not None else {})}
+            **({"browser_forgotten": True, "browser_forgotten_since": browser.forgotten_at}
+               if browser.forgotten_at is not None else {})}
 
 
 def _prefill_email():
@@ -1268,6 +1270,8 @@ def _mark_request_hints(requests, last_code=True):
         browser = next((details for _, _, details in own if details.get("browser_signed_in_since")), {})
         r.browser_since = _recorded_or_none(browser.get("browser_signed_in_since"))
         r.browser_forgotten = bool(browser.get("browser_forgotten"))
+        # When: support sees that the owner cut that browser off the day before (older records say only that).
+        r.browser_forgotten_at = _recorded_or_none(browser.get("browser_forgotten_since"))
         r.last_code_at = max((used for made, used in devices.get(r.user_id, ()) if made <= r.created_at),
                              default=None)
 
