@@ -266,20 +266,21 @@ def remember_browser(user):
     (auth.NEW_BROWSER): an intruder can send the owner's User-Agent, but not a cookie of the owner's browser.
     Told by the statements a sign-in runs anyway: none more for a known browser or one without a cookie."""
     token, current = _cookie_token(), now()
+    lifetimes = _lifetimes(current)
     if token is not None:
-        ids, lifetimes = {"id": token_hash(token), "user": user.id}, _lifetimes(current)
+        ids = {"id": token_hash(token), "user": user.id}
         if _KB_TOUCH.execute(at=current, since=lifetimes["since"], **ids):
             g.known_browser_token = token
             return False
         if _KB_REVIVE.execute(at=current, **lifetimes, **ids):
             g.known_browser_token = token
             return True
-        _KB_DROP.execute(id=token_hash(token))
+        _KB_DROP.execute(id=ids["id"])
     token = secrets.token_urlsafe(32)
     _KB_INSERT.execute(id=token_hash(token), user=user.id, at=current)
     g.known_browser_token = token
     if _KB_TRIM.execute(user=user.id, at=current):  # only a new browser can make them more than ten
-        _KB_TRIM_FORGOTTEN.execute(user=user.id, **_lifetimes(current))
+        _KB_TRIM_FORGOTTEN.execute(user=user.id, **lifetimes)
     return True
 
 

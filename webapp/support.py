@@ -612,9 +612,9 @@ def _recounted(user_id, run, since, bound):
 
 def _runs(user_id, kind, recent, floor, complete, bound):
     """The runs of one refusal in the gaps of the list: (its newest record's id and time, count, first time,
-    whether the count stopped at RUN_COUNTED, the refusal). `recent`: its newest records since the oldest event listed, as
-    (time, id), RECENT_READ at most: fewer, and they are all of them, grouped here; as many, and each gap is
-    walked: its newest record, then its count."""
+    whether the count stopped at RUN_COUNTED, the refusal). `recent`: its newest records since the oldest
+    event listed, as (time, id), RECENT_READ at most: fewer, and they are all of them, grouped here; as many,
+    and each gap is walked: its newest record, then its count."""
     if len(recent) < RECENT_READ:
         runs = {}
         for at, record_id in sorted(recent, reverse=True):  # newest first
