@@ -1192,8 +1192,19 @@ def test_a_sign_in_says_whether_its_browser_was_new_to_the_account(app, actor, s
             .order_by(AuditEvent.id)]
     assert signins == [("127.0.0.1", True), ("127.0.0.1", None), ("198.51.100.66", True), ("203.0.113.9", True),
                        ("127.0.0.1", True), ("127.0.0.1", None), ("127.0.0.1", True), ("127.0.0.1", None)]
-    lines = _activity_lines(actor.client.get("/settings?activity=more").get_data(as_text=True))
+    page = actor.client.get("/settings?activity=more").get_data(as_text=True)
+    lines = _activity_lines(page)
     signed_in = [line.split(": ", 1)[1] for line in lines if "Signed in" in line]
+    # The words are explained beside the list, where they show (a review: only the README said what they meant).
+    explained = ("“A browser new to your account” is one that had not signed in to it before, or not since its "
+                 "browsers were signed out (a new password, Sign out everywhere else).")
+    assert explained in page
+    with app.app_context():  # ten later events: no line that says it, no explanation
+        AuditEvent.insert_many([{"kind": "device_renamed", "user": User.by_email("alice@example.com").id,
+                                 "detail": "{}", "created_at": utc(clock.t) + timedelta(seconds=n + 1)}
+                                for n in range(10)]).execute()
+    page = actor.client.get("/settings").get_data(as_text=True)
+    assert "a browser new to your account" not in page and explained not in page
     assert signed_in[4:] == ["Signed in with a code (Edge on Windows, a browser new to your account, from "
                              "203.0.113.9)",
                              "Signed in with a code (Edge on Windows, a browser new to your account, from "
