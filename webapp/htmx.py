@@ -1,4 +1,6 @@
 """htmx glue: one predicate for "is this an htmx request" and one renderer for page-or-fragment."""
+from urllib.parse import parse_qs, urlsplit
+
 from flask import make_response, render_template, request
 from werkzeug.urls import iri_to_uri
 
@@ -6,6 +8,17 @@ from werkzeug.urls import iri_to_uri
 def is_htmx():
     """True when htmx made this request (and it is not a history restore, which wants the full page)."""
     return request.headers.get("HX-Request") == "true" and request.headers.get("HX-History-Restore-Request") != "true"
+
+
+def page_query():
+    """The query of the page an htmx request came from (HX-Current-URL), first value of each name; {} when it
+    has none, or the header is not an address ("http://[x"). The browser's to set, as the query itself is:
+    a section an action sends back is shown as on the page it replaces (which list, which page of it)."""
+    shown = request.headers.get("HX-Current-URL", "")
+    try:
+        return {k: v[0] for k, v in parse_qs(urlsplit(shown).query).items()} if "?" in shown else {}
+    except ValueError:
+        return {}
 
 
 def render(page, fragment, status=200, **context):

@@ -8,7 +8,6 @@ import logging
 import re
 import secrets
 from datetime import date, datetime, timedelta, timezone
-from urllib.parse import parse_qs, urlsplit
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, session, url_for
 from flask_login import current_user
@@ -396,13 +395,7 @@ def _activity_query():
     on that page sends back (renaming a device, signing out elsewhere), whose own address has no query, that
     of the page htmx names in HX-Current-URL. The list fell back to ten events there, and to the newest on a
     page of older ones."""
-    if request.args or not htmx.is_htmx():
-        return request.args
-    shown = request.headers.get("HX-Current-URL", "")
-    try:
-        return {k: v[0] for k, v in parse_qs(urlsplit(shown).query).items()} if "?" in shown else {}
-    except ValueError:  # not an address ("http://[x"): as without the header
-        return {}
+    return request.args if request.args or not htmx.is_htmx() else htmx.page_query()
 
 
 @bp.app_template_global()
@@ -437,10 +430,8 @@ def _page_end(at, number):
 
 
 def _before_page():
-    """Records before the page's end (`before`, `before_id`) in the list's order, written as a range on the time,
-    which the indexes serve."""
-    at, number = Param("before"), Param("before_id")
-    return (AuditEvent.created_at <= at) & ((AuditEvent.created_at < at) | (AuditEvent.id < number))
+    """Records before the page's end (`before`, `before_id`) in the list's order (_earlier_than)."""
+    return _earlier_than((Param("before"), Param("before_id")), AuditEvent)
 
 
 @bp.app_template_global()
@@ -1211,16 +1202,18 @@ def _key_of(req):
     return req.created_at, req.id
 
 
-def _later_than(key):
-    """After `key` in (created_at, id) order; written as a range on created_at, which the index serves."""
+def _later_than(key, model=SupportRequest):
+    """Rows of `model` after `key` in (created_at, id) order; written as a range on created_at, which the
+    indexes serve."""
     at, number = key
-    return (SupportRequest.created_at >= at) & ((SupportRequest.created_at > at) | (SupportRequest.id > number))
+    return (model.created_at >= at) & ((model.created_at > at) | (model.id > number))
 
 
-def _earlier_than(key):
-    """Before `key` in (created_at, id) order (see _later_than)."""
+def _earlier_than(key, model=SupportRequest):
+    """Rows of `model` before `key` in (created_at, id) order (see _later_than): the open contact requests'
+    pages, and Security activity's (_before_page)."""
     at, number = key
-    return (SupportRequest.created_at <= at) & ((SupportRequest.created_at < at) | (SupportRequest.id < number))
+    return (model.created_at <= at) & ((model.created_at < at) | (model.id < number))
 
 
 def _mark_request_hints(requests, last_code=True):
@@ -1345,10 +1338,7 @@ def _card_args():
     the page (a disable, which refreshes the card too), from the page's own address (HX-Current-URL)."""
     args = request.args
     if htmx.is_htmx() and not any(name in args for name in _CARD_ARGS):
-        try:
-            args = {k: v[0] for k, v in parse_qs(urlsplit(request.headers.get("HX-Current-URL", "")).query).items()}
-        except ValueError:  # not an address: the card as it is first shown
-            args = {}
+        args = htmx.page_query()  # {} when it is not an address: the card as it is first shown
     found = {}
     if args.get("q"):
         found["q"] = args["q"][:254]
