@@ -2812,3 +2812,53 @@ def test_cli_enable_says_an_account_whose_support_window_ran_out_still_cannot_si
     assert result.output == ("alice@example.com is enabled again: it still cannot sign in: support's window ended "
                              "without a new device (a new window, or users reset-2fa for the password alone)\n")
     assert actor.password_step().status_code == 403
+
+
+def test_cli_list_holds_a_batch_of_accounts_at_a_time_not_all_of_them(app, actor, secret, monkeypatch):
+    """`users list` read every account before printing the first (peewee keeps the rows a query returned,
+    psycopg fetches them all): a million accounts held in memory at once. It reads them in batches by address
+    now, so ten times the accounts cost the same memory beyond the lines printed, and every account is listed
+    once, in order, with its devices and its waits, across the batches' ends."""
+    import tracemalloc
+
+    from webapp import cli
+    from webapp.models import User
+
+    monkeypatch.setattr(cli, "LIST_BATCH", 50)
+    actor.user(email="a-0050@example.com", secret=secret)  # a device: the first of the second batch
+    for email in ("a-0099@example.com", "a-0149@example.com"):
+        actor.user(email=email)
+    account_lock = lock_password_entry(other_browser(actor), "a-0099@example.com")  # a batch's last line
+    browsers = other_browser(actor)  # a browser of the person's own, waiting, in the third batch
+    assert browsers.password_step(email="a-0149@example.com").headers["Location"] == "/settings"
+    browsers.client.post("/logout", data={"csrf_token": browsers.csrf("/settings")})
+    browser_lock = lock_password_entry(browsers, "a-0149@example.com")
+
+    def add(first, last):
+        User.insert_many([{"email": f"a-{n:04d}@example.com", "password_hash": "x"} for n in range(first, last)
+                          if n not in (50, 99, 149)]).execute()
+
+    def peak():
+        tracemalloc.start()
+        try:
+            output = run(app, "users", "list").output
+            return tracemalloc.get_traced_memory()[1], output
+        finally:
+            tracemalloc.stop()
+
+    add(0, 400)
+    few, few_output = peak()
+    add(400, 4000)
+    many, output = peak()
+    lines = output.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [f"a-{n:04d}@example.com" for n in range(4000)]
+    assert lines[48:51] == ["a-0048@example.com\tuser\t2FA off", "a-0049@example.com\tuser\t2FA off",
+                            "a-0050@example.com\tuser\t2FA active (1 device)"]
+    assert lines[99] == ("a-0099@example.com\tuser\t2FA off; password entry locked until "
+                         f"{account_lock:%Y-%m-%d %H:%M:%S} UTC")
+    assert lines[149] == ("a-0149@example.com\tuser\t2FA off; password entry in 1 known browser(s) locked until "
+                          f"{browser_lock:%Y-%m-%d %H:%M:%S} UTC")
+    assert lines[150] == "a-0150@example.com\tuser\t2FA off"
+    # The 3,600 accounts more cost what their lines cost (the runner's buffer and the text read from it), not a
+    # kilobyte an account as when all were read first (4.3 MB against 0.45 MB at the peak).
+    assert many - few < 3 * (len(output) - len(few_output)), (few, many)
