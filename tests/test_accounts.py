@@ -2750,6 +2750,120 @@ def test_cli_export_and_erase_reach_contact_requests_of_an_address_without_an_ac
         assert AuditEvent.select().where(AuditEvent.kind == "contact_requests_erased").count() == 1
 
 
+# How a version before 2026-12-05 stored an address: as typed, only trimmed and lower-cased (README "One mailbox,
+# one account"). "Zoë" typed with a decomposed ë, from a browser that sends the domain in punycode.
+ZOE_OLD = "zoe\u0308@xn--mnchen-3ya.de"
+
+
+def test_cli_export_and_erase_reach_what_is_stored_under_an_older_spelling_of_the_address(app, actor, secret, clock):
+    """README "Personal data": a review found that `users export` and `users erase` matched contact requests and
+    the sessions at the code step by the address exactly as the account holds it now. What an earlier version
+    stored in another spelling of the same mailbox (a full-width or punycode domain, a decomposed accent), or
+    what was stored before an upgrade re-spelled the account (`email_respelled`), was left out of the export
+    and left behind by the erasure. Both now go by the address's normal form: every spelling of the mailbox,
+    and not look-alike addresses (full-width letters before the @, a Cyrillic letter, a missing accent),
+    which are other mailboxes; what was sent in the exact address of another account (one mailbox in several
+    spellings) stays that account's."""
+    import json
+
+    from webapp.db import write_transaction
+    from webapp.models import SupportRequest, respell_stored_emails
+    from webapp.sessions import token_hash
+
+    with app.app_context():
+        user = User.create(email=ZOE_OLD, password_hash=hash_password(PASSWORD))  # as the old version stored it
+        Device.create(user=user, name="Phone", secret_enc=encrypt_secret(secret))
+        # One mailbox in two accounts, left in their spellings by the upgrade (its start-up warning names both;
+        # the operator acts on each by number): what came in one's exact spelling is that account's.
+        ida = User.create(email="ida@münchen.de", password_hash=hash_password(PASSWORD))
+        ida_old = User.create(email="ida@xn--mnchen-3ya.de", password_hash=hash_password(PASSWORD))
+    halfway = Actor(app, app.test_client(), clock)
+    halfway.client.environ_base.update({"REMOTE_ADDR": "198.51.100.50", "HTTP_USER_AGENT": "Halfway/1.0"})
+    assert halfway.password_step("Zoe\u0308@XN--MNCHEN-3YA.DE").headers["Location"] == "/login/verify"
+    with app.app_context():
+        # Contact requests as the old version stored them: linked to the account only in its exact spelling.
+        SupportRequest.create(email=ZOE_OLD, message="linked, old spelling", user=user.id)
+        fullwidth = SupportRequest.create(email="ZOË@ＭÜＮＣＨＥＮ.DE".lower(), message="full-width domain",
+                                          ip="198.51.100.0")
+        AuditEvent.create(kind="support_request", ip="198.51.100.51", created_at=fullwidth.created_at,
+                          detail=json.dumps({"request": fullwidth.id, "after_password": False}))
+        SupportRequest.create(email="zoë@münchen.de", message="normal spelling, before the account")
+        SupportRequest.create(email=ida_old.email, message="ida's old account's own spelling")
+        SupportRequest.create(email="ida@ｍünchen.de", message="ida in a third spelling")
+        for lookalike in ("ｚｏë@münchen.de", "z\u043eë@münchen.de", "zoe@münchen.de", "zoë@münchen.com"):
+            SupportRequest.create(email=lookalike, message=f"another mailbox: {lookalike}")
+        with write_transaction():
+            respell_stored_emails()  # the upgrade's start
+        assert User.get_by_id(user.id).email == "zoë@münchen.de"
+
+    result = run(app, "users", "export", "Zoë@München.de")
+
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["account"]["number"] == user.id
+    assert sorted(r["message"] for r in data["contact_requests"]) == [
+        "full-width domain", "linked, old spelling", "normal spelling, before the account"]
+    [waiting] = data["browsers_not_signed_in"]
+    assert (waiting["ip"], waiting["browser"]) == ("198.51.100.50", "Halfway/1.0")
+    # the request's audit record (the sender's exact IP address) comes with it, as for an address without account
+    [record] = [r for r in data["audit_records"] if r["kind"] == "support_request"]
+    assert (record["ip"], record["details"]["request"]) == ("198.51.100.51", fullwidth.id)
+    assert "another mailbox" not in result.output and "ida" not in result.output
+
+    result = run(app, "users", "erase", "Zoë@München.de", "--yes")
+
+    assert result.exit_code == 0, result.output
+    assert "1 session(s)" in result.output and "3 contact request(s)" in result.output
+    with app.app_context():
+        assert ServerSession.get_or_none(ServerSession.id == token_hash(halfway.session_cookie())) is None
+        assert sorted(r.message for r in SupportRequest.select()) == sorted(
+            ["ida's old account's own spelling", "ida in a third spelling"] + [f"another mailbox: {e}" for e in (
+                "ｚｏë@münchen.de", "z\u043eë@münchen.de", "zoe@münchen.de", "zoë@münchen.com")])
+        assert AuditEvent.get(AuditEvent.kind == "account_erased").details["requests_deleted"] == 3
+
+    result = run(app, "users", "erase", f"#{ida.id}", "--yes")
+    assert result.exit_code == 0 and "1 contact request(s)" in result.output, result.output
+    with app.app_context():
+        assert "ida in a third spelling" not in [r.message for r in SupportRequest.select()]
+    result = run(app, "users", "erase", f"#{ida_old.id}", "--yes")
+    assert result.exit_code == 0 and "1 contact request(s)" in result.output, result.output
+    with app.app_context():
+        assert not SupportRequest.select().where(SupportRequest.email.startswith("ida")).exists()
+
+
+def test_cli_export_and_erase_reach_requests_in_an_older_spelling_of_an_address_without_an_account(app, actor):
+    """The same for someone without an account: the contact requests an earlier version stored in another
+    spelling of the address (a full-width or punycode domain) are exported and erased with those in its
+    normal spelling; an address with only such requests was "no account and no contact request". Look-alike
+    addresses (full-width letters before the @, a Cyrillic а) are other mailboxes and stay."""
+    import json
+
+    from webapp.models import SupportRequest
+
+    with app.app_context():
+        SupportRequest.create(email="carol@example.com", message="normal spelling")
+        SupportRequest.create(email="Carol@ＥＸＡＭＰＬＥ.com".lower(), message="full-width domain")
+        SupportRequest.create(email="dave@xn--mnchen-3ya.de", message="punycode only")
+        for lookalike in ("ｃａｒｏｌ@example.com", "c\u0430rol@example.com", "dave@munchen.de"):
+            SupportRequest.create(email=lookalike, message=f"another mailbox: {lookalike}")
+
+    result = run(app, "users", "export", "carol@example.com")
+    assert result.exit_code == 0, result.output
+    assert sorted(r["message"] for r in json.loads(result.output)["contact_requests"]) == [
+        "full-width domain", "normal spelling"]
+    result = run(app, "users", "export", "Dave@München.de")
+    assert result.exit_code == 0, result.output
+    assert [r["email"] for r in json.loads(result.output)["contact_requests"]] == ["dave@xn--mnchen-3ya.de"]
+
+    result = run(app, "users", "erase", "carol@example.com", "--yes")
+    assert result.output.startswith("deleted 2 contact request(s) sent in carol@example.com, which no account has")
+    result = run(app, "users", "erase", "dave@münchen.de", "--yes")
+    assert result.output.startswith("deleted 1 contact request(s) sent in dave@münchen.de, which no account has")
+    with app.app_context():
+        assert sorted(r.message for r in SupportRequest.select()) == sorted(
+            f"another mailbox: {e}" for e in ("ｃａｒｏｌ@example.com", "c\u0430rol@example.com", "dave@munchen.de"))
+
+
 def test_cli_the_readmes_steps_take_a_taken_over_account_back(app, actor, secret, clock):
     """README "Someone else got into an account", run as written: export, disable, activity, set-password,
     reset-2fa, enable. The export keeps the intruder's session (browser, IP address), which the disable then

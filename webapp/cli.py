@@ -24,7 +24,7 @@ from .config import keys_source
 from .db import commits, db, first_line, for_update, is_sqlite, lock_keys, write_transaction
 from .fields import has_disguising_characters
 from .models import (AuditEvent, Device, KnownBrowser, NetworkCounter, PendingEnrolment, ServerSession,
-                     SignInChallenge, SupportRequest, User, lookalike_problem, normalise_email)
+                     SignInChallenge, SupportRequest, User, lookalike_problem, maybe_not_normal, normalise_email)
 from .models import purge_expired as purge
 from .security import (NETWORK_LIMITS, PASSWORD_MAX, PASSWORD_MIN, audit, client_network, client_network_48,
                        end_code_steps, hash_password, is_lock, network_limit, one_line,
@@ -509,13 +509,13 @@ def erased_email(user_id):
 def erase(email, yes):
     """Erase a person (an erasure request): their devices, sessions, known browsers (those forgotten lately
     too), half-finished sign-ins and set-ups, and every contact request from their account or sent in their
-    email address are deleted.
+    email address (in any spelling of it: its normal form decides, not a look-alike's) are deleted.
     The account stays as a disabled row named erased-NUMBER@erased.invalid with an unknown password, so its
     number is never given to another account and the audit records keep pointing at it. The audit records
     stay (security events: README "Personal data"). Cannot be undone. Audited.
 
-    An address no account has: the contact requests sent in it are deleted (someone without an account who
-    wrote to support)."""
+    An address no account has: the contact requests sent in it (in any spelling) are deleted (someone without
+    an account who wrote to support)."""
     user = _get_user(email, erased=True, missing_ok=True)
     if user is None:
         _erase_requests_only(normalise_email(email), yes)
@@ -539,7 +539,8 @@ def erase(email, yes):
         address = user.email
         # The name the contact form holds from its count to its commit (support._take_request): a request in
         # this address being stored now is waited for, and deleted below; none can be stored until this commits.
-        lock_keys("contact-email:" + address)
+        # The form names it in its normal form, which an account the upgrade could not re-spell does not hold.
+        lock_keys("contact-email:" + normalise_email(address))
         # By number, as every other removal records them (security.revoke_second_factor): what the records of
         # each device's sign-ins name it by. Not by name: the erasure does not copy what the person typed.
         device_ids = [d.id for d in Device.select(Device.id).where(Device.user == user.id).order_by(Device.id)]
@@ -549,8 +550,7 @@ def erase(email, yes):
         sessions = end_user_sessions(user) + _end_sessions_naming(user)
         # Deleted, not forgotten (security.forget_browsers): those forgotten lately too.
         browsers = KnownBrowser.delete().where(KnownBrowser.user == user.id).execute()
-        requests = SupportRequest.delete().where(
-            (SupportRequest.user == user.id) | (SupportRequest.email == address)).execute()
+        requests = SupportRequest.delete().where(_requests_of(address, user)).execute()
         User.update(email=erased_email(user.id), password_hash=placeholder, is_admin=False, last_login_at=None,
                     password_failures=0, password_locked_until=None, code_failures=0, code_strikes=0,
                     code_locked_until=None, tfa_reset_until=None,
@@ -574,7 +574,7 @@ def _erase_requests_only(address, yes):
     with write_transaction():
         # As erase: a request in this address being stored now is waited for, and deleted too.
         lock_keys("contact-email:" + address)
-        deleted = SupportRequest.delete().where(SupportRequest.email == address).execute()
+        deleted = SupportRequest.delete().where(_requests_of(address)).execute()
         if deleted:
             audit("contact_requests_erased", via="cli", requests_deleted=deleted)
     click.echo(f"deleted {deleted} contact request(s) sent in {address}, which no account has. Their audit "
@@ -582,12 +582,38 @@ def _erase_requests_only(address, yes):
 
 
 def _requests_in(address):
-    """The contact requests sent in `address` (normalised), for export and erase when no account has it; the
-    usual error when there are none either."""
-    requests = SupportRequest.select().where(SupportRequest.email == address)
+    """The contact requests sent in `address` (normalised), in whatever spelling they were stored
+    (_requests_of), for export and erase when no account has it; the usual error when there are none either."""
+    requests = SupportRequest.select().where(_requests_of(address))
     if not requests.exists():
         raise click.ClickException(f"no account and no contact request with email {address}")
     return requests
+
+
+def _requests_of(address, user=None):
+    """Which contact requests are the person's, as a condition: those from their account (`user`), and those no
+    account holds that were sent in their address, whatever spelling they were stored in (_spellings_of):
+    before 2026-12-05 an address was stored as typed, only trimmed and lower-cased, so a request sent in
+    "Zoë@ＭÜＮＣＨＥＮ.de" holds "zoë@ｍüｎｃｈｅｎ.de", and one sent before the upgrade re-spelled the account
+    (email_respelled) holds the account's old spelling."""
+    unlinked = SupportRequest.user.is_null()
+    stored = (SupportRequest.select(SupportRequest.email).distinct()
+              .where(unlinked & (SupportRequest.email.in_(sorted({address, normalise_email(address)}))
+                                 | maybe_not_normal(SupportRequest.email))).tuples())
+    mine = unlinked & SupportRequest.email.in_(_spellings_of(address, [email for (email,) in stored]))
+    return mine if user is None else (SupportRequest.user == user.id) | mine
+
+
+def _spellings_of(address, stored):
+    """Those of the addresses `stored` (as stored) that are `address` in some spelling: the same normal form
+    (normalise_email), so not a look-alike address ("ｚｏë@" with full-width letters, a Cyrillic "о"), which
+    is another mailbox. Not one that another account holds exactly: one mailbox in several spellings (the
+    start-up warning, README "Upgrades"), whose accounts each keep what came in their own spelling."""
+    normal = normalise_email(address)
+    same = {s for s in stored if isinstance(s, str) and (s == address or normalise_email(s) == normal)}
+    others = sorted(same - {address})
+    taken = User.select(User.email).where(User.email.in_(others)).tuples() if others else []
+    return sorted(same - {email for (email,) in taken})
 
 
 def _sessions_naming(user):
@@ -597,13 +623,17 @@ def _sessions_naming(user):
     `_` matches any character, so each is checked), and those naming this person returned."""
     from .auth import _SIGN_IN_EMAIL, BLOCKED_SIGN_IN
 
+    rows = [(row, json.loads(row.data or "{}")) for row in ServerSession.select().where(
+        ServerSession.user.is_null()
+        & (ServerSession.data.contains(_SIGN_IN_EMAIL) | ServerSession.data.contains(BLOCKED_SIGN_IN)))]
+    # The address as the account held it then: its old spelling in a session begun before the upgrade
+    # re-spelled it (_spellings_of).
+    spellings = set(_spellings_of(user.email, [data.get(_SIGN_IN_EMAIL) for _, data in rows]))
     naming = []
-    for row in ServerSession.select().where(
-            ServerSession.user.is_null()
-            & (ServerSession.data.contains(_SIGN_IN_EMAIL) | ServerSession.data.contains(BLOCKED_SIGN_IN))):
-        data = json.loads(row.data or "{}")
-        blocked = data.get(BLOCKED_SIGN_IN)
-        if data.get(_SIGN_IN_EMAIL) == user.email or (isinstance(blocked, dict) and blocked.get("user") == user.id):
+    for row, data in rows:
+        blocked, email = data.get(BLOCKED_SIGN_IN), data.get(_SIGN_IN_EMAIL)
+        if (isinstance(email, str) and email in spellings) or (
+                isinstance(blocked, dict) and blocked.get("user") == user.id):
             naming.append(row)
     return sorted(naming, key=lambda row: (row.created_at, row.id))
 
@@ -652,10 +682,11 @@ def export_person(email):
     umask 077 before redirecting it to a file): the account (with its counts of wrong passwords and codes),
     its devices (names and dates, never a secret), its sessions (those past their timeout too, until the
     purge deletes them), known browsers (those forgotten lately too, with when), half-finished sign-ins and
-    set-ups, the contact requests from the account or sent in its email address, and the audit records about
-    the account. Records of what an admin did to it say only that it was an admin, without the admin's
-    address or IP address (User Settings shows neither); records of what the account did to others (an
-    admin's) say only what and when.
+    set-ups, the contact requests from the account or sent in its email address (in any spelling of it), and
+    the audit records about the account, with those of the requests sent in its address with no account
+    named. Records of what an admin did to it say only that it was an admin, without the admin's address or
+    IP address (User Settings shows neither); records of what the account did to others (an admin's) say
+    only what and when.
 
     An address no account has: the contact requests sent in it, each with its audit record (someone without
     an account who wrote to support)."""
@@ -676,12 +707,18 @@ def export_person(email):
         return (expired(s.last_seen_at, cfg["SESSION_IDLE_TIMEOUT"], current)
                 or expired(s.created_at, cfg["SESSION_ABSOLUTE_TIMEOUT"], current))
 
-    requests = SupportRequest.select().where((SupportRequest.user == user.id) | (SupportRequest.email == user.email))
+    requests = list(SupportRequest.select().where(_requests_of(user.email, user))
+                    .order_by(SupportRequest.created_at, SupportRequest.id))
+    # The records of the requests sent in the person's address with no account named (before it was made, or
+    # in a spelling it was not found by then): the sender's exact IP address, as for an address without one.
+    sent_in_address = _request_records([r for r in requests if r.user_id is None])
+    theirs = {e.id for e in sent_in_address}
 
     def audit_record(e):
         details = e.details
         base = {"id": e.id, "time": stamp(e.created_at), "kind": e.kind, "event": event_text(e.kind, details)}
-        if e.user_id != user.id:  # done by this account, to another one or to none: their details are not its own
+        if e.user_id != user.id and e.id not in theirs:
+            # done by this account, to another one or to none: their details are not its own
             return {**base, "about_this_account": False}
         by_admin = e.actor_id not in (None, user.id)
         return {**base, "about_this_account": True, "by_an_admin": by_admin, "ip": None if by_admin else e.ip,
@@ -716,14 +753,15 @@ def export_person(email):
             {"started": stamp(p.created_at), "wrong_codes": p.failures}
             for p in PendingEnrolment.select(PendingEnrolment.created_at, PendingEnrolment.failures)
             .where(PendingEnrolment.user == user.id).order_by(PendingEnrolment.created_at)],
-        "contact_requests": [_request_json(r) for r in requests.order_by(SupportRequest.created_at, SupportRequest.id)],
+        "contact_requests": [_request_json(r) for r in requests],
     }
     # The audit records last, written as they are read (_person_records): a person under attack or an admin has
     # 100,000 and more, and all of them in one list, then in one string, took 360 MB per 100,000. The
     # document is the one json.dumps(indent=2) writes.
     click.echo(_export_json(record)[:-2] + ',\n  "audit_records": [', nl=False)
     written, chunk = 0, []
-    for e in _person_records(user.id):
+    for e in heapq.merge((e for e in _person_records(user.id) if e.id not in theirs), sent_in_address,
+                         key=lambda e: (e.created_at, e.id)):
         chunk.append(_export_json(audit_record(e)).replace("\n", "\n    "))
         if len(chunk) == EXPORT_BATCH:  # one write a batch (click.echo flushes each time)
             click.echo(("," if written else "") + "\n    " + ",\n    ".join(chunk), nl=False)
@@ -761,10 +799,23 @@ def _request_json(r):
 
 
 def _export_requests_only(address):
-    """users export for an address without an account: its contact requests, and each one's audit record (the
-    exact IP address: the request keeps only the network), found as the Support page finds it: the record
-    written with the request, naming its number (support._WRITTEN_TOGETHER)."""
+    """users export for an address without an account: its contact requests, and each one's audit record
+    (_request_records)."""
     requests = list(_requests_in(address).order_by(SupportRequest.created_at, SupportRequest.id))
+    records = _request_records(requests)
+    click.echo(_export_json({
+        "account": None,
+        "contact_requests": [_request_json(r) for r in requests],
+        "audit_records": [{"id": e.id, "time": _json_time(e.created_at), "kind": e.kind,
+                           "event": event_text(e.kind, e.details), "ip": e.ip, "details": e.details}
+                          for e in records],
+    }))
+
+
+def _request_records(requests):
+    """The audit record of each of the contact `requests` (support_request, with the sender's exact IP address:
+    the request keeps only the network), oldest first, found as the Support page finds it: the record
+    written with the request, naming its number (support._WRITTEN_TOGETHER)."""
     records = []
     for r in requests:
         near = AuditEvent.select().where(
@@ -772,13 +823,7 @@ def _export_requests_only(address):
             & (AuditEvent.user.is_null() if r.user_id is None else AuditEvent.user == r.user_id)
             & AuditEvent.created_at.between(r.created_at - _WRITTEN_TOGETHER, r.created_at + _WRITTEN_TOGETHER))
         records += [e for e in near if e.details.get("request") == r.id]
-    click.echo(_export_json({
-        "account": None,
-        "contact_requests": [_request_json(r) for r in requests],
-        "audit_records": [{"id": e.id, "time": _json_time(e.created_at), "kind": e.kind,
-                           "event": event_text(e.kind, e.details), "ip": e.ip, "details": e.details}
-                          for e in sorted(records, key=lambda e: (e.created_at, e.id))],
-    }))
+    return sorted(records, key=lambda e: (e.created_at, e.id))
 
 
 def _person_records(person_id):

@@ -350,6 +350,14 @@ AuditEvent.add_index(AuditEvent.index(AuditEvent.kind, AuditEvent.created_at))
 _ANY_USER = Prepared(lambda: User.select(User.id).limit(1))
 _ANY_DEVICE = Prepared(lambda: Device.select(Device.id).where(Device.user == Param("user")).limit(1))
 
+def maybe_not_normal(field):
+    """SQL: whether an address column may hold a spelling other than its normal one (normalise_email): a
+    character outside printable ASCII, a capital or an "xn--" label. Every other address is its own normal
+    form, so only these need a look in Python to tell which mailbox they are (cli._spellings_of)."""
+    unusual = fn.GLOB("*[^ -~]*", field) if is_sqlite() else field.regexp("[^ -~]")
+    return unusual | (field != fn.LOWER(field)) | field.contains("xn--")
+
+
 def _warn(text):
     print(f" * twostep: WARNING: {text} (README \"Upgrades\")", file=sys.stderr, flush=True)
 
