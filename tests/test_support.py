@@ -1,6 +1,7 @@
 """The admins' Support page: access rules, user search, and the time-boxed "temporarily disable 2FA"
 cycle driven by the injected clock (security.md 37-41)."""
 import re
+import unicodedata
 from datetime import datetime, timedelta, timezone
 from html import unescape
 
@@ -1942,6 +1943,51 @@ def test_one_persons_requests_are_found_from_their_row_however_many_others_wait(
     oob = r.get_data(as_text=True).split('id="open-requests"')[1]
     assert "Only the requests from carol@example.com" in words(oob) and "someone else" not in oob
 
+
+
+def _tags(text):
+    """`text` spelled in tag characters (U+E0020-E007E), which show nothing."""
+    return "".join(chr(0xE0000 + ord(c)) for c in text)
+
+
+def test_characters_that_show_nothing_are_shown_as_escapes_on_the_support_page(app, actor, secret, clock):
+    """A review: a contact message reached the Support page as it was written. A zero-width space, a word
+    joiner or a byte-order mark split words where the admin saw none, right-to-left marks reordered the text
+    around them, and tag characters (U+E0020-E007E) spelled a whole text that nobody reading saw. Each is
+    shown as its escape in a box (`\\u200b`, as the log writes it), a run of them in one box; emoji, the flag
+    of England, Persian spelling with its non-joiner and Hebrew show as written. A message and an address
+    stored before the form refused overrides and such addresses show theirs as escapes too."""
+    england = "\U0001f3f4" + _tags("gbeng") + "\U000e007f"
+    sent = {
+        "alice@example.com": "Lost my\u200b phone\u2060\ufeff, ple\u2062ase \u200fhelp\u061c\u200e now",
+        "bob@example.com": "Please help me." + _tags("Ignore the identity check, disable 2FA now"),
+        "carol@example.com": f"Lost it {england} \U0001f469\u200d\U0001f4bb \u2764\ufe0f \u05e2\u05d6\u05e8\u05d4 "
+                             "گوشی\u200cام",
+        # a "flag" whose code is no flag's: its tags are text nobody sees
+        "dave@example.com": "My phone \U0001f3f4" + _tags("pin 1234") + "\U000e007f is gone",
+    }
+    for n, (email, message) in enumerate(sent.items()):
+        assert _contact(Actor(app, app.test_client(), clock), email, message, f"198.51.100.{n}").status_code == 302
+    with app.app_context():
+        SupportRequest.create(email="o\u200bld@example.com", message="Old message \u202eenohp ym\u202c please")
+    sign_in_admin(actor, secret)
+
+    page = _open_part(actor.client.get("/support").get_data(as_text=True))
+
+    def box(*chars):  # the escapes of `chars`, in their box
+        return '<code class="hidden-char" dir="ltr">' + "".join(c.encode("unicode_escape").decode() for c in chars) \
+            + "</code>"
+
+    assert ("Lost my" + box("\u200b") + " phone" + box("\u2060", "\ufeff") + ", ple" + box("\u2062") + "ase "
+            + box("\u200f") + "help" + box("\u061c", "\u200e") + " now") in page
+    assert r"Please help me.<code class=" + '"hidden-char" dir="ltr">' + r"\U000e0049\U000e0067\U000e006e" in page
+    assert "Please help me." + box(*_tags("Ignore the identity check, disable 2FA now")) in page
+    assert sent["carol@example.com"] in page
+    assert "My phone \U0001f3f4" + box(*_tags("pin 1234"), "\U000e007f") + " is gone" in page
+    assert "Old message " + box("\u202e") + "enohp ym" + box("\u202c") + " please" in page
+    assert "<bdi>o" + box("\u200b") + "ld@example.com</bdi>" in page
+    shown = page.replace(england, "").replace("\u200d", "").replace("\ufe0f", "").replace("\u200c", "")
+    assert not [c for c in shown if unicodedata.category(c) == "Cf" or 0xE0000 <= ord(c) <= 0xE0FFF]
 
 
 def test_request_cards_show_the_numbers_the_audit_log_gives_and_where_a_forgotten_password_goes(app, actor,

@@ -6,6 +6,8 @@ forms (bench/profile.py; issue #7 "User Settings >= 0.35 of the bare app"). This
 (attribute names sorted like WTForms, values escaped, the same validation attributes taken from the
 validators' flags) for the field types our forms use, and hands anything else to the WTForms widget.
 """
+import functools
+import re
 import unicodedata
 
 from flask import g, request
@@ -46,9 +48,10 @@ HIDDEN_CATEGORIES = {"Cc", "Cf", "Co", "Cs", "Zl", "Zp"}
 JOINERS = "\u200c\u200d"
 # Free text (support's reason, a contact message) is more lenient: format characters that real text carries
 # (right-to-left and left-to-right marks in Hebrew or Arabic, soft hyphens pasted from web pages, the tags of
-# flag emoji) are fine. Refused there: controls other than line breaks and tabs, private-use and surrogate
-# code points, line and paragraph separators, and the embeddings, overrides and isolates that make a
-# stored text display in another order than it was written.
+# flag emoji) are fine, and the Support page shows those that hide or reorder text as escapes (revealed).
+# Refused there: controls other than line breaks and tabs, private-use and surrogate code points, line and
+# paragraph separators, and the embeddings, overrides and isolates that make a stored text display in another
+# order than it was written.
 _FREE_TEXT_REFUSED = {"Cc", "Co", "Cs", "Zl", "Zp"}
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
@@ -168,6 +171,78 @@ def has_stacked_marks(text):
         elif not is_invisible(c):
             run = 0
     return False
+
+
+# The flag emoji spelled with tag characters that Unicode recommends every platform to show (England, Scotland,
+# Wales): U+1F3F4, the subdivision's code in tag letters, CANCEL TAG. Any other run of tag characters shows
+# nothing, and spells ASCII text that nobody reading sees (a "flag" of unknown code is such a run too).
+_FLAGS = tuple("\U0001f3f4" + "".join(chr(0xE0000 + ord(c)) for c in code) + "\U000e007f"
+               for code in ("gbeng", "gbsct", "gbwls"))
+
+
+@functools.cache
+def _hidden_pattern():
+    """A regex of the flags above and of runs of the characters has_hidden_characters looks at twice (control,
+    format and private-use characters, line and paragraph separators, is_invisible), line breaks and tabs
+    aside. Made at its first use (a look at the 135,000 code points of the planes that have format
+    characters, some 30 ms), not when every process starts."""
+    hidden = HIDDEN_CATEGORIES - {"Co", "Cs"}  # their ranges are fixed, below
+    codes = [c for c in (*range(0x20000), *range(0xE0000, 0xE1000)) if unicodedata.category(chr(c)) in hidden]
+    ranges = []
+    for low, high in sorted([(c, c) for c in codes if c not in (9, 10)] + list(_INVISIBLE_RANGES)
+                            + [(0xD800, 0xF8FF), (0xF0000, 0x10FFFF)]):  # surrogates, private use, noncharacters
+        if ranges and low <= ranges[-1][1] + 1:
+            ranges[-1][1] = max(ranges[-1][1], high)
+        else:
+            ranges.append([low, high])
+    members = "".join(re.escape(chr(a)) + (f"-{re.escape(chr(b))}" if b > a else "") for a, b in ranges)
+    return re.compile(f"\U0001f3f4(?:{'|'.join(flag[1:] for flag in _FLAGS)})|[{members}]+")
+
+
+_CHIP = '<code class="hidden-char" dir="ltr">{}</code>'
+
+
+def revealed(text):
+    """`text` as HTML, with every character that shows nothing or changes how the text around it reads written as
+    a visible escape (`\\u200b`, as the log and `users activity` write them), a run of them in one box: for
+    free text kept for others to read (a contact message on the Support page). The form takes some such
+    characters because real text holds them (right-to-left marks, soft hyphens), and older messages hold what
+    it now refuses (a right-to-left override). Shown as they are, a zero-width space or a run of tag
+    characters (an ASCII text nobody sees) was text the admin could not see, and a bidirectional mark
+    reordered what was around it. Kept, as in names (_joins_visibly): the joiners and variation selectors of
+    emoji ("👩\\u200d💻", "❤\\ufe0f"), Persian and Mongolian spelling, and the flags of _FLAGS."""
+    if text is None:
+        return Markup("")
+    parts, pos, base = [], 0, -1
+    for match in _hidden_pattern().finditer(text):
+        start, run = match.start(), match.group()
+        if start > pos:  # ordinary characters, none of them a selector
+            parts.append(str(escape(text[pos:start])))
+            base = start - 1
+        pos = match.end()
+        if run.startswith("\U0001f3f4"):  # a flag: what follows joins to it as to any emoji
+            parts.append(run)
+            base = start
+            continue
+        if not any(c in JOINERS or c in _SELECTORS for c in run):  # nothing in it joins: all shown, at once
+            parts.append(_CHIP.format(run.encode("unicode_escape").decode("ascii")))
+            base = pos - 1
+            continue
+        shown = []
+        for i, c in enumerate(run, start):
+            if _joins_visibly(text, i, base):
+                if shown:
+                    parts.append(_CHIP.format("".join(shown)))
+                    shown = []
+                parts.append(c)
+            else:
+                shown.append(c.encode("unicode_escape").decode("ascii"))
+            if c not in _SELECTORS:
+                base = i
+        if shown:
+            parts.append(_CHIP.format("".join(shown)))
+    parts.append(str(escape(text[pos:])))
+    return Markup("".join(parts))
 
 
 class VisibleText:

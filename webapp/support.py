@@ -20,7 +20,7 @@ from . import htmx
 from .auth import strip_text
 from .clock import now
 from .db import Param, Prepared, db, for_update, is_sqlite, lock_keys, write_transaction
-from .fields import Form, VisibleText
+from .fields import Form, VisibleText, revealed
 from .models import AuditEvent, Device, SupportRequest, User, normalise_email
 from .security import (audit, client_ip, client_network, client_network_48, contact_browser, count_for_network,
                        is_fresh, network_full_until, revoke_second_factor)
@@ -650,6 +650,9 @@ def _window_end(kind, detail):
         return recorded_time(detail["until"])
     except (TypeError, ValueError):
         return None
+
+
+bp.add_app_template_filter(revealed, "revealed")
 
 
 @bp.app_template_filter("utc_minutes")
