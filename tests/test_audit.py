@@ -186,7 +186,8 @@ def test_the_start_of_an_address_offers_the_accounts_it_starts_without_picking_o
     assert links[0][0] == "/support/audit?email=carol@example.com&amp;kind=password_rejected"
     assert '<tr class="event"' not in html and "More accounts start with it" not in html
     # focus starts at the message above the list (a status line present at load is not read out)
-    assert '<p role="status" id="candidates-notice" tabindex="-1" autofocus>No account has exactly' in html
+    assert ('<p role="status" id="candidates-notice" tabindex="-1" aria-labelledby="candidates-notice" autofocus>'
+            'No account has exactly') in html
     html = actor.client.get(links[0][0].replace("&amp;", "&")).get_data(as_text=True)
     assert html.count('<tr class="event"') == 1 and WHAT + "Wrong password entered</td>" in html
     html = actor.client.get("/support/audit?email=carol@example.com.e").get_data(as_text=True)

@@ -486,7 +486,8 @@ def test_the_refusal_over_the_limit_is_announced_to_screen_readers(app, actor):
     for _ in range(app.config["SUPPORT_REQUESTS_PER_HOUR"]):
         send(actor)
     html = send(actor).get_data(as_text=True)
-    assert '<p class="error form-error" role="alert" tabindex="-1">Several requests for this email address' in html
+    assert ('<p class="error form-error" role="alert" id="form-error" tabindex="-1" aria-labelledby="form-error">'
+            'Several requests for this email address') in html
 
 
 def test_the_same_form_sent_twice_is_stored_once_and_both_answers_say_sent(app, actor, clock):

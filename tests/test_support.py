@@ -368,7 +368,8 @@ def test_after_a_stale_request_action_the_support_page_says_it_was_not_done(app,
                     + ("open. Press Mark as handled again" if action == "handled" else
                        "handled. Press Reopen again (under Recently handled)") + " if you still mean to.")
     expected = expected.replace("'", "&#39;")  # as Jinja escapes it
-    assert f'<p class="notice" role="status" tabindex="-1" autofocus>{expected}</p>' in page
+    assert (f'<p class="notice" role="status" id="requests-notice" tabindex="-1" aria-labelledby="requests-notice" '
+            f'autofocus>{expected}</p>') in page
     assert ('<details class="handled-requests" open>' in page) == (action == "reopen" and not meanwhile)
     assert (fetch(app, SupportRequest)[0].handled_at is None) == ((action == "reopen") == meanwhile)
     assert expected not in actor.client.get("/support").get_data(as_text=True)  # said once
@@ -419,7 +420,8 @@ def test_a_stale_end_window_keeps_its_reason_for_after_reauth(app, actor, secret
     page = actor.client.get(r.headers["Location"]).get_data(as_text=True)
     assert "Your reason was kept" in page and "Nothing was changed yet" in page
     # Already in the page as it loads, a status is not read out: the focus starts there (an accessibility check).
-    assert re.search(r'<p class="flash success" role="status" tabindex="-1" autofocus>Your reason was kept', page)
+    assert re.search(r'<p class="flash success" role="status" id="user-(\d+)-notice" tabindex="-1" '
+                     r'aria-labelledby="user-\1-notice" autofocus>Your reason was kept', page)
     kept = (reason + " " + "x" * 600)[:500].replace("<", "&lt;").replace(">", "&gt;")
     assert f">\r\n{kept}</textarea>" in page
     assert '<details class="disable" open>' in page  # the End form is open, its reason in view
@@ -2037,7 +2039,8 @@ def test_marking_handled_with_htmx_returns_the_requests_card_as_it_is_now(app, a
     html = r.get_data(as_text=True)
     assert r.status_code == 200 and html.lstrip().startswith('<section class="card" aria-labelledby="requests-heading" '
                                                              'id="open-requests">')
-    assert '<p class="notice" role="status" tabindex="-1">The request from ghost@example.com is marked as handled.</p>' in html
+    assert ('<p class="notice" role="status" id="requests-notice" tabindex="-1" aria-labelledby="requests-notice">'
+            'The request from ghost@example.com is marked as handled.</p>') in html
     open_part, handled_part = html.split("Recently handled (1)")
     assert "Open contact requests (1)" in words(open_part) and "Please help me too" in open_part
     assert "ghost@example.com" not in open_part.split("</p>", 2)[2]  # only in the status line above the list

@@ -1,5 +1,5 @@
 """Forms: the base form class, and rendering a field with its label, hint and error (the `field`,
-`control` and `form_error` template globals).
+`control` and `form_error` template globals), and the status lines the focus goes to (`status_notice`).
 
 Why not WTForms' widgets through a Jinja macro: that path cost more than half of rendering a page with a few
 forms (bench/profile.py; issue #7 "User Settings >= 0.35 of the bare app"). This renders the same markup
@@ -464,13 +464,29 @@ def _field_markup(f, hint, error, extra):
     return Markup("\n".join(parts))
 
 
-def form_error(message, id=None):
-    """A form-level error (not tied to one field), announced by screen readers when it appears; with `id`, for
-    the aria-describedby of the field a page focuses past it."""
+def form_error(message, id="form-error"):
+    """A form-level error (not tied to one field), announced by screen readers when it appears, and focused
+    when a replaced row shows it (app.js); `id` is also for the aria-describedby of a field a page focuses past
+    it, and must be unique on the page."""
+    return focusable_message(message, id, css="error form-error", role="alert")
+
+
+def status_notice(message, id, css="notice", autofocus=False):
+    """A line saying what an action did, where the focus goes after it: app.js focuses it in a row that
+    replaced itself, and `autofocus` does on a page that loads with it (a status line present at load is not
+    read out)."""
+    return focusable_message(message, id, css=css, role="status", autofocus=autofocus)
+
+
+def focusable_message(message, id, css, role, autofocus=False):
+    """A message that can take the focus, named by its own words. A status or an alert takes no name from its
+    text, so Chromium gave the focused line an empty name and a screen reader said only "status" (an
+    accessibility-tree review); aria-labelledby pointing at itself makes its words its name."""
     if not message:
         return Markup("")
-    id_attr = f' id="{escape(id)}"' if id else ""
-    return Markup(f'<p class="error form-error" role="alert" tabindex="-1"{id_attr}>{escape(message)}</p>')
+    class_attr = f' class="{escape(css)}"' if css else ""
+    return Markup(f'<p{class_attr} role="{role}" id="{escape(id)}" tabindex="-1" aria-labelledby="{escape(id)}"'
+                  f'{" autofocus" if autofocus else ""}>{escape(message)}</p>')
 
 
 def username_for_password_managers():

@@ -281,3 +281,17 @@ def format_violations(where, violations):
             lines.append(f"    at {n['target']}: {n['html']}")
             lines.append("      " + (n["summary"] or "").replace("\n", "\n      "))
     return "\n".join(lines)
+
+
+def focused_name(page):
+    """The role and accessible name Chromium computes for the focused element: what a screen reader is given
+    when the focus lands there. Read from the browser's own accessibility tree (DevTools protocol), not
+    worked out again by Playwright."""
+    cdp = page.context.new_cdp_session(page)
+    try:
+        focused = cdp.send("Runtime.evaluate", {"expression": "document.activeElement"})["result"]
+        node = cdp.send("Accessibility.getPartialAXTree",
+                        {"objectId": focused["objectId"], "fetchRelatives": False})["nodes"][0]
+    finally:
+        cdp.detach()
+    return node["role"]["value"], node.get("name", {}).get("value", "")

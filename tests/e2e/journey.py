@@ -119,6 +119,18 @@ def tab_to(page, locator, limit=40, key="Tab"):
     raise AssertionError(f"{locator} never received keyboard focus after {limit} presses of {key}")
 
 
+def expect_focus_says(page, locator, pattern):
+    """`locator` has the focus, and the name Chromium gives it there (what a screen reader says as the focus
+    lands) is its own visible words, which match `pattern`."""
+    from browser_kit import focused_name
+
+    expect(locator).to_be_focused()
+    expect(locator).to_have_text(pattern)
+    role, name = focused_name(page)
+    shown = " ".join(locator.inner_text().split())
+    assert name == shown, f"the focused {role} is announced as {name!r}, but it shows {shown!r}"
+
+
 def search_users(page, text):
     """Support page: type into Search users and press Search.
 

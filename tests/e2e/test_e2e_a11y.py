@@ -302,3 +302,67 @@ def test_in_forced_colours_the_current_page_and_link_buttons_are_still_told_apar
     link = elsewhere.get_by_role("link", name="Lost access to your authenticator app?")
     button = elsewhere.get_by_role("button", name="Cancel and start over")
     assert button.evaluate(colour) == link.evaluate(colour) != elsewhere.locator("body").evaluate(colour)
+
+
+def test_a_focused_message_on_user_settings_is_announced_by_its_words(page, new_page, server):
+    """After Save name or Sign out the row replaces itself and the focus goes to the line saying what was done.
+    A status takes no name from its text: Chromium named the focused line "", so a screen reader said only
+    "status" (an accessibility-tree review). Each line is now named by its own words."""
+    from browser_kit import next_step_code
+    from journey import expect_focus_says
+
+    secret = random_secret()
+    server.user("uma@example.com", devices={"Phone": secret})
+    elsewhere = new_page()  # signed in elsewhere too: a session to sign out below
+    log_in(elsewhere, "uma@example.com")
+    enter_code(elsewhere, oathtool_code(secret))
+    expect_signed_in(elsewhere)
+    log_in(page, "uma@example.com")
+    expect_code_step(page)
+    enter_code(page, next_step_code(secret))  # the step before was used up by the other browser
+    expect_signed_in(page)
+
+    row = page.locator("#tfa-row")
+    row.locator("summary", has_text="Rename").click()
+    row.get_by_label("Device name", exact=True).fill("Work phone")
+    row.get_by_role("button", name="Save name").click()
+    expect_focus_says(page, row.get_by_role("status"), "Renamed “Phone” to “Work phone”.")
+
+    sessions = page.locator("#sessions")
+    sessions.get_by_role("button", name=re.compile("^Sign out Headless")).click()
+    expect_focus_says(page, sessions.get_by_role("status"), "That browser is signed out.")
+
+
+def test_a_focused_message_on_the_support_pages_is_announced_by_its_words(page, server):
+    """The same for support: a person's row after Disable (a status) and after a refused End (an alert), the
+    contact requests after Mark as handled, and the audit log's list of accounts, focused as it loads."""
+    from webapp.clock import now
+    from webapp.models import SupportRequest, User
+
+    from journey import expect_focus_says, search_users
+    from test_e2e_support import PERSON, person_row
+
+    olga = server.user(PERSON, devices={"Phone": random_secret()})
+    server.query(lambda: SupportRequest.create(email="ghost@example.com", message="Lost my phone, please help.",
+                                               created_at=now(), ip="127.0.0.1"))
+    sign_in_admin(page, server)
+    page.goto("/support")
+    search_users(page, "olga")
+    person_row(page).get_by_role("link", name="Temporarily disable 2FA", exact=True).click()
+    person_row(page).get_by_label("Reason", exact=True).fill("Identity confirmed by phone call.")
+    person_row(page).get_by_role("button", name=re.compile("Disable")).click()
+    expect_focus_says(page, person_row(page).get_by_role("status"), re.compile("is off until"))
+
+    person_row(page).get_by_text("End support window now", exact=True).click()
+    # Meanwhile the window ran out: End is refused, and the row says so, focused.
+    server.query(lambda: User.update(tfa_reset_until=now()).where(User.id == olga.id).execute())
+    person_row(page).get_by_role("button", name="End the window", exact=True).click()
+    expect_focus_says(page, person_row(page).get_by_role("alert"), re.compile("has no open support window"))
+
+    requests = page.locator("#open-requests")
+    requests.get_by_role("button", name=re.compile(r"^Mark as handled\b")).click()
+    expect_focus_says(page, requests.get_by_role("status"), re.compile("is marked as handled"))
+
+    page.goto("/support/audit?email=olga")
+    notice = page.get_by_role("status").filter(has_text="No account has exactly that address")
+    expect_focus_says(page, notice, re.compile("^No account has exactly that address"))
