@@ -295,3 +295,109 @@ def focused_name(page):
     finally:
         cdp.detach()
     return node["role"]["value"], node.get("name", {}).get("value", "")
+
+
+# ------------------------------------------------------------------ colours and contrast
+
+# In the page: colours as the browser computed them, each text's effective background found by laying the
+# backgrounds of its element and the elements around it over each other up to an opaque one (the page's
+# canvas last), and the WCAG 2 contrast ratio of the two.
+_COLOUR_JS = """
+const parse = c => {
+  const m = c.match(/rgba?\\(([^)]+)\\)/);
+  if (!m) return [0, 0, 0, 0];
+  const p = m[1].split(/[ ,\\/]+/).filter(Boolean).map(Number);
+  return [p[0], p[1], p[2], p.length > 3 ? p[3] : 1];
+};
+const over = (top, under) => {  // top laid over an opaque `under`
+  const a = top[3];
+  return [0, 1, 2].map(i => top[i] * a + under[i] * (1 - a)).concat([1]);
+};
+const canvas = () => parse(getComputedStyle(document.documentElement).colorScheme.includes("dark")
+  && matchMedia("(prefers-color-scheme: dark)").matches ? "rgb(18, 18, 18)" : "rgb(255, 255, 255)");
+const background = el => {
+  const layers = [];
+  for (let e = el; e; e = e.parentElement) {
+    const b = parse(getComputedStyle(e).backgroundColor);
+    if (b[3] > 0) layers.push(b);
+    if (b[3] >= 1) break;
+  }
+  let colour = layers.length && layers[layers.length - 1][3] >= 1 ? layers.pop() : canvas();
+  while (layers.length) colour = over(layers.pop(), colour);
+  return colour;
+};
+const luminance = c => {
+  const [r, g, b] = c.slice(0, 3).map(v => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+  return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+};
+const ratio = (a, b) => { const [x, y] = [luminance(a), luminance(b)].sort((p, q) => q - p); return (x + 0.05) / (y + 0.05); };
+const shown = el => {
+  if (!el.checkVisibility({visibilityProperty: true, opacityProperty: true})) return false;
+  const r = el.getBoundingClientRect();
+  return r.width > 1 && r.height > 1 && r.right > 0 && r.bottom > 0;  // not visually-hidden, not off-screen
+};
+const describe = el => el.tagName.toLowerCase() + (el.id ? "#" + el.id : "") +
+  (el.className && typeof el.className === "string" ? "." + el.className.trim().split(/\\s+/).join(".") : "");
+const css = c => `rgb(${c.slice(0, 3).map(Math.round).join(", ")})`;
+"""
+
+
+def contrast_report(page):
+    """Every visible text on the page (in an open dialog, its text and nothing behind it) with its colour, its
+    effective background, their contrast ratio and the ratio WCAG 1.4.3 (AA) asks of it; the borders of fields
+    and select boxes against the background around them (WCAG 1.4.11 asks 3:1)."""
+    return page.evaluate("() => {" + _COLOUR_JS + """
+      const modal = document.querySelector("dialog[open]");
+      const texts = [], borders = [];
+      for (const el of (modal || document.body).querySelectorAll("*")) {
+        if (!shown(el) || el.closest("svg")) continue;
+        const field = el.matches("input:not([type=hidden]):not([type=checkbox]):not([type=radio]), textarea, select");
+        const words = field ? (el.value || "") :
+          [...el.childNodes].filter(n => n.nodeType === 3).map(n => n.data).join("").trim();
+        const style = getComputedStyle(el);
+        if (words) {
+          const bg = background(el), fg = over(parse(style.color), bg);
+          const size = parseFloat(style.fontSize), bold = Number(style.fontWeight) >= 700;
+          const large = size >= 24 || (bold && size >= 18.66);
+          texts.push({element: describe(el), text: words.slice(0, 60), colour: css(fg), background: css(bg),
+                      ratio: ratio(fg, bg), needed: large ? 3 : 4.5});
+        }
+        if (field) {
+          const around = background(el.parentElement), line = over(parse(style.borderTopColor), around);
+          borders.push({element: describe(el), colour: css(line), background: css(around), ratio: ratio(line, around),
+                        needed: 3});
+        }
+      }
+      return {texts, borders};
+    }""")
+
+
+def focus_ring(page):
+    """The focused element's outline colour and the background it is drawn on (its parent's: the ring sits
+    outside the element), with their contrast ratio (0 when it draws no outline); None when nothing is
+    focused, or when the focus is on a part inside a browser's own control (a date field's calendar button),
+    whose ring the browser draws."""
+    return page.evaluate("() => {" + _COLOUR_JS + """
+      const el = document.activeElement;
+      if (!el || el === document.body || el === document.documentElement || !el.matches(":focus-visible")) return null;
+      const style = getComputedStyle(el), around = background(el.parentElement);
+      if (style.outlineStyle === "none" || parseFloat(style.outlineWidth) === 0)
+        return {element: describe(el), colour: "none", background: css(around), ratio: 0};
+      const ring = over(parse(style.outlineColor), around);
+      return {element: describe(el), colour: css(ring), background: css(around), ratio: ratio(ring, around)};
+    }""")
+
+
+def colour_at(page, selector, prop="backgroundColor"):
+    """An element's computed colour property as an (r, g, b, a) tuple."""
+    return tuple(page.locator(selector).first.evaluate(
+        "(el, prop) => {" + _COLOUR_JS + " return parse(getComputedStyle(el)[prop]); }", prop))
+
+
+def relative_luminance(rgb):
+    """WCAG 2's relative luminance of an (r, g, b) colour, 0 (black) to 1 (white)."""
+    def channel(v):
+        v /= 255
+        return v / 12.92 if v <= 0.03928 else ((v + 0.055) / 1.055) ** 2.4
+    r, g, b = (channel(v) for v in rgb[:3])
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b

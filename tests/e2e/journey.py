@@ -85,6 +85,27 @@ def assert_accessible(page, where):
     assert not violations, format_violations(where, violations)
 
 
+def assert_readable(page, where, focus_steps=12):
+    """WCAG AA as the page is now, measured in the browser: each visible text against its effective background
+    (4.5:1, large text 3:1), the borders of fields against what is around them (3:1), and the focus ring of
+    the first `focus_steps` controls Tab reaches against the background it is drawn on (3:1)."""
+    from browser_kit import contrast_report, focus_ring
+
+    report = contrast_report(page)
+    assert report["texts"], f"no text measured on {where}"
+    low = [t for t in report["texts"] if t["ratio"] < t["needed"]]
+    low += [b for b in report["borders"] if b["ratio"] < b["needed"]]
+    page.evaluate("document.activeElement && document.activeElement.blur()")
+    for _ in range(focus_steps):
+        page.keyboard.press("Tab")
+        ring = focus_ring(page)
+        if ring is not None and ring["ratio"] < 3:
+            low.append({**ring, "needed": 3, "text": "(focus ring)"})
+    assert not low, f"too little contrast on {where}:\n" + "\n".join(
+        f"- {x['element']} {x.get('text', '(border)')!r}: {x['colour']} on {x['background']} is "
+        f"{x['ratio']:.2f}:1, needs {x['needed']}:1" for x in low)
+
+
 def wizard_dialog(page):
     """The modal the gear opens: role=dialog whose accessible name contains Two-Factor Authentication."""
     return page.get_by_role("dialog", name=re.compile("Two-Factor Authentication"))
