@@ -2,6 +2,7 @@
 throttled like the sign-in (security.md 19); afterwards every other session ends (security.md 30, 35;
 ASVS 4 3.3.3) and the change is audited without the password (security.md 43)."""
 import re
+import threading
 
 import pytest
 
@@ -236,7 +237,7 @@ def test_a_sign_in_half_done_with_the_old_password_cannot_be_finished(app, actor
     assert not signed_in(half.client)
 
 
-@pytest.mark.parametrize("overtaken_by", ["set-password", "signed-out", "same-session"])
+@pytest.mark.parametrize("overtaken_by", ["set-password", "signed-out", "same-session", "rehashed-and-signed-out"])
 def test_a_change_overtaken_while_the_hash_ran_changes_nothing(app, actor, alice, secret, clock, monkeypatch,
                                                                overtaken_by):
     """The new password is hashed (slowly) before the transaction. If meanwhile the operator set another
@@ -245,7 +246,10 @@ def test_a_change_overtaken_while_the_hash_ran_changes_nothing(app, actor, alice
     password only the thief knew (security.md 35). "same-session": the same session changed it a moment ago
     and has not been renewed yet (two tabs, or the owner and a thief holding the stolen session cookie and the
     old password): the change proved with the replaced password must not overwrite the new one; found by
-    mutation testing (replace_password's checked_hash comparison removed: no SQLite test noticed)."""
+    mutation testing (replace_password's checked_hash comparison removed: no SQLite test noticed).
+    "rehashed-and-signed-out": a sign-in elsewhere made the same password's hash again, which alone refuses
+    nothing (test_a_sign_in_that_only_rehashed_the_password_meanwhile_does_not_refuse_the_change), and this
+    browser was signed out too."""
     import webapp.settings as settings_module
     from webapp.sessions import end_user_sessions
 
@@ -265,6 +269,8 @@ def test_a_change_overtaken_while_the_hash_ran_changes_nothing(app, actor, alice
                              keep_token=session.token)
         else:
             with app.app_context():
+                if overtaken_by == "rehashed-and-signed-out":
+                    _store_hash(app, _current_hash(app))  # what auth.after_password's upgrade commits
                 end_user_sessions(User.by_email("alice@example.com"))
         return result
 
@@ -280,8 +286,10 @@ def test_a_change_overtaken_while_the_hash_ran_changes_nothing(app, actor, alice
             assert verify_password(user.password_hash, "the operator's choice")
         elif overtaken_by == "same-session":
             assert verify_password(user.password_hash, "the owner's choice")
-        else:
+        elif overtaken_by == "signed-out":
             assert user.password_hash == before
+        else:
+            assert verify_password(user.password_hash, PASSWORD)
         assert [e.details["via"] for e in AuditEvent.select().where(AuditEvent.kind == "password_changed")] == (
             {"set-password": ["cli"], "same-session": ["settings"]}.get(overtaken_by, []))
 
@@ -454,3 +462,58 @@ def test_a_blocked_sign_in_whose_hash_was_upgraded_still_fills_in_the_contact_fo
             User.email == "alice@example.com").execute()
     assert actor.password_step().status_code == 403
     assert 'value="alice@example.com"' in actor.client.get("/support/contact").get_data(as_text=True)
+
+
+RAW = "cafe\u0301 secret word"  # "é" typed as "e" and an accent: NFKC makes it one character
+
+
+def _as_typed_hash(password):
+    """A hash made before passwords were normalised: it holds the password as typed."""
+    from webapp.security import _hasher
+
+    return _hasher().hash(password)
+
+
+@pytest.mark.parametrize("password, stale_hash", [(PASSWORD, _outdated_hash), (RAW, _as_typed_hash)],
+                         ids=["outdated-parameters", "held-as-typed"])
+def test_a_sign_in_that_only_rehashed_the_password_meanwhile_does_not_refuse_the_change(
+        app, actor, clock, monkeypatch, password, stale_hash):
+    """Change password refuses (409) when the stored hash changed while its slow hashes ran, for a change made
+    elsewhere. A sign-in in another browser that only hashes the same password again (argon2's parameters
+    changed, or the hash held the password as typed before passwords were normalised: auth.upgraded_hash)
+    changes the stored hash too, and the person was refused for nothing: the password they proved is still
+    the account's, and the change goes through (refused still when this browser was signed out as well:
+    test_a_change_overtaken_while_the_hash_ran_changes_nothing) (security.md 35)."""
+    import webapp.settings as settings_module
+
+    actor.user(email="zoe@example.com", password=password)
+    assert actor.password_step(email="zoe@example.com", password=password).headers["Location"] == "/settings"
+    with app.app_context():
+        stale = stale_hash(password)
+        User.update(password_hash=stale).where(User.email == "zoe@example.com").execute()
+    original = settings_module.hash_password
+
+    def hash_while_another_sign_in_rehashes(new_password):
+        result = original(new_password)
+        elsewhere = Actor(app, app.test_client(), clock)
+        # In a thread of its own, as another worker serves it (a request nested in this one would share its
+        # app context, and so its signed-in user); joined before this change goes on.
+        done = []
+        worker = threading.Thread(target=lambda: done.append(
+            elsewhere.password_step(email="zoe@example.com", password=password).status_code))
+        worker.start()
+        worker.join()
+        assert done == [302]
+        with app.app_context():
+            assert User.by_email("zoe@example.com").password_hash != stale  # made again by that sign-in
+        return result
+
+    monkeypatch.setattr(settings_module, "hash_password", hash_while_another_sign_in_rehashes)
+    r = actor.post_form(URL, form(current=password))
+    with app.app_context():
+        stored = User.by_email("zoe@example.com").password_hash
+        now_opens = verify_password(stored, NEW), verify_password(stored, password)
+        changes = [e.details["via"] for e in AuditEvent.select().where(AuditEvent.kind == "password_changed")]
+    assert r.status_code == 302 and r.headers["Location"] == "/settings"
+    assert "Your password was changed. You were signed out on 1 other browser." in text(actor.client.get("/settings"))
+    assert now_opens == (True, False) and changes == ["settings"]

@@ -24,7 +24,7 @@ from .db import Param, Prepared, db, for_update, write_transaction
 from .fields import Form, freeze
 from .models import AuditEvent, Device, PendingEnrolment, ServerSession, User
 from .security import (audit, end_code_steps, forget_browsers, fresh_login_required, hash_password,
-                       replace_password, same_password)
+                       replace_password, same_password, verify_password)
 from .sessions import browser_label, end_user_sessions, token_hash, write_session_now
 
 bp = Blueprint("settings", __name__, url_prefix="/settings")
@@ -855,8 +855,17 @@ def password():
         form.current.errors = [error]
         return _password_page(form, refusal_status(error, 403))
     # The hash first (slow), outside the transaction that other writers wait for.
-    ended = replace_password(user, hash_password(form.new.data), via="settings", keep_token=session.token,
-                             checked_hash=user.password_hash)
+    checked, new_hash = user.password_hash, hash_password(form.new.data)
+    ended = replace_password(user, new_hash, via="settings", keep_token=session.token, checked_hash=checked)
+    if ended is None:
+        # Signed out meanwhile, or the stored hash changed. Most often a change elsewhere, but a sign-in in another
+        # browser may only have made the same password's hash again (auth.upgraded_hash): the password proved
+        # here is then still the account's, checked once more against what is stored now (as auth.login does).
+        stored = User.get_or_none(User.id == user.id)
+        if stored is not None and stored.password_hash != checked and verify_password(stored.password_hash,
+                                                                                      form.current.data):
+            ended = replace_password(user, new_hash, via="settings", keep_token=session.token,
+                                     checked_hash=stored.password_hash)
     if ended is None:
         form.current.errors = [_PASSWORD_OVERTAKEN]
         return _password_page(form, 409)
