@@ -255,6 +255,124 @@ def test_the_health_check_fails_while_postgresql_takes_no_writes(app, caplog):
 
 
 
+ON_SQLITE = not (os.environ.get("TEST_DATABASE_URL") or "").startswith("postgres")
+PAGE = 4096
+
+
+def _filled_sqlite_file(app):
+    """The app's SQLite file holding 400 accounts and 600 audit records, all of it in the file itself (the WAL
+    checkpointed, the connection closed): (its path, [the accounts' addresses in id order])."""
+    from webapp.models import AuditEvent
+
+    with app.app_context():
+        password_hash = hash_password(PASSWORD)
+        with db.atomic():
+            users = [User.create(email=f"person{i}@example.com", password_hash=password_hash) for i in range(400)]
+            for i in range(600):
+                AuditEvent.create(kind="signin", user=users[i % 400], detail='{"method": "password"}')
+        db.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        path = db.obj.database
+    db.close()
+    return path, [u.email for u in users]
+
+
+def _pages(path, name, leaf_only=True):
+    """The pages of table or index `name` in key order (its leaves only, by default), as (page, cells)."""
+    import sqlite3
+
+    reader = sqlite3.connect(path)
+    try:
+        return reader.execute("SELECT pageno, ncell FROM dbstat WHERE name = ? AND (pagetype = 'leaf' OR ?) "
+                              "ORDER BY path", (name, not leaf_only)).fetchall()
+    finally:
+        reader.close()
+
+
+def _overwrite(path, page, data=None):
+    """Replace one page of the file (zeros by default), as a disk fault would; returns what was there. The kept
+    connection is closed: its cache may hold the page as it was (a worker started since reads the file)."""
+    with open(path, "r+b") as f:
+        f.seek((page - 1) * PAGE)
+        before = f.read(PAGE)
+        f.seek((page - 1) * PAGE)
+        f.write(data if data is not None else bytes(PAGE))
+    db.close()
+    return before
+
+
+def _sign_in(app, email):
+    client = app.test_client()
+    token = csrf_from(client.get("/login").get_data(as_text=True))
+    return client.post("/login", data={"csrf_token": token, "email": email, "password": PASSWORD})
+
+
+@pytest.mark.skipif(not ON_SQLITE, reason="SQLite's file")
+def test_the_health_check_fails_on_a_damaged_accounts_table_and_so_does_the_sign_in_it_breaks(app, caplog,
+                                                                                               monkeypatch):
+    """A page of the accounts table damaged (a disk fault, a copy taken while it was written): the health check
+    read one row and said "ok" while the sign-ins of the people on that page answered 500 with a traceback.
+    It now runs SQLite's quick_check of every table but the audit log, once a minute per process (a whole
+    quick_check takes about a second for each 700 MB: README "Health check"), and a sign-in that meets the
+    damage gets the 503 page, the log saying why. A check that failed is not kept: the file put right, the
+    next probe is healthy."""
+    import logging
+
+    import webapp.db as db_module
+
+    path, emails = _filled_sqlite_file(app)
+    checker = app.test_client()
+    assert checker.get("/healthz").status_code == 200  # checked whole: trusted for a minute
+    leaves = _pages(path, "user")
+    middle = len(leaves) // 2
+    first_row = sum(cells for _, cells in leaves[:middle])
+    on_it = emails[first_row:first_row + leaves[middle][1]]
+    before = _overwrite(path, leaves[middle][0])
+    caplog.set_level(logging.ERROR)
+    assert checker.get("/healthz").status_code == 200  # within the minute: only the ends are read
+    later = db_module._monotonic() + db_module._FileCheck.SECONDS
+    monkeypatch.setattr(db_module, "_monotonic", lambda: later)
+    assert_unavailable_page(checker.get("/healthz"))
+    assert "database unavailable: OperationalError (PRAGMA quick_check of table user: " in caplog.text
+    caplog.clear()
+    assert_unavailable_page(_sign_in(app, on_it[0]))
+    assert "database unavailable: DatabaseError (database disk image is malformed)" in caplog.text
+    assert _sign_in(app, emails[0]).status_code == 302  # the others' pages are sound
+    _overwrite(path, leaves[middle][0], before)
+    assert checker.get("/healthz").status_code == 200
+    assert _sign_in(app, on_it[0]).status_code == 302
+
+
+@pytest.mark.skipif(not ON_SQLITE, reason="SQLite's file")
+@pytest.mark.parametrize("damage", ["audit-log-end", "truncated"])
+def test_the_health_check_fails_at_once_where_every_sign_in_would_meet_the_damage(app, caplog, damage):
+    """Damage every sign-in meets, found at the next probe even within the minute a full check is trusted:
+    the last page of an audit log index (where each sign-in's record goes: the audit log is too big to
+    check whole), read at every probe with the ends of every table and index (under a millisecond in all);
+    or a file cut short (a restore from an unfinished copy), which answered 500 even to /healthz when a new
+    connection met it."""
+    import logging
+
+    path, emails = _filled_sqlite_file(app)
+    checker = app.test_client()
+    assert checker.get("/healthz").status_code == 200
+    if damage == "audit-log-end":
+        _overwrite(path, _pages(path, "auditevent_created_at")[-1][0])
+        said = ("database unavailable: OperationalError (reading the last entry of index auditevent_created_at: "
+                "database disk image is malformed)")
+    else:
+        os.truncate(path, os.path.getsize(path) // 2)
+        db.close()
+        said = "database unavailable: DatabaseError (database disk image is malformed)"
+    caplog.set_level(logging.ERROR)
+    assert_unavailable_page(checker.get("/healthz"))
+    assert said in caplog.text
+    caplog.clear()
+    r = app.test_client().get("/login") if damage == "truncated" else _sign_in(app, emails[0])
+    assert_unavailable_page(r)
+    assert "database unavailable: DatabaseError (database disk image is malformed)" in caplog.text
+    db.close()
+
+
 CONFLICT = "Another change was being made at the same moment, so this one could not finish."
 
 

@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import os
 import random
+import sqlite3
 import sys
 import time
 
@@ -17,7 +18,7 @@ from flask_wtf.form import SUBMIT_METHODS
 from itsdangerous import URLSafeTimedSerializer
 from itsdangerous.encoding import base64_encode
 from itsdangerous.url_safe import URLSafeSerializerMixin
-from peewee import InterfaceError, OperationalError
+from peewee import DatabaseError, InterfaceError, OperationalError
 from werkzeug.exceptions import BadRequest, HTTPException, LengthRequired
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import IntegerConverter
@@ -687,6 +688,17 @@ def _register_error_handlers(app):
                                 "Reload the page to see what is in place now, then try again if you need to.")
         return render_error(503, "Temporarily unavailable",
                             "We cannot reach our database right now. Please try again in a minute.")
+
+    @app.errorhandler(DatabaseError)
+    @app.errorhandler(sqlite3.DatabaseError)  # raised while rows are fetched, past peewee's wrapping
+    def database_damaged(exc):
+        # An SQLite file found damaged (db.is_damaged) is an outage of the whole site, not a fault of this
+        # request: the 503 page, with the log line that says so. It was a 500 with a traceback, /healthz's
+        # too when the damage was in the pages every new connection reads. Any other DatabaseError (an
+        # IntegrityError no code expected) stays the 500 it was.
+        if not db_module.is_damaged(exc):
+            raise exc
+        return database_down(exc)
 
     @app.errorhandler(SecretError)
     def unreadable_secret(exc):
