@@ -233,8 +233,16 @@ class KnownBrowser(BaseModel):
     last_used_at = DateTimeField(default=now, index=True)
     password_failures = IntegerField(default=0)
     password_locked_until = DateTimeField(null=True)
-    # When it stopped being known (None: known). Indexed for the purge.
-    forgotten_at = DateTimeField(null=True, index=True)
+    # When it stopped being known (None: known). Indexed for the purge, forgotten browsers only (after the class).
+    forgotten_at = DateTimeField(null=True)
+
+
+# The purge's `forgotten_at < ?` (which SQLite too takes as implying IS NOT NULL, so it may use the index). The
+# known browsers, most of the table, are left out: an index entry for each of them was one more write at every
+# sign-in from a new browser, and space for nothing. Named apart from the index on every row it replaced on
+# 2026-12-07 (OBSOLETE_INDEXES), so that a database of before gets this one at start.
+KnownBrowser.add_index(KnownBrowser.index(KnownBrowser.forgotten_at, where=KnownBrowser.forgotten_at.is_null(False),
+                                          name="knownbrowser_forgotten_at_set"))
 
 
 class SignInChallenge(BaseModel):
@@ -457,12 +465,16 @@ ALL_MODELS = [User, Device, ServerSession, KnownBrowser, SignInChallenge, Pendin
 # cannot serve.
 POSTGRESQL_INDEXES = ['CREATE INDEX IF NOT EXISTS user_email_c ON "user" (email COLLATE "C")']
 
-# Indexes of earlier versions that an index of the models now starts with, dropped at start when present
-# (db._drop_obsolete), after the models' indexes are made: each was one more write for every audit record.
+# Indexes of earlier versions that an index of the models now starts with or replaces, dropped at start
+# when present (db._drop_obsolete), after the models' indexes are made: each was one more write for every
+# audit record (or known browser).
 # 2026-12-06: the audit log's single-column indexes on kind, user and actor.
 OBSOLETE_INDEXES = ["auditevent_kind", "auditevent_user_id", "auditevent_actor_id",
                     # 2026-12-07: contact requests' index on the person alone.
-                    "supportrequest_user_id"]
+                    "supportrequest_user_id",
+                    # 2026-12-07: the known browsers' forgotten_at for every row, known ones too (now
+                    # knownbrowser_forgotten_at_set, forgotten ones only).
+                    "knownbrowser_forgotten_at"]
 
 # Columns added to a table after databases with it were in use: (table, column, the column's SQL for both
 # databases, what fills it in the rows already there, or None). Added at start when missing (db._add_columns),
