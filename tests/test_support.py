@@ -1803,7 +1803,7 @@ def test_the_open_count_is_the_true_total_when_more_are_waiting_than_are_listed(
 
 def _pages(html):
     """The open requests card's page links, by their words (the page's text: addresses unescaped)."""
-    nav = re.search(r'<nav class="pager" aria-label="Pages of open contact requests">(.*?)</nav>', html, re.S)
+    nav = re.search(r'<nav class="pager"[^>]* aria-label="Pages of open contact requests">(.*?)</nav>', html, re.S)
     links = re.findall(r'<a href="([^"]+)"[^>]*>([^<]+)</a>', nav.group(1)) if nav else []
     return {text: unescape(href) for href, text in links}
 
@@ -1883,6 +1883,46 @@ def test_the_next_page_starts_after_the_last_request_shown_whatever_was_handled_
     older = actor.client.get(_pages(page)["Older requests"]).get_data(as_text=True)
     assert "Showing 1–100 of 140 (oldest first)." in words(" ".join(older.split()))
     assert "request number 010" in older and "request number 009" not in _open_part(older)
+
+
+def test_each_page_link_of_the_requests_card_is_there_once_and_the_range_line_leads_to_them(app, actor, secret,
+                                                                                           target):
+    """A review: a long first page had "Newest requests" twice, in the line saying which requests are shown
+    and in the pager, same words and same address, so a screen reader's list of links and Tab gave it twice.
+    Each page link is now in the pager alone; the line above the list still says where the page is and leads
+    to the pager (an in-page link to it, which takes the focus there: the keyboard does not Tab through a
+    hundred requests to reach it), on every page that has others, also one person's."""
+    with app.app_context():
+        SupportRequest.insert_many([{"email": f"p{i:03d}@example.com", "message": f"request number {i:03d}",
+                                     "created_at": utc(i)} for i in range(250)]).execute()
+        SupportRequest.insert_many([{"email": "carol@example.com", "user": target.id, "created_at": utc(300 + i),
+                                     "message": f"in her name {i:03d}"} for i in range(101)]).execute()
+    sign_in_admin(actor, secret)
+    first = actor.client.get("/support").get_data(as_text=True)
+    middle = actor.client.get(_pages(first)["Newer requests"]).get_data(as_text=True)
+    last = actor.client.get(_pages(first)["Newest requests"]).get_data(as_text=True)
+    theirs = actor.client.get(f"/support?user={target.id}&requests=theirs").get_data(as_text=True)
+    for html, shown in ((first, "Showing 1–100 of 351 (oldest first)."), (middle, "Showing 101–200 of 351"),
+                        (last, "Showing 252–351 of 351"), (theirs, "Only the requests from carol@example.com: "
+                                                                   "1–100 of 101 (oldest first).")):
+        card = _open_part(html)
+        links = re.findall(r'<a href="([^"]+)"[^>]*>([^<]+)</a>', card)
+        texts = [text for _, text in links]
+        assert len(texts) == len(set(texts)), texts  # no link twice
+        assert set(links) >= {(address, text) for text, address in _pages(html).items()
+                              for address in [address.replace("&", "&amp;")]}
+        line = re.search(r'<p class="requests-range">(.*?)</p>', card, re.S).group(1)
+        assert shown in words(" ".join(line.split()))
+        assert '<a href="#requests-pages">Skip to the page links</a>' in line
+        assert not set(re.findall(r">([^<]+)</a>", line)) & set(_pages(html))  # no page link of its own
+        assert '<nav class="pager" id="requests-pages" tabindex="-1" aria-label="Pages of open contact requests">' in card
+    assert [t for t in re.findall(r">([^<]+)</a>", _open_part(first)) if t == "Newest requests"] == ["Newest requests"]
+    # With every open request on the page there are no pages: neither the line nor the link to them.
+    with app.app_context():
+        SupportRequest.delete().execute()
+        SupportRequest.create(email="ghost@example.com", message="Please help me")
+    few = _open_part(actor.client.get("/support").get_data(as_text=True))
+    assert "requests-range" not in few and "#requests-pages" not in few and "requests-pages" not in few
 
 
 def test_few_requests_are_shown_as_before_and_odd_addresses_show_the_oldest(app, actor, secret):
