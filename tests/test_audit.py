@@ -3,6 +3,7 @@ admins, and each person's own Security activity in User Settings (security.md 42
 import json
 import re
 from datetime import datetime, timedelta
+from html import unescape
 
 import pytest
 
@@ -270,6 +271,111 @@ def test_audit_log_filters_by_time_range(app, actor, secret, clock):
         AuditEvent.create(kind="signout", created_at=datetime(2009, 1, 3), detail='{"n": "next day"}')
     html = actor.client.get("/support/audit?start=2009-01-02&end=2009-01-02").get_data(as_text=True)
     assert html.count('<tr class="event"') == 2 and "N: first instant" in html and "N: next day" not in html
+
+
+def _from(app, clock, ip):
+    """Another browser whose requests come from the client address `ip`."""
+    browser = second_client(app, clock)
+    browser.client.environ_base["REMOTE_ADDR"] = ip
+    return browser
+
+
+def _shown(html):
+    """(what happened, person, IP address) of each event the audit log lists, in its order."""
+    return [(unescape(re.sub(r"<[^>]+>", "", what)), re.sub(r"<br>.*", "", person), ip) for ip, what, person in
+            re.findall(r'data-label="Time and IP address">[^<]*<br><span class="hint">([^<]+)</span></td>\s*'
+                       r'<td role="cell" data-label="What happened">(.*?)</td>\s*'
+                       r'<td role="cell" data-label="Person">(.*?)</td>', html, re.S)]
+
+
+def test_the_audit_log_lists_what_else_came_from_an_intruders_address(app, actor, secret, clock):
+    """security.md 42, 43: an admin who sees an intruder's sign-in lists what else came from that address: the
+    other accounts it tried and the contact requests it sent, and nothing from other addresses. The filter
+    combines with the others (person, event, dates) and its pages keep it."""
+    actor.user("carol@example.com", secret=new_secret())
+    actor.user("dan@example.com")
+    intruder = _from(app, clock, "203.0.113.66")
+    intruder.password_step("carol@example.com")  # her password, known to the intruder
+    intruder.password_step("dan@example.com", "wrong password")
+    assert intruder.post_form("/support/contact", {"email": "dan@example.com", "message": "Lost my phone, please "
+                                                   "turn 2FA off"}).status_code == 302
+    _from(app, clock, "198.51.100.7").password_step("carol@example.com", "wrong password")  # the owner, elsewhere
+    _from(app, clock, "203.0.113.67").password_step("dan@example.com", "wrong password")  # a neighbour address
+    sign_in_admin(actor, secret)
+
+    r = actor.client.get("/support/audit?ip=203.0.113.66")
+    html = r.get_data(as_text=True)
+    assert r.status_code == 200
+    assert _shown(html) == [("Support request sent", "dan@example.com", "203.0.113.66"),
+                            ("Wrong password entered", "dan@example.com", "203.0.113.66"),
+                            ("Password accepted, code requested", "carol@example.com", "203.0.113.66")]
+    assert re.search(r'<input[^>]* name="ip"[^>]* value="203.0.113.66"', html)  # the filter shows what it is
+    # with the other filters: by person, by event, by dates
+    assert [row[:2] for row in _shown(actor.client.get("/support/audit?ip=203.0.113.66&email=carol@example.com")
+                                      .get_data(as_text=True))] == [("Password accepted, code requested",
+                                                                     "carol@example.com")]
+    assert [row[:2] for row in _shown(actor.client.get("/support/audit?ip=203.0.113.66&kind=password_rejected")
+                                      .get_data(as_text=True))] == [("Wrong password entered", "dan@example.com")]
+    day = f"{utc(clock.t):%Y-%m-%d}"
+    assert len(_shown(actor.client.get(f"/support/audit?ip=203.0.113.66&start={day}&end={day}")
+                      .get_data(as_text=True))) == 3
+    assert _shown(actor.client.get("/support/audit?ip=203.0.113.66&end=2000-01-01").get_data(as_text=True)) == []
+    assert _shown(actor.client.get(f"/support/audit?ip=203.0.113.66&email={ADMIN}").get_data(as_text=True)) == []
+    # the start of an address offers accounts, with the address kept in their links
+    html = actor.client.get("/support/audit?ip=203.0.113.66&email=carol").get_data(as_text=True)
+    assert ("/support/audit?email=carol@example.com&amp;ip=203.0.113.66", "carol@example.com") in candidates(html)
+
+
+def test_the_ip_filter_finds_an_address_however_it_was_written_and_pages_like_the_rest(app, actor, secret):
+    """An address is found as the events show it and in its usual spelling: an IPv6 one typed in capitals or
+    with its zeros, an IPv4 client that reached an IPv6 socket (::ffff:203.0.113.9, the same client). The
+    pages hold 50 events, newest first, and their links keep the address."""
+    with app.app_context():
+        AuditEvent.insert_many([{"kind": "password_rejected", "ip": "2001:db8::42", "detail": json.dumps({"n": i}),
+                                 "created_at": datetime(2009, 1, 1) + timedelta(minutes=i)} for i in range(60)]
+                               + [{"kind": "signin", "ip": "2001:db8::43", "created_at": datetime(2009, 1, 3)},
+                                  {"kind": "signin", "ip": "::ffff:203.0.113.9", "created_at": datetime(2009, 1, 3)},
+                                  {"kind": "signout", "ip": "203.0.113.9", "created_at": datetime(2009, 1, 4)},
+                                  {"kind": "signout", "ip": "203.0.113.90", "created_at": datetime(2009, 1, 4)},
+                                  {"kind": "signout", "ip": None, "created_at": datetime(2009, 1, 5)}]).execute()
+    sign_in_admin(actor, secret)
+    for typed in ("2001:db8::42", "2001:DB8:0:0:0:0:0:42", "  2001:0db8::0042 "):
+        first = actor.client.get("/support/audit", query_string={"ip": typed}).get_data(as_text=True)
+        assert first.count('<tr class="event"') == 50 and "N: 59<" in first and "N: 9<" not in first, typed
+        assert {ip for _, _, ip in _shown(first)} == {"2001:db8::42"}, typed
+    nxt = unescape(re.search(r'<a href="([^"]+)" rel="next">', first).group(1))
+    assert "ip=" in nxt and "page=2" in nxt
+    second = actor.client.get(nxt).get_data(as_text=True)
+    assert second.count('<tr class="event"') == 10 and "N: 9<" in second and "N: 0<" in second
+    assert 'rel="next"' not in second and "N: 10<" not in second
+    for typed in ("203.0.113.9", "::ffff:203.0.113.9"):
+        found = _shown(actor.client.get(f"/support/audit?ip={typed}").get_data(as_text=True))
+        assert sorted(ip for _, _, ip in found) == ["203.0.113.9", "::ffff:203.0.113.9"], typed
+
+
+@pytest.mark.parametrize("typed", ["203.0.113", "203.0.113.0/24", "2001:db8::/64", "203.0.113.*", "localhost",
+                                   "203.0.113.7; DROP TABLE auditevent", "1" * 65, "2001:db8::1::2", "256.1.1.1",
+                                   "203.000.113.7", "%"])
+def test_a_bad_ip_address_gets_a_clear_message_and_no_search(app, actor, secret, monkeypatch, typed):
+    """Anything but one whole address (a network, the start of one, nonsense, something longer than any
+    address) gets a message beside the field and a 400, and the log is not searched at all: no list, not
+    "No events match"."""
+    with app.app_context():
+        AuditEvent.create(kind="signout", ip="203.0.113.7")
+    sign_in_admin(actor, secret)
+    from .conftest import record_statements
+
+    ran = record_statements(monkeypatch)
+    r = actor.client.get("/support/audit", query_string={"ip": typed})
+    html = r.get_data(as_text=True)
+    assert r.status_code == 400
+    assert ("Enter one whole IP address, as the events show it" in html
+            or "That is longer than any IP address." in html)
+    assert re.search(r'<input[^>]* aria-invalid="true"[^>]* name="ip"', html) or re.search(
+        r'<input[^>]* name="ip"[^>]* aria-invalid="true"', html)
+    assert '<tr class="event"' not in html and "No events match" not in html
+    assert "No events are listed until the filter above is corrected." in html
+    assert not [sql for sql in ran if '"auditevent"' in sql]
 
 
 def test_audit_log_bad_dates_get_a_clear_message(actor, secret):
@@ -1057,11 +1163,20 @@ def test_every_read_of_the_audit_log_goes_by_an_index_and_sorts_none_of_a_person
                     "/support/audit?email=carol@example.com", f"/support/audit?email={ADMIN}",
                     "/support/audit?kind=password_rejected",
                     "/support/audit?kind=support_tfa_disabled&email=carol@example.com",
-                    f"/support/audit?email=carol@example.com&start={day}&end={day}", f"/support/audit?start={day}"):
+                    f"/support/audit?email=carol@example.com&start={day}&end={day}", f"/support/audit?start={day}",
+                    "/support/audit?ip=127.0.0.1", "/support/audit?ip=127.0.0.1&kind=password_rejected",
+                    f"/support/audit?ip=127.0.0.1&start={day}", "/support/audit?ip=127.0.0.1&email=carol@example.com",
+                    "/support/audit?ip=127.0.0.1&email=carol@example.com&kind=password_rejected"):
             assert actor.client.get(url).status_code == 200, url
         assert app.test_cli_runner().invoke(args=["users", "activity", ADMIN]).exit_code == 0
     reads = [(sql, params) for sql, params in ran if sql.startswith("SELECT") and '"auditevent"' in sql]
     assert len(reads) >= 10 and any("support_request" in params for _, params in reads)
+    by_address = [(sql, params) for sql, params in reads if '"ip" = ?' in sql]
+    assert len(by_address) == 3  # the IP address filter alone, with an event, with dates: read by the address
+    with app.app_context():
+        for sql, params in by_address:
+            plan = " ".join(row[3] for row in db.execute_sql("EXPLAIN QUERY PLAN " + sql, params).fetchall())
+            assert "auditevent_ip_created_at (ip=?" in plan, plan
     with app.app_context():
         for sql, params in reads:
             plan = db.execute_sql("EXPLAIN QUERY PLAN " + sql, params).fetchall()  # (id, parent, -, detail)

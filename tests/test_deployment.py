@@ -690,6 +690,24 @@ def test_the_index_for_the_purge_of_forgotten_browsers_holds_them_alone_and_the_
     assert "index" not in capsys.readouterr().err
 
 
+def test_an_audit_log_from_before_the_ip_filter_gets_its_index_at_start(app, actor, tmp_path, clock, capsys):
+    """README "Upgrades": the audit log's IP address filter reads the records of one address newest first on an
+    index by address and time; a database from before it gets the index at the next start, saying so once (a
+    big log takes a while), on the records that have an address only; the start after that does nothing.
+    Both databases."""
+    actor.user()
+    with app.app_context():
+        AuditEvent.create(kind="signout", ip="203.0.113.7")
+        db.execute_sql('DROP INDEX "auditevent_ip_created_at"')
+    again, said = _start_again(app, tmp_path, clock, capsys)
+    assert said.count("upgrading the database: building index auditevent_ip_created_at ") == 1, said
+    with again.app_context():
+        index = {index.name: index for index in db.get_indexes("auditevent")}["auditevent_ip_created_at"]
+        assert index.columns == ["ip", "created_at"] and re.search(r'WHERE \(?"?ip"? IS NOT NULL', index.sql), \
+            index.sql
+    assert "index" not in _start_again(again, tmp_path, clock, capsys)[1]
+
+
 # The tables whose ids are 64-bit on PostgreSQL (models.BaseModel says why), and where an id passes 32 bits.
 _WIDE_ID_TABLES = ("device", "pendingenrolment", "supportrequest", "networkcounter", "auditevent")
 _PAST_32_BITS = 2 ** 31 - 1

@@ -353,6 +353,9 @@ AuditEvent.add_index(AuditEvent.index(AuditEvent.user, AuditEvent.kind, AuditEve
 AuditEvent.add_index(AuditEvent.index(AuditEvent.actor, AuditEvent.created_at, where=_WITH_ACTOR))
 # The audit log's Event filter:
 AuditEvent.add_index(AuditEvent.index(AuditEvent.kind, AuditEvent.created_at))
+# The audit log's IP address filter (what else an intruder's address did). Only records with an address: the
+# operator's commands write none.
+AuditEvent.add_index(AuditEvent.index(AuditEvent.ip, AuditEvent.created_at, where=AuditEvent.ip.is_null(False)))
 
 
 _ANY_USER = Prepared(lambda: User.select(User.id).limit(1))

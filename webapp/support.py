@@ -3,8 +3,10 @@ disable, early end), the read-only audit log, and each person's own security act
 import bisect
 import functools
 import hashlib
+import ipaddress
 import json
 import logging
+import operator
 import re
 import secrets
 from datetime import date, datetime, timedelta, timezone
@@ -143,11 +145,28 @@ def _plausible_date(form, field):
         raise ValidationError("Enter a date between 1970 and 9998.")
 
 
+def _one_address(form, field):
+    """The IP address filter: one whole IPv4 or IPv6 address (what each record holds), not a network or the
+    start of an address, which the log cannot be searched by (its text does not start the same for every
+    address of an IPv6 network)."""
+    if field.data:
+        try:
+            ipaddress.ip_address(field.data)
+        except ValueError:
+            raise ValidationError("Enter one whole IP address, as the events show it: for example 203.0.113.7 or "
+                                  "2001:db8::1 (not a network, and not the start of an address).") from None
+
+
 class AuditFilterForm(Form):
     """Filters of the audit log (a GET form)."""
 
     email = StringField("Person (email address)", filters=[strip_text],
                         validators=[Optional(), Length(max=254, message="That email address is too long.")])
+    # The address an event came from: what else an intruder's address did (other accounts tried, contact
+    # requests sent), which the other filters could not list.
+    ip = StringField("IP address", filters=[strip_text], validators=[
+        Optional(), Length(max=64, message="That is longer than any IP address."), _one_address],
+        render_kw={"maxlength": 64, "autocomplete": "off", "spellcheck": "false"})
     kind = SelectField("Event", validate_choice=False)
     start = DateField("From (UTC date)", validators=[Optional(), _plausible_date])
     end = DateField("To (UTC date)", validators=[Optional(), _plausible_date])
@@ -1776,7 +1795,8 @@ def _kind_choices():
 @bp.get("/support/audit")
 @support_admin_required
 def audit_log():
-    """The audit trail, newest first, filterable by person, event and dates; there is no way to edit it."""
+    """The audit trail, newest first, filterable by person, event, client IP address and dates; there is no way to
+    edit it."""
     form = AuditFilterForm(request.args)
     form.kind.choices = _kind_choices()
     page = _page_arg()
@@ -1795,6 +1815,7 @@ def audit_log():
                 notice = ("No account has exactly that address. Accounts whose address starts with it:"
                           if candidates else "No account has that email address, and none starts with it.")
                 found = False
+        addresses = address_spellings(form.ip.data) if form.ip.data else ()
         if form.kind.data:
             conditions.append(AuditEvent.kind == form.kind.data)
         if form.start.data:
@@ -1806,7 +1827,9 @@ def audit_log():
         if found:
             window = {"limit": AUDIT_PER_PAGE + 1, "offset": (page - 1) * AUDIT_PER_PAGE}
             if person is not None:
-                rows = list(person_events(person.id, *conditions, **window))
+                rows = list(person_events(person.id, *conditions, addresses=addresses, **window))
+            elif addresses:
+                rows = list(_newest_of([AuditEvent.ip == a for a in addresses], conditions, **window))
             else:
                 query = AuditEvent.select().where(*conditions) if conditions else AuditEvent.select()
                 rows = list(query.order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc())
@@ -1821,16 +1844,41 @@ def audit_log():
                            notice=notice, args=args, candidates=candidates[:CANDIDATES_SHOWN], more=more), status
 
 
-def person_events(person_id, *conditions, limit, offset=0):
-    """The audit records about a person or done by them (meeting `conditions` too), newest first: `limit` of
-    them after the first `offset`. Each side is read newest first on its own index ((user, created_at) and
-    (actor, created_at), or (user, kind, created_at)) only as far as the page needs: `user = ? OR actor = ?`
-    read and sorted every record of the person, 100,000 and more for someone under attack or an admin."""
+def person_events(person_id, *conditions, limit, offset=0, addresses=()):
+    """The audit records about a person or done by them (meeting `conditions` too, and coming from one of
+    `addresses`, if given), newest first: `limit` of them after the first `offset`. Each side is read newest
+    first on its own index ((user, created_at) and (actor, created_at), or (user, kind, created_at)) only as
+    far as the page needs: `user = ? OR actor = ?` read and sorted every record of the person, 100,000 and
+    more for someone under attack or an admin."""
+    if addresses:
+        # Read along the person's index (SQLite plans so), the address checked on each of their records.
+        conditions += (AuditEvent.ip.in_(list(addresses)),)
+    return _newest_of([AuditEvent.user == person_id, AuditEvent.actor == person_id], conditions,
+                      limit=limit, offset=offset)
+
+
+def _newest_of(sides, conditions, limit, offset=0):
+    """The newest records that meet one of `sides` and all of `conditions`: `limit` of them after the first
+    `offset`, each side read newest first on its own index and only as far as the page needs, then the page
+    taken from those (a UNION: a record on two sides counts once)."""
     order = (AuditEvent.created_at.desc(), AuditEvent.id.desc())
-    about, by = (AuditEvent.select(AuditEvent.id).where(side == person_id, *conditions).order_by(*order)
-                 .limit(offset + limit) for side in (AuditEvent.user, AuditEvent.actor))
-    return (AuditEvent.select().where(AuditEvent.id.in_(about | by))  # UNION: one both about and by them once
+    reads = [AuditEvent.select(AuditEvent.id).where(side, *conditions).order_by(*order).limit(offset + limit)
+             for side in sides]
+    return (AuditEvent.select().where(AuditEvent.id.in_(functools.reduce(operator.or_, reads)))
             .order_by(*order).limit(limit).offset(offset))
+
+
+def address_spellings(text):
+    """The ways the audit log may hold the IP address `text` (a valid one): as typed, in its usual spelling
+    (IPv6 in lower case, zeros left out), and an IPv4 address also as an IPv6 socket gives it
+    (::ffff:203.0.113.7), which is the same client (security.client_network counts it so), and the other way
+    round. Each is looked up on the index by address; a handful at most."""
+    address = ipaddress.ip_address(text)
+    v4 = address if address.version == 4 else address.ipv4_mapped
+    found = {text, str(address)}
+    if v4 is not None:
+        found |= {str(v4), f"::ffff:{v4}", str(ipaddress.IPv6Address(f"::ffff:{v4}"))}
+    return sorted(found)
 
 
 CANDIDATES_SHOWN = 10
