@@ -760,6 +760,8 @@ def test_search_runs_the_same_number_of_queries_for_one_or_many_people(app, acto
         person = actor.user(f"many{i:02d}@example.com", devices={"Phone": new_secret(), "Tablet": new_secret()})
         with app.app_context():
             SupportRequest.create(email=person.email, message="lost my phone", user=person.id)
+            for j in range(2):  # signed in from two browsers each
+                ServerSession.create(id=f"{i:032d}{j:032d}", user=person.id, ip="203.0.113.5", user_agent=FIREFOX)
     actor.user("single@example.com", secret=new_secret())
     sign_in_admin(actor, secret)
     statements = []
@@ -782,7 +784,101 @@ def test_search_runs_the_same_number_of_queries_for_one_or_many_people(app, acto
         db.obj.execute_sql = original
     assert html_one.count('class="user-row"') == 1 and html_many.count('class="user-row"') == 25
     assert "Tablet" in html_many and "Open contact requests" in html_many
+    assert html_many.count("<li><bdi>Firefox on Windows</bdi> from <bdi>203.0.113.5</bdi>") == 50
     assert many == one, (one, many)
+
+
+FIREFOX = "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:133.0) Gecko/20100101 Firefox/133.0"
+CHROME_ANDROID = ("Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) "
+                  "Chrome/131.0.0.0 Mobile Safari/537.36")
+
+
+def _browser(app, clock, ip, user_agent):
+    """Another browser, at client address `ip`, sending `user_agent`."""
+    browser = second_client(app, clock)
+    browser.client.environ_base.update(REMOTE_ADDR=ip, HTTP_USER_AGENT=user_agent)
+    return browser
+
+
+def _signed_in_now(html, user_id):
+    """The lines under "Signed in now" in the person's row, as its text, and the hint below them."""
+    row = html[html.index(f'id="user-{user_id}"'):]
+    found = re.search(r"<dt>Signed in now</dt>\s*<dd>(.*?)</dd>", row, re.S).group(1)
+    lines = [" ".join(words(line).split()) for line in re.findall(r"<li>(.*?)</li>", found, re.S)]
+    return lines, " ".join(words(re.sub(r"<ul.*?</ul>", "", found, flags=re.S)).split())
+
+
+def test_a_persons_row_says_where_they_are_signed_in_now_and_ends_nothing(app, actor, secret, clock, target,
+                                                                          target_secret):
+    """security.md 40: support reads on the person's row, wherever it shows them (a search, "Show account",
+    the disable form), whether someone is still signed in to the account, from which browser and address,
+    since when and last seen when, as `users export` lists it: an intruder still signed in is seen before
+    anything is decided. Only live sessions (not those past their limits, nor a browser still at the code
+    step, nor anyone else's), last seen first. Support ends none of them here: no sign-out is offered, and the
+    row says what does sign the person out (a disable, whose window lets a known password in again)."""
+    owner = _browser(app, clock, "198.51.100.7", FIREFOX)
+    assert owner.sign_in("carol@example.com", PASSWORD, target_secret).status_code == 302
+    clock.advance(600)
+    intruder = _browser(app, clock, "203.0.113.66", CHROME_ANDROID)
+    intruder.password_step("carol@example.com")
+    assert intruder.code_step(intruder.code(target_secret, 1)).status_code == 302
+    _browser(app, clock, "192.0.2.1", FIREFOX).password_step("carol@example.com")  # at the code step only
+    with app.app_context():  # past the idle limit, not yet purged
+        ServerSession.create(id="e" * 64, user=target.id, ip="192.0.2.99", user_agent=FIREFOX,
+                             created_at=utc(clock.t - 3600), last_seen_at=utc(clock.t - 31 * 60))
+    actor.user("dan@example.com")
+    _browser(app, clock, "192.0.2.2", FIREFOX).password_step("dan@example.com")  # someone else's session
+    clock.advance(60)
+    sign_in_admin(actor, secret)
+    then, later = f"{utc(clock.t - 660):%Y-%m-%d %H:%M}", f"{utc(clock.t - 60):%Y-%m-%d %H:%M}"
+    expected = [f"Chrome on Android from 203.0.113.66: signed in {later} UTC, last seen {later} UTC.",
+                f"Firefox on Windows from 198.51.100.7: signed in {then} UTC, last seen {then} UTC."]
+    pages = {"show account": actor.client.get(f"/support?user={target.id}"),
+             "search": actor.client.get("/support?q=carol", headers=HX),
+             "disable form": actor.client.get(f"/support/users/{target.id}/disable-2fa")}
+    for name, r in pages.items():
+        html = r.get_data(as_text=True)
+        assert r.status_code == 200, name
+        lines, hint = _signed_in_now(html, target.id)
+        assert lines == expected, (name, lines)
+        assert hint == ("Listed to read: support does not sign out one browser. Temporarily disable 2FA signs them "
+                        "out everywhere, but its window then lets their password alone sign in again: if someone "
+                        "else may know it, ask the operator to take the account back instead (README “Someone "
+                        "else got into an account”)."), (name, hint)
+        assert "/sessions/" not in html and "Sign out" not in words(html).replace("Sign out everywhere", ""), name
+    with app.app_context():
+        assert ServerSession.select().where(ServerSession.user == target.id).count() == 3  # nothing ended
+    dan, erin = user_row(app, "dan@example.com"), actor.user("erin@example.com")
+    lines, hint = _signed_in_now(actor.client.get(f"/support?user={dan.id}").get_data(as_text=True), dan.id)
+    assert [line.split(":")[0] for line in lines] == ["Firefox on Windows from 192.0.2.2"]  # no 2FA: signed in
+    assert hint == ("Listed to read: support does not sign out one browser. The operator can take the account "
+                    "back (README “Someone else got into an account”).")
+    assert _signed_in_now(actor.client.get(f"/support?user={erin.id}").get_data(as_text=True), erin.id) == (
+        [], "Not signed in anywhere.")
+
+    # A disable signs the person out everywhere: the row that comes back says so.
+    r = disable(actor, target, headers=HX)
+    assert r.status_code == 200 and _signed_in_now(r.get_data(as_text=True), target.id) == (
+        [], "Not signed in anywhere.")
+    assert intruder.client.get("/settings").status_code == 302
+    # In the window, a sign-in with the password alone is listed, and the row names what ends it.
+    assert intruder.password_step("carol@example.com").status_code == 302
+    lines, hint = _signed_in_now(actor.client.get(f"/support?user={target.id}").get_data(as_text=True), target.id)
+    assert [line.split(":")[0] for line in lines] == ["Chrome on Android from 203.0.113.66"]
+    assert hint == "Listed to read: support does not sign out one browser. End support window now signs them out everywhere."
+
+
+def test_a_row_lists_the_five_sessions_last_seen_and_says_how_many_there_are(app, actor, secret, clock, target):
+    """Someone signed in from many browsers (in a support window the password alone signs in) does not make
+    every row of a search list them all: five, last seen first, and how many there are."""
+    with app.app_context():
+        for i in range(7):
+            ServerSession.create(id=f"{i:064d}", user=target.id, ip=f"203.0.113.{i}", user_agent=CHROME_ANDROID,
+                                 created_at=utc(clock.t - 600), last_seen_at=utc(clock.t - 60 * i))
+    sign_in_admin(actor, secret)
+    lines, hint = _signed_in_now(actor.client.get("/support?q=carol", headers=HX).get_data(as_text=True), target.id)
+    assert [line.split(":")[0] for line in lines] == [f"Chrome on Android from 203.0.113.{i}" for i in range(5)]
+    assert hint.startswith("The 5 last seen of 7 browsers signed in. Listed to read:")
 
 
 def test_disable_form_comes_into_the_row_with_htmx(app, actor, secret, target):

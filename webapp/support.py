@@ -13,7 +13,7 @@ from datetime import date, datetime, timedelta, timezone
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, session, url_for
 from flask_login import current_user
-from peewee import JOIN, SQL, NodeList, fn
+from peewee import JOIN, SQL, NodeList, Select, fn
 from wtforms import BooleanField, DateField, EmailField, HiddenField, SelectField, StringField, TextAreaField
 from wtforms.fields import SelectChoice
 from wtforms.validators import AnyOf, DataRequired, Email, Length, Optional, ValidationError
@@ -23,10 +23,10 @@ from .auth import strip_text
 from .clock import now
 from .db import Param, Prepared, db, for_update, is_sqlite, lock_keys, write_transaction
 from .fields import Form, VisibleText, revealed
-from .models import AuditEvent, Device, SupportRequest, User, normalise_email
+from .models import AuditEvent, Device, ServerSession, SupportRequest, User, normalise_email
 from .security import (audit, client_ip, client_network, client_network_48, contact_browser, count_for_network,
                        is_fresh, network_full_until, revoke_second_factor)
-from .sessions import end_user_sessions
+from .sessions import browser_label, end_user_sessions
 
 bp = Blueprint("support", __name__)
 log = logging.getLogger("twostep")
@@ -943,10 +943,12 @@ class UserRow:
     rendering it in every row was most of a search's cost."""
 
     def __init__(self, user, devices, open_requests, form=None, notice=None, error=None, current=None,
-                 actor_id=None, opened_by=None, end_form=None):
+                 actor_id=None, opened_by=None, end_form=None, sessions=None):
         self.user = user
         self.devices = devices
         self.open_requests = open_requests
+        # Where they are signed in now (live_sessions): whether an intruder still is. Read-only.
+        self.sessions = sessions or LiveSessions()
         # The latest support disable of this person: who, when, why. Shown with their window, and until
         # LAST_DISABLE_SHOWN after the disable once it has closed: someone who got in through a window and set
         # up their own phone leaves an account that looks like any other, and its owner's complaint comes later.
@@ -1034,20 +1036,79 @@ def _open_counts_query(ids):
 
 
 def build_rows(users, forms=None, notices=None, errors=None, end_forms=None):
-    """UserRows for `users` with their devices and open-request counts in two queries (no N+1)."""
+    """UserRows for `users` with their devices, open-request counts and live sessions in three queries (no
+    N+1)."""
     ids = [u.id for u in users]
     devices = {i: [] for i in ids}
     counts = {}
+    current, actor_id = now(), current_user.id  # once per page, not once per row
     if ids:
         for d in _by_ids(Device, _devices_query, ids):
             devices[d.user_id].append(d)
         counts = dict(_by_ids(SupportRequest, _open_counts_query, ids).tuples())
+    sessions = live_sessions(ids, current)
     opened = _windows_opened_by(ids)  # their latest support disables (shown for a while after the window)
     forms, notices, errors, end_forms = forms or {}, notices or {}, errors or {}, end_forms or {}
-    current, actor_id = now(), current_user.id  # once per page, not once per row
     return [UserRow(u, devices[u.id], counts.get(u.id, 0), forms.get(u.id), notices.get(u.id), errors.get(u.id),
-                    current=current, actor_id=actor_id, opened_by=opened.get(u.id), end_form=end_forms.get(u.id))
+                    current=current, actor_id=actor_id, opened_by=opened.get(u.id), end_form=end_forms.get(u.id),
+                    sessions=sessions.get(u.id))
             for u in users]
+
+
+SESSIONS_SHOWN = 5  # a person's live sessions listed in their row, those last seen most recently
+
+
+class LiveSessions(list):
+    """A person's live sessions as their row lists them (at most SESSIONS_SHOWN), with `total`: how many they
+    have, more than listed when someone signed in from many browsers."""
+
+    total = 0
+
+
+def live_sessions(ids, current):
+    """The live sessions (signed in, not past their idle or absolute limit: as User Settings lists them) of
+    the people `ids`, as {person id: LiveSessions}, each {signed_in, last_seen, ip, browser}, last seen first.
+    One query for the page. Read-only: support sees whether someone, an intruder perhaps, is still signed in,
+    and ends nothing here (its disable and early end sign the person out everywhere; the operator's `users
+    disable` takes the account back). Each person's are counted and ranked in the database, so a person
+    signed in from thousands of browsers (during a support window the password alone signs in) costs the page
+    a count, not thousands of rows."""
+    if not ids:
+        return {}
+    cfg = current_app.config
+    idle, absolute = cfg["SESSION_IDLE_TIMEOUT"], cfg["SESSION_ABSOLUTE_TIMEOUT"]
+    prepared = _LIVE_SESSIONS.get(len(ids))
+    if prepared is None:  # compiled once per number of people (a search page has up to PER_PAGE)
+        prepared = _LIVE_SESSIONS[len(ids)] = Prepared(functools.partial(_live_sessions_query, len(ids)))
+    rows = prepared.values(**{f"id{i}": person for i, person in enumerate(ids)}, shown=SESSIONS_SHOWN,
+                           idle_after=current - idle, idle_before=current + idle,
+                           created_after=current - absolute, created_before=current + absolute)
+    found, t = {}, ServerSession
+    for user_id, created_at, last_seen_at, ip, user_agent, total in rows:
+        listed = found.setdefault(user_id, LiveSessions())
+        listed.total = total
+        listed.append({"signed_in": t.created_at.python_value(created_at),
+                       "last_seen": t.last_seen_at.python_value(last_seen_at), "ip": ip,
+                       "browser": browser_label(user_agent)})
+    return found
+
+
+_LIVE_SESSIONS = {}
+
+
+def _live_sessions_query(count):
+    """live_sessions' query for `count` people (Params id0, id1, ...): each one's live sessions ranked by when
+    last seen and counted, of which the first `shown` are returned."""
+    t = ServerSession
+    place = fn.ROW_NUMBER().over(partition_by=[t.user], order_by=[t.last_seen_at.desc(), t.created_at.desc(), t.id])
+    live = t.select(t.user, t.created_at, t.last_seen_at, t.ip, t.user_agent, place.alias("place"),
+                    fn.COUNT(t.id).over(partition_by=[t.user]).alias("total")).where(
+        t.user.in_([Param(f"id{i}") for i in range(count)]),
+        t.last_seen_at.between(Param("idle_after"), Param("idle_before")),
+        t.created_at.between(Param("created_after"), Param("created_before"))).alias("live")
+    return (Select([live], [live.c.user_id, live.c.created_at, live.c.last_seen_at, live.c.ip, live.c.user_agent,
+                            live.c.total])
+            .where(live.c.place <= Param("shown")).order_by(live.c.user_id, live.c.place))
 
 
 def _windows_opened_by(ids):
