@@ -207,8 +207,12 @@ def create_app(test_config=None):
         """For a load balancer or a service monitor (README "Deployment"): "ok" while this process can serve
         sign-ins, the 503 page while its database cannot (the error handler logs why). No session is read
         or made: the checker sends no cookie, and a session row per probe would fill the table."""
-        db_module.check_health()
-        return "ok\n", 200, {"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store"}
+        after = db_module.check_health()
+        response = app.response_class("ok\n", 200, {"Content-Type": "text/plain; charset=utf-8",
+                                                     "Cache-Control": "no-store"})
+        if after is not None:  # the SQLite file's whole check, due: the answer goes out first
+            response.call_on_close(after)
+        return response
 
     _startup_notices(app)
     return app

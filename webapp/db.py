@@ -1,6 +1,7 @@
 """Database: one peewee proxy, opened from DATABASE_URL, a connection kept per thread, tables created on
 start, and Prepared queries for the paths every request takes."""
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -109,23 +110,24 @@ def check_health():
     read of the accounts table (a DATABASE_URL naming an empty database, or one the role may not read,
     fails), on SQLite reads as a sound file (_check_sqlite_file), and, on PostgreSQL, takes writes (a standby
     not yet promoted, or a database set read-only for maintenance, answers reads only: every sign-in would
-    fail there)."""
+    fail there). Returns what to run once the answer has gone out (the SQLite file's whole check, when it is
+    due), or None."""
     from .models import AuditEvent, User
 
+    after = None
     try:
         User.select(User.id).limit(1).execute()
         if is_sqlite():
-            _check_sqlite_file(skip_full=(AuditEvent._meta.table_name,))
+            after = _check_sqlite_file(skip_full=(AuditEvent._meta.table_name,))
         read_only = not is_sqlite() and db.execute_sql(
             "SELECT current_setting('transaction_read_only')").fetchone()[0] == "on"
     except (OperationalError, InterfaceError):
+        if not is_sqlite():
+            db.close()  # a connection that lost its server is not kept for the next request
         raise
-    except DatabaseError as exc:  # PostgreSQL: no such table, no right to read it (ProgrammingError)
-        raise _outage(getattr(exc, "orig", None) or exc) from exc
     if read_only:
-        from psycopg.errors import ReadOnlySqlTransaction
-
         raise _outage(ReadOnlySqlTransaction("the database takes no writes (transaction_read_only is on)"))
+    return after
 
 
 def is_damaged(exc):
@@ -139,23 +141,27 @@ def is_damaged(exc):
 class _FileCheck:
     """What /healthz reads of an SQLite file to find it damaged where sign-ins would hit it (README "Health
     check"), at a cost a probe every few seconds can afford on a file of gigabytes. A whole PRAGMA
-    quick_check reads every page: 0.6 to 1 s for a file of 700 MB on the project machine, in the worker that
-    answers the probe. So:
+    quick_check reads every page: 0.6 to 1 s for a file of 700 MB on the project machine. So:
 
     - at every probe, the schema and both ends of every table and index: each read goes from the root
       page down to the first or last leaf, where the newest rows are added (under a millisecond in all);
     - once every SECONDS per process, PRAGMA quick_check of every table with its indexes, but the tables
       in `skip_full` (the audit log: the bulk of the file, append-only, so its ends are what a sign-in
-      writes): 0.25 s with 600,000 accounts and 200,000 sessions. Only a check that passed is trusted
-      for SECONDS: one that failed runs again at the next probe, so a repaired file is healthy at once."""
+      writes): 0.25 s with 600,000 accounts and 200,000 sessions. It runs after a probe's answer has gone
+      out (the probe answers at once: a balancer gives up on a slow answer and takes a sound server out of
+      use), and the damage it finds is what the next probe answers. That probe checks again before it
+      answers: a file put right is healthy at once. Only a check that passed is trusted for SECONDS."""
 
     SECONDS = 60.0
 
     def __init__(self):
         self.passed = {}  # database path -> time.monotonic() of the last full check that found nothing
+        self.damage = {}  # database path -> the outage the last full check found
         self.reads = {}  # (database path, schema version) -> _end_reads()
 
     def __call__(self, skip_full=()):
+        """Read the ends; raise the damage the last full check found if it is still there; return the full
+        check to run after the answer when one is due, else None."""
         path = db.obj.database
         version = db.execute_sql("PRAGMA schema_version").fetchone()[0]
         reads = self.reads.get((path, version))
@@ -163,18 +169,45 @@ class _FileCheck:
             reads = self.reads[(path, version)] = _end_reads()  # reads the whole schema
         for what, sql in reads:
             _read(what, sql)
-        if _monotonic() - self.passed.get(path, float("-inf")) < self.SECONDS:
-            return
+        if path in self.damage:
+            self.full(skip_full)  # raises while the damage is there
+        elif _monotonic() - self.passed.get(path, float("-inf")) >= self.SECONDS:
+            return functools.partial(self._after_answer, skip_full)
+        return None
+
+    def full(self, skip_full):
+        """quick_check every table but those in `skip_full`: the outage raised (and kept for the next probe) at
+        the first damage found, else the time noted."""
+        path = db.obj.database
         tables = [name for (name,) in db.execute_sql(
             "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name") if name not in skip_full]
-        for table in tables:
-            # What is wrong comes after a line naming the database ("*** in database main ***").
-            what = f"PRAGMA quick_check of table {table}"
-            found = [line for (row,) in _read(what, f'PRAGMA quick_check("{table}")')
-                     for line in row.splitlines() if not line.startswith("***")]
-            if found != ["ok"]:
-                raise _outage(sqlite3.DatabaseError(f"{what}: {found[0] if found else 'failed'}"))
+        try:
+            for table in tables:
+                # What is wrong comes after a line naming the database ("*** in database main ***").
+                what = f"PRAGMA quick_check of table {table}"
+                found = [line for (row,) in _read(what, f'PRAGMA quick_check("{table}")')
+                         for line in row.splitlines() if not line.startswith("***")]
+                if found != ["ok"]:
+                    raise _outage(sqlite3.DatabaseError(f"{what}: {found[0] if found else 'failed'}"))
+        except OperationalError as exc:
+            self.damage[path] = exc
+            raise
+        self.damage.pop(path, None)
         self.passed[path] = _monotonic()
+
+    def _after_answer(self, skip_full):
+        """The full check, once the probe's answer has gone out: what it finds waits for the next probe. On the
+        connection of the request, or its own if the request closed it."""
+        connect_here = db.is_closed()
+        try:
+            if connect_here:
+                db.connect()
+            self.full(skip_full)
+        except (OperationalError, InterfaceError):
+            pass  # kept in self.damage when it was damage; an outage shows at the next probe anyway
+        finally:
+            if connect_here and not db.is_closed():
+                db.close()
 
 
 def _read(what, sql):
