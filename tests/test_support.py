@@ -2700,3 +2700,26 @@ def test_a_support_action_after_the_operator_took_the_admin_out_is_refused(app, 
     assert r.status_code == 403 and "can no longer take support actions" in r.get_data(as_text=True)
     assert count(app, Device, Device.user == carol.id) == 1
     assert count(app, AuditEvent, AuditEvent.kind == "support_tfa_disabled") == 0
+
+
+def test_what_an_admin_wrote_is_shown_with_its_hidden_characters_as_escapes(app, actor, secret, clock, target):
+    """security.md 42: support's reasons take right-to-left marks and zero-width characters (real
+    text carries them), and the row and the audit log showed them as written: a reason that read "Verified by
+    ID" to the next admin could hold text or a reordering they did not see. Both now show them as escapes in
+    a box, as a contact message's are (fields.revealed); the audit record keeps what was typed."""
+    sign_in_admin(actor, secret)
+    reason = "Verified\u200b by ID\u200f call"
+    assert disable(actor, target, reason=reason).status_code == 302
+    with app.app_context():
+        assert AuditEvent.get(AuditEvent.kind == "support_tfa_disabled").details["reason"] == reason
+    box = '<code class="hidden-char" dir="ltr">{}</code>'.format
+    row = actor.client.get(f"/support?user={target.id}").get_data(as_text=True)
+    assert "Verified" + box(r"\u200b") + " by ID" + box(r"\u200f") + " call" in row
+    clock.advance(60)
+    assert end_window(actor, target, reason="Owner\u200b called").status_code == 302
+    row = actor.client.get(f"/support?user={target.id}").get_data(as_text=True)
+    assert "Owner" + box(r"\u200b") + " called" in row
+    log = actor.client.get(f"/support/audit?email={target.email}").get_data(as_text=True)
+    assert "Verified" + box(r"\u200b") + " by ID" + box(r"\u200f") + " call" in log
+    assert "Owner" + box(r"\u200b") + " called" in log
+    assert not [c for c in row + log if c in "\u200b\u200f"]
