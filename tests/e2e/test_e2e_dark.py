@@ -154,3 +154,63 @@ def test_support_pages_in_dark(new_page, server):
     expect_signed_in(page)
     expect(page.get_by_role("link", name="Set up a new device")).to_be_visible()
     assert_dark_and_readable(page, "User Settings with support's banner")
+
+
+def test_the_other_pages_in_dark(new_page, server, tmp_path):
+    """The pages the tests above do not reach: first-run setup, Confirm it's you, Change password (and its
+    errors), the idle warning, the wizard as a full page without JavaScript (the QR code kept light there too),
+    and hidden characters shown in their boxes on the Support page."""
+    from datetime import datetime, timedelta, timezone
+
+    from test_e2e_support import PERSON
+    from webapp.clock import now
+    from webapp.models import SupportRequest
+
+    page = dark_page(new_page)
+    page.goto("/setup")
+    expect(page.get_by_role("heading", level=1)).to_be_visible()
+    assert_dark_and_readable(page, "first-run setup")
+
+    server.user("fay@example.com")
+    page.clock.install()
+    log_in(page, "fay@example.com")
+    expect_signed_in(page)
+    server.age_sign_ins()
+    page.goto("/reauth")
+    expect(page.get_by_label("Password", exact=True)).to_be_visible()
+    assert_dark_and_readable(page, "Confirm it's you")
+    server.age_sign_ins(-11)
+    page.goto("/settings")
+    follow(page, page.get_by_role("link", name="Change password", exact=True))
+    expect(page.get_by_role("heading", name="Change password", level=1)).to_be_visible()
+    assert_dark_and_readable(page, "Change password")
+    page.get_by_label("New password", exact=True).fill("short")
+    follow(page, page.get_by_role("button", name="Change password", exact=True))
+    expect(page.get_by_label("New password", exact=True)).to_have_attribute("aria-invalid", "true")
+    assert_dark_and_readable(page, "Change password with errors")
+    loaded = datetime.fromtimestamp(page.evaluate("Date.now()") / 1000, tz=timezone.utc)
+    page.clock.pause_at(loaded + timedelta(minutes=28, seconds=5))
+    expect(page.get_by_role("button", name="Stay signed in", exact=True)).to_be_visible()
+    assert_dark_and_readable(page, "the idle warning")
+
+    plain = new_page(color_scheme="dark", java_script_enabled=False)
+    server.user("gus@example.com")
+    log_in(plain, "gus@example.com")
+    expect_signed_in(plain)
+    follow(plain, gear(plain))
+    expect(plain.get_by_role("heading", name="Two-Factor Authentication", level=1)).to_be_visible()
+    assert_dark_and_readable(plain, "the wizard's first step as a page")
+    follow(plain, plain.get_by_role("button", name="Next", exact=True))
+    qr = qr_image(plain)
+    expect(qr).to_be_visible()
+    assert parse_otpauth(assert_qr_dark_on_light(qr, tmp_path / "qr-page.png"))["secret"]
+    assert_dark_and_readable(plain, "the wizard's QR step as a page")
+
+    server.user(PERSON)
+    server.query(lambda: SupportRequest.create(email=PERSON, message="Lost my\u200b phone \u200fplease",
+                                               created_at=now(), ip="127.0.0.1"))
+    admin = dark_page(new_page)
+    sign_in_admin(admin, server)
+    follow(admin, admin.get_by_role("navigation").get_by_role("link", name="Support", exact=True))
+    expect(admin.locator(".hidden-char").first).to_be_visible()
+    assert_dark_and_readable(admin, "Support with hidden characters in their boxes")
