@@ -122,10 +122,12 @@ def check_health():
         read_only = not is_sqlite() and db.execute_sql(
             "SELECT current_setting('transaction_read_only')").fetchone()[0] == "on"
     except (OperationalError, InterfaceError):
-        if not is_sqlite():
-            db.close()  # a connection that lost its server is not kept for the next request
         raise
+    except DatabaseError as exc:  # PostgreSQL: no such table, no right to read it (ProgrammingError)
+        raise _outage(getattr(exc, "orig", None) or exc) from exc
     if read_only:
+        from psycopg.errors import ReadOnlySqlTransaction
+
         raise _outage(ReadOnlySqlTransaction("the database takes no writes (transaction_read_only is on)"))
     return after
 
@@ -592,6 +594,7 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fi
                 existing = database.table_exists(models[0]._meta.table_name)
                 with database.atomic():  # the column and its fill together (DDL is transactional here)
                     added = _add_columns(database, added_columns, fill_values)
+                _check_columns(database, models, set(database.get_tables()))
                 _create_missing(database, models)  # after the columns: their indexes need them
                 _drop_obsolete(database, obsolete_indexes)  # before _widen_ids, which would rewrite them too
                 _widen_ids(database, models)
@@ -611,6 +614,7 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fi
         else:
             with database.atomic("IMMEDIATE"):  # writing first: processes that add a column take turns
                 added = _add_columns(database, added_columns, fill_values)
+            _check_columns(database, models, set(database.get_tables()))
             rebuilt = _never_reuse_ids(database, models, used_ids or {})
             _say_building(database, models)
             database.create_tables(models, safe=True)  # SQLite's own lock serialises creators
@@ -672,12 +676,16 @@ def _missing(database, name):
     return database.execute_sql("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).fetchone() is None
 
 
-def _check_columns(database, models):
+def _check_columns(database, models, existing=None):
     """Stop the start (ConfigError) when a table lacks a column this version reads: a database made by a
     version whose change no upgrade step covers. It started, and every request that read the column answered
-    503 "cannot reach our database" (an operator's upgrade from a checkout of 2026-11-28)."""
+    503 "cannot reach our database" (an operator's upgrade from a checkout of 2026-11-28). With `existing`
+    (the tables there), only those are checked: before the indexes are made, which on such a column would
+    fail on PostgreSQL with a bare "column does not exist" and on SQLite be made on the column's name as a
+    constant text."""
     with database.connection_context():
         missing = [f"{model._meta.table_name}.{field.column_name}" for model in models
+                   if existing is None or model._meta.table_name in existing
                    for have in [{c.name for c in database.get_columns(model._meta.table_name)}]
                    for field in model._meta.sorted_fields if field.column_name not in have]
     if missing:
