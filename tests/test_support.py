@@ -2128,6 +2128,19 @@ def test_characters_that_show_nothing_are_shown_as_escapes_on_the_support_page(a
     assert not [c for c in shown if unicodedata.category(c) == "Cf" or 0xE0000 <= ord(c) <= 0xE0FFF]
 
 
+def test_line_breaks_of_an_older_message_are_line_breaks_not_escapes(app, actor, secret):
+    """A review of fields.revealed: a message stored before the form turned a browser's CRLF line breaks into
+    newlines (2026-12-05) holds a carriage return at every line end. HTML shows CRLF and CR as one line break,
+    as the page did before; revealed showed each as a boxed \\r, on every line of every older message."""
+    with app.app_context():
+        SupportRequest.create(email="old@example.com", message="Lost my phone.\r\nPlease help.\rThanks\u200b")
+    sign_in_admin(actor, secret)
+    page = _open_part(actor.client.get("/support").get_data(as_text=True))
+    assert ('<p class="request-message">Lost my phone.\nPlease help.\nThanks'
+            '<code class="hidden-char" dir="ltr">\\u200b</code></p>') in page
+    assert "\\r" not in page and "\r" not in page
+
+
 def test_request_cards_show_the_numbers_the_audit_log_gives_and_where_a_forgotten_password_goes(app, actor,
                                                                                                   secret, target):
     """A support walkthrough: the audit log says "Request numbers: 2, 5" for a disable that closed requests,

@@ -213,6 +213,10 @@ def revealed(text):
     emoji ("👩\\u200d💻", "❤\\ufe0f"), Persian and Mongolian spelling, and the flags of _FLAGS."""
     if text is None:
         return Markup("")
+    # A line break as a browser sent it (CRLF, or a lone CR) is a line break, not a hidden character: messages
+    # stored before the form made them plain newlines (support.text_lines, 2026-12-05) hold one at every line
+    # end, and HTML shows either as one break.
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     parts, pos, base = [], 0, -1
     for match in _hidden_pattern().finditer(text):
         start, run = match.start(), match.group()
