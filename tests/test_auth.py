@@ -35,6 +35,14 @@ def signed_in(client):
 
 # ------------------------------------------------------------------ password step
 
+def reauth_refused(actor, url, data):
+    """Send "Confirm it's you" with `data`; a refusal answers 303 to the form's own page (GET), which shows it:
+    that page's response."""
+    r = actor.post_form(url, data)
+    assert r.status_code == 303 and r.headers["Location"] == url, r.headers.get("Location")
+    return actor.client.get(r.headers["Location"])
+
+
 def test_login_page_has_the_visible_names(actor):
     actor.user()
     html = actor.client.get("/login").get_data(as_text=True)
@@ -886,7 +894,7 @@ def test_a_refused_code_comes_back_as_an_empty_field(actor, app, secret, code):
     actor.clock.advance(2)
     actor.code_step(actor.code(secret))
     actor.clock.advance(11 * 60)
-    html = actor.post_form("/reauth", {"password": PASSWORD, "code": code}).get_data(as_text=True)
+    html = reauth_refused(actor, "/reauth", {"password": PASSWORD, "code": code}).get_data(as_text=True)
     [field] = re.findall(r'<input[^>]*name="code"[^>]*>', html)
     assert 'value=""' in field and code not in field and ("That code is not valid" in html or "6-digit" in html)
 
@@ -1454,8 +1462,10 @@ def test_confirm_clicked_twice_or_reached_again_by_back_goes_on_instead_of_askin
     assert first.status_code == 302 and first.headers["Location"] == "/settings/password"
     second = actor.client.post("/reauth?next=/settings/password", data=form)  # the old page's token
     assert second.status_code == 302 and second.headers["Location"] == "/settings/password"
-    back = actor.client.get("/reauth?next=/settings/password")
-    assert back.status_code == 302 and back.headers["Location"] == "/settings/password"
+    # Back to the form: it says that it is done, with the way on, and asks for nothing (no field, no button).
+    back = actor.client.get("/reauth?next=/settings/password").get_data(as_text=True)
+    assert "You have confirmed it's you." in back and '<a href="/settings/password">Go back to where you were</a>' \
+        in back and 'name="password"' not in back and "Confirm</button>" not in back
     assert user_row(app).code_failures == 0
     with app.app_context():
         assert AuditEvent.select().where(AuditEvent.kind == "reauthenticated").count() == 1
@@ -1545,9 +1555,10 @@ def test_reauth_with_a_malformed_code_focuses_the_code_not_the_password(actor, s
     actor.user(secret=secret)
     actor.sign_in(secret=secret)
     actor.clock.advance(11 * 60)
-    r = actor.post_form("/reauth", {"password": PASSWORD, "code": "1" * 40})
+    r = reauth_refused(actor, "/reauth", {"password": PASSWORD, "code": "1" * 40})
     focused = re.findall(r"<input[^>]*\bautofocus\b[^>]*>", r.get_data(as_text=True))
     assert r.status_code == 400 and len(focused) == 1 and 'name="code"' in focused[0]
+    assert 'value="1111' not in r.get_data(as_text=True)  # what was typed is not kept, nor shown
 
 
 def test_reauth_with_a_wrong_password_says_so_without_mentioning_an_email_address(actor, app, secret):
@@ -1555,7 +1566,7 @@ def test_reauth_with_a_wrong_password_says_so_without_mentioning_an_email_addres
     actor.user(secret=secret)
     actor.sign_in(secret=secret)
     actor.clock.advance(11 * 60)
-    r = actor.post_form("/reauth?next=/settings/2fa", {"password": "not my password", "code": actor.code(secret)})
+    r = reauth_refused(actor, "/reauth?next=/settings/2fa", {"password": "not my password", "code": actor.code(secret)})
     body = r.get_data(as_text=True)
     assert r.status_code == 200 and "Incorrect password." in body and "Incorrect email address" not in body
     with app.app_context():
@@ -1569,17 +1580,43 @@ def test_confirm_its_you_answers_429_while_the_password_or_the_code_waits(actor,
     actor.user(secret=secret)
     actor.sign_in(secret=secret)
     actor.clock.advance(11 * 60)
-    r = actor.post_form("/reauth", {"password": "not my password", "code": actor.code(secret)})
+    r = reauth_refused(actor, "/reauth", {"password": "not my password", "code": actor.code(secret)})
     assert r.status_code == 200 and "Incorrect password." in r.get_data(as_text=True)
-    r = actor.post_form("/reauth", {"password": PASSWORD, "code": actor.code(secret)})  # within the 1 s pause
+    r = reauth_refused(actor, "/reauth", {"password": PASSWORD, "code": actor.code(secret)})  # within the 1 s pause
     assert r.status_code == 429 and "Too many failed attempts. Try again in" in r.get_data(as_text=True)
     actor.clock.advance(60)
-    r = actor.post_form("/reauth", {"password": PASSWORD, "code": WRONG if actor.code(secret) != WRONG else "111111"})
+    r = reauth_refused(actor, "/reauth", {"password": PASSWORD, "code": WRONG if actor.code(secret) != WRONG else "111111"})
     assert r.status_code == 200 and "Incorrect password." not in r.get_data(as_text=True)
-    r = actor.post_form("/reauth", {"password": PASSWORD, "code": actor.code(secret)})  # the code's pause
+    r = reauth_refused(actor, "/reauth", {"password": PASSWORD, "code": actor.code(secret)})  # the code's pause
     assert r.status_code == 429 and "This code was not checked" in r.get_data(as_text=True)
     with app.app_context():
         assert AuditEvent.select().where(AuditEvent.kind == "reauthenticated").count() == 0
+
+
+def test_a_refused_confirmation_is_said_once_on_its_own_page_and_keeps_nothing_typed(actor, app, secret):
+    """"Confirm it's you" answers a refusal with a 303 to its own page (Post/Redirect/Get), so Reload and Back
+    send no password or code again (each resend was one more failure). That page says the refusal once; the
+    form of another page, or one opened a minute later, starts clean. No password or code is kept."""
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    actor.clock.advance(11 * 60)
+    r = actor.post_form("/reauth?next=/settings", {"password": "not my password", "code": actor.code(secret)})
+    assert r.status_code == 303 and r.headers["Location"] == "/reauth?next=/settings"
+    with app.app_context():
+        kept = json.dumps(ServerSession.select().where(ServerSession.user.is_null(False)).get().load())
+    assert "not my password" not in kept and actor.code(secret) not in kept
+    assert "Incorrect password." in actor.client.get("/reauth?next=/settings").get_data(as_text=True)
+    again = actor.client.get("/reauth?next=/settings").get_data(as_text=True)  # Reload
+    assert "Incorrect password." not in again and 'name="password"' in again
+    actor.clock.advance(2)
+    actor.post_form("/reauth?next=/settings", {"password": "not my password", "code": actor.code(secret)})
+    assert "Incorrect password." not in actor.client.get("/reauth?next=/support").get_data(as_text=True)
+    actor.clock.advance(2)
+    actor.post_form("/reauth?next=/settings", {"password": "not my password", "code": actor.code(secret)})
+    actor.clock.advance(61)
+    assert "Incorrect password." not in actor.client.get("/reauth?next=/settings").get_data(as_text=True)
+    with app.app_context():
+        assert AuditEvent.select().where(AuditEvent.kind == "password_rejected").count() == 3
 
 
 def test_the_fifth_wrong_code_locks_for_minutes_and_is_recorded_then(app, clock, secret):

@@ -2,7 +2,7 @@
 import hashlib
 import hmac
 import secrets
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, session, url_for
@@ -680,6 +680,13 @@ def _without_dialog(url):
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
+# A refused "Confirm it's you", kept for the page its 303 leads to (reauth): the error and the fields' errors,
+# never what was typed (the password is not kept anywhere, and a refused code comes back empty anyway).
+_REAUTH_REFUSED = "reauth_refused"
+# Long enough for the redirect that follows the refusal at once; an older one is from a page left meanwhile.
+_REAUTH_REFUSED_TTL = 60
+
+
 @bp.route("/reauth", methods=["GET", "POST"])
 @login_required
 def reauth():
@@ -689,13 +696,20 @@ def reauth():
     needs_code = user.has_2fa
     error, status = None, 200
     next_url = safe_next(request.args.get("next"))
+    refused = session.pop(_REAUTH_REFUSED, None) if request.method == "GET" else None
     if is_fresh():
-        # Confirmed already: by a second click on Confirm (its code is used up by the first), or Back to this
-        # page. Asking again would cost a new code and count the used one as a failure. Back (a GET) does not
-        # open the gear's dialog once more: pressed after the wizard was done, it showed step 1 again (a
-        # history review).
-        if request.method == "GET" and next_url:
-            next_url = _without_dialog(next_url)
+        if request.method == "GET":
+            # Back to this page after confirming (or a reload of it): it says that it is done and where to go
+            # on, without asking again (that would cost a new code, and count the used one as a failure). It
+            # redirected to `next` instead, the page the person had just come back from: Back seemed to do
+            # nothing (a history review without JavaScript). The link does not open the gear's dialog once
+            # more: pressed after the wizard was done, it showed step 1 again (a history review).
+            return render_template("auth/reauth.html", form=None, confirmed=True, error=None, needs_code=needs_code,
+                                   next_url=_without_dialog(next_url) if next_url else url_for("settings.index"),
+                                   fresh_until=datetime.fromtimestamp(
+                                       float(session["auth_at"]) + current_app.config[
+                                           "FRESH_LOGIN_WINDOW"].total_seconds(), timezone.utc).replace(tzinfo=None))
+        # A second click on Confirm (its code is used up by the first): on to the page, as the first went.
         return redirect(next_url or url_for("settings.index"))
     if request.method == "POST":
         if not form.validate_on_submit():
@@ -706,7 +720,6 @@ def reauth():
                 result = check_user_code(user, form.code.data or "")
                 if not result:
                     error = code_error(result)
-                    form.code.raw_data, form.code.data = [], ""  # refused: the field comes back empty
             if error is None:
                 session.rotate(keep_enrolment=True)  # a new session id whenever someone proves who they are
                 session["auth_at"] = timestamp()
@@ -718,6 +731,20 @@ def reauth():
                     return redirect(login_notice_url("session-ended"))
                 return redirect(next_url or url_for("settings.index"))
             status = refusal_status(error, 200)
+        # Post/Redirect/Get for a refusal too: the page that says it is a GET, so Reload does not send the
+        # password and code again (each resend counted as one more failure, towards the code lock), and Back
+        # after confirming does not land on "Confirm Form Resubmission" (a history review without JavaScript).
+        session[_REAUTH_REFUSED] = {"at": timestamp(), "next": next_url, "status": status,
+                                    "error": str(error) if error else None,
+                                    "fields": {f.name: list(f.errors) for f in (form.password, form.code) if f.errors}}
+        return redirect(url_for("auth.reauth", next=next_url), 303)
+    if refused and refused.get("next") == next_url and not expired(refused.get("at", 0), _REAUTH_REFUSED_TTL,
+                                                                   timestamp()):
+        # The page a refusal led to: its words, the fields' errors (the focus goes to the first field with one)
+        # and its status (429 while a wait is on, as on every page that says one).
+        error, status = refused["error"], refused["status"]
+        for name, errors in refused["fields"].items():
+            getattr(form, name).errors = errors
     return render_template("auth/reauth.html", form=form, error=error, needs_code=needs_code,
                            next_url=next_url), status
 

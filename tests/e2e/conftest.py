@@ -136,6 +136,15 @@ def cached_page(browser_with_back_forward_cache, server, console_watch):
 
 
 @pytest.fixture
+def cached_nojs_page(browser_with_back_forward_cache, server, console_watch):
+    """A page of a browser with the back/forward cache on and JavaScript off: Back and Reload as such a
+    browser does them, with plain links and forms."""
+    ctx = _context(browser_with_back_forward_cache, server, java_script_enabled=False)
+    yield console_watch.attach(ctx.new_page())
+    ctx.close()
+
+
+@pytest.fixture
 def nojs_page(new_page):
     """A browser with JavaScript switched off: everything must work with plain links and forms."""
     return new_page(java_script_enabled=False)

@@ -1,7 +1,7 @@
 """Back and Forward in a browser that keeps pages in its back/forward cache, as the browsers people use do
 (Playwright's own launch turns that cache off, so the rest of the suite never meets it)."""
-from browser_kit import oathtool_code, random_secret
-from journey import enter_code, expect, expect_code_step, expect_signed_in, log_in
+from browser_kit import PASSWORD, next_step_code, oathtool_code, random_secret
+from journey import enter_code, expect, expect_code_step, expect_signed_in, follow, log_in
 
 PERSON = "bob@example.com"
 
@@ -48,3 +48,69 @@ def test_back_to_a_signed_in_page_while_the_session_lasts_shows_it_as_it_is_now(
     page.go_back(wait_until="commit")  # a page from the cache fires no load event
     expect_signed_in(page)
     expect(page.get_by_role("main")).to_contain_text("Tablet added meanwhile")
+
+
+def stale_on_settings_with_another_browser(page, server, new_page):
+    """Signed in here (code from the Tablet) and in another browser (the Phone), on User Settings, with the
+    sign-in here no longer fresh: "Sign out everywhere else" asks "Confirm it's you" first."""
+    phone, tablet = random_secret(), random_secret()
+    server.user(PERSON, devices={"Phone": phone, "Tablet": tablet})
+    other = new_page()
+    log_in(other, PERSON)
+    enter_code(other, oathtool_code(phone))
+    expect_signed_in(other)
+    log_in(page, PERSON)
+    enter_code(page, oathtool_code(tablet))
+    expect_signed_in(page)
+    server.age_sign_ins()
+    return phone
+
+
+def refusals(server, kind):
+    """How many refusals of this kind the person's record holds (each one counts towards a lock)."""
+    from webapp.models import AuditEvent
+
+    return server.query(lambda: AuditEvent.select().where(AuditEvent.kind == kind).count())
+
+
+def test_back_after_confirming_it_is_you_without_javascript_shows_each_step_and_no_resubmission(
+        cached_nojs_page, server, new_page):
+    """A history review without JavaScript: after a wrong password on "Confirm it's you" and then the right one,
+    Back landed on "Confirm Form Resubmission" (the refusal was the answer to a POST), and Reload of the refusal
+    sent the password again, one more failure counted. Now the refusal is a page of its own (a 303 after the
+    POST): Reload shows the form again and counts nothing, and Back goes through Confirm it's you, which says
+    it is done and asks for nothing, to User Settings as it was before."""
+    page = cached_nojs_page
+    phone = stale_on_settings_with_another_browser(page, server, new_page)
+    follow(page, page.get_by_role("button", name="Sign out everywhere else", exact=True))
+    expect(page.get_by_role("heading", name="Confirm it's you", exact=True)).to_be_visible()
+    page.get_by_label("Password", exact=True).fill("not the password")
+    page.get_by_label("Verification code", exact=True).fill(oathtool_code(phone))
+    follow(page, page.get_by_role("button", name="Confirm", exact=True))
+    expect(page.get_by_role("alert")).to_have_text("Incorrect password.")
+    password = page.get_by_label("Password", exact=True)
+    expect(password).to_be_focused()
+    expect(password).to_have_accessible_description("Incorrect password.")
+    assert refusals(server, "password_rejected") == 1
+    page.reload()
+    expect(page.get_by_label("Password", exact=True)).to_be_visible()
+    expect(page.get_by_role("alert")).to_have_count(0)
+    assert refusals(server, "password_rejected") == 1  # nothing was sent again
+    page.wait_for_timeout(1100)  # the pause after a wrong password (this browser's own)
+    page.get_by_label("Password", exact=True).fill(PASSWORD)
+    page.get_by_label("Verification code", exact=True).fill(next_step_code(phone))
+    follow(page, page.get_by_role("button", name="Confirm", exact=True))
+    expect_signed_in(page)
+    for _ in range(2):  # the form's page, and the one that said the refusal
+        page.go_back()
+        expect(page.get_by_role("heading", name="Confirm it's you", exact=True)).to_be_visible()
+        expect(page.get_by_text("You have confirmed it's you.")).to_be_visible()
+        expect(page.get_by_label("Password", exact=True)).to_have_count(0)
+    page.go_back()
+    expect_signed_in(page)  # where the button was pressed
+    page.go_forward(wait_until="commit")  # a page from the cache fires no load event
+    follow(page, page.get_by_role("link", name="Go back to where you were", exact=True))
+    expect_signed_in(page)
+    follow(page, page.get_by_role("button", name="Sign out everywhere else", exact=True))  # no asking now
+    expect(page.get_by_text("Signed out on 1 other browser.")).to_be_visible()
+    assert refusals(server, "password_rejected") == 1 and refusals(server, "reauthenticated") == 1
