@@ -13,6 +13,7 @@ from webapp.support import KIND_LABELS, detail_text, event_text, security_activi
 from webapp.totp import new_secret
 
 from .conftest import PASSWORD, csrf_from, record_statements
+from .test_devices import HX
 from .test_support import ADMIN, disable, end_window, second_client, sign_in_admin, utc
 
 WHAT = '<td role="cell" data-label="What happened">'  # the audit table's "What happened" cell
@@ -672,6 +673,41 @@ def test_activity_names_the_browser_of_each_sign_in_and_shows_more_on_request(ap
                             headers={"HX-Request": "true", "HX-Current-URL": shown})
         html = r.get_data(as_text=True).split('id="security-activity"')[1].split("</section>")[0]
         assert r.status_code == 200 and html.count("<li><time") == count, shown
+
+
+def test_an_action_on_the_longer_activity_comes_back_to_it_with_or_without_javascript(app, actor, secret, clock):
+    """A history review without JavaScript: with "Show more events" open, an action on User Settings (a device
+    renamed, a browser signed out) came back to the ten latest events, and so did one that asked "Confirm it's
+    you" first. The page's forms carry the list's view in their addresses and their answers lead back to it;
+    htmx's rename, whose address carries the device's `added`, now sends the section back long too (it read
+    that address, not the page's). The page of ten events keeps plain addresses."""
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    with app.app_context():
+        for _ in range(15):
+            clock.advance(60)
+            audit("signout", user=User.get(User.email == "alice@example.com"))
+    plain = actor.client.get("/settings").get_data(as_text=True)
+    assert re.search(r'action="/settings/devices/1/rename\?added=\d+"', plain) \
+        and plain.count("activity=more") == 1  # the link "Show more events" only
+    page = actor.client.get("/settings?activity=more").get_data(as_text=True)
+    [rename] = re.findall(r'action="(/settings/devices/1/rename[^"]*)"', page)
+    rename = unescape(rename)
+    assert "activity=more" in rename and "added=" in rename
+    r = actor.post_form(rename, {"rename-1-name": "Work phone"}, form_url="/settings?activity=more")
+    assert r.status_code == 302 and r.headers["Location"] == "/settings?activity=more"
+    lines = lambda html: html.split('id="security-activity"')[1].split("</section>")[0].count("<li><time")
+    assert lines(actor.client.get(r.headers["Location"]).get_data(as_text=True)) > 10
+    # htmx, from the page of ten (its forms have no view) on the longer list's page: HX-Current-URL decides.
+    r = actor.post_form(rename.split("&activity")[0], {"rename-1-name": "Phone"}, form_url="/settings?activity=more",
+                        headers={**HX, "HX-Current-URL": "http://localhost/settings?activity=more"})
+    assert r.status_code == 200 and lines(r.get_data(as_text=True)) > 10
+    # Stale: Confirm it's you, and from there back to the longer list.
+    clock.advance(11 * 60)
+    r = actor.post_form("/settings/sessions/end-others?activity=more", {}, form_url="/settings?activity=more")
+    assert r.status_code == 302 and r.headers["Location"] == "/reauth?next=/settings?activity%3Dmore"
+    r = actor.post_form(r.headers["Location"], {"password": PASSWORD, "code": actor.code(secret, 1)})
+    assert r.status_code == 302 and r.headers["Location"] == "/settings?activity=more"
 
 
 def test_activity_is_limited_and_empty_for_anonymous(app):

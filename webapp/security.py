@@ -606,6 +606,11 @@ def _reauth_next(back_to):
     if request.method == "GET":
         return safe_next(request.full_path.rstrip("?"))
     if back_to:
+        if back_to == "settings.index":
+            # Back to User Settings with Security activity as the page showed it (its forms carry that).
+            from .support import activity_view
+
+            return url_for(back_to, **activity_view())
         return url_for(back_to)
     referrer = urlsplit(request.referrer or "")
     if referrer.netloc == request.host:

@@ -26,6 +26,7 @@ from .models import AuditEvent, Device, PendingEnrolment, ServerSession, User
 from .security import (audit, end_code_steps, forget_browsers, fresh_login_required, hash_password,
                        replace_password, same_password, verify_password)
 from .sessions import browser_label, end_user_sessions, token_hash, write_session_now
+from .support import activity_view
 
 bp = Blueprint("settings", __name__, url_prefix="/settings")
 
@@ -265,7 +266,7 @@ def _after_change(user, notice, ended=0):
     if htmx.is_htmx():
         return _settings_response(user, notice=notice, sessions_oob=bool(ended), activity_oob=True)
     flash(notice, "success")
-    return redirect(url_for("settings.index"))
+    return redirect(url_for("settings.index", **activity_view()))  # with Security activity as it was shown
 
 
 def _unchanged(user, notice):
@@ -273,7 +274,7 @@ def _unchanged(user, notice):
     if htmx.is_htmx():
         return _settings_response(user, notice=notice)
     flash(notice, "info")
-    return redirect(url_for("settings.index"))
+    return redirect(url_for("settings.index", **activity_view()))
 
 
 def current_pending(user):
@@ -920,7 +921,7 @@ def _sessions_response(notice):
     if htmx.is_htmx():
         return htmx.render("settings/index.html", "settings/_sessions_update.html", sessions_notice=notice)
     flash(notice, "success")
-    return redirect(url_for("settings.index"))
+    return redirect(url_for("settings.index", **activity_view()))  # with Security activity as it was shown
 
 
 # Ending sessions needs a fresh sign-in too (ASVS 4 3.3.4: "having authenticated again"): someone holding a

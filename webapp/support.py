@@ -414,7 +414,23 @@ def _activity_query():
     on that page sends back (renaming a device, signing out elsewhere), whose own address has no query, that
     of the page htmx names in HX-Current-URL. The list fell back to ten events there, and to the newest on a
     page of older ones."""
-    return request.args if request.args or not htmx.is_htmx() else htmx.page_query()
+    # The request's own query only when it names the list: a device's forms carry `added` in theirs, and the
+    # section their htmx answer sends back fell back to ten events on the longer list.
+    if not htmx.is_htmx() or "activity" in request.args or "before" in request.args:
+        return request.args
+    return htmx.page_query()
+
+
+@bp.app_template_global()
+def activity_view():
+    """The Security activity list as this page shows it, as arguments for User Settings' address: {} for the
+    ten latest. The page's forms carry it in their addresses, and their answers lead back to it (settings,
+    security.fresh_login_required): without JavaScript the page came back with ten events after an action
+    on the longer list."""
+    if not activity_shows_more():
+        return {}
+    return {"activity": "more", "before": _activity_query().get("before")} if activity_before() \
+        else {"activity": "more"}
 
 
 @bp.app_template_global()

@@ -1,5 +1,7 @@
 """Back and Forward in a browser that keeps pages in its back/forward cache, as the browsers people use do
 (Playwright's own launch turns that cache off, so the rest of the suite never meets it)."""
+import re
+
 from browser_kit import PASSWORD, next_step_code, oathtool_code, random_secret
 from journey import enter_code, expect, expect_code_step, expect_signed_in, follow, log_in
 
@@ -114,3 +116,52 @@ def test_back_after_confirming_it_is_you_without_javascript_shows_each_step_and_
     follow(page, page.get_by_role("button", name="Sign out everywhere else", exact=True))  # no asking now
     expect(page.get_by_text("Signed out on 1 other browser.")).to_be_visible()
     assert refusals(server, "password_rejected") == 1 and refusals(server, "reauthenticated") == 1
+
+
+def activity_lines(page):
+    return page.locator("#security-activity li")
+
+
+def test_the_longer_security_activity_stays_open_after_an_action_without_javascript(nojs_page, server, new_page):
+    """A history review without JavaScript: with "Show more events" open, renaming a device (or a name refused,
+    or signing out a browser) came back to User Settings with the ten latest events again. The page comes back
+    as it was shown, the longer list too."""
+    from datetime import timedelta
+
+    from webapp.clock import now
+    from webapp.models import AuditEvent, User
+
+    page = nojs_page
+    stale_on_settings_with_another_browser(page, server, new_page)
+    server.age_sign_ins(-11)  # fresh again: this is about the list, not Confirm it's you
+
+    def older_events():
+        user = User.get(User.email == PERSON)
+        for minutes in range(20, 35):
+            AuditEvent.create(user=user.id, kind="signout", created_at=now() - timedelta(minutes=minutes))
+
+    server.query(older_events)
+    page.goto("/settings")
+    expect(activity_lines(page)).to_have_count(10)
+    follow(page, page.get_by_role("link", name="Show more events", exact=True))
+    total = activity_lines(page).count()
+    assert total > 10
+
+    row = page.locator("#tfa-row li", has_text="Phone")
+    row.locator("summary", has_text="Rename").click()
+    row.get_by_label("Device name", exact=True).fill("")
+    follow(page, row.get_by_role("button", name="Save name", exact=True))  # refused: the page with the error
+    name = page.locator("#tfa-row li", has_text="Phone").get_by_label("Device name", exact=True)
+    expect(name).to_have_accessible_description(re.compile("Give this device a name"))
+    expect(name).to_be_focused()
+    expect(activity_lines(page)).to_have_count(total)
+
+    row = page.locator("#tfa-row li", has_text="Phone")
+    row.get_by_label("Device name", exact=True).fill("Work phone")
+    follow(page, row.get_by_role("button", name="Save name", exact=True))
+    expect(page.get_by_text("Renamed “Phone” to “Work phone”.")).to_be_visible()
+    expect(activity_lines(page)).to_have_count(total + 1)  # the renaming, and all that was shown before
+    follow(page, page.locator("#sessions").get_by_role("button", name=re.compile("^Sign out ")).first)
+    expect(page.get_by_text("That browser is signed out.")).to_be_visible()
+    expect(activity_lines(page)).to_have_count(total + 2)
+    expect(page.get_by_role("link", name="Show more events", exact=True)).to_have_count(0)
