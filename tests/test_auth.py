@@ -1585,7 +1585,8 @@ def test_confirm_its_you_answers_429_while_the_password_or_the_code_waits(actor,
     r = reauth_refused(actor, "/reauth", {"password": PASSWORD, "code": actor.code(secret)})  # within the 1 s pause
     assert r.status_code == 429 and "Too many failed attempts. Try again in" in r.get_data(as_text=True)
     actor.clock.advance(60)
-    r = reauth_refused(actor, "/reauth", {"password": PASSWORD, "code": WRONG if actor.code(secret) != WRONG else "111111"})
+    wrong = WRONG if actor.code(secret) != WRONG else "111111"
+    r = reauth_refused(actor, "/reauth", {"password": PASSWORD, "code": wrong})
     assert r.status_code == 200 and "Incorrect password." not in r.get_data(as_text=True)
     r = reauth_refused(actor, "/reauth", {"password": PASSWORD, "code": actor.code(secret)})  # the code's pause
     assert r.status_code == 429 and "This code was not checked" in r.get_data(as_text=True)
