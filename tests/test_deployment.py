@@ -713,6 +713,147 @@ def test_an_audit_log_from_before_the_ip_filter_gets_its_index_at_start(app, act
     assert "index" not in _start_again(again, tmp_path, clock, capsys)[1]
 
 
+# Starting the app on a PostgreSQL database in use, as a host of a rolling restart does while the others serve.
+_HOST_START = ("import webapp\n"
+               "webapp.create_app({'DATABASE_URL': %r, 'SECRET_KEY': 'k' * 40, 'SETUP_CODE': 'x',\n"
+               "                   'TOTP_ENCRYPTION_KEYS': %r, 'INSTANCE_PATH': %r})\n")
+
+
+def _host_starting(app, tmp_path, name, **env):
+    """Another host's start on the app's database, in a process of its own (stderr is its console)."""
+    import subprocess
+    import sys
+
+    from cryptography.fernet import Fernet
+
+    code = _HOST_START % (app.config["DATABASE_URL"], Fernet.generate_key().decode(), str(tmp_path / name))
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **env})
+
+
+def _waiting_backend(watch, host, like, timeout=60):
+    """The backend whose statement matches `like` and that waits for a lock another transaction holds (a
+    host's start at an index of a table in use), once there is one; fails if `host` ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = watch.execute("SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                              (like,)).fetchone()
+        if found:
+            return found[0]
+        assert host.poll() is None, host.communicate()[1][-600:]
+        time.sleep(0.05)
+    raise AssertionError(f"no statement like {like} waited")
+
+
+def _audit_index_valid(watch, name):
+    """None when the audit log has no index `name`, else whether it is valid (INVALID: left by a build cut short)."""
+    found = watch.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)", (name,)).fetchone()
+    return None if found is None else found[0]
+
+
+@pytest.mark.parametrize("change", ["building", "dropping"])
+def test_sign_ins_go_on_while_a_starting_host_changes_the_audit_logs_indexes(app, actor, secret, tmp_path, change):
+    """README "Upgrades": during a rolling restart onto a version with a new index on the audit log, the starting
+    host built it with CREATE INDEX, which holds off every write to the table until it is done (2 to 4 s with three
+    million records, 18 s with ten million: bench/index_build.py): every sign-in on the hosts still serving waited,
+    or failed at the lock_timeout. Dropping an index the new one replaces (DROP INDEX) waited for every transaction
+    on the table with each request queued behind it. Both are done CONCURRENTLY now: here a sign-in on another host
+    is under way when the start reaches the index, which holds the build (or the drop) open, and a second sign-in
+    goes through meanwhile. A third host started then waits for its turn and starts too (waiting, it held a snapshot
+    the build waits for, and PostgreSQL ended its start: "deadlock detected")."""
+    _postgresql_only()
+    import threading
+
+    import psycopg
+
+    actor.user(secret=secret)
+    name = "auditevent_ip_created_at" if change == "building" else "auditevent_kind"
+    with app.app_context():
+        if change == "building":
+            db.execute_sql(f'DROP INDEX "{name}"')  # a database from before 2026-12-07
+        else:
+            db.execute_sql(f'CREATE INDEX "{name}" ON "auditevent" ("kind")')  # one from before 2026-12-06
+    db.close()
+    watch = psycopg.connect(app.config["DATABASE_URL"], autocommit=True)
+    under_way = psycopg.connect(app.config["DATABASE_URL"])  # a sign-in on a host still serving, not committed yet
+    under_way.execute("INSERT INTO auditevent (created_at, kind, detail) VALUES (now(), 'signin', '{}')")
+    hosts, signed_in = [_host_starting(app, tmp_path, "host1")], {}
+    signing_in = threading.Thread(target=lambda: signed_in.setdefault("response", actor.sign_in(secret=secret)),
+                                  daemon=True)
+    try:
+        builder = _waiting_backend(watch, hosts[0], f"%INDEX%{name}%")
+        hosts.append(_host_starting(app, tmp_path, "host2"))
+        deadline = time.monotonic() + 60
+        while not watch.execute("SELECT 1 FROM pg_stat_activity WHERE query LIKE '%%advisory_lock(%%' "
+                                "AND pid NOT IN (%s, pg_backend_pid())", (builder,)).fetchone():
+            # the second host is waiting for its turn
+            assert hosts[1].poll() is None and time.monotonic() < deadline, hosts[1].communicate()[1][-600:]
+            time.sleep(0.05)
+        signing_in.start()
+        signing_in.join(5)
+        assert not signing_in.is_alive(), f"the sign-in waited for the start {change} index {name}"
+        assert hosts[0].poll() is None and _waiting_backend(watch, hosts[0], f"%INDEX%{name}%") == builder
+        response = signed_in["response"]
+        assert response.status_code == 302 and response.headers["Location"] == "/settings"
+        assert watch.execute("SELECT count(*) FROM auditevent WHERE kind = 'signin' AND user_id IS NOT NULL"
+                             ).fetchone()[0] == 1  # its record is stored
+    finally:
+        under_way.commit()
+        under_way.close()
+        if signing_in.ident:
+            signing_in.join(30)
+        said = [host.communicate(timeout=120)[1] for host in hosts]
+    assert [host.returncode for host in hosts] == [0, 0], said
+    verb = "building index" if change == "building" else "dropping index"
+    assert "".join(said).count(f"upgrading the database: {verb} {name}") == 1, said
+    assert _audit_index_valid(watch, name) is (True if change == "building" else None)
+    watch.close()
+
+
+@pytest.mark.parametrize("cut_short", ["lock timeout", "host killed"])
+def test_an_index_build_cut_short_is_built_again_at_the_next_start(app, actor, tmp_path, clock, capsys, cut_short):
+    """README "Upgrades": CREATE INDEX CONCURRENTLY that stops half-way (the start gave up at the lock_timeout
+    behind a transaction left open, or the host was killed) leaves the index there but INVALID: no query uses
+    it, and every insert still writes it. The next start drops it and builds it again, saying so, and the one
+    after that finds nothing to do."""
+    _postgresql_only()
+    import psycopg
+
+    actor.user()
+    name = "auditevent_ip_created_at"
+    with app.app_context():
+        db.execute_sql(f'DROP INDEX "{name}"')
+    db.close()
+    watch = psycopg.connect(app.config["DATABASE_URL"], autocommit=True)
+    under_way = psycopg.connect(app.config["DATABASE_URL"])  # a transaction left open on the audit log
+    under_way.execute("INSERT INTO auditevent (created_at, kind, detail) VALUES (now(), 'signin', '{}')")
+    try:
+        if cut_short == "lock timeout":
+            host = _host_starting(app, tmp_path, "host1", PGOPTIONS="-c lock_timeout=1s")
+            said = host.communicate(timeout=60)[1]
+            assert host.returncode == 1 and "canceling statement due to lock timeout" in said, said
+            assert f"upgrading the database: building index {name} " in said
+        else:
+            host = _host_starting(app, tmp_path, "host1")
+            builder = _waiting_backend(watch, host, f"%INDEX%{name}%")
+            host.kill()
+            host.communicate()
+            watch.execute("SELECT pg_terminate_backend(%s)", (builder,))  # as the server does once it notices
+            while watch.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (builder,)).fetchone():
+                time.sleep(0.05)
+    finally:
+        under_way.commit()
+        under_way.close()
+    assert _audit_index_valid(watch, name) is False
+    again, said = _start_again(app, tmp_path, clock, capsys)
+    assert said.count(f"upgrading the database: rebuilding index {name}, which an interrupted start left "
+                      "unfinished") == 1, said
+    assert " building index" not in said
+    assert _audit_index_valid(watch, name) is True
+    watch.close()
+    assert "index" not in _start_again(again, tmp_path, clock, capsys)[1]
+
+
 # The tables whose ids are 64-bit on PostgreSQL (models.BaseModel says why), and where an id passes 32 bits.
 _WIDE_ID_TABLES = ("device", "pendingenrolment", "supportrequest", "networkcounter", "auditevent")
 _PAST_32_BITS = 2 ** 31 - 1

@@ -581,15 +581,7 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fi
     version reads."""
     with database.connection_context():
         if isinstance(database, PostgresqlDatabase):
-            # Hosts started at the same moment on an empty database: PostgreSQL's CREATE ... IF NOT EXISTS is
-            # not safe against another session creating the same table (or its row type) concurrently, so
-            # the creators take turns on a session-level advisory lock.
-            # Waited for without the connection's lock_timeout (LOCK_TIMEOUT): another host's start may be
-            # building an index on a big table, and 10 s later this start failed ("cannot be used"). SET LOCAL
-            # ends with this transaction; the advisory lock, taken at session level, outlives it.
-            with database.atomic():
-                database.execute_sql("SET LOCAL lock_timeout = 0")
-                database.execute_sql("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
+            _take_schema_lock(database)
             try:
                 existing = database.table_exists(models[0]._meta.table_name)
                 with database.atomic():  # the column and its fill together (DDL is transactional here)
@@ -603,12 +595,10 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fi
                     done = upgrade() if upgrade else []
                 for statement in postgresql_indexes:
                     name = re.search(r"INDEX IF NOT EXISTS (\w+)", statement).group(1)
-                    if not _missing(database, name):
-                        continue  # IF NOT EXISTS alone still locks the table (_create_missing)
-                    if existing:  # on a big table this takes a while: say what the start waits for
-                        print(f" * twostep: upgrading the database: building index {name} (README \"Upgrades\")",
-                              file=sys.stderr, flush=True)
-                    database.execute_sql(statement)
+                    if existing:  # a table in use: built without holding up its writers
+                        _build_index(database, name, statement)
+                    elif _missing(database, name):  # a new, empty table: at once
+                        database.execute_sql(statement)
             finally:
                 database.execute_sql("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK,))
         else:
@@ -631,16 +621,64 @@ def _create_missing(database, models):
     create_tables(safe=True) runs CREATE INDEX IF NOT EXISTS for every index at every start, and PostgreSQL
     takes the table's SHARE lock for it before it finds the index there: the start waited for any write
     transaction open on the table, and every writer that came after (the sign-ins of the hosts still serving
-    during a rolling restart) queued behind it until that transaction ended. Run holding the schema lock, so
-    what it finds missing stays missing until it has made it."""
+    during a rolling restart) queued behind it until that transaction ended. A new table gets its indexes
+    with it; an index missing from a table already there is built without blocking its writers (_build_index).
+    Run holding the schema lock, so what it finds missing stays missing until it has made it."""
     for model in sort_models(models):
         if _missing(database, model._meta.table_name):
             model.create_table(safe=True)  # the table with its indexes
             continue
         for index in model._meta.fields_to_index():
-            if _missing(database, index._name):
-                _say_building_index(index._name)
-                database.execute(model._schema._create_index(index, safe=True))
+            sql, params = model._schema._create_index(index, safe=False).query()
+            _build_index(database, index._name, sql, params)
+
+
+def _build_index(database, name, statement, params=None):
+    """On PostgreSQL, build the index `name` of a table in use (its CREATE INDEX `statement`) when it is missing,
+    or when a build that was interrupted left it INVALID, saying so first.
+
+    CREATE INDEX took the table's SHARE lock for the whole build: every write to the table waited meanwhile, the
+    sign-ins of the hosts still serving during a rolling restart too (with ten million audit records, one failed
+    at the 10 s lock_timeout and the next waited 7 s more: bench/index_build.py). CREATE INDEX CONCURRENTLY
+    takes a lock that writers pass (SHARE UPDATE EXCLUSIVE), reads the table twice, and waits for the
+    transactions under way at each step, each wait at most the connection's lock_timeout. It cannot run inside a
+    transaction, and when it fails or its session ends (an error, a lock timeout, a host killed) it leaves the
+    index there but INVALID: never used by a query, still written by every insert. The next start drops it (DROP
+    INDEX CONCURRENTLY) and builds it again."""
+    valid = _index_valid(database, name)
+    if valid:
+        return  # IF NOT EXISTS alone would still lock the table (_create_missing)
+    if valid is None:
+        _say_building_index(name)
+    else:
+        print(f" * twostep: upgrading the database: rebuilding index {name}, which an interrupted start left "
+              f"unfinished (README \"Upgrades\")", file=sys.stderr, flush=True)
+        database.execute_sql(f'DROP INDEX CONCURRENTLY IF EXISTS "{name}"')
+    statement = re.sub(r"^CREATE (UNIQUE )?INDEX (IF NOT EXISTS )?", r"CREATE \1INDEX CONCURRENTLY ", statement)
+    database.execute_sql(statement, params or None)
+
+
+def _index_valid(database, name):
+    """On PostgreSQL, whether the index `name` can be used: None when there is none, False when it is INVALID
+    (an interrupted CREATE or DROP INDEX CONCURRENTLY)."""
+    row = database.execute_sql("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)",
+                               (f'"{name}"',)).fetchone()
+    return None if row is None else row[0]
+
+
+def _take_schema_lock(database):
+    """On PostgreSQL, take the schema lock (_SCHEMA_LOCK, a session-level advisory lock), waiting as long as
+    another host's start holds it. Hosts started at the same moment on an empty database: PostgreSQL's CREATE
+    ... IF NOT EXISTS is not safe against another session creating the same table (or its row type)
+    concurrently, so the creators take turns.
+
+    Asked again every _SCHEMA_LOCK_POLL seconds rather than waited for in one statement: a statement that waits
+    holds a snapshot, and CREATE INDEX CONCURRENTLY in the start holding the lock waits for every transaction
+    with an older snapshot to end. Each waited for the other, and PostgreSQL ended the waiting start ("deadlock
+    detected"). Nor does a wait end at the connection's lock_timeout (LOCK_TIMEOUT): another host's start may be
+    building an index on a big table, and 10 s later this start failed ("cannot be used")."""
+    while not database.execute_sql("SELECT pg_try_advisory_lock(%s)", (_SCHEMA_LOCK,)).fetchone()[0]:
+        time.sleep(_SCHEMA_LOCK_POLL)
 
 
 def _say_building(database, models):
@@ -661,12 +699,16 @@ def _say_building_index(name):
 
 
 def _drop_obsolete(database, names):
-    """Drop those of the indexes `names` (models.OBSOLETE_INDEXES) that are still there, saying so once."""
+    """Drop those of the indexes `names` (models.OBSOLETE_INDEXES) that are still there, saying so once. On
+    PostgreSQL with DROP INDEX CONCURRENTLY: DROP INDEX waits for every transaction using the table, and every
+    request that comes after, readers too, queues behind it meanwhile (at most the lock_timeout); this one
+    lets them pass. Interrupted, it leaves the index INVALID, still there: the next start drops it."""
+    concurrently = "CONCURRENTLY " if isinstance(database, PostgresqlDatabase) else ""
     for name in names:
         if not _missing(database, name):
             print(f" * twostep: upgrading the database: dropping index {name}, which another one now serves "
                   f"(README \"Upgrades\")", file=sys.stderr, flush=True)
-            database.execute_sql(f'DROP INDEX IF EXISTS "{name}"')
+            database.execute_sql(f'DROP INDEX {concurrently}IF EXISTS "{name}"')
 
 
 def _missing(database, name):
@@ -846,6 +888,7 @@ def _create_private(path):
 
 
 _SCHEMA_LOCK = int.from_bytes(hashlib.sha256(b"twostep: create tables").digest()[:8], "big", signed=True)
+_SCHEMA_LOCK_POLL = 0.2  # seconds between a waiting start's tries (_take_schema_lock)
 
 
 def init_app(app):
