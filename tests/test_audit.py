@@ -449,6 +449,26 @@ def test_audit_log_pager_keeps_only_the_filter_in_its_links(app, actor, secret):
         assert "kind=signout" in prev and extra.split("=")[0] not in prev and "#" not in prev, (extra, prev)
 
 
+def test_an_address_a_proxy_writes_with_its_port_is_stored_without_it(app, actor, secret, clock):
+    """Some proxies write the client's port into X-Forwarded-For ("203.0.113.7:51234"), and ProxyFix passed it
+    on: the record held it, the IP address filter (one whole address) did not find it, and every connection
+    read as an address of its own. The address is stored without the port, and the filter finds it; an
+    address without one, or text that is no address, is stored as sent."""
+    cases = [("203.0.113.7:51234", "203.0.113.7"), ("[2001:db8::7]:443", "2001:db8::7"),
+             ("[2001:DB8::8]", "2001:db8::8"), ("203.0.113.9:x", "203.0.113.9"),
+             ("::ffff:203.0.113.10", "::ffff:203.0.113.10"), ("2001:DB8::11", "2001:DB8::11"), ("unknown:5", "unknown:5")]
+    for i, (sent, _) in enumerate(cases):  # a person each: a second wrong password would wait
+        actor.user(f"p{i}@example.com")
+        _from(app, clock, sent).password_step(f"p{i}@example.com", "wrong password")
+    with app.app_context():
+        stored = [e.ip for e in AuditEvent.select().where(AuditEvent.kind == "password_rejected").order_by(AuditEvent.id)]
+    assert stored == [expected for _, expected in cases]
+    sign_in_admin(actor, secret)
+    for i, typed in enumerate(("203.0.113.7", "2001:db8::7", "2001:db8::8", "203.0.113.9", "203.0.113.10",
+                               "2001:DB8::11")):
+        found = _shown(actor.client.get("/support/audit", query_string={"ip": typed}).get_data(as_text=True))
+        assert [(what, person) for what, person, _ in found] == [("Wrong password entered", f"p{i}@example.com")]
+
 # ---------------------------------------------------------------- plain words
 
 

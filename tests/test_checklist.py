@@ -568,6 +568,8 @@ def _app(tmp_path, clock, **overrides):
     (0, "10.0.0.1", "203.0.113.5", "10.0.0.1"),               # no proxy configured: the header is ignored
     (1, "*", "203.0.113.5", "203.0.113.5"),                   # "*": every peer is a proxy (as in gunicorn)
     (1, "", "203.0.113.5", "10.0.0.1"),                       # set but empty: no peer is
+    (1, "10.0.0.1", "203.0.113.5:51234", "203.0.113.5"),      # a proxy that writes the port: stored without it
+    (1, "10.0.0.1", "[2001:db8::5]:443", "2001:db8::5"),      # the same for IPv6, in brackets
 ])
 def test_proxy_headers_are_trusted_for_exactly_the_configured_hops(tmp_path, clock, hops, trusted, forwarded,
                                                                    expected):

@@ -21,7 +21,7 @@ from .db import Param, Prepared, after_commit, for_update
 from .fields import HIDDEN_CATEGORIES
 from .models import AuditEvent, KnownBrowser, NetworkCounter
 # A known browser's token is made and stored like a session's; the client address is the one sessions store.
-from .sessions import TOKEN_SHAPE, client_ip, cookie_attributes, token_hash
+from .sessions import TOKEN_SHAPE, address_in, client_ip, cookie_attributes, token_hash
 
 log = logging.getLogger("twostep.audit")
 
@@ -392,7 +392,7 @@ def client_network(ip):
     is in its audit record."""
     if not ip:
         return ip
-    address = _address(ip)
+    address = address_in(ip)
     if address is None:
         return ip  # not an address (a proxy's odd header): counted as it is
     if address.version == 4:
@@ -406,24 +406,10 @@ def client_network_48(ip):
     """The IPv6 /48 the client's address is in, or None for IPv4 (and anything that is not an address). A
     site routed a /48 (what many providers give a customer) has 65,536 /64s, each a client of its own to
     client_network: a limit per /48, looser, holds them together."""
-    address = _address(ip or "")
+    address = address_in(ip or "")
     if address is None or address.version == 4 or address.ipv4_mapped is not None:
         return None
     return str(ipaddress.ip_network(f"{address}/48", strict=False))
-
-
-def _address(text):
-    """The IP address in `text`, also when a proxy wrote it with its port ("203.0.113.7:51234",
-    "[2001:db8::1]:443"): counted with the port, every connection would be a client of its own. None when
-    it is no address."""
-    if text.startswith("["):
-        text = text[1:].partition("]")[0]
-    elif text.count(":") == 1:  # IPv4 with a port; a bare IPv6 address has two colons at least
-        text = text.partition(":")[0]
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
 
 
 SITE_CLIENTS = 10  # a /48's limit is ten clients' worth, as the contact form's (SUPPORT_REQUESTS_PER_HOUR_48)

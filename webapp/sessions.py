@@ -13,6 +13,7 @@ idle purge.
 """
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import re
@@ -81,8 +82,30 @@ def client_ip():
     """The client address as seen after ProxyFix (which trusts exactly PROXY_HOPS proxies), cut to the 64
     characters that session rows, audit records and counters keep: behind a PROXY_HOPS that counts one hop
     too many the client writes it (X-Forwarded-For), and PostgreSQL refused a longer one (a 500 at every
-    sign-in)."""
-    return (request.remote_addr or "")[:64] if request else None
+    sign-in). Without the port a proxy may write after it ("203.0.113.7:51234", "[2001:db8::1]:443"): stored
+    with it, a record was not found by the audit log's IP address filter, which takes a whole address and
+    nothing more, and each connection read as another address."""
+    if not request:
+        return None
+    text = request.remote_addr or ""
+    if text.startswith("[") or text.count(":") == 1:  # perhaps with a port; a bare IPv6 address is left as sent
+        address = address_in(text)
+        text = str(address) if address is not None else text
+    return text[:64]
+
+
+def address_in(text):
+    """The IP address in `text`, also when a proxy wrote it with its port ("203.0.113.7:51234",
+    "[2001:db8::1]:443"): counted with the port, every connection would be a client of its own. None when
+    it is no address."""
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:  # IPv4 with a port; a bare IPv6 address has two colons at least
+        text = text.partition(":")[0]
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
 
 
 class DbSession(CallbackDict, SessionMixin):
