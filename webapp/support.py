@@ -438,7 +438,13 @@ def activity_before():
     """Where Security activity's "Show older events" goes on from (?before=TIME,NUMBER: the last record the page
     before it showed, ActivityPage.older), as (time, record number), or None for the newest events; anything
     else reads as none."""
-    value = _activity_query().get("before", "")
+    return page_position(_activity_query().get("before", ""))
+
+
+def page_position(value):
+    """A place in a list of audit records in (time, number) order, as a link names it ("TIME,NUMBER", _page_end),
+    as (time, record number); None for anything else. Any such place will do, a record's or not: the page
+    lists the records before (or after) it."""
     at, _, number = value.rpartition(",")
     if not (0 < len(at) <= 40 and number.isascii() and number.isdigit() and len(number) <= 18):
         return None
@@ -1873,11 +1879,11 @@ def _kind_choices():
 @support_admin_required
 def audit_log():
     """The audit trail, newest first, filterable by person, event, client IP address and dates; there is no way to
-    edit it."""
+    edit it. Its pages are named by a place in the list (?before=, ?after=: audit_page), not by a number."""
     form = AuditFilterForm(request.args)
     form.kind.choices = _kind_choices()
-    page = _page_arg()
-    events, has_next, status, notice, candidates = [], False, 200, None, []
+    page, status, notice, candidates = AuditPage([]), 200, None, []
+    place, place_notice = _audit_place()
     if not form.validate():
         status = 400
     else:
@@ -1902,47 +1908,109 @@ def audit_log():
             conditions.append(AuditEvent.created_at < datetime.combine(form.end.data, datetime.min.time())
                               + timedelta(days=1))
         if found:
-            window = {"limit": AUDIT_PER_PAGE + 1, "offset": (page - 1) * AUDIT_PER_PAGE}
             if person is not None:
-                rows = list(person_events(person.id, *conditions, addresses=addresses, **window))
-            elif addresses:
-                rows = list(_newest_of([AuditEvent.ip == a for a in addresses], conditions, **window))
+                sides = person_sides(person.id)
+                if addresses:
+                    # Read along the person's index (SQLite plans so), the address checked on each record.
+                    conditions.append(AuditEvent.ip.in_(list(addresses)))
             else:
-                query = AuditEvent.select().where(*conditions) if conditions else AuditEvent.select()
-                rows = list(query.order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc())
-                            .limit(window["limit"]).offset(window["offset"]))
-            has_next = len(rows) > AUDIT_PER_PAGE
-            events = _describe_events(rows[:AUDIT_PER_PAGE])
+                sides = [AuditEvent.ip == a for a in addresses] or [None]
+            page = audit_page(sides, conditions, **(place or {}))
+            page.events = _describe_events(page)
     # The pager's links keep the filter's own fields and nothing else: any other name went into url_for as a
     # keyword ("endpoint", "_method", "_anchor") and broke or bent the links.
     args = {field.name: request.args[field.name] for field in form if field.name in request.args}
     more = len(candidates) > CANDIDATES_SHOWN
-    return render_template("support/audit.html", form=form, events=events, page=page, has_next=has_next,
-                           notice=notice, args=args, candidates=candidates[:CANDIDATES_SHOWN], more=more), status
+    return render_template("support/audit.html", form=form, events=page.events, page=page, notice=notice,
+                           place_notice=place_notice if status == 200 and not candidates else None,
+                           args=args, candidates=candidates[:CANDIDATES_SHOWN], more=more), status
 
 
-def person_events(person_id, *conditions, limit, offset=0, addresses=()):
-    """The audit records about a person or done by them (meeting `conditions` too, and coming from one of
-    `addresses`, if given), newest first: `limit` of them after the first `offset`. Each side is read newest
-    first on its own index ((user, created_at) and (actor, created_at), or (user, kind, created_at)) only as
-    far as the page needs: `user = ? OR actor = ?` read and sorted every record of the person, 100,000 and
-    more for someone under attack or an admin."""
-    if addresses:
-        # Read along the person's index (SQLite plans so), the address checked on each of their records.
-        conditions += (AuditEvent.ip.in_(list(addresses)),)
-    return _newest_of([AuditEvent.user == person_id, AuditEvent.actor == person_id], conditions,
-                      limit=limit, offset=offset)
+def _audit_place():
+    """Which page of the audit log the address names, as audit_page's `before` or `after` (a place, see
+    page_position), None for the newest; and a line for the admin when the address names a place that cannot be
+    read, or a page by its number (the links of earlier versions: ?page=N), the newest events being shown
+    instead."""
+    for name in ("before", "after"):  # a page is named one way: the first of them wins
+        if name in request.args:
+            place = page_position(request.args[name])
+            if place is None:
+                return None, ("That link’s place in the log could not be read, so these are the newest events "
+                              "that match.")
+            return {name: place}, None
+    if request.args.get("page", "1") != "1":
+        return None, ("Pages of the audit log are no longer numbered (the events on a numbered page moved as new "
+                      "ones came in): these are the newest events that match, and “Older events” goes on from "
+                      "them.")
+    return None, None
 
 
-def _newest_of(sides, conditions, limit, offset=0):
-    """The newest records that meet one of `sides` and all of `conditions`: `limit` of them after the first
-    `offset`, each side read newest first on its own index and only as far as the page needs, then the page
-    taken from those (a UNION: a record on two sides counts once)."""
-    order = (AuditEvent.created_at.desc(), AuditEvent.id.desc())
-    reads = [AuditEvent.select(AuditEvent.id).where(side, *conditions).order_by(*order).limit(offset + limit)
+class AuditPage(list):
+    """Records of one page of the audit log, newest first (audit_page); `newer` and `older`, the `after` and
+    `before` of the pages beside it ("TIME,NUMBER": its first and its last record), None where none match."""
+
+    def __init__(self, rows, newer=None, older=None):
+        super().__init__(rows)
+        self.newer, self.older, self.events = newer, older, []
+
+
+def audit_page(sides, conditions, before=None, after=None):
+    """A page of at most AUDIT_PER_PAGE audit records that meet one of `sides` (None: any record) and all of
+    `conditions`, newest first: those just before the place `before` ((time, number): page_position) in the
+    list's order, those just after `after`, or the newest. Pages are named by a place, not by a number (keyset,
+    as the open contact requests' and Security activity's): records that come in meanwhile move no other one
+    from page to page, so going on to older ones, or back to newer ones, lists each record once, and a deep
+    page reads its 50 records on an index, not all those before it. The newer page nearest the newest may hold
+    fewer than 50 (that is all there is after its place); one with none falls back to the newest. Whether pages
+    come before and after it is read, not guessed: a place can come from a link of another filter, or be typed."""
+    shown = AUDIT_PER_PAGE
+    if after is not None:
+        rows = list(_newest_of(sides, conditions + [_later_than(after, AuditEvent)], shown + 1, oldest_first=True))
+        if rows:
+            newer = _page_end(*_key_of(rows[shown - 1])) if len(rows) > shown else None
+            rows = rows[:shown][::-1]
+            older = _newest_of(sides, conditions + [_earlier_than(_key_of(rows[-1]), AuditEvent)], 1).exists()
+            return AuditPage(rows, newer, _page_end(*_key_of(rows[-1])) if older else None)
+    bound = [_earlier_than(before, AuditEvent)] if before is not None else []
+    rows = list(_newest_of(sides, conditions + bound, shown + 1))
+    older = _page_end(*_key_of(rows[shown - 1])) if len(rows) > shown else None
+    rows = rows[:shown]
+    newer = None
+    if bound and rows:
+        if _newest_of(sides, conditions + [_later_than(_key_of(rows[0]), AuditEvent)], 1).exists():
+            newer = _page_end(*_key_of(rows[0]))
+    elif bound and _newest_of(sides, conditions + [_later_than(before, AuditEvent)], 1).exists():
+        newer = _page_end(*before)  # nothing older than the place: the way back to the newer ones
+    return AuditPage(rows, newer, older)
+
+
+def person_sides(person_id):
+    """The audit records about a person or done by them: the two sides _newest_of reads."""
+    return [AuditEvent.user == person_id, AuditEvent.actor == person_id]
+
+
+def person_events(person_id, *conditions, limit):
+    """The `limit` newest audit records about a person or done by them (meeting `conditions` too). Each side is
+    read newest first on its own index ((user, created_at) and (actor, created_at), or (user, kind,
+    created_at)) only as far as the page needs: `user = ? OR actor = ?` read and sorted every record of the
+    person, 100,000 and more for someone under attack or an admin."""
+    return _newest_of(person_sides(person_id), list(conditions), limit)
+
+
+def _newest_of(sides, conditions, limit, oldest_first=False):
+    """The `limit` newest records (the oldest: `oldest_first`) that meet one of `sides` and all of
+    `conditions`, in (time, number) order. One side (None: any record) is one read on an index; several are
+    each read on their own index and only as far as the page needs, then the page taken from those (a UNION:
+    a record on two sides counts once)."""
+    order = ((AuditEvent.created_at, AuditEvent.id) if oldest_first
+             else (AuditEvent.created_at.desc(), AuditEvent.id.desc()))
+    if len(sides) == 1:
+        where = [c for c in [sides[0], *conditions] if c is not None]
+        return (AuditEvent.select().where(*where) if where else AuditEvent.select()).order_by(*order).limit(limit)
+    reads = [AuditEvent.select(AuditEvent.id).where(side, *conditions).order_by(*order).limit(limit)
              for side in sides]
     return (AuditEvent.select().where(AuditEvent.id.in_(functools.reduce(operator.or_, reads)))
-            .order_by(*order).limit(limit).offset(offset))
+            .order_by(*order).limit(limit))
 
 
 def address_spellings(text):
