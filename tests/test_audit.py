@@ -599,6 +599,34 @@ def test_a_page_link_of_a_place_that_is_no_record_of_the_filter_lists_what_is_ar
     assert page(after="3000-01-01T00:00:00,1")[1:] == (list(range(199, 100, -2)), False, True, False)
 
 
+def test_each_address_on_a_page_links_once_to_all_that_came_from_it(app, actor, secret):
+    """An admin reading a person's events goes on to what else came from one of their addresses. Each row
+    holding a link of its own would be fifty tab stops, and a screen reader's list of links fifty times three
+    addresses; instead each address on the page is one link, named for what it does ("Events from
+    203.0.113.66") with how many of the page's events came from it, to the IP address filter alone (all that
+    came from it, not only this person's). An IPv4 client seen through an IPv6 socket is the IPv4 address's;
+    records with no address, or text that is none, have no link. With the IP filter set there is no list."""
+    carol = actor.user("carol@example.com")
+    with app.app_context():
+        AuditEvent.insert_many([{"kind": "password_rejected", "user": carol.id, "ip": ip,
+                                 "created_at": datetime(2008, 1, 1) + timedelta(minutes=i)}
+                                for i, ip in enumerate(["203.0.113.66"] * 30 + ["::ffff:203.0.113.66"] * 5
+                                                       + ["198.51.100.7"] * 10 + [None] * 3 + ["unknown"] * 2)
+                                ]).execute()
+    sign_in_admin(actor, secret)
+    html = actor.client.get("/support/audit?email=carol@example.com").get_data(as_text=True)
+    assert html.count('<tr class="event"') == 50 and "Addresses on this page" in html
+    links = re.findall(r'<li><a href="([^"]+)">Events from ([^<]+)</a> <span class="hint">\((\d+) on this page\)',
+                       html)
+    assert [(unescape(href), text, int(n)) for href, text, n in links] == [
+        ("/support/audit?ip=203.0.113.66", "203.0.113.66", 35), ("/support/audit?ip=198.51.100.7", "198.51.100.7", 10)]
+    assert html.count("ip=203.0.113.66") == 1
+    shown = _shown(actor.client.get(links[0][0].replace("&amp;", "&")).get_data(as_text=True))
+    assert len(shown) == 35
+    filtered = actor.client.get("/support/audit?email=carol@example.com&ip=203.0.113.66").get_data(as_text=True)
+    assert "Addresses on this page" not in filtered and "Events from" not in filtered
+
+
 def test_an_address_a_proxy_writes_with_its_port_is_stored_without_it(app, actor, secret, clock):
     """Some proxies write the client's port into X-Forwarded-For ("203.0.113.7:51234"), and ProxyFix passed it
     on: the record held it, the IP address filter (one whole address) did not find it, and every connection

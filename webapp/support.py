@@ -26,7 +26,7 @@ from .fields import Form, VisibleText, revealed
 from .models import AuditEvent, Device, ServerSession, SupportRequest, User, normalise_email
 from .security import (audit, client_ip, client_network, client_network_48, contact_browser, count_for_network,
                        is_fresh, network_full_until, revoke_second_factor)
-from .sessions import browser_label, end_user_sessions
+from .sessions import address_in, browser_label, end_user_sessions
 
 bp = Blueprint("support", __name__)
 log = logging.getLogger("twostep")
@@ -1923,6 +1923,7 @@ def audit_log():
     more = len(candidates) > CANDIDATES_SHOWN
     return render_template("support/audit.html", form=form, events=page.events, page=page, notice=notice,
                            place_notice=place_notice if status == 200 and not candidates else None,
+                           addresses=_addresses_shown(page.events) if not form.ip.data else [],
                            args=args, candidates=candidates[:CANDIDATES_SHOWN], more=more), status
 
 
@@ -2011,6 +2012,21 @@ def _newest_of(sides, conditions, limit, oldest_first=False):
              for side in sides]
     return (AuditEvent.select().where(AuditEvent.id.in_(functools.reduce(operator.or_, reads)))
             .order_by(*order).limit(limit))
+
+
+def _addresses_shown(events):
+    """The addresses the page's events came from, each once with how many of them it sent, most first (then as
+    they come on the page): one link each to all that came from it (the IP address filter), rather than one
+    in each row, fifty tab stops and a screen reader's list of links that repeat one address. An IPv4 client
+    that reached an IPv6 socket (::ffff:203.0.113.7) is the IPv4 address's; text that is no address is left
+    out (the filter would refuse it)."""
+    counts = {}
+    for event in events:
+        address = address_in(event["ip"] or "")
+        if address is not None:
+            key = str(getattr(address, "ipv4_mapped", None) or address)
+            counts[key] = counts.get(key, 0) + 1
+    return sorted(counts.items(), key=lambda item: -item[1])
 
 
 def address_spellings(text):
