@@ -1901,12 +1901,9 @@ def audit_log():
         addresses = address_spellings(form.ip.data) if form.ip.data else ()
         if form.kind.data:
             conditions.append(AuditEvent.kind == form.kind.data)
-        if form.start.data:
-            conditions.append(AuditEvent.created_at >= datetime.combine(form.start.data, datetime.min.time()))
-        if form.end.data:
-            # The "to" date is inclusive: everything before the next midnight.
-            conditions.append(AuditEvent.created_at < datetime.combine(form.end.data, datetime.min.time())
-                              + timedelta(days=1))
+        # The "to" date is inclusive: everything before the next midnight.
+        span = (datetime.combine(form.start.data, datetime.min.time()) if form.start.data else None,
+                datetime.combine(form.end.data, datetime.min.time()) + timedelta(days=1) if form.end.data else None)
         if found:
             if person is not None:
                 sides = person_sides(person.id)
@@ -1915,7 +1912,7 @@ def audit_log():
                     conditions.append(AuditEvent.ip.in_(list(addresses)))
             else:
                 sides = [AuditEvent.ip == a for a in addresses] or [None]
-            page = audit_page(sides, conditions, **(place or {}))
+            page = audit_page(sides, conditions, span, **(place or {}))
             page.events = _describe_events(page)
     # The pager's links keep the filter's own fields and nothing else: any other name went into url_for as a
     # keyword ("endpoint", "_method", "_anchor") and broke or bent the links.
@@ -1955,34 +1952,56 @@ class AuditPage(list):
         self.newer, self.older, self.events = newer, older, []
 
 
-def audit_page(sides, conditions, before=None, after=None):
+def audit_page(sides, conditions, span=(None, None), before=None, after=None):
     """A page of at most AUDIT_PER_PAGE audit records that meet one of `sides` (None: any record) and all of
-    `conditions`, newest first: those just before the place `before` ((time, number): page_position) in the
-    list's order, those just after `after`, or the newest. Pages are named by a place, not by a number (keyset,
-    as the open contact requests' and Security activity's): records that come in meanwhile move no other one
-    from page to page, so going on to older ones, or back to newer ones, lists each record once, and a deep
-    page reads its 50 records on an index, not all those before it. The newer page nearest the newest may hold
-    fewer than 50 (that is all there is after its place); one with none falls back to the newest. Whether pages
-    come before and after it is read, not guessed: a place can come from a link of another filter, or be typed."""
+    `conditions`, and were written within `span` (from, until: either may be None), newest first: those just
+    before the place `before` ((time, number): page_position) in the list's order, those just after `after`,
+    or the newest. Pages are named by a place, not by a number (keyset, as the open contact requests' and
+    Security activity's): records that come in meanwhile move no other one from page to page, so going on to
+    older ones, or back to newer ones, lists each record once, and a deep page reads its 50 records on an index
+    from its place, not all those before it. The newer page nearest the newest may hold fewer than 50 (that is
+    all there is after its place); one with none falls back to the newest. Whether pages come before and after
+    it is read, not guessed: a place can come from a link of another filter, or be typed."""
     shown = AUDIT_PER_PAGE
+
+    def read(limit, before=None, after=None):
+        return _newest_of(sides, conditions + _within(span, before, after), limit, oldest_first=after is not None)
+
     if after is not None:
-        rows = list(_newest_of(sides, conditions + [_later_than(after, AuditEvent)], shown + 1, oldest_first=True))
+        rows = list(read(shown + 1, after=after))
         if rows:
             newer = _page_end(*_key_of(rows[shown - 1])) if len(rows) > shown else None
             rows = rows[:shown][::-1]
-            older = _newest_of(sides, conditions + [_earlier_than(_key_of(rows[-1]), AuditEvent)], 1).exists()
-            return AuditPage(rows, newer, _page_end(*_key_of(rows[-1])) if older else None)
-    bound = [_earlier_than(before, AuditEvent)] if before is not None else []
-    rows = list(_newest_of(sides, conditions + bound, shown + 1))
+            older = _page_end(*_key_of(rows[-1])) if read(1, before=_key_of(rows[-1])).exists() else None
+            return AuditPage(rows, newer, older)
+    rows = list(read(shown + 1, before=before))
     older = _page_end(*_key_of(rows[shown - 1])) if len(rows) > shown else None
     rows = rows[:shown]
     newer = None
-    if bound and rows:
-        if _newest_of(sides, conditions + [_later_than(_key_of(rows[0]), AuditEvent)], 1).exists():
+    if before is not None and rows:
+        if read(1, after=_key_of(rows[0])).exists():
             newer = _page_end(*_key_of(rows[0]))
-    elif bound and _newest_of(sides, conditions + [_later_than(before, AuditEvent)], 1).exists():
+    elif before is not None and read(1, after=before).exists():
         newer = _page_end(*before)  # nothing older than the place: the way back to the newer ones
     return AuditPage(rows, newer, older)
+
+
+def _within(span, before=None, after=None):
+    """Conditions: written within `span` (from, until), and before or after a place in (time, number) order
+    (_earlier_than, _later_than). A date the place is already within is left out: SQLite takes one bound each
+    way for its range on the index, and took the date's, reading a month's records down from its end to a page
+    in the middle of it."""
+    start, end = span
+    where = []
+    if start is not None and not (after is not None and after[0] >= start):
+        where.append(AuditEvent.created_at >= start)
+    if end is not None and not (before is not None and before[0] < end):
+        where.append(AuditEvent.created_at < end)
+    if before is not None:
+        where.append(_earlier_than(before, AuditEvent))
+    if after is not None:
+        where.append(_later_than(after, AuditEvent))
+    return where
 
 
 def person_sides(person_id):
