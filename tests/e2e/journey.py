@@ -4,7 +4,7 @@ Shared by the browser tests and by screenshots.py. No CSS selectors for anything
 """
 import re
 
-from browser_kit import PASSWORD, oathtool_code, random_secret
+from browser_kit import PASSWORD, oathtool_code, random_secret, wrong_code
 
 try:
     from playwright.sync_api import expect
@@ -125,6 +125,51 @@ def manual_key(scope):
     key = scope.get_by_text(GROUPED_KEY)
     expect(key).to_be_visible()
     return key.inner_text().strip()
+
+
+def reach_the_code_step_past_refusals(page, server, email, bad_code, check):
+    """Log in, a wrong password refused, the right one, the code step, `bad_code` refused there, calling
+    `check(page, where)` on each page on the way."""
+    page.goto("/login")
+    check(page, "Log in page")
+    log_in(page, email, "wrong password")
+    expect(page.get_by_role("alert")).to_be_visible()
+    check(page, "Log in page with an error")
+    server.forgive_password_failures(email)
+    log_in(page, email)
+    expect_code_step(page)
+    check(page, "code step")
+    enter_code(page, bad_code)
+    expect(page.get_by_label("Verification code", exact=True)).to_have_attribute("aria-invalid", "true")
+    check(page, "code step with an error")
+
+
+def finish_wizard_dialog(page, dialog, secret, name, check, empty_name_first=False):
+    """From the wizard dialog's QR step to Done, calling `check(page, where)` on each state on the way: the code
+    step, a wrong code refused, the device name step (and, with `empty_name_first`, a missing name refused),
+    then Complete Activation."""
+    dialog.get_by_role("button", name="Next", exact=True).click()
+    code_field = dialog.get_by_label("Verification code", exact=True)
+    expect(code_field).to_be_visible()
+    check(page, "wizard step 3 (code)")
+    code_field.fill(wrong_code(secret))
+    dialog.get_by_role("button", name="Next", exact=True).click()
+    expect(code_field).to_have_attribute("aria-invalid", "true")
+    check(page, "wizard step 3 with a refused code")
+    code_field.fill(oathtool_code(secret))
+    dialog.get_by_role("button", name="Next", exact=True).click()
+    name_field = dialog.get_by_label("Device name", exact=True)
+    expect(name_field).to_be_visible()
+    check(page, "wizard step 4 (device name)")
+    if empty_name_first:
+        name_field.fill("")
+        dialog.get_by_role("button", name="Complete Activation", exact=True).click()
+        expect(name_field).to_have_attribute("aria-invalid", "true")
+        check(page, "wizard step 4 with a missing name")
+    name_field.fill(name)
+    dialog.get_by_role("button", name="Complete Activation", exact=True).click()
+    expect(dialog.get_by_role("button", name="Done", exact=True)).to_be_visible()
+    check(page, "wizard done")
 
 
 def is_focused_within(locator):

@@ -6,7 +6,7 @@ import re
 
 from browser_kit import oathtool_code, random_secret
 from journey import (assert_accessible, enter_code, expect, expect_code_step, expect_signed_in, follow, log_in,
-                     sign_in_admin)
+                     reach_the_code_step_past_refusals, sign_in_admin)
 
 
 def test_first_run_setup_page_is_accessible(audit_page, server):
@@ -21,19 +21,7 @@ def test_sign_in_pages_and_settings_are_accessible(audit_page, server):
     secret = random_secret()
     server.user("ivy@example.com", devices={"Phone": secret})
     page = audit_page
-    page.goto("/login")
-    assert_accessible(page, "Log in page")
-    log_in(page, "ivy@example.com", "wrong password")
-    expect(page.get_by_role("alert")).to_be_visible()
-    assert_accessible(page, "Log in page with an error")
-
-    server.forgive_password_failures("ivy@example.com")
-    log_in(page, "ivy@example.com")
-    expect_code_step(page)
-    assert_accessible(page, "code step")
-    enter_code(page, "12345")
-    expect(page.get_by_label("Verification code", exact=True)).to_have_attribute("aria-invalid", "true")
-    assert_accessible(page, "code step with an error")
+    reach_the_code_step_past_refusals(page, server, "ivy@example.com", "12345", assert_accessible)
 
     server.wait_out_code_throttle("ivy@example.com")
     enter_code(page, oathtool_code(secret))
@@ -80,8 +68,8 @@ def test_the_audit_itself_finds_a_known_violation(audit_page):
 
 def test_every_wizard_step_in_the_dialog_is_accessible(audit_page, server, tmp_path):
     """Each step of the dialog as it is shown, including the manual key and a refused code."""
-    from browser_kit import parse_otpauth, qr_from_element, wrong_code
-    from journey import gear, manual_key, qr_image, wizard_dialog
+    from browser_kit import parse_otpauth, qr_from_element
+    from journey import finish_wizard_dialog, gear, manual_key, qr_image, wizard_dialog
 
     server.user("pat@example.com")
     page = audit_page
@@ -105,27 +93,7 @@ def test_every_wizard_step_in_the_dialog_is_accessible(audit_page, server, tmp_p
     assert_accessible(page, "wizard step 1 again, offering the same key")
     dialog.get_by_role("button", name="Continue with the same key", exact=True).click()
     expect(qr_image(dialog)).to_be_visible()
-    dialog.get_by_role("button", name="Next", exact=True).click()
-    code_field = dialog.get_by_label("Verification code", exact=True)
-    expect(code_field).to_be_visible()
-    assert_accessible(page, "wizard step 3 (code)")
-    code_field.fill(wrong_code(secret))
-    dialog.get_by_role("button", name="Next", exact=True).click()
-    expect(code_field).to_have_attribute("aria-invalid", "true")
-    assert_accessible(page, "wizard step 3 with a refused code")
-    code_field.fill(oathtool_code(secret))
-    dialog.get_by_role("button", name="Next", exact=True).click()
-    name_field = dialog.get_by_label("Device name", exact=True)
-    expect(name_field).to_be_visible()
-    assert_accessible(page, "wizard step 4 (device name)")
-    name_field.fill("")
-    dialog.get_by_role("button", name="Complete Activation", exact=True).click()
-    expect(name_field).to_have_attribute("aria-invalid", "true")
-    assert_accessible(page, "wizard step 4 with a missing name")
-    name_field.fill("Pat's phone")
-    dialog.get_by_role("button", name="Complete Activation", exact=True).click()
-    expect(dialog.get_by_role("button", name="Done", exact=True)).to_be_visible()
-    assert_accessible(page, "wizard done")
+    finish_wizard_dialog(page, dialog, secret, "Pat's phone", assert_accessible, empty_name_first=True)
     dialog.get_by_role("button", name="Done", exact=True).click()
     expect(dialog).to_have_count(0)
     for summary in ("Rename", "Remove", "Turn off two-factor authentication"):

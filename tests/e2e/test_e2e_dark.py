@@ -3,10 +3,9 @@ with `color_scheme="dark"`: every visible text against its effective background,
 the focus rings; the QR code stays black modules on a white quiet zone, which phone cameras need."""
 import re
 
-from browser_kit import (colour_at, decode_qr, oathtool_code, parse_otpauth, random_secret, relative_luminance,
-                         wrong_code)
-from journey import (assert_readable, enter_code, expect, expect_code_step, expect_signed_in, follow, gear, log_in,
-                     manual_key, qr_image, search_users, sign_in_admin, wizard_dialog)
+from browser_kit import colour_at, decode_qr, parse_otpauth, random_secret, relative_luminance, wrong_code
+from journey import (assert_readable, expect, expect_signed_in, finish_wizard_dialog, follow, gear, log_in, manual_key,
+                     qr_image, reach_the_code_step_past_refusals, search_users, sign_in_admin, wizard_dialog)
 
 
 def dark_page(new_page):
@@ -47,18 +46,7 @@ def test_sign_in_code_step_contact_and_error_pages_in_dark(new_page, server):
     secret = random_secret()
     server.user("dara@example.com", devices={"Phone": secret})
     page = dark_page(new_page)
-    page.goto("/login")
-    assert_dark_and_readable(page, "Log in")
-    log_in(page, "dara@example.com", "wrong password")
-    expect(page.get_by_role("alert")).to_be_visible()
-    assert_dark_and_readable(page, "Log in with an error")
-    server.forgive_password_failures("dara@example.com")
-    log_in(page, "dara@example.com")
-    expect_code_step(page)
-    assert_dark_and_readable(page, "code step")
-    enter_code(page, wrong_code(secret))
-    expect(page.get_by_label("Verification code", exact=True)).to_have_attribute("aria-invalid", "true")
-    assert_dark_and_readable(page, "code step with a refused code")
+    reach_the_code_step_past_refusals(page, server, "dara@example.com", wrong_code(secret), assert_dark_and_readable)
 
     follow(page, page.get_by_role("link", name="Lost access to your authenticator app?"))
     expect(page.get_by_role("heading", name="Contact support")).to_be_visible()
@@ -99,21 +87,7 @@ def test_user_settings_and_the_wizard_dialog_in_dark_with_the_qr_code_kept_light
     secret = parse_otpauth(assert_qr_dark_on_light(qr, tmp_path / "qr.png"))["secret"]
     manual_key(dialog)
     assert_dark_and_readable(page, "wizard step 2, manual key open")
-    dialog.get_by_role("button", name="Next", exact=True).click()
-    code = dialog.get_by_label("Verification code", exact=True)
-    code.fill(wrong_code(secret))
-    dialog.get_by_role("button", name="Next", exact=True).click()
-    expect(code).to_have_attribute("aria-invalid", "true")
-    assert_dark_and_readable(page, "wizard step 3 with a refused code")
-    code.fill(oathtool_code(secret))
-    dialog.get_by_role("button", name="Next", exact=True).click()
-    name = dialog.get_by_label("Device name", exact=True)
-    expect(name).to_be_visible()
-    assert_dark_and_readable(page, "wizard step 4")
-    name.fill("Eli's phone")
-    dialog.get_by_role("button", name="Complete Activation", exact=True).click()
-    expect(dialog.get_by_role("button", name="Done", exact=True)).to_be_visible()
-    assert_dark_and_readable(page, "wizard done")
+    finish_wizard_dialog(page, dialog, secret, "Eli's phone", assert_dark_and_readable)
     dialog.get_by_role("button", name="Done", exact=True).click()
     expect(dialog).to_have_count(0)
     row = page.locator("#tfa-row")
