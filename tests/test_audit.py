@@ -627,6 +627,31 @@ def test_each_address_on_a_page_links_once_to_all_that_came_from_it(app, actor, 
     assert "Addresses on this page" not in filtered and "Events from" not in filtered
 
 
+def test_each_address_link_lists_every_event_it_counts(app, actor, secret):
+    """security.md 42: "Events from ADDRESS (N on this page)" must open a list holding those N events. Records
+    stored before 2026-12-07 with a proxy's port ("203.0.113.66:51234"), and an IPv6 address a proxy wrote in
+    another spelling ("2001:DB8::0042"), were counted under the address's usual spelling, whose link (the IP
+    address filter, one whole address) does not find them: the link said 5 and listed 2. A spelling the filter
+    finds as typed gets a link of its own; a record with a port, which the filter cannot find, gets none."""
+    carol = actor.user("carol@example.com")
+    spellings = ["203.0.113.66"] * 2 + ["203.0.113.66:51234"] * 3 + ["2001:db8::42"] + ["2001:DB8::0042"] * 4
+    with app.app_context():
+        AuditEvent.insert_many([{"kind": "password_rejected", "user": carol.id, "ip": ip,
+                                 "created_at": datetime(2008, 1, 1) + timedelta(minutes=i)}
+                                for i, ip in enumerate(spellings)]).execute()
+    sign_in_admin(actor, secret)
+    html = actor.client.get("/support/audit?email=carol@example.com").get_data(as_text=True)
+    links = re.findall(r'<li><a href="([^"]+)">Events from ([^<]+)</a> <span class="hint">\((\d+) on this page\)',
+                       html)
+    counted = 0
+    for href, address, count in links:
+        listed = [ip for _, _, ip in _shown(actor.client.get(unescape(href)).get_data(as_text=True))]
+        # every event of this page it counts is among those it lists (a spelling typed finds the usual one too)
+        assert listed.count(address) >= int(count) > 0, (address, count, listed)
+        counted += int(count)
+    assert counted == 7  # all but the three with a port
+
+
 def test_an_address_a_proxy_writes_with_its_port_is_stored_without_it(app, actor, secret, clock):
     """Some proxies write the client's port into X-Forwarded-For ("203.0.113.7:51234"), and ProxyFix passed it
     on: the record held it, the IP address filter (one whole address) did not find it, and every connection

@@ -2038,13 +2038,24 @@ def _addresses_shown(events):
     they come on the page): one link each to all that came from it (the IP address filter), rather than one
     in each row, fifty tab stops and a screen reader's list of links that repeat one address. An IPv4 client
     that reached an IPv6 socket (::ffff:203.0.113.7) is the IPv4 address's; text that is no address is left
-    out (the filter would refuse it)."""
+    out (the filter would refuse it). Each link lists every event it counts: a record the filter finds only as
+    it is written (an address a proxy wrote in another spelling, "2001:DB8::0042") gets a link of its own, and
+    one stored with a proxy's port before 2026-12-07, which the filter cannot find, gets none (it said "5 on
+    this page" and listed 2)."""
     counts = {}
     for event in events:
-        address = address_in(event["ip"] or "")
-        if address is not None:
-            key = str(getattr(address, "ipv4_mapped", None) or address)
-            counts[key] = counts.get(key, 0) + 1
+        text = event["ip"] or ""
+        address = address_in(text)
+        if address is None:
+            continue
+        key = str(getattr(address, "ipv4_mapped", None) or address)
+        if text not in address_spellings(key):
+            try:
+                ipaddress.ip_address(text)  # a whole address: the filter finds it as typed (address_spellings)
+            except ValueError:
+                continue  # with a port: no filter finds it (README "Deployment")
+            key = text
+        counts[key] = counts.get(key, 0) + 1
     return sorted(counts.items(), key=lambda item: -item[1])
 
 
