@@ -361,6 +361,7 @@ AuditEvent.add_index(AuditEvent.index(AuditEvent.ip, AuditEvent.created_at, wher
 _ANY_USER = Prepared(lambda: User.select(User.id).limit(1))
 _ANY_DEVICE = Prepared(lambda: Device.select(Device.id).where(Device.user == Param("user")).limit(1))
 
+
 def maybe_not_normal(field):
     """SQL: whether an address column may hold a spelling other than its normal one (normalise_email): a
     character outside printable ASCII, a capital or an "xn--" label. Every other address is its own normal
