@@ -576,9 +576,10 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fi
     """At every start: add the columns an existing table is missing (with what fills them), create the tables
     and indexes that are missing (on PostgreSQL also the extra indexes, and 64-bit ids where a table has
     32-bit ones: _widen_ids; on SQLite AUTOINCREMENT where a NeverReusedAutoField lacks it: _never_reuse_ids,
-    with `used_ids`), drop the `obsolete_indexes` still there, run `upgrade()`, which brings rows an earlier
-    version wrote up to date and returns lines to print, then check that every table has every column this
-    version reads."""
+    with `used_ids`), drop the `obsolete_indexes` still there, and run `upgrade()`, which brings rows an earlier
+    version wrote up to date and returns lines to print. Once the columns are added, and before any index is
+    made, every table already there is checked for every column this version reads (_check_columns); a table
+    made here has them all."""
     with database.connection_context():
         if isinstance(database, PostgresqlDatabase):
             _take_schema_lock(database)
@@ -586,7 +587,7 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fi
                 existing = database.table_exists(models[0]._meta.table_name)
                 with database.atomic():  # the column and its fill together (DDL is transactional here)
                     added = _add_columns(database, added_columns, fill_values)
-                _check_columns(database, models, set(database.get_tables()))
+                _check_columns(database, models)
                 _create_missing(database, models)  # after the columns: their indexes need them
                 _drop_obsolete(database, obsolete_indexes)  # before _widen_ids, which would rewrite them too
                 _widen_ids(database, models)
@@ -604,7 +605,7 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fi
         else:
             with database.atomic("IMMEDIATE"):  # writing first: processes that add a column take turns
                 added = _add_columns(database, added_columns, fill_values)
-            _check_columns(database, models, set(database.get_tables()))
+            _check_columns(database, models)
             rebuilt = _never_reuse_ids(database, models, used_ids or {})
             _say_building(database, models)
             database.create_tables(models, safe=True)  # SQLite's own lock serialises creators
@@ -613,7 +614,6 @@ def _create_tables(database, models, postgresql_indexes=(), added_columns=(), fi
                 done = upgrade() if upgrade else []
     for line in [f"added {column}" for column in added] + rebuilt + done:  # once committed
         print(f" * twostep: upgraded the database: {line} (README \"Upgrades\")", file=sys.stderr, flush=True)
-    _check_columns(database, models)
 
 
 def _create_missing(database, models):
@@ -718,16 +718,16 @@ def _missing(database, name):
     return database.execute_sql("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).fetchone() is None
 
 
-def _check_columns(database, models, existing=None):
-    """Stop the start (ConfigError) when a table lacks a column this version reads: a database made by a
-    version whose change no upgrade step covers. It started, and every request that read the column answered
-    503 "cannot reach our database" (an operator's upgrade from a checkout of 2026-11-28). With `existing`
-    (the tables there), only those are checked: before the indexes are made, which on such a column would
-    fail on PostgreSQL with a bare "column does not exist" and on SQLite be made on the column's name as a
-    constant text."""
+def _check_columns(database, models):
+    """Stop the start (ConfigError) when a table already there lacks a column this version reads: a database
+    made by a version whose change no upgrade step covers. It started, and every request that read the column
+    answered 503 "cannot reach our database" (an operator's upgrade from a checkout of 2026-11-28). Run before
+    the indexes are made, which on such a column failed on PostgreSQL with a bare "column does not exist" and
+    on SQLite were made on the column's name as a constant text; the tables made after it have every column."""
     with database.connection_context():
+        existing = set(database.get_tables())
         missing = [f"{model._meta.table_name}.{field.column_name}" for model in models
-                   if existing is None or model._meta.table_name in existing
+                   if model._meta.table_name in existing
                    for have in [{c.name for c in database.get_columns(model._meta.table_name)}]
                    for field in model._meta.sorted_fields if field.column_name not in have]
     if missing:
