@@ -144,6 +144,37 @@ def reach_the_code_step_past_refusals(page, server, email, bad_code, check):
     check(page, "code step with an error")
 
 
+def visit_reauth_and_change_password(page, server, check):
+    """From a signed-in page: Confirm it's you (the sign-in made stale), then Change password and its errors
+    (fresh again), calling `check(page, where)` on each."""
+    server.age_sign_ins()  # a fresh sign-in goes straight past "Confirm it's you"
+    page.goto("/reauth")
+    expect(page.get_by_label("Password", exact=True)).to_be_visible()
+    check(page, "confirm-it-is-you page (reauth)")
+    server.age_sign_ins(-11)  # fresh again for the pages below (confirming would need the next code)
+    page.goto("/settings")
+    follow(page, page.get_by_role("link", name="Change password", exact=True))
+    expect(page.get_by_role("heading", name="Change password", level=1)).to_be_visible()
+    check(page, "Change password page")
+    page.get_by_label("New password", exact=True).fill("short")
+    follow(page, page.get_by_role("button", name="Change password", exact=True))
+    expect(page.get_by_label("New password", exact=True)).to_have_attribute("aria-invalid", "true")
+    check(page, "Change password page with errors")
+
+
+def open_wizard_dialog(page, email, check):
+    """Sign `email` in, then open the wizard's dialog with the gear, calling `check(page, where)` on User
+    Settings and on the dialog's first step; returns the dialog."""
+    log_in(page, email)
+    expect_signed_in(page)
+    check(page, "User Settings with 2FA off")
+    gear(page).click()
+    dialog = wizard_dialog(page)
+    expect(dialog).to_be_visible()
+    check(page, "wizard step 1 (intro)")
+    return dialog
+
+
 def finish_wizard_dialog(page, dialog, secret, name, check, empty_name_first=False):
     """From the wizard dialog's QR step to Done, calling `check(page, where)` on each state on the way: the code
     step, a wrong code refused, the device name step (and, with `empty_name_first`, a missing name refused),

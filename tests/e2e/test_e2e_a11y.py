@@ -6,7 +6,7 @@ import re
 
 from browser_kit import oathtool_code, random_secret
 from journey import (assert_accessible, enter_code, expect, expect_code_step, expect_signed_in, follow, log_in,
-                     reach_the_code_step_past_refusals, sign_in_admin)
+                     reach_the_code_step_past_refusals, sign_in_admin, visit_reauth_and_change_password)
 
 
 def test_first_run_setup_page_is_accessible(audit_page, server):
@@ -27,19 +27,7 @@ def test_sign_in_pages_and_settings_are_accessible(audit_page, server):
     enter_code(page, oathtool_code(secret))
     expect_signed_in(page)
     assert_accessible(page, "User Settings")
-    server.age_sign_ins()  # a fresh sign-in goes straight past "Confirm it's you"
-    page.goto("/reauth")
-    expect(page.get_by_label("Password", exact=True)).to_be_visible()
-    assert_accessible(page, "confirm-it-is-you page (reauth)")
-    server.age_sign_ins(-11)  # fresh again for the pages below (confirming would need the next code)
-    page.goto("/settings")
-    follow(page, page.get_by_role("link", name="Change password", exact=True))
-    expect(page.get_by_role("heading", name="Change password", level=1)).to_be_visible()
-    assert_accessible(page, "Change password page")
-    page.get_by_label("New password", exact=True).fill("short")
-    follow(page, page.get_by_role("button", name="Change password", exact=True))
-    expect(page.get_by_label("New password", exact=True)).to_have_attribute("aria-invalid", "true")
-    assert_accessible(page, "Change password page with errors")
+    visit_reauth_and_change_password(page, server, assert_accessible)
 
 
 def test_sign_up_error_and_contact_pages_are_accessible(audit_page, server):
@@ -69,17 +57,11 @@ def test_the_audit_itself_finds_a_known_violation(audit_page):
 def test_every_wizard_step_in_the_dialog_is_accessible(audit_page, server, tmp_path):
     """Each step of the dialog as it is shown, including the manual key and a refused code."""
     from browser_kit import parse_otpauth, qr_from_element
-    from journey import finish_wizard_dialog, gear, manual_key, qr_image, wizard_dialog
+    from journey import finish_wizard_dialog, gear, manual_key, open_wizard_dialog, qr_image, wizard_dialog
 
     server.user("pat@example.com")
     page = audit_page
-    log_in(page, "pat@example.com")
-    expect_signed_in(page)
-    assert_accessible(page, "User Settings with 2FA off")
-    gear(page).click()
-    dialog = wizard_dialog(page)
-    expect(dialog).to_be_visible()
-    assert_accessible(page, "wizard step 1 (intro)")
+    dialog = open_wizard_dialog(page, "pat@example.com", assert_accessible)
     dialog.get_by_role("button", name="Next", exact=True).click()
     expect(qr_image(dialog)).to_be_visible()
     secret = parse_otpauth(qr_from_element(qr_image(dialog), tmp_path / "qr.png"))["secret"]

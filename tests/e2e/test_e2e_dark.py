@@ -5,7 +5,8 @@ import re
 
 from browser_kit import colour_at, decode_qr, parse_otpauth, random_secret, relative_luminance, wrong_code
 from journey import (assert_readable, expect, expect_signed_in, finish_wizard_dialog, follow, gear, log_in, manual_key,
-                     qr_image, reach_the_code_step_past_refusals, search_users, sign_in_admin, wizard_dialog)
+                     open_wizard_dialog, qr_image, reach_the_code_step_past_refusals, search_users, sign_in_admin,
+                     visit_reauth_and_change_password)
 
 
 def dark_page(new_page):
@@ -74,13 +75,7 @@ def test_user_settings_and_the_wizard_dialog_in_dark_with_the_qr_code_kept_light
     afterwards; the QR code is black on white and decodes."""
     server.user("eli@example.com")
     page = dark_page(new_page)
-    log_in(page, "eli@example.com")
-    expect_signed_in(page)
-    assert_dark_and_readable(page, "User Settings with 2FA off")
-    gear(page).click()
-    dialog = wizard_dialog(page)
-    expect(dialog).to_be_visible()
-    assert_dark_and_readable(page, "wizard step 1")
+    dialog = open_wizard_dialog(page, "eli@example.com", assert_dark_and_readable)
     dialog.get_by_role("button", name="Next", exact=True).click()
     qr = qr_image(dialog)
     expect(qr).to_be_visible()
@@ -149,19 +144,7 @@ def test_the_other_pages_in_dark(new_page, server, tmp_path):
     page.clock.install()
     log_in(page, "fay@example.com")
     expect_signed_in(page)
-    server.age_sign_ins()
-    page.goto("/reauth")
-    expect(page.get_by_label("Password", exact=True)).to_be_visible()
-    assert_dark_and_readable(page, "Confirm it's you")
-    server.age_sign_ins(-11)
-    page.goto("/settings")
-    follow(page, page.get_by_role("link", name="Change password", exact=True))
-    expect(page.get_by_role("heading", name="Change password", level=1)).to_be_visible()
-    assert_dark_and_readable(page, "Change password")
-    page.get_by_label("New password", exact=True).fill("short")
-    follow(page, page.get_by_role("button", name="Change password", exact=True))
-    expect(page.get_by_label("New password", exact=True)).to_have_attribute("aria-invalid", "true")
-    assert_dark_and_readable(page, "Change password with errors")
+    visit_reauth_and_change_password(page, server, assert_dark_and_readable)
     loaded = datetime.fromtimestamp(page.evaluate("Date.now()") / 1000, tz=timezone.utc)
     page.clock.pause_at(loaded + timedelta(minutes=28, seconds=5))
     expect(page.get_by_role("button", name="Stay signed in", exact=True)).to_be_visible()
