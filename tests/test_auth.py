@@ -1762,13 +1762,18 @@ def test_a_page_sent_back_with_a_refusal_says_error_first_in_its_title(actor, se
     actor.clock.advance(2)
     actor.code_step(actor.code(secret))
     assert title(actor.client.get("/settings")) == "User Settings · twostep"
+    # These two answer a refusal with a 303 to their page (Post/Redirect/Get): the page it leads to says it,
+    # and only once
     r = actor.post_form("/settings/password", {"current": "wrong password", "new": "another long one",
                                                "confirm": "another long one"})
-    assert title(r) == "Error: Change password · twostep"
+    assert r.status_code == 303 and title(actor.client.get(r.headers["Location"])) == "Error: Change password · twostep"
+    assert title(actor.client.get("/settings/password")) == "Change password · twostep"
     device = user_row(actor.app).devices.get()
     r = actor.post_form(f"/settings/devices/{device.id}/remove", {f"remove-{device.id}-code": WRONG},
                         form_url="/settings")
+    r = actor.client.get(r.headers["Location"])
     assert "remove-" in r.get_data(as_text=True) and title(r) == "Error: User Settings · twostep"
+    assert title(actor.client.get("/settings")) == "User Settings · twostep"
 
 
 # ------------------------------------------------------------------ an account the operator disabled

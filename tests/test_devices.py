@@ -51,6 +51,14 @@ def post(actor, url, data, htmx=False):
     return actor.client.post(url, data={"csrf_token": actor.csrf("/settings"), **data}, headers=headers)
 
 
+def refused(actor, url, data, page="/settings"):
+    """Send a device form without JavaScript: a refusal answers 303 to User Settings (Post/Redirect/Get, so
+    Reload sends no code or password again), whose page shows it once. That page's response."""
+    r = post(actor, url, data)
+    assert r.status_code == 303 and r.headers["Location"] == page, (r.status_code, r.headers.get("Location"))
+    return actor.client.get(page)
+
+
 def second_session(actor, app, email="alice@example.com", secret=None):
     """Another browser signed in as the same person (for security.md 35)."""
     other = type(actor)(app, app.test_client(), actor.clock)
@@ -146,7 +154,7 @@ def test_rename_is_validated(actor, app, alice, name, message):
     add_device(app, alice, 'Ben\'s "Work" phone')
     device = device_rows(app, alice)[0]
     field = f"rename-{device.id}-name"
-    r = post(actor, f"/settings/devices/{device.id}/rename", {field: name})
+    r = refused(actor, f"/settings/devices/{device.id}/rename", {field: name})
     body = text(r)
     assert r.status_code == 400 and message in body
     assert re.search(rf'<input[^>]*aria-describedby="{field}-error"[^>]*id="{field}"', body)
@@ -181,6 +189,8 @@ def test_a_name_takes_up_to_six_combining_marks_on_one_letter(actor, app, alice,
         assert r.status_code == 302
         assert [d.name for d in device_rows(app, alice)] == [name]
     else:
+        assert r.status_code == 303 and r.headers["Location"] == "/settings"
+        r = actor.client.get("/settings")
         assert r.status_code == 400 and "Use letters, digits, spaces and punctuation only." in text(r)
         assert [d.name for d in device_rows(app, alice)] == ["Phone"]
 
@@ -219,7 +229,7 @@ def test_a_name_that_looks_like_another_devices_name_is_refused(actor, app, alic
     add_device(app, alice, "HTC One")
     device = device_rows(app, alice)[0]
     field = f"rename-{device.id}-name"
-    r = post(actor, f"/settings/devices/{device.id}/rename", {field: name})
+    r = refused(actor, f"/settings/devices/{device.id}/rename", {field: name})
     assert r.status_code == 400 and message in text(r)
     assert [d.name for d in device_rows(app, alice)] == ["Phone", "Maria's iPhone", "Poco X3", "HTC One"]
 
@@ -271,10 +281,10 @@ def test_removing_a_device_needs_a_current_code(actor, app, alice, secret):
     add_device(app, alice, "Tablet")
     phone, tablet = device_rows(app, alice)
     url = f"/settings/devices/{tablet.id}/remove"
-    r = post(actor, url, {})
+    r = refused(actor, url, {})
     assert r.status_code == 400 and "Enter a current code" in text(r)
     wrong = "123456" if actor.code(secret) != "123456" else "654321"
-    r = post(actor, url, {f"remove-{tablet.id}-code": wrong})
+    r = refused(actor, url, {f"remove-{tablet.id}-code": wrong})
     assert r.status_code == 200 and "That code is not valid" in text(r)
     assert len(device_rows(app, alice)) == 2
     actor.clock.advance(10)  # past the one-second back-off after the wrong code
@@ -290,7 +300,7 @@ def test_removing_the_last_device_needs_explicit_confirmation(actor, app, alice,
     url = f"/settings/devices/{device.id}/remove"
     page = text(actor.client.get("/settings"))
     assert "only device" in page and f'name="remove-{device.id}-confirm_off"' in page
-    r = post(actor, url, {f"remove-{device.id}-code": actor.code(secret)})
+    r = refused(actor, url, {f"remove-{device.id}-code": actor.code(secret)})
     assert r.status_code == 400 and "Tick the box" in text(r)
     assert len(device_rows(app, alice)) == 1
     r = post(actor, url, {f"remove-{device.id}-code": actor.code(secret), f"remove-{device.id}-confirm_off": "y",
@@ -309,9 +319,9 @@ def test_removing_the_last_device_needs_the_password_too(actor, app, alice, secr
     url = f"/settings/devices/{device.id}/remove"
     assert f'name="remove-{device.id}-password"' in text(actor.client.get("/settings"))
     base = {f"remove-{device.id}-code": actor.code(secret), f"remove-{device.id}-confirm_off": "y"}
-    r = post(actor, url, base)
+    r = refused(actor, url, base)
     assert r.status_code == 400 and "Enter your password" in text(r)
-    r = post(actor, url, {**base, f"remove-{device.id}-password": "not my password"})
+    r = refused(actor, url, {**base, f"remove-{device.id}-password": "not my password"})
     # a signed-in person confirms with a password only: the message names no email address
     assert r.status_code == 403 and "Incorrect password." in text(r) and "email address" not in text(r)
     assert len(device_rows(app, alice)) == 1 and "tfa_disabled" not in kinds(app, alice)
@@ -343,7 +353,7 @@ def test_two_removals_at_once_cannot_turn_2fa_off_without_the_password(actor, ap
         return result
 
     monkeypatch.setattr(totp, "check_user_code", check_while_the_other_removal_commits)
-    r = post(actor, f"/settings/devices/{phone.id}/remove", {f"remove-{phone.id}-code": actor.code(secret)})
+    r = refused(actor, f"/settings/devices/{phone.id}/remove", {f"remove-{phone.id}-code": actor.code(secret)})
     monkeypatch.setattr(totp, "check_user_code", real_check)
     assert r.status_code == 409 and "This is now your only device" in text(r)
     assert [d.name for d in device_rows(app, alice)] == ["Phone"]
@@ -393,7 +403,7 @@ def test_wrong_codes_when_removing_or_turning_off_count_towards_the_account_thro
     wrong = "123456" if actor.code(secret) != "123456" else "654321"
     for _ in range(6):
         post(actor, url, {**data, code_field: wrong})
-    r = post(actor, url, data)
+    r = refused(actor, url, data)
     # Six wrong codes within a second: the first started a 1-second pause that the others met, and counted;
     # only the first was checked, so it is still that pause (not "too many wrong codes").
     assert r.status_code == 429 and "Wait 1 second before entering another code." in text(r)
@@ -413,9 +423,9 @@ def test_the_wrong_code_that_starts_a_lock_says_so_with_429(actor, app, alice, s
     wrong = "123456" if actor.code(secret) != "123456" else "654321"
     for pause in (0, 1, 2, 4):
         actor.clock.advance(pause)
-        assert post(actor, url, {**data, code_field: wrong}).status_code in (200, 403)
+        assert refused(actor, url, {**data, code_field: wrong}).status_code in (200, 403)
     actor.clock.advance(8)
-    r = post(actor, url, {**data, code_field: wrong})
+    r = refused(actor, url, {**data, code_field: wrong})
     assert r.status_code == 429
     assert "Too many wrong codes in a row: wait 15 minutes before trying again." in text(r)
     assert len(device_rows(app, alice)) == 1
@@ -428,9 +438,9 @@ def test_turning_2fa_off_shares_the_password_throttle(actor, app, alice, secret,
     [device] = device_rows(app, alice)
     url, data = device_change(actor, device, secret, change)
     password_field = next(k for k in data if k.endswith("password"))
-    r = post(actor, url, {**data, password_field: "not my password"})
+    r = refused(actor, url, {**data, password_field: "not my password"})
     assert r.status_code == 403 and "Incorrect" in text(r)
-    r = post(actor, url, data)
+    r = refused(actor, url, data)
     assert r.status_code == 429 and "Too many" in text(r)
     assert len(device_rows(app, alice)) == 1
 
@@ -446,7 +456,7 @@ def test_a_password_that_cannot_be_right_is_refused_before_it_is_checked(actor, 
     [device] = device_rows(app, alice)
     url, data = device_change(actor, device, secret, change)
     password_field = next(k for k in data if k.endswith("password"))
-    r = post(actor, url, {**data, password_field: password})
+    r = refused(actor, url, {**data, password_field: password})
     assert r.status_code == status and message in text(r) and "Incorrect" not in text(r)
     assert len(device_rows(app, alice)) == 1 and "password_rejected" not in kinds(app, alice)
 
@@ -468,9 +478,9 @@ def test_a_removed_device_no_longer_signs_in(actor, app, alice, secret):
 
 def test_turning_2fa_off_needs_password_and_code(actor, app, alice, secret):
     """security.md 32: password and a current code, by POST; without them 403 and nothing changes."""
-    r = post(actor, "/settings/2fa/disable", {"off-password": PASSWORD})
+    r = refused(actor, "/settings/2fa/disable", {"off-password": PASSWORD})
     assert r.status_code == 403 and "Enter a current code" in text(r)
-    r = post(actor, "/settings/2fa/disable", {"off-password": "wrong password", "off-code": actor.code(secret)})
+    r = refused(actor, "/settings/2fa/disable", {"off-password": "wrong password", "off-code": actor.code(secret)})
     assert r.status_code == 403 and "Incorrect" in text(r)
     assert len(device_rows(app, alice)) == 1
     actor.clock.advance(30)  # past the back-off the wrong password earned (and onto a fresh code)
@@ -593,6 +603,151 @@ def test_turning_2fa_off_with_a_wrong_code_changes_nothing(actor, app, alice, se
     r = post(actor, "/settings/2fa/disable", {"off-password": PASSWORD, "off-code": wrong}, htmx=True)
     assert r.status_code == 200 and 'id="off-code-error"' in text(r) and "<html" not in text(r)
     assert len(device_rows(app, alice)) == 1
+
+
+# ---------------------------------------------------------------- refusals without JavaScript: Post/Redirect/Get
+
+def title(response):
+    return re.search(r"<title>(.*?)</title>", text(response)).group(1)
+
+
+def code_counts(app, user):
+    with app.app_context():
+        row = User.get_by_id(user.id)
+    return row.code_failures, row.code_strikes
+
+
+def kept_refusal(app, user):
+    """The refusal this person's session keeps for the page its redirect leads to, as stored (the server-side
+    session row), without the moment it was kept."""
+    import json
+
+    with app.app_context():
+        kept = ServerSession.select().where(ServerSession.user == user.id).get().load()["refused"]
+    assert set(kept) == {"page", "at", "status", "error", "fields", "values"}
+    return json.dumps({k: v for k, v in kept.items() if k != "at"})
+
+
+@pytest.mark.parametrize("change", ["remove", "disable"])
+def test_a_wrong_code_without_javascript_is_said_once_after_a_redirect_and_counted_once(actor, app, alice, secret,
+                                                                                         change):
+    """Remove and Turn off answer a wrong code sent without JavaScript with a 303 to User Settings (Post/Redirect/
+    Get), whose page says it once with the form open: Reload then loads that page again instead of sending the
+    code once more (each resend was one more failure towards the person's lock, and the browser asked to
+    resubmit the form). Nothing changes, and the wrong code counts exactly once."""
+    tablet = add_device(app, alice, "Tablet")
+    if change == "remove":
+        url, data, code_field = (f"/settings/devices/{tablet.id}/remove", {}, f"remove-{tablet.id}-code")
+        opened = r'<details open>\s*<summary>Remove<span class="visually-hidden"> Tablet</span>'
+    else:
+        url, data, code_field = "/settings/2fa/disable", {"off-password": PASSWORD}, "off-code"
+        opened = r'<details class="turn-off" open>'
+    wrong = "123456" if actor.code(secret) != "123456" else "654321"
+    before = kinds(app, alice)
+    r = post(actor, url, {**data, code_field: wrong})
+    assert r.status_code == 303 and r.headers["Location"] == "/settings"
+    assert code_counts(app, alice) == (1, 1)
+    assert wrong not in kept_refusal(app, alice) and PASSWORD not in kept_refusal(app, alice)
+    page = actor.client.get("/settings")
+    body = text(page)
+    assert page.status_code == (200 if change == "remove" else 403)  # the refusal's status, as the POST had
+    assert "That code is not valid" in body and title(page) == "Error: User Settings · twostep"
+    assert len(re.findall(r"<details[^>]* open>", body)) == 1 and re.search(opened, body)
+    focused = re.findall(r"<input[^>]*\bautofocus\b[^>]*>", body)
+    assert len(focused) == 1 and f'name="{code_field}"' in focused[0] and 'aria-invalid="true"' in focused[0]
+    assert f'aria-describedby="{code_field}-error"' in focused[0] and f'value="{wrong}"' not in body
+    # Reload: the page as it is, without the refusal, and nothing sent again
+    again = actor.client.get("/settings")
+    assert again.status_code == 200 and "That code is not valid" not in text(again)
+    assert title(again) == "User Settings · twostep" and "<details open>" not in text(again)
+    assert 'class="turn-off" open' not in text(again)
+    assert code_counts(app, alice) == (1, 1)
+    assert [d.name for d in device_rows(app, alice)] == ["Phone", "Tablet"] and ">Active<" in text(again)
+    assert kinds(app, alice) == [*before, "code_rejected"]  # one wrong code recorded, and no change
+    # With htmx the row comes back at once, refusal and all (200: htmx swaps only 2xx), and nothing is kept
+    actor.clock.advance(30)  # past the pause after the wrong code
+    r = post(actor, url, {**data, code_field: wrong}, htmx=True)
+    assert r.status_code == 200 and "<html" not in text(r) and "That code is not valid" in text(r)
+    assert "That code is not valid" not in text(actor.client.get("/settings"))
+
+
+def test_a_refusal_is_not_shown_on_a_user_settings_page_loaded_a_minute_later(actor, app, alice, secret):
+    """The refusal is kept for the redirect that follows it at once: a User Settings page opened more than a
+    minute later (the redirect never followed) shows the page as it is."""
+    [device] = device_rows(app, alice)
+    r = post(actor, f"/settings/devices/{device.id}/rename", {f"rename-{device.id}-name": ""})
+    assert r.status_code == 303
+    actor.clock.advance(61)
+    page = actor.client.get("/settings")
+    assert page.status_code == 200 and "Give this device a name." not in text(page)
+    assert title(page) == "User Settings · twostep"
+
+
+def test_a_refused_rename_without_javascript_shows_the_name_typed_with_its_error(actor, app, alice):
+    """The page a refused rename leads to is the page the POST answered before: the Rename form open, the name
+    as typed (to correct it, not to type it again) with the reason, and the refusal's 400. Once."""
+    [device] = device_rows(app, alice)
+    field = f"rename-{device.id}-name"
+    r = post(actor, f"/settings/devices/{device.id}/rename", {field: "Maria's iPh\u043ene"})
+    assert r.status_code == 303 and r.headers["Location"] == "/settings"
+    page = actor.client.get("/settings")
+    body = text(page)
+    assert page.status_code == 400 and "A word in this name mixes letters of different alphabets" in body
+    assert re.search(r'<details open>\s*<summary>Rename<span class="visually-hidden"> Phone</span>', body)
+    tag = re.search(rf'<input [^>]*\bid="{field}"[^>]*>', body).group(0)
+    assert 'value="Maria&#39;s iPh\u043ene"' in tag and 'aria-invalid="true"' in tag and "autofocus" in tag
+    assert [d.name for d in device_rows(app, alice)] == ["Phone"]
+    again = text(actor.client.get("/settings"))
+    assert "mixes letters" not in again and "<details open>" not in again
+    assert 'value="Phone"' in re.search(rf'<input [^>]*\bid="{field}"[^>]*>', again).group(0)
+
+
+def test_removing_the_only_device_with_a_wrong_password_keeps_the_tick_and_nothing_secret(actor, app, alice, secret):
+    """Removing the only device with the box ticked but a wrong password: the page the 303 leads to has the box
+    still ticked and says what was wrong; the password and the code are kept nowhere. 2FA stays on."""
+    [device] = device_rows(app, alice)
+    code = actor.code(secret)
+    r = post(actor, f"/settings/devices/{device.id}/remove", {
+        f"remove-{device.id}-code": code, f"remove-{device.id}-confirm_off": "y",
+        f"remove-{device.id}-password": "not my password"})
+    assert r.status_code == 303 and r.headers["Location"] == "/settings"
+    kept = kept_refusal(app, alice)
+    assert "not my password" not in kept and code not in kept
+    page = actor.client.get("/settings")
+    body = text(page)
+    assert page.status_code == 403 and "Incorrect password." in body
+    assert re.search(rf'<input [^>]*name="remove-{device.id}-confirm_off"[^>]*>', body).group(0).count("checked") == 1
+    assert "not my password" not in body
+    assert len(device_rows(app, alice)) == 1 and "tfa_disabled" not in kinds(app, alice)
+    assert "Incorrect password." not in text(actor.client.get("/settings"))
+
+
+def test_the_redirect_after_a_refusal_keeps_security_activity_as_it_was_shown(actor, app, alice, secret):
+    """Like the answer to a change (_after_change), the refusal's 303 leads back to the page with Security
+    activity as long as it was shown."""
+    r = post(actor, "/settings/2fa/disable?activity=more", {"off-password": "not my password",
+                                                           "off-code": actor.code(secret)})
+    assert r.status_code == 303 and r.headers["Location"] == "/settings?activity=more"
+    page = actor.client.get(r.headers["Location"])
+    assert page.status_code == 403 and "Incorrect password." in text(page)
+
+
+def test_a_lock_started_without_javascript_is_still_said_after_the_redirect(actor, app, alice, secret):
+    """The fifth wrong code in a row starts the lock: the page the 303 leads to says to wait, with 429, and
+    Reload sends no sixth code (the counts stay where the five left them)."""
+    tablet = add_device(app, alice, "Tablet")
+    url, field = f"/settings/devices/{tablet.id}/remove", f"remove-{tablet.id}-code"
+    wrong = "123456" if actor.code(secret) != "123456" else "654321"
+    for pause in (0, 1, 2, 4, 8):
+        actor.clock.advance(pause)
+        assert post(actor, url, {field: wrong}).status_code == 303
+    counts = code_counts(app, alice)
+    assert counts == (5, 5)
+    page = actor.client.get("/settings")
+    assert page.status_code == 429
+    assert "Too many wrong codes in a row: wait 15 minutes before trying again." in text(page)
+    actor.client.get("/settings")
+    assert code_counts(app, alice) == counts and len(device_rows(app, alice)) == 2
 
 
 @pytest.mark.parametrize("url", ["/settings/2fa/disable", "/settings/devices/1/remove", "/settings/devices/1/rename"])
@@ -727,7 +882,8 @@ def test_a_refused_rename_focuses_the_name_field(actor, app, alice, htmx):
     import re
 
     [device] = device_rows(app, alice)
-    r = post(actor, f"/settings/devices/{device.id}/rename", {f"rename-{device.id}-name": ""}, htmx=htmx)
+    url, data = f"/settings/devices/{device.id}/rename", {f"rename-{device.id}-name": ""}
+    r = post(actor, url, data, htmx=True) if htmx else refused(actor, url, data)
     focused = re.findall(r"<input[^>]*\bautofocus\b[^>]*>", text(r))
     assert len(focused) == 1 and f'name="rename-{device.id}-name"' in focused[0]
     assert 'aria-invalid="true"' in focused[0]
@@ -737,7 +893,7 @@ def test_removing_the_only_device_says_everything_missing_at_once(actor, app, al
     """No box ticked, no password, no code: all three are named in one answer (it took three tries, one
     message each), and nothing changes."""
     [device] = device_rows(app, alice)
-    r = post(actor, f"/settings/devices/{device.id}/remove", {})
+    r = refused(actor, f"/settings/devices/{device.id}/remove", {})
     body = text(r)
     assert r.status_code == 400
     assert "Tick the box to confirm" in body and "Enter your password" in body and "Enter a current code" in body
@@ -750,8 +906,8 @@ def test_an_unticked_confirmation_box_gets_the_focus_without_javascript(actor, a
     import re
 
     [device] = device_rows(app, alice)
-    r = post(actor, f"/settings/devices/{device.id}/remove",
-             {f"remove-{device.id}-code": actor.code(secret), f"remove-{device.id}-password": PASSWORD})
+    r = refused(actor, f"/settings/devices/{device.id}/remove",
+                {f"remove-{device.id}-code": actor.code(secret), f"remove-{device.id}-password": PASSWORD})
     focused = re.findall(r"<input[^>]*\bautofocus\b[^>]*>", text(r))
     assert r.status_code == 400 and len(focused) == 1
     assert f'name="remove-{device.id}-confirm_off"' in focused[0] and 'type="checkbox"' in focused[0]

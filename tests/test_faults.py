@@ -1018,9 +1018,9 @@ def test_the_503_page_reaches_a_person_in_a_support_window(app, actor, monkeypat
     assert actor.password_step("carol@example.com").headers["Location"] == "/settings"
     real_context = settings_module._row_context
 
-    def then_the_database_goes(user):
+    def then_the_database_goes(user, **kwargs):
         _database_down_from_now(monkeypatch)
-        return real_context(user)
+        return real_context(user, **kwargs)
 
     monkeypatch.setattr(settings_module, "_row_context", then_the_database_goes)
     assert_unavailable_page(actor.client.get("/settings"))

@@ -44,6 +44,14 @@ def changed_meanwhile(app, step):
     return wrapper
 
 
+def refused(actor, data):
+    """Send Change password without JavaScript: a refusal answers 303 to the page itself (Post/Redirect/Get, so
+    Reload sends no password again), which shows it once. That page's response."""
+    r = actor.post_form(URL, data)
+    assert r.status_code == 303 and r.headers["Location"] == URL, (r.status_code, r.headers.get("Location"))
+    return actor.client.get(URL)
+
+
 @pytest.fixture
 def alice(actor, secret):
     user = actor.user(secret=secret)
@@ -129,18 +137,46 @@ def test_a_setup_under_way_goes_on_after_changing_the_password(app, actor, alice
 def test_a_wrong_current_password_changes_nothing_and_counts_like_a_sign_in_guess(app, actor, alice, clock):
     """Whoever holds a stolen session cannot guess the password here faster than at the sign-in (security.md 19)."""
     before = stored_hash(app)
-    r = actor.post_form(URL, form(current="not my password"))
+    r = refused(actor, form(current="not my password"))
     assert r.status_code == 403 and "That is not your current password." in text(r)
     assert stored_hash(app) == before
     with app.app_context():  # counted for this browser, where the person completed a sign-in (auth.password_check)
         [event] = AuditEvent.select().where(AuditEvent.kind == "password_rejected")
         assert event.details["failures"] == 1
-    r = actor.post_form(URL, form())  # at once: the back-off after a failure is not over
+    r = refused(actor, form())  # at once: the back-off after a failure is not over
     assert r.status_code == 429 and "Too many" in text(r)
     assert stored_hash(app) == before
     clock.advance(60)
     assert actor.post_form(URL, form()).status_code == 302
     assert stored_hash(app) != before
+
+
+def test_a_refused_change_without_javascript_is_said_once_after_a_redirect_and_counted_once(app, actor, alice):
+    """A wrong current password sent without JavaScript is answered with a 303 to this page (Post/Redirect/Get),
+    which says it once, titled "Error:", its field focused: Reload then loads the page again instead of
+    sending the password once more (each resend was one more wrong guess towards the back-off, and the
+    browser asked to resubmit the form). No password is kept; the wrong one counts once; nothing changes."""
+    import json
+
+    before = stored_hash(app)
+    r = actor.post_form(URL, form(current="not my password"))
+    assert r.status_code == 303 and r.headers["Location"] == URL
+    with app.app_context():
+        kept = json.dumps(ServerSession.select().where(ServerSession.user.is_null(False)).get().load())
+    assert "not my password" not in kept and NEW not in kept and PASSWORD not in kept
+    page = actor.client.get(URL)
+    body = text(page)
+    assert page.status_code == 403 and "That is not your current password." in body
+    assert re.search(r"<title>Error: Change password · twostep</title>", body)
+    tag = re.search(r'<input [^>]*\bid="current"[^>]*>', body).group(0)
+    assert "autofocus" in tag and 'aria-invalid="true"' in tag and 'aria-describedby="current-error"' in tag
+    again = actor.client.get(URL)  # Reload
+    assert again.status_code == 200 and "That is not your current password." not in text(again)
+    assert "<title>Change password · twostep</title>" in text(again)
+    with app.app_context():
+        [event] = AuditEvent.select().where(AuditEvent.kind == "password_rejected")
+        assert event.details["failures"] == 1
+    assert stored_hash(app) == before
 
 
 @pytest.mark.parametrize("data,message", [
@@ -159,7 +195,7 @@ def test_a_wrong_current_password_changes_nothing_and_counts_like_a_sign_in_gues
 ])
 def test_a_new_password_that_cannot_be_used_is_refused_with_a_reason(app, actor, alice, data, message):
     before = stored_hash(app)
-    r = actor.post_form(URL, data)
+    r = refused(actor, data)
     assert r.status_code == 400 and message in text(r)
     assert stored_hash(app) == before
     assert NEW not in text(r)  # nothing typed comes back in the page
@@ -277,6 +313,11 @@ def test_a_change_overtaken_while_the_hash_ran_changes_nothing(app, actor, alice
     monkeypatch.setattr(settings_module, "hash_password", hash_while_overtaken)
     before = stored_hash(app)
     r = actor.post_form(URL, form())
+    if overtaken_by == "same-session":  # still signed in: the page the refusal's 303 leads to says it
+        assert r.status_code == 303 and r.headers["Location"] == URL
+        r = actor.client.get(URL)
+    # Signed out meanwhile (the operator's set-password signs out too): said at once, where the page's address
+    # would only lead to the sign-in page
     assert r.status_code == 409 and "At the same moment your password was changed somewhere else" in text(r)
     assert "Nothing was changed here" in text(r)
     with app.app_context():
@@ -357,7 +398,7 @@ def test_a_re_authentication_whose_password_is_changed_meanwhile_renews_nothing(
 def test_a_refused_new_password_is_described_by_its_hint_and_its_error(app, actor, alice):
     """WCAG 1.3.1, 3.3.1: with a screen reader, the refused "New password" field reads both the rule (its
     hint) and what was wrong (its error); the error alone left out the rule it refers to."""
-    r = actor.post_form(URL, form(new="short"))
+    r = refused(actor, form(new="short"))
     page = text(r)
     assert r.status_code == 400
     tag = re.search(r'<input [^>]*\bid="new"[^>]*>', page).group(0)

@@ -747,13 +747,13 @@ def test_a_session_deleted_while_its_request_runs_loses_its_cookie(actor, app, s
     actor.sign_in(secret=secret)
     original = settings_module._row_context
 
-    def signed_out_meanwhile(user):
+    def signed_out_meanwhile(user, **kwargs):
         with app.app_context():
             ServerSession.delete().execute()
         from flask import session
 
         session["touched"] = "yes"  # something to write back
-        return original(user)
+        return original(user, **kwargs)
 
     monkeypatch.setattr(settings_module, "_row_context", signed_out_meanwhile)
     r = actor.client.get("/settings")

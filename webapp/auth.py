@@ -680,11 +680,47 @@ def _without_dialog(url):
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-# A refused "Confirm it's you", kept for the page its 303 leads to (reauth): the error and the fields' errors,
-# never what was typed (the password is not kept anywhere, and a refused code comes back empty anyway).
-_REAUTH_REFUSED = "reauth_refused"
+# A form refused without JavaScript, kept for the page its 303 leads to (refused_see_other): its status, the
+# error and the fields' errors, and what else that page shows again, never a password or a code (a refused code
+# comes back empty anyway). Used by "Confirm it's you" and by User Settings' forms.
+_REFUSED = "refused"
 # Long enough for the redirect that follows the refusal at once; an older one is from a page left meanwhile.
-_REAUTH_REFUSED_TTL = 60
+_REFUSED_TTL = 60
+
+
+def refused_see_other(location, status, error=None, fields=(), page=None, values=None):
+    """Post/Redirect/Get for a refusal too: keep it for `page` (`location` unless named otherwise) and answer
+    303 to `location`, whose GET shows it once (kept_refusal). Reload then sends no password or code again
+    (each resend counted as one more failure, towards the lock), and Back meets no "Confirm Form Resubmission"
+    (a history review without JavaScript). Kept: `status`, `error`, the errors of the form fields `fields`,
+    and `values` (what the page shows again that is no secret: a device name, a ticked box)."""
+    session[_REFUSED] = {"page": page or location, "at": timestamp(), "status": status,
+                         "error": str(error) if error else None,
+                         "fields": {f.short_name: list(f.errors) for f in fields if f.errors}, "values": values or {}}
+    return redirect(location, 303)
+
+
+def kept_refusal(page, form=None):
+    """The refusal refused_see_other kept for `page`, taken from the session (it is shown once), with its
+    fields' errors put back on `form`; None when there is none, it was for another page, or it is older
+    than _REFUSED_TTL (from a page left meanwhile)."""
+    if _REFUSED not in session:  # the common case: the session is not changed
+        return None
+    refused = session.pop(_REFUSED)
+    if not isinstance(refused, dict) or refused.get("page") != page or expired(refused.get("at", 0), _REFUSED_TTL,
+                                                                               timestamp()):
+        return None
+    if form is not None:
+        show_refused_fields(form, refused)
+    return refused
+
+
+def show_refused_fields(form, refused):
+    """Put a kept refusal's field errors back on `form`, as the refused request showed them (the focus goes to
+    the first field with one)."""
+    for name, errors in refused["fields"].items():
+        if name in form:
+            form[name].errors = errors
 
 
 @bp.route("/reauth", methods=["GET", "POST"])
@@ -696,7 +732,10 @@ def reauth():
     needs_code = user.has_2fa
     error, status = None, 200
     next_url = safe_next(request.args.get("next"))
-    refused = session.pop(_REAUTH_REFUSED, None) if request.method == "GET" else None
+    here = url_for("auth.reauth", next=next_url)
+    # The page a refusal led to: its words, the fields' errors (the focus goes to the first field with one) and
+    # its status (429 while a wait is on, as on every page that says one).
+    refused = kept_refusal(here, form) if request.method == "GET" else None
     if is_fresh():
         if request.method == "GET":
             # Back to this page after confirming (or a reload of it): it says that it is done and where to go
@@ -731,20 +770,9 @@ def reauth():
                     return redirect(login_notice_url("session-ended"))
                 return redirect(next_url or url_for("settings.index"))
             status = refusal_status(error, 200)
-        # Post/Redirect/Get for a refusal too: the page that says it is a GET, so Reload does not send the
-        # password and code again (each resend counted as one more failure, towards the code lock), and Back
-        # after confirming does not land on "Confirm Form Resubmission" (a history review without JavaScript).
-        session[_REAUTH_REFUSED] = {"at": timestamp(), "next": next_url, "status": status,
-                                    "error": str(error) if error else None,
-                                    "fields": {f.name: list(f.errors) for f in (form.password, form.code) if f.errors}}
-        return redirect(url_for("auth.reauth", next=next_url), 303)
-    if refused and refused.get("next") == next_url and not expired(refused.get("at", 0), _REAUTH_REFUSED_TTL,
-                                                                   timestamp()):
-        # The page a refusal led to: its words, the fields' errors (the focus goes to the first field with one)
-        # and its status (429 while a wait is on, as on every page that says one).
+        return refused_see_other(here, status, error, fields=(form.password, form.code))
+    if refused:
         error, status = refused["error"], refused["status"]
-        for name, errors in refused["fields"].items():
-            getattr(form, name).errors = errors
     return render_template("auth/reauth.html", form=form, error=error, needs_code=needs_code,
                            next_url=next_url), status
 

@@ -17,8 +17,8 @@ from wtforms.validators import DataRequired, Length, ValidationError
 
 from . import fields, htmx, totp
 from .auth import (MALFORMED_CODE_ERROR, NEW_BROWSER, WRONG_PASSWORD_ERROR, code_error, code_field,
-                   current_password_field, new_browser_detail, new_password_field, password_check, refusal_status,
-                   repeat_password_field, strip_text)
+                   current_password_field, kept_refusal, new_browser_detail, new_password_field, password_check,
+                   refusal_status, refused_see_other, repeat_password_field, show_refused_fields, strip_text)
 from .clock import expired, now, timestamp
 from .db import Param, Prepared, db, for_update, write_transaction
 from .fields import Form, freeze
@@ -232,11 +232,50 @@ def _row_context(user, failed=None, notice=None):
 def _settings_response(user, failed=None, notice=None, status=200, sessions_oob=False, activity_oob=False):
     """The settings page, or only the #tfa-row fragment for htmx (errors stay 200 so htmx swaps them); with
     sessions_oob the list of sessions comes too, out of band (other sessions were just ended), and with
-    activity_oob the Security activity list (a change was just recorded)."""
+    activity_oob the Security activity list (a change was just recorded). A refusal (`failed`) sent without
+    JavaScript is a 303 to the page, which shows it (_row_refused)."""
     if htmx.is_htmx():
         status = 200
+    elif failed:
+        return _row_refused(failed, status)
     return htmx.render("settings/index.html", "settings/_tfa_row.html", status=status, sessions_oob=sessions_oob,
                        activity_oob=activity_oob, **_row_context(user, failed=failed, notice=notice))
+
+
+# A refused device name is kept for the page that shows it again up to this length: longer is no name a
+# browser sends (the field's maxlength), and a session is no store for whatever a crafted form holds.
+_KEPT_NAME_MAX = 2 * DEVICE_NAME_MAX
+
+
+def _row_refused(failed, status):
+    """A refused rename, removal or turn-off sent without JavaScript: 303 to User Settings (with Security
+    activity as it was shown), whose GET shows the form open with its errors and the refusal's status
+    (auth.refused_see_other). Reload then sends no code or password again, which counted once more towards
+    the person's lock. Kept besides the errors: the name typed and the tick, never a password or a code."""
+    kind, device_id, form = failed
+    values = {"kind": kind, "device": device_id}
+    if kind == "rename":
+        values["name"] = (form.name.data or "")[:_KEPT_NAME_MAX]
+    elif kind == "remove":
+        values["confirm_off"] = bool(form.confirm_off.data)
+    return refused_see_other(url_for("settings.index", **activity_view()), status, fields=form,
+                             page="settings.index", values=values)
+
+
+def _failed_again(refused):
+    """The `failed` of _row_context for a refusal kept by _row_refused: its form, as the refused request
+    showed it."""
+    values = refused["values"]
+    kind, device_id = values.get("kind"), values.get("device")
+    if kind == "rename":
+        form = RenameForm(formdata=None, prefix=f"rename-{device_id}", data={"name": values.get("name")})
+    elif kind == "remove":
+        form = RemoveForm(formdata=None, prefix=f"remove-{device_id}",
+                          data={"confirm_off": values.get("confirm_off", False)})
+    else:
+        form = DisableForm(formdata=None, prefix="off")
+    show_refused_fields(form, refused)
+    return kind, device_id, form
 
 
 def _app_entry(user):
@@ -416,7 +455,10 @@ def index():
     dialog as the page loads (htmx), after a re-authentication that the gear's dialog asked for; it names
     a dialog, not an address, so a link cannot make the page fetch anything else."""
     reopen = url_for("settings.tfa") if request.args.get("dialog") == "wizard" else None
-    return render_template("settings/index.html", reopen_dialog=reopen, **_row_context(_user()))
+    refused = kept_refusal("settings.index")  # a device form refused without JavaScript (_row_refused)
+    failed = _failed_again(refused) if refused else None
+    return render_template("settings/index.html", reopen_dialog=reopen,
+                           **_row_context(_user(), failed=failed)), refused["status"] if refused else 200
 
 
 # ---------------------------------------------------------------- the wizard
@@ -849,12 +891,15 @@ def password():
     is on): whoever holds a stolen session and a leaked password must not lock the owner out with it."""
     user = _user()
     form = PasswordForm()
-    if not form.validate_on_submit():
-        return _password_page(form, 400 if form.is_submitted() else 200)
+    if not form.is_submitted():
+        refused = kept_refusal("settings.password", form)  # a change refused without JavaScript (_password_refused)
+        return _password_page(form, refused["status"] if refused else 200)
+    if not form.validate():
+        return _password_refused(form, 400)
     error = password_check(user, form.current.data, wrong="That is not your current password.")
     if error is not None:
         form.current.errors = [error]
-        return _password_page(form, refusal_status(error, 403))
+        return _password_refused(form, refusal_status(error, 403))
     # The hash first (slow), outside the transaction that other writers wait for.
     checked, new_hash = user.password_hash, hash_password(form.new.data)
     ended = replace_password(user, new_hash, via="settings", keep_token=session.token, checked_hash=checked)
@@ -869,7 +914,11 @@ def password():
                                      checked_hash=stored.password_hash)
     if ended is None:
         form.current.errors = [_PASSWORD_OVERTAKEN]
-        return _password_page(form, 409)
+        if session.row is None or not ServerSession.select().where(ServerSession.id == session.row.id).exists():
+            # This browser was signed out meanwhile: after a redirect it would only meet the sign-in page, without
+            # the reason. Said here, as before; a resent form changes and counts nothing (its session is gone).
+            return _password_page(form, 409)
+        return _password_refused(form, 409)
     session.rotate(keep_enrolment=True)
     others = f" You were signed out on {ended} other browser{'s' if ended != 1 else ''}." if ended else ""
     flash("Your password was changed." + others, "success")
@@ -883,6 +932,15 @@ _PASSWORD_OVERTAKEN = ("At the same moment your password was changed somewhere e
 
 def _password_page(form, status):
     return render_template("settings/password.html", form=form), status
+
+
+def _password_refused(form, status):
+    """A refused change: without JavaScript, 303 to this page, which shows its errors and status once
+    (auth.refused_see_other), so Reload sends no password again (a wrong one counted once more). No password
+    is kept, only the fields' errors."""
+    if htmx.is_htmx():
+        return _password_page(form, status)
+    return refused_see_other(url_for("settings.password"), status, fields=form, page="settings.password")
 
 
 # ---------------------------------------------------------------- sessions: where you are signed in
