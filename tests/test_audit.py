@@ -1494,6 +1494,41 @@ def test_a_deep_page_of_the_audit_log_reads_its_records_on_an_index_from_its_pla
                     assert row[1] == 0 and "SEARCH t1 USING INTEGER PRIMARY KEY (rowid=?)" in steps, (sql, steps)
 
 
+def test_the_audit_log_plans_each_read_for_its_filter_while_other_statements_stay_prepared(app, actor, secret):
+    """psycopg prepares a statement on the server at its sixth run on a connection, and PostgreSQL may then keep
+    one plan for all values: planned for an address as rare as most, the deep page of an intruder's address with
+    an event read and sorted all of the address's records on either side of it (65-160 ms against 6-10 with three
+    million records: docs/performance.md). Asked for again and again, a deep page of the audit log lists the same
+    records, and on PostgreSQL none of its reads is prepared, while the statements every request runs are."""
+    from webapp.db import db, is_sqlite
+
+    with app.app_context():
+        AuditEvent.insert_many([{"kind": "password_rejected" if i % 3 else "signin", "ip": "203.0.113.66",
+                                 "detail": json.dumps({"n": i}), "created_at": datetime(2009, 3, 1) + timedelta(
+                                     minutes=i)} for i in range(240)]).execute()
+    sign_in_admin(actor, secret)
+    deep = _link(actor.client.get("/support/audit?ip=203.0.113.66&kind=password_rejected").get_data(as_text=True),
+                 "next")
+    pages = [_numbers(actor.client.get(deep).get_data(as_text=True)) for _ in range(12)]
+    assert pages[0] == [n for n in range(239, -1, -1) if n % 3][50:100] and pages == [pages[0]] * 12
+    if is_sqlite():
+        return
+
+    def prepared():
+        """How many times each statement prepared on this connection has run prepared."""
+        with app.app_context():
+            return dict(db.execute_sql("SELECT statement, generic_plans + custom_plans FROM pg_prepared_statements"))
+
+    before = prepared()
+    assert [sql for sql in before if '"auditevent"' in sql] == []
+    for _ in range(3):
+        assert _numbers(actor.client.get(deep).get_data(as_text=True)) == pages[0]
+    after = prepared()
+    # The session's read, run at each request, still runs prepared, after the audit log's reads too.
+    assert [sql for sql, runs in after.items() if runs == before.get(sql, 0) + 3], after
+    assert [sql for sql in after if '"auditevent"' in sql] == []
+
+
 @pytest.mark.parametrize("quiet", [False, True], ids=["records of the last minute", "none of the last minute"])
 def test_audit_export_work_grows_with_the_records_not_with_their_square(app, actor, clock, monkeypatch, quiet):
     """`audit export` reads a batch at a time, each after the last id written. Each batch read again from

@@ -443,6 +443,29 @@ def for_update(query):
     return query if is_sqlite() else query.for_update("FOR NO KEY UPDATE")
 
 
+@contextmanager
+def planned_for_values():
+    """Statements run inside are planned for their own values each time on PostgreSQL: psycopg prepares none of
+    them on the server (a no-op on SQLite, which prepares nothing across statements).
+
+    Why: psycopg prepares a statement at its sixth run on a connection (prepare_threshold, 5), and after five
+    runs of a prepared statement PostgreSQL may keep one generic plan for all values. For a read whose best
+    index depends on its values that plan is the wrong one: the audit log's deep page of an intruder's address
+    with an event, planned for an address as rare as most, read and sorted all 25,000 of the address's records
+    before the page and 50,000 after it (65-160 ms a page, against 6-10 planned for its values: docs/performance.md).
+    Only for such reads: every other statement is still prepared, as the hot paths want (db.Prepared)."""
+    if is_sqlite():
+        yield
+        return
+    connection = db.connection()
+    kept = connection.prepare_threshold
+    connection.prepare_threshold = None  # psycopg: None turns preparing off on the connection, until put back
+    try:
+        yield
+    finally:
+        connection.prepare_threshold = kept
+
+
 class Param(ColumnBase):
     """A named placeholder in a Prepared query. Values are passed as the driver takes them: ids for
     foreign keys, datetimes as they are (peewee itself converts nothing else for our column types)."""

@@ -21,7 +21,7 @@ from wtforms.validators import AnyOf, DataRequired, Email, Length, Optional, Val
 from . import htmx
 from .auth import strip_text
 from .clock import now
-from .db import Param, Prepared, db, for_update, is_sqlite, lock_keys, write_transaction
+from .db import Param, Prepared, db, for_update, is_sqlite, lock_keys, planned_for_values, write_transaction
 from .fields import Form, VisibleText, revealed
 from .models import AuditEvent, Device, ServerSession, SupportRequest, User, normalise_email
 from .security import (audit, client_ip, client_network, client_network_48, contact_browser, count_for_network,
@@ -1952,6 +1952,7 @@ class AuditPage(list):
         self.newer, self.older, self.events = newer, older, []
 
 
+@planned_for_values()  # each filter's best index depends on its values (an address, an event, a place)
 def audit_page(sides, conditions, span=(None, None), before=None, after=None):
     """A page of at most AUDIT_PER_PAGE audit records that meet one of `sides` (None: any record) and all of
     `conditions`, and were written within `span` (from, until: either may be None), newest first: those just
@@ -1961,7 +1962,9 @@ def audit_page(sides, conditions, span=(None, None), before=None, after=None):
     older ones, or back to newer ones, lists each record once, and a deep page reads its 50 records on an index
     from its place, not all those before it. The newer page nearest the newest may hold fewer than 50 (that is
     all there is after its place); one with none falls back to the newest. Whether pages come before and after
-    it is read, not guessed: a place can come from a link of another filter, or be typed."""
+    it is read, not guessed: a place can come from a link of another filter, or be typed. On PostgreSQL each read
+    is planned for its values, never prepared (db.planned_for_values): the plan for any address read all of an
+    intruder's records on either side of a deep page, not the 2,000 newest of the log before its place."""
     shown = AUDIT_PER_PAGE
 
     def read(limit, before=None, after=None):
