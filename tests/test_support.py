@@ -361,10 +361,11 @@ def test_after_a_stale_request_action_the_support_page_says_it_was_not_done(app,
     assert r.status_code == 302 and r.headers["Location"] == "/support"
     page = " ".join(actor.client.get("/support").get_data(as_text=True).split())
     if meanwhile:
-        expected = ("The request from ghost@example.com was marked as handled meanwhile, by admin2@example.com."
-                    if action == "handled" else "The request from ghost@example.com was reopened meanwhile: it is open.")
+        expected = ("The request from <bdi>ghost@example.com</bdi> was marked as handled meanwhile, by "
+                    "<bdi>admin2@example.com</bdi>." if action == "handled" else
+                    "The request from <bdi>ghost@example.com</bdi> was reopened meanwhile: it is open.")
     else:
-        expected = ("Not done yet: you confirmed it's you, and the request from ghost@example.com is still "
+        expected = ("Not done yet: you confirmed it's you, and the request from <bdi>ghost@example.com</bdi> is still "
                     + ("open. Press Mark as handled again" if action == "handled" else
                        "handled. Press Reopen again (under Recently handled)") + " if you still mean to.")
     expected = expected.replace("'", "&#39;")  # as Jinja escapes it
@@ -393,8 +394,8 @@ def test_after_a_stale_reopen_of_a_request_no_longer_listed_the_page_does_not_po
             SupportRequest.create(email=f"other{i}@example.com", message="Lost my phone", handled_at=utc(clock.t))
     r = actor.post_form(r.headers["Location"], {"password": PASSWORD, "code": actor.code(secret)})
     page = " ".join(actor.client.get("/support").get_data(as_text=True).split())
-    assert ("Not done yet: the request from ghost@example.com is still handled, and no longer among the recently "
-            "handled requests listed here, where Reopen is.") in page
+    assert ("Not done yet: the request from <bdi>ghost@example.com</bdi> is still handled, and no longer among the "
+            "recently handled requests listed here, where Reopen is.") in page
     assert "Press Reopen again" not in page and '<details class="handled-requests" open>' not in page
 
 
@@ -1752,7 +1753,7 @@ def test_a_disable_says_which_shown_requests_another_admin_marked_as_handled_mea
                          p + "close_requests": "y", p + "requests_shown": shown}, form_url="/support", headers=HX)
     html = " ".join(r.get_data(as_text=True).split())
     assert ("0 sessions ended, 1 contact request marked as handled (1 request shown on the form was marked as "
-            "handled meanwhile, by admin2@example.com). Now reply to them") in html
+            "handled meanwhile, by <bdi>admin2@example.com</bdi>). Now reply to them") in html
     with app.app_context():
         assert SupportRequest.get_by_id(second.id).handled_by_id != SupportRequest.get_by_id(first.id).handled_by_id
 
@@ -1959,7 +1960,7 @@ def test_requests_past_the_first_hundred_are_reached_through_the_pages(app, acto
     r = actor.post_form(unescape(action), {}, form_url="/support")
     assert r.status_code == 302 and r.headers["Location"] == unescape(links["Newer requests"]).split("#")[0]
     back = actor.client.get(r.headers["Location"]).get_data(as_text=True)
-    assert "The request from carol@example.com is marked as handled." in back
+    assert "The request from <bdi>carol@example.com</bdi> is marked as handled." in back
     assert "Showing 101–102 of 102 (oldest first)." in words(" ".join(back.split()))
 
 
@@ -2131,6 +2132,72 @@ def test_characters_that_show_nothing_are_shown_as_escapes_on_the_support_page(a
     assert not [c for c in shown if unicodedata.category(c) == "Cf" or 0xE0000 <= ord(c) <= 0xE0FFF]
 
 
+# An address stored before the forms refused such: markup, and a right-to-left override that reverses what follows.
+_TRICKY = "<script>alert(1)</script>\u202eevil@example.com"
+# As the Support page shows it: the markup as text, the override as its escape in a box, the whole inside <bdi>.
+_TRICKY_SHOWN = ('<bdi>&lt;script&gt;alert(1)&lt;/script&gt;<code class="hidden-char" dir="ltr">\\u202e</code>'
+                 'evil@example.com</bdi>')
+
+
+def _said(html, htmx, notice_id):
+    """The line an action left: the flashed messages at the top of the page it led to (category, text), or,
+    after an htmx action, the status line with `notice_id` in what came back."""
+    if htmx:
+        return [("success", re.search(rf'<p [^>]*id="{notice_id}"[^>]*>(.*?)</p>', html, re.S).group(1))]
+    flashes = re.search(r'<div class="flashes" id="flashes" role="status">(.*?)</div>', html, re.S).group(1)
+    return re.findall(r'<p class="flash (\w+)">(.*?)</p>', flashes, re.S)
+
+
+@pytest.mark.parametrize("htmx", [False, True], ids=["flashed", "htmx"])
+def test_what_an_action_on_a_request_says_shows_its_address_as_the_card_does(app, actor, secret, htmx):
+    """A review: the line Mark as handled and Reopen leave (flashed on the page a plain form goes back to, or
+    the card's status line) gave the request's address as stored, where the card shows it revealed in <bdi>:
+    a right-to-left override in an address stored before the form refused such reversed the rest of the line,
+    "... is marked as handled.", and a zero-width space hid in it. The address is shown as the card shows it,
+    and markup in it stays text."""
+    with app.app_context():
+        req = SupportRequest.create(email=_TRICKY, message="Lost my phone")
+    sign_in_admin(actor, secret)
+    said = []
+    for action in ("handled", "handled", "reopen", "reopen"):  # each a second time: "already"
+        if htmx:
+            page = actor.client.get("/support").get_data(as_text=True)
+            html = actor.client.post(f"/support/requests/{req.id}/{action}",
+                                     headers={**HX, "X-CSRFToken": csrf_from(page)}).get_data(as_text=True)
+        else:
+            r = actor.post_form(f"/support/requests/{req.id}/{action}", {}, form_url="/support")
+            assert r.status_code == 302
+            html = actor.client.get(r.headers["Location"]).get_data(as_text=True)
+        said += _said(html, htmx, "requests-notice")
+        assert "\u202e" not in html and "<script>alert" not in html
+    assert said == [("success", f"The request from {_TRICKY_SHOWN} is marked as handled."),
+                    ("success", f"The request from {_TRICKY_SHOWN} was already handled, by <bdi>{ADMIN}</bdi>."),
+                    ("success", f"The request from {_TRICKY_SHOWN} is open again."),
+                    ("success", f"The request from {_TRICKY_SHOWN} was open already.")]
+
+
+@pytest.mark.parametrize("htmx", [False, True], ids=["flashed", "htmx"])
+def test_what_a_disable_and_an_early_end_say_shows_the_persons_address_revealed(app, actor, secret, clock, htmx):
+    """The same review: the lines a disable and an early end leave gave the person's address as stored. Shown
+    as the Support page shows addresses in people's text: revealed, in <bdi>, markup as text; and so does the
+    refusal of a second disable while the window is open."""
+    target = actor.user(_TRICKY, secret=new_secret())
+    sign_in_admin(actor, secret)
+    r = disable(actor, target, headers=HX if htmx else None)
+    html = r.get_data(as_text=True) if htmx else actor.client.get(r.headers["Location"]).get_data(as_text=True)
+    [(category, line)] = _said(html, htmx, f"user-{target.id}-notice")
+    assert category == "success" and line.startswith(f"2FA for {_TRICKY_SHOWN} is off until ")
+    assert "1 device revoked" in line and "\u202e" not in line and "<script>" not in line
+    refused = actor.client.get(f"/support/users/{target.id}/disable-2fa").get_data(as_text=True)
+    assert re.search(rf'id="user-{target.id}-error"[^>]*>2FA for {re.escape(_TRICKY_SHOWN)} is already off until ',
+                     refused)
+    clock.advance(60)
+    r = end_window(actor, target, headers=HX if htmx else None)
+    html = r.get_data(as_text=True) if htmx else actor.client.get(r.headers["Location"]).get_data(as_text=True)
+    assert _said(html, htmx, f"user-{target.id}-notice") == [
+        ("success", f"The support window for {_TRICKY_SHOWN} is closed; signing in now needs support again.")]
+
+
 def test_line_breaks_of_an_older_message_are_line_breaks_not_escapes(app, actor, secret):
     """A review of fields.revealed: a message stored before the form turned a browser's CRLF line breaks into
     newlines (2026-12-05) holds a carriage return at every line end. HTML shows CRLF and CR as one line break,
@@ -2173,8 +2240,8 @@ def test_a_request_can_be_marked_handled(app, actor, secret):
     # a second click changes nothing, says so, and writes no second audit record
     actor.post_form(f"/support/requests/{req.id}/handled", {}, form_url="/support")
     # by whom (a support walkthrough: another admin's "already handled" said nothing of who)
-    assert f"The request from ghost@example.com was already handled, by {ADMIN}." in actor.client.get(
-        "/support").get_data(as_text=True)
+    assert (f"The request from <bdi>ghost@example.com</bdi> was already handled, by <bdi>{ADMIN}</bdi>."
+            in actor.client.get("/support").get_data(as_text=True))
     assert count(app, AuditEvent, AuditEvent.kind == "support_request_handled") == 1
 
 
@@ -2192,7 +2259,7 @@ def test_marking_handled_with_htmx_returns_the_requests_card_as_it_is_now(app, a
     assert r.status_code == 200 and html.lstrip().startswith('<section class="card" aria-labelledby="requests-heading" '
                                                              'id="open-requests">')
     assert ('<p class="notice" role="status" id="requests-notice" tabindex="-1" aria-labelledby="requests-notice">'
-            'The request from ghost@example.com is marked as handled.</p>') in html
+            'The request from <bdi>ghost@example.com</bdi> is marked as handled.</p>') in html
     open_part, handled_part = html.split("Recently handled (1)")
     assert "Open contact requests (1)" in words(open_part) and "Please help me too" in open_part
     assert "ghost@example.com" not in open_part.split("</p>", 2)[2]  # only in the status line above the list
@@ -2218,13 +2285,14 @@ def test_a_request_marked_handled_by_mistake_can_be_found_and_reopened(app, acto
         r = actor.client.post(f"/support/requests/{req.id}/reopen", headers={**HX, "X-CSRFToken": csrf_from(page)})
         html = r.get_data(as_text=True)
         assert r.status_code == 200 and 'id="open-requests"' in html and "<html" not in html
-        assert "The request from ghost@example.com is open again." in html
+        assert "The request from <bdi>ghost@example.com</bdi> is open again." in html
         assert "Open contact requests (1)" in words(html) and "Recently handled" not in html
         assert "Mark as handled" in html
     else:
         r = actor.post_form(f"/support/requests/{req.id}/reopen", {}, form_url="/support")
         assert r.status_code == 302 and r.headers["Location"] == "/support"
-        assert "The request from ghost@example.com is open again." in actor.client.get("/support").get_data(as_text=True)
+        page = actor.client.get("/support").get_data(as_text=True)
+        assert "The request from <bdi>ghost@example.com</bdi> is open again." in page
     [row] = fetch(app, SupportRequest)
     assert row.handled_at is None and row.handled_by_id is None
     page = actor.client.get("/support").get_data(as_text=True)

@@ -173,7 +173,7 @@ def create_app(test_config=None):
     # Globals rather than macros imported from a template: Jinja rebuilds an imported template module on
     # every render when context processors add variables, which cost ~0.2 ms a page.
     app.jinja_env.globals.update(field=fields.field, control=fields.control, form_error=fields.form_error,
-                                 status_notice=fields.status_notice,
+                                 status_notice=fields.status_notice, message_html=fields.message_html,
                                  username_for_password_managers=fields.username_for_password_managers,
                                  idle_warning_data=idle_warning_data, PASSWORD_MIN=PASSWORD_MIN,
                                  ACTIVITY_SHORT=support.ACTIVITY_SHORT, ACTIVITY_LONG=support.ACTIVITY_LONG)

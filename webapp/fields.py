@@ -249,6 +249,23 @@ def revealed(text):
     return Markup("".join(parts))
 
 
+def address(email):
+    """An email address as a part of a message (message_html), to be shown as the Support page shows addresses."""
+    return {"address": email}
+
+
+def message_html(message):
+    """A message as HTML: a string (or Markup) escaped as Jinja would; a list is a message that names people by
+    their addresses, kept as its parts (text, and address() parts) so that a flashed one comes through the
+    session (stored as JSON, which keeps no Markup). Its text is escaped, and each address revealed (its hidden
+    characters as escapes) inside <bdi>, as the Support page shows addresses everywhere else: flashed as typed,
+    a right-to-left override in an address reversed the rest of the line ("... is marked as handled.")."""
+    if not isinstance(message, list):
+        return escape(message)
+    return Markup("").join(Markup("<bdi>{}</bdi>").format(revealed(part["address"])) if isinstance(part, dict)
+                           else escape(part) for part in message)
+
+
 class VisibleText:
     """Validator for text kept for others to read: a name (HIDDEN_CATEGORIES), or with `lines`, free text of
     several lines (has_disguising_characters). What support writes goes into audit records nobody can edit,
@@ -490,7 +507,7 @@ def focusable_message(message, id, css, role, autofocus=False):
         return Markup("")
     class_attr = f' class="{escape(css)}"' if css else ""
     return Markup(f'<p{class_attr} role="{role}" id="{escape(id)}" tabindex="-1" aria-labelledby="{escape(id)}"'
-                  f'{" autofocus" if autofocus else ""}>{escape(message)}</p>')
+                  f'{" autofocus" if autofocus else ""}>{message_html(message)}</p>')
 
 
 def username_for_password_managers():

@@ -22,7 +22,7 @@ from . import htmx
 from .auth import strip_text
 from .clock import now
 from .db import Param, Prepared, db, for_update, is_sqlite, lock_keys, planned_for_values, write_transaction
-from .fields import Form, VisibleText, revealed
+from .fields import Form, VisibleText, address, revealed
 from .models import AuditEvent, Device, ServerSession, SupportRequest, User, normalise_email
 from .security import (audit, client_ip, client_network, client_network_48, contact_browser, count_for_network,
                        is_fresh, network_full_until, revoke_second_factor)
@@ -921,23 +921,25 @@ def _take_request_draft():
     handled = req.handled_at is not None
     if draft["kind"] == "handled":
         if handled:
-            return f"The request from {req.email} was marked as handled meanwhile{_by_whom(req)}.", False
-        return (f"Not done yet: you confirmed it's you, and the request from {req.email} is still open. Press "
-                "Mark as handled again if you still mean to."), False
+            return ["The request from ", address(req.email), " was marked as handled meanwhile", *_by_whom(req),
+                    "."], False
+        return ["Not done yet: you confirmed it's you, and the request from ", address(req.email), " is still "
+                "open. Press Mark as handled again if you still mean to."], False
     if not handled:
-        return f"The request from {req.email} was reopened meanwhile: it is open.", False
+        return ["The request from ", address(req.email), " was reopened meanwhile: it is open."], False
     if req.id not in {r.id for r in _recently_handled()}:
         # HANDLED_SHOWN others were handled since: its Reopen is no longer on the page (a review)
-        return (f"Not done yet: the request from {req.email} is still handled, and no longer among the recently "
-                "handled requests listed here, where Reopen is."), False
-    return (f"Not done yet: you confirmed it's you, and the request from {req.email} is still handled. Press "
-            "Reopen again (under Recently handled) if you still mean to."), True
+        return ["Not done yet: the request from ", address(req.email), " is still handled, and no longer among "
+                "the recently handled requests listed here, where Reopen is."], False
+    return ["Not done yet: you confirmed it's you, and the request from ", address(req.email), " is still "
+            "handled. Press Reopen again (under Recently handled) if you still mean to."], True
 
 
 def _by_whom(req):
-    """ ", by ADMIN" for a handled request, or nothing when its admin's account is gone."""
+    """ ", by ADMIN" for a handled request as parts of a message (fields.message_html), or none when its admin's
+    account is gone."""
     _add_handlers([req])
-    return f", by {req.handler}" if req.handler else ""
+    return [", by ", address(req.handler)] if req.handler else []
 
 
 def _take_draft(user_id, kind="disable"):
@@ -1603,7 +1605,8 @@ def _row_response(target, status=200, form=None, notice=None, error=None, flash_
     """htmx: the person's row re-rendered in place; plain forms: redirect with a flash, or the page with errors."""
     fresh = User.select(*USER_COLUMNS).where(User.id == target.id).get()
     if warning and htmx.is_htmx():
-        notice = f"{notice} {warning}" if notice else warning
+        # One line: a notice that names people is a list of parts (fields.message_html).
+        notice = (notice if isinstance(notice, list) else [notice]) + [" " + warning] if notice else warning
     rows = build_rows([fresh], forms={fresh.id: form} if form else None,
                       notices={fresh.id: notice} if notice else None, errors={fresh.id: error} if error else None,
                       end_forms={fresh.id: end_form} if end_form else None)
@@ -1701,15 +1704,19 @@ def disable_2fa(user_id):
     if already_open:
         return _row_response(target, status=409, error=_already_off(locked))
     # The app sends no email: the notice says what the reply to the person must tell them.
-    handled = f", {_count(closed, 'contact request')} marked as handled" if closed else ""
+    # A message naming people by their addresses, as parts (fields.message_html): flashed, or in the row.
+    handled = [f", {_count(closed, 'contact request')} marked as handled"] if closed else []
     if meanwhile:
         handlers = sorted({r.handler for r in meanwhile if r.handler})
         were = "was" if len(meanwhile) == 1 else "were"
-        by = f", by {', '.join(handlers)}" if handlers else ""
-        handled += f" ({_count(len(meanwhile), 'request')} shown on the form {were} marked as handled meanwhile{by})"
-    notice = (f"2FA for {target.email} is off until {_fmt_time(until)}: {_count(removed, 'device')} revoked, "
-              f"{_count(sessions, 'session')} ended{handled}. Now reply to them: until then they sign in with "
-              f"their password alone, and they should set up their new phone right away.")
+        by = []
+        for handler in handlers:
+            by += [", " if by else ", by ", address(handler)]
+        handled += [f" ({_count(len(meanwhile), 'request')} shown on the form {were} marked as handled meanwhile",
+                    *by, ")"]
+    notice = ["2FA for ", address(target.email), f" is off until {_fmt_time(until)}: {_count(removed, 'device')} "
+              f"revoked, {_count(sessions, 'session')} ended", *handled, ". Now reply to them: until then they sign "
+              "in with their password alone, and they should set up their new phone right away."]
     warning = None
     if left_open:
         warning = (f"{_count(left_open, 'contact request')} of theirs {'was' if left_open == 1 else 'were'} left "
@@ -1731,8 +1738,8 @@ def _count(n, noun):
 
 
 def _already_off(user):
-    return (f"2FA for {user.email} is already off until {_fmt_time(user.tfa_reset_until)}. Nothing was changed. "
-            "To give them a different end time, end the support window first, then disable again.")
+    return ["2FA for ", address(user.email), f" is already off until {_fmt_time(user.tfa_reset_until)}. Nothing "
+            "was changed. To give them a different end time, end the support window first, then disable again."]
 
 
 def _open_window(locked, actor, form, label, duration):
@@ -1804,8 +1811,8 @@ def end_window(user_id):
     if another:
         # The reason comes back as typed, under the row as it is now: who opened this window, when and why.
         return _row_response(target, status=409, end_form=form, error=another)
-    return _row_response(target, notice=f"The support window for {target.email} is closed; "
-                                        f"signing in now needs support again.")
+    return _row_response(target, notice=["The support window for ", address(target.email), " is closed; signing in "
+                                         "now needs support again."])
 
 
 @bp.post("/support/requests/<int:request_id>/handled")
@@ -1824,8 +1831,9 @@ def mark_handled(request_id):
                        .where((SupportRequest.id == req.id) & SupportRequest.handled_at.is_null()).execute())
             if changed:
                 audit("support_request_handled", user=req.user_id, actor=actor, request=req.id)
-    return _request_response(request_id, (lambda r: f"The request from {r.email} is marked as handled.") if changed
-                             else lambda r: f"The request from {r.email} was already handled{_by_whom(r)}.")
+    return _request_response(request_id, (lambda r: ["The request from ", address(r.email), " is marked as handled."])
+                             if changed else lambda r: ["The request from ", address(r.email), " was already handled",
+                                                        *_by_whom(r), "."])
 
 
 @bp.post("/support/requests/<int:request_id>/reopen")
@@ -1843,8 +1851,8 @@ def reopen(request_id):
                    .where((SupportRequest.id == req.id) & SupportRequest.handled_at.is_null(False)).execute())
         if changed:
             audit("support_request_reopened", user=req.user_id, actor=actor, request=req.id)
-    return _request_response(request_id, (lambda r: f"The request from {r.email} is open again.") if changed
-                             else lambda r: f"The request from {r.email} was open already.")
+    return _request_response(request_id, (lambda r: ["The request from ", address(r.email), " is open again."])
+                             if changed else lambda r: ["The request from ", address(r.email), " was open already."])
 
 
 _REQUEST_GONE = ("This contact request is no longer stored: handled requests are deleted some time after they "
