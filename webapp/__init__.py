@@ -10,7 +10,7 @@ import sqlite3
 import sys
 import time
 
-from flask import Flask, Response, current_app, flash, g, redirect, request, session, url_for
+from flask import Flask, Response, current_app, flash, g, has_request_context, redirect, request, session, url_for
 from flask.globals import request_ctx
 from flask_login import LoginManager, current_user
 from flask_wtf.csrf import CSRFError, CSRFProtect
@@ -110,6 +110,33 @@ class _SessionOnlyLoginManager(LoginManager):
         return None
 
 
+class _Flask(Flask):
+    """Flask with two answers it works out on every request kept instead: each is the same for the life of the
+    process, and each cost a User Settings view 1-2 % of its instructions (callgrind)."""
+
+    # Templates by name in a plain dict. Jinja's default is an LRU of 400 whose every lookup takes a lock and
+    # moves the name to the end of a deque, a scan of it; a page takes five lookups (its includes). The app has
+    # a few dozen templates, all named in its code, never by a visitor: the dict cannot grow beyond them.
+    jinja_options = {"cache_size": -1}
+
+    _SYNC_KEPT = 512  # hooks, views and error handlers: a few dozen (after_this_request ones are not kept)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._sync_kept = {}
+
+    def ensure_sync(self, func):
+        """Flask asks this of every hook and the view on every request (inspect.iscoroutinefunction, about 20
+        times a page); the answer for a function does not change."""
+        kept = self._sync_kept
+        made = kept.get(func)
+        if made is None:
+            made = super().ensure_sync(func)
+            if len(kept) < self._SYNC_KEPT:
+                kept[func] = made
+        return made
+
+
 csrf = CSRFProtect()
 login_manager = _SessionOnlyLoginManager()
 
@@ -118,7 +145,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def create_app(test_config=None):
     """Build the application: config, database, sessions, login, CSRF, blueprints, errors and CLI."""
-    app = Flask(
+    app = _Flask(
         __name__,
         # A relative TWOSTEP_INSTANCE is taken from the working directory (Flask accepts absolute paths only).
         instance_path=os.path.abspath((test_config or {}).get("INSTANCE_PATH") or os.environ.get("TWOSTEP_INSTANCE")
@@ -186,11 +213,12 @@ def create_app(test_config=None):
         from .models import Device
 
         reset_window = None
+        user = current_user._get_current_object()  # one read through the proxy (_memoise_template_helpers)
         # Not while the error page of an outage is drawn: the query would fail again, past every handler.
-        if (current_user.is_authenticated and current_user.tfa_reset_until is not None
+        if (user is not None and user.is_authenticated and user.tfa_reset_until is not None
                 and not g.get("database_unavailable")):
-            if not Device.select().where(Device.user == current_user.id).exists():
-                reset_window = current_user.tfa_reset_until
+            if not Device.select().where(Device.user == user.id).exists():
+                reset_window = user.tfa_reset_until
         return {"reset_window": reset_window}
 
     @app.get("/")
@@ -256,21 +284,27 @@ def _memoise_template_helpers(app):
     subdomains). csrf_token: Flask-WTF signs the session's raw token again on every request; the signed
     form of each raw token is kept instead (it never expires: WTF_CSRF_TIME_LIMIT is None, the session's
     own timeouts bound it). Both caches are per process and bounded. A raw token seen for the first time is
-    signed by CsrfTokens, which makes the same tokens as Flask-WTF at a third of the cost."""
+    signed by CsrfTokens, which makes the same tokens as Flask-WTF at a third of the cost.
+
+    Each render gets both with the request's script root, g and session bound to them (a context processor),
+    so no call reads them through Flask's proxies: each such read cost ~9,000 instructions (callgrind), and
+    url_for's read of the script root alone was 3 % of a User Settings view. (Jinja's pass_context would
+    hand them the context instead, but a call in a block or a loop then copies the context.) The globals
+    serve a template rendered outside a request."""
     from flask_wtf.csrf import generate_csrf
 
     build = app.url_for
     urls, signed, signers = {}, {}, {}
 
-    def url_for(endpoint, **values):
+    def url_for_under(script_root, endpoint, **values):
         if values:
             if endpoint[:1] == "." or any(k[:1] == "_" or not isinstance(v, (str, int)) for k, v in values.items()):
                 return build(endpoint, **values)
-            key = (endpoint, request.script_root, tuple(sorted(values.items())))
+            key = (endpoint, script_root, tuple(sorted(values.items())))
         elif endpoint[:1] == ".":
             return build(endpoint)
         else:
-            key = (endpoint, request.script_root)
+            key = (endpoint, script_root)
         url = urls.get(key)
         if url is None:
             if len(urls) > 4096:
@@ -278,10 +312,10 @@ def _memoise_template_helpers(app):
             url = urls[key] = build(endpoint, **values)
         return url
 
-    def csrf_token():
-        token = g.get("csrf_token")  # where Flask-WTF keeps the request's signed token
+    def csrf_token_of(request_g, request_session):
+        token = request_g.get("csrf_token")  # where Flask-WTF keeps the request's signed token
         if token is None:
-            raw = session.get("csrf_token")
+            raw = request_session.get("csrf_token")
             token = signed.get(raw) if raw else None
             if token is None:
                 if raw:
@@ -292,13 +326,26 @@ def _memoise_template_helpers(app):
                     token = generate_csrf()  # makes the session's raw token first
                 if len(signed) > 10000:
                     signed.clear()
-                signed[session["csrf_token"]] = token
-            g.csrf_token = token
+                signed[request_session["csrf_token"]] = token
+            request_g.csrf_token = token
         return token
+
+    def url_for(endpoint, **values):
+        return url_for_under(request.script_root, endpoint, **values)
+
+    def csrf_token():
+        return csrf_token_of(g._get_current_object(), session._get_current_object())
+
+    def bound_helpers():
+        if not has_request_context():
+            return {"csrf_token": csrf_token}
+        current = request_ctx._get_current_object()
+        return {"url_for": functools.partial(url_for_under, current.request.script_root),
+                "csrf_token": functools.partial(csrf_token_of, g._get_current_object(), current.session)}
 
     app.jinja_env.globals.update(url_for=url_for, csrf_token=csrf_token)
     # Flask-WTF also puts its own csrf_token into every template context, which would hide the global.
-    app.context_processor(lambda: {"csrf_token": csrf_token})
+    app.context_processor(bound_helpers)
 
 
 class CsrfTokens(URLSafeTimedSerializer):
@@ -501,13 +548,14 @@ def _refuse_nul_characters():
     early in C code."""
     # The form only where Flask-WTF reads one (POST, PUT, PATCH, DELETE): building an empty one for every
     # page view cost ~2 % of a User Settings request.
-    sources = (request.args, request.form) if request.method in SUBMIT_METHODS else (request.args,)
+    current = request._get_current_object()  # one read through Flask's proxy, not four
+    sources = (current.args, current.form) if current.method in SUBMIT_METHODS else (current.args,)
     # Every value of a repeated name too, not only the first one that the views read. And the two headers
     # that are stored: the User-Agent (a new session's row) and the client address, which ProxyFix takes from
     # X-Forwarded-For (session rows, audit records, per-network counters). gunicorn refuses a header with NUL
     # itself; a server that passed one on made a sign-in on PostgreSQL end in a 500.
     if (any("\x00" in value for values in sources for listed in values.listvalues() for value in listed)
-            or "\x00" in request.headers.get("User-Agent", "") or "\x00" in (request.remote_addr or "")):
+            or "\x00" in current.headers.get("User-Agent", "") or "\x00" in (current.remote_addr or "")):
         raise BadRequest("The request contained a character that is not allowed (NUL). Nothing was changed.")
 
 

@@ -5,9 +5,11 @@ from flask import make_response, render_template, request
 from werkzeug.urls import iri_to_uri
 
 
-def is_htmx():
-    """True when htmx made this request (and it is not a history restore, which wants the full page)."""
-    return request.headers.get("HX-Request") == "true" and request.headers.get("HX-History-Restore-Request") != "true"
+def is_htmx(current=None):
+    """True when htmx made this request, or the request `current` (a caller that holds the request object
+    saves a read through Flask's proxy), and it is not a history restore, which wants the full page."""
+    headers = (request if current is None else current).headers
+    return headers.get("HX-Request") == "true" and headers.get("HX-History-Restore-Request") != "true"
 
 
 def page_query():

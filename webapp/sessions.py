@@ -363,19 +363,20 @@ def time_left(session, config, saved=False):
     return max(0, int(idle.total_seconds())), max(0, int(absolute.total_seconds()))
 
 
-def idle_warning_data():
+def idle_warning_data(login_url):
     """The idle warning's data attributes on the signed-in layout (base.html, for app.js): the seconds left,
-    idle and absolute (time_left), the two limits in the words the warning uses, and the sign-in page (app.js
-    adds the page's own address as `next`). One string, rather than a dozen lookups in every page's template."""
-    from flask import current_app, session, url_for
-    from markupsafe import Markup
+    idle and absolute (time_left), the two limits in the words the warning uses, and the sign-in page
+    `login_url` (app.js adds the page's own address as `next`; the template's url_for is the memoised one).
+    One string, rather than a dozen lookups in every page's template."""
+    from flask import current_app, session
+    from markupsafe import Markup, escape
 
     config = current_app.config
     left, absolute = time_left(session._get_current_object(), config)
     return Markup(f'data-seconds-left="{left}" data-absolute-seconds-left="{absolute}" '
                   f'data-idle-minutes="{int(config["SESSION_IDLE_TIMEOUT"].total_seconds() // 60)}" '
                   f'data-absolute-hours="{int(config["SESSION_ABSOLUTE_TIMEOUT"].total_seconds() // 3600)}" '
-                  f'data-login-url="{url_for("auth.login")}"')
+                  f'data-login-url="{escape(login_url)}"')
 
 
 def touch_session_now():

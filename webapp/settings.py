@@ -209,13 +209,23 @@ def _blank_form(form_class, prefix, value=None):
     return freeze(form_class(formdata=None, prefix=prefix, data={"name": value} if value is not None else None))
 
 
+class _DeviceForms:
+    """A device's forms on User Settings and its creation stamp (device_stamp), read by the template as
+    attributes (an object for the reason given at _SessionShown)."""
+
+    __slots__ = ("rename", "remove", "added")
+
+    def __init__(self, rename, remove, added):
+        self.rename, self.remove, self.added = rename, remove, added
+
+
 def _row_context(user, failed=None, notice=None):
     """Everything the Two-Factor Authentication row needs; `failed` is (kind, device_id, form) to show with errors."""
     devices = _devices(user)
     rename = _blank_form(RenameForm, f"rename-{fields.ITEM}", fields.VALUE)
     remove = _blank_form(RemoveForm, f"remove-{fields.ITEM}")
-    forms = {d.id: {"rename": fields.moved(rename, d.id, d.name), "remove": fields.moved(remove, d.id),
-                    "added": device_stamp(d)} for d in devices}
+    forms = {d.id: _DeviceForms(fields.moved(rename, d.id, d.name), fields.moved(remove, d.id), device_stamp(d))
+             for d in devices}
     disable_form = _blank_form(DisableForm, "off")
     open_form = None
     if failed:
@@ -224,7 +234,7 @@ def _row_context(user, failed=None, notice=None):
         if kind == "disable":
             disable_form = form
         elif device_id in forms:
-            forms[device_id][kind] = form
+            setattr(forms[device_id], kind, form)
     return {"devices": devices, "device_forms": forms, "disable_form": disable_form, "open_form": open_form,
             "notice": notice}
 
@@ -955,13 +965,24 @@ def active_sessions(user):
     """The person's live sessions, most recently used first, each marked if it is this browser (security.md 30)."""
     cfg = current_app.config
     current = now()
-    this_id = token_hash(session.token) if getattr(session, "token", None) else None
+    token = getattr(session._get_current_object(), "token", None)
+    this_id = token_hash(token) if token else None
     idle, absolute = cfg["SESSION_IDLE_TIMEOUT"], cfg["SESSION_ABSOLUTE_TIMEOUT"]
     rows = _LIVE_SESSIONS.rows(user=user.id, idle_after=current - idle, idle_before=current + idle,
                                created_after=current - absolute, created_before=current + absolute)
-    return _Sessions({"handle": session_handle(r.id), "created_at": r.created_at, "last_seen_at": r.last_seen_at,
-                      "ip": r.ip, "user_agent": browser_label(r.user_agent), "current": r.id == this_id}
-                     for r in rows)
+    return _Sessions(_SessionShown(session_handle(r.id), r.created_at, r.last_seen_at, r.ip,
+                                   browser_label(r.user_agent), r.id == this_id) for r in rows)
+
+
+class _SessionShown:
+    """One line of active_sessions. An object, not a dict: Jinja reads `s.ip` as an attribute first, and a
+    dict answered each of a page's ~20 such reads by raising AttributeError before its key was tried."""
+
+    __slots__ = ("handle", "created_at", "last_seen_at", "ip", "user_agent", "current")
+
+    def __init__(self, handle, created_at, last_seen_at, ip, user_agent, current):
+        self.handle, self.created_at, self.last_seen_at = handle, created_at, last_seen_at
+        self.ip, self.user_agent, self.current = ip, user_agent, current
 
 
 class _Sessions(list):
@@ -970,7 +991,7 @@ class _Sessions(list):
 
     @property
     def others(self):
-        return any(not s["current"] for s in self)
+        return any(not s.current for s in self)
 
 
 def _sessions_response(notice):

@@ -416,8 +416,10 @@ def _activity_query():
     page of older ones."""
     # The request's own query only when it names the list: a device's forms carry `added` in theirs, and the
     # section their htmx answer sends back fell back to ten events on the longer list.
-    if not htmx.is_htmx() or "activity" in request.args or "before" in request.args:
-        return request.args
+    current = request._get_current_object()
+    args = current.args
+    if not htmx.is_htmx(current) or "activity" in args or "before" in args:
+        return args
     return htmx.page_query()
 
 
