@@ -216,6 +216,14 @@ class Actor:
     def code_step(self, code, **kwargs):
         return self.post_form("/login/verify", {"code": code}, **kwargs)
 
+    def code_refused(self, code, **kwargs):
+        """Send a code the code step refuses: without htmx it answers 303 to its own page (Post/Redirect/Get),
+        whose GET shows the refusal once. That page's response."""
+        r = self.code_step(code, **kwargs)
+        assert r.status_code == 303 and r.headers["Location"] == "/login/verify", (r.status_code,
+                                                                                   r.headers.get("Location"))
+        return self.client.get(r.headers["Location"])
+
     def sign_in(self, email="alice@example.com", password=PASSWORD, secret=None):
         """Both steps; returns the final response."""
         response = self.password_step(email, password)

@@ -570,7 +570,7 @@ def test_cli_unlock_clears_a_code_lock_and_nothing_else(app, actor, secret, cloc
     until = lock_code_entry(actor, secret)
     clock.advance(60)
     assert actor.password_step().headers["Location"] == "/login/verify"
-    r = actor.code_step(actor.code(secret))
+    r = actor.code_refused(actor.code(secret))
     assert r.status_code == 429 and "Too many wrong codes. Wait 14 minutes" in r.get_data(as_text=True)
 
     result = run(app, "users", "unlock", "  Alice@Example.com ")
@@ -772,13 +772,13 @@ def test_four_wrong_codes_pause_the_code_entry_and_the_list_says_paused(app, act
     assert actor.password_step().headers["Location"] == "/login/verify"
     for wait in (0, 1, 2, 4):
         clock.advance(wait)
-        assert "That code is not valid" in actor.code_step(wrong_code(actor, secret)).get_data(as_text=True)
+        assert "That code is not valid" in actor.code_refused(wrong_code(actor, secret)).get_data(as_text=True)
     pause = utc(clock.t) + timedelta(seconds=8)
     assert actor.password_step().headers["Location"] == "/login/verify"  # a new code step (the old one had 4)
     page = actor.client.get("/login/verify").get_data(as_text=True)
     assert "Too many" not in page and "Wait" not in page
     for code in (actor.code(secret), wrong_code(actor, secret)):  # refused during the pause, counted
-        r = actor.code_step(code)
+        r = actor.code_refused(code)
         assert r.status_code == 429 and "Wait 8 seconds before entering another code." in r.get_data(as_text=True)
         assert "Too many" not in r.get_data(as_text=True)
     with app.app_context():

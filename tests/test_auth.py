@@ -11,7 +11,7 @@ from webapp.auth import GENERIC_CODE_ERROR
 from webapp.models import AuditEvent, ServerSession, SignInChallenge, User
 from webapp.sessions import token_hash
 
-from .conftest import PASSWORD, RFC_SECRET
+from .conftest import PASSWORD, RFC_SECRET, csrf_from
 from .test_support import utc
 
 WRONG = "000000"
@@ -713,7 +713,7 @@ def test_a_mistyped_code_that_starts_the_lock_says_the_wait(actor, secret, clock
         actor.code_step(WRONG)
     actor.password_step()  # a new code step: its own count starts again, the account's does not
     clock.advance(8)
-    r = actor.code_step("12345")
+    r = actor.code_refused("12345")
     page = r.get_data(as_text=True)
     assert r.status_code == 429 and "wait 15 minutes before trying again" in page.lower()
     assert "This sign-in step closes before then" in page and 'name="code"' not in page
@@ -730,7 +730,7 @@ def test_a_short_pause_that_outlasts_the_code_step_keeps_the_field(actor, secret
         clock.advance(wait)
         actor.code_step(WRONG)
     clock.advance(296 - 3)  # 4 min 56 s into the step: the fourth wrong code's pause (8 s) ends after it
-    page = actor.code_step(WRONG).get_data(as_text=True)
+    page = actor.code_refused(WRONG).get_data(as_text=True)
     assert "That code is not valid" in page and 'name="code"' in page
     assert "This sign-in step closes before then" not in page
 
@@ -747,14 +747,14 @@ def test_codes_sent_during_the_lock_count_but_do_not_lengthen_the_next_lock(acto
     clock.advance(60)
     for _ in range(4):  # the right code too: refused, as the lock says
         actor.password_step()
-        r = actor.code_step(actor.code(secret))
+        r = actor.code_refused(actor.code(secret))
         assert r.status_code == 429 and "Too many wrong codes. Wait 14 minutes" in r.get_data(as_text=True)
     row = user_row(actor.app)
     assert (row.code_failures, row.code_strikes) == (9, 5)
     assert kinds(actor.app).count("code_throttled") == 4  # security.md 19, 43: each refused try is recorded
     clock.advance(14 * 60)
     actor.password_step()
-    r = actor.code_step(WRONG)  # checked: the sixth strike doubles the lock, no more
+    r = actor.code_refused(WRONG)  # checked: the sixth strike doubles the lock, no more
     # and says so at once, with 429 as every answer that asks to wait (an upgrade review: the page said only
     # "not valid", with 200, and the next code met the lock)
     assert r.status_code == 429 and "That code is not valid" in r.get_data(as_text=True)
@@ -781,8 +781,8 @@ def test_a_typo_then_the_right_code_at_once_waits_a_second_without_counting_agai
     seconds, not four."""
     actor.user(secret=secret)
     actor.password_step()
-    assert actor.code_step("12345").status_code == 400
-    r = actor.code_step(actor.code(secret))
+    assert actor.code_refused("12345").status_code == 400
+    r = actor.code_refused(actor.code(secret))
     assert r.status_code == 429 and "Wait 1 second before entering another code." in r.get_data(as_text=True)
     # It says so: with the field empty, a right code refused without a word looked like a wrong one (found by a
     # usability review).
@@ -791,7 +791,7 @@ def test_a_typo_then_the_right_code_at_once_waits_a_second_without_counting_agai
     # wrong one sent twice (a double press), and keeping that one would invite a third strike.
     assert f'value="{actor.code(secret)}"' not in r.get_data(as_text=True)
     clock.advance(1)
-    r = actor.code_step(WRONG)
+    r = actor.code_refused(WRONG)
     assert r.status_code == 200
     row = user_row(actor.app)
     assert (row.code_failures, row.code_strikes) == (3, 2)
@@ -831,7 +831,7 @@ def test_codes_two_steps_away_are_refused_over_http(actor, code):
     """security.md 14: T-2 and T+2 are refused."""
     actor.user(secret=RFC_SECRET)
     actor.password_step()
-    r = actor.code_step(code)
+    r = actor.code_refused(code)
     assert r.status_code == 200 and "That code is not valid" in r.get_data(as_text=True)
     assert not signed_in(actor.client)
 
@@ -851,7 +851,7 @@ def test_malformed_codes_get_400_and_count(actor, code):
     """security.md 5: anything but six ASCII digits is refused with 400 and counted as a failure."""
     actor.user(secret=RFC_SECRET)
     actor.password_step()
-    r = actor.code_step(code)
+    r = actor.code_refused(code)
     assert r.status_code == 400
     assert ("Enter the 6-digit code from your authenticator app." if code == "" else
             "Enter the 6-digit code your authenticator app shows: six numbers (spaces don&#39;t matter).") in \
@@ -875,7 +875,7 @@ def test_code_field_is_accessible_and_autofills(actor, secret):
 def test_wrong_code_error_is_tied_to_the_field(actor, secret):
     actor.user(secret=secret)
     actor.password_step()
-    html = actor.code_step(WRONG).get_data(as_text=True)
+    html = actor.code_refused(WRONG).get_data(as_text=True)
     assert 'aria-describedby="code-error"' in html and 'id="code-error"' in html
     assert 'aria-invalid="true"' in html
 
@@ -888,7 +888,7 @@ def test_a_refused_code_comes_back_as_an_empty_field(actor, app, secret, code):
 
     actor.user(secret=secret)
     actor.password_step()
-    html = actor.code_step(code).get_data(as_text=True)
+    html = actor.code_refused(code).get_data(as_text=True)
     [field] = re.findall(r'<input[^>]*name="code"[^>]*>', html)
     assert 'value=""' in field and code not in field and 'aria-invalid="true"' in field
     actor.clock.advance(2)
@@ -910,7 +910,7 @@ def test_replayed_code_is_refused(actor, secret, app, clock):
 
     other = Actor(app, second, clock)
     other.password_step()
-    r = other.code_step(code)
+    r = other.code_refused(code)
     assert r.status_code == 200 and "That code is not valid" in r.get_data(as_text=True)
     assert not signed_in(second)
     assert "totp_replay" in kinds(app)
@@ -925,7 +925,7 @@ def test_older_code_after_newer_one_is_refused(actor, app, clock):
 
     other = Actor(app, app.test_client(), clock)
     other.password_step()
-    r = other.code_step("980357")
+    r = other.code_refused("980357")
     assert "That code is not valid" in r.get_data(as_text=True)
     assert not signed_in(other.client)
 
@@ -947,11 +947,11 @@ def test_replay_looks_exactly_like_a_wrong_code(app, clock):
     clock.advance(30)  # out of any back-off; still inside the window for the replay
     b = Actor(app, app.test_client(), clock)
     b.password_step()
-    replay = b.code_step("005924")
+    replay = b.code_refused("005924")
     clock.advance(30)
     c = Actor(app, app.test_client(), clock)
     c.password_step()
-    wrong = c.code_step(WRONG)
+    wrong = c.code_refused(WRONG)
     assert replay.status_code == wrong.status_code == 200
     assert _strip_csrf(replay.get_data(as_text=True)) == _strip_csrf(wrong.get_data(as_text=True))
     assert kinds(app).count("totp_replay") == 1 and kinds(app).count("code_rejected") == 1
@@ -963,7 +963,8 @@ def test_client_supplied_time_is_ignored(actor):
     actor.password_step()
     r = actor.post_form("/login/verify", {"code": "240500", "timestamp": "1234567950", "time": "1234567950"},
                         headers={"Date": "Fri, 13 Feb 2009 23:32:30 GMT"})
-    assert "That code is not valid" in r.get_data(as_text=True)
+    assert r.status_code == 303
+    assert "That code is not valid" in actor.client.get(r.headers["Location"]).get_data(as_text=True)
     assert not signed_in(actor.client)
 
 
@@ -983,6 +984,125 @@ def test_verify_uses_only_the_server_side_user(app, clock):
     assert r.headers["Location"] == "/settings"
     html = attacker.client.get("/settings").get_data(as_text=True)
     assert "mallory@example.com" in html and "victim@example.com" not in html
+
+
+def code_failures(app):
+    """(the account's count of refused codes, the code step's own), as stored."""
+    with app.app_context():
+        return user_row(app).code_failures, SignInChallenge.select(SignInChallenge.failures).scalar()
+
+
+def wrong_code_for(actor, secret):
+    """A six-digit code that none of the window's steps accepts (and that the clock's time does not hold)."""
+    return next(c for c in ("271828", "314159") if c not in {actor.code(secret, k) for k in (-1, 0, 1)})
+
+
+def test_a_refused_code_answers_303_to_the_code_step_which_says_it_once(actor, app, secret, clock):
+    """Without JavaScript a refused code answered the POST with the page: Reload sent the same code again (after
+    "Confirm Form Resubmission"), one more failure towards the lock. It answers 303 to the code step now
+    (Post/Redirect/Get, as Confirm it's you does); that page says the refusal once, with the words, status,
+    focus and Error: title the POST's answer had, and the session keeps the refusal, never the code. htmx
+    still gets its answer at once, the same page; the right code still signs in."""
+    actor.user(secret=secret)
+    actor.password_step()
+    wrong = wrong_code_for(actor, secret)
+    r = actor.code_step(wrong)
+    assert r.status_code == 303 and r.headers["Location"] == "/login/verify"
+    with app.app_context():
+        kept = json.dumps(ServerSession.get(ServerSession.id == token_hash(actor.session_cookie())).load())
+    assert GENERIC_CODE_ERROR in kept and wrong not in kept
+    assert code_failures(app) == (1, 1)
+    page = actor.client.get("/login/verify")
+    html = page.get_data(as_text=True)
+    assert page.status_code == 200 and GENERIC_CODE_ERROR in html
+    assert "<title>Error: Verification code · twostep</title>" in html
+    [field] = re.findall(r'<input[^>]*name="code"[^>]*>', html)
+    assert 'aria-invalid="true"' in field and 'aria-describedby="code-error"' in field and " autofocus" in field
+    assert 'value=""' in field and f'<p class="error" id="code-error">{GENERIC_CODE_ERROR}</p>' in html
+    again = actor.client.get("/login/verify")  # Reload: the form again, nothing sent, nothing said
+    assert again.status_code == 200 and GENERIC_CODE_ERROR not in again.get_data(as_text=True)
+    assert 'aria-invalid' not in again.get_data(as_text=True)
+    assert "<title>Verification code · twostep</title>" in again.get_data(as_text=True)
+    assert code_failures(app) == (1, 1)
+    clock.advance(1)  # past the pause after one wrong code
+    hx = actor.code_step(wrong, headers={"HX-Request": "true"})
+    assert hx.status_code == 200 and _strip_csrf(hx.get_data(as_text=True)) == _strip_csrf(html)
+    assert code_failures(app) == (2, 2)
+    assert GENERIC_CODE_ERROR not in actor.client.get("/login/verify").get_data(as_text=True)  # none kept for it
+    clock.advance(2)
+    assert actor.code_step(actor.code(secret)).headers["Location"] == "/settings"
+
+
+def test_a_mistyped_code_and_one_sent_in_the_pause_keep_400_and_429_after_the_303(actor, app, secret):
+    """The page a refused code leads to answers with the refusal's status, as the POST did: 400 for a mistyped
+    code (security.md 5), 429 for one refused by the pause after it (security.md 18). Each counted once."""
+    actor.user(secret=secret)
+    actor.password_step()
+    page = actor.code_refused("12345")
+    assert page.status_code == 400
+    assert "six numbers (spaces don&#39;t matter)" in page.get_data(as_text=True)
+    assert 'aria-invalid="true"' in page.get_data(as_text=True)
+    page = actor.code_refused(actor.code(secret))  # within the second's pause after the typo
+    assert page.status_code == 429 and "This code was not checked" in page.get_data(as_text=True)
+    assert code_failures(app) == (2, 2)
+    assert actor.client.get("/login/verify").status_code == 200 and code_failures(app) == (2, 2)
+
+
+def test_the_wrong_code_that_starts_the_lock_says_the_wait_after_its_303_with_429(actor, app, secret, clock):
+    """security.md 18: the wrong code that starts the account's code lock (the one after THROTTLE_FREE_FAILURES)
+    answers 303 as any refused code; the page it leads to says the wait and when it ends, without a field,
+    with 429, as the POST's answer did. Reload counts nothing; after the lock the right code signs in."""
+    actor.user(secret=secret)
+    for k in range(app.config["THROTTLE_FREE_FAILURES"]):
+        actor.password_step()  # a code step each: one step's fifth wrong code ends it instead
+        actor.code_refused(WRONG)
+        clock.advance(2 ** k)  # past the pause it set (1, 2, 4, 8 s)
+    actor.password_step()
+    page = actor.code_refused(WRONG)
+    html = " ".join(page.get_data(as_text=True).split())
+    assert page.status_code == 429
+    assert "Too many wrong codes in a row: wait 15 minutes before trying again." in html
+    until = user_row(app).code_locked_until
+    shown = (until + timedelta(seconds=59, microseconds=999999)).replace(second=0, microsecond=0)
+    assert f"Sign in again with your password after <time datetime=\"{shown:%Y-%m-%dT%H:%M:%S}Z\" data-local>" in html
+    assert 'id="code-locked" tabindex="-1" autofocus aria-labelledby="code-locked-wait"' in html
+    assert 'name="code"' not in html and "<title>Error: Verification code · twostep</title>" in html
+    failures = app.config["THROTTLE_FREE_FAILURES"] + 1
+    assert code_failures(app) == (failures, 1)
+    again = " ".join(actor.client.get("/login/verify").get_data(as_text=True).split())  # Reload
+    assert "in a row" not in again and "Too many wrong codes. Wait 15 minutes before trying again." in again
+    assert 'name="code"' not in again and code_failures(app) == (failures, 1)
+    clock.advance(15 * 60)
+    actor.password_step()
+    assert actor.code_step(actor.code(secret)).headers["Location"] == "/settings"
+
+
+def test_a_refused_code_is_said_only_within_its_minute_on_its_own_code_step_and_expiry_goes_on_as_before(
+        actor, app, secret, clock):
+    """A refused code is kept a minute, for its own code step: its 303 not followed (the answer lost, the tab
+    left), it is not said a minute later, nor on the code step the password starts next. A code step that
+    expires before the page of its refusal is loaded sends the person to sign in again, with the address kept,
+    as an expired code step did; a code sent to it then counts nothing."""
+    actor.user(secret=secret)
+    actor.password_step()
+    assert actor.code_step(WRONG).status_code == 303
+    clock.advance(61)
+    assert GENERIC_CODE_ERROR not in actor.client.get("/login/verify").get_data(as_text=True)
+    assert actor.code_step(WRONG).status_code == 303
+    actor.password_step()  # a new code step, before the first one's refusal was shown
+    page = actor.client.get("/login/verify")
+    assert page.status_code == 200 and GENERIC_CODE_ERROR not in page.get_data(as_text=True)
+    token = csrf_from(page.get_data(as_text=True))
+    clock.advance(app.config["CHALLENGE_TTL"].total_seconds() - 10)
+    assert actor.client.post("/login/verify", data={"csrf_token": token, "code": WRONG}).status_code == 303
+    clock.advance(11)  # the code step expires before the page its refusal led to is loaded
+    r = actor.client.get("/login/verify")
+    assert r.status_code == 302 and r.headers["Location"] == "/login?notice=sign-in-expired"
+    page = actor.client.get(r.headers["Location"]).get_data(as_text=True)
+    assert 'value="alice@example.com"' in page and GENERIC_CODE_ERROR not in page
+    r = actor.client.post("/login/verify", data={"csrf_token": token, "code": WRONG})
+    assert r.status_code == 302 and r.headers["Location"] == "/login?notice=sign-in-expired"
+    assert user_row(app).code_failures == 3
 
 
 def test_wrong_code_grants_nothing(actor, secret):
@@ -1006,14 +1126,14 @@ def test_account_lock_holds_across_clients_and_addresses(app, clock, secret):
     for i in range(5):
         a = Actor(app, app.test_client(), clock)
         a.password_step()
-        r = a.code_step(WRONG, environ_base={"REMOTE_ADDR": f"10.0.0.{i + 1}"},
-                        headers={"X-Forwarded-For": f"192.0.2.{i}"})
+        r = a.code_refused(WRONG, environ_base={"REMOTE_ADDR": f"10.0.0.{i + 1}"},
+                           headers={"X-Forwarded-For": f"192.0.2.{i}"})
         assert "That code is not valid" in r.get_data(as_text=True)
         clock.advance(waits[i])
     for code in (WRONG, None):
         a = Actor(app, app.test_client(), clock)
         a.password_step()
-        r = a.code_step(code or a.code(secret), environ_base={"REMOTE_ADDR": "10.9.9.9"})
+        r = a.code_refused(code or a.code(secret), environ_base={"REMOTE_ADDR": "10.9.9.9"})
         assert r.status_code == 429 and "Too many wrong codes" in r.get_data(as_text=True)
         assert not signed_in(a.client)
     assert user_row(app).code_failures == 7
@@ -1029,7 +1149,7 @@ def test_back_off_refuses_quick_retries_without_evaluating(actor, secret, clock)
     actor.user(secret=secret)
     actor.password_step()
     actor.code_step(WRONG)
-    r = actor.code_step(actor.code(secret))
+    r = actor.code_refused(actor.code(secret))
     # One mistyped code is not "too many": the short pause says only how long to wait.
     assert r.status_code == 429 and "Wait 1 second before entering another code." in r.get_data(as_text=True)
     assert "Too many" not in r.get_data(as_text=True)
@@ -1047,7 +1167,7 @@ def test_the_lock_says_too_many_to_its_last_second(actor, secret, clock):
         clock.advance(wait)
     clock.advance(15 * 60 - 30)
     actor.password_step()  # the fifth wrong code also ended that sign-in (its challenge)
-    r = actor.code_step(actor.code(secret))
+    r = actor.code_refused(actor.code(secret))
     assert r.status_code == 429 and "Too many wrong codes. Wait 30 seconds before trying again." in r.get_data(
         as_text=True)
 
@@ -1066,7 +1186,7 @@ def test_codes_refused_during_a_pause_do_not_make_it_a_lock(actor, secret, clock
     page = actor.client.get("/login/verify").get_data(as_text=True)
     assert "Too many" not in page and "Wait" not in page
     for _ in range(4):
-        r = actor.code_step(actor.code(secret))
+        r = actor.code_refused(actor.code(secret))
         assert r.status_code == 429 and "Wait 5 seconds before entering another code." in r.get_data(as_text=True)
         assert "Too many" not in r.get_data(as_text=True)
     r = actor.code_step(actor.code(secret))  # the code step's fifth refused code ends it
@@ -1089,7 +1209,7 @@ def test_the_pauses_after_the_first_wrong_codes_are_1_2_4_and_8_seconds(actor, s
         actor.password_step()  # a code step of its own each time: the challenge allows 5 refused codes
         actor.code_step(WRONG)
         clock.advance(pause - 1)
-        r = actor.code_step(actor.code(secret))
+        r = actor.code_refused(actor.code(secret))
         assert r.status_code == 429 and "Wait 1 second before entering another code." in r.get_data(as_text=True)
         clock.advance(1)
     assert actor.code_step(actor.code(secret)).headers.get("Location") == "/settings"
@@ -1109,7 +1229,7 @@ def test_a_clock_set_back_does_not_make_a_pause_or_a_lock_longer(actor, secret, 
     assert actor.password_step().headers["Location"] == "/login/verify"
     actor.code_step(WRONG)
     clock.advance(-4 * 60)
-    r = actor.code_step(actor.code(secret))
+    r = actor.code_refused(actor.code(secret))
     assert r.status_code == 429 and "Wait 1 second before entering another code." in r.get_data(as_text=True)
     clock.advance(1)
     assert actor.code_step(actor.code(secret)).headers["Location"] == "/settings"
@@ -1122,7 +1242,7 @@ def test_a_clock_set_back_does_not_make_a_pause_or_a_lock_longer(actor, secret, 
         clock.advance(wait)
     clock.advance(-3600)
     actor.password_step("bob@example.com")
-    r = actor.code_step(actor.code(secret))
+    r = actor.code_refused(actor.code(secret))
     assert r.status_code == 429 and "Too many wrong codes. Wait 15 minutes before trying again." in r.get_data(
         as_text=True)
     clock.advance(15 * 60)
@@ -1138,7 +1258,7 @@ def test_a_pause_set_by_an_app_host_whose_clock_runs_ahead_lasts_its_second_on_a
     clock.advance(30)  # the host ahead
     actor.code_step(WRONG)
     clock.advance(-30)  # the next request goes to the other host
-    r = actor.code_step(actor.code(secret))
+    r = actor.code_refused(actor.code(secret))
     assert r.status_code == 429 and "Wait 1 second before entering another code." in r.get_data(as_text=True)
     clock.advance(1)
     assert actor.code_step(actor.code(secret)).headers["Location"] == "/settings"
@@ -1635,7 +1755,7 @@ def test_the_fifth_wrong_code_locks_for_minutes_and_is_recorded_then(app, clock,
         clock.advance(wait)
     a = Actor(app, app.test_client(), clock)
     a.password_step()
-    r = a.code_step(a.code(secret))
+    r = a.code_refused(a.code(secret))
     assert r.status_code == 429 and "minutes" in r.get_data(as_text=True)
 
 
@@ -1705,7 +1825,7 @@ def test_a_code_from_a_device_removed_meanwhile_is_a_wrong_code_not_a_replay(app
     assert actor.password_step().headers["Location"] == "/login/verify"
     _after_code_matches(monkeypatch, app,
                         lambda u: Device.delete().where((Device.user == u.id) & (Device.name == "Phone")).execute())
-    r = actor.code_step(actor.code(secret))
+    r = actor.code_refused(actor.code(secret))
     assert r.status_code == 200 and GENERIC_CODE_ERROR in r.get_data(as_text=True)
     assert not signed_in(actor.client)
     with app.app_context():
@@ -1758,7 +1878,9 @@ def test_a_page_sent_back_with_a_refusal_says_error_first_in_its_title(actor, se
     actor.clock.advance(2)  # past the back-off
     actor.password_step()
     assert title(actor.client.get("/login/verify")) == "Verification code · twostep"
-    assert title(actor.code_step(WRONG)) == "Error: Verification code · twostep"
+    # The code step answers a refusal with a 303 to its page too (code_refused), which says it once
+    assert title(actor.code_refused(WRONG)) == "Error: Verification code · twostep"
+    assert title(actor.client.get("/login/verify")) == "Verification code · twostep"
     actor.clock.advance(2)
     actor.code_step(actor.code(secret))
     assert title(actor.client.get("/settings")) == "User Settings · twostep"

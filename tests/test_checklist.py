@@ -277,8 +277,10 @@ def test_password_then_failed_codes_and_the_lockout_are_recorded(app, clock, sec
 # Complete Activation shows "done" again; it grants nothing (the device row decides) and says nothing secret.
 # new_browser: this session's sign-in came from a browser new to the account, for the record of a device its
 # wizard adds (auth.NEW_BROWSER); it grants nothing either.
+# "refused": a refusal kept a minute for the page its 303 leads to (auth.refused_see_other): its words and status,
+# never what was typed (the needles below).
 SESSION_KEYS_ALLOWED = {"_user_id", "_fresh", "_id", "csrf_token", "auth_at", "challenge", "_flashes", "wizard_done",
-                        "sign_in_email", "new_browser"}
+                        "sign_in_email", "new_browser", "refused"}
 FLAG_WORDS = re.compile(r"(?i)passed|verified|step|2fa|tfa|otp|mfa|secret|code|password|pending|enrol")
 
 

@@ -470,7 +470,7 @@ def test_a_removed_device_no_longer_signs_in(actor, app, alice, secret):
     actor.client.post("/logout", data={"csrf_token": actor.csrf("/settings")})
     actor.clock.advance(30)
     actor.password_step()
-    r = actor.code_step(actor.code(secret))
+    r = actor.code_refused(actor.code(secret))
     assert r.status_code == 200 and "That code is not valid" in text(r)
 
 

@@ -703,7 +703,7 @@ def test_complete_activation_reads_the_pending_key_under_its_row(app, actor, clo
         assert device.last_step == newer
     logout(actor)
     actor.password_step()
-    replay = actor.code_step(w.code_now(offset_steps=1))
+    replay = actor.code_refused(w.code_now(offset_steps=1))
     assert replay.status_code == 200 and "That code is not valid" in text(replay)
 
 

@@ -631,6 +631,12 @@ def verify():
             return redirect(login_notice_url("sign-in-expired"))
         if signed_in:
             return after_sign_in(challenge.next_url)
+    elif (refused := kept_refusal(_refused_code_page(challenge), form)) is not None:
+        # The page a refused code led to (below): its words, the field's error, focus and status, and the
+        # account's lock with its end, as the refused POST would have shown them; once.
+        kept_until = refused["values"].get("locked_until")
+        return _verify_page(form, refused["error"], refused["status"],
+                            datetime.fromisoformat(kept_until) if kept_until else None)
     elif _locked_for_minutes(challenge.user):
         # Back after the lock sent this browser to sign in again (or someone else's wrong codes set it): say
         # so before a right code is refused.
@@ -650,10 +656,32 @@ def verify():
         error = code_error(CheckResult(False, "locked", locked_until=result.locked_until,
                                        failures=result.failures, strikes=result.strikes))
         status = refusal_status(error, status)
-    return render_template("auth/verify.html", form=form, error=error, locked=locked,
-                           # To the minute after it: a time said is never before the wait is over.
-                           locked_until=(result.locked_until + timedelta(seconds=59, microseconds=999999)).replace(
-                               second=0, microsecond=0) if locked else None,
+    # To the minute after it: a time said is never before the wait is over.
+    locked_until = (result.locked_until + timedelta(seconds=59, microseconds=999999)).replace(
+        second=0, microsecond=0) if locked else None
+    if request.method == "POST" and not is_htmx():
+        # A refused code (wrong, mistyped, already used, or refused by the pause or the lock) answers 303 to
+        # this page, which shows it once (refused_see_other): Reload sent the same code again, counted as one
+        # more failure towards the lock, after asking to resubmit the form. Only refusals come here: a
+        # right code has signed in above, with nothing more to write or read.
+        return refused_see_other(url_for("auth.verify"), status, error, fields=(form.code,),
+                                 page=_refused_code_page(challenge),
+                                 values={"locked_until": locked_until.isoformat()} if locked else None)
+    return _verify_page(form, error, status, locked_until)
+
+
+def _refused_code_page(challenge):
+    """What a refused code is kept for: this code step, not the page's address. A refusal whose 303 was not
+    followed (the answer lost, the tab left) must not turn up on the next code step of this browser, after
+    the password again, within the minute it is kept."""
+    return "auth.verify " + challenge.id
+
+
+def _verify_page(form, error, status, locked_until):
+    """The code step's page: the field (with `error`), or, when `locked_until` (the account's lock outlasts
+    this step), the wait with no field."""
+    return render_template("auth/verify.html", form=form, error=error, locked=locked_until is not None,
+                           locked_until=locked_until,
                            step_minutes=int(current_app.config["CHALLENGE_TTL"].total_seconds() // 60)), status
 
 
@@ -682,7 +710,7 @@ def _without_dialog(url):
 
 # A form refused without JavaScript, kept for the page its 303 leads to (refused_see_other): its status, the
 # error and the fields' errors, and what else that page shows again, never a password or a code (a refused code
-# comes back empty anyway). Used by "Confirm it's you" and by User Settings' forms.
+# comes back empty anyway). Used by "Confirm it's you", User Settings' forms and the code step (verify).
 _REFUSED = "refused"
 # Long enough for the redirect that follows the refusal at once; an older one is from a page left meanwhile.
 _REFUSED_TTL = 60

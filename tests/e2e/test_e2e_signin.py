@@ -184,3 +184,33 @@ def test_the_locked_code_step_says_when_to_sign_in_again_as_it_takes_the_focus(p
     expect(alert).to_have_accessible_description(
         re.compile(r"cannot accept a code\. Sign in again with your password after .*\d:\d\d"))
     expect(page.get_by_label("Verification code", exact=True)).to_have_count(0)
+
+
+def test_reload_after_a_refused_code_without_javascript_sends_nothing_again(nojs_page, server):
+    """A history review without JavaScript: a refused code was the answer to its POST, so Reload sent the same
+    code again (after "Confirm Form Resubmission"), one more failure towards the lock. Now the refusal is a
+    page of its own (a 303 after the POST), with the focus in the field that it describes and "Error:" in the
+    title; Reload shows the field again, without the refusal, and counts nothing. The right code signs in."""
+    from webapp.models import User
+
+    secret = random_secret()
+    server.user("kim@example.com", devices={"Phone": secret})
+    page = nojs_page
+    log_in(page, "kim@example.com")
+    expect_code_step(page)
+    enter_code(page, wrong_code(secret))
+    expect(page).to_have_url(re.compile(r"/login/verify$"))
+    field = page.get_by_label("Verification code", exact=True)
+    expect(field).to_be_focused()
+    expect(field).to_have_accessible_description(re.compile("^That code is not valid"))
+    expect(page).to_have_title("Error: Verification code · twostep")
+    refused = lambda: server.query(lambda: User.by_email("kim@example.com").code_failures)  # noqa: E731
+    assert refused() == 1
+    page.reload()
+    expect_code_step(page)
+    expect(page.get_by_label("Verification code", exact=True)).not_to_have_attribute("aria-invalid", "true")
+    expect(page).to_have_title("Verification code · twostep")
+    assert refused() == 1  # nothing was sent again
+    server.wait_out_code_throttle("kim@example.com")  # the second's pause after the wrong code
+    enter_code(page, oathtool_code(secret))
+    expect_signed_in(page)
