@@ -677,8 +677,10 @@ def test_the_code_lock_is_said_when_it_sends_the_person_back_and_again_on_the_ne
     assert "Too many wrong codes. For your security, wait 15 minutes, then sign in again." in page
     clock.advance(60)
     assert actor.password_step().headers["Location"] == "/login/verify"
-    page = actor.client.get("/login/verify").get_data(as_text=True)
+    r = actor.client.get("/login/verify")
+    page = r.get_data(as_text=True)
     assert "Too many wrong codes. Wait 14 minutes before trying again." in page
+    assert r.status_code == 429  # a page that says a wait answers Too Many Requests, whichever page it is
     assert "This sign-in step closes before then" in page and "stays open for 5" not in page
     # The end of the wait as a time too, to the minute after it: a tab looked at later still says when.
     until = user_row(actor.app).code_locked_until
@@ -693,8 +695,10 @@ def test_the_code_lock_is_said_when_it_sends_the_person_back_and_again_on_the_ne
     # A minute of the lock left, less than the new step's 5: the field is there, with the wait (a review: the
     # page said to sign in again after a lock that would end while the step stayed open).
     assert actor.password_step().headers["Location"] == "/login/verify"  # that code step had expired (5 min)
-    page = actor.client.get("/login/verify").get_data(as_text=True)
+    r = actor.client.get("/login/verify")
+    page = r.get_data(as_text=True)
     assert "Wait 60 seconds before trying again." in page and 'name="code"' in page
+    assert r.status_code == 429
     assert "This sign-in step closes before then" not in page
     clock.advance(60)
     page = actor.client.get("/login/verify").get_data(as_text=True)

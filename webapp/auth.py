@@ -644,6 +644,7 @@ def verify():
                                                                     challenge.user.code_strikes),
                              failures=challenge.user.code_failures, strikes=challenge.user.code_strikes)
         error = code_error(result)
+        status = refusal_status(error, status)  # 429, as on every page that says a wait (Throttled)
     else:
         result = None
     # During the account's lock (15 minutes or more) this step, open for CHALLENGE_TTL, can take no code: the
