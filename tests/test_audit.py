@@ -158,7 +158,7 @@ def test_audit_log_filters_by_person(app, actor, secret, clock):
     second_client(app, clock).password_step("dan@example.com", "wrong password")
     sign_in_admin(actor, secret)
     html = actor.client.get("/support/audit?email=CAROL@example.com").get_data(as_text=True)
-    assert "carol@example.com</td>" in html and "dan@example.com</td>" not in html
+    assert "<bdi>carol@example.com</bdi></td>" in html and "<bdi>dan@example.com</bdi></td>" not in html
     assert WHAT + "Wrong password entered</td>" in html
     html = actor.client.get("/support/audit?email=nobody@example.com").get_data(as_text=True)
     # no events at all, rather than everyone's (the table's tag is <tbody role="rowgroup">, so looking for
@@ -167,9 +167,9 @@ def test_audit_log_filters_by_person(app, actor, secret, clock):
 
 
 def candidates(html):
-    """(link, address) of each account the audit log offers for the start of an address."""
+    """(link, address) of each account the audit log offers for the start of an address (shown in <bdi>)."""
     found = re.search(r'<ul class="candidates">(.*?)</ul>', html, re.S)
-    return re.findall(r'<li><a href="([^"]+)">([^<]+)</a></li>', found.group(1)) if found else []
+    return re.findall(r'<li><a href="([^"]+)"><bdi>([^<]+)</bdi></a></li>', found.group(1)) if found else []
 
 
 def test_the_start_of_an_address_offers_the_accounts_it_starts_without_picking_one(app, actor, secret, clock):
@@ -217,7 +217,8 @@ def test_filtering_by_an_admins_address_shows_what_they_did_to_others(app, actor
     html = actor.client.get(f"/support/audit?email={ADMIN}").get_data(as_text=True)
     rows = [row for row in html.split('<tr class="event"')[1:] if 'data-kind="support_tfa_disabled"' in row]
     assert len(rows) == 1
-    assert f'data-label="Person">carol@example.com<br><span class="hint">by {ADMIN}</span>' in rows[0]
+    assert (f'data-label="Person"><bdi>carol@example.com</bdi><br><span class="hint">by <bdi>{ADMIN}</bdi></span>'
+            in rows[0])
     assert "Reason: Video call, passport seen" in rows[0]
 
 
@@ -283,8 +284,9 @@ def _from(app, clock, ip):
 
 
 def _shown(html):
-    """(what happened, person, IP address) of each event the audit log lists, in its order."""
-    return [(unescape(re.sub(r"<[^>]+>", "", what)), re.sub(r"<br>.*", "", person), ip) for ip, what, person in
+    """(what happened, person, IP address) of each event the audit log lists, in its order (text, tags removed)."""
+    return [(unescape(re.sub(r"<[^>]+>", "", what)), unescape(re.sub(r"<[^>]+>", "", re.sub(r"<br>.*", "", person))),
+             ip) for ip, what, person in
             re.findall(r'data-label="Time and IP address">[^<]*<br><span class="hint">([^<]+)</span></td>\s*'
                        r'<td role="cell" data-label="What happened">(.*?)</td>\s*'
                        r'<td role="cell" data-label="Person">(.*?)</td>', html, re.S)]

@@ -211,8 +211,32 @@ def revealed(text):
     characters (an ASCII text nobody sees) was text the admin could not see, and a bidirectional mark
     reordered what was around it. Kept, as in names (_joins_visibly): the joiners and variation selectors of
     emoji ("👩\\u200d💻", "❤\\ufe0f"), Persian and Mongolian spelling, and the flags of _FLAGS."""
+    return Markup(_reveal(text, lambda part: str(escape(part)), _CHIP.format))
+
+
+def revealed_text(text):
+    """`text` as `revealed` shows it, in plain text: each character that shows nothing or reorders the text around
+    it written as its escape (`\\u202e`), without the box. For where no markup goes, an attribute (aria-label) or
+    a page's <title>: a right-to-left override there reversed the tab's title or the name a screen reader reads.
+    Jinja escapes it as any other text."""
+    return _reveal(text, str, str)
+
+
+def revealed_address(email):
+    """An address as the admin pages show every address: revealed, inside <bdi> (a right-to-left address does not
+    reorder the words around it, nor they it). Every signed-in page shows one, in the layout's "Signed in as":
+    an f-string, which costs a third of Markup.format."""
+    return Markup(f"<bdi>{revealed(email)}</bdi>")  # revealed's output is escaped already
+
+
+def _reveal(text, plain, chip):
+    """What revealed and revealed_text show of `text`: its ordinary characters through `plain`, the escapes of
+    each run of hidden characters through `chip`, the joiners and selectors that join something and the flags
+    of _FLAGS as they are (none of them is markup)."""
     if text is None:
-        return Markup("")
+        return ""
+    if text.isascii() and text.isprintable():  # most addresses and reasons: the pattern cannot match (no control
+        return plain(text)                       # character, and no line break to make plain)
     # A line break as a browser sent it (CRLF, or a lone CR) is a line break, not a hidden character: messages
     # stored before the form made them plain newlines (support.text_lines, 2026-12-05) hold one at every line
     # end, and HTML shows either as one break.
@@ -221,7 +245,7 @@ def revealed(text):
     for match in _hidden_pattern().finditer(text):
         start, run = match.start(), match.group()
         if start > pos:  # ordinary characters, none of them a selector
-            parts.append(str(escape(text[pos:start])))
+            parts.append(plain(text[pos:start]))
             base = start - 1
         pos = match.end()
         if run.startswith("\U0001f3f4"):  # a flag: what follows joins to it as to any emoji
@@ -229,14 +253,14 @@ def revealed(text):
             base = start
             continue
         if not any(c in JOINERS or c in _SELECTORS for c in run):  # nothing in it joins: all shown, at once
-            parts.append(_CHIP.format(run.encode("unicode_escape").decode("ascii")))
+            parts.append(chip(run.encode("unicode_escape").decode("ascii")))
             base = pos - 1
             continue
         shown = []
         for i, c in enumerate(run, start):
             if _joins_visibly(text, i, base):
                 if shown:
-                    parts.append(_CHIP.format("".join(shown)))
+                    parts.append(chip("".join(shown)))
                     shown = []
                 parts.append(c)
             else:
@@ -244,9 +268,9 @@ def revealed(text):
             if c not in _SELECTORS:
                 base = i
         if shown:
-            parts.append(_CHIP.format("".join(shown)))
-    parts.append(str(escape(text[pos:])))
-    return Markup("".join(parts))
+            parts.append(chip("".join(shown)))
+    parts.append(plain(text[pos:]))
+    return "".join(parts)
 
 
 def address(email):
@@ -262,8 +286,8 @@ def message_html(message):
     a right-to-left override in an address reversed the rest of the line ("... is marked as handled.")."""
     if not isinstance(message, list):
         return escape(message)
-    return Markup("").join(Markup("<bdi>{}</bdi>").format(revealed(part["address"])) if isinstance(part, dict)
-                           else escape(part) for part in message)
+    return Markup("").join(revealed_address(part["address"]) if isinstance(part, dict) else escape(part)
+                           for part in message)
 
 
 class VisibleText:

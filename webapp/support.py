@@ -22,7 +22,7 @@ from . import htmx
 from .auth import strip_text
 from .clock import now
 from .db import Param, Prepared, db, for_update, is_sqlite, lock_keys, planned_for_values, write_transaction
-from .fields import Form, VisibleText, address, revealed
+from .fields import Form, VisibleText, address, revealed, revealed_address, revealed_text
 from .models import AuditEvent, Device, ServerSession, SupportRequest, User, normalise_email
 from .security import (audit, client_ip, client_network, client_network_48, contact_browser, count_for_network,
                        is_fresh, network_full_until, revoke_second_factor)
@@ -695,7 +695,11 @@ def _window_end(kind, detail):
         return None
 
 
+# People's text on the admin pages (and the signed-in address in the layout): `revealed` in text, `revealed_address`
+# for an address (revealed in <bdi>), `revealed_text` in an attribute or a <title>, where no markup goes.
 bp.add_app_template_filter(revealed, "revealed")
+bp.add_app_template_filter(revealed_address, "revealed_address")
+bp.add_app_template_filter(revealed_text, "revealed_text")
 
 
 @bp.app_template_filter("utc_minutes")
