@@ -1990,6 +1990,46 @@ def test_the_next_page_starts_after_the_last_request_shown_whatever_was_handled_
     assert "request number 010" in older and "request number 009" not in _open_part(older)
 
 
+def test_the_open_requests_and_windows_are_planned_for_their_values_while_the_hints_stay_prepared(app, actor, secret,
+                                                                                                  clock):
+    """psycopg prepares a statement on the server at its sixth run on a connection, and PostgreSQL may then keep
+    one plan for all values (docs/performance.md). Two of the Support page's reads went wrong so: the plan of
+    the oldest page of open requests, guessing a tenth of the open requests for its LIMIT, walked the index by
+    time through every handled request (12 ms with 100,000, against 0.1), and that of the latest support
+    windows of several people read every record of a person under attack (4.5 ms with 125,000, against 0.25).
+    Asked for again and again, the page shows the same, and on PostgreSQL neither read is prepared, while the
+    requests' hints, whose plan takes 1.5-3 ms to make for a hundred requests, are."""
+    admin = sign_in_admin(actor, secret)
+    people = [actor.user(f"p{i}@example.com", secret=new_secret()) for i in range(3)]
+    with app.app_context():
+        handled = [{"email": f"h{i:03d}@example.com", "user": None, "message": "handled", "created_at": utc(i),
+                    "handled_at": utc(i + 1)} for i in range(30)]
+        waiting = [{"email": p.email, "user": p.id, "message": f"open request of {p.email}",
+                    "created_at": utc(100 + i), "handled_at": None} for i, p in enumerate(people)]
+        SupportRequest.insert_many(handled + waiting).execute()
+        AuditEvent.insert_many([{"kind": "support_tfa_disabled", "user": p.id, "actor": admin.id,
+                                 "created_at": utc(clock.t - 60),
+                                 "detail": '{"reason": "Checked on a video call"}'} for p in people]).execute()
+    pages = [actor.client.get("/support?q=p").get_data(as_text=True) for _ in range(12)]
+    assert pages == [pages[0]] * 12 and pages[0].count("open request of p") == 3
+    assert pages[0].count("Checked on a video call") == 3
+    if is_sqlite():
+        return
+
+    def prepared():
+        """How many times each statement prepared on this connection has run prepared."""
+        with app.app_context():
+            return dict(db.execute_sql("SELECT statement, generic_plans + custom_plans FROM pg_prepared_statements"))
+
+    before = prepared()
+    assert actor.client.get("/support?q=p").get_data(as_text=True) == pages[0]
+    after = prepared()
+    assert [sql for sql in after if 'FROM "supportrequest"' in sql and 'ORDER BY "t1"."created_at"' in sql] == []
+    assert [sql for sql in after if "support_window_ended" in sql] == []
+    hints = [sql for sql in after if '"auditevent"' in sql and "BETWEEN" in sql]
+    assert hints and all(after[sql] == before.get(sql, 0) + 1 for sql in hints), after
+
+
 def test_each_page_link_of_the_requests_card_is_there_once_and_the_range_line_leads_to_them(app, actor, secret,
                                                                                            target):
     """A review: a long first page had "Newest requests" twice, in the line saying which requests are shown

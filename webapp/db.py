@@ -453,7 +453,10 @@ def planned_for_values():
     index depends on its values that plan is the wrong one: the audit log's deep page of an intruder's address
     with an event, planned for an address as rare as most, read and sorted all 25,000 of the address's records
     before the page and 50,000 after it (65-160 ms a page, against 6-10 planned for its values: docs/performance.md).
-    Only for such reads: every other statement is still prepared, as the hot paths want (db.Prepared)."""
+    The same held for the Support page's open requests and its people's latest support windows, and for the
+    contact form's counts by address ("Generic plans on skewed data" there). Only for such reads: every other
+    statement is still prepared, as the hot paths want (db.Prepared), and a plan made each time costs 0.05-0.2
+    ms, more for a long statement (the contact requests' hints: 1.5-3 ms)."""
     if is_sqlite():
         yield
         return
