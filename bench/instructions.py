@@ -12,6 +12,7 @@ change is judged here first and then with bench/ab.py.
 """
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,8 @@ def run_requests(step, count):
     for env, body in warm:
         pool_tools.call(app, env, body)
     wrong = sum(pool_tools.call(app, env, body) != expect for env, body in todo)
+    seeder.close()
+    shutil.rmtree(tmp, ignore_errors=True)
     if wrong:
         raise SystemExit(f"{wrong} of {count} {step} requests did not answer {expect}")
 

@@ -702,6 +702,21 @@ def test_a_refused_rename_without_javascript_shows_the_name_typed_with_its_error
     assert 'value="Phone"' in re.search(rf'<input [^>]*\bid="{field}"[^>]*>', again).group(0)
 
 
+def test_a_refused_rename_of_a_device_removed_meanwhile_is_not_said_on_the_page(actor, app, alice):
+    """A rename refused without JavaScript, its device removed (in another tab) before the page its 303 leads
+    to: that page has no form to show the refusal in, so it answers 200 with the ordinary title, not the
+    refusal's 400 with "Error:" and no error on it (a review)."""
+    [device] = device_rows(app, alice)
+    r = post(actor, f"/settings/devices/{device.id}/rename", {f"rename-{device.id}-name": "Maria's iPh\u043ene"})
+    assert r.status_code == 303
+    with app.app_context():
+        Device.delete().where(Device.id == device.id).execute()
+    page = actor.client.get("/settings")
+    body = text(page)
+    assert page.status_code == 200 and "<title>User Settings · twostep</title>" in body
+    assert "mixes letters" not in body and "<details open>" not in body
+
+
 def test_removing_the_only_device_with_a_wrong_password_keeps_the_tick_and_nothing_secret(actor, app, alice, secret):
     """Removing the only device with the box ticked but a wrong password: the page the 303 leads to has the box
     still ticked and says what was wrong; the password and the code are kept nowhere. 2FA stays on."""

@@ -9,6 +9,7 @@ import random
 import sqlite3
 import sys
 import time
+import weakref
 
 from flask import Flask, Response, current_app, flash, g, has_request_context, redirect, request, session, url_for
 from flask.globals import request_ctx
@@ -111,29 +112,31 @@ class _SessionOnlyLoginManager(LoginManager):
 
 
 class _Flask(Flask):
-    """Flask with two answers it works out on every request kept instead: each is the same for the life of the
-    process, and each cost a User Settings view 1-2 % of its instructions (callgrind)."""
+    """Flask with two answers it works out on every request kept instead: each is the same for the life of a
+    function or of the process, and each cost a User Settings view 1-2 % of its instructions (callgrind)."""
 
     # Templates by name in a plain dict. Jinja's default is an LRU of 400 whose every lookup takes a lock and
     # moves the name to the end of a deque, a scan of it; a page takes five lookups (its includes). The app has
     # a few dozen templates, all named in its code, never by a visitor: the dict cannot grow beyond them.
     jinja_options = {"cache_size": -1}
 
-    _SYNC_KEPT = 512  # hooks, views and error handlers: a few dozen (after_this_request ones are not kept)
-
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._sync_kept = {}
+        # The functions known to be plain (not coroutine functions), held weakly: a function made for one
+        # request (after_this_request, a class-based view's method) leaves with it, with what it holds.
+        self._known_sync = weakref.WeakKeyDictionary()
 
     def ensure_sync(self, func):
         """Flask asks this of every hook and the view on every request (inspect.iscoroutinefunction, about 20
         times a page); the answer for a function does not change."""
-        kept = self._sync_kept
-        made = kept.get(func)
-        if made is None:
-            made = super().ensure_sync(func)
-            if len(kept) < self._SYNC_KEPT:
-                kept[func] = made
+        try:
+            if func in self._known_sync:
+                return func
+        except TypeError:  # an object that takes no weak reference: asked each time
+            return super().ensure_sync(func)
+        made = super().ensure_sync(func)
+        if made is func:
+            self._known_sync[func] = True
         return made
 
 
@@ -289,8 +292,8 @@ def _memoise_template_helpers(app):
     Each render gets both with the request's script root, g and session bound to them (a context processor),
     so no call reads them through Flask's proxies: each such read cost ~9,000 instructions (callgrind), and
     url_for's read of the script root alone was 3 % of a User Settings view. (Jinja's pass_context would
-    hand them the context instead, but a call in a block or a loop then copies the context.) The globals
-    serve a template rendered outside a request."""
+    hand them the context instead, but a call in a block or a loop then copies the context.) The globals are
+    what a template sees without the context processor: outside a request they raise, as Flask's own do."""
     from flask_wtf.csrf import generate_csrf
 
     build = app.url_for

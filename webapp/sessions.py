@@ -221,8 +221,12 @@ class DbSessionInterface(SessionInterface):
             if session.ended or name in request.cookies:
                 response.delete_cookie(name, **cookie_args)
         elif outcome == "gone":
-            # The row was deleted meanwhile (signed out elsewhere): do not resurrect it.
-            response.delete_cookie(name, **cookie_args)
+            # The row was deleted meanwhile: it is not made again, and the cookie is left as it is. Signed out
+            # elsewhere, the browser's next request finds no row for it (and is told the session ended).
+            # Renewed by another tab of this browser (a new password, "Confirm it's you"), that tab's answer
+            # brought the new session's cookie: deleting the cookie here deleted that one, and a refusal sent
+            # without JavaScript (it writes the refusal into the row) signed the browser out (a review).
+            pass
         elif outcome == "written" or session.cookie_due or (
                 # a new row-less session's cookie goes out only with a form bound to it (a CSRF token was made)
                 outcome == "no row" and session.new_cookie and g.get(app.config["WTF_CSRF_FIELD_NAME"])):

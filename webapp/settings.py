@@ -230,11 +230,11 @@ def _row_context(user, failed=None, notice=None):
     open_form = None
     if failed:
         kind, device_id, form = failed
-        open_form = (kind, device_id)
         if kind == "disable":
-            disable_form = form
-        elif device_id in forms:
+            disable_form, open_form = form, (kind, device_id)
+        elif device_id in forms:  # not a device removed meanwhile: its refusal has nowhere to show
             setattr(forms[device_id], kind, form)
+            open_form = (kind, device_id)
     return {"devices": devices, "device_forms": forms, "disable_form": disable_form, "open_form": open_form,
             "notice": notice}
 
@@ -467,8 +467,11 @@ def index():
     reopen = url_for("settings.tfa") if request.args.get("dialog") == "wizard" else None
     refused = kept_refusal("settings.index")  # a device form refused without JavaScript (_row_refused)
     failed = _failed_again(refused) if refused else None
-    return render_template("settings/index.html", reopen_dialog=reopen,
-                           **_row_context(_user(), failed=failed)), refused["status"] if refused else 200
+    context = _row_context(_user(), failed=failed)
+    # Its status only with its form shown: not for a device removed since (in another tab), whose refusal
+    # has nowhere to go (the page said "Error:" with no error on it).
+    return render_template("settings/index.html", reopen_dialog=reopen, **context), \
+        refused["status"] if refused and context["open_form"] else 200
 
 
 # ---------------------------------------------------------------- the wizard
