@@ -4,8 +4,9 @@
 
 Each step runs twice under callgrind, with 20 and with 220 measured requests after the same seeding and
 warm-up; the difference over 200 is what one request costs, with the start-up left out. Unlike CPU time it
-hardly depends on what else the machine is doing: two runs of the same code differ by about 0.4 % (the
-random keys and tokens of each seeding). User Settings views are replayed (every person's page once as a
+hardly depends on what else the machine is doing: two runs of the same code differ by about 0.4 % side by
+side and 1 % an hour apart (the random keys and tokens of each seeding, the time on the pages): measure the
+old and the new code one after the other. User Settings views are replayed (every person's page once as a
 warm-up, then again), as the bench's pools replay them; each code step is a different person's first.
 Under gunicorn a request costs more than this (the server, and four processes sharing the caches), so a
 change is judged here first and then with bench/ab.py.

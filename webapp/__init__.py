@@ -526,18 +526,19 @@ def _refuse_unreadable_bodies():
       is at most MAX_CONTENT_LENGTH, so it is read here (and kept for the form parser).
     - 400 for a urlencoded body with bytes that are not UTF-8 (a browser percent-encodes them): Werkzeug
       dropped the undecodable fields, and the refusal then blamed the CSRF token ("Form expired")."""
-    if request.method not in SUBMIT_METHODS:
+    current = request._get_current_object()  # one read through Flask's proxy, not five
+    if current.method not in SUBMIT_METHODS:
         return
-    if request.content_length is None:
-        if "Transfer-Encoding" in request.headers:
+    if current.content_length is None:
+        if "Transfer-Encoding" in current.headers:
             raise LengthRequired("This form was sent without its length (Content-Length). Send it again from "
                                  "the page. Nothing was changed.")
         return
-    body = request.get_data(cache=True)  # 413 above MAX_CONTENT_LENGTH, as before
-    if len(body) < request.content_length:
+    body = current.get_data(cache=True)  # 413 above MAX_CONTENT_LENGTH, as before
+    if len(body) < current.content_length:
         raise BadRequest("The form did not arrive whole (the connection broke off). Send it again. "
                          "Nothing was changed.")
-    if request.mimetype == "application/x-www-form-urlencoded" and not body.isascii():
+    if current.mimetype == "application/x-www-form-urlencoded" and not body.isascii():
         try:
             body.decode("utf-8")  # raw UTF-8 (curl --data 'message=Héllo') is read right; other bytes are not
         except UnicodeDecodeError:

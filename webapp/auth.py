@@ -172,18 +172,19 @@ def start_session(user, method=None):
     transaction, if there is one, so the sign-in commits once. Its record says whether the browser was new to
     the account (security.remember_browser): the browser's name is the User-Agent, which an intruder can copy
     from the owner's; and so does the session, for the device its wizard may add (settings.complete)."""
-    pending_messages = session.get("_flashes")  # messages queued for the next page survive the new session
-    session.rotate()
-    session.clear()
+    current = session._get_current_object()  # one read through Flask's proxy (each costs: docs/performance.md)
+    pending_messages = current.get("_flashes")  # messages queued for the next page survive the new session
+    current.rotate()
+    current.clear()
     if pending_messages:
-        session["_flashes"] = pending_messages
+        current["_flashes"] = pending_messages
     login_user(user)
-    session["auth_at"] = timestamp()
+    current["auth_at"] = timestamp()
     with write_transaction():  # last sign-in, audit record and the new session row: one commit
         _MARK_LOGIN.execute(at=now(), id=user.id)
         new = remember_browser(user)
         if new:
-            session[NEW_BROWSER] = True
+            current[NEW_BROWSER] = True
         audit("signin", user=user, method=method or ("password+code" if user.has_2fa else "password"),
               browser=browser_label(request.headers.get("User-Agent")), **new_browser_detail(new))
         write_session_now()
@@ -194,9 +195,10 @@ _SIGN_IN_EMAIL = "sign_in_email"  # session key: the address of the code step un
 
 def drop_challenge():
     """Forget the pending sign-in, server-side and in the session; returns whether its row was still there."""
-    if _SIGN_IN_EMAIL in session:
-        session.pop(_SIGN_IN_EMAIL)
-    token = session.pop("challenge", None)
+    current = session._get_current_object()
+    if _SIGN_IN_EMAIL in current:
+        current.pop(_SIGN_IN_EMAIL)
+    token = current.pop("challenge", None)
     return bool(token) and bool(_DROP_CHALLENGE.execute(id=token_hash(token)))
 
 
