@@ -175,6 +175,13 @@ def client(app):
     return app.test_client()
 
 
+def prepared_statements(app):
+    """PostgreSQL: each statement prepared on the app's connection, with how many times it has run prepared
+    (the tests of db.planned_for_values)."""
+    with app.app_context():
+        return dict(db.execute_sql("SELECT statement, generic_plans + custom_plans FROM pg_prepared_statements"))
+
+
 def csrf_from(html):
     """The CSRF token rendered in a page."""
     match = _CSRF_RE.search(html if isinstance(html, str) else html.decode())

@@ -13,7 +13,7 @@ from webapp.security import FORBIDDEN_DETAIL_KEYS, audit
 from webapp.support import KIND_LABELS, detail_text, event_text, security_activity
 from webapp.totp import new_secret
 
-from .conftest import PASSWORD, csrf_from, record_statements
+from .conftest import PASSWORD, csrf_from, prepared_statements, record_statements
 from .test_devices import HX
 from .test_support import ADMIN, disable, end_window, second_client, sign_in_admin, utc
 
@@ -1502,7 +1502,7 @@ def test_the_audit_log_plans_each_read_for_its_filter_while_other_statements_sta
     an event read and sorted all of the address's records on either side of it (65-160 ms against 6-10 with three
     million records: docs/performance.md). Asked for again and again, a deep page of the audit log lists the same
     records, and on PostgreSQL none of its reads is prepared, while the statements every request runs are."""
-    from webapp.db import db, is_sqlite
+    from webapp.db import is_sqlite
 
     with app.app_context():
         AuditEvent.insert_many([{"kind": "password_rejected" if i % 3 else "signin", "ip": "203.0.113.66",
@@ -1516,16 +1516,11 @@ def test_the_audit_log_plans_each_read_for_its_filter_while_other_statements_sta
     if is_sqlite():
         return
 
-    def prepared():
-        """How many times each statement prepared on this connection has run prepared."""
-        with app.app_context():
-            return dict(db.execute_sql("SELECT statement, generic_plans + custom_plans FROM pg_prepared_statements"))
-
-    before = prepared()
+    before = prepared_statements(app)
     assert [sql for sql in before if '"auditevent"' in sql] == []
     for _ in range(3):
         assert _numbers(actor.client.get(deep).get_data(as_text=True)) == pages[0]
-    after = prepared()
+    after = prepared_statements(app)
     # The session's read, run at each request, still runs prepared, after the audit log's reads too.
     assert [sql for sql, runs in after.items() if runs == before.get(sql, 0) + 3], after
     assert [sql for sql in after if '"auditevent"' in sql] == []

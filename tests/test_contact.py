@@ -7,7 +7,7 @@ import pytest
 
 from webapp.models import AuditEvent, SupportRequest
 
-from .conftest import PASSWORD, Actor, csrf_from
+from .conftest import PASSWORD, Actor, csrf_from, prepared_statements
 
 MESSAGE = "I lost my phone with the authenticator app on it. Please help."
 
@@ -228,7 +228,7 @@ def test_the_counts_of_the_last_hour_are_planned_for_their_values_while_the_same
     docs/performance.md). Twelve requests in one address from twelve networks: three are stored and the others
     refused, as before, and on PostgreSQL neither count (by address, by network) is prepared, while the check
     for the same form sent twice, run as often, is."""
-    from webapp.db import db, is_sqlite
+    from webapp.db import is_sqlite
 
     answers = [send(actor, email="victim@example.com", environ_base={"REMOTE_ADDR": f"198.51.100.{i + 1}"})
                for i in range(12)]
@@ -236,8 +236,7 @@ def test_the_counts_of_the_last_hour_are_planned_for_their_values_while_the_same
     assert len(requests_in_db(app)) == 3
     if is_sqlite():
         return
-    with app.app_context():
-        prepared = [sql for sql, in db.execute_sql("SELECT statement FROM pg_prepared_statements")]
+    prepared = list(prepared_statements(app))
     counts = [sql for sql in prepared if '"supportrequest"' in sql and ('"email" =' in sql or '"ip" =' in sql)]
     assert counts == [] and [sql for sql in prepared if '"form_hash" =' in sql], prepared
 

@@ -13,7 +13,7 @@ from webapp.models import AuditEvent, Device, ServerSession, SupportRequest, Use
 from webapp.support import _request_numbers, search_users, user_search_query
 from webapp.totp import encrypt_secret, new_secret
 
-from .conftest import PASSWORD, Actor, csrf_from
+from .conftest import PASSWORD, Actor, csrf_from, prepared_statements
 
 ADMIN = "boss@example.com"
 HX = {"HX-Request": "true"}
@@ -2016,14 +2016,9 @@ def test_the_open_requests_and_windows_are_planned_for_their_values_while_the_hi
     if is_sqlite():
         return
 
-    def prepared():
-        """How many times each statement prepared on this connection has run prepared."""
-        with app.app_context():
-            return dict(db.execute_sql("SELECT statement, generic_plans + custom_plans FROM pg_prepared_statements"))
-
-    before = prepared()
+    before = prepared_statements(app)
     assert actor.client.get("/support?q=p").get_data(as_text=True) == pages[0]
-    after = prepared()
+    after = prepared_statements(app)
     assert [sql for sql in after if 'FROM "supportrequest"' in sql and 'ORDER BY "t1"."created_at"' in sql] == []
     assert [sql for sql in after if "support_window_ended" in sql] == []
     hints = [sql for sql in after if '"auditevent"' in sql and "BETWEEN" in sql]
