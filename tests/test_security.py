@@ -1,8 +1,11 @@
 """Cross-cutting checklist items that are not one feature's (security.md 27, 28, 33, 41, 43, 44)."""
+import functools
 import hashlib
 import logging
 
 import pytest
+from flask import render_template_string
+from markupsafe import escape
 
 from webapp.models import ServerSession, SignInChallenge
 
@@ -464,6 +467,71 @@ def test_links_are_built_under_the_root_each_request_came_in_at(app, actor):
     at_root = links("")
     assert "/signup" in at_root and "/static/app.css" in at_root
     assert not any(link.startswith("/twostep") for link in at_root)
+
+
+@pytest.mark.parametrize("values", [
+    {"device_id": 7, "added": "20261107113008000000"},
+    {"device_id": 7, "added": "20261107113008000000", "activity": "more"},
+    {"device_id": 2**63 - 1, "added": "x"},  # the largest id a route takes, and a value that is one letter
+    {"device_id": 12, "added": "a b"},  # a space: written %20 in the query, not as it is
+    {"device_id": 12, "added": "ünï"},  # letters beyond ASCII: percent-encoded as UTF-8
+    {"device_id": 12, "added": ""},
+    {"device_id": 12, "added": "a&b=c"},
+    {"device_id": 12, "added": 5},  # a number where the address takes text
+    {"device_id": True, "added": "1"},  # a bool is an int to Python; Werkzeug writes it as 1
+    {"device_id": "12", "added": "1"},  # a number given as text, which the route's number converter takes
+    {"device_id": 12, "added": "2026", "before": "2026-12-07T10:00:00,15"},
+])
+@pytest.mark.parametrize("root", ["", "/twostep"])
+def test_addresses_built_from_a_kept_shape_are_what_werkzeug_builds(app, values, root):
+    """Templates build a device's form addresses from a shape kept per process (_memoise_template_helpers:
+    Werkzeug builds each address with marks in place of its values once, then the values are put in): the
+    address must be the very one Werkzeug builds, for values it writes as they are and for values it escapes
+    (those are built by Werkzeug each time), under the site's root and at /."""
+    with app.test_request_context("/settings", environ_overrides={"SCRIPT_NAME": root}):
+        expected = app.url_for("settings.rename_device", **values)
+        for _ in range(2):  # the first call makes the shape, the second uses it
+            assert render_template_string("{{ url_for('settings.rename_device', **v) }}", v=values) == \
+                str(escape(expected))
+        other = dict(values, device_id=values["device_id"] + 1 if type(values["device_id"]) is int else "3")
+        assert render_template_string("{{ url_for('settings.rename_device', **v) }}", v=other) == \
+            str(escape(app.url_for("settings.rename_device", **other)))
+
+
+def test_templates_call_functions_as_jinja_does(app):
+    """Template calls take a shorter way for plain functions (_TemplateContext): a function marked to take
+    the context or the environment still gets it (with the variables set in a loop), a loop's variables are
+    not passed on as arguments, and a StopIteration raised by a function reads as an undefined value: the
+    page is the one Jinja's own way makes."""
+    import jinja2.runtime
+    from jinja2 import pass_context, pass_environment
+
+    @pass_context
+    def name_in_context(context, name):
+        return context.get(name)
+
+    @pass_environment
+    def environment_of(environment):
+        return environment is app.jinja_env
+
+    def plain(*args, **kwargs):
+        return f"{len(args)}{''.join(sorted(kwargs))}"
+
+    def stops():
+        raise StopIteration
+
+    template = ("{{ ctx('who') }} {{ env() }} {% for i in [1] %}{% set j = 5 %}{{ plain(i, k=2) }} {{ ctx('j') }}"
+                "{% endfor %} [{{ stops() }}] {{ part() }} {{ '{}'.format(3) }}")
+    values = dict(ctx=name_in_context, env=environment_of, plain=plain, stops=stops,
+                  part=functools.partial(plain, 9, 8), who="someone")
+    with app.test_request_context("/"):
+        ours = render_template_string(template, **values)
+        kept, app.jinja_env.context_class = app.jinja_env.context_class, jinja2.runtime.Context
+        try:
+            stock = render_template_string(template, **values)
+        finally:
+            app.jinja_env.context_class = kept
+    assert ours == stock == "someone True 1k 5 [] 2 3"
 
 
 def test_an_unexpected_error_gives_the_plain_500_page(app, actor, monkeypatch):

@@ -11,6 +11,7 @@ step's challenge, a flash message, a sign-in), under a new random token. Before,
 cookie wrote a row, so anyone could fill the table (and the disk) at hundreds of rows a second until the
 idle purge.
 """
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -430,7 +431,15 @@ _SYSTEMS = (("iPhone", "iPhone"), ("iPad", "iPad"), ("Android", "Android"), ("Wi
 def browser_label(user_agent):
     """A short, readable name for a User-Agent string ("Firefox on Windows"): the sessions list, and the audit
     records of a sign-in and of a device added, which tell an intruder's browser from the owner's after the
-    session is gone. An unknown one is its first 60 printable characters (a header may hold control ones)."""
+    session is gone. An unknown one is its first 60 printable characters (a header may hold control ones).
+    Kept per process for the strings a session row holds (200 characters at most): a User Settings page
+    names each of the person's browsers, and working one out again scanned every character of it."""
+    if user_agent and len(user_agent) <= 200:
+        return _kept_browser_label(user_agent)
+    return _browser_label(user_agent)
+
+
+def _browser_label(user_agent):
     if not user_agent:
         return "Unknown browser"
     browser = next((name for marker, name in _BROWSERS if marker in user_agent), None)
@@ -438,6 +447,9 @@ def browser_label(user_agent):
     if browser and system:
         return f"{browser} on {system}"
     return browser or system or printable_agent(user_agent)[:60] or "Unknown browser"
+
+
+_kept_browser_label = functools.lru_cache(maxsize=1024)(_browser_label)
 
 
 def printable_agent(user_agent):
