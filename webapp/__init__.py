@@ -216,7 +216,7 @@ def create_app(test_config=None):
     app.before_request(_refuse_unreadable_bodies)  # before CSRFProtect's hook reads the form
     app.config["SESSION_COOKIE_NAME"] = app.session_interface.get_cookie_name(app)
     csrf.init_app(app)
-    login_manager.init_app(app)
+    login_manager.init_app(app, add_context_processor=False)  # templates get current_user from bound_helpers
     login_manager.session_protection = None  # the server-side session is the protection
     login_manager.login_view = "auth.login"
     login_manager.login_message = "Please log in to continue."
@@ -326,9 +326,16 @@ def _memoise_template_helpers(app):
     Each render gets both with the request's script root, g and session bound to them (a context processor),
     so no call reads them through Flask's proxies: each such read cost ~9,000 instructions (callgrind), and
     url_for's read of the script root alone was 3 % of a User Settings view. (Jinja's pass_context would
-    hand them the context instead, but a call in a block or a loop then copies the context.) The globals are
-    what a template sees without the context processor: outside a request they raise, as Flask's own do."""
+    hand them the context instead, but a call in a block or a loop then copies the context.) So do Flask's
+    get_flashed_messages (asked twice by the layout), the idle warning's data and flask-login's current_user
+    (its context processor is off: it read two proxies more). The globals are what a template sees without
+    the context processor: outside a request they raise, as Flask's own do.
+
+    A device's addresses differ on every page (its number, when it was added): they are built from a shape
+    kept per endpoint (url_from_shape), where Werkzeug took 4-5 µs an address."""
     from flask_wtf.csrf import generate_csrf
+
+    from .sessions import idle_warning_data
 
     build = app.url_for
     urls, signed, signers, shapes = {}, {}, {}, {}
@@ -406,11 +413,16 @@ def _memoise_template_helpers(app):
 
     def bound_helpers():
         if not has_request_context():
-            return {"csrf_token": csrf_token}
-        current = request_ctx._get_current_object()
+            return {"csrf_token": csrf_token, "current_user": None}  # what flask-login's own processor gave
+        current, request_g = request_ctx._get_current_object(), g._get_current_object()
+        # flask-login's own context processor (turned off) gave current_user the same way, through its proxy.
+        user = request_g._login_user if "_login_user" in request_g else current_user._get_current_object()
         return {"url_for": functools.partial(url_for_under, current.request.script_root),
-                "csrf_token": functools.partial(csrf_token_of, g._get_current_object(), current.session),
-                "get_flashed_messages": functools.partial(flashed_in, current)}
+                "csrf_token": functools.partial(csrf_token_of, request_g, current.session),
+                "get_flashed_messages": functools.partial(flashed_in, current),
+                "idle_warning_data": functools.partial(idle_warning_data, current_session=current.session,
+                                                       config=app.config),
+                "current_user": user}
 
     app.jinja_env.globals.update(url_for=url_for, csrf_token=csrf_token)
     # Flask-WTF also puts its own csrf_token into every template context, which would hide the global.

@@ -23,6 +23,7 @@ from datetime import timedelta
 
 from flask import g, has_request_context, request
 from flask.sessions import SessionInterface, SessionMixin
+from markupsafe import Markup, escape
 from peewee import JOIN, InterfaceError, OperationalError
 from werkzeug.datastructures import CallbackDict
 
@@ -369,16 +370,19 @@ def time_left(session, config, saved=False):
     return max(0, int(idle.total_seconds())), max(0, int(absolute.total_seconds()))
 
 
-def idle_warning_data(login_url):
+def idle_warning_data(login_url, current_session=None, config=None):
     """The idle warning's data attributes on the signed-in layout (base.html, for app.js): the seconds left,
     idle and absolute (time_left), the two limits in the words the warning uses, and the sign-in page
     `login_url` (app.js adds the page's own address as `next`; the template's url_for is the memoised one).
-    One string, rather than a dozen lookups in every page's template."""
+    One string, rather than a dozen lookups in every page's template. Templates get it with the request's
+    session and the configuration given (webapp._memoise_template_helpers), not read through Flask's proxies."""
     from flask import current_app, session
-    from markupsafe import Markup, escape
 
-    config = current_app.config
-    left, absolute = time_left(session._get_current_object(), config)
+    if config is None:
+        config = current_app.config
+    if current_session is None:
+        current_session = session._get_current_object()
+    left, absolute = time_left(current_session, config)
     return Markup(f'data-seconds-left="{left}" data-absolute-seconds-left="{absolute}" '
                   f'data-idle-minutes="{int(config["SESSION_IDLE_TIMEOUT"].total_seconds() // 60)}" '
                   f'data-absolute-hours="{int(config["SESSION_ABSOLUTE_TIMEOUT"].total_seconds() // 3600)}" '
