@@ -5,11 +5,13 @@ import logging
 
 import pytest
 from flask import render_template_string
-from markupsafe import escape
+from markupsafe import Markup, escape
 
+from webapp import escape_output
 from webapp.models import ServerSession, SignInChallenge
+from webapp.totp import new_secret
 
-from .conftest import PASSWORD
+from .conftest import PASSWORD, csrf_from
 
 
 def signed_in(client):
@@ -532,6 +534,62 @@ def test_templates_call_functions_as_jinja_does(app):
         finally:
             app.jinja_env.context_class = kept
     assert ours == stock == "someone True 1k 5 [] 2 3"
+
+
+def _stock_jinja(app):
+    """Jinja's own context, code generator and template globals on the app's environment (_TemplateEnvironment),
+    with its compiled templates dropped."""
+    import jinja2
+    import jinja2.compiler
+    import jinja2.runtime
+
+    environment = app.jinja_env
+    environment.context_class, environment.code_generator_class = jinja2.runtime.Context, jinja2.compiler.CodeGenerator
+    environment.make_globals = functools.partial(jinja2.Environment.make_globals, environment)
+    environment.cache.clear()
+
+
+def test_templates_escape_what_they_print_as_jinja_does(app):
+    """What a template prints is escaped by the app's escape_output (_TemplateCode), a cheaper way to the same
+    text as markupsafe.escape: the page must be the one Jinja's own code makes, for text with markup in it,
+    Markup, numbers, None, an object with __html__, an undefined name, a list, in a macro, a {% set %} block,
+    a loop, an {% autoescape false %} block and through filters."""
+    class Html:
+        def __html__(self):
+            return "<b>safe</b>"
+
+    template = ("{{ s }}|{{ m }}|{{ n }}|{{ f }}|{{ none }}|{{ h }}|{{ nowhere }}|{{ items }}|{{ s|upper }}|"
+                "{% macro box(x) %}[{{ x }}]{% endmacro %}{{ box(s) }}{{ box(m) }}|{% set b %}{{ s }}{% endset %}{{ b }}|"
+                "{% for c in 'a<' %}{{ c }}{% endfor %}|{% autoescape false %}{{ s }}{% endautoescape %}|"
+                "{{ s ~ m }}|{{ m|safe }}|{{ s|e }}|{{ s if n else m }}")
+    values = dict(s="<a href='x'>&\"", m=Markup("<i>ok</i>"), n=5, f=1.5, none=None, h=Html(), items=["<"])
+    with app.test_request_context("/"):
+        ours = render_template_string(template, **values)
+        _stock_jinja(app)
+        stock = render_template_string(template, **values)
+    assert ours == stock
+    assert ours.startswith("&lt;a href=&#39;x&#39;&gt;&amp;&#34;|<i>ok</i>|5|1.5|None|<b>safe</b>||[&#39;&lt;&#39;]|")
+    assert type(escape_output("<")) is Markup and escape_output("<") == "&lt;"
+
+
+def test_pages_are_the_same_as_jinjas_own_code_makes_them(app, actor, secret):
+    """User Settings (a device, sessions, activity), the code step and the Support page, drawn by the app's
+    template code (_TemplateContext, _TemplateCode) and then by Jinja's own: the same HTML, byte for byte."""
+    actor.user("admin@example.com", admin=True, secret=secret)
+    actor.user("carol@example.com", secret=new_secret())
+    actor.sign_in("admin@example.com", PASSWORD, secret)
+    other = app.test_client()
+    other.post("/login", data={"csrf_token": csrf_from(other.get("/login").get_data(as_text=True)),
+                               "email": "carol@example.com", "password": PASSWORD})
+    pages = [(actor.client, "/settings"), (actor.client, "/support?q=carol"), (actor.client, "/support/audit"),
+             (other, "/login/verify")]
+    for client, path in pages:  # once first: what a page shows only once (a message after signing in) is gone
+        client.get(path)
+    ours = [client.get(path).get_data(as_text=True) for client, path in pages]
+    _stock_jinja(app)
+    stock = [client.get(path).get_data(as_text=True) for client, path in pages]
+    assert ours == stock
+    assert "carol@example.com" in ours[1] and 'name="code"' in ours[3]
 
 
 def test_an_unexpected_error_gives_the_plain_500_page(app, actor, monkeypatch):

@@ -1,5 +1,6 @@
 """The admins' Support page: access rules, user search, and the time-boxed "temporarily disable 2FA"
 cycle driven by the injected clock (security.md 37-41)."""
+import json
 import re
 import unicodedata
 from datetime import datetime, timedelta, timezone
@@ -2369,6 +2370,28 @@ def test_the_admin_pages_show_every_address_revealed_in_bdi(app, actor, secret, 
     # And what a search found nothing for: the start of an address, typed or in a link.
     html = actor.client.get("/support", query_string={"q": "zz\u202e"}, headers=HX).get_data(as_text=True)
     assert f"No account starts with “<bdi>zz{_RLO}</bdi>”." in _revealed_only(html)
+
+
+def test_device_names_on_a_persons_row_and_in_the_audit_logs_sentences_are_revealed(app, actor, secret, clock):
+    """The rest of that review's list: a person's row named each device inside <bdi> but as stored, and the
+    audit log's sentence saying what happened ("Device renamed: ... to ...") printed the name as stored too. A
+    device name stored before the name field refused hidden characters (or one a later check refuses) showed a
+    right-to-left override as it is: the rest of the line (when it was added and last used) read backwards.
+    Both show it revealed now (escapes in a box), markup as text, as the audit log's details already did."""
+    target = actor.user("carol@example.com", secret=new_secret())
+    sign_in_admin(actor, secret)
+    name = "<i>Pho</i>\u202ene\u200b"
+    shown = f"&lt;i&gt;Pho&lt;/i&gt;{_RLO}ne{_ZWSP}"
+    with app.app_context():
+        Device.update(name=name).where(Device.user == target.id).execute()
+        AuditEvent.create(created_at=utc(clock.t), kind="device_renamed",
+                          user=target.id, detail=json.dumps({"device": name, "old_name": "Phone", "device_id": 1}))
+    row = actor.client.get(f"/support?user={target.id}").get_data(as_text=True)
+    assert f"<li><bdi>{shown}</bdi>: added " in row and "\u202e" not in row and "<i>Pho" not in row
+    log = actor.client.get("/support/audit", query_string={"email": "carol@example.com"}).get_data(as_text=True)
+    assert f'data-label="What happened">Authenticator device renamed: “Phone” to “{shown}”</td>' in log
+    assert f'<span class="detail">Device: {shown}</span>' in log
+    assert "\u202e" not in log and "<i>Pho" not in log
 
 
 def test_line_breaks_of_an_older_message_are_line_breaks_not_escapes(app, actor, secret):

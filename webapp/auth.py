@@ -734,10 +734,11 @@ def refused_see_other(location, status, error=None, fields=(), page=None, values
 def kept_refusal(page, form=None):
     """The refusal refused_see_other kept for `page`, taken from the session (it is shown once), with its
     fields' errors put back on `form`; None when there is none, it was for another page, or it is older
-    than _REFUSED_TTL (from a page left meanwhile)."""
+    than _REFUSED_TTL (from a page left meanwhile). A HEAD request (a link checker, a monitor) reads it and
+    leaves it for the GET: its answer shows nobody the page."""
     if _REFUSED not in session:  # the common case: the session is not changed
         return None
-    refused = session.pop(_REFUSED)
+    refused = session[_REFUSED] if request.method == "HEAD" else session.pop(_REFUSED)
     if not isinstance(refused, dict) or refused.get("page") != page or expired(refused.get("at", 0), _REFUSED_TTL,
                                                                                timestamp()):
         return None
