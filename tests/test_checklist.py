@@ -686,6 +686,31 @@ def _post_rules(app):
 
 
 @pytest.mark.parametrize("signed", [False, True])
+def test_every_form_post_without_its_csrf_token_is_refused_and_changes_nothing(actor, app, secret, signed):
+    """security.md 33 on every POST route, for anonymous and signed-in people: without the token, or with
+    another session's, the form is refused (Flask-WTF's check, called by the app's own hook:
+    webapp._check_csrf_token) before any view runs: 400 "Form expired", or the page to go to instead (the
+    sign-in page for someone not signed in, User Settings for a sign-in form of someone who is:
+    _done_in_another_tab). Nothing is written, and nobody is signed in or out."""
+    actor.user(ADMIN, admin=True, secret=secret)
+    stranger = other(actor)
+    foreign = stranger.csrf("/login")  # a real token, of another browser's session
+    if signed:
+        actor.sign_in(ADMIN, PASSWORD, secret)
+    actor.csrf("/settings" if signed else "/login")  # the session has a token of its own
+    before = len(audit_rows(app))
+    rules = list(_post_rules(app))
+    assert len(rules) >= 10
+    for rule, url in rules:
+        for data in ({}, {"csrf_token": foreign}):
+            r = actor.client.post(url, data={**data, "email": ADMIN, "password": PASSWORD, "code": "123456"})
+            assert r.status_code == 400 or (r.status_code == 302 and r.headers["Location"].startswith(
+                ("/login", "/settings"))), (rule.endpoint, data, r.status_code)
+    assert len(audit_rows(app)) == before
+    assert signed_in(actor.client) == signed
+
+
+@pytest.mark.parametrize("signed", [False, True])
 def test_every_form_post_refuses_an_oversized_body_with_413(actor, app, secret, signed):
     """Strict input (security.md 5, 33 context): a body over MAX_CONTENT_LENGTH is refused with 413 on every
     POST route, before any view runs, for anonymous and signed-in people; nothing is written."""

@@ -260,7 +260,11 @@ def create_app(test_config=None):
     app.before_request(raise_if_unavailable)
     app.before_request(_refuse_unreadable_bodies)  # before CSRFProtect's hook reads the form
     app.config["SESSION_COOKIE_NAME"] = app.session_interface.get_cookie_name(app)
+    # Flask-WTF's check of every form's token runs from _check_csrf_token, for the methods it checks
+    # (WTF_CSRF_METHODS): its own hook, turned off by WTF_CSRF_CHECK_DEFAULT (config), looked up the view's
+    # exemptions first on every page view too, seven reads through Flask's proxies for nothing.
     csrf.init_app(app)
+    app.before_request(_check_csrf_token)
     login_manager.init_app(app, add_context_processor=False)  # templates get current_user from bound_helpers
     login_manager.session_protection = None  # the server-side session is the protection
     login_manager.login_view = "auth.login"
@@ -695,6 +699,14 @@ def _refuse_unreadable_bodies():
         except UnicodeDecodeError:
             raise BadRequest("The form could not be read: it contains characters that are not UTF-8. "
                              "Send it again from the page. Nothing was changed.") from None
+
+
+def _check_csrf_token():
+    """CSRFProtect's check (its token, its exemptions, its 400 "Form expired" page: _register_error_handlers)
+    on the requests it checks; nothing on the others."""
+    current = request_ctx._get_current_object()
+    if current.request.method in current.app.config["WTF_CSRF_METHODS"] and current.app.config["WTF_CSRF_ENABLED"]:
+        csrf.protect(apply_exemptions=True)
 
 
 def _refuse_nul_characters():

@@ -72,6 +72,8 @@ DEFAULTS = {
     # would fail. The token (bound to the server-side session, in a __Host- cookie that neither plain HTTP
     # nor a subdomain can set) plus the Origin check (security.check_origin) do that job instead.
     "WTF_CSRF_SSL_STRICT": False,
+    # Flask-WTF's own hook is off: webapp._check_csrf_token calls the same check, only for the form methods.
+    "WTF_CSRF_CHECK_DEFAULT": False,
     "REMEMBER_COOKIE_DURATION": timedelta(seconds=0),  # no remember-me cookie is ever issued
 }
 
