@@ -13,7 +13,7 @@ from webapp.db import db, is_sqlite
 from webapp.models import AuditEvent, User
 from webapp.totp import new_secret
 
-from .conftest import PASSWORD
+from .conftest import PASSWORD, Actor
 from .live_app import ROOT, Browser, LiveServer
 
 
@@ -1273,3 +1273,34 @@ def test_backup_where_the_name_cannot_be_linked(app, actor, tmp_path, monkeypatc
     else:
         assert result.exit_code == 1 and result.output.startswith("Error: cannot name the copy")
         assert "nothing was kept" in result.output and os.listdir(folder) == []
+
+
+def test_prepared_reads_give_the_values_peewee_gives(app, actor, secret):
+    """db.Prepared builds model instances itself (db._build) and keeps an integer or a string as the driver
+    returned it where peewee's own conversion would give it back unchanged (db._native_type): every table's
+    rows, alone and joined with their person, read that way and through peewee, hold the same values of the
+    same types (None, datetimes and booleans included). On PostgreSQL too (make test-postgres)."""
+    from webapp.db import Prepared
+    from webapp.models import ALL_MODELS
+
+    actor.user("admin@example.com", admin=True, secret=new_secret())
+    actor.user(secret=secret)
+    actor.sign_in(secret=secret)
+    actor.client.get("/settings")
+    Actor(app, app.test_client(), actor.clock).password_step("admin@example.com")  # a sign-in under way elsewhere
+    with app.app_context():
+        compared = 0
+        for model in ALL_MODELS:
+            key = model._meta.primary_key
+            joined = "user" in model._meta.fields and model is not User
+            peewee_query = (model.select(model, User).join(User) if joined else model.select()).order_by(key)
+            ours = Prepared(lambda q=peewee_query: q).rows()
+            theirs = list(peewee_query)
+            assert len(ours) == len(theirs)
+            for mine, peewees in zip(ours, theirs):
+                assert mine.__data__ == peewees.__data__, model.__name__
+                assert [type(v) for v in mine.__data__.values()] == [type(v) for v in peewees.__data__.values()]
+                if joined:
+                    assert mine.user.__data__ == peewees.user.__data__
+                compared += 1
+        assert compared >= 10

@@ -485,7 +485,9 @@ _INT_MARK, _TEXT_MARK = 9061561234567890100, "ZzMark"
 
 def _verbatim(value):
     """Whether Werkzeug writes this URL value as it is (a plain number, or ASCII letters and digits)."""
-    return (type(value) is int and 0 <= value < 2**63 - 100) or (type(value) is str and value.isascii() and value.isalnum())
+    if type(value) is int:
+        return 0 <= value < 2**63 - 100
+    return type(value) is str and value.isascii() and value.isalnum()
 
 
 def _pieces(url, marks):

@@ -14,9 +14,9 @@ import threading
 import time
 from contextlib import contextmanager
 
-from peewee import (SQL, BigAutoField, ColumnBase, DatabaseError, DatabaseProxy, Field, ForeignKeyField,
-                    InterfaceError, InternalError, ModelSelect, NodeList, OperationalError, PostgresqlDatabase,
-                    ProgrammingError, SqliteDatabase, sort_models)
+from peewee import (SQL, BigAutoField, CharField, ColumnBase, DatabaseError, DatabaseProxy, Field, ForeignKeyField,
+                    IntegerField, InterfaceError, InternalError, ModelSelect, NodeList, OperationalError,
+                    PostgresqlDatabase, ProgrammingError, SqliteDatabase, sort_models)
 from playhouse.db_url import parse
 from werkzeug.wsgi import ClosingIterator
 
@@ -551,8 +551,24 @@ def _row_plan(query):
                 groups.append([column.model, [], link[0].name])
             else:
                 groups.append([column.model, [], None])
-        groups[-1][1].append((column.name, column.python_value))
+        groups[-1][1].append((column.name, _native_type(column), column.python_value))
     return groups
+
+
+def _native_type(field):
+    """The Python type a value of `field` already has when it needs no conversion (peewee's would give it back
+    as it is), or None. A row of integers and strings is most of what the hot paths read, and peewee converts
+    each value through two calls (python_value, adapt): a value of the type named is kept as the driver
+    returned it. Only for peewee's own integer and text conversions: a field class that converts in its own
+    way is always asked."""
+    kind = type(field.rel_field if isinstance(field, ForeignKeyField) else field)
+    if kind.python_value is not Field.python_value:
+        return None
+    if kind.adapt is IntegerField.adapt:
+        return int
+    if kind.adapt is CharField.adapt:  # TextField's too
+        return str
+    return None
 
 
 def _build(plan, row):
@@ -560,9 +576,9 @@ def _build(plan, row):
     position, main = 0, None
     for model, fields, link in plan:
         data = {}
-        for name, convert in fields:
+        for name, native, convert in fields:
             value = row[position]
-            data[name] = None if value is None else convert(value)
+            data[name] = value if value is None or type(value) is native else convert(value)
             position += 1
         if main is not None and all(value is None for value in data.values()):
             continue  # an outer join that found nothing: the foreign key reads None
