@@ -500,6 +500,38 @@ def test_addresses_built_from_a_kept_shape_are_what_werkzeug_builds(app, values,
             str(escape(app.url_for("settings.rename_device", **other)))
 
 
+def test_kept_addresses_follow_route_defaults_url_defaults_and_tell_true_from_1(app):
+    """A review of the kept addresses (_memoise_template_helpers): an address built from a kept shape is right
+    only when Werkzeug's choice of rule and the values it adds do not depend on the values. An endpoint with a
+    rule that has defaults ("/list" for page 1, "/list/2" for the others) and a url_defaults function that
+    adds a value by another are built by Werkzeug each time; and True, which a dict takes for 1, is not given
+    the address kept for 1 (Werkzeug writes it as True)."""
+    @app.get("/list", defaults={"page": 1}, endpoint="listing")
+    @app.get("/list/<int:page>", endpoint="listing")
+    def listing(page):
+        return str(page)
+
+    @app.url_defaults
+    def language(endpoint, values):
+        if endpoint == "settings.rename_device" and "lang" not in values:
+            values["lang"] = "en" if values.get("device_id", 0) % 2 else "fr"
+
+    def built(template, **values):
+        return render_template_string(template, **values)
+
+    with app.test_request_context("/settings"):
+        for page in (2, 1, 2, 1):
+            assert built("{{ url_for('listing', page=p) }}", p=page) == str(escape(app.url_for("listing", page=page)))
+        for device in (3, 4, 3):
+            assert built("{{ url_for('settings.rename_device', device_id=d, added='x') }}", d=device) == str(
+                escape(app.url_for("settings.rename_device", device_id=device, added="x")))
+        for page in (1, True):
+            assert built("{{ url_for('support.index', page=p) }}", p=page) == str(
+                escape(app.url_for("support.index", page=page)))
+        with pytest.raises(ValueError):  # its own globals would be every template's (_TemplateEnvironment)
+            app.jinja_env.get_template("base.html", globals={"title": "leaked"})
+
+
 def test_templates_call_functions_as_jinja_does(app):
     """Template calls take a shorter way for plain functions (_TemplateContext): a function marked to take
     the context or the environment still gets it (with the variables set in a loop), a loop's variables are

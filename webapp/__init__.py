@@ -178,7 +178,8 @@ class _TemplateEnvironment(FlaskEnvironment):
     its own globals (none, in this app) over the environment's, and every render and include copies it, in
     Python: about 30 lookups a page and a pass over both maps for each of its four templates. Jinja 2 used
     the environment's dict itself when a template had no globals of its own; so does this. Nothing writes
-    to a template's globals (Jinja calls that unsafe), and globals added later are seen as before."""
+    to a template's globals (Jinja calls that unsafe; get_template's own globals are refused below), and
+    globals added later are seen as before."""
 
     context_class = _TemplateContext
     code_generator_class = _TemplateCode
@@ -186,6 +187,18 @@ class _TemplateEnvironment(FlaskEnvironment):
 
     def make_globals(self, d):
         return self.globals if not d else super().make_globals(d)
+
+    # Jinja adds a cached template's own globals into its globals: here that would write into every template's
+    # (a review). Nothing in the app gives a template globals of its own; these refuse it rather than leak.
+    def get_template(self, name, parent=None, globals=None):
+        if globals:
+            raise ValueError("templates take no globals of their own here (_TemplateEnvironment): pass values")
+        return super().get_template(name, parent)
+
+    def select_template(self, names, parent=None, globals=None):
+        if globals:
+            raise ValueError("templates take no globals of their own here (_TemplateEnvironment): pass values")
+        return super().select_template(names, parent)
 
 
 class _Flask(Flask):
@@ -391,7 +404,8 @@ def _memoise_template_helpers(app):
 
     def url_for_under(script_root, endpoint, **values):
         if values:
-            if endpoint[:1] == "." or any(k[:1] == "_" or not isinstance(v, (str, int)) for k, v in values.items()):
+            # Exactly str or int: True is 1 to a dict key, and Werkzeug writes it as "True" (a review).
+            if endpoint[:1] == "." or any(k[:1] == "_" or type(v) not in (str, int) for k, v in values.items()):
                 return build(endpoint, **values)
             key = (endpoint, script_root, tuple(sorted(values.items())))
         elif endpoint[:1] == ".":
@@ -417,7 +431,7 @@ def _memoise_template_helpers(app):
             marks = {name: _INT_MARK + i if is_int else f"{_TEXT_MARK}{i}z"
                      for i, (name, is_int) in enumerate(zip(names, shape[3]))}
             try:
-                pieces = _pieces(build(endpoint, **marks), marks) or False
+                pieces = fixed_shape(endpoint) and _pieces(build(endpoint, **marks), marks) or False
             except (ValueError, LookupError):  # a mark the route refuses (text for a number): built each time
                 pieces = False
             if len(shapes) < 512:  # the shapes are the app's own; this bounds them all the same
@@ -426,6 +440,13 @@ def _memoise_template_helpers(app):
             return build(endpoint, **values)
         start, parts = pieces
         return start + "".join([str(values[name]) + text for name, text in parts])
+
+    def fixed_shape(endpoint):
+        # Whether the endpoint's addresses all have one shape, whatever the values: one rule, without defaults
+        # (Werkzeug picks among several rules, and leaves out a value equal to a default, by the values), and
+        # no url_defaults function that could add values by the others (a review).
+        rules = list(app.url_map.iter_rules(endpoint))  # LookupError for an unknown endpoint: built, and refused
+        return len(rules) == 1 and not rules[0].defaults and not any(app.url_default_functions.values())
 
     def csrf_token_of(request_g, request_session):
         token = request_g.get("csrf_token")  # where Flask-WTF keeps the request's signed token
