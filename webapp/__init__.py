@@ -307,19 +307,6 @@ def create_app(test_config=None):
     _register_error_handlers(app)
     _schedule_purge(app)
 
-    @app.context_processor
-    def _layout_context():
-        from .models import Device
-
-        reset_window = None
-        user = current_user._get_current_object()  # one read through the proxy (_memoise_template_helpers)
-        # Not while the error page of an outage is drawn: the query would fail again, past every handler.
-        if (user is not None and user.is_authenticated and user.tfa_reset_until is not None
-                and not g.get("database_unavailable")):
-            if not Device.select().where(Device.user == user.id).exists():
-                reset_window = user.tfa_reset_until
-        return {"reset_window": reset_window}
-
     @app.get("/")
     def index():
         """Send people to their settings, or to sign-in, or to first-run setup."""
@@ -482,8 +469,8 @@ def _memoise_template_helpers(app):
         return messages if with_categories else [text for _, text in messages]
 
     def bound_helpers():
-        if not has_request_context():
-            return {"csrf_token": csrf_token, "current_user": None}  # what flask-login's own processor gave
+        if not has_request_context():  # what flask-login's own processor and the layout's gave
+            return {"csrf_token": csrf_token, "current_user": None, "reset_window": None}
         current, request_g = request_ctx._get_current_object(), g._get_current_object()
         # flask-login's own context processor (turned off) gave current_user the same way, through its proxy.
         user = request_g._login_user if "_login_user" in request_g else current_user._get_current_object()
@@ -492,11 +479,23 @@ def _memoise_template_helpers(app):
                 "get_flashed_messages": functools.partial(flashed_in, current),
                 "idle_warning_data": functools.partial(idle_warning_data, current_session=current.session,
                                                        config=app.config),
-                "current_user": user}
+                "current_user": user, "reset_window": support_window_banner(user, request_g)}
 
     app.jinja_env.globals.update(url_for=url_for, csrf_token=csrf_token)
     # Flask-WTF also puts its own csrf_token into every template context, which would hide the global.
     app.context_processor(bound_helpers)
+
+
+def support_window_banner(user, request_g):
+    """When the layout's banner says 2FA is off on the signed-in person's account until: during support's
+    window, while they have no device yet; else None. Not while the error page of an outage is drawn: the
+    query would fail again, past every handler."""
+    if (user is None or not user.is_authenticated or user.tfa_reset_until is None
+            or request_g.get("database_unavailable")):
+        return None
+    from .models import Device
+
+    return None if Device.select().where(Device.user == user.id).exists() else user.tfa_reset_until
 
 
 # Marks for url_from_shape: a number of 19 digits (within the 64-bit ids <int:...> takes) and a word, each
