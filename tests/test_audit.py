@@ -765,6 +765,24 @@ def test_the_name_of_an_enrolled_device_is_in_the_record(app, actor, secret):
     assert WHAT + "Two-factor authentication turned on: \u201cPhone\u201d</td>" in html
 
 
+def test_security_activity_shows_a_device_name_with_hidden_characters_revealed(app, actor, secret):
+    """Security activity names devices in its sentences, as typed: a name stored before the name field refused
+    hidden characters could hold a right-to-left override, which reversed the rest of the person's own line.
+    The line shows it revealed (its escape in a box), as the admin pages do, markup as text."""
+    from webapp.clock import now
+
+    user = actor.user(secret=secret)
+    assert actor.sign_in(secret=secret).status_code == 302
+    with app.app_context():
+        AuditEvent.create(created_at=now(),
+                          kind="device_renamed", user=user.id,
+                          detail=json.dumps({"device": "<i>Pho</i>\u202ene", "old_name": "Phone", "device_id": 1}))
+    page = actor.client.get("/settings").get_data(as_text=True)
+    assert ("<bdi>Authenticator device renamed: \u201cPhone\u201d to \u201c&lt;i&gt;Pho&lt;/i&gt;"
+            '<code class="hidden-char" dir="ltr">\\u202e</code>ne\u201d</bdi>') in page
+    assert "\u202e" not in page and "<i>Pho" not in page
+
+
 def test_a_removed_or_renamed_device_is_named_in_security_activity(app, actor, secret):
     """security.md 43: Security activity said "Authenticator device removed" and "... renamed" without the
     device, so its owner could not tell whether it was the phone they had replaced or the one they use (a
