@@ -18,8 +18,11 @@ import markupsafe
 from flask import Flask, Response, current_app, flash, g, has_request_context, redirect, request, session, url_for
 from flask.globals import request_ctx
 from flask.templating import Environment as FlaskEnvironment
+from flask.wrappers import Request as FlaskRequest
+from flask.wrappers import Response as FlaskResponse
 from flask_login import LoginManager, current_user
-from flask_wtf.csrf import CSRFError, CSRFProtect
+from flask_login.signals import user_accessed
+from flask_wtf.csrf import CSRFError, CSRFProtect, validate_csrf
 from flask_wtf.form import SUBMIT_METHODS
 from itsdangerous import URLSafeTimedSerializer
 from itsdangerous.encoding import base64_encode
@@ -29,10 +32,13 @@ from peewee import DatabaseError, InterfaceError, OperationalError
 from werkzeug.exceptions import BadRequest, HTTPException, LengthRequired
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import IntegerConverter
+from werkzeug.wrappers import Request as WerkzeugRequest
+from werkzeug.wrappers import Response as WerkzeugResponse
+from wtforms.validators import ValidationError
 
 from . import config as config_module
 from . import db as db_module
-from . import fields
+from . import fields, flaskctx
 from .clock import now
 from .models import User, purge_expired
 from .totp import SecretError
@@ -115,6 +121,46 @@ class _SessionOnlyLoginManager(LoginManager):
 
     def _load_user_from_remember_cookie(self, cookie):
         return None
+
+    # What flask-login does on every request, without its reads through Flask's proxies (webapp/flaskctx.py),
+    # where the app's settings make the rest of the work nothing: each falls back to flask-login's own.
+
+    def _session_protection_failed(self):
+        """Session protection is off (create_app: the server-side session is the protection), but flask-login
+        works out the visitor's identifier first (a SHA-512 of the address and User-Agent, three proxy reads)
+        and then reads that the mode is off."""
+        app = flaskctx.the_app()
+        if app is not None and not app.config.get("SESSION_PROTECTION", self.session_protection):
+            return False
+        return super()._session_protection_failed()
+
+    def _update_remember_cookie(self, response):
+        """Nothing to do unless the session holds flask-login's instruction for its remember cookie (put
+        there by logout_user, to delete a cookie this app never sets) or the app refreshes that cookie."""
+        current = flaskctx.request_context()
+        if (current is not None and "_remember" not in current.session
+                and not current.app.config.get("REMEMBER_COOKIE_REFRESH_EACH_REQUEST")):
+            return response
+        return super()._update_remember_cookie(response)
+
+    def _load_user(self):
+        """The session's person, else nobody: flask-login's own steps, whose other ways in (a remember cookie,
+        a request or header loader) give nobody here."""
+        current = flaskctx.request_context()
+        if (current is None or self._user_callback is None or self._request_callback is not None
+                or self._header_callback is not None):
+            return super()._load_user()
+        user_accessed.send(current.app)
+        if self._session_protection_failed():
+            return self._update_request_context_with_user()
+        user_id = current.session.get("_user_id")
+        return self._update_request_context_with_user(None if user_id is None else self._user_callback(user_id))
+
+    def _update_request_context_with_user(self, user=None):
+        request_g = flaskctx.request_g()
+        if request_g is None:
+            return super()._update_request_context_with_user(user)
+        request_g._login_user = self.anonymous_user() if user is None else user
 
 
 _PLAIN_CALLABLES = (types.FunctionType, functools.partial)
@@ -201,6 +247,29 @@ class _TemplateEnvironment(FlaskEnvironment):
         return super().select_template(names, parent)
 
 
+class _Request(FlaskRequest):
+    """Flask's request, whose size limits and form-parsing debug check each read the app's config through
+    current_app (two reads through Flask's proxies each time; a code step made ten): _Flask.request_context
+    sets them on each request as it is made, from that same config. A view can still set its own (Flask 3.1)."""
+
+    _app_debug = True  # until request_context says: Flask's own check
+
+    def _load_form_data(self):
+        if self._app_debug:
+            return super()._load_form_data()  # Flask's: in debug mode, a clearer error for a missing file
+        return WerkzeugRequest._load_form_data(self)
+
+
+class _Response(FlaskResponse):
+    """Flask's response, with MAX_COOKIE_SIZE read from the app without Flask's proxies (each cookie set read
+    it twice through them)."""
+
+    @property
+    def max_cookie_size(self):
+        app = flaskctx.the_app()
+        return WerkzeugResponse.max_cookie_size if app is None else app.config["MAX_COOKIE_SIZE"]
+
+
 class _Flask(Flask):
     """Flask with two answers it works out on every request kept instead (each is the same for the life of a
     function or of the process, and each cost a User Settings view 1-2 % of its instructions: callgrind), and
@@ -211,6 +280,17 @@ class _Flask(Flask):
     # a few dozen templates, all named in its code, never by a visitor: the dict cannot grow beyond them.
     jinja_options = {"cache_size": -1}
     jinja_environment = _TemplateEnvironment
+    request_class = _Request
+    response_class = _Response
+
+    def request_context(self, environ):
+        current = super().request_context(environ)
+        config, made = self.config, current.request
+        made._max_content_length = config["MAX_CONTENT_LENGTH"]
+        made._max_form_memory_size = config["MAX_FORM_MEMORY_SIZE"]
+        made._max_form_parts = config["MAX_FORM_PARTS"]
+        made._app_debug = self.debug
+        return current
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -348,7 +428,7 @@ def _load_user(user_id):
     one presented all the same (`users enable` ends any such left, so none comes back). No query of its
     own: disabled_at comes with the person's row."""
     user_id = int(user_id)
-    row = getattr(session, "row", None)
+    row = getattr(flaskctx.request_context().session, "row", None)
     if row is not None and row.user_id == user_id and "user" in row.__rel__:
         user = row.__rel__["user"]
     else:
@@ -725,10 +805,30 @@ def _refuse_unreadable_bodies():
 
 def _check_csrf_token():
     """CSRFProtect's check (its token, its exemptions, its 400 "Form expired" page: _register_error_handlers)
-    on the requests it checks; nothing on the others."""
-    current = request_ctx._get_current_object()
-    if current.request.method in current.app.config["WTF_CSRF_METHODS"] and current.app.config["WTF_CSRF_ENABLED"]:
+    on the requests it checks; nothing on the others. Its steps, with the request's context read once: its
+    protect() read the request, the session, g and the config through Flask's proxies ~20 times a form post
+    (a fifth of a code step's such reads). What this app does not use (exempt views, the HTTPS Referer check
+    that its own Referrer-Policy would fail) is left to protect() itself. validate_csrf is Flask-WTF's."""
+    current = flaskctx.request_context()
+    made, app = current.request, current.app
+    config = app.config
+    if made.method not in config["WTF_CSRF_METHODS"] or not config["WTF_CSRF_ENABLED"]:
+        return
+    if csrf._exempt_views or csrf._exempt_blueprints or (made.is_secure and config["WTF_CSRF_SSL_STRICT"]):
         csrf.protect(apply_exemptions=True)
+        return
+    if not made.endpoint:
+        return  # no view takes it (a 404 or 405 follows): nothing to protect, as in protect()
+    field = config["WTF_CSRF_FIELD_NAME"]
+    key = config.get("WTF_CSRF_SECRET_KEY")
+    try:
+        # The form's field, else where Flask-WTF also looks (a prefixed field, the X-CSRFToken header).
+        validate_csrf(made.form.get(field) or csrf._get_csrf_token(), secret_key=app.secret_key if key is None else key,
+                      time_limit=config.get("WTF_CSRF_TIME_LIMIT", 3600), token_key=field)
+    except ValidationError as refused:
+        logging.getLogger("flask_wtf.csrf").info(refused.args[0])
+        csrf._error_response(refused.args[0])  # raises CSRFError
+    flaskctx.request_g().csrf_valid = True  # as protect() marks it
 
 
 def _refuse_nul_characters():

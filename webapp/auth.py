@@ -6,20 +6,22 @@ from datetime import datetime, timedelta, timezone
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, session, url_for
-from flask_login import current_user, login_required, login_user
+from flask_login import current_user
+from flask_login.signals import user_logged_in
 from peewee import IntegrityError
 from wtforms import EmailField, PasswordField, StringField
 from wtforms.validators import DataRequired, Email, EqualTo, InputRequired, Length, Optional, ValidationError
 
+from . import flaskctx
 from .clock import expired, now, timestamp
 from .db import Param, Prepared, db, for_update, lock_keys, write_transaction
 from .fields import Form
 from .htmx import is_htmx
 from .models import KnownBrowser, NetworkCounter, SignInChallenge, User, lookalike_problem, normalise_email
 from .security import (PASSWORD_MAX, PASSWORD_MIN, audit, backoff, client_ip, client_network, client_network_48,
-                       count_for_network, hash_password, is_fresh, is_lock, known_browser, network_full_column,
-                       network_full_until, password_hash_outdated, password_length, remember_browser, safe_next,
-                       verify_password, wait_end, wait_text)
+                       count_for_network, hash_password, is_fresh, is_lock, known_browser, login_required,
+                       network_full_column, network_full_until, password_hash_outdated, password_length,
+                       remember_browser, safe_next, verify_password, wait_end, wait_text)
 from .sessions import browser_label, end_session_now, token_hash, touch_session_now, write_session_now
 from .totp import CheckResult, check_user_code, code_matches, normalise_code
 
@@ -167,18 +169,32 @@ def new_browser_detail(new):
     return {"new_browser": True} if new else {}
 
 
+def login_user(current, user):
+    """flask-login's login_user(user) for this app's sign-ins (fresh, never remembered; every User is active),
+    given the request's session: its reads through Flask's proxies were a tenth of a code step's. The
+    session-protection identifier is stored only while that protection is on (it is off: create_app)."""
+    app = flaskctx.the_app()
+    manager = app.login_manager
+    current["_user_id"] = user.get_id()
+    current["_fresh"] = True
+    if app.config.get("SESSION_PROTECTION", manager.session_protection):
+        current["_id"] = manager._session_identifier_generator()
+    manager._update_request_context_with_user(user)
+    user_logged_in.send(app, user=user)
+
+
 def start_session(user, method=None):
     """The signed-in session of complete_sign_in, without the redirect: inside the caller's write
     transaction, if there is one, so the sign-in commits once. Its record says whether the browser was new to
     the account (security.remember_browser): the browser's name is the User-Agent, which an intruder can copy
     from the owner's; and so does the session, for the device its wizard may add (settings.complete)."""
-    current = session._get_current_object()  # one read through Flask's proxy (each costs: docs/performance.md)
+    current = flaskctx.request_context().session  # not through Flask's proxy (webapp/flaskctx.py)
     pending_messages = current.get("_flashes")  # messages queued for the next page survive the new session
     current.rotate()
     current.clear()
     if pending_messages:
         current["_flashes"] = pending_messages
-    login_user(user)
+    login_user(current, user)
     current["auth_at"] = timestamp()
     with write_transaction():  # last sign-in, audit record and the new session row: one commit
         _MARK_LOGIN.execute(at=now(), id=user.id)
@@ -186,7 +202,8 @@ def start_session(user, method=None):
         if new:
             current[NEW_BROWSER] = True
         audit("signin", user=user, method=method or ("password+code" if user.has_2fa else "password"),
-              browser=browser_label(request.headers.get("User-Agent")), **new_browser_detail(new))
+              browser=browser_label(flaskctx.request_context().request.headers.get("User-Agent")),
+              **new_browser_detail(new))
         write_session_now()
 
 
@@ -226,13 +243,14 @@ def _fingerprint(password_hash):
     return hashlib.sha256(password_hash.encode("utf-8")).hexdigest()[:16]
 
 
-def current_challenge():
-    """The live challenge for this session, or None (expired ones are deleted: security.md 24)."""
-    token = session.get("challenge")
+def current_challenge(current=None):
+    """The live challenge for this session (or the session `current`), or None (expired ones are deleted:
+    security.md 24)."""
+    token = (session if current is None else current).get("challenge")
     if not token or not isinstance(token, str):
         return None
     challenge = _CHALLENGE.first(id=token_hash(token))
-    if challenge is None or expired(challenge.created_at, current_app.config["CHALLENGE_TTL"], now()):
+    if challenge is None or expired(challenge.created_at, flaskctx.the_app().config["CHALLENGE_TTL"], now()):
         drop_challenge()
         return None
     return challenge
@@ -578,10 +596,11 @@ class _ChallengeGone(Exception):
 @bp.route("/login/verify", methods=["GET", "POST"])
 def verify():
     """Second step: the six-digit code; the user comes from the server-side challenge only (security.md 22)."""
-    if current_user.is_authenticated:
+    if flaskctx.signed_in_user().is_authenticated:
         return redirect(url_for("settings.index"))
-    email = session.get(_SIGN_IN_EMAIL)
-    challenge = current_challenge()
+    here = flaskctx.request_context()
+    email = here.session.get(_SIGN_IN_EMAIL)
+    challenge = current_challenge(here.session)
     if challenge is None:
         if email:
             # The sign-in page asks for the address again with it filled in: the person typed it minutes ago
@@ -591,7 +610,7 @@ def verify():
         return redirect(login_notice_url("sign-in-expired"))
     form = CodeForm()
     error, status = None, 200
-    if request.method == "POST":
+    if here.request.method == "POST":
         valid = form.validate_on_submit()
         raw_code = form.code.data or ""
         # The slow part of the check (decrypting, HMACs) needs no lock: it runs before the transaction.
@@ -736,9 +755,11 @@ def kept_refusal(page, form=None):
     fields' errors put back on `form`; None when there is none, it was for another page, or it is older
     than _REFUSED_TTL (from a page left meanwhile). A HEAD request (a link checker, a monitor) reads it and
     leaves it for the GET: its answer shows nobody the page."""
-    if _REFUSED not in session:  # the common case: the session is not changed
+    here = flaskctx.request_context()
+    current = here.session
+    if _REFUSED not in current:  # the common case: the session is not changed
         return None
-    refused = session[_REFUSED] if request.method == "HEAD" else session.pop(_REFUSED)
+    refused = current[_REFUSED] if here.request.method == "HEAD" else current.pop(_REFUSED)
     if not isinstance(refused, dict) or refused.get("page") != page or expired(refused.get("at", 0), _REFUSED_TTL,
                                                                                timestamp()):
         return None

@@ -10,13 +10,15 @@ import functools
 import re
 import unicodedata
 
-from flask import g, request
+from flask import g
 from flask_wtf import FlaskForm
 from flask_wtf.form import SUBMIT_METHODS
 from flask_wtf.form import _Auto as _AUTO  # the "take it from the request" default of a form's formdata
 from markupsafe import Markup, escape
 from wtforms.fields import Label
 from wtforms.validators import ValidationError
+
+from . import flaskctx
 
 
 class Form(FlaskForm):
@@ -37,7 +39,15 @@ class Form(FlaskForm):
             if formdata is not _AUTO:
                 return formdata
             # An empty form is None, as in Flask-WTF: the fields keep their defaults and say they are required.
-            return (request.form or None) if request.method in SUBMIT_METHODS else None
+            here = flaskctx.request_context()
+            made = here.request if here is not None else None
+            return (made.form or None) if made is not None and made.method in SUBMIT_METHODS else None
+
+    def is_submitted(self):
+        """Flask-WTF's (a request is under way and its method sends a form), without its two reads through
+        Flask's proxies (webapp/flaskctx.py)."""
+        here = flaskctx.request_context()
+        return here is not None and here.request.method in SUBMIT_METHODS
 
 
 # Characters that names (device names, a ticket reference) may not hold: controls, invisible format

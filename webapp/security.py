@@ -14,7 +14,10 @@ from argon2 import PasswordHasher, profiles
 from argon2.exceptions import InvalidHashError, VerificationError
 from flask import abort, current_app, g, redirect, request, session, url_for
 from flask_login import current_user
+from flask_login.config import EXEMPT_METHODS
 from peewee import Case
+
+from . import flaskctx
 
 from .clock import expired, now, timestamp
 from .db import Param, Prepared, after_commit, for_update
@@ -151,9 +154,9 @@ def wait_text(until):
 
 # ---------------------------------------------------------------- known browsers (lockout denial of service)
 
-def known_browser_cookie_name():
+def known_browser_cookie_name(app=None):
     # The __Host- prefix pins the cookie to this host, path / and HTTPS, as the session's (security.md 31).
-    return "__Host-known" if current_app.config["SECURE_COOKIES"] else "twostep_known"
+    return "__Host-known" if (app or flaskctx.the_app()).config["SECURE_COOKIES"] else "twostep_known"
 
 
 # The most recently used; older ones are forgotten when a new one comes (one forgotten lately that signs in
@@ -220,13 +223,14 @@ _KB_TRIM_FORGOTTEN = Prepared(_trim_forgotten)
 
 
 def _cookie_token():
-    token = request.cookies.get(known_browser_cookie_name())
+    current = flaskctx.request_context()
+    token = current.request.cookies.get(known_browser_cookie_name(current.app))
     return token if token and TOKEN_SHAPE.fullmatch(token) else None
 
 
 def _lifetimes(current):
     """The `since` and `forgotten_since` of the queries above, at `current`."""
-    cfg = current_app.config
+    cfg = flaskctx.the_app().config
     return {"since": current - cfg["KNOWN_BROWSER_TTL"], "forgotten_since": current - cfg["FORGOTTEN_BROWSER_TTL"]}
 
 
@@ -265,20 +269,20 @@ def remember_browser(user):
     the owner must notice, as a diff review found) or of another account. The sign-in's record says so
     (auth.NEW_BROWSER): an intruder can send the owner's User-Agent, but not a cookie of the owner's browser.
     Told by the statements a sign-in runs anyway: none more for a known browser or one without a cookie."""
-    token, current = _cookie_token(), now()
+    token, current, request_g = _cookie_token(), now(), flaskctx.request_g()
     lifetimes = _lifetimes(current)
     if token is not None:
         ids = {"id": token_hash(token), "user": user.id}
         if _KB_TOUCH.execute(at=current, since=lifetimes["since"], **ids):
-            g.known_browser_token = token
+            request_g.known_browser_token = token
             return False
         if _KB_REVIVE.execute(at=current, **lifetimes, **ids):
-            g.known_browser_token = token
+            request_g.known_browser_token = token
             return True
         _KB_DROP.execute(id=ids["id"])
     token = secrets.token_urlsafe(32)
     _KB_INSERT.execute(id=token_hash(token), user=user.id, at=current)
-    g.known_browser_token = token
+    request_g.known_browser_token = token
     if _KB_TRIM.execute(user=user.id, at=current):  # only a new browser can make them more than ten
         _KB_TRIM_FORGOTTEN.execute(user=user.id, **lifetimes)
     return True
@@ -376,10 +380,11 @@ def replace_password(user, password_hash, via, keep_token=None, checked_hash=Non
 
 def set_known_browser_cookie(response):
     """after_request: send the cookie of a browser that remember_browser() has just made known."""
-    token = g.pop("known_browser_token", None)
+    token = flaskctx.request_g().pop("known_browser_token", None)
     if token is not None:
-        response.set_cookie(known_browser_cookie_name(), token, **cookie_attributes(current_app),
-                            max_age=int(current_app.config["KNOWN_BROWSER_TTL"].total_seconds()))
+        app = flaskctx.the_app()
+        response.set_cookie(known_browser_cookie_name(app), token, **cookie_attributes(app),
+                            max_age=int(app.config["KNOWN_BROWSER_TTL"].total_seconds()))
     return response
 
 
@@ -525,7 +530,7 @@ def audit(kind, user=None, actor=None, **detail):
     if bad:
         raise ValueError(f"audit detail must not contain {sorted(bad)}")
     values = dict(kind=kind, user=getattr(user, "id", user), actor=getattr(actor, "id", actor),
-                  ip=client_ip() if request else None, detail=json.dumps(detail, default=_detail_json, sort_keys=True),
+                  ip=client_ip(), detail=json.dumps(detail, default=_detail_json, sort_keys=True),
                   created_at=now())
     _INSERT_AUDIT.execute(**values)
     # The log line follows the commit: it costs more than the insert, and a rolled-back event is not logged.
@@ -556,6 +561,22 @@ def is_fresh():
     if not current_user.is_authenticated or auth_at is None:
         return False
     return not expired(float(auth_at), current_app.config["FRESH_LOGIN_WINDOW"].total_seconds(), timestamp())
+
+
+def login_required(view):
+    """flask-login's login_required (the signed-in person, or its unauthorized handler; OPTIONS and
+    LOGIN_DISABLED let anyone through), reading the request's context once (webapp/flaskctx.py)."""
+
+    @functools.wraps(view)
+    def wrapper(*args, **kwargs):
+        current = flaskctx.request_context()
+        app = current.app
+        if (current.request.method not in EXEMPT_METHODS and not app.config.get("LOGIN_DISABLED")
+                and not flaskctx.signed_in_user().is_authenticated):
+            return app.login_manager.unauthorized()
+        return app.ensure_sync(view)(*args, **kwargs)
+
+    return wrapper
 
 
 def fresh_login_required(view=None, *, back_to=None):
@@ -613,23 +634,24 @@ def check_origin():
     The CSRF token is the main defence; this also stops a cross-site form post that somehow carries one.
     Browsers send Origin on every cross-origin POST, so a missing header is left to the token check.
     """
-    if request.method not in UNSAFE_METHODS:
+    made = flaskctx.request_context().request
+    if made.method not in UNSAFE_METHODS:
         return None
-    origin = request.headers.get("Origin")
+    origin = made.headers.get("Origin")
     if origin is None:
         return None
     # Our own Referrer-Policy: no-referrer (security.md 12) makes browsers send "Origin: null" on
     # same-origin form posts; then only the browser's Sec-Fetch-Site: same-origin lets it through.
-    if origin == "null" and request.headers.get("Sec-Fetch-Site") == "same-origin":
+    if origin == "null" and made.headers.get("Sec-Fetch-Site") == "same-origin":
         return None
-    expected = f"{request.scheme}://{request.host}"
+    expected = f"{made.scheme}://{made.host}"
     if origin != expected:
         # For the operator: behind a proxy that does not pass on the visitor's scheme and host (with the
         # port), every form is refused here, and the access log alone shows only the 403s.
         logging.getLogger("twostep").warning(
             "origin refused: %s %r from Origin %r; this app sees itself as %r (behind a reverse proxy, "
             "X-Forwarded-Proto and X-Forwarded-Host must be what the visitor used: README \"Deployment\")",
-            request.method, request.path[:200], origin[:200], expected)
+            made.method, made.path[:200], origin[:200], expected)
         abort(403, "This request came from another site and was refused.")
     return None
 
@@ -648,10 +670,11 @@ def set_security_headers(response):
     """Headers on every response (security.md 11, 12, 44), unless the view set its own value."""
     h = response.headers
     present = {name.lower() for name, _ in h.items()}  # one pass: Headers.setdefault scans the list each time
-    for name, value in SECURITY_HEADERS + ((HSTS,) if current_app.config["SECURE_COOKIES"] else ()):
+    current = flaskctx.request_context()
+    for name, value in SECURITY_HEADERS + ((HSTS,) if current.app.config["SECURE_COOKIES"] else ()):
         if name.lower() not in present:
             h.add(name, value)
-    if request.endpoint != "static" or response.status_code >= 400:
+    if current.request.endpoint != "static" or response.status_code >= 400:
         # Pages depend on who is signed in and may show secrets: never store them (security.md 12). An error
         # page under /static/ (a missing file) is such a page too: it has the layout, the person's address
         # and a CSRF token.

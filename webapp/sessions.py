@@ -21,12 +21,13 @@ import re
 import secrets
 from datetime import timedelta
 
-from flask import g, has_request_context, request
+from flask import has_request_context, request
 from flask.sessions import SessionInterface, SessionMixin
 from markupsafe import Markup, escape
 from peewee import JOIN, InterfaceError, OperationalError
 from werkzeug.datastructures import CallbackDict
 
+from . import flaskctx
 from .clock import expired, now
 from .db import Param, Prepared, for_update, loaded, write_transaction
 from .htmx import is_htmx
@@ -198,7 +199,8 @@ class DbSessionInterface(SessionInterface):
         return session
 
     def save_session(self, app, session, response):
-        if session.unavailable is not None or g.get("database_unavailable"):
+        request_g = flaskctx.request_g()
+        if session.unavailable is not None or request_g.get("database_unavailable"):
             return  # an outage: never write, delete or rewrite the cookie because of it
         name = self.get_cookie_name(app)
         cookie_args = cookie_attributes(app)
@@ -214,14 +216,15 @@ class DbSessionInterface(SessionInterface):
             app.logger.error("session not saved: %s", type(exc).__name__)
             _drop_connection()
             return
-        if outcome in ("written", "unchanged") and session.get("_user_id") and is_htmx():
+        made = flaskctx.request_context().request
+        if outcome in ("written", "unchanged") and session.get("_user_id") and is_htmx(made):
             # The idle warning (app.js) counts from the page's time left; an htmx answer says it again, after
             # this request's touch: only the server knows whether it wrote last_seen_at (TOUCH_INTERVAL).
             left, absolute = time_left(session, app.config, saved=True)
             response.headers["Session-Seconds-Left"] = str(left)
             response.headers["Session-Absolute-Seconds-Left"] = str(absolute)
         if outcome == "deleted":
-            if session.ended or name in request.cookies:
+            if session.ended or name in made.cookies:
                 response.delete_cookie(name, **cookie_args)
         elif outcome == "gone":
             # The row was deleted meanwhile: it is not made again, and the cookie is left as it is. Signed out
@@ -232,7 +235,7 @@ class DbSessionInterface(SessionInterface):
             pass
         elif outcome == "written" or session.cookie_due or (
                 # a new row-less session's cookie goes out only with a form bound to it (a CSRF token was made)
-                outcome == "no row" and session.new_cookie and g.get(app.config["WTF_CSRF_FIELD_NAME"])):
+                outcome == "no row" and session.new_cookie and request_g.get(app.config["WTF_CSRF_FIELD_NAME"])):
             response.vary.add("Cookie")
             response.set_cookie(name, session.token, **cookie_args)
 
@@ -271,7 +274,7 @@ class DbSessionInterface(SessionInterface):
             values = dict(id=token_hash(session.token), user=int(user_id) if user_id else None,
                           data=json.dumps(dict(session)), created_at=current, last_seen_at=current,
                           ip=client_ip() or None,
-                          user_agent=(request.user_agent.string or "")[:200])
+                          user_agent=(flaskctx.request_context().request.user_agent.string or "")[:200])
             _INSERT.execute(**values)
             session.row = loaded(ServerSession, values)
             if old is not None:
@@ -316,11 +319,10 @@ def end_session_now():
 def write_session_now():
     """Store the current (typically just rotated) session inside the caller's transaction rather than
     after the response is built, so a sign-in commits once; the response still gets the new cookie."""
-    from flask import current_app, session
-
-    current = session._get_current_object()  # not the proxy: _write reads ~20 of its attributes
+    here = flaskctx.request_context()
+    current = here.session  # not the proxy: _write reads ~20 of its attributes
     with write_transaction():
-        outcome = current_app.session_interface._write(current)
+        outcome = here.app.session_interface._write(current)
         if outcome == "written":
             current.cookie_due = True
     return outcome
@@ -407,10 +409,9 @@ def touch_session_now():
 
 def raise_if_unavailable():
     """before_request: re-raise a database error met while opening the session (-> the 503 handler)."""
-    from flask import session
-
-    if getattr(session, "unavailable", None) is not None:
-        raise session.unavailable
+    current = flaskctx.request_context().session
+    if getattr(current, "unavailable", None) is not None:
+        raise current.unavailable
 
 
 def end_user_sessions(user, keep_token=None):

@@ -10,12 +10,12 @@ import re
 import unicodedata
 
 from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, session, url_for
-from flask_login import current_user, login_required
+from flask_login import current_user
 from peewee import Case, IntegrityError, fn
 from wtforms import BooleanField, StringField
 from wtforms.validators import DataRequired, Length, ValidationError
 
-from . import fields, htmx, totp
+from . import fields, flaskctx, htmx, totp
 from .auth import (MALFORMED_CODE_ERROR, NEW_BROWSER, WRONG_PASSWORD_ERROR, code_error, code_field,
                    current_password_field, kept_refusal, new_browser_detail, new_password_field, password_check,
                    refusal_status, refused_see_other, repeat_password_field, show_refused_fields, strip_text)
@@ -24,7 +24,7 @@ from .db import Param, Prepared, db, for_update, write_transaction
 from .fields import Form, freeze
 from .models import AuditEvent, Device, PendingEnrolment, ServerSession, User
 from .security import (audit, end_code_steps, forget_browsers, fresh_login_required, hash_password,
-                       replace_password, same_password, verify_password)
+                       login_required, replace_password, same_password, verify_password)
 from .sessions import browser_label, end_user_sessions, token_hash, write_session_now
 from .support import activity_view
 
@@ -151,7 +151,7 @@ class PasswordForm(Form):
 # ---------------------------------------------------------------- helpers
 
 def _user():
-    return current_user._get_current_object()
+    return flaskctx.signed_in_user()
 
 
 # User Settings runs these on every view: compiled once (db.Prepared). A session is live up to its idle and
@@ -464,7 +464,7 @@ def index():
     """The User Settings page with the Two-Factor Authentication row. `?dialog=wizard` opens the wizard's
     dialog as the page loads (htmx), after a re-authentication that the gear's dialog asked for; it names
     a dialog, not an address, so a link cannot make the page fetch anything else."""
-    reopen = url_for("settings.tfa") if request.args.get("dialog") == "wizard" else None
+    reopen = url_for("settings.tfa") if flaskctx.request_context().request.args.get("dialog") == "wizard" else None
     refused = kept_refusal("settings.index")  # a device form refused without JavaScript (_row_refused)
     failed = _failed_again(refused) if refused else None
     context = _row_context(_user(), failed=failed)
@@ -966,9 +966,10 @@ def session_handle(row_id):
 @bp.app_template_global()
 def active_sessions(user):
     """The person's live sessions, most recently used first, each marked if it is this browser (security.md 30)."""
-    cfg = current_app.config
+    here = flaskctx.request_context()
+    cfg = here.app.config
     current = now()
-    token = getattr(session._get_current_object(), "token", None)
+    token = getattr(here.session, "token", None)
     this_id = token_hash(token) if token else None
     idle, absolute = cfg["SESSION_IDLE_TIMEOUT"], cfg["SESSION_ABSOLUTE_TIMEOUT"]
     rows = _LIVE_SESSIONS.rows(user=user.id, idle_after=current - idle, idle_before=current + idle,

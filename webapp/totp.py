@@ -12,7 +12,8 @@ from urllib.parse import quote
 import pyotp
 import segno
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
-from flask import current_app
+
+from . import flaskctx
 
 PERIOD = 30
 DIGITS = 6
@@ -166,7 +167,7 @@ def group_key(secret, size=4):
 
 
 def _fernet():
-    return _fernet_for(str(current_app.config["TOTP_ENCRYPTION_KEYS"]))
+    return _fernet_for(str(flaskctx.the_app().config["TOTP_ENCRYPTION_KEYS"]))
 
 
 @functools.lru_cache(maxsize=8)
