@@ -18,6 +18,7 @@ import markupsafe
 from flask import Flask, Response, current_app, flash, g, has_request_context, redirect, request, session, url_for
 from flask.globals import request_ctx
 from flask.templating import Environment as FlaskEnvironment
+from flask.templating import _default_template_ctx_processor
 from flask.wrappers import Request as FlaskRequest
 from flask.wrappers import Response as FlaskResponse
 from flask_login import LoginManager, current_user
@@ -564,6 +565,11 @@ def _memoise_template_helpers(app):
     app.jinja_env.globals.update(url_for=url_for, csrf_token=csrf_token)
     # Flask-WTF also puts its own csrf_token into every template context, which would hide the global.
     app.context_processor(bound_helpers)
+    # Each blueprint registers Flask's default processor (`g` and `request`) again under its own name, so a
+    # page of a blueprint ran it twice for the same two values: once, the app's, is enough.
+    for name, processors in app.template_context_processors.items():
+        if name is not None:
+            processors[:] = [f for f in processors if f is not _default_template_ctx_processor]
 
 
 def support_window_banner(user, request_g):

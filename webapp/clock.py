@@ -2,24 +2,15 @@
 import time
 from datetime import datetime, timezone
 
-from flask import current_app, has_app_context
-
-try:
-    # The application context itself: asking Flask's current_app proxy (and has_app_context before it) cost two
-    # reads through Flask's proxies a call, and a code step reads the time 11 times (docs/performance.md
-    # "Reads through Flask's proxies"). A name of Flask's own (3.x), hence the fallback.
-    from flask.globals import _cv_app
-except ImportError:  # another Flask: through its proxies
-    _cv_app = None
+from . import flaskctx
 
 
 def timestamp():
     """Return the current Unix time in seconds, from the injected clock when one is configured."""
-    if _cv_app is not None:
-        context = _cv_app.get(None)
-        clock = context.app.config.get("CLOCK") if context is not None else None
-    else:
-        clock = current_app.config.get("CLOCK") if has_app_context() else None
+    # The app without Flask's current_app proxy (and has_app_context before it): two reads through Flask's
+    # proxies a call, and a code step reads the time 11 times (webapp/flaskctx.py).
+    app = flaskctx.the_app()
+    clock = app.config.get("CLOCK") if app is not None else None
     if clock is not None:
         return float(clock())
     return time.time()
