@@ -1304,3 +1304,23 @@ def test_prepared_reads_give_the_values_peewee_gives(app, actor, secret):
                     assert mine.user.__data__ == peewees.user.__data__
                 compared += 1
         assert compared >= 10
+
+
+def test_the_clock_gives_the_datetime_that_fromtimestamp_gives(app):
+    """clock.now adds the seconds to the epoch (half the cost of datetime.fromtimestamp with UTC and dropping
+    the zone after it); every stored time comes from it, so both must agree to the microsecond: whole
+    seconds, fractions, halves of a microsecond (rounded half to even by both), before and after 2038."""
+    import random
+    from datetime import datetime, timezone
+
+    from webapp import clock
+
+    rng = random.Random(7)
+    seconds = [0.0, 1.0, 1e-6, 5e-7, 1.5e-6, 2.5e-6, 1_700_000_000.0000005, 1_733_580_000.123456,
+               2**31 + 0.5, 4_102_444_800.9999995, 253_402_300_799.0]
+    seconds += [rng.uniform(0, 4e9) for _ in range(20000)]
+    seconds += [round(rng.uniform(1.6e9, 1.9e9), 6) + 5e-7 for _ in range(20000)]
+    with app.app_context():
+        for value in seconds:
+            app.config["CLOCK"] = lambda value=value: value
+            assert clock.now() == datetime.fromtimestamp(value, tz=timezone.utc).replace(tzinfo=None), value

@@ -1,6 +1,6 @@
 """The one clock the app reads; tests replace it through app.config["CLOCK"]."""
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta
 
 from . import flaskctx
 
@@ -16,9 +16,15 @@ def timestamp():
     return time.time()
 
 
+_EPOCH = datetime(1970, 1, 1)
+
+
 def now():
-    """Return the current time as a naive UTC datetime (how every timestamp is stored)."""
-    return datetime.fromtimestamp(timestamp(), tz=timezone.utc).replace(tzinfo=None)
+    """Return the current time as a naive UTC datetime (how every timestamp is stored): the epoch plus the
+    seconds, the same datetime as datetime.fromtimestamp(seconds, timezone.utc) without its time zone (both
+    round to the microsecond half to even; a test compares them), at half the cost of that and the
+    replace(tzinfo=None) after it. A request reads the time up to a dozen times."""
+    return _EPOCH + timedelta(seconds=timestamp())
 
 
 def expired(start, limit, current):
