@@ -2,8 +2,9 @@
 for the code that runs on every request. Each attribute read through one of Flask's proxies (`request`,
 `session`, `g`, `current_app`; flask-login's `current_user` goes through two of them) costs ~0.6 µs in
 werkzeug's LocalProxy against ~0.03 on the object itself, and a code step made ~95 such reads, a User Settings
-view 35 (docs/performance.md "Reads through Flask's proxies"). The values are the very objects the proxies
-give; outside a request (or an app context) these answer None where the proxies would raise.
+view 35 (docs/performance.md, "Reads through Flask's proxies" and "The rest of the proxy reads";
+bench/proxy_reads.py counts them). The values are the very objects the proxies give; outside a request (or an
+app context) these answer None where the proxies would raise.
 
 `_cv_app` and `_cv_request` are the context variables behind Flask's proxies (flask.globals, Flask 2.2 to
 3.1): should an upgrade rename them, the app stops at its first import rather than serving wrongly."""
