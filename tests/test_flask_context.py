@@ -103,3 +103,26 @@ def test_flask_logins_session_protection_applies_only_when_configured(tmp_path, 
         assert r.status_code == 200 and "User Settings" in r.get_data(as_text=True)
     else:
         assert r.status_code == 302 and "/login" in r.headers["Location"]
+
+
+@pytest.mark.parametrize("mode", ["basic", "strong"])
+def test_sessions_made_before_session_protection_is_turned_on_keep_working(tmp_path, clock, mode):
+    """A sign-in stores flask-login's identifier of its browser although protection is off (as flask-login's
+    login_user does): an operator who turns SESSION_PROTECTION on later neither signs out (strong) nor marks
+    as not fresh (basic) the sessions made before, from the same browser."""
+    app = make_test_app(tmp_path, f"sqlite:///{tmp_path / 'later.db'}", clock)
+    from webapp.models import User
+    from webapp.security import hash_password
+
+    from .conftest import csrf_from
+
+    with app.app_context():
+        User.create(email="alice@example.com", password_hash=hash_password(PASSWORD))
+    browser = app.test_client()
+    token = csrf_from(browser.get("/login").get_data(as_text=True))
+    browser.post("/login", data={"csrf_token": token, "email": "alice@example.com", "password": PASSWORD})
+    app.config["SESSION_PROTECTION"] = mode
+    r = browser.get("/settings")
+    assert r.status_code == 200 and "User Settings" in r.get_data(as_text=True)
+    with browser.session_transaction() as stored:
+        assert stored["_fresh"] is True and stored["_user_id"]

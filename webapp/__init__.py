@@ -826,10 +826,10 @@ def _check_csrf_token():
     if not made.endpoint:
         return  # no view takes it (a 404 or 405 follows): nothing to protect, as in protect()
     field = config["WTF_CSRF_FIELD_NAME"]
-    key = config.get("WTF_CSRF_SECRET_KEY")
     try:
         # The form's field, else where Flask-WTF also looks (a prefixed field, the X-CSRFToken header).
-        validate_csrf(made.form.get(field) or csrf._get_csrf_token(), secret_key=app.secret_key if key is None else key,
+        validate_csrf(made.form.get(field) or csrf._get_csrf_token(),
+                      secret_key=config.get("WTF_CSRF_SECRET_KEY", app.secret_key),
                       time_limit=config.get("WTF_CSRF_TIME_LIMIT", 3600), token_key=field)
     except ValidationError as refused:
         logging.getLogger("flask_wtf.csrf").info(refused.args[0])

@@ -170,17 +170,20 @@ def new_browser_detail(new):
 
 
 def login_user(current, user):
-    """flask-login's login_user(user) for this app's sign-ins (fresh, never remembered; every User is active),
-    given the request's session: its reads through Flask's proxies were a tenth of a code step's. The
-    session-protection identifier is stored only while that protection is on (it is off: create_app)."""
+    """flask-login's login_user(user) for this app's sign-ins (fresh, never remembered), given the request's
+    session: its reads through Flask's proxies were a tenth of a code step's. Its session-protection
+    identifier is stored as flask-login stores it, though that protection is off (create_app): an operator
+    who turns it on does not sign out every session made before."""
+    if not user.is_active:
+        return False
     app = flaskctx.the_app()
     manager = app.login_manager
     current["_user_id"] = user.get_id()
     current["_fresh"] = True
-    if app.config.get("SESSION_PROTECTION", manager.session_protection):
-        current["_id"] = manager._session_identifier_generator()
+    current["_id"] = manager._session_identifier_generator()
     manager._update_request_context_with_user(user)
     user_logged_in.send(app, user=user)
+    return True
 
 
 def start_session(user, method=None):

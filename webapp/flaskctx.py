@@ -4,7 +4,9 @@ for the code that runs on every request. Each attribute read through one of Flas
 werkzeug's LocalProxy against ~0.03 on the object itself, and a code step made ~95 such reads, a User Settings
 view 35 (docs/performance.md, "Reads through Flask's proxies" and "The rest of the proxy reads";
 bench/proxy_reads.py counts them). The values are the very objects the proxies give; outside a request (or an
-app context) these answer None where the proxies would raise.
+app context) these answer None where the proxies would raise. Code that only runs inside a request (the hooks,
+the views) uses them at once: misused outside one, it fails with an AttributeError on None rather than
+Flask's "Working outside of request context".
 
 `_cv_app` and `_cv_request` are the context variables behind Flask's proxies (flask.globals, Flask 2.2 to
 3.1): should an upgrade rename them, the app stops at its first import rather than serving wrongly."""
