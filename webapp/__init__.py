@@ -15,7 +15,7 @@ import weakref
 import jinja2.compiler
 import jinja2.runtime
 import markupsafe
-from flask import Flask, Response, current_app, flash, g, has_request_context, redirect, request, session, url_for
+from flask import Flask, Response, current_app, flash, g, redirect, request, session, url_for
 from flask.globals import request_ctx
 from flask.templating import Environment as FlaskEnvironment
 from flask.templating import _default_template_ctx_processor
@@ -550,11 +550,12 @@ def _memoise_template_helpers(app):
         return messages if with_categories else [text for _, text in messages]
 
     def bound_helpers():
-        if not has_request_context():  # what flask-login's own processor and the layout's gave
+        current = flaskctx.request_context()
+        if current is None:  # what flask-login's own processor and the layout's gave
             return {"csrf_token": csrf_token, "current_user": None, "reset_window": None}
-        current, request_g = request_ctx._get_current_object(), g._get_current_object()
-        # flask-login's own context processor (turned off) gave current_user the same way, through its proxy.
-        user = request_g._login_user if "_login_user" in request_g else current_user._get_current_object()
+        request_g = flaskctx.request_g()
+        # flask-login's own context processor (turned off) gave current_user the same, through its proxy.
+        user = flaskctx.signed_in_user()
         return {"url_for": functools.partial(url_for_under, current.request.script_root),
                 "csrf_token": functools.partial(csrf_token_of, request_g, current.session),
                 "get_flashed_messages": functools.partial(flashed_in, current),
