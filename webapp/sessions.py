@@ -21,7 +21,6 @@ import re
 import secrets
 from datetime import timedelta
 
-from flask import has_request_context, request
 from flask.sessions import SessionInterface, SessionMixin
 from markupsafe import Markup, escape
 from peewee import JOIN, InterfaceError, OperationalError
@@ -88,10 +87,10 @@ def client_ip():
     sign-in). Without the port a proxy may write after it ("203.0.113.7:51234", "[2001:db8::1]:443"): stored
     with it, a record was not found by the audit log's IP address filter, which takes a whole address and
     nothing more, and each connection read as another address."""
-    current = request._get_current_object() if has_request_context() else None  # one read through the proxy
-    if current is None:
+    here = flaskctx.request_context()
+    if here is None:
         return None
-    text = current.remote_addr or ""
+    text = here.request.remote_addr or ""
     if text.startswith("[") or text.count(":") == 1:  # perhaps with a port; a bare IPv6 address is left as sent
         address = address_in(text)
         text = str(address) if address is not None else text
