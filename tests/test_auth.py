@@ -1182,7 +1182,9 @@ def test_codes_refused_during_a_pause_do_not_make_it_a_lock(actor, secret, clock
     short pauses or the lock; codes refused during a pause are counted, but do not make "Too many wrong codes"
     of it. With 4 strikes and 9 refused codes (a pause of 5 seconds left), the code page shows no refusal
     before a code is typed, a code sent reads "Wait 5 seconds before entering another code", and the code
-    step ended by its fifth code asks to sign in again without a wait to sit out."""
+    step ended by its fifth code asks to sign in again without a wait to sit out, speaking of attempts: none
+    of those five codes was checked, and "Too many wrong codes" contradicted the pages before it (a
+    usability review)."""
     user = actor.user(secret=secret)
     assert actor.password_step().headers["Location"] == "/login/verify"
     with actor.app.app_context():
@@ -1197,8 +1199,8 @@ def test_codes_refused_during_a_pause_do_not_make_it_a_lock(actor, secret, clock
     r = actor.code_step(actor.code(secret))  # the code step's fifth refused code ends it
     assert r.status_code == 302 and r.headers["Location"] == "/login"
     page = actor.client.get("/login").get_data(as_text=True)
-    assert "Too many wrong codes. For your security, please sign in again." in page
-    assert "then sign in again" not in page
+    assert "Too many attempts. For your security, please sign in again." in page
+    assert "then sign in again" not in page and "wrong codes" not in page
     row = user_row(actor.app)
     assert (row.code_failures, row.code_strikes) == (14, 4)
     clock.advance(5)

@@ -717,13 +717,16 @@ def _locked_for_minutes(user):
 
 
 def _too_many_codes(result):
-    """The message for a code step ended by too many wrong codes: with the wait, when the account's lock is
-    on (sign in again at once, and even the right code would be refused until it ends)."""
+    """The message for a code step ended by too many refused codes: with the wait, when the account's lock is
+    on (sign in again at once, and even the right code would be refused until it ends). Ended by a code sent
+    during a pause, which was refused without being checked (the page had just said so), it speaks of
+    attempts, not of wrong codes (a usability review: one code checked, four sent within its one-second
+    pause, and the step ended with "Too many wrong codes")."""
+    what = "attempts" if result.reason == "locked" else "wrong codes"
     if result.locked_until is not None and result.locked_until > now() \
             and is_lock(result.strikes):
-        return (f"Too many wrong codes. For your security, wait {wait_text(result.locked_until)}, then sign in "
-                "again.")
-    return "Too many wrong codes. For your security, please sign in again."
+        return f"Too many {what}. For your security, wait {wait_text(result.locked_until)}, then sign in again."
+    return f"Too many {what}. For your security, please sign in again."
 
 
 def _without_dialog(url):

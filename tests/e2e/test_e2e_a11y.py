@@ -95,6 +95,11 @@ def test_wizard_as_a_full_page_is_accessible(audit_page, server):
     page.get_by_role("button", name="Next", exact=True).click()
     expect(page.get_by_role("img", name=re.compile("QR code"))).to_be_visible()
     assert_accessible(page, "wizard page, step 2")
+    # With JavaScript on, each step is still a page of its own (the page's section has hx-disable): htmx swapped
+    # the dialog's steps in, with headings a level too deep under the page's h1 and the title left on step 1.
+    expect(page).to_have_url(re.compile(r"/settings/2fa/qr"))
+    expect(page).to_have_title(re.compile(r"^Step 2 of 4: Scan the QR code"))
+    expect(page.get_by_role("heading", name="Step 2 of 4: Scan the QR code", level=2)).to_be_visible()
 
 
 def test_contact_and_support_pages_are_accessible(audit_page, new_page, server):
