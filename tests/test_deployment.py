@@ -1074,18 +1074,21 @@ def test_a_compressed_csrf_token_is_not_inflated_for_the_log_line(app, actor, ca
 
 
 @pytest.mark.parametrize("hops, forwarded, seen", [(0, "203.0.113.7", "PROXY_HOPS is 0"),
-                                                   (2, "203.0.113.7", "fewer than PROXY_HOPS=2")])
+                                                   (2, "203.0.113.7", "fewer than PROXY_HOPS=2"),
+                                                   (1, None, "carries no X-Forwarded-For, but PROXY_HOPS=1")])
 def test_a_proxy_hops_that_does_not_match_the_proxies_is_said_once_in_the_log(tmp_path, clock, caplog, hops,
                                                                              forwarded, seen):
     """A host whose PROXY_HOPS differs from the others' (forgotten, or one too many) sees every visitor as the
     proxy: one client for the per-network limits, so a stranger's wrong passwords refuse everyone's new
-    browsers there ("Too many failed sign-ins from your network"), and nothing in its log said why."""
+    browsers there ("Too many failed sign-ins from your network"), and nothing in its log said why. So does a
+    proxy that adds no X-Forwarded-For at all (None here), which was not said either (an operator's review)."""
     from .conftest import make_test_app
 
     app = make_test_app(tmp_path, f"sqlite:///{tmp_path / 'test.db'}", clock, PROXY_HOPS=hops)
     client = app.test_client()
     for _ in range(2):
-        client.get("/login", headers={"X-Forwarded-For": forwarded}, environ_base={"REMOTE_ADDR": "127.0.0.1"})
+        client.get("/login", headers={"X-Forwarded-For": forwarded} if forwarded else {},
+                   environ_base={"REMOTE_ADDR": "127.0.0.1"})
     lines = [rec.getMessage() for rec in caplog.records if "X-Forwarded-For" in rec.getMessage()]
     assert len(lines) == 1 and seen in lines[0] and "127.0.0.1" in lines[0]
 
@@ -1095,7 +1098,8 @@ def test_the_right_proxy_hops_logs_nothing_about_x_forwarded_for(tmp_path, clock
 
     app = make_test_app(tmp_path, f"sqlite:///{tmp_path / 'test.db'}", clock, PROXY_HOPS=1)
     app.test_client().get("/login", headers={"X-Forwarded-For": "203.0.113.7"}, environ_base={"REMOTE_ADDR": "127.0.0.1"})
-    app.test_client().get("/login")  # the proxy's own health check, without the header
+    r = app.test_client().get("/healthz")  # the load balancer's probe, without the header
+    assert r.status_code == 200
     assert not [rec for rec in caplog.records if "X-Forwarded-For" in rec.getMessage()]
 
 

@@ -81,6 +81,17 @@ class _FromTrustedProxies(ProxyFix):
                     "X-Forwarded-For from %s holds %d address(es), fewer than PROXY_HOPS=%d: every client is seen "
                     "as %s (one client for the per-network limits). Set PROXY_HOPS to the number of proxies that "
                     "append to it (README \"Deployment\").", address, forwarded.count(",") + 1, self.x_for, address)
+            elif forwarded is None and environ.get("PATH_INFO") != "/healthz":
+                # A proxy that does not add the header at all (nginx without proxy_set_header X-Forwarded-For)
+                # makes every visitor the proxy just the same (an operator's walk through the README). Not for
+                # /healthz: a load balancer's probe comes without it.
+                self.warned_short = True
+                logging.getLogger("twostep").warning(
+                    "A request from %s carries no X-Forwarded-For, but PROXY_HOPS=%d: if %s is your proxy, every "
+                    "client is seen as %s (one client for the per-network limits); set the proxy to add the "
+                    "client's address (README \"Deployment\"). A request sent on that host past the proxy shows "
+                    "this too.", address or "the socket's peer", self.x_for, address or "it",
+                    address or "the proxy")
         return super().__call__(environ, start_response)
 
     def _trusted_peer(self, address):

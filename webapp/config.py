@@ -100,16 +100,16 @@ _COUNT_MAX = 10 ** 9  # far above any useful limit or interval, and what SQLite'
 _KEEP_DAYS_MAX = 36500  # a century; 0 keeps for good
 
 
-def _env_count(env, name, what):
-    """A whole number from 0 to _COUNT_MAX from the environment; anything else stops the start naming the
-    variable. Without the ceiling a huge limit broke every sign-in on SQLite (it cannot store the number),
-    and a huge purge interval stopped the start with a traceback."""
+def _env_count(env, name, what, most=_COUNT_MAX):
+    """A whole number from 0 to `most` from the environment; anything else stops the start naming the
+    variable and its own ceiling. Without the ceiling a huge limit broke every sign-in on SQLite (it cannot
+    store the number), and a huge purge interval stopped the start with a traceback."""
     try:
         value = int(env[name])
     except ValueError:
         value = -1
-    if not 0 <= value <= _COUNT_MAX:
-        raise ConfigError(f"{name} must be {what}, at most {_COUNT_MAX:,}")
+    if not 0 <= value <= most:
+        raise ConfigError(f"{name} must be {what}, at most {most:,}")
     return value
 
 
@@ -160,9 +160,9 @@ def load(app, test_config=None):
         app.config["PURGE_INTERVAL"] = timedelta(seconds=seconds)
     if env.get("HANDLED_REQUESTS_KEEP_DAYS"):
         what = "a whole number of days (0 keeps them)"
-        days = _env_count(env, "HANDLED_REQUESTS_KEEP_DAYS", what)
-        if days > _KEEP_DAYS_MAX:  # the purge counts back from today: a million days is before year 1
-            raise ConfigError(f"HANDLED_REQUESTS_KEEP_DAYS must be {what}, at most {_KEEP_DAYS_MAX:,}")
+        # The purge counts back from today: a million days is before year 1. One ceiling for every wrong value:
+        # "x" was told "at most 1,000,000,000", and 40000 then "at most 36,500" (an operator's review).
+        days = _env_count(env, "HANDLED_REQUESTS_KEEP_DAYS", what, most=_KEEP_DAYS_MAX)
         app.config["HANDLED_REQUEST_RETENTION"] = timedelta(days=days) if days else None
     # The per-network limits an operator may have to move: many people behind one address (an office's NAT, a
     # carrier's) share one count, and a stranger among them can use it up for everyone not in a known browser.
