@@ -289,7 +289,7 @@ def _shown(html):
              ip) for ip, what, person in
             re.findall(r'data-label="Time and IP address">[^<]*<br><span class="hint">([^<]+)</span></td>\s*'
                        r'<td role="cell" data-label="What happened">(.*?)</td>\s*'
-                       r'<td role="cell" data-label="Person">(.*?)</td>', html, re.S)]
+                       r'<td role="cell" class="person" data-label="Person">(.*?)</td>', html, re.S)]
 
 
 def test_the_audit_log_lists_what_else_came_from_an_intruders_address(app, actor, secret, clock):

@@ -872,6 +872,18 @@ def test_a_persons_row_says_where_they_are_signed_in_now_and_ends_nothing(app, a
     lines, hint = _signed_in_now(actor.client.get(f"/support?user={target.id}").get_data(as_text=True), target.id)
     assert [line.split(":")[0] for line in lines] == ["Chrome on Android from 203.0.113.66"]
     assert hint == "Listed to read: support does not sign out one browser. End support window now signs them out everywhere."
+    # The window runs out without a new device: the app refuses those sessions from then on (their rows stay
+    # until their next request or the purge), and the row no longer lists them beside "Blocked", where they
+    # read as someone still signed in (a review of the lost-phone path). Nor an account the operator disabled.
+    with app.app_context():
+        User.update(tfa_reset_until=utc(clock.t - 1)).where(User.id == target.id).execute()
+        User.update(disabled_at=utc(clock.t)).where(User.id == dan.id).execute()
+        assert ServerSession.select().where(ServerSession.user.in_([target.id, dan.id])).count() == 2
+    html = actor.client.get(f"/support?user={target.id}").get_data(as_text=True)
+    assert "Blocked" in html and _signed_in_now(html, target.id) == ([], "Not signed in anywhere.")
+    html = actor.client.get(f"/support?user={dan.id}").get_data(as_text=True)
+    assert _signed_in_now(html, dan.id) == ([], "Not signed in anywhere.")
+    assert intruder.client.get("/settings").status_code == 302  # refused, as the row now says
 
 
 def test_a_row_lists_the_five_sessions_last_seen_and_says_how_many_there_are(app, actor, secret, clock, target):

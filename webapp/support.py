@@ -20,7 +20,7 @@ from wtforms.validators import AnyOf, DataRequired, Email, Length, Optional, Val
 
 from . import htmx
 from .auth import strip_text
-from .clock import now
+from .clock import now, timestamp
 from .db import Param, Prepared, db, for_update, is_sqlite, lock_keys, planned_for_values, write_transaction
 from .fields import Form, VisibleText, address, revealed, revealed_address, revealed_text
 from .models import AuditEvent, Device, ServerSession, SupportRequest, User, normalise_email
@@ -759,7 +759,7 @@ def _sender_of(email):
 
 def _take_request(form, email, after_password, signed_in):
     """Store the request and its audit record unless the limits refuse it; returns whether it is sent (stored
-    now, or the same form stored within the hour).
+    now, or the same form, or the same address and words from this browser, stored within the hour).
 
     Limits per hour (SUPPORT_REQUESTS_PER_HOUR): per address typed, per client network, and, looser, per IPv6
     /48 (SUPPORT_REQUESTS_PER_HOUR_48: whoever is routed one holds 65,536 /64s; a counter, as the stored /64s
@@ -773,6 +773,14 @@ def _take_request(form, email, after_password, signed_in):
     address, which nobody else can use up: its requests count there first, then against the address's shared
     limit (the stored request names the browser when it counted there). An intruder's browsers get one each
     too, but not the owner's. The per-network limits hold for every sender."""
+    # Back and Send again in Chromium: the page is never cached (no-store), so Back fetches it again with a new
+    # one-time id, and only the typed words come back (a review found the request stored twice). The same
+    # address and words from the browser that sent them within the hour are that request again. Known by this
+    # browser's session alone, so nobody else can test or pre-empt a text (as the one-time id below).
+    words = _words_digest(email, form.message.data)
+    last = session.get(_LAST_SENT)
+    if isinstance(last, dict) and last.get("words") == words and timestamp() - last.get("at", 0) < 3600:
+        return True
     address = client_ip()
     ip = client_network(address)
     site = client_network_48(address)
@@ -812,7 +820,16 @@ def _take_request(form, email, after_password, signed_in):
         # stole the password has it too, and an intruder's browser signed in as well).
         audit("support_request", user=user, request=req.id, after_password=after_password,
               **({"signed_in": True} if signed_in else {}), **_browser_details(browser))
+    session[_LAST_SENT] = {"words": words, "at": timestamp()}  # once stored: a rolled-back one was not sent
     return True
+
+
+_LAST_SENT = "contact_last_sent"  # session key: the words of the last request this browser stored, and when
+
+
+def _words_digest(email, message):
+    """A digest of a contact request's address and words, kept in its sender's session only (_take_request)."""
+    return hashlib.sha256(f"{email}\n{message}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def _browser_details(browser):
@@ -1086,8 +1103,16 @@ def build_rows(users, forms=None, notices=None, errors=None, end_forms=None):
     forms, notices, errors, end_forms = forms or {}, notices or {}, errors or {}, end_forms or {}
     return [UserRow(u, devices[u.id], counts.get(u.id, 0), forms.get(u.id), notices.get(u.id), errors.get(u.id),
                     current=current, actor_id=actor_id, opened_by=opened.get(u.id), end_form=end_forms.get(u.id),
-                    sessions=sessions.get(u.id))
+                    sessions=None if _sessions_refused(u, devices[u.id], current) else sessions.get(u.id))
             for u in users]
+
+
+def _sessions_refused(user, devices, current):
+    """Whether the app refuses every session of `user` at its next request (webapp._load_user): support's window
+    ran out without a new device, or the operator disabled the account. Their rows stay until then, and Support
+    listed them as "Signed in now" beside "Blocked" for up to the idle limit: an intruder, it seemed (a
+    review of the lost-phone path)."""
+    return user.disabled_at is not None or (not devices and user.support_window(current) == "ended")
 
 
 SESSIONS_SHOWN = 5  # a person's live sessions listed in their row, those last seen most recently

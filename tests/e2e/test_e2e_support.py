@@ -322,3 +322,38 @@ def test_searching_as_one_types_keeps_the_address_and_adds_no_history_entry(page
     expect(page.get_by_role("article")).to_have_count(1)
     page.go_back()
     expect(page).to_have_url(settings_url)
+
+
+def test_the_persons_links_and_the_audit_log_keep_their_layout_on_a_phone_and_a_computer(page, new_page, server):
+    """A visual review: at 1280 px the audit log squeezed the Person column to a few letters ("locked@ex" over
+    "ample.com") beside the details; on a phone an event with no details showed a "Details" label over
+    nothing; a person's second link on the Support page, wrapped under the first, started 1rem in; and the
+    code step's "Lost access" link was a target of 18-19 px."""
+    server.user(PERSON, devices={"Phone": random_secret()})
+    log_in(page, PERSON)
+    expect_code_step(page)
+    lost = page.get_by_role("link", name="Lost access to your authenticator app?", exact=True)
+    assert lost.bounding_box()["height"] >= 24  # a target alone on its line: 18-19 px before (WCAG 2.5.8)
+    ask_support(page)
+    expect(page.get_by_role("heading", name="Request sent")).to_be_visible()
+
+    admin = new_page()
+    sign_in_admin(admin, server)
+    admin.set_viewport_size({"width": 320, "height": 640})
+    row = open_support_and_find_person(admin)
+    links = row.locator(".row-links a")
+    expect(links).to_have_count(2)  # the audit log, and the open request
+    first, second = links.nth(0).bounding_box(), links.nth(1).bounding_box()
+    assert second["y"] > first["y"] and abs(second["x"] - first["x"]) < 1, (first, second)
+
+    admin.set_viewport_size({"width": 1280, "height": 800})
+    admin.goto("/support/audit")
+    person_cells = admin.locator("table.audit td.person")
+    expect(person_cells.first).to_be_visible()
+    widths = [box["width"] for box in (cell.bounding_box() for cell in person_cells.all())]
+    assert min(widths) >= 190, widths  # 12rem: an address of ordinary length on one line
+
+    admin.set_viewport_size({"width": 390, "height": 844})
+    details = [text.strip() for text in admin.locator("table.audit td.details").all_inner_texts()]
+    assert details and all(details), details  # "—" where an event has none, as the Person column says
+    assert "—" in details  # "Password accepted, code requested" has no details
