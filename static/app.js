@@ -117,7 +117,9 @@
   // again) and when the page comes back from the back/forward cache.
   document.addEventListener("submit", function (event) {
     var form = event.target;
-    if (!form.matches || form.matches("[hx-post], [hx-get]") || event.defaultPrevented) return;
+    // A form inside [hx-disable] (the wizard as a page) is a plain one too, though it carries hx-post.
+    if (!form.matches || (form.matches("[hx-post], [hx-get]") && !form.closest("[hx-disable]")) ||
+        event.defaultPrevented) return;
     if ((form.getAttribute("method") || "get").toLowerCase() !== "post") return;
     if (form.hasAttribute("data-sent")) {
       event.preventDefault();

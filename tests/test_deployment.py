@@ -1093,6 +1093,26 @@ def test_a_proxy_hops_that_does_not_match_the_proxies_is_said_once_in_the_log(tm
     assert len(lines) == 1 and seen in lines[0] and "127.0.0.1" in lines[0]
 
 
+def test_a_request_past_the_proxy_does_not_hide_a_short_x_forwarded_for_and_probes_are_not_warned_about(
+        tmp_path, clock, caplog):
+    """The warnings about a missing and a short X-Forwarded-For are separate: an operator's request on the host
+    past the proxy (no header) must not keep the log from saying, later, that the real traffic carries one
+    address fewer than PROXY_HOPS (a review). A load balancer's probe of /healthz through the proxy carries
+    one fewer, or none: not warned about."""
+    from .conftest import make_test_app
+
+    app = make_test_app(tmp_path, f"sqlite:///{tmp_path / 'test.db'}", clock, PROXY_HOPS=2)
+    client = app.test_client()
+    lines = lambda: [rec.getMessage() for rec in caplog.records if "X-Forwarded-For" in rec.getMessage()]
+    for probe in ({}, {"X-Forwarded-For": "10.0.0.9"}):
+        assert client.get("/healthz", headers=probe, environ_base={"REMOTE_ADDR": "127.0.0.1"}).status_code == 200
+    assert lines() == []
+    client.get("/login", environ_base={"REMOTE_ADDR": "127.0.0.1"})
+    client.get("/login", headers={"X-Forwarded-For": "203.0.113.7"}, environ_base={"REMOTE_ADDR": "127.0.0.1"})
+    client.get("/login", environ_base={"REMOTE_ADDR": "127.0.0.1"})
+    assert len(lines()) == 2 and "carries no X-Forwarded-For" in lines()[0] and "fewer than PROXY_HOPS=2" in lines()[1]
+
+
 def test_the_right_proxy_hops_logs_nothing_about_x_forwarded_for(tmp_path, clock, caplog):
     from .conftest import make_test_app
 

@@ -59,6 +59,7 @@ class _FromTrustedProxies(ProxyFix):
         self.trusted = trusted  # networks, or None for any peer
         self.warned = False
         self.warned_short = False
+        self.warned_missing = False
 
     def __call__(self, environ, start_response):
         address = environ.get("REMOTE_ADDR") or ""
@@ -72,20 +73,22 @@ class _FromTrustedProxies(ProxyFix):
                     "X-Forwarded-* headers from %s were ignored: that address is not in FORWARDED_ALLOW_IPS. "
                     "If it is your proxy, add it there (README \"Deployment\").", address)
             return self.app(environ, start_response)
-        if not self.warned_short:
+        # Not for /healthz: a load balancer's probe comes without the header, or with one address fewer (its
+        # own, written by the proxy behind it).
+        if not (self.warned_short and self.warned_missing) and environ.get("PATH_INFO") != "/healthz":
             forwarded = environ.get("HTTP_X_FORWARDED_FOR")
-            if forwarded and forwarded.count(",") + 1 < self.x_for:
+            if forwarded and forwarded.count(",") + 1 < self.x_for and not self.warned_short:
                 # Once per process: werkzeug then keeps the proxy's address as the client's, for every visitor.
                 self.warned_short = True
                 logging.getLogger("twostep").warning(
                     "X-Forwarded-For from %s holds %d address(es), fewer than PROXY_HOPS=%d: every client is seen "
                     "as %s (one client for the per-network limits). Set PROXY_HOPS to the number of proxies that "
                     "append to it (README \"Deployment\").", address, forwarded.count(",") + 1, self.x_for, address)
-            elif forwarded is None and environ.get("PATH_INFO") != "/healthz":
+            elif forwarded is None and not self.warned_missing:
                 # A proxy that does not add the header at all (nginx without proxy_set_header X-Forwarded-For)
-                # makes every visitor the proxy just the same (an operator's walk through the README). Not for
-                # /healthz: a load balancer's probe comes without it.
-                self.warned_short = True
+                # makes every visitor the proxy just the same (an operator's walk through the README). A flag of
+                # its own: an operator's request past the proxy must not hide a short header later (a review).
+                self.warned_missing = True
                 logging.getLogger("twostep").warning(
                     "A request from %s carries no X-Forwarded-For, but PROXY_HOPS=%d: if %s is your proxy, every "
                     "client is seen as %s (one client for the per-network limits); set the proxy to add the "

@@ -285,9 +285,10 @@ class SupportRequest(BaseModel):
     ip = CharField(max_length=64, null=True)  # what the per-client limit counts (security.client_network)
     handled_at = DateTimeField(null=True)
     handled_by = ForeignKeyField(User, null=True, backref="handled_requests", on_delete="SET NULL")
-    # SHA-256 of the one-time id the form was shown with (support.contact): the same form sent twice (a
-    # double click, Back and Send again) is one request. Only the browser that was shown the form knows it.
-    # No index of its own: the lookup goes by created_at (indexed) first.
+    # support._repeat_key: a SHA-256 of the sending browser's session token with the request, so that the same
+    # request sent twice by it (a double click, Back and Send again) is one. Only that browser can make it.
+    # (Until 2026-12-07 the SHA-256 of a one-time id of the page.) No index of its own: the lookup goes by
+    # created_at (indexed) first.
     form_hash = CharField(max_length=64, null=True)
     # The id of the browser whose own allowance it was counted against (security.contact_browser: one the
     # account signed in from), or None: counted against the address's shared limit. No foreign key: the count

@@ -8,7 +8,6 @@ import json
 import logging
 import operator
 import re
-import secrets
 from datetime import date, datetime, timedelta, timezone
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, session, url_for
@@ -20,7 +19,7 @@ from wtforms.validators import AnyOf, DataRequired, Email, Length, Optional, Val
 
 from . import htmx
 from .auth import strip_text
-from .clock import now, timestamp
+from .clock import now
 from .db import Param, Prepared, db, for_update, is_sqlite, lock_keys, planned_for_values, write_transaction
 from .fields import Form, VisibleText, address, revealed, revealed_address, revealed_text
 from .models import AuditEvent, Device, ServerSession, SupportRequest, User, normalise_email
@@ -72,12 +71,8 @@ class ContactForm(Form):
         Length(min=10, max=4000, message="Write between 10 and 4000 characters."),
         VisibleText("Use letters, digits, spaces, punctuation and line breaks only.", lines=True)],
         render_kw={"maxlength": 4000, "rows": 7})
-    # A random id the page was made with (not a secret of the app's: the browser's own), so that the same form
-    # sent twice is recognised as one request (contact); anything else in it is taken as none.
-    form_id = HiddenField(filters=[lambda v: v if isinstance(v, str) and _FORM_ID_RE.fullmatch(v) else None])
 
 
-_FORM_ID_RE = re.compile(r"[A-Za-z0-9_-]{22}")
 REASON_MIN = 10
 REASON_MAX = 500  # support's reasons, and `users disable --reason`
 
@@ -728,8 +723,6 @@ def contact():
     error, status = None, 200
     if request.method == "GET" and not form.email.data:
         form.email.data = _prefill_email()
-    if form.form_id.data is None:
-        form.form_id.data = secrets.token_urlsafe(16)  # 22 characters; kept when the page comes back with errors
     if request.method == "POST":
         if not form.validate_on_submit():
             status = 400
@@ -773,14 +766,6 @@ def _take_request(form, email, after_password, signed_in):
     address, which nobody else can use up: its requests count there first, then against the address's shared
     limit (the stored request names the browser when it counted there). An intruder's browsers get one each
     too, but not the owner's. The per-network limits hold for every sender."""
-    # Back and Send again in Chromium: the page is never cached (no-store), so Back fetches it again with a new
-    # one-time id, and only the typed words come back (a review found the request stored twice). The same
-    # address and words from the browser that sent them within the hour are that request again. Known by this
-    # browser's session alone, so nobody else can test or pre-empt a text (as the one-time id below).
-    words = _words_digest(email, form.message.data)
-    last = session.get(_LAST_SENT)
-    if isinstance(last, dict) and last.get("words") == words and timestamp() - last.get("at", 0) < 3600:
-        return True
     address = client_ip()
     ip = client_network(address)
     site = client_network_48(address)
@@ -791,15 +776,13 @@ def _take_request(form, email, after_password, signed_in):
         # slip past the limit (on PostgreSQL too, where the count alone locks nothing).
         lock_keys("contact-email:" + email, *(["contact-ip:" + ip] if ip else []),
                   *(["contact-48:" + site] if site else []))
-        # The same form sent again within the hour (a second click, Back and Send again): taken as sent (it
-        # was), not stored twice, and not refused as over the limit, which would say it was not sent. Known by
-        # the form's one-time id, which only the browser shown the form has: matching the words instead let a
-        # stranger test, free of any limit, whether someone had sent a given text, or send it first so that
-        # the owner's own request was never stored.
-        form_hash = hashlib.sha256(form.form_id.data.encode()).hexdigest() if form.form_id.data else None
+        # The same request sent again within the hour while it is open (a second click; Back and Send again):
+        # taken as sent (it was), not stored twice, and not refused as over the limit, which would say it was
+        # not sent. Known by _repeat_key, which only the browser that sent it can make.
+        form_hash = _repeat_key(email, form.message.data)
         if form_hash is not None and SupportRequest.select().where(
                 (SupportRequest.created_at >= now() - timedelta(hours=1))
-                & (SupportRequest.form_hash == form_hash)).exists():
+                & (SupportRequest.form_hash == form_hash) & SupportRequest.handled_at.is_null()).exists():
             return True
         if ((ip and _recent_requests(SupportRequest.ip, ip) >= limit)
                 or network_full_until("contact-48", site) is not None):
@@ -820,16 +803,23 @@ def _take_request(form, email, after_password, signed_in):
         # stole the password has it too, and an intruder's browser signed in as well).
         audit("support_request", user=user, request=req.id, after_password=after_password,
               **({"signed_in": True} if signed_in else {}), **_browser_details(browser))
-    session[_LAST_SENT] = {"words": words, "at": timestamp()}  # once stored: a rolled-back one was not sent
     return True
 
 
-_LAST_SENT = "contact_last_sent"  # session key: the words of the last request this browser stored, and when
-
-
-def _words_digest(email, message):
-    """A digest of a contact request's address and words, kept in its sender's session only (_take_request)."""
-    return hashlib.sha256(f"{email}\n{message}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
+def _repeat_key(email, message):
+    """What tells a contact request sent again by the same browser: a SHA-256 of that browser's session token
+    (its cookie, which only it has; the session needs no row for it), the address and the words. Kept with the
+    request (form_hash). A one-time id in the page did this before, and Back and Send again stored the request
+    twice: the page is never cached, so Back brought a new one, with only the words put back (a review of the
+    lost-phone path). Matching the words alone (a first version) let a stranger test, free of any limit,
+    whether someone had sent a given text, or send it first so that the owner's own request was never stored.
+    The password step gives the browser a new token: the same words sent after it are a new request, which
+    says that the password was entered (a review)."""
+    token = session.token
+    if not token:
+        return None
+    text = "\n".join((token, email, message))
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _browser_details(browser):
