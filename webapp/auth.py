@@ -18,10 +18,10 @@ from .db import Param, Prepared, db, for_update, lock_keys, write_transaction
 from .fields import Form
 from .htmx import is_htmx
 from .models import KnownBrowser, NetworkCounter, SignInChallenge, User, lookalike_problem, normalise_email
-from .security import (PASSWORD_MAX, PASSWORD_MIN, audit, backoff, client_ip, client_network, client_network_48,
-                       count_for_network, hash_password, is_fresh, is_lock, known_browser, login_required,
-                       network_full_column, network_full_until, password_hash_outdated, password_length,
-                       remember_browser, safe_next, verify_password, wait_end, wait_text)
+from .security import (PASSWORD_MAX, PASSWORD_MIN, REAUTH_NOT_DONE, audit, backoff, client_ip, client_network,
+                       client_network_48, count_for_network, hash_password, is_fresh, is_lock, known_browser,
+                       login_required, network_full_column, network_full_until, password_hash_outdated,
+                       password_length, remember_browser, safe_next, verify_password, wait_end, wait_text)
 from .sessions import browser_label, end_session_now, token_hash, touch_session_now, write_session_now
 from .totp import CheckResult, check_user_code, code_matches, normalise_code
 
@@ -819,6 +819,9 @@ def reauth():
                 if not result:
                     error = code_error(result)
             if error is None:
+                not_done = session.pop(REAUTH_NOT_DONE, None)
+                if isinstance(not_done, dict) and not_done.get("next") == next_url and not_done.get("text"):
+                    flash(not_done["text"], "info")  # on the page it goes back to (fresh_login_required)
                 session.rotate(keep_enrolment=True)  # a new session id whenever someone proves who they are
                 session["auth_at"] = timestamp()
                 with write_transaction():  # the renewed session and its record together, or neither

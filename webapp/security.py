@@ -579,14 +579,16 @@ def login_required(view):
     return wrapper
 
 
-def fresh_login_required(view=None, *, back_to=None):
+def fresh_login_required(view=None, *, back_to=None, not_done=None):
     """Send signed-in people whose sign-in is not fresh to re-authenticate first (security.md 9, 32, 37).
 
     After re-authenticating they come back to the page they asked for; a POST is not replayed, so it comes
-    back to `back_to` (an endpoint: the page that holds the form), else to a same-site Referer, else home.
+    back to `back_to` (an endpoint: the page that holds the form), else to a same-site Referer, else home,
+    and that page says `not_done` (what was not done yet, and to do it again): without it, coming back to
+    the page with nothing said, "Sign out" on another browser seemed to have worked (a review).
     """
     if view is None:
-        return functools.partial(fresh_login_required, back_to=back_to)
+        return functools.partial(fresh_login_required, back_to=back_to, not_done=not_done)
 
     @functools.wraps(view)
     def wrapper(*args, **kwargs):
@@ -599,13 +601,20 @@ def fresh_login_required(view=None, *, back_to=None):
                 # The gear's dialog (or "Add another device"): back on User Settings with the dialog open
                 # again, not on the wizard's page without JavaScript (settings.index reads `dialog`).
                 return hx_redirect(url_for("auth.reauth", next=url_for("settings.index", dialog="wizard")))
-            target = url_for("auth.reauth", next=_reauth_next(back_to))
+            next_url = _reauth_next(back_to)
+            target = url_for("auth.reauth", next=next_url)
+            if not_done and request.method != "GET":
+                session[REAUTH_NOT_DONE] = {"text": not_done, "next": next_url}  # said by auth.reauth
             if is_htmx():
                 return hx_redirect(target)
             return redirect(target)
         return view(*args, **kwargs)
 
     return wrapper
+
+
+# Session key: what a POST sent to "Confirm it's you" asked for and did not do, and the page it comes back to.
+REAUTH_NOT_DONE = "reauth_not_done"
 
 
 def _reauth_next(back_to):
