@@ -1132,8 +1132,22 @@ def test_signup_refuses_duplicates_and_short_passwords(app, actor):
     # spaces only: the sign-in form would refuse it, so the account could never be used (same rule as the CLI)
     r = actor.post_form("/signup", {"email": "b@example.com", "password": " " * 9, "confirm": " " * 9})
     assert r.status_code == 400 and "A password of spaces only cannot be used to sign in" in r.get_data(as_text=True)
+    # one of the most common passwords (NIST SP 800-63B 5.1.1.2), as Change password and the CLI refuse it
+    r = actor.post_form("/signup", {"email": "b@example.com", "password": "Baseball1", "confirm": "Baseball1"})
+    assert r.status_code == 400 and "one of the most common ones" in r.get_data(as_text=True)
     with app.app_context():
         assert User.select().count() == 1
+
+
+def test_cli_refuses_one_of_the_most_common_passwords_as_the_forms_do(app, actor):
+    """NIST SP 800-63B 5.1.1.2: `users create` and `users set-password` refuse what the forms refuse."""
+    actor.user()
+    before = user_row(app, "alice@example.com").password_hash
+    for args in (("create", "dora@example.com"), ("set-password", "alice@example.com")):
+        result = run(app, "users", *args, "--password", "Sunshine")
+        assert result.exit_code == 1 and "one of the most common ones" in result.output, result.output
+    assert user_row(app, "dora@example.com") is None
+    assert user_row(app, "alice@example.com").password_hash == before
 
 
 # Spellings of one mailbox that used to make separate accounts: the domain in punycode or in Unicode (browsers

@@ -361,8 +361,10 @@ def create_app(test_config=None):
     _init_logging(app)
     db_module.init_app(app)
 
-    from .security import PASSWORD_MIN, check_origin, set_known_browser_cookie, set_security_headers
+    from .security import PASSWORD_MIN, check_origin, common_passwords, set_known_browser_cookie, set_security_headers
     from .sessions import DbSessionInterface, idle_warning_data, raise_if_unavailable
+
+    common_passwords()  # made here, in gunicorn's master (preload_app), not once in every worker
 
     app.session_interface = DbSessionInterface()
     app.before_request(raise_if_unavailable)

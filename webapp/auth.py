@@ -19,9 +19,10 @@ from .fields import Form
 from .htmx import is_htmx
 from .models import KnownBrowser, NetworkCounter, SignInChallenge, User, lookalike_problem, normalise_email
 from .security import (PASSWORD_MAX, PASSWORD_MIN, REAUTH_NOT_DONE, audit, backoff, client_ip, client_network,
-                       client_network_48, count_for_network, hash_password, is_fresh, is_lock, known_browser,
-                       login_required, network_full_column, network_full_until, password_hash_outdated,
-                       password_length, remember_browser, safe_next, verify_password, wait_end, wait_text)
+                       client_network_48, count_for_network, hash_password, is_common_password, is_fresh, is_lock,
+                       known_browser, login_required, network_full_column, network_full_until,
+                       password_hash_outdated, password_length, remember_browser, safe_next, verify_password,
+                       wait_end, wait_text)
 from .sessions import browser_label, end_session_now, token_hash, touch_session_now, write_session_now
 from .totp import CheckResult, check_user_code, code_matches, normalise_code
 
@@ -104,12 +105,22 @@ def _long_enough(form, field):
 _LENGTH_MESSAGE = f"Use at least {PASSWORD_MIN} characters (and at most {PASSWORD_MAX})."
 
 
+def _not_common(form, field):
+    """security.is_common_password: the first ones an attacker tries (after the length rules: one message)."""
+    if field.data and not field.errors and is_common_password(field.data):
+        raise ValidationError(COMMON_PASSWORD_MESSAGE)
+
+
+COMMON_PASSWORD_MESSAGE = ("This password is one of the most common ones, which are tried first. Choose another: "
+                           "a few unrelated words are long and easy to remember.")
+
+
 def new_password_field(label, required_message):
     """A field for choosing a password (sign-up, first run, Change password): the same rules everywhere."""
     return PasswordField(label, validators=[
         InputRequired(required_message),  # not DataRequired: spaces only get their own message
         _not_only_spaces,
-        Length(min=PASSWORD_MIN, max=PASSWORD_MAX, message=_LENGTH_MESSAGE), _long_enough],
+        Length(min=PASSWORD_MIN, max=PASSWORD_MAX, message=_LENGTH_MESSAGE), _long_enough, _not_common],
         render_kw={"autocomplete": "new-password"})
 
 

@@ -27,7 +27,7 @@ from .models import (AuditEvent, Device, KnownBrowser, NetworkCounter, PendingEn
                      SignInChallenge, SupportRequest, User, lookalike_problem, maybe_not_normal, normalise_email)
 from .models import purge_expired as purge
 from .security import (NETWORK_LIMITS, PASSWORD_MAX, PASSWORD_MIN, audit, client_network, client_network_48,
-                       end_code_steps, hash_password, is_lock, network_limit, one_line,
+                       end_code_steps, hash_password, is_common_password, is_lock, network_limit, one_line,
                        password_length, replace_password, revoke_second_factor, wait_end)
 from .sessions import end_user_sessions, printable_agent
 from .support import (_WRITTEN_TOGETHER, REASON_MAX, _email_order, _fmt_time, detail_text, event_text,
@@ -154,6 +154,9 @@ def _check_password(password):
         raise click.ClickException(f"the password must have at least {PASSWORD_MIN} characters")
     if len(password) > PASSWORD_MAX:
         raise click.ClickException(f"the password must have at most {PASSWORD_MAX} characters")
+    if is_common_password(password):  # as the forms refuse it
+        raise click.ClickException("the password is one of the most common ones, which are tried first: choose "
+                                   "another")
 
 
 def _named_account(ctx, param, value):
