@@ -832,7 +832,8 @@ def reauth():
             if error is None:
                 not_done = session.pop(REAUTH_NOT_DONE, None)
                 if isinstance(not_done, dict) and not_done.get("next") == next_url and not_done.get("text"):
-                    flash(not_done["text"], "info")  # on the page it goes back to (fresh_login_required)
+                    # On the page it goes back to (fresh_login_required).
+                    flash(f"You confirmed it's you, but {not_done['text']}.", "info")
                 session.rotate(keep_enrolment=True)  # a new session id whenever someone proves who they are
                 session["auth_at"] = timestamp()
                 with write_transaction():  # the renewed session and its record together, or neither

@@ -600,8 +600,9 @@ def fresh_login_required(view=None, *, back_to=None, not_done=None):
 
     After re-authenticating they come back to the page they asked for; a POST is not replayed, so it comes
     back to `back_to` (an endpoint: the page that holds the form), else to a same-site Referer, else home,
-    and that page says `not_done` (what was not done yet, and to do it again): without it, coming back to
-    the page with nothing said, "Sign out" on another browser seemed to have worked (a review).
+    and that page says "You confirmed it's you, but `not_done`." (what was not done yet, and to do it
+    again): without it, coming back to the page with nothing said, "Sign out" on another browser seemed to
+    have worked (a review).
     """
     if view is None:
         return functools.partial(fresh_login_required, back_to=back_to, not_done=not_done)

@@ -792,7 +792,7 @@ def rename_device(device_id):
 @bp.post("/devices/<int:device_id>/remove")
 # Removing a factor needs a fresh sign-in (security.md 32).
 @fresh_login_required(back_to="settings.index",
-                      not_done="You confirmed it's you, but the device was not removed yet: remove it again.")
+                      not_done="the device was not removed yet: remove it again")
 def remove_device(device_id):
     """Remove one of your devices after a current code; removing the last one needs explicit confirmation."""
     user = _user()
@@ -858,8 +858,8 @@ def remove_device(device_id):
 
 @bp.post("/2fa/disable")
 # security.md 32: fresh session plus password and code.
-@fresh_login_required(back_to="settings.index", not_done="You confirmed it's you, but two-factor authentication "
-                      "was not turned off yet: turn it off again.")
+@fresh_login_required(back_to="settings.index",
+                      not_done="two-factor authentication was not turned off yet: turn it off again")
 def disable():
     """Turn 2FA off entirely: needs the password and a current code, POST only (security.md 32, 33)."""
     user = _user()
@@ -899,7 +899,7 @@ def disable():
 @bp.route("/password", methods=["GET", "POST"])
 @login_required
 @fresh_login_required(back_to="settings.password",
-                      not_done="You confirmed it's you, but your password was not changed yet: change it again.")
+                      not_done="your password was not changed yet: change it again")
 def password():
     """Change your password: the current one (throttled like the sign-in), then the new one twice. Every other
     session of yours ends and the other browsers are no longer known (ASVS 4 2.1.5, 3.3.3); this one gets
@@ -1016,8 +1016,8 @@ def _sessions_response(notice):
 # stolen session must not sign its owner out everywhere, which also forgets the owner's known browsers.
 @bp.post("/sessions/end-others")
 @login_required
-@fresh_login_required(back_to="settings.index", not_done="You confirmed it's you, but your other browsers were not "
-                      "signed out yet: sign them out again.")
+@fresh_login_required(back_to="settings.index",
+                      not_done="your other browsers were not signed out yet: sign them out again")
 def end_other_sessions():
     """Sign out everywhere else: delete every other session of this person, server-side (security.md 30, 35)."""
     user = _user()
@@ -1033,7 +1033,7 @@ def end_other_sessions():
 @bp.post("/sessions/<handle>/end")
 @login_required
 @fresh_login_required(back_to="settings.index",
-                      not_done="You confirmed it's you, but that browser was not signed out yet: sign it out again.")
+                      not_done="that browser was not signed out yet: sign it out again")
 def end_one_session(handle):
     """Sign out one other browser of your own. A handle that is not one of your sessions (it ended meanwhile:
     signed out, expired, ended by a 2FA change in another tab; or it is another person's) gets the same

@@ -752,7 +752,7 @@ def _sender_of(email):
 
 def _take_request(form, email, after_password, signed_in):
     """Store the request and its audit record unless the limits refuse it; returns whether it is sent (stored
-    now, or the same form, or the same address and words from this browser, stored within the hour).
+    now, or the same request from this browser stored within the hour and still open: _repeat_key).
 
     Limits per hour (SUPPORT_REQUESTS_PER_HOUR): per address typed, per client network, and, looser, per IPv6
     /48 (SUPPORT_REQUESTS_PER_HOUR_48: whoever is routed one holds 65,536 /64s; a counter, as the stored /64s
