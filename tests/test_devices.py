@@ -834,6 +834,11 @@ def test_removing_a_factor_ends_other_sessions(actor, app, alice, secret, change
     actor.clock.advance(30)
     [device] = device_rows(app, alice)
     assert post(actor, *device_change(actor, device, secret, change)).status_code == 302
+    r = other.client.get("/settings")
+    assert r.status_code == 302 and "/login" in r.headers["Location"]
+    # The other browser is told why in words that name what was just done elsewhere (a review: a device
+    # removed on the laptop, and the phone's notice listed every reason but that one).
+    assert "a change to your authenticator devices" in text(other.client.get(r.headers["Location"]))
     assert signed_out(other.client)
     assert not signed_out(actor.client)
     with app.app_context():

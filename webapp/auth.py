@@ -451,8 +451,8 @@ def login_notice(key):
         idle = int(current_app.config["SESSION_IDLE_TIMEOUT"].total_seconds() // 60)
         limit = int(current_app.config["SESSION_ABSOLUTE_TIMEOUT"].total_seconds() // 3600)
         return (f"Your session has ended (after {idle} minutes without activity, {limit} hours after signing in, "
-                "or when it was signed out from elsewhere: another browser, a password change, support or the "
-                "server's operator). Please sign in again.")
+                "or when it was signed out from elsewhere: another browser, a password change, a change to your "
+                "authenticator devices, support or the server's operator). Please sign in again.")
     return None
 
 
